@@ -1,0 +1,52 @@
+//! Sluice's configuration file: the YAML schema (in Ray Serve's vocabulary), its defaults, and
+//! validation that reports every problem with the file, `line:column` and field it concerns.
+//!
+//! ```yaml
+//! http_options: {host: 127.0.0.1, port: 8000}
+//! applications:
+//!   - name: iris
+//!     deployments:
+//!       - name: iris              # the model name on /v2/models/{name}
+//!         model: models/iris.onnx # relative to the config file
+//! ```
+//!
+//! Every field and default is documented in `docs/config.md`; keep the two in step.
+
+mod error;
+mod schema;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, ConfigErrors};
+pub use schema::{Application, Config, Deployment, HttpOptions};
+
+/// Reads, parses and validates a config file. Relative model paths are resolved against the
+/// directory of the file. Returns every error found (parse errors stop at the first one, since
+/// the rest of the document cannot be trusted after it).
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::single(ConfigError::file(
+            path,
+            format!("cannot read config file: {e}"),
+        ))
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text that claims to come from `path` (used for messages and to
+/// resolve relative model paths).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut config: Config = serde_saphyr::from_str(text)
+        .map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
+    config.source = path.to_path_buf();
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    validate::validate(&mut config, &base)?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+//! The config file's types. Field names follow Ray Serve's config schema where one exists.
+//! Defaults live in the `default_*` functions next to the fields; docs/config.md mirrors them.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the REST frontend listens and how much it accepts.
+    #[serde(default)]
+    pub http_options: HttpOptions,
+    /// The applications to serve; each groups deployments.
+    #[serde(default)]
+    pub applications: Vec<Application>,
+    /// The file this config came from (set by [`crate::load`]); used in messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// REST frontend settings (`http_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Address to bind. Default `127.0.0.1` (loopback only; use `0.0.0.0` to serve a network).
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port to bind; 0 picks a free one. Default 8000 (Triton's and Ray Serve's).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default 64 MiB.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_port(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+/// An application: a named group of deployments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Application {
+    /// Unique name of the application.
+    pub name: Spanned<String>,
+    /// The deployments (models) of the application.
+    #[serde(default)]
+    pub deployments: Vec<Deployment>,
+}
+
+/// A deployment: one model served by a set of replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// The model name clients use on `/v2/models/{name}`; unique across the server.
+    pub name: Spanned<String>,
+    /// Path of the ONNX file, relative to the config file. After loading, it is resolved.
+    pub model: Spanned<PathBuf>,
+    /// The model version reported and addressable on `/v2/models/{name}/versions/{version}`.
+    /// Default `"1"`.
+    #[serde(default = "default_version")]
+    pub version: Spanned<String>,
+    /// Replicas, each with its own ONNX Runtime session on its own OS thread. Default 1.
+    #[serde(default = "default_num_replicas")]
+    pub num_replicas: Spanned<u32>,
+    /// ONNX Runtime intra-op threads per replica. Default 1: on a small machine, more replicas
+    /// scale better than more threads per replica.
+    #[serde(default = "default_intra_op_threads")]
+    pub intra_op_threads: Spanned<u32>,
+    /// Requests waiting for a replica of this deployment before new ones are refused with 503.
+    /// Default 64.
+    #[serde(default = "default_max_queued_requests")]
+    pub max_queued_requests: Spanned<u32>,
+}
+
+fn spanned<T>(value: T) -> Spanned<T> {
+    let unknown = serde_saphyr::Location::UNKNOWN;
+    Spanned::new(value, unknown, unknown)
+}
+
+fn default_host() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_port() -> u16 {
+    8000
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_version() -> Spanned<String> {
+    spanned("1".to_string())
+}
+fn default_num_replicas() -> Spanned<u32> {
+    spanned(1)
+}
+fn default_intra_op_threads() -> Spanned<u32> {
+    spanned(1)
+}
+fn default_max_queued_requests() -> Spanned<u32> {
+    spanned(64)
+}

@@ -1,0 +1,159 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// A temp dir with an (empty) model file, so `model:` paths resolve.
+fn dir_with_model() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-config-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("m.onnx"), b"").unwrap();
+    dir
+}
+
+fn parse_in(text: &str) -> Result<Config, ConfigErrors> {
+    let dir = dir_with_model();
+    parse(text, &dir.join("app.yaml"))
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse_in(text).expect_err("config should be rejected").0
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse_in(
+        "applications:\n  - name: a\n    deployments:\n      - name: iris\n        model: m.onnx\n",
+    )
+    .unwrap();
+    assert_eq!(c.http_options.host, "127.0.0.1");
+    assert_eq!(c.http_options.port, 8000);
+    assert_eq!(c.http_options.max_body_bytes, 64 * 1024 * 1024);
+    let d = &c.applications[0].deployments[0];
+    assert_eq!(d.name.value, "iris");
+    assert_eq!(d.version.value, "1");
+    assert_eq!(d.num_replicas.value, 1);
+    assert_eq!(d.intra_op_threads.value, 1);
+    assert!(d.model.value.is_absolute() || d.model.value.starts_with(std::env::temp_dir()));
+    assert!(d.model.value.ends_with("m.onnx"));
+}
+
+#[test]
+fn flow_style_http_options() {
+    let c = parse_in("http_options: {host: 0.0.0.0, port: 9000, max_body_bytes: 10}\n").unwrap();
+    assert_eq!(c.http_options.host, "0.0.0.0");
+    assert_eq!(c.http_options.port, 9000);
+    assert_eq!(c.http_options.max_body_bytes, 10);
+}
+
+#[test]
+fn unknown_field_names_location_and_suggests() {
+    let e = errors(
+        "applications:\n  - name: a\n    deployments:\n      - name: iris\n        modle: m.onnx\n",
+    );
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].line, 5, "{}", e[0]);
+    assert_eq!(e[0].field, "modle");
+    assert!(e[0].message.contains("did you mean `model`"), "{}", e[0]);
+    let shown = e[0].to_string();
+    assert!(shown.contains("app.yaml:5:"), "{shown}");
+}
+
+#[test]
+fn unknown_top_level_field_suggests() {
+    let e = errors("http_option: {port: 1}\n");
+    assert!(
+        e[0].message.contains("did you mean `http_options`"),
+        "{}",
+        e[0]
+    );
+    assert_eq!(e[0].line, 1);
+}
+
+#[test]
+fn far_off_field_lists_valid_fields() {
+    let e = errors("zzzzzzzzzz: 1\n");
+    assert!(e[0].message.contains("valid fields"), "{}", e[0]);
+    assert!(e[0].message.contains("applications"), "{}", e[0]);
+}
+
+#[test]
+fn wrong_type_names_field_and_line() {
+    let e = errors("http_options:\n  port: eighty\n");
+    assert_eq!(e[0].line, 2, "{}", e[0]);
+    assert_eq!(e[0].field, "port", "{}", e[0]);
+}
+
+#[test]
+fn missing_required_field_is_an_error() {
+    let e = errors("applications:\n  - name: a\n    deployments:\n      - name: iris\n");
+    assert!(e[0].message.contains("model"), "{}", e[0]);
+}
+
+#[test]
+fn missing_model_file_and_duplicates_are_all_reported() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - name: iris\n",
+        "        model: nope.onnx\n",
+        "      - name: iris\n",
+        "        model: m.onnx\n",
+        "        num_replicas: 0\n",
+    ));
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert_eq!(e[0].field, "applications[0].deployments[0].model");
+    assert_eq!((e[0].line, e[0].column), (5, 16));
+    assert!(e[0].message.contains("nope.onnx"));
+    assert!(e[0].message.contains("not found"));
+    assert_eq!(e[1].field, "applications[0].deployments[1].name");
+    assert_eq!(e[1].line, 6);
+    assert!(e[1].message.contains("duplicate deployment name `iris`"));
+    assert!(e[1].message.contains("line 4"));
+    assert_eq!(e[2].field, "applications[0].deployments[1].num_replicas");
+    assert_eq!(e[2].line, 8);
+}
+
+#[test]
+fn duplicate_names_across_applications() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments: [{name: m, model: m.onnx}]\n",
+        "  - name: b\n",
+        "    deployments: [{name: m, model: m.onnx}]\n",
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("duplicate deployment name"));
+    assert_eq!(e[0].line, 5);
+}
+
+#[test]
+fn invalid_names_are_rejected() {
+    let e =
+        errors("applications:\n  - name: a\n    deployments: [{name: \"a/b\", model: m.onnx}]\n");
+    assert!(e[0].message.contains("not a valid name"), "{}", e[0]);
+}
+
+#[test]
+fn malformed_yaml_is_an_error_with_location() {
+    let e = errors("applications: [\n");
+    assert!(e[0].line >= 1, "{}", e[0]);
+}
+
+#[test]
+fn unreadable_file_is_an_error() {
+    let e = load(Path::new("/nonexistent/app.yaml")).unwrap_err();
+    assert!(e.to_string().contains("cannot read config file"), "{e}");
+}
+
+#[test]
+fn nearest_only_suggests_close_names() {
+    let c = vec!["model".to_string(), "name".to_string()];
+    assert_eq!(error::nearest("modle", &c).as_deref(), Some("model"));
+    assert_eq!(error::nearest("xyzzyq", &c), None);
+}

@@ -1,0 +1,110 @@
+//! Checks that need the whole document: unique names, existing files, values in range.
+//! Collects every problem rather than stopping at the first.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_saphyr::{Location, Spanned};
+
+use crate::{Config, ConfigError, ConfigErrors};
+
+pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErrors> {
+    let file = config.source.clone();
+    let mut errors = Vec::new();
+    let mut err = |loc: Location, field: String, msg: String| {
+        errors.push(ConfigError::at(&file, loc, field, msg));
+    };
+
+    if config.http_options.max_body_bytes == 0 {
+        err(
+            Location::UNKNOWN,
+            "http_options.max_body_bytes".into(),
+            "must be at least 1".into(),
+        );
+    }
+
+    let mut apps: HashMap<String, Location> = HashMap::new();
+    let mut deployments: HashMap<String, Location> = HashMap::new();
+    for (a, app) in config.applications.iter_mut().enumerate() {
+        let at = format!("applications[{a}]");
+        check_name(&app.name, &format!("{at}.name"), &mut err);
+        if let Some(first) = apps.insert(app.name.value.clone(), app.name.referenced) {
+            err(
+                app.name.referenced,
+                format!("{at}.name"),
+                format!(
+                    "duplicate application name `{}` (first defined at line {})",
+                    app.name.value,
+                    first.line()
+                ),
+            );
+        }
+        for (d, dep) in app.deployments.iter_mut().enumerate() {
+            let at = format!("{at}.deployments[{d}]");
+            check_name(&dep.name, &format!("{at}.name"), &mut err);
+            if let Some(first) = deployments.insert(dep.name.value.clone(), dep.name.referenced) {
+                err(
+                    dep.name.referenced,
+                    format!("{at}.name"),
+                    format!(
+                        "duplicate deployment name `{}` (first defined at line {}); deployment \
+                         names are model names and must be unique across the server",
+                        dep.name.value,
+                        first.line()
+                    ),
+                );
+            }
+            let resolved = base.join(&dep.model.value);
+            if !resolved.is_file() {
+                err(
+                    dep.model.referenced,
+                    format!("{at}.model"),
+                    format!("model file `{}` not found", resolved.display()),
+                );
+            }
+            dep.model.value = resolved;
+            check_name(&dep.version, &format!("{at}.version"), &mut err);
+            at_least_one(&dep.num_replicas, &format!("{at}.num_replicas"), &mut err);
+            at_least_one(
+                &dep.intra_op_threads,
+                &format!("{at}.intra_op_threads"),
+                &mut err,
+            );
+            at_least_one(
+                &dep.max_queued_requests,
+                &format!("{at}.max_queued_requests"),
+                &mut err,
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Names appear in URL paths: non-empty, no `/`, no whitespace or control characters.
+fn check_name(name: &Spanned<String>, field: &str, err: &mut impl FnMut(Location, String, String)) {
+    let v = &name.value;
+    let bad = v.is_empty()
+        || v.chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control());
+    if bad {
+        err(
+            name.referenced,
+            field.to_string(),
+            format!("`{v}` is not a valid name: use a non-empty name without `/` or spaces"),
+        );
+    }
+}
+
+fn at_least_one(value: &Spanned<u32>, field: &str, err: &mut impl FnMut(Location, String, String)) {
+    if value.value == 0 {
+        err(
+            value.referenced,
+            field.to_string(),
+            "must be at least 1".to_string(),
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The ONNX Runtime backend (`ort` with `load-dynamic`). ONNX Runtime is loaded once per process
+//! from a path the caller resolves ([`init_runtime`]); each replica then owns one [`OnnxBackend`]
+//! with its own session, since `Session::run` takes `&mut self`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::memory::Allocator;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{
+    DynTensor, DynTensorValueType, DynValue, Shape, Tensor as OrtTensor, TensorElementType,
+    ValueType,
+};
+
+use crate::{
+    Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    push_bytes_element,
+};
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// Loads the ONNX Runtime shared library at `library` and creates the process's one
+/// environment. Later calls return the first call's outcome, whatever path they pass.
+pub fn init_runtime(library: &Path) -> Result<(), String> {
+    let result = ENVIRONMENT.get_or_init(|| {
+        let builder = ort::init_from(library).map_err(|e| e.to_string())?;
+        builder
+            .with_name("sluice")
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    result.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+fn environment() -> Result<&'static Environment, String> {
+    match ENVIRONMENT.get() {
+        Some(Ok(env)) => Ok(env),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err("ONNX Runtime is not initialised (call init_runtime first)".to_string()),
+    }
+}
+
+/// Session options for one replica.
+#[derive(Debug, Clone)]
+pub struct OnnxOptions {
+    /// Threads ONNX Runtime uses inside one operator; 1 runs on the replica's own thread.
+    pub intra_op_threads: usize,
+}
+
+impl Default for OnnxOptions {
+    fn default() -> Self {
+        Self {
+            intra_op_threads: 1,
+        }
+    }
+}
+
+/// One ONNX Runtime session and the metadata read from it.
+pub struct OnnxBackend {
+    session: Session,
+    metadata: ModelMetadata,
+    path: PathBuf,
+}
+
+impl OnnxBackend {
+    /// Loads `path` into a new session. Fails with a message naming the file when the model
+    /// cannot be loaded or uses a type the Open Inference Protocol cannot carry.
+    pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self, String> {
+        let env = environment()?;
+        let fail =
+            |e: &dyn std::fmt::Display| format!("cannot load model `{}`: {e}", path.display());
+        let session = Session::builder(env)
+            .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
+            .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
+            .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|mut b| b.commit_from_file(path))
+            .map_err(|e| fail(&e))?;
+        let spec = |o: &ort::value::Outlet| -> Result<TensorSpec, String> {
+            match o.dtype() {
+                ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
+                    name: o.name().to_string(),
+                    dtype: from_ort(*ty).ok_or_else(|| {
+                        fail(&format!(
+                            "`{}` has element type {ty}, which Sluice cannot serve",
+                            o.name()
+                        ))
+                    })?,
+                    shape: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
+                }),
+                other => Err(fail(&format!("`{}` is a {other}, not a tensor", o.name()))),
+            }
+        };
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".to_string(),
+            inputs: session
+                .inputs()
+                .iter()
+                .map(spec)
+                .collect::<Result<_, _>>()?,
+            outputs: session
+                .outputs()
+                .iter()
+                .map(spec)
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            session,
+            metadata,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The model file this backend was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Backend for OnnxBackend {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        let mut values = Vec::with_capacity(inputs.len());
+        for input in &inputs {
+            let value = to_ort(&input.tensor)
+                .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
+            values.push((input.name.as_str(), value));
+        }
+        let mut result = self
+            .session
+            .run(values)
+            .map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
+        outputs
+            .iter()
+            .map(|name| {
+                let value = result.remove(name.as_str()).ok_or_else(|| {
+                    InferError::internal(format!("model produced no output `{name}`"))
+                })?;
+                Ok(NamedTensor {
+                    name: name.clone(),
+                    tensor: from_ort_value(value)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
+    let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
+    if tensor.dtype() == DataType::Bytes {
+        let strings = tensor
+            .bytes_elements()
+            .map(|b| {
+                String::from_utf8(b.to_vec())
+                    .map_err(|_| "BYTES element is not valid UTF-8".to_string())
+            })
+            .collect::<Result<Vec<String>, _>>()?;
+        let t =
+            OrtTensor::from_string_array((shape, strings.as_slice())).map_err(|e| e.to_string())?;
+        return Ok(t.into_dyn());
+    }
+    let ty = to_ort_type(tensor.dtype());
+    let mut t = DynTensor::new(&Allocator::default(), ty, shape).map_err(|e| e.to_string())?;
+    let data = tensor.data();
+    if !data.is_empty() {
+        // SAFETY: ONNX Runtime allocated a CPU buffer of exactly `data.len()` bytes for this
+        // dtype and shape (checked when the `Tensor` was built); regions cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), t.data_ptr_mut().cast::<u8>(), data.len());
+        }
+    }
+    Ok(t.into_dyn())
+}
+
+fn from_ort_value(value: DynValue) -> Result<Tensor, InferError> {
+    let (ty, dims) = match value.dtype() {
+        ValueType::Tensor { ty, shape, .. } => (*ty, shape.to_vec()),
+        other => {
+            return Err(InferError::internal(format!(
+                "model output is a {other}, not a tensor"
+            )));
+        }
+    };
+    let dtype = from_ort(ty)
+        .ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
+    let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
+    let data = if dtype == DataType::Bytes {
+        let (_, strings) = value
+            .try_extract_strings()
+            .map_err(|e| InferError::internal(format!("cannot read string output: {e}")))?;
+        let mut out = Vec::with_capacity(strings.iter().map(|s| s.len() + 4).sum());
+        for s in &strings {
+            push_bytes_element(&mut out, s.as_bytes())?;
+        }
+        out
+    } else {
+        let tensor = value
+            .downcast::<DynTensorValueType>()
+            .map_err(|e| InferError::internal(format!("cannot read output: {e}")))?;
+        let len = crate::element_count(&shape)? * dtype.byte_size().unwrap_or(1);
+        if len == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: a CPU tensor of this dtype and shape holds `len` contiguous bytes, alive
+            // while `tensor` is.
+            unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), len) }.to_vec()
+        }
+    };
+    Tensor::new(dtype, shape, data.into())
+}
+
+fn from_ort(ty: TensorElementType) -> Option<DataType> {
+    Some(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Uint8 => DataType::Uint8,
+        TensorElementType::Uint16 => DataType::Uint16,
+        TensorElementType::Uint32 => DataType::Uint32,
+        TensorElementType::Uint64 => DataType::Uint64,
+        TensorElementType::Int8 => DataType::Int8,
+        TensorElementType::Int16 => DataType::Int16,
+        TensorElementType::Int32 => DataType::Int32,
+        TensorElementType::Int64 => DataType::Int64,
+        TensorElementType::Float16 => DataType::Fp16,
+        TensorElementType::Bfloat16 => DataType::Bf16,
+        TensorElementType::Float32 => DataType::Fp32,
+        TensorElementType::Float64 => DataType::Fp64,
+        TensorElementType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+fn to_ort_type(dtype: DataType) -> TensorElementType {
+    match dtype {
+        DataType::Bool => TensorElementType::Bool,
+        DataType::Uint8 => TensorElementType::Uint8,
+        DataType::Uint16 => TensorElementType::Uint16,
+        DataType::Uint32 => TensorElementType::Uint32,
+        DataType::Uint64 => TensorElementType::Uint64,
+        DataType::Int8 => TensorElementType::Int8,
+        DataType::Int16 => TensorElementType::Int16,
+        DataType::Int32 => TensorElementType::Int32,
+        DataType::Int64 => TensorElementType::Int64,
+        DataType::Fp16 => TensorElementType::Float16,
+        DataType::Bf16 => TensorElementType::Bfloat16,
+        DataType::Fp32 => TensorElementType::Float32,
+        DataType::Fp64 => TensorElementType::Float64,
+        DataType::Bytes => TensorElementType::String,
+    }
+}

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Makes Sluice's example and test models from PyPI packages alone, and their expected outputs.
+
+Writes, under examples/models/ (or the folder given as the first argument):
+  iris/model.onnx     scikit-learn Pipeline(StandardScaler, LogisticRegression) on the iris data
+                      bundled with scikit-learn, converted by skl2onnx (zipmap=False: the
+                      probabilities are a plain tensor). input [N,4] FP32 -> label [N] INT64,
+                      probabilities [N,3] FP32.
+  mlp/model.onnx      a small MLP built with onnx.helper (8 -> 16 -> ReLU -> 4), seeded weights:
+                      x [N,8] FP32 -> logits [N,4], probabilities [N,4] (softmax).
+  dtypes/model.onnx   one Identity per Open Inference Protocol datatype ONNX Runtime takes:
+                      in_<DT> [N,2] -> out_<DT>, for BOOL, UINT8..64, INT8..64, FP16, FP32, FP64,
+                      BYTES (string).
+  reshape/model.onnx  x [N] FP32, shape [2] INT64 -> y = Reshape(x, shape); a shape that does not
+                      fit x makes ONNX Runtime fail at run time (tests the 500 path).
+  */expected.json     cases in the OIP JSON form: {"inputs": [...]} as a request body and the
+                      "outputs" onnxruntime-python computed for it, with a float tolerance.
+
+Deterministic: fixed seeds, single-threaded training.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+
+OIP = {
+    np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32", np.dtype(np.uint64): "UINT64", np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
+}
+
+
+def oip_tensor(name, arr):
+    arr = np.asarray(arr)
+    if arr.dtype == object or arr.dtype.kind in "US":
+        dt, data = "BYTES", [str(v) for v in arr.flatten()]
+    else:
+        dt = OIP[arr.dtype]
+        data = arr.flatten().tolist()
+    return {"name": name, "datatype": dt, "shape": list(arr.shape), "data": data}
+
+
+def save(name, model, cases, tolerance=1e-5):
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "model.onnx")
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    doc = {"model": name, "tolerance": tolerance, "cases": []}
+    for case_name, feeds in cases:
+        outs = sess.run(out_names, feeds)
+        doc["cases"].append({
+            "name": case_name,
+            "inputs": [oip_tensor(k, v) for k, v in feeds.items()],
+            "outputs": [oip_tensor(k, v) for k, v in zip(out_names, outs)],
+        })
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(f"wrote {path} ({os.path.getsize(path)} bytes) and {len(cases)} cases", file=sys.stderr)
+
+
+def iris():
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=500, random_state=0))])
+    pipe.fit(x, y)
+    model = to_onnx(pipe, x[:1], options={id(pipe.steps[-1][1]): {"zipmap": False}},
+                    target_opset={"": 13, "ai.onnx.ml": 1})
+    # Name the input `input` like the shared benchmark model, and make the batch dynamic.
+    old = model.graph.input[0].name
+    for node in model.graph.node:
+        node.input[:] = ["input" if i == old else i for i in node.input]
+    model.graph.input[0].name = "input"
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.doc_string = "iris: scikit-learn StandardScaler + LogisticRegression via skl2onnx"
+    rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.3, 3.3, 6.0, 2.5]], np.float32)
+    cases = [(f"row{i}", {"input": rows[i:i + 1]}) for i in range(3)]
+    cases.append(("batch8", {"input": x[::19][:8]}))
+    save("iris", model, cases)
+
+
+def mlp():
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32) * 0.5
+    b1 = rng.standard_normal(16).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((16, 4)).astype(np.float32) * 0.5
+    b2 = rng.standard_normal(4).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
+        helper.make_node("Add", ["h3", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+         numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "mlp: 8 -> 16 -> ReLU -> 4, softmax; seeded weights"
+    xs = rng.standard_normal((5, 8)).astype(np.float32)
+    save("mlp", model, [("row0", {"x": xs[:1]}), ("batch5", {"x": xs})])
+
+
+DTYPES = [
+    ("BOOL", TensorProto.BOOL, np.array([[True, False], [False, True]])),
+    ("UINT8", TensorProto.UINT8, np.array([[0, 255], [7, 128]], np.uint8)),
+    ("UINT16", TensorProto.UINT16, np.array([[0, 65535], [7, 300]], np.uint16)),
+    ("UINT32", TensorProto.UINT32, np.array([[0, 4294967295], [7, 70000]], np.uint32)),
+    ("UINT64", TensorProto.UINT64, np.array([[0, 18446744073709551615], [7, 2**40]], np.uint64)),
+    ("INT8", TensorProto.INT8, np.array([[-128, 127], [0, -1]], np.int8)),
+    ("INT16", TensorProto.INT16, np.array([[-32768, 32767], [0, -1]], np.int16)),
+    ("INT32", TensorProto.INT32, np.array([[-2**31, 2**31 - 1], [0, -1]], np.int32)),
+    ("INT64", TensorProto.INT64, np.array([[-2**63, 2**63 - 1], [0, -1]], np.int64)),
+    ("FP16", TensorProto.FLOAT16, np.array([[0.5, -2.0], [65504.0, 0.000061035156]], np.float16)),
+    ("FP32", TensorProto.FLOAT, np.array([[0.1, -2.5], [3.4028235e38, 1e-7]], np.float32)),
+    ("FP64", TensorProto.DOUBLE, np.array([[0.1, -2.5], [1.7976931348623157e308, 1e-300]], np.float64)),
+    ("BYTES", TensorProto.STRING, np.array([["héllo", ""], ["a b", "z"]], object)),
+]
+
+
+def dtypes():
+    inputs, outputs, nodes, feeds = [], [], [], {}
+    for dt, proto, sample in DTYPES:
+        inputs.append(helper.make_tensor_value_info(f"in_{dt}", proto, ["N", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{dt}", proto, ["N", 2]))
+        nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))
+        feeds[f"in_{dt}"] = sample
+    graph = helper.make_graph(nodes, "dtypes", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "dtypes: Identity for each OIP datatype"
+    save("dtypes", model, [("all", feeds)], tolerance=0)
+
+
+def reshape():
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "reshape: fails at run time when `shape` does not fit `x`"
+    save("reshape", model, [("fits", {"x": np.arange(6, dtype=np.float32), "shape": np.array([2, 3], np.int64)})])
+
+
+if __name__ == "__main__":
+    iris()
+    mlp()
+    dtypes()
+    reshape()

@@ -1,0 +1,34 @@
+//! `GET /v2/health/live`, `/v2/health/ready` and `/v2` (server metadata).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::AppState;
+
+/// Extensions of the protocol this server implements (advertised on `/v2`).
+pub const EXTENSIONS: &[&str] = &[];
+
+pub async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+/// 200 when every model is ready, 503 otherwise (clients read the status only).
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let ready = state.routes.all_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "ready": ready })))
+}
+
+pub async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": "sluice",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": EXTENSIONS,
+    }))
+}

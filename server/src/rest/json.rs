@@ -1,0 +1,397 @@
+//! The JSON form of Open Inference Protocol tensors. Request `data` (flat or nested) is parsed
+//! once, straight into the tensor's little-endian bytes, after the datatype is known; response
+//! tensors are written flat from those bytes.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use sluice_deployments::{
+    DataType, InferError, NamedTensor, Tensor, element_count, push_bytes_element,
+};
+
+/// `POST .../infer` body (the JSON part).
+#[derive(Deserialize)]
+pub struct JsonRequest<'a> {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(borrow)]
+    pub inputs: Vec<JsonInput<'a>>,
+    #[serde(default)]
+    pub outputs: Option<Vec<JsonRequestedOutput>>,
+}
+
+#[derive(Deserialize)]
+pub struct JsonInput<'a> {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub datatype: String,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+pub struct JsonRequestedOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Parses an input's datatype and shape (the parts every encoding of `data` shares).
+pub fn input_header(input: &JsonInput<'_>) -> Result<(DataType, Vec<usize>), InferError> {
+    let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
+        InferError::invalid(format!(
+            "input `{}` has unknown datatype `{}`",
+            input.name, input.datatype
+        ))
+    })?;
+    let shape = input
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            InferError::invalid(format!(
+                "input `{}` has an absurd shape {:?}",
+                input.name, input.shape
+            ))
+        })?;
+    element_count(&shape)
+        .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
+    Ok((dtype, shape))
+}
+
+/// Decodes JSON `data` into a tensor of the given datatype and shape.
+pub fn decode_data(
+    name: &str,
+    dtype: DataType,
+    shape: Vec<usize>,
+    raw: &RawValue,
+) -> Result<NamedTensor, InferError> {
+    let count = element_count(&shape)?;
+    let text = raw.get();
+    // Never trust the shape for the allocation: each element takes at least one JSON byte.
+    let capacity = count.min(text.len()) * dtype.byte_size().unwrap_or(8);
+    let mut out = Vec::with_capacity(capacity);
+    let mut found = 0usize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    Flatten {
+        dtype,
+        out: &mut out,
+        count: &mut found,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| InferError::invalid(format!("input `{name}`: {}", strip_position(&e))))?;
+    if found != count {
+        return Err(InferError::invalid(format!(
+            "input `{name}` has shape {shape:?} ({count} elements) but its data has {found} elements"
+        )));
+    }
+    let tensor = Tensor::new(dtype, shape, Bytes::from(out))
+        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
+    Ok(NamedTensor {
+        name: name.to_string(),
+        tensor,
+    })
+}
+
+fn strip_position(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.find(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Walks nested arrays and appends each scalar, converted to `dtype`, to `out`.
+struct Flatten<'o> {
+    dtype: DataType,
+    out: &'o mut Vec<u8>,
+    count: &'o mut usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! push_int {
+    ($self:ident, $v:expr, $E:ty) => {{
+        let v = $v;
+        macro_rules! put {
+            ($t:ty) => {
+                match <$t>::try_from(v) {
+                    Ok(x) => $self.out.extend_from_slice(&x.to_le_bytes()),
+                    Err(_) => {
+                        return Err(<$E>::custom(format!(
+                            "{v} is out of range for {}",
+                            $self.dtype
+                        )))
+                    }
+                }
+            };
+        }
+        match $self.dtype {
+            DataType::Uint8 => put!(u8),
+            DataType::Uint16 => put!(u16),
+            DataType::Uint32 => put!(u32),
+            DataType::Uint64 => put!(u64),
+            DataType::Int8 => put!(i8),
+            DataType::Int16 => put!(i16),
+            DataType::Int32 => put!(i32),
+            DataType::Int64 => put!(i64),
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => {
+                return $self.push_float(v as f64);
+            }
+            DataType::Bool | DataType::Bytes => {
+                return Err(<$E>::custom(format!(
+                    "expected {} data, found number {v}",
+                    $self.dtype_desc()
+                )));
+            }
+        }
+        *$self.count += 1;
+        Ok(())
+    }};
+}
+
+impl Flatten<'_> {
+    fn dtype_desc(&self) -> &'static str {
+        match self.dtype {
+            DataType::Bool => "boolean (BOOL)",
+            DataType::Bytes => "string (BYTES)",
+            _ => "numeric",
+        }
+    }
+
+    fn push_float<E: de::Error>(self, v: f64) -> Result<(), E> {
+        match self.dtype {
+            DataType::Fp16 => self
+                .out
+                .extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DataType::Bf16 => self
+                .out
+                .extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
+            _ if self.dtype.byte_size().is_some() && self.dtype != DataType::Bool => {
+                return Err(E::custom(format!(
+                    "{v} is not an integer, as {} needs",
+                    self.dtype
+                )));
+            }
+            _ => {
+                return Err(E::custom(format!(
+                    "expected {} data, found number {v}",
+                    self.dtype_desc()
+                )));
+            }
+        }
+        *self.count += 1;
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} data: a flat or nested array of values", self.dtype)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Flatten {
+                dtype: self.dtype,
+                out: &mut *self.out,
+                count: &mut *self.count,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        if self.dtype != DataType::Bool {
+            return Err(E::custom(format!(
+                "expected {} data, found boolean {v}",
+                self.dtype_desc()
+            )));
+        }
+        self.out.push(v as u8);
+        *self.count += 1;
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        push_int!(self, v, E)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        push_int!(self, v, E)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push_float(v)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if self.dtype != DataType::Bytes {
+            return Err(E::custom(format!(
+                "expected {} data, found string {v:?}",
+                self.dtype_desc()
+            )));
+        }
+        push_bytes_element(self.out, v.as_bytes()).map_err(E::custom)?;
+        *self.count += 1;
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(format!(
+            "expected {} data, found null",
+            self.dtype_desc()
+        )))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(format!(
+            "expected {} data, found an object",
+            self.dtype_desc()
+        )))
+    }
+}
+
+/// Writes a tensor's elements as a flat JSON array.
+pub struct JsonData<'a>(pub &'a Tensor);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = self.0;
+        let mut seq = s.serialize_seq(Some(t.len()))?;
+        let data = &t.data()[..];
+        macro_rules! each {
+            ($t:ty, $n:literal, $map:expr) => {
+                for c in data.chunks_exact($n) {
+                    let v = <$t>::from_le_bytes(c.try_into().expect("chunk size"));
+                    seq.serialize_element(&$map(v))?;
+                }
+            };
+        }
+        match t.dtype() {
+            DataType::Bool => {
+                for &b in data {
+                    seq.serialize_element(&(b != 0))?;
+                }
+            }
+            DataType::Uint8 => each!(u8, 1, |v| v),
+            DataType::Uint16 => each!(u16, 2, |v| v),
+            DataType::Uint32 => each!(u32, 4, |v| v),
+            DataType::Uint64 => each!(u64, 8, |v| v),
+            DataType::Int8 => each!(i8, 1, |v| v),
+            DataType::Int16 => each!(i16, 2, |v| v),
+            DataType::Int32 => each!(i32, 4, |v| v),
+            DataType::Int64 => each!(i64, 8, |v| v),
+            DataType::Fp16 => each!(half::f16, 2, |v: half::f16| v.to_f32()),
+            DataType::Bf16 => each!(half::bf16, 2, |v: half::bf16| v.to_f32()),
+            DataType::Fp32 => each!(f32, 4, |v| v),
+            DataType::Fp64 => each!(f64, 8, |v| v),
+            DataType::Bytes => {
+                for item in t.bytes_elements() {
+                    seq.serialize_element(&String::from_utf8_lossy(item))?;
+                }
+            }
+        }
+        seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(dtype: DataType, shape: Vec<usize>, json: &str) -> Result<NamedTensor, InferError> {
+        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+        decode_data("x", dtype, shape, &raw)
+    }
+
+    fn encode(t: &Tensor) -> String {
+        serde_json::to_string(&JsonData(t)).unwrap()
+    }
+
+    #[test]
+    fn flat_and_nested_data_give_the_same_tensor() {
+        let flat = decode(DataType::Fp32, vec![2, 2], "[1, 2.5, -3, 4]").unwrap();
+        let nested = decode(DataType::Fp32, vec![2, 2], "[[1, 2.5], [-3, 4]]").unwrap();
+        assert_eq!(flat, nested);
+        assert_eq!(encode(&flat.tensor), "[1.0,2.5,-3.0,4.0]");
+    }
+
+    #[test]
+    fn every_datatype_round_trips() {
+        let cases = [
+            (DataType::Bool, "[true,false]"),
+            (DataType::Uint8, "[0,255]"),
+            (DataType::Uint16, "[0,65535]"),
+            (DataType::Uint32, "[0,4294967295]"),
+            (DataType::Uint64, "[0,18446744073709551615]"),
+            (DataType::Int8, "[-128,127]"),
+            (DataType::Int16, "[-32768,32767]"),
+            (DataType::Int32, "[-2147483648,2147483647]"),
+            (
+                DataType::Int64,
+                "[-9223372036854775808,9223372036854775807]",
+            ),
+            (DataType::Fp16, "[0.5,-2.0]"),
+            (DataType::Bf16, "[0.5,-2.0]"),
+            (DataType::Fp32, "[0.1,-2.5]"),
+            (DataType::Fp64, "[0.1,1e300]"),
+            (DataType::Bytes, r#"["héllo",""]"#),
+        ];
+        for (dtype, json) in cases {
+            let t = decode(dtype, vec![2], json).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+            assert_eq!(encode(&t.tensor), json, "{dtype}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_and_wrong_kinds_are_named() {
+        let e = decode(DataType::Uint8, vec![1], "[256]").unwrap_err();
+        assert!(e.message.contains("256 is out of range for UINT8"), "{e}");
+        let e = decode(DataType::Int32, vec![1], "[1.5]").unwrap_err();
+        assert!(e.message.contains("not an integer"), "{e}");
+        let e = decode(DataType::Fp32, vec![1], r#"["a"]"#).unwrap_err();
+        assert!(e.message.contains("found string"), "{e}");
+        let e = decode(DataType::Bool, vec![1], "[1]").unwrap_err();
+        assert!(e.message.contains("boolean"), "{e}");
+        let e = decode(DataType::Fp32, vec![1], "[null]").unwrap_err();
+        assert!(e.message.contains("null"), "{e}");
+        assert!(e.message.starts_with("input `x`"), "{e}");
+    }
+
+    #[test]
+    fn element_count_must_match_shape() {
+        let e = decode(DataType::Fp32, vec![1, 4], "[1, 2, 3]").unwrap_err();
+        assert!(
+            e.message.contains("4 elements") && e.message.contains("has 3"),
+            "{e}"
+        );
+        // A scalar where an array is expected is one element.
+        assert!(decode(DataType::Fp32, vec![1], "7").is_ok());
+    }
+
+    #[test]
+    fn absurd_shapes_do_not_allocate() {
+        let e = decode(DataType::Fp64, vec![1 << 40, 1 << 20], "[1]").unwrap_err();
+        assert!(e.message.contains("elements"), "{e}");
+    }
+}

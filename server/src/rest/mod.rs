@@ -1,0 +1,59 @@
+//! The Open Inference Protocol REST frontend (axum). Handlers are thin adapters: decode, call
+//! the router and deployment, encode. Bodies are read as bytes whatever the Content-Type
+//! (tritonclient sends none), up to `http_options.max_body_bytes`.
+
+mod health;
+mod infer;
+pub mod json;
+mod model;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use sluice_router::Router as RouteTable;
+
+use crate::error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub routes: Arc<RouteTable>,
+}
+
+/// The REST routes of the Open Inference Protocol.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v2", get(health::server_metadata))
+        .route("/v2/health/live", get(health::live))
+        .route("/v2/health/ready", get(health::ready))
+        .route("/v2/models/{model}", get(model::metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model::metadata),
+        )
+        .route("/v2/models/{model}/ready", get(model::ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model::ready),
+        )
+        .route("/v2/models/{model}/infer", post(infer::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer::infer),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
