@@ -1,0 +1,239 @@
+//! The REST frontend against the real server on port 0 with the fixture models: exact answers
+//! and every bad-input case's status and message.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn post(server: &sluice_server::Server, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+    let r = reqwest::Client::new().post(url(server, path)).body(body).send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+async fn get(server: &sluice_server::Server, path: &str) -> (StatusCode, Value) {
+    let r = reqwest::get(url(server, path)).await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+fn error_of(v: &Value) -> &str {
+    v["error"].as_str().unwrap_or_else(|| panic!("no error field: {v}"))
+}
+
+#[tokio::test]
+async fn health_and_server_metadata() {
+    let s = start(ALL_MODELS, "").await;
+    assert_eq!(get(&s, "/v2/health/live").await.0, StatusCode::OK);
+    assert_eq!(get(&s, "/v2/health/ready").await.0, StatusCode::OK);
+    let (status, meta) = get(&s, "/v2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(meta["name"], "sluice");
+    assert!(meta["version"].is_string());
+    assert!(meta["extensions"].is_array());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn model_metadata_and_readiness() {
+    let s = start(ALL_MODELS, "").await;
+    let (status, meta) = get(&s, "/v2/models/iris").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        meta,
+        json!({
+            "name": "iris", "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}
+            ]
+        })
+    );
+    assert_eq!(get(&s, "/v2/models/iris/versions/1").await.1, meta);
+    assert_eq!(get(&s, "/v2/models/iris/ready").await.0, StatusCode::OK);
+    assert_eq!(get(&s, "/v2/models/iris/versions/1/ready").await.0, StatusCode::OK);
+
+    let (status, body) = get(&s, "/v2/models/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body).contains("unknown model `nope`"));
+    let (status, body) = get(&s, "/v2/models/iris/versions/7/ready").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body).contains("unknown version `7` of model `iris`"));
+
+    let (status, meta) = get(&s, "/v2/models/dtypes").await;
+    assert_eq!(status, StatusCode::OK);
+    let dtypes: Vec<&str> = meta["inputs"].as_array().unwrap().iter().map(|i| i["datatype"].as_str().unwrap()).collect();
+    assert_eq!(
+        dtypes,
+        ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_fixture_case_matches_onnxruntime_python() {
+    let s = start(ALL_MODELS, "").await;
+    for model in ["iris", "mlp", "dtypes", "reshape"] {
+        let doc = expected(model);
+        let tol = doc["tolerance"].as_f64().unwrap();
+        for case in doc["cases"].as_array().unwrap() {
+            let body = json!({"id": format!("{model}-{}", case["name"].as_str().unwrap()), "inputs": case["inputs"]});
+            let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{model} {}: {out}", case["name"]);
+            assert_eq!(out["model_name"], model);
+            assert_eq!(out["model_version"], "1");
+            assert_eq!(out["id"], body["id"]);
+            assert_outputs_match(&out["outputs"], &case["outputs"], tol);
+        }
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn nested_data_requested_outputs_and_versions() {
+    let s = start(ALL_MODELS, "").await;
+    let case = &expected("iris")["cases"][3]; // batch of 8
+    let flat = case["inputs"][0]["data"].as_array().unwrap();
+    let nested: Vec<Value> = flat.chunks(4).map(|c| Value::from(c.to_vec())).collect();
+    let body = json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [8, 4], "data": nested}],
+        "outputs": [{"name": "probabilities"}]
+    });
+    let (status, out) = post(&s, "/v2/models/iris/versions/1/infer", body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert!(out.get("id").is_none(), "no id sent, none echoed");
+    assert_outputs_match(&out["outputs"], &json!([case["outputs"][1]]), 1e-5);
+
+    // Order follows the request.
+    let body = json!({
+        "inputs": case["inputs"],
+        "outputs": [{"name": "probabilities"}, {"name": "label"}]
+    });
+    let (_, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
+    assert_outputs_match(&out["outputs"], &json!([case["outputs"][1], case["outputs"][0]]), 1e-5);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
+    let s = start(ALL_MODELS, ", max_body_bytes: 4096").await;
+    let iris = |shape: Value, data: Value| {
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}).to_string()
+    };
+    let cases: Vec<(&str, String, StatusCode, &str)> = vec![
+        ("iris", "{not json".into(), StatusCode::BAD_REQUEST, "malformed inference request JSON"),
+        ("iris", "{}".into(), StatusCode::BAD_REQUEST, "missing field `inputs`"),
+        ("nope", iris(json!([1, 4]), json!([1, 2, 3, 4])), StatusCode::NOT_FOUND, "unknown model `nope`"),
+        ("iris/versions/3", iris(json!([1, 4]), json!([1, 2, 3, 4])), StatusCode::NOT_FOUND, "unknown version `3`"),
+        (
+            "iris",
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "unknown input `x` for model `iris`; its inputs are: input",
+        ),
+        ("iris", json!({"inputs": []}).to_string(), StatusCode::BAD_REQUEST, "missing input `input` for model `iris`"),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "input `input` has datatype INT64 but model `iris` expects FP32",
+        ),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FLOAT", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "unknown datatype `FLOAT`",
+        ),
+        ("iris", iris(json!([4]), json!([1, 2, 3, 4])), StatusCode::BAD_REQUEST, "has shape [4] but model `iris` expects [-1, 4]"),
+        ("iris", iris(json!([1, 4]), json!([1, 2, 3])), StatusCode::BAD_REQUEST, "(4 elements) but its data has 3"),
+        ("iris", iris(json!([1, 4]), json!(["a", 2, 3, 4])), StatusCode::BAD_REQUEST, "found string"),
+        (
+            "iris",
+            iris(json!([9223372036854775807u64, 4]), json!([1, 2, 3, 4])),
+            StatusCode::BAD_REQUEST,
+            "too many elements",
+        ),
+        ("iris", iris(json!([18446744073709551615u64, 4]), json!([1])), StatusCode::BAD_REQUEST, "larger than"),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "input `input` has no `data`",
+        ),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "labels"}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "unknown output `labels` for model `iris`",
+        ),
+        ("iris", "x".repeat(5000), StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded"),
+        (
+            "reshape",
+            json!({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [5], "data": [1, 2, 3, 4, 5]},
+                {"name": "shape", "datatype": "INT64", "shape": [2], "data": [2, 3]}
+            ]}).to_string(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ONNX Runtime error",
+        ),
+    ];
+    for (model, body, want_status, want_message) in cases {
+        let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body).await;
+        assert_eq!(status, want_status, "{model}: {out}");
+        assert!(error_of(&out).contains(want_message), "{model}: want {want_message:?} in {out}");
+        // And the server still answers a good request.
+        let (status, _) = post(&s, "/v2/models/iris/infer", iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2]))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let s = start(ALL_MODELS, "").await;
+    let (status, body) = get(&s, "/v3/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body), "Not Found");
+    let (status, body) = get(&s, "/v2/models/iris/infer").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(!error_of(&body).is_empty());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn model_names_are_percent_decoded() {
+    let s = start("      - {name: iris-v1, model: iris/model.onnx}\n", "").await;
+    assert_eq!(get(&s, "/v2/models/iris%2Dv1").await.0, StatusCode::OK);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer() {
+    let s = start(ALL_MODELS, "").await;
+    let doc = expected("mlp");
+    let case = &doc["cases"][1];
+    let rows = case["inputs"][0]["data"].as_array().unwrap().chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let want = case["outputs"][1]["data"].as_array().unwrap().chunks(4).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (row, want) = (rows[i % rows.len()].clone(), want[i % want.len()].clone());
+        let (client, url) = (client.clone(), url(&s, "/v2/models/mlp/infer"));
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"id": i.to_string(), "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": row}], "outputs": [{"name": "probabilities"}]});
+            let out: Value = client.post(url).body(body.to_string()).send().await.unwrap().json().await.unwrap();
+            assert_eq!(out["id"], i.to_string());
+            let expected = json!([{"name": "probabilities", "datatype": "FP32", "shape": [1, 4], "data": want}]);
+            assert_outputs_match(&out["outputs"], &expected, 1e-5);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    s.shutdown().await;
+}
