@@ -19,7 +19,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, ConfigErrors};
-pub use schema::{Application, Config, Deployment, HttpOptions};
+pub use schema::{Application, Config, Deployment, GrpcOptions, HttpOptions};
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the
 /// directory of the file. Returns every error found (parse errors stop at the first one, since

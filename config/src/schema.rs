@@ -13,6 +13,9 @@ pub struct Config {
     /// Where the REST frontend listens and how much it accepts.
     #[serde(default)]
     pub http_options: HttpOptions,
+    /// Where the gRPC frontend listens.
+    #[serde(default)]
+    pub grpc_options: GrpcOptions,
     /// The applications to serve; each groups deployments.
     #[serde(default)]
     pub applications: Vec<Application>,
@@ -42,6 +45,32 @@ impl Default for HttpOptions {
             host: default_host(),
             port: default_port(),
             max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+/// gRPC frontend settings (`grpc_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcOptions {
+    /// Address to bind. Default `127.0.0.1`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port to bind; 0 picks a free one. Default 8001 (Triton's). The same host and port as
+    /// `http_options` serves both protocols on one port.
+    #[serde(default = "default_grpc_port")]
+    pub port: u16,
+    /// Set false to serve REST only. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_grpc_port(),
+            enabled: true,
         }
     }
 }
@@ -76,6 +105,11 @@ pub struct Deployment {
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
     pub intra_op_threads: Spanned<u32>,
+    /// Largest batch (dimension 0) one request may carry, and the largest batch replicas run.
+    /// 0 (the default) means the model has no batch dimension: tensors pass as they are.
+    /// Above 0, every input and output's first dimension must be dynamic in the model.
+    #[serde(default = "default_zero")]
+    pub max_batch_size: Spanned<u32>,
     /// Requests waiting for a replica of this deployment before new ones are refused with 503.
     /// Default 64.
     #[serde(default = "default_max_queued_requests")]
@@ -95,6 +129,15 @@ fn default_port() -> u16 {
 }
 fn default_max_body_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_zero() -> Spanned<u32> {
+    spanned(0)
+}
+fn default_grpc_port() -> u16 {
+    8001
+}
+fn default_true() -> bool {
+    true
 }
 fn default_version() -> Spanned<String> {
     spanned("1".to_string())

@@ -16,6 +16,8 @@ pub struct DeploymentSpec {
     pub version: String,
     pub num_replicas: usize,
     pub max_queued_requests: usize,
+    /// 0: no batch dimension; above 0: dimension 0 batches, at most this many rows a request.
+    pub max_batch_size: usize,
 }
 
 impl DeploymentSpec {
@@ -25,6 +27,7 @@ impl DeploymentSpec {
             version: d.version.value.clone(),
             num_replicas: d.num_replicas.value as usize,
             max_queued_requests: d.max_queued_requests.value as usize,
+            max_batch_size: d.max_batch_size.value as usize,
         }
     }
 }
@@ -59,6 +62,20 @@ impl Deployment {
             Some(b) => Arc::new(b.metadata().clone()),
             None => return Err(format!("deployment `{}` has no replicas", spec.name)),
         };
+        if spec.max_batch_size > 0 {
+            let fixed = metadata
+                .inputs
+                .iter()
+                .chain(&metadata.outputs)
+                .find(|t| t.shape.first().is_none_or(|&d| d >= 0));
+            if let Some(t) = fixed {
+                return Err(format!(
+                    "max_batch_size is {} but `{}` has shape {:?}: batching needs a dynamic first \
+                     dimension on every input and output (or max_batch_size: 0)",
+                    spec.max_batch_size, t.name, t.shape
+                ));
+            }
+        }
         let capacity = spec.max_queued_requests.div_ceil(backends.len()).max(1);
         let replicas = backends
             .into_iter()
@@ -86,6 +103,16 @@ impl Deployment {
         &self.metadata
     }
 
+    /// 0 when the model has no batch dimension, else the most rows one request may carry.
+    pub fn max_batch_size(&self) -> usize {
+        self.spec.max_batch_size
+    }
+
+    /// Replicas serving this deployment.
+    pub fn num_replicas(&self) -> usize {
+        self.replicas.len()
+    }
+
     /// Ready once every replica has loaded its model (true from construction on, for now).
     pub fn is_ready(&self) -> bool {
         !self.replicas.is_empty()
@@ -93,7 +120,12 @@ impl Deployment {
 
     /// Checks the request, runs it on a replica and answers.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        let outputs = check_request(&self.spec.name, &self.metadata, &request)?;
+        let outputs = check_request(
+            &self.spec.name,
+            &self.metadata,
+            self.spec.max_batch_size,
+            &request,
+        )?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = Job {
             inputs: request.inputs,

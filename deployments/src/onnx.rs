@@ -34,7 +34,8 @@ pub fn init_runtime(library: &Path) -> Result<(), String> {
     result.as_ref().map(|_| ()).map_err(Clone::clone)
 }
 
-fn environment() -> Result<&'static Environment, String> {
+/// The process's ONNX Runtime environment, once [`init_runtime`] succeeded.
+pub fn environment() -> Result<&'static Environment, String> {
     match ENVIRONMENT.get() {
         Some(Ok(env)) => Ok(env),
         Some(Err(e)) => Err(e.clone()),

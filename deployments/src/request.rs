@@ -25,10 +25,12 @@ pub struct InferResponse {
 }
 
 /// Checks inputs against the model (every input known, present once, right datatype, rank and
-/// fixed dimensions) and resolves the output names to return.
+/// fixed dimensions; with `max_batch_size` > 0, one batch size across inputs within the limit)
+/// and resolves the output names to return.
 pub fn check_request(
     model: &str,
     meta: &ModelMetadata,
+    max_batch_size: usize,
     request: &InferRequest,
 ) -> Result<Vec<String>, InferError> {
     let mut seen = HashSet::new();
@@ -75,6 +77,31 @@ pub fn check_request(
             "missing input `{}` for model `{model}`",
             missing.name
         )));
+    }
+    if max_batch_size > 0 {
+        let batch = request
+            .inputs
+            .first()
+            .and_then(|i| i.tensor.shape().first().copied());
+        if let Some(batch) = batch {
+            if let Some(other) = request
+                .inputs
+                .iter()
+                .find(|i| i.tensor.shape().first() != Some(&batch))
+            {
+                return Err(InferError::invalid(format!(
+                    "inputs disagree on the batch size (dimension 0): `{}` has {batch}, `{}` has {:?}",
+                    request.inputs[0].name,
+                    other.name,
+                    other.tensor.shape().first()
+                )));
+            }
+            if batch > max_batch_size {
+                return Err(InferError::invalid(format!(
+                    "inference request batch-size must be <= {max_batch_size} for `{model}`, got {batch}"
+                )));
+            }
+        }
     }
     match &request.outputs {
         None => Ok(meta.outputs.iter().map(|s| s.name.clone()).collect()),

@@ -7,22 +7,39 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-async fn post(server: &sluice_server::Server, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
-    let r = reqwest::Client::new().post(url(server, path)).body(body).send().await.unwrap();
+async fn post(
+    server: &sluice_server::Server,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .post(url(server, path))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
 }
 
 async fn get(server: &sluice_server::Server, path: &str) -> (StatusCode, Value) {
     let r = reqwest::get(url(server, path)).await.unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
 }
 
 fn error_of(v: &Value) -> &str {
-    v["error"].as_str().unwrap_or_else(|| panic!("no error field: {v}"))
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {v}"))
 }
 
 #[tokio::test]
@@ -56,7 +73,10 @@ async fn model_metadata_and_readiness() {
     );
     assert_eq!(get(&s, "/v2/models/iris/versions/1").await.1, meta);
     assert_eq!(get(&s, "/v2/models/iris/ready").await.0, StatusCode::OK);
-    assert_eq!(get(&s, "/v2/models/iris/versions/1/ready").await.0, StatusCode::OK);
+    assert_eq!(
+        get(&s, "/v2/models/iris/versions/1/ready").await.0,
+        StatusCode::OK
+    );
 
     let (status, body) = get(&s, "/v2/models/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -67,10 +87,18 @@ async fn model_metadata_and_readiness() {
 
     let (status, meta) = get(&s, "/v2/models/dtypes").await;
     assert_eq!(status, StatusCode::OK);
-    let dtypes: Vec<&str> = meta["inputs"].as_array().unwrap().iter().map(|i| i["datatype"].as_str().unwrap()).collect();
+    let dtypes: Vec<&str> = meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["datatype"].as_str().unwrap())
+        .collect();
     assert_eq!(
         dtypes,
-        ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+        [
+            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+            "FP16", "FP32", "FP64", "BYTES"
+        ]
     );
     s.shutdown().await;
 }
@@ -83,7 +111,8 @@ async fn every_fixture_case_matches_onnxruntime_python() {
         let tol = doc["tolerance"].as_f64().unwrap();
         for case in doc["cases"].as_array().unwrap() {
             let body = json!({"id": format!("{model}-{}", case["name"].as_str().unwrap()), "inputs": case["inputs"]});
-            let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body.to_string()).await;
+            let (status, out) =
+                post(&s, &format!("/v2/models/{model}/infer"), body.to_string()).await;
             assert_eq!(status, StatusCode::OK, "{model} {}: {out}", case["name"]);
             assert_eq!(out["model_name"], model);
             assert_eq!(out["model_version"], "1");
@@ -115,7 +144,11 @@ async fn nested_data_requested_outputs_and_versions() {
         "outputs": [{"name": "probabilities"}, {"name": "label"}]
     });
     let (_, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
-    assert_outputs_match(&out["outputs"], &json!([case["outputs"][1], case["outputs"][0]]), 1e-5);
+    assert_outputs_match(
+        &out["outputs"],
+        &json!([case["outputs"][1], case["outputs"][0]]),
+        1e-5,
+    );
     s.shutdown().await;
 }
 
@@ -123,7 +156,8 @@ async fn nested_data_requested_outputs_and_versions() {
 async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
     let s = start(ALL_MODELS, ", max_body_bytes: 4096").await;
     let iris = |shape: Value, data: Value| {
-        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}).to_string()
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]})
+            .to_string()
     };
     let cases: Vec<(&str, String, StatusCode, &str)> = vec![
         ("iris", "{not json".into(), StatusCode::BAD_REQUEST, "malformed inference request JSON"),
@@ -185,9 +219,17 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
     for (model, body, want_status, want_message) in cases {
         let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body).await;
         assert_eq!(status, want_status, "{model}: {out}");
-        assert!(error_of(&out).contains(want_message), "{model}: want {want_message:?} in {out}");
+        assert!(
+            error_of(&out).contains(want_message),
+            "{model}: want {want_message:?} in {out}"
+        );
         // And the server still answers a good request.
-        let (status, _) = post(&s, "/v2/models/iris/infer", iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2]))).await;
+        let (status, _) = post(
+            &s,
+            "/v2/models/iris/infer",
+            iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2])),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
     }
     s.shutdown().await;
@@ -217,8 +259,18 @@ async fn concurrent_requests_each_get_their_own_answer() {
     let s = start(ALL_MODELS, "").await;
     let doc = expected("mlp");
     let case = &doc["cases"][1];
-    let rows = case["inputs"][0]["data"].as_array().unwrap().chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>();
-    let want = case["outputs"][1]["data"].as_array().unwrap().chunks(4).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let rows = case["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .chunks(8)
+        .map(|c| c.to_vec())
+        .collect::<Vec<_>>();
+    let want = case["outputs"][1]["data"]
+        .as_array()
+        .unwrap()
+        .chunks(4)
+        .map(|c| c.to_vec())
+        .collect::<Vec<_>>();
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for i in 0..100 {

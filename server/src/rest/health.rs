@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::AppState;
 
 /// Extensions of the protocol this server implements (advertised on `/v2`).
-pub const EXTENSIONS: &[&str] = &[];
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration"];
 
 pub async fn live() -> Json<Value> {
     Json(json!({ "live": true }))

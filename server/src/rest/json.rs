@@ -354,7 +354,7 @@ mod tests {
             (DataType::Fp16, "[0.5,-2.0]"),
             (DataType::Bf16, "[0.5,-2.0]"),
             (DataType::Fp32, "[0.1,-2.5]"),
-            (DataType::Fp64, "[0.1,1e300]"),
+            (DataType::Fp64, "[0.1,1e+300]"),
             (DataType::Bytes, r#"["héllo",""]"#),
         ];
         for (dtype, json) in cases {
