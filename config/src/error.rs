@@ -24,22 +24,11 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error about the file as a whole (cannot be read, ...).
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Self {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            field: String::new(),
-            message: message.into(),
-        }
+        Self { file: path.to_path_buf(), line: 0, column: 0, field: String::new(), message: message.into() }
     }
 
     /// An error at a location in the file.
-    pub fn at(
-        path: &Path,
-        location: Location,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn at(path: &Path, location: Location, field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: path.to_path_buf(),
             line: location.line(),
@@ -91,9 +80,7 @@ impl std::error::Error for ConfigErrors {}
 pub(crate) fn from_yaml(path: &Path, text: &str, error: &serde_saphyr::Error) -> ConfigError {
     let location = error.location().unwrap_or(Location::UNKNOWN);
     let (field, message) = match error.without_snippet() {
-        serde_saphyr::Error::SerdeUnknownField {
-            field, expected, ..
-        } => {
+        serde_saphyr::Error::SerdeUnknownField { field, expected, .. } => {
             let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
             let mut message = format!("unknown field `{field}`");
             match nearest(field, &expected) {
@@ -105,17 +92,13 @@ pub(crate) fn from_yaml(path: &Path, text: &str, error: &serde_saphyr::Error) ->
             }
             (field.clone(), message)
         }
-        serde_saphyr::Error::SerdeMissingField { field, .. } => (
-            field.to_string(),
-            format!("missing required field `{field}`"),
-        ),
+        serde_saphyr::Error::SerdeMissingField { field, .. } => {
+            (field.to_string(), format!("missing required field `{field}`"))
+        }
         serde_saphyr::Error::Message { msg, .. } => {
             (key_at(text, location).unwrap_or_default(), first_line(msg))
         }
-        other => (
-            key_at(text, location).unwrap_or_default(),
-            first_line(&other.to_string()),
-        ),
+        other => (key_at(text, location).unwrap_or_default(), first_line(&other.to_string())),
     };
     ConfigError::at(path, location, field, message)
 }
@@ -137,9 +120,7 @@ pub(crate) fn nearest(field: &str, candidates: &[String]) -> Option<String> {
 /// The mapping key on the error's line, if the line is `key: value` (used to name the field of a
 /// wrong-type error).
 fn key_at(text: &str, location: Location) -> Option<String> {
-    let line = text
-        .lines()
-        .nth(usize::try_from(location.line()).ok()?.checked_sub(1)?)?;
+    let line = text.lines().nth(usize::try_from(location.line()).ok()?.checked_sub(1)?)?;
     let line = line.trim_start().trim_start_matches("- ");
     let (key, _) = line.split_once(':')?;
     let key = key.trim();

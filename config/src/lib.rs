@@ -26,10 +26,7 @@ pub use schema::{Application, Config, Deployment, GrpcOptions, HttpOptions};
 /// the rest of the document cannot be trusted after it).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors::single(ConfigError::file(
-            path,
-            format!("cannot read config file: {e}"),
-        ))
+        ConfigErrors::single(ConfigError::file(path, format!("cannot read config file: {e}")))
     })?;
     parse(&text, path)
 }
@@ -37,13 +34,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates config text that claims to come from `path` (used for messages and to
 /// resolve relative model paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut config: Config = serde_saphyr::from_str(text)
-        .map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
+    let mut config: Config =
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
     config.source = path.to_path_buf();
-    let base = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     validate::validate(&mut config, &base)?;
     Ok(config)
 }

@@ -41,11 +41,7 @@ pub struct HttpOptions {
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        Self {
-            host: default_host(),
-            port: default_port(),
-            max_body_bytes: default_max_body_bytes(),
-        }
+        Self { host: default_host(), port: default_port(), max_body_bytes: default_max_body_bytes() }
     }
 }
 
@@ -67,11 +63,7 @@ pub struct GrpcOptions {
 
 impl Default for GrpcOptions {
     fn default() -> Self {
-        Self {
-            host: default_host(),
-            port: default_grpc_port(),
-            enabled: true,
-        }
+        Self { host: default_host(), port: default_grpc_port(), enabled: true }
     }
 }
 

@@ -25,10 +25,9 @@ fn errors(text: &str) -> Vec<ConfigError> {
 
 #[test]
 fn minimal_config_gets_defaults() {
-    let c = parse_in(
-        "applications:\n  - name: a\n    deployments:\n      - name: iris\n        model: m.onnx\n",
-    )
-    .unwrap();
+    let c =
+        parse_in("applications:\n  - name: a\n    deployments:\n      - name: iris\n        model: m.onnx\n")
+            .unwrap();
     assert_eq!(c.http_options.host, "127.0.0.1");
     assert_eq!(c.http_options.port, 8000);
     assert_eq!(c.http_options.max_body_bytes, 64 * 1024 * 1024);
@@ -51,9 +50,8 @@ fn flow_style_http_options() {
 
 #[test]
 fn unknown_field_names_location_and_suggests() {
-    let e = errors(
-        "applications:\n  - name: a\n    deployments:\n      - name: iris\n        modle: m.onnx\n",
-    );
+    let e =
+        errors("applications:\n  - name: a\n    deployments:\n      - name: iris\n        modle: m.onnx\n");
     assert_eq!(e.len(), 1);
     assert_eq!(e[0].line, 5, "{}", e[0]);
     assert_eq!(e[0].field, "modle");
@@ -65,11 +63,7 @@ fn unknown_field_names_location_and_suggests() {
 #[test]
 fn unknown_top_level_field_suggests() {
     let e = errors("http_option: {port: 1}\n");
-    assert!(
-        e[0].message.contains("did you mean `http_options`"),
-        "{}",
-        e[0]
-    );
+    assert!(e[0].message.contains("did you mean `http_options`"), "{}", e[0]);
     assert_eq!(e[0].line, 1);
 }
 
@@ -134,8 +128,7 @@ fn duplicate_names_across_applications() {
 
 #[test]
 fn invalid_names_are_rejected() {
-    let e =
-        errors("applications:\n  - name: a\n    deployments: [{name: \"a/b\", model: m.onnx}]\n");
+    let e = errors("applications:\n  - name: a\n    deployments: [{name: \"a/b\", model: m.onnx}]\n");
     assert!(e[0].message.contains("not a valid name"), "{}", e[0]);
 }
 

@@ -16,11 +16,7 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
     };
 
     if config.http_options.max_body_bytes == 0 {
-        err(
-            Location::UNKNOWN,
-            "http_options.max_body_bytes".into(),
-            "must be at least 1".into(),
-        );
+        err(Location::UNKNOWN, "http_options.max_body_bytes".into(), "must be at least 1".into());
     }
 
     let mut apps: HashMap<String, Location> = HashMap::new();
@@ -65,31 +61,17 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
             dep.model.value = resolved;
             check_name(&dep.version, &format!("{at}.version"), &mut err);
             at_least_one(&dep.num_replicas, &format!("{at}.num_replicas"), &mut err);
-            at_least_one(
-                &dep.intra_op_threads,
-                &format!("{at}.intra_op_threads"),
-                &mut err,
-            );
-            at_least_one(
-                &dep.max_queued_requests,
-                &format!("{at}.max_queued_requests"),
-                &mut err,
-            );
+            at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"), &mut err);
+            at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"), &mut err);
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
-    }
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
 }
 
 /// Names appear in URL paths: non-empty, no `/`, no whitespace or control characters.
 fn check_name(name: &Spanned<String>, field: &str, err: &mut impl FnMut(Location, String, String)) {
     let v = &name.value;
-    let bad = v.is_empty()
-        || v.chars()
-            .any(|c| c == '/' || c.is_whitespace() || c.is_control());
+    let bad = v.is_empty() || v.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control());
     if bad {
         err(
             name.referenced,
@@ -101,10 +83,6 @@ fn check_name(name: &Spanned<String>, field: &str, err: &mut impl FnMut(Location
 
 fn at_least_one(value: &Spanned<u32>, field: &str, err: &mut impl FnMut(Location, String, String)) {
     if value.value == 0 {
-        err(
-            value.referenced,
-            field.to_string(),
-            "must be at least 1".to_string(),
-        );
+        err(value.referenced, field.to_string(), "must be at least 1".to_string());
     }
 }

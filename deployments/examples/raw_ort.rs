@@ -12,18 +12,14 @@ use ort::value::{DynTensor, ValueType};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let model = args
-        .get(1)
-        .ok_or("usage: raw_ort MODEL [BATCH] [SECONDS]")?;
+    let model = args.get(1).ok_or("usage: raw_ort MODEL [BATCH] [SECONDS]")?;
     let batch: i64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let seconds: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
     let lib = std::env::var("ORT_DYLIB_PATH").map_err(|_| "set ORT_DYLIB_PATH")?;
     sluice_deployments::onnx::init_runtime(lib.as_ref())?;
     let env = sluice_deployments::onnx::environment()?;
-    let mut session = Session::builder(env)?
-        .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .commit_from_file(model)?;
+    let mut session =
+        Session::builder(env)?.with_intra_threads(1)?.with_inter_threads(1)?.commit_from_file(model)?;
     let mut inputs = Vec::new();
     for input in session.inputs() {
         let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
@@ -60,9 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         times.push(t.elapsed());
     }
     times.sort();
-    let pct = |p: f64| {
-        times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1e6
-    };
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1e6;
     let mean = times.iter().sum::<Duration>().as_secs_f64() * 1e6 / times.len() as f64;
     println!(
         "{model} batch {batch}: {} runs, p50 {:.1} us, p99 {:.1} us, mean {:.1} us, {:.0} runs/s",

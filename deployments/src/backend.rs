@@ -25,9 +25,6 @@ pub struct ModelMetadata {
 pub trait Backend: Send + 'static {
     fn metadata(&self) -> &ModelMetadata;
 
-    fn infer(
-        &mut self,
-        inputs: Vec<NamedTensor>,
-        outputs: &[String],
-    ) -> Result<Vec<NamedTensor>, InferError>;
+    fn infer(&mut self, inputs: Vec<NamedTensor>, outputs: &[String])
+    -> Result<Vec<NamedTensor>, InferError>;
 }

@@ -44,13 +44,10 @@ impl Deployment {
     /// Loads the ONNX model of a config deployment into `num_replicas` sessions.
     pub fn load(config: &sluice_config::Deployment) -> Result<Self, String> {
         let spec = DeploymentSpec::from_config(config);
-        let options = OnnxOptions {
-            intra_op_threads: config.intra_op_threads.value as usize,
-        };
+        let options = OnnxOptions { intra_op_threads: config.intra_op_threads.value as usize };
         let backends = (0..spec.num_replicas)
             .map(|_| {
-                OnnxBackend::load(&config.model.value, &options)
-                    .map(|b| Box::new(b) as Box<dyn Backend>)
+                OnnxBackend::load(&config.model.value, &options).map(|b| Box::new(b) as Box<dyn Backend>)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Self::start(spec, backends)
@@ -83,12 +80,7 @@ impl Deployment {
             .map(|(i, b)| Replica::spawn(format!("{}#{i}", spec.name), b, capacity))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot start replica thread for `{}`: {e}", spec.name))?;
-        Ok(Self {
-            spec,
-            metadata,
-            replicas,
-            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
-        })
+        Ok(Self { spec, metadata, replicas, rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15) })
     }
 
     pub fn name(&self) -> &str {
@@ -120,22 +112,13 @@ impl Deployment {
 
     /// Checks the request, runs it on a replica and answers.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        let outputs = check_request(
-            &self.spec.name,
-            &self.metadata,
-            self.spec.max_batch_size,
-            &request,
-        )?;
+        let outputs = check_request(&self.spec.name, &self.metadata, self.spec.max_batch_size, &request)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job {
-            inputs: request.inputs,
-            outputs,
-            reply,
-        };
+        let job = Job { inputs: request.inputs, outputs, reply };
         let _guard = self.submit(job)?;
-        let outputs = answer.await.map_err(|_| {
-            InferError::internal(format!("replica of `{}` stopped", self.spec.name))
-        })??;
+        let outputs = answer
+            .await
+            .map_err(|_| InferError::internal(format!("replica of `{}` stopped", self.spec.name)))??;
         Ok(InferResponse {
             model_name: self.spec.name.clone(),
             model_version: self.spec.version.clone(),
@@ -155,10 +138,10 @@ impl Deployment {
             Ok(guard) => return Ok(guard),
             Err(job) => job,
         };
-        if a != b {
-            if let Ok(guard) = self.replicas[b].try_submit(job) {
-                return Ok(guard);
-            }
+        if a != b
+            && let Ok(guard) = self.replicas[b].try_submit(job)
+        {
+            return Ok(guard);
         }
         Err(InferError::unavailable(format!(
             "model `{}` is overloaded: its queue of {} requests is full; retry later",

@@ -10,13 +10,11 @@ use ort::memory::Allocator;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{
-    DynTensor, DynTensorValueType, DynValue, Shape, Tensor as OrtTensor, TensorElementType,
-    ValueType,
+    DynTensor, DynTensorValueType, DynValue, Shape, Tensor as OrtTensor, TensorElementType, ValueType,
 };
 
 use crate::{
-    Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
-    push_bytes_element,
+    Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec, push_bytes_element,
 };
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -26,10 +24,7 @@ static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 pub fn init_runtime(library: &Path) -> Result<(), String> {
     let result = ENVIRONMENT.get_or_init(|| {
         let builder = ort::init_from(library).map_err(|e| e.to_string())?;
-        builder
-            .with_name("sluice")
-            .build()
-            .map_err(|e| e.to_string())
+        builder.with_name("sluice").build().map_err(|e| e.to_string())
     });
     result.as_ref().map(|_| ()).map_err(Clone::clone)
 }
@@ -52,9 +47,7 @@ pub struct OnnxOptions {
 
 impl Default for OnnxOptions {
     fn default() -> Self {
-        Self {
-            intra_op_threads: 1,
-        }
+        Self { intra_op_threads: 1 }
     }
 }
 
@@ -70,8 +63,7 @@ impl OnnxBackend {
     /// cannot be loaded or uses a type the Open Inference Protocol cannot carry.
     pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self, String> {
         let env = environment()?;
-        let fail =
-            |e: &dyn std::fmt::Display| format!("cannot load model `{}`: {e}", path.display());
+        let fail = |e: &dyn std::fmt::Display| format!("cannot load model `{}`: {e}", path.display());
         let session = Session::builder(env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
@@ -83,10 +75,7 @@ impl OnnxBackend {
                 ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
                     name: o.name().to_string(),
                     dtype: from_ort(*ty).ok_or_else(|| {
-                        fail(&format!(
-                            "`{}` has element type {ty}, which Sluice cannot serve",
-                            o.name()
-                        ))
+                        fail(&format!("`{}` has element type {ty}, which Sluice cannot serve", o.name()))
                     })?,
                     shape: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
                 }),
@@ -95,22 +84,10 @@ impl OnnxBackend {
         };
         let metadata = ModelMetadata {
             platform: "onnxruntime_onnx".to_string(),
-            inputs: session
-                .inputs()
-                .iter()
-                .map(spec)
-                .collect::<Result<_, _>>()?,
-            outputs: session
-                .outputs()
-                .iter()
-                .map(spec)
-                .collect::<Result<_, _>>()?,
+            inputs: session.inputs().iter().map(spec).collect::<Result<_, _>>()?,
+            outputs: session.outputs().iter().map(spec).collect::<Result<_, _>>()?,
         };
-        Ok(Self {
-            session,
-            metadata,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { session, metadata, path: path.to_path_buf() })
     }
 
     /// The model file this backend was loaded from.
@@ -135,20 +112,15 @@ impl Backend for OnnxBackend {
                 .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
             values.push((input.name.as_str(), value));
         }
-        let mut result = self
-            .session
-            .run(values)
-            .map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
+        let mut result =
+            self.session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
         outputs
             .iter()
             .map(|name| {
-                let value = result.remove(name.as_str()).ok_or_else(|| {
-                    InferError::internal(format!("model produced no output `{name}`"))
-                })?;
-                Ok(NamedTensor {
-                    name: name.clone(),
-                    tensor: from_ort_value(value)?,
-                })
+                let value = result
+                    .remove(name.as_str())
+                    .ok_or_else(|| InferError::internal(format!("model produced no output `{name}`")))?;
+                Ok(NamedTensor { name: name.clone(), tensor: from_ort_value(value)? })
             })
             .collect()
     }
@@ -160,12 +132,10 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
         let strings = tensor
             .bytes_elements()
             .map(|b| {
-                String::from_utf8(b.to_vec())
-                    .map_err(|_| "BYTES element is not valid UTF-8".to_string())
+                String::from_utf8(b.to_vec()).map_err(|_| "BYTES element is not valid UTF-8".to_string())
             })
             .collect::<Result<Vec<String>, _>>()?;
-        let t =
-            OrtTensor::from_string_array((shape, strings.as_slice())).map_err(|e| e.to_string())?;
+        let t = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(|e| e.to_string())?;
         return Ok(t.into_dyn());
     }
     let ty = to_ort_type(tensor.dtype());
@@ -185,13 +155,10 @@ fn from_ort_value(value: DynValue) -> Result<Tensor, InferError> {
     let (ty, dims) = match value.dtype() {
         ValueType::Tensor { ty, shape, .. } => (*ty, shape.to_vec()),
         other => {
-            return Err(InferError::internal(format!(
-                "model output is a {other}, not a tensor"
-            )));
+            return Err(InferError::internal(format!("model output is a {other}, not a tensor")));
         }
     };
-    let dtype = from_ort(ty)
-        .ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
+    let dtype = from_ort(ty).ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
     let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
     let data = if dtype == DataType::Bytes {
         let (_, strings) = value

@@ -37,40 +37,28 @@ impl Drop for LoadGuard {
 
 impl Replica {
     /// Starts the replica's thread. `capacity` bounds the jobs waiting for it.
-    pub fn spawn(
-        name: String,
-        mut backend: Box<dyn Backend>,
-        capacity: usize,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(name: String, mut backend: Box<dyn Backend>, capacity: usize) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<Job>(capacity);
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    if job.reply.is_closed() {
-                        continue;
-                    }
-                    let result =
-                        catch_unwind(AssertUnwindSafe(|| backend.infer(job.inputs, &job.outputs)))
-                            .unwrap_or_else(|panic| {
-                                let what = panic
-                                    .downcast_ref::<String>()
-                                    .map(String::as_str)
-                                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                                    .unwrap_or("unknown panic");
-                                tracing::error!(replica = %name, "backend panicked: {what}");
-                                Err(InferError::internal(format!(
-                                    "model `{name}` panicked: {what}"
-                                )))
-                            });
-                    // The caller may have left meanwhile; nothing to do then.
-                    let _ = job.reply.send(result);
+        std::thread::Builder::new().name(name.clone()).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                if job.reply.is_closed() {
+                    continue;
                 }
-            })?;
-        Ok(Self {
-            tx,
-            load: Arc::new(AtomicUsize::new(0)),
-        })
+                let result = catch_unwind(AssertUnwindSafe(|| backend.infer(job.inputs, &job.outputs)))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown panic");
+                        tracing::error!(replica = %name, "backend panicked: {what}");
+                        Err(InferError::internal(format!("model `{name}` panicked: {what}")))
+                    });
+                // The caller may have left meanwhile; nothing to do then.
+                let _ = job.reply.send(result);
+            }
+        })?;
+        Ok(Self { tx, load: Arc::new(AtomicUsize::new(0)) })
     }
 
     pub fn load(&self) -> usize {

@@ -44,10 +44,7 @@ pub fn check_request(
             )));
         };
         if !seen.insert(input.name.as_str()) {
-            return Err(InferError::invalid(format!(
-                "input `{}` given more than once",
-                input.name
-            )));
+            return Err(InferError::invalid(format!("input `{}` given more than once", input.name)));
         }
         let t = &input.tensor;
         if t.dtype() != spec.dtype {
@@ -59,10 +56,7 @@ pub fn check_request(
             )));
         }
         let dims_match = t.shape().len() == spec.shape.len()
-            && t.shape()
-                .iter()
-                .zip(&spec.shape)
-                .all(|(&got, &want)| want < 0 || got as i64 == want);
+            && t.shape().iter().zip(&spec.shape).all(|(&got, &want)| want < 0 || got as i64 == want);
         if !dims_match {
             return Err(InferError::invalid(format!(
                 "input `{}` has shape {:?} but model `{model}` expects {:?} (-1: any size)",
@@ -73,22 +67,12 @@ pub fn check_request(
         }
     }
     if let Some(missing) = meta.inputs.iter().find(|s| !seen.contains(s.name.as_str())) {
-        return Err(InferError::invalid(format!(
-            "missing input `{}` for model `{model}`",
-            missing.name
-        )));
+        return Err(InferError::invalid(format!("missing input `{}` for model `{model}`", missing.name)));
     }
     if max_batch_size > 0 {
-        let batch = request
-            .inputs
-            .first()
-            .and_then(|i| i.tensor.shape().first().copied());
+        let batch = request.inputs.first().and_then(|i| i.tensor.shape().first().copied());
         if let Some(batch) = batch {
-            if let Some(other) = request
-                .inputs
-                .iter()
-                .find(|i| i.tensor.shape().first() != Some(&batch))
-            {
+            if let Some(other) = request.inputs.iter().find(|i| i.tensor.shape().first() != Some(&batch)) {
                 return Err(InferError::invalid(format!(
                     "inputs disagree on the batch size (dimension 0): `{}` has {batch}, `{}` has {:?}",
                     request.inputs[0].name,
@@ -116,9 +100,7 @@ pub fn check_request(
                     )));
                 }
                 if !seen.insert(name.as_str()) {
-                    return Err(InferError::invalid(format!(
-                        "output `{name}` requested more than once"
-                    )));
+                    return Err(InferError::invalid(format!("output `{name}` requested more than once")));
                 }
             }
             Ok(requested.clone())

@@ -94,10 +94,7 @@ impl fmt::Display for DataType {
 /// (a dimension above `i64::MAX`, or a product that overflows).
 pub fn element_count(shape: &[usize]) -> Result<usize, InferError> {
     if shape.iter().any(|&d| d > i64::MAX as usize) {
-        return Err(InferError::invalid(format!(
-            "shape {shape:?} has a dimension larger than {}",
-            i64::MAX
-        )));
+        return Err(InferError::invalid(format!("shape {shape:?} has a dimension larger than {}", i64::MAX)));
     }
     if shape.contains(&0) {
         return Ok(0);
@@ -122,9 +119,9 @@ impl Tensor {
         let count = element_count(&shape)?;
         match dtype.byte_size() {
             Some(size) => {
-                let want = count.checked_mul(size).ok_or_else(|| {
-                    InferError::invalid(format!("shape {shape:?} has too many elements"))
-                })?;
+                let want = count
+                    .checked_mul(size)
+                    .ok_or_else(|| InferError::invalid(format!("shape {shape:?} has too many elements")))?;
                 if data.len() != want {
                     return Err(InferError::invalid(format!(
                         "{dtype} tensor of shape {shape:?} needs {want} bytes of data, got {}",
@@ -168,11 +165,7 @@ impl Tensor {
 
     /// The elements of a BYTES tensor; empty for other datatypes.
     pub fn bytes_elements(&self) -> BytesElements<'_> {
-        let data = if self.dtype == DataType::Bytes {
-            &self.data[..]
-        } else {
-            &[]
-        };
+        let data = if self.dtype == DataType::Bytes { &self.data[..] } else { &[] };
         BytesElements { rest: data }
     }
 }
@@ -200,9 +193,7 @@ fn count_bytes_elements(mut data: &[u8]) -> Result<usize, InferError> {
     let mut n = 0;
     while !data.is_empty() {
         let Some((len, rest)) = data.split_first_chunk::<4>() else {
-            return Err(InferError::invalid(
-                "BYTES data ends inside a length prefix",
-            ));
+            return Err(InferError::invalid("BYTES data ends inside a length prefix"));
         };
         let len = u32::from_le_bytes(*len) as usize;
         if rest.len() < len {

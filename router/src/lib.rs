@@ -21,12 +21,10 @@ impl ModelRoute {
     pub fn default_version(&self) -> Option<&Arc<Deployment>> {
         self.versions
             .iter()
-            .max_by(
-                |(a, _), (b, _)| match (a.parse::<u64>(), b.parse::<u64>()) {
-                    (Ok(x), Ok(y)) => x.cmp(&y),
-                    _ => a.cmp(b),
-                },
-            )
+            .max_by(|(a, _), (b, _)| match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.cmp(b),
+            })
             .map(|(_, d)| d)
     }
 }
@@ -42,11 +40,7 @@ impl RouteTable {
     pub fn from_deployments(deployments: impl IntoIterator<Item = Arc<Deployment>>) -> Self {
         let mut models: HashMap<String, ModelRoute> = HashMap::new();
         for d in deployments {
-            models
-                .entry(d.name().to_string())
-                .or_default()
-                .versions
-                .insert(d.version().to_string(), d);
+            models.entry(d.name().to_string()).or_default().versions.insert(d.version().to_string(), d);
         }
         Self { models }
     }
@@ -59,9 +53,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
-        Self {
-            table: ArcSwap::from_pointee(table),
-        }
+        Self { table: ArcSwap::from_pointee(table) }
     }
 
     /// Replaces the whole table at once; requests in flight keep the deployment they resolved.
@@ -76,11 +68,7 @@ impl Router {
 
     /// The deployment for `model` at `version` (or the default version), or a NotFound error
     /// naming what is unknown.
-    pub fn resolve(
-        &self,
-        model: &str,
-        version: Option<&str>,
-    ) -> Result<Arc<Deployment>, InferError> {
+    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<Deployment>, InferError> {
         let table = self.table.load();
         let route = table
             .models
@@ -100,13 +88,13 @@ impl Router {
         })
     }
 
+    /// The versions of `model`, in order (empty when unknown).
+    pub fn versions(&self, model: &str) -> Vec<String> {
+        self.table.load().models.get(model).map(|m| m.versions.keys().cloned().collect()).unwrap_or_default()
+    }
+
     /// True when every deployment of every model is ready.
     pub fn all_ready(&self) -> bool {
-        self.table
-            .load()
-            .models
-            .values()
-            .flat_map(|m| m.versions.values())
-            .all(|d| d.is_ready())
+        self.table.load().models.values().flat_map(|m| m.versions.values()).all(|d| d.is_ready())
     }
 }

@@ -12,6 +12,8 @@
 //! ```
 
 pub mod error;
+pub mod grpc;
+pub mod model_config;
 pub mod rest;
 pub mod runtime;
 
@@ -20,21 +22,67 @@ use std::sync::Arc;
 
 use sluice_deployments::Deployment;
 use sluice_router::{RouteTable, Router};
-use tokio::sync::oneshot;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// Name reported by server metadata on both protocols.
+pub const SERVER_NAME: &str = "sluice";
+
+/// Protocol extensions this server implements, advertised by server metadata (only these:
+/// perf_analyzer and clients change behaviour on what is listed).
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "model_repository"];
+
+/// One row of the repository index.
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub ready: bool,
+}
+
+impl IndexEntry {
+    /// Triton's state names.
+    pub fn state(&self) -> &'static str {
+        if self.ready { "READY" } else { "UNAVAILABLE" }
+    }
+}
+
+/// Every model version the server routes, sorted by name then version.
+pub fn repository_index(routes: &Router) -> Vec<IndexEntry> {
+    let table = routes.table();
+    let mut out: Vec<IndexEntry> = table
+        .models
+        .iter()
+        .flat_map(|(name, m)| {
+            m.versions.iter().map(move |(v, d)| IndexEntry {
+                name: name.clone(),
+                version: v.clone(),
+                ready: d.is_ready(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+    out
+}
 
 /// A running server.
 pub struct Server {
     http_addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     routes: Arc<Router>,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Server {
     /// The address the REST frontend listens on (useful with port 0).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address the gRPC frontend listens on, if enabled (the REST address when shared).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// The route table, for embedding and tests.
@@ -44,9 +92,11 @@ impl Server {
 
     /// Stops accepting, lets requests in flight finish, and returns.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(());
-        if let Ok(Err(e)) = self.task.await {
-            tracing::warn!("server stopped with an error: {e}");
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!("server stopped with an error: {e}");
+            }
         }
     }
 
@@ -81,30 +131,69 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     let routes = Arc::new(Router::new(RouteTable::from_deployments(deployments)));
 
     let http = &config.http_options;
-    let addr = format!("{}:{}", http.host, http.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let grpc = &config.grpc_options;
+    let (shutdown, stop) = watch::channel(false);
+    let mut rest = rest::router(rest::AppState { routes: routes.clone() }, http.max_body_bytes);
+    let shared_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
+    let mut tasks = Vec::new();
+    let mut grpc_addr = None;
+    if grpc.enabled {
+        let grpc_router = grpc::routes(routes.clone(), http.max_body_bytes).await?;
+        if shared_port {
+            rest = rest.fallback(move |req: axum::extract::Request| share_port(grpc_router.clone(), req));
+        } else {
+            let listener = bind(&grpc.host, grpc.port).await?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!("gRPC frontend listening on {addr}");
+            grpc_addr = Some(addr);
+            tasks.push(serve(listener, grpc_router, stop.clone()));
+        }
+    }
+    let listener = bind(&http.host, http.port).await?;
     let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = rest::router(
-        rest::AppState {
-            routes: routes.clone(),
-        },
-        http.max_body_bytes,
-    );
-    let (shutdown, stop) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    if shared_port {
+        grpc_addr = Some(http_addr);
+        tracing::info!("gRPC frontend listening on {http_addr} (shared with REST)");
+    }
+    tasks.push(serve(listener, rest, stop));
+    tracing::info!("REST frontend listening on http://{http_addr}");
+    Ok(Server { http_addr, grpc_addr, routes, shutdown, tasks })
+}
+
+/// On a shared port, requests REST does not route go to gRPC when they are gRPC, and get REST's
+/// JSON 404 otherwise.
+async fn share_port(grpc: axum::Router, req: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+    let is_grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !is_grpc {
+        return error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "Not Found").into_response();
+    }
+    match grpc.oneshot(req).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves HTTP/1 and HTTP/2 (gRPC needs the latter) until `stop` turns true.
+fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop.await;
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
             })
             .await
-    });
-    tracing::info!("REST frontend listening on http://{http_addr}");
-    Ok(Server {
-        http_addr,
-        routes,
-        shutdown,
-        task,
     })
 }

@@ -1,16 +1,12 @@
 //! `sluice`: serve ONNX models over the Open Inference Protocol from a YAML config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "Serve ONNX models over the Open Inference Protocol"
-)]
+#[command(name = "sluice", version, about = "Serve ONNX models over the Open Inference Protocol")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +21,10 @@ enum Command {
         /// REST port; overrides `http_options.port` (0 picks a free port).
         #[arg(long, env = "SLUICE_HTTP_PORT")]
         http_port: Option<u16>,
-        /// REST bind address; overrides `http_options.host`.
+        /// gRPC port; overrides `grpc_options.port` (0 picks a free port; the REST port shares one).
+        #[arg(long, env = "SLUICE_GRPC_PORT")]
+        grpc_port: Option<u16>,
+        /// REST and gRPC bind address; overrides `http_options.host` and `grpc_options.host`.
         #[arg(long, env = "SLUICE_HTTP_HOST")]
         host: Option<String>,
         #[command(flatten)]
@@ -54,20 +53,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config, ort } => validate(&config, ort),
-        Command::Run {
-            config,
-            http_port,
-            host,
-            ort,
-        } => run(&config, http_port, host, ort),
+        Command::Run { config, http_port, grpc_port, host, ort } => {
+            run(&config, http_port, grpc_port, host, ort)
+        }
     }
 }
 
-fn load_config(path: &PathBuf) -> Result<sluice_config::Config, ExitCode> {
+fn load_config(path: &Path) -> Result<sluice_config::Config, ExitCode> {
     sluice_config::load(path).map_err(|errors| {
         eprintln!("{errors}");
         eprintln!("{} error(s) in {}", errors.0.len(), path.display());
@@ -75,7 +72,7 @@ fn load_config(path: &PathBuf) -> Result<sluice_config::Config, ExitCode> {
     })
 }
 
-fn validate(path: &PathBuf, ort: OrtArgs) -> ExitCode {
+fn validate(path: &Path, ort: OrtArgs) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -87,18 +84,10 @@ fn validate(path: &PathBuf, ort: OrtArgs) -> ExitCode {
     let mut failed = 0;
     for app in &config.applications {
         for d in &app.deployments {
-            let options = sluice_deployments::onnx::OnnxOptions {
-                intra_op_threads: 1,
-            };
+            let options = sluice_deployments::onnx::OnnxOptions { intra_op_threads: 1 };
             if let Err(e) = sluice_deployments::onnx::OnnxBackend::load(&d.model.value, &options) {
                 let loc = d.model.referenced;
-                eprintln!(
-                    "{}:{}:{}: {}: {e}",
-                    path.display(),
-                    loc.line(),
-                    loc.column(),
-                    d.name.value
-                );
+                eprintln!("{}:{}:{}: {}: {e}", path.display(), loc.line(), loc.column(), d.name.value);
                 failed += 1;
             }
         }
@@ -107,20 +96,18 @@ fn validate(path: &PathBuf, ort: OrtArgs) -> ExitCode {
         eprintln!("{failed} error(s) in {}", path.display());
         return ExitCode::from(2);
     }
-    let n: usize = config
-        .applications
-        .iter()
-        .map(|a| a.deployments.len())
-        .sum();
-    println!(
-        "{}: ok ({} application(s), {n} deployment(s))",
-        path.display(),
-        config.applications.len()
-    );
+    let n: usize = config.applications.iter().map(|a| a.deployments.len()).sum();
+    println!("{}: ok ({} application(s), {n} deployment(s))", path.display(), config.applications.len());
     ExitCode::SUCCESS
 }
 
-fn run(path: &PathBuf, http_port: Option<u16>, host: Option<String>, ort: OrtArgs) -> ExitCode {
+fn run(
+    path: &Path,
+    http_port: Option<u16>,
+    grpc_port: Option<u16>,
+    host: Option<String>,
+    ort: OrtArgs,
+) -> ExitCode {
     let mut config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -128,7 +115,11 @@ fn run(path: &PathBuf, http_port: Option<u16>, host: Option<String>, ort: OrtArg
     if let Some(p) = http_port {
         config.http_options.port = p;
     }
+    if let Some(p) = grpc_port {
+        config.grpc_options.port = p;
+    }
     if let Some(h) = host {
+        config.grpc_options.host = h.clone();
         config.http_options.host = h;
     }
     match sluice_server::runtime::init(ort.onnxruntime) {
@@ -138,10 +129,7 @@ fn run(path: &PathBuf, http_port: Option<u16>, host: Option<String>, ort: OrtArg
             return ExitCode::FAILURE;
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

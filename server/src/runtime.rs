@@ -18,15 +18,12 @@ pub fn candidates(flag: Option<PathBuf>) -> Vec<(PathBuf, &'static str)> {
     if let Some(p) = BUILD_TIME_PATH {
         out.push((PathBuf::from(p), "project install folder"));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            // target/{debug,release}/sluice -> <repo>/.ort
-            out.push((
-                dir.join("../../.ort/libonnxruntime.so"),
-                "project install folder",
-            ));
-            out.push((dir.join("libonnxruntime.so"), "next to the binary"));
-        }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        // target/{debug,release}/sluice -> <repo>/.ort
+        out.push((dir.join("../../.ort/libonnxruntime.so"), "project install folder"));
+        out.push((dir.join("libonnxruntime.so"), "next to the binary"));
     }
     out
 }
@@ -45,14 +42,9 @@ pub fn init(flag: Option<PathBuf>) -> Result<PathBuf, String> {
             }
             continue;
         }
-        return sluice_deployments::onnx::init_runtime(&path)
-            .map(|()| path.clone())
-            .map_err(|e| {
-                format!(
-                    "cannot load ONNX Runtime from `{}` ({source}): {e}; {HOW}",
-                    path.display()
-                )
-            });
+        return sluice_deployments::onnx::init_runtime(&path).map(|()| path.clone()).map_err(|e| {
+            format!("cannot load ONNX Runtime from `{}` ({source}): {e}; {HOW}", path.display())
+        });
     }
     Err(format!("ONNX Runtime library not found; {HOW}"))
 }

@@ -22,11 +22,7 @@ fn write_config(name: &str, text: &str) -> PathBuf {
 fn validate_accepts_the_example_config() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
     let out = sluice().arg("validate").arg(&example).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -39,27 +35,15 @@ fn validate_reports_every_error_with_location() {
     let out = sluice().arg("validate").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.yaml:5:16: applications[0].deployments[0].model: model file"),
-        "{err}"
-    );
-    assert!(
-        err.contains("bad.yaml:6:") && err.contains("duplicate deployment name `m`"),
-        "{err}"
-    );
+    assert!(err.contains("bad.yaml:5:16: applications[0].deployments[0].model: model file"), "{err}");
+    assert!(err.contains("bad.yaml:6:") && err.contains("duplicate deployment name `m`"), "{err}");
     assert!(err.contains("2 error(s)"), "{err}");
 
-    let path = write_config(
-        "typo.yaml",
-        "applications:\n  - name: a\n    deploymens: []\n",
-    );
+    let path = write_config("typo.yaml", "applications:\n  - name: a\n    deploymens: []\n");
     let out = sluice().arg("validate").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("typo.yaml:3:5") && err.contains("did you mean `deployments`?"),
-        "{err}"
-    );
+    assert!(err.contains("typo.yaml:3:5") && err.contains("did you mean `deployments`?"), "{err}");
 }
 
 #[test]
@@ -76,22 +60,14 @@ fn validate_loads_models_and_names_a_broken_one() {
     let out = sluice().arg("validate").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("broken.yaml:5:16: b: cannot load model"),
-        "{err}"
-    );
+    assert!(err.contains("broken.yaml:5:16: b: cannot load model"), "{err}");
 }
 
 #[test]
 fn missing_onnxruntime_is_one_clear_line() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
     let out = sluice()
-        .args([
-            "run",
-            example.to_str().unwrap(),
-            "--onnxruntime",
-            "/nonexistent/libonnxruntime.so",
-        ])
+        .args(["run", example.to_str().unwrap(), "--onnxruntime", "/nonexistent/libonnxruntime.so"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -108,7 +84,7 @@ fn missing_onnxruntime_is_one_clear_line() {
 fn run_serves_until_terminated() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
     let mut child = sluice()
-        .args(["run", example.to_str().unwrap(), "--http-port", "0"])
+        .args(["run", example.to_str().unwrap(), "--http-port", "0", "--grpc-port", "0"])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -129,12 +105,9 @@ fn run_serves_until_terminated() {
         }
         all
     });
-    let addr = rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("server printed its address");
+    let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("server printed its address");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let body =
-        r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[6.3,3.3,6.0,2.5]}]}"#;
+    let body = r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[6.3,3.3,6.0,2.5]}]}"#;
     let out: serde_json::Value = rt.block_on(async {
         reqwest::Client::new()
             .post(format!("http://{addr}/v2/models/iris/infer"))

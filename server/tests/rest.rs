@@ -12,34 +12,21 @@ async fn post(
     path: &str,
     body: impl Into<reqwest::Body>,
 ) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(url(server, path))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = reqwest::Client::new().post(url(server, path)).body(body).send().await.unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
-    )
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
 }
 
 async fn get(server: &sluice_server::Server, path: &str) -> (StatusCode, Value) {
     let r = reqwest::get(url(server, path)).await.unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
-    )
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
 }
 
 fn error_of(v: &Value) -> &str {
-    v["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error field: {v}"))
+    v["error"].as_str().unwrap_or_else(|| panic!("no error field: {v}"))
 }
 
 #[tokio::test]
@@ -73,10 +60,7 @@ async fn model_metadata_and_readiness() {
     );
     assert_eq!(get(&s, "/v2/models/iris/versions/1").await.1, meta);
     assert_eq!(get(&s, "/v2/models/iris/ready").await.0, StatusCode::OK);
-    assert_eq!(
-        get(&s, "/v2/models/iris/versions/1/ready").await.0,
-        StatusCode::OK
-    );
+    assert_eq!(get(&s, "/v2/models/iris/versions/1/ready").await.0, StatusCode::OK);
 
     let (status, body) = get(&s, "/v2/models/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -87,17 +71,13 @@ async fn model_metadata_and_readiness() {
 
     let (status, meta) = get(&s, "/v2/models/dtypes").await;
     assert_eq!(status, StatusCode::OK);
-    let dtypes: Vec<&str> = meta["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["datatype"].as_str().unwrap())
-        .collect();
+    let dtypes: Vec<&str> =
+        meta["inputs"].as_array().unwrap().iter().map(|i| i["datatype"].as_str().unwrap()).collect();
     assert_eq!(
         dtypes,
         [
-            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-            "FP16", "FP32", "FP64", "BYTES"
+            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+            "FP64", "BYTES"
         ]
     );
     s.shutdown().await;
@@ -111,8 +91,7 @@ async fn every_fixture_case_matches_onnxruntime_python() {
         let tol = doc["tolerance"].as_f64().unwrap();
         for case in doc["cases"].as_array().unwrap() {
             let body = json!({"id": format!("{model}-{}", case["name"].as_str().unwrap()), "inputs": case["inputs"]});
-            let (status, out) =
-                post(&s, &format!("/v2/models/{model}/infer"), body.to_string()).await;
+            let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body.to_string()).await;
             assert_eq!(status, StatusCode::OK, "{model} {}: {out}", case["name"]);
             assert_eq!(out["model_name"], model);
             assert_eq!(out["model_version"], "1");
@@ -144,11 +123,7 @@ async fn nested_data_requested_outputs_and_versions() {
         "outputs": [{"name": "probabilities"}, {"name": "label"}]
     });
     let (_, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
-    assert_outputs_match(
-        &out["outputs"],
-        &json!([case["outputs"][1], case["outputs"][0]]),
-        1e-5,
-    );
+    assert_outputs_match(&out["outputs"], &json!([case["outputs"][1], case["outputs"][0]]), 1e-5);
     s.shutdown().await;
 }
 
@@ -156,8 +131,7 @@ async fn nested_data_requested_outputs_and_versions() {
 async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
     let s = start(ALL_MODELS, ", max_body_bytes: 4096").await;
     let iris = |shape: Value, data: Value| {
-        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]})
-            .to_string()
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}).to_string()
     };
     let cases: Vec<(&str, String, StatusCode, &str)> = vec![
         ("iris", "{not json".into(), StatusCode::BAD_REQUEST, "malformed inference request JSON"),
@@ -219,17 +193,10 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
     for (model, body, want_status, want_message) in cases {
         let (status, out) = post(&s, &format!("/v2/models/{model}/infer"), body).await;
         assert_eq!(status, want_status, "{model}: {out}");
-        assert!(
-            error_of(&out).contains(want_message),
-            "{model}: want {want_message:?} in {out}"
-        );
+        assert!(error_of(&out).contains(want_message), "{model}: want {want_message:?} in {out}");
         // And the server still answers a good request.
-        let (status, _) = post(
-            &s,
-            "/v2/models/iris/infer",
-            iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2])),
-        )
-        .await;
+        let (status, _) =
+            post(&s, "/v2/models/iris/infer", iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2]))).await;
         assert_eq!(status, StatusCode::OK);
     }
     s.shutdown().await;
@@ -259,18 +226,10 @@ async fn concurrent_requests_each_get_their_own_answer() {
     let s = start(ALL_MODELS, "").await;
     let doc = expected("mlp");
     let case = &doc["cases"][1];
-    let rows = case["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .chunks(8)
-        .map(|c| c.to_vec())
-        .collect::<Vec<_>>();
-    let want = case["outputs"][1]["data"]
-        .as_array()
-        .unwrap()
-        .chunks(4)
-        .map(|c| c.to_vec())
-        .collect::<Vec<_>>();
+    let rows =
+        case["inputs"][0]["data"].as_array().unwrap().chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let want =
+        case["outputs"][1]["data"].as_array().unwrap().chunks(4).map(|c| c.to_vec()).collect::<Vec<_>>();
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -288,4 +247,156 @@ async fn concurrent_requests_each_get_their_own_answer() {
         t.await.unwrap();
     }
     s.shutdown().await;
+}
+
+/// A body in the binary tensor extension's form: JSON, then the blobs.
+fn binary_body(json: &Value, blobs: &[&[u8]]) -> (Vec<u8>, usize) {
+    let mut body = json.to_string().into_bytes();
+    let n = body.len();
+    for b in blobs {
+        body.extend_from_slice(b);
+    }
+    (body, n)
+}
+
+async fn post_binary(
+    s: &sluice_server::Server,
+    model: &str,
+    body: Vec<u8>,
+    json_len: usize,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url(s, &format!("/v2/models/{model}/infer")))
+        .header("Inference-Header-Content-Length", json_len)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn binary_inputs_and_outputs() {
+    let s = start(ALL_MODELS, "").await;
+    let case = &expected("iris")["cases"][3];
+    let floats: Vec<u8> = case["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| (v.as_f64().unwrap() as f32).to_le_bytes())
+        .collect();
+    let json = json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [8, 4], "parameters": {"binary_data_size": floats.len()}}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": true}}, {"name": "probabilities", "parameters": {"binary_data": false}}]
+    });
+    let (body, n) = binary_body(&json, &[&floats]);
+    let r = post_binary(&s, "iris", body, n).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let header_len: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let bytes = r.bytes().await.unwrap();
+    let head: Value = serde_json::from_slice(&bytes[..header_len]).unwrap();
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 64);
+    assert!(head["outputs"][0].get("data").is_none());
+    let labels: Vec<i64> =
+        bytes[header_len..].chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let want: Vec<i64> =
+        case["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(labels, want);
+    assert_outputs_match(&json!([head["outputs"][1]]), &json!([case["outputs"][1]]), 1e-5);
+
+    // Request-level binary_data_output applies to outputs that do not say otherwise.
+    let json = json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [8, 4], "parameters": {"binary_data_size": floats.len()}}],
+        "parameters": {"binary_data_output": true}
+    });
+    let (body, n) = binary_body(&json, &[&floats]);
+    let r = post_binary(&s, "iris", body, n).await;
+    let header_len: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(bytes.len() - header_len, 8 * 8 + 8 * 3 * 4);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn binary_extension_errors() {
+    let s = start(ALL_MODELS, "").await;
+    let input = |size: usize| json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": size}}]});
+    let cases: Vec<(Vec<u8>, usize, &str)> = vec![
+        {
+            let (b, n) = binary_body(&input(16), &[&[0u8; 12]]);
+            (b, n, "unexpected size for input `input`")
+        },
+        {
+            let (b, n) = binary_body(&input(16), &[&[0u8; 20]]);
+            (b, n, "unexpected additional input data: 4 bytes")
+        },
+        {
+            let (b, n) = binary_body(&input(12), &[&[0u8; 12]]);
+            (b, n, "needs 16 bytes of data, got 12")
+        },
+        {
+            let j = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "parameters": {"binary_data_size": 16}}]});
+            let (b, n) = binary_body(&j, &[&[0u8; 16]]);
+            (b, n, "both `data` and `binary_data_size`")
+        },
+        {
+            let (b, _) = binary_body(&input(16), &[&[0u8; 16]]);
+            let n = b.len() + 1;
+            (b, n, "but the body has only")
+        },
+    ];
+    for (body, n, message) in cases {
+        let r = post_binary(&s, "iris", body, n).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert!(error_of(&v).contains(message), "want {message:?} in {v}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn model_config_and_repository_index() {
+    let s = start(
+        "      - {name: iris, model: iris/model.onnx, max_batch_size: 8, num_replicas: 2}\n      - {name: dtypes, model: dtypes/model.onnx}\n",
+        "",
+    )
+    .await;
+    let (status, c) = get(&s, "/v2/models/iris/config").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(c["max_batch_size"], 8);
+    assert_eq!(
+        c["input"][0],
+        json!({"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [4], "is_shape_tensor": false, "allow_ragged_batch": false, "optional": false})
+    );
+    assert_eq!(c["output"][0]["dims"], json!([]));
+    assert_eq!(c["output"][1]["dims"], json!([3]));
+    assert_eq!(c["instance_group"][0]["count"], 2);
+    assert_eq!(c["model_transaction_policy"]["decoupled"], false);
+    assert_eq!(c["response_cache"]["enable"], false);
+    // Without batching, dims are the whole shape.
+    let (_, c) = get(&s, "/v2/models/dtypes/config").await;
+    assert_eq!(c["max_batch_size"], 0);
+    assert_eq!(c["input"][0]["dims"], json!([-1, 2]));
+    let (status, index) = post(&s, "/v2/repository/index", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        index,
+        json!([{"name": "dtypes", "version": "1", "state": "READY"}, {"name": "iris", "version": "1", "state": "READY"}])
+    );
+    // Batch limit is enforced.
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [9, 4], "data": vec![1.0; 36]}]});
+    let (status, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&out).contains("batch-size must be <= 8"), "{out}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn batching_needs_a_dynamic_first_dimension() {
+    sluice_server::runtime::init(None).unwrap();
+    let text = "grpc_options: {enabled: false}\nhttp_options: {port: 0}\napplications:\n  - name: t\n    deployments: [{name: r, model: reshape/model.onnx, max_batch_size: 4}]\n";
+    let config = sluice_config::parse(text, &models_dir().join("t.yaml")).unwrap();
+    let err = sluice_server::start(config).await.err().expect("start fails");
+    assert!(err.contains("batching needs a dynamic first dimension"), "{err}");
 }

@@ -7,9 +7,6 @@ use serde_json::{Value, json};
 
 use super::AppState;
 
-/// Extensions of the protocol this server implements (advertised on `/v2`).
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration"];
-
 pub async fn live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
@@ -17,18 +14,14 @@ pub async fn live() -> Json<Value> {
 /// 200 when every model is ready, 503 otherwise (clients read the status only).
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let ready = state.routes.all_ready();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready })))
 }
 
 pub async fn server_metadata() -> Json<Value> {
     Json(json!({
-        "name": "sluice",
+        "name": crate::SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": EXTENSIONS,
+        "extensions": crate::EXTENSIONS,
     }))
 }

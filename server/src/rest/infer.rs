@@ -28,9 +28,7 @@ pub async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let deployment = state
-        .routes
-        .resolve(&path["model"], path.get("version").map(String::as_str))?;
+    let deployment = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
     let (request, binary_outputs) = decode_request(&headers, body)?;
     let response = deployment.infer(request).await?;
     Ok(encode_response(&response, &binary_outputs))
@@ -53,27 +51,18 @@ fn bool_param(params: Option<&Map<String, Value>>, key: &str) -> Result<Option<b
     match params.and_then(|p| p.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(InferError::invalid(format!(
-            "parameter `{key}` must be a boolean, got {other}"
-        ))),
+        Some(other) => Err(InferError::invalid(format!("parameter `{key}` must be a boolean, got {other}"))),
     }
 }
 
 /// Decodes an infer body (JSON, or JSON + binary tensors) into the internal request.
-fn decode_request(
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<(InferRequest, BinaryOutputs), InferError> {
+fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, BinaryOutputs), InferError> {
     let json_len = match headers.get(HEADER_CONTENT_LENGTH) {
         None => body.len(),
         Some(v) => {
-            let n = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    InferError::invalid(format!("{HEADER_CONTENT_LENGTH} must be a byte count"))
-                })?;
+            let n = v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+                InferError::invalid(format!("{HEADER_CONTENT_LENGTH} must be a byte count"))
+            })?;
             if n > body.len() {
                 return Err(InferError::invalid(format!(
                     "{HEADER_CONTENT_LENGTH} is {n} but the body has only {} bytes",
@@ -104,16 +93,9 @@ fn decode_request(
         }
         let binary_size = match params.and_then(|p| p.get("binary_data_size")) {
             None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| {
-                        InferError::invalid(format!(
-                            "input `{}`: binary_data_size must be a byte count",
-                            input.name
-                        ))
-                    })?,
-            ),
+            Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                InferError::invalid(format!("input `{}`: binary_data_size must be a byte count", input.name))
+            })?),
         };
         let tensor = match (input.data, binary_size) {
             (Some(_), Some(_)) => {
@@ -135,10 +117,7 @@ fn decode_request(
                 let data = binary.split_to(size);
                 let tensor = Tensor::new(dtype, shape, data)
                     .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
-                NamedTensor {
-                    name: input.name.clone(),
-                    tensor,
-                }
+                NamedTensor { name: input.name.clone(), tensor }
             }
             (None, None) => {
                 return Err(InferError::invalid(format!(
@@ -164,10 +143,7 @@ fn decode_request(
             if let Some(b) = bool_param(o.parameters.as_ref(), "binary_data")? {
                 per_output.insert(o.name.clone(), b);
             }
-            if o.parameters
-                .as_ref()
-                .is_some_and(|p| p.contains_key("classification"))
-            {
+            if o.parameters.as_ref().is_some_and(|p| p.contains_key("classification")) {
                 return Err(InferError::invalid(format!(
                     "output `{}`: the classification extension is not supported",
                     o.name
@@ -177,18 +153,8 @@ fn decode_request(
         }
         outputs = Some(names);
     }
-    let request = InferRequest {
-        id: parsed.id.filter(|id| !id.is_empty()),
-        inputs,
-        outputs,
-    };
-    Ok((
-        request,
-        BinaryOutputs {
-            default,
-            per_output,
-        },
-    ))
+    let request = InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs };
+    Ok((request, BinaryOutputs { default, per_output }))
 }
 
 #[derive(Serialize)]
@@ -230,10 +196,8 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
                 name: &o.name,
                 datatype: o.tensor.dtype().as_str(),
                 shape: o.tensor.shape(),
-                parameters: is_binary.then(|| BinaryParameters {
-                    binary_data_size: o.tensor.data().len(),
-                }),
-                data: (!is_binary).then(|| JsonData(&o.tensor)),
+                parameters: is_binary.then(|| BinaryParameters { binary_data_size: o.tensor.data().len() }),
+                data: (!is_binary).then_some(JsonData(&o.tensor)),
             }
         })
         .collect();
@@ -253,10 +217,7 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
     let binary_len: usize = blobs.iter().map(|b| b.len()).sum();
     if binary_len == 0 {
         let mut response = json.into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return response;
     }
     let mut out = BytesMut::with_capacity(json.len() + binary_len);
@@ -266,10 +227,7 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
     }
     let mut response = out.freeze().into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(json.len()));
     response
 }

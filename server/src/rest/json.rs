@@ -9,9 +9,7 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
-use sluice_deployments::{
-    DataType, InferError, NamedTensor, Tensor, element_count, push_bytes_element,
-};
+use sluice_deployments::{DataType, InferError, NamedTensor, Tensor, element_count, push_bytes_element};
 
 /// `POST .../infer` body (the JSON part).
 #[derive(Deserialize)]
@@ -47,24 +45,13 @@ pub struct JsonRequestedOutput {
 /// Parses an input's datatype and shape (the parts every encoding of `data` shares).
 pub fn input_header(input: &JsonInput<'_>) -> Result<(DataType, Vec<usize>), InferError> {
     let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
-        InferError::invalid(format!(
-            "input `{}` has unknown datatype `{}`",
-            input.name, input.datatype
-        ))
+        InferError::invalid(format!("input `{}` has unknown datatype `{}`", input.name, input.datatype))
     })?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| {
-            InferError::invalid(format!(
-                "input `{}` has an absurd shape {:?}",
-                input.name, input.shape
-            ))
+    let shape =
+        input.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>().map_err(|_| {
+            InferError::invalid(format!("input `{}` has an absurd shape {:?}", input.name, input.shape))
         })?;
-    element_count(&shape)
-        .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
+    element_count(&shape).map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
     Ok((dtype, shape))
 }
 
@@ -82,13 +69,9 @@ pub fn decode_data(
     let mut out = Vec::with_capacity(capacity);
     let mut found = 0usize;
     let mut de = serde_json::Deserializer::from_str(text);
-    Flatten {
-        dtype,
-        out: &mut out,
-        count: &mut found,
-    }
-    .deserialize(&mut de)
-    .map_err(|e| InferError::invalid(format!("input `{name}`: {}", strip_position(&e))))?;
+    Flatten { dtype, out: &mut out, count: &mut found }
+        .deserialize(&mut de)
+        .map_err(|e| InferError::invalid(format!("input `{name}`: {}", strip_position(&e))))?;
     if found != count {
         return Err(InferError::invalid(format!(
             "input `{name}` has shape {shape:?} ({count} elements) but its data has {found} elements"
@@ -96,10 +79,7 @@ pub fn decode_data(
     }
     let tensor = Tensor::new(dtype, shape, Bytes::from(out))
         .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
-    Ok(NamedTensor {
-        name: name.to_string(),
-        tensor,
-    })
+    Ok(NamedTensor { name: name.to_string(), tensor })
 }
 
 fn strip_position(e: &serde_json::Error) -> String {
@@ -131,12 +111,7 @@ macro_rules! push_int {
             ($t:ty) => {
                 match <$t>::try_from(v) {
                     Ok(x) => $self.out.extend_from_slice(&x.to_le_bytes()),
-                    Err(_) => {
-                        return Err(<$E>::custom(format!(
-                            "{v} is out of range for {}",
-                            $self.dtype
-                        )))
-                    }
+                    Err(_) => return Err(<$E>::custom(format!("{v} is out of range for {}", $self.dtype))),
                 }
             };
         }
@@ -153,10 +128,7 @@ macro_rules! push_int {
                 return $self.push_float(v as f64);
             }
             DataType::Bool | DataType::Bytes => {
-                return Err(<$E>::custom(format!(
-                    "expected {} data, found number {v}",
-                    $self.dtype_desc()
-                )));
+                return Err(<$E>::custom(format!("expected {} data, found number {v}", $self.dtype_desc())));
             }
         }
         *$self.count += 1;
@@ -175,25 +147,15 @@ impl Flatten<'_> {
 
     fn push_float<E: de::Error>(self, v: f64) -> Result<(), E> {
         match self.dtype {
-            DataType::Fp16 => self
-                .out
-                .extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-            DataType::Bf16 => self
-                .out
-                .extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            DataType::Fp16 => self.out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DataType::Bf16 => self.out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
             _ if self.dtype.byte_size().is_some() && self.dtype != DataType::Bool => {
-                return Err(E::custom(format!(
-                    "{v} is not an integer, as {} needs",
-                    self.dtype
-                )));
+                return Err(E::custom(format!("{v} is not an integer, as {} needs", self.dtype)));
             }
             _ => {
-                return Err(E::custom(format!(
-                    "expected {} data, found number {v}",
-                    self.dtype_desc()
-                )));
+                return Err(E::custom(format!("expected {} data, found number {v}", self.dtype_desc())));
             }
         }
         *self.count += 1;
@@ -210,11 +172,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq
-            .next_element_seed(Flatten {
-                dtype: self.dtype,
-                out: &mut *self.out,
-                count: &mut *self.count,
-            })?
+            .next_element_seed(Flatten { dtype: self.dtype, out: &mut *self.out, count: &mut *self.count })?
             .is_some()
         {}
         Ok(())
@@ -222,10 +180,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
         if self.dtype != DataType::Bool {
-            return Err(E::custom(format!(
-                "expected {} data, found boolean {v}",
-                self.dtype_desc()
-            )));
+            return Err(E::custom(format!("expected {} data, found boolean {v}", self.dtype_desc())));
         }
         self.out.push(v as u8);
         *self.count += 1;
@@ -246,10 +201,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         if self.dtype != DataType::Bytes {
-            return Err(E::custom(format!(
-                "expected {} data, found string {v:?}",
-                self.dtype_desc()
-            )));
+            return Err(E::custom(format!("expected {} data, found string {v:?}", self.dtype_desc())));
         }
         push_bytes_element(self.out, v.as_bytes()).map_err(E::custom)?;
         *self.count += 1;
@@ -257,17 +209,11 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(format!(
-            "expected {} data, found null",
-            self.dtype_desc()
-        )))
+        Err(E::custom(format!("expected {} data, found null", self.dtype_desc())))
     }
 
     fn visit_map<A: de::MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(format!(
-            "expected {} data, found an object",
-            self.dtype_desc()
-        )))
+        Err(de::Error::custom(format!("expected {} data, found an object", self.dtype_desc())))
     }
 }
 
@@ -347,10 +293,7 @@ mod tests {
             (DataType::Int8, "[-128,127]"),
             (DataType::Int16, "[-32768,32767]"),
             (DataType::Int32, "[-2147483648,2147483647]"),
-            (
-                DataType::Int64,
-                "[-9223372036854775808,9223372036854775807]",
-            ),
+            (DataType::Int64, "[-9223372036854775808,9223372036854775807]"),
             (DataType::Fp16, "[0.5,-2.0]"),
             (DataType::Bf16, "[0.5,-2.0]"),
             (DataType::Fp32, "[0.1,-2.5]"),
@@ -381,10 +324,7 @@ mod tests {
     #[test]
     fn element_count_must_match_shape() {
         let e = decode(DataType::Fp32, vec![1, 4], "[1, 2, 3]").unwrap_err();
-        assert!(
-            e.message.contains("4 elements") && e.message.contains("has 3"),
-            "{e}"
-        );
+        assert!(e.message.contains("4 elements") && e.message.contains("has 3"), "{e}");
         // A scalar where an array is expected is one element.
         assert!(decode(DataType::Fp32, vec![1], "7").is_ok());
     }

@@ -30,20 +30,14 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v2/health/live", get(health::live))
         .route("/v2/health/ready", get(health::ready))
         .route("/v2/models/{model}", get(model::metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            get(model::metadata),
-        )
+        .route("/v2/models/{model}/versions/{version}", get(model::metadata))
         .route("/v2/models/{model}/ready", get(model::ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(model::ready),
-        )
+        .route("/v2/models/{model}/versions/{version}/ready", get(model::ready))
+        .route("/v2/models/{model}/config", get(model::config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model::config))
+        .route("/v2/repository/index", post(model::repository_index))
         .route("/v2/models/{model}/infer", post(infer::infer))
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            post(infer::infer),
-        )
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -16,15 +16,10 @@ pub async fn metadata(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let model = &path["model"];
-    let d = state
-        .routes
-        .resolve(model, path.get("version").map(String::as_str))?;
+    let d = state.routes.resolve(model, path.get("version").map(String::as_str))?;
     let table = state.routes.table();
-    let versions: Vec<&String> = table
-        .models
-        .get(model)
-        .map(|m| m.versions.keys().collect())
-        .unwrap_or_default();
+    let versions: Vec<&String> =
+        table.models.get(model).map(|m| m.versions.keys().collect()).unwrap_or_default();
     let meta = d.metadata();
     let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
         specs
@@ -45,14 +40,42 @@ pub async fn ready(
     State(state): State<AppState>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let d = state
-        .routes
-        .resolve(&path["model"], path.get("version").map(String::as_str))?;
+    let d = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
     let ready = d.is_ready();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok((status, Json(json!({ "name": d.name(), "ready": ready }))))
+}
+
+/// `GET /v2/models/{m}[/versions/{v}]/config`: the Triton-style model configuration.
+pub async fn config(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let d = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
+    Ok(Json(crate::model_config::to_json(&crate::model_config::build(&d))))
+}
+
+#[derive(serde::Deserialize, Default)]
+pub struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+/// `POST /v2/repository/index` (body `{"ready": bool}` or empty): a bare JSON array.
+pub async fn repository_index(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("malformed repository index request: {e}")))?
+    };
+    let models: Vec<Value> = crate::repository_index(&state.routes)
+        .into_iter()
+        .filter(|m| !req.ready || m.ready)
+        .map(|m| json!({"name": m.name, "version": m.version, "state": m.state()}))
+        .collect();
+    Ok(Json(Value::Array(models)))
 }

@@ -1,0 +1,217 @@
+//! `ModelInferRequest` to [`InferRequest`] and [`InferResponse`] to `ModelInferResponse`.
+//! `raw_input_contents` become tensors by slicing (`bytes::Bytes`, no copy); typed `*_contents`
+//! are converted once. Outputs always go back in `raw_output_contents`, one per output, in
+//! order, which is the only form tritonclient reads.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sluice_deployments::{
+    DataType, InferError, InferRequest, InferResponse, NamedTensor, Tensor, push_bytes_element,
+};
+use sluice_proto::inference as pb;
+
+fn shape_of(name: &str, shape: &[i64]) -> Result<Vec<usize>, InferError> {
+    shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>().map_err(|_| {
+        InferError::invalid(format!("input `{name}` has a negative dimension in shape {shape:?}"))
+    })
+}
+
+pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
+    let raw = req.raw_input_contents;
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(InferError::invalid(format!(
+            "{} raw_input_contents for {} inputs; send one per input, in order",
+            raw.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (k, input) in req.inputs.into_iter().enumerate() {
+        let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
+            InferError::invalid(format!("input `{}` has unknown datatype `{}`", input.name, input.datatype))
+        })?;
+        let shape = shape_of(&input.name, &input.shape)?;
+        if input.parameters.contains_key("shared_memory_region") {
+            return Err(InferError::invalid(format!(
+                "input `{}`: shared memory is not supported; send the data inline",
+                input.name
+            )));
+        }
+        let data = match (raw.get(k), input.contents) {
+            (Some(_), Some(_)) => {
+                return Err(InferError::invalid(format!(
+                    "input `{}` has typed contents while raw_input_contents is used; use one form",
+                    input.name
+                )));
+            }
+            (Some(bytes), None) => bytes.clone(),
+            (None, Some(contents)) => typed_contents(&input.name, dtype, contents)?,
+            (None, None) => {
+                return Err(InferError::invalid(format!("input `{}` has no data", input.name)));
+            }
+        };
+        let tensor = Tensor::new(dtype, shape, data)
+            .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
+        inputs.push(NamedTensor { name: input.name, tensor });
+    }
+    let outputs = if req.outputs.is_empty() {
+        None
+    } else {
+        let mut names = Vec::with_capacity(req.outputs.len());
+        for o in req.outputs {
+            if o.parameters.contains_key("classification") {
+                return Err(InferError::invalid(format!(
+                    "output `{}`: the classification extension is not supported",
+                    o.name
+                )));
+            }
+            names.push(o.name);
+        }
+        Some(names)
+    };
+    Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs })
+}
+
+/// Little-endian bytes from the typed contents field that fits `dtype`.
+fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Result<Bytes, InferError> {
+    let mut out = BytesMut::new();
+    macro_rules! narrow {
+        ($src:expr, $t:ty) => {
+            for v in $src {
+                let x = <$t>::try_from(v).map_err(|_| {
+                    InferError::invalid(format!("input `{name}`: {v} is out of range for {dtype}"))
+                })?;
+                out.put_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    match dtype {
+        DataType::Bool => c.bool_contents.iter().for_each(|&b| out.put_u8(b as u8)),
+        DataType::Uint8 => narrow!(c.uint_contents, u8),
+        DataType::Uint16 => narrow!(c.uint_contents, u16),
+        DataType::Uint32 => c.uint_contents.iter().for_each(|v| out.put_u32_le(*v)),
+        DataType::Uint64 => c.uint64_contents.iter().for_each(|v| out.put_u64_le(*v)),
+        DataType::Int8 => narrow!(c.int_contents, i8),
+        DataType::Int16 => narrow!(c.int_contents, i16),
+        DataType::Int32 => c.int_contents.iter().for_each(|v| out.put_i32_le(*v)),
+        DataType::Int64 => c.int64_contents.iter().for_each(|v| out.put_i64_le(*v)),
+        DataType::Fp32 => c.fp32_contents.iter().for_each(|v| out.put_f32_le(*v)),
+        DataType::Fp64 => c.fp64_contents.iter().for_each(|v| out.put_f64_le(*v)),
+        DataType::Bytes => {
+            let mut v = Vec::new();
+            for item in &c.bytes_contents {
+                push_bytes_element(&mut v, item)?;
+            }
+            out.put_slice(&v);
+        }
+        DataType::Fp16 | DataType::Bf16 => {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: {dtype} data must be sent in raw_input_contents"
+            )));
+        }
+    }
+    Ok(out.freeze())
+}
+
+pub fn encode(r: InferResponse) -> pb::ModelInferResponse {
+    let mut outputs = Vec::with_capacity(r.outputs.len());
+    let mut raw = Vec::with_capacity(r.outputs.len());
+    for o in r.outputs {
+        outputs.push(pb::model_infer_response::InferOutputTensor {
+            name: o.name,
+            datatype: o.tensor.dtype().as_str().to_string(),
+            shape: o.tensor.shape().iter().map(|&d| d as i64).collect(),
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(o.tensor.data().clone());
+    }
+    pb::ModelInferResponse {
+        model_name: r.model_name,
+        model_version: r.model_version,
+        id: r.id.unwrap_or_default(),
+        parameters: Default::default(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(
+        name: &str,
+        dtype: &str,
+        shape: Vec<i64>,
+        contents: Option<pb::InferTensorContents>,
+    ) -> pb::model_infer_request::InferInputTensor {
+        pb::model_infer_request::InferInputTensor {
+            name: name.into(),
+            datatype: dtype.into(),
+            shape,
+            parameters: Default::default(),
+            contents,
+        }
+    }
+
+    #[test]
+    fn raw_contents_are_sliced_not_copied() {
+        let raw = Bytes::from(vec![0u8; 16]);
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("x", "FP32", vec![1, 4], None)],
+            raw_input_contents: vec![raw.clone()],
+            ..Default::default()
+        };
+        let decoded = decode(req).unwrap();
+        assert_eq!(decoded.inputs[0].tensor.data().as_ptr(), raw.as_ptr());
+    }
+
+    #[test]
+    fn typed_contents_become_little_endian_bytes() {
+        let c = pb::InferTensorContents { int_contents: vec![-1, 2], ..Default::default() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("x", "INT16", vec![2], Some(c))],
+            ..Default::default()
+        };
+        let t = &decode(req).unwrap().inputs[0].tensor;
+        assert_eq!(&t.data()[..], &[0xff, 0xff, 2, 0]);
+        let c = pb::InferTensorContents {
+            bytes_contents: vec![b"ab".to_vec(), b"".to_vec()],
+            ..Default::default()
+        };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("s", "BYTES", vec![2], Some(c))],
+            ..Default::default()
+        };
+        let t = &decode(req).unwrap().inputs[0].tensor;
+        assert_eq!(t.bytes_elements().collect::<Vec<_>>(), vec![&b"ab"[..], b""]);
+    }
+
+    #[test]
+    fn malformed_requests_name_the_problem() {
+        let c = pb::InferTensorContents { uint_contents: vec![300], ..Default::default() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("x", "UINT8", vec![1], Some(c))],
+            ..Default::default()
+        };
+        assert!(decode(req).unwrap_err().message.contains("300 is out of range for UINT8"));
+        let req =
+            pb::ModelInferRequest { inputs: vec![input("x", "FP32", vec![-1], None)], ..Default::default() };
+        assert!(decode(req).unwrap_err().message.contains("negative dimension"));
+        let req =
+            pb::ModelInferRequest { inputs: vec![input("x", "FP32", vec![1], None)], ..Default::default() };
+        assert!(decode(req).unwrap_err().message.contains("has no data"));
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("x", "FP32", vec![1], None), input("y", "FP32", vec![1], None)],
+            raw_input_contents: vec![Bytes::from(vec![0u8; 4])],
+            ..Default::default()
+        };
+        assert!(decode(req).unwrap_err().message.contains("1 raw_input_contents for 2 inputs"));
+        let c = pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("h", "FP16", vec![1], Some(c))],
+            ..Default::default()
+        };
+        assert!(decode(req).unwrap_err().message.contains("raw_input_contents"));
+    }
+}

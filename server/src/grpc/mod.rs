@@ -1,0 +1,129 @@
+//! The Open Inference Protocol gRPC frontend (tonic): `inference.GRPCInferenceService` over the
+//! same router and deployments as REST, plus `grpc.health.v1` and server reflection. RPCs not
+//! listed in proto/grpc_service.proto answer UNIMPLEMENTED.
+
+mod codec;
+
+use std::sync::Arc;
+
+use sluice_deployments::TensorSpec;
+use sluice_proto::inference as pb;
+use sluice_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use sluice_router::Router as RouteTable;
+use tonic::{Request, Response, Status};
+
+use crate::error::grpc_status;
+
+/// The service implementation.
+pub struct InferenceService {
+    routes: Arc<RouteTable>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Reply<pb::ServerLiveResponse> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Reply<pb::ServerReadyResponse> {
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.routes.all_ready() }))
+    }
+
+    async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Reply<pb::ModelReadyResponse> {
+        let req = req.into_inner();
+        let d = self.routes.resolve(&req.name, Some(&req.version)).map_err(grpc_status)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready: d.is_ready() }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Reply<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: crate::SERVER_NAME.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: crate::EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Reply<pb::ModelMetadataResponse> {
+        let req = req.into_inner();
+        let d = self.routes.resolve(&req.name, Some(&req.version)).map_err(grpc_status)?;
+        let tensors = |specs: &[TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| pb::model_metadata_response::TensorMetadata {
+                    name: s.name.clone(),
+                    datatype: s.dtype.as_str().to_string(),
+                    shape: s.shape.clone(),
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: d.name().to_string(),
+            versions: self.routes.versions(d.name()),
+            platform: d.metadata().platform.clone(),
+            inputs: tensors(&d.metadata().inputs),
+            outputs: tensors(&d.metadata().outputs),
+            properties: Default::default(),
+        }))
+    }
+
+    async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
+        let req = req.into_inner();
+        let d = self.routes.resolve(&req.model_name, Some(&req.model_version)).map_err(grpc_status)?;
+        let request = codec::decode(req).map_err(grpc_status)?;
+        let response = d.infer(request).await.map_err(grpc_status)?;
+        Ok(Response::new(codec::encode(response)))
+    }
+
+    async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Reply<pb::ModelConfigResponse> {
+        let req = req.into_inner();
+        let d = self.routes.resolve(&req.name, Some(&req.version)).map_err(grpc_status)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(crate::model_config::build(&d)) }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Reply<pb::RepositoryIndexResponse> {
+        let ready_only = req.into_inner().ready;
+        let models = crate::repository_index(&self.routes)
+            .into_iter()
+            .filter(|m| !ready_only || m.ready)
+            .map(|m| pb::repository_index_response::ModelIndex {
+                state: m.state().to_string(),
+                name: m.name,
+                version: m.version,
+                reason: String::new(),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+}
+
+/// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
+/// with REST). `max_message_bytes` bounds decoded requests (tonic's default is 4 MiB).
+pub async fn routes(routes: Arc<RouteTable>, max_message_bytes: usize) -> Result<axum::Router, String> {
+    let inference = GrpcInferenceServiceServer::new(InferenceService { routes })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    Ok(tonic::service::Routes::new(inference)
+        .add_service(health_service)
+        .add_service(reflection)
+        .into_axum_router())
+}

@@ -1,0 +1,90 @@
+"""Starts the real `sluice` binary on free ports for the client conformance tests."""
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "examples" / "models"
+BIN = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
+
+CONFIG = """
+http_options: {{host: 127.0.0.1, port: {http}}}
+grpc_options: {{host: 127.0.0.1, port: {grpc}}}
+applications:
+  - name: conformance
+    deployments:
+      - {{name: iris, model: {models}/iris/model.onnx, max_batch_size: 8}}
+      - {{name: mlp, model: {models}/mlp/model.onnx, num_replicas: 2, max_batch_size: 64}}
+      - {{name: dtypes, model: {models}/dtypes/model.onnx}}
+"""
+
+
+class Sluice:
+    def __init__(self, tmp: Path, http_port: int = 0, grpc_port: int = 0):
+        cfg = tmp / f"sluice-{http_port}-{grpc_port}.yaml"
+        cfg.write_text(CONFIG.format(http=http_port, grpc=grpc_port, models=MODELS))
+        self.proc = subprocess.Popen(
+            [BIN, "run", str(cfg)], stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "info"}
+        )
+        self.log = []
+        self.http = self.grpc = None
+        found = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = re.search(r"REST frontend listening on http://(\S+)", line)
+                if m:
+                    self.http = m.group(1)
+                m = re.search(r"gRPC frontend listening on (\S+)", line)
+                if m:
+                    self.grpc = m.group(1)
+                if self.http and self.grpc:
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            raise RuntimeError("sluice did not start:\n" + "".join(self.log))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def sluice(tmp_path_factory):
+    s = Sluice(tmp_path_factory.mktemp("sluice"))
+    yield s
+    code = s.stop()
+    assert code == 0, "sluice exited with %s:\n%s" % (code, "".join(s.log))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_port_sluice(tmp_path_factory):
+    port = free_port()
+    s = Sluice(tmp_path_factory.mktemp("shared"), http_port=port, grpc_port=port)
+    yield s
+    s.stop()
+
+
+def expected(model):
+    return json.loads((MODELS / model / "expected.json").read_text())
