@@ -102,8 +102,30 @@ pub struct Deployment {
     /// Above 0, every input and output's first dimension must be dynamic in the model.
     #[serde(default = "default_zero")]
     pub max_batch_size: Spanned<u32>,
-    /// Requests waiting for a replica of this deployment before new ones are refused with 503.
-    /// Default 64.
+    /// Requests one replica takes at a time (in its batch queue or running). 0 (the default)
+    /// means automatic: 2 × max_batch_size, at least 5.
+    #[serde(default = "default_zero")]
+    pub max_ongoing_requests: Spanned<u32>,
+    /// How long the first request of a batch waits for more, in seconds. Default 0: a batch
+    /// goes as soon as the replica is free, holding whatever queued while it was busy.
+    #[serde(default = "default_zero_f64")]
+    pub batch_wait_timeout_s: Spanned<f64>,
+    /// Batch sizes sent as soon as they can be formed, before the wait runs out. Default none.
+    #[serde(default = "default_empty_sizes")]
+    pub preferred_batch_sizes: Spanned<Vec<u32>>,
+    /// Pad values by input name: requests whose padded inputs differ in length (after
+    /// dimension 0) share a batch, padded to the longest; outputs are cut back. Default none.
+    #[serde(default = "default_pad")]
+    pub pad: Spanned<std::collections::BTreeMap<String, f64>>,
+    /// Deadline of a request in seconds (a client's OIP `timeout` may shorten it). A request
+    /// still waiting when it passes is answered 504 and never runs. Default 30.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: Spanned<f64>,
+    /// Run one full-size batch of zeros on each replica before it reports ready. Default true.
+    #[serde(default = "default_true")]
+    pub warmup: bool,
+    /// Requests waiting for a replica slot of this deployment before new ones are refused
+    /// with 503. Default 64.
     #[serde(default = "default_max_queued_requests")]
     pub max_queued_requests: Spanned<u32>,
 }
@@ -124,6 +146,18 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_zero() -> Spanned<u32> {
     spanned(0)
+}
+fn default_zero_f64() -> Spanned<f64> {
+    spanned(0.0)
+}
+fn default_empty_sizes() -> Spanned<Vec<u32>> {
+    spanned(Vec::new())
+}
+fn default_pad() -> Spanned<std::collections::BTreeMap<String, f64>> {
+    spanned(Default::default())
+}
+fn default_request_timeout() -> Spanned<f64> {
+    spanned(30.0)
 }
 fn default_grpc_port() -> u16 {
     8001

@@ -150,3 +150,58 @@ fn nearest_only_suggests_close_names() {
     assert_eq!(error::nearest("modle", &c).as_deref(), Some("model"));
     assert_eq!(error::nearest("xyzzyq", &c), None);
 }
+
+#[test]
+fn batching_and_grpc_fields_parse_with_defaults() {
+    let c = parse_in(concat!(
+        "grpc_options: {port: 9001}\n",
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - name: m\n",
+        "        model: m.onnx\n",
+        "        max_batch_size: 16\n",
+        "        batch_wait_timeout_s: 0.005\n",
+        "        preferred_batch_sizes: [4, 8]\n",
+        "        pad: {input_ids: 0}\n",
+    ))
+    .unwrap();
+    assert_eq!(c.grpc_options.port, 9001);
+    assert!(c.grpc_options.enabled);
+    let d = &c.applications[0].deployments[0];
+    assert_eq!(d.max_batch_size.value, 16);
+    assert_eq!(d.batch_wait_timeout_s.value, 0.005);
+    assert_eq!(d.preferred_batch_sizes.value, vec![4, 8]);
+    assert_eq!(d.pad.value.get("input_ids"), Some(&0.0));
+    assert_eq!(d.max_ongoing_requests.value, 0);
+    assert_eq!(d.request_timeout_s.value, 30.0);
+    assert!(d.warmup);
+}
+
+#[test]
+fn batching_values_are_checked() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - name: m\n",
+        "        model: m.onnx\n",
+        "        preferred_batch_sizes: [4]\n",
+        "        pad: {x: 0}\n",
+        "        request_timeout_s: 0\n",
+        "        batch_wait_timeout_s: -1\n",
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "applications[0].deployments[0].preferred_batch_sizes",
+            "applications[0].deployments[0].pad",
+            "applications[0].deployments[0].request_timeout_s",
+            "applications[0].deployments[0].batch_wait_timeout_s",
+        ],
+        "in file order: {e:?}"
+    );
+    assert!(e[0].message.contains("max_batch_size (0)"), "{}", e[0]);
+    assert_eq!(e[3].line, 9);
+}

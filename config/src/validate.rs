@@ -63,8 +63,40 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
             at_least_one(&dep.num_replicas, &format!("{at}.num_replicas"), &mut err);
             at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"), &mut err);
             at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"), &mut err);
+            let t = &dep.batch_wait_timeout_s;
+            if !(t.value.is_finite() && (0.0..=60.0).contains(&t.value)) {
+                err(
+                    t.referenced,
+                    format!("{at}.batch_wait_timeout_s"),
+                    "must be between 0 and 60 seconds".into(),
+                );
+            }
+            let t = &dep.request_timeout_s;
+            if !(t.value.is_finite() && t.value > 0.0 && t.value <= 86_400.0) {
+                err(
+                    t.referenced,
+                    format!("{at}.request_timeout_s"),
+                    "must be above 0 and at most 86400 seconds".into(),
+                );
+            }
+            let sizes = &dep.preferred_batch_sizes;
+            if let Some(bad) = sizes.value.iter().find(|&&n| n == 0 || n > dep.max_batch_size.value) {
+                err(
+                    sizes.referenced,
+                    format!("{at}.preferred_batch_sizes"),
+                    format!("{bad} is not between 1 and max_batch_size ({})", dep.max_batch_size.value),
+                );
+            }
+            if !dep.pad.value.is_empty() && dep.max_batch_size.value == 0 {
+                err(
+                    dep.pad.referenced,
+                    format!("{at}.pad"),
+                    "padding needs batching: set max_batch_size".into(),
+                );
+            }
         }
     }
+    errors.sort_by_key(|e| (e.line, e.column));
     if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
 }
 

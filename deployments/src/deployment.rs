@@ -1,13 +1,25 @@
-//! A deployment: one model version served by a set of replicas. Picks a replica by
-//! power-of-two-choices on outstanding requests and refuses at once (503) when the chosen
-//! replicas' queues are full, instead of queueing without bound.
+//! A deployment: one model version served by a set of replicas.
+//!
+//! Admission: each replica takes at most `max_ongoing_requests` at a time; beyond that,
+//! requests wait in the deployment's queue (a FIFO semaphore) up to `max_queued_requests`, and
+//! the next one is refused at once with 503. A request whose deadline passes while it waits is
+//! answered 504 and never runs; one whose caller goes away leaves the queue (its future is
+//! dropped) or is skipped by the replica. Replica choice is power-of-two-choices on ongoing
+//! requests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
+use tokio::sync::{Semaphore, watch};
+
+use crate::batch::{BatchPolicy, Job};
+use crate::metrics::DeploymentMetrics;
 use crate::onnx::{OnnxBackend, OnnxOptions};
-use crate::replica::{Job, Replica};
-use crate::{Backend, InferError, InferRequest, InferResponse, ModelMetadata, check_request};
+use crate::replica::{self, BackendFactory, Msg, OngoingGuard, ReplicaSlot};
+use crate::{Backend, ErrorKind, InferError, InferRequest, InferResponse, ModelMetadata, check_request};
 
 /// What a deployment needs to start, independent of the config file's layout.
 #[derive(Debug, Clone)]
@@ -15,50 +27,123 @@ pub struct DeploymentSpec {
     pub name: String,
     pub version: String,
     pub num_replicas: usize,
+    /// Requests one replica takes at a time (queued in its batcher or running).
+    pub max_ongoing_requests: usize,
+    /// Requests waiting for a replica slot before new ones are refused.
     pub max_queued_requests: usize,
-    /// 0: no batch dimension; above 0: dimension 0 batches, at most this many rows a request.
+    /// 0: no batch dimension; above 0: dimension 0 batches, at most this many rows a call.
     pub max_batch_size: usize,
+    pub batch_wait_timeout: Duration,
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Pad values per input name, for batching requests of different lengths.
+    pub pad: HashMap<String, f64>,
+    /// Deadline of a request unless it asks for a shorter one.
+    pub request_timeout: Duration,
+    /// Run a full-size batch before a replica reports ready.
+    pub warmup: bool,
 }
 
 impl DeploymentSpec {
+    /// A spec with the config file's defaults.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            version: "1".into(),
+            num_replicas: 1,
+            max_ongoing_requests: 0,
+            max_queued_requests: 64,
+            max_batch_size: 0,
+            batch_wait_timeout: Duration::ZERO,
+            preferred_batch_sizes: Vec::new(),
+            pad: HashMap::new(),
+            request_timeout: Duration::from_secs(30),
+            warmup: true,
+        }
+    }
+
     pub fn from_config(d: &sluice_config::Deployment) -> Self {
         Self {
             name: d.name.value.clone(),
             version: d.version.value.clone(),
             num_replicas: d.num_replicas.value as usize,
+            max_ongoing_requests: d.max_ongoing_requests.value as usize,
             max_queued_requests: d.max_queued_requests.value as usize,
             max_batch_size: d.max_batch_size.value as usize,
+            batch_wait_timeout: Duration::from_secs_f64(d.batch_wait_timeout_s.value),
+            preferred_batch_sizes: d.preferred_batch_sizes.value.iter().map(|&n| n as usize).collect(),
+            pad: d.pad.value.clone().into_iter().collect(),
+            request_timeout: Duration::from_secs_f64(d.request_timeout_s.value),
+            warmup: d.warmup,
+        }
+    }
+
+    /// `max_ongoing_requests`, where 0 means: enough for a batch running and the next one
+    /// filling (2 × max_batch_size), and at least 5 (Ray Serve's default).
+    pub fn ongoing_limit(&self) -> usize {
+        if self.max_ongoing_requests > 0 {
+            self.max_ongoing_requests
+        } else {
+            (2 * self.max_batch_size).max(5)
+        }
+    }
+}
+
+/// What the replicas of a deployment share.
+pub(crate) struct Shared {
+    pub spec: DeploymentSpec,
+    pub model_outputs: Vec<String>,
+    pub policy: BatchPolicy,
+    pub replicas: Vec<ReplicaSlot>,
+    pub factory: BackendFactory,
+    pub metrics: DeploymentMetrics,
+    pub ready_count: watch::Sender<usize>,
+    pub closed: AtomicBool,
+}
+
+impl Shared {
+    /// Sends a job to a ready replica other than `from`; gives it back when there is none.
+    pub fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
+        let target = (0..self.replicas.len())
+            .filter(|&i| i != from && self.replicas[i].ready.load(Ordering::Acquire))
+            .min_by_key(|&i| self.replicas[i].ongoing.load(Ordering::Acquire));
+        match target {
+            Some(i) => self.replicas[i].tx.try_send(Msg::Job(job)).map_err(|e| match e {
+                TrySendError::Full(Msg::Job(j)) | TrySendError::Disconnected(Msg::Job(j)) => j,
+                _ => unreachable!("only jobs are sent here"),
+            }),
+            None => Err(job),
         }
     }
 }
 
 /// A running deployment.
 pub struct Deployment {
-    spec: DeploymentSpec,
+    shared: Arc<Shared>,
     metadata: Arc<ModelMetadata>,
-    replicas: Vec<Replica>,
+    permits: Arc<Semaphore>,
+    queued: AtomicUsize,
     rng: AtomicU64,
+    ready: watch::Receiver<usize>,
 }
 
 impl Deployment {
-    /// Loads the ONNX model of a config deployment into `num_replicas` sessions.
+    /// Loads the ONNX model of a config deployment, one session per replica.
     pub fn load(config: &sluice_config::Deployment) -> Result<Self, String> {
-        let spec = DeploymentSpec::from_config(config);
         let options = OnnxOptions { intra_op_threads: config.intra_op_threads.value as usize };
-        let backends = (0..spec.num_replicas)
-            .map(|_| {
-                OnnxBackend::load(&config.model.value, &options).map(|b| Box::new(b) as Box<dyn Backend>)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::start(spec, backends)
+        let path = config.model.value.clone();
+        let factory: BackendFactory =
+            Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>));
+        Self::start(DeploymentSpec::from_config(config), factory)
     }
 
-    /// Starts a deployment over backends already loaded (one per replica, same model).
-    pub fn start(spec: DeploymentSpec, backends: Vec<Box<dyn Backend>>) -> Result<Self, String> {
-        let metadata = match backends.first() {
-            Some(b) => Arc::new(b.metadata().clone()),
-            None => return Err(format!("deployment `{}` has no replicas", spec.name)),
-        };
+    /// Starts a deployment: makes every replica's backend now (so a model that cannot load
+    /// fails here), then starts the replica threads, which warm up and report ready.
+    pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, String> {
+        if spec.num_replicas == 0 {
+            return Err(format!("deployment `{}` has no replicas", spec.name));
+        }
+        let backends = (0..spec.num_replicas).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
+        let metadata = Arc::new(backends[0].metadata().clone());
         if spec.max_batch_size > 0 {
             let fixed = metadata
                 .inputs
@@ -73,85 +158,203 @@ impl Deployment {
                 ));
             }
         }
-        let capacity = spec.max_queued_requests.div_ceil(backends.len()).max(1);
-        let replicas = backends
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| Replica::spawn(format!("{}#{i}", spec.name), b, capacity))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("cannot start replica thread for `{}`: {e}", spec.name))?;
-        Ok(Self { spec, metadata, replicas, rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15) })
+        if let Some(name) = spec.pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
+            return Err(format!("pad names `{name}`, which is not an input of the model"));
+        }
+        let ongoing = spec.ongoing_limit();
+        let total = ongoing * spec.num_replicas;
+        let metrics = DeploymentMetrics::new(&spec.name, &spec.version);
+        let mut receivers = Vec::new();
+        let mut replicas = Vec::new();
+        for i in 0..spec.num_replicas {
+            // Admission keeps at most `total` jobs in the deployment, so no send finds this
+            // full (+1 for the stop message).
+            let (tx, rx) = sync_channel(total + 1);
+            receivers.push(rx);
+            replicas.push(ReplicaSlot {
+                tx,
+                ongoing: Arc::new(AtomicUsize::new(0)),
+                ready: AtomicBool::new(false),
+                in_flight: metrics.replica_in_flight(i),
+            });
+        }
+        let policy = BatchPolicy {
+            max_batch_size: spec.max_batch_size,
+            batch_wait_timeout: spec.batch_wait_timeout,
+            preferred_batch_sizes: {
+                let mut p = spec.preferred_batch_sizes.clone();
+                p.sort_unstable();
+                p
+            },
+            pad: Arc::new(spec.pad.clone()),
+        };
+        let (ready_count, ready) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
+            spec,
+            policy,
+            replicas,
+            factory,
+            metrics,
+            ready_count,
+            closed: AtomicBool::new(false),
+        });
+        for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("{}#{i}", shared.spec.name))
+                .spawn(move || replica::run(shared, i, rx, backend))
+                .map_err(|e| format!("cannot start a replica thread: {e}"))?;
+        }
+        Ok(Self {
+            shared,
+            metadata,
+            permits: Arc::new(Semaphore::new(total)),
+            queued: AtomicUsize::new(0),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            ready,
+        })
     }
 
     pub fn name(&self) -> &str {
-        &self.spec.name
+        &self.shared.spec.name
     }
 
     pub fn version(&self) -> &str {
-        &self.spec.version
+        &self.shared.spec.version
+    }
+
+    pub fn spec(&self) -> &DeploymentSpec {
+        &self.shared.spec
     }
 
     pub fn metadata(&self) -> &ModelMetadata {
         &self.metadata
     }
 
-    /// 0 when the model has no batch dimension, else the most rows one request may carry.
+    /// 0 when the model has no batch dimension, else the most rows one model call takes.
     pub fn max_batch_size(&self) -> usize {
-        self.spec.max_batch_size
+        self.shared.spec.max_batch_size
     }
 
-    /// Replicas serving this deployment.
     pub fn num_replicas(&self) -> usize {
-        self.replicas.len()
+        self.shared.replicas.len()
     }
 
-    /// Ready once every replica has loaded its model (true from construction on, for now).
+    /// Metrics and statistics of this deployment.
+    pub fn metrics(&self) -> &DeploymentMetrics {
+        &self.shared.metrics
+    }
+
+    /// Requests waiting for a replica slot now.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Ready when at least one replica is loaded, warmed and serving.
     pub fn is_ready(&self) -> bool {
-        !self.replicas.is_empty()
+        *self.ready.borrow() > 0
     }
 
-    /// Checks the request, runs it on a replica and answers.
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        let outputs = check_request(&self.spec.name, &self.metadata, self.spec.max_batch_size, &request)?;
+    /// Waits until every replica is ready, or `timeout` passes; returns whether they are.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let want = self.num_replicas();
+        let mut rx = self.ready.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|&n| n >= want)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Checks the request, admits it, runs it on a replica and answers.
+    pub async fn infer(&self, mut request: InferRequest) -> Result<InferResponse, InferError> {
+        let admitted = Instant::now();
+        let spec = &self.shared.spec;
+        let outputs = check_request(&spec.name, &self.metadata, spec.max_batch_size, &request)?;
+        // Model input order, so a batch lines inputs up by position.
+        let order = &self.metadata.inputs;
+        request.inputs.sort_by_key(|i| order.iter().position(|s| s.name == i.name));
+        let rows = match spec.max_batch_size {
+            0 => 1,
+            _ => request.inputs.first().and_then(|i| i.tensor.shape().first().copied()).unwrap_or(1),
+        };
+        let timeout = request.timeout.map_or(spec.request_timeout, |t| t.min(spec.request_timeout));
+        let deadline = admitted + timeout;
+
+        let _permit = self.admit(deadline, timeout).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job { inputs: request.inputs, outputs, reply };
-        let _guard = self.submit(job)?;
-        let outputs = answer
-            .await
-            .map_err(|_| InferError::internal(format!("replica of `{}` stopped", self.spec.name)))??;
+        let job =
+            Job { inputs: request.inputs, outputs, rows, deadline, admitted, arrived: Instant::now(), reply };
+        let _ongoing = self.dispatch(job)?;
+        let outputs = answer.await.map_err(|_| {
+            InferError::internal(format!("replica of `{}` stopped before answering", spec.name))
+        })??;
         Ok(InferResponse {
-            model_name: self.spec.name.clone(),
-            model_version: self.spec.version.clone(),
+            model_name: spec.name.clone(),
+            model_version: spec.version.clone(),
             id: request.id,
             outputs,
         })
     }
 
-    fn submit(&self, job: Job) -> Result<crate::replica::LoadGuard, InferError> {
-        let (first, second) = self.two_choices();
-        let (a, b) = if self.replicas[first].load() <= self.replicas[second].load() {
-            (first, second)
-        } else {
-            (second, first)
-        };
-        let job = match self.replicas[a].try_submit(job) {
-            Ok(guard) => return Ok(guard),
-            Err(job) => job,
-        };
-        if a != b
-            && let Ok(guard) = self.replicas[b].try_submit(job)
-        {
-            return Ok(guard);
+    /// Waits for a replica slot in FIFO order, unless the queue is full (503) or the deadline
+    /// passes first (504).
+    async fn admit(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
         }
-        Err(InferError::unavailable(format!(
-            "model `{}` is overloaded: its queue of {} requests is full; retry later",
-            self.spec.name, self.spec.max_queued_requests
-        )))
+        let max = self.shared.spec.max_queued_requests;
+        let depth = self.queued.fetch_add(1, Ordering::AcqRel);
+        if depth >= max {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(InferError::unavailable(format!(
+                "model `{}` is overloaded: {max} requests already wait (max_queued_requests); retry later",
+                self.shared.spec.name
+            )));
+        }
+        self.shared.metrics.queue_depth.set((depth + 1) as f64);
+        let _leave = QueueExit { queued: &self.queued, gauge: &self.shared.metrics.queue_depth };
+        match tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => {
+                Err(InferError::unavailable(format!("model `{}` is shutting down", self.shared.spec.name)))
+            }
+            Err(_) => Err(InferError::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "request timed out after {} ms waiting in the queue of model `{}`",
+                    timeout.as_millis(),
+                    self.shared.spec.name
+                ),
+            )),
+        }
+    }
+
+    /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones.
+    fn dispatch(&self, job: Job) -> Result<OngoingGuard, InferError> {
+        let replicas = &self.shared.replicas;
+        let (a, b) = self.two_choices();
+        let load = |i: usize| {
+            let r = &replicas[i];
+            // Replicas not ready sort last; among ready ones, fewer ongoing first.
+            (!r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire))
+        };
+        let pick = if load(a) <= load(b) { a } else { b };
+        let slot = &replicas[pick];
+        let guard = OngoingGuard::new(slot);
+        slot.tx.try_send(Msg::Job(job)).map_err(|_| {
+            InferError::unavailable(format!(
+                "replica of `{}` cannot take requests now",
+                self.shared.spec.name
+            ))
+        })?;
+        Ok(guard)
     }
 
     /// Two distinct random replica indices (the same one twice when there is only one).
     fn two_choices(&self) -> (usize, usize) {
-        let n = self.replicas.len();
+        let n = self.shared.replicas.len();
         if n == 1 {
             return (0, 0);
         }
@@ -159,6 +362,29 @@ impl Deployment {
         let first = (r % n as u64) as usize;
         let offset = 1 + ((r >> 32) % (n as u64 - 1)) as usize;
         (first, (first + offset) % n)
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.permits.close();
+        for r in &self.shared.replicas {
+            let _ = r.tx.try_send(Msg::Stop);
+        }
+    }
+}
+
+/// Leaves the admission queue when the waiting request gets its slot, times out or is dropped.
+struct QueueExit<'a> {
+    queued: &'a AtomicUsize,
+    gauge: &'a metrics::Gauge,
+}
+
+impl Drop for QueueExit<'_> {
+    fn drop(&mut self) {
+        let n = self.queued.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.gauge.set(n as f64);
     }
 }
 

@@ -13,6 +13,9 @@ pub struct InferRequest {
     pub inputs: Vec<NamedTensor>,
     /// Outputs to return, in this order; `None` returns every output in model order.
     pub outputs: Option<Vec<String>>,
+    /// The client's own deadline (OIP `timeout` parameter); the deployment's
+    /// `request_timeout_s` applies when it is longer or absent.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// The answer to an [`InferRequest`].

@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod model_config;
 pub mod rest;
 pub mod runtime;
@@ -85,6 +86,17 @@ impl Server {
         self.grpc_addr
     }
 
+    /// Waits until every replica of every deployment has warmed up; false on timeout.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let table = self.routes.table();
+        for d in table.models.values().flat_map(|m| m.versions.values()) {
+            if !d.wait_ready(timeout).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// The route table, for embedding and tests.
     pub fn routes(&self) -> &Arc<Router> {
         &self.routes
@@ -111,6 +123,7 @@ impl Server {
 /// and starts serving. Fails with a message naming the deployment and file when one cannot load
 /// or the address cannot be bound.
 pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
+    metrics::install();
     let mut deployments = Vec::new();
     for app in &config.applications {
         for d in &app.deployments {
@@ -123,7 +136,7 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
                 model = %d.name.value,
                 version = %d.version.value,
                 replicas = d.num_replicas.value,
-                "deployment ready"
+                "deployment loaded"
             );
             deployments.push(Arc::new(loaded));
         }

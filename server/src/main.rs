@@ -144,7 +144,13 @@ fn run(
                 return ExitCode::FAILURE;
             }
         };
-        server.run_until(shutdown_signal()).await;
+        tokio::select! {
+            ready = server.wait_ready(std::time::Duration::from_secs(600)) => {
+                if ready { tracing::info!("all deployments ready") }
+                server.run_until(shutdown_signal()).await;
+            }
+            () = shutdown_signal() => server.shutdown().await,
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

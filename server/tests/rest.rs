@@ -400,3 +400,56 @@ async fn batching_needs_a_dynamic_first_dimension() {
     let err = sluice_server::start(config).await.err().expect("start fails");
     assert!(err.contains("batching needs a dynamic first dimension"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_batched_on_the_real_model() {
+    let s = start(
+        "      - {name: mlp-batched, model: mlp/model.onnx, max_batch_size: 32, batch_wait_timeout_s: 0.05}\n",
+        "",
+    )
+    .await;
+    let doc = expected("mlp");
+    let case = &doc["cases"][1];
+    let rows =
+        case["inputs"][0]["data"].as_array().unwrap().chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let want =
+        case["outputs"][1]["data"].as_array().unwrap().chunks(4).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let (row, want) = (rows[i % 5].clone(), want[i % 5].clone());
+        let (client, url) = (client.clone(), url(&s, "/v2/models/mlp-batched/infer"));
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"id": i.to_string(), "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": row}], "outputs": [{"name": "probabilities"}]});
+            let out: Value = client.post(url).body(body.to_string()).send().await.unwrap().json().await.unwrap();
+            assert_eq!(out["id"], i.to_string());
+            let expected = json!([{"name": "probabilities", "datatype": "FP32", "shape": [1, 4], "data": want}]);
+            assert_outputs_match(&out["outputs"], &expected, 1e-5);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The batch-size histogram saw batches of more than one row.
+    let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    let metric = |name: &str| -> f64 {
+        let prefix = format!("{name}{{model=\"mlp-batched\",version=\"1\"}} ");
+        let line =
+            text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}"));
+        line[prefix.len()..].parse().unwrap()
+    };
+    let (sum, count) = (metric("sluice_batch_size_sum"), metric("sluice_batch_size_count"));
+    assert_eq!(sum, 24.0, "every row ran once");
+    assert!(count < 24.0, "{count} model calls for 24 requests: batched");
+    assert!(text.contains("# HELP sluice_requests_total"), "described");
+    assert!(text.contains(
+        r#"sluice_requests_total{model="mlp-batched",version="1",protocol="rest",outcome="success"} 24"#
+    ));
+    // Triton-style statistics from the same counters.
+    let (_, stats) = get(&s, "/v2/models/mlp-batched/stats").await;
+    let m = &stats["model_stats"][0];
+    assert_eq!(m["inference_count"], 24);
+    assert_eq!(m["execution_count"].as_f64().unwrap(), count);
+    assert_eq!(m["inference_stats"]["success"]["count"], 24);
+    s.shutdown().await;
+}

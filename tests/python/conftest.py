@@ -6,6 +6,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,18 @@ class Sluice:
         if not found.wait(60):
             self.stop()
             raise RuntimeError("sluice did not start:\n" + "".join(self.log))
+        # Listening comes first; ready follows once every replica has warmed up.
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("sluice never became ready:\n" + "".join(self.log))
+            time.sleep(0.05)
 
     def stop(self):
         if self.proc.poll() is None:

@@ -68,7 +68,21 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
         }
         Some(names)
     };
-    Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs })
+    let timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
+        None => None,
+        Some(pb::infer_parameter::ParameterChoice::Int64Param(us)) if *us >= 0 => {
+            Some(std::time::Duration::from_micros(*us as u64))
+        }
+        Some(pb::infer_parameter::ParameterChoice::Uint64Param(us)) => {
+            Some(std::time::Duration::from_micros(*us))
+        }
+        Some(other) => {
+            return Err(InferError::invalid(format!(
+                "parameter `timeout` must be microseconds (a non-negative integer), got {other:?}"
+            )));
+        }
+    };
+    Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs, timeout })
 }
 
 /// Little-endian bytes from the typed contents field that fits `dtype`.

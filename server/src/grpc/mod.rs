@@ -7,6 +7,7 @@ mod codec;
 use std::sync::Arc;
 
 use sluice_deployments::TensorSpec;
+use sluice_deployments::metrics::Protocol;
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -77,11 +78,19 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
+        let started = std::time::Instant::now();
         let req = req.into_inner();
         let d = self.routes.resolve(&req.model_name, Some(&req.model_version)).map_err(grpc_status)?;
-        let request = codec::decode(req).map_err(grpc_status)?;
-        let response = d.infer(request).await.map_err(grpc_status)?;
-        Ok(Response::new(codec::encode(response)))
+        let result = match codec::decode(req) {
+            Ok(request) => d.infer(request).await,
+            Err(e) => Err(e),
+        };
+        d.metrics().request(
+            Protocol::Grpc,
+            result.as_ref().map(|_| ()).map_err(|e| e.kind),
+            started.elapsed(),
+        );
+        Ok(Response::new(codec::encode(result.map_err(grpc_status)?)))
     }
 
     async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Reply<pb::ModelConfigResponse> {

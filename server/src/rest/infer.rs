@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::{Map, Value};
+use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
 
 use super::AppState;
@@ -27,10 +28,19 @@ pub async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let deployment = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
-    let (request, binary_outputs) = decode_request(&headers, body)?;
-    let response = deployment.infer(request).await?;
+    let result = match decode_request(&headers, body) {
+        Ok((request, binary)) => deployment.infer(request).await.map(|r| (r, binary)),
+        Err(e) => Err(e),
+    };
+    deployment.metrics().request(
+        Protocol::Rest,
+        result.as_ref().map(|_| ()).map_err(|e| e.kind),
+        started.elapsed(),
+    );
+    let (response, binary_outputs) = result?;
     Ok(encode_response(&response, &binary_outputs))
 }
 
@@ -153,7 +163,15 @@ fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, Bin
         }
         outputs = Some(names);
     }
-    let request = InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs };
+    let timeout = match parsed.parameters.as_ref().and_then(|p| p.get("timeout")) {
+        None => None,
+        Some(v) => Some(v.as_u64().map(std::time::Duration::from_micros).ok_or_else(|| {
+            InferError::invalid(format!(
+                "parameter `timeout` must be microseconds (an unsigned integer), got {v}"
+            ))
+        })?),
+    };
+    let request = InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs, timeout };
     Ok((request, BinaryOutputs { default, per_output }))
 }
 

@@ -79,3 +79,47 @@ pub async fn repository_index(
         .collect();
     Ok(Json(Value::Array(models)))
 }
+
+/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton-style cumulative statistics.
+pub async fn stats(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let deployments = match path.get("model") {
+        Some(m) => vec![state.routes.resolve(m, path.get("version").map(String::as_str))?],
+        None => {
+            let table = state.routes.table();
+            let mut all: Vec<_> = table.models.values().flat_map(|m| m.versions.values().cloned()).collect();
+            all.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
+            all
+        }
+    };
+    let d64 = |d: &sluice_deployments::metrics::Duration64| json!({"count": d.count.load(Relaxed), "ns": d.ns.load(Relaxed)});
+    let zero = json!({"count": 0, "ns": 0});
+    let model_stats: Vec<Value> = deployments
+        .iter()
+        .map(|d| {
+            let s = &d.metrics().stats;
+            json!({
+                "name": d.name(),
+                "version": d.version(),
+                "last_inference": s.last_inference_ms.load(Relaxed),
+                "inference_count": s.inference_count.load(Relaxed),
+                "execution_count": s.execution_count.load(Relaxed),
+                "inference_stats": {
+                    "success": d64(&s.success),
+                    "fail": d64(&s.fail),
+                    "queue": d64(&s.queue),
+                    "compute_input": zero,
+                    "compute_infer": d64(&s.compute_infer),
+                    "compute_output": zero,
+                    "cache_hit": zero,
+                    "cache_miss": zero,
+                },
+                "batch_stats": [],
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "model_stats": model_stats })))
+}

@@ -25,12 +25,14 @@ pub async fn start(deployments_yaml: &str, extra_http: &str) -> sluice_server::S
     );
     let config =
         sluice_config::parse(&text, &models_dir().join("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    sluice_server::start(config).await.expect("server starts")
+    let server = sluice_server::start(config).await.expect("server starts");
+    assert!(server.wait_ready(std::time::Duration::from_secs(60)).await, "deployments warm up");
+    server
 }
 
 /// Deployments for every fixture model.
 pub const ALL_MODELS: &str = "      - {name: iris, model: iris/model.onnx}
-      - {name: mlp, model: mlp/model.onnx, num_replicas: 2}
+      - {name: mlp, model: mlp/model.onnx, num_replicas: 2, max_queued_requests: 200}
       - {name: dtypes, model: dtypes/model.onnx}
       - {name: reshape, model: reshape/model.onnx}
 ";

@@ -1,0 +1,341 @@
+//! Dynamic batching state, apart from the thread that owns it: a queue of jobs, when a batch is
+//! ready (`max_batch_size` rows, a preferred size, or `batch_wait_timeout` after the first
+//! request of the batch), and which jobs make it (compatible shapes, whole requests only).
+//! Jobs whose caller left are dropped here, and jobs past their deadline are handed back to be
+//! answered 504, before either costs a model call.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::{InferError, NamedTensor};
+
+pub(crate) type Reply = oneshot::Sender<Result<Vec<NamedTensor>, InferError>>;
+
+/// One request waiting for a model call.
+pub(crate) struct Job {
+    /// Inputs in the model's input order.
+    pub inputs: Vec<NamedTensor>,
+    /// Outputs to return, in the order the caller asked for them.
+    pub outputs: Vec<String>,
+    /// Rows along dimension 0 (1 when the model does not batch).
+    pub rows: usize,
+    /// When the request must have started by; afterwards it is answered 504 and not run.
+    pub deadline: Instant,
+    /// When the request was admitted (for queue-time metrics).
+    pub admitted: Instant,
+    /// When it reached this replica's queue (the batch deadline counts from the first one).
+    pub arrived: Instant,
+    pub reply: Reply,
+}
+
+/// How a deployment batches.
+#[derive(Debug, Clone, Default)]
+pub struct BatchPolicy {
+    /// 0: no batching, one request per model call.
+    pub max_batch_size: usize,
+    /// How long the first request of a batch may wait for more.
+    pub batch_wait_timeout: Duration,
+    /// Batch sizes to send as soon as they can be formed (ascending).
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Inputs padded (to the longest in the batch, along every dimension after the first)
+    /// with this value, so requests of different lengths share a batch.
+    pub pad: Arc<HashMap<String, f64>>,
+}
+
+/// What [`BatchState::take`] hands out.
+pub(crate) struct Taken {
+    pub batch: Vec<Job>,
+    pub expired: Vec<Job>,
+}
+
+/// The queue of one replica.
+pub(crate) struct BatchState {
+    policy: BatchPolicy,
+    queue: VecDeque<Job>,
+}
+
+impl BatchState {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Self { policy, queue: VecDeque::new() }
+    }
+
+    pub fn push(&mut self, job: Job) {
+        self.queue.push_back(job);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Drains every job (used when a replica hands its queue to others).
+    pub fn drain(&mut self) -> Vec<Job> {
+        self.queue.drain(..).collect()
+    }
+
+    /// When the current batch must go even if not full.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.queue.front().map(|j| j.arrived + self.policy.batch_wait_timeout)
+    }
+
+    /// True when a batch should be taken now.
+    pub fn ready(&self, now: Instant) -> bool {
+        let Some(head) = self.queue.front() else { return false };
+        let max = self.policy.max_batch_size;
+        if max == 0 || now >= head.arrived + self.policy.batch_wait_timeout {
+            return true;
+        }
+        let rows = self.compatible_rows();
+        rows >= max || self.policy.preferred_batch_sizes.iter().any(|&p| p <= rows)
+    }
+
+    /// Rows of live jobs that could join the head's batch, capped at `max_batch_size`.
+    fn compatible_rows(&self) -> usize {
+        let Some(head) = self.queue.front() else { return 0 };
+        let max = self.policy.max_batch_size;
+        let mut rows = 0;
+        for job in self.queue.iter().filter(|j| !j.reply.is_closed() && self.compatible(head, j)) {
+            if rows + job.rows > max {
+                break;
+            }
+            rows += job.rows;
+        }
+        rows
+    }
+
+    /// Same input shapes apart from dimension 0 (and apart from padded inputs' other
+    /// dimensions, which only need the same rank).
+    fn compatible(&self, a: &Job, b: &Job) -> bool {
+        a.inputs.iter().zip(&b.inputs).all(|(x, y)| {
+            let (sx, sy) = (x.tensor.shape(), y.tensor.shape());
+            if self.policy.pad.contains_key(&x.name) {
+                sx.len() == sy.len()
+            } else {
+                sx.get(1..) == sy.get(1..)
+            }
+        })
+    }
+
+    /// Takes the next batch. Cancelled jobs are dropped, expired ones returned apart; jobs
+    /// whose shapes do not fit the batch stay queued, in order, for a later one.
+    pub fn take(&mut self, now: Instant) -> Taken {
+        let mut expired = Vec::new();
+        let mut batch: Vec<Job> = Vec::new();
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        let max = self.policy.max_batch_size.max(1);
+        let timed_out = self.queue.front().is_some_and(|h| now >= h.arrived + self.policy.batch_wait_timeout);
+        let mut target = max;
+        let mut rows = 0;
+        while let Some(job) = self.queue.pop_front() {
+            if job.reply.is_closed() {
+                continue;
+            }
+            if job.deadline <= now {
+                expired.push(job);
+                continue;
+            }
+            if rows >= target {
+                rest.push_back(job);
+                continue;
+            }
+            match batch.first() {
+                None => {
+                    rows = job.rows;
+                    batch.push(job);
+                    if !timed_out && self.policy.max_batch_size > 0 {
+                        target = self.target_rows();
+                    }
+                }
+                Some(head)
+                    if self.policy.max_batch_size > 0
+                        && self.compatible(head, &job)
+                        && rows + job.rows <= target =>
+                {
+                    rows += job.rows;
+                    batch.push(job);
+                }
+                Some(_) => rest.push_back(job),
+            }
+        }
+        self.queue = rest;
+        Taken { batch, expired }
+    }
+
+    /// The batch size to aim for before the wait runs out: the largest preferred size that
+    /// the queue can fill, else `max_batch_size`.
+    fn target_rows(&self) -> usize {
+        let rows = self.compatible_rows();
+        let max = self.policy.max_batch_size;
+        if rows >= max {
+            return max;
+        }
+        self.policy.preferred_batch_sizes.iter().copied().filter(|&p| p <= rows).max().unwrap_or(max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{DataType, Tensor};
+
+    fn job(
+        rows: usize,
+        len: usize,
+        arrived: Instant,
+    ) -> (Job, oneshot::Receiver<Result<Vec<NamedTensor>, InferError>>) {
+        let (reply, rx) = oneshot::channel();
+        let tensor =
+            Tensor::new(DataType::Int64, vec![rows, len], Bytes::from(vec![0u8; rows * len * 8])).unwrap();
+        let job = Job {
+            inputs: vec![NamedTensor { name: "ids".into(), tensor }],
+            outputs: vec!["y".into()],
+            rows,
+            deadline: arrived + Duration::from_secs(10),
+            admitted: arrived,
+            arrived,
+            reply,
+        };
+        (job, rx)
+    }
+
+    fn policy(max: usize, wait_ms: u64) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size: max,
+            batch_wait_timeout: Duration::from_millis(wait_ms),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flushes_when_full() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(4, 100));
+        let mut keep = Vec::new();
+        for _ in 0..3 {
+            let (j, rx) = job(1, 2, t0);
+            s.push(j);
+            keep.push(rx);
+        }
+        assert!(!s.ready(t0), "3 of 4 rows, wait not over");
+        let (j, rx) = job(1, 2, t0);
+        s.push(j);
+        keep.push(rx);
+        assert!(s.ready(t0));
+        let t = s.take(t0);
+        assert_eq!(t.batch.len(), 4);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn flushes_on_the_deadline_of_the_first_request() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(8, 10));
+        let (a, _ra) = job(1, 2, t0);
+        let (b, _rb) = job(1, 2, t0 + Duration::from_millis(9));
+        s.push(a);
+        s.push(b);
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(10)));
+        assert!(!s.ready(t0 + Duration::from_millis(9)));
+        // The deadline does not move when the second request arrives.
+        assert!(s.ready(t0 + Duration::from_millis(10)));
+        assert_eq!(s.take(t0 + Duration::from_millis(10)).batch.len(), 2);
+    }
+
+    #[test]
+    fn cancelled_entries_are_skipped_and_expired_ones_returned() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(8, 0));
+        let (a, ra) = job(1, 2, t0);
+        let (mut b, _rb) = job(1, 2, t0);
+        b.deadline = t0;
+        let (c, _rc) = job(1, 2, t0);
+        s.push(a);
+        s.push(b);
+        s.push(c);
+        drop(ra);
+        let t = s.take(t0 + Duration::from_millis(1));
+        assert_eq!(t.batch.len(), 1, "a cancelled, b expired, c runs");
+        assert_eq!(t.expired.len(), 1);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn multi_row_requests_count_their_rows_and_are_never_split() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(4, 0));
+        let (a, _ra) = job(3, 2, t0);
+        let (b, _rb) = job(2, 2, t0);
+        let (c, _rc) = job(1, 2, t0);
+        s.push(a);
+        s.push(b);
+        s.push(c);
+        let t = s.take(t0);
+        let rows: Vec<usize> = t.batch.iter().map(|j| j.rows).collect();
+        assert_eq!(rows, vec![3, 1], "b (2 rows) does not fit after a (3), c does");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.take(t0).batch[0].rows, 2);
+    }
+
+    #[test]
+    fn different_shapes_go_to_separate_batches_unless_padded() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(8, 0));
+        let (a, _ra) = job(1, 5, t0);
+        let (b, _rb) = job(1, 7, t0);
+        let (c, _rc) = job(1, 5, t0);
+        s.push(a);
+        s.push(b);
+        s.push(c);
+        let t = s.take(t0);
+        assert_eq!(t.batch.len(), 2, "a and c share a shape");
+        assert_eq!(s.take(t0).batch.len(), 1);
+
+        let mut pad = HashMap::new();
+        pad.insert("ids".to_string(), 0.0);
+        let mut s = BatchState::new(BatchPolicy { pad: Arc::new(pad), ..policy(8, 0) });
+        let (a, _ra) = job(1, 5, t0);
+        let (b, _rb) = job(1, 7, t0);
+        s.push(a);
+        s.push(b);
+        assert_eq!(s.take(t0).batch.len(), 2, "padding lets lengths differ");
+    }
+
+    #[test]
+    fn preferred_batch_sizes_send_early() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(BatchPolicy { preferred_batch_sizes: vec![2], ..policy(8, 1000) });
+        let (a, _ra) = job(1, 2, t0);
+        s.push(a);
+        assert!(!s.ready(t0));
+        let (b, _rb) = job(1, 2, t0);
+        s.push(b);
+        assert!(s.ready(t0));
+        let (c, _rc) = job(1, 2, t0);
+        s.push(c);
+        let t = s.take(t0);
+        assert_eq!(t.batch.len(), 2, "the largest preferred size that can be formed");
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn without_batching_each_request_runs_alone() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(0, 0));
+        let (a, _ra) = job(1, 2, t0);
+        let (b, _rb) = job(1, 2, t0);
+        s.push(a);
+        s.push(b);
+        assert!(s.ready(t0));
+        assert_eq!(s.take(t0).batch.len(), 1);
+        assert_eq!(s.take(t0).batch.len(), 1);
+    }
+}

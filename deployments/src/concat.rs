@@ -1,0 +1,338 @@
+//! Turning a batch of requests into one model call and back: inputs are concatenated along
+//! dimension 0 (padded first where the deployment names a pad value), and outputs are cut back
+//! into each request's rows; zero-copy slices of the output buffer where no padding was done.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::batch::Job;
+use crate::{DataType, InferError, NamedTensor, Tensor, element_count};
+
+/// Merged inputs for a batch of `jobs` (all with inputs in the same, model, order).
+pub(crate) fn merge(jobs: &[Job], pad: &HashMap<String, f64>) -> Result<Vec<NamedTensor>, InferError> {
+    let first = &jobs[0];
+    let rows: usize = jobs.iter().map(|j| j.rows).sum();
+    let mut merged = Vec::with_capacity(first.inputs.len());
+    for (i, input) in first.inputs.iter().enumerate() {
+        let dtype = input.tensor.dtype();
+        let pad_value = pad.get(&input.name).filter(|_| dtype != DataType::Bytes);
+        let mut shape = input.tensor.shape().to_vec();
+        for job in &jobs[1..] {
+            for (d, &n) in shape.iter_mut().zip(job.inputs[i].tensor.shape()).skip(1) {
+                *d = (*d).max(n);
+            }
+        }
+        shape[0] = rows;
+        let data = match pad_value {
+            Some(&value) if jobs.iter().any(|j| j.inputs[i].tensor.shape()[1..] != shape[1..]) => {
+                let size = dtype.byte_size().unwrap_or(1);
+                let mut out = pad_fill(dtype, value, element_count(&shape)?);
+                let mut row = 0;
+                for job in jobs {
+                    let t = &job.inputs[i].tensor;
+                    let mut slot_shape = shape.clone();
+                    slot_shape[0] = t.shape()[0];
+                    let slot_len = element_count(&slot_shape)? * size;
+                    let start = row * (slot_len / t.shape()[0].max(1));
+                    if t.shape()[0] > 0 {
+                        copy_nd(t.data(), t.shape(), &mut out[start..start + slot_len], &slot_shape, size);
+                    }
+                    row += t.shape()[0];
+                }
+                Bytes::from(out)
+            }
+            _ => {
+                let mut out = Vec::with_capacity(jobs.iter().map(|j| j.inputs[i].tensor.data().len()).sum());
+                for job in jobs {
+                    out.extend_from_slice(job.inputs[i].tensor.data());
+                }
+                Bytes::from(out)
+            }
+        };
+        merged.push(NamedTensor { name: input.name.clone(), tensor: Tensor::new(dtype, shape, data)? });
+    }
+    Ok(merged)
+}
+
+/// The outputs any job of the batch asked for, in model order.
+pub(crate) fn union_outputs(jobs: &[Job], model_outputs: &[String]) -> Vec<String> {
+    model_outputs.iter().filter(|name| jobs.iter().any(|j| j.outputs.contains(name))).cloned().collect()
+}
+
+/// Cuts batch outputs back into each job's rows, in the order each job asked for its outputs.
+/// Outputs whose dimensions match an input padded for the batch are cropped to the job's own
+/// length along that dimension.
+pub(crate) fn split(
+    outputs: &[NamedTensor],
+    jobs: &[Job],
+    padded_dims: &[Vec<usize>],
+) -> Result<Vec<Vec<NamedTensor>>, InferError> {
+    let rows: usize = jobs.iter().map(|j| j.rows).sum();
+    let mut per_job: Vec<Vec<NamedTensor>> =
+        jobs.iter().map(|j| Vec::with_capacity(j.outputs.len())).collect();
+    for out in outputs {
+        let t = &out.tensor;
+        if t.shape().first() != Some(&rows) {
+            return Err(InferError::internal(format!(
+                "model returned output `{}` with shape {:?} for a batch of {rows} rows",
+                out.name,
+                t.shape()
+            )));
+        }
+        let pieces = row_slices(t, jobs.iter().map(|j| j.rows))?;
+        for (k, ((job, piece), dims)) in jobs.iter().zip(pieces).zip(padded_dims).enumerate() {
+            if job.outputs.contains(&out.name) {
+                per_job[k].push(NamedTensor { name: out.name.clone(), tensor: crop(piece, dims)? });
+            }
+        }
+    }
+    // Put each job's outputs in the order it asked for them.
+    for (job, outs) in jobs.iter().zip(per_job.iter_mut()) {
+        outs.sort_by_key(|o| job.outputs.iter().position(|n| n == &o.name));
+    }
+    Ok(per_job)
+}
+
+/// Zero-copy row ranges of `t` of the given row counts.
+fn row_slices(t: &Tensor, rows: impl Iterator<Item = usize>) -> Result<Vec<Tensor>, InferError> {
+    let per_row = element_count(&t.shape()[1..])?;
+    let data = t.data();
+    let mut out = Vec::new();
+    let mut byte = 0;
+    let mut elements = t.bytes_elements();
+    for r in rows {
+        let len = match t.dtype().byte_size() {
+            Some(size) => r * per_row * size,
+            None => (0..r * per_row).map(|_| elements.next().map_or(0, |e| e.len() + 4)).sum(),
+        };
+        let mut shape = t.shape().to_vec();
+        shape[0] = r;
+        out.push(Tensor::new(t.dtype(), shape, data.slice(byte..byte + len))?);
+        byte += len;
+    }
+    Ok(out)
+}
+
+/// Crops dimensions 1.. of a fixed-size tensor to `dims` where the tensor's dimension matches
+/// a padded length (`dims[k]` is the job's own length for axis k, or 0 where no padding).
+fn crop(t: Tensor, dims: &[usize]) -> Result<Tensor, InferError> {
+    let Some(size) = t.dtype().byte_size() else { return Ok(t) };
+    let mut target = t.shape().to_vec();
+    let mut changed = false;
+    for (axis, &own) in dims.iter().enumerate() {
+        if own > 0 && axis < target.len() && axis > 0 && target[axis] > own {
+            target[axis] = own;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(t);
+    }
+    let mut out = vec![0u8; element_count(&target)? * size];
+    copy_nd(t.data(), t.shape(), &mut out, &target, size);
+    Tensor::new(t.dtype(), target, Bytes::from(out))
+}
+
+/// The padded lengths to crop outputs back to, per job: for each axis, the job's own length
+/// where a padded input was longer in the batch, else 0.
+pub(crate) fn padded_dims(
+    jobs: &[Job],
+    merged: &[NamedTensor],
+    pad: &HashMap<String, f64>,
+) -> Vec<Vec<usize>> {
+    jobs.iter()
+        .map(|job| {
+            let mut dims: Vec<usize> = Vec::new();
+            for (input, m) in job.inputs.iter().zip(merged) {
+                if !pad.contains_key(&input.name) {
+                    continue;
+                }
+                for (axis, (&own, &batch)) in
+                    input.tensor.shape().iter().zip(m.tensor.shape()).enumerate().skip(1)
+                {
+                    if own < batch {
+                        if dims.len() <= axis {
+                            dims.resize(axis + 1, 0);
+                        }
+                        dims[axis] = own;
+                    }
+                }
+            }
+            dims
+        })
+        .collect()
+}
+
+/// A buffer of `count` elements all equal to `value` in `dtype`'s little-endian form.
+fn pad_fill(dtype: DataType, value: f64, count: usize) -> Vec<u8> {
+    let one: Vec<u8> = match dtype {
+        DataType::Bool => vec![(value != 0.0) as u8],
+        DataType::Uint8 => vec![value as u8],
+        DataType::Uint16 => (value as u16).to_le_bytes().to_vec(),
+        DataType::Uint32 => (value as u32).to_le_bytes().to_vec(),
+        DataType::Uint64 => (value as u64).to_le_bytes().to_vec(),
+        DataType::Int8 => (value as i8).to_le_bytes().to_vec(),
+        DataType::Int16 => (value as i16).to_le_bytes().to_vec(),
+        DataType::Int32 => (value as i32).to_le_bytes().to_vec(),
+        DataType::Int64 => (value as i64).to_le_bytes().to_vec(),
+        DataType::Fp16 => half::f16::from_f64(value).to_le_bytes().to_vec(),
+        DataType::Bf16 => half::bf16::from_f64(value).to_le_bytes().to_vec(),
+        DataType::Fp32 => (value as f32).to_le_bytes().to_vec(),
+        DataType::Fp64 => value.to_le_bytes().to_vec(),
+        DataType::Bytes => vec![0, 0, 0, 0],
+    };
+    if one.iter().all(|&b| b == 0) {
+        return vec![0u8; count * one.len()];
+    }
+    one.repeat(count)
+}
+
+/// Copies the overlapping corner of two row-major arrays of the same rank: every index that is
+/// inside both shapes goes from `src` to `dst`.
+fn copy_nd(src: &[u8], src_shape: &[usize], dst: &mut [u8], dst_shape: &[usize], size: usize) {
+    let rank = src_shape.len();
+    if rank == 0 {
+        dst[..size].copy_from_slice(&src[..size]);
+        return;
+    }
+    let overlap: Vec<usize> = src_shape.iter().zip(dst_shape).map(|(a, b)| *a.min(b)).collect();
+    if overlap.contains(&0) {
+        return;
+    }
+    let strides = |shape: &[usize]| {
+        let mut s = vec![size; rank];
+        for k in (0..rank - 1).rev() {
+            s[k] = s[k + 1] * shape[k + 1];
+        }
+        s
+    };
+    let (ss, ds) = (strides(src_shape), strides(dst_shape));
+    let inner = overlap[rank - 1] * size;
+    let mut index = vec![0usize; rank.saturating_sub(1)];
+    loop {
+        let so: usize = index.iter().zip(&ss).map(|(i, s)| i * s).sum();
+        let d_o: usize = index.iter().zip(&ds).map(|(i, s)| i * s).sum();
+        dst[d_o..d_o + inner].copy_from_slice(&src[so..so + inner]);
+        // Next index over the outer dimensions.
+        let mut k = index.len();
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            index[k] += 1;
+            if index[k] < overlap[k] {
+                break;
+            }
+            index[k] = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn i64s(v: &[i64]) -> Bytes {
+        Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    fn to_i64s(t: &Tensor) -> Vec<i64> {
+        t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    fn job(shape: Vec<usize>, data: &[i64], outputs: &[&str]) -> Job {
+        let (reply, rx) = oneshot::channel();
+        std::mem::forget(rx);
+        let now = Instant::now();
+        Job {
+            rows: shape[0],
+            inputs: vec![NamedTensor {
+                name: "ids".into(),
+                tensor: Tensor::new(DataType::Int64, shape, i64s(data)).unwrap(),
+            }],
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            deadline: now,
+            admitted: now,
+            arrived: now,
+            reply,
+        }
+    }
+
+    #[test]
+    fn concatenates_and_splits_rows_exactly() {
+        let jobs = vec![job(vec![1, 2], &[1, 2], &["y"]), job(vec![2, 2], &[3, 4, 5, 6], &["y"])];
+        let merged = merge(&jobs, &HashMap::new()).unwrap();
+        assert_eq!(merged[0].tensor.shape(), &[3, 2]);
+        assert_eq!(to_i64s(&merged[0].tensor), vec![1, 2, 3, 4, 5, 6]);
+        // An "identity model": the output is the input.
+        let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
+        let dims = padded_dims(&jobs, &merged, &HashMap::new());
+        let per_job = split(&out, &jobs, &dims).unwrap();
+        assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
+        assert_eq!(per_job[1][0].tensor.shape(), &[2, 2]);
+        assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5, 6]);
+        // Zero-copy: the pieces point into the batch output.
+        assert_eq!(per_job[0][0].tensor.data().as_ptr(), out[0].tensor.data().as_ptr());
+    }
+
+    #[test]
+    fn pads_to_the_longest_and_crops_outputs_back() {
+        let mut pad = HashMap::new();
+        pad.insert("ids".to_string(), -1.0);
+        let jobs = vec![job(vec![1, 2], &[1, 2], &["y"]), job(vec![1, 3], &[3, 4, 5], &["y"])];
+        let merged = merge(&jobs, &pad).unwrap();
+        assert_eq!(merged[0].tensor.shape(), &[2, 3]);
+        assert_eq!(to_i64s(&merged[0].tensor), vec![1, 2, -1, 3, 4, 5]);
+        let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
+        let dims = padded_dims(&jobs, &merged, &pad);
+        let per_job = split(&out, &jobs, &dims).unwrap();
+        assert_eq!(per_job[0][0].tensor.shape(), &[1, 2]);
+        assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
+        assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn each_job_gets_only_the_outputs_it_asked_for_in_its_order() {
+        let jobs = vec![job(vec![1, 1], &[7], &["b", "a"]), job(vec![1, 1], &[8], &["a"])];
+        let union = union_outputs(&jobs, &["a".to_string(), "b".to_string(), "c".to_string()]);
+        assert_eq!(union, vec!["a", "b"]);
+        let merged = merge(&jobs, &HashMap::new()).unwrap();
+        let t = merged[0].tensor.clone();
+        let out = vec![
+            NamedTensor { name: "a".into(), tensor: t.clone() },
+            NamedTensor { name: "b".into(), tensor: t },
+        ];
+        let per_job = split(&out, &jobs, &[vec![], vec![]]).unwrap();
+        let names: Vec<&str> = per_job[0].iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, vec!["b", "a"]);
+        assert_eq!(per_job[1].len(), 1);
+    }
+
+    #[test]
+    fn wrong_row_count_from_the_model_is_an_error() {
+        let jobs = vec![job(vec![1, 1], &[1], &["y"]), job(vec![1, 1], &[2], &["y"])];
+        let out = vec![NamedTensor {
+            name: "y".into(),
+            tensor: Tensor::new(DataType::Int64, vec![1], i64s(&[0])).unwrap(),
+        }];
+        assert!(split(&out, &jobs, &[vec![], vec![]]).unwrap_err().message.contains("batch of 2 rows"));
+    }
+
+    #[test]
+    fn bytes_outputs_split_by_elements() {
+        let mut data = Vec::new();
+        for s in ["a", "bb", "ccc"] {
+            crate::push_bytes_element(&mut data, s.as_bytes()).unwrap();
+        }
+        let t = Tensor::new(DataType::Bytes, vec![3], Bytes::from(data)).unwrap();
+        let pieces = row_slices(&t, [1, 2].into_iter()).unwrap();
+        assert_eq!(pieces[0].bytes_elements().collect::<Vec<_>>(), vec![b"a"]);
+        assert_eq!(pieces[1].bytes_elements().collect::<Vec<_>>(), vec![&b"bb"[..], b"ccc"]);
+    }
+}

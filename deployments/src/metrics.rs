@@ -1,0 +1,200 @@
+//! Every metric Sluice exports: names, units, help text and histogram buckets in one place,
+//! and per-deployment handles created once so the request path records without allocating.
+//! Triton-style counters for `/v2/models/{m}/stats` come from the same places.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
+
+use crate::ErrorKind;
+
+pub const REQUESTS: &str = "sluice_requests_total";
+pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+pub const QUEUE_DURATION: &str = "sluice_queue_duration_seconds";
+pub const INFERENCE_DURATION: &str = "sluice_inference_duration_seconds";
+pub const BATCH_SIZE: &str = "sluice_batch_size";
+pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
+pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight";
+pub const REPLICAS_READY: &str = "sluice_replicas_ready";
+pub const REPLICA_RESTARTS: &str = "sluice_replica_restarts_total";
+
+/// Histogram bucket bounds, by metric name.
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    (REQUEST_DURATION, LATENCY_BUCKETS),
+    (QUEUE_DURATION, LATENCY_BUCKETS),
+    (INFERENCE_DURATION, LATENCY_BUCKETS),
+    (BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+];
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Registers units and help text with the installed recorder (call once at start).
+pub fn describe() {
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "Inference requests by model, version, protocol (rest, grpc) and outcome (success, invalid, not_found, unavailable, deadline_exceeded, internal)"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from decoding a request to its answer, by model, version and protocol"
+    );
+    describe_histogram!(
+        QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited between admission and its model call"
+    );
+    describe_histogram!(
+        INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time of one model call (one batch), including concatenation and splitting"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Rows per model call");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Requests admitted and waiting for a replica slot, per deployment"
+    );
+    describe_gauge!(
+        REPLICA_IN_FLIGHT,
+        Unit::Count,
+        "Requests assigned to a replica and not yet answered (queued there or running)"
+    );
+    describe_gauge!(
+        REPLICAS_READY,
+        Unit::Count,
+        "Replicas of a deployment that are loaded, warmed and serving"
+    );
+    describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
+}
+
+/// The frontends that count requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Protocol {
+    Rest = 0,
+    Grpc = 1,
+}
+
+const PROTOCOLS: [&str; 2] = ["rest", "grpc"];
+const OUTCOMES: [&str; 6] =
+    ["success", "invalid", "not_found", "unavailable", "deadline_exceeded", "internal"];
+
+fn outcome_index(result: Result<(), ErrorKind>) -> usize {
+    match result {
+        Ok(()) => 0,
+        Err(ErrorKind::InvalidArgument) => 1,
+        Err(ErrorKind::NotFound) => 2,
+        Err(ErrorKind::Unavailable) => 3,
+        Err(ErrorKind::DeadlineExceeded) => 4,
+        Err(ErrorKind::Internal) => 5,
+    }
+}
+
+/// A count and a total time, as Triton's statistics report them.
+#[derive(Default)]
+pub struct Duration64 {
+    pub count: AtomicU64,
+    pub ns: AtomicU64,
+}
+
+impl Duration64 {
+    fn add(&self, d: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Triton-style cumulative statistics of a deployment.
+#[derive(Default)]
+pub struct Stats {
+    pub success: Duration64,
+    pub fail: Duration64,
+    pub queue: Duration64,
+    pub compute_infer: Duration64,
+    /// Rows run through the model.
+    pub inference_count: AtomicU64,
+    /// Model calls (batches).
+    pub execution_count: AtomicU64,
+    /// Milliseconds since the epoch of the last model call.
+    pub last_inference_ms: AtomicU64,
+}
+
+/// Handles for one deployment's metrics.
+pub struct DeploymentMetrics {
+    requests: Vec<Counter>,
+    request_duration: Vec<Histogram>,
+    queue_duration: Histogram,
+    inference_duration: Histogram,
+    batch_size: Histogram,
+    pub(crate) queue_depth: Gauge,
+    pub(crate) replicas_ready: Gauge,
+    pub(crate) restarts: Counter,
+    model: String,
+    version: String,
+    pub stats: Stats,
+}
+
+impl DeploymentMetrics {
+    pub fn new(model: &str, version: &str) -> Self {
+        let (m, v) = (model.to_string(), version.to_string());
+        let mut requests = Vec::new();
+        for protocol in PROTOCOLS {
+            for outcome in OUTCOMES {
+                requests.push(metrics::counter!(REQUESTS, "model" => m.clone(), "version" => v.clone(), "protocol" => protocol, "outcome" => outcome));
+            }
+        }
+        let request_duration = PROTOCOLS
+            .iter()
+            .map(|&p| metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone(), "protocol" => p))
+            .collect();
+        Self {
+            requests,
+            request_duration,
+            queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
+            inference_duration: metrics::histogram!(INFERENCE_DURATION, "model" => m.clone(), "version" => v.clone()),
+            batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
+            queue_depth: metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone()),
+            replicas_ready: metrics::gauge!(REPLICAS_READY, "model" => m.clone(), "version" => v.clone()),
+            restarts: metrics::counter!(REPLICA_RESTARTS, "model" => m.clone(), "version" => v.clone()),
+            model: m,
+            version: v,
+            stats: Stats::default(),
+        }
+    }
+
+    /// A replica's in-flight gauge.
+    pub(crate) fn replica_in_flight(&self, replica: usize) -> Gauge {
+        metrics::gauge!(REPLICA_IN_FLIGHT, "model" => self.model.clone(), "version" => self.version.clone(), "replica" => replica.to_string())
+    }
+
+    /// Records one answered request (called by the frontend, which knows the protocol).
+    pub fn request(&self, protocol: Protocol, result: Result<(), ErrorKind>, elapsed: Duration) {
+        let p = protocol as usize;
+        self.requests[p * OUTCOMES.len() + outcome_index(result)].increment(1);
+        self.request_duration[p].record(elapsed.as_secs_f64());
+        match result {
+            Ok(()) => self.stats.success.add(elapsed),
+            Err(_) => self.stats.fail.add(elapsed),
+        }
+    }
+
+    pub(crate) fn queued(&self, waited: Duration) {
+        self.queue_duration.record(waited.as_secs_f64());
+        self.stats.queue.add(waited);
+    }
+
+    pub(crate) fn batch(&self, rows: usize, took: Duration) {
+        self.batch_size.record(rows as f64);
+        self.inference_duration.record(took.as_secs_f64());
+        self.stats.compute_infer.add(took);
+        self.stats.inference_count.fetch_add(rows as u64, Ordering::Relaxed);
+        self.stats.execution_count.fetch_add(1, Ordering::Relaxed);
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.stats.last_inference_ms.store(ms, Ordering::Relaxed);
+    }
+}

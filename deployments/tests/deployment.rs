@@ -1,0 +1,250 @@
+//! A deployment's request path under real concurrency, with a test backend whose speed and
+//! failures the tests control: batching with exact rows back, overload shed with 503 and a
+//! bounded queue, deadlines, cancelled requests skipped, and a panicking replica replaced.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_deployments::{
+    Backend, BackendFactory, DataType, Deployment, DeploymentSpec, ErrorKind, InferError, InferRequest,
+    ModelMetadata, NamedTensor, Tensor, TensorSpec,
+};
+
+/// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`.
+struct Echo {
+    meta: ModelMetadata,
+    delay: Duration,
+    panic_on: Option<i64>,
+    log: Arc<Mutex<Vec<Vec<i64>>>>,
+}
+
+fn values(t: &Tensor) -> Vec<i64> {
+    t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+impl Backend for Echo {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        let x = &inputs[0].tensor;
+        let v = values(x);
+        self.log.lock().unwrap().push(v.clone());
+        if self.panic_on.is_some_and(|p| v.contains(&p)) {
+            panic!("poison value");
+        }
+        std::thread::sleep(self.delay);
+        Ok(vec![NamedTensor { name: "y".into(), tensor: x.clone() }])
+    }
+}
+
+struct Fixture {
+    deployment: Arc<Deployment>,
+    log: Arc<Mutex<Vec<Vec<i64>>>>,
+    loads: Arc<AtomicUsize>,
+}
+
+fn start(spec: DeploymentSpec, delay_ms: u64, panic_on: Option<i64>) -> Fixture {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (l, n) = (log.clone(), loads.clone());
+    let factory: BackendFactory = Arc::new(move || {
+        n.fetch_add(1, Ordering::SeqCst);
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+        Ok(Box::new(Echo {
+            meta: ModelMetadata {
+                platform: "test".into(),
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            delay: Duration::from_millis(delay_ms),
+            panic_on,
+            log: l.clone(),
+        }) as Box<dyn Backend>)
+    });
+    let deployment = Arc::new(Deployment::start(spec, factory).unwrap());
+    Fixture { deployment, log, loads }
+}
+
+fn request(values: &[i64]) -> InferRequest {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tensor = Tensor::new(DataType::Int64, vec![values.len(), 1], Bytes::from(data)).unwrap();
+    InferRequest { inputs: vec![NamedTensor { name: "x".into(), tensor }], ..Default::default() }
+}
+
+fn spec(f: impl FnOnce(&mut DeploymentSpec)) -> DeploymentSpec {
+    let mut s = DeploymentSpec::new("echo");
+    s.warmup = false;
+    f(&mut s);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_batched_and_each_gets_its_own_rows() {
+    let f = start(
+        spec(|s| {
+            s.max_batch_size = 16;
+            s.batch_wait_timeout = Duration::from_millis(50);
+        }),
+        0,
+        None,
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let mut tasks = Vec::new();
+    for k in 0..16i64 {
+        let d = f.deployment.clone();
+        // One single-row request and a few multi-row ones.
+        let rows: Vec<i64> = if k % 5 == 0 { vec![k * 100, k * 100 + 1] } else { vec![k * 100] };
+        tasks.push(tokio::spawn(async move {
+            let r = d.infer(request(&rows)).await.unwrap();
+            assert_eq!(values(&r.outputs[0].tensor), rows, "request {k} got its own rows");
+            assert_eq!(r.outputs[0].tensor.shape(), &[rows.len(), 1]);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let batches = f.log.lock().unwrap().clone();
+    assert!(batches.iter().any(|b| b.len() > 1), "some batch had more than one row: {batches:?}");
+    assert!(batches.iter().all(|b| b.len() <= 16));
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 16 + 4, "every row ran exactly once");
+    assert!(f.deployment.metrics().stats.execution_count.load(Ordering::Relaxed) < 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_and_the_queue_stays_bounded() {
+    let f = start(
+        spec(|s| {
+            s.max_ongoing_requests = 1;
+            s.max_queued_requests = 4;
+        }),
+        30,
+        None,
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let max_depth = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (d, m) = (f.deployment.clone(), max_depth.clone());
+        tokio::spawn(async move {
+            loop {
+                m.fetch_max(d.queue_depth(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for k in 0..40 {
+        let d = f.deployment.clone();
+        tasks.push(tokio::spawn(async move { (k, d.infer(request(&[k])).await) }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (k, r) = t.await.unwrap();
+        match r {
+            Ok(r) => {
+                assert_eq!(values(&r.outputs[0].tensor), vec![k]);
+                ok += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+                assert!(e.message.contains("max_queued_requests"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    watcher.abort();
+    assert!(refused > 0, "40 requests at once against 1 slot and a queue of 4");
+    assert!(ok >= 5, "the running one and the 4 queued ones succeed (ok = {ok})");
+    assert!(max_depth.load(Ordering::SeqCst) <= 4, "queue depth {} > 4", max_depth.load(Ordering::SeqCst));
+    assert_eq!(f.log.lock().unwrap().len(), ok, "only accepted requests reached the model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_answered_504_and_never_runs() {
+    let f = start(spec(|s| s.max_ongoing_requests = 1), 200, None);
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let d = f.deployment.clone();
+    let slow = tokio::spawn(async move { d.infer(request(&[1])).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut late = request(&[2]);
+    late.timeout = Some(Duration::from_millis(50));
+    let e = f.deployment.infer(late).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
+    assert!(e.message.contains("timed out"), "{e}");
+    assert!(slow.await.unwrap().is_ok());
+    assert!(f.log.lock().unwrap().iter().all(|b| !b.contains(&2)), "the late request never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_caller_left_is_skipped() {
+    // max_ongoing 2: the second request is handed to the replica while the first runs.
+    let f = start(spec(|s| s.max_ongoing_requests = 2), 150, None);
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let d = f.deployment.clone();
+    let first = tokio::spawn(async move { d.infer(request(&[1])).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let d = f.deployment.clone();
+    let gone = tokio::spawn(async move { d.infer(request(&[2])).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gone.abort();
+    assert!(first.await.unwrap().is_ok());
+    // A third request runs after the skipped one would have.
+    assert!(f.deployment.infer(request(&[3])).await.is_ok());
+    let log = f.log.lock().unwrap().clone();
+    assert!(!log.iter().any(|b| b.contains(&2)), "cancelled request reached the model: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
+    let f = start(
+        spec(|s| {
+            s.num_replicas = 2;
+            s.max_ongoing_requests = 4;
+        }),
+        5,
+        Some(13),
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let mut tasks = Vec::new();
+    for k in 0..40i64 {
+        let d = f.deployment.clone();
+        tasks.push(tokio::spawn(async move { (k, d.infer(request(&[k])).await) }));
+    }
+    for t in tasks {
+        let (k, r) = t.await.unwrap();
+        if k == 13 {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Internal);
+            assert!(e.message.contains("panicked: poison value"), "{e}");
+        } else {
+            // Without batching each request is its own batch: only the poison one fails.
+            assert_eq!(values(&r.unwrap().outputs[0].tensor), vec![k]);
+        }
+    }
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await, "the replica came back");
+    assert_eq!(f.loads.load(Ordering::SeqCst), 3, "two replicas at start, one replacement");
+    assert!(f.deployment.infer(request(&[7])).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmup_runs_a_full_batch_before_ready() {
+    let f = start(
+        spec(|s| {
+            s.warmup = true;
+            s.max_batch_size = 8;
+        }),
+        0,
+        None,
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    assert!(f.deployment.is_ready());
+    let log = f.log.lock().unwrap().clone();
+    assert_eq!(log, vec![vec![0i64; 8]], "one warm-up call of max_batch_size zero rows");
+}
