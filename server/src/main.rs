@@ -30,6 +30,13 @@ enum Command {
         #[command(flatten)]
         ort: OrtArgs,
     },
+    /// Load-test an Open Inference Protocol server: runs `sluice-loadtest` (installed next to
+    /// this binary) with the remaining arguments; `sluice loadtest --help` lists them.
+    #[command(disable_help_flag = true)]
+    Loadtest {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Check CONFIG and load each model once; print every error found and exit non-zero if any.
     Validate {
         config: PathBuf,
@@ -58,8 +65,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config, ort } => validate(&config, ort),
+        Command::Loadtest { args } => loadtest(&args),
         Command::Run { config, http_port, grpc_port, host, ort } => {
             run(&config, http_port, grpc_port, host, ort)
+        }
+    }
+}
+
+fn loadtest(args: &[String]) -> ExitCode {
+    let exe = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("sluice-loadtest")));
+    let Some(exe) = exe.filter(|p| p.is_file()) else {
+        eprintln!(
+            "error: sluice-loadtest is not installed next to sluice; build it with `cargo build --release -p sluice-loadtest`"
+        );
+        return ExitCode::FAILURE;
+    };
+    match std::process::Command::new(&exe).args(args).status() {
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: cannot run {}: {e}", exe.display());
+            ExitCode::FAILURE
         }
     }
 }

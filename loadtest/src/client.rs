@@ -1,0 +1,181 @@
+//! One client per run, shared by every worker: a keep-alive HTTP/1 connection pool for REST,
+//! one HTTP/2 channel for gRPC. Failures are classified by kind for the report.
+
+use std::str::FromStr;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use sluice_proto::inference as pb;
+use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tonic::transport::Channel;
+
+use crate::codec::{self, Prepared, Values};
+use crate::inputs::InputSpec;
+
+/// The wire form of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Protocol {
+    #[serde(rename = "rest-json")]
+    RestJson,
+    #[serde(rename = "rest-binary")]
+    RestBinary,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rest-json" | "json" => Ok(Self::RestJson),
+            "rest-binary" | "binary" => Ok(Self::RestBinary),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!("unknown protocol `{other}` (rest-json, rest-binary, grpc)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RestJson => "rest-json",
+            Self::RestBinary => "rest-binary",
+            Self::Grpc => "grpc",
+        })
+    }
+}
+
+/// Why a request failed.
+pub type ErrorKind = String;
+
+pub enum Client {
+    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, uri: String, binary: bool },
+    Grpc(GrpcInferenceServiceClient<Channel>),
+}
+
+impl Client {
+    /// A client for `model` (`version` may be empty) at `host:port`.
+    pub async fn connect(protocol: Protocol, target: &str, model: &str, version: &str) -> Result<Self> {
+        let model_path = match version {
+            "" => format!("/v2/models/{model}"),
+            v => format!("/v2/models/{model}/versions/{v}"),
+        };
+        Ok(match protocol {
+            Protocol::RestJson | Protocol::RestBinary => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                let http =
+                    HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+                Client::Rest {
+                    http,
+                    uri: format!("http://{target}{model_path}/infer"),
+                    binary: protocol == Protocol::RestBinary,
+                }
+            }
+            Protocol::Grpc => {
+                let channel = Channel::from_shared(format!("http://{target}"))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to {target}"))?;
+                Client::Grpc(GrpcInferenceServiceClient::new(channel).max_decoding_message_size(usize::MAX))
+            }
+        })
+    }
+
+    /// Sends one request. With `decode`, returns the outputs for checking.
+    pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+        match self {
+            Client::Rest { http, uri, binary } => {
+                let mut req = Request::post(uri.as_str());
+                let body = if *binary {
+                    req = req.header("Inference-Header-Content-Length", p.rest_binary_header);
+                    p.rest_binary.clone()
+                } else {
+                    p.rest_json.clone()
+                };
+                let req = req.body(Full::new(body)).map_err(|e| format!("request: {e}"))?;
+                let resp = http.request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
+                let status = resp.status();
+                let header_len = resp
+                    .headers()
+                    .get("inference-header-content-length")
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+                let bytes =
+                    resp.into_body().collect().await.map_err(|e| format!("transport: {e}"))?.to_bytes();
+                if !status.is_success() {
+                    return Err(format!("http {}", status.as_u16()));
+                }
+                if !decode {
+                    return Ok(None);
+                }
+                codec::decode_rest(&bytes, header_len).map(Some).map_err(|e| format!("bad response: {e}"))
+            }
+            Client::Grpc(client) => {
+                let mut client = client.clone();
+                let resp =
+                    client.model_infer(p.grpc.clone()).await.map_err(|s| format!("grpc {:?}", s.code()))?;
+                if !decode {
+                    return Ok(None);
+                }
+                codec::decode_grpc(resp.get_ref()).map(Some).map_err(|e| format!("bad response: {e}"))
+            }
+        }
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Reads a model's inputs from its metadata (`GET /v2/models/{m}` over REST, or gRPC
+/// `ModelMetadata`).
+pub async fn model_inputs(
+    protocol: Protocol,
+    target: &str,
+    model: &str,
+    version: &str,
+) -> Result<Vec<InputSpec>> {
+    if protocol == Protocol::Grpc {
+        let channel = Channel::from_shared(format!("http://{target}"))?.connect().await?;
+        let mut c = GrpcInferenceServiceClient::new(channel);
+        let m = c
+            .model_metadata(pb::ModelMetadataRequest { name: model.into(), version: version.into() })
+            .await
+            .map_err(|s| anyhow::anyhow!("model metadata: {}", s.message()))?
+            .into_inner();
+        return Ok(m
+            .inputs
+            .into_iter()
+            .map(|t| InputSpec { name: t.name, datatype: t.datatype, shape: t.shape })
+            .collect());
+    }
+    #[derive(Deserialize)]
+    struct Meta {
+        inputs: Vec<InputSpec>,
+    }
+    let path = match version {
+        "" => format!("/v2/models/{model}"),
+        v => format!("/v2/models/{model}/versions/{v}"),
+    };
+    let http: HttpClient<HttpConnector, Full<Bytes>> =
+        HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri: hyper::Uri = format!("http://{target}{path}").parse()?;
+    let resp = http.get(uri).await.with_context(|| format!("GET {path}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("GET {path}: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(serde_json::from_slice::<Meta>(&body)?.inputs)
+}

@@ -1,0 +1,216 @@
+//! Encoding cases once per protocol (bodies are cloned per request, not re-encoded) and
+//! decoding responses for `--check`.
+
+use anyhow::{Context, Result, bail};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Value, json};
+use sluice_proto::inference as pb;
+
+use crate::inputs::{Case, JsonTensor};
+
+/// A case ready to send over every protocol.
+pub struct Prepared {
+    pub rest_json: Bytes,
+    pub rest_binary: Bytes,
+    pub rest_binary_header: usize,
+    pub grpc: pb::ModelInferRequest,
+    pub expected: Option<Vec<JsonTensor>>,
+    pub tolerance: f64,
+    pub rows: u64,
+}
+
+/// Little-endian bytes of a JSON tensor.
+pub fn tensor_bytes(t: &JsonTensor) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for v in &t.data {
+        let n = || v.as_f64().with_context(|| format!("`{}`: {v} is not a number", t.name));
+        match t.datatype.as_str() {
+            "BOOL" => out.push(v.as_bool().context("BOOL data must be true/false")? as u8),
+            "UINT8" => out.push(n()? as u8),
+            "UINT16" => out.extend((n()? as u16).to_le_bytes()),
+            "UINT32" => out.extend((n()? as u32).to_le_bytes()),
+            "UINT64" => out.extend(v.as_u64().context("UINT64")?.to_le_bytes()),
+            "INT8" => out.extend((n()? as i8).to_le_bytes()),
+            "INT16" => out.extend((n()? as i16).to_le_bytes()),
+            "INT32" => out.extend((n()? as i32).to_le_bytes()),
+            "INT64" => out.extend(v.as_i64().context("INT64")?.to_le_bytes()),
+            "FP16" => out.extend(half::f16::from_f64(n()?).to_le_bytes()),
+            "BF16" => out.extend(half::bf16::from_f64(n()?).to_le_bytes()),
+            "FP32" => out.extend((n()? as f32).to_le_bytes()),
+            "FP64" => out.extend(n()?.to_le_bytes()),
+            "BYTES" => {
+                let s = v.as_str().context("BYTES data must be strings")?;
+                out.extend((s.len() as u32).to_le_bytes());
+                out.extend(s.as_bytes());
+            }
+            other => bail!("unknown datatype {other}"),
+        }
+    }
+    Ok(out)
+}
+
+pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
+    let inputs: Vec<Value> = case
+        .inputs
+        .iter()
+        .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data}))
+        .collect();
+    let rest_json = Bytes::from(serde_json::to_vec(&json!({ "inputs": inputs }))?);
+
+    let mut blobs = Vec::new();
+    let mut binary_inputs = Vec::new();
+    for t in &case.inputs {
+        let b = tensor_bytes(t)?;
+        binary_inputs.push(json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": {"binary_data_size": b.len()}}));
+        blobs.push(b);
+    }
+    let header =
+        serde_json::to_vec(&json!({"inputs": binary_inputs, "parameters": {"binary_data_output": true}}))?;
+    let mut body = BytesMut::with_capacity(header.len() + blobs.iter().map(Vec::len).sum::<usize>());
+    body.put_slice(&header);
+    for b in &blobs {
+        body.put_slice(b);
+    }
+
+    let grpc = pb::ModelInferRequest {
+        model_name: model.to_string(),
+        model_version: version.to_string(),
+        inputs: case
+            .inputs
+            .iter()
+            .map(|t| pb::model_infer_request::InferInputTensor {
+                name: t.name.clone(),
+                datatype: t.datatype.clone(),
+                shape: t.shape.iter().map(|&d| d as i64).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: blobs.into_iter().map(Bytes::from).collect(),
+        ..Default::default()
+    };
+    Ok(Prepared {
+        rest_json,
+        rest_binary_header: header.len(),
+        rest_binary: body.freeze(),
+        grpc,
+        expected: case.outputs.clone(),
+        tolerance: case.tolerance,
+        rows: case.rows(),
+    })
+}
+
+/// Decoded output values: numbers as f64, BYTES as strings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    Numbers(Vec<f64>),
+    Strings(Vec<String>),
+}
+
+/// Decodes little-endian bytes of `datatype`.
+pub fn decode_bytes(datatype: &str, raw: &[u8]) -> Result<Values> {
+    macro_rules! nums {
+        ($t:ty, $n:literal, $f:expr) => {
+            Values::Numbers(
+                raw.chunks_exact($n).map(|c| $f(<$t>::from_le_bytes(c.try_into().unwrap()))).collect(),
+            )
+        };
+    }
+    Ok(match datatype {
+        "BOOL" => Values::Numbers(raw.iter().map(|&b| (b != 0) as u8 as f64).collect()),
+        "UINT8" => nums!(u8, 1, |v| v as f64),
+        "UINT16" => nums!(u16, 2, |v| v as f64),
+        "UINT32" => nums!(u32, 4, |v| v as f64),
+        "UINT64" => nums!(u64, 8, |v| v as f64),
+        "INT8" => nums!(i8, 1, |v| v as f64),
+        "INT16" => nums!(i16, 2, |v| v as f64),
+        "INT32" => nums!(i32, 4, |v| v as f64),
+        "INT64" => nums!(i64, 8, |v| v as f64),
+        "FP16" => nums!(half::f16, 2, |v: half::f16| v.to_f64()),
+        "BF16" => nums!(half::bf16, 2, |v: half::bf16| v.to_f64()),
+        "FP32" => nums!(f32, 4, |v| v as f64),
+        "FP64" => nums!(f64, 8, |v| v),
+        "BYTES" => {
+            let mut out = Vec::new();
+            let mut rest = raw;
+            while rest.len() >= 4 {
+                let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+                let end = (4 + n).min(rest.len());
+                out.push(String::from_utf8_lossy(&rest[4..end]).into_owned());
+                rest = &rest[end..];
+            }
+            Values::Strings(out)
+        }
+        other => bail!("unknown datatype {other}"),
+    })
+}
+
+fn json_values(datatype: &str, data: &[Value]) -> Values {
+    if datatype == "BYTES" {
+        Values::Strings(data.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect())
+    } else {
+        Values::Numbers(
+            data.iter()
+                .map(|v| v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)).unwrap_or(f64::NAN))
+                .collect(),
+        )
+    }
+}
+
+/// Outputs of a REST response body (JSON, or JSON + binary when the header says so).
+pub fn decode_rest(body: &[u8], header_len: Option<usize>) -> Result<Vec<(String, Values)>> {
+    let json_len = header_len.unwrap_or(body.len()).min(body.len());
+    let head: Value = serde_json::from_slice(&body[..json_len]).context("response JSON")?;
+    let mut offset = json_len;
+    let mut out = Vec::new();
+    for o in head["outputs"].as_array().context("response without outputs")? {
+        let name = o["name"].as_str().unwrap_or_default().to_string();
+        let datatype = o["datatype"].as_str().unwrap_or_default();
+        if let Some(size) = o["parameters"]["binary_data_size"].as_u64() {
+            let end = offset + size as usize;
+            if end > body.len() {
+                bail!("binary output `{name}` runs past the body");
+            }
+            out.push((name, decode_bytes(datatype, &body[offset..end])?));
+            offset = end;
+        } else {
+            let mut data = Vec::new();
+            flatten_into(&o["data"], &mut data);
+            out.push((name, json_values(datatype, &data)));
+        }
+    }
+    Ok(out)
+}
+
+fn flatten_into(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flatten_into(x, out)),
+        other => out.push(other.clone()),
+    }
+}
+
+/// Outputs of a gRPC response (raw contents, one per output).
+pub fn decode_grpc(r: &pb::ModelInferResponse) -> Result<Vec<(String, Values)>> {
+    r.outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let raw = r.raw_output_contents.get(i).context("missing raw_output_contents")?;
+            Ok((o.name.clone(), decode_bytes(&o.datatype, raw)?))
+        })
+        .collect()
+}
+
+/// True when every expected output is present and equal within `tol` (relative above 1).
+pub fn matches(got: &[(String, Values)], expected: &[JsonTensor], tol: f64) -> bool {
+    expected.iter().all(|want| {
+        let Some((_, values)) = got.iter().find(|(n, _)| n == &want.name) else { return false };
+        match (values, json_values(&want.datatype, &want.data)) {
+            (Values::Numbers(g), Values::Numbers(w)) => {
+                g.len() == w.len()
+                    && g.iter().zip(&w).all(|(a, b)| (a - b).abs() <= tol.max(1e-6) * b.abs().max(1.0))
+            }
+            (Values::Strings(g), Values::Strings(w)) => g == &w,
+            _ => false,
+        }
+    })
+}

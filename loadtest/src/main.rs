@@ -1,0 +1,177 @@
+//! The `sluice-loadtest` command line.
+
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use sluice_loadtest::client::{self, Client, Protocol};
+use sluice_loadtest::codec::prepare;
+use sluice_loadtest::inputs::{load_samples, parse_shape, random_case};
+use sluice_loadtest::report::{Report, markdown, write_all};
+use sluice_loadtest::run::{Limits, Mode, run_step};
+
+/// Load-test an Open Inference Protocol server. Every run needs --duration or --requests.
+#[derive(Parser)]
+#[command(name = "sluice-loadtest", version)]
+struct Args {
+    /// Server address, host:port (REST port for rest-*, gRPC port for grpc).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    url: String,
+    /// Model name.
+    #[arg(long, short)]
+    model: String,
+    /// Model version (empty: the server's choice).
+    #[arg(long, default_value = "")]
+    model_version: String,
+    /// rest-json, rest-binary or grpc.
+    #[arg(long, short, default_value = "rest-json")]
+    protocol: Protocol,
+    /// OIP sample file ({"inputs": [...]} or {"cases": [...]}); without it, random tensors
+    /// from the model's metadata.
+    #[arg(long)]
+    input_data: Option<PathBuf>,
+    /// Shape of an input with dynamic dimensions, name:d1,d2 (repeatable).
+    #[arg(long = "shape")]
+    shapes: Vec<String>,
+    /// Rows per request (dimension 0) for random inputs.
+    #[arg(long, short, default_value_t = 1)]
+    batch: u64,
+    /// Closed loop: concurrency levels to sweep, e.g. 1,8,64.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    concurrency: Vec<usize>,
+    /// Open loop: request rates (per second) to sweep.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Open-loop arrivals: poisson or constant.
+    #[arg(long, default_value = "poisson")]
+    distribution: String,
+    /// Length of each step, e.g. 10s or 500ms.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Requests per step.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Unmeasured load before each step.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Compare each response with the sample file's expected outputs; mismatches count as errors.
+    #[arg(long)]
+    check: bool,
+    /// Tolerance for --check when the sample file gives none.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+    /// Write report.json, report.md and latency.svg here.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Allow a target that is not a loopback address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_alphabetic()).unwrap_or(s.trim().len()));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration `{s}` (e.g. 10s, 500ms)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in `{s}` (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.duration.is_none() && args.requests.is_none() {
+        bail!("give --duration or --requests: every run must stop by itself");
+    }
+    let addrs: Vec<_> =
+        args.url.to_socket_addrs().with_context(|| format!("resolving {}", args.url))?.collect();
+    if !args.allow_remote && !addrs.iter().all(|a| a.ip().is_loopback()) {
+        bail!("{} is not a loopback address; pass --allow-remote to load a remote server", args.url);
+    }
+    let cases = match &args.input_data {
+        Some(path) => load_samples(path, args.tolerance)?,
+        None => {
+            if args.check {
+                bail!("--check needs --input-data with expected outputs");
+            }
+            let shapes: HashMap<String, Vec<u64>> =
+                args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?;
+            let inputs =
+                client::model_inputs(args.protocol, &args.url, &args.model, &args.model_version).await?;
+            vec![random_case(&inputs, &shapes, args.batch, 42)?]
+        }
+    };
+    let prepared = Arc::new(
+        cases.iter().map(|c| prepare(c, &args.model, &args.model_version)).collect::<Result<Vec<_>>>()?,
+    );
+    let client = Arc::new(Client::connect(args.protocol, &args.url, &args.model, &args.model_version).await?);
+    let poisson = match args.distribution.as_str() {
+        "poisson" => true,
+        "constant" => false,
+        other => bail!("unknown --distribution {other} (poisson, constant)"),
+    };
+    let modes: Vec<Mode> = if !args.rate.is_empty() {
+        args.rate.iter().map(|&rate| Mode::Open { rate, poisson }).collect()
+    } else if !args.concurrency.is_empty() {
+        args.concurrency.iter().map(|&concurrency| Mode::Closed { concurrency }).collect()
+    } else {
+        vec![Mode::Closed { concurrency: 1 }]
+    };
+    let limits = Limits { duration: args.duration, requests: args.requests };
+    let mut steps = Vec::new();
+    for mode in modes {
+        if !args.warmup.is_zero() {
+            let warm = Limits { duration: Some(args.warmup), requests: None };
+            run_step(client.clone(), prepared.clone(), mode, warm, false, None).await;
+        }
+        let progress = (!args.quiet).then(|| {
+            let pb = match args.requests {
+                Some(n) => ProgressBar::new(n),
+                None => ProgressBar::new_spinner(),
+            };
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {pos} requests {elapsed} [{bar:30}]")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb.set_message(format!("{mode:?}"));
+            pb.enable_steady_tick(Duration::from_millis(200));
+            pb
+        });
+        let mut result =
+            run_step(client.clone(), prepared.clone(), mode, limits, args.check, progress.clone()).await;
+        if let Some(pb) = progress {
+            pb.finish_and_clear();
+        }
+        result.protocol = args.protocol.to_string();
+        steps.push(result);
+    }
+    print!("{}", markdown(&steps));
+    if let Some(dir) = &args.output_dir {
+        let report = Report {
+            target: args.url.clone(),
+            model: args.model.clone(),
+            protocol: args.protocol.to_string(),
+            steps,
+        };
+        write_all(&report, dir)?;
+        eprintln!("wrote {}/report.json, report.md, latency.svg", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The load engines. Closed loop: a fixed number of workers, each sending its next request when
+//! the last one is answered. Open loop: requests sent on a schedule (constant or Poisson
+//! arrivals) whatever the answers, latency measured from each request's scheduled send time so
+//! that a slow server cannot hide its queueing (no coordinated omission).
+//! Every step stops by itself: after its duration or its request count.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use tokio::sync::Mutex;
+
+use crate::client::Client;
+use crate::codec::{Prepared, matches};
+use crate::stats::{Percentiles, StepResult, histogram, record};
+
+/// How one step loads the server.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    Closed { concurrency: usize },
+    Open { rate: f64, poisson: bool },
+}
+
+/// When a step ends: whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub duration: Option<Duration>,
+    pub requests: Option<u64>,
+}
+
+/// Outstanding requests an open-loop step allows before it counts sends as `overrun`.
+pub const MAX_OUTSTANDING: u64 = 20_000;
+
+struct Tally {
+    hist: Histogram<u64>,
+    ok: u64,
+    rows: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self { hist: histogram(), ok: 0, rows: 0, errors: BTreeMap::new() }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        let _ = self.hist.add(&other.hist);
+        self.ok += other.ok;
+        self.rows += other.rows;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+async fn one(client: &Client, p: &Prepared, check: bool, tally: &mut Tally, started: Instant) {
+    let decode = check && p.expected.is_some();
+    match client.send(p, decode).await {
+        Ok(outputs) => {
+            if let (Some(got), Some(want)) = (outputs, &p.expected)
+                && !matches(&got, want, p.tolerance)
+            {
+                *tally.errors.entry("mismatch".into()).or_default() += 1;
+                return;
+            }
+            record(&mut tally.hist, started.elapsed());
+            tally.ok += 1;
+            tally.rows += p.rows;
+        }
+        Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+    }
+}
+
+/// Runs one step and returns what it measured.
+pub async fn run_step(
+    client: Arc<Client>,
+    cases: Arc<Vec<Prepared>>,
+    mode: Mode,
+    limits: Limits,
+    check: bool,
+    progress: Option<ProgressBar>,
+) -> StepResult {
+    let start = Instant::now();
+    let end = limits.duration.map(|d| start + d);
+    let issued = Arc::new(AtomicU64::new(0));
+    let budget = limits.requests.unwrap_or(u64::MAX);
+    let tally = match mode {
+        Mode::Closed { concurrency } => {
+            let mut workers = Vec::new();
+            for w in 0..concurrency {
+                let (client, cases, issued, progress) =
+                    (client.clone(), cases.clone(), issued.clone(), progress.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut tally = Tally::new();
+                    loop {
+                        let n = issued.fetch_add(1, Ordering::Relaxed);
+                        if n >= budget || end.is_some_and(|e| Instant::now() >= e) {
+                            break;
+                        }
+                        let p = &cases[(n as usize + w) % cases.len()];
+                        one(&client, p, check, &mut tally, Instant::now()).await;
+                        if let Some(pb) = &progress {
+                            pb.inc(1);
+                        }
+                    }
+                    tally
+                }));
+            }
+            let mut total = Tally::new();
+            for w in workers {
+                if let Ok(t) = w.await {
+                    total.merge(t);
+                }
+            }
+            total
+        }
+        Mode::Open { rate, poisson } => {
+            let total = Arc::new(Mutex::new(Tally::new()));
+            let outstanding = Arc::new(AtomicU64::new(0));
+            let mut rng = 0x2545_F491_4F6C_DD1Du64;
+            let mut next = start;
+            let mut tasks = Vec::new();
+            let mut n = 0u64;
+            while n < budget && end.is_none_or(|e| next < e) {
+                tokio::time::sleep_until(next.into()).await;
+                let scheduled = next;
+                let gap = if poisson {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
+                    -(1.0 - u).ln() / rate
+                } else {
+                    1.0 / rate
+                };
+                next += Duration::from_secs_f64(gap);
+                if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+                    *total.lock().await.errors.entry("overrun".into()).or_default() += 1;
+                    n += 1;
+                    continue;
+                }
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                let (client, cases, total, outstanding, progress) =
+                    (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
+                let index = n as usize % cases.len();
+                tasks.push(tokio::spawn(async move {
+                    let mut t = Tally::new();
+                    one(&client, &cases[index], check, &mut t, scheduled).await;
+                    total.lock().await.merge(t);
+                    outstanding.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(pb) = progress {
+                        pb.inc(1);
+                    }
+                }));
+                n += 1;
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            Arc::try_unwrap(total).map(Mutex::into_inner).unwrap_or_else(|_| Tally::new())
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    let (concurrency, rate, label) = match mode {
+        Mode::Closed { concurrency } => (Some(concurrency), None, format!("concurrency {concurrency}")),
+        Mode::Open { rate, .. } => (None, Some(rate), format!("rate {rate}/s")),
+    };
+    StepResult {
+        label,
+        concurrency,
+        rate,
+        protocol: String::new(),
+        ok: tally.ok,
+        errors: tally.errors,
+        seconds,
+        throughput: tally.ok as f64 / seconds,
+        inferences_per_second: tally.rows as f64 / seconds,
+        latency_us: Percentiles::of(&tally.hist),
+    }
+}

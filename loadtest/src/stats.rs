@@ -1,0 +1,103 @@
+//! Latency recording (HDR histogram, microseconds) and the result of one load step.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// A latency histogram from 1 µs to 100 s with 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records `d` (clamped into the histogram's range).
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(1, 100_000_000);
+    h.saturating_record(us);
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let q = |p: f64| h.value_at_quantile(p) as f64;
+        Self {
+            p50: q(0.5),
+            p90: q(0.9),
+            p95: q(0.95),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: h.max() as f64,
+            mean: h.mean(),
+        }
+    }
+}
+
+/// What one step (a concurrency or a rate) measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    /// `concurrency 8` or `rate 200/s`.
+    pub label: String,
+    pub concurrency: Option<usize>,
+    pub rate: Option<f64>,
+    pub protocol: String,
+    /// Requests answered successfully (and matching, with --check).
+    pub ok: u64,
+    /// Failures by kind: `http 503`, `grpc Unavailable`, `transport: ...`, `mismatch`, `overrun`.
+    pub errors: BTreeMap<String, u64>,
+    pub seconds: f64,
+    /// Successful requests per second.
+    pub throughput: f64,
+    /// Successful rows (inferences) per second.
+    pub inferences_per_second: f64,
+    /// Latency of successful requests, µs (open loop: from the scheduled send time).
+    pub latency_us: Percentiles,
+}
+
+impl StepResult {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let mut h = histogram();
+        for us in 1..=1000u64 {
+            record(&mut h, Duration::from_micros(us));
+        }
+        let p = Percentiles::of(&h);
+        assert!((p.p50 - 500.0).abs() <= 1.0, "{p:?}");
+        assert!((p.p90 - 900.0).abs() <= 1.0, "{p:?}");
+        assert!((p.p99 - 990.0).abs() <= 1.0, "{p:?}");
+        assert!((p.p999 - 999.0).abs() <= 1.0, "{p:?}");
+        assert!((p.max - 1000.0).abs() <= 1.0, "{p:?}");
+        assert!((p.mean - 500.5).abs() <= 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn out_of_range_latencies_are_clamped_not_lost() {
+        let mut h = histogram();
+        record(&mut h, Duration::ZERO);
+        record(&mut h, Duration::from_secs(1000));
+        assert_eq!(h.len(), 2);
+    }
+}

@@ -1,0 +1,104 @@
+//! The load engines against an in-process OIP server with a known service time and known
+//! failures: request counts, error accounting, --check mismatches and percentiles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde_json::{Value, json};
+use sluice_loadtest::client::{Client, Protocol};
+use sluice_loadtest::codec::prepare;
+use sluice_loadtest::inputs::{Case, JsonTensor};
+use sluice_loadtest::run::{Limits, Mode, run_step};
+
+const SERVICE: Duration = Duration::from_millis(3);
+
+/// Echoes input `x` as output `y` after SERVICE; every 5th request gets 503, and every 7th
+/// answers a wrong value.
+async fn serve() -> (String, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let app = Router::new().route(
+        "/v2/models/m/infer",
+        post(move |body: Bytes| {
+            let c = c.clone();
+            async move {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(SERVICE).await;
+                if n.is_multiple_of(5) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "busy"}).to_string());
+                }
+                let req: Value = serde_json::from_slice(&body).unwrap();
+                let mut data = req["inputs"][0]["data"].clone();
+                if n.is_multiple_of(7) {
+                    data = json!([-1.0]);
+                }
+                let out = json!({"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": data}]});
+                (StatusCode::OK, out.to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, count)
+}
+
+fn case() -> Case {
+    let t = |name: &str| JsonTensor {
+        name: name.into(),
+        datatype: "FP32".into(),
+        shape: vec![1, 1],
+        data: vec![json!(0.5)],
+    };
+    Case { inputs: vec![t("x")], outputs: Some(vec![t("y")]), tolerance: 1e-6 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_counts_every_request_and_classifies_failures() {
+    let (addr, served) = serve().await;
+    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
+    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let limits = Limits { duration: None, requests: Some(140) };
+    let r = run_step(client, cases, Mode::Closed { concurrency: 4 }, limits, true, None).await;
+    assert_eq!(served.load(Ordering::SeqCst), 140, "exactly the requested count was sent");
+    let busy = r.errors.get("http 503").copied().unwrap_or(0);
+    let mismatch = r.errors.get("mismatch").copied().unwrap_or(0);
+    assert_eq!(busy, 28, "{:?}", r.errors);
+    // Every 7th answer is wrong, except those that were 503s (multiples of 35).
+    assert_eq!(mismatch, 20 - 4, "{:?}", r.errors);
+    assert_eq!(r.ok + r.error_count(), 140);
+    assert!(r.latency_us.p50 >= SERVICE.as_micros() as f64, "{:?}", r.latency_us);
+    assert!(r.latency_us.p50 <= r.latency_us.p90 && r.latency_us.p90 <= r.latency_us.p99);
+    assert!(r.latency_us.p99 <= r.latency_us.max);
+    assert!(r.throughput > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_sends_on_schedule_and_stops_by_count() {
+    let (addr, served) = serve().await;
+    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
+    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let limits = Limits { duration: Some(Duration::from_secs(30)), requests: Some(50) };
+    let r = run_step(client, cases, Mode::Open { rate: 500.0, poisson: false }, limits, false, None).await;
+    assert_eq!(served.load(Ordering::SeqCst), 50);
+    assert_eq!(r.ok + r.error_count(), 50);
+    assert_eq!(r.errors.get("http 503"), Some(&10));
+    // 50 sends at 500/s take about 0.1 s; the step cannot end before the last send.
+    assert!(r.seconds >= 0.09, "{}", r.seconds);
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_there_is_a_transport_error() {
+    let client = Arc::new(Client::connect(Protocol::RestJson, "127.0.0.1:1", "m", "").await.unwrap());
+    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let limits = Limits { duration: None, requests: Some(3) };
+    let r = run_step(client, cases, Mode::Closed { concurrency: 1 }, limits, false, None).await;
+    assert_eq!(r.ok, 0);
+    assert_eq!(r.error_count(), 3);
+    assert!(r.errors.keys().all(|k| k.starts_with("transport")), "{:?}", r.errors);
+}
