@@ -20,3 +20,6 @@ fmt:
 models:         ## regenerate examples/models from PyPI packages
 	scripts/venv.sh
 	.venv/bin/python examples/make_models.py
+
+bench:          ## benchmark suite: bench-results/report.md (ratios to raw ONNX Runtime)
+	python3 scripts/bench.py

@@ -1,8 +1,9 @@
 //! Raw ONNX Runtime per-call time, the baseline server numbers are compared with: one session,
 //! inputs built once, `Session::run` timed in a loop on this thread.
 //!
-//! `cargo run --release -p sluice-deployments --example raw_ort -- MODEL [BATCH] [SECONDS]`
-//! Dynamic dimensions become BATCH for the first and 1 for the others; data is zeros.
+//! `cargo run --release -p sluice-deployments --example raw_ort -- MODEL [BATCH] [SECONDS] [SEQ]`
+//! Dynamic dimensions become BATCH for the first and SEQ (default 1) for the others; data is
+//! zeros. Prints one JSON line.
 
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = args.get(1).ok_or("usage: raw_ort MODEL [BATCH] [SECONDS]")?;
     let batch: i64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let seconds: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let seq: i64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let lib = std::env::var("ORT_DYLIB_PATH").map_err(|_| "set ORT_DYLIB_PATH")?;
     sluice_deployments::onnx::init_runtime(lib.as_ref())?;
     let env = sluice_deployments::onnx::environment()?;
-    let mut session =
-        Session::builder(env)?.with_intra_threads(1)?.with_inter_threads(1)?.commit_from_file(model)?;
+    let mut session = Session::builder(env)?
+        // The same session options as a Sluice replica (onnx.rs).
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)?
+        .with_intra_threads(1)?
+        .with_inter_threads(1)?
+        .commit_from_file(model)?;
     let mut inputs = Vec::new();
     for input in session.inputs() {
         let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
@@ -34,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else if i == 0 {
                     batch
                 } else {
-                    1
+                    seq
                 }
             })
             .collect();
@@ -59,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1e6;
     let mean = times.iter().sum::<Duration>().as_secs_f64() * 1e6 / times.len() as f64;
     println!(
-        "{model} batch {batch}: {} runs, p50 {:.1} us, p99 {:.1} us, mean {:.1} us, {:.0} runs/s",
+        "{{\"model\": {model:?}, \"batch\": {batch}, \"seq\": {seq}, \"runs\": {}, \"p50_us\": {:.2}, \"p99_us\": {:.2}, \"mean_us\": {:.2}, \"runs_per_s\": {:.1}}}",
         times.len(),
         pct(0.5),
         pct(0.99),

@@ -7,9 +7,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -55,8 +56,80 @@ impl std::fmt::Display for Protocol {
 pub type ErrorKind = String;
 
 pub enum Client {
-    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, uri: String, binary: bool },
+    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, target: String, path: String, binary: bool },
     Grpc(GrpcInferenceServiceClient<Channel>),
+}
+
+/// What one closed-loop worker sends through: its own keep-alive HTTP/1 connection (as wrk
+/// does: no pool between the worker and the socket), or the shared gRPC channel.
+pub struct Worker<'a> {
+    client: &'a Client,
+    conn: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Worker<'_> {
+    pub async fn send(
+        &mut self,
+        p: &Prepared,
+        decode: bool,
+    ) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+        let Client::Rest { target, path, binary, .. } = self.client else {
+            return self.client.send(p, decode).await;
+        };
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            self.conn = Some(connect_http1(target).await?);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        conn.ready().await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
+        let req = rest_request(path, target, *binary, p)?;
+        let resp = conn.send_request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
+        rest_response(resp, decode).await
+    }
+}
+
+async fn connect_http1(target: &str) -> Result<SendRequest<Full<Bytes>>, ErrorKind> {
+    let stream = tokio::net::TcpStream::connect(target).await.map_err(|e| format!("transport: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("transport: {}", root_cause(&e)))?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+fn rest_request(
+    path: &str,
+    target: &str,
+    binary: bool,
+    p: &Prepared,
+) -> Result<Request<Full<Bytes>>, ErrorKind> {
+    let mut req = Request::post(path).header(hyper::header::HOST, target);
+    let body = if binary {
+        req = req.header("Inference-Header-Content-Length", p.rest_binary_header);
+        p.rest_binary.clone()
+    } else {
+        p.rest_json.clone()
+    };
+    req.body(Full::new(body)).map_err(|e| format!("request: {e}"))
+}
+
+async fn rest_response(
+    resp: hyper::Response<hyper::body::Incoming>,
+    decode: bool,
+) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+    let status = resp.status();
+    let header_len = resp
+        .headers()
+        .get("inference-header-content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let bytes = resp.into_body().collect().await.map_err(|e| format!("transport: {e}"))?.to_bytes();
+    if !status.is_success() {
+        return Err(format!("http {}", status.as_u16()));
+    }
+    if !decode {
+        return Ok(None);
+    }
+    codec::decode_rest(&bytes, header_len).map(Some).map_err(|e| format!("bad response: {e}"))
 }
 
 impl Client {
@@ -74,7 +147,8 @@ impl Client {
                     HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
                 Client::Rest {
                     http,
-                    uri: format!("http://{target}{model_path}/infer"),
+                    target: target.to_string(),
+                    path: format!("{model_path}/infer"),
                     binary: protocol == Protocol::RestBinary,
                 }
             }
@@ -89,33 +163,21 @@ impl Client {
         })
     }
 
-    /// Sends one request. With `decode`, returns the outputs for checking.
+    /// A worker with its own connection (REST) for closed-loop sending.
+    pub fn worker(&self) -> Worker<'_> {
+        Worker { client: self, conn: None }
+    }
+
+    /// Sends one request through the shared pool or channel (open loop). With `decode`,
+    /// returns the outputs for checking.
     pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
         match self {
-            Client::Rest { http, uri, binary } => {
-                let mut req = Request::post(uri.as_str());
-                let body = if *binary {
-                    req = req.header("Inference-Header-Content-Length", p.rest_binary_header);
-                    p.rest_binary.clone()
-                } else {
-                    p.rest_json.clone()
-                };
-                let req = req.body(Full::new(body)).map_err(|e| format!("request: {e}"))?;
+            Client::Rest { http, target, path, binary } => {
+                let mut req = rest_request(path, target, *binary, p)?;
+                *req.uri_mut() =
+                    format!("http://{target}{path}").parse().map_err(|e| format!("request: {e}"))?;
                 let resp = http.request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
-                let status = resp.status();
-                let header_len = resp
-                    .headers()
-                    .get("inference-header-content-length")
-                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-                let bytes =
-                    resp.into_body().collect().await.map_err(|e| format!("transport: {e}"))?.to_bytes();
-                if !status.is_success() {
-                    return Err(format!("http {}", status.as_u16()));
-                }
-                if !decode {
-                    return Ok(None);
-                }
-                codec::decode_rest(&bytes, header_len).map(Some).map_err(|e| format!("bad response: {e}"))
+                rest_response(resp, decode).await
             }
             Client::Grpc(client) => {
                 let mut client = client.clone();

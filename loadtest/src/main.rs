@@ -71,6 +71,10 @@ struct Args {
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     allow_remote: bool,
+    /// Threads of the load generator. Default 1: on a small machine it shares the CPUs with the
+    /// server, and one event loop (as `wrk -t1`) disturbs it least.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -88,9 +92,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = run(Args::parse()).await {
+fn main() {
+    let args = Args::parse();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build();
+    let result = match rt {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

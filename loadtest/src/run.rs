@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use tokio::sync::Mutex;
 
-use crate::client::Client;
+use crate::client::{Client, Worker};
 use crate::codec::{Prepared, matches};
 use crate::stats::{Percentiles, StepResult, histogram, record};
 
@@ -31,8 +31,9 @@ pub struct Limits {
     pub requests: Option<u64>,
 }
 
-/// Outstanding requests an open-loop step allows before it counts sends as `overrun`.
-pub const MAX_OUTSTANDING: u64 = 20_000;
+/// Outstanding requests an open-loop step allows before it counts sends as `overrun` (each
+/// outstanding REST request holds a connection).
+pub const MAX_OUTSTANDING: u64 = 4_096;
 
 struct Tally {
     hist: Histogram<u64>,
@@ -56,9 +57,13 @@ impl Tally {
     }
 }
 
-async fn one(client: &Client, p: &Prepared, check: bool, tally: &mut Tally, started: Instant) {
+async fn one(sender: Sender<'_, '_>, p: &Prepared, check: bool, tally: &mut Tally, started: Instant) {
     let decode = check && p.expected.is_some();
-    match client.send(p, decode).await {
+    let result = match sender {
+        Sender::Shared(client) => client.send(p, decode).await,
+        Sender::Own(worker) => worker.send(p, decode).await,
+    };
+    match result {
         Ok(outputs) => {
             if let (Some(got), Some(want)) = (outputs, &p.expected)
                 && !matches(&got, want, p.tolerance)
@@ -72,6 +77,11 @@ async fn one(client: &Client, p: &Prepared, check: bool, tally: &mut Tally, star
         }
         Err(kind) => *tally.errors.entry(kind).or_default() += 1,
     }
+}
+
+enum Sender<'a, 'b> {
+    Shared(&'a Client),
+    Own(&'a mut Worker<'b>),
 }
 
 /// Runs one step and returns what it measured.
@@ -95,13 +105,14 @@ pub async fn run_step(
                     (client.clone(), cases.clone(), issued.clone(), progress.clone());
                 workers.push(tokio::spawn(async move {
                     let mut tally = Tally::new();
+                    let mut worker = client.worker();
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
                         if n >= budget || end.is_some_and(|e| Instant::now() >= e) {
                             break;
                         }
                         let p = &cases[(n as usize + w) % cases.len()];
-                        one(&client, p, check, &mut tally, Instant::now()).await;
+                        one(Sender::Own(&mut worker), p, check, &mut tally, Instant::now()).await;
                         if let Some(pb) = &progress {
                             pb.inc(1);
                         }
@@ -148,7 +159,7 @@ pub async fn run_step(
                 let index = n as usize % cases.len();
                 tasks.push(tokio::spawn(async move {
                     let mut t = Tally::new();
-                    one(&client, &cases[index], check, &mut t, scheduled).await;
+                    one(Sender::Shared(&client), &cases[index], check, &mut t, scheduled).await;
                     total.lock().await.merge(t);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                     if let Some(pb) = progress {

@@ -202,6 +202,12 @@ fn serve(
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
+    use axum::serve::ListenerExt;
+    // No Nagle: HTTP/2 (gRPC) writes a response in several frames, and Nagle plus delayed
+    // ACKs would hold the last one back for ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
