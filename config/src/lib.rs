@@ -12,12 +12,14 @@
 //!
 //! Every field and default is documented in `docs/config.md`; keep the two in step.
 
+mod autoscaling;
 mod error;
 mod schema;
 mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{Application, Config, Deployment, GrpcOptions, HttpOptions};
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
+
 /// A whole config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,9 +92,17 @@ pub struct Deployment {
     /// Default `"1"`.
     #[serde(default = "default_version")]
     pub version: Spanned<String>,
-    /// Replicas, each with its own ONNX Runtime session on its own OS thread. Default 1.
+    /// Replicas, each with its own ONNX Runtime session on its own OS thread: a count, or
+    /// `auto` (autoscaling with Ray Serve's auto defaults). Default 1.
     #[serde(default = "default_num_replicas")]
-    pub num_replicas: Spanned<u32>,
+    pub num_replicas: Spanned<NumReplicas>,
+    /// Autoscaling on in-flight + queued requests (Ray Serve's fields). Not with a fixed
+    /// `num_replicas`.
+    #[serde(default)]
+    pub autoscaling_config: Option<Spanned<AutoscalingConfig>>,
+    /// CPUs one replica needs, for fitting replicas on the node. Default: `intra_op_threads`.
+    #[serde(default)]
+    pub num_cpus: Option<f64>,
     /// ONNX Runtime intra-op threads per replica. Default 1: on a small machine, more replicas
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
@@ -168,12 +178,47 @@ fn default_true() -> bool {
 fn default_version() -> Spanned<String> {
     spanned("1".to_string())
 }
-fn default_num_replicas() -> Spanned<u32> {
-    spanned(1)
+fn default_num_replicas() -> Spanned<NumReplicas> {
+    spanned(NumReplicas::Fixed(1))
 }
 fn default_intra_op_threads() -> Spanned<u32> {
     spanned(1)
 }
 fn default_max_queued_requests() -> Spanned<u32> {
     spanned(64)
+}
+
+impl Deployment {
+    /// The resolved autoscaling settings, when the deployment autoscales.
+    pub fn autoscaling(&self) -> Option<Autoscaling> {
+        let auto = self.num_replicas.value == NumReplicas::Auto;
+        match &self.autoscaling_config {
+            Some(c) => Some(c.value.resolve(auto)),
+            None if auto => Some(AutoscalingConfig::default().resolve(true)),
+            None => None,
+        }
+    }
+
+    /// Replicas to start with.
+    pub fn initial_replicas(&self) -> usize {
+        match (self.num_replicas.value, self.autoscaling()) {
+            (_, Some(a)) => a.initial_replicas as usize,
+            (NumReplicas::Fixed(n), None) => n as usize,
+            (NumReplicas::Auto, None) => 1,
+        }
+    }
+
+    /// The most replicas this deployment may have.
+    pub fn max_replicas(&self) -> usize {
+        match (self.num_replicas.value, self.autoscaling()) {
+            (_, Some(a)) => a.max_replicas as usize,
+            (NumReplicas::Fixed(n), None) => n as usize,
+            (NumReplicas::Auto, None) => 1,
+        }
+    }
+
+    /// CPUs one replica takes from the node.
+    pub fn cpus_per_replica(&self) -> f64 {
+        self.num_cpus.unwrap_or(self.intra_op_threads.value as f64)
+    }
 }

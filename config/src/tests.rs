@@ -34,7 +34,8 @@ fn minimal_config_gets_defaults() {
     let d = &c.applications[0].deployments[0];
     assert_eq!(d.name.value, "iris");
     assert_eq!(d.version.value, "1");
-    assert_eq!(d.num_replicas.value, 1);
+    assert_eq!(d.num_replicas.value, NumReplicas::Fixed(1));
+    assert!(d.autoscaling().is_none());
     assert_eq!(d.intra_op_threads.value, 1);
     assert!(d.model.value.is_absolute() || d.model.value.starts_with(std::env::temp_dir()));
     assert!(d.model.value.ends_with("m.onnx"));
@@ -204,4 +205,50 @@ fn batching_values_are_checked() {
     );
     assert!(e[0].message.contains("max_batch_size (0)"), "{}", e[0]);
     assert_eq!(e[3].line, 9);
+}
+
+#[test]
+fn num_replicas_auto_takes_ray_defaults_and_overrides() {
+    let c = parse_in(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, num_replicas: auto, autoscaling_config: {max_replicas: 4, upscale_delay_s: 0}}\n",
+        "      - {name: n, model: m.onnx, autoscaling_config: {min_replicas: 0, max_replicas: 3}}\n",
+    ))
+    .unwrap();
+    let a = c.applications[0].deployments[0].autoscaling().unwrap();
+    assert_eq!((a.min_replicas, a.max_replicas, a.initial_replicas), (1, 4, 1));
+    assert_eq!(a.target_ongoing_requests, 2.0);
+    assert_eq!((a.upscale_delay_s, a.downscale_delay_s), (0.0, 600.0));
+    let b = c.applications[0].deployments[1].autoscaling().unwrap();
+    assert_eq!((b.min_replicas, b.max_replicas, b.initial_replicas), (0, 3, 0));
+    assert_eq!(c.applications[0].deployments[1].initial_replicas(), 0);
+}
+
+#[test]
+fn autoscaling_conflicts_and_bad_values_are_errors() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, num_replicas: 2, autoscaling_config: {max_replicas: 4}}\n",
+        "      - {name: n, model: m.onnx, autoscaling_config: {min_replicas: 3, max_replicas: 2}}\n",
+        "      - {name: o, model: m.onnx, num_replicas: many}\n",
+    ));
+    assert!(e[0].message.contains("expected a replica count or `auto`"), "{e:?}");
+}
+
+#[test]
+fn autoscaling_value_errors_name_the_field() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, num_replicas: 2, autoscaling_config: {max_replicas: 4}}\n",
+        "      - {name: n, model: m.onnx, autoscaling_config: {min_replicas: 3, max_replicas: 2}}\n",
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert!(fields.contains(&"applications[0].deployments[0].autoscaling_config"), "{e:?}");
+    assert!(fields.contains(&"applications[0].deployments[1].autoscaling_config.max_replicas"), "{e:?}");
 }

@@ -60,7 +60,27 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
             }
             dep.model.value = resolved;
             check_name(&dep.version, &format!("{at}.version"), &mut err);
-            at_least_one(&dep.num_replicas, &format!("{at}.num_replicas"), &mut err);
+            match (&dep.num_replicas.value, &dep.autoscaling_config) {
+                (crate::NumReplicas::Fixed(_), Some(a)) if dep.num_replicas.referenced.line() > 0 => err(
+                    a.referenced,
+                    format!("{at}.autoscaling_config"),
+                    "cannot be set together with a fixed num_replicas; use `num_replicas: auto` or leave it out".into(),
+                ),
+                (crate::NumReplicas::Fixed(0), None) => {
+                    err(dep.num_replicas.referenced, format!("{at}.num_replicas"), "must be at least 1".into())
+                }
+                _ => {}
+            }
+            if let Some(a) = dep.autoscaling() {
+                let loc =
+                    dep.autoscaling_config.as_ref().map_or(dep.num_replicas.referenced, |c| c.referenced);
+                for (field, problem) in a.problems() {
+                    err(loc, format!("{at}.autoscaling_config.{field}"), problem);
+                }
+            }
+            if dep.num_cpus.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+                err(dep.name.referenced, format!("{at}.num_cpus"), "must be above 0".into());
+            }
             at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"), &mut err);
             at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"), &mut err);
             let t = &dep.batch_wait_timeout_s;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{Semaphore, watch};
 
 use crate::batch::{BatchPolicy, Job};
@@ -39,6 +40,8 @@ pub struct DeploymentSpec {
     pub pad: HashMap<String, f64>,
     /// Deadline of a request unless it asks for a shorter one.
     pub request_timeout: Duration,
+    /// The most replicas the deployment may scale to (sizes replica queues).
+    pub max_replicas: usize,
     /// Run a full-size batch before a replica reports ready.
     pub warmup: bool,
 }
@@ -57,6 +60,7 @@ impl DeploymentSpec {
             preferred_batch_sizes: Vec::new(),
             pad: HashMap::new(),
             request_timeout: Duration::from_secs(30),
+            max_replicas: 1,
             warmup: true,
         }
     }
@@ -65,7 +69,7 @@ impl DeploymentSpec {
         Self {
             name: d.name.value.clone(),
             version: d.version.value.clone(),
-            num_replicas: d.num_replicas.value as usize,
+            num_replicas: d.initial_replicas(),
             max_ongoing_requests: d.max_ongoing_requests.value as usize,
             max_queued_requests: d.max_queued_requests.value as usize,
             max_batch_size: d.max_batch_size.value as usize,
@@ -73,6 +77,7 @@ impl DeploymentSpec {
             preferred_batch_sizes: d.preferred_batch_sizes.value.iter().map(|&n| n as usize).collect(),
             pad: d.pad.value.clone().into_iter().collect(),
             request_timeout: Duration::from_secs_f64(d.request_timeout_s.value),
+            max_replicas: d.max_replicas(),
             warmup: d.warmup,
         }
     }
@@ -93,26 +98,66 @@ pub(crate) struct Shared {
     pub spec: DeploymentSpec,
     pub model_outputs: Vec<String>,
     pub policy: BatchPolicy,
-    pub replicas: Vec<ReplicaSlot>,
+    /// The current replica set; replaced whole when replicas are added or removed.
+    pub replicas: ArcSwap<Vec<Arc<ReplicaSlot>>>,
     pub factory: BackendFactory,
     pub metrics: DeploymentMetrics,
     pub ready_count: watch::Sender<usize>,
     pub closed: AtomicBool,
+    /// Admission: `ongoing_limit` permits per ready replica.
+    pub permits: Arc<Semaphore>,
+    next_id: AtomicUsize,
 }
 
 impl Shared {
     /// Sends a job to a ready replica other than `from`; gives it back when there is none.
     pub fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
-        let target = (0..self.replicas.len())
-            .filter(|&i| i != from && self.replicas[i].ready.load(Ordering::Acquire))
-            .min_by_key(|&i| self.replicas[i].ongoing.load(Ordering::Acquire));
+        let replicas = self.replicas.load();
+        let target = replicas
+            .iter()
+            .filter(|r| r.id != from && r.ready.load(Ordering::Acquire))
+            .min_by_key(|r| r.ongoing.load(Ordering::Acquire));
         match target {
-            Some(i) => self.replicas[i].tx.try_send(Msg::Job(job)).map_err(|e| match e {
+            Some(r) => r.tx.try_send(Msg::Job(job)).map_err(|e| match e {
                 TrySendError::Full(Msg::Job(j)) | TrySendError::Disconnected(Msg::Job(j)) => j,
                 _ => unreachable!("only jobs are sent here"),
             }),
             None => Err(job),
         }
+    }
+
+    /// Publishes how many replicas are ready (metric and readiness watchers).
+    pub fn publish_ready(&self) {
+        let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
+        self.metrics.replicas_ready.set(n as f64);
+        self.ready_count.send_replace(n);
+    }
+
+    /// Starts a replica thread for `backend` and adds it to the set.
+    fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Admission keeps at most the deployment's total of slots in flight; the channel is
+        // sized for the largest set this deployment may grow to (+1 for the stop message).
+        let (tx, rx) = sync_channel(self.spec.ongoing_limit() * self.spec.max_replicas.max(1) + 1);
+        let slot = Arc::new(ReplicaSlot {
+            id,
+            tx,
+            ongoing: Arc::new(AtomicUsize::new(0)),
+            ready: AtomicBool::new(false),
+            granted: AtomicBool::new(false),
+            in_flight: self.metrics.replica_in_flight(id),
+        });
+        let (shared, thread_slot) = (self.clone(), slot.clone());
+        std::thread::Builder::new()
+            .name(format!("{}#{id}", self.spec.name))
+            .spawn(move || replica::run(shared, thread_slot, rx, backend))
+            .map_err(|e| format!("cannot start a replica thread: {e}"))?;
+        self.replicas.rcu(|current| {
+            let mut next = current.as_ref().clone();
+            next.push(slot.clone());
+            next
+        });
+        Ok(())
     }
 }
 
@@ -120,10 +165,11 @@ impl Shared {
 pub struct Deployment {
     shared: Arc<Shared>,
     metadata: Arc<ModelMetadata>,
-    permits: Arc<Semaphore>,
     queued: AtomicUsize,
     rng: AtomicU64,
     ready: watch::Receiver<usize>,
+    scaling: tokio::sync::Mutex<()>,
+    scale_hint: Arc<tokio::sync::Notify>,
 }
 
 impl Deployment {
@@ -137,13 +183,14 @@ impl Deployment {
     }
 
     /// Starts a deployment: makes every replica's backend now (so a model that cannot load
-    /// fails here), then starts the replica threads, which warm up and report ready.
+    /// fails here), then starts the replica threads, which warm up and report ready. With 0
+    /// replicas (scale to zero) one backend is loaded to read the model's metadata.
     pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, String> {
-        if spec.num_replicas == 0 {
-            return Err(format!("deployment `{}` has no replicas", spec.name));
-        }
-        let backends = (0..spec.num_replicas).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
+        let mut backends = (0..spec.num_replicas.max(1)).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
         let metadata = Arc::new(backends[0].metadata().clone());
+        if spec.num_replicas == 0 {
+            backends.clear();
+        }
         if spec.max_batch_size > 0 {
             let fixed = metadata
                 .inputs
@@ -161,23 +208,7 @@ impl Deployment {
         if let Some(name) = spec.pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
             return Err(format!("pad names `{name}`, which is not an input of the model"));
         }
-        let ongoing = spec.ongoing_limit();
-        let total = ongoing * spec.num_replicas;
         let metrics = DeploymentMetrics::new(&spec.name, &spec.version);
-        let mut receivers = Vec::new();
-        let mut replicas = Vec::new();
-        for i in 0..spec.num_replicas {
-            // Admission keeps at most `total` jobs in the deployment, so no send finds this
-            // full (+1 for the stop message).
-            let (tx, rx) = sync_channel(total + 1);
-            receivers.push(rx);
-            replicas.push(ReplicaSlot {
-                tx,
-                ongoing: Arc::new(AtomicUsize::new(0)),
-                ready: AtomicBool::new(false),
-                in_flight: metrics.replica_in_flight(i),
-            });
-        }
         let policy = BatchPolicy {
             max_batch_size: spec.max_batch_size,
             batch_wait_timeout: spec.batch_wait_timeout,
@@ -193,27 +224,93 @@ impl Deployment {
             model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
             spec,
             policy,
-            replicas,
+            replicas: ArcSwap::from_pointee(Vec::new()),
             factory,
             metrics,
             ready_count,
             closed: AtomicBool::new(false),
+            permits: Arc::new(Semaphore::new(0)),
+            next_id: AtomicUsize::new(0),
         });
-        for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("{}#{i}", shared.spec.name))
-                .spawn(move || replica::run(shared, i, rx, backend))
-                .map_err(|e| format!("cannot start a replica thread: {e}"))?;
+        for backend in backends {
+            shared.spawn_replica(backend)?;
         }
+        shared.publish_ready();
         Ok(Self {
             shared,
             metadata,
-            permits: Arc::new(Semaphore::new(total)),
             queued: AtomicUsize::new(0),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             ready,
+            scaling: tokio::sync::Mutex::new(()),
+            scale_hint: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Changes the number of replicas. New ones load their model here (on a blocking thread),
+    /// warm up and join admission when ready; removed ones leave the set at once, finish what
+    /// they hold, and stop. Requests in flight are never dropped.
+    pub async fn scale_to(&self, n: usize) -> Result<(), String> {
+        let _one_at_a_time = self.scaling.lock().await;
+        let current = self.shared.replicas.load().len();
+        for _ in current..n {
+            let factory = self.shared.factory.clone();
+            let backend = tokio::task::spawn_blocking(move || factory())
+                .await
+                .map_err(|e| format!("loading a replica failed: {e}"))??;
+            self.shared.spawn_replica(backend)?;
+        }
+        if n < current {
+            let mut removed = Vec::new();
+            self.shared.replicas.rcu(|list| {
+                // Remove replicas not ready first, then the least loaded.
+                let mut keep = list.as_ref().clone();
+                keep.sort_by_key(|r| {
+                    (r.ready.load(Ordering::Acquire), std::cmp::Reverse(r.ongoing.load(Ordering::Acquire)))
+                });
+                removed = keep.drain(..current - n).collect();
+                keep.sort_by_key(|r| r.id);
+                keep
+            });
+            for slot in removed {
+                let _ = slot.tx.try_send(Msg::Stop);
+                if slot.granted.swap(true, Ordering::AcqRel) {
+                    // Its permits are out there: take them back as they come free.
+                    let permits = self.shared.permits.clone();
+                    let k = u32::try_from(self.shared.spec.ongoing_limit()).unwrap_or(u32::MAX);
+                    tokio::spawn(async move {
+                        if let Ok(p) = permits.acquire_many_owned(k).await {
+                            p.forget();
+                        }
+                    });
+                }
+            }
+            self.shared.publish_ready();
+        }
+        Ok(())
+    }
+
+    /// Replicas in the set now (ready or warming up).
+    pub fn replica_count(&self) -> usize {
+        self.shared.replicas.load().len()
+    }
+
+    /// Replicas ready now.
+    pub fn ready_replicas(&self) -> usize {
+        *self.ready.borrow()
+    }
+
+    /// Requests in the deployment now: waiting for a slot plus held by replicas. The
+    /// autoscaling signal.
+    pub fn in_system(&self) -> usize {
+        self.queue_depth()
+            + self.shared.replicas.load().iter().map(|r| r.ongoing.load(Ordering::Acquire)).sum::<usize>()
+    }
+
+    /// Woken whenever a request has to wait for a slot (lets a controller start a replica at
+    /// once when the deployment is scaled to zero).
+    pub fn scale_hint(&self) -> Arc<tokio::sync::Notify> {
+        self.scale_hint.clone()
     }
 
     pub fn name(&self) -> &str {
@@ -238,7 +335,7 @@ impl Deployment {
     }
 
     pub fn num_replicas(&self) -> usize {
-        self.shared.replicas.len()
+        self.replica_count()
     }
 
     /// Metrics and statistics of this deployment.
@@ -258,7 +355,7 @@ impl Deployment {
 
     /// Waits until every replica is ready, or `timeout` passes; returns whether they are.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let want = self.num_replicas();
+        let want = self.replica_count();
         let mut rx = self.ready.clone();
         tokio::time::timeout(timeout, rx.wait_for(|&n| n >= want)).await.is_ok_and(|r| r.is_ok())
     }
@@ -301,9 +398,10 @@ impl Deployment {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+        if let Ok(permit) = self.shared.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
+        self.scale_hint.notify_one();
         let max = self.shared.spec.max_queued_requests;
         let depth = self.queued.fetch_add(1, Ordering::AcqRel);
         if depth >= max {
@@ -315,7 +413,7 @@ impl Deployment {
         }
         self.shared.metrics.queue_depth.set((depth + 1) as f64);
         let _leave = QueueExit { queued: &self.queued, gauge: &self.shared.metrics.queue_depth };
-        match tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned()).await {
+        match tokio::time::timeout_at(deadline.into(), self.shared.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => {
                 Err(InferError::unavailable(format!("model `{}` is shutting down", self.shared.spec.name)))
@@ -333,8 +431,14 @@ impl Deployment {
 
     /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones.
     fn dispatch(&self, job: Job) -> Result<OngoingGuard, InferError> {
-        let replicas = &self.shared.replicas;
-        let (a, b) = self.two_choices();
+        let replicas = self.shared.replicas.load();
+        if replicas.is_empty() {
+            return Err(InferError::unavailable(format!(
+                "model `{}` has no replicas",
+                self.shared.spec.name
+            )));
+        }
+        let (a, b) = self.two_choices(replicas.len());
         let load = |i: usize| {
             let r = &replicas[i];
             // Replicas not ready sort last; among ready ones, fewer ongoing first.
@@ -352,9 +456,8 @@ impl Deployment {
         Ok(guard)
     }
 
-    /// Two distinct random replica indices (the same one twice when there is only one).
-    fn two_choices(&self) -> (usize, usize) {
-        let n = self.shared.replicas.len();
+    /// Two distinct random indices below `n` (the same one twice when `n` is 1).
+    fn two_choices(&self, n: usize) -> (usize, usize) {
         if n == 1 {
             return (0, 0);
         }
@@ -368,8 +471,8 @@ impl Deployment {
 impl Drop for Deployment {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
-        self.permits.close();
-        for r in &self.shared.replicas {
+        self.shared.permits.close();
+        for r in self.shared.replicas.load().iter() {
             let _ = r.tx.try_send(Msg::Stop);
         }
     }

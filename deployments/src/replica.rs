@@ -36,10 +36,14 @@ pub(crate) enum Msg {
 
 /// The deployment's side of a replica.
 pub(crate) struct ReplicaSlot {
+    pub id: usize,
     pub tx: SyncSender<Msg>,
     /// Requests assigned and not yet answered (queued here or running).
     pub ongoing: Arc<AtomicUsize>,
     pub ready: AtomicBool,
+    /// Whether this replica's admission permits were handed out (when it first became ready)
+    /// or forgone (when it was removed first): whoever flips it owns the permits.
+    pub granted: AtomicBool,
     pub in_flight: Gauge,
 }
 
@@ -65,7 +69,8 @@ impl Drop for OngoingGuard {
 }
 
 /// The replica thread's body.
-pub(crate) fn run(shared: Arc<Shared>, index: usize, rx: Receiver<Msg>, backend: Box<dyn Backend>) {
+pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>, backend: Box<dyn Backend>) {
+    let index = slot.id;
     let mut backend = Some(backend);
     let mut state = BatchState::new(shared.policy.clone());
     loop {
@@ -77,9 +82,9 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, rx: Receiver<Msg>, backend:
             },
         };
         warm_up(&shared, model.as_mut());
-        set_ready(&shared, index, true);
+        set_ready(&shared, &slot, true);
         let panicked = serve(&shared, model.as_mut(), &rx, &mut state);
-        set_ready(&shared, index, false);
+        set_ready(&shared, &slot, false);
         if !panicked {
             return;
         }
@@ -127,11 +132,13 @@ fn reload(shared: &Shared, index: usize) -> Option<Box<dyn Backend>> {
     }
 }
 
-fn set_ready(shared: &Shared, index: usize, ready: bool) {
-    shared.replicas[index].ready.store(ready, Ordering::Release);
-    let n = shared.replicas.iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-    shared.metrics.replicas_ready.set(n as f64);
-    shared.ready_count.send_replace(n);
+fn set_ready(shared: &Shared, slot: &ReplicaSlot, ready: bool) {
+    slot.ready.store(ready, Ordering::Release);
+    if ready && !slot.granted.swap(true, Ordering::AcqRel) {
+        // First time ready: this replica's slots open to admission.
+        shared.permits.add_permits(shared.spec.ongoing_limit());
+    }
+    shared.publish_ready();
 }
 
 /// Runs jobs until told to stop and drained (returns false) or the model panics (true).

@@ -248,3 +248,49 @@ async fn warmup_runs_a_full_batch_before_ready() {
     let log = f.log.lock().unwrap().clone();
     assert_eq!(log, vec![vec![0i64; 8]], "one warm-up call of max_batch_size zero rows");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_and_down_keeps_every_request() {
+    let f = start(spec(|s| s.max_replicas = 4), 2, None);
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let load = {
+        let d = f.deployment.clone();
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for k in 0..300i64 {
+                let d = d.clone();
+                tasks.push(tokio::spawn(async move { (k, d.infer(request(&[k])).await) }));
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            let mut ok = 0;
+            for t in tasks {
+                let (k, r) = t.await.unwrap();
+                match r {
+                    Ok(r) => {
+                        assert_eq!(values(&r.outputs[0].tensor), vec![k]);
+                        ok += 1;
+                    }
+                    Err(e) => assert_eq!(e.kind, ErrorKind::Unavailable, "only overload may refuse: {e}"),
+                }
+            }
+            ok
+        })
+    };
+    f.deployment.scale_to(4).await.unwrap();
+    assert_eq!(f.deployment.replica_count(), 4);
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    f.deployment.scale_to(1).await.unwrap();
+    assert_eq!(f.deployment.replica_count(), 1);
+    let ok = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(f.loads.load(Ordering::SeqCst), 4, "one at start, three added");
+    // Scale to zero: a request waits (bounded by its deadline) until a replica is back.
+    f.deployment.scale_to(0).await.unwrap();
+    let d = f.deployment.clone();
+    let held = tokio::spawn(async move { d.infer(request(&[9])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!held.is_finished(), "held while there is no replica");
+    assert_eq!(f.deployment.queue_depth(), 1);
+    f.deployment.scale_to(1).await.unwrap();
+    assert_eq!(values(&held.await.unwrap().unwrap().outputs[0].tensor), vec![9]);
+}

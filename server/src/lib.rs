@@ -135,7 +135,7 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
             tracing::info!(
                 model = %d.name.value,
                 version = %d.version.value,
-                replicas = d.num_replicas.value,
+                replicas = d.initial_replicas(),
                 "deployment loaded"
             );
             deployments.push(Arc::new(loaded));
