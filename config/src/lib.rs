@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
-pub use schema::{Application, Config, Deployment, GrpcOptions, HttpOptions};
+pub use schema::{AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Rollout};
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the
 /// directory of the file. Returns every error found (parse errors stop at the first one, since

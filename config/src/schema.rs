@@ -18,6 +18,13 @@ pub struct Config {
     /// Where the gRPC frontend listens.
     #[serde(default)]
     pub grpc_options: GrpcOptions,
+    /// The admin API (deploy, status, delete, rollouts).
+    #[serde(default)]
+    pub admin_options: AdminOptions,
+    /// On SIGTERM, how long requests in flight and queued may take to finish before the
+    /// process exits anyway. Default 30.
+    #[serde(default = "default_grace")]
+    pub graceful_shutdown_timeout_s: f64,
     /// The applications to serve; each groups deployments.
     #[serde(default)]
     pub applications: Vec<Application>,
@@ -69,6 +76,76 @@ impl Default for GrpcOptions {
     }
 }
 
+/// Admin API settings (`admin_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminOptions {
+    /// Address to bind. Default `127.0.0.1`: the admin API changes what is served, so it is
+    /// not exposed unless asked.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port. Default 8265 (Ray's dashboard port, where `serve deploy` talks).
+    #[serde(default = "default_admin_port")]
+    pub port: u16,
+    /// Set false to serve no admin API. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Environment variable holding a bearer token the admin API requires. Default
+    /// `SLUICE_ADMIN_TOKEN`; when it is unset or empty, no token is required.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminOptions {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_admin_port(),
+            enabled: true,
+            token_env: default_token_env(),
+        }
+    }
+}
+
+/// A second version of a deployment's model that takes a share of its traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// The canary's ONNX file, relative to the config file.
+    pub model: Spanned<PathBuf>,
+    /// Its version string (must differ from the deployment's).
+    pub version: Spanned<String>,
+    /// Percent of requests that name no version which go to the canary (0-100). Default 10.
+    #[serde(default = "default_canary_weight")]
+    pub weight: Spanned<u32>,
+    /// Step the weight up automatically, rolling back when the canary misbehaves.
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
+}
+
+/// An automatic rollout: every `interval_s` the canary's weight grows by `step_percent` while
+/// its error rate and p99 latency over the interval stay within bounds; past a bound it is
+/// rolled back to 0 and the reason recorded in the events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Weight added per step. Default 10.
+    #[serde(default = "default_step")]
+    pub step_percent: u32,
+    /// Seconds between steps. Default 30.
+    #[serde(default = "default_interval")]
+    pub interval_s: f64,
+    /// Largest share of failed canary requests in an interval. Default 0.01.
+    #[serde(default = "default_error_rate")]
+    pub max_error_rate: f64,
+    /// Largest canary p99 latency in an interval, milliseconds. Default: no bound.
+    #[serde(default)]
+    pub max_p99_ms: Option<f64>,
+    /// Canary requests an interval needs before it counts. Default 20.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
 /// An application: a named group of deployments.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +180,9 @@ pub struct Deployment {
     /// CPUs one replica needs, for fitting replicas on the node. Default: `intra_op_threads`.
     #[serde(default)]
     pub num_cpus: Option<f64>,
+    /// A canary version taking a share of the traffic.
+    #[serde(default)]
+    pub canary: Option<Canary>,
     /// ONNX Runtime intra-op threads per replica. Default 1: on a small machine, more replicas
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
@@ -153,6 +233,30 @@ fn default_port() -> u16 {
 }
 fn default_max_body_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_grace() -> f64 {
+    30.0
+}
+fn default_admin_port() -> u16 {
+    8265
+}
+fn default_token_env() -> String {
+    "SLUICE_ADMIN_TOKEN".to_string()
+}
+fn default_canary_weight() -> Spanned<u32> {
+    spanned(10)
+}
+fn default_step() -> u32 {
+    10
+}
+fn default_interval() -> f64 {
+    30.0
+}
+fn default_error_rate() -> f64 {
+    0.01
+}
+fn default_min_requests() -> u64 {
+    20
 }
 fn default_zero() -> Spanned<u32> {
     spanned(0)

@@ -15,6 +15,9 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
         errors.push(ConfigError::at(&file, loc, field, msg));
     };
 
+    if !(config.graceful_shutdown_timeout_s >= 0.0 && config.graceful_shutdown_timeout_s.is_finite()) {
+        err(Location::UNKNOWN, "graceful_shutdown_timeout_s".into(), "must be 0 or more seconds".into());
+    }
     if config.http_options.max_body_bytes == 0 {
         err(Location::UNKNOWN, "http_options.max_body_bytes".into(), "must be at least 1".into());
     }
@@ -76,6 +79,51 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
                     dep.autoscaling_config.as_ref().map_or(dep.num_replicas.referenced, |c| c.referenced);
                 for (field, problem) in a.problems() {
                     err(loc, format!("{at}.autoscaling_config.{field}"), problem);
+                }
+            }
+            if let Some(c) = &mut dep.canary {
+                let resolved = base.join(&c.model.value);
+                if !resolved.is_file() {
+                    err(
+                        c.model.referenced,
+                        format!("{at}.canary.model"),
+                        format!("model file `{}` not found", resolved.display()),
+                    );
+                }
+                c.model.value = resolved;
+                if c.version.value == dep.version.value {
+                    err(
+                        c.version.referenced,
+                        format!("{at}.canary.version"),
+                        format!("must differ from the deployment's version `{}`", dep.version.value),
+                    );
+                }
+                check_name(&c.version, &format!("{at}.canary.version"), &mut err);
+                if c.weight.value > 100 {
+                    err(c.weight.referenced, format!("{at}.canary.weight"), "is a percent: 0 to 100".into());
+                }
+                if let Some(r) = &c.rollout {
+                    if r.step_percent == 0 || r.step_percent > 100 {
+                        err(
+                            c.weight.referenced,
+                            format!("{at}.canary.rollout.step_percent"),
+                            "must be 1 to 100".into(),
+                        );
+                    }
+                    if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
+                        err(
+                            c.weight.referenced,
+                            format!("{at}.canary.rollout.interval_s"),
+                            "must be above 0".into(),
+                        );
+                    }
+                    if !(0.0..=1.0).contains(&r.max_error_rate) {
+                        err(
+                            c.weight.referenced,
+                            format!("{at}.canary.rollout.max_error_rate"),
+                            "is a fraction: 0 to 1".into(),
+                        );
+                    }
                 }
             }
             if dep.num_cpus.is_some_and(|c| !(c > 0.0 && c.is_finite())) {

@@ -175,11 +175,17 @@ pub struct Deployment {
 impl Deployment {
     /// Loads the ONNX model of a config deployment, one session per replica.
     pub fn load(config: &sluice_config::Deployment) -> Result<Self, String> {
+        Self::load_spec(config, DeploymentSpec::from_config(config))
+    }
+
+    /// Loads the ONNX model of a config deployment with a spec adjusted by the caller (the
+    /// controller picks replica counts).
+    pub fn load_spec(config: &sluice_config::Deployment, spec: DeploymentSpec) -> Result<Self, String> {
         let options = OnnxOptions { intra_op_threads: config.intra_op_threads.value as usize };
         let path = config.model.value.clone();
         let factory: BackendFactory =
             Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>));
-        Self::start(DeploymentSpec::from_config(config), factory)
+        Self::start(spec, factory)
     }
 
     /// Starts a deployment: makes every replica's backend now (so a model that cannot load

@@ -124,6 +124,60 @@ pub struct Stats {
     pub last_inference_ms: AtomicU64,
 }
 
+/// Request latencies in log-spaced buckets (4 per doubling, 1 µs to ~70 min), counted with
+/// atomics so recording costs no lock; a controller diffs snapshots to get an interval's
+/// percentiles.
+pub struct LatencyBuckets {
+    counts: Vec<AtomicU64>,
+}
+
+const BUCKETS_PER_DOUBLING: f64 = 4.0;
+const LATENCY_BUCKET_COUNT: usize = 128;
+
+impl Default for LatencyBuckets {
+    fn default() -> Self {
+        Self { counts: (0..LATENCY_BUCKET_COUNT).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl LatencyBuckets {
+    fn index(d: Duration) -> usize {
+        let us = d.as_secs_f64() * 1e6;
+        if us <= 1.0 {
+            return 0;
+        }
+        ((us.log2() * BUCKETS_PER_DOUBLING).ceil() as usize).min(LATENCY_BUCKET_COUNT - 1)
+    }
+
+    pub fn record(&self, d: Duration) {
+        self.counts[Self::index(d)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The `q` quantile (0..1) of the requests between two snapshots, as the upper bound of its
+    /// bucket; `None` when there were none.
+    pub fn quantile(before: &[u64], after: &[u64], q: f64) -> Option<Duration> {
+        let diff: Vec<u64> = after.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let total: u64 = diff.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in diff.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Duration::from_secs_f64(2f64.powf(i as f64 / BUCKETS_PER_DOUBLING) / 1e6));
+            }
+        }
+        None
+    }
+}
+
 /// Handles for one deployment's metrics.
 pub struct DeploymentMetrics {
     requests: Vec<Counter>,
@@ -137,6 +191,8 @@ pub struct DeploymentMetrics {
     model: String,
     version: String,
     pub stats: Stats,
+    /// Latencies of answered requests, for rollout decisions.
+    pub latencies: LatencyBuckets,
 }
 
 impl DeploymentMetrics {
@@ -164,6 +220,7 @@ impl DeploymentMetrics {
             model: m,
             version: v,
             stats: Stats::default(),
+            latencies: LatencyBuckets::default(),
         }
     }
 
@@ -177,6 +234,7 @@ impl DeploymentMetrics {
         let p = protocol as usize;
         self.requests[p * OUTCOMES.len() + outcome_index(result)].increment(1);
         self.request_duration[p].record(elapsed.as_secs_f64());
+        self.latencies.record(elapsed);
         match result {
             Ok(()) => self.stats.success.add(elapsed),
             Err(_) => self.stats.fail.add(elapsed),
@@ -196,5 +254,26 @@ impl DeploymentMetrics {
         self.stats.execution_count.fetch_add(1, Ordering::Relaxed);
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.stats.last_inference_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_from_bucket_snapshots() {
+        let b = LatencyBuckets::default();
+        let before = b.snapshot();
+        for ms in 1..=100u64 {
+            b.record(Duration::from_millis(ms));
+        }
+        let after = b.snapshot();
+        let p50 = LatencyBuckets::quantile(&before, &after, 0.5).unwrap();
+        let p99 = LatencyBuckets::quantile(&before, &after, 0.99).unwrap();
+        // Bucket upper bounds: within 19% (2^(1/4)) above the true value.
+        assert!(p50 >= Duration::from_millis(50) && p50 <= Duration::from_millis(60), "{p50:?}");
+        assert!(p99 >= Duration::from_millis(99) && p99 <= Duration::from_millis(118), "{p99:?}");
+        assert_eq!(LatencyBuckets::quantile(&after, &after, 0.5), None);
     }
 }

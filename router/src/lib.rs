@@ -13,6 +13,9 @@ use sluice_deployments::{Deployment, InferError};
 pub struct ModelRoute {
     /// Deployments by version string.
     pub versions: BTreeMap<String, Arc<Deployment>>,
+    /// How requests that name no version are split: (version, weight). Empty: all go to the
+    /// default version.
+    pub split: Vec<(String, u32)>,
 }
 
 impl ModelRoute {
@@ -49,11 +52,27 @@ impl RouteTable {
 /// Resolves model names to deployments.
 pub struct Router {
     table: ArcSwap<RouteTable>,
+    rng: std::sync::atomic::AtomicU64,
 }
+
+/// A request's say in which version serves it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VersionChoice<'a> {
+    /// The version in the path (`/versions/{v}`, gRPC `model_version`): exactly that one.
+    pub exact: Option<&'a str>,
+    /// A version pinned by header (`x-sluice-version`): that one, bypassing the split.
+    pub pinned: Option<&'a str>,
+}
+
+/// The header (and gRPC metadata key) that pins a request to a version.
+pub const VERSION_HEADER: &str = "x-sluice-version";
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
-        Self { table: ArcSwap::from_pointee(table) }
+        Self {
+            table: ArcSwap::from_pointee(table),
+            rng: std::sync::atomic::AtomicU64::new(0x2545_F491_4F6C_DD1D),
+        }
     }
 
     /// Replaces the whole table at once; requests in flight keep the deployment they resolved.
@@ -69,23 +88,48 @@ impl Router {
     /// The deployment for `model` at `version` (or the default version), or a NotFound error
     /// naming what is unknown.
     pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<Deployment>, InferError> {
+        self.route(model, VersionChoice { exact: version, pinned: None })
+    }
+
+    /// The deployment that serves a request: the exact version when the path names one, else
+    /// a pinned version, else a weighted pick by the model's traffic split.
+    pub fn route(&self, model: &str, choice: VersionChoice<'_>) -> Result<Arc<Deployment>, InferError> {
         let table = self.table.load();
         let route = table
             .models
             .get(model)
             .ok_or_else(|| InferError::not_found(format!("unknown model `{model}`")))?;
-        let found = match version {
-            Some(v) if !v.is_empty() => route.versions.get(v),
-            _ => route.default_version(),
+        let wanted = choice.exact.filter(|v| !v.is_empty()).or(choice.pinned.filter(|v| !v.is_empty()));
+        let found = match wanted {
+            Some(v) => route.versions.get(v),
+            None => self.weighted(route).or_else(|| route.default_version()),
         };
         found.cloned().ok_or_else(|| {
             let known: Vec<&str> = route.versions.keys().map(String::as_str).collect();
             InferError::not_found(format!(
                 "unknown version `{}` of model `{model}`; available: {}",
-                version.unwrap_or(""),
+                wanted.unwrap_or(""),
                 known.join(", ")
             ))
         })
+    }
+
+    fn weighted<'r>(&self, route: &'r ModelRoute) -> Option<&'r Arc<Deployment>> {
+        let total: u64 = route.split.iter().map(|(_, w)| *w as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let mut pick = (z ^ (z >> 31)) % total;
+        for (version, weight) in &route.split {
+            if pick < *weight as u64 {
+                return route.versions.get(version);
+            }
+            pick -= *weight as u64;
+        }
+        None
     }
 
     /// The versions of `model`, in order (empty when unknown).

@@ -11,6 +11,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
+pub mod controller;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
@@ -21,7 +23,6 @@ pub mod runtime;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sluice_deployments::Deployment;
 use sluice_router::{RouteTable, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -70,6 +71,9 @@ pub fn repository_index(routes: &Router) -> Vec<IndexEntry> {
 pub struct Server {
     http_addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    controller: Arc<controller::Controller>,
+    grace: std::time::Duration,
     routes: Arc<Router>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
@@ -97,18 +101,34 @@ impl Server {
         true
     }
 
+    /// The admin API's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The controller, for embedding and tests.
+    pub fn controller(&self) -> &Arc<controller::Controller> {
+        &self.controller
+    }
+
     /// The route table, for embedding and tests.
     pub fn routes(&self) -> &Arc<Router> {
         &self.routes
     }
 
-    /// Stops accepting, lets requests in flight finish, and returns.
+    /// Stops accepting, lets requests in flight and queued finish within
+    /// `graceful_shutdown_timeout_s`, and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            if let Ok(Err(e)) = task.await {
-                tracing::warn!("server stopped with an error: {e}");
+        let finish = async {
+            for task in self.tasks {
+                if let Ok(Err(e)) = task.await {
+                    tracing::warn!("server stopped with an error: {e}");
+                }
             }
+        };
+        if tokio::time::timeout(self.grace, finish).await.is_err() {
+            tracing::warn!("requests still running after the {:?} grace period; stopping anyway", self.grace);
         }
     }
 
@@ -124,24 +144,11 @@ impl Server {
 /// or the address cannot be bound.
 pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     metrics::install();
-    let mut deployments = Vec::new();
-    for app in &config.applications {
-        for d in &app.deployments {
-            let cfg = d.clone();
-            let loaded = tokio::task::spawn_blocking(move || Deployment::load(&cfg))
-                .await
-                .map_err(|e| format!("loading `{}` failed: {e}", d.name.value))?
-                .map_err(|e| format!("deployment `{}`: {e}", d.name.value))?;
-            tracing::info!(
-                model = %d.name.value,
-                version = %d.version.value,
-                replicas = d.initial_replicas(),
-                "deployment loaded"
-            );
-            deployments.push(Arc::new(loaded));
-        }
-    }
-    let routes = Arc::new(Router::new(RouteTable::from_deployments(deployments)));
+    let routes = Arc::new(Router::new(RouteTable::default()));
+    let grace = std::time::Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
+    let controller = controller::Controller::new(routes.clone(), grace);
+    controller.apply(&config).await?;
+    controller.spawn_loop();
 
     let http = &config.http_options;
     let grpc = &config.grpc_options;
@@ -168,9 +175,23 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
         grpc_addr = Some(http_addr);
         tracing::info!("gRPC frontend listening on {http_addr} (shared with REST)");
     }
-    tasks.push(serve(listener, rest, stop));
+    tasks.push(serve(listener, rest, stop.clone()));
     tracing::info!("REST frontend listening on http://{http_addr}");
-    Ok(Server { http_addr, grpc_addr, routes, shutdown, tasks })
+    let mut admin_addr = None;
+    let admin = &config.admin_options;
+    if admin.enabled {
+        let token = std::env::var(&admin.token_env).ok().filter(|t| !t.is_empty());
+        let base = config.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let listener = bind(&admin.host, admin.port).await?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "admin API listening on http://{addr}{}",
+            if token.is_some() { " (bearer token required)" } else { "" }
+        );
+        admin_addr = Some(addr);
+        tasks.push(serve(listener, admin::router(controller.clone(), base, token), stop));
+    }
+    Ok(Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, tasks, grace })
 }
 
 /// On a shared port, requests REST does not route go to gRPC when they are gRPC, and get REST's

@@ -24,6 +24,9 @@ enum Command {
         /// gRPC port; overrides `grpc_options.port` (0 picks a free port; the REST port shares one).
         #[arg(long, env = "SLUICE_GRPC_PORT")]
         grpc_port: Option<u16>,
+        /// Admin API port; overrides `admin_options.port` (0 picks a free port).
+        #[arg(long, env = "SLUICE_ADMIN_PORT")]
+        admin_port: Option<u16>,
         /// REST and gRPC bind address; overrides `http_options.host` and `grpc_options.host`.
         #[arg(long, env = "SLUICE_HTTP_HOST")]
         host: Option<String>,
@@ -66,8 +69,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config, ort } => validate(&config, ort),
         Command::Loadtest { args } => loadtest(&args),
-        Command::Run { config, http_port, grpc_port, host, ort } => {
-            run(&config, http_port, grpc_port, host, ort)
+        Command::Run { config, http_port, grpc_port, admin_port, host, ort } => {
+            run(&config, [http_port, grpc_port, admin_port], host, ort)
         }
     }
 }
@@ -126,13 +129,9 @@ fn validate(path: &Path, ort: OrtArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(
-    path: &Path,
-    http_port: Option<u16>,
-    grpc_port: Option<u16>,
-    host: Option<String>,
-    ort: OrtArgs,
-) -> ExitCode {
+/// `ports`: REST, gRPC and admin port overrides.
+fn run(path: &Path, ports: [Option<u16>; 3], host: Option<String>, ort: OrtArgs) -> ExitCode {
+    let [http_port, grpc_port, admin_port] = ports;
     let mut config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -142,6 +141,9 @@ fn run(
     }
     if let Some(p) = grpc_port {
         config.grpc_options.port = p;
+    }
+    if let Some(p) = admin_port {
+        config.admin_options.port = p;
     }
     if let Some(h) = host {
         config.grpc_options.host = h.clone();

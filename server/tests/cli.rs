@@ -84,7 +84,7 @@ fn missing_onnxruntime_is_one_clear_line() {
 fn run_serves_until_terminated() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
     let mut child = sluice()
-        .args(["run", example.to_str().unwrap(), "--http-port", "0", "--grpc-port", "0"])
+        .args(["run", example.to_str().unwrap(), "--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())

@@ -395,7 +395,7 @@ async fn model_config_and_repository_index() {
 #[tokio::test]
 async fn batching_needs_a_dynamic_first_dimension() {
     sluice_server::runtime::init(None).unwrap();
-    let text = "grpc_options: {enabled: false}\nhttp_options: {port: 0}\napplications:\n  - name: t\n    deployments: [{name: r, model: reshape/model.onnx, max_batch_size: 4}]\n";
+    let text = "grpc_options: {enabled: false}\nadmin_options: {enabled: false}\nhttp_options: {port: 0}\napplications:\n  - name: t\n    deployments: [{name: r, model: reshape/model.onnx, max_batch_size: 4}]\n";
     let config = sluice_config::parse(text, &models_dir().join("t.yaml")).unwrap();
     let err = sluice_server::start(config).await.err().expect("start fails");
     assert!(err.contains("batching needs a dynamic first dimension"), "{err}");

@@ -18,6 +18,7 @@ BIN = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
 CONFIG = """
 http_options: {{host: 127.0.0.1, port: {http}}}
 grpc_options: {{host: 127.0.0.1, port: {grpc}}}
+admin_options: {{port: 0}}
 applications:
   - name: conformance
     deployments:

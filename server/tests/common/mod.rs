@@ -21,7 +21,7 @@ pub fn expected(model: &str) -> Value {
 pub async fn start(deployments_yaml: &str, extra_http: &str) -> sluice_server::Server {
     sluice_server::runtime::init(None).expect("ONNX Runtime (run scripts/install-onnxruntime.sh)");
     let text = format!(
-        "http_options: {{host: 127.0.0.1, port: 0{extra_http}}}\ngrpc_options: {{port: 0}}\napplications:\n  - name: test\n    deployments:\n{deployments_yaml}"
+        "http_options: {{host: 127.0.0.1, port: 0{extra_http}}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\napplications:\n  - name: test\n    deployments:\n{deployments_yaml}"
     );
     let config =
         sluice_config::parse(&text, &models_dir().join("test.yaml")).unwrap_or_else(|e| panic!("{e}"));

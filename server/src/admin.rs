@@ -1,0 +1,130 @@
+//! The admin API, on its own port (127.0.0.1:8265 by default), in Ray Serve's shape:
+//! `PUT /api/serve/applications` takes a whole config (YAML or JSON) declaratively,
+//! `GET` reports applications, deployments, versions, replicas, weights and recent events,
+//! `DELETE` removes every application (`/api/serve/applications/{app}`: one). Rollouts:
+//! `POST /api/serve/deployments/{d}/canary {"weight": N}`, `.../promote`, `.../rollback`.
+//! With a bearer token configured (env `admin_options.token_env`), every call must carry it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde_json::{Value, json};
+
+use crate::controller::Controller;
+
+/// The header that tells the server where relative model paths of a PUT config start
+/// (`sluice deploy` sends the config file's folder).
+pub const BASE_DIR_HEADER: &str = "x-sluice-base-dir";
+
+#[derive(Clone)]
+struct AdminState {
+    controller: Arc<Controller>,
+    base_dir: PathBuf,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The admin routes. `token`: the bearer token every request must carry, if any.
+pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<String>) -> Router {
+    let state = AdminState { controller, base_dir };
+    Router::new()
+        .route("/api/serve/applications", put(deploy).get(status).delete(delete_all))
+        .route("/api/serve/applications/", put(deploy).get(status).delete(delete_all))
+        .route("/api/serve/applications/{app}", axum::routing::delete(delete_one))
+        .route("/api/serve/deployments/{name}/canary", post(set_weight))
+        .route("/api/serve/deployments/{name}/promote", post(promote))
+        .route("/api/serve/deployments/{name}/rollback", post(rollback))
+        .route("/-/healthz", get(|| async { "ok" }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let token = token.clone();
+            async move {
+                if let Some(t) = token {
+                    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                    if given != Some(&format!("Bearer {t}")) {
+                        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                    }
+                }
+                next.run(req).await
+            }
+        }))
+        .with_state(state)
+}
+
+async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the config must be UTF-8 YAML or JSON");
+    };
+    let base = headers
+        .get(BASE_DIR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| s.base_dir.clone());
+    let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
+        Ok(c) => c,
+        Err(errors) => {
+            let list: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid config; nothing changed", "errors": list})),
+            )
+                .into_response();
+        }
+    };
+    match s.controller.apply(&config).await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e}; nothing changed")),
+    }
+}
+
+async fn status(State(s): State<AdminState>) -> Json<Value> {
+    Json(s.controller.status().await)
+}
+
+async fn delete_all(State(s): State<AdminState>) -> Response {
+    match s.controller.delete(None).await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Response {
+    match s.controller.delete(Some(&app)).await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {
+    let weight = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["weight"].as_u64());
+    let Some(weight) = weight.and_then(|w| u32::try_from(w).ok()) else {
+        return error(StatusCode::BAD_REQUEST, "body must be {\"weight\": 0..100}");
+    };
+    match s.controller.set_weight(&name, weight).await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    match s.controller.promote(&name).await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    match s.controller.rollback(&name, "rolled back by hand").await {
+        Ok(()) => Json(s.controller.status().await).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}

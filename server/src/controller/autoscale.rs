@@ -1,0 +1,180 @@
+//! Autoscaling decisions as plain functions over sampled load, after Ray Serve's default
+//! policy: the signal is in-flight + queued requests, averaged over `look_back_period_s`;
+//! the desired count is `current × (1 + (load / (target × current) − 1) × factor)`, rounded
+//! up, within `min_replicas..=max_replicas`; it must hold for `upscale_delay_s` (or
+//! `downscale_delay_s`, or `downscale_to_zero_delay_s` for the last step) before it is acted on.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use sluice_config::Autoscaling;
+
+/// What the autoscaler of one deployment remembers between decisions.
+#[derive(Debug, Default)]
+pub struct ScaleState {
+    samples: VecDeque<(Instant, f64)>,
+    /// Since when the desired count has been above the current one.
+    above_since: Option<Instant>,
+    /// Since when it has been below.
+    below_since: Option<Instant>,
+}
+
+impl ScaleState {
+    /// Records a sample of in-flight + queued requests at `now`.
+    pub fn sample(&mut self, now: Instant, load: f64, look_back: Duration) {
+        self.samples.push_back((now, load));
+        while self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > look_back) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The average load over the look-back window.
+    pub fn average(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        self.samples.iter().map(|(_, l)| l).sum::<f64>() / self.samples.len() as f64
+    }
+}
+
+/// The replica count the load asks for, before delays.
+pub fn desired(cfg: &Autoscaling, current: u32, load: f64) -> u32 {
+    let target = cfg.target_ongoing_requests;
+    let raw = if current == 0 {
+        if load > 0.0 { (load / target).ceil().max(1.0) } else { 0.0 }
+    } else {
+        let ratio = load / (target * current as f64);
+        let factor = if ratio > 1.0 { cfg.upscaling_factor } else { cfg.downscaling_factor };
+        (current as f64 * (1.0 + (ratio - 1.0) * factor)).ceil()
+    };
+    (raw.max(0.0) as u32).clamp(cfg.min_replicas, cfg.max_replicas)
+}
+
+/// Decides the replica count at `now`: the desired count once it has held long enough, else
+/// the current one. `cap` bounds growth (replicas the node's free CPUs allow).
+pub fn decide(cfg: &Autoscaling, state: &mut ScaleState, current: u32, now: Instant, cap: u32) -> u32 {
+    let want = desired(cfg, current, state.average()).min(cap.max(cfg.min_replicas));
+    if want > current {
+        state.below_since = None;
+        let since = *state.above_since.get_or_insert(now);
+        if now.duration_since(since) >= Duration::from_secs_f64(cfg.upscale_delay_s) {
+            state.above_since = None;
+            return want;
+        }
+    } else if want < current {
+        state.above_since = None;
+        let since = *state.below_since.get_or_insert(now);
+        let delay = if want == 0 { cfg.downscale_to_zero_delay_s } else { cfg.downscale_delay_s };
+        if now.duration_since(since) >= Duration::from_secs_f64(delay) {
+            state.below_since = None;
+            return want;
+        }
+    } else {
+        state.above_since = None;
+        state.below_since = None;
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(min: u32, max: u32, up: f64, down: f64) -> Autoscaling {
+        sluice_config::AutoscalingConfig {
+            min_replicas: Some(min),
+            max_replicas: Some(max),
+            upscale_delay_s: Some(up),
+            downscale_delay_s: Some(down),
+            look_back_period_s: Some(10.0),
+            ..Default::default()
+        }
+        .resolve(false)
+    }
+
+    #[test]
+    fn desired_follows_load_over_target() {
+        let c = cfg(1, 10, 0.0, 0.0);
+        assert_eq!(desired(&c, 1, 2.0), 1, "at target");
+        assert_eq!(desired(&c, 1, 8.0), 4, "4x the target on one replica");
+        assert_eq!(desired(&c, 2, 1.0), 1, "half the target on two replicas");
+        assert_eq!(desired(&c, 1, 100.0), 10, "capped at max");
+        assert_eq!(desired(&c, 3, 0.0), 1, "floored at min");
+        let zero = cfg(0, 4, 0.0, 0.0);
+        assert_eq!(desired(&zero, 0, 0.0), 0);
+        assert_eq!(desired(&zero, 0, 1.0), 1, "a request arriving at zero asks for one");
+    }
+
+    #[test]
+    fn smoothing_factor_damps_steps() {
+        let mut c = cfg(1, 100, 0.0, 0.0);
+        c.upscaling_factor = 0.5;
+        // Ratio 4 on 2 replicas: 2 * (1 + 3 * 0.5) = 5.
+        assert_eq!(desired(&c, 2, 16.0), 5);
+    }
+
+    #[test]
+    fn upscale_waits_for_its_delay() {
+        let c = cfg(1, 10, 5.0, 600.0);
+        let t0 = Instant::now();
+        let mut s = ScaleState::default();
+        s.sample(t0, 8.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 1, t0, 10), 1, "the delay starts now");
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(4), 10), 1);
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(5), 10), 4);
+    }
+
+    #[test]
+    fn a_dip_resets_the_upscale_delay() {
+        let c = cfg(1, 10, 5.0, 600.0);
+        let t0 = Instant::now();
+        let look = Duration::from_secs(1);
+        let mut s = ScaleState::default();
+        s.sample(t0, 8.0, look);
+        decide(&c, &mut s, 1, t0, 10);
+        s.sample(t0 + Duration::from_secs(3), 2.0, look);
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(3), 10), 1, "back at target");
+        s.sample(t0 + Duration::from_secs(6), 8.0, look);
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(6), 10), 1, "delay restarted");
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(11), 10), 4);
+    }
+
+    #[test]
+    fn downscale_waits_longer_and_zero_has_its_own_delay() {
+        let mut c = cfg(0, 10, 0.0, 60.0);
+        c.downscale_to_zero_delay_s = 300.0;
+        let t0 = Instant::now();
+        let mut s = ScaleState::default();
+        s.sample(t0, 2.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 4, t0, 10), 4);
+        assert_eq!(decide(&c, &mut s, 4, t0 + Duration::from_secs(59), 10), 4);
+        assert_eq!(decide(&c, &mut s, 4, t0 + Duration::from_secs(60), 10), 1);
+        let mut s = ScaleState::default();
+        s.sample(t0, 0.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 1, t0, 10), 1);
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(299), 10), 1);
+        assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(300), 10), 0);
+    }
+
+    #[test]
+    fn growth_is_capped_by_free_cpus_but_not_below_min() {
+        let c = cfg(2, 10, 0.0, 0.0);
+        let t0 = Instant::now();
+        let mut s = ScaleState::default();
+        s.sample(t0, 40.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 2, t0, 3), 3);
+        assert_eq!(decide(&c, &mut s, 2, t0, 1), 2);
+    }
+
+    #[test]
+    fn the_average_covers_the_look_back_window_only() {
+        let t0 = Instant::now();
+        let mut s = ScaleState::default();
+        let look = Duration::from_secs(10);
+        s.sample(t0, 100.0, look);
+        s.sample(t0 + Duration::from_secs(5), 2.0, look);
+        assert_eq!(s.average(), 51.0);
+        s.sample(t0 + Duration::from_secs(11), 4.0, look);
+        assert_eq!(s.average(), 3.0, "the first sample fell out of the window");
+    }
+}
