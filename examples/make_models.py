@@ -13,6 +13,7 @@ Writes, under examples/models/ (or the folder given as the first argument):
                       BYTES (string).
   reshape/model.onnx  x [N] FP32, shape [2] INT64 -> y = Reshape(x, shape); a shape that does not
                       fit x makes ONNX Runtime fail at run time (tests the 500 path).
+  broken/model.onnx   iris's input, fails on every request at run time (an erroring canary).
   */expected.json     cases in the OIP JSON form: {"inputs": [...]} as a request body and the
                       "outputs" onnxruntime-python computed for it, with a float tolerance.
 
@@ -166,8 +167,25 @@ def reshape():
     save("reshape", model, [("fits", {"x": np.arange(6, dtype=np.float32), "shape": np.array([2, 3], np.int64)})])
 
 
+def broken():
+    """Same input as iris, fails on every request at run time (a canary that errors)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "bad_shape"], ["label"])], "broken",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("label", TensorProto.FLOAT, ["M"])],
+        [numpy_helper.from_array(np.array([7], np.int64), "bad_shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "broken: iris's input, fails at run time on every batch (Reshape to 7 elements)"
+    d = os.path.join(OUT, "broken")
+    os.makedirs(d, exist_ok=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(d, "model.onnx"))
+
+
 if __name__ == "__main__":
     iris()
     mlp()
     dtypes()
     reshape()
+    broken()

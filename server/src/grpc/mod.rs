@@ -79,8 +79,15 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
         let started = std::time::Instant::now();
+        let pinned = req
+            .metadata()
+            .get(sluice_router::VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let req = req.into_inner();
-        let d = self.routes.resolve(&req.model_name, Some(&req.model_version)).map_err(grpc_status)?;
+        let choice =
+            sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: pinned.as_deref() };
+        let d = self.routes.route(&req.model_name, choice).map_err(grpc_status)?;
         let result = match codec::decode(req) {
             Ok(request) => d.infer(request).await,
             Err(e) => Err(e),

@@ -30,7 +30,9 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let deployment = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
+    let pinned = headers.get(sluice_router::VERSION_HEADER).and_then(|v| v.to_str().ok());
+    let choice = sluice_router::VersionChoice { exact: path.get("version").map(String::as_str), pinned };
+    let deployment = state.routes.route(&path["model"], choice)?;
     let result = match decode_request(&headers, body) {
         Ok((request, binary)) => deployment.infer(request).await.map(|r| (r, binary)),
         Err(e) => Err(e),

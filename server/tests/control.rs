@@ -1,0 +1,300 @@
+//! The control plane against the real server: a live swap under continuous load with no failed
+//! request, a canary's traffic share, an automatic rollback of an erroring canary, autoscaling
+//! up and down, and the admin API's validation and token.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const IRIS_BODY: &str =
+    r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#;
+
+fn config_text(deployments: &str) -> String {
+    format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\napplications:\n  - name: app\n    deployments:\n{deployments}"
+    )
+}
+
+async fn start_with(deployments: &str) -> sluice_server::Server {
+    sluice_server::runtime::init(None).unwrap();
+    let config = sluice_config::parse(&config_text(deployments), &models_dir().join("c.yaml")).unwrap();
+    sluice_server::start(config).await.unwrap()
+}
+
+async fn apply(s: &sluice_server::Server, deployments: &str) {
+    let config = sluice_config::parse(&config_text(deployments), &models_dir().join("c.yaml")).unwrap();
+    s.controller().apply(&config).await.unwrap();
+}
+
+/// Sends requests from `clients` loops until `stop`; counts successes and failures and which
+/// versions answered.
+fn load(
+    s: &sluice_server::Server,
+    model: &str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, u64, Vec<String>)> {
+    let url = url(s, &format!("/v2/models/{model}/infer"));
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (client, url, stop, ok, failed, versions) =
+                (client.clone(), url.clone(), stop.clone(), ok.clone(), failed.clone(), versions.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match client.post(&url).body(IRIS_BODY).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let v: Value = r.json().await.unwrap();
+                            versions.lock().unwrap().push(v["model_version"].as_str().unwrap().to_string());
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v = versions.lock().unwrap().clone();
+        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), v)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_swap_under_load_fails_no_request() {
+    let s = start_with("      - {name: m, model: iris/model.onnx, num_replicas: 2}\n").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&s, "m", 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new model version: new replicas load and warm, traffic moves, old ones drain.
+    apply(&s, "      - {name: m, model: iris/model.onnx, version: \"2\", num_replicas: 2}\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, versions) = traffic.await.unwrap();
+    assert_eq!(failed, 0, "{ok} succeeded");
+    assert!(versions.iter().any(|v| v == "1") && versions.iter().any(|v| v == "2"));
+    assert_eq!(versions.last().unwrap(), "2", "traffic moved to the new version");
+    let status = s.controller().status().await;
+    assert!(status["events"].to_string().contains("swapped in"), "{status}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_at_ten_percent_gets_ten_percent_and_pins_work() {
+    let s = start_with(
+        "      - {name: m, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 10}}\n",
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let total = 5000;
+    let canary = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (client, url, canary) = (client.clone(), url(&s, "/v2/models/m/infer"), canary.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..total / 16 {
+                let v: Value = client.post(&url).body(IRIS_BODY).send().await.unwrap().json().await.unwrap();
+                if v["model_version"] == "2" {
+                    canary.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let share = canary.load(Ordering::Relaxed) as f64 / (total / 16 * 16) as f64;
+    assert!((share - 0.10).abs() <= 0.02, "canary share {share:.3}");
+    // A header pins a version; the version path addresses one exactly.
+    for _ in 0..20 {
+        let v: Value = client
+            .post(url(&s, "/v2/models/m/infer"))
+            .header("x-sluice-version", "2")
+            .body(IRIS_BODY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["model_version"], "2");
+        let v: Value = client
+            .post(url(&s, "/v2/models/m/versions/1/infer"))
+            .body(IRIS_BODY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["model_version"], "1");
+    }
+    // Weights change through the controller (the admin API and `sluice rollout` call it).
+    s.controller().set_weight("m", 0).await.unwrap();
+    for _ in 0..50 {
+        let v: Value = client
+            .post(url(&s, "/v2/models/m/infer"))
+            .body(IRIS_BODY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["model_version"], "1");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erroring_canary_is_rolled_back_automatically() {
+    let s = start_with(concat!(
+        "      - name: m\n",
+        "        model: iris/model.onnx\n",
+        "        canary:\n",
+        "          model: broken/model.onnx\n",
+        "          version: \"2\"\n",
+        "          weight: 30\n",
+        "          rollout: {step_percent: 10, interval_s: 0.3, max_error_rate: 0.05, min_requests: 5}\n",
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&s, "m", 4, stop.clone());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = s.controller().status().await;
+        if status["events"].to_string().contains("rolled back canary version 2: error rate") {
+            break;
+        }
+        assert!(Instant::now() < until, "no rollback: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // After the rollback, every request succeeds.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (_, failed_during, _) = traffic.await.unwrap();
+    assert!(failed_during > 0, "the canary did fail requests before the rollback");
+    let stop = Arc::new(AtomicBool::new(false));
+    let after = load(&s, "m", 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, _) = after.await.unwrap();
+    assert_eq!(failed, 0, "{ok} succeeded after the rollback");
+    let status = s.controller().status().await;
+    assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][1]["weight"], 0, "{status}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
+    let s = start_with(concat!(
+        "      - name: m\n",
+        "        model: mlp/model.onnx\n",
+        "        num_replicas: auto\n",
+        "        autoscaling_config: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0,\n",
+        "          downscale_delay_s: 0.5, metrics_interval_s: 0.05, look_back_period_s: 0.2}\n",
+    ))
+    .await;
+    let replicas = |s: &sluice_server::Server| s.routes().resolve("m", None).unwrap().replica_count();
+    assert_eq!(replicas(&s), 1);
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let (url, stop, body) = (url(&s, "/v2/models/m/infer"), stop.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                assert!(client.post(&url).body(body.clone()).send().await.unwrap().status().is_success());
+            }
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while replicas(&s) < 2 {
+        assert!(Instant::now() < until, "no scale-up: {}", s.controller().status().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while replicas(&s) > 1 {
+        assert!(Instant::now() < until, "no scale-down: {}", s.controller().status().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = s.controller().status().await;
+    assert!(status["events"].to_string().contains("autoscaled from 1 to 2"), "{status}");
+    assert!(status["events"].to_string().contains("autoscaled from 2 to 1"), "{status}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_validates_authenticates_and_deletes() {
+    // SAFETY: set before the server reads it; no other test reads this variable.
+    unsafe { std::env::set_var("SLUICE_TEST_ADMIN_TOKEN", "s3cret") };
+    sluice_server::runtime::init(None).unwrap();
+    let text = config_text("      - {name: m, model: iris/model.onnx}\n")
+        .replace("admin_options: {port: 0}", "admin_options: {port: 0, token_env: SLUICE_TEST_ADMIN_TOKEN}");
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config).await.unwrap();
+    let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(&admin).send().await.unwrap().status(), 401, "no token");
+    let status: Value = client.get(&admin).bearer_auth("s3cret").send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][0]["version"], "1");
+    // A config that fails validation changes nothing and lists every error.
+    let bad = "applications:\n  - name: app\n    deployments:\n      - {name: m, model: nope.onnx, num_replicas: 0}\n";
+    let r = client
+        .put(&admin)
+        .bearer_auth("s3cret")
+        .header("x-sluice-base-dir", models_dir().display().to_string())
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errors"].as_array().unwrap().len(), 2, "{body}");
+    assert!(
+        reqwest::Client::new()
+            .post(url(&s, "/v2/models/m/infer"))
+            .body(IRIS_BODY)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    // A good one is applied: a second model appears.
+    let good = "applications:\n  - name: app\n    deployments:\n      - {name: m, model: iris/model.onnx}\n      - {name: n, model: mlp/model.onnx}\n";
+    let r = client
+        .put(&admin)
+        .bearer_auth("s3cret")
+        .header("x-sluice-base-dir", models_dir().display().to_string())
+        .body(good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert!(s.routes().resolve("n", None).is_ok());
+    // Delete the application: its models are gone.
+    let r = client.delete(format!("{admin}/app")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(s.routes().resolve("m", None).is_err());
+    let r = client.delete(format!("{admin}/nope")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    s.shutdown().await;
+}
