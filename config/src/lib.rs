@@ -14,6 +14,7 @@
 
 mod autoscaling;
 mod error;
+mod repository;
 mod schema;
 mod validate;
 
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
+pub use repository::{ModelRepository, VersionPolicy};
 pub use schema::{AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Rollout};
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the

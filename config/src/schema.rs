@@ -28,9 +28,26 @@ pub struct Config {
     /// The applications to serve; each groups deployments.
     #[serde(default)]
     pub applications: Vec<Application>,
+    /// A model repository served as one more application, `repository`, polled for changes.
+    #[serde(default)]
+    pub model_repository: Option<crate::repository::ModelRepository>,
     /// The file this config came from (set by [`crate::load`]); used in messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_options: HttpOptions::default(),
+            grpc_options: GrpcOptions::default(),
+            admin_options: AdminOptions::default(),
+            graceful_shutdown_timeout_s: default_grace(),
+            applications: Vec::new(),
+            model_repository: None,
+            source: PathBuf::new(),
+        }
+    }
 }
 
 /// REST frontend settings (`http_options`).
@@ -183,6 +200,10 @@ pub struct Deployment {
     /// A canary version taking a share of the traffic.
     #[serde(default)]
     pub canary: Option<Canary>,
+    /// Further versions served by exact version only: (version, model file). Filled from a
+    /// model repository's version policy.
+    #[serde(skip)]
+    pub extra_versions: Vec<(String, PathBuf)>,
     /// ONNX Runtime intra-op threads per replica. Default 1: on a small machine, more replicas
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
@@ -290,6 +311,13 @@ fn default_intra_op_threads() -> Spanned<u32> {
 }
 fn default_max_queued_requests() -> Spanned<u32> {
     spanned(64)
+}
+
+impl Application {
+    /// An application made in code (no location in a file).
+    pub fn new(name: impl Into<String>, deployments: Vec<Deployment>) -> Self {
+        Self { name: spanned(name.into()), deployments }
+    }
 }
 
 impl Deployment {

@@ -22,6 +22,23 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
         err(Location::UNKNOWN, "http_options.max_body_bytes".into(), "must be at least 1".into());
     }
 
+    if let Some(repo) = &mut config.model_repository {
+        repo.path = base.join(&repo.path);
+        if !repo.path.is_dir() {
+            err(
+                Location::UNKNOWN,
+                "model_repository.path".into(),
+                format!("`{}` is not a folder", repo.path.display()),
+            );
+        }
+        if !(repo.poll_interval_s >= 0.0 && repo.poll_interval_s.is_finite()) {
+            err(
+                Location::UNKNOWN,
+                "model_repository.poll_interval_s".into(),
+                "must be 0 or more seconds".into(),
+            );
+        }
+    }
     let mut apps: HashMap<String, Location> = HashMap::new();
     let mut deployments: HashMap<String, Location> = HashMap::new();
     for (a, app) in config.applications.iter_mut().enumerate() {

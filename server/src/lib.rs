@@ -153,12 +153,15 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     let http = &config.http_options;
     let grpc = &config.grpc_options;
     let (shutdown, stop) = watch::channel(false);
-    let mut rest = rest::router(rest::AppState { routes: routes.clone() }, http.max_body_bytes);
+    let mut rest = rest::router(
+        rest::AppState { routes: routes.clone(), controller: controller.clone() },
+        http.max_body_bytes,
+    );
     let shared_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
     let mut tasks = Vec::new();
     let mut grpc_addr = None;
     if grpc.enabled {
-        let grpc_router = grpc::routes(routes.clone(), http.max_body_bytes).await?;
+        let grpc_router = grpc::routes(routes.clone(), controller.clone(), http.max_body_bytes).await?;
         if shared_port {
             rest = rest.fallback(move |req: axum::extract::Request| share_port(grpc_router.clone(), req));
         } else {

@@ -298,3 +298,62 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     assert_eq!(r.status(), 404);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_repository_is_polled_and_loads_and_unloads() {
+    sluice_server::runtime::init(None).unwrap();
+    let repo =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("repo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |model: &str, version: u32, fixture: &str| {
+        let d = repo.join(model).join(version.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
+    };
+    put("flowers", 1, "iris");
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0.1}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config).await.unwrap();
+    let client = reqwest::Client::new();
+    let infer = |s: &sluice_server::Server| {
+        let (client, url) = (client.clone(), url(s, "/v2/models/flowers/infer"));
+        async move {
+            let r = client.post(url).body(IRIS_BODY).send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(infer(&s).await.1["model_version"], "1");
+    // A new version appears: the poll swaps it in (latest 1 by default).
+    put("flowers", 2, "iris");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, v) = infer(&s).await;
+        assert!(status.is_success(), "{v}");
+        if v["model_version"] == "2" {
+            break;
+        }
+        assert!(Instant::now() < until, "version 2 never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Unload through the Triton-style endpoint: gone, listed as unavailable.
+    let r = client.post(url(&s, "/v2/repository/models/flowers/unload")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(infer(&s).await.0, 404);
+    let index: Value =
+        client.post(url(&s, "/v2/repository/index")).send().await.unwrap().json().await.unwrap();
+    assert!(
+        index.to_string().contains(r#""name":"flowers","reason":"unloaded","state":"UNAVAILABLE""#),
+        "{index}"
+    );
+    // Load it back.
+    let r = client.post(url(&s, "/v2/repository/models/flowers/load")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(infer(&s).await.1["model_version"], "2");
+    let r = client.post(url(&s, "/v2/repository/models/nope/load")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    s.shutdown().await;
+}

@@ -75,9 +75,14 @@ struct Managed {
     app: String,
     config: sluice_config::Deployment,
     primary: Version,
+    /// Versions served by exact version only (a repository's version policy).
+    others: Vec<Version>,
     canary: Option<CanaryState>,
     autoscaling: Option<(Autoscaling, ScaleState, Instant)>,
 }
+
+/// What a repository scan found: (model, served version, extra versions) per model.
+type RepoSignature = Vec<(String, String, Vec<String>)>;
 
 /// One line of the controller's history.
 #[derive(Clone)]
@@ -91,6 +96,11 @@ struct Event {
 pub struct Controller {
     routes: Arc<Router>,
     state: tokio::sync::Mutex<BTreeMap<String, Managed>>,
+    /// The config last applied (before adding the repository's models), and the repository
+    /// models unloaded through the API.
+    desired: Mutex<Option<Config>>,
+    unloaded: Mutex<std::collections::BTreeSet<String>>,
+    last_poll: Mutex<Option<(Instant, RepoSignature)>>,
     events: Mutex<VecDeque<Event>>,
     grace: Duration,
     node_cpus: f64,
@@ -132,6 +142,9 @@ impl Controller {
         Arc::new(Self {
             routes,
             state: tokio::sync::Mutex::new(BTreeMap::new()),
+            desired: Mutex::new(None),
+            unloaded: Mutex::new(Default::default()),
+            last_poll: Mutex::new(None),
             events: Mutex::new(VecDeque::new()),
             grace,
             node_cpus,
@@ -152,10 +165,111 @@ impl Controller {
         }
     }
 
-    /// Makes the running state match `config` (every application in it; applications not in
-    /// it are removed). New versions are loaded and warmed first; if any fails, nothing
-    /// already serving changes.
+    /// Makes the running state match `config` (every application in it, and the models of
+    /// its model repository as the application `repository`; applications not in it are
+    /// removed). New versions are loaded and warmed first; if any fails, nothing already
+    /// serving changes.
     pub async fn apply(&self, config: &Config) -> Result<(), String> {
+        let effective = self.with_repository(config)?;
+        self.apply_effective(&effective).await?;
+        *self.desired.lock().unwrap_or_else(|e| e.into_inner()) = Some(config.clone());
+        Ok(())
+    }
+
+    /// `config` plus its repository's models (less those unloaded through the API).
+    fn with_repository(&self, config: &Config) -> Result<Config, String> {
+        let Some(repo) = &config.model_repository else { return Ok(config.clone()) };
+        let skip: Vec<String> =
+            self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let models = repo.scan(&skip)?;
+        let signature = models
+            .iter()
+            .map(|d| {
+                (
+                    d.name.value.clone(),
+                    d.version.value.clone(),
+                    d.extra_versions.iter().map(|(v, _)| v.clone()).collect(),
+                )
+            })
+            .collect();
+        *self.last_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), signature));
+        let mut effective = config.clone();
+        for d in &models {
+            if config.applications.iter().flat_map(|a| &a.deployments).any(|c| c.name.value == d.name.value) {
+                return Err(format!(
+                    "model `{}` is both in the model repository and in the config",
+                    d.name.value
+                ));
+            }
+        }
+        if !models.is_empty() {
+            effective.applications.push(sluice_config::Application::new("repository", models));
+        }
+        Ok(effective)
+    }
+
+    /// Rescans the model repository when its poll interval has passed, and applies what
+    /// changed (new versions swap in, removed ones drain).
+    async fn poll_repository(&self) {
+        let Some(config) = self.desired.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let Some(repo) = &config.model_repository else { return };
+        if repo.poll_interval_s <= 0.0 {
+            return;
+        }
+        let previous = self.last_poll.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if previous
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs_f64(repo.poll_interval_s))
+        {
+            return;
+        }
+        let before = previous.map(|(_, s)| s);
+        match self.with_repository(&config) {
+            Ok(effective) => {
+                let now = self.last_poll.lock().unwrap_or_else(|e| e.into_inner()).clone().map(|(_, s)| s);
+                if now != before {
+                    self.event("repository", "model repository changed; applying");
+                    if let Err(e) = self.apply_effective(&effective).await {
+                        self.event("repository", format!("applying the repository failed: {e}"));
+                    }
+                }
+            }
+            Err(e) => self.event("repository", format!("scanning the repository failed: {e}")),
+        }
+    }
+
+    /// Loads (or reloads) a repository model now, undoing an unload.
+    pub async fn load_model(&self, name: &str) -> Result<(), String> {
+        let config = self.desired.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+        if config.model_repository.is_none() {
+            return Err("no model_repository is configured".into());
+        }
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let effective = self.with_repository(&config)?;
+        if !effective.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name.value == name) {
+            return Err(format!("model `{name}` is not in the model repository"));
+        }
+        self.apply_effective(&effective).await
+    }
+
+    /// Stops serving a repository model until it is loaded again.
+    pub async fn unload_model(&self, name: &str) -> Result<(), String> {
+        let config = self.desired.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+        let in_repo = self.state.lock().await.get(name).is_some_and(|m| m.app == "repository");
+        if !in_repo {
+            return Err(format!("model `{name}` is not a loaded repository model"));
+        }
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
+        let effective = self.with_repository(&config)?;
+        self.apply_effective(&effective).await
+    }
+
+    /// Repository models unloaded through the API.
+    pub fn unloaded(&self) -> Vec<String> {
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    async fn apply_effective(&self, config: &Config) -> Result<(), String> {
         let mut state = self.state.lock().await;
         // 1. Start every version that is new or changed, touching nothing that serves.
         let mut plans = Vec::new();
@@ -193,16 +307,38 @@ impl Controller {
                     }
                     None => None,
                 };
-                plans.push((app.name.value.clone(), d.clone(), primary, canary));
+                let mut others = Vec::new();
+                for (version, model) in &d.extra_versions {
+                    let ofp = fingerprint(d, model, version);
+                    let running = old.is_some_and(|m| m.others.iter().any(|o| o.fingerprint == ofp));
+                    if !running {
+                        others.push(
+                            start_version(d, model.clone(), version.clone(), d.initial_replicas().max(1))
+                                .await?,
+                        );
+                    }
+                }
+                plans.push((app.name.value.clone(), d.clone(), primary, canary, others));
             }
         }
         // 2. Commit: build the new state, publish it in one swap, retire what it replaced.
         let mut retired: Vec<Arc<Deployment>> = Vec::new();
         let mut scale: Vec<(String, Arc<Deployment>, usize)> = Vec::new();
         let mut next = BTreeMap::new();
-        for (app, d, new_primary, new_canary) in plans {
+        for (app, d, new_primary, new_canary, new_others) in plans {
             let name = d.name.value.clone();
-            let old = state.remove(&name);
+            let mut old = state.remove(&name);
+            // Extra versions: keep the running ones still wanted, add new ones, retire the rest.
+            let mut others = new_others;
+            for o in old.as_mut().map(|m| std::mem::take(&mut m.others)).unwrap_or_default() {
+                let wanted = d.extra_versions.iter().any(|(v, m)| fingerprint(&d, m, v) == o.fingerprint);
+                if wanted {
+                    others.push(o);
+                } else {
+                    self.event(&name, format!("version {} retired", o.version));
+                    retired.push(o.deployment);
+                }
+            }
             let autoscaling = d.autoscaling();
             let (primary, old_canary, old_scaling) = match (new_primary, old) {
                 (Some(v), Some(m)) => {
@@ -269,11 +405,12 @@ impl Controller {
             };
             let autoscaling =
                 autoscaling.map(|a| (a, old_scaling.map(|(_, s, _)| s).unwrap_or_default(), Instant::now()));
-            next.insert(name, Managed { app, config: d, primary, canary, autoscaling });
+            next.insert(name, Managed { app, config: d, primary, others, canary, autoscaling });
         }
         for (name, gone) in std::mem::take(&mut *state) {
             self.event(&name, "removed");
             retired.push(gone.primary.deployment);
+            retired.extend(gone.others.into_iter().map(|o| o.deployment));
             if let Some(c) = gone.canary {
                 retired.push(c.version.deployment);
             }
@@ -298,6 +435,9 @@ impl Controller {
         for (name, m) in state {
             let mut route = ModelRoute::default();
             route.versions.insert(m.primary.version.clone(), m.primary.deployment.clone());
+            for o in &m.others {
+                route.versions.insert(o.version.clone(), o.deployment.clone());
+            }
             if let Some(c) = &m.canary {
                 route.versions.insert(c.version.version.clone(), c.version.deployment.clone());
                 route.split = vec![
@@ -341,6 +481,7 @@ impl Controller {
             if let Some(m) = state.remove(&n) {
                 self.event(&n, "deleted");
                 retired.push(m.primary.deployment);
+                retired.extend(m.others.into_iter().map(|o| o.deployment));
                 if let Some(c) = m.canary {
                     retired.push(c.version.deployment);
                 }
@@ -406,6 +547,7 @@ impl Controller {
 
     /// One round of autoscaling and rollout decisions; called every `tick` by [`run`].
     pub async fn tick(&self) {
+        self.poll_repository().await;
         let now = Instant::now();
         let mut state = self.state.lock().await;
         let used_cpus: f64 = state
@@ -555,6 +697,7 @@ impl Controller {
             };
             let primary_weight = m.canary.as_ref().map_or(100, |c| 100 - c.weight.min(100));
             let mut versions = vec![version(&m.primary, primary_weight)];
+            versions.extend(m.others.iter().map(|o| version(o, 0)));
             if let Some(c) = &m.canary {
                 let mut v = version(&c.version, c.weight);
                 v["canary"] = json!(true);

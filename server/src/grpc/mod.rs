@@ -20,6 +20,7 @@ use crate::error::grpc_status;
 /// The service implementation.
 pub struct InferenceService {
     routes: Arc<RouteTable>,
+    controller: Arc<crate::controller::Controller>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -123,12 +124,42 @@ impl GrpcInferenceService for InferenceService {
             .collect();
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Reply<pb::RepositoryModelLoadResponse> {
+        let name = req.into_inner().model_name;
+        self.controller.load_model(&name).await.map_err(repository_status)?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Reply<pb::RepositoryModelUnloadResponse> {
+        let name = req.into_inner().model_name;
+        self.controller.unload_model(&name).await.map_err(repository_status)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}
+
+fn repository_status(e: String) -> Status {
+    if e.contains("not in the model repository") || e.contains("not a loaded") {
+        Status::not_found(e)
+    } else {
+        Status::invalid_argument(e)
+    }
 }
 
 /// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
 /// with REST). `max_message_bytes` bounds decoded requests (tonic's default is 4 MiB).
-pub async fn routes(routes: Arc<RouteTable>, max_message_bytes: usize) -> Result<axum::Router, String> {
-    let inference = GrpcInferenceServiceServer::new(InferenceService { routes })
+pub async fn routes(
+    routes: Arc<RouteTable>,
+    controller: Arc<crate::controller::Controller>,
+    max_message_bytes: usize,
+) -> Result<axum::Router, String> {
+    let inference = GrpcInferenceServiceServer::new(InferenceService { routes, controller })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX);
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -21,6 +21,7 @@ use crate::error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub routes: Arc<RouteTable>,
+    pub controller: Arc<crate::controller::Controller>,
 }
 
 /// The REST routes of the Open Inference Protocol.
@@ -36,6 +37,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v2/models/{model}/config", get(model::config))
         .route("/v2/models/{model}/versions/{version}/config", get(model::config))
         .route("/v2/repository/index", post(model::repository_index))
+        .route("/v2/repository/models/{model}/load", post(model::load))
+        .route("/v2/repository/models/{model}/unload", post(model::unload))
         .route("/v2/models/stats", get(model::stats))
         .route("/v2/models/{model}/stats", get(model::stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(model::stats))

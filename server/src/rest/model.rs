@@ -72,11 +72,20 @@ pub async fn repository_index(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed repository index request: {e}")))?
     };
-    let models: Vec<Value> = crate::repository_index(&state.routes)
+    let mut models: Vec<Value> = crate::repository_index(&state.routes)
         .into_iter()
         .filter(|m| !req.ready || m.ready)
         .map(|m| json!({"name": m.name, "version": m.version, "state": m.state()}))
         .collect();
+    if !req.ready {
+        models.extend(
+            state
+                .controller
+                .unloaded()
+                .into_iter()
+                .map(|n| json!({"name": n, "state": "UNAVAILABLE", "reason": "unloaded"})),
+        );
+    }
     Ok(Json(Value::Array(models)))
 }
 
@@ -122,4 +131,28 @@ pub async fn stats(
         })
         .collect();
     Ok(Json(json!({ "model_stats": model_stats })))
+}
+
+/// `POST /v2/repository/models/{m}/load`: (re)load a repository model now.
+pub async fn load(State(state): State<AppState>, Path(model): Path<String>) -> Result<StatusCode, ApiError> {
+    state.controller.load_model(&model).await.map_err(repository_error)?;
+    Ok(StatusCode::OK)
+}
+
+/// `POST /v2/repository/models/{m}/unload`: stop serving a repository model.
+pub async fn unload(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.controller.unload_model(&model).await.map_err(repository_error)?;
+    Ok(StatusCode::OK)
+}
+
+fn repository_error(e: String) -> ApiError {
+    let status = if e.contains("not in the model repository") || e.contains("not a loaded") {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError::new(status, e)
 }
