@@ -14,6 +14,7 @@
 
 mod autoscaling;
 mod error;
+mod pipeline;
 mod repository;
 mod schema;
 mod validate;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
+pub use pipeline::{Builtin, JsonRoute, Pipeline, PipelineStep, PipelineTensor};
 pub use repository::{ModelRepository, VersionPolicy};
 pub use schema::{AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Rollout};
 

@@ -169,9 +169,15 @@ pub struct Rollout {
 pub struct Application {
     /// Unique name of the application.
     pub name: Spanned<String>,
+    /// Where the pipeline's plain-JSON route answers (`/embed`), Ray Serve style.
+    #[serde(default)]
+    pub route_prefix: Option<Spanned<String>>,
     /// The deployments (models) of the application.
     #[serde(default)]
     pub deployments: Vec<Deployment>,
+    /// Deployments composed into one model.
+    #[serde(default)]
+    pub pipeline: Option<crate::pipeline::Pipeline>,
 }
 
 /// A deployment: one model served by a set of replicas.
@@ -181,7 +187,14 @@ pub struct Deployment {
     /// The model name clients use on `/v2/models/{name}`; unique across the server.
     pub name: Spanned<String>,
     /// Path of the ONNX file, relative to the config file. After loading, it is resolved.
+    /// Required unless `builtin` is given.
+    #[serde(default = "default_no_model")]
     pub model: Spanned<PathBuf>,
+    /// A built-in step instead of an ONNX model (`{tokenizer: {path: ...}}`, `{mean_pool: {}}`,
+    /// `{softmax: {}}`, `{argmax: {}}`, `{top_k: {k: 5}}`, `{cast: ..}`, `{reshape: ..}`,
+    /// `{custom: {name: ..}}`).
+    #[serde(default)]
+    pub builtin: Option<crate::pipeline::Builtin>,
     /// The model version reported and addressable on `/v2/models/{name}/versions/{version}`.
     /// Default `"1"`.
     #[serde(default = "default_version")]
@@ -255,6 +268,9 @@ fn default_port() -> u16 {
 fn default_max_body_bytes() -> usize {
     64 * 1024 * 1024
 }
+fn default_no_model() -> Spanned<PathBuf> {
+    spanned(PathBuf::new())
+}
 fn default_grace() -> f64 {
     30.0
 }
@@ -316,7 +332,7 @@ fn default_max_queued_requests() -> Spanned<u32> {
 impl Application {
     /// An application made in code (no location in a file).
     pub fn new(name: impl Into<String>, deployments: Vec<Deployment>) -> Self {
-        Self { name: spanned(name.into()), deployments }
+        Self { name: spanned(name.into()), route_prefix: None, deployments, pipeline: None }
     }
 }
 

@@ -70,15 +70,49 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
                     ),
                 );
             }
-            let resolved = base.join(&dep.model.value);
-            if !resolved.is_file() {
-                err(
+            match (&mut dep.builtin, dep.model.value.as_os_str().is_empty()) {
+                (None, true) => err(
+                    dep.name.referenced,
+                    format!("{at}.model"),
+                    "missing `model` (an ONNX file) or `builtin`".into(),
+                ),
+                (Some(_), false) => err(
                     dep.model.referenced,
                     format!("{at}.model"),
-                    format!("model file `{}` not found", resolved.display()),
-                );
+                    "give `model` or `builtin`, not both".into(),
+                ),
+                (None, false) => {
+                    let resolved = base.join(&dep.model.value);
+                    if !resolved.is_file() {
+                        err(
+                            dep.model.referenced,
+                            format!("{at}.model"),
+                            format!("model file `{}` not found", resolved.display()),
+                        );
+                    }
+                    dep.model.value = resolved;
+                }
+                (Some(b), true) => {
+                    use crate::Builtin;
+                    let file = match b {
+                        Builtin::Tokenizer { path, .. } => Some(path),
+                        Builtin::Argmax { labels: Some(path) } | Builtin::TopK { labels: Some(path), .. } => {
+                            Some(path)
+                        }
+                        _ => None,
+                    };
+                    if let Some(path) = file {
+                        *path = base.join(&*path);
+                        if !path.is_file() {
+                            err(
+                                dep.name.referenced,
+                                format!("{at}.builtin"),
+                                format!("file `{}` not found", path.display()),
+                            );
+                        }
+                    }
+                }
             }
-            dep.model.value = resolved;
             check_name(&dep.version, &format!("{at}.version"), &mut err);
             match (&dep.num_replicas.value, &dep.autoscaling_config) {
                 (crate::NumReplicas::Fixed(_), Some(a)) if dep.num_replicas.referenced.line() > 0 => err(
@@ -178,6 +212,72 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
                     format!("{at}.pad"),
                     "padding needs batching: set max_batch_size".into(),
                 );
+            }
+        }
+    }
+    for (a, app) in config.applications.iter().enumerate() {
+        let at = format!("applications[{a}]");
+        if let Some(prefix) = &app.route_prefix {
+            let p = &prefix.value;
+            if !p.starts_with('/')
+                || (p.len() > 1 && p.ends_with('/'))
+                || p.starts_with("/v2")
+                || p.starts_with("/metrics")
+            {
+                err(
+                    prefix.referenced,
+                    format!("{at}.route_prefix"),
+                    "must start with `/`, not end with `/`, and not be under /v2 or /metrics".into(),
+                );
+            }
+            if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {
+                err(
+                    prefix.referenced,
+                    format!("{at}.route_prefix"),
+                    "needs a pipeline with a `route`".into(),
+                );
+            }
+        }
+        if let Some(p) = &app.pipeline {
+            if deployments.contains_key(&p.name.value) {
+                err(
+                    p.name.referenced,
+                    format!("{at}.pipeline.name"),
+                    format!("`{}` is already a deployment name", p.name.value),
+                );
+            }
+            let names: Vec<String> = app.deployments.iter().map(|d| d.name.value.clone()).collect();
+            if let Err(problems) = p.check(&names) {
+                for (loc, field, msg) in problems {
+                    err(loc, format!("{at}.pipeline.{field}"), msg);
+                }
+            }
+            if let Some(route) = &p.route {
+                if app.route_prefix.is_none() {
+                    err(
+                        p.name.referenced,
+                        format!("{at}.pipeline.route"),
+                        "needs the application's `route_prefix`".into(),
+                    );
+                }
+                for tensor in route.request.values() {
+                    if !p.inputs.iter().any(|t| &t.name == tensor) {
+                        err(
+                            p.name.referenced,
+                            format!("{at}.pipeline.route.request"),
+                            format!("`{tensor}` is not a pipeline input"),
+                        );
+                    }
+                }
+                for tensor in route.response.values() {
+                    if !p.outputs.contains(tensor) {
+                        err(
+                            p.name.referenced,
+                            format!("{at}.pipeline.route.response"),
+                            format!("`{tensor}` is not a pipeline output"),
+                        );
+                    }
+                }
             }
         }
     }

@@ -181,6 +181,9 @@ impl Deployment {
     /// Loads the ONNX model of a config deployment with a spec adjusted by the caller (the
     /// controller picks replica counts).
     pub fn load_spec(config: &sluice_config::Deployment, spec: DeploymentSpec) -> Result<Self, String> {
+        if let Some(b) = &config.builtin {
+            return Self::start(spec, crate::builtin::factory(b)?);
+        }
         let options = OnnxOptions { intra_op_threads: config.intra_op_threads.value as usize };
         let path = config.model.value.clone();
         let factory: BackendFactory =

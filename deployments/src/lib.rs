@@ -4,19 +4,24 @@
 
 mod backend;
 mod batch;
+pub mod builtin;
 mod concat;
+mod convert;
 mod deployment;
 mod error;
 pub mod metrics;
 pub mod onnx;
+pub mod pipeline;
 mod replica;
 mod request;
 mod tensor;
 
 pub use backend::{Backend, ModelMetadata, TensorSpec};
 pub use batch::BatchPolicy;
+pub use builtin::register_step;
 pub use deployment::{Deployment, DeploymentSpec};
 pub use error::{ErrorKind, InferError};
+pub use pipeline::{Pipeline, Servable};
 pub use replica::BackendFactory;
 pub use request::{InferRequest, InferResponse, check_request};
 pub use tensor::{BytesElements, DataType, NamedTensor, Tensor, element_count, push_bytes_element};

@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use sluice_deployments::{Deployment, InferError};
+use sluice_deployments::{InferError, Pipeline, Servable};
 
 /// The versions of one model.
 #[derive(Default)]
 pub struct ModelRoute {
-    /// Deployments by version string.
-    pub versions: BTreeMap<String, Arc<Deployment>>,
+    /// Deployments (or a pipeline) by version string.
+    pub versions: BTreeMap<String, Servable>,
     /// How requests that name no version are split: (version, weight). Empty: all go to the
     /// default version.
     pub split: Vec<(String, u32)>,
@@ -21,7 +21,7 @@ pub struct ModelRoute {
 impl ModelRoute {
     /// The version a request without one gets: the highest numeric version, else the last by
     /// name (Triton's policy: highest ready).
-    pub fn default_version(&self) -> Option<&Arc<Deployment>> {
+    pub fn default_version(&self) -> Option<&Servable> {
         self.versions
             .iter()
             .max_by(|(a, _), (b, _)| match (a.parse::<u64>(), b.parse::<u64>()) {
@@ -36,17 +36,8 @@ impl ModelRoute {
 #[derive(Default)]
 pub struct RouteTable {
     pub models: HashMap<String, ModelRoute>,
-}
-
-impl RouteTable {
-    /// Builds a table from deployments; each is routed under its name and version.
-    pub fn from_deployments(deployments: impl IntoIterator<Item = Arc<Deployment>>) -> Self {
-        let mut models: HashMap<String, ModelRoute> = HashMap::new();
-        for d in deployments {
-            models.entry(d.name().to_string()).or_default().versions.insert(d.version().to_string(), d);
-        }
-        Self { models }
-    }
+    /// Plain-JSON routes: route prefix → the pipeline behind it.
+    pub json_routes: HashMap<String, Arc<Pipeline>>,
 }
 
 /// Resolves model names to deployments.
@@ -87,13 +78,13 @@ impl Router {
 
     /// The deployment for `model` at `version` (or the default version), or a NotFound error
     /// naming what is unknown.
-    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Arc<Deployment>, InferError> {
+    pub fn resolve(&self, model: &str, version: Option<&str>) -> Result<Servable, InferError> {
         self.route(model, VersionChoice { exact: version, pinned: None })
     }
 
     /// The deployment that serves a request: the exact version when the path names one, else
     /// a pinned version, else a weighted pick by the model's traffic split.
-    pub fn route(&self, model: &str, choice: VersionChoice<'_>) -> Result<Arc<Deployment>, InferError> {
+    pub fn route(&self, model: &str, choice: VersionChoice<'_>) -> Result<Servable, InferError> {
         let table = self.table.load();
         let route = table
             .models
@@ -114,7 +105,7 @@ impl Router {
         })
     }
 
-    fn weighted<'r>(&self, route: &'r ModelRoute) -> Option<&'r Arc<Deployment>> {
+    fn weighted<'r>(&self, route: &'r ModelRoute) -> Option<&'r Servable> {
         let total: u64 = route.split.iter().map(|(_, w)| *w as u64).sum();
         if total == 0 {
             return None;
@@ -135,6 +126,11 @@ impl Router {
     /// The versions of `model`, in order (empty when unknown).
     pub fn versions(&self, model: &str) -> Vec<String> {
         self.table.load().models.get(model).map(|m| m.versions.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The pipeline behind a plain-JSON route.
+    pub fn json_route(&self, path: &str) -> Option<Arc<Pipeline>> {
+        self.table.load().json_routes.get(path).cloned()
     }
 
     /// True when every deployment of every model is ready.

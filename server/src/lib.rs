@@ -154,7 +154,11 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     let grpc = &config.grpc_options;
     let (shutdown, stop) = watch::channel(false);
     let mut rest = rest::router(
-        rest::AppState { routes: routes.clone(), controller: controller.clone() },
+        rest::AppState {
+            routes: routes.clone(),
+            controller: controller.clone(),
+            max_body_bytes: http.max_body_bytes,
+        },
         http.max_body_bytes,
     );
     let shared_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
@@ -163,7 +167,14 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     if grpc.enabled {
         let grpc_router = grpc::routes(routes.clone(), controller.clone(), http.max_body_bytes).await?;
         if shared_port {
-            rest = rest.fallback(move |req: axum::extract::Request| share_port(grpc_router.clone(), req));
+            let state = rest::AppState {
+                routes: routes.clone(),
+                controller: controller.clone(),
+                max_body_bytes: http.max_body_bytes,
+            };
+            rest = rest.fallback(move |req: axum::extract::Request| {
+                share_port(grpc_router.clone(), state.clone(), req)
+            });
         } else {
             let listener = bind(&grpc.host, grpc.port).await?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -197,17 +208,20 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     Ok(Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, tasks, grace })
 }
 
-/// On a shared port, requests REST does not route go to gRPC when they are gRPC, and get REST's
-/// JSON 404 otherwise.
-async fn share_port(grpc: axum::Router, req: axum::extract::Request) -> axum::response::Response {
-    use axum::response::IntoResponse;
+/// On a shared port, requests REST does not route go to gRPC when they are gRPC, and to the
+/// JSON routes (or REST's JSON 404) otherwise.
+async fn share_port(
+    grpc: axum::Router,
+    state: rest::AppState,
+    req: axum::extract::Request,
+) -> axum::response::Response {
     use tower::ServiceExt;
     let is_grpc = req
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if !is_grpc {
-        return error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "Not Found").into_response();
+        return rest::route::fallback(axum::extract::State(state), req).await;
     }
     match grpc.oneshot(req).await {
         Ok(response) => response,

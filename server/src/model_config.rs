@@ -4,7 +4,7 @@
 //! `model_transaction_policy.decoupled` / `response_cache.enable` without checking for them.
 
 use serde_json::{Value, json};
-use sluice_deployments::{DataType, Deployment};
+use sluice_deployments::{DataType, Servable};
 use sluice_proto::inference as pb;
 
 /// The config enum value for a datatype.
@@ -33,13 +33,13 @@ fn dims(shape: &[i64], batches: bool) -> Vec<i64> {
 }
 
 /// The configuration of a deployment.
-pub fn build(d: &Deployment) -> pb::ModelConfig {
+pub fn build(d: &Servable) -> pb::ModelConfig {
     let meta = d.metadata();
     let batches = d.max_batch_size() > 0;
     pb::ModelConfig {
         name: d.name().to_string(),
         platform: meta.platform.clone(),
-        backend: "onnxruntime".to_string(),
+        backend: if meta.platform == "onnxruntime_onnx" { "onnxruntime".to_string() } else { String::new() },
         version_policy: Some(pb::ModelVersionPolicy {
             policy_choice: Some(pb::model_version_policy::PolicyChoice::Latest(
                 pb::model_version_policy::Latest { num_versions: 1 },

@@ -207,7 +207,9 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
         "          downscale_delay_s: 0.5, metrics_interval_s: 0.05, look_back_period_s: 0.2}\n",
     ))
     .await;
-    let replicas = |s: &sluice_server::Server| s.routes().resolve("m", None).unwrap().replica_count();
+    let replicas = |s: &sluice_server::Server| {
+        s.routes().resolve("m", None).unwrap().deployment().unwrap().replica_count()
+    };
     assert_eq!(replicas(&s), 1);
     let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
     let stop = Arc::new(AtomicBool::new(false));

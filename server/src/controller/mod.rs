@@ -22,8 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use sluice_config::{Autoscaling, Config, Rollout};
-use sluice_deployments::Deployment;
 use sluice_deployments::metrics::LatencyBuckets;
+use sluice_deployments::pipeline::{JsonMapping, Step, tensor_spec};
+use sluice_deployments::{Deployment, Pipeline, Servable};
 use sluice_router::{ModelRoute, RouteTable, Router};
 
 use autoscale::ScaleState;
@@ -100,6 +101,8 @@ pub struct Controller {
     /// models unloaded through the API.
     desired: Mutex<Option<Config>>,
     unloaded: Mutex<std::collections::BTreeSet<String>>,
+    /// Pipelines and their JSON route prefixes, rebuilt on every apply.
+    pipelines: Mutex<Vec<(Arc<Pipeline>, Option<String>)>>,
     last_poll: Mutex<Option<(Instant, RepoSignature)>>,
     events: Mutex<VecDeque<Event>>,
     grace: Duration,
@@ -144,6 +147,7 @@ impl Controller {
             state: tokio::sync::Mutex::new(BTreeMap::new()),
             desired: Mutex::new(None),
             unloaded: Mutex::new(Default::default()),
+            pipelines: Mutex::new(Vec::new()),
             last_poll: Mutex::new(None),
             events: Mutex::new(VecDeque::new()),
             grace,
@@ -321,6 +325,20 @@ impl Controller {
                 plans.push((app.name.value.clone(), d.clone(), primary, canary, others));
             }
         }
+        // 1b. Build the pipelines over the deployments the new state will hold (checking that
+        //     tensors agree between steps), still touching nothing that serves.
+        let mut pipelines = Vec::new();
+        for app in &config.applications {
+            let Some(p) = &app.pipeline else { continue };
+            let lookup = |name: &str| -> Option<Arc<Deployment>> {
+                plans
+                    .iter()
+                    .find(|(_, d, ..)| d.name.value == name)
+                    .and_then(|(_, _, new, ..)| new.as_ref().map(|v| v.deployment.clone()))
+                    .or_else(|| state.get(name).map(|m| m.primary.deployment.clone()))
+            };
+            pipelines.push((build_pipeline(p, lookup)?, app.route_prefix.as_ref().map(|r| r.value.clone())));
+        }
         // 2. Commit: build the new state, publish it in one swap, retire what it replaced.
         let mut retired: Vec<Arc<Deployment>> = Vec::new();
         let mut scale: Vec<(String, Arc<Deployment>, usize)> = Vec::new();
@@ -416,6 +434,7 @@ impl Controller {
             }
         }
         *state = next;
+        *self.pipelines.lock().unwrap_or_else(|e| e.into_inner()) = pipelines;
         self.publish(&state);
         drop(state);
         self.drain(retired);
@@ -432,14 +451,26 @@ impl Controller {
     /// Publishes the route table for `state`.
     fn publish(&self, state: &BTreeMap<String, Managed>) {
         let mut table = RouteTable::default();
+        for (p, prefix) in self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let mut route = ModelRoute::default();
+            route.versions.insert("1".into(), Servable::Pipeline(p.clone()));
+            table.models.insert(p.name().to_string(), route);
+            if let Some(prefix) = prefix {
+                table.json_routes.insert(prefix.clone(), p.clone());
+            }
+        }
         for (name, m) in state {
             let mut route = ModelRoute::default();
-            route.versions.insert(m.primary.version.clone(), m.primary.deployment.clone());
+            route
+                .versions
+                .insert(m.primary.version.clone(), Servable::Deployment(m.primary.deployment.clone()));
             for o in &m.others {
-                route.versions.insert(o.version.clone(), o.deployment.clone());
+                route.versions.insert(o.version.clone(), Servable::Deployment(o.deployment.clone()));
             }
             if let Some(c) = &m.canary {
-                route.versions.insert(c.version.version.clone(), c.version.deployment.clone());
+                route
+                    .versions
+                    .insert(c.version.version.clone(), Servable::Deployment(c.version.deployment.clone()));
                 route.split = vec![
                     (m.primary.version.clone(), 100 - c.weight.min(100)),
                     (c.version.version.clone(), c.weight.min(100)),
@@ -659,7 +690,7 @@ impl Controller {
                     .table()
                     .models
                     .values()
-                    .flat_map(|m| m.versions.values().map(|d| d.scale_hint()))
+                    .flat_map(|m| m.versions.values().filter_map(|d| d.deployment().map(|d| d.scale_hint())))
                     .collect();
                 c.tick().await;
                 drop(c);
@@ -751,4 +782,45 @@ async fn futures_select_all<F: std::future::Future<Output = ()> + Unpin>(mut fut
         std::task::Poll::Pending
     })
     .await
+}
+
+/// A running pipeline from its config, over the deployments `lookup` finds.
+fn build_pipeline(
+    p: &sluice_config::Pipeline,
+    lookup: impl Fn(&str) -> Option<Arc<Deployment>>,
+) -> Result<Arc<Pipeline>, String> {
+    let name = &p.name.value;
+    let all: Vec<String> = p.steps.iter().map(|s| s.deployment.value.clone()).collect();
+    let order = p.check(&all).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|(_, f, m)| format!("pipeline `{name}` {f}: {m}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let inputs = p
+        .inputs
+        .iter()
+        .map(|t| tensor_spec(&t.name, &t.datatype, &t.shape))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut steps = Vec::new();
+    for i in order {
+        let s = &p.steps[i];
+        let deployment = lookup(&s.deployment.value).ok_or_else(|| {
+            format!("pipeline `{name}` step `{}`: unknown deployment `{}`", s.name.value, s.deployment.value)
+        })?;
+        steps.push(Step {
+            name: s.name.value.clone(),
+            deployment,
+            inputs: s.inputs.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            outputs: s.outputs.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+        });
+    }
+    let json = p.route.as_ref().map(|r| JsonMapping {
+        request: r.request.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+        response: r.response.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+    });
+    Pipeline::new(name, inputs, steps, &p.outputs, json)
+        .map(Arc::new)
+        .map_err(|e| format!("pipeline `{name}`: {e}"))
 }

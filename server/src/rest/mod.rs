@@ -6,6 +6,7 @@ mod health;
 mod infer;
 pub mod json;
 mod model;
+pub mod route;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::error::ApiError;
 pub struct AppState {
     pub routes: Arc<RouteTable>,
     pub controller: Arc<crate::controller::Controller>,
+    pub max_body_bytes: usize,
 }
 
 /// The REST routes of the Open Inference Protocol.
@@ -45,14 +47,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(crate::metrics::render))
         .route("/v2/models/{model}/infer", post(infer::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
-        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(route::fallback)
         .with_state(state)
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "Not Found")
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -1,0 +1,364 @@
+//! Built-in pipeline steps that need no ONNX file. Each is a [`Backend`], so it runs on replica
+//! threads and batches like any model: tokenizer, mean_pool, softmax, argmax / top_k (with
+//! labels), cast, reshape; and steps a Rust program registers ([`register_step`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use bytes::Bytes;
+use sluice_config::Builtin;
+
+use crate::{
+    Backend, BackendFactory, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    push_bytes_element,
+};
+
+/// Steps registered by name for `builtin: {custom: {name: ...}}`.
+fn registry() -> &'static RwLock<HashMap<String, BackendFactory>> {
+    static REGISTRY: OnceLock<RwLock<HashMap<String, BackendFactory>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Registers a custom step (any [`Backend`]) under `name`, for configs to use as
+/// `builtin: {custom: {name: NAME}}`. Call before starting the server.
+pub fn register_step(name: impl Into<String>, factory: BackendFactory) {
+    registry().write().unwrap_or_else(|e| e.into_inner()).insert(name.into(), factory);
+}
+
+/// The factory of a built-in step.
+pub fn factory(b: &Builtin) -> Result<BackendFactory, String> {
+    if let Builtin::Custom { name } = b {
+        return registry().read().unwrap_or_else(|e| e.into_inner()).get(name).cloned().ok_or_else(|| {
+            format!("no custom step `{name}` is registered (sluice_deployments::register_step)")
+        });
+    }
+    // Build once now so a bad file fails the deployment, then clone per replica.
+    let proto = Builtins::new(b)?;
+    Ok(Arc::new(move || Ok(Box::new(proto.clone()) as Box<dyn Backend>)))
+}
+
+fn spec(name: &str, dtype: DataType, shape: &[i64]) -> TensorSpec {
+    TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+}
+
+#[derive(Clone)]
+enum Kind {
+    Tokenizer(Arc<tokenizers::Tokenizer>),
+    MeanPool { normalize: bool },
+    Softmax,
+    TopK { k: Option<usize>, labels: Option<Arc<Vec<String>>> },
+    Cast { to: DataType },
+    Reshape { shape: Vec<i64> },
+}
+
+#[derive(Clone)]
+struct Builtins {
+    kind: Kind,
+    meta: ModelMetadata,
+}
+
+fn dtype(name: &str) -> Result<DataType, String> {
+    DataType::parse(name).ok_or_else(|| format!("unknown datatype `{name}`"))
+}
+
+fn read_labels(path: &Option<std::path::PathBuf>) -> Result<Option<Arc<Vec<String>>>, String> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|t| Arc::new(t.lines().map(str::to_string).collect()))
+                .map_err(|e| format!("labels `{}`: {e}", p.display()))
+        })
+        .transpose()
+}
+
+impl Builtins {
+    fn new(b: &Builtin) -> Result<Self, String> {
+        use DataType::*;
+        let (kind, inputs, outputs) = match b {
+            Builtin::Tokenizer { path, max_length } => {
+                let mut t = tokenizers::Tokenizer::from_file(path)
+                    .map_err(|e| format!("tokenizer `{}`: {e}", path.display()))?;
+                if let Some(n) = max_length {
+                    let mut trunc = t.get_truncation().cloned().unwrap_or_default();
+                    trunc.max_length = *n;
+                    t.with_truncation(Some(trunc)).map_err(|e| e.to_string())?;
+                }
+                let mut padding = t.get_padding().cloned().unwrap_or_default();
+                padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
+                t.with_padding(Some(padding));
+                let outs =
+                    ["input_ids", "attention_mask", "token_type_ids"].map(|n| spec(n, Int64, &[-1, -1]));
+                (Kind::Tokenizer(Arc::new(t)), vec![spec("text", Bytes, &[-1])], outs.to_vec())
+            }
+            Builtin::MeanPool { normalize } => (
+                Kind::MeanPool { normalize: *normalize },
+                vec![spec("hidden", Fp32, &[-1, -1, -1]), spec("mask", Int64, &[-1, -1])],
+                vec![spec("embedding", Fp32, &[-1, -1])],
+            ),
+            Builtin::Softmax {} => {
+                (Kind::Softmax, vec![spec("x", Fp32, &[-1, -1])], vec![spec("y", Fp32, &[-1, -1])])
+            }
+            Builtin::Argmax { labels } => {
+                let labels = read_labels(labels)?;
+                let mut outs = vec![spec("index", Int64, &[-1]), spec("value", Fp32, &[-1])];
+                if labels.is_some() {
+                    outs.push(spec("label", Bytes, &[-1]));
+                }
+                (Kind::TopK { k: None, labels }, vec![spec("x", Fp32, &[-1, -1])], outs)
+            }
+            Builtin::TopK { k, labels } => {
+                if *k == 0 {
+                    return Err("top_k needs k of at least 1".into());
+                }
+                let labels = read_labels(labels)?;
+                let mut outs =
+                    vec![spec("index", Int64, &[-1, *k as i64]), spec("value", Fp32, &[-1, *k as i64])];
+                if labels.is_some() {
+                    outs.push(spec("label", Bytes, &[-1, *k as i64]));
+                }
+                (Kind::TopK { k: Some(*k), labels }, vec![spec("x", Fp32, &[-1, -1])], outs)
+            }
+            Builtin::Cast { from, to } => {
+                let (from, to) = (dtype(from)?, dtype(to)?);
+                if from == Bytes || to == Bytes {
+                    return Err("cast converts between numeric datatypes".into());
+                }
+                (Kind::Cast { to }, vec![spec("x", from, &[-1, -1])], vec![spec("y", to, &[-1, -1])])
+            }
+            Builtin::Reshape { datatype, shape } => {
+                let d = dtype(datatype)?;
+                if shape.iter().filter(|&&x| x == -1).count() > 1 || shape.iter().any(|&x| x < -1 || x == 0) {
+                    return Err("reshape: positive dimensions and at most one -1".into());
+                }
+                let mut out = vec![-1];
+                out.extend(shape);
+                (
+                    Kind::Reshape { shape: shape.clone() },
+                    vec![spec("x", d, &[-1, -1])],
+                    vec![spec("y", d, &out)],
+                )
+            }
+            Builtin::Custom { .. } => return Err("custom steps come from the registry".into()),
+        };
+        Ok(Self { kind, meta: ModelMetadata { platform: "sluice_builtin".into(), inputs, outputs } })
+    }
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default())).collect()
+}
+
+fn i64s(t: &Tensor) -> Vec<i64> {
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
+}
+
+fn tensor_f32(name: &str, shape: Vec<usize>, v: &[f32]) -> Result<NamedTensor, InferError> {
+    let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(NamedTensor { name: name.into(), tensor: Tensor::new(DataType::Fp32, shape, Bytes::from(data))? })
+}
+
+fn tensor_i64(name: &str, shape: Vec<usize>, v: &[i64]) -> Result<NamedTensor, InferError> {
+    let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(NamedTensor { name: name.into(), tensor: Tensor::new(DataType::Int64, shape, Bytes::from(data))? })
+}
+
+fn input<'a>(inputs: &'a [NamedTensor], name: &str) -> Result<&'a Tensor, InferError> {
+    inputs
+        .iter()
+        .find(|t| t.name == name)
+        .map(|t| &t.tensor)
+        .ok_or_else(|| InferError::invalid(format!("missing input `{name}`")))
+}
+
+impl Backend for Builtins {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        let mut out = match &self.kind {
+            Kind::Tokenizer(t) => {
+                let text = input(&inputs, "text")?;
+                let texts = text
+                    .bytes_elements()
+                    .map(|b| {
+                        std::str::from_utf8(b)
+                            .map(str::to_string)
+                            .map_err(|_| InferError::invalid("text is not UTF-8"))
+                    })
+                    .collect::<Result<Vec<String>, _>>()?;
+                let enc = t
+                    .encode_batch(texts, true)
+                    .map_err(|e| InferError::invalid(format!("tokenizer: {e}")))?;
+                let n = enc.len();
+                let len = enc.first().map_or(0, |e| e.len());
+                let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
+                    enc.iter().flat_map(|e| f(e).iter().map(|&x| x as i64)).collect()
+                };
+                vec![
+                    tensor_i64("input_ids", vec![n, len], &flat(|e| e.get_ids()))?,
+                    tensor_i64("attention_mask", vec![n, len], &flat(|e| e.get_attention_mask()))?,
+                    tensor_i64("token_type_ids", vec![n, len], &flat(|e| e.get_type_ids()))?,
+                ]
+            }
+            Kind::MeanPool { normalize } => {
+                let (hidden, mask) = (input(&inputs, "hidden")?, input(&inputs, "mask")?);
+                let &[n, l, h] = hidden.shape() else {
+                    return Err(InferError::invalid("hidden must be [N, L, H]"));
+                };
+                if mask.shape() != [n, l] {
+                    return Err(InferError::invalid(format!(
+                        "mask has shape {:?} but hidden is {:?}: they must agree on [N, L]",
+                        mask.shape(),
+                        hidden.shape()
+                    )));
+                }
+                let (hv, mv) = (f32s(hidden), i64s(mask));
+                let mut emb = vec![0f32; n * h];
+                for b in 0..n {
+                    let row = &mut emb[b * h..(b + 1) * h];
+                    let mut count = 0f32;
+                    for t in 0..l {
+                        if mv[b * l + t] != 0 {
+                            count += 1.0;
+                            for (e, x) in row.iter_mut().zip(&hv[(b * l + t) * h..(b * l + t + 1) * h]) {
+                                *e += x;
+                            }
+                        }
+                    }
+                    let count = count.max(1e-9);
+                    row.iter_mut().for_each(|e| *e /= count);
+                    if *normalize {
+                        let norm = row.iter().map(|e| e * e).sum::<f32>().sqrt().max(1e-12);
+                        row.iter_mut().for_each(|e| *e /= norm);
+                    }
+                }
+                vec![tensor_f32("embedding", vec![n, h], &emb)?]
+            }
+            Kind::Softmax => {
+                let x = input(&inputs, "x")?;
+                let c = x.shape().last().copied().unwrap_or(1).max(1);
+                let mut v = f32s(x);
+                for row in v.chunks_mut(c) {
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    row.iter_mut().for_each(|e| *e = (*e - max).exp());
+                    let sum: f32 = row.iter().sum();
+                    row.iter_mut().for_each(|e| *e /= sum);
+                }
+                vec![tensor_f32("y", x.shape().to_vec(), &v)?]
+            }
+            Kind::TopK { k, labels } => {
+                let x = input(&inputs, "x")?;
+                let &[n, c] = x.shape() else { return Err(InferError::invalid("x must be [N, C]")) };
+                let kk = k.unwrap_or(1).min(c);
+                let v = f32s(x);
+                let (mut idx, mut val) = (Vec::with_capacity(n * kk), Vec::with_capacity(n * kk));
+                for row in v.chunks(c.max(1)).take(n) {
+                    let mut order: Vec<usize> = (0..c).collect();
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                    for &i in order.iter().take(kk) {
+                        idx.push(i as i64);
+                        val.push(row[i]);
+                    }
+                }
+                let shape = if k.is_some() { vec![n, kk] } else { vec![n] };
+                let mut out = vec![
+                    tensor_i64("index", shape.clone(), &idx)?,
+                    tensor_f32("value", shape.clone(), &val)?,
+                ];
+                if let Some(labels) = labels {
+                    let mut data = Vec::new();
+                    for &i in &idx {
+                        let name = labels.get(i as usize).map_or_else(|| i.to_string(), Clone::clone);
+                        push_bytes_element(&mut data, name.as_bytes())?;
+                    }
+                    out.push(NamedTensor {
+                        name: "label".into(),
+                        tensor: Tensor::new(DataType::Bytes, shape, Bytes::from(data))?,
+                    });
+                }
+                out
+            }
+            Kind::Cast { to } => {
+                let x = input(&inputs, "x")?;
+                let values = crate::convert::to_f64(x);
+                vec![NamedTensor {
+                    name: "y".into(),
+                    tensor: crate::convert::from_f64(*to, x.shape().to_vec(), &values)?,
+                }]
+            }
+            Kind::Reshape { shape } => {
+                let x = input(&inputs, "x")?;
+                let n = x.shape().first().copied().unwrap_or(0);
+                let per_row = if n == 0 { 0 } else { x.len() / n };
+                let known: i64 = shape.iter().filter(|&&d| d > 0).product();
+                let dims: Vec<usize> = shape
+                    .iter()
+                    .map(|&d| if d == -1 { per_row / known.max(1) as usize } else { d as usize })
+                    .collect();
+                if dims.iter().product::<usize>() != per_row {
+                    return Err(InferError::invalid(format!(
+                        "cannot reshape rows of {per_row} elements to {shape:?}"
+                    )));
+                }
+                let mut full = vec![n];
+                full.extend(dims);
+                vec![NamedTensor {
+                    name: "y".into(),
+                    tensor: Tensor::new(x.dtype(), full, x.data().clone())?,
+                }]
+            }
+        };
+        out.retain(|o| outputs.contains(&o.name));
+        out.sort_by_key(|o| outputs.iter().position(|n| n == &o.name));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(b: Builtin, inputs: Vec<NamedTensor>) -> Vec<NamedTensor> {
+        let mut s = Builtins::new(&b).unwrap();
+        let outs: Vec<String> = s.meta.outputs.iter().map(|o| o.name.clone()).collect();
+        s.infer(inputs, &outs).unwrap()
+    }
+
+    #[test]
+    fn mean_pool_respects_the_mask_and_normalizes() {
+        let hidden = tensor_f32("hidden", vec![1, 3, 2], &[1.0, 2.0, 3.0, 4.0, 100.0, 100.0]).unwrap();
+        let mask = tensor_i64("mask", vec![1, 3], &[1, 1, 0]).unwrap();
+        let out = run(Builtin::MeanPool { normalize: false }, vec![hidden.clone(), mask.clone()]);
+        assert_eq!(f32s(&out[0].tensor), vec![2.0, 3.0]);
+        let out = run(Builtin::MeanPool { normalize: true }, vec![hidden, mask]);
+        let v = f32s(&out[0].tensor);
+        assert!(((v[0] * v[0] + v[1] * v[1]) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_argmax_and_top_k() {
+        let x = tensor_f32("x", vec![2, 3], &[1.0, 3.0, 2.0, 0.0, 0.0, 5.0]).unwrap();
+        let y = run(Builtin::Softmax {}, vec![x.clone()]);
+        let v = f32s(&y[0].tensor);
+        assert!((v[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let a = run(Builtin::Argmax { labels: None }, vec![x.clone()]);
+        assert_eq!(i64s(&a[0].tensor), vec![1, 2]);
+        let t = run(Builtin::TopK { k: 2, labels: None }, vec![x]);
+        assert_eq!(t[0].tensor.shape(), &[2, 2]);
+        assert_eq!(i64s(&t[0].tensor), vec![1, 2, 2, 0]);
+    }
+
+    #[test]
+    fn cast_and_reshape() {
+        let x = tensor_f32("x", vec![1, 4], &[1.6, -2.0, 3.0, 4.0]).unwrap();
+        let y = run(Builtin::Cast { from: "FP32".into(), to: "INT64".into() }, vec![x.clone()]);
+        assert_eq!(i64s(&y[0].tensor), vec![1, -2, 3, 4]);
+        let r = run(Builtin::Reshape { datatype: "FP32".into(), shape: vec![2, -1] }, vec![x]);
+        assert_eq!(r[0].tensor.shape(), &[1, 2, 2]);
+    }
+}

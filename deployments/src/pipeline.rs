@@ -1,0 +1,282 @@
+//! Pipelines: deployments composed into a DAG of named tensors, served as one model. Each step
+//! is an ordinary deployment (its own replicas, batching and admission); the pipeline hands
+//! each step the tensors it maps in and names what comes out. A step's failure fails the
+//! request with a message naming the step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::DeploymentMetrics;
+use crate::{
+    DataType, Deployment, InferError, InferRequest, InferResponse, ModelMetadata, NamedTensor, TensorSpec,
+    check_request,
+};
+
+/// One step of a running pipeline.
+pub struct Step {
+    pub name: String,
+    pub deployment: Arc<Deployment>,
+    /// (step input, pipeline tensor).
+    pub inputs: Vec<(String, String)>,
+    /// (step output, pipeline tensor).
+    pub outputs: Vec<(String, String)>,
+}
+
+/// A JSON route onto a pipeline: request fields to inputs, outputs to response fields.
+#[derive(Debug, Clone, Default)]
+pub struct JsonMapping {
+    pub request: Vec<(String, String)>,
+    pub response: Vec<(String, String)>,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    name: String,
+    metadata: ModelMetadata,
+    /// Steps in run order.
+    steps: Vec<Step>,
+    metrics: DeploymentMetrics,
+    pub json: Option<JsonMapping>,
+}
+
+impl Pipeline {
+    /// Builds a pipeline over running deployments, checking that every tensor's datatype and
+    /// rank agree between its producer and each consumer. `steps` must be in run order.
+    pub fn new(
+        name: &str,
+        inputs: Vec<TensorSpec>,
+        steps: Vec<Step>,
+        outputs: &[String],
+        json: Option<JsonMapping>,
+    ) -> Result<Self, String> {
+        let mut known: HashMap<String, TensorSpec> =
+            inputs.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        for step in &steps {
+            let meta = step.deployment.metadata();
+            for (step_in, tensor) in &step.inputs {
+                let want = meta.inputs.iter().find(|s| &s.name == step_in).ok_or_else(|| {
+                    let names: Vec<&str> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
+                    format!(
+                        "step `{}`: `{step_in}` is not an input of `{}` (inputs: {})",
+                        step.name,
+                        step.deployment.name(),
+                        names.join(", ")
+                    )
+                })?;
+                let have = known.get(tensor).ok_or_else(|| {
+                    format!("step `{}`: tensor `{tensor}` is not produced before it", step.name)
+                })?;
+                if have.dtype != want.dtype || have.shape.len() != want.shape.len() {
+                    return Err(format!(
+                        "step `{}`: tensor `{tensor}` is {} {:?} but `{}` input `{step_in}` takes {} {:?}",
+                        step.name,
+                        have.dtype,
+                        have.shape,
+                        step.deployment.name(),
+                        want.dtype,
+                        want.shape
+                    ));
+                }
+            }
+            for (i, _) in meta.inputs.iter().enumerate() {
+                let needed = &meta.inputs[i].name;
+                if !step.inputs.iter().any(|(s, _)| s == needed) {
+                    return Err(format!(
+                        "step `{}`: input `{needed}` of `{}` is not mapped",
+                        step.name,
+                        step.deployment.name()
+                    ));
+                }
+            }
+            for (step_out, tensor) in &step.outputs {
+                let spec = meta.outputs.iter().find(|s| &s.name == step_out).ok_or_else(|| {
+                    let names: Vec<&str> = meta.outputs.iter().map(|s| s.name.as_str()).collect();
+                    format!(
+                        "step `{}`: `{step_out}` is not an output of `{}` (outputs: {})",
+                        step.name,
+                        step.deployment.name(),
+                        names.join(", ")
+                    )
+                })?;
+                known.insert(tensor.clone(), TensorSpec { name: tensor.clone(), ..spec.clone() });
+            }
+        }
+        let outputs = outputs
+            .iter()
+            .map(|o| known.get(o).cloned().ok_or_else(|| format!("output `{o}` is not produced")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: name.to_string(),
+            metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
+            steps,
+            metrics: DeploymentMetrics::new(name, "1"),
+            json,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    pub fn metrics(&self) -> &DeploymentMetrics {
+        &self.metrics
+    }
+
+    /// Ready when every step has a ready replica.
+    pub fn is_ready(&self) -> bool {
+        self.steps.iter().all(|s| s.deployment.is_ready())
+    }
+
+    /// Runs the steps in order and returns the requested pipeline outputs.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        let started = Instant::now();
+        let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
+        let mut tensors: HashMap<String, crate::Tensor> =
+            request.inputs.into_iter().map(|t| (t.name, t.tensor)).collect();
+        for step in &self.steps {
+            let inputs = step
+                .inputs
+                .iter()
+                .map(|(step_in, tensor)| NamedTensor {
+                    name: step_in.clone(),
+                    tensor: tensors[tensor].clone(),
+                })
+                .collect();
+            let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
+            let sub = InferRequest { id: None, inputs, outputs: Some(wanted), timeout: request.timeout };
+            let answer = step.deployment.infer(sub).await.map_err(|e| {
+                InferError::new(
+                    e.kind,
+                    format!(
+                        "pipeline `{}` step `{}` ({}): {}",
+                        self.name,
+                        step.name,
+                        step.deployment.name(),
+                        e.message
+                    ),
+                )
+            })?;
+            for out in answer.outputs {
+                if let Some((_, tensor)) = step.outputs.iter().find(|(o, _)| o == &out.name) {
+                    tensors.insert(tensor.clone(), out.tensor);
+                }
+            }
+        }
+        let outputs = outputs
+            .into_iter()
+            .map(|name| {
+                let tensor = tensors.remove(&name).ok_or_else(|| {
+                    InferError::internal(format!("pipeline output `{name}` was not produced"))
+                })?;
+                Ok(NamedTensor { name, tensor })
+            })
+            .collect::<Result<Vec<_>, InferError>>()?;
+        self.metrics.batch(1, started.elapsed());
+        Ok(InferResponse {
+            model_name: self.name.clone(),
+            model_version: "1".into(),
+            id: request.id,
+            outputs,
+        })
+    }
+}
+
+/// What a route points at: a deployment or a pipeline, served alike by the frontends.
+#[derive(Clone)]
+pub enum Servable {
+    Deployment(Arc<Deployment>),
+    Pipeline(Arc<Pipeline>),
+}
+
+impl Servable {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Deployment(d) => d.name(),
+            Self::Pipeline(p) => p.name(),
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        match self {
+            Self::Deployment(d) => d.version(),
+            Self::Pipeline(_) => "1",
+        }
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        match self {
+            Self::Deployment(d) => d.metadata(),
+            Self::Pipeline(p) => p.metadata(),
+        }
+    }
+
+    pub fn metrics(&self) -> &DeploymentMetrics {
+        match self {
+            Self::Deployment(d) => d.metrics(),
+            Self::Pipeline(p) => p.metrics(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Deployment(d) => d.is_ready(),
+            Self::Pipeline(p) => p.is_ready(),
+        }
+    }
+
+    /// 0 for pipelines (their steps batch on their own).
+    pub fn max_batch_size(&self) -> usize {
+        match self {
+            Self::Deployment(d) => d.max_batch_size(),
+            Self::Pipeline(_) => 0,
+        }
+    }
+
+    pub fn num_replicas(&self) -> usize {
+        match self {
+            Self::Deployment(d) => d.num_replicas(),
+            Self::Pipeline(_) => 1,
+        }
+    }
+
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        match self {
+            Self::Deployment(d) => d.wait_ready(timeout).await,
+            Self::Pipeline(p) => {
+                for s in &p.steps {
+                    if !s.deployment.wait_ready(timeout).await {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        match self {
+            Self::Deployment(d) => d.infer(request).await,
+            Self::Pipeline(p) => p.infer(request).await,
+        }
+    }
+
+    /// The deployment, when this is one.
+    pub fn deployment(&self) -> Option<&Arc<Deployment>> {
+        match self {
+            Self::Deployment(d) => Some(d),
+            Self::Pipeline(_) => None,
+        }
+    }
+}
+
+/// A pipeline tensor spec from the config's datatype name and shape.
+pub fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Result<TensorSpec, String> {
+    let dtype = DataType::parse(datatype)
+        .ok_or_else(|| format!("pipeline input `{name}`: unknown datatype `{datatype}`"))?;
+    Ok(TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() })
+}
