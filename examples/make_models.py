@@ -14,6 +14,8 @@ Writes, under examples/models/ (or the folder given as the first argument):
   reshape/model.onnx  x [N] FP32, shape [2] INT64 -> y = Reshape(x, shape); a shape that does not
                       fit x makes ONNX Runtime fail at run time (tests the 500 path).
   broken/model.onnx   iris's input, fails on every request at run time (an erroring canary).
+  tiny-encoder/       a tiny BERT-style tokenizer.json and encoder with MiniLM's interface, and the
+                      pooled, normalized embeddings of sample texts (pipeline tests).
   */expected.json     cases in the OIP JSON form: {"inputs": [...]} as a request body and the
                       "outputs" onnxruntime-python computed for it, with a float tolerance.
 
@@ -183,9 +185,74 @@ def broken():
     onnx.save(model, os.path.join(d, "model.onnx"))
 
 
+def tiny_encoder():
+    """A tiny BERT-style tokenizer and encoder, the CI stand-in for MiniLM: tokenizer.json
+    (WordPiece over a 40-word vocabulary, padding to the longest, truncation at 16) and an
+    encoder with MiniLM's inputs and output (last_hidden_state [N, L, 8]), with the pooled,
+    normalized embeddings computed in Python as expected outputs."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ("the quick brown fox jumps over lazy dog a man is eating food hello world onnx runtime serves "
+             "models from rust with low latency sluice pipeline text tokens embed sentence fast small").split()
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + ["##s", "##ing"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=16)
+    d = os.path.join(OUT, "tiny-encoder")
+    os.makedirs(d, exist_ok=True)
+    tok.save(os.path.join(d, "tokenizer.json"))
+
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((len(vocab), 8)).astype(np.float32)
+    types = rng.standard_normal((2, 8)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+        helper.make_node("Add", ["e", "t"], ["s"]),
+        helper.make_node("Tanh", ["s"], ["h"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+        helper.make_node("Mul", ["h", "m3"], ["last_hidden_state"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in ("input_ids", "attention_mask", "token_type_ids")],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "L", 8])],
+        [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(types, "types"),
+         numpy_helper.from_array(np.array([2], np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "tiny_encoder: MiniLM's interface with an 8-wide embedding, for pipeline tests"
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(d, "model.onnx"))
+
+    texts = ["hello world", "The quick brown fox jumps over the lazy dog", "sluice serves small models fast"]
+    sess = ort.InferenceSession(os.path.join(d, "model.onnx"), providers=["CPUExecutionProvider"])
+    cases = []
+    for batch in ([texts[0]], texts):
+        enc = tok.encode_batch(batch)
+        feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+        (hidden,) = sess.run(["last_hidden_state"], feeds)
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+        cases.append({"texts": batch, "input_ids": feeds["input_ids"].tolist(), "embeddings": pooled.tolist()})
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump({"model": "tiny-encoder", "tolerance": 1e-5, "cases": cases}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {d}: tokenizer.json, model.onnx, expected.json", file=sys.stderr)
+
+
 if __name__ == "__main__":
     iris()
     mlp()
     dtypes()
     reshape()
     broken()
+    tiny_encoder()

@@ -294,7 +294,7 @@ impl Backend for Builtins {
             Kind::Reshape { shape } => {
                 let x = input(&inputs, "x")?;
                 let n = x.shape().first().copied().unwrap_or(0);
-                let per_row = if n == 0 { 0 } else { x.len() / n };
+                let per_row = x.len().checked_div(n).unwrap_or(0);
                 let known: i64 = shape.iter().filter(|&&d| d > 0).product();
                 let dims: Vec<usize> = shape
                     .iter()

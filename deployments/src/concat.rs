@@ -66,7 +66,7 @@ pub(crate) fn union_outputs(jobs: &[Job], model_outputs: &[String]) -> Vec<Strin
 pub(crate) fn split(
     outputs: &[NamedTensor],
     jobs: &[Job],
-    padded_dims: &[Vec<usize>],
+    padded_dims: &[Vec<(usize, usize)>],
 ) -> Result<Vec<Vec<NamedTensor>>, InferError> {
     let rows: usize = jobs.iter().map(|j| j.rows).sum();
     let mut per_job: Vec<Vec<NamedTensor>> =
@@ -114,14 +114,15 @@ fn row_slices(t: &Tensor, rows: impl Iterator<Item = usize>) -> Result<Vec<Tenso
     Ok(out)
 }
 
-/// Crops dimensions 1.. of a fixed-size tensor to `dims` where the tensor's dimension matches
-/// a padded length (`dims[k]` is the job's own length for axis k, or 0 where no padding).
-fn crop(t: Tensor, dims: &[usize]) -> Result<Tensor, InferError> {
+/// Crops dimensions 1.. of a fixed-size tensor back to a job's own lengths, on the axes where
+/// the tensor has exactly the batch's padded length (`dims[k]` is (own, padded) for axis k, or
+/// (0, 0) where nothing was padded).
+fn crop(t: Tensor, dims: &[(usize, usize)]) -> Result<Tensor, InferError> {
     let Some(size) = t.dtype().byte_size() else { return Ok(t) };
     let mut target = t.shape().to_vec();
     let mut changed = false;
-    for (axis, &own) in dims.iter().enumerate() {
-        if own > 0 && axis < target.len() && axis > 0 && target[axis] > own {
+    for (axis, &(own, padded)) in dims.iter().enumerate() {
+        if own > 0 && axis > 0 && axis < target.len() && target[axis] == padded && padded > own {
             target[axis] = own;
             changed = true;
         }
@@ -134,16 +135,16 @@ fn crop(t: Tensor, dims: &[usize]) -> Result<Tensor, InferError> {
     Tensor::new(t.dtype(), target, Bytes::from(out))
 }
 
-/// The padded lengths to crop outputs back to, per job: for each axis, the job's own length
-/// where a padded input was longer in the batch, else 0.
+/// The lengths to crop outputs back to, per job: for each axis, (the job's own length, the
+/// batch's padded length) where a padded input was longer in the batch, else (0, 0).
 pub(crate) fn padded_dims(
     jobs: &[Job],
     merged: &[NamedTensor],
     pad: &HashMap<String, f64>,
-) -> Vec<Vec<usize>> {
+) -> Vec<Vec<(usize, usize)>> {
     jobs.iter()
         .map(|job| {
-            let mut dims: Vec<usize> = Vec::new();
+            let mut dims: Vec<(usize, usize)> = Vec::new();
             for (input, m) in job.inputs.iter().zip(merged) {
                 if !pad.contains_key(&input.name) {
                     continue;
@@ -153,9 +154,9 @@ pub(crate) fn padded_dims(
                 {
                     if own < batch {
                         if dims.len() <= axis {
-                            dims.resize(axis + 1, 0);
+                            dims.resize(axis + 1, (0, 0));
                         }
-                        dims[axis] = own;
+                        dims[axis] = (own, batch);
                     }
                 }
             }

@@ -1,0 +1,172 @@
+//! Pipelines against the real server: tokenizer → encoder (with batching and padding) → mean
+//! pool over the project's tiny BERT-style fixture, as an OIP model (REST and gRPC-shaped
+//! BYTES input) and as a plain-JSON route; config errors; a failing step named in the error.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+const EMBED: &str = r#"
+applications:
+  - name: embed
+    route_prefix: /embed
+    deployments:
+      - {name: tok, builtin: {tokenizer: {path: tiny-encoder/tokenizer.json}}, max_batch_size: 16, batch_wait_timeout_s: 0.01}
+      - name: encoder
+        model: tiny-encoder/model.onnx
+        max_batch_size: 16
+        batch_wait_timeout_s: 0.01
+        pad: {input_ids: 0, attention_mask: 0, token_type_ids: 0}
+      - {name: pool, builtin: {mean_pool: {normalize: true}}, max_batch_size: 16, pad: {hidden: 0, mask: 0}}
+    pipeline:
+      name: embeddings
+      inputs: [{name: text, datatype: BYTES, shape: [-1]}]
+      steps:
+        - {name: tokenize, deployment: tok, inputs: {text: text}, outputs: {input_ids: ids, attention_mask: mask, token_type_ids: types}}
+        - {name: encode, deployment: encoder, inputs: {input_ids: ids, attention_mask: mask, token_type_ids: types}, outputs: {last_hidden_state: hidden}}
+        - {name: pool, deployment: pool, inputs: {hidden: hidden, mask: mask}, outputs: {embedding: embedding}}
+      outputs: [embedding]
+      route: {request: {text: text}, response: {embeddings: embedding}}
+"#;
+
+async fn start_embed() -> sluice_server::Server {
+    sluice_server::runtime::init(None).unwrap();
+    let text =
+        format!("http_options: {{port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\n{EMBED}");
+    let config = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    sluice_server::start(config).await.unwrap()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_route_and_the_oip_model_give_the_reference_embeddings() {
+    let s = start_embed().await;
+    let doc = expected("tiny-encoder");
+    let case = &doc["cases"][1];
+    let client = reqwest::Client::new();
+    // Plain JSON, Ray Serve style.
+    let r = client.post(url(&s, "/embed")).json(&json!({"text": case["texts"]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let out: Value = r.json().await.unwrap();
+    let got = out["embeddings"].as_array().unwrap();
+    assert_eq!(got.len(), 3);
+    for (g, w) in got.iter().zip(case["embeddings"].as_array().unwrap()) {
+        assert!(cosine(&floats(g), &floats(w)) >= 0.9999, "{g} vs {w}");
+    }
+    // The same pipeline as an OIP model with a BYTES input.
+    let body =
+        json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": case["texts"]}]});
+    let r = client.post(url(&s, "/v2/models/embeddings/infer")).body(body.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let out: Value = r.json().await.unwrap();
+    assert_eq!(out["outputs"][0]["shape"], json!([3, 8]));
+    let flat = floats(&out["outputs"][0]["data"]);
+    for (row, w) in flat.chunks(8).zip(case["embeddings"].as_array().unwrap()) {
+        assert!(cosine(row, &floats(w)) >= 0.9999);
+    }
+    let (_, meta) = (
+        200,
+        client.get(url(&s, "/v2/models/embeddings")).send().await.unwrap().json::<Value>().await.unwrap(),
+    );
+    assert_eq!(meta["platform"], "ensemble");
+    assert_eq!(meta["inputs"][0]["datatype"], "BYTES");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
+    let s = start_embed().await;
+    let doc = expected("tiny-encoder");
+    let texts: Vec<String> = doc["cases"][1]["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<Vec<f64>> = doc["cases"][1]["embeddings"].as_array().unwrap().iter().map(floats).collect();
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let (client, url, text, want) =
+            (client.clone(), url(&s, "/embed"), texts[i % 3].clone(), want[i % 3].clone());
+        tasks.push(tokio::spawn(async move {
+            let out: Value =
+                client.post(url).json(&json!({"text": [text]})).send().await.unwrap().json().await.unwrap();
+            let got = floats(&out["embeddings"][0]);
+            assert!(cosine(&got, &want) >= 0.9999, "{got:?} vs {want:?}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("sluice_batch_size_count{model=\"encoder\"")).unwrap();
+    let calls: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(calls < 24.0, "the encoder batched: {calls} calls for 24 requests");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_is_named_and_the_pipeline_keeps_serving() {
+    let s = start_embed().await;
+    let client = reqwest::Client::new();
+    // Not UTF-8 text: the tokenizer step fails this request only.
+    let body = json!({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]});
+    let r = client.post(url(&s, "/v2/models/embeddings/infer")).body(body.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("has datatype FP32 but model `embeddings` expects BYTES"),
+        "{v}"
+    );
+    let r = client.post(url(&s, "/embed")).json(&json!({"txt": ["x"]})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("missing field `text`"));
+    let r = client.post(url(&s, "/embed")).json(&json!({"text": ["hello world"]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}
+
+#[test]
+fn pipeline_config_errors_name_the_problem_and_location() {
+    let broken = EMBED
+        .replace("deployment: pool,", "deployment: nope,")
+        .replace("inputs: {hidden: hidden, mask: mask}", "inputs: {hidden: hiden, mask: mask}");
+    let text = format!("http_options: {{port: 0}}\n{broken}");
+    let e = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap_err().to_string();
+    assert!(e.contains("unknown deployment `nope`"), "{e}");
+    assert!(e.contains("tensor `hiden` is neither a pipeline input nor any step's output"), "{e}");
+    assert!(e.contains("tensor `hidden` is never used"), "{e}");
+    assert!(e.contains("p.yaml:"), "{e}");
+    let cyclic = EMBED.replace("inputs: {text: text}", "inputs: {text: embedding}");
+    let e =
+        sluice_config::parse(&format!("http_options: {{port: 0}}\n{cyclic}"), &models_dir().join("p.yaml"))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("cycle") || e.contains("never used"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datatype_conflicts_between_steps_fail_the_load() {
+    sluice_server::runtime::init(None).unwrap();
+    // The pool's INT64 `mask` input fed with the encoder's FP32 output.
+    let bad = EMBED.replace("{hidden: hidden, mask: mask}", "{hidden: hidden, mask: hidden}");
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\n{bad}"
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let err = sluice_server::start(config).await.err().expect("load fails");
+    assert!(err.contains("step `pool`: tensor `hidden` is FP32"), "{err}");
+    assert!(err.contains("input `mask` takes INT64"), "{err}");
+}
