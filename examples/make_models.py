@@ -96,6 +96,8 @@ def iris():
     cases = [(f"row{i}", {"input": rows[i:i + 1]}) for i in range(3)]
     cases.append(("batch8", {"input": x[::19][:8]}))
     save("iris", model, cases)
+    with open(os.path.join(OUT, "iris", "labels.txt"), "w") as f:
+        f.write("setosa\nversicolor\nvirginica\n")
 
 
 def mlp():

@@ -243,7 +243,11 @@ fn validate(path: &Path, ort: OrtArgs) -> ExitCode {
     for app in &config.applications {
         for d in &app.deployments {
             let options = sluice_deployments::onnx::OnnxOptions { intra_op_threads: 1 };
-            if let Err(e) = sluice_deployments::onnx::OnnxBackend::load(&d.model.value, &options) {
+            let loaded = match &d.builtin {
+                Some(b) => sluice_deployments::builtin::factory(b).and_then(|f| f()).map(|_| ()),
+                None => sluice_deployments::onnx::OnnxBackend::load(&d.model.value, &options).map(|_| ()),
+            };
+            if let Err(e) = loaded {
                 let loc = d.model.referenced;
                 eprintln!("{}:{}:{}: {}: {e}", path.display(), loc.line(), loc.column(), d.name.value);
                 failed += 1;

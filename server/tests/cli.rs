@@ -120,6 +120,19 @@ fn run_serves_until_terminated() {
             .unwrap()
     });
     assert_eq!(out["outputs"][0]["data"][0], 2, "virginica: {out}");
+    // The example's pipeline answers its plain-JSON route with class names.
+    let named: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/iris"))
+            .body(r#"{"features": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}"#)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(named["label"], serde_json::json!(["setosa", "virginica"]), "{named}");
     // SIGTERM: graceful shutdown, exit 0.
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
