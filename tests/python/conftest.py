@@ -25,6 +25,21 @@ applications:
       - {{name: iris, model: {models}/iris/model.onnx, max_batch_size: 8}}
       - {{name: mlp, model: {models}/mlp/model.onnx, num_replicas: 2, max_batch_size: 64}}
       - {{name: dtypes, model: {models}/dtypes/model.onnx}}
+  - name: embed
+    route_prefix: /embed
+    deployments:
+      - {{name: tok, builtin: {{tokenizer: {{path: {models}/tiny-encoder/tokenizer.json}}}}, max_batch_size: 16}}
+      - {{name: encoder, model: {models}/tiny-encoder/model.onnx, max_batch_size: 16, pad: {{input_ids: 0, attention_mask: 0, token_type_ids: 0}}}}
+      - {{name: pool, builtin: {{mean_pool: {{normalize: true}}}}, max_batch_size: 16, pad: {{hidden: 0, mask: 0}}}}
+    pipeline:
+      name: embeddings
+      inputs: [{{name: text, datatype: BYTES, shape: [-1]}}]
+      steps:
+        - {{name: tokenize, deployment: tok, inputs: {{text: text}}, outputs: {{input_ids: ids, attention_mask: mask, token_type_ids: types}}}}
+        - {{name: encode, deployment: encoder, inputs: {{input_ids: ids, attention_mask: mask, token_type_ids: types}}, outputs: {{last_hidden_state: hidden}}}}
+        - {{name: pool, deployment: pool, inputs: {{hidden: hidden, mask: mask}}, outputs: {{embedding: embedding}}}}
+      outputs: [embedding]
+      route: {{request: {{text: text}}, response: {{embeddings: embedding}}}}
 """
 
 

@@ -214,3 +214,23 @@ def test_one_port_for_both_protocols(shared_port_sluice):
         c = client_for(protocol, s)
         result = c.infer("iris", make_inputs(protocol, case["inputs"]))
         check_outputs(result, case["outputs"], 1e-5)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_pipeline_with_bytes_input(sluice, protocol):
+    """The tokenizer → encoder → pool pipeline as a model: text in (BYTES), embeddings out."""
+    doc = expected("tiny-encoder")
+    case = doc["cases"][1]
+    c = client_for(protocol, sluice)
+    mod = module(protocol)
+    texts = np.array([t.encode() for t in case["texts"]], dtype=np.object_)
+    i = mod.InferInput("text", [len(texts)], "BYTES")
+    i.set_data_from_numpy(texts)
+    result = c.infer("embeddings", [i])
+    got = result.as_numpy("embedding")
+    want = np.array(case["embeddings"], dtype=np.float32)
+    assert got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert (cos >= 0.9999).all(), cos
+    meta = c.get_model_metadata("embeddings") if protocol == "http" else c.get_model_metadata("embeddings", as_json=True)
+    assert meta["platform"] == "ensemble"
