@@ -3,7 +3,7 @@
 
 Starts a release `sluice` on bench config (iris and mlp from examples/models; MiniLM-L6 from
 ../shared/models/minilm or $SLUICE_MINILM_DIR when present, skipped with a message otherwise),
-runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/64, runs the raw
+runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, runs the raw
 in-process ONNX Runtime baseline (deployments/examples/raw_ort.rs) for the same models and batch
 sizes, measures resident memory idle and under 10x overload, and, when `wrk` is installed,
 compares the load tester with wrk on the same server. Writes bench-results/report.md.
@@ -174,7 +174,7 @@ def main():
                        "| protocol | concurrency | req/s | p50 µs | p99 µs | errors | avg batch | raw ORT samples/s at that batch | throughput ratio | p50 − raw p50 (µs) |",
                        "|---|---|---|---|---|---|---|---|---|---|"]
             for protocol in PROTOCOLS:
-                for c in (1, 8, 64):
+                for c in (1, 8, 16, 64):
                     before = server.stats(name)
                     step = loadtest(name, protocol, m["samples"], concurrency=c, duration=args.duration)
                     after = server.stats(name)
