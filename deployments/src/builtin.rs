@@ -25,6 +25,53 @@ pub fn register_step(name: impl Into<String>, factory: BackendFactory) {
     registry().write().unwrap_or_else(|e| e.into_inner()).insert(name.into(), factory);
 }
 
+/// A custom step written as async code (it may await I/O, another service, a timer). It is
+/// run on replica threads like any backend — each call blocks that thread on the future, driven
+/// by the server's runtime — so it gets replicas, batching and admission like a model.
+pub trait AsyncStep: Send + Sync + 'static {
+    fn metadata(&self) -> &ModelMetadata;
+
+    fn infer<'a>(
+        &'a self,
+        inputs: Vec<NamedTensor>,
+        outputs: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<NamedTensor>, InferError>> + Send + 'a>>;
+}
+
+/// Runs an [`AsyncStep`] as a [`Backend`] on a replica thread.
+struct BlockOn {
+    step: Arc<dyn AsyncStep>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Backend for BlockOn {
+    fn metadata(&self) -> &ModelMetadata {
+        self.step.metadata()
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        // Replica threads are not runtime workers, so blocking one on the future is allowed.
+        self.handle.block_on(self.step.infer(inputs, outputs))
+    }
+}
+
+/// Registers an async custom step under `name` (see [`AsyncStep`]), for
+/// `builtin: {custom: {name: NAME}}`. Call before starting the server.
+pub fn register_async_step(name: impl Into<String>, step: Arc<dyn AsyncStep>) {
+    register_step(
+        name,
+        Arc::new(move || {
+            let handle = tokio::runtime::Handle::try_current()
+                .map_err(|_| "async steps start inside the server's tokio runtime".to_string())?;
+            Ok(Box::new(BlockOn { step: step.clone(), handle }) as Box<dyn Backend>)
+        }),
+    );
+}
+
 /// The factory of a built-in step.
 pub fn factory(b: &Builtin) -> Result<BackendFactory, String> {
     if let Builtin::Custom { name } = b {

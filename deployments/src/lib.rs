@@ -18,7 +18,7 @@ mod tensor;
 
 pub use backend::{Backend, ModelMetadata, TensorSpec};
 pub use batch::BatchPolicy;
-pub use builtin::register_step;
+pub use builtin::{AsyncStep, register_async_step, register_step};
 pub use deployment::{Deployment, DeploymentSpec};
 pub use error::{ErrorKind, InferError};
 pub use pipeline::{Pipeline, Servable};

@@ -24,7 +24,20 @@ async fn a_registered_rust_step_serves_in_a_pipeline() {
         .json()
         .await
         .unwrap();
-    assert_eq!(out, json!({"fahrenheit": [[32.0], [212.0], [-40.0]]}));
+    assert_eq!(
+        out,
+        json!({"fahrenheit": [[32.0], [212.0], [-40.0]], "whole_degrees": [[32.0], [212.0], [-40.0]]})
+    );
+    let out: Value = client
+        .post(format!("{base}/weather"))
+        .json(&json!({"celsius": [36.6]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(out["whole_degrees"], json!([[98.0]]), "{out}");
     let body = json!({"inputs": [{"name": "celsius", "datatype": "FP32", "shape": [1], "data": [37.0]}]});
     let out: Value = client
         .post(format!("{base}/v2/models/forecast/infer"))
