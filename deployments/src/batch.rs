@@ -131,8 +131,10 @@ impl BatchState {
         let mut rest = VecDeque::with_capacity(self.queue.len());
         let max = self.policy.max_batch_size.max(1);
         let timed_out = self.queue.front().is_some_and(|h| now >= h.arrived + self.policy.batch_wait_timeout);
-        let mut target = max;
+        // Aim from the whole queue, head included, before anything is taken off it.
+        let target = if timed_out || self.policy.max_batch_size == 0 { max } else { self.target_rows() };
         let mut rows = 0;
+        let mut padding = PaddingBudget::default();
         while let Some(job) = self.queue.pop_front() {
             if job.reply.is_closed() {
                 continue;
@@ -148,17 +150,17 @@ impl BatchState {
             match batch.first() {
                 None => {
                     rows = job.rows;
+                    padding.admit(&job, &self.policy.pad);
                     batch.push(job);
-                    if !timed_out && self.policy.max_batch_size > 0 {
-                        target = self.target_rows();
-                    }
                 }
                 Some(head)
                     if self.policy.max_batch_size > 0
                         && self.compatible(head, &job)
-                        && rows + job.rows <= target =>
+                        && rows + job.rows <= target
+                        && padding.fits(&job, &self.policy.pad) =>
                 {
                     rows += job.rows;
+                    padding.admit(&job, &self.policy.pad);
                     batch.push(job);
                 }
                 Some(_) => rest.push_back(job),
@@ -177,6 +179,60 @@ impl BatchState {
             return max;
         }
         self.policy.preferred_batch_sizes.iter().copied().filter(|&p| p <= rows).max().unwrap_or(max)
+    }
+}
+
+/// Bounds what padding may add to a batch: the padded batch may hold at most 4× the elements
+/// its requests bring (plus a little), so requests of very different shapes (long along one
+/// axis, long along another) wait for separate batches instead of multiplying into a huge one.
+#[derive(Default)]
+struct PaddingBudget {
+    /// Per padded input: the longest length so far along each axis after the first.
+    longest: HashMap<String, Vec<usize>>,
+    rows: usize,
+    own: usize,
+}
+
+impl PaddingBudget {
+    fn padded_inputs<'j>(
+        job: &'j Job,
+        pad: &'j HashMap<String, f64>,
+    ) -> impl Iterator<Item = &'j crate::NamedTensor> {
+        job.inputs.iter().filter(move |i| pad.contains_key(&i.name))
+    }
+
+    fn fits(&self, job: &Job, pad: &HashMap<String, f64>) -> bool {
+        let rows = self.rows + job.rows;
+        let mut padded = 0usize;
+        let mut own = self.own;
+        for input in Self::padded_inputs(job, pad) {
+            let shape = input.tensor.shape();
+            let longest = self.longest.get(&input.name);
+            let per_row = shape
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(axis, &d)| d.max(longest.and_then(|l| l.get(axis - 1)).copied().unwrap_or(0)))
+                .try_fold(1usize, |acc, d| acc.checked_mul(d));
+            let Some(total) = per_row.and_then(|p| p.checked_mul(rows)) else { return false };
+            padded = padded.saturating_add(total);
+            own = own.saturating_add(input.tensor.len());
+        }
+        padded <= own.saturating_mul(4).saturating_add(4096)
+    }
+
+    fn admit(&mut self, job: &Job, pad: &HashMap<String, f64>) {
+        self.rows += job.rows;
+        for input in Self::padded_inputs(job, pad) {
+            self.own += input.tensor.len();
+            let longest = self.longest.entry(input.name.clone()).or_default();
+            for (axis, &d) in input.tensor.shape().iter().enumerate().skip(1) {
+                if longest.len() < axis {
+                    longest.resize(axis, 0);
+                }
+                longest[axis - 1] = longest[axis - 1].max(d);
+            }
+        }
     }
 }
 
@@ -307,6 +363,38 @@ mod tests {
         s.push(a);
         s.push(b);
         assert_eq!(s.take(t0).batch.len(), 2, "padding lets lengths differ");
+    }
+
+    #[test]
+    fn padding_never_multiplies_a_batch_into_a_huge_one() {
+        let t0 = Instant::now();
+        let mut pad = HashMap::new();
+        pad.insert("ids".to_string(), 0.0);
+        let mut s = BatchState::new(BatchPolicy { pad: Arc::new(pad), ..policy(16, 0) });
+        let mut keep = Vec::new();
+        for len in [50_000, 2, 2, 2, 2, 2, 2, 2] {
+            let (j, rx) = job(1, len, t0);
+            s.push(j);
+            keep.push(rx);
+        }
+        let t = s.take(t0);
+        let n = t.batch.len();
+        // 4 padded rows of 50,000 stay within 4x the 50,006 elements they bring; more do not.
+        assert_eq!(n, 4, "the short requests beyond the budget wait for the next batch");
+        assert_eq!(s.take(t0).batch.len(), 4);
+    }
+
+    #[test]
+    fn a_full_queue_is_not_cut_to_a_preferred_size() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(BatchPolicy { preferred_batch_sizes: vec![4], ..policy(8, 1000) });
+        let mut keep = Vec::new();
+        for _ in 0..8 {
+            let (j, rx) = job(1, 2, t0);
+            s.push(j);
+            keep.push(rx);
+        }
+        assert_eq!(s.take(t0).batch.len(), 8);
     }
 
     #[test]

@@ -147,16 +147,20 @@ impl Shared {
             granted: AtomicBool::new(false),
             in_flight: self.metrics.replica_in_flight(id),
         });
-        let (shared, thread_slot) = (self.clone(), slot.clone());
-        std::thread::Builder::new()
-            .name(format!("{}#{id}", self.spec.name))
-            .spawn(move || replica::run(shared, thread_slot, rx, backend))
-            .map_err(|e| format!("cannot start a replica thread: {e}"))?;
+        // In the set before its thread starts, so its readiness is counted when it comes.
         self.replicas.rcu(|current| {
             let mut next = current.as_ref().clone();
             next.push(slot.clone());
             next
         });
+        let (shared, thread_slot) = (self.clone(), slot.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}#{id}", self.spec.name))
+            .spawn(move || replica::run(shared, thread_slot, rx, backend));
+        if let Err(e) = spawned {
+            self.replicas.rcu(|current| current.iter().filter(|r| r.id != id).cloned().collect::<Vec<_>>());
+            return Err(format!("cannot start a replica thread: {e}"));
+        }
         Ok(())
     }
 }
@@ -217,6 +221,13 @@ impl Deployment {
         if let Some(name) = spec.pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
             return Err(format!("pad names `{name}`, which is not an input of the model"));
         }
+        if let Some(t) = metadata
+            .inputs
+            .iter()
+            .find(|i| spec.pad.contains_key(&i.name) && i.dtype == crate::DataType::Bytes)
+        {
+            return Err(format!("pad names `{}`, a BYTES input: only numeric inputs can be padded", t.name));
+        }
         let metrics = DeploymentMetrics::new(&spec.name, &spec.version);
         let policy = BatchPolicy {
             max_batch_size: spec.max_batch_size,
@@ -269,14 +280,13 @@ impl Deployment {
                 .map_err(|e| format!("loading a replica failed: {e}"))??;
             self.shared.spawn_replica(backend)?;
         }
+        self.shared.publish_ready();
         if n < current {
             let mut removed = Vec::new();
             self.shared.replicas.rcu(|list| {
                 // Remove replicas not ready first, then the least loaded.
                 let mut keep = list.as_ref().clone();
-                keep.sort_by_key(|r| {
-                    (r.ready.load(Ordering::Acquire), std::cmp::Reverse(r.ongoing.load(Ordering::Acquire)))
-                });
+                keep.sort_by_key(|r| (r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire)));
                 removed = keep.drain(..current - n).collect();
                 keep.sort_by_key(|r| r.id);
                 keep

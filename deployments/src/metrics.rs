@@ -122,6 +122,9 @@ pub struct Stats {
     pub execution_count: AtomicU64,
     /// Milliseconds since the epoch of the last model call.
     pub last_inference_ms: AtomicU64,
+    /// Failures that are the server's or the model's fault (internal errors), apart from bad
+    /// requests, overload and client deadlines: what a canary rollout judges.
+    pub server_errors: AtomicU64,
 }
 
 /// Request latencies in log-spaced buckets (4 per doubling, 1 µs to ~70 min), counted with
@@ -237,7 +240,12 @@ impl DeploymentMetrics {
         self.latencies.record(elapsed);
         match result {
             Ok(()) => self.stats.success.add(elapsed),
-            Err(_) => self.stats.fail.add(elapsed),
+            Err(kind) => {
+                self.stats.fail.add(elapsed);
+                if kind == ErrorKind::Internal {
+                    self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 

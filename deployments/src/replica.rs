@@ -73,6 +73,8 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
     let index = slot.id;
     let mut backend = Some(backend);
     let mut state = BatchState::new(shared.policy.clone());
+    // Survives a panic, so a replica told to stop does not reload and linger.
+    let mut stopping = false;
     loop {
         let mut model = match backend.take() {
             Some(b) => b,
@@ -83,7 +85,7 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
         };
         warm_up(&shared, model.as_mut());
         set_ready(&shared, &slot, true);
-        let panicked = serve(&shared, model.as_mut(), &rx, &mut state);
+        let panicked = serve(&shared, model.as_mut(), &rx, &mut state, &mut stopping);
         set_ready(&shared, &slot, false);
         if !panicked {
             return;
@@ -91,20 +93,28 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
         shared.metrics.restarts.increment(1);
         // Hand what waits here to replicas that can run it now.
         let mut waiting: Vec<Job> = state.drain();
-        let mut stop = false;
         for msg in rx.try_iter() {
             match msg {
                 Msg::Job(job) => waiting.push(job),
-                Msg::Stop => stop = true,
+                Msg::Stop => stopping = true,
             }
         }
+        let leaving = stopping || shared.closed.load(Ordering::Acquire);
         for job in waiting {
             if let Err(job) = shared.redispatch(job, index) {
-                state.push(job);
+                if leaving {
+                    let _ = job.reply.send(Err(InferError::unavailable(format!(
+                        "replica of `{}` stopped; retry",
+                        shared.spec.name
+                    ))));
+                } else {
+                    state.push(job);
+                }
             }
         }
         drop(model);
-        if stop {
+        if leaving {
+            // Told to stop (scaled down or retired) before the panic: do not come back.
             return;
         }
     }
@@ -142,34 +152,46 @@ fn set_ready(shared: &Shared, slot: &ReplicaSlot, ready: bool) {
 }
 
 /// Runs jobs until told to stop and drained (returns false) or the model panics (true).
-fn serve(shared: &Shared, model: &mut dyn Backend, rx: &Receiver<Msg>, state: &mut BatchState) -> bool {
-    let mut stopping = false;
+fn serve(
+    shared: &Shared,
+    model: &mut dyn Backend,
+    rx: &Receiver<Msg>,
+    state: &mut BatchState,
+    stopping: &mut bool,
+) -> bool {
     let take = |msg: Msg, state: &mut BatchState, stopping: &mut bool| match msg {
         Msg::Job(job) => state.push(job),
         Msg::Stop => *stopping = true,
     };
     loop {
         if state.is_empty() {
-            if stopping {
-                return false;
-            }
-            match rx.recv() {
-                Ok(msg) => take(msg, state, &mut stopping),
-                Err(_) => return false,
+            if *stopping {
+                // A job sent from a replica list read just before this one left: serve it too.
+                for msg in rx.try_iter() {
+                    take(msg, state, stopping);
+                }
+                if state.is_empty() {
+                    return false;
+                }
+            } else {
+                match rx.recv() {
+                    Ok(msg) => take(msg, state, stopping),
+                    Err(_) => return false,
+                }
             }
         }
         for msg in rx.try_iter() {
-            take(msg, state, &mut stopping);
+            take(msg, state, stopping);
         }
         let now = Instant::now();
-        if !state.ready(now) && !stopping {
+        if !state.ready(now) && !*stopping {
             let wait = state.deadline().map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
             match rx.recv_timeout(wait) {
-                Ok(msg) => take(msg, state, &mut stopping),
+                Ok(msg) => take(msg, state, stopping),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stopping = true,
+                Err(RecvTimeoutError::Disconnected) => *stopping = true,
             }
-            if !state.ready(Instant::now()) && !stopping {
+            if !state.ready(Instant::now()) && !*stopping {
                 continue;
             }
         }

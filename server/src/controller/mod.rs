@@ -764,11 +764,12 @@ impl Controller {
     }
 }
 
-/// Success and failure counts and latency buckets of a deployment now.
+/// Successes, server-side failures (not bad requests, overload or client deadlines) and
+/// latency buckets of a deployment now.
 fn counters(d: &Deployment) -> (u64, u64, Vec<u64>) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &d.metrics().stats;
-    (s.success.count.load(Relaxed), s.fail.count.load(Relaxed), d.metrics().latencies.snapshot())
+    (s.success.count.load(Relaxed), s.server_errors.load(Relaxed), d.metrics().latencies.snapshot())
 }
 
 /// Resolves when any of `futures` does.
