@@ -80,6 +80,14 @@ impl BatchState {
         self.queue.drain(..).collect()
     }
 
+    /// Removes and returns the jobs whose deadline has passed (cancelled ones are dropped).
+    pub fn take_expired(&mut self, now: Instant) -> Vec<Job> {
+        let (expired, keep): (Vec<Job>, Vec<Job>) =
+            self.queue.drain(..).filter(|j| !j.reply.is_closed()).partition(|j| j.deadline <= now);
+        self.queue = keep.into();
+        expired
+    }
+
     /// When the current batch must go even if not full.
     pub fn deadline(&self) -> Option<Instant> {
         self.queue.front().map(|j| j.arrived + self.policy.batch_wait_timeout)

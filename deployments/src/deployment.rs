@@ -420,7 +420,10 @@ impl Deployment {
         if let Ok(permit) = self.shared.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        self.scale_hint.notify_one();
+        if self.shared.replicas.load().is_empty() {
+            // Scaled to zero: wake the controller to start a replica now.
+            self.scale_hint.notify_one();
+        }
         let max = self.shared.spec.max_queued_requests;
         let depth = self.queued.fetch_add(1, Ordering::AcqRel);
         if depth >= max {

@@ -78,7 +78,7 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
     loop {
         let mut model = match backend.take() {
             Some(b) => b,
-            None => match reload(&shared, index) {
+            None => match reload(&shared, index, &rx, &mut state, &mut stopping) {
                 Some(b) => b,
                 None => return,
             },
@@ -121,8 +121,15 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
 }
 
 /// Loads a fresh backend, retrying with a backoff while the factory fails; `None` when the
-/// deployment is gone.
-fn reload(shared: &Shared, index: usize) -> Option<Box<dyn Backend>> {
+/// deployment is gone or the replica is told to stop. While it retries, queued requests whose
+/// deadline passes are answered 504 rather than left waiting.
+fn reload(
+    shared: &Shared,
+    index: usize,
+    rx: &Receiver<Msg>,
+    state: &mut BatchState,
+    stopping: &mut bool,
+) -> Option<Box<dyn Backend>> {
     let mut wait = Duration::from_millis(100);
     loop {
         match (shared.factory)() {
@@ -132,13 +139,35 @@ fn reload(shared: &Shared, index: usize) -> Option<Box<dyn Backend>> {
             }
             Err(e) => {
                 tracing::error!(model = %shared.spec.name, replica = index, "cannot reload the model: {e}");
-                if shared.closed.load(Ordering::Acquire) {
+                if shared.closed.load(Ordering::Acquire) || *stopping {
                     return None;
                 }
-                std::thread::sleep(wait);
+                let until = Instant::now() + wait;
+                while Instant::now() < until {
+                    match rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(Msg::Job(job)) => state.push(job),
+                        Ok(Msg::Stop) => *stopping = true,
+                        Err(_) => {}
+                    }
+                    answer_expired(shared, state.take_expired(Instant::now()));
+                }
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+fn answer_expired(shared: &Shared, expired: Vec<Job>) {
+    for job in expired {
+        let waited = job.admitted.elapsed();
+        let _ = job.reply.send(Err(InferError::new(
+            ErrorKind::DeadlineExceeded,
+            format!(
+                "request timed out after {} ms waiting for model `{}`",
+                waited.as_millis(),
+                shared.spec.name
+            ),
+        )));
     }
 }
 
@@ -196,17 +225,7 @@ fn serve(
             }
         }
         let Taken { batch, expired } = state.take(Instant::now());
-        for job in expired {
-            let waited = job.admitted.elapsed();
-            let _ = job.reply.send(Err(InferError::new(
-                ErrorKind::DeadlineExceeded,
-                format!(
-                    "request timed out after {} ms waiting for model `{}`",
-                    waited.as_millis(),
-                    shared.spec.name
-                ),
-            )));
-        }
+        answer_expired(shared, expired);
         if batch.is_empty() {
             continue;
         }

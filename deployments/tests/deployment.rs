@@ -294,3 +294,37 @@ async fn scaling_up_and_down_keeps_every_request() {
     f.deployment.scale_to(1).await.unwrap();
     assert_eq!(values(&held.await.unwrap().unwrap().outputs[0].tensor), vec![9]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
+    // The model loads once, then every reload fails (the file is gone, say).
+    let loads = Arc::new(AtomicUsize::new(0));
+    let n = loads.clone();
+    let factory: BackendFactory = Arc::new(move || {
+        if n.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Err("model file is gone".to_string());
+        }
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+        Ok(Box::new(Echo {
+            meta: ModelMetadata {
+                platform: "test".into(),
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            delay: Duration::ZERO,
+            panic_on: Some(13),
+            log: Arc::new(Mutex::new(Vec::new())),
+        }) as Box<dyn Backend>)
+    });
+    let d = Arc::new(Deployment::start(spec(|_| {}), factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    assert_eq!(d.infer(request(&[13])).await.unwrap_err().kind, ErrorKind::Internal);
+    let mut late = request(&[1]);
+    late.timeout = Some(Duration::from_millis(300));
+    let e = tokio::time::timeout(Duration::from_secs(5), d.infer(late))
+        .await
+        .expect("answered, not left hanging")
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
+    assert!(loads.load(Ordering::SeqCst) >= 2, "a reload was tried");
+}
