@@ -140,7 +140,12 @@ impl BatchState {
         let max = self.policy.max_batch_size.max(1);
         let timed_out = self.queue.front().is_some_and(|h| now >= h.arrived + self.policy.batch_wait_timeout);
         // Aim from the whole queue, head included, before anything is taken off it.
-        let target = if timed_out || self.policy.max_batch_size == 0 { max } else { self.target_rows() };
+        let target =
+            if timed_out || self.policy.preferred_batch_sizes.is_empty() || self.policy.max_batch_size == 0 {
+                max
+            } else {
+                self.target_rows()
+            };
         let mut rows = 0;
         let mut padding = PaddingBudget::default();
         while let Some(job) = self.queue.pop_front() {
