@@ -91,6 +91,16 @@ async fn a_live_swap_under_load_fails_no_request() {
     s.shutdown().await;
 }
 
+/// The version that answered one iris request, optionally pinned by header.
+async fn answered_by(client: &reqwest::Client, url: &str, pin: Option<&str>) -> String {
+    let mut req = client.post(url).body(IRIS_BODY);
+    if let Some(v) = pin {
+        req = req.header("x-sluice-version", v);
+    }
+    let v: Value = req.send().await.unwrap().json().await.unwrap();
+    v["model_version"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_at_ten_percent_gets_ten_percent_and_pins_work() {
     let s = start_with(
@@ -119,41 +129,13 @@ async fn a_canary_at_ten_percent_gets_ten_percent_and_pins_work() {
     assert!((share - 0.10).abs() <= 0.02, "canary share {share:.3}");
     // A header pins a version; the version path addresses one exactly.
     for _ in 0..20 {
-        let v: Value = client
-            .post(url(&s, "/v2/models/m/infer"))
-            .header("x-sluice-version", "2")
-            .body(IRIS_BODY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["model_version"], "2");
-        let v: Value = client
-            .post(url(&s, "/v2/models/m/versions/1/infer"))
-            .body(IRIS_BODY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["model_version"], "1");
+        assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/infer"), Some("2")).await, "2");
+        assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/versions/1/infer"), None).await, "1");
     }
     // Weights change through the controller (the admin API and `sluice rollout` call it).
     s.controller().set_weight("m", 0).await.unwrap();
     for _ in 0..50 {
-        let v: Value = client
-            .post(url(&s, "/v2/models/m/infer"))
-            .body(IRIS_BODY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["model_version"], "1");
+        assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/infer"), None).await, "1");
     }
     s.shutdown().await;
 }
