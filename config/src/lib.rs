@@ -14,18 +14,22 @@
 
 mod autoscaling;
 mod error;
+mod file;
 mod pipeline;
 mod repository;
-mod schema;
+mod types;
 mod validate;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
-pub use pipeline::{Builtin, JsonRoute, Pipeline, PipelineStep, PipelineTensor};
-pub use repository::{ModelRepository, VersionPolicy};
-pub use schema::{AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Rollout};
+pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
+pub use repository::{ModelRepository, RepositoryError, VersionPolicy};
+pub use types::{
+    AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Location, Model,
+    Pipeline, PipelineStep, ReplicaSettings, Rollout, Scaling,
+};
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the
 /// directory of the file. Returns every error found (parse errors stop at the first one, since
@@ -40,12 +44,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates config text that claims to come from `path` (used for messages and to
 /// resolve relative model paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut config: Config =
+    let doc: file::Config =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
-    config.source = path.to_path_buf();
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    validate::validate(&mut config, &base)?;
-    Ok(config)
+    validate::validate(doc, path)
 }
 
 #[cfg(test)]

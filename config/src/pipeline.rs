@@ -4,7 +4,7 @@
 //! application's `route_prefix`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
@@ -51,8 +51,29 @@ pub enum Builtin {
     Custom { name: String },
 }
 
+impl Builtin {
+    /// The files the step reads (tokenizer, labels).
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Builtin::Tokenizer { path, .. }
+            | Builtin::Argmax { labels: Some(path) }
+            | Builtin::TopK { labels: Some(path), .. } => vec![path.as_path()],
+            _ => Vec::new(),
+        }
+    }
+
+    pub(crate) fn files_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            Builtin::Tokenizer { path, .. }
+            | Builtin::Argmax { labels: Some(path) }
+            | Builtin::TopK { labels: Some(path), .. } => vec![path],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A tensor a pipeline takes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineTensor {
     pub name: String,
@@ -64,7 +85,7 @@ pub struct PipelineTensor {
 /// its outputs named as pipeline tensors.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PipelineStep {
+pub(crate) struct PipelineStep {
     pub name: Spanned<String>,
     pub deployment: Spanned<String>,
     /// Step input name → pipeline tensor.
@@ -74,7 +95,7 @@ pub struct PipelineStep {
 }
 
 /// A plain-JSON route: request fields to pipeline inputs, pipeline outputs to response fields.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonRoute {
     /// JSON field → pipeline input.
@@ -86,7 +107,7 @@ pub struct JsonRoute {
 /// An application's pipeline.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     /// The model name the pipeline answers to on `/v2/models/{name}`.
     pub name: Spanned<String>,
     pub inputs: Vec<PipelineTensor>,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::Deployment;
+use crate::{Deployment, Scaling};
 
 /// Which versions of each model are served.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -57,9 +57,9 @@ impl ModelRepository {
     /// The deployments the repository holds now: one per model folder with at least one
     /// version folder holding `model.onnx`; the greatest selected version is the deployment's
     /// own, the others are extra versions. Models in `skip` are left out.
-    pub fn scan(&self, skip: &[String]) -> Result<Vec<Deployment>, String> {
+    pub fn scan(&self, skip: &[String]) -> Result<Vec<Deployment>, RepositoryError> {
         let entries = std::fs::read_dir(&self.path)
-            .map_err(|e| format!("model repository `{}`: {e}", self.path.display()))?;
+            .map_err(|source| RepositoryError { path: self.path.clone(), source })?;
         let mut models: Vec<(String, PathBuf)> = entries
             .filter_map(Result::ok)
             .filter(|e| e.path().is_dir())
@@ -80,19 +80,23 @@ impl ModelRepository {
             };
             let Some((&primary, rest)) = selected.split_last() else { continue };
             let model = |v: u64| dir.join(v.to_string()).join("model.onnx");
-            let yaml = format!(
-                "name: {name:?}\nmodel: {:?}\nversion: \"{primary}\"\nnum_replicas: {}\nmax_batch_size: {}\n",
-                model(primary),
-                self.num_replicas.max(1),
-                self.max_batch_size
-            );
-            let mut d: Deployment =
-                serde_saphyr::from_str(&yaml).map_err(|e| format!("model `{name}`: {e}"))?;
+            let mut d = Deployment::onnx(&name, model(primary));
+            d.version = primary.to_string();
+            d.scaling = Scaling::Fixed(self.num_replicas.max(1));
+            d.settings.max_batch_size = self.max_batch_size;
             d.extra_versions = rest.iter().map(|&v| (v.to_string(), model(v))).collect();
             out.push(d);
         }
         Ok(out)
     }
+}
+
+/// The repository folder cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("model repository `{}`: {source}", path.display())]
+pub struct RepositoryError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
 }
 
 fn versions_in(dir: &Path) -> Vec<u64> {
@@ -134,7 +138,7 @@ mod tests {
         r.scan(&[])
             .unwrap()
             .into_iter()
-            .map(|d| (d.name.value, d.version.value, d.extra_versions.into_iter().map(|(v, _)| v).collect()))
+            .map(|d| (d.name, d.version, d.extra_versions.into_iter().map(|(v, _)| v).collect()))
             .collect()
     }
 

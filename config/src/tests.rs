@@ -32,13 +32,18 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.http_options.port, 8000);
     assert_eq!(c.http_options.max_body_bytes, 64 * 1024 * 1024);
     let d = &c.applications[0].deployments[0];
-    assert_eq!(d.name.value, "iris");
-    assert_eq!(d.version.value, "1");
-    assert_eq!(d.num_replicas.value, NumReplicas::Fixed(1));
+    assert_eq!(d.name, "iris");
+    assert_eq!(d.version, "1");
+    assert_eq!(d.scaling, Scaling::Fixed(1));
     assert!(d.autoscaling().is_none());
-    assert_eq!(d.intra_op_threads.value, 1);
-    assert!(d.model.value.is_absolute() || d.model.value.starts_with(std::env::temp_dir()));
-    assert!(d.model.value.ends_with("m.onnx"));
+    assert_eq!(d.settings, ReplicaSettings::default());
+    assert_eq!(d.settings.intra_op_threads, 1);
+    assert_eq!(d.num_cpus, 1.0);
+    assert_eq!(c.graceful_shutdown_timeout_s, 30.0);
+    let path = d.model.onnx_path().unwrap();
+    assert!(path.is_absolute() || path.starts_with(std::env::temp_dir()));
+    assert!(path.ends_with("m.onnx"));
+    assert_eq!(d.location, Location { line: 5, column: 16 }, "where the model is written");
 }
 
 #[test]
@@ -135,8 +140,9 @@ fn invalid_names_are_rejected() {
 
 #[test]
 fn malformed_yaml_is_an_error_with_location() {
-    let e = errors("applications: [\n");
-    assert!(e[0].line >= 1, "{}", e[0]);
+    let e = errors("http_options: {port: 1}\napplications: [\n  {name: a,\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!((2..=4).contains(&e[0].line), "the error is in the unclosed list, not the first line: {}", e[0]);
 }
 
 #[test]
@@ -170,13 +176,14 @@ fn batching_and_grpc_fields_parse_with_defaults() {
     assert_eq!(c.grpc_options.port, 9001);
     assert!(c.grpc_options.enabled);
     let d = &c.applications[0].deployments[0];
-    assert_eq!(d.max_batch_size.value, 16);
-    assert_eq!(d.batch_wait_timeout_s.value, 0.005);
-    assert_eq!(d.preferred_batch_sizes.value, vec![4, 8]);
-    assert_eq!(d.pad.value.get("input_ids"), Some(&0.0));
-    assert_eq!(d.max_ongoing_requests.value, 0);
-    assert_eq!(d.request_timeout_s.value, 30.0);
-    assert!(d.warmup);
+    let s = &d.settings;
+    assert_eq!(s.max_batch_size, 16);
+    assert_eq!(s.batch_wait_timeout_s, 0.005);
+    assert_eq!(s.preferred_batch_sizes, vec![4, 8]);
+    assert_eq!(s.pad.get("input_ids"), Some(&0.0));
+    assert_eq!(s.max_ongoing_requests, 0);
+    assert_eq!(s.request_timeout_s, 30.0);
+    assert!(s.warmup);
 }
 
 #[test]
@@ -227,16 +234,16 @@ fn num_replicas_auto_takes_ray_defaults_and_overrides() {
 }
 
 #[test]
-fn autoscaling_conflicts_and_bad_values_are_errors() {
+fn a_replica_count_that_is_not_a_number_or_auto_is_a_parse_error() {
     let e = errors(concat!(
         "applications:\n",
         "  - name: a\n",
         "    deployments:\n",
-        "      - {name: m, model: m.onnx, num_replicas: 2, autoscaling_config: {max_replicas: 4}}\n",
-        "      - {name: n, model: m.onnx, autoscaling_config: {min_replicas: 3, max_replicas: 2}}\n",
         "      - {name: o, model: m.onnx, num_replicas: many}\n",
     ));
+    assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].message.contains("expected a replica count or `auto`"), "{e:?}");
+    assert_eq!(e[0].line, 4, "{e:?}");
 }
 
 #[test]
@@ -248,7 +255,15 @@ fn autoscaling_value_errors_name_the_field() {
         "      - {name: m, model: m.onnx, num_replicas: 2, autoscaling_config: {max_replicas: 4}}\n",
         "      - {name: n, model: m.onnx, autoscaling_config: {min_replicas: 3, max_replicas: 2}}\n",
     ));
-    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
-    assert!(fields.contains(&"applications[0].deployments[0].autoscaling_config"), "{e:?}");
-    assert!(fields.contains(&"applications[0].deployments[1].autoscaling_config.max_replicas"), "{e:?}");
+    let fields: Vec<(&str, u64)> = e.iter().map(|e| (e.field.as_str(), e.line)).collect();
+    assert_eq!(
+        fields,
+        [
+            ("applications[0].deployments[0].autoscaling_config", 4),
+            ("applications[0].deployments[1].autoscaling_config.max_replicas", 5),
+            ("applications[0].deployments[1].autoscaling_config.initial_replicas", 5),
+        ],
+        "{e:?}"
+    );
+    assert!(e[0].message.contains("cannot be set together with a fixed num_replicas"), "{e:?}");
 }

@@ -1,51 +1,81 @@
-//! Checks that need the whole document: unique names, existing files, values in range.
-//! Collects every problem rather than stopping at the first.
+//! Checks that need the whole document (unique names, existing files, values in range), and the
+//! step from the file's shape to the resolved [`Config`]: paths made absolute, defaults and
+//! autoscaling resolved, pipelines put in run order. Collects every problem rather than
+//! stopping at the first.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_saphyr::{Location, Spanned};
 
-use crate::{Config, ConfigError, ConfigErrors};
+use crate::types::{
+    Application, Canary, Config, Deployment, Model, Pipeline, PipelineStep, ReplicaSettings, Scaling,
+};
+use crate::{ConfigError, ConfigErrors, NumReplicas, file};
 
-pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErrors> {
-    let file = config.source.clone();
-    let mut errors = Vec::new();
-    let mut err = |loc: Location, field: String, msg: String| {
-        errors.push(ConfigError::at(&file, loc, field, msg));
-    };
+/// Every problem found so far, each at a location of the file.
+struct Errors<'a> {
+    file: &'a Path,
+    list: Vec<ConfigError>,
+}
 
-    if !(config.graceful_shutdown_timeout_s >= 0.0 && config.graceful_shutdown_timeout_s.is_finite()) {
-        err(Location::UNKNOWN, "graceful_shutdown_timeout_s".into(), "must be 0 or more seconds".into());
+impl Errors<'_> {
+    fn at(&mut self, location: Location, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError::at(self.file, location, field, message));
     }
-    if config.http_options.max_body_bytes == 0 {
-        err(Location::UNKNOWN, "http_options.max_body_bytes".into(), "must be at least 1".into());
-    }
 
-    if let Some(repo) = &mut config.model_repository {
-        repo.path = base.join(&repo.path);
-        if !repo.path.is_dir() {
-            err(
-                Location::UNKNOWN,
-                "model_repository.path".into(),
-                format!("`{}` is not a folder", repo.path.display()),
+    /// Names appear in URL paths: non-empty, no `/`, no whitespace or control characters.
+    fn check_name(&mut self, name: &Spanned<String>, field: &str) {
+        let v = &name.value;
+        if v.is_empty() || v.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+            self.at(
+                name.referenced,
+                field,
+                format!("`{v}` is not a valid name: use a non-empty name without `/` or spaces"),
             );
         }
-        if !(repo.poll_interval_s >= 0.0 && repo.poll_interval_s.is_finite()) {
-            err(
-                Location::UNKNOWN,
-                "model_repository.poll_interval_s".into(),
-                "must be 0 or more seconds".into(),
-            );
+    }
+
+    fn at_least_one(&mut self, value: &Spanned<u32>, field: &str) {
+        if value.value == 0 {
+            self.at(value.referenced, field, "must be at least 1");
         }
+    }
+
+    /// `path` made absolute against `base`, with an error naming `what` when no file is there.
+    fn existing_file(
+        &mut self,
+        base: &Path,
+        path: &Path,
+        location: Location,
+        field: &str,
+        what: &str,
+    ) -> PathBuf {
+        let resolved = base.join(path);
+        if !resolved.is_file() {
+            self.at(location, field, format!("{what} `{}` not found", resolved.display()));
+        }
+        resolved
+    }
+}
+
+/// Validates a parsed file and resolves it; `source` is the file it came from.
+pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, ConfigErrors> {
+    let base = source.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let mut errs = Errors { file: source, list: Vec::new() };
+    validate_top(&doc, &mut errs);
+    let mut model_repository = doc.model_repository;
+    if let Some(repo) = &mut model_repository {
+        validate_repository(repo, &base, &mut errs);
     }
     let mut apps: HashMap<String, Location> = HashMap::new();
     let mut deployments: HashMap<String, Location> = HashMap::new();
-    for (a, app) in config.applications.iter_mut().enumerate() {
+    let mut applications = Vec::new();
+    for (a, app) in doc.applications.into_iter().enumerate() {
         let at = format!("applications[{a}]");
-        check_name(&app.name, &format!("{at}.name"), &mut err);
+        errs.check_name(&app.name, &format!("{at}.name"));
         if let Some(first) = apps.insert(app.name.value.clone(), app.name.referenced) {
-            err(
+            errs.at(
                 app.name.referenced,
                 format!("{at}.name"),
                 format!(
@@ -55,251 +85,306 @@ pub(crate) fn validate(config: &mut Config, base: &Path) -> Result<(), ConfigErr
                 ),
             );
         }
-        for (d, dep) in app.deployments.iter_mut().enumerate() {
-            let at = format!("{at}.deployments[{d}]");
-            check_name(&dep.name, &format!("{at}.name"), &mut err);
-            if let Some(first) = deployments.insert(dep.name.value.clone(), dep.name.referenced) {
-                err(
-                    dep.name.referenced,
-                    format!("{at}.name"),
-                    format!(
-                        "duplicate deployment name `{}` (first defined at line {}); deployment \
-                         names are model names and must be unique across the server",
-                        dep.name.value,
-                        first.line()
-                    ),
-                );
-            }
-            match (&mut dep.builtin, dep.model.value.as_os_str().is_empty()) {
-                (None, true) => err(
-                    dep.name.referenced,
-                    format!("{at}.model"),
-                    "missing `model` (an ONNX file) or `builtin`".into(),
-                ),
-                (Some(_), false) => err(
-                    dep.model.referenced,
-                    format!("{at}.model"),
-                    "give `model` or `builtin`, not both".into(),
-                ),
-                (None, false) => {
-                    let resolved = base.join(&dep.model.value);
-                    if !resolved.is_file() {
-                        err(
-                            dep.model.referenced,
-                            format!("{at}.model"),
-                            format!("model file `{}` not found", resolved.display()),
-                        );
-                    }
-                    dep.model.value = resolved;
-                }
-                (Some(b), true) => {
-                    use crate::Builtin;
-                    let file = match b {
-                        Builtin::Tokenizer { path, .. } => Some(path),
-                        Builtin::Argmax { labels: Some(path) } | Builtin::TopK { labels: Some(path), .. } => {
-                            Some(path)
-                        }
-                        _ => None,
-                    };
-                    if let Some(path) = file {
-                        *path = base.join(&*path);
-                        if !path.is_file() {
-                            err(
-                                dep.name.referenced,
-                                format!("{at}.builtin"),
-                                format!("file `{}` not found", path.display()),
-                            );
-                        }
-                    }
-                }
-            }
-            check_name(&dep.version, &format!("{at}.version"), &mut err);
-            match (&dep.num_replicas.value, &dep.autoscaling_config) {
-                (crate::NumReplicas::Fixed(_), Some(a)) if dep.num_replicas.referenced.line() > 0 => err(
-                    a.referenced,
-                    format!("{at}.autoscaling_config"),
-                    "cannot be set together with a fixed num_replicas; use `num_replicas: auto` or leave it out".into(),
-                ),
-                (crate::NumReplicas::Fixed(0), None) => {
-                    err(dep.num_replicas.referenced, format!("{at}.num_replicas"), "must be at least 1".into())
-                }
-                _ => {}
-            }
-            if let Some(a) = dep.autoscaling() {
-                let loc =
-                    dep.autoscaling_config.as_ref().map_or(dep.num_replicas.referenced, |c| c.referenced);
-                for (field, problem) in a.problems() {
-                    err(loc, format!("{at}.autoscaling_config.{field}"), problem);
-                }
-            }
-            if let Some(c) = &mut dep.canary {
-                let resolved = base.join(&c.model.value);
-                if !resolved.is_file() {
-                    err(
-                        c.model.referenced,
-                        format!("{at}.canary.model"),
-                        format!("model file `{}` not found", resolved.display()),
-                    );
-                }
-                c.model.value = resolved;
-                if c.version.value == dep.version.value {
-                    err(
-                        c.version.referenced,
-                        format!("{at}.canary.version"),
-                        format!("must differ from the deployment's version `{}`", dep.version.value),
-                    );
-                }
-                check_name(&c.version, &format!("{at}.canary.version"), &mut err);
-                if c.weight.value > 100 {
-                    err(c.weight.referenced, format!("{at}.canary.weight"), "is a percent: 0 to 100".into());
-                }
-                if let Some(r) = &c.rollout {
-                    if r.step_percent == 0 || r.step_percent > 100 {
-                        err(
-                            c.weight.referenced,
-                            format!("{at}.canary.rollout.step_percent"),
-                            "must be 1 to 100".into(),
-                        );
-                    }
-                    if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
-                        err(
-                            c.weight.referenced,
-                            format!("{at}.canary.rollout.interval_s"),
-                            "must be above 0".into(),
-                        );
-                    }
-                    if !(0.0..=1.0).contains(&r.max_error_rate) {
-                        err(
-                            c.weight.referenced,
-                            format!("{at}.canary.rollout.max_error_rate"),
-                            "is a fraction: 0 to 1".into(),
-                        );
-                    }
-                }
-            }
-            if dep.num_cpus.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-                err(dep.name.referenced, format!("{at}.num_cpus"), "must be above 0".into());
-            }
-            at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"), &mut err);
-            at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"), &mut err);
-            let t = &dep.batch_wait_timeout_s;
-            if !(t.value.is_finite() && (0.0..=60.0).contains(&t.value)) {
-                err(
-                    t.referenced,
-                    format!("{at}.batch_wait_timeout_s"),
-                    "must be between 0 and 60 seconds".into(),
-                );
-            }
-            let t = &dep.request_timeout_s;
-            if !(t.value.is_finite() && t.value > 0.0 && t.value <= 86_400.0) {
-                err(
-                    t.referenced,
-                    format!("{at}.request_timeout_s"),
-                    "must be above 0 and at most 86400 seconds".into(),
-                );
-            }
-            let sizes = &dep.preferred_batch_sizes;
-            if let Some(bad) = sizes.value.iter().find(|&&n| n == 0 || n > dep.max_batch_size.value) {
-                err(
-                    sizes.referenced,
-                    format!("{at}.preferred_batch_sizes"),
-                    format!("{bad} is not between 1 and max_batch_size ({})", dep.max_batch_size.value),
-                );
-            }
-            if !dep.pad.value.is_empty() && dep.max_batch_size.value == 0 {
-                err(
-                    dep.pad.referenced,
-                    format!("{at}.pad"),
-                    "padding needs batching: set max_batch_size".into(),
-                );
-            }
-        }
+        applications.push(validate_application(&at, app, &base, &mut deployments, &mut errs));
     }
-    for (a, app) in config.applications.iter().enumerate() {
-        let at = format!("applications[{a}]");
-        if let Some(prefix) = &app.route_prefix {
-            let p = &prefix.value;
-            if !p.starts_with('/')
-                || (p.len() > 1 && p.ends_with('/'))
-                || p.starts_with("/v2")
-                || p.starts_with("/metrics")
-            {
-                err(
-                    prefix.referenced,
-                    format!("{at}.route_prefix"),
-                    "must start with `/`, not end with `/`, and not be under /v2 or /metrics".into(),
-                );
-            }
-            if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {
-                err(
-                    prefix.referenced,
-                    format!("{at}.route_prefix"),
-                    "needs a pipeline with a `route`".into(),
-                );
-            }
-        }
-        if let Some(p) = &app.pipeline {
-            if deployments.contains_key(&p.name.value) {
-                err(
-                    p.name.referenced,
-                    format!("{at}.pipeline.name"),
-                    format!("`{}` is already a deployment name", p.name.value),
-                );
-            }
-            let names: Vec<String> = app.deployments.iter().map(|d| d.name.value.clone()).collect();
-            if let Err(problems) = p.check(&names) {
-                for (loc, field, msg) in problems {
-                    err(loc, format!("{at}.pipeline.{field}"), msg);
-                }
-            }
-            if let Some(route) = &p.route {
-                if app.route_prefix.is_none() {
-                    err(
-                        p.name.referenced,
-                        format!("{at}.pipeline.route"),
-                        "needs the application's `route_prefix`".into(),
-                    );
-                }
-                for tensor in route.request.values() {
-                    if !p.inputs.iter().any(|t| &t.name == tensor) {
-                        err(
-                            p.name.referenced,
-                            format!("{at}.pipeline.route.request"),
-                            format!("`{tensor}` is not a pipeline input"),
-                        );
-                    }
-                }
-                for tensor in route.response.values() {
-                    if !p.outputs.contains(tensor) {
-                        err(
-                            p.name.referenced,
-                            format!("{at}.pipeline.route.response"),
-                            format!("`{tensor}` is not a pipeline output"),
-                        );
-                    }
-                }
-            }
-        }
+    let mut list = errs.list;
+    list.sort_by_key(|e| (e.line, e.column));
+    if !list.is_empty() {
+        return Err(ConfigErrors(list));
     }
-    errors.sort_by_key(|e| (e.line, e.column));
-    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+    Ok(Config {
+        http_options: doc.http_options,
+        grpc_options: doc.grpc_options,
+        admin_options: doc.admin_options,
+        graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s,
+        applications,
+        model_repository,
+        source: source.to_path_buf(),
+    })
 }
 
-/// Names appear in URL paths: non-empty, no `/`, no whitespace or control characters.
-fn check_name(name: &Spanned<String>, field: &str, err: &mut impl FnMut(Location, String, String)) {
-    let v = &name.value;
-    let bad = v.is_empty() || v.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control());
-    if bad {
-        err(
-            name.referenced,
-            field.to_string(),
-            format!("`{v}` is not a valid name: use a non-empty name without `/` or spaces"),
+fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
+    let unknown = Location::UNKNOWN;
+    if !(doc.graceful_shutdown_timeout_s >= 0.0 && doc.graceful_shutdown_timeout_s.is_finite()) {
+        errs.at(unknown, "graceful_shutdown_timeout_s", "must be 0 or more seconds");
+    }
+    if doc.http_options.max_body_bytes == 0 {
+        errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
+    }
+}
+
+fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mut Errors<'_>) {
+    let unknown = Location::UNKNOWN;
+    repo.path = base.join(&repo.path);
+    if !repo.path.is_dir() {
+        errs.at(unknown, "model_repository.path", format!("`{}` is not a folder", repo.path.display()));
+    }
+    if !(repo.poll_interval_s >= 0.0 && repo.poll_interval_s.is_finite()) {
+        errs.at(unknown, "model_repository.poll_interval_s", "must be 0 or more seconds");
+    }
+}
+
+/// `names`: every deployment name seen so far (they are model names, unique server-wide).
+fn validate_application(
+    at: &str,
+    app: file::Application,
+    base: &Path,
+    names: &mut HashMap<String, Location>,
+    errs: &mut Errors<'_>,
+) -> Application {
+    let mut deployments = Vec::new();
+    for (d, dep) in app.deployments.iter().enumerate() {
+        let at = format!("{at}.deployments[{d}]");
+        if let Some(first) = names.insert(dep.name.value.clone(), dep.name.referenced) {
+            errs.at(
+                dep.name.referenced,
+                format!("{at}.name"),
+                format!(
+                    "duplicate deployment name `{}` (first defined at line {}); deployment names are \
+                     model names and must be unique across the server",
+                    dep.name.value,
+                    first.line()
+                ),
+            );
+        }
+        deployments.push(validate_deployment(&at, dep, base, errs));
+    }
+    if let Some(prefix) = &app.route_prefix {
+        let p = &prefix.value;
+        if !p.starts_with('/')
+            || (p.len() > 1 && p.ends_with('/'))
+            || p.starts_with("/v2")
+            || p.starts_with("/metrics")
+        {
+            errs.at(
+                prefix.referenced,
+                format!("{at}.route_prefix"),
+                "must start with `/`, not end with `/`, and not be under /v2 or /metrics",
+            );
+        }
+        if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {
+            errs.at(prefix.referenced, format!("{at}.route_prefix"), "needs a pipeline with a `route`");
+        }
+    }
+    let pipeline = app.pipeline.as_ref().and_then(|p| validate_pipeline(at, &app, p, names, errs));
+    Application {
+        name: app.name.value,
+        route_prefix: app.route_prefix.map(|p| p.value),
+        deployments,
+        pipeline,
+    }
+}
+
+fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut Errors<'_>) -> Deployment {
+    errs.check_name(&dep.name, &format!("{at}.name"));
+    let model = match (&dep.builtin, dep.model.value.as_os_str().is_empty()) {
+        (None, true) => {
+            errs.at(
+                dep.name.referenced,
+                format!("{at}.model"),
+                "missing `model` (an ONNX file) or `builtin`",
+            );
+            Model::Onnx(PathBuf::new())
+        }
+        (Some(_), false) => {
+            errs.at(dep.model.referenced, format!("{at}.model"), "give `model` or `builtin`, not both");
+            Model::Onnx(PathBuf::new())
+        }
+        (None, false) => {
+            let field = format!("{at}.model");
+            Model::Onnx(errs.existing_file(
+                base,
+                &dep.model.value,
+                dep.model.referenced,
+                &field,
+                "model file",
+            ))
+        }
+        (Some(b), true) => {
+            let mut b = b.clone();
+            for path in b.files_mut() {
+                *path = errs.existing_file(base, path, dep.name.referenced, &format!("{at}.builtin"), "file");
+            }
+            Model::Builtin(b)
+        }
+    };
+    errs.check_name(&dep.version, &format!("{at}.version"));
+    let scaling = validate_scaling(at, dep, errs);
+    let canary = dep.canary.as_ref().map(|c| validate_canary(at, c, &dep.version.value, base, errs));
+    if dep.num_cpus.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+        errs.at(dep.name.referenced, format!("{at}.num_cpus"), "must be above 0");
+    }
+    errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
+    errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
+    let t = &dep.batch_wait_timeout_s;
+    if !(t.value.is_finite() && (0.0..=60.0).contains(&t.value)) {
+        errs.at(t.referenced, format!("{at}.batch_wait_timeout_s"), "must be between 0 and 60 seconds");
+    }
+    let t = &dep.request_timeout_s;
+    if !(t.value.is_finite() && t.value > 0.0 && t.value <= 86_400.0) {
+        errs.at(t.referenced, format!("{at}.request_timeout_s"), "must be above 0 and at most 86400 seconds");
+    }
+    let sizes = &dep.preferred_batch_sizes;
+    if let Some(bad) = sizes.value.iter().find(|&&n| n == 0 || n > dep.max_batch_size.value) {
+        errs.at(
+            sizes.referenced,
+            format!("{at}.preferred_batch_sizes"),
+            format!("{bad} is not between 1 and max_batch_size ({})", dep.max_batch_size.value),
         );
     }
+    if !dep.pad.value.is_empty() && dep.max_batch_size.value == 0 {
+        errs.at(dep.pad.referenced, format!("{at}.pad"), "padding needs batching: set max_batch_size");
+    }
+    Deployment {
+        name: dep.name.value.clone(),
+        version: dep.version.value.clone(),
+        model,
+        settings: ReplicaSettings {
+            intra_op_threads: dep.intra_op_threads.value,
+            max_batch_size: dep.max_batch_size.value,
+            batch_wait_timeout_s: dep.batch_wait_timeout_s.value,
+            preferred_batch_sizes: dep.preferred_batch_sizes.value.clone(),
+            pad: dep.pad.value.clone(),
+            request_timeout_s: dep.request_timeout_s.value,
+            max_ongoing_requests: dep.max_ongoing_requests.value,
+            max_queued_requests: dep.max_queued_requests.value,
+            warmup: dep.warmup,
+        },
+        scaling,
+        num_cpus: dep.num_cpus.unwrap_or(dep.intra_op_threads.value as f64),
+        canary,
+        extra_versions: Vec::new(),
+        location: if dep.model.referenced.line() > 0 { dep.model.referenced } else { dep.name.referenced }
+            .into(),
+    }
 }
 
-fn at_least_one(value: &Spanned<u32>, field: &str, err: &mut impl FnMut(Location, String, String)) {
-    if value.value == 0 {
-        err(value.referenced, field.to_string(), "must be at least 1".to_string());
+/// `num_replicas` and `autoscaling_config` into one [`Scaling`].
+fn validate_scaling(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -> Scaling {
+    let auto = dep.num_replicas.value == NumReplicas::Auto;
+    let written = dep.num_replicas.referenced.line() > 0;
+    match (dep.num_replicas.value, &dep.autoscaling_config) {
+        (NumReplicas::Fixed(_), Some(a)) if written => {
+            errs.at(
+                a.referenced,
+                format!("{at}.autoscaling_config"),
+                "cannot be set together with a fixed num_replicas; use `num_replicas: auto` or leave it out",
+            );
+            Scaling::Fixed(1)
+        }
+        (NumReplicas::Fixed(0), None) => {
+            errs.at(dep.num_replicas.referenced, format!("{at}.num_replicas"), "must be at least 1");
+            Scaling::Fixed(1)
+        }
+        (NumReplicas::Fixed(n), None) => Scaling::Fixed(n),
+        (_, config) => {
+            let resolved = config
+                .as_ref()
+                .map(|c| c.value.resolve(auto))
+                .unwrap_or_else(|| crate::AutoscalingConfig::default().resolve(true));
+            let loc = config.as_ref().map_or(dep.num_replicas.referenced, |c| c.referenced);
+            for (field, problem) in resolved.problems() {
+                errs.at(loc, format!("{at}.autoscaling_config.{field}"), problem);
+            }
+            Scaling::Auto(resolved)
+        }
     }
+}
+
+fn validate_canary(at: &str, c: &file::Canary, version: &str, base: &Path, errs: &mut Errors<'_>) -> Canary {
+    let field = format!("{at}.canary.model");
+    let model = errs.existing_file(base, &c.model.value, c.model.referenced, &field, "model file");
+    if c.version.value == version {
+        errs.at(
+            c.version.referenced,
+            format!("{at}.canary.version"),
+            format!("must differ from the deployment's version `{version}`"),
+        );
+    }
+    errs.check_name(&c.version, &format!("{at}.canary.version"));
+    if c.weight.value > 100 {
+        errs.at(c.weight.referenced, format!("{at}.canary.weight"), "is a percent: 0 to 100");
+    }
+    if let Some(r) = &c.rollout {
+        let loc = c.weight.referenced;
+        if r.step_percent == 0 || r.step_percent > 100 {
+            errs.at(loc, format!("{at}.canary.rollout.step_percent"), "must be 1 to 100");
+        }
+        if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
+            errs.at(loc, format!("{at}.canary.rollout.interval_s"), "must be above 0");
+        }
+        if !(0.0..=1.0).contains(&r.max_error_rate) {
+            errs.at(loc, format!("{at}.canary.rollout.max_error_rate"), "is a fraction: 0 to 1");
+        }
+        if r.max_p99_ms.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
+            errs.at(loc, format!("{at}.canary.rollout.max_p99_ms"), "must be above 0 milliseconds");
+        }
+    }
+    Canary { model, version: c.version.value.clone(), weight: c.weight.value, rollout: c.rollout.clone() }
+}
+
+fn validate_pipeline(
+    at: &str,
+    app: &file::Application,
+    p: &crate::pipeline::Pipeline,
+    names: &HashMap<String, Location>,
+    errs: &mut Errors<'_>,
+) -> Option<Pipeline> {
+    if names.contains_key(&p.name.value) {
+        errs.at(
+            p.name.referenced,
+            format!("{at}.pipeline.name"),
+            format!("`{}` is already a deployment name", p.name.value),
+        );
+    }
+    let deployments: Vec<String> = app.deployments.iter().map(|d| d.name.value.clone()).collect();
+    let order = match p.check(&deployments) {
+        Ok(order) => order,
+        Err(problems) => {
+            for (loc, field, msg) in problems {
+                errs.at(loc, format!("{at}.pipeline.{field}"), msg);
+            }
+            Vec::new()
+        }
+    };
+    if let Some(route) = &p.route {
+        if app.route_prefix.is_none() {
+            errs.at(
+                p.name.referenced,
+                format!("{at}.pipeline.route"),
+                "needs the application's `route_prefix`",
+            );
+        }
+        for tensor in route.request.values().filter(|t| !p.inputs.iter().any(|i| &&i.name == t)) {
+            errs.at(
+                p.name.referenced,
+                format!("{at}.pipeline.route.request"),
+                format!("`{tensor}` is not a pipeline input"),
+            );
+        }
+        for tensor in route.response.values().filter(|t| !p.outputs.contains(t)) {
+            errs.at(
+                p.name.referenced,
+                format!("{at}.pipeline.route.response"),
+                format!("`{tensor}` is not a pipeline output"),
+            );
+        }
+    }
+    Some(Pipeline {
+        name: p.name.value.clone(),
+        inputs: p.inputs.clone(),
+        steps: p
+            .steps
+            .iter()
+            .map(|s| PipelineStep {
+                name: s.name.value.clone(),
+                deployment: s.deployment.value.clone(),
+                inputs: s.inputs.clone(),
+                outputs: s.outputs.clone(),
+            })
+            .collect(),
+        outputs: p.outputs.clone(),
+        route: p.route.clone(),
+        order,
+    })
 }

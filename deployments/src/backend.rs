@@ -1,7 +1,12 @@
 //! The `Backend` trait: what a replica needs from a model, kept small and synchronous so that a
 //! backend runs on its replica's own OS thread.
 
-use crate::{DataType, InferError, NamedTensor};
+use std::sync::Arc;
+
+use sluice_config::{Model, ReplicaSettings};
+
+use crate::onnx::{OnnxBackend, OnnxOptions};
+use crate::{DataType, InferError, LoadError, NamedTensor};
 
 /// Name, datatype and shape of a model input or output; `-1` marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,4 +32,20 @@ pub trait Backend: Send + 'static {
 
     fn infer(&mut self, inputs: Vec<NamedTensor>, outputs: &[String])
     -> Result<Vec<NamedTensor>, InferError>;
+}
+
+/// Makes a fresh backend for a replica (at start, and to replace one that panicked).
+pub type BackendFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, LoadError> + Send + Sync>;
+
+/// The factory for a config deployment's model: an ONNX file with its session settings, or a
+/// built-in step. `sluice run` and `sluice validate` both start here.
+pub fn backend_factory(model: &Model, settings: &ReplicaSettings) -> Result<BackendFactory, LoadError> {
+    match model {
+        Model::Builtin(b) => crate::builtin::factory(b),
+        Model::Onnx(path) => {
+            let options = OnnxOptions { intra_op_threads: settings.intra_op_threads as usize };
+            let path = path.clone();
+            Ok(Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>)))
+        }
+    }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Job {
     /// When it reached this replica's queue (the batch deadline counts from the first one).
     pub arrived: Instant,
     pub reply: Reply,
+    /// The request's span: a batch's span follows from it, and it records the batch it ran in.
+    pub span: tracing::Span,
 }
 
 /// How a deployment batches.
@@ -272,6 +274,7 @@ mod tests {
             admitted: arrived,
             arrived,
             reply,
+            span: tracing::Span::none(),
         };
         (job, rx)
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use sluice_config::Builtin;
 
 use crate::{
-    Backend, BackendFactory, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    Backend, BackendFactory, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
     push_bytes_element,
 };
 
@@ -66,21 +66,23 @@ pub fn register_async_step(name: impl Into<String>, step: Arc<dyn AsyncStep>) {
         name,
         Arc::new(move || {
             let handle = tokio::runtime::Handle::try_current()
-                .map_err(|_| "async steps start inside the server's tokio runtime".to_string())?;
+                .map_err(|_| LoadError::Step("async steps start inside the server's tokio runtime".into()))?;
             Ok(Box::new(BlockOn { step: step.clone(), handle }) as Box<dyn Backend>)
         }),
     );
 }
 
 /// The factory of a built-in step.
-pub fn factory(b: &Builtin) -> Result<BackendFactory, String> {
+pub fn factory(b: &Builtin) -> Result<BackendFactory, LoadError> {
     if let Builtin::Custom { name } = b {
         return registry().read().unwrap_or_else(|e| e.into_inner()).get(name).cloned().ok_or_else(|| {
-            format!("no custom step `{name}` is registered (sluice_deployments::register_step)")
+            LoadError::Step(format!(
+                "no custom step `{name}` is registered (sluice_deployments::register_step)"
+            ))
         });
     }
     // Build once now so a bad file fails the deployment, then clone per replica.
-    let proto = Builtins::new(b)?;
+    let proto = Builtins::new(b).map_err(LoadError::Step)?;
     Ok(Arc::new(move || Ok(Box::new(proto.clone()) as Box<dyn Backend>)))
 }
 

@@ -262,6 +262,7 @@ mod tests {
             admitted: now,
             arrived: now,
             reply,
+            span: tracing::Span::none(),
         }
     }
 

@@ -5,22 +5,26 @@
 //! the next one is refused at once with 503. A request whose deadline passes while it waits is
 //! answered 504 and never runs; one whose caller goes away leaves the queue (its future is
 //! dropped) or is skipped by the replica. Replica choice is power-of-two-choices on ongoing
-//! requests.
+//! requests. Replicas ([`crate::replica`]) know nothing of this: they report readiness to the
+//! deployment, which opens their slots to admission.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Semaphore, watch};
+use metrics::Gauge;
+use sluice_config::ReplicaSettings;
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
-use crate::onnx::{OnnxBackend, OnnxOptions};
-use crate::replica::{self, BackendFactory, Msg, OngoingGuard, ReplicaSlot};
-use crate::{Backend, ErrorKind, InferError, InferRequest, InferResponse, ModelMetadata, check_request};
+use crate::replica::{self, Msg, ReplicaConfig, ReplicaHost};
+use crate::{
+    Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
+    ModelMetadata, backend_factory, check_request,
+};
 
 /// What a deployment needs to start, independent of the config file's layout.
 #[derive(Debug, Clone)]
@@ -28,22 +32,13 @@ pub struct DeploymentSpec {
     pub name: String,
     pub version: String,
     pub num_replicas: usize,
-    /// Requests one replica takes at a time (queued in its batcher or running).
-    pub max_ongoing_requests: usize,
-    /// Requests waiting for a replica slot before new ones are refused.
-    pub max_queued_requests: usize,
-    /// 0: no batch dimension; above 0: dimension 0 batches, at most this many rows a call.
-    pub max_batch_size: usize,
-    pub batch_wait_timeout: Duration,
-    pub preferred_batch_sizes: Vec<usize>,
-    /// Pad values per input name, for batching requests of different lengths.
-    pub pad: HashMap<String, f64>,
-    /// Deadline of a request unless it asks for a shorter one.
-    pub request_timeout: Duration,
     /// The most replicas the deployment may scale to (sizes replica queues).
     pub max_replicas: usize,
-    /// Run a full-size batch before a replica reports ready.
-    pub warmup: bool,
+    /// Batching, admission and deadlines (the config's defaults unless set).
+    pub settings: ReplicaSettings,
+    /// Notified when a request has to wait on a deployment with no replica, so that whoever
+    /// scales it (the controller, which shares one across deployments) starts one at once.
+    pub wake: Arc<Notify>,
 }
 
 impl DeploymentSpec {
@@ -53,65 +48,94 @@ impl DeploymentSpec {
             name: name.into(),
             version: "1".into(),
             num_replicas: 1,
-            max_ongoing_requests: 0,
-            max_queued_requests: 64,
-            max_batch_size: 0,
-            batch_wait_timeout: Duration::ZERO,
-            preferred_batch_sizes: Vec::new(),
-            pad: HashMap::new(),
-            request_timeout: Duration::from_secs(30),
             max_replicas: 1,
-            warmup: true,
+            settings: ReplicaSettings::default(),
+            wake: Arc::new(Notify::new()),
         }
     }
 
+    /// The spec of a config deployment.
     pub fn from_config(d: &sluice_config::Deployment) -> Self {
         Self {
-            name: d.name.value.clone(),
-            version: d.version.value.clone(),
+            name: d.name.clone(),
+            version: d.version.clone(),
             num_replicas: d.initial_replicas(),
-            max_ongoing_requests: d.max_ongoing_requests.value as usize,
-            max_queued_requests: d.max_queued_requests.value as usize,
-            max_batch_size: d.max_batch_size.value as usize,
-            batch_wait_timeout: Duration::from_secs_f64(d.batch_wait_timeout_s.value),
-            preferred_batch_sizes: d.preferred_batch_sizes.value.iter().map(|&n| n as usize).collect(),
-            pad: d.pad.value.clone().into_iter().collect(),
-            request_timeout: Duration::from_secs_f64(d.request_timeout_s.value),
             max_replicas: d.max_replicas(),
-            warmup: d.warmup,
+            settings: d.settings.clone(),
+            wake: Arc::new(Notify::new()),
         }
     }
 
     /// `max_ongoing_requests`, where 0 means: enough for a batch running and the next one
     /// filling (2 × max_batch_size), and at least 5 (Ray Serve's default).
     pub fn ongoing_limit(&self) -> usize {
-        if self.max_ongoing_requests > 0 {
-            self.max_ongoing_requests
-        } else {
-            (2 * self.max_batch_size).max(5)
+        match self.settings.max_ongoing_requests {
+            0 => (2 * self.max_batch_size()).max(5),
+            n => n as usize,
+        }
+    }
+
+    /// 0 when the model has no batch dimension, else the most rows one model call takes.
+    pub fn max_batch_size(&self) -> usize {
+        self.settings.max_batch_size as usize
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.settings.request_timeout_s)
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        let mut preferred: Vec<usize> =
+            self.settings.preferred_batch_sizes.iter().map(|&n| n as usize).collect();
+        preferred.sort_unstable();
+        BatchPolicy {
+            max_batch_size: self.max_batch_size(),
+            batch_wait_timeout: Duration::from_secs_f64(self.settings.batch_wait_timeout_s),
+            preferred_batch_sizes: preferred,
+            pad: Arc::new(self.settings.pad.clone().into_iter().collect()),
         }
     }
 }
 
-/// What the replicas of a deployment share.
-pub(crate) struct Shared {
-    pub spec: DeploymentSpec,
-    pub model_outputs: Vec<String>,
-    pub policy: BatchPolicy,
-    /// The current replica set; replaced whole when replicas are added or removed.
-    pub replicas: ArcSwap<Vec<Arc<ReplicaSlot>>>,
-    pub factory: BackendFactory,
-    pub metrics: DeploymentMetrics,
-    pub ready_count: watch::Sender<usize>,
-    pub closed: AtomicBool,
-    /// Admission: `ongoing_limit` permits per ready replica.
-    pub permits: Arc<Semaphore>,
+/// The deployment's side of one replica.
+struct ReplicaSlot {
+    id: usize,
+    tx: SyncSender<Msg>,
+    /// Requests assigned and not yet answered (queued there or running).
+    ongoing: Arc<AtomicUsize>,
+    ready: AtomicBool,
+    /// Whether this replica's admission permits were handed out (when it first became ready)
+    /// or forgone (when it was removed first): whoever flips it owns the permits.
+    granted: AtomicBool,
+    in_flight: Gauge,
+}
+
+/// The replicas of a deployment and what admission needs of them.
+struct ReplicaSet {
+    spec: DeploymentSpec,
+    config: Arc<ReplicaConfig>,
+    /// The current replicas; replaced whole when one is added or removed.
+    replicas: ArcSwap<Vec<Arc<ReplicaSlot>>>,
+    ready_count: watch::Sender<usize>,
+    closed: AtomicBool,
+    /// Admission: `ongoing_limit` permits per replica that has been ready.
+    permits: Arc<Semaphore>,
     next_id: AtomicUsize,
 }
 
-impl Shared {
-    /// Sends a job to a ready replica other than `from`; gives it back when there is none.
-    pub fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
+impl ReplicaHost for ReplicaSet {
+    fn set_ready(&self, id: usize, ready: bool) {
+        if let Some(slot) = self.replicas.load().iter().find(|r| r.id == id) {
+            slot.ready.store(ready, Ordering::Release);
+            if ready && !slot.granted.swap(true, Ordering::AcqRel) {
+                // First time ready: this replica's slots open to admission.
+                self.permits.add_permits(self.spec.ongoing_limit());
+            }
+        }
+        self.publish_ready();
+    }
+
+    fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
         let replicas = self.replicas.load();
         let target = replicas
             .iter()
@@ -119,22 +143,30 @@ impl Shared {
             .min_by_key(|r| r.ongoing.load(Ordering::Acquire));
         match target {
             Some(r) => r.tx.try_send(Msg::Job(job)).map_err(|e| match e {
-                TrySendError::Full(Msg::Job(j)) | TrySendError::Disconnected(Msg::Job(j)) => j,
-                _ => unreachable!("only jobs are sent here"),
+                TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
+                    Msg::Job(job) => job,
+                    Msg::Stop => unreachable!("only a job was sent"),
+                },
             }),
             None => Err(job),
         }
     }
 
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+impl ReplicaSet {
     /// Publishes how many replicas are ready (metric and readiness watchers).
-    pub fn publish_ready(&self) {
+    fn publish_ready(&self) {
         let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-        self.metrics.replicas_ready.set(n as f64);
+        self.config.metrics.replicas_ready.set(n as f64);
         self.ready_count.send_replace(n);
     }
 
     /// Starts a replica thread for `backend` and adds it to the set.
-    fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), String> {
+    fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), LoadError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Admission keeps at most the deployment's total of slots in flight; the channel is
         // sized for the largest set this deployment may grow to (+1 for the stop message).
@@ -145,7 +177,7 @@ impl Shared {
             ongoing: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             granted: AtomicBool::new(false),
-            in_flight: self.metrics.replica_in_flight(id),
+            in_flight: self.config.metrics.replica_in_flight(id),
         });
         // In the set before its thread starts, so its readiness is counted when it comes.
         self.replicas.rcu(|current| {
@@ -153,13 +185,13 @@ impl Shared {
             next.push(slot.clone());
             next
         });
-        let (shared, thread_slot) = (self.clone(), slot.clone());
+        let (config, host) = (self.config.clone(), self.clone() as Arc<dyn ReplicaHost>);
         let spawned = std::thread::Builder::new()
             .name(format!("{}#{id}", self.spec.name))
-            .spawn(move || replica::run(shared, thread_slot, rx, backend));
+            .spawn(move || replica::run(id, config, host, rx, backend));
         if let Err(e) = spawned {
             self.replicas.rcu(|current| current.iter().filter(|r| r.id != id).cloned().collect::<Vec<_>>());
-            return Err(format!("cannot start a replica thread: {e}"));
+            return Err(LoadError::Thread(e.to_string()));
         }
         Ok(())
     }
@@ -167,123 +199,84 @@ impl Shared {
 
 /// A running deployment.
 pub struct Deployment {
-    shared: Arc<Shared>,
+    set: Arc<ReplicaSet>,
     metadata: Arc<ModelMetadata>,
+    /// Requests waiting for a replica slot.
     queued: AtomicUsize,
-    rng: AtomicU64,
+    /// Requests inside [`Deployment::infer`] (queued, running or being answered).
+    requests: AtomicUsize,
+    /// Notified when `requests` drops to zero (draining waits on it).
+    idle: Notify,
     ready: watch::Receiver<usize>,
     scaling: tokio::sync::Mutex<()>,
-    scale_hint: Arc<tokio::sync::Notify>,
 }
 
 impl Deployment {
-    /// Loads the ONNX model of a config deployment, one session per replica.
-    pub fn load(config: &sluice_config::Deployment) -> Result<Self, String> {
-        Self::load_spec(config, DeploymentSpec::from_config(config))
-    }
-
-    /// Loads the ONNX model of a config deployment with a spec adjusted by the caller (the
-    /// controller picks replica counts).
-    pub fn load_spec(config: &sluice_config::Deployment, spec: DeploymentSpec) -> Result<Self, String> {
-        if let Some(b) = &config.builtin {
-            return Self::start(spec, crate::builtin::factory(b)?);
-        }
-        let options = OnnxOptions { intra_op_threads: config.intra_op_threads.value as usize };
-        let path = config.model.value.clone();
-        let factory: BackendFactory =
-            Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>));
-        Self::start(spec, factory)
+    /// Loads a config deployment's model (ONNX file or built-in step), one backend per replica.
+    pub fn load(config: &sluice_config::Deployment) -> Result<Self, LoadError> {
+        Self::start(DeploymentSpec::from_config(config), backend_factory(&config.model, &config.settings)?)
     }
 
     /// Starts a deployment: makes every replica's backend now (so a model that cannot load
     /// fails here), then starts the replica threads, which warm up and report ready. With 0
     /// replicas (scale to zero) one backend is loaded to read the model's metadata.
-    pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, String> {
+    pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, LoadError> {
         let mut backends = (0..spec.num_replicas.max(1)).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
         let metadata = Arc::new(backends[0].metadata().clone());
         if spec.num_replicas == 0 {
             backends.clear();
         }
-        if spec.max_batch_size > 0 {
-            let fixed = metadata
-                .inputs
-                .iter()
-                .chain(&metadata.outputs)
-                .find(|t| t.shape.first().is_none_or(|&d| d >= 0));
-            if let Some(t) = fixed {
-                return Err(format!(
-                    "max_batch_size is {} but `{}` has shape {:?}: batching needs a dynamic first \
-                     dimension on every input and output (or max_batch_size: 0)",
-                    spec.max_batch_size, t.name, t.shape
-                ));
-            }
-        }
-        if let Some(name) = spec.pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
-            return Err(format!("pad names `{name}`, which is not an input of the model"));
-        }
-        if let Some(t) = metadata
-            .inputs
-            .iter()
-            .find(|i| spec.pad.contains_key(&i.name) && i.dtype == crate::DataType::Bytes)
-        {
-            return Err(format!("pad names `{}`, a BYTES input: only numeric inputs can be padded", t.name));
-        }
-        let metrics = DeploymentMetrics::new(&spec.name, &spec.version);
-        let policy = BatchPolicy {
-            max_batch_size: spec.max_batch_size,
-            batch_wait_timeout: spec.batch_wait_timeout,
-            preferred_batch_sizes: {
-                let mut p = spec.preferred_batch_sizes.clone();
-                p.sort_unstable();
-                p
-            },
-            pad: Arc::new(spec.pad.clone()),
-        };
-        let (ready_count, ready) = watch::channel(0);
-        let shared = Arc::new(Shared {
+        check_fits(&spec, &metadata)?;
+        let config = Arc::new(ReplicaConfig {
+            name: spec.name.clone(),
+            policy: spec.batch_policy(),
             model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
-            spec,
-            policy,
-            replicas: ArcSwap::from_pointee(Vec::new()),
+            warmup: spec.settings.warmup,
             factory,
-            metrics,
+            metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version)),
+        });
+        let (ready_count, ready) = watch::channel(0);
+        let set = Arc::new(ReplicaSet {
+            spec,
+            config,
+            replicas: ArcSwap::from_pointee(Vec::new()),
             ready_count,
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(0),
         });
         for backend in backends {
-            shared.spawn_replica(backend)?;
+            set.spawn_replica(backend)?;
         }
-        shared.publish_ready();
+        set.publish_ready();
         Ok(Self {
-            shared,
+            set,
             metadata,
             queued: AtomicUsize::new(0),
-            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            requests: AtomicUsize::new(0),
+            idle: Notify::new(),
             ready,
             scaling: tokio::sync::Mutex::new(()),
-            scale_hint: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
     /// Changes the number of replicas. New ones load their model here (on a blocking thread),
     /// warm up and join admission when ready; removed ones leave the set at once, finish what
     /// they hold, and stop. Requests in flight are never dropped.
-    pub async fn scale_to(&self, n: usize) -> Result<(), String> {
+    pub async fn scale_to(&self, n: usize) -> Result<(), LoadError> {
         let _one_at_a_time = self.scaling.lock().await;
-        let current = self.shared.replicas.load().len();
+        let current = self.set.replicas.load().len();
         for _ in current..n {
-            let factory = self.shared.factory.clone();
+            let factory = self.set.config.factory.clone();
             let backend = tokio::task::spawn_blocking(move || factory())
                 .await
-                .map_err(|e| format!("loading a replica failed: {e}"))??;
-            self.shared.spawn_replica(backend)?;
+                .map_err(|e| LoadError::Thread(e.to_string()))??;
+            self.set.spawn_replica(backend)?;
         }
-        self.shared.publish_ready();
+        self.set.publish_ready();
         if n < current {
             let mut removed = Vec::new();
-            self.shared.replicas.rcu(|list| {
+            self.set.replicas.rcu(|list| {
                 // Remove replicas not ready first, then the least loaded.
                 let mut keep = list.as_ref().clone();
                 keep.sort_by_key(|r| (r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire)));
@@ -295,8 +288,8 @@ impl Deployment {
                 let _ = slot.tx.try_send(Msg::Stop);
                 if slot.granted.swap(true, Ordering::AcqRel) {
                     // Its permits are out there: take them back as they come free.
-                    let permits = self.shared.permits.clone();
-                    let k = u32::try_from(self.shared.spec.ongoing_limit()).unwrap_or(u32::MAX);
+                    let permits = self.set.permits.clone();
+                    let k = u32::try_from(self.set.spec.ongoing_limit()).unwrap_or(u32::MAX);
                     tokio::spawn(async move {
                         if let Ok(p) = permits.acquire_many_owned(k).await {
                             p.forget();
@@ -304,14 +297,14 @@ impl Deployment {
                     });
                 }
             }
-            self.shared.publish_ready();
+            self.set.publish_ready();
         }
         Ok(())
     }
 
     /// Replicas in the set now (ready or warming up).
     pub fn replica_count(&self) -> usize {
-        self.shared.replicas.load().len()
+        self.set.replicas.load().len()
     }
 
     /// Replicas ready now.
@@ -323,25 +316,34 @@ impl Deployment {
     /// autoscaling signal.
     pub fn in_system(&self) -> usize {
         self.queue_depth()
-            + self.shared.replicas.load().iter().map(|r| r.ongoing.load(Ordering::Acquire)).sum::<usize>()
+            + self.set.replicas.load().iter().map(|r| r.ongoing.load(Ordering::Acquire)).sum::<usize>()
     }
 
-    /// Woken whenever a request has to wait for a slot (lets a controller start a replica at
-    /// once when the deployment is scaled to zero).
-    pub fn scale_hint(&self) -> Arc<tokio::sync::Notify> {
-        self.scale_hint.clone()
+    /// Resolves once no request is inside the deployment (queued, running or being answered).
+    /// A deployment that no route points to any more only gets fewer, so this is how a retired
+    /// version drains.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.requests.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn name(&self) -> &str {
-        &self.shared.spec.name
+        &self.set.spec.name
     }
 
     pub fn version(&self) -> &str {
-        &self.shared.spec.version
+        &self.set.spec.version
     }
 
     pub fn spec(&self) -> &DeploymentSpec {
-        &self.shared.spec
+        &self.set.spec
     }
 
     pub fn metadata(&self) -> &ModelMetadata {
@@ -350,7 +352,7 @@ impl Deployment {
 
     /// 0 when the model has no batch dimension, else the most rows one model call takes.
     pub fn max_batch_size(&self) -> usize {
-        self.shared.spec.max_batch_size
+        self.set.spec.max_batch_size()
     }
 
     pub fn num_replicas(&self) -> usize {
@@ -359,7 +361,7 @@ impl Deployment {
 
     /// Metrics and statistics of this deployment.
     pub fn metrics(&self) -> &DeploymentMetrics {
-        &self.shared.metrics
+        &self.set.config.metrics
     }
 
     /// Requests waiting for a replica slot now.
@@ -382,22 +384,40 @@ impl Deployment {
     /// Checks the request, admits it, runs it on a replica and answers.
     pub async fn infer(&self, mut request: InferRequest) -> Result<InferResponse, InferError> {
         let admitted = Instant::now();
-        let spec = &self.shared.spec;
-        let outputs = check_request(&spec.name, &self.metadata, spec.max_batch_size, &request)?;
+        let _inside = Inside::enter(self);
+        let spec = &self.set.spec;
+        let outputs = check_request(&spec.name, &self.metadata, spec.max_batch_size(), &request)?;
         // Model input order, so a batch lines inputs up by position.
         let order = &self.metadata.inputs;
         request.inputs.sort_by_key(|i| order.iter().position(|s| s.name == i.name));
-        let rows = match spec.max_batch_size {
+        let rows = match spec.max_batch_size() {
             0 => 1,
             _ => request.inputs.first().and_then(|i| i.tensor.shape().first().copied()).unwrap_or(1),
         };
-        let timeout = request.timeout.map_or(spec.request_timeout, |t| t.min(spec.request_timeout));
+        let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
+        let span = tracing::debug_span!(
+            "infer",
+            model = %spec.name,
+            version = %spec.version,
+            request_id = request.id.as_deref().unwrap_or(""),
+            rows,
+            batch_rows = tracing::field::Empty,
+            model_us = tracing::field::Empty,
+        );
 
         let _permit = self.admit(deadline, timeout).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job =
-            Job { inputs: request.inputs, outputs, rows, deadline, admitted, arrived: Instant::now(), reply };
+        let job = Job {
+            inputs: request.inputs,
+            outputs,
+            rows,
+            deadline,
+            admitted,
+            arrived: Instant::now(),
+            reply,
+            span,
+        };
         let _ongoing = self.dispatch(job)?;
         let outputs = answer.await.map_err(|_| {
             InferError::internal(format!("replica of `{}` stopped before answering", spec.name))
@@ -417,35 +437,37 @@ impl Deployment {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
-        if let Ok(permit) = self.shared.permits.clone().try_acquire_owned() {
+        if let Ok(permit) = self.set.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.shared.replicas.load().is_empty() {
+        if self.set.replicas.load().is_empty() {
             // Scaled to zero: wake the controller to start a replica now.
-            self.scale_hint.notify_one();
+            self.set.spec.wake.notify_one();
         }
-        let max = self.shared.spec.max_queued_requests;
-        let depth = self.queued.fetch_add(1, Ordering::AcqRel);
-        if depth >= max {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+        let max = self.set.spec.settings.max_queued_requests as usize;
+        // Join the queue only below its bound, so its depth never reads above it.
+        let Ok(depth) =
+            self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < max).then_some(d + 1))
+        else {
             return Err(InferError::unavailable(format!(
                 "model `{}` is overloaded: {max} requests already wait (max_queued_requests); retry later",
-                self.shared.spec.name
+                self.set.spec.name
             )));
-        }
-        self.shared.metrics.queue_depth.set((depth + 1) as f64);
-        let _leave = QueueExit { queued: &self.queued, gauge: &self.shared.metrics.queue_depth };
-        match tokio::time::timeout_at(deadline.into(), self.shared.permits.clone().acquire_owned()).await {
+        };
+        let metrics = &self.set.config.metrics;
+        metrics.queue_depth.set((depth + 1) as f64);
+        let _leave = QueueExit { queued: &self.queued, gauge: &metrics.queue_depth };
+        match tokio::time::timeout_at(deadline.into(), self.set.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => {
-                Err(InferError::unavailable(format!("model `{}` is shutting down", self.shared.spec.name)))
+                Err(InferError::unavailable(format!("model `{}` is shutting down", self.set.spec.name)))
             }
             Err(_) => Err(InferError::new(
                 ErrorKind::DeadlineExceeded,
                 format!(
                     "request timed out after {} ms waiting in the queue of model `{}`",
                     timeout.as_millis(),
-                    self.shared.spec.name
+                    self.set.spec.name
                 ),
             )),
         }
@@ -453,14 +475,11 @@ impl Deployment {
 
     /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones.
     fn dispatch(&self, job: Job) -> Result<OngoingGuard, InferError> {
-        let replicas = self.shared.replicas.load();
+        let replicas = self.set.replicas.load();
         if replicas.is_empty() {
-            return Err(InferError::unavailable(format!(
-                "model `{}` has no replicas",
-                self.shared.spec.name
-            )));
+            return Err(InferError::unavailable(format!("model `{}` has no replicas", self.set.spec.name)));
         }
-        let (a, b) = self.two_choices(replicas.len());
+        let (a, b) = two_choices(replicas.len());
         let load = |i: usize| {
             let r = &replicas[i];
             // Replicas not ready sort last; among ready ones, fewer ongoing first.
@@ -470,32 +489,77 @@ impl Deployment {
         let slot = &replicas[pick];
         let guard = OngoingGuard::new(slot);
         slot.tx.try_send(Msg::Job(job)).map_err(|_| {
-            InferError::unavailable(format!(
-                "replica of `{}` cannot take requests now",
-                self.shared.spec.name
-            ))
+            InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
         Ok(guard)
     }
+}
 
-    /// Two distinct random indices below `n` (the same one twice when `n` is 1).
-    fn two_choices(&self, n: usize) -> (usize, usize) {
-        if n == 1 {
-            return (0, 0);
+/// Checks that the model can be served with the spec's settings: batching needs a dynamic
+/// first dimension everywhere, and padding names numeric inputs.
+fn check_fits(spec: &DeploymentSpec, metadata: &ModelMetadata) -> Result<(), LoadError> {
+    let max = spec.max_batch_size();
+    if max > 0 {
+        let fixed =
+            metadata.inputs.iter().chain(&metadata.outputs).find(|t| t.shape.first().is_none_or(|&d| d >= 0));
+        if let Some(t) = fixed {
+            return Err(LoadError::Settings(format!(
+                "max_batch_size is {max} but `{}` has shape {:?}: batching needs a dynamic first dimension \
+                 on every input and output (or max_batch_size: 0)",
+                t.name, t.shape
+            )));
         }
-        let r = splitmix(self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
-        let first = (r % n as u64) as usize;
-        let offset = 1 + ((r >> 32) % (n as u64 - 1)) as usize;
-        (first, (first + offset) % n)
     }
+    let pad = &spec.settings.pad;
+    if let Some(name) = pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
+        return Err(LoadError::Settings(format!("pad names `{name}`, which is not an input of the model")));
+    }
+    if let Some(t) = metadata.inputs.iter().find(|i| pad.contains_key(&i.name) && i.dtype == DataType::Bytes)
+    {
+        return Err(LoadError::Settings(format!(
+            "pad names `{}`, a BYTES input: only numeric inputs can be padded",
+            t.name
+        )));
+    }
+    Ok(())
+}
+
+/// Two distinct random indices below `n` (the same one twice when `n` is 1).
+fn two_choices(n: usize) -> (usize, usize) {
+    if n <= 1 {
+        return (0, 0);
+    }
+    let first = fastrand::usize(..n);
+    let offset = 1 + fastrand::usize(..n - 1);
+    (first, (first + offset) % n)
 }
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.permits.close();
-        for r in self.shared.replicas.load().iter() {
+        self.set.closed.store(true, Ordering::Release);
+        self.set.permits.close();
+        for r in self.set.replicas.load().iter() {
             let _ = r.tx.try_send(Msg::Stop);
+        }
+    }
+}
+
+/// Counts a request inside the deployment; the last one out wakes whoever waits to drain.
+struct Inside<'a> {
+    deployment: &'a Deployment,
+}
+
+impl<'a> Inside<'a> {
+    fn enter(deployment: &'a Deployment) -> Self {
+        deployment.requests.fetch_add(1, Ordering::AcqRel);
+        Self { deployment }
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        if self.deployment.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.deployment.idle.notify_waiters();
         }
     }
 }
@@ -513,8 +577,44 @@ impl Drop for QueueExit<'_> {
     }
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// Counts a request against its replica until it is answered or abandoned.
+struct OngoingGuard {
+    ongoing: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
+
+impl OngoingGuard {
+    fn new(slot: &ReplicaSlot) -> Self {
+        let n = slot.ongoing.fetch_add(1, Ordering::AcqRel) + 1;
+        slot.in_flight.set(n as f64);
+        Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }
+    }
+}
+
+impl Drop for OngoingGuard {
+    fn drop(&mut self) {
+        let n = self.ongoing.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.gauge.set(n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::two_choices;
+
+    #[test]
+    fn two_choices_are_distinct_and_cover_every_replica() {
+        for n in 2..8 {
+            let mut seen = vec![0u32; n];
+            for _ in 0..2000 {
+                let (a, b) = two_choices(n);
+                assert!(a < n && b < n);
+                assert_ne!(a, b, "two choices among {n} replicas must differ");
+                seen[a] += 1;
+                seen[b] += 1;
+            }
+            assert!(seen.iter().all(|&c| c > 0), "every replica is a candidate: {seen:?}");
+        }
+        assert_eq!(two_choices(1), (0, 0));
+    }
 }

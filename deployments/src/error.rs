@@ -14,6 +14,9 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// The model failed or the server broke: HTTP 500.
     Internal,
+    /// The request conflicts with the current state (a rollout action on a deployment with no
+    /// canary): HTTP 409.
+    Conflict,
 }
 
 /// An error answered to one request.
@@ -39,5 +42,42 @@ impl InferError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+}
+
+/// Why a model, step, pipeline or replica could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// ONNX Runtime is not loaded, or failed to start.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    /// A model file (or a step's file) cannot be loaded.
+    #[error("cannot load model `{}`: {message}", path.display())]
+    Model { path: std::path::PathBuf, message: String },
+    /// A built-in or custom step cannot be built.
+    #[error("{0}")]
+    Step(String),
+    /// The model does not fit the deployment's settings (batching, padding).
+    #[error("{0}")]
+    Settings(String),
+    /// A pipeline's steps do not fit together.
+    #[error("{0}")]
+    Pipeline(String),
+    /// A replica thread could not start.
+    #[error("cannot start a replica thread: {0}")]
+    Thread(String),
+}
+
+impl LoadError {
+    /// Whether the cause is what was asked for (a model, a setting: InvalidArgument) or the
+    /// server itself (Internal).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LoadError::Runtime(_) | LoadError::Thread(_) => ErrorKind::Internal,
+            LoadError::Model { .. }
+            | LoadError::Step(_)
+            | LoadError::Settings(_)
+            | LoadError::Pipeline(_) => ErrorKind::InvalidArgument,
+        }
     }
 }

@@ -87,7 +87,7 @@ const OUTCOMES: [&str; 6] =
 fn outcome_index(result: Result<(), ErrorKind>) -> usize {
     match result {
         Ok(()) => 0,
-        Err(ErrorKind::InvalidArgument) => 1,
+        Err(ErrorKind::InvalidArgument | ErrorKind::Conflict) => 1,
         Err(ErrorKind::NotFound) => 2,
         Err(ErrorKind::Unavailable) => 3,
         Err(ErrorKind::DeadlineExceeded) => 4,

@@ -14,27 +14,28 @@ use ort::value::{
 };
 
 use crate::{
-    Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec, push_bytes_element,
+    Backend, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    push_bytes_element,
 };
 
-static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<Environment, LoadError>> = OnceLock::new();
 
 /// Loads the ONNX Runtime shared library at `library` and creates the process's one
 /// environment. Later calls return the first call's outcome, whatever path they pass.
-pub fn init_runtime(library: &Path) -> Result<(), String> {
+pub fn init_runtime(library: &Path) -> Result<(), LoadError> {
     let result = ENVIRONMENT.get_or_init(|| {
-        let builder = ort::init_from(library).map_err(|e| e.to_string())?;
-        builder.with_name("sluice").build().map_err(|e| e.to_string())
+        let builder = ort::init_from(library).map_err(|e| LoadError::Runtime(e.to_string()))?;
+        builder.with_name("sluice").build().map_err(|e| LoadError::Runtime(e.to_string()))
     });
     result.as_ref().map(|_| ()).map_err(Clone::clone)
 }
 
 /// The process's ONNX Runtime environment, once [`init_runtime`] succeeded.
-pub fn environment() -> Result<&'static Environment, String> {
+pub fn environment() -> Result<&'static Environment, LoadError> {
     match ENVIRONMENT.get() {
         Some(Ok(env)) => Ok(env),
         Some(Err(e)) => Err(e.clone()),
-        None => Err("ONNX Runtime is not initialised (call init_runtime first)".to_string()),
+        None => Err(LoadError::Runtime("not initialised (call init_runtime first)".into())),
     }
 }
 
@@ -61,16 +62,17 @@ pub struct OnnxBackend {
 impl OnnxBackend {
     /// Loads `path` into a new session. Fails with a message naming the file when the model
     /// cannot be loaded or uses a type the Open Inference Protocol cannot carry.
-    pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self, String> {
+    pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self, LoadError> {
         let env = environment()?;
-        let fail = |e: &dyn std::fmt::Display| format!("cannot load model `{}`: {e}", path.display());
+        let fail =
+            |e: &dyn std::fmt::Display| LoadError::Model { path: path.to_path_buf(), message: e.to_string() };
         let session = Session::builder(env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| fail(&e))?;
-        let spec = |o: &ort::value::Outlet| -> Result<TensorSpec, String> {
+        let spec = |o: &ort::value::Outlet| -> Result<TensorSpec, LoadError> {
             match o.dtype() {
                 ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
                     name: o.name().to_string(),

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use crate::metrics::DeploymentMetrics;
 use crate::{
-    DataType, Deployment, InferError, InferRequest, InferResponse, ModelMetadata, NamedTensor, TensorSpec,
-    check_request,
+    DataType, Deployment, InferError, InferRequest, InferResponse, LoadError, ModelMetadata, NamedTensor,
+    TensorSpec, check_request,
 };
 
 /// One step of a running pipeline.
@@ -44,6 +44,16 @@ impl Pipeline {
     /// Builds a pipeline over running deployments, checking that every tensor's datatype and
     /// rank agree between its producer and each consumer. `steps` must be in run order.
     pub fn new(
+        name: &str,
+        inputs: Vec<TensorSpec>,
+        steps: Vec<Step>,
+        outputs: &[String],
+        json: Option<JsonMapping>,
+    ) -> Result<Self, LoadError> {
+        Self::build(name, inputs, steps, outputs, json).map_err(LoadError::Pipeline)
+    }
+
+    fn build(
         name: &str,
         inputs: Vec<TensorSpec>,
         steps: Vec<Step>,
@@ -127,6 +137,16 @@ impl Pipeline {
         &self.metrics
     }
 
+    /// Waits until every step's replicas are ready, or `timeout` passes for one of them.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        for s in &self.steps {
+            if !s.deployment.wait_ready(timeout).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Ready when every step has a ready replica.
     pub fn is_ready(&self) -> bool {
         self.steps.iter().all(|s| s.deployment.is_ready())
@@ -186,97 +206,10 @@ impl Pipeline {
     }
 }
 
-/// What a route points at: a deployment or a pipeline, served alike by the frontends.
-#[derive(Clone)]
-pub enum Servable {
-    Deployment(Arc<Deployment>),
-    Pipeline(Arc<Pipeline>),
-}
-
-impl Servable {
-    pub fn name(&self) -> &str {
-        match self {
-            Self::Deployment(d) => d.name(),
-            Self::Pipeline(p) => p.name(),
-        }
-    }
-
-    pub fn version(&self) -> &str {
-        match self {
-            Self::Deployment(d) => d.version(),
-            Self::Pipeline(_) => "1",
-        }
-    }
-
-    pub fn metadata(&self) -> &ModelMetadata {
-        match self {
-            Self::Deployment(d) => d.metadata(),
-            Self::Pipeline(p) => p.metadata(),
-        }
-    }
-
-    pub fn metrics(&self) -> &DeploymentMetrics {
-        match self {
-            Self::Deployment(d) => d.metrics(),
-            Self::Pipeline(p) => p.metrics(),
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Self::Deployment(d) => d.is_ready(),
-            Self::Pipeline(p) => p.is_ready(),
-        }
-    }
-
-    /// 0 for pipelines (their steps batch on their own).
-    pub fn max_batch_size(&self) -> usize {
-        match self {
-            Self::Deployment(d) => d.max_batch_size(),
-            Self::Pipeline(_) => 0,
-        }
-    }
-
-    pub fn num_replicas(&self) -> usize {
-        match self {
-            Self::Deployment(d) => d.num_replicas(),
-            Self::Pipeline(_) => 1,
-        }
-    }
-
-    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
-        match self {
-            Self::Deployment(d) => d.wait_ready(timeout).await,
-            Self::Pipeline(p) => {
-                for s in &p.steps {
-                    if !s.deployment.wait_ready(timeout).await {
-                        return false;
-                    }
-                }
-                true
-            }
-        }
-    }
-
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        match self {
-            Self::Deployment(d) => d.infer(request).await,
-            Self::Pipeline(p) => p.infer(request).await,
-        }
-    }
-
-    /// The deployment, when this is one.
-    pub fn deployment(&self) -> Option<&Arc<Deployment>> {
-        match self {
-            Self::Deployment(d) => Some(d),
-            Self::Pipeline(_) => None,
-        }
-    }
-}
-
 /// A pipeline tensor spec from the config's datatype name and shape.
-pub fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Result<TensorSpec, String> {
-    let dtype = DataType::parse(datatype)
-        .ok_or_else(|| format!("pipeline input `{name}`: unknown datatype `{datatype}`"))?;
+pub fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Result<TensorSpec, LoadError> {
+    let dtype = DataType::parse(datatype).ok_or_else(|| {
+        LoadError::Pipeline(format!("pipeline input `{name}`: unknown datatype `{datatype}`"))
+    })?;
     Ok(TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() })
 }

@@ -12,85 +12,74 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use metrics::Gauge;
 
-use crate::batch::{BatchState, Job, Taken};
+use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::concat::{merge, padded_dims, split, union_outputs};
-use crate::deployment::Shared;
-use crate::{Backend, DataType, ErrorKind, InferError, NamedTensor, Tensor};
-
-/// Makes a fresh backend for a replica (at start, and to replace one that panicked).
-pub type BackendFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
+use crate::metrics::DeploymentMetrics;
+use crate::{Backend, BackendFactory, DataType, ErrorKind, InferError, NamedTensor, Tensor};
 
 /// What a replica's queue carries.
 pub(crate) enum Msg {
     Job(Job),
-    /// Finish what is queued, then stop (the deployment is gone).
+    /// Finish what is queued, then stop (the replica is removed or the deployment is gone).
     Stop,
 }
 
-/// The deployment's side of a replica.
-pub(crate) struct ReplicaSlot {
-    pub id: usize,
-    pub tx: SyncSender<Msg>,
-    /// Requests assigned and not yet answered (queued here or running).
-    pub ongoing: Arc<AtomicUsize>,
-    pub ready: AtomicBool,
-    /// Whether this replica's admission permits were handed out (when it first became ready)
-    /// or forgone (when it was removed first): whoever flips it owns the permits.
-    pub granted: AtomicBool,
-    pub in_flight: Gauge,
+/// What a replica needs from whoever runs it (the deployment): where its readiness goes and
+/// who takes its queue when its model panics. Admission is entirely the host's business.
+pub(crate) trait ReplicaHost: Send + Sync + 'static {
+    /// Replica `id` is ready (loaded and warmed) or no longer is.
+    fn set_ready(&self, id: usize, ready: bool);
+    /// Hands a job to another ready replica than `from`; gives it back when there is none.
+    fn redispatch(&self, job: Job, from: usize) -> Result<(), Job>;
+    /// True once the deployment is gone: a failing replica then stops instead of coming back.
+    fn is_closed(&self) -> bool;
 }
 
-/// Decrements a replica's ongoing count when its request is answered or abandoned.
-pub(crate) struct OngoingGuard {
-    ongoing: Arc<AtomicUsize>,
-    gauge: Gauge,
+/// What every replica of a deployment runs with.
+pub(crate) struct ReplicaConfig {
+    /// The deployment's name, for messages.
+    pub name: String,
+    pub policy: BatchPolicy,
+    /// Every output of the model, in model order.
+    pub model_outputs: Vec<String>,
+    pub warmup: bool,
+    pub factory: BackendFactory,
+    pub metrics: Arc<DeploymentMetrics>,
 }
 
-impl OngoingGuard {
-    pub fn new(slot: &ReplicaSlot) -> Self {
-        let n = slot.ongoing.fetch_add(1, Ordering::AcqRel) + 1;
-        slot.in_flight.set(n as f64);
-        Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }
-    }
-}
-
-impl Drop for OngoingGuard {
-    fn drop(&mut self) {
-        let n = self.ongoing.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.gauge.set(n as f64);
-    }
-}
-
-/// The replica thread's body.
-pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>, backend: Box<dyn Backend>) {
-    let index = slot.id;
+/// The replica thread's body: serves until told to stop; a panicking model is replaced.
+pub(crate) fn run(
+    id: usize,
+    config: Arc<ReplicaConfig>,
+    host: Arc<dyn ReplicaHost>,
+    rx: Receiver<Msg>,
+    backend: Box<dyn Backend>,
+) {
     let mut backend = Some(backend);
-    let mut state = BatchState::new(shared.policy.clone());
+    let mut state = BatchState::new(config.policy.clone());
     // Survives a panic, so a replica told to stop does not reload and linger.
     let mut stopping = false;
     loop {
         let mut model = match backend.take() {
             Some(b) => b,
-            None => match reload(&shared, index, &rx, &mut state, &mut stopping) {
+            None => match reload(&config, &*host, id, &rx, &mut state, &mut stopping) {
                 Some(b) => b,
                 None => return,
             },
         };
-        warm_up(&shared, model.as_mut());
-        set_ready(&shared, &slot, true);
-        let panicked = serve(&shared, model.as_mut(), &rx, &mut state, &mut stopping);
-        set_ready(&shared, &slot, false);
+        warm_up(&config, model.as_mut());
+        host.set_ready(id, true);
+        let panicked = serve(&config, model.as_mut(), &rx, &mut state, &mut stopping);
+        host.set_ready(id, false);
         if !panicked {
             return;
         }
-        shared.metrics.restarts.increment(1);
+        config.metrics.restarts.increment(1);
         // Hand what waits here to replicas that can run it now.
         let mut waiting: Vec<Job> = state.drain();
         for msg in rx.try_iter() {
@@ -99,13 +88,13 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
                 Msg::Stop => stopping = true,
             }
         }
-        let leaving = stopping || shared.closed.load(Ordering::Acquire);
+        let leaving = stopping || host.is_closed();
         for job in waiting {
-            if let Err(job) = shared.redispatch(job, index) {
+            if let Err(job) = host.redispatch(job, id) {
                 if leaving {
                     let _ = job.reply.send(Err(InferError::unavailable(format!(
                         "replica of `{}` stopped; retry",
-                        shared.spec.name
+                        config.name
                     ))));
                 } else {
                     state.push(job);
@@ -124,7 +113,8 @@ pub(crate) fn run(shared: Arc<Shared>, slot: Arc<ReplicaSlot>, rx: Receiver<Msg>
 /// deployment is gone or the replica is told to stop. While it retries, queued requests whose
 /// deadline passes are answered 504 rather than left waiting.
 fn reload(
-    shared: &Shared,
+    config: &ReplicaConfig,
+    host: &dyn ReplicaHost,
     index: usize,
     rx: &Receiver<Msg>,
     state: &mut BatchState,
@@ -132,14 +122,14 @@ fn reload(
 ) -> Option<Box<dyn Backend>> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match (shared.factory)() {
+        match (config.factory)() {
             Ok(b) => {
-                tracing::info!(model = %shared.spec.name, replica = index, "replica replaced");
+                tracing::info!(model = %config.name, replica = index, "replica replaced");
                 return Some(b);
             }
             Err(e) => {
-                tracing::error!(model = %shared.spec.name, replica = index, "cannot reload the model: {e}");
-                if shared.closed.load(Ordering::Acquire) || *stopping {
+                tracing::error!(model = %config.name, replica = index, "cannot reload the model: {e}");
+                if host.is_closed() || *stopping {
                     return None;
                 }
                 let until = Instant::now() + wait;
@@ -149,7 +139,7 @@ fn reload(
                         Ok(Msg::Stop) => *stopping = true,
                         Err(_) => {}
                     }
-                    answer_expired(shared, state.take_expired(Instant::now()));
+                    answer_expired(config, state.take_expired(Instant::now()));
                 }
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
@@ -157,32 +147,19 @@ fn reload(
     }
 }
 
-fn answer_expired(shared: &Shared, expired: Vec<Job>) {
+fn answer_expired(config: &ReplicaConfig, expired: Vec<Job>) {
     for job in expired {
         let waited = job.admitted.elapsed();
         let _ = job.reply.send(Err(InferError::new(
             ErrorKind::DeadlineExceeded,
-            format!(
-                "request timed out after {} ms waiting for model `{}`",
-                waited.as_millis(),
-                shared.spec.name
-            ),
+            format!("request timed out after {} ms waiting for model `{}`", waited.as_millis(), config.name),
         )));
     }
 }
 
-fn set_ready(shared: &Shared, slot: &ReplicaSlot, ready: bool) {
-    slot.ready.store(ready, Ordering::Release);
-    if ready && !slot.granted.swap(true, Ordering::AcqRel) {
-        // First time ready: this replica's slots open to admission.
-        shared.permits.add_permits(shared.spec.ongoing_limit());
-    }
-    shared.publish_ready();
-}
-
 /// Runs jobs until told to stop and drained (returns false) or the model panics (true).
 fn serve(
-    shared: &Shared,
+    config: &ReplicaConfig,
     model: &mut dyn Backend,
     rx: &Receiver<Msg>,
     state: &mut BatchState,
@@ -225,25 +202,37 @@ fn serve(
             }
         }
         let Taken { batch, expired } = state.take(Instant::now());
-        answer_expired(shared, expired);
+        answer_expired(config, expired);
         if batch.is_empty() {
             continue;
         }
-        if run_batch(shared, model, batch) {
+        if run_batch(config, model, batch) {
             return true;
         }
     }
 }
 
 /// Runs one batch and answers its callers. Returns true when the model panicked.
-fn run_batch(shared: &Shared, model: &mut dyn Backend, mut batch: Vec<Job>) -> bool {
+fn run_batch(config: &ReplicaConfig, model: &mut dyn Backend, mut batch: Vec<Job>) -> bool {
     let start = Instant::now();
     for job in &batch {
-        shared.metrics.queued(start.saturating_duration_since(job.admitted));
+        config.metrics.queued(start.saturating_duration_since(job.admitted));
     }
     let rows: usize = batch.iter().map(|j| j.rows).sum();
-    let outcome = catch_unwind(AssertUnwindSafe(|| infer_batch(shared, model, &mut batch)));
-    shared.metrics.batch(rows, start.elapsed());
+    // One span for the model call, following each request's own span, so a slow batch's log
+    // lines name the requests in it.
+    let span = tracing::debug_span!("batch", model = %config.name, rows, requests = batch.len(), model_us = tracing::field::Empty);
+    for job in &batch {
+        span.follows_from(&job.span);
+    }
+    let outcome = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| infer_batch(config, model, &mut batch))));
+    let took = start.elapsed();
+    span.record("model_us", took.as_micros() as u64);
+    for job in &batch {
+        job.span.record("batch_rows", rows);
+        job.span.record("model_us", took.as_micros() as u64);
+    }
+    config.metrics.batch(rows, took);
     match outcome {
         Ok(Ok(per_job)) => {
             for (job, outputs) in batch.into_iter().zip(per_job) {
@@ -263,8 +252,8 @@ fn run_batch(shared: &Shared, model: &mut dyn Backend, mut batch: Vec<Job>) -> b
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown panic");
-            tracing::error!(model = %shared.spec.name, "model panicked: {what}; replacing the replica");
-            let e = InferError::internal(format!("model `{}` panicked: {what}", shared.spec.name));
+            tracing::error!(model = %config.name, "model panicked: {what}; replacing the replica");
+            let e = InferError::internal(format!("model `{}` panicked: {what}", config.name));
             for job in batch {
                 let _ = job.reply.send(Err(e.clone()));
             }
@@ -274,7 +263,7 @@ fn run_batch(shared: &Shared, model: &mut dyn Backend, mut batch: Vec<Job>) -> b
 }
 
 fn infer_batch(
-    shared: &Shared,
+    config: &ReplicaConfig,
     model: &mut dyn Backend,
     batch: &mut [Job],
 ) -> Result<Vec<Vec<NamedTensor>>, InferError> {
@@ -283,21 +272,21 @@ fn infer_batch(
         let inputs = std::mem::take(&mut job.inputs);
         return Ok(vec![model.infer(inputs, &job.outputs)?]);
     }
-    let pad = &shared.policy.pad;
+    let pad = &config.policy.pad;
     let merged = merge(batch, pad)?;
     let dims = padded_dims(batch, &merged, pad);
-    let outputs = union_outputs(batch, &shared.model_outputs);
+    let outputs = union_outputs(batch, &config.model_outputs);
     let results = model.infer(merged, &outputs)?;
     split(&results, batch, &dims)
 }
 
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy
 /// initialisation. A failure is logged, not fatal: some models reject all-zero inputs.
-fn warm_up(shared: &Shared, model: &mut dyn Backend) {
-    if !shared.spec.warmup {
+fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) {
+    if !config.warmup {
         return;
     }
-    let rows = shared.policy.max_batch_size.max(1);
+    let rows = config.policy.max_batch_size.max(1);
     let inputs: Result<Vec<NamedTensor>, InferError> = model
         .metadata()
         .inputs
@@ -329,10 +318,10 @@ fn warm_up(shared: &Shared, model: &mut dyn Backend) {
         })
         .collect();
     let started = Instant::now();
-    let outputs = &shared.model_outputs;
+    let outputs = &config.model_outputs;
     match catch_unwind(AssertUnwindSafe(|| inputs.and_then(|inputs| model.infer(inputs, outputs)))) {
-        Ok(Ok(_)) => tracing::debug!(model = %shared.spec.name, rows, "warmed up in {:?}", started.elapsed()),
-        Ok(Err(e)) => tracing::warn!(model = %shared.spec.name, "warm-up batch failed (serving anyway): {e}"),
-        Err(_) => tracing::warn!(model = %shared.spec.name, "warm-up batch panicked (serving anyway)"),
+        Ok(Ok(_)) => tracing::debug!(model = %config.name, rows, "warmed up in {:?}", started.elapsed()),
+        Ok(Err(e)) => tracing::warn!(model = %config.name, "warm-up batch failed (serving anyway): {e}"),
+        Err(_) => tracing::warn!(model = %config.name, "warm-up batch panicked (serving anyway)"),
     }
 }

@@ -9,15 +9,24 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_deployments::{
     Backend, BackendFactory, DataType, Deployment, DeploymentSpec, ErrorKind, InferError, InferRequest,
-    ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
 
-/// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`.
+/// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`. With a
+/// gate, each call first waits for the test to open it once.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
     panic_on: Option<i64>,
     log: Arc<Mutex<Vec<Vec<i64>>>>,
+    gate: Option<Gate>,
+}
+
+/// Lets a test know a model call started and decide when it may finish.
+#[derive(Clone)]
+struct Gate {
+    started: Arc<tokio::sync::Notify>,
+    open: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
 }
 
 fn values(t: &Tensor) -> Vec<i64> {
@@ -37,6 +46,11 @@ impl Backend for Echo {
         let x = &inputs[0].tensor;
         let v = values(x);
         self.log.lock().unwrap().push(v.clone());
+        if let Some(g) = &self.gate {
+            g.started.notify_one();
+            // Bounded, so a test that fails to open it fails instead of hanging.
+            let _ = g.open.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        }
         if self.panic_on.is_some_and(|p| v.contains(&p)) {
             panic!("poison value");
         }
@@ -52,6 +66,16 @@ struct Fixture {
 }
 
 fn start(spec: DeploymentSpec, delay_ms: u64, panic_on: Option<i64>) -> Fixture {
+    start_gated(spec, delay_ms, panic_on, None)
+}
+
+/// A gate for [`start_gated`], and the sender that opens it once per call.
+fn gate() -> (Gate, std::sync::mpsc::Sender<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    (Gate { started: Arc::new(tokio::sync::Notify::new()), open: Arc::new(Mutex::new(rx)) }, tx)
+}
+
+fn start_gated(spec: DeploymentSpec, delay_ms: u64, panic_on: Option<i64>, gate: Option<Gate>) -> Fixture {
     let log = Arc::new(Mutex::new(Vec::new()));
     let loads = Arc::new(AtomicUsize::new(0));
     let (l, n) = (log.clone(), loads.clone());
@@ -67,6 +91,7 @@ fn start(spec: DeploymentSpec, delay_ms: u64, panic_on: Option<i64>) -> Fixture 
             delay: Duration::from_millis(delay_ms),
             panic_on,
             log: l.clone(),
+            gate: gate.clone(),
         }) as Box<dyn Backend>)
     });
     let deployment = Arc::new(Deployment::start(spec, factory).unwrap());
@@ -81,7 +106,7 @@ fn request(values: &[i64]) -> InferRequest {
 
 fn spec(f: impl FnOnce(&mut DeploymentSpec)) -> DeploymentSpec {
     let mut s = DeploymentSpec::new("echo");
-    s.warmup = false;
+    s.settings.warmup = false;
     f(&mut s);
     s
 }
@@ -90,8 +115,8 @@ fn spec(f: impl FnOnce(&mut DeploymentSpec)) -> DeploymentSpec {
 async fn concurrent_requests_are_batched_and_each_gets_its_own_rows() {
     let f = start(
         spec(|s| {
-            s.max_batch_size = 16;
-            s.batch_wait_timeout = Duration::from_millis(50);
+            s.settings.max_batch_size = 16;
+            s.settings.batch_wait_timeout_s = 0.05;
         }),
         0,
         None,
@@ -122,8 +147,8 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_rows() {
 async fn overload_is_refused_at_once_and_the_queue_stays_bounded() {
     let f = start(
         spec(|s| {
-            s.max_ongoing_requests = 1;
-            s.max_queued_requests = 4;
+            s.settings.max_ongoing_requests = 1;
+            s.settings.max_queued_requests = 4;
         }),
         30,
         None,
@@ -166,18 +191,31 @@ async fn overload_is_refused_at_once_and_the_queue_stays_bounded() {
     assert_eq!(f.log.lock().unwrap().len(), ok, "only accepted requests reached the model");
 }
 
+/// Waits (yielding) until `cond` holds; panics after 5 s.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_is_answered_504_and_never_runs() {
-    let f = start(spec(|s| s.max_ongoing_requests = 1), 200, None);
+    // The first request holds the only slot until the test opens the gate, so the second can
+    // only wait in the queue: its deadline passes there, whatever the machine's speed.
+    let (gate, open) = gate();
+    let f = start_gated(spec(|s| s.settings.max_ongoing_requests = 1), 0, None, Some(gate.clone()));
     assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
     let d = f.deployment.clone();
     let slow = tokio::spawn(async move { d.infer(request(&[1])).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.started.notified().await;
     let mut late = request(&[2]);
     late.timeout = Some(Duration::from_millis(50));
     let e = f.deployment.infer(late).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
     assert!(e.message.contains("timed out"), "{e}");
+    open.send(()).unwrap();
     assert!(slow.await.unwrap().is_ok());
     assert!(f.log.lock().unwrap().iter().all(|b| !b.contains(&2)), "the late request never ran");
 }
@@ -185,17 +223,21 @@ async fn a_request_past_its_deadline_is_answered_504_and_never_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_caller_left_is_skipped() {
     // max_ongoing 2: the second request is handed to the replica while the first runs.
-    let f = start(spec(|s| s.max_ongoing_requests = 2), 150, None);
+    let (gate, open) = gate();
+    let f = start_gated(spec(|s| s.settings.max_ongoing_requests = 2), 0, None, Some(gate.clone()));
     assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
     let d = f.deployment.clone();
     let first = tokio::spawn(async move { d.infer(request(&[1])).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.started.notified().await;
     let d = f.deployment.clone();
     let gone = tokio::spawn(async move { d.infer(request(&[2])).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until("the second request is at the replica", || f.deployment.in_system() == 2).await;
     gone.abort();
+    let _ = gone.await;
+    open.send(()).unwrap();
     assert!(first.await.unwrap().is_ok());
     // A third request runs after the skipped one would have.
+    open.send(()).unwrap();
     assert!(f.deployment.infer(request(&[3])).await.is_ok());
     let log = f.log.lock().unwrap().clone();
     assert!(!log.iter().any(|b| b.contains(&2)), "cancelled request reached the model: {log:?}");
@@ -206,7 +248,7 @@ async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
     let f = start(
         spec(|s| {
             s.num_replicas = 2;
-            s.max_ongoing_requests = 4;
+            s.settings.max_ongoing_requests = 4;
         }),
         5,
         Some(13),
@@ -237,8 +279,8 @@ async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
 async fn warmup_runs_a_full_batch_before_ready() {
     let f = start(
         spec(|s| {
-            s.warmup = true;
-            s.max_batch_size = 8;
+            s.settings.warmup = true;
+            s.settings.max_batch_size = 8;
         }),
         0,
         None,
@@ -288,9 +330,8 @@ async fn scaling_up_and_down_keeps_every_request() {
     f.deployment.scale_to(0).await.unwrap();
     let d = f.deployment.clone();
     let held = tokio::spawn(async move { d.infer(request(&[9])).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until("the request waits in the queue", || f.deployment.queue_depth() == 1).await;
     assert!(!held.is_finished(), "held while there is no replica");
-    assert_eq!(f.deployment.queue_depth(), 1);
     f.deployment.scale_to(1).await.unwrap();
     assert_eq!(values(&held.await.unwrap().unwrap().outputs[0].tensor), vec![9]);
 }
@@ -302,7 +343,7 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
     let n = loads.clone();
     let factory: BackendFactory = Arc::new(move || {
         if n.fetch_add(1, Ordering::SeqCst) > 0 {
-            return Err("model file is gone".to_string());
+            return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
         }
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
         Ok(Box::new(Echo {
@@ -314,6 +355,7 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
             delay: Duration::ZERO,
             panic_on: Some(13),
             log: Arc::new(Mutex::new(Vec::new())),
+            gate: None,
         }) as Box<dyn Backend>)
     });
     let d = Arc::new(Deployment::start(spec(|_| {}), factory).unwrap());

@@ -40,10 +40,24 @@ pub struct RouteTable {
     pub json_routes: HashMap<String, Arc<Pipeline>>,
 }
 
+fn total_weight(split: &[(String, u32)]) -> u64 {
+    split.iter().map(|(_, w)| *w as u64).sum()
+}
+
+/// The version of `split` that a draw `r` (uniform below the total weight) falls on.
+pub fn pick_weighted(split: &[(String, u32)], mut r: u64) -> Option<&str> {
+    for (version, weight) in split {
+        if r < *weight as u64 {
+            return Some(version);
+        }
+        r -= *weight as u64;
+    }
+    None
+}
+
 /// Resolves model names to deployments.
 pub struct Router {
     table: ArcSwap<RouteTable>,
-    rng: std::sync::atomic::AtomicU64,
 }
 
 /// A request's say in which version serves it.
@@ -60,10 +74,7 @@ pub const VERSION_HEADER: &str = "x-sluice-version";
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
-        Self {
-            table: ArcSwap::from_pointee(table),
-            rng: std::sync::atomic::AtomicU64::new(0x2545_F491_4F6C_DD1D),
-        }
+        Self { table: ArcSwap::from_pointee(table) }
     }
 
     /// Replaces the whole table at once; requests in flight keep the deployment they resolved.
@@ -106,21 +117,12 @@ impl Router {
     }
 
     fn weighted<'r>(&self, route: &'r ModelRoute) -> Option<&'r Servable> {
-        let total: u64 = route.split.iter().map(|(_, w)| *w as u64).sum();
+        let total = total_weight(&route.split);
         if total == 0 {
             return None;
         }
-        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let mut pick = (z ^ (z >> 31)) % total;
-        for (version, weight) in &route.split {
-            if pick < *weight as u64 {
-                return route.versions.get(version);
-            }
-            pick -= *weight as u64;
-        }
-        None
+        // A thread-local generator seeded from the OS: each process draws its own sequence.
+        pick_weighted(&route.split, fastrand::u64(..total)).and_then(|v| route.versions.get(v))
     }
 
     /// The versions of `model`, in order (empty when unknown).
@@ -136,5 +138,43 @@ impl Router {
     /// True when every deployment of every model is ready.
     pub fn all_ready(&self) -> bool {
         self.table.load().models.values().flat_map(|m| m.versions.values()).all(|d| d.is_ready())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pick_weighted, total_weight};
+
+    /// Draws `n` times with a seeded generator; returns how many fell on `version`.
+    fn count(split: &[(String, u32)], version: &str, n: u32, seed: u64) -> u32 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let total = total_weight(split);
+        (0..n).filter(|_| pick_weighted(split, rng.u64(..total)) == Some(version)).count() as u32
+    }
+
+    #[test]
+    fn the_split_follows_the_weights_for_every_seed() {
+        let split = vec![("1".to_string(), 90), ("2".to_string(), 10)];
+        // 10 % of 20,000 draws: mean 2,000, standard deviation ~42; 5 sigma is ±212.
+        for seed in [1, 2, 3, 42, 0xDEAD_BEEF, 7_777_777] {
+            let canary = count(&split, "2", 20_000, seed);
+            assert!((1_788..=2_212).contains(&canary), "seed {seed}: {canary} of 20000 went to the canary");
+        }
+    }
+
+    #[test]
+    fn zero_and_full_weights_are_exact() {
+        let none = vec![("1".to_string(), 100), ("2".to_string(), 0)];
+        assert_eq!(count(&none, "2", 5_000, 9), 0);
+        let all = vec![("1".to_string(), 0), ("2".to_string(), 100)];
+        assert_eq!(count(&all, "2", 5_000, 9), 5_000);
+    }
+
+    #[test]
+    fn draws_map_onto_cumulative_weights() {
+        let split = vec![("a".to_string(), 3), ("b".to_string(), 0), ("c".to_string(), 2)];
+        let picks: Vec<_> = (0..5).map(|r| pick_weighted(&split, r)).collect();
+        assert_eq!(picks, [Some("a"), Some("a"), Some("a"), Some("c"), Some("c")]);
+        assert_eq!(pick_weighted(&split, 5), None);
     }
 }

@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::{Value, json};
 
-use crate::controller::Controller;
+use sluice_controller::{Controller, Status};
+
+use crate::error::ApiError;
 
 /// The header that tells the server where relative model paths of a PUT config start
 /// (`sluice deploy` sends the config file's folder).
@@ -81,50 +83,47 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         }
     };
     match s.controller.apply(&config).await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e}; nothing changed")),
+        Ok(()) => Json(s.controller.status()).into_response(),
+        Err(e) => {
+            let mut e = ApiError::from(e);
+            e.message.push_str("; nothing changed");
+            e.into_response()
+        }
     }
 }
 
-async fn status(State(s): State<AdminState>) -> Json<Value> {
-    Json(s.controller.status().await)
+/// The status after a change, or why the change was refused.
+type Answer = Result<Json<Status>, ApiError>;
+
+async fn status(State(s): State<AdminState>) -> Json<Status> {
+    Json(s.controller.status())
 }
 
-async fn delete_all(State(s): State<AdminState>) -> Response {
-    match s.controller.delete(None).await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, e),
-    }
+async fn delete_all(State(s): State<AdminState>) -> Answer {
+    s.controller.delete(None).await?;
+    Ok(Json(s.controller.status()))
 }
 
-async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Response {
-    match s.controller.delete(Some(&app)).await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, e),
-    }
+async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
+    s.controller.delete(Some(&app)).await?;
+    Ok(Json(s.controller.status()))
 }
 
-async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {
+async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Answer {
     let weight = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["weight"].as_u64());
     let Some(weight) = weight.and_then(|w| u32::try_from(w).ok()) else {
-        return error(StatusCode::BAD_REQUEST, "body must be {\"weight\": 0..100}");
+        return Err(ApiError::bad_request("body must be {\"weight\": 0..100}"));
     };
-    match s.controller.set_weight(&name, weight).await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+    s.controller.set_weight(&name, weight).await?;
+    Ok(Json(s.controller.status()))
 }
 
-async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    match s.controller.promote(&name).await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
+    s.controller.promote(&name).await?;
+    Ok(Json(s.controller.status()))
 }
 
-async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    match s.controller.rollback(&name, "rolled back by hand").await {
-        Ok(()) => Json(s.controller.status().await).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
-    }
+async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
+    s.controller.rollback(&name, "rolled back by hand").await?;
+    Ok(Json(s.controller.status()))
 }

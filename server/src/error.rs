@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use sluice_controller::ControlError;
 use sluice_deployments::{ErrorKind, InferError};
 
 /// An error on its way to an HTTP client.
@@ -31,6 +32,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
     }
 }
 
@@ -40,6 +42,12 @@ impl From<InferError> for ApiError {
             tracing::warn!("internal error: {}", e.message);
         }
         Self::new(http_status(e.kind), e.message)
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        InferError::new(e.kind(), e.to_string()).into()
     }
 }
 
@@ -53,6 +61,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// gRPC status for a control-plane refusal (repository load and unload).
+pub fn grpc_control_status(e: ControlError) -> tonic::Status {
+    grpc_status(InferError::new(e.kind(), e.to_string()))
+}
+
 /// gRPC status for an error: the same kinds as [`http_status`], as gRPC codes.
 pub fn grpc_status(e: InferError) -> tonic::Status {
     let code = match e.kind {
@@ -60,6 +73,7 @@ pub fn grpc_status(e: InferError) -> tonic::Status {
         ErrorKind::NotFound => tonic::Code::NotFound,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorKind::Conflict => tonic::Code::FailedPrecondition,
         ErrorKind::Internal => {
             tracing::warn!("internal error: {}", e.message);
             tonic::Code::Internal

@@ -2,17 +2,16 @@
 //! their routes and serves the Open Inference Protocol over REST.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), String> {
-//! let config = sluice_config::load(std::path::Path::new("examples/iris.yaml")).map_err(|e| e.to_string())?;
-//! sluice_server::runtime::init(None)?;
-//! let server = sluice_server::start(config).await?;
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = sluice_config::load(std::path::Path::new("examples/iris.yaml"))?;
+//! sluice_server::runtime::init(None, None)?;
+//! let server = sluice_server::start(config, sluice_server::StartOptions::default()).await?;
 //! println!("listening on {}", server.http_addr());
 //! server.shutdown().await;
 //! # Ok(()) }
 //! ```
 
 pub mod admin;
-pub mod controller;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
@@ -23,6 +22,7 @@ pub mod runtime;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use sluice_controller::{ControlError, Controller};
 use sluice_router::{RouteTable, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -38,8 +38,11 @@ pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "
 /// One row of the repository index.
 pub struct IndexEntry {
     pub name: String,
+    /// Empty for a model that is not loaded.
     pub version: String,
     pub ready: bool,
+    /// Why a model is unavailable (`unloaded`), else empty.
+    pub reason: &'static str,
 }
 
 impl IndexEntry {
@@ -49,8 +52,10 @@ impl IndexEntry {
     }
 }
 
-/// Every model version the server routes, sorted by name then version.
-pub fn repository_index(routes: &Router) -> Vec<IndexEntry> {
+/// Every model version the server routes, sorted by name then version, then (unless
+/// `ready_only`) the repository models unloaded through the API. REST and gRPC both answer
+/// from this.
+pub fn repository_index(routes: &Router, controller: &Controller, ready_only: bool) -> Vec<IndexEntry> {
     let table = routes.table();
     let mut out: Vec<IndexEntry> = table
         .models
@@ -60,10 +65,20 @@ pub fn repository_index(routes: &Router) -> Vec<IndexEntry> {
                 name: name.clone(),
                 version: v.clone(),
                 ready: d.is_ready(),
+                reason: "",
             })
         })
+        .filter(|m| !ready_only || m.ready)
         .collect();
     out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+    if !ready_only {
+        out.extend(controller.unloaded().into_iter().map(|name| IndexEntry {
+            name,
+            version: String::new(),
+            ready: false,
+            reason: "unloaded",
+        }));
+    }
     out
 }
 
@@ -72,7 +87,7 @@ pub struct Server {
     http_addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
-    controller: Arc<controller::Controller>,
+    controller: Arc<Controller>,
     grace: std::time::Duration,
     routes: Arc<Router>,
     shutdown: watch::Sender<bool>,
@@ -107,7 +122,7 @@ impl Server {
     }
 
     /// The controller, for embedding and tests.
-    pub fn controller(&self) -> &Arc<controller::Controller> {
+    pub fn controller(&self) -> &Arc<Controller> {
         &self.controller
     }
 
@@ -139,14 +154,35 @@ impl Server {
     }
 }
 
+/// What [`start`] takes besides the config: values the binary reads from its environment
+/// (the library itself never reads it).
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The bearer token the admin API requires (from the variable `admin_options.token_env`
+    /// names); `None` requires none.
+    pub admin_token: Option<String>,
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A deployment or pipeline of the config could not be started.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+}
+
 /// Loads every deployment of `config` (ONNX Runtime must be initialised, see [`runtime::init`])
 /// and starts serving. Fails with a message naming the deployment and file when one cannot load
 /// or the address cannot be bound.
-pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
+pub async fn start(config: sluice_config::Config, options: StartOptions) -> Result<Server, StartError> {
     metrics::install();
     let routes = Arc::new(Router::new(RouteTable::default()));
     let grace = std::time::Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
-    let controller = controller::Controller::new(routes.clone(), grace);
+    let controller = Controller::new(routes.clone(), grace);
     controller.apply(&config).await?;
     controller.spawn_loop();
 
@@ -176,15 +212,13 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
                 share_port(grpc_router.clone(), state.clone(), req)
             });
         } else {
-            let listener = bind(&grpc.host, grpc.port).await?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let (listener, addr) = bind(&grpc.host, grpc.port).await?;
             tracing::info!("gRPC frontend listening on {addr}");
             grpc_addr = Some(addr);
             tasks.push(serve(listener, grpc_router, stop.clone()));
         }
     }
-    let listener = bind(&http.host, http.port).await?;
-    let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (listener, http_addr) = bind(&http.host, http.port).await?;
     if shared_port {
         grpc_addr = Some(http_addr);
         tracing::info!("gRPC frontend listening on {http_addr} (shared with REST)");
@@ -194,10 +228,9 @@ pub async fn start(config: sluice_config::Config) -> Result<Server, String> {
     let mut admin_addr = None;
     let admin = &config.admin_options;
     if admin.enabled {
-        let token = std::env::var(&admin.token_env).ok().filter(|t| !t.is_empty());
+        let token = options.admin_token.filter(|t| !t.is_empty());
         let base = config.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-        let listener = bind(&admin.host, admin.port).await?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (listener, addr) = bind(&admin.host, admin.port).await?;
         tracing::info!(
             "admin API listening on http://{addr}{}",
             if token.is_some() { " (bearer token required)" } else { "" }
@@ -229,9 +262,13 @@ async fn share_port(
     }
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+async fn bind(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), StartError> {
     let addr = format!("{host}:{port}");
-    TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
+    let bound = match TcpListener::bind(&addr).await {
+        Ok(listener) => listener.local_addr().map(|a| (listener, a)),
+        Err(e) => Err(e),
+    };
+    bound.map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Serves HTTP/1 and HTTP/2 (gRPC needs the latter) until `stop` turns true.

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 /// Where `scripts/install-onnxruntime.sh` put the library when this binary was built.
 const BUILD_TIME_PATH: Option<&str> = option_env!("ORT_DYLIB_PATH");
 
-/// The places to look, in order, with where each came from.
-pub fn candidates(flag: Option<PathBuf>) -> Vec<(PathBuf, &'static str)> {
+/// The places to look, in order, with where each came from. `flag` is `--onnxruntime`,
+/// `env` the value of `ORT_DYLIB_PATH` (the binary reads both; the library reads no
+/// environment).
+pub fn candidates(flag: Option<PathBuf>, env: Option<PathBuf>) -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
     if let Some(p) = flag {
         out.push((p, "--onnxruntime"));
     }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push((PathBuf::from(p), "ORT_DYLIB_PATH"));
+    if let Some(p) = env.filter(|p| !p.as_os_str().is_empty()) {
+        out.push((p, "ORT_DYLIB_PATH"));
     }
     if let Some(p) = BUILD_TIME_PATH {
         out.push((PathBuf::from(p), "project install folder"));
@@ -30,21 +32,30 @@ pub fn candidates(flag: Option<PathBuf>) -> Vec<(PathBuf, &'static str)> {
 
 /// Loads ONNX Runtime from the first candidate that exists. An explicit `--onnxruntime` or
 /// `ORT_DYLIB_PATH` that does not exist is an error rather than silently skipped.
-pub fn init(flag: Option<PathBuf>) -> Result<PathBuf, String> {
-    const HOW: &str = "install it with `scripts/install-onnxruntime.sh` or pass --onnxruntime PATH";
-    for (path, source) in candidates(flag) {
+pub fn init(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<PathBuf, RuntimeError> {
+    for (path, source) in candidates(flag, env) {
         if !path.is_file() {
             if source == "--onnxruntime" || source == "ORT_DYLIB_PATH" {
-                return Err(format!(
-                    "ONNX Runtime library `{}` (from {source}) not found; {HOW}",
-                    path.display()
-                ));
+                return Err(RuntimeError::Missing { path, origin: source });
             }
             continue;
         }
-        return sluice_deployments::onnx::init_runtime(&path).map(|()| path.clone()).map_err(|e| {
-            format!("cannot load ONNX Runtime from `{}` ({source}): {e}; {HOW}", path.display())
-        });
+        return sluice_deployments::onnx::init_runtime(&path)
+            .map(|()| path.clone())
+            .map_err(|error| RuntimeError::Load { path, origin: source, error });
     }
-    Err(format!("ONNX Runtime library not found; {HOW}"))
+    Err(RuntimeError::NotFound)
+}
+
+const HOW: &str = "install it with `scripts/install-onnxruntime.sh` or pass --onnxruntime PATH";
+
+/// ONNX Runtime could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("ONNX Runtime library `{}` (from {origin}) not found; {HOW}", path.display())]
+    Missing { path: PathBuf, origin: &'static str },
+    #[error("cannot load ONNX Runtime from `{}` ({origin}): {error}; {HOW}", path.display())]
+    Load { path: PathBuf, origin: &'static str, error: sluice_deployments::LoadError },
+    #[error("ONNX Runtime library not found; {HOW}")]
+    NotFound,
 }

@@ -21,9 +21,9 @@ fn config_text(deployments: &str) -> String {
 }
 
 async fn start_with(deployments: &str) -> sluice_server::Server {
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     let config = sluice_config::parse(&config_text(deployments), &models_dir().join("c.yaml")).unwrap();
-    sluice_server::start(config).await.unwrap()
+    sluice_server::start(config, Default::default()).await.unwrap()
 }
 
 async fn apply(s: &sluice_server::Server, deployments: &str) {
@@ -86,7 +86,7 @@ async fn a_live_swap_under_load_fails_no_request() {
     assert_eq!(failed, 0, "{ok} succeeded");
     assert!(versions.iter().any(|v| v == "1") && versions.iter().any(|v| v == "2"));
     assert_eq!(versions.last().unwrap(), "2", "traffic moved to the new version");
-    let status = s.controller().status().await;
+    let status = serde_json::to_value(s.controller().status()).unwrap();
     assert!(status["events"].to_string().contains("swapped in"), "{status}");
     s.shutdown().await;
 }
@@ -156,7 +156,7 @@ async fn an_erroring_canary_is_rolled_back_automatically() {
     let traffic = load(&s, "m", 4, stop.clone());
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = s.controller().status().await;
+        let status = serde_json::to_value(s.controller().status()).unwrap();
         if status["events"].to_string().contains("rolled back canary version 2: error rate") {
             break;
         }
@@ -174,7 +174,7 @@ async fn an_erroring_canary_is_rolled_back_automatically() {
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, _) = after.await.unwrap();
     assert_eq!(failed, 0, "{ok} succeeded after the rollback");
-    let status = s.controller().status().await;
+    let status = serde_json::to_value(s.controller().status()).unwrap();
     assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][1]["weight"], 0, "{status}");
     s.shutdown().await;
 }
@@ -207,7 +207,11 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
     }
     let until = Instant::now() + Duration::from_secs(10);
     while replicas(&s) < 2 {
-        assert!(Instant::now() < until, "no scale-up: {}", s.controller().status().await);
+        assert!(
+            Instant::now() < until,
+            "no scale-up: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -216,10 +220,14 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
     }
     let until = Instant::now() + Duration::from_secs(10);
     while replicas(&s) > 1 {
-        assert!(Instant::now() < until, "no scale-down: {}", s.controller().status().await);
+        assert!(
+            Instant::now() < until,
+            "no scale-down: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = s.controller().status().await;
+    let status = serde_json::to_value(s.controller().status()).unwrap();
     assert!(status["events"].to_string().contains("autoscaled from 1 to 2"), "{status}");
     assert!(status["events"].to_string().contains("autoscaled from 2 to 1"), "{status}");
     s.shutdown().await;
@@ -227,13 +235,11 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_validates_authenticates_and_deletes() {
-    // SAFETY: set before the server reads it; no other test reads this variable.
-    unsafe { std::env::set_var("SLUICE_TEST_ADMIN_TOKEN", "s3cret") };
-    sluice_server::runtime::init(None).unwrap();
-    let text = config_text("      - {name: m, model: iris/model.onnx}\n")
-        .replace("admin_options: {port: 0}", "admin_options: {port: 0, token_env: SLUICE_TEST_ADMIN_TOKEN}");
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = config_text("      - {name: m, model: iris/model.onnx}\n");
     let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
-    let s = sluice_server::start(config).await.unwrap();
+    let options = sluice_server::StartOptions { admin_token: Some("s3cret".into()) };
+    let s = sluice_server::start(config, options).await.unwrap();
     let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
     let client = reqwest::Client::new();
     assert_eq!(client.get(&admin).send().await.unwrap().status(), 401, "no token");
@@ -280,12 +286,20 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     assert!(s.routes().resolve("m", None).is_err());
     let r = client.delete(format!("{admin}/nope")).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unknown application `nope`");
+    // An unknown deployment is 404 on every rollout endpoint too, not 400.
+    let base = admin.replace("/applications", "/deployments/nope");
+    for (path, body) in [("canary", r#"{"weight": 5}"#), ("promote", ""), ("rollback", "")] {
+        let r = client.post(format!("{base}/{path}")).bearer_auth("s3cret").body(body).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], "unknown deployment `nope`", "{path}");
+    }
     s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_repository_is_polled_and_loads_and_unloads() {
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     let repo =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("repo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&repo);
@@ -300,7 +314,7 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
         repo.display()
     );
     let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
-    let s = sluice_server::start(config).await.unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
     let client = reqwest::Client::new();
     let infer = |s: &sluice_server::Server| {
         let (client, url) = (client.clone(), url(s, "/v2/models/flowers/infer"));

@@ -31,11 +31,11 @@ applications:
 "#;
 
 async fn start_embed() -> sluice_server::Server {
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     let text =
         format!("http_options: {{port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\n{EMBED}");
     let config = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    sluice_server::start(config).await.unwrap()
+    sluice_server::start(config, Default::default()).await.unwrap()
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -159,14 +159,14 @@ fn pipeline_config_errors_name_the_problem_and_location() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datatype_conflicts_between_steps_fail_the_load() {
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     // The pool's INT64 `mask` input fed with the encoder's FP32 output.
     let bad = EMBED.replace("{hidden: hidden, mask: mask}", "{hidden: hidden, mask: hidden}");
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\n{bad}"
     );
     let config = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let err = sluice_server::start(config).await.err().expect("load fails");
-    assert!(err.contains("step `pool`: tensor `hidden` is FP32"), "{err}");
+    let err = sluice_server::start(config, Default::default()).await.err().expect("load fails").to_string();
+    assert!(err.contains("pipeline `embeddings`: step `pool`: tensor `hidden` is FP32"), "{err}");
     assert!(err.contains("input `mask` takes INT64"), "{err}");
 }

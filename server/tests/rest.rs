@@ -394,11 +394,14 @@ async fn model_config_and_repository_index() {
 
 #[tokio::test]
 async fn batching_needs_a_dynamic_first_dimension() {
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     let text = "grpc_options: {enabled: false}\nadmin_options: {enabled: false}\nhttp_options: {port: 0}\napplications:\n  - name: t\n    deployments: [{name: r, model: reshape/model.onnx, max_batch_size: 4}]\n";
     let config = sluice_config::parse(text, &models_dir().join("t.yaml")).unwrap();
-    let err = sluice_server::start(config).await.err().expect("start fails");
-    assert!(err.contains("batching needs a dynamic first dimension"), "{err}");
+    let err = sluice_server::start(config, Default::default()).await.err().expect("start fails");
+    let sluice_server::StartError::Control(e) = &err else { panic!("{err}") };
+    assert_eq!(e.kind(), sluice_deployments::ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("deployment `r` version 1: max_batch_size is 4"), "{err}");
+    assert!(err.to_string().contains("batching needs a dynamic first dimension"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

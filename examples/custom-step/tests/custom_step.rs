@@ -6,13 +6,13 @@ use serde_json::{Value, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_rust_step_serves_in_a_pipeline() {
     sluice_example_custom_step::register();
-    sluice_server::runtime::init(None).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\n{}",
         sluice_example_custom_step::CONFIG
     );
     let config = sluice_config::parse(&text, std::path::Path::new("custom-step.yaml")).unwrap();
-    let server = sluice_server::start(config).await.unwrap();
+    let server = sluice_server::start(config, Default::default()).await.unwrap();
     let base = format!("http://{}", server.http_addr());
     let client = reqwest::Client::new();
     let out: Value = client
@@ -57,5 +57,6 @@ async fn a_registered_rust_step_serves_in_a_pipeline() {
 fn an_unregistered_custom_step_is_a_clear_error() {
     let b = sluice_config::Builtin::Custom { name: "nope".into() };
     let err = sluice_deployments::builtin::factory(&b).err().unwrap();
-    assert!(err.contains("no custom step `nope` is registered"), "{err}");
+    assert!(err.to_string().contains("no custom step `nope` is registered"), "{err}");
+    assert_eq!(err.kind(), sluice_deployments::ErrorKind::InvalidArgument);
 }

@@ -6,6 +6,7 @@ mod codec;
 
 use std::sync::Arc;
 
+use sluice_controller::Controller;
 use sluice_deployments::TensorSpec;
 use sluice_deployments::metrics::Protocol;
 use sluice_proto::inference as pb;
@@ -15,12 +16,12 @@ use sluice_proto::inference::grpc_inference_service_server::{
 use sluice_router::Router as RouteTable;
 use tonic::{Request, Response, Status};
 
-use crate::error::grpc_status;
+use crate::error::{grpc_control_status, grpc_status};
 
 /// The service implementation.
 pub struct InferenceService {
     routes: Arc<RouteTable>,
-    controller: Arc<crate::controller::Controller>,
+    controller: Arc<Controller>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -112,14 +113,13 @@ impl GrpcInferenceService for InferenceService {
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Reply<pb::RepositoryIndexResponse> {
         let ready_only = req.into_inner().ready;
-        let models = crate::repository_index(&self.routes)
+        let models = crate::repository_index(&self.routes, &self.controller, ready_only)
             .into_iter()
-            .filter(|m| !ready_only || m.ready)
             .map(|m| pb::repository_index_response::ModelIndex {
                 state: m.state().to_string(),
                 name: m.name,
                 version: m.version,
-                reason: String::new(),
+                reason: m.reason.to_string(),
             })
             .collect();
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
@@ -130,7 +130,7 @@ impl GrpcInferenceService for InferenceService {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Reply<pb::RepositoryModelLoadResponse> {
         let name = req.into_inner().model_name;
-        self.controller.load_model(&name).await.map_err(repository_status)?;
+        self.controller.load_model(&name).await.map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -139,16 +139,8 @@ impl GrpcInferenceService for InferenceService {
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Reply<pb::RepositoryModelUnloadResponse> {
         let name = req.into_inner().model_name;
-        self.controller.unload_model(&name).await.map_err(repository_status)?;
+        self.controller.unload_model(&name).await.map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
-    }
-}
-
-fn repository_status(e: String) -> Status {
-    if e.contains("not in the model repository") || e.contains("not a loaded") {
-        Status::not_found(e)
-    } else {
-        Status::invalid_argument(e)
     }
 }
 
@@ -156,9 +148,9 @@ fn repository_status(e: String) -> Status {
 /// with REST). `max_message_bytes` bounds decoded requests (tonic's default is 4 MiB).
 pub async fn routes(
     routes: Arc<RouteTable>,
-    controller: Arc<crate::controller::Controller>,
+    controller: Arc<Controller>,
     max_message_bytes: usize,
-) -> Result<axum::Router, String> {
+) -> Result<axum::Router, crate::StartError> {
     let inference = GrpcInferenceServiceServer::new(InferenceService { routes, controller })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -168,7 +160,7 @@ pub async fn routes(
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| format!("gRPC reflection: {e}"))?;
+        .map_err(|e| crate::StartError::Reflection(e.to_string()))?;
     Ok(tonic::service::Routes::new(inference)
         .add_service(health_service)
         .add_service(reflection)

@@ -22,7 +22,7 @@ use crate::error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub routes: Arc<RouteTable>,
-    pub controller: Arc<crate::controller::Controller>,
+    pub controller: Arc<sluice_controller::Controller>,
     pub max_body_bytes: usize,
 }
 

@@ -72,20 +72,19 @@ pub async fn repository_index(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed repository index request: {e}")))?
     };
-    let mut models: Vec<Value> = crate::repository_index(&state.routes)
+    let models: Vec<Value> = crate::repository_index(&state.routes, &state.controller, req.ready)
         .into_iter()
-        .filter(|m| !req.ready || m.ready)
-        .map(|m| json!({"name": m.name, "version": m.version, "state": m.state()}))
+        .map(|m| {
+            let mut entry = json!({"name": m.name, "state": m.state()});
+            if !m.version.is_empty() {
+                entry["version"] = json!(m.version);
+            }
+            if !m.reason.is_empty() {
+                entry["reason"] = json!(m.reason);
+            }
+            entry
+        })
         .collect();
-    if !req.ready {
-        models.extend(
-            state
-                .controller
-                .unloaded()
-                .into_iter()
-                .map(|n| json!({"name": n, "state": "UNAVAILABLE", "reason": "unloaded"})),
-        );
-    }
     Ok(Json(Value::Array(models)))
 }
 
@@ -135,7 +134,7 @@ pub async fn stats(
 
 /// `POST /v2/repository/models/{m}/load`: (re)load a repository model now.
 pub async fn load(State(state): State<AppState>, Path(model): Path<String>) -> Result<StatusCode, ApiError> {
-    state.controller.load_model(&model).await.map_err(repository_error)?;
+    state.controller.load_model(&model).await?;
     Ok(StatusCode::OK)
 }
 
@@ -144,15 +143,6 @@ pub async fn unload(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.controller.unload_model(&model).await.map_err(repository_error)?;
+    state.controller.unload_model(&model).await?;
     Ok(StatusCode::OK)
-}
-
-fn repository_error(e: String) -> ApiError {
-    let status = if e.contains("not in the model repository") || e.contains("not a loaded") {
-        StatusCode::NOT_FOUND
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    ApiError::new(status, e)
 }

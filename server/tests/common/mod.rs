@@ -19,13 +19,13 @@ pub fn expected(model: &str) -> Value {
 /// Starts a server from YAML `deployments:` entries (model paths relative to examples/models),
 /// on a free port.
 pub async fn start(deployments_yaml: &str, extra_http: &str) -> sluice_server::Server {
-    sluice_server::runtime::init(None).expect("ONNX Runtime (run scripts/install-onnxruntime.sh)");
+    sluice_server::runtime::init(None, None).expect("ONNX Runtime (run scripts/install-onnxruntime.sh)");
     let text = format!(
         "http_options: {{host: 127.0.0.1, port: 0{extra_http}}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\napplications:\n  - name: test\n    deployments:\n{deployments_yaml}"
     );
     let config =
         sluice_config::parse(&text, &models_dir().join("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let server = sluice_server::start(config).await.expect("server starts");
+    let server = sluice_server::start(config, Default::default()).await.expect("server starts");
     assert!(server.wait_ready(std::time::Duration::from_secs(60)).await, "deployments warm up");
     server
 }

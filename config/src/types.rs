@@ -1,0 +1,340 @@
+//! The resolved configuration the rest of Sluice works on: plain values with every default
+//! applied and every path made absolute, produced by [`crate::parse`] once the file has passed
+//! validation. (The file's own shape, with source locations for error messages, is private to
+//! this crate.)
+//!
+//! Defaults are written once, here: [`ReplicaSettings::default`], [`HttpOptions::default`] and
+//! the others; the file parser takes its defaults from them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::autoscaling::Autoscaling;
+use crate::pipeline::{Builtin, JsonRoute, PipelineTensor};
+use crate::repository::ModelRepository;
+
+/// A whole config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_options: HttpOptions,
+    pub grpc_options: GrpcOptions,
+    pub admin_options: AdminOptions,
+    /// On SIGTERM, how long requests in flight and queued may take to finish.
+    pub graceful_shutdown_timeout_s: f64,
+    pub applications: Vec<Application>,
+    /// A model repository served as one more application, `repository`.
+    pub model_repository: Option<ModelRepository>,
+    /// The file this config came from; used in messages.
+    pub source: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_options: HttpOptions::default(),
+            grpc_options: GrpcOptions::default(),
+            admin_options: AdminOptions::default(),
+            graceful_shutdown_timeout_s: 30.0,
+            applications: Vec::new(),
+            model_repository: None,
+            source: PathBuf::new(),
+        }
+    }
+}
+
+/// Where a value was written in the config file (1-based; 0 when it was not written there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Location {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl From<serde_saphyr::Location> for Location {
+    fn from(l: serde_saphyr::Location) -> Self {
+        Self { line: l.line(), column: l.column() }
+    }
+}
+
+/// An application: a named group of deployments, optionally composed into a pipeline.
+#[derive(Debug, Clone)]
+pub struct Application {
+    pub name: String,
+    /// Where the pipeline's plain-JSON route answers (`/embed`).
+    pub route_prefix: Option<String>,
+    pub deployments: Vec<Deployment>,
+    pub pipeline: Option<Pipeline>,
+}
+
+impl Application {
+    /// An application made in code.
+    pub fn new(name: impl Into<String>, deployments: Vec<Deployment>) -> Self {
+        Self { name: name.into(), route_prefix: None, deployments, pipeline: None }
+    }
+}
+
+/// What a deployment serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Model {
+    /// An ONNX file (absolute path).
+    Onnx(PathBuf),
+    /// A built-in step (its files made absolute).
+    Builtin(Builtin),
+}
+
+impl Model {
+    /// The files the model is read from: a change to any of them needs new replicas.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Model::Onnx(path) => vec![path.as_path()],
+            Model::Builtin(b) => b.files(),
+        }
+    }
+
+    /// The ONNX file, when the model is one.
+    pub fn onnx_path(&self) -> Option<&Path> {
+        match self {
+            Model::Onnx(path) => Some(path),
+            Model::Builtin(_) => None,
+        }
+    }
+}
+
+/// How many replicas a deployment runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scaling {
+    /// Exactly this many.
+    Fixed(u32),
+    /// Resized from the load within the bounds (`num_replicas: auto` or `autoscaling_config`).
+    Auto(Autoscaling),
+}
+
+/// Everything a replica is built with. Two versions of a deployment with equal settings,
+/// model and files share nothing but could; any difference needs new replicas (the controller
+/// compares this struct whole, so a new field here can never be left out of that decision).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSettings {
+    /// ONNX Runtime intra-op threads per replica. Default 1.
+    pub intra_op_threads: u32,
+    /// 0: the model has no batch dimension; above 0: the largest batch (dimension 0) a request
+    /// may carry and replicas run. Default 0.
+    pub max_batch_size: u32,
+    /// How long the first request of a batch waits for more. Default 0.
+    pub batch_wait_timeout_s: f64,
+    /// Batch sizes sent as soon as they can be formed. Default none.
+    pub preferred_batch_sizes: Vec<u32>,
+    /// Pad values by input name. Default none.
+    pub pad: BTreeMap<String, f64>,
+    /// A request's deadline unless it asks for a shorter one. Default 30.
+    pub request_timeout_s: f64,
+    /// Requests one replica takes at a time; 0: 2 × max_batch_size, at least 5. Default 0.
+    pub max_ongoing_requests: u32,
+    /// Requests waiting for a replica slot before new ones get 503. Default 64.
+    pub max_queued_requests: u32,
+    /// Run one full-size batch of zeros before a replica reports ready. Default true.
+    pub warmup: bool,
+}
+
+impl Default for ReplicaSettings {
+    fn default() -> Self {
+        Self {
+            intra_op_threads: 1,
+            max_batch_size: 0,
+            batch_wait_timeout_s: 0.0,
+            preferred_batch_sizes: Vec::new(),
+            pad: BTreeMap::new(),
+            request_timeout_s: 30.0,
+            max_ongoing_requests: 0,
+            max_queued_requests: 64,
+            warmup: true,
+        }
+    }
+}
+
+/// A deployment: one model served by a set of replicas.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The model name clients use on `/v2/models/{name}`.
+    pub name: String,
+    /// The version reported and addressable by version. Default `"1"`.
+    pub version: String,
+    pub model: Model,
+    pub settings: ReplicaSettings,
+    pub scaling: Scaling,
+    /// CPUs one replica takes from the node. Default `intra_op_threads`.
+    pub num_cpus: f64,
+    /// A canary version taking a share of the traffic.
+    pub canary: Option<Canary>,
+    /// Further versions served by exact version only: (version, ONNX file). Filled from a
+    /// model repository's version policy.
+    pub extra_versions: Vec<(String, PathBuf)>,
+    /// Where the deployment's model (else its name) is written, for messages.
+    pub location: Location,
+}
+
+impl Deployment {
+    /// A deployment of an ONNX file with every default.
+    pub fn onnx(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        let settings = ReplicaSettings::default();
+        Self {
+            name: name.into(),
+            version: "1".into(),
+            model: Model::Onnx(path.into()),
+            num_cpus: settings.intra_op_threads as f64,
+            settings,
+            scaling: Scaling::Fixed(1),
+            canary: None,
+            extra_versions: Vec::new(),
+            location: Location::default(),
+        }
+    }
+
+    /// The autoscaling settings, when the deployment autoscales.
+    pub fn autoscaling(&self) -> Option<&Autoscaling> {
+        match &self.scaling {
+            Scaling::Auto(a) => Some(a),
+            Scaling::Fixed(_) => None,
+        }
+    }
+
+    /// Replicas to start with.
+    pub fn initial_replicas(&self) -> usize {
+        match &self.scaling {
+            Scaling::Fixed(n) => *n as usize,
+            Scaling::Auto(a) => a.initial_replicas as usize,
+        }
+    }
+
+    /// The most replicas this deployment may have.
+    pub fn max_replicas(&self) -> usize {
+        match &self.scaling {
+            Scaling::Fixed(n) => *n as usize,
+            Scaling::Auto(a) => a.max_replicas as usize,
+        }
+    }
+}
+
+/// A second version of a deployment's model that takes a share of its traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    /// The canary's ONNX file (absolute).
+    pub model: PathBuf,
+    /// Its version string (differs from the deployment's).
+    pub version: String,
+    /// Percent of requests that name no version which go to the canary (0-100). Default 10.
+    pub weight: u32,
+    /// Step the weight up automatically, rolling back when the canary misbehaves.
+    pub rollout: Option<Rollout>,
+}
+
+/// A pipeline, checked: `order` lists the steps in an order that runs each after the steps
+/// producing its inputs.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The model name the pipeline answers to.
+    pub name: String,
+    pub inputs: Vec<PipelineTensor>,
+    pub steps: Vec<PipelineStep>,
+    /// Pipeline tensors returned.
+    pub outputs: Vec<String>,
+    /// Plain-JSON route at the application's `route_prefix`.
+    pub route: Option<JsonRoute>,
+    /// Indices into `steps`, in run order.
+    pub order: Vec<usize>,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineStep {
+    pub name: String,
+    /// A deployment of the same application.
+    pub deployment: String,
+    /// Step input name → pipeline tensor.
+    pub inputs: BTreeMap<String, String>,
+    /// Step output name → pipeline tensor.
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// REST frontend settings (`http_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpOptions {
+    /// Address to bind. Default `127.0.0.1` (loopback only; use `0.0.0.0` to serve a network).
+    pub host: String,
+    /// Port to bind; 0 picks a free one. Default 8000 (Triton's and Ray Serve's).
+    pub port: u16,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default 64 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 8000, max_body_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// gRPC frontend settings (`grpc_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcOptions {
+    /// Address to bind. Default `127.0.0.1`.
+    pub host: String,
+    /// Port to bind; 0 picks a free one. Default 8001 (Triton's). The same host and port as
+    /// `http_options` serves both protocols on one port.
+    pub port: u16,
+    /// Set false to serve REST only. Default true.
+    pub enabled: bool,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 8001, enabled: true }
+    }
+}
+
+/// Admin API settings (`admin_options`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminOptions {
+    /// Address to bind. Default `127.0.0.1`: the admin API changes what is served, so it is
+    /// not exposed unless asked.
+    pub host: String,
+    /// Port. Default 8265 (Ray's dashboard port, where `serve deploy` talks).
+    pub port: u16,
+    /// Set false to serve no admin API. Default true.
+    pub enabled: bool,
+    /// Environment variable holding a bearer token the admin API requires. Default
+    /// `SLUICE_ADMIN_TOKEN`; when it is unset or empty, no token is required.
+    pub token_env: String,
+}
+
+impl Default for AdminOptions {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 8265, enabled: true, token_env: "SLUICE_ADMIN_TOKEN".into() }
+    }
+}
+
+/// An automatic rollout: every `interval_s` the canary's weight grows by `step_percent` while
+/// its error rate and p99 latency over the interval stay within bounds; past a bound it is
+/// rolled back to 0 and the reason recorded in the events.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rollout {
+    /// Weight added per step. Default 10.
+    pub step_percent: u32,
+    /// Seconds between steps. Default 30.
+    pub interval_s: f64,
+    /// Largest share of failed canary requests in an interval. Default 0.01.
+    pub max_error_rate: f64,
+    /// Largest canary p99 latency in an interval, milliseconds. Default: no bound.
+    pub max_p99_ms: Option<f64>,
+    /// Canary requests an interval needs before it counts. Default 20.
+    pub min_requests: u64,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self { step_percent: 10, interval_s: 30.0, max_error_rate: 0.01, max_p99_ms: None, min_requests: 20 }
+    }
+}

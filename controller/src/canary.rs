@@ -1,0 +1,119 @@
+//! Canary operations: weights by hand, promote, rollback, and the automatic rollout step of
+//! each control round (judged by [`crate::rollout::judge`]).
+
+use std::time::{Duration, Instant};
+
+use crate::rollout::{Counters, Verdict, judge};
+use crate::state::{CanaryState, ControllerState};
+use crate::{ControlError, Controller};
+
+impl Controller {
+    /// Sets a canary's weight by hand (stops an automatic rollout).
+    pub async fn set_weight(&self, deployment: &str, weight: u32) -> Result<(), ControlError> {
+        if weight > 100 {
+            return Err(ControlError::InvalidWeight(weight));
+        }
+        let mut st = self.lock();
+        let c = canary(&mut st, deployment)?;
+        c.weight = weight;
+        c.rollout = None;
+        st.events.push(deployment, format!("canary weight set to {weight}%"));
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// Makes the canary the primary version; the old primary drains and stops.
+    pub async fn promote(&self, deployment: &str) -> Result<(), ControlError> {
+        let _changes = self.changes.lock().await;
+        let old = {
+            let mut st = self.lock();
+            let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
+            let c = m.canary.take().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
+            let old = std::mem::replace(&mut m.primary, c.version);
+            m.config.model = m.primary.key.model.clone();
+            m.config.version = m.primary.key.version.clone();
+            m.config.canary = None;
+            let message = format!("promoted version {} (was {})", m.primary.name(), old.name());
+            st.events.push(deployment, message);
+            self.publish(&st);
+            old
+        };
+        self.drain(vec![old.deployment]);
+        Ok(())
+    }
+
+    /// Sends no more traffic to the canary (weight 0) and stops its rollout.
+    pub async fn rollback(&self, deployment: &str, why: &str) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        rollback(&mut st, deployment, why)?;
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// Judges every rollout whose interval has ended; returns when the next one ends.
+    pub(crate) fn step_rollouts(&self, st: &mut ControllerState, now: Instant) -> Option<Instant> {
+        let mut changed = false;
+        let mut rollbacks = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (name, m) in st.deployments.iter_mut() {
+            let Some(c) = &mut m.canary else { continue };
+            let Some(r) = &mut c.rollout else { continue };
+            if now >= r.next_step {
+                r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
+                let counters = Counters::of(&c.version.deployment);
+                let verdict = judge(&r.config, c.weight, &r.baseline, &counters);
+                if verdict != Verdict::Hold {
+                    r.baseline = counters;
+                }
+                match verdict {
+                    Verdict::Hold => {}
+                    Verdict::Step(weight) => {
+                        c.weight = weight;
+                        changed = true;
+                        st.events.push(name, format!("rollout: canary at {weight}%"));
+                    }
+                    Verdict::Complete => {
+                        c.weight = 100;
+                        c.rollout = None;
+                        changed = true;
+                        st.events.push(
+                            name,
+                            "rollout complete: canary takes all traffic; promote it to retire the old version",
+                        );
+                        continue;
+                    }
+                    Verdict::Rollback(why) => {
+                        rollbacks.push((name.clone(), why));
+                        continue;
+                    }
+                }
+            }
+            next = Some(next.map_or(r.next_step, |n| n.min(r.next_step)));
+        }
+        for (name, why) in rollbacks {
+            changed |= rollback(st, &name, &why).is_ok();
+        }
+        if changed {
+            self.publish(st);
+        }
+        next
+    }
+}
+
+fn unknown(deployment: &str) -> ControlError {
+    ControlError::UnknownDeployment(deployment.to_string())
+}
+
+fn canary<'s>(st: &'s mut ControllerState, deployment: &str) -> Result<&'s mut CanaryState, ControlError> {
+    let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
+    m.canary.as_mut().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))
+}
+
+fn rollback(st: &mut ControllerState, deployment: &str, why: &str) -> Result<(), ControlError> {
+    let c = canary(st, deployment)?;
+    c.weight = 0;
+    c.rollout = None;
+    let message = format!("rolled back canary version {}: {why}", c.version.name());
+    st.events.push(deployment, message);
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The controller: holds the desired state (the config) and the actual state (running
+//! deployments, their versions and replica counts), reconciles one into the other, and
+//! publishes each new route table whole through the router's `ArcSwap`.
+//!
+//! - A new deployment is loaded and warmed before it is routed.
+//! - A changed model file, version or deployment setting starts a new deployment, warms it,
+//!   moves traffic to it in one route-table swap, then drains the old one (requests already
+//!   routed to it finish there) and stops it: no request fails because of a swap.
+//! - A changed replica count applies in place (`Deployment::scale_to`).
+//! - A canary is a second deployment of the same model name; the route table splits traffic
+//!   by weight. Weights change through the admin API, or step on a schedule (rollout) and
+//!   roll back by themselves when the canary's error rate or p99 breaks its bound.
+//! - Autoscaled deployments are resized from their in-flight + queued requests
+//!   ([`autoscale`]).
+//!
+//! State lives under one lock that is never held across an await; operations that change
+//! which versions run (apply, delete, promote, repository load/unload) are serialized by a
+//! second, async lock, so that model loading happens outside the state lock.
+
+mod apply;
+pub mod autoscale;
+mod canary;
+mod error;
+mod events;
+mod pipelines;
+mod reconcile;
+mod repository;
+pub mod rollout;
+mod state;
+mod status;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sluice_deployments::{Deployment, Servable};
+use sluice_router::{ModelRoute, RouteTable, Router};
+use tokio::sync::Notify;
+
+pub use error::ControlError;
+pub use events::Event;
+pub use repository::APPLICATION as REPOSITORY_APPLICATION;
+pub use status::{
+    ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, Status,
+    VersionStatus,
+};
+
+use reconcile::Rescale;
+use state::ControllerState;
+
+/// The longest the control loop sleeps when nothing is due (it wakes earlier when anything
+/// is, or when a request waits on a deployment with no replica).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Reconciles configs into running deployments. Cheap to share (`Arc`).
+pub struct Controller {
+    routes: Arc<Router>,
+    state: Mutex<ControllerState>,
+    /// Held by operations that change which versions run, for their whole length.
+    changes: tokio::sync::Mutex<()>,
+    /// One wake-up for the control loop, shared with every deployment.
+    wake: Arc<Notify>,
+    grace: Duration,
+    node_cpus: f64,
+}
+
+impl Controller {
+    /// A controller publishing into `routes`; retired deployments drain for at most `grace`.
+    pub fn new(routes: Arc<Router>, grace: Duration) -> Arc<Self> {
+        let node_cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        Arc::new(Self {
+            routes,
+            state: Mutex::new(ControllerState::default()),
+            changes: tokio::sync::Mutex::new(()),
+            wake: Arc::new(Notify::new()),
+            grace,
+            node_cpus,
+        })
+    }
+
+    pub fn routes(&self) -> &Arc<Router> {
+        &self.routes
+    }
+
+    /// The state. A panic while it was held cannot leave it half-changed in a way that
+    /// matters more than stopping the control plane would, so a poisoned lock is recovered.
+    fn lock(&self) -> MutexGuard<'_, ControllerState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the admin API and `sluice status` show.
+    pub fn status(&self) -> Status {
+        status::status(&self.lock())
+    }
+
+    /// Removes one application (or every one, with `None`).
+    pub async fn delete(&self, app: Option<&str>) -> Result<(), ControlError> {
+        let _changes = self.changes.lock().await;
+        let retired = {
+            let mut st = self.lock();
+            if let Some(a) = app
+                && !st.deployments.values().any(|m| m.app == a)
+            {
+                return Err(ControlError::UnknownApplication(a.to_string()));
+            }
+            let names: Vec<String> = st
+                .deployments
+                .iter()
+                .filter(|(_, m)| app.is_none_or(|a| m.app == a))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut retired = Vec::new();
+            for n in names {
+                if let Some(m) = st.deployments.remove(&n) {
+                    st.events.push(&n, "deleted");
+                    retired.extend(m.into_deployments());
+                }
+            }
+            self.publish(&st);
+            retired
+        };
+        self.drain(retired);
+        Ok(())
+    }
+
+    /// Publishes the route table for `st`.
+    fn publish(&self, st: &ControllerState) {
+        let mut table = RouteTable::default();
+        for p in &st.pipelines {
+            let mut route = ModelRoute::default();
+            route.versions.insert("1".into(), Servable::Pipeline(p.pipeline.clone()));
+            table.models.insert(p.pipeline.name().to_string(), route);
+            if let Some(prefix) = &p.route_prefix {
+                table.json_routes.insert(prefix.clone(), p.pipeline.clone());
+            }
+        }
+        for (name, m) in &st.deployments {
+            let mut route = ModelRoute::default();
+            for v in m.versions() {
+                route.versions.insert(v.name().to_string(), Servable::Deployment(v.deployment.clone()));
+            }
+            if let Some(c) = &m.canary {
+                route.split = vec![
+                    (m.primary.name().to_string(), m.primary_weight()),
+                    (c.version.name().to_string(), c.weight.min(100)),
+                ];
+            }
+            table.models.insert(name.clone(), route);
+        }
+        self.routes.publish(table);
+    }
+
+    /// Stops retired deployments once the requests already routed to them are done (or the
+    /// grace timeout passes).
+    fn drain(&self, retired: Vec<Arc<Deployment>>) {
+        let grace = self.grace;
+        for d in retired {
+            tokio::spawn(async move {
+                if tokio::time::timeout(grace, d.drained()).await.is_err() {
+                    tracing::warn!(
+                        deployment = d.name(),
+                        version = d.version(),
+                        "still busy after {grace:?}; stopping"
+                    );
+                }
+                tracing::info!(deployment = d.name(), version = d.version(), "drained and stopped");
+            });
+        }
+    }
+
+    /// Applies replica counts decided elsewhere (outside the state lock: new replicas load).
+    async fn rescale(&self, jobs: Vec<Rescale>, why: &str) {
+        for job in jobs {
+            let from = job.target.replica_count();
+            let message = match job.target.scale_to(job.to).await {
+                Ok(()) => format!("{why} from {from} to {} replicas", job.to),
+                Err(e) => format!("{why} to {} replicas failed: {e}", job.to),
+            };
+            self.lock().events.push(&job.deployment, message);
+        }
+    }
+
+    /// One round of repository polling, autoscaling and rollout decisions; returns when the
+    /// next round is due.
+    pub async fn tick(&self) -> Instant {
+        self.poll_repository().await;
+        let now = Instant::now();
+        let (rescale, mut next) = {
+            let mut st = self.lock();
+            let (rescale, next_scale) = autoscale::step(&mut st, now, self.node_cpus);
+            let next_rollout = self.step_rollouts(&mut st, now);
+            let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, st.last_scan.as_ref()));
+            let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();
+            (rescale, next.unwrap_or(now + IDLE_TICK))
+        };
+        self.rescale(rescale, "autoscaled").await;
+        next = next.clamp(now + Duration::from_millis(1), now + IDLE_TICK);
+        next
+    }
+
+    /// Runs autoscaling, rollouts and repository polling until the controller is dropped.
+    pub fn spawn_loop(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(c) = weak.upgrade() else { return };
+                let next = c.tick().await;
+                drop(c);
+                tokio::select! {
+                    () = tokio::time::sleep_until(next.into()) => {}
+                    () = wake.notified() => {}
+                }
+            }
+        });
+    }
+}

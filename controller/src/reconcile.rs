@@ -1,0 +1,364 @@
+//! Reconciling a config into running deployments, in three steps:
+//! 1. [`plan`] (pure): per deployment, which versions keep running and which must start;
+//! 2. [`start`]: load and warm every new version, touching nothing that serves (if one fails,
+//!    the ones started are dropped and nothing changed);
+//! 3. [`commit`] (pure, under the lock): the new state, what it retires and what it resizes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_config::{Config, Deployment as DeploymentConfig, Model};
+use sluice_deployments::{Deployment, DeploymentSpec, backend_factory};
+use tokio::sync::Notify;
+
+use crate::ControlError;
+use crate::events::Events;
+use crate::rollout::Counters;
+use crate::state::{CanaryState, ControllerState, Managed, RolloutState, ScalingState, Version, VersionKey};
+
+/// How long a new version may take to load and warm before an apply gives up on it.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What happens to one version of a deployment.
+pub(crate) enum Change {
+    /// The running version with this key fits the config: keep it.
+    Keep(VersionKey),
+    /// Start this version with this many replicas.
+    Start { key: VersionKey, replicas: usize },
+    /// Started and warmed, ready to be committed.
+    New(Version),
+}
+
+/// The plan for one deployment of the config.
+pub(crate) struct DeploymentPlan {
+    pub app: String,
+    pub config: DeploymentConfig,
+    pub primary: Change,
+    /// None when the config has no canary.
+    pub canary: Option<Change>,
+    /// One per `extra_versions` entry of the config, in its order.
+    pub others: Vec<Change>,
+}
+
+/// The plan for a whole config. Deployments running but not in it are removed at commit.
+pub(crate) struct Plan {
+    pub deployments: Vec<DeploymentPlan>,
+}
+
+impl Plan {
+    /// The deployment a name will have as primary once committed: a new one if the plan
+    /// starts one.
+    pub fn new_primary(&self, name: &str) -> Option<&Arc<Deployment>> {
+        self.deployments.iter().find(|p| p.config.name == name).and_then(|p| match &p.primary {
+            Change::New(v) => Some(&v.deployment),
+            _ => None,
+        })
+    }
+}
+
+/// A replica count to apply once the commit is published.
+pub(crate) struct Rescale {
+    pub deployment: String,
+    pub target: Arc<Deployment>,
+    pub to: usize,
+}
+
+/// What a commit leaves to do outside the lock.
+#[derive(Default)]
+pub(crate) struct Commit {
+    /// Deployments no route points to any more: drain, then stop.
+    pub retired: Vec<Arc<Deployment>>,
+    pub rescale: Vec<Rescale>,
+}
+
+/// Step 1: what must start for the running state to match `config`.
+pub(crate) fn plan(state: &ControllerState, config: &Config) -> Plan {
+    let deployments = config
+        .applications
+        .iter()
+        .flat_map(|app| app.deployments.iter().map(move |d| (app.name.as_str(), d)))
+        .map(|(app, d)| plan_deployment(state.deployments.get(&d.name), app, d))
+        .collect();
+    Plan { deployments }
+}
+
+fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> DeploymentPlan {
+    let change = |key: VersionKey, running: bool, replicas: usize| match running {
+        true => Change::Keep(key),
+        false => Change::Start { key, replicas },
+    };
+    let key = VersionKey::new(&d.version, &d.model, &d.settings);
+    let running = old.is_some_and(|m| m.primary.key == key);
+    let replicas = old.map_or(0, |m| m.primary.deployment.replica_count()).max(d.initial_replicas());
+    let primary = change(key, running, replicas);
+    let extra = d.initial_replicas().max(1);
+    let canary = d.canary.as_ref().map(|c| {
+        let key = VersionKey::new(&c.version, &Model::Onnx(c.model.clone()), &d.settings);
+        let running = old.and_then(|m| m.canary.as_ref()).is_some_and(|oc| oc.version.key == key);
+        change(key, running, extra)
+    });
+    let others = d
+        .extra_versions
+        .iter()
+        .map(|(version, path)| {
+            let key = VersionKey::new(version, &Model::Onnx(path.clone()), &d.settings);
+            let running = old.is_some_and(|m| m.others.iter().any(|o| o.key == key));
+            change(key, running, extra)
+        })
+        .collect();
+    DeploymentPlan { app: app.to_string(), config: d.clone(), primary, canary, others }
+}
+
+/// Step 2: loads and warms every version the plan starts. `wake` is the controller's shared
+/// wake-up (a request waiting on a deployment with no replica notifies it).
+pub(crate) async fn start(plan: &mut Plan, wake: &Arc<Notify>) -> Result<(), ControlError> {
+    for p in &mut plan.deployments {
+        let changes = std::iter::once(&mut p.primary).chain(p.canary.as_mut()).chain(p.others.iter_mut());
+        for change in changes {
+            let Change::Start { key, replicas } = change else { continue };
+            let version = start_version(&p.config, key.clone(), *replicas, wake.clone()).await?;
+            *change = Change::New(version);
+        }
+    }
+    Ok(())
+}
+
+async fn start_version(
+    d: &DeploymentConfig,
+    key: VersionKey,
+    replicas: usize,
+    wake: Arc<Notify>,
+) -> Result<Version, ControlError> {
+    let (name, version) = (d.name.clone(), key.version.clone());
+    let failed = |source| ControlError::Load { deployment: name.clone(), version: version.clone(), source };
+    let spec = DeploymentSpec {
+        name: d.name.clone(),
+        version: key.version.clone(),
+        num_replicas: replicas,
+        max_replicas: d.max_replicas(),
+        settings: key.settings.clone(),
+        wake,
+    };
+    let model = key.model.clone();
+    let deployment = tokio::task::spawn_blocking(move || {
+        let factory = backend_factory(&model, &spec.settings)?;
+        Deployment::start(spec, factory)
+    })
+    .await
+    .map_err(|e| failed(sluice_deployments::LoadError::Thread(e.to_string())))?
+    .map_err(failed)?;
+    let deployment = Arc::new(deployment);
+    if replicas > 0 && !deployment.wait_ready(READY_TIMEOUT).await {
+        return Err(ControlError::NotReady { deployment: name, version, waited_s: READY_TIMEOUT.as_secs() });
+    }
+    Ok(Version { key, deployment })
+}
+
+/// Step 3: the state the started plan makes, recorded in the events.
+pub(crate) fn commit(state: &mut ControllerState, plan: Plan) -> Commit {
+    let mut out = Commit::default();
+    let mut next = BTreeMap::new();
+    for p in plan.deployments {
+        let name = p.config.name.clone();
+        let old = state.deployments.remove(&name);
+        if let Some(m) = commit_deployment(&mut state.events, p, old, &mut out) {
+            next.insert(name, m);
+        }
+    }
+    for (name, gone) in std::mem::take(&mut state.deployments) {
+        state.events.push(&name, "removed");
+        out.retired.extend(gone.into_deployments());
+    }
+    state.deployments = next;
+    out
+}
+
+fn commit_deployment(
+    events: &mut Events,
+    p: DeploymentPlan,
+    old: Option<Managed>,
+    out: &mut Commit,
+) -> Option<Managed> {
+    let name = p.config.name.clone();
+    let (primary, old_canary, old_scaling, old_others) = match (p.primary, old) {
+        (Change::New(v), Some(m)) => {
+            events
+                .push(&name, format!("new model or settings: version {} warmed up and swapped in", v.name()));
+            out.retired.push(m.primary.deployment);
+            (v, m.canary, m.scaling, m.others)
+        }
+        (Change::New(v), None) => {
+            let n = v.deployment.replica_count();
+            events.push(&name, format!("started version {} with {n} replica(s)", v.name()));
+            (v, None, None, Vec::new())
+        }
+        (Change::Keep(_), Some(m)) => {
+            let current = m.primary.deployment.replica_count();
+            let want = match p.config.autoscaling() {
+                Some(a) => current.clamp(a.min_replicas as usize, a.max_replicas as usize),
+                None => p.config.initial_replicas(),
+            };
+            if want != current {
+                out.rescale.push(Rescale {
+                    deployment: name.clone(),
+                    target: m.primary.deployment.clone(),
+                    to: want,
+                });
+            }
+            (m.primary, m.canary, m.scaling, m.others)
+        }
+        (Change::Keep(_) | Change::Start { .. }, old) => {
+            // Only possible if the plan was not started or the deployment vanished meanwhile.
+            tracing::error!(deployment = %name, "commit without a started primary; keeping what runs");
+            return old;
+        }
+    };
+    let canary = commit_canary(events, &p.config, p.canary, old_canary, out);
+    let others = commit_others(events, &name, p.others, old_others, out);
+    let scaling = p.config.autoscaling().map(|a| ScalingState {
+        config: a.clone(),
+        window: old_scaling.map(|s| s.window).unwrap_or_default(),
+        last_decision: Instant::now(),
+    });
+    Some(Managed { app: p.app, config: p.config, primary, others, canary, scaling })
+}
+
+fn commit_canary(
+    events: &mut Events,
+    d: &DeploymentConfig,
+    change: Option<Change>,
+    old: Option<CanaryState>,
+    out: &mut Commit,
+) -> Option<CanaryState> {
+    let name = &d.name;
+    match (&d.canary, change, old) {
+        (None, _, old) => {
+            if let Some(oc) = old {
+                events.push(name, format!("canary version {} removed", oc.version.name()));
+                out.retired.push(oc.version.deployment);
+            }
+            None
+        }
+        (Some(c), Some(Change::New(v)), old) => {
+            out.retired.extend(old.map(|oc| oc.version.deployment));
+            events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
+            let rollout = c.rollout.clone().map(|r| RolloutState {
+                next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
+                baseline: Counters::of(&v.deployment),
+                config: r,
+            });
+            Some(CanaryState { version: v, weight: c.weight, rollout })
+        }
+        (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {
+            // Same canary: a weight in the config applies unless a rollout drives it.
+            if oc.rollout.is_none() && oc.weight != c.weight {
+                events.push(name, format!("canary weight set to {}%", c.weight));
+                oc.weight = c.weight;
+            }
+            Some(oc)
+        }
+        (Some(_), _, old) => old,
+    }
+}
+
+fn commit_others(
+    events: &mut Events,
+    name: &str,
+    changes: Vec<Change>,
+    mut old: Vec<Version>,
+    out: &mut Commit,
+) -> Vec<Version> {
+    let mut others = Vec::new();
+    for change in changes {
+        match change {
+            Change::New(v) => others.push(v),
+            Change::Keep(key) => {
+                if let Some(i) = old.iter().position(|o| o.key == key) {
+                    others.push(old.remove(i));
+                }
+            }
+            Change::Start { .. } => tracing::error!(deployment = %name, "commit of a version never started"),
+        }
+    }
+    for o in old {
+        events.push(name, format!("version {} retired", o.name()));
+        out.retired.push(o.deployment);
+    }
+    others
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use sluice_config::{Application, Canary, Config, Deployment as DeploymentConfig, Model};
+
+    use super::*;
+
+    /// A config of ONNX deployments (the files need not exist: planning only stamps them).
+    fn config(deployments: Vec<DeploymentConfig>) -> Config {
+        Config { applications: vec![Application::new("app", deployments)], ..Config::default() }
+    }
+
+    fn onnx(name: &str) -> DeploymentConfig {
+        DeploymentConfig::onnx(name, PathBuf::from(format!("/nonexistent/{name}.onnx")))
+    }
+
+    fn starts(c: &Change) -> Option<(&str, usize)> {
+        match c {
+            Change::Start { key, replicas } => Some((key.version.as_str(), *replicas)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_empty_state_starts_every_version_of_the_config() {
+        let mut d = onnx("m");
+        d.scaling = sluice_config::Scaling::Fixed(3);
+        d.canary = Some(Canary {
+            model: "/nonexistent/c.onnx".into(),
+            version: "2".into(),
+            weight: 10,
+            rollout: None,
+        });
+        d.extra_versions = vec![("0".into(), "/nonexistent/old.onnx".into())];
+        let plan = plan(&ControllerState::default(), &config(vec![d, onnx("n")]));
+        assert_eq!(plan.deployments.len(), 2);
+        let m = &plan.deployments[0];
+        assert_eq!(m.app, "app");
+        assert_eq!(starts(&m.primary), Some(("1", 3)));
+        assert_eq!(m.canary.as_ref().and_then(starts), Some(("2", 3)));
+        assert_eq!(m.others.iter().map(starts).collect::<Vec<_>>(), [Some(("0", 3))]);
+        assert!(plan.deployments[1].canary.is_none());
+    }
+
+    #[test]
+    fn every_replica_setting_and_builtin_field_is_part_of_the_key() {
+        let base = VersionKey::new("1", &Model::Onnx("/x.onnx".into()), &Default::default());
+        let mut settings = sluice_config::ReplicaSettings::default();
+        settings.max_queued_requests += 1;
+        assert_ne!(base, VersionKey::new("1", &Model::Onnx("/x.onnx".into()), &settings));
+        assert_ne!(base, VersionKey::new("2", &Model::Onnx("/x.onnx".into()), &Default::default()));
+        let top = |k| Model::Builtin(sluice_config::Builtin::TopK { k, labels: None });
+        assert_ne!(
+            VersionKey::new("1", &top(3), &Default::default()),
+            VersionKey::new("1", &top(5), &Default::default()),
+            "a changed built-in step setting needs new replicas"
+        );
+    }
+
+    #[test]
+    fn a_changed_file_changes_the_key() {
+        let dir = std::env::temp_dir().join(format!("sluice-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("m.onnx");
+        std::fs::write(&file, b"one").unwrap();
+        let model = Model::Onnx(file.clone());
+        let before = VersionKey::new("1", &model, &Default::default());
+        assert_eq!(before, VersionKey::new("1", &model, &Default::default()));
+        std::fs::write(&file, b"three").unwrap();
+        assert_ne!(before, VersionKey::new("1", &model, &Default::default()), "size changed");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

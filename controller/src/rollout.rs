@@ -1,0 +1,159 @@
+//! Automatic canary rollouts as a plain function: at the end of each interval, the canary's
+//! requests in the interval are judged against the rollout's bounds. Too few requests: hold
+//! (the interval is extended, its counts kept); an error rate or p99 above its bound: roll
+//! back; otherwise step the weight up by `step_percent`, and at 100 % the rollout completes.
+
+use sluice_config::Rollout;
+use sluice_deployments::Deployment;
+use sluice_deployments::metrics::LatencyBuckets;
+
+/// A deployment's request counters at one moment: successes, server-side failures (not bad
+/// requests, overload or client deadlines) and latency buckets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    pub success: u64,
+    pub failed: u64,
+    pub latencies: Vec<u64>,
+}
+
+impl Counters {
+    /// The counters of `d` now.
+    pub fn of(d: &Deployment) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = d.metrics();
+        Self {
+            success: m.stats.success.count.load(Relaxed),
+            failed: m.stats.server_errors.load(Relaxed),
+            latencies: m.latencies.snapshot(),
+        }
+    }
+}
+
+/// What a rollout does after an interval.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Too few requests to judge: keep the weight and the interval's counts.
+    Hold,
+    /// Within bounds: move to this weight.
+    Step(u32),
+    /// Within bounds and the weight reaches 100 %: the rollout is done.
+    Complete,
+    /// A bound was broken: send the canary no more traffic, for this reason.
+    Rollback(String),
+}
+
+/// Judges the canary's requests between `baseline` and `now` (counters at the start and end
+/// of the interval) at its current `weight`.
+pub fn judge(rollout: &Rollout, weight: u32, baseline: &Counters, now: &Counters) -> Verdict {
+    let ok = now.success.saturating_sub(baseline.success);
+    let failed = now.failed.saturating_sub(baseline.failed);
+    let total = ok + failed;
+    if total < rollout.min_requests || total == 0 {
+        return Verdict::Hold;
+    }
+    let error_rate = failed as f64 / total as f64;
+    if error_rate > rollout.max_error_rate {
+        return Verdict::Rollback(format!(
+            "error rate {:.1}% over {total} requests is above max_error_rate {:.1}%",
+            error_rate * 100.0,
+            rollout.max_error_rate * 100.0
+        ));
+    }
+    let p99 = LatencyBuckets::quantile(&baseline.latencies, &now.latencies, 0.99);
+    if let (Some(bound), Some(p99)) = (rollout.max_p99_ms, p99) {
+        let ms = p99.as_secs_f64() * 1000.0;
+        if ms > bound {
+            return Verdict::Rollback(format!("p99 {ms:.1} ms is above max_p99_ms {bound} ms"));
+        }
+    }
+    match (weight + rollout.step_percent).min(100) {
+        100 => Verdict::Complete,
+        next => Verdict::Step(next),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sluice_deployments::metrics::LatencyBuckets;
+
+    use super::*;
+
+    fn rollout() -> Rollout {
+        Rollout {
+            step_percent: 20,
+            min_requests: 10,
+            max_error_rate: 0.05,
+            max_p99_ms: Some(50.0),
+            ..Rollout::default()
+        }
+    }
+
+    /// Counters after `ok` successes and `failed` failures, every request taking `latency`.
+    fn counters(ok: u64, failed: u64, latency: Duration) -> Counters {
+        let buckets = LatencyBuckets::default();
+        for _ in 0..ok + failed {
+            buckets.record(latency);
+        }
+        Counters { success: ok, failed, latencies: buckets.snapshot() }
+    }
+
+    fn start() -> Counters {
+        counters(0, 0, Duration::ZERO)
+    }
+
+    #[test]
+    fn healthy_intervals_step_the_weight_up_and_complete_at_100() {
+        let fast = counters(100, 0, Duration::from_millis(2));
+        assert_eq!(judge(&rollout(), 10, &start(), &fast), Verdict::Step(30));
+        assert_eq!(judge(&rollout(), 70, &start(), &fast), Verdict::Step(90));
+        assert_eq!(judge(&rollout(), 90, &start(), &fast), Verdict::Complete);
+        assert_eq!(judge(&rollout(), 80, &start(), &fast), Verdict::Complete);
+    }
+
+    #[test]
+    fn too_few_requests_hold_whatever_they_show() {
+        let bad = counters(3, 6, Duration::from_secs(1));
+        assert_eq!(judge(&rollout(), 10, &start(), &bad), Verdict::Hold, "9 requests, min_requests 10");
+        assert_eq!(judge(&rollout(), 10, &start(), &start()), Verdict::Hold);
+        let mut none = rollout();
+        none.min_requests = 0;
+        assert_eq!(judge(&none, 10, &start(), &start()), Verdict::Hold, "no request at all is never judged");
+    }
+
+    #[test]
+    fn an_error_rate_above_the_bound_rolls_back_and_says_why() {
+        let v = judge(&rollout(), 30, &start(), &counters(90, 10, Duration::from_millis(1)));
+        let Verdict::Rollback(why) = v else { panic!("{v:?}") };
+        assert!(why.contains("error rate 10.0% over 100 requests"), "{why}");
+        assert!(why.contains("max_error_rate 5.0%"), "{why}");
+        // At the bound is within it.
+        assert_eq!(
+            judge(&rollout(), 30, &start(), &counters(95, 5, Duration::from_millis(1))),
+            Verdict::Step(50)
+        );
+    }
+
+    #[test]
+    fn a_p99_above_the_bound_rolls_back_and_none_set_means_no_bound() {
+        let slow = counters(100, 0, Duration::from_millis(200));
+        let v = judge(&rollout(), 30, &start(), &slow);
+        let Verdict::Rollback(why) = v else { panic!("{v:?}") };
+        assert!(why.contains("above max_p99_ms 50 ms"), "{why}");
+        let mut unbounded = rollout();
+        unbounded.max_p99_ms = None;
+        assert_eq!(judge(&unbounded, 30, &start(), &slow), Verdict::Step(50));
+    }
+
+    #[test]
+    fn only_the_interval_counts_not_what_came_before() {
+        // A bad past (before the baseline) and a clean interval: steps.
+        let before = counters(50, 50, Duration::from_secs(1));
+        let mut after = before.clone();
+        let fast = counters(40, 0, Duration::from_millis(1));
+        after.success += fast.success;
+        after.latencies = before.latencies.iter().zip(&fast.latencies).map(|(a, b)| a + b).collect();
+        assert_eq!(judge(&rollout(), 10, &before, &after), Verdict::Step(30));
+    }
+}

@@ -1,0 +1,143 @@
+//! What the controller holds under its one lock: the running deployments and their versions,
+//! the config last applied, the pipelines over them, and the recent events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use sluice_config::{Autoscaling, Config, Model, ReplicaSettings, Rollout};
+use sluice_deployments::{Deployment, Pipeline};
+
+use crate::autoscale::ScaleState;
+use crate::events::Events;
+use crate::rollout::Counters;
+
+/// Everything that decides whether a running version can keep serving a config: two equal keys
+/// mean the same replicas would be built. Compared whole, so a setting added to
+/// [`ReplicaSettings`] can never be left out of the decision.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VersionKey {
+    pub version: String,
+    pub model: Model,
+    pub settings: ReplicaSettings,
+    /// Size and modification time of each file the model is read from.
+    pub files: Vec<FileStamp>,
+}
+
+/// A file's path, size and modification time (None when it cannot be read).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FileStamp {
+    pub path: PathBuf,
+    pub seen: Option<(u64, Option<SystemTime>)>,
+}
+
+impl VersionKey {
+    /// The key of `model` at `version` with `settings`, stamping its files now.
+    pub fn new(version: &str, model: &Model, settings: &ReplicaSettings) -> Self {
+        let files = model
+            .files()
+            .into_iter()
+            .map(|path| FileStamp {
+                path: path.to_path_buf(),
+                seen: std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok())),
+            })
+            .collect();
+        Self { version: version.to_string(), model: model.clone(), settings: settings.clone(), files }
+    }
+}
+
+/// One running version of a deployment.
+pub(crate) struct Version {
+    pub key: VersionKey,
+    pub deployment: Arc<Deployment>,
+}
+
+impl Version {
+    pub fn name(&self) -> &str {
+        &self.key.version
+    }
+}
+
+/// An automatic rollout in progress.
+pub(crate) struct RolloutState {
+    pub config: Rollout,
+    /// When the current interval ends.
+    pub next_step: Instant,
+    /// The canary's counters at the start of the interval.
+    pub baseline: Counters,
+}
+
+/// A canary version and its share of the traffic.
+pub(crate) struct CanaryState {
+    pub version: Version,
+    pub weight: u32,
+    pub rollout: Option<RolloutState>,
+}
+
+/// The autoscaler of one deployment.
+pub(crate) struct ScalingState {
+    pub config: Autoscaling,
+    pub window: ScaleState,
+    /// When the load was last sampled and a decision made.
+    pub last_decision: Instant,
+}
+
+/// A deployment as the controller runs it.
+pub(crate) struct Managed {
+    pub app: String,
+    pub config: sluice_config::Deployment,
+    pub primary: Version,
+    /// Versions served by exact version only (a repository's version policy).
+    pub others: Vec<Version>,
+    pub canary: Option<CanaryState>,
+    pub scaling: Option<ScalingState>,
+}
+
+impl Managed {
+    /// Every running version: primary, others, canary.
+    pub fn versions(&self) -> impl Iterator<Item = &Version> {
+        std::iter::once(&self.primary).chain(&self.others).chain(self.canary.as_ref().map(|c| &c.version))
+    }
+
+    /// The primary's share of unpinned traffic.
+    pub fn primary_weight(&self) -> u32 {
+        self.canary.as_ref().map_or(100, |c| 100 - c.weight.min(100))
+    }
+
+    /// Every deployment of this one, to retire.
+    pub fn into_deployments(self) -> Vec<Arc<Deployment>> {
+        let mut out = vec![self.primary.deployment];
+        out.extend(self.others.into_iter().map(|o| o.deployment));
+        out.extend(self.canary.map(|c| c.version.deployment));
+        out
+    }
+}
+
+/// A running pipeline and where its plain-JSON route answers.
+pub(crate) struct PipelineRoute {
+    pub pipeline: Arc<Pipeline>,
+    pub route_prefix: Option<String>,
+}
+
+/// What a model repository scan found, per model: (served version, extra versions).
+pub(crate) type RepoSignature = BTreeMap<String, (String, Vec<String>)>;
+
+/// The last model repository scan.
+pub(crate) struct RepoScan {
+    pub at: Instant,
+    pub signature: RepoSignature,
+}
+
+/// The controller's state, under one lock.
+#[derive(Default)]
+pub(crate) struct ControllerState {
+    pub deployments: BTreeMap<String, Managed>,
+    /// The config last applied (before the repository's models were added).
+    pub desired: Option<Config>,
+    /// Repository models unloaded through the API.
+    pub unloaded: BTreeSet<String>,
+    pub pipelines: Vec<PipelineRoute>,
+    pub last_scan: Option<RepoScan>,
+    pub events: Events,
+}

@@ -1,0 +1,136 @@
+//! What the admin API and `sluice status` show: applications, deployments, versions with their
+//! replicas and traffic weights, autoscaling, and the recent events — typed, serialized by
+//! serde.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::state::{ControllerState, Managed, Version};
+
+/// The whole status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub applications: BTreeMap<String, ApplicationStatus>,
+    /// Oldest first.
+    pub events: Vec<Event>,
+}
+
+/// An application (Ray Serve's status names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplicationStatus {
+    pub status: ApplicationState,
+    pub deployments: BTreeMap<String, DeploymentStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApplicationState {
+    Running,
+}
+
+/// A deployment and its versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    pub status: DeploymentState,
+    /// The primary first, then versions served by exact version only, then the canary.
+    pub versions: Vec<VersionStatus>,
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DeploymentState {
+    /// The primary has a ready replica (or is scaled to zero on purpose).
+    Healthy,
+    /// Replicas are starting.
+    Updating,
+}
+
+/// One running version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionStatus {
+    pub version: String,
+    /// The ONNX file, for ONNX models.
+    pub model: Option<PathBuf>,
+    /// Percent of unpinned traffic.
+    pub weight: u32,
+    pub replicas: usize,
+    pub ready_replicas: usize,
+    /// Requests waiting for a replica slot.
+    pub queued: usize,
+    /// Requests queued or held by replicas.
+    pub in_flight: usize,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
+    /// For a canary: whether an automatic rollout drives its weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<bool>,
+}
+
+/// An autoscaled deployment's bounds and load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscalingStatus {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub target_ongoing_requests: f64,
+    /// In-flight + queued requests averaged over the look-back window.
+    pub average_load: f64,
+}
+
+pub(crate) fn status(state: &ControllerState) -> Status {
+    let mut applications: BTreeMap<String, ApplicationStatus> = BTreeMap::new();
+    for (name, m) in &state.deployments {
+        applications
+            .entry(m.app.clone())
+            .or_insert_with(|| ApplicationStatus {
+                status: ApplicationState::Running,
+                deployments: BTreeMap::new(),
+            })
+            .deployments
+            .insert(name.clone(), deployment(m));
+    }
+    Status { applications, events: state.events.iter().cloned().collect() }
+}
+
+fn deployment(m: &Managed) -> DeploymentStatus {
+    let mut versions = vec![version(&m.primary, m.primary_weight())];
+    versions.extend(m.others.iter().map(|o| version(o, 0)));
+    if let Some(c) = &m.canary {
+        versions.push(VersionStatus {
+            canary: true,
+            rollout: Some(c.rollout.is_some()),
+            ..version(&c.version, c.weight)
+        });
+    }
+    let d = &m.primary.deployment;
+    let status = if d.is_ready() || d.replica_count() == 0 {
+        DeploymentState::Healthy
+    } else {
+        DeploymentState::Updating
+    };
+    let autoscaling = m.scaling.as_ref().map(|s| AutoscalingStatus {
+        min_replicas: s.config.min_replicas,
+        max_replicas: s.config.max_replicas,
+        target_ongoing_requests: s.config.target_ongoing_requests,
+        average_load: s.window.average(),
+    });
+    DeploymentStatus { status, versions, autoscaling }
+}
+
+fn version(v: &Version, weight: u32) -> VersionStatus {
+    let d = &v.deployment;
+    VersionStatus {
+        version: v.name().to_string(),
+        model: v.key.model.onnx_path().map(PathBuf::from),
+        weight,
+        replicas: d.replica_count(),
+        ready_replicas: d.ready_replicas(),
+        queued: d.queue_depth(),
+        in_flight: d.in_system(),
+        canary: false,
+        rollout: None,
+    }
+}

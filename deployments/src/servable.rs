@@ -1,0 +1,88 @@
+//! [`Servable`]: what a route points at — a deployment or a pipeline, which the frontends serve
+//! alike.
+
+use std::sync::Arc;
+
+use crate::metrics::DeploymentMetrics;
+use crate::{Deployment, InferError, InferRequest, InferResponse, ModelMetadata, Pipeline};
+
+/// What a route points at: a deployment or a pipeline, served alike by the frontends.
+#[derive(Clone)]
+pub enum Servable {
+    Deployment(Arc<Deployment>),
+    Pipeline(Arc<Pipeline>),
+}
+
+impl Servable {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Deployment(d) => d.name(),
+            Self::Pipeline(p) => p.name(),
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        match self {
+            Self::Deployment(d) => d.version(),
+            Self::Pipeline(_) => "1",
+        }
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        match self {
+            Self::Deployment(d) => d.metadata(),
+            Self::Pipeline(p) => p.metadata(),
+        }
+    }
+
+    pub fn metrics(&self) -> &DeploymentMetrics {
+        match self {
+            Self::Deployment(d) => d.metrics(),
+            Self::Pipeline(p) => p.metrics(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Deployment(d) => d.is_ready(),
+            Self::Pipeline(p) => p.is_ready(),
+        }
+    }
+
+    /// 0 for pipelines (their steps batch on their own).
+    pub fn max_batch_size(&self) -> usize {
+        match self {
+            Self::Deployment(d) => d.max_batch_size(),
+            Self::Pipeline(_) => 0,
+        }
+    }
+
+    pub fn num_replicas(&self) -> usize {
+        match self {
+            Self::Deployment(d) => d.num_replicas(),
+            Self::Pipeline(_) => 1,
+        }
+    }
+
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        match self {
+            Self::Deployment(d) => d.wait_ready(timeout).await,
+            Self::Pipeline(p) => p.wait_ready(timeout).await,
+        }
+    }
+
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        match self {
+            Self::Deployment(d) => d.infer(request).await,
+            Self::Pipeline(p) => p.infer(request).await,
+        }
+    }
+
+    /// The deployment, when this is one.
+    pub fn deployment(&self) -> Option<&Arc<Deployment>> {
+        match self {
+            Self::Deployment(d) => Some(d),
+            Self::Pipeline(_) => None,
+        }
+    }
+}

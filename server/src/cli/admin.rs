@@ -1,0 +1,113 @@
+//! The subcommands that talk to a running server's admin API: deploy, status, delete, rollout.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Where the admin API is and how to authenticate.
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// The server's admin API.
+    #[arg(long, env = "SLUICE_ADDRESS", default_value = "http://127.0.0.1:8265")]
+    pub address: String,
+    /// Bearer token, when the server requires one.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum RolloutAction {
+    /// Send WEIGHT percent of unpinned traffic to the canary (stops an automatic rollout).
+    Set { model: String, weight: u32 },
+    /// Make the canary the primary version; the old one drains and stops.
+    Promote { model: String },
+    /// Send the canary no more traffic.
+    Rollback { model: String },
+}
+
+/// `sluice deploy CONFIG`: PUTs the file, telling the server where relative paths start.
+pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let base = std::fs::canonicalize(config)
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_default();
+    call(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base))
+}
+
+pub fn status(admin: &AdminArgs) -> ExitCode {
+    call(admin, reqwest::Method::GET, "/api/serve/applications", None, None)
+}
+
+pub fn delete(app: &str, admin: &AdminArgs) -> ExitCode {
+    call(admin, reqwest::Method::DELETE, &format!("/api/serve/applications/{app}"), None, None)
+}
+
+pub fn rollout(action: &RolloutAction, admin: &AdminArgs) -> ExitCode {
+    let (path, body) = match action {
+        RolloutAction::Set { model, weight } => {
+            (format!("/api/serve/deployments/{model}/canary"), Some(format!("{{\"weight\": {weight}}}")))
+        }
+        RolloutAction::Promote { model } => (format!("/api/serve/deployments/{model}/promote"), None),
+        RolloutAction::Rollback { model } => (format!("/api/serve/deployments/{model}/rollback"), None),
+    };
+    call(admin, reqwest::Method::POST, &path, body, None)
+}
+
+/// One admin API call; prints the JSON answer, exits non-zero on an error status.
+fn call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<String>,
+    base_dir: Option<String>,
+) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("{}{path}", admin.address.trim_end_matches('/'));
+    let result = rt.block_on(async {
+        let mut req = reqwest::Client::new().request(method, &url);
+        if let Some(t) = &admin.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = base_dir {
+            req = req.header(sluice_server::admin::BASE_DIR_HEADER, b);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        Ok::<_, reqwest::Error>((status, text))
+    });
+    match result {
+        Ok((status, text)) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                .unwrap_or(text);
+            if status.is_success() {
+                println!("{pretty}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error ({status}): {pretty}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the admin API at {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The `sluice` command line: the arguments (clap), and one module per group of subcommands.
+//! Nothing here reads the environment: `main.rs` does, and passes values in.
+
+pub mod admin;
+pub mod loadtest;
+pub mod run;
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Serve ONNX models over the Open Inference Protocol")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve every deployment in CONFIG until interrupted (Ctrl-C or SIGTERM).
+    Run(run::RunArgs),
+    /// Load-test an Open Inference Protocol server: runs `sluice-loadtest` (installed next to
+    /// this binary) with the remaining arguments; `sluice loadtest --help` lists them.
+    #[command(disable_help_flag = true)]
+    Loadtest {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Deploy CONFIG to a running server (its admin API): declarative, like `serve deploy`.
+    Deploy {
+        config: PathBuf,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Show applications, deployments, versions, replicas, traffic weights and recent events.
+    Status {
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Remove an application from a running server.
+    Delete {
+        app: String,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Change a canary rollout: `set MODEL WEIGHT`, `promote MODEL`, `rollback MODEL`.
+    Rollout {
+        #[command(subcommand)]
+        action: admin::RolloutAction,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Check CONFIG and load each model once (canaries and model-repository versions too);
+    /// print every error found and exit non-zero if any.
+    Validate {
+        config: PathBuf,
+        #[command(flatten)]
+        ort: OrtArgs,
+    },
+}
+
+/// Where ONNX Runtime comes from.
+#[derive(clap::Args)]
+pub struct OrtArgs {
+    /// ONNX Runtime shared library (libonnxruntime.so). Default: ORT_DYLIB_PATH, then the
+    /// project's .ort/ folder made by scripts/install-onnxruntime.sh.
+    #[arg(long, env = "SLUICE_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+/// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
+/// prints one line and fails when it cannot.
+pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    sluice_server::runtime::init(ort.onnxruntime, env).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Reads and validates a config file, printing every error (exit code 2) when it is wrong.
+pub fn load_config(path: &Path) -> Result<sluice_config::Config, ExitCode> {
+    sluice_config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("{} error(s) in {}", errors.0.len(), path.display());
+        ExitCode::from(2)
+    })
+}

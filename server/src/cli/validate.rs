@@ -1,0 +1,71 @@
+//! `sluice validate CONFIG`: every config error at once, then each model loaded once — every
+//! deployment's model, its canary, and each version the model repository would serve.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use sluice_config::{Deployment, Model};
+use sluice_deployments::{LoadError, backend_factory};
+
+/// Validates `path`; `ort_env` is `ORT_DYLIB_PATH`.
+pub fn validate(path: &Path, ort: super::OrtArgs, ort_env: Option<PathBuf>) -> ExitCode {
+    let config = match super::load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = super::init_runtime(ort, ort_env) {
+        return code;
+    }
+    let mut deployments: Vec<&Deployment> = config.applications.iter().flat_map(|a| &a.deployments).collect();
+    let repository = match &config.model_repository {
+        Some(repo) => match repo.scan(&[]) {
+            Ok(models) => models,
+            Err(e) => {
+                eprintln!("{}: model_repository: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => Vec::new(),
+    };
+    deployments.extend(&repository);
+    let mut failed = 0;
+    for d in &deployments {
+        for (what, model) in models_of(d) {
+            if let Err(e) = load_once(&model, d) {
+                let at = d.location;
+                eprintln!("{}:{}:{}: {}{what}: {e}", path.display(), at.line, at.column, d.name);
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} error(s) in {}", path.display());
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}: ok ({} application(s), {} deployment(s), {} model(s) loaded)",
+        path.display(),
+        config.applications.len(),
+        deployments.len(),
+        deployments.iter().map(|d| models_of(d).len()).sum::<usize>()
+    );
+    ExitCode::SUCCESS
+}
+
+/// Every model a deployment serves: its own, its canary's and its extra versions', each with
+/// how to name it in a message.
+fn models_of(d: &Deployment) -> Vec<(String, Model)> {
+    let mut out = vec![(String::new(), d.model.clone())];
+    if let Some(c) = &d.canary {
+        out.push((format!(" canary version {}", c.version), Model::Onnx(c.model.clone())));
+    }
+    for (version, path) in &d.extra_versions {
+        out.push((format!(" version {version}"), Model::Onnx(path.clone())));
+    }
+    out
+}
+
+fn load_once(model: &Model, d: &Deployment) -> Result<(), LoadError> {
+    let factory = backend_factory(model, &d.settings)?;
+    factory().map(drop)
+}
