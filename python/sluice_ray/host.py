@@ -1,0 +1,258 @@
+"""The Ray actor that hosts one native Sluice process (a replica or a proxy).
+
+One detached, named actor per process. The actor:
+
+* starts the process from a thread of its own that lives as long as the
+  process (PR_SET_PDEATHSIG follows the *thread* that forked), in its own
+  process group (``process_group=0``) with PDEATHSIG=SIGTERM, so that the
+  process dies with the actor and ``stop()`` can signal its whole tree;
+* replaces ``{node_ip}`` in argv with this node's IP and resolves a relative
+  argv[0] against the actor's cwd (the job's working_dir on this node);
+* waits for the line ``LISTEN <host:port>`` on the process's stdout and keeps
+  every other stdout/stderr line in a bounded ring buffer (the "log tail"),
+  echoing them to its own stderr;
+* answers ``wait_ready()``, ``run()``, ``info()`` and ``stop()`` concurrently
+  (it is created with ``max_concurrency`` > 1, i.e. a threaded actor).
+
+This module is imported by the driver and pickled *by value* into the actor,
+so a worker node does not need ``sluice_ray`` on its ``sys.path``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Dict, List, Optional
+
+LISTEN_PREFIX = "LISTEN "
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig() -> None:  # runs in the forked child, before exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except Exception:
+        pass
+
+
+def resolve_argv0(argv0: str, cwd: str) -> str:
+    """A relative argv[0] with a slash is taken relative to cwd; a bare name is
+    taken from cwd when such a file exists there, else left for the PATH."""
+    if os.path.isabs(argv0):
+        return argv0
+    if os.sep in argv0:
+        return os.path.normpath(os.path.join(cwd, argv0))
+    candidate = os.path.join(cwd, argv0)
+    if os.path.isfile(candidate):
+        return candidate
+    return argv0
+
+
+def exit_fields(returncode: Optional[int]) -> Dict[str, Optional[int]]:
+    """Popen's returncode as the protocol's (code, signal): a child killed by
+    signal N reports code 128+N and signal N, like a shell."""
+    if returncode is None:
+        return {"code": None, "signal": None}
+    if returncode < 0:
+        return {"code": 128 - returncode, "signal": -returncode}
+    return {"code": returncode, "signal": None}
+
+
+class ProcessHost:
+    """Hosts one native process. Created by the driver as a detached actor."""
+
+    def __init__(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None,
+                 log_lines: int = 50, echo: bool = True, meta: Optional[dict] = None):
+        import ray  # imported here: this class is pickled by value
+
+        self.name = name
+        self.meta = dict(meta or {})   # what the driver wants back on adoption (group, demand)
+        self.node_ip = ray.util.get_node_ip_address()
+        try:
+            self.node_id = ray.get_runtime_context().get_node_id()
+        except Exception:
+            self.node_id = None
+        self.actor_pid = os.getpid()
+        self.cwd = os.getcwd()
+        self.echo = echo
+        self._cond = threading.Condition()
+        self._tail: deque = deque(maxlen=max(1, int(log_lines)))
+        self.addr: Optional[str] = None
+        self.pid: Optional[int] = None
+        self.returncode: Optional[int] = None
+        self.spawn_error: Optional[str] = None
+        self.started_at = time.time()
+        self.ready_at: Optional[float] = None
+        self.exited_at: Optional[float] = None
+        self._stopping = False
+
+        argv = [str(a).replace("{node_ip}", self.node_ip) for a in argv]
+        if argv:
+            argv[0] = resolve_argv0(argv[0], self.cwd)
+        self.argv = argv
+        child_env = dict(os.environ)
+        child_env.update({str(k): str(v).replace("{node_ip}", self.node_ip) for k, v in (env or {}).items()})
+        child_env.setdefault("SLUICE_RAY_ACTOR_NAME", name)
+        child_env.setdefault("SLUICE_NODE_IP", self.node_ip)
+        if self.node_id:
+            child_env.setdefault("SLUICE_NODE_ID", self.node_id)
+        # The spawning thread must live as long as the child (PDEATHSIG is per thread).
+        self._thread = threading.Thread(target=self._supervise, args=(child_env,),
+                                        name="sluice-child", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ internals
+    def _log(self, line: str) -> None:
+        with self._cond:
+            self._tail.append(line)
+        if self.echo:
+            try:
+                sys.stderr.write("[%s] %s\n" % (self.name, line))
+                sys.stderr.flush()
+            except Exception:
+                pass
+
+    def _pump_stderr(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            self._log(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        stream.close()
+
+    def _supervise(self, env: Dict[str, str]) -> None:
+        if not self.argv:
+            self._finish_spawn_error("empty argv")
+            return
+        try:
+            p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env, cwd=self.cwd,
+                                 process_group=0, preexec_fn=_set_pdeathsig, close_fds=True)
+        except Exception as e:  # not found, not executable, ...
+            self._finish_spawn_error("cannot start %r: %s" % (self.argv[0], e))
+            return
+        with self._cond:
+            self.pid = p.pid
+            self._cond.notify_all()
+        err = threading.Thread(target=self._pump_stderr, args=(p.stderr,), name="sluice-stderr", daemon=True)
+        err.start()
+        for raw in iter(p.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if self.addr is None and line.startswith(LISTEN_PREFIX):
+                with self._cond:
+                    self.addr = line[len(LISTEN_PREFIX):].strip()
+                    self.ready_at = time.time()
+                    self._cond.notify_all()
+                if self.echo:
+                    sys.stderr.write("[%s] %s\n" % (self.name, line))
+                    sys.stderr.flush()
+            else:
+                self._log(line)
+        p.stdout.close()
+        rc = p.wait()
+        err.join(timeout=2.0)
+        with self._cond:
+            self.returncode = rc
+            self.exited_at = time.time()
+            self._cond.notify_all()
+
+    def _finish_spawn_error(self, msg: str) -> None:
+        self._log(msg)
+        with self._cond:
+            self.spawn_error = msg
+            self.returncode = 127
+            self.exited_at = time.time()
+            self._cond.notify_all()
+
+    def _tail_text(self) -> str:
+        with self._cond:
+            return "\n".join(self._tail)
+
+    # ------------------------------------------------------------ remote API
+    def info(self) -> dict:
+        with self._cond:
+            d = {"name": self.name, "node_id": self.node_id, "node_ip": self.node_ip,
+                 "pid": self.pid, "actor_pid": self.actor_pid, "addr": self.addr,
+                 "argv": self.argv, "started_at": self.started_at, "ready_at": self.ready_at,
+                 "meta": self.meta}
+            d.update(exit_fields(self.returncode))
+            d["exited"] = self.returncode is not None
+        return d
+
+    def wait_ready(self, timeout_s: float) -> dict:
+        """Blocks until LISTEN, the child's exit, or timeout_s."""
+        deadline = time.monotonic() + max(0.0, float(timeout_s))
+        with self._cond:
+            while self.addr is None and self.returncode is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(timeout=min(left, 1.0))
+            addr, rc = self.addr, self.returncode
+        d = self.info()
+        if addr is not None:
+            d["ok"] = True
+            return d
+        d["ok"] = False
+        if self.spawn_error:
+            d["message"] = self.spawn_error
+        elif rc is not None:
+            ef = exit_fields(rc)
+            d["message"] = "process exited before LISTEN (code %s%s)" % (
+                ef["code"], ", signal %d" % ef["signal"] if ef["signal"] else "")
+        else:
+            d["message"] = "no LISTEN line within %.1f s" % float(timeout_s)
+        d["log_tail"] = self._tail_text()
+        return d
+
+    def run(self, max_wait_s: Optional[float] = None) -> Optional[dict]:
+        """Blocks until the child exits; returns {code, signal, log_tail}.
+        With max_wait_s, returns None when it is still running by then (the
+        caller calls again), so an abandoned call never pins a thread for long."""
+        deadline = None if max_wait_s is None else time.monotonic() + float(max_wait_s)
+        with self._cond:
+            while self.returncode is None:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(timeout=min(left, 5.0))
+                else:
+                    self._cond.wait(timeout=5.0)
+            rc = self.returncode
+        d = exit_fields(rc)
+        d["log_tail"] = self._tail_text()
+        d["stopped"] = self._stopping
+        return d
+
+    def stop(self, grace_s: float = 5.0) -> dict:
+        """SIGTERM to the child's process group, up to grace_s for it to exit,
+        then SIGKILL to the group. Returns info()."""
+        self._stopping = True
+        with self._cond:
+            pid, rc = self.pid, self.returncode
+        if pid is not None:
+            if rc is None:
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                deadline = time.monotonic() + max(0.0, float(grace_s))
+                with self._cond:
+                    while self.returncode is None and time.monotonic() < deadline:
+                        self._cond.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            # Whatever is left of the group (the leader or its helpers) goes now.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            with self._cond:
+                end = time.monotonic() + 5.0
+                while self.returncode is None and time.monotonic() < end:
+                    self._cond.wait(timeout=0.1)
+        return self.info()
+
+    def ping(self) -> bool:
+        return True

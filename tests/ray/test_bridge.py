@@ -1,0 +1,310 @@
+"""The Ray bridge (python/sluice_ray) alone, on a real 2-node Ray cluster.
+
+One cluster for the module (head 127.100.0.1, worker 127.100.0.2, 2 CPUs
+each), and one long-lived job (`bridge`) whose controller is a relay the test
+drives; the re-adoption and job-stop tests run jobs of their own. The native
+replica is replaced by tests/ray/stand_in_child.py. Tests run in file order
+and share the actors that `spread_pair` creates; the node-death test is last
+because it takes the worker node away.
+
+Run: .venv-ray/bin/python -m pytest -v --durations=0 tests/ray   (as root)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import Bridge
+
+HEAD_IP, WORKER_IP = "127.100.0.1", "127.100.0.2"
+CHILD = "stand_in_child.py"      # relative: resolved against the actor's cwd (the working_dir)
+
+
+def gone(pid) -> bool:
+    """The process does not exist any more (a zombie counts as gone)."""
+    if pid is None:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(pids, timeout=10.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if not gone(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if not gone(p)]
+
+
+def live_actors(cluster, prefix):
+    """Names of the actors Ray's state API reports as not DEAD."""
+    st, body = cluster.http_json("GET", cluster.dashboard_url + "/api/v0/actors?limit=10000")
+    assert st == 200, body
+    return sorted(a["name"] for a in body["data"]["result"]["result"]
+                  if (a.get("name") or "").startswith(prefix) and a.get("state") != "DEAD")
+
+
+def create_cmd(name, *child_args, num_cpus=0.5, **extra):
+    opts = extra.pop("options", {})
+    opts.setdefault("num_cpus", num_cpus)
+    cmd = {"op": "create", "id": "create-" + name, "name": name,
+           "argv": [CHILD, "--bind", "{node_ip}:0"] + list(child_args),
+           "env": {"STAND_IN": "1"}, "options": opts}
+    cmd.update(extra)
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def bridge(cluster, package_uri, tmp_path_factory):
+    b = Bridge(cluster, package_uri, tmp_path_factory.mktemp("jobA"), "main")
+    yield b
+    if b.status() not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        b.send({"op": "shutdown"})
+        try:
+            b.wait_terminal(60)
+        except AssertionError:
+            b.stop()
+            b.wait_terminal(60)
+    b.close_fifo()
+
+
+@pytest.fixture(scope="module")
+def spread_pair(bridge):
+    """Two actors, num_cpus=1 each, at most one per node: one on each node."""
+    opts = {"num_cpus": 1.0, "group": "app/spread", "max_replicas_per_node": 1}
+    bridge.send(create_cmd("sluice:a1", "--helper", options=dict(opts)))
+    bridge.send(create_cmd("sluice:a2", options=dict(opts)))
+    return {n: bridge.wait("ready", name=n, timeout=60) for n in ("sluice:a1", "sluice:a2")}
+
+
+def test_hello_and_nodes(bridge):
+    h = bridge.hello
+    assert h["ray_version"] == "2.60.0"
+    assert h["namespace"] == "sluice-test" and h["node_ip"] == HEAD_IP
+    assert h["submission_id"] == bridge.submission_id and h["job_id"]
+    assert h["protocol"] == 1 and h["pid"] > 0
+    added = {bridge.wait("node_added", node_ip=ip, timeout=10)["node_ip"] for ip in (HEAD_IP, WORKER_IP)}
+    assert added == {HEAD_IP, WORKER_IP}
+    ev = bridge.request({"op": "nodes"}, "nodes")
+    by_ip = {n["node_ip"]: n for n in ev["nodes"]}
+    assert set(by_ip) == {HEAD_IP, WORKER_IP}
+    assert by_ip[HEAD_IP]["is_head"] and not by_ip[WORKER_IP]["is_head"]
+    assert all(n["alive"] and n["resources_total"]["CPU"] == 2.0 for n in by_ip.values())
+    assert "CPU" in by_ip[WORKER_IP]["resources_available"]
+
+
+def test_two_actors_spread_and_answer_http(bridge, cluster, spread_pair):
+    a1, a2 = spread_pair["sluice:a1"], spread_pair["sluice:a2"]
+    assert {a1["node_ip"], a2["node_ip"]} == {HEAD_IP, WORKER_IP}
+    for r in (a1, a2):
+        assert r["id"] == "create-" + r["name"]
+        assert r["addr"].startswith(r["node_ip"] + ":")   # {node_ip} was substituted
+        node = "head" if r["node_ip"] == HEAD_IP else "worker"
+        assert r["pid"] in cluster.pids(node) and r["actor_pid"] in cluster.pids(node)
+        st, body = cluster.http_json("GET", "http://%s/" % r["addr"])
+        assert st == 200 and body["pid"] == r["pid"] and body["name"] == r["name"]
+    ev = bridge.request({"op": "list", "prefix": "sluice:a"}, "actors")
+    listed = {a["name"]: a for a in ev["actors"]}
+    assert set(listed) == {"sluice:a1", "sluice:a2"}
+    for n in listed:
+        assert listed[n]["addr"] == spread_pair[n]["addr"] and listed[n]["pid"] == spread_pair[n]["pid"]
+        assert listed[n]["state"] == "ready"
+
+
+def test_pending_with_reason(bridge, spread_pair):
+    t0 = time.monotonic()
+    bridge.send(create_cmd("sluice:big", num_cpus=8))
+    # Both nodes still have a free CPU; only max_replicas_per_node=1 keeps it out.
+    bridge.send(create_cmd("sluice:a3", options={"num_cpus": 1.0, "group": "app/spread", "max_replicas_per_node": 1}))
+    big = bridge.wait("pending", name="sluice:big", timeout=15)
+    assert big["id"] == "create-sluice:big" and big["kind"] == "infeasible"
+    assert "CPU: 8" in big["reason"] and "no alive node" in big["reason"], big
+    a3 = bridge.wait("pending", name="sluice:a3", timeout=15)
+    assert a3["kind"] == "resources" and "max_replicas_per_node=1" in a3["reason"], a3
+    assert time.monotonic() - t0 < 8
+    for n in ("sluice:big", "sluice:a3"):
+        bridge.request({"op": "kill", "name": n, "grace_s": 1.0}, "killed")
+        f = bridge.wait("failed", name=n, timeout=10)
+        assert f["id"] == "create-" + n and "killed while starting" in f["message"]
+    assert not bridge.find("ready", name="sluice:a3")
+
+
+def test_kill_leaves_no_process(bridge, cluster, spread_pair):
+    a1 = spread_pair["sluice:a1"]
+    node = "head" if a1["node_ip"] == HEAD_IP else "worker"
+    st, body = cluster.http_json("GET", "http://%s/" % a1["addr"])
+    helper = body["helper_pid"]
+    assert helper and not gone(helper)
+    t0 = time.monotonic()
+    ev = bridge.request({"op": "kill", "name": "sluice:a1", "grace_s": 5.0}, "killed", timeout=30)
+    took = time.monotonic() - t0
+    assert ev["name"] == "sluice:a1"
+    pids = [a1["pid"], helper, a1["actor_pid"]]
+    assert wait_gone(pids, timeout=10) == [], "left behind: %s" % pids
+    assert not set(pids) & set(cluster.pids(node))
+    time.sleep(1.0)
+    assert not bridge.find("died", name="sluice:a1") and not bridge.find("exited", name="sluice:a1")
+    # Killing a name that is already gone still answers killed.
+    assert bridge.request({"op": "kill", "name": "sluice:a1"}, "killed")["name"] == "sluice:a1"
+    print("kill took %.2f s" % took)
+
+
+def test_child_kill9_reports_exited(bridge, cluster, spread_pair):
+    a2 = spread_pair["sluice:a2"]
+    t0 = time.monotonic()
+    os.kill(a2["pid"], signal.SIGKILL)
+    ev = bridge.wait("exited", name="sluice:a2", timeout=20)
+    assert ev["code"] == 128 + 9 and ev["signal"] == 9
+    assert "stand-in sluice:a2" in ev["log_tail"]
+    assert ev["node_ip"] == a2["node_ip"]
+    # The driver released the actor (its resources are free again).
+    assert wait_gone([a2["actor_pid"]], timeout=10) == []
+    assert not bridge.find("died", name="sluice:a2")
+    print("exited reported %.2f s after kill -9" % (time.monotonic() - t0))
+
+
+def test_exit_codes_and_start_failures(bridge, cluster):
+    bridge.send(create_cmd("sluice:e1", "--exit-after", "0.5", "--code", "3"))
+    bridge.send(create_cmd("sluice:f1", "--fail-before-listen", "--code", "5"))
+    bridge.send(create_cmd("sluice:t1", "--no-listen", startup_timeout_s=2))
+    bridge.send({"op": "create", "id": "create-sluice:n1", "name": "sluice:n1", "argv": ["./no-such-binary"],
+                 "options": {"num_cpus": 0.5}})
+    r = bridge.wait("ready", name="sluice:e1", timeout=60)
+    ex = bridge.wait("exited", name="sluice:e1", timeout=30)
+    assert ex["code"] == 3 and ex["signal"] is None and "exiting with code 3" in ex["log_tail"]
+    f1 = bridge.wait("failed", name="sluice:f1", timeout=60)
+    assert "code 5" in f1["message"] and "failing before LISTEN" in f1["log_tail"], f1
+    assert f1["node_ip"] in (HEAD_IP, WORKER_IP)
+    t1 = bridge.wait("failed", name="sluice:t1", timeout=60)
+    assert "no LISTEN line within 2.0 s" in t1["message"] and "not LISTEN" in t1["log_tail"], t1
+    n1 = bridge.wait("failed", name="sluice:n1", timeout=60)
+    assert "cannot start" in n1["message"] and "no-such-binary" in n1["message"], n1
+    assert wait_gone([r["pid"], r["actor_pid"]], timeout=10) == []
+    # The failed ones were killed: their names are free again.
+    ev = bridge.request({"op": "list", "prefix": "sluice:"}, "actors")
+    assert not {"sluice:e1", "sluice:f1", "sluice:t1", "sluice:n1"} & {a["name"] for a in ev["actors"]}
+
+
+def test_bad_commands_get_errors(bridge):
+    bridge.send("this is not json")
+    bridge.send("[1, 2]")
+    bridge.send({"op": "nope", "id": "e1"})
+    bridge.send({"op": "create", "id": "e2", "name": "sluice:x"})
+    bridge.send({"op": "create", "id": "e3", "name": "sluice:x", "argv": ["a"], "options": {"num_cpu": 1}})
+    bridge.send({"op": "create", "id": "e4", "name": "sluice:x", "argv": ["a"], "options": {"max_replicas_per_node": 2}})
+    bridge.send({"op": "kill", "id": "e5"})
+    bridge.send({"op": "create", "id": "e6", "name": "sluice:x", "argv": ["a"], "options": {"num_cpus": -1}})
+    assert "not JSON" in bridge.wait("error", timeout=10, pred=lambda e: "not JSON" in e["message"])["message"]
+    bridge.wait("error", timeout=10, pred=lambda e: "not a JSON object" in e["message"])
+    assert "unknown op" in bridge.wait("error", id="e1", timeout=10)["message"]
+    assert "argv" in bridge.wait("error", id="e2", timeout=10)["message"]
+    assert "num_cpu" in bridge.wait("error", id="e3", timeout=10)["message"]
+    assert "group" in bridge.wait("error", id="e4", timeout=10)["message"]
+    assert "name" in bridge.wait("error", id="e5", timeout=10)["message"]
+    e6 = bridge.wait("error", id="e6", timeout=10)
+    assert e6["op"] == "create" and e6["name"] == "sluice:x" and ">= 0" in e6["message"]
+    bridge.request({"op": "nodes"}, "nodes")   # still serving
+
+
+def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
+    b1 = Bridge(cluster, package_uri, tmp_path / "jobB", "readopt1")
+    b1.send(create_cmd("sluice:re-1"))
+    b1.send(create_cmd("sluice:re-2", "--helper"))
+    b1.send(create_cmd("sluice:re-p", num_cpus=8))      # never placed
+    s1 = b1.wait("ready", name="sluice:re-1", timeout=60)
+    s2 = b1.wait("ready", name="sluice:re-2", timeout=60)
+    b1.wait("pending", name="sluice:re-p", timeout=15)
+    relay1 = b1.wait("_relay_started", timeout=5)["pid"]
+    os.kill(b1.hello["pid"], signal.SIGKILL)      # the driver dies without cleaning up
+    assert b1.wait_terminal(30)["status"] == "FAILED"
+    assert wait_gone([b1.hello["pid"], relay1], timeout=10) == []   # PDEATHSIG took the controller
+    b1.close_fifo()
+    for s in (s1, s2):
+        assert not gone(s["pid"]) and not gone(s["actor_pid"])
+        st, body = cluster.http_json("GET", "http://%s/" % s["addr"])
+        assert st == 200 and body["pid"] == s["pid"]
+    helper = cluster.http_json("GET", "http://%s/" % s2["addr"])[1]["helper_pid"]
+
+    b2 = Bridge(cluster, package_uri, tmp_path / "jobC", "readopt2")
+    ev = b2.request({"op": "list", "prefix": "sluice:re-"}, "actors")
+    listed = {a["name"]: a for a in ev["actors"]}
+    assert set(listed) == {"sluice:re-1", "sluice:re-2", "sluice:re-p"}
+    for s in (s1, s2):
+        assert listed[s["name"]]["state"] == "ready"
+        for k in ("node_id", "node_ip", "pid", "actor_pid", "addr"):
+            assert listed[s["name"]][k] == s[k]
+    assert listed["sluice:re-p"]["state"] == "pending" and listed["sluice:re-p"]["pid"] is None
+    # The new driver watches the adopted actors like its own...
+    os.kill(s1["pid"], signal.SIGKILL)
+    ex = b2.wait("exited", name="sluice:re-1", timeout=20)
+    assert ex["code"] == 137 and wait_gone([s1["actor_pid"]], timeout=10) == []
+    # ...and kills them when it shuts down.
+    b2.send({"op": "shutdown"})
+    assert b2.wait("shutdown", timeout=30)["killed"] == ["sluice:re-2", "sluice:re-p"]
+    assert b2.wait_terminal(30)["status"] == "SUCCEEDED"
+    assert wait_gone([s2["pid"], helper, s2["actor_pid"], b2.hello["pid"]], timeout=10) == []
+    assert live_actors(cluster, "sluice:re-") == []
+    b2.close_fifo()
+
+
+@pytest.mark.parametrize("stop_wait", ["30", None], ids=["stop_wait_30s", "ray_default_3s"])
+def test_job_stop_leaves_nothing(cluster, package_uri, tmp_path, stop_wait):
+    # With Ray's default 3 s before SIGKILL, the driver shortens its graces to fit.
+    b = Bridge(cluster, package_uri, tmp_path / "jobD", "stop",
+               env_vars={"RELAY_DRAIN_S": "1", "RAY_JOB_STOP_WAIT_TIME_S": stop_wait})
+    b.send(create_cmd("sluice:st-1", "--helper", options={"num_cpus": 0.5, "group": "st", "max_replicas_per_node": 1}))
+    b.send(create_cmd("sluice:st-2", "--helper", options={"num_cpus": 0.5, "group": "st", "max_replicas_per_node": 1}))
+    rs = [b.wait("ready", name=n, timeout=60) for n in ("sluice:st-1", "sluice:st-2")]
+    assert {r["node_ip"] for r in rs} == {HEAD_IP, WORKER_IP}
+    helpers = [cluster.http_json("GET", "http://%s/" % r["addr"])[1]["helper_pid"] for r in rs]
+    relay = b.wait("_relay_started", timeout=5)["pid"]
+    t0 = time.monotonic()
+    assert b.stop().get("stopped") is True
+    job = b.wait_terminal(40)
+    took = time.monotonic() - t0
+    assert job["status"] == "STOPPED"
+    assert b.find("_sigterm")    # the controller was told, and drained for 1 s
+    pids = [p for r in rs for p in (r["pid"], r["actor_pid"])] + helpers + [b.hello["pid"], relay]
+    assert wait_gone(pids, timeout=10) == [], pids
+    assert not set(pids) & set(cluster.pids())
+    assert live_actors(cluster, "sluice:st-") == []     # none left in Ray either
+    assert "killed 2 actor(s)" in b.logs()
+    b.close_fifo()
+    print("job stop -> STOPPED in %.2f s" % took)
+
+
+def test_worker_node_death_reports_died(bridge, cluster):
+    nodes = bridge.request({"op": "nodes"}, "nodes")["nodes"]
+    worker = [n for n in nodes if n["node_ip"] == WORKER_IP and n["alive"]][0]
+    bridge.send(create_cmd("sluice:w1", options={"num_cpus": 0.5, "node_id": worker["node_id"]}))
+    w1 = bridge.wait("ready", name="sluice:w1", timeout=60)
+    assert w1["node_id"] == worker["node_id"]
+    t0 = time.monotonic()
+    assert cluster.kill_raylet("worker")
+    died = bridge.wait("died", name="sluice:w1", timeout=90)
+    t_died = time.monotonic() - t0
+    assert died["node_ip"] == WORKER_IP and died["message"]
+    rem = bridge.wait("node_removed", node_id=worker["node_id"], timeout=60)
+    assert rem["node_ip"] == WORKER_IP
+    t_removed = time.monotonic() - t0
+    # Its process went with the actor (the actor's worker exits when its raylet dies).
+    assert wait_gone([w1["pid"], w1["actor_pid"]], timeout=30) == []
+    assert not bridge.find("exited", name="sluice:w1")
+    print("died after %.1f s, node_removed after %.1f s" % (t_died, t_removed))
+    # The driver goes on. When the controller exits by itself (code 7), the driver
+    # kills what is left and exits with the controller's code.
+    last = bridge.request(create_cmd("sluice:last", "--helper"), "ready", timeout=60)
+    helper = cluster.http_json("GET", "http://%s/" % last["addr"])[1]["helper_pid"]
+    bridge.send("#exit 7")
+    job = bridge.wait_terminal(30)
+    assert job["status"] == "FAILED" and job["driver_exit_code"] == 7, job
+    assert "controller exited: killed 1 actor(s)" in bridge.logs()
+    assert wait_gone([last["pid"], last["actor_pid"], helper, bridge.hello["pid"]], timeout=10) == []
