@@ -10,8 +10,10 @@ run: setup      ## serve examples/iris.yaml on 127.0.0.1:8000
 test:           ## every test (what CI runs)
 	scripts/test.sh
 
-check:          ## formatting and lints
+check:          ## formatting, unused dependencies and lints (scripts/test.sh runs these too)
+	scripts/install-tools.sh
 	cargo fmt --all --check
+	cargo machete
 	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:

@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# Runs every test of the project: installs what the tests need (ONNX Runtime library, a Python
-# venv with tritonclient), runs the Rust unit and integration tests, then the client
-# conformance suite (tests/python) against the real `sluice` binary.
+# Runs every check and test of the project (what CI runs: .ci/run). Installs what they need
+# (ONNX Runtime library, cargo-machete, Python venvs with tritonclient, the KServe SDK and
+# Ray), then: formatting, unused dependencies, clippy with warnings as errors, the Rust unit
+# and integration tests, the client conformance suite (tests/python) against the real
+# `sluice` binary, and the Ray cluster tests (tests/ray: a 2-node Ray cluster in network
+# namespaces; skipped with a message where `ip netns` is unavailable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n== %s\n' "$*" >&2; }
+step "setup"
 scripts/install-onnxruntime.sh
+scripts/install-tools.sh
 scripts/venv.sh scripts/requirements-test.txt
+scripts/venv.sh scripts/requirements-ray.txt .venv-ray
+step "cargo fmt --check"
+cargo fmt --all --check
+step "cargo machete"
+cargo machete
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test"
 cargo test --workspace --all-targets
 cargo build --bin sluice
+step "client conformance (tests/python)"
 SLUICE_BIN="$PWD/target/debug/sluice" .venv/bin/python -m pytest -q tests/python
+step "Ray cluster (tests/ray)"
+SLUICE_BIN="$PWD/target/debug/sluice" .venv-ray/bin/python -m pytest -q -rs tests/ray

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Creates .venv (gitignored) and installs a requirements file into it (default: everything,
-# scripts/requirements.txt). Idempotent: reinstalls only when that file changed.
+# Creates a Python venv (gitignored) and installs a requirements file into it. Idempotent:
+# reinstalls only when that file changed.
+#   scripts/venv.sh [REQUIREMENTS [VENV]]   default: scripts/requirements.txt into .venv
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-venv="$root/.venv"
 req="${1:-$root/scripts/requirements.txt}"
+venv="${2:-$root/.venv}"
 stamp="$venv/.stamp-$(basename "$req")"
-want="$(cat "$req" "$(dirname "$req")"/requirements-test.txt | sha256sum | cut -d' ' -f1)"
+# -r includes count: hash the file together with the files it includes.
+includes=$(sed -n 's/^-r[[:space:]]*//p' "$req" | sed "s|^|$(dirname "$req")/|")
+want="$(cat "$req" $includes | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -76,6 +76,48 @@ pub fn decide(cfg: &Autoscaling, state: &mut ScaleState, current: u32, now: Inst
     current
 }
 
+/// One autoscaling round over every autoscaled deployment: samples the load of those whose
+/// `metrics_interval_s` has passed (at once for one at zero replicas with requests waiting)
+/// and decides their counts, growth capped by the node's free CPUs. Returns the changes to
+/// make and when the next round is due.
+pub(crate) fn step(
+    st: &mut crate::state::ControllerState,
+    now: Instant,
+    node_cpus: f64,
+) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
+    let used: f64 = st
+        .deployments
+        .values()
+        .map(|m| m.primary.deployment.replica_count() as f64 * m.config.num_cpus)
+        .sum();
+    let mut rescale = Vec::new();
+    let mut next: Option<Instant> = None;
+    for (name, m) in st.deployments.iter_mut() {
+        let Some(s) = &mut m.scaling else { continue };
+        let d = &m.primary.deployment;
+        let current = d.replica_count() as u32;
+        let from_zero = current == 0 && d.queue_depth() > 0;
+        let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
+        if from_zero || now.duration_since(s.last_decision) >= interval {
+            s.last_decision = now;
+            s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
+            let free = ((node_cpus - used) / m.config.num_cpus).floor().max(0.0) as u32;
+            let want =
+                if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, current + free) };
+            if want != current {
+                rescale.push(crate::reconcile::Rescale {
+                    deployment: name.clone(),
+                    target: d.clone(),
+                    to: want as usize,
+                });
+            }
+        }
+        let due = s.last_decision + interval;
+        next = Some(next.map_or(due, |n| n.min(due)));
+    }
+    (rescale, next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,46 +219,4 @@ mod tests {
         s.sample(t0 + Duration::from_secs(11), 4.0, look);
         assert_eq!(s.average(), 3.0, "the first sample fell out of the window");
     }
-}
-
-/// One autoscaling round over every autoscaled deployment: samples the load of those whose
-/// `metrics_interval_s` has passed (at once for one at zero replicas with requests waiting)
-/// and decides their counts, growth capped by the node's free CPUs. Returns the changes to
-/// make and when the next round is due.
-pub(crate) fn step(
-    st: &mut crate::state::ControllerState,
-    now: Instant,
-    node_cpus: f64,
-) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
-    let used: f64 = st
-        .deployments
-        .values()
-        .map(|m| m.primary.deployment.replica_count() as f64 * m.config.num_cpus)
-        .sum();
-    let mut rescale = Vec::new();
-    let mut next: Option<Instant> = None;
-    for (name, m) in st.deployments.iter_mut() {
-        let Some(s) = &mut m.scaling else { continue };
-        let d = &m.primary.deployment;
-        let current = d.replica_count() as u32;
-        let from_zero = current == 0 && d.queue_depth() > 0;
-        let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
-        if from_zero || now.duration_since(s.last_decision) >= interval {
-            s.last_decision = now;
-            s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
-            let free = ((node_cpus - used) / m.config.num_cpus).floor().max(0.0) as u32;
-            let want =
-                if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, current + free) };
-            if want != current {
-                rescale.push(crate::reconcile::Rescale {
-                    deployment: name.clone(),
-                    target: d.clone(),
-                    to: want as usize,
-                });
-            }
-        }
-        let due = s.last_decision + interval;
-        next = Some(next.map_or(due, |n| n.min(due)));
-    }
-    (rescale, next)
 }

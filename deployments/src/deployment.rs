@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use metrics::Gauge;
 use sluice_config::ReplicaSettings;
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
@@ -135,6 +136,7 @@ impl ReplicaHost for ReplicaSet {
         self.publish_ready();
     }
 
+    #[allow(clippy::result_large_err)]
     fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
         let replicas = self.replicas.load();
         let target = replicas
@@ -381,8 +383,25 @@ impl Deployment {
         tokio::time::timeout(timeout, rx.wait_for(|&n| n >= want)).await.is_ok_and(|r| r.is_ok())
     }
 
-    /// Checks the request, admits it, runs it on a replica and answers.
-    pub async fn infer(&self, mut request: InferRequest) -> Result<InferResponse, InferError> {
+    /// Checks the request, admits it, runs it on a replica and answers, inside one span
+    /// (`infer`: model, version, request id; the batch it ran in is recorded on it).
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        let span = tracing::debug_span!(
+            "infer",
+            model = %self.set.spec.name,
+            version = %self.set.spec.version,
+            request_id = request.id.as_deref().unwrap_or(""),
+            batch_rows = tracing::field::Empty,
+            model_us = tracing::field::Empty,
+        );
+        self.infer_in(request, span.clone()).instrument(span).await
+    }
+
+    async fn infer_in(
+        &self,
+        mut request: InferRequest,
+        span: tracing::Span,
+    ) -> Result<InferResponse, InferError> {
         let admitted = Instant::now();
         let _inside = Inside::enter(self);
         let spec = &self.set.spec;
@@ -396,15 +415,6 @@ impl Deployment {
         };
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
-        let span = tracing::debug_span!(
-            "infer",
-            model = %spec.name,
-            version = %spec.version,
-            request_id = request.id.as_deref().unwrap_or(""),
-            rows,
-            batch_rows = tracing::field::Empty,
-            model_us = tracing::field::Empty,
-        );
 
         let _permit = self.admit(deadline, timeout).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();

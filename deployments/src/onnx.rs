@@ -128,6 +128,7 @@ impl Backend for OnnxBackend {
     }
 }
 
+#[allow(unsafe_code)] // one copy into ONNX Runtime's buffer; see the SAFETY comment
 fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
     let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
     if tensor.dtype() == DataType::Bytes {
@@ -153,6 +154,7 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
     Ok(t.into_dyn())
 }
 
+#[allow(unsafe_code)] // one copy out of ONNX Runtime's buffer; see the SAFETY comment
 fn from_ort_value(value: DynValue) -> Result<Tensor, InferError> {
     let (ty, dims) = match value.dtype() {
         ValueType::Tensor { ty, shape, .. } => (*ty, shape.to_vec()),

@@ -47,6 +47,7 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
         .route("/-/healthz", get(|| async { "ok" }))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move {

@@ -50,6 +50,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(route::fallback)
+        // A span per HTTP request (DEBUG: free unless asked for with RUST_LOG).
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
