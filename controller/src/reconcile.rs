@@ -348,6 +348,71 @@ mod tests {
         );
     }
 
+    /// A running deployment of `d` (a stand-in backend that only has metadata), as the state
+    /// would hold it after a commit.
+    fn running(d: &DeploymentConfig) -> Managed {
+        use sluice_deployments::{Backend, BackendFactory, InferError, ModelMetadata, NamedTensor};
+        struct Idle(ModelMetadata);
+        impl Backend for Idle {
+            fn metadata(&self) -> &ModelMetadata {
+                &self.0
+            }
+            fn infer(&mut self, _: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+                Ok(Vec::new())
+            }
+        }
+        let factory: BackendFactory = std::sync::Arc::new(|| {
+            Ok(Box::new(Idle(ModelMetadata { platform: "test".into(), inputs: vec![], outputs: vec![] })) as _)
+        });
+        let mut spec = DeploymentSpec::from_config(d);
+        spec.num_replicas = 0;
+        let deployment = std::sync::Arc::new(Deployment::start(spec, factory).unwrap());
+        let key = VersionKey::new(&d.version, &d.model, &d.settings);
+        Managed {
+            app: "app".into(),
+            config: d.clone(),
+            primary: Version { key, deployment },
+            others: Vec::new(),
+            canary: None,
+            scaling: None,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_deployment_is_kept_and_a_changed_one_restarts() {
+        let (same, changed, count_only) = (onnx("same"), onnx("changed"), onnx("count"));
+        let mut state = ControllerState::default();
+        for d in [&same, &changed, &count_only] {
+            state.deployments.insert(d.name.clone(), running(d));
+        }
+        let mut changed = changed;
+        changed.settings.request_timeout_s = 5.0;
+        let mut count_only = count_only;
+        count_only.scaling = sluice_config::Scaling::Fixed(4);
+        let plan = plan(&state, &config(vec![same, changed, count_only]));
+        assert!(matches!(plan.deployments[0].primary, Change::Keep(_)), "same settings: kept");
+        assert_eq!(starts(&plan.deployments[1].primary), Some(("1", 1)), "a setting changed: new replicas");
+        assert!(matches!(plan.deployments[2].primary, Change::Keep(_)), "a replica count applies in place");
+    }
+
+    #[test]
+    fn a_commit_removes_what_the_config_leaves_out_and_resizes_in_place() {
+        let (kept, gone) = (onnx("kept"), onnx("gone"));
+        let mut state = ControllerState::default();
+        state.deployments.insert("kept".into(), running(&kept));
+        state.deployments.insert("gone".into(), running(&gone));
+        let mut kept = kept;
+        kept.scaling = sluice_config::Scaling::Fixed(2);
+        let plan = plan(&state, &config(vec![kept]));
+        let commit = commit(&mut state, plan);
+        assert_eq!(state.deployments.keys().collect::<Vec<_>>(), ["kept"]);
+        assert_eq!(commit.retired.len(), 1);
+        assert_eq!(commit.retired[0].name(), "gone");
+        assert_eq!(commit.rescale.iter().map(|r| (r.deployment.as_str(), r.to)).collect::<Vec<_>>(), [("kept", 2)]);
+        let events: Vec<_> = state.events.iter().map(|e| (e.deployment.as_str(), e.message.as_str())).collect();
+        assert_eq!(events, [("gone", "removed")]);
+    }
+
     #[test]
     fn a_changed_file_changes_the_key() {
         let dir = std::env::temp_dir().join(format!("sluice-key-{}", std::process::id()));
