@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::autoscaling::{AutoscalingConfig, NumReplicas};
-use crate::types::{AdminOptions, GrpcOptions, HttpOptions, ReplicaSettings, Rollout};
+use crate::types::{
+    AdminOptions, ClusterOptions, GrpcOptions, HttpOptions, ProxyLocation, ReplicaSettings, Rollout,
+};
 
 /// A whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +36,28 @@ pub(crate) struct Config {
     /// A model repository served as one more application, `repository`, polled for changes.
     #[serde(default)]
     pub model_repository: Option<crate::repository::ModelRepository>,
+    /// Where replicas run: this process, or a Ray cluster (`{ray: {address: ...}}`).
+    #[serde(default)]
+    pub cluster: ClusterOptions,
+    /// Where the frontends run on a cluster: `HeadOnly` (default) or `EveryNode`.
+    #[serde(default)]
+    pub proxy_location: ProxyLocation,
+}
+
+/// `ray_actor_options` of a deployment, Ray Serve's names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RayActorOptions {
+    #[serde(default)]
+    pub num_cpus: Option<f64>,
+    #[serde(default)]
+    pub num_gpus: Option<f64>,
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub resources: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    pub accelerator_type: Option<String>,
 }
 
 /// A second version of a deployment's model that takes a share of its traffic.
@@ -137,6 +161,19 @@ pub(crate) struct Deployment {
     /// with 503. Default 64.
     #[serde(default = "default_max_queued_requests")]
     pub max_queued_requests: Spanned<u32>,
+    /// What one replica asks of a Ray node (`num_cpus`, `num_gpus`, `memory`, `resources`,
+    /// `accelerator_type`). Used on Ray.
+    #[serde(default)]
+    pub ray_actor_options: Option<Spanned<RayActorOptions>>,
+    /// At most this many replicas on one Ray node. Default: no limit.
+    #[serde(default)]
+    pub max_replicas_per_node: Option<Spanned<u32>>,
+    /// Seconds between health checks of a remote replica. Default 10.
+    #[serde(default = "default_health_period")]
+    pub health_check_period_s: Spanned<f64>,
+    /// How long a health check may take before it fails. Default 30.
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout_s: Spanned<f64>,
 }
 
 fn spanned<T>(value: T) -> Spanned<T> {
@@ -185,6 +222,12 @@ fn default_num_replicas() -> Spanned<NumReplicas> {
 }
 fn default_intra_op_threads() -> Spanned<u32> {
     spanned(defaults().intra_op_threads)
+}
+fn default_health_period() -> Spanned<f64> {
+    spanned(defaults().health_check.period_s)
+}
+fn default_health_timeout() -> Spanned<f64> {
+    spanned(defaults().health_check.timeout_s)
 }
 fn default_max_queued_requests() -> Spanned<u32> {
     spanned(defaults().max_queued_requests)

@@ -27,8 +27,9 @@ pub use error::{ConfigError, ConfigErrors};
 pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
 pub use repository::{ModelRepository, RepositoryError, VersionPolicy};
 pub use types::{
-    AdminOptions, Application, Canary, Config, Deployment, GrpcOptions, HttpOptions, Location, Model,
-    Pipeline, PipelineStep, ReplicaSettings, Rollout, Scaling,
+    AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
+    HttpOptions, Location, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
+    ReplicaSettings, Rollout, Scaling,
 };
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the

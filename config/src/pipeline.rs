@@ -11,7 +11,7 @@ use serde_saphyr::{Location, Spanned};
 
 /// A step that needs no ONNX file (`builtin:` on a deployment). Each batches like any
 /// deployment.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Builtin {
     /// Hugging Face tokenizer (tokenizer.json): `text` (BYTES) → `input_ids`,
@@ -62,7 +62,8 @@ impl Builtin {
         }
     }
 
-    pub(crate) fn files_mut(&mut self) -> Vec<&mut PathBuf> {
+    /// The files the step reads, to rewrite (made absolute, or relative to a working dir).
+    pub fn files_mut(&mut self) -> Vec<&mut PathBuf> {
         match self {
             Builtin::Tokenizer { path, .. }
             | Builtin::Argmax { labels: Some(path) }

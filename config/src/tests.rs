@@ -38,7 +38,7 @@ fn minimal_config_gets_defaults() {
     assert!(d.autoscaling().is_none());
     assert_eq!(d.settings, ReplicaSettings::default());
     assert_eq!(d.settings.intra_op_threads, 1);
-    assert_eq!(d.num_cpus, 1.0);
+    assert_eq!(d.num_cpus(), 1.0);
     assert_eq!(c.graceful_shutdown_timeout_s, 30.0);
     let path = d.model.onnx_path().unwrap();
     assert!(path.is_absolute() || path.starts_with(std::env::temp_dir()));

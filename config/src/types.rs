@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::autoscaling::Autoscaling;
 use crate::pipeline::{Builtin, JsonRoute, PipelineTensor};
@@ -26,6 +26,10 @@ pub struct Config {
     pub applications: Vec<Application>,
     /// A model repository served as one more application, `repository`.
     pub model_repository: Option<ModelRepository>,
+    /// Where replicas run: this process (default) or a Ray cluster.
+    pub cluster: ClusterOptions,
+    /// Where the REST and gRPC frontends run on a cluster (Ray Serve's `proxy_location`).
+    pub proxy_location: ProxyLocation,
     /// The file this config came from; used in messages.
     pub source: PathBuf,
 }
@@ -39,6 +43,8 @@ impl Default for Config {
             graceful_shutdown_timeout_s: 30.0,
             applications: Vec::new(),
             model_repository: None,
+            cluster: ClusterOptions::default(),
+            proxy_location: ProxyLocation::default(),
             source: PathBuf::new(),
         }
     }
@@ -75,7 +81,8 @@ impl Application {
 }
 
 /// What a deployment serves.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Model {
     /// An ONNX file (absolute path).
     Onnx(PathBuf),
@@ -110,10 +117,10 @@ pub enum Scaling {
     Auto(Autoscaling),
 }
 
-/// Everything a replica is built with. Two versions of a deployment with equal settings,
-/// model and files share nothing but could; any difference needs new replicas (the controller
-/// compares this struct whole, so a new field here can never be left out of that decision).
-#[derive(Debug, Clone, PartialEq)]
+/// Everything a replica is built with, where it may run included. Any difference needs new
+/// replicas (the controller compares this struct whole, so a new field here can never be left
+/// out of that decision).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaSettings {
     /// ONNX Runtime intra-op threads per replica. Default 1.
     pub intra_op_threads: u32,
@@ -134,6 +141,43 @@ pub struct ReplicaSettings {
     pub max_queued_requests: u32,
     /// Run one full-size batch of zeros before a replica reports ready. Default true.
     pub warmup: bool,
+    /// What a replica needs from a cluster node (used on Ray; one process ignores it).
+    pub placement: Placement,
+    /// How often a remote replica is checked, and how long a check may take.
+    pub health_check: HealthCheck,
+}
+
+/// What one replica asks of a Ray node (Ray Serve's `ray_actor_options` and
+/// `max_replicas_per_node`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    /// CPUs per replica. Default: the deployment's `num_cpus`.
+    pub num_cpus: f64,
+    /// GPUs per replica. Default 0.
+    pub num_gpus: f64,
+    /// Memory per replica, bytes (Ray's logical resource). Default none.
+    pub memory: Option<u64>,
+    /// Custom resources per replica (`{"tpu": 1}`). Default none.
+    pub resources: BTreeMap<String, f64>,
+    /// Ray's accelerator type (`A100`). Default none.
+    pub accelerator_type: Option<String>,
+    /// At most this many replicas of the deployment on one node. Default: no limit.
+    pub max_replicas_per_node: Option<u32>,
+}
+
+/// Health checks of remote replicas (Ray Serve's names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Seconds between checks of one replica. Default 10.
+    pub period_s: f64,
+    /// How long one check may take before it counts as failed. Default 30.
+    pub timeout_s: f64,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self { period_s: 10.0, timeout_s: 30.0 }
+    }
 }
 
 impl Default for ReplicaSettings {
@@ -148,6 +192,8 @@ impl Default for ReplicaSettings {
             max_ongoing_requests: 0,
             max_queued_requests: 64,
             warmup: true,
+            placement: Placement { num_cpus: 1.0, ..Placement::default() },
+            health_check: HealthCheck::default(),
         }
     }
 }
@@ -162,8 +208,6 @@ pub struct Deployment {
     pub model: Model,
     pub settings: ReplicaSettings,
     pub scaling: Scaling,
-    /// CPUs one replica takes from the node. Default `intra_op_threads`.
-    pub num_cpus: f64,
     /// A canary version taking a share of the traffic.
     pub canary: Option<Canary>,
     /// Further versions served by exact version only: (version, ONNX file). Filled from a
@@ -181,7 +225,6 @@ impl Deployment {
             name: name.into(),
             version: "1".into(),
             model: Model::Onnx(path.into()),
-            num_cpus: settings.intra_op_threads as f64,
             settings,
             scaling: Scaling::Fixed(1),
             canary: None,
@@ -204,6 +247,11 @@ impl Deployment {
             Scaling::Fixed(n) => *n as usize,
             Scaling::Auto(a) => a.initial_replicas as usize,
         }
+    }
+
+    /// CPUs one replica takes from its node.
+    pub fn num_cpus(&self) -> f64 {
+        self.settings.placement.num_cpus
     }
 
     /// The most replicas this deployment may have.
@@ -337,4 +385,49 @@ impl Default for Rollout {
     fn default() -> Self {
         Self { step_percent: 10, interval_s: 30.0, max_error_rate: 0.01, max_p99_ms: None, min_requests: 20 }
     }
+}
+
+/// `cluster`: where replicas run.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterOptions {
+    /// Run on a Ray cluster (`sluice run --ray URL` sets the address too).
+    pub ray: Option<RayOptions>,
+}
+
+/// `cluster.ray`: the Ray cluster Sluice submits itself to as one job.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RayOptions {
+    /// The Ray dashboard (Jobs API), `http://HEAD:8265`.
+    pub address: String,
+    /// Ray namespace of Sluice's actors. Default `sluice`.
+    pub namespace: String,
+    /// Environment variable holding Ray's auth token (`RAY_AUTH_MODE=token`), sent as a bearer
+    /// token. Default `RAY_AUTH_TOKEN`; unset or empty: none.
+    pub token_env: String,
+    /// How long `sluice run --ray` waits for the job to run and every application to be
+    /// healthy. Default 600.
+    pub start_timeout_s: f64,
+}
+
+impl Default for RayOptions {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            namespace: "sluice".into(),
+            token_env: "RAY_AUTH_TOKEN".into(),
+            start_timeout_s: 600.0,
+        }
+    }
+}
+
+/// Where the REST and gRPC frontends (proxies) run on a cluster (Ray Serve's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ProxyLocation {
+    /// On the head node only (the controller's own process).
+    #[default]
+    HeadOnly,
+    /// On the head node and on every node that has replicas.
+    EveryNode,
 }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::{Location, Spanned};
 
 use crate::types::{
-    Application, Canary, Config, Deployment, Model, Pipeline, PipelineStep, ReplicaSettings, Scaling,
+    Application, Canary, Config, Deployment, HealthCheck, Model, Pipeline, PipelineStep, Placement,
+    ReplicaSettings, Scaling,
 };
 use crate::{ConfigError, ConfigErrors, NumReplicas, file};
 
@@ -99,6 +100,8 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s,
         applications,
         model_repository,
+        cluster: doc.cluster,
+        proxy_location: doc.proxy_location,
         source: source.to_path_buf(),
     })
 }
@@ -110,6 +113,17 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
+    }
+    if let Some(ray) = &doc.cluster.ray {
+        if !(ray.address.is_empty()
+            || ray.address.starts_with("http://")
+            || ray.address.starts_with("https://"))
+        {
+            errs.at(unknown, "cluster.ray.address", "must be the Ray dashboard's URL, `http://HEAD:8265`");
+        }
+        if !(ray.start_timeout_s > 0.0 && ray.start_timeout_s.is_finite()) {
+            errs.at(unknown, "cluster.ray.start_timeout_s", "must be above 0 seconds");
+        }
     }
 }
 
@@ -211,9 +225,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
     errs.check_name(&dep.version, &format!("{at}.version"));
     let scaling = validate_scaling(at, dep, errs);
     let canary = dep.canary.as_ref().map(|c| validate_canary(at, c, &dep.version.value, base, errs));
-    if dep.num_cpus.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-        errs.at(dep.name.referenced, format!("{at}.num_cpus"), "must be above 0");
-    }
+    let placement = validate_placement(at, dep, errs);
     errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
     errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
     let t = &dep.batch_wait_timeout_s;
@@ -249,14 +261,69 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
             max_ongoing_requests: dep.max_ongoing_requests.value,
             max_queued_requests: dep.max_queued_requests.value,
             warmup: dep.warmup,
+            placement,
+            health_check: validate_health_check(at, dep, errs),
         },
         scaling,
-        num_cpus: dep.num_cpus.unwrap_or(dep.intra_op_threads.value as f64),
         canary,
         extra_versions: Vec::new(),
         location: if dep.model.referenced.line() > 0 { dep.model.referenced } else { dep.name.referenced }
             .into(),
     }
+}
+
+/// `num_cpus`, `ray_actor_options` and `max_replicas_per_node` into one [`Placement`].
+fn validate_placement(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -> Placement {
+    let options = dep.ray_actor_options.as_ref();
+    let loc = options.map_or(dep.name.referenced, |o| o.referenced);
+    let o = options.map(|o| o.value.clone()).unwrap_or_default();
+    let num_cpus = match (dep.num_cpus, o.num_cpus) {
+        (Some(a), Some(b)) if a != b => {
+            errs.at(
+                loc,
+                format!("{at}.ray_actor_options.num_cpus"),
+                format!("{b} differs from num_cpus ({a}); give one"),
+            );
+            a
+        }
+        (Some(c), _) | (None, Some(c)) => c,
+        (None, None) => dep.intra_op_threads.value as f64,
+    };
+    if !(num_cpus >= 0.0 && num_cpus.is_finite()) || (num_cpus == 0.0 && dep.num_cpus.is_some()) {
+        errs.at(loc, format!("{at}.num_cpus"), "must be above 0");
+    }
+    let num_gpus = o.num_gpus.unwrap_or(0.0);
+    if !(num_gpus >= 0.0 && num_gpus.is_finite()) {
+        errs.at(loc, format!("{at}.ray_actor_options.num_gpus"), "must be 0 or more");
+    }
+    if let Some((name, _)) = o.resources.iter().find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
+        errs.at(loc, format!("{at}.ray_actor_options.resources.{name}"), "must be 0 or more");
+    }
+    if let Some(n) = &dep.max_replicas_per_node
+        && n.value == 0
+    {
+        errs.at(n.referenced, format!("{at}.max_replicas_per_node"), "must be at least 1");
+    }
+    Placement {
+        num_cpus,
+        num_gpus,
+        memory: o.memory,
+        resources: o.resources,
+        accelerator_type: o.accelerator_type,
+        max_replicas_per_node: dep.max_replicas_per_node.as_ref().map(|n| n.value),
+    }
+}
+
+fn validate_health_check(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -> HealthCheck {
+    for (field, v) in [
+        ("health_check_period_s", &dep.health_check_period_s),
+        ("health_check_timeout_s", &dep.health_check_timeout_s),
+    ] {
+        if !(v.value > 0.0 && v.value.is_finite()) {
+            errs.at(v.referenced, format!("{at}.{field}"), "must be above 0 seconds");
+        }
+    }
+    HealthCheck { period_s: dep.health_check_period_s.value, timeout_s: dep.health_check_timeout_s.value }
 }
 
 /// `num_replicas` and `autoscaling_config` into one [`Scaling`].

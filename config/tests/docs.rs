@@ -61,7 +61,8 @@ fn every_yaml_block_in_the_docs_is_a_valid_config() {
 
 #[test]
 fn a_wrong_field_in_a_doc_block_would_be_caught() {
-    let block = "applications:\n  - name: a\n    deployments:\n      - {name: m, model: x.onnx, max_bach_size: 4}\n";
+    let block =
+        "applications:\n  - name: a\n    deployments:\n      - {name: m, model: x.onnx, max_bach_size: 4}\n";
     let errors = sluice_config::parse(block, &root().join("examples").join("x.yaml")).unwrap_err();
     assert!(errors.0.iter().any(|e| !e.message.ends_with("not found")), "{errors}");
 }

@@ -31,7 +31,7 @@ impl Controller {
     /// Plans, starts and commits `config` (the caller holds `changes`).
     async fn reconcile(&self, config: &Config) -> Result<(), ControlError> {
         let mut plan = reconcile::plan(&self.lock(), config);
-        reconcile::start(&mut plan, &self.wake).await?;
+        reconcile::start(&mut plan, &self.cluster, &self.wake).await?;
         let commit = {
             let mut st = self.lock();
             let pipelines = pipelines::build_all(config, &plan, &st)?;

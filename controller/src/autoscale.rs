@@ -88,26 +88,26 @@ pub(crate) fn step(
     let used: f64 = st
         .deployments
         .values()
-        .map(|m| m.primary.deployment.replica_count() as f64 * m.config.num_cpus)
+        .map(|m| m.primary.deployment.replica_count() as f64 * m.config.num_cpus())
         .sum();
     let mut rescale = Vec::new();
     let mut next: Option<Instant> = None;
     for (name, m) in st.deployments.iter_mut() {
         let Some(s) = &mut m.scaling else { continue };
         let d = &m.primary.deployment;
-        let current = d.replica_count() as u32;
+        let current = m.primary.replica_count() as u32;
         let from_zero = current == 0 && d.queue_depth() > 0;
         let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
         if from_zero || now.duration_since(s.last_decision) >= interval {
             s.last_decision = now;
             s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
-            let free = ((node_cpus - used) / m.config.num_cpus).floor().max(0.0) as u32;
+            let free = ((node_cpus - used) / m.config.num_cpus()).floor().max(0.0) as u32;
             let want =
                 if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, current + free) };
             if want != current {
                 rescale.push(crate::reconcile::Rescale {
                     deployment: name.clone(),
-                    target: d.clone(),
+                    target: m.primary.clone(),
                     to: want as usize,
                 });
             }

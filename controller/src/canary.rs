@@ -38,7 +38,7 @@ impl Controller {
             self.publish(&st);
             old
         };
-        self.drain(vec![old.deployment]);
+        self.drain(vec![old]);
         Ok(())
     }
 

@@ -20,6 +20,7 @@
 mod apply;
 pub mod autoscale;
 mod canary;
+pub mod cluster;
 mod error;
 mod events;
 mod pipelines;
@@ -32,7 +33,7 @@ mod status;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sluice_deployments::{Deployment, Servable};
+use sluice_deployments::Servable;
 use sluice_router::{ModelRoute, RouteTable, Router};
 use tokio::sync::Notify;
 
@@ -40,12 +41,13 @@ pub use error::ControlError;
 pub use events::Event;
 pub use repository::APPLICATION as REPOSITORY_APPLICATION;
 pub use status::{
-    ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, Status,
-    VersionStatus,
+    ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, ReplicaNode,
+    Status, VersionStatus,
 };
 
+use cluster::Cluster;
 use reconcile::Rescale;
-use state::ControllerState;
+use state::{ControllerState, Version};
 
 /// The longest the control loop sleeps when nothing is due (it wakes earlier when anything
 /// is, or when a request waits on a deployment with no replica).
@@ -61,11 +63,13 @@ pub struct Controller {
     wake: Arc<Notify>,
     grace: Duration,
     node_cpus: f64,
+    cluster: Cluster,
 }
 
 impl Controller {
-    /// A controller publishing into `routes`; retired deployments drain for at most `grace`.
-    pub fn new(routes: Arc<Router>, grace: Duration) -> Arc<Self> {
+    /// A controller publishing into `routes`, running replicas where `cluster` says; retired
+    /// deployments drain for at most `grace`.
+    pub fn new(routes: Arc<Router>, grace: Duration, cluster: Cluster) -> Arc<Self> {
         let node_cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
         Arc::new(Self {
             routes,
@@ -74,6 +78,7 @@ impl Controller {
             wake: Arc::new(Notify::new()),
             grace,
             node_cpus,
+            cluster,
         })
     }
 
@@ -112,7 +117,7 @@ impl Controller {
             for n in names {
                 if let Some(m) = st.deployments.remove(&n) {
                     st.events.push(&n, "deleted");
-                    retired.extend(m.into_deployments());
+                    retired.extend(m.into_versions());
                 }
             }
             self.publish(&st);
@@ -151,10 +156,11 @@ impl Controller {
 
     /// Stops retired deployments once the requests already routed to them are done (or the
     /// grace timeout passes).
-    fn drain(&self, retired: Vec<Arc<Deployment>>) {
+    fn drain(&self, retired: Vec<Version>) {
         let grace = self.grace;
-        for d in retired {
+        for v in retired {
             tokio::spawn(async move {
+                let d = &v.deployment;
                 if tokio::time::timeout(grace, d.drained()).await.is_err() {
                     tracing::warn!(
                         deployment = d.name(),
@@ -162,6 +168,7 @@ impl Controller {
                         "still busy after {grace:?}; stopping"
                     );
                 }
+                v.placed.stop();
                 tracing::info!(deployment = d.name(), version = d.version(), "drained and stopped");
             });
         }
@@ -186,6 +193,11 @@ impl Controller {
         let now = Instant::now();
         let (rescale, mut next) = {
             let mut st = self.lock();
+            if let Cluster::Ray(ray) = &self.cluster {
+                for (deployment, message) in ray.take_notes() {
+                    st.events.push(&deployment, message);
+                }
+            }
             let (rescale, next_scale) = autoscale::step(&mut st, now, self.node_cpus);
             let next_rollout = self.step_rollouts(&mut st, now);
             let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, st.last_scan.as_ref()));

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_config::{Config, Deployment as DeploymentConfig, Model};
-use sluice_deployments::{Deployment, DeploymentSpec, backend_factory};
+use sluice_deployments::DeploymentSpec;
 use tokio::sync::Notify;
 
 use crate::ControlError;
+use crate::cluster::Cluster;
 use crate::events::Events;
 use crate::rollout::Counters;
 use crate::state::{CanaryState, ControllerState, Managed, RolloutState, ScalingState, Version, VersionKey};
@@ -39,6 +40,8 @@ pub(crate) struct DeploymentPlan {
     pub canary: Option<Change>,
     /// One per `extra_versions` entry of the config, in its order.
     pub others: Vec<Change>,
+    /// Whether the deployment runs already (a new primary then replaces one that serves).
+    pub running: bool,
 }
 
 /// The plan for a whole config. Deployments running but not in it are removed at commit.
@@ -49,7 +52,7 @@ pub(crate) struct Plan {
 impl Plan {
     /// The deployment a name will have as primary once committed: a new one if the plan
     /// starts one.
-    pub fn new_primary(&self, name: &str) -> Option<&Arc<Deployment>> {
+    pub fn new_primary(&self, name: &str) -> Option<&Arc<sluice_deployments::Deployment>> {
         self.deployments.iter().find(|p| p.config.name == name).and_then(|p| match &p.primary {
             Change::New(v) => Some(&v.deployment),
             _ => None,
@@ -60,15 +63,15 @@ impl Plan {
 /// A replica count to apply once the commit is published.
 pub(crate) struct Rescale {
     pub deployment: String,
-    pub target: Arc<Deployment>,
+    pub target: Version,
     pub to: usize,
 }
 
 /// What a commit leaves to do outside the lock.
 #[derive(Default)]
 pub(crate) struct Commit {
-    /// Deployments no route points to any more: drain, then stop.
-    pub retired: Vec<Arc<Deployment>>,
+    /// Versions no route points to any more: drain, then stop.
+    pub retired: Vec<Version>,
     pub rescale: Vec<Rescale>,
 }
 
@@ -90,7 +93,7 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
     };
     let key = VersionKey::new(&d.version, &d.model, &d.settings);
     let running = old.is_some_and(|m| m.primary.key == key);
-    let replicas = old.map_or(0, |m| m.primary.deployment.replica_count()).max(d.initial_replicas());
+    let replicas = old.map_or(0, |m| m.primary.replica_count()).max(d.initial_replicas());
     let primary = change(key, running, replicas);
     let extra = d.initial_replicas().max(1);
     let canary = d.canary.as_ref().map(|c| {
@@ -107,52 +110,46 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
             change(key, running, extra)
         })
         .collect();
-    DeploymentPlan { app: app.to_string(), config: d.clone(), primary, canary, others }
+    DeploymentPlan {
+        app: app.to_string(),
+        config: d.clone(),
+        primary,
+        canary,
+        others,
+        running: old.is_some(),
+    }
 }
 
-/// Step 2: loads and warms every version the plan starts. `wake` is the controller's shared
-/// wake-up (a request waiting on a deployment with no replica notifies it).
-pub(crate) async fn start(plan: &mut Plan, wake: &Arc<Notify>) -> Result<(), ControlError> {
+/// Step 2: loads and warms every version the plan starts, where `cluster` runs replicas.
+/// `wake` is the controller's shared wake-up (a request waiting on a deployment with no
+/// replica notifies it).
+pub(crate) async fn start(
+    plan: &mut Plan,
+    cluster: &Cluster,
+    wake: &Arc<Notify>,
+) -> Result<(), ControlError> {
     for p in &mut plan.deployments {
-        let changes = std::iter::once(&mut p.primary).chain(p.canary.as_mut()).chain(p.others.iter_mut());
-        for change in changes {
+        // A version that takes traffic from one that serves must have a replica up first; a
+        // brand-new deployment may wait for Ray to find nodes (its status says so).
+        let changes = std::iter::once((&mut p.primary, p.running))
+            .chain(p.canary.as_mut().map(|c| (c, true)))
+            .chain(p.others.iter_mut().map(|o| (o, true)));
+        for (change, need_one) in changes {
             let Change::Start { key, replicas } = change else { continue };
-            let version = start_version(&p.config, key.clone(), *replicas, wake.clone()).await?;
-            *change = Change::New(version);
+            let spec = DeploymentSpec {
+                name: p.config.name.clone(),
+                version: key.version.clone(),
+                num_replicas: *replicas,
+                max_replicas: p.config.max_replicas(),
+                settings: key.settings.clone(),
+                wake: wake.clone(),
+            };
+            let (deployment, placed) =
+                cluster.start(spec, key.model.clone(), need_one, READY_TIMEOUT).await?;
+            *change = Change::New(Version { key: key.clone(), deployment, placed });
         }
     }
     Ok(())
-}
-
-async fn start_version(
-    d: &DeploymentConfig,
-    key: VersionKey,
-    replicas: usize,
-    wake: Arc<Notify>,
-) -> Result<Version, ControlError> {
-    let (name, version) = (d.name.clone(), key.version.clone());
-    let failed = |source| ControlError::Load { deployment: name.clone(), version: version.clone(), source };
-    let spec = DeploymentSpec {
-        name: d.name.clone(),
-        version: key.version.clone(),
-        num_replicas: replicas,
-        max_replicas: d.max_replicas(),
-        settings: key.settings.clone(),
-        wake,
-    };
-    let model = key.model.clone();
-    let deployment = tokio::task::spawn_blocking(move || {
-        let factory = backend_factory(&model, &spec.settings)?;
-        Deployment::start(spec, factory)
-    })
-    .await
-    .map_err(|e| failed(sluice_deployments::LoadError::Thread(e.to_string())))?
-    .map_err(failed)?;
-    let deployment = Arc::new(deployment);
-    if replicas > 0 && !deployment.wait_ready(READY_TIMEOUT).await {
-        return Err(ControlError::NotReady { deployment: name, version, waited_s: READY_TIMEOUT.as_secs() });
-    }
-    Ok(Version { key, deployment })
 }
 
 /// Step 3: the state the started plan makes, recorded in the events.
@@ -168,7 +165,7 @@ pub(crate) fn commit(state: &mut ControllerState, plan: Plan) -> Commit {
     }
     for (name, gone) in std::mem::take(&mut state.deployments) {
         state.events.push(&name, "removed");
-        out.retired.extend(gone.into_deployments());
+        out.retired.extend(gone.into_versions());
     }
     state.deployments = next;
     out
@@ -185,26 +182,22 @@ fn commit_deployment(
         (Change::New(v), Some(m)) => {
             events
                 .push(&name, format!("new model or settings: version {} warmed up and swapped in", v.name()));
-            out.retired.push(m.primary.deployment);
+            out.retired.push(m.primary);
             (v, m.canary, m.scaling, m.others)
         }
         (Change::New(v), None) => {
-            let n = v.deployment.replica_count();
+            let n = v.replica_count();
             events.push(&name, format!("started version {} with {n} replica(s)", v.name()));
             (v, None, None, Vec::new())
         }
         (Change::Keep(_), Some(m)) => {
-            let current = m.primary.deployment.replica_count();
+            let current = m.primary.replica_count();
             let want = match p.config.autoscaling() {
                 Some(a) => current.clamp(a.min_replicas as usize, a.max_replicas as usize),
                 None => p.config.initial_replicas(),
             };
             if want != current {
-                out.rescale.push(Rescale {
-                    deployment: name.clone(),
-                    target: m.primary.deployment.clone(),
-                    to: want,
-                });
+                out.rescale.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: want });
             }
             (m.primary, m.canary, m.scaling, m.others)
         }
@@ -236,12 +229,12 @@ fn commit_canary(
         (None, _, old) => {
             if let Some(oc) = old {
                 events.push(name, format!("canary version {} removed", oc.version.name()));
-                out.retired.push(oc.version.deployment);
+                out.retired.push(oc.version);
             }
             None
         }
         (Some(c), Some(Change::New(v)), old) => {
-            out.retired.extend(old.map(|oc| oc.version.deployment));
+            out.retired.extend(old.map(|oc| oc.version));
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
             let rollout = c.rollout.clone().map(|r| RolloutState {
                 next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
@@ -283,7 +276,7 @@ fn commit_others(
     }
     for o in old {
         events.push(name, format!("version {} retired", o.name()));
-        out.retired.push(o.deployment);
+        out.retired.push(o);
     }
     others
 }
@@ -293,6 +286,7 @@ mod tests {
     use std::path::PathBuf;
 
     use sluice_config::{Application, Canary, Config, Deployment as DeploymentConfig, Model};
+    use sluice_deployments::Deployment;
 
     use super::*;
 
@@ -362,7 +356,8 @@ mod tests {
             }
         }
         let factory: BackendFactory = std::sync::Arc::new(|| {
-            Ok(Box::new(Idle(ModelMetadata { platform: "test".into(), inputs: vec![], outputs: vec![] })) as _)
+            Ok(Box::new(Idle(ModelMetadata { platform: "test".into(), inputs: vec![], outputs: vec![] }))
+                as _)
         });
         let mut spec = DeploymentSpec::from_config(d);
         spec.num_replicas = 0;
@@ -371,7 +366,7 @@ mod tests {
         Managed {
             app: "app".into(),
             config: d.clone(),
-            primary: Version { key, deployment },
+            primary: Version { key, deployment, placed: crate::cluster::Placed::Local },
             others: Vec::new(),
             canary: None,
             scaling: None,
@@ -407,9 +402,13 @@ mod tests {
         let commit = commit(&mut state, plan);
         assert_eq!(state.deployments.keys().collect::<Vec<_>>(), ["kept"]);
         assert_eq!(commit.retired.len(), 1);
-        assert_eq!(commit.retired[0].name(), "gone");
-        assert_eq!(commit.rescale.iter().map(|r| (r.deployment.as_str(), r.to)).collect::<Vec<_>>(), [("kept", 2)]);
-        let events: Vec<_> = state.events.iter().map(|e| (e.deployment.as_str(), e.message.as_str())).collect();
+        assert_eq!(commit.retired[0].deployment.name(), "gone");
+        assert_eq!(
+            commit.rescale.iter().map(|r| (r.deployment.as_str(), r.to)).collect::<Vec<_>>(),
+            [("kept", 2)]
+        );
+        let events: Vec<_> =
+            state.events.iter().map(|e| (e.deployment.as_str(), e.message.as_str())).collect();
         assert_eq!(events, [("gone", "removed")]);
     }
 

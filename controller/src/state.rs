@@ -10,6 +10,7 @@ use sluice_config::{Autoscaling, Config, Model, ReplicaSettings, Rollout};
 use sluice_deployments::{Deployment, Pipeline};
 
 use crate::autoscale::ScaleState;
+use crate::cluster::Placed;
 use crate::events::Events;
 use crate::rollout::Counters;
 
@@ -48,14 +49,26 @@ impl VersionKey {
 }
 
 /// One running version of a deployment.
+#[derive(Clone)]
 pub(crate) struct Version {
     pub key: VersionKey,
     pub deployment: Arc<Deployment>,
+    /// Where its replicas run.
+    pub placed: Placed,
 }
 
 impl Version {
     pub fn name(&self) -> &str {
         &self.key.version
+    }
+
+    /// Replicas wanted or running.
+    pub fn replica_count(&self) -> usize {
+        self.placed.count(&self.deployment)
+    }
+
+    pub async fn scale_to(&self, n: usize) -> Result<(), sluice_deployments::LoadError> {
+        self.placed.scale_to(&self.deployment, n).await
     }
 }
 
@@ -105,11 +118,11 @@ impl Managed {
         self.canary.as_ref().map_or(100, |c| 100 - c.weight.min(100))
     }
 
-    /// Every deployment of this one, to retire.
-    pub fn into_deployments(self) -> Vec<Arc<Deployment>> {
-        let mut out = vec![self.primary.deployment];
-        out.extend(self.others.into_iter().map(|o| o.deployment));
-        out.extend(self.canary.map(|c| c.version.deployment));
+    /// Every version of this deployment, to retire.
+    pub fn into_versions(self) -> Vec<Version> {
+        let mut out = vec![self.primary];
+        out.extend(self.others);
+        out.extend(self.canary.map(|c| c.version));
         out
     }
 }

@@ -68,6 +68,26 @@ pub struct VersionStatus {
     /// For a canary: whether an automatic rollout drives its weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<bool>,
+    /// Replicas that wait for a node (on Ray), each with Ray's reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
+    /// Where replicas in other processes run (on Ray).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<ReplicaNode>,
+}
+
+/// A replica in another process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaNode {
+    /// Its Ray actor name.
+    pub name: String,
+    pub node_id: String,
+    pub node_ip: String,
+    pub pid: u32,
+    /// Its internal gRPC address.
+    pub addr: String,
+    /// Whether it takes requests (it passed its first health check).
+    pub ready: bool,
 }
 
 /// An autoscaled deployment's bounds and load.
@@ -106,7 +126,7 @@ fn deployment(m: &Managed) -> DeploymentStatus {
         });
     }
     let d = &m.primary.deployment;
-    let status = if d.is_ready() || d.replica_count() == 0 {
+    let status = if d.is_ready() || m.primary.replica_count() == 0 {
         DeploymentState::Healthy
     } else {
         DeploymentState::Updating
@@ -126,11 +146,25 @@ fn version(v: &Version, weight: u32) -> VersionStatus {
         version: v.name().to_string(),
         model: v.key.model.onnx_path().map(PathBuf::from),
         weight,
-        replicas: d.replica_count(),
+        replicas: v.replica_count(),
         ready_replicas: d.ready_replicas(),
         queued: d.queue_depth(),
         in_flight: d.in_system(),
         canary: false,
         rollout: None,
+        waiting: v.placed.waiting(),
+        nodes: v
+            .placed
+            .remote()
+            .into_iter()
+            .map(|(r, ready)| ReplicaNode {
+                name: r.name,
+                node_id: r.node_id,
+                node_ip: r.node_ip,
+                pid: r.pid,
+                addr: r.addr,
+                ready,
+            })
+            .collect(),
     }
 }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
+use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
 use crate::replica::{self, Msg, ReplicaConfig, ReplicaHost};
 use crate::{
     Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
@@ -98,10 +99,45 @@ impl DeploymentSpec {
     }
 }
 
+/// How a replica is reached: its thread's queue, or a remote process.
+enum Channel {
+    Local(SyncSender<Msg>),
+    Remote(Arc<dyn RemoteReplica>),
+}
+
+impl Channel {
+    /// Hands a job over; gives it back when a local replica's queue cannot take it.
+    #[allow(clippy::result_large_err)]
+    fn send(&self, job: Job) -> Result<(), Job> {
+        match self {
+            Channel::Local(tx) => tx.try_send(Msg::Job(job)).map_err(|e| match e {
+                TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
+                    Msg::Job(job) => job,
+                    Msg::Stop => unreachable!("only a job was sent"),
+                },
+            }),
+            Channel::Remote(r) => {
+                let Job { inputs, outputs, deadline, reply, span, .. } = job;
+                let _entered = span.enter();
+                r.call(RemoteCall { inputs, outputs, deadline, reply });
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells a local replica to finish what it holds and stop (a remote one is stopped by
+    /// whoever started it).
+    fn stop(&self) {
+        if let Channel::Local(tx) = self {
+            let _ = tx.try_send(Msg::Stop);
+        }
+    }
+}
+
 /// The deployment's side of one replica.
 struct ReplicaSlot {
     id: usize,
-    tx: SyncSender<Msg>,
+    channel: Channel,
     /// Requests assigned and not yet answered (queued there or running).
     ongoing: Arc<AtomicUsize>,
     ready: AtomicBool,
@@ -144,12 +180,7 @@ impl ReplicaHost for ReplicaSet {
             .filter(|r| r.id != from && r.ready.load(Ordering::Acquire))
             .min_by_key(|r| r.ongoing.load(Ordering::Acquire));
         match target {
-            Some(r) => r.tx.try_send(Msg::Job(job)).map_err(|e| match e {
-                TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
-                    Msg::Job(job) => job,
-                    Msg::Stop => unreachable!("only a job was sent"),
-                },
-            }),
+            Some(r) => r.channel.send(job),
             None => Err(job),
         }
     }
@@ -167,26 +198,30 @@ impl ReplicaSet {
         self.ready_count.send_replace(n);
     }
 
+    fn add_slot(&self, id: usize, channel: Channel) {
+        let slot = Arc::new(ReplicaSlot {
+            id,
+            channel,
+            ongoing: Arc::new(AtomicUsize::new(0)),
+            ready: AtomicBool::new(false),
+            granted: AtomicBool::new(false),
+            in_flight: self.config.metrics.replica_in_flight(id),
+        });
+        self.replicas.rcu(|current| {
+            let mut next = current.as_ref().clone();
+            next.push(slot.clone());
+            next
+        });
+    }
+
     /// Starts a replica thread for `backend` and adds it to the set.
     fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), LoadError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Admission keeps at most the deployment's total of slots in flight; the channel is
         // sized for the largest set this deployment may grow to (+1 for the stop message).
         let (tx, rx) = sync_channel(self.spec.ongoing_limit() * self.spec.max_replicas.max(1) + 1);
-        let slot = Arc::new(ReplicaSlot {
-            id,
-            tx,
-            ongoing: Arc::new(AtomicUsize::new(0)),
-            ready: AtomicBool::new(false),
-            granted: AtomicBool::new(false),
-            in_flight: self.config.metrics.replica_in_flight(id),
-        });
         // In the set before its thread starts, so its readiness is counted when it comes.
-        self.replicas.rcu(|current| {
-            let mut next = current.as_ref().clone();
-            next.push(slot.clone());
-            next
-        });
+        self.add_slot(id, Channel::Local(tx));
         let (config, host) = (self.config.clone(), self.clone() as Arc<dyn ReplicaHost>);
         let spawned = std::thread::Builder::new()
             .name(format!("{}#{id}", self.spec.name))
@@ -224,10 +259,20 @@ impl Deployment {
     /// replicas (scale to zero) one backend is loaded to read the model's metadata.
     pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, LoadError> {
         let mut backends = (0..spec.num_replicas.max(1)).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
-        let metadata = Arc::new(backends[0].metadata().clone());
+        let metadata = backends[0].metadata().clone();
         if spec.num_replicas == 0 {
             backends.clear();
         }
+        Self::build(spec, factory, metadata, backends)
+    }
+
+    fn build(
+        spec: DeploymentSpec,
+        factory: BackendFactory,
+        metadata: ModelMetadata,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Result<Self, LoadError> {
+        let metadata = Arc::new(metadata);
         check_fits(&spec, &metadata)?;
         let config = Arc::new(ReplicaConfig {
             name: spec.name.clone(),
@@ -286,22 +331,84 @@ impl Deployment {
                 keep.sort_by_key(|r| r.id);
                 keep
             });
-            for slot in removed {
-                let _ = slot.tx.try_send(Msg::Stop);
-                if slot.granted.swap(true, Ordering::AcqRel) {
-                    // Its permits are out there: take them back as they come free.
-                    let permits = self.set.permits.clone();
-                    let k = u32::try_from(self.set.spec.ongoing_limit()).unwrap_or(u32::MAX);
-                    tokio::spawn(async move {
-                        if let Ok(p) = permits.acquire_many_owned(k).await {
-                            p.forget();
-                        }
-                    });
-                }
-            }
-            self.set.publish_ready();
+            self.retire(removed);
         }
         Ok(())
+    }
+
+    /// Takes replicas out of admission: local ones finish what they hold and stop; the
+    /// permits each brought are taken back as they come free.
+    fn retire(&self, removed: Vec<Arc<ReplicaSlot>>) {
+        for slot in removed {
+            slot.channel.stop();
+            if slot.granted.swap(true, Ordering::AcqRel) {
+                let permits = self.set.permits.clone();
+                let k = u32::try_from(self.set.spec.ongoing_limit()).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(k).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.set.publish_ready();
+    }
+
+    /// A deployment whose replicas all run elsewhere ([`RemoteReplica`]s added with
+    /// [`Deployment::add_remote`]); `metadata` comes from one of them. It starts with none.
+    pub fn start_remote(spec: DeploymentSpec, metadata: ModelMetadata) -> Result<Self, LoadError> {
+        let name = spec.name.clone();
+        let factory: BackendFactory = Arc::new(move || {
+            Err(LoadError::Settings(format!(
+                "the replicas of `{name}` run on the cluster, not in this process"
+            )))
+        });
+        let spec = DeploymentSpec { num_replicas: 0, ..spec };
+        Self::build(spec, factory, metadata, Vec::new())
+    }
+
+    /// Adds a replica in another process; it takes requests once marked ready
+    /// ([`Deployment::set_replica_ready`]). Returns its id in this deployment.
+    pub fn add_remote(&self, remote: Arc<dyn RemoteReplica>) -> usize {
+        let id = self.set.next_id.fetch_add(1, Ordering::Relaxed);
+        self.set.add_slot(id, Channel::Remote(remote));
+        self.set.publish_ready();
+        id
+    }
+
+    /// Marks a replica ready (its slots open to admission the first time) or not (it gets no
+    /// new requests until ready again).
+    pub fn set_replica_ready(&self, id: usize, ready: bool) {
+        self.set.set_ready(id, ready);
+    }
+
+    /// Takes a replica out of the set at once (it is unhealthy, dead, or stopping); requests
+    /// it holds finish or fail there, queued ones go to the others. False when unknown.
+    pub fn remove_replica(&self, id: usize) -> bool {
+        let mut removed = Vec::new();
+        self.set.replicas.rcu(|list| {
+            let (gone, keep): (Vec<_>, Vec<_>) = list.iter().cloned().partition(|r| r.id == id);
+            removed = gone;
+            keep
+        });
+        let found = !removed.is_empty();
+        self.retire(removed);
+        found
+    }
+
+    /// The remote replicas now, with their ids and readiness.
+    pub fn remote_replicas(&self) -> Vec<(usize, bool, RemoteInfo)> {
+        self.set
+            .replicas
+            .load()
+            .iter()
+            .filter_map(|r| match &r.channel {
+                Channel::Remote(remote) => {
+                    Some((r.id, r.ready.load(Ordering::Acquire), remote.info().clone()))
+                }
+                Channel::Local(_) => None,
+            })
+            .collect()
     }
 
     /// Replicas in the set now (ready or warming up).
@@ -498,7 +605,7 @@ impl Deployment {
         let pick = if load(a) <= load(b) { a } else { b };
         let slot = &replicas[pick];
         let guard = OngoingGuard::new(slot);
-        slot.tx.try_send(Msg::Job(job)).map_err(|_| {
+        slot.channel.send(job).map_err(|_| {
             InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
         Ok(guard)
@@ -549,7 +656,7 @@ impl Drop for Deployment {
         self.set.closed.store(true, Ordering::Release);
         self.set.permits.close();
         for r in self.set.replicas.load().iter() {
-            let _ = r.tx.try_send(Msg::Stop);
+            r.channel.stop();
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod model_config;
+pub mod ray_jobs;
 pub mod rest;
 pub mod runtime;
 
@@ -156,11 +157,13 @@ impl Server {
 
 /// What [`start`] takes besides the config: values the binary reads from its environment
 /// (the library itself never reads it).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct StartOptions {
     /// The bearer token the admin API requires (from the variable `admin_options.token_env`
     /// names); `None` requires none.
     pub admin_token: Option<String>,
+    /// Where replicas run: this process (default) or a Ray cluster.
+    pub cluster: sluice_controller::cluster::Cluster,
 }
 
 /// Why the server did not start.
@@ -182,7 +185,7 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
     metrics::install();
     let routes = Arc::new(Router::new(RouteTable::default()));
     let grace = std::time::Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
-    let controller = Controller::new(routes.clone(), grace);
+    let controller = Controller::new(routes.clone(), grace, options.cluster.clone());
     controller.apply(&config).await?;
     controller.spawn_loop();
 
@@ -290,4 +293,11 @@ fn serve(
             })
             .await
     })
+}
+
+/// The admin port on a Ray head: Ray's dashboard holds 8265 there, so the default moves to
+/// 8266 (a port set in the config is kept).
+pub fn ray_admin_port(config: &sluice_config::Config) -> u16 {
+    let default = sluice_config::AdminOptions::default().port;
+    if config.admin_options.port == default { default + 1 } else { config.admin_options.port }
 }

@@ -28,9 +28,28 @@ fn main() -> ExitCode {
                 Ok(c) => args.apply_overrides(c),
                 Err(code) => return code,
             };
-            let admin_token = std::env::var(&config.admin_options.token_env).ok();
-            cli::run::run(config, args.ort, ort_env, sluice_server::StartOptions { admin_token })
+            let admin_token = std::env::var(&config.admin_options.token_env).ok().filter(|t| !t.is_empty());
+            let ray = config.cluster.ray.clone().unwrap_or_default();
+            let ray_address =
+                args.ray.clone().or_else(|| Some(ray.address.clone()).filter(|a| !a.is_empty()));
+            if args.in_ray_job {
+                cli::ray::run_in_job(config, args.ort, ort_env, admin_token)
+            } else if let Some(address) = ray_address {
+                let submit = cli::ray::Submit {
+                    address,
+                    ray_token: std::env::var(&ray.token_env).ok(),
+                    admin_token,
+                    working_dir: args.working_dir.clone(),
+                    onnxruntime: cli::find_runtime(&args.ort, ort_env),
+                    rust_log: std::env::var("RUST_LOG").ok(),
+                };
+                cli::ray::submit(&config, submit)
+            } else {
+                let options = sluice_server::StartOptions { admin_token, ..Default::default() };
+                cli::run::run(config, args.ort, ort_env, options)
+            }
         }
+        Command::Replica(args) => cli::replica::replica(args, ort_env),
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
         Command::Deploy { config, admin } => cli::admin::deploy(&config, &admin),

@@ -238,7 +238,7 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     sluice_server::runtime::init(None, None).unwrap();
     let text = config_text("      - {name: m, model: iris/model.onnx}\n");
     let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
-    let options = sluice_server::StartOptions { admin_token: Some("s3cret".into()) };
+    let options = sluice_server::StartOptions { admin_token: Some("s3cret".into()), ..Default::default() };
     let s = sluice_server::start(config, options).await.unwrap();
     let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
     let client = reqwest::Client::new();

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod loadtest;
+pub mod ray;
+pub mod replica;
 pub mod run;
 pub mod validate;
 
@@ -53,6 +55,10 @@ pub enum Command {
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
+    /// Serve one replica of one deployment version for a controller elsewhere (Ray actors
+    /// start it); prints `LISTEN <addr>` once warm.
+    #[command(hide = true)]
+    Replica(replica::ReplicaArgs),
     /// Check CONFIG and load each model once (canaries and model-repository versions too);
     /// print every error found and exit non-zero if any.
     Validate {
@@ -78,6 +84,14 @@ pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitC
         eprintln!("error: {e}");
         ExitCode::FAILURE
     })
+}
+
+/// The ONNX Runtime library `sluice run` would load, without loading it.
+pub fn find_runtime(ort: &OrtArgs, env: Option<PathBuf>) -> Option<PathBuf> {
+    sluice_server::runtime::candidates(ort.onnxruntime.clone(), env)
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| p.is_file())
 }
 
 /// Reads and validates a config file, printing every error (exit code 2) when it is wrong.

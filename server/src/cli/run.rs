@@ -22,6 +22,19 @@ pub struct RunArgs {
     /// REST and gRPC bind address; overrides `http_options.host` and `grpc_options.host`.
     #[arg(long, env = "SLUICE_HTTP_HOST")]
     pub host: Option<String>,
+    /// Run on the Ray cluster whose dashboard is at this URL (`http://HEAD:8265`): Sluice
+    /// submits itself as one Ray job and returns once its applications are healthy. Overrides
+    /// `cluster.ray.address`.
+    #[arg(long, env = "SLUICE_RAY_ADDRESS")]
+    pub ray: Option<String>,
+    /// With --ray: the folder shipped to the cluster as the job's working dir (the config and
+    /// the models it names must be inside). Default: the config file's folder.
+    #[arg(long)]
+    pub working_dir: Option<PathBuf>,
+    /// Set by the Ray job's entrypoint: this process is the controller inside the job, talking
+    /// to the Ray driver over stdin/stdout.
+    #[arg(long, hide = true)]
+    pub in_ray_job: bool,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -48,6 +61,18 @@ impl RunArgs {
 
 /// Serves `config` (overrides already applied); `ort_env` is `ORT_DYLIB_PATH`.
 pub fn run(config: Config, ort: super::OrtArgs, ort_env: Option<PathBuf>, options: StartOptions) -> ExitCode {
+    run_with(config, ort, ort_env, move || options, |_| {})
+}
+
+/// Serves `config`, calling `on_ready` once every replica is warm, until Ctrl-C, SIGTERM or
+/// (inside a Ray job) the Ray driver going away.
+pub fn run_with(
+    config: Config,
+    ort: super::OrtArgs,
+    ort_env: Option<PathBuf>,
+    options: impl FnOnce() -> StartOptions,
+    on_ready: impl FnOnce(&sluice_server::Server),
+) -> ExitCode {
     match super::init_runtime(ort, ort_env) {
         Ok(lib) => tracing::info!("ONNX Runtime from {}", lib.display()),
         Err(code) => return code,
@@ -60,6 +85,9 @@ pub fn run(config: Config, ort: super::OrtArgs, ort_env: Option<PathBuf>, option
         }
     };
     rt.block_on(async {
+        // Made inside the runtime: a Ray cluster's bridge spawns tasks.
+        let options = options();
+        let cluster = options.cluster.clone();
         let server = match sluice_server::start(config, options).await {
             Ok(s) => s,
             Err(e) => {
@@ -67,12 +95,25 @@ pub fn run(config: Config, ort: super::OrtArgs, ort_env: Option<PathBuf>, option
                 return ExitCode::FAILURE;
             }
         };
+        let stop = async {
+            match &cluster {
+                sluice_controller::cluster::Cluster::Ray(ray) => tokio::select! {
+                    () = shutdown_signal() => {}
+                    () = ray.closed() => tracing::warn!("the Ray driver went away; shutting down"),
+                },
+                sluice_controller::cluster::Cluster::Local => shutdown_signal().await,
+            }
+        };
+        tokio::pin!(stop);
         tokio::select! {
             ready = server.wait_ready(std::time::Duration::from_secs(600)) => {
-                if ready { tracing::info!("all deployments ready") }
-                server.run_until(shutdown_signal()).await;
+                if ready {
+                    tracing::info!("all deployments ready");
+                    on_ready(&server);
+                }
+                server.run_until(stop).await;
             }
-            () = shutdown_signal() => server.shutdown().await,
+            () = &mut stop => server.shutdown().await,
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS

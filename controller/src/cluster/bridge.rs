@@ -1,0 +1,250 @@
+//! The Rust end of the Ray bridge (`python/sluice_ray`, see its README for the protocol): this
+//! process is the child of the job's Python driver; commands go out as JSON lines on stdout,
+//! events come in as JSON lines on stdin. Nothing else may write to stdout in this mode (logs go
+//! to stderr).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+/// The protocol version this side speaks.
+pub const PROTOCOL: u32 = 1;
+
+/// What one replica asks of a node, as the driver takes it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ActorOptions {
+    pub num_cpus: f64,
+    pub num_gpus: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    pub resources: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accelerator_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_replicas_per_node: Option<u32>,
+    /// The key `max_replicas_per_node` counts under (one per deployment version).
+    pub group: String,
+}
+
+/// A command to the driver.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    Create {
+        name: String,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        options: ActorOptions,
+        startup_timeout_s: f64,
+    },
+    Kill {
+        name: String,
+        grace_s: f64,
+    },
+    List {
+        id: String,
+        prefix: String,
+    },
+    Shutdown,
+}
+
+/// A node of the cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Node {
+    pub node_id: String,
+    pub node_ip: String,
+    #[serde(default)]
+    pub alive: bool,
+    #[serde(default)]
+    pub is_head: bool,
+}
+
+/// A live actor found by `list`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListedActor {
+    pub name: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub node_id: String,
+    #[serde(default)]
+    pub node_ip: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub addr: Option<String>,
+}
+
+/// An event from the driver. Unknown events are kept as `Other` (a newer driver may send
+/// more), never an error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Hello {
+        #[serde(default)]
+        protocol: u32,
+        #[serde(default)]
+        ray_version: String,
+        #[serde(default)]
+        node_ip: String,
+        #[serde(default)]
+        namespace: String,
+    },
+    NodeAdded(Node),
+    NodeRemoved {
+        node_id: String,
+        #[serde(default)]
+        node_ip: String,
+    },
+    Pending {
+        name: String,
+        #[serde(default)]
+        kind: String,
+        #[serde(default)]
+        reason: String,
+    },
+    Ready {
+        name: String,
+        node_id: String,
+        node_ip: String,
+        pid: u32,
+        addr: String,
+    },
+    Failed {
+        name: String,
+        #[serde(default)]
+        node_ip: Option<String>,
+        message: String,
+        #[serde(default)]
+        log_tail: String,
+    },
+    Killed {
+        name: String,
+    },
+    Exited {
+        name: String,
+        #[serde(default)]
+        code: Option<i32>,
+        #[serde(default)]
+        node_ip: Option<String>,
+        #[serde(default)]
+        log_tail: String,
+    },
+    Died {
+        name: String,
+        #[serde(default)]
+        node_ip: Option<String>,
+        #[serde(default)]
+        message: String,
+    },
+    Actors {
+        #[serde(default)]
+        id: Option<String>,
+        actors: Vec<ListedActor>,
+    },
+    Error {
+        #[serde(default)]
+        op: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        message: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+/// Writes commands to the driver; cheap to clone.
+#[derive(Clone)]
+pub struct Commands {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Commands {
+    /// Queues a command (written in order by one task). False once the driver is gone.
+    pub fn send(&self, command: Command) -> bool {
+        self.tx.send(command).is_ok()
+    }
+}
+
+/// Starts the bridge over this process's stdin and stdout: returns the command side and the
+/// stream of events. The events end when the driver closes our stdin.
+pub fn stdio() -> (Commands, mpsc::UnboundedReceiver<Event>) {
+    over(tokio::io::stdin(), tokio::io::stdout())
+}
+
+/// The bridge over any pipe pair (tests use in-memory ones).
+pub fn over<R, W>(input: R, output: W) -> (Commands, mpsc::UnboundedReceiver<Event>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Command>();
+    tokio::spawn(write_commands(rx, output));
+    let (events_tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(input).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Event>(&line) {
+                Ok(event) => {
+                    if events_tx.send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("ignoring an event from the Ray driver that does not parse ({e}): {line}")
+                }
+            }
+        }
+        tracing::info!("the Ray driver closed the bridge");
+    });
+    (Commands { tx }, events)
+}
+
+async fn write_commands<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<Command>, mut out: W) {
+    while let Some(command) = rx.recv().await {
+        let Ok(mut line) = serde_json::to_vec(&command) else { continue };
+        line.push(b'\n');
+        if out.write_all(&line).await.is_err() || out.flush().await.is_err() {
+            tracing::error!("cannot write to the Ray driver; its commands are lost");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commands_are_json_lines_and_events_parse_with_unknown_ones_kept() {
+        let (driver_out, ours_in) = tokio::io::duplex(4096);
+        let (ours_out, driver_in) = tokio::io::duplex(4096);
+        let (commands, mut events) = over(ours_in, ours_out);
+        commands.send(Command::Kill { name: "sluice:m:1".into(), grace_s: 2.5 });
+        let mut lines = BufReader::new(driver_in).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v, serde_json::json!({"op": "kill", "name": "sluice:m:1", "grace_s": 2.5}));
+        let mut driver_out = driver_out;
+        driver_out
+            .write_all(
+                b"{\"event\":\"ready\",\"id\":null,\"name\":\"a\",\"node_id\":\"n1\",\"node_ip\":\"127.100.0.2\",\"pid\":7,\"actor_pid\":6,\"addr\":\"127.100.0.2:4000\"}\n\
+                  {\"event\":\"something_new\",\"x\":1}\nnot json\n{\"event\":\"died\",\"name\":\"a\",\"message\":\"node lost\"}\n",
+            )
+            .await
+            .unwrap();
+        match events.recv().await.unwrap() {
+            Event::Ready { name, addr, pid, .. } => {
+                assert_eq!((name.as_str(), addr.as_str(), pid), ("a", "127.100.0.2:4000", 7))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(events.recv().await.unwrap(), Event::Other));
+        assert!(matches!(events.recv().await.unwrap(), Event::Died { .. }), "a bad line is skipped");
+    }
+}

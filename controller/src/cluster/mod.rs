@@ -1,0 +1,171 @@
+//! Where replicas run. `Local`: threads of this process (the default; one machine, no Python,
+//! no Ray). `Ray`: each replica a `sluice replica` process in a Ray actor, placed by Ray on any
+//! node of the cluster that ran training ([`ray`]). Reconcile, autoscaling, swaps and canaries
+//! are written once against [`Cluster`] and [`Placed`].
+
+pub mod bridge;
+pub mod ray;
+mod remote;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_config::{Model, ReplicaSettings};
+use sluice_deployments::{Deployment, DeploymentSpec, LoadError, backend_factory};
+
+use crate::ControlError;
+
+pub use ray::{RayCluster, RayOptions};
+
+/// What a `sluice replica` process serves: one replica of one deployment version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    pub deployment: String,
+    pub version: String,
+    pub model: Model,
+    pub settings: ReplicaSettings,
+}
+
+impl ReplicaSpec {
+    /// Makes the model's file paths relative to `dir` where they are inside it.
+    fn relative_to(&mut self, dir: &Path) {
+        let rel = |p: &mut std::path::PathBuf| {
+            if let Ok(r) = p.strip_prefix(dir) {
+                *p = r.to_path_buf();
+            }
+        };
+        match &mut self.model {
+            Model::Onnx(path) => rel(path),
+            Model::Builtin(b) => {
+                for path in b.files_mut() {
+                    rel(path);
+                }
+            }
+        }
+    }
+}
+
+/// Where the replicas of this controller run.
+#[derive(Clone, Default)]
+pub enum Cluster {
+    #[default]
+    Local,
+    Ray(Arc<RayCluster>),
+}
+
+/// How one running version's replicas are placed, to resize and stop them.
+#[derive(Clone)]
+pub(crate) enum Placed {
+    Local,
+    Ray(Arc<ray::RayReplicas>),
+}
+
+impl Cluster {
+    /// Starts `replicas` replicas of a deployment version. Locally: loads and warms them here.
+    /// On Ray: creates the actors and waits until they are up, or until those that are not
+    /// wait for a node Ray cannot find yet (and at least one is up when `need_one`).
+    pub(crate) async fn start(
+        &self,
+        spec: DeploymentSpec,
+        model: Model,
+        need_one: bool,
+        ready_timeout: Duration,
+    ) -> Result<(Arc<Deployment>, Placed), ControlError> {
+        let (name, version) = (spec.name.clone(), spec.version.clone());
+        let failed =
+            |source| ControlError::Load { deployment: name.clone(), version: version.clone(), source };
+        let replicas = spec.num_replicas;
+        match self {
+            Cluster::Local => {
+                let m = model.clone();
+                let deployment = tokio::task::spawn_blocking(move || {
+                    let factory = backend_factory(&m, &spec.settings)?;
+                    Deployment::start(spec, factory)
+                })
+                .await
+                .map_err(|e| failed(LoadError::Thread(e.to_string())))?
+                .map_err(failed)?;
+                let deployment = Arc::new(deployment);
+                if replicas > 0 && !deployment.wait_ready(ready_timeout).await {
+                    return Err(not_ready(&name, &version, ready_timeout));
+                }
+                Ok((deployment, Placed::Local))
+            }
+            Cluster::Ray(cluster) => {
+                // The model's metadata, read here (the head has the working dir too); the
+                // replicas themselves load on their nodes.
+                let (m, settings) = (model.clone(), spec.settings.clone());
+                let metadata = tokio::task::spawn_blocking(move || {
+                    let backend = backend_factory(&m, &settings)?()?;
+                    Ok::<_, LoadError>(backend.metadata().clone())
+                })
+                .await
+                .map_err(|e| failed(LoadError::Thread(e.to_string())))?
+                .map_err(failed)?;
+                let replica = ReplicaSpec {
+                    deployment: name.clone(),
+                    version: version.clone(),
+                    model,
+                    settings: spec.settings.clone(),
+                };
+                let deployment = Arc::new(Deployment::start_remote(spec, metadata).map_err(failed)?);
+                let replicas_handle = cluster.replicas(replica, deployment.clone(), replicas);
+                let min_up = usize::from(need_one && replicas > 0);
+                if !replicas_handle.settled(min_up, ready_timeout).await {
+                    replicas_handle.stop();
+                    return Err(not_ready(&name, &version, ready_timeout));
+                }
+                Ok((deployment, Placed::Ray(replicas_handle)))
+            }
+        }
+    }
+}
+
+fn not_ready(name: &str, version: &str, timeout: Duration) -> ControlError {
+    ControlError::NotReady { deployment: name.into(), version: version.into(), waited_s: timeout.as_secs() }
+}
+
+impl Placed {
+    /// Replicas wanted or running (on Ray, those Ray is still placing count).
+    pub fn count(&self, d: &Deployment) -> usize {
+        match self {
+            Placed::Local => d.replica_count(),
+            Placed::Ray(r) => r.count(),
+        }
+    }
+
+    pub async fn scale_to(&self, d: &Deployment, n: usize) -> Result<(), LoadError> {
+        match self {
+            Placed::Local => d.scale_to(n).await,
+            Placed::Ray(r) => {
+                r.scale_to(n);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops every replica (the version is retired and drained).
+    pub fn stop(&self) {
+        if let Placed::Ray(r) = self {
+            r.stop();
+        }
+    }
+
+    /// Why replicas wait, one line each (Ray only).
+    pub fn waiting(&self) -> Vec<String> {
+        match self {
+            Placed::Local => Vec::new(),
+            Placed::Ray(r) => r.waiting(),
+        }
+    }
+
+    /// Where the remote replicas run, and whether each takes requests.
+    pub fn remote(&self) -> Vec<(sluice_deployments::RemoteInfo, bool)> {
+        match self {
+            Placed::Local => Vec::new(),
+            Placed::Ray(r) => r.placed(),
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Replicas as Ray actors. Each replica of a deployment version is a detached, named actor that
+//! hosts one `sluice replica` process (its own batcher and ONNX Runtime session) on whichever
+//! node Ray places it, by the version's CPUs, GPUs, memory and custom resources. The controller
+//! keeps every decision: how many replicas, when one is unhealthy (gRPC health checks every
+//! `health_check_period_s`), when to replace one that exited, died with its node or never came
+//! up. Requests go from this process straight to each replica's address.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use sluice_config::{HealthCheck, Placement};
+use sluice_deployments::{Deployment, RemoteInfo};
+use tokio::sync::{mpsc, watch};
+
+use super::ReplicaSpec;
+use super::bridge::{ActorOptions, Command, Commands, Event, Node};
+use super::remote::GrpcReplica;
+
+/// Replacements of a replica that keeps failing wait this long at most between tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How this process runs replicas on Ray.
+pub struct RayOptions {
+    /// The `sluice` binary replicas run (made relative to the working dir when inside it, so
+    /// that it resolves on every node).
+    pub binary: PathBuf,
+    /// The job's working dir (this process's cwd): paths under it are sent relative.
+    pub working_dir: PathBuf,
+    /// How long a replica told to stop may finish its requests.
+    pub grace: Duration,
+    /// How long a new replica may take to print its address.
+    pub startup_timeout: Duration,
+}
+
+/// The Ray cluster this controller runs replicas on.
+pub struct RayCluster {
+    commands: Commands,
+    options: RayOptions,
+    /// Distinguishes this controller's actors from an earlier one's.
+    run: String,
+    seq: AtomicU64,
+    /// The replica set each live actor belongs to, by actor name.
+    owners: Mutex<HashMap<String, Weak<RayReplicas>>>,
+    nodes: Mutex<BTreeMap<String, Node>>,
+    /// Lines for the controller's events, (deployment, message), until it takes them.
+    notes: Mutex<Vec<(String, String)>>,
+    /// Set once the driver has closed the bridge.
+    closed: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RayCluster {
+    /// Starts handling the driver's `events`.
+    pub fn start(
+        commands: Commands,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        options: RayOptions,
+    ) -> Arc<Self> {
+        let run = format!("{:x}", std::process::id() as u64 ^ now_ms());
+        let cluster = Arc::new(Self {
+            commands,
+            options,
+            run,
+            seq: AtomicU64::new(0),
+            owners: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(BTreeMap::new()),
+            notes: Mutex::new(Vec::new()),
+            closed: watch::channel(false).0,
+        });
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(cluster) = weak.upgrade() else { return };
+                cluster.handle(event);
+            }
+            if let Some(cluster) = weak.upgrade() {
+                cluster.closed.send_replace(true);
+            }
+        });
+        cluster
+    }
+
+    /// Resolves once the Ray driver has closed the bridge (the job is ending).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    fn note(&self, deployment: &str, message: String) {
+        lock(&self.notes).push((deployment.to_string(), message));
+    }
+
+    /// What happened to replicas since the last call: (deployment, message) lines.
+    pub fn take_notes(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *lock(&self.notes))
+    }
+
+    /// The nodes known alive now.
+    pub fn nodes(&self) -> Vec<Node> {
+        lock(&self.nodes).values().filter(|n| n.alive).cloned().collect()
+    }
+
+    fn owner(&self, actor: &str) -> Option<Arc<RayReplicas>> {
+        lock(&self.owners).get(actor).and_then(Weak::upgrade)
+    }
+
+    fn handle(&self, event: Event) {
+        match event {
+            Event::Hello { protocol, ray_version, namespace, .. } => {
+                if protocol != super::bridge::PROTOCOL {
+                    tracing::error!(
+                        "the Ray driver speaks protocol {protocol}, this controller {}",
+                        super::bridge::PROTOCOL
+                    );
+                }
+                tracing::info!("on Ray {ray_version}, namespace `{namespace}`");
+                // Whatever an earlier controller left behind under our prefix goes.
+                self.commands.send(Command::List { id: "startup".into(), prefix: ACTOR_PREFIX.into() });
+            }
+            Event::Actors { id, actors } if id.as_deref() == Some("startup") => {
+                for a in actors.into_iter().filter(|a| !a.name.contains(&format!(":{}-", self.run))) {
+                    tracing::info!("stopping `{}` left by an earlier controller", a.name);
+                    self.commands
+                        .send(Command::Kill { name: a.name, grace_s: self.options.grace.as_secs_f64() });
+                }
+            }
+            Event::NodeAdded(node) => {
+                tracing::info!(node = %node.node_ip, "node joined");
+                lock(&self.nodes).insert(node.node_id.clone(), node);
+            }
+            Event::NodeRemoved { node_id, node_ip } => {
+                tracing::warn!(node = %node_ip, "node left the cluster");
+                if let Some(n) = lock(&self.nodes).get_mut(&node_id) {
+                    n.alive = false;
+                }
+            }
+            Event::Pending { name, kind, reason } => {
+                if let Some(r) = self.owner(&name) {
+                    r.pending(&name, format!("{kind}: {reason}"));
+                }
+            }
+            Event::Ready { name, node_id, node_ip, pid, addr } => match self.owner(&name) {
+                Some(r) => r.ready(RemoteInfo { name, node_id, node_ip, pid, addr }),
+                None => {
+                    self.commands.send(Command::Kill { name, grace_s: 0.0 });
+                }
+            },
+            Event::Failed { name, node_ip, message, log_tail } => {
+                let on = node_ip.map(|ip| format!(" on node {ip}")).unwrap_or_default();
+                self.gone(&name, format!("failed to start{on}: {message}{}", tail(&log_tail)));
+            }
+            Event::Exited { name, code, node_ip, log_tail } => {
+                let code = code.map_or("?".into(), |c| c.to_string());
+                let on = node_ip.map(|ip| format!(" on node {ip}")).unwrap_or_default();
+                self.gone(&name, format!("exited with code {code}{on}{}", tail(&log_tail)));
+            }
+            Event::Died { name, node_ip, message } => {
+                let on = node_ip.map(|ip| format!(" on node {ip}")).unwrap_or_default();
+                self.gone(&name, format!("died{on}: {message}"));
+            }
+            Event::Killed { name } => {
+                lock(&self.owners).remove(&name);
+            }
+            Event::Error { op, name, message } => {
+                tracing::error!("the Ray driver refused {}: {message}", op.unwrap_or_default());
+                if let Some(name) = name {
+                    self.gone(&name, format!("refused by Ray: {message}"));
+                }
+            }
+            Event::Actors { .. } | Event::Other => {}
+        }
+    }
+
+    fn gone(&self, actor: &str, why: String) {
+        let owner = lock(&self.owners).remove(actor).and_then(|w| w.upgrade());
+        if let Some(r) = owner {
+            r.lost(actor, why);
+        }
+    }
+
+    fn create(self: &Arc<Self>, owner: &Arc<RayReplicas>) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{ACTOR_PREFIX}{}:{}:{}-{n}", owner.spec.deployment, owner.spec.version, self.run);
+        lock(&self.owners).insert(name.clone(), Arc::downgrade(owner));
+        let p = &owner.placement;
+        let argv = vec![
+            self.relative(&self.options.binary),
+            "replica".into(),
+            "--listen".into(),
+            "{node_ip}:0".into(),
+            "--spec".into(),
+            owner.spec_json.clone(),
+        ];
+        self.commands.send(Command::Create {
+            name: name.clone(),
+            argv,
+            env: BTreeMap::new(),
+            options: ActorOptions {
+                num_cpus: p.num_cpus,
+                num_gpus: p.num_gpus,
+                memory: p.memory,
+                resources: p.resources.clone(),
+                accelerator_type: p.accelerator_type.clone(),
+                max_replicas_per_node: p.max_replicas_per_node,
+                group: format!("{}:{}", owner.spec.deployment, owner.spec.version),
+            },
+            startup_timeout_s: self.options.startup_timeout.as_secs_f64(),
+        });
+        name
+    }
+
+    fn kill(&self, actor: &str) {
+        self.commands
+            .send(Command::Kill { name: actor.to_string(), grace_s: self.options.grace.as_secs_f64() });
+    }
+
+    /// `path` relative to the working dir when it is inside it (so it resolves on every node,
+    /// where Ray unpacks the working dir elsewhere), else as it is.
+    pub fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.options.working_dir).unwrap_or(path).display().to_string()
+    }
+
+    /// Starts replicas of a deployment version: `deployment` (made with
+    /// [`Deployment::start_remote`]) takes each replica as it comes up.
+    pub fn replicas(
+        self: &Arc<Self>,
+        mut spec: ReplicaSpec,
+        deployment: Arc<Deployment>,
+        target: usize,
+    ) -> Arc<RayReplicas> {
+        spec.relative_to(&self.options.working_dir);
+        let placement = spec.settings.placement.clone();
+        let health = spec.settings.health_check.clone();
+        let spec_json = serde_json::to_string(&spec).unwrap_or_default();
+        let (changed, _) = watch::channel(());
+        let r = Arc::new(RayReplicas {
+            cluster: self.clone(),
+            deployment,
+            spec,
+            spec_json,
+            placement,
+            health,
+            state: Mutex::new(State { target, actors: BTreeMap::new(), failures: 0 }),
+            changed,
+        });
+        r.ensure();
+        r
+    }
+}
+
+/// Every actor this controller makes is named `sluice:<deployment>:<version>:<run>-<n>`.
+pub const ACTOR_PREFIX: &str = "sluice:";
+
+fn tail(log: &str) -> String {
+    let log = log.trim();
+    if log.is_empty() { String::new() } else { format!("; last output:\n{log}") }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one actor of a replica set is doing.
+enum Actor {
+    /// Created; not yet placed or not yet listening.
+    Starting { since: Instant },
+    /// Ray cannot place it yet, and says why.
+    Pending { why: String },
+    /// Listening and added to the deployment (ready once its first health check passes).
+    Up { id: usize, info: RemoteInfo, checks: tokio::task::JoinHandle<()> },
+}
+
+struct State {
+    target: usize,
+    actors: BTreeMap<String, Actor>,
+    /// Replicas lost in a row (reset when one comes up): the backoff before the next try.
+    failures: u32,
+}
+
+/// The replicas of one deployment version on Ray.
+pub struct RayReplicas {
+    cluster: Arc<RayCluster>,
+    deployment: Arc<Deployment>,
+    spec: ReplicaSpec,
+    spec_json: String,
+    placement: Placement,
+    health: HealthCheck,
+    state: Mutex<State>,
+    /// Bumped on every change of state (apply waits on it).
+    changed: watch::Sender<()>,
+}
+
+impl RayReplicas {
+    fn label(&self) -> &str {
+        &self.spec.deployment
+    }
+
+    /// Actors wanted or alive: pending and starting ones count (autoscaling must not ask for
+    /// more while Ray places the ones it has).
+    pub fn count(&self) -> usize {
+        lock(&self.state).actors.len()
+    }
+
+    /// Why replicas wait, one line per waiting replica.
+    pub fn waiting(&self) -> Vec<String> {
+        lock(&self.state)
+            .actors
+            .iter()
+            .filter_map(|(name, a)| match a {
+                Actor::Pending { why } => Some(format!("{name} waits for a node: {why}")),
+                Actor::Starting { since } if since.elapsed() > Duration::from_secs(10) => {
+                    Some(format!("{name} starting for {} s", since.elapsed().as_secs()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Starts or stops actors until `n` exist. Stopping takes those not yet up first; one that
+    /// is up leaves routing at once and gets the grace period to finish its requests.
+    pub fn scale_to(self: &Arc<Self>, n: usize) {
+        let victims = {
+            let mut st = lock(&self.state);
+            st.target = n;
+            let excess = st.actors.len().saturating_sub(n);
+            let mut order: Vec<(bool, String)> =
+                st.actors.iter().map(|(name, a)| (matches!(a, Actor::Up { .. }), name.clone())).collect();
+            order.sort();
+            let victims: Vec<String> = order.into_iter().take(excess).map(|(_, name)| name).collect();
+            for name in &victims {
+                if let Some(Actor::Up { id, checks, .. }) = st.actors.remove(name) {
+                    checks.abort();
+                    self.deployment.remove_replica(id);
+                }
+            }
+            victims
+        };
+        for name in victims {
+            lock(&self.cluster.owners).remove(&name);
+            self.cluster.kill(&name);
+        }
+        self.ensure();
+        self.changed.send_replace(());
+    }
+
+    /// Stops every actor (the version is retired).
+    pub fn stop(self: &Arc<Self>) {
+        self.scale_to(0);
+    }
+
+    /// Waits until every wanted replica is up, or until the ones that are not all wait for a
+    /// node that can take them (Ray said so) and at least `min_up` are up; false on timeout.
+    pub async fn settled(&self, min_up: usize, timeout: Duration) -> bool {
+        let mut changes = self.changed.subscribe();
+        let check = |st: &State| {
+            let up = st.actors.values().filter(|a| matches!(a, Actor::Up { .. })).count();
+            let pending = st.actors.values().filter(|a| matches!(a, Actor::Pending { .. })).count();
+            let ready = self.deployment.ready_replicas();
+            (ready >= st.target && up >= st.target)
+                || (ready >= min_up && up + pending >= st.target && ready == up)
+        };
+        let wait = async {
+            loop {
+                if check(&lock(&self.state)) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Creates actors until the target is reached (after a backoff when replicas keep
+    /// failing).
+    fn ensure(self: &Arc<Self>) {
+        let (missing, failures) = {
+            let st = lock(&self.state);
+            (st.target.saturating_sub(st.actors.len()), st.failures)
+        };
+        if missing == 0 {
+            return;
+        }
+        if failures == 0 {
+            self.create(missing);
+            return;
+        }
+        let delay = Duration::from_millis(250 * 2u64.pow(failures.min(7))).min(MAX_BACKOFF);
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(me) = me.upgrade() {
+                let missing = {
+                    let st = lock(&me.state);
+                    st.target.saturating_sub(st.actors.len())
+                };
+                me.create(missing);
+            }
+        });
+    }
+
+    fn create(self: &Arc<Self>, n: usize) {
+        for _ in 0..n {
+            let name = self.cluster.create(self);
+            lock(&self.state).actors.insert(name, Actor::Starting { since: Instant::now() });
+        }
+        self.changed.send_replace(());
+    }
+
+    fn pending(&self, actor: &str, why: String) {
+        let mut st = lock(&self.state);
+        if let Some(a) = st.actors.get_mut(actor)
+            && !matches!(a, Actor::Up { .. })
+        {
+            if !matches!(a, Actor::Pending { .. }) {
+                self.cluster.note(self.label(), format!("replica {actor} waits for a node: {why}"));
+            }
+            *a = Actor::Pending { why };
+        }
+        drop(st);
+        self.changed.send_replace(());
+    }
+
+    /// An actor is listening: route to it once its first health check passes.
+    fn ready(self: &Arc<Self>, info: RemoteInfo) {
+        let replica = match GrpcReplica::new(info.clone(), &self.spec.deployment, &self.spec.version) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                self.lost(&info.name, format!("cannot reach {}: {e}", info.addr));
+                return;
+            }
+        };
+        let mut st = lock(&self.state);
+        if !st.actors.contains_key(&info.name) {
+            drop(st);
+            self.cluster.kill(&info.name);
+            return;
+        }
+        let id = self.deployment.add_remote(replica.clone());
+        let checks = tokio::spawn(health_checks(Arc::downgrade(self), id, info.name.clone(), replica));
+        self.cluster.note(
+            self.label(),
+            format!("replica {} up on node {} (pid {}, {})", info.name, info.node_ip, info.pid, info.addr),
+        );
+        st.actors.insert(info.name.clone(), Actor::Up { id, info, checks });
+        st.failures = 0;
+        drop(st);
+        self.changed.send_replace(());
+    }
+
+    /// An actor is gone or unusable: out of routing at once, replaced.
+    fn lost(self: &Arc<Self>, actor: &str, why: String) {
+        let removed = {
+            let mut st = lock(&self.state);
+            let removed = st.actors.remove(actor);
+            if removed.is_some() {
+                st.failures += 1;
+            }
+            removed
+        };
+        let Some(removed) = removed else { return };
+        if let Actor::Up { id, checks, .. } = removed {
+            checks.abort();
+            self.deployment.remove_replica(id);
+        }
+        self.cluster.note(self.label(), format!("replica {actor} {why}; replacing it"));
+        self.ensure();
+        self.changed.send_replace(());
+    }
+
+    /// Where each replica that is up runs, and whether it takes requests.
+    pub fn placed(&self) -> Vec<(RemoteInfo, bool)> {
+        let ready: HashMap<usize, bool> =
+            self.deployment.remote_replicas().into_iter().map(|(id, ready, _)| (id, ready)).collect();
+        lock(&self.state)
+            .actors
+            .values()
+            .filter_map(|a| match a {
+                Actor::Up { id, info, .. } => Some((info.clone(), ready.get(id).copied().unwrap_or(false))),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Checks one replica every `health_check_period_s`: the first passing check opens it to
+/// requests; a failing one takes it out of routing at once, kills it and starts another.
+async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, replica: Arc<GrpcReplica>) {
+    let Some(health) = owner.upgrade().map(|o| o.health.clone()) else { return };
+    let timeout = Duration::from_secs_f64(health.timeout_s);
+    let period = Duration::from_secs_f64(health.period_s);
+    let mut first = true;
+    loop {
+        let result = replica.healthy(timeout).await;
+        let Some(owner) = owner.upgrade() else { return };
+        match result {
+            Ok(()) if first => {
+                owner.deployment.set_replica_ready(id, true);
+                owner.changed.send_replace(());
+                first = false;
+            }
+            Ok(()) => {}
+            Err(why) => {
+                owner.cluster.kill(&actor);
+                lock(&owner.cluster.owners).remove(&actor);
+                owner.lost(&actor, format!("failed its health check: {why}"));
+                return;
+            }
+        }
+        drop(owner);
+        tokio::time::sleep(if first { Duration::from_millis(50) } else { period }).await;
+    }
+}

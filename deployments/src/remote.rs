@@ -1,0 +1,41 @@
+//! Replicas that run elsewhere — another process, another node — behind the same admission,
+//! power-of-two-choices and deadlines as local ones. The deployment only needs to hand such a
+//! replica an admitted request and get the answer back on the request's own channel; how it
+//! travels (gRPC to a `sluice replica` process on a Ray node) is the implementor's business.
+
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::{InferError, NamedTensor};
+
+/// One admitted request for a remote replica.
+pub struct RemoteCall {
+    /// Inputs in the model's input order.
+    pub inputs: Vec<NamedTensor>,
+    /// Outputs to return, in the order the caller asked for them.
+    pub outputs: Vec<String>,
+    /// When the request must be answered by; the remote side gets what is left of it.
+    pub deadline: Instant,
+    /// Where the answer goes; the caller may have gone (then the reply is dropped).
+    pub reply: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>,
+}
+
+/// Where a remote replica runs, for status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteInfo {
+    /// Its name in the cluster (the Ray actor name).
+    pub name: String,
+    pub node_id: String,
+    pub node_ip: String,
+    /// The replica process's pid on its node.
+    pub pid: u32,
+    /// Its internal gRPC address.
+    pub addr: String,
+}
+
+/// A replica in another process. `call` must not block: it starts the call and returns.
+pub trait RemoteReplica: Send + Sync + 'static {
+    fn call(&self, call: RemoteCall);
+    fn info(&self) -> &RemoteInfo;
+}

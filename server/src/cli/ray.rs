@@ -1,0 +1,344 @@
+//! `sluice run --ray URL`: Sluice on a Ray cluster, as one Ray job.
+//!
+//! Outside the cluster ([`submit`]): packages the config's folder, this binary, ONNX Runtime and
+//! the Python bridge into a `working_dir`, uploads it, submits the job under a fixed
+//! `submission_id` (`sluice-<config name>`: submitting twice is idempotent) and waits until the
+//! job runs and every deployment is healthy. Inside the job ([`run_in_job`]): the entrypoint is
+//! the bridge's Python driver, which starts this binary as `sluice run CONFIG --in-ray-job`; it
+//! serves as usual, with replicas as Ray actors, talking to the driver over stdin/stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use sluice_config::Config;
+use sluice_controller::cluster::{Cluster, RayCluster, RayOptions, bridge};
+use sluice_controller::{DeploymentState, Status};
+use sluice_server::StartOptions;
+use sluice_server::ray_jobs::{JobRequest, Jobs};
+
+/// The bridge's Python files, shipped in every job's working dir.
+const BRIDGE: [(&str, &str); 3] = [
+    ("sluice_ray/__init__.py", include_str!("../../../python/sluice_ray/__init__.py")),
+    ("sluice_ray/driver.py", include_str!("../../../python/sluice_ray/driver.py")),
+    ("sluice_ray/host.py", include_str!("../../../python/sluice_ray/host.py")),
+];
+
+/// Where Sluice's own files go inside the working dir.
+const OWN: &str = "_sluice";
+
+/// What `submit` needs besides the config.
+pub struct Submit {
+    pub address: String,
+    pub ray_token: Option<String>,
+    pub admin_token: Option<String>,
+    pub working_dir: Option<PathBuf>,
+    /// ONNX Runtime, found as `sluice run` would (flag, ORT_DYLIB_PATH, project folder).
+    pub onnxruntime: Option<PathBuf>,
+    /// `RUST_LOG` to pass on to the job, if set.
+    pub rust_log: Option<String>,
+}
+
+/// Submits `config` to Ray and waits until it serves; prints where.
+pub fn submit(config: &Config, s: Submit) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(submit_and_wait(config, s)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
+    let jobs = Jobs::new(&s.address, s.ray_token.clone());
+    let ray_version = jobs.check_version().await.map_err(|e| e.to_string())?;
+    let ray = config.cluster.ray.clone().unwrap_or_default();
+    let working_dir = match &s.working_dir {
+        Some(d) => d.clone(),
+        None => config.source.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let working_dir = std::fs::canonicalize(&working_dir)
+        .map_err(|e| format!("working dir `{}`: {e}", working_dir.display()))?;
+    let source =
+        std::fs::canonicalize(&config.source).map_err(|e| format!("`{}`: {e}", config.source.display()))?;
+    let config_rel = source.strip_prefix(&working_dir).map_err(|_| {
+        format!("the config `{}` is not inside the working dir `{}`", source.display(), working_dir.display())
+    })?;
+    let ort = s
+        .onnxruntime
+        .clone()
+        .ok_or("ONNX Runtime library not found; install it with scripts/install-onnxruntime.sh")?;
+    eprintln!("packaging {} for Ray {ray_version} at {}", working_dir.display(), s.address);
+    let zip = package(&working_dir, &ort)?;
+    let name = format!("sluice-{}.zip", &hex(&Sha256::digest(&zip))[..16]);
+    eprintln!("uploading {name} ({:.1} MB)", zip.len() as f64 / 1e6);
+    let uri = jobs.upload_package(&name, zip).await.map_err(|e| e.to_string())?;
+    let stem = config_rel.file_stem().and_then(|s| s.to_str()).unwrap_or("app");
+    let id = format!("sluice-{}", stem.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-"));
+    let grace = config.graceful_shutdown_timeout_s;
+    let mut env = serde_json::Map::new();
+    env.insert("ORT_DYLIB_PATH".into(), format!("{OWN}/libonnxruntime.so").into());
+    // Ray's wait between the stop signal and SIGKILL: room for the drain and the actors' stop.
+    env.insert("RAY_JOB_STOP_WAIT_TIME_S".into(), format!("{}", grace.ceil() as u64 * 2 + 10).into());
+    if let Some(t) = &s.admin_token {
+        env.insert(config.admin_options.token_env.clone(), t.clone().into());
+    }
+    if let Some(l) = &s.rust_log {
+        env.insert("RUST_LOG".into(), l.clone().into());
+    }
+    let entrypoint = format!(
+        "python -m sluice_ray.driver --namespace {} --grace-s {} -- {OWN}/sluice run {} --in-ray-job",
+        shell_word(&ray.namespace),
+        grace.ceil() as u64 + 2,
+        shell_word(&config_rel.display().to_string()),
+    );
+    let job = JobRequest {
+        entrypoint,
+        submission_id: id.clone(),
+        runtime_env: serde_json::json!({"working_dir": uri, "env_vars": env}),
+        metadata: [("sluice_config".to_string(), config_rel.display().to_string())].into(),
+        ..JobRequest::default()
+    };
+    let fresh = jobs.submit(&job).await.map_err(|e| e.to_string())?;
+    eprintln!("{} job {id}", if fresh { "submitted" } else { "already running:" });
+    let admin = admin_url(&s.address, config)?;
+    wait_healthy(&jobs, &id, &admin, s.admin_token.as_deref(), Duration::from_secs_f64(ray.start_timeout_s))
+        .await?;
+    let host = host_of(&s.address)?;
+    println!("Sluice is running on Ray {ray_version} as job {id}");
+    println!("  REST   http://{host}:{}", config.http_options.port);
+    if config.grpc_options.enabled {
+        println!("  gRPC   {host}:{}", config.grpc_options.port);
+    }
+    println!("  admin  {admin}   (sluice status --address {admin})");
+    Ok(())
+}
+
+/// The host of a URL (`http://HOST:PORT/...`).
+fn host_of(url: &str) -> Result<String, String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    if host.is_empty() { Err(format!("`{url}` has no host")) } else { Ok(host.to_string()) }
+}
+
+/// Where the admin API of the job answers: the Ray head, on the admin port.
+fn admin_url(ray_address: &str, config: &Config) -> Result<String, String> {
+    Ok(format!("http://{}:{}", host_of(ray_address)?, sluice_server::ray_admin_port(config)))
+}
+
+/// Waits until the job runs and every deployment of the admin API's status is healthy; on a
+/// failed job, the error carries the tail of its log.
+async fn wait_healthy(
+    jobs: &Jobs,
+    id: &str,
+    admin: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let until = Instant::now() + timeout;
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
+    let mut last = String::from("the job has not started");
+    while Instant::now() < until {
+        let job =
+            jobs.job(id).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("Ray lost job {id}"))?;
+        if job.is_terminal() {
+            let logs = jobs.logs(id).await.unwrap_or_default();
+            let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "job {id} ended {} ({}); last lines of its log:\n{}",
+                job.status,
+                job.message.unwrap_or_default(),
+                tail.join("\n")
+            ));
+        }
+        if job.status == "RUNNING" {
+            let mut req = http.get(format!("{admin}/api/serve/applications"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => match r.json::<Status>().await {
+                    Ok(status) => match unhealthy(&status) {
+                        None => return Ok(()),
+                        Some(why) => last = why,
+                    },
+                    Err(e) => last = format!("admin API answered something else: {e}"),
+                },
+                Ok(r) => last = format!("admin API answered {}", r.status()),
+                Err(e) => last = format!("admin API not reachable yet at {admin}: {e}"),
+            }
+        } else {
+            last = format!("job {id} is {}", job.status);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!("not healthy within {} s: {last}", timeout.as_secs()))
+}
+
+/// The first deployment that is not healthy yet, and why.
+fn unhealthy(status: &Status) -> Option<String> {
+    if status.applications.is_empty() {
+        return Some("no application deployed yet".into());
+    }
+    for (app, a) in &status.applications {
+        for (name, d) in &a.deployments {
+            if d.status != DeploymentState::Healthy {
+                let waiting: Vec<&String> = d.versions.iter().flat_map(|v| &v.waiting).collect();
+                let why = if waiting.is_empty() {
+                    "starting".to_string()
+                } else {
+                    waiting.iter().map(|w| w.as_str()).collect::<Vec<_>>().join("; ")
+                };
+                return Some(format!("{app}/{name}: {why}"));
+            }
+        }
+    }
+    None
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A word for the shell that runs the entrypoint.
+fn shell_word(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The working dir as a zip: the folder's files, this binary (stripped of debug info when
+/// `strip` is there), ONNX Runtime, and the bridge.
+fn package(dir: &Path, ort: &Path) -> Result<Vec<u8>, String> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let plain = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    let exec = plain.unix_permissions(0o755);
+    let mut files = Vec::new();
+    collect(dir, dir, &mut files).map_err(|e| format!("reading `{}`: {e}", dir.display()))?;
+    for (rel, path) in files {
+        let data = std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
+        add(&mut zip, &rel, &data, plain)?;
+    }
+    for (name, text) in BRIDGE {
+        add(&mut zip, name, text.as_bytes(), plain)?;
+    }
+    add(&mut zip, &format!("{OWN}/sluice"), &own_binary()?, exec)?;
+    let lib = std::fs::read(ort).map_err(|e| format!("reading `{}`: {e}", ort.display()))?;
+    add(&mut zip, &format!("{OWN}/libonnxruntime.so"), &lib, plain)?;
+    Ok(zip.finish().map_err(|e| e.to_string())?.into_inner())
+}
+
+fn add(
+    zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>,
+    name: &str,
+    data: &[u8],
+    options: zip::write::SimpleFileOptions,
+) -> Result<(), String> {
+    let options = options.large_file(data.len() as u64 >= u32::MAX as u64);
+    zip.start_file(name, options).map_err(|e| format!("packaging {name}: {e}"))?;
+    zip.write_all(data).map_err(|e| format!("packaging {name}: {e}"))
+}
+
+/// Files under `dir`, relative to `root`, skipping hidden ones and build output.
+fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.')
+            || ["target", "__pycache__", "node_modules", OWN, "sluice_ray"].contains(&name.as_str())
+        {
+            continue;
+        }
+        let path = e.path();
+        let meta = std::fs::metadata(&path)?;
+        if meta.is_dir() {
+            collect(root, &path, out)?;
+        } else if meta.is_file() {
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+/// This binary, without its debug info when `strip` is on the machine (the upload is capped
+/// at 100 MiB and a debug build is far larger).
+fn own_binary() -> Result<Vec<u8>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let stripped = std::env::temp_dir().join(format!("sluice-stripped-{}", std::process::id()));
+    let ok = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&exe)
+        .status()
+        .is_ok_and(|s| s.success());
+    let path = if ok { &stripped } else { &exe };
+    let data = std::fs::read(path).map_err(|e| format!("reading `{}`: {e}", path.display()));
+    let _ = std::fs::remove_file(&stripped);
+    data
+}
+
+/// Inside the job: `config` served with replicas as Ray actors.
+pub fn run_in_job(
+    mut config: Config,
+    ort: super::OrtArgs,
+    ort_env: Option<PathBuf>,
+    admin_token: Option<String>,
+) -> ExitCode {
+    // Ray's dashboard holds 8265 on the head; clients reach the frontends from other hosts.
+    config.admin_options.port = sluice_server::ray_admin_port(&config);
+    let loopback = sluice_config::HttpOptions::default().host;
+    for host in [&mut config.http_options.host, &mut config.grpc_options.host, &mut config.admin_options.host]
+    {
+        if *host == loopback {
+            *host = "0.0.0.0".into();
+        }
+    }
+    let grace = Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
+    let working_dir = std::env::current_dir().unwrap_or_default();
+    let binary = std::env::current_exe().unwrap_or_default();
+    super::run::run_with(
+        config,
+        ort,
+        ort_env,
+        move || {
+            let (commands, events) = bridge::stdio();
+            let options =
+                RayOptions { binary, working_dir, grace, startup_timeout: Duration::from_secs(300) };
+            let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
+            StartOptions { admin_token, cluster: Cluster::Ray(ray) }
+        },
+        |_| {},
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_shell_words() {
+        assert_eq!(host_of("http://127.100.0.1:8265").unwrap(), "127.100.0.1");
+        assert_eq!(host_of("https://head.example/").unwrap(), "head.example");
+        assert_eq!(shell_word("app.yaml"), "app.yaml");
+        assert_eq!(shell_word("my app's.yaml"), r"'my app'\''s.yaml'");
+    }
+}

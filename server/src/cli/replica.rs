@@ -1,0 +1,66 @@
+//! `sluice replica`: serves one replica of one deployment version (its own batcher and ONNX
+//! Runtime session) on an internal gRPC address, for a controller elsewhere (a Ray actor starts
+//! it on its node). Prints `LISTEN <host:port>` on stdout once warm; runs until SIGTERM, then
+//! finishes what it holds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sluice_config::{Application, Config, Deployment, Location, Scaling};
+use sluice_controller::cluster::ReplicaSpec;
+use sluice_server::StartOptions;
+
+#[derive(clap::Args)]
+pub struct ReplicaArgs {
+    /// What to serve: a JSON `ReplicaSpec` (deployment, version, model, settings), as the
+    /// controller writes it.
+    #[arg(long)]
+    pub spec: String,
+    /// Address for the gRPC endpoint, `HOST:PORT` (port 0: any free port).
+    #[arg(long)]
+    pub listen: String,
+    #[command(flatten)]
+    pub ort: super::OrtArgs,
+}
+
+pub fn replica(args: ReplicaArgs, ort_env: Option<PathBuf>) -> ExitCode {
+    let spec: ReplicaSpec = match serde_json::from_str(&args.spec) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: --spec is not a replica spec: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((host, port)) =
+        args.listen.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+    else {
+        eprintln!("error: --listen must be HOST:PORT, got `{}`", args.listen);
+        return ExitCode::from(2);
+    };
+    let mut config = Config::default();
+    config.grpc_options.host = host.to_string();
+    config.grpc_options.port = port;
+    config.http_options.port = 0;
+    config.admin_options.enabled = false;
+    config.applications = vec![Application::new(
+        "replica",
+        vec![Deployment {
+            name: spec.deployment,
+            version: spec.version,
+            model: spec.model,
+            settings: spec.settings,
+            scaling: Scaling::Fixed(1),
+            canary: None,
+            extra_versions: Vec::new(),
+            location: Location::default(),
+        }],
+    )];
+    super::run::run_with(config, args.ort, ort_env, StartOptions::default, |server| {
+        use std::io::Write;
+        if let Some(addr) = server.grpc_addr() {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "LISTEN {addr}");
+            let _ = out.flush();
+        }
+    })
+}

@@ -1,0 +1,244 @@
+//! A client for Ray's Jobs REST API (the dashboard, port 8265): version check, `working_dir`
+//! packages, submit, status, stop, logs. Sluice submits itself through it (`sluice run --ray`).
+//! Ray's quirks handled here: the trailing slash `POST /api/jobs/` needs, a non-browser
+//! User-Agent (Ray refuses POST/PUT from browsers), the optional bearer token of Ray's token
+//! auth, plain-text tracebacks as error bodies, and a reused `submission_id` answered 500.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Ray versions this client and the bridge were built against (the bridge needs detached
+/// actors and the Jobs API with client-chosen submission ids).
+pub const MIN_RAY_VERSION: (u32, u32) = (2, 9);
+
+/// What went wrong talking to Ray.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("cannot reach Ray's dashboard at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("Ray at {url} is version {version}; Sluice needs Ray {}.{} or newer", MIN_RAY_VERSION.0, MIN_RAY_VERSION.1)]
+    Version { url: String, version: String },
+    #[error("Ray refused {what} ({status}): {message}")]
+    Refused { what: String, status: u16, message: String },
+    #[error("unexpected answer from Ray to {what}: {message}")]
+    Protocol { what: String, message: String },
+}
+
+/// A job as Ray reports it (`JobDetails`; fields Sluice reads).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct JobDetails {
+    #[serde(default)]
+    pub submission_id: Option<String>,
+    #[serde(default)]
+    pub job_id: Option<String>,
+    pub status: String,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub entrypoint: String,
+    #[serde(default)]
+    pub driver_exit_code: Option<i32>,
+    #[serde(default)]
+    pub start_time: Option<u64>,
+    #[serde(default)]
+    pub end_time: Option<u64>,
+}
+
+impl JobDetails {
+    /// STOPPED, SUCCEEDED and FAILED are final.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.status.as_str(), "STOPPED" | "SUCCEEDED" | "FAILED")
+    }
+}
+
+/// A job to submit.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobRequest {
+    pub entrypoint: String,
+    pub submission_id: String,
+    pub runtime_env: serde_json::Value,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint_num_cpus: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint_num_gpus: Option<f64>,
+}
+
+/// Ray's dashboard at one address.
+#[derive(Clone)]
+pub struct Jobs {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Jobs {
+    /// `address`: `http://HEAD:8265`; `token`: Ray's auth token, when the cluster uses one.
+    pub fn new(address: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .unwrap_or_default();
+        Self { base: address.trim_end_matches('/').to_string(), token: token.filter(|t| !t.is_empty()), http }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<(u16, String), JobsError> {
+        let resp =
+            req.send().await.map_err(|source| JobsError::Unreachable { url: self.base.clone(), source })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| JobsError::Protocol { what: what.to_string(), message: e.to_string() })?;
+        Ok((status, body))
+    }
+
+    fn refused(what: &str, status: u16, body: &str) -> JobsError {
+        // Ray answers errors with a Python traceback: its last line says what is wrong.
+        let message = body.trim().lines().last().unwrap_or("").trim().to_string();
+        JobsError::Refused { what: what.to_string(), status, message }
+    }
+
+    /// The cluster's Ray version; an error when Ray is unreachable or too old.
+    pub async fn check_version(&self) -> Result<String, JobsError> {
+        let (status, body) =
+            self.send("GET /api/version", self.request(reqwest::Method::GET, "/api/version")).await?;
+        if status != 200 {
+            return Err(Self::refused("GET /api/version", status, &body));
+        }
+        #[derive(Deserialize)]
+        struct Version {
+            ray_version: String,
+        }
+        let v: Version = serde_json::from_str(&body)
+            .map_err(|e| JobsError::Protocol { what: "GET /api/version".into(), message: e.to_string() })?;
+        let mut parts = v.ray_version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) < MIN_RAY_VERSION {
+            return Err(JobsError::Version { url: self.base.clone(), version: v.ray_version });
+        }
+        Ok(v.ray_version)
+    }
+
+    /// Uploads a `working_dir` package under `name` (`sluice-<hash>.zip`) unless Ray has it;
+    /// returns its URI for `runtime_env.working_dir`.
+    pub async fn upload_package(&self, name: &str, zip: Vec<u8>) -> Result<String, JobsError> {
+        let path = format!("/api/packages/gcs/{name}");
+        let (status, _) = self.send("GET package", self.request(reqwest::Method::GET, &path)).await?;
+        if status != 200 {
+            let what = format!("PUT {path}");
+            let (status, body) =
+                self.send(&what, self.request(reqwest::Method::PUT, &path).body(zip)).await?;
+            if status != 200 {
+                return Err(Self::refused(&what, status, &body));
+            }
+        }
+        Ok(format!("gcs://{name}"))
+    }
+
+    /// Submits a job. A job already submitted under the same id is left as it is and
+    /// reported (`Ok(false)`); a finished one is deleted and submitted again.
+    pub async fn submit(&self, job: &JobRequest) -> Result<bool, JobsError> {
+        if let Some(existing) = self.job(&job.submission_id).await? {
+            if !existing.is_terminal() {
+                return Ok(false);
+            }
+            self.delete(&job.submission_id).await?;
+        }
+        let what = "POST /api/jobs/";
+        let (status, body) =
+            self.send(what, self.request(reqwest::Method::POST, "/api/jobs/").json(job)).await?;
+        match status {
+            200 => Ok(true),
+            // Submitted meanwhile by someone else (Ray's wording, which KubeRay matches too).
+            500 if body.contains("already exists") => Ok(false),
+            _ => Err(Self::refused(what, status, &body)),
+        }
+    }
+
+    /// A job's details, or None when Ray knows no such job.
+    pub async fn job(&self, id: &str) -> Result<Option<JobDetails>, JobsError> {
+        let what = format!("GET /api/jobs/{id}");
+        let (status, body) =
+            self.send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{id}"))).await?;
+        match status {
+            200 => serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| JobsError::Protocol { what, message: e.to_string() }),
+            404 => Ok(None),
+            _ => Err(Self::refused(&what, status, &body)),
+        }
+    }
+
+    /// Every job Ray knows.
+    pub async fn list(&self) -> Result<Vec<JobDetails>, JobsError> {
+        let what = "GET /api/jobs/";
+        let (status, body) = self.send(what, self.request(reqwest::Method::GET, "/api/jobs/")).await?;
+        if status != 200 {
+            return Err(Self::refused(what, status, &body));
+        }
+        serde_json::from_str(&body)
+            .map_err(|e| JobsError::Protocol { what: what.into(), message: e.to_string() })
+    }
+
+    /// Asks Ray to stop a job (SIGTERM, then SIGKILL after `RAY_JOB_STOP_WAIT_TIME_S`).
+    pub async fn stop(&self, id: &str) -> Result<bool, JobsError> {
+        let what = format!("POST /api/jobs/{id}/stop");
+        let (status, body) =
+            self.send(&what, self.request(reqwest::Method::POST, &format!("/api/jobs/{id}/stop"))).await?;
+        if status != 200 {
+            return Err(Self::refused(&what, status, &body));
+        }
+        #[derive(Deserialize)]
+        struct Stopped {
+            stopped: bool,
+        }
+        serde_json::from_str::<Stopped>(&body)
+            .map(|s| s.stopped)
+            .map_err(|e| JobsError::Protocol { what, message: e.to_string() })
+    }
+
+    /// Deletes a finished job (its logs stay on the cluster).
+    pub async fn delete(&self, id: &str) -> Result<(), JobsError> {
+        let what = format!("DELETE /api/jobs/{id}");
+        let (status, body) =
+            self.send(&what, self.request(reqwest::Method::DELETE, &format!("/api/jobs/{id}"))).await?;
+        if status != 200 {
+            return Err(Self::refused(&what, status, &body));
+        }
+        Ok(())
+    }
+
+    /// A job's whole driver log so far.
+    pub async fn logs(&self, id: &str) -> Result<String, JobsError> {
+        let what = format!("GET /api/jobs/{id}/logs");
+        let (status, body) =
+            self.send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{id}/logs"))).await?;
+        if status != 200 {
+            return Err(Self::refused(&what, status, &body));
+        }
+        #[derive(Deserialize)]
+        struct Logs {
+            logs: String,
+        }
+        serde_json::from_str::<Logs>(&body)
+            .map(|l| l.logs)
+            .map_err(|e| JobsError::Protocol { what, message: e.to_string() })
+    }
+}
