@@ -78,12 +78,12 @@ pub fn decide(cfg: &Autoscaling, state: &mut ScaleState, current: u32, now: Inst
 
 /// One autoscaling round over every autoscaled deployment: samples the load of those whose
 /// `metrics_interval_s` has passed (at once for one at zero replicas with requests waiting)
-/// and decides their counts, growth capped by the node's free CPUs. Returns the changes to
-/// make and when the next round is due.
+/// and decides their counts, growth capped by `node_cpus` free CPUs when given. Returns the
+/// changes to make and when the next round is due.
 pub(crate) fn step(
     st: &mut crate::state::ControllerState,
     now: Instant,
-    node_cpus: f64,
+    node_cpus: Option<f64>,
 ) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
     let used: f64 = st
         .deployments
@@ -101,7 +101,8 @@ pub(crate) fn step(
         if from_zero || now.duration_since(s.last_decision) >= interval {
             s.last_decision = now;
             s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
-            let free = ((node_cpus - used) / m.config.num_cpus()).floor().max(0.0) as u32;
+            let free = node_cpus
+                .map_or(u32::MAX / 2, |cpus| ((cpus - used) / m.config.num_cpus()).floor().max(0.0) as u32);
             let want =
                 if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, current + free) };
             if want != current {

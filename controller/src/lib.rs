@@ -86,6 +86,11 @@ impl Controller {
         &self.routes
     }
 
+    /// Whether replicas run on a cluster (Ray) rather than in this process.
+    pub fn on_cluster(&self) -> bool {
+        matches!(self.cluster, Cluster::Ray(_))
+    }
+
     /// The state. A panic while it was held cannot leave it half-changed in a way that
     /// matters more than stopping the control plane would, so a poisoned lock is recovered.
     fn lock(&self) -> MutexGuard<'_, ControllerState> {
@@ -198,7 +203,10 @@ impl Controller {
                     st.events.push(&deployment, message);
                 }
             }
-            let (rescale, next_scale) = autoscale::step(&mut st, now, self.node_cpus);
+            // On Ray, Ray decides what fits where (a replica that does not fit waits); here,
+            // growth stops at this machine's free CPUs.
+            let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
+            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus);
             let next_rollout = self.step_rollouts(&mut st, now);
             let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, st.last_scan.as_ref()));
             let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();

@@ -67,8 +67,10 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "the config must be UTF-8 YAML or JSON");
     };
+    // On a cluster, paths resolve in the job's working dir, never the client's folder.
     let base = headers
         .get(BASE_DIR_HEADER)
+        .filter(|_| !s.controller.on_cluster())
         .and_then(|v| v.to_str().ok())
         .map(PathBuf::from)
         .unwrap_or_else(|| s.base_dir.clone());

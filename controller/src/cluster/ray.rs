@@ -257,9 +257,11 @@ impl RayCluster {
 /// Every actor this controller makes is named `sluice:<deployment>:<version>:<run>-<n>`.
 pub const ACTOR_PREFIX: &str = "sluice:";
 
+/// The last lines of a replica's output, for an event.
 fn tail(log: &str) -> String {
-    let log = log.trim();
-    if log.is_empty() { String::new() } else { format!("; last output:\n{log}") }
+    let lines: Vec<&str> = log.trim().lines().collect();
+    let last = &lines[lines.len().saturating_sub(8)..];
+    if last.is_empty() { String::new() } else { format!("; last output:\n{}", last.join("\n")) }
 }
 
 fn now_ms() -> u64 {
@@ -490,23 +492,27 @@ impl RayReplicas {
     }
 }
 
-/// Checks one replica every `health_check_period_s`: the first passing check opens it to
-/// requests; a failing one takes it out of routing at once, kills it and starts another.
+/// Checks one replica every `health_check_period_s`, and at once when a request to it failed on
+/// the hop: the first passing check opens it to requests; a failing one takes it out of routing
+/// at once, kills it and starts another. Before its first pass a replica has
+/// `health_check_timeout_s` to answer.
 async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, replica: Arc<GrpcReplica>) {
     let Some(health) = owner.upgrade().map(|o| o.health.clone()) else { return };
     let timeout = Duration::from_secs_f64(health.timeout_s);
     let period = Duration::from_secs_f64(health.period_s);
-    let mut first = true;
+    let started = Instant::now();
+    let mut up = false;
     loop {
         let result = replica.healthy(timeout).await;
         let Some(owner) = owner.upgrade() else { return };
         match result {
-            Ok(()) if first => {
+            Ok(()) if !up => {
                 owner.deployment.set_replica_ready(id, true);
                 owner.changed.send_replace(());
-                first = false;
+                up = true;
             }
             Ok(()) => {}
+            Err(_) if !up && started.elapsed() < timeout => {}
             Err(why) => {
                 owner.cluster.kill(&actor);
                 lock(&owner.cluster.owners).remove(&actor);
@@ -515,6 +521,13 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
             }
         }
         drop(owner);
-        tokio::time::sleep(if first { Duration::from_millis(50) } else { period }).await;
+        if up {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = replica.suspect.notified() => {}
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! gRPC `ModelInfer` with raw contents: tensors cross the hop as the same bytes (no JSON, no
 //! per-element conversion), on one multiplexed HTTP/2 connection per replica.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_deployments::{
@@ -9,6 +10,7 @@ use sluice_deployments::{
 };
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
 /// One remote replica of a deployment version.
@@ -18,6 +20,9 @@ pub(crate) struct GrpcReplica {
     version: String,
     client: GrpcInferenceServiceClient<Channel>,
     runtime: tokio::runtime::Handle,
+    /// Notified when a call fails on the hop itself (connection refused or lost): the health
+    /// checker looks at once instead of at its next period.
+    pub(crate) suspect: Arc<Notify>,
 }
 
 impl GrpcReplica {
@@ -35,7 +40,8 @@ impl GrpcReplica {
             .max_encoding_message_size(usize::MAX);
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| InferError::internal("remote replicas are made inside the server's runtime"))?;
-        Ok(Self { info, model: model.to_string(), version: version.to_string(), client, runtime })
+        let suspect = Arc::new(Notify::new());
+        Ok(Self { info, model: model.to_string(), version: version.to_string(), client, runtime, suspect })
     }
 
     /// Whether the replica answers `ServerReady` with true within `timeout`.
@@ -59,6 +65,7 @@ impl RemoteReplica for GrpcReplica {
         let request = encode(&self.model, &self.version, inputs, &outputs, left);
         let mut client = self.client.clone();
         let (name, addr) = (self.info.name.clone(), self.info.addr.clone());
+        let suspect = self.suspect.clone();
         self.runtime.spawn(async move {
             let mut request = tonic::Request::new(request);
             request.set_timeout(left.max(Duration::from_millis(1)));
@@ -69,7 +76,12 @@ impl RemoteReplica for GrpcReplica {
             };
             let answer = match answer {
                 Ok(response) => decode(response.into_inner(), &outputs),
-                Err(status) => Err(from_status(&status, &name, &addr)),
+                Err(status) => {
+                    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                        suspect.notify_one();
+                    }
+                    Err(from_status(&status, &name, &addr))
+                }
             };
             let _ = reply.send(answer);
         });

@@ -1,0 +1,304 @@
+"""Sluice on a real 2-node Ray cluster (network namespaces, see netns_cluster.py), end to end:
+`sluice run --ray` submits Sluice as one Ray job; replicas are Ray actors hosting `sluice
+replica` processes on both nodes; tritonclient infers through the head's frontends; a replica
+that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
+fails no request; a killed replica and a lost node are replaced with no request left hanging;
+stopping the job leaves no process behind.
+
+The tests share one cluster and one job and run in file order (the node-loss test takes the
+worker away, the last one stops the job)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import netns_cluster  # noqa: E402
+
+SLUICE = Path(os.environ.get("SLUICE_BIN", REPO / "target" / "debug" / "sluice"))
+CLIENT_PY = REPO / ".venv" / "bin" / "python"   # has tritonclient
+TOKEN = "ray-test-token"
+HEAD = netns_cluster.HEAD_IP
+WORKER = netns_cluster.WORKER_IP
+ADMIN = "http://%s:8266" % HEAD
+INFER = "http://%s:8000/v2/models/iris/infer" % HEAD
+
+APP = """\
+http_options: {{port: 8000}}
+grpc_options: {{port: 8001}}
+graceful_shutdown_timeout_s: 3
+applications:
+  - name: iris
+    deployments:
+      - name: iris
+        model: models/iris/model.onnx
+        version: "{version}"
+        num_replicas: 2
+        num_cpus: 1
+        health_check_period_s: 1
+        health_check_timeout_s: 3
+{extra}"""
+
+BIG = """\
+      - name: big
+        model: models/iris/model.onnx
+        num_cpus: 64
+"""
+
+AUTO = """\
+      - name: auto
+        model: models/iris/model.onnx
+        num_replicas: auto
+        num_cpus: 0.5
+        autoscaling_config: {min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1,
+                             upscale_delay_s: 0, downscale_delay_s: 1, metrics_interval_s: 0.2,
+                             look_back_period_s: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = netns_cluster.netns_available()
+    if reason:
+        pytest.skip("Ray netns cluster unavailable: " + reason)
+    if not (netns_cluster.DEFAULT_VENV / "bin" / "ray").exists():
+        pytest.skip("no Ray venv at %s (scripts/venv.sh scripts/requirements-ray.txt .venv-ray)" % netns_cluster.DEFAULT_VENV)
+    if not SLUICE.exists():
+        pytest.skip("no sluice binary at %s (cargo build --bin sluice, or set SLUICE_BIN)" % SLUICE)
+    # The head takes the replacement of the worker's replica when the worker is lost.
+    c = netns_cluster.NetnsCluster(tmp_path_factory.mktemp("sluicecluster"), head_cpus=3, worker_cpus=2)
+    try:
+        c.up()
+    except netns_cluster.Unavailable as e:
+        pytest.skip("Ray netns cluster unavailable: %s" % e)
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+def client(c, *args, timeout=120):
+    r = c.check_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), *map(str, args)], timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def admin(c, method, path, body_file=None):
+    out = client(c, "admin", method, ADMIN + path, TOKEN, *([body_file] if body_file else []))
+    status, _, body = out.partition("\n")
+    return int(status), (json.loads(body) if body.strip().startswith("{") else body)
+
+
+def status(c):
+    code, body = admin(c, "GET", "/api/serve/applications")
+    assert code == 200, body
+    return body
+
+
+def deployment(c, name):
+    for app in status(c)["applications"].values():
+        if name in app["deployments"]:
+            return app["deployments"][name]
+    return None
+
+
+def wait_for(what, check, timeout=60, every=0.5):
+    end = time.time() + timeout
+    last = None
+    while time.time() < end:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError("timed out after %ss waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def cmdline(pid):
+    try:
+        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def sluice_pids(c, node):
+    """The `sluice replica` processes on a node (the controller, also `sluice`, is left out)."""
+    return [p for p in c.find_pids(node, "sluice") if "replica" in cmdline(p)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("app")
+    shutil.copytree(REPO / "examples" / "models" / "iris", d / "models" / "iris")
+    (d / "app.yaml").write_text(APP.format(version="1", extra=""))
+    return d
+
+
+def run_sluice(c, workdir, timeout=240):
+    env = c.env({"SLUICE_ADMIN_TOKEN": TOKEN, "RUST_LOG": "info"})
+    return c.check_in("head", [str(SLUICE), "run", str(workdir / "app.yaml"), "--ray", c.dashboard_url],
+                      timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def job(cluster, workdir):
+    t = time.time()
+    r = run_sluice(cluster, workdir)
+    assert r.returncode == 0, "sluice run --ray failed:\n%s\n%s" % (r.stdout, r.stderr[-4000:])
+    sys.stderr.write("\n[sluice on Ray in %.1f s]\n" % (time.time() - t))
+    yield r
+    cluster.http("POST", cluster.dashboard_url + "/api/jobs/sluice-app/stop")
+
+
+def test_submit_spreads_replicas_over_both_nodes_and_tritonclient_infers(cluster, job):
+    assert "Sluice is running on Ray 2.60.0 as job sluice-app" in job.stdout, job.stdout
+    assert "admin  http://127.100.0.1:8266" in job.stdout, job.stdout
+    d = deployment(cluster, "iris")
+    assert d["status"] == "HEALTHY", d
+    v = d["versions"][0]
+    assert (v["replicas"], v["ready_replicas"]) == (2, 2), v
+    assert sorted(n["node_ip"] for n in v["nodes"]) == [HEAD, WORKER], "one replica on each node: %s" % v["nodes"]
+    assert all(n["ready"] and n["pid"] > 0 and n["addr"].startswith(n["node_ip"] + ":") for n in v["nodes"])
+    # The replica processes are where status says they are.
+    assert len(sluice_pids(cluster, "worker")) == 1
+    out = client(cluster, "triton", "%s:8000" % HEAD, "%s:8001" % HEAD,
+                 REPO / "examples" / "models" / "iris" / "expected.json")
+    assert out.strip() == "ok"
+
+
+def test_submitting_twice_is_idempotent(cluster, workdir, job):
+    r = run_sluice(cluster, workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already running: job sluice-app" in r.stderr, r.stderr
+    st, jobs = cluster.http_json("GET", cluster.dashboard_url + "/api/jobs/")
+    assert st == 200
+    assert [j["submission_id"] for j in jobs if j["status"] in ("PENDING", "RUNNING")] == ["sluice-app"]
+
+
+def test_a_replica_that_does_not_fit_waits_and_status_says_why(cluster, workdir, job):
+    (workdir / "big.yaml").write_text(APP.format(version="1", extra=BIG))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "big.yaml")
+    assert code == 200, body
+    big = wait_for("a waiting reason for `big`",
+                   lambda: (deployment(cluster, "big") or {}).get("versions", [{}])[0].get("waiting"))
+    assert "infeasible" in big[0] and "CPU" in big[0], big
+    d = deployment(cluster, "big")
+    assert d["status"] == "UPDATING" and d["versions"][0]["ready_replicas"] == 0, d
+    # Nothing was oversubscribed: iris still has its two replicas and serves.
+    assert deployment(cluster, "iris")["versions"][0]["ready_replicas"] == 2
+    st, _ = cluster.http("POST", INFER, body=json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                         "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}).encode())
+    assert st == 200
+    # Removing it again removes its (never placed) actor.
+    (workdir / "back.yaml").write_text(APP.format(version="1", extra=""))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "back.yaml")
+    assert code == 200, body
+    assert deployment(cluster, "big") is None
+
+
+def test_autoscaling_creates_and_kills_actors(cluster, workdir, job, tmp_path):
+    (workdir / "auto.yaml").write_text(APP.format(version="1", extra=AUTO))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "auto.yaml")
+    assert code == 200, body
+    assert deployment(cluster, "auto")["versions"][0]["replicas"] == 1
+    before = len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker"))
+    out = tmp_path / "auto-load.json"
+    url = INFER.replace("iris", "auto")
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", url, "6", "6", str(out)])
+    up = wait_for("a scale-up", lambda: deployment(cluster, "auto")["versions"][0]["ready_replicas"] >= 2, timeout=60)
+    assert up
+    grown = len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker"))
+    assert grown > before, "new replica processes started (%d -> %d)" % (before, grown)
+    p.wait(timeout=60)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 0 and not stats["errors"], stats
+    wait_for("a scale-down", lambda: deployment(cluster, "auto")["versions"][0]["replicas"] == 1, timeout=60)
+    wait_for("the extra replica processes to exit",
+             lambda: len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker")) == before, timeout=30)
+    events = " ".join(e["message"] for e in status(cluster)["events"])
+    assert "autoscaled from 1 to" in events and "to 1 replicas" in events, events
+
+
+def test_a_live_swap_on_ray_fails_no_request(cluster, workdir, job, tmp_path):
+    out = tmp_path / "swap-load.json"
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", INFER, "12", "4", str(out)])
+    time.sleep(2)
+    (workdir / "v2.yaml").write_text(APP.format(version="2", extra=""))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "v2.yaml")
+    assert code == 200, body
+    p.wait(timeout=60)
+    stats = json.loads(out.read_text())
+    assert stats["errors"] == {}, stats
+    assert stats["versions"].get("1", 0) > 0 and stats["versions"].get("2", 0) > 0, stats
+    v = deployment(cluster, "iris")["versions"]
+    assert [x["version"] for x in v] == ["2"] and v[0]["ready_replicas"] == 2, v
+    # The old version's replica processes are gone.
+    wait_for("the old replicas to stop", lambda: len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker")) == 2)
+
+
+def test_a_killed_replica_process_is_replaced_and_traffic_continues(cluster, job, tmp_path):
+    v = deployment(cluster, "iris")["versions"][0]
+    victim = next(n for n in v["nodes"] if n["node_ip"] == WORKER) if any(
+        n["node_ip"] == WORKER for n in v["nodes"]) else v["nodes"][0]
+    out = tmp_path / "kill-load.json"
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", INFER, "8", "4", str(out)])
+    time.sleep(1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for("a replacement replica", lambda: (lambda vv: vv["ready_replicas"] == 2 and victim["name"] not in
+              [n["name"] for n in vv["nodes"]])(deployment(cluster, "iris")["versions"][0]), timeout=60)
+    p.wait(timeout=60)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 100, stats
+    # Requests that were on the killed replica fail fast with 503 naming it; none hangs.
+    assert set(stats["errors"]) <= {"503"}, stats
+    assert stats["max_s"] < 10, stats
+    events = " ".join(e["message"] for e in status(cluster)["events"])
+    assert "%s exited with code 137" % victim["name"] in events or "%s failed its health check" % victim["name"] in events, events
+
+
+def test_losing_the_worker_node_brings_its_replicas_back_on_the_head(cluster, job, tmp_path):
+    # Make sure a replica runs on the worker first.
+    v = deployment(cluster, "iris")["versions"][0]
+    if not any(n["node_ip"] == WORKER for n in v["nodes"]):
+        pytest.skip("no replica on the worker to lose: %s" % v["nodes"])
+    out = tmp_path / "node-load.json"
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", INFER, "30", "4", str(out)])
+    time.sleep(1)
+    lost_at = time.time()
+    assert cluster.kill_raylet("worker")
+
+    def back_on_head():
+        vv = deployment(cluster, "iris")["versions"][0]
+        return vv["ready_replicas"] == 2 and all(n["node_ip"] == HEAD for n in vv["nodes"])
+    wait_for("both replicas on the head", back_on_head, timeout=45)
+    recovered_s = time.time() - lost_at
+    sys.stderr.write("\n[node loss: replicas back on the head after %.1f s]\n" % recovered_s)
+    p.wait(timeout=90)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 0 and set(stats["errors"]) <= {"503"}, stats
+    assert stats["max_s"] < 30, "no request hangs: %s" % stats
+
+
+def test_stopping_the_job_leaves_no_actor_and_no_sluice_process(cluster, job):
+    st, body = cluster.http_json("POST", cluster.dashboard_url + "/api/jobs/sluice-app/stop")
+    assert st == 200, body
+
+    def stopped():
+        s, j = cluster.http_json("GET", cluster.dashboard_url + "/api/jobs/sluice-app")
+        return s == 200 and j["status"] in ("STOPPED", "FAILED", "SUCCEEDED") and j
+    j = wait_for("the job to stop", stopped, timeout=60)
+    assert j["status"] == "STOPPED", j
+    wait_for("no sluice process", lambda: not sluice_pids(cluster, "head") and not sluice_pids(cluster, "worker"), timeout=30)
+    wait_for("no sluice controller", lambda: not cluster.find_pids("head", "sluice"), timeout=30)
+    hosts = [p for node in ("head", "worker") for p in cluster.pids(node) if "ProcessHost" in " ".join(cmdline(p))]
+    assert hosts == [], "actor processes left: %s" % hosts
