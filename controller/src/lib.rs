@@ -99,7 +99,20 @@ impl Controller {
 
     /// What the admin API and `sluice status` show.
     pub fn status(&self) -> Status {
-        status::status(&self.lock())
+        let mut status = status::status(&self.lock());
+        if let Cluster::Ray(ray) = &self.cluster {
+            status.proxies = ray
+                .proxies()
+                .into_iter()
+                .map(|p| status::ProxyStatus {
+                    name: p.name,
+                    node_id: p.node_id,
+                    node_ip: p.node_ip,
+                    addr: p.addr,
+                })
+                .collect();
+        }
+        status
     }
 
     /// Removes one application (or every one, with `None`).
@@ -202,6 +215,7 @@ impl Controller {
                 for (deployment, message) in ray.take_notes() {
                     st.events.push(&deployment, message);
                 }
+                ray.reconcile_proxies();
             }
             // On Ray, Ray decides what fits where (a replica that does not fit waits); here,
             // growth stops at this machine's free CPUs.

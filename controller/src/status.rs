@@ -16,6 +16,19 @@ pub struct Status {
     pub applications: BTreeMap<String, ApplicationStatus>,
     /// Oldest first.
     pub events: Vec<Event>,
+    /// Frontends on other nodes of the cluster (`proxy_location: EveryNode`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// A proxy on a cluster node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub name: String,
+    pub node_id: String,
+    pub node_ip: String,
+    /// Its REST address, once it listens.
+    pub addr: Option<String>,
 }
 
 /// An application (Ray Serve's status names).
@@ -112,7 +125,7 @@ pub(crate) fn status(state: &ControllerState) -> Status {
             .deployments
             .insert(name.clone(), deployment(m));
     }
-    Status { applications, events: state.events.iter().cloned().collect() }
+    Status { applications, events: state.events.iter().cloned().collect(), proxies: Vec::new() }
 }
 
 fn deployment(m: &Managed) -> DeploymentStatus {

@@ -133,6 +133,11 @@ impl Pipeline {
         &self.metadata
     }
 
+    /// The steps, in run order.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
     pub fn metrics(&self) -> &DeploymentMetrics {
         &self.metrics
     }

@@ -46,6 +46,7 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .route("/api/serve/deployments/{name}/canary", post(set_weight))
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
+        .route("/api/sluice/routes", get(routes_snapshot))
         .route("/-/healthz", get(|| async { "ok" }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(middleware::from_fn(move |req: Request, next: Next| {
@@ -97,6 +98,11 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
 
 /// The status after a change, or why the change was refused.
 type Answer = Result<Json<Status>, ApiError>;
+
+/// The route table as data, for proxies on other nodes ([`crate::snapshot`]).
+async fn routes_snapshot(State(s): State<AdminState>) -> Json<crate::snapshot::Snapshot> {
+    Json(crate::snapshot::take(s.controller.routes()))
+}
 
 async fn status(State(s): State<AdminState>) -> Json<Status> {
     Json(s.controller.status())

@@ -19,6 +19,7 @@ pub mod model_config;
 pub mod ray_jobs;
 pub mod rest;
 pub mod runtime;
+pub mod snapshot;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -50,6 +50,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Replica(args) => cli::replica::replica(args, ort_env),
+        Command::Proxy(args) => {
+            let token = std::env::var("SLUICE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+            cli::proxy::proxy(args, ort_env, token)
+        }
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
         Command::Deploy { config, admin } => cli::admin::deploy(&config, &admin),

@@ -35,6 +35,7 @@ ADMIN = "http://%s:8266" % HEAD
 INFER = "http://%s:8000/v2/models/iris/infer" % HEAD
 
 APP = """\
+proxy_location: EveryNode
 http_options: {{port: 8000}}
 grpc_options: {{port: 8001}}
 graceful_shutdown_timeout_s: 3
@@ -171,8 +172,15 @@ def test_submit_spreads_replicas_over_both_nodes_and_tritonclient_infers(cluster
     assert all(n["ready"] and n["pid"] > 0 and n["addr"].startswith(n["node_ip"] + ":") for n in v["nodes"])
     # The replica processes are where status says they are.
     assert len(sluice_pids(cluster, "worker")) == 1
-    out = client(cluster, "triton", "%s:8000" % HEAD, "%s:8001" % HEAD,
-                 REPO / "examples" / "models" / "iris" / "expected.json")
+    expected = REPO / "examples" / "models" / "iris" / "expected.json"
+    out = client(cluster, "triton", "%s:8000" % HEAD, "%s:8001" % HEAD, expected)
+    assert out.strip() == "ok"
+    # proxy_location: EveryNode: the worker, which has a replica, has its own frontends too.
+    proxies = wait_for("a proxy on the worker", lambda: [p for p in status(cluster).get("proxies", []) if p.get("addr")])
+    assert [p["node_ip"] for p in proxies] == [WORKER], proxies
+    out = wait_for("the worker's proxy to follow the routes", lambda: (lambda r: r.returncode == 0 and r.stdout)(
+        cluster.check_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "triton", "%s:8000" % WORKER,
+                                  "%s:8001" % WORKER, str(expected)])), timeout=30)
     assert out.strip() == "ok"
 
 

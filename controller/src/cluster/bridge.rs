@@ -26,6 +26,12 @@ pub struct ActorOptions {
     pub max_replicas_per_node: Option<u32>,
     /// The key `max_replicas_per_node` counts under (one per deployment version).
     pub group: String,
+    /// Pin to this node (per-node proxies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// With `node_id`: false pins hard (the actor never runs elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft: Option<bool>,
 }
 
 /// A command to the driver.
@@ -87,6 +93,8 @@ pub enum Event {
         protocol: u32,
         #[serde(default)]
         ray_version: String,
+        #[serde(default)]
+        node_id: String,
         #[serde(default)]
         node_ip: String,
         #[serde(default)]

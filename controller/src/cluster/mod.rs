@@ -17,7 +17,8 @@ use sluice_deployments::{Deployment, DeploymentSpec, LoadError, backend_factory}
 
 use crate::ControlError;
 
-pub use ray::{RayCluster, RayOptions};
+pub use ray::{ProxyOptions, RayCluster, RayOptions};
+pub use remote::GrpcReplica;
 
 /// What a `sluice replica` process serves: one replica of one deployment version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,18 @@ use super::remote::GrpcReplica;
 /// Replacements of a replica that keeps failing wait this long at most between tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Frontends on every node that has replicas (`proxy_location: EveryNode`).
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// The controller's admin port (proxies poll its route snapshot there, on the head).
+    pub admin_port: u16,
+    pub http_port: u16,
+    /// None: gRPC disabled.
+    pub grpc_port: Option<u16>,
+    /// The admin token proxies present.
+    pub token: Option<String>,
+}
+
 /// How this process runs replicas on Ray.
 pub struct RayOptions {
     /// The `sluice` binary replicas run (made relative to the working dir when inside it, so
@@ -33,6 +45,18 @@ pub struct RayOptions {
     pub grace: Duration,
     /// How long a new replica may take to print its address.
     pub startup_timeout: Duration,
+    /// Proxies on the other nodes with replicas; None: frontends on the head only.
+    pub proxies: Option<ProxyOptions>,
+}
+
+/// A proxy actor on one node.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub name: String,
+    pub node_id: String,
+    pub node_ip: String,
+    /// Its REST address once it listens.
+    pub addr: Option<String>,
 }
 
 /// The Ray cluster this controller runs replicas on.
@@ -49,6 +73,12 @@ pub struct RayCluster {
     notes: Mutex<Vec<(String, String)>>,
     /// Set once the driver has closed the bridge.
     closed: watch::Sender<bool>,
+    /// The node this process (and the driver) runs on: the head.
+    head: Mutex<(String, String)>,
+    /// Where each replica that is up runs: actor name → node id.
+    replica_nodes: Mutex<HashMap<String, String>>,
+    /// Proxies by node id.
+    proxies: Mutex<BTreeMap<String, Proxy>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,6 +102,9 @@ impl RayCluster {
             nodes: Mutex::new(BTreeMap::new()),
             notes: Mutex::new(Vec::new()),
             closed: watch::channel(false).0,
+            head: Mutex::new((String::new(), String::new())),
+            replica_nodes: Mutex::new(HashMap::new()),
+            proxies: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&cluster);
         tokio::spawn(async move {
@@ -112,7 +145,8 @@ impl RayCluster {
 
     fn handle(&self, event: Event) {
         match event {
-            Event::Hello { protocol, ray_version, namespace, .. } => {
+            Event::Hello { protocol, ray_version, namespace, node_id, node_ip } => {
+                *lock(&self.head) = (node_id, node_ip);
                 if protocol != super::bridge::PROTOCOL {
                     tracing::error!(
                         "the Ray driver speaks protocol {protocol}, this controller {}",
@@ -121,7 +155,7 @@ impl RayCluster {
                 }
                 tracing::info!("on Ray {ray_version}, namespace `{namespace}`");
                 // Whatever an earlier controller left behind under our prefix goes.
-                self.commands.send(Command::List { id: "startup".into(), prefix: ACTOR_PREFIX.into() });
+                self.commands.send(Command::List { id: "startup".into(), prefix: "sluice".into() });
             }
             Event::Actors { id, actors } if id.as_deref() == Some("startup") => {
                 for a in actors.into_iter().filter(|a| !a.name.contains(&format!(":{}-", self.run))) {
@@ -140,13 +174,30 @@ impl RayCluster {
                     n.alive = false;
                 }
             }
+            Event::Ready { name, node_id, node_ip, addr, .. } if name.starts_with(PROXY_PREFIX) => {
+                if let Some(p) = lock(&self.proxies).values_mut().find(|p| p.name == name) {
+                    tracing::info!(node = %node_ip, "proxy up at {addr}");
+                    (p.node_id, p.node_ip, p.addr) = (node_id, node_ip, Some(addr));
+                }
+            }
+            Event::Failed { name, .. }
+            | Event::Exited { name, .. }
+            | Event::Died { name, .. }
+            | Event::Killed { name }
+                if name.starts_with(PROXY_PREFIX) =>
+            {
+                lock(&self.proxies).retain(|_, p| p.name != name);
+            }
             Event::Pending { name, kind, reason } => {
                 if let Some(r) = self.owner(&name) {
                     r.pending(&name, format!("{kind}: {reason}"));
                 }
             }
             Event::Ready { name, node_id, node_ip, pid, addr } => match self.owner(&name) {
-                Some(r) => r.ready(RemoteInfo { name, node_id, node_ip, pid, addr }),
+                Some(r) => {
+                    lock(&self.replica_nodes).insert(name.clone(), node_id.clone());
+                    r.ready(RemoteInfo { name, node_id, node_ip, pid, addr });
+                }
                 None => {
                     self.commands.send(Command::Kill { name, grace_s: 0.0 });
                 }
@@ -166,6 +217,7 @@ impl RayCluster {
             }
             Event::Killed { name } => {
                 lock(&self.owners).remove(&name);
+                lock(&self.replica_nodes).remove(&name);
             }
             Event::Error { op, name, message } => {
                 tracing::error!("the Ray driver refused {}: {message}", op.unwrap_or_default());
@@ -178,6 +230,7 @@ impl RayCluster {
     }
 
     fn gone(&self, actor: &str, why: String) {
+        lock(&self.replica_nodes).remove(actor);
         let owner = lock(&self.owners).remove(actor).and_then(|w| w.upgrade());
         if let Some(r) = owner {
             r.lost(actor, why);
@@ -209,10 +262,78 @@ impl RayCluster {
                 accelerator_type: p.accelerator_type.clone(),
                 max_replicas_per_node: p.max_replicas_per_node,
                 group: format!("{}:{}", owner.spec.deployment, owner.spec.version),
+                ..ActorOptions::default()
             },
             startup_timeout_s: self.options.startup_timeout.as_secs_f64(),
         });
         name
+    }
+
+    /// Makes proxies match the nodes that have replicas up (the head serves itself): starts one
+    /// pinned to each such node, stops those on nodes left without replicas. Called by the
+    /// controller every round.
+    pub fn reconcile_proxies(&self) {
+        let Some(options) = &self.options.proxies else { return };
+        let (head, head_ip) = lock(&self.head).clone();
+        if head_ip.is_empty() {
+            return;
+        }
+        let alive: std::collections::BTreeSet<String> =
+            lock(&self.nodes).values().filter(|n| n.alive).map(|n| n.node_id.clone()).collect();
+        let wanted: std::collections::BTreeSet<String> = lock(&self.replica_nodes)
+            .values()
+            .filter(|n| **n != head && alive.contains(*n))
+            .cloned()
+            .collect();
+        let mut proxies = lock(&self.proxies);
+        for (node, p) in proxies.iter() {
+            if !wanted.contains(node) {
+                tracing::info!(node = %p.node_ip, "no replica left on the node; stopping its proxy");
+                self.kill(&p.name);
+            }
+        }
+        proxies.retain(|node, _| wanted.contains(node));
+        for node in wanted {
+            if proxies.contains_key(&node) {
+                continue;
+            }
+            let n = self.seq.fetch_add(1, Ordering::Relaxed);
+            let name = format!("{PROXY_PREFIX}{}-{n}", self.run);
+            let mut argv = vec![
+                self.relative(&self.options.binary),
+                "proxy".into(),
+                "--controller".into(),
+                format!("http://{head_ip}:{}", options.admin_port),
+                "--host".into(),
+                "{node_ip}".into(),
+                "--http-port".into(),
+                options.http_port.to_string(),
+            ];
+            match options.grpc_port {
+                Some(port) => argv.extend(["--grpc-port".into(), port.to_string()]),
+                None => argv.push("--no-grpc".into()),
+            }
+            let env = options.token.iter().map(|t| ("SLUICE_ADMIN_TOKEN".to_string(), t.clone())).collect();
+            self.commands.send(Command::Create {
+                name: name.clone(),
+                argv,
+                env,
+                options: ActorOptions {
+                    num_cpus: 0.0,
+                    group: "proxy".into(),
+                    node_id: Some(node.clone()),
+                    soft: Some(false),
+                    ..ActorOptions::default()
+                },
+                startup_timeout_s: self.options.startup_timeout.as_secs_f64(),
+            });
+            proxies.insert(node.clone(), Proxy { name, node_id: node, node_ip: String::new(), addr: None });
+        }
+    }
+
+    /// The proxies on other nodes than the head.
+    pub fn proxies(&self) -> Vec<Proxy> {
+        lock(&self.proxies).values().cloned().collect()
     }
 
     fn kill(&self, actor: &str) {
@@ -254,8 +375,11 @@ impl RayCluster {
     }
 }
 
-/// Every actor this controller makes is named `sluice:<deployment>:<version>:<run>-<n>`.
+/// Every replica actor this controller makes is named `sluice:<deployment>:<version>:<run>-<n>`.
 pub const ACTOR_PREFIX: &str = "sluice:";
+
+/// Proxy actors are named `sluice-proxy:<run>-<n>`.
+pub const PROXY_PREFIX: &str = "sluice-proxy:";
 
 /// The last lines of a replica's output, for an event.
 fn tail(log: &str) -> String {

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
 /// One remote replica of a deployment version.
-pub(crate) struct GrpcReplica {
+pub struct GrpcReplica {
     info: RemoteInfo,
     model: String,
     version: String,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod loadtest;
+pub mod proxy;
 pub mod ray;
 pub mod replica;
 pub mod run;
@@ -59,6 +60,10 @@ pub enum Command {
     /// start it); prints `LISTEN <addr>` once warm.
     #[command(hide = true)]
     Replica(replica::ReplicaArgs),
+    /// Serve the REST and gRPC frontends on a cluster node, following a controller's routes
+    /// (the controller starts it with `proxy_location: EveryNode`).
+    #[command(hide = true)]
+    Proxy(proxy::ProxyArgs),
     /// Check CONFIG and load each model once (canaries and model-repository versions too);
     /// print every error found and exit non-zero if any.
     Validate {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use sluice_config::Config;
-use sluice_controller::cluster::{Cluster, RayCluster, RayOptions, bridge};
+use sluice_controller::cluster::{Cluster, ProxyOptions, RayCluster, RayOptions, bridge};
 use sluice_controller::{DeploymentState, Status};
 use sluice_server::StartOptions;
 use sluice_server::ray_jobs::{JobRequest, Jobs};
@@ -315,6 +315,12 @@ pub fn run_in_job(
     let grace = Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
     let working_dir = std::env::current_dir().unwrap_or_default();
     let binary = std::env::current_exe().unwrap_or_default();
+    let proxies = (config.proxy_location == sluice_config::ProxyLocation::EveryNode).then(|| ProxyOptions {
+        admin_port: config.admin_options.port,
+        http_port: config.http_options.port,
+        grpc_port: config.grpc_options.enabled.then_some(config.grpc_options.port),
+        token: admin_token.clone(),
+    });
     super::run::run_with(
         config,
         ort,
@@ -322,7 +328,7 @@ pub fn run_in_job(
         move || {
             let (commands, events) = bridge::stdio();
             let options =
-                RayOptions { binary, working_dir, grace, startup_timeout: Duration::from_secs(300) };
+                RayOptions { binary, working_dir, grace, startup_timeout: Duration::from_secs(300), proxies };
             let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
             StartOptions { admin_token, cluster: Cluster::Ray(ray) }
         },

@@ -1,0 +1,53 @@
+//! `sluice proxy`: the REST and gRPC frontends on a node of a Ray cluster
+//! (`proxy_location: EveryNode`), following the controller's route table and sending requests
+//! straight to the replicas. Started by the controller as a Ray actor pinned to its node;
+//! prints `LISTEN <host:port>` once listening.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use sluice_config::Config;
+use sluice_server::StartOptions;
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// The controller's admin API (`http://HEAD:8266`), whose route table this proxy follows.
+    #[arg(long)]
+    pub controller: String,
+    /// Address to bind the frontends to (the node's IP).
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub http_port: u16,
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Serve REST only.
+    #[arg(long)]
+    pub no_grpc: bool,
+    /// How often to fetch the route table, seconds.
+    #[arg(long, default_value_t = 0.5)]
+    pub poll_s: f64,
+    #[command(flatten)]
+    pub ort: super::OrtArgs,
+}
+
+/// `token`: the controller's admin token (from the environment, read in main.rs).
+pub fn proxy(args: ProxyArgs, ort_env: Option<PathBuf>, token: Option<String>) -> ExitCode {
+    let mut config = Config::default();
+    config.http_options.host = args.host.clone();
+    config.http_options.port = args.http_port;
+    config.grpc_options.host = args.host.clone();
+    config.grpc_options.port = args.grpc_port;
+    config.grpc_options.enabled = !args.no_grpc;
+    config.admin_options.enabled = false;
+    let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
+    let every = Duration::from_secs_f64(args.poll_s.max(0.05));
+    super::run::run_with(config, args.ort, ort_env, StartOptions::default, move |server| {
+        tokio::spawn(sluice_server::snapshot::follow(server.routes().clone(), url, token, every));
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "LISTEN {}", server.http_addr());
+        let _ = out.flush();
+    })
+}

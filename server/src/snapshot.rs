@@ -1,0 +1,328 @@
+//! The route table as data, for proxies on other nodes (`proxy_location: EveryNode`): the
+//! controller answers `GET /api/sluice/routes` with every model, version, traffic split, the
+//! replicas behind each version (their addresses and readiness) and the pipelines; a `sluice
+//! proxy` polls it and keeps an identical route table of its own, sending requests straight to
+//! the same replicas. Decisions stay with the controller; a proxy only follows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_config::ReplicaSettings;
+use sluice_controller::cluster::GrpcReplica;
+use sluice_deployments::pipeline::{JsonMapping, Step};
+use sluice_deployments::{
+    DataType, Deployment, DeploymentSpec, ModelMetadata, Pipeline, RemoteInfo, Servable, TensorSpec,
+};
+use sluice_router::{ModelRoute, RouteTable, Router};
+
+/// Every route of the controller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub models: BTreeMap<String, ModelEntry>,
+    pub pipelines: Vec<PipelineEntry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub versions: BTreeMap<String, VersionEntry>,
+    /// (version, weight) for requests that name no version.
+    pub split: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    pub metadata: Metadata,
+    pub settings: ReplicaSettings,
+    pub max_replicas: usize,
+    pub replicas: Vec<ReplicaEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaEntry {
+    pub name: String,
+    pub addr: String,
+    pub node_id: String,
+    pub node_ip: String,
+    pub pid: u32,
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub platform: String,
+    pub inputs: Vec<Spec>,
+    pub outputs: Vec<Spec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineEntry {
+    pub name: String,
+    pub inputs: Vec<Spec>,
+    pub outputs: Vec<String>,
+    /// (name, deployment, step inputs, step outputs) in run order.
+    pub steps: Vec<StepEntry>,
+    pub json: Option<(Vec<(String, String)>, Vec<(String, String)>)>,
+    pub route_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEntry {
+    pub name: String,
+    pub deployment: String,
+    pub inputs: Vec<(String, String)>,
+    pub outputs: Vec<(String, String)>,
+}
+
+fn spec_of(t: &TensorSpec) -> Spec {
+    Spec { name: t.name.clone(), datatype: t.dtype.as_str().to_string(), shape: t.shape.clone() }
+}
+
+fn tensor_of(s: &Spec) -> Option<TensorSpec> {
+    Some(TensorSpec { name: s.name.clone(), dtype: DataType::parse(&s.datatype)?, shape: s.shape.clone() })
+}
+
+impl Metadata {
+    fn of(m: &ModelMetadata) -> Self {
+        Self {
+            platform: m.platform.clone(),
+            inputs: m.inputs.iter().map(spec_of).collect(),
+            outputs: m.outputs.iter().map(spec_of).collect(),
+        }
+    }
+
+    fn to_model(&self) -> Option<ModelMetadata> {
+        Some(ModelMetadata {
+            platform: self.platform.clone(),
+            inputs: self.inputs.iter().map(tensor_of).collect::<Option<_>>()?,
+            outputs: self.outputs.iter().map(tensor_of).collect::<Option<_>>()?,
+        })
+    }
+}
+
+/// The snapshot of `routes` (only remote replicas are listed: proxies cannot reach threads).
+pub fn take(routes: &Router) -> Snapshot {
+    let table = routes.table();
+    let mut snapshot = Snapshot::default();
+    for (name, route) in &table.models {
+        let mut entry = ModelEntry { split: route.split.clone(), ..ModelEntry::default() };
+        for (version, servable) in &route.versions {
+            let Servable::Deployment(d) = servable else { continue };
+            let replicas = d
+                .remote_replicas()
+                .into_iter()
+                .map(|(_, ready, r)| ReplicaEntry {
+                    name: r.name,
+                    addr: r.addr,
+                    node_id: r.node_id,
+                    node_ip: r.node_ip,
+                    pid: r.pid,
+                    ready,
+                })
+                .collect();
+            entry.versions.insert(
+                version.clone(),
+                VersionEntry {
+                    metadata: Metadata::of(d.metadata()),
+                    settings: d.spec().settings.clone(),
+                    max_replicas: d.spec().max_replicas,
+                    replicas,
+                },
+            );
+        }
+        if !entry.versions.is_empty() {
+            snapshot.models.insert(name.clone(), entry);
+        }
+    }
+    let prefixes: HashMap<&str, &String> = table.json_routes.iter().map(|(p, pl)| (pl.name(), p)).collect();
+    for route in table.models.values() {
+        for servable in route.versions.values() {
+            let Servable::Pipeline(p) = servable else { continue };
+            snapshot.pipelines.push(PipelineEntry {
+                name: p.name().to_string(),
+                inputs: p.metadata().inputs.iter().map(spec_of).collect(),
+                outputs: p.metadata().outputs.iter().map(|o| o.name.clone()).collect(),
+                steps: p
+                    .steps()
+                    .iter()
+                    .map(|s| StepEntry {
+                        name: s.name.clone(),
+                        deployment: s.deployment.name().to_string(),
+                        inputs: s.inputs.clone(),
+                        outputs: s.outputs.clone(),
+                    })
+                    .collect(),
+                json: p.json.as_ref().map(|j| (j.request.clone(), j.response.clone())),
+                route_prefix: prefixes.get(p.name()).map(|s| s.to_string()),
+            });
+        }
+    }
+    snapshot.pipelines.sort_by(|a, b| a.name.cmp(&b.name));
+    snapshot
+}
+
+/// One version as a proxy runs it: a deployment of remote replicas, by replica name.
+struct Followed {
+    entry: VersionEntry,
+    deployment: Arc<Deployment>,
+    replicas: HashMap<String, usize>,
+}
+
+/// Keeps a proxy's route table equal to the controller's snapshots.
+#[derive(Default)]
+pub struct Follower {
+    versions: HashMap<(String, String), Followed>,
+}
+
+impl Follower {
+    /// Makes `routes` serve `snapshot`: new versions start, replicas join or leave, readiness
+    /// follows, and the table is published whole.
+    pub fn apply(&mut self, snapshot: &Snapshot, routes: &Router) {
+        let mut keep = HashMap::new();
+        for (model, entry) in &snapshot.models {
+            for (version, v) in &entry.versions {
+                let key = (model.clone(), version.clone());
+                let followed = match self.versions.remove(&key) {
+                    Some(f) if f.entry.settings == v.settings && f.entry.metadata == v.metadata => f,
+                    _ => match start(model, version, v) {
+                        Some(f) => f,
+                        None => continue,
+                    },
+                };
+                keep.insert(key, sync(followed, v));
+            }
+        }
+        self.versions = keep;
+        let mut table = RouteTable::default();
+        for (model, entry) in &snapshot.models {
+            let mut route = ModelRoute { split: entry.split.clone(), ..ModelRoute::default() };
+            for version in entry.versions.keys() {
+                if let Some(f) = self.versions.get(&(model.clone(), version.clone())) {
+                    route.versions.insert(version.clone(), Servable::Deployment(f.deployment.clone()));
+                }
+            }
+            table.models.insert(model.clone(), route);
+        }
+        for p in &snapshot.pipelines {
+            match self.pipeline(p, snapshot) {
+                Some(pipeline) => {
+                    let mut route = ModelRoute::default();
+                    route.versions.insert("1".into(), Servable::Pipeline(pipeline.clone()));
+                    table.models.insert(p.name.clone(), route);
+                    if let Some(prefix) = &p.route_prefix {
+                        table.json_routes.insert(prefix.clone(), pipeline);
+                    }
+                }
+                None => tracing::warn!(pipeline = %p.name, "cannot follow this pipeline yet"),
+            }
+        }
+        routes.publish(table);
+    }
+
+    fn pipeline(&self, p: &PipelineEntry, snapshot: &Snapshot) -> Option<Arc<Pipeline>> {
+        let mut steps = Vec::new();
+        for s in &p.steps {
+            // A step runs on the default version of its deployment.
+            let versions = &snapshot.models.get(&s.deployment)?.versions;
+            let version = versions.keys().next_back()?;
+            let followed = self.versions.get(&(s.deployment.clone(), version.clone()))?;
+            steps.push(Step {
+                name: s.name.clone(),
+                deployment: followed.deployment.clone(),
+                inputs: s.inputs.clone(),
+                outputs: s.outputs.clone(),
+            });
+        }
+        let inputs = p.inputs.iter().map(tensor_of).collect::<Option<Vec<_>>>()?;
+        let json = p.json.clone().map(|(request, response)| JsonMapping { request, response });
+        Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok().map(Arc::new)
+    }
+}
+
+fn start(model: &str, version: &str, v: &VersionEntry) -> Option<Followed> {
+    let metadata = v.metadata.to_model()?;
+    let spec = DeploymentSpec {
+        name: model.to_string(),
+        version: version.to_string(),
+        num_replicas: 0,
+        max_replicas: v.max_replicas,
+        settings: v.settings.clone(),
+        wake: Default::default(),
+    };
+    match Deployment::start_remote(spec, metadata) {
+        Ok(d) => Some(Followed { entry: v.clone(), deployment: Arc::new(d), replicas: HashMap::new() }),
+        Err(e) => {
+            tracing::warn!(model, version, "cannot follow: {e}");
+            None
+        }
+    }
+}
+
+/// Adds replicas the controller lists, removes those it no longer does, and copies readiness.
+fn sync(mut f: Followed, v: &VersionEntry) -> Followed {
+    let listed: HashMap<&str, &ReplicaEntry> = v.replicas.iter().map(|r| (r.name.as_str(), r)).collect();
+    let gone: Vec<String> = f.replicas.keys().filter(|n| !listed.contains_key(n.as_str())).cloned().collect();
+    for name in gone {
+        if let Some(id) = f.replicas.remove(&name) {
+            f.deployment.remove_replica(id);
+        }
+    }
+    for r in &v.replicas {
+        let id = match f.replicas.get(&r.name) {
+            Some(&id) => id,
+            None => {
+                let info = RemoteInfo {
+                    name: r.name.clone(),
+                    node_id: r.node_id.clone(),
+                    node_ip: r.node_ip.clone(),
+                    pid: r.pid,
+                    addr: r.addr.clone(),
+                };
+                let Ok(replica) = GrpcReplica::new(info, f.deployment.name(), f.deployment.version()) else {
+                    continue;
+                };
+                let id = f.deployment.add_remote(Arc::new(replica));
+                f.replicas.insert(r.name.clone(), id);
+                id
+            }
+        };
+        f.deployment.set_replica_ready(id, r.ready);
+    }
+    f.entry = v.clone();
+    f
+}
+
+/// Polls the controller's snapshot every `every` and follows it, until the task is dropped.
+pub async fn follow(routes: Arc<Router>, url: String, token: Option<String>, every: Duration) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let mut follower = Follower::default();
+    let mut last: Option<Snapshot> = None;
+    loop {
+        let mut req = http.get(&url);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
+                Ok(snapshot) => {
+                    if last.as_ref() != Some(&snapshot) {
+                        follower.apply(&snapshot, &routes);
+                        last = Some(snapshot);
+                    }
+                }
+                Err(e) => tracing::warn!("the controller's routes do not parse: {e}"),
+            },
+            Ok(r) => tracing::warn!("the controller answered {} for its routes", r.status()),
+            Err(e) => tracing::warn!("cannot reach the controller at {url}: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
