@@ -70,8 +70,15 @@ pub struct PipelineEntry {
     pub outputs: Vec<String>,
     /// (name, deployment, step inputs, step outputs) in run order.
     pub steps: Vec<StepEntry>,
-    pub json: Option<(Vec<(String, String)>, Vec<(String, String)>)>,
+    pub json: Option<JsonEntry>,
     pub route_prefix: Option<String>,
+}
+
+/// A pipeline's plain-JSON route: request fields → inputs, outputs → response fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonEntry {
+    pub request: Vec<(String, String)>,
+    pub response: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,7 +167,10 @@ pub fn take(routes: &Router) -> Snapshot {
                         outputs: s.outputs.clone(),
                     })
                     .collect(),
-                json: p.json.as_ref().map(|j| (j.request.clone(), j.response.clone())),
+                json: p
+                    .json
+                    .as_ref()
+                    .map(|j| JsonEntry { request: j.request.clone(), response: j.response.clone() }),
                 route_prefix: prefixes.get(p.name()).map(|s| s.to_string()),
             });
         }
@@ -242,7 +252,7 @@ impl Follower {
             });
         }
         let inputs = p.inputs.iter().map(tensor_of).collect::<Option<Vec<_>>>()?;
-        let json = p.json.clone().map(|(request, response)| JsonMapping { request, response });
+        let json = p.json.clone().map(|j| JsonMapping { request: j.request, response: j.response });
         Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok().map(Arc::new)
     }
 }
