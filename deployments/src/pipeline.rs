@@ -36,6 +36,8 @@ pub struct Pipeline {
     metadata: ModelMetadata,
     /// Steps in run order.
     steps: Vec<Step>,
+    /// For each step, the steps producing its inputs.
+    needs: Vec<Vec<usize>>,
     metrics: DeploymentMetrics,
     pub json: Option<JsonMapping>,
 }
@@ -116,10 +118,28 @@ impl Pipeline {
             .iter()
             .map(|o| known.get(o).cloned().ok_or_else(|| format!("output `{o}` is not produced")))
             .collect::<Result<Vec<_>, _>>()?;
+        // A step needs the (earlier) steps that produce the tensors it reads.
+        let needs = steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let mut needs: Vec<usize> = step
+                    .inputs
+                    .iter()
+                    .filter_map(|(_, tensor)| {
+                        steps[..i].iter().rposition(|s| s.outputs.iter().any(|(_, t)| t == tensor))
+                    })
+                    .collect();
+                needs.sort_unstable();
+                needs.dedup();
+                needs
+            })
+            .collect();
         Ok(Self {
             name: name.to_string(),
             metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
             steps,
+            needs,
             metrics: DeploymentMetrics::new(name, "1"),
             json,
         })
@@ -157,33 +177,46 @@ impl Pipeline {
         self.steps.iter().all(|s| s.deployment.is_ready())
     }
 
-    /// Runs the steps in order and returns the requested pipeline outputs.
+    /// Runs the steps — each as soon as the steps producing its inputs are done, so that
+    /// independent branches run at the same time and the pipeline takes its critical path —
+    /// and returns the requested pipeline outputs. A failed step fails the request, names the
+    /// step, and cancels the steps still running.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+
         let started = Instant::now();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
         let mut tensors: HashMap<String, crate::Tensor> =
             request.inputs.into_iter().map(|t| (t.name, t.tensor)).collect();
-        for step in &self.steps {
-            let inputs = step
-                .inputs
-                .iter()
-                .map(|(step_in, tensor)| NamedTensor {
-                    name: step_in.clone(),
-                    tensor: tensors[tensor].clone(),
-                })
-                .collect();
-            let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
-            let sub = InferRequest { id: None, inputs, outputs: Some(wanted), timeout: request.timeout };
-            let answer = step.deployment.infer(sub).await.map_err(|e| {
+        let mut done = vec![false; self.steps.len()];
+        let mut started_steps = vec![false; self.steps.len()];
+        let mut running = FuturesUnordered::new();
+        loop {
+            for (i, step) in self.steps.iter().enumerate() {
+                if started_steps[i] || !self.needs[i].iter().all(|&j| done[j]) {
+                    continue;
+                }
+                started_steps[i] = true;
+                let inputs = step
+                    .inputs
+                    .iter()
+                    .map(|(step_in, tensor)| NamedTensor {
+                        name: step_in.clone(),
+                        tensor: tensors[tensor].clone(),
+                    })
+                    .collect();
+                let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
+                let sub = InferRequest { id: None, inputs, outputs: Some(wanted), timeout: request.timeout };
+                running.push(async move { (i, step.deployment.infer(sub).await) });
+            }
+            let Some((i, answer)) = running.next().await else { break };
+            let step = &self.steps[i];
+            let answer = answer.map_err(|e| {
+                let d = step.deployment.name();
                 InferError::new(
                     e.kind,
-                    format!(
-                        "pipeline `{}` step `{}` ({}): {}",
-                        self.name,
-                        step.name,
-                        step.deployment.name(),
-                        e.message
-                    ),
+                    format!("pipeline `{}` step `{}` ({d}): {}", self.name, step.name, e.message),
                 )
             })?;
             for out in answer.outputs {
@@ -191,6 +224,7 @@ impl Pipeline {
                     tensors.insert(tensor.clone(), out.tensor);
                 }
             }
+            done[i] = true;
         }
         let outputs = outputs
             .into_iter()
