@@ -14,6 +14,8 @@ Writes, under examples/models/ (or the folder given as the first argument):
   reshape/model.onnx  x [N] FP32, shape [2] INT64 -> y = Reshape(x, shape); a shape that does not
                       fit x makes ONNX Runtime fail at run time (tests the 500 path).
   broken/model.onnx   iris's input, fails on every request at run time (an erroring canary).
+  iris-v2/model.onnx  iris's interface, strongly regularized: other probabilities, and other
+                      classes for some rows (a shadow or canary that differs).
   tiny-encoder/       a tiny BERT-style tokenizer.json and encoder with MiniLM's interface, and the
                       pooled, normalized embeddings of sample texts (pipeline tests).
   */expected.json     cases in the OIP JSON form: {"inputs": [...]} as a request body and the
@@ -72,7 +74,7 @@ def save(name, model, cases, tolerance=1e-5):
     print(f"wrote {path} ({os.path.getsize(path)} bytes) and {len(cases)} cases", file=sys.stderr)
 
 
-def iris():
+def iris(name="iris", regularization=1.0):
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
@@ -81,7 +83,8 @@ def iris():
 
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
-    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=500, random_state=0))])
+    clf = LogisticRegression(C=regularization, max_iter=500, random_state=0)
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", clf)])
     pipe.fit(x, y)
     model = to_onnx(pipe, x[:1], options={id(pipe.steps[-1][1]): {"zipmap": False}},
                     target_opset={"": 13, "ai.onnx.ml": 1})
@@ -91,13 +94,20 @@ def iris():
         node.input[:] = ["input" if i == old else i for i in node.input]
     model.graph.input[0].name = "input"
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    model.doc_string = "iris: scikit-learn StandardScaler + LogisticRegression via skl2onnx"
+    model.doc_string = f"{name}: scikit-learn StandardScaler + LogisticRegression(C={regularization}) via skl2onnx"
     rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.3, 3.3, 6.0, 2.5]], np.float32)
     cases = [(f"row{i}", {"input": rows[i:i + 1]}) for i in range(3)]
     cases.append(("batch8", {"input": x[::19][:8]}))
-    save("iris", model, cases)
-    with open(os.path.join(OUT, "iris", "labels.txt"), "w") as f:
-        f.write("setosa\nversicolor\nvirginica\n")
+    save(name, model, cases)
+    if name == "iris":
+        with open(os.path.join(OUT, "iris", "labels.txt"), "w") as f:
+            f.write("setosa\nversicolor\nvirginica\n")
+
+
+def iris_v2():
+    """iris's interface, trained with strong regularization: other probabilities, and other
+    classes for some rows (a shadow or canary that differs)."""
+    iris("iris-v2", regularization=0.02)
 
 
 def mlp():
@@ -253,6 +263,7 @@ def tiny_encoder():
 
 if __name__ == "__main__":
     iris()
+    iris_v2()
     mlp()
     dtypes()
     reshape()

@@ -76,6 +76,19 @@ pub(crate) struct Canary {
     pub rollout: Option<Rollout>,
 }
 
+/// A candidate version that gets copies of a share of the requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Shadow {
+    /// The candidate's ONNX file, relative to the config file.
+    pub model: Spanned<PathBuf>,
+    /// Its version string (must differ from the deployment's and its canary's).
+    pub version: Spanned<String>,
+    /// Percent of requests copied (0-100). Default 100.
+    #[serde(default = "default_shadow_percent")]
+    pub percent: Spanned<u32>,
+}
+
 /// An application: a named group of deployments.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +139,9 @@ pub(crate) struct Deployment {
     /// A canary version taking a share of the traffic.
     #[serde(default)]
     pub canary: Option<Canary>,
+    /// A candidate version that gets copies of a share of the requests.
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
     /// ONNX Runtime intra-op threads per replica. Default 1: on a small machine, more replicas
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
@@ -189,6 +205,9 @@ fn default_no_model() -> Spanned<PathBuf> {
 }
 fn default_grace() -> f64 {
     crate::Config::default().graceful_shutdown_timeout_s
+}
+fn default_shadow_percent() -> Spanned<u32> {
+    spanned(100)
 }
 fn default_canary_weight() -> Spanned<u32> {
     spanned(10)

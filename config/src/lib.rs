@@ -29,7 +29,7 @@ pub use repository::{ModelRepository, RepositoryError, VersionPolicy};
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
     HttpOptions, Location, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
-    ReplicaSettings, Rollout, Scaling,
+    ReplicaSettings, Rollout, Scaling, Shadow,
 };
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the

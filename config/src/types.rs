@@ -210,6 +210,8 @@ pub struct Deployment {
     pub scaling: Scaling,
     /// A canary version taking a share of the traffic.
     pub canary: Option<Canary>,
+    /// A candidate version that gets copies of a share of the requests.
+    pub shadow: Option<Shadow>,
     /// Further versions served by exact version only: (version, ONNX file). Filled from a
     /// model repository's version policy.
     pub extra_versions: Vec<(String, PathBuf)>,
@@ -228,6 +230,7 @@ impl Deployment {
             settings,
             scaling: Scaling::Fixed(1),
             canary: None,
+            shadow: None,
             extra_versions: Vec::new(),
             location: Location::default(),
         }
@@ -274,6 +277,18 @@ pub struct Canary {
     pub weight: u32,
     /// Step the weight up automatically, rolling back when the canary misbehaves.
     pub rollout: Option<Rollout>,
+}
+
+/// A candidate version getting copies of requests (`shadow`): the client only ever gets the
+/// primary's answer; the candidate's latency, errors and agreement with the primary are
+/// measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shadow {
+    /// The candidate's ONNX file (absolute).
+    pub model: PathBuf,
+    pub version: String,
+    /// Percent of the requests the primary serves that are copied (0-100). Default 100.
+    pub percent: u32,
 }
 
 /// A pipeline, checked: `order` lists the steps in an order that runs each after the steps

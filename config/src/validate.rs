@@ -10,7 +10,7 @@ use serde_saphyr::{Location, Spanned};
 
 use crate::types::{
     Application, Canary, Config, Deployment, HealthCheck, Model, Pipeline, PipelineStep, Placement,
-    ReplicaSettings, Scaling,
+    ReplicaSettings, Scaling, Shadow,
 };
 use crate::{ConfigError, ConfigErrors, NumReplicas, file};
 
@@ -225,6 +225,23 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
     errs.check_name(&dep.version, &format!("{at}.version"));
     let scaling = validate_scaling(at, dep, errs);
     let canary = dep.canary.as_ref().map(|c| validate_canary(at, c, &dep.version.value, base, errs));
+    let shadow = dep.shadow.as_ref().map(|s| {
+        let field = format!("{at}.shadow.model");
+        let model = errs.existing_file(base, &s.model.value, s.model.referenced, &field, "model file");
+        let taken = std::iter::once(&dep.version.value).chain(dep.canary.as_ref().map(|c| &c.version.value));
+        if taken.into_iter().any(|v| *v == s.version.value) {
+            errs.at(
+                s.version.referenced,
+                format!("{at}.shadow.version"),
+                "must differ from the deployment's and its canary's version",
+            );
+        }
+        errs.check_name(&s.version, &format!("{at}.shadow.version"));
+        if s.percent.value > 100 {
+            errs.at(s.percent.referenced, format!("{at}.shadow.percent"), "is a percent: 0 to 100");
+        }
+        Shadow { model, version: s.version.value.clone(), percent: s.percent.value }
+    });
     let placement = validate_placement(at, dep, errs);
     errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
     errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
@@ -266,6 +283,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         },
         scaling,
         canary,
+        shadow,
         extra_versions: Vec::new(),
         location: if dep.model.referenced.line() > 0 { dep.model.referenced } else { dep.name.referenced }
             .into(),

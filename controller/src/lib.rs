@@ -161,6 +161,9 @@ impl Controller {
             for v in m.versions() {
                 route.versions.insert(v.name().to_string(), Servable::Deployment(v.deployment.clone()));
             }
+            if let Some(s) = &m.shadow {
+                route.shadow = Some((m.primary.name().to_string(), s.shadow.clone()));
+            }
             if let Some(c) = &m.canary {
                 route.split = vec![
                     (m.primary.name().to_string(), m.primary_weight()),

@@ -16,7 +16,9 @@ use crate::ControlError;
 use crate::cluster::Cluster;
 use crate::events::Events;
 use crate::rollout::Counters;
-use crate::state::{CanaryState, ControllerState, Managed, RolloutState, ScalingState, Version, VersionKey};
+use crate::state::{
+    CanaryState, ControllerState, Managed, RolloutState, ScalingState, ShadowState, Version, VersionKey,
+};
 
 /// How long a new version may take to load and warm before an apply gives up on it.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -38,6 +40,8 @@ pub(crate) struct DeploymentPlan {
     pub primary: Change,
     /// None when the config has no canary.
     pub canary: Option<Change>,
+    /// None when the config has no shadow.
+    pub shadow: Option<Change>,
     /// One per `extra_versions` entry of the config, in its order.
     pub others: Vec<Change>,
     /// Whether the deployment runs already (a new primary then replaces one that serves).
@@ -101,6 +105,11 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
         let running = old.and_then(|m| m.canary.as_ref()).is_some_and(|oc| oc.version.key == key);
         change(key, running, extra)
     });
+    let shadow = d.shadow.as_ref().map(|c| {
+        let key = VersionKey::new(&c.version, &Model::Onnx(c.model.clone()), &d.settings);
+        let running = old.and_then(|m| m.shadow.as_ref()).is_some_and(|os| os.version.key == key);
+        change(key, running, extra)
+    });
     let others = d
         .extra_versions
         .iter()
@@ -115,6 +124,7 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
         config: d.clone(),
         primary,
         canary,
+        shadow,
         others,
         running: old.is_some(),
     }
@@ -133,6 +143,7 @@ pub(crate) async fn start(
         // brand-new deployment may wait for Ray to find nodes (its status says so).
         let changes = std::iter::once((&mut p.primary, p.running))
             .chain(p.canary.as_mut().map(|c| (c, true)))
+            .chain(p.shadow.as_mut().map(|c| (c, true)))
             .chain(p.others.iter_mut().map(|o| (o, true)));
         for (change, need_one) in changes {
             let Change::Start { key, replicas } = change else { continue };
@@ -178,17 +189,17 @@ fn commit_deployment(
     out: &mut Commit,
 ) -> Option<Managed> {
     let name = p.config.name.clone();
-    let (primary, old_canary, old_scaling, old_others) = match (p.primary, old) {
+    let (primary, old_canary, old_shadow, old_scaling, old_others) = match (p.primary, old) {
         (Change::New(v), Some(m)) => {
             events
                 .push(&name, format!("new model or settings: version {} warmed up and swapped in", v.name()));
             out.retired.push(m.primary);
-            (v, m.canary, m.scaling, m.others)
+            (v, m.canary, m.shadow, m.scaling, m.others)
         }
         (Change::New(v), None) => {
             let n = v.replica_count();
             events.push(&name, format!("started version {} with {n} replica(s)", v.name()));
-            (v, None, None, Vec::new())
+            (v, None, None, None, Vec::new())
         }
         (Change::Keep(_), Some(m)) => {
             let current = m.primary.replica_count();
@@ -199,7 +210,7 @@ fn commit_deployment(
             if want != current {
                 out.rescale.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: want });
             }
-            (m.primary, m.canary, m.scaling, m.others)
+            (m.primary, m.canary, m.shadow, m.scaling, m.others)
         }
         (Change::Keep(_) | Change::Start { .. }, old) => {
             // Only possible if the plan was not started or the deployment vanished meanwhile.
@@ -208,13 +219,14 @@ fn commit_deployment(
         }
     };
     let canary = commit_canary(events, &p.config, p.canary, old_canary, out);
+    let shadow = commit_shadow(events, &p.config, p.shadow, old_shadow, out);
     let others = commit_others(events, &name, p.others, old_others, out);
     let scaling = p.config.autoscaling().map(|a| ScalingState {
         config: a.clone(),
         window: old_scaling.map(|s| s.window).unwrap_or_default(),
         last_decision: Instant::now(),
     });
-    Some(Managed { app: p.app, config: p.config, primary, others, canary, scaling })
+    Some(Managed { app: p.app, config: p.config, primary, others, canary, shadow, scaling })
 }
 
 fn commit_canary(
@@ -250,6 +262,47 @@ fn commit_canary(
                 oc.weight = c.weight;
             }
             Some(oc)
+        }
+        (Some(_), _, old) => old,
+    }
+}
+
+fn commit_shadow(
+    events: &mut Events,
+    d: &DeploymentConfig,
+    change: Option<Change>,
+    old: Option<ShadowState>,
+    out: &mut Commit,
+) -> Option<ShadowState> {
+    let name = &d.name;
+    match (&d.shadow, change, old) {
+        (None, _, old) => {
+            if let Some(os) = old {
+                events.push(name, format!("shadow version {} removed", os.version.name()));
+                out.retired.push(os.version);
+            }
+            None
+        }
+        (Some(c), Some(Change::New(v)), old) => {
+            out.retired.extend(old.map(|os| os.version));
+            events.push(
+                name,
+                format!(
+                    "shadow version {} started: it gets copies of {}% of the requests",
+                    v.name(),
+                    c.percent
+                ),
+            );
+            let shadow =
+                std::sync::Arc::new(sluice_deployments::Shadow::new(v.deployment.clone(), c.percent));
+            Some(ShadowState { version: v, shadow })
+        }
+        (Some(c), Some(Change::Keep(_)), Some(os)) => {
+            if os.shadow.percent() != c.percent {
+                events.push(name, format!("shadow now gets copies of {}% of the requests", c.percent));
+                os.shadow.set_percent(c.percent);
+            }
+            Some(os)
         }
         (Some(_), _, old) => old,
     }
@@ -369,6 +422,7 @@ mod tests {
             primary: Version { key, deployment, placed: crate::cluster::Placed::Local },
             others: Vec::new(),
             canary: None,
+            shadow: None,
             scaling: None,
         }
     }

@@ -88,6 +88,12 @@ pub(crate) struct CanaryState {
     pub rollout: Option<RolloutState>,
 }
 
+/// A shadow version and the copies it gets.
+pub(crate) struct ShadowState {
+    pub version: Version,
+    pub shadow: Arc<sluice_deployments::Shadow>,
+}
+
 /// The autoscaler of one deployment.
 pub(crate) struct ScalingState {
     pub config: Autoscaling,
@@ -104,6 +110,7 @@ pub(crate) struct Managed {
     /// Versions served by exact version only (a repository's version policy).
     pub others: Vec<Version>,
     pub canary: Option<CanaryState>,
+    pub shadow: Option<ShadowState>,
     pub scaling: Option<ScalingState>,
 }
 
@@ -123,6 +130,7 @@ impl Managed {
         let mut out = vec![self.primary];
         out.extend(self.others);
         out.extend(self.canary.map(|c| c.version));
+        out.extend(self.shadow.map(|s| s.version));
         out
     }
 }

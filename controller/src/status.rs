@@ -87,6 +87,29 @@ pub struct VersionStatus {
     /// Where replicas in other processes run (on Ray).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<ReplicaNode>,
+    /// For a shadow version: what its copies showed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// A shadow version's copies and how they compare with the primary's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    /// Percent of the primary's requests copied.
+    pub percent: u32,
+    pub sent: u64,
+    /// Dropped because the shadow had no free replica slot (never queued).
+    pub dropped: u64,
+    pub errors: u64,
+    pub compared: u64,
+    /// Rows compared, and the share that agree (same argmax / same values); None before any.
+    pub rows: u64,
+    pub agreement: Option<f64>,
+    /// Largest absolute difference seen in floating-point outputs.
+    pub max_abs_diff: f64,
+    /// The shadow's latency on copies, milliseconds.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 /// A replica in another process.
@@ -131,6 +154,9 @@ pub(crate) fn status(state: &ControllerState) -> Status {
 fn deployment(m: &Managed) -> DeploymentStatus {
     let mut versions = vec![version(&m.primary, m.primary_weight())];
     versions.extend(m.others.iter().map(|o| version(o, 0)));
+    if let Some(s) = &m.shadow {
+        versions.push(VersionStatus { shadow: Some(shadow(&s.shadow)), ..version(&s.version, 0) });
+    }
     if let Some(c) = &m.canary {
         versions.push(VersionStatus {
             canary: true,
@@ -165,6 +191,7 @@ fn version(v: &Version, weight: u32) -> VersionStatus {
         in_flight: d.in_system(),
         canary: false,
         rollout: None,
+        shadow: None,
         waiting: v.placed.waiting(),
         nodes: v
             .placed
@@ -179,5 +206,29 @@ fn version(v: &Version, weight: u32) -> VersionStatus {
                 ready,
             })
             .collect(),
+    }
+}
+
+fn shadow(s: &sluice_deployments::Shadow) -> ShadowStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = s.stats();
+    let latencies = st.latencies.snapshot();
+    let zero = vec![0; latencies.len()];
+    let ms = |q| {
+        sluice_deployments::metrics::LatencyBuckets::quantile(&zero, &latencies, q)
+            .map(|d| d.as_secs_f64() * 1e3)
+    };
+    let rows = st.rows.load(Relaxed);
+    ShadowStatus {
+        percent: s.percent(),
+        sent: st.sent.load(Relaxed),
+        dropped: st.dropped.load(Relaxed),
+        errors: st.errors.load(Relaxed),
+        compared: st.compared.load(Relaxed),
+        rows,
+        agreement: (rows > 0).then(|| st.rows_agreed.load(Relaxed) as f64 / rows as f64),
+        max_abs_diff: st.max_abs_diff(),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
     }
 }

@@ -501,13 +501,20 @@ impl Deployment {
             batch_rows = tracing::field::Empty,
             model_us = tracing::field::Empty,
         );
-        self.infer_in(request, span.clone()).instrument(span).await
+        self.infer_in(request, span.clone(), true).instrument(span).await
+    }
+
+    /// Like [`Deployment::infer`], but only when a replica slot is free now: otherwise
+    /// Unavailable at once, never queued (shadow copies must not wait behind real traffic).
+    pub async fn infer_now(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        self.infer_in(request, tracing::Span::none(), false).await
     }
 
     async fn infer_in(
         &self,
         mut request: InferRequest,
         span: tracing::Span,
+        may_wait: bool,
     ) -> Result<InferResponse, InferError> {
         let admitted = Instant::now();
         let _inside = Inside::enter(self);
@@ -523,7 +530,13 @@ impl Deployment {
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
 
-        let _permit = self.admit(deadline, timeout).await?;
+        let _permit = if may_wait {
+            self.admit(deadline, timeout).await?
+        } else {
+            self.set.permits.clone().try_acquire_owned().map_err(|_| {
+                InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))
+            })?
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = Job {
             inputs: request.inputs,

@@ -16,6 +16,7 @@ mod remote;
 mod replica;
 mod request;
 mod servable;
+pub mod shadow;
 mod tensor;
 
 pub use backend::{Backend, BackendFactory, ModelMetadata, TensorSpec, backend_factory};
@@ -27,4 +28,5 @@ pub use pipeline::Pipeline;
 pub use remote::{RemoteCall, RemoteInfo, RemoteReplica};
 pub use request::{InferRequest, InferResponse, check_request};
 pub use servable::Servable;
+pub use shadow::Shadow;
 pub use tensor::{BytesElements, DataType, NamedTensor, Tensor, element_count, push_bytes_element};

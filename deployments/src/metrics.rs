@@ -18,6 +18,10 @@ pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight";
 pub const REPLICAS_READY: &str = "sluice_replicas_ready";
 pub const REPLICA_RESTARTS: &str = "sluice_replica_restarts_total";
+pub const SHADOW_REQUESTS: &str = "sluice_shadow_requests_total";
+pub const SHADOW_DURATION: &str = "sluice_shadow_duration_seconds";
+pub const SHADOW_ROWS: &str = "sluice_shadow_rows_total";
+pub const SHADOW_MAX_ABS_DIFF: &str = "sluice_shadow_max_abs_diff";
 
 /// Histogram bucket bounds, by metric name.
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -25,6 +29,7 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
     (QUEUE_DURATION, LATENCY_BUCKETS),
     (INFERENCE_DURATION, LATENCY_BUCKETS),
     (BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+    (SHADOW_DURATION, LATENCY_BUCKETS),
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -71,6 +76,26 @@ pub fn describe() {
         "Replicas of a deployment that are loaded, warmed and serving"
     );
     describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
+    describe_counter!(
+        SHADOW_REQUESTS,
+        Unit::Count,
+        "Requests copied to a shadow version, by model, version (the shadow's) and outcome (compared, dropped: the shadow was busy, error)"
+    );
+    describe_histogram!(
+        SHADOW_DURATION,
+        Unit::Seconds,
+        "Time the shadow version took to answer a copied request"
+    );
+    describe_counter!(
+        SHADOW_ROWS,
+        Unit::Count,
+        "Rows compared between primary and shadow, by agree (true: same argmax, or same value for integer outputs)"
+    );
+    describe_gauge!(
+        SHADOW_MAX_ABS_DIFF,
+        Unit::Count,
+        "Largest absolute difference seen between primary and shadow outputs"
+    );
 }
 
 /// The frontends that count requests.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use sluice_deployments::{InferError, Pipeline, Servable};
+use sluice_deployments::{InferError, Pipeline, Servable, Shadow};
 
 /// The versions of one model.
 #[derive(Default)]
@@ -16,6 +16,8 @@ pub struct ModelRoute {
     /// How requests that name no version are split: (version, weight). Empty: all go to the
     /// default version.
     pub split: Vec<(String, u32)>,
+    /// Requests served by this version are also copied to a shadow.
+    pub shadow: Option<(String, Arc<Shadow>)>,
 }
 
 impl ModelRoute {
@@ -105,6 +107,12 @@ impl Router {
         let found = match wanted {
             Some(v) => route.versions.get(v),
             None => self.weighted(route).or_else(|| route.default_version()),
+        };
+        let found = match (found, &route.shadow) {
+            (Some(Servable::Deployment(d)), Some((version, shadow))) if d.version() == version => {
+                return Ok(Servable::Shadowed(d.clone(), shadow.clone()));
+            }
+            (found, _) => found,
         };
         found.cloned().ok_or_else(|| {
             let known: Vec<&str> = route.versions.keys().map(String::as_str).collect();

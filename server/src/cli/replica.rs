@@ -51,6 +51,7 @@ pub fn replica(args: ReplicaArgs, ort_env: Option<PathBuf>) -> ExitCode {
             settings: spec.settings,
             scaling: Scaling::Fixed(1),
             canary: None,
+            shadow: None,
             extra_versions: Vec::new(),
             location: Location::default(),
         }],

@@ -1,0 +1,287 @@
+//! Shadow traffic: a share of a deployment's requests is copied to a candidate version. The
+//! client only ever gets the primary's answer, at the primary's latency: the copy runs in its
+//! own task on the candidate's own replicas, and only when one of them has a free slot now —
+//! when the candidate is saturated the copy is dropped and counted, never queued behind real
+//! traffic. Each answer is compared with the primary's: the largest absolute difference of
+//! floating-point outputs, and per row whether they agree (same argmax over the last dimension
+//! for floating-point outputs, same values for the others).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use half::{bf16, f16};
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::oneshot;
+
+use crate::metrics::{LatencyBuckets, SHADOW_DURATION, SHADOW_MAX_ABS_DIFF, SHADOW_REQUESTS, SHADOW_ROWS};
+use crate::{DataType, Deployment, ErrorKind, InferRequest, NamedTensor, Tensor};
+
+/// A candidate receiving copies of `percent` % of a deployment's requests.
+pub struct Shadow {
+    target: Arc<Deployment>,
+    percent: std::sync::atomic::AtomicU32,
+    stats: ShadowStats,
+    handles: Handles,
+}
+
+/// What the shadow did so far.
+#[derive(Default)]
+pub struct ShadowStats {
+    /// Copies sent.
+    pub sent: AtomicU64,
+    /// Copies dropped because the candidate had no free slot.
+    pub dropped: AtomicU64,
+    /// Copies the candidate failed.
+    pub errors: AtomicU64,
+    /// Copies answered and compared.
+    pub compared: AtomicU64,
+    /// Rows compared, and of them those that agree.
+    pub rows: AtomicU64,
+    pub rows_agreed: AtomicU64,
+    /// The largest absolute difference seen (f64 bits).
+    max_abs_diff: AtomicU64,
+    /// The candidate's latencies on copies.
+    pub latencies: LatencyBuckets,
+}
+
+impl ShadowStats {
+    pub fn max_abs_diff(&self) -> f64 {
+        f64::from_bits(self.max_abs_diff.load(Ordering::Relaxed))
+    }
+}
+
+/// Metric handles of one shadow.
+struct Handles {
+    compared: Counter,
+    dropped: Counter,
+    errors: Counter,
+    duration: Histogram,
+    agree: Counter,
+    disagree: Counter,
+    max_abs_diff: Gauge,
+}
+
+impl Handles {
+    fn new(d: &Deployment) -> Self {
+        let (m, v) = (d.name().to_string(), d.version().to_string());
+        let outcome = |o: &'static str| metrics::counter!(SHADOW_REQUESTS, "model" => m.clone(), "version" => v.clone(), "outcome" => o);
+        let rows = |a: &'static str| metrics::counter!(SHADOW_ROWS, "model" => m.clone(), "version" => v.clone(), "agree" => a);
+        Self {
+            compared: outcome("compared"),
+            dropped: outcome("dropped"),
+            errors: outcome("error"),
+            duration: metrics::histogram!(SHADOW_DURATION, "model" => m.clone(), "version" => v.clone()),
+            agree: rows("true"),
+            disagree: rows("false"),
+            max_abs_diff: metrics::gauge!(SHADOW_MAX_ABS_DIFF, "model" => m.clone(), "version" => v.clone()),
+        }
+    }
+}
+
+/// Hands the primary's answer to a copy in flight, for the comparison.
+pub struct Mirror {
+    primary: oneshot::Sender<Vec<NamedTensor>>,
+}
+
+impl Mirror {
+    /// The primary's outputs (cheap clones of their bytes).
+    pub fn compare(self, outputs: &[NamedTensor]) {
+        let _ = self.primary.send(outputs.to_vec());
+    }
+}
+
+impl Shadow {
+    pub fn new(target: Arc<Deployment>, percent: u32) -> Self {
+        let handles = Handles::new(&target);
+        Self { target, percent: percent.min(100).into(), stats: ShadowStats::default(), handles }
+    }
+
+    pub fn target(&self) -> &Arc<Deployment> {
+        &self.target
+    }
+
+    pub fn percent(&self) -> u32 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    /// Changes the share copied (0-100).
+    pub fn set_percent(&self, percent: u32) {
+        self.percent.store(percent.min(100), Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> &ShadowStats {
+        &self.stats
+    }
+
+    /// Copies `request` to the candidate when this one is drawn (`percent` %); the returned
+    /// mirror takes the primary's answer. Must run inside the server's runtime.
+    pub fn mirror(self: &Arc<Self>, request: &InferRequest) -> Option<Mirror> {
+        let percent = self.percent();
+        if percent == 0 || (percent < 100 && fastrand::u32(..100) >= percent) {
+            return None;
+        }
+        let (primary, answer) = oneshot::channel::<Vec<NamedTensor>>();
+        let me = self.clone();
+        let copy = InferRequest { id: None, ..request.clone() };
+        me.stats.sent.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let handles = &me.handles;
+            let started = Instant::now();
+            match me.target.infer_now(copy).await {
+                Ok(r) => {
+                    let took = started.elapsed();
+                    me.stats.latencies.record(took);
+                    handles.duration.record(took.as_secs_f64());
+                    if let Ok(primary) = answer.await {
+                        me.record(&primary, &r.outputs);
+                    }
+                }
+                Err(e) if e.kind == ErrorKind::Unavailable => {
+                    me.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    handles.dropped.increment(1);
+                }
+                Err(e) => {
+                    tracing::debug!(model = %me.target.name(), version = %me.target.version(), "shadow failed: {e}");
+                    me.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    handles.errors.increment(1);
+                }
+            }
+        });
+        Some(Mirror { primary })
+    }
+
+    fn record(&self, primary: &[NamedTensor], shadow: &[NamedTensor]) {
+        let h = &self.handles;
+        let c = compare(primary, shadow);
+        self.stats.compared.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(c.rows, Ordering::Relaxed);
+        self.stats.rows_agreed.fetch_add(c.agreed, Ordering::Relaxed);
+        let max = self
+            .stats
+            .max_abs_diff
+            .fetch_max(c.max_abs_diff.to_bits(), Ordering::Relaxed)
+            .max(c.max_abs_diff.to_bits());
+        h.compared.increment(1);
+        h.agree.increment(c.agreed);
+        h.disagree.increment(c.rows - c.agreed);
+        h.max_abs_diff.set(f64::from_bits(max));
+    }
+}
+
+/// How two answers to one request compare.
+#[derive(Debug, PartialEq)]
+pub struct Comparison {
+    pub rows: u64,
+    pub agreed: u64,
+    /// Over floating-point outputs; infinite when shapes or datatypes differ.
+    pub max_abs_diff: f64,
+}
+
+/// Compares the outputs both answers have (by name). A row agrees when every output agrees on
+/// it: same argmax over the last dimension (floating point) or the same values (otherwise).
+pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
+    let rows = primary.first().map_or(0, |o| o.tensor.shape().first().copied().unwrap_or(1)) as u64;
+    let mut agree = vec![true; rows as usize];
+    let mut max_abs_diff = 0.0f64;
+    for p in primary {
+        let Some(s) = shadow.iter().find(|s| s.name == p.name) else { continue };
+        let (a, b) = (&p.tensor, &s.tensor);
+        if a.dtype() != b.dtype() || a.shape() != b.shape() {
+            max_abs_diff = f64::INFINITY;
+            agree.iter_mut().for_each(|x| *x = false);
+            continue;
+        }
+        let per_row = a.shape().iter().skip(1).product::<usize>().max(1);
+        match (floats(a), floats(b)) {
+            (Some(x), Some(y)) => {
+                for (u, v) in x.iter().zip(&y) {
+                    max_abs_diff = max_abs_diff.max((u - v).abs());
+                }
+                for (r, ok) in agree.iter_mut().enumerate() {
+                    let (xr, yr) = (row(&x, r, per_row), row(&y, r, per_row));
+                    *ok &= argmax(xr) == argmax(yr);
+                }
+            }
+            _ => {
+                let width = a.data().len() / (rows.max(1) as usize);
+                for (r, ok) in agree.iter_mut().enumerate() {
+                    *ok &=
+                        a.data().get(r * width..(r + 1) * width) == b.data().get(r * width..(r + 1) * width);
+                }
+            }
+        }
+    }
+    Comparison { rows, agreed: agree.iter().filter(|&&x| x).count() as u64, max_abs_diff }
+}
+
+fn row(v: &[f64], r: usize, width: usize) -> &[f64] {
+    v.get(r * width..(r + 1) * width).unwrap_or(&[])
+}
+
+fn argmax(v: &[f64]) -> Option<usize> {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i)
+}
+
+/// A floating-point tensor's values as f64.
+fn floats(t: &Tensor) -> Option<Vec<f64>> {
+    let d = t.data();
+    Some(match t.dtype() {
+        DataType::Fp32 => {
+            d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+        }
+        DataType::Fp64 => {
+            d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+        }
+        DataType::Fp16 => d.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        DataType::Bf16 => d.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn fp32(name: &str, shape: Vec<usize>, v: &[f32]) -> NamedTensor {
+        let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(DataType::Fp32, shape, Bytes::from(data)).unwrap(),
+        }
+    }
+
+    fn i64s(name: &str, v: &[i64]) -> NamedTensor {
+        let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(DataType::Int64, vec![v.len()], Bytes::from(data)).unwrap(),
+        }
+    }
+
+    #[test]
+    fn rows_agree_on_argmax_and_labels_and_the_largest_difference_is_kept() {
+        let p = [fp32("p", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.3, 0.2]), i64s("label", &[1, 0])];
+        let same = compare(&p, &p);
+        assert_eq!(same, Comparison { rows: 2, agreed: 2, max_abs_diff: 0.0 });
+        // Row 0 moves a little (same argmax), row 1 flips its argmax.
+        let s = [fp32("p", vec![2, 3], &[0.15, 0.65, 0.2, 0.3, 0.5, 0.2]), i64s("label", &[1, 0])];
+        let c = compare(&p, &s);
+        assert_eq!((c.rows, c.agreed), (2, 1));
+        assert!((c.max_abs_diff - 0.2).abs() < 1e-6, "{c:?}");
+        // A differing label disagrees too.
+        let s = [fp32("p", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.3, 0.2]), i64s("label", &[2, 0])];
+        assert_eq!(compare(&p, &s).agreed, 1);
+    }
+
+    #[test]
+    fn a_different_shape_is_a_disagreement_not_a_panic() {
+        let p = [fp32("p", vec![1, 2], &[0.1, 0.9])];
+        let s = [fp32("p", vec![1, 3], &[0.1, 0.9, 0.0])];
+        let c = compare(&p, &s);
+        assert_eq!((c.rows, c.agreed), (1, 0));
+        assert!(c.max_abs_diff.is_infinite());
+    }
+}
