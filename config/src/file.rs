@@ -76,6 +76,22 @@ pub(crate) struct Canary {
     pub rollout: Option<Rollout>,
 }
 
+/// `multiplex` of a deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Multiplex {
+    /// The folder of models, relative to the config file.
+    pub path: PathBuf,
+    /// Models one replica holds at most; the least recently used leaves first. Default 3
+    /// (Ray Serve's).
+    #[serde(default = "default_models_per_replica")]
+    pub max_num_models_per_replica: u32,
+}
+
+fn default_models_per_replica() -> u32 {
+    3
+}
+
 /// A candidate version that gets copies of a share of the requests.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +132,10 @@ pub(crate) struct Deployment {
     /// Required unless `builtin` is given.
     #[serde(default = "default_no_model")]
     pub model: Spanned<PathBuf>,
+    /// Many models of one interface instead of one model: `<path>/<model_id>/model.onnx`, each
+    /// loaded on first use (Ray Serve's model multiplexing).
+    #[serde(default)]
+    pub multiplex: Option<Spanned<Multiplex>>,
     /// A built-in step instead of an ONNX model (`{tokenizer: {path: ...}}`, `{mean_pool: {}}`,
     /// `{softmax: {}}`, `{argmax: {}}`, `{top_k: {k: 5}}`, `{cast: ..}`, `{reshape: ..}`,
     /// `{custom: {name: ..}}`).

@@ -88,6 +88,9 @@ pub enum Model {
     Onnx(PathBuf),
     /// A built-in step (its files made absolute).
     Builtin(Builtin),
+    /// Many models of one interface, `<dir>/<model_id>/model.onnx`, each loaded on first use
+    /// into a replica's least-recently-used set of at most `max_models_per_replica`.
+    Multiplexed { dir: PathBuf, max_models_per_replica: u32 },
 }
 
 impl Model {
@@ -96,6 +99,8 @@ impl Model {
         match self {
             Model::Onnx(path) => vec![path.as_path()],
             Model::Builtin(b) => b.files(),
+            // Models come and go in the folder; each is loaded when first asked for.
+            Model::Multiplexed { .. } => Vec::new(),
         }
     }
 
@@ -103,7 +108,7 @@ impl Model {
     pub fn onnx_path(&self) -> Option<&Path> {
         match self {
             Model::Onnx(path) => Some(path),
-            Model::Builtin(_) => None,
+            Model::Builtin(_) | Model::Multiplexed { .. } => None,
         }
     }
 }

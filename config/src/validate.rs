@@ -192,6 +192,12 @@ fn validate_application(
 fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut Errors<'_>) -> Deployment {
     errs.check_name(&dep.name, &format!("{at}.name"));
     let model = match (&dep.builtin, dep.model.value.as_os_str().is_empty()) {
+        (None, true) if dep.multiplex.is_some() => validate_multiplex(at, dep, base, errs),
+        (Some(_), _) | (_, false) if dep.multiplex.is_some() => {
+            let loc = dep.multiplex.as_ref().map_or(dep.name.referenced, |m| m.referenced);
+            errs.at(loc, format!("{at}.multiplex"), "give `multiplex`, `model` or `builtin`, one of them");
+            Model::Onnx(PathBuf::new())
+        }
         (None, true) => {
             errs.at(
                 dep.name.referenced,
@@ -288,6 +294,26 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         location: if dep.model.referenced.line() > 0 { dep.model.referenced } else { dep.name.referenced }
             .into(),
     }
+}
+
+/// A multiplexed deployment's folder: it must hold at least one `<model_id>/model.onnx`.
+fn validate_multiplex(at: &str, dep: &file::Deployment, base: &Path, errs: &mut Errors<'_>) -> Model {
+    let Some(m) = &dep.multiplex else { return Model::Onnx(PathBuf::new()) };
+    let dir = base.join(&m.value.path);
+    let has_model = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(Result::ok).any(|e| e.path().join("model.onnx").is_file()))
+        .unwrap_or(false);
+    if !has_model {
+        errs.at(
+            m.referenced,
+            format!("{at}.multiplex.path"),
+            format!("`{}` holds no `<model_id>/model.onnx`", dir.display()),
+        );
+    }
+    if m.value.max_num_models_per_replica == 0 {
+        errs.at(m.referenced, format!("{at}.multiplex.max_num_models_per_replica"), "must be at least 1");
+    }
+    Model::Multiplexed { dir, max_models_per_replica: m.value.max_num_models_per_replica }
 }
 
 /// `num_cpus`, `ray_actor_options` and `max_replicas_per_node` into one [`Placement`].

@@ -37,6 +37,7 @@ impl Controller {
             let pipelines = pipelines::build_all(config, &plan, &st)?;
             let commit = reconcile::commit(&mut st, plan);
             st.pipelines = pipelines;
+            st.refresh_aliases();
             self.publish(&st);
             commit
         };

@@ -53,6 +53,9 @@ use state::{ControllerState, Version};
 /// is, or when a request waits on a deployment with no replica).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// How often the folders of multiplexed deployments are rescanned for new model ids.
+const ALIAS_SCAN: Duration = Duration::from_secs(5);
+
 /// Reconciles configs into running deployments. Cheap to share (`Arc`).
 pub struct Controller {
     routes: Arc<Router>,
@@ -172,6 +175,19 @@ impl Controller {
             }
             table.models.insert(name.clone(), route);
         }
+        // A multiplexed model's id answers as a model name, unless a deployment has it.
+        for (deployment, ids) in &st.aliases {
+            let Some(m) = st.deployments.get(deployment) else { continue };
+            for id in ids {
+                if table.models.contains_key(id) {
+                    continue;
+                }
+                let mut route = ModelRoute::default();
+                let servable = Servable::Multiplexed(m.primary.deployment.clone(), Arc::from(id.as_str()));
+                route.versions.insert(m.primary.name().to_string(), servable);
+                table.models.insert(id.clone(), route);
+            }
+        }
         self.routes.publish(table);
     }
 
@@ -226,6 +242,10 @@ impl Controller {
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus);
             let next_rollout = self.step_rollouts(&mut st, now);
             let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, st.last_scan.as_ref()));
+            if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
+            {
+                self.publish(&st);
+            }
             let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();
             (rescale, next.unwrap_or(now + IDLE_TICK))
         };

@@ -154,6 +154,7 @@ pub(crate) async fn start(
                 max_replicas: p.config.max_replicas(),
                 settings: key.settings.clone(),
                 wake: wake.clone(),
+                multiplexed: matches!(key.model, sluice_config::Model::Multiplexed { .. }),
             };
             let (deployment, placed) =
                 cluster.start(spec, key.model.clone(), need_one, READY_TIMEOUT).await?;

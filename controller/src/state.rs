@@ -161,4 +161,32 @@ pub(crate) struct ControllerState {
     pub pipelines: Vec<PipelineRoute>,
     pub last_scan: Option<RepoScan>,
     pub events: Events,
+    /// The model ids each multiplexed deployment's folder holds, routed by name too.
+    pub aliases: BTreeMap<String, Vec<String>>,
+    pub aliases_scanned: Option<Instant>,
+}
+
+impl ControllerState {
+    /// Rescans the folders of multiplexed deployments; true when the ids changed.
+    pub fn refresh_aliases(&mut self) -> bool {
+        let mut aliases = BTreeMap::new();
+        for (name, m) in &self.deployments {
+            let Model::Multiplexed { dir, .. } = &m.primary.key.model else { continue };
+            let mut ids: Vec<String> = std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter(|e| e.path().join("model.onnx").is_file())
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ids.sort();
+            aliases.insert(name.clone(), ids);
+        }
+        self.aliases_scanned = Some(Instant::now());
+        let changed = aliases != self.aliases;
+        self.aliases = aliases;
+        changed
+    }
 }

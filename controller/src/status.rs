@@ -51,6 +51,25 @@ pub struct DeploymentStatus {
     /// The primary first, then versions served by exact version only, then the canary.
     pub versions: Vec<VersionStatus>,
     pub autoscaling: Option<AutoscalingStatus>,
+    /// For a multiplexed deployment: its models and how often replicas had them loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplex: Option<MultiplexStatus>,
+}
+
+/// A multiplexed deployment's model loads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultiplexStatus {
+    /// The model ids its folder holds.
+    pub models: Vec<String>,
+    pub max_models_per_replica: u64,
+    /// Batches whose model the replica held, and those that had to load it.
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: Option<f64>,
+    pub loads: u64,
+    pub evictions: u64,
+    /// Mean time to load a model, milliseconds.
+    pub mean_load_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,12 +165,12 @@ pub(crate) fn status(state: &ControllerState) -> Status {
                 deployments: BTreeMap::new(),
             })
             .deployments
-            .insert(name.clone(), deployment(m));
+            .insert(name.clone(), deployment(m, state.aliases.get(name).map_or(&[][..], Vec::as_slice)));
     }
     Status { applications, events: state.events.iter().cloned().collect(), proxies: Vec::new() }
 }
 
-fn deployment(m: &Managed) -> DeploymentStatus {
+fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
     let mut versions = vec![version(&m.primary, m.primary_weight())];
     versions.extend(m.others.iter().map(|o| version(o, 0)));
     if let Some(s) = &m.shadow {
@@ -176,7 +195,21 @@ fn deployment(m: &Managed) -> DeploymentStatus {
         target_ongoing_requests: s.config.target_ongoing_requests,
         average_load: s.window.average(),
     });
-    DeploymentStatus { status, versions, autoscaling }
+    let multiplex = d.multiplex_stats().map(|s| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (hits, misses, loads) = (s.hits.load(Relaxed), s.misses.load(Relaxed), s.loads.load(Relaxed));
+        MultiplexStatus {
+            models: aliases.to_vec(),
+            max_models_per_replica: s.capacity,
+            hits,
+            misses,
+            hit_rate: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+            loads,
+            evictions: s.evictions.load(Relaxed),
+            mean_load_ms: (loads > 0).then(|| s.load_us.load(Relaxed) as f64 / loads as f64 / 1e3),
+        }
+    });
+    DeploymentStatus { status, versions, autoscaling, multiplex }
 }
 
 fn version(v: &Version, weight: u32) -> VersionStatus {

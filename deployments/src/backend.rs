@@ -32,6 +32,22 @@ pub trait Backend: Send + 'static {
 
     fn infer(&mut self, inputs: Vec<NamedTensor>, outputs: &[String])
     -> Result<Vec<NamedTensor>, InferError>;
+
+    /// Makes `model` — one of a multiplexed deployment's models — the one the next `infer`
+    /// runs, loading it first if needed. A backend that serves one model refuses.
+    fn select_model(&mut self, model: &str) -> Result<(), InferError> {
+        Err(InferError::invalid(format!("this deployment serves one model; it cannot serve model `{model}`")))
+    }
+
+    /// The models a multiplexed backend holds now, least recently used first.
+    fn loaded_models(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
+
+    /// The counters a multiplexed backend shares with its deployment's other replicas.
+    fn multiplex_stats(&self) -> Option<Arc<crate::multiplex::MultiplexStats>> {
+        None
+    }
 }
 
 /// Makes a fresh backend for a replica (at start, and to replace one that panicked).
@@ -46,6 +62,16 @@ pub fn backend_factory(model: &Model, settings: &ReplicaSettings) -> Result<Back
             let options = OnnxOptions { intra_op_threads: settings.intra_op_threads as usize };
             let path = path.clone();
             Ok(Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>)))
+        }
+        Model::Multiplexed { dir, max_models_per_replica } => {
+            let options = OnnxOptions { intra_op_threads: settings.intra_op_threads as usize };
+            let label = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let shared = crate::multiplex::Shared::new(dir.clone(), *max_models_per_replica, options, &label);
+            let metadata = shared.reference()?;
+            Ok(Arc::new(move || {
+                Ok(Box::new(crate::multiplex::Multiplexed::new(shared.clone(), metadata.clone()))
+                    as Box<dyn Backend>)
+            }))
         }
     }
 }

@@ -31,6 +31,9 @@ pub(crate) struct Job {
     pub reply: Reply,
     /// The request's span: a batch's span follows from it, and it records the batch it ran in.
     pub span: tracing::Span,
+    /// Which model of a multiplexed deployment (requests for different models never share a
+    /// batch).
+    pub model: Option<std::sync::Arc<str>>,
 }
 
 /// How a deployment batches.
@@ -123,14 +126,15 @@ impl BatchState {
     /// Same input shapes apart from dimension 0 (and apart from padded inputs' other
     /// dimensions, which only need the same rank).
     fn compatible(&self, a: &Job, b: &Job) -> bool {
-        a.inputs.iter().zip(&b.inputs).all(|(x, y)| {
-            let (sx, sy) = (x.tensor.shape(), y.tensor.shape());
-            if self.policy.pad.contains_key(&x.name) {
-                sx.len() == sy.len()
-            } else {
-                sx.get(1..) == sy.get(1..)
-            }
-        })
+        a.model == b.model
+            && a.inputs.iter().zip(&b.inputs).all(|(x, y)| {
+                let (sx, sy) = (x.tensor.shape(), y.tensor.shape());
+                if self.policy.pad.contains_key(&x.name) {
+                    sx.len() == sy.len()
+                } else {
+                    sx.get(1..) == sy.get(1..)
+                }
+            })
     }
 
     /// Takes the next batch. Cancelled jobs are dropped, expired ones returned apart; jobs
@@ -275,6 +279,7 @@ mod tests {
             arrived,
             reply,
             span: tracing::Span::none(),
+            model: None,
         };
         (job, rx)
     }

@@ -263,6 +263,7 @@ mod tests {
             arrived: now,
             reply,
             span: tracing::Span::none(),
+            model: None,
         }
     }
 

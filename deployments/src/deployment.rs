@@ -41,6 +41,8 @@ pub struct DeploymentSpec {
     /// Notified when a request has to wait on a deployment with no replica, so that whoever
     /// scales it (the controller, which shares one across deployments) starts one at once.
     pub wake: Arc<Notify>,
+    /// Whether it serves many models (each request names one; see [`crate::multiplex`]).
+    pub multiplexed: bool,
 }
 
 impl DeploymentSpec {
@@ -53,6 +55,7 @@ impl DeploymentSpec {
             max_replicas: 1,
             settings: ReplicaSettings::default(),
             wake: Arc::new(Notify::new()),
+            multiplexed: false,
         }
     }
 
@@ -65,6 +68,7 @@ impl DeploymentSpec {
             max_replicas: d.max_replicas(),
             settings: d.settings.clone(),
             wake: Arc::new(Notify::new()),
+            multiplexed: matches!(d.model, sluice_config::Model::Multiplexed { .. }),
         }
     }
 
@@ -117,9 +121,9 @@ impl Channel {
                 },
             }),
             Channel::Remote(r) => {
-                let Job { inputs, outputs, deadline, reply, span, .. } = job;
+                let Job { inputs, outputs, deadline, reply, span, model, .. } = job;
                 let _entered = span.enter();
-                r.call(RemoteCall { inputs, outputs, deadline, reply });
+                r.call(RemoteCall { inputs, outputs, deadline, reply, model });
                 Ok(())
             }
         }
@@ -145,6 +149,8 @@ struct ReplicaSlot {
     /// or forgone (when it was removed first): whoever flips it owns the permits.
     granted: AtomicBool,
     in_flight: Gauge,
+    /// The models a multiplexed replica holds (its thread publishes them after each change).
+    models: ArcSwap<Vec<Arc<str>>>,
 }
 
 /// The replicas of a deployment and what admission needs of them.
@@ -188,6 +194,12 @@ impl ReplicaHost for ReplicaSet {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+
+    fn set_models(&self, id: usize, models: Vec<Arc<str>>) {
+        if let Some(slot) = self.replicas.load().iter().find(|r| r.id == id) {
+            slot.models.store(Arc::new(models));
+        }
+    }
 }
 
 impl ReplicaSet {
@@ -206,6 +218,7 @@ impl ReplicaSet {
             ready: AtomicBool::new(false),
             granted: AtomicBool::new(false),
             in_flight: self.config.metrics.replica_in_flight(id),
+            models: ArcSwap::from_pointee(Vec::new()),
         });
         self.replicas.rcu(|current| {
             let mut next = current.as_ref().clone();
@@ -246,6 +259,7 @@ pub struct Deployment {
     idle: Notify,
     ready: watch::Receiver<usize>,
     scaling: tokio::sync::Mutex<()>,
+    multiplex: Option<Arc<crate::multiplex::MultiplexStats>>,
 }
 
 impl Deployment {
@@ -260,10 +274,19 @@ impl Deployment {
     pub fn start(spec: DeploymentSpec, factory: BackendFactory) -> Result<Self, LoadError> {
         let mut backends = (0..spec.num_replicas.max(1)).map(|_| factory()).collect::<Result<Vec<_>, _>>()?;
         let metadata = backends[0].metadata().clone();
+        let multiplex = backends[0].multiplex_stats();
         if spec.num_replicas == 0 {
             backends.clear();
         }
-        Self::build(spec, factory, metadata, backends)
+        let mut spec = spec;
+        if multiplex.is_some() {
+            // Requests name their model; there is no one model to warm up.
+            spec.multiplexed = true;
+            spec.settings.warmup = false;
+        }
+        let mut d = Self::build(spec, factory, metadata, backends)?;
+        d.multiplex = multiplex;
+        Ok(d)
     }
 
     fn build(
@@ -304,6 +327,7 @@ impl Deployment {
             idle: Notify::new(),
             ready,
             scaling: tokio::sync::Mutex::new(()),
+            multiplex: None,
         })
     }
 
@@ -527,6 +551,23 @@ impl Deployment {
             0 => 1,
             _ => request.inputs.first().and_then(|i| i.tensor.shape().first().copied()).unwrap_or(1),
         };
+        let model = match (request.model_id.take(), spec.multiplexed) {
+            (Some(id), true) => Some(Arc::<str>::from(id)),
+            (None, true) => {
+                return Err(InferError::invalid(format!(
+                    "`{}` serves many models: name one with the `{MULTIPLEX_HEADER}` header (gRPC metadata) or as \
+                     the model in the path",
+                    spec.name
+                )));
+            }
+            (Some(id), false) => {
+                return Err(InferError::invalid(format!(
+                    "model `{}` serves one model; it cannot serve `{id}` ({MULTIPLEX_HEADER})",
+                    spec.name
+                )));
+            }
+            (None, false) => None,
+        };
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
 
@@ -547,6 +588,7 @@ impl Deployment {
             arrived: Instant::now(),
             reply,
             span,
+            model,
         };
         let _ongoing = self.dispatch(job)?;
         let outputs = answer.await.map_err(|_| {
@@ -609,19 +651,49 @@ impl Deployment {
         if replicas.is_empty() {
             return Err(InferError::unavailable(format!("model `{}` has no replicas", self.set.spec.name)));
         }
-        let (a, b) = two_choices(replicas.len());
         let load = |i: usize| {
             let r = &replicas[i];
             // Replicas not ready sort last; among ready ones, fewer ongoing first.
             (!r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire))
         };
-        let pick = if load(a) <= load(b) { a } else { b };
+        let pick = match job.model.as_ref().and_then(|m| self.holder(&replicas, m)) {
+            Some(holder) => holder,
+            None => {
+                let (a, b) = two_choices(replicas.len());
+                if load(a) <= load(b) { a } else { b }
+            }
+        };
         let slot = &replicas[pick];
         let guard = OngoingGuard::new(slot);
         slot.channel.send(job).map_err(|_| {
             InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
         Ok(guard)
+    }
+}
+
+/// The header (and gRPC metadata key) naming the model of a multiplexed deployment (Ray
+/// Serve's).
+pub const MULTIPLEX_HEADER: &str = "serve_multiplexed_model_id";
+
+impl Deployment {
+    /// The least loaded ready replica holding `model`, unless every holder is saturated
+    /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy).
+    fn holder(&self, replicas: &[Arc<ReplicaSlot>], model: &str) -> Option<usize> {
+        let limit = self.set.spec.ongoing_limit();
+        replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.ready.load(Ordering::Acquire) && r.models.load().iter().any(|m| &**m == model))
+            .map(|(i, r)| (r.ongoing.load(Ordering::Acquire), i))
+            .filter(|&(ongoing, _)| ongoing < limit)
+            .min()
+            .map(|(_, i)| i)
+    }
+
+    /// The counters of a multiplexed deployment's model loads.
+    pub fn multiplex_stats(&self) -> Option<&Arc<crate::multiplex::MultiplexStats>> {
+        self.multiplex.as_ref()
     }
 }
 

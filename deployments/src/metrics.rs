@@ -18,6 +18,10 @@ pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight";
 pub const REPLICAS_READY: &str = "sluice_replicas_ready";
 pub const REPLICA_RESTARTS: &str = "sluice_replica_restarts_total";
+pub const MULTIPLEX_REQUESTS: &str = "sluice_multiplex_requests_total";
+pub const MULTIPLEX_LOADS: &str = "sluice_multiplex_loads_total";
+pub const MULTIPLEX_EVICTIONS: &str = "sluice_multiplex_evictions_total";
+pub const MULTIPLEX_LOAD_DURATION: &str = "sluice_multiplex_load_duration_seconds";
 pub const SHADOW_REQUESTS: &str = "sluice_shadow_requests_total";
 pub const SHADOW_DURATION: &str = "sluice_shadow_duration_seconds";
 pub const SHADOW_ROWS: &str = "sluice_shadow_rows_total";
@@ -30,6 +34,7 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
     (INFERENCE_DURATION, LATENCY_BUCKETS),
     (BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
     (SHADOW_DURATION, LATENCY_BUCKETS),
+    (MULTIPLEX_LOAD_DURATION, LATENCY_BUCKETS),
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -76,6 +81,22 @@ pub fn describe() {
         "Replicas of a deployment that are loaded, warmed and serving"
     );
     describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
+    describe_counter!(
+        MULTIPLEX_REQUESTS,
+        Unit::Count,
+        "Batches of a multiplexed deployment by cache (hit: the replica held the model, miss: it loaded it)"
+    );
+    describe_counter!(MULTIPLEX_LOADS, Unit::Count, "Models a multiplexed deployment's replicas loaded");
+    describe_counter!(
+        MULTIPLEX_EVICTIONS,
+        Unit::Count,
+        "Models evicted to make room (least recently used first)"
+    );
+    describe_histogram!(
+        MULTIPLEX_LOAD_DURATION,
+        Unit::Seconds,
+        "Time to load one model of a multiplexed deployment"
+    );
     describe_counter!(
         SHADOW_REQUESTS,
         Unit::Count,

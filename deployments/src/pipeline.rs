@@ -207,7 +207,13 @@ impl Pipeline {
                     })
                     .collect();
                 let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
-                let sub = InferRequest { id: None, inputs, outputs: Some(wanted), timeout: request.timeout };
+                let sub = InferRequest {
+                    id: None,
+                    inputs,
+                    outputs: Some(wanted),
+                    timeout: request.timeout,
+                    model_id: None,
+                };
                 running.push(async move { (i, step.deployment.infer(sub).await) });
             }
             let Some((i, answer)) = running.next().await else { break };

@@ -19,6 +19,8 @@ pub struct RemoteCall {
     pub deadline: Instant,
     /// Where the answer goes; the caller may have gone (then the reply is dropped).
     pub reply: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>,
+    /// Which model of a multiplexed deployment.
+    pub model: Option<std::sync::Arc<str>>,
 }
 
 /// Where a remote replica runs, for status.

@@ -41,6 +41,8 @@ pub(crate) trait ReplicaHost: Send + Sync + 'static {
     fn redispatch(&self, job: Job, from: usize) -> Result<(), Job>;
     /// True once the deployment is gone: a failing replica then stops instead of coming back.
     fn is_closed(&self) -> bool;
+    /// The models a multiplexed replica holds now (for routing requests to holders).
+    fn set_models(&self, id: usize, models: Vec<Arc<str>>);
 }
 
 /// What every replica of a deployment runs with.
@@ -77,7 +79,7 @@ pub(crate) fn run(
         };
         warm_up(&config, model.as_mut());
         host.set_ready(id, true);
-        let panicked = serve(&config, model.as_mut(), &rx, &mut state, &mut stopping);
+        let panicked = serve(&config, (&*host, id), model.as_mut(), &rx, &mut state, &mut stopping);
         host.set_ready(id, false);
         if !panicked {
             return;
@@ -163,6 +165,7 @@ fn answer_expired(config: &ReplicaConfig, expired: Vec<Job>) {
 /// Runs jobs until told to stop and drained (returns false) or the model panics (true).
 fn serve(
     config: &ReplicaConfig,
+    me: (&dyn ReplicaHost, usize),
     model: &mut dyn Backend,
     rx: &Receiver<Msg>,
     state: &mut BatchState,
@@ -209,14 +212,19 @@ fn serve(
         if batch.is_empty() {
             continue;
         }
-        if run_batch(config, model, batch) {
+        if run_batch(config, me, model, batch) {
             return true;
         }
     }
 }
 
 /// Runs one batch and answers its callers. Returns true when the model panicked.
-fn run_batch(config: &ReplicaConfig, model: &mut dyn Backend, mut batch: Vec<Job>) -> bool {
+fn run_batch(
+    config: &ReplicaConfig,
+    (host, id): (&dyn ReplicaHost, usize),
+    model: &mut dyn Backend,
+    mut batch: Vec<Job>,
+) -> bool {
     let start = Instant::now();
     for job in &batch {
         config.metrics.queued(start.saturating_duration_since(job.admitted));
@@ -228,7 +236,19 @@ fn run_batch(config: &ReplicaConfig, model: &mut dyn Backend, mut batch: Vec<Job
     for job in &batch {
         span.follows_from(&job.span);
     }
-    let outcome = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| infer_batch(config, model, &mut batch))));
+    // A multiplexed deployment's batch is one model's: make it current (loading it if needed).
+    let selected = batch.first().and_then(|j| j.model.clone());
+    let outcome = span.in_scope(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            if let Some(m) = &selected {
+                model.select_model(m)?;
+            }
+            infer_batch(config, model, &mut batch)
+        }))
+    });
+    if selected.is_some() {
+        host.set_models(id, model.loaded_models());
+    }
     let took = start.elapsed();
     span.record("model_us", took.as_micros() as u64);
     for job in &batch {

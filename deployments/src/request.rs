@@ -16,6 +16,9 @@ pub struct InferRequest {
     /// The client's own deadline (OIP `timeout` parameter); the deployment's
     /// `request_timeout_s` applies when it is longer or absent.
     pub timeout: Option<std::time::Duration>,
+    /// Which of a multiplexed deployment's models serves the request (Ray's
+    /// `serve_multiplexed_model_id`).
+    pub model_id: Option<String>,
 }
 
 /// The answer to an [`InferRequest`].

@@ -14,40 +14,42 @@ pub enum Servable {
     Pipeline(Arc<Pipeline>),
     /// A deployment whose requests are also copied to a shadow version.
     Shadowed(Arc<Deployment>, Arc<Shadow>),
+    /// One model of a multiplexed deployment, addressed by its id as the model name.
+    Multiplexed(Arc<Deployment>, Arc<str>),
 }
 
 impl Servable {
     pub fn name(&self) -> &str {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.name(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.name(),
             Self::Pipeline(p) => p.name(),
         }
     }
 
     pub fn version(&self) -> &str {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.version(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.version(),
             Self::Pipeline(_) => "1",
         }
     }
 
     pub fn metadata(&self) -> &ModelMetadata {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.metadata(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.metadata(),
             Self::Pipeline(p) => p.metadata(),
         }
     }
 
     pub fn metrics(&self) -> &DeploymentMetrics {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.metrics(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.metrics(),
             Self::Pipeline(p) => p.metrics(),
         }
     }
 
     pub fn is_ready(&self) -> bool {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.is_ready(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.is_ready(),
             Self::Pipeline(p) => p.is_ready(),
         }
     }
@@ -55,21 +57,23 @@ impl Servable {
     /// 0 for pipelines (their steps batch on their own).
     pub fn max_batch_size(&self) -> usize {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.max_batch_size(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.max_batch_size(),
             Self::Pipeline(_) => 0,
         }
     }
 
     pub fn num_replicas(&self) -> usize {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.num_replicas(),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.num_replicas(),
             Self::Pipeline(_) => 1,
         }
     }
 
     pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => d.wait_ready(timeout).await,
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => {
+                d.wait_ready(timeout).await
+            }
             Self::Pipeline(p) => p.wait_ready(timeout).await,
         }
     }
@@ -77,6 +81,11 @@ impl Servable {
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         match self {
             Self::Deployment(d) => d.infer(request).await,
+            Self::Multiplexed(d, model) => {
+                let mut request = request;
+                request.model_id.get_or_insert_with(|| model.to_string());
+                d.infer(request).await
+            }
             Self::Shadowed(d, shadow) => {
                 let mirror = shadow.mirror(&request);
                 let answer = d.infer(request).await;
@@ -92,7 +101,7 @@ impl Servable {
     /// The deployment, when this is one.
     pub fn deployment(&self) -> Option<&Arc<Deployment>> {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) => Some(d),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => Some(d),
             Self::Pipeline(_) => None,
         }
     }

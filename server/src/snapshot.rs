@@ -36,6 +36,9 @@ pub struct VersionEntry {
     pub metadata: Metadata,
     pub settings: ReplicaSettings,
     pub max_replicas: usize,
+    /// Whether requests name one of its models.
+    #[serde(default)]
+    pub multiplexed: bool,
     pub replicas: Vec<ReplicaEntry>,
 }
 
@@ -122,7 +125,7 @@ pub fn take(routes: &Router) -> Snapshot {
     for (name, route) in &table.models {
         let mut entry = ModelEntry { split: route.split.clone(), ..ModelEntry::default() };
         for (version, servable) in &route.versions {
-            let Servable::Deployment(d) = servable else { continue };
+            let (Servable::Deployment(d) | Servable::Shadowed(d, _)) = servable else { continue };
             let replicas = d
                 .remote_replicas()
                 .into_iter()
@@ -141,6 +144,7 @@ pub fn take(routes: &Router) -> Snapshot {
                     metadata: Metadata::of(d.metadata()),
                     settings: d.spec().settings.clone(),
                     max_replicas: d.spec().max_replicas,
+                    multiplexed: d.spec().multiplexed,
                     replicas,
                 },
             );
@@ -266,6 +270,7 @@ fn start(model: &str, version: &str, v: &VersionEntry) -> Option<Followed> {
         max_replicas: v.max_replicas,
         settings: v.settings.clone(),
         wake: Default::default(),
+        multiplexed: v.multiplexed,
     };
     match Deployment::start_remote(spec, metadata) {
         Ok(d) => Some(Followed { entry: v.clone(), deployment: Arc::new(d), replicas: HashMap::new() }),

@@ -38,7 +38,7 @@ impl ReplicaSpec {
             }
         };
         match &mut self.model {
-            Model::Onnx(path) => rel(path),
+            Model::Onnx(path) | Model::Multiplexed { dir: path, .. } => rel(path),
             Model::Builtin(b) => {
                 for path in b.files_mut() {
                     rel(path);

@@ -60,7 +60,7 @@ impl GrpcReplica {
 
 impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
-        let RemoteCall { inputs, outputs, deadline, mut reply } = call;
+        let RemoteCall { inputs, outputs, deadline, mut reply, model } = call;
         let left = deadline.saturating_duration_since(Instant::now());
         let request = encode(&self.model, &self.version, inputs, &outputs, left);
         let mut client = self.client.clone();
@@ -69,6 +69,9 @@ impl RemoteReplica for GrpcReplica {
         self.runtime.spawn(async move {
             let mut request = tonic::Request::new(request);
             request.set_timeout(left.max(Duration::from_millis(1)));
+            if let Some(value) = model.and_then(|m| m.parse::<tonic::metadata::MetadataValue<_>>().ok()) {
+                request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, value);
+            }
             let answer = tokio::select! {
                 r = client.model_infer(request) => r,
                 // The caller went away: drop the call (h2 resets the stream).

@@ -82,7 +82,7 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
             )));
         }
     };
-    Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs, timeout })
+    Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs, timeout, model_id: None })
 }
 
 /// Little-endian bytes from the typed contents field that fits `dtype`.

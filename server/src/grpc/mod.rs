@@ -81,17 +81,18 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
         let started = std::time::Instant::now();
-        let pinned = req
-            .metadata()
-            .get(sluice_router::VERSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let pinned = header(sluice_router::VERSION_HEADER);
+        let model_id = header(sluice_deployments::MULTIPLEX_HEADER);
         let req = req.into_inner();
         let choice =
             sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: pinned.as_deref() };
         let d = self.routes.route(&req.model_name, choice).map_err(grpc_status)?;
         let result = match codec::decode(req) {
-            Ok(request) => d.infer(request).await,
+            Ok(mut request) => {
+                request.model_id = model_id;
+                d.infer(request).await
+            }
             Err(e) => Err(e),
         };
         d.metrics().request(

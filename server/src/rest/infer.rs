@@ -34,7 +34,13 @@ pub async fn infer(
     let choice = sluice_router::VersionChoice { exact: path.get("version").map(String::as_str), pinned };
     let deployment = state.routes.route(&path["model"], choice)?;
     let result = match decode_request(&headers, body) {
-        Ok((request, binary)) => deployment.infer(request).await.map(|r| (r, binary)),
+        Ok((mut request, binary)) => {
+            request.model_id = headers
+                .get(sluice_deployments::MULTIPLEX_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            deployment.infer(request).await.map(|r| (r, binary))
+        }
         Err(e) => Err(e),
     };
     deployment.metrics().request(
@@ -173,7 +179,8 @@ fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, Bin
             ))
         })?),
     };
-    let request = InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs, timeout };
+    let request =
+        InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs, timeout, model_id: None };
     Ok((request, BinaryOutputs { default, per_output }))
 }
 

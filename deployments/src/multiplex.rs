@@ -1,0 +1,165 @@
+//! Model multiplexing (Ray Serve's `@serve.multiplexed`): one deployment serves many models of
+//! the same interface — per-tenant fine-tunes, say — from a folder `<dir>/<model_id>/model.onnx`.
+//! Each replica loads a model the first time a request names it and keeps at most
+//! `max_models_per_replica`, evicting the least recently used. Requests for different models
+//! never share a batch; the deployment prefers replicas that already hold a request's model
+//! (see `Deployment::dispatch`). A model that cannot load fails its requests with a message
+//! naming it, and the replica goes on serving the others.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use metrics::{Counter, Histogram};
+
+use crate::metrics::{MULTIPLEX_EVICTIONS, MULTIPLEX_LOAD_DURATION, MULTIPLEX_LOADS, MULTIPLEX_REQUESTS};
+use crate::onnx::{OnnxBackend, OnnxOptions};
+use crate::{Backend, ErrorKind, InferError, LoadError, ModelMetadata, NamedTensor};
+
+/// Counts shared by every replica of a multiplexed deployment.
+#[derive(Default)]
+pub struct MultiplexStats {
+    /// Batches whose model was loaded already, and those that had to load it.
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Models loaded (misses that succeeded) and evicted.
+    pub loads: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Total time spent loading, microseconds.
+    pub load_us: AtomicU64,
+    /// The most models one replica holds.
+    pub capacity: u64,
+}
+
+/// The models of one multiplexed deployment, as each of its replicas loads them.
+pub(crate) struct Shared {
+    dir: PathBuf,
+    options: OnnxOptions,
+    stats: Arc<MultiplexStats>,
+    hit: Counter,
+    miss: Counter,
+    loads: Counter,
+    evictions: Counter,
+    load_time: Histogram,
+}
+
+impl Shared {
+    pub fn new(dir: PathBuf, capacity: u32, options: OnnxOptions, deployment: &str) -> Arc<Self> {
+        let d = deployment.to_string();
+        Arc::new(Self {
+            dir,
+            options,
+            stats: Arc::new(MultiplexStats { capacity: capacity.max(1) as u64, ..MultiplexStats::default() }),
+            hit: metrics::counter!(MULTIPLEX_REQUESTS, "deployment" => d.clone(), "cache" => "hit"),
+            miss: metrics::counter!(MULTIPLEX_REQUESTS, "deployment" => d.clone(), "cache" => "miss"),
+            loads: metrics::counter!(MULTIPLEX_LOADS, "deployment" => d.clone()),
+            evictions: metrics::counter!(MULTIPLEX_EVICTIONS, "deployment" => d.clone()),
+            load_time: metrics::histogram!(MULTIPLEX_LOAD_DURATION, "deployment" => d),
+        })
+    }
+
+    /// The interface every model must have: the first model of the folder's (by id).
+    pub fn reference(&self) -> Result<ModelMetadata, LoadError> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
+            .map_err(|e| LoadError::Model { path: self.dir.clone(), message: e.to_string() })?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("model.onnx").is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        ids.sort();
+        let first = ids.first().ok_or_else(|| LoadError::Model {
+            path: self.dir.clone(),
+            message: "the folder holds no `<model_id>/model.onnx`".into(),
+        })?;
+        Ok(OnnxBackend::load(&self.dir.join(first).join("model.onnx"), &self.options)?.metadata().clone())
+    }
+}
+
+/// A replica's backend: its loaded models, most recently used last.
+pub(crate) struct Multiplexed {
+    shared: Arc<Shared>,
+    metadata: ModelMetadata,
+    loaded: Vec<(Arc<str>, OnnxBackend)>,
+}
+
+impl Multiplexed {
+    pub fn new(shared: Arc<Shared>, metadata: ModelMetadata) -> Self {
+        Self { shared, metadata, loaded: Vec::new() }
+    }
+
+    fn load(&self, id: &str) -> Result<OnnxBackend, InferError> {
+        let valid = !id.is_empty() && !id.contains(['/', '\\']) && id != "." && id != "..";
+        let path = self.shared.dir.join(id).join("model.onnx");
+        if !valid || !path.is_file() {
+            return Err(InferError::not_found(format!("unknown model `{id}` (no {})", path.display())));
+        }
+        let backend = OnnxBackend::load(&path, &self.shared.options)
+            .map_err(|e| InferError::internal(format!("model `{id}` failed to load: {e}")))?;
+        let (want, got) = (&self.metadata, backend.metadata());
+        if want.inputs != got.inputs || want.outputs != got.outputs {
+            return Err(InferError::internal(format!(
+                "model `{id}` has another interface than the deployment's (inputs {:?}, outputs {:?})",
+                got.inputs.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                got.outputs.iter().map(|t| &t.name).collect::<Vec<_>>()
+            )));
+        }
+        Ok(backend)
+    }
+}
+
+impl Backend for Multiplexed {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        match self.loaded.last_mut() {
+            Some((_, model)) => model.infer(inputs, outputs),
+            None => Err(InferError::new(
+                ErrorKind::InvalidArgument,
+                "name a model of this multiplexed deployment",
+            )),
+        }
+    }
+
+    fn select_model(&mut self, id: &str) -> Result<(), InferError> {
+        let s = &self.shared;
+        if let Some(i) = self.loaded.iter().position(|(m, _)| &**m == id) {
+            let entry = self.loaded.remove(i);
+            self.loaded.push(entry);
+            s.stats.hits.fetch_add(1, Ordering::Relaxed);
+            s.hit.increment(1);
+            return Ok(());
+        }
+        s.stats.misses.fetch_add(1, Ordering::Relaxed);
+        s.miss.increment(1);
+        let started = Instant::now();
+        let backend = self.load(id)?;
+        let took = started.elapsed();
+        s.stats.loads.fetch_add(1, Ordering::Relaxed);
+        s.stats.load_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        s.loads.increment(1);
+        s.load_time.record(took.as_secs_f64());
+        if self.loaded.len() as u64 >= s.stats.capacity {
+            let (gone, _) = self.loaded.remove(0);
+            tracing::debug!(model = %gone, "evicted");
+            s.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            s.evictions.increment(1);
+        }
+        self.loaded.push((Arc::from(id), backend));
+        Ok(())
+    }
+
+    fn loaded_models(&self) -> Vec<Arc<str>> {
+        self.loaded.iter().map(|(m, _)| m.clone()).collect()
+    }
+
+    fn multiplex_stats(&self) -> Option<Arc<MultiplexStats>> {
+        Some(self.shared.stats.clone())
+    }
+}

@@ -1,0 +1,141 @@
+//! Model multiplexing against the real server: one deployment serving many models of one
+//! interface from a folder, each loaded on first use into a per-replica LRU; hits, misses and
+//! evictions counted exactly; requests routed to replicas that hold their model; unknown and
+//! broken models answered clearly while the rest keep serving.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use serde_json::Value;
+
+const HEADER: &str = "serve_multiplexed_model_id";
+
+/// A folder of models a, b, c (iris copies) and `bad` (not an ONNX file).
+fn models(tag: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("multiplex-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for id in ["a", "b", "c"] {
+        std::fs::create_dir_all(dir.join(id)).unwrap();
+        std::fs::copy(models_dir().join("iris/model.onnx"), dir.join(id).join("model.onnx")).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("bad")).unwrap();
+    std::fs::write(dir.join("bad").join("model.onnx"), b"not a model").unwrap();
+    dir
+}
+
+async fn start(dir: &std::path::Path, replicas: u32, per_replica: u32) -> sluice_server::Server {
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\napplications:\n  - name: app\n    deployments:\n      - {{name: tenants, num_replicas: {replicas}, multiplex: {{path: {}, max_num_models_per_replica: {per_replica}}}}}\n",
+        dir.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("m.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    s
+}
+
+fn body() -> Value {
+    serde_json::json!({"inputs": expected("iris")["cases"][0]["inputs"]})
+}
+
+/// One request to `model` on the deployment (by header) or, with `path`, by the model's id as
+/// the model name. Returns (status, body).
+async fn infer(s: &sluice_server::Server, model: Option<&str>, path: Option<&str>) -> (u16, Value) {
+    let target = path.unwrap_or("tenants");
+    let mut req = reqwest::Client::new().post(url(s, &format!("/v2/models/{target}/infer"))).json(&body());
+    if let Some(m) = model {
+        req = req.header(HEADER, m);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn multiplex(s: &sluice_server::Server) -> Value {
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    status["applications"]["app"]["deployments"]["tenants"]["multiplex"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_models_than_the_lru_holds_are_counted_exactly() {
+    let dir = models("lru");
+    let s = start(&dir, 1, 2).await;
+    let want = &expected("iris")["cases"][0]["outputs"];
+    // a, b (two loads), a (hit), c (load, evicts b), b (load, evicts a).
+    for m in ["a", "b", "a", "c", "b"] {
+        let (status, got) = infer(&s, Some(m), None).await;
+        assert_eq!(status, 200, "{got}");
+        assert_outputs_match(&got["outputs"], want, 1e-5);
+    }
+    let mx = multiplex(&s);
+    assert_eq!((mx["misses"].as_u64(), mx["hits"].as_u64()), (Some(4), Some(1)), "{mx}");
+    assert_eq!((mx["loads"].as_u64(), mx["evictions"].as_u64()), (Some(4), Some(2)), "{mx}");
+    assert_eq!(mx["models"], serde_json::json!(["a", "b", "bad", "c"]));
+    // A model's id also answers as a model name; c is still loaded (hit).
+    let (status, got) = infer(&s, None, Some("c")).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(multiplex(&s)["hits"].as_u64(), Some(2));
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sluice_multiplex_evictions_total"), "{metrics}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_to_replicas_that_hold_their_model() {
+    let dir = models("pref");
+    let s = start(&dir, 2, 2).await;
+    // Alternating models: with the holder preferred, each model is loaded exactly once, on
+    // whichever replica first took it.
+    for i in 0..20 {
+        let (status, got) = infer(&s, Some(["a", "b"][i % 2]), None).await;
+        assert_eq!(status, 200, "{got}");
+    }
+    let mx = multiplex(&s);
+    assert_eq!((mx["misses"].as_u64(), mx["hits"].as_u64()), (Some(2), Some(18)), "{mx}");
+    // Under concurrency every request still succeeds (saturated holders let others load).
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (client, url) = (reqwest::Client::new(), url(&s, "/v2/models/tenants/infer"));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let r = client
+                    .post(&url)
+                    .header(HEADER, ["a", "b", "c"][i % 3])
+                    .json(&body())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
+    let dir = models("bad");
+    let s = start(&dir, 1, 2).await;
+    let (status, got) = infer(&s, Some("zz"), None).await;
+    assert_eq!(status, 404, "{got}");
+    assert!(got["error"].as_str().unwrap().starts_with("unknown model `zz`"), "{got}");
+    let (status, got) = infer(&s, None, Some("zz")).await;
+    assert_eq!((status, got["error"].as_str()), (404, Some("unknown model `zz`")));
+    let (status, got) = infer(&s, Some("bad"), None).await;
+    assert_eq!(status, 500, "{got}");
+    assert!(got["error"].as_str().unwrap().contains("model `bad` failed to load"), "{got}");
+    let (status, got) = infer(&s, Some("../a"), None).await;
+    assert_eq!(status, 404, "no way out of the folder: {got}");
+    let (status, got) = infer(&s, None, None).await;
+    assert_eq!(status, 400, "{got}");
+    assert!(got["error"].as_str().unwrap().contains("serves many models"), "{got}");
+    let (status, _) = infer(&s, Some("a"), None).await;
+    assert_eq!(status, 200, "the replica keeps serving its other models");
+    s.shutdown().await;
+}
