@@ -10,7 +10,8 @@ use serde_saphyr::Spanned;
 
 use crate::autoscaling::{AutoscalingConfig, NumReplicas};
 use crate::types::{
-    AdminOptions, ClusterOptions, GrpcOptions, HttpOptions, ProxyLocation, ReplicaSettings, Rollout,
+    AdminOptions, ClusterOptions, GrpcOptions, HttpOptions, LogFormat, ProxyLocation, ReplicaSettings,
+    Rollout, TracingOptions,
 };
 
 /// A whole config file.
@@ -42,6 +43,12 @@ pub(crate) struct Config {
     /// Where the frontends run on a cluster: `HeadOnly` (default) or `EveryNode`.
     #[serde(default)]
     pub proxy_location: ProxyLocation,
+    /// OpenTelemetry traces: `{otlp_endpoint, sample_ratio, service_name}`.
+    #[serde(default)]
+    pub tracing_options: TracingOptions,
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 /// `ray_actor_options` of a deployment, Ray Serve's names.

@@ -28,8 +28,8 @@ pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
 pub use repository::{ModelRepository, RepositoryError, VersionPolicy};
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
-    HttpOptions, Location, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
-    ReplicaSettings, Rollout, Scaling, Shadow,
+    HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
+    ReplicaSettings, Rollout, Scaling, Shadow, TracingOptions,
 };
 
 /// Reads, parses and validates a config file. Relative model paths are resolved against the

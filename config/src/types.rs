@@ -30,6 +30,10 @@ pub struct Config {
     pub cluster: ClusterOptions,
     /// Where the REST and gRPC frontends run on a cluster (Ray Serve's `proxy_location`).
     pub proxy_location: ProxyLocation,
+    /// OpenTelemetry traces of requests.
+    pub tracing_options: TracingOptions,
+    /// Log lines as text (default) or JSON.
+    pub log_format: LogFormat,
     /// The file this config came from; used in messages.
     pub source: PathBuf,
 }
@@ -45,6 +49,8 @@ impl Default for Config {
             model_repository: None,
             cluster: ClusterOptions::default(),
             proxy_location: ProxyLocation::default(),
+            tracing_options: TracingOptions::default(),
+            log_format: LogFormat::default(),
             source: PathBuf::new(),
         }
     }
@@ -450,4 +456,35 @@ pub enum ProxyLocation {
     HeadOnly,
     /// On the head node and on every node that has replicas.
     EveryNode,
+}
+
+/// `tracing_options`: every request as an OpenTelemetry trace, exported over OTLP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingOptions {
+    /// The OTLP/gRPC collector (`http://127.0.0.1:4317`). Default: none, no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Share of requests traced when the caller sent no `traceparent` (a sampled parent is
+    /// always followed). Default 1.0.
+    pub sample_ratio: f64,
+    /// `service.name` of the traces. Default `sluice`.
+    pub service_name: String,
+}
+
+impl Default for TracingOptions {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, sample_ratio: 1.0, service_name: "sluice".into() }
+    }
+}
+
+/// `log_format`: how log lines look on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the spans it happened in (request id,
+    /// trace id, model, version).
+    Json,
 }

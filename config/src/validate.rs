@@ -102,6 +102,8 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         model_repository,
         cluster: doc.cluster,
         proxy_location: doc.proxy_location,
+        tracing_options: doc.tracing_options,
+        log_format: doc.log_format,
         source: source.to_path_buf(),
     })
 }

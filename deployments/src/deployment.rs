@@ -572,7 +572,7 @@ impl Deployment {
         let deadline = admitted + timeout;
 
         let _permit = if may_wait {
-            self.admit(deadline, timeout).await?
+            self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
         } else {
             self.set.permits.clone().try_acquire_owned().map_err(|_| {
                 InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))

@@ -184,6 +184,7 @@ impl Pipeline {
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         use futures_util::StreamExt;
         use futures_util::stream::FuturesUnordered;
+        use tracing::Instrument;
 
         let started = Instant::now();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
@@ -214,7 +215,8 @@ impl Pipeline {
                     timeout: request.timeout,
                     model_id: None,
                 };
-                running.push(async move { (i, step.deployment.infer(sub).await) });
+                let span = tracing::debug_span!("step", pipeline = %self.name, step = %step.name);
+                running.push(async move { (i, step.deployment.infer(sub).await) }.instrument(span));
             }
             let Some((i, answer)) = running.next().await else { break };
             let step = &self.steps[i];

@@ -236,6 +236,12 @@ fn run_batch(
     for job in &batch {
         span.follows_from(&job.span);
     }
+    // Each request's trace shows the model call it was part of.
+    let model_spans: Vec<tracing::Span> = batch
+        .iter()
+        .map(|j| tracing::debug_span!(parent: &j.span, "model", batch_rows = rows))
+        .filter(|s| !s.is_disabled())
+        .collect();
     // A multiplexed deployment's batch is one model's: make it current (loading it if needed).
     let selected = batch.first().and_then(|j| j.model.clone());
     let outcome = span.in_scope(|| {
@@ -250,6 +256,7 @@ fn run_batch(
         host.set_models(id, model.loaded_models());
     }
     let took = start.elapsed();
+    drop(model_spans);
     span.record("model_us", took.as_micros() as u64);
     for job in &batch {
         job.span.record("batch_rows", rows);

@@ -48,7 +48,10 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
         .route("/api/sluice/routes", get(routes_snapshot))
         .route("/-/healthz", get(|| async { "ok" }))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+        )
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move {

@@ -20,6 +20,7 @@ pub mod ray_jobs;
 pub mod rest;
 pub mod runtime;
 pub mod snapshot;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

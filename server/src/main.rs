@@ -12,29 +12,38 @@ use std::process::ExitCode;
 use clap::Parser;
 use cli::{Cli, Command};
 
+/// What `RUST_LOG` asks for (default: info).
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let ort_env = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from);
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // Serving processes log (and trace) as their config says, once the runtime runs.
+    if !matches!(command, Command::Run(_) | Command::Replica(_) | Command::Proxy(_)) {
+        let _ = sluice_server::telemetry::init(log_filter(), Default::default(), &Default::default());
+    }
+    match command {
         Command::Run(args) => {
             let config = match cli::load_config(&args.config) {
                 Ok(c) => args.apply_overrides(c),
                 Err(code) => return code,
+            };
+            let logs = cli::run::Logs {
+                filter: log_filter(),
+                format: config.log_format,
+                tracing: config.tracing_options.clone(),
             };
             let admin_token = std::env::var(&config.admin_options.token_env).ok().filter(|t| !t.is_empty());
             let ray = config.cluster.ray.clone().unwrap_or_default();
             let ray_address =
                 args.ray.clone().or_else(|| Some(ray.address.clone()).filter(|a| !a.is_empty()));
             if args.in_ray_job {
-                cli::ray::run_in_job(config, args.ort, ort_env, admin_token)
+                cli::ray::run_in_job(config, logs, args.ort, ort_env, admin_token)
             } else if let Some(address) = ray_address {
+                let _ = sluice_server::telemetry::init(logs.filter, logs.format, &Default::default());
                 let submit = cli::ray::Submit {
                     address,
                     ray_token: std::env::var(&ray.token_env).ok(),
@@ -46,13 +55,13 @@ fn main() -> ExitCode {
                 cli::ray::submit(&config, submit)
             } else {
                 let options = sluice_server::StartOptions { admin_token, ..Default::default() };
-                cli::run::run(config, args.ort, ort_env, options)
+                cli::run::run(config, logs, args.ort, ort_env, options)
             }
         }
-        Command::Replica(args) => cli::replica::replica(args, ort_env),
+        Command::Replica(args) => cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env),
         Command::Proxy(args) => {
             let token = std::env::var("SLUICE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
-            cli::proxy::proxy(args, ort_env, token)
+            cli::proxy::proxy(args, cli::run::Logs::plain(log_filter()), ort_env, token)
         }
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),

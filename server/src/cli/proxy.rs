@@ -33,7 +33,12 @@ pub struct ProxyArgs {
 }
 
 /// `token`: the controller's admin token (from the environment, read in main.rs).
-pub fn proxy(args: ProxyArgs, ort_env: Option<PathBuf>, token: Option<String>) -> ExitCode {
+pub fn proxy(
+    args: ProxyArgs,
+    logs: super::run::Logs,
+    ort_env: Option<PathBuf>,
+    token: Option<String>,
+) -> ExitCode {
     let mut config = Config::default();
     config.http_options.host = args.host.clone();
     config.http_options.port = args.http_port;
@@ -43,7 +48,7 @@ pub fn proxy(args: ProxyArgs, ort_env: Option<PathBuf>, token: Option<String>) -
     config.admin_options.enabled = false;
     let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
     let every = Duration::from_secs_f64(args.poll_s.max(0.05));
-    super::run::run_with(config, args.ort, ort_env, StartOptions::default, move |server| {
+    super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {
         tokio::spawn(sluice_server::snapshot::follow(server.routes().clone(), url, token, every));
         use std::io::Write;
         let mut out = std::io::stdout().lock();

@@ -299,6 +299,7 @@ fn own_binary() -> Result<Vec<u8>, String> {
 /// Inside the job: `config` served with replicas as Ray actors.
 pub fn run_in_job(
     mut config: Config,
+    logs: super::run::Logs,
     ort: super::OrtArgs,
     ort_env: Option<PathBuf>,
     admin_token: Option<String>,
@@ -323,6 +324,7 @@ pub fn run_in_job(
     });
     super::run::run_with(
         config,
+        logs,
         ort,
         ort_env,
         move || {

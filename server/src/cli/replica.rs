@@ -23,7 +23,7 @@ pub struct ReplicaArgs {
     pub ort: super::OrtArgs,
 }
 
-pub fn replica(args: ReplicaArgs, ort_env: Option<PathBuf>) -> ExitCode {
+pub fn replica(args: ReplicaArgs, logs: super::run::Logs, ort_env: Option<PathBuf>) -> ExitCode {
     let spec: ReplicaSpec = match serde_json::from_str(&args.spec) {
         Ok(s) => s,
         Err(e) => {
@@ -56,7 +56,7 @@ pub fn replica(args: ReplicaArgs, ort_env: Option<PathBuf>) -> ExitCode {
             location: Location::default(),
         }],
     )];
-    super::run::run_with(config, args.ort, ort_env, StartOptions::default, |server| {
+    super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, |server| {
         use std::io::Write;
         if let Some(addr) = server.grpc_addr() {
             let mut out = std::io::stdout().lock();

@@ -59,24 +59,42 @@ impl RunArgs {
     }
 }
 
+/// How a serving process logs and traces: `RUST_LOG`'s filter, and the config's `log_format`
+/// and `tracing_options`.
+pub struct Logs {
+    pub filter: tracing_subscriber::EnvFilter,
+    pub format: sluice_config::LogFormat,
+    pub tracing: sluice_config::TracingOptions,
+}
+
+impl Logs {
+    /// Text logs, no traces.
+    pub fn plain(filter: tracing_subscriber::EnvFilter) -> Self {
+        Self { filter, format: Default::default(), tracing: Default::default() }
+    }
+}
+
 /// Serves `config` (overrides already applied); `ort_env` is `ORT_DYLIB_PATH`.
-pub fn run(config: Config, ort: super::OrtArgs, ort_env: Option<PathBuf>, options: StartOptions) -> ExitCode {
-    run_with(config, ort, ort_env, move || options, |_| {})
+pub fn run(
+    config: Config,
+    logs: Logs,
+    ort: super::OrtArgs,
+    ort_env: Option<PathBuf>,
+    options: StartOptions,
+) -> ExitCode {
+    run_with(config, logs, ort, ort_env, move || options, |_| {})
 }
 
 /// Serves `config`, calling `on_ready` once every replica is warm, until Ctrl-C, SIGTERM or
 /// (inside a Ray job) the Ray driver going away.
 pub fn run_with(
     config: Config,
+    logs: Logs,
     ort: super::OrtArgs,
     ort_env: Option<PathBuf>,
     options: impl FnOnce() -> StartOptions,
     on_ready: impl FnOnce(&sluice_server::Server),
 ) -> ExitCode {
-    match super::init_runtime(ort, ort_env) {
-        Ok(lib) => tracing::info!("ONNX Runtime from {}", lib.display()),
-        Err(code) => return code,
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -84,6 +102,22 @@ pub fn run_with(
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the trace exporter's connection needs it.
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        sluice_server::telemetry::init(logs.filter, logs.format, &logs.tracing)
+    };
+    let _telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match super::init_runtime(ort, ort_env) {
+        Ok(lib) => tracing::info!("ONNX Runtime from {}", lib.display()),
+        Err(code) => return code,
+    }
     rt.block_on(async {
         // Made inside the runtime: a Ray cluster's bridge spawns tasks.
         let options = options();

@@ -165,5 +165,9 @@ pub async fn routes(
     Ok(tonic::service::Routes::new(inference)
         .add_service(health_service)
         .add_service(reflection)
-        .into_axum_router())
+        .into_axum_router()
+        .layer(
+            tower_http::trace::TraceLayer::new_for_grpc()
+                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+        ))
 }

@@ -49,6 +49,7 @@ pub async fn infer(
         started.elapsed(),
     );
     let (response, binary_outputs) = result?;
+    let _encode = tracing::debug_span!("encode").entered();
     Ok(encode_response(&response, &binary_outputs))
 }
 

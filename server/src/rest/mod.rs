@@ -51,7 +51,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(route::fallback)
         // A span per HTTP request (DEBUG: free unless asked for with RUST_LOG).
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+        )
         .with_state(state)
 }
 
