@@ -104,11 +104,26 @@ pub async fn stats(
         }
     };
     let d64 = |d: &sluice_deployments::metrics::Duration64| json!({"count": d.count.load(Relaxed), "ns": d.ns.load(Relaxed)});
+    // No response cache: Triton reports its counters as zeros then.
     let zero = json!({"count": 0, "ns": 0});
     let model_stats: Vec<Value> = deployments
         .iter()
         .map(|d| {
             let s = &d.metrics().stats;
+            let batch_stats: Vec<Value> = s
+                .batch_sizes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.compute_infer.count.load(Relaxed) > 0)
+                .map(|(i, b)| {
+                    json!({
+                        "batch_size": i + 1,
+                        "compute_input": d64(&b.compute_input),
+                        "compute_infer": d64(&b.compute_infer),
+                        "compute_output": d64(&b.compute_output),
+                    })
+                })
+                .collect();
             json!({
                 "name": d.name(),
                 "version": d.version(),
@@ -119,13 +134,13 @@ pub async fn stats(
                     "success": d64(&s.success),
                     "fail": d64(&s.fail),
                     "queue": d64(&s.queue),
-                    "compute_input": zero,
+                    "compute_input": d64(&s.compute_input),
                     "compute_infer": d64(&s.compute_infer),
-                    "compute_output": zero,
+                    "compute_output": d64(&s.compute_output),
                     "cache_hit": zero,
                     "cache_miss": zero,
                 },
-                "batch_stats": [],
+                "batch_stats": batch_stats,
             })
         })
         .collect();
