@@ -52,7 +52,8 @@ pub async fn config(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let d = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
-    Ok(Json(crate::model_config::to_json(&crate::model_config::build(&d))))
+    let policy = crate::model_config::version_policy(&state.routes, &state.controller, d.name());
+    Ok(Json(crate::model_config::to_json(&crate::model_config::build(&d, policy))))
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -88,7 +89,9 @@ pub async fn repository_index(
     Ok(Json(Value::Array(models)))
 }
 
-/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton-style cumulative statistics.
+/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton's cumulative statistics, with Triton's
+/// meaning (see [`sluice_deployments::metrics::Stats`]); `batch_stats` lists the batch sizes
+/// that ran.
 pub async fn stats(
     State(state): State<AppState>,
     Path(path): Path<HashMap<String, String>>,
