@@ -190,7 +190,8 @@ pub struct Stats {
     pub compute_infer: Duration64,
     pub compute_output: Duration64,
     /// Successful model calls by batch size in rows: entry `i` is batch size `i + 1`, up to
-    /// the deployment's `max_batch_size` (allocated once, so recording never allocates).
+    /// the deployment's `max_batch_size` or [`BATCH_STATS_MAX_SIZE`], whichever is smaller
+    /// (allocated once, so recording never allocates; larger batches count only in the totals).
     pub batch_sizes: Box<[BatchSizeStats]>,
     /// Rows run through the model by successful calls.
     pub inference_count: AtomicU64,
@@ -203,8 +204,12 @@ pub struct Stats {
     pub server_errors: AtomicU64,
 }
 
+/// The largest batch size `batch_stats` breaks out: 48 bytes per size per deployment.
+pub const BATCH_STATS_MAX_SIZE: usize = 1024;
+
 impl Stats {
-    /// Statistics for batches of up to `max_rows` rows (at least 1).
+    /// Statistics for batches of up to `max_rows` rows (at least 1; per-size entries up to
+    /// [`BATCH_STATS_MAX_SIZE`]).
     pub fn new(max_rows: usize) -> Self {
         Self {
             success: Duration64::default(),
@@ -213,7 +218,9 @@ impl Stats {
             compute_input: Duration64::default(),
             compute_infer: Duration64::default(),
             compute_output: Duration64::default(),
-            batch_sizes: (0..max_rows.max(1)).map(|_| BatchSizeStats::default()).collect(),
+            batch_sizes: (0..max_rows.clamp(1, BATCH_STATS_MAX_SIZE))
+                .map(|_| BatchSizeStats::default())
+                .collect(),
             inference_count: AtomicU64::new(0),
             execution_count: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
@@ -417,5 +424,6 @@ mod tests {
         assert_eq!(s.inference_count.load(Ordering::Relaxed), 13);
         assert_eq!(s.execution_count.load(Ordering::Relaxed), 3);
         assert_eq!(Stats::new(0).batch_sizes.len(), 1, "unbatched models run batches of 1");
+        assert_eq!(Stats::new(1 << 30).batch_sizes.len(), BATCH_STATS_MAX_SIZE, "bounded");
     }
 }
