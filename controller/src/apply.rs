@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use sluice_config::Config;
+use sluice_config::{Config, VersionPolicy};
 
 use crate::state::RepoScan;
 use crate::{ControlError, Controller, pipelines, reconcile, repository};
@@ -113,6 +113,15 @@ impl Controller {
     /// Repository models unloaded through the API.
     pub fn unloaded(&self) -> Vec<String> {
         self.lock().unloaded.iter().cloned().collect()
+    }
+
+    /// The version policy that chose `model`'s versions, when the model repository serves it
+    /// (what its Triton-style model configuration reports).
+    pub fn repository_policy(&self, model: &str) -> Option<VersionPolicy> {
+        let st = self.lock();
+        let from_repository = st.deployments.get(model).is_some_and(|m| m.app == repository::APPLICATION);
+        let repo = st.desired.as_ref()?.model_repository.as_ref().filter(|_| from_repository)?;
+        Some(repo.version_policy.clone())
     }
 
     fn desired_and_unloaded(&self) -> Result<(Config, std::collections::BTreeSet<String>), ControlError> {

@@ -2,6 +2,7 @@
 //! backend runs on its replica's own OS thread.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_config::{Model, ReplicaSettings};
 
@@ -48,6 +49,22 @@ pub trait Backend: Send + 'static {
     fn multiplex_stats(&self) -> Option<Arc<crate::multiplex::MultiplexStats>> {
         None
     }
+
+    /// How long the last successful `infer` spent copying data into and out of the framework
+    /// (Triton's `compute_input` and `compute_output`; the rest of the call is
+    /// `compute_infer`). Backends that do not measure it report zero.
+    fn last_copy_times(&self) -> CopyTimes {
+        CopyTimes::default()
+    }
+}
+
+/// Time a backend spent moving data in and out of its framework in one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyTimes {
+    /// Building the framework's input values from the request tensors.
+    pub input: Duration,
+    /// Reading the outputs back into Sluice tensors.
+    pub output: Duration,
 }
 
 /// Makes a fresh backend for a replica (at start, and to replace one that panicked).

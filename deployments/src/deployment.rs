@@ -303,7 +303,7 @@ impl Deployment {
             model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
             warmup: spec.settings.warmup,
             factory,
-            metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version)),
+            metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version, spec.max_batch_size())),
         });
         let (ready_count, ready) = watch::channel(0);
         let set = Arc::new(ReplicaSet {

@@ -20,7 +20,7 @@ mod servable;
 pub mod shadow;
 mod tensor;
 
-pub use backend::{Backend, BackendFactory, ModelMetadata, TensorSpec, backend_factory};
+pub use backend::{Backend, BackendFactory, CopyTimes, ModelMetadata, TensorSpec, backend_factory};
 pub use batch::BatchPolicy;
 pub use builtin::{AsyncStep, register_async_step, register_step};
 pub use deployment::{Deployment, DeploymentSpec, MULTIPLEX_HEADER};

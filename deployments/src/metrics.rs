@@ -150,27 +150,98 @@ pub struct Duration64 {
 
 impl Duration64 {
     fn add(&self, d: Duration) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.add_n(1, d);
+    }
+
+    /// `n` more, each of which took `d`.
+    fn add_n(&self, n: u64, d: Duration) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.ns.fetch_add(n.saturating_mul(d.as_nanos() as u64), Ordering::Relaxed);
     }
 }
 
-/// Triton-style cumulative statistics of a deployment.
+/// Where the time of one successful model call went, in Triton's three compute stages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// Concatenating (and padding) the batch's inputs and copying them into the framework.
+    pub input: Duration,
+    /// Running the model.
+    pub infer: Duration,
+    /// Copying the outputs out of the framework and cutting them back into each request's rows.
+    pub output: Duration,
+}
+
+/// Triton's statistics of the model calls of one batch size.
 #[derive(Default)]
+pub struct BatchSizeStats {
+    pub compute_input: Duration64,
+    pub compute_infer: Duration64,
+    pub compute_output: Duration64,
+}
+
+/// Triton-style cumulative statistics of a deployment, with Triton's meaning: the `success`,
+/// `fail`, `queue` and `compute_*` counts are requests (each request of a batch is charged the
+/// batch's compute times), while `execution_count` and `batch_sizes` count model calls.
 pub struct Stats {
     pub success: Duration64,
     pub fail: Duration64,
     pub queue: Duration64,
+    pub compute_input: Duration64,
     pub compute_infer: Duration64,
-    /// Rows run through the model.
+    pub compute_output: Duration64,
+    /// Successful model calls by batch size in rows: entry `i` is batch size `i + 1`, up to
+    /// the deployment's `max_batch_size` or [`BATCH_STATS_MAX_SIZE`], whichever is smaller
+    /// (allocated once, so recording never allocates; larger batches count only in the totals).
+    pub batch_sizes: Box<[BatchSizeStats]>,
+    /// Rows run through the model by successful calls.
     pub inference_count: AtomicU64,
-    /// Model calls (batches).
+    /// Successful model calls (batches).
     pub execution_count: AtomicU64,
     /// Milliseconds since the epoch of the last model call.
     pub last_inference_ms: AtomicU64,
     /// Failures that are the server's or the model's fault (internal errors), apart from bad
     /// requests, overload and client deadlines: what a canary rollout judges.
     pub server_errors: AtomicU64,
+}
+
+/// The largest batch size `batch_stats` breaks out: 48 bytes per size per deployment.
+pub const BATCH_STATS_MAX_SIZE: usize = 1024;
+
+impl Stats {
+    /// Statistics for batches of up to `max_rows` rows (at least 1; per-size entries up to
+    /// [`BATCH_STATS_MAX_SIZE`]).
+    pub fn new(max_rows: usize) -> Self {
+        Self {
+            success: Duration64::default(),
+            fail: Duration64::default(),
+            queue: Duration64::default(),
+            compute_input: Duration64::default(),
+            compute_infer: Duration64::default(),
+            compute_output: Duration64::default(),
+            batch_sizes: (0..max_rows.clamp(1, BATCH_STATS_MAX_SIZE))
+                .map(|_| BatchSizeStats::default())
+                .collect(),
+            inference_count: AtomicU64::new(0),
+            execution_count: AtomicU64::new(0),
+            last_inference_ms: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one successful model call of `rows` rows answering `requests` requests.
+    fn executed(&self, rows: usize, requests: usize, stages: StageTimes) {
+        let n = requests as u64;
+        self.compute_input.add_n(n, stages.input);
+        self.compute_infer.add_n(n, stages.infer);
+        self.compute_output.add_n(n, stages.output);
+        if let Some(b) = rows.checked_sub(1).and_then(|i| self.batch_sizes.get(i)) {
+            b.compute_input.add(stages.input);
+            b.compute_infer.add(stages.infer);
+            b.compute_output.add(stages.output);
+        }
+        self.inference_count.fetch_add(rows as u64, Ordering::Relaxed);
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Request latencies in log-spaced buckets (4 per doubling, 1 µs to ~70 min), counted with
@@ -245,7 +316,8 @@ pub struct DeploymentMetrics {
 }
 
 impl DeploymentMetrics {
-    pub fn new(model: &str, version: &str) -> Self {
+    /// Handles for `model` at `version`, whose model calls take at most `max_rows` rows.
+    pub fn new(model: &str, version: &str, max_rows: usize) -> Self {
         let (m, v) = (model.to_string(), version.to_string());
         let mut requests = Vec::new();
         for protocol in PROTOCOLS {
@@ -268,7 +340,7 @@ impl DeploymentMetrics {
             restarts: metrics::counter!(REPLICA_RESTARTS, "model" => m.clone(), "version" => v.clone()),
             model: m,
             version: v,
-            stats: Stats::default(),
+            stats: Stats::new(max_rows),
             latencies: LatencyBuckets::default(),
         }
     }
@@ -300,14 +372,16 @@ impl DeploymentMetrics {
         self.stats.queue.add(waited);
     }
 
-    pub(crate) fn batch(&self, rows: usize, took: Duration) {
+    /// Records one model call of `rows` rows for `requests` requests that took `took` in all;
+    /// `stages` says where the time went when the call succeeded (`None`: it failed).
+    pub(crate) fn batch(&self, rows: usize, requests: usize, took: Duration, stages: Option<StageTimes>) {
         self.batch_size.record(rows as f64);
         self.inference_duration.record(took.as_secs_f64());
-        self.stats.compute_infer.add(took);
-        self.stats.inference_count.fetch_add(rows as u64, Ordering::Relaxed);
-        self.stats.execution_count.fetch_add(1, Ordering::Relaxed);
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.stats.last_inference_ms.store(ms, Ordering::Relaxed);
+        if let Some(stages) = stages {
+            self.stats.executed(rows, requests, stages);
+        }
     }
 }
 
@@ -329,5 +403,27 @@ mod tests {
         assert!(p50 >= Duration::from_millis(50) && p50 <= Duration::from_millis(60), "{p50:?}");
         assert!(p99 >= Duration::from_millis(99) && p99 <= Duration::from_millis(118), "{p99:?}");
         assert_eq!(LatencyBuckets::quantile(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn stats_charge_each_request_the_batch_stages_and_count_calls_by_batch_size() {
+        let s = Stats::new(4);
+        let ms = Duration::from_millis;
+        s.executed(3, 2, StageTimes { input: ms(1), infer: ms(10), output: ms(2) });
+        s.executed(1, 1, StageTimes { input: ms(1), infer: ms(5), output: ms(1) });
+        s.executed(9, 1, StageTimes::default()); // above max_batch_size: no batch entry
+        let get = |d: &Duration64| (d.count.load(Ordering::Relaxed), d.ns.load(Ordering::Relaxed));
+        // Per request: the batch of 3 rows answered 2 requests, each charged its times.
+        assert_eq!(get(&s.compute_input), (4, 3_000_000));
+        assert_eq!(get(&s.compute_infer), (4, 25_000_000));
+        assert_eq!(get(&s.compute_output), (4, 5_000_000));
+        // Per model call, by rows.
+        assert_eq!(get(&s.batch_sizes[2].compute_infer), (1, 10_000_000));
+        assert_eq!(get(&s.batch_sizes[0].compute_output), (1, 1_000_000));
+        assert_eq!(get(&s.batch_sizes[1].compute_infer), (0, 0));
+        assert_eq!(s.inference_count.load(Ordering::Relaxed), 13);
+        assert_eq!(s.execution_count.load(Ordering::Relaxed), 3);
+        assert_eq!(Stats::new(0).batch_sizes.len(), 1, "unbatched models run batches of 1");
+        assert_eq!(Stats::new(1 << 30).batch_sizes.len(), BATCH_STATS_MAX_SIZE, "bounded");
     }
 }

@@ -15,7 +15,7 @@ use metrics::{Counter, Histogram};
 
 use crate::metrics::{MULTIPLEX_EVICTIONS, MULTIPLEX_LOAD_DURATION, MULTIPLEX_LOADS, MULTIPLEX_REQUESTS};
 use crate::onnx::{OnnxBackend, OnnxOptions};
-use crate::{Backend, ErrorKind, InferError, LoadError, ModelMetadata, NamedTensor};
+use crate::{Backend, CopyTimes, ErrorKind, InferError, LoadError, ModelMetadata, NamedTensor};
 
 /// Counts shared by every replica of a multiplexed deployment.
 #[derive(Default)]
@@ -125,6 +125,11 @@ impl Backend for Multiplexed {
                 "name a model of this multiplexed deployment",
             )),
         }
+    }
+
+    /// The copies of the model that ran last (the current one).
+    fn last_copy_times(&self) -> CopyTimes {
+        self.loaded.last().map_or_else(CopyTimes::default, |(_, model)| model.last_copy_times())
     }
 
     fn select_model(&mut self, id: &str) -> Result<(), InferError> {

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use ort::environment::Environment;
 use ort::memory::Allocator;
@@ -14,7 +15,7 @@ use ort::value::{
 };
 
 use crate::{
-    Backend, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    Backend, CopyTimes, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
     push_bytes_element,
 };
 
@@ -57,6 +58,7 @@ pub struct OnnxBackend {
     session: Session,
     metadata: ModelMetadata,
     path: PathBuf,
+    copy_times: CopyTimes,
 }
 
 impl OnnxBackend {
@@ -89,7 +91,7 @@ impl OnnxBackend {
             inputs: session.inputs().iter().map(spec).collect::<Result<_, _>>()?,
             outputs: session.outputs().iter().map(spec).collect::<Result<_, _>>()?,
         };
-        Ok(Self { session, metadata, path: path.to_path_buf() })
+        Ok(Self { session, metadata, path: path.to_path_buf(), copy_times: CopyTimes::default() })
     }
 
     /// The model file this backend was loaded from.
@@ -108,15 +110,18 @@ impl Backend for OnnxBackend {
         inputs: Vec<NamedTensor>,
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
+        let started = Instant::now();
         let mut values = Vec::with_capacity(inputs.len());
         for input in &inputs {
             let value = to_ort(&input.tensor)
                 .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
             values.push((input.name.as_str(), value));
         }
+        let copied_in = Instant::now();
         let mut result =
             self.session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
-        outputs
+        let ran = Instant::now();
+        let outputs = outputs
             .iter()
             .map(|name| {
                 let value = result
@@ -124,7 +129,13 @@ impl Backend for OnnxBackend {
                     .ok_or_else(|| InferError::internal(format!("model produced no output `{name}`")))?;
                 Ok(NamedTensor { name: name.clone(), tensor: from_ort_value(value)? })
             })
-            .collect()
+            .collect::<Result<Vec<_>, InferError>>()?;
+        self.copy_times = CopyTimes { input: copied_in - started, output: ran.elapsed() };
+        Ok(outputs)
+    }
+
+    fn last_copy_times(&self) -> CopyTimes {
+        self.copy_times
     }
 }
 

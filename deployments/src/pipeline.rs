@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::metrics::DeploymentMetrics;
+use crate::metrics::{DeploymentMetrics, StageTimes};
 use crate::{
     DataType, Deployment, InferError, InferRequest, InferResponse, LoadError, ModelMetadata, NamedTensor,
     TensorSpec, check_request,
@@ -140,7 +140,7 @@ impl Pipeline {
             metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
             steps,
             needs,
-            metrics: DeploymentMetrics::new(name, "1"),
+            metrics: DeploymentMetrics::new(name, "1", 1),
             json,
         })
     }
@@ -243,7 +243,9 @@ impl Pipeline {
                 Ok(NamedTensor { name, tensor })
             })
             .collect::<Result<Vec<_>, InferError>>()?;
-        self.metrics.batch(1, started.elapsed());
+        // The whole pipeline is one execution of one request; its steps keep their own stats.
+        let took = started.elapsed();
+        self.metrics.batch(1, 1, took, Some(StageTimes { infer: took, ..StageTimes::default() }));
         Ok(InferResponse {
             model_name: self.name.clone(),
             model_version: "1".into(),

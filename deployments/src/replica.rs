@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::concat::{merge, padded_dims, split, union_outputs};
-use crate::metrics::DeploymentMetrics;
+use crate::metrics::{DeploymentMetrics, StageTimes};
 use crate::{Backend, BackendFactory, DataType, ErrorKind, InferError, NamedTensor, Tensor};
 
 /// What a replica's queue carries.
@@ -262,9 +262,15 @@ fn run_batch(
         job.span.record("batch_rows", rows);
         job.span.record("model_us", took.as_micros() as u64);
     }
-    config.metrics.batch(rows, took);
+    // Recorded before anyone is answered, so a caller that reads the statistics after its
+    // answer finds its own batch in them.
+    let stages = match &outcome {
+        Ok(Ok((_, stages))) => Some(*stages),
+        _ => None,
+    };
+    config.metrics.batch(rows, batch.len(), took, stages);
     match outcome {
-        Ok(Ok(per_job)) => {
+        Ok(Ok((per_job, _))) => {
             for (job, outputs) in batch.into_iter().zip(per_job) {
                 let _ = job.reply.send(Ok(outputs));
             }
@@ -292,22 +298,41 @@ fn run_batch(
     }
 }
 
+/// Runs a batch through the model: its outputs per job, and where the time went.
 fn infer_batch(
     config: &ReplicaConfig,
     model: &mut dyn Backend,
     batch: &mut [Job],
-) -> Result<Vec<Vec<NamedTensor>>, InferError> {
+) -> Result<(Vec<Vec<NamedTensor>>, StageTimes), InferError> {
+    let start = Instant::now();
     if let [job] = batch {
         // One request: its tensors go to the model as they are.
         let inputs = std::mem::take(&mut job.inputs);
-        return Ok(vec![model.infer(inputs, &job.outputs)?]);
+        let called = Instant::now();
+        let outputs = model.infer(inputs, &job.outputs)?;
+        let stages = stage_times(model, called - start, called.elapsed(), Duration::ZERO);
+        return Ok((vec![outputs], stages));
     }
     let pad = &config.policy.pad;
     let merged = merge(batch, pad)?;
     let dims = padded_dims(batch, &merged, pad);
     let outputs = union_outputs(batch, &config.model_outputs);
+    let called = Instant::now();
     let results = model.infer(merged, &outputs)?;
-    split(&results, batch, &dims)
+    let returned = Instant::now();
+    let per_job = split(&results, batch, &dims)?;
+    let stages = stage_times(model, called - start, returned - called, returned.elapsed());
+    Ok((per_job, stages))
+}
+
+/// Triton's stages of one model call: what the replica spent before the backend (`prepare`:
+/// concatenation and padding) and after it (`split`), plus the backend's own copies in and
+/// out of its framework, which `call` includes; the rest of `call` ran the model.
+fn stage_times(model: &dyn Backend, prepare: Duration, call: Duration, split: Duration) -> StageTimes {
+    let copies = model.last_copy_times();
+    let copy_in = copies.input.min(call);
+    let copy_out = copies.output.min(call - copy_in);
+    StageTimes { input: prepare + copy_in, infer: call - copy_in - copy_out, output: copy_out + split }
 }
 
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy

@@ -13,7 +13,7 @@ use sluice_loadtest::client::{self, Client, Protocol};
 use sluice_loadtest::codec::prepare;
 use sluice_loadtest::inputs::{load_samples, parse_shape, random_case};
 use sluice_loadtest::report::{Report, markdown, write_all};
-use sluice_loadtest::run::{Limits, Mode, run_step};
+use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
 
 /// Load-test an Open Inference Protocol server. Every run needs --duration or --requests.
 #[derive(Parser)]
@@ -68,6 +68,10 @@ struct Args {
     /// Write report.json, report.md and latency.svg here.
     #[arg(long)]
     output_dir: Option<PathBuf>,
+    /// Write every measured request to this CSV file: step, sent_unix_us, latency_us, outcome
+    /// (`ok` or the failure kind). Holds one record per request in memory until the run ends.
+    #[arg(long)]
+    request_log: Option<PathBuf>,
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     allow_remote: bool,
@@ -78,6 +82,26 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The requests of every step as CSV, in send order within each step.
+fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], path: &std::path::Path) -> Result<()> {
+    use std::io::Write as _;
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    writeln!(out, "step,sent_unix_us,latency_us,outcome")?;
+    for step in steps {
+        let start_us = (step.started_unix_s * 1e6) as u64;
+        let mut requests: Vec<_> = step.requests.iter().collect();
+        requests.sort_by_key(|r| r.sent);
+        for r in requests {
+            let sent = start_us + r.sent.as_micros() as u64;
+            let outcome = r.error.as_deref().unwrap_or("ok").replace(',', ";");
+            writeln!(out, "{},{sent},{},{outcome}", step.label, r.latency.as_micros())?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -149,7 +173,7 @@ async fn run(args: Args) -> Result<()> {
     for mode in modes {
         if !args.warmup.is_zero() {
             let warm = Limits { duration: Some(args.warmup), requests: None };
-            run_step(client.clone(), prepared.clone(), mode, warm, false, None).await;
+            run_step(client.clone(), prepared.clone(), mode, warm, StepOptions::default(), None).await;
         }
         let progress = (!args.quiet).then(|| {
             let pb = match args.requests {
@@ -164,8 +188,9 @@ async fn run(args: Args) -> Result<()> {
             pb.enable_steady_tick(Duration::from_millis(200));
             pb
         });
+        let options = StepOptions { check: args.check, request_log: args.request_log.is_some() };
         let mut result =
-            run_step(client.clone(), prepared.clone(), mode, limits, args.check, progress.clone()).await;
+            run_step(client.clone(), prepared.clone(), mode, limits, options, progress.clone()).await;
         if let Some(pb) = progress {
             pb.finish_and_clear();
         }
@@ -173,6 +198,10 @@ async fn run(args: Args) -> Result<()> {
         steps.push(result);
     }
     print!("{}", markdown(&steps));
+    if let Some(path) = &args.request_log {
+        write_request_log(&steps, path)?;
+        eprintln!("wrote {}", path.display());
+    }
     if let Some(dir) = &args.output_dir {
         let report = Report {
             target: args.url.clone(),

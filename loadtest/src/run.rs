@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::client::{Client, Worker};
 use crate::codec::{Prepared, matches};
-use crate::stats::{Percentiles, StepResult, histogram, record};
+use crate::stats::{Percentiles, RequestRecord, StepResult, histogram, record};
 
 /// How one step loads the server.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,15 @@ pub struct Limits {
     pub requests: Option<u64>,
 }
 
+/// What a step records besides its statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions {
+    /// Compare each response with the case's expected outputs; mismatches count as errors.
+    pub check: bool,
+    /// Keep a record of every request ([`StepResult::requests`]).
+    pub request_log: bool,
+}
+
 /// Outstanding requests an open-loop step allows before it counts sends as `overrun` (each
 /// outstanding REST request holds a connection).
 pub const MAX_OUTSTANDING: u64 = 4_096;
@@ -40,11 +49,19 @@ struct Tally {
     ok: u64,
     rows: u64,
     errors: BTreeMap<String, u64>,
+    /// The step's start and its requests, when it logs them.
+    log: Option<(Instant, Vec<RequestRecord>)>,
 }
 
 impl Tally {
-    fn new() -> Self {
-        Self { hist: histogram(), ok: 0, rows: 0, errors: BTreeMap::new() }
+    fn new(log_from: Option<Instant>) -> Self {
+        Self {
+            hist: histogram(),
+            ok: 0,
+            rows: 0,
+            errors: BTreeMap::new(),
+            log: log_from.map(|t| (t, Vec::new())),
+        }
     }
 
     fn merge(&mut self, other: Tally) {
@@ -53,6 +70,24 @@ impl Tally {
         self.rows += other.rows;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
+        }
+        if let (Some((_, mine)), Some((_, theirs))) = (&mut self.log, other.log) {
+            mine.extend(theirs);
+        }
+    }
+
+    fn failed(&mut self, kind: String, started: Instant) {
+        self.log_request(started, Some(&kind));
+        *self.errors.entry(kind).or_default() += 1;
+    }
+
+    fn log_request(&mut self, started: Instant, error: Option<&str>) {
+        if let Some((step, log)) = &mut self.log {
+            log.push(RequestRecord {
+                sent: started.saturating_duration_since(*step),
+                latency: started.elapsed(),
+                error: error.map(str::to_string),
+            });
         }
     }
 }
@@ -68,14 +103,15 @@ async fn one(sender: Sender<'_, '_>, p: &Prepared, check: bool, tally: &mut Tall
             if let (Some(got), Some(want)) = (outputs, &p.expected)
                 && !matches(&got, want, p.tolerance)
             {
-                *tally.errors.entry("mismatch".into()).or_default() += 1;
+                tally.failed("mismatch".into(), started);
                 return;
             }
             record(&mut tally.hist, started.elapsed());
+            tally.log_request(started, None);
             tally.ok += 1;
             tally.rows += p.rows;
         }
-        Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+        Err(kind) => tally.failed(kind, started),
     }
 }
 
@@ -90,10 +126,13 @@ pub async fn run_step(
     cases: Arc<Vec<Prepared>>,
     mode: Mode,
     limits: Limits,
-    check: bool,
+    options: StepOptions,
     progress: Option<ProgressBar>,
 ) -> StepResult {
     let start = Instant::now();
+    let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let check = options.check;
+    let log_from = options.request_log.then_some(start);
     let end = limits.duration.map(|d| start + d);
     let issued = Arc::new(AtomicU64::new(0));
     let budget = limits.requests.unwrap_or(u64::MAX);
@@ -104,7 +143,7 @@ pub async fn run_step(
                 let (client, cases, issued, progress) =
                     (client.clone(), cases.clone(), issued.clone(), progress.clone());
                 workers.push(tokio::spawn(async move {
-                    let mut tally = Tally::new();
+                    let mut tally = Tally::new(log_from);
                     let mut worker = client.worker();
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +159,7 @@ pub async fn run_step(
                     tally
                 }));
             }
-            let mut total = Tally::new();
+            let mut total = Tally::new(log_from);
             for w in workers {
                 if let Ok(t) = w.await {
                     total.merge(t);
@@ -129,7 +168,7 @@ pub async fn run_step(
             total
         }
         Mode::Open { rate, poisson } => {
-            let total = Arc::new(Mutex::new(Tally::new()));
+            let total = Arc::new(Mutex::new(Tally::new(log_from)));
             let outstanding = Arc::new(AtomicU64::new(0));
             let mut rng = 0x2545_F491_4F6C_DD1Du64;
             let mut next = start;
@@ -149,7 +188,7 @@ pub async fn run_step(
                 };
                 next += Duration::from_secs_f64(gap);
                 if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
-                    *total.lock().await.errors.entry("overrun".into()).or_default() += 1;
+                    total.lock().await.failed("overrun".into(), scheduled);
                     n += 1;
                     continue;
                 }
@@ -158,7 +197,7 @@ pub async fn run_step(
                     (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
                 let index = n as usize % cases.len();
                 tasks.push(tokio::spawn(async move {
-                    let mut t = Tally::new();
+                    let mut t = Tally::new(log_from);
                     one(Sender::Shared(&client), &cases[index], check, &mut t, scheduled).await;
                     total.lock().await.merge(t);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -171,7 +210,7 @@ pub async fn run_step(
             for t in tasks {
                 let _ = t.await;
             }
-            Arc::try_unwrap(total).map(Mutex::into_inner).unwrap_or_else(|_| Tally::new())
+            Arc::try_unwrap(total).map(Mutex::into_inner).unwrap_or_else(|_| Tally::new(None))
         }
     };
     let seconds = start.elapsed().as_secs_f64();
@@ -190,5 +229,7 @@ pub async fn run_step(
         throughput: tally.ok as f64 / seconds,
         inferences_per_second: tally.rows as f64 / seconds,
         latency_us: Percentiles::of(&tally.hist),
+        started_unix_s,
+        requests: tally.log.map(|(_, log)| log).unwrap_or_default(),
     }
 }

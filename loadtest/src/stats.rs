@@ -47,6 +47,17 @@ impl Percentiles {
     }
 }
 
+/// One request of a step, kept when the step logs its requests (`--request-log`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord {
+    /// When it was sent (open loop: its scheduled time), counted from the step's start.
+    pub sent: Duration,
+    /// Until its answer (or failure) came back.
+    pub latency: Duration,
+    /// `None` when it succeeded; else its failure kind, as counted in `errors`.
+    pub error: Option<String>,
+}
+
 /// What one step (a concurrency or a rate) measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepResult {
@@ -66,6 +77,12 @@ pub struct StepResult {
     pub inferences_per_second: f64,
     /// Latency of successful requests, µs (open loop: from the scheduled send time).
     pub latency_us: Percentiles,
+    /// When the step started, seconds since the Unix epoch (to line its requests up with
+    /// events outside the load tester).
+    pub started_unix_s: f64,
+    /// Every request, when the step was asked to log them; in no particular order.
+    #[serde(skip)]
+    pub requests: Vec<RequestRecord>,
 }
 
 impl StepResult {

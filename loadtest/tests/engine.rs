@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sluice_loadtest::client::{Client, Protocol};
 use sluice_loadtest::codec::prepare;
 use sluice_loadtest::inputs::{Case, JsonTensor};
-use sluice_loadtest::run::{Limits, Mode, run_step};
+use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
 
 const SERVICE: Duration = Duration::from_millis(3);
 
@@ -64,7 +64,8 @@ async fn closed_loop_counts_every_request_and_classifies_failures() {
     let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
     let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
     let limits = Limits { duration: None, requests: Some(140) };
-    let r = run_step(client, cases, Mode::Closed { concurrency: 4 }, limits, true, None).await;
+    let options = StepOptions { check: true, request_log: true };
+    let r = run_step(client, cases, Mode::Closed { concurrency: 4 }, limits, options, None).await;
     assert_eq!(served.load(Ordering::SeqCst), 140, "exactly the requested count was sent");
     let busy = r.errors.get("http 503").copied().unwrap_or(0);
     let mismatch = r.errors.get("mismatch").copied().unwrap_or(0);
@@ -72,6 +73,12 @@ async fn closed_loop_counts_every_request_and_classifies_failures() {
     // Every 7th answer is wrong, except those that were 503s (multiples of 35).
     assert_eq!(mismatch, 20 - 4, "{:?}", r.errors);
     assert_eq!(r.ok + r.error_count(), 140);
+    // The request log holds each request once, with the same outcomes.
+    assert_eq!(r.requests.len(), 140);
+    assert_eq!(r.requests.iter().filter(|q| q.error.is_none()).count() as u64, r.ok);
+    assert_eq!(r.requests.iter().filter(|q| q.error.as_deref() == Some("http 503")).count() as u64, busy);
+    assert_eq!(r.requests.iter().filter(|q| q.error.as_deref() == Some("mismatch")).count() as u64, mismatch);
+    assert!(r.started_unix_s > 0.0);
     assert!(r.latency_us.p50 >= SERVICE.as_micros() as f64, "{:?}", r.latency_us);
     assert!(r.latency_us.p50 <= r.latency_us.p90 && r.latency_us.p90 <= r.latency_us.p99);
     assert!(r.latency_us.p99 <= r.latency_us.max);
@@ -84,10 +91,16 @@ async fn open_loop_sends_on_schedule_and_stops_by_count() {
     let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
     let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
     let limits = Limits { duration: Some(Duration::from_secs(30)), requests: Some(50) };
-    let r = run_step(client, cases, Mode::Open { rate: 500.0, poisson: false }, limits, false, None).await;
+    let options = StepOptions { request_log: true, ..StepOptions::default() };
+    let r = run_step(client, cases, Mode::Open { rate: 500.0, poisson: false }, limits, options, None).await;
     assert_eq!(served.load(Ordering::SeqCst), 50);
     assert_eq!(r.ok + r.error_count(), 50);
     assert_eq!(r.errors.get("http 503"), Some(&10));
+    // Open loop: each request is logged from its scheduled time, 2 ms apart at 500/s.
+    let mut sent: Vec<Duration> = r.requests.iter().map(|q| q.sent).collect();
+    sent.sort();
+    assert_eq!(sent.len(), 50);
+    assert_eq!(sent[49] - sent[0], Duration::from_millis(98), "{sent:?}");
     // 50 sends at 500/s take about 0.1 s; the step cannot end before the last send.
     assert!(r.seconds >= 0.09, "{}", r.seconds);
 }
@@ -97,7 +110,9 @@ async fn a_server_that_is_not_there_is_a_transport_error() {
     let client = Arc::new(Client::connect(Protocol::RestJson, "127.0.0.1:1", "m", "").await.unwrap());
     let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
     let limits = Limits { duration: None, requests: Some(3) };
-    let r = run_step(client, cases, Mode::Closed { concurrency: 1 }, limits, false, None).await;
+    let r =
+        run_step(client, cases, Mode::Closed { concurrency: 1 }, limits, StepOptions::default(), None).await;
+    assert!(r.requests.is_empty(), "no log unless asked");
     assert_eq!(r.ok, 0);
     assert_eq!(r.error_count(), 3);
     assert!(r.errors.keys().all(|k| k.starts_with("transport")), "{:?}", r.errors);

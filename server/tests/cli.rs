@@ -1,9 +1,14 @@
-//! The `sluice` binary: `validate` exit codes and messages, `run` serving real requests, and a
-//! missing ONNX Runtime reported in one line without a panic.
+//! The `sluice` binary: `validate` exit codes and messages (every model it serves loaded,
+//! canaries and repository versions too), `run` serving real requests, SIGTERM draining a
+//! request in flight, `deploy` / `status` / `rollout` / `delete` against a running server, and
+//! a missing ONNX Runtime reported in one line without a panic.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
 
 fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -63,6 +68,51 @@ fn validate_loads_models_and_names_a_broken_one() {
     assert!(err.contains("broken.yaml:5:16: b: cannot load model"), "{err}");
 }
 
+/// A model repository in the test's target folder: `versions` of `flowers`, each a copy of
+/// the iris fixture or, when `false`, a file that is not a model.
+fn repository(name: &str, versions: &[(u32, bool)]) -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&repo);
+    let iris = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    for &(v, good) in versions {
+        let d = repo.join("flowers").join(v.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        match good {
+            true => std::fs::copy(&iris, d.join("model.onnx")).map(drop).unwrap(),
+            false => std::fs::write(d.join("model.onnx"), b"not an onnx file").unwrap(),
+        }
+    }
+    repo
+}
+
+#[test]
+fn validate_loads_canaries_and_every_repository_version() {
+    let broken = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("broken-canary.onnx");
+    std::fs::write(&broken, b"not an onnx file").unwrap();
+    let config = |canary: &str, repo: &PathBuf| {
+        format!(
+            "model_repository: {{path: {}, version_policy: all, poll_interval_s: 0}}\napplications:\n  - name: a\n    deployments:\n      - name: m\n        model: MODELS/iris/model.onnx\n        canary: {{model: {canary}, version: \"2\"}}\n",
+            repo.display()
+        )
+    };
+    // A broken canary and a broken older repository version: both named, nothing else.
+    let repo = repository("validate-repo-broken", &[(1, false), (2, true)]);
+    let path = write_config("broken-versions.yaml", &config(broken.to_str().unwrap(), &repo));
+    let out = sluice().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(": m canary version 2: cannot load model"), "{err}");
+    assert!(err.contains(": flowers version 1: cannot load model"), "{err}");
+    assert!(err.contains("2 error(s)"), "{err}");
+    // All good: the deployment, its canary and both repository versions were loaded.
+    let repo = repository("validate-repo-good", &[(1, true), (2, true)]);
+    let path = write_config("good-versions.yaml", &config("MODELS/iris/model.onnx", &repo));
+    let out = sluice().arg("validate").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (1 application(s), 2 deployment(s), 4 model(s) loaded)"), "{stdout}");
+}
+
 #[test]
 fn missing_onnxruntime_is_one_clear_line() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
@@ -80,64 +130,252 @@ fn missing_onnxruntime_is_one_clear_line() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A `sluice run` child on free ports, with the addresses it printed.
+struct Running {
+    child: Child,
+    http: String,
+    admin: String,
+    log: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = sluice()
+            .arg("run")
+            .arg(config)
+            .args(["--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keep reading stderr to the end, so the server never writes to a closed pipe.
+        let log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                for (what, marker) in [
+                    ("http", "REST frontend listening on http://"),
+                    ("admin", "admin API listening on http://"),
+                ] {
+                    if let Some(i) = line.find(marker) {
+                        let addr =
+                            line[i + marker.len()..].split_whitespace().next().unwrap_or("").to_string();
+                        let _ = tx.send((what, addr));
+                    }
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let (mut http, mut admin) = (None, None);
+        while http.is_none() || admin.is_none() {
+            match rx.recv_timeout(Duration::from_secs(60)).expect("the server printed its addresses") {
+                ("http", a) => http = Some(a),
+                (_, a) => admin = Some(a),
+            }
+        }
+        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log };
+        let until = Instant::now() + Duration::from_secs(60);
+        while running.get(&running.url("/v2/health/ready")).0 != 200 {
+            assert!(Instant::now() < until, "the server never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        running
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// A GET on its own connection: status and body.
+    fn get(&self, url: &str) -> (u16, String) {
+        block_on(async {
+            match reqwest::get(url).await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap()),
+                Err(_) => (0, String::new()),
+            }
+        })
+    }
+
+    /// Runs a `sluice` admin subcommand against this server: exit code, stdout, stderr.
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        admin_cli(&format!("http://{}", self.admin), args)
+    }
+
+    /// SIGTERM, then the exit status and everything the server logged.
+    fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        (status, self.log.join().unwrap())
+    }
+}
+
+fn admin_cli(address: &str, args: &[&str]) -> (i32, String, String) {
+    let out =
+        sluice().args(args).env("SLUICE_ADDRESS", address).env_remove("SLUICE_ADMIN_TOKEN").output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// POSTs `body` (with an optional `x-sluice-version`): status and JSON answer.
+fn post(url: &str, body: &str, pin: Option<&str>) -> (u16, Value) {
+    block_on(async {
+        let mut req = reqwest::Client::new().post(url).body(body.to_string());
+        if let Some(v) = pin {
+            req = req.header("x-sluice-version", v);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    })
+}
+
+const IRIS_BODY: &str =
+    r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[6.3,3.3,6.0,2.5]}]}"#;
+
 #[test]
 fn run_serves_until_terminated() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
-    let mut child = sluice()
-        .args(["run", example.to_str().unwrap(), "--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading stderr to the end, so the server never writes to a closed pipe.
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on http://".len()..].trim().to_string());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("server printed its address");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let body = r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[6.3,3.3,6.0,2.5]}]}"#;
-    let out: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("http://{addr}/v2/models/iris/infer"))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let s = Running::start(&example);
+    let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
+    assert_eq!(status, 200, "{out}");
     assert_eq!(out["outputs"][0]["data"][0], 2, "virginica: {out}");
     // The example's pipeline answers its plain-JSON route with class names.
-    let named: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("http://{addr}/iris"))
-            .body(r#"{"features": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}"#)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
-    assert_eq!(named["label"], serde_json::json!(["setosa", "virginica"]), "{named}");
+    let (_, named) =
+        post(&s.url("/iris"), r#"{"features": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}"#, None);
+    assert_eq!(named["label"], json!(["setosa", "virginica"]), "{named}");
     // SIGTERM: graceful shutdown, exit 0.
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
-    let log = reader.join().unwrap();
+    let (status, log) = s.terminate();
     assert!(status.success(), "{status:?}: {log}");
     assert!(log.contains("shutting down"), "{log}");
+}
+
+#[test]
+fn sigterm_lets_a_request_in_flight_finish() {
+    // A lone request waits 3 s for its batch to fill: long enough to be in flight at SIGTERM.
+    let path = write_config(
+        "drain.yaml",
+        "applications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx, max_batch_size: 8, batch_wait_timeout_s: 3}\n",
+    );
+    let s = Running::start(&path);
+    let url = s.url("/v2/models/iris/infer");
+    let request = std::thread::spawn(move || {
+        let answer = post(&url, IRIS_BODY, None);
+        (answer, Instant::now())
+    });
+    // In flight: a replica holds it.
+    let held = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("sluice_replica_in_flight{") && l.contains("model=\"iris\"") && l.ends_with(" 1")
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while !held(&s.get(&s.url("/metrics")).1) {
+        assert!(Instant::now() < until, "the request never reached a replica");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    let (status, log) = s.terminate();
+    let ((code, out), answered) = request.join().unwrap();
+    assert_eq!(code, 200, "{out}\n{log}");
+    assert_eq!(out["outputs"][0]["data"], json!([2]), "{out}");
+    assert!(answered > signalled, "answered after SIGTERM, not before");
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[test]
+fn deploy_status_rollout_and_delete_drive_a_running_server() {
+    let first = write_config(
+        "admin-first.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx}\n",
+    );
+    let s = Running::start(&first);
+    let (code, out, err) = s.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][0]["version"], "1", "{out}");
+
+    // deploy: a canary for m (no traffic yet) and a new built-in step deployment.
+    let second = write_config(
+        "admin-second.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx, canary: {model: MODELS/iris/model.onnx, version: \"2\", weight: 0}}\n      - {name: top, builtin: {top_k: {k: 2}}}\n",
+    );
+    let (code, out, err) = s.cli(&["deploy", second.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"top\""), "deploy prints the new status: {out}");
+    let top = |s: &Running| {
+        let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.1,0.7,0.2,0.0]}],"outputs":[{"name":"index"}]}"#;
+        let (code, out) = post(&s.url("/v2/models/top/infer"), body, None);
+        assert_eq!(code, 200, "{out}");
+        out["outputs"][0]["data"].clone()
+    };
+    assert_eq!(top(&s), json!([1, 2]));
+    let version = |s: &Running, pin: Option<&str>| {
+        let (code, out) = post(&s.url("/v2/models/m/infer"), IRIS_BODY, pin);
+        assert_eq!(code, 200, "{out}");
+        out["model_version"].as_str().unwrap().to_string()
+    };
+    let all_answered_by = |s: &Running, want: &str| (0..20).all(|_| version(s, None) == want);
+    assert!(all_answered_by(&s, "1"));
+    assert_eq!(version(&s, Some("2")), "2");
+
+    // rollout set / rollback / promote.
+    let (code, _, err) = s.cli(&["rollout", "set", "m", "100"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(all_answered_by(&s, "2"), "weight 100: the canary answers");
+    let (code, _, err) = s.cli(&["rollout", "rollback", "m"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(all_answered_by(&s, "1"), "rolled back");
+    let (code, out, err) = s.cli(&["rollout", "promote", "m"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let versions = &status["applications"]["app"]["deployments"]["m"]["versions"];
+    assert_eq!(versions.as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(versions[0]["version"], "2");
+    assert!(all_answered_by(&s, "2"), "promoted");
+    let (code, _, err) = s.cli(&["rollout", "promote", "m"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error (409 Conflict)") && err.contains("deployment `m` has no canary"), "{err}");
+
+    // A bad config changes nothing; a changed step setting swaps in.
+    let bad = write_config(
+        "admin-bad.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: top, builtin: {top_k: {k: 2}}, num_replicas: -1}\n",
+    );
+    let (code, _, err) = s.cli(&["deploy", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error (400 Bad Request)") && err.contains("num_replicas"), "{err}");
+    assert_eq!(version(&s, None), "2", "nothing changed");
+    let third = write_config(
+        "admin-third.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx, version: \"2\"}\n      - {name: top, builtin: {top_k: {k: 3}}}\n",
+    );
+    let (code, _, err) = s.cli(&["deploy", third.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(top(&s), json!([1, 2, 0]), "k = 3 serves");
+    assert!(all_answered_by(&s, "2"));
+
+    // delete.
+    let (code, _, err) = s.cli(&["delete", "app"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s.get(&s.url("/v2/models/m")).0, 404);
+    let (code, _, err) = s.cli(&["delete", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error (404 Not Found)") && err.contains("unknown application `nope`"), "{err}");
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{status:?}: {log}");
+
+    // No server there: one clear line, exit 1.
+    let (code, _, err) = admin_cli("http://127.0.0.1:9", &["status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the admin API at http://127.0.0.1:9/api/serve/applications"), "{err}");
 }

@@ -1,5 +1,5 @@
 //! The control plane against the real server: a live swap under continuous load with no failed
-//! request, a canary's traffic share, an automatic rollback of an erroring canary, autoscaling
+//! request, a changed built-in step setting swapped in, a canary's traffic share, an automatic rollback of an erroring canary, autoscaling
 //! up and down, and the admin API's validation and token.
 
 mod common;
@@ -88,6 +88,31 @@ async fn a_live_swap_under_load_fails_no_request() {
     assert_eq!(versions.last().unwrap(), "2", "traffic moved to the new version");
     let status = serde_json::to_value(s.controller().status()).unwrap();
     assert!(status["events"].to_string().contains("swapped in"), "{status}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_builtin_step_setting_swaps_in() {
+    let s = start_with("      - {name: top, builtin: {top_k: {k: 1}}}\n").await;
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.7, 0.2, 0.0]}], "outputs": [{"name": "index"}]}).to_string();
+    let top = |s: &sluice_server::Server| {
+        let (url, body) = (url(s, "/v2/models/top/infer"), body.clone());
+        async move {
+            let r = reqwest::Client::new().post(url).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            (v["outputs"][0]["shape"].clone(), v["outputs"][0]["data"].clone())
+        }
+    };
+    assert_eq!(top(&s).await, (json!([1, 1]), json!([1])));
+    // Only the step's setting changes: the same version, now with k = 3.
+    apply(&s, "      - {name: top, builtin: {top_k: {k: 3}}}\n").await;
+    assert_eq!(top(&s).await, (json!([1, 3]), json!([1, 2, 0])), "the new setting serves");
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    assert!(
+        status["events"].to_string().contains("new model or settings: version 1 warmed up and swapped in"),
+        "{status}"
+    );
     s.shutdown().await;
 }
 

@@ -112,7 +112,8 @@ def shared_port_sluice(tmp_path_factory):
     port = free_port()
     s = Sluice(tmp_path_factory.mktemp("shared"), http_port=port, grpc_port=port)
     yield s
-    s.stop()
+    code = s.stop()
+    assert code == 0, "sluice (shared port) exited with %s:\n%s" % (code, "".join(s.log))
 
 
 def expected(model):

@@ -106,7 +106,8 @@ impl GrpcInferenceService for InferenceService {
     async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Reply<pb::ModelConfigResponse> {
         let req = req.into_inner();
         let d = self.routes.resolve(&req.name, Some(&req.version)).map_err(grpc_status)?;
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(crate::model_config::build(&d)) }))
+        let policy = crate::model_config::version_policy(&self.routes, &self.controller, d.name());
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(crate::model_config::build(&d, policy)) }))
     }
 
     async fn repository_index(

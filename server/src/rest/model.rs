@@ -52,7 +52,8 @@ pub async fn config(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let d = state.routes.resolve(&path["model"], path.get("version").map(String::as_str))?;
-    Ok(Json(crate::model_config::to_json(&crate::model_config::build(&d))))
+    let policy = crate::model_config::version_policy(&state.routes, &state.controller, d.name());
+    Ok(Json(crate::model_config::to_json(&crate::model_config::build(&d, policy))))
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -88,7 +89,9 @@ pub async fn repository_index(
     Ok(Json(Value::Array(models)))
 }
 
-/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton-style cumulative statistics.
+/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton's cumulative statistics, with Triton's
+/// meaning (see [`sluice_deployments::metrics::Stats`]); `batch_stats` lists the batch sizes
+/// that ran.
 pub async fn stats(
     State(state): State<AppState>,
     Path(path): Path<HashMap<String, String>>,
@@ -104,11 +107,26 @@ pub async fn stats(
         }
     };
     let d64 = |d: &sluice_deployments::metrics::Duration64| json!({"count": d.count.load(Relaxed), "ns": d.ns.load(Relaxed)});
+    // No response cache: Triton reports its counters as zeros then.
     let zero = json!({"count": 0, "ns": 0});
     let model_stats: Vec<Value> = deployments
         .iter()
         .map(|d| {
             let s = &d.metrics().stats;
+            let batch_stats: Vec<Value> = s
+                .batch_sizes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.compute_infer.count.load(Relaxed) > 0)
+                .map(|(i, b)| {
+                    json!({
+                        "batch_size": i + 1,
+                        "compute_input": d64(&b.compute_input),
+                        "compute_infer": d64(&b.compute_infer),
+                        "compute_output": d64(&b.compute_output),
+                    })
+                })
+                .collect();
             json!({
                 "name": d.name(),
                 "version": d.version(),
@@ -119,13 +137,13 @@ pub async fn stats(
                     "success": d64(&s.success),
                     "fail": d64(&s.fail),
                     "queue": d64(&s.queue),
-                    "compute_input": zero,
+                    "compute_input": d64(&s.compute_input),
                     "compute_infer": d64(&s.compute_infer),
-                    "compute_output": zero,
+                    "compute_output": d64(&s.compute_output),
                     "cache_hit": zero,
                     "cache_miss": zero,
                 },
-                "batch_stats": [],
+                "batch_stats": batch_stats,
             })
         })
         .collect();

@@ -41,6 +41,14 @@ pub fn url(server: &sluice_server::Server, path: &str) -> String {
     format!("http://{}{path}", server.http_addr())
 }
 
+/// GETs `path` on the REST port: the status and the JSON body.
+pub async fn get_json(server: &sluice_server::Server, path: &str) -> (u16, Value) {
+    let r = reqwest::get(url(server, path)).await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}")))
+}
+
 /// Asserts that `got` (response outputs) equals `want` (expected outputs), names, datatypes and
 /// shapes exactly and data within `tolerance` (relative for large values).
 pub fn assert_outputs_match(got: &Value, want: &Value, tolerance: f64) {
@@ -64,3 +72,6 @@ pub fn assert_outputs_match(got: &Value, want: &Value, tolerance: f64) {
         }
     }
 }
+
+pub mod grpc;
+pub mod held;

@@ -1,0 +1,104 @@
+//! The gRPC services beside inference, through tonic's own generated clients: health
+//! (`grpc.health.v1.Health/Check`), server reflection (v1), and version pinning with the
+//! `x-sluice-version` metadata key.
+//!
+//! Health is checked only for what holds whether or not health follows readiness: SERVING
+//! once every model is ready, and NOT_FOUND for a service the server does not have.
+
+mod common;
+
+use common::*;
+use sluice_proto::inference as pb;
+use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+const IRIS: &[f32] = &[5.1, 3.5, 1.4, 0.2];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_serving_when_ready_and_not_found_for_unknown_services() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let mut health = HealthClient::new(grpc::channel(&s).await);
+    for service in ["", "inference.GRPCInferenceService"] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "service {service:?}");
+    }
+    let e = health.check(HealthCheckRequest { service: "nope.Service".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    s.shutdown().await;
+}
+
+/// One reflection request on a fresh stream, and its answer.
+async fn reflect(
+    s: &sluice_server::Server,
+    request: MessageRequest,
+) -> Result<MessageResponse, tonic::Status> {
+    let mut client = ServerReflectionClient::new(grpc::channel(s).await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let mut answers = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+    Ok(answers.next().await.expect("an answer")?.message_response.expect("a message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_and_describes_the_inference_service() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let list = reflect(&s, MessageRequest::ListServices(String::new())).await.unwrap();
+    let MessageResponse::ListServicesResponse(list) = list else { panic!("not a service list") };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert!(names.contains(&"inference.GRPCInferenceService".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    let symbol = MessageRequest::FileContainingSymbol("inference.GRPCInferenceService".into());
+    let MessageResponse::FileDescriptorResponse(files) = reflect(&s, symbol).await.unwrap() else {
+        panic!("no file descriptor")
+    };
+    // Encoded FileDescriptorProtos: names and identifiers travel as plain strings.
+    let text: String =
+        files.file_descriptor_proto.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    assert!(text.contains("grpc_service.proto") && text.contains("ModelInfer"), "{text}");
+    let unknown = MessageRequest::FileContainingSymbol("nope.Nothing".into());
+    let e = reflect(&s, unknown).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    s.shutdown().await;
+}
+
+/// The version that answered one iris inference over gRPC, optionally pinned by metadata.
+async fn answered_by(client: &mut grpc::Client, pin: Option<&str>) -> Result<String, tonic::Status> {
+    let mut req = tonic::Request::new(grpc::fp32_request("m", "input", &[1, 4], IRIS));
+    if let Some(v) = pin {
+        req.metadata_mut().insert("x-sluice-version", v.parse().unwrap());
+    }
+    Ok(client.model_infer(req).await?.into_inner().model_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_sluice_version_metadata_pins_a_grpc_request_to_a_version() {
+    // The canary takes no unpinned traffic, so only a pin reaches it.
+    let s = start(
+        "      - {name: m, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 0}}\n",
+        "",
+    )
+    .await;
+    let mut client = grpc::client(&s).await;
+    for _ in 0..20 {
+        assert_eq!(answered_by(&mut client, None).await.unwrap(), "1");
+        assert_eq!(answered_by(&mut client, Some("2")).await.unwrap(), "2");
+        assert_eq!(answered_by(&mut client, Some("1")).await.unwrap(), "1");
+    }
+    // The version field names one exactly, ahead of a pin.
+    let mut req = tonic::Request::new(pb::ModelInferRequest {
+        model_version: "1".into(),
+        ..grpc::fp32_request("m", "input", &[1, 4], IRIS)
+    });
+    req.metadata_mut().insert("x-sluice-version", "2".parse().unwrap());
+    assert_eq!(client.model_infer(req).await.unwrap().into_inner().model_version, "1");
+    let e = answered_by(&mut client, Some("7")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.message(), "unknown version `7` of model `m`; available: 1, 2");
+    s.shutdown().await;
+}

@@ -1,0 +1,172 @@
+//! Canaries end to end: an automatic rollout rolled back on p99 (and one within its bound
+//! stepping up instead), and the admin API's canary weight, rollback and promote endpoints
+//! changing which version answers.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const IRIS_BODY: &str =
+    r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#;
+
+async fn start_app(deployments: &str) -> sluice_server::Server {
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\napplications:\n  - name: app\n    deployments:\n{deployments}"
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(s.wait_ready(Duration::from_secs(60)).await);
+    s
+}
+
+fn status(s: &sluice_server::Server) -> Value {
+    serde_json::to_value(s.controller().status()).unwrap()
+}
+
+/// The version that answered one unpinned iris request to `model`.
+async fn answered_by(client: &reqwest::Client, s: &sluice_server::Server, model: &str) -> String {
+    let r = client.post(url(s, &format!("/v2/models/{model}/infer"))).body(IRIS_BODY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["model_version"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_whose_p99_breaks_its_bound_is_rolled_back_and_one_within_it_steps_up() {
+    // Two healthy canaries: `m` allows a p99 of 1 µs, which no request over HTTP meets; `n`
+    // allows a minute. Only the p99 bound can tell them apart.
+    let rollout = |p99_ms: &str| {
+        format!(
+            "        canary:\n          model: iris/model.onnx\n          version: \"2\"\n          weight: 50\n          rollout: {{step_percent: 10, interval_s: 0.2, max_p99_ms: {p99_ms}, min_requests: 5}}\n"
+        )
+    };
+    let s = start_app(&format!(
+        "      - name: m\n        model: iris/model.onnx\n{}      - name: n\n        model: iris/model.onnx\n{}",
+        rollout("0.001"),
+        rollout("60000")
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for model in ["m", "n", "m", "n"] {
+        let (stop, failed, infer) =
+            (stop.clone(), failed.clone(), url(&s, &format!("/v2/models/{model}/infer")));
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let ok =
+                    client.post(&infer).body(IRIS_BODY).send().await.is_ok_and(|r| r.status().is_success());
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = status(&s)["events"].to_string();
+        if events.contains("rolled back canary version 2") && events.contains("rollout: canary at 60%") {
+            break;
+        }
+        assert!(Instant::now() < until, "no p99 rollback and step: {events}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "healthy canaries: no request failed");
+    let st = status(&s);
+    let events: Vec<(String, String)> = st["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["deployment"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
+        .collect();
+    let rolled_back: Vec<&(String, String)> =
+        events.iter().filter(|(_, m)| m.contains("rolled back")).collect();
+    assert_eq!(rolled_back.len(), 1, "{events:?}");
+    let (who, why) = rolled_back[0];
+    assert_eq!(who, "m");
+    assert!(
+        why.starts_with("rolled back canary version 2: p99 ")
+            && why.ends_with(" ms is above max_p99_ms 0.001 ms"),
+        "{why}"
+    );
+    assert!(events.iter().any(|(d, m)| d == "n" && m == "rollout: canary at 60%"), "{events:?}");
+    assert_eq!(st["applications"]["app"]["deployments"]["m"]["versions"][1]["weight"], 0, "{st}");
+    // Rolled back: every unpinned request goes to version 1.
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        assert_eq!(answered_by(&client, &s, "m").await, "1");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
+    let s = start_app(
+        "      - {name: m, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 0}}\n",
+    )
+    .await;
+    let admin = format!("http://{}/api/serve/deployments/m", s.admin_addr().unwrap());
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: &str| client.post(format!("{admin}/{path}")).body(body.to_string()).send();
+
+    // Weight 100: every unpinned request goes to the canary.
+    let r = post("canary", r#"{"weight": 100}"#).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let st: Value = r.json().await.unwrap();
+    let versions = &st["applications"]["app"]["deployments"]["m"]["versions"];
+    assert_eq!(
+        (versions[1]["version"].clone(), versions[1]["weight"].clone()),
+        (json!("2"), json!(100)),
+        "{st}"
+    );
+    for _ in 0..20 {
+        assert_eq!(answered_by(&client, &s, "m").await, "2");
+    }
+    for (body, message) in [
+        (r#"{"weight": 101}"#, "weight is a percent: 0 to 100, got 101"),
+        (r#"{"weight": "half"}"#, r#"body must be {"weight": 0..100}"#),
+    ] {
+        let r = post("canary", body).await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], message);
+    }
+
+    // Rollback: back to version 1, the canary kept at weight 0.
+    let r = post("rollback", "").await.unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..20 {
+        assert_eq!(answered_by(&client, &s, "m").await, "1");
+    }
+    assert!(status(&s)["events"].to_string().contains("rolled back canary version 2: rolled back by hand"));
+
+    // Promote: version 2 is the only version; version 1 is no longer routed.
+    let r = post("promote", "").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let st: Value = r.json().await.unwrap();
+    let versions = st["applications"]["app"]["deployments"]["m"]["versions"].as_array().unwrap().clone();
+    assert_eq!(versions.len(), 1, "{st}");
+    assert_eq!(versions[0]["version"], "2");
+    for _ in 0..20 {
+        assert_eq!(answered_by(&client, &s, "m").await, "2");
+    }
+    let r = client.post(url(&s, "/v2/models/m/versions/1/infer")).body(IRIS_BODY).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(status(&s)["events"].to_string().contains("promoted version 2 (was 1)"));
+    // Nothing left to promote or roll back.
+    for path in ["promote", "rollback"] {
+        let r = post(path, "").await.unwrap();
+        assert_eq!(r.status(), 409, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], "deployment `m` has no canary", "{path}");
+    }
+    s.shutdown().await;
+}

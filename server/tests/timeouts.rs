@@ -1,0 +1,95 @@
+//! The OIP `timeout` parameter on both protocols: a request that has to wait behind a request
+//! the test holds gets 504 / DEADLINE_EXCEEDED at its own timeout, long before the
+//! deployment's `request_timeout_s` (30 s), and never runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::held::{self, Held};
+use common::*;
+use serde_json::{Value, json};
+
+/// A server with one held deployment that takes one request at a time.
+async fn start_held(step: &str) -> sluice_server::Server {
+    start(
+        &format!(
+            "      - {{name: slow, builtin: {{custom: {{name: {step}}}}}, max_ongoing_requests: 1, request_timeout_s: 30}}\n"
+        ),
+        "",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oip_timeout_parameter_shortens_the_deadline_on_rest_and_grpc() {
+    let held = Held::register("held-timeout");
+    let s = start_held("held-timeout").await;
+    // Give up long before the deployment's own 30 s, so an ignored `timeout` fails the test.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let infer = url(&s, "/v2/models/slow/infer");
+    let first = tokio::spawn({
+        let (client, infer) = (client.clone(), infer.clone());
+        async move { client.post(infer).body(held::body(1.0, None)).send().await.unwrap().status() }
+    });
+    held.started().await;
+
+    // REST: the replica is busy; this one waits in the queue until its 50 ms pass.
+    let r = client
+        .post(&infer)
+        .body(held::body(2.0, Some(json!({"timeout": 50_000}))))
+        .send()
+        .await
+        .expect("answered at its own timeout, not the deployment's");
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "request timed out after 50 ms waiting in the queue of model `slow`", "{v}");
+
+    // gRPC: the same parameter as an int64 parameter.
+    let mut grpc = grpc::client(&s).await;
+    let req = grpc::with_timeout(grpc::fp32_request("slow", "x", &[1], &[2.0]), 50_000);
+    let call = tokio::time::timeout(Duration::from_secs(10), grpc.model_infer(req));
+    let e = call.await.expect("answered at its own timeout").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert_eq!(e.message(), "request timed out after 50 ms waiting in the queue of model `slow`");
+
+    // A malformed timeout is the client's error on both protocols.
+    let r = client.post(&infer).body(held::body(0.0, Some(json!({"timeout": "soon"})))).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("parameter `timeout` must be microseconds"), "{v}");
+    let e = grpc.model_infer(grpc::with_timeout(grpc::fp32_request("slow", "x", &[1], &[0.0]), -1)).await;
+    assert_eq!(e.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // The held request was never disturbed.
+    held.release();
+    assert_eq!(first.await.unwrap(), 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_longer_than_request_timeout_s_does_not_lengthen_it() {
+    let held = Held::register("held-long-timeout");
+    let s = start(
+        "      - {name: slow, builtin: {custom: {name: held-long-timeout}}, max_ongoing_requests: 1, request_timeout_s: 0.05}\n",
+        "",
+    )
+    .await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let infer = url(&s, "/v2/models/slow/infer");
+    let first = tokio::spawn({
+        let (client, infer) = (client.clone(), infer.clone());
+        async move { client.post(infer).body(held::body(1.0, None)).send().await.unwrap().status() }
+    });
+    held.started().await;
+    // Asks for an hour; the deployment allows 50 ms.
+    let r =
+        client.post(&infer).body(held::body(2.0, Some(json!({"timeout": 3_600_000_000u64})))).send().await;
+    let r = r.expect("answered at request_timeout_s");
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "request timed out after 50 ms waiting in the queue of model `slow`", "{v}");
+    held.release();
+    assert_eq!(first.await.unwrap(), 200);
+    s.shutdown().await;
+}
