@@ -187,6 +187,20 @@ fn batching_and_grpc_fields_parse_with_defaults() {
 }
 
 #[test]
+fn absurd_limits_are_errors_not_allocations() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, max_batch_size: 4000000000, max_queued_requests: 2000000}\n",
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert!(fields.contains(&"applications[0].deployments[0].max_batch_size"), "{e:?}");
+    assert!(fields.contains(&"applications[0].deployments[0].max_queued_requests"), "{e:?}");
+    assert!(e.iter().any(|e| e.message == "must be at most 65536"), "{e:?}");
+}
+
+#[test]
 fn batching_values_are_checked() {
     let e = errors(concat!(
         "applications:\n",

@@ -14,6 +14,11 @@ use crate::types::{
 };
 use crate::{ConfigError, ConfigErrors, NumReplicas, file};
 
+/// The largest `max_batch_size` accepted.
+const MAX_BATCH_SIZE: u32 = 65_536;
+/// The largest `max_ongoing_requests` and `max_queued_requests` accepted.
+const MAX_REQUESTS: u32 = 1_000_000;
+
 /// Every problem found so far, each at a location of the file.
 struct Errors<'a> {
     file: &'a Path,
@@ -253,6 +258,16 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
     let placement = validate_placement(at, dep, errs);
     errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
     errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
+    // Replica queues are sized from these; an absurd value must be an error, not an allocation.
+    for (field, value, max) in [
+        ("max_batch_size", &dep.max_batch_size, MAX_BATCH_SIZE),
+        ("max_ongoing_requests", &dep.max_ongoing_requests, MAX_REQUESTS),
+        ("max_queued_requests", &dep.max_queued_requests, MAX_REQUESTS),
+    ] {
+        if value.value > max {
+            errs.at(value.referenced, format!("{at}.{field}"), format!("must be at most {max}"));
+        }
+    }
     let t = &dep.batch_wait_timeout_s;
     if !(t.value.is_finite() && (0.0..=60.0).contains(&t.value)) {
         errs.at(t.referenced, format!("{at}.batch_wait_timeout_s"), "must be between 0 and 60 seconds");
