@@ -111,6 +111,7 @@ fn canary<'s>(st: &'s mut ControllerState, deployment: &str) -> Result<&'s mut C
 
 fn rollback(st: &mut ControllerState, deployment: &str, why: &str) -> Result<(), ControlError> {
     let c = canary(st, deployment)?;
+    metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => deployment.to_string()).increment(1);
     c.weight = 0;
     c.rollout = None;
     let message = format!("rolled back canary version {}: {why}", c.version.name());

@@ -168,6 +168,9 @@ impl Controller {
                 route.shadow = Some((m.primary.name().to_string(), s.shadow.clone()));
             }
             if let Some(c) = &m.canary {
+                let weight = sluice_deployments::metrics::CANARY_WEIGHT;
+                metrics::gauge!(weight, "model" => name.clone(), "version" => c.version.name().to_string())
+                    .set(f64::from(c.weight.min(100)));
                 route.split = vec![
                     (m.primary.name().to_string(), m.primary_weight()),
                     (c.version.name().to_string(), c.weight.min(100)),

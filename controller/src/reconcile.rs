@@ -249,6 +249,8 @@ fn commit_canary(
         (Some(c), Some(Change::New(v)), old) => {
             out.retired.extend(old.map(|oc| oc.version));
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
+            // Registered at 0, so alerts on its increase see the first rollback.
+            metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
             let rollout = c.rollout.clone().map(|r| RolloutState {
                 next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
                 baseline: Counters::of(&v.deployment),

@@ -18,6 +18,8 @@ pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight";
 pub const REPLICAS_READY: &str = "sluice_replicas_ready";
 pub const REPLICA_RESTARTS: &str = "sluice_replica_restarts_total";
+pub const ROLLBACKS: &str = "sluice_canary_rollbacks_total";
+pub const CANARY_WEIGHT: &str = "sluice_canary_weight_percent";
 pub const MULTIPLEX_REQUESTS: &str = "sluice_multiplex_requests_total";
 pub const MULTIPLEX_LOADS: &str = "sluice_multiplex_loads_total";
 pub const MULTIPLEX_EVICTIONS: &str = "sluice_multiplex_evictions_total";
@@ -81,6 +83,8 @@ pub fn describe() {
         "Replicas of a deployment that are loaded, warmed and serving"
     );
     describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
+    describe_counter!(ROLLBACKS, Unit::Count, "Canary rollbacks, automatic (a rollout's bound broken) or by hand, by model");
+    describe_gauge!(CANARY_WEIGHT, Unit::Percent, "Share of unpinned traffic a model's canary version gets, by model and version");
     describe_counter!(
         MULTIPLEX_REQUESTS,
         Unit::Count,
