@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Rust tools the checks need, from crates.io, pinned: cargo-machete (unused
-# dependencies). Idempotent: skips a tool already installed at its version.
+# Installs the tools the checks need: cargo-machete (unused dependencies) from crates.io,
+# pinned; and, where apt and root are available, Debian's prometheus package for `promtool`
+# (the alert rules' check). Idempotent: skips what is already installed.
 set -euo pipefail
 want_machete="0.9.2"
 if ! cargo machete --version 2>/dev/null | grep -q "$want_machete"; then
   echo "installing cargo-machete $want_machete" >&2
   cargo install --locked --quiet cargo-machete --version "$want_machete"
+fi
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing promtool (Debian's prometheus package)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
+    echo "could not install prometheus; the alert rules are checked without promtool" >&2
 fi

@@ -83,8 +83,16 @@ pub fn describe() {
         "Replicas of a deployment that are loaded, warmed and serving"
     );
     describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
-    describe_counter!(ROLLBACKS, Unit::Count, "Canary rollbacks, automatic (a rollout's bound broken) or by hand, by model");
-    describe_gauge!(CANARY_WEIGHT, Unit::Percent, "Share of unpinned traffic a model's canary version gets, by model and version");
+    describe_counter!(
+        ROLLBACKS,
+        Unit::Count,
+        "Canary rollbacks, automatic (a rollout's bound broken) or by hand, by model"
+    );
+    describe_gauge!(
+        CANARY_WEIGHT,
+        Unit::Percent,
+        "Share of unpinned traffic a model's canary version gets, by model and version"
+    );
     describe_counter!(
         MULTIPLEX_REQUESTS,
         Unit::Count,

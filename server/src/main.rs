@@ -58,6 +58,24 @@ fn main() -> ExitCode {
                 cli::run::run(config, logs, args.ort, ort_env, options)
             }
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sluice",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Replica(args) => cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env),
         Command::Proxy(args) => {
             let token = std::env::var("SLUICE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());

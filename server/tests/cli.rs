@@ -379,3 +379,21 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the admin API at http://127.0.0.1:9/api/serve/applications"), "{err}");
 }
+
+#[test]
+fn completions_and_the_man_page_cover_the_subcommands() {
+    let out = sluice().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_sluice()") && script.contains("validate") && script.contains("rollout"),
+        "{script}"
+    );
+    let out = sluice().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH sluice"), "{page}");
+    assert!(page.contains("deploy") && page.contains("status"), "{page}");
+    let out = sluice().args(["completions", "nosuchshell"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses an unknown shell");
+}

@@ -54,7 +54,13 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let body = serde_json::json!({"inputs": expected("iris")["cases"][0]["inputs"]});
     for _ in 0..20 {
         client.post(url(&s, "/v2/models/iris/infer")).json(&body).send().await.unwrap();
-        client.post(url(&s, "/v2/models/tenants/infer")).header("serve_multiplexed_model_id", "a").json(&body).send().await.unwrap();
+        client
+            .post(url(&s, "/v2/models/tenants/infer"))
+            .header("serve_multiplexed_model_id", "a")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
     }
     client.post(url(&s, "/v2/models/nope/infer")).json(&body).send().await.unwrap();
     s.controller().rollback("iris", "test").await.unwrap();
@@ -62,9 +68,13 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let metrics = exported(&reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap());
 
     let mut used = BTreeSet::new();
-    let dashboard: Value = serde_json::from_slice(&std::fs::read(repo().join("deploy/grafana/sluice.json")).unwrap()).unwrap();
+    let dashboard: Value =
+        serde_json::from_slice(&std::fs::read(repo().join("deploy/grafana/sluice.json")).unwrap()).unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
-    assert!(panels.len() >= 10, "a dashboard with rate, errors, latency, queue, batch, replicas, canary panels");
+    assert!(
+        panels.len() >= 10,
+        "a dashboard with rate, errors, latency, queue, batch, replicas, canary panels"
+    );
     for p in panels {
         for t in p["targets"].as_array().unwrap() {
             names(t["expr"].as_str().unwrap(), &mut used);
@@ -76,7 +86,9 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     assert_eq!(group["name"], "sluice");
     let alerts: Vec<&Value> = group["rules"].as_array().unwrap().iter().collect();
     let alert_names: Vec<&str> = alerts.iter().map(|r| r["alert"].as_str().unwrap()).collect();
-    for wanted in ["SluiceNoReadyReplica", "SluiceSheddingLoad", "SluiceHighErrorRate", "SluiceCanaryRolledBack"] {
+    for wanted in
+        ["SluiceNoReadyReplica", "SluiceSheddingLoad", "SluiceHighErrorRate", "SluiceCanaryRolledBack"]
+    {
         assert!(alert_names.contains(&wanted), "{wanted} in {alert_names:?}");
     }
     for r in &alerts {
@@ -87,8 +99,17 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     assert!(missing.is_empty(), "not exported: {missing:?}\nexported: {metrics:?}");
     assert!(used.len() >= 12, "{used:?}");
 
-    if let Ok(out) = std::process::Command::new("promtool").args(["check", "rules"]).arg(repo().join("deploy/prometheus/alerts.yaml")).output() {
-        assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if let Ok(out) = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo().join("deploy/prometheus/alerts.yaml"))
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     s.shutdown().await;
 }

@@ -64,6 +64,11 @@ pub enum Command {
     /// (the controller starts it with `proxy_location: EveryNode`).
     #[command(hide = true)]
     Proxy(proxy::ProxyArgs),
+    /// Print a shell completion script: `sluice completions bash > /etc/bash_completion.d/sluice`
+    /// (also zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `sluice man > sluice.1 && man ./sluice.1`.
+    Man,
     /// Check CONFIG and load each model once (canaries and model-repository versions too);
     /// print every error found and exit non-zero if any.
     Validate {
