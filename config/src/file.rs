@@ -200,6 +200,10 @@ pub(crate) struct Deployment {
     /// Run one full-size batch of zeros on each replica before it reports ready. Default true.
     #[serde(default = "default_warmup")]
     pub warmup: bool,
+    /// Idle replicas run calls measured below this many µs on the frontend's thread. Default
+    /// 100; 0 never.
+    #[serde(default = "default_run_inline")]
+    pub run_inline_under_us: Spanned<u32>,
     /// Requests waiting for a replica slot of this deployment before new ones are refused
     /// with 503. Default 64.
     #[serde(default = "default_max_queued_requests")]
@@ -274,6 +278,9 @@ fn default_health_period() -> Spanned<f64> {
 }
 fn default_health_timeout() -> Spanned<f64> {
     spanned(defaults().health_check.timeout_s)
+}
+fn default_run_inline() -> Spanned<u32> {
+    spanned(defaults().run_inline_under_us)
 }
 fn default_max_queued_requests() -> Spanned<u32> {
     spanned(defaults().max_queued_requests)

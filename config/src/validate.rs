@@ -301,6 +301,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
             max_ongoing_requests: dep.max_ongoing_requests.value,
             max_queued_requests: dep.max_queued_requests.value,
             warmup: dep.warmup,
+            run_inline_under_us: dep.run_inline_under_us.value,
             placement,
             health_check: validate_health_check(at, dep, errs),
         },

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
 use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
-use crate::replica::{self, Msg, ReplicaConfig, ReplicaHost};
+use crate::replica::{self, ModelCell, Msg, ReplicaConfig, ReplicaHost};
 use crate::{
     Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
     ModelMetadata, backend_factory, check_request,
@@ -103,9 +103,10 @@ impl DeploymentSpec {
     }
 }
 
-/// How a replica is reached: its thread's queue, or a remote process.
+/// How a replica is reached: its thread's queue (and its model, for calls run inline), or a
+/// remote process.
 enum Channel {
-    Local(SyncSender<Msg>),
+    Local(SyncSender<Msg>, Arc<ModelCell>),
     Remote(Arc<dyn RemoteReplica>),
 }
 
@@ -114,10 +115,10 @@ impl Channel {
     #[allow(clippy::result_large_err)]
     fn send(&self, job: Job) -> Result<(), Job> {
         match self {
-            Channel::Local(tx) => tx.try_send(Msg::Job(job)).map_err(|e| match e {
+            Channel::Local(tx, _) => tx.try_send(Msg::Job(job)).map_err(|e| match e {
                 TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
                     Msg::Job(job) => job,
-                    Msg::Stop => unreachable!("only a job was sent"),
+                    Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
                 },
             }),
             Channel::Remote(r) => {
@@ -132,7 +133,7 @@ impl Channel {
     /// Tells a local replica to finish what it holds and stop (a remote one is stopped by
     /// whoever started it).
     fn stop(&self) {
-        if let Channel::Local(tx) = self {
+        if let Channel::Local(tx, _) = self {
             let _ = tx.try_send(Msg::Stop);
         }
     }
@@ -234,11 +235,12 @@ impl ReplicaSet {
         // sized for the largest set this deployment may grow to (+1 for the stop message).
         let (tx, rx) = sync_channel(self.spec.ongoing_limit() * self.spec.max_replicas.max(1) + 1);
         // In the set before its thread starts, so its readiness is counted when it comes.
-        self.add_slot(id, Channel::Local(tx));
+        let cell = Arc::new(ModelCell::new());
+        self.add_slot(id, Channel::Local(tx, cell.clone()));
         let (config, host) = (self.config.clone(), self.clone() as Arc<dyn ReplicaHost>);
         let spawned = std::thread::Builder::new()
             .name(format!("{}#{id}", self.spec.name))
-            .spawn(move || replica::run(id, config, host, rx, backend));
+            .spawn(move || replica::run(id, config, host, rx, backend, cell));
         if let Err(e) = spawned {
             self.replicas.rcu(|current| current.iter().filter(|r| r.id != id).cloned().collect::<Vec<_>>());
             return Err(LoadError::Thread(e.to_string()));
@@ -260,6 +262,8 @@ pub struct Deployment {
     ready: watch::Receiver<usize>,
     scaling: tokio::sync::Mutex<()>,
     multiplex: Option<Arc<crate::multiplex::MultiplexStats>>,
+    /// Calls measured below this run on the caller's thread when their replica is idle.
+    inline_under: Option<Duration>,
 }
 
 impl Deployment {
@@ -295,6 +299,10 @@ impl Deployment {
         metadata: ModelMetadata,
         backends: Vec<Box<dyn Backend>>,
     ) -> Result<Self, LoadError> {
+        // Not with a batch wait: the config asks requests to wait for each other.
+        let under = spec.settings.run_inline_under_us;
+        let inline_under = (under > 0 && spec.settings.batch_wait_timeout_s == 0.0)
+            .then(|| Duration::from_micros(u64::from(under)));
         let metadata = Arc::new(metadata);
         check_fits(&spec, &metadata)?;
         let config = Arc::new(ReplicaConfig {
@@ -328,6 +336,7 @@ impl Deployment {
             ready,
             scaling: tokio::sync::Mutex::new(()),
             multiplex: None,
+            inline_under,
         })
     }
 
@@ -430,7 +439,7 @@ impl Deployment {
                 Channel::Remote(remote) => {
                     Some((r.id, r.ready.load(Ordering::Acquire), remote.info().clone()))
                 }
-                Channel::Local(_) => None,
+                Channel::Local(..) => None,
             })
             .collect()
     }
@@ -664,7 +673,23 @@ impl Deployment {
             }
         };
         let slot = &replicas[pick];
-        let guard = OngoingGuard::new(slot);
+        let (guard, idle) = OngoingGuard::new(slot);
+        // A cheap call to an idle replica runs here, on this thread: no hand-off to the
+        // replica's thread and back (the queue was empty, so no one is overtaken).
+        let job = match (&slot.channel, self.inline_under) {
+            (Channel::Local(tx, cell), Some(under)) if idle && job.model.is_none() && cell.cheap(under) => {
+                match cell.run_inline(&self.set.config, (&*self.set, slot.id), job) {
+                    Ok(panicked) => {
+                        if panicked {
+                            let _ = tx.try_send(Msg::Reload);
+                        }
+                        return Ok(guard);
+                    }
+                    Err(job) => job,
+                }
+            }
+            _ => job,
+        };
         slot.channel.send(job).map_err(|_| {
             InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
@@ -786,10 +811,11 @@ struct OngoingGuard {
 }
 
 impl OngoingGuard {
-    fn new(slot: &ReplicaSlot) -> Self {
-        let n = slot.ongoing.fetch_add(1, Ordering::AcqRel) + 1;
-        slot.in_flight.set(n as f64);
-        Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }
+    /// Counts one more request on `slot`; also says whether it held none before.
+    fn new(slot: &ReplicaSlot) -> (Self, bool) {
+        let before = slot.ongoing.fetch_add(1, Ordering::AcqRel);
+        slot.in_flight.set((before + 1) as f64);
+        (Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }, before == 0)
     }
 }
 

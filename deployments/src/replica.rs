@@ -11,8 +11,9 @@
 //! queue to the other replicas, loads a fresh backend, warms it and serves again.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +28,61 @@ pub(crate) enum Msg {
     Job(Job),
     /// Finish what is queued, then stop (the replica is removed or the deployment is gone).
     Stop,
+    /// A call run inline (on a caller's thread) panicked: replace the model.
+    Reload,
+}
+
+/// A replica's model, shared by its thread and by callers that run a cheap call on their own
+/// thread when the replica is idle (saving the two thread hand-offs of the queue).
+pub(crate) struct ModelCell {
+    model: Mutex<Option<Box<dyn Backend>>>,
+    /// Mean time of recent one-request model calls, nanoseconds (`u64::MAX`: not known yet).
+    cost_ns: AtomicU64,
+}
+
+impl ModelCell {
+    pub fn new() -> Self {
+        Self { model: Mutex::new(None), cost_ns: AtomicU64::new(u64::MAX) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Box<dyn Backend>>> {
+        self.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a one-request call is known to take less than `threshold`.
+    pub fn cheap(&self, threshold: Duration) -> bool {
+        (self.cost_ns.load(Ordering::Relaxed) as u128) < threshold.as_nanos()
+    }
+
+    /// Folds one measured call into the mean (weight 1/8).
+    fn observe(&self, took: Duration) {
+        let ns = took.as_nanos().min(u64::MAX as u128 / 2) as u64;
+        let old = self.cost_ns.load(Ordering::Relaxed);
+        let new = if old == u64::MAX { ns } else { old - old / 8 + ns / 8 };
+        self.cost_ns.store(new, Ordering::Relaxed);
+    }
+
+    /// Runs `job` on this thread when the model is free now: `Err(job)` when it is busy or
+    /// (re)loading. A panic leaves the model out and returns true, for the replica thread to
+    /// replace it.
+    #[allow(clippy::result_large_err)]
+    pub fn run_inline(
+        &self,
+        config: &ReplicaConfig,
+        me: (&dyn ReplicaHost, usize),
+        job: Job,
+    ) -> Result<bool, Job> {
+        let Ok(mut guard) = self.model.try_lock() else { return Err(job) };
+        let Some(model) = guard.as_deref_mut() else { return Err(job) };
+        let started = Instant::now();
+        let panicked = run_batch(config, me, model, vec![job]);
+        if panicked {
+            *guard = None;
+        } else {
+            self.observe(started.elapsed());
+        }
+        Ok(panicked)
+    }
 }
 
 /// What a replica needs from whoever runs it (the deployment): where its readiness goes and
@@ -64,6 +120,7 @@ pub(crate) fn run(
     host: Arc<dyn ReplicaHost>,
     rx: Receiver<Msg>,
     backend: Box<dyn Backend>,
+    cell: Arc<ModelCell>,
 ) {
     let mut backend = Some(backend);
     let mut state = BatchState::new(config.policy.clone());
@@ -77,10 +134,15 @@ pub(crate) fn run(
                 None => return,
             },
         };
-        warm_up(&config, model.as_mut());
+        if let Some(took) = warm_up(&config, model.as_mut()) {
+            // A full batch took this long: a safe upper bound for one request until measured.
+            cell.cost_ns.store(took.as_nanos().min(u64::MAX as u128 - 1) as u64, Ordering::Relaxed);
+        }
+        *cell.lock() = Some(model);
         host.set_ready(id, true);
-        let panicked = serve(&config, (&*host, id), model.as_mut(), &rx, &mut state, &mut stopping);
+        let panicked = serve(&config, (&*host, id), &cell, &rx, &mut state, &mut stopping);
         host.set_ready(id, false);
+        let model = cell.lock().take();
         if !panicked {
             return;
         }
@@ -91,6 +153,7 @@ pub(crate) fn run(
             match msg {
                 Msg::Job(job) => waiting.push(job),
                 Msg::Stop => stopping = true,
+                Msg::Reload => {}
             }
         }
         let leaving = stopping || host.is_closed();
@@ -107,6 +170,7 @@ pub(crate) fn run(
             }
         }
         drop(model);
+        cell.cost_ns.store(u64::MAX, Ordering::Relaxed);
         if leaving {
             // Told to stop (scaled down or retired) before the panic: do not come back.
             return;
@@ -142,7 +206,7 @@ fn reload(
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(Msg::Job(job)) => state.push(job),
                         Ok(Msg::Stop) => *stopping = true,
-                        Err(_) => {}
+                        Ok(Msg::Reload) | Err(_) => {}
                     }
                     answer_expired(config, state.take_expired(Instant::now()));
                 }
@@ -166,16 +230,21 @@ fn answer_expired(config: &ReplicaConfig, expired: Vec<Job>) {
 fn serve(
     config: &ReplicaConfig,
     me: (&dyn ReplicaHost, usize),
-    model: &mut dyn Backend,
+    cell: &ModelCell,
     rx: &Receiver<Msg>,
     state: &mut BatchState,
     stopping: &mut bool,
 ) -> bool {
+    let reload = std::cell::Cell::new(false);
     let take = |msg: Msg, state: &mut BatchState, stopping: &mut bool| match msg {
         Msg::Job(job) => state.push(job),
         Msg::Stop => *stopping = true,
+        Msg::Reload => reload.set(true),
     };
     loop {
+        if reload.take() && cell.lock().is_none() {
+            return true;
+        }
         if state.is_empty() {
             if *stopping {
                 // A job sent from a replica list read just before this one left: serve it too.
@@ -195,6 +264,9 @@ fn serve(
         for msg in rx.try_iter() {
             take(msg, state, stopping);
         }
+        if reload.get() && state.is_empty() {
+            continue;
+        }
         let now = Instant::now();
         if !state.ready(now) && !*stopping {
             let wait = state.deadline().map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
@@ -212,14 +284,29 @@ fn serve(
         if batch.is_empty() {
             continue;
         }
-        if run_batch(config, me, model, batch) {
+        let single = batch.len() == 1;
+        let mut guard = cell.lock();
+        let Some(model) = guard.as_deref_mut() else {
+            // An inline call panicked and left the model out: answer this batch from a new one.
+            drop(guard);
+            for job in batch {
+                state.push(job);
+            }
             return true;
+        };
+        let started = Instant::now();
+        if run_batch(config, me, model, batch) {
+            *guard = None;
+            return true;
+        }
+        if single {
+            cell.observe(started.elapsed());
         }
     }
 }
 
 /// Runs one batch and answers its callers. Returns true when the model panicked.
-fn run_batch(
+pub(crate) fn run_batch(
     config: &ReplicaConfig,
     (host, id): (&dyn ReplicaHost, usize),
     model: &mut dyn Backend,
@@ -337,9 +424,10 @@ fn stage_times(model: &dyn Backend, prepare: Duration, call: Duration, split: Du
 
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy
 /// initialisation. A failure is logged, not fatal: some models reject all-zero inputs.
-fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) {
+/// Returns how long the warm-up batch took when it ran and succeeded.
+fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> {
     if !config.warmup {
-        return;
+        return None;
     }
     let rows = config.policy.max_batch_size.max(1);
     let inputs: Result<Vec<NamedTensor>, InferError> = model
@@ -375,8 +463,12 @@ fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) {
     let started = Instant::now();
     let outputs = &config.model_outputs;
     match catch_unwind(AssertUnwindSafe(|| inputs.and_then(|inputs| model.infer(inputs, outputs)))) {
-        Ok(Ok(_)) => tracing::debug!(model = %config.name, rows, "warmed up in {:?}", started.elapsed()),
+        Ok(Ok(_)) => {
+            tracing::debug!(model = %config.name, rows, "warmed up in {:?}", started.elapsed());
+            return Some(started.elapsed());
+        }
         Ok(Err(e)) => tracing::warn!(model = %config.name, "warm-up batch failed (serving anyway): {e}"),
         Err(_) => tracing::warn!(model = %config.name, "warm-up batch panicked (serving anyway)"),
     }
+    None
 }

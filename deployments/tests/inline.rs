@@ -1,0 +1,111 @@
+//! Cheap calls to an idle replica run on the caller's thread (no hand-off to the replica's
+//! thread and back); a batch wait, a setting of 0 or a slow model keep them on the replica's
+//! thread; a panic in an inline call fails that request only and the replica is replaced.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_deployments::{
+    Backend, BackendFactory, DataType, Deployment, DeploymentSpec, ErrorKind, InferError, InferRequest,
+    ModelMetadata, NamedTensor, Tensor, TensorSpec,
+};
+
+/// `y = x`, recording the name of the thread each call ran on; panics on `13`.
+struct Echo {
+    meta: ModelMetadata,
+    delay: Duration,
+    threads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Backend for Echo {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+        self.threads.lock().unwrap().push(std::thread::current().name().unwrap_or("").to_string());
+        if inputs[0].tensor.data()[..8] == 13i64.to_le_bytes() {
+            panic!("poison value");
+        }
+        std::thread::sleep(self.delay);
+        Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
+    }
+}
+
+struct Fixture {
+    deployment: Arc<Deployment>,
+    threads: Arc<Mutex<Vec<String>>>,
+    loads: Arc<AtomicUsize>,
+}
+
+fn start(delay: Duration, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (t, n) = (threads.clone(), loads.clone());
+    let factory: BackendFactory = Arc::new(move || {
+        n.fetch_add(1, Ordering::SeqCst);
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+        let meta =
+            ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] };
+        Ok(Box::new(Echo { meta, delay, threads: t.clone() }) as Box<dyn Backend>)
+    });
+    let mut spec = DeploymentSpec::new("echo");
+    spec.settings.max_batch_size = 4;
+    edit(&mut spec);
+    Fixture { deployment: Arc::new(Deployment::start(spec, factory).unwrap()), threads, loads }
+}
+
+fn request(v: i64) -> InferRequest {
+    let tensor = Tensor::new(DataType::Int64, vec![1, 1], Bytes::from(v.to_le_bytes().to_vec())).unwrap();
+    InferRequest { inputs: vec![NamedTensor { name: "x".into(), tensor }], ..Default::default() }
+}
+
+/// Sends requests one after another; returns on which threads the model ran for them.
+async fn run(f: &Fixture, n: i64) -> Vec<String> {
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    f.threads.lock().unwrap().clear();
+    for k in 100..100 + n {
+        let r = f.deployment.infer(request(k)).await.unwrap();
+        assert_eq!(r.outputs[0].tensor.data()[..8], k.to_le_bytes(), "each caller gets its own answer");
+    }
+    f.threads.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheap_calls_to_an_idle_replica_run_on_the_callers_thread() {
+    let f = start(Duration::ZERO, |_| {});
+    let threads = run(&f, 20).await;
+    assert!(
+        threads.iter().all(|t| !t.starts_with("echo#")),
+        "none went through the replica's thread: {threads:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_models_a_batch_wait_or_a_zero_setting_keep_calls_on_the_replica() {
+    let slow = start(Duration::from_millis(2), |s| s.settings.run_inline_under_us = 100);
+    let waits = start(Duration::ZERO, |s| s.settings.batch_wait_timeout_s = 0.001);
+    let off = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 0);
+    for f in [&slow, &waits, &off] {
+        let threads = run(f, 10).await;
+        assert!(threads.iter().all(|t| t == "echo#0"), "{threads:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_an_inline_call_fails_that_request_and_the_replica_is_replaced() {
+    let f = start(Duration::ZERO, |_| {});
+    run(&f, 5).await;
+    let e = f.deployment.infer(request(13)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Internal);
+    assert!(e.message.contains("panicked: poison value"), "{e}");
+    // The replica's thread loads a new model and serves again.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while f.loads.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < until, "the model was never replaced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(run(&f, 3).await.len(), 3);
+}
