@@ -293,6 +293,9 @@ pub struct Canary {
     pub weight: u32,
     /// Step the weight up automatically, rolling back when the canary misbehaves.
     pub rollout: Option<Rollout>,
+    /// Promote the canary by itself once its rollout reaches 100 % (repository rollouts);
+    /// otherwise a completed rollout waits for `promote`.
+    pub auto_promote: bool,
 }
 
 /// A candidate version getting copies of requests (`shadow`): the client only ever gets the

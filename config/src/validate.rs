@@ -136,12 +136,49 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
 
 fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;
-    repo.path = base.join(&repo.path);
-    if !repo.path.is_dir() {
-        errs.at(unknown, "model_repository.path", format!("`{}` is not a folder", repo.path.display()));
+    match crate::repository::locate(&repo.path, base) {
+        Ok(location) => repo.location = location,
+        Err(message) => errs.at(unknown, "model_repository.path", message),
     }
+    if let crate::RepositoryLocation::Local(path) = &repo.location
+        && !path.is_dir()
+    {
+        errs.at(unknown, "model_repository.path", format!("`{}` is not a folder", path.display()));
+    }
+    repo.cache_dir = base.join(&repo.cache_dir);
     if !(repo.poll_interval_s >= 0.0 && repo.poll_interval_s.is_finite()) {
         errs.at(unknown, "model_repository.poll_interval_s", "must be 0 or more seconds");
+    }
+    if !(repo.store_timeout_s > 0.0 && repo.store_timeout_s.is_finite()) {
+        errs.at(unknown, "model_repository.store_timeout_s", "must be above 0 seconds");
+    }
+    if repo.max_version_bytes == 0 {
+        errs.at(unknown, "model_repository.max_version_bytes", "must be at least 1");
+    }
+    if repo.ready_marker.contains('/') || repo.ready_marker == "model.onnx" {
+        errs.at(unknown, "model_repository.ready_marker", "must be a file name other than model.onnx");
+    }
+    if let Some(r) = &repo.rollout {
+        if r.canary_weight == 0 || r.canary_weight > 100 {
+            errs.at(unknown, "model_repository.rollout.canary_weight", "is a percent: 1 to 100");
+        }
+        check_rollout(&r.rollout(), "model_repository.rollout", unknown, errs);
+    }
+}
+
+/// The bounds of an automatic rollout, wherever it is written.
+fn check_rollout(r: &crate::Rollout, at: &str, loc: Location, errs: &mut Errors<'_>) {
+    if r.step_percent == 0 || r.step_percent > 100 {
+        errs.at(loc, format!("{at}.step_percent"), "must be 1 to 100");
+    }
+    if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
+        errs.at(loc, format!("{at}.interval_s"), "must be above 0");
+    }
+    if !(0.0..=1.0).contains(&r.max_error_rate) {
+        errs.at(loc, format!("{at}.max_error_rate"), "is a fraction: 0 to 1");
+    }
+    if r.max_p99_ms.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
+        errs.at(loc, format!("{at}.max_p99_ms"), "must be above 0 milliseconds");
     }
 }
 
@@ -435,21 +472,15 @@ fn validate_canary(at: &str, c: &file::Canary, version: &str, base: &Path, errs:
         errs.at(c.weight.referenced, format!("{at}.canary.weight"), "is a percent: 0 to 100");
     }
     if let Some(r) = &c.rollout {
-        let loc = c.weight.referenced;
-        if r.step_percent == 0 || r.step_percent > 100 {
-            errs.at(loc, format!("{at}.canary.rollout.step_percent"), "must be 1 to 100");
-        }
-        if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
-            errs.at(loc, format!("{at}.canary.rollout.interval_s"), "must be above 0");
-        }
-        if !(0.0..=1.0).contains(&r.max_error_rate) {
-            errs.at(loc, format!("{at}.canary.rollout.max_error_rate"), "is a fraction: 0 to 1");
-        }
-        if r.max_p99_ms.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
-            errs.at(loc, format!("{at}.canary.rollout.max_p99_ms"), "must be above 0 milliseconds");
-        }
+        check_rollout(r, &format!("{at}.canary.rollout"), c.weight.referenced, errs);
     }
-    Canary { model, version: c.version.value.clone(), weight: c.weight.value, rollout: c.rollout.clone() }
+    Canary {
+        model,
+        version: c.version.value.clone(),
+        weight: c.weight.value,
+        rollout: c.rollout.clone(),
+        auto_promote: false,
+    }
 }
 
 fn validate_pipeline(

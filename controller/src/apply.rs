@@ -1,28 +1,42 @@
-//! Applying configs: the declarative apply, and the model repository (polling, and Triton's
-//! load and unload of one model).
+//! Applying configs: the declarative apply, and the model repository (polling, `notify`, and
+//! Triton's load and unload of one model). Every store call and model load runs without the
+//! state lock; the `changes` lock serializes whole operations.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
-use sluice_config::{Config, VersionPolicy};
+use sluice_config::{Config, ModelRepository, VersionPolicy};
 
-use crate::state::RepoScan;
-use crate::{ControlError, Controller, pipelines, reconcile, repository};
+use crate::repository::cache::Cache;
+use crate::repository::scan::{self, Listing, MODEL_FILE};
+use crate::repository::{self, Origin, Signature};
+use crate::{ControlError, Controller, pipelines, reconcile};
+
+/// Versions rejected in one apply before it gives up (each failed load rejects one).
+const MAX_REJECTS: usize = 8;
 
 impl Controller {
     /// Makes the running state match `config` (every application in it, and the models of
     /// its model repository as the application `repository`; applications not in it are
     /// removed). New versions are loaded and warmed first; if any fails, nothing already
-    /// serving changes.
+    /// serving changes (a repository version that fails to load is rejected instead, and the
+    /// rest applied). A repository that cannot be listed is an error naming its URL.
     pub async fn apply(&self, config: &Config) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
-        let unloaded = self.lock().unloaded.clone();
-        let (effective, signature) = repository::effective(config, &unloaded)?;
-        self.reconcile(&effective).await?;
+        let signature = match &config.model_repository {
+            None => {
+                self.reconcile(config).await?;
+                None
+            }
+            Some(repo) => {
+                let listing = self.list(repo).await?;
+                Some(self.apply_repository(config, &listing, None).await?)
+            }
+        };
         let mut st = self.lock();
         st.desired = Some(config.clone());
-        if let Some(signature) = signature {
-            st.last_scan = Some(RepoScan { at: Instant::now(), signature });
-        }
+        st.repo.applied = signature;
+        st.repo.failed = None;
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -30,8 +44,11 @@ impl Controller {
 
     /// Plans, starts and commits `config` (the caller holds `changes`).
     async fn reconcile(&self, config: &Config) -> Result<(), ControlError> {
-        let mut plan = reconcile::plan(&self.lock(), config);
-        reconcile::start(&mut plan, &self.cluster, &self.wake).await?;
+        let (mut plan, origins) = {
+            let st = self.lock();
+            (reconcile::plan(&st, config), st.repo.origins.clone())
+        };
+        reconcile::start(&mut plan, &self.cluster, &self.wake, &origins).await?;
         let commit = {
             let mut st = self.lock();
             let pipelines = pipelines::build_all(config, &plan, &st)?;
@@ -46,52 +63,189 @@ impl Controller {
         Ok(())
     }
 
-    /// Rescans the model repository when its poll interval has passed, and applies what
-    /// changed (new versions swap in, removed ones drain). Skipped while an apply runs.
+    /// Lists the repository and records the outcome (health, metrics, an event when it changes).
+    async fn list(&self, repo: &ModelRepository) -> Result<Listing, ControlError> {
+        let store = self.lock().repo.store(repo, &self.store_env)?;
+        let listed = store.list("").await;
+        let mut st = self.lock();
+        match listed {
+            Ok(files) => {
+                let listing = Listing::parse(&files, &repo.ready_marker);
+                if st.repo.reachable(store.url(), listing.clone()) {
+                    st.events.push(
+                        repository::APPLICATION,
+                        format!("model repository `{}` answers again", store.url()),
+                    );
+                }
+                Ok(listing)
+            }
+            Err(e) => {
+                if st.repo.unreachable(store.url(), &e) {
+                    st.events
+                        .push(repository::APPLICATION, format!("{e}; the versions serving keep serving"));
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stages and reconciles `config` with its repository's `listing`. A repository version
+    /// that fails to load is rejected (reported; never retried until its files change) and
+    /// the rest applied without it. Returns what now serves.
+    async fn apply_repository(
+        &self,
+        config: &Config,
+        listing: &Listing,
+        skip: Option<&BTreeSet<String>>,
+    ) -> Result<Signature, ControlError> {
+        let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
+        for _ in 0..MAX_REJECTS {
+            let (plans, store) = {
+                let mut st = self.lock();
+                let rejected = st.repo.rejected_keys(listing);
+                let serving = repository::serving(&st.deployments);
+                let skip = skip.cloned().unwrap_or_else(|| st.unloaded.clone());
+                let plans = scan::select(repo, listing, &skip, &rejected, &serving);
+                (plans, st.repo.store(repo, &self.store_env)?)
+            };
+            let cache = Cache::new(&repo.cache_dir);
+            let mut origins = std::collections::BTreeMap::new();
+            let mut dirs = std::collections::BTreeMap::new();
+            for p in &plans {
+                for v in repository::versions_of(p) {
+                    let files = &listing.models[&p.model][&v];
+                    let fetched =
+                        cache.fetch(&store, &p.model, &v.to_string(), files, repo.max_version_bytes).await?;
+                    if fetched.downloaded > 0 {
+                        let mut st = self.lock();
+                        st.repo.downloaded_bytes += fetched.downloaded;
+                        let message = format!(
+                            "fetched version {v}: {} bytes in {} file(s) from {}",
+                            fetched.downloaded,
+                            fetched.files_downloaded,
+                            store.url()
+                        );
+                        st.events.push(&p.model, message);
+                    }
+                    if store.local_root().is_none() {
+                        let origin = Origin {
+                            url: store.url().to_string(),
+                            model: p.model.clone(),
+                            version: v.to_string(),
+                            files: files.clone(),
+                            cache_dir: repo.cache_dir.clone(),
+                            max_version_bytes: repo.max_version_bytes,
+                            store_timeout_s: repo.store_timeout_s,
+                        };
+                        origins.insert(fetched.dir.join(MODEL_FILE), origin);
+                    }
+                    dirs.insert((p.model.clone(), v), fetched.dir);
+                }
+            }
+            let models =
+                repository::deployments(repo, &plans, |m, v| dirs[&(m.to_string(), v)].join(MODEL_FILE));
+            let effective = repository::effective(config, models)?;
+            self.lock().repo.origins.extend(origins);
+            match self.reconcile(&effective).await {
+                Ok(()) => return Ok(repository::signature(&plans, listing)),
+                Err(e) => {
+                    let Some((model, version)) = failed_version(&e, &plans) else { return Err(e) };
+                    let mut st = self.lock();
+                    let why = format!("failed to load: {e}");
+                    if st.repo.reject(&model, version, why) {
+                        st.events.push(&model, format!("version {version} never takes traffic: {e}"));
+                    }
+                }
+            }
+        }
+        Err(ControlError::NotReady {
+            deployment: repository::APPLICATION.into(),
+            version: String::new(),
+            waited_s: 0,
+        })
+    }
+
+    /// Rescans the model repository when its poll interval has passed (or a scan was asked
+    /// for), and applies what changed. Skipped while another change runs.
     pub(crate) async fn poll_repository(&self) {
         let Ok(_changes) = self.changes.try_lock() else { return };
-        let (config, unloaded, before) = {
+        let config = {
             let st = self.lock();
             let Some(config) = st.desired.clone() else { return };
-            if !repository::due(&config, st.last_scan.as_ref(), Instant::now()) {
+            if !repository::due(&config, &st.repo, Instant::now()) {
                 return;
             }
-            (config, st.unloaded.clone(), st.last_scan.as_ref().map(|s| s.signature.clone()))
+            config
         };
-        let (effective, signature) = match repository::effective(&config, &unloaded) {
-            Ok(found) => found,
+        self.lock().repo.force = false;
+        let _ = self.rescan(&config).await;
+    }
+
+    /// Lists the repository and applies it when what should serve changed.
+    async fn rescan(&self, config: &Config) -> Result<(), ControlError> {
+        let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
+        let listing = self.list(repo).await?;
+        let wanted = {
+            let mut st = self.lock();
+            let rejected = st.repo.rejected_keys(&listing);
+            let serving = repository::serving(&st.deployments);
+            let plans = scan::select(repo, &listing, &st.unloaded, &rejected, &serving);
+            let wanted = repository::signature(&plans, &listing);
+            if st.repo.applied.as_ref() == Some(&wanted) || st.repo.failed.as_ref() == Some(&wanted) {
+                return Ok(());
+            }
+            wanted
+        };
+        match self.apply_repository(config, &listing, None).await {
+            Ok(signature) => {
+                let mut st = self.lock();
+                st.repo.applied = Some(signature);
+                st.repo.failed = None;
+                Ok(())
+            }
             Err(e) => {
                 let mut st = self.lock();
-                st.events.push(repository::APPLICATION, format!("scanning the repository failed: {e}"));
-                st.last_scan = Some(RepoScan { at: Instant::now(), signature: before.unwrap_or_default() });
-                return;
-            }
-        };
-        let changed = signature != before;
-        if let Some(signature) = signature {
-            self.lock().last_scan = Some(RepoScan { at: Instant::now(), signature });
-        }
-        if changed {
-            self.lock().events.push(repository::APPLICATION, "model repository changed; applying");
-            if let Err(e) = self.reconcile(&effective).await {
-                self.lock()
-                    .events
-                    .push(repository::APPLICATION, format!("applying the repository failed: {e}"));
+                st.events.push(repository::APPLICATION, format!("applying the repository failed: {e}"));
+                st.repo.failed = Some(wanted);
+                Err(e)
             }
         }
+    }
+
+    /// Scans the repository now (a training job wrote a version of `model`) and applies what
+    /// changed. An error when the model has no complete version in the repository.
+    pub async fn notify_repository(&self, model: &str) -> Result<(), ControlError> {
+        let _changes = self.changes.lock().await;
+        let (config, _) = self.desired_and_unloaded()?;
+        let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
+        let listing = self.list(repo).await?;
+        if !listing.models.contains_key(model) {
+            let waiting = listing.incomplete.iter().any(|(m, _)| m == model);
+            return Err(if waiting {
+                ControlError::Incomplete(model.to_string(), repo.ready_marker.clone())
+            } else {
+                ControlError::NotInRepository(model.to_string())
+            });
+        }
+        self.lock().events.push(model, "repository notified; scanning now");
+        self.lock().repo.failed = None;
+        self.rescan(&config).await
     }
 
     /// Loads (or reloads) a repository model now, undoing an unload.
     pub async fn load_model(&self, name: &str) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
         let (config, mut unloaded) = self.desired_and_unloaded()?;
-        unloaded.remove(name);
-        let (effective, _) = repository::effective(&config, &unloaded)?;
-        if !effective.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name) {
+        let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
+        let listing = self.list(repo).await?;
+        if !listing.models.contains_key(name) {
             return Err(ControlError::NotInRepository(name.to_string()));
         }
-        self.reconcile(&effective).await?;
-        self.lock().unloaded = unloaded;
+        unloaded.remove(name);
+        let signature = self.apply_repository(&config, &listing, Some(&unloaded)).await?;
+        let mut st = self.lock();
+        st.unloaded = unloaded;
+        st.repo.applied = Some(signature);
         Ok(())
     }
 
@@ -99,14 +253,19 @@ impl Controller {
     pub async fn unload_model(&self, name: &str) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
         let (config, mut unloaded) = self.desired_and_unloaded()?;
-        let in_repo = self.lock().deployments.get(name).is_some_and(|m| m.app == repository::APPLICATION);
+        let (in_repo, listing) = {
+            let st = self.lock();
+            let in_repo = st.deployments.get(name).is_some_and(|m| m.app == repository::APPLICATION);
+            (in_repo, st.repo.listing.clone().unwrap_or_default())
+        };
         if !in_repo {
             return Err(ControlError::NotLoaded(name.to_string()));
         }
         unloaded.insert(name.to_string());
-        let (effective, _) = repository::effective(&config, &unloaded)?;
-        self.reconcile(&effective).await?;
-        self.lock().unloaded = unloaded;
+        let signature = self.apply_repository(&config, &listing, Some(&unloaded)).await?;
+        let mut st = self.lock();
+        st.unloaded = unloaded;
+        st.repo.applied = Some(signature);
         Ok(())
     }
 
@@ -124,7 +283,7 @@ impl Controller {
         Some(repo.version_policy.clone())
     }
 
-    fn desired_and_unloaded(&self) -> Result<(Config, std::collections::BTreeSet<String>), ControlError> {
+    fn desired_and_unloaded(&self) -> Result<(Config, BTreeSet<String>), ControlError> {
         let st = self.lock();
         let config = st.desired.clone().unwrap_or_default();
         if config.model_repository.is_none() {
@@ -132,4 +291,18 @@ impl Controller {
         }
         Ok((config, st.unloaded.clone()))
     }
+}
+
+/// The repository version an apply failed on, when it failed loading one.
+fn failed_version(e: &ControlError, plans: &[scan::ModelPlan]) -> Option<(String, u64)> {
+    let (deployment, version) = match e {
+        ControlError::Load { deployment, version, .. }
+        | ControlError::NotReady { deployment, version, .. } => (deployment, version),
+        _ => return None,
+    };
+    let v: u64 = version.parse().ok()?;
+    plans
+        .iter()
+        .any(|p| &p.model == deployment && repository::versions_of(p).any(|x| x == v))
+        .then(|| (deployment.clone(), v))
 }

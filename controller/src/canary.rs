@@ -24,6 +24,11 @@ impl Controller {
 
     /// Makes the canary the primary version; the old primary drains and stops.
     pub async fn promote(&self, deployment: &str) -> Result<(), ControlError> {
+        self.promote_as(deployment, "promoted").await
+    }
+
+    /// [`Self::promote`], its event starting with `what`.
+    pub(crate) async fn promote_as(&self, deployment: &str, what: &str) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
         let old = {
             let mut st = self.lock();
@@ -33,7 +38,7 @@ impl Controller {
             m.config.model = m.primary.key.model.clone();
             m.config.version = m.primary.key.version.clone();
             m.config.canary = None;
-            let message = format!("promoted version {} (was {})", m.primary.name(), old.name());
+            let message = format!("{what} version {} (was {})", m.primary.name(), old.name());
             st.events.push(deployment, message);
             self.publish(&st);
             old
@@ -50,10 +55,16 @@ impl Controller {
         Ok(())
     }
 
-    /// Judges every rollout whose interval has ended; returns when the next one ends.
-    pub(crate) fn step_rollouts(&self, st: &mut ControllerState, now: Instant) -> Option<Instant> {
+    /// Judges every rollout whose interval has ended; returns when the next one ends, and the
+    /// deployments whose canary completed a rollout that promotes by itself.
+    pub(crate) fn step_rollouts(
+        &self,
+        st: &mut ControllerState,
+        now: Instant,
+    ) -> (Option<Instant>, Vec<String>) {
         let mut changed = false;
         let mut rollbacks = Vec::new();
+        let mut promote = Vec::new();
         let mut next: Option<Instant> = None;
         for (name, m) in st.deployments.iter_mut() {
             let Some(c) = &mut m.canary else { continue };
@@ -74,12 +85,16 @@ impl Controller {
                     }
                     Verdict::Complete => {
                         c.weight = 100;
-                        c.rollout = None;
                         changed = true;
-                        st.events.push(
-                            name,
-                            "rollout complete: canary takes all traffic; promote it to retire the old version",
-                        );
+                        if r.auto_promote {
+                            promote.push(name.clone());
+                        } else {
+                            st.events.push(
+                                name,
+                                "rollout complete: canary takes all traffic; promote it to retire the old version",
+                            );
+                        }
+                        c.rollout = None;
                         continue;
                     }
                     Verdict::Rollback(why) => {
@@ -96,7 +111,7 @@ impl Controller {
         if changed {
             self.publish(st);
         }
-        next
+        (next, promote)
     }
 }
 
@@ -109,12 +124,20 @@ fn canary<'s>(st: &'s mut ControllerState, deployment: &str) -> Result<&'s mut C
     m.canary.as_mut().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))
 }
 
+/// Sends the canary no more traffic. A repository model's canary is also rejected: the next
+/// scan retires it, and that version is not tried again until its files change.
 fn rollback(st: &mut ControllerState, deployment: &str, why: &str) -> Result<(), ControlError> {
     let c = canary(st, deployment)?;
     metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => deployment.to_string()).increment(1);
     c.weight = 0;
     c.rollout = None;
-    let message = format!("rolled back canary version {}: {why}", c.version.name());
+    let version = c.version.name().to_string();
+    let message = format!("rolled back canary version {version}: {why}");
     st.events.push(deployment, message);
+    let in_repository =
+        st.deployments.get(deployment).is_some_and(|m| m.app == crate::repository::APPLICATION);
+    if in_repository && let Ok(v) = version.parse::<u64>() {
+        st.repo.reject(deployment, v, format!("canary rolled back: {why}"));
+    }
     Ok(())
 }

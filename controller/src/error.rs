@@ -1,7 +1,7 @@
 //! What the control plane can refuse, typed, each with the [`ErrorKind`] that decides the HTTP
 //! status and gRPC code a caller sees (the frontends map kinds once, never message text).
 
-use sluice_config::RepositoryError;
+use crate::repository::store::StoreError;
 use sluice_deployments::{ErrorKind, LoadError};
 
 /// A control operation that did not happen. Nothing that serves changed.
@@ -19,12 +19,14 @@ pub enum ControlError {
     NoRepository,
     #[error("model `{0}` is not in the model repository")]
     NotInRepository(String),
+    #[error("model `{0}` has versions in the repository but none is complete yet (no `{1}` marker)")]
+    Incomplete(String, String),
     #[error("model `{0}` is not a loaded repository model")]
     NotLoaded(String),
     #[error("model `{0}` is both in the model repository and in the config")]
     InBoth(String),
     #[error(transparent)]
-    Repository(#[from] RepositoryError),
+    Store(#[from] StoreError),
     #[error("deployment `{deployment}` version {version}: {source}")]
     Load { deployment: String, version: String, source: LoadError },
     #[error("deployment `{deployment}` version {version}: replicas did not become ready within {waited_s} s")]
@@ -41,9 +43,12 @@ impl ControlError {
             | ControlError::UnknownApplication(_)
             | ControlError::NotInRepository(_)
             | ControlError::NotLoaded(_) => ErrorKind::NotFound,
-            ControlError::NoCanary(_) | ControlError::NoRepository => ErrorKind::Conflict,
+            ControlError::NoCanary(_) | ControlError::NoRepository | ControlError::Incomplete(..) => {
+                ErrorKind::Conflict
+            }
             ControlError::InvalidWeight(_) | ControlError::InBoth(_) => ErrorKind::InvalidArgument,
-            ControlError::Repository(_) | ControlError::NotReady { .. } => ErrorKind::Unavailable,
+            ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
+            ControlError::Store(_) | ControlError::NotReady { .. } => ErrorKind::Unavailable,
             ControlError::Load { source, .. } | ControlError::Pipeline { source, .. } => source.kind(),
         }
     }

@@ -25,7 +25,7 @@ mod error;
 mod events;
 mod pipelines;
 mod reconcile;
-mod repository;
+pub mod repository;
 pub mod rollout;
 mod state;
 mod status;
@@ -39,7 +39,8 @@ use tokio::sync::Notify;
 
 pub use error::ControlError;
 pub use events::Event;
-pub use repository::APPLICATION as REPOSITORY_APPLICATION;
+pub use repository::store::{StoreEnv, StoreError};
+pub use repository::{APPLICATION as REPOSITORY_APPLICATION, Origin, RepositoryStatus};
 pub use status::{
     ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, ReplicaNode,
     Status, VersionStatus,
@@ -67,12 +68,20 @@ pub struct Controller {
     grace: Duration,
     node_cpus: f64,
     cluster: Cluster,
+    /// Cloud credentials and settings for an object-storage model repository.
+    store_env: repository::store::StoreEnv,
 }
 
 impl Controller {
     /// A controller publishing into `routes`, running replicas where `cluster` says; retired
-    /// deployments drain for at most `grace`.
-    pub fn new(routes: Arc<Router>, grace: Duration, cluster: Cluster) -> Arc<Self> {
+    /// deployments drain for at most `grace`; an object-storage repository is opened with
+    /// `store_env`.
+    pub fn new(
+        routes: Arc<Router>,
+        grace: Duration,
+        cluster: Cluster,
+        store_env: repository::store::StoreEnv,
+    ) -> Arc<Self> {
         let node_cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
         Arc::new(Self {
             routes,
@@ -82,6 +91,7 @@ impl Controller {
             grace,
             node_cpus,
             cluster,
+            store_env,
         })
     }
 
@@ -102,7 +112,14 @@ impl Controller {
 
     /// What the admin API and `sluice status` show.
     pub fn status(&self) -> Status {
-        let mut status = status::status(&self.lock());
+        let st = self.lock();
+        let mut status = status::status(&st);
+        status.repository = st
+            .desired
+            .as_ref()
+            .and_then(|c| c.model_repository.as_ref())
+            .map(|r| repository::status(r, &st.repo));
+        drop(st);
         if let Cluster::Ray(ray) = &self.cluster {
             status.proxies = ray
                 .proxies()
@@ -231,7 +248,7 @@ impl Controller {
     pub async fn tick(&self) -> Instant {
         self.poll_repository().await;
         let now = Instant::now();
-        let (rescale, mut next) = {
+        let (rescale, promote, mut next) = {
             let mut st = self.lock();
             if let Cluster::Ray(ray) = &self.cluster {
                 for (deployment, message) in ray.take_notes() {
@@ -243,15 +260,20 @@ impl Controller {
             // growth stops at this machine's free CPUs.
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus);
-            let next_rollout = self.step_rollouts(&mut st, now);
-            let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, st.last_scan.as_ref()));
+            let (next_rollout, promote) = self.step_rollouts(&mut st, now);
+            let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, &st.repo));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&st);
             }
             let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();
-            (rescale, next.unwrap_or(now + IDLE_TICK))
+            (rescale, promote, next.unwrap_or(now + IDLE_TICK))
         };
+        for deployment in promote {
+            if let Err(e) = self.promote_as(&deployment, "rollout complete: promoted").await {
+                self.lock().events.push(&deployment, format!("promoting the canary failed: {e}"));
+            }
+        }
         self.rescale(rescale, "autoscaled").await;
         next = next.clamp(now + Duration::from_millis(1), now + IDLE_TICK);
         next

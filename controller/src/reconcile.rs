@@ -133,10 +133,12 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
 /// Step 2: loads and warms every version the plan starts, where `cluster` runs replicas.
 /// `wake` is the controller's shared wake-up (a request waiting on a deployment with no
 /// replica notifies it).
+/// `origins`: where object-storage versions come from, by the model file they are cached at.
 pub(crate) async fn start(
     plan: &mut Plan,
     cluster: &Cluster,
     wake: &Arc<Notify>,
+    origins: &BTreeMap<std::path::PathBuf, crate::repository::Origin>,
 ) -> Result<(), ControlError> {
     for p in &mut plan.deployments {
         // A version that takes traffic from one that serves must have a replica up first; a
@@ -156,8 +158,9 @@ pub(crate) async fn start(
                 wake: wake.clone(),
                 multiplexed: matches!(key.model, sluice_config::Model::Multiplexed { .. }),
             };
+            let origin = key.model.onnx_path().and_then(|p| origins.get(p)).cloned();
             let (deployment, placed) =
-                cluster.start(spec, key.model.clone(), need_one, READY_TIMEOUT).await?;
+                cluster.start(spec, key.model.clone(), origin, need_one, READY_TIMEOUT).await?;
             *change = Change::New(Version { key: key.clone(), deployment, placed });
         }
     }
@@ -255,6 +258,7 @@ fn commit_canary(
                 next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
                 baseline: Counters::of(&v.deployment),
                 config: r,
+                auto_promote: c.auto_promote,
             });
             Some(CanaryState { version: v, weight: c.weight, rollout })
         }
@@ -371,6 +375,7 @@ mod tests {
             version: "2".into(),
             weight: 10,
             rollout: None,
+            auto_promote: false,
         });
         d.extra_versions = vec![("0".into(), "/nonexistent/old.onnx".into())];
         let plan = plan(&ControllerState::default(), &config(vec![d, onnx("n")]));

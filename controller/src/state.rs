@@ -79,6 +79,8 @@ pub(crate) struct RolloutState {
     pub next_step: Instant,
     /// The canary's counters at the start of the interval.
     pub baseline: Counters,
+    /// Promote by itself at 100 % (a repository rollout).
+    pub auto_promote: bool,
 }
 
 /// A canary version and its share of the traffic.
@@ -141,15 +143,6 @@ pub(crate) struct PipelineRoute {
     pub route_prefix: Option<String>,
 }
 
-/// What a model repository scan found, per model: (served version, extra versions).
-pub(crate) type RepoSignature = BTreeMap<String, (String, Vec<String>)>;
-
-/// The last model repository scan.
-pub(crate) struct RepoScan {
-    pub at: Instant,
-    pub signature: RepoSignature,
-}
-
 /// The controller's state, under one lock.
 #[derive(Default)]
 pub(crate) struct ControllerState {
@@ -159,7 +152,8 @@ pub(crate) struct ControllerState {
     /// Repository models unloaded through the API.
     pub unloaded: BTreeSet<String>,
     pub pipelines: Vec<PipelineRoute>,
-    pub last_scan: Option<RepoScan>,
+    /// The model repository: last listing, health, rejected versions.
+    pub repo: crate::repository::RepoState,
     pub events: Events,
     /// The model ids each multiplexed deployment's folder holds, routed by name too.
     pub aliases: BTreeMap<String, Vec<String>>,

@@ -19,6 +19,9 @@ pub struct Status {
     /// Frontends on other nodes of the cluster (`proxy_location: EveryNode`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxies: Vec<ProxyStatus>,
+    /// The model repository: reachable or not, versions listed, rejected versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<crate::repository::RepositoryStatus>,
 }
 
 /// A proxy on a cluster node.
@@ -167,7 +170,12 @@ pub(crate) fn status(state: &ControllerState) -> Status {
             .deployments
             .insert(name.clone(), deployment(m, state.aliases.get(name).map_or(&[][..], Vec::as_slice)));
     }
-    Status { applications, events: state.events.iter().cloned().collect(), proxies: Vec::new() }
+    Status {
+        applications,
+        events: state.events.iter().cloned().collect(),
+        proxies: Vec::new(),
+        repository: None,
+    }
 }
 
 fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {

@@ -28,6 +28,10 @@ pub const SHADOW_REQUESTS: &str = "sluice_shadow_requests_total";
 pub const SHADOW_DURATION: &str = "sluice_shadow_duration_seconds";
 pub const SHADOW_ROWS: &str = "sluice_shadow_rows_total";
 pub const SHADOW_MAX_ABS_DIFF: &str = "sluice_shadow_max_abs_diff";
+pub const REPOSITORY_UP: &str = "sluice_repository_up";
+pub const REPOSITORY_SCANS: &str = "sluice_repository_scans_total";
+pub const REPOSITORY_DOWNLOADED_BYTES: &str = "sluice_repository_downloaded_bytes_total";
+pub const REPOSITORY_REJECTED: &str = "sluice_repository_rejected_versions_total";
 
 /// Histogram bucket bounds, by metric name.
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -128,6 +132,26 @@ pub fn describe() {
         SHADOW_MAX_ABS_DIFF,
         Unit::Count,
         "Largest absolute difference seen between primary and shadow outputs"
+    );
+    describe_gauge!(
+        REPOSITORY_UP,
+        Unit::Count,
+        "1 when the last listing of a model repository (label: its URL) succeeded, 0 when it failed"
+    );
+    describe_counter!(
+        REPOSITORY_SCANS,
+        Unit::Count,
+        "Listings of the model repository by outcome (ok, error)"
+    );
+    describe_counter!(
+        REPOSITORY_DOWNLOADED_BYTES,
+        Unit::Bytes,
+        "Bytes fetched from the model repository into this node's cache"
+    );
+    describe_counter!(
+        REPOSITORY_REJECTED,
+        Unit::Count,
+        "Repository versions rejected by model: failed to load, or canary rolled back"
     );
 }
 

@@ -3,6 +3,7 @@
 //! `GET` reports applications, deployments, versions, replicas, weights and recent events,
 //! `DELETE` removes every application (`/api/serve/applications/{app}`: one). Rollouts:
 //! `POST /api/serve/deployments/{d}/canary {"weight": N}`, `.../promote`, `.../rollback`.
+//! Model repository: `POST /api/sluice/repository/{model}/notify` scans it now.
 //! With a bearer token configured (env `admin_options.token_env`), every call must carry it.
 
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
         .route("/api/sluice/routes", get(routes_snapshot))
+        .route("/api/sluice/repository/{model}/notify", post(notify_repository))
         .route("/-/healthz", get(|| async { "ok" }))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
@@ -137,5 +139,12 @@ async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Answe
 
 async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
     s.controller.rollback(&name, "rolled back by hand").await?;
+    Ok(Json(s.controller.status()))
+}
+
+/// A training job wrote a version of `model`: scan the repository now (rather than at the next
+/// poll) and apply what changed.
+async fn notify_repository(State(s): State<AdminState>, Path(model): Path<String>) -> Answer {
+    s.controller.notify_repository(&model).await?;
     Ok(Json(s.controller.status()))
 }

@@ -166,6 +166,9 @@ pub struct StartOptions {
     pub admin_token: Option<String>,
     /// Where replicas run: this process (default) or a Ray cluster.
     pub cluster: sluice_controller::cluster::Cluster,
+    /// Cloud variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`) an object-storage model repository is
+    /// opened with.
+    pub store_env: sluice_controller::StoreEnv,
 }
 
 /// Why the server did not start.
@@ -187,7 +190,8 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
     metrics::install();
     let routes = Arc::new(Router::new(RouteTable::default()));
     let grace = std::time::Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
-    let controller = Controller::new(routes.clone(), grace, options.cluster.clone());
+    let controller =
+        Controller::new(routes.clone(), grace, options.cluster.clone(), options.store_env.clone());
     controller.apply(&config).await?;
     controller.spawn_loop();
 

@@ -20,6 +20,8 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
 
 fn main() -> ExitCode {
     let ort_env = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from);
+    // Object-storage repositories take each cloud's standard variables.
+    let store_env = sluice_controller::StoreEnv::from_vars(std::env::vars());
     let command = Cli::parse().command;
     // Serving processes log (and trace) as their config says, once the runtime runs.
     if !matches!(command, Command::Run(_) | Command::Replica(_) | Command::Proxy(_)) {
@@ -41,7 +43,7 @@ fn main() -> ExitCode {
             let ray_address =
                 args.ray.clone().or_else(|| Some(ray.address.clone()).filter(|a| !a.is_empty()));
             if args.in_ray_job {
-                cli::ray::run_in_job(config, logs, args.ort, ort_env, admin_token)
+                cli::ray::run_in_job(config, logs, args.ort, ort_env, admin_token, store_env)
             } else if let Some(address) = ray_address {
                 let _ = sluice_server::telemetry::init(logs.filter, logs.format, &Default::default());
                 let submit = cli::ray::Submit {
@@ -54,7 +56,7 @@ fn main() -> ExitCode {
                 };
                 cli::ray::submit(&config, submit)
             } else {
-                let options = sluice_server::StartOptions { admin_token, ..Default::default() };
+                let options = sluice_server::StartOptions { admin_token, store_env, ..Default::default() };
                 cli::run::run(config, logs, args.ort, ort_env, options)
             }
         }
@@ -76,16 +78,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Replica(args) => cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env),
+        Command::Replica(args) => {
+            cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env, &store_env)
+        }
         Command::Proxy(args) => {
             let token = std::env::var("SLUICE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
             cli::proxy::proxy(args, cli::run::Logs::plain(log_filter()), ort_env, token)
         }
-        Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env),
+        Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env, &store_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
         Command::Deploy { config, admin } => cli::admin::deploy(&config, &admin),
         Command::Status { admin } => cli::admin::status(&admin),
         Command::Delete { app, admin } => cli::admin::delete(&app, &admin),
         Command::Rollout { action, admin } => cli::admin::rollout(&action, &admin),
+        Command::Repository { action, admin } => cli::admin::repository(&action, &admin),
+        Command::Job(args) => {
+            let ray_token = std::env::var("RAY_AUTH_TOKEN").ok().filter(|t| !t.is_empty());
+            cli::job::job(args, ray_token)
+        }
     }
 }

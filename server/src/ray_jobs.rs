@@ -66,6 +66,13 @@ pub struct JobRequest {
     pub entrypoint_num_gpus: Option<f64>,
 }
 
+impl JobDetails {
+    /// The job's name: its submission id, else its job id.
+    pub fn id(&self) -> &str {
+        self.submission_id.as_deref().or(self.job_id.as_deref()).unwrap_or("")
+    }
+}
+
 /// Ray's dashboard at one address.
 #[derive(Clone)]
 pub struct Jobs {
@@ -241,4 +248,83 @@ impl Jobs {
             .map(|l| l.logs)
             .map_err(|e| JobsError::Protocol { what, message: e.to_string() })
     }
+}
+
+impl Jobs {
+    /// Streams a job's driver log to `out` chunk by chunk as it is written (the log so far
+    /// first), until the job ends: Ray's `logs/tail` websocket, or where that cannot be opened
+    /// (an `https://` dashboard: no TLS websocket here; a proxy in between) by polling the whole
+    /// log every second and passing on what is new.
+    pub async fn tail(&self, id: &str, mut out: impl FnMut(&str)) -> Result<(), JobsError> {
+        match self.tail_websocket(id, &mut out).await {
+            Ok(()) => Ok(()),
+            Err(TailError::BeforeFirstFrame(e)) => {
+                tracing::debug!("no log websocket ({e}); polling the log");
+                self.tail_polling(id, &mut out).await
+            }
+            Err(TailError::Jobs(e)) => Err(e),
+        }
+    }
+
+    async fn tail_websocket(&self, id: &str, out: &mut impl FnMut(&str)) -> Result<(), TailError> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let Some(rest) = self.base.strip_prefix("http://") else {
+            return Err(TailError::BeforeFirstFrame("not a plain http:// dashboard".into()));
+        };
+        let url = format!("ws://{rest}/api/jobs/{id}/logs/tail");
+        let mut req = url.into_client_request().map_err(|e| TailError::BeforeFirstFrame(e.to_string()))?;
+        let agent = concat!("sluice/", env!("CARGO_PKG_VERSION"));
+        req.headers_mut().insert("user-agent", http_value(agent)?);
+        if let Some(t) = &self.token {
+            req.headers_mut().insert("authorization", http_value(&format!("Bearer {t}"))?);
+        }
+        let connect = tokio_tungstenite::connect_async(req);
+        let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| TailError::BeforeFirstFrame("no answer within 10 s".into()))?
+            .map_err(|e| TailError::BeforeFirstFrame(e.to_string()))?;
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Text(text)) => out(text.as_str()),
+                Ok(Message::Binary(data)) => out(&String::from_utf8_lossy(&data)),
+                Ok(Message::Close(_)) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(TailError::Jobs(JobsError::Protocol {
+                        what: format!("the log of job {id}"),
+                        message: e.to_string(),
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn tail_polling(&self, id: &str, out: &mut impl FnMut(&str)) -> Result<(), JobsError> {
+        let mut shown = 0;
+        loop {
+            let ended = self.job(id).await?.is_none_or(|j| j.is_terminal());
+            let logs = self.logs(id).await?;
+            if let Some(new) = logs.get(shown..).filter(|n| !n.is_empty()) {
+                out(new);
+                shown = logs.len();
+            }
+            if ended {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+enum TailError {
+    /// The websocket could not be opened: polling may still work.
+    BeforeFirstFrame(String),
+    Jobs(JobsError),
+}
+
+fn http_value(s: &str) -> Result<tokio_tungstenite::tungstenite::http::HeaderValue, TailError> {
+    s.parse().map_err(|_| TailError::BeforeFirstFrame("a header value is not valid".into()))
 }

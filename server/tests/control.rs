@@ -332,6 +332,7 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
         let d = repo.join(model).join(version.to_string());
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
+        std::fs::write(d.join("READY"), b"").unwrap();
     };
     put("flowers", 1, "iris");
     let text = format!(

@@ -27,6 +27,11 @@ pub struct ReplicaSpec {
     pub version: String,
     pub model: Model,
     pub settings: ReplicaSettings,
+    /// For a version of an object-storage repository: fetch it into this node's cache first
+    /// and serve that copy (`model` is the controller's own cache path, which need not exist on
+    /// the replica's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<crate::repository::Origin>,
 }
 
 impl ReplicaSpec {
@@ -71,6 +76,7 @@ impl Cluster {
         &self,
         spec: DeploymentSpec,
         model: Model,
+        origin: Option<crate::repository::Origin>,
         need_one: bool,
         ready_timeout: Duration,
     ) -> Result<(Arc<Deployment>, Placed), ControlError> {
@@ -110,6 +116,7 @@ impl Cluster {
                     version: version.clone(),
                     model,
                     settings: spec.settings.clone(),
+                    fetch: origin,
                 };
                 let deployment = Arc::new(Deployment::start_remote(spec, metadata).map_err(failed)?);
                 let replicas_handle = cluster.replicas(replica, deployment.clone(), replicas);

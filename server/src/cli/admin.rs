@@ -24,6 +24,21 @@ pub enum RolloutAction {
     Rollback { model: String },
 }
 
+#[derive(clap::Subcommand)]
+pub enum RepositoryAction {
+    /// Scan the model repository now for new versions of MODEL (a training job wrote one),
+    /// instead of at the next poll.
+    Notify { model: String },
+}
+
+pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
+    match action {
+        RepositoryAction::Notify { model } => {
+            call(admin, reqwest::Method::POST, &format!("/api/sluice/repository/{model}/notify"), None, None)
+        }
+    }
+}
+
 /// `sluice deploy CONFIG`: PUTs the file, telling the server where relative paths start.
 pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
     let text = match std::fs::read_to_string(config) {

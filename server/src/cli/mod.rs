@@ -2,7 +2,9 @@
 //! Nothing here reads the environment: `main.rs` does, and passes values in.
 
 pub mod admin;
+pub mod job;
 pub mod loadtest;
+pub mod package;
 pub mod proxy;
 pub mod ray;
 pub mod replica;
@@ -56,6 +58,16 @@ pub enum Command {
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
+    /// The model repository of a running server: `notify MODEL` scans it now.
+    Repository {
+        #[command(subcommand)]
+        action: admin::RepositoryAction,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Training jobs on the Ray cluster (Ray's Jobs API): `submit`, `status`, `logs`, `stop`,
+    /// `list`. Ray's own `ray job` commands see the same jobs.
+    Job(job::JobArgs),
     /// Serve one replica of one deployment version for a controller elsewhere (Ray actors
     /// start it); prints `LISTEN <addr>` once warm.
     #[command(hide = true)]

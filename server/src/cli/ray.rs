@@ -7,13 +7,11 @@
 //! the bridge's Python driver, which starts this binary as `sluice run CONFIG --in-ray-job`; it
 //! serves as usual, with replicas as Ray actors, talking to the driver over stdin/stdout.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use sluice_config::Config;
 use sluice_controller::cluster::{Cluster, ProxyOptions, RayCluster, RayOptions, bridge};
 use sluice_controller::{DeploymentState, Status};
@@ -80,8 +78,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
         .clone()
         .ok_or("ONNX Runtime library not found; install it with scripts/install-onnxruntime.sh")?;
     eprintln!("packaging {} for Ray {ray_version} at {}", working_dir.display(), s.address);
-    let zip = package(&working_dir, &ort)?;
-    let name = format!("sluice-{}.zip", &hex(&Sha256::digest(&zip))[..16]);
+    let (zip, name) = package(&working_dir, &ort)?;
     eprintln!("uploading {name} ({:.1} MB)", zip.len() as f64 / 1e6);
     let uri = jobs.upload_package(&name, zip).await.map_err(|e| e.to_string())?;
     let stem = config_rel.file_stem().and_then(|s| s.to_str()).unwrap_or("app");
@@ -210,10 +207,6 @@ fn unhealthy(status: &Status) -> Option<String> {
     None
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A word for the shell that runs the entrypoint.
 fn shell_word(s: &str) -> String {
     if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
@@ -224,58 +217,17 @@ fn shell_word(s: &str) -> String {
 }
 
 /// The working dir as a zip: the folder's files, this binary (stripped of debug info when
-/// `strip` is there), ONNX Runtime, and the bridge.
-fn package(dir: &Path, ort: &Path) -> Result<Vec<u8>, String> {
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let plain = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-    let exec = plain.unix_permissions(0o755);
-    let mut files = Vec::new();
-    collect(dir, dir, &mut files).map_err(|e| format!("reading `{}`: {e}", dir.display()))?;
-    for (rel, path) in files {
-        let data = std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
-        add(&mut zip, &rel, &data, plain)?;
-    }
+/// `strip` is there), ONNX Runtime, and the bridge; named by its content hash.
+fn package(dir: &Path, ort: &Path) -> Result<(Vec<u8>, String), String> {
+    let mut zip = super::package::Package::new();
+    zip.add_dir(dir, &[OWN, "sluice_ray"])?;
     for (name, text) in BRIDGE {
-        add(&mut zip, name, text.as_bytes(), plain)?;
+        zip.add(name, text.as_bytes(), false)?;
     }
-    add(&mut zip, &format!("{OWN}/sluice"), &own_binary()?, exec)?;
+    zip.add(&format!("{OWN}/sluice"), &own_binary()?, true)?;
     let lib = std::fs::read(ort).map_err(|e| format!("reading `{}`: {e}", ort.display()))?;
-    add(&mut zip, &format!("{OWN}/libonnxruntime.so"), &lib, plain)?;
-    Ok(zip.finish().map_err(|e| e.to_string())?.into_inner())
-}
-
-fn add(
-    zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>,
-    name: &str,
-    data: &[u8],
-    options: zip::write::SimpleFileOptions,
-) -> Result<(), String> {
-    let options = options.large_file(data.len() as u64 >= u32::MAX as u64);
-    zip.start_file(name, options).map_err(|e| format!("packaging {name}: {e}"))?;
-    zip.write_all(data).map_err(|e| format!("packaging {name}: {e}"))
-}
-
-/// Files under `dir`, relative to `root`, skipping hidden ones and build output.
-fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.')
-            || ["target", "__pycache__", "node_modules", OWN, "sluice_ray"].contains(&name.as_str())
-        {
-            continue;
-        }
-        let path = e.path();
-        let meta = std::fs::metadata(&path)?;
-        if meta.is_dir() {
-            collect(root, &path, out)?;
-        } else if meta.is_file() {
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
-            out.push((rel, path));
-        }
-    }
-    Ok(())
+    zip.add(&format!("{OWN}/libonnxruntime.so"), &lib, false)?;
+    zip.finish("sluice")
 }
 
 /// This binary, without its debug info when `strip` is on the machine (the upload is capped
@@ -303,6 +255,7 @@ pub fn run_in_job(
     ort: super::OrtArgs,
     ort_env: Option<PathBuf>,
     admin_token: Option<String>,
+    store_env: sluice_controller::StoreEnv,
 ) -> ExitCode {
     // Ray's dashboard holds 8265 on the head; clients reach the frontends from other hosts.
     config.admin_options.port = sluice_server::ray_admin_port(&config);
@@ -332,7 +285,7 @@ pub fn run_in_job(
             let options =
                 RayOptions { binary, working_dir, grace, startup_timeout: Duration::from_secs(300), proxies };
             let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
-            StartOptions { admin_token, cluster: Cluster::Ray(ray) }
+            StartOptions { admin_token, cluster: Cluster::Ray(ray), store_env }
         },
         |_| {},
     )

@@ -23,14 +23,34 @@ pub struct ReplicaArgs {
     pub ort: super::OrtArgs,
 }
 
-pub fn replica(args: ReplicaArgs, logs: super::run::Logs, ort_env: Option<PathBuf>) -> ExitCode {
-    let spec: ReplicaSpec = match serde_json::from_str(&args.spec) {
+pub fn replica(
+    args: ReplicaArgs,
+    logs: super::run::Logs,
+    ort_env: Option<PathBuf>,
+    store_env: &sluice_controller::StoreEnv,
+) -> ExitCode {
+    let mut spec: ReplicaSpec = match serde_json::from_str(&args.spec) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: --spec is not a replica spec: {e}");
             return ExitCode::from(2);
         }
     };
+    // A version of an object-storage repository: into this node's cache first.
+    if let Some(origin) = &spec.fetch {
+        let fetched = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(origin.fetch(store_env)).map_err(|e| e.to_string()));
+        match fetched {
+            Ok(path) => spec.model = sluice_config::Model::Onnx(path),
+            Err(e) => {
+                eprintln!("error: fetching version {} of `{}`: {e}", origin.version, origin.model);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let Some((host, port)) =
         args.listen.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
     else {

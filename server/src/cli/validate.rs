@@ -8,7 +8,12 @@ use sluice_config::{Deployment, Model};
 use sluice_deployments::{LoadError, backend_factory};
 
 /// Validates `path`; `ort_env` is `ORT_DYLIB_PATH`.
-pub fn validate(path: &Path, ort: super::OrtArgs, ort_env: Option<PathBuf>) -> ExitCode {
+pub fn validate(
+    path: &Path,
+    ort: super::OrtArgs,
+    ort_env: Option<PathBuf>,
+    store_env: &sluice_controller::StoreEnv,
+) -> ExitCode {
     let config = match super::load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -18,7 +23,14 @@ pub fn validate(path: &Path, ort: super::OrtArgs, ort_env: Option<PathBuf>) -> E
     }
     let mut deployments: Vec<&Deployment> = config.applications.iter().flat_map(|a| &a.deployments).collect();
     let repository = match &config.model_repository {
-        Some(repo) => match repo.scan(&[]) {
+        Some(repo) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(sluice_controller::repository::scan_once(repo, store_env))
+                    .map_err(|e| e.to_string())
+            }) {
             Ok(models) => models,
             Err(e) => {
                 eprintln!("{}: model_repository: {e}", path.display());

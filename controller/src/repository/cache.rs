@@ -1,0 +1,212 @@
+//! The local disk cache of object-storage models, one per node: a version's files land in
+//! `<cache_dir>/<hash of the repository URL>/<model>/<version>/`, each beside a small record of
+//! the size and entity tag it was fetched at. A file whose size and tag match its record is not
+//! downloaded again; a changed one is fetched into a temporary name and renamed over the old
+//! one, so a reader (another replica on the node) never sees half a file.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::store::{Store, StoreError, StoredFile};
+
+/// What fetching one version did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fetched {
+    /// The folder holding the version's files.
+    pub dir: PathBuf,
+    /// Bytes downloaded now (0 when every file was cached).
+    pub downloaded: u64,
+    /// Files downloaded now.
+    pub files_downloaded: usize,
+    /// Files taken from another cached version of the model (same size and tag).
+    pub reused: usize,
+}
+
+/// The cache under one folder.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+/// The record kept beside each cached file.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Record {
+    size: u64,
+    etag: Option<String>,
+}
+
+const RECORD_SUFFIX: &str = ".sluice-record";
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Where `store`'s version `model/version` is (or will be) cached.
+    pub fn version_dir(&self, store: &Store, model: &str, version: &str) -> PathBuf {
+        if let Some(root) = store.local_root() {
+            return root.join(model).join(version);
+        }
+        let hash = Sha256::digest(store.url().as_bytes());
+        let tag: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        self.dir.join(tag).join(model).join(version)
+    }
+
+    /// Makes `files` (one version's, keys `model/version/name`) present in the cache; a local
+    /// repository is read in place and nothing is copied. Fails naming the repository and the
+    /// file when one cannot be fetched, or when the version is above `max_bytes` in all.
+    pub async fn fetch(
+        &self,
+        store: &Store,
+        model: &str,
+        version: &str,
+        files: &[StoredFile],
+        max_bytes: u64,
+    ) -> Result<Fetched, StoreError> {
+        let dir = self.version_dir(store, model, version);
+        let mut out = Fetched { dir: dir.clone(), ..Fetched::default() };
+        if store.local_root().is_some() {
+            return Ok(out);
+        }
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        if total > max_bytes {
+            return Err(StoreError::File {
+                url: store.url().to_string(),
+                file: format!("{model}/{version}"),
+                message: format!("{total} bytes is above max_version_bytes ({max_bytes})"),
+            });
+        }
+        let io = |file: &str, e: std::io::Error| StoreError::File {
+            url: store.url().to_string(),
+            file: file.to_string(),
+            message: format!("cache `{}`: {e}", dir.display()),
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
+        for f in files {
+            let Some(name) = f.key.rsplit('/').next().filter(|n| !n.is_empty()) else { continue };
+            let dest = dir.join(name);
+            let want = Record { size: f.size, etag: f.etag.clone() };
+            if cached(&dest, &want).await {
+                continue;
+            }
+            let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+            let temp = dir.join(format!(".{name}.part-{}-{n}", std::process::id()));
+            // The same file (size and tag) cached for another version of the model: linked,
+            // not downloaded.
+            if let Some(same) = same_elsewhere(&dir, name, &want).await
+                && (tokio::fs::hard_link(&same, &temp).await.is_ok()
+                    || tokio::fs::copy(&same, &temp).await.is_ok())
+            {
+                out.reused += 1;
+            } else {
+                let got = store.download(&f.key, &temp, max_bytes).await;
+                let got = match got {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tokio::fs::remove_file(&temp).await;
+                        return Err(e);
+                    }
+                };
+                out.downloaded += got;
+                out.files_downloaded += 1;
+                crate::repository::metrics::downloaded(got);
+            }
+            tokio::fs::rename(&temp, &dest).await.map_err(|e| io(&f.key, e))?;
+            let record = serde_json::to_vec(&want).unwrap_or_default();
+            let temp = dir.join(format!(".{name}.record-{}-{n}", std::process::id()));
+            tokio::fs::write(&temp, record).await.map_err(|e| io(&f.key, e))?;
+            tokio::fs::rename(&temp, record_path(&dest)).await.map_err(|e| io(&f.key, e))?;
+        }
+        Ok(out)
+    }
+}
+
+fn record_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(RECORD_SUFFIX);
+    file.with_file_name(name)
+}
+
+/// A file named `name` with the size and tag of `want` in another version folder beside
+/// `version_dir` (an entity tag identifies content: S3's is the MD5 of a single-part upload).
+async fn same_elsewhere(version_dir: &Path, name: &str, want: &Record) -> Option<PathBuf> {
+    want.etag.as_ref()?;
+    let model_dir = version_dir.parent()?;
+    let mut entries = tokio::fs::read_dir(model_dir).await.ok()?;
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let candidate = e.path().join(name);
+        if e.path() != version_dir && cached(&candidate, want).await {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
+/// Whether `dest` is there with the size and tag of `want`.
+async fn cached(dest: &Path, want: &Record) -> bool {
+    let Ok(meta) = tokio::fs::metadata(dest).await else { return false };
+    if meta.len() != want.size {
+        return false;
+    }
+    let Ok(text) = tokio::fs::read(record_path(dest)).await else { return false };
+    serde_json::from_slice::<Record>(&text).is_ok_and(|r| &r == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sluice_config::RepositoryLocation;
+
+    use super::*;
+    use crate::repository::store::StoreEnv;
+
+    /// A local folder behind the object-store interface, fetched like a remote store.
+    fn remote_store(dir: &Path) -> Store {
+        Store::for_tests_remote(dir)
+    }
+
+    #[tokio::test]
+    async fn unchanged_files_are_not_downloaded_again_and_a_changed_one_is() {
+        let base = std::env::temp_dir().join(format!("sluice-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let repo = base.join("repo");
+        std::fs::create_dir_all(repo.join("m/1")).unwrap();
+        std::fs::write(repo.join("m/1/model.onnx"), vec![7u8; 1000]).unwrap();
+        std::fs::write(repo.join("m/1/vocab.txt"), b"a b c").unwrap();
+        let store = remote_store(&repo);
+        let cache = Cache::new(base.join("cache"));
+        let files = store.list("m/1").await.unwrap();
+        let first = cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
+        assert_eq!((first.downloaded, first.files_downloaded), (1005, 2));
+        assert_eq!(std::fs::read(first.dir.join("model.onnx")).unwrap().len(), 1000);
+        let again = cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
+        assert_eq!((again.downloaded, again.files_downloaded), (0, 0), "nothing changed");
+        // One file changes (size and tag): only it is fetched.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(repo.join("m/1/vocab.txt"), b"a b c d").unwrap();
+        let files = store.list("m/1").await.unwrap();
+        let changed = cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
+        assert_eq!((changed.downloaded, changed.files_downloaded), (7, 1));
+        assert_eq!(std::fs::read(changed.dir.join("vocab.txt")).unwrap(), b"a b c d");
+        let e = cache.fetch(&store, "m", "1", &files, 100).await.unwrap_err().to_string();
+        assert!(e.contains("above max_version_bytes (100)"), "{e}");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_local_repository_is_read_in_place() {
+        let repo = std::env::temp_dir();
+        let store = Store::open_location(
+            &RepositoryLocation::Local(repo.clone()),
+            &StoreEnv::default(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(Cache::new("/cache").version_dir(&store, "m", "3"), repo.join("m/3"));
+    }
+}

@@ -1,0 +1,338 @@
+//! The repository's storage through the `object_store` crate: a local folder, S3, GCS or Azure
+//! Blob, listed in one call and read file by file. Credentials come from each cloud's standard
+//! environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`), which the binary reads and hands in
+//! as a [`StoreEnv`] (the library never reads the environment itself).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use sluice_config::{ModelRepository, RepositoryLocation};
+
+/// The most objects one listing may hold (a bucket holding far more is not a model
+/// repository, or the prefix is wrong).
+pub const MAX_LISTED: usize = 100_000;
+
+/// The cloud variables the stores are configured from: `(name, value)` pairs whose names start
+/// with `AWS_`, `GOOGLE_` or `AZURE_` (others are ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreEnv(pub Vec<(String, String)>);
+
+impl StoreEnv {
+    /// The variables of `vars` a store reads.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut v: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)))
+            .collect();
+        v.sort();
+        Self(v)
+    }
+
+    fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (String, &'a str)> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+    }
+}
+
+/// The store could not be opened, listed or read. Each names the repository's URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("model repository `{url}`: {message}")]
+    Config { url: String, message: String },
+    #[error("model repository `{url}`: the folder is not there")]
+    FolderGone { url: String },
+    #[error("model repository `{url}` is unreachable: {source}")]
+    Unreachable { url: String, source: object_store::Error },
+    #[error("model repository `{url}`: access denied (check the credentials in the environment): {source}")]
+    Denied { url: String, source: object_store::Error },
+    #[error("model repository `{url}`: bucket, container or folder not found: {source}")]
+    Missing { url: String, source: object_store::Error },
+    #[error(
+        "model repository `{url}` lists more than {MAX_LISTED} objects; point `path` at the repository's prefix"
+    )]
+    TooLarge { url: String },
+    #[error("model repository `{url}`: `{file}`: {message}")]
+    File { url: String, file: String, message: String },
+}
+
+/// One object of the repository, relative to its root (`iris/3/model.onnx`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredFile {
+    pub key: String,
+    pub size: u64,
+    /// The store's entity tag (a local folder: derived from size and modification time).
+    pub etag: Option<String>,
+}
+
+/// A repository's storage.
+#[derive(Debug, Clone)]
+pub struct Store {
+    url: String,
+    inner: Arc<dyn ObjectStore>,
+    /// The repository's root inside the store.
+    root: StorePath,
+    /// Whether files are read in place (a local folder) rather than cached.
+    local: Option<std::path::PathBuf>,
+}
+
+impl Store {
+    /// Opens the repository `repo` names, configured from `env`. Opening makes no call yet.
+    pub fn open(repo: &ModelRepository, env: &StoreEnv) -> Result<Self, StoreError> {
+        let timeout = Duration::from_secs_f64(repo.store_timeout_s);
+        Self::open_location(&repo.location, env, timeout)
+    }
+
+    /// Opens a location with `timeout` per call.
+    pub fn open_location(
+        location: &RepositoryLocation,
+        env: &StoreEnv,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let url = location.to_string();
+        let config = |message: String| StoreError::Config { url: url.clone(), message };
+        match location {
+            RepositoryLocation::Local(path) => {
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
+                    .map_err(|e| config(format!("cannot open the folder: {e}")))?;
+                Ok(Self { url, inner: Arc::new(fs), root: StorePath::default(), local: Some(path.clone()) })
+            }
+            RepositoryLocation::Url(u) => {
+                let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                install_crypto();
+                let client = object_store::ClientOptions::new()
+                    .with_timeout(timeout)
+                    .with_connect_timeout(timeout.min(Duration::from_secs(5)));
+                let retry = object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: timeout,
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(2),
+                        base: 2.0,
+                    },
+                };
+                let inner: Arc<dyn ObjectStore> = match scheme {
+                    "s3" => {
+                        let mut b = object_store::aws::AmazonS3Builder::new()
+                            .with_client_options(client)
+                            .with_retry(retry);
+                        for (k, v) in env.with_prefix("AWS_") {
+                            if let Ok(key) = k.parse() {
+                                b = b.with_config(key, v);
+                            }
+                        }
+                        Arc::new(b.with_bucket_name(bucket).build().map_err(|e| config(e.to_string()))?)
+                    }
+                    "gs" => {
+                        let mut b = object_store::gcp::GoogleCloudStorageBuilder::new()
+                            .with_client_options(client)
+                            .with_retry(retry);
+                        for (k, v) in env.with_prefix("GOOGLE_") {
+                            if let Ok(key) = k.parse() {
+                                b = b.with_config(key, v);
+                            }
+                        }
+                        Arc::new(b.with_bucket_name(bucket).build().map_err(|e| config(e.to_string()))?)
+                    }
+                    "az" => {
+                        let mut b = object_store::azure::MicrosoftAzureBuilder::new()
+                            .with_client_options(client)
+                            .with_retry(retry);
+                        for (k, v) in env.with_prefix("AZURE_") {
+                            if let Ok(key) = k.parse() {
+                                b = b.with_config(key, v);
+                            }
+                        }
+                        Arc::new(b.with_container_name(bucket).build().map_err(|e| config(e.to_string()))?)
+                    }
+                    other => return Err(config(format!("unsupported scheme `{other}://`"))),
+                };
+                Ok(Self { url, inner, root: StorePath::from(prefix), local: None })
+            }
+        }
+    }
+
+    /// The repository's URL (or folder), for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The local folder the files are read from in place, for a local repository.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local.as_deref()
+    }
+
+    /// Every object under `under` (a model folder, or the whole repository with ""), sorted.
+    pub async fn list(&self, under: &str) -> Result<Vec<StoredFile>, StoreError> {
+        // A folder that went away lists as empty: an error, not "every model was removed".
+        if let Some(root) = &self.local
+            && !tokio::fs::metadata(root).await.is_ok_and(|m| m.is_dir())
+        {
+            return Err(StoreError::FolderGone { url: self.url.clone() });
+        }
+        let prefix = self.root.clone().join_path(under);
+        let prefix = (prefix != StorePath::default()).then_some(prefix);
+        let mut stream = self.inner.list(prefix.as_ref());
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let meta = item.map_err(|e| self.classify(e))?;
+            let key = meta
+                .location
+                .prefix_match(&self.root)
+                .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"));
+            let Some(key) = key else { continue };
+            out.push(StoredFile { key, size: meta.size, etag: meta.e_tag });
+            if out.len() > MAX_LISTED {
+                return Err(StoreError::TooLarge { url: self.url.clone() });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Streams one object into `dest` (created or truncated); returns the bytes written.
+    /// At most `max_bytes` are accepted.
+    pub async fn download(
+        &self,
+        key: &str,
+        dest: &std::path::Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let file_error =
+            |message: String| StoreError::File { url: self.url.clone(), file: key.to_string(), message };
+        let got = self.inner.get(&self.root.clone().join_path(key)).await.map_err(|e| self.classify(e))?;
+        let mut out = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| file_error(format!("cannot write `{}`: {e}", dest.display())))?;
+        let mut stream = got.into_stream();
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.classify(e))?;
+            written += chunk.len() as u64;
+            if written > max_bytes {
+                return Err(file_error(format!("larger than max_version_bytes ({max_bytes})")));
+            }
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| file_error(format!("writing `{}`: {e}", dest.display())))?;
+        }
+        out.flush().await.map_err(|e| file_error(e.to_string()))?;
+        out.sync_all().await.map_err(|e| file_error(e.to_string()))?;
+        Ok(written)
+    }
+
+    /// One clear error per failure: what the store said, named by the repository's URL.
+    fn classify(&self, e: object_store::Error) -> StoreError {
+        let url = self.url.clone();
+        let text = e.to_string();
+        match &e {
+            object_store::Error::NotFound { .. } => StoreError::Missing { url, source: e },
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                StoreError::Denied { url, source: e }
+            }
+            _ if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") => {
+                StoreError::Missing { url, source: e }
+            }
+            _ if text.contains("403")
+                || text.contains("AccessDenied")
+                || text.contains("InvalidAccessKeyId") =>
+            {
+                StoreError::Denied { url, source: e }
+            }
+            _ => StoreError::Unreachable { url, source: e },
+        }
+    }
+}
+
+trait JoinPath {
+    fn join_path(self, key: &str) -> StorePath;
+}
+
+impl JoinPath for StorePath {
+    fn join_path(self, key: &str) -> StorePath {
+        key.split('/').filter(|p| !p.is_empty()).fold(self, |path, part| path.join(part))
+    }
+}
+
+/// The cloud clients' TLS uses ring; installed once per process (a provider installed
+/// earlier, by an embedding program, is kept).
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cloud_variables_are_kept() {
+        let env = StoreEnv::from_vars([
+            ("PATH".to_string(), "/bin".to_string()),
+            ("AWS_REGION".to_string(), "eu-west-1".to_string()),
+            ("AZURE_STORAGE_ACCOUNT_NAME".to_string(), "a".to_string()),
+        ]);
+        assert_eq!(env.0.len(), 2);
+        assert_eq!(env.with_prefix("AWS_").collect::<Vec<_>>(), [("aws_region".to_string(), "eu-west-1")]);
+    }
+
+    #[tokio::test]
+    async fn a_local_folder_lists_relative_keys_and_downloads() {
+        let dir = std::env::temp_dir().join(format!("sluice-store-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("m/1")).unwrap();
+        std::fs::write(dir.join("m/1/model.onnx"), b"abc").unwrap();
+        std::fs::write(dir.join("m/1/READY"), b"").unwrap();
+        let store = Store::open_location(
+            &RepositoryLocation::Local(dir.clone()),
+            &StoreEnv::default(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let files = store.list("").await.unwrap();
+        let keys: Vec<_> = files.iter().map(|f| (f.key.as_str(), f.size)).collect();
+        assert_eq!(keys, [("m/1/READY", 0), ("m/1/model.onnx", 3)]);
+        assert!(files[1].etag.is_some());
+        assert_eq!(store.list("m").await.unwrap().len(), 2);
+        let dest = dir.join("copy");
+        assert_eq!(store.download("m/1/model.onnx", &dest, 10).await.unwrap(), 3);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+        let too_big = store.download("m/1/model.onnx", &dest, 2).await.unwrap_err();
+        assert!(too_big.to_string().contains("larger than max_version_bytes"), "{too_big}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_missing_folder_is_one_error_naming_it() {
+        let gone = std::env::temp_dir().join("sluice-no-such-repo-folder");
+        let store = Store::open_location(
+            &RepositoryLocation::Local(gone.clone()),
+            &StoreEnv::default(),
+            Duration::from_secs(5),
+        );
+        let e = match store {
+            Ok(s) => s.list("").await.unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&gone.display().to_string()), "{e}");
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// A local folder behind the object-store interface, treated as remote (cached).
+    pub(crate) fn for_tests_remote(dir: &std::path::Path) -> Self {
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+        Self {
+            url: format!("test://{}", dir.display()),
+            inner: Arc::new(fs),
+            root: StorePath::default(),
+            local: None,
+        }
+    }
+}

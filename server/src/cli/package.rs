@@ -1,0 +1,105 @@
+//! `working_dir` packages for Ray jobs: a folder (hidden files and build output left out) plus
+//! any extra files, zipped in memory and named by their content hash, so that Ray keeps one
+//! copy however often the same package is submitted. Used by `sluice run --ray` and
+//! `sluice job submit --working-dir`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Folder names never packaged (besides hidden ones).
+const SKIPPED: [&str; 3] = ["target", "__pycache__", "node_modules"];
+
+/// A zip being built.
+pub struct Package {
+    zip: zip::ZipWriter<std::io::Cursor<Vec<u8>>>,
+}
+
+impl Package {
+    pub fn new() -> Self {
+        Self { zip: zip::ZipWriter::new(std::io::Cursor::new(Vec::new())) }
+    }
+
+    /// Adds every file under `dir` (relative names), less hidden files, build output and the
+    /// folder names in `skip`.
+    pub fn add_dir(&mut self, dir: &Path, skip: &[&str]) -> Result<(), String> {
+        let mut files = Vec::new();
+        collect(dir, dir, skip, &mut files).map_err(|e| format!("reading `{}`: {e}", dir.display()))?;
+        for (rel, path) in files {
+            let data = std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
+            self.add(&rel, &data, false)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one file; `exec` keeps it executable once unpacked.
+    pub fn add(&mut self, name: &str, data: &[u8], exec: bool) -> Result<(), String> {
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(if exec { 0o755 } else { 0o644 })
+            .large_file(data.len() as u64 >= u32::MAX as u64);
+        self.zip.start_file(name, options).map_err(|e| format!("packaging {name}: {e}"))?;
+        self.zip.write_all(data).map_err(|e| format!("packaging {name}: {e}"))
+    }
+
+    /// The zip's bytes and its name, `<prefix>-<first 16 hex digits of its SHA-256>.zip`.
+    pub fn finish(self, prefix: &str) -> Result<(Vec<u8>, String), String> {
+        let bytes = self.zip.finish().map_err(|e| e.to_string())?.into_inner();
+        let name = format!("{prefix}-{}.zip", &hex(&Sha256::digest(&bytes))[..16]);
+        Ok((bytes, name))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`.
+fn collect(root: &Path, dir: &Path, skip: &[&str], out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || SKIPPED.contains(&name.as_str()) || skip.contains(&name.as_str()) {
+            continue;
+        }
+        let path = e.path();
+        let meta = std::fs::metadata(&path)?;
+        if meta.is_dir() {
+            collect(root, &path, skip, out)?;
+        } else if meta.is_file() {
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_is_packaged_without_hidden_files_and_named_by_its_content() {
+        let dir = std::env::temp_dir().join(format!("sluice-pkg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::create_dir_all(dir.join(".git")).unwrap();
+        std::fs::write(dir.join("train.py"), b"print(1)").unwrap();
+        std::fs::write(dir.join("sub/data.csv"), b"1,2").unwrap();
+        std::fs::write(dir.join(".git/HEAD"), b"x").unwrap();
+        let pack = || {
+            let mut p = Package::new();
+            p.add_dir(&dir, &[]).unwrap();
+            p.finish("job").unwrap()
+        };
+        let (bytes, name) = pack();
+        assert_eq!(pack().1, name, "same content, same name");
+        assert!(name.starts_with("job-") && name.ends_with(".zip"), "{name}");
+        let zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+        let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["sub/data.csv", "train.py"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
