@@ -1,0 +1,174 @@
+//! A model repository on S3, against a real S3-protocol server the test starts: moto's
+//! (`moto_server`, from `moto[server]` in scripts/requirements-test.txt; found in `.venv/bin`
+//! or at `$SLUICE_MOTO_SERVER`; the test says so and passes without it). Objects are written
+//! with plain HTTP PUTs, as any S3 client would.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use sluice_controller::StoreEnv;
+
+const IRIS_BODY: &str =
+    r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}"#;
+
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> Option<PathBuf> {
+    let from_env = std::env::var_os("SLUICE_MOTO_SERVER").map(PathBuf::from);
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+    from_env.into_iter().chain([venv]).find(|p| p.is_file())
+}
+
+async fn start_moto() -> Option<Moto> {
+    let Some(bin) = moto_binary() else {
+        eprintln!(
+            "SKIPPED: no moto_server (pip install 'moto[server]' into .venv, or set SLUICE_MOTO_SERVER)"
+        );
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server starts");
+    let moto = Moto { child, url: format!("http://127.0.0.1:{port}") };
+    let until = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{}/", moto.url)).await.is_err() {
+        assert!(Instant::now() < until, "moto_server did not answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some(moto)
+}
+
+async fn put(moto: &Moto, key: &str, body: Vec<u8>) {
+    let r = reqwest::Client::new().put(format!("{}/{key}", moto.url)).body(body).send().await.unwrap();
+    assert!(r.status().is_success(), "PUT {key}: {}", r.status());
+}
+
+fn env(moto: &Moto) -> StoreEnv {
+    StoreEnv::from_vars(
+        [
+            ("AWS_ENDPOINT", moto.url.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+fn config(path: &str, cache: &std::path::Path) -> sluice_config::Config {
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\n\
+         model_repository: {{path: \"{path}\", poll_interval_s: 0, cache_dir: {}}}\n",
+        cache.display()
+    );
+    sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_and_survives_an_outage() {
+    let Some(moto) = start_moto().await else { return };
+    sluice_server::runtime::init(None, None).unwrap();
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("s3-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let iris = std::fs::read(models_dir().join("iris/model.onnx")).unwrap();
+    put(&moto, "models", Vec::new()).await; // the bucket
+    put(&moto, "models/repo/flowers/1/model.onnx", iris.clone()).await;
+    put(&moto, "models/repo/flowers/1/notes.txt", b"first".to_vec()).await;
+    put(&moto, "models/repo/flowers/1/READY", Vec::new()).await;
+
+    // A missing bucket: one clear error naming the URL; nothing starts.
+    let e = match sluice_server::start(
+        config("s3://nosuchbucket/repo", &cache),
+        sluice_server::StartOptions { store_env: env(&moto), ..Default::default() },
+    )
+    .await
+    {
+        Ok(_) => panic!("a missing bucket started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("model repository `s3://nosuchbucket/repo`") && e.contains("not found"), "{e}");
+
+    let options = sluice_server::StartOptions { store_env: env(&moto), ..Default::default() };
+    let s = sluice_server::start(config("s3://models/repo", &cache), options).await.unwrap();
+    let client = reqwest::Client::new();
+    let admin = format!("http://{}", s.admin_addr().unwrap());
+    let infer = || async {
+        let r = client.post(url(&s, "/v2/models/flowers/infer")).body(IRIS_BODY).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let status = || async {
+        client
+            .get(format!("{admin}/api/serve/applications"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let notify = || async {
+        client.post(format!("{admin}/api/sluice/repository/flowers/notify")).send().await.unwrap()
+    };
+    assert_eq!(infer().await.1["model_version"], "1");
+    let first = (iris.len() + 5) as u64;
+    assert_eq!(status().await["repository"]["downloaded_bytes"], first);
+
+    // Half-uploaded version 2 (no marker yet): listed as incomplete, never loaded.
+    put(&moto, "models/repo/flowers/2/model.onnx", iris.clone()).await;
+    assert_eq!(notify().await.status(), 200);
+    assert_eq!(status().await["repository"]["incomplete"], serde_json::json!(["flowers/2"]));
+    assert_eq!(infer().await.1["model_version"], "1");
+
+    // Complete: swapped in. Its model.onnx has the same tag as version 1's and is linked from
+    // the cache; only the changed small file is downloaded.
+    put(&moto, "models/repo/flowers/2/notes.txt", b"second!".to_vec()).await;
+    put(&moto, "models/repo/flowers/2/READY", Vec::new()).await;
+    let r = notify().await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(infer().await.1["model_version"], "2");
+    let downloaded = status().await["repository"]["downloaded_bytes"].as_u64().unwrap();
+    assert_eq!(downloaded - first, 7, "only notes.txt of version 2 was downloaded");
+    let events: Vec<String> = status().await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        events.iter().any(|e| e == "fetched version 2: 7 bytes in 1 file(s) from s3://models/repo"),
+        "{events:?}"
+    );
+
+    // The store goes away: what serves keeps serving; status and notify say why.
+    drop(moto);
+    let r = notify().await;
+    assert_eq!(r.status(), 503);
+    let e = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(e.contains("model repository `s3://models/repo` is unreachable"), "{e}");
+    assert_eq!(infer().await, (200, infer().await.1));
+    assert_eq!(infer().await.1["model_version"], "2");
+    let st = status().await;
+    assert_eq!(st["repository"]["reachable"], false, "{st}");
+    s.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
