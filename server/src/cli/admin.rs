@@ -7,10 +7,10 @@ use std::process::ExitCode;
 #[derive(clap::Args)]
 pub struct AdminArgs {
     /// The server's admin API.
-    #[arg(long, env = "SLUICE_ADDRESS", default_value = "http://127.0.0.1:8265")]
+    #[arg(long, global = true, env = "SLUICE_ADDRESS", default_value = "http://127.0.0.1:8265")]
     pub address: String,
     /// Bearer token, when the server requires one.
-    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 
