@@ -268,6 +268,20 @@ fn install_crypto() {
 }
 
 #[cfg(test)]
+impl Store {
+    /// A local folder behind the object-store interface, treated as remote (cached).
+    pub(crate) fn for_tests_remote(dir: &std::path::Path) -> Self {
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+        Self {
+            url: format!("test://{}", dir.display()),
+            inner: Arc::new(fs),
+            root: StorePath::default(),
+            local: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -320,19 +334,5 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(e.contains(&gone.display().to_string()), "{e}");
-    }
-}
-
-#[cfg(test)]
-impl Store {
-    /// A local folder behind the object-store interface, treated as remote (cached).
-    pub(crate) fn for_tests_remote(dir: &std::path::Path) -> Self {
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
-        Self {
-            url: format!("test://{}", dir.display()),
-            inner: Arc::new(fs),
-            root: StorePath::default(),
-            local: None,
-        }
     }
 }
