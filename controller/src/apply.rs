@@ -158,11 +158,7 @@ impl Controller {
                 }
             }
         }
-        Err(ControlError::NotReady {
-            deployment: repository::APPLICATION.into(),
-            version: String::new(),
-            waited_s: 0,
-        })
+        Err(ControlError::TooManyRejected(MAX_REJECTS))
     }
 
     /// Rescans the model repository when its poll interval has passed (or a scan was asked

@@ -27,6 +27,8 @@ pub enum ControlError {
     InBoth(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0} repository versions failed to load in one apply; giving up until the repository changes")]
+    TooManyRejected(usize),
     #[error("deployment `{deployment}` version {version}: {source}")]
     Load { deployment: String, version: String, source: LoadError },
     #[error("deployment `{deployment}` version {version}: replicas did not become ready within {waited_s} s")]
@@ -48,7 +50,9 @@ impl ControlError {
             }
             ControlError::InvalidWeight(_) | ControlError::InBoth(_) => ErrorKind::InvalidArgument,
             ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
-            ControlError::Store(_) | ControlError::NotReady { .. } => ErrorKind::Unavailable,
+            ControlError::Store(_) | ControlError::NotReady { .. } | ControlError::TooManyRejected(_) => {
+                ErrorKind::Unavailable
+            }
             ControlError::Load { source, .. } | ControlError::Pipeline { source, .. } => source.kind(),
         }
     }

@@ -172,6 +172,10 @@ def test_a_trained_version_rolls_out_as_a_canary_and_is_promoted(cluster, servin
     assert "train-iris-1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     r = sluice(c, "job", "list", "--ray", c.dashboard_url)
     assert r.returncode == 0 and "train-iris-1" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
+    r = sluice(c, "job", "status", "train-iris-1", "--ray", c.dashboard_url)
+    assert r.returncode == 0 and "job train-iris-1 SUCCEEDED (exit code 0)" in r.stdout, r.stdout + r.stderr
+    r = sluice(c, "job", "logs", "train-iris-1", "--ray", c.dashboard_url)
+    assert r.returncode == 0 and "wrote iris version 2" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_broken_version_is_rolled_back_by_itself(cluster, serving, tmp_path):
@@ -194,3 +198,15 @@ def test_a_failing_job_shows_its_exit_code_and_log_tail(cluster, serving):
                "import sys; print('training blew up'); sys.exit(3)")
     assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
     assert "FAILED (exit code 3)" in r.stderr and "training blew up" in r.stderr, r.stderr
+
+
+def test_a_job_is_stopped_on_request(cluster, serving):
+    r = sluice(cluster, "job", "submit", "--ray", cluster.dashboard_url, "--submission-id", "sleeper", "--no-wait",
+               "--", "python", "-c", "import time; print('sleeping', flush=True); time.sleep(300)")
+    assert r.returncode == 0 and r.stdout.strip() == "sleeper", (r.stdout, r.stderr)
+    wait_for("the job to run", lambda: "RUNNING" in sluice(cluster, "job", "status", "sleeper", "--ray",
+                                                             cluster.dashboard_url).stdout, timeout=60)
+    r = sluice(cluster, "job", "stop", "sleeper", "--ray", cluster.dashboard_url, timeout=90)
+    assert r.returncode == 0 and "job sleeper STOPPED" in r.stdout, (r.stdout, r.stderr)
+    r = sluice(cluster, "job", "status", "nope", "--ray", cluster.dashboard_url)
+    assert r.returncode == 1 and "has no job `nope`" in r.stderr, r.stderr
