@@ -81,6 +81,8 @@ fn repository(name: &str, versions: &[(u32, bool)]) -> PathBuf {
             true => std::fs::copy(&iris, d.join("model.onnx")).map(drop).unwrap(),
             false => std::fs::write(d.join("model.onnx"), b"not an onnx file").unwrap(),
         }
+        // Complete: the ready marker is written last.
+        std::fs::write(d.join("READY"), b"").unwrap();
     }
     repo
 }
