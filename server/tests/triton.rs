@@ -79,6 +79,8 @@ async fn a_repository_model_reports_its_policy_and_grpc_lists_it_when_unloaded()
         let d = repo.join("flowers").join(v.to_string());
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(models_dir().join("iris/model.onnx"), d.join("model.onnx")).unwrap();
+        // The marker a writer puts last: the version is complete.
+        std::fs::write(d.join("READY"), b"").unwrap();
     }
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0, version_policy: {{latest: 2}}}}\n",
