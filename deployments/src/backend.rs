@@ -40,6 +40,13 @@ pub trait Backend: Send + 'static {
         Err(InferError::invalid(format!("this deployment serves one model; it cannot serve model `{model}`")))
     }
 
+    /// Whether a call may run on an async runtime's worker thread (see `run_inline_under_us`):
+    /// only for backends known to compute and return, never to block or wait on a runtime
+    /// (custom steps may do either). Default false.
+    fn inline_safe(&self) -> bool {
+        false
+    }
+
     /// The models a multiplexed backend holds now, least recently used first.
     fn loaded_models(&self) -> Vec<Arc<str>> {
         Vec::new()

@@ -224,6 +224,10 @@ impl Backend for Builtins {
         &self.meta
     }
 
+    fn inline_safe(&self) -> bool {
+        true
+    }
+
     fn infer(
         &mut self,
         inputs: Vec<NamedTensor>,

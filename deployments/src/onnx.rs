@@ -105,6 +105,10 @@ impl Backend for OnnxBackend {
         &self.metadata
     }
 
+    fn inline_safe(&self) -> bool {
+        true
+    }
+
     fn infer(
         &mut self,
         inputs: Vec<NamedTensor>,

@@ -54,8 +54,12 @@ impl ModelCell {
         (self.cost_ns.load(Ordering::Relaxed) as u128) < threshold.as_nanos()
     }
 
-    /// Folds one measured call into the mean (weight 1/8).
-    fn observe(&self, took: Duration) {
+    /// Folds one measured call into the mean (weight 1/8). Only for models that may run
+    /// inline: the others stay "not known" and never do.
+    fn observe(&self, took: Duration, model: &dyn Backend) {
+        if !model.inline_safe() {
+            return;
+        }
         let ns = took.as_nanos().min(u64::MAX as u128 / 2) as u64;
         let old = self.cost_ns.load(Ordering::Relaxed);
         let new = if old == u64::MAX { ns } else { old - old / 8 + ns / 8 };
@@ -79,7 +83,7 @@ impl ModelCell {
         if panicked {
             *guard = None;
         } else {
-            self.observe(started.elapsed());
+            self.observe(started.elapsed(), model);
         }
         Ok(panicked)
     }
@@ -134,7 +138,8 @@ pub(crate) fn run(
                 None => return,
             },
         };
-        if let Some(took) = warm_up(&config, model.as_mut()) {
+        let inline = model.inline_safe();
+        if let Some(took) = warm_up(&config, model.as_mut()).filter(|_| inline) {
             // A full batch took this long: a safe upper bound for one request until measured.
             cell.cost_ns.store(took.as_nanos().min(u64::MAX as u128 - 1) as u64, Ordering::Relaxed);
         }
@@ -300,7 +305,7 @@ fn serve(
             return true;
         }
         if single {
-            cell.observe(started.elapsed());
+            cell.observe(started.elapsed(), model);
         }
     }
 }

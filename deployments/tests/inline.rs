@@ -16,12 +16,17 @@ use sluice_deployments::{
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
+    inline_safe: bool,
     threads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Backend for Echo {
     fn metadata(&self) -> &ModelMetadata {
         &self.meta
+    }
+
+    fn inline_safe(&self) -> bool {
+        self.inline_safe
     }
 
     fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
@@ -41,6 +46,10 @@ struct Fixture {
 }
 
 fn start(delay: Duration, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
+    start_with(delay, true, edit)
+}
+
+fn start_with(delay: Duration, inline_safe: bool, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
     let threads = Arc::new(Mutex::new(Vec::new()));
     let loads = Arc::new(AtomicUsize::new(0));
     let (t, n) = (threads.clone(), loads.clone());
@@ -49,7 +58,7 @@ fn start(delay: Duration, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
         let meta =
             ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] };
-        Ok(Box::new(Echo { meta, delay, threads: t.clone() }) as Box<dyn Backend>)
+        Ok(Box::new(Echo { meta, delay, inline_safe, threads: t.clone() }) as Box<dyn Backend>)
     });
     let mut spec = DeploymentSpec::new("echo");
     spec.settings.max_batch_size = 4;
@@ -84,11 +93,13 @@ async fn cheap_calls_to_an_idle_replica_run_on_the_callers_thread() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_models_a_batch_wait_or_a_zero_setting_keep_calls_on_the_replica() {
+async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_calls_on_the_replica() {
     let slow = start(Duration::from_millis(2), |s| s.settings.run_inline_under_us = 100);
     let waits = start(Duration::ZERO, |s| s.settings.batch_wait_timeout_s = 0.001);
     let off = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 0);
-    for f in [&slow, &waits, &off] {
+    // A backend that may block (a custom step) never runs on the caller's thread.
+    let unsafe_backend = start_with(Duration::ZERO, false, |_| {});
+    for f in [&slow, &waits, &off, &unsafe_backend] {
         let threads = run(f, 10).await;
         assert!(threads.iter().all(|t| t == "echo#0"), "{threads:?}");
     }
