@@ -163,7 +163,7 @@ async fn wait_healthy(
             ));
         }
         if job.status == "RUNNING" {
-            let mut req = http.get(format!("{admin}/api/serve/applications"));
+            let mut req = http.get(format!("{admin}/api/sluice/status"));
             if let Some(t) = token {
                 req = req.bearer_auth(t);
             }
@@ -193,7 +193,8 @@ fn unhealthy(status: &Status) -> Option<String> {
     }
     for (app, a) in &status.applications {
         for (name, d) in &a.deployments {
-            if d.status != DeploymentState::Healthy {
+            // Serving (some replicas may still start or wait for a node).
+            if !matches!(d.status, DeploymentState::Healthy | DeploymentState::Upscaling) {
                 let waiting: Vec<&String> = d.versions.iter().flat_map(|v| &v.waiting).collect();
                 let why = if waiting.is_empty() {
                     "starting".to_string()
