@@ -228,6 +228,24 @@ async fn bad_configs_are_refused_in_rays_words_and_failed_deploys_say_why() {
     // Without the token, nothing.
     let r = d.client.get(d.admin("/api/serve/applications/")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+
+    // A Ray config written as YAML (`sluice deploy ray.yaml`, curl), paths from the base-dir
+    // header: the same as JSON, and it replaces the failed application.
+    let yaml = "applications:\n  - name: yaml\n    import_path: sluice.onnx:model.onnx\n";
+    let r = d
+        .kuberay(reqwest::Method::PUT, "/api/serve/applications")
+        .header("x-sluice-base-dir", models_dir().join("iris").display().to_string())
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let details = d.until("yaml", "RUNNING").await;
+    assert_eq!(
+        details["applications"]["yaml"]["deployed_app_config"]["import_path"],
+        "sluice.onnx:model.onnx"
+    );
+    assert!(details["applications"]["fruit"].is_null(), "declarative: what the config omits goes");
     d.server.shutdown().await;
 }
 

@@ -122,8 +122,9 @@ pub fn router(state: AdminState, token: Option<String>) -> Router {
         .with_state(state)
 }
 
-/// A whole config: Ray's `ServeDeploySchema` (JSON) is deployed in the background the way Ray
-/// does; Sluice's own config is applied before the answer.
+/// A whole config: Ray's `ServeDeploySchema` (JSON as Ray's clients send it, or YAML) is
+/// deployed in the background the way Ray does; Sluice's own config is applied before the
+/// answer.
 async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "the config must be UTF-8 YAML or JSON");
@@ -135,10 +136,11 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         .and_then(|v| v.to_str().ok())
         .map(PathBuf::from)
         .unwrap_or_else(|| s.base_dir.clone());
-    if let Ok(json) = serde_json::from_str::<Value>(text)
-        && crate::ray_serve::schema::is_ray_config(&json)
+    let doc = serde_json::from_str::<Value>(text).ok().or_else(|| serde_saphyr::from_str::<Value>(text).ok());
+    if let Some(doc) = doc
+        && crate::ray_serve::schema::is_ray_config(&doc)
     {
-        return ray::deploy(&s, &json, &base);
+        return ray::deploy(&s, &doc, &base);
     }
     let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
         Ok(c) => c,

@@ -39,7 +39,8 @@ pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
     }
 }
 
-/// `sluice deploy CONFIG`: PUTs the file, telling the server where relative paths start.
+/// `sluice deploy CONFIG`: PUTs the file (Sluice's config, or a Ray Serve config), telling the
+/// server where relative paths start.
 pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
     let text = match std::fs::read_to_string(config) {
         Ok(t) => t,
@@ -52,7 +53,18 @@ pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
         .ok()
         .and_then(|p| p.parent().map(|d| d.display().to_string()))
         .unwrap_or_default();
-    call(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base))
+    match request(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base)) {
+        // A Ray Serve config deploys in the background, as with `serve deploy`.
+        Ok(answer) if answer.is_empty() => {
+            println!("accepted; `sluice status` shows how the deploy goes");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            println!("{}", pretty(answer));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 /// `sluice status`: Sluice's own status (`/api/sluice/status`), as a table or for machines.
