@@ -3,8 +3,9 @@
 # (ONNX Runtime library, cargo-machete, Python venvs with tritonclient, the KServe SDK and
 # Ray), then: formatting, unused dependencies, clippy with warnings as errors, the Rust unit
 # and integration tests, the client conformance suite (tests/python; Ray's `serve` CLI comes
-# from .venv-ray) against the real `sluice` binary, and the Ray cluster tests (tests/ray: a 2-node Ray cluster in network
-# namespaces; skipped with a message where `ip netns` is unavailable).
+# from .venv-ray) against the real `sluice` binary, and the Ray cluster tests (tests/ray: a
+# 2-node Ray cluster in network namespaces; skipped with a message where `ip netns` is
+# unavailable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*" >&2; }
