@@ -92,6 +92,7 @@ fn service_config(import_path: &str, user_config: Value) -> Value {
                 "name": "fruit",
                 "num_replicas": 2,
                 "max_replicas_per_node": 1,
+                "graceful_shutdown_timeout_s": 20,
                 "user_config": user_config,
                 "ray_actor_options": {"num_cpus": 0.1},
             }],
@@ -124,7 +125,8 @@ async fn kuberay_deploys_reads_status_swaps_and_shuts_down() {
     assert_eq!(app["route_prefix"], "/v2/models/fruit", "a single model answers on its OIP path");
     assert!(app["last_deployed_time_s"].as_f64().unwrap() > 1.7e9, "{app}");
     let message = app["message"].as_str().unwrap();
-    for ignored in ["proxy_location", "http_options", "runtime_env", "max_replicas_per_node", "route_prefix"]
+    for ignored in
+        ["proxy_location", "http_options", "runtime_env", "graceful_shutdown_timeout_s", "route_prefix"]
     {
         assert!(message.contains(ignored), "{ignored} listed as ignored: {message}");
     }

@@ -47,7 +47,7 @@ applications:
     deployments:
       - name: iris
         num_replicas: 2
-        health_check_period_s: 5
+        graceful_shutdown_timeout_s: 20
         user_config:
           version: "{version}"
   - name: top2
@@ -123,7 +123,7 @@ def test_deploy_status_config_swap_and_shutdown(sluice, tmp_path):
     assert list(status["proxies"].values()) == ["HEALTHY"], status
     iris = status["applications"]["iris"]
     assert iris["last_deployed_time_s"] > 1.7e9
-    for ignored in ["runtime_env", "proxy_location", "http_options", "health_check_period_s", "route_prefix"]:
+    for ignored in ["runtime_env", "proxy_location", "http_options", "graceful_shutdown_timeout_s", "route_prefix"]:
         assert ignored in iris["message"], iris["message"]
     dep = iris["deployments"]["iris"]
     assert dep["status"] == "HEALTHY" and dep["status_trigger"] == "CONFIG_UPDATE_COMPLETED", dep

@@ -4,9 +4,8 @@
 //!   `args.name` or else the application's name; or, for `sluice.pipeline:NAME`, the
 //!   `deployments` and `pipeline` that `args` declares in Sluice's own shape.
 //! - A deployment's fields come from `args` (single-model kinds), then from its `deployments[]`
-//!   entry's `user_config`, then from that entry's Ray fields (`num_replicas`,
-//!   `autoscaling_config`, `max_ongoing_requests`, `max_queued_requests`,
-//!   `ray_actor_options.num_cpus`); the later wins.
+//!   entry's `user_config`, then from that entry's Ray fields that Sluice's deployments share
+//!   (`num_replicas`, `autoscaling_config`, `ray_actor_options`, ...); the later wins.
 //!
 //! The result is written as a Sluice config (JSON, one value per line) and read by Sluice's own
 //! parser, so every check and default is Sluice's. Each line remembers the Ray field it came
@@ -69,6 +68,8 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
         config.grpc_options = c.grpc_options.clone();
         config.admin_options = c.admin_options.clone();
         config.graceful_shutdown_timeout_s = c.graceful_shutdown_timeout_s;
+        config.cluster = c.cluster.clone();
+        config.proxy_location = c.proxy_location;
     }
     let submitted = deploy.applications.into_iter().map(|a| (a.name, a.submitted)).collect();
     Ok(Converted { config, submitted })
@@ -457,7 +458,9 @@ mod tests {
                 "num_replicas": 2,
                 "max_queued_requests": -1,
                 "user_config": {"version": "7", "batch_wait_timeout_s": 0.002},
-                "ray_actor_options": {"num_cpus": 0.5},
+                "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1, "resources": {"tpu": 2}},
+                "max_replicas_per_node": 1,
+                "health_check_timeout_s": 5,
             }],
         });
         let c =
@@ -474,6 +477,9 @@ mod tests {
         assert_eq!((d.settings.max_batch_size, d.settings.batch_wait_timeout_s), (8, 0.002));
         assert_eq!(d.settings.max_queued_requests, 64, "-1 keeps Sluice's bound");
         assert_eq!(d.num_cpus(), 0.5);
+        let p = &d.settings.placement;
+        assert_eq!((p.num_gpus, p.resources["tpu"], p.max_replicas_per_node), (1.0, 2.0, Some(1)));
+        assert_eq!(d.settings.health_check.timeout_s, 5.0);
         let ignored = a.ignored.join("\n");
         for field in [
             "proxy_location (top level): ",

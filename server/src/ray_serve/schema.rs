@@ -75,35 +75,43 @@ pub struct RayApp {
 #[derive(Debug, Clone)]
 pub struct RayDeployment {
     pub name: String,
-    /// Ray fields with a Sluice meaning, under Sluice's name (`num_replicas`,
-    /// `autoscaling_config`, `max_ongoing_requests`, `max_queued_requests`, `num_cpus`), each
-    /// with its Ray location.
+    /// Ray fields Sluice's deployments have too ([`MAPPED`], `autoscaling_config` and
+    /// `ray_actor_options` less the keys Sluice lacks), each with its Ray location.
     pub fields: Vec<(String, Value, String)>,
     /// Sluice deployment fields.
     pub user_config: Map<String, Value>,
     pub ignored: Vec<String>,
 }
 
+/// Deployment fields Ray and Sluice share, with the same meaning.
+const MAPPED: &[&str] = &[
+    "num_replicas",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "max_replicas_per_node",
+    "health_check_period_s",
+    "health_check_timeout_s",
+];
+
+/// The `ray_actor_options` keys Sluice places replicas by (on Ray).
+const ACTOR_OPTIONS: &[&str] = &["num_cpus", "num_gpus", "memory", "resources", "accelerator_type"];
+
 /// Why Sluice does not act on a Ray field.
 fn why(field: &str) -> &'static str {
     match field {
         "proxy_location" | "http_options" | "grpc_options" => {
-            "Sluice's frontends are set when it starts (its own config's http_options, grpc_options)"
+            "Sluice's frontends are set when it starts (its own config's proxy_location, http_options, \
+             grpc_options)"
         }
         "logging_config" => "Sluice logs as RUST_LOG says",
         "runtime_env" => "Sluice runs no Python: import_path names the model",
         "graceful_shutdown_wait_loop_s" | "graceful_shutdown_timeout_s" => {
             "replicas drain within Sluice's graceful_shutdown_timeout_s"
         }
-        "health_check_period_s" | "health_check_timeout_s" => "replicas report their own readiness",
-        "ray_actor_options"
-        | "placement_group_bundles"
+        "placement_group_bundles"
         | "placement_group_strategy"
         | "placement_group_bundle_label_selector"
-        | "max_replicas_per_node"
-        | "gang_scheduling_config" => {
-            "replicas are threads of the Sluice process (ray_actor_options.num_cpus is used)"
-        }
+        | "gang_scheduling_config" => "Sluice places each replica by its ray_actor_options alone",
         "request_router_config" => "Sluice picks replicas by power of two choices",
         "max_queued_requests" => "-1 (no limit): Sluice bounds every queue, so its default applies",
         _ => "not used by Sluice",
@@ -231,9 +239,8 @@ fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) 
         let loc = format!("{at}.{key}");
         match (key.as_str(), value) {
             ("name", _) | (_, Value::Null) => {}
-            ("num_replicas" | "max_ongoing_requests", v) => fields.push((key.clone(), v.clone(), loc)),
             ("max_queued_requests", v) if v.as_i64() == Some(-1) => ignore(&mut ignored, key, key),
-            ("max_queued_requests", v) => fields.push((key.clone(), v.clone(), loc)),
+            (k, v) if MAPPED.contains(&k) => fields.push((key.clone(), v.clone(), loc)),
             ("user_config", v) => user_config = object(v, &loc, errors).cloned().unwrap_or_default(),
             ("autoscaling_config", v) => {
                 let Some(a) = object(v, &loc, errors) else { continue };
@@ -246,15 +253,24 @@ fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) 
             }
             ("ray_actor_options", v) => {
                 let Some(options) = object(v, &loc, errors) else { continue };
+                let mut kept = Map::new();
                 for (k, v) in options {
                     match k.as_str() {
-                        "num_cpus" if !v.is_null() => {
-                            fields.push(("num_cpus".into(), v.clone(), format!("{loc}.num_cpus")))
+                        _ if v.is_null() => {}
+                        // Ray's memory is a float of bytes; Sluice's a whole number.
+                        "memory" => {
+                            let whole =
+                                v.as_f64().filter(|m| m.fract() == 0.0 && *m >= 0.0).map(|m| m as u64);
+                            kept.insert(k.clone(), whole.map_or_else(|| v.clone(), Value::from));
                         }
-                        _ if v.is_null() || v == &Value::Object(Map::new()) => {}
-                        _ => ignore(&mut ignored, &format!("ray_actor_options.{k}"), key),
+                        option if ACTOR_OPTIONS.contains(&option) => {
+                            kept.insert(k.clone(), v.clone());
+                        }
+                        _ if v == &Value::Object(Map::new()) => {}
+                        _ => ignore(&mut ignored, &format!("ray_actor_options.{k}"), k),
                     }
                 }
+                fields.push((key.clone(), Value::Object(kept), loc));
             }
             _ => ignore(&mut ignored, key, key),
         }
@@ -282,12 +298,11 @@ fn string(v: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<Stri
     s
 }
 
-/// Whether a PUT body is Ray's schema rather than Sluice's own config: a JSON object with a
-/// field only Ray's schema has, at the top (`proxy_location`, ...) or in an application
-/// (`import_path`, `args`, `runtime_env`, ...).
+/// Whether a PUT body is Ray's schema rather than Sluice's own config: a document with a
+/// field only Ray's schema has, at the top (`logging_config`, `target_capacity`, ...) or in an
+/// application (`import_path`, `args`, `runtime_env`, ...).
 pub fn is_ray_config(body: &Value) -> bool {
-    const TOP: &[&str] =
-        &["proxy_location", "logging_config", "tracing_config", "controller_options", "target_capacity"];
+    const TOP: &[&str] = &["logging_config", "tracing_config", "controller_options", "target_capacity"];
     const APP: &[&str] = &[
         "import_path",
         "args",
@@ -337,8 +352,9 @@ mod tests {
                     "max_queued_requests": -1,
                     "user_config": {"version": "2"},
                     "health_check_period_s": 5,
+                    "graceful_shutdown_timeout_s": 20,
                     "autoscaling_config": null,
-                    "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1},
+                    "ray_actor_options": {"num_cpus": 0.5, "memory": 1e9, "runtime_env": {"pip": ["x"]}},
                 }],
             }],
         });
@@ -350,15 +366,23 @@ mod tests {
         assert_eq!(app.submitted, body["applications"][0]);
         let dep = &app.deployments[0];
         let fields: Vec<(&str, &Value)> = dep.fields.iter().map(|(k, v, _)| (k.as_str(), v)).collect();
-        assert_eq!(fields, vec![("num_replicas", &json!(2)), ("num_cpus", &json!(0.5))]);
-        assert_eq!(dep.fields[1].2, "applications.0.deployments.0.ray_actor_options.num_cpus");
+        let options = json!({"num_cpus": 0.5, "memory": 1_000_000_000u64});
+        assert_eq!(
+            fields,
+            vec![
+                ("health_check_period_s", &json!(5)),
+                ("num_replicas", &json!(2)),
+                ("ray_actor_options", &options)
+            ]
+        );
+        assert_eq!(dep.fields[2].2, "applications.0.deployments.0.ray_actor_options");
         assert_eq!(dep.user_config["version"], "2");
         let ignored = app.ignored.join("\n");
         for field in [
             "runtime_env: Sluice runs no Python",
-            "deployments[iris].health_check_period_s: replicas report",
+            "deployments[iris].graceful_shutdown_timeout_s: replicas drain within",
             "deployments[iris].max_queued_requests: -1 (no limit)",
-            "deployments[iris].ray_actor_options.num_gpus: replicas are threads",
+            "deployments[iris].ray_actor_options.runtime_env: Sluice runs no Python",
         ] {
             assert!(ignored.contains(field), "{field} in {ignored}");
         }
@@ -383,7 +407,8 @@ mod tests {
         assert!(is_ray_config(
             &json!({"applications": [{"name": "a", "import_path": "sluice.onnx:m.onnx"}]})
         ));
-        assert!(is_ray_config(&json!({"proxy_location": "HeadOnly", "applications": []})));
+        assert!(is_ray_config(&json!({"target_capacity": 50, "applications": []})));
+        assert!(!is_ray_config(&json!({"proxy_location": "EveryNode", "applications": []})), "Sluice's too");
         assert!(!is_ray_config(&json!({"applications": [{"name": "a", "deployments": []}]})));
         assert!(!is_ray_config(&json!("applications: []")));
     }
