@@ -193,8 +193,7 @@ fn unhealthy(status: &Status) -> Option<String> {
     }
     for (app, a) in &status.applications {
         for (name, d) in &a.deployments {
-            // Serving (some replicas may still start or wait for a node).
-            if !matches!(d.status, DeploymentState::Healthy | DeploymentState::Upscaling) {
+            if d.status != DeploymentState::Healthy {
                 let waiting: Vec<&String> = d.versions.iter().flat_map(|v| &v.waiting).collect();
                 let why = if waiting.is_empty() {
                     "starting".to_string()

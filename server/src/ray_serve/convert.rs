@@ -15,9 +15,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{Map, Value, json};
-use sluice_config::{Config, ConfigErrors};
+use sluice_config::Config;
 
 use super::schema::{self, ImportPath, RayApp};
+use super::written::{Doc, Entry, Node, get, set};
 use super::{ValidationError, ValidationErrors};
 
 /// Relative paths are resolved against the folder of this (never written) file.
@@ -57,8 +58,7 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
     let mut doc = Doc::default();
     let top = Node::Object(vec![Entry::new("applications", Node::List(apps), "applications")]);
     doc.node("", &top, "applications", false);
-    let mut config =
-        sluice_config::parse(&doc.lines.join("\n"), &base.join(SOURCE)).map_err(|e| doc.errors(e))?;
+    let mut config = sluice_config::parse(&doc.text(), &base.join(SOURCE)).map_err(|e| doc.errors(e))?;
     for ((app, ray), extra) in config.applications.iter_mut().zip(&deploy.applications).zip(notes) {
         app.ignored = deploy.ignored.iter().chain(&ray.ignored).chain(&extra).cloned().collect();
     }
@@ -73,42 +73,6 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
     }
     let submitted = deploy.applications.into_iter().map(|a| (a.name, a.submitted)).collect();
     Ok(Converted { config, submitted })
-}
-
-/// A value of the config being written, with the Ray location each part came from.
-enum Node {
-    Value(Value),
-    Object(Vec<Entry>),
-    List(Vec<(Node, String)>),
-}
-
-struct Entry {
-    key: String,
-    node: Node,
-    origin: String,
-}
-
-impl Entry {
-    fn new(key: &str, node: Node, origin: impl Into<String>) -> Self {
-        Self { key: key.to_string(), node, origin: origin.into() }
-    }
-
-    fn value(key: &str, value: Value, origin: impl Into<String>) -> Self {
-        Self::new(key, Node::Value(value), origin)
-    }
-}
-
-/// Sets `key` (replacing an earlier value and its origin).
-fn set(entries: &mut Vec<Entry>, key: &str, value: Value, origin: String) {
-    entries.retain(|e| e.key != key);
-    entries.push(Entry::value(key, value, origin));
-}
-
-fn get<'a>(entries: &'a [Entry], key: &str) -> Option<(&'a Value, &'a str)> {
-    entries.iter().find(|e| e.key == key).and_then(|e| match &e.node {
-        Node::Value(v) => Some((v, e.origin.as_str())),
-        _ => None,
-    })
 }
 
 fn err(loc: impl Into<String>, msg: impl Into<String>) -> ValidationError {
@@ -349,83 +313,6 @@ fn complete_versions(dir: &Path, marker: &str) -> Vec<u64> {
         .unwrap_or_default();
     versions.sort_unstable();
     versions
-}
-
-/// The config text being written, one value per line, and the Ray location of each line.
-#[derive(Default)]
-struct Doc {
-    lines: Vec<String>,
-    origins: Vec<String>,
-}
-
-fn key(k: &str) -> String {
-    format!("{}: ", Value::String(k.to_string()))
-}
-
-impl Doc {
-    fn push(&mut self, line: String, origin: &str) {
-        self.lines.push(line);
-        self.origins.push(origin.to_string());
-    }
-
-    fn node(&mut self, prefix: &str, node: &Node, origin: &str, comma: bool) {
-        let c = if comma { "," } else { "" };
-        match node {
-            Node::Value(v) => self.value(prefix, v, origin, comma),
-            Node::Object(entries) => {
-                self.push(format!("{prefix}{{"), origin);
-                for (i, e) in entries.iter().enumerate() {
-                    self.node(&key(&e.key), &e.node, &e.origin, i + 1 < entries.len());
-                }
-                self.push(format!("}}{c}"), origin);
-            }
-            Node::List(items) => {
-                self.push(format!("{prefix}["), origin);
-                for (i, (n, o)) in items.iter().enumerate() {
-                    self.node("", n, o, i + 1 < items.len());
-                }
-                self.push(format!("]{c}"), origin);
-            }
-        }
-    }
-
-    fn value(&mut self, prefix: &str, v: &Value, origin: &str, comma: bool) {
-        let c = if comma { "," } else { "" };
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                self.push(format!("{prefix}{{"), origin);
-                for (i, (k, x)) in m.iter().enumerate() {
-                    self.value(&key(k), x, &format!("{origin}.{k}"), i + 1 < m.len());
-                }
-                self.push(format!("}}{c}"), origin);
-            }
-            Value::Array(a) if !a.is_empty() => {
-                self.push(format!("{prefix}["), origin);
-                for (i, x) in a.iter().enumerate() {
-                    self.value("", x, &format!("{origin}.{i}"), i + 1 < a.len());
-                }
-                self.push(format!("]{c}"), origin);
-            }
-            _ => self.push(format!("{prefix}{v}{c}"), origin),
-        }
-    }
-
-    /// Sluice's errors about the written config, at the Ray fields they came from.
-    fn errors(&self, e: ConfigErrors) -> ValidationErrors {
-        let at = |line: u64| {
-            let i = usize::try_from(line).ok().and_then(|l| l.checked_sub(1));
-            i.and_then(|i| self.origins.get(i)).cloned().unwrap_or_else(|| "applications".into())
-        };
-        ValidationErrors(e.0.into_iter().map(|e| err(at(e.line), without_lines(&e.message))).collect())
-    }
-}
-
-/// A message without references to lines of the written config, which the user never saw.
-fn without_lines(message: &str) -> String {
-    match (message.find(" (first defined at line "), message.rfind(')')) {
-        (Some(start), Some(end)) if end > start => format!("{}{}", &message[..start], &message[end + 1..]),
-        _ => message.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! - [`schema`]: the deploy schema they PUT (`ServeDeploySchema`), typed.
 //! - [`convert`]: its mapping onto Sluice's config (`import_path: sluice.onnx:PATH`, `args` and
 //!   `user_config` carrying Sluice's deployment fields), checked by Sluice's own parser.
+//!   It is written as a Sluice config whose every line knows its Ray field (`written`), so that
+//!   Sluice's own errors name the field the user wrote.
 //! - [`details`]: the instance details they GET back (`ServeInstanceDetails`).
 //!
 //! The admin API's handlers (`admin::ray`) are thin adapters over these and the controller.
@@ -11,6 +13,7 @@
 pub mod convert;
 pub mod details;
 pub mod schema;
+mod written;
 
 use std::fmt;
 
