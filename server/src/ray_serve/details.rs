@@ -40,12 +40,12 @@ pub struct ActorDetails {
     pub actor_name: String,
 }
 
-/// `ProxyDetails`: this process's REST frontend.
+/// `ProxyDetails`: this process's REST frontend, or a proxy on another node.
 #[derive(Debug, Serialize)]
 pub struct ProxyDetails {
     #[serde(flatten)]
     pub actor: ActorDetails,
-    /// `HEALTHY`, or `DRAINING` once shutdown began.
+    /// `HEALTHY`; `DRAINING` once shutdown began; `STARTING` for one not listening yet.
     pub status: &'static str,
 }
 
@@ -132,6 +132,17 @@ pub fn instance_details(
     };
     let proxy =
         ProxyDetails { actor: actor("sluice-proxy"), status: if draining { "DRAINING" } else { "HEALTHY" } };
+    let mut proxies = BTreeMap::from([(node.id.clone(), proxy)]);
+    // Proxies on other nodes (`proxy_location: EveryNode`): healthy once they listen.
+    proxies.extend(status.proxies.iter().map(|p| {
+        let actor = ActorDetails {
+            node_id: p.node_id.clone(),
+            node_ip: p.node_ip.clone(),
+            actor_name: p.name.clone(),
+        };
+        let state = if p.addr.is_some() { "HEALTHY" } else { "STARTING" };
+        (p.node_id.clone(), ProxyDetails { actor, status: state })
+    }));
     let applications = match api_type {
         ApiType::Imperative => BTreeMap::new(),
         ApiType::All | ApiType::Declarative => status
@@ -145,7 +156,7 @@ pub fn instance_details(
         proxy_location: "HeadOnly",
         http_options: json!({"host": frontends.http_host, "port": frontends.http_port}),
         grpc_options: json!({"port": frontends.grpc_port.unwrap_or(0), "grpc_servicer_functions": []}),
-        proxies: BTreeMap::from([(node.id.clone(), proxy)]),
+        proxies,
         applications,
         target_capacity: None,
     }
@@ -224,5 +235,57 @@ fn deployment(name: &str, d: &DeploymentStatus) -> DeploymentDetails {
         target_num_replicas: d.versions.iter().map(|v| v.replicas).sum(),
         required_resources: json!({"CPU": d.num_cpus}),
         replicas,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_proxy_and_replica_is_named_in_rays_fields() {
+        let status: Status = serde_json::from_value(json!({
+            "applications": {"a": {"status": "RUNNING", "deployments": {"m": {
+                "status": "UPSCALING", "message": "1 of 2 replicas ready; the others are starting",
+                "autoscaling": null, "max_ongoing_requests": 5, "max_queued_requests": 64, "num_cpus": 2.0,
+                "versions": [{"version": "3", "model": null, "weight": 100, "replicas": 2, "ready_replicas": 1,
+                    "queued": 0, "in_flight": 0, "replica_details": [
+                        {"id": 0, "state": "RUNNING", "started_at_s": 5.0, "node_id": "w1", "node_ip": "10.0.0.2", "pid": 42},
+                        {"id": 1, "state": "STARTING", "started_at_s": 6.0}]}]}}}},
+            "events": [],
+            "proxies": [{"name": "sluice-proxy:w1", "node_id": "w1", "node_ip": "10.0.0.2", "addr": "10.0.0.2:8000"},
+                        {"name": "sluice-proxy:w2", "node_id": "w2", "node_ip": "10.0.0.3", "addr": null}]
+        }))
+        .unwrap();
+        let node = LocalNode { id: "head".into(), ip: "10.0.0.1".into(), pid: 7 };
+        let frontends = Frontends { http_host: "0.0.0.0".into(), http_port: 8000, grpc_port: None };
+        let d = instance_details(&status, &BTreeMap::new(), &node, &frontends, ApiType::Declarative, false);
+        let d = serde_json::to_value(d).unwrap();
+        let proxies: Vec<(&str, &str)> = ["head", "w1", "w2"]
+            .iter()
+            .map(|n| {
+                (d["proxies"][*n]["node_ip"].as_str().unwrap(), d["proxies"][*n]["status"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(proxies, [("10.0.0.1", "HEALTHY"), ("10.0.0.2", "HEALTHY"), ("10.0.0.3", "STARTING")]);
+        let app = &d["applications"]["a"];
+        assert_eq!((app["docs_path"].clone(), app["source"].clone()), (Value::Null, json!("declarative")));
+        assert_eq!(app["route_prefix"], "/v2/models/m");
+        let m = &app["deployments"]["m"];
+        assert_eq!(
+            (m["status"].as_str(), m["status_trigger"].as_str()),
+            (Some("UPSCALING"), Some("AUTOSCALING"))
+        );
+        assert_eq!(m["deployment_config"]["num_replicas"], 2);
+        assert_eq!(m["required_resources"], json!({"CPU": 2.0}));
+        assert_eq!(m["replicas"][0]["replica_id"], "m-v3-0");
+        assert_eq!(
+            (m["replicas"][0]["pid"].as_u64(), m["replicas"][1]["state"].as_str()),
+            (Some(42), Some("STARTING"))
+        );
+        let imperative =
+            instance_details(&status, &BTreeMap::new(), &node, &frontends, ApiType::Imperative, true);
+        assert!(imperative.applications.is_empty());
+        assert_eq!(imperative.proxies["head"].status, "DRAINING");
     }
 }

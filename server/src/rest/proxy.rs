@@ -21,19 +21,25 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `{route: application}`: each application's JSON route and each model's OIP path.
+/// `{route: application}` for every route this frontend serves: each pipeline's JSON route and
+/// each model's OIP path. The application is the controller's name for it when this process
+/// runs the controller, else (a proxy on another node, which only follows the route table)
+/// the model's or pipeline's own name.
 pub async fn routes(State(state): State<AppState>) -> Response {
     if *state.draining.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, DRAINING).into_response();
     }
-    let mut routes = BTreeMap::new();
+    let mut app_of: BTreeMap<String, String> = BTreeMap::new();
     for (app, a) in state.controller.status().applications {
-        routes.extend(a.route_prefix.clone().map(|p| (p, app.clone())));
-        routes.extend(a.deployments.keys().map(|d| (format!("/v2/models/{d}"), app.clone())));
+        app_of.extend(a.deployments.into_keys().map(|d| (d, app.clone())));
     }
-    let pipelines = state.controller.desired().map(|c| c.applications).unwrap_or_default();
-    for a in pipelines {
-        routes.extend(a.pipeline.map(|p| (format!("/v2/models/{}", p.name), a.name.clone())));
+    for a in state.controller.desired().map(|c| c.applications).unwrap_or_default() {
+        app_of.extend(a.pipeline.map(|p| (p.name, a.name.clone())));
     }
+    let app = |name: &str| app_of.get(name).cloned().unwrap_or_else(|| name.to_string());
+    let table = state.routes.table();
+    let mut routes = BTreeMap::new();
+    routes.extend(table.json_routes.iter().map(|(prefix, p)| (prefix.clone(), app(p.name()))));
+    routes.extend(table.models.keys().map(|m| (format!("/v2/models/{m}"), app(m))));
     Json(routes).into_response()
 }
