@@ -406,6 +406,11 @@ fn status_prints_a_table_and_the_machine_forms() {
     let json: Value = serde_json::from_str(&status(&["-o", "json"])).unwrap();
     assert_eq!(json["applications"]["classifiers"]["deployments"]["mlp"]["versions"][0]["ready_replicas"], 2);
     assert!(status(&["-o", "yaml"]).contains("status: RUNNING"));
+    // Wide: where each replica runs (this process, on loopback).
+    let pid = s.child.id();
+    let wide = status(&["-o", "wide"]);
+    let mlp = wide.lines().find(|l| l.contains(" mlp ")).unwrap_or_default();
+    assert!(mlp.ends_with(&format!("127.0.0.1/{pid},127.0.0.1/{pid}")), "{wide}");
     let (status, log) = s.terminate();
     assert!(status.success(), "{status:?}: {log}");
 }

@@ -44,7 +44,8 @@ pub enum Command {
     /// Show applications, deployments, versions, replicas ready/desired, traffic weights,
     /// requests per second, p50/p99 latency (over the last 30 s), queue depth and last events.
     Status {
-        /// `table` to read, `json` or `yaml` for machines (the admin API's whole status).
+        /// `table` to read (`wide`: with where each replica runs), `json` or `yaml` for
+        /// machines (the admin API's whole status).
         #[arg(short, long, value_enum, default_value = "table")]
         output: status::Output,
         #[command(flatten)]

@@ -1,7 +1,8 @@
 //! `sluice status` for people: one row per running version, like `kubectl get` — application,
 //! deployment, status, version, replicas ready/desired, traffic weight, requests per second,
-//! p50/p99 latency, queue depth and the deployment's last event — then a line for each
-//! application that is not running and for each config field it ignores.
+//! p50/p99 latency, queue depth and the deployment's last event (`-o wide`: and where each
+//! replica runs) — then a line for each application that is not running and for each config
+//! field it ignores.
 
 use sluice_controller::{ApplicationState, Status, VersionStatus};
 
@@ -10,6 +11,8 @@ use sluice_controller::{ApplicationState, Status, VersionStatus};
 pub enum Output {
     /// A table to read at a glance.
     Table,
+    /// The table, and where each replica runs (`node_ip/pid`; replicas waiting for a node).
+    Wide,
     /// The admin API's JSON, pretty-printed.
     Json,
     Yaml,
@@ -18,13 +21,14 @@ pub enum Output {
 /// `status` in the chosen form; `now_s` (seconds since the Unix epoch) dates the events.
 pub fn render(status: &Status, output: Output, now_s: f64) -> Result<String, String> {
     match output {
-        Output::Table => Ok(table(status, now_s)),
+        Output::Table => Ok(table(status, now_s, false)),
+        Output::Wide => Ok(table(status, now_s, true)),
         Output::Json => serde_json::to_string_pretty(status).map_err(|e| e.to_string()),
         Output::Yaml => serde_saphyr::to_string(status).map_err(|e| e.to_string()),
     }
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "APPLICATION",
     "DEPLOYMENT",
     "STATUS",
@@ -36,13 +40,17 @@ const HEADER: [&str; 11] = [
     "P99",
     "QUEUE",
     "LAST EVENT",
+    "REPLICAS ON",
 ];
+
+/// Columns of a row (the last only with `-o wide`).
+type Row = [String; 12];
 
 /// The longest event message shown in a cell.
 const EVENT_CHARS: usize = 60;
 
-fn table(status: &Status, now_s: f64) -> String {
-    let mut rows: Vec<[String; 11]> = vec![HEADER.map(String::from)];
+fn table(status: &Status, now_s: f64, wide: bool) -> String {
+    let mut rows: Vec<Row> = vec![HEADER.map(String::from)];
     let mut notes = Vec::new();
     for (app_name, app) in &status.applications {
         if app.status != ApplicationState::Running || !app.message.is_empty() {
@@ -54,7 +62,7 @@ fn table(status: &Status, now_s: f64) -> String {
         notes.extend(app.ignored.iter().map(|i| format!("{app_name} ignores {i}")));
         if app.deployments.is_empty() {
             let state = serde_json::to_value(app.status).ok().and_then(|v| v.as_str().map(String::from));
-            let mut row: [String; 11] = Default::default();
+            let mut row: Row = Default::default();
             row[0] = app_name.clone();
             row[1] = "-".into();
             row[2] = state.unwrap_or_default();
@@ -76,8 +84,9 @@ fn table(status: &Status, now_s: f64) -> String {
         }
     }
     let mut out = String::new();
+    let columns = if wide { 12 } else { 11 };
     let widths: Vec<usize> =
-        (0..11).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        (0..columns).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     for row in &rows {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
@@ -93,9 +102,9 @@ fn table(status: &Status, now_s: f64) -> String {
     out.trim_end().to_string()
 }
 
-fn version_row(v: &VersionStatus) -> [String; 11] {
+fn version_row(v: &VersionStatus) -> Row {
     let traffic = v.traffic.as_ref();
-    let mut row: [String; 11] = Default::default();
+    let mut row: Row = Default::default();
     row[3] = if v.canary { format!("{} (canary)", v.version) } else { v.version.clone() };
     row[4] = format!("{}/{}", v.ready_replicas, v.replicas);
     row[5] = format!("{}%", v.weight);
@@ -103,6 +112,19 @@ fn version_row(v: &VersionStatus) -> [String; 11] {
     row[7] = ms(traffic.and_then(|t| t.p50_ms));
     row[8] = ms(traffic.and_then(|t| t.p99_ms));
     row[9] = v.queued.to_string();
+    let mut on: Vec<String> = v
+        .replica_details
+        .iter()
+        .map(|r| match (&r.node_ip, r.pid) {
+            (Some(ip), Some(pid)) => format!("{ip}/{pid}"),
+            (Some(ip), None) => ip.clone(),
+            _ => "?".into(),
+        })
+        .collect();
+    if !v.waiting.is_empty() {
+        on.push(format!("{} waiting", v.waiting.len()));
+    }
+    row[11] = on.join(",");
     row
 }
 
@@ -173,7 +195,7 @@ mod tests {
         let cells = |l: &str| {
             l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>()
         };
-        assert_eq!(cells(lines[0]), HEADER.to_vec());
+        assert_eq!(cells(lines[0]), HEADER[..11].to_vec());
         assert_eq!(
             cells(lines[1]),
             [
@@ -198,6 +220,22 @@ mod tests {
         let col = lines[0].find("VERSION").unwrap();
         assert_eq!(&lines[1][col..col + 3], "1  ");
         assert_eq!(&lines[2][col..col + 10], "2 (canary)");
+    }
+
+    #[test]
+    fn wide_says_where_each_replica_runs() {
+        let mut s = status();
+        let v = &mut s.applications.get_mut("clf").unwrap().deployments.get_mut("iris").unwrap().versions[1];
+        v.replica_details = serde_json::from_value(json!([
+            {"id": 0, "state": "RUNNING", "started_at_s": 1.0, "node_ip": "10.0.0.2", "pid": 42}
+        ]))
+        .unwrap();
+        v.waiting = vec!["infeasible: 64 CPU".into()];
+        let out = render(&s, Output::Wide, 205.0).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("  REPLICAS ON"), "{out}");
+        assert!(lines[2].ends_with("10.0.0.2/42,1 waiting"), "{out}");
+        assert!(!render(&s, Output::Table, 205.0).unwrap().contains("REPLICAS ON"));
     }
 
     #[test]
