@@ -33,7 +33,8 @@ pub struct Converted {
 }
 
 /// Maps a Ray `ServeDeploySchema` body onto a Sluice config. Relative paths start at `base`;
-/// what Ray's schema cannot say (the model repository, listeners) is kept from `current`.
+/// everything but the applications (the model repository, listeners, cluster, tracing) is kept
+/// from `current`.
 pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Converted, ValidationErrors> {
     let deploy = schema::parse(body)?;
     // Repository folders follow the server's completeness rule.
@@ -62,14 +63,10 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
     for ((app, ray), extra) in config.applications.iter_mut().zip(&deploy.applications).zip(notes) {
         app.ignored = deploy.ignored.iter().chain(&ray.ignored).chain(&extra).cloned().collect();
     }
+    // Everything but the applications stays as the server has it.
     if let Some(c) = current {
-        config.model_repository = c.model_repository.clone();
-        config.http_options = c.http_options.clone();
-        config.grpc_options = c.grpc_options.clone();
-        config.admin_options = c.admin_options.clone();
-        config.graceful_shutdown_timeout_s = c.graceful_shutdown_timeout_s;
-        config.cluster = c.cluster.clone();
-        config.proxy_location = c.proxy_location;
+        config =
+            sluice_config::Config { applications: config.applications, source: config.source, ..c.clone() };
     }
     let submitted = deploy.applications.into_iter().map(|a| (a.name, a.submitted)).collect();
     Ok(Converted { config, submitted })
@@ -350,9 +347,12 @@ mod tests {
                 "health_check_timeout_s": 5,
             }],
         });
-        let c =
-            convert(&json!({"applications": [app.clone()], "proxy_location": "EveryNode"}), &models(), None)
-                .unwrap();
+        // What the server runs with besides its applications stays.
+        let current = Config { graceful_shutdown_timeout_s: 7.0, ..Config::default() };
+        let body = json!({"applications": [app.clone()], "proxy_location": "EveryNode"});
+        let c = convert(&body, &models(), Some(&current)).unwrap();
+        assert_eq!(c.config.graceful_shutdown_timeout_s, 7.0);
+        assert_eq!(c.config.source, models().join(SOURCE));
         let a = &c.config.applications[0];
         assert_eq!(a.name, "clf");
         assert_eq!(a.route_prefix, None, "a single model has no JSON route");
