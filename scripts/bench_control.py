@@ -52,7 +52,7 @@ class Server:
         raise RuntimeError("sluice did not start")
 
     def status(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/api/serve/applications") as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/api/sluice/status") as r:
             return json.load(r)
 
     def deploy(self, text):

@@ -2,9 +2,10 @@
 # Runs every check and test of the project (what CI runs: .ci/run). Installs what they need
 # (ONNX Runtime library, cargo-machete, Python venvs with tritonclient, the KServe SDK and
 # Ray), then: formatting, unused dependencies, clippy with warnings as errors, the Rust unit
-# and integration tests, the client conformance suite (tests/python) against the real
-# `sluice` binary, and the Ray cluster tests (tests/ray: a 2-node Ray cluster in network
-# namespaces; skipped with a message where `ip netns` is unavailable).
+# and integration tests, the client conformance suite (tests/python; Ray's `serve` CLI comes
+# from .venv-ray) against the real `sluice` binary, and the Ray cluster tests (tests/ray: a
+# 2-node Ray cluster in network namespaces; skipped with a message where `ip netns` is
+# unavailable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*" >&2; }

@@ -25,7 +25,9 @@ use std::path::Path;
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
 pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
-pub use repository::{ModelRepository, RepositoryLocation, RepositoryRollout, VersionPolicy};
+pub use repository::{
+    DEFAULT_READY_MARKER, ModelRepository, RepositoryLocation, RepositoryRollout, VersionPolicy,
+};
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
     HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,

@@ -173,8 +173,11 @@ fn default_poll() -> f64 {
 fn one() -> u32 {
     1
 }
+/// The default `ready_marker`: the file that makes a version folder complete.
+pub const DEFAULT_READY_MARKER: &str = "READY";
+
 fn default_marker() -> String {
-    "READY".into()
+    DEFAULT_READY_MARKER.into()
 }
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("/tmp/sluice-model-cache")

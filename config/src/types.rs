@@ -77,12 +77,16 @@ pub struct Application {
     pub route_prefix: Option<String>,
     pub deployments: Vec<Deployment>,
     pub pipeline: Option<Pipeline>,
+    /// Fields of the submitted config that Sluice accepted but does not act on (a Ray Serve
+    /// config's `runtime_env`, ...), each with why; shown in status, never dropped silently.
+    /// Empty for Sluice's own config files.
+    pub ignored: Vec<String>,
 }
 
 impl Application {
     /// An application made in code.
     pub fn new(name: impl Into<String>, deployments: Vec<Deployment>) -> Self {
-        Self { name: name.into(), route_prefix: None, deployments, pipeline: None }
+        Self { name: name.into(), route_prefix: None, deployments, pipeline: None, ignored: Vec::new() }
     }
 }
 

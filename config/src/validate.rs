@@ -230,6 +230,7 @@ fn validate_application(
         route_prefix: app.route_prefix.map(|p| p.value),
         deployments,
         pipeline,
+        ignored: Vec::new(),
     }
 }
 

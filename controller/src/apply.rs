@@ -3,6 +3,7 @@
 //! state lock; the `changes` lock serializes whole operations.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_config::{Config, ModelRepository, VersionPolicy};
@@ -10,7 +11,7 @@ use sluice_config::{Config, ModelRepository, VersionPolicy};
 use crate::repository::cache::Cache;
 use crate::repository::scan::{self, Listing, MODEL_FILE};
 use crate::repository::{self, Origin, Signature};
-use crate::{ControlError, Controller, pipelines, reconcile};
+use crate::{ControlError, Controller, apps, pipelines, reconcile};
 
 /// Versions rejected in one apply before it gives up (each failed load rejects one).
 const MAX_REJECTS: usize = 8;
@@ -21,8 +22,38 @@ impl Controller {
     /// removed). New versions are loaded and warmed first; if any fails, nothing already
     /// serving changes (a repository version that fails to load is rejected instead, and the
     /// rest applied). A repository that cannot be listed is an error naming its URL.
+    ///
+    /// While it runs, status shows its applications as deploying; when it fails, each says
+    /// why (and what ran before keeps running).
     pub async fn apply(&self, config: &Config) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
+        apps::begin(&mut self.lock(), config);
+        let result = self.apply_held(config).await;
+        if let Err(e) = &result {
+            apps::failed(&mut self.lock(), config, &e.to_string());
+        }
+        result
+    }
+
+    /// [`Controller::apply`] in the background, the way Ray Serve deploys: the config's
+    /// applications show as deploying at once, and status tells how the deploy went.
+    pub fn deploy(self: &Arc<Self>, config: Config) {
+        apps::begin(&mut self.lock(), &config);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.apply(&config).await {
+                tracing::warn!("deploying {} failed: {e}", config.source.display());
+            }
+        });
+    }
+
+    /// The config last applied (without the repository's models), if any.
+    pub fn desired(&self) -> Option<Config> {
+        self.lock().desired.clone()
+    }
+
+    /// [`Controller::apply`] once `changes` is held.
+    async fn apply_held(&self, config: &Config) -> Result<(), ControlError> {
         let signature = match &config.model_repository {
             None => {
                 self.reconcile(config).await?;
@@ -55,6 +86,7 @@ impl Controller {
             let commit = reconcile::commit(&mut st, plan);
             st.pipelines = pipelines;
             st.refresh_aliases();
+            apps::applied(&mut st, config);
             self.publish(&st);
             commit
         };
@@ -197,6 +229,9 @@ impl Controller {
                 let mut st = self.lock();
                 st.repo.applied = Some(signature);
                 st.repo.failed = None;
+                if let Some(r) = st.apps.get_mut(repository::APPLICATION) {
+                    r.deployed_at = apps::now_s();
+                }
                 Ok(())
             }
             Err(e) => {

@@ -18,6 +18,7 @@
 //! second, async lock, so that model loading happens outside the state lock.
 
 mod apply;
+mod apps;
 pub mod autoscale;
 mod canary;
 pub mod cluster;
@@ -29,6 +30,7 @@ pub mod repository;
 pub mod rollout;
 mod state;
 mod status;
+mod traffic;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,11 +45,13 @@ pub use repository::store::{StoreEnv, StoreError};
 pub use repository::{APPLICATION as REPOSITORY_APPLICATION, Origin, RepositoryStatus};
 pub use status::{
     ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, ReplicaNode,
-    Status, VersionStatus,
+    ReplicaState, ReplicaStatus, Status, VersionStatus,
 };
+pub use traffic::{Traffic, WINDOW as TRAFFIC_WINDOW};
 
 use cluster::Cluster;
 use reconcile::Rescale;
+use rollout::Counters;
 use state::{ControllerState, Version};
 
 /// The longest the control loop sleeps when nothing is due (it wakes earlier when anything
@@ -142,6 +146,7 @@ impl Controller {
             let mut st = self.lock();
             if let Some(a) = app
                 && !st.deployments.values().any(|m| m.app == a)
+                && !st.apps.contains_key(a)
             {
                 return Err(ControlError::UnknownApplication(a.to_string()));
             }
@@ -157,6 +162,14 @@ impl Controller {
                     st.events.push(&n, "deleted");
                     retired.extend(m.into_versions());
                 }
+            }
+            // Gone from the desired state too, so that a later repository change does not
+            // bring it back.
+            let gone = |name: &str| app.is_none_or(|a| a == name);
+            st.apps.retain(|name, _| !gone(name));
+            st.pipelines.retain(|p| !gone(&p.app));
+            if let Some(desired) = &mut st.desired {
+                desired.applications.retain(|a| !gone(&a.name));
             }
             self.publish(&st);
             retired
@@ -250,6 +263,12 @@ impl Controller {
         let now = Instant::now();
         let (rescale, promote, mut next) = {
             let mut st = self.lock();
+            for m in st.deployments.values_mut() {
+                for v in m.versions_mut() {
+                    let d = v.deployment.clone();
+                    v.traffic.sample(now, || Counters::of(&d));
+                }
+            }
             if let Cluster::Ray(ray) = &self.cluster {
                 for (deployment, message) in ray.take_notes() {
                     st.events.push(&deployment, message);

@@ -26,11 +26,11 @@ pub(crate) fn build_all(
     config
         .applications
         .iter()
-        .filter_map(|app| app.pipeline.as_ref().map(|p| (p, &app.route_prefix)))
-        .map(|(p, prefix)| {
+        .filter_map(|app| app.pipeline.as_ref().map(|p| (app, p)))
+        .map(|(app, p)| {
             let pipeline = build(p, &lookup)
                 .map_err(|source| ControlError::Pipeline { pipeline: p.name.clone(), source })?;
-            Ok(PipelineRoute { pipeline, route_prefix: prefix.clone() })
+            Ok(PipelineRoute { app: app.name.clone(), pipeline, route_prefix: app.route_prefix.clone() })
         })
         .collect()
 }

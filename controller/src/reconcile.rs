@@ -161,7 +161,7 @@ pub(crate) async fn start(
             let origin = key.model.onnx_path().and_then(|p| origins.get(p)).cloned();
             let (deployment, placed) =
                 cluster.start(spec, key.model.clone(), origin, need_one, READY_TIMEOUT).await?;
-            *change = Change::New(Version { key: key.clone(), deployment, placed });
+            *change = Change::New(Version::new(key.clone(), deployment, placed));
         }
     }
     Ok(())
@@ -427,7 +427,7 @@ mod tests {
         Managed {
             app: "app".into(),
             config: d.clone(),
-            primary: Version { key, deployment, placed: crate::cluster::Placed::Local },
+            primary: Version::new(key, deployment, crate::cluster::Placed::Local),
             others: Vec::new(),
             canary: None,
             shadow: None,

@@ -13,6 +13,7 @@ use crate::autoscale::ScaleState;
 use crate::cluster::Placed;
 use crate::events::Events;
 use crate::rollout::Counters;
+use crate::traffic::TrafficWindow;
 
 /// Everything that decides whether a running version can keep serving a config: two equal keys
 /// mean the same replicas would be built. Compared whole, so a setting added to
@@ -55,9 +56,15 @@ pub(crate) struct Version {
     pub deployment: Arc<Deployment>,
     /// Where its replicas run.
     pub placed: Placed,
+    /// Its recent traffic, sampled by the control loop.
+    pub traffic: TrafficWindow,
 }
 
 impl Version {
+    pub fn new(key: VersionKey, deployment: Arc<Deployment>, placed: Placed) -> Self {
+        Self { key, deployment, placed, traffic: TrafficWindow::default() }
+    }
+
     pub fn name(&self) -> &str {
         &self.key.version
     }
@@ -122,6 +129,14 @@ impl Managed {
         std::iter::once(&self.primary).chain(&self.others).chain(self.canary.as_ref().map(|c| &c.version))
     }
 
+    /// Every running version, the shadow too, to change.
+    pub fn versions_mut(&mut self) -> impl Iterator<Item = &mut Version> {
+        std::iter::once(&mut self.primary)
+            .chain(&mut self.others)
+            .chain(self.canary.as_mut().map(|c| &mut c.version))
+            .chain(self.shadow.as_mut().map(|s| &mut s.version))
+    }
+
     /// The primary's share of unpinned traffic.
     pub fn primary_weight(&self) -> u32 {
         self.canary.as_ref().map_or(100, |c| 100 - c.weight.min(100))
@@ -139,8 +154,31 @@ impl Managed {
 
 /// A running pipeline and where its plain-JSON route answers.
 pub(crate) struct PipelineRoute {
+    /// The application it belongs to.
+    pub app: String,
     pub pipeline: Arc<Pipeline>,
     pub route_prefix: Option<String>,
+}
+
+/// How the last change to an application's config went.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DeployOutcome {
+    /// Applied (its deployments tell how they are doing).
+    Applied,
+    /// Being applied now: new versions load and warm up.
+    Deploying,
+    /// Refused or failed to load, with why; what ran before keeps running.
+    Failed(String),
+}
+
+/// What the controller remembers of one application's config, beyond its deployments.
+#[derive(Debug, Clone)]
+pub(crate) struct AppRecord {
+    /// When its config was last deployed, seconds since the Unix epoch.
+    pub deployed_at: f64,
+    pub outcome: DeployOutcome,
+    /// Fields of the submitted config that Sluice does not act on.
+    pub ignored: Vec<String>,
 }
 
 /// The controller's state, under one lock.
@@ -158,6 +196,8 @@ pub(crate) struct ControllerState {
     /// The model ids each multiplexed deployment's folder holds, routed by name too.
     pub aliases: BTreeMap<String, Vec<String>>,
     pub aliases_scanned: Option<Instant>,
+    /// Per application (every one in the config, and those whose deploy failed).
+    pub apps: BTreeMap<String, AppRecord>,
 }
 
 impl ControllerState {

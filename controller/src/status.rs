@@ -1,14 +1,16 @@
-//! What the admin API and `sluice status` show: applications, deployments, versions with their
-//! replicas and traffic weights, autoscaling, and the recent events — typed, serialized by
-//! serde.
+//! What the admin API and `sluice status` show: applications (with Ray Serve's status names),
+//! deployments, versions with their replicas, traffic weights and recent traffic, autoscaling,
+//! and the recent events — typed, serialized by serde.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
-use crate::state::{ControllerState, Managed, Version};
+use crate::state::{AppRecord, ControllerState, DeployOutcome, Managed, Version};
+use crate::traffic::Traffic;
 
 /// The whole status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,29 +36,61 @@ pub struct ProxyStatus {
     pub addr: Option<String>,
 }
 
-/// An application (Ray Serve's status names).
+/// An application.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplicationStatus {
     pub status: ApplicationState,
+    /// Why the application is not running (a failed deploy's error, ...); empty when it is.
+    #[serde(default)]
+    pub message: String,
+    /// Where its pipeline's plain-JSON route answers, if it has one.
+    #[serde(default)]
+    pub route_prefix: Option<String>,
+    /// When its config was last deployed, seconds since the Unix epoch (0: unknown).
+    #[serde(default)]
+    pub last_deployed_time_s: f64,
+    /// Fields of the submitted config Sluice accepted but does not act on, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<String>,
     pub deployments: BTreeMap<String, DeploymentStatus>,
 }
 
+/// Ray Serve's application status names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ApplicationState {
+    /// Every deployment serves.
     Running,
+    /// A deploy is under way, or a deployment's replicas are starting.
+    Deploying,
+    /// The last deploy failed (`message` says why); what ran before keeps running.
+    DeployFailed,
+    /// A deployment that served has no ready replica (they are restarting).
+    Unhealthy,
 }
 
 /// A deployment and its versions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeploymentStatus {
     pub status: DeploymentState,
+    /// What is going on when it is not healthy; empty when it is.
+    #[serde(default)]
+    pub message: String,
     /// The primary first, then versions served by exact version only, then the canary.
     pub versions: Vec<VersionStatus>,
     pub autoscaling: Option<AutoscalingStatus>,
     /// For a multiplexed deployment: its models and how often replicas had them loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multiplex: Option<MultiplexStatus>,
+    /// Requests one replica takes at a time (`max_ongoing_requests`, resolved).
+    #[serde(default)]
+    pub max_ongoing_requests: usize,
+    /// Requests that may wait for a replica slot before more are refused.
+    #[serde(default)]
+    pub max_queued_requests: u32,
+    /// CPUs one replica takes.
+    #[serde(default)]
+    pub num_cpus: f64,
 }
 
 /// A multiplexed deployment's model loads.
@@ -75,13 +109,18 @@ pub struct MultiplexStatus {
     pub mean_load_ms: Option<f64>,
 }
 
+/// Ray Serve's deployment status names (of the primary version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DeploymentState {
-    /// The primary has a ready replica (or is scaled to zero on purpose).
+    /// Every replica is ready (or the deployment is scaled to zero on purpose).
     Healthy,
-    /// Replicas are starting.
+    /// No replica is ready yet: they are starting.
     Updating,
+    /// Some replicas serve while others start (added by scaling, or reloading a model).
+    Upscaling,
+    /// It served before and now no replica is ready: they are restarting.
+    Unhealthy,
 }
 
 /// One running version.
@@ -112,6 +151,13 @@ pub struct VersionStatus {
     /// For a shadow version: what its copies showed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowStatus>,
+    /// Each replica.
+    #[serde(default)]
+    pub replica_details: Vec<ReplicaStatus>,
+    /// Requests per second and p50/p99 over the last [`crate::TRAFFIC_WINDOW`]; None until the
+    /// control loop has two snapshots of the version.
+    #[serde(default)]
+    pub traffic: Option<Traffic>,
 }
 
 /// A shadow version's copies and how they compare with the primary's answers.
@@ -148,6 +194,34 @@ pub struct ReplicaNode {
     pub ready: bool,
 }
 
+/// One replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Unique within its version.
+    pub id: usize,
+    pub state: ReplicaState,
+    /// When it was started, seconds since the Unix epoch.
+    pub started_at_s: f64,
+    /// The node it runs on; None for a replica thread of the serving process.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub node_ip: Option<String>,
+    /// The process hosting it; None for a replica thread of the serving process.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// Ray Serve's replica state names (the ones Sluice's replicas go through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplicaState {
+    /// Loading or warming its model.
+    Starting,
+    /// Taking requests.
+    Running,
+}
+
 /// An autoscaled deployment's bounds and load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AutoscalingStatus {
@@ -163,18 +237,61 @@ pub(crate) fn status(state: &ControllerState) -> Status {
     for (name, m) in &state.deployments {
         applications
             .entry(m.app.clone())
-            .or_insert_with(|| ApplicationStatus {
-                status: ApplicationState::Running,
-                deployments: BTreeMap::new(),
-            })
+            .or_insert_with(|| application(state, &m.app))
             .deployments
             .insert(name.clone(), deployment(m, state.aliases.get(name).map_or(&[][..], Vec::as_slice)));
+    }
+    // Applications whose first deploy is under way or failed have no deployment yet.
+    for name in state.apps.keys() {
+        applications.entry(name.clone()).or_insert_with(|| application(state, name));
+    }
+    for (name, app) in applications.iter_mut() {
+        app.status = app_state(state.apps.get(name), app);
     }
     Status {
         applications,
         events: state.events.iter().cloned().collect(),
         proxies: Vec::new(),
         repository: None,
+    }
+}
+
+/// What every application status starts from, before its deployments are in.
+fn application(state: &ControllerState, name: &str) -> ApplicationStatus {
+    let record = state.apps.get(name);
+    let route_prefix = state
+        .desired
+        .as_ref()
+        .and_then(|c| c.applications.iter().find(|a| a.name == name))
+        .and_then(|a| a.route_prefix.clone());
+    ApplicationStatus {
+        status: ApplicationState::Running,
+        message: match record.map(|r| &r.outcome) {
+            Some(DeployOutcome::Failed(why)) => why.clone(),
+            Some(DeployOutcome::Deploying) => "deploying: new versions load and warm up".into(),
+            _ => String::new(),
+        },
+        route_prefix,
+        last_deployed_time_s: record.map_or(0.0, |r| r.deployed_at),
+        ignored: record.map(|r| r.ignored.clone()).unwrap_or_default(),
+        deployments: BTreeMap::new(),
+    }
+}
+
+/// A failed or running deploy decides; otherwise the deployments do (Ray Serve's rules).
+fn app_state(record: Option<&AppRecord>, app: &ApplicationStatus) -> ApplicationState {
+    match record.map(|r| &r.outcome) {
+        Some(DeployOutcome::Failed(_)) => return ApplicationState::DeployFailed,
+        Some(DeployOutcome::Deploying) => return ApplicationState::Deploying,
+        _ => {}
+    }
+    let states = || app.deployments.values().map(|d| d.status);
+    if states().any(|s| s == DeploymentState::Unhealthy) {
+        ApplicationState::Unhealthy
+    } else if states().any(|s| s == DeploymentState::Updating) {
+        ApplicationState::Deploying
+    } else {
+        ApplicationState::Running
     }
 }
 
@@ -192,11 +309,7 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
         });
     }
     let d = &m.primary.deployment;
-    let status = if d.is_ready() || m.primary.replica_count() == 0 {
-        DeploymentState::Healthy
-    } else {
-        DeploymentState::Updating
-    };
+    let (status, message) = deployment_state(&m.primary);
     let autoscaling = m.scaling.as_ref().map(|s| AutoscalingStatus {
         min_replicas: s.config.min_replicas,
         max_replicas: s.config.max_replicas,
@@ -217,11 +330,47 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
             mean_load_ms: (loads > 0).then(|| s.load_us.load(Relaxed) as f64 / loads as f64 / 1e3),
         }
     });
-    DeploymentStatus { status, versions, autoscaling, multiplex }
+    DeploymentStatus {
+        status,
+        message,
+        versions,
+        autoscaling,
+        multiplex,
+        max_ongoing_requests: d.spec().ongoing_limit(),
+        max_queued_requests: d.spec().settings.max_queued_requests,
+        num_cpus: m.config.num_cpus(),
+    }
+}
+
+/// The primary version's replicas decide (those waiting for a node count as wanted).
+fn deployment_state(v: &Version) -> (DeploymentState, String) {
+    let d = &v.deployment;
+    let (count, ready) = (v.replica_count(), d.ready_replicas());
+    if ready >= count {
+        (DeploymentState::Healthy, String::new())
+    } else if ready > 0 {
+        (DeploymentState::Upscaling, format!("{ready} of {count} replicas ready; the others are starting"))
+    } else if d.metrics().stats.success.count.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        (DeploymentState::Unhealthy, format!("none of its {count} replicas is ready; they are restarting"))
+    } else {
+        (DeploymentState::Updating, format!("{count} replica(s) starting"))
+    }
 }
 
 fn version(v: &Version, weight: u32) -> VersionStatus {
     let d = &v.deployment;
+    let replica_details = d
+        .replicas()
+        .into_iter()
+        .map(|r| ReplicaStatus {
+            id: r.id,
+            state: if r.ready { ReplicaState::Running } else { ReplicaState::Starting },
+            started_at_s: r.started_at.duration_since(UNIX_EPOCH).map(|t| t.as_secs_f64()).unwrap_or(0.0),
+            node_id: r.node_id,
+            node_ip: r.node_ip,
+            pid: r.pid,
+        })
+        .collect();
     VersionStatus {
         version: v.name().to_string(),
         model: v.key.model.onnx_path().map(PathBuf::from),
@@ -247,6 +396,8 @@ fn version(v: &Version, weight: u32) -> VersionStatus {
                 ready,
             })
             .collect(),
+        replica_details,
+        traffic: v.traffic.traffic(),
     }
 }
 

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::Gauge;
@@ -152,6 +152,25 @@ struct ReplicaSlot {
     in_flight: Gauge,
     /// The models a multiplexed replica holds (its thread publishes them after each change).
     models: ArcSwap<Vec<Arc<str>>>,
+    started_at: SystemTime,
+}
+
+/// What status pages show of one replica. A plain struct so that replicas hosted elsewhere
+/// (a Ray actor on another node) can be described the same way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaInfo {
+    /// Unique within its deployment version.
+    pub id: usize,
+    /// Loaded, warmed and taking requests.
+    pub ready: bool,
+    /// When the replica joined the deployment (a remote one: when it was added).
+    pub started_at: SystemTime,
+    /// The node it runs on; `None` for a replica thread of this process.
+    pub node_id: Option<String>,
+    /// That node's address; `None` for a replica thread of this process.
+    pub node_ip: Option<String>,
+    /// The process serving it; `None` for a replica thread of this process.
+    pub pid: Option<u32>,
 }
 
 /// The replicas of a deployment and what admission needs of them.
@@ -220,6 +239,7 @@ impl ReplicaSet {
             granted: AtomicBool::new(false),
             in_flight: self.config.metrics.replica_in_flight(id),
             models: ArcSwap::from_pointee(Vec::new()),
+            started_at: SystemTime::now(),
         });
         self.replicas.rcu(|current| {
             let mut next = current.as_ref().clone();
@@ -447,6 +467,30 @@ impl Deployment {
     /// Replicas in the set now (ready or warming up).
     pub fn replica_count(&self) -> usize {
         self.set.replicas.load().len()
+    }
+
+    /// The replicas in the set now (ready or warming up), by id. Threads of this process have
+    /// no node fields; remote replicas have theirs ([`RemoteInfo`]).
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        self.set
+            .replicas
+            .load()
+            .iter()
+            .map(|r| {
+                let remote = match &r.channel {
+                    Channel::Remote(remote) => Some(remote.info()),
+                    Channel::Local(..) => None,
+                };
+                ReplicaInfo {
+                    id: r.id,
+                    ready: r.ready.load(Ordering::Acquire),
+                    started_at: r.started_at,
+                    node_id: remote.map(|i| i.node_id.clone()),
+                    node_ip: remote.map(|i| i.node_ip.clone()),
+                    pid: remote.map(|i| i.pid),
+                }
+            })
+            .collect()
     }
 
     /// Replicas ready now.

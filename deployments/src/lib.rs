@@ -23,7 +23,7 @@ mod tensor;
 pub use backend::{Backend, BackendFactory, CopyTimes, ModelMetadata, TensorSpec, backend_factory};
 pub use batch::BatchPolicy;
 pub use builtin::{AsyncStep, register_async_step, register_step};
-pub use deployment::{Deployment, DeploymentSpec, MULTIPLEX_HEADER};
+pub use deployment::{Deployment, DeploymentSpec, MULTIPLEX_HEADER, ReplicaInfo};
 pub use error::{ErrorKind, InferError, LoadError};
 pub use pipeline::Pipeline;
 pub use remote::{RemoteCall, RemoteInfo, RemoteReplica};

@@ -321,8 +321,15 @@ async fn scaling_up_and_down_keeps_every_request() {
     f.deployment.scale_to(4).await.unwrap();
     assert_eq!(f.deployment.replica_count(), 4);
     assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    // Each replica is listed once, ready, as a thread of this process (no node fields).
+    let replicas = f.deployment.replicas();
+    let mut ids: Vec<usize> = replicas.iter().map(|r| r.id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "{replicas:?}");
+    assert!(replicas.iter().all(|r| r.ready && r.node_id.is_none() && r.pid.is_none()), "{replicas:?}");
     f.deployment.scale_to(1).await.unwrap();
     assert_eq!(f.deployment.replica_count(), 1);
+    assert_eq!(f.deployment.replicas().len(), 1);
     let ok = load.await.unwrap();
     assert!(ok > 0);
     assert_eq!(f.loads.load(Ordering::SeqCst), 4, "one at start, three added");

@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use sluice_controller::ControlError;
 use sluice_deployments::{ErrorKind, InferError};
 
+use crate::ray_serve::ValidationErrors;
+
 /// An error on its way to an HTTP client.
 #[derive(Debug)]
 pub struct ApiError {
@@ -58,6 +60,40 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+/// An error for a client of Ray's dashboard API. Ray answers errors as plain text, which its
+/// CLI prints as it is (`Request failed with status code 400: ...`); the status follows the
+/// same kinds as [`http_status`].
+#[derive(Debug)]
+pub struct RayApiError {
+    pub status: StatusCode,
+    pub text: String,
+}
+
+impl RayApiError {
+    pub fn bad_request(text: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, text: text.into() }
+    }
+}
+
+impl From<ValidationErrors> for RayApiError {
+    fn from(e: ValidationErrors) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}
+
+impl From<ControlError> for RayApiError {
+    fn from(e: ControlError) -> Self {
+        let ApiError { status, message } = e.into();
+        Self { status, text: message }
+    }
+}
+
+impl IntoResponse for RayApiError {
+    fn into_response(self) -> Response {
+        (self.status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], self.text).into_response()
     }
 }
 

@@ -16,7 +16,9 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod model_config;
+pub mod node;
 pub mod ray_jobs;
+pub mod ray_serve;
 pub mod rest;
 pub mod runtime;
 pub mod snapshot;
@@ -203,6 +205,7 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
             routes: routes.clone(),
             controller: controller.clone(),
             max_body_bytes: http.max_body_bytes,
+            draining: stop.clone(),
         },
         http.max_body_bytes,
     );
@@ -216,6 +219,7 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
                 routes: routes.clone(),
                 controller: controller.clone(),
                 max_body_bytes: http.max_body_bytes,
+                draining: stop.clone(),
             };
             rest = rest.fallback(move |req: axum::extract::Request| {
                 share_port(grpc_router.clone(), state.clone(), req)
@@ -245,7 +249,14 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
             if token.is_some() { " (bearer token required)" } else { "" }
         );
         admin_addr = Some(addr);
-        tasks.push(serve(listener, admin::router(controller.clone(), base, token), stop));
+        let frontends = ray_serve::details::Frontends {
+            http_host: http_addr.ip().to_string(),
+            http_port: http_addr.port(),
+            grpc_port: grpc_addr.map(|a| a.port()),
+        };
+        let node = node::LocalNode::of_this_process(http_addr);
+        let state = admin::AdminState::new(controller.clone(), base, node, frontends, stop.clone());
+        tasks.push(serve(listener, admin::router(state, token), stop));
     }
     Ok(Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, tasks, grace })
 }

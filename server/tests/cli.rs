@@ -301,7 +301,7 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
         "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx}\n",
     );
     let s = Running::start(&first);
-    let (code, out, err) = s.cli(&["status"]);
+    let (code, out, err) = s.cli(&["status", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let status: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][0]["version"], "1", "{out}");
@@ -379,7 +379,40 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
     // No server there: one clear line, exit 1.
     let (code, _, err) = admin_cli("http://127.0.0.1:9", &["status"]);
     assert_eq!(code, 1);
-    assert!(err.contains("cannot reach the admin API at http://127.0.0.1:9/api/serve/applications"), "{err}");
+    assert!(err.contains("cannot reach the admin API at http://127.0.0.1:9/api/sluice/status"), "{err}");
+}
+
+#[test]
+fn status_prints_a_table_and_the_machine_forms() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
+    let s = Running::start(&example);
+    let status = |args: &[&str]| {
+        let (code, out, err) = s.cli(&[&["status"], args].concat());
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let table = status(&[]);
+    let lines: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let header = ["APPLICATION", "DEPLOYMENT", "STATUS", "VERSION", "READY", "WEIGHT", "REQ/S", "P50", "P99"];
+    assert_eq!(lines[0][..9], header);
+    assert_eq!(lines[0][9..], ["QUEUE", "LAST", "EVENT"]);
+    // One row per deployment of examples/iris.yaml, warmed and taking all the traffic.
+    let row = |d: &str| {
+        lines.iter().find(|l| l.get(1) == Some(&d)).unwrap_or_else(|| panic!("{d}: {table}")).clone()
+    };
+    assert_eq!(row("mlp")[..6], ["classifiers", "mlp", "HEALTHY", "1", "2/2", "100%"]);
+    assert_eq!(row("iris-label")[..6], ["iris-app", "iris-label", "HEALTHY", "1", "1/1", "100%"]);
+    assert!(row("iris").join(" ").contains("ago: started version 1 with 1 replica(s)"), "{table}");
+    let json: Value = serde_json::from_str(&status(&["-o", "json"])).unwrap();
+    assert_eq!(json["applications"]["classifiers"]["deployments"]["mlp"]["versions"][0]["ready_replicas"], 2);
+    assert!(status(&["-o", "yaml"]).contains("status: RUNNING"));
+    // Wide: where each replica runs (this process, on loopback).
+    let pid = s.child.id();
+    let wide = status(&["-o", "wide"]);
+    let mlp = wide.lines().find(|l| l.contains(" mlp ")).unwrap_or_default();
+    assert!(mlp.ends_with(&format!("127.0.0.1/{pid},127.0.0.1/{pid}")), "{wide}");
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{status:?}: {log}");
 }
 
 #[test]

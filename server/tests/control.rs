@@ -266,9 +266,15 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     let options = sluice_server::StartOptions { admin_token: Some("s3cret".into()), ..Default::default() };
     let s = sluice_server::start(config, options).await.unwrap();
     let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
+    let sluice_status = format!("http://{}/api/sluice/status", s.admin_addr().unwrap());
     let client = reqwest::Client::new();
-    assert_eq!(client.get(&admin).send().await.unwrap().status(), 401, "no token");
-    let status: Value = client.get(&admin).bearer_auth("s3cret").send().await.unwrap().json().await.unwrap();
+    assert_eq!(client.get(&sluice_status).send().await.unwrap().status(), 401, "no token");
+    assert_eq!(client.get(&admin).bearer_auth("wrong").send().await.unwrap().status(), 401, "wrong token");
+    // KubeRay sends the token in its own header.
+    let r = client.get(&admin).header("x-ray-authorization", "Bearer s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let status: Value =
+        client.get(&sluice_status).bearer_auth("s3cret").send().await.unwrap().json().await.unwrap();
     assert_eq!(status["applications"]["app"]["deployments"]["m"]["versions"][0]["version"], "1");
     // A config that fails validation changes nothing and lists every error.
     let bad = "applications:\n  - name: app\n    deployments:\n      - {name: m, model: nope.onnx, num_replicas: 0}\n";
@@ -379,5 +385,41 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
     assert_eq!(infer(&s).await.1["model_version"], "2");
     let r = client.post(url(&s, "/v2/repository/models/nope/load")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_replicas_and_recent_traffic() {
+    let s = start_with("      - {name: m, model: iris/model.onnx, num_replicas: 2}\n").await;
+    assert!(s.wait_ready(Duration::from_secs(60)).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&s, "m", 2, stop.clone());
+    let admin = format!("http://{}/api/sluice/status", s.admin_addr().unwrap());
+    let client = reqwest::Client::new();
+    // The control loop snapshots counters about once a second: wait for two with requests
+    // between them.
+    let until = Instant::now() + Duration::from_secs(30);
+    let version = loop {
+        let status: Value = client.get(&admin).send().await.unwrap().json().await.unwrap();
+        let v = status["applications"]["app"]["deployments"]["m"]["versions"][0].clone();
+        if v["traffic"]["requests_per_s"].as_f64().is_some_and(|r| r > 0.0) {
+            break v;
+        }
+        assert!(Instant::now() < until, "no traffic reported: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let t = &version["traffic"];
+    let (p50, p99) = (t["p50_ms"].as_f64().unwrap(), t["p99_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99, "{t}");
+    assert!(t["window_s"].as_f64().unwrap() >= 1.0, "{t}");
+    let replicas = version["replica_details"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{version:#}");
+    for r in replicas {
+        assert_eq!(r["state"], "RUNNING");
+        assert_eq!(r["pid"], std::process::id(), "named as this process: {r}");
+        assert!(r["node_id"].is_string() && r["node_ip"] == "127.0.0.1", "{r}");
+    }
     s.shutdown().await;
 }

@@ -47,7 +47,7 @@ impl Env {
 
     async fn status(&self) -> Value {
         self.client
-            .get(format!("{}/api/serve/applications", self.admin))
+            .get(format!("{}/api/sluice/status", self.admin))
             .send()
             .await
             .unwrap()

@@ -117,14 +117,7 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
         (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
     };
     let status = || async {
-        client
-            .get(format!("{admin}/api/serve/applications"))
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
+        client.get(format!("{admin}/api/sluice/status")).send().await.unwrap().json::<Value>().await.unwrap()
     };
     let notify = || async {
         client.post(format!("{admin}/api/sluice/repository/flowers/notify")).send().await.unwrap()

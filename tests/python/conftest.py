@@ -44,14 +44,17 @@ applications:
 
 
 class Sluice:
-    def __init__(self, tmp: Path, http_port: int = 0, grpc_port: int = 0):
+    """`sluice run` on `config` (CONFIG unless given; `{http}`, `{grpc}` and `{models}` are
+    filled in), with the addresses it printed: `http`, `grpc`, `admin`."""
+
+    def __init__(self, tmp: Path, http_port: int = 0, grpc_port: int = 0, config: str = CONFIG):
         cfg = tmp / f"sluice-{http_port}-{grpc_port}.yaml"
-        cfg.write_text(CONFIG.format(http=http_port, grpc=grpc_port, models=MODELS))
+        cfg.write_text(config.format(http=http_port, grpc=grpc_port, models=MODELS))
         self.proc = subprocess.Popen(
             [BIN, "run", str(cfg)], stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "info"}
         )
         self.log = []
-        self.http = self.grpc = None
+        self.http = self.grpc = self.admin = None
         found = threading.Event()
 
         def read():
@@ -63,7 +66,10 @@ class Sluice:
                 m = re.search(r"gRPC frontend listening on (\S+)", line)
                 if m:
                     self.grpc = m.group(1)
-                if self.http and self.grpc:
+                m = re.search(r"admin API listening on (http://\S+)", line)
+                if m:
+                    self.admin = m.group(1)
+                if self.http and self.grpc and self.admin:
                     found.set()
 
         threading.Thread(target=read, daemon=True).start()

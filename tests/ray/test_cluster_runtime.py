@@ -102,7 +102,7 @@ def admin(c, method, path, body_file=None):
 
 
 def status(c):
-    code, body = admin(c, "GET", "/api/serve/applications")
+    code, body = admin(c, "GET", "/api/sluice/status")
     assert code == 200, body
     return body
 

@@ -94,7 +94,7 @@ def admin(c, method, path):
 
 
 def status(c):
-    code, body = admin(c, "GET", "/api/serve/applications")
+    code, body = admin(c, "GET", "/api/sluice/status")
     assert code == 200, body
     return body
 

@@ -39,7 +39,8 @@ pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
     }
 }
 
-/// `sluice deploy CONFIG`: PUTs the file, telling the server where relative paths start.
+/// `sluice deploy CONFIG`: PUTs the file (Sluice's config, or a Ray Serve config), telling the
+/// server where relative paths start.
 pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
     let text = match std::fs::read_to_string(config) {
         Ok(t) => t,
@@ -52,11 +53,41 @@ pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
         .ok()
         .and_then(|p| p.parent().map(|d| d.display().to_string()))
         .unwrap_or_default();
-    call(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base))
+    match request(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base)) {
+        // A Ray Serve config deploys in the background, as with `serve deploy`.
+        Ok(answer) if answer.is_empty() => {
+            println!("accepted; `sluice status` shows how the deploy goes");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            println!("{}", pretty(answer));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
-pub fn status(admin: &AdminArgs) -> ExitCode {
-    call(admin, reqwest::Method::GET, "/api/serve/applications", None, None)
+/// `sluice status`: Sluice's own status (`/api/sluice/status`), as a table or for machines.
+pub fn status(admin: &AdminArgs, output: super::status::Output) -> ExitCode {
+    let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
+        Ok(text) => text,
+        Err(code) => return code,
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let rendered = serde_json::from_str::<sluice_controller::Status>(&text)
+        .map_err(|e| format!("the admin API answered something else than a status ({e}): {text}"))
+        .and_then(|s| super::status::render(&s, output, now));
+    match rendered {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn delete(app: &str, admin: &AdminArgs) -> ExitCode {
@@ -82,11 +113,36 @@ fn call(
     body: Option<String>,
     base_dir: Option<String>,
 ) -> ExitCode {
+    match request(admin, method, path, body, base_dir) {
+        Ok(text) => {
+            println!("{}", pretty(text));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// JSON pretty-printed; anything else as it is.
+fn pretty(text: String) -> String {
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(text)
+}
+
+/// One admin API call: the answer's body, or (printed) why there is none.
+fn request(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<String>,
+    base_dir: Option<String>,
+) -> Result<String, ExitCode> {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         }
     };
     let url = format!("{}{path}", admin.address.trim_end_matches('/'));
@@ -107,22 +163,14 @@ fn call(
         Ok::<_, reqwest::Error>((status, text))
     });
     match result {
+        Ok((status, text)) if status.is_success() => Ok(text),
         Ok((status, text)) => {
-            let pretty = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| serde_json::to_string_pretty(&v).ok())
-                .unwrap_or(text);
-            if status.is_success() {
-                println!("{pretty}");
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("error ({status}): {pretty}");
-                ExitCode::FAILURE
-            }
+            eprintln!("error ({status}): {}", pretty(text));
+            Err(ExitCode::FAILURE)
         }
         Err(e) => {
             eprintln!("error: cannot reach the admin API at {url}: {e}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod proxy;
 pub mod ray;
 pub mod replica;
 pub mod run;
+pub mod status;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -40,8 +41,13 @@ pub enum Command {
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
-    /// Show applications, deployments, versions, replicas, traffic weights and recent events.
+    /// Show applications, deployments, versions, replicas ready/desired, traffic weights,
+    /// requests per second, p50/p99 latency (over the last 30 s), queue depth and last events.
     Status {
+        /// `table` to read (`wide`: with where each replica runs), `json` or `yaml` for
+        /// machines (the admin API's whole status).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: status::Output,
         #[command(flatten)]
         admin: admin::AdminArgs,
     },

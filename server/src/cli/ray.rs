@@ -163,7 +163,7 @@ async fn wait_healthy(
             ));
         }
         if job.status == "RUNNING" {
-            let mut req = http.get(format!("{admin}/api/serve/applications"));
+            let mut req = http.get(format!("{admin}/api/sluice/status"));
             if let Some(t) = token {
                 req = req.bearer_auth(t);
             }

@@ -6,6 +6,7 @@ mod health;
 mod infer;
 pub mod json;
 mod model;
+mod proxy;
 pub mod route;
 
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub routes: Arc<RouteTable>,
     pub controller: Arc<sluice_controller::Controller>,
     pub max_body_bytes: usize,
+    /// True once shutdown has begun (Ray's proxy health answers 503 then).
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The REST routes of the Open Inference Protocol.
@@ -45,6 +48,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v2/models/{model}/stats", get(model::stats))
         .route("/v2/models/{model}/versions/{version}/stats", get(model::stats))
         .route("/metrics", get(crate::metrics::render))
+        .route("/-/healthz", get(proxy::healthz))
+        .route("/-/routes", get(proxy::routes))
         .route("/v2/models/{model}/infer", post(infer::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,13 +1,25 @@
-//! The admin API, on its own port (127.0.0.1:8265 by default), in Ray Serve's shape:
-//! `PUT /api/serve/applications` takes a whole config (YAML or JSON) declaratively,
-//! `GET` reports applications, deployments, versions, replicas, weights and recent events,
-//! `DELETE` removes every application (`/api/serve/applications/{app}`: one). Rollouts:
+//! The admin API, on its own port (127.0.0.1:8265 by default: Ray's dashboard port).
+//!
+//! Sluice's own API: `PUT /api/serve/applications` takes a whole Sluice config (YAML or JSON),
+//! applies it and answers the status; `GET /api/sluice/status` reports applications,
+//! deployments, versions, replicas, weights, recent traffic and events;
+//! `DELETE /api/serve/applications/{app}` removes one application. Rollouts:
 //! `POST /api/serve/deployments/{d}/canary {"weight": N}`, `.../promote`, `.../rollback`.
 //! Model repository: `POST /api/sluice/repository/{model}/notify` scans it now.
-//! With a bearer token configured (env `admin_options.token_env`), every call must carry it.
+//!
+//! Ray's dashboard API ([`ray`]), for `serve deploy/status/config/shutdown` and KubeRay: the
+//! same PUT takes Ray's `ServeDeploySchema` (told apart by its content, see
+//! [`crate::ray_serve::schema::is_ray_config`]), `GET` and `DELETE /api/serve/applications/`
+//! answer Ray's shapes, and `GET /api/ray/version` and `/api/version` Ray's version check.
+//!
+//! With a bearer token configured (env `admin_options.token_env`), every call must carry it, in
+//! `Authorization` or (as KubeRay sends it) `X-Ray-Authorization`.
 
+mod ray;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Json;
 use axum::Router;
@@ -20,17 +32,52 @@ use axum::routing::{get, post, put};
 use serde_json::{Value, json};
 
 use sluice_controller::{Controller, Status};
+use tokio::sync::watch;
 
 use crate::error::ApiError;
+use crate::node::LocalNode;
+use crate::ray_serve::details::Frontends;
 
 /// The header that tells the server where relative model paths of a PUT config start
 /// (`sluice deploy` sends the config file's folder).
 pub const BASE_DIR_HEADER: &str = "x-sluice-base-dir";
 
+/// What the admin handlers share.
 #[derive(Clone)]
-struct AdminState {
+pub struct AdminState {
     controller: Arc<Controller>,
+    /// Where relative paths of a deployed config start unless the request says otherwise.
     base_dir: PathBuf,
+    node: LocalNode,
+    frontends: Frontends,
+    /// True once shutdown has begun.
+    draining: watch::Receiver<bool>,
+    /// The application entries last deployed through Ray's API, by name (`deployed_app_config`).
+    submitted: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
+impl AdminState {
+    pub fn new(
+        controller: Arc<Controller>,
+        base_dir: PathBuf,
+        node: LocalNode,
+        frontends: Frontends,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Self { controller, base_dir, node, frontends, draining, submitted: Arc::default() }
+    }
+
+    /// Sluice's status, with the replicas of this process named by its node.
+    fn status(&self) -> Status {
+        let mut status = self.controller.status();
+        self.node.fill(&mut status);
+        status
+    }
+
+    fn submitted(&self) -> MutexGuard<'_, BTreeMap<String, Value>> {
+        // Only whole-map replacements happen under it: a panic cannot leave it half-changed.
+        self.submitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -38,12 +85,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The admin routes. `token`: the bearer token every request must carry, if any.
-pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<String>) -> Router {
-    let state = AdminState { controller, base_dir };
+pub fn router(state: AdminState, token: Option<String>) -> Router {
     Router::new()
-        .route("/api/serve/applications", put(deploy).get(status).delete(delete_all))
-        .route("/api/serve/applications/", put(deploy).get(status).delete(delete_all))
+        .route("/api/serve/applications", put(deploy).get(ray::details).delete(ray::delete_all))
+        .route("/api/serve/applications/", put(deploy).get(ray::details).delete(ray::delete_all))
         .route("/api/serve/applications/{app}", axum::routing::delete(delete_one))
+        .route("/api/sluice/status", get(status))
+        .route("/api/ray/version", get(ray::version))
+        .route("/api/version", get(ray::version))
         .route("/api/serve/deployments/{name}/canary", post(set_weight))
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
@@ -58,7 +107,11 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
             let token = token.clone();
             async move {
                 if let Some(t) = token {
-                    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                    let headers = req.headers();
+                    let given = [header::AUTHORIZATION.as_str(), "x-ray-authorization"]
+                        .into_iter()
+                        .find_map(|h| headers.get(h))
+                        .and_then(|v| v.to_str().ok());
                     if given != Some(&format!("Bearer {t}")) {
                         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                     }
@@ -69,6 +122,9 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .with_state(state)
 }
 
+/// A whole config: Ray's `ServeDeploySchema` (JSON as Ray's clients send it, or YAML) is
+/// deployed in the background the way Ray does; Sluice's own config is applied before the
+/// answer.
 async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "the config must be UTF-8 YAML or JSON");
@@ -80,6 +136,12 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         .and_then(|v| v.to_str().ok())
         .map(PathBuf::from)
         .unwrap_or_else(|| s.base_dir.clone());
+    let doc = serde_json::from_str::<Value>(text).ok().or_else(|| serde_saphyr::from_str::<Value>(text).ok());
+    if let Some(doc) = doc
+        && crate::ray_serve::schema::is_ray_config(&doc)
+    {
+        return ray::deploy(&s, &doc, &base);
+    }
     let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
         Ok(c) => c,
         Err(errors) => {
@@ -92,7 +154,11 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         }
     };
     match s.controller.apply(&config).await {
-        Ok(()) => Json(s.controller.status()).into_response(),
+        Ok(()) => {
+            // Every application now comes from this config, none from a Ray client.
+            s.submitted().clear();
+            Json(s.status()).into_response()
+        }
         Err(e) => {
             let mut e = ApiError::from(e);
             e.message.push_str("; nothing changed");
@@ -110,17 +176,13 @@ async fn routes_snapshot(State(s): State<AdminState>) -> Json<crate::snapshot::S
 }
 
 async fn status(State(s): State<AdminState>) -> Json<Status> {
-    Json(s.controller.status())
-}
-
-async fn delete_all(State(s): State<AdminState>) -> Answer {
-    s.controller.delete(None).await?;
-    Ok(Json(s.controller.status()))
+    Json(s.status())
 }
 
 async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
     s.controller.delete(Some(&app)).await?;
-    Ok(Json(s.controller.status()))
+    s.submitted().remove(&app);
+    Ok(Json(s.status()))
 }
 
 async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Answer {
@@ -129,17 +191,17 @@ async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body:
         return Err(ApiError::bad_request("body must be {\"weight\": 0..100}"));
     };
     s.controller.set_weight(&name, weight).await?;
-    Ok(Json(s.controller.status()))
+    Ok(Json(s.status()))
 }
 
 async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
     s.controller.promote(&name).await?;
-    Ok(Json(s.controller.status()))
+    Ok(Json(s.status()))
 }
 
 async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
     s.controller.rollback(&name, "rolled back by hand").await?;
-    Ok(Json(s.controller.status()))
+    Ok(Json(s.status()))
 }
 
 /// A training job wrote a version of `model`: scan the repository now (rather than at the next

@@ -1,0 +1,415 @@
+//! Ray Serve's deploy schema (`ServeDeploySchema` in ray/serve/schema.py, Ray 2.60), typed
+//! where Sluice gives a field a meaning and kept as JSON where Sluice's own config parser
+//! checks it later. Every other field Ray knows (or a newer Ray adds) is accepted and listed as
+//! ignored, with why: a real Ray config is never refused for a field Sluice does not use.
+
+use serde_json::{Map, Value};
+
+use super::{ValidationError, ValidationErrors};
+
+/// What `import_path` names: `sluice.<kind>:<reference>`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImportPath {
+    /// `sluice.onnx:PATH` — an ONNX file.
+    Onnx(String),
+    /// `sluice.repository:PATH` — a model folder in Triton's layout (`PATH/<N>/model.onnx`).
+    Repository(String),
+    /// `sluice.builtin:STEP` — a built-in step; its options in `args.options`.
+    Builtin(String),
+    /// `sluice.custom:NAME` — a step registered in Rust under NAME.
+    Custom(String),
+    /// `sluice.pipeline:NAME` — a pipeline served as model NAME, declared in `args`.
+    Pipeline(String),
+}
+
+/// The syntax, for messages.
+pub const IMPORT_PATH_SYNTAX: &str = "sluice.onnx:PATH, sluice.repository:PATH, sluice.builtin:STEP, \
+     sluice.custom:NAME or sluice.pipeline:NAME";
+
+impl ImportPath {
+    /// Parses `sluice.<kind>:<reference>`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a Sluice model reference; use {IMPORT_PATH_SYNTAX}");
+        let (kind, reference) = s.split_once(':').ok_or_else(bad)?;
+        // Ray's own check allows one colon only, not at either end.
+        if reference.is_empty() || reference.contains(':') {
+            return Err(bad());
+        }
+        let r = reference.to_string();
+        match kind {
+            "sluice.onnx" => Ok(Self::Onnx(r)),
+            "sluice.repository" => Ok(Self::Repository(r)),
+            "sluice.builtin" => Ok(Self::Builtin(r)),
+            "sluice.custom" => Ok(Self::Custom(r)),
+            "sluice.pipeline" => Ok(Self::Pipeline(r)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A whole `ServeDeploySchema`.
+#[derive(Debug, Clone)]
+pub struct ServeDeploy {
+    pub applications: Vec<RayApp>,
+    /// Top-level fields Sluice does not act on (`proxy_location`, `http_options`, ...).
+    pub ignored: Vec<String>,
+}
+
+/// One `applications[]` entry.
+#[derive(Debug, Clone)]
+pub struct RayApp {
+    /// Ray's default is `default`.
+    pub name: String,
+    pub route_prefix: Option<String>,
+    pub import_path: ImportPath,
+    /// Sluice deployment fields for the application (see docs/config.md).
+    pub args: Map<String, Value>,
+    pub deployments: Vec<RayDeployment>,
+    /// Application fields Sluice does not act on, each `FIELD: why`.
+    pub ignored: Vec<String>,
+    /// The entry exactly as submitted (`deployed_app_config` answers it back).
+    pub submitted: Value,
+}
+
+/// One `applications[].deployments[]` entry: options for a deployment of the application.
+#[derive(Debug, Clone)]
+pub struct RayDeployment {
+    pub name: String,
+    /// Ray fields Sluice's deployments have too ([`MAPPED`], `autoscaling_config` and
+    /// `ray_actor_options` less the keys Sluice lacks), each with its Ray location.
+    pub fields: Vec<(String, Value, String)>,
+    /// Sluice deployment fields.
+    pub user_config: Map<String, Value>,
+    pub ignored: Vec<String>,
+}
+
+/// Deployment fields Ray and Sluice share, with the same meaning.
+const MAPPED: &[&str] = &[
+    "num_replicas",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "max_replicas_per_node",
+    "health_check_period_s",
+    "health_check_timeout_s",
+];
+
+/// The `ray_actor_options` keys Sluice places replicas by (on Ray).
+const ACTOR_OPTIONS: &[&str] = &["num_cpus", "num_gpus", "memory", "resources", "accelerator_type"];
+
+/// Why Sluice does not act on a Ray field.
+fn why(field: &str) -> &'static str {
+    match field {
+        "proxy_location" | "http_options" | "grpc_options" => {
+            "Sluice's frontends are set when it starts (its own config's proxy_location, http_options, \
+             grpc_options)"
+        }
+        "logging_config" => "Sluice logs as RUST_LOG says",
+        "runtime_env" => "Sluice runs no Python: import_path names the model",
+        "graceful_shutdown_wait_loop_s" | "graceful_shutdown_timeout_s" => {
+            "replicas drain within Sluice's graceful_shutdown_timeout_s"
+        }
+        "placement_group_bundles"
+        | "placement_group_strategy"
+        | "placement_group_bundle_label_selector"
+        | "gang_scheduling_config" => "Sluice places each replica by its ray_actor_options alone",
+        "request_router_config" => "Sluice picks replicas by power of two choices",
+        "max_queued_requests" => "-1 (no limit): Sluice bounds every queue, so its default applies",
+        _ => "not used by Sluice",
+    }
+}
+
+fn ignore(list: &mut Vec<String>, path: &str, field: &str) {
+    list.push(format!("{path}: {}", why(field)));
+}
+
+/// Sluice's `autoscaling_config` keys (Ray's others are ignored, not refused).
+const AUTOSCALING_KEYS: &[&str] = &[
+    "target_ongoing_requests",
+    "min_replicas",
+    "max_replicas",
+    "initial_replicas",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "downscale_to_zero_delay_s",
+    "upscaling_factor",
+    "downscaling_factor",
+    "smoothing_factor",
+    "look_back_period_s",
+    "metrics_interval_s",
+];
+
+/// Parses a PUT body already read as JSON. Every problem is reported, at Ray's location
+/// (`applications.0.import_path`).
+pub fn parse(body: &Value) -> Result<ServeDeploy, ValidationErrors> {
+    let mut errors = Vec::new();
+    let Some(top) = object(body, "", &mut errors) else { return Err(ValidationErrors(errors)) };
+    let mut ignored = Vec::new();
+    let mut applications = Vec::new();
+    for (key, value) in top {
+        match key.as_str() {
+            "applications" => match value.as_array() {
+                Some(list) => {
+                    for (i, app) in list.iter().enumerate() {
+                        applications.extend(parse_app(app, &format!("applications.{i}"), &mut errors));
+                    }
+                }
+                None => errors.push(err("applications", "Input should be a valid list")),
+            },
+            _ if value.is_null() => {}
+            other => ignore(&mut ignored, &format!("{other} (top level)"), other),
+        }
+    }
+    if !top.contains_key("applications") {
+        errors.push(err("applications", "Field required"));
+    }
+    if errors.is_empty() { Ok(ServeDeploy { applications, ignored }) } else { Err(ValidationErrors(errors)) }
+}
+
+fn parse_app(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<RayApp> {
+    let obj = object(value, at, errors)?;
+    let before = errors.len();
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => Some("default".to_string()),
+        Some(v) => string(v, &format!("{at}.name"), errors),
+    };
+    let route_prefix = match obj.get("route_prefix") {
+        None | Some(Value::Null) => None,
+        Some(v) => string(v, &format!("{at}.route_prefix"), errors),
+    };
+    let import_path = match obj.get("import_path") {
+        None => {
+            errors.push(err(&format!("{at}.import_path"), "Field required"));
+            None
+        }
+        Some(v) => string(v, &format!("{at}.import_path"), errors).and_then(|s| {
+            ImportPath::parse(&s).map_err(|m| errors.push(err(&format!("{at}.import_path"), &m))).ok()
+        }),
+    };
+    let args = match obj.get("args") {
+        None | Some(Value::Null) => Some(Map::new()),
+        Some(v) => object(v, &format!("{at}.args"), errors).cloned(),
+    };
+    let mut deployments = Vec::new();
+    let mut ignored = Vec::new();
+    match obj.get("deployments") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) => {
+            for (j, d) in list.iter().enumerate() {
+                deployments.extend(parse_deployment(d, &format!("{at}.deployments.{j}"), errors));
+            }
+        }
+        Some(_) => errors.push(err(&format!("{at}.deployments"), "Input should be a valid list")),
+    }
+    for (key, value) in obj {
+        let known = ["name", "route_prefix", "import_path", "args", "deployments"];
+        if !known.contains(&key.as_str()) && !value.is_null() && value != &Value::Bool(false) {
+            ignore(&mut ignored, key, key);
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    for d in &mut deployments {
+        ignored.extend(d.ignored.drain(..).map(|i| format!("deployments[{}].{i}", d.name)));
+    }
+    Some(RayApp {
+        name: name?,
+        route_prefix,
+        import_path: import_path?,
+        args: args?,
+        deployments,
+        ignored,
+        submitted: value.clone(),
+    })
+}
+
+fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<RayDeployment> {
+    let obj = object(value, at, errors)?;
+    let name = match obj.get("name") {
+        None => {
+            errors.push(err(&format!("{at}.name"), "Field required"));
+            None
+        }
+        Some(v) => string(v, &format!("{at}.name"), errors),
+    };
+    let mut fields = Vec::new();
+    let mut user_config = Map::new();
+    let mut ignored = Vec::new();
+    for (key, value) in obj {
+        let loc = format!("{at}.{key}");
+        match (key.as_str(), value) {
+            ("name", _) | (_, Value::Null) => {}
+            ("max_queued_requests", v) if v.as_i64() == Some(-1) => ignore(&mut ignored, key, key),
+            (k, v) if MAPPED.contains(&k) => fields.push((key.clone(), v.clone(), loc)),
+            ("user_config", v) => user_config = object(v, &loc, errors).cloned().unwrap_or_default(),
+            ("autoscaling_config", v) => {
+                let Some(a) = object(v, &loc, errors) else { continue };
+                let (known, other): (Map<_, _>, Map<_, _>) =
+                    a.clone().into_iter().partition(|(k, _)| AUTOSCALING_KEYS.contains(&k.as_str()));
+                for k in other.keys() {
+                    ignore(&mut ignored, &format!("autoscaling_config.{k}"), k);
+                }
+                fields.push((key.clone(), Value::Object(known), loc));
+            }
+            ("ray_actor_options", v) => {
+                let Some(options) = object(v, &loc, errors) else { continue };
+                let mut kept = Map::new();
+                for (k, v) in options {
+                    match k.as_str() {
+                        _ if v.is_null() => {}
+                        // Ray's memory is a float of bytes; Sluice's a whole number.
+                        "memory" => {
+                            let whole =
+                                v.as_f64().filter(|m| m.fract() == 0.0 && *m >= 0.0).map(|m| m as u64);
+                            kept.insert(k.clone(), whole.map_or_else(|| v.clone(), Value::from));
+                        }
+                        option if ACTOR_OPTIONS.contains(&option) => {
+                            kept.insert(k.clone(), v.clone());
+                        }
+                        _ if v == &Value::Object(Map::new()) => {}
+                        _ => ignore(&mut ignored, &format!("ray_actor_options.{k}"), k),
+                    }
+                }
+                fields.push((key.clone(), Value::Object(kept), loc));
+            }
+            _ => ignore(&mut ignored, key, key),
+        }
+    }
+    Some(RayDeployment { name: name?, fields, user_config, ignored })
+}
+
+fn err(loc: &str, msg: &str) -> ValidationError {
+    ValidationError { loc: loc.to_string(), msg: msg.to_string() }
+}
+
+fn object<'a>(v: &'a Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<&'a Map<String, Value>> {
+    let o = v.as_object();
+    if o.is_none() {
+        errors.push(err(at, "Input should be a valid dictionary"));
+    }
+    o
+}
+
+fn string(v: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<String> {
+    let s = v.as_str().map(str::to_string);
+    if s.is_none() {
+        errors.push(err(at, "Input should be a valid string"));
+    }
+    s
+}
+
+/// Whether a PUT body is Ray's schema rather than Sluice's own config: a document with a
+/// field only Ray's schema has, at the top (`logging_config`, `target_capacity`, ...) or in an
+/// application (`import_path`, `args`, `runtime_env`, ...).
+pub fn is_ray_config(body: &Value) -> bool {
+    const TOP: &[&str] = &["logging_config", "tracing_config", "controller_options", "target_capacity"];
+    const APP: &[&str] = &[
+        "import_path",
+        "args",
+        "runtime_env",
+        "logging_config",
+        "external_scaler_enabled",
+        "autoscaling_policy",
+    ];
+    let Some(top) = body.as_object() else { return false };
+    let app_says = |a: &Value| a.as_object().is_some_and(|a| APP.iter().any(|k| a.contains_key(*k)));
+    TOP.iter().any(|k| top.contains_key(*k))
+        || top.get("applications").and_then(Value::as_array).is_some_and(|apps| apps.iter().any(app_says))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn import_paths_name_the_model_kind() {
+        assert_eq!(
+            ImportPath::parse("sluice.onnx:models/iris.onnx"),
+            Ok(ImportPath::Onnx("models/iris.onnx".into()))
+        );
+        assert_eq!(ImportPath::parse("sluice.pipeline:embed"), Ok(ImportPath::Pipeline("embed".into())));
+        for bad in ["main:app", "sluice.onnx:", "sluice.onnx:a:b", "sluice.onnx", "sluice.wasm:x"] {
+            let e = ImportPath::parse(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}` is not a Sluice model reference")), "{e}");
+        }
+    }
+
+    #[test]
+    fn ray_fields_are_typed_ignored_with_why_or_refused_at_their_location() {
+        let body = json!({
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "0.0.0.0", "port": 8000},
+            "applications": [{
+                "name": "iris",
+                "import_path": "sluice.onnx:iris.onnx",
+                "runtime_env": {"pip": ["torch"]},
+                "args": {"max_batch_size": 8},
+                "deployments": [{
+                    "name": "iris",
+                    "num_replicas": 2,
+                    "max_queued_requests": -1,
+                    "user_config": {"version": "2"},
+                    "health_check_period_s": 5,
+                    "graceful_shutdown_timeout_s": 20,
+                    "autoscaling_config": null,
+                    "ray_actor_options": {"num_cpus": 0.5, "memory": 1e9, "runtime_env": {"pip": ["x"]}},
+                }],
+            }],
+        });
+        let d = parse(&body).unwrap();
+        assert!(d.ignored.iter().any(|i| i.starts_with("proxy_location (top level): ")), "{:?}", d.ignored);
+        let app = &d.applications[0];
+        assert_eq!(app.import_path, ImportPath::Onnx("iris.onnx".into()));
+        assert_eq!(app.args["max_batch_size"], 8);
+        assert_eq!(app.submitted, body["applications"][0]);
+        let dep = &app.deployments[0];
+        let fields: Vec<(&str, &Value)> = dep.fields.iter().map(|(k, v, _)| (k.as_str(), v)).collect();
+        let options = json!({"num_cpus": 0.5, "memory": 1_000_000_000u64});
+        assert_eq!(
+            fields,
+            vec![
+                ("health_check_period_s", &json!(5)),
+                ("num_replicas", &json!(2)),
+                ("ray_actor_options", &options)
+            ]
+        );
+        assert_eq!(dep.fields[2].2, "applications.0.deployments.0.ray_actor_options");
+        assert_eq!(dep.user_config["version"], "2");
+        let ignored = app.ignored.join("\n");
+        for field in [
+            "runtime_env: Sluice runs no Python",
+            "deployments[iris].graceful_shutdown_timeout_s: replicas drain within",
+            "deployments[iris].max_queued_requests: -1 (no limit)",
+            "deployments[iris].ray_actor_options.runtime_env: Sluice runs no Python",
+        ] {
+            assert!(ignored.contains(field), "{field} in {ignored}");
+        }
+
+        let bad = json!({"applications": [{"name": 3, "import_path": "main:app", "deployments": [{}]}, "x"]});
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("4 validation errors for ServeDeploySchema\n"), "{e}");
+        assert!(
+            e.contains("\napplications.0.name\n  Input should be a valid string [type=value_error]"),
+            "{e}"
+        );
+        assert!(
+            e.contains("\napplications.0.import_path\n  `main:app` is not a Sluice model reference"),
+            "{e}"
+        );
+        assert!(e.contains("\napplications.0.deployments.0.name\n  Field required"), "{e}");
+        assert!(e.contains("\napplications.1\n  Input should be a valid dictionary"), "{e}");
+    }
+
+    #[test]
+    fn ray_configs_are_told_from_sluice_configs() {
+        assert!(is_ray_config(
+            &json!({"applications": [{"name": "a", "import_path": "sluice.onnx:m.onnx"}]})
+        ));
+        assert!(is_ray_config(&json!({"target_capacity": 50, "applications": []})));
+        assert!(!is_ray_config(&json!({"proxy_location": "EveryNode", "applications": []})), "Sluice's too");
+        assert!(!is_ray_config(&json!({"applications": [{"name": "a", "deployments": []}]})));
+        assert!(!is_ray_config(&json!("applications: []")));
+    }
+}
