@@ -135,6 +135,9 @@ pub struct RepositoryRollout {
     pub max_p99_ms: Option<f64>,
     /// Canary requests an interval needs before it counts. Default 20.
     pub min_requests: u64,
+    /// Smallest share of rows on which the canary, shadowing the primary, agrees with it.
+    /// Default: no gate.
+    pub min_shadow_agreement: Option<f64>,
 }
 
 impl Default for RepositoryRollout {
@@ -147,6 +150,7 @@ impl Default for RepositoryRollout {
             max_error_rate: r.max_error_rate,
             max_p99_ms: r.max_p99_ms,
             min_requests: r.min_requests,
+            min_shadow_agreement: r.min_shadow_agreement,
         }
     }
 }
@@ -160,6 +164,7 @@ impl RepositoryRollout {
             max_error_rate: self.max_error_rate,
             max_p99_ms: self.max_p99_ms,
             min_requests: self.min_requests,
+            min_shadow_agreement: self.min_shadow_agreement,
         }
     }
 }

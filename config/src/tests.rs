@@ -281,3 +281,40 @@ fn autoscaling_value_errors_name_the_field() {
     );
     assert!(e[0].message.contains("cannot be set together with a fixed num_replicas"), "{e:?}");
 }
+
+#[test]
+fn a_shadow_agreement_gate_is_a_fraction_and_takes_the_deployments_one_shadow() {
+    let e = errors(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - name: m\n",
+        "        model: m.onnx\n",
+        "        canary: {model: m.onnx, version: \"2\", rollout: {min_shadow_agreement: 1.5}}\n",
+        "        shadow: {model: m.onnx, version: \"3\"}\n",
+    ));
+    let found: Vec<(&str, &str)> = e.iter().map(|e| (e.field.as_str(), e.message.as_str())).collect();
+    assert!(
+        found.contains(&(
+            "applications[0].deployments[0].canary.rollout.min_shadow_agreement",
+            "is a fraction: 0 to 1"
+        )),
+        "{e:?}"
+    );
+    assert!(
+        found.iter().any(|(f, m)| *f == "applications[0].deployments[0].shadow" && m.contains("one shadow")),
+        "{e:?}"
+    );
+    let c = parse_in(concat!(
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - name: m\n",
+        "        model: m.onnx\n",
+        "        canary: {model: m.onnx, version: \"2\", rollout: {min_shadow_agreement: 0.99}}\n",
+    ))
+    .unwrap();
+    let rollout = c.applications[0].deployments[0].canary.as_ref().unwrap().rollout.clone().unwrap();
+    assert_eq!(rollout.min_shadow_agreement, Some(0.99));
+    assert_eq!(Rollout::default().min_shadow_agreement, None, "no gate unless asked");
+}

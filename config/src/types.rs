@@ -417,11 +417,22 @@ pub struct Rollout {
     pub max_p99_ms: Option<f64>,
     /// Canary requests an interval needs before it counts. Default 20.
     pub min_requests: u64,
+    /// Gate on agreement with the primary: the primary's requests are also copied to the canary
+    /// (as a shadow: only onto a free slot, never queued) and an interval needs `min_requests`
+    /// compared rows, of which at least this share must agree. Default: no gate.
+    pub min_shadow_agreement: Option<f64>,
 }
 
 impl Default for Rollout {
     fn default() -> Self {
-        Self { step_percent: 10, interval_s: 30.0, max_error_rate: 0.01, max_p99_ms: None, min_requests: 20 }
+        Self {
+            step_percent: 10,
+            interval_s: 30.0,
+            max_error_rate: 0.01,
+            max_p99_ms: None,
+            min_requests: 20,
+            min_shadow_agreement: None,
+        }
     }
 }
 

@@ -180,6 +180,9 @@ fn check_rollout(r: &crate::Rollout, at: &str, loc: Location, errs: &mut Errors<
     if r.max_p99_ms.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
         errs.at(loc, format!("{at}.max_p99_ms"), "must be above 0 milliseconds");
     }
+    if r.min_shadow_agreement.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+        errs.at(loc, format!("{at}.min_shadow_agreement"), "is a fraction: 0 to 1");
+    }
 }
 
 /// `names`: every deployment name seen so far (they are model names, unique server-wide).
@@ -290,6 +293,18 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         errs.check_name(&s.version, &format!("{at}.shadow.version"));
         if s.percent.value > 100 {
             errs.at(s.percent.referenced, format!("{at}.shadow.percent"), "is a percent: 0 to 100");
+        }
+        if dep
+            .canary
+            .as_ref()
+            .and_then(|c| c.rollout.as_ref())
+            .is_some_and(|r| r.min_shadow_agreement.is_some())
+        {
+            errs.at(
+                s.version.referenced,
+                format!("{at}.shadow"),
+                "a deployment has one shadow, and `canary.rollout.min_shadow_agreement` makes the canary it",
+            );
         }
         Shadow { model, version: s.version.value.clone(), percent: s.percent.value }
     });

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::rollout::{Counters, Verdict, judge};
+use crate::rollout::{Verdict, judge};
 use crate::state::{CanaryState, ControllerState};
 use crate::{ControlError, Controller};
 
@@ -71,7 +71,7 @@ impl Controller {
             let Some(r) = &mut c.rollout else { continue };
             if now >= r.next_step {
                 r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
-                let counters = Counters::of(&c.version.deployment);
+                let counters = r.counters(&c.version);
                 let verdict = judge(&r.config, c.weight, &r.baseline, &counters);
                 if verdict != Verdict::Hold {
                     r.baseline = counters;

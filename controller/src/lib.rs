@@ -194,8 +194,9 @@ impl Controller {
             for v in m.versions() {
                 route.versions.insert(v.name().to_string(), Servable::Deployment(v.deployment.clone()));
             }
-            if let Some(s) = &m.shadow {
-                route.shadow = Some((m.primary.name().to_string(), s.shadow.clone()));
+            let gate = m.canary.as_ref().and_then(|c| c.rollout.as_ref()?.mirror.clone());
+            if let Some(shadow) = m.shadow.as_ref().map(|s| s.shadow.clone()).or(gate) {
+                route.shadow = Some((m.primary.name().to_string(), shadow));
             }
             if let Some(c) = &m.canary {
                 let weight = sluice_deployments::metrics::CANARY_WEIGHT;

@@ -254,11 +254,20 @@ fn commit_canary(
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
             // Registered at 0, so alerts on its increase see the first rollback.
             metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
-            let rollout = c.rollout.clone().map(|r| RolloutState {
-                next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
-                baseline: Counters::of(&v.deployment),
-                config: r,
-                auto_promote: c.auto_promote,
+            let rollout = c.rollout.clone().map(|r| {
+                // The gate's copies: every request the primary serves, onto a free canary slot.
+                let mirror = r
+                    .min_shadow_agreement
+                    .map(|_| std::sync::Arc::new(sluice_deployments::Shadow::new(v.deployment.clone(), 100)));
+                let mut rollout = RolloutState {
+                    next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
+                    baseline: Counters::default(),
+                    config: r,
+                    auto_promote: c.auto_promote,
+                    mirror,
+                };
+                rollout.baseline = rollout.counters(&v);
+                rollout
             });
             Some(CanaryState { version: v, weight: c.weight, rollout })
         }

@@ -2,18 +2,23 @@
 //! requests in the interval are judged against the rollout's bounds. Too few requests: hold
 //! (the interval is extended, its counts kept); an error rate or p99 above its bound: roll
 //! back; otherwise step the weight up by `step_percent`, and at 100 % the rollout completes.
+//! With `min_shadow_agreement`, the canary also shadows the primary and an interval needs
+//! `min_requests` compared rows, enough of them agreeing.
 
 use sluice_config::Rollout;
-use sluice_deployments::Deployment;
 use sluice_deployments::metrics::LatencyBuckets;
+use sluice_deployments::{Deployment, Shadow};
 
 /// A deployment's request counters at one moment: successes, server-side failures (not bad
-/// requests, overload or client deadlines) and latency buckets.
+/// requests, overload or client deadlines) and latency buckets; for a canary shadowing its
+/// primary, the rows compared and those that agreed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {
     pub success: u64,
     pub failed: u64,
     pub latencies: Vec<u64>,
+    pub shadow_rows: u64,
+    pub shadow_agreed: u64,
 }
 
 impl Counters {
@@ -25,7 +30,19 @@ impl Counters {
             success: m.stats.success.count.load(Relaxed),
             failed: m.stats.server_errors.load(Relaxed),
             latencies: m.latencies.snapshot(),
+            ..Self::default()
         }
+    }
+
+    /// The counters of `d` now, with what the copies `shadow` sent it showed.
+    pub fn with_shadow(d: &Deployment, shadow: Option<&Shadow>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut c = Self::of(d);
+        if let Some(s) = shadow {
+            c.shadow_rows = s.stats().rows.load(Relaxed);
+            c.shadow_agreed = s.stats().rows_agreed.load(Relaxed);
+        }
+        c
     }
 }
 
@@ -66,6 +83,21 @@ pub fn judge(rollout: &Rollout, weight: u32, baseline: &Counters, now: &Counters
             return Verdict::Rollback(format!("p99 {ms:.1} ms is above max_p99_ms {bound} ms"));
         }
     }
+    if let Some(bound) = rollout.min_shadow_agreement {
+        let rows = now.shadow_rows.saturating_sub(baseline.shadow_rows);
+        let agreed = now.shadow_agreed.saturating_sub(baseline.shadow_agreed);
+        if rows < rollout.min_requests.max(1) {
+            return Verdict::Hold;
+        }
+        let agreement = agreed as f64 / rows as f64;
+        if agreement < bound {
+            return Verdict::Rollback(format!(
+                "shadow agreement {:.1}% over {rows} rows is below min_shadow_agreement {:.1}%",
+                agreement * 100.0,
+                bound * 100.0
+            ));
+        }
+    }
     match (weight + rollout.step_percent).min(100) {
         100 => Verdict::Complete,
         next => Verdict::Step(next),
@@ -96,7 +128,7 @@ mod tests {
         for _ in 0..ok + failed {
             buckets.record(latency);
         }
-        Counters { success: ok, failed, latencies: buckets.snapshot() }
+        Counters { success: ok, failed, latencies: buckets.snapshot(), ..Counters::default() }
     }
 
     fn start() -> Counters {
@@ -155,5 +187,29 @@ mod tests {
         after.success += fast.success;
         after.latencies = before.latencies.iter().zip(&fast.latencies).map(|(a, b)| a + b).collect();
         assert_eq!(judge(&rollout(), 10, &before, &after), Verdict::Step(30));
+    }
+
+    #[test]
+    fn a_shadow_agreement_gate_holds_without_enough_rows_and_rolls_back_below_its_bound() {
+        let mut gated = rollout();
+        gated.min_shadow_agreement = Some(0.9);
+        let with = |rows, agreed| Counters {
+            shadow_rows: rows,
+            shadow_agreed: agreed,
+            ..counters(100, 0, Duration::from_millis(1))
+        };
+        assert_eq!(judge(&gated, 10, &start(), &with(9, 9)), Verdict::Hold, "9 rows, min_requests 10");
+        assert_eq!(judge(&gated, 10, &start(), &with(100, 95)), Verdict::Step(30));
+        assert_eq!(judge(&gated, 10, &start(), &with(100, 90)), Verdict::Step(30), "at the bound");
+        let v = judge(&gated, 10, &start(), &with(100, 60));
+        let Verdict::Rollback(why) = v else { panic!("{v:?}") };
+        assert_eq!(why, "shadow agreement 60.0% over 100 rows is below min_shadow_agreement 90.0%");
+        // Only the interval's rows count.
+        assert_eq!(
+            judge(&gated, 10, &Counters { shadow_rows: 100, ..start() }, &with(150, 50)),
+            Verdict::Step(30)
+        );
+        // No gate: agreement is not looked at.
+        assert_eq!(judge(&rollout(), 10, &start(), &with(100, 0)), Verdict::Step(30));
     }
 }

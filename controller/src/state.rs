@@ -88,6 +88,15 @@ pub(crate) struct RolloutState {
     pub baseline: Counters,
     /// Promote by itself at 100 % (a repository rollout).
     pub auto_promote: bool,
+    /// With `min_shadow_agreement`: the primary's requests copied to the canary, for the gate.
+    pub mirror: Option<Arc<sluice_deployments::Shadow>>,
+}
+
+impl RolloutState {
+    /// The canary's counters now, with its agreement as a shadow of the primary.
+    pub fn counters(&self, canary: &Version) -> Counters {
+        Counters::with_shadow(&canary.deployment, self.mirror.as_deref())
+    }
 }
 
 /// A canary version and its share of the traffic.

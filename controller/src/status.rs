@@ -148,7 +148,8 @@ pub struct VersionStatus {
     /// Where replicas in other processes run (on Ray).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<ReplicaNode>,
-    /// For a shadow version: what its copies showed.
+    /// For a shadow version, or a canary gated on its agreement with the primary: what the
+    /// copies it was sent showed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowStatus>,
     /// Each replica.
@@ -302,9 +303,11 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
         versions.push(VersionStatus { shadow: Some(shadow(&s.shadow)), ..version(&s.version, 0) });
     }
     if let Some(c) = &m.canary {
+        let mirror = c.rollout.as_ref().and_then(|r| r.mirror.as_deref());
         versions.push(VersionStatus {
             canary: true,
             rollout: Some(c.rollout.is_some()),
+            shadow: mirror.map(shadow),
             ..version(&c.version, c.weight)
         });
     }

@@ -77,7 +77,7 @@ mod tests {
         for _ in 0..n {
             b.record(latency);
         }
-        Counters { success: n, failed: 0, latencies: b.snapshot() }
+        Counters { success: n, failed: 0, latencies: b.snapshot(), ..Counters::default() }
     }
 
     #[test]

@@ -170,3 +170,71 @@ async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_agreement_gate_rolls_back_a_canary_that_answers_differently_and_steps_up_one_that_agrees() {
+    // `a`'s canary is iris-v2, which answers another class for one of iris's three single-row
+    // cases; `b`'s canary is the same model as its primary. Neither fails nor is slow: only
+    // the shadowed comparison tells them apart.
+    let gated = |model: &str| {
+        format!(
+            "        canary:\n          model: {model}/model.onnx\n          version: \"2\"\n          weight: 10\n          rollout: {{step_percent: 10, interval_s: 0.2, min_requests: 5, min_shadow_agreement: 0.99}}\n"
+        )
+    };
+    let s = start_app(&format!(
+        "      - name: a\n        model: iris/model.onnx\n{}      - name: b\n        model: iris/model.onnx\n{}",
+        gated("iris-v2"),
+        gated("iris")
+    ))
+    .await;
+    let cases: Vec<Value> = expected("iris")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["inputs"][0]["shape"][0] == 1)
+        .map(|c| json!({"inputs": c["inputs"]}))
+        .collect();
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    'sending: loop {
+        for model in ["a", "b"] {
+            for body in &cases {
+                let r = client
+                    .post(url(&s, &format!("/v2/models/{model}/infer")))
+                    .json(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "{model}");
+            }
+        }
+        let events = status(&s)["events"].to_string();
+        if events.contains("rolled back canary version 2") && events.contains("rollout: canary at 20%") {
+            break 'sending;
+        }
+        assert!(Instant::now() < until, "no agreement rollback and step: {events}");
+    }
+    let st = status(&s);
+    let events: Vec<(String, String)> = st["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["deployment"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
+        .collect();
+    let rolled_back: Vec<&(String, String)> =
+        events.iter().filter(|(_, m)| m.contains("rolled back")).collect();
+    assert_eq!(rolled_back.len(), 1, "{events:?}");
+    let (who, why) = rolled_back[0];
+    assert_eq!(who, "a");
+    assert!(
+        why.starts_with("rolled back canary version 2: shadow agreement ")
+            && why.ends_with(" is below min_shadow_agreement 99.0%"),
+        "{why}"
+    );
+    assert!(events.iter().any(|(d, m)| d == "b" && m == "rollout: canary at 20%"), "{events:?}");
+    // The gate's comparison shows in the canary's status, as a shadow's does.
+    let b = &st["applications"]["app"]["deployments"]["b"]["versions"][1];
+    assert!(b["shadow"]["compared"].as_u64().unwrap() >= 5, "{b}");
+    assert_eq!(st["applications"]["app"]["deployments"]["a"]["versions"][1]["weight"], 0, "{st}");
+    s.shutdown().await;
+}
