@@ -204,11 +204,16 @@ impl ReplicaHost for ReplicaSet {
 }
 
 impl ReplicaSet {
-    /// Publishes how many replicas are ready (metric and readiness watchers).
+    /// Publishes how many replicas are ready (metric and readiness watchers). Replica threads
+    /// call this concurrently, so the count is taken under the watch's lock: counted outside
+    /// it, a smaller count taken first could be published last and stay (a lost update that
+    /// left `wait_ready` waiting out its timeout with every replica ready).
     fn publish_ready(&self) {
-        let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-        self.config.metrics.replicas_ready.set(n as f64);
-        self.ready_count.send_replace(n);
+        self.ready_count.send_if_modified(|published| {
+            let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
+            self.config.metrics.replicas_ready.set(n as f64);
+            std::mem::replace(published, n) != n
+        });
     }
 
     fn add_slot(&self, id: usize, channel: Channel) {
@@ -828,7 +833,90 @@ impl Drop for OngoingGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::two_choices;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    use arc_swap::ArcSwap;
+    use tokio::sync::{Semaphore, watch};
+
+    use super::{DeploymentSpec, ReplicaConfig, ReplicaSet, ReplicaSlot, two_choices};
+    use crate::metrics::DeploymentMetrics;
+    use crate::replica::ReplicaHost;
+
+    /// A replica set of `n` slots with no threads behind them (only readiness is exercised).
+    fn set_of(n: usize) -> Arc<ReplicaSet> {
+        let spec = DeploymentSpec::new("race");
+        let metrics = Arc::new(DeploymentMetrics::new("race", "1"));
+        let slots = (0..n)
+            .map(|id| {
+                let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+                Arc::new(ReplicaSlot {
+                    id,
+                    tx,
+                    ongoing: Arc::new(AtomicUsize::new(0)),
+                    ready: AtomicBool::new(false),
+                    granted: AtomicBool::new(false),
+                    in_flight: metrics.replica_in_flight(id),
+                })
+            })
+            .collect();
+        let factory: crate::BackendFactory = Arc::new(|| Err(crate::LoadError::Thread("unused".into())));
+        let config = Arc::new(ReplicaConfig {
+            name: "race".into(),
+            policy: spec.batch_policy(),
+            model_outputs: Vec::new(),
+            warmup: false,
+            factory,
+            metrics,
+        });
+        Arc::new(ReplicaSet {
+            spec,
+            config,
+            replicas: ArcSwap::from_pointee(slots),
+            ready_count: watch::channel(0).0,
+            closed: AtomicBool::new(false),
+            permits: Arc::new(Semaphore::new(0)),
+            next_id: AtomicUsize::new(n),
+        })
+    }
+
+    /// Replicas warm up on their own threads and report ready at about the same time. The
+    /// published count must end at the number of ready replicas: a count taken by one thread
+    /// and published after another's larger one left `wait_ready` waiting for minutes on a
+    /// 2-replica deployment (issue 15). The race is narrow, so it is run many times on two
+    /// long-lived threads (without the fix this fails within a few thousand rounds).
+    #[test]
+    fn readiness_reported_at_once_by_every_replica_is_never_lost() {
+        const REPLICAS: usize = 2;
+        const ROUNDS: usize = 100_000;
+        let set = set_of(REPLICAS);
+        let rx = set.ready_count.subscribe();
+        let barrier = Barrier::new(REPLICAS + 1);
+        std::thread::scope(|s| {
+            for id in 0..REPLICAS {
+                let (set, barrier) = (&set, &barrier);
+                s.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        barrier.wait();
+                        set.set_ready(id, true);
+                        barrier.wait();
+                    }
+                });
+            }
+            // Every round runs (a panic here would leave the threads at the barrier).
+            let mut lost = 0;
+            for _ in 0..ROUNDS {
+                for r in set.replicas.load().iter() {
+                    r.ready.store(false, Ordering::Release);
+                }
+                set.ready_count.send_replace(0);
+                barrier.wait();
+                barrier.wait();
+                lost += usize::from(*rx.borrow() != REPLICAS);
+            }
+            assert_eq!(lost, 0, "{lost} of {ROUNDS} rounds lost a readiness update");
+        });
+    }
 
     #[test]
     fn two_choices_are_distinct_and_cover_every_replica() {
