@@ -17,6 +17,7 @@ mod error;
 mod file;
 mod pipeline;
 mod repository;
+mod tls;
 mod types;
 mod validate;
 
@@ -26,6 +27,7 @@ pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
 pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
 pub use repository::{ModelRepository, RepositoryLocation, RepositoryRollout, VersionPolicy};
+pub use tls::TlsOptions;
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
     HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
