@@ -516,6 +516,11 @@ impl Deployment {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// The number of ready replicas, as it changes.
+    pub fn ready_watch(&self) -> watch::Receiver<usize> {
+        self.ready.clone()
+    }
+
     /// Ready when at least one replica is loaded, warmed and serving.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow() > 0
@@ -585,14 +590,14 @@ impl Deployment {
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
 
-        let _permit = if may_wait {
+        let permit = if may_wait {
             self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
         } else {
             self.set.permits.clone().try_acquire_owned().map_err(|_| {
                 InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))
             })?
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
         let job = Job {
             inputs: request.inputs,
             outputs,
@@ -604,10 +609,33 @@ impl Deployment {
             span,
             model,
         };
-        let _ongoing = self.dispatch(job)?;
-        let outputs = answer.await.map_err(|_| {
-            InferError::internal(format!("replica of `{}` stopped before answering", spec.name))
-        })??;
+        let ongoing = self.dispatch(job)?;
+        // Answered at the deadline at the latest. A model still running the request keeps its
+        // replica slot until it is done (a queued one is answered 504 by the replica without
+        // running), so admission never counts a busy replica as free.
+        let outputs = match tokio::time::timeout_at(deadline.into(), &mut answer).await {
+            Ok(Ok(outputs)) => outputs?,
+            Ok(Err(_)) => {
+                return Err(InferError::internal(format!(
+                    "replica of `{}` stopped before answering",
+                    spec.name
+                )));
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    let _ = answer.await;
+                    drop((permit, ongoing));
+                });
+                return Err(InferError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "request timed out after {} ms: model `{}` did not answer in time",
+                        timeout.as_millis(),
+                        spec.name
+                    ),
+                ));
+            }
+        };
         Ok(InferResponse {
             model_name: spec.name.clone(),
             model_version: spec.version.clone(),
