@@ -57,11 +57,10 @@ pub fn router(controller: Arc<Controller>, base_dir: PathBuf, token: Option<Stri
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move {
-                if let Some(t) = token {
-                    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-                    if given != Some(&format!("Bearer {t}")) {
-                        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                    }
+                if let Some(t) = token
+                    && !crate::auth::bearer_matches(req.headers().get(header::AUTHORIZATION), &t)
+                {
+                    return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                 }
                 next.run(req).await
             }

@@ -29,7 +29,7 @@ pub async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let body = body.map_err(|e| super::screen::rejection(&e, state.max_body_bytes))?;
     let pinned = headers.get(sluice_router::VERSION_HEADER).and_then(|v| v.to_str().ok());
     let choice = sluice_router::VersionChoice { exact: path.get("version").map(String::as_str), pinned };
     let deployment = state.routes.route(&path["model"], choice)?;
