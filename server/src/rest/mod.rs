@@ -4,7 +4,7 @@
 //! not ([`screen`]); responses are compressed when the client's `Accept-Encoding` asks.
 
 mod health;
-mod infer;
+pub mod infer;
 pub mod json;
 mod model;
 pub mod route;
