@@ -113,6 +113,24 @@ async fn rest_and_admin_serve_tls_with_http2_by_alpn_and_admin_requires_a_client
     let identity = reqwest::Identity::from_pem(format!("{other_cert}{other_key}").as_bytes()).unwrap();
     let wrong = client(&ca).identity(identity).build().unwrap();
     assert!(wrong.get(https(admin, "/-/healthz")).send().await.is_err(), "a certificate of another CA");
+
+    // The CLI talks to it with --cacert, --cert and --key.
+    let (client_cert, client_key) =
+        (write(&dir, "client.pem", &client_cert), write(&dir, "client.key", &client_key));
+    let cli = |with_cert: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["status", "--address", &format!("https://{admin}"), "--cacert", &ca_file]);
+        if with_cert {
+            cmd.args(["--cert", &client_cert, "--key", &client_key]);
+        }
+        cmd.env_remove("SLUICE_ADMIN_TOKEN");
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let out = cli(true).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applications"));
+    let out = cli(false).await.unwrap();
+    assert!(!out.status.success(), "no client certificate");
     s.shutdown().await;
 }
 
