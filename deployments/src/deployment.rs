@@ -867,27 +867,14 @@ mod tests {
     use arc_swap::ArcSwap;
     use tokio::sync::{Semaphore, watch};
 
-    use super::{DeploymentSpec, ReplicaConfig, ReplicaSet, ReplicaSlot, two_choices};
+    use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, two_choices};
     use crate::metrics::DeploymentMetrics;
-    use crate::replica::ReplicaHost;
+    use crate::replica::{ModelCell, ReplicaHost};
 
     /// A replica set of `n` slots with no threads behind them (only readiness is exercised).
     fn set_of(n: usize) -> Arc<ReplicaSet> {
         let spec = DeploymentSpec::new("race");
-        let metrics = Arc::new(DeploymentMetrics::new("race", "1"));
-        let slots = (0..n)
-            .map(|id| {
-                let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-                Arc::new(ReplicaSlot {
-                    id,
-                    tx,
-                    ongoing: Arc::new(AtomicUsize::new(0)),
-                    ready: AtomicBool::new(false),
-                    granted: AtomicBool::new(false),
-                    in_flight: metrics.replica_in_flight(id),
-                })
-            })
-            .collect();
+        let metrics = Arc::new(DeploymentMetrics::new("race", "1", 1));
         let factory: crate::BackendFactory = Arc::new(|| Err(crate::LoadError::Thread("unused".into())));
         let config = Arc::new(ReplicaConfig {
             name: "race".into(),
@@ -897,15 +884,20 @@ mod tests {
             factory,
             metrics,
         });
-        Arc::new(ReplicaSet {
+        let set = Arc::new(ReplicaSet {
             spec,
             config,
-            replicas: ArcSwap::from_pointee(slots),
+            replicas: ArcSwap::from_pointee(Vec::new()),
             ready_count: watch::channel(0).0,
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(n),
-        })
+        });
+        for id in 0..n {
+            let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new())));
+        }
+        set
     }
 
     /// Replicas warm up on their own threads and report ready at about the same time. The

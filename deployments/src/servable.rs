@@ -98,10 +98,11 @@ impl Servable {
         }
     }
 
-    /// The ready-replica counts it depends on (its steps', for a pipeline), to wait for a change.
+    /// The ready-replica counts its readiness follows (its steps', for a pipeline), to wait
+    /// for a change.
     pub fn ready_watches(&self) -> Vec<tokio::sync::watch::Receiver<usize>> {
         match self {
-            Self::Deployment(d) => vec![d.ready_watch()],
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => vec![d.ready_watch()],
             Self::Pipeline(p) => p.deployments().map(|d| d.ready_watch()).collect(),
         }
     }

@@ -182,7 +182,8 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     metrics::install();
     let routes = Arc::new(Router::new(RouteTable::default()));
     let grace = Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
-    let controller = Controller::new(routes.clone(), grace, options.cluster.clone(), options.store_env.clone());
+    let controller =
+        Controller::new(routes.clone(), grace, options.cluster.clone(), options.store_env.clone());
     let (phase, phase_rx) = watch::channel(Phase::Starting);
     let (shutdown, stop_rx) = watch::channel(false);
     let readiness = Readiness::new(phase_rx, routes.clone());

@@ -55,7 +55,8 @@ async fn start_with(
 ) -> Result<sluice_server::Server, sluice_server::StartError> {
     sluice_server::runtime::init(None, None).expect("ONNX Runtime");
     let config = sluice_config::parse(text, &models_dir().join("t.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let options = sluice_server::StartOptions { admin_token: token.map(str::to_string) };
+    let options =
+        sluice_server::StartOptions { admin_token: token.map(str::to_string), ..Default::default() };
     sluice_server::start(config, options).await
 }
 
