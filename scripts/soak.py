@@ -19,6 +19,8 @@ period with exit 0. Writes soak-results/report.md, samples.csv and summary.json;
 a check fails.
 
   python3 scripts/soak.py [--minutes 10] [--steady-seconds 60] [--out soak-results] [--no-build]
+  python3 scripts/soak.py --minutes 0.34 --steady-seconds 5 --capacity-seconds 5 --profile debug --no-build
+                          # a ~40 s smoke run on the debug build `cargo test --all-targets` made
 
 Loopback only; everything stops by itself.
 """
@@ -39,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REL = ROOT / "target" / "release"
+BIN = ROOT / "target" / "release"
 MODELS = ROOT / "examples" / "models"
 GRACE_S = 5
 
@@ -58,15 +60,15 @@ applications:
 """
 
 
-def build():
+def build(profile):
     subprocess.run(["scripts/install-onnxruntime.sh"], cwd=ROOT, check=True)
-    cargo = ["cargo", "build", "--release", "-p", "sluice-loadtest", "-p", "sluice-server", "--example", "chaos"]
-    subprocess.run(cargo, cwd=ROOT, check=True)
+    cargo = ["cargo", "build", "-p", "sluice-loadtest", "-p", "sluice-server", "--example", "chaos"]
+    subprocess.run(cargo + (["--release"] if profile == "release" else []), cwd=ROOT, check=True)
 
 
 class Server:
     def __init__(self, config: Path):
-        self.proc = subprocess.Popen([str(REL / "examples" / "chaos"), str(config)], stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([str(BIN / "examples" / "chaos"), str(config)], stderr=subprocess.PIPE, text=True)
         self.http = self.grpc = None
         self.log = []
         found = threading.Event()
@@ -111,7 +113,7 @@ class Server:
 
 
 def loadtest(server, out: Path, seconds=None, rate=None, concurrency=None):
-    cmd = [str(REL / "sluice-loadtest"), "--url", server.http, "-m", "iris", "-p", "rest-json",
+    cmd = [str(BIN / "sluice-loadtest"), "--url", server.http, "-m", "iris", "-p", "rest-json",
            "--input-data", str(MODELS / "iris" / "expected.json"), "--quiet", "--output-dir", str(out),
            "--duration", f"{seconds}s", "--warmup", "1s"]
     cmd += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency)]
@@ -202,18 +204,23 @@ def main():
     ap.add_argument("--sample-seconds", type=float, default=5)
     ap.add_argument("--chaos-threads", type=int, default=2)
     ap.add_argument("--out", default="soak-results")
+    ap.add_argument("--capacity-seconds", type=float, default=10)
+    ap.add_argument("--profile", choices=["release", "debug"], default="release",
+                    help="which build to run (debug: only for a smoke run; its numbers mean little)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
+    global BIN
+    BIN = ROOT / "target" / args.profile
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
-        build()
+        build(args.profile)
     config = Path(tempfile.mkdtemp(prefix="sluice-soak-")) / "soak.yaml"
     config.write_text(CONFIG)
     server = Server(config)
-    summary = {"minutes": args.minutes}
+    summary = {"minutes": args.minutes, "profile": args.profile}
     try:
-        capacity = loadtest(server, out / "capacity", seconds=10, concurrency=16)
+        capacity = loadtest(server, out / "capacity", seconds=args.capacity_seconds, concurrency=16)
         rate = max(10, int(capacity["throughput"] / 2))
         summary["capacity_rps"] = round(capacity["throughput"], 1)
         summary["rate_rps"] = rate

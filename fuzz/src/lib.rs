@@ -25,8 +25,11 @@ use sluice_server::rest::json::JsonData;
 
 pub use seeds::seeds;
 
+/// A fuzz target: any bytes in, a panic only on a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name libFuzzer, the seed corpus and the regression folders use.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("rest_json", rest_json),
     ("rest_binary", rest_binary),
     ("grpc_infer", grpc_infer),
@@ -35,7 +38,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The target called `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
