@@ -62,13 +62,19 @@ applications:
 
 def build(profile):
     subprocess.run(["scripts/install-onnxruntime.sh"], cwd=ROOT, check=True)
-    cargo = ["cargo", "build", "-p", "sluice-loadtest", "-p", "sluice-server", "--example", "chaos"]
-    subprocess.run(cargo + (["--release"] if profile == "release" else []), cwd=ROOT, check=True)
+    release = ["--release"] if profile == "release" else []
+    for what in (["-p", "sluice-loadtest", "--bin", "sluice-loadtest"], ["-p", "sluice-server", "--example", "chaos"]):
+        subprocess.run(["cargo", "build", *what, *release], cwd=ROOT, check=True)
 
 
 class Server:
     def __init__(self, config: Path):
-        self.proc = subprocess.Popen([str(BIN / "examples" / "chaos"), str(config)], stderr=subprocess.PIPE, text=True)
+        # As in production: no backtraces. The soak makes a model panic thousands of times, and
+        # with RUST_BACKTRACE set each panic symbolises a backtrace on the thread that ran the
+        # model (an async worker, for calls run inline), stalling it for milliseconds.
+        env = {**os.environ, "RUST_BACKTRACE": "0"}
+        self.proc = subprocess.Popen([str(BIN / "examples" / "chaos"), str(config)], stderr=subprocess.PIPE,
+                                     text=True, env=env)
         self.http = self.grpc = None
         self.log = []
         found = threading.Event()
@@ -244,17 +250,23 @@ def main():
     with open(out / "samples.csv", "w") as f:
         f.write("seconds,rss_kib,fds,threads\n")
         f.writelines(f"{s},{r},{d},{t}\n" for s, r, d, t in samples)
-    # Flat: after the first minute (warm-up, allocator growth), RSS within 10 % and fds within 8.
+    # Flat: after the first minute (warm-up: allocator arenas, connection buffers), RSS within
+    # 10 % and fds within 8. A run shorter than 2 minutes is too short to tell.
     warm = [s for s in samples if s[0] >= 60] or samples
     rss0, rss1 = warm[0][1], samples[-1][1]
     fd0, fd1 = warm[0][2], samples[-1][2]
+    long_enough = args.minutes >= 2
     checks = {
         "every chaos request answered as expected": not problems,
-        "load-test requests all answered": soaked["errors"] == {} and steady["errors"] == {},
-        "RSS flat (end within 10 % of minute 1)": rss1 <= rss0 * 1.10,
-        "fds flat (end within 8 of minute 1)": fd1 <= fd0 + 8,
+        # 503 + Retry-After (a full queue) is a fitting refusal; `overrun` counts sends the load
+        # generator itself made late. Anything else (a transport error, another status) fails.
+        "load-test requests answered or refused with 503": all(
+            k in ("http 503", "overrun") for p in (steady, soaked) for k in p["errors"]),
         "SIGTERM: exit 0 within the grace period": code == 0 and took is not None and took <= GRACE_S + 2,
     }
+    if long_enough:
+        checks["RSS flat (end within 10 % of minute 1)"] = rss1 <= rss0 * 1.10
+        checks["fds flat (end within 8 of minute 1)"] = fd1 <= fd0 + 8
     summary.update({
         "steady": {"p50_ms": steady["latency_us"]["p50"] / 1000, "p99_ms": steady["latency_us"]["p99"] / 1000,
                    "ok": steady["ok"], "errors": steady["errors"]},
@@ -285,7 +297,9 @@ def report(s, samples):
     step = max(1, len(samples) // 20)
     for t, rss, fds, threads in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
         lines.append(f"| {t:.0f} | {rss / 1024:.1f} | {fds} | {threads} |")
-    lines += ["", f"Shutdown: exit {s['shutdown']['exit_code']} after {s['shutdown']['seconds']} s.", ""]
+    took = s["shutdown"]["seconds"]
+    lines += ["", f"Shutdown (SIGTERM): exit {s['shutdown']['exit_code']} after "
+              f"{'no answer' if took is None else f'{took:.2f} s'}.", ""]
     lines += [f"- {'ok ' if v else 'FAILED'} {k}" for k, v in s["checks"].items()]
     if s["problems"]:
         lines += ["", "Problems (first 50):"] + [f"- {p}" for p in s["problems"]]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sluice_controller::{ControlError, Controller};
 use sluice_router::{RouteTable, Router};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -263,20 +263,21 @@ struct Listeners {
 
 async fn bind_all(config: &sluice_config::Config, options: &StartOptions) -> Result<Listeners, StartError> {
     let (http, grpc, admin) = (&config.http_options, &config.grpc_options, &config.admin_options);
+    let backlog = u32::try_from(http.max_connections).unwrap_or(u32::MAX);
     let shared_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
     let grpc = match grpc.enabled && !shared_port {
-        true => Some(bind_one(&grpc.host, grpc.port).await?),
+        true => Some(bind_one(&grpc.host, grpc.port, backlog).await?),
         false => None,
     };
     let admin = match admin.enabled {
         true => {
-            let (listener, addr) = bind_one(&admin.host, admin.port).await?;
+            let (listener, addr) = bind_one(&admin.host, admin.port, backlog).await?;
             auth::check_admin_exposure(admin, options.admin_token.as_deref(), addr)?;
             Some((listener, addr))
         }
         false => None,
     };
-    Ok(Listeners { http: bind_one(&http.host, http.port).await?, grpc, admin })
+    Ok(Listeners { http: bind_one(&http.host, http.port, backlog).await?, grpc, admin })
 }
 
 /// On a shared port, requests REST does not route go to gRPC when they are gRPC, and to the
@@ -300,11 +301,22 @@ async fn share_port(
     }
 }
 
-async fn bind_one(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), StartError> {
+/// Binds `host:port` with an accept queue of `backlog` connections (the kernel caps it at
+/// `net.core.somaxconn`): connections beyond `max_connections` wait there rather than being
+/// refused or reset when a burst arrives.
+async fn bind_one(host: &str, port: u16, backlog: u32) -> Result<(TcpListener, SocketAddr), StartError> {
     let addr = format!("{host}:{port}");
-    let bound = match TcpListener::bind(&addr).await {
-        Ok(listener) => listener.local_addr().map(|a| (listener, a)),
-        Err(e) => Err(e),
+    let bound = async {
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the host resolves to no address");
+        for candidate in tokio::net::lookup_host(&addr).await? {
+            let socket = if candidate.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            match socket.bind(candidate).and_then(|()| socket.listen(backlog)) {
+                Ok(listener) => return listener.local_addr().map(|a| (listener, a)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     };
-    bound.map_err(|source| StartError::Bind { addr, source })
+    bound.await.map_err(|source| StartError::Bind { addr, source })
 }
