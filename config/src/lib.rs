@@ -17,6 +17,7 @@ mod error;
 mod file;
 mod pipeline;
 mod repository;
+mod tls;
 mod types;
 mod validate;
 
@@ -28,6 +29,7 @@ pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
 pub use repository::{
     DEFAULT_READY_MARKER, ModelRepository, RepositoryLocation, RepositoryRollout, VersionPolicy,
 };
+pub use tls::TlsOptions;
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
     HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::autoscaling::Autoscaling;
 use crate::pipeline::{Builtin, JsonRoute, PipelineTensor};
 use crate::repository::ModelRepository;
+use crate::tls::TlsOptions;
 
 /// A whole config.
 #[derive(Debug, Clone)]
@@ -350,13 +351,32 @@ pub struct HttpOptions {
     pub host: String,
     /// Port to bind; 0 picks a free one. Default 8000 (Triton's and Ray Serve's).
     pub port: u16,
-    /// Largest request body accepted, in bytes; larger bodies get 413. Default 64 MiB.
+    /// Largest request body accepted, in bytes, as sent and after decompression; larger
+    /// bodies get 413 (at once when `Content-Length` announces one). Default 64 MiB.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers (counted from when the
+    /// connection is ready for its next request, so an idle keep-alive connection closes after
+    /// it too), its TLS handshake, or its first bytes. Every listener. Default 30.
+    pub header_read_timeout_s: f64,
+    /// The longest pause while a request body arrives; past it the request gets 408. Default 30.
+    pub body_read_timeout_s: f64,
+    /// Open connections per listener; more wait in the kernel's accept queue. Default 4096.
+    pub max_connections: usize,
+    /// TLS for REST (and gRPC when it shares the port). Default none (plain HTTP).
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 8000, max_body_bytes: 64 * 1024 * 1024 }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            max_body_bytes: 64 * 1024 * 1024,
+            header_read_timeout_s: 30.0,
+            body_read_timeout_s: 30.0,
+            max_connections: 4096,
+            tls: None,
+        }
     }
 }
 
@@ -371,11 +391,13 @@ pub struct GrpcOptions {
     pub port: u16,
     /// Set false to serve REST only. Default true.
     pub enabled: bool,
+    /// TLS for gRPC on its own port. Default none.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for GrpcOptions {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 8001, enabled: true }
+        Self { host: "127.0.0.1".into(), port: 8001, enabled: true, tls: None }
     }
 }
 
@@ -393,11 +415,23 @@ pub struct AdminOptions {
     /// Environment variable holding a bearer token the admin API requires. Default
     /// `SLUICE_ADMIN_TOKEN`; when it is unset or empty, no token is required.
     pub token_env: String,
+    /// Serve the admin API on a non-loopback address with neither a token nor client
+    /// certificates. Default false: the server refuses to start that way.
+    pub allow_unauthenticated: bool,
+    /// TLS for the admin API (`client_ca_file` there requires client certificates). Default none.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for AdminOptions {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 8265, enabled: true, token_env: "SLUICE_ADMIN_TOKEN".into() }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8265,
+            enabled: true,
+            token_env: "SLUICE_ADMIN_TOKEN".into(),
+            allow_unauthenticated: false,
+            tls: None,
+        }
     }
 }
 

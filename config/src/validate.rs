@@ -93,15 +93,22 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         }
         applications.push(validate_application(&at, app, &base, &mut deployments, &mut errs));
     }
+    let (mut http_options, mut grpc_options, mut admin_options) =
+        (doc.http_options, doc.grpc_options, doc.admin_options);
+    for (field, message) in
+        crate::tls::check_listeners(&mut http_options, &mut grpc_options, &mut admin_options, &base)
+    {
+        errs.at(Location::UNKNOWN, field, message);
+    }
     let mut list = errs.list;
     list.sort_by_key(|e| (e.line, e.column));
     if !list.is_empty() {
         return Err(ConfigErrors(list));
     }
     Ok(Config {
-        http_options: doc.http_options,
-        grpc_options: doc.grpc_options,
-        admin_options: doc.admin_options,
+        http_options,
+        grpc_options,
+        admin_options,
         graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s,
         applications,
         model_repository,

@@ -3,11 +3,98 @@
 //! into each request's rows; zero-copy slices of the output buffer where no padding was done.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::batch::Job;
+use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::{DataType, InferError, NamedTensor, Tensor, element_count};
+
+/// A model as the batching path calls it: inputs, and the outputs wanted, in order.
+pub type ModelCall<'a> = dyn FnMut(Vec<NamedTensor>, &[String]) -> Result<Vec<NamedTensor>, InferError> + 'a;
+
+/// One batch through `model`: a lone request's tensors go as they are; several are merged
+/// (padded per `pad`), run once, and the outputs cut back per job, in each job's order. (The
+/// replica's `infer_batch` makes the same calls, timing each stage.)
+fn run_batch_through(
+    pad: &HashMap<String, f64>,
+    model_outputs: &[String],
+    model: &mut ModelCall<'_>,
+    batch: &mut [Job],
+) -> Result<Vec<Vec<NamedTensor>>, InferError> {
+    if let [job] = batch {
+        // One request: its tensors go to the model as they are.
+        let inputs = std::mem::take(&mut job.inputs);
+        return Ok(vec![model(inputs, &job.outputs)?]);
+    }
+    let merged = merge(batch, pad)?;
+    let dims = padded_dims(batch, &merged, pad);
+    let outputs = union_outputs(batch, model_outputs);
+    let results = model(merged, &outputs)?;
+    split(&results, batch, &dims)
+}
+
+/// Runs `requests` (each one's inputs, already checked with [`crate::check_request`] and in
+/// model input order) through a replica's batching path without a replica: queued, taken in
+/// batches by the policy's rules (compatible shapes, `max_batch_size`, padding budget), merged,
+/// passed to `model` once per batch, and cut back. Returns each request's outputs (all of
+/// `model_outputs`), in request order. Public so that the batching path can be fuzzed.
+pub fn run_batched(
+    policy: &BatchPolicy,
+    requests: Vec<Vec<NamedTensor>>,
+    model_outputs: &[String],
+    model: &mut ModelCall<'_>,
+) -> Vec<Result<Vec<NamedTensor>, InferError>> {
+    let now = Instant::now();
+    let mut state = BatchState::new(policy.clone());
+    let mut answers = Vec::with_capacity(requests.len());
+    for inputs in requests {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let rows = match policy.max_batch_size {
+            0 => 1,
+            _ => inputs.first().and_then(|i| i.tensor.shape().first().copied()).unwrap_or(1),
+        };
+        let far = now + Duration::from_secs(3600);
+        let span = tracing::Span::none();
+        let job = Job {
+            inputs,
+            outputs: model_outputs.to_vec(),
+            rows,
+            deadline: far,
+            admitted: now,
+            arrived: now,
+            reply,
+            span,
+            model: None,
+        };
+        state.push(job);
+        answers.push(answer);
+    }
+    // Past any batch wait: every take forms the largest batch it can.
+    let later = now + policy.batch_wait_timeout + Duration::from_secs(1);
+    while !state.is_empty() {
+        let Taken { mut batch, .. } = state.take(later);
+        if batch.is_empty() {
+            break;
+        }
+        match run_batch_through(&policy.pad, model_outputs, model, &mut batch) {
+            Ok(per_job) => {
+                for (job, outputs) in batch.into_iter().zip(per_job) {
+                    let _ = job.reply.send(Ok(outputs));
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    answers
+        .into_iter()
+        .map(|mut a| a.try_recv().unwrap_or_else(|_| Err(InferError::internal("request left unanswered"))))
+        .collect()
+}
 
 /// Merged inputs for a batch of `jobs` (all with inputs in the same, model, order).
 pub(crate) fn merge(jobs: &[Job], pad: &HashMap<String, f64>) -> Result<Vec<NamedTensor>, InferError> {
@@ -122,7 +209,9 @@ fn crop(t: Tensor, dims: &[(usize, usize)]) -> Result<Tensor, InferError> {
     let mut target = t.shape().to_vec();
     let mut changed = false;
     for (axis, &(own, padded)) in dims.iter().enumerate() {
-        if own > 0 && axis > 0 && axis < target.len() && target[axis] == padded && padded > own {
+        // (0, 0) marks an axis nothing was padded on; an own length of 0 is cropped to like
+        // any other (a request with an empty sequence gets an empty output, not padding).
+        if axis > 0 && axis < target.len() && target[axis] == padded && padded > own {
             target[axis] = own;
             changed = true;
         }
@@ -298,6 +387,27 @@ mod tests {
         assert_eq!(per_job[0][0].tensor.shape(), &[1, 2]);
         assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
         assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
+    }
+
+    /// Found by the `batch` fuzz target: an empty sequence batched with a longer one came
+    /// back at the padded length (padding data, not an empty output).
+    #[test]
+    fn an_empty_sequence_padded_in_a_batch_comes_back_empty() {
+        let mut pad = HashMap::new();
+        pad.insert("ids".to_string(), -1.0);
+        let jobs = vec![
+            job(vec![1, 0], &[], &["y"]),
+            job(vec![1, 3], &[3, 4, 5], &["y"]),
+            job(vec![0, 0], &[], &["y"]),
+        ];
+        let merged = merge(&jobs, &pad).unwrap();
+        assert_eq!(merged[0].tensor.shape(), &[2, 3]);
+        let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
+        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad)).unwrap();
+        assert_eq!(per_job[0][0].tensor.shape(), &[1, 0]);
+        assert!(per_job[0][0].tensor.data().is_empty());
+        assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
+        assert_eq!(per_job[2][0].tensor.shape(), &[0, 0]);
     }
 
     #[test]

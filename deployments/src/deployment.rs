@@ -223,11 +223,16 @@ impl ReplicaHost for ReplicaSet {
 }
 
 impl ReplicaSet {
-    /// Publishes how many replicas are ready (metric and readiness watchers).
+    /// Publishes how many replicas are ready (metric and readiness watchers). Replica threads
+    /// call this concurrently, so the count is taken under the watch's lock: counted outside
+    /// it, a smaller count taken first could be published last and stay (a lost update that
+    /// left `wait_ready` waiting out its timeout with every replica ready).
     fn publish_ready(&self) {
-        let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-        self.config.metrics.replicas_ready.set(n as f64);
-        self.ready_count.send_replace(n);
+        self.ready_count.send_if_modified(|published| {
+            let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
+            self.config.metrics.replicas_ready.set(n as f64);
+            std::mem::replace(published, n) != n
+        });
     }
 
     fn add_slot(&self, id: usize, channel: Channel) {
@@ -555,6 +560,11 @@ impl Deployment {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// The number of ready replicas, as it changes.
+    pub fn ready_watch(&self) -> watch::Receiver<usize> {
+        self.ready.clone()
+    }
+
     /// Ready when at least one replica is loaded, warmed and serving.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow() > 0
@@ -624,14 +634,14 @@ impl Deployment {
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
 
-        let _permit = if may_wait {
+        let permit = if may_wait {
             self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
         } else {
             self.set.permits.clone().try_acquire_owned().map_err(|_| {
                 InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))
             })?
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
         let job = Job {
             inputs: request.inputs,
             outputs,
@@ -643,10 +653,33 @@ impl Deployment {
             span,
             model,
         };
-        let _ongoing = self.dispatch(job)?;
-        let outputs = answer.await.map_err(|_| {
-            InferError::internal(format!("replica of `{}` stopped before answering", spec.name))
-        })??;
+        let ongoing = self.dispatch(job)?;
+        // Answered at the deadline at the latest. A model still running the request keeps its
+        // replica slot until it is done (a queued one is answered 504 by the replica without
+        // running), so admission never counts a busy replica as free.
+        let outputs = match tokio::time::timeout_at(deadline.into(), &mut answer).await {
+            Ok(Ok(outputs)) => outputs?,
+            Ok(Err(_)) => {
+                return Err(InferError::internal(format!(
+                    "replica of `{}` stopped before answering",
+                    spec.name
+                )));
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    let _ = answer.await;
+                    drop((permit, ongoing));
+                });
+                return Err(InferError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "request timed out after {} ms: model `{}` did not answer in time",
+                        timeout.as_millis(),
+                        spec.name
+                    ),
+                ));
+            }
+        };
         Ok(InferResponse {
             model_name: spec.name.clone(),
             model_version: spec.version.clone(),
@@ -872,7 +905,82 @@ impl Drop for OngoingGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::two_choices;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    use arc_swap::ArcSwap;
+    use tokio::sync::{Semaphore, watch};
+
+    use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, two_choices};
+    use crate::metrics::DeploymentMetrics;
+    use crate::replica::{ModelCell, ReplicaHost};
+
+    /// A replica set of `n` slots with no threads behind them (only readiness is exercised).
+    fn set_of(n: usize) -> Arc<ReplicaSet> {
+        let spec = DeploymentSpec::new("race");
+        let metrics = Arc::new(DeploymentMetrics::new("race", "1", 1));
+        let factory: crate::BackendFactory = Arc::new(|| Err(crate::LoadError::Thread("unused".into())));
+        let config = Arc::new(ReplicaConfig {
+            name: "race".into(),
+            policy: spec.batch_policy(),
+            model_outputs: Vec::new(),
+            warmup: false,
+            factory,
+            metrics,
+        });
+        let set = Arc::new(ReplicaSet {
+            spec,
+            config,
+            replicas: ArcSwap::from_pointee(Vec::new()),
+            ready_count: watch::channel(0).0,
+            closed: AtomicBool::new(false),
+            permits: Arc::new(Semaphore::new(0)),
+            next_id: AtomicUsize::new(n),
+        });
+        for id in 0..n {
+            let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new())));
+        }
+        set
+    }
+
+    /// Replicas warm up on their own threads and report ready at about the same time. The
+    /// published count must end at the number of ready replicas: a count taken by one thread
+    /// and published after another's larger one left `wait_ready` waiting for minutes on a
+    /// 2-replica deployment (issue 15). The race is narrow, so it is run many times on two
+    /// long-lived threads (without the fix this fails within a few thousand rounds).
+    #[test]
+    fn readiness_reported_at_once_by_every_replica_is_never_lost() {
+        const REPLICAS: usize = 2;
+        const ROUNDS: usize = 100_000;
+        let set = set_of(REPLICAS);
+        let rx = set.ready_count.subscribe();
+        let barrier = Barrier::new(REPLICAS + 1);
+        std::thread::scope(|s| {
+            for id in 0..REPLICAS {
+                let (set, barrier) = (&set, &barrier);
+                s.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        barrier.wait();
+                        set.set_ready(id, true);
+                        barrier.wait();
+                    }
+                });
+            }
+            // Every round runs (a panic here would leave the threads at the barrier).
+            let mut lost = 0;
+            for _ in 0..ROUNDS {
+                for r in set.replicas.load().iter() {
+                    r.ready.store(false, Ordering::Release);
+                }
+                set.ready_count.send_replace(0);
+                barrier.wait();
+                barrier.wait();
+                lost += usize::from(*rx.borrow() != REPLICAS);
+            }
+            assert_eq!(lost, 0, "{lost} of {ROUNDS} rounds lost a readiness update");
+        });
+    }
 
     #[test]
     fn two_choices_are_distinct_and_cover_every_replica() {

@@ -23,6 +23,7 @@ mod tensor;
 pub use backend::{Backend, BackendFactory, CopyTimes, ModelMetadata, TensorSpec, backend_factory};
 pub use batch::BatchPolicy;
 pub use builtin::{AsyncStep, register_async_step, register_step};
+pub use concat::{ModelCall, run_batched};
 pub use deployment::{Deployment, DeploymentSpec, MULTIPLEX_HEADER, ReplicaInfo};
 pub use error::{ErrorKind, InferError, LoadError};
 pub use pipeline::Pipeline;

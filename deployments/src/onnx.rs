@@ -26,7 +26,13 @@ static ENVIRONMENT: OnceLock<Result<Environment, LoadError>> = OnceLock::new();
 pub fn init_runtime(library: &Path) -> Result<(), LoadError> {
     let result = ENVIRONMENT.get_or_init(|| {
         let builder = ort::init_from(library).map_err(|e| LoadError::Runtime(e.to_string()))?;
-        builder.with_name("sluice").build().map_err(|e| LoadError::Runtime(e.to_string()))
+        // No usage data sent to Microsoft from a server (the library still writes its device id
+        // under ~/.cache unless ORT_DISABLE_TELEMETRY=1 is in the environment; see docs).
+        builder
+            .with_name("sluice")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| LoadError::Runtime(e.to_string()))
     });
     result.as_ref().map(|_| ()).map_err(Clone::clone)
 }

@@ -173,6 +173,11 @@ impl Pipeline {
     }
 
     /// Ready when every step has a ready replica.
+    /// The deployments of its steps, in run order.
+    pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
+        self.steps.iter().map(|s| &s.deployment)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.steps.iter().all(|s| s.deployment.is_ready())
     }

@@ -98,6 +98,15 @@ impl Servable {
         }
     }
 
+    /// The ready-replica counts its readiness follows (its steps', for a pipeline), to wait
+    /// for a change.
+    pub fn ready_watches(&self) -> Vec<tokio::sync::watch::Receiver<usize>> {
+        match self {
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => vec![d.ready_watch()],
+            Self::Pipeline(p) => p.deployments().map(|d| d.ready_watch()).collect(),
+        }
+    }
+
     /// The deployment, when this is one.
     pub fn deployment(&self) -> Option<&Arc<Deployment>> {
         match self {

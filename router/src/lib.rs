@@ -60,6 +60,8 @@ pub fn pick_weighted(split: &[(String, u32)], mut r: u64) -> Option<&str> {
 /// Resolves model names to deployments.
 pub struct Router {
     table: ArcSwap<RouteTable>,
+    /// Counts published tables, so watchers (gRPC health) learn of a new one.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 /// A request's say in which version serves it.
@@ -76,12 +78,18 @@ pub const VERSION_HEADER: &str = "x-sluice-version";
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
-        Self { table: ArcSwap::from_pointee(table) }
+        Self { table: ArcSwap::from_pointee(table), published: tokio::sync::watch::Sender::new(0) }
     }
 
     /// Replaces the whole table at once; requests in flight keep the deployment they resolved.
     pub fn publish(&self, table: RouteTable) {
         self.table.store(Arc::new(table));
+        self.published.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a new table is published.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// The current table.

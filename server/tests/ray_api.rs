@@ -261,8 +261,11 @@ async fn a_draining_proxy_fails_kuberays_probe() {
         Default::default(),
     );
     let (draining, rx) = tokio::sync::watch::channel(false);
-    let state = sluice_server::rest::AppState { routes, controller, max_body_bytes: 1024, draining: rx };
-    let app = sluice_server::rest::router(state, 1024);
+    let (_phase, phase) = tokio::sync::watch::channel(sluice_server::readiness::Phase::Serving);
+    let readiness = sluice_server::readiness::Readiness::new(phase, routes.clone());
+    let state =
+        sluice_server::rest::AppState { routes, controller, readiness, max_body_bytes: 1024, draining: rx };
+    let app = sluice_server::rest::router(state, &sluice_config::HttpOptions::default());
     let get = |path: &'static str| {
         let app = app.clone();
         async move {

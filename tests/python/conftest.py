@@ -44,10 +44,10 @@ applications:
 
 
 class Sluice:
-    """`sluice run` on `config` (CONFIG unless given; `{http}`, `{grpc}` and `{models}` are
-    filled in), with the addresses it printed: `http`, `grpc`, `admin`."""
-
-    def __init__(self, tmp: Path, http_port: int = 0, grpc_port: int = 0, config: str = CONFIG):
+    def __init__(self, tmp: Path, http_port: int = 0, grpc_port: int = 0, config: str = CONFIG, ssl_context=None):
+        """`sluice run` on `config` (CONFIG unless given; `{http}`, `{grpc}` and `{models}` are
+        filled in), with the addresses it printed: `http`, `grpc`, `admin`. `ssl_context` (for a
+        TLS config) verifies the server while waiting for readiness."""
         cfg = tmp / f"sluice-{http_port}-{grpc_port}.yaml"
         cfg.write_text(config.format(http=http_port, grpc=grpc_port, models=MODELS))
         self.proc = subprocess.Popen(
@@ -60,7 +60,7 @@ class Sluice:
         def read():
             for line in self.proc.stderr:
                 self.log.append(line)
-                m = re.search(r"REST frontend listening on http://(\S+)", line)
+                m = re.search(r"REST frontend listening on https?://(\S+)", line)
                 if m:
                     self.http = m.group(1)
                 m = re.search(r"gRPC frontend listening on (\S+)", line)
@@ -80,7 +80,9 @@ class Sluice:
         deadline = time.time() + 60
         while True:
             try:
-                if urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=5).status == 200:
+                scheme = "https" if ssl_context else "http"
+                url = f"{scheme}://{self.http}/v2/health/ready"
+                if urllib.request.urlopen(url, timeout=5, context=ssl_context).status == 200:
                     break
             except OSError:
                 pass

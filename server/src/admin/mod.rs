@@ -107,12 +107,13 @@ pub fn router(state: AdminState, token: Option<String>) -> Router {
             let token = token.clone();
             async move {
                 if let Some(t) = token {
+                    // Ray's clients send the token as `X-Ray-Authorization` (behind a proxy
+                    // that takes `Authorization` for itself); either header will do.
                     let headers = req.headers();
                     let given = [header::AUTHORIZATION.as_str(), "x-ray-authorization"]
                         .into_iter()
-                        .find_map(|h| headers.get(h))
-                        .and_then(|v| v.to_str().ok());
-                    if given != Some(&format!("Bearer {t}")) {
+                        .any(|h| crate::auth::bearer_matches(headers.get(h), &t));
+                    if !given {
                         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                     }
                 }

@@ -1,6 +1,6 @@
 //! The subcommands that talk to a running server's admin API: deploy, status, delete, rollout.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Where the admin API is and how to authenticate.
@@ -12,6 +12,41 @@ pub struct AdminArgs {
     /// Bearer token, when the server requires one.
     #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// address (the only ones trusted).
+    #[arg(long, env = "SLUICE_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate, for an admin API that requires one (with --key, or with the key
+    /// in the same file).
+    #[arg(long, env = "SLUICE_CLIENT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "SLUICE_CLIENT_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// An HTTP client trusting --cacert and presenting --cert, or why it cannot be made.
+    fn client(&self) -> Result<reqwest::Client, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &self.cacert {
+            for cert in reqwest::Certificate::from_pem_bundle(&read(ca)?)
+                .map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(cert) = &self.cert {
+            let mut pem = read(cert)?;
+            if let Some(key) = &self.key {
+                pem.extend(read(key)?);
+            }
+            let identity =
+                reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", cert.display()))?;
+            builder = builder.identity(identity);
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -145,9 +180,16 @@ fn request(
             return Err(ExitCode::FAILURE);
         }
     };
+    let client = match admin.client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
     let url = format!("{}{path}", admin.address.trim_end_matches('/'));
     let result = rt.block_on(async {
-        let mut req = reqwest::Client::new().request(method, &url);
+        let mut req = client.request(method, &url);
         if let Some(t) = &admin.token {
             req = req.bearer_auth(t);
         }

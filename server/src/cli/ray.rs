@@ -266,6 +266,16 @@ pub fn run_in_job(
             *host = "0.0.0.0".into();
         }
     }
+    // The cluster network is the trust boundary Ray's own dashboard (which runs any job it is
+    // sent) already draws: without a token the admin API is as open as it, and says so.
+    if admin_token.as_deref().is_none_or(str::is_empty) && !config.admin_options.host.starts_with("127.") {
+        tracing::warn!(
+            "admin API open to the cluster network without a token, as Ray's dashboard is; \
+             set ${} when submitting to require one",
+            config.admin_options.token_env
+        );
+        config.admin_options.allow_unauthenticated = true;
+    }
     let grace = Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
     let working_dir = std::env::current_dir().unwrap_or_default();
     let binary = std::env::current_exe().unwrap_or_default();

@@ -1,8 +1,11 @@
 //! The Open Inference Protocol gRPC frontend (tonic): `inference.GRPCInferenceService` over the
-//! same router and deployments as REST, plus `grpc.health.v1` and server reflection. RPCs not
-//! listed in proto/grpc_service.proto answer UNIMPLEMENTED.
+//! same router and deployments as REST, plus `grpc.health.v1` (following readiness, see
+//! [`health`]) and server reflection. Requests may be gzip or deflate compressed (answers are
+//! not: gRPC clients advertise compression they accept by default, and it costs CPU on every
+//! answer). RPCs not listed in proto/grpc_service.proto answer UNIMPLEMENTED.
 
-mod codec;
+pub mod codec;
+pub mod health;
 
 use std::sync::Arc;
 
@@ -14,14 +17,17 @@ use sluice_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use sluice_router::Router as RouteTable;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use crate::error::{grpc_control_status, grpc_status};
+use crate::readiness::Readiness;
 
 /// The service implementation.
 pub struct InferenceService {
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
+    readiness: Readiness,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -33,7 +39,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Reply<pb::ServerReadyResponse> {
-        Ok(Response::new(pb::ServerReadyResponse { ready: self.routes.all_ready() }))
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.readiness.server_ready() }))
     }
 
     async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Reply<pb::ModelReadyResponse> {
@@ -147,17 +153,25 @@ impl GrpcInferenceService for InferenceService {
 }
 
 /// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
-/// with REST). `max_message_bytes` bounds decoded requests (tonic's default is 4 MiB).
+/// with REST). `max_message_bytes` bounds decoded requests, decompressed ones too (tonic's
+/// default is 4 MiB). Health follows readiness until `stop` turns true.
 pub async fn routes(
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
+    readiness: Readiness,
     max_message_bytes: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<axum::Router, crate::StartError> {
-    let inference = GrpcInferenceServiceServer::new(InferenceService { routes, controller })
+    let service = InferenceService { routes: routes.clone(), controller, readiness: readiness.clone() };
+    let inference = GrpcInferenceServiceServer::new(service)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX);
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // tonic starts the server's own entry ("") as SERVING; nothing is until models load.
+    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    tokio::spawn(health::follow(reporter, readiness, routes, stop));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -11,9 +11,10 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
 
-/// 200 when every model is ready, 503 otherwise (clients read the status only).
+/// 200 when serving and every model is ready; 503 while models load, when one has no ready
+/// replica, and once shutdown starts (clients read the status only).
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let ready = state.routes.all_ready();
+    let ready = state.readiness.server_ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready })))
 }

@@ -29,7 +29,7 @@ pub async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let body = body.map_err(|e| super::screen::rejection(&e, state.max_body_bytes))?;
     let pinned = headers.get(sluice_router::VERSION_HEADER).and_then(|v| v.to_str().ok());
     let choice = sluice_router::VersionChoice { exact: path.get("version").map(String::as_str), pinned };
     let deployment = state.routes.route(&path["model"], choice)?;
@@ -55,7 +55,7 @@ pub async fn infer(
 
 /// Which outputs go back binary: `outputs[].parameters.binary_data` over the request's
 /// `parameters.binary_data_output`, JSON when neither says.
-struct BinaryOutputs {
+pub struct BinaryOutputs {
     default: bool,
     per_output: HashMap<String, bool>,
 }
@@ -74,8 +74,9 @@ fn bool_param(params: Option<&Map<String, Value>>, key: &str) -> Result<Option<b
     }
 }
 
-/// Decodes an infer body (JSON, or JSON + binary tensors) into the internal request.
-fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, BinaryOutputs), InferError> {
+/// Decodes an infer body (JSON, or JSON + binary tensors when `headers` carry
+/// `Inference-Header-Content-Length`) into the internal request. Public for fuzzing.
+pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, BinaryOutputs), InferError> {
     let json_len = match headers.get(HEADER_CONTENT_LENGTH) {
         None => body.len(),
         Some(v) => {

@@ -1,21 +1,30 @@
 //! The Open Inference Protocol REST frontend (axum). Handlers are thin adapters: decode, call
 //! the router and deployment, encode. Bodies are read as bytes whatever the Content-Type
-//! (tritonclient sends none), up to `http_options.max_body_bytes`.
+//! (tritonclient sends none), up to `http_options.max_body_bytes`, gzip or deflate encoded or
+//! not ([`screen`]); responses are compressed when the client's `Accept-Encoding` asks.
 
 mod health;
-mod infer;
+pub mod infer;
 pub mod json;
 mod model;
 mod proxy;
 pub mod route;
+pub mod screen;
 
 use std::sync::Arc;
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
 use sluice_router::Router as RouteTable;
+use tower_http::CompressionLevel;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::ApiError;
 
@@ -24,13 +33,15 @@ use crate::error::ApiError;
 pub struct AppState {
     pub routes: Arc<RouteTable>,
     pub controller: Arc<sluice_controller::Controller>,
+    pub readiness: crate::readiness::Readiness,
     pub max_body_bytes: usize,
     /// True once shutdown has begun (Ray's proxy health answers 503 then).
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The REST routes of the Open Inference Protocol.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
+    let max_body_bytes = http.max_body_bytes;
     Router::new()
         .route("/v2", get(health::server_metadata))
         .route("/v2/health/live", get(health::live))
@@ -60,6 +71,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
         )
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs_f64(http.body_read_timeout_s)))
+        .layer(RequestDecompressionLayer::new())
+        // gRPC answers (shared port) are left alone: gRPC compresses per message.
+        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest))
+        .layer(middleware::from_fn_with_state(max_body_bytes, screen::screen))
         .with_state(state)
 }
 

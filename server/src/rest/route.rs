@@ -26,7 +26,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     }
     let body = match axum::body::to_bytes(req.into_body(), state.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()).into_response(),
+        Err(e) => return super::screen::body_error(&e, state.max_body_bytes).into_response(),
     };
     let started = std::time::Instant::now();
     let result = call(&pipeline, &body).await;

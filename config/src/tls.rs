@@ -1,0 +1,172 @@
+//! TLS and connection settings of the listeners (`http_options.tls`, `grpc_options.tls`,
+//! `admin_options.tls`, and the connection limits in `http_options`), and their checks.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::types::{AdminOptions, GrpcOptions, HttpOptions};
+
+/// TLS on one listener. Paths are relative to the config file (absolute once resolved).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsOptions {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates. When set, every client must present a certificate signed by one of
+    /// them (mutual TLS); the handshake fails otherwise. Default none.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Seconds between checks of the files' modification times; changed files are loaded for
+    /// new connections (a file that fails to load keeps the previous one). 0: never. Default 10.
+    #[serde(default = "TlsOptions::default_reload_interval_s")]
+    pub reload_interval_s: f64,
+}
+
+impl TlsOptions {
+    pub const DEFAULT_RELOAD_INTERVAL_S: f64 = 10.0;
+
+    fn default_reload_interval_s() -> f64 {
+        Self::DEFAULT_RELOAD_INTERVAL_S
+    }
+
+    /// Every file this TLS setting reads.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files = vec![self.cert_file.as_path(), self.key_file.as_path()];
+        files.extend(self.client_ca_file.as_deref());
+        files
+    }
+}
+
+/// One problem: (field, message).
+type Problem = (String, String);
+
+/// Checks the listeners' connection limits and TLS files, and makes TLS paths absolute against
+/// `base` (the config file's folder).
+pub(crate) fn check_listeners(
+    http: &mut HttpOptions,
+    grpc: &mut GrpcOptions,
+    admin: &mut AdminOptions,
+    base: &Path,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut positive = |field: &str, value: f64| {
+        if !(value > 0.0 && value.is_finite()) {
+            problems.push((format!("http_options.{field}"), "must be more than 0 seconds".to_string()));
+        }
+    };
+    positive("header_read_timeout_s", http.header_read_timeout_s);
+    positive("body_read_timeout_s", http.body_read_timeout_s);
+    if http.max_connections == 0 {
+        problems.push(("http_options.max_connections".into(), "must be at least 1".into()));
+    }
+    let shares_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
+    if shares_port && grpc.tls.is_some() {
+        problems.push((
+            "grpc_options.tls".into(),
+            "gRPC shares the REST port here, so `http_options.tls` serves both; remove this one".into(),
+        ));
+    }
+    for (name, tls) in
+        [("http_options", &mut http.tls), ("grpc_options", &mut grpc.tls), ("admin_options", &mut admin.tls)]
+    {
+        if let Some(tls) = tls {
+            check_tls(name, tls, base, &mut problems);
+        }
+    }
+    problems
+}
+
+fn check_tls(owner: &str, tls: &mut TlsOptions, base: &Path, problems: &mut Vec<Problem>) {
+    let mut resolve = |field: &str, path: &mut PathBuf| {
+        *path = base.join(&*path);
+        if !path.is_file() {
+            problems.push((format!("{owner}.tls.{field}"), format!("file `{}` not found", path.display())));
+        }
+    };
+    resolve("cert_file", &mut tls.cert_file);
+    resolve("key_file", &mut tls.key_file);
+    if let Some(ca) = &mut tls.client_ca_file {
+        resolve("client_ca_file", ca);
+    }
+    if !(tls.reload_interval_s >= 0.0 && tls.reload_interval_s.is_finite()) {
+        problems.push((format!("{owner}.tls.reload_interval_s"), "must be 0 or more seconds".into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::{ConfigErrors, parse};
+
+    fn dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        dir
+    }
+
+    fn parse_in(text: &str) -> Result<crate::Config, ConfigErrors> {
+        parse(text, &dir().join("app.yaml"))
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_tls_is_off() {
+        let c = parse_in("{}").unwrap();
+        assert_eq!(c.http_options.header_read_timeout_s, 30.0);
+        assert_eq!(c.http_options.body_read_timeout_s, 30.0);
+        assert_eq!(c.http_options.max_connections, 4096);
+        assert!(
+            c.http_options.tls.is_none() && c.grpc_options.tls.is_none() && c.admin_options.tls.is_none()
+        );
+        assert!(!c.admin_options.allow_unauthenticated);
+    }
+
+    #[test]
+    fn tls_paths_resolve_against_the_config_file() {
+        let c = parse_in(
+            "http_options: {tls: {cert_file: cert.pem, key_file: key.pem}}\n\
+             admin_options: {allow_unauthenticated: true, tls: {cert_file: cert.pem, key_file: key.pem, client_ca_file: ca.pem, reload_interval_s: 0}}\n",
+        )
+        .unwrap();
+        let tls = c.http_options.tls.unwrap();
+        assert_eq!(tls.cert_file, dir().join("cert.pem"));
+        assert_eq!(tls.reload_interval_s, 10.0);
+        let admin = c.admin_options.tls.unwrap();
+        assert_eq!(admin.client_ca_file, Some(dir().join("ca.pem")));
+        assert_eq!(admin.reload_interval_s, 0.0);
+        assert!(c.admin_options.allow_unauthenticated);
+    }
+
+    #[test]
+    fn bad_listener_values_are_each_reported() {
+        let errors = parse_in(
+            "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: -1, max_connections: 0}\n\
+             grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}}\n\
+             admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: -2}}\n",
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for want in [
+            "http_options.header_read_timeout_s: must be more than 0 seconds",
+            "http_options.body_read_timeout_s: must be more than 0 seconds",
+            "http_options.max_connections: must be at least 1",
+            "grpc_options.tls: gRPC shares the REST port here",
+            "admin_options.tls.cert_file: file `",
+            "admin_options.tls.reload_interval_s: must be 0 or more seconds",
+        ] {
+            assert!(text.contains(want), "want {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_tls_block_needs_both_files() {
+        let errors = parse_in("http_options: {tls: {cert_file: cert.pem}}\n").unwrap_err();
+        assert!(errors.to_string().contains("key_file"), "{errors}");
+    }
+}

@@ -1,0 +1,73 @@
+//! Admin API authentication: the bearer token is compared in constant time, and the admin API
+//! is not exposed beyond loopback without a way to authenticate unless the config says so.
+
+use std::net::SocketAddr;
+
+use axum::http::HeaderValue;
+use subtle::ConstantTimeEq;
+
+use crate::StartError;
+
+/// Whether an `Authorization` header carries `Bearer <token>`. The comparison takes the same
+/// time wherever the first wrong byte is (only the length can show).
+pub fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
+    let Some(given) = header.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    given.ct_eq(token.as_bytes()).into()
+}
+
+/// Refuses an admin API bound beyond loopback with neither a token nor client certificates,
+/// unless `allow_unauthenticated` is set.
+pub fn check_admin_exposure(
+    admin: &sluice_config::AdminOptions,
+    token: Option<&str>,
+    bound: SocketAddr,
+) -> Result<(), StartError> {
+    let has_token = token.is_some_and(|t| !t.is_empty());
+    let has_client_certs = admin.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+    if bound.ip().is_loopback() || has_token || has_client_certs || admin.allow_unauthenticated {
+        return Ok(());
+    }
+    Err(StartError::UnauthenticatedAdmin { addr: bound })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_matches() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(bearer_matches(Some(&h("Bearer s3cret")), "s3cret"));
+        for wrong in ["Bearer s3crex", "Bearer s3cret ", "Bearer s3cre", "bearer s3cret", "s3cret", "Bearer "]
+        {
+            assert!(!bearer_matches(Some(&h(wrong)), "s3cret"), "{wrong:?}");
+        }
+        assert!(!bearer_matches(None, "s3cret"));
+    }
+
+    #[test]
+    fn beyond_loopback_the_admin_api_needs_a_way_to_authenticate() {
+        let open: SocketAddr = "0.0.0.0:8265".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8265".parse().unwrap();
+        let mut admin = sluice_config::AdminOptions::default();
+        assert!(matches!(
+            check_admin_exposure(&admin, None, open),
+            Err(StartError::UnauthenticatedAdmin { .. })
+        ));
+        assert!(check_admin_exposure(&admin, Some(""), open).is_err(), "an empty token is no token");
+        assert!(check_admin_exposure(&admin, None, local).is_ok());
+        assert!(check_admin_exposure(&admin, Some("t"), open).is_ok());
+        admin.allow_unauthenticated = true;
+        assert!(check_admin_exposure(&admin, None, open).is_ok());
+        admin.allow_unauthenticated = false;
+        admin.tls = Some(sluice_config::TlsOptions {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+            client_ca_file: Some("ca".into()),
+            reload_interval_s: 0.0,
+        });
+        assert!(check_admin_exposure(&admin, None, open).is_ok());
+    }
+}

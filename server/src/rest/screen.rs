@@ -1,0 +1,92 @@
+//! What happens to a request before a handler reads its body, and how a body that cannot be
+//! read is answered:
+//!
+//! - a `Content-Length` above `http_options.max_body_bytes` gets 413 at once, before the body
+//!   arrives (with `Expect: 100-continue` the client is never asked to send it);
+//! - a `Content-Encoding` other than gzip, deflate or identity gets 415; gzip and deflate
+//!   bodies are decompressed as they are read (tower-http), and the body limit applies to the
+//!   decompressed size too, so a small compressed bomb gets 413 with bounded memory;
+//! - a body that stops arriving for `http_options.body_read_timeout_s` gets 408.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+
+/// Content codings a request body may use.
+const ENCODINGS: &[&str] = &["gzip", "deflate", "identity"];
+
+/// Refuses, before the body is read, a body announced too large or encoded in a way Sluice
+/// cannot decode.
+pub async fn screen(State(max_body_bytes): State<usize>, req: Request, next: Next) -> Response {
+    if let Some(len) = content_length(req.headers())
+        && len > max_body_bytes as u64
+    {
+        return too_large(Some(len), max_body_bytes).into_response();
+    }
+    for coding in codings(req.headers()) {
+        if !ENCODINGS.contains(&coding.as_str()) {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Encoding `{coding}` is not supported; use gzip or deflate"),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn codings(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+fn too_large(len: Option<u64>, max: usize) -> ApiError {
+    let size = match len {
+        Some(n) => format!("{n} bytes"),
+        None => "larger (decompressed bodies count)".to_string(),
+    };
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("length limit exceeded: the request body is {size} but http_options.max_body_bytes is {max}"),
+    )
+}
+
+/// [`body_error`] for the body extractor's rejection (which says itself when the limit broke).
+pub fn rejection(e: &BytesRejection, max_body_bytes: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return too_large(None, max_body_bytes);
+    }
+    body_error(e, max_body_bytes)
+}
+
+/// The answer to a body that could not be read: 413 past the limit, 408 when it stopped
+/// arriving, else 400 (a broken compressed stream, a connection that broke).
+pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) -> ApiError {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return too_large(None, max_body_bytes);
+        }
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped arriving (http_options.body_read_timeout_s passed without data)",
+            );
+        }
+        cause = c.source();
+    }
+    ApiError::bad_request(format!("cannot read the request body: {e}"))
+}

@@ -1,0 +1,232 @@
+//! Readiness through a server's life, on REST and `grpc.health.v1`: not serving while models
+//! load, serving once warm, not serving while a model has no ready replica, serving again when
+//! it recovers, and not serving once shutdown starts. And every accepted request ends: a model
+//! still running at the request's deadline gets the request answered 504 then.
+//!
+//! The models are custom steps that wait on a gate the test opens, so nothing here depends on
+//! timing: each state is reached by an event and observed through a health Watch stream.
+
+mod common;
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use serde_json::{Value, json};
+use sluice_deployments::{Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A gate threads wait on until the test opens it.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// `x` FP32 [-1] → `y` = `x`. Waits on `gate` in every call when `gated`, and panics on a
+/// negative first value.
+struct Step {
+    meta: ModelMetadata,
+    gate: Option<Arc<Gate>>,
+}
+
+impl Step {
+    fn new(gate: Option<Arc<Gate>>) -> Self {
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Fp32, shape: vec![-1] };
+        let meta =
+            ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] };
+        Self { meta, gate }
+    }
+}
+
+impl Backend for Step {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+        if let Some(gate) = &self.gate {
+            gate.wait();
+        }
+        let x = &inputs[0].tensor;
+        let first = x.data().get(..4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        assert!(first.is_none_or(|v| v >= 0.0), "told to panic");
+        let y = Tensor::new(DataType::Fp32, x.shape().to_vec(), Bytes::copy_from_slice(x.data()))?;
+        Ok(vec![NamedTensor { name: "y".into(), tensor: y }])
+    }
+}
+
+/// Registers step `name`: its factory waits on `load_gate` from its `gated_from`-th call on
+/// (0: every call), and its calls wait on `infer_gate`.
+fn register(name: &str, load_gate: Option<(Arc<Gate>, usize)>, infer_gate: Option<Arc<Gate>>) {
+    let made = Arc::new(Mutex::new(0usize));
+    sluice_deployments::register_step(
+        name,
+        Arc::new(move || {
+            let n = std::mem::replace(&mut *made.lock().unwrap(), usize::MAX);
+            *made.lock().unwrap() = n.saturating_add(1);
+            if let Some((gate, from)) = &load_gate
+                && n >= *from
+            {
+                gate.wait();
+            }
+            Ok(Box::new(Step::new(infer_gate.clone())) as Box<dyn Backend>)
+        }),
+    );
+}
+
+fn config(deployments: &str, top: &str) -> sluice_config::Config {
+    sluice_server::runtime::init(None, None).expect("ONNX Runtime");
+    let text = format!(
+        "{top}\nhttp_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{enabled: false}}\n\
+         applications:\n  - name: t\n    deployments:\n{deployments}"
+    );
+    sluice_config::parse(&text, &models_dir().join("t.yaml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn health(addr: std::net::SocketAddr) -> HealthClient<tonic::transport::Channel> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    HealthClient::new(channel)
+}
+
+async fn check(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> Result<ServingStatus, tonic::Code> {
+    match client.check(HealthCheckRequest { service: service.into() }).await {
+        Ok(r) => Ok(r.into_inner().status()),
+        Err(e) => Err(e.code()),
+    }
+}
+
+/// The next status a Watch stream reports.
+async fn next(stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> ServingStatus {
+    stream.message().await.unwrap().expect("the stream goes on").status()
+}
+
+async fn get_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    reqwest::get(format!("http://{addr}{path}")).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_the_models_load() {
+    let gate = Arc::new(Gate::default());
+    register("slow_to_load", Some((gate.clone(), 0)), None);
+    let starting = sluice_server::bind(
+        config("      - {name: late, builtin: {custom: {name: slow_to_load}}}\n", ""),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let (http, grpc) = (starting.http_addr(), starting.grpc_addr().unwrap());
+    let load = tokio::spawn(starting.load());
+    let mut client = health(grpc).await;
+    assert_eq!(check(&mut client, "").await, Ok(ServingStatus::NotServing));
+    assert_eq!(check(&mut client, "inference.GRPCInferenceService").await, Ok(ServingStatus::NotServing));
+    assert_eq!(get_status(http, "/v2/health/live").await, 200);
+    assert_eq!(get_status(http, "/v2/health/ready").await, 503);
+    let mut watch = client.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+    gate.open();
+    let server = load.await.unwrap().expect("loads once the gate opens");
+    assert_eq!(next(&mut watch).await, ServingStatus::Serving);
+    assert_eq!(check(&mut client, "late").await, Ok(ServingStatus::Serving));
+    assert_eq!(get_status(http, "/v2/health/ready").await, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_follows_a_replica_that_fails_and_recovers_and_ends_at_shutdown() {
+    let reload = Arc::new(Gate::default());
+    // The first backend loads at once; the replacement after the panic waits for the gate.
+    register("flaky", Some((reload.clone(), 1)), None);
+    let s = sluice_server::start(
+        config(
+            "      - {name: flaky, builtin: {custom: {name: flaky}}}\n      - {name: iris, model: iris/model.onnx}\n",
+            "graceful_shutdown_timeout_s: 0.5",
+        ),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let mut client = health(s.grpc_addr().unwrap()).await;
+    assert_eq!(check(&mut client, "").await, Ok(ServingStatus::Serving));
+    assert_eq!(check(&mut client, "iris").await, Ok(ServingStatus::Serving));
+    assert_eq!(check(&mut client, "nope").await, Err(tonic::Code::NotFound));
+    let mut server_watch =
+        client.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut model_watch =
+        client.watch(HealthCheckRequest { service: "flaky".into() }).await.unwrap().into_inner();
+    assert_eq!(next(&mut server_watch).await, ServingStatus::Serving);
+    assert_eq!(next(&mut model_watch).await, ServingStatus::Serving);
+
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [-1.0]}]});
+    let r = reqwest::Client::new()
+        .post(url(&s, "/v2/models/flaky/infer"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(next(&mut model_watch).await, ServingStatus::NotServing);
+    assert_eq!(next(&mut server_watch).await, ServingStatus::NotServing);
+    assert_eq!(check(&mut client, "iris").await, Ok(ServingStatus::Serving), "other models are unaffected");
+    assert_eq!(get_status(s.http_addr(), "/v2/health/ready").await, 503);
+
+    reload.open();
+    assert_eq!(next(&mut model_watch).await, ServingStatus::Serving);
+    assert_eq!(next(&mut server_watch).await, ServingStatus::Serving);
+
+    let shutdown = tokio::spawn(s.shutdown());
+    assert_eq!(next(&mut server_watch).await, ServingStatus::NotServing);
+    shutdown.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_still_running_at_the_deadline_is_answered_504_then() {
+    let gate = Arc::new(Gate::default());
+    register("stuck", None, Some(gate.clone()));
+    let s = sluice_server::start(
+        config(
+            "      - {name: stuck, builtin: {custom: {name: stuck}}, warmup: false, max_ongoing_requests: 1}\n",
+            "",
+        ),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let infer = |timeout_us: u64| {
+        let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "parameters": {"timeout": timeout_us}});
+        reqwest::Client::new().post(url(&s, "/v2/models/stuck/infer")).body(body.to_string()).send()
+    };
+    let r = infer(100_000).await.unwrap();
+    assert_eq!(r.status(), 504);
+    let error: Value = r.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("did not answer in time"), "{error}");
+    // The replica is still busy with it: its one slot comes back only when the model is done.
+    gate.open();
+    let r = infer(60_000_000).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let out: Value = r.json().await.unwrap();
+    assert_eq!(out["outputs"][0]["data"], json!([1.0]));
+    s.shutdown().await;
+}

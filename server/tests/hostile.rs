@@ -1,0 +1,232 @@
+//! Clients that misbehave at the connection level, against the real server on port 0: ones
+//! that hold connections open through shutdown, send nothing, stall their body, announce a body
+//! over the limit, or compress it (a bomb among them). Each gets a bounded, clear outcome.
+//!
+//! Waits here are guards (a broken bound would hang the test, so each read gives up after a
+//! minute and fails); no assertion is about how long anything took.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use flate2::Compression;
+use flate2::write::{GzEncoder, ZlibEncoder};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GUARD: Duration = Duration::from_secs(60);
+
+/// A server for iris with extra top-level and `http_options` YAML.
+async fn serve(top: &str, http: &str) -> sluice_server::Server {
+    sluice_server::runtime::init(None, None).expect("ONNX Runtime");
+    let text = format!(
+        "{top}\nhttp_options: {{host: 127.0.0.1, port: 0{http}}}\ngrpc_options: {{port: 0}}\nadmin_options: {{enabled: false}}\n\
+         applications:\n  - name: t\n    deployments:\n      - {{name: iris, model: iris/model.onnx}}\n"
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("t.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let server = sluice_server::start(config, Default::default()).await.expect("server starts");
+    assert!(server.wait_ready(GUARD).await);
+    server
+}
+
+async fn connect(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// Everything the server sends until it closes the connection.
+async fn until_closed(mut s: TcpStream) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("the server closes the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The first response on a connection (status line, headers and a Content-Length body).
+async fn response(s: &mut TcpStream) -> (u16, String, String) {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(GUARD, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    return (text[..end].to_string(), text[end + 4..end + 4 + len].to_string());
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => panic!("connection closed before a whole response: {text:?}"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    let (head, body) = read.await.expect("a response arrives");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+    (status, head, body)
+}
+
+fn iris_body() -> Vec<u8> {
+    json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_the_grace_period_and_closes_connections_that_never_finish() {
+    let s = serve("graceful_shutdown_timeout_s: 0.5", "").await;
+    let addr = s.http_addr();
+    // A request whose body never completes, headers that never end, and an idle keep-alive
+    // connection after a whole request.
+    let stalled_body =
+        connect(addr, b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"in")
+            .await;
+    let stalled_head = connect(addr, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-slow: ").await;
+    let mut idle = connect(addr, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(response(&mut idle).await.0, 200);
+    tokio::time::timeout(GUARD, s.shutdown()).await.expect("shutdown ends within its grace period");
+    // Nothing is left behind: every connection was closed (an answer or none).
+    for conn in [stalled_body, stalled_head, idle] {
+        until_closed(conn).await;
+    }
+    assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_or_half_a_request_is_closed() {
+    let s = serve("", ", header_read_timeout_s: 0.2").await;
+    let silent = connect(s.http_addr(), b"").await;
+    let half = connect(s.http_addr(), b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\n").await;
+    let silent_grpc = connect(s.grpc_addr().unwrap(), b"").await;
+    until_closed(silent).await;
+    until_closed(half).await;
+    until_closed(silent_grpc).await;
+    // The server still serves.
+    let mut ok = connect(s.http_addr(), b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(response(&mut ok).await.0, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408() {
+    let s = serve("", ", body_read_timeout_s: 0.2").await;
+    let mut c = connect(
+        s.http_addr(),
+        b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"inputs\"",
+    )
+    .await;
+    let (status, _, body) = response(&mut c).await;
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("body_read_timeout_s"), "{body}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_announced_over_the_limit_gets_413_before_it_is_sent() {
+    let s = serve("", ", max_body_bytes: 4096").await;
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let head = format!(
+            "POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n{expect}\r\n"
+        );
+        let mut c = connect(s.http_addr(), head.as_bytes()).await;
+        let (status, head, body) = response(&mut c).await;
+        assert_eq!(status, 413, "{head}\n{body}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            message.contains("10000000 bytes") && message.contains("max_body_bytes is 4096"),
+            "{message}"
+        );
+    }
+    s.shutdown().await;
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut e = ZlibEncoder::new(Vec::new(), Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn compressed_requests_are_accepted_and_answers_compressed_when_asked() {
+    let s = serve("", "").await;
+    let client = reqwest::Client::new();
+    let infer = url(&s, "/v2/models/iris/infer");
+    for (coding, body) in
+        [("gzip", gzip(&iris_body())), ("deflate", deflate(&iris_body())), ("identity", iris_body())]
+    {
+        let r = client.post(&infer).header("content-encoding", coding).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{coding}");
+        let out: Value = r.json().await.unwrap();
+        assert_eq!(out["outputs"][0]["data"], json!([0]), "{coding}: {out}");
+    }
+    // The answer is gzip when the client accepts it.
+    let r = client.post(&infer).header("accept-encoding", "gzip").body(iris_body()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&r.bytes().await.unwrap()[..]).read_to_string(&mut text).unwrap();
+    let out: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(out["model_name"], "iris");
+    // An encoding Sluice cannot decode, and a broken gzip stream.
+    let r = client.post(&infer).header("content-encoding", "br").body(iris_body()).send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let error: Value = r.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("`br` is not supported"), "{error}");
+    let r = client.post(&infer).header("content-encoding", "gzip").body(iris_body()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let error: Value = r.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("cannot read the request body"), "{error}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gzip_bomb_gets_413() {
+    let s = serve("", ", max_body_bytes: 1048576").await;
+    // 64 MiB of zeros in about 64 KiB: the limit applies while decompressing.
+    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        e.write_all(&zeros).unwrap();
+    }
+    let bomb = e.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "the compressed body itself is under the limit");
+    let r = reqwest::Client::new()
+        .post(url(&s, "/v2/models/iris/infer"))
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(status, 413, "{error}");
+    assert!(error["error"].as_str().unwrap().contains("decompressed bodies count"), "{error}");
+    s.shutdown().await;
+}
