@@ -120,7 +120,7 @@ async fn rest_and_admin_serve_tls_with_http2_by_alpn_and_admin_requires_a_client
         (write(&dir, "client.pem", &client_cert), write(&dir, "client.key", &client_key));
     let cli = |with_cert: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(["status", "--address", &format!("https://{admin}"), "--cacert", &ca_file]);
+        cmd.args(["status", "-o", "json", "--address", &format!("https://{admin}"), "--cacert", &ca_file]);
         if with_cert {
             cmd.args(["--cert", &client_cert, "--key", &client_key]);
         }
