@@ -165,7 +165,7 @@ def test_submit_spreads_replicas_over_both_nodes_and_tritonclient_infers(cluster
     assert "Sluice is running on Ray 2.60.0 as job sluice-app" in job.stdout, job.stdout
     assert "admin  http://127.100.0.1:8266" in job.stdout, job.stdout
     d = deployment(cluster, "iris")
-    assert d["status"] == "HEALTHY", d
+    assert d and d["status"] == "HEALTHY", d or status(cluster)
     v = d["versions"][0]
     assert (v["replicas"], v["ready_replicas"]) == (2, 2), v
     assert sorted(n["node_ip"] for n in v["nodes"]) == [HEAD, WORKER], "one replica on each node: %s" % v["nodes"]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sluice_config::Config;
 use sluice_controller::cluster::{Cluster, ProxyOptions, RayCluster, RayOptions, bridge};
-use sluice_controller::{DeploymentState, Status};
+use sluice_controller::{ApplicationState, DeploymentState, Status};
 use sluice_server::StartOptions;
 use sluice_server::ray_jobs::{JobRequest, Jobs};
 
@@ -110,8 +110,9 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let fresh = jobs.submit(&job).await.map_err(|e| e.to_string())?;
     eprintln!("{} job {id}", if fresh { "submitted" } else { "already running:" });
     let admin = admin_url(&s.address, config)?;
-    wait_healthy(&jobs, &id, &admin, s.admin_token.as_deref(), Duration::from_secs_f64(ray.start_timeout_s))
-        .await?;
+    let apps: Vec<&str> = config.applications.iter().map(|a| a.name.as_str()).collect();
+    let timeout = Duration::from_secs_f64(ray.start_timeout_s);
+    wait_healthy(&jobs, &id, &admin, s.admin_token.as_deref(), &apps, timeout).await?;
     let host = host_of(&s.address)?;
     println!("Sluice is running on Ray {ray_version} as job {id}");
     println!("  REST   http://{host}:{}", config.http_options.port);
@@ -142,6 +143,7 @@ async fn wait_healthy(
     id: &str,
     admin: &str,
     token: Option<&str>,
+    apps: &[&str],
     timeout: Duration,
 ) -> Result<(), String> {
     let until = Instant::now() + timeout;
@@ -169,7 +171,7 @@ async fn wait_healthy(
             }
             match req.send().await {
                 Ok(r) if r.status().is_success() => match r.json::<Status>().await {
-                    Ok(status) => match unhealthy(&status) {
+                    Ok(status) => match unhealthy(&status, apps) {
                         None => return Ok(()),
                         Some(why) => last = why,
                     },
@@ -187,11 +189,20 @@ async fn wait_healthy(
 }
 
 /// The first deployment that is not healthy yet, and why.
-fn unhealthy(status: &Status) -> Option<String> {
+fn unhealthy(status: &Status, apps: &[&str]) -> Option<String> {
+    // The admin API answers while the models still load: an application not listed yet is
+    // not deployed yet.
+    if let Some(app) = apps.iter().find(|a| !status.applications.contains_key(**a)) {
+        return Some(format!("{app}: not deployed yet"));
+    }
     if status.applications.is_empty() {
         return Some("no application deployed yet".into());
     }
     for (app, a) in &status.applications {
+        if matches!(a.status, ApplicationState::Deploying | ApplicationState::DeployFailed) {
+            let why = if a.message.is_empty() { "deploying" } else { a.message.as_str() };
+            return Some(format!("{app}: {why}"));
+        }
         for (name, d) in &a.deployments {
             if d.status != DeploymentState::Healthy {
                 let waiting: Vec<&String> = d.versions.iter().flat_map(|v| &v.waiting).collect();

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Sluice's own path against the machine's floor, for one or more `sluice` binaries in one run.
+
+The floor is `GET /v2/health/live` on the same server, with the same load tool (wrk, one
+thread pinned to the last CPU) and concurrency: it costs the HTTP stack and nothing of the
+model path. For each binary (label=path; e.g. a build of an older commit beside this one):
+
+  - c=1, tiny MLP (examples/models/mlp, 2 replicas, batching 32), REST JSON: infer p50 minus
+    live p50 (the time Sluice's own path adds to a request);
+  - c=64: infer req/s divided by live req/s;
+  - c=1: gRPC p50 minus REST JSON p50 (sluice-loadtest for both, the same load tester);
+  - idle RSS once the model is loaded and before any request.
+
+Binaries alternate within each repetition (--repeat, default 3) so that both see the same
+machine; the report gives the median and [min-max]. Loopback only; stops by itself.
+
+  python3 scripts/bench_floor.py --binary before=/path/to/old/sluice --binary after=target/release/sluice
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT = ROOT / ".ort" / "libonnxruntime.so"
+HTTP, GRPC = 18100, 18101
+
+CONFIG = """http_options: {{host: 127.0.0.1, port: {http}}}
+grpc_options: {{host: 127.0.0.1, port: {grpc}}}
+applications:
+  - name: floor
+    deployments:
+      - {{name: mlp, model: {model}, num_replicas: 2, max_batch_size: 32}}
+"""
+
+
+def mlp_body():
+    cases = json.loads((ROOT / "examples/models/mlp/expected.json").read_text())["cases"]
+    return json.dumps({"inputs": cases[0]["inputs"]})
+
+
+def wait_ready(proc, timeout=60):
+    until = time.time() + timeout
+    while time.time() < until:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit("server not ready")
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wrk(path, conns, seconds, script=None):
+    """(req/s, p50 µs) of wrk on one thread pinned to the last CPU."""
+    cpu = str(os.cpu_count() - 1)
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{HTTP}{path}"], check=True, text=True, capture_output=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    p50 = float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+    if "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"wrk saw errors on {path}:\n{out}")
+    return rps, p50
+
+
+def loadtest(tool, protocol, seconds, tmp):
+    port = GRPC if protocol == "grpc" else HTTP
+    out = Path(tmp) / f"lt-{protocol}"
+    subprocess.run(
+        [tool, "--url", f"127.0.0.1:{port}", "-m", "mlp", "-p", protocol, "--concurrency", "1",
+         "--duration", f"{seconds}s", "--warmup", "1s", "--quiet", "--output-dir", str(out),
+         "--input-data", str(ROOT / "examples/models/mlp/expected.json")],
+        check=True, capture_output=True, text=True,
+    )
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"] if isinstance(report, dict) else report
+    return steps[0]["latency_us"]["p50"]
+
+
+def measure(binary, tool, seconds, tmp, script):
+    cfg = Path(tmp) / "floor.yaml"
+    cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=ROOT / "examples/models/mlp/model.onnx"))
+    env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
+    proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(proc)
+        time.sleep(1)
+        r = {"idle_rss_mb": rss_mb(proc.pid)}
+        wrk("/v2/health/live", 1, 1)  # warm-up
+        wrk("/v2/models/mlp/infer", 1, 1, script)
+        r["live_c1_p50"] = wrk("/v2/health/live", 1, seconds)[1]
+        r["infer_c1_p50"] = wrk("/v2/models/mlp/infer", 1, seconds, script)[1]
+        r["live_c64_rps"] = wrk("/v2/health/live", 64, seconds)[0]
+        r["infer_c64_rps"] = wrk("/v2/models/mlp/infer", 64, seconds, script)[0]
+        r["rest_c1_p50"] = loadtest(tool, "rest-json", seconds, tmp)
+        r["grpc_c1_p50"] = loadtest(tool, "grpc", seconds, tmp)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    r["own_c1_us"] = r["infer_c1_p50"] - r["live_c1_p50"]
+    r["c64_ratio"] = r["infer_c64_rps"] / r["live_c64_rps"]
+    r["grpc_minus_rest_us"] = r["grpc_c1_p50"] - r["rest_c1_p50"]
+    return r
+
+
+def fmt(values, digits):
+    med = statistics.median(values)
+    return f"{med:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", action="append", required=True, help="label=path of a sluice binary")
+    ap.add_argument("--loadtest", default=str(ROOT / "target/release/sluice-loadtest"))
+    ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench-results" / "floor.md"))
+    args = ap.parse_args()
+    if not shutil.which("wrk") or not shutil.which("taskset"):
+        sys.exit("needs wrk and taskset (apt-get install wrk util-linux)")
+    binaries = [b.split("=", 1) for b in args.binary]
+    results = {label: [] for label, _ in binaries}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        body = mlp_body().replace("\\", "\\\\").replace('"', '\\"')
+        script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
+        for i in range(args.repeat):
+            for label, path in binaries:
+                r = measure(path, args.loadtest, args.duration, tmp, str(script))
+                print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+                results[label].append(r)
+    rows = [
+        ("c=1 REST JSON, tiny MLP: infer p50 − live p50 (µs)", "own_c1_us", 0),
+        ("  infer p50 (µs)", "infer_c1_p50", 0),
+        ("  live p50 (µs)", "live_c1_p50", 0),
+        ("c=64: infer req/s ÷ live req/s", "c64_ratio", 2),
+        ("  infer req/s", "infer_c64_rps", 0),
+        ("  live req/s", "live_c64_rps", 0),
+        ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
+        ("idle RSS, tiny MLP × 2 replicas (MB)", "idle_rss_mb", 1),
+    ]
+    labels = [label for label, _ in binaries]
+    lines = [
+        "# Sluice's own path against the floor",
+        "",
+        f"`scripts/bench_floor.py`, {args.repeat} repetitions of {args.duration} s per measurement, "
+        f"binaries alternating; median [min-max]. {os.cpu_count()} CPUs; wrk on one thread pinned to the last.",
+        "",
+        "| what | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for name, key, digits in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt([r[key] for r in results[l]], digits) for l in labels) + " |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
