@@ -69,6 +69,22 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Openapi { api } => {
+            let doc = match api {
+                cli::Api::Rest => sluice_server::openapi::rest(),
+                cli::Api::Admin => sluice_server::openapi::admin(),
+            };
+            match doc.to_pretty_json() {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Man => match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
             .render(&mut std::io::stdout())
         {

@@ -99,6 +99,7 @@ pub fn router(state: AdminState, token: Option<String>) -> Router {
         .route("/api/sluice/routes", get(routes_snapshot))
         .route("/api/sluice/repository/{model}/notify", post(notify_repository))
         .route("/-/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(crate::openapi::serve_admin))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),

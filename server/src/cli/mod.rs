@@ -87,6 +87,12 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): `sluice man > sluice.1 && man ./sluice.1`.
     Man,
+    /// Print the OpenAPI document of the REST frontend (`rest`) or the admin API (`admin`),
+    /// as the server answers it at `GET /openapi.json` on that port.
+    Openapi {
+        #[arg(value_enum, default_value = "rest")]
+        api: Api,
+    },
     /// Check CONFIG and load each model once (canaries and model-repository versions too);
     /// print every error found and exit non-zero if any.
     Validate {
@@ -94,6 +100,13 @@ pub enum Command {
         #[command(flatten)]
         ort: OrtArgs,
     },
+}
+
+/// Which HTTP API.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Api {
+    Rest,
+    Admin,
 }
 
 /// Where ONNX Runtime comes from.
