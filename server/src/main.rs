@@ -103,7 +103,7 @@ fn main() -> ExitCode {
         }
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env, &store_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
-        Command::Deploy { config, admin } => cli::admin::deploy(&config, &admin),
+        Command::Deploy { config, wait, admin } => cli::deploy::deploy(&config, &admin, &wait),
         Command::Status { output, admin } => cli::admin::status(&admin, output),
         Command::Delete { app, admin } => cli::admin::delete(&app, &admin),
         Command::Rollout { action, admin } => cli::admin::rollout(&action, &admin),

@@ -2,6 +2,7 @@
 //! Nothing here reads the environment: `main.rs` does, and passes values in.
 
 pub mod admin;
+pub mod deploy;
 pub mod job;
 pub mod loadtest;
 pub mod package;
@@ -36,8 +37,12 @@ pub enum Command {
         args: Vec<String>,
     },
     /// Deploy CONFIG to a running server (its admin API): declarative, like `serve deploy`.
+    /// By default it then waits until every deployment is ready, printing each change of
+    /// ready replicas (`app/model: 1/2 replicas ready`).
     Deploy {
         config: PathBuf,
+        #[command(flatten)]
+        wait: deploy::WaitArgs,
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
