@@ -240,6 +240,13 @@ pub const ADMIN: &[Op] = &[
     ),
     op(Get, "/-/healthz", "Admin API health: `ok`", Text, &[]),
     op(Get, "/openapi.json", "This document", Json("Object"), &[]),
+    op(
+        Get,
+        "/",
+        "The status page (HTML). With a token configured, `/?token=T` logs in: a cookie the API accepts like the bearer header",
+        Body::Html,
+        &[303],
+    ),
 ];
 
 /// The REST frontend's document.
@@ -260,7 +267,8 @@ pub fn admin() -> OpenApi {
         "Sluice: admin API",
         "Sluice's admin API and the part of Ray's dashboard API that Ray Serve's CLI and KubeRay \
          call. With `admin_options.token_env` set, every call must carry `Authorization: Bearer \
-         TOKEN` (or `X-Ray-Authorization`); otherwise none.",
+         TOKEN` (or `X-Ray-Authorization`, or the status page's `sluice_admin_token` cookie); \
+         otherwise none.",
         ADMIN,
         true,
     )
@@ -326,10 +334,11 @@ fn operation(o: &Op, bearer: bool) -> utoipa::openapi::path::Operation {
         errors.push(401);
     }
     for code in errors {
-        let answer = ResponseBuilder::new().description(reason(code)).content(
-            "application/json",
-            ContentBuilder::new().schema(Some(Ref::from_schema_name("Error"))).build(),
-        );
+        let mut answer = ResponseBuilder::new().description(reason(code));
+        if code >= 400 {
+            let error = ContentBuilder::new().schema(Some(Ref::from_schema_name("Error"))).build();
+            answer = answer.content("application/json", error);
+        }
         b = b.response(code.to_string(), answer.build());
     }
     b.build()
@@ -351,6 +360,7 @@ fn content(body: Body) -> Option<(&'static str, utoipa::openapi::Content)> {
 
 fn reason(code: u16) -> &'static str {
     match code {
+        303 => "`?token=` was right: the cookie is set, on to `/`",
         400 => "The request is invalid; the message says what is wrong",
         401 => "Missing or wrong bearer token",
         404 => "No such model, version, application or deployment",
