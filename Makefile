@@ -1,5 +1,5 @@
 # Common tasks. Each target is a thin wrapper over scripts/ or cargo.
-.PHONY: setup run test check fmt models bench bench-docs
+.PHONY: setup run test check fmt models bench bench-docs openapi
 
 setup:          ## ONNX Runtime, Python venv, example models, release build
 	scripts/setup.sh
@@ -18,6 +18,10 @@ check:          ## formatting, unused dependencies and lints (scripts/test.sh ru
 
 fmt:
 	cargo fmt --all
+
+openapi:        ## rewrite docs/openapi.json (REST) and docs/openapi-admin.json from the code
+	cargo run -q --bin sluice -- openapi rest > docs/openapi.json
+	cargo run -q --bin sluice -- openapi admin > docs/openapi-admin.json
 
 models:         ## regenerate examples/models from PyPI packages
 	scripts/venv.sh

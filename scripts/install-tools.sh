@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools the checks need: cargo-machete (unused dependencies) from crates.io,
 # pinned; and, where apt and root are available, Debian's prometheus package for `promtool`
-# (the alert rules' check). Idempotent: skips what is already installed.
+# (the alert rules' check) and Debian's chromium (the status page's headless browser test).
+# Idempotent: skips what is already installed.
 set -euo pipefail
 want_machete="0.9.2"
 if ! cargo machete --version 2>/dev/null | grep -q "$want_machete"; then
@@ -12,4 +13,9 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id 
   echo "installing promtool (Debian's prometheus package)" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
     echo "could not install prometheus; the alert rules are checked without promtool" >&2
+fi
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (Debian's package)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+    echo "could not install chromium; tests/python/test_status_page.py will fail (SLUICE_REQUIRE_CHROMIUM=1)" >&2
 fi

@@ -14,6 +14,11 @@ pub fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
     let Some(given) = header.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
         return false;
     };
+    token_matches(given, token)
+}
+
+/// Whether `given` is the token (the status page's cookie or login), in constant time as above.
+pub fn token_matches(given: &[u8], token: &str) -> bool {
     given.ct_eq(token.as_bytes()).into()
 }
 

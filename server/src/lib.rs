@@ -19,6 +19,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model_config;
 pub mod node;
+pub mod openapi;
 pub mod ray_jobs;
 pub mod ray_serve;
 pub mod readiness;

@@ -69,6 +69,22 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Openapi { api } => {
+            let doc = match api {
+                cli::Api::Rest => sluice_server::openapi::rest(),
+                cli::Api::Admin => sluice_server::openapi::admin(),
+            };
+            match doc.to_pretty_json() {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Man => match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
             .render(&mut std::io::stdout())
         {
@@ -87,7 +103,7 @@ fn main() -> ExitCode {
         }
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env, &store_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
-        Command::Deploy { config, admin } => cli::admin::deploy(&config, &admin),
+        Command::Deploy { config, wait, admin } => cli::deploy::deploy(&config, &admin, &wait),
         Command::Status { output, admin } => cli::admin::status(&admin, output),
         Command::Delete { app, admin } => cli::admin::delete(&app, &admin),
         Command::Rollout { action, admin } => cli::admin::rollout(&action, &admin),

@@ -313,7 +313,7 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
     );
     let (code, out, err) = s.cli(&["deploy", second.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"top\""), "deploy prints the new status: {out}");
+    assert!(out.contains("app/top: 1/1 replicas ready"), "deploy prints replicas coming up: {out}");
     let top = |s: &Running| {
         let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.1,0.7,0.2,0.0]}],"outputs":[{"name":"index"}]}"#;
         let (code, out) = post(&s.url("/v2/models/top/infer"), body, None);
@@ -380,6 +380,82 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
     let (code, _, err) = admin_cli("http://127.0.0.1:9", &["status"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the admin API at http://127.0.0.1:9/api/sluice/status"), "{err}");
+}
+
+#[test]
+fn deploy_waits_until_every_deployment_is_ready() {
+    let first = write_config(
+        "wait-first.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx}\n",
+    );
+    let s = Running::start(&first);
+    let second = write_config(
+        "wait-second.yaml",
+        "applications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx, num_replicas: 3}\n      - {name: mlp, model: MODELS/mlp/model.onnx, num_replicas: 2}\n",
+    );
+    let (code, out, err) = s.cli(&["deploy", second.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("app/m: 3/3 replicas ready"), "{out}");
+    assert!(out.contains("app/mlp: 2/2 replicas ready"), "{out}");
+    assert!(out.trim_end().ends_with("deployed: 2 deployment(s) ready"), "{out}");
+    // Once it returns, everything serves.
+    let (code, out, _) = s.cli(&["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    for d in ["m", "mlp"] {
+        assert_eq!(status["applications"]["app"]["deployments"][d]["status"], "HEALTHY", "{out}");
+    }
+    // --no-wait: the server's answer (the status) as before.
+    let (code, out, err) = s.cli(&["deploy", "--no-wait", first.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert!(answer["applications"]["app"]["deployments"]["mlp"].is_null(), "{out}");
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{status:?}: {log}");
+}
+
+/// An admin API whose deployment `app/slow` stays at 1 of 2 ready replicas: the deploy is
+/// accepted, the wait times out and names it. (A real server brings replicas up in well under
+/// a second; this stands in for one that cannot.)
+#[test]
+fn deploy_timeout_names_the_deployments_not_ready() {
+    use std::io::{Read, Write};
+    let status = json!({
+        "applications": {"app": {"status": "RUNNING", "deployments": {
+            "fast": {"status": "HEALTHY", "autoscaling": null, "versions": [
+                {"version": "1", "model": null, "weight": 100, "replicas": 1, "ready_replicas": 1, "queued": 0, "in_flight": 0}]},
+            "slow": {"status": "UPSCALING", "autoscaling": null, "versions": [
+                {"version": "1", "model": null, "weight": 100, "replicas": 2, "ready_replicas": 1, "queued": 0, "in_flight": 0}]}
+        }}},
+        "events": []
+    })
+    .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            // Read the head and any body (small: one read each is enough here).
+            let mut buf = [0u8; 65536];
+            let _ = conn.read(&mut buf);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{status}",
+                status.len()
+            );
+            let _ = conn.write_all(reply.as_bytes());
+        }
+    });
+    let config = write_config("wait-stub.yaml", "applications: []\n");
+    let started = Instant::now();
+    let (code, out, err) =
+        admin_cli(&format!("http://{addr}"), &["deploy", "--timeout", "1", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        out.contains("app/fast: 1/1 replicas ready") && out.contains("app/slow: 1/2 replicas ready"),
+        "{out}"
+    );
+    assert!(err.contains("not ready after 1s: app/slow (1/2 replicas ready)"), "{err}");
+    assert!(!err.contains("app/fast"), "{err}");
 }
 
 #[test]

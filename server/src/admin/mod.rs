@@ -13,8 +13,12 @@
 //! answer Ray's shapes, and `GET /api/ray/version` and `/api/version` Ray's version check.
 //!
 //! With a bearer token configured (env `admin_options.token_env`), every call must carry it, in
-//! `Authorization` or (as KubeRay sends it) `X-Ray-Authorization`.
+//! `Authorization` or (as KubeRay sends it) `X-Ray-Authorization`, or in the cookie the status
+//! page's login sets ([`page`]).
+//!
+//! `GET /` is the status page ([`page`]); `GET /openapi.json` this API's OpenAPI document.
 
+mod page;
 mod ray;
 
 use std::collections::BTreeMap;
@@ -99,28 +103,41 @@ pub fn router(state: AdminState, token: Option<String>) -> Router {
         .route("/api/sluice/routes", get(routes_snapshot))
         .route("/api/sluice/repository/{model}/notify", post(notify_repository))
         .route("/-/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(crate::openapi::serve_admin))
+        .route("/", get(page::page))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
         )
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let token = token.clone();
-            async move {
-                if let Some(t) = token {
-                    // Ray's clients send the token as `X-Ray-Authorization` (behind a proxy
-                    // that takes `Authorization` for itself); either header will do.
-                    let headers = req.headers();
-                    let given = [header::AUTHORIZATION.as_str(), "x-ray-authorization"]
-                        .into_iter()
-                        .any(|h| crate::auth::bearer_matches(headers.get(h), &t));
-                    if !given {
-                        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                    }
-                }
-                next.run(req).await
-            }
-        }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| authorize(token.clone(), req, next)))
         .with_state(state)
+}
+
+/// Lets a request through when no token is configured, or it carries the token (bearer
+/// header, or the status page's cookie). The status page itself answers its login form
+/// instead of a JSON 401, and `GET /?token=T` with the right token logs in.
+async fn authorize(token: Option<String>, req: Request, next: Next) -> Response {
+    let Some(t) = token else { return next.run(req).await };
+    // Ray's clients send the token as `X-Ray-Authorization` (behind a proxy that takes
+    // `Authorization` for itself); either header will do, or the status page's cookie.
+    let headers = req.headers();
+    let authorized = [header::AUTHORIZATION.as_str(), "x-ray-authorization"]
+        .into_iter()
+        .any(|h| crate::auth::bearer_matches(headers.get(h), &t))
+        || page::cookie_token(headers).is_some_and(|c| crate::auth::token_matches(c.as_bytes(), &t));
+    let is_page = req.uri().path() == "/";
+    if is_page && let Some(given) = page::query_token(req.uri().query()) {
+        return if crate::auth::token_matches(given.as_bytes(), &t) {
+            page::logged_in(&t)
+        } else {
+            page::login()
+        };
+    }
+    match (authorized, is_page) {
+        (true, _) => next.run(req).await,
+        (false, true) => page::login(),
+        (false, false) => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+    }
 }
 
 /// A whole config: Ray's `ServeDeploySchema` (JSON as Ray's clients send it, or YAML) is

@@ -1,4 +1,5 @@
-//! The subcommands that talk to a running server's admin API: deploy, status, delete, rollout.
+//! The subcommands that talk to a running server's admin API: status, delete, rollout (and
+//! the calls `deploy` makes).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -74,34 +75,6 @@ pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
     }
 }
 
-/// `sluice deploy CONFIG`: PUTs the file (Sluice's config, or a Ray Serve config), telling the
-/// server where relative paths start.
-pub fn deploy(config: &Path, admin: &AdminArgs) -> ExitCode {
-    let text = match std::fs::read_to_string(config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", config.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let base = std::fs::canonicalize(config)
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.display().to_string()))
-        .unwrap_or_default();
-    match request(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base)) {
-        // A Ray Serve config deploys in the background, as with `serve deploy`.
-        Ok(answer) if answer.is_empty() => {
-            println!("accepted; `sluice status` shows how the deploy goes");
-            ExitCode::SUCCESS
-        }
-        Ok(answer) => {
-            println!("{}", pretty(answer));
-            ExitCode::SUCCESS
-        }
-        Err(code) => code,
-    }
-}
-
 /// `sluice status`: Sluice's own status (`/api/sluice/status`), as a table or for machines.
 pub fn status(admin: &AdminArgs, output: super::status::Output) -> ExitCode {
     let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
@@ -158,7 +131,7 @@ fn call(
 }
 
 /// JSON pretty-printed; anything else as it is.
-fn pretty(text: String) -> String {
+pub(super) fn pretty(text: String) -> String {
     serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
@@ -166,7 +139,7 @@ fn pretty(text: String) -> String {
 }
 
 /// One admin API call: the answer's body, or (printed) why there is none.
-fn request(
+pub(super) fn request(
     admin: &AdminArgs,
     method: reqwest::Method,
     path: &str,

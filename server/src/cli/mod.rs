@@ -2,6 +2,7 @@
 //! Nothing here reads the environment: `main.rs` does, and passes values in.
 
 pub mod admin;
+pub mod deploy;
 pub mod job;
 pub mod loadtest;
 pub mod package;
@@ -36,8 +37,12 @@ pub enum Command {
         args: Vec<String>,
     },
     /// Deploy CONFIG to a running server (its admin API): declarative, like `serve deploy`.
+    /// By default it then waits until every deployment is ready, printing each change of
+    /// ready replicas (`app/model: 1/2 replicas ready`).
     Deploy {
         config: PathBuf,
+        #[command(flatten)]
+        wait: deploy::WaitArgs,
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
@@ -87,6 +92,12 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): `sluice man > sluice.1 && man ./sluice.1`.
     Man,
+    /// Print the OpenAPI document of the REST frontend (`rest`) or the admin API (`admin`),
+    /// as the server answers it at `GET /openapi.json` on that port.
+    Openapi {
+        #[arg(value_enum, default_value = "rest")]
+        api: Api,
+    },
     /// Check CONFIG and load each model once (canaries and model-repository versions too);
     /// print every error found and exit non-zero if any.
     Validate {
@@ -94,6 +105,13 @@ pub enum Command {
         #[command(flatten)]
         ort: OrtArgs,
     },
+}
+
+/// Which HTTP API.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Api {
+    Rest,
+    Admin,
 }
 
 /// Where ONNX Runtime comes from.

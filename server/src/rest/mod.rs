@@ -63,6 +63,7 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
         .route("/-/routes", get(proxy::routes))
         .route("/v2/models/{model}/infer", post(infer::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
+        .route("/openapi.json", get(crate::openapi::serve_rest))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(route::fallback)

@@ -1,0 +1,140 @@
+//! The status page: `GET /` on the admin port. The server renders the applications,
+//! deployments, versions, weights and replicas into `status.html`; its one inline script then
+//! reads `/api/sluice/status` every 2 s, keeps the last 5 minutes of req/s, p50, p99 and queue
+//! depth per version for its sparklines, and drives canary weight, promote and rollback
+//! through the admin API. No build step: the HTML is embedded with `include_str!`.
+//!
+//! With an admin token, `GET /?token=T` (the login form on the page sends it) answers with a
+//! cookie holding the token (HttpOnly, SameSite=Strict) that the admin API accepts like the
+//! bearer header, and redirects to `/` so the token leaves the address bar.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use sluice_controller::Status;
+
+use super::AdminState;
+
+/// The cookie the login sets.
+pub const COOKIE: &str = "sluice_admin_token";
+
+const PAGE: &str = include_str!("status.html");
+const SLOT: &str = "<!--SERVER-RENDERED-->";
+
+const LOGIN: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sluice status: log in</title>
+<style>body { font: 14px system-ui, sans-serif; margin: 3em; } input { width: 24em; }</style></head>
+<body><h1>Sluice status</h1><p>This admin API requires its token (<code>admin_options.token_env</code>).</p>
+<form method="get" action="/"><input type="password" name="token" placeholder="admin token" autofocus>
+<button>log in</button></form></body></html>"#;
+
+pub async fn page(State(s): State<AdminState>) -> Html<String> {
+    Html(PAGE.replacen(SLOT, &render(&s.status()), 1))
+}
+
+/// 401 with the login form (the token was missing or wrong).
+pub fn login() -> Response {
+    (StatusCode::UNAUTHORIZED, Html(LOGIN)).into_response()
+}
+
+/// `?token=T` was right: keep it in a cookie and show the page without it in the address.
+pub fn logged_in(token: &str) -> Response {
+    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+    (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/".to_string())])
+        .into_response()
+}
+
+/// The token in the request's `sluice_admin_token` cookie, if any.
+pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
+/// The `token` query parameter of a URI's query, percent-decoded.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    let raw = query?.split('&').find_map(|kv| kv.strip_prefix("token="))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                out.push(u8::from_str_radix(&hex, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// What the page shows before its script runs: each application's table, without traffic.
+fn render(status: &Status) -> String {
+    let mut html = String::new();
+    for (app, a) in &status.applications {
+        let state = state_name(a.status);
+        let _ = write!(html, "<h2>{} <span class=\"state {state}\">{state}</span></h2>", escape(app));
+        html.push_str(
+            "<table><tr><th>deployment</th><th>status</th><th>version</th><th>weight</th><th>replicas</th></tr>",
+        );
+        for (name, d) in &a.deployments {
+            for v in &d.versions {
+                let key = format!("{app}/{name}/{}", v.version);
+                let _ = write!(
+                    html,
+                    "<tr data-key=\"{k}\"><td><b>{n}</b></td><td>{s}</td><td>{v}{c}</td><td class=\"num\" id=\"w:{k}\">{w}%</td><td class=\"num\">{r}/{t}</td></tr>",
+                    k = escape(&key),
+                    n = escape(name),
+                    s = state_name(d.status),
+                    v = escape(&v.version),
+                    c = if v.canary { " (canary)" } else { "" },
+                    w = v.weight,
+                    r = v.ready_replicas,
+                    t = v.replicas,
+                );
+            }
+        }
+        html.push_str("</table>");
+    }
+    html
+}
+
+/// A state's name as the API spells it (`DEPLOY_FAILED`): letters and `_` only.
+fn state_name(state: impl serde::Serialize) -> String {
+    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_the_cookie_and_the_query() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; sluice_admin_token=s3cret; b=2".parse().unwrap());
+        assert_eq!(cookie_token(&h), Some("s3cret"));
+        assert_eq!(cookie_token(&HeaderMap::new()), None);
+        assert_eq!(query_token(Some("x=1&token=a%2Bb+c")).as_deref(), Some("a+b c"));
+        assert_eq!(query_token(Some("x=1")), None);
+        assert_eq!(query_token(None), None);
+    }
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+}

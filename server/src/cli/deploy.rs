@@ -1,0 +1,141 @@
+//! `sluice deploy CONFIG`: PUTs the file (Sluice's config, or a Ray Serve config) to the admin
+//! API, telling the server where relative paths start, then (unless `--no-wait`) follows
+//! `/api/sluice/status` until every deployment is ready, printing a line each time a
+//! deployment's count of ready replicas changes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use sluice_controller::{ApplicationState, Status};
+
+use super::admin::{AdminArgs, pretty, request};
+
+/// How `sluice deploy` waits.
+#[derive(clap::Args)]
+pub struct WaitArgs {
+    /// Give up waiting after SECONDS: exit 1 naming the deployments not ready (the deploy
+    /// itself stays; the server keeps bringing them up).
+    #[arg(long, value_name = "SECONDS", env = "SLUICE_DEPLOY_TIMEOUT", default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Return once the server accepted the config, printing its answer (the status), without
+    /// waiting for replicas.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// How often the status is read while waiting.
+const POLL: Duration = Duration::from_millis(500);
+
+pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let base = std::fs::canonicalize(config)
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_default();
+    let answer = match request(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base))
+    {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    if wait.no_wait {
+        // A Ray Serve config deploys in the background, as with `serve deploy`.
+        if answer.is_empty() {
+            println!("accepted; `sluice status` shows how the deploy goes");
+        } else {
+            println!("{}", pretty(answer));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout.max(0.0));
+    let mut shown: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    loop {
+        let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
+        let status = match serde_json::from_str::<Status>(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: the admin API answered something else than a status ({e}): {text}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let progress = Progress::of(&status);
+        for (name, counts) in &progress.deployments {
+            if shown.get(name) != Some(counts) {
+                println!("{name}: {}/{} replicas ready", counts.0, counts.1);
+                shown.insert(name.clone(), *counts);
+            }
+        }
+        if !progress.failed.is_empty() {
+            for (app, message) in &progress.failed {
+                eprintln!("error: application `{app}` failed to deploy: {message}");
+            }
+            return ExitCode::FAILURE;
+        }
+        let waiting = progress.not_ready();
+        if waiting.is_empty() {
+            println!("deployed: {} deployment(s) ready", progress.deployments.len());
+            return ExitCode::SUCCESS;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "error: not ready after {}s: {} (the deploy stays; `sluice status` follows it)",
+                wait.timeout,
+                waiting.join(", ")
+            );
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Where a deploy stands, from one status.
+#[derive(Debug, Default, PartialEq)]
+struct Progress {
+    /// `app/deployment` → (ready, wanted) replicas, over its versions.
+    deployments: BTreeMap<String, (usize, usize)>,
+    /// Applications still deploying (a Ray Serve config is applied in the background).
+    deploying: Vec<String>,
+    /// Applications whose deploy failed, with why.
+    failed: Vec<(String, String)>,
+}
+
+impl Progress {
+    fn of(status: &Status) -> Self {
+        let mut p = Progress::default();
+        for (app, a) in &status.applications {
+            match a.status {
+                ApplicationState::DeployFailed => p.failed.push((app.clone(), a.message.clone())),
+                ApplicationState::Deploying => p.deploying.push(app.clone()),
+                ApplicationState::Running | ApplicationState::Unhealthy => {}
+            }
+            for (name, d) in &a.deployments {
+                let ready = d.versions.iter().map(|v| v.ready_replicas.min(v.replicas)).sum();
+                let wanted = d.versions.iter().map(|v| v.replicas).sum();
+                p.deployments.insert(format!("{app}/{name}"), (ready, wanted));
+            }
+        }
+        p
+    }
+
+    /// What is not ready yet, each with its counts.
+    fn not_ready(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .deployments
+            .iter()
+            .filter(|(_, (ready, wanted))| ready < wanted)
+            .map(|(name, (ready, wanted))| format!("{name} ({ready}/{wanted} replicas ready)"))
+            .collect();
+        out.extend(self.deploying.iter().map(|app| format!("{app} (deploying)")));
+        out
+    }
+}
