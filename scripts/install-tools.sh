@@ -9,13 +9,19 @@ if ! cargo machete --version 2>/dev/null | grep -q "$want_machete"; then
   echo "installing cargo-machete $want_machete" >&2
   cargo install --locked --quiet cargo-machete --version "$want_machete"
 fi
+# Debian packages, with the package lists refreshed once if they are missing or stale.
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
+    apt-get update -q >/dev/null 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1
+  }
+}
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing promtool (Debian's prometheus package)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
-    echo "could not install prometheus; the alert rules are checked without promtool" >&2
+  apt_install prometheus || echo "could not install prometheus; the alert rules are checked without promtool" >&2
 fi
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing chromium (Debian's package)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+  apt_install chromium ||
     echo "could not install chromium; tests/python/test_status_page.py will fail (SLUICE_REQUIRE_CHROMIUM=1)" >&2
 fi
