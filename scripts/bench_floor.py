@@ -15,6 +15,8 @@ Binaries alternate within each repetition (--repeat, default 3) so that both see
 machine; the report gives the median and [min-max]. Loopback only; stops by itself.
 
   python3 scripts/bench_floor.py --binary before=/path/to/old/sluice --binary after=target/release/sluice
+  python3 scripts/bench_floor.py --binary a=target/release/sluice --binary b=target/release/sluice \
+      --fields 'b=run_inline_under_us: 0'     # one setting compared
 """
 import argparse
 import json
@@ -38,7 +40,7 @@ grpc_options: {{host: 127.0.0.1, port: {grpc}}}
 applications:
   - name: floor
     deployments:
-      - {{name: mlp, model: {model}, num_replicas: 2, max_batch_size: 32}}
+      - {{name: mlp, model: {model}, num_replicas: 2, max_batch_size: 32{fields}}}
 """
 
 
@@ -98,9 +100,10 @@ def loadtest(tool, protocol, seconds, tmp):
     return steps[0]["latency_us"]["p50"]
 
 
-def measure(binary, tool, seconds, tmp, script):
+def measure(binary, tool, seconds, tmp, script, fields=""):
     cfg = Path(tmp) / "floor.yaml"
-    cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=ROOT / "examples/models/mlp/model.onnx"))
+    model = ROOT / "examples/models/mlp/model.onnx"
+    cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
     env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
@@ -132,6 +135,8 @@ def fmt(values, digits):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", action="append", required=True, help="label=path of a sluice binary")
+    ap.add_argument("--fields", action="append", default=[],
+                    help="label=YAML fields added to that binary's deployment, e.g. 'noinline=run_inline_under_us: 0'")
     ap.add_argument("--loadtest", default=str(ROOT / "target/release/sluice-loadtest"))
     ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     ap.add_argument("--repeat", type=int, default=3)
@@ -140,6 +145,7 @@ def main():
     if not shutil.which("wrk") or not shutil.which("taskset"):
         sys.exit("needs wrk and taskset (apt-get install wrk util-linux)")
     binaries = [b.split("=", 1) for b in args.binary]
+    fields = dict(f.split("=", 1) for f in args.fields)
     results = {label: [] for label, _ in binaries}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
@@ -147,7 +153,7 @@ def main():
         script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
         for i in range(args.repeat):
             for label, path in binaries:
-                r = measure(path, args.loadtest, args.duration, tmp, str(script))
+                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""))
                 print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
                 results[label].append(r)
     rows = [

@@ -3,6 +3,7 @@
 //! (tritonclient sends none), up to `http_options.max_body_bytes`, gzip or deflate encoded or
 //! not ([`screen`]); responses are compressed when the client's `Accept-Encoding` asks.
 
+mod coding;
 mod health;
 pub mod infer;
 pub mod json;
@@ -21,9 +22,6 @@ use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
 use sluice_router::Router as RouteTable;
-use tower_http::CompressionLevel;
-use tower_http::compression::CompressionLayer;
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::ApiError;
@@ -73,9 +71,9 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
         )
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs_f64(http.body_read_timeout_s)))
-        .layer(RequestDecompressionLayer::new())
-        // gRPC answers (shared port) are left alone: gRPC compresses per message.
-        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest))
+        // Decompression and compression for the requests that ask for them; gRPC answers
+        // (shared port) are left alone: gRPC compresses per message.
+        .layer(coding::CodingLayer)
         .layer(middleware::from_fn_with_state(max_body_bytes, screen::screen))
         .with_state(state)
 }
