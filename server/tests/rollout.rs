@@ -29,6 +29,21 @@ fn status(s: &sluice_server::Server) -> Value {
     serde_json::to_value(s.controller().status()).unwrap()
 }
 
+/// The events of `status` as (deployment, message), and the one rollback among them.
+fn the_one_rollback(status: &Value) -> (Vec<(String, String)>, (String, String)) {
+    let events: Vec<(String, String)> = status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["deployment"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
+        .collect();
+    let rolled_back: Vec<&(String, String)> =
+        events.iter().filter(|(_, m)| m.contains("rolled back")).collect();
+    assert_eq!(rolled_back.len(), 1, "{events:?}");
+    let one = rolled_back[0].clone();
+    (events, one)
+}
+
 /// The version that answered one unpinned iris request to `model`.
 async fn answered_by(client: &reqwest::Client, s: &sluice_server::Server, model: &str) -> String {
     let r = client.post(url(s, &format!("/v2/models/{model}/infer"))).body(IRIS_BODY).send().await.unwrap();
@@ -83,16 +98,7 @@ async fn a_canary_whose_p99_breaks_its_bound_is_rolled_back_and_one_within_it_st
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "healthy canaries: no request failed");
     let st = status(&s);
-    let events: Vec<(String, String)> = st["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["deployment"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
-        .collect();
-    let rolled_back: Vec<&(String, String)> =
-        events.iter().filter(|(_, m)| m.contains("rolled back")).collect();
-    assert_eq!(rolled_back.len(), 1, "{events:?}");
-    let (who, why) = rolled_back[0];
+    let (events, (who, why)) = the_one_rollback(&st);
     assert_eq!(who, "m");
     assert!(
         why.starts_with("rolled back canary version 2: p99 ")
@@ -215,16 +221,7 @@ async fn a_shadow_agreement_gate_rolls_back_a_canary_that_answers_differently_an
         assert!(Instant::now() < until, "no agreement rollback and step: {events}");
     }
     let st = status(&s);
-    let events: Vec<(String, String)> = st["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["deployment"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
-        .collect();
-    let rolled_back: Vec<&(String, String)> =
-        events.iter().filter(|(_, m)| m.contains("rolled back")).collect();
-    assert_eq!(rolled_back.len(), 1, "{events:?}");
-    let (who, why) = rolled_back[0];
+    let (events, (who, why)) = the_one_rollback(&st);
     assert_eq!(who, "a");
     assert!(
         why.starts_with("rolled back canary version 2: shadow agreement ")
