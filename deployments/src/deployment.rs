@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
 use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
-use crate::replica::{self, ModelCell, Msg, ReplicaConfig, ReplicaHost};
+use crate::replica::{self, Crowding, ModelCell, Msg, ReplicaConfig, ReplicaHost};
 use crate::{
     Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
     ModelMetadata, backend_factory, check_request,
@@ -287,7 +287,8 @@ pub struct Deployment {
     ready: watch::Receiver<usize>,
     scaling: tokio::sync::Mutex<()>,
     multiplex: Option<Arc<crate::multiplex::MultiplexStats>>,
-    /// Calls measured below this run on the caller's thread when their replica is idle.
+    /// Calls measured below this run on the caller's thread when their replica is idle and
+    /// the deployment is not crowded (see [`crate::replica::Crowding`]).
     inline_under: Option<Duration>,
 }
 
@@ -336,6 +337,7 @@ impl Deployment {
             model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
             warmup: spec.settings.warmup,
             factory,
+            crowding: Crowding::new(),
             metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version, spec.max_batch_size())),
         });
         let (ready_count, ready) = watch::channel(0);
@@ -751,10 +753,15 @@ impl Deployment {
         };
         let slot = &replicas[pick];
         let (guard, idle) = OngoingGuard::new(slot);
-        // A cheap call to an idle replica runs here, on this thread: no hand-off to the
-        // replica's thread and back (the queue was empty, so no one is overtaken).
+        // A cheap call to an idle replica of an uncrowded deployment runs here, on this thread: no hand-off to the replica's thread and back (the queue was empty, so no one
+        // is overtaken).
         let job = match (&slot.channel, self.inline_under) {
-            (Channel::Local(tx, cell), Some(under)) if idle && job.model.is_none() && cell.cheap(under) => {
+            (Channel::Local(tx, cell), Some(under))
+                if idle
+                    && job.model.is_none()
+                    && cell.cheap(under)
+                    && self.set.config.crowding.quiet(job.arrived) =>
+            {
                 match cell.run_inline(&self.set.config, (&*self.set, slot.id), job) {
                     Ok(panicked) => {
                         if panicked {
@@ -913,7 +920,7 @@ mod tests {
 
     use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, two_choices};
     use crate::metrics::DeploymentMetrics;
-    use crate::replica::{ModelCell, ReplicaHost};
+    use crate::replica::{Crowding, ModelCell, ReplicaHost};
 
     /// A replica set of `n` slots with no threads behind them (only readiness is exercised).
     fn set_of(n: usize) -> Arc<ReplicaSet> {
@@ -926,6 +933,7 @@ mod tests {
             model_outputs: Vec::new(),
             warmup: false,
             factory,
+            crowding: Crowding::new(),
             metrics,
         });
         let set = Arc::new(ReplicaSet {

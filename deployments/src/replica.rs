@@ -105,6 +105,39 @@ pub(crate) trait ReplicaHost: Send + Sync + 'static {
     fn set_models(&self, id: usize, models: Vec<Arc<str>>);
 }
 
+/// When a replica of the deployment last ran a batch of two or more requests. Inline calls
+/// save a lightly loaded deployment two thread hand-offs per request, but under load they run
+/// one row per model call where the replica's thread would have batched the requests that
+/// piled up meanwhile, and contend with it for the model (tiny MLP, 2 replicas, 64
+/// connections: 27.8k req/s with inline calls, 37k without). Requests that meet in a batch
+/// are the sign of that load; inline calls wait until none have for [`CROWD_HOLD`].
+pub(crate) struct Crowding {
+    origin: Instant,
+    /// Nanoseconds after `origin` of the last batch of two or more; `u64::MAX`: never.
+    last_ns: AtomicU64,
+}
+
+/// How long after a batch of two or more requests calls stay on the replica's thread.
+pub(crate) const CROWD_HOLD: Duration = Duration::from_millis(100);
+
+impl Crowding {
+    pub fn new() -> Self {
+        Self { origin: Instant::now(), last_ns: AtomicU64::new(u64::MAX) }
+    }
+
+    fn batched(&self, now: Instant) {
+        let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        self.last_ns.store(ns.min(u64::MAX - 1), Ordering::Relaxed);
+    }
+
+    /// No batch of two or more within [`CROWD_HOLD`] before `now`.
+    pub fn quiet(&self, now: Instant) -> bool {
+        let last = self.last_ns.load(Ordering::Relaxed);
+        let now = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        last == u64::MAX || now.saturating_sub(last) >= CROWD_HOLD.as_nanos() as u64
+    }
+}
+
 /// What every replica of a deployment runs with.
 pub(crate) struct ReplicaConfig {
     /// The deployment's name, for messages.
@@ -114,6 +147,8 @@ pub(crate) struct ReplicaConfig {
     pub model_outputs: Vec<String>,
     pub warmup: bool,
     pub factory: BackendFactory,
+    /// Shared by the deployment's replicas: whether calls may run inline now.
+    pub crowding: Crowding,
     pub metrics: Arc<DeploymentMetrics>,
 }
 
@@ -320,6 +355,9 @@ pub(crate) fn run_batch(
     let start = Instant::now();
     for job in &batch {
         config.metrics.queued(start.saturating_duration_since(job.admitted));
+    }
+    if batch.len() > 1 {
+        config.crowding.batched(start);
     }
     let rows: usize = batch.iter().map(|j| j.rows).sum();
     // One span for the model call, following each request's own span, so a slow batch's log

@@ -1,6 +1,7 @@
 //! Cheap calls to an idle replica run on the caller's thread (no hand-off to the replica's
-//! thread and back); a batch wait, a setting of 0 or a slow model keep them on the replica's
-//! thread; a panic in an inline call fails that request only and the replica is replaced.
+//! thread and back); a batch wait, a setting of 0, a slow model or a crowd of requests
+//! (batches of two or more) keep them on the replica's thread; a panic in an inline call fails
+//! that request only and the replica is replaced.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use sluice_deployments::{
     ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
 
-/// `y = x`, recording the name of the thread each call ran on; panics on `13`.
+/// `y = x`, recording the name of the thread each call ran on; panics on `13`; takes 50 ms
+/// more on `77`.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
@@ -35,6 +37,9 @@ impl Backend for Echo {
             panic!("poison value");
         }
         std::thread::sleep(self.delay);
+        if inputs[0].tensor.data()[..8] == 77i64.to_le_bytes() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
     }
 }
@@ -103,6 +108,36 @@ async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_call
         let threads = run(f, 10).await;
         assert!(threads.iter().all(|t| t == "echo#0"), "{threads:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_batch_of_several_requests_calls_stay_on_the_replica_for_a_while() {
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 100_000);
+    assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
+    // A slow call runs inline; three requests meanwhile queue at the busy replica and run
+    // there as one batch.
+    let slow = tokio::spawn({
+        let d = f.deployment.clone();
+        async move { d.infer(request(77)).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let crowd: Vec<_> = (0..3)
+        .map(|k| {
+            let d = f.deployment.clone();
+            tokio::spawn(async move { d.infer(request(200 + k)).await.unwrap() })
+        })
+        .collect();
+    slow.await.unwrap();
+    for task in crowd {
+        task.await.unwrap();
+    }
+    // Requests met in a batch: the next calls go to the replica's thread, to batch there.
+    let threads = run(&f, 3).await;
+    assert!(threads.iter().all(|t| t == "echo#0"), "after a batch of several: {threads:?}");
+    // Once no batch of several has run for longer than the hold, calls run inline again.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let threads = run(&f, 3).await;
+    assert!(threads.iter().all(|t| !t.starts_with("echo#")), "inline again: {threads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

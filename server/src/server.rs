@@ -195,13 +195,13 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     };
     let (http_tls, grpc_tls, admin_tls) = (tls(&http.tls)?, tls(&grpc.tls)?, tls(&admin.tls)?);
 
-    let state = rest::AppState {
+    let state = rest::AppState::new(rest::Shared {
         routes: routes.clone(),
         controller: controller.clone(),
         readiness: readiness.clone(),
         max_body_bytes: http.max_body_bytes,
         draining: stop_rx.clone(),
-    };
+    });
     let mut app = rest::router(state.clone(), http);
     let mut tasks = Vec::new();
     let grpc_addr = listeners.grpc.as_ref().map(|(_, a)| *a);

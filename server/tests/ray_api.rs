@@ -263,8 +263,13 @@ async fn a_draining_proxy_fails_kuberays_probe() {
     let (draining, rx) = tokio::sync::watch::channel(false);
     let (_phase, phase) = tokio::sync::watch::channel(sluice_server::readiness::Phase::Serving);
     let readiness = sluice_server::readiness::Readiness::new(phase, routes.clone());
-    let state =
-        sluice_server::rest::AppState { routes, controller, readiness, max_body_bytes: 1024, draining: rx };
+    let state = sluice_server::rest::AppState::new(sluice_server::rest::Shared {
+        routes,
+        controller,
+        readiness,
+        max_body_bytes: 1024,
+        draining: rx,
+    });
     let app = sluice_server::rest::router(state, &sluice_config::HttpOptions::default());
     let get = |path: &'static str| {
         let app = app.clone();

@@ -9,34 +9,30 @@
 //! - a body that stops arriving for `http_options.body_read_timeout_s` gets 408.
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 
 /// Content codings a request body may use.
 const ENCODINGS: &[&str] = &["gzip", "deflate", "identity"];
 
-/// Refuses, before the body is read, a body announced too large or encoded in a way Sluice
-/// cannot decode.
-pub async fn screen(State(max_body_bytes): State<usize>, req: Request, next: Next) -> Response {
-    if let Some(len) = content_length(req.headers())
+/// The refusal of a request, before its body is read, whose body is announced too large or
+/// encoded in a way Sluice cannot decode; `None` for every other request.
+pub fn refuse(headers: &HeaderMap, max_body_bytes: usize) -> Option<ApiError> {
+    if let Some(len) = content_length(headers)
         && len > max_body_bytes as u64
     {
-        return too_large(Some(len), max_body_bytes).into_response();
+        return Some(too_large(Some(len), max_body_bytes));
     }
-    for coding in codings(req.headers()) {
-        if !ENCODINGS.contains(&coding.as_str()) {
-            return ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Encoding `{coding}` is not supported; use gzip or deflate"),
-            )
-            .into_response();
-        }
+    if !headers.contains_key(header::CONTENT_ENCODING) {
+        return None;
     }
-    next.run(req).await
+    codings(headers).into_iter().find(|c| !ENCODINGS.contains(&c.as_str())).map(|coding| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding `{coding}` is not supported; use gzip or deflate"),
+        )
+    })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -80,7 +76,7 @@ pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) 
         if c.is::<http_body_util::LengthLimitError>() {
             return too_large(None, max_body_bytes);
         }
-        if c.is::<tower_http::timeout::TimeoutError>() {
+        if c.is::<super::intake::BodyTimeout>() {
             return ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "the request body stopped arriving (http_options.body_read_timeout_s passed without data)",
