@@ -9,7 +9,12 @@ model path. For each binary (label=path; e.g. a build of an older commit beside 
     live p50 (the time Sluice's own path adds to a request);
   - c=64: infer req/s divided by live req/s;
   - c=1: gRPC p50 minus REST JSON p50 (sluice-loadtest for both, the same load tester);
-  - idle RSS once the model is loaded and before any request.
+  - idle RSS once the model is loaded and before any request;
+  - the server's CPU time per request at c=64 (infer and live): steadier than req/s on a
+    machine shared with others, since time the server waits for the CPU does not count;
+  - allocations per request at c=1 (infer and live): libc malloc, calloc and realloc calls
+    counted with perf uprobes while wrk runs (rows left out where perf probes are not
+    available; needs root).
 
 Binaries alternate within each repetition (--repeat, default 3) so that both see the same
 machine; the report gives the median and [min-max]. Loopback only; stops by itself.
@@ -71,8 +76,43 @@ def rss_mb(pid):
     return float("nan")
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+ALLOC_FUNCTIONS = ["malloc", "calloc", "realloc"]
+
+
+def alloc_probes(binary):
+    """perf uprobe events on the libc the binary loads, or None when they cannot be set."""
+    if not shutil.which("perf"):
+        return None
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    m = re.search(r"libc\.so\.6 => (\S+)", ldd)
+    if not m:
+        return None
+    for f in ALLOC_FUNCTIONS:  # "already exists" on a second run is fine
+        subprocess.run(["perf", "probe", "-q", "-x", m.group(1), "--add", f], capture_output=True)
+    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+    events = [f"probe_libc:{f}" for f in ALLOC_FUNCTIONS if f"probe_libc:{f} " in listed]
+    return events if len(events) == len(ALLOC_FUNCTIONS) else None
+
+
+def allocs_per_request(pid, events, path, seconds, script):
+    """Allocation calls in the server per request of a c=1 wrk run."""
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid)],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    requests = wrk(path, 1, seconds, script)[2]
+    perf.send_signal(2)
+    counts = [line.split(",")[0] for line in perf.communicate(timeout=30)[1].splitlines() if "probe_libc" in line]
+    return sum(int(c) for c in counts if c.isdigit()) / requests
+
+
 def wrk(path, conns, seconds, script=None):
-    """(req/s, p50 µs) of wrk on one thread pinned to the last CPU."""
+    """(req/s, p50 µs, requests) of wrk on one thread pinned to the last CPU."""
     cpu = str(os.cpu_count() - 1)
     cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
@@ -83,7 +123,7 @@ def wrk(path, conns, seconds, script=None):
     p50 = float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
     if "Non-2xx" in out or "Socket errors" in out:
         sys.exit(f"wrk saw errors on {path}:\n{out}")
-    return rps, p50
+    return rps, p50, int(re.search(r"(\d+) requests in", out).group(1))
 
 
 def loadtest(tool, protocol, seconds, tmp):
@@ -100,7 +140,7 @@ def loadtest(tool, protocol, seconds, tmp):
     return steps[0]["latency_us"]["p50"]
 
 
-def measure(binary, tool, seconds, tmp, script, fields=""):
+def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
     cfg = Path(tmp) / "floor.yaml"
     model = ROOT / "examples/models/mlp/model.onnx"
     cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
@@ -114,8 +154,14 @@ def measure(binary, tool, seconds, tmp, script, fields=""):
         wrk("/v2/models/mlp/infer", 1, 1, script)
         r["live_c1_p50"] = wrk("/v2/health/live", 1, seconds)[1]
         r["infer_c1_p50"] = wrk("/v2/models/mlp/infer", 1, seconds, script)[1]
-        r["live_c64_rps"] = wrk("/v2/health/live", 64, seconds)[0]
-        r["infer_c64_rps"] = wrk("/v2/models/mlp/infer", 64, seconds, script)[0]
+        for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
+            before = cpu_seconds(proc.pid)
+            rps, _, n = wrk(path, 64, seconds, lua)
+            r[f"{key}_c64_rps"] = rps
+            r[f"{key}_c64_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
+        if probes:
+            r["infer_allocs"] = allocs_per_request(proc.pid, probes, "/v2/models/mlp/infer", 2, script)
+            r["live_allocs"] = allocs_per_request(proc.pid, probes, "/v2/health/live", 2, None)
         r["rest_c1_p50"] = loadtest(tool, "rest-json", seconds, tmp)
         r["grpc_c1_p50"] = loadtest(tool, "grpc", seconds, tmp)
     finally:
@@ -147,13 +193,16 @@ def main():
     binaries = [b.split("=", 1) for b in args.binary]
     fields = dict(f.split("=", 1) for f in args.fields)
     results = {label: [] for label, _ in binaries}
+    probes = alloc_probes(binaries[0][1])
+    if not probes:
+        print("no perf uprobes here: allocation counts left out", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         body = mlp_body().replace("\\", "\\\\").replace('"', '\\"')
         script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
         for i in range(args.repeat):
             for label, path in binaries:
-                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""))
+                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes)
                 print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
                 results[label].append(r)
     rows = [
@@ -163,9 +212,14 @@ def main():
         ("c=64: infer req/s ÷ live req/s", "c64_ratio", 2),
         ("  infer req/s", "infer_c64_rps", 0),
         ("  live req/s", "live_c64_rps", 0),
+        ("  server CPU per infer request (µs)", "infer_c64_cpu_us", 1),
+        ("  server CPU per live request (µs)", "live_c64_cpu_us", 1),
         ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
         ("idle RSS, tiny MLP × 2 replicas (MB)", "idle_rss_mb", 1),
-    ]
+    ] + ([
+        ("allocations per infer request, c=1 (malloc + calloc + realloc)", "infer_allocs", 0),
+        ("allocations per live request, c=1", "live_allocs", 0),
+    ] if probes else [])
     labels = [label for label, _ in binaries]
     lines = [
         "# Sluice's own path against the floor",
