@@ -28,8 +28,8 @@ use tokio::time::{Instant, Sleep};
 use tower::util::MapRequest;
 use tower::{Layer, Service, ServiceExt};
 use tower_http::CompressionLevel;
-use tower_http::compression::{Compression, CompressionLayer};
-use tower_http::decompression::{DecompressionBody, RequestDecompression, RequestDecompressionLayer};
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 
 use super::screen;
 
@@ -44,22 +44,16 @@ impl<S: Clone> Layer<S> for IntakeLayer {
     type Service = Intake<S>;
 
     fn layer(&self, inner: S) -> Intake<S> {
-        let decoded: Decoded<S> =
-            MapRequest::new(inner.clone(), |r: Request<DecompressionBody<Body>>| r.map(Body::new));
-        let coded = CompressionLayer::new()
-            .quality(CompressionLevel::Fastest)
-            .layer(RequestDecompressionLayer::new().layer(decoded));
-        Intake { plain: inner, coded, limits: *self }
+        Intake { plain: inner, limits: *self }
     }
 }
 
-type Decoded<S> = MapRequest<S, fn(Request<DecompressionBody<Body>>) -> Request>;
-
-/// The routes, and the same routes behind request decompression and response compression.
+/// The routes. Behind request decompression and response compression only for the requests
+/// that ask, built then: axum clones the route stack for every request, and each copy of the
+/// routes held here is one more allocation per request.
 #[derive(Clone)]
 pub struct Intake<S> {
     plain: S,
-    coded: Compression<RequestDecompression<Decoded<S>>>,
     limits: IntakeLayer,
 }
 
@@ -88,10 +82,19 @@ where
         if !headers.contains_key(header::CONTENT_ENCODING) && !headers.contains_key(header::ACCEPT_ENCODING) {
             return Either::Left(self.plain.call(req));
         }
+        let decoded =
+            MapRequest::new(self.plain.clone(), decoded as fn(Request<DecompressionBody<Body>>) -> Request);
         // Routes are always ready (axum's own middleware calls a clone the same way).
-        let coded = self.coded.clone().oneshot(req);
+        let coded = CompressionLayer::new()
+            .quality(CompressionLevel::Fastest)
+            .layer(RequestDecompressionLayer::new().layer(decoded))
+            .oneshot(req);
         Either::Right(Box::pin(async move { coded.await.map(|r| r.map(Body::new)) }))
     }
+}
+
+fn decoded(req: Request<DecompressionBody<Body>>) -> Request {
+    req.map(Body::new)
 }
 
 /// A request body that fails with [`BodyTimeout`] when no data arrives for `timeout`. Unlike

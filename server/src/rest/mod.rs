@@ -80,20 +80,25 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
         .route("/openapi.json", get(crate::openapi::serve_rest))
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(route::fallback)
-        // A span per HTTP request (DEBUG: free unless asked for with RUST_LOG).
+        // One stack for every route (each `Router::layer` call boxes the routes again, and
+        // axum clones every box per request), outermost first:
         .layer(
-            tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+            tower::ServiceBuilder::new()
+                // A span per HTTP request (DEBUG: free unless asked for with RUST_LOG).
+                .layer(
+                    tower_http::trace::TraceLayer::new_for_http()
+                        .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+                )
+                // The screen, the body read timeout, and decompression and compression for
+                // the requests that ask for them; gRPC answers (shared port) are left alone:
+                // gRPC compresses per message.
+                .layer(intake::IntakeLayer {
+                    max_body_bytes,
+                    body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
+                })
+                .layer(DefaultBodyLimit::max(max_body_bytes)),
         )
-        // The screen, the body read timeout, and decompression and compression for the
-        // requests that ask for them; gRPC answers (shared port) are left alone: gRPC
-        // compresses per message.
-        .layer(intake::IntakeLayer {
-            max_body_bytes,
-            body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
-        })
         .with_state(state)
 }
 
