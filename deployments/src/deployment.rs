@@ -753,7 +753,8 @@ impl Deployment {
         };
         let slot = &replicas[pick];
         let (guard, idle) = OngoingGuard::new(slot);
-        // A cheap call to an idle replica of an uncrowded deployment runs here, on this thread: no hand-off to the replica's thread and back (the queue was empty, so no one
+        // A cheap call to an idle replica of an uncrowded deployment runs here, on this
+        // thread: no hand-off to the replica's thread and back (the queue was empty, so no one
         // is overtaken).
         let job = match (&slot.channel, self.inline_under) {
             (Channel::Local(tx, cell), Some(under))

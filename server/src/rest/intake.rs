@@ -1,5 +1,6 @@
-//! What every REST request goes through before its route, in one layer (each tower layer or
-//! `from_fn` middleware clones and boxes per request, which the small requests pay for):
+//! What every REST request goes through before its route, in one layer (each `Router::layer`
+//! call or `from_fn` middleware adds a box that axum clones per request, which the small
+//! requests pay for):
 //!
 //! - the screen ([`screen::refuse`]): a body announced too large gets 413 and an unknown
 //!   `Content-Encoding` 415, before the body is read;
