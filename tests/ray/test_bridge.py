@@ -9,7 +9,8 @@ because it takes the worker node away.
 
 Run: .venv-ray/bin/python -m pytest -v --durations=0 tests/ray   (as root)
 """
-from __future__ import annotations
+from __future__ import re
+import annotations
 
 import os
 import signal
@@ -306,5 +307,7 @@ def test_worker_node_death_reports_died(bridge, cluster):
     bridge.send("#exit 7")
     job = bridge.wait_terminal(30)
     assert job["status"] == "FAILED" and job["driver_exit_code"] == 7, job
-    assert "controller exited: killed 1 actor(s)" in bridge.logs()
+    # The driver sees the controller's stdout close or its exit first, whichever comes first.
+    logs = bridge.logs()
+    assert re.search(r"controller (exited|closed its stdout): killed 1 actor\(s\)", logs), logs
     assert wait_gone([last["pid"], last["actor_pid"], helper, bridge.hello["pid"]], timeout=10) == []
