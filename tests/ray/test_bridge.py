@@ -9,8 +9,9 @@ because it takes the worker node away.
 
 Run: .venv-ray/bin/python -m pytest -v --durations=0 tests/ray   (as root)
 """
-from __future__ import re
-import annotations
+from __future__ import annotations
+
+import re
 
 import os
 import signal
