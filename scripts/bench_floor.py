@@ -12,9 +12,9 @@ model path. For each binary (label=path; e.g. a build of an older commit beside 
   - idle RSS once the model is loaded and before any request;
   - the server's CPU time per request at c=64 (infer and live): steadier than req/s on a
     machine shared with others, since time the server waits for the CPU does not count;
-  - allocations per request at c=1 (infer and live): libc malloc, calloc and realloc calls
-    counted with perf uprobes while wrk runs (rows left out where perf probes are not
-    available; needs root).
+  - allocations per request at c=1 (infer and live): malloc, calloc and realloc calls (libc's,
+    and mimalloc's aligned ones where the binary links it) counted with perf uprobes while wrk
+    runs (rows left out where perf probes are not available; needs root).
 
 Binaries alternate within each repetition (--repeat, default 3) so that both see the same
 machine; the report gives the median and [min-max]. Loopback only; stops by itself.
@@ -24,6 +24,7 @@ machine; the report gives the median and [min-max]. Loopback only; stops by itse
       --fields 'b=run_inline_under_us: 0'     # one setting compared
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -83,21 +84,33 @@ def cpu_seconds(pid):
 
 
 ALLOC_FUNCTIONS = ["malloc", "calloc", "realloc"]
+# The Rust global allocator when a binary links mimalloc (server/src/main.rs): what `MiMalloc`'s
+# alloc, alloc_zeroed and realloc call.
+MI_FUNCTIONS = ["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"]
 
 
 def alloc_probes(binary):
-    """perf uprobe events on the libc the binary loads, or None when they cannot be set."""
+    """perf uprobe events on the allocation entry points the binary calls: its libc's malloc,
+    calloc and realloc (ONNX Runtime's, and Rust's without mimalloc), plus mimalloc's when the
+    binary links it; None when they cannot be set (no perf, not root)."""
     if not shutil.which("perf"):
         return None
     ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
     m = re.search(r"libc\.so\.6 => (\S+)", ldd)
     if not m:
         return None
-    for f in ALLOC_FUNCTIONS:  # "already exists" on a second run is fine
-        subprocess.run(["perf", "probe", "-q", "-x", m.group(1), "--add", f], capture_output=True)
+    wanted = [(m.group(1), "probe_libc", f, f) for f in ALLOC_FUNCTIONS]
+    symbols = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True).stdout.split()
+    if all(f in symbols for f in MI_FUNCTIONS):
+        # One group per binary: two binaries may both be called `sluice`.
+        group = "alloc_" + hashlib.sha1(str(Path(binary).resolve()).encode()).hexdigest()[:8]
+        wanted += [(binary, group, f.replace("_aligned", ""), f) for f in MI_FUNCTIONS]
+    for path, group, event, function in wanted:  # "already exists" on a second run is fine
+        subprocess.run(["perf", "probe", "-q", "-x", path, "--add", f"{group}:{event}={function}"],
+                       capture_output=True)
     listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
-    events = [f"probe_libc:{f}" for f in ALLOC_FUNCTIONS if f"probe_libc:{f} " in listed]
-    return events if len(events) == len(ALLOC_FUNCTIONS) else None
+    events = [f"{group}:{event}" for _, group, event, _ in wanted if f"{group}:{event} " in listed]
+    return events if len(events) == len(wanted) else None
 
 
 def allocs_per_request(pid, events, path, seconds, script):
@@ -107,7 +120,8 @@ def allocs_per_request(pid, events, path, seconds, script):
     time.sleep(0.5)
     requests = wrk(path, 1, seconds, script)[2]
     perf.send_signal(2)
-    counts = [line.split(",")[0] for line in perf.communicate(timeout=30)[1].splitlines() if "probe_libc" in line]
+    lines = perf.communicate(timeout=30)[1].splitlines()
+    counts = [line.split(",")[0] for line in lines if any(e in line for e in events)]
     return sum(int(c) for c in counts if c.isdigit()) / requests
 
 
@@ -193,8 +207,8 @@ def main():
     binaries = [b.split("=", 1) for b in args.binary]
     fields = dict(f.split("=", 1) for f in args.fields)
     results = {label: [] for label, _ in binaries}
-    probes = alloc_probes(binaries[0][1])
-    if not probes:
+    probes = {label: alloc_probes(path) for label, path in binaries}
+    if not all(probes.values()):
         print("no perf uprobes here: allocation counts left out", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
@@ -202,7 +216,7 @@ def main():
         script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
         for i in range(args.repeat):
             for label, path in binaries:
-                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes)
+                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes[label])
                 print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
                 results[label].append(r)
     rows = [
@@ -217,9 +231,9 @@ def main():
         ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
         ("idle RSS, tiny MLP × 2 replicas (MB)", "idle_rss_mb", 1),
     ] + ([
-        ("allocations per infer request, c=1 (malloc + calloc + realloc)", "infer_allocs", 0),
+        ("allocations per infer request, c=1 (malloc, calloc, realloc; libc and mimalloc)", "infer_allocs", 0),
         ("allocations per live request, c=1", "live_allocs", 0),
-    ] if probes else [])
+    ] if all(probes.values()) else [])
     labels = [label for label, _ in binaries]
     lines = [
         "# Sluice's own path against the floor",

@@ -15,6 +15,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_deployments::{Backend, DataType, InferError, ModelMetadata, NamedTensor, Tensor, TensorSpec};
 
+/// The allocator `sluice` itself runs on (server/src/main.rs), so the soak measures its memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What a step does before answering with its input.
 #[derive(Clone, Copy)]
 enum Fault {
