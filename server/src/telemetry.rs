@@ -117,6 +117,14 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Whether anything records request spans: `RUST_LOG` at DEBUG for Sluice, or OpenTelemetry
+/// export (`init` must have run). The REST and gRPC frontends add their tracing layer only then:
+/// even with nothing recording, it costs every request a clock read, span checks on every poll
+/// and a second boxed response body.
+pub fn request_spans_recorded() -> bool {
+    tracing::enabled!(target: "sluice_server", tracing::Level::DEBUG)
+}
+
 /// The span of one request at a frontend (REST, gRPC, admin): a child of the caller's trace
 /// when it sent `traceparent`, with the trace id recorded for the logs.
 pub fn request_span<B>(req: &axum::http::Request<B>) -> tracing::Span {

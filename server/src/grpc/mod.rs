@@ -177,12 +177,17 @@ pub async fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| crate::StartError::Reflection(e.to_string()))?;
-    Ok(tonic::service::Routes::new(inference)
+    let routes = tonic::service::Routes::new(inference)
         .add_service(health_service)
         .add_service(reflection)
-        .into_axum_router()
-        .layer(
+        .into_axum_router();
+    // A span per call when something records it (see `telemetry::request_spans_recorded`).
+    Ok(if crate::telemetry::request_spans_recorded() {
+        routes.layer(
             tower_http::trace::TraceLayer::new_for_grpc()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
-        ))
+        )
+    } else {
+        routes
+    })
 }

@@ -5,13 +5,14 @@
 //! - the screen ([`screen::refuse`]): a body announced too large gets 413 and an unknown
 //!   `Content-Encoding` 415, before the body is read;
 //! - the body read timeout (`http_options.body_read_timeout_s`): armed only while the body is
-//!   awaited, so a body that came with its headers (most small requests) never touches a timer;
+//!   awaited, so a body that came with its headers (most small requests) never touches a timer,
+//!   and a request without a body is not wrapped at all;
 //! - compression only for the requests that ask for it. tower-http's layers wrap every request
 //!   and response body (the request decompressor also boxes each response), which cost the
 //!   small requests that never compress about a fifth of `/v2/health/live`'s throughput at 64
 //!   connections (`scripts/bench_floor.py`). A request with a `Content-Encoding` (a compressed
-//!   body) or an `Accept-Encoding` (a client that takes compressed answers) goes through them;
-//!   every other request goes straight to the routes.
+//!   body) or an `Accept-Encoding` naming gzip, deflate or `*` (a client that takes compressed
+//!   answers) goes through them; every other request goes straight to the routes.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -77,10 +78,15 @@ where
         if let Some(refusal) = screen::refuse(req.headers(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
-        let timeout = self.limits.body_read_timeout;
-        let req = req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false }));
+        // A request without a body (GET, or `Content-Length: 0`) has nothing to time.
+        let req = if hyper::body::Body::is_end_stream(req.body()) {
+            req
+        } else {
+            let timeout = self.limits.body_read_timeout;
+            req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false }))
+        };
         let headers = req.headers();
-        if !headers.contains_key(header::CONTENT_ENCODING) && !headers.contains_key(header::ACCEPT_ENCODING) {
+        if !headers.contains_key(header::CONTENT_ENCODING) && !accepts_compression(headers) {
             return Either::Left(self.plain.call(req));
         }
         let decoded =
@@ -92,6 +98,20 @@ where
             .oneshot(req);
         Either::Right(Box::pin(async move { coded.await.map(|r| r.map(Body::new)) }))
     }
+}
+
+/// Whether `Accept-Encoding` names an encoding Sluice compresses with (gzip, deflate, or `*`).
+/// Some clients send `identity` alone on every request (Python's http.client does); they get
+/// the plain path.
+fn accepts_compression(headers: &header::HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value.split(',').any(|coding| {
+                let coding = coding.split(';').next().unwrap_or_default().trim();
+                coding == "*" || coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("deflate")
+            })
+        })
+    })
 }
 
 fn decoded(req: Request<DecompressionBody<Body>>) -> Request {
@@ -148,5 +168,32 @@ impl hyper::body::Body for TimedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+    use axum::http::header::{ACCEPT_ENCODING, HeaderValue};
+
+    use super::accepts_compression;
+
+    fn accepts(values: &[&'static str]) -> bool {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(ACCEPT_ENCODING, HeaderValue::from_static(v));
+        }
+        accepts_compression(&headers)
+    }
+
+    #[test]
+    fn only_gzip_deflate_or_any_take_the_compressing_path() {
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["identity"]));
+        assert!(!accepts(&["br, zstd"]));
+        assert!(accepts(&["gzip"]));
+        assert!(accepts(&["identity", "GZIP;q=0.5"]));
+        assert!(accepts(&["br, deflate"]));
+        assert!(accepts(&["*"]));
     }
 }

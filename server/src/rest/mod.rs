@@ -57,7 +57,7 @@ pub struct Shared {
 /// The REST routes of the Open Inference Protocol.
 pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
     let max_body_bytes = http.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/v2", get(health::server_metadata))
         .route("/v2/health/live", get(health::live))
         .route("/v2/health/ready", get(health::ready))
@@ -85,11 +85,6 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
         // axum clones every box per request), outermost first:
         .layer(
             tower::ServiceBuilder::new()
-                // A span per HTTP request (DEBUG: free unless asked for with RUST_LOG).
-                .layer(
-                    tower_http::trace::TraceLayer::new_for_http()
-                        .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
-                )
                 // The screen, the body read timeout, and decompression and compression for
                 // the requests that ask for them; gRPC answers (shared port) are left alone:
                 // gRPC compresses per message.
@@ -99,7 +94,16 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
                 })
                 .layer(DefaultBodyLimit::max(max_body_bytes)),
         )
-        .with_state(state)
+        .with_state(state);
+    // A span per HTTP request, outermost, when something records it (DEBUG or OpenTelemetry).
+    if crate::telemetry::request_spans_recorded() {
+        routes.layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+        )
+    } else {
+        routes
+    }
 }
 
 async fn method_not_allowed() -> ApiError {
