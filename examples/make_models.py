@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Makes Sluice's example and test models from PyPI packages alone, and their expected outputs.
 
-Writes, under examples/models/ (or the folder given as the first argument):
+Writes, under examples/models/ (or the folder given as the first argument; with a second
+argument `big-mlp`, only the benchmark's 256 -> 3x1024 -> 16 MLP, see `big_mlp`):
   iris/model.onnx     scikit-learn Pipeline(StandardScaler, LogisticRegression) on the iris data
                       bundled with scikit-learn, converted by skl2onnx (zipmap=False: the
                       probabilities are a plain tensor). input [N,4] FP32 -> label [N] INT64,
@@ -261,7 +262,39 @@ def tiny_encoder():
     print(f"wrote {d}: tokenizer.json, model.onnx, expected.json", file=sys.stderr)
 
 
+def big_mlp():
+    """The benchmark's larger model (issue 14): 256 -> 3 x (1024, ReLU) -> 16, seeded weights
+    (~9.5 MB, not committed: `scripts/bench.py` makes it under bench-results/ on demand).
+    x [N,256] FP32 -> y [N,16]."""
+    rng = np.random.default_rng(1)
+    sizes = [256, 1024, 1024, 1024, 16]
+    nodes, inits, h = [], [], "x"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        bias = (rng.standard_normal(b) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], ["y" if last else f"a{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"]))
+        h = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "big_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.doc_string = "big-mlp: 256 -> 3 x (1024, ReLU) -> 16; seeded weights"
+    xs = rng.standard_normal((1, 256)).astype(np.float32)
+    save("big-mlp", model, [("row0", {"x": xs})], tolerance=1e-4)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[2] == "big-mlp":
+        big_mlp()  # make_models.py OUT big-mlp: the benchmark model alone
+        sys.exit(0)
     iris()
     iris_v2()
     mlp()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sluice's benchmark suite: one Markdown report with ratios to raw ONNX Runtime.
 
-Starts a release `sluice` on bench config (iris and mlp from examples/models; MiniLM-L6 from
+Starts a release `sluice` on bench config (iris and mlp from examples/models; big-mlp, a
+256 -> 3x1024 -> 16 MLP made by examples/make_models.py under the output folder; MiniLM-L6 from
 ../shared/models/minilm or $SLUICE_MINILM_DIR when present, skipped with a message otherwise),
 runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, measures
 resident memory idle and under 10x overload, and, when `wrk` is installed, compares the load
@@ -65,6 +66,16 @@ def models(selected, out):
             samples = out / f"{name}-one-row.json"
             samples.write_text(json.dumps({"tolerance": 1e-5, "cases": [case]}))
             found[name] = dict(path=ex / name / "model.onnx", samples=samples, seq=1, extra="max_batch_size: 32")
+    if "big-mlp" in selected:
+        # 256 -> 3 x 1024 -> 16 (issue 14's larger model), made once by examples/make_models.py.
+        d = out / "models"
+        if not (d / "big-mlp" / "model.onnx").is_file():
+            subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "examples" / "make_models.py"), str(d),
+                            "big-mlp"], check=True)
+        case = json.loads((d / "big-mlp" / "expected.json").read_text())["cases"][0]
+        samples = out / "big-mlp-one-row.json"
+        samples.write_text(json.dumps({"tolerance": 1e-4, "cases": [case]}))
+        found["big-mlp"] = dict(path=d / "big-mlp" / "model.onnx", samples=samples, seq=1, extra="max_batch_size: 32")
     if "minilm" in selected:
         d = Path(os.environ.get("SLUICE_MINILM_DIR", ROOT.parent / "shared" / "models" / "minilm"))
         if (d / "model.onnx").is_file():
@@ -187,7 +198,7 @@ def main():
     ap.add_argument("--warmup", type=float, default=1, help="seconds of the unmeasured run before each")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of every row (at least 3 for a report)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
-    ap.add_argument("--models", default="iris,mlp,minilm")
+    ap.add_argument("--models", default="iris,mlp,big-mlp,minilm")
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
     ap.add_argument("--concurrency", default="1,8,16,64")
     ap.add_argument("--no-build", action="store_true")
