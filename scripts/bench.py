@@ -8,6 +8,13 @@ runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/1
 resident memory idle and under 10x overload, and, when `wrk` is installed, compares the load
 tester with wrk on the same server. Writes bench-results/report.md and results.json.
 
+The floor: before the models, the same load tester at the same concurrency levels sends the
+protocol's liveness call instead (`--health`: REST `GET /v2/health/live`, gRPC `ServerLive`),
+--repeat times each, on the same server; each infer row shows its req/s over the floor's and its
+p50 minus the floor's (repetition i against floor repetition i). With root and perf, a last
+table counts the server's allocation calls per request at concurrency 1 (perf uprobes on
+malloc/calloc/realloc and mimalloc's entry points, as scripts/bench_floor.py does).
+
 Method, per table row (protocol x concurrency), repeated --repeat times (default 3):
   1. an unmeasured warm-up run of the load tester (--warmup s);
   2. the served run (--duration s), between two reads of the model's /stats, so the batch
@@ -38,6 +45,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_floor  # noqa: E402 (its allocation probes)
 
 ROOT = Path(__file__).resolve().parents[1]
 REL = ROOT / "target" / "release"
@@ -119,15 +129,22 @@ class Server:
             self.proc.wait(30)
 
 
-def loadtest(model, protocol, samples, concurrency=None, rate=None, duration=5, warmup=1, extra=()):
+def loadtest(model, protocol, samples, concurrency=None, rate=None, duration=5, warmup=1, requests=None):
+    """One step of sluice-loadtest; `model` None sends the liveness call (the floor)."""
     port = GRPC if protocol == "grpc" else HTTP
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(REL / "sluice-loadtest"), "--url", f"127.0.0.1:{port}", "-m", model, "-p", protocol,
-               "--input-data", str(samples), "--duration", f"{duration:g}s", "--warmup", f"{warmup:g}s", "--quiet",
-               "--output-dir", tmp, *extra]
+        cmd = [str(REL / "sluice-loadtest"), "--url", f"127.0.0.1:{port}", "-p", protocol,
+               "--warmup", f"{warmup:g}s", "--quiet", "--output-dir", tmp]
+        cmd += ["--health"] if model is None else ["-m", model, "--input-data", str(samples)]
+        cmd += ["--requests", str(requests)] if requests else ["--duration", f"{duration:g}s"]
         cmd += ["--concurrency", str(concurrency)] if concurrency else ["--rate", str(rate)]
         sh(*cmd)
         return json.loads((Path(tmp) / "report.json").read_text())["steps"][0]
+
+
+def transport(protocol):
+    """Which floor a protocol's rows compare with: REST's for both REST encodings."""
+    return "grpc" if protocol == "grpc" else "rest-json"
 
 
 def raw_ort(path, mix, seq, seconds):
@@ -154,8 +171,9 @@ def spread(values, fmt="{:.0f}"):
     return f"{med} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
 
 
-def measure(server, name, m, protocol, concurrency, args):
-    """One repetition of a row: warm-up (unmeasured), served run, raw ONNX Runtime at its mix."""
+def measure(server, name, m, protocol, concurrency, args, floor):
+    """One repetition of a row: warm-up (unmeasured), served run, raw ONNX Runtime at its mix;
+    `floor` is the liveness step of the same repetition, transport and concurrency."""
     loadtest(name, protocol, m["samples"], concurrency=concurrency, duration=args.warmup, warmup=0)
     before = server.stats(name)
     step = loadtest(name, protocol, m["samples"], concurrency=concurrency, duration=args.duration, warmup=0)
@@ -165,6 +183,8 @@ def measure(server, name, m, protocol, concurrency, args):
     only_ones = set(mix) == {1}
     return dict(step=step, mix=mix, raw=raw, avg_batch=rows / calls if calls else 1.0,
                 ratio=step["inferences_per_second"] / raw["samples_per_s"],
+                floor_ratio=step["throughput"] / floor["throughput"],
+                floor_p50=step["latency_us"]["p50"] - floor["latency_us"]["p50"],
                 # Comparable only when every model call was one row, as the raw calls were.
                 overhead_p50=step["latency_us"]["p50"] - raw["p50_us"] if only_ones else None)
 
@@ -232,13 +252,34 @@ def main():
     results = {}
     try:
         idle_rss = server.rss_kib()
+        # The floor: liveness calls through the same load tester, transport and concurrency.
+        floors = {}
+        report += ["## Floor", "",
+                   "The server's own path with no model: `sluice-loadtest --health` (REST `GET /v2/health/live`, "
+                   "gRPC `ServerLive`), same connections and concurrency as the rows below, measured first. The "
+                   "model tables compare each row with the floor of its transport (both REST encodings with "
+                   "REST's).", "",
+                   "| transport | concurrency | req/s | p50 µs | p99 µs | errors |", "|---|---|---|---|---|---|"]
+        for t in dict.fromkeys(transport(p) for p in protocols):
+            for c in levels:
+                reps = []
+                for _ in range(args.repeat):
+                    loadtest(None, t, None, concurrency=c, duration=args.warmup, warmup=0)
+                    reps.append(loadtest(None, t, None, concurrency=c, duration=args.duration, warmup=0))
+                floors[(t, c)] = reps
+                errors = sum(sum(r["errors"].values()) for r in reps)
+                report.append(f"| {'grpc' if t == 'grpc' else 'rest'} | {c} | {spread([r['throughput'] for r in reps])} | "
+                              f"{spread([r['latency_us']['p50'] for r in reps])} | "
+                              f"{spread([r['latency_us']['p99'] for r in reps])} | {errors} |")
+        report.append("")
         for name, m in found.items():
             report += [f"## {name}", "",
-                       "| protocol | concurrency | req/s | p50 µs | p99 µs | errors | avg batch | raw ORT samples/s at the mix | ratio served/raw | p50 − raw p50 µs |",
-                       "|---|---|---|---|---|---|---|---|---|---|"]
+                       "| protocol | concurrency | req/s | p50 µs | p99 µs | errors | avg batch | raw ORT samples/s at the mix | ratio served/raw | p50 − raw p50 µs | req/s ÷ floor | p50 − floor p50 µs |",
+                       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for protocol in protocols:
                 for c in levels:
-                    reps = [measure(server, name, m, protocol, c, args) for _ in range(args.repeat)]
+                    reps = [measure(server, name, m, protocol, c, args, floors[(transport(protocol), c)][i])
+                            for i in range(args.repeat)]
                     results[(name, protocol, c)] = reps
                     col = lambda f: [f(r) for r in reps]
                     overhead = [r["overhead_p50"] for r in reps if r["overhead_p50"] is not None]
@@ -250,7 +291,8 @@ def main():
                         f"{spread(col(lambda r: r['avg_batch']), '{:.1f}')} | "
                         f"{spread(col(lambda r: r['raw']['samples_per_s']))} | "
                         f"{spread(col(lambda r: r['ratio']), '{:.2f}')} | "
-                        f"{spread(overhead) if len(overhead) == len(reps) else '—'} |")
+                        f"{spread(overhead) if len(overhead) == len(reps) else '—'} | "
+                        f"{spread(col(lambda r: r['floor_ratio']), '{:.2f}')} | {spread(col(lambda r: r['floor_p50']))} |")
             report.append("")
 
         # Memory at 10x overload: open loop at ten times the best throughput measured, on the
@@ -307,6 +349,26 @@ def main():
                 ratios = [s["throughput"] / w["rps"] for w, s in zip(ws, ls)]
                 report.append(f"| ratio loadtest/wrk (per round) | {c} | {spread(ratios, '{:.2f}')} | "
                               f"{l_p50 / w_p50:.2f} (of medians) | |")
+            report.append("")
+
+        # Allocation calls in the server per request, one connection (perf uprobes; root).
+        probes = bench_floor.alloc_probes(str(REL / "sluice"))
+        if probes is None:
+            print("no perf uprobes here (needs perf and root): allocations per request left out", file=sys.stderr)
+        else:
+            count = lambda model, protocol, samples: bench_floor.allocs_per_request(
+                server.proc.pid, probes,
+                lambda: loadtest(model, protocol, samples, concurrency=1, requests=2000, warmup=0)["ok"])
+            report += ["## Allocations per request", "",
+                       "Allocation calls in the server (malloc, calloc, realloc of libc, which ONNX Runtime uses, "
+                       "and mimalloc's, which Sluice's Rust code uses), counted with perf uprobes over 2,000 "
+                       "requests at concurrency 1 after the rows above; the floor is the liveness call.", "",
+                       "| request | " + " | ".join(protocols) + " |", "|---|" + "---|" * len(protocols)]
+            floor_cells = {t: f"{count(None, t, None):.0f}" for t in dict.fromkeys(transport(p) for p in protocols)}
+            report.append("| floor (liveness) | " + " | ".join(floor_cells[transport(p)] for p in protocols) + " |")
+            for name, m in found.items():
+                report.append(f"| {name} | " + " | ".join(f"{count(name, p, m['samples']):.0f}" for p in protocols)
+                              + " |")
             report.append("")
     finally:
         server.stop()

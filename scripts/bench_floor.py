@@ -113,12 +113,13 @@ def alloc_probes(binary):
     return events if len(events) == len(wanted) else None
 
 
-def allocs_per_request(pid, events, path, seconds, script):
-    """Allocation calls in the server per request of a c=1 wrk run."""
+def allocs_per_request(pid, events, send):
+    """Allocation calls in the server per request while `send()` runs (it returns how many
+    requests it sent)."""
     perf = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid)],
                             stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    requests = wrk(path, 1, seconds, script)[2]
+    requests = send()
     perf.send_signal(2)
     lines = perf.communicate(timeout=30)[1].splitlines()
     counts = [line.split(",")[0] for line in lines if any(e in line for e in events)]
@@ -174,8 +175,9 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
             r[f"{key}_c64_rps"] = rps
             r[f"{key}_c64_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
         if probes:
-            r["infer_allocs"] = allocs_per_request(proc.pid, probes, "/v2/models/mlp/infer", 2, script)
-            r["live_allocs"] = allocs_per_request(proc.pid, probes, "/v2/health/live", 2, None)
+            infer, live = "/v2/models/mlp/infer", "/v2/health/live"
+            r["infer_allocs"] = allocs_per_request(proc.pid, probes, lambda: wrk(infer, 1, 2, script)[2])
+            r["live_allocs"] = allocs_per_request(proc.pid, probes, lambda: wrk(live, 1, 2)[2])
         r["rest_c1_p50"] = loadtest(tool, "rest-json", seconds, tmp)
         r["grpc_c1_p50"] = loadtest(tool, "grpc", seconds, tmp)
     finally:

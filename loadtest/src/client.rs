@@ -1,5 +1,8 @@
 //! One client per run, shared by every worker: a keep-alive HTTP/1 connection pool for REST,
-//! one HTTP/2 channel for gRPC. Failures are classified by kind for the report.
+//! one HTTP/2 channel for gRPC. Failures are classified by kind for the report. A client made
+//! [`Client::liveness`] sends the protocol's liveness call instead of inference (REST
+//! `GET /v2/health/live`, gRPC `ServerLive`) over the same connections: the floor of the
+//! server's own path for the same tool and concurrency.
 
 use std::str::FromStr;
 
@@ -56,8 +59,17 @@ impl std::fmt::Display for Protocol {
 pub type ErrorKind = String;
 
 pub enum Client {
-    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, target: String, path: String, binary: bool },
-    Grpc(GrpcInferenceServiceClient<Channel>),
+    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, target: String, path: String, call: RestCall },
+    Grpc { client: GrpcInferenceServiceClient<Channel>, live: bool },
+}
+
+/// What a REST client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestCall {
+    Json,
+    Binary,
+    /// `GET /v2/health/live`, no body.
+    Live,
 }
 
 /// What one closed-loop worker sends through: its own keep-alive HTTP/1 connection (as wrk
@@ -73,7 +85,7 @@ impl Worker<'_> {
         p: &Prepared,
         decode: bool,
     ) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
-        let Client::Rest { target, path, binary, .. } = self.client else {
+        let Client::Rest { target, path, call, .. } = self.client else {
             return self.client.send(p, decode).await;
         };
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
@@ -81,7 +93,7 @@ impl Worker<'_> {
         }
         let conn = self.conn.as_mut().expect("connected above");
         conn.ready().await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
-        let req = rest_request(path, target, *binary, p)?;
+        let req = rest_request(path, target, *call, p)?;
         let resp = conn.send_request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
         rest_response(resp, decode).await
     }
@@ -100,17 +112,22 @@ async fn connect_http1(target: &str) -> Result<SendRequest<Full<Bytes>>, ErrorKi
 fn rest_request(
     path: &str,
     target: &str,
-    binary: bool,
+    call: RestCall,
     p: &Prepared,
 ) -> Result<Request<Full<Bytes>>, ErrorKind> {
-    let mut req = Request::post(path).header(hyper::header::HOST, target);
-    let body = if binary {
-        req = req.header("Inference-Header-Content-Length", p.rest_binary_header);
-        p.rest_binary.clone()
-    } else {
-        p.rest_json.clone()
+    let req = match call {
+        RestCall::Live => {
+            Request::get(path).header(hyper::header::HOST, target).body(Full::new(Bytes::new()))
+        }
+        RestCall::Json => {
+            Request::post(path).header(hyper::header::HOST, target).body(Full::new(p.rest_json.clone()))
+        }
+        RestCall::Binary => Request::post(path)
+            .header(hyper::header::HOST, target)
+            .header("Inference-Header-Content-Length", p.rest_binary_header)
+            .body(Full::new(p.rest_binary.clone())),
     };
-    req.body(Full::new(body)).map_err(|e| format!("request: {e}"))
+    req.map_err(|e| format!("request: {e}"))
 }
 
 async fn rest_response(
@@ -149,7 +166,7 @@ impl Client {
                     http,
                     target: target.to_string(),
                     path: format!("{model_path}/infer"),
-                    binary: protocol == Protocol::RestBinary,
+                    call: if protocol == Protocol::RestBinary { RestCall::Binary } else { RestCall::Json },
                 }
             }
             Protocol::Grpc => {
@@ -158,9 +175,21 @@ impl Client {
                     .connect()
                     .await
                     .with_context(|| format!("connecting to {target}"))?;
-                Client::Grpc(GrpcInferenceServiceClient::new(channel).max_decoding_message_size(usize::MAX))
+                let client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+                Client::Grpc { client, live: false }
             }
         })
+    }
+
+    /// The same client sending the protocol's liveness call instead of inference (REST
+    /// `GET /v2/health/live`, gRPC `ServerLive`); a failed or false answer is an error.
+    pub fn liveness(self) -> Self {
+        match self {
+            Client::Rest { http, target, .. } => {
+                Client::Rest { http, target, path: "/v2/health/live".into(), call: RestCall::Live }
+            }
+            Client::Grpc { client, .. } => Client::Grpc { client, live: true },
+        }
     }
 
     /// A worker with its own connection (REST) for closed-loop sending.
@@ -172,14 +201,22 @@ impl Client {
     /// returns the outputs for checking.
     pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
         match self {
-            Client::Rest { http, target, path, binary } => {
-                let mut req = rest_request(path, target, *binary, p)?;
+            Client::Rest { http, target, path, call } => {
+                let mut req = rest_request(path, target, *call, p)?;
                 *req.uri_mut() =
                     format!("http://{target}{path}").parse().map_err(|e| format!("request: {e}"))?;
                 let resp = http.request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
                 rest_response(resp, decode).await
             }
-            Client::Grpc(client) => {
+            Client::Grpc { client, live: true } => {
+                let live = client.clone().server_live(pb::ServerLiveRequest {}).await;
+                match live {
+                    Ok(r) if r.get_ref().live => Ok(None),
+                    Ok(_) => Err("not live".into()),
+                    Err(s) => Err(format!("grpc {:?}", s.code())),
+                }
+            }
+            Client::Grpc { client, live: false } => {
                 let mut client = client.clone();
                 let resp =
                     client.model_infer(p.grpc.clone()).await.map_err(|s| format!("grpc {:?}", s.code()))?;

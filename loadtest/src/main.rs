@@ -11,7 +11,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_loadtest::client::{self, Client, Protocol};
 use sluice_loadtest::codec::prepare;
-use sluice_loadtest::inputs::{load_samples, parse_shape, random_case};
+use sluice_loadtest::inputs::{Case, load_samples, parse_shape, random_case};
 use sluice_loadtest::report::{Report, markdown, write_all};
 use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
 
@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8000")]
     url: String,
     /// Model name.
-    #[arg(long, short)]
+    #[arg(long, short, required_unless_present = "health", default_value = "")]
     model: String,
     /// Model version (empty: the server's choice).
     #[arg(long, default_value = "")]
@@ -82,6 +82,11 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Send the protocol's liveness call instead of inference (REST `GET /v2/health/live`,
+    /// gRPC `ServerLive`) over the same connections and concurrency: the floor that infer
+    /// numbers compare with. No model or input data needed.
+    #[arg(long, conflicts_with_all = ["input_data", "check", "model"])]
+    health: bool,
 }
 
 /// The requests of every step as CSV, in send order within each step.
@@ -141,6 +146,8 @@ async fn run(args: Args) -> Result<()> {
     }
     let cases = match &args.input_data {
         Some(path) => load_samples(path, args.tolerance)?,
+        // Liveness calls carry no tensors.
+        None if args.health => vec![Case { inputs: Vec::new(), outputs: None, tolerance: args.tolerance }],
         None => {
             if args.check {
                 bail!("--check needs --input-data with expected outputs");
@@ -155,7 +162,11 @@ async fn run(args: Args) -> Result<()> {
     let prepared = Arc::new(
         cases.iter().map(|c| prepare(c, &args.model, &args.model_version)).collect::<Result<Vec<_>>>()?,
     );
-    let client = Arc::new(Client::connect(args.protocol, &args.url, &args.model, &args.model_version).await?);
+    let mut client = Client::connect(args.protocol, &args.url, &args.model, &args.model_version).await?;
+    if args.health {
+        client = client.liveness();
+    }
+    let client = Arc::new(client);
     let poisson = match args.distribution.as_str() {
         "poisson" => true,
         "constant" => false,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use sluice_loadtest::client::{Client, Protocol};
 use sluice_loadtest::codec::prepare;
@@ -20,9 +20,21 @@ const SERVICE: Duration = Duration::from_millis(3);
 /// Echoes input `x` as output `y` after SERVICE; every 5th request gets 503, and every 7th
 /// answers a wrong value.
 async fn serve() -> (String, Arc<AtomicU64>) {
+    let (addr, count, _) = serve_with_live().await;
+    (addr, count)
+}
+
+/// [`serve`], also counting `GET /v2/health/live` calls (answered 200, every 4th 503).
+async fn serve_with_live() -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
     let count = Arc::new(AtomicU64::new(0));
+    let lives = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    let app = Router::new().route(
+    let l = lives.clone();
+    let live = get(move || {
+        let n = l.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { if n.is_multiple_of(4) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK } }
+    });
+    let app = Router::new().route("/v2/health/live", live).route(
         "/v2/models/m/infer",
         post(move |body: Bytes| {
             let c = c.clone();
@@ -45,7 +57,7 @@ async fn serve() -> (String, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, count)
+    (addr, count, lives)
 }
 
 fn case() -> Case {
@@ -116,4 +128,21 @@ async fn a_server_that_is_not_there_is_a_transport_error() {
     assert_eq!(r.ok, 0);
     assert_eq!(r.error_count(), 3);
     assert!(r.errors.keys().all(|k| k.starts_with("transport")), "{:?}", r.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liveness_client_sends_only_liveness_calls_and_counts_their_failures() {
+    let (addr, infers, lives) = serve_with_live().await;
+    let client = Client::connect(Protocol::RestJson, &addr, "", "").await.unwrap().liveness();
+    let client = Arc::new(client);
+    // No tensors: what `--health` prepares.
+    let empty = Case { inputs: Vec::new(), outputs: None, tolerance: 1e-4 };
+    let cases = Arc::new(vec![prepare(&empty, "", "").unwrap()]);
+    let limits = Limits { duration: None, requests: Some(40) };
+    let r =
+        run_step(client, cases, Mode::Closed { concurrency: 2 }, limits, StepOptions::default(), None).await;
+    assert_eq!(lives.load(Ordering::SeqCst), 40, "every call went to /v2/health/live");
+    assert_eq!(infers.load(Ordering::SeqCst), 0, "no inference was sent");
+    assert_eq!(r.ok, 30);
+    assert_eq!(r.errors.get("http 503"), Some(&10), "{:?}", r.errors);
 }
