@@ -5,12 +5,10 @@
 
 use std::collections::HashMap;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Serialize;
 use serde_json::{Map, Value};
 use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
@@ -22,23 +20,37 @@ use crate::error::ApiError;
 /// The binary extension's header: length of the JSON part of a body.
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
+/// The infer routes' path: `/v2/models/{model}[/versions/{version}]/infer`.
+#[derive(serde::Deserialize)]
+pub struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+/// The headers the infer path reads, named once (a `&str` key is parsed on every lookup).
+static VERSION_HEADER: HeaderName = HeaderName::from_static(sluice_router::VERSION_HEADER);
+static MULTIPLEX_HEADER: HeaderName = HeaderName::from_static(sluice_deployments::MULTIPLEX_HEADER);
+static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName = HeaderName::from_static(HEADER_CONTENT_LENGTH);
+
 pub async fn infer(
     State(state): State<AppState>,
-    Path(path): Path<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Path(path): Path<ModelPath>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let body = body.map_err(|e| super::screen::rejection(&e, state.max_body_bytes))?;
-    let pinned = headers.get(sluice_router::VERSION_HEADER).and_then(|v| v.to_str().ok());
-    let choice = sluice_router::VersionChoice { exact: path.get("version").map(String::as_str), pinned };
-    let deployment = state.routes.route(&path["model"], choice)?;
-    let result = match decode_request(&headers, body) {
+    // The whole request, not the `HeaderMap` extractor, which clones the headers.
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    let body = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|e| super::screen::body_error(&e, state.max_body_bytes))?;
+    let pinned = headers.get(&VERSION_HEADER).and_then(|v| v.to_str().ok());
+    let choice = sluice_router::VersionChoice { exact: path.version.as_deref(), pinned };
+    let deployment = state.routes.route(&path.model, choice)?;
+    let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
-            request.model_id = headers
-                .get(sluice_deployments::MULTIPLEX_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            request.model_id =
+                headers.get(&MULTIPLEX_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
             deployment.infer(request).await.map(|r| (r, binary))
         }
         Err(e) => Err(e),
@@ -77,7 +89,7 @@ fn bool_param(params: Option<&Map<String, Value>>, key: &str) -> Result<Option<b
 /// Decodes an infer body (JSON, or JSON + binary tensors when `headers` carry
 /// `Inference-Header-Content-Length`) into the internal request. Public for fuzzing.
 pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest, BinaryOutputs), InferError> {
-    let json_len = match headers.get(HEADER_CONTENT_LENGTH) {
+    let json_len = match headers.get(&INFERENCE_HEADER_CONTENT_LENGTH) {
         None => body.len(),
         Some(v) => {
             let n = v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
@@ -186,63 +198,53 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
     Ok((request, BinaryOutputs { default, per_output }))
 }
 
-#[derive(Serialize)]
-struct JsonResponse<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<JsonOutput<'a>>,
-}
-
-#[derive(Serialize)]
-struct JsonOutput<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [usize],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParameters>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<JsonData<'a>>,
-}
-
-#[derive(Serialize)]
-struct BinaryParameters {
-    binary_data_size: usize,
-}
-
+/// Writes the response JSON by hand into one buffer sized up front: the keys are constants
+/// (no escaping, no serializer state per field), and only names, ids and the data arrays go
+/// through serde_json. The same document serde would write for the OIP response struct.
 fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
     let mut blobs: Vec<&Bytes> = Vec::new();
-    let outputs = r
-        .outputs
-        .iter()
-        .map(|o| {
-            let is_binary = binary.is_binary(&o.name);
-            if is_binary {
-                blobs.push(o.tensor.data());
-            }
-            JsonOutput {
-                name: &o.name,
-                datatype: o.tensor.dtype().as_str(),
-                shape: o.tensor.shape(),
-                parameters: is_binary.then(|| BinaryParameters { binary_data_size: o.tensor.data().len() }),
-                data: (!is_binary).then_some(JsonData(&o.tensor)),
-            }
-        })
-        .collect();
-    let body = JsonResponse {
-        model_name: &r.model_name,
-        model_version: &r.model_version,
-        id: r.id.as_deref(),
-        outputs,
-    };
-    let json = match serde_json::to_vec(&body) {
-        Ok(json) => json,
-        Err(e) => {
-            return ApiError::from(InferError::internal(format!("cannot encode response: {e}")))
-                .into_response();
+    // Names, datatypes and shapes are short; a number takes at most 24 bytes (most far fewer).
+    let estimate = 64
+        + r.id.as_ref().map_or(0, |id| id.len() + 8)
+        + r.outputs.iter().map(|o| 96 + o.name.len() + o.tensor.len().min(1 << 20) * 12).sum::<usize>();
+    let mut json = Vec::with_capacity(estimate);
+    let written = (|| -> serde_json::Result<()> {
+        json.extend_from_slice(b"{\"model_name\":");
+        serde_json::to_writer(&mut json, &*r.model_name)?;
+        json.extend_from_slice(b",\"model_version\":");
+        serde_json::to_writer(&mut json, &*r.model_version)?;
+        if let Some(id) = &r.id {
+            json.extend_from_slice(b",\"id\":");
+            serde_json::to_writer(&mut json, id)?;
         }
-    };
+        json.extend_from_slice(b",\"outputs\":[");
+        for (i, o) in r.outputs.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            json.extend_from_slice(b"{\"name\":");
+            serde_json::to_writer(&mut json, &o.name)?;
+            json.extend_from_slice(b",\"datatype\":\"");
+            json.extend_from_slice(o.tensor.dtype().as_str().as_bytes());
+            json.extend_from_slice(b"\",\"shape\":");
+            serde_json::to_writer(&mut json, o.tensor.shape())?;
+            if binary.is_binary(&o.name) {
+                blobs.push(o.tensor.data());
+                json.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+                serde_json::to_writer(&mut json, &o.tensor.data().len())?;
+                json.push(b'}');
+            } else {
+                json.extend_from_slice(b",\"data\":");
+                serde_json::to_writer(&mut json, &JsonData(&o.tensor))?;
+            }
+            json.push(b'}');
+        }
+        json.extend_from_slice(b"]}");
+        Ok(())
+    })();
+    if let Err(e) = written {
+        return ApiError::from(InferError::internal(format!("cannot encode response: {e}"))).into_response();
+    }
     let binary_len: usize = blobs.iter().map(|b| b.len()).sum();
     if binary_len == 0 {
         let mut response = json.into_response();
@@ -259,4 +261,75 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(json.len()));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_deployments::{DataType, push_bytes_element};
+
+    use super::*;
+
+    fn tensor(dtype: DataType, shape: Vec<usize>, data: Vec<u8>) -> Tensor {
+        Tensor::new(dtype, shape, Bytes::from(data)).unwrap()
+    }
+
+    async fn body(response: Response) -> Bytes {
+        axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_response_is_the_oip_document_with_names_escaped() {
+        let mut strings = Vec::new();
+        push_bytes_element(&mut strings, "a \"quoted\"\nline".as_bytes()).unwrap();
+        let floats: Vec<u8> = [0.5f32, -2.0, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let response = InferResponse {
+            model_name: "m\"1".into(),
+            model_version: "7".into(),
+            id: Some("req\\1".into()),
+            outputs: vec![
+                NamedTensor { name: "y".into(), tensor: tensor(DataType::Fp32, vec![1, 3], floats) },
+                NamedTensor { name: "text".into(), tensor: tensor(DataType::Bytes, vec![1], strings) },
+            ],
+        };
+        let json = BinaryOutputs { default: false, per_output: HashMap::new() };
+        let got: Value = serde_json::from_slice(&body(encode_response(&response, &json)).await).unwrap();
+        let want = serde_json::json!({
+            "model_name": "m\"1", "model_version": "7", "id": "req\\1",
+            "outputs": [
+                {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [0.5, -2.0, null]},
+                {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a \"quoted\"\nline"]},
+            ],
+        });
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn binary_outputs_follow_the_json_part() {
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            outputs: vec![
+                NamedTensor { name: "a".into(), tensor: tensor(DataType::Uint8, vec![2], vec![7, 8]) },
+                NamedTensor {
+                    name: "b".into(),
+                    tensor: tensor(DataType::Int32, vec![1], 5i32.to_le_bytes().to_vec()),
+                },
+            ],
+        };
+        let per_output = HashMap::from([("a".to_string(), true)]);
+        let r = encode_response(&response, &BinaryOutputs { default: false, per_output });
+        let json_len: usize = r.headers()[HEADER_CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+        let bytes = body(r).await;
+        assert_eq!(&bytes[json_len..], &[7, 8]);
+        let got: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+        let want = serde_json::json!({
+            "model_name": "m", "model_version": "1",
+            "outputs": [
+                {"name": "a", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}},
+                {"name": "b", "datatype": "INT32", "shape": [1], "data": [5]},
+            ],
+        });
+        assert_eq!(got, want);
+    }
 }

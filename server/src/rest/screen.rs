@@ -8,7 +8,6 @@
 //!   decompressed size too, so a small compressed bomb gets 413 with bounded memory;
 //! - a body that stops arriving for `http_options.body_read_timeout_s` gets 408.
 
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::error::ApiError;
@@ -58,14 +57,6 @@ fn too_large(len: Option<u64>, max: usize) -> ApiError {
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("length limit exceeded: the request body is {size} but http_options.max_body_bytes is {max}"),
     )
-}
-
-/// [`body_error`] for the body extractor's rejection (which says itself when the limit broke).
-pub fn rejection(e: &BytesRejection, max_body_bytes: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return too_large(None, max_body_bytes);
-    }
-    body_error(e, max_body_bytes)
 }
 
 /// The answer to a body that could not be read: 413 past the limit, 408 when it stopped
