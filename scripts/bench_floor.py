@@ -89,10 +89,23 @@ ALLOC_FUNCTIONS = ["malloc", "calloc", "realloc"]
 MI_FUNCTIONS = ["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"]
 
 
+def file_offset(binary, vaddr):
+    """Where virtual address `vaddr` of an ELF file lies in the file (what perf probe takes)."""
+    for line in subprocess.run(["readelf", "-lW", binary], capture_output=True, text=True).stdout.splitlines():
+        f = line.split()
+        if f and f[0] == "LOAD":
+            offset, start, size = int(f[1], 16), int(f[2], 16), int(f[4], 16)
+            if start <= vaddr < start + size:
+                return vaddr - start + offset
+    raise ValueError(f"{vaddr:#x} is in no loadable segment of {binary}")
+
+
 def alloc_probes(binary):
     """perf uprobe events on the allocation entry points the binary calls: its libc's malloc,
     calloc and realloc (ONNX Runtime's, and Rust's without mimalloc), plus mimalloc's when the
-    binary links it; None when they cannot be set (no perf, not root)."""
+    binary links it, plus the binary's own malloc, calloc and realloc when it exports them
+    (mimalloc's override: then ONNX Runtime's calls land there, not in libc); None when they
+    cannot be set (no perf, not root)."""
     if not shutil.which("perf"):
         return None
     ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
@@ -105,6 +118,13 @@ def alloc_probes(binary):
         # One group per binary: two binaries may both be called `sluice`.
         group = "alloc_" + hashlib.sha1(str(Path(binary).resolve()).encode()).hexdigest()[:8]
         wanted += [(binary, group, f.replace("_aligned", ""), f) for f in MI_FUNCTIONS]
+        # Exported by the binary (mimalloc's override): probed by file offset, since perf's
+        # lookup by name finds inlined code that debuginfo also calls `malloc`.
+        exported = subprocess.run(["nm", "-D", "--defined-only", binary], capture_output=True, text=True).stdout
+        addresses = {name: int(addr, 16) for addr, _, name in
+                     (line.split() for line in exported.splitlines() if len(line.split()) == 3)}
+        if all(f in addresses for f in ALLOC_FUNCTIONS):
+            wanted += [(binary, group, f"c_{f}", f"0x{file_offset(binary, addresses[f]):x}") for f in ALLOC_FUNCTIONS]
     for path, group, event, function in wanted:  # "already exists" on a second run is fine
         subprocess.run(["perf", "probe", "-q", "-x", path, "--add", f"{group}:{event}={function}"],
                        capture_output=True)
