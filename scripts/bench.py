@@ -360,9 +360,10 @@ def main():
                 server.proc.pid, probes,
                 lambda: loadtest(model, protocol, samples, concurrency=1, requests=2000, warmup=0)["ok"])
             report += ["## Allocations per request", "",
-                       "Allocation calls in the server (malloc, calloc, realloc of libc, which ONNX Runtime uses, "
-                       "and mimalloc's, which Sluice's Rust code uses), counted with perf uprobes over 2,000 "
-                       "requests at concurrency 1 after the rows above; the floor is the liveness call.", "",
+                       "Allocation calls in the server, counted with perf uprobes over 2,000 requests at "
+                       "concurrency 1 after the rows above: libc's malloc, calloc and realloc, mimalloc's entry "
+                       "points for Rust, and the malloc, calloc and realloc the binary exports (mimalloc's, which "
+                       "ONNX Runtime calls); the floor is the liveness call.", "",
                        "| request | " + " | ".join(protocols) + " |", "|---|" + "---|" * len(protocols)]
             floor_cells = {t: f"{count(None, t, None):.0f}" for t in dict.fromkeys(transport(p) for p in protocols)}
             report.append("| floor (liveness) | " + " | ".join(floor_cells[transport(p)] for p in protocols) + " |")
