@@ -203,10 +203,17 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
 /// through serde_json. The same document serde would write for the OIP response struct.
 fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
     let mut blobs: Vec<&Bytes> = Vec::new();
-    // Names, datatypes and shapes are short; a number takes at most 24 bytes (most far fewer).
+    // Names, datatypes and shapes are short; a JSON number takes about 12 bytes (the buffer
+    // grows past the estimate when they are longer). Binary outputs add nothing here.
     let estimate = 64
         + r.id.as_ref().map_or(0, |id| id.len() + 8)
-        + r.outputs.iter().map(|o| 96 + o.name.len() + o.tensor.len().min(1 << 20) * 12).sum::<usize>();
+        + r.outputs
+            .iter()
+            .map(|o| {
+                let data = if binary.is_binary(&o.name) { 0 } else { o.tensor.len().min(1 << 20) * 12 };
+                96 + o.name.len() + data
+            })
+            .sum::<usize>();
     let mut json = Vec::with_capacity(estimate);
     let written = (|| -> serde_json::Result<()> {
         json.extend_from_slice(b"{\"model_name\":");
