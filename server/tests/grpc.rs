@@ -1,6 +1,6 @@
 //! The gRPC services beside inference, through tonic's own generated clients: health
 //! (`grpc.health.v1.Health/Check`), server reflection (v1), and version pinning with the
-//! `x-sluice-version` metadata key.
+//! `x-sluice-version` metadata key; and the load tester's liveness mode (`ServerLive`).
 //!
 //! Health is checked only for what holds whether or not health follows readiness: SERVING
 //! once every model is ready, and NOT_FOUND for a service the server does not have.
@@ -100,5 +100,30 @@ async fn x_sluice_version_metadata_pins_a_grpc_request_to_a_version() {
     let e = answered_by(&mut client, Some("7")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert_eq!(e.message(), "unknown version `7` of model `m`; available: 1, 2");
+    s.shutdown().await;
+}
+
+/// `sluice-loadtest --health` over gRPC: every call is a `ServerLive` the server answers live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_testers_liveness_mode_calls_server_live() {
+    use sluice_loadtest::client::{Client, Protocol};
+    use sluice_loadtest::codec::prepare;
+    use sluice_loadtest::inputs::Case;
+    use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
+
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let addr = s.grpc_addr().expect("a gRPC port").to_string();
+    let client =
+        std::sync::Arc::new(Client::connect(Protocol::Grpc, &addr, "", "").await.unwrap().liveness());
+    let empty = Case { inputs: Vec::new(), outputs: None, tolerance: 1e-4 };
+    let cases = std::sync::Arc::new(vec![prepare(&empty, "", "").unwrap()]);
+    let limits = Limits { duration: None, requests: Some(30) };
+    let r =
+        run_step(client, cases, Mode::Closed { concurrency: 3 }, limits, StepOptions::default(), None).await;
+    assert_eq!((r.ok, r.error_count()), (30, 0), "{:?}", r.errors);
+    // The model was never called: the calls were liveness checks.
+    let stats = reqwest::get(format!("http://{}/v2/models/iris/stats", s.http_addr())).await.unwrap();
+    let stats: serde_json::Value = stats.json().await.unwrap();
+    assert_eq!(stats["model_stats"][0]["inference_count"], 0, "{stats}");
     s.shutdown().await;
 }
