@@ -27,6 +27,12 @@ pub struct Case {
 }
 
 impl Case {
+    /// A request with no tensors: what a liveness client ([`crate::client::Client::liveness`])
+    /// is given, since its calls carry none.
+    pub fn no_tensors() -> Self {
+        Self { inputs: Vec::new(), outputs: None, tolerance: 0.0 }
+    }
+
     /// Rows along dimension 0 of the first input (1 for scalars).
     pub fn rows(&self) -> u64 {
         self.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1)

@@ -147,7 +147,7 @@ async fn run(args: Args) -> Result<()> {
     let cases = match &args.input_data {
         Some(path) => load_samples(path, args.tolerance)?,
         // Liveness calls carry no tensors.
-        None if args.health => vec![Case { inputs: Vec::new(), outputs: None, tolerance: args.tolerance }],
+        None if args.health => vec![Case::no_tensors()],
         None => {
             if args.check {
                 bail!("--check needs --input-data with expected outputs");

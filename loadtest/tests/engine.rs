@@ -135,9 +135,7 @@ async fn a_liveness_client_sends_only_liveness_calls_and_counts_their_failures()
     let (addr, infers, lives) = serve_with_live().await;
     let client = Client::connect(Protocol::RestJson, &addr, "", "").await.unwrap().liveness();
     let client = Arc::new(client);
-    // No tensors: what `--health` prepares.
-    let empty = Case { inputs: Vec::new(), outputs: None, tolerance: 1e-4 };
-    let cases = Arc::new(vec![prepare(&empty, "", "").unwrap()]);
+    let cases = Arc::new(vec![prepare(&Case::no_tensors(), "", "").unwrap()]);
     let limits = Limits { duration: None, requests: Some(40) };
     let r =
         run_step(client, cases, Mode::Closed { concurrency: 2 }, limits, StepOptions::default(), None).await;

@@ -115,8 +115,7 @@ async fn the_load_testers_liveness_mode_calls_server_live() {
     let addr = s.grpc_addr().expect("a gRPC port").to_string();
     let client =
         std::sync::Arc::new(Client::connect(Protocol::Grpc, &addr, "", "").await.unwrap().liveness());
-    let empty = Case { inputs: Vec::new(), outputs: None, tolerance: 1e-4 };
-    let cases = std::sync::Arc::new(vec![prepare(&empty, "", "").unwrap()]);
+    let cases = std::sync::Arc::new(vec![prepare(&Case::no_tensors(), "", "").unwrap()]);
     let limits = Limits { duration: None, requests: Some(30) };
     let r =
         run_step(client, cases, Mode::Closed { concurrency: 3 }, limits, StepOptions::default(), None).await;
