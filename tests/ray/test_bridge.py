@@ -46,6 +46,21 @@ def wait_gone(pids, timeout=10.0) -> list:
     return [p for p in pids if not gone(p)]
 
 
+def describe(pids) -> str:
+    """What each still-running pid is (for a failed wait_gone)."""
+    out = []
+    for p in pids:
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                stat = f.read()
+            with open("/proc/%d/cmdline" % p, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            out.append("%d: state %s ppid %s: %s" % (p, *stat.rsplit(")", 1)[1].split()[:2], cmd))
+        except OSError:
+            out.append("%d: gone" % p)
+    return "; ".join(out)
+
+
 def live_actors(cluster, prefix):
     """Names of the actors Ray's state API reports as not DEAD."""
     st, body = cluster.http_json("GET", cluster.dashboard_url + "/api/v0/actors?limit=10000")
@@ -227,7 +242,9 @@ def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
     relay1 = b1.wait("_relay_started", timeout=5)["pid"]
     os.kill(b1.hello["pid"], signal.SIGKILL)      # the driver dies without cleaning up
     assert b1.wait_terminal(30)["status"] == "FAILED"
-    assert wait_gone([b1.hello["pid"], relay1], timeout=10) == []   # PDEATHSIG took the controller
+    # PDEATHSIG took the controller (the relay); 30 s: a loaded 2-core CI machine is slow.
+    left = wait_gone([b1.hello["pid"], relay1], timeout=30)
+    assert left == [], "driver %d, relay %d left: %s" % (b1.hello["pid"], relay1, describe(left))
     b1.close_fifo()
     for s in (s1, s2):
         assert not gone(s["pid"]) and not gone(s["actor_pid"])
