@@ -21,6 +21,33 @@ use crate::{
 
 static ENVIRONMENT: OnceLock<Result<Environment, LoadError>> = OnceLock::new();
 
+/// What runs after a session is built or dropped; see [`on_memory_released`].
+static RELEASE: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what runs after a model is loaded (or fails to) and after a session is dropped: both
+/// free large buffers (the parsed file, initializers copied out of it, a whole session). An allocator that returns freed memory to the system only when allocation activity
+/// runs its purge (mimalloc) keeps them resident in an idle server; the binary that owns the
+/// allocator passes its purge here. The first call wins.
+pub fn on_memory_released(purge: fn()) {
+    let _ = RELEASE.set(purge);
+}
+
+fn memory_released() {
+    if let Some(purge) = RELEASE.get() {
+        purge();
+    }
+}
+
+/// Calls [`memory_released`] when dropped: the last field of [`OnnxBackend`], so it runs after
+/// the session is gone.
+struct PurgeOnDrop;
+
+impl Drop for PurgeOnDrop {
+    fn drop(&mut self) {
+        memory_released();
+    }
+}
+
 /// Loads the ONNX Runtime shared library at `library` and creates the process's one
 /// environment. Later calls return the first call's outcome, whatever path they pass.
 pub fn init_runtime(library: &Path) -> Result<(), LoadError> {
@@ -65,6 +92,8 @@ pub struct OnnxBackend {
     metadata: ModelMetadata,
     path: PathBuf,
     copy_times: CopyTimes,
+    /// Last: purges after the session's memory is freed.
+    _purge: PurgeOnDrop,
 }
 
 impl OnnxBackend {
@@ -78,8 +107,10 @@ impl OnnxBackend {
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
-            .and_then(|mut b| b.commit_from_file(path))
-            .map_err(|e| fail(&e))?;
+            .and_then(|mut b| b.commit_from_file(path));
+        // Building a session, or failing to, frees the parsed model file.
+        memory_released();
+        let session = session.map_err(|e| fail(&e))?;
         let spec = |o: &ort::value::Outlet| -> Result<TensorSpec, LoadError> {
             match o.dtype() {
                 ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
@@ -97,7 +128,13 @@ impl OnnxBackend {
             inputs: session.inputs().iter().map(spec).collect::<Result<_, _>>()?,
             outputs: session.outputs().iter().map(spec).collect::<Result<_, _>>()?,
         };
-        Ok(Self { session, metadata, path: path.to_path_buf(), copy_times: CopyTimes::default() })
+        Ok(Self {
+            session,
+            metadata,
+            path: path.to_path_buf(),
+            copy_times: CopyTimes::default(),
+            _purge: PurgeOnDrop,
+        })
     }
 
     /// The model file this backend was loaded from.
