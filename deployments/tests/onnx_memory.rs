@@ -19,8 +19,10 @@ fn models() -> PathBuf {
 
 #[test]
 fn the_release_hook_runs_after_loads_failed_loads_and_drops() {
-    init_runtime(Path::new(&std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (.cargo/config.toml)")))
-        .unwrap();
+    init_runtime(Path::new(
+        &std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (.cargo/config.toml)"),
+    ))
+    .unwrap();
     on_memory_released(count_purge);
     let options = OnnxOptions::default();
 
