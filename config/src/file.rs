@@ -173,6 +173,10 @@ pub(crate) struct Deployment {
     /// scale better than more threads per replica.
     #[serde(default = "default_intra_op_threads")]
     pub intra_op_threads: Spanned<u32>,
+    /// ONNX Runtime's own arena for tensor buffers. Default false: buffers come from the
+    /// process's allocator.
+    #[serde(default = "default_cpu_memory_arena")]
+    pub cpu_memory_arena: bool,
     /// Largest batch (dimension 0) one request may carry, and the largest batch replicas run.
     /// 0 (the default) means the model has no batch dimension: tensors pass as they are.
     /// Above 0, every input and output's first dimension must be dynamic in the model.
@@ -260,6 +264,9 @@ fn default_pad() -> Spanned<std::collections::BTreeMap<String, f64>> {
 }
 fn default_request_timeout() -> Spanned<f64> {
     spanned(defaults().request_timeout_s)
+}
+fn default_cpu_memory_arena() -> bool {
+    defaults().cpu_memory_arena
 }
 fn default_warmup() -> bool {
     defaults().warmup

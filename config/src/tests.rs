@@ -171,6 +171,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
         "        batch_wait_timeout_s: 0.005\n",
         "        preferred_batch_sizes: [4, 8]\n",
         "        pad: {input_ids: 0}\n",
+        "        cpu_memory_arena: true\n",
     ))
     .unwrap();
     assert_eq!(c.grpc_options.port, 9001);
@@ -184,6 +185,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
     assert_eq!(s.max_ongoing_requests, 0);
     assert_eq!(s.request_timeout_s, 30.0);
     assert!(s.warmup);
+    assert!(s.cpu_memory_arena);
 }
 
 #[test]

@@ -140,6 +140,10 @@ pub enum Scaling {
 pub struct ReplicaSettings {
     /// ONNX Runtime intra-op threads per replica. Default 1.
     pub intra_op_threads: u32,
+    /// ONNX Runtime's own arena for tensor buffers (on), or the process's allocator (off, the
+    /// default: fewer instructions per call, and memory goes back after a burst).
+    #[serde(default)]
+    pub cpu_memory_arena: bool,
     /// 0: the model has no batch dimension; above 0: the largest batch (dimension 0) a request
     /// may carry and replicas run. Default 0.
     pub max_batch_size: u32,
@@ -204,6 +208,7 @@ impl Default for ReplicaSettings {
     fn default() -> Self {
         Self {
             intra_op_threads: 1,
+            cpu_memory_arena: false,
             max_batch_size: 0,
             batch_wait_timeout_s: 0.0,
             preferred_batch_sizes: Vec::new(),

@@ -39,7 +39,7 @@ fn main() -> Result<(), Error> {
     padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
     tok.with_padding(Some(padding));
     // The session a replica uses (same options), called directly.
-    let session = OnnxBackend::load(model.as_ref(), &OnnxOptions { intra_op_threads: 1 })?;
+    let session = OnnxBackend::load(model.as_ref(), &OnnxOptions::default())?;
     let texts: Vec<String> = vec![text.clone(); batch];
     let (runs, secs) = match mode {
         "sequential" => sequential(&tok, session, &texts, seconds)?,

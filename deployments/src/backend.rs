@@ -83,12 +83,12 @@ pub fn backend_factory(model: &Model, settings: &ReplicaSettings) -> Result<Back
     match model {
         Model::Builtin(b) => crate::builtin::factory(b),
         Model::Onnx(path) => {
-            let options = OnnxOptions { intra_op_threads: settings.intra_op_threads as usize };
+            let options = OnnxOptions::from_settings(settings);
             let path = path.clone();
             Ok(Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>)))
         }
         Model::Multiplexed { dir, max_models_per_replica } => {
-            let options = OnnxOptions { intra_op_threads: settings.intra_op_threads as usize };
+            let options = OnnxOptions::from_settings(settings);
             let label = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
             let shared = crate::multiplex::Shared::new(dir.clone(), *max_models_per_replica, options, &label);
             let metadata = shared.reference()?;

@@ -78,11 +78,23 @@ pub fn environment() -> Result<&'static Environment, LoadError> {
 pub struct OnnxOptions {
     /// Threads ONNX Runtime uses inside one operator; 1 runs on the replica's own thread.
     pub intra_op_threads: usize,
+    /// ONNX Runtime's own arena for tensor buffers instead of the process's allocator.
+    pub cpu_memory_arena: bool,
+}
+
+impl OnnxOptions {
+    /// The ONNX Runtime part of a deployment's replica settings.
+    pub fn from_settings(settings: &sluice_config::ReplicaSettings) -> Self {
+        Self {
+            intra_op_threads: settings.intra_op_threads as usize,
+            cpu_memory_arena: settings.cpu_memory_arena,
+        }
+    }
 }
 
 impl Default for OnnxOptions {
     fn default() -> Self {
-        Self { intra_op_threads: 1 }
+        Self { intra_op_threads: 1, cpu_memory_arena: false }
     }
 }
 
@@ -107,6 +119,10 @@ impl OnnxBackend {
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|b| {
+                let cpu = ort::ep::CPU::default().with_arena_allocator(options.cpu_memory_arena);
+                Ok(b.with_execution_providers([cpu.build()])?)
+            })
             .and_then(|mut b| b.commit_from_file(path));
         // Building a session, or failing to, frees the parsed model file.
         memory_released();
