@@ -208,6 +208,10 @@ pub(crate) struct Deployment {
     /// 100; 0 never.
     #[serde(default = "default_run_inline")]
     pub run_inline_under_us: Spanned<u32>,
+    /// After a batch, a replica's thread polls its queue this many µs before it sleeps.
+    /// Default 50; 0 sleeps at once.
+    #[serde(default = "default_spin_before_sleep")]
+    pub spin_before_sleep_us: Spanned<u32>,
     /// Requests waiting for a replica slot of this deployment before new ones are refused
     /// with 503. Default 64.
     #[serde(default = "default_max_queued_requests")]
@@ -288,6 +292,9 @@ fn default_health_timeout() -> Spanned<f64> {
 }
 fn default_run_inline() -> Spanned<u32> {
     spanned(defaults().run_inline_under_us)
+}
+fn default_spin_before_sleep() -> Spanned<u32> {
+    spanned(defaults().spin_before_sleep_us)
 }
 fn default_max_queued_requests() -> Spanned<u32> {
     spanned(defaults().max_queued_requests)

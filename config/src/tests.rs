@@ -37,6 +37,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(d.scaling, Scaling::Fixed(1));
     assert!(d.autoscaling().is_none());
     assert_eq!(d.settings, ReplicaSettings::default());
+    assert_eq!(d.settings.spin_before_sleep_us, 50);
     assert_eq!(d.settings.intra_op_threads, 1);
     assert_eq!(d.num_cpus(), 1.0);
     assert_eq!(c.graceful_shutdown_timeout_s, 30.0);
@@ -172,6 +173,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
         "        preferred_batch_sizes: [4, 8]\n",
         "        pad: {input_ids: 0}\n",
         "        cpu_memory_arena: true\n",
+        "        spin_before_sleep_us: 0\n",
     ))
     .unwrap();
     assert_eq!(c.grpc_options.port, 9001);
@@ -186,6 +188,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
     assert_eq!(s.request_timeout_s, 30.0);
     assert!(s.warmup);
     assert!(s.cpu_memory_arena);
+    assert_eq!(s.spin_before_sleep_us, 0);
 }
 
 #[test]
@@ -194,12 +197,15 @@ fn absurd_limits_are_errors_not_allocations() {
         "applications:\n",
         "  - name: a\n",
         "    deployments:\n",
-        "      - {name: m, model: m.onnx, max_batch_size: 4000000000, max_queued_requests: 2000000}\n",
+        "      - {name: m, model: m.onnx, max_batch_size: 4000000000, max_queued_requests: 2000000,\n",
+        "         spin_before_sleep_us: 10001}\n",
     ));
     let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
     assert!(fields.contains(&"applications[0].deployments[0].max_batch_size"), "{e:?}");
     assert!(fields.contains(&"applications[0].deployments[0].max_queued_requests"), "{e:?}");
+    assert!(fields.contains(&"applications[0].deployments[0].spin_before_sleep_us"), "{e:?}");
     assert!(e.iter().any(|e| e.message == "must be at most 65536"), "{e:?}");
+    assert!(e.iter().any(|e| e.message == "must be at most 10000"), "{e:?}");
 }
 
 #[test]

@@ -165,6 +165,11 @@ pub struct ReplicaSettings {
     /// the frontend's thread instead of the replica's: two thread hand-offs fewer. 0 never;
     /// never with a `batch_wait_timeout_s`. Default 100 µs.
     pub run_inline_under_us: u32,
+    /// After a batch, a replica's thread polls its queue this long before it sleeps on it: a
+    /// request that comes meanwhile skips the sleep and the wake-up. 0 sleeps at once.
+    /// Default 50 µs.
+    #[serde(default)]
+    pub spin_before_sleep_us: u32,
     /// What a replica needs from a cluster node (used on Ray; one process ignores it).
     pub placement: Placement,
     /// How often a remote replica is checked, and how long a check may take.
@@ -218,6 +223,7 @@ impl Default for ReplicaSettings {
             max_queued_requests: 64,
             warmup: true,
             run_inline_under_us: 100,
+            spin_before_sleep_us: 50,
             placement: Placement { num_cpus: 1.0, ..Placement::default() },
             health_check: HealthCheck::default(),
         }

@@ -18,6 +18,8 @@ use crate::{ConfigError, ConfigErrors, NumReplicas, file};
 const MAX_BATCH_SIZE: u32 = 65_536;
 /// The largest `max_ongoing_requests` and `max_queued_requests` accepted.
 const MAX_REQUESTS: u32 = 1_000_000;
+/// The longest `spin_before_sleep_us` accepted (10 ms: past that, sleeping costs less).
+const MAX_SPIN_US: u32 = 10_000;
 
 /// Every problem found so far, each at a location of the file.
 struct Errors<'a> {
@@ -323,6 +325,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         ("max_batch_size", &dep.max_batch_size, MAX_BATCH_SIZE),
         ("max_ongoing_requests", &dep.max_ongoing_requests, MAX_REQUESTS),
         ("max_queued_requests", &dep.max_queued_requests, MAX_REQUESTS),
+        ("spin_before_sleep_us", &dep.spin_before_sleep_us, MAX_SPIN_US),
     ] {
         if value.value > max {
             errs.at(value.referenced, format!("{at}.{field}"), format!("must be at most {max}"));
@@ -363,6 +366,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
             max_queued_requests: dep.max_queued_requests.value,
             warmup: dep.warmup,
             run_inline_under_us: dep.run_inline_under_us.value,
+            spin_before_sleep_us: dep.spin_before_sleep_us.value,
             placement,
             health_check: validate_health_check(at, dep, errs),
         },

@@ -338,6 +338,7 @@ impl Deployment {
             warmup: spec.settings.warmup,
             factory,
             crowding: Crowding::new(),
+            spin: Duration::from_micros(u64::from(spec.settings.spin_before_sleep_us)),
             metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version, spec.max_batch_size())),
         });
         let (ready_count, ready) = watch::channel(0);
@@ -935,6 +936,7 @@ mod tests {
             warmup: false,
             factory,
             crowding: Crowding::new(),
+            spin: std::time::Duration::ZERO,
             metrics,
         });
         let set = Arc::new(ReplicaSet {

@@ -149,6 +149,8 @@ pub(crate) struct ReplicaConfig {
     pub factory: BackendFactory,
     /// Shared by the deployment's replicas: whether calls may run inline now.
     pub crowding: Crowding,
+    /// How long an idle replica thread polls its queue before it sleeps on it.
+    pub spin: Duration,
     pub metrics: Arc<DeploymentMetrics>,
 }
 
@@ -266,6 +268,28 @@ fn answer_expired(config: &ReplicaConfig, expired: Vec<Job>) {
     }
 }
 
+/// Polls `rx` for up to `spin` before the caller sleeps on it: a message that comes meanwhile
+/// is taken without the futex sleep and the sender's wake-up system call. Under load the next
+/// batch is usually there within microseconds; those two were a seventh of the server's CPU
+/// (tiny MLP, 2 replicas, 64 connections: 21.6k req/s and 63.7 µs CPU per request sleeping at
+/// once, 32.8k and 40.6 µs polling 50 µs). Yields between polls, so that a thread waiting for
+/// this CPU (a frontend worker with the next requests) runs first.
+fn spin_recv(rx: &Receiver<Msg>, spin: Duration) -> Option<Msg> {
+    if spin.is_zero() {
+        return None;
+    }
+    let until = Instant::now() + spin;
+    loop {
+        if let Ok(msg) = rx.try_recv() {
+            return Some(msg);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Runs jobs until told to stop and drained (returns false) or the model panics (true).
 fn serve(
     config: &ReplicaConfig,
@@ -295,7 +319,7 @@ fn serve(
                     return false;
                 }
             } else {
-                match rx.recv() {
+                match spin_recv(rx, config.spin).map_or_else(|| rx.recv(), Ok) {
                     Ok(msg) => take(msg, state, stopping),
                     Err(_) => return false,
                 }
