@@ -222,7 +222,7 @@ def main():
         print(f"note: --repeat {args.repeat}: fewer than 3 repetitions, the spreads mean little", file=sys.stderr)
     protocols = args.protocols.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # model paths in the written config must not depend on the working directory
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
         build()
