@@ -230,14 +230,15 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
 
 #[allow(unsafe_code)] // one copy out of ONNX Runtime's buffer; see the SAFETY comment
 fn from_ort_value(value: DynValue) -> Result<Tensor, InferError> {
-    let (ty, dims) = match value.dtype() {
-        ValueType::Tensor { ty, shape, .. } => (*ty, shape.to_vec()),
+    let (ty, shape) = match value.dtype() {
+        ValueType::Tensor { ty, shape, .. } => {
+            (*ty, shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>())
+        }
         other => {
             return Err(InferError::internal(format!("model output is a {other}, not a tensor")));
         }
     };
     let dtype = from_ort(ty).ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
-    let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
     let data = if dtype == DataType::Bytes {
         let (_, strings) = value
             .try_extract_strings()

@@ -1,8 +1,6 @@
 //! The internal request and response both frontends decode into and encode from, and the checks
 //! of a request against a model's metadata (shared, so REST and gRPC say the same thing).
 
-use std::collections::HashSet;
-
 use crate::{InferError, ModelMetadata, NamedTensor};
 
 /// One inference request, whatever protocol it came over.
@@ -39,8 +37,10 @@ pub fn check_request(
     max_batch_size: usize,
     request: &InferRequest,
 ) -> Result<Vec<String>, InferError> {
-    let mut seen = HashSet::new();
-    for input in &request.inputs {
+    // Duplicates and missing inputs are found by scanning, not with a hash set: a model has a
+    // handful of inputs, and every input is checked to be one of them before the next is read,
+    // so a request cannot make this quadratic in more than the model's input count.
+    for (i, input) in request.inputs.iter().enumerate() {
         let Some(spec) = meta.inputs.iter().find(|s| s.name == input.name) else {
             let names: Vec<&str> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
             return Err(InferError::invalid(format!(
@@ -49,7 +49,7 @@ pub fn check_request(
                 names.join(", ")
             )));
         };
-        if !seen.insert(input.name.as_str()) {
+        if request.inputs[..i].iter().any(|earlier| earlier.name == input.name) {
             return Err(InferError::invalid(format!("input `{}` given more than once", input.name)));
         }
         let t = &input.tensor;
@@ -72,7 +72,11 @@ pub fn check_request(
             )));
         }
     }
-    if let Some(missing) = meta.inputs.iter().find(|s| !seen.contains(s.name.as_str())) {
+    // Every input is known and none repeats, so fewer inputs than the model's means one is missing.
+    if request.inputs.len() < meta.inputs.len()
+        && let Some(missing) =
+            meta.inputs.iter().find(|s| !request.inputs.iter().any(|input| input.name == s.name))
+    {
         return Err(InferError::invalid(format!("missing input `{}` for model `{model}`", missing.name)));
     }
     if max_batch_size > 0 {
@@ -96,8 +100,7 @@ pub fn check_request(
     match &request.outputs {
         None => Ok(meta.outputs.iter().map(|s| s.name.clone()).collect()),
         Some(requested) => {
-            let mut seen = HashSet::new();
-            for name in requested {
+            for (i, name) in requested.iter().enumerate() {
                 if !meta.outputs.iter().any(|s| &s.name == name) {
                     let names: Vec<&str> = meta.outputs.iter().map(|s| s.name.as_str()).collect();
                     return Err(InferError::invalid(format!(
@@ -105,11 +108,67 @@ pub fn check_request(
                         names.join(", ")
                     )));
                 }
-                if !seen.insert(name.as_str()) {
+                if requested[..i].contains(name) {
                     return Err(InferError::invalid(format!("output `{name}` requested more than once")));
                 }
             }
             Ok(requested.clone())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{DataType, Tensor, TensorSpec};
+
+    fn meta() -> ModelMetadata {
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Fp32, shape: vec![-1, 2] };
+        ModelMetadata {
+            platform: "test".into(),
+            inputs: vec![spec("a"), spec("b")],
+            outputs: vec![spec("y"), spec("z")],
+        }
+    }
+
+    fn input(name: &str) -> NamedTensor {
+        NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(DataType::Fp32, vec![1, 2], Bytes::from(vec![0u8; 8])).unwrap(),
+        }
+    }
+
+    fn check(inputs: &[&str], outputs: Option<&[&str]>) -> Result<Vec<String>, String> {
+        let request = InferRequest {
+            inputs: inputs.iter().map(|n| input(n)).collect(),
+            outputs: outputs.map(|o| o.iter().map(|n| n.to_string()).collect()),
+            ..Default::default()
+        };
+        check_request("m", &meta(), 4, &request).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn resolves_outputs_in_model_or_requested_order() {
+        assert_eq!(check(&["b", "a"], None).unwrap(), ["y", "z"]);
+        assert_eq!(check(&["a", "b"], Some(&["z", "y"])).unwrap(), ["z", "y"]);
+    }
+
+    #[test]
+    fn names_the_repeated_missing_or_unknown_tensor() {
+        assert_eq!(check(&["a", "a"], None).unwrap_err(), "input `a` given more than once");
+        assert_eq!(check(&["a", "b", "a"], None).unwrap_err(), "input `a` given more than once");
+        assert_eq!(check(&["b"], None).unwrap_err(), "missing input `a` for model `m`");
+        assert_eq!(check(&[], None).unwrap_err(), "missing input `a` for model `m`");
+        assert_eq!(
+            check(&["a", "c"], None).unwrap_err(),
+            "unknown input `c` for model `m`; its inputs are: a, b"
+        );
+        assert_eq!(check(&["a", "b"], Some(&["z", "z"])).unwrap_err(), "output `z` requested more than once");
+        assert_eq!(
+            check(&["a", "b"], Some(&["y", "x"])).unwrap_err(),
+            "unknown output `x` for model `m`; its outputs are: y, z"
+        );
     }
 }
