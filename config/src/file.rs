@@ -177,6 +177,9 @@ pub(crate) struct Deployment {
     /// process's allocator.
     #[serde(default = "default_cpu_memory_arena")]
     pub cpu_memory_arena: bool,
+    /// One copy of the model's weights for all its replicas. Default true.
+    #[serde(default = "default_share_weights")]
+    pub share_weights: bool,
     /// Largest batch (dimension 0) one request may carry, and the largest batch replicas run.
     /// 0 (the default) means the model has no batch dimension: tensors pass as they are.
     /// Above 0, every input and output's first dimension must be dynamic in the model.
@@ -271,6 +274,9 @@ fn default_request_timeout() -> Spanned<f64> {
 }
 fn default_cpu_memory_arena() -> bool {
     defaults().cpu_memory_arena
+}
+fn default_share_weights() -> bool {
+    defaults().share_weights
 }
 fn default_warmup() -> bool {
     defaults().warmup

@@ -38,6 +38,7 @@ fn minimal_config_gets_defaults() {
     assert!(d.autoscaling().is_none());
     assert_eq!(d.settings, ReplicaSettings::default());
     assert_eq!(d.settings.spin_before_sleep_us, 50);
+    assert!(d.settings.share_weights);
     assert_eq!(d.settings.intra_op_threads, 1);
     assert_eq!(d.num_cpus(), 1.0);
     assert_eq!(c.graceful_shutdown_timeout_s, 30.0);
@@ -174,6 +175,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
         "        pad: {input_ids: 0}\n",
         "        cpu_memory_arena: true\n",
         "        spin_before_sleep_us: 0\n",
+        "        share_weights: false\n",
     ))
     .unwrap();
     assert_eq!(c.grpc_options.port, 9001);
@@ -189,6 +191,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
     assert!(s.warmup);
     assert!(s.cpu_memory_arena);
     assert_eq!(s.spin_before_sleep_us, 0);
+    assert!(!s.share_weights);
 }
 
 #[test]

@@ -144,6 +144,11 @@ pub struct ReplicaSettings {
     /// default: fewer instructions per call, and memory goes back after a burst).
     #[serde(default)]
     pub cpu_memory_arena: bool,
+    /// The replicas of an ONNX model share one copy of its weights (its initializers of 1 KiB
+    /// or more, and ONNX Runtime's prepacked forms of them) instead of one per replica. Default
+    /// true.
+    #[serde(default = "share_weights_default")]
+    pub share_weights: bool,
     /// 0: the model has no batch dimension; above 0: the largest batch (dimension 0) a request
     /// may carry and replicas run. Default 0.
     pub max_batch_size: u32,
@@ -209,11 +214,16 @@ impl Default for HealthCheck {
     }
 }
 
+fn share_weights_default() -> bool {
+    true
+}
+
 impl Default for ReplicaSettings {
     fn default() -> Self {
         Self {
             intra_op_threads: 1,
             cpu_memory_arena: false,
+            share_weights: true,
             max_batch_size: 0,
             batch_wait_timeout_s: 0.0,
             preferred_batch_sizes: Vec::new(),

@@ -357,6 +357,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         settings: ReplicaSettings {
             intra_op_threads: dep.intra_op_threads.value,
             cpu_memory_arena: dep.cpu_memory_arena,
+            share_weights: dep.share_weights,
             max_batch_size: dep.max_batch_size.value,
             batch_wait_timeout_s: dep.batch_wait_timeout_s.value,
             preferred_batch_sizes: dep.preferred_batch_sizes.value.clone(),

@@ -1,12 +1,13 @@
 //! The `Backend` trait: what a replica needs from a model, kept small and synchronous so that a
 //! backend runs on its replica's own OS thread.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sluice_config::{Model, ReplicaSettings};
 
 use crate::onnx::{OnnxBackend, OnnxOptions};
+use crate::weights::{MIN_SHARED_BYTES, SharedWeights};
 use crate::{DataType, InferError, LoadError, NamedTensor};
 
 /// Name, datatype and shape of a model input or output; `-1` marks a dynamic dimension.
@@ -78,14 +79,49 @@ pub struct CopyTimes {
 pub type BackendFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, LoadError> + Send + Sync>;
 
 /// The factory for a config deployment's model: an ONNX file with its session settings, or a
-/// built-in step. `sluice run` and `sluice validate` both start here.
-pub fn backend_factory(model: &Model, settings: &ReplicaSettings) -> Result<BackendFactory, LoadError> {
+/// built-in step. `sluice run` and `sluice validate` both start here. `max_replicas` is the
+/// most backends the factory will have alive at once: the replicas of an ONNX model share its
+/// weights (`share_weights`) only when it is above 1, since a shared copy costs one replica more
+/// than its own (ONNX Runtime keeps the caller's initializers beside their prepacked forms, where
+/// it frees its own copy once packed).
+pub fn backend_factory(
+    model: &Model,
+    settings: &ReplicaSettings,
+    max_replicas: usize,
+) -> Result<BackendFactory, LoadError> {
     match model {
         Model::Builtin(b) => crate::builtin::factory(b),
         Model::Onnx(path) => {
             let options = OnnxOptions::from_settings(settings);
             let path = path.clone();
-            Ok(Arc::new(move || OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>)))
+            if !settings.share_weights || max_replicas < 2 {
+                return Ok(Arc::new(move || {
+                    OnnxBackend::load(&path, &options).map(|b| Box::new(b) as Box<dyn Backend>)
+                }));
+            }
+            // Read when the first replica loads and kept while any replica holds it: a replica
+            // started later (scaling up, replacing one that panicked) reuses the same weights.
+            let weights = Mutex::new(Weak::<SharedWeights>::new());
+            Ok(Arc::new(move || {
+                let shared = {
+                    let mut cached = weights.lock().unwrap_or_else(|e| e.into_inner());
+                    match cached.upgrade() {
+                        Some(shared) => Some(shared),
+                        // A file that cannot be read as a model: the session load below says why,
+                        // in ONNX Runtime's words.
+                        None => SharedWeights::read(&path, MIN_SHARED_BYTES).ok().map(|read| {
+                            let shared = Arc::new(read);
+                            *cached = Arc::downgrade(&shared);
+                            shared
+                        }),
+                    }
+                };
+                match shared {
+                    Some(shared) => OnnxBackend::load_shared(&path, &options, shared),
+                    None => OnnxBackend::load(&path, &options),
+                }
+                .map(|b| Box::new(b) as Box<dyn Backend>)
+            }))
         }
         Model::Multiplexed { dir, max_models_per_replica } => {
             let options = OnnxOptions::from_settings(settings);

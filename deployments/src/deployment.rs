@@ -295,7 +295,10 @@ pub struct Deployment {
 impl Deployment {
     /// Loads a config deployment's model (ONNX file or built-in step), one backend per replica.
     pub fn load(config: &sluice_config::Deployment) -> Result<Self, LoadError> {
-        Self::start(DeploymentSpec::from_config(config), backend_factory(&config.model, &config.settings)?)
+        Self::start(
+            DeploymentSpec::from_config(config),
+            backend_factory(&config.model, &config.settings, config.max_replicas())?,
+        )
     }
 
     /// Starts a deployment: makes every replica's backend now (so a model that cannot load

@@ -19,6 +19,7 @@ mod request;
 mod servable;
 pub mod shadow;
 mod tensor;
+pub mod weights;
 
 pub use backend::{Backend, BackendFactory, CopyTimes, ModelMetadata, TensorSpec, backend_factory};
 pub use batch::BatchPolicy;

@@ -3,7 +3,7 @@
 //! with its own session, since `Session::run` takes `&mut self`.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use ort::environment::Environment;
@@ -14,6 +14,7 @@ use ort::value::{
     DynTensor, DynTensorValueType, DynValue, Shape, Tensor as OrtTensor, TensorElementType, ValueType,
 };
 
+use crate::weights::SharedWeights;
 use crate::{
     Backend, CopyTimes, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
     push_bytes_element,
@@ -104,6 +105,8 @@ pub struct OnnxBackend {
     metadata: ModelMetadata,
     path: PathBuf,
     copy_times: CopyTimes,
+    /// The initializers the session was given, shared with the model's other replicas.
+    _weights: Option<Arc<SharedWeights>>,
     /// Last: purges after the session's memory is freed.
     _purge: PurgeOnDrop,
 }
@@ -112,6 +115,24 @@ impl OnnxBackend {
     /// Loads `path` into a new session. Fails with a message naming the file when the model
     /// cannot be loaded or uses a type the Open Inference Protocol cannot carry.
     pub fn load(path: &Path, options: &OnnxOptions) -> Result<Self, LoadError> {
+        Self::build(path, options, None)
+    }
+
+    /// Like [`OnnxBackend::load`], with the model's large initializers and their prepacked
+    /// forms taken from `weights` (read from the same file) instead of copied into this session.
+    pub fn load_shared(
+        path: &Path,
+        options: &OnnxOptions,
+        weights: Arc<SharedWeights>,
+    ) -> Result<Self, LoadError> {
+        Self::build(path, options, Some(weights))
+    }
+
+    fn build(
+        path: &Path,
+        options: &OnnxOptions,
+        weights: Option<Arc<SharedWeights>>,
+    ) -> Result<Self, LoadError> {
         let env = environment()?;
         let fail =
             |e: &dyn std::fmt::Display| LoadError::Model { path: path.to_path_buf(), message: e.to_string() };
@@ -122,6 +143,15 @@ impl OnnxBackend {
             .and_then(|b| {
                 let cpu = ort::ep::CPU::default().with_arena_allocator(options.cpu_memory_arena);
                 Ok(b.with_execution_providers([cpu.build()])?)
+            })
+            .and_then(|mut b| {
+                if let Some(weights) = &weights {
+                    b = b.with_prepacked_weights(weights.prepacked())?;
+                    for (name, value) in weights.initializers() {
+                        b = b.with_initializer(name, Arc::clone(value))?;
+                    }
+                }
+                Ok(b)
             })
             .and_then(|mut b| b.commit_from_file(path));
         // Building a session, or failing to, frees the parsed model file.
@@ -149,6 +179,7 @@ impl OnnxBackend {
             metadata,
             path: path.to_path_buf(),
             copy_times: CopyTimes::default(),
+            _weights: weights,
             _purge: PurgeOnDrop,
         })
     }

@@ -88,7 +88,7 @@ impl Cluster {
             Cluster::Local => {
                 let m = model.clone();
                 let deployment = tokio::task::spawn_blocking(move || {
-                    let factory = backend_factory(&m, &spec.settings)?;
+                    let factory = backend_factory(&m, &spec.settings, spec.max_replicas)?;
                     Deployment::start(spec, factory)
                 })
                 .await
@@ -105,7 +105,7 @@ impl Cluster {
                 // replicas themselves load on their nodes.
                 let (m, settings) = (model.clone(), spec.settings.clone());
                 let metadata = tokio::task::spawn_blocking(move || {
-                    let backend = backend_factory(&m, &settings)?()?;
+                    let backend = backend_factory(&m, &settings, 1)?()?;
                     Ok::<_, LoadError>(backend.metadata().clone())
                 })
                 .await

@@ -78,6 +78,6 @@ fn models_of(d: &Deployment) -> Vec<(String, Model)> {
 }
 
 fn load_once(model: &Model, d: &Deployment) -> Result<(), LoadError> {
-    let factory = backend_factory(model, &d.settings)?;
+    let factory = backend_factory(model, &d.settings, 1)?;
     factory().map(drop)
 }

@@ -1,0 +1,207 @@
+//! One copy of a model's weights for all of its replicas.
+//!
+//! Each ONNX Runtime session otherwise deserialises its own copy of every initializer, so N
+//! replicas of a 90 MB model hold N × 90 MB. [`SharedWeights::read`] reads the model file's
+//! large initializers once into ONNX Runtime tensors that every replica's session is given
+//! (`AddInitializer`: the session uses the caller's buffer instead of its own copy), and keeps the
+//! prepacked-weights container in which sessions built with those initializers share their
+//! kernel-specific repacked forms (MLAS's packed GEMM weights). Small initializers (shapes,
+//! axes, scalars) stay in the model, where ONNX Runtime's graph optimisations fold them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ort::session::builder::PrepackedWeights;
+use ort::value::PrimitiveTensorElementType;
+use ort::value::{DynValue, Tensor};
+use prost::Message;
+
+use crate::{DataType, LoadError};
+
+/// Initializers smaller than this (bytes) are left in the model file.
+pub const MIN_SHARED_BYTES: usize = 1024;
+
+/// Model files read by [`SharedWeights::read`] in this process.
+static READS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times [`SharedWeights::read`] has read a model file in this process: once per
+/// deployment version while its replicas share, whatever their number.
+pub fn reads() -> usize {
+    READS.load(Ordering::Relaxed)
+}
+
+/// The model file's initializers that replicas share, and their shared prepacked forms.
+pub struct SharedWeights {
+    initializers: Vec<(String, Arc<DynValue>)>,
+    prepacked: PrepackedWeights,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for SharedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedWeights")
+            .field("initializers", &self.initializers.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl SharedWeights {
+    /// Reads the initializers of at least `min_bytes` stored in the ONNX file at `path` (inline
+    /// in the file; external-data initializers are left to ONNX Runtime). A file that is not a
+    /// readable ONNX model fails here with the reason, as the session itself would.
+    pub fn read(path: &Path, min_bytes: usize) -> Result<Self, LoadError> {
+        let fail = |message: String| LoadError::Model { path: path.to_path_buf(), message };
+        READS.fetch_add(1, Ordering::Relaxed);
+        let file = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let model = ModelProto::decode(bytes::Bytes::from(file))
+            .map_err(|e| fail(format!("not an ONNX model: {e}")))?;
+        let mut initializers = Vec::new();
+        let mut bytes = 0;
+        for tensor in model.graph.map(|g| g.initializer).unwrap_or_default() {
+            let Some(data) = tensor.data(min_bytes) else { continue };
+            let Some(dtype) = onnx_dtype(tensor.data_type) else { continue };
+            let expected = tensor.dims.iter().try_fold(dtype.byte_size().unwrap_or(0), |n, &d| {
+                usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+            });
+            if expected != Some(data.len()) {
+                // ONNX Runtime reports a malformed initializer better than a guess here.
+                continue;
+            }
+            let value = ort_tensor(dtype, &tensor.dims, &data)
+                .map_err(|e| fail(format!("initializer `{}`: {e}", tensor.name)))?;
+            bytes += data.len();
+            initializers.push((tensor.name, Arc::new(value)));
+        }
+        Ok(Self { initializers, prepacked: PrepackedWeights::new(), bytes })
+    }
+
+    /// The shared initializers, by name.
+    pub fn initializers(&self) -> impl Iterator<Item = (&str, &Arc<DynValue>)> {
+        self.initializers.iter().map(|(name, value)| (name.as_str(), value))
+    }
+
+    /// The container in which sessions share the prepacked forms of these initializers.
+    pub fn prepacked(&self) -> &PrepackedWeights {
+        &self.prepacked
+    }
+
+    /// How many initializers are shared.
+    pub fn count(&self) -> usize {
+        self.initializers.len()
+    }
+
+    /// Their size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// An ONNX Runtime tensor over a buffer Sluice owns: `AddInitializer` takes only those (a tensor
+/// ONNX Runtime allocated itself is refused).
+fn ort_tensor(dtype: DataType, dims: &[i64], data: &[u8]) -> Result<DynValue, ort::Error> {
+    let dims = dims.to_vec();
+    Ok(match dtype {
+        DataType::Fp32 => owned::<f32>(dims, data)?,
+        DataType::Fp64 => owned::<f64>(dims, data)?,
+        DataType::Fp16 => owned::<half::f16>(dims, data)?,
+        DataType::Bf16 => owned::<half::bf16>(dims, data)?,
+        DataType::Int8 => owned::<i8>(dims, data)?,
+        DataType::Int16 => owned::<i16>(dims, data)?,
+        DataType::Int32 => owned::<i32>(dims, data)?,
+        DataType::Int64 => owned::<i64>(dims, data)?,
+        DataType::Uint8 => owned::<u8>(dims, data)?,
+        DataType::Uint16 => owned::<u16>(dims, data)?,
+        DataType::Uint32 => owned::<u32>(dims, data)?,
+        DataType::Uint64 => owned::<u64>(dims, data)?,
+        // Not every byte is a valid `bool`; such initializers are not shared (`onnx_dtype`).
+        DataType::Bool | DataType::Bytes => unreachable!("not a shared initializer type"),
+    })
+}
+
+/// The little-endian `data` copied into a `Vec<T>` (aligned for `T`) that the tensor owns.
+#[allow(unsafe_code)] // one copy of plain numbers; see the SAFETY comment
+fn owned<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+    dims: Vec<i64>,
+    data: &[u8],
+) -> Result<DynValue, ort::Error> {
+    let n = data.len() / size_of::<T>();
+    let mut values: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: `values` has room for `n` elements, `n * size_of::<T>() == data.len()` (the caller
+    // checked the length against the shape), every bit pattern is a valid `T` for these number
+    // types, and the regions cannot overlap. x86-64 and aarch64 are little-endian, as ONNX's
+    // `raw_data` is.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), values.as_mut_ptr().cast::<u8>(), data.len());
+        values.set_len(n);
+    }
+    Ok(Tensor::from_array((dims, values))?.into_dyn())
+}
+
+/// ONNX's `TensorProto.DataType` numbers for the types a replica can share.
+fn onnx_dtype(code: i32) -> Option<DataType> {
+    Some(match code {
+        1 => DataType::Fp32,
+        2 => DataType::Uint8,
+        3 => DataType::Int8,
+        4 => DataType::Uint16,
+        5 => DataType::Int16,
+        6 => DataType::Int32,
+        7 => DataType::Int64,
+        10 => DataType::Fp16,
+        11 => DataType::Fp64,
+        12 => DataType::Uint32,
+        13 => DataType::Uint64,
+        16 => DataType::Bf16,
+        _ => return None,
+    })
+}
+
+// The few fields of onnx.proto (https://github.com/onnx/onnx/blob/main/onnx/onnx.proto) that
+// locate a model's initializers; prost skips the rest.
+
+#[derive(Clone, PartialEq, Message)]
+struct ModelProto {
+    #[prost(message, optional, tag = "7")]
+    graph: Option<GraphProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct GraphProto {
+    #[prost(message, repeated, tag = "5")]
+    initializer: Vec<TensorProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TensorProto {
+    #[prost(int64, repeated, tag = "1")]
+    dims: Vec<i64>,
+    #[prost(int32, tag = "2")]
+    data_type: i32,
+    #[prost(float, repeated, tag = "4")]
+    float_data: Vec<f32>,
+    #[prost(string, tag = "8")]
+    name: String,
+    #[prost(bytes = "bytes", tag = "9")]
+    raw_data: bytes::Bytes,
+    /// 1 = EXTERNAL: the data is in another file.
+    #[prost(int32, tag = "14")]
+    data_location: i32,
+}
+
+impl TensorProto {
+    /// The tensor's little-endian bytes when stored in the file and at least `min_bytes` long.
+    fn data(&self, min_bytes: usize) -> Option<std::borrow::Cow<'_, [u8]>> {
+        if self.data_location == 1 {
+            return None;
+        }
+        if self.raw_data.len() >= min_bytes {
+            return Some(std::borrow::Cow::Borrowed(&self.raw_data));
+        }
+        if self.raw_data.is_empty() && self.data_type == 1 && self.float_data.len() * 4 >= min_bytes {
+            return Some(self.float_data.iter().flat_map(|x| x.to_le_bytes()).collect());
+        }
+        None
+    }
+}
