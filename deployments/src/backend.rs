@@ -100,12 +100,13 @@ pub fn backend_factory(
                 }));
             }
             // Read when the first replica loads and kept while any replica holds it: a replica
-            // started later (scaling up, replacing one that panicked) reuses the same weights.
+            // started later (scaling up, replacing one that panicked) reuses the same weights,
+            // unless the file was replaced since (its session would parse the new file).
             let weights = Mutex::new(Weak::<SharedWeights>::new());
             Ok(Arc::new(move || {
                 let shared = {
                     let mut cached = weights.lock().unwrap_or_else(|e| e.into_inner());
-                    match cached.upgrade() {
+                    match cached.upgrade().filter(|shared| shared.is_current(&path)) {
                         Some(shared) => Some(shared),
                         // A file that cannot be read as a model: the session load below says why,
                         // in ONNX Runtime's words.

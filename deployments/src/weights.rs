@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use ort::session::builder::PrepackedWeights;
 use ort::value::PrimitiveTensorElementType;
@@ -36,6 +37,8 @@ pub struct SharedWeights {
     initializers: Vec<(String, Arc<DynValue>)>,
     prepacked: PrepackedWeights,
     bytes: usize,
+    /// The file's size and modification time when read.
+    stamp: Option<(u64, SystemTime)>,
 }
 
 impl std::fmt::Debug for SharedWeights {
@@ -54,6 +57,8 @@ impl SharedWeights {
     pub fn read(path: &Path, min_bytes: usize) -> Result<Self, LoadError> {
         let fail = |message: String| LoadError::Model { path: path.to_path_buf(), message };
         READS.fetch_add(1, Ordering::Relaxed);
+        // Taken before the read: a file replaced meanwhile no longer matches it.
+        let stamp = file_stamp(path);
         let file = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         let model = ModelProto::decode(bytes::Bytes::from(file))
             .map_err(|e| fail(format!("not an ONNX model: {e}")))?;
@@ -74,7 +79,13 @@ impl SharedWeights {
             bytes += data.len();
             initializers.push((tensor.name, Arc::new(value)));
         }
-        Ok(Self { initializers, prepacked: PrepackedWeights::new(), bytes })
+        Ok(Self { initializers, prepacked: PrepackedWeights::new(), bytes, stamp })
+    }
+
+    /// Whether the file at `path` is still the one these weights were read from (same size and
+    /// modification time). A session loaded from a replaced file must not get the old weights.
+    pub fn is_current(&self, path: &Path) -> bool {
+        self.stamp.is_some() && file_stamp(path) == self.stamp
     }
 
     /// The shared initializers, by name.
@@ -96,6 +107,11 @@ impl SharedWeights {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+}
+
+fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
 }
 
 /// An ONNX Runtime tensor over a buffer Sluice owns: `AddInitializer` takes only those (a tensor

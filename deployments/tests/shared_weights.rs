@@ -137,6 +137,27 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
         let _again = factory().unwrap();
         assert_eq!(weights::reads() - before, 2 * reads, "{what}: after all replicas stopped");
     }
+    // A model file replaced while replicas run: the next replica reads the new file's weights
+    // rather than giving the old ones to a session of the new file.
+    let dir = std::env::temp_dir().join(format!("sluice-shared-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("model.onnx");
+    std::fs::copy(models().join("mlp/model.onnx"), &copy).unwrap();
+    let factory = backend_factory(&Model::Onnx(copy.clone()), &ReplicaSettings::default(), 2).unwrap();
+    let before = weights::reads();
+    let _first = factory().unwrap();
+    let _second = factory().unwrap();
+    assert_eq!(weights::reads() - before, 1);
+    let mut bytes = std::fs::read(&copy).unwrap();
+    // A second `doc_string` (field 6) replaces the first: the same weights in a file of another
+    // size, which is what tells it changed.
+    bytes.extend_from_slice(&[0x32, 0x01, b'x']);
+    std::fs::write(&copy, &bytes).unwrap();
+    let mut third = factory().unwrap();
+    assert_eq!(weights::reads() - before, 2, "the replaced file is read again");
+    answers_the_mlp_cases(third.as_mut(), "a replica of the replaced file");
+    std::fs::remove_dir_all(&dir).unwrap();
+
     // A file ONNX Runtime cannot load fails with its reason, shared or not.
     let broken = Model::Onnx(models().join("mlp/expected.json"));
     for share_weights in [true, false] {
