@@ -112,6 +112,26 @@ fn sessions_on_shared_initializers_answer_as_their_own_copy_does() {
     answers_the_mlp_cases(&mut own, "a session with its own copy");
 }
 
+/// Every fixture model, with every initializer shared (shape constants, int64 tables, the
+/// embedding of the tiny encoder, a `Reshape` target), loads as it does on its own.
+#[test]
+fn every_fixture_model_loads_on_all_its_initializers_shared() {
+    runtime();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let options = OnnxOptions::default();
+    let mut shared_any = 0;
+    for name in ["iris", "iris-v2", "mlp", "dtypes", "tiny-encoder", "broken"] {
+        let path = models().join(name).join("model.onnx");
+        let weights = Arc::new(SharedWeights::read(&path, 0).unwrap());
+        shared_any += weights.count();
+        let shared =
+            OnnxBackend::load_shared(&path, &options, weights).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let own = OnnxBackend::load(&path, &options).unwrap();
+        assert_eq!(shared.metadata(), own.metadata(), "{name}");
+    }
+    assert!(shared_any >= 8, "the fixtures have initializers: {shared_any}");
+}
+
 #[test]
 fn the_config_factory_reads_the_weights_once_for_all_replicas() {
     runtime();
