@@ -6,7 +6,8 @@ Starts a release `sluice` on bench config (iris and mlp from examples/models; bi
 ../shared/models/minilm or $SLUICE_MINILM_DIR when present, skipped with a message otherwise),
 runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, measures
 resident memory idle and under 10x overload, and, when `wrk` is installed, compares the load
-tester with wrk on the same server. Writes bench-results/report.md and results.json.
+tester with wrk on the same server. Last, resident memory of the largest model with 1, 2 and 4
+replicas, each with its own copy of the weights and sharing one. Writes bench-results/report.md and results.json.
 
 The floor: before the models, the same load tester at the same concurrency levels sends the
 protocol's liveness call instead (`--health`: REST `GET /v2/health/live`, gRPC `ServerLive`),
@@ -206,6 +207,37 @@ def wrk(model, body, connections, duration):
     return dict(rps=rps, p50=us("50"), p99=us("99"), errors=int(non2xx.group(1)) if non2xx else 0)
 
 
+def replica_memory(found, out):
+    """Report lines: resident memory once ready of the largest model present with 1, 2 and 4 replicas,
+    each replica loading its own copy of the weights and the replicas sharing one (`share_weights`).
+    One server per cell, alone on the ports, 2 s after it reports ready (nothing served)."""
+    name = next((n for n in ("minilm", "big-mlp", "mlp") if n in found), None)
+    if name is None:
+        return []
+    rows = []
+    for replicas in (1, 2, 4):
+        cells = []
+        for share in ("false", "true"):
+            config = out / "replicas.yaml"
+            config.write_text(
+                f"http_options: {{host: 127.0.0.1, port: {HTTP}}}\ngrpc_options: {{host: 127.0.0.1, port: {GRPC}}}\n"
+                f"applications:\n  - name: bench\n    deployments:\n"
+                f"      - {{name: {name}, model: {found[name]['path']}, num_replicas: {replicas}, share_weights: {share}}}\n")
+            server = Server(config)
+            try:
+                time.sleep(2)
+                cells.append(server.rss_kib() / 1024)
+            finally:
+                server.stop()
+        rows.append(f"| {replicas} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    size = Path(found[name]["path"]).stat().st_size / 2**20
+    return ["## Replicas and memory", "",
+            f"Resident memory (MiB) of `sluice` serving {name} ({size:.1f} MiB file) alone, once ready, with each "
+            f"replica loading its own copy of the weights and with the replicas sharing one (`share_weights`, the "
+            f"default; a one-replica deployment never shares, since the shared copy costs more than one replica's own).",
+            "", "| replicas | own copies | shared |", "|---|---|---|"] + rows + [""]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=4, help="seconds of each measured served run")
@@ -381,6 +413,7 @@ def main():
             report.append("")
     finally:
         server.stop()
+    report += replica_memory(found, out)
     (out / "report.md").write_text("\n".join(report) + "\n")
     (out / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, indent=1,
                                                  default=str))
