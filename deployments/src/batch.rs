@@ -19,7 +19,7 @@ pub(crate) struct Job {
     /// Inputs in the model's input order.
     pub inputs: Vec<NamedTensor>,
     /// Outputs to return, in the order the caller asked for them.
-    pub outputs: Vec<String>,
+    pub outputs: Arc<[String]>,
     /// Rows along dimension 0 (1 when the model does not batch).
     pub rows: usize,
     /// When the request must have started by; afterwards it is answered 504 and not run.
@@ -272,7 +272,7 @@ mod tests {
             Tensor::new(DataType::Int64, vec![rows, len], Bytes::from(vec![0u8; rows * len * 8])).unwrap();
         let job = Job {
             inputs: vec![NamedTensor { name: "ids".into(), tensor }],
-            outputs: vec!["y".into()],
+            outputs: ["y".to_string()].into(),
             rows,
             deadline: arrived + Duration::from_secs(10),
             admitted: arrived,

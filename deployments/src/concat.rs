@@ -46,6 +46,7 @@ pub fn run_batched(
     model: &mut ModelCall<'_>,
 ) -> Vec<Result<Vec<NamedTensor>, InferError>> {
     let now = Instant::now();
+    let model_outputs: std::sync::Arc<[String]> = model_outputs.into();
     let mut state = BatchState::new(policy.clone());
     let mut answers = Vec::with_capacity(requests.len());
     for inputs in requests {
@@ -58,7 +59,7 @@ pub fn run_batched(
         let span = tracing::Span::none();
         let job = Job {
             inputs,
-            outputs: model_outputs.to_vec(),
+            outputs: std::sync::Arc::clone(&model_outputs),
             rows,
             deadline: far,
             admitted: now,
@@ -77,7 +78,7 @@ pub fn run_batched(
         if batch.is_empty() {
             break;
         }
-        match run_batch_through(&policy.pad, model_outputs, model, &mut batch) {
+        match run_batch_through(&policy.pad, &model_outputs, model, &mut batch) {
             Ok(per_job) => {
                 for (job, outputs) in batch.into_iter().zip(per_job) {
                     let _ = job.reply.send(Ok(outputs));

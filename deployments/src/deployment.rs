@@ -25,7 +25,7 @@ use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
 use crate::replica::{self, Crowding, ModelCell, Msg, ReplicaConfig, ReplicaHost};
 use crate::{
     Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
-    ModelMetadata, backend_factory, check_request,
+    ModelMetadata, backend_factory, validate_request,
 };
 
 /// What a deployment needs to start, independent of the config file's layout.
@@ -124,7 +124,7 @@ impl Channel {
             Channel::Remote(r) => {
                 let Job { inputs, outputs, deadline, reply, span, model, .. } = job;
                 let _entered = span.enter();
-                r.call(RemoteCall { inputs, outputs, deadline, reply, model });
+                r.call(RemoteCall { inputs, outputs: outputs.to_vec(), deadline, reply, model });
                 Ok(())
             }
         }
@@ -612,7 +612,11 @@ impl Deployment {
         let admitted = Instant::now();
         let _inside = Inside::enter(self);
         let spec = &self.set.spec;
-        let outputs = check_request(&spec.name, &self.metadata, spec.max_batch_size(), &request)?;
+        validate_request(&spec.name, &self.metadata, spec.max_batch_size(), &request)?;
+        let outputs = match request.outputs.take() {
+            None => Arc::clone(&self.set.config.model_outputs),
+            Some(requested) => requested.into(),
+        };
         // Model input order, so a batch lines inputs up by position.
         let order = &self.metadata.inputs;
         request.inputs.sort_by_key(|i| order.iter().position(|s| s.name == i.name));
@@ -935,7 +939,7 @@ mod tests {
         let config = Arc::new(ReplicaConfig {
             name: "race".into(),
             policy: spec.batch_policy(),
-            model_outputs: Vec::new(),
+            model_outputs: Arc::from([]),
             warmup: false,
             factory,
             crowding: Crowding::new(),

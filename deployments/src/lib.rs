@@ -29,7 +29,7 @@ pub use deployment::{Deployment, DeploymentSpec, MULTIPLEX_HEADER, ReplicaInfo};
 pub use error::{ErrorKind, InferError, LoadError};
 pub use pipeline::Pipeline;
 pub use remote::{RemoteCall, RemoteInfo, RemoteReplica};
-pub use request::{InferRequest, InferResponse, check_request};
+pub use request::{InferRequest, InferResponse, check_request, validate_request};
 pub use servable::Servable;
 pub use shadow::Shadow;
 pub use tensor::{BytesElements, DataType, NamedTensor, Tensor, element_count, push_bytes_element};

@@ -144,7 +144,7 @@ pub(crate) struct ReplicaConfig {
     pub name: String,
     pub policy: BatchPolicy,
     /// Every output of the model, in model order.
-    pub model_outputs: Vec<String>,
+    pub model_outputs: Arc<[String]>,
     pub warmup: bool,
     pub factory: BackendFactory,
     /// Shared by the deployment's replicas: whether calls may run inline now.

@@ -37,6 +37,21 @@ pub fn check_request(
     max_batch_size: usize,
     request: &InferRequest,
 ) -> Result<Vec<String>, InferError> {
+    validate_request(model, meta, max_batch_size, request)?;
+    Ok(match &request.outputs {
+        None => meta.outputs.iter().map(|s| s.name.clone()).collect(),
+        Some(requested) => requested.clone(),
+    })
+}
+
+/// [`check_request`]'s checks (the requested outputs too) without building the list of outputs:
+/// for a caller that has the model's output names at hand already.
+pub fn validate_request(
+    model: &str,
+    meta: &ModelMetadata,
+    max_batch_size: usize,
+    request: &InferRequest,
+) -> Result<(), InferError> {
     // Duplicates and missing inputs are found by scanning, not with a hash set: a model has a
     // handful of inputs, and every input is checked to be one of them before the next is read,
     // so a request cannot make this quadratic in more than the model's input count.
@@ -98,7 +113,7 @@ pub fn check_request(
         }
     }
     match &request.outputs {
-        None => Ok(meta.outputs.iter().map(|s| s.name.clone()).collect()),
+        None => Ok(()),
         Some(requested) => {
             for (i, name) in requested.iter().enumerate() {
                 if !meta.outputs.iter().any(|s| &s.name == name) {
@@ -112,7 +127,7 @@ pub fn check_request(
                     return Err(InferError::invalid(format!("output `{name}` requested more than once")));
                 }
             }
-            Ok(requested.clone())
+            Ok(())
         }
     }
 }
