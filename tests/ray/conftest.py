@@ -44,6 +44,10 @@ def record(ev):
     with lock:
         out.write(json.dumps({"t": time.time(), "ev": ev}) + "\n")
 def pump():
+    # SIGTERM to the main thread only: Python runs handlers there, and a signal the kernel gave
+    # this thread (blocked reading stdin) would leave the main thread asleep in its FIFO read,
+    # the handler never run.
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     for line in sys.stdin:
         line = line.strip()
         if not line:
