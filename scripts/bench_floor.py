@@ -116,15 +116,18 @@ def alloc_probes(binary):
     symbols = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True).stdout.split()
     if all(f in symbols for f in MI_FUNCTIONS):
         # One group per binary: two binaries may both be called `sluice`.
-        group = "alloc_" + hashlib.sha1(str(Path(binary).resolve()).encode()).hexdigest()[:8]
-        wanted += [(binary, group, f.replace("_aligned", ""), f) for f in MI_FUNCTIONS]
+        # Event names are unique across groups for perf, so they carry the group's hash too.
+        tag = hashlib.sha1(str(Path(binary).resolve()).encode()).hexdigest()[:8]
+        group = "alloc_" + tag
+        wanted += [(binary, group, f.replace("_aligned", "") + "_" + tag, f) for f in MI_FUNCTIONS]
         # Exported by the binary (mimalloc's override): probed by file offset, since perf's
         # lookup by name finds inlined code that debuginfo also calls `malloc`.
         exported = subprocess.run(["nm", "-D", "--defined-only", binary], capture_output=True, text=True).stdout
         addresses = {name: int(addr, 16) for addr, _, name in
                      (line.split() for line in exported.splitlines() if len(line.split()) == 3)}
         if all(f in addresses for f in ALLOC_FUNCTIONS):
-            wanted += [(binary, group, f"c_{f}", f"0x{file_offset(binary, addresses[f]):x}") for f in ALLOC_FUNCTIONS]
+            wanted += [(binary, group, f"c_{f}_{tag}", f"0x{file_offset(binary, addresses[f]):x}")
+                       for f in ALLOC_FUNCTIONS]
     for path, group, event, function in wanted:  # "already exists" on a second run is fine
         subprocess.run(["perf", "probe", "-q", "-x", path, "--add", f"{group}:{event}={function}"],
                        capture_output=True)
