@@ -1,5 +1,5 @@
 //! One client per run, shared by every worker: a keep-alive HTTP/1 connection pool for REST,
-//! one HTTP/2 channel for gRPC. Failures are classified by kind for the report. A client made
+//! one HTTP/2 connection for gRPC ([`crate::grpc`]). Failures are classified by kind for the report. A client made
 //! [`Client::liveness`] sends the protocol's liveness call instead of inference (REST
 //! `GET /v2/health/live`, gRPC `ServerLive`) over the same connections: the floor of the
 //! server's own path for the same tool and concurrency.
@@ -14,12 +14,14 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
 use serde::Deserialize;
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::transport::Channel;
 
 use crate::codec::{self, Prepared, Values};
+use crate::grpc::{self, GrpcConn};
 use crate::inputs::InputSpec;
 
 /// The wire form of the requests.
@@ -59,8 +61,8 @@ impl std::fmt::Display for Protocol {
 pub type ErrorKind = String;
 
 pub enum Client {
-    Rest { http: HttpClient<HttpConnector, Full<Bytes>>, target: String, path: String, call: RestCall },
-    Grpc { client: GrpcInferenceServiceClient<Channel>, live: bool },
+    Rest { http: Box<HttpClient<HttpConnector, Full<Bytes>>>, target: String, path: String, call: RestCall },
+    Grpc { conn: GrpcConn, live: bool },
 }
 
 /// What a REST client sends.
@@ -73,7 +75,7 @@ pub enum RestCall {
 }
 
 /// What one closed-loop worker sends through: its own keep-alive HTTP/1 connection (as wrk
-/// does: no pool between the worker and the socket), or the shared gRPC channel.
+/// does: no pool between the worker and the socket), or the shared gRPC connection.
 pub struct Worker<'a> {
     client: &'a Client,
     conn: Option<SendRequest<Full<Bytes>>>,
@@ -160,8 +162,9 @@ impl Client {
             Protocol::RestJson | Protocol::RestBinary => {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
-                let http =
-                    HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+                let http = Box::new(
+                    HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector),
+                );
                 Client::Rest {
                     http,
                     target: target.to_string(),
@@ -170,13 +173,10 @@ impl Client {
                 }
             }
             Protocol::Grpc => {
-                let channel = Channel::from_shared(format!("http://{target}"))?
-                    .tcp_nodelay(true)
-                    .connect()
+                let conn = GrpcConn::connect(target)
                     .await
-                    .with_context(|| format!("connecting to {target}"))?;
-                let client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(usize::MAX);
-                Client::Grpc { client, live: false }
+                    .map_err(|e| anyhow::anyhow!("connecting to {target}: {e}"))?;
+                Client::Grpc { conn, live: false }
             }
         })
     }
@@ -188,7 +188,7 @@ impl Client {
             Client::Rest { http, target, .. } => {
                 Client::Rest { http, target, path: "/v2/health/live".into(), call: RestCall::Live }
             }
-            Client::Grpc { client, .. } => Client::Grpc { client, live: true },
+            Client::Grpc { conn, .. } => Client::Grpc { conn, live: true },
         }
     }
 
@@ -208,22 +208,22 @@ impl Client {
                 let resp = http.request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
                 rest_response(resp, decode).await
             }
-            Client::Grpc { client, live: true } => {
-                let live = client.clone().server_live(pb::ServerLiveRequest {}).await;
-                match live {
-                    Ok(r) if r.get_ref().live => Ok(None),
+            Client::Grpc { conn, live: true } => {
+                let message = conn.unary(grpc::SERVER_LIVE, grpc::frame(&pb::ServerLiveRequest {})).await?;
+                match pb::ServerLiveResponse::decode(message) {
+                    Ok(r) if r.live => Ok(None),
                     Ok(_) => Err("not live".into()),
-                    Err(s) => Err(format!("grpc {:?}", s.code())),
+                    Err(e) => Err(format!("bad response: {e}")),
                 }
             }
-            Client::Grpc { client, live: false } => {
-                let mut client = client.clone();
-                let resp =
-                    client.model_infer(p.grpc.clone()).await.map_err(|s| format!("grpc {:?}", s.code()))?;
+            Client::Grpc { conn, live: false } => {
+                let message = conn.unary(grpc::MODEL_INFER, p.grpc.clone()).await?;
                 if !decode {
                     return Ok(None);
                 }
-                codec::decode_grpc(resp.get_ref()).map(Some).map_err(|e| format!("bad response: {e}"))
+                let resp =
+                    pb::ModelInferResponse::decode(message).map_err(|e| format!("bad response: {e}"))?;
+                codec::decode_grpc(&resp).map(Some).map_err(|e| format!("bad response: {e}"))
             }
         }
     }

@@ -13,7 +13,8 @@ pub struct Prepared {
     pub rest_json: Bytes,
     pub rest_binary: Bytes,
     pub rest_binary_header: usize,
-    pub grpc: pb::ModelInferRequest,
+    /// The `ModelInferRequest`, encoded and framed as a gRPC message.
+    pub grpc: Bytes,
     pub expected: Option<Vec<JsonTensor>>,
     pub tolerance: f64,
     pub rows: u64,
@@ -92,7 +93,7 @@ pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
         rest_json,
         rest_binary_header: header.len(),
         rest_binary: body.freeze(),
-        grpc,
+        grpc: crate::grpc::frame(&grpc),
         expected: case.outputs.clone(),
         tolerance: case.tolerance,
         rows: case.rows(),

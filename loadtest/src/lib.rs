@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod grpc;
 pub mod inputs;
 pub mod report;
 pub mod run;

@@ -1,6 +1,7 @@
 //! The gRPC services beside inference, through tonic's own generated clients: health
 //! (`grpc.health.v1.Health/Check`), server reflection (v1), and version pinning with the
-//! `x-sluice-version` metadata key; and the load tester's liveness mode (`ServerLive`).
+//! `x-sluice-version` metadata key; and the load tester's gRPC client (liveness mode, checked
+//! inference, failures by code, reconnecting).
 //!
 //! Health is checked only for what holds whether or not health follows readiness: SERVING
 //! once every model is ready, and NOT_FOUND for a service the server does not have.
@@ -124,5 +125,90 @@ async fn the_load_testers_liveness_mode_calls_server_live() {
     let stats = reqwest::get(format!("http://{}/v2/models/iris/stats", s.http_addr())).await.unwrap();
     let stats: serde_json::Value = stats.json().await.unwrap();
     assert_eq!(stats["model_stats"][0]["inference_count"], 0, "{stats}");
+    s.shutdown().await;
+}
+
+/// The load tester's gRPC client (h2, pre-encoded requests) against the real server: answers
+/// decoded and compared with the model's expected outputs, a wrong answer counted as a
+/// mismatch, an unknown model counted by its gRPC code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_testers_grpc_client_checks_answers_and_names_failures() {
+    use std::sync::Arc;
+
+    use sluice_loadtest::client::{Client, Protocol};
+    use sluice_loadtest::codec::prepare;
+    use sluice_loadtest::inputs::load_samples;
+    use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
+
+    let s = start("      - {name: mlp, model: mlp/model.onnx, num_replicas: 2}\n", "").await;
+    let addr = s.grpc_addr().expect("a gRPC port").to_string();
+    let client = Arc::new(Client::connect(Protocol::Grpc, &addr, "mlp", "").await.unwrap());
+    let cases = load_samples(&models_dir().join("mlp/expected.json"), 1e-5).unwrap();
+    let prepared = Arc::new(cases.iter().map(|c| prepare(c, "mlp", "").unwrap()).collect::<Vec<_>>());
+    let check = StepOptions { check: true, request_log: false };
+    let count = |n| Limits { duration: None, requests: Some(n) };
+
+    let r =
+        run_step(client.clone(), prepared, Mode::Closed { concurrency: 4 }, count(120), check, None).await;
+    assert_eq!((r.ok, r.error_count()), (120, 0), "{:?}", r.errors);
+
+    let mut wrong = cases[0].clone();
+    let outputs = wrong.outputs.as_mut().expect("expected outputs");
+    outputs[0].data[0] = serde_json::json!(outputs[0].data[0].as_f64().unwrap() + 1.0);
+    let wrong = Arc::new(vec![prepare(&wrong, "mlp", "").unwrap()]);
+    let r = run_step(client.clone(), wrong, Mode::Closed { concurrency: 2 }, count(10), check, None).await;
+    assert_eq!(r.errors.get("mismatch"), Some(&10), "{:?}", r.errors);
+
+    let unknown = Arc::new(vec![prepare(&cases[0], "nope", "").unwrap()]);
+    let r =
+        run_step(client, unknown, Mode::Open { rate: 200.0, poisson: false }, count(10), check, None).await;
+    assert_eq!(r.errors.get("grpc NotFound"), Some(&10), "{:?}", r.errors);
+    s.shutdown().await;
+}
+
+/// A gRPC connection that breaks under the load tester is replaced by the next call: the calls
+/// go through a TCP relay that cuts the first connection after a few calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_testers_grpc_client_reconnects_after_its_connection_breaks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sluice_loadtest::client::{Client, Protocol};
+    use sluice_loadtest::codec::prepare;
+    use sluice_loadtest::inputs::Case;
+
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let server = s.grpc_addr().expect("a gRPC port");
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut inbound, _) = relay.accept().await.unwrap();
+            let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+            let mut cut = cut_rx.clone();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(server).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cut.wait_for(|c| *c && first) => {}
+                }
+            });
+        }
+    });
+
+    let client = Client::connect(Protocol::Grpc, &relay_addr, "", "").await.unwrap().liveness();
+    let live = prepare(&Case::no_tensors(), "", "").unwrap();
+    for _ in 0..5 {
+        client.send(&live, true).await.expect("live through the first connection");
+    }
+    cut_tx.send(true).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The call that finds the connection gone fails (and is counted); the next one reconnects.
+    let outcomes = [client.send(&live, true).await.is_ok(), client.send(&live, true).await.is_ok()];
+    assert!(outcomes[1], "a call after the break goes through a new connection: {outcomes:?}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
     s.shutdown().await;
 }
