@@ -1,8 +1,8 @@
 //! One client per run, shared by every worker: a keep-alive HTTP/1 connection pool for REST,
-//! one HTTP/2 connection for gRPC ([`crate::grpc`]). Failures are classified by kind for the report. A client made
-//! [`Client::liveness`] sends the protocol's liveness call instead of inference (REST
-//! `GET /v2/health/live`, gRPC `ServerLive`) over the same connections: the floor of the
-//! server's own path for the same tool and concurrency.
+//! one HTTP/2 connection for gRPC ([`crate::grpc`]). Failures are classified by kind for the
+//! report. A client made [`Client::liveness`] sends the protocol's liveness call instead of
+//! inference (REST `GET /v2/health/live`, gRPC `ServerLive`) over the same connections: the
+//! floor of the server's own path for the same tool and concurrency.
 
 use std::str::FromStr;
 
@@ -21,7 +21,7 @@ use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use tonic::transport::Channel;
 
 use crate::codec::{self, Prepared, Values};
-use crate::grpc::{self, GrpcConn};
+use crate::grpc::{self, GrpcConn, Rpc};
 use crate::inputs::InputSpec;
 
 /// The wire form of the requests.
@@ -209,7 +209,7 @@ impl Client {
                 rest_response(resp, decode).await
             }
             Client::Grpc { conn, live: true } => {
-                let message = conn.unary(grpc::SERVER_LIVE, grpc::frame(&pb::ServerLiveRequest {})).await?;
+                let message = conn.unary(Rpc::ServerLive, grpc::SERVER_LIVE_REQUEST).await?;
                 match pb::ServerLiveResponse::decode(message) {
                     Ok(r) if r.live => Ok(None),
                     Ok(_) => Err("not live".into()),
@@ -217,7 +217,7 @@ impl Client {
                 }
             }
             Client::Grpc { conn, live: false } => {
-                let message = conn.unary(grpc::MODEL_INFER, p.grpc.clone()).await?;
+                let message = conn.unary(Rpc::ModelInfer, p.grpc.clone()).await?;
                 if !decode {
                     return Ok(None);
                 }

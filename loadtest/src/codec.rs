@@ -93,7 +93,7 @@ pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
         rest_json,
         rest_binary_header: header.len(),
         rest_binary: body.freeze(),
-        grpc: crate::grpc::frame(&grpc),
+        grpc: crate::grpc::frame(&grpc).map_err(anyhow::Error::msg)?,
         expected: case.outputs.clone(),
         tolerance: case.tolerance,
         rows: case.rows(),

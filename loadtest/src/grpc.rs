@@ -22,30 +22,60 @@ use crate::client::ErrorKind;
 /// The framing of one gRPC message: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
 
-pub const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
-pub const SERVER_LIVE: &str = "/inference.GRPCInferenceService/ServerLive";
+/// `ServerLiveRequest {}` framed: an empty message.
+pub const SERVER_LIVE_REQUEST: Bytes = Bytes::from_static(&[0; PREFIX]);
+
+/// The calls the load tester makes.
+#[derive(Debug, Clone, Copy)]
+pub enum Rpc {
+    ModelInfer,
+    ServerLive,
+}
+
+impl Rpc {
+    fn path(self) -> &'static str {
+        match self {
+            Rpc::ModelInfer => "/inference.GRPCInferenceService/ModelInfer",
+            Rpc::ServerLive => "/inference.GRPCInferenceService/ServerLive",
+        }
+    }
+}
 
 /// `message` framed as one uncompressed gRPC message.
-pub fn frame(message: &impl prost::Message) -> Bytes {
+pub fn frame(message: &impl prost::Message) -> Result<Bytes, ErrorKind> {
     let len = message.encoded_len();
+    let prefix =
+        u32::try_from(len).map_err(|_| format!("a {len}-byte message is over gRPC's 4 GiB frame"))?;
     let mut buf = BytesMut::with_capacity(PREFIX + len);
     buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).expect("a request message under 4 GiB"));
-    message.encode(&mut buf).expect("the buffer was sized for the message");
-    buf.freeze()
+    buf.put_u32(prefix);
+    message.encode(&mut buf).map_err(|e| format!("encoding: {e}"))?;
+    Ok(buf.freeze())
 }
 
 /// One HTTP/2 connection to `target` (host:port), opened on first use and again after it breaks.
 pub struct GrpcConn {
     target: String,
+    /// Each [`Rpc`]'s URI, built once.
+    model_infer: Uri,
+    server_live: Uri,
     send: Mutex<Option<SendRequest<Bytes>>>,
 }
 
 impl GrpcConn {
     /// Connects to `target` now, so that an unreachable server is reported before a run starts.
     pub async fn connect(target: &str) -> Result<Self, ErrorKind> {
+        let uri = |rpc: Rpc| {
+            Uri::builder()
+                .scheme("http")
+                .authority(target)
+                .path_and_query(rpc.path())
+                .build()
+                .map_err(|e| format!("target `{target}`: {e}"))
+        };
+        let (model_infer, server_live) = (uri(Rpc::ModelInfer)?, uri(Rpc::ServerLive)?);
         let send = handshake(target).await?;
-        Ok(Self { target: target.to_string(), send: Mutex::new(Some(send)) })
+        Ok(Self { target: target.to_string(), model_infer, server_live, send: Mutex::new(Some(send)) })
     }
 
     /// The connection's handle, after opening a new connection if the last one broke.
@@ -66,9 +96,13 @@ impl GrpcConn {
     /// A unary call: `request` is a framed message (see [`frame`]). Returns the response
     /// message's bytes, or the failure: `transport: …`, `grpc <Code>` for a non-OK status, or
     /// `bad response: …`.
-    pub async fn unary(&self, path: &str, request: Bytes) -> Result<Bytes, ErrorKind> {
+    pub async fn unary(&self, rpc: Rpc, request: Bytes) -> Result<Bytes, ErrorKind> {
         let send = self.handle().await?;
-        let result = call(send, &self.target, path, request).await;
+        let uri = match rpc {
+            Rpc::ModelInfer => &self.model_infer,
+            Rpc::ServerLive => &self.server_live,
+        };
+        let result = call(send, uri.clone(), request).await;
         if let Err(Failure::Transport(_)) = &result {
             self.broken();
         }
@@ -96,15 +130,9 @@ async fn handshake(target: &str) -> Result<SendRequest<Bytes>, ErrorKind> {
     Ok(send)
 }
 
-async fn call(send: SendRequest<Bytes>, target: &str, path: &str, body: Bytes) -> Result<Bytes, Failure> {
+async fn call(send: SendRequest<Bytes>, uri: Uri, body: Bytes) -> Result<Bytes, Failure> {
     let transport = |e: h2::Error| Failure::Transport(e.to_string());
     let mut send = send.ready().await.map_err(transport)?;
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(target)
-        .path_and_query(path)
-        .build()
-        .map_err(|e| Failure::Status(format!("request: {e}")))?;
     let req = Request::post(uri)
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -167,11 +195,11 @@ mod tests {
     #[test]
     fn a_framed_message_unframes_to_its_encoding() {
         let m = pb::ServerLiveResponse { live: true };
-        let framed = frame(&m);
+        let framed = frame(&m).unwrap();
         assert_eq!(&framed[..PREFIX], &[0, 0, 0, 0, 2]);
         let back = unframe(framed).unwrap();
         assert_eq!(<pb::ServerLiveResponse as prost::Message>::decode(back).unwrap(), m);
-        assert_eq!(unframe(frame(&pb::ServerLiveRequest {})).unwrap().len(), 0);
+        assert_eq!(frame(&pb::ServerLiveRequest {}).unwrap(), SERVER_LIVE_REQUEST);
     }
 
     #[test]
