@@ -7,7 +7,8 @@ Starts a release `sluice` on bench config (iris and mlp from examples/models; bi
 runs `sluice-loadtest` over REST-JSON, REST-binary and gRPC at concurrency 1/8/16/64, measures
 resident memory idle and under 10x overload, and, when `wrk` is installed, compares the load
 tester with wrk on the same server. Last, resident memory of the largest model with 1, 2 and 4
-replicas, each with its own copy of the weights and sharing one. Writes bench-results/report.md and results.json.
+replicas, each with its own copy of the weights and sharing one. Writes bench-results/report.md
+and results.json.
 
 The floor: before the models, the same load tester at the same concurrency levels sends the
 protocol's liveness call instead (`--health`: REST `GET /v2/health/live`, gRPC `ServerLive`),
