@@ -80,6 +80,11 @@ impl BatchState {
         self.queue.len()
     }
 
+    /// Moves every job of `other` to the back of this queue.
+    pub fn append(&mut self, other: &mut BatchState) {
+        self.queue.append(&mut other.queue);
+    }
+
     /// Drains every job (used when a replica hands its queue to others).
     pub fn drain(&mut self) -> Vec<Job> {
         self.queue.drain(..).collect()

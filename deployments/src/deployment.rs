@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::batch::{BatchPolicy, Job};
 use crate::metrics::DeploymentMetrics;
 use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
-use crate::replica::{self, Crowding, ModelCell, Msg, ReplicaConfig, ReplicaHost};
+use crate::replica::{self, ModelCell, Msg, ReplicaConfig, ReplicaHost};
 use crate::{
     Backend, BackendFactory, DataType, ErrorKind, InferError, InferRequest, InferResponse, LoadError,
     ModelMetadata, backend_factory, validate_request,
@@ -260,7 +260,7 @@ impl ReplicaSet {
         // sized for the largest set this deployment may grow to (+1 for the stop message).
         let (tx, rx) = sync_channel(self.spec.ongoing_limit() * self.spec.max_replicas.max(1) + 1);
         // In the set before its thread starts, so its readiness is counted when it comes.
-        let cell = Arc::new(ModelCell::new());
+        let cell = Arc::new(ModelCell::new(self.config.policy.clone()));
         self.add_slot(id, Channel::Local(tx, cell.clone()));
         let (config, host) = (self.config.clone(), self.clone() as Arc<dyn ReplicaHost>);
         let spawned = std::thread::Builder::new()
@@ -340,7 +340,6 @@ impl Deployment {
             model_outputs: metadata.outputs.iter().map(|o| o.name.clone()).collect(),
             warmup: spec.settings.warmup,
             factory,
-            crowding: Crowding::new(),
             spin: Duration::from_micros(u64::from(spec.settings.spin_before_sleep_us)),
             metrics: Arc::new(DeploymentMetrics::new(&spec.name, &spec.version, spec.max_batch_size())),
         });
@@ -663,7 +662,15 @@ impl Deployment {
             span,
             model,
         };
-        let ongoing = self.dispatch(job)?;
+        let (ongoing, left) = self.dispatch(job)?;
+        if let Some(slot) = left
+            && let Channel::Local(tx, cell) = &slot.channel
+        {
+            // Let the other requests this thread has ready now reach the model first: the
+            // first of them to come back runs them all as one batch.
+            tokio::task::yield_now().await;
+            cell.run_pending(&self.set.config, (&*self.set, slot.id), tx);
+        }
         // Answered at the deadline at the latest. A model still running the request keeps its
         // replica slot until it is done (a queued one is answered 504 by the replica without
         // running), so admission never counts a busy replica as free.
@@ -741,8 +748,9 @@ impl Deployment {
         }
     }
 
-    /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones.
-    fn dispatch(&self, job: Job) -> Result<OngoingGuard, InferError> {
+    /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones, or
+    /// leaves it with that replica's model (returned) for the caller to run.
+    fn dispatch(&self, job: Job) -> Result<(OngoingGuard, Option<Arc<ReplicaSlot>>), InferError> {
         let replicas = self.set.replicas.load();
         if replicas.is_empty() {
             return Err(InferError::unavailable(format!("model `{}` has no replicas", self.set.spec.name)));
@@ -760,33 +768,20 @@ impl Deployment {
             }
         };
         let slot = &replicas[pick];
-        let (guard, idle) = OngoingGuard::new(slot);
-        // A cheap call to an idle replica of an uncrowded deployment runs here, on this
-        // thread: no hand-off to the replica's thread and back (the queue was empty, so no one
-        // is overtaken).
-        let job = match (&slot.channel, self.inline_under) {
-            (Channel::Local(tx, cell), Some(under))
-                if idle
-                    && job.model.is_none()
-                    && cell.cheap(under)
-                    && self.set.config.crowding.quiet(job.arrived) =>
-            {
-                match cell.run_inline(&self.set.config, (&*self.set, slot.id), job) {
-                    Ok(panicked) => {
-                        if panicked {
-                            let _ = tx.try_send(Msg::Reload);
-                        }
-                        return Ok(guard);
-                    }
-                    Err(job) => job,
-                }
-            }
-            _ => job,
-        };
+        let guard = OngoingGuard::new(slot);
+        // A cheap call is left with its replica's model for the caller to run on its own thread
+        // (see `ModelCell`): no hand-off to the replica's thread and back.
+        if let (Channel::Local(_, cell), Some(under)) = (&slot.channel, self.inline_under)
+            && job.model.is_none()
+            && cell.cheap(under)
+        {
+            cell.leave(job);
+            return Ok((guard, Some(slot.clone())));
+        }
         slot.channel.send(job).map_err(|_| {
             InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
-        Ok(guard)
+        Ok((guard, None))
     }
 }
 
@@ -904,11 +899,11 @@ struct OngoingGuard {
 }
 
 impl OngoingGuard {
-    /// Counts one more request on `slot`; also says whether it held none before.
-    fn new(slot: &ReplicaSlot) -> (Self, bool) {
+    /// Counts one more request on `slot`.
+    fn new(slot: &ReplicaSlot) -> Self {
         let before = slot.ongoing.fetch_add(1, Ordering::AcqRel);
         slot.in_flight.set((before + 1) as f64);
-        (Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }, before == 0)
+        Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }
     }
 }
 
@@ -928,8 +923,9 @@ mod tests {
     use tokio::sync::{Semaphore, watch};
 
     use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, two_choices};
+    use crate::batch::BatchPolicy;
     use crate::metrics::DeploymentMetrics;
-    use crate::replica::{Crowding, ModelCell, ReplicaHost};
+    use crate::replica::{ModelCell, ReplicaHost};
 
     /// A replica set of `n` slots with no threads behind them (only readiness is exercised).
     fn set_of(n: usize) -> Arc<ReplicaSet> {
@@ -942,7 +938,6 @@ mod tests {
             model_outputs: Arc::from([]),
             warmup: false,
             factory,
-            crowding: Crowding::new(),
             spin: std::time::Duration::ZERO,
             metrics,
         });
@@ -957,7 +952,7 @@ mod tests {
         });
         for id in 0..n {
             let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new())));
+            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new(BatchPolicy::default()))));
         }
         set
     }

@@ -1,7 +1,8 @@
-//! Cheap calls to an idle replica run on the caller's thread (no hand-off to the replica's
-//! thread and back); a batch wait, a setting of 0, a slow model or a crowd of requests
-//! (batches of two or more) keep them on the replica's thread; a panic in an inline call fails
-//! that request only and the replica is replaced.
+//! Cheap calls run on the callers' threads (no hand-off to the replica's thread and back),
+//! batched: requests that arrive while one caller runs the model are left to it and run as the
+//! next batch. A batch wait, a setting of 0, a blocking backend or slow model calls keep them on
+//! the replica's thread; a panic in an inline call fails that request only and the replica is
+//! replaced; under many concurrent callers and a scale-down no request is stranded.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,13 +14,14 @@ use sluice_deployments::{
     ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
 
-/// `y = x`, recording the name of the thread each call ran on; panics on `13`; takes 50 ms
-/// more on `77`.
+/// `y = x`, recording the name of the thread each call ran on and its rows; panics on `13`;
+/// takes 50 ms more on `77`.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
     inline_safe: bool,
     threads: Arc<Mutex<Vec<String>>>,
+    rows: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Backend for Echo {
@@ -33,6 +35,7 @@ impl Backend for Echo {
 
     fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
         self.threads.lock().unwrap().push(std::thread::current().name().unwrap_or("").to_string());
+        self.rows.lock().unwrap().push(inputs[0].tensor.shape()[0]);
         if inputs[0].tensor.data()[..8] == 13i64.to_le_bytes() {
             panic!("poison value");
         }
@@ -47,6 +50,7 @@ impl Backend for Echo {
 struct Fixture {
     deployment: Arc<Deployment>,
     threads: Arc<Mutex<Vec<String>>>,
+    rows: Arc<Mutex<Vec<usize>>>,
     loads: Arc<AtomicUsize>,
 }
 
@@ -56,19 +60,21 @@ fn start(delay: Duration, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
 
 fn start_with(delay: Duration, inline_safe: bool, edit: impl FnOnce(&mut DeploymentSpec)) -> Fixture {
     let threads = Arc::new(Mutex::new(Vec::new()));
+    let rows = Arc::new(Mutex::new(Vec::new()));
     let loads = Arc::new(AtomicUsize::new(0));
-    let (t, n) = (threads.clone(), loads.clone());
+    let (t, r, n) = (threads.clone(), rows.clone(), loads.clone());
     let factory: BackendFactory = Arc::new(move || {
         n.fetch_add(1, Ordering::SeqCst);
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
         let meta =
             ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] };
-        Ok(Box::new(Echo { meta, delay, inline_safe, threads: t.clone() }) as Box<dyn Backend>)
+        Ok(Box::new(Echo { meta, delay, inline_safe, threads: t.clone(), rows: r.clone() })
+            as Box<dyn Backend>)
     });
     let mut spec = DeploymentSpec::new("echo");
     spec.settings.max_batch_size = 4;
     edit(&mut spec);
-    Fixture { deployment: Arc::new(Deployment::start(spec, factory).unwrap()), threads, loads }
+    Fixture { deployment: Arc::new(Deployment::start(spec, factory).unwrap()), threads, rows, loads }
 }
 
 fn request(v: i64) -> InferRequest {
@@ -111,11 +117,13 @@ async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_call
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_batch_of_several_requests_calls_stay_on_the_replica_for_a_while() {
-    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 100_000);
+async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch_then_slow_calls_go_to_the_replica()
+{
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000);
     assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
-    // A slow call runs inline; three requests meanwhile queue at the busy replica and run
-    // there as one batch.
+    f.rows.lock().unwrap().clear();
+    // A slow call runs on a caller's thread; three requests meanwhile find the model busy,
+    // leave their requests, and the caller runs them as one batch when the slow one is done.
     let slow = tokio::spawn({
         let d = f.deployment.clone();
         async move { d.infer(request(77)).await.unwrap() }
@@ -128,16 +136,50 @@ async fn after_a_batch_of_several_requests_calls_stay_on_the_replica_for_a_while
         })
         .collect();
     slow.await.unwrap();
-    for task in crowd {
-        task.await.unwrap();
+    for (k, task) in (200..).zip(crowd) {
+        let r = task.await.unwrap();
+        assert_eq!(r.outputs[0].tensor.data()[..8], i64::to_le_bytes(k), "each caller gets its own answer");
     }
-    // Requests met in a batch: the next calls go to the replica's thread, to batch there.
-    let threads = run(&f, 3).await;
-    assert!(threads.iter().all(|t| t == "echo#0"), "after a batch of several: {threads:?}");
-    // Once no batch of several has run for longer than the hold, calls run inline again.
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let threads = run(&f, 3).await;
-    assert!(threads.iter().all(|t| !t.starts_with("echo#")), "inline again: {threads:?}");
+    assert_eq!(*f.rows.lock().unwrap(), [1, 3], "the slow call, then the three as one batch");
+    let threads = f.threads.lock().unwrap().clone();
+    assert!(threads.iter().all(|t| !t.starts_with("echo#")), "both on callers' threads: {threads:?}");
+    // The slow call raised the measured cost of a call above the setting: the next calls go
+    // to the replica's thread, until enough fast calls bring the measure back under it.
+    let threads = run(&f, 60).await;
+    assert!(threads[..5].iter().all(|t| t == "echo#0"), "after the slow call: {threads:?}");
+    assert!(threads[50..].iter().all(|t| !t.starts_with("echo#")), "inline again: {threads:?}");
+}
+
+/// Many callers at once on two replicas, one removed while they run: every request gets its
+/// own answer (a request left for a holder that never looked again would hang here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_callers_and_a_scale_down_strand_no_request() {
+    let f = start(Duration::ZERO, |s| {
+        s.num_replicas = 2;
+        s.max_replicas = 2;
+    });
+    run(&f, 40).await;
+    let callers: Vec<_> = (0..16i64)
+        .map(|c| {
+            let d = f.deployment.clone();
+            tokio::spawn(async move {
+                for k in 0..300 {
+                    let v = 1_000 + c * 1_000 + k;
+                    let r = d.infer(request(v)).await.unwrap();
+                    assert_eq!(r.outputs[0].tensor.data()[..8], v.to_le_bytes());
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    f.deployment.scale_to(1).await.unwrap();
+    for task in callers {
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("a request was stranded").unwrap();
+    }
+    let rows = f.rows.lock().unwrap().clone();
+    assert!(rows.iter().any(|&r| r > 1), "concurrent callers batched together: {rows:?}");
+    let threads = f.threads.lock().unwrap().clone();
+    assert!(threads.iter().any(|t| !t.starts_with("echo#")), "callers ran batches: {threads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
