@@ -46,10 +46,10 @@ const COMBINE_ROUNDS: usize = 4;
 /// answer: whoever holds the model looks at `pending` after letting go, and the replica's
 /// thread does the same before it sleeps, so nothing left there is stranded.
 ///
-/// Measured (tiny MLP, 2 replicas, 64 connections, REST JSON): batches of ~4.8 rows and
-/// 16.7–20.8 µs of server CPU per request, against ~2.5-row batches and 22–23.5 µs on the
-/// replica threads (which also spun on their queues between batches); at one connection p50
-/// 72–81 µs against 90–100 µs running the call at once without the yield.
+/// Measured (tiny MLP, 2 replicas, REST JSON, `scripts/bench_floor.py`, docs/benchmarks.md):
+/// server CPU per request at 64 connections 15.2 → 13.2 µs against one-row inline calls and
+/// the replica threads (which batched ~2.5 rows and spun on their queues between batches);
+/// at one connection infer p50 73 → 64 µs, at or below liveness.
 pub(crate) struct ModelCell {
     model: Mutex<Option<Box<dyn Backend>>>,
     /// Mean time of recent model calls, nanoseconds (`u64::MAX`: not known yet).
