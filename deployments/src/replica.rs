@@ -48,7 +48,7 @@ const COMBINE_ROUNDS: usize = 4;
 ///
 /// Measured (tiny MLP, 2 replicas, REST JSON, `scripts/bench_floor.py`, docs/benchmarks.md):
 /// server CPU per request at 64 connections 15.2 → 13.2 µs against one-row inline calls and
-/// the replica threads (which batched ~2.5 rows and spun on their queues between batches);
+/// the replica threads (which spun on their queues between batches);
 /// at one connection infer p50 73 → 64 µs, at or below liveness.
 pub(crate) struct ModelCell {
     model: Mutex<Option<Box<dyn Backend>>>,
