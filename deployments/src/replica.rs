@@ -48,8 +48,8 @@ const COMBINE_ROUNDS: usize = 4;
 ///
 /// Measured (tiny MLP, 2 replicas, REST JSON, `scripts/bench_floor.py`, docs/benchmarks.md):
 /// server CPU per request at 64 connections 15.2 → 13.2 µs against one-row inline calls and
-/// the replica threads (which spun on their queues between batches);
-/// at one connection infer p50 73 → 64 µs, at or below liveness.
+/// the replica threads (which spun on their queues between batches); at one connection infer
+/// p50 73 → 64 µs, at or below liveness.
 pub(crate) struct ModelCell {
     model: Mutex<Option<Box<dyn Backend>>>,
     /// Mean time of recent model calls, nanoseconds (`u64::MAX`: not known yet).
@@ -357,9 +357,8 @@ fn serve(
         if reload.take() && cell.lock().is_none() {
             return true;
         }
-        if state.is_empty() {
-            cell.take_pending(state);
-        }
+        // Before it may sleep: what callers left for the model while this thread held it.
+        cell.take_pending(state);
         if state.is_empty() {
             if *stopping {
                 // A job sent from a replica list read just before this one left: serve it too.
@@ -380,7 +379,6 @@ fn serve(
         for msg in rx.try_iter() {
             take(msg, state, stopping);
         }
-        cell.take_pending(state);
         if reload.get() && state.is_empty() {
             continue;
         }
