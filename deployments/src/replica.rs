@@ -112,38 +112,45 @@ impl ModelCell {
             };
             let Some(model) = guard.as_deref_mut() else {
                 drop(guard);
-                self.hand_over(config, tx);
+                self.hand_over(config, me, tx);
                 return;
             };
             let Taken { batch, expired } = self.pending().take(Instant::now());
             answer_expired(config, expired);
             if !batch.is_empty() {
                 let started = Instant::now();
-                if run_batch(config, me, model, batch) {
+                let (panicked, answers) = run_batch(config, me, model, batch);
+                if panicked {
                     *guard = None;
                     drop(guard);
+                    answers.send();
                     let _ = tx.try_send(Msg::Reload);
-                    self.hand_over(config, tx);
+                    self.hand_over(config, me, tx);
                     return;
                 }
                 self.observe(started.elapsed(), model);
+                drop(guard);
+                answers.send();
+            } else {
+                drop(guard);
             }
-            drop(guard);
             // Looked at after letting go: a caller that found the model busy left its request.
             if self.pending().is_empty() {
                 return;
             }
         }
-        self.hand_over(config, tx);
+        self.hand_over(config, me, tx);
     }
 
     /// Sends what callers left to the replica's thread; a request its queue cannot take (the
-    /// replica stopped) is answered 503.
-    fn hand_over(&self, config: &ReplicaConfig, tx: &SyncSender<Msg>) {
+    /// replica stopped: a caller chose it just before it left) goes to another replica, or is
+    /// answered 503 when there is none.
+    fn hand_over(&self, config: &ReplicaConfig, (host, id): (&dyn ReplicaHost, usize), tx: &SyncSender<Msg>) {
         let jobs = self.pending().drain();
         for job in jobs {
             if let Err(TrySendError::Full(Msg::Job(job)) | TrySendError::Disconnected(Msg::Job(job))) =
                 tx.try_send(Msg::Job(job))
+                && let Err(job) = host.redispatch(job, id)
             {
                 answer_stopped(config, job);
             }
@@ -409,21 +416,53 @@ fn serve(
             return true;
         };
         let started = Instant::now();
-        if run_batch(config, me, model, batch) {
+        let (panicked, answers) = run_batch(config, me, model, batch);
+        if panicked {
             *guard = None;
+            drop(guard);
+            answers.send();
             return true;
         }
         cell.observe(started.elapsed(), model);
+        drop(guard);
+        answers.send();
     }
 }
 
-/// Runs one batch and answers its callers. Returns true when the model panicked.
+/// A batch's answers, sent with [`Answers::send`] once the model is let go, so that a caller
+/// woken by its answer finds the model free for its next request. (Answered while the model
+/// was still held, a caller sending one request after another found it busy every time, and
+/// the replica's thread, which had it, ran all its requests from then on.)
+pub(crate) enum Answers {
+    Each(Vec<Job>, Vec<Vec<NamedTensor>>),
+    All(Vec<Job>, InferError),
+}
+
+impl Answers {
+    pub fn send(self) {
+        match self {
+            Answers::Each(batch, outputs) => {
+                for (job, outputs) in batch.into_iter().zip(outputs) {
+                    let _ = job.reply.send(Ok(outputs));
+                }
+            }
+            Answers::All(batch, e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one batch: whether the model panicked, and the answers to send once the model is let
+/// go.
 pub(crate) fn run_batch(
     config: &ReplicaConfig,
     (host, id): (&dyn ReplicaHost, usize),
     model: &mut dyn Backend,
     mut batch: Vec<Job>,
-) -> bool {
+) -> (bool, Answers) {
     let start = Instant::now();
     for job in &batch {
         config.metrics.queued(start.saturating_duration_since(job.admitted));
@@ -469,18 +508,8 @@ pub(crate) fn run_batch(
     };
     config.metrics.batch(rows, batch.len(), took, stages);
     match outcome {
-        Ok(Ok((per_job, _))) => {
-            for (job, outputs) in batch.into_iter().zip(per_job) {
-                let _ = job.reply.send(Ok(outputs));
-            }
-            false
-        }
-        Ok(Err(e)) => {
-            for job in batch {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            false
-        }
+        Ok(Ok((per_job, _))) => (false, Answers::Each(batch, per_job)),
+        Ok(Err(e)) => (false, Answers::All(batch, e)),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -489,10 +518,7 @@ pub(crate) fn run_batch(
                 .unwrap_or("unknown panic");
             tracing::error!(model = %config.name, "model panicked: {what}; replacing the replica");
             let e = InferError::internal(format!("model `{}` panicked: {what}", config.name));
-            for job in batch {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            true
+            (true, Answers::All(batch, e))
         }
     }
 }

@@ -15,7 +15,7 @@ use sluice_deployments::{
 };
 
 /// `y = x`, recording the name of the thread each call ran on and its rows; panics on `13`;
-/// takes 50 ms more on `77`.
+/// takes 300 ms more on `77`.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
@@ -41,7 +41,7 @@ impl Backend for Echo {
         }
         std::thread::sleep(self.delay);
         if inputs[0].tensor.data()[..8] == 77i64.to_le_bytes() {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(300));
         }
         Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
     }
@@ -119,7 +119,10 @@ async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_call
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch_then_slow_calls_go_to_the_replica()
 {
-    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000);
+    // The threshold and the slow call are far apart from the noise of a busy machine (a call
+    // preempted for a few milliseconds): 20 ms, and 300 ms for the slow one, which lifts the
+    // measured mean to ~37 ms and takes ~4 fast calls to bring back under 20.
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 20_000);
     assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
     f.rows.lock().unwrap().clear();
     // A slow call runs on a caller's thread; three requests meanwhile find the model busy,
@@ -146,7 +149,7 @@ async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch_then_
     // The slow call raised the measured cost of a call above the setting: the next calls go
     // to the replica's thread, until enough fast calls bring the measure back under it.
     let threads = run(&f, 60).await;
-    assert!(threads[..5].iter().all(|t| t == "echo#0"), "after the slow call: {threads:?}");
+    assert!(threads[..3].iter().all(|t| t == "echo#0"), "after the slow call: {threads:?}");
     assert!(threads[50..].iter().all(|t| !t.starts_with("echo#")), "inline again: {threads:?}");
 }
 
