@@ -84,6 +84,14 @@ pub fn run_batched(
                     let _ = job.reply.send(Ok(outputs));
                 }
             }
+            // As the replica does: a merged call's failure sends each request alone.
+            Err(_) if batch.len() > 1 => {
+                for mut job in batch {
+                    let result =
+                        run_batch_through(&policy.pad, &model_outputs, model, std::slice::from_mut(&mut job));
+                    let _ = job.reply.send(result.map(|mut outputs| outputs.swap_remove(0)));
+                }
+            }
             Err(e) => {
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));

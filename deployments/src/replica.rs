@@ -436,6 +436,8 @@ fn serve(
 pub(crate) enum Answers {
     Each(Vec<Job>, Vec<Vec<NamedTensor>>),
     All(Vec<Job>, InferError),
+    /// Each job's own outcome: a merged call failed and each request was run alone.
+    Alone(Vec<Job>, Vec<Result<Vec<NamedTensor>, InferError>>),
 }
 
 impl Answers {
@@ -449,6 +451,11 @@ impl Answers {
             Answers::All(batch, e) => {
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+            Answers::Alone(batch, results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
                 }
             }
         }
@@ -485,9 +492,14 @@ pub(crate) fn run_batch(
     let outcome = span.in_scope(|| {
         catch_unwind(AssertUnwindSafe(|| {
             if let Some(m) = &selected {
-                model.select_model(m)?;
+                model.select_model(m).map_err(Failed::All)?;
             }
-            infer_batch(config, model, &mut batch)
+            match infer_batch(config, model, &mut batch) {
+                // One request's data (an index out of range, a value the model refuses) fails
+                // the merged call for all: each request runs alone, so only its own fails.
+                Err(e) if batch.len() > 1 => Err(Failed::Alone(e, run_alone(config, model, &mut batch))),
+                result => result.map_err(Failed::All),
+            }
         }))
     });
     if selected.is_some() {
@@ -509,7 +521,12 @@ pub(crate) fn run_batch(
     config.metrics.batch(rows, batch.len(), took, stages);
     match outcome {
         Ok(Ok((per_job, _))) => (false, Answers::Each(batch, per_job)),
-        Ok(Err(e)) => (false, Answers::All(batch, e)),
+        Ok(Err(Failed::All(e))) => (false, Answers::All(batch, e)),
+        Ok(Err(Failed::Alone(e, results))) => {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            tracing::debug!(model = %config.name, requests = batch.len(), failed, "batch failed ({e}); its requests ran alone");
+            (false, Answers::Alone(batch, results))
+        }
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -521,6 +538,28 @@ pub(crate) fn run_batch(
             (true, Answers::All(batch, e))
         }
     }
+}
+
+/// How a batch failed: as a whole, or merged, after which each request ran alone
+/// ([`run_alone`]).
+enum Failed {
+    All(InferError),
+    Alone(InferError, Vec<Result<Vec<NamedTensor>, InferError>>),
+}
+
+/// Each job of a batch through the model by itself: its own outputs or error.
+fn run_alone(
+    config: &ReplicaConfig,
+    model: &mut dyn Backend,
+    batch: &mut [Job],
+) -> Vec<Result<Vec<NamedTensor>, InferError>> {
+    batch
+        .iter_mut()
+        .map(|job| {
+            infer_batch(config, model, std::slice::from_mut(job))
+                .map(|(mut outputs, _)| outputs.swap_remove(0))
+        })
+        .collect()
 }
 
 /// Runs a batch through the model: its outputs per job, and where the time went.

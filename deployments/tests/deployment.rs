@@ -1,6 +1,7 @@
 //! A deployment's request path under real concurrency, with a test backend whose speed and
 //! failures the tests control: batching with exact rows back, overload shed with 503 and a
-//! bounded queue, deadlines, cancelled requests skipped, and a panicking replica replaced.
+//! bounded queue, deadlines, cancelled requests skipped, a request the model refuses failing
+//! alone (not its batch), and a panicking replica replaced.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,9 @@ use sluice_deployments::{
     LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
 
-/// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`. With a
-/// gate, each call first waits for the test to open it once.
+/// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`, and fails a
+/// call that has [`REFUSED`] in it (as ONNX Runtime fails a call with an index out of range).
+/// With a gate, each call first waits for the test to open it once.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
@@ -28,6 +30,9 @@ struct Gate {
     started: Arc<tokio::sync::Notify>,
     open: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
 }
+
+/// A value [`Echo`] refuses: the whole call fails.
+const REFUSED: i64 = -99;
 
 fn values(t: &Tensor) -> Vec<i64> {
     t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
@@ -53,6 +58,9 @@ impl Backend for Echo {
         }
         if self.panic_on.is_some_and(|p| v.contains(&p)) {
             panic!("poison value");
+        }
+        if v.contains(&REFUSED) {
+            return Err(InferError::invalid(format!("the model refuses {REFUSED}")));
         }
         std::thread::sleep(self.delay);
         Ok(vec![NamedTensor { name: "y".into(), tensor: x.clone() }])
@@ -241,6 +249,40 @@ async fn a_request_whose_caller_left_is_skipped() {
     assert!(f.deployment.infer(request(&[3])).await.is_ok());
     let log = f.log.lock().unwrap().clone();
     assert!(!log.iter().any(|b| b.contains(&2)), "cancelled request reached the model: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_model_refuses_fails_alone_not_its_batch() {
+    let f = start(
+        spec(|s| {
+            s.settings.max_batch_size = 16;
+            s.settings.batch_wait_timeout_s = 0.2;
+        }),
+        0,
+        None,
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let mut tasks = Vec::new();
+    for rows in [vec![1], vec![2, 3], vec![REFUSED], vec![4]] {
+        let d = f.deployment.clone();
+        tasks.push(tokio::spawn(async move { (rows.clone(), d.infer(request(&rows)).await) }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            (rows, Err(e)) if rows == [REFUSED] => {
+                assert_eq!(e.kind, ErrorKind::InvalidArgument);
+                assert!(e.message.contains("refuses -99"), "{e}");
+            }
+            (rows, r) => {
+                assert_eq!(values(&r.unwrap().outputs[0].tensor), rows, "its own rows, not the batch's error")
+            }
+        }
+    }
+    let calls = f.log.lock().unwrap().clone();
+    assert_eq!(calls.len(), 5, "one merged call, then each request alone: {calls:?}");
+    assert_eq!(calls[0].len(), 5, "the four requests were one batch: {calls:?}");
+    assert_eq!(f.loads.load(Ordering::SeqCst), 1, "a refused call is no panic: the replica stays");
+    assert_eq!(values(&f.deployment.infer(request(&[7])).await.unwrap().outputs[0].tensor), vec![7]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
