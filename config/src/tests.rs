@@ -136,8 +136,12 @@ fn duplicate_names_across_applications() {
 
 #[test]
 fn invalid_names_are_rejected() {
-    let e = errors("applications:\n  - name: a\n    deployments: [{name: \"a/b\", model: m.onnx}]\n");
-    assert!(e[0].message.contains("not a valid name"), "{}", e[0]);
+    for name in ["a/b", "a?b", "a#b", "a%2Fb", "a b", "", ".."] {
+        let e = errors(&format!(
+            "applications:\n  - name: a\n    deployments: [{{name: \"{name}\", model: m.onnx}}]\n"
+        ));
+        assert!(e[0].message.contains("not a valid name"), "{name}: {}", e[0]);
+    }
 }
 
 #[test]

@@ -32,14 +32,19 @@ impl Errors<'_> {
         self.list.push(ConfigError::at(self.file, location, field, message));
     }
 
-    /// Names appear in URL paths: non-empty, no `/`, no whitespace or control characters.
+    /// Names appear in URL paths: non-empty, not `.` or `..`, none of `/ ? # %` (they end or
+    /// escape a path segment), no whitespace or control characters.
     fn check_name(&mut self, name: &Spanned<String>, field: &str) {
         let v = &name.value;
-        if v.is_empty() || v.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+        let dots = v == "." || v == "..";
+        if v.is_empty()
+            || dots
+            || v.chars().any(|c| "/?#%".contains(c) || c.is_whitespace() || c.is_control())
+        {
             self.at(
                 name.referenced,
                 field,
-                format!("`{v}` is not a valid name: use a non-empty name without `/` or spaces"),
+                format!("`{v}` is not a valid name: use a non-empty name without spaces or any of `/ ? # %`"),
             );
         }
     }

@@ -366,7 +366,14 @@ fn deploy_status_rollout_and_delete_drive_a_running_server() {
     assert_eq!(top(&s), json!([1, 2, 0]), "k = 3 serves");
     assert!(all_answered_by(&s, "2"));
 
-    // delete.
+    // delete: a name is one path segment (an empty one would have meant "delete them all").
+    let (code, _, err) = s.cli(&["delete", ""]);
+    assert_eq!(code, 2);
+    assert!(err.contains("`` is not a valid application name"), "{err}");
+    let (code, _, err) = s.cli(&["delete", "app?x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown application `app?x`"), "{err}");
+    assert_eq!(s.get(&s.url("/v2/models/m")).0, 200, "nothing was deleted");
     let (code, _, err) = s.cli(&["delete", "app"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(s.get(&s.url("/v2/models/m")).0, 404);

@@ -70,6 +70,7 @@ pub enum RepositoryAction {
 pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
     match action {
         RepositoryAction::Notify { model } => {
+            let Some(model) = segment(model, "model") else { return ExitCode::from(2) };
             call(admin, reqwest::Method::POST, &format!("/api/sluice/repository/{model}/notify"), None, None)
         }
     }
@@ -99,18 +100,37 @@ pub fn status(admin: &AdminArgs, output: super::status::Output) -> ExitCode {
 }
 
 pub fn delete(app: &str, admin: &AdminArgs) -> ExitCode {
+    // Unchecked, an empty name would be `DELETE /api/serve/applications/`: delete them all.
+    let Some(app) = segment(app, "application") else { return ExitCode::from(2) };
     call(admin, reqwest::Method::DELETE, &format!("/api/serve/applications/{app}"), None, None)
 }
 
 pub fn rollout(action: &RolloutAction, admin: &AdminArgs) -> ExitCode {
-    let (path, body) = match action {
-        RolloutAction::Set { model, weight } => {
-            (format!("/api/serve/deployments/{model}/canary"), Some(format!("{{\"weight\": {weight}}}")))
-        }
-        RolloutAction::Promote { model } => (format!("/api/serve/deployments/{model}/promote"), None),
-        RolloutAction::Rollback { model } => (format!("/api/serve/deployments/{model}/rollback"), None),
+    let (model, action, body) = match action {
+        RolloutAction::Set { model, weight } => (model, "canary", Some(format!("{{\"weight\": {weight}}}"))),
+        RolloutAction::Promote { model } => (model, "promote", None),
+        RolloutAction::Rollback { model } => (model, "rollback", None),
     };
-    call(admin, reqwest::Method::POST, &path, body, None)
+    let Some(model) = segment(model, "model") else { return ExitCode::from(2) };
+    call(admin, reqwest::Method::POST, &format!("/api/serve/deployments/{model}/{action}"), body, None)
+}
+
+/// `name` as one URL path segment (percent-encoded but for RFC 3986's unreserved characters),
+/// or None, with the error printed, when it is empty or a dot segment (which URLs resolve away).
+fn segment(name: &str, what: &str) -> Option<String> {
+    if name.is_empty() || name == "." || name == ".." {
+        eprintln!("error: `{name}` is not a valid {what} name");
+        return None;
+    }
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
 }
 
 /// One admin API call; prints the JSON answer, exits non-zero on an error status.
