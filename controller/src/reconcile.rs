@@ -97,7 +97,15 @@ fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> De
     };
     let key = VersionKey::new(&d.version, &d.model, &d.settings);
     let running = old.is_some_and(|m| m.primary.key == key);
-    let replicas = old.map_or(0, |m| m.primary.replica_count()).max(d.initial_replicas());
+    let replicas = match d.autoscaling() {
+        // A new version takes the traffic the old one's autoscaler sized for, within the new
+        // bounds; a fixed count is the config's.
+        Some(a) => old
+            .map_or(0, |m| m.primary.replica_count())
+            .max(d.initial_replicas())
+            .clamp(a.min_replicas as usize, a.max_replicas as usize),
+        None => d.initial_replicas(),
+    };
     let primary = change(key, running, replicas);
     let extra = d.initial_replicas().max(1);
     let canary = d.canary.as_ref().map(|c| {

@@ -88,6 +88,21 @@ async fn a_live_swap_under_load_fails_no_request() {
     assert_eq!(versions.last().unwrap(), "2", "traffic moved to the new version");
     let status = serde_json::to_value(s.controller().status()).unwrap();
     assert!(status["events"].to_string().contains("swapped in"), "{status}");
+    // A new version with fewer replicas runs the config's count, not the old one's.
+    apply(&s, "      - {name: m, model: iris/model.onnx, version: \"3\", num_replicas: 1}\n").await;
+    let m = |s: &sluice_server::Server| {
+        let d = s.routes().resolve("m", None).unwrap().deployment().unwrap().clone();
+        (d.version().to_string(), d.replica_count())
+    };
+    assert_eq!(m(&s), ("3".into(), 1));
+    // Autoscaled: the old count, within the new bounds.
+    apply(&s, "      - {name: m, model: iris/model.onnx, version: \"4\", num_replicas: 3}\n").await;
+    apply(
+        &s,
+        "      - {name: m, model: iris/model.onnx, version: \"5\", num_replicas: auto, autoscaling_config: {min_replicas: 1, max_replicas: 2}}\n",
+    )
+    .await;
+    assert_eq!(m(&s), ("5".into(), 2));
     s.shutdown().await;
 }
 
