@@ -333,3 +333,16 @@ fn a_shadow_agreement_gate_is_a_fraction_and_takes_the_deployments_one_shadow() 
     assert_eq!(rollout.min_shadow_agreement, Some(0.99));
     assert_eq!(Rollout::default().min_shadow_agreement, None, "no gate unless asked");
 }
+
+#[test]
+fn model_paths_are_absolute_when_the_config_path_is_relative() {
+    // Tests run in the crate's folder, where Cargo.toml stands in for a model file.
+    let text = "applications:\n  - name: a\n    deployments: [{name: m, model: Cargo.toml}]\n";
+    let model = |source: &Path| match &parse(text, source).unwrap().applications[0].deployments[0].model {
+        types::Model::Onnx(path) => path.clone(),
+        other => panic!("{other:?}"),
+    };
+    let relative = model(Path::new("c.yaml"));
+    assert!(relative.is_absolute(), "{relative:?}");
+    assert_eq!(relative, model(&std::env::current_dir().unwrap().join("c.yaml")));
+}

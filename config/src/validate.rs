@@ -74,7 +74,10 @@ impl Errors<'_> {
 
 /// Validates a parsed file and resolves it; `source` is the file it came from.
 pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, ConfigErrors> {
-    let base = source.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    // Absolute, so the same file gives the same model paths wherever it is read from (a
+    // server started with `run c.yaml` and a `deploy` from the admin API compare equal).
+    let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
     let mut errs = Errors { file: source, list: Vec::new() };
     validate_top(&doc, &mut errs);
     let mut model_repository = doc.model_repository;

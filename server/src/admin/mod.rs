@@ -155,10 +155,21 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         .map(PathBuf::from)
         .unwrap_or_else(|| s.base_dir.clone());
     let doc = serde_json::from_str::<Value>(text).ok().or_else(|| serde_saphyr::from_str::<Value>(text).ok());
-    if let Some(doc) = doc
-        && crate::ray_serve::schema::is_ray_config(&doc)
+    if let Some(doc) = &doc
+        && crate::ray_serve::schema::is_ray_config(doc)
     {
-        return ray::deploy(&s, &doc, &base);
+        return ray::deploy(&s, doc, &base);
+    }
+    // An empty document (a wrong file, a lost heredoc) would otherwise remove every application.
+    let names_nothing = match &doc {
+        Some(d) => d.get("applications").is_none() && d.get("model_repository").is_none(),
+        None => text.lines().all(|l| matches!(l.trim().chars().next(), None | Some('#'))),
+    };
+    if names_nothing {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the config names no `applications`; nothing changed (to remove every application, send `applications: []`)",
+        );
     }
     let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
         Ok(c) => c,
