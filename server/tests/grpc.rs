@@ -1,7 +1,7 @@
 //! The gRPC services beside inference, through tonic's own generated clients: health
 //! (`grpc.health.v1.Health/Check`), server reflection (v1), and version pinning with the
 //! `x-sluice-version` metadata key; and the load tester's gRPC client (liveness mode, checked
-//! inference, failures by code, reconnecting).
+//! inference, failures by code, reconnecting); plain HTTP on the gRPC port is refused.
 //!
 //! Health is checked only for what holds whether or not health follows readiness: SERVING
 //! once every model is ready, and NOT_FOUND for a service the server does not have.
@@ -31,6 +31,10 @@ async fn health_answers_serving_when_ready_and_not_found_for_unknown_services() 
     }
     let e = health.check(HealthCheckRequest { service: "nope.Service".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // An HTTP probe sent to the gRPC port by mistake is refused, not answered 200.
+    let r = reqwest::get(format!("http://{}/v2/health/ready", s.grpc_addr().unwrap())).await.unwrap();
+    assert_eq!(r.status(), 415);
+    assert!(r.text().await.unwrap().contains("this port serves gRPC only"));
     s.shutdown().await;
 }
 

@@ -155,6 +155,24 @@ impl GrpcInferenceService for InferenceService {
 /// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
 /// with REST). `max_message_bytes` bounds decoded requests, decompressed ones too (tonic's
 /// default is 4 MiB). Health follows readiness until `stop` turns true.
+/// A path no service has: `UNIMPLEMENTED` for a gRPC call (as tonic answers it), and `415`
+/// naming what is wrong for anything else, as grpc-go answers it (tonic answered any request
+/// `200` with the gRPC status in its headers, which an HTTP health probe sent to the gRPC port
+/// by mistake read as healthy).
+async fn unknown_method(req: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let content_type = req.headers().get(axum::http::header::CONTENT_TYPE);
+    if content_type.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) {
+        let (parts, ()) = Status::unimplemented("").into_http::<()>().into_parts();
+        return axum::response::Response::from_parts(parts, axum::body::Body::empty());
+    }
+    let got = content_type.map_or("none".into(), |v| format!("`{}`", String::from_utf8_lossy(v.as_bytes())));
+    let message =
+        format!("this port serves gRPC only: the content-type must be application/grpc (got {got})");
+    (axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(serde_json::json!({"error": message})))
+        .into_response()
+}
+
 pub async fn routes(
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
@@ -180,7 +198,8 @@ pub async fn routes(
     let routes = tonic::service::Routes::new(inference)
         .add_service(health_service)
         .add_service(reflection)
-        .into_axum_router();
+        .into_axum_router()
+        .fallback(unknown_method);
     // A span per call when something records it (see `telemetry::request_spans_recorded`).
     Ok(if crate::telemetry::request_spans_recorded() {
         routes.layer(
