@@ -179,6 +179,18 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             StatusCode::BAD_REQUEST,
             "unknown output `labels` for model `iris`",
         ),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "probabilities", "parameters": {"shared_memory_region": "r"}}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "output `probabilities`: shared memory is not supported",
+        ),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "parameters": {"shared_memory_region": "r"}}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "input `input`: shared memory is not supported",
+        ),
         ("iris", "x".repeat(5000), StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded"),
         (
             "reshape",

@@ -64,6 +64,12 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
                     o.name
                 )));
             }
+            if o.parameters.contains_key("shared_memory_region") {
+                return Err(InferError::invalid(format!(
+                    "output `{}`: shared memory is not supported; the data comes back in the answer",
+                    o.name
+                )));
+            }
             names.push(o.name);
         }
         Some(names)
@@ -227,5 +233,25 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(req).unwrap_err().message.contains("raw_input_contents"));
+        // Shared memory, for an input or an output, is refused (not ignored).
+        let shm = || {
+            let region = pb::InferParameter {
+                parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam("r".into())),
+            };
+            [("shared_memory_region".to_string(), region)].into_iter().collect()
+        };
+        let raw = || vec![Bytes::from(vec![0u8; 4])];
+        let mut x = input("x", "FP32", vec![1], None);
+        x.parameters = shm();
+        let req = pb::ModelInferRequest { inputs: vec![x], raw_input_contents: raw(), ..Default::default() };
+        assert!(decode(req).unwrap_err().message.contains("input `x`: shared memory is not supported"));
+        let y = pb::model_infer_request::InferRequestedOutputTensor { name: "y".into(), parameters: shm() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("x", "FP32", vec![1], None)],
+            raw_input_contents: raw(),
+            outputs: vec![y],
+            ..Default::default()
+        };
+        assert!(decode(req).unwrap_err().message.contains("output `y`: shared memory is not supported"));
     }
 }

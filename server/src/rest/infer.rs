@@ -181,6 +181,12 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
                     o.name
                 )));
             }
+            if o.parameters.as_ref().is_some_and(|p| p.contains_key("shared_memory_region")) {
+                return Err(InferError::invalid(format!(
+                    "output `{}`: shared memory is not supported; the data comes back in the answer",
+                    o.name
+                )));
+            }
             names.push(o.name);
         }
         outputs = Some(names);
