@@ -151,6 +151,12 @@ impl Flatten<'_> {
             DataType::Bf16 => self.out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
+            // serde_json hands integers beyond 64 bits over as floats.
+            _ if integer_range(self.dtype)
+                .is_some_and(|(below, above)| v.fract() == 0.0 && !(below < v && v < above)) =>
+            {
+                return Err(E::custom(format!("{v} is out of range for {}", self.dtype)));
+            }
             _ if self.dtype.byte_size().is_some() && self.dtype != DataType::Bool => {
                 return Err(E::custom(format!("{v} is not an integer, as {} needs", self.dtype)));
             }
@@ -161,6 +167,23 @@ impl Flatten<'_> {
         *self.count += 1;
         Ok(())
     }
+}
+
+/// An integer datatype's values as floats, both bounds excluded: (just below its minimum, just
+/// above its maximum). For the 64-bit types these are ±2^63 and 2^64, which is also where values
+/// beyond them round to.
+fn integer_range(dtype: DataType) -> Option<(f64, f64)> {
+    let two = |bits: i32| 2f64.powi(bits);
+    Some(match dtype {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+            let bits = dtype.byte_size().unwrap_or(8) as i32 * 8 - 1;
+            (-two(bits) - if bits < 63 { 1.0 } else { 0.0 }, two(bits))
+        }
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 | DataType::Uint64 => {
+            (-1.0, two(dtype.byte_size().unwrap_or(8) as i32 * 8))
+        }
+        _ => return None,
+    })
 }
 
 impl<'de> Visitor<'de> for Flatten<'_> {
@@ -312,6 +335,13 @@ mod tests {
         assert!(e.message.contains("256 is out of range for UINT8"), "{e}");
         let e = decode(DataType::Int32, vec![1], "[1.5]").unwrap_err();
         assert!(e.message.contains("not an integer"), "{e}");
+        let e = decode(DataType::Int32, vec![1], "[1.0]").unwrap_err();
+        assert!(e.message.contains("not an integer"), "{e}");
+        // Beyond 64 bits serde_json reads a float: still named out of range, not "not an integer".
+        let e = decode(DataType::Uint64, vec![1], "[18446744073709551616]").unwrap_err();
+        assert!(e.message.contains("is out of range for UINT64"), "{e}");
+        let e = decode(DataType::Int64, vec![1], "[-9223372036854775809]").unwrap_err();
+        assert!(e.message.contains("is out of range for INT64"), "{e}");
         let e = decode(DataType::Fp32, vec![1], r#"["a"]"#).unwrap_err();
         assert!(e.message.contains("found string"), "{e}");
         let e = decode(DataType::Bool, vec![1], "[1]").unwrap_err();
