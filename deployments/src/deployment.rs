@@ -669,7 +669,12 @@ impl Deployment {
             // Let the other requests this thread has ready now reach the model first: the
             // first of them to come back runs them all as one batch.
             tokio::task::yield_now().await;
-            cell.run_pending(&self.set.config, (&*self.set, slot.id), tx);
+            cell.run_pending(
+                &self.set.config,
+                (&*self.set, slot.id),
+                tx,
+                self.inline_under.unwrap_or_default(),
+            );
         }
         // Answered at the deadline at the latest. A model still running the request keeps its
         // replica slot until it is done (a queued one is answered 504 by the replica without

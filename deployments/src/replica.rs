@@ -99,11 +99,23 @@ impl ModelCell {
     }
 
     /// While the model is free, runs what callers left on this thread, a batch at a time, for
-    /// up to [`COMBINE_ROUNDS`] batches; what still waits then goes to the replica's thread
+    /// up to [`COMBINE_ROUNDS`] batches while calls measure under `under`; what still waits
+    /// then goes to the replica's thread
     /// through `tx`, as does everything while the model is out (loading, or replaced after a
     /// panic, which this reports to the replica's thread).
-    pub fn run_pending(&self, config: &ReplicaConfig, me: (&dyn ReplicaHost, usize), tx: &SyncSender<Msg>) {
-        for _ in 0..COMBINE_ROUNDS {
+    pub fn run_pending(
+        &self,
+        config: &ReplicaConfig,
+        me: (&dyn ReplicaHost, usize),
+        tx: &SyncSender<Msg>,
+        under: Duration,
+    ) {
+        for round in 0..COMBINE_ROUNDS {
+            // A batch that measured slow sends the rest to the replica's thread: this one's
+            // caller (a frontend thread) has waited long enough.
+            if round > 0 && !self.cheap(under) {
+                break;
+            }
             let mut guard = match self.model.try_lock() {
                 Ok(guard) => guard,
                 Err(TryLockError::Poisoned(p)) => p.into_inner(),
@@ -227,10 +239,10 @@ pub(crate) fn run(
         let panicked = serve(&config, (&*host, id), &cell, &rx, &mut state, &mut stopping);
         host.set_ready(id, false);
         // Callers that find the model out from here on send their requests to the queue.
-        let (model, left) = {
-            let mut guard = cell.lock();
-            (guard.take(), cell.pending().drain())
-        };
+        let model = cell.lock().take();
+        // Looked at after letting go, as every holder of the model does: a caller that found it
+        // busy just now left its request here.
+        let left = cell.pending().drain();
         if !panicked {
             // Left by callers in the moment this replica stopped: the others serve them.
             for job in left {
@@ -238,6 +250,7 @@ pub(crate) fn run(
                     answer_stopped(&config, job);
                 }
             }
+            forward_until_gone(&config, &*host, id, &rx);
             return;
         }
         config.metrics.restarts.increment(1);
@@ -265,7 +278,27 @@ pub(crate) fn run(
         cell.cost_ns.store(u64::MAX, Ordering::Relaxed);
         if leaving {
             // Told to stop (scaled down or retired) before the panic: do not come back.
+            forward_until_gone(&config, &*host, id, &rx);
             return;
+        }
+    }
+}
+
+/// Requests still sent to a replica that stopped, by callers that chose it just before it left
+/// the set (or handed what they left to its queue): each goes to another replica, or is answered
+/// 503 when there is none, until no sender is left or the deployment is closed.
+fn forward_until_gone(config: &ReplicaConfig, host: &dyn ReplicaHost, id: usize, rx: &Receiver<Msg>) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(Msg::Job(job)) => {
+                if let Err(job) = host.redispatch(job, id) {
+                    answer_stopped(config, job);
+                }
+            }
+            Ok(Msg::Stop | Msg::Reload) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) if host.is_closed() => return,
+            Err(RecvTimeoutError::Timeout) => {}
         }
     }
 }
@@ -648,4 +681,154 @@ fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> 
         Err(_) => tracing::warn!(model = %config.name, "warm-up batch panicked (serving anyway)"),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::mpsc::sync_channel;
+    use std::sync::{Arc, Barrier};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{ModelMetadata, TensorSpec};
+
+    struct Echo(ModelMetadata);
+    impl Backend for Echo {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.0
+        }
+        fn inline_safe(&self) -> bool {
+            true
+        }
+        fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+            Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
+        }
+    }
+
+    fn echo() -> Box<dyn Backend> {
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+        Box::new(Echo(ModelMetadata {
+            platform: "t".into(),
+            inputs: vec![spec("x")],
+            outputs: vec![spec("y")],
+        }))
+    }
+
+    type Rx = oneshot::Receiver<Result<Vec<NamedTensor>, InferError>>;
+
+    fn job(v: i64) -> (Job, Rx) {
+        let (reply, rx) = oneshot::channel();
+        let tensor = Tensor::new(DataType::Int64, vec![1, 1], Bytes::from(v.to_le_bytes().to_vec())).unwrap();
+        let now = Instant::now();
+        let job = Job {
+            inputs: vec![NamedTensor { name: "x".into(), tensor }],
+            outputs: ["y".to_string()].into(),
+            rows: 1,
+            deadline: now + Duration::from_secs(60),
+            admitted: now,
+            arrived: now,
+            reply,
+            span: tracing::Span::none(),
+            model: None,
+        };
+        (job, rx)
+    }
+
+    fn config() -> Arc<ReplicaConfig> {
+        let policy = BatchPolicy { max_batch_size: 4, ..Default::default() };
+        let factory: crate::BackendFactory = Arc::new(|| Ok(echo()));
+        Arc::new(ReplicaConfig {
+            name: "echo".into(),
+            policy,
+            model_outputs: Arc::from(["y".to_string()]),
+            warmup: false,
+            factory,
+            spin: Duration::ZERO,
+            metrics: Arc::new(crate::metrics::DeploymentMetrics::new("echo", "1", 4)),
+        })
+    }
+
+    /// A host with one other replica, which "serves" whatever is redispatched to it (answers
+    /// it Ok at once). `block_ready_false`/`block_redispatch` make it wait on a barrier.
+    #[derive(Default)]
+    struct Host {
+        ready: AtomicBool,
+        not_ready_gate: Option<Arc<Barrier>>,
+        redispatch_gate: Option<Arc<Barrier>>,
+        redispatched: AtomicUsize,
+    }
+    impl ReplicaHost for Host {
+        fn set_ready(&self, _: usize, ready: bool) {
+            self.ready.store(ready, Ordering::SeqCst);
+            if !ready && let Some(b) = &self.not_ready_gate {
+                b.wait();
+                b.wait();
+            }
+        }
+        fn redispatch(&self, job: Job, _: usize) -> Result<(), Job> {
+            if self.redispatched.fetch_add(1, Ordering::SeqCst) == 0
+                && let Some(b) = &self.redispatch_gate
+            {
+                b.wait();
+                b.wait();
+            }
+            let _ = job.reply.send(Ok(vec![]));
+            Ok(())
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+        fn set_models(&self, _: usize, _: Vec<Arc<str>>) {}
+    }
+
+    /// A replica told to stop; a caller leaves a request and runs `run_pending` while the
+    /// replica's thread redispatches what it drained from `pending`: the request goes into the
+    /// queue of a thread about to return, which sends it to another replica (it was dropped
+    /// with the queue).
+    #[test]
+    fn a_request_handed_to_a_stopping_replica_goes_to_another() {
+        let config = config();
+        let not_ready = Arc::new(Barrier::new(2));
+        let redispatch = Arc::new(Barrier::new(2));
+        let host = Arc::new(Host {
+            not_ready_gate: Some(not_ready.clone()),
+            redispatch_gate: Some(redispatch.clone()),
+            ..Default::default()
+        });
+        let cell = Arc::new(ModelCell::new(config.policy.clone()));
+        let (tx, rx) = sync_channel(16);
+        let thread = {
+            let (config, host, cell) = (config.clone(), host.clone() as Arc<dyn ReplicaHost>, cell.clone());
+            std::thread::spawn(move || run(0, config, host, rx, echo(), cell))
+        };
+        while !host.ready.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.send(Msg::Stop).unwrap();
+        // The thread is in set_ready(false), about to take the model: a caller left a request
+        // and is at its yield.
+        not_ready.wait();
+        let (first, mut first_rx) = job(1);
+        cell.leave(first);
+        not_ready.wait();
+        // The thread drained it and redispatches it (blocked there); a second caller comes.
+        redispatch.wait();
+        let (second, mut second_rx) = job(2);
+        cell.leave(second);
+        cell.run_pending(&config, (&*host, 0), &tx, Duration::from_secs(1));
+        redispatch.wait();
+        drop(tx);
+        thread.join().unwrap();
+        assert!(first_rx.try_recv().unwrap().is_ok(), "first one redispatched");
+        let second = second_rx.try_recv();
+        assert!(
+            matches!(second, Ok(Ok(_))),
+            "second request should have been redispatched to the live replica; got {:?}",
+            second.map(|r| r.map(|_| ()))
+        );
+    }
 }

@@ -117,14 +117,13 @@ async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_call
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch_then_slow_calls_go_to_the_replica()
-{
-    // The threshold and the slow call are far apart from the noise of a busy machine (a call
-    // preempted for a few milliseconds): 20 ms, and 300 ms for the slow one, which lifts the
-    // measured mean to ~37 ms and takes ~4 fast calls to bring back under 20.
-    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 20_000);
+async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch() {
+    // A setting far above the slow call (300 ms lifts the measured mean to ~37 ms): the model
+    // stays cheap throughout.
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000_000);
     assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
     f.rows.lock().unwrap().clear();
+    f.threads.lock().unwrap().clear();
     // A slow call runs on a caller's thread; three requests meanwhile find the model busy,
     // leave their requests, and the caller runs them as one batch when the slow one is done.
     let slow = tokio::spawn({
@@ -146,10 +145,36 @@ async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch_then_
     assert_eq!(*f.rows.lock().unwrap(), [1, 3], "the slow call, then the three as one batch");
     let threads = f.threads.lock().unwrap().clone();
     assert!(threads.iter().all(|t| !t.starts_with("echo#")), "both on callers' threads: {threads:?}");
-    // The slow call raised the measured cost of a call above the setting: the next calls go
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_call_measures_slow_what_is_left_and_the_next_calls_go_to_the_replica() {
+    // The threshold and the slow call are far apart from the noise of a busy machine (a call
+    // preempted for a few milliseconds): 20 ms, and 300 ms for the slow one, which lifts the
+    // measured mean to ~37 ms and takes ~4 fast calls to bring back under 20.
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 20_000);
+    assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
+    f.threads.lock().unwrap().clear();
+    // A second slow request left while the first runs on a caller's thread: once the first
+    // measured slow, it goes to the replica's thread, and the first caller returns at once
+    // instead of running it too on its (frontend) thread.
+    let slow = tokio::spawn({
+        let d = f.deployment.clone();
+        async move { d.infer(request(77)).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let second = tokio::spawn({
+        let d = f.deployment.clone();
+        async move { d.infer(request(77)).await.unwrap() }
+    });
+    slow.await.unwrap();
+    second.await.unwrap();
+    let threads = f.threads.lock().unwrap().clone();
+    assert!(!threads[0].starts_with("echo#") && threads[1] == "echo#0", "{threads:?}");
+    // The slow calls raised the measured cost of a call above the setting: the next calls go
     // to the replica's thread, until enough fast calls bring the measure back under it.
     let threads = run(&f, 60).await;
-    assert!(threads[..3].iter().all(|t| t == "echo#0"), "after the slow call: {threads:?}");
+    assert!(threads[..3].iter().all(|t| t == "echo#0"), "after the slow calls: {threads:?}");
     assert!(threads[50..].iter().all(|t| !t.starts_with("echo#")), "inline again: {threads:?}");
 }
 
