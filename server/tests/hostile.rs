@@ -178,9 +178,15 @@ async fn compressed_requests_are_accepted_and_answers_compressed_when_asked() {
     let s = serve("", "").await;
     let client = reqwest::Client::new();
     let infer = url(&s, "/v2/models/iris/infer");
-    for (coding, body) in
-        [("gzip", gzip(&iris_body())), ("deflate", deflate(&iris_body())), ("identity", iris_body())]
-    {
+    // Codings are case-insensitive; `identity` is no coding.
+    for (coding, body) in [
+        ("gzip", gzip(&iris_body())),
+        ("deflate", deflate(&iris_body())),
+        ("identity", iris_body()),
+        ("GZIP", gzip(&iris_body())),
+        ("identity, gzip,", gzip(&iris_body())),
+        ("Identity", iris_body()),
+    ] {
         let r = client.post(&infer).header("content-encoding", coding).body(body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{coding}");
         let out: Value = r.json().await.unwrap();
@@ -199,6 +205,11 @@ async fn compressed_requests_are_accepted_and_answers_compressed_when_asked() {
     assert_eq!(r.status(), 415);
     let error: Value = r.json().await.unwrap();
     assert!(error["error"].as_str().unwrap().contains("`br` is not supported"), "{error}");
+    let twice = gzip(&gzip(&iris_body()));
+    let r = client.post(&infer).header("content-encoding", "gzip, gzip").body(twice).send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let error: Value = r.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("a body may be compressed once"), "{error}");
     let r = client.post(&infer).header("content-encoding", "gzip").body(iris_body()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     let error: Value = r.json().await.unwrap();

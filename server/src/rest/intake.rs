@@ -74,8 +74,8 @@ where
         self.plain.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        if let Some(refusal) = screen::refuse(req.headers(), self.limits.max_body_bytes) {
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        if let Some(refusal) = screen::refuse(req.headers_mut(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
         // A request without a body (GET, or `Content-Length: 0`) has nothing to time.

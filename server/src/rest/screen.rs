@@ -3,7 +3,8 @@
 //!
 //! - a `Content-Length` above `http_options.max_body_bytes` gets 413 at once, before the body
 //!   arrives (with `Expect: 100-continue` the client is never asked to send it);
-//! - a `Content-Encoding` other than gzip, deflate or identity gets 415; gzip and deflate
+//! - a `Content-Encoding` other than gzip, deflate or identity (any case), or more than one
+//!   coding, gets 415 with the error named; gzip and deflate
 //!   bodies are decompressed as they are read (tower-http), and the body limit applies to the
 //!   decompressed size too, so a small compressed bomb gets 413 with bounded memory;
 //! - a body that stops arriving for `http_options.body_read_timeout_s` gets 408.
@@ -16,8 +17,10 @@ use crate::error::ApiError;
 const ENCODINGS: &[&str] = &["gzip", "deflate", "identity"];
 
 /// The refusal of a request, before its body is read, whose body is announced too large or
-/// encoded in a way Sluice cannot decode; `None` for every other request.
-pub fn refuse(headers: &HeaderMap, max_body_bytes: usize) -> Option<ApiError> {
+/// encoded in a way Sluice cannot decode; `None` for every other request. A `Content-Encoding`
+/// it accepts is rewritten to the one lowercase coding the decompression layer reads (codings
+/// are case-insensitive, and `identity` is no coding), or removed when only `identity` is left.
+pub fn refuse(headers: &mut HeaderMap, max_body_bytes: usize) -> Option<ApiError> {
     if let Some(len) = content_length(headers)
         && len > max_body_bytes as u64
     {
@@ -26,12 +29,35 @@ pub fn refuse(headers: &HeaderMap, max_body_bytes: usize) -> Option<ApiError> {
     if !headers.contains_key(header::CONTENT_ENCODING) {
         return None;
     }
-    codings(headers).into_iter().find(|c| !ENCODINGS.contains(&c.as_str())).map(|coding| {
-        ApiError::new(
+    let mut codings = codings(headers);
+    if let Some(coding) = codings.iter().find(|c| !ENCODINGS.contains(&c.as_str())) {
+        return Some(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("Content-Encoding `{coding}` is not supported; use gzip or deflate"),
-        )
-    })
+        ));
+    }
+    codings.retain(|c| c != "identity");
+    match codings.as_slice() {
+        [] => {
+            headers.remove(header::CONTENT_ENCODING);
+        }
+        [one] => {
+            headers.insert(
+                header::CONTENT_ENCODING,
+                header::HeaderValue::from_static(if one == "gzip" { "gzip" } else { "deflate" }),
+            );
+        }
+        several => {
+            return Some(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding `{}`: a body may be compressed once (gzip or deflate)",
+                    several.join(", ")
+                ),
+            ));
+        }
+    }
+    None
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
