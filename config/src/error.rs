@@ -117,10 +117,20 @@ pub(crate) fn nearest(field: &str, candidates: &[String]) -> Option<String> {
         .map(|(_, c)| c.clone())
 }
 
-/// The mapping key on the error's line, if the line is `key: value` (used to name the field of a
-/// wrong-type error).
+/// The mapping key of the value the error points at (used to name the field of a wrong-type
+/// error): the key just before the error's column (`{a: 1, b: x}` and JSON too), else the
+/// line's first key when the line is `key: value`.
 fn key_at(text: &str, location: Location) -> Option<String> {
     let line = text.lines().nth(usize::try_from(location.line()).ok()?.checked_sub(1)?)?;
+    let column = usize::try_from(location.column()).ok()?.saturating_sub(1);
+    let before: String = line.chars().take(column).collect();
+    if let Some(rest) = before.trim_end().strip_suffix(':') {
+        let key =
+            rest.rsplit(['{', ',', '[', ' ', '\t']).next().unwrap_or_default().trim_matches(['"', '\'']);
+        if !key.is_empty() {
+            return Some(key.to_string());
+        }
+    }
     let line = line.trim_start().trim_start_matches("- ");
     let (key, _) = line.split_once(':')?;
     let key = key.trim();

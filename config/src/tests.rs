@@ -346,3 +346,19 @@ fn model_paths_are_absolute_when_the_config_path_is_relative() {
     assert!(relative.is_absolute(), "{relative:?}");
     assert_eq!(relative, model(&std::env::current_dir().unwrap().join("c.yaml")));
 }
+
+#[test]
+fn a_wrong_type_in_a_flow_mapping_names_its_field() {
+    let e = errors(
+        "applications:\n  - name: a\n    deployments:\n      - {name: x, model: m.onnx, max_batch_size: -1}\n",
+    );
+    assert_eq!(e[0].field, "max_batch_size", "{}", e[0]);
+    let e = errors(
+        r#"{"applications": [{"name": "a", "deployments": [{"name": "x", "model": "m.onnx", "num_replicas": "many"}]}]}"#,
+    );
+    assert!(e[0].field.contains("num_replicas"), "{}", e[0]);
+    let e = errors(
+        "applications:\n  - name: a\n    deployments:\n      - name: x\n        model: m.onnx\n        max_batch_size: -1\n",
+    );
+    assert_eq!(e[0].field, "max_batch_size", "{}", e[0]);
+}
