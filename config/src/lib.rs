@@ -36,6 +36,10 @@ pub use types::{
     ReplicaSettings, Rollout, Scaling, Shadow, TracingOptions,
 };
 
+/// The application that holds the model repository's models (a config may not name one so
+/// when it has a `model_repository`).
+pub const REPOSITORY_APPLICATION: &str = "repository";
+
 /// Reads, parses and validates a config file. Relative model paths are resolved against the
 /// directory of the file. Returns every error found (parse errors stop at the first one, since
 /// the rest of the document cannot be trusted after it).

@@ -362,3 +362,17 @@ fn a_wrong_type_in_a_flow_mapping_names_its_field() {
     );
     assert_eq!(e[0].field, "max_batch_size", "{}", e[0]);
 }
+
+#[test]
+fn with_a_model_repository_no_application_may_take_its_name() {
+    let e = errors(
+        "model_repository: {path: .}\napplications:\n  - name: repository\n    deployments: [{name: m, model: m.onnx}]\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("`repository` is the model repository's"), "{}", e[0]);
+    // Without one, the name is free.
+    assert!(
+        parse_in("applications:\n  - name: repository\n    deployments: [{name: m, model: m.onnx}]\n")
+            .is_ok()
+    );
+}

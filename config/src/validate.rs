@@ -90,6 +90,16 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
     for (a, app) in doc.applications.into_iter().enumerate() {
         let at = format!("applications[{a}]");
         errs.check_name(&app.name, &format!("{at}.name"));
+        if model_repository.is_some() && app.name.value == crate::REPOSITORY_APPLICATION {
+            errs.at(
+                app.name.referenced,
+                format!("{at}.name"),
+                format!(
+                    "the application name `{}` is the model repository's; choose another",
+                    app.name.value
+                ),
+            );
+        }
         if let Some(first) = apps.insert(app.name.value.clone(), app.name.referenced) {
             errs.at(
                 app.name.referenced,

@@ -113,6 +113,13 @@ fn validate_loads_canaries_and_every_repository_version() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ok (1 application(s), 2 deployment(s), 4 model(s) loaded)"), "{stdout}");
+    // A repository model with a configured deployment's name: refused, as `run` refuses it.
+    let both = config("MODELS/iris/model.onnx", &repo).replace("- name: m\n", "- name: flowers\n");
+    let path = write_config("in-both.yaml", &both);
+    let out = sluice().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model `flowers` is both in the model repository and in the config"), "{err}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use self::scan::{Listing, MODEL_FILE, ModelPlan, Serving};
 use self::store::{Store, StoreEnv, StoreError, StoredFile};
 
 /// The application name repository models are served under.
-pub const APPLICATION: &str = "repository";
+pub const APPLICATION: &str = sluice_config::REPOSITORY_APPLICATION;
 
 /// Where a repository version's files come from: a replica on another node fetches them into
 /// its own node's cache from this (the controller's cache path means nothing there).
@@ -264,8 +264,8 @@ pub(crate) fn deployments(
 }
 
 /// `config` with `models` added as the application `repository`; a model both in the
-/// repository and in the config is refused.
-pub(crate) fn effective(config: &Config, models: Vec<Deployment>) -> Result<Config, crate::ControlError> {
+/// repository and in the config is refused (`sluice validate` checks the same).
+pub fn effective(config: &Config, models: Vec<Deployment>) -> Result<Config, crate::ControlError> {
     let configured =
         |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
     if let Some(d) = models.iter().find(|d| configured(&d.name)) {

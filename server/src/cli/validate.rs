@@ -39,6 +39,11 @@ pub fn validate(
         },
         None => Vec::new(),
     };
+    // As `run` would refuse it.
+    if let Err(e) = sluice_controller::repository::effective(&config, repository.clone()) {
+        eprintln!("{}: model_repository: {e}", path.display());
+        return ExitCode::from(2);
+    }
     deployments.extend(&repository);
     let mut failed = 0;
     for d in &deployments {
