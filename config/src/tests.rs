@@ -376,3 +376,9 @@ fn with_a_model_repository_no_application_may_take_its_name() {
             .is_ok()
     );
 }
+
+#[test]
+fn a_model_path_that_is_a_folder_is_named_so() {
+    let e = errors("applications:\n  - name: a\n    deployments: [{name: m, model: .}]\n");
+    assert!(e[0].message.contains("is a folder, not a file"), "{}", e[0]);
+}

@@ -65,7 +65,9 @@ impl Errors<'_> {
         what: &str,
     ) -> PathBuf {
         let resolved = base.join(path);
-        if !resolved.is_file() {
+        if resolved.is_dir() {
+            self.at(location, field, format!("{what} `{}` is a folder, not a file", resolved.display()));
+        } else if !resolved.is_file() {
             self.at(location, field, format!("{what} `{}` not found", resolved.display()));
         }
         resolved
