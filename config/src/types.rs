@@ -39,6 +39,29 @@ pub struct Config {
     pub source: PathBuf,
 }
 
+impl Config {
+    /// The server settings (everything but the applications and the model repository, which a
+    /// deploy applies live) that differ between `self` and `other`, by their config keys.
+    pub fn server_settings_changed(&self, other: &Config) -> Vec<&'static str> {
+        [
+            ("http_options", self.http_options == other.http_options),
+            ("grpc_options", self.grpc_options == other.grpc_options),
+            ("admin_options", self.admin_options == other.admin_options),
+            (
+                "graceful_shutdown_timeout_s",
+                self.graceful_shutdown_timeout_s == other.graceful_shutdown_timeout_s,
+            ),
+            ("cluster", self.cluster == other.cluster),
+            ("proxy_location", self.proxy_location == other.proxy_location),
+            ("tracing_options", self.tracing_options == other.tracing_options),
+            ("log_format", self.log_format == other.log_format),
+        ]
+        .into_iter()
+        .filter_map(|(key, same)| (!same).then_some(key))
+        .collect()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -365,7 +388,7 @@ pub struct PipelineStep {
 }
 
 /// REST frontend settings (`http_options`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpOptions {
     /// Address to bind. Default `127.0.0.1` (loopback only; use `0.0.0.0` to serve a network).
@@ -402,7 +425,7 @@ impl Default for HttpOptions {
 }
 
 /// gRPC frontend settings (`grpc_options`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcOptions {
     /// Address to bind. Default `127.0.0.1`.
@@ -423,7 +446,7 @@ impl Default for GrpcOptions {
 }
 
 /// Admin API settings (`admin_options`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminOptions {
     /// Address to bind. Default `127.0.0.1`: the admin API changes what is served, so it is

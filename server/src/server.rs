@@ -234,7 +234,6 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     let admin_addr = listeners.admin.as_ref().map(|(_, a)| *a);
     if let Some((listener, addr)) = listeners.admin {
         let token = options.admin_token.filter(|t| !t.is_empty());
-        let base = config.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let scheme = if admin.tls.is_some() { "https" } else { "http" };
         let how = match (&token, admin_tls.as_ref().is_some_and(|t| t.requires_client_certificates())) {
             (Some(_), _) => " (bearer token required)",
@@ -248,7 +247,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             grpc_port: grpc_addr.map(|a| a.port()),
         };
         let node = node::LocalNode::of_this_process(http_addr);
-        let state = admin::AdminState::new(controller.clone(), base, node, frontends, stop_rx.clone());
+        let state = admin::AdminState::new(controller.clone(), &config, node, frontends, stop_rx.clone());
         tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token), limits, stop_rx));
     }
     let server =

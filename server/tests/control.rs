@@ -330,8 +330,31 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 200);
     assert!(s.routes().resolve("n", None).is_ok());
+    // Its server settings (here the defaults, not the ports the server started on) are named
+    // as applying at the next start.
+    let answer: Value = r.json().await.unwrap();
+    let ignored = answer["ignored"].to_string();
+    assert!(
+        ignored.contains("http_options: a server setting, read at start")
+            && ignored.contains("admin_options"),
+        "{answer}"
+    );
+    // The same server settings as at start: nothing to name.
+    let same =
+        config_text("      - {name: m, model: iris/model.onnx}\n      - {name: n, model: mlp/model.onnx}\n");
+    let r = client
+        .put(&admin)
+        .bearer_auth("s3cret")
+        .header("x-sluice-base-dir", models_dir().display().to_string())
+        .body(same)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert!(answer.get("ignored").is_none(), "{answer}");
     // Delete the application: its models are gone.
     let r = client.delete(format!("{admin}/app")).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(r.status(), 200);

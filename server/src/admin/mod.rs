@@ -52,6 +52,7 @@ pub struct AdminState {
     controller: Arc<Controller>,
     /// Where relative paths of a deployed config start unless the request says otherwise.
     base_dir: PathBuf,
+    started: Arc<sluice_config::Config>,
     node: LocalNode,
     frontends: Frontends,
     /// True once shutdown has begun.
@@ -61,14 +62,18 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// `started`: the config the server started with (its server settings are the ones in
+    /// effect).
     pub fn new(
         controller: Arc<Controller>,
-        base_dir: PathBuf,
+        started: &sluice_config::Config,
         node: LocalNode,
         frontends: Frontends,
         draining: watch::Receiver<bool>,
     ) -> Self {
-        Self { controller, base_dir, node, frontends, draining, submitted: Arc::default() }
+        let base_dir = started.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let started = Arc::new(started.clone());
+        Self { controller, base_dir, started, node, frontends, draining, submitted: Arc::default() }
     }
 
     /// Sluice's status, with the replicas of this process named by its node.
@@ -186,7 +191,22 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         Ok(()) => {
             // Every application now comes from this config, none from a Ray client.
             s.submitted().clear();
-            Json(s.status()).into_response()
+            let at_start = s.started.server_settings_changed(&config);
+            if at_start.is_empty() {
+                return Json(s.status()).into_response();
+            }
+            tracing::warn!(
+                "deployed config: {} changed; server settings apply at the next start, not live",
+                at_start.join(", ")
+            );
+            let mut answer = serde_json::to_value(s.status()).unwrap_or_default();
+            answer["ignored"] = json!(
+                at_start
+                    .iter()
+                    .map(|k| format!("{k}: a server setting, read at start; restart to change it"))
+                    .collect::<Vec<_>>()
+            );
+            Json(answer).into_response()
         }
         Err(e) => {
             let mut e = ApiError::from(e);
