@@ -25,9 +25,17 @@ const IRIS: &[f32] = &[5.1, 3.5, 1.4, 0.2];
 async fn health_answers_serving_when_ready_and_not_found_for_unknown_services() {
     let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
     let mut health = HealthClient::new(grpc::channel(&s).await);
+    // Health follows readiness on its own task: it may trail `wait_ready` by a moment.
     for service in ["", "inference.GRPCInferenceService"] {
-        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
-        assert_eq!(r.status(), ServingStatus::Serving, "service {service:?}");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+            if r.status() == ServingStatus::Serving {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "service {service:?} still {:?}", r.status());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     let e = health.check(HealthCheckRequest { service: "nope.Service".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
