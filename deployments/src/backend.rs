@@ -48,6 +48,14 @@ pub trait Backend: Send + 'static {
         false
     }
 
+    /// Whether axis `axis` of output `output` follows the padded inputs' lengths, so that a
+    /// padded batch's output is cut back to each request's own length on it. By default, axes
+    /// the metadata declares dynamic: a fixed size (a hidden size of 384) is never a sequence,
+    /// even when it equals a batch's padded length.
+    fn crops_to_request(&self, output: &str, axis: usize) -> bool {
+        declared_dynamic(self.metadata(), output, axis)
+    }
+
     /// The models a multiplexed backend holds now, least recently used first.
     fn loaded_models(&self) -> Vec<Arc<str>> {
         Vec::new()
@@ -64,6 +72,12 @@ pub trait Backend: Send + 'static {
     fn last_copy_times(&self) -> CopyTimes {
         CopyTimes::default()
     }
+}
+
+/// Whether `metadata` declares axis `axis` of output `output` dynamic (or does not say).
+pub(crate) fn declared_dynamic(metadata: &ModelMetadata, output: &str, axis: usize) -> bool {
+    let declared = metadata.outputs.iter().find(|o| o.name == output);
+    declared.and_then(|o| o.shape.get(axis)).is_none_or(|&d| d < 0)
 }
 
 /// Time a backend spent moving data in and out of its framework in one call.

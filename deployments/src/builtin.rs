@@ -228,6 +228,12 @@ impl Backend for Builtins {
         true
     }
 
+    fn crops_to_request(&self, output: &str, axis: usize) -> bool {
+        // A pooled embedding's second axis is the hidden size, never the sequence it pooled.
+        !matches!(self.kind, Kind::MeanPool { .. })
+            && crate::backend::declared_dynamic(&self.meta, output, axis)
+    }
+
     fn infer(
         &mut self,
         inputs: Vec<NamedTensor>,

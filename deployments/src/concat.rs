@@ -31,7 +31,7 @@ fn run_batch_through(
     let dims = padded_dims(batch, &merged, pad);
     let outputs = union_outputs(batch, model_outputs);
     let results = model(merged, &outputs)?;
-    split(&results, batch, &dims)
+    split(&results, batch, &dims, &|_, _| true)
 }
 
 /// Runs `requests` (each one's inputs, already checked with [`crate::check_request`] and in
@@ -159,10 +159,13 @@ pub(crate) fn union_outputs(jobs: &[Job], model_outputs: &[String]) -> Vec<Strin
 /// Cuts batch outputs back into each job's rows, in the order each job asked for its outputs.
 /// Outputs whose dimensions match an input padded for the batch are cropped to the job's own
 /// length along that dimension.
+/// `crops(output, axis)`: whether that output axis is cut back to a request's own length where
+/// the batch padded it ([`crate::Backend::crops_to_request`]).
 pub(crate) fn split(
     outputs: &[NamedTensor],
     jobs: &[Job],
     padded_dims: &[Vec<(usize, usize)>],
+    crops: &dyn Fn(&str, usize) -> bool,
 ) -> Result<Vec<Vec<NamedTensor>>, InferError> {
     let rows: usize = jobs.iter().map(|j| j.rows).sum();
     let mut per_job: Vec<Vec<NamedTensor>> =
@@ -179,7 +182,8 @@ pub(crate) fn split(
         let pieces = row_slices(t, jobs.iter().map(|j| j.rows))?;
         for (k, ((job, piece), dims)) in jobs.iter().zip(pieces).zip(padded_dims).enumerate() {
             if job.outputs.contains(&out.name) {
-                per_job[k].push(NamedTensor { name: out.name.clone(), tensor: crop(piece, dims)? });
+                let tensor = crop(piece, dims, |axis| crops(&out.name, axis))?;
+                per_job[k].push(NamedTensor { name: out.name.clone(), tensor });
             }
         }
     }
@@ -213,14 +217,14 @@ fn row_slices(t: &Tensor, rows: impl Iterator<Item = usize>) -> Result<Vec<Tenso
 /// Crops dimensions 1.. of a fixed-size tensor back to a job's own lengths, on the axes where
 /// the tensor has exactly the batch's padded length (`dims[k]` is (own, padded) for axis k, or
 /// (0, 0) where nothing was padded).
-fn crop(t: Tensor, dims: &[(usize, usize)]) -> Result<Tensor, InferError> {
+fn crop(t: Tensor, dims: &[(usize, usize)], crops: impl Fn(usize) -> bool) -> Result<Tensor, InferError> {
     let Some(size) = t.dtype().byte_size() else { return Ok(t) };
     let mut target = t.shape().to_vec();
     let mut changed = false;
     for (axis, &(own, padded)) in dims.iter().enumerate() {
         // (0, 0) marks an axis nothing was padded on; an own length of 0 is cropped to like
         // any other (a request with an empty sequence gets an empty output, not padding).
-        if axis > 0 && axis < target.len() && target[axis] == padded && padded > own {
+        if axis > 0 && axis < target.len() && target[axis] == padded && padded > own && crops(axis) {
             target[axis] = own;
             changed = true;
         }
@@ -374,7 +378,7 @@ mod tests {
         // An "identity model": the output is the input.
         let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
         let dims = padded_dims(&jobs, &merged, &HashMap::new());
-        let per_job = split(&out, &jobs, &dims).unwrap();
+        let per_job = split(&out, &jobs, &dims, &|_, _| true).unwrap();
         assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
         assert_eq!(per_job[1][0].tensor.shape(), &[2, 2]);
         assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5, 6]);
@@ -392,7 +396,7 @@ mod tests {
         assert_eq!(to_i64s(&merged[0].tensor), vec![1, 2, -1, 3, 4, 5]);
         let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
         let dims = padded_dims(&jobs, &merged, &pad);
-        let per_job = split(&out, &jobs, &dims).unwrap();
+        let per_job = split(&out, &jobs, &dims, &|_, _| true).unwrap();
         assert_eq!(per_job[0][0].tensor.shape(), &[1, 2]);
         assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
         assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
@@ -412,7 +416,7 @@ mod tests {
         let merged = merge(&jobs, &pad).unwrap();
         assert_eq!(merged[0].tensor.shape(), &[2, 3]);
         let out = vec![NamedTensor { name: "y".into(), tensor: merged[0].tensor.clone() }];
-        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad)).unwrap();
+        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad), &|_, _| true).unwrap();
         assert_eq!(per_job[0][0].tensor.shape(), &[1, 0]);
         assert!(per_job[0][0].tensor.data().is_empty());
         assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
@@ -430,7 +434,7 @@ mod tests {
             NamedTensor { name: "a".into(), tensor: t.clone() },
             NamedTensor { name: "b".into(), tensor: t },
         ];
-        let per_job = split(&out, &jobs, &[vec![], vec![]]).unwrap();
+        let per_job = split(&out, &jobs, &[vec![], vec![]], &|_, _| true).unwrap();
         let names: Vec<&str> = per_job[0].iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, vec!["b", "a"]);
         assert_eq!(per_job[1].len(), 1);
@@ -443,7 +447,12 @@ mod tests {
             name: "y".into(),
             tensor: Tensor::new(DataType::Int64, vec![1], i64s(&[0])).unwrap(),
         }];
-        assert!(split(&out, &jobs, &[vec![], vec![]]).unwrap_err().message.contains("batch of 2 rows"));
+        assert!(
+            split(&out, &jobs, &[vec![], vec![]], &|_, _| true)
+                .unwrap_err()
+                .message
+                .contains("batch of 2 rows")
+        );
     }
 
     #[test]

@@ -617,7 +617,7 @@ fn infer_batch(
     let called = Instant::now();
     let results = model.infer(merged, &outputs)?;
     let returned = Instant::now();
-    let per_job = split(&results, batch, &dims)?;
+    let per_job = split(&results, batch, &dims, &|output, axis| model.crops_to_request(output, axis))?;
     let stages = stage_times(model, called - start, returned - called, returned.elapsed());
     Ok((per_job, stages))
 }

@@ -419,3 +419,44 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
     assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
     assert!(loads.load(Ordering::SeqCst) >= 2, "a reload was tried");
 }
+
+/// A padded batch cuts outputs back to each request's own length only on axes that follow the
+/// sequence: a pooled embedding's hidden size equal to the batch's padded length stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
+    let pool = sluice_config::Model::Builtin(sluice_config::Builtin::MeanPool { normalize: false });
+    let mut s = spec(|s| {
+        s.settings.max_batch_size = 16;
+        s.settings.batch_wait_timeout_s = 0.2;
+        s.settings.pad = [("hidden".to_string(), 0.0), ("mask".to_string(), 0.0)].into();
+    });
+    s.name = "pool".into();
+    let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1).unwrap();
+    let d = Arc::new(Deployment::start(s, factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    // Hidden size 8; one request of 2 tokens, one of 8 (the batch's padded length).
+    let request = |len: usize| {
+        let hidden: Vec<u8> = (0..len * 8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mask: Vec<u8> = (0..len).flat_map(|_| 1i64.to_le_bytes()).collect();
+        let t = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(dtype, shape, Bytes::from(data)).unwrap(),
+        };
+        InferRequest {
+            inputs: vec![
+                t("hidden", DataType::Fp32, vec![1, len, 8], hidden),
+                t("mask", DataType::Int64, vec![1, len], mask),
+            ],
+            ..Default::default()
+        }
+    };
+    let (short, long) = tokio::join!(d.infer(request(2)), d.infer(request(8)));
+    let (short, long) = (short.unwrap(), long.unwrap());
+    assert_eq!(short.outputs[0].tensor.shape(), &[1, 8], "the short request's embedding is whole");
+    assert_eq!(long.outputs[0].tensor.shape(), &[1, 8]);
+    // Its mean over its own two tokens: (i + (8 + i)) / 2 for hidden unit i.
+    let got: Vec<f32> =
+        short.outputs[0].tensor.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, (0..8).map(|i| (2 * i + 8) as f32 / 2.0).collect::<Vec<_>>());
+    assert_eq!(d.metrics().stats.execution_count.load(Ordering::Relaxed), 1, "the two shared one batch");
+}
