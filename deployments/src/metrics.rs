@@ -354,6 +354,12 @@ pub struct DeploymentMetrics {
 impl DeploymentMetrics {
     /// Handles for `model` at `version`, whose model calls take at most `max_rows` rows.
     pub fn new(model: &str, version: &str, max_rows: usize) -> Self {
+        Self::with_replicas(model, version, max_rows, true)
+    }
+
+    /// Without `replicas`, the replica series (ready replicas, queue depth, restarts) are not
+    /// registered and their handles do nothing.
+    fn with_replicas(model: &str, version: &str, max_rows: usize, replicas: bool) -> Self {
         let (m, v) = (model.to_string(), version.to_string());
         let mut requests = Vec::new();
         for protocol in PROTOCOLS {
@@ -371,14 +377,30 @@ impl DeploymentMetrics {
             queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
             inference_duration: metrics::histogram!(INFERENCE_DURATION, "model" => m.clone(), "version" => v.clone()),
             batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
-            queue_depth: metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone()),
-            replicas_ready: metrics::gauge!(REPLICAS_READY, "model" => m.clone(), "version" => v.clone()),
-            restarts: metrics::counter!(REPLICA_RESTARTS, "model" => m.clone(), "version" => v.clone()),
+            queue_depth: match replicas {
+                true => metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone()),
+                false => Gauge::noop(),
+            },
+            replicas_ready: match replicas {
+                true => metrics::gauge!(REPLICAS_READY, "model" => m.clone(), "version" => v.clone()),
+                false => Gauge::noop(),
+            },
+            restarts: match replicas {
+                true => metrics::counter!(REPLICA_RESTARTS, "model" => m.clone(), "version" => v.clone()),
+                false => Counter::noop(),
+            },
             model: m,
             version: v,
             stats: Stats::new(max_rows),
             latencies: LatencyBuckets::default(),
         }
+    }
+
+    /// Handles for a pipeline: no replicas, queue or restarts of its own (its steps' deployments
+    /// have them), so none of those series; `sluice_replicas_ready` at 0 for a pipeline read as
+    /// "no ready replica" to the shipped alert.
+    pub fn pipeline(name: &str) -> Self {
+        Self::with_replicas(name, "1", 1, false)
     }
 
     /// A replica's in-flight gauge.

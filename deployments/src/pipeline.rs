@@ -140,7 +140,7 @@ impl Pipeline {
             metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
             steps,
             needs,
-            metrics: DeploymentMetrics::new(name, "1", 1),
+            metrics: DeploymentMetrics::pipeline(name),
             json,
         })
     }

@@ -113,6 +113,15 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     let line = metrics.lines().find(|l| l.starts_with("sluice_batch_size_count{model=\"encoder\"")).unwrap();
     let calls: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(calls < 24.0, "the encoder batched: {calls} calls for 24 requests");
+    // Replica series are the steps' deployments'; a pipeline has none (at 0 it read as "no
+    // ready replica" to the shipped alert).
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_replicas_ready{model=\"encoder\"") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("sluice_replicas_ready{model=\"embeddings\""), "{metrics}");
     s.shutdown().await;
 }
 
