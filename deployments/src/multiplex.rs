@@ -141,11 +141,13 @@ impl Backend for Multiplexed {
             s.hit.increment(1);
             return Ok(());
         }
-        s.stats.misses.fetch_add(1, Ordering::Relaxed);
-        s.miss.increment(1);
         let started = Instant::now();
+        // An id with no model, or one that fails to load, is neither a hit nor a miss: clients
+        // sending unknown ids do not move the hit rate.
         let backend = self.load(id)?;
         let took = started.elapsed();
+        s.stats.misses.fetch_add(1, Ordering::Relaxed);
+        s.miss.increment(1);
         s.stats.loads.fetch_add(1, Ordering::Relaxed);
         s.stats.load_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         s.loads.increment(1);

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::deployment::MULTIPLEX_HEADER;
 use crate::metrics::{DeploymentMetrics, StageTimes};
 use crate::{
     DataType, Deployment, InferError, InferRequest, InferResponse, LoadError, ModelMetadata, NamedTensor,
@@ -193,6 +194,14 @@ impl Pipeline {
 
         let started = Instant::now();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
+        if let Some(id) = &request.model_id
+            && !self.steps.iter().any(|s| s.deployment.spec().multiplexed)
+        {
+            return Err(InferError::invalid(format!(
+                "pipeline `{}` has no multiplexed step; it cannot serve `{id}` ({MULTIPLEX_HEADER})",
+                self.name
+            )));
+        }
         let mut tensors: HashMap<String, crate::Tensor> =
             request.inputs.into_iter().map(|t| (t.name, t.tensor)).collect();
         let mut done = vec![false; self.steps.len()];
@@ -218,7 +227,8 @@ impl Pipeline {
                     inputs,
                     outputs: Some(wanted),
                     timeout: request.timeout,
-                    model_id: None,
+                    // The model a multiplexed step runs is the one the request names.
+                    model_id: request.model_id.clone().filter(|_| step.deployment.spec().multiplexed),
                 };
                 let span = tracing::debug_span!("step", pipeline = %self.name, step = %step.name);
                 running.push(async move { (i, step.deployment.infer(sub).await) }.instrument(span));

@@ -137,5 +137,75 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     assert!(got["error"].as_str().unwrap().contains("serves many models"), "{got}");
     let (status, _) = infer(&s, Some("a"), None).await;
     assert_eq!(status, 200, "the replica keeps serving its other models");
+    // Unknown and broken ids are neither hits nor misses: only `a`'s load counts.
+    let mx = multiplex(&s);
+    assert_eq!(
+        (mx["misses"].as_u64(), mx["hits"].as_u64(), mx["loads"].as_u64()),
+        (Some(1), Some(0), Some(1)),
+        "{mx}"
+    );
+    s.shutdown().await;
+}
+
+/// A pipeline step that is a multiplexed deployment runs the model the request names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexed_pipeline_step_runs_the_model_the_request_names() {
+    let dir = models("pipeline");
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}
+applications:
+  - name: app
+    deployments:
+      - {{name: tenants, multiplex: {{path: {}, max_num_models_per_replica: 2}}}}
+      - {{name: pick, builtin: {{argmax: {{}}}}}}
+      - {{name: iris, model: iris/model.onnx}}
+    pipeline:
+      name: pc
+      inputs: [{{name: f, datatype: FP32, shape: [-1, 4]}}]
+      steps:
+        - {{name: m, deployment: tenants, inputs: {{input: f}}, outputs: {{probabilities: p}}}}
+        - {{name: pick, deployment: pick, inputs: {{x: p}}, outputs: {{index: i}}}}
+      outputs: [i]
+  - name: plain
+    deployments:
+      - {{name: pick2, builtin: {{argmax: {{}}}}}}
+    pipeline:
+      name: pp
+      inputs: [{{name: x, datatype: FP32, shape: [-1, 3]}}]
+      steps: [{{name: pick, deployment: pick2, inputs: {{x: x}}, outputs: {{index: i}}}}]
+      outputs: [i]
+",
+        dir.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("m.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let iris = &expected("iris")["cases"][0]["inputs"][0];
+    let body = serde_json::json!({"inputs": [{"name": "f", "datatype": "FP32", "shape": iris["shape"], "data": iris["data"]}]});
+    let client = reqwest::Client::new();
+    let post = |path: &str, model: Option<&str>, body: &Value| {
+        let mut req = client.post(url(&s, path)).json(body);
+        if let Some(m) = model {
+            req = req.header(HEADER, m);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, out) = post("/v2/models/pc/infer", Some("b"), &body).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outputs"][0]["data"], serde_json::json!([0]), "{out}");
+    assert_eq!(multiplex(&s)["loads"], 1, "the step loaded the model named: {}", multiplex(&s));
+    // Without the header the step cannot choose; a pipeline with no multiplexed step refuses one.
+    let (status, out) = post("/v2/models/pc/infer", None, &body).await;
+    assert_eq!(status, 400);
+    assert!(out["error"].as_str().unwrap().contains("serves many models"), "{out}");
+    let x = serde_json::json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.7, 0.2]}]});
+    let (status, out) = post("/v2/models/pp/infer", Some("b"), &x).await;
+    assert_eq!(status, 400);
+    assert!(out["error"].as_str().unwrap().contains("has no multiplexed step"), "{out}");
+    assert_eq!(post("/v2/models/pp/infer", None, &x).await.0, 200);
     s.shutdown().await;
 }
