@@ -333,7 +333,7 @@ impl Deployment {
         let inline_under = (under > 0 && spec.settings.batch_wait_timeout_s == 0.0)
             .then(|| Duration::from_micros(u64::from(under)));
         let metadata = Arc::new(metadata);
-        check_fits(&spec, &metadata)?;
+        check_fits(&spec.settings, &metadata)?;
         let config = Arc::new(ReplicaConfig {
             name: spec.name.clone(),
             policy: spec.batch_policy(),
@@ -815,10 +815,10 @@ impl Deployment {
     }
 }
 
-/// Checks that the model can be served with the spec's settings: batching needs a dynamic
-/// first dimension everywhere, and padding names numeric inputs.
-fn check_fits(spec: &DeploymentSpec, metadata: &ModelMetadata) -> Result<(), LoadError> {
-    let max = spec.max_batch_size();
+/// Checks that the model can be served with these settings: batching needs a dynamic first
+/// dimension everywhere, and padding names numeric inputs (`sluice validate` checks it too).
+pub fn check_fits(settings: &ReplicaSettings, metadata: &ModelMetadata) -> Result<(), LoadError> {
+    let max = settings.max_batch_size;
     if max > 0 {
         let fixed =
             metadata.inputs.iter().chain(&metadata.outputs).find(|t| t.shape.first().is_none_or(|&d| d >= 0));
@@ -830,7 +830,7 @@ fn check_fits(spec: &DeploymentSpec, metadata: &ModelMetadata) -> Result<(), Loa
             )));
         }
     }
-    let pad = &spec.settings.pad;
+    let pad = &settings.pad;
     if let Some(name) = pad.keys().find(|n| !metadata.inputs.iter().any(|i| &i.name == *n)) {
         return Err(LoadError::Settings(format!("pad names `{name}`, which is not an input of the model")));
     }

@@ -66,6 +66,15 @@ fn validate_loads_models_and_names_a_broken_one() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.yaml:5:16: b: cannot load model"), "{err}");
+    // A model that loads but cannot be served with its settings: named, as `run` refuses it.
+    let path = write_config(
+        "unfit.yaml",
+        "applications:\n  - name: a\n    deployments:\n      - {name: r, model: MODELS/reshape/model.onnx, max_batch_size: 8}\n",
+    );
+    let out = sluice().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("r: max_batch_size is 8 but"), "{err}");
 }
 
 /// A model repository in the test's target folder: `versions` of `flowers`, each a copy of

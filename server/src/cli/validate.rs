@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use sluice_config::{Deployment, Model};
-use sluice_deployments::{LoadError, backend_factory};
+use sluice_deployments::{LoadError, backend_factory, check_fits};
 
 /// Validates `path`; `ort_env` is `ORT_DYLIB_PATH`.
 pub fn validate(
@@ -82,7 +82,8 @@ fn models_of(d: &Deployment) -> Vec<(String, Model)> {
     out
 }
 
+/// Loads `model` once and checks it fits the deployment's settings, as starting it would.
 fn load_once(model: &Model, d: &Deployment) -> Result<(), LoadError> {
     let factory = backend_factory(model, &d.settings, 1)?;
-    factory().map(drop)
+    check_fits(&d.settings, factory()?.metadata())
 }
