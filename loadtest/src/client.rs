@@ -82,6 +82,11 @@ pub struct Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// Drops the worker's connection; its next request opens a new one.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
     pub async fn send(
         &mut self,
         p: &Prepared,

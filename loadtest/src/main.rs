@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
     concurrency: Vec<usize>,
     /// Open loop: request rates (per second) to sweep.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     rate: Vec<f64>,
     /// Open-loop arrivals: poisson or constant.
     #[arg(long, default_value = "poisson")]
@@ -59,6 +59,10 @@ struct Args {
     /// Unmeasured load before each step.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
+    /// How long one request may take before it counts as a `timeout` error (so a server that
+    /// stops answering cannot hold the run).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    timeout: Duration,
     /// Compare each response with the sample file's expected outputs; mismatches count as errors.
     #[arg(long)]
     check: bool,
@@ -109,9 +113,19 @@ fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], path: &std::p
     Ok(())
 }
 
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("bad rate `{s}`: a number of requests per second above 0")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_alphabetic()).unwrap_or(s.trim().len()));
     let n: f64 = num.parse().map_err(|_| format!("bad duration `{s}` (e.g. 10s, 500ms)"))?;
+    if !(n >= 0.0 && n.is_finite()) {
+        return Err(format!("bad duration `{s}`: must be 0 or more"));
+    }
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -162,6 +176,12 @@ async fn run(args: Args) -> Result<()> {
     let prepared = Arc::new(
         cases.iter().map(|c| prepare(c, &args.model, &args.model_version)).collect::<Result<Vec<_>>>()?,
     );
+    // A case without expected outputs would pass --check unchecked.
+    if args.check
+        && let Some(k) = prepared.iter().position(|p| p.expected.is_none())
+    {
+        bail!("--check: case {k} of the input data has no expected outputs to compare with");
+    }
     let mut client = Client::connect(args.protocol, &args.url, &args.model, &args.model_version).await?;
     if args.health {
         client = client.liveness();
@@ -184,7 +204,8 @@ async fn run(args: Args) -> Result<()> {
     for mode in modes {
         if !args.warmup.is_zero() {
             let warm = Limits { duration: Some(args.warmup), requests: None };
-            run_step(client.clone(), prepared.clone(), mode, warm, StepOptions::default(), None).await;
+            let options = StepOptions { timeout: Some(args.timeout), ..StepOptions::default() };
+            run_step(client.clone(), prepared.clone(), mode, warm, options, None).await;
         }
         let progress = (!args.quiet).then(|| {
             let pb = match args.requests {
@@ -199,7 +220,11 @@ async fn run(args: Args) -> Result<()> {
             pb.enable_steady_tick(Duration::from_millis(200));
             pb
         });
-        let options = StepOptions { check: args.check, request_log: args.request_log.is_some() };
+        let options = StepOptions {
+            check: args.check,
+            request_log: args.request_log.is_some(),
+            timeout: Some(args.timeout),
+        };
         let mut result =
             run_step(client.clone(), prepared.clone(), mode, limits, options, progress.clone()).await;
         if let Some(pb) = progress {

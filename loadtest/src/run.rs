@@ -38,6 +38,8 @@ pub struct StepOptions {
     pub check: bool,
     /// Keep a record of every request ([`StepResult::requests`]).
     pub request_log: bool,
+    /// How long one request may take; past it, it counts as a `timeout` error. None: no bound.
+    pub timeout: Option<Duration>,
 }
 
 /// Outstanding requests an open-loop step allows before it counts sends as `overrun` (each
@@ -92,11 +94,26 @@ impl Tally {
     }
 }
 
-async fn one(sender: Sender<'_, '_>, p: &Prepared, check: bool, tally: &mut Tally, started: Instant) {
-    let decode = check && p.expected.is_some();
+async fn one(
+    sender: Sender<'_, '_>,
+    p: &Prepared,
+    options: StepOptions,
+    tally: &mut Tally,
+    started: Instant,
+) {
+    let decode = options.check && p.expected.is_some();
+    // Bounded from the scheduled send time, like the latency.
+    let until = options.timeout.map(|t| started + t);
     let result = match sender {
-        Sender::Shared(client) => client.send(p, decode).await,
-        Sender::Own(worker) => worker.send(p, decode).await,
+        Sender::Shared(client) => bounded(until, client.send(p, decode)).await,
+        Sender::Own(worker) => {
+            let result = bounded(until, worker.send(p, decode)).await;
+            if result.as_ref().is_err_and(|e| e == TIMEOUT) {
+                // Its connection still waits for that answer: the next request gets a new one.
+                worker.disconnect();
+            }
+            result
+        }
     };
     match result {
         Ok(outputs) => {
@@ -112,6 +129,22 @@ async fn one(sender: Sender<'_, '_>, p: &Prepared, check: bool, tally: &mut Tall
             tally.rows += p.rows;
         }
         Err(kind) => tally.failed(kind, started),
+    }
+}
+
+/// The error kind of a request that took longer than the step's timeout.
+const TIMEOUT: &str = "timeout";
+
+/// `send`, or the `timeout` error once `until` passes.
+async fn bounded<T>(
+    until: Option<Instant>,
+    send: impl std::future::Future<Output = Result<T, crate::client::ErrorKind>>,
+) -> Result<T, crate::client::ErrorKind> {
+    match until {
+        Some(until) => {
+            tokio::time::timeout_at(until.into(), send).await.unwrap_or_else(|_| Err(TIMEOUT.into()))
+        }
+        None => send.await,
     }
 }
 
@@ -131,7 +164,6 @@ pub async fn run_step(
 ) -> StepResult {
     let start = Instant::now();
     let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let check = options.check;
     let log_from = options.request_log.then_some(start);
     let end = limits.duration.map(|d| start + d);
     let issued = Arc::new(AtomicU64::new(0));
@@ -151,7 +183,7 @@ pub async fn run_step(
                             break;
                         }
                         let p = &cases[(n as usize + w) % cases.len()];
-                        one(Sender::Own(&mut worker), p, check, &mut tally, Instant::now()).await;
+                        one(Sender::Own(&mut worker), p, options, &mut tally, Instant::now()).await;
                         if let Some(pb) = &progress {
                             pb.inc(1);
                         }
@@ -170,44 +202,54 @@ pub async fn run_step(
         Mode::Open { rate, poisson } => {
             let total = Arc::new(Mutex::new(Tally::new(log_from)));
             let outstanding = Arc::new(AtomicU64::new(0));
-            let mut rng = 0x2545_F491_4F6C_DD1Du64;
-            let mut next = start;
-            let mut tasks = Vec::new();
-            let mut n = 0u64;
-            while n < budget && end.is_none_or(|e| next < e) {
-                tokio::time::sleep_until(next.into()).await;
-                let scheduled = next;
-                let gap = if poisson {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
-                    -(1.0 - u).ln() / rate
-                } else {
-                    1.0 / rate
-                };
-                next += Duration::from_secs_f64(gap);
-                if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
-                    total.lock().await.failed("overrun".into(), scheduled);
-                    n += 1;
-                    continue;
-                }
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                let (client, cases, total, outstanding, progress) =
-                    (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
-                let index = n as usize % cases.len();
-                tasks.push(tokio::spawn(async move {
-                    let mut t = Tally::new(log_from);
-                    one(Sender::Shared(&client), &cases[index], check, &mut t, scheduled).await;
-                    total.lock().await.merge(t);
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
-                    if let Some(pb) = progress {
-                        pb.inc(1);
+            // Paced on a thread of its own: tokio's timer ticks in whole milliseconds, so a send
+            // timed by it went out up to a millisecond late, and latency (measured from the
+            // scheduled time, so that a slow server cannot hide its queue) carried that delay.
+            // The thread's sleep wakes within tens of microseconds.
+            let runtime = tokio::runtime::Handle::current();
+            let total_for_pacer = total.clone();
+            let pacer = tokio::task::spawn_blocking(move || {
+                let total = total_for_pacer;
+                let mut rng = 0x2545_F491_4F6C_DD1Du64;
+                let mut next = start;
+                let mut tasks = Vec::new();
+                let mut n = 0u64;
+                while n < budget && end.is_none_or(|e| next < e) {
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    let scheduled = next;
+                    let gap = if poisson {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
+                        -(1.0 - u).ln() / rate
+                    } else {
+                        1.0 / rate
+                    };
+                    next += Duration::from_secs_f64(gap);
+                    if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+                        total.blocking_lock().failed("overrun".into(), scheduled);
+                        n += 1;
+                        continue;
                     }
-                }));
-                n += 1;
-            }
-            for t in tasks {
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    let (client, cases, total, outstanding, progress) =
+                        (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
+                    let index = n as usize % cases.len();
+                    tasks.push(runtime.spawn(async move {
+                        let mut t = Tally::new(log_from);
+                        one(Sender::Shared(&client), &cases[index], options, &mut t, scheduled).await;
+                        total.lock().await.merge(t);
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                        if let Some(pb) = progress {
+                            pb.inc(1);
+                        }
+                    }));
+                    n += 1;
+                }
+                tasks
+            });
+            for t in pacer.await.unwrap_or_default() {
                 let _ = t.await;
             }
             Arc::try_unwrap(total).map(Mutex::into_inner).unwrap_or_else(|_| Tally::new(None))

@@ -76,7 +76,7 @@ async fn closed_loop_counts_every_request_and_classifies_failures() {
     let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
     let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
     let limits = Limits { duration: None, requests: Some(140) };
-    let options = StepOptions { check: true, request_log: true };
+    let options = StepOptions { check: true, request_log: true, timeout: None };
     let r = run_step(client, cases, Mode::Closed { concurrency: 4 }, limits, options, None).await;
     assert_eq!(served.load(Ordering::SeqCst), 140, "exactly the requested count was sent");
     let busy = r.errors.get("http 503").copied().unwrap_or(0);
@@ -143,4 +143,28 @@ async fn a_liveness_client_sends_only_liveness_calls_and_counts_their_failures()
     assert_eq!(infers.load(Ordering::SeqCst), 0, "no inference was sent");
     assert_eq!(r.ok, 30);
     assert_eq!(r.errors.get("http 503"), Some(&10), "{:?}", r.errors);
+}
+
+/// A server that never answers cannot hold a step: each request ends as a `timeout` error at
+/// the step's timeout, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_a_server_never_answers_end_as_timeouts() {
+    let app = Router::new().route(
+        "/v2/models/m/infer",
+        post(|| async {
+            std::future::pending::<()>().await;
+            StatusCode::OK
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
+    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let limits = Limits { duration: Some(Duration::from_secs(30)), requests: Some(4) };
+    let options = StepOptions { timeout: Some(Duration::from_millis(200)), ..StepOptions::default() };
+    for mode in [Mode::Closed { concurrency: 2 }, Mode::Open { rate: 100.0, poisson: false }] {
+        let r = run_step(client.clone(), cases.clone(), mode, limits, options, None).await;
+        assert_eq!((r.ok, r.errors.get("timeout")), (0, Some(&4)), "{mode:?}: {:?}", r.errors);
+    }
 }
