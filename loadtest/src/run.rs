@@ -177,6 +177,7 @@ pub async fn run_step(
                 workers.push(tokio::spawn(async move {
                     let mut tally = Tally::new(log_from);
                     let mut worker = client.worker();
+                    worker.connect().await;
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
                         if n >= budget || end.is_some_and(|e| Instant::now() >= e) {
