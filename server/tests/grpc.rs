@@ -157,7 +157,7 @@ async fn the_load_testers_grpc_client_checks_answers_and_names_failures() {
     let client = Arc::new(Client::connect(Protocol::Grpc, &addr, "mlp", "").await.unwrap());
     let cases = load_samples(&models_dir().join("mlp/expected.json"), 1e-5).unwrap();
     let prepared = Arc::new(cases.iter().map(|c| prepare(c, "mlp", "").unwrap()).collect::<Vec<_>>());
-    let check = StepOptions { check: true, request_log: false };
+    let check = StepOptions { check: true, ..StepOptions::default() };
     let count = |n| Limits { duration: None, requests: Some(n) };
 
     let r =
