@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::metrics::DeploymentMetrics;
 use crate::shadow::Shadow;
-use crate::{Deployment, InferError, InferRequest, InferResponse, ModelMetadata, Pipeline};
+use crate::{Deployment, InferError, InferRequest, InferResponse, MULTIPLEX_HEADER, ModelMetadata, Pipeline};
 
 /// What a route points at: a deployment or a pipeline, served alike by the frontends.
 #[derive(Clone)]
@@ -83,7 +83,15 @@ impl Servable {
             Self::Deployment(d) => d.infer(request).await,
             Self::Multiplexed(d, model) => {
                 let mut request = request;
-                request.model_id.get_or_insert_with(|| model.to_string());
+                match &request.model_id {
+                    Some(id) if id != &**model => {
+                        return Err(InferError::invalid(format!(
+                            "the path names model `{model}` but the {MULTIPLEX_HEADER} header names `{id}`; send one, or the same"
+                        )));
+                    }
+                    Some(_) => {}
+                    None => request.model_id = Some(model.to_string()),
+                }
                 d.infer(request).await
             }
             Self::Shadowed(d, shadow) => {

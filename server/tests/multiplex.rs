@@ -137,11 +137,16 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     assert!(got["error"].as_str().unwrap().contains("serves many models"), "{got}");
     let (status, _) = infer(&s, Some("a"), None).await;
     assert_eq!(status, 200, "the replica keeps serving its other models");
-    // Unknown and broken ids are neither hits nor misses: only `a`'s load counts.
+    // The path and the header naming different models: refused, not one silently chosen.
+    let (status, got) = infer(&s, Some("b"), Some("a")).await;
+    assert_eq!(status, 400, "{got}");
+    assert!(got["error"].as_str().unwrap().contains("the path names model `a` but the"), "{got}");
+    assert_eq!(infer(&s, Some("a"), Some("a")).await.0, 200, "the same model twice is fine");
+    // Unknown and broken ids are neither hits nor misses: `a` loaded once, then found.
     let mx = multiplex(&s);
     assert_eq!(
         (mx["misses"].as_u64(), mx["hits"].as_u64(), mx["loads"].as_u64()),
-        (Some(1), Some(0), Some(1)),
+        (Some(1), Some(1), Some(1)),
         "{mx}"
     );
     s.shutdown().await;
