@@ -100,9 +100,8 @@ impl ModelCell {
 
     /// While the model is free, runs what callers left on this thread, a batch at a time, for
     /// up to [`COMBINE_ROUNDS`] batches while calls measure under `under`; what still waits
-    /// then goes to the replica's thread
-    /// through `tx`, as does everything while the model is out (loading, or replaced after a
-    /// panic, which this reports to the replica's thread).
+    /// then goes to the replica's thread through `tx`, as does everything while the model is
+    /// out (loading, or replaced after a panic, which this reports to the replica's thread).
     pub fn run_pending(
         &self,
         config: &ReplicaConfig,
@@ -162,9 +161,8 @@ impl ModelCell {
         for job in jobs {
             if let Err(TrySendError::Full(Msg::Job(job)) | TrySendError::Disconnected(Msg::Job(job))) =
                 tx.try_send(Msg::Job(job))
-                && let Err(job) = host.redispatch(job, id)
             {
-                answer_stopped(config, job);
+                elsewhere(config, host, id, job);
             }
         }
     }
@@ -246,9 +244,7 @@ pub(crate) fn run(
         if !panicked {
             // Left by callers in the moment this replica stopped: the others serve them.
             for job in left {
-                if let Err(job) = host.redispatch(job, id) {
-                    answer_stopped(&config, job);
-                }
+                elsewhere(&config, &*host, id, job);
             }
             forward_until_gone(&config, &*host, id, &rx);
             return;
@@ -290,11 +286,7 @@ pub(crate) fn run(
 fn forward_until_gone(config: &ReplicaConfig, host: &dyn ReplicaHost, id: usize, rx: &Receiver<Msg>) {
     loop {
         match rx.recv_timeout(Duration::from_millis(10)) {
-            Ok(Msg::Job(job)) => {
-                if let Err(job) = host.redispatch(job, id) {
-                    answer_stopped(config, job);
-                }
-            }
+            Ok(Msg::Job(job)) => elsewhere(config, host, id, job),
             Ok(Msg::Stop | Msg::Reload) => {}
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) if host.is_closed() => return,
@@ -338,6 +330,14 @@ fn reload(
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// A job replica `id` cannot run (it stopped) goes to another ready replica, or is answered 503
+/// when there is none.
+fn elsewhere(config: &ReplicaConfig, host: &dyn ReplicaHost, id: usize, job: Job) {
+    if let Err(job) = host.redispatch(job, id) {
+        answer_stopped(config, job);
     }
 }
 
