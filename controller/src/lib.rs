@@ -41,6 +41,7 @@ use tokio::sync::Notify;
 
 pub use error::ControlError;
 pub use events::Event;
+pub use pipelines::check as check_pipeline;
 pub use repository::store::{StoreEnv, StoreError};
 pub use repository::{APPLICATION as REPOSITORY_APPLICATION, Origin, RepositoryStatus};
 pub use status::{

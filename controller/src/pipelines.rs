@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use sluice_config::Config;
-use sluice_deployments::pipeline::{JsonMapping, Step, tensor_spec};
-use sluice_deployments::{Deployment, LoadError, Pipeline};
+use sluice_deployments::pipeline::{JsonMapping, Step, StepTypes, check_types, tensor_spec};
+use sluice_deployments::{Deployment, LoadError, ModelMetadata, Pipeline};
 
 use crate::ControlError;
 use crate::reconcile::Plan;
@@ -35,16 +35,42 @@ pub(crate) fn build_all(
         .collect()
 }
 
+/// A pipeline's input tensors as its config declares them.
+fn inputs(p: &sluice_config::Pipeline) -> Result<Vec<sluice_deployments::TensorSpec>, LoadError> {
+    p.inputs.iter().map(|t| tensor_spec(&t.name, &t.datatype, &t.shape)).collect()
+}
+
+/// The type check a pipeline's load runs (each tensor's datatype and rank the same where it
+/// is produced and where it is read), over the models' metadata alone: for `sluice validate`,
+/// which loads each model but starts no deployment. `metadata` finds a step deployment's
+/// model; a step whose model it does not find (one that failed to load) ends the check with
+/// `Ok`, the load's error being the one to report.
+pub fn check<'a>(
+    p: &'a sluice_config::Pipeline,
+    metadata: impl Fn(&str) -> Option<&'a ModelMetadata>,
+) -> Result<(), LoadError> {
+    let inputs = inputs(p)?;
+    let mut steps = Vec::new();
+    for &i in &p.order {
+        let s = &p.steps[i];
+        let Some(metadata) = metadata(&s.deployment) else { return Ok(()) };
+        steps.push(StepTypes {
+            step: &s.name,
+            deployment: &s.deployment,
+            metadata,
+            inputs: s.inputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+            outputs: s.outputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+        });
+    }
+    check_types(&inputs, steps, &p.outputs).map(drop).map_err(LoadError::Pipeline)
+}
+
 /// A running pipeline from its (validated) config, over the deployments `lookup` finds.
 fn build(
     p: &sluice_config::Pipeline,
     lookup: &impl Fn(&str) -> Option<Arc<Deployment>>,
 ) -> Result<Arc<Pipeline>, LoadError> {
-    let inputs = p
-        .inputs
-        .iter()
-        .map(|t| tensor_spec(&t.name, &t.datatype, &t.shape))
-        .collect::<Result<Vec<_>, _>>()?;
+    let inputs = inputs(p)?;
     let mut steps = Vec::new();
     for &i in &p.order {
         let s = &p.steps[i];

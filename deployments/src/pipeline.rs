@@ -63,62 +63,14 @@ impl Pipeline {
         outputs: &[String],
         json: Option<JsonMapping>,
     ) -> Result<Self, String> {
-        let mut known: HashMap<String, TensorSpec> =
-            inputs.iter().map(|t| (t.name.clone(), t.clone())).collect();
-        for step in &steps {
-            let meta = step.deployment.metadata();
-            for (step_in, tensor) in &step.inputs {
-                let want = meta.inputs.iter().find(|s| &s.name == step_in).ok_or_else(|| {
-                    let names: Vec<&str> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
-                    format!(
-                        "step `{}`: `{step_in}` is not an input of `{}` (inputs: {})",
-                        step.name,
-                        step.deployment.name(),
-                        names.join(", ")
-                    )
-                })?;
-                let have = known.get(tensor).ok_or_else(|| {
-                    format!("step `{}`: tensor `{tensor}` is not produced before it", step.name)
-                })?;
-                if have.dtype != want.dtype || have.shape.len() != want.shape.len() {
-                    return Err(format!(
-                        "step `{}`: tensor `{tensor}` is {} {:?} but `{}` input `{step_in}` takes {} {:?}",
-                        step.name,
-                        have.dtype,
-                        have.shape,
-                        step.deployment.name(),
-                        want.dtype,
-                        want.shape
-                    ));
-                }
-            }
-            for (i, _) in meta.inputs.iter().enumerate() {
-                let needed = &meta.inputs[i].name;
-                if !step.inputs.iter().any(|(s, _)| s == needed) {
-                    return Err(format!(
-                        "step `{}`: input `{needed}` of `{}` is not mapped",
-                        step.name,
-                        step.deployment.name()
-                    ));
-                }
-            }
-            for (step_out, tensor) in &step.outputs {
-                let spec = meta.outputs.iter().find(|s| &s.name == step_out).ok_or_else(|| {
-                    let names: Vec<&str> = meta.outputs.iter().map(|s| s.name.as_str()).collect();
-                    format!(
-                        "step `{}`: `{step_out}` is not an output of `{}` (outputs: {})",
-                        step.name,
-                        step.deployment.name(),
-                        names.join(", ")
-                    )
-                })?;
-                known.insert(tensor.clone(), TensorSpec { name: tensor.clone(), ..spec.clone() });
-            }
-        }
-        let outputs = outputs
-            .iter()
-            .map(|o| known.get(o).cloned().ok_or_else(|| format!("output `{o}` is not produced")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let views = steps.iter().map(|step| StepTypes {
+            step: &step.name,
+            deployment: step.deployment.name(),
+            metadata: step.deployment.metadata(),
+            inputs: step.inputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+            outputs: step.outputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+        });
+        let outputs = check_types(&inputs, views, outputs)?;
         // A step needs the (earlier) steps that produce the tensors it reads.
         let needs = steps
             .iter()
@@ -268,6 +220,66 @@ impl Pipeline {
             outputs,
         })
     }
+}
+
+/// What the type check reads of one step: its name, its deployment's name and tensors, and
+/// its mappings (step tensor, pipeline tensor).
+pub struct StepTypes<'a> {
+    pub step: &'a str,
+    pub deployment: &'a str,
+    pub metadata: &'a ModelMetadata,
+    pub inputs: Vec<(&'a str, &'a str)>,
+    pub outputs: Vec<(&'a str, &'a str)>,
+}
+
+/// Checks that every tensor's datatype and rank agree between its producer and each consumer,
+/// that each step's inputs are all mapped to tensors produced before it, and that `outputs` are
+/// produced; `steps` in run order. Answers the pipeline's output specs. Used by a pipeline's
+/// load and by `sluice validate`, which has the models' metadata but no deployments.
+pub fn check_types<'a>(
+    inputs: &[TensorSpec],
+    steps: impl IntoIterator<Item = StepTypes<'a>>,
+    outputs: &[String],
+) -> Result<Vec<TensorSpec>, String> {
+    let mut known: HashMap<String, TensorSpec> = inputs.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    for step in steps {
+        let StepTypes { step: name, deployment, metadata: meta, .. } = step;
+        for &(step_in, tensor) in &step.inputs {
+            let want = meta.inputs.iter().find(|s| s.name == step_in).ok_or_else(|| {
+                let names: Vec<&str> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "step `{name}`: `{step_in}` is not an input of `{deployment}` (inputs: {})",
+                    names.join(", ")
+                )
+            })?;
+            let have = known
+                .get(tensor)
+                .ok_or_else(|| format!("step `{name}`: tensor `{tensor}` is not produced before it"))?;
+            if have.dtype != want.dtype || have.shape.len() != want.shape.len() {
+                return Err(format!(
+                    "step `{name}`: tensor `{tensor}` is {} {:?} but `{deployment}` input `{step_in}` takes {} {:?}",
+                    have.dtype, have.shape, want.dtype, want.shape
+                ));
+            }
+        }
+        if let Some(needed) = meta.inputs.iter().find(|i| !step.inputs.iter().any(|(s, _)| *s == i.name)) {
+            return Err(format!("step `{name}`: input `{}` of `{deployment}` is not mapped", needed.name));
+        }
+        for &(step_out, tensor) in &step.outputs {
+            let spec = meta.outputs.iter().find(|s| s.name == step_out).ok_or_else(|| {
+                let names: Vec<&str> = meta.outputs.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "step `{name}`: `{step_out}` is not an output of `{deployment}` (outputs: {})",
+                    names.join(", ")
+                )
+            })?;
+            known.insert(tensor.to_string(), TensorSpec { name: tensor.to_string(), ..spec.clone() });
+        }
+    }
+    outputs
+        .iter()
+        .map(|o| known.get(o).cloned().ok_or_else(|| format!("output `{o}` is not produced")))
+        .collect()
 }
 
 /// A pipeline tensor spec from the config's datatype name and shape.

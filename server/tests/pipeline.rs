@@ -245,4 +245,18 @@ async fn datatype_conflicts_between_steps_fail_the_load() {
     let err = sluice_server::start(config, Default::default()).await.err().expect("load fails").to_string();
     assert!(err.contains("pipeline `embeddings`: step `pool`: tensor `hidden` is FP32"), "{err}");
     assert!(err.contains("input `mask` takes INT64"), "{err}");
+    // `sluice validate` refuses it as well (it loads each model but starts no deployment).
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("datatype-conflict.yaml");
+    let models = format!("{}/tiny-encoder/", models_dir().display());
+    std::fs::write(&file, bad.replace("tiny-encoder/", &models)).unwrap();
+    let validate =
+        || std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).arg("validate").arg(&file).output();
+    let out = validate().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("pipeline `embeddings`: step `pool`: tensor `hidden` is FP32"), "{err}");
+    // The same file with the mapping right passes.
+    std::fs::write(&file, EMBED.replace("tiny-encoder/", &models)).unwrap();
+    let out = validate().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

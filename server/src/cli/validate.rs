@@ -1,11 +1,13 @@
 //! `sluice validate CONFIG`: every config error at once, then each model loaded once — every
-//! deployment's model, its canary, and each version the model repository would serve.
+//! deployment's model, its canary, and each version the model repository would serve — and
+//! each pipeline's tensors checked between its steps' models, as `run` checks them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use sluice_config::{Deployment, Model};
-use sluice_deployments::{LoadError, backend_factory, check_fits};
+use sluice_deployments::{LoadError, ModelMetadata, backend_factory, check_fits};
 
 /// Validates `path`; `ort_env` is `ORT_DYLIB_PATH`.
 pub fn validate(
@@ -46,13 +48,25 @@ pub fn validate(
     }
     deployments.extend(&repository);
     let mut failed = 0;
+    // Each deployment's own model's tensors, for the pipelines' check.
+    let mut metadata: HashMap<&str, ModelMetadata> = HashMap::new();
     for d in &deployments {
         for (what, model) in models_of(d) {
-            if let Err(e) = load_once(&model, d) {
-                let at = d.location;
-                eprintln!("{}:{}:{}: {}{what}: {e}", path.display(), at.line, at.column, d.name);
-                failed += 1;
+            match load_once(&model, d) {
+                Ok(m) if what.is_empty() => drop(metadata.insert(&d.name, m)),
+                Ok(_) => {}
+                Err(e) => {
+                    let at = d.location;
+                    eprintln!("{}:{}:{}: {}{what}: {e}", path.display(), at.line, at.column, d.name);
+                    failed += 1;
+                }
             }
+        }
+    }
+    for p in config.applications.iter().filter_map(|a| a.pipeline.as_ref()) {
+        if let Err(e) = sluice_controller::check_pipeline(p, |name| metadata.get(name)) {
+            eprintln!("{}: pipeline `{}`: {e}", path.display(), p.name);
+            failed += 1;
         }
     }
     if failed > 0 {
@@ -82,8 +96,11 @@ fn models_of(d: &Deployment) -> Vec<(String, Model)> {
     out
 }
 
-/// Loads `model` once and checks it fits the deployment's settings, as starting it would.
-fn load_once(model: &Model, d: &Deployment) -> Result<(), LoadError> {
+/// Loads `model` once and checks it fits the deployment's settings, as starting it would;
+/// answers the tensors it serves.
+fn load_once(model: &Model, d: &Deployment) -> Result<ModelMetadata, LoadError> {
     let factory = backend_factory(model, &d.settings, 1)?;
-    check_fits(&d.settings, factory()?.metadata())
+    let metadata = factory()?.metadata().clone();
+    check_fits(&d.settings, &metadata)?;
+    Ok(metadata)
 }
