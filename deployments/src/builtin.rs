@@ -313,7 +313,14 @@ impl Backend for Builtins {
             Kind::TopK { k, labels } => {
                 let x = input(&inputs, "x")?;
                 let &[n, c] = x.shape() else { return Err(InferError::invalid("x must be [N, C]")) };
-                let kk = k.unwrap_or(1).min(c);
+                // As top_k does elsewhere (torch.topk, tf.math.top_k): fewer classes than k is an
+                // error, not fewer columns than the step declares.
+                let kk = k.unwrap_or(1);
+                if c < kk {
+                    let what =
+                        if k.is_some() { format!("top_k takes {kk}") } else { "argmax takes 1".into() };
+                    return Err(InferError::invalid(format!("x has {c} classes per row but {what}")));
+                }
                 let v = f32s(x);
                 let (mut idx, mut val) = (Vec::with_capacity(n * kk), Vec::with_capacity(n * kk));
                 for row in v.chunks(c.max(1)).take(n) {
@@ -407,9 +414,19 @@ mod tests {
         assert!((v[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
         let a = run(Builtin::Argmax { labels: None }, vec![x.clone()]);
         assert_eq!(i64s(&a[0].tensor), vec![1, 2]);
-        let t = run(Builtin::TopK { k: 2, labels: None }, vec![x]);
+        let t = run(Builtin::TopK { k: 2, labels: None }, vec![x.clone()]);
         assert_eq!(t[0].tensor.shape(), &[2, 2]);
         assert_eq!(i64s(&t[0].tensor), vec![1, 2, 2, 0]);
+        // k above the class count: refused, not answered with fewer columns than declared.
+        let mut s = Builtins::new(&Builtin::TopK { k: 4, labels: None }).unwrap();
+        assert_eq!(s.meta.outputs[0].shape, vec![-1, 4]);
+        let e = s.infer(vec![x], &["index".into()]).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidArgument);
+        assert!(e.message.contains("x has 3 classes per row but top_k takes 4"), "{}", e.message);
+        let empty = tensor_f32("x", vec![2, 0], &[]).unwrap();
+        let mut s = Builtins::new(&Builtin::Argmax { labels: None }).unwrap();
+        let e = s.infer(vec![empty], &["index".into()]).unwrap_err();
+        assert!(e.message.contains("x has 0 classes per row but argmax takes 1"), "{}", e.message);
     }
 
     #[test]
