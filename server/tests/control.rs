@@ -304,6 +304,9 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["errors"].as_array().unwrap().len(), 2, "{body}");
+    // Located in the body sent, not in a file that does not exist.
+    let first = body["errors"][0].as_str().unwrap();
+    assert!(first.starts_with("request body:4:"), "{body}");
     // An empty document is refused, not read as "no applications".
     for empty in ["", "# only a comment\n", "{}", "http_options: {port: 1}\n"] {
         let r = client.put(&admin).bearer_auth("s3cret").body(empty).send().await.unwrap();

@@ -145,6 +145,9 @@ async fn authorize(token: Option<String>, req: Request, next: Next) -> Response 
     }
 }
 
+/// How config errors name the config a client sent: `request body:LINE:COLUMN: FIELD: MESSAGE`.
+const REQUEST_BODY: &str = "request body";
+
 /// A whole config: Ray's `ServeDeploySchema` (JSON as Ray's clients send it, or YAML) is
 /// deployed in the background the way Ray does; Sluice's own config is applied before the
 /// answer.
@@ -178,7 +181,10 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
     }
     let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
         Ok(c) => c,
-        Err(errors) => {
+        Err(mut errors) => {
+            // Located in what the client sent (the file name above exists only to place
+            // relative paths).
+            errors.0.iter_mut().for_each(|e| e.file = PathBuf::from(REQUEST_BODY));
             let list: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
             return (
                 StatusCode::BAD_REQUEST,
