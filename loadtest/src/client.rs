@@ -21,7 +21,7 @@ use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::transport::Channel;
 
-use crate::codec::{self, Prepared, Values};
+use crate::codec::{self, Output, Prepared};
 use crate::grpc::{self, GrpcConn, Rpc};
 use crate::inputs::InputSpec;
 
@@ -127,11 +127,7 @@ impl Worker<'_> {
         }
     }
 
-    pub async fn send(
-        &mut self,
-        p: &Prepared,
-        decode: bool,
-    ) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+    pub async fn send(&mut self, p: &Prepared, decode: bool) -> Result<Option<Vec<Output>>, ErrorKind> {
         let Client::Rest { target, path, call, .. } = self.client else {
             return self.client.send(p, decode).await;
         };
@@ -180,7 +176,7 @@ fn rest_request(
 async fn rest_response(
     resp: hyper::Response<hyper::body::Incoming>,
     decode: bool,
-) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+) -> Result<Option<Vec<Output>>, ErrorKind> {
     let status = resp.status();
     let header_len = resp
         .headers()
@@ -245,7 +241,7 @@ impl Client {
 
     /// Sends one request through the shared pool or channel (open loop). With `decode`,
     /// returns the outputs for checking.
-    pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<(String, Values)>>, ErrorKind> {
+    pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<Output>>, ErrorKind> {
         match self {
             Client::Rest { http, target, path, call, .. } => {
                 let mut req = rest_request(path, target, *call, p)?;

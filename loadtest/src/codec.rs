@@ -157,27 +157,42 @@ fn json_values(datatype: &str, data: &[Value]) -> Values {
     }
 }
 
+/// One output of a response, as the check compares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub values: Values,
+}
+
 /// Outputs of a REST response body (JSON, or JSON + binary when the header says so).
-pub fn decode_rest(body: &[u8], header_len: Option<usize>) -> Result<Vec<(String, Values)>> {
+pub fn decode_rest(body: &[u8], header_len: Option<usize>) -> Result<Vec<Output>> {
     let json_len = header_len.unwrap_or(body.len()).min(body.len());
     let head: Value = serde_json::from_slice(&body[..json_len]).context("response JSON")?;
     let mut offset = json_len;
     let mut out = Vec::new();
     for o in head["outputs"].as_array().context("response without outputs")? {
         let name = o["name"].as_str().unwrap_or_default().to_string();
-        let datatype = o["datatype"].as_str().unwrap_or_default();
-        if let Some(size) = o["parameters"]["binary_data_size"].as_u64() {
+        let datatype = o["datatype"].as_str().unwrap_or_default().to_string();
+        let shape = o["shape"]
+            .as_array()
+            .and_then(|dims| dims.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+            .with_context(|| format!("output `{name}` without a shape"))?;
+        let values = if let Some(size) = o["parameters"]["binary_data_size"].as_u64() {
             let end = offset + size as usize;
             if end > body.len() {
                 bail!("binary output `{name}` runs past the body");
             }
-            out.push((name, decode_bytes(datatype, &body[offset..end])?));
+            let values = decode_bytes(&datatype, &body[offset..end])?;
             offset = end;
+            values
         } else {
             let mut data = Vec::new();
             flatten_into(&o["data"], &mut data);
-            out.push((name, json_values(datatype, &data)));
-        }
+            json_values(&datatype, &data)
+        };
+        out.push(Output { name, datatype, shape, values });
     }
     Ok(out)
 }
@@ -189,23 +204,57 @@ fn flatten_into(v: &Value, out: &mut Vec<Value>) {
     }
 }
 
-/// Outputs of a gRPC response (raw contents, one per output).
-pub fn decode_grpc(r: &pb::ModelInferResponse) -> Result<Vec<(String, Values)>> {
+/// Outputs of a gRPC response: each from `raw_output_contents` when the server sent raw
+/// contents (as Sluice and Triton do), else from the output's typed `contents`.
+pub fn decode_grpc(r: &pb::ModelInferResponse) -> Result<Vec<Output>> {
+    if !r.raw_output_contents.is_empty() && r.raw_output_contents.len() != r.outputs.len() {
+        bail!("{} raw_output_contents for {} outputs", r.raw_output_contents.len(), r.outputs.len());
+    }
     r.outputs
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let raw = r.raw_output_contents.get(i).context("missing raw_output_contents")?;
-            Ok((o.name.clone(), decode_bytes(&o.datatype, raw)?))
+            let values = match r.raw_output_contents.get(i) {
+                Some(raw) => decode_bytes(&o.datatype, raw)?,
+                None => typed_values(&o.datatype, o.contents.as_ref())
+                    .with_context(|| format!("output `{}` has neither raw nor typed contents", o.name))?,
+            };
+            Ok(Output { name: o.name.clone(), datatype: o.datatype.clone(), shape: o.shape.clone(), values })
         })
         .collect()
 }
 
-/// True when every expected output is present and equal within `tol` (relative above 1).
-pub fn matches(got: &[(String, Values)], expected: &[JsonTensor], tol: f64) -> bool {
+/// The values of an output's typed `contents`: the field its datatype uses.
+fn typed_values(datatype: &str, c: Option<&pb::InferTensorContents>) -> Option<Values> {
+    let c = c?;
+    let nums = |v: Vec<f64>| Some(Values::Numbers(v));
+    match datatype {
+        "BOOL" => nums(c.bool_contents.iter().map(|&b| f64::from(u8::from(b))).collect()),
+        "INT8" | "INT16" | "INT32" => nums(c.int_contents.iter().map(|&v| f64::from(v)).collect()),
+        "INT64" => nums(c.int64_contents.iter().map(|&v| v as f64).collect()),
+        "UINT8" | "UINT16" | "UINT32" => nums(c.uint_contents.iter().map(|&v| f64::from(v)).collect()),
+        "UINT64" => nums(c.uint64_contents.iter().map(|&v| v as f64).collect()),
+        "FP32" => nums(c.fp32_contents.iter().map(|&v| f64::from(v)).collect()),
+        "FP64" => nums(c.fp64_contents.clone()),
+        "BYTES" => Some(Values::Strings(
+            c.bytes_contents.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+        )),
+        // FP16 and BF16 have no typed field: raw contents only.
+        _ => None,
+    }
+}
+
+/// True when every expected output is present with the expected datatype and shape, and its
+/// values equal within `tol` (relative above 1).
+pub fn matches(got: &[Output], expected: &[JsonTensor], tol: f64) -> bool {
     expected.iter().all(|want| {
-        let Some((_, values)) = got.iter().find(|(n, _)| n == &want.name) else { return false };
-        match (values, json_values(&want.datatype, &want.data)) {
+        let Some(out) = got.iter().find(|o| o.name == want.name) else { return false };
+        let shape_ok = out.shape.len() == want.shape.len()
+            && out.shape.iter().zip(&want.shape).all(|(&g, &w)| u64::try_from(g) == Ok(w));
+        if out.datatype != want.datatype || !shape_ok {
+            return false;
+        }
+        match (&out.values, json_values(&want.datatype, &want.data)) {
             (Values::Numbers(g), Values::Numbers(w)) => {
                 g.len() == w.len()
                     && g.iter().zip(&w).all(|(a, b)| (a - b).abs() <= tol.max(1e-6) * b.abs().max(1.0))
@@ -214,4 +263,60 @@ pub fn matches(got: &[(String, Values)], expected: &[JsonTensor], tol: f64) -> b
             _ => false,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(datatype: &str, shape: Vec<u64>, data: Vec<Value>) -> JsonTensor {
+        JsonTensor { name: "y".into(), datatype: datatype.into(), shape, data }
+    }
+
+    fn rest(output: Value) -> Vec<Output> {
+        decode_rest(json!({"outputs": [output]}).to_string().as_bytes(), None).unwrap()
+    }
+
+    #[test]
+    fn the_check_compares_datatype_and_shape_as_well_as_values() {
+        let expected = [want("FP32", vec![1, 2], vec![json!(1.0), json!(2.0)])];
+        let right = rest(json!({"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}));
+        assert!(matches(&right, &expected, 1e-6));
+        let flat = rest(json!({"name": "y", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}));
+        assert!(!matches(&flat, &expected, 1e-6), "same values, another shape");
+        let wide = rest(json!({"name": "y", "datatype": "FP64", "shape": [1, 2], "data": [1.0, 2.0]}));
+        assert!(!matches(&wide, &expected, 1e-6), "same values, another datatype");
+        let off = rest(json!({"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.5]}));
+        assert!(!matches(&off, &expected, 1e-6));
+        let shapeless = json!({"outputs": [{"name": "y", "datatype": "FP32", "data": [1.0]}]}).to_string();
+        assert!(decode_rest(shapeless.as_bytes(), None).is_err());
+    }
+
+    #[test]
+    fn grpc_outputs_are_read_from_raw_or_typed_contents() {
+        let tensor = |contents| pb::model_infer_response::InferOutputTensor {
+            name: "y".into(),
+            datatype: "INT64".into(),
+            shape: vec![1, 2],
+            contents,
+            ..Default::default()
+        };
+        let expected = [want("INT64", vec![1, 2], vec![json!(3), json!(-4)])];
+        let raw = pb::ModelInferResponse {
+            outputs: vec![tensor(None)],
+            raw_output_contents: vec![[3i64.to_le_bytes(), (-4i64).to_le_bytes()].concat().into()],
+            ..Default::default()
+        };
+        assert!(matches(&decode_grpc(&raw).unwrap(), &expected, 0.0));
+        let typed = pb::ModelInferResponse {
+            outputs: vec![tensor(Some(pb::InferTensorContents {
+                int64_contents: vec![3, -4],
+                ..Default::default()
+            }))],
+            ..Default::default()
+        };
+        assert!(matches(&decode_grpc(&typed).unwrap(), &expected, 0.0));
+        let empty = pb::ModelInferResponse { outputs: vec![tensor(None)], ..Default::default() };
+        assert!(decode_grpc(&empty).is_err());
+    }
 }

@@ -63,7 +63,8 @@ struct Args {
     /// stops answering cannot hold the run).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     timeout: Duration,
-    /// Compare each response with the sample file's expected outputs; mismatches count as errors.
+    /// Compare each response with the sample file's expected outputs (datatype, shape and
+    /// values); mismatches count as errors.
     #[arg(long)]
     check: bool,
     /// Tolerance for --check when the sample file gives none.
