@@ -13,10 +13,12 @@
 //! (axum::serve has none of these bounds: one client holding a connection kept its graceful
 //! shutdown waiting forever.)
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -56,21 +58,44 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// What a listener serves: an axum `Router`, or the REST frontend ([`crate::rest::frontend`]).
+pub trait App:
+    tower::Service<Request<Incoming>, Response = axum::response::Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then shuts down within `limits.grace`.
-pub fn spawn(
+pub fn spawn<S: App>(
     listener: TcpListener,
     tls: Option<Arc<TlsConfig>>,
-    app: axum::Router,
+    app: S,
     limits: Limits,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(accept_loop(listener, tls, app, limits, stop))
 }
 
-async fn accept_loop(
+async fn accept_loop<S: App>(
     listener: TcpListener,
     tls: Option<Arc<TlsConfig>>,
-    app: axum::Router,
+    app: S,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -134,11 +159,11 @@ fn is_exhaustion(e: &std::io::Error) -> bool {
 
 /// One connection: TLS handshake (if any), then HTTP until the client closes, the connection
 /// breaks a bound, or shutdown.
-async fn connection(
+async fn connection<S: App>(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<TlsConfig>>,
-    app: axum::Router,
+    app: S,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,

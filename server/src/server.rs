@@ -203,6 +203,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         draining: stop_rx.clone(),
     });
     let mut app = rest::router(state.clone(), http);
+    let state_for_frontend = state.clone();
     let mut tasks = Vec::new();
     let grpc_addr = listeners.grpc.as_ref().map(|(_, a)| *a);
     if grpc.enabled {
@@ -221,6 +222,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         }
     }
     let (listener, http_addr) = listeners.http;
+    let app = rest::frontend(app, state_for_frontend, http);
     tasks.push(listen::spawn(listener, http_tls, app, limits, stop_rx.clone()));
     let grpc_addr = grpc_addr.or(grpc.enabled.then_some(http_addr));
     tracing::info!("accepting connections on {http_addr} while the models load (not ready yet)");

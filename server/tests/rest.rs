@@ -230,6 +230,31 @@ async fn unknown_routes_and_methods_answer_json() {
 async fn model_names_are_percent_decoded() {
     let s = start("      - {name: iris-v1, model: iris/model.onnx}\n", "").await;
     assert_eq!(get(&s, "/v2/models/iris%2Dv1").await.0, StatusCode::OK);
+    // Infer paths: plain ones take the frontend's short way, escaped ones the router; both
+    // answer the same, with and without a version, and the same paths miss alike.
+    let row = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]});
+    for path in [
+        "/v2/models/iris-v1/infer",
+        "/v2/models/iris%2Dv1/infer",
+        "/v2/models/iris-v1/versions/1/infer",
+        "/v2/models/iris%2dv1/versions/%31/infer",
+    ] {
+        let (status, body) = post(&s, path, row.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(body["model_name"], "iris-v1", "{path}");
+        assert_eq!(body["outputs"][0]["data"], json!([0]), "{path}: {body}");
+    }
+    for (path, want) in [
+        ("/v2/models/iris-v1/versions/2/infer", StatusCode::NOT_FOUND),
+        ("/v2/models/iris%2Dv1/versions/2/infer", StatusCode::NOT_FOUND),
+        ("/v2/models/nope/infer", StatusCode::NOT_FOUND),
+        ("/v2/models//infer", StatusCode::NOT_FOUND),
+        ("/v2/models/iris-v1/infer/", StatusCode::NOT_FOUND),
+    ] {
+        let (status, body) = post(&s, path, row.to_string()).await;
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(!error_of(&body).is_empty(), "{path}");
+    }
     s.shutdown().await;
 }
 

@@ -32,21 +32,59 @@ static VERSION_HEADER: HeaderName = HeaderName::from_static(sluice_router::VERSI
 static MULTIPLEX_HEADER: HeaderName = HeaderName::from_static(sluice_deployments::MULTIPLEX_HEADER);
 static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName = HeaderName::from_static(HEADER_CONTENT_LENGTH);
 
+/// The infer routes' handler, for the paths [`infer_path`] leaves to the router (those with
+/// percent-escapes, which the router decodes).
 pub async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let started = std::time::Instant::now();
-    // The whole request, not the `HeaderMap` extractor, which clones the headers.
     let (parts, body) = request.into_parts();
-    let headers = &parts.headers;
+    serve(&state, &path.model, path.version.as_deref(), &parts.headers, body).await
+}
+
+/// `(model, version)` of a plain infer path, `/v2/models/{m}/infer` or
+/// `/v2/models/{m}/versions/{v}/infer` with no empty segment; `None` for any other path, and
+/// for one with percent-escapes (the router decodes those).
+pub fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let names = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    if names.contains('%') {
+        return None;
+    }
+    let mut segments = names.split('/');
+    match (segments.next(), segments.next(), segments.next(), segments.next()) {
+        (Some(m), None, None, None) if !m.is_empty() => Some((m, None)),
+        (Some(m), Some("versions"), Some(v), None) if !m.is_empty() && !v.is_empty() => Some((m, Some(v))),
+        _ => None,
+    }
+}
+
+/// Serves a `POST` whose path [`infer_path`] matched, without the router (see
+/// [`super::Rest`]).
+pub async fn serve_matched(state: AppState, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some((model, version)) = infer_path(parts.uri.path()) else {
+        return ApiError::new(axum::http::StatusCode::NOT_FOUND, "not an infer path").into_response();
+    };
+    serve(&state, model, version, &parts.headers, body).await.into_response()
+}
+
+/// One infer request: its body read, decoded, routed to the model (`version` from the path,
+/// else a pinned version header, else the traffic split), run, encoded.
+async fn serve(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let body = axum::body::to_bytes(body, state.max_body_bytes)
         .await
         .map_err(|e| super::screen::body_error(&e, state.max_body_bytes))?;
     let pinned = headers.get(&VERSION_HEADER).and_then(|v| v.to_str().ok());
-    let choice = sluice_router::VersionChoice { exact: path.version.as_deref(), pinned };
-    let deployment = state.routes.route(&path.model, choice)?;
+    let choice = sluice_router::VersionChoice { exact: version, pinned };
+    let deployment = state.routes.route(model, choice)?;
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
             request.model_id =
@@ -281,6 +319,28 @@ mod tests {
     use sluice_deployments::{DataType, push_bytes_element};
 
     use super::*;
+
+    #[test]
+    fn only_plain_infer_paths_take_the_short_way() {
+        assert_eq!(infer_path("/v2/models/m/infer"), Some(("m", None)));
+        assert_eq!(infer_path("/v2/models/m/versions/3/infer"), Some(("m", Some("3"))));
+        // A model may be called `versions`; the router reads such a path the same way.
+        assert_eq!(infer_path("/v2/models/versions/infer"), Some(("versions", None)));
+        for other in [
+            "/v2/models/m%2D1/infer",
+            "/v2/models//infer",
+            "/v2/models/m/infer/",
+            "/v2/models/m/versions//infer",
+            "/v2/models/m/versions/infer",
+            "/v2/models/m/x/3/infer",
+            "/v2/models/m/versions/3/4/infer",
+            "/v2/models/m/ready",
+            "/v2/models/infer",
+            "/prefix/v2/models/m/infer",
+        ] {
+            assert_eq!(infer_path(other), None, "{other}");
+        }
+    }
 
     fn tensor(dtype: DataType, shape: Vec<usize>, data: Vec<u8>) -> Tensor {
         Tensor::new(dtype, shape, Bytes::from(data)).unwrap()

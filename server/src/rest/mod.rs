@@ -12,15 +12,21 @@ mod proxy;
 pub mod route;
 pub mod screen;
 
+use std::convert::Infallible;
 use std::sync::Arc;
-
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::future::{BoxFuture, Either};
 use sluice_router::Router as RouteTable;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service};
 
 use crate::error::ApiError;
 
@@ -54,10 +60,10 @@ pub struct Shared {
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The REST routes of the Open Inference Protocol.
+/// The REST routes of the Open Inference Protocol, without the intake ([`frontend`] puts it in
+/// front of them).
 pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
-    let max_body_bytes = http.max_body_bytes;
-    let routes = Router::new()
+    Router::new()
         .route("/v2", get(health::server_metadata))
         .route("/v2/health/live", get(health::live))
         .route("/v2/health/ready", get(health::ready))
@@ -76,33 +82,105 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
         .route("/metrics", get(crate::metrics::render))
         .route("/-/healthz", get(proxy::healthz))
         .route("/-/routes", get(proxy::routes))
+        // Most infer requests never get here (see [`Rest`]): those with percent-escapes do.
         .route("/v2/models/{model}/infer", post(infer::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer::infer))
         .route("/openapi.json", get(crate::openapi::serve_rest))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route::fallback)
-        // One stack for every route (each `Router::layer` call boxes the routes again, and
-        // axum clones every box per request), outermost first:
-        .layer(
-            tower::ServiceBuilder::new()
-                // The screen, the body read timeout, and decompression and compression for
-                // the requests that ask for them; gRPC answers (shared port) are left alone:
-                // gRPC compresses per message.
-                .layer(intake::IntakeLayer {
-                    max_body_bytes,
-                    body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
-                })
-                .layer(DefaultBodyLimit::max(max_body_bytes)),
-        )
-        .with_state(state);
-    // A span per HTTP request, outermost, when something records it (DEBUG or OpenTelemetry).
+        // One layer for every route (each `Router::layer` call boxes the routes again, and
+        // axum clones every box per request).
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+        .with_state(state)
+}
+
+/// The REST frontend as its listener serves it, outermost first: the request span when
+/// something records it (DEBUG or OpenTelemetry); the intake (the screen, the body read
+/// timeout, and decompression and compression for the requests that ask for them; gRPC
+/// answers on a shared port are left alone: gRPC compresses per message); then [`Rest`]: the
+/// infer requests straight to their handler, everything else through `routes`.
+pub fn frontend(routes: Router, state: AppState, http: &sluice_config::HttpOptions) -> Frontend {
+    let intake = intake::IntakeLayer {
+        max_body_bytes: http.max_body_bytes,
+        body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
+    }
+    .layer(Rest { routes, state });
     if crate::telemetry::request_spans_recorded() {
-        routes.layer(
-            tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
-        )
+        let traced = tower::ServiceBuilder::new()
+            .map_response(IntoResponse::into_response)
+            .layer(
+                tower_http::trace::TraceLayer::new_for_http()
+                    .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
+            )
+            .service(intake);
+        Frontend::Traced(BoxCloneSyncService::new(traced))
     } else {
-        routes
+        Frontend::Plain(intake)
+    }
+}
+
+/// The REST frontend's service ([`frontend`]).
+#[derive(Clone)]
+pub enum Frontend {
+    Plain(intake::Intake<Rest>),
+    /// Boxed: the span's layer is only there when spans are recorded.
+    Traced(BoxCloneSyncService<Request, Response, Infallible>),
+}
+
+impl Service<axum::http::Request<hyper::body::Incoming>> for Frontend {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<
+        <intake::Intake<Rest> as Service<Request>>::Future,
+        BoxFuture<'static, Result<Response, Infallible>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self {
+            Frontend::Plain(s) => s.poll_ready(cx),
+            Frontend::Traced(s) => s.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        let req = req.map(Body::new);
+        match self {
+            Frontend::Plain(s) => Either::Left(s.call(req)),
+            Frontend::Traced(s) => Either::Right(s.call(req)),
+        }
+    }
+}
+
+/// Behind the intake: `POST /v2/models/{m}[/versions/{v}]/infer` goes straight to its handler
+/// ([`infer::serve_matched`]), every other request through the routes. The router's match
+/// cost each infer request 15 of its 104 allocations (its path parameters, the extensions map
+/// they are stored in, the route's boxed clone and future, the body limit's extension;
+/// `scripts/bench_floor.py`).
+#[derive(Clone)]
+pub struct Rest {
+    routes: Router,
+    state: AppState,
+}
+
+impl Service<Request> for Rest {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<
+        BoxFuture<'static, Result<Response, Infallible>>,
+        axum::routing::future::RouteFuture<Infallible>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The routes are always ready (axum's own `Service` impl says so).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if req.method() == Method::POST && infer::infer_path(req.uri().path()).is_some() {
+            let state = self.state.clone();
+            return Either::Left(Box::pin(async move { Ok(infer::serve_matched(state, req).await) }));
+        }
+        Either::Right(self.routes.call(req))
     }
 }
 
