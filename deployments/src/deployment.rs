@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SendError, Sender, channel};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -106,20 +106,18 @@ impl DeploymentSpec {
 /// How a replica is reached: its thread's queue (and its model, for calls run inline), or a
 /// remote process.
 enum Channel {
-    Local(SyncSender<Msg>, Arc<ModelCell>),
+    Local(Sender<Msg>, Arc<ModelCell>),
     Remote(Arc<dyn RemoteReplica>),
 }
 
 impl Channel {
-    /// Hands a job over; gives it back when a local replica's queue cannot take it.
+    /// Hands a job over; gives it back when a local replica's thread is gone.
     #[allow(clippy::result_large_err)]
     fn send(&self, job: Job) -> Result<(), Job> {
         match self {
-            Channel::Local(tx, _) => tx.try_send(Msg::Job(job)).map_err(|e| match e {
-                TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
-                    Msg::Job(job) => job,
-                    Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
-                },
+            Channel::Local(tx, _) => tx.send(Msg::Job(job)).map_err(|SendError(msg)| match msg {
+                Msg::Job(job) => job,
+                Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
             }),
             Channel::Remote(r) => {
                 let Job { inputs, outputs, deadline, reply, span, model, .. } = job;
@@ -134,7 +132,7 @@ impl Channel {
     /// whoever started it).
     fn stop(&self) {
         if let Channel::Local(tx, _) = self {
-            let _ = tx.try_send(Msg::Stop);
+            let _ = tx.send(Msg::Stop);
         }
     }
 }
@@ -256,9 +254,11 @@ impl ReplicaSet {
     /// Starts a replica thread for `backend` and adds it to the set.
     fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), LoadError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Admission keeps at most the deployment's total of slots in flight; the channel is
-        // sized for the largest set this deployment may grow to (+1 for the stop message).
-        let (tx, rx) = sync_channel(self.spec.ongoing_limit() * self.spec.max_replicas.max(1) + 1);
+        // Unbounded: admission keeps at most the deployment's total of slots in flight, and a
+        // bounded queue (which allocates its capacity up front) sized for that total cost each
+        // replica memory in proportion to max_replicas: 100 replicas of 100 slots held 10,001
+        // slots each.
+        let (tx, rx) = channel();
         // In the set before its thread starts, so its readiness is counted when it comes.
         let cell = Arc::new(ModelCell::new(self.config.policy.clone()));
         self.add_slot(id, Channel::Local(tx, cell.clone()));
@@ -956,7 +956,7 @@ mod tests {
             next_id: AtomicUsize::new(n),
         });
         for id in 0..n {
-            let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+            let (tx, _rx) = std::sync::mpsc::channel();
             set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new(BatchPolicy::default()))));
         }
         set

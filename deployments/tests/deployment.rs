@@ -460,3 +460,31 @@ async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
     assert_eq!(got, (0..8).map(|i| (2 * i + 8) as f32 / 2.0).collect::<Vec<_>>());
     assert_eq!(d.metrics().stats.execution_count.load(Ordering::Relaxed), 1, "the two shared one batch");
 }
+
+fn rss_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() / 1024
+}
+
+/// Room to grow costs nothing until it is used: each replica's queue held a slot for every
+/// request the largest set could have in flight (4,096 replicas × 1,000 here, 4 M slots per
+/// replica, hundreds of MB each), allocated when the replica started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_allowed_many_replicas_costs_what_it_runs() {
+    let before = rss_mb();
+    let f = start(
+        spec(|s| {
+            s.num_replicas = 2;
+            s.max_replicas = 4096;
+            s.settings.max_ongoing_requests = 1000;
+        }),
+        0,
+        None,
+    );
+    assert!(f.deployment.wait_ready(Duration::from_secs(10)).await);
+    let grown = rss_mb().saturating_sub(before);
+    assert!(grown < 128, "two replicas added {grown} MB");
+    let r = f.deployment.infer(request(&[7])).await.unwrap();
+    assert_eq!(values(&r.outputs[0].tensor), vec![7]);
+}
