@@ -136,7 +136,7 @@ fn duplicate_names_across_applications() {
 
 #[test]
 fn invalid_names_are_rejected() {
-    for name in ["a/b", "a?b", "a#b", "a%2Fb", "a b", "", ".."] {
+    for name in ["a/b", "a?b", "a#b", "a%2Fb", "a b", "", "..", "a{v1}"] {
         let e = errors(&format!(
             "applications:\n  - name: a\n    deployments: [{{name: \"{name}\", model: m.onnx}}]\n"
         ));
@@ -381,4 +381,12 @@ fn with_a_model_repository_no_application_may_take_its_name() {
 fn a_model_path_that_is_a_folder_is_named_so() {
     let e = errors("applications:\n  - name: a\n    deployments: [{name: m, model: .}]\n");
     assert!(e[0].message.contains("is a folder, not a file"), "{}", e[0]);
+}
+
+#[test]
+fn route_prefixes_hold_no_patterns() {
+    let e = errors(
+        "applications:\n  - name: a\n    route_prefix: \"/{x}\"\n    deployments: [{name: m, model: m.onnx}]\n",
+    );
+    assert!(e.iter().any(|e| e.message.contains("hold no `{ }`")), "{e:?}");
 }

@@ -33,18 +33,22 @@ impl Errors<'_> {
     }
 
     /// Names appear in URL paths: non-empty, not `.` or `..`, none of `/ ? # %` (they end or
-    /// escape a path segment), no whitespace or control characters.
+    /// escape a path segment) or `{ }` (route patterns: Ray's clients refuse a route prefix
+    /// holding them, and Ray Serve's status shows each application's), no whitespace or
+    /// control characters.
     fn check_name(&mut self, name: &Spanned<String>, field: &str) {
         let v = &name.value;
         let dots = v == "." || v == "..";
         if v.is_empty()
             || dots
-            || v.chars().any(|c| "/?#%".contains(c) || c.is_whitespace() || c.is_control())
+            || v.chars().any(|c| "/?#%{}".contains(c) || c.is_whitespace() || c.is_control())
         {
             self.at(
                 name.referenced,
                 field,
-                format!("`{v}` is not a valid name: use a non-empty name without spaces or any of `/ ? # %`"),
+                format!(
+                    "`{v}` is not a valid name: use a non-empty name without spaces or any of `/ ? # % {{ }}`"
+                ),
             );
         }
     }
@@ -245,11 +249,12 @@ fn validate_application(
             || (p.len() > 1 && p.ends_with('/'))
             || p.starts_with("/v2")
             || p.starts_with("/metrics")
+            || p.contains(['{', '}'])
         {
             errs.at(
                 prefix.referenced,
                 format!("{at}.route_prefix"),
-                "must start with `/`, not end with `/`, and not be under /v2 or /metrics",
+                "must start with `/`, not end with `/`, hold no `{ }`, and not be under /v2 or /metrics",
             );
         }
         if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {

@@ -119,8 +119,12 @@ impl RepoState {
             .cloned()
             .unwrap_or_default();
         self.force = true;
-        metrics::rejected(model);
-        self.rejected.insert((model.to_string(), version), Rejected { why, files }).is_none()
+        let new = self.rejected.insert((model.to_string(), version), Rejected { why, files }).is_none();
+        // Counted once per version, however often it is refused again (a rollback repeated).
+        if new {
+            metrics::rejected(model);
+        }
+        new
     }
 
     /// Records a listing that failed; true when the repository was reachable until now.
