@@ -24,13 +24,14 @@ pub struct Listing {
 
 impl Listing {
     /// Groups a store's objects (`model/version/file`) into complete versions. Objects at other
-    /// depths or under non-numeric version folders are ignored.
+    /// depths, or under version folders that are not a number written plainly (`7`, not `007`
+    /// or `+7`: the folder is found again by the number), are ignored.
     pub fn parse(files: &[StoredFile], marker: &str) -> Self {
         let mut found: BTreeMap<(String, u64), Vec<StoredFile>> = BTreeMap::new();
         for f in files {
             let parts: Vec<&str> = f.key.split('/').collect();
             let [model, version, name] = parts[..] else { continue };
-            let Ok(v) = version.parse::<u64>() else { continue };
+            let Some(v) = version.parse::<u64>().ok().filter(|v| v.to_string() == version) else { continue };
             if model.is_empty() || model.starts_with('.') || name.starts_with('.') {
                 continue;
             }
@@ -127,6 +128,10 @@ mod tests {
             "iris/3/READY",      // marker without a model
             "iris/x/model.onnx",
             "iris/4/sub/model.onnx",
+            "iris/007/model.onnx", // version 7 would be looked for in `7/`
+            "iris/007/READY",
+            "iris/+8/model.onnx",
+            "iris/+8/READY",
             "top.txt",
         ]);
         assert_eq!(l.models["iris"].keys().copied().collect::<Vec<_>>(), [1]);
