@@ -256,8 +256,13 @@ trait JoinPath {
 }
 
 impl JoinPath for StorePath {
+    /// `key` as listed, under `self`: kept as it is (`Path::join` escapes each part again, so
+    /// the listed `a#b/1/model.onnx` was fetched as the key `a%23b/1/model.onnx`, not found).
     fn join_path(self, key: &str) -> StorePath {
-        key.split('/').filter(|p| !p.is_empty()).fold(self, |path, part| path.join(part))
+        let parts = std::iter::once(self.as_ref()).chain(key.split('/')).filter(|p| !p.is_empty());
+        StorePath::parse(parts.collect::<Vec<_>>().join("/")).unwrap_or_else(|_| {
+            key.split('/').filter(|p| !p.is_empty()).fold(self, |path, part| path.join(part))
+        })
     }
 }
 
@@ -318,6 +323,26 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
         let too_big = store.download("m/1/model.onnx", &dest, 2).await.unwrap_err();
         assert!(too_big.to_string().contains("larger than max_version_bytes"), "{too_big}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Names object stores escape (`#`, `~`, `%`, non-ASCII) are fetched by the key listed.
+    #[tokio::test]
+    async fn odd_names_download_by_the_key_they_are_listed_under() {
+        let dir = std::env::temp_dir().join(format!("sluice-store-odd-{}", std::process::id()));
+        for name in ["a#b", "x~y", "p%q", "ümlaut"] {
+            std::fs::create_dir_all(dir.join(name).join("1")).unwrap();
+            std::fs::write(dir.join(name).join("1/model.onnx"), name.as_bytes()).unwrap();
+        }
+        let store = Store::for_tests_remote(&dir);
+        let files = store.list("").await.unwrap();
+        assert_eq!(files.len(), 4, "{files:?}");
+        for f in &files {
+            let dest = dir.join("copy");
+            store.download(&f.key, &dest, 100).await.unwrap_or_else(|e| panic!("{}: {e}", f.key));
+            let name = f.key.split('/').next().unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), name.as_bytes());
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 
