@@ -10,10 +10,11 @@ use sluice_config::{Config, ModelRepository, VersionPolicy};
 
 use crate::repository::cache::Cache;
 use crate::repository::scan::{self, Listing, MODEL_FILE};
+use crate::repository::store::StoreError;
 use crate::repository::{self, Origin, Signature};
 use crate::{ControlError, Controller, apps, pipelines, reconcile};
 
-/// Versions rejected in one apply before it gives up (each failed load rejects one).
+/// Versions that fail to load in one apply before it gives up (each rejects one).
 const MAX_REJECTS: usize = 8;
 
 impl Controller {
@@ -122,8 +123,10 @@ impl Controller {
     }
 
     /// Stages and reconciles `config` with its repository's `listing`. A repository version
-    /// that fails to load is rejected (reported; never retried until its files change) and
-    /// the rest applied without it. Returns what now serves.
+    /// that cannot serve is rejected (reported; never retried until its files change) and the
+    /// rest applied without it: one that fails to load, one above `max_version_bytes`, and
+    /// every version of a model named like a deployment of the config. Returns what now
+    /// serves.
     async fn apply_repository(
         &self,
         config: &Config,
@@ -131,7 +134,10 @@ impl Controller {
         skip: Option<&BTreeSet<String>>,
     ) -> Result<Signature, ControlError> {
         let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
-        for _ in 0..MAX_REJECTS {
+        let configured =
+            |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
+        let mut failed_loads = 0;
+        loop {
             let (plans, store) = {
                 let mut st = self.lock();
                 let rejected = st.repo.rejected_keys(listing);
@@ -140,14 +146,31 @@ impl Controller {
                 let plans = scan::select(repo, listing, &skip, &rejected, &serving);
                 (plans, st.repo.store(repo, &self.store_env)?)
             };
+            // Versions refused before any load, and why.
+            let mut refused: Vec<(String, u64, ControlError)> = Vec::new();
+            for p in plans.iter().filter(|p| configured(&p.model)) {
+                refused.extend(
+                    repository::versions_of(p)
+                        .map(|v| (p.model.clone(), v, ControlError::InBoth(p.model.clone()))),
+                );
+            }
             let cache = Cache::new(&repo.cache_dir);
             let mut origins = std::collections::BTreeMap::new();
             let mut dirs = std::collections::BTreeMap::new();
-            for p in &plans {
+            for p in plans.iter().filter(|p| !configured(&p.model)) {
                 for v in repository::versions_of(p) {
                     let files = &listing.models[&p.model][&v];
-                    let fetched =
-                        cache.fetch(&store, &p.model, &v.to_string(), files, repo.max_version_bytes).await?;
+                    let fetched = match cache
+                        .fetch(&store, &p.model, &v.to_string(), files, repo.max_version_bytes)
+                        .await
+                    {
+                        Ok(fetched) => fetched,
+                        Err(e @ StoreError::TooBig { .. }) => {
+                            refused.push((p.model.clone(), v, e.into()));
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     if fetched.downloaded > 0 {
                         let mut st = self.lock();
                         st.repo.downloaded_bytes += fetched.downloaded;
@@ -174,6 +197,21 @@ impl Controller {
                     dirs.insert((p.model.clone(), v), fetched.dir);
                 }
             }
+            if let Some((_, _, first)) = refused.first() {
+                let mut st = self.lock();
+                let mut new = false;
+                for (model, version, e) in &refused {
+                    if st.repo.reject(model, *version, e.to_string()) {
+                        new = true;
+                        st.events.push(model, format!("version {version} never takes traffic: {e}"));
+                    }
+                }
+                // Planned again without them (a rejection the plan did not heed would loop).
+                if new {
+                    continue;
+                }
+                return Err(ControlError::Refused(first.to_string()));
+            }
             let models =
                 repository::deployments(repo, &plans, |m, v| dirs[&(m.to_string(), v)].join(MODEL_FILE));
             let effective = repository::effective(config, models)?;
@@ -187,10 +225,13 @@ impl Controller {
                     if st.repo.reject(&model, version, why) {
                         st.events.push(&model, format!("version {version} never takes traffic: {e}"));
                     }
+                    failed_loads += 1;
+                    if failed_loads == MAX_REJECTS {
+                        return Err(ControlError::TooManyRejected(MAX_REJECTS));
+                    }
                 }
             }
         }
-        Err(ControlError::TooManyRejected(MAX_REJECTS))
     }
 
     /// Rescans the model repository when its poll interval has passed (or a scan was asked

@@ -29,6 +29,9 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("{0} repository versions failed to load in one apply; giving up until the repository changes")]
     TooManyRejected(usize),
+    /// A repository version refused again in one apply (its rejection did not take).
+    #[error("{0}")]
+    Refused(String),
     #[error("deployment `{deployment}` version {version}: {source}")]
     Load { deployment: String, version: String, source: LoadError },
     #[error("deployment `{deployment}` version {version}: replicas did not become ready within {waited_s} s")]
@@ -48,7 +51,9 @@ impl ControlError {
             ControlError::NoCanary(_) | ControlError::NoRepository | ControlError::Incomplete(..) => {
                 ErrorKind::Conflict
             }
-            ControlError::InvalidWeight(_) | ControlError::InBoth(_) => ErrorKind::InvalidArgument,
+            ControlError::InvalidWeight(_) | ControlError::InBoth(_) | ControlError::Refused(_) => {
+                ErrorKind::InvalidArgument
+            }
             ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
             ControlError::Store(_) | ControlError::NotReady { .. } | ControlError::TooManyRejected(_) => {
                 ErrorKind::Unavailable

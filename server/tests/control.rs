@@ -435,6 +435,50 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
     s.shutdown().await;
 }
 
+/// A repository model that cannot serve (here: named like a deployment of the config) is
+/// refused alone: the server starts, the config's deployment serves, and the other models'
+/// new versions still swap in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_repository_model_refused_holds_back_no_other() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("repo-alone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |model: &str, version: u32, fixture: &str| {
+        let d = repo.join(model).join(version.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
+        std::fs::write(d.join("READY"), b"").unwrap();
+    };
+    put("flowers", 1, "iris");
+    put("m", 1, "mlp");
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0.1}}\napplications:\n  - name: app\n    deployments:\n      - {{name: m, model: iris/model.onnx}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    let client = reqwest::Client::new();
+    let infer = |model: &str| {
+        let (client, url) = (client.clone(), url(&s, &format!("/v2/models/{model}/infer")));
+        async move {
+            let r = client.post(url).body(IRIS_BODY).send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, m) = infer("m").await;
+    assert_eq!(status, 200, "the config's `m` (iris) serves: {m}");
+    assert_eq!(infer("flowers").await.1["model_version"], "1");
+    put("flowers", 2, "iris");
+    let until = Instant::now() + Duration::from_secs(10);
+    while infer("flowers").await.1["model_version"] != "2" {
+        assert!(Instant::now() < until, "version 2 never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_replicas_and_recent_traffic() {
     let s = start_with("      - {name: m, model: iris/model.onnx, num_replicas: 2}\n").await;

@@ -74,10 +74,11 @@ impl Cache {
         }
         let total: u64 = files.iter().map(|f| f.size).sum();
         if total > max_bytes {
-            return Err(StoreError::File {
+            return Err(StoreError::TooBig {
                 url: store.url().to_string(),
                 file: format!("{model}/{version}"),
-                message: format!("{total} bytes is above max_version_bytes ({max_bytes})"),
+                bytes: total,
+                max: max_bytes,
             });
         }
         let io = |file: &str, e: std::io::Error| StoreError::File {

@@ -58,6 +58,10 @@ pub enum StoreError {
     TooLarge { url: String },
     #[error("model repository `{url}`: `{file}`: {message}")]
     File { url: String, file: String, message: String },
+    /// One version's files add up to more than `max_version_bytes`: that version is refused,
+    /// not the repository.
+    #[error("model repository `{url}`: `{file}`: {bytes} bytes is above max_version_bytes ({max})")]
+    TooBig { url: String, file: String, bytes: u64, max: u64 },
 }
 
 /// One object of the repository, relative to its root (`iris/3/model.onnx`).

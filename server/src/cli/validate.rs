@@ -41,7 +41,8 @@ pub fn validate(
         },
         None => Vec::new(),
     };
-    // As `run` would refuse it.
+    // A repository model named like a deployment of the config: `run` serves the config's
+    // and rejects the repository's; validate reports the clash.
     if let Err(e) = sluice_controller::repository::effective(&config, repository.clone()) {
         eprintln!("{}: model_repository: {e}", path.display());
         return ExitCode::from(2);
