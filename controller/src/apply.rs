@@ -28,6 +28,8 @@ impl Controller {
     /// why (and what ran before keeps running).
     pub async fn apply(&self, config: &Config) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
+        // Background deploys asked for before this one go first.
+        self.run_deploys().await;
         apps::begin(&mut self.lock(), config);
         let result = self.apply_held(config).await;
         if let Err(e) = &result {
@@ -38,14 +40,33 @@ impl Controller {
 
     /// [`Controller::apply`] in the background, the way Ray Serve deploys: the config's
     /// applications show as deploying at once, and status tells how the deploy went.
+    /// Deploys are applied in the order they were asked for, and a delete waits for those
+    /// asked for before it (or, deleting everything, drops them).
     pub fn deploy(self: &Arc<Self>, config: Config) {
         apps::begin(&mut self.lock(), &config);
+        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).push_back(config);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.apply(&config).await {
+            let _changes = this.changes.lock().await;
+            this.run_deploys().await;
+        });
+    }
+
+    /// Applies the queued background deploys, oldest first (the caller holds `changes`).
+    pub(crate) async fn run_deploys(&self) {
+        loop {
+            let next = self.deploys.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+            let Some(config) = next else { return };
+            if let Err(e) = self.apply_held(&config).await {
+                apps::failed(&mut self.lock(), &config, &e.to_string());
                 tracing::warn!("deploying {} failed: {e}", config.source.display());
             }
-        });
+        }
+    }
+
+    /// Drops the queued background deploys (a delete of everything came after them).
+    pub(crate) fn abandon_deploys(&self) {
+        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// The config last applied (without the repository's models), if any.

@@ -68,6 +68,10 @@ pub struct Controller {
     state: Mutex<ControllerState>,
     /// Held by operations that change which versions run, for their whole length.
     changes: tokio::sync::Mutex<()>,
+    /// Background deploys ([`Controller::deploy`]) in the order they were asked for, applied
+    /// in that order by whichever change next holds `changes` (a task spawned later may reach
+    /// the lock first: the last config sent must be the one that stays).
+    deploys: Mutex<std::collections::VecDeque<sluice_config::Config>>,
     /// One wake-up for the control loop, shared with every deployment.
     wake: Arc<Notify>,
     grace: Duration,
@@ -92,6 +96,7 @@ impl Controller {
             routes,
             state: Mutex::new(ControllerState::default()),
             changes: tokio::sync::Mutex::new(()),
+            deploys: Mutex::new(std::collections::VecDeque::new()),
             wake: Arc::new(Notify::new()),
             grace,
             node_cpus,
@@ -143,6 +148,11 @@ impl Controller {
     /// Removes one application (or every one, with `None`).
     pub async fn delete(&self, app: Option<&str>) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
+        match app {
+            // Deploys asked for before this delete-all would be deleted with the rest.
+            None => self.abandon_deploys(),
+            Some(_) => self.run_deploys().await,
+        }
         let retired = {
             let mut st = self.lock();
             if let Some(a) = app
@@ -165,12 +175,19 @@ impl Controller {
                 }
             }
             // Gone from the desired state too, so that a later repository change does not
-            // bring it back.
+            // bring it back; deleting the repository's application (or everything) stops
+            // polling the repository until a config names one again.
             let gone = |name: &str| app.is_none_or(|a| a == name);
             st.apps.retain(|name, _| !gone(name));
             st.pipelines.retain(|p| !gone(&p.app));
             if let Some(desired) = &mut st.desired {
                 desired.applications.retain(|a| !gone(&a.name));
+                if gone(repository::APPLICATION) {
+                    desired.model_repository = None;
+                }
+            }
+            if gone(repository::APPLICATION) {
+                st.repo.applied = None;
             }
             self.publish(&st);
             retired

@@ -476,6 +476,14 @@ async fn one_repository_model_refused_holds_back_no_other() {
         assert!(Instant::now() < until, "version 2 never served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Deleting the repository's application stops the polling: a new version does not bring
+    // it back (Ray's `serve shutdown` deletes every application the same way).
+    s.controller().delete(Some("repository")).await.unwrap();
+    assert_eq!(infer("flowers").await.0, 404);
+    put("flowers", 3, "iris");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(infer("flowers").await.0, 404, "the repository came back");
+    assert_eq!(infer("m").await.0, 200, "the config's application stays");
     s.shutdown().await;
 }
 

@@ -187,6 +187,40 @@ async fn kuberay_deploys_reads_status_swaps_and_shuts_down() {
     d.server.shutdown().await;
 }
 
+/// Deploys run in the background; two sent one after the other are applied in that order
+/// (the last one stays), and a shutdown sent after a deploy leaves nothing, as in Ray.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_apply_in_the_order_sent_and_a_shutdown_after_them_wins() {
+    let d = Dashboard::start().await;
+    let named = |name: &str| {
+        let mut c = service_config("sluice.onnx:iris/model.onnx", json!({}));
+        c["applications"][0]["name"] = json!(name);
+        c["applications"][0]["route_prefix"] = json!(format!("/{name}"));
+        c["applications"][0]["deployments"][0]["name"] = json!(name);
+        c["applications"][0]["deployments"][0]["num_replicas"] = json!(1);
+        c
+    };
+    let settled = || tokio::time::sleep(Duration::from_millis(300));
+    for round in 0..6 {
+        let (first, second) = (format!("first{round}"), format!("second{round}"));
+        assert_eq!(d.put(&named(&first)).await.0, 200);
+        assert_eq!(d.put(&named(&second)).await.0, 200);
+        d.until(&second, "RUNNING").await;
+        settled().await;
+        let apps = d.details().await["applications"].clone();
+        assert_eq!(apps[&second]["status"], "RUNNING", "round {round}: {apps:#}");
+        assert!(apps.get(&first).is_none(), "round {round}: the earlier config came back: {apps:#}");
+    }
+    for round in 0..6 {
+        assert_eq!(d.put(&named(&format!("late{round}"))).await.0, 200);
+        let r = d.kuberay(reqwest::Method::DELETE, "/api/serve/applications/").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        settled().await;
+        assert_eq!(d.details().await["applications"], json!({}), "round {round}");
+    }
+    d.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configs_are_refused_in_rays_words_and_failed_deploys_say_why() {
     let d = Dashboard::start().await;
@@ -249,6 +283,33 @@ async fn bad_configs_are_refused_in_rays_words_and_failed_deploys_say_why() {
     );
     assert!(details["applications"]["fruit"].is_null(), "declarative: what the config omits goes");
     d.server.shutdown().await;
+}
+
+/// A background deploy that has not started yet when a delete of everything comes is
+/// dropped, not applied after it (one runtime thread: the deploy's task cannot run before the
+/// delete unless the delete waits for it).
+#[tokio::test]
+async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let routes = std::sync::Arc::new(sluice_router::Router::new(sluice_router::RouteTable::default()));
+    let controller = sluice_controller::Controller::new(
+        routes.clone(),
+        Duration::from_secs(1),
+        Default::default(),
+        Default::default(),
+    );
+    let text = "applications:\n  - name: a\n    deployments: [{name: m, model: iris/model.onnx}]\n";
+    let config = sluice_config::parse(text, &models_dir().join("c.yaml")).unwrap();
+    controller.deploy(config.clone());
+    controller.delete(None).await.unwrap();
+    // Whatever the deploy's task does, it does now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(controller.status().applications.is_empty(), "{:?}", controller.status().applications.keys());
+    assert!(routes.route("m", Default::default()).is_err(), "the deploy ran after the delete");
+    // A deploy of one application, then a delete of another: the deploy is applied first.
+    controller.deploy(config);
+    assert!(controller.delete(Some("b")).await.is_err(), "no application `b`");
+    assert!(routes.route("m", Default::default()).is_ok());
 }
 
 #[tokio::test]
