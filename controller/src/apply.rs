@@ -322,7 +322,20 @@ impl Controller {
         }
         self.lock().events.push(model, "repository notified; scanning now");
         self.lock().repo.failed = None;
-        self.rescan(&config).await
+        self.rescan(&config).await?;
+        // The scan went; the version the notice was about may not have.
+        let newest = listing.models[model].keys().next_back().copied();
+        match newest.and_then(|v| self.rejection(model, v)) {
+            Some(why) => Err(ControlError::Refused(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why version `version` of repository model `model` was rejected, if it was.
+    fn rejection(&self, model: &str, version: u64) -> Option<String> {
+        let st = self.lock();
+        let r = st.repo.rejected.get(&(model.to_string(), version))?;
+        Some(format!("version {version} of `{model}` was rejected: {}", r.why))
     }
 
     /// Loads (or reloads) a repository model now, undoing an unload.
@@ -339,7 +352,14 @@ impl Controller {
         let mut st = self.lock();
         st.unloaded = unloaded;
         st.repo.applied = Some(signature);
-        Ok(())
+        if st.deployments.get(name).is_some_and(|m| m.app == repository::APPLICATION) {
+            return Ok(());
+        }
+        drop(st);
+        // Every version of it was rejected (this time or before, its files unchanged).
+        let newest = listing.models[name].keys().next_back().copied();
+        let why = newest.and_then(|v| self.rejection(name, v));
+        Err(ControlError::Refused(why.unwrap_or_else(|| format!("model `{name}` did not load"))))
     }
 
     /// Stops serving a repository model until it is loaded again.

@@ -476,6 +476,18 @@ async fn one_repository_model_refused_holds_back_no_other() {
         assert!(Instant::now() < until, "version 2 never served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A model whose only version cannot load: loading it is an error naming why (200 before),
+    // and so is a notice about it.
+    let bad = repo.join("bad/1");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("model.onnx"), b"not a model").unwrap();
+    std::fs::write(bad.join("READY"), b"").unwrap();
+    let r = client.post(url(&s, "/v2/repository/models/bad/load")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("version 1 of `bad` was rejected"), "{text}");
+    let e = s.controller().notify_repository("bad").await.unwrap_err().to_string();
+    assert!(e.contains("version 1 of `bad` was rejected"), "{e}");
     // Deleting the repository's application stops the polling: a new version does not bring
     // it back (Ray's `serve shutdown` deletes every application the same way).
     s.controller().delete(Some("repository")).await.unwrap();
