@@ -218,6 +218,13 @@ async fn deploys_apply_in_the_order_sent_and_a_shutdown_after_them_wins() {
         settled().await;
         assert_eq!(d.details().await["applications"], json!({}), "round {round}");
     }
+    // How a RayService removes every application: Ray's frontend options and no application.
+    assert_eq!(d.put(&named("kept")).await.0, 200);
+    d.until("kept", "RUNNING").await;
+    let none = json!({"http_options": {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 30}, "applications": []});
+    assert_eq!(d.put(&none).await, (200, String::new()));
+    settled().await;
+    assert_eq!(d.details().await["applications"], json!({}));
     d.server.shutdown().await;
 }
 

@@ -118,6 +118,51 @@ fn why(field: &str) -> &'static str {
     }
 }
 
+/// Ray's own bound on a field Sluice maps (its `DeploymentSchema`), in pydantic's words: a
+/// config Ray refuses is refused here too (Sluice read `max_ongoing_requests: 0` as its own
+/// "auto", and answered the 0 back in the status, which Ray's CLI then failed to read).
+fn ray_bound(field: &str, v: &Value) -> Option<&'static str> {
+    let n = v.as_f64()?;
+    match field {
+        "max_ongoing_requests" | "health_check_period_s" | "health_check_timeout_s" if n <= 0.0 => {
+            Some("Input should be greater than 0")
+        }
+        "max_replicas_per_node" if n < 1.0 => Some("Input should be greater than or equal to 1"),
+        "num_replicas" if n < 0.0 => Some("Input should be greater than or equal to 0"),
+        "max_queued_requests" if n == 0.0 || n < -1.0 => {
+            Some("max_queued_requests must be -1 (no limit) or a positive integer")
+        }
+        _ => None,
+    }
+}
+
+/// Fields Sluice ignores but answers back in `deployed_app_config`, checked as Ray's
+/// `ServeDeploySchema` checks them (Ray's CLI reads the status with the same schema and fails
+/// on what it would have refused): `runtime_env` takes only remote URIs in `working_dir` and
+/// `py_modules`, and `logging_config.log_level` is a logging level name.
+fn ray_only_checks(app: &Map<String, Value>, at: &str, errors: &mut Vec<ValidationError>) {
+    let remote = |v: &Value| v.as_str().is_none_or(|s| s.contains("://"));
+    if let Some(env) = app.get("runtime_env").and_then(Value::as_object) {
+        let modules = env.get("py_modules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        if !env.get("working_dir").is_none_or(remote) || !modules.iter().all(remote) {
+            errors.push(err(
+                &format!("{at}.runtime_env"),
+                "runtime_envs in the Serve config support only remote URIs in working_dir and py_modules",
+            ));
+        }
+    }
+    const LEVELS: &[&str] = &["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"];
+    let level = app.get("logging_config").and_then(|l| l.get("log_level"));
+    if let Some(level) = level.filter(|l| !l.is_null())
+        && !level.as_str().is_some_and(|l| LEVELS.contains(&l))
+    {
+        errors.push(err(
+            &format!("{at}.logging_config.log_level"),
+            &format!("{level} is not a valid log level; use one of {}", LEVELS.join(", ")),
+        ));
+    }
+}
+
 fn ignore(list: &mut Vec<String>, path: &str, field: &str) {
     list.push(format!("{path}: {}", why(field)));
 }
@@ -200,6 +245,7 @@ fn parse_app(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Opti
         }
         Some(_) => errors.push(err(&format!("{at}.deployments"), "Input should be a valid list")),
     }
+    ray_only_checks(obj, at, errors);
     for (key, value) in obj {
         let known = ["name", "route_prefix", "import_path", "args", "deployments"];
         if !known.contains(&key.as_str()) && !value.is_null() && value != &Value::Bool(false) {
@@ -240,7 +286,10 @@ fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) 
         match (key.as_str(), value) {
             ("name", _) | (_, Value::Null) => {}
             ("max_queued_requests", v) if v.as_i64() == Some(-1) => ignore(&mut ignored, key, key),
-            (k, v) if MAPPED.contains(&k) => fields.push((key.clone(), v.clone(), loc)),
+            (k, v) if MAPPED.contains(&k) => match ray_bound(k, v) {
+                Some(message) => errors.push(err(&loc, message)),
+                None => fields.push((key.clone(), v.clone(), loc)),
+            },
             ("user_config", v) => user_config = object(v, &loc, errors).cloned().unwrap_or_default(),
             ("autoscaling_config", v) => {
                 let Some(a) = object(v, &loc, errors) else { continue };
@@ -311,9 +360,28 @@ pub fn is_ray_config(body: &Value) -> bool {
         "external_scaler_enabled",
         "autoscaling_policy",
     ];
+    /// Ray's `http_options` and `grpc_options` keys Sluice's have not (a RayService removes
+    /// every application with `applications: []` beside them).
+    const OPTIONS: &[&str] = &[
+        "request_timeout_s",
+        "root_path",
+        "keep_alive_timeout_s",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_keyfile_password",
+        "ssl_ca_certs",
+        "location",
+        "middlewares",
+        "grpc_servicer_functions",
+    ];
     let Some(top) = body.as_object() else { return false };
     let app_says = |a: &Value| a.as_object().is_some_and(|a| APP.iter().any(|k| a.contains_key(*k)));
+    let options_say = |key: &str| {
+        top.get(key).and_then(Value::as_object).is_some_and(|o| OPTIONS.iter().any(|k| o.contains_key(*k)))
+    };
     TOP.iter().any(|k| top.contains_key(*k))
+        || options_say("http_options")
+        || options_say("grpc_options")
         || top.get("applications").and_then(Value::as_array).is_some_and(|apps| apps.iter().any(app_says))
 }
 
@@ -411,5 +479,56 @@ mod tests {
         assert!(!is_ray_config(&json!({"proxy_location": "EveryNode", "applications": []})), "Sluice's too");
         assert!(!is_ray_config(&json!({"applications": [{"name": "a", "deployments": []}]})));
         assert!(!is_ray_config(&json!("applications: []")));
+        // How a RayService removes every application: Ray's frontend options, no application.
+        assert!(is_ray_config(
+            &json!({"http_options": {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 30}, "applications": []})
+        ));
+        assert!(is_ray_config(
+            &json!({"grpc_options": {"port": 9000, "grpc_servicer_functions": []}, "applications": []})
+        ));
+        assert!(!is_ray_config(&json!({"http_options": {"port": 8000}, "applications": []})), "Sluice's too");
+    }
+
+    #[test]
+    fn what_ray_refuses_is_refused_even_where_sluice_ignores_it() {
+        let app = |deployment: Value, extra: Value| {
+            let mut a =
+                json!({"name": "a", "import_path": "sluice.onnx:m.onnx", "deployments": [deployment]});
+            a.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            json!({"applications": [a]})
+        };
+        for (deployment, message) in [
+            (
+                json!({"name": "a", "max_ongoing_requests": 0}),
+                "max_ongoing_requests\n  Input should be greater than 0",
+            ),
+            (
+                json!({"name": "a", "num_replicas": -1}),
+                "num_replicas\n  Input should be greater than or equal to 0",
+            ),
+            (json!({"name": "a", "max_queued_requests": 0}), "must be -1 (no limit) or a positive integer"),
+            (
+                json!({"name": "a", "health_check_period_s": 0}),
+                "health_check_period_s\n  Input should be greater than 0",
+            ),
+        ] {
+            let e = parse(&app(deployment, json!({}))).unwrap_err().to_string();
+            assert!(e.contains(message), "{e}");
+        }
+        let ok = json!({"name": "a", "max_ongoing_requests": 5, "max_queued_requests": -1});
+        assert!(parse(&app(ok.clone(), json!({"runtime_env": {}}))).is_ok());
+        let local =
+            parse(&app(ok.clone(), json!({"runtime_env": {"working_dir": "."}}))).unwrap_err().to_string();
+        assert!(
+            local.contains(
+                "applications.0.runtime_env\n  runtime_envs in the Serve config support only remote URIs"
+            ),
+            "{local}"
+        );
+        let remote = json!({"runtime_env": {"working_dir": "https://example.invalid/a.zip", "py_modules": ["s3://b/m.zip"]}});
+        assert!(parse(&app(ok.clone(), remote)).is_ok());
+        let level =
+            parse(&app(ok, json!({"logging_config": {"log_level": "LOUD"}}))).unwrap_err().to_string();
+        assert!(level.contains("logging_config.log_level\n  \"LOUD\" is not a valid log level"), "{level}");
     }
 }
