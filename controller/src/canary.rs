@@ -39,6 +39,11 @@ impl Controller {
             m.config.version = m.primary.key.version.clone();
             m.config.canary = None;
             let message = format!("{what} version {} (was {})", m.primary.name(), old.name());
+            // A repository canary rolled back, then promoted by hand: no longer refused (the
+            // next scan would otherwise plan it away again).
+            if let Ok(v) = m.primary.key.version.parse::<u64>() {
+                st.repo.rejected.remove(&(deployment.to_string(), v));
+            }
             st.events.push(deployment, message);
             self.publish(&st);
             old

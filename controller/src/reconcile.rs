@@ -85,18 +85,34 @@ pub(crate) fn plan(state: &ControllerState, config: &Config) -> Plan {
         .applications
         .iter()
         .flat_map(|app| app.deployments.iter().map(move |d| (app.name.as_str(), d)))
-        .map(|(app, d)| plan_deployment(state.deployments.get(&d.name), app, d))
+        .map(|(app, d)| {
+            // A repository version whose files changed under it and then failed to load is
+            // rejected; the copy loaded before keeps serving it (see `scan::select`).
+            let rejected = app == crate::repository::APPLICATION
+                && d.version
+                    .parse()
+                    .is_ok_and(|v: u64| state.repo.rejected.contains_key(&(d.name.clone(), v)));
+            plan_deployment(state.deployments.get(&d.name), app, d, rejected)
+        })
         .collect();
     Plan { deployments }
 }
 
-fn plan_deployment(old: Option<&Managed>, app: &str, d: &DeploymentConfig) -> DeploymentPlan {
+/// `files_rejected`: the files `d` names now were refused; a primary running the same version
+/// from its earlier files is kept.
+fn plan_deployment(
+    old: Option<&Managed>,
+    app: &str,
+    d: &DeploymentConfig,
+    files_rejected: bool,
+) -> DeploymentPlan {
     let change = |key: VersionKey, running: bool, replicas: usize| match running {
         true => Change::Keep(key),
         false => Change::Start { key, replicas },
     };
     let key = VersionKey::new(&d.version, &d.model, &d.settings);
-    let running = old.is_some_and(|m| m.primary.key == key);
+    let running =
+        old.is_some_and(|m| m.primary.key == key || (files_rejected && m.primary.key.same_but_files(&key)));
     let replicas = match d.autoscaling() {
         // A new version takes the traffic the old one's autoscaler sized for, within the new
         // bounds; a fixed count is the config's.

@@ -27,6 +27,13 @@ pub(crate) struct VersionKey {
     pub files: Vec<FileStamp>,
 }
 
+impl VersionKey {
+    /// The same version, model path and settings, whatever the files hold now.
+    pub fn same_but_files(&self, other: &VersionKey) -> bool {
+        self.version == other.version && self.model == other.model && self.settings == other.settings
+    }
+}
+
 /// A file's path, size and modification time (None when it cannot be read).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FileStamp {

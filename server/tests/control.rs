@@ -476,6 +476,18 @@ async fn one_repository_model_refused_holds_back_no_other() {
         assert!(Instant::now() < until, "version 2 never served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The serving version's file rewritten in place, unreadable for a while: the copy loaded
+    // before keeps serving (the model was removed: 404 until the file was whole again).
+    let file = repo.join("flowers/2/model.onnx");
+    std::fs::write(&file, b"half a model").unwrap();
+    let until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < until {
+        let (status, v) = infer("flowers").await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["model_version"], "2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::copy(models_dir().join("iris/model.onnx"), &file).unwrap();
     // A model whose only version cannot load: loading it is an error naming why (200 before),
     // and so is a notice about it.
     let bad = repo.join("bad/1");

@@ -176,11 +176,14 @@ async fn a_new_version_rolls_out_as_a_canary_and_is_promoted_and_a_bad_one_rolls
         assert_eq!(env.infer().await.1["model_version"], "2", "version 3 takes no traffic any more");
     }
 
-    // A version whose model does not load: reported, never takes traffic.
+    // A version whose model does not load: reported (the notice that asked for it fails,
+    // naming why), never takes traffic.
     put(&repo, "flowers", 4, None, true);
     let r =
         env.client.post(format!("{}/api/sluice/repository/flowers/notify", env.admin)).send().await.unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 400);
+    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(error.starts_with("version 4 of `flowers` was rejected: failed to load"), "{error}");
     let events = env.events().await;
     assert!(events.contains("version 4 never takes traffic"), "{events}");
     assert_eq!(env.versions().await, [("2".to_string(), 100)]);

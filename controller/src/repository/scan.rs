@@ -86,11 +86,17 @@ pub fn select(
         if skip.contains(model) {
             continue;
         }
-        let usable: Vec<u64> =
-            versions.keys().copied().filter(|v| !rejected.contains(&(model.clone(), *v))).collect();
+        let now = serving.get(model).cloned().unwrap_or_default();
+        // The version serving stays usable when its files changed under it and were refused:
+        // the copy loaded before keeps serving (the plan keeps it running) until the files
+        // change again or a newer version comes.
+        let usable: Vec<u64> = versions
+            .keys()
+            .copied()
+            .filter(|v| !rejected.contains(&(model.clone(), *v)) || now.primary == Some(*v))
+            .collect();
         let mut selected = repo.version_policy.select(&usable);
         let Some(newest) = selected.pop() else { continue };
-        let now = serving.get(model).cloned().unwrap_or_default();
         let plan = match (repo.rollout.is_some(), now.primary) {
             (true, Some(primary)) if newest > primary && versions.contains_key(&primary) => ModelPlan {
                 model: model.clone(),
