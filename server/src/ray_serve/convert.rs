@@ -458,6 +458,14 @@ mod tests {
              "deployments": [{"name": "b", "user_config": {"max_batch_size": "lots"}}]},
         ]}));
         assert_eq!(e[0].0, "applications.0.deployments.0.user_config.max_batch_size", "{e:?}");
+        assert!(!e[0].1.contains("line"), "no line of a file the user never saw: {e:?}");
+
+        // A problem with a key inside a mapping is named at that key.
+        let e = errors(json!({"applications": [
+            {"name": "b", "import_path": "sluice.onnx:iris/model.onnx",
+             "deployments": [{"name": "b", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 9}}]},
+        ]}));
+        assert_eq!(e[0].0, "applications.0.deployments.0.autoscaling_config.initial_replicas", "{e:?}");
 
         let e = errors(json!({"applications": [
             {"name": "a", "import_path": "sluice.onnx:nope.onnx", "args": {"num_replicas": 0}},

@@ -115,17 +115,32 @@ impl Doc {
             i.and_then(|i| self.origins.get(i)).cloned().unwrap_or_else(|| "applications".into())
         };
         let err = |e: sluice_config::ConfigError| ValidationError {
-            loc: at(e.line),
+            loc: with_key(at(e.line), &e.field),
             msg: without_lines(&e.message),
         };
         ValidationErrors(e.0.into_iter().map(err).collect())
     }
 }
 
+/// `loc` (the Ray field on the error's line) with the key of `field` (Sluice's name of what is
+/// wrong) when that is a key inside it: a problem with `initial_replicas` is reported at the
+/// line of its `autoscaling_config`.
+fn with_key(loc: String, field: &str) -> String {
+    let mut parts = field.rsplit('.');
+    let (Some(key), Some(parent)) = (parts.next(), parts.next()) else { return loc };
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain(key) && loc.rsplit('.').next() == Some(parent) { format!("{loc}.{key}") } else { loc }
+}
+
 /// A message without references to lines of the written config, which the user never saw.
 fn without_lines(message: &str) -> String {
-    match (message.find(" (first defined at line "), message.rfind(')')) {
+    let message = match (message.find(" (first defined at line "), message.rfind(')')) {
         (Some(start), Some(end)) if end > start => format!("{}{}", &message[..start], &message[end + 1..]),
         _ => message.to_string(),
+    };
+    // The YAML reader's type errors end `at line N, column M`.
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(", column ") => message[..i].to_string(),
+        _ => message,
     }
 }
