@@ -375,18 +375,27 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     s.shutdown().await;
 }
 
+/// An empty model repository folder of this test process, `name` in the test target folder.
+fn empty_repository(name: &str) -> std::path::PathBuf {
+    let repo =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    repo
+}
+
+/// Version `version` of `model` in `repo`: the model file of fixture `fixture`, complete.
+fn put_version(repo: &std::path::Path, model: &str, version: u32, fixture: &str) {
+    let d = repo.join(model).join(version.to_string());
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
+    std::fs::write(d.join("READY"), b"").unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_repository_is_polled_and_loads_and_unloads() {
     sluice_server::runtime::init(None, None).unwrap();
-    let repo =
-        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("repo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&repo);
-    let put = |model: &str, version: u32, fixture: &str| {
-        let d = repo.join(model).join(version.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
-        std::fs::write(d.join("READY"), b"").unwrap();
-    };
+    let repo = empty_repository("repo");
+    let put = |model: &str, version: u32, fixture: &str| put_version(&repo, model, version, fixture);
     put("flowers", 1, "iris");
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0.1}}\n",
@@ -441,15 +450,8 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_repository_model_refused_holds_back_no_other() {
     sluice_server::runtime::init(None, None).unwrap();
-    let repo = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("repo-alone-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&repo);
-    let put = |model: &str, version: u32, fixture: &str| {
-        let d = repo.join(model).join(version.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
-        std::fs::write(d.join("READY"), b"").unwrap();
-    };
+    let repo = empty_repository("repo-alone");
+    let put = |model: &str, version: u32, fixture: &str| put_version(&repo, model, version, fixture);
     put("flowers", 1, "iris");
     put("m", 1, "mlp");
     let text = format!(

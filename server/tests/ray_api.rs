@@ -292,12 +292,9 @@ async fn bad_configs_are_refused_in_rays_words_and_failed_deploys_say_why() {
     d.server.shutdown().await;
 }
 
-/// A background deploy that has not started yet when a delete of everything comes is
-/// dropped, not applied after it (one runtime thread: the deploy's task cannot run before the
-/// delete unless the delete waits for it).
-#[tokio::test]
-async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
-    sluice_server::runtime::init(None, None).unwrap();
+/// A controller with no application, publishing into the route table it answers with.
+fn bare_controller() -> (std::sync::Arc<sluice_router::Router>, std::sync::Arc<sluice_controller::Controller>)
+{
     let routes = std::sync::Arc::new(sluice_router::Router::new(sluice_router::RouteTable::default()));
     let controller = sluice_controller::Controller::new(
         routes.clone(),
@@ -305,6 +302,16 @@ async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
         Default::default(),
         Default::default(),
     );
+    (routes, controller)
+}
+
+/// A background deploy that has not started yet when a delete of everything comes is
+/// dropped, not applied after it (one runtime thread: the deploy's task cannot run before the
+/// delete unless the delete waits for it).
+#[tokio::test]
+async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let (routes, controller) = bare_controller();
     let text = "applications:\n  - name: a\n    deployments: [{name: m, model: iris/model.onnx}]\n";
     let config = sluice_config::parse(text, &models_dir().join("c.yaml")).unwrap();
     controller.deploy(config.clone());
@@ -321,13 +328,7 @@ async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
 
 #[tokio::test]
 async fn a_draining_proxy_fails_kuberays_probe() {
-    let routes = std::sync::Arc::new(sluice_router::Router::new(sluice_router::RouteTable::default()));
-    let controller = sluice_controller::Controller::new(
-        routes.clone(),
-        Duration::from_secs(1),
-        Default::default(),
-        Default::default(),
-    );
+    let (routes, controller) = bare_controller();
     let (draining, rx) = tokio::sync::watch::channel(false);
     let (_phase, phase) = tokio::sync::watch::channel(sluice_server::readiness::Phase::Serving);
     let readiness = sluice_server::readiness::Readiness::new(phase, routes.clone());
