@@ -145,9 +145,9 @@ impl Controller {
 
     /// Stages and reconciles `config` with its repository's `listing`. A repository version
     /// that cannot serve is rejected (reported; never retried until its files change) and the
-    /// rest applied without it: one that fails to load, one above `max_version_bytes`, and
-    /// every version of a model named like a deployment of the config. Returns what now
-    /// serves.
+    /// rest applied without it: one that fails to load, and one above `max_version_bytes`. A
+    /// repository model named like a deployment of the config is not loaded while the config
+    /// has that deployment (an event says so). Returns what now serves.
     async fn apply_repository(
         &self,
         config: &Config,
@@ -155,30 +155,34 @@ impl Controller {
         skip: Option<&BTreeSet<String>>,
     ) -> Result<Signature, ControlError> {
         let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
-        let configured =
-            |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
+        let named = repository::named_in_config(config, listing);
+        if !named.is_empty() {
+            let mut st = self.lock();
+            for m in &named {
+                let why = ControlError::InBoth(m.clone());
+                st.events.push(
+                    m,
+                    format!("{why}: the config's deployment serves, the repository's is not loaded"),
+                );
+            }
+        }
         let mut failed_loads = 0;
         loop {
             let (plans, store) = {
                 let mut st = self.lock();
                 let rejected = st.repo.rejected_keys(listing);
                 let serving = repository::serving(&st.deployments);
-                let skip = skip.cloned().unwrap_or_else(|| st.unloaded.clone());
+                let mut skip = skip.cloned().unwrap_or_else(|| st.unloaded.clone());
+                skip.extend(named.iter().cloned());
                 let plans = scan::select(repo, listing, &skip, &rejected, &serving);
                 (plans, st.repo.store(repo, &self.store_env)?)
             };
             // Versions refused before any load, and why.
             let mut refused: Vec<(String, u64, ControlError)> = Vec::new();
-            for p in plans.iter().filter(|p| configured(&p.model)) {
-                refused.extend(
-                    repository::versions_of(p)
-                        .map(|v| (p.model.clone(), v, ControlError::InBoth(p.model.clone()))),
-                );
-            }
             let cache = Cache::new(&repo.cache_dir);
             let mut origins = std::collections::BTreeMap::new();
             let mut dirs = std::collections::BTreeMap::new();
-            for p in plans.iter().filter(|p| !configured(&p.model)) {
+            for p in &plans {
                 for v in repository::versions_of(p) {
                     let files = &listing.models[&p.model][&v];
                     let fetched = match cache
@@ -279,7 +283,9 @@ impl Controller {
             let mut st = self.lock();
             let rejected = st.repo.rejected_keys(&listing);
             let serving = repository::serving(&st.deployments);
-            let plans = scan::select(repo, &listing, &st.unloaded, &rejected, &serving);
+            let mut skip = st.unloaded.clone();
+            skip.extend(repository::named_in_config(config, &listing));
+            let plans = scan::select(repo, &listing, &skip, &rejected, &serving);
             let wanted = repository::signature(&plans, &listing);
             if st.repo.applied.as_ref() == Some(&wanted) || st.repo.failed.as_ref() == Some(&wanted) {
                 return Ok(());

@@ -282,6 +282,14 @@ pub fn effective(config: &Config, models: Vec<Deployment>) -> Result<Config, cra
     Ok(effective)
 }
 
+/// The repository models named like a deployment of `config`: the config's serves; these are
+/// not loaded while it has that deployment.
+pub(crate) fn named_in_config(config: &Config, listing: &Listing) -> BTreeSet<String> {
+    let configured =
+        |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
+    listing.models.keys().filter(|m| configured(m)).cloned().collect()
+}
+
 /// Whether the repository of `config` is due for a scan at `now`.
 pub(crate) fn due(config: &Config, st: &RepoState, now: Instant) -> bool {
     let Some(repo) = &config.model_repository else { return false };
