@@ -190,6 +190,17 @@ impl Controller {
                         .await
                     {
                         Ok(fetched) => fetched,
+                        // Refused already: the version serving, whose new files were refused;
+                        // its copy loaded before keeps serving (see `scan::select`).
+                        Err(StoreError::TooBig { .. })
+                            if self.lock().repo.rejected.contains_key(&(p.model.clone(), v)) =>
+                        {
+                            dirs.insert(
+                                (p.model.clone(), v),
+                                cache.version_dir(&store, &p.model, &v.to_string()),
+                            );
+                            continue;
+                        }
                         Err(e @ StoreError::TooBig { .. }) => {
                             refused.push((p.model.clone(), v, e.into()));
                             continue;

@@ -78,7 +78,7 @@ fn env(moto: &Moto) -> StoreEnv {
 fn config(path: &str, cache: &std::path::Path) -> sluice_config::Config {
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\n\
-         model_repository: {{path: \"{path}\", poll_interval_s: 0, cache_dir: {}}}\n",
+         model_repository: {{path: \"{path}\", poll_interval_s: 0, cache_dir: {}, max_version_bytes: 1000}}\n",
         cache.display()
     );
     sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap()
@@ -152,6 +152,35 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
         "{events:?}"
     );
 
+    // A version above max_version_bytes is refused alone (it failed every apply, so no other
+    // model was updated), and a model whose name the store escapes is fetched by the key it
+    // is listed under (it was asked for escaped twice, never found).
+    let mlp = std::fs::read(models_dir().join("mlp/model.onnx")).unwrap();
+    assert!(mlp.len() > 1000 && iris.len() + 7 < 1000);
+    put(&moto, "models/repo/big/1/model.onnx", mlp).await;
+    put(&moto, "models/repo/big/1/READY", Vec::new()).await;
+    let r = client.post(format!("{admin}/api/sluice/repository/big/notify")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("version 1 of `big` was rejected") && e.contains("above max_version_bytes (1000)"),
+        "{e}"
+    );
+    for key in ["a#b/1/model.onnx", "flowers/3/model.onnx"] {
+        put(&moto, &format!("models/repo/{}", key.replace('#', "%23")), iris.clone()).await;
+        put(
+            &moto,
+            &format!("models/repo/{}", key.replace('#', "%23").replace("model.onnx", "READY")),
+            Vec::new(),
+        )
+        .await;
+    }
+    let r = client.post(format!("{admin}/api/sluice/repository/a%23b/notify")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(infer().await.1["model_version"], "3", "the other models are updated");
+    let r = client.post(url(&s, "/v2/models/a%23b/infer")).body(IRIS_BODY).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
     // The store goes away: what serves keeps serving; status and notify say why.
     drop(moto);
     let r = notify().await;
@@ -159,7 +188,7 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     let e = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
     assert!(e.contains("model repository `s3://models/repo` is unreachable"), "{e}");
     assert_eq!(infer().await, (200, infer().await.1));
-    assert_eq!(infer().await.1["model_version"], "2");
+    assert_eq!(infer().await.1["model_version"], "3");
     let st = status().await;
     assert_eq!(st["repository"]["reachable"], false, "{st}");
     s.shutdown().await;
