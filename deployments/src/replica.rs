@@ -12,7 +12,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SendError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -106,7 +106,7 @@ impl ModelCell {
         &self,
         config: &ReplicaConfig,
         me: (&dyn ReplicaHost, usize),
-        tx: &Sender<Msg>,
+        tx: &SyncSender<Msg>,
         under: Duration,
     ) {
         for round in 0..COMBINE_ROUNDS {
@@ -135,7 +135,7 @@ impl ModelCell {
                     *guard = None;
                     drop(guard);
                     answers.send();
-                    let _ = tx.send(Msg::Reload);
+                    let _ = tx.try_send(Msg::Reload);
                     self.hand_over(config, me, tx);
                     return;
                 }
@@ -153,13 +153,15 @@ impl ModelCell {
         self.hand_over(config, me, tx);
     }
 
-    /// Sends what callers left to the replica's thread; a request its queue does not take (the
+    /// Sends what callers left to the replica's thread; a request its queue cannot take (the
     /// replica stopped: a caller chose it just before it left) goes to another replica, or is
     /// answered 503 when there is none.
-    fn hand_over(&self, config: &ReplicaConfig, (host, id): (&dyn ReplicaHost, usize), tx: &Sender<Msg>) {
+    fn hand_over(&self, config: &ReplicaConfig, (host, id): (&dyn ReplicaHost, usize), tx: &SyncSender<Msg>) {
         let jobs = self.pending().drain();
         for job in jobs {
-            if let Err(SendError(Msg::Job(job))) = tx.send(Msg::Job(job)) {
+            if let Err(TrySendError::Full(Msg::Job(job)) | TrySendError::Disconnected(Msg::Job(job))) =
+                tx.try_send(Msg::Job(job))
+            {
                 elsewhere(config, host, id, job);
             }
         }
@@ -684,7 +686,7 @@ fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
-    use std::sync::mpsc::channel;
+    use std::sync::mpsc::sync_channel;
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
@@ -798,7 +800,7 @@ mod tests {
             ..Default::default()
         });
         let cell = Arc::new(ModelCell::new(config.policy.clone()));
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(16);
         let thread = {
             let (config, host, cell) = (config.clone(), host.clone() as Arc<dyn ReplicaHost>, cell.clone());
             std::thread::spawn(move || run(0, config, host, rx, echo(), cell))

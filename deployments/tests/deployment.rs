@@ -467,9 +467,9 @@ fn rss_mb() -> u64 {
     kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() / 1024
 }
 
-/// Room to grow costs nothing until it is used: each replica's queue held a slot for every
+/// Room to grow costs little until it is used: each replica's queue held a slot for every
 /// request the largest set could have in flight (4,096 replicas × 1,000 here, 4 M slots per
-/// replica, hundreds of MB each), allocated when the replica started.
+/// replica, hundreds of MB each), allocated when the replica started; it is capped now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_allowed_many_replicas_costs_what_it_runs() {
     let before = rss_mb();
