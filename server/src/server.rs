@@ -247,6 +247,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             http_host: http_addr.ip().to_string(),
             http_port: http_addr.port(),
             grpc_port: grpc_addr.map(|a| a.port()),
+            proxy_location: config.proxy_location,
         };
         let node = node::LocalNode::of_this_process(http_addr);
         let state = admin::AdminState::new(controller.clone(), &config, node, frontends, stop_rx.clone());

@@ -18,6 +18,8 @@ pub struct Frontends {
     pub http_port: u16,
     /// None when gRPC is off.
     pub grpc_port: Option<u16>,
+    /// Where the server's config runs frontends (Ray's words: `HeadOnly`, `EveryNode`).
+    pub proxy_location: sluice_config::ProxyLocation,
 }
 
 /// `ServeInstanceDetails`.
@@ -153,7 +155,10 @@ pub fn instance_details(
     };
     InstanceDetails {
         controller_info: actor("sluice-controller"),
-        proxy_location: "HeadOnly",
+        proxy_location: match frontends.proxy_location {
+            sluice_config::ProxyLocation::HeadOnly => "HeadOnly",
+            sluice_config::ProxyLocation::EveryNode => "EveryNode",
+        },
         http_options: json!({"host": frontends.http_host, "port": frontends.http_port}),
         grpc_options: json!({"port": frontends.grpc_port.unwrap_or(0), "grpc_servicer_functions": []}),
         proxies,
@@ -258,7 +263,12 @@ mod tests {
         }))
         .unwrap();
         let node = LocalNode { id: "head".into(), ip: "10.0.0.1".into(), pid: 7 };
-        let frontends = Frontends { http_host: "0.0.0.0".into(), http_port: 8000, grpc_port: None };
+        let frontends = Frontends {
+            http_host: "0.0.0.0".into(),
+            http_port: 8000,
+            grpc_port: None,
+            proxy_location: sluice_config::ProxyLocation::EveryNode,
+        };
         let d = instance_details(&status, &BTreeMap::new(), &node, &frontends, ApiType::Declarative, false);
         let d = serde_json::to_value(d).unwrap();
         let proxies: Vec<(&str, &str)> = ["head", "w1", "w2"]
@@ -268,6 +278,7 @@ mod tests {
             })
             .collect();
         assert_eq!(proxies, [("10.0.0.1", "HEALTHY"), ("10.0.0.2", "HEALTHY"), ("10.0.0.3", "STARTING")]);
+        assert_eq!(d["proxy_location"], "EveryNode", "the server's config's, not always HeadOnly");
         let app = &d["applications"]["a"];
         assert_eq!((app["docs_path"].clone(), app["source"].clone()), (Value::Null, json!("declarative")));
         assert_eq!(app["route_prefix"], "/v2/models/m");
