@@ -130,7 +130,13 @@ async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch() {
         let d = f.deployment.clone();
         async move { d.infer(request(77)).await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Until the slow call holds the model (a fixed sleep was not always enough on a loaded
+    // machine: a request of the crowd then ran alone before it).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.rows.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < until, "the slow call never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let crowd: Vec<_> = (0..3)
         .map(|k| {
             let d = f.deployment.clone();
