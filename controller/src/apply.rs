@@ -168,14 +168,13 @@ impl Controller {
         }
         let mut failed_loads = 0;
         loop {
-            let (plans, store) = {
+            let (plans, rejected, store) = {
                 let mut st = self.lock();
                 let rejected = st.repo.rejected_keys(listing);
                 let serving = repository::serving(&st.deployments);
-                let mut skip = skip.cloned().unwrap_or_else(|| st.unloaded.clone());
-                skip.extend(named.iter().cloned());
+                let skip = repository::skipped(skip.unwrap_or(&st.unloaded), &named);
                 let plans = scan::select(repo, listing, &skip, &rejected, &serving);
-                (plans, st.repo.store(repo, &self.store_env)?)
+                (plans, rejected, st.repo.store(repo, &self.store_env)?)
             };
             // Versions refused before any load, and why.
             let mut refused: Vec<(String, u64, ControlError)> = Vec::new();
@@ -184,23 +183,22 @@ impl Controller {
             let mut dirs = std::collections::BTreeMap::new();
             for p in &plans {
                 for v in repository::versions_of(p) {
+                    // A rejected version planned is the one serving, whose new files were
+                    // refused: its copy loaded before keeps serving (see `scan::select`), and
+                    // its files are not fetched again.
+                    if rejected.contains(&(p.model.clone(), v)) {
+                        dirs.insert(
+                            (p.model.clone(), v),
+                            cache.version_dir(&store, &p.model, &v.to_string()),
+                        );
+                        continue;
+                    }
                     let files = &listing.models[&p.model][&v];
                     let fetched = match cache
                         .fetch(&store, &p.model, &v.to_string(), files, repo.max_version_bytes)
                         .await
                     {
                         Ok(fetched) => fetched,
-                        // Refused already: the version serving, whose new files were refused;
-                        // its copy loaded before keeps serving (see `scan::select`).
-                        Err(StoreError::TooBig { .. })
-                            if self.lock().repo.rejected.contains_key(&(p.model.clone(), v)) =>
-                        {
-                            dirs.insert(
-                                (p.model.clone(), v),
-                                cache.version_dir(&store, &p.model, &v.to_string()),
-                            );
-                            continue;
-                        }
                         Err(e @ StoreError::TooBig { .. }) => {
                             refused.push((p.model.clone(), v, e.into()));
                             continue;
@@ -294,8 +292,7 @@ impl Controller {
             let mut st = self.lock();
             let rejected = st.repo.rejected_keys(&listing);
             let serving = repository::serving(&st.deployments);
-            let mut skip = st.unloaded.clone();
-            skip.extend(repository::named_in_config(config, &listing));
+            let skip = repository::skipped(&st.unloaded, &repository::named_in_config(config, &listing));
             let plans = scan::select(repo, &listing, &skip, &rejected, &serving);
             let wanted = repository::signature(&plans, &listing);
             if st.repo.applied.as_ref() == Some(&wanted) || st.repo.failed.as_ref() == Some(&wanted) {

@@ -290,6 +290,12 @@ pub(crate) fn named_in_config(config: &Config, listing: &Listing) -> BTreeSet<St
     listing.models.keys().filter(|m| configured(m)).cloned().collect()
 }
 
+/// The repository models an apply leaves out: those `unloaded`, and those `named` like a
+/// deployment of the config.
+pub(crate) fn skipped(unloaded: &BTreeSet<String>, named: &BTreeSet<String>) -> BTreeSet<String> {
+    unloaded.union(named).cloned().collect()
+}
+
 /// Whether the repository of `config` is due for a scan at `now`.
 pub(crate) fn due(config: &Config, st: &RepoState, now: Instant) -> bool {
     let Some(repo) = &config.model_repository else { return false };

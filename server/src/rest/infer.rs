@@ -59,14 +59,33 @@ pub fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// Serves a `POST` whose path [`infer_path`] matched, without the router (see
-/// [`super::Rest`]).
-pub async fn serve_matched(state: AppState, request: Request) -> Response {
+/// Where [`infer_path`] found the names in a path, kept while the request moves into its
+/// handler (the path is read once).
+#[derive(Clone)]
+pub struct Names {
+    model: std::ops::Range<usize>,
+    version: Option<std::ops::Range<usize>>,
+}
+
+impl Names {
+    /// The names of `path` when it is a plain infer path.
+    pub fn of(path: &str) -> Option<Self> {
+        let (model, version) = infer_path(path)?;
+        let at = |s: &str| {
+            let start = s.as_ptr() as usize - path.as_ptr() as usize;
+            start..start + s.len()
+        };
+        Some(Self { model: at(model), version: version.map(at) })
+    }
+}
+
+/// Serves a `POST` to the plain infer path whose `names` [`Names::of`] found, without the
+/// router (see [`super::Rest`]).
+pub async fn serve_matched(state: AppState, request: Request, names: Names) -> Response {
     let (parts, body) = request.into_parts();
-    let Some((model, version)) = infer_path(parts.uri.path()) else {
-        return ApiError::new(axum::http::StatusCode::NOT_FOUND, "not an infer path").into_response();
-    };
-    serve(&state, model, version, &parts.headers, body).await.into_response()
+    let path = parts.uri.path();
+    let version = names.version.map(|v| &path[v]);
+    serve(&state, &path[names.model], version, &parts.headers, body).await.into_response()
 }
 
 /// One infer request: its body read, decoded, routed to the model (`version` from the path,
@@ -322,6 +341,9 @@ mod tests {
 
     #[test]
     fn only_plain_infer_paths_take_the_short_way() {
+        let path = "/v2/models/m/versions/3/infer";
+        let names = Names::of(path).unwrap();
+        assert_eq!((&path[names.model], names.version.map(|v| &path[v])), ("m", Some("3")));
         assert_eq!(infer_path("/v2/models/m/infer"), Some(("m", None)));
         assert_eq!(infer_path("/v2/models/m/versions/3/infer"), Some(("m", Some("3"))));
         // A model may be called `versions`; the router reads such a path the same way.

@@ -176,9 +176,11 @@ impl Service<Request> for Rest {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        if req.method() == Method::POST && infer::infer_path(req.uri().path()).is_some() {
+        if req.method() == Method::POST
+            && let Some(names) = infer::Names::of(req.uri().path())
+        {
             let state = self.state.clone();
-            return Either::Left(Box::pin(async move { Ok(infer::serve_matched(state, req).await) }));
+            return Either::Left(Box::pin(async move { Ok(infer::serve_matched(state, req, names).await) }));
         }
         Either::Right(self.routes.call(req))
     }
