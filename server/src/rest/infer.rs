@@ -14,7 +14,8 @@ use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
 
 use super::AppState;
-use super::json::{JsonData, JsonRequest, decode_data, input_header};
+use super::json::{InputData, JsonData, JsonRequest, decode_data, decoded, input_header};
+use super::json_scan;
 use crate::error::ApiError;
 
 /// The binary extension's header: length of the JSON part of a body.
@@ -168,11 +169,14 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
     };
     let json_part = body.slice(..json_len);
     let mut binary = body.slice(json_len..);
-    let parsed: JsonRequest<'_> = serde_json::from_slice(&json_part)
-        .map_err(|e| InferError::invalid(format!("malformed inference request JSON: {e}")))?;
+    let parsed = match json_scan::read(&json_part) {
+        Some(parsed) => parsed,
+        None => serde_json::from_slice::<JsonRequest<'_>>(&json_part)
+            .map_err(|e| InferError::invalid(format!("malformed inference request JSON: {e}")))?,
+    };
     let mut inputs = Vec::with_capacity(parsed.inputs.len());
-    for input in &parsed.inputs {
-        let (dtype, shape) = input_header(input)?;
+    for input in parsed.inputs {
+        let (dtype, shape) = input_header(&input)?;
         let params = input.parameters.as_ref();
         if params.is_some_and(|p| p.contains_key("shared_memory_region")) {
             return Err(InferError::invalid(format!(
@@ -193,7 +197,11 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
                     input.name
                 )));
             }
-            (Some(raw), None) => decode_data(&input.name, dtype, shape, raw)?,
+            (Some(InputData::Raw(raw)), None) => decode_data(&input.name, dtype, shape, raw)?,
+            (Some(InputData::Decoded { bytes, count }), None) => {
+                let tensor = decoded(&input.name, dtype, shape, bytes, count)?;
+                NamedTensor { name: input.name, tensor }
+            }
             (None, Some(size)) => {
                 if size > binary.len() {
                     return Err(InferError::invalid(format!(
@@ -206,7 +214,7 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
                 let data = binary.split_to(size);
                 let tensor = Tensor::new(dtype, shape, data)
                     .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
-                NamedTensor { name: input.name.clone(), tensor }
+                NamedTensor { name: input.name, tensor }
             }
             (None, None) => {
                 return Err(InferError::invalid(format!(

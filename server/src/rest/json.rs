@@ -2,16 +2,17 @@
 //! once, straight into the tensor's little-endian bytes, after the datatype is known; response
 //! tensors are written flat from those bytes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use sluice_deployments::{DataType, InferError, NamedTensor, Tensor, element_count, push_bytes_element};
 
-/// `POST .../infer` body (the JSON part).
+/// `POST .../infer` body (the JSON part), as serde reads it or as [`super::json_scan`] does.
 #[derive(Deserialize)]
 pub struct JsonRequest<'a> {
     #[serde(default)]
@@ -28,11 +29,27 @@ pub struct JsonRequest<'a> {
 pub struct JsonInput<'a> {
     pub name: String,
     pub shape: Vec<u64>,
-    pub datatype: String,
+    #[serde(borrow)]
+    pub datatype: Cow<'a, str>,
     #[serde(default)]
     pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
+    pub data: Option<InputData<'a>>,
+}
+
+/// An input's `data`.
+pub enum InputData<'a> {
+    /// The JSON text, decoded by [`decode_data`] once the datatype and shape are known
+    /// (serde's reader: `data` may come before `datatype`).
+    Raw(&'a RawValue),
+    /// Decoded while read ([`super::json_scan`]): `count` elements, little-endian.
+    Decoded { bytes: Vec<u8>, count: usize },
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for InputData<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(InputData::Raw)
+    }
 }
 
 #[derive(Deserialize)]
@@ -72,14 +89,25 @@ pub fn decode_data(
     Flatten { dtype, out: &mut out, count: &mut found }
         .deserialize(&mut de)
         .map_err(|e| InferError::invalid(format!("input `{name}`: {}", strip_position(&e))))?;
+    Ok(NamedTensor { name: name.to_string(), tensor: decoded(name, dtype, shape, out, found)? })
+}
+
+/// The tensor of input `name` from its `found` decoded elements, checked against its shape.
+pub fn decoded(
+    name: &str,
+    dtype: DataType,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+    found: usize,
+) -> Result<Tensor, InferError> {
+    let count = element_count(&shape)?;
     if found != count {
         return Err(InferError::invalid(format!(
             "input `{name}` has shape {shape:?} ({count} elements) but its data has {found} elements"
         )));
     }
-    let tensor = Tensor::new(dtype, shape, Bytes::from(out))
-        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
-    Ok(NamedTensor { name: name.to_string(), tensor })
+    Tensor::new(dtype, shape, Bytes::from(bytes))
+        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))
 }
 
 fn strip_position(e: &serde_json::Error) -> String {

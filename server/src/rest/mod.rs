@@ -7,6 +7,7 @@ mod health;
 pub mod infer;
 mod intake;
 pub mod json;
+mod json_scan;
 mod model;
 mod proxy;
 pub mod route;
