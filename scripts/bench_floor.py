@@ -128,6 +128,10 @@ def alloc_probes(binary):
         if all(f in addresses for f in ALLOC_FUNCTIONS):
             wanted += [(binary, group, f"c_{f}_{tag}", f"0x{file_offset(binary, addresses[f]):x}")
                        for f in ALLOC_FUNCTIONS]
+    # A binary rebuilt at the same path keeps its group name: probes left from an earlier run
+    # would sit at the old build's addresses and count nothing, so its group is set afresh.
+    for group in {group for path, group, _, _ in wanted if path == binary}:
+        subprocess.run(["perf", "probe", "-q", "-d", f"{group}:*"], capture_output=True)
     for path, group, event, function in wanted:  # "already exists" on a second run is fine
         subprocess.run(["perf", "probe", "-q", "-x", path, "--add", f"{group}:{event}={function}"],
                        capture_output=True)
