@@ -173,12 +173,34 @@ impl Store {
     }
 
     /// Every object under `under` (a model folder, or the whole repository with ""), sorted.
+    /// A local repository lists its `model/version/file` objects only (see [`list_local`]).
     pub async fn list(&self, under: &str) -> Result<Vec<StoredFile>, StoreError> {
-        // A folder that went away lists as empty: an error, not "every model was removed".
-        if let Some(root) = &self.local
-            && !tokio::fs::metadata(root).await.is_ok_and(|m| m.is_dir())
-        {
-            return Err(StoreError::FolderGone { url: self.url.clone() });
+        if let Some(root) = &self.local {
+            // A folder that went away lists as empty: an error, not "every model was removed".
+            if !tokio::fs::metadata(root).await.is_ok_and(|m| m.is_dir()) {
+                return Err(StoreError::FolderGone { url: self.url.clone() });
+            }
+            let (root, under) = (root.clone(), under.to_string());
+            let walked = tokio::task::spawn_blocking(move || list_local(&root, &under))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|walked| walked);
+            let (mut out, unnamed) = walked.map_err(|e| {
+                self.classify(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
+            })?;
+            if let Some(first) = unnamed.first() {
+                tracing::warn!(
+                    repository = %self.url,
+                    "{} entr{} left out of the listing, their names not UTF-8: {first}",
+                    unnamed.len(),
+                    if unnamed.len() == 1 { "y" } else { "ies" },
+                );
+            }
+            if out.len() > MAX_LISTED {
+                return Err(StoreError::TooLarge { url: self.url.clone() });
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            return Ok(out);
         }
         let prefix = self.root.clone().join_path(under);
         let prefix = (prefix != StorePath::default()).then_some(prefix);
@@ -270,6 +292,62 @@ impl JoinPath for StorePath {
     }
 }
 
+/// A local repository's files at `model/version/file` under `root` (those under `under`, a
+/// model or version folder or ""), and the entries left out because their names are not
+/// UTF-8. Walked here rather than through the object store, whose listing ends at the first
+/// entry it cannot name: one stray file hid every model. Objects at other depths are not
+/// listed (a version's files are read from that depth only, [`super::scan::Listing::parse`]);
+/// links are followed, and dangling ones left out, as the object store does.
+fn list_local(root: &std::path::Path, under: &str) -> std::io::Result<(Vec<StoredFile>, Vec<String>)> {
+    use std::os::unix::fs::MetadataExt;
+    let start: Vec<&str> = under.split('/').filter(|p| !p.is_empty()).collect();
+    let (mut out, mut unnamed) = (Vec::new(), Vec::new());
+    let mut folders =
+        vec![(root.join(start.join("/")), start.iter().map(|p| p.to_string()).collect::<Vec<_>>())];
+    while let Some((dir, parts)) = folders.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !parts.is_empty() => continue,
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                unnamed.push(entry.path().display().to_string());
+                continue;
+            };
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(std::io::Error::new(e.kind(), format!("{}: {e}", entry.path().display())));
+                }
+            };
+            let mut key = parts.clone();
+            key.push(name);
+            match (key.len(), meta.is_dir()) {
+                (1 | 2, true) => folders.push((entry.path(), key)),
+                (3, false) if meta.is_file() => {
+                    let mtime = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .unwrap_or_default()
+                        .as_micros();
+                    // The object store's local etag: inode, modification time, size.
+                    let etag = format!("\"{:x}-{mtime:x}-{:x}\"", meta.ino(), meta.len());
+                    out.push(StoredFile { key: key.join("/"), size: meta.len(), etag: Some(etag) });
+                    if out.len() > MAX_LISTED {
+                        return Ok((out, unnamed));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((out, unnamed))
+}
+
 /// The cloud clients' TLS uses ring; installed once per process (a provider installed
 /// earlier, by an embedding program, is kept).
 fn install_crypto() {
@@ -347,6 +425,36 @@ mod tests {
             let name = f.key.split('/').next().unwrap();
             assert_eq!(std::fs::read(&dest).unwrap(), name.as_bytes());
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A stray file with a name that is not UTF-8 is left out, and so are dangling links and
+    /// files at other depths; the models around them still list.
+    #[tokio::test]
+    async fn an_unnamable_file_is_left_out_not_the_repository() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::env::temp_dir().join(format!("sluice-store-unnamable-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("m/1")).unwrap();
+        std::fs::write(dir.join("m/1/model.onnx"), b"abc").unwrap();
+        std::fs::write(dir.join(std::ffi::OsStr::from_bytes(b"stray\xff.txt")), b"x").unwrap();
+        std::fs::write(dir.join("m/1").join(std::ffi::OsStr::from_bytes(b"notes\xfe")), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("m/1/dangling")).unwrap();
+        std::fs::create_dir_all(dir.join("m/1/deeper")).unwrap();
+        std::fs::write(dir.join("m/1/deeper/file"), b"x").unwrap();
+        let store = Store::open_location(
+            &RepositoryLocation::Local(dir.clone()),
+            &StoreEnv::default(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let files = store.list("").await.unwrap();
+        assert_eq!(files.iter().map(|f| f.key.as_str()).collect::<Vec<_>>(), ["m/1/model.onnx"]);
+        assert_eq!(store.list("m/1").await.unwrap(), files);
+        // A file written again is a new object (its etag changes).
+        std::thread::sleep(Duration::from_millis(5));
+        std::fs::write(dir.join("m/1/model.onnx"), b"abcd").unwrap();
+        let again = store.list("").await.unwrap();
+        assert_ne!(again[0].etag, files[0].etag);
         let _ = std::fs::remove_dir_all(dir);
     }
 
