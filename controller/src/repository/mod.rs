@@ -101,10 +101,12 @@ impl RepoState {
     }
 
     /// Rejected versions whose files are still the ones rejected (a version written again
-    /// gets another chance).
+    /// gets another chance). A version gone from the repository is forgotten; one seen
+    /// incomplete (being written again) stays rejected until it is complete.
     pub fn rejected_keys(&mut self, listing: &Listing) -> BTreeSet<(String, u64)> {
-        self.rejected.retain(|(model, v), r| {
-            listing.models.get(model).and_then(|vs| vs.get(v)).is_none_or(|files| *files == r.files)
+        self.rejected.retain(|(model, v), r| match listing.models.get(model).and_then(|vs| vs.get(v)) {
+            Some(files) => *files == r.files,
+            None => listing.incomplete.iter().any(|(m, iv)| m == model && iv == v),
         });
         self.rejected.keys().cloned().collect()
     }
@@ -333,4 +335,32 @@ pub async fn scan_once(repo: &ModelRepository, env: &StoreEnv) -> Result<Vec<Dep
         }
     }
     Ok(deployments(&plain, &plans, |m, v| dirs[&(m.to_string(), v)].join(MODEL_FILE)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(keys: &[&str]) -> Listing {
+        let files: Vec<StoredFile> =
+            keys.iter().map(|k| StoredFile { key: k.to_string(), size: 1, etag: Some("e".into()) }).collect();
+        Listing::parse(&files, "")
+    }
+
+    #[test]
+    fn a_rejection_lasts_while_its_files_do() {
+        let mut st = RepoState::default();
+        let first = listing(&["m/1/model.onnx", "m/2/model.onnx", "n/1/model.onnx"]);
+        st.listing = Some(first.clone());
+        assert!(st.reject("m", 2, "fails to load".into()));
+        assert!(st.reject("n", 1, "too big".into()));
+        assert_eq!(st.rejected_keys(&first).len(), 2);
+        // m/2 half-written again (no model.onnx yet): still rejected. n deleted: forgotten.
+        let later = listing(&["m/1/model.onnx", "m/2/notes.txt"]);
+        let keys = st.rejected_keys(&later);
+        assert_eq!(keys.into_iter().collect::<Vec<_>>(), [("m".to_string(), 2)]);
+        // m/2 complete with other files: another chance.
+        let rewritten = listing(&["m/1/model.onnx", "m/2/model.onnx", "m/2/notes.txt"]);
+        assert!(st.rejected_keys(&rewritten).is_empty());
+    }
 }
