@@ -174,11 +174,9 @@ impl Flatten<'_> {
     }
 
     fn push_float<E: de::Error>(self, v: f64) -> Result<(), E> {
-        match self.dtype {
-            DataType::Fp16 => self.out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-            DataType::Bf16 => self.out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-            DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
+        match push_float_as(self.dtype, v, self.out) {
+            Some(true) => {}
+            Some(false) => return Err(E::custom(format!("{v:e} is out of range for {}", self.dtype))),
             // serde_json hands integers beyond 64 bits over as floats.
             _ if integer_range(self.dtype)
                 .is_some_and(|(below, above)| v.fract() == 0.0 && !(below < v && v < above)) =>
@@ -195,6 +193,32 @@ impl Flatten<'_> {
         *self.count += 1;
         Ok(())
     }
+}
+
+/// `v` converted to `dtype` and appended to `out`: `Some(true)`, or `Some(false)` (nothing
+/// appended) where it rounds to an infinity of `dtype` (FP32 `1e39`, FP16 `70000`); `None` when
+/// `dtype` is not a float type. Both JSON readers convert with this, from the same correctly
+/// rounded f64, so a number's bytes do not depend on which reader read the request.
+pub(super) fn push_float_as(dtype: DataType, v: f64, out: &mut Vec<u8>) -> Option<bool> {
+    fn put<const N: usize>(out: &mut Vec<u8>, finite: bool, bytes: [u8; N]) -> bool {
+        if finite {
+            out.extend_from_slice(&bytes);
+        }
+        finite
+    }
+    Some(match dtype {
+        DataType::Fp16 => {
+            let h = half::f16::from_f64(v);
+            put(out, h.is_finite(), h.to_le_bytes())
+        }
+        DataType::Bf16 => {
+            let h = half::bf16::from_f64(v);
+            put(out, h.is_finite(), h.to_le_bytes())
+        }
+        DataType::Fp32 => put(out, (v as f32).is_finite(), (v as f32).to_le_bytes()),
+        DataType::Fp64 => put(out, v.is_finite(), v.to_le_bytes()),
+        _ => return None,
+    })
 }
 
 /// An integer datatype's values as floats, both bounds excluded: (just below its minimum, just
