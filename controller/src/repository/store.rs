@@ -185,15 +185,15 @@ impl Store {
                 .await
                 .map_err(std::io::Error::other)
                 .and_then(|walked| walked);
-            let (mut out, unnamed) = walked.map_err(|e| {
+            let (mut out, left_out) = walked.map_err(|e| {
                 self.classify(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
             })?;
-            if let Some(first) = unnamed.first() {
+            if let Some(first) = left_out.first() {
                 tracing::warn!(
                     repository = %self.url,
-                    "{} entr{} left out of the listing, their names not UTF-8: {first}",
-                    unnamed.len(),
-                    if unnamed.len() == 1 { "y" } else { "ies" },
+                    "{} entr{} left out of the listing, unreadable: {first}",
+                    left_out.len(),
+                    if left_out.len() == 1 { "y" } else { "ies" },
                 );
             }
             if out.len() > MAX_LISTED {
@@ -293,39 +293,65 @@ impl JoinPath for StorePath {
 }
 
 /// A local repository's files at `model/version/file` under `root` (those under `under`, a
-/// model or version folder or ""), and the entries left out because their names are not
-/// UTF-8. Walked here rather than through the object store, whose listing ends at the first
-/// entry it cannot name: one stray file hid every model. Objects at other depths are not
-/// listed (a version's files are read from that depth only, [`super::scan::Listing::parse`]);
-/// links are followed, and dangling ones left out, as the object store does.
+/// model or version folder or ""), and the entries left out, each with why. Walked here rather
+/// than through the object store, whose listing ends at the first entry it cannot name or
+/// read: one stray file (a name not UTF-8, a `lost+found` folder the server may not enter)
+/// hid every model. Below the folder listed, an entry that cannot be read is left out, as if
+/// absent; only the folder itself failing to read fails the listing. Objects at other depths,
+/// and names the listing's parse drops anyway (dot-names, versions not numbers), are not
+/// looked at ([`super::scan::Listing::parse`]); links are followed, dangling ones left out, as
+/// the object store does, and so are its own temporary files (`name#123`).
 fn list_local(root: &std::path::Path, under: &str) -> std::io::Result<(Vec<StoredFile>, Vec<String>)> {
     use std::os::unix::fs::MetadataExt;
     let start: Vec<&str> = under.split('/').filter(|p| !p.is_empty()).collect();
-    let (mut out, mut unnamed) = (Vec::new(), Vec::new());
+    let (mut out, mut left_out) = (Vec::new(), Vec::new());
     let mut folders =
         vec![(root.join(start.join("/")), start.iter().map(|p| p.to_string()).collect::<Vec<_>>())];
+    let mut first = true;
     while let Some((dir, parts)) = folders.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !parts.is_empty() => continue,
-            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+            Err(e) if first => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+            Err(e) => {
+                left_out.push(format!("{} ({e})", dir.display()));
+                continue;
+            }
         };
+        first = false;
         for entry in entries {
-            let entry = entry?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    left_out.push(format!("{} ({e})", dir.display()));
+                    break;
+                }
+            };
             let Ok(name) = entry.file_name().into_string() else {
-                unnamed.push(entry.path().display().to_string());
+                left_out.push(format!("{} (name not UTF-8)", entry.path().display()));
                 continue;
             };
+            let depth = parts.len() + 1;
+            let dropped = match depth {
+                1 | 3 => name.starts_with('.'),
+                2 => !name.parse::<u64>().is_ok_and(|v| v.to_string() == name),
+                _ => true,
+            };
+            let temporary = name.rsplit_once('#').is_some_and(|(_, n)| n.parse::<u64>().is_ok());
+            if dropped || temporary {
+                continue;
+            }
             let meta = match std::fs::metadata(entry.path()) {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    return Err(std::io::Error::new(e.kind(), format!("{}: {e}", entry.path().display())));
+                    left_out.push(format!("{} ({e})", entry.path().display()));
+                    continue;
                 }
             };
             let mut key = parts.clone();
             key.push(name);
-            match (key.len(), meta.is_dir()) {
+            match (depth, meta.is_dir()) {
                 (1 | 2, true) => folders.push((entry.path(), key)),
                 (3, false) if meta.is_file() => {
                     let mtime = meta
@@ -338,14 +364,14 @@ fn list_local(root: &std::path::Path, under: &str) -> std::io::Result<(Vec<Store
                     let etag = format!("\"{:x}-{mtime:x}-{:x}\"", meta.ino(), meta.len());
                     out.push(StoredFile { key: key.join("/"), size: meta.len(), etag: Some(etag) });
                     if out.len() > MAX_LISTED {
-                        return Ok((out, unnamed));
+                        return Ok((out, left_out));
                     }
                 }
                 _ => {}
             }
         }
     }
-    Ok((out, unnamed))
+    Ok((out, left_out))
 }
 
 /// The cloud clients' TLS uses ring; installed once per process (a provider installed
@@ -428,10 +454,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// A stray file with a name that is not UTF-8 is left out, and so are dangling links and
-    /// files at other depths; the models around them still list.
+    /// A stray file with a name that is not UTF-8 is left out, and so are links that resolve
+    /// nowhere, files at other depths, dot-names and the object store's temporary files; the
+    /// models around them still list.
     #[tokio::test]
-    async fn an_unnamable_file_is_left_out_not_the_repository() {
+    async fn an_unreadable_entry_is_left_out_not_the_repository() {
         use std::os::unix::ffi::OsStrExt;
         let dir = std::env::temp_dir().join(format!("sluice-store-unnamable-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("m/1")).unwrap();
@@ -441,6 +468,15 @@ mod tests {
         std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("m/1/dangling")).unwrap();
         std::fs::create_dir_all(dir.join("m/1/deeper")).unwrap();
         std::fs::write(dir.join("m/1/deeper/file"), b"x").unwrap();
+        // Links that resolve nowhere (ELOOP), as a model folder and as a file.
+        std::os::unix::fs::symlink("lost", dir.join("lost")).unwrap();
+        std::os::unix::fs::symlink("loop", dir.join("m/1/loop")).unwrap();
+        // The object store's temporary files, and names the listing's parse drops.
+        std::fs::write(dir.join("m/1/model.onnx#17"), b"x").unwrap();
+        std::fs::create_dir_all(dir.join(".hidden/1")).unwrap();
+        std::fs::write(dir.join(".hidden/1/model.onnx"), b"x").unwrap();
+        std::fs::create_dir_all(dir.join("m/01")).unwrap();
+        std::fs::write(dir.join("m/01/model.onnx"), b"x").unwrap();
         let store = Store::open_location(
             &RepositoryLocation::Local(dir.clone()),
             &StoreEnv::default(),
@@ -450,6 +486,10 @@ mod tests {
         let files = store.list("").await.unwrap();
         assert_eq!(files.iter().map(|f| f.key.as_str()).collect::<Vec<_>>(), ["m/1/model.onnx"]);
         assert_eq!(store.list("m/1").await.unwrap(), files);
+        assert_eq!(store.list("m").await.unwrap(), files);
+        let (_, left_out) = list_local(&dir, "").unwrap();
+        assert_eq!(left_out.len(), 4, "{left_out:?}");
+        assert!(left_out.iter().any(|e| e.contains("/lost (")), "{left_out:?}");
         // A file written again is a new object (its etag changes).
         std::thread::sleep(Duration::from_millis(5));
         std::fs::write(dir.join("m/1/model.onnx"), b"abcd").unwrap();
