@@ -114,13 +114,9 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     let calls: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(calls < 24.0, "the encoder batched: {calls} calls for 24 requests");
     // Replica series are the steps' deployments'; a pipeline has none (at 0 it read as "no
-    // ready replica" to the shipped alert).
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sluice_replicas_ready{model=\"encoder\"") && l.ends_with(" 1")),
-        "{metrics}"
-    );
+    // ready replica" to the shipped alert). The value is not checked: the recorder is the
+    // process's, and another test's server with an `encoder` may have just stopped.
+    assert!(metrics.lines().any(|l| l.starts_with("sluice_replicas_ready{model=\"encoder\"")), "{metrics}");
     assert!(!metrics.contains("sluice_replicas_ready{model=\"embeddings\""), "{metrics}");
     s.shutdown().await;
 }
