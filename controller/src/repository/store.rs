@@ -82,6 +82,9 @@ pub struct Store {
     root: StorePath,
     /// Whether files are read in place (a local folder) rather than cached.
     local: Option<std::path::PathBuf>,
+    /// The entries the last local listing left out: warned about when they change, not at
+    /// every scan.
+    left_out: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Store {
@@ -103,7 +106,13 @@ impl Store {
             RepositoryLocation::Local(path) => {
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                     .map_err(|e| config(format!("cannot open the folder: {e}")))?;
-                Ok(Self { url, inner: Arc::new(fs), root: StorePath::default(), local: Some(path.clone()) })
+                Ok(Self {
+                    url,
+                    inner: Arc::new(fs),
+                    root: StorePath::default(),
+                    local: Some(path.clone()),
+                    left_out: Default::default(),
+                })
             }
             RepositoryLocation::Url(u) => {
                 let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
@@ -157,7 +166,13 @@ impl Store {
                     }
                     other => return Err(config(format!("unsupported scheme `{other}://`"))),
                 };
-                Ok(Self { url, inner, root: StorePath::from(prefix), local: None })
+                Ok(Self {
+                    url,
+                    inner,
+                    root: StorePath::from(prefix),
+                    local: None,
+                    left_out: Default::default(),
+                })
             }
         }
     }
@@ -180,22 +195,29 @@ impl Store {
             if !tokio::fs::metadata(root).await.is_ok_and(|m| m.is_dir()) {
                 return Err(StoreError::FolderGone { url: self.url.clone() });
             }
+            let whole = under.is_empty();
             let (root, under) = (root.clone(), under.to_string());
             let walked = tokio::task::spawn_blocking(move || list_local(&root, &under))
                 .await
                 .map_err(std::io::Error::other)
                 .and_then(|walked| walked);
-            let (mut out, left_out) = walked.map_err(|e| {
+            let (mut out, mut left_out) = walked.map_err(|e| {
                 self.classify(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
             })?;
-            if let Some(first) = left_out.first() {
-                tracing::warn!(
-                    repository = %self.url,
-                    "{} entr{} left out of the listing, unreadable: {first}",
-                    left_out.len(),
-                    if left_out.len() == 1 { "y" } else { "ies" },
-                );
+            left_out.sort();
+            let mut warned = self.left_out.lock().unwrap_or_else(|e| e.into_inner());
+            if whole && *warned != left_out {
+                if let Some(first) = left_out.first() {
+                    tracing::warn!(
+                        repository = %self.url,
+                        "{} entr{} left out of the listing, unreadable: {first}",
+                        left_out.len(),
+                        if left_out.len() == 1 { "y" } else { "ies" },
+                    );
+                }
+                *warned = left_out;
             }
+            drop(warned);
             if out.len() > MAX_LISTED {
                 return Err(StoreError::TooLarge { url: self.url.clone() });
             }
@@ -390,6 +412,7 @@ impl Store {
             inner: Arc::new(fs),
             root: StorePath::default(),
             local: None,
+            left_out: Default::default(),
         }
     }
 }
