@@ -318,37 +318,41 @@ impl JoinPath for StorePath {
 /// model or version folder or ""), and the entries left out, each with why. Walked here rather
 /// than through the object store, whose listing ends at the first entry it cannot name or
 /// read: one stray file (a name not UTF-8, a `lost+found` folder the server may not enter)
-/// hid every model. Below the folder listed, an entry that cannot be read is left out, as if
-/// absent; only the folder itself failing to read fails the listing. Objects at other depths,
-/// and names the listing's parse drops anyway (dot-names, versions not numbers), are not
-/// looked at ([`super::scan::Listing::parse`]); links are followed, dangling ones left out, as
-/// the object store does, and so are its own temporary files (`name#123`).
+/// hid every model. Below the folder listed, an entry the server may not read, or a link
+/// that resolves nowhere, is left out as if absent; any other error (too many open files, I/O,
+/// a stale NFS handle: passing ones) fails the listing, so that nothing serving is unloaded
+/// for it, and so does the folder listed failing to read. Objects at other depths, and names
+/// the listing's parse drops anyway (dot-names, versions not numbers), are not looked at
+/// ([`super::scan::Listing::parse`]); links are followed, dangling ones left out, as the
+/// object store does, and so are its own temporary files (`model.onnx#123`).
 fn list_local(root: &std::path::Path, under: &str) -> std::io::Result<(Vec<StoredFile>, Vec<String>)> {
     use std::os::unix::fs::MetadataExt;
     let start: Vec<&str> = under.split('/').filter(|p| !p.is_empty()).collect();
     let (mut out, mut left_out) = (Vec::new(), Vec::new());
     let mut folders =
         vec![(root.join(start.join("/")), start.iter().map(|p| p.to_string()).collect::<Vec<_>>())];
+    let failed = |path: &std::path::Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    };
+    // Errors that say this entry is unreadable, not that reading failed.
+    let unreadable = |e: &std::io::Error| {
+        // ELOOP and ENOTDIR (Linux's numbers; std's kinds for them are not stable).
+        e.kind() == std::io::ErrorKind::PermissionDenied || matches!(e.raw_os_error(), Some(40 | 20))
+    };
     let mut first = true;
     while let Some((dir, parts)) = folders.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !parts.is_empty() => continue,
-            Err(e) if first => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
-            Err(e) => {
+            Err(e) if !first && unreadable(&e) => {
                 left_out.push(format!("{} ({e})", dir.display()));
                 continue;
             }
+            Err(e) => return Err(failed(&dir, e)),
         };
         first = false;
         for entry in entries {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
-                    left_out.push(format!("{} ({e})", dir.display()));
-                    break;
-                }
-            };
+            let entry = entry.map_err(|e| failed(&dir, e))?;
             let Ok(name) = entry.file_name().into_string() else {
                 left_out.push(format!("{} (name not UTF-8)", entry.path().display()));
                 continue;
@@ -359,17 +363,22 @@ fn list_local(root: &std::path::Path, under: &str) -> std::io::Result<(Vec<Store
                 2 => !name.parse::<u64>().is_ok_and(|v| v.to_string() == name),
                 _ => true,
             };
-            let temporary = name.rsplit_once('#').is_some_and(|(_, n)| n.parse::<u64>().is_ok());
+            // The object store's own: `file#123`, a file being written.
+            let temporary = depth == 3
+                && name
+                    .split_once('#')
+                    .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
             if dropped || temporary {
                 continue;
             }
             let meta = match std::fs::metadata(entry.path()) {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
+                Err(e) if unreadable(&e) => {
                     left_out.push(format!("{} ({e})", entry.path().display()));
                     continue;
                 }
+                Err(e) => return Err(failed(&entry.path(), e)),
             };
             let mut key = parts.clone();
             key.push(name);
