@@ -419,13 +419,19 @@ impl Deployment {
         for slot in removed {
             slot.channel.stop();
             if slot.granted.swap(true, Ordering::AcqRel) {
+                // The free ones now (a request admitted after this must not take a permit
+                // of a replica that is gone: scaled to zero, it was answered "no replicas"
+                // instead of waiting for one), the rest as they come free.
                 let permits = self.set.permits.clone();
-                let k = u32::try_from(self.set.spec.ongoing_limit()).unwrap_or(u32::MAX);
-                tokio::spawn(async move {
-                    if let Ok(p) = permits.acquire_many_owned(k).await {
-                        p.forget();
-                    }
-                });
+                let k = self.set.spec.ongoing_limit();
+                let rest = u32::try_from(k - permits.forget_permits(k)).unwrap_or(u32::MAX);
+                if rest > 0 {
+                    tokio::spawn(async move {
+                        if let Ok(p) = permits.acquire_many_owned(rest).await {
+                            p.forget();
+                        }
+                    });
+                }
             }
         }
         self.set.publish_ready();

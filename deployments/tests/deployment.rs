@@ -385,6 +385,23 @@ async fn scaling_up_and_down_keeps_every_request() {
     assert_eq!(values(&held.await.unwrap().unwrap().outputs[0].tensor), vec![9]);
 }
 
+/// Right after a scale to zero (before any other task runs: one thread), a request waits for
+/// a replica; the gone replica's permits are taken back at once, not by a task that runs later
+/// (meanwhile a request took one and was answered "no replicas").
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_right_after_a_scale_to_zero_waits_for_a_replica() {
+    let f = start(spec(|_| {}), 0, None);
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    f.deployment.scale_to(0).await.unwrap();
+    let held = f.deployment.infer(request(&[9]));
+    tokio::pin!(held);
+    // Polled once, with no task run in between.
+    assert!(tokio::time::timeout(Duration::ZERO, &mut held).await.is_err(), "answered at once");
+    assert_eq!(f.deployment.queue_depth(), 1);
+    f.deployment.scale_to(1).await.unwrap();
+    assert_eq!(values(&held.await.unwrap().outputs[0].tensor), vec![9]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
     // The model loads once, then every reload fails (the file is gone, say).
