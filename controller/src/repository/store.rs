@@ -288,7 +288,8 @@ impl Store {
             _ if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") => {
                 StoreError::Missing { url, source: e }
             }
-            _ if text.contains("403")
+            // The status with its reason: the text also holds a duration (`275.043403ms`).
+            _ if text.contains("403 Forbidden")
                 || text.contains("AccessDenied")
                 || text.contains("InvalidAccessKeyId") =>
             {
@@ -528,6 +529,17 @@ mod tests {
         let again = store.list("").await.unwrap();
         assert_ne!(again[0].etag, files[0].etag);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_refused_connection_is_unreachable_whatever_its_duration_reads() {
+        let store = Store::for_tests_remote(&std::env::temp_dir());
+        let e = |text: &str| {
+            store.classify(object_store::Error::Generic { store: "S3", source: text.to_string().into() })
+        };
+        let refused = "Error performing GET http://127.0.0.1:1/m in 275.043403ms, after 2 retries - HTTP error: error sending request";
+        assert!(matches!(e(refused), StoreError::Unreachable { .. }));
+        assert!(matches!(e("Client error with status 403 Forbidden: <Error/>"), StoreError::Denied { .. }));
     }
 
     #[tokio::test]
