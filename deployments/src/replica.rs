@@ -11,7 +11,7 @@
 //! queue to the other replicas, loads a fresh backend, warms it and serves again.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
@@ -56,6 +56,8 @@ pub(crate) struct ModelCell {
     cost_ns: AtomicU64,
     /// Requests left by callers for whoever holds the model next.
     pending: Mutex<BatchState>,
+    /// Whether the last batch a caller ran held one request only (true before any).
+    ran_alone: AtomicBool,
 }
 
 impl ModelCell {
@@ -64,6 +66,7 @@ impl ModelCell {
             model: Mutex::new(None),
             cost_ns: AtomicU64::new(u64::MAX),
             pending: Mutex::new(BatchState::new(policy)),
+            ran_alone: AtomicBool::new(true),
         }
     }
 
@@ -73,6 +76,12 @@ impl ModelCell {
 
     fn pending(&self) -> MutexGuard<'_, BatchState> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the last batch a caller ran held one request only: requests do not meet here
+    /// now, so a caller alone need not wait for others to join it.
+    pub fn ran_alone(&self) -> bool {
+        self.ran_alone.load(Ordering::Relaxed)
     }
 
     /// Whether model calls are known to take less than `threshold`.
@@ -129,6 +138,7 @@ impl ModelCell {
             let Taken { batch, expired } = self.pending().take(Instant::now());
             answer_expired(config, expired);
             if !batch.is_empty() {
+                self.ran_alone.store(batch.len() == 1, Ordering::Relaxed);
                 let started = Instant::now();
                 let (panicked, answers) = run_batch(config, me, model, batch);
                 if panicked {

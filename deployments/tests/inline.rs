@@ -231,3 +231,81 @@ async fn a_panic_in_an_inline_call_fails_that_request_and_the_replica_is_replace
     }
     assert_eq!(run(&f, 3).await.len(), 3);
 }
+
+/// Polls its future again at once when it stays pending, unless it yielded on purpose: as
+/// the server polls a connection that woke itself while being polled.
+struct PolledAgain<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for PolledAgain<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        sluice_deployments::yielded();
+        match self.0.as_mut().poll(cx) {
+            std::task::Poll::Pending if !sluice_deployments::yielded() => self.0.as_mut().poll(cx),
+            done => done,
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_caller_alone_runs_the_model_in_its_first_poll() {
+    let f = start(Duration::ZERO, |_| {});
+    run(&f, 3).await;
+    let mut call = std::pin::pin!(f.deployment.infer(request(5)));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+    let std::task::Poll::Ready(answer) = first else { panic!("a caller alone waited for others") };
+    assert_eq!(answer.unwrap().outputs[0].tensor.data()[..8], 5i64.to_le_bytes());
+}
+
+/// Once requests meet, callers ready on one thread yield first, so that the first of them back
+/// runs them all as one batch; the yield is announced (`yielded`), so a server that polls
+/// again at once a task that woke itself leaves these to the scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_ready_on_one_thread_run_as_one_batch_under_a_wrapper_that_polls_again() {
+    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000_000);
+    run(&f, 3).await;
+    // Requests meet: many callers at once until one batch holds more than one.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.rows.lock().unwrap().last() == Some(&1) {
+        assert!(std::time::Instant::now() < until, "concurrent callers never met");
+        let crowd: Vec<_> = (0..8)
+            .map(|k| {
+                let d = f.deployment.clone();
+                tokio::spawn(async move { d.infer(request(400 + k)).await.unwrap() })
+            })
+            .collect();
+        for task in crowd {
+            task.await.unwrap();
+        }
+    }
+    f.rows.lock().unwrap().clear();
+    let d = f.deployment.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let callers: Vec<_> = (0..4)
+                .map(|k| {
+                    let d = d.clone();
+                    tokio::spawn(PolledAgain(Box::pin(
+                        async move { d.infer(request(300 + k)).await.unwrap() },
+                    )))
+                })
+                .collect();
+            for (k, task) in (300..).zip(callers) {
+                let r = task.await.unwrap();
+                assert_eq!(
+                    r.outputs[0].tensor.data()[..8],
+                    i64::to_le_bytes(k),
+                    "each caller gets its own answer"
+                );
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    assert_eq!(*f.rows.lock().unwrap(), [4], "the four as one batch");
+}

@@ -14,11 +14,16 @@
 //! shutdown waiting forever.)
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::http::Request;
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -132,7 +137,15 @@ async fn accept_loop<S: App>(
         // No Nagle: HTTP/2 (gRPC) writes a response in several frames, and Nagle plus delayed
         // ACKs would hold the last one back for ~40 ms.
         let _ = tcp.set_nodelay(true);
-        connections.spawn(connection(tcp, peer, tls.clone(), app.clone(), limits, stop.clone(), permit));
+        connections.spawn(PollAgain::new(connection(
+            tcp,
+            peer,
+            tls.clone(),
+            app.clone(),
+            limits,
+            stop.clone(),
+            permit,
+        )));
     }
     drop(listener);
     let open = connections.len();
@@ -238,5 +251,195 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+/// How many times [`PollAgain`] polls a connection again within one poll of its task.
+const POLL_AGAIN: usize = 2;
+
+/// A connection's future, polled again at once when it wakes itself while being polled,
+/// rather than handed back to the scheduler.
+///
+/// hyper's HTTP/1 connection wakes its own task whenever its handler takes a piece of the
+/// request body (the body channel wakes its sender, the connection, on every take), so every
+/// request with a body woke the task it ran on. tokio takes a task woken during its own poll
+/// for one that yields: it goes to the back of the queue and a parked worker is woken to come
+/// and steal it (a system call to wake that thread, which then polls the connection on its
+/// CPU). Polling again here does at once what the thief would have done. Wakes from elsewhere
+/// (a socket, a replica's answer) reach the task as before. A request that yields on purpose
+/// (to let the others the worker has ready join its batch: `sluice_deployments::yielded`) is
+/// handed to the scheduler, as is a connection that keeps waking itself (bounded, and only
+/// while tokio's budget lasts).
+struct PollAgain<F> {
+    future: Pin<Box<F>>,
+    state: Arc<WakeState>,
+    /// Wakes through `state`: the waker the connection's future sees.
+    waker: Waker,
+}
+
+/// [`PollAgain`]'s wake-up state: `IDLE` between polls (a wake goes to the task),
+/// `POLLING` during one, `WOKEN` once woken during one (the poll goes again).
+struct WakeState {
+    state: AtomicU8,
+    task: AtomicWaker,
+}
+
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+impl<F> PollAgain<F> {
+    fn new(future: F) -> Self {
+        let state = Arc::new(WakeState { state: AtomicU8::new(IDLE), task: AtomicWaker::new() });
+        Self { future: Box::pin(future), waker: Waker::from(state.clone()), state }
+    }
+}
+
+impl Wake for WakeState {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        match self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) | Err(WOKEN) => {}
+            Err(_) => self.task.wake(),
+        }
+    }
+}
+
+impl<F: Future> Future for PollAgain<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.state.task.register(cx.waker());
+        let mut inner = Context::from_waker(&this.waker);
+        sluice_deployments::yielded();
+        for _ in 0..=POLL_AGAIN {
+            this.state.state.store(POLLING, Ordering::Release);
+            if let Poll::Ready(out) = this.future.as_mut().poll(&mut inner) {
+                this.state.state.store(IDLE, Ordering::Release);
+                return Poll::Ready(out);
+            }
+            if this.state.state.compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Poll::Pending;
+            }
+            // A request that yields to let others join its batch goes to the scheduler.
+            if sluice_deployments::yielded() || !tokio::task::coop::has_budget_remaining() {
+                break;
+            }
+        }
+        // Yielding, or still waking itself: the scheduler runs the others first.
+        this.state.state.store(IDLE, Ordering::Release);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Counts the wakes the scheduler would get.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Pending until polled `ready_at` times; wakes itself in its first `self_wakes` polls; keeps
+    /// the last waker it was given.
+    struct Probe {
+        polls: usize,
+        self_wakes: usize,
+        ready_at: usize,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Probe {
+        type Output = usize;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+            self.polls += 1;
+            if self.polls >= self.ready_at {
+                return Poll::Ready(self.polls);
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            if self.polls <= self.self_wakes {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        }
+    }
+
+    fn probe(self_wakes: usize, ready_at: usize) -> (PollAgain<Probe>, Arc<std::sync::Mutex<Option<Waker>>>) {
+        let waker = Arc::new(std::sync::Mutex::new(None));
+        (PollAgain::new(Probe { polls: 0, self_wakes, ready_at, waker: waker.clone() }), waker)
+    }
+
+    #[tokio::test]
+    async fn a_future_that_wakes_itself_is_polled_again_at_once_not_rescheduled() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        // Woken once while polled: the second poll comes at once and is ready.
+        let (mut once, _) = probe(1, 2);
+        assert_eq!(Pin::new(&mut once).poll(&mut cx), Poll::Ready(2));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "the task was not woken");
+        // Woken once, then pending: no wake reaches the task.
+        let (mut pending, _) = probe(1, usize::MAX);
+        assert!(Pin::new(&mut pending).poll(&mut cx).is_pending());
+        assert_eq!(pending.future.polls, 2);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "the task was not woken");
+    }
+
+    #[tokio::test]
+    async fn a_future_that_keeps_waking_itself_is_handed_back_to_the_scheduler() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let (mut spinning, _) = probe(usize::MAX, usize::MAX);
+        assert!(Pin::new(&mut spinning).poll(&mut Context::from_waker(&task)).is_pending());
+        assert_eq!(spinning.future.polls, POLL_AGAIN + 1);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the task was woken to run again later");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_yields_to_join_a_batch_is_left_to_the_scheduler() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let seen = polls.clone();
+        let mut yielding = PollAgain::new(async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            sluice_deployments::yield_once().await;
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "not polled again at once");
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the task was woken to run after the others");
+        assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_ready());
+    }
+
+    #[tokio::test]
+    async fn wakes_between_polls_reach_the_task() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let (mut waiting, kept) = probe(0, usize::MAX);
+        assert!(Pin::new(&mut waiting).poll(&mut Context::from_waker(&task)).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        // A socket or a replica's answer, from another thread.
+        let waker = kept.lock().unwrap().clone().unwrap();
+        std::thread::spawn(move || waker.wake()).join().unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Polled again (as the scheduler does), the future registers again and is woken again.
+        assert!(Pin::new(&mut waiting).poll(&mut Context::from_waker(&task)).is_pending());
+        kept.lock().unwrap().clone().unwrap().wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }
 }
