@@ -688,10 +688,9 @@ impl Deployment {
         {
             // Let the other requests this thread has ready now reach the model first: the
             // first of them to come back runs them all as one batch. Not when requests do not
-            // meet (the last batch held one) and no other is in the deployment now: one
-            // connection's requests run at once (a yield costs the worker a poll of its
-            // sockets, a system call); the first to meet others brings the yield back.
-            if !(cell.ran_alone() && self.requests.load(Ordering::Acquire) == 1) {
+            // meet (the last batches held one) and no other is in the deployment now: one
+            // connection's requests run at once (a yield wakes a parked worker thread).
+            if !(cell.may_skip_yield() && self.requests.load(Ordering::Acquire) == 1) {
                 yield_once().await;
             }
             cell.run_pending(

@@ -11,7 +11,7 @@
 //! queue to the other replicas, loads a fresh backend, warms it and serves again.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ pub(crate) enum Msg {
 /// replica's thread: a frontend thread is not kept from its own connections for long.
 const COMBINE_ROUNDS: usize = 4;
 
+/// While callers run alone, one in this many yields anyway ([`ModelCell::may_skip_yield`]).
+const PROBE_EVERY: u32 = 8;
+
 /// A replica's model, shared by its thread and by callers that run cheap calls on their own
 /// thread (saving the two thread hand-offs of the queue).
 ///
@@ -56,8 +59,8 @@ pub(crate) struct ModelCell {
     cost_ns: AtomicU64,
     /// Requests left by callers for whoever holds the model next.
     pending: Mutex<BatchState>,
-    /// Whether the last batch a caller ran held one request only (true before any).
-    ran_alone: AtomicBool,
+    /// Batches of one request that callers ran in a row (0 after one of more).
+    alone: AtomicU32,
 }
 
 impl ModelCell {
@@ -66,7 +69,7 @@ impl ModelCell {
             model: Mutex::new(None),
             cost_ns: AtomicU64::new(u64::MAX),
             pending: Mutex::new(BatchState::new(policy)),
-            ran_alone: AtomicBool::new(true),
+            alone: AtomicU32::new(0),
         }
     }
 
@@ -78,10 +81,14 @@ impl ModelCell {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the last batch a caller ran held one request only: requests do not meet here
-    /// now, so a caller alone need not wait for others to join it.
-    pub fn ran_alone(&self) -> bool {
-        self.ran_alone.load(Ordering::Relaxed)
+    /// Whether a caller alone in its deployment may run the model at once rather than yield
+    /// first to let the requests its thread has ready join it: the last batches held one
+    /// request each, so requests do not meet here now. Every [`PROBE_EVERY`]th one yields
+    /// anyway: requests ready on the same worker are seen by no count until they are polled,
+    /// and callers that each run alone within one poll never would meet again.
+    pub fn may_skip_yield(&self) -> bool {
+        let alone = self.alone.load(Ordering::Relaxed);
+        alone > 0 && !alone.is_multiple_of(PROBE_EVERY)
     }
 
     /// Whether model calls are known to take less than `threshold`.
@@ -138,7 +145,11 @@ impl ModelCell {
             let Taken { batch, expired } = self.pending().take(Instant::now());
             answer_expired(config, expired);
             if !batch.is_empty() {
-                self.ran_alone.store(batch.len() == 1, Ordering::Relaxed);
+                if batch.len() == 1 {
+                    self.alone.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.alone.store(0, Ordering::Relaxed);
+                }
                 let started = Instant::now();
                 let (panicked, answers) = run_batch(config, me, model, batch);
                 if panicked {

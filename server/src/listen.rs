@@ -255,7 +255,7 @@ where
 }
 
 /// How many times [`PollAgain`] polls a connection again within one poll of its task.
-const POLL_AGAIN: usize = 2;
+const POLL_AGAIN: usize = 1;
 
 /// A connection's future, polled again at once when it wakes itself while being polled,
 /// rather than handed back to the scheduler.
@@ -268,8 +268,9 @@ const POLL_AGAIN: usize = 2;
 /// CPU). Polling again here does at once what the thief would have done. Wakes from elsewhere
 /// (a socket, a replica's answer) reach the task as before. A request that yields on purpose
 /// (to let the others the worker has ready join its batch: `sluice_deployments::yielded`) is
-/// handed to the scheduler, as is a connection that keeps waking itself (bounded, and only
-/// while tokio's budget lasts).
+/// handed to the scheduler, as is one that wakes itself a second time within the poll (hyper's
+/// HTTP/1 connection yields on purpose after 16 turns of its loop: it runs at most twice that
+/// long here) or has used up tokio's budget.
 struct PollAgain<F> {
     future: Pin<Box<F>>,
     state: Arc<WakeState>,
@@ -301,10 +302,16 @@ impl Wake for WakeState {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        match self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) | Err(WOKEN) => {}
-            Err(_) => self.task.wake(),
+        // During a poll the poll goes again; a write (not a load) even when already woken,
+        // so that the next poll's swap sees whatever this waker's thread wrote before.
+        let mut now = self.state.load(Ordering::Acquire);
+        while now != IDLE {
+            match self.state.compare_exchange_weak(now, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(seen) => now = seen,
+            }
         }
+        self.task.wake();
     }
 }
 
@@ -315,9 +322,11 @@ impl<F: Future> Future for PollAgain<F> {
         let this = &mut *self;
         this.state.task.register(cx.waker());
         let mut inner = Context::from_waker(&this.waker);
+        // A panic in the connection leaves the state as it was between polls.
+        let _idle = IdleOnUnwind(&this.state.state);
         sluice_deployments::yielded();
         for _ in 0..=POLL_AGAIN {
-            this.state.state.store(POLLING, Ordering::Release);
+            this.state.state.swap(POLLING, Ordering::AcqRel);
             if let Poll::Ready(out) = this.future.as_mut().poll(&mut inner) {
                 this.state.state.store(IDLE, Ordering::Release);
                 return Poll::Ready(out);
@@ -334,6 +343,17 @@ impl<F: Future> Future for PollAgain<F> {
         this.state.state.store(IDLE, Ordering::Release);
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// Sets [`PollAgain`]'s state back to `IDLE` if the poll unwinds.
+struct IdleOnUnwind<'a>(&'a AtomicU8);
+
+impl Drop for IdleOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(IDLE, Ordering::Release);
+        }
     }
 }
 
@@ -424,6 +444,52 @@ mod tests {
         assert_eq!(polls.load(Ordering::SeqCst), 1, "not polled again at once");
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "the task was woken to run after the others");
         assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_ready());
+    }
+
+    /// Woken from another thread while being polled (a replica's answer): polled again at once.
+    struct WokenElsewhere {
+        polls: usize,
+    }
+
+    impl Future for WokenElsewhere {
+        type Output = usize;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+            self.polls += 1;
+            if self.polls > 1 {
+                return Poll::Ready(self.polls);
+            }
+            let waker = cx.waker().clone();
+            std::thread::spawn(move || waker.wake()).join().unwrap();
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_from_another_thread_during_a_poll_is_not_lost() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let mut woken = PollAgain::new(WokenElsewhere { polls: 0 });
+        assert_eq!(Pin::new(&mut woken).poll(&mut Context::from_waker(&task)), Poll::Ready(2));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_panic_in_a_poll_wakes_reach_the_task() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let kept = Arc::new(std::sync::Mutex::new(None::<Waker>));
+        let keep = kept.clone();
+        let mut panicking = PollAgain::new(std::future::poll_fn(move |cx| -> Poll<()> {
+            *keep.lock().unwrap() = Some(cx.waker().clone());
+            panic!("a broken connection");
+        }));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = Pin::new(&mut panicking).poll(&mut Context::from_waker(&task));
+        }));
+        assert!(unwound.is_err());
+        kept.lock().unwrap().clone().unwrap().wake();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not absorbed as a wake during a poll");
     }
 
     #[tokio::test]
