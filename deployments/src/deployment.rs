@@ -689,9 +689,10 @@ impl Deployment {
             // Let the other requests this thread has ready now reach the model first: the
             // first of them to come back runs them all as one batch. Not when requests do not
             // meet (the last batches held one) and no other is in the deployment now: one
-            // connection's requests run at once (a yield wakes a parked worker thread).
-            if !(cell.may_skip_yield() && self.requests.load(Ordering::Acquire) == 1) {
-                yield_once().await;
+            // connection's requests run at once (a requeued yield wakes a parked worker).
+            let alone = self.requests.load(Ordering::Acquire) == 1;
+            if let Some(how) = cell.before_batch(alone) {
+                yield_once(how).await;
             }
             cell.run_pending(
                 &self.set.config,
@@ -908,31 +909,40 @@ impl Drop for Inside<'_> {
     }
 }
 
-/// Yields once to the other tasks the worker has ready: the task wakes itself and returns
-/// pending, so the scheduler puts it at the back of the worker's queue (tokio's `yield_now`
-/// instead waits until the worker has nothing else to run, or 61 polls: under load that held
-/// every caller's batch back; 64 connections served ~10 % fewer requests). A wrapper that polls
-/// again at once a future that woke itself (the server's connections) leaves one that
-/// [`yielded`] to the scheduler.
-#[derive(Default)]
+/// How a future yielded on purpose ([`yielded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Yield {
+    /// It woke itself: the scheduler puts it at the back of the worker's queue (and wakes a
+    /// parked worker to help). A wrapper that absorbed that wake must pass it on.
+    Requeue,
+    /// Its waker is with the scheduler, which wakes it once the worker has nothing else to run
+    /// (or after 61 polls), with no other thread woken: nothing to pass on.
+    Defer,
+}
+
+/// Yields once to the other tasks the worker has ready ([`Yield`] says how). Requeued is what
+/// callers that meet others use: deferred held every caller's batch back under load (64
+/// connections served ~10 % fewer requests). A wrapper that polls again at once a future that
+/// woke itself (the server's connections) leaves one that [`yielded`] to the scheduler.
 pub struct YieldOnce {
+    how: Yield,
     yielded: bool,
 }
 
 /// Yields once to the other tasks the worker has ready: see [`YieldOnce`].
-pub fn yield_once() -> YieldOnce {
-    YieldOnce::default()
+pub fn yield_once(how: Yield) -> YieldOnce {
+    YieldOnce { how, yielded: false }
 }
 
 thread_local! {
-    static YIELDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static YIELDED: std::cell::Cell<Option<Yield>> = const { std::cell::Cell::new(None) };
 }
 
-/// Whether a future polled on this thread yielded on purpose since the last call; clears it.
-/// For a wrapper that polls a future again at once when it woke itself: one that yielded is
-/// left to the scheduler instead.
-pub fn yielded() -> bool {
-    YIELDED.with(|y| y.replace(false))
+/// Whether (and how) a future polled on this thread yielded on purpose since the last call;
+/// clears it. For a wrapper that polls a future again at once when it woke itself: one that
+/// yielded is left to the scheduler instead.
+pub fn yielded() -> Option<Yield> {
+    YIELDED.with(|y| y.take())
 }
 
 impl std::future::Future for YieldOnce {
@@ -943,8 +953,13 @@ impl std::future::Future for YieldOnce {
             return std::task::Poll::Ready(());
         }
         self.yielded = true;
-        YIELDED.with(|y| y.set(true));
-        cx.waker().wake_by_ref();
+        YIELDED.with(|y| y.set(Some(self.how)));
+        match self.how {
+            Yield::Requeue => cx.waker().wake_by_ref(),
+            Yield::Defer => {
+                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+            }
+        }
         std::task::Poll::Pending
     }
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::concat::{merge, padded_dims, split, union_outputs};
 use crate::metrics::{DeploymentMetrics, StageTimes};
-use crate::{Backend, BackendFactory, DataType, ErrorKind, InferError, NamedTensor, Tensor};
+use crate::{Backend, BackendFactory, DataType, ErrorKind, InferError, NamedTensor, Tensor, Yield};
 
 /// What a replica's queue carries.
 pub(crate) enum Msg {
@@ -81,14 +81,19 @@ impl ModelCell {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether a caller alone in its deployment may run the model at once rather than yield
-    /// first to let the requests its thread has ready join it: the last batches held one
-    /// request each, so requests do not meet here now. Every [`PROBE_EVERY`]th one yields
-    /// anyway: requests ready on the same worker are seen by no count until they are polled,
-    /// and callers that each run alone within one poll never would meet again.
-    pub fn may_skip_yield(&self) -> bool {
-        let alone = self.alone.load(Ordering::Relaxed);
-        alone > 0 && !alone.is_multiple_of(PROBE_EVERY)
+    /// How a caller that is to run a batch on its own thread first lets the requests its
+    /// thread has ready join it: requeued while requests meet here; not at all for a caller
+    /// `alone` in its deployment while the last batches held one request each, except one in
+    /// [`PROBE_EVERY`], deferred (no other thread woken): requests ready on the same worker are
+    /// seen by no count until they are polled, and callers that each finish within their own
+    /// poll would never meet again.
+    pub fn before_batch(&self, alone: bool) -> Option<Yield> {
+        match self.alone.load(Ordering::Relaxed) {
+            0 => Some(Yield::Requeue),
+            _ if !alone => Some(Yield::Requeue),
+            n if n.is_multiple_of(PROBE_EVERY) => Some(Yield::Defer),
+            _ => None,
+        }
     }
 
     /// Whether model calls are known to take less than `threshold`.

@@ -245,7 +245,7 @@ impl<F: std::future::Future> std::future::Future for PolledAgain<F> {
     ) -> std::task::Poll<F::Output> {
         sluice_deployments::yielded();
         match self.0.as_mut().poll(cx) {
-            std::task::Poll::Pending if !sluice_deployments::yielded() => self.0.as_mut().poll(cx),
+            std::task::Poll::Pending if sluice_deployments::yielded().is_none() => self.0.as_mut().poll(cx),
             done => done,
         }
     }

@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use sluice_deployments::Yield;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -335,8 +336,15 @@ impl<F: Future> Future for PollAgain<F> {
                 return Poll::Pending;
             }
             // A request that yields to let others join its batch goes to the scheduler.
-            if sluice_deployments::yielded() || !tokio::task::coop::has_budget_remaining() {
-                break;
+            match sluice_deployments::yielded() {
+                // Its waker is with the scheduler, which polls it again: nothing to pass on.
+                Some(Yield::Defer) => {
+                    this.state.state.store(IDLE, Ordering::Release);
+                    return Poll::Pending;
+                }
+                Some(Yield::Requeue) => break,
+                None if !tokio::task::coop::has_budget_remaining() => break,
+                None => {}
             }
         }
         // Yielding, or still waking itself: the scheduler runs the others first.
@@ -437,7 +445,7 @@ mod tests {
         let seen = polls.clone();
         let mut yielding = PollAgain::new(async move {
             seen.fetch_add(1, Ordering::SeqCst);
-            sluice_deployments::yield_once().await;
+            sluice_deployments::yield_once(Yield::Requeue).await;
             seen.fetch_add(1, Ordering::SeqCst);
         });
         assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_pending());
@@ -490,6 +498,32 @@ mod tests {
         assert!(unwound.is_err());
         kept.lock().unwrap().clone().unwrap().wake();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "not absorbed as a wake during a poll");
+    }
+
+    #[tokio::test]
+    async fn a_deferred_yield_is_left_to_the_scheduler_with_no_wake_passed_on() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let seen = polls.clone();
+        let mut yielding = PollAgain::new(async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            // Woken during this poll too (as hyper's body does), then the deferred yield.
+            std::future::poll_fn(|cx| {
+                cx.waker().wake_by_ref();
+                Poll::Ready(())
+            })
+            .await;
+            sluice_deployments::yield_once(Yield::Defer).await;
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "not polled again at once");
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "no wake of its own");
+        // The scheduler wakes it once this worker has nothing else to run.
+        tokio::task::yield_now().await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken by the scheduler");
+        assert!(Pin::new(&mut yielding).poll(&mut Context::from_waker(&task)).is_ready());
     }
 
     #[tokio::test]
