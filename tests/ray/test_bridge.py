@@ -290,7 +290,9 @@ def test_job_stop_leaves_nothing(cluster, package_uri, tmp_path, stop_wait):
     job = b.wait_terminal(40)
     took = time.monotonic() - t0
     assert job["status"] == "STOPPED"
-    assert b.find("_sigterm")    # the controller was told, and drained for 1 s
+    # The controller was told, and drained for 1 s. (On failure, the driver's log says whether
+    # it forwarded SIGTERM at all: a CI run under load once saw no `_sigterm`.)
+    assert b.find("_sigterm"), b.logs()[-4000:]
     pids = [p for r in rs for p in (r["pid"], r["actor_pid"])] + helpers + [b.hello["pid"], relay]
     assert wait_gone(pids, timeout=10) == [], pids
     assert not set(pids) & set(cluster.pids())
