@@ -375,6 +375,12 @@ mod tests {
     #[derive(Default)]
     struct Count(AtomicUsize);
 
+    /// A task's waker that counts its wakes.
+    fn counting() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        (count.clone(), Waker::from(count))
+    }
+
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
@@ -413,8 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_future_that_wakes_itself_is_polled_again_at_once_not_rescheduled() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let mut cx = Context::from_waker(&task);
         // Woken once while polled: the second poll comes at once and is ready.
         let (mut once, _) = probe(1, 2);
@@ -429,8 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_future_that_keeps_waking_itself_is_handed_back_to_the_scheduler() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let (mut spinning, _) = probe(usize::MAX, usize::MAX);
         assert!(Pin::new(&mut spinning).poll(&mut Context::from_waker(&task)).is_pending());
         assert_eq!(spinning.future.polls, POLL_AGAIN + 1);
@@ -439,8 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_that_yields_to_join_a_batch_is_left_to_the_scheduler() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let polls = Arc::new(AtomicUsize::new(0));
         let seen = polls.clone();
         let mut yielding = PollAgain::new(async move {
@@ -475,8 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wake_from_another_thread_during_a_poll_is_not_lost() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let mut woken = PollAgain::new(WokenElsewhere { polls: 0 });
         assert_eq!(Pin::new(&mut woken).poll(&mut Context::from_waker(&task)), Poll::Ready(2));
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
@@ -484,8 +486,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_panic_in_a_poll_wakes_reach_the_task() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let kept = Arc::new(std::sync::Mutex::new(None::<Waker>));
         let keep = kept.clone();
         let mut panicking = PollAgain::new(std::future::poll_fn(move |cx| -> Poll<()> {
@@ -502,8 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deferred_yield_is_left_to_the_scheduler_with_no_wake_passed_on() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let polls = Arc::new(AtomicUsize::new(0));
         let seen = polls.clone();
         let mut yielding = PollAgain::new(async move {
@@ -528,8 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakes_between_polls_reach_the_task() {
-        let count = Arc::new(Count::default());
-        let task = Waker::from(count.clone());
+        let (count, task) = counting();
         let (mut waiting, kept) = probe(0, usize::MAX);
         assert!(Pin::new(&mut waiting).poll(&mut Context::from_waker(&task)).is_pending());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
