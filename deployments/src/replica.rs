@@ -36,7 +36,7 @@ pub(crate) enum Msg {
 /// replica's thread: a frontend thread is not kept from its own connections for long.
 const COMBINE_ROUNDS: usize = 4;
 
-/// While callers run alone, one in this many yields anyway ([`ModelCell::may_skip_yield`]).
+/// While callers run alone, one in this many yields anyway ([`ModelCell::before_batch`]).
 const PROBE_EVERY: u32 = 8;
 
 /// A replica's model, shared by its thread and by callers that run cheap calls on their own
