@@ -8,6 +8,7 @@
 #   scripts/instructions.sh BINARY [PATH] [REQUESTS]
 #   scripts/instructions.sh target/release/sluice /v2/models/mlp/infer 2000
 #   scripts/instructions.sh /path/to/older/sluice /v2/health/live
+#   ROWS=32 scripts/instructions.sh target/release/sluice   # 32 rows of 8 numbers per request
 #
 # Serves examples/models/mlp (2 replicas, batching 32) on 127.0.0.1:$PORT (default 18200),
 # sends 200 unmeasured requests, then REQUESTS (default 2000) with callgrind collecting, over one
@@ -37,10 +38,15 @@ ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so} RUST_LOG=warn \
 SERVER=$!
 send() {  # N requests on one connection
     python3 - "$PORT" "$REQUEST_PATH" "$1" <<'PY'
-import http.client, json, sys
+import http.client, json, os, random, sys
 port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 cases = json.load(open("examples/models/mlp/expected.json"))["cases"]
-body = json.dumps({"inputs": cases[0]["inputs"]}).encode()
+rows = int(os.environ.get("ROWS", "1"))
+inputs = cases[0]["inputs"]
+if rows > 1:  # rows of numbers from a fixed seed, printed as clients print them (repr)
+    random.seed(7)
+    inputs = [dict(inputs[0], shape=[rows, 8], data=[random.uniform(-3, 3) for _ in range(rows * 8)])]
+body = json.dumps({"inputs": inputs}).encode()
 c = http.client.HTTPConnection("127.0.0.1", port)
 for _ in range(n):
     c.putrequest("POST" if path.endswith("/infer") else "GET", path, skip_accept_encoding=True)

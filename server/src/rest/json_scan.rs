@@ -253,11 +253,9 @@ impl<'a> Reader<'a> {
         let start = self.at;
         let mut i = start;
         let digits = |i: &mut usize| {
-            let from = *i;
-            while b.get(*i).is_some_and(u8::is_ascii_digit) {
-                *i += 1;
-            }
-            *i > from
+            let run = digit_run(&b[*i..]);
+            *i += run;
+            run > 0
         };
         if b.get(i) == Some(&b'-') {
             i += 1;
@@ -290,6 +288,24 @@ impl<'a> Reader<'a> {
         self.at = i;
         Some((self.text.get(start..i)?, integer))
     }
+}
+
+/// How many ASCII digits `b` starts with, eight bytes at a time: a byte is a digit when its
+/// high nibble is 3 and adding 6 leaves it so. (A carry out of a byte from adding 6 reaches
+/// only later bytes, which a non-digit before them already ends the run at.)
+fn digit_run(b: &[u8]) -> usize {
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    const THREES: u64 = 0x3030_3030_3030_3030;
+    let mut n = 0;
+    while let Some(&eight) = b.get(n..).and_then(|rest| rest.first_chunk::<8>()) {
+        let x = u64::from_le_bytes(eight);
+        let not_digits = ((x & HIGH) ^ THREES) | ((x.wrapping_add(0x0606_0606_0606_0606) & HIGH) ^ THREES);
+        if not_digits != 0 {
+            return n + not_digits.trailing_zeros() as usize / 8;
+        }
+        n += 8;
+    }
+    n + b[n..].iter().take_while(|c| c.is_ascii_digit()).count()
 }
 
 /// Elements in `shape`, `None` when it overflows.
@@ -593,5 +609,23 @@ mod tests {
         // range, ... are not), and some mangled ones stay valid.
         assert!(read_fast > 4_000, "{read_fast}");
         assert!(mangled_read > 100, "{mangled_read}");
+    }
+
+    /// Runs of digits counted eight bytes at a time end where a byte-at-a-time count ends them,
+    /// whatever byte ends them and wherever it falls.
+    #[test]
+    fn digit_runs_end_at_the_first_other_byte() {
+        let slow = |b: &[u8]| b.iter().take_while(|c| c.is_ascii_digit()).count();
+        for len in 0..20 {
+            for end in [b'/', b':', b'.', b'e', b' ', 0x00, 0x7f, 0xf9, 0xfa, 0xff] {
+                for tail in [&b""[..], b"9", b"12345678901234567"] {
+                    let mut b: Vec<u8> = (0..len).map(|i| b'0' + (i * 7 % 10) as u8).collect();
+                    b.push(end);
+                    b.extend_from_slice(tail);
+                    assert_eq!(digit_run(&b), slow(&b), "{b:?}");
+                    assert_eq!(digit_run(&b[..len]), len);
+                }
+            }
+        }
     }
 }
