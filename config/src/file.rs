@@ -49,6 +49,11 @@ pub(crate) struct Config {
     /// `text` (default) or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The most replicas one deployment may have: a fixed `num_replicas`, an autoscaling
+    /// `max_replicas`, the model repository's `num_replicas`. A ceiling against typos (each
+    /// replica is a thread and a model session here, an actor on Ray). Default 1024.
+    #[serde(default = "default_max_replicas")]
+    pub max_replicas_per_deployment: u32,
 }
 
 /// `ray_actor_options` of a deployment, Ray Serve's names.
@@ -244,6 +249,9 @@ fn defaults() -> ReplicaSettings {
 }
 fn default_no_model() -> Spanned<PathBuf> {
     spanned(PathBuf::new())
+}
+fn default_max_replicas() -> u32 {
+    1024
 }
 fn default_grace() -> f64 {
     crate::Config::default().graceful_shutdown_timeout_s

@@ -275,6 +275,48 @@ fn a_replica_count_that_is_not_a_number_or_auto_is_a_parse_error() {
     assert_eq!(e[0].line, 4, "{e:?}");
 }
 
+/// Replica counts above `max_replicas_per_deployment` (default 1024) are refused, naming the
+/// field; Ray's default autoscaling ceiling of 100 gives way to a lower one.
+#[test]
+fn replica_counts_have_a_ceiling() {
+    let e = errors(concat!(
+        "model_repository: {path: ., num_replicas: 1025}\n",
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, num_replicas: 1000000}\n",
+        "      - {name: n, model: m.onnx, num_replicas: 1024}\n",
+        "      - {name: o, model: m.onnx, autoscaling_config: {max_replicas: 2000}}\n",
+    ));
+    let fields: Vec<(&str, u64)> = e.iter().map(|e| (e.field.as_str(), e.line)).collect();
+    assert_eq!(
+        fields,
+        [
+            ("model_repository.num_replicas", 0),
+            ("applications[0].deployments[0].num_replicas", 5),
+            ("applications[0].deployments[2].autoscaling_config.max_replicas", 7),
+        ],
+        "{e:?}"
+    );
+    assert!(e[1].message.contains("1000000 is more than max_replicas_per_deployment (1024)"), "{e:?}");
+
+    let lower = concat!(
+        "max_replicas_per_deployment: 8\n",
+        "applications:\n",
+        "  - name: a\n",
+        "    deployments:\n",
+        "      - {name: m, model: m.onnx, num_replicas: 8}\n",
+        "      - {name: n, model: m.onnx, num_replicas: auto}\n",
+    );
+    let c = parse_in(lower).unwrap();
+    assert_eq!(c.applications[0].deployments[0].scaling, Scaling::Fixed(8));
+    assert_eq!(c.applications[0].deployments[1].autoscaling().unwrap().max_replicas, 8);
+    let e = errors(&lower.replace("num_replicas: auto", "autoscaling_config: {min_replicas: 9}"));
+    assert_eq!(e[0].field, "applications[0].deployments[1].autoscaling_config.min_replicas", "{e:?}");
+    let e = errors("max_replicas_per_deployment: 0\n");
+    assert_eq!(e[0].field, "max_replicas_per_deployment", "{e:?}");
+}
+
 #[test]
 fn autoscaling_value_errors_name_the_field() {
     let e = errors(concat!(

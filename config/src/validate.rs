@@ -25,6 +25,8 @@ const MAX_SPIN_US: u32 = 10_000;
 struct Errors<'a> {
     file: &'a Path,
     list: Vec<ConfigError>,
+    /// `max_replicas_per_deployment`, which every replica count is checked against.
+    max_replicas: u32,
 }
 
 impl Errors<'_> {
@@ -84,7 +86,8 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
     // server started with `run c.yaml` and a `deploy` from the admin API compare equal).
     let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-    let mut errs = Errors { file: source, list: Vec::new() };
+    let max_replicas = doc.max_replicas_per_deployment;
+    let mut errs = Errors { file: source, list: Vec::new(), max_replicas };
     validate_top(&doc, &mut errs);
     let mut model_repository = doc.model_repository;
     if let Some(repo) = &mut model_repository {
@@ -151,6 +154,9 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     if !(doc.graceful_shutdown_timeout_s >= 0.0 && doc.graceful_shutdown_timeout_s.is_finite()) {
         errs.at(unknown, "graceful_shutdown_timeout_s", "must be 0 or more seconds");
     }
+    if doc.max_replicas_per_deployment == 0 {
+        errs.at(unknown, "max_replicas_per_deployment", "must be at least 1");
+    }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
     }
@@ -184,6 +190,14 @@ fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mu
     }
     if !(repo.store_timeout_s > 0.0 && repo.store_timeout_s.is_finite()) {
         errs.at(unknown, "model_repository.store_timeout_s", "must be above 0 seconds");
+    }
+    if repo.num_replicas > errs.max_replicas {
+        let max = errs.max_replicas;
+        errs.at(
+            unknown,
+            "model_repository.num_replicas",
+            format!("must be at most {max} (max_replicas_per_deployment)"),
+        );
     }
     if repo.max_version_bytes == 0 {
         errs.at(unknown, "model_repository.max_version_bytes", "must be at least 1");
@@ -496,15 +510,41 @@ fn validate_scaling(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -> 
             errs.at(dep.num_replicas.referenced, format!("{at}.num_replicas"), "must be at least 1");
             Scaling::Fixed(1)
         }
+        (NumReplicas::Fixed(n), None) if n > errs.max_replicas => {
+            let max = errs.max_replicas;
+            errs.at(
+                dep.num_replicas.referenced,
+                format!("{at}.num_replicas"),
+                format!("{n} is more than max_replicas_per_deployment ({max})"),
+            );
+            Scaling::Fixed(max)
+        }
         (NumReplicas::Fixed(n), None) => Scaling::Fixed(n),
         (_, config) => {
-            let resolved = config
+            let mut resolved = config
                 .as_ref()
                 .map(|c| c.value.resolve(auto))
                 .unwrap_or_else(|| crate::AutoscalingConfig::default().resolve(true));
             let loc = config.as_ref().map_or(dep.num_replicas.referenced, |c| c.referenced);
+            // Ray's default ceiling (100 for `auto`) gives way to a lower one here.
+            if config.as_ref().is_none_or(|c| c.value.max_replicas.is_none()) {
+                resolved.max_replicas =
+                    resolved.max_replicas.min(errs.max_replicas).max(resolved.min_replicas);
+            }
             for (field, problem) in resolved.problems() {
                 errs.at(loc, format!("{at}.autoscaling_config.{field}"), problem);
+            }
+            let max = errs.max_replicas;
+            if let Some((field, n)) =
+                [("min_replicas", resolved.min_replicas), ("max_replicas", resolved.max_replicas)]
+                    .into_iter()
+                    .find(|&(_, n)| n > max)
+            {
+                errs.at(
+                    loc,
+                    format!("{at}.autoscaling_config.{field}"),
+                    format!("{n} is more than max_replicas_per_deployment ({max})"),
+                );
             }
             Scaling::Auto(resolved)
         }
