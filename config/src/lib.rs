@@ -40,6 +40,16 @@ pub use types::{
 /// when it has a `model_repository`).
 pub const REPOSITORY_APPLICATION: &str = "repository";
 
+/// Whether `name` may name an application, deployment or model: not empty, not `.` or `..`,
+/// and without whitespace, control characters or any of `/ ? # % { }` (it is a path segment
+/// of the REST API and a metric label).
+pub fn valid_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.chars().any(|c| "/?#%{}".contains(c) || c.is_whitespace() || c.is_control()))
+}
+
 /// Reads, parses and validates a config file. Relative model paths are resolved against the
 /// directory of the file. Returns every error found (parse errors stop at the first one, since
 /// the rest of the document cannot be trusted after it).

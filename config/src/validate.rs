@@ -40,11 +40,7 @@ impl Errors<'_> {
     /// control characters.
     fn check_name(&mut self, name: &Spanned<String>, field: &str) {
         let v = &name.value;
-        let dots = v == "." || v == "..";
-        if v.is_empty()
-            || dots
-            || v.chars().any(|c| "/?#%{}".contains(c) || c.is_whitespace() || c.is_control())
-        {
+        if !crate::valid_name(v) {
             self.at(
                 name.referenced,
                 field,

@@ -143,6 +143,14 @@ impl RepoState {
     pub fn reachable(&mut self, url: &str, listing: Listing) -> bool {
         metrics::scanned(url, true);
         self.scanned_at = Some(Instant::now());
+        let before = self.listing.as_ref().map(|l| &l.invalid_names);
+        for name in listing.invalid_names.iter().filter(|n| before.is_none_or(|b| !b.contains(*n))) {
+            tracing::warn!(
+                repository = url,
+                folder = %name,
+                "model folder not served: a model name may not hold a space or any of `/ ? # % {{ }}`"
+            );
+        }
         self.listing = Some(listing);
         self.unreachable.take().is_some()
     }
@@ -171,6 +179,10 @@ pub struct RepositoryStatus {
     /// Versions present but without their ready marker (not loaded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub incomplete: Vec<String>,
+    /// Model folders not served because no model may have their names (a space, or one of
+    /// `/ ? # % { }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid_names: Vec<String>,
     /// Versions never served again until their files change, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<RejectedVersion>,
@@ -196,6 +208,7 @@ pub(crate) fn status(repo: &ModelRepository, st: &RepoState) -> RepositoryStatus
         last_scan_s: st.scanned_at.map(|t| t.elapsed().as_secs_f64()),
         models: listing.models.iter().map(|(m, vs)| (m.clone(), vs.keys().copied().collect())).collect(),
         incomplete: listing.incomplete.iter().map(|(m, v)| format!("{m}/{v}")).collect(),
+        invalid_names: listing.invalid_names.iter().cloned().collect(),
         rejected: st
             .rejected
             .iter()

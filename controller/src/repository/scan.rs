@@ -20,14 +20,19 @@ pub struct Listing {
     pub models: BTreeMap<String, BTreeMap<u64, Vec<StoredFile>>>,
     /// Versions seen without their marker (or without `model.onnx`): (model, version).
     pub incomplete: Vec<(String, u64)>,
+    /// Model folders whose names no model may have ([`sluice_config::valid_name`]: a space,
+    /// one of `/ ? # % { }`), never served.
+    pub invalid_names: BTreeSet<String>,
 }
 
 impl Listing {
     /// Groups a store's objects (`model/version/file`) into complete versions. Objects at other
     /// depths, or under version folders that are not a number written plainly (`7`, not `007`
-    /// or `+7`: the folder is found again by the number), are ignored.
+    /// or `+7`: the folder is found again by the number), are ignored; so are model folders
+    /// whose names no model may have, which are listed.
     pub fn parse(files: &[StoredFile], marker: &str) -> Self {
         let mut found: BTreeMap<(String, u64), Vec<StoredFile>> = BTreeMap::new();
+        let mut invalid_names = BTreeSet::new();
         for f in files {
             let parts: Vec<&str> = f.key.split('/').collect();
             let [model, version, name] = parts[..] else { continue };
@@ -35,9 +40,13 @@ impl Listing {
             if model.is_empty() || model.starts_with('.') || name.starts_with('.') {
                 continue;
             }
+            if !sluice_config::valid_name(model) {
+                invalid_names.insert(model.to_string());
+                continue;
+            }
             found.entry((model.to_string(), v)).or_default().push(f.clone());
         }
-        let mut out = Listing::default();
+        let mut out = Listing { invalid_names, ..Listing::default() };
         for ((model, v), files) in found {
             let has = |n: &str| files.iter().any(|f| f.key.rsplit('/').next() == Some(n));
             if !has(MODEL_FILE) || (!marker.is_empty() && !has(marker)) {
@@ -145,6 +154,24 @@ mod tests {
         assert_eq!(l.incomplete, [("iris".to_string(), 2), ("iris".to_string(), 3)]);
         let no_marker = Listing::parse(&[file("iris/2/model.onnx")], "");
         assert_eq!(no_marker.models["iris"].keys().copied().collect::<Vec<_>>(), [2]);
+    }
+
+    /// A model folder whose name no model may have is listed apart and never served; the
+    /// others are unaffected.
+    #[test]
+    fn model_folders_with_names_no_model_may_have_are_not_served() {
+        let l = listing(&[
+            "iris/1/model.onnx",
+            "iris/1/READY",
+            "a#b/1/model.onnx",
+            "a#b/1/READY",
+            "two words/1/model.onnx",
+            "two words/1/READY",
+            "50%/1/model.onnx",
+        ]);
+        assert_eq!(l.models.keys().collect::<Vec<_>>(), ["iris"]);
+        assert_eq!(l.invalid_names.iter().collect::<Vec<_>>(), ["50%", "a#b", "two words"]);
+        assert!(l.incomplete.is_empty(), "{:?}", l.incomplete);
     }
 
     fn repo(rollout: bool) -> ModelRepository {
