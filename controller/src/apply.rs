@@ -290,6 +290,20 @@ impl Controller {
         let listing = self.list(repo).await?;
         let wanted = {
             let mut st = self.lock();
+            let serving = repository::serving(&st.deployments).len();
+            let unconfirmed = listing.models.is_empty() && serving > 0 && !st.repo.empty_unconfirmed;
+            st.repo.empty_unconfirmed = unconfirmed;
+            if unconfirmed {
+                st.events.push(
+                    repository::APPLICATION,
+                    format!(
+                        "model repository `{}` lists no models; the {serving} serving keep serving unless the next \
+                         listing finds none either",
+                        repo.location
+                    ),
+                );
+                return Ok(());
+            }
             let rejected = st.repo.rejected_keys(&listing);
             let serving = repository::serving(&st.deployments);
             let skip = repository::skipped(&st.unloaded, &repository::named_in_config(config, &listing));

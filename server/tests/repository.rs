@@ -104,11 +104,15 @@ impl Env {
 }
 
 async fn start(repo: &Path) -> Env {
+    start_polling(repo, 0.2).await
+}
+
+async fn start_polling(repo: &Path, poll_interval_s: f64) -> Env {
     sluice_server::runtime::init(None, None).unwrap();
     let text = format!(
         "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\n\
-         model_repository:\n  path: {}\n  poll_interval_s: 0.2\n  rollout: {{canary_weight: 10, step_percent: 45, \
-         interval_s: 0.3, min_requests: 5, max_error_rate: 0.05}}\n",
+         model_repository:\n  path: {}\n  poll_interval_s: {poll_interval_s}\n  rollout: {{canary_weight: 10, \
+         step_percent: 45, interval_s: 0.3, min_requests: 5, max_error_rate: 0.05}}\n",
         repo.display()
     );
     let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
@@ -227,4 +231,54 @@ async fn an_unreachable_repository_keeps_the_versions_serving_and_says_so() {
     assert!(env.events().await.contains("answers again"));
     env.server.shutdown().await;
     let _ = std::fs::remove_dir_all(&repo);
+}
+
+/// A repository that lists no models for one poll (a volume remounting) unloads nothing; one
+/// that lists none for two polls in a row unloads its models.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_that_lists_empty_once_unloads_nothing() {
+    let repo = fresh_repo("repo-blink");
+    put(&repo, "flowers", 1, Some("iris"), true);
+    // Polls far enough apart that the test puts the folder back between two of them.
+    let env = start_polling(&repo, 2.0).await;
+    assert_eq!(env.infer().await.0, 200);
+    let aside = repo.with_extension("aside");
+    let _ = std::fs::remove_dir_all(&aside);
+    std::fs::create_dir_all(&aside).unwrap();
+    let empty_events = |events: &str| events.matches("lists no models").count();
+
+    std::fs::rename(repo.join("flowers"), aside.join("flowers")).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while empty_events(&env.events().await) == 0 {
+        assert!(Instant::now() < until, "no empty listing seen: {}", env.events().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.infer().await.0, 200, "unloaded on the first empty listing: {}", env.events().await);
+    std::fs::rename(aside.join("flowers"), repo.join("flowers")).unwrap();
+    // Two more polls: the model is listed again and nothing changes.
+    let scanned = |s: &Value| s["repository"]["last_scan_s"].as_f64().unwrap_or(f64::MAX);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = env.status().await;
+        if st["repository"]["models"]["flowers"].is_array() && scanned(&st) < 1.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the model never listed again: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = env.infer().await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{}", env.events().await);
+    assert_eq!(env.versions().await, [("1".to_string(), 100)]);
+
+    // Empty for two polls in a row: unloaded.
+    std::fs::rename(repo.join("flowers"), aside.join("flowers")).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while env.infer().await.0 != 404 {
+        assert!(Instant::now() < until, "never unloaded: {}", env.events().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(empty_events(&env.events().await), 2, "{}", env.events().await);
+    env.server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&aside);
 }

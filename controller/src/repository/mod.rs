@@ -82,6 +82,9 @@ pub(crate) struct RepoState {
     pub downloaded_bytes: u64,
     /// Scan at the next round whatever the poll interval says.
     pub force: bool,
+    /// The last poll listed no models while some served: they keep serving until a second
+    /// poll lists none too (a remounting volume shows an empty folder for a moment).
+    pub empty_unconfirmed: bool,
 }
 
 /// What serves (or should): the plans and the files of every version they name.
