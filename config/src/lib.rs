@@ -40,6 +40,9 @@ pub use types::{
 /// when it has a `model_repository`).
 pub const REPOSITORY_APPLICATION: &str = "repository";
 
+/// What [`valid_name`] asks of a name, for messages.
+pub const NAME_RULE: &str = "a non-empty name without spaces or any of `/ ? # % { }`";
+
 /// Whether `name` may name an application, deployment or model: not empty, not `.` or `..`,
 /// and without whitespace, control characters or any of `/ ? # % { }` (it is a path segment
 /// of the REST API and a metric label).

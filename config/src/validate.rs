@@ -41,13 +41,7 @@ impl Errors<'_> {
     fn check_name(&mut self, name: &Spanned<String>, field: &str) {
         let v = &name.value;
         if !crate::valid_name(v) {
-            self.at(
-                name.referenced,
-                field,
-                format!(
-                    "`{v}` is not a valid name: use a non-empty name without spaces or any of `/ ? # % {{ }}`"
-                ),
-            );
+            self.at(name.referenced, field, format!("`{v}` is not a valid name: use {}", crate::NAME_RULE));
         }
     }
 

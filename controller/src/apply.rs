@@ -290,7 +290,7 @@ impl Controller {
         let listing = self.list(repo).await?;
         let wanted = {
             let mut st = self.lock();
-            let serving = repository::serving(&st.deployments).len();
+            let serving = st.deployments.values().filter(|m| m.app == repository::APPLICATION).count();
             let unconfirmed = listing.models.is_empty() && serving > 0 && !st.repo.empty_unconfirmed;
             st.repo.empty_unconfirmed = unconfirmed;
             if unconfirmed {

@@ -151,7 +151,8 @@ impl RepoState {
             tracing::warn!(
                 repository = url,
                 folder = %name,
-                "model folder not served: a model name may not hold a space or any of `/ ? # % {{ }}`"
+                "model folder not served: a model's name is {}",
+                sluice_config::NAME_RULE
             );
         }
         self.listing = Some(listing);
