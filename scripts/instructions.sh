@@ -11,6 +11,9 @@
 #   ROWS=32 scripts/instructions.sh target/release/sluice   # 32 rows of 8 numbers per request
 #
 # Serves examples/models/mlp (2 replicas, batching 32) on 127.0.0.1:$PORT (default 18200),
+# with run_inline_under_us at INLINE_US (default 1000000): under valgrind a model call takes ~50
+# times as long, which would send every request to the replica threads, where natively (~10 µs a
+# call) it runs on the frontend's thread. INLINE_US=0 counts the replica-thread path;
 # sends 200 unmeasured requests, then REQUESTS (default 2000) with callgrind collecting, over one
 # keep-alive connection without Accept-Encoding (as wrk sends them). Needs valgrind. Prints
 # "PATH instructions/request: N". Stops the server it started.
@@ -30,7 +33,7 @@ admin_options: {enabled: false}
 applications:
   - name: instructions
     deployments:
-      - {name: mlp, model: $PWD/examples/models/mlp/model.onnx, num_replicas: 2, max_batch_size: 32}
+      - {name: mlp, model: $PWD/examples/models/mlp/model.onnx, num_replicas: 2, max_batch_size: 32, run_inline_under_us: ${INLINE_US:-1000000}}
 YAML
 ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so} RUST_LOG=warn \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$DIR/out.%p" \

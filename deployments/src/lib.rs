@@ -12,6 +12,7 @@ mod error;
 pub mod metrics;
 pub mod multiplex;
 pub mod onnx;
+mod onnx_call;
 pub mod pipeline;
 mod remote;
 mod replica;

@@ -4,20 +4,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{
-    DynTensor, DynTensorValueType, DynValue, Shape, Tensor as OrtTensor, TensorElementType, ValueType,
-};
+use ort::value::{DynTensor, DynValue, Shape, Tensor as OrtTensor, TensorElementType, ValueType};
 
+use crate::onnx_call::Caller;
 use crate::weights::SharedWeights;
 use crate::{
     Backend, CopyTimes, DataType, InferError, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
-    push_bytes_element,
 };
 
 static ENVIRONMENT: OnceLock<Result<Environment, LoadError>> = OnceLock::new();
@@ -102,6 +99,8 @@ impl Default for OnnxOptions {
 /// One ONNX Runtime session and the metadata read from it.
 pub struct OnnxBackend {
     session: Session,
+    /// What every call of `session` shares (its names as C strings, a CPU memory description).
+    caller: Caller,
     metadata: ModelMetadata,
     path: PathBuf,
     copy_times: CopyTimes,
@@ -174,8 +173,10 @@ impl OnnxBackend {
             inputs: session.inputs().iter().map(spec).collect::<Result<_, _>>()?,
             outputs: session.outputs().iter().map(spec).collect::<Result<_, _>>()?,
         };
+        let caller = Caller::new(&session).map_err(|e| fail(&e))?;
         Ok(Self {
             session,
+            caller,
             metadata,
             path: path.to_path_buf(),
             copy_times: CopyTimes::default(),
@@ -204,27 +205,8 @@ impl Backend for OnnxBackend {
         inputs: Vec<NamedTensor>,
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
-        let started = Instant::now();
-        let mut values = Vec::with_capacity(inputs.len());
-        for input in &inputs {
-            let value = to_ort(&input.tensor)
-                .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
-            values.push((input.name.as_str(), value));
-        }
-        let copied_in = Instant::now();
-        let mut result =
-            self.session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
-        let ran = Instant::now();
-        let outputs = outputs
-            .iter()
-            .map(|name| {
-                let value = result
-                    .remove(name.as_str())
-                    .ok_or_else(|| InferError::internal(format!("model produced no output `{name}`")))?;
-                Ok(NamedTensor { name: name.clone(), tensor: from_ort_value(value)? })
-            })
-            .collect::<Result<Vec<_>, InferError>>()?;
-        self.copy_times = CopyTimes { input: copied_in - started, output: ran.elapsed() };
+        let (outputs, times) = self.caller.run(&mut self.session, &inputs, outputs)?;
+        self.copy_times = times;
         Ok(outputs)
     }
 
@@ -233,8 +215,10 @@ impl Backend for OnnxBackend {
     }
 }
 
+/// An ONNX Runtime tensor holding a copy of `tensor`: for inputs [`crate::onnx_call`] cannot
+/// hand over in place (strings, unaligned bytes).
 #[allow(unsafe_code)] // one copy into ONNX Runtime's buffer; see the SAFETY comment
-fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
+pub(crate) fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
     let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
     if tensor.dtype() == DataType::Bytes {
         let strings = tensor
@@ -259,43 +243,7 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
     Ok(t.into_dyn())
 }
 
-#[allow(unsafe_code)] // one copy out of ONNX Runtime's buffer; see the SAFETY comment
-fn from_ort_value(value: DynValue) -> Result<Tensor, InferError> {
-    let (ty, shape) = match value.dtype() {
-        ValueType::Tensor { ty, shape, .. } => {
-            (*ty, shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>())
-        }
-        other => {
-            return Err(InferError::internal(format!("model output is a {other}, not a tensor")));
-        }
-    };
-    let dtype = from_ort(ty).ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
-    let data = if dtype == DataType::Bytes {
-        let (_, strings) = value
-            .try_extract_strings()
-            .map_err(|e| InferError::internal(format!("cannot read string output: {e}")))?;
-        let mut out = Vec::with_capacity(strings.iter().map(|s| s.len() + 4).sum());
-        for s in &strings {
-            push_bytes_element(&mut out, s.as_bytes())?;
-        }
-        out
-    } else {
-        let tensor = value
-            .downcast::<DynTensorValueType>()
-            .map_err(|e| InferError::internal(format!("cannot read output: {e}")))?;
-        let len = crate::element_count(&shape)? * dtype.byte_size().unwrap_or(1);
-        if len == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: a CPU tensor of this dtype and shape holds `len` contiguous bytes, alive
-            // while `tensor` is.
-            unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), len) }.to_vec()
-        }
-    };
-    Tensor::new(dtype, shape, data.into())
-}
-
-fn from_ort(ty: TensorElementType) -> Option<DataType> {
+pub(crate) fn from_ort(ty: TensorElementType) -> Option<DataType> {
     Some(match ty {
         TensorElementType::Bool => DataType::Bool,
         TensorElementType::Uint8 => DataType::Uint8,
@@ -315,7 +263,7 @@ fn from_ort(ty: TensorElementType) -> Option<DataType> {
     })
 }
 
-fn to_ort_type(dtype: DataType) -> TensorElementType {
+pub(crate) fn to_ort_type(dtype: DataType) -> TensorElementType {
     match dtype {
         DataType::Bool => TensorElementType::Bool,
         DataType::Uint8 => TensorElementType::Uint8,

@@ -1,0 +1,121 @@
+//! The ONNX backend's call path: inputs handed to ONNX Runtime in place when their bytes are
+//! aligned and copied when not, only the requested outputs returned, in the order asked.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use sluice_deployments::onnx::{OnnxBackend, OnnxOptions, init_runtime};
+use sluice_deployments::{Backend, DataType, NamedTensor, Tensor};
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models")
+}
+
+fn mlp() -> OnnxBackend {
+    init_runtime(Path::new(
+        &std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (.cargo/config.toml)"),
+    ))
+    .unwrap();
+    OnnxBackend::load(&models().join("mlp/model.onnx"), &OnnxOptions::default()).unwrap()
+}
+
+/// The mlp fixture's first case: its input's bytes, and its outputs by name.
+fn first_case() -> (Vec<u8>, Vec<(String, Vec<f32>)>) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(models().join("mlp/expected.json")).unwrap()).unwrap();
+    let case = &expected["cases"][0];
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let input = floats(&case["inputs"][0]["data"]).iter().flat_map(|x| x.to_le_bytes()).collect();
+    let outputs = case["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["name"].as_str().unwrap().to_string(), floats(&o["data"])))
+        .collect();
+    (input, outputs)
+}
+
+fn x(data: Bytes) -> Vec<NamedTensor> {
+    vec![NamedTensor { name: "x".into(), tensor: Tensor::new(DataType::Fp32, vec![1, 8], data).unwrap() }]
+}
+
+fn floats(t: &NamedTensor) -> Vec<f32> {
+    t.tensor.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-5, "{what}: {got:?} against {want:?}");
+    }
+}
+
+#[test]
+fn aligned_and_unaligned_inputs_give_the_expected_outputs() {
+    let mut backend = mlp();
+    let (input, want) = first_case();
+    let names: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
+
+    let aligned = Bytes::from(input.clone());
+    assert_eq!(aligned.as_ptr().align_offset(4), 0, "a fresh allocation is aligned for f32");
+    // The same bytes one past an aligned start: ONNX Runtime gets a copy instead.
+    let mut shifted = vec![0u8];
+    shifted.extend_from_slice(&input);
+    let unaligned = Bytes::from(shifted).slice(1..);
+    assert_ne!(unaligned.as_ptr().align_offset(4), 0);
+
+    for (what, data) in [("aligned", aligned), ("unaligned", unaligned)] {
+        let out = backend.infer(x(data.clone()), &names).unwrap();
+        assert_eq!(out.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), names, "{what}");
+        for (got, (name, want)) in out.iter().zip(&want) {
+            assert_eq!(got.tensor.shape(), [1, 4], "{what} {name}");
+            assert_close(&floats(got), want, &format!("{what} {name}"));
+        }
+        // The input is read, never written.
+        assert_eq!(&data[..], &input[..], "{what}");
+    }
+}
+
+#[test]
+fn only_the_requested_outputs_come_back_in_the_order_asked() {
+    let mut backend = mlp();
+    let (input, want) = first_case();
+    let data = Bytes::from(input);
+    let reversed: Vec<String> = want.iter().rev().map(|(n, _)| n.clone()).collect();
+    let out = backend.infer(x(data.clone()), &reversed).unwrap();
+    assert_eq!(out.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), reversed);
+    for (got, (name, want)) in out.iter().zip(want.iter().rev()) {
+        assert_close(&floats(got), want, name);
+    }
+
+    let (last, last_want) = want.last().unwrap();
+    let out = backend.infer(x(data.clone()), std::slice::from_ref(last)).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_close(&floats(&out[0]), last_want, last);
+
+    assert!(backend.infer(x(data.clone()), &[]).unwrap().is_empty(), "no outputs asked, none given");
+
+    let e = backend.infer(x(data), &["nope".to_string()]).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
+
+#[test]
+fn a_wrong_input_is_an_error_and_the_backend_answers_after_it() {
+    let mut backend = mlp();
+    let (input, want) = first_case();
+    let names: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
+    let wrong = vec![NamedTensor {
+        name: "x".into(),
+        tensor: Tensor::new(DataType::Fp32, vec![1, 4], Bytes::from(vec![0u8; 16])).unwrap(),
+    }];
+    let e = backend.infer(wrong, &names).unwrap_err();
+    assert!(e.to_string().contains("ONNX Runtime error"), "{e}");
+    let unknown =
+        vec![NamedTensor { name: "y".into(), tensor: x(Bytes::from(input.clone())).remove(0).tensor }];
+    let e = backend.infer(unknown, &names).unwrap_err();
+    assert!(e.to_string().contains('y'), "{e}");
+    let out = backend.infer(x(Bytes::from(input)), &names).unwrap();
+    assert_close(&floats(&out[0]), &want[0].1, &want[0].0);
+}
