@@ -82,9 +82,9 @@ impl Caller {
             Ok(unknown.last().map_or(ptr::null(), |c| c.as_ptr()))
         };
 
-        let mut in_names = Vec::with_capacity(inputs.len());
-        let mut in_values = Vec::with_capacity(inputs.len());
-        let mut made = Released(Vec::with_capacity(inputs.len()));
+        let mut in_names = Few::new();
+        let mut in_values = Few::new();
+        let mut made = Released(Few::new());
         let mut copied: Vec<DynValue> = Vec::new();
         for input in inputs {
             let invalid = |e: String| InferError::invalid(format!("input `{}`: {e}", input.name));
@@ -109,10 +109,10 @@ impl Caller {
             outputs
                 .iter()
                 .map(|name| name_ptr(&self.outputs, name))
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Few<_>, _>>()
                 .map_err(|e| InferError::internal(format!("output: {e}")))?
         };
-        let mut results = Released(vec![ptr::null_mut(); out_names.len()]);
+        let mut results = Released(smallvec::smallvec![ptr::null_mut(); out_names.len()]);
         // SAFETY: the session pointer is live and used by this thread alone (`&mut Session`);
         // every name is a NUL-terminated string and every input value a live OrtValue, both alive
         // until the call returns; `results` has room for one value per output name.
@@ -274,8 +274,11 @@ fn status(status: OrtStatusPtr) -> Result<(), String> {
     Err(message)
 }
 
+/// A call's names and values: on the stack for up to 8 inputs or outputs.
+type Few<T> = smallvec::SmallVec<[T; 8]>;
+
 /// Values this module made or received, released when it lets go of them.
-struct Released(Vec<*mut OrtValue>);
+struct Released(Few<*mut OrtValue>);
 
 impl Drop for Released {
     fn drop(&mut self) {
