@@ -14,7 +14,7 @@ use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
 
 use super::AppState;
-use super::json::{InputData, JsonData, JsonRequest, decode_data, decoded, input_header};
+use super::json::{InputData, JsonRequest, decode_data, decoded, input_header};
 use super::json_scan;
 use crate::error::ApiError;
 
@@ -313,7 +313,7 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
                 json.push(b'}');
             } else {
                 json.extend_from_slice(b",\"data\":");
-                serde_json::to_writer(&mut json, &JsonData(&o.tensor))?;
+                super::json::write_data(&mut json, &o.tensor);
             }
             json.push(b'}');
         }

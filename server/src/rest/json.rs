@@ -292,7 +292,78 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 }
 
-/// Writes a tensor's elements as a flat JSON array.
+/// Writes `t`'s elements into `out` as a flat JSON array: byte for byte what serializing
+/// [`JsonData`] with serde_json writes (numbers formatted by the same `zmij` and `itoa`, NaN and
+/// infinities as `null`), without a serializer call per number.
+pub fn write_data(out: &mut Vec<u8>, t: &Tensor) {
+    let data = &t.data()[..];
+    out.push(b'[');
+    macro_rules! each {
+        ($t:ty, $n:literal, |$v:ident| $write:expr) => {
+            for (i, c) in data.chunks_exact($n).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let $v = <$t>::from_le_bytes(c.try_into().expect("chunk size"));
+                $write;
+            }
+        };
+    }
+    macro_rules! ints {
+        ($t:ty, $n:literal) => {{
+            let mut buffer = itoa::Buffer::new();
+            each!($t, $n, |v| out.extend_from_slice(buffer.format(v).as_bytes()))
+        }};
+    }
+    macro_rules! floats {
+        ($t:ty, $n:literal, $map:expr) => {{
+            let mut buffer = zmij::Buffer::new();
+            each!($t, $n, |v| {
+                let v = $map(v);
+                if v.is_finite() {
+                    out.extend_from_slice(buffer.format_finite(v).as_bytes());
+                } else {
+                    out.extend_from_slice(b"null");
+                }
+            })
+        }};
+    }
+    match t.dtype() {
+        DataType::Bool => {
+            for (i, &b) in data.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(if b != 0 { b"true" } else { b"false" });
+            }
+        }
+        DataType::Uint8 => ints!(u8, 1),
+        DataType::Uint16 => ints!(u16, 2),
+        DataType::Uint32 => ints!(u32, 4),
+        DataType::Uint64 => ints!(u64, 8),
+        DataType::Int8 => ints!(i8, 1),
+        DataType::Int16 => ints!(i16, 2),
+        DataType::Int32 => ints!(i32, 4),
+        DataType::Int64 => ints!(i64, 8),
+        DataType::Fp16 => floats!(half::f16, 2, |v: half::f16| v.to_f32()),
+        DataType::Bf16 => floats!(half::bf16, 2, |v: half::bf16| v.to_f32()),
+        DataType::Fp32 => floats!(f32, 4, |v: f32| v),
+        DataType::Fp64 => floats!(f64, 8, |v: f64| v),
+        DataType::Bytes => {
+            for (i, item) in t.bytes_elements().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // Strings need escaping: serde_json's own writer (into a Vec, which cannot fail).
+                let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(item));
+            }
+        }
+    }
+    out.push(b']');
+}
+
+/// Writes a tensor's elements as a flat JSON array (through serde; [`write_data`] writes the
+/// same bytes straight into a buffer).
 pub struct JsonData<'a>(pub &'a Tensor);
 
 impl Serialize for JsonData<'_> {
@@ -347,6 +418,55 @@ mod tests {
 
     fn encode(t: &Tensor) -> String {
         serde_json::to_string(&JsonData(t)).unwrap()
+    }
+
+    fn direct(t: &Tensor) -> String {
+        let mut out = Vec::new();
+        write_data(&mut out, t);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_direct_writer_writes_what_serde_writes() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for dtype in DataType::ALL {
+            let Some(size) = dtype.byte_size() else { continue };
+            // Random bit patterns: subnormals, NaNs with payloads and infinities among the floats.
+            let mut data: Vec<u8> = (0..size * 4096).map(|_| next() as u8).collect();
+            if dtype == DataType::Bool {
+                data.iter_mut().for_each(|b| *b &= 1);
+            }
+            let specials: Vec<u8> = match dtype {
+                DataType::Fp32 => [0.0f32, -0.0, 0.1, 1e-45, f32::MAX, f32::MIN_POSITIVE, 16_777_217.0, 1e21]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                DataType::Fp64 => [0.0f64, -0.0, 0.1, 5e-324, f64::MAX, 1e21, 1e-7, 123_456_789.125]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            data.extend(specials);
+            let n = data.len() / size;
+            let t = Tensor::new(dtype, vec![n], data.into()).unwrap();
+            assert_eq!(direct(&t), encode(&t), "{dtype:?}");
+            let empty = Tensor::new(dtype, vec![0], Bytes::new()).unwrap();
+            assert_eq!(direct(&empty), "[]", "{dtype:?}");
+        }
+        let mut strings = Vec::new();
+        for s in ["", "plain", "qu\"ote", "back\\slash", "h\u{e9}llo \u{1F600}", "\u{0}\n\t\u{1f}"] {
+            push_bytes_element(&mut strings, s.as_bytes()).unwrap();
+        }
+        push_bytes_element(&mut strings, &[0xff, 0xfe, b'a']).unwrap(); // not UTF-8
+        let t = Tensor::new(DataType::Bytes, vec![7], strings.into()).unwrap();
+        assert_eq!(direct(&t), encode(&t));
     }
 
     #[test]
