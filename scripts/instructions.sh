@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per request on one path of a `sluice` build, counted by valgrind's callgrind:
-# repeatable to a fraction of a percent whatever else the machine runs (wall-clock and CPU-time
-# numbers on a shared machine vary by ±20 %), so two builds compare exactly. User-space only
+# repeatable to within 1 % whatever else the machine runs (wall-clock and CPU-time numbers on a
+# shared machine vary by ±20 %; run each build a few times to compare changes near 1 %; the
+# spread comes from timers and from the one request in eight that yields). User-space only
 # (the kernel's share, syscalls and wake-ups, is not counted); one connection, one request at a
 # time (the c=1 path: concurrency effects such as batching are not seen).
 #
