@@ -148,6 +148,19 @@ fn missing_onnxruntime_is_one_clear_line() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// `sluice run CONFIG` on free ports, logging at info to a piped stderr.
+fn spawn_run(config: &std::path::Path) -> Child {
+    sluice()
+        .arg("run")
+        .arg(config)
+        .args(["--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A `sluice run` child on free ports, with the addresses it printed.
 struct Running {
     child: Child,
@@ -158,15 +171,7 @@ struct Running {
 
 impl Running {
     fn start(config: &std::path::Path) -> Self {
-        let mut child = sluice()
-            .arg("run")
-            .arg(config)
-            .args(["--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(config);
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Keep reading stderr to the end, so the server never writes to a closed pipe.
@@ -274,6 +279,35 @@ fn run_serves_until_terminated() {
     let (status, log) = s.terminate();
     assert!(status.success(), "{status:?}: {log}");
     assert!(log.contains("shutting down"), "{log}");
+}
+
+/// SIGTERM the moment the server logs that its ports are open (before its models are ready):
+/// a graceful stop, exit 0, not the process ended by the signal. The handler used to be installed
+/// only once the server had started, and a signal in between ended the process.
+#[test]
+fn sigterm_while_starting_stops_gracefully() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
+    for _ in 0..3 {
+        let mut child = spawn_run(&example);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        loop {
+            let Some(Ok(line)) = lines.next() else { panic!("sluice stopped before starting:\n{log}") };
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("accepting connections") {
+                break;
+            }
+        }
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        for line in lines.map_while(Result::ok) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status:?}\n{log}");
+        assert!(log.contains("shutting down"), "{log}");
+    }
 }
 
 #[test]

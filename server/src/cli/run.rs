@@ -119,6 +119,9 @@ pub fn run_with(
         Err(code) => return code,
     }
     rt.block_on(async {
+        // Listened for before anything starts: a signal while the server starts (its ports open
+        // before it returns) stops it gracefully instead of killing the process.
+        let signal = shutdown_signal();
         // Made inside the runtime: a Ray cluster's bridge spawns tasks.
         let options = options();
         let cluster = options.cluster.clone();
@@ -132,10 +135,10 @@ pub fn run_with(
         let stop = async {
             match &cluster {
                 sluice_controller::cluster::Cluster::Ray(ray) => tokio::select! {
-                    () = shutdown_signal() => {}
+                    () = signal => {}
                     () = ray.closed() => tracing::warn!("the Ray driver went away; shutting down"),
                 },
-                sluice_controller::cluster::Cluster::Local => shutdown_signal().await,
+                sluice_controller::cluster::Cluster::Local => signal.await,
             }
         };
         tokio::pin!(stop);
@@ -154,24 +157,34 @@ pub fn run_with(
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). Both are listened for from the call on, not from the
+/// first poll: a signal that arrives before the future is awaited is not lost, nor left to its
+/// default action (ending the process at once).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        [signal(SignalKind::terminate()), signal(SignalKind::interrupt())]
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let [term, int] = signals;
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term) => {},
+                () = wait(int) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
