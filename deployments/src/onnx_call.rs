@@ -6,8 +6,9 @@
 //! several queries that allocate. Here the names and the CPU memory description are made once per
 //! session; an input whose bytes are aligned for its element type is handed to ONNX Runtime where
 //! it lies (no tensor buffer allocated, no copy); only the requested outputs are computed, and
-//! each output's type and shape are read where ONNX Runtime keeps them. On the tiny MLP this is a fifth of the
-//! instructions a one-row request spent around ONNX Runtime's `Run` (docs/benchmarks.md).
+//! each output's type and shape are read where ONNX Runtime keeps them. On the tiny MLP the
+//! instructions a one-row call spends around ONNX Runtime's `Run` went from ~7,300 to ~3,900
+//! (docs/benchmarks.md).
 #![allow(unsafe_code)] // calls into ONNX Runtime's C API; each block says what it relies on
 
 use std::ffi::{CStr, CString, c_char};
