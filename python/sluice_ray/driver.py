@@ -6,7 +6,8 @@ Run as the job's entrypoint, with the job's working_dir as cwd:
 
 It connects to Ray (``ray.init(address="auto")``: inside a job that is the job's
 cluster), starts the controller (the argv after ``--``) as its child with
-PR_SET_PDEATHSIG=SIGTERM, and speaks JSON lines with it:
+PR_SET_PDEATHSIG=SIGTERM and SIGTERM/SIGINT unblocked, and speaks JSON lines
+with it:
 
 * the child writes COMMANDS to its stdout, one JSON object per line;
 * the driver writes EVENTS to the child's stdin, one JSON object per line;
@@ -34,7 +35,6 @@ driver shortens both graces to fit in Ray's window.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -60,13 +60,6 @@ def _log(msg: str) -> None:
     try:
         sys.stderr.write("sluice_ray.driver: %s\n" % msg)
         sys.stderr.flush()
-    except Exception:
-        pass
-
-
-def _set_pdeathsig() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
     except Exception:
         pass
 
@@ -741,7 +734,7 @@ class Driver:
         env["SLUICE_RAY_NAMESPACE"] = self.namespace
         try:
             self.child = subprocess.Popen(self.child_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=None, env=env, preexec_fn=_set_pdeathsig, close_fds=True)
+                                          stderr=None, env=env, preexec_fn=_host.child_setup, close_fds=True)
         except OSError as e:
             _log("cannot start the controller %r: %s" % (self.child_argv, e))
             os._exit(127)

@@ -33,9 +33,18 @@ LISTEN_PREFIX = "LISTEN "
 PR_SET_PDEATHSIG = 1
 
 
-def _set_pdeathsig() -> None:  # runs in the forked child, before exec
+def child_setup() -> None:
+    """Runs in a forked child before exec: SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG), and SIGTERM and SIGINT unblocked. A child inherits the
+    signal mask of the thread that forked it, and Ray blocks signals in some of
+    its threads (SIGINT in every process): a child started with SIGTERM blocked
+    would not see a job stop, a kill or its parent's death."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except Exception:
+        pass
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM, signal.SIGINT])
     except Exception:
         pass
 
@@ -129,7 +138,7 @@ class ProcessHost:
         try:
             p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env, cwd=self.cwd,
-                                 process_group=0, preexec_fn=_set_pdeathsig, close_fds=True)
+                                 process_group=0, preexec_fn=child_setup, close_fds=True)
         except Exception as e:  # not found, not executable, ...
             self._finish_spawn_error("cannot start %r: %s" % (self.argv[0], e))
             return

@@ -33,21 +33,28 @@ NAMESPACE = "sluice-test"
 # The stand-in controller: forwards the lines the test writes into a FIFO to
 # its stdout (commands for the driver) and records every event it reads on
 # stdin into a JSON-lines file. A line "#exit N" makes it exit with code N; it
-# also exits (0) when its stdin closes, and on SIGTERM after RELAY_DRAIN_S.
+# also exits (0) when its stdin or the FIFO closes, and on SIGTERM after
+# RELAY_DRAIN_S. `_relay_started` gives the signal mask it was started with.
+#
+# SIGTERM is blocked in every thread and taken by sigwait in the main thread:
+# a Python handler runs only once the main thread's eval loop has control, and
+# one that must first interrupt a blocking read is not run in every case (a
+# fresh-clone CI run saw the relay ignore three SIGTERMs until SIGKILL).
 RELAY_SOURCE = r'''
 import json, os, signal, sys, threading, time
 fifo, events_path = sys.argv[1], sys.argv[2]
 drain_s = float(os.environ.get("RELAY_DRAIN_S", "0"))
+inherited_mask = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]))
 out = open(events_path, "a", buffering=1)
 lock = threading.Lock()
 def record(ev):
     with lock:
         out.write(json.dumps({"t": time.time(), "ev": ev}) + "\n")
+def finish(code):
+    record({"event": "_exit", "code": code})
+    sys.stdout.flush()
+    os._exit(code)
 def pump():
-    # SIGTERM to the main thread only: Python runs handlers there, and a signal the kernel gave
-    # this thread (blocked reading stdin) would leave the main thread asleep in its FIFO read,
-    # the handler never run.
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     for line in sys.stdin:
         line = line.strip()
         if not line:
@@ -58,27 +65,23 @@ def pump():
             ev = {"event": "_unparsable", "line": line}
         record(ev)
     record({"event": "_stdin_eof"})
-    record({"event": "_exit", "code": 0})
-    os._exit(0)   # like the controller: the driver closed our stdin, we are done
-threading.Thread(target=pump, daemon=True).start()
-def on_term(signum, frame):
-    record({"event": "_sigterm", "pid": os.getpid()})
-    time.sleep(drain_s)
-    record({"event": "_exit", "code": 0})
-    os._exit(0)
-signal.signal(signal.SIGTERM, on_term)
-record({"event": "_relay_started", "pid": os.getpid(), "ppid": os.getppid(),
-        "protocol_env": os.environ.get("SLUICE_RAY_PROTOCOL")})
-with open(fifo, "r") as f:
-    for line in f:
-        if line.startswith("#exit "):
-            code = int(line.split()[1])
-            record({"event": "_exit", "code": code})
+    finish(0)   # like the controller: the driver closed our stdin, we are done
+def forward():
+    with open(fifo, "r") as f:
+        for line in f:
+            if line.startswith("#exit "):
+                finish(int(line.split()[1]))
+            sys.stdout.write(line)
             sys.stdout.flush()
-            os._exit(code)
-        sys.stdout.write(line)
-        sys.stdout.flush()
-record({"event": "_exit", "code": 0})
+    finish(0)
+threading.Thread(target=pump, daemon=True).start()
+record({"event": "_relay_started", "pid": os.getpid(), "ppid": os.getppid(),
+        "protocol_env": os.environ.get("SLUICE_RAY_PROTOCOL"), "sigmask": inherited_mask})
+threading.Thread(target=forward, daemon=True).start()
+signal.sigwait([signal.SIGTERM])
+record({"event": "_sigterm", "pid": os.getpid()})
+time.sleep(drain_s)
+finish(0)
 '''
 
 

@@ -2,7 +2,8 @@
 """A stand-in for a native Sluice replica, for the bridge tests.
 
 Binds HOST:PORT (default 127.0.0.1:0), prints ``LISTEN host:port`` on stdout
-and answers every GET with 200 and a JSON body {"pid", "name", "helper_pid"}.
+and answers every GET with 200 and a JSON body {"pid", "name", "helper_pid",
+"sigmask"} (sigmask: the signals blocked when it started).
 Chatter goes to stderr (and one line to stdout) so the actor's log tail has
 something in it.
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--helper", action="store_true")
     a = ap.parse_args()
     name = os.environ.get("SLUICE_RAY_ACTOR_NAME", "?")
+    sigmask = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
     print("stand-in %s: pid %d starting, argv %s" % (name, os.getpid(), sys.argv[1:]), file=sys.stderr, flush=True)
     if a.fail_before_listen:
         print("stand-in %s: failing before LISTEN as asked (code %d)" % (name, a.code), file=sys.stderr, flush=True)
@@ -57,7 +59,7 @@ def main() -> None:
     class H(BaseHTTPRequestHandler):
         def do_GET(self):
             body = json.dumps({"pid": os.getpid(), "name": name,
-                               "helper_pid": helper.pid if helper else None}).encode()
+                               "helper_pid": helper.pid if helper else None, "sigmask": sigmask}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
