@@ -17,7 +17,7 @@ use sluice_deployments::{Backend, DataType, InferError, ModelMetadata, NamedTens
 
 /// The allocator `sluice` itself runs on (server/src/main.rs), so the soak measures its memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_server::alloc::MiMalloc = sluice_server::alloc::MiMalloc;
 
 /// What a step does before answering with its input.
 #[derive(Clone, Copy)]

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod admin;
+pub mod alloc;
 mod auth;
 pub mod error;
 pub mod grpc;

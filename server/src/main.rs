@@ -17,16 +17,7 @@ use cli::{Cli, Command};
 /// arenas also grew RSS in steps for minutes under a soak (docs/reliability.md). With the
 /// `malloc-override` feature (default) it serves ONNX Runtime's C++ allocations too.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Returns memory freed on this thread to the system now. mimalloc purges freed pages after a
-/// delay, but only when later allocations run its purge: an idle server kept a model load's
-/// freed buffers resident (MiniLM, one replica: 215 MB RSS instead of 139 MB).
-#[allow(unsafe_code)]
-fn purge_freed_memory() {
-    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
+static ALLOCATOR: sluice_server::alloc::MiMalloc = sluice_server::alloc::MiMalloc;
 
 /// What `RUST_LOG` asks for (default: info).
 fn log_filter() -> tracing_subscriber::EnvFilter {
@@ -35,7 +26,7 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
 }
 
 fn main() -> ExitCode {
-    sluice_deployments::onnx::on_memory_released(purge_freed_memory);
+    sluice_deployments::onnx::on_memory_released(sluice_server::alloc::purge_freed_memory);
     let ort_env = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from);
     // Object-storage repositories take each cloud's standard variables.
     let store_env = sluice_controller::StoreEnv::from_vars(std::env::vars());
