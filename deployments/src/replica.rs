@@ -155,19 +155,18 @@ impl ModelCell {
                 } else {
                     self.alone.store(0, Ordering::Relaxed);
                 }
-                let started = Instant::now();
-                let (panicked, answers) = run_batch(config, me, model, batch);
-                if panicked {
+                let ran = run_batch(config, me, model, batch);
+                if ran.panicked {
                     *guard = None;
                     drop(guard);
-                    answers.send();
+                    ran.answers.send();
                     let _ = tx.try_send(Msg::Reload);
                     self.hand_over(config, me, tx);
                     return;
                 }
-                self.observe(started.elapsed(), model);
+                self.observe(ran.took, model);
                 drop(guard);
-                answers.send();
+                ran.answers.send();
             } else {
                 drop(guard);
             }
@@ -474,17 +473,16 @@ fn serve(
             }
             return true;
         };
-        let started = Instant::now();
-        let (panicked, answers) = run_batch(config, me, model, batch);
-        if panicked {
+        let ran = run_batch(config, me, model, batch);
+        if ran.panicked {
             *guard = None;
             drop(guard);
-            answers.send();
+            ran.answers.send();
             return true;
         }
-        cell.observe(started.elapsed(), model);
+        cell.observe(ran.took, model);
         drop(guard);
-        answers.send();
+        ran.answers.send();
     }
 }
 
@@ -521,14 +519,23 @@ impl Answers {
     }
 }
 
-/// Runs one batch: whether the model panicked, and the answers to send once the model is let
-/// go.
+/// What [`run_batch`] did.
+pub(crate) struct Ran {
+    /// The model panicked: the replica must be replaced.
+    pub panicked: bool,
+    /// From taking the batch to having its outcome (what the inline budget learns from).
+    pub took: Duration,
+    /// To send once the model is let go.
+    pub answers: Answers,
+}
+
+/// Runs one batch.
 pub(crate) fn run_batch(
     config: &ReplicaConfig,
     (host, id): (&dyn ReplicaHost, usize),
     model: &mut dyn Backend,
     mut batch: Vec<Job>,
-) -> (bool, Answers) {
+) -> Ran {
     let start = Instant::now();
     for job in &batch {
         config.metrics.queued(start.saturating_duration_since(job.admitted));
@@ -578,7 +585,7 @@ pub(crate) fn run_batch(
         _ => None,
     };
     config.metrics.batch(rows, batch.len(), took, stages);
-    match outcome {
+    let (panicked, answers) = match outcome {
         Ok(Ok((per_job, _))) => (false, Answers::Each(batch, per_job)),
         Ok(Err(Failed::All(e))) => (false, Answers::All(batch, e)),
         Ok(Err(Failed::Alone(e, results))) => {
@@ -596,7 +603,8 @@ pub(crate) fn run_batch(
             let e = InferError::internal(format!("model `{}` panicked: {what}", config.name));
             (true, Answers::All(batch, e))
         }
-    }
+    };
+    Ran { panicked, took, answers }
 }
 
 /// How a batch failed: as a whole, or merged, after which each request ran alone
@@ -627,15 +635,15 @@ fn infer_batch(
     model: &mut dyn Backend,
     batch: &mut [Job],
 ) -> Result<(Vec<Vec<NamedTensor>>, StageTimes), InferError> {
-    let start = Instant::now();
     if let [job] = batch {
-        // One request: its tensors go to the model as they are.
+        // One request: its tensors go to the model as they are (nothing to prepare).
         let inputs = std::mem::take(&mut job.inputs);
         let called = Instant::now();
         let outputs = model.infer(inputs, &job.outputs)?;
-        let stages = stage_times(model, called - start, called.elapsed(), Duration::ZERO);
+        let stages = stage_times(model, Duration::ZERO, called.elapsed(), Duration::ZERO);
         return Ok((vec![outputs], stages));
     }
+    let start = Instant::now();
     let pad = &config.policy.pad;
     let merged = merge(batch, pad)?;
     let dims = padded_dims(batch, &merged, pad);
