@@ -84,9 +84,13 @@ def cpu_seconds(pid):
 
 
 ALLOC_FUNCTIONS = ["malloc", "calloc", "realloc"]
-# The Rust global allocator when a binary links mimalloc (server/src/main.rs): what `MiMalloc`'s
-# alloc, alloc_zeroed and realloc call.
+# The Rust global allocator when a binary links mimalloc (server/src/alloc.rs): what `MiMalloc`'s
+# alloc, alloc_zeroed and realloc call for alignments above a word (all of them in builds before
+# 2026-12-05, which used the mimalloc crate's allocator). For smaller alignments it calls
+# mi_malloc and mi_realloc, which are the exported malloc and realloc (counted there), and
+# mi_zalloc (MI_ZALLOC, probed where the binary has it).
 MI_FUNCTIONS = ["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"]
+MI_ZALLOC = "mi_zalloc"
 
 
 def file_offset(binary, vaddr):
@@ -113,7 +117,8 @@ def alloc_probes(binary):
     if not m:
         return None
     wanted = [(m.group(1), "probe_libc", f, f) for f in ALLOC_FUNCTIONS]
-    symbols = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True).stdout.split()
+    local = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True).stdout
+    symbols = local.split()
     if all(f in symbols for f in MI_FUNCTIONS):
         # One group per binary: two binaries may both be called `sluice`.
         # Event names are unique across groups for perf, so they carry the group's hash too.
@@ -128,6 +133,10 @@ def alloc_probes(binary):
         if all(f in addresses for f in ALLOC_FUNCTIONS):
             wanted += [(binary, group, f"c_{f}_{tag}", f"0x{file_offset(binary, addresses[f]):x}")
                        for f in ALLOC_FUNCTIONS]
+        zalloc = [int(f[0], 16) for f in (line.split() for line in local.splitlines())
+                  if len(f) == 3 and f[2] == MI_ZALLOC]
+        if zalloc:
+            wanted.append((binary, group, f"zalloc_{tag}", f"0x{file_offset(binary, zalloc[0]):x}"))
     # A binary rebuilt at the same path keeps its group name: probes left from an earlier run
     # would sit at the old build's addresses and count nothing, so its group is set afresh.
     for group in {group for path, group, _, _ in wanted if path == binary}:
