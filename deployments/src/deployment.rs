@@ -916,7 +916,10 @@ pub enum Yield {
     /// parked worker to help). A wrapper that absorbed that wake must pass it on.
     Requeue,
     /// Its waker is with the scheduler, which wakes it once the worker has nothing else to run
-    /// (or after 61 polls), with no other thread woken: nothing to pass on.
+    /// (or after 61 polls): nothing to pass on. The worker first looks for work to steal, and
+    /// on leaving that search it wakes a parked worker (tokio's hand-off), which then holds the
+    /// I/O driver: at one connection the connection moves between the workers. Measured, that
+    /// costs neither CPU nor latency (per-thread `perf stat`, 2026-12-05).
     Defer,
 }
 

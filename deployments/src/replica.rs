@@ -84,7 +84,7 @@ impl ModelCell {
     /// How a caller that is to run a batch on its own thread first lets the requests its
     /// thread has ready join it: requeued while requests meet here; not at all for a caller
     /// `alone` in its deployment while the last batches held one request each, except one in
-    /// [`PROBE_EVERY`], deferred (no other thread woken): requests ready on the same worker are
+    /// [`PROBE_EVERY`], deferred ([`Yield::Defer`]): requests ready on the same worker are
     /// seen by no count until they are polled, and callers that each finish within their own
     /// poll would never meet again.
     pub fn before_batch(&self, alone: bool) -> Option<Yield> {
