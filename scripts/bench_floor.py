@@ -9,6 +9,12 @@ model path. For each binary (label=path; e.g. a build of an older commit beside 
     live p50 (the time Sluice's own path adds to a request);
   - c=64: infer req/s divided by live req/s;
   - c=1: gRPC p50 minus REST JSON p50 (sluice-loadtest for both, the same load tester);
+  - where h2load is installed (Debian's nghttp2-client), the same with h2load for both (HTTP/1.1
+    for REST JSON, HTTP/2 for gRPC ModelInfer), a client in C whose own cost is small, and the
+    server's CPU time per request for each: what the server adds for gRPC, apart from the
+    client's HTTP/2 work (which sluice-loadtest's gRPC client pays on the same two CPUs);
+  - the server's CPU time per request at c=1 (infer and live): on a server that is not
+    waiting for the CPU, the own-path difference is this CPU time;
   - idle RSS once the model is loaded and before any request;
   - the server's CPU time per request at c=64 (infer and live): steadier than req/s on a
     machine shared with others, since time the server waits for the CPU does not count;
@@ -30,6 +36,7 @@ import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -177,6 +184,69 @@ def wrk(path, conns, seconds, script=None):
     return rps, p50, int(re.search(r"(\d+) requests in", out).group(1))
 
 
+def grpc_infer_body():
+    """ModelInferRequest for the tiny MLP's first case (FP32 contents), framed as one gRPC
+    message: encoded here so that h2load can send it."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    def field(number, payload):
+        payload = payload.encode() if isinstance(payload, str) else payload
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    x = json.loads(mlp_body())["inputs"][0]
+    tensor = (field(1, x["name"]) + field(2, x["datatype"]) + field(3, b"".join(varint(d) for d in x["shape"]))
+              + field(5, field(6, struct.pack(f"<{len(x['data'])}f", *x["data"]))))
+    message = field(1, "mlp") + field(5, tensor)
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+def h2load(pid, url, seconds, tmp, args):
+    """(p50 µs, server CPU µs per request) of h2load at one connection, one request at a time,
+    pinned to the last CPU: 2,000 requests to warm up, then 10,000 per second of `seconds`."""
+    log = Path(tmp) / "h2load.log"
+    cmd = ["taskset", "-c", str(os.cpu_count() - 1), "h2load", "-c1", "-m1"] + args
+    subprocess.run(cmd + ["-n", "2000", url], check=True, capture_output=True)
+    log.unlink(missing_ok=True)  # h2load appends to it
+    before = cpu_seconds(pid)
+    out = subprocess.run(cmd + ["-n", str(seconds * 10000), f"--log-file={log}", url],
+                         check=True, capture_output=True, text=True).stdout
+    spent = cpu_seconds(pid) - before
+    rows = [line.split() for line in log.read_text().splitlines() if line.strip()]
+    if "0 failed, 0 errored, 0 timeout" not in out or any(row[1] != "200" for row in rows):
+        sys.exit(f"h2load saw errors on {url}:\n{out}")
+    durations = sorted(int(row[2]) for row in rows)
+    return durations[len(durations) // 2], spent / len(rows) * 1e6
+
+
+def h2load_pair(pid, seconds, tmp):
+    """REST JSON infer (HTTP/1.1) and gRPC ModelInfer, each with h2load."""
+    body = Path(tmp) / "infer.json"
+    body.write_text(mlp_body())
+    grpc = Path(tmp) / "infer.grpc"
+    grpc.write_bytes(grpc_infer_body())
+    url = f"http://127.0.0.1:{GRPC}/inference.GRPCInferenceService/ModelInfer"
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    # h2load does not read trailers: check the gRPC status once with curl.
+    status = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--data-binary", f"@{grpc}", "-D", "-",
+                             "-o", os.devnull] + headers + [url], capture_output=True, text=True).stdout
+    if "grpc-status: 0" not in status:
+        sys.exit(f"the encoded ModelInfer request was not answered OK:\n{status}")
+    r = {}
+    r["h2load_rest_p50"], r["h2load_rest_cpu_us"] = h2load(
+        pid, f"http://127.0.0.1:{HTTP}/v2/models/mlp/infer", seconds, tmp,
+        ["--h1", "-d", str(body), "-H", "content-type: application/json"])
+    r["h2load_grpc_p50"], r["h2load_grpc_cpu_us"] = h2load(pid, url, seconds, tmp, ["-d", str(grpc)] + headers)
+    r["h2load_grpc_minus_rest_us"] = r["h2load_grpc_p50"] - r["h2load_rest_p50"]
+    r["h2load_grpc_minus_rest_cpu_us"] = r["h2load_grpc_cpu_us"] - r["h2load_rest_cpu_us"]
+    return r
+
+
 def loadtest(tool, protocol, seconds, tmp):
     port = GRPC if protocol == "grpc" else HTTP
     out = Path(tmp) / f"lt-{protocol}"
@@ -203,8 +273,10 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
         r = {"idle_rss_mb": rss_mb(proc.pid)}
         wrk("/v2/health/live", 1, 1)  # warm-up
         wrk("/v2/models/mlp/infer", 1, 1, script)
-        r["live_c1_p50"] = wrk("/v2/health/live", 1, seconds)[1]
-        r["infer_c1_p50"] = wrk("/v2/models/mlp/infer", 1, seconds, script)[1]
+        for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
+            before = cpu_seconds(proc.pid)
+            _, r[f"{key}_c1_p50"], n = wrk(path, 1, seconds, lua)
+            r[f"{key}_c1_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
         for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
             before = cpu_seconds(proc.pid)
             rps, _, n = wrk(path, 64, seconds, lua)
@@ -216,10 +288,13 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
             r["live_allocs"] = allocs_per_request(proc.pid, probes, lambda: wrk(live, 1, 2)[2])
         r["rest_c1_p50"] = loadtest(tool, "rest-json", seconds, tmp)
         r["grpc_c1_p50"] = loadtest(tool, "grpc", seconds, tmp)
+        if shutil.which("h2load"):
+            r.update(h2load_pair(proc.pid, seconds, tmp))
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     r["own_c1_us"] = r["infer_c1_p50"] - r["live_c1_p50"]
+    r["own_c1_cpu_us"] = r["infer_c1_cpu_us"] - r["live_c1_cpu_us"]
     r["c64_ratio"] = r["infer_c64_rps"] / r["live_c64_rps"]
     r["grpc_minus_rest_us"] = r["grpc_c1_p50"] - r["rest_c1_p50"]
     return r
@@ -261,12 +336,19 @@ def main():
         ("c=1 REST JSON, tiny MLP: infer p50 − live p50 (µs)", "own_c1_us", 0),
         ("  infer p50 (µs)", "infer_c1_p50", 0),
         ("  live p50 (µs)", "live_c1_p50", 0),
+        ("  server CPU per infer request − per live request (µs)", "own_c1_cpu_us", 1),
         ("c=64: infer req/s ÷ live req/s", "c64_ratio", 2),
         ("  infer req/s", "infer_c64_rps", 0),
         ("  live req/s", "live_c64_rps", 0),
         ("  server CPU per infer request (µs)", "infer_c64_cpu_us", 1),
         ("  server CPU per live request (µs)", "live_c64_cpu_us", 1),
         ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
+    ] + ([
+        ("c=1: gRPC p50 − REST JSON p50 (µs, h2load for both)", "h2load_grpc_minus_rest_us", 0),
+        ("  REST JSON p50 (µs, h2load)", "h2load_rest_p50", 0),
+        ("  gRPC p50 (µs, h2load)", "h2load_grpc_p50", 0),
+        ("  server CPU per gRPC request − per REST JSON request (µs)", "h2load_grpc_minus_rest_cpu_us", 1),
+    ] if all("h2load_grpc_p50" in r for rs in results.values() for r in rs) else []) + [
         ("idle RSS, tiny MLP × 2 replicas (MB)", "idle_rss_mb", 1),
     ] + ([
         ("allocations per infer request, c=1 (malloc, calloc, realloc; libc and mimalloc)", "infer_allocs", 0),
