@@ -145,6 +145,15 @@ impl Tensor {
                         data.len()
                     )));
                 }
+                // A model reads each byte as a C++ `bool`: any other value is undefined there.
+                if dtype == DataType::Bool
+                    && let Some(at) = data.iter().position(|&b| b > 1)
+                {
+                    return Err(InferError::invalid(format!(
+                        "BOOL element {at} is the byte {:#04x}; a BOOL element is one byte, 0 (false) or 1 (true)",
+                        data[at]
+                    )));
+                }
             }
             None => {
                 let found = count_bytes_elements(&data)?;
@@ -281,6 +290,11 @@ mod tests {
         assert!(e.to_string().contains("too many elements"), "{e}");
         // A zero dimension makes an empty tensor whatever the other dimensions are.
         assert!(Tensor::new(DataType::Fp32, vec![0, 1 << 40], Bytes::new()).is_ok());
+        // BOOL bytes are 0 or 1; UINT8 takes any byte.
+        assert!(Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 1, 0])).is_ok());
+        let e = Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 2, 0])).unwrap_err();
+        assert!(e.message.contains("BOOL element 2 is the byte 0x02"), "{}", e.message);
+        assert!(Tensor::new(DataType::Uint8, vec![4], Bytes::from(vec![0u8, 1, 2, 255])).is_ok());
     }
 
     #[test]

@@ -392,6 +392,44 @@ async fn binary_extension_errors() {
 }
 
 #[tokio::test]
+async fn binary_bool_bytes_must_be_0_or_1() {
+    let s = start(ALL_MODELS, "").await;
+    let case = &expected("dtypes")["cases"][0];
+    // `in_BOOL` sent as binary data, the other inputs as JSON.
+    let body_with = |bools: &[u8]| {
+        let mut inputs = case["inputs"].as_array().unwrap().clone();
+        let at = inputs.iter().position(|i| i["name"] == "in_BOOL").unwrap();
+        let shape = inputs[at]["shape"].clone();
+        inputs[at] = json!({"name": "in_BOOL", "datatype": "BOOL", "shape": shape, "parameters": {"binary_data_size": bools.len()}});
+        binary_body(&json!({ "inputs": inputs }), &[bools])
+    };
+    let want: Vec<u8> =
+        case["inputs"][0]["data"].as_array().unwrap().iter().map(|b| b.as_bool().unwrap() as u8).collect();
+    assert_eq!(case["inputs"][0]["name"], "in_BOOL");
+    let (body, n) = body_with(&want);
+    let r = post_binary(&s, "dtypes", body, n).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let out: Value = r.json().await.unwrap();
+    assert_outputs_match(
+        &out["outputs"],
+        &case["outputs"],
+        expected("dtypes")["tolerance"].as_f64().unwrap(),
+    );
+
+    let mut bad = want.clone();
+    bad[1] = 2;
+    let (body, n) = body_with(&bad);
+    let r = post_binary(&s, "dtypes", body, n).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert!(error_of(&v).contains("input `in_BOOL`: BOOL element 1 is the byte 0x02"), "{v}");
+    // The server keeps serving.
+    let (body, n) = body_with(&want);
+    assert_eq!(post_binary(&s, "dtypes", body, n).await.status(), StatusCode::OK);
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn model_config_and_repository_index() {
     let s = start(
         "      - {name: iris, model: iris/model.onnx, max_batch_size: 8, num_replicas: 2}\n      - {name: dtypes, model: dtypes/model.onnx}\n",
