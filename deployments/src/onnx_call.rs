@@ -179,20 +179,26 @@ impl Caller {
 fn read_output(value: NonNull<OrtValue>) -> Result<Tensor, InferError> {
     let api = ort::api();
     let fail = |e: String| InferError::internal(format!("cannot read model output: {e}"));
-    let mut ty = ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    // Written as a plain C int: a newer ONNX Runtime (`ORT_DYLIB_PATH`) may write a code that
+    // ort's enum lacks, which must not be read as that enum.
+    let mut code: i32 = 0;
     let mut dims: *const i64 = ptr::null();
     let mut rank = 0;
-    // SAFETY: `value` is a live output of the run; the out-pointers are valid. The dimensions are
-    // ONNX Runtime's own, read before `value` is released.
+    // SAFETY: `value` is a live output of the run; the out-pointers are valid (the element type
+    // is a C enum, an int). The dimensions are ONNX Runtime's own, read before `value` is released.
     status(unsafe {
-        (api.GetTensorElementTypeAndShapeDataReference)(value.as_ptr(), &mut ty, &mut dims, &mut rank)
+        (api.GetTensorElementTypeAndShapeDataReference)(
+            value.as_ptr(),
+            (&raw mut code).cast(),
+            &mut dims,
+            &mut rank,
+        )
     })
     .map_err(|e| InferError::internal(format!("model output is not a tensor: {e}")))?;
     let dims =
         if rank == 0 || dims.is_null() { &[][..] } else { unsafe { std::slice::from_raw_parts(dims, rank) } };
-    let ty = TensorElementType::from(ty);
-    let dtype = crate::onnx::from_ort(ty)
-        .ok_or_else(|| InferError::internal(format!("unsupported output type {ty}")))?;
+    let dtype = served_type(code)
+        .ok_or_else(|| InferError::internal(format!("unsupported output element type (ONNX code {code})")))?;
     let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
     let count = element_count(&shape)?;
     let data = if dtype == DataType::Bytes {
@@ -213,6 +219,29 @@ fn read_output(value: NonNull<OrtValue>) -> Result<Tensor, InferError> {
         }
     };
     Tensor::new(dtype, shape, data.into())
+}
+
+/// The datatype of ONNX element type `code`, for the element types Sluice serves.
+fn served_type(code: i32) -> Option<DataType> {
+    use ort::sys::ONNXTensorElementDataType as T;
+    const SERVED: [T; 14] = [
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64,
+        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16,
+    ];
+    let ty = SERVED.into_iter().find(|&t| t as i32 == code)?;
+    crate::onnx::from_ort(TensorElementType::from(ty))
 }
 
 /// A string tensor's `count` elements in the protocol's BYTES layout.
@@ -288,6 +317,23 @@ impl Drop for Released {
                 // SAFETY: each value was created for or returned by this call and is released once.
                 unsafe { (ort::api().ReleaseValue)(value) }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_element_codes_map_to_served_datatypes_and_others_are_refused() {
+        for dtype in DataType::ALL {
+            let code = ort::sys::ONNXTensorElementDataType::from(crate::onnx::to_ort_type(dtype)) as i32;
+            assert_eq!(served_type(code), Some(dtype), "{dtype} (ONNX code {code})");
+        }
+        // Undefined, complex, float8, int4, and codes ort's enum does not have.
+        for code in [0, 14, 15, 17, 21, 22, 26, 27, 1000, -1] {
+            assert_eq!(served_type(code), None, "ONNX code {code}");
         }
     }
 }
