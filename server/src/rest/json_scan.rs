@@ -173,6 +173,12 @@ impl<'a> Reader<'a> {
                     let mut bytes = Vec::with_capacity(elements.min(room) * dtype.byte_size()?);
                     let mut count = 0;
                     r.nested(dtype, &mut bytes, &mut count, 0)?;
+                    // Data short of (or beyond) the shape that sized `bytes`: left to serde's
+                    // reader, which names the mismatch, and the reservation freed now. Kept
+                    // until the whole body was read, many such inputs added up to terabytes.
+                    if shape.is_some() && count != elements {
+                        return None;
+                    }
                     data = Some(InputData::Decoded { bytes, count });
                 }
                 _ => return None,
@@ -392,6 +398,22 @@ mod tests {
                 "{dtype}"
             );
         }
+    }
+
+    #[test]
+    fn data_that_does_not_fill_its_shape_is_left_to_serde_at_once() {
+        // Each input's buffer is sized from its shape before its data is read; one whose data
+        // falls short is given up on as soon as it is read, not kept while the rest is read.
+        let short = r#"{"name":"x","shape":[99999999],"datatype":"FP64","data":[]}"#;
+        let body = format!(r#"{{"inputs":[{}]}}"#, vec![short; 1000].join(","));
+        assert!(read(body.as_bytes()).is_none());
+        let slow: JsonRequest<'_> = serde_json::from_slice(body.as_bytes()).unwrap();
+        let e = materialize(slow).unwrap_err();
+        assert!(e.contains("has shape [99999999] (99999999 elements) but its data has 0 elements"), "{e}");
+        // Data that fills its shape, or a shape given after the data, is still read here.
+        assert!(agree(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP64","data":[1,2]}]}"#));
+        assert!(agree(r#"{"inputs":[{"name":"x","datatype":"FP64","data":[1,2],"shape":[2]}]}"#));
+        assert!(!agree(r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP64","data":[1,2]}]}"#));
     }
 
     #[test]
