@@ -706,9 +706,11 @@ impl Deployment {
         // running), so admission never counts a busy replica as free.
         let outputs = match tokio::time::timeout_at(deadline.into(), &mut answer).await {
             Ok(Ok(outputs)) => outputs?,
+            // The replica stopped (scaled down, or its deployment closed) with the request in
+            // hand: a moment's unavailability for the client to retry, not a server fault.
             Ok(Err(_)) => {
-                return Err(InferError::internal(format!(
-                    "replica of `{}` stopped before answering",
+                return Err(InferError::unavailable(format!(
+                    "replica of `{}` stopped before answering; retry",
                     spec.name
                 )));
             }

@@ -437,6 +437,51 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
     assert!(loads.load(Ordering::SeqCst) >= 2, "a reload was tried");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503() {
+    // The model panics, every reload fails, and the replica is scaled away meanwhile: the
+    // request it held is answered Unavailable (retry), not a server fault.
+    let loads = Arc::new(AtomicUsize::new(0));
+    let n = loads.clone();
+    let factory: BackendFactory = Arc::new(move || {
+        if n.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
+        }
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+        Ok(Box::new(Echo {
+            meta: ModelMetadata {
+                platform: "test".into(),
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            delay: Duration::ZERO,
+            panic_on: Some(13),
+            log: Arc::new(Mutex::new(Vec::new())),
+            gate: None,
+        }) as Box<dyn Backend>)
+    });
+    let d = Arc::new(Deployment::start(spec(|_| {}), factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    assert_eq!(d.infer(request(&[13])).await.unwrap_err().kind, ErrorKind::Internal);
+    let held = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut r = request(&[1]);
+            r.timeout = Some(Duration::from_secs(20));
+            d.infer(r).await
+        })
+    };
+    until("the request is at the replica", || d.in_system() == 1).await;
+    d.scale_to(0).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("answered when the replica stopped, not at the deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains("stopped before answering; retry"), "{e}");
+}
+
 /// A padded batch cuts outputs back to each request's own length only on axes that follow the
 /// sequence: a pooled embedding's hidden size equal to the batch's padded length stays whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
