@@ -12,7 +12,45 @@ use tokio::sync::oneshot;
 
 use crate::{InferError, NamedTensor};
 
-pub(crate) type Reply = oneshot::Sender<Result<Vec<NamedTensor>, InferError>>;
+/// Where a job's answer goes, with what its caller's admission took (a permit, a count on the
+/// replica): released with the reply, when it is sent or dropped, that is when the replica is
+/// done with the job. A caller that stops waiting (its deadline passed, or its client went
+/// away) leaves its job counted until then, so admission never counts a busy replica as free.
+pub(crate) struct Reply {
+    tx: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>,
+    admission: Option<crate::deployment::Admission>,
+}
+
+impl Reply {
+    pub fn new(tx: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>) -> Self {
+        Self { tx, admission: None }
+    }
+
+    /// Keeps `admission` until the reply is sent or dropped.
+    pub fn hold(&mut self, admission: crate::deployment::Admission) {
+        self.admission = Some(admission);
+    }
+
+    /// Sends the answer (given back when its caller has gone), then releases the admission.
+    pub fn send(
+        self,
+        answer: Result<Vec<NamedTensor>, InferError>,
+    ) -> Result<(), Result<Vec<NamedTensor>, InferError>> {
+        self.tx.send(answer)
+    }
+
+    /// Whether the caller has stopped waiting.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The channel and the admission apart (for a remote replica, which holds both).
+    pub fn into_parts(
+        self,
+    ) -> (oneshot::Sender<Result<Vec<NamedTensor>, InferError>>, Option<crate::deployment::Admission>) {
+        (self.tx, self.admission)
+    }
+}
 
 /// One request waiting for a model call.
 pub(crate) struct Job {
@@ -69,6 +107,13 @@ impl BatchState {
 
     pub fn push(&mut self, job: Job) {
         self.queue.push_back(job);
+    }
+
+    /// Takes out the jobs whose callers have gone (to be dropped outside any lock).
+    pub fn drain_closed(&mut self) -> VecDeque<Job> {
+        let (gone, kept) = self.queue.drain(..).partition(|j| j.reply.is_closed());
+        self.queue = kept;
+        gone
     }
 
     pub fn is_empty(&self) -> bool {
@@ -282,7 +327,7 @@ mod tests {
             deadline: arrived + Duration::from_secs(10),
             admitted: arrived,
             arrived,
-            reply,
+            reply: Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
         };

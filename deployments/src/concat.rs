@@ -64,7 +64,7 @@ pub fn run_batched(
             deadline: far,
             admitted: now,
             arrived: now,
-            reply,
+            reply: crate::batch::Reply::new(reply),
             span,
             model: None,
         };
@@ -363,7 +363,7 @@ mod tests {
             deadline: now,
             admitted: now,
             arrived: now,
-            reply,
+            reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
         }

@@ -19,7 +19,7 @@ use sluice_config::ReplicaSettings;
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument;
 
-use crate::batch::{BatchPolicy, Job};
+use crate::batch::{BatchPolicy, Job, Reply};
 use crate::metrics::DeploymentMetrics;
 use crate::remote::{RemoteCall, RemoteInfo, RemoteReplica};
 use crate::replica::{self, ModelCell, Msg, ReplicaConfig, ReplicaHost};
@@ -124,7 +124,8 @@ impl Channel {
             Channel::Remote(r) => {
                 let Job { inputs, outputs, deadline, reply, span, model, .. } = job;
                 let _entered = span.enter();
-                r.call(RemoteCall { inputs, outputs: outputs.to_vec(), deadline, reply, model });
+                let (reply, admission) = reply.into_parts();
+                r.call(RemoteCall { inputs, outputs: outputs.to_vec(), deadline, reply, model, admission });
                 Ok(())
             }
         }
@@ -671,6 +672,7 @@ impl Deployment {
             })?
         };
         let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let reply = Reply::new(reply);
         let job = Job {
             inputs: request.inputs,
             outputs,
@@ -682,10 +684,13 @@ impl Deployment {
             span,
             model,
         };
-        let (ongoing, left) = self.dispatch(job)?;
+        let left = self.dispatch(job, permit)?;
         if let Some(slot) = left
             && let Channel::Local(tx, cell) = &slot.channel
         {
+            // Until `run_pending` runs, the job left with the model is this caller's to run: a
+            // caller dropped at its yield takes it out of `pending` again (with its admission).
+            let abandoned = Abandoned { cell, answer: Some(answer) };
             // Let the other requests this thread has ready now reach the model first: the
             // first of them to come back runs them all as one batch. Not when requests do not
             // meet (the last batches held one) and no other is in the deployment now: one
@@ -700,10 +705,11 @@ impl Deployment {
                 tx,
                 self.inline_under.unwrap_or_default(),
             );
+            answer = abandoned.disarm();
         }
         // Answered at the deadline at the latest. A model still running the request keeps its
-        // replica slot until it is done (a queued one is answered 504 by the replica without
-        // running), so admission never counts a busy replica as free.
+        // admission until it is done (a queued one is answered 504 by the replica without
+        // running): the job's reply holds it.
         let outputs = match tokio::time::timeout_at(deadline.into(), &mut answer).await {
             Ok(Ok(outputs)) => outputs?,
             // The replica stopped (scaled down, or its deployment closed) with the request in
@@ -715,10 +721,6 @@ impl Deployment {
                 )));
             }
             Err(_) => {
-                tokio::spawn(async move {
-                    let _ = answer.await;
-                    drop((permit, ongoing));
-                });
                 return Err(InferError::new(
                     ErrorKind::DeadlineExceeded,
                     format!(
@@ -782,7 +784,11 @@ impl Deployment {
 
     /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones, or
     /// leaves it with that replica's model (returned) for the caller to run.
-    fn dispatch(&self, job: Job) -> Result<(OngoingGuard, Option<Arc<ReplicaSlot>>), InferError> {
+    fn dispatch(
+        &self,
+        mut job: Job,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Option<Arc<ReplicaSlot>>, InferError> {
         let replicas = self.set.replicas.load();
         if replicas.is_empty() {
             return Err(InferError::unavailable(format!("model `{}` has no replicas", self.set.spec.name)));
@@ -800,7 +806,7 @@ impl Deployment {
             }
         };
         let slot = &replicas[pick];
-        let guard = OngoingGuard::new(slot);
+        job.reply.hold(Admission { _permit: permit, _ongoing: OngoingGuard::new(slot) });
         // A cheap call is left with its replica's model for the caller to run on its own thread
         // (see `ModelCell`): no hand-off to the replica's thread and back.
         if let (Channel::Local(_, cell), Some(under)) = (&slot.channel, self.inline_under)
@@ -808,12 +814,13 @@ impl Deployment {
             && cell.cheap(under)
         {
             cell.leave(job);
-            return Ok((guard, Some(slot.clone())));
+            return Ok(Some(slot.clone()));
         }
+        // A job the queue cannot take is dropped here, with its admission.
         slot.channel.send(job).map_err(|_| {
             InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
         })?;
-        Ok((guard, None))
+        Ok(None)
     }
 }
 
@@ -966,6 +973,41 @@ impl std::future::Future for YieldOnce {
             }
         }
         std::task::Poll::Pending
+    }
+}
+
+/// What admitting a request took: its permit, and its count on the replica it went to. It
+/// travels with the request's reply (a local replica's job, [`RemoteCall::admission`]) and is
+/// released with it.
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _ongoing: OngoingGuard,
+}
+
+/// A job its caller left with a replica's model and has not run yet: taken out of `pending`
+/// again (its reply closed, so the job and its admission go) if the caller is dropped first.
+/// Otherwise nobody might look at `pending` again while the admission it holds keeps every
+/// other caller out.
+struct Abandoned<'a> {
+    cell: &'a ModelCell,
+    /// The caller's end of the job's reply, given back once the job is no longer its alone.
+    answer: Option<Answer>,
+}
+
+type Answer = tokio::sync::oneshot::Receiver<Result<Vec<crate::NamedTensor>, InferError>>;
+
+impl Abandoned<'_> {
+    fn disarm(mut self) -> Answer {
+        self.answer.take().expect("armed until now")
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            drop(answer);
+            self.cell.drop_abandoned();
+        }
     }
 }
 

@@ -21,6 +21,9 @@ pub struct RemoteCall {
     pub reply: oneshot::Sender<Result<Vec<NamedTensor>, InferError>>,
     /// Which model of a multiplexed deployment.
     pub model: Option<std::sync::Arc<str>>,
+    /// What admitting the request took: keep it until the answer is sent or the call is
+    /// dropped (the replica counts as busy with the request until then).
+    pub admission: Option<crate::deployment::Admission>,
 }
 
 /// Where a remote replica runs, for status.

@@ -119,6 +119,13 @@ impl ModelCell {
         self.pending().push(job);
     }
 
+    /// Drops the jobs whose callers have gone from `pending` (and their admissions with them):
+    /// for a caller dropped after [`ModelCell::leave`], before its [`ModelCell::run_pending`].
+    pub fn drop_abandoned(&self) {
+        let gone = self.pending().drain_closed();
+        drop(gone);
+    }
+
     /// While the model is free, runs what callers left on this thread, a batch at a time, for
     /// up to [`COMBINE_ROUNDS`] batches while calls measure under `under`; what still waits
     /// then goes to the replica's thread through `tx`, as does everything while the model is
@@ -765,7 +772,7 @@ mod tests {
             deadline: now + Duration::from_secs(60),
             admitted: now,
             arrived: now,
-            reply,
+            reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
         };

@@ -252,6 +252,33 @@ async fn a_request_whose_caller_left_is_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_request_whose_caller_left_keeps_its_slot_until_the_model_is_done() {
+    // One slot. The first request's caller leaves while the model runs it: the slot stays taken
+    // until the call ends, so the next request waits in the admission queue instead of being
+    // handed to the busy replica (callers that leave could otherwise fill its queue).
+    let (gate, open) = gate();
+    let f = start_gated(spec(|s| s.settings.max_ongoing_requests = 1), 0, None, Some(gate.clone()));
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let d = f.deployment.clone();
+    let gone = tokio::spawn(async move { d.infer(request(&[1])).await });
+    gate.started.notified().await;
+    gone.abort();
+    let _ = gone.await;
+    let d = f.deployment.clone();
+    let next = tokio::spawn(async move { d.infer(request(&[2])).await });
+    until("the next request waits for the slot", || f.deployment.queue_depth() == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.deployment.queue_depth(), 1, "admitted while the model still ran the first");
+    assert_eq!(f.log.lock().unwrap().len(), 1);
+    // The first call ends (its answer has no one to go to), then the next runs.
+    open.send(()).unwrap();
+    open.send(()).unwrap();
+    let r = next.await.unwrap().expect("the next request runs once the slot is free");
+    assert_eq!(values(&r.outputs[0].tensor), vec![2]);
+    assert_eq!(*f.log.lock().unwrap(), vec![vec![1], vec![2]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_model_refuses_fails_alone_not_its_batch() {
     let f = start(
         spec(|s| {

@@ -295,3 +295,27 @@ fn a_burst_on_one_thread_after_callers_ran_alone_is_batched_again() {
     assert!(first < 8, "batched again within eight requests: {rows:?}");
     assert!(rows[first..].iter().all(|&r| r > 1), "the rest of the burst in batches: {rows:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_dropped_at_its_yield_leaves_no_job_holding_the_only_slot() {
+    // One slot. A caller that left its job with the model and is dropped at its yield, before
+    // it runs the job, takes the job out again with its admission: else the job would keep the
+    // only slot while nobody comes to run it.
+    let f = start(Duration::ZERO, |s| s.settings.max_ongoing_requests = 1);
+    run(&f, 20).await;
+    let mut yielded = false;
+    for k in 0..32 {
+        let mut call = std::pin::pin!(f.deployment.infer(request(200 + k)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if call.as_mut().poll(&mut cx).is_pending() {
+            yielded = true;
+            break; // dropped here, at its yield
+        }
+    }
+    assert!(yielded, "one caller in eight yields while callers run alone");
+    let r = tokio::time::timeout(Duration::from_secs(5), f.deployment.infer(request(300)))
+        .await
+        .expect("the next request gets the slot")
+        .unwrap();
+    assert_eq!(r.outputs[0].tensor.data()[..8], 300i64.to_le_bytes());
+}

@@ -60,13 +60,15 @@ impl GrpcReplica {
 
 impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
-        let RemoteCall { inputs, outputs, deadline, mut reply, model } = call;
+        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission } = call;
         let left = deadline.saturating_duration_since(Instant::now());
         let request = encode(&self.model, &self.version, inputs, &outputs, left);
         let mut client = self.client.clone();
         let (name, addr) = (self.info.name.clone(), self.info.addr.clone());
         let suspect = self.suspect.clone();
         self.runtime.spawn(async move {
+            // Held until the call is answered or dropped: the replica counts as busy until then.
+            let _admission = admission;
             let mut request = tonic::Request::new(request);
             request.set_timeout(left.max(Duration::from_millis(1)));
             if let Some(value) = model.and_then(|m| m.parse::<tonic::metadata::MetadataValue<_>>().ok()) {
