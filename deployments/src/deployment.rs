@@ -800,10 +800,7 @@ impl Deployment {
         };
         let pick = match job.model.as_ref().and_then(|m| self.holder(&replicas, m)) {
             Some(holder) => holder,
-            None => {
-                let (a, b) = two_choices(replicas.len());
-                if load(a) <= load(b) { a } else { b }
-            }
+            None => choose(replicas.len(), two_choices(replicas.len()), load),
         };
         let slot = &replicas[pick];
         job.reply.hold(Admission { _permit: permit, _ongoing: OngoingGuard::new(slot) });
@@ -876,6 +873,17 @@ pub fn check_fits(settings: &ReplicaSettings, metadata: &ModelMetadata) -> Resul
         )));
     }
     Ok(())
+}
+
+/// The less loaded of the two choices `(a, b)` by `load` (not ready, ongoing: lower first);
+/// when neither is ready, the least loaded ready replica of all `n`, if any (two picks can both
+/// be warming up while others are ready, with three replicas or more).
+fn choose(n: usize, (a, b): (usize, usize), load: impl Fn(usize) -> (bool, usize)) -> usize {
+    let best = if load(a) <= load(b) { a } else { b };
+    if !load(best).0 {
+        return best;
+    }
+    (0..n).map(|i| (load(i), i)).filter(|&((not_ready, _), _)| !not_ready).min().map_or(best, |(_, i)| i)
 }
 
 /// Two distinct random indices below `n` (the same one twice when `n` is 1).
@@ -1054,7 +1062,7 @@ mod tests {
     use arc_swap::ArcSwap;
     use tokio::sync::{Semaphore, watch};
 
-    use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, queue_capacity, two_choices};
+    use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, choose, queue_capacity, two_choices};
     use crate::batch::BatchPolicy;
 
     #[test]
@@ -1149,5 +1157,17 @@ mod tests {
             assert!(seen.iter().all(|&c| c > 0), "every replica is a candidate: {seen:?}");
         }
         assert_eq!(two_choices(1), (0, 0));
+    }
+
+    #[test]
+    fn two_choices_that_are_both_warming_up_give_way_to_a_ready_replica() {
+        // (not ready, ongoing) per replica.
+        let loads = [(true, 0), (true, 0), (false, 7), (false, 3), (true, 0)];
+        let load = |i: usize| loads[i];
+        assert_eq!(choose(5, (0, 1), load), 3, "the least loaded ready one");
+        assert_eq!(choose(5, (0, 2), load), 2, "a ready pick stays");
+        assert_eq!(choose(5, (3, 2), load), 3, "the less loaded of two ready picks");
+        let none_ready = |_: usize| (true, 0);
+        assert_eq!(choose(3, (1, 2), none_ready), 1, "no replica ready: a pick stays");
     }
 }
