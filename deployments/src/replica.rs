@@ -256,7 +256,13 @@ pub(crate) fn run(
             Some(b) => b,
             None => match reload(&config, &*host, id, &rx, &mut state, &mut stopping) {
                 Some(b) => b,
-                None => return,
+                None => {
+                    // What it held goes to replicas that can run it, or is answered 503.
+                    for job in state.drain() {
+                        elsewhere(&config, &*host, id, job);
+                    }
+                    return;
+                }
             },
         };
         let inline = model.inline_safe();
@@ -354,8 +360,13 @@ fn reload(
                 while Instant::now() < until {
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(Msg::Job(job)) => state.push(job),
-                        Ok(Msg::Stop) => *stopping = true,
-                        Ok(Msg::Reload) | Err(_) => {}
+                        // Told to stop, or dropped from the deployment: one last load (a model
+                        // that loads serves what it holds, then stops), not the rest of the wait.
+                        Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                            *stopping = true;
+                            break;
+                        }
+                        Ok(Msg::Reload) | Err(RecvTimeoutError::Timeout) => {}
                     }
                     answer_expired(config, state.take_expired(Instant::now()));
                 }

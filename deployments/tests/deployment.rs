@@ -466,10 +466,13 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503() {
-    // The model panics, every reload fails, and the replica is scaled away meanwhile: the
-    // request it held is answered Unavailable (retry), not a server fault.
+    // A request queued behind a batch whose model panics stays with its replica while every
+    // reload fails; the replica is scaled away meanwhile. The request is answered Unavailable
+    // (retry) then: not a server fault, not at its deadline, and not when the reload's backoff
+    // ends.
+    let (gate, open) = gate();
     let loads = Arc::new(AtomicUsize::new(0));
-    let n = loads.clone();
+    let (n, g) = (loads.clone(), gate.clone());
     let factory: BackendFactory = Arc::new(move || {
         if n.fetch_add(1, Ordering::SeqCst) > 0 {
             return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
@@ -484,29 +487,48 @@ async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503(
             delay: Duration::ZERO,
             panic_on: Some(13),
             log: Arc::new(Mutex::new(Vec::new())),
-            gate: None,
+            gate: Some(g.clone()),
         }) as Box<dyn Backend>)
     });
-    let d = Arc::new(Deployment::start(spec(|_| {}), factory).unwrap());
+    let d = Arc::new(Deployment::start(spec(|s| s.settings.max_ongoing_requests = 4), factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
-    assert_eq!(d.infer(request(&[13])).await.unwrap_err().kind, ErrorKind::Internal);
+    let poison = {
+        let d = d.clone();
+        tokio::spawn(async move { d.infer(request(&[13])).await })
+    };
+    gate.started.notified().await;
     let held = {
         let d = d.clone();
         tokio::spawn(async move {
             let mut r = request(&[1]);
-            r.timeout = Some(Duration::from_secs(20));
+            r.timeout = Some(Duration::from_secs(30));
             d.infer(r).await
         })
     };
-    until("the request is at the replica", || d.in_system() == 1).await;
+    until("the second request is admitted", || d.in_system() == 2).await;
+    // Admitted with a free slot, it is handed to the replica in the same poll.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open.send(()).unwrap();
+    assert_eq!(poison.await.unwrap().unwrap_err().kind, ErrorKind::Internal);
+    until("a reload was tried", || loads.load(Ordering::SeqCst) >= 2).await;
+    // The reload's backoff (0.1 s, doubling) has grown to 3.2 s by now.
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    assert!(!held.is_finished(), "held while the replica reloads");
+    let stopped = std::time::Instant::now();
     d.scale_to(0).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), held)
         .await
         .expect("answered when the replica stopped, not at the deadline")
         .unwrap()
         .unwrap_err();
+    // Not at the end of the backoff's current wait (seconds away).
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1500),
+        "answered {:?} after the stop",
+        stopped.elapsed()
+    );
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
-    assert!(e.message.contains("stopped before answering; retry"), "{e}");
+    assert!(e.message.contains("stopped") && e.message.contains("retry"), "{e}");
 }
 
 /// A padded batch cuts outputs back to each request's own length only on axes that follow the
