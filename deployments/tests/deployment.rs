@@ -429,13 +429,11 @@ async fn a_request_right_after_a_scale_to_zero_waits_for_a_replica() {
     assert_eq!(values(&held.await.unwrap().outputs[0].tensor), vec![9]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
-    // The model loads once, then every reload fails (the file is gone, say).
-    let loads = Arc::new(AtomicUsize::new(0));
-    let n = loads.clone();
-    let factory: BackendFactory = Arc::new(move || {
-        if n.fetch_add(1, Ordering::SeqCst) > 0 {
+/// An [`Echo`] (panicking on 13) that loads once: every later load fails, as when the model
+/// file is gone. `loads` counts the tries.
+fn loads_once(loads: Arc<AtomicUsize>, gate: Option<Gate>) -> BackendFactory {
+    Arc::new(move || {
+        if loads.fetch_add(1, Ordering::SeqCst) > 0 {
             return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
         }
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
@@ -448,9 +446,16 @@ async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
             delay: Duration::ZERO,
             panic_on: Some(13),
             log: Arc::new(Mutex::new(Vec::new())),
-            gate: None,
+            gate: gate.clone(),
         }) as Box<dyn Backend>)
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_replica_that_cannot_reload_time_out() {
+    // The model loads once, then every reload fails (the file is gone, say).
+    let loads = Arc::new(AtomicUsize::new(0));
+    let factory = loads_once(loads.clone(), None);
     let d = Arc::new(Deployment::start(spec(|_| {}), factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
     assert_eq!(d.infer(request(&[13])).await.unwrap_err().kind, ErrorKind::Internal);
@@ -472,24 +477,7 @@ async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503(
     // ends.
     let (gate, open) = gate();
     let loads = Arc::new(AtomicUsize::new(0));
-    let (n, g) = (loads.clone(), gate.clone());
-    let factory: BackendFactory = Arc::new(move || {
-        if n.fetch_add(1, Ordering::SeqCst) > 0 {
-            return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
-        }
-        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
-        Ok(Box::new(Echo {
-            meta: ModelMetadata {
-                platform: "test".into(),
-                inputs: vec![spec("x")],
-                outputs: vec![spec("y")],
-            },
-            delay: Duration::ZERO,
-            panic_on: Some(13),
-            log: Arc::new(Mutex::new(Vec::new())),
-            gate: Some(g.clone()),
-        }) as Box<dyn Backend>)
-    });
+    let factory = loads_once(loads.clone(), Some(gate.clone()));
     let d = Arc::new(Deployment::start(spec(|s| s.settings.max_ongoing_requests = 4), factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
     let poison = {
