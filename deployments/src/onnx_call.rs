@@ -18,7 +18,7 @@ use std::time::Instant;
 use ort::AsPointer;
 use ort::session::Session;
 use ort::sys::{OrtAllocatorType, OrtMemType, OrtMemoryInfo, OrtStatusPtr, OrtValue};
-use ort::value::{DynValue, TensorElementType};
+use ort::value::DynValue;
 
 use crate::backend::CopyTimes;
 use crate::error::InferError;
@@ -221,27 +221,12 @@ fn read_output(value: NonNull<OrtValue>) -> Result<Tensor, InferError> {
     Tensor::new(dtype, shape, data.into())
 }
 
-/// The datatype of ONNX element type `code`, for the element types Sluice serves.
+/// The datatype of ONNX element type `code`, for the element types Sluice serves (the same
+/// mapping as the inputs', [`crate::onnx::to_ort_type`]).
 fn served_type(code: i32) -> Option<DataType> {
-    use ort::sys::ONNXTensorElementDataType as T;
-    const SERVED: [T; 14] = [
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16,
-    ];
-    let ty = SERVED.into_iter().find(|&t| t as i32 == code)?;
-    crate::onnx::from_ort(TensorElementType::from(ty))
+    DataType::ALL
+        .into_iter()
+        .find(|&d| ort::sys::ONNXTensorElementDataType::from(crate::onnx::to_ort_type(d)) as i32 == code)
 }
 
 /// A string tensor's `count` elements in the protocol's BYTES layout.
