@@ -334,8 +334,10 @@ fn forward_until_gone(config: &ReplicaConfig, host: &dyn ReplicaHost, id: usize,
 }
 
 /// Loads a fresh backend, retrying with a backoff while the factory fails; `None` when the
-/// deployment is gone or the replica is told to stop. While it retries, queued requests whose
-/// deadline passes are answered 504 rather than left waiting.
+/// deployment is gone or the replica is told to stop. While it retries, what it holds goes to
+/// another replica as soon as one is ready (checked every 50 ms: a replica can come back or be
+/// added while this one keeps failing), and queued requests whose deadline passes are answered
+/// 504 rather than left waiting.
 fn reload(
     config: &ReplicaConfig,
     host: &dyn ReplicaHost,
@@ -359,7 +361,11 @@ fn reload(
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     match rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(Msg::Job(job)) => state.push(job),
+                        Ok(Msg::Job(job)) => {
+                            if let Err(job) = host.redispatch(job, index) {
+                                state.push(job);
+                            }
+                        }
                         // Told to stop, or dropped from the deployment: one last load (a model
                         // that loads serves what it holds, then stops), not the rest of the wait.
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
@@ -369,6 +375,11 @@ fn reload(
                         Ok(Msg::Reload) | Err(RecvTimeoutError::Timeout) => {}
                     }
                     answer_expired(config, state.take_expired(Instant::now()));
+                    for job in state.drain() {
+                        if let Err(job) = host.redispatch(job, index) {
+                            state.push(job);
+                        }
+                    }
                 }
                 wait = (wait * 2).min(Duration::from_secs(10));
             }

@@ -434,20 +434,25 @@ async fn a_request_right_after_a_scale_to_zero_waits_for_a_replica() {
 fn loads_once(loads: Arc<AtomicUsize>, gate: Option<Gate>) -> BackendFactory {
     Arc::new(move || {
         if loads.fetch_add(1, Ordering::SeqCst) > 0 {
-            return Err(LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() });
+            return Err(gone());
         }
-        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
-        Ok(Box::new(Echo {
-            meta: ModelMetadata {
-                platform: "test".into(),
-                inputs: vec![spec("x")],
-                outputs: vec![spec("y")],
-            },
-            delay: Duration::ZERO,
-            panic_on: Some(13),
-            log: Arc::new(Mutex::new(Vec::new())),
-            gate: gate.clone(),
-        }) as Box<dyn Backend>)
+        Ok(panics_on_13(gate.clone()))
+    })
+}
+
+fn gone() -> LoadError {
+    LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() }
+}
+
+/// An echo model that panics on 13.
+fn panics_on_13(gate: Option<Gate>) -> Box<dyn Backend> {
+    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+    Box::new(Echo {
+        meta: ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] },
+        delay: Duration::ZERO,
+        panic_on: Some(13),
+        log: Arc::new(Mutex::new(Vec::new())),
+        gate,
     })
 }
 
@@ -517,6 +522,54 @@ async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503(
     );
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
     assert!(e.message.contains("stopped") && e.message.contains("retry"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_by_a_replica_that_cannot_reload_goes_to_a_replica_that_comes_ready() {
+    // A request queued behind a batch whose model panics stays with its replica, the only one,
+    // while every reload there fails. A replica added meanwhile loads (on the scaling task, not
+    // on the failing replica's thread): the held request goes to it and is answered, not left
+    // with the failing replica until its deadline.
+    let (gate, open) = gate();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (n, g) = (loads.clone(), gate.clone());
+    let factory: BackendFactory = Arc::new(move || {
+        let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+        // A replica reloads on its own thread, named after the deployment (`echo#0`).
+        if !first && std::thread::current().name().is_some_and(|t| t.starts_with("echo#")) {
+            return Err(gone());
+        }
+        Ok(panics_on_13(first.then(|| g.clone())))
+    });
+    let d = Arc::new(Deployment::start(spec(|s| s.settings.max_ongoing_requests = 4), factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    let poison = {
+        let d = d.clone();
+        tokio::spawn(async move { d.infer(request(&[13])).await })
+    };
+    gate.started.notified().await;
+    let held = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut r = request(&[7]);
+            r.timeout = Some(Duration::from_secs(30));
+            d.infer(r).await
+        })
+    };
+    until("the second request is admitted", || d.in_system() == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open.send(()).unwrap();
+    assert_eq!(poison.await.unwrap().unwrap_err().kind, ErrorKind::Internal);
+    until("a reload was tried", || loads.load(Ordering::SeqCst) >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "held while no replica can run it");
+    d.scale_to(2).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("answered by the new replica, not at the deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(&answer.outputs[0].tensor), vec![7]);
 }
 
 /// A padded batch cuts outputs back to each request's own length only on axes that follow the
