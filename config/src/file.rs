@@ -182,6 +182,11 @@ pub(crate) struct Deployment {
     /// process's allocator.
     #[serde(default = "default_cpu_memory_arena")]
     pub cpu_memory_arena: bool,
+    /// ONNX Runtime's memory pattern: one block per call for all intermediate tensors, planned
+    /// from the first call of each input shape. Default false: each intermediate tensor is its
+    /// own allocation.
+    #[serde(default = "default_memory_pattern")]
+    pub memory_pattern: bool,
     /// One copy of the model's weights for all its replicas. Default true.
     #[serde(default = "default_share_weights")]
     pub share_weights: bool,
@@ -282,6 +287,9 @@ fn default_request_timeout() -> Spanned<f64> {
 }
 fn default_cpu_memory_arena() -> bool {
     defaults().cpu_memory_arena
+}
+fn default_memory_pattern() -> bool {
+    defaults().memory_pattern
 }
 fn default_share_weights() -> bool {
     defaults().share_weights

@@ -178,6 +178,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
         "        preferred_batch_sizes: [4, 8]\n",
         "        pad: {input_ids: 0}\n",
         "        cpu_memory_arena: true\n",
+        "        memory_pattern: true\n",
         "        spin_before_sleep_us: 0\n",
         "        share_weights: false\n",
     ))
@@ -194,6 +195,7 @@ fn batching_and_grpc_fields_parse_with_defaults() {
     assert_eq!(s.request_timeout_s, 30.0);
     assert!(s.warmup);
     assert!(s.cpu_memory_arena);
+    assert!(s.memory_pattern);
     assert_eq!(s.spin_before_sleep_us, 0);
     assert!(!s.share_weights);
 }

@@ -167,6 +167,11 @@ pub struct ReplicaSettings {
     /// default: fewer instructions per call, and memory goes back after a burst).
     #[serde(default)]
     pub cpu_memory_arena: bool,
+    /// ONNX Runtime's memory pattern (one planned block per call for the intermediate tensors,
+    /// on) or one allocation per intermediate tensor (off, the default: fewer instructions and
+    /// cache lines per call of a small model).
+    #[serde(default)]
+    pub memory_pattern: bool,
     /// The replicas of an ONNX model share one copy of its weights (its initializers of 1 KiB
     /// or more, and ONNX Runtime's prepacked forms of them) instead of one per replica. Default
     /// true.
@@ -246,6 +251,7 @@ impl Default for ReplicaSettings {
         Self {
             intra_op_threads: 1,
             cpu_memory_arena: false,
+            memory_pattern: false,
             share_weights: true,
             max_batch_size: 0,
             batch_wait_timeout_s: 0.0,

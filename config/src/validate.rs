@@ -386,6 +386,7 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         settings: ReplicaSettings {
             intra_op_threads: dep.intra_op_threads.value,
             cpu_memory_arena: dep.cpu_memory_arena,
+            memory_pattern: dep.memory_pattern,
             share_weights: dep.share_weights,
             max_batch_size: dep.max_batch_size.value,
             batch_wait_timeout_s: dep.batch_wait_timeout_s.value,

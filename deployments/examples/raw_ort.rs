@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)?
         .with_intra_threads(1)?
         .with_inter_threads(1)?
+        .with_memory_pattern(false)?
         .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?
         .commit_from_file(model)?;
     let mut inputs: BTreeMap<u64, Inputs> = BTreeMap::new();

@@ -78,6 +78,8 @@ pub struct OnnxOptions {
     pub intra_op_threads: usize,
     /// ONNX Runtime's own arena for tensor buffers instead of the process's allocator.
     pub cpu_memory_arena: bool,
+    /// ONNX Runtime's memory pattern: one planned block per call for the intermediate tensors.
+    pub memory_pattern: bool,
 }
 
 impl OnnxOptions {
@@ -86,13 +88,14 @@ impl OnnxOptions {
         Self {
             intra_op_threads: settings.intra_op_threads as usize,
             cpu_memory_arena: settings.cpu_memory_arena,
+            memory_pattern: settings.memory_pattern,
         }
     }
 }
 
 impl Default for OnnxOptions {
     fn default() -> Self {
-        Self { intra_op_threads: 1, cpu_memory_arena: false }
+        Self { intra_op_threads: 1, cpu_memory_arena: false, memory_pattern: false }
     }
 }
 
@@ -139,6 +142,7 @@ impl OnnxBackend {
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|b| Ok(b.with_memory_pattern(options.memory_pattern)?))
             .and_then(|b| {
                 let cpu = ort::ep::CPU::default().with_arena_allocator(options.cpu_memory_arena);
                 Ok(b.with_execution_providers([cpu.build()])?)

@@ -1,7 +1,7 @@
 //! ONNX Runtime's memory: the release hook (`onnx::on_memory_released`; the server passes
 //! mimalloc's purge), which must run after each model load, successful or not, and after a
 //! session is dropped, so that an idle server does not keep a load's freed buffers resident;
-//! and `cpu_memory_arena`, on and off.
+//! and `cpu_memory_arena` and `memory_pattern`, on and off.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -43,9 +43,11 @@ fn the_release_hook_runs_after_loads_failed_loads_and_drops() {
     assert_eq!(PURGES.load(Ordering::SeqCst) - start, 3, "after a load that failed");
 }
 
-/// `cpu_memory_arena` on and off: both load, and give the model's expected answer.
+/// `cpu_memory_arena` and `memory_pattern` on and off: each way loads, and gives the model's
+/// expected answer on every call (with the memory pattern on, the second call of a shape runs
+/// from the plan the first one made).
 #[test]
-fn both_arena_settings_answer_the_expected_outputs() {
+fn every_memory_setting_answers_the_expected_outputs() {
     init_runtime(Path::new(
         &std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (.cargo/config.toml)"),
     ))
@@ -60,18 +62,26 @@ fn both_arena_settings_answer_the_expected_outputs() {
     let want = floats(&case["outputs"][0]["data"]);
     assert_eq!(case["outputs"][0]["name"], "logits");
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    for arena in [false, true] {
-        let options = OnnxOptions { cpu_memory_arena: arena, ..OnnxOptions::default() };
+    for (arena, pattern) in [(false, false), (true, false), (false, true), (true, true)] {
+        let options =
+            OnnxOptions { cpu_memory_arena: arena, memory_pattern: pattern, ..OnnxOptions::default() };
         let mut backend = OnnxBackend::load(&models().join("mlp/model.onnx"), &options).unwrap();
-        let bytes: Vec<u8> = input.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let x = Tensor::new(DataType::Fp32, vec![1, input.len()], bytes.into()).unwrap();
-        let out =
-            backend.infer(vec![NamedTensor { name: "x".into(), tensor: x }], &["logits".into()]).unwrap();
-        let got: Vec<f32> =
-            out[0].tensor.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        assert_eq!(got.len(), want.len(), "arena {arena}");
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-5, "arena {arena}: {got:?} against {want:?}");
+        for call in 0..2 {
+            let what = format!("arena {arena}, memory pattern {pattern}, call {call}");
+            let bytes: Vec<u8> = input.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let x = Tensor::new(DataType::Fp32, vec![1, input.len()], bytes.into()).unwrap();
+            let out =
+                backend.infer(vec![NamedTensor { name: "x".into(), tensor: x }], &["logits".into()]).unwrap();
+            let got: Vec<f32> = out[0]
+                .tensor
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{what}: {got:?} against {want:?}");
+            }
         }
     }
 }
