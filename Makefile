@@ -1,8 +1,11 @@
 # Common tasks. Each target is a thin wrapper over scripts/ or cargo.
-.PHONY: setup run test check fmt models bench bench-docs openapi
+.PHONY: setup run test check fmt models bench bench-docs openapi pgo
 
 setup:          ## ONNX Runtime, Python venv, example models, release build
 	scripts/setup.sh
+
+pgo:            ## target/release/sluice-pgo: release build optimised with a profile of a training load (~25 min)
+	scripts/build-pgo.sh
 
 run: setup      ## serve examples/iris.yaml on 127.0.0.1:8000
 	target/release/sluice run examples/iris.yaml

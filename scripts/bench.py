@@ -53,6 +53,7 @@ import bench_floor  # noqa: E402 (its allocation probes)
 
 ROOT = Path(__file__).resolve().parents[1]
 REL = ROOT / "target" / "release"
+SLUICE = REL / "sluice"  # --binary
 ORT = ROOT / ".ort" / "libonnxruntime.so"
 HTTP, GRPC = 18000, 18001
 PROTOCOLS = ["rest-json", "rest-binary", "grpc"]
@@ -99,7 +100,7 @@ def models(selected, out):
 
 class Server:
     def __init__(self, config):
-        self.proc = subprocess.Popen([str(REL / "sluice"), "run", str(config)], stderr=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen([str(SLUICE), "run", str(config)], stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "RUST_LOG": "warn"})
         self.log = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
@@ -250,7 +251,11 @@ def main():
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
     ap.add_argument("--concurrency", default="1,8,16,64")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--binary", default=str(REL / "sluice"),
+                    help="the sluice binary to measure (default: the release build), e.g. target/release/sluice-pgo")
     args = ap.parse_args()
+    global SLUICE
+    SLUICE = Path(args.binary).resolve()
     if args.repeat < 3:
         print(f"note: --repeat {args.repeat}: fewer than 3 repetitions, the spreads mean little", file=sys.stderr)
     protocols = args.protocols.split(",")
@@ -393,7 +398,7 @@ def main():
             report.append("")
 
         # Allocation calls in the server per request, one connection (perf uprobes; root).
-        probes = bench_floor.alloc_probes(str(REL / "sluice"))
+        probes = bench_floor.alloc_probes(str(SLUICE))
         if probes is None:
             print("no perf uprobes here (needs perf and root): allocations per request left out", file=sys.stderr)
         else:

@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--raw-duration", type=float, default=5, help="seconds of each baseline run")
     ap.add_argument("--warmup", type=float, default=2, help="seconds of the unmeasured run before each")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--binary", default=str(REL / "sluice"),
+                    help="the sluice binary to measure (default: the release build), e.g. target/release/sluice-pgo")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
     if not (MINILM / "model.onnx").is_file():
@@ -86,7 +88,7 @@ def main():
         text = text.replace("../../shared/models/minilm", str(MINILM)).replace("port: 8000", f"port: {HTTP}")
         cfg = Path(tmp) / "embeddings.yaml"
         cfg.write_text(text + "grpc_options: {enabled: false}\nadmin_options: {enabled: false}\n")
-        proc = subprocess.Popen([str(REL / "sluice"), "run", str(cfg)], stderr=subprocess.DEVNULL,
+        proc = subprocess.Popen([args.binary, "run", str(cfg)], stderr=subprocess.DEVNULL,
                                 env={**os.environ, "RUST_LOG": "warn"})
         try:
             for _ in range(600):

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# A release build of `sluice` optimised with a profile of its own request path (PGO):
+#   1. an instrumented build (target/pgo-gen) serves a training load on loopback: REST JSON,
+#      REST binary and gRPC inference of the example models at 1, 16 and 64 connections, one and
+#      eight rows per request, a two-step pipeline and the liveness calls (sluice-loadtest,
+#      about 80 s);
+#   2. its profile is merged with rustup's llvm-profdata (the `llvm-tools` component, which
+#      this script installs);
+#   3. the release build uses it: target/pgo/<host>/release/sluice, copied to
+#      target/release/sluice-pgo.
+# Same sources, features and release profile as `cargo build --release`; only the code layout
+# and the compiler's inlining and branch decisions follow the profile. docs/benchmarks.md has
+# what it gains. About 2 release builds of time (~25 min on 2 cores).
+#
+#   scripts/build-pgo.sh            # then: target/release/sluice-pgo run CONFIG
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+rustup component add llvm-tools >/dev/null
+PROFDATA=$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata
+[ -x "$PROFDATA" ] || { echo "llvm-profdata not found at $PROFDATA" >&2; exit 1; }
+export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$ROOT/.ort/libonnxruntime.so}
+DATA=$ROOT/target/pgo-data
+rm -rf "$DATA"
+mkdir -p "$DATA"
+
+# --target: the flags apply to the server's code, not to build scripts and proc macros.
+RUSTFLAGS="-Cprofile-generate=$DATA" \
+    cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo-gen
+cargo build --release -p sluice-loadtest --bin sluice-loadtest
+LOADTEST=$ROOT/target/release/sluice-loadtest
+
+PORT=${PORT:-18700}
+WORK=$(mktemp -d)
+SERVER=
+cleanup() {
+    if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+M=$ROOT/examples/models
+cat > "$WORK/config.yaml" <<YAML
+http_options: {host: 127.0.0.1, port: $PORT}
+grpc_options: {host: 127.0.0.1, port: $((PORT + 1))}
+admin_options: {enabled: false}
+applications:
+  - name: train
+    deployments:
+      - {name: mlp, model: $M/mlp/model.onnx, num_replicas: 2, max_batch_size: 32}
+      - {name: iris, model: $M/iris/model.onnx, max_batch_size: 32}
+  - name: pipe
+    deployments:
+      - {name: iris-model, model: $M/iris/model.onnx, max_batch_size: 32}
+      - {name: iris-label, builtin: {argmax: {labels: $M/iris/labels.txt}}, max_batch_size: 32}
+    pipeline:
+      name: iris-classifier
+      inputs: [{name: features, datatype: FP32, shape: [-1, 4]}]
+      steps:
+        - {name: classify, deployment: iris-model, inputs: {input: features}, outputs: {probabilities: probabilities}}
+        - {name: name-it, deployment: iris-label, inputs: {x: probabilities}, outputs: {label: label}}
+      outputs: [label, probabilities]
+YAML
+RUST_LOG=warn "target/pgo-gen/$HOST/release/sluice" run "$WORK/config.yaml" &
+SERVER=$!
+for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null 2>&1 && break
+    kill -0 "$SERVER" 2>/dev/null || { echo "the instrumented server did not start" >&2; exit 1; }
+    sleep 0.2
+done
+load() {  # URL_PORT ARGS...: one 2 s step, failures fatal (a profile of error paths is no use)
+    local port=$1
+    shift
+    "$LOADTEST" --url "127.0.0.1:$port" --duration 2s --warmup 200ms --quiet "$@" >"$WORK/load.txt" \
+        || { cat "$WORK/load.txt" >&2; exit 1; }
+}
+for c in 1 16 64; do
+    load "$PORT" --health --concurrency $c
+    load $((PORT + 1)) --health --protocol grpc --concurrency $c
+    for p in rest-json rest-binary; do
+        load "$PORT" -m mlp --protocol $p --input-data "$M/mlp/expected.json" --concurrency $c
+        load "$PORT" -m mlp --protocol $p --batch 8 --concurrency $c
+    done
+    load $((PORT + 1)) -m mlp --protocol grpc --input-data "$M/mlp/expected.json" --concurrency $c
+    load $((PORT + 1)) -m mlp --protocol grpc --batch 8 --concurrency $c
+    load "$PORT" -m iris --input-data "$M/iris/expected.json" --concurrency $c
+    load "$PORT" -m iris-classifier --batch 4 --concurrency $c
+done
+kill -TERM "$SERVER"
+wait "$SERVER" || { echo "the instrumented server did not stop cleanly" >&2; exit 1; }
+SERVER=
+"$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"/*.profraw
+
+RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" \
+    cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo
+cp "target/pgo/$HOST/release/sluice" target/release/sluice-pgo
+echo "target/release/sluice-pgo: release build optimised with the profile in $DATA/merged.profdata"
