@@ -903,6 +903,10 @@ impl Drop for Deployment {
         for r in self.set.replicas.load().iter() {
             r.channel.stop();
         }
+        // The set lets go of the replicas' queues too: a replica thread holds the set, so a
+        // queue kept here would never report its sender gone, and a replica whose stop message
+        // did not fit in its full queue would wait on it for ever once it has served the rest.
+        self.set.replicas.store(Arc::new(Vec::new()));
     }
 }
 
@@ -1064,6 +1068,97 @@ mod tests {
 
     use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, choose, queue_capacity, two_choices};
     use crate::batch::BatchPolicy;
+
+    /// A model whose calls wait until the test lets them go (`entered` counts them); it counts
+    /// as alive while `alive` has a second owner.
+    struct Gated {
+        meta: crate::ModelMetadata,
+        open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        entered: Arc<AtomicUsize>,
+        _alive: Arc<()>,
+    }
+
+    impl crate::Backend for Gated {
+        fn metadata(&self) -> &crate::ModelMetadata {
+            &self.meta
+        }
+
+        fn infer(
+            &mut self,
+            _inputs: Vec<crate::NamedTensor>,
+            _outputs: &[String],
+        ) -> Result<Vec<crate::NamedTensor>, crate::InferError> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let (lock, cvar) = &*self.open;
+            let _open = cvar.wait_while(lock.lock().unwrap(), |open| !*open).unwrap();
+            Ok(Vec::new())
+        }
+    }
+
+    /// Dropping a deployment ends its replica threads even when a replica's queue is full, so
+    /// that the stop message is not delivered: the queue reports its sender gone once the
+    /// replica has served what it holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_deployment_ends_a_replica_whose_queue_was_full() {
+        let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let alive = Arc::new(());
+        let entered = Arc::new(AtomicUsize::new(0));
+        let (o, a, e) = (open.clone(), alive.clone(), entered.clone());
+        let factory: crate::BackendFactory = Arc::new(move || {
+            let meta =
+                crate::ModelMetadata { platform: "test".into(), inputs: Vec::new(), outputs: Vec::new() };
+            Ok(Box::new(Gated { meta, open: o.clone(), entered: e.clone(), _alive: a.clone() })
+                as Box<dyn crate::Backend>)
+        });
+        let mut spec = DeploymentSpec::new("full");
+        spec.settings.warmup = false;
+        spec.settings.max_ongoing_requests = 1;
+        let d = super::Deployment::start(spec, factory).unwrap();
+        assert!(d.wait_ready(std::time::Duration::from_secs(5)).await);
+        let replicas = d.set.replicas.load_full();
+        let Channel::Local(tx, _) = &replicas[0].channel else { unreachable!("a local replica") };
+        // The callers stay (a job whose caller has gone is skipped, not run).
+        let mut callers = Vec::new();
+        let mut job = || {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            callers.push(answer);
+            let now = std::time::Instant::now();
+            crate::batch::Job {
+                inputs: Vec::new(),
+                outputs: Arc::from([]),
+                rows: 1,
+                deadline: now + std::time::Duration::from_secs(60),
+                admitted: now,
+                arrived: now,
+                reply: crate::batch::Reply::new(reply),
+                span: tracing::Span::none(),
+                model: None,
+            }
+        };
+        // One job runs (held at the gate), then the queue fills up.
+        tx.send(super::Msg::Job(job())).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while entered.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < until, "the replica took the first job");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        while tx.try_send(super::Msg::Job(job())).is_ok() {}
+        assert!(tx.try_send(super::Msg::Job(job())).is_err(), "the queue is full");
+        drop(replicas);
+        drop(d);
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&alive) > 1 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(Arc::strong_count(&alive), 1, "the replica thread ended and dropped its model");
+        assert_eq!(
+            entered.load(Ordering::SeqCst),
+            3,
+            "it served what it held first (one running, two queued)"
+        );
+    }
 
     #[test]
     fn a_replica_queue_holds_every_slot_of_the_set_up_to_a_cap() {
