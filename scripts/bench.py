@@ -274,9 +274,11 @@ def main():
 
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
+    served = ("`sluice` release build" if SLUICE == (REL / "sluice").resolve()
+              else f"`{SLUICE.relative_to(ROOT) if SLUICE.is_relative_to(ROOT) else SLUICE}`")
     report = ["# Sluice benchmark report", "",
               f"Machine: {cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Server: `sluice` release build, 1 replica per "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Server: {served}, 1 replica per "
               f"model, 1 intra-op thread, max_batch_size 32 (MiniLM 64), batch_wait_timeout_s 0. The load tester "
               f"runs on the same machine and shares its CPUs.", "",
               f"Every row is {args.repeat} repetitions of: an unmeasured {args.warmup:g} s warm-up run, the served "

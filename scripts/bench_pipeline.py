@@ -88,7 +88,7 @@ def main():
         text = text.replace("../../shared/models/minilm", str(MINILM)).replace("port: 8000", f"port: {HTTP}")
         cfg = Path(tmp) / "embeddings.yaml"
         cfg.write_text(text + "grpc_options: {enabled: false}\nadmin_options: {enabled: false}\n")
-        proc = subprocess.Popen([args.binary, "run", str(cfg)], stderr=subprocess.DEVNULL,
+        proc = subprocess.Popen([str(Path(args.binary).resolve()), "run", str(cfg)], stderr=subprocess.DEVNULL,
                                 env={**os.environ, "RUST_LOG": "warn"})
         try:
             for _ in range(600):

@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+scripts/install-onnxruntime.sh  # the training load runs the server (a fresh clone has no .ort/)
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 rustup component add llvm-tools >/dev/null
 PROFDATA=$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata
@@ -26,7 +27,7 @@ rm -rf "$DATA"
 mkdir -p "$DATA"
 
 # --target: the flags apply to the server's code, not to build scripts and proc macros.
-RUSTFLAGS="-Cprofile-generate=$DATA" \
+CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$DATA" \
     cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo-gen
 cargo build --release -p sluice-loadtest --bin sluice-loadtest
 LOADTEST=$ROOT/target/release/sluice-loadtest
@@ -63,16 +64,22 @@ applications:
 YAML
 RUST_LOG=warn "target/pgo-gen/$HOST/release/sluice" run "$WORK/config.yaml" &
 SERVER=$!
+ready=
 for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null 2>&1 && break
+    if curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null 2>&1; then ready=1; break; fi
     kill -0 "$SERVER" 2>/dev/null || { echo "the instrumented server did not start" >&2; exit 1; }
     sleep 0.2
 done
-load() {  # URL_PORT ARGS...: one 2 s step, failures fatal (a profile of error paths is no use)
+[ -n "$ready" ] || { echo "the instrumented server was not ready within 60 s" >&2; exit 1; }
+load() {  # PORT ARGS...: one 2 s step; a failed request is fatal (a profile of error paths is no use)
     local port=$1
     shift
     "$LOADTEST" --url "127.0.0.1:$port" --duration 2s --warmup 200ms --quiet "$@" >"$WORK/load.txt" \
         || { cat "$WORK/load.txt" >&2; exit 1; }
+    # The report's one step row: | protocol | step | ok | errors | ...; errors must be 0.
+    awk -F'|' '$3 ~ /concurrency/ { gsub(/ /, "", $5); if ($5 != "0" || $4 + 0 == 0) bad = 1; rows++ }
+               END { exit (bad || rows != 1) }' "$WORK/load.txt" \
+        || { echo "training step failed: $*" >&2; cat "$WORK/load.txt" >&2; exit 1; }
 }
 for c in 1 16 64; do
     load "$PORT" --health --concurrency $c
@@ -91,7 +98,7 @@ wait "$SERVER" || { echo "the instrumented server did not stop cleanly" >&2; exi
 SERVER=
 "$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"/*.profraw
 
-RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" \
+CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" \
     cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo
 cp "target/pgo/$HOST/release/sluice" target/release/sluice-pgo
 echo "target/release/sluice-pgo: release build optimised with the profile in $DATA/merged.profdata"
