@@ -97,8 +97,12 @@ kill -TERM "$SERVER"
 wait "$SERVER" || { echo "the instrumented server did not stop cleanly" >&2; exit 1; }
 SERVER=
 "$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"/*.profraw
+# Named by its content: cargo tracks the flags, not the file they name, so a new profile must
+# change the flags for every crate to be built with it again.
+PROFILE="$DATA/merged-$(sha256sum "$DATA/merged.profdata" | cut -c1-16).profdata"
+mv "$DATA/merged.profdata" "$PROFILE"
 
-CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" \
+CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PROFILE" \
     cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo
 cp "target/pgo/$HOST/release/sluice" target/release/sluice-pgo
-echo "target/release/sluice-pgo: release build optimised with the profile in $DATA/merged.profdata"
+echo "target/release/sluice-pgo: release build optimised with the profile in $PROFILE"
