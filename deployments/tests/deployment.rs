@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_deployments::{
     Backend, BackendFactory, DataType, Deployment, DeploymentSpec, ErrorKind, InferError, InferRequest,
-    LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
+    InferResponse, LoadError, ModelMetadata, NamedTensor, Tensor, TensorSpec,
 };
 
 /// `y = x` for `x: INT64 [batch, 1]`, after `delay`; panics when it sees `panic_on`, and fails a
@@ -440,6 +440,37 @@ fn loads_once(loads: Arc<AtomicUsize>, gate: Option<Gate>) -> BackendFactory {
     })
 }
 
+/// Queues a request for `value` (30 s deadline) behind a batch whose model panics on 13, held at
+/// `gate` until both are at the replica; returns the queued request once a reload was tried.
+async fn held_behind_a_panic(
+    d: &Arc<Deployment>,
+    gate: &Gate,
+    open: std::sync::mpsc::Sender<()>,
+    value: i64,
+    loads: &AtomicUsize,
+) -> tokio::task::JoinHandle<Result<InferResponse, InferError>> {
+    let poison = {
+        let d = d.clone();
+        tokio::spawn(async move { d.infer(request(&[13])).await })
+    };
+    gate.started.notified().await;
+    let held = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut r = request(&[value]);
+            r.timeout = Some(Duration::from_secs(30));
+            d.infer(r).await
+        })
+    };
+    until("the second request is admitted", || d.in_system() == 2).await;
+    // Admitted with a free slot, it is handed to the replica in the same poll.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open.send(()).unwrap();
+    assert_eq!(poison.await.unwrap().unwrap_err().kind, ErrorKind::Internal);
+    until("a reload was tried", || loads.load(Ordering::SeqCst) >= 2).await;
+    held
+}
+
 fn gone() -> LoadError {
     LoadError::Model { path: "gone.onnx".into(), message: "model file is gone".into() }
 }
@@ -485,25 +516,7 @@ async fn a_request_held_by_a_replica_that_stops_while_reloading_is_answered_503(
     let factory = loads_once(loads.clone(), Some(gate.clone()));
     let d = Arc::new(Deployment::start(spec(|s| s.settings.max_ongoing_requests = 4), factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
-    let poison = {
-        let d = d.clone();
-        tokio::spawn(async move { d.infer(request(&[13])).await })
-    };
-    gate.started.notified().await;
-    let held = {
-        let d = d.clone();
-        tokio::spawn(async move {
-            let mut r = request(&[1]);
-            r.timeout = Some(Duration::from_secs(30));
-            d.infer(r).await
-        })
-    };
-    until("the second request is admitted", || d.in_system() == 2).await;
-    // Admitted with a free slot, it is handed to the replica in the same poll.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    open.send(()).unwrap();
-    assert_eq!(poison.await.unwrap().unwrap_err().kind, ErrorKind::Internal);
-    until("a reload was tried", || loads.load(Ordering::SeqCst) >= 2).await;
+    let held = held_behind_a_panic(&d, &gate, open, 1, &loads).await;
     // The reload's backoff (0.1 s, doubling) has grown to 3.2 s by now.
     tokio::time::sleep(Duration::from_millis(3300)).await;
     assert!(!held.is_finished(), "held while the replica reloads");
@@ -543,24 +556,7 @@ async fn a_request_held_by_a_replica_that_cannot_reload_goes_to_a_replica_that_c
     });
     let d = Arc::new(Deployment::start(spec(|s| s.settings.max_ongoing_requests = 4), factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
-    let poison = {
-        let d = d.clone();
-        tokio::spawn(async move { d.infer(request(&[13])).await })
-    };
-    gate.started.notified().await;
-    let held = {
-        let d = d.clone();
-        tokio::spawn(async move {
-            let mut r = request(&[7]);
-            r.timeout = Some(Duration::from_secs(30));
-            d.infer(r).await
-        })
-    };
-    until("the second request is admitted", || d.in_system() == 2).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    open.send(()).unwrap();
-    assert_eq!(poison.await.unwrap().unwrap_err().kind, ErrorKind::Internal);
-    until("a reload was tried", || loads.load(Ordering::SeqCst) >= 2).await;
+    let held = held_behind_a_panic(&d, &gate, open, 7, &loads).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "held while no replica can run it");
     d.scale_to(2).await.unwrap();
