@@ -361,11 +361,8 @@ fn reload(
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     match rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(Msg::Job(job)) => {
-                            if let Err(job) = host.redispatch(job, index) {
-                                state.push(job);
-                            }
-                        }
+                        // Handed on below with the rest of what it holds.
+                        Ok(Msg::Job(job)) => state.push(job),
                         // Told to stop, or dropped from the deployment: one last load (a model
                         // that loads serves what it holds, then stops), not the rest of the wait.
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
