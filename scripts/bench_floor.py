@@ -7,7 +7,11 @@ model path. For each binary (label=path; e.g. a build of an older commit beside 
 
   - c=1, tiny MLP (examples/models/mlp, 2 replicas, batching 32), REST JSON: infer p50 minus
     live p50 (the time Sluice's own path adds to a request);
-  - c=64: infer req/s divided by live req/s;
+  - c=64: infer req/s divided by live req/s, the server's threads free to run on any CPU
+    (wrk's included), and again with the server restarted on the CPUs wrk does not use
+    (`taskset`; its runtime then starts one worker per CPU it may use): the client and the
+    server each on their own CPUs, so that a request that costs the server more CPU does not
+    also take it from the client that sends the next one;
   - c=1: gRPC p50 minus REST JSON p50 (sluice-loadtest for both, the same load tester);
   - where h2load is installed (Debian's nghttp2-client), the same with h2load for both (HTTP/1.1
     for REST JSON, HTTP/2 for gRPC ModelInfer), a client in C whose own cost is small, and the
@@ -261,16 +265,41 @@ def loadtest(tool, protocol, seconds, tmp):
     return steps[0]["latency_us"]["p50"]
 
 
+def c64_own_cpus(binary, cfg, env, seconds, script):
+    """c=64 infer and live req/s, and the server's CPU per request, with the server on every CPU
+    but the last (wrk's)."""
+    cpus = f"0-{os.cpu_count() - 2}"
+    proc = subprocess.Popen(["taskset", "-c", cpus, binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    r = {}
+    try:
+        wait_ready(proc)
+        wrk("/v2/health/live", 64, 1)  # warm-up
+        wrk("/v2/models/mlp/infer", 64, 1, script)
+        for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
+            before = cpu_seconds(proc.pid)
+            r[f"{key}_c64_own_rps"], _, n = wrk(path, 64, seconds, lua)
+            r[f"{key}_c64_own_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    r["c64_own_ratio"] = r["infer_c64_own_rps"] / r["live_c64_own_rps"]
+    return r
+
+
 def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
     cfg = Path(tmp) / "floor.yaml"
     model = ROOT / "examples/models/mlp/model.onnx"
     cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
     env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
+    if os.cpu_count() > 1:
+        r = c64_own_cpus(binary, cfg, env, seconds, script)
+    else:
+        r = {}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
         wait_ready(proc)
         time.sleep(1)
-        r = {"idle_rss_mb": rss_mb(proc.pid)}
+        r["idle_rss_mb"] = rss_mb(proc.pid)
         wrk("/v2/health/live", 1, 1)  # warm-up
         wrk("/v2/models/mlp/infer", 1, 1, script)
         for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
@@ -337,11 +366,18 @@ def main():
         ("  infer p50 (µs)", "infer_c1_p50", 0),
         ("  live p50 (µs)", "live_c1_p50", 0),
         ("  server CPU per infer request − per live request (µs)", "own_c1_cpu_us", 1),
-        ("c=64: infer req/s ÷ live req/s", "c64_ratio", 2),
+        ("c=64, the server on any CPU: infer req/s ÷ live req/s", "c64_ratio", 2),
         ("  infer req/s", "infer_c64_rps", 0),
         ("  live req/s", "live_c64_rps", 0),
         ("  server CPU per infer request (µs)", "infer_c64_cpu_us", 1),
         ("  server CPU per live request (µs)", "live_c64_cpu_us", 1),
+    ] + ([
+        ("c=64, the server on the CPUs wrk does not use: infer req/s ÷ live req/s", "c64_own_ratio", 2),
+        ("  infer req/s", "infer_c64_own_rps", 0),
+        ("  live req/s", "live_c64_own_rps", 0),
+        ("  server CPU per infer request (µs)", "infer_c64_own_cpu_us", 1),
+        ("  server CPU per live request (µs)", "live_c64_own_cpu_us", 1),
+    ] if os.cpu_count() > 1 else []) + [
         ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
     ] + ([
         ("c=1: gRPC p50 − REST JSON p50 (µs, h2load for both)", "h2load_grpc_minus_rest_us", 0),
