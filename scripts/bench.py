@@ -65,8 +65,10 @@ def sh(*cmd, **kw):
 
 def build():
     subprocess.run(["scripts/install-onnxruntime.sh"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "sluice-server", "-p", "sluice-loadtest"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "sluice-loadtest"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "-p", "sluice-deployments", "--example", "raw_ort"], cwd=ROOT, check=True)
+    # `sluice` as scripts/setup.sh builds it: optimised with the committed profile (pgo/).
+    subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
 
 
 def models(selected, out):
@@ -252,7 +254,7 @@ def main():
     ap.add_argument("--concurrency", default="1,8,16,64")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--binary", default=str(REL / "sluice"),
-                    help="the sluice binary to measure (default: the release build), e.g. target/release/sluice-pgo")
+                    help="the sluice binary to measure (default: the release build), e.g. a build of another commit")
     args = ap.parse_args()
     global SLUICE
     SLUICE = Path(args.binary).resolve()

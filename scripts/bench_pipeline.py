@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--warmup", type=float, default=2, help="seconds of the unmeasured run before each")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--binary", default=str(REL / "sluice"),
-                    help="the sluice binary to measure (default: the release build), e.g. target/release/sluice-pgo")
+                    help="the sluice binary to measure (default: the release build), e.g. a build of another commit")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
     if not (MINILM / "model.onnx").is_file():

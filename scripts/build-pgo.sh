@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# A release build of `sluice` optimised with a profile of its own request path (PGO):
+# Makes the profile that release builds are optimised with (profile-guided optimisation, PGO),
+# pgo/sluice.profdata.gz, from this checkout, then builds target/release/sluice with it:
 #   1. an instrumented build (target/pgo-gen) serves a training load on loopback: REST JSON,
 #      REST binary and gRPC inference of the example models at 1, 16 and 64 connections, one and
 #      eight rows per request, a two-step pipeline and the liveness calls (sluice-loadtest,
 #      about 80 s);
 #   2. its profile is merged with rustup's llvm-profdata (the `llvm-tools` component, which
-#      this script installs);
-#   3. the release build uses it: target/pgo/<host>/release/sluice, copied to
-#      target/release/sluice-pgo.
-# Same sources, features and release profile as `cargo build --release`; only the code layout
-# and the compiler's inlining and branch decisions follow the profile. docs/benchmarks.md has
-# what it gains. About 2 release builds of time (~25 min on 2 cores).
+#      this script installs) into pgo/sluice.profdata.gz, and pgo/rustc-version names the
+#      compiler (a profile is read only by the LLVM that wrote it);
+#   3. scripts/build-release.sh builds target/release/sluice with it.
+# Run it after the request path changes, and commit pgo/: every release build
+# (scripts/setup.sh, scripts/build-release.sh) uses the committed profile, so only this script
+# needs the instrumented build and the rustup component. Same sources, features and release
+# profile as a plain release build; only the code layout and the compiler's inlining and branch
+# decisions follow the profile. docs/benchmarks.md has what it gains. About 2 release builds of
+# time (~25 min on 2 cores).
 #
-#   scripts/build-pgo.sh            # then: target/release/sluice-pgo run CONFIG
+#   scripts/build-pgo.sh            # then: git add pgo/ && git commit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,7 +30,9 @@ DATA=$ROOT/target/pgo-data
 rm -rf "$DATA"
 mkdir -p "$DATA"
 
-# --target: the flags apply to the server's code, not to build scripts and proc macros.
+# --target: the flags apply to the server's code, not to build scripts and proc macros. The
+# build that uses the profile (scripts/build-release.sh) passes it too, so that its functions
+# have the same symbols as those the profile names.
 CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$DATA" \
     cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo-gen
 cargo build --release -p sluice-loadtest --bin sluice-loadtest
@@ -97,12 +103,8 @@ kill -TERM "$SERVER"
 wait "$SERVER" || { echo "the instrumented server did not stop cleanly" >&2; exit 1; }
 SERVER=
 "$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"/*.profraw
-# Named by its content: cargo tracks the flags, not the file they name, so a new profile must
-# change the flags for every crate to be built with it again.
-PROFILE="$DATA/merged-$(sha256sum "$DATA/merged.profdata" | cut -c1-16).profdata"
-mv "$DATA/merged.profdata" "$PROFILE"
-
-CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PROFILE" \
-    cargo build --release --bin sluice --target "$HOST" --target-dir target/pgo
-cp "target/pgo/$HOST/release/sluice" target/release/sluice-pgo
-echo "target/release/sluice-pgo: release build optimised with the profile in $PROFILE"
+mkdir -p pgo
+gzip -9 -n -c "$DATA/merged.profdata" > pgo/sluice.profdata.gz
+rustc -V > pgo/rustc-version
+scripts/build-release.sh
+echo "target/release/sluice: release build optimised with the new profile in pgo/ (commit it)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh clone: ONNX Runtime library (.ort/), Python venv (.venv/), example models
-# (examples/models/, where missing), release build. Idempotent; each step skips what is already there.
+# (examples/models/, where missing), release build (scripts/build-release.sh: optimised with
+# the committed profile in pgo/). Idempotent; each step skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-onnxruntime.sh
@@ -13,4 +14,4 @@ for m in iris iris-v2 mlp dtypes reshape broken tiny-encoder; do
     break
   fi
 done
-cargo build --release --bin sluice
+scripts/build-release.sh

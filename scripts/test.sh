@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project (what CI runs: .ci/run). Installs what they need
 # (ONNX Runtime library, cargo-machete, Python venvs with tritonclient, the KServe SDK and
-# Ray), then: formatting, unused dependencies, clippy with warnings as errors, the Rust unit
-# and integration tests, the client conformance suite (tests/python; Ray's `serve` CLI comes
-# from .venv-ray) against the real `sluice` binary, and the Ray cluster tests (tests/ray: a
-# 2-node Ray cluster in network namespaces; skipped with a message where `ip netns` is
-# unavailable).
+# Ray), then: the release build's profile (pgo/) against the toolchain, formatting, unused
+# dependencies, clippy with warnings as errors, the Rust unit and integration tests, the
+# client conformance suite (tests/python; Ray's `serve` CLI comes from .venv-ray) against the
+# real `sluice` binary, and the Ray cluster tests (tests/ray: a 2-node Ray cluster in network
+# namespaces; skipped with a message where `ip netns` is unavailable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*" >&2; }
@@ -14,6 +14,14 @@ scripts/install-onnxruntime.sh
 scripts/install-tools.sh
 scripts/venv.sh scripts/requirements-test.txt
 scripts/venv.sh scripts/requirements-ray.txt .venv-ray
+step "pgo/: the release build's profile was made by this toolchain"
+# A profile is read only by the LLVM that wrote it: with another rustc, scripts/build-release.sh
+# falls back to a plain build. A toolchain change comes with `make pgo` and a new pgo/.
+made_by=$(cat pgo/rustc-version)
+if [ "$(rustc -V)" != "$made_by" ] || ! gzip -t pgo/sluice.profdata.gz; then
+    echo "pgo/ was made by $made_by, the toolchain is $(rustc -V) (or the profile is unreadable): run make pgo and commit pgo/" >&2
+    exit 1
+fi
 step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo machete"
