@@ -4,7 +4,7 @@
 setup:          ## ONNX Runtime, Python venv, example models, release build
 	scripts/setup.sh
 
-pgo:            ## target/release/sluice-pgo: release build optimised with a profile of a training load (~25 min)
+pgo:            ## make the PGO profile in pgo/ again from a training load (commit it), then target/release/sluice with it (~25 min)
 	scripts/build-pgo.sh
 
 run: setup      ## serve examples/iris.yaml on 127.0.0.1:8000

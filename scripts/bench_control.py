@@ -8,7 +8,7 @@
    their p50, p99 and max, against the same run's other requests and a run without swaps.
 3. Observed canary share against the set weight, with the 95 % binomial interval of the draw.
 
-  python3 scripts/bench_control.py                  # after `cargo build --release -p sluice-server -p sluice-loadtest`
+  python3 scripts/bench_control.py                  # after `scripts/build-release.sh && cargo build --release -p sluice-loadtest`
   python3 scripts/bench_control.py --swaps 1 --segment 0.5 --steady 1 --canary-requests 500   # quick check
 Everything targets 127.0.0.1 and stops by itself.
 """

@@ -20,6 +20,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+if [ -n "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}${CARGO_BUILD_RUSTFLAGS:-}" ]; then
+    echo "build-pgo: unset RUSTFLAGS, CARGO_ENCODED_RUSTFLAGS and CARGO_BUILD_RUSTFLAGS: the profile is made for the build scripts/build-release.sh makes, which has none" >&2
+    exit 1
+fi
 scripts/install-onnxruntime.sh  # the training load runs the server (a fresh clone has no .ort/)
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 rustup component add llvm-tools >/dev/null
@@ -106,5 +110,5 @@ SERVER=
 mkdir -p pgo
 gzip -9 -n -c "$DATA/merged.profdata" > pgo/sluice.profdata.gz
 rustc -V > pgo/rustc-version
-scripts/build-release.sh
+SLUICE_PGO=1 scripts/build-release.sh
 echo "target/release/sluice: release build optimised with the new profile in pgo/ (commit it)"

@@ -19,7 +19,11 @@ PROFILE=pgo/sluice.profdata.gz
 plain() {
     exec cargo build --release --bin sluice
 }
-if [ "${SLUICE_PGO:-1}" = 0 ] || [ ! -f "$PROFILE" ]; then
+if [ "${SLUICE_PGO:-1}" = 0 ]; then
+    plain
+fi
+if [ ! -f "$PROFILE" ]; then
+    echo "build-release: no $PROFILE (make pgo makes one): plain release build" >&2
     plain
 fi
 made_by=$(cat pgo/rustc-version 2>/dev/null || echo "an unknown rustc")
@@ -27,8 +31,10 @@ if [ "$(rustc -V)" != "$made_by" ]; then
     echo "build-release: $PROFILE was made by $made_by, this is $(rustc -V): plain release build" >&2
     plain
 fi
-if [ -n "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}" ]; then
-    echo "build-release: RUSTFLAGS or CARGO_ENCODED_RUSTFLAGS is set: plain release build with them" >&2
+# The profile's flags would replace the user's (a `build.rustflags` in a cargo config file
+# outside this repository is replaced too, unseen here).
+if [ -n "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}${CARGO_BUILD_RUSTFLAGS:-}" ]; then
+    echo "build-release: RUSTFLAGS, CARGO_ENCODED_RUSTFLAGS or CARGO_BUILD_RUSTFLAGS is set: plain release build with them" >&2
     plain
 fi
 # cargo rebuilds when the flags change, not when the file they name does: the copy the flags
