@@ -265,20 +265,26 @@ def loadtest(tool, protocol, seconds, tmp):
     return steps[0]["latency_us"]["p50"]
 
 
+def c64(pid, seconds, script, tag=""):
+    """live and infer req/s at c=64, and the server's CPU per request (keys `{live,infer}_c64{tag}_*`)."""
+    r = {}
+    for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
+        before = cpu_seconds(pid)
+        r[f"{key}_c64{tag}_rps"], _, n = wrk(path, 64, seconds, lua)
+        r[f"{key}_c64{tag}_cpu_us"] = (cpu_seconds(pid) - before) / n * 1e6
+    return r
+
+
 def c64_own_cpus(binary, cfg, env, seconds, script):
     """c=64 infer and live req/s, and the server's CPU per request, with the server on every CPU
     but the last (wrk's)."""
     cpus = f"0-{os.cpu_count() - 2}"
     proc = subprocess.Popen(["taskset", "-c", cpus, binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
-    r = {}
     try:
         wait_ready(proc)
         wrk("/v2/health/live", 64, 1)  # warm-up
         wrk("/v2/models/mlp/infer", 64, 1, script)
-        for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
-            before = cpu_seconds(proc.pid)
-            r[f"{key}_c64_own_rps"], _, n = wrk(path, 64, seconds, lua)
-            r[f"{key}_c64_own_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
+        r = c64(proc.pid, seconds, script, "_own")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -291,10 +297,7 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
     model = ROOT / "examples/models/mlp/model.onnx"
     cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
     env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
-    if os.cpu_count() > 1:
-        r = c64_own_cpus(binary, cfg, env, seconds, script)
-    else:
-        r = {}
+    r = c64_own_cpus(binary, cfg, env, seconds, script) if os.cpu_count() > 1 else {}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
         wait_ready(proc)
@@ -306,11 +309,7 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
             before = cpu_seconds(proc.pid)
             _, r[f"{key}_c1_p50"], n = wrk(path, 1, seconds, lua)
             r[f"{key}_c1_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
-        for key, path, lua in [("live", "/v2/health/live", None), ("infer", "/v2/models/mlp/infer", script)]:
-            before = cpu_seconds(proc.pid)
-            rps, _, n = wrk(path, 64, seconds, lua)
-            r[f"{key}_c64_rps"] = rps
-            r[f"{key}_c64_cpu_us"] = (cpu_seconds(proc.pid) - before) / n * 1e6
+        r.update(c64(proc.pid, seconds, script))
         if probes:
             infer, live = "/v2/models/mlp/infer", "/v2/health/live"
             r["infer_allocs"] = allocs_per_request(proc.pid, probes, lambda: wrk(infer, 1, 2, script)[2])
