@@ -54,6 +54,10 @@ pub(crate) struct Config {
     /// replica is a thread and a model session here, an actor on Ray). Default 1024.
     #[serde(default = "default_max_replicas")]
     pub max_replicas_per_deployment: u32,
+    /// Threads of the async runtime that runs the frontends (REST, gRPC, admin) and the calls
+    /// of cheap models made inline. Default: one per CPU this process may use.
+    #[serde(default)]
+    pub worker_threads: Option<u32>,
 }
 
 /// `ray_actor_options` of a deployment, Ray Serve's names.

@@ -319,6 +319,28 @@ fn replica_counts_have_a_ceiling() {
     assert_eq!(e[0].field, "max_replicas_per_deployment", "{e:?}");
 }
 
+/// `worker_threads`: absent is the runtime's default (one per CPU); 1 to 1024 is kept;
+/// 0, above 1024 and a non-integer are refused, naming the key.
+#[test]
+fn worker_threads_are_checked() {
+    assert_eq!(parse_in("applications: []\n").unwrap().worker_threads, None);
+    assert_eq!(parse_in("worker_threads: 3\n").unwrap().worker_threads, Some(3));
+    assert_eq!(parse_in("worker_threads: 1024\n").unwrap().worker_threads, Some(1024));
+    for bad in ["0", "1025"] {
+        let e = errors(&format!("worker_threads: {bad}\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "worker_threads", "{e:?}");
+        assert!(e[0].message.contains("must be 1 to 1024"), "{e:?}");
+    }
+    let e = errors("worker_threads: two\n");
+    assert_eq!((e[0].field.as_str(), e[0].line), ("worker_threads", 1), "{e:?}");
+    let changed = parse_in("worker_threads: 2\n").unwrap();
+    assert_eq!(
+        changed.server_settings_changed(&parse_in("worker_threads: 3\n").unwrap()),
+        ["worker_threads"]
+    );
+}
+
 #[test]
 fn autoscaling_value_errors_name_the_field() {
     let e = errors(concat!(

@@ -35,6 +35,9 @@ pub struct Config {
     pub tracing_options: TracingOptions,
     /// Log lines as text (default) or JSON.
     pub log_format: LogFormat,
+    /// Threads of the async runtime that runs the frontends and the inline model calls; `None`:
+    /// one per CPU the process may use (tokio's default, which `TOKIO_WORKER_THREADS` sets too).
+    pub worker_threads: Option<u32>,
     /// The file this config came from; used in messages.
     pub source: PathBuf,
 }
@@ -55,6 +58,7 @@ impl Config {
             ("proxy_location", self.proxy_location == other.proxy_location),
             ("tracing_options", self.tracing_options == other.tracing_options),
             ("log_format", self.log_format == other.log_format),
+            ("worker_threads", self.worker_threads == other.worker_threads),
         ]
         .into_iter()
         .filter_map(|(key, same)| (!same).then_some(key))
@@ -75,6 +79,7 @@ impl Default for Config {
             proxy_location: ProxyLocation::default(),
             tracing_options: TracingOptions::default(),
             log_format: LogFormat::default(),
+            worker_threads: None,
             source: PathBuf::new(),
         }
     }

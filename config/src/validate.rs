@@ -135,9 +135,13 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         proxy_location: doc.proxy_location,
         tracing_options: doc.tracing_options,
         log_format: doc.log_format,
+        worker_threads: doc.worker_threads,
         source: source.to_path_buf(),
     })
 }
+
+/// The most threads `worker_threads` may ask for: a ceiling against typos.
+const MAX_WORKER_THREADS: u32 = 1024;
 
 fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;
@@ -146,6 +150,9 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     }
     if doc.max_replicas_per_deployment == 0 {
         errs.at(unknown, "max_replicas_per_deployment", "must be at least 1");
+    }
+    if doc.worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
+        errs.at(unknown, "worker_threads", format!("must be 1 to {MAX_WORKER_THREADS}"));
     }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");

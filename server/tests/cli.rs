@@ -281,6 +281,23 @@ fn run_serves_until_terminated() {
     assert!(log.contains("shutting down"), "{log}");
 }
 
+/// `worker_threads` sets how many worker threads the async runtime starts: the log line gives
+/// the runtime's own count (tokio's blocking threads carry the same thread name, so a count of
+/// threads by name would include them).
+#[test]
+fn worker_threads_sets_the_runtime_threads() {
+    let config = write_config(
+        "workers.yaml",
+        "worker_threads: 3\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
+    );
+    let s = Running::start(&config);
+    let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
+    assert_eq!(status, 200, "{out}");
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("; 3 worker threads"), "{log}");
+}
+
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):
 /// a graceful stop, exit 0, not the process ended by the signal. The handler used to be installed
 /// only once the server had started, and a signal in between ended the process.

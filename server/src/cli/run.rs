@@ -95,7 +95,11 @@ pub fn run_with(
     options: impl FnOnce() -> StartOptions,
     on_ready: impl FnOnce(&sluice_server::Server),
 ) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n as usize);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -115,7 +119,13 @@ pub fn run_with(
         }
     };
     match super::init_runtime(ort, ort_env) {
-        Ok(lib) => tracing::info!("ONNX Runtime from {}", lib.display()),
+        Ok(lib) => {
+            tracing::info!(
+                "ONNX Runtime from {}; {} worker threads",
+                lib.display(),
+                rt.metrics().num_workers()
+            )
+        }
         Err(code) => return code,
     }
     rt.block_on(async {
