@@ -324,6 +324,7 @@ fn replica_counts_have_a_ceiling() {
 #[test]
 fn worker_threads_are_checked() {
     assert_eq!(parse_in("applications: []\n").unwrap().worker_threads, None);
+    assert_eq!(parse_in("worker_threads: 1\n").unwrap().worker_threads, Some(1));
     assert_eq!(parse_in("worker_threads: 3\n").unwrap().worker_threads, Some(3));
     assert_eq!(parse_in("worker_threads: 1024\n").unwrap().worker_threads, Some(1024));
     for bad in ["0", "1025"] {

@@ -150,7 +150,13 @@ fn missing_onnxruntime_is_one_clear_line() {
 
 /// `sluice run CONFIG` on free ports, logging at info to a piped stderr.
 fn spawn_run(config: &std::path::Path) -> Child {
+    spawn_run_env(config, &[])
+}
+
+/// [`spawn_run`] with more environment variables.
+fn spawn_run_env(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
     sluice()
+        .envs(env.iter().copied())
         .arg("run")
         .arg(config)
         .args(["--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
@@ -171,7 +177,11 @@ struct Running {
 
 impl Running {
     fn start(config: &std::path::Path) -> Self {
-        let mut child = spawn_run(config);
+        Self::start_env(config, &[])
+    }
+
+    fn start_env(config: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let mut child = spawn_run_env(config, env);
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Keep reading stderr to the end, so the server never writes to a closed pipe.
@@ -281,21 +291,31 @@ fn run_serves_until_terminated() {
     assert!(log.contains("shutting down"), "{log}");
 }
 
-/// `worker_threads` sets how many worker threads the async runtime starts: the log line gives
-/// the runtime's own count (tokio's blocking threads carry the same thread name, so a count of
-/// threads by name would include them).
+/// `worker_threads` sets how many worker threads the async runtime starts, over tokio's own
+/// `TOKIO_WORKER_THREADS` (set to another count here, so that the check does not depend on the
+/// machine's CPUs): the log line gives the runtime's own count (tokio's blocking threads carry
+/// the same thread name, so a count of threads by name would include them).
 #[test]
 fn worker_threads_sets_the_runtime_threads() {
     let config = write_config(
         "workers.yaml",
         "worker_threads: 3\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
     );
-    let s = Running::start(&config);
+    let s = Running::start_env(&config, &[("TOKIO_WORKER_THREADS", "5")]);
     let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!(status, 200, "{out}");
     let (status, log) = s.terminate();
     assert!(status.success(), "{status:?}: {log}");
     assert!(log.contains("; 3 worker threads"), "{log}");
+
+    // Without the key, tokio's default: here the environment's count.
+    let config = write_config(
+        "workers-default.yaml",
+        "applications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
+    );
+    let (status, log) = Running::start_env(&config, &[("TOKIO_WORKER_THREADS", "5")]).terminate();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("; 5 worker threads"), "{log}");
 }
 
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):
