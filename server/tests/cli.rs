@@ -167,12 +167,22 @@ fn spawn_run_env(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
         .unwrap()
 }
 
-/// A `sluice run` child on free ports, with the addresses it printed.
+/// A `sluice run` child on free ports, with the addresses it printed. Killed when dropped
+/// without [`Running::terminate`] (a test that fails on the way leaves no server running).
 struct Running {
     child: Child,
     http: String,
     admin: String,
-    log: std::thread::JoinHandle<String>,
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.log.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Running {
@@ -211,7 +221,7 @@ impl Running {
                 (_, a) => admin = Some(a),
             }
         }
-        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log };
+        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log: Some(log) };
         let until = Instant::now() + Duration::from_secs(60);
         while running.get(&running.url("/v2/health/ready")).0 != 200 {
             assert!(Instant::now() < until, "the server never became ready");
@@ -244,7 +254,7 @@ impl Running {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
-        (status, self.log.join().unwrap())
+        (status, self.log.take().unwrap().join().unwrap())
     }
 }
 
