@@ -328,6 +328,48 @@ fn worker_threads_sets_the_runtime_threads() {
     assert!(log.contains("; 5 worker threads"), "{log}");
 }
 
+/// `sluice proxy --worker-threads N` (how the controller passes the config's `worker_threads`
+/// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused.
+#[test]
+fn proxy_takes_worker_threads() {
+    let mut child = sluice()
+        .args([
+            "proxy",
+            "--controller",
+            "http://127.0.0.1:9",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--no-grpc",
+        ])
+        .args(["--worker-threads", "3"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env("TOKIO_WORKER_THREADS", "5")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("worker threads") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen.contains("; 3 worker threads"), "{seen}");
+    let out = sluice()
+        .args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--worker-threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"), "{out:?}");
+}
+
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):
 /// a graceful stop, exit 0, not the process ended by the signal. The handler used to be installed
 /// only once the server had started, and a signal in between ended the process.

@@ -32,6 +32,33 @@ pub struct ProxyOptions {
     pub grpc_port: Option<u16>,
     /// The admin token proxies present.
     pub token: Option<String>,
+    /// The config's `worker_threads`, for each proxy's runtime (None: one per CPU of its node).
+    pub worker_threads: Option<u32>,
+}
+
+impl ProxyOptions {
+    /// The command line of a proxy: `binary` (as the node sees it) following the controller at
+    /// `head_ip`; `{node_ip}` is the bridge's placeholder for the node's address.
+    fn argv(&self, binary: String, head_ip: &str) -> Vec<String> {
+        let mut argv = vec![
+            binary,
+            "proxy".into(),
+            "--controller".into(),
+            format!("http://{head_ip}:{}", self.admin_port),
+            "--host".into(),
+            "{node_ip}".into(),
+            "--http-port".into(),
+            self.http_port.to_string(),
+        ];
+        match self.grpc_port {
+            Some(port) => argv.extend(["--grpc-port".into(), port.to_string()]),
+            None => argv.push("--no-grpc".into()),
+        }
+        if let Some(n) = self.worker_threads {
+            argv.extend(["--worker-threads".into(), n.to_string()]);
+        }
+        argv
+    }
 }
 
 /// How this process runs replicas on Ray.
@@ -299,20 +326,7 @@ impl RayCluster {
             }
             let n = self.seq.fetch_add(1, Ordering::Relaxed);
             let name = format!("{PROXY_PREFIX}{}-{n}", self.run);
-            let mut argv = vec![
-                self.relative(&self.options.binary),
-                "proxy".into(),
-                "--controller".into(),
-                format!("http://{head_ip}:{}", options.admin_port),
-                "--host".into(),
-                "{node_ip}".into(),
-                "--http-port".into(),
-                options.http_port.to_string(),
-            ];
-            match options.grpc_port {
-                Some(port) => argv.extend(["--grpc-port".into(), port.to_string()]),
-                None => argv.push("--no-grpc".into()),
-            }
+            let argv = options.argv(self.relative(&self.options.binary), &head_ip);
             let env = options.token.iter().map(|t| ("SLUICE_ADMIN_TOKEN".to_string(), t.clone())).collect();
             self.commands.send(Command::Create {
                 name: name.clone(),
@@ -653,5 +667,41 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyOptions;
+
+    /// A proxy's command line carries the ports, gRPC's absence and `worker_threads` when set.
+    #[test]
+    fn proxy_argv_carries_the_settings() {
+        let mut options = ProxyOptions {
+            admin_port: 8266,
+            http_port: 8000,
+            grpc_port: None,
+            token: None,
+            worker_threads: None,
+        };
+        let argv = options.argv("sluice".into(), "10.0.0.1");
+        assert_eq!(
+            argv,
+            [
+                "sluice",
+                "proxy",
+                "--controller",
+                "http://10.0.0.1:8266",
+                "--host",
+                "{node_ip}",
+                "--http-port",
+                "8000",
+                "--no-grpc"
+            ]
+        );
+        options.grpc_port = Some(8001);
+        options.worker_threads = Some(3);
+        let argv = options.argv("sluice".into(), "10.0.0.1");
+        assert_eq!(argv[8..], ["--grpc-port", "8001", "--worker-threads", "3"]);
     }
 }

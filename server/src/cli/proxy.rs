@@ -28,6 +28,9 @@ pub struct ProxyArgs {
     /// How often to fetch the route table, seconds.
     #[arg(long, default_value_t = 0.5)]
     pub poll_s: f64,
+    /// Threads of the async runtime (the config's `worker_threads`); default one per CPU.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub worker_threads: Option<u32>,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -46,6 +49,7 @@ pub fn proxy(
     config.grpc_options.port = args.grpc_port;
     config.grpc_options.enabled = !args.no_grpc;
     config.admin_options.enabled = false;
+    config.worker_threads = args.worker_threads;
     let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
     let every = Duration::from_secs_f64(args.poll_s.max(0.05));
     super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {

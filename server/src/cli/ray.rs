@@ -295,6 +295,7 @@ pub fn run_in_job(
         http_port: config.http_options.port,
         grpc_port: config.grpc_options.enabled.then_some(config.grpc_options.port),
         token: admin_token.clone(),
+        worker_threads: config.worker_threads,
     });
     super::run::run_with(
         config,
