@@ -185,14 +185,33 @@ impl Drop for Running {
     }
 }
 
+/// A child killed and reaped when dropped, unless taken out first: a test that fails while a
+/// server starts leaves none behind.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not taken")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Running {
     fn start(config: &std::path::Path) -> Self {
         Self::start_env(config, &[])
     }
 
     fn start_env(config: &std::path::Path, env: &[(&str, &str)]) -> Self {
-        let mut child = spawn_run_env(config, env);
-        let stderr = child.stderr.take().unwrap();
+        let mut child = KillOnDrop(Some(spawn_run_env(config, env)));
+        let stderr = child.child().stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Keep reading stderr to the end, so the server never writes to a closed pipe.
         let log = std::thread::spawn(move || {
@@ -221,6 +240,7 @@ impl Running {
                 (_, a) => admin = Some(a),
             }
         }
+        let child = child.0.take().unwrap();
         let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log: Some(log) };
         let until = Instant::now() + Duration::from_secs(60);
         while running.get(&running.url("/v2/health/ready")).0 != 200 {
@@ -332,35 +352,49 @@ fn worker_threads_sets_the_runtime_threads() {
 /// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused.
 #[test]
 fn proxy_takes_worker_threads() {
-    let mut child = sluice()
-        .args([
-            "proxy",
-            "--controller",
-            "http://127.0.0.1:9",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--no-grpc",
-        ])
-        .args(["--worker-threads", "3"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env("TOKIO_WORKER_THREADS", "5")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(Some(
+        sluice()
+            .args([
+                "proxy",
+                "--controller",
+                "http://127.0.0.1:9",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--no-grpc",
+            ])
+            .args(["--worker-threads", "3"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("TOKIO_WORKER_THREADS", "5")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let stderr = child.child().stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut seen = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Ok(line) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) else {
+            panic!("the proxy logged no `worker threads` line within 60 s:\n{seen}");
+        };
         seen.push_str(&line);
         seen.push('\n');
         if line.contains("worker threads") {
             break;
         }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     assert!(seen.contains("; 3 worker threads"), "{seen}");
     let out = sluice()
         .args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--worker-threads", "0"])
