@@ -51,6 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORT = ROOT / ".ort" / "libonnxruntime.so"
 HTTP, GRPC = 18100, 18101
+# The CPUs this process may use (a cpuset or taskset can leave out some of the machine's): wrk
+# is pinned to the last of them, and the server's own-CPU reading runs on the others.
+CPUS = sorted(os.sched_getaffinity(0))
+CLIENT_CPU = str(CPUS[-1])
 
 CONFIG = """http_options: {{host: 127.0.0.1, port: {http}}}
 grpc_options: {{host: 127.0.0.1, port: {grpc}}}
@@ -175,8 +179,7 @@ def allocs_per_request(pid, events, send):
 
 def wrk(path, conns, seconds, script=None):
     """(req/s, p50 µs, requests) of wrk on one thread pinned to the last CPU."""
-    cpu = str(os.cpu_count() - 1)
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
         cmd += ["-s", script]
     out = subprocess.run(cmd + [f"http://127.0.0.1:{HTTP}{path}"], check=True, text=True, capture_output=True).stdout
@@ -214,7 +217,7 @@ def h2load(pid, url, seconds, tmp, args):
     """(p50 µs, server CPU µs per request) of h2load at one connection, one request at a time,
     pinned to the last CPU: 2,000 requests to warm up, then 10,000 per second of `seconds`."""
     log = Path(tmp) / "h2load.log"
-    cmd = ["taskset", "-c", str(os.cpu_count() - 1), "h2load", "-c1", "-m1"] + args
+    cmd = ["taskset", "-c", CLIENT_CPU, "h2load", "-c1", "-m1"] + args
     subprocess.run(cmd + ["-n", "2000", url], check=True, capture_output=True)
     log.unlink(missing_ok=True)  # h2load appends to it
     before = cpu_seconds(pid)
@@ -278,7 +281,7 @@ def c64(pid, seconds, script, tag=""):
 def c64_own_cpus(binary, cfg, env, seconds, script):
     """c=64 infer and live req/s, and the server's CPU per request, with the server on every CPU
     but the last (wrk's)."""
-    cpus = f"0-{os.cpu_count() - 2}"
+    cpus = ",".join(str(c) for c in CPUS[:-1])
     proc = subprocess.Popen(["taskset", "-c", cpus, binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
         wait_ready(proc)
@@ -297,7 +300,7 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
     model = ROOT / "examples/models/mlp/model.onnx"
     cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
     env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
-    r = c64_own_cpus(binary, cfg, env, seconds, script) if os.cpu_count() > 1 else {}
+    r = c64_own_cpus(binary, cfg, env, seconds, script) if len(CPUS) > 1 else {}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
         wait_ready(proc)
@@ -376,7 +379,7 @@ def main():
         ("  live req/s", "live_c64_own_rps", 0),
         ("  server CPU per infer request (µs)", "infer_c64_own_cpu_us", 1),
         ("  server CPU per live request (µs)", "live_c64_own_cpu_us", 1),
-    ] if os.cpu_count() > 1 else []) + [
+    ] if len(CPUS) > 1 else []) + [
         ("c=1: gRPC p50 − REST JSON p50 (µs, sluice-loadtest)", "grpc_minus_rest_us", 0),
     ] + ([
         ("c=1: gRPC p50 − REST JSON p50 (µs, h2load for both)", "h2load_grpc_minus_rest_us", 0),
@@ -394,7 +397,7 @@ def main():
         "# Sluice's own path against the floor",
         "",
         f"`scripts/bench_floor.py`, {args.repeat} repetitions of {args.duration} s per measurement, "
-        f"binaries alternating; median [min-max]. {os.cpu_count()} CPUs; wrk on one thread pinned to the last.",
+        f"binaries alternating; median [min-max]. {len(CPUS)} CPUs; wrk on one thread pinned to the last.",
         "",
         "| what | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
