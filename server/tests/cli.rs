@@ -170,28 +170,23 @@ fn spawn_run_env(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
 /// A `sluice run` child on free ports, with the addresses it printed. Killed when dropped
 /// without [`Running::terminate`] (a test that fails on the way leaves no server running).
 struct Running {
-    child: Child,
+    child: KillOnDrop,
     http: String,
     admin: String,
-    log: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.log.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    log: std::thread::JoinHandle<String>,
 }
 
 /// A child killed and reaped when dropped, unless taken out first: a test that fails while a
-/// server starts leaves none behind.
+/// server runs leaves none behind.
 struct KillOnDrop(Option<Child>);
 
 impl KillOnDrop {
     fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("not taken")
+    }
+
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("not taken").id()
     }
 }
 
@@ -240,8 +235,7 @@ impl Running {
                 (_, a) => admin = Some(a),
             }
         }
-        let child = child.0.take().unwrap();
-        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log: Some(log) };
+        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log };
         let until = Instant::now() + Duration::from_secs(60);
         while running.get(&running.url("/v2/health/ready")).0 != 200 {
             assert!(Instant::now() < until, "the server never became ready");
@@ -271,10 +265,10 @@ impl Running {
 
     /// SIGTERM, then the exit status and everything the server logged.
     fn terminate(mut self) -> (ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = self.child.wait().unwrap();
-        (status, self.log.take().unwrap().join().unwrap())
+        let mut child = self.child.0.take().expect("not taken");
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        let status = child.wait().unwrap();
+        (status, self.log.join().unwrap())
     }
 }
 
