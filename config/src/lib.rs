@@ -36,6 +36,10 @@ pub use types::{
     ReplicaSettings, Rollout, Scaling, Shadow, TracingOptions,
 };
 
+/// The most threads `worker_threads` (and `sluice proxy`'s and `sluice replica`'s
+/// `--worker-threads`) may ask for: a ceiling against typos.
+pub const MAX_WORKER_THREADS: u32 = 1024;
+
 /// The application that holds the model repository's models (a config may not name one so
 /// when it has a `model_repository`).
 pub const REPOSITORY_APPLICATION: &str = "repository";

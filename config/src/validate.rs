@@ -12,7 +12,7 @@ use crate::types::{
     Application, Canary, Config, Deployment, HealthCheck, Model, Pipeline, PipelineStep, Placement,
     ReplicaSettings, Scaling, Shadow,
 };
-use crate::{ConfigError, ConfigErrors, NumReplicas, file};
+use crate::{ConfigError, ConfigErrors, MAX_WORKER_THREADS, NumReplicas, file};
 
 /// The largest `max_batch_size` accepted.
 const MAX_BATCH_SIZE: u32 = 65_536;
@@ -139,9 +139,6 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         source: source.to_path_buf(),
     })
 }
-
-/// The most threads `worker_threads` may ask for: a ceiling against typos.
-const MAX_WORKER_THREADS: u32 = 1024;
 
 fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;

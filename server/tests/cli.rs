@@ -342,26 +342,13 @@ fn worker_threads_sets_the_runtime_threads() {
     assert!(log.contains("; 5 worker threads"), "{log}");
 }
 
-/// `sluice proxy --worker-threads N` (how the controller passes the config's `worker_threads`
-/// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused.
-#[test]
-fn proxy_takes_worker_threads() {
+/// Starts `command` and returns what it logged up to its first line containing `needle`
+/// (60 s at most), then ends it.
+fn logged_until(command: &mut Command, needle: &str) -> String {
     let mut child = KillOnDrop(Some(
-        sluice()
-            .args([
-                "proxy",
-                "--controller",
-                "http://127.0.0.1:9",
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                "0",
-                "--no-grpc",
-            ])
-            .args(["--worker-threads", "3"])
+        command
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .env("TOKIO_WORKER_THREADS", "5")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -380,22 +367,65 @@ fn proxy_takes_worker_threads() {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let Ok(line) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) else {
-            panic!("the proxy logged no `worker threads` line within 60 s:\n{seen}");
+            panic!("no line with `{needle}` within 60 s:\n{seen}");
         };
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("worker threads") {
-            break;
+        if line.contains(needle) {
+            return seen;
         }
     }
-    drop(child);
-    assert!(seen.contains("; 3 worker threads"), "{seen}");
-    let out = sluice()
-        .args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--worker-threads", "0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+}
+
+/// `--worker-threads 0` is refused (exit 2, naming the flag) before anything starts.
+fn refuses_zero_worker_threads(command: &mut Command) {
+    let out = command.args(["--worker-threads", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"), "{out:?}");
+}
+
+/// `sluice proxy --worker-threads N` (how the controller passes the config's `worker_threads`
+/// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused.
+#[test]
+fn proxy_takes_worker_threads() {
+    let proxy = || {
+        let mut c = sluice();
+        c.args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--http-port", "0"])
+            .arg("--no-grpc");
+        c
+    };
+    let log = logged_until(
+        proxy().args(["--worker-threads", "3"]).env("TOKIO_WORKER_THREADS", "5"),
+        "worker threads",
+    );
+    assert!(log.contains("; 3 worker threads"), "{log}");
+    refuses_zero_worker_threads(&mut proxy());
+}
+
+/// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
+/// reserves) sizes the replica's runtime; out of range is refused.
+#[test]
+fn replica_takes_worker_threads() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    let spec = sluice_controller::cluster::ReplicaSpec {
+        deployment: "iris".into(),
+        version: "1".into(),
+        model: sluice_config::Model::Onnx(model),
+        settings: sluice_config::ReplicaSettings::default(),
+        fetch: None,
+    };
+    let spec = serde_json::to_string(&spec).unwrap();
+    let replica = || {
+        let mut c = sluice();
+        c.args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec]);
+        c
+    };
+    let log = logged_until(
+        replica().args(["--worker-threads", "2"]).env("TOKIO_WORKER_THREADS", "5"),
+        "worker threads",
+    );
+    assert!(log.contains("; 2 worker threads"), "{log}");
+    refuses_zero_worker_threads(&mut replica());
 }
 
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):

@@ -61,6 +61,23 @@ impl ProxyOptions {
     }
 }
 
+/// The command line of a replica serving `spec_json` (a [`ReplicaSpec`]) with `num_cpus` CPUs
+/// reserved: its async runtime gets that many threads, rounded up (at least one), rather than
+/// one per CPU of the node, which several replicas on one node would each start.
+fn replica_argv(binary: String, spec_json: &str, num_cpus: f64) -> Vec<String> {
+    let threads = num_cpus.ceil().clamp(1.0, f64::from(sluice_config::MAX_WORKER_THREADS)) as u32;
+    vec![
+        binary,
+        "replica".into(),
+        "--listen".into(),
+        "{node_ip}:0".into(),
+        "--worker-threads".into(),
+        threads.to_string(),
+        "--spec".into(),
+        spec_json.into(),
+    ]
+}
+
 /// How this process runs replicas on Ray.
 pub struct RayOptions {
     /// The `sluice` binary replicas run (made relative to the working dir when inside it, so
@@ -269,14 +286,7 @@ impl RayCluster {
         let name = format!("{ACTOR_PREFIX}{}:{}:{}-{n}", owner.spec.deployment, owner.spec.version, self.run);
         lock(&self.owners).insert(name.clone(), Arc::downgrade(owner));
         let p = &owner.placement;
-        let argv = vec![
-            self.relative(&self.options.binary),
-            "replica".into(),
-            "--listen".into(),
-            "{node_ip}:0".into(),
-            "--spec".into(),
-            owner.spec_json.clone(),
-        ];
+        let argv = replica_argv(self.relative(&self.options.binary), &owner.spec_json, p.num_cpus);
         self.commands.send(Command::Create {
             name: name.clone(),
             argv,
@@ -672,7 +682,24 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
 
 #[cfg(test)]
 mod tests {
-    use super::ProxyOptions;
+    use super::{ProxyOptions, replica_argv};
+
+    /// A replica's runtime gets the CPUs it reserves, rounded up, never fewer than one.
+    #[test]
+    fn replica_argv_sizes_the_runtime_by_the_reserved_cpus() {
+        let threads = |cpus: f64| {
+            let argv = replica_argv("sluice".into(), "{}", cpus);
+            assert_eq!(argv[..5], ["sluice", "replica", "--listen", "{node_ip}:0", "--worker-threads"]);
+            assert_eq!(argv[6..], ["--spec", "{}"]);
+            argv[5].clone()
+        };
+        assert_eq!(threads(1.0), "1");
+        assert_eq!(threads(0.5), "1");
+        assert_eq!(threads(0.0), "1");
+        assert_eq!(threads(2.5), "3");
+        assert_eq!(threads(8.0), "8");
+        assert_eq!(threads(1e9), "1024");
+    }
 
     /// A proxy's command line carries the ports, gRPC's absence and `worker_threads` when set.
     #[test]

@@ -123,6 +123,11 @@ pub struct OrtArgs {
     pub onnxruntime: Option<PathBuf>,
 }
 
+/// `--worker-threads`: 1 to [`sluice_config::MAX_WORKER_THREADS`], as the config's key.
+fn worker_threads() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(sluice_config::MAX_WORKER_THREADS))
+}
+
 /// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
 /// prints one line and fails when it cannot.
 pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {

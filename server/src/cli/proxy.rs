@@ -29,7 +29,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 0.5)]
     pub poll_s: f64,
     /// Threads of the async runtime (the config's `worker_threads`); default one per CPU.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = super::worker_threads())]
     pub worker_threads: Option<u32>,
     #[command(flatten)]
     pub ort: super::OrtArgs,

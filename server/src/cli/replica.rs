@@ -19,6 +19,10 @@ pub struct ReplicaArgs {
     /// Address for the gRPC endpoint, `HOST:PORT` (port 0: any free port).
     #[arg(long)]
     pub listen: String,
+    /// Threads of the async runtime (the controller gives the replica's CPUs, `num_cpus`
+    /// rounded up); default one per CPU of the node.
+    #[arg(long, value_parser = super::worker_threads())]
+    pub worker_threads: Option<u32>,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -62,6 +66,7 @@ pub fn replica(
     config.grpc_options.port = port;
     config.http_options.port = 0;
     config.admin_options.enabled = false;
+    config.worker_threads = args.worker_threads;
     config.applications = vec![Application::new(
         "replica",
         vec![Deployment {
