@@ -377,11 +377,31 @@ fn logged_until(command: &mut Command, needle: &str) -> String {
     }
 }
 
-/// `--worker-threads 0` is refused (exit 2, naming the flag) before anything starts.
-fn refuses_zero_worker_threads(command: &mut Command) {
-    let out = command.args(["--worker-threads", "0"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"), "{out:?}");
+/// `--worker-threads 0` and `1025` are refused (exit 2, naming the flag) before anything
+/// starts; a command that starts instead is ended after 60 s and the test fails.
+fn refuses_worker_threads_out_of_range(command: impl Fn() -> Command) {
+    for n in ["0", "1025"] {
+        let mut child = KillOnDrop(Some(
+            command()
+                .args(["--worker-threads", n])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.child().try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < until, "--worker-threads {n} was not refused within 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.child().stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "--worker-threads {n}: {stderr}");
+        assert!(stderr.contains("--worker-threads"), "{stderr}");
+    }
 }
 
 /// `sluice proxy --worker-threads N` (how the controller passes the config's `worker_threads`
@@ -399,7 +419,7 @@ fn proxy_takes_worker_threads() {
         "worker threads",
     );
     assert!(log.contains("; 3 worker threads"), "{log}");
-    refuses_zero_worker_threads(&mut proxy());
+    refuses_worker_threads_out_of_range(proxy);
 }
 
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
@@ -425,7 +445,7 @@ fn replica_takes_worker_threads() {
         "worker threads",
     );
     assert!(log.contains("; 2 worker threads"), "{log}");
-    refuses_zero_worker_threads(&mut replica());
+    refuses_worker_threads_out_of_range(replica);
 }
 
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):

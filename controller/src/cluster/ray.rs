@@ -65,7 +65,8 @@ impl ProxyOptions {
 /// reserved: its async runtime gets that many threads, rounded up (at least one), rather than
 /// one per CPU of the node, which several replicas on one node would each start.
 fn replica_argv(binary: String, spec_json: &str, num_cpus: f64) -> Vec<String> {
-    let threads = num_cpus.ceil().clamp(1.0, f64::from(sluice_config::MAX_WORKER_THREADS)) as u32;
+    // `max` before `min`: a NaN (which validation refuses) gives 1, not 0.
+    let threads = num_cpus.ceil().max(1.0).min(f64::from(sluice_config::MAX_WORKER_THREADS)) as u32;
     vec![
         binary,
         "replica".into(),
@@ -699,6 +700,7 @@ mod tests {
         assert_eq!(threads(2.5), "3");
         assert_eq!(threads(8.0), "8");
         assert_eq!(threads(1e9), "1024");
+        assert_eq!(threads(f64::NAN), "1");
     }
 
     /// A proxy's command line carries the ports, gRPC's absence and `worker_threads` when set.
