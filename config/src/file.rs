@@ -30,7 +30,7 @@ pub(crate) struct Config {
     /// On SIGTERM, how long requests in flight and queued may take to finish before the
     /// process exits anyway. Default 30.
     #[serde(default = "default_grace")]
-    pub graceful_shutdown_timeout_s: f64,
+    pub graceful_shutdown_timeout_s: Spanned<f64>,
     /// The applications to serve; each groups deployments.
     #[serde(default)]
     pub applications: Vec<Application>,
@@ -53,11 +53,11 @@ pub(crate) struct Config {
     /// `max_replicas`, the model repository's `num_replicas`. A ceiling against typos (each
     /// replica is a thread and a model session here, an actor on Ray). Default 1024.
     #[serde(default = "default_max_replicas")]
-    pub max_replicas_per_deployment: u32,
+    pub max_replicas_per_deployment: Spanned<u32>,
     /// Threads of the async runtime that runs the frontends (REST, gRPC, admin) and the calls
     /// of cheap models made inline. Default: one per CPU this process may use.
     #[serde(default)]
-    pub worker_threads: Option<u32>,
+    pub worker_threads: Option<Spanned<u32>>,
 }
 
 /// `ray_actor_options` of a deployment, Ray Serve's names.
@@ -259,11 +259,11 @@ fn defaults() -> ReplicaSettings {
 fn default_no_model() -> Spanned<PathBuf> {
     spanned(PathBuf::new())
 }
-fn default_max_replicas() -> u32 {
-    1024
+fn default_max_replicas() -> Spanned<u32> {
+    spanned(1024)
 }
-fn default_grace() -> f64 {
-    crate::Config::default().graceful_shutdown_timeout_s
+fn default_grace() -> Spanned<f64> {
+    spanned(crate::Config::default().graceful_shutdown_timeout_s)
 }
 fn default_shadow_percent() -> Spanned<u32> {
     spanned(100)

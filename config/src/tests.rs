@@ -315,8 +315,10 @@ fn replica_counts_have_a_ceiling() {
     assert_eq!(c.applications[0].deployments[1].autoscaling().unwrap().max_replicas, 8);
     let e = errors(&lower.replace("num_replicas: auto", "autoscaling_config: {min_replicas: 9}"));
     assert_eq!(e[0].field, "applications[0].deployments[1].autoscaling_config.min_replicas", "{e:?}");
-    let e = errors("max_replicas_per_deployment: 0\n");
-    assert_eq!(e[0].field, "max_replicas_per_deployment", "{e:?}");
+    let e = errors("applications: []\nmax_replicas_per_deployment: 0\n");
+    assert_eq!((e[0].field.as_str(), e[0].line), ("max_replicas_per_deployment", 2), "{e:?}");
+    let e = errors("applications: []\n\ngraceful_shutdown_timeout_s: -1\n");
+    assert_eq!((e[0].field.as_str(), e[0].line), ("graceful_shutdown_timeout_s", 3), "{e:?}");
 }
 
 /// `worker_threads`: absent is the runtime's default (one per CPU); 1 to 1024 is kept;
@@ -328,9 +330,10 @@ fn worker_threads_are_checked() {
     assert_eq!(parse_in("worker_threads: 3\n").unwrap().worker_threads, Some(3));
     assert_eq!(parse_in("worker_threads: 1024\n").unwrap().worker_threads, Some(1024));
     for bad in ["0", "1025"] {
-        let e = errors(&format!("worker_threads: {bad}\n"));
+        // On its line (the second here), like a type error.
+        let e = errors(&format!("applications: []\nworker_threads: {bad}\n"));
         assert_eq!(e.len(), 1, "{e:?}");
-        assert_eq!(e[0].field, "worker_threads", "{e:?}");
+        assert_eq!((e[0].field.as_str(), e[0].line), ("worker_threads", 2), "{e:?}");
         assert!(e[0].message.contains("must be 1 to 1024"), "{e:?}");
     }
     let e = errors("worker_threads: two\n");

@@ -76,7 +76,7 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
     // server started with `run c.yaml` and a `deploy` from the admin API compare equal).
     let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-    let max_replicas = doc.max_replicas_per_deployment;
+    let max_replicas = doc.max_replicas_per_deployment.value;
     let mut errs = Errors { file: source, list: Vec::new(), max_replicas };
     validate_top(&doc, &mut errs);
     let mut model_repository = doc.model_repository;
@@ -128,28 +128,32 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         http_options,
         grpc_options,
         admin_options,
-        graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s,
+        graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s.value,
         applications,
         model_repository,
         cluster: doc.cluster,
         proxy_location: doc.proxy_location,
         tracing_options: doc.tracing_options,
         log_format: doc.log_format,
-        worker_threads: doc.worker_threads,
+        worker_threads: doc.worker_threads.as_ref().map(|n| n.value),
         source: source.to_path_buf(),
     })
 }
 
 fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;
-    if !(doc.graceful_shutdown_timeout_s >= 0.0 && doc.graceful_shutdown_timeout_s.is_finite()) {
-        errs.at(unknown, "graceful_shutdown_timeout_s", "must be 0 or more seconds");
+    let grace = &doc.graceful_shutdown_timeout_s;
+    if !(grace.value >= 0.0 && grace.value.is_finite()) {
+        errs.at(grace.referenced, "graceful_shutdown_timeout_s", "must be 0 or more seconds");
     }
-    if doc.max_replicas_per_deployment == 0 {
-        errs.at(unknown, "max_replicas_per_deployment", "must be at least 1");
+    let max_replicas = &doc.max_replicas_per_deployment;
+    if max_replicas.value == 0 {
+        errs.at(max_replicas.referenced, "max_replicas_per_deployment", "must be at least 1");
     }
-    if doc.worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
-        errs.at(unknown, "worker_threads", format!("must be 1 to {MAX_WORKER_THREADS}"));
+    if let Some(n) = &doc.worker_threads
+        && !(1..=MAX_WORKER_THREADS).contains(&n.value)
+    {
+        errs.at(n.referenced, "worker_threads", format!("must be 1 to {MAX_WORKER_THREADS}"));
     }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
