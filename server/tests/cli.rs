@@ -377,9 +377,16 @@ fn logged_until(command: &mut Command, needle: &str) -> String {
     }
 }
 
-/// `--worker-threads 0` and `1025` are refused (exit 2, naming the flag) before anything
-/// starts; a command that starts instead is ended after 60 s and the test fails.
-fn refuses_worker_threads_out_of_range(command: impl Fn() -> Command) {
+/// `--worker-threads 3`, with `TOKIO_WORKER_THREADS=5` in the environment (what the runtime
+/// would take without the flag), makes the command log 3 worker threads; `0` and `1025` are
+/// refused (exit 2, naming the flag) before anything starts: a command that starts instead is
+/// ended after 60 s and the test fails.
+fn takes_worker_threads(command: impl Fn() -> Command) {
+    let log = logged_until(
+        command().args(["--worker-threads", "3"]).env("TOKIO_WORKER_THREADS", "5"),
+        "worker threads",
+    );
+    assert!(log.contains("; 3 worker threads"), "{log}");
     for n in ["0", "1025"] {
         let mut child = KillOnDrop(Some(
             command()
@@ -414,12 +421,7 @@ fn proxy_takes_worker_threads() {
             .arg("--no-grpc");
         c
     };
-    let log = logged_until(
-        proxy().args(["--worker-threads", "3"]).env("TOKIO_WORKER_THREADS", "5"),
-        "worker threads",
-    );
-    assert!(log.contains("; 3 worker threads"), "{log}");
-    refuses_worker_threads_out_of_range(proxy);
+    takes_worker_threads(proxy);
 }
 
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
@@ -440,12 +442,7 @@ fn replica_takes_worker_threads() {
         c.args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec]);
         c
     };
-    let log = logged_until(
-        replica().args(["--worker-threads", "2"]).env("TOKIO_WORKER_THREADS", "5"),
-        "worker threads",
-    );
-    assert!(log.contains("; 2 worker threads"), "{log}");
-    refuses_worker_threads_out_of_range(replica);
+    takes_worker_threads(replica);
 }
 
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):
