@@ -19,7 +19,8 @@ model path. For each binary (label=path; e.g. a build of an older commit beside 
     client's HTTP/2 work (which sluice-loadtest's gRPC client pays on the same two CPUs);
   - the server's CPU time per request at c=1 (infer and live): on a server that is not
     waiting for the CPU, the own-path difference is this CPU time;
-  - idle RSS once the model is loaded and before any request;
+  - idle RSS once the model is loaded and before any request, and again once the server is
+    idle after all the loads (what the requests brought back or grew);
   - the server's CPU time per request at c=64 (infer and live): steadier than req/s on a
     machine shared with others, since time the server waits for the CPU does not count;
   - allocations per request at c=1 (infer and live): malloc, calloc and realloc calls (libc's,
@@ -32,6 +33,8 @@ machine; the report gives the median and [min-max]. Loopback only; stops by itse
   python3 scripts/bench_floor.py --binary before=/path/to/old/sluice --binary after=target/release/sluice
   python3 scripts/bench_floor.py --binary a=target/release/sluice --binary b=target/release/sluice \
       --fields 'b=run_inline_under_us: 0'     # one setting compared
+  python3 scripts/bench_floor.py --binary kept=target/release/sluice --binary released=target/release/sluice \
+      --top 'kept=release_startup_memory: false'  # a top-level setting compared
 """
 import argparse
 import hashlib
@@ -56,7 +59,7 @@ HTTP, GRPC = 18100, 18101
 CPUS = sorted(os.sched_getaffinity(0))
 CLIENT_CPU = str(CPUS[-1])
 
-CONFIG = """http_options: {{host: 127.0.0.1, port: {http}}}
+CONFIG = """{top}http_options: {{host: 127.0.0.1, port: {http}}}
 grpc_options: {{host: 127.0.0.1, port: {grpc}}}
 applications:
   - name: floor
@@ -295,10 +298,11 @@ def c64_own_cpus(binary, cfg, env, seconds, script):
     return r
 
 
-def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
+def measure(binary, tool, seconds, tmp, script, fields="", probes=None, top=""):
     cfg = Path(tmp) / "floor.yaml"
     model = ROOT / "examples/models/mlp/model.onnx"
-    cfg.write_text(CONFIG.format(http=HTTP, grpc=GRPC, model=model, fields=f", {fields}" if fields else ""))
+    cfg.write_text(CONFIG.format(top=f"{top}\n" if top else "", http=HTTP, grpc=GRPC, model=model,
+                                 fields=f", {fields}" if fields else ""))
     env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
     r = c64_own_cpus(binary, cfg, env, seconds, script) if len(CPUS) > 1 else {}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
@@ -321,6 +325,8 @@ def measure(binary, tool, seconds, tmp, script, fields="", probes=None):
         r["grpc_c1_p50"] = loadtest(tool, "grpc", seconds, tmp)
         if shutil.which("h2load"):
             r.update(h2load_pair(proc.pid, seconds, tmp))
+        time.sleep(1)
+        r["loaded_rss_mb"] = rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -341,6 +347,8 @@ def main():
     ap.add_argument("--binary", action="append", required=True, help="label=path of a sluice binary")
     ap.add_argument("--fields", action="append", default=[],
                     help="label=YAML fields added to that binary's deployment, e.g. 'noinline=run_inline_under_us: 0'")
+    ap.add_argument("--top", action="append", default=[],
+                    help="label=a top-level YAML line for that binary's config, e.g. 'kept=release_startup_memory: false'")
     ap.add_argument("--loadtest", default=str(ROOT / "target/release/sluice-loadtest"))
     ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     ap.add_argument("--repeat", type=int, default=3)
@@ -350,6 +358,7 @@ def main():
         sys.exit("needs wrk and taskset (apt-get install wrk util-linux)")
     binaries = [b.split("=", 1) for b in args.binary]
     fields = dict(f.split("=", 1) for f in args.fields)
+    tops = dict(t.split("=", 1) for t in args.top)
     results = {label: [] for label, _ in binaries}
     probes = {label: alloc_probes(path) for label, path in binaries}
     if not all(probes.values()):
@@ -360,7 +369,8 @@ def main():
         script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"\n')
         for i in range(args.repeat):
             for label, path in binaries:
-                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes[label])
+                r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes[label],
+                            tops.get(label, ""))
                 print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
                 results[label].append(r)
     rows = [
@@ -388,6 +398,7 @@ def main():
         ("  server CPU per gRPC request − per REST JSON request (µs)", "h2load_grpc_minus_rest_cpu_us", 1),
     ] if all("h2load_grpc_p50" in r for rs in results.values() for r in rs) else []) + [
         ("idle RSS, tiny MLP × 2 replicas (MB)", "idle_rss_mb", 1),
+        ("  RSS once idle again after all the loads above (MB)", "loaded_rss_mb", 1),
     ] + ([
         ("allocations per infer request, c=1 (malloc, calloc, realloc; libc and mimalloc)", "infer_allocs", 0),
         ("allocations per live request, c=1", "live_allocs", 0),

@@ -58,6 +58,10 @@ pub(crate) struct Config {
     /// of cheap models made inline. Default: one per CPU this process may use.
     #[serde(default)]
     pub worker_threads: Option<Spanned<u32>>,
+    /// Once every deployment is warm, page out the code only loading ran and trim the heaps.
+    /// Default true.
+    #[serde(default = "default_release_startup_memory")]
+    pub release_startup_memory: bool,
 }
 
 /// `ray_actor_options` of a deployment, Ray Serve's names.
@@ -300,6 +304,9 @@ fn default_share_weights() -> bool {
 }
 fn default_warmup() -> bool {
     defaults().warmup
+}
+fn default_release_startup_memory() -> bool {
+    crate::Config::default().release_startup_memory
 }
 fn default_version() -> Spanned<String> {
     spanned("1".to_string())

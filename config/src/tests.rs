@@ -345,6 +345,23 @@ fn worker_threads_are_checked() {
     );
 }
 
+/// `release_startup_memory`: on unless the config says false; anything but a boolean is refused,
+/// naming the key; a change is a server setting (read at start).
+#[test]
+fn release_startup_memory_is_a_boolean_defaulting_to_true() {
+    assert!(parse_in("applications: []\n").unwrap().release_startup_memory);
+    assert!(crate::Config::default().release_startup_memory);
+    assert!(parse_in("release_startup_memory: true\n").unwrap().release_startup_memory);
+    let off = parse_in("release_startup_memory: false\n").unwrap();
+    assert!(!off.release_startup_memory);
+    let e = errors("applications: []\nrelease_startup_memory: sometimes\n");
+    assert_eq!((e[0].field.as_str(), e[0].line), ("release_startup_memory", 2), "{e:?}");
+    assert_eq!(
+        off.server_settings_changed(&parse_in("applications: []\n").unwrap()),
+        ["release_startup_memory"]
+    );
+}
+
 #[test]
 fn autoscaling_value_errors_name_the_field() {
     let e = errors(concat!(

@@ -38,6 +38,9 @@ pub struct Config {
     /// Threads of the async runtime that runs the frontends and the inline model calls; `None`:
     /// one per CPU the process may use (tokio's default, which `TOKIO_WORKER_THREADS` sets too).
     pub worker_threads: Option<u32>,
+    /// Once every deployment is warm, hand back to the kernel the memory only starting needed:
+    /// code pages of ONNX Runtime and of the binary touched while loading, and freed heap.
+    pub release_startup_memory: bool,
     /// The file this config came from; used in messages.
     pub source: PathBuf,
 }
@@ -59,6 +62,7 @@ impl Config {
             ("tracing_options", self.tracing_options == other.tracing_options),
             ("log_format", self.log_format == other.log_format),
             ("worker_threads", self.worker_threads == other.worker_threads),
+            ("release_startup_memory", self.release_startup_memory == other.release_startup_memory),
         ]
         .into_iter()
         .filter_map(|(key, same)| (!same).then_some(key))
@@ -80,6 +84,7 @@ impl Default for Config {
             tracing_options: TracingOptions::default(),
             log_format: LogFormat::default(),
             worker_threads: None,
+            release_startup_memory: true,
             source: PathBuf::new(),
         }
     }

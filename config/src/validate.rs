@@ -136,6 +136,7 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         tracing_options: doc.tracing_options,
         log_format: doc.log_format,
         worker_threads: doc.worker_threads.as_ref().map(|n| n.value),
+        release_startup_memory: doc.release_startup_memory,
         source: source.to_path_buf(),
     })
 }

@@ -17,6 +17,7 @@ mod auth;
 pub mod error;
 pub mod grpc;
 pub mod listen;
+pub mod memory;
 pub mod metrics;
 pub mod model_config;
 pub mod node;

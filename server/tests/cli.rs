@@ -342,6 +342,75 @@ fn worker_threads_sets_the_runtime_threads() {
     assert!(log.contains("; 5 worker threads"), "{log}");
 }
 
+/// Resident memory (`Rss`, kB) of process `pid`'s mappings of `file`.
+#[cfg(target_os = "linux")]
+fn resident_kib_of(pid: u32, file: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let file = file.to_str().unwrap();
+    let mut in_file = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if line.split_whitespace().next().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+            in_file = line.ends_with(file);
+        } else if let Some(rss) = line.strip_prefix("Rss:").filter(|_| in_file) {
+            kib += rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+/// `release_startup_memory` (on by default) pages out the code only loading ran: most of ONNX
+/// Runtime's library, which registering its kernels touched. With the key false, the pages stay.
+/// The server answers correctly after it, reading back the code a request runs. Memory, not
+/// time, is compared. Each server loads its own copy of the library: the kernel keeps a page
+/// that another process maps too, and other tests' servers map the shared one.
+#[cfg(target_os = "linux")]
+#[test]
+fn release_startup_memory_pages_out_what_loading_touched() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memory-ort");
+    std::fs::create_dir_all(&dir).unwrap();
+    let serve = |name: &str, key: &str| {
+        let config = write_config(
+            &format!("memory-{name}.yaml"),
+            &format!(
+                "{key}applications:\n  - name: a\n    deployments:\n      - {{name: iris, model: MODELS/iris/model.onnx}}\n"
+            ),
+        );
+        let library = dir.join(format!("libonnxruntime-{name}.so"));
+        std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &library).unwrap();
+        // Written back first: the kernel does not page out pages still to be written.
+        std::fs::File::open(&library).unwrap().sync_all().unwrap();
+        let s = Running::start_env(&config, &[("ORT_DYLIB_PATH", library.to_str().unwrap())]);
+        (s, library)
+    };
+    let (kept, library) = serve("kept", "release_startup_memory: false\n");
+    std::thread::sleep(Duration::from_secs(1));
+    let kept_kib = resident_kib_of(kept.child.id(), &library);
+    let (status, out) = post(&kept.url("/v2/models/iris/infer"), IRIS_BODY, None);
+    assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
+    let (status, log) = kept.terminate();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(!log.contains("released start-up memory"), "{log}");
+
+    let (released, library) = serve("released", "");
+    // The release runs once every deployment is ready, so shortly after the ready answer.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut released_kib = resident_kib_of(released.child.id(), &library);
+    while released_kib + 10_000 > kept_kib && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        released_kib = resident_kib_of(released.child.id(), &library);
+    }
+    assert!(
+        released_kib + 10_000 <= kept_kib,
+        "ONNX Runtime's library resident: {released_kib} kB released, {kept_kib} kB kept"
+    );
+    let (status, out) = post(&released.url("/v2/models/iris/infer"), IRIS_BODY, None);
+    assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
+    let (status, log) = released.terminate();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("released start-up memory: resident"), "{log}");
+}
+
 /// Starts `command` and returns what it logged up to its first line containing `needle`
 /// (60 s at most), then ends it.
 fn logged_until(command: &mut Command, needle: &str) -> String {
@@ -411,10 +480,21 @@ fn takes_worker_threads(command: impl Fn() -> Command) {
     }
 }
 
+/// The command hands back its start-up memory once ready (logged before `all deployments
+/// ready`), unless given `--keep-startup-memory` (how the controller passes the config's
+/// `release_startup_memory: false`).
+fn takes_keep_startup_memory(command: impl Fn() -> Command) {
+    let log = logged_until(&mut command(), "all deployments ready");
+    assert!(log.contains("released start-up memory: resident"), "{log}");
+    let log = logged_until(command().arg("--keep-startup-memory"), "all deployments ready");
+    assert!(!log.contains("released start-up memory"), "{log}");
+}
+
 /// `sluice proxy --worker-threads N` (how the controller passes the config's `worker_threads`
-/// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused.
+/// to a Ray node's proxy) sizes the proxy's runtime; out of range is refused. It keeps its
+/// start-up memory when told to.
 #[test]
-fn proxy_takes_worker_threads() {
+fn proxy_takes_worker_threads_and_keep_startup_memory() {
     let proxy = || {
         let mut c = sluice();
         c.args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--http-port", "0"])
@@ -422,12 +502,14 @@ fn proxy_takes_worker_threads() {
         c
     };
     takes_worker_threads(proxy);
+    takes_keep_startup_memory(proxy);
 }
 
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
-/// reserves) sizes the replica's runtime; out of range is refused.
+/// reserves) sizes the replica's runtime; out of range is refused. It keeps its start-up memory
+/// when told to.
 #[test]
-fn replica_takes_worker_threads() {
+fn replica_takes_worker_threads_and_keep_startup_memory() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
     let spec = sluice_controller::cluster::ReplicaSpec {
         deployment: "iris".into(),
@@ -443,6 +525,7 @@ fn replica_takes_worker_threads() {
         c
     };
     takes_worker_threads(replica);
+    takes_keep_startup_memory(replica);
 }
 
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):

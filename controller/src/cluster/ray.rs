@@ -34,6 +34,8 @@ pub struct ProxyOptions {
     pub token: Option<String>,
     /// The config's `worker_threads`, for each proxy's runtime (None: one per CPU of its node).
     pub worker_threads: Option<u32>,
+    /// The config's `release_startup_memory` (false: `--keep-startup-memory`).
+    pub release_startup_memory: bool,
 }
 
 impl ProxyOptions {
@@ -57,17 +59,25 @@ impl ProxyOptions {
         if let Some(n) = self.worker_threads {
             argv.extend(["--worker-threads".into(), n.to_string()]);
         }
+        if !self.release_startup_memory {
+            argv.push(KEEP_STARTUP_MEMORY.into());
+        }
         argv
     }
 }
 
+/// The flag of `sluice replica` and `sluice proxy` for the config's
+/// `release_startup_memory: false`.
+const KEEP_STARTUP_MEMORY: &str = "--keep-startup-memory";
+
 /// The command line of a replica serving `spec_json` (a [`ReplicaSpec`]) with `num_cpus` CPUs
 /// reserved: its async runtime gets that many threads, rounded up (at least one), rather than
-/// one per CPU of the node, which several replicas on one node would each start.
-fn replica_argv(binary: String, spec_json: &str, num_cpus: f64) -> Vec<String> {
+/// one per CPU of the node, which several replicas on one node would each start. It keeps its
+/// start-up memory where the config's `release_startup_memory` is false.
+fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, release_startup_memory: bool) -> Vec<String> {
     // `max` before `min`: a NaN (which validation refuses) gives 1, not 0.
     let threads = num_cpus.ceil().max(1.0).min(f64::from(sluice_config::MAX_WORKER_THREADS)) as u32;
-    vec![
+    let mut argv = vec![
         binary,
         "replica".into(),
         "--listen".into(),
@@ -76,7 +86,11 @@ fn replica_argv(binary: String, spec_json: &str, num_cpus: f64) -> Vec<String> {
         threads.to_string(),
         "--spec".into(),
         spec_json.into(),
-    ]
+    ];
+    if !release_startup_memory {
+        argv.push(KEEP_STARTUP_MEMORY.into());
+    }
+    argv
 }
 
 /// How this process runs replicas on Ray.
@@ -92,6 +106,8 @@ pub struct RayOptions {
     pub startup_timeout: Duration,
     /// Proxies on the other nodes with replicas; None: frontends on the head only.
     pub proxies: Option<ProxyOptions>,
+    /// The config's `release_startup_memory`, for each replica's process.
+    pub release_startup_memory: bool,
 }
 
 /// A proxy actor on one node.
@@ -287,7 +303,12 @@ impl RayCluster {
         let name = format!("{ACTOR_PREFIX}{}:{}:{}-{n}", owner.spec.deployment, owner.spec.version, self.run);
         lock(&self.owners).insert(name.clone(), Arc::downgrade(owner));
         let p = &owner.placement;
-        let argv = replica_argv(self.relative(&self.options.binary), &owner.spec_json, p.num_cpus);
+        let argv = replica_argv(
+            self.relative(&self.options.binary),
+            &owner.spec_json,
+            p.num_cpus,
+            self.options.release_startup_memory,
+        );
         self.commands.send(Command::Create {
             name: name.clone(),
             argv,
@@ -689,7 +710,7 @@ mod tests {
     #[test]
     fn replica_argv_sizes_the_runtime_by_the_reserved_cpus() {
         let threads = |cpus: f64| {
-            let argv = replica_argv("sluice".into(), "{}", cpus);
+            let argv = replica_argv("sluice".into(), "{}", cpus, true);
             assert_eq!(argv[..5], ["sluice", "replica", "--listen", "{node_ip}:0", "--worker-threads"]);
             assert_eq!(argv[6..], ["--spec", "{}"]);
             argv[5].clone()
@@ -701,9 +722,13 @@ mod tests {
         assert_eq!(threads(8.0), "8");
         assert_eq!(threads(1e9), "1024");
         assert_eq!(threads(f64::NAN), "1");
+        // `release_startup_memory: false` in the config.
+        let kept = replica_argv("sluice".into(), "{}", 1.0, false);
+        assert_eq!(kept[6..], ["--spec", "{}", "--keep-startup-memory"]);
     }
 
-    /// A proxy's command line carries the ports, gRPC's absence and `worker_threads` when set.
+    /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set and
+    /// `release_startup_memory` when false.
     #[test]
     fn proxy_argv_carries_the_settings() {
         let mut options = ProxyOptions {
@@ -712,6 +737,7 @@ mod tests {
             grpc_port: None,
             token: None,
             worker_threads: None,
+            release_startup_memory: true,
         };
         let argv = options.argv("sluice".into(), "10.0.0.1");
         assert_eq!(
@@ -730,7 +756,8 @@ mod tests {
         );
         options.grpc_port = Some(8001);
         options.worker_threads = Some(3);
+        options.release_startup_memory = false;
         let argv = options.argv("sluice".into(), "10.0.0.1");
-        assert_eq!(argv[8..], ["--grpc-port", "8001", "--worker-threads", "3"]);
+        assert_eq!(argv[8..], ["--grpc-port", "8001", "--worker-threads", "3", "--keep-startup-memory"]);
     }
 }

@@ -31,6 +31,10 @@ pub struct ProxyArgs {
     /// Threads of the async runtime (the config's `worker_threads`); default one per CPU.
     #[arg(long, value_parser = super::worker_threads())]
     pub worker_threads: Option<u32>,
+    /// Keep the memory only starting needed (the config's `release_startup_memory: false`);
+    /// by default it is handed back once ready.
+    #[arg(long)]
+    pub keep_startup_memory: bool,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -50,6 +54,7 @@ pub fn proxy(
     config.grpc_options.enabled = !args.no_grpc;
     config.admin_options.enabled = false;
     config.worker_threads = args.worker_threads;
+    config.release_startup_memory = !args.keep_startup_memory;
     let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
     let every = Duration::from_secs_f64(args.poll_s.max(0.05));
     super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {

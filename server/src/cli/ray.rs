@@ -296,7 +296,9 @@ pub fn run_in_job(
         grpc_port: config.grpc_options.enabled.then_some(config.grpc_options.port),
         token: admin_token.clone(),
         worker_threads: config.worker_threads,
+        release_startup_memory: config.release_startup_memory,
     });
+    let release_startup_memory = config.release_startup_memory;
     super::run::run_with(
         config,
         logs,
@@ -304,8 +306,14 @@ pub fn run_in_job(
         ort_env,
         move || {
             let (commands, events) = bridge::stdio();
-            let options =
-                RayOptions { binary, working_dir, grace, startup_timeout: Duration::from_secs(300), proxies };
+            let options = RayOptions {
+                binary,
+                working_dir,
+                grace,
+                startup_timeout: Duration::from_secs(300),
+                proxies,
+                release_startup_memory,
+            };
             let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
             StartOptions { admin_token, cluster: Cluster::Ray(ray), store_env }
         },

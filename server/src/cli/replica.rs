@@ -23,6 +23,10 @@ pub struct ReplicaArgs {
     /// rounded up); default one per CPU of the node.
     #[arg(long, value_parser = super::worker_threads())]
     pub worker_threads: Option<u32>,
+    /// Keep the memory only starting needed (the config's `release_startup_memory: false`);
+    /// by default it is handed back once ready.
+    #[arg(long)]
+    pub keep_startup_memory: bool,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -67,6 +71,7 @@ pub fn replica(
     config.http_options.port = 0;
     config.admin_options.enabled = false;
     config.worker_threads = args.worker_threads;
+    config.release_startup_memory = !args.keep_startup_memory;
     config.applications = vec![Application::new(
         "replica",
         vec![Deployment {
