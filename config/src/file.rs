@@ -58,8 +58,8 @@ pub(crate) struct Config {
     /// of cheap models made inline. Default: one per CPU this process may use.
     #[serde(default)]
     pub worker_threads: Option<Spanned<u32>>,
-    /// Once every deployment is warm, page out the code only loading ran and trim the heaps.
-    /// Default true.
+    /// Once every deployment is ready, page out the code loading touched and warm the
+    /// deployments again. Default true.
     #[serde(default = "default_release_startup_memory")]
     pub release_startup_memory: bool,
 }

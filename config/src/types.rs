@@ -38,8 +38,9 @@ pub struct Config {
     /// Threads of the async runtime that runs the frontends and the inline model calls; `None`:
     /// one per CPU the process may use (tokio's default, which `TOKIO_WORKER_THREADS` sets too).
     pub worker_threads: Option<u32>,
-    /// Once every deployment is warm, hand back to the kernel the memory only starting needed:
-    /// code pages of ONNX Runtime and of the binary touched while loading, and freed heap.
+    /// Once every deployment is ready, page out the code loading touched (most of ONNX
+    /// Runtime's library) and warm the deployments again. The `sluice` commands act on it; an
+    /// embedding program calls `sluice_server::Server::release_startup_memory` itself.
     pub release_startup_memory: bool,
     /// The file this config came from; used in messages.
     pub source: PathBuf,

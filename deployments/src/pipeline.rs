@@ -125,12 +125,12 @@ impl Pipeline {
         true
     }
 
-    /// Ready when every step has a ready replica.
     /// The deployments of its steps, in run order.
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
         self.steps.iter().map(|s| &s.deployment)
     }
 
+    /// Ready when every step has a ready replica.
     pub fn is_ready(&self) -> bool {
         self.steps.iter().all(|s| s.deployment.is_ready())
     }

@@ -73,7 +73,7 @@ impl ModelCell {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Box<dyn Backend>>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<Box<dyn Backend>>> {
         self.model.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -695,7 +695,7 @@ fn stage_times(model: &dyn Backend, prepare: Duration, call: Duration, split: Du
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy
 /// initialisation. A failure is logged, not fatal: some models reject all-zero inputs.
 /// Returns how long the warm-up batch took when it ran and succeeded.
-fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> {
+pub(crate) fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> {
     if !config.warmup {
         return None;
     }

@@ -78,6 +78,19 @@ impl Servable {
         }
     }
 
+    /// Runs the warm-up batch again on each deployment behind this one that has a replica in
+    /// this process ([`Deployment::warm_again`]). Blocks for their model calls.
+    pub fn warm_again(&self) {
+        match self {
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => {
+                d.warm_again();
+            }
+            Self::Pipeline(p) => p.deployments().for_each(|d| {
+                d.warm_again();
+            }),
+        }
+    }
+
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         match self {
             Self::Deployment(d) => d.infer(request).await,

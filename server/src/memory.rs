@@ -1,80 +1,106 @@
-//! Memory that only starting needed, handed back once the server is warm
-//! (the config's `release_startup_memory`).
+//! Code that only starting ran, handed back once the server is warm (the config's
+//! `release_startup_memory`; [`crate::Server::release_startup_memory`] calls this).
 //!
 //! Loading ONNX Runtime registers every kernel it has, which touches nearly all of its code:
-//! about 19 MB of its library stay resident in an idle server although a request runs a small
-//! part of it. Those are clean pages of a file: the kernel can drop them and read back any it
-//! needs later. [`release_startup_memory`] asks it to do that now (`MADV_PAGEOUT`) for every
-//! read-only file mapping of the process (its own binary's too), and returns to the system the
-//! heap that loading freed (mimalloc's purge; glibc's `malloc_trim` where glibc serves C). The
-//! first requests after it read back the code they run (measured in docs/benchmarks.md, "Idle
-//! RSS: start-up memory handed back").
+//! about 19 MB of its library stayed resident in an idle server although a request runs a small
+//! part of it. Those pages can be dropped and read back from the file when needed.
+//! [`page_out_code`] asks the kernel to do that now (`MADV_PAGEOUT`) for the code and read-only
+//! data of every program file the process maps (its own binary, ONNX Runtime, the C libraries):
+//! the read-only mappings of files that are mapped executable. Other read-only files (a model's
+//! weights, should they be mapped) are left alone. Numbers: docs/benchmarks.md, "Idle RSS:
+//! start-up memory handed back".
 
+use std::collections::HashSet;
 use std::io;
 
-/// Resident memory (`VmRSS`) around [`release_startup_memory`], in bytes.
+/// What [`page_out_code`] did: resident memory (`VmRSS`, bytes) before and after, and how many
+/// mappings the kernel took the advice for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Released {
+pub struct PagedOut {
     pub before: u64,
     pub after: u64,
+    pub mappings: usize,
 }
 
-/// Pages out the process's read-only file mappings and trims the heaps; see the module docs.
-/// Safe to call at any time: paging out drops no data (a page is read back from its file when
-/// touched). Fails only where `/proc/self` cannot be read or the kernel pages nothing out (no
-/// `MADV_PAGEOUT` before Linux 5.4); elsewhere than Linux it releases nothing. Pages that
-/// another process maps too stay, and so do those of a file the process neither owns nor may
-/// write, unless it runs as root (the kernel's rule against side channels).
-pub fn release_startup_memory() -> io::Result<Released> {
-    let before = resident_bytes()?;
-    crate::alloc::purge_freed_memory();
-    trim_c_heap();
-    page_out_file_mappings()?;
-    Ok(Released { before, after: resident_bytes()? })
-}
-
-/// The process's resident set (`VmRSS` of `/proc/self/status`) in bytes; 0 where there is none.
-pub fn resident_bytes() -> io::Result<u64> {
+/// Pages out the read-only mappings of the program files the process maps (see the module
+/// docs), and trims glibc's heap where glibc's malloc serves C code. Safe at any time: paging
+/// out drops no data (a file page is read back when touched; a page the process changed, such
+/// as relocated read-only data, goes to swap where there is swap and otherwise stays).
+///
+/// The kernel leaves resident what another process maps too (shared, so not this process's
+/// cost) and the pages of files the process neither owns nor may write, unless it runs as root
+/// (its rule against side channels); `madvise` succeeds either way, so `after` says what
+/// happened. Fails where `/proc/self` cannot be read, where the kernel refused every mapping (no
+/// `MADV_PAGEOUT` before Linux 5.4), and, as `Unsupported`, elsewhere than Linux.
+pub fn page_out_code() -> io::Result<PagedOut> {
     #[cfg(target_os = "linux")]
     {
-        let status = std::fs::read_to_string("/proc/self/status")?;
-        Ok(status_kib(&status, "VmRSS:").unwrap_or(0) * 1024)
+        let before = resident_bytes()?;
+        trim_c_heap();
+        let mappings = page_out_program_files(&std::fs::read_to_string("/proc/self/maps")?)?;
+        Ok(PagedOut { before, after: resident_bytes()?, mappings })
     }
     #[cfg(not(target_os = "linux"))]
-    Ok(0)
+    Err(io::Error::new(io::ErrorKind::Unsupported, "paging out code needs Linux"))
 }
 
-/// A `Key:   N kB` line's N.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-fn status_kib(status: &str, key: &str) -> Option<u64> {
+/// The process's resident set (`VmRSS` of `/proc/self/status`) in bytes; an error where there
+/// is no `/proc` (elsewhere than Linux).
+pub fn resident_bytes() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status_kib(&status, "VmRSS:")
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/self/status"))
+}
+
+/// A `Key:   N kB` line's N (`/proc/PID/status`, `/proc/PID/smaps`).
+pub fn status_kib(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
-/// A mapping of `/proc/self/maps` worth paging out: backed by a file, and not writable (code and
-/// read-only data; the kernel keeps any page another process maps too).
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-fn read_only_file_range(line: &str) -> Option<(usize, usize)> {
-    let mut fields = line.split_ascii_whitespace();
-    let range = fields.next()?;
-    let perms = fields.next()?.as_bytes();
-    let path = fields.nth(3)?;
-    if !path.starts_with('/') || perms.len() < 2 || perms[1] == b'w' || perms[0] != b'r' {
-        return None;
-    }
-    let (start, end) = range.split_once('-')?;
-    let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
-    (end > start).then_some((start, end))
+/// One line of `/proc/self/maps`: its range, permissions and path (None for anonymous memory).
+struct Mapping<'a> {
+    start: usize,
+    end: usize,
+    perms: &'a [u8],
+    path: Option<&'a str>,
 }
 
+fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
+    // Range, permissions, offset, device, inode, then the path (after padding; it may hold
+    // spaces), absent for anonymous memory.
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.as_bytes();
+    let path = fields.nth(3).map(str::trim).filter(|p| p.starts_with('/'));
+    let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
+    (end > start && perms.len() >= 3).then_some(Mapping { start, end, perms, path })
+}
+
+/// The ranges to page out: read-only mappings (not writable) of files that some mapping of the
+/// process executes, that is, program files and their read-only data.
+fn program_file_ranges(maps: &str) -> Vec<(usize, usize)> {
+    let mappings: Vec<Mapping<'_>> = maps.lines().filter_map(parse_mapping).collect();
+    let programs: HashSet<&str> =
+        mappings.iter().filter(|m| m.perms[2] == b'x').filter_map(|m| m.path).collect();
+    mappings
+        .iter()
+        .filter(|m| m.perms[1] != b'w' && (m.perms[0] == b'r' || m.perms[2] == b'x'))
+        .filter(|m| m.path.is_some_and(|p| programs.contains(p)))
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
+/// Advises `MADV_PAGEOUT` on each range of [`program_file_ranges`]; how many took it.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn page_out_file_mappings() -> io::Result<()> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+fn page_out_program_files(maps: &str) -> io::Result<usize> {
     let (mut done, mut failed) = (0, None);
-    for (start, end) in maps.lines().filter_map(read_only_file_range) {
-        // SAFETY: MADV_PAGEOUT only reclaims pages; contents stay as they were (a file page is
-        // read back, an anonymous one swapped in, when next touched). A range unmapped since the
-        // read fails (ENOMEM) and is skipped, as is a locked one (EINVAL).
+    for (start, end) in program_file_ranges(maps) {
+        // SAFETY: MADV_PAGEOUT only reclaims pages; their contents stay as they were (read
+        // back from the file, or swapped in, when next touched). A range unmapped since the maps
+        // were read fails (ENOMEM), or, if something else was mapped there meanwhile, gets the
+        // same harmless advice; a locked range fails (EINVAL). Failures are counted, not fatal.
         let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
         if rc == 0 {
             done += 1;
@@ -83,19 +109,14 @@ fn page_out_file_mappings() -> io::Result<()> {
         }
     }
     match failed {
-        // Every call refused: a kernel without MADV_PAGEOUT (before Linux 5.4) says EINVAL.
         Some(e) if done == 0 => Err(io::Error::new(e.kind(), format!("madvise(MADV_PAGEOUT): {e}"))),
-        _ => Ok(()),
+        _ => Ok(done),
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn page_out_file_mappings() -> io::Result<()> {
-    Ok(())
-}
-
 /// Returns glibc's free heap to the system where glibc's malloc serves ONNX Runtime (the
-/// `malloc-override` feature off); with it on, mimalloc serves both and its purge covers it.
+/// `malloc-override` feature off); with it on, mimalloc serves C code too, and each model load
+/// already purges it (`sluice_deployments::onnx::on_memory_released`).
 #[allow(unsafe_code)]
 fn trim_c_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "malloc-override")))]
@@ -110,21 +131,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_read_only_file_mappings_are_paged_out() {
-        let code = "7f1c2a000000-7f1c2b000000 r-xp 00001000 fd:01 1234   /opt/ort/libonnxruntime.so.1.32.0";
-        assert_eq!(read_only_file_range(code), Some((0x7f1c2a000000, 0x7f1c2b000000)));
-        let rodata = "55d0a0000000-55d0a0100000 r--p 00000000 fd:01 99 /usr/bin/sluice";
-        assert_eq!(read_only_file_range(rodata), Some((0x55d0a0000000, 0x55d0a0100000)));
-        for kept in [
-            "55d0a0100000-55d0a0200000 rw-p 00100000 fd:01 99 /usr/bin/sluice",
-            "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 [stack]",
-            "7ffd3000-7ffd4000 r-xp 00000000 00:00 0 [vdso]",
-            "7f0000000000-7f0000100000 r--p 00000000 00:00 0 ",
-            "7f0000100000-7f0000200000 ---p 00000000 fd:01 5 /lib/libc.so.6",
-            "not a line",
-        ] {
-            assert_eq!(read_only_file_range(kept), None, "{kept}");
-        }
+    fn the_read_only_mappings_of_program_files_are_paged_out() {
+        let maps = "\
+55d0a0000000-55d0a0100000 r--p 00000000 fd:01 99 /usr/bin/sluice
+55d0a0100000-55d0a0900000 r-xp 00100000 fd:01 99 /usr/bin/sluice
+55d0a0900000-55d0a0a00000 r--p 00900000 fd:01 99 /usr/bin/sluice
+55d0a0a00000-55d0a0b00000 rw-p 00a00000 fd:01 99 /usr/bin/sluice
+7f1c2a000000-7f1c2b000000 r-xp 00001000 fd:01 1234   /opt/my ort/libonnxruntime.so.1.32.0
+7f1c2b000000-7f1c2b100000 ---p 00000000 fd:01 1234   /opt/my ort/libonnxruntime.so.1.32.0
+7f1c2c000000-7f1c2d000000 r--p 00000000 fd:01 77 /models/big/model.onnx.data
+7f1c2e000000-7f1c2e100000 rw-s 00000000 00:01 5 /memfd:buffer (deleted)
+7ffd1000-7ffd2000 rw-p 00000000 00:00 0 [stack]
+7ffd3000-7ffd4000 r-xp 00000000 00:00 0 [vdso]
+7f0000000000-7f0000100000 r--p 00000000 00:00 0
+not a line
+";
+        assert_eq!(
+            program_file_ranges(maps),
+            [
+                (0x55d0a0000000, 0x55d0a0100000),
+                (0x55d0a0100000, 0x55d0a0900000),
+                (0x55d0a0900000, 0x55d0a0a00000),
+                (0x7f1c2a000000, 0x7f1c2b000000),
+            ],
+            "the binary's and the library's read-only mappings; not a data file, memory or a guard"
+        );
     }
 
     #[test]
@@ -134,20 +165,15 @@ mod tests {
         assert_eq!(status_kib(status, "VmSwap:"), None);
     }
 
-    /// Paging out the test binary's own code and reading it back: the process goes on, and where
-    /// the kernel pages out, the resident set shrinks. Nothing here is timed.
+    /// On this process: the kernel takes the advice for its mappings, and the process goes on
+    /// (the code paged out comes back when it runs). Whether pages actually leave depends on
+    /// whether another process maps the test binary too, so the shrinking itself is checked
+    /// with a server of its own (server/tests/cli.rs).
     #[cfg(target_os = "linux")]
     #[test]
-    fn releasing_pages_out_this_binary_and_keeps_it_working() {
-        let file_kib =
-            || status_kib(&std::fs::read_to_string("/proc/self/status").unwrap(), "RssFile:").unwrap();
-        let before = file_kib();
-        let released = release_startup_memory().expect("this kernel pages out");
-        let after = file_kib();
-        assert!(released.before > 0 && released.after > 0, "{released:?}");
-        // The test binary's own code (megabytes, mapped by this process alone) was resident.
-        assert!(after < before, "resident file pages {before} kB before, {after} kB after");
-        // The code paged out comes back when it runs.
+    fn paging_out_this_process_keeps_it_working() {
+        let paged = page_out_code().expect("this kernel pages out");
+        assert!(paged.mappings > 0 && paged.before > 0 && paged.after > 0, "{paged:?}");
         let v: Vec<u64> = (0..1000).collect();
         assert_eq!(v.iter().sum::<u64>(), 499_500);
     }

@@ -352,8 +352,8 @@ fn resident_kib_of(pid: u32, file: &std::path::Path) -> u64 {
     for line in smaps.lines() {
         if line.split_whitespace().next().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
             in_file = line.ends_with(file);
-        } else if let Some(rss) = line.strip_prefix("Rss:").filter(|_| in_file) {
-            kib += rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap();
+        } else if in_file {
+            kib += sluice_server::memory::status_kib(line, "Rss:").unwrap_or(0);
         }
     }
     kib
@@ -376,7 +376,8 @@ fn release_startup_memory_pages_out_what_loading_touched() {
                 "{key}applications:\n  - name: a\n    deployments:\n      - {{name: iris, model: MODELS/iris/model.onnx}}\n"
             ),
         );
-        let library = dir.join(format!("libonnxruntime-{name}.so"));
+        // Named by this test process too: another run's server may still map its own copy.
+        let library = dir.join(format!("libonnxruntime-{name}-{}.so", std::process::id()));
         std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &library).unwrap();
         // Written back first: the kernel does not page out pages still to be written.
         std::fs::File::open(&library).unwrap().sync_all().unwrap();
@@ -389,6 +390,7 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     let (status, out) = post(&kept.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
     let (status, log) = kept.terminate();
+    let _ = std::fs::remove_file(&library);
     assert!(status.success(), "{status:?}: {log}");
     assert!(!log.contains("released start-up memory"), "{log}");
 
@@ -407,6 +409,7 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     let (status, out) = post(&released.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
     let (status, log) = released.terminate();
+    let _ = std::fs::remove_file(&library);
     assert!(status.success(), "{status:?}: {log}");
     assert!(log.contains("released start-up memory: resident"), "{log}");
 }

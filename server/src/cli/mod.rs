@@ -123,6 +123,28 @@ pub struct OrtArgs {
     pub onnxruntime: Option<PathBuf>,
 }
 
+/// The process settings `sluice proxy` and `sluice replica` take as flags: the controller
+/// passes the config's on a Ray cluster.
+#[derive(clap::Args)]
+pub struct ProcessArgs {
+    /// Threads of the async runtime, 1 to 1024 (a proxy gets the config's `worker_threads`, a
+    /// replica the CPUs it reserves, rounded up); default one per CPU.
+    #[arg(long, value_parser = worker_threads())]
+    pub worker_threads: Option<u32>,
+    /// Keep the memory only starting needed (the config's `release_startup_memory: false`);
+    /// by default it is handed back once ready.
+    #[arg(long)]
+    pub keep_startup_memory: bool,
+}
+
+impl ProcessArgs {
+    /// Sets the config's keys these flags stand for.
+    pub fn apply(&self, config: &mut sluice_config::Config) {
+        config.worker_threads = self.worker_threads;
+        config.release_startup_memory = !self.keep_startup_memory;
+    }
+}
+
 /// `--worker-threads`: 1 to [`sluice_config::MAX_WORKER_THREADS`], as the config's key.
 fn worker_threads() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..=i64::from(sluice_config::MAX_WORKER_THREADS))

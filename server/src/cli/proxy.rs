@@ -28,13 +28,8 @@ pub struct ProxyArgs {
     /// How often to fetch the route table, seconds.
     #[arg(long, default_value_t = 0.5)]
     pub poll_s: f64,
-    /// Threads of the async runtime (the config's `worker_threads`); default one per CPU.
-    #[arg(long, value_parser = super::worker_threads())]
-    pub worker_threads: Option<u32>,
-    /// Keep the memory only starting needed (the config's `release_startup_memory: false`);
-    /// by default it is handed back once ready.
-    #[arg(long)]
-    pub keep_startup_memory: bool,
+    #[command(flatten)]
+    pub process: super::ProcessArgs,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -53,8 +48,7 @@ pub fn proxy(
     config.grpc_options.port = args.grpc_port;
     config.grpc_options.enabled = !args.no_grpc;
     config.admin_options.enabled = false;
-    config.worker_threads = args.worker_threads;
-    config.release_startup_memory = !args.keep_startup_memory;
+    args.process.apply(&mut config);
     let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
     let every = Duration::from_secs_f64(args.poll_s.max(0.05));
     super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {

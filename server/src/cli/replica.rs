@@ -19,14 +19,8 @@ pub struct ReplicaArgs {
     /// Address for the gRPC endpoint, `HOST:PORT` (port 0: any free port).
     #[arg(long)]
     pub listen: String,
-    /// Threads of the async runtime (the controller gives the replica's CPUs, `num_cpus`
-    /// rounded up); default one per CPU of the node.
-    #[arg(long, value_parser = super::worker_threads())]
-    pub worker_threads: Option<u32>,
-    /// Keep the memory only starting needed (the config's `release_startup_memory: false`);
-    /// by default it is handed back once ready.
-    #[arg(long)]
-    pub keep_startup_memory: bool,
+    #[command(flatten)]
+    pub process: super::ProcessArgs,
     #[command(flatten)]
     pub ort: super::OrtArgs,
 }
@@ -70,8 +64,7 @@ pub fn replica(
     config.grpc_options.port = port;
     config.http_options.port = 0;
     config.admin_options.enabled = false;
-    config.worker_threads = args.worker_threads;
-    config.release_startup_memory = !args.keep_startup_memory;
+    args.process.apply(&mut config);
     config.applications = vec![Application::new(
         "replica",
         vec![Deployment {

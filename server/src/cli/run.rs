@@ -157,7 +157,7 @@ pub fn run_with(
             ready = server.wait_ready(std::time::Duration::from_secs(600)) => {
                 if ready {
                     if release_memory {
-                        release_startup_memory().await;
+                        release_startup_memory(&server).await;
                     }
                     tracing::info!("all deployments ready");
                     on_ready(&server);
@@ -171,16 +171,18 @@ pub fn run_with(
     })
 }
 
-/// Hands back the memory only starting needed (the config's `release_startup_memory`), on a
-/// blocking thread: paging out tens of megabytes is a few milliseconds of system calls.
-async fn release_startup_memory() {
-    match tokio::task::spawn_blocking(sluice_server::memory::release_startup_memory).await {
-        Ok(Ok(r)) => tracing::info!(
-            "released start-up memory: resident {:.1} MB before, {:.1} MB after",
-            r.before as f64 / 1e6,
-            r.after as f64 / 1e6
+/// Pages out the code only starting ran and warms the deployments again (the config's
+/// `release_startup_memory`), and says what it did.
+async fn release_startup_memory(server: &sluice_server::Server) {
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    match server.release_startup_memory().await {
+        Ok(p) => tracing::info!(
+            "released start-up memory: resident {:.1} MiB before, {:.1} MiB after ({} mappings paged out, deployments warmed again)",
+            mib(p.before),
+            mib(p.after),
+            p.mappings
         ),
-        Ok(Err(e)) => tracing::warn!("could not release start-up memory: {e}"),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => tracing::debug!("start-up memory kept: {e}"),
         Err(e) => tracing::warn!("could not release start-up memory: {e}"),
     }
 }
