@@ -345,7 +345,7 @@ async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warmup_runs_a_full_batch_before_ready() {
+async fn warmup_runs_a_full_batch_before_ready_and_again_when_asked() {
     let f = start(
         spec(|s| {
             s.settings.warmup = true;
@@ -358,29 +358,14 @@ async fn warmup_runs_a_full_batch_before_ready() {
     assert!(f.deployment.is_ready());
     let log = f.log.lock().unwrap().clone();
     assert_eq!(log, vec![vec![0i64; 8]], "one warm-up call of max_batch_size zero rows");
-}
 
-/// `warm_again` (after the server pages out code: `release_startup_memory`) runs the warm-up
-/// batch once more, on one replica of the deployment; where the deployment does not warm up, it
-/// runs nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warm_again_runs_the_warm_up_batch_once_more() {
-    let f = start(
-        spec(|s| {
-            s.settings.warmup = true;
-            s.settings.max_batch_size = 4;
-        }),
-        0,
-        None,
-    );
-    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    // `warm_again` (after the server pages out code: `release_startup_memory`) runs it once
+    // more, and the deployment still serves.
     assert!(f.deployment.warm_again());
-    let log = f.log.lock().unwrap().clone();
-    assert_eq!(log, vec![vec![0i64; 4]; 2], "the replica's warm-up, then one more");
-    // The deployment still serves.
+    assert_eq!(f.log.lock().unwrap().clone(), vec![vec![0i64; 8]; 2]);
     assert_eq!(values(&f.deployment.infer(request(&[5])).await.unwrap().outputs[0].tensor), vec![5]);
-
-    let cold = start(spec(|s| s.settings.warmup = false), 0, None);
+    // Where the deployment does not warm up, it runs nothing.
+    let cold = start(spec(|_| {}), 0, None);
     assert!(cold.deployment.wait_ready(Duration::from_secs(5)).await);
     assert!(!cold.deployment.warm_again());
     assert!(cold.log.lock().unwrap().is_empty(), "no warm-up batch");
