@@ -7,19 +7,21 @@
 //! [`page_out_code`] asks the kernel to do that now (`MADV_PAGEOUT`) for the code and read-only
 //! data of every program file the process maps (its own binary, ONNX Runtime, the C libraries):
 //! the read-only mappings of files that are mapped executable. Other read-only files (a model's
-//! weights, should they be mapped) are left alone. Numbers: docs/benchmarks.md, "Idle RSS:
-//! start-up memory handed back".
+//! weights, should they be mapped) are left alone. Once the warm-ups have read back what a model
+//! call runs, [`drop_unmapped_cache`] drops what the kernel's read-ahead brought back with it.
+//! Numbers: docs/benchmarks.md, "Idle RSS: start-up memory handed back".
 
 use std::collections::HashSet;
 use std::io;
 
-/// What [`page_out_code`] did: resident memory (`VmRSS`, bytes) before and after, and how many
-/// mappings the kernel took the advice for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`page_out_code`] did: resident memory (`VmRSS`, bytes) before and after, how many
+/// mappings the kernel took the advice for, and the files they map.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PagedOut {
     pub before: u64,
     pub after: u64,
     pub mappings: usize,
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Pages out the read-only mappings of the program files the process maps (see the module
@@ -37,8 +39,10 @@ pub fn page_out_code() -> io::Result<PagedOut> {
     {
         let before = resident_bytes()?;
         trim_c_heap();
-        let mappings = page_out_program_files(&std::fs::read_to_string("/proc/self/maps")?)?;
-        Ok(PagedOut { before, after: resident_bytes()?, mappings })
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let mappings = page_out_program_files(&maps)?;
+        let files = program_files(&maps).into_iter().map(Into::into).collect();
+        Ok(PagedOut { before, after: resident_bytes()?, mappings, files })
     }
     #[cfg(not(target_os = "linux"))]
     Err(io::Error::new(io::ErrorKind::Unsupported, "paging out code needs Linux"))
@@ -77,14 +81,17 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     (end > start && perms.len() >= 3).then_some(Mapping { start, end, perms, path })
 }
 
-/// The ranges to page out: read-only mappings (not writable) of files that some mapping of the
-/// process executes, that is, program files and their read-only data.
+/// The files some mapping of the process executes: its binary and shared libraries.
+fn program_files(maps: &str) -> HashSet<&str> {
+    maps.lines().filter_map(parse_mapping).filter(|m| m.perms[2] == b'x').filter_map(|m| m.path).collect()
+}
+
+/// The ranges to page out: read-only mappings (not writable) of [`program_files`], that is,
+/// program code and its read-only data.
 fn program_file_ranges(maps: &str) -> Vec<(usize, usize)> {
-    let mappings: Vec<Mapping<'_>> = maps.lines().filter_map(parse_mapping).collect();
-    let programs: HashSet<&str> =
-        mappings.iter().filter(|m| m.perms[2] == b'x').filter_map(|m| m.path).collect();
-    mappings
-        .iter()
+    let programs = program_files(maps);
+    maps.lines()
+        .filter_map(parse_mapping)
         .filter(|m| m.perms[1] != b'w' && (m.perms[0] == b'r' || m.perms[2] == b'x'))
         .filter(|m| m.path.is_some_and(|p| programs.contains(p)))
         .map(|m| (m.start, m.end))
@@ -112,6 +119,30 @@ fn page_out_program_files(maps: &str) -> io::Result<usize> {
         Some(e) if done == 0 => Err(io::Error::new(e.kind(), format!("madvise(MADV_PAGEOUT): {e}"))),
         _ => Ok(done),
     }
+}
+
+/// Drops from the page cache the pages of `paged`'s files that no process maps now
+/// (`POSIX_FADV_DONTNEED`; mapped pages stay). Run after the warm-ups: each page fault on code
+/// reads ahead around it, megabytes at a time (`read_ahead_kb`; the kernel does it for
+/// executable mappings whatever `madvise` says), so reading back what a model call runs brings
+/// most of a library back into the cache, unmapped. Those pages are the kernel's to drop under
+/// memory pressure anyway; dropping them now frees that memory at once. Another process that
+/// later needs them reads them from the file again. Files that cannot be opened are skipped.
+pub fn drop_unmapped_cache(paged: &PagedOut) {
+    #[cfg(target_os = "linux")]
+    for path in &paged.files {
+        if let Ok(file) = std::fs::File::open(path) {
+            use std::os::fd::AsRawFd;
+            #[allow(unsafe_code)]
+            // SAFETY: the descriptor is open for the call's duration; the advice only drops clean
+            // cached pages that nothing maps, which are read from the file again when needed.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = paged;
 }
 
 /// Returns glibc's free heap to the system where glibc's malloc serves ONNX Runtime (the
@@ -174,6 +205,9 @@ not a line
     fn paging_out_this_process_keeps_it_working() {
         let paged = page_out_code().expect("this kernel pages out");
         assert!(paged.mappings > 0 && paged.before > 0 && paged.after > 0, "{paged:?}");
+        let exe = std::env::current_exe().unwrap();
+        assert!(paged.files.contains(&exe), "the test binary is among {:?}", paged.files);
+        drop_unmapped_cache(&paged);
         let v: Vec<u64> = (0..1000).collect();
         assert_eq!(v.iter().sum::<u64>(), 499_500);
     }

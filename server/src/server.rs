@@ -65,7 +65,8 @@ impl Server {
     /// Pages out the code and read-only data of the program files this process maps
     /// ([`crate::memory::page_out_code`]: what loading ONNX Runtime touched and a request does
     /// not run), then runs the warm-up batch of each deployment with a replica here again, so
-    /// that the code a model call runs is read back now rather than by the first request. What
+    /// that the code a model call runs is read back now rather than by the first request, and
+    /// drops from the page cache what the read-ahead of that brought back unmapped. What
     /// `sluice run` does once every deployment is ready, where the config's
     /// `release_startup_memory` says so (the default). On a blocking thread; `after` is the
     /// resident memory once the warm-ups ran.
@@ -76,6 +77,7 @@ impl Server {
             for servable in table.models.values().flat_map(|m| m.versions.values()) {
                 servable.warm_again();
             }
+            crate::memory::drop_unmapped_cache(&paged);
             Ok(crate::memory::PagedOut { after: crate::memory::resident_bytes()?, ..paged })
         };
         tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
