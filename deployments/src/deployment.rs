@@ -527,20 +527,16 @@ impl Deployment {
     /// Runs the warm-up batch again on one replica of this process that holds its model, where
     /// the deployment warms up (`warmup`): after the process paged out the code loading touched
     /// (the server's `release_startup_memory`), so that the code a model call runs is read back
-    /// before the first request, not during it. Blocks for one model call, and while that
-    /// replica's model is busy. True when a warm-up batch ran and succeeded.
+    /// before the first request, not during it. Requests that arrive meanwhile wait for the
+    /// model as they would behind a batch, and are run after it. Blocks for one model call.
+    /// True when a warm-up batch ran and succeeded.
     pub fn warm_again(&self) -> bool {
-        let replicas = self.set.replicas.load();
-        let cells = replicas.iter().filter_map(|r| match &r.channel {
-            Channel::Local(_, cell) => Some(cell),
+        let replicas = self.set.replicas.load_full();
+        let mut local = replicas.iter().filter_map(|r| match &r.channel {
+            Channel::Local(tx, cell) => Some((r.id, tx, cell)),
             Channel::Remote(_) => None,
         });
-        for cell in cells {
-            if let Some(model) = cell.lock().as_mut() {
-                return replica::warm_up(&self.set.config, model.as_mut()).is_some();
-            }
-        }
-        false
+        local.any(|(id, tx, cell)| cell.warm_again(&self.set.config, (&*self.set, id), tx))
     }
 
     /// Replicas ready now.

@@ -73,7 +73,7 @@ impl ModelCell {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<Box<dyn Backend>>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Box<dyn Backend>>> {
         self.model.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -183,6 +183,25 @@ impl ModelCell {
             }
         }
         self.hand_over(config, me, tx);
+    }
+
+    /// Runs the warm-up batch once more on the model, holding it as a batch does (the server's
+    /// `release_startup_memory` reads the code back this way), then, as every holder does,
+    /// looks at `pending`: what callers left while it ran goes to the replica's thread. False
+    /// when the model is out (loading, or replaced after a panic) or the warm-up did not run.
+    pub fn warm_again(
+        &self,
+        config: &ReplicaConfig,
+        me: (&dyn ReplicaHost, usize),
+        tx: &SyncSender<Msg>,
+    ) -> bool {
+        let mut guard = self.lock();
+        let warmed = guard.as_deref_mut().is_some_and(|model| warm_up(config, model).is_some());
+        drop(guard);
+        if !self.pending().is_empty() {
+            self.hand_over(config, me, tx);
+        }
+        warmed
     }
 
     /// Sends what callers left to the replica's thread; a request its queue cannot take (the
@@ -695,7 +714,7 @@ fn stage_times(model: &dyn Backend, prepare: Duration, call: Duration, split: Du
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy
 /// initialisation. A failure is logged, not fatal: some models reject all-zero inputs.
 /// Returns how long the warm-up batch took when it ran and succeeded.
-pub(crate) fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> {
+fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> {
     if !config.warmup {
         return None;
     }

@@ -78,16 +78,11 @@ impl Servable {
         }
     }
 
-    /// Runs the warm-up batch again on each deployment behind this one that has a replica in
-    /// this process ([`Deployment::warm_again`]). Blocks for their model calls.
-    pub fn warm_again(&self) {
+    /// The deployments behind this one: itself, or a pipeline's steps.
+    pub fn deployments(&self) -> Vec<&Arc<Deployment>> {
         match self {
-            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => {
-                d.warm_again();
-            }
-            Self::Pipeline(p) => p.deployments().for_each(|d| {
-                d.warm_again();
-            }),
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => vec![d],
+            Self::Pipeline(p) => p.deployments().collect(),
         }
     }
 

@@ -319,3 +319,26 @@ async fn a_caller_dropped_at_its_yield_leaves_no_job_holding_the_only_slot() {
         .unwrap();
     assert_eq!(r.outputs[0].tensor.data()[..8], 300i64.to_le_bytes());
 }
+
+/// A request that finds the model held by `warm_again` (the server's `release_startup_memory`
+/// runs it while requests may arrive) is left for the holder, and is run once the warm-up lets
+/// go, not stranded until its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_arriving_during_warm_again_is_answered() {
+    let f = start(Duration::from_millis(300), |s| {
+        s.settings.warmup = true;
+        // The warm-up's 300 ms still counts as cheap: the request is made inline.
+        s.settings.run_inline_under_us = 10_000_000;
+    });
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let d = f.deployment.clone();
+    let warm = tokio::task::spawn_blocking(move || d.warm_again());
+    // Let the warm-up take the model first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), f.deployment.infer(request(5)))
+        .await
+        .expect("answered once the warm-up let go, not held until its deadline")
+        .unwrap();
+    assert_eq!(r.outputs[0].tensor.data()[..8], 5i64.to_le_bytes());
+    assert!(warm.await.unwrap(), "the warm-up ran");
+}

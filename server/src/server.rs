@@ -64,21 +64,30 @@ impl Server {
 
     /// Pages out the code and read-only data of the program files this process maps
     /// ([`crate::memory::page_out_code`]: what loading ONNX Runtime touched and a request does
-    /// not run), then runs the warm-up batch of each deployment with a replica here again, so
-    /// that the code a model call runs is read back now rather than by the first request, and
-    /// drops from the page cache what the read-ahead of that brought back unmapped. What
-    /// `sluice run` does once every deployment is ready, where the config's
-    /// `release_startup_memory` says so (the default). On a blocking thread; `after` is the
-    /// resident memory once the warm-ups ran.
-    pub async fn release_startup_memory(&self) -> std::io::Result<crate::memory::PagedOut> {
+    /// not run), then runs the warm-up batch of each deployment with a replica here again
+    /// (each once, on one replica: [`sluice_deployments::Deployment::warm_again`]), so that the
+    /// code a model call runs is read back now rather than by the first request, and drops from
+    /// the page cache what the read-ahead of that brought back unmapped. What `sluice run` does
+    /// once every deployment is ready, where the config's `release_startup_memory` says so (the
+    /// default). On a blocking thread. Returns what was paged out (`after`: the resident memory
+    /// once the warm-ups ran) and how many deployments warmed up again.
+    pub async fn release_startup_memory(&self) -> std::io::Result<(crate::memory::PagedOut, usize)> {
         let table = self.routes.table();
         let work = move || {
             let paged = crate::memory::page_out_code()?;
-            for servable in table.models.values().flat_map(|m| m.versions.values()) {
-                servable.warm_again();
-            }
+            // A pipeline's steps are routes of their own too, and a multiplexed deployment is
+            // one route per model: each deployment warms up once.
+            let mut seen = std::collections::HashSet::new();
+            let warmed = table
+                .models
+                .values()
+                .flat_map(|m| m.versions.values())
+                .flat_map(|s| s.deployments().into_iter().cloned())
+                .filter(|d| seen.insert(Arc::as_ptr(d)))
+                .filter(|d| d.warm_again())
+                .count();
             crate::memory::drop_unmapped_cache(&paged);
-            Ok(crate::memory::PagedOut { after: crate::memory::resident_bytes()?, ..paged })
+            Ok((crate::memory::PagedOut { after: crate::memory::resident_bytes()?, ..paged }, warmed))
         };
         tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
     }

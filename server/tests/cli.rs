@@ -367,7 +367,11 @@ fn cached_kib(file: &std::path::Path) -> u64 {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(file).unwrap();
     let len = f.metadata().unwrap().len() as usize;
-    let page = 4096;
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: sysconf reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let mut resident = vec![0u8; len.div_ceil(page)];
     // SAFETY: a read-only shared mapping of an open file, only given to mincore (never read
     // through), and unmapped before returning; `resident` has one byte per page of it.
@@ -385,7 +389,8 @@ fn cached_kib(file: &std::path::Path) -> u64 {
 /// (the machine's memory, not only the process's count). With the key false, the pages stay.
 /// The server answers correctly after it, reading back the code a request runs. Memory, not
 /// time, is compared. Each server loads its own copy of the library: the kernel keeps a page
-/// that another process maps too, and other tests' servers map the shared one.
+/// that another process maps too, and other tests' servers map the shared one. (On a tmpfs
+/// target folder the copy's pages could not be paged out: they have no file on disk.)
 #[cfg(target_os = "linux")]
 #[test]
 fn release_startup_memory_pages_out_what_loading_touched() {

@@ -176,8 +176,8 @@ pub fn run_with(
 async fn release_startup_memory(server: &sluice_server::Server) {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     match server.release_startup_memory().await {
-        Ok(p) => tracing::info!(
-            "released start-up memory: resident {:.1} MiB before, {:.1} MiB after ({} mappings paged out, deployments warmed again)",
+        Ok((p, warmed)) => tracing::info!(
+            "released start-up memory: resident {:.1} MiB before, {:.1} MiB after ({} mappings paged out, {warmed} deployments warmed up again)",
             mib(p.before),
             mib(p.after),
             p.mappings
