@@ -287,18 +287,12 @@ pub fn run_in_job(
         );
         config.admin_options.allow_unauthenticated = true;
     }
-    let grace = Duration::from_secs_f64(config.graceful_shutdown_timeout_s);
-    let working_dir = std::env::current_dir().unwrap_or_default();
-    let binary = std::env::current_exe().unwrap_or_default();
-    let proxies = (config.proxy_location == sluice_config::ProxyLocation::EveryNode).then(|| ProxyOptions {
-        admin_port: config.admin_options.port,
-        http_port: config.http_options.port,
-        grpc_port: config.grpc_options.enabled.then_some(config.grpc_options.port),
-        token: admin_token.clone(),
-        worker_threads: config.worker_threads,
-        release_startup_memory: config.release_startup_memory,
-    });
-    let release_startup_memory = config.release_startup_memory;
+    let options = ray_options(
+        &config,
+        admin_token.clone(),
+        std::env::current_exe().unwrap_or_default(),
+        std::env::current_dir().unwrap_or_default(),
+    );
     super::run::run_with(
         config,
         logs,
@@ -306,14 +300,6 @@ pub fn run_in_job(
         ort_env,
         move || {
             let (commands, events) = bridge::stdio();
-            let options = RayOptions {
-                binary,
-                working_dir,
-                grace,
-                startup_timeout: Duration::from_secs(300),
-                proxies,
-                release_startup_memory,
-            };
             let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
             StartOptions { admin_token, cluster: Cluster::Ray(ray), store_env }
         },
@@ -321,9 +307,54 @@ pub fn run_in_job(
     )
 }
 
+/// How the controller runs replicas (and `EveryNode` proxies) on Ray for `config`: the config's
+/// process settings (`worker_threads` for proxies, `release_startup_memory` for both) go to
+/// their command lines.
+fn ray_options(
+    config: &Config,
+    admin_token: Option<String>,
+    binary: PathBuf,
+    working_dir: PathBuf,
+) -> RayOptions {
+    let proxies = (config.proxy_location == sluice_config::ProxyLocation::EveryNode).then(|| ProxyOptions {
+        admin_port: config.admin_options.port,
+        http_port: config.http_options.port,
+        grpc_port: config.grpc_options.enabled.then_some(config.grpc_options.port),
+        token: admin_token,
+        worker_threads: config.worker_threads,
+        release_startup_memory: config.release_startup_memory,
+    });
+    RayOptions {
+        binary,
+        working_dir,
+        grace: Duration::from_secs_f64(config.graceful_shutdown_timeout_s),
+        startup_timeout: Duration::from_secs(300),
+        proxies,
+        release_startup_memory: config.release_startup_memory,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The config's process settings reach the replicas' and proxies' options.
+    #[test]
+    fn ray_options_carry_the_process_settings() {
+        let mut config = Config::default();
+        let options = ray_options(&config, None, "sluice".into(), "/w".into());
+        assert!(options.release_startup_memory && options.proxies.is_none());
+        config.proxy_location = sluice_config::ProxyLocation::EveryNode;
+        config.release_startup_memory = false;
+        config.worker_threads = Some(3);
+        config.graceful_shutdown_timeout_s = 7.0;
+        let options = ray_options(&config, Some("t".into()), "sluice".into(), "/w".into());
+        assert!(!options.release_startup_memory);
+        assert_eq!(options.grace, Duration::from_secs(7));
+        let proxies = options.proxies.expect("EveryNode starts proxies");
+        assert!(!proxies.release_startup_memory);
+        assert_eq!((proxies.worker_threads, proxies.token.as_deref()), (Some(3), Some("t")));
+    }
 
     #[test]
     fn hosts_and_shell_words() {
