@@ -25,7 +25,7 @@ pub struct PagedOut {
 }
 
 /// Pages out the read-only mappings of the program files the process maps (see the module
-/// docs), and trims glibc's heap where glibc's malloc serves C code. Safe at any time: paging
+/// docs). Safe at any time: paging
 /// out drops no data (a file page is read back when touched; a page the process changed, such
 /// as relocated read-only data, goes to swap where there is swap and otherwise stays).
 ///
@@ -38,10 +38,10 @@ pub fn page_out_code() -> io::Result<PagedOut> {
     #[cfg(target_os = "linux")]
     {
         let before = resident_bytes()?;
-        trim_c_heap();
         let maps = std::fs::read_to_string("/proc/self/maps")?;
-        let mappings = page_out_program_files(&maps)?;
-        let files = program_files(&maps).into_iter().map(Into::into).collect();
+        let programs = program_files(&maps);
+        let mappings = page_out(&program_file_ranges(&maps, &programs))?;
+        let files = programs.into_iter().map(Into::into).collect();
         Ok(PagedOut { before, after: resident_bytes()?, mappings, files })
     }
     #[cfg(not(target_os = "linux"))]
@@ -86,10 +86,9 @@ fn program_files(maps: &str) -> HashSet<&str> {
     maps.lines().filter_map(parse_mapping).filter(|m| m.perms[2] == b'x').filter_map(|m| m.path).collect()
 }
 
-/// The ranges to page out: read-only mappings (not writable) of [`program_files`], that is,
-/// program code and its read-only data.
-fn program_file_ranges(maps: &str) -> Vec<(usize, usize)> {
-    let programs = program_files(maps);
+/// The ranges to page out: read-only mappings (not writable) of `programs` ([`program_files`]),
+/// that is, program code and its read-only data.
+fn program_file_ranges(maps: &str, programs: &HashSet<&str>) -> Vec<(usize, usize)> {
     maps.lines()
         .filter_map(parse_mapping)
         .filter(|m| m.perms[1] != b'w' && (m.perms[0] == b'r' || m.perms[2] == b'x'))
@@ -98,12 +97,12 @@ fn program_file_ranges(maps: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Advises `MADV_PAGEOUT` on each range of [`program_file_ranges`]; how many took it.
+/// Advises `MADV_PAGEOUT` on each range; how many took it.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn page_out_program_files(maps: &str) -> io::Result<usize> {
+fn page_out(ranges: &[(usize, usize)]) -> io::Result<usize> {
     let (mut done, mut failed) = (0, None);
-    for (start, end) in program_file_ranges(maps) {
+    for &(start, end) in ranges {
         // SAFETY: MADV_PAGEOUT only reclaims pages; their contents stay as they were (read
         // back from the file, or swapped in, when next touched). A range unmapped since the maps
         // were read fails (ENOMEM), or, if something else was mapped there meanwhile, gets the
@@ -145,18 +144,6 @@ pub fn drop_unmapped_cache(paged: &PagedOut) {
     let _ = paged;
 }
 
-/// Returns glibc's free heap to the system where glibc's malloc serves ONNX Runtime (the
-/// `malloc-override` feature off); with it on, mimalloc serves C code too, and each model load
-/// already purges it (`sluice_deployments::onnx::on_memory_released`).
-#[allow(unsafe_code)]
-fn trim_c_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "malloc-override")))]
-    // SAFETY: malloc_trim takes no pointers and may be called from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,7 +165,7 @@ mod tests {
 not a line
 ";
         assert_eq!(
-            program_file_ranges(maps),
+            program_file_ranges(maps, &program_files(maps)),
             [
                 (0x55d0a0000000, 0x55d0a0100000),
                 (0x55d0a0100000, 0x55d0a0900000),
