@@ -257,7 +257,10 @@ impl ReplicaSet {
     /// Starts a replica thread for `backend` and adds it to the set.
     fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), LoadError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = sync_channel(queue_capacity(self.spec.ongoing_limit(), self.spec.max_replicas));
+        // Sized for every replica the set may hold: a spec may start more than its
+        // `max_replicas` (a fixed count set directly), and `scale_to` is not bounded by it.
+        let most = self.spec.max_replicas.max(self.spec.num_replicas).max(self.replicas.load().len() + 1);
+        let (tx, rx) = sync_channel(queue_capacity(self.spec.ongoing_limit(), most));
         // In the set before its thread starts, so its readiness is counted when it comes.
         let cell = Arc::new(ModelCell::new(self.config.policy.clone()));
         self.add_slot(id, Channel::Local(tx, cell.clone()));
@@ -828,11 +831,18 @@ impl Deployment {
             cell.leave(job);
             return Ok(Some(slot.clone()));
         }
-        // A job the queue cannot take is dropped here, with its admission.
-        slot.channel.send(job).map_err(|_| {
-            InferError::unavailable(format!("replica of `{}` cannot take requests now", self.set.spec.name))
-        })?;
-        Ok(None)
+        // A queue that cannot take the job (full: a replica whose model panicked just handed
+        // it what it held) sends it to another ready replica; one no replica can take is
+        // dropped here, with its admission (still counted on the replica first chosen).
+        match slot.channel.send(job) {
+            Ok(()) => Ok(None),
+            Err(job) => self.set.redispatch(job, slot.id).map(|()| None).map_err(|_| {
+                InferError::unavailable(format!(
+                    "replica of `{}` cannot take requests now",
+                    self.set.spec.name
+                ))
+            }),
+        }
     }
 }
 
