@@ -31,6 +31,11 @@ impl Reply {
         self.admission = Some(admission);
     }
 
+    /// What admitting the job took, while the reply holds it.
+    pub fn admission_mut(&mut self) -> Option<&mut crate::deployment::Admission> {
+        self.admission.as_mut()
+    }
+
     /// Sends the answer (given back when its caller has gone), then releases the admission.
     pub fn send(
         self,

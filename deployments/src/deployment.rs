@@ -34,7 +34,8 @@ pub struct DeploymentSpec {
     pub name: String,
     pub version: String,
     pub num_replicas: usize,
-    /// The most replicas the deployment may scale to (sizes replica queues).
+    /// The most replicas the deployment may scale to (sizes replica queues, with the replicas
+    /// it has).
     pub max_replicas: usize,
     /// Batching, admission and deadlines (the config's defaults unless set).
     pub settings: ReplicaSettings,
@@ -200,16 +201,25 @@ impl ReplicaHost for ReplicaSet {
     }
 
     #[allow(clippy::result_large_err)]
-    fn redispatch(&self, job: Job, from: usize) -> Result<(), Job> {
+    fn redispatch(&self, mut job: Job, from: usize) -> Result<(), Job> {
         let replicas = self.replicas.load();
-        let target = replicas
-            .iter()
-            .filter(|r| r.id != from && r.ready.load(Ordering::Acquire))
-            .min_by_key(|r| r.ongoing.load(Ordering::Acquire));
-        match target {
-            Some(r) => r.channel.send(job),
-            None => Err(job),
+        let mut targets: Vec<_> =
+            replicas.iter().filter(|r| r.id != from && r.ready.load(Ordering::Acquire)).collect();
+        targets.sort_by_key(|r| r.ongoing.load(Ordering::Acquire));
+        for r in targets {
+            // Counted on the replica that runs it, so that routing and scaling see where the
+            // load is.
+            count_on(&mut job, r);
+            match r.channel.send(job) {
+                Ok(()) => return Ok(()),
+                Err(back) => job = back,
+            }
         }
+        // Back with the replica that holds it (if it is still in the set).
+        if let Some(r) = replicas.iter().find(|r| r.id == from) {
+            count_on(&mut job, r);
+        }
+        Err(job)
     }
 
     fn is_closed(&self) -> bool {
@@ -220,6 +230,13 @@ impl ReplicaHost for ReplicaSet {
         if let Some(slot) = self.replicas.load().iter().find(|r| r.id == id) {
             slot.models.store(Arc::new(models));
         }
+    }
+}
+
+/// Moves `job`'s count on a replica (its admission's) to `slot`.
+fn count_on(job: &mut Job, slot: &ReplicaSlot) {
+    if let Some(admission) = job.reply.admission_mut() {
+        admission.count_on(slot);
     }
 }
 
@@ -257,8 +274,10 @@ impl ReplicaSet {
     /// Starts a replica thread for `backend` and adds it to the set.
     fn spawn_replica(self: &Arc<Self>, backend: Box<dyn Backend>) -> Result<(), LoadError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Sized for every replica the set may hold: a spec may start more than its
-        // `max_replicas` (a fixed count set directly), and `scale_to` is not bounded by it.
+        // Sized for `max_replicas`, or for the set as it is with this replica when that is
+        // more: a spec may start more replicas than its `max_replicas` (a fixed count set in
+        // code), and `scale_to` is not bounded by it. A queue is not resized when the set grows
+        // later: a job a full queue refuses goes to another ready replica.
         let most = self.spec.max_replicas.max(self.spec.num_replicas).max(self.replicas.load().len() + 1);
         let (tx, rx) = sync_channel(queue_capacity(self.spec.ongoing_limit(), most));
         // In the set before its thread starts, so its readiness is counted when it comes.
@@ -280,16 +299,17 @@ impl ReplicaSet {
 const QUEUE_CAP: usize = 4096;
 
 /// A replica's queue: admission keeps at most the deployment's total of slots in flight (the
-/// replica's own, plus what other replicas hand over when they stop), sized for the largest set
-/// this deployment may grow to, +1 for the stop message; at most `QUEUE_CAP` (or the replica's
+/// replica's own, plus what other replicas hand over when they stop), sized for `replicas`
+/// (the most the deployment may scale to, or the set as it is when larger), +1 for the stop
+/// message; at most `QUEUE_CAP` (or the replica's
 /// own limit when larger): the queue is allocated when the replica starts, and sizing it for
 /// every slot of max_replicas made memory grow with max_replicas squared (2 replicas allowed to
 /// grow to 4,096 of 1,000 slots each took 1,315 MB). A job a full queue refuses goes to another
-/// replica, or is answered 503. Bounded rather than unbounded (a list): the bounded channel
+/// ready replica (each is tried, least loaded first), or is answered 503. Bounded rather than unbounded (a list): the bounded channel
 /// measured about a microsecond less server CPU per request at 64 connections (ten alternating
 /// runs each, medians 15.2 against 16.6 µs).
-fn queue_capacity(ongoing: usize, max_replicas: usize) -> usize {
-    (ongoing * max_replicas.max(1)).min(QUEUE_CAP.max(ongoing)) + 1
+fn queue_capacity(ongoing: usize, replicas: usize) -> usize {
+    (ongoing * replicas.max(1)).min(QUEUE_CAP.max(ongoing)) + 1
 }
 
 /// A running deployment.
@@ -800,8 +820,9 @@ impl Deployment {
         }
     }
 
-    /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones, or
-    /// leaves it with that replica's model (returned) for the caller to run.
+    /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones (or,
+    /// when that replica's queue is full, to another ready one), or leaves it with that
+    /// replica's model (returned) for the caller to run.
     fn dispatch(
         &self,
         mut job: Job,
@@ -821,7 +842,7 @@ impl Deployment {
             None => choose(replicas.len(), two_choices(replicas.len()), load),
         };
         let slot = &replicas[pick];
-        job.reply.hold(Admission { _permit: permit, _ongoing: OngoingGuard::new(slot) });
+        job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(slot) });
         // A cheap call is left with its replica's model for the caller to run on its own thread
         // (see `ModelCell`): no hand-off to the replica's thread and back.
         if let (Channel::Local(_, cell), Some(under)) = (&slot.channel, self.inline_under)
@@ -832,8 +853,8 @@ impl Deployment {
             return Ok(Some(slot.clone()));
         }
         // A queue that cannot take the job (full: a replica whose model panicked just handed
-        // it what it held) sends it to another ready replica; one no replica can take is
-        // dropped here, with its admission (still counted on the replica first chosen).
+        // it what it held) sends it to another ready replica, counted there; one no replica
+        // can take is dropped here, with its admission.
         match slot.channel.send(job) {
             Ok(()) => Ok(None),
             Err(job) => self.set.redispatch(job, slot.id).map(|()| None).map_err(|_| {
@@ -1018,7 +1039,16 @@ impl std::future::Future for YieldOnce {
 /// released with it.
 pub struct Admission {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _ongoing: OngoingGuard,
+    ongoing: OngoingGuard,
+}
+
+impl Admission {
+    /// Moves its count to `slot` (a job handed to another replica).
+    fn count_on(&mut self, slot: &ReplicaSlot) {
+        if !Arc::ptr_eq(&self.ongoing.ongoing, &slot.ongoing) {
+            self.ongoing = OngoingGuard::new(slot);
+        }
+    }
 }
 
 /// A job its caller left with a replica's model and has not run yet: taken out of `pending`
@@ -1223,6 +1253,66 @@ mod tests {
             set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new(BatchPolicy::default()))));
         }
         set
+    }
+
+    /// A job handed to another replica (its queue full, or its model panicked) is counted on
+    /// the replica that takes it, so that routing and scaling see where the load is; each ready
+    /// replica is tried, least loaded first; a job none can take comes back counted on the
+    /// replica that holds it.
+    #[test]
+    fn a_handed_on_job_is_counted_on_the_replica_that_takes_it() {
+        use std::sync::mpsc::TryRecvError;
+
+        use super::{Admission, Msg, OngoingGuard};
+        let set = set_of(0);
+        let mut queues = Vec::new();
+        for id in 0..3 {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new(BatchPolicy::default()))));
+            queues.push(rx);
+        }
+        let slots = set.replicas.load_full();
+        slots.iter().for_each(|r| r.ready.store(true, Ordering::SeqCst));
+        let ongoing = || slots.iter().map(|r| r.ongoing.load(Ordering::SeqCst)).collect::<Vec<_>>();
+        let fill = |i: usize| {
+            let Channel::Local(tx, _) = &slots[i].channel else { unreachable!("a local replica") };
+            tx.try_send(Msg::Stop).unwrap();
+        };
+        set.permits.add_permits(1);
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let now = std::time::Instant::now();
+        let mut job = crate::batch::Job {
+            inputs: Vec::new(),
+            outputs: Arc::from([]),
+            rows: 1,
+            deadline: now + std::time::Duration::from_secs(60),
+            admitted: now,
+            arrived: now,
+            reply: crate::batch::Reply::new(reply),
+            span: tracing::Span::none(),
+            model: None,
+        };
+        let permit = set.permits.clone().try_acquire_owned().unwrap();
+        job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(&slots[0]) });
+        assert_eq!(ongoing(), [1, 0, 0]);
+
+        // Replica 1 (least loaded, first in order) cannot take it: replica 2 does.
+        fill(1);
+        assert!(set.redispatch(job, 0).is_ok());
+        assert_eq!(ongoing(), [0, 0, 1], "counted where it went");
+        let Ok(Msg::Job(job)) = queues[2].try_recv() else { panic!("replica 2 holds the job") };
+
+        // No other replica can take it: it comes back, counted on the one that holds it.
+        fill(0);
+        let Err(job) = set.redispatch(job, 2) else { panic!("every other queue is full") };
+        assert_eq!(ongoing(), [0, 0, 1]);
+        assert!(
+            matches!(queues[0].try_recv(), Ok(Msg::Stop)) && matches!(queues[1].try_recv(), Ok(Msg::Stop))
+        );
+        assert!(matches!(queues[2].try_recv(), Err(TryRecvError::Empty)), "nothing sent twice");
+        drop(job);
+        assert_eq!(ongoing(), [0, 0, 0], "released with the job");
+        assert_eq!(set.permits.available_permits(), 1);
     }
 
     /// Replicas warm up on their own threads and report ready at about the same time. The

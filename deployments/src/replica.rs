@@ -232,9 +232,10 @@ impl ModelCell {
 pub(crate) trait ReplicaHost: Send + Sync + 'static {
     /// Replica `id` is ready (loaded and warmed) or no longer is.
     fn set_ready(&self, id: usize, ready: bool);
-    /// Hands a job to another ready replica than `from`; gives it back when there is none.
-    /// (The job itself comes back so that nothing accepted is lost; this is the cold path of a
-    /// replica whose model panicked, so its size does not matter.)
+    /// Hands a job to another ready replica than `from` (each is tried, least loaded first),
+    /// counted there; gives it back, counted on `from`, when none takes it. (The job itself
+    /// comes back so that nothing accepted is lost; this is the cold path of a replica whose
+    /// model panicked or a queue that was full, so its size does not matter.)
     #[allow(clippy::result_large_err)]
     fn redispatch(&self, job: Job, from: usize) -> Result<(), Job>;
     /// True once the deployment is gone: a failing replica then stops instead of coming back.

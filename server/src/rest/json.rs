@@ -183,7 +183,18 @@ impl Flatten<'_> {
             {
                 return Err(E::custom(format!("{v} is out of range for {}", self.dtype)));
             }
-            // `1.0`, `1e2` or `-0`: a whole number, written as JSON writes a float.
+            // JSON's negative zero, which the reader takes for a float.
+            _ if self.dtype.byte_size().is_some()
+                && self.dtype != DataType::Bool
+                && v == 0.0
+                && v.is_sign_negative() =>
+            {
+                return Err(E::custom(format!(
+                    "-0 is read as a float; {} needs an integer: send 0",
+                    self.dtype
+                )));
+            }
+            // `1.0` or `1e2`: a whole number, written as JSON writes a float.
             _ if self.dtype.byte_size().is_some() && self.dtype != DataType::Bool && v.fract() == 0.0 => {
                 return Err(E::custom(format!(
                     "{v} is written with a fraction or an exponent; {} needs an integer written without either",
@@ -515,10 +526,12 @@ mod tests {
         let e = decode(DataType::Int32, vec![1], "[1.5]").unwrap_err();
         assert!(e.message.contains("not an integer"), "{e}");
         // A whole number written as a float is named as such, not as "not an integer".
-        for json in ["[1.0]", "[1e2]", "[-0]"] {
+        for json in ["[1.0]", "[1e2]", "[0.0]"] {
             let e = decode(DataType::Int32, vec![1], json).unwrap_err();
             assert!(e.message.contains("written with a fraction or an exponent; INT32 needs"), "{json}: {e}");
         }
+        let e = decode(DataType::Int32, vec![1], "[-0]").unwrap_err();
+        assert!(e.message.contains("-0 is read as a float; INT32 needs an integer: send 0"), "{e}");
         // Beyond 64 bits serde_json reads a float: still named out of range, not "not an integer".
         let e = decode(DataType::Uint64, vec![1], "[18446744073709551616]").unwrap_err();
         assert!(e.message.contains("is out of range for UINT64"), "{e}");
