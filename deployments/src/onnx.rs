@@ -30,6 +30,21 @@ pub fn on_memory_released(purge: fn()) {
     let _ = RELEASE.set(purge);
 }
 
+/// What runs after a session build: what [`AroundBuild`] returned before it.
+pub type AfterBuild = Box<dyn FnOnce() + Send>;
+
+/// What runs before each session build; see [`around_session_builds`].
+pub type AroundBuild = fn() -> AfterBuild;
+
+static AROUND_BUILD: OnceLock<AroundBuild> = OnceLock::new();
+
+/// Sets what runs around building each session: `before` is called first, and the closure it
+/// returns once the session is built or has failed to be. The server passes the release of the
+/// code that only building touched (`release_startup_memory`). The first call wins.
+pub fn around_session_builds(before: AroundBuild) {
+    let _ = AROUND_BUILD.set(before);
+}
+
 fn memory_released() {
     if let Some(purge) = RELEASE.get() {
         purge();
@@ -138,6 +153,7 @@ impl OnnxBackend {
         let env = environment()?;
         let fail =
             |e: &dyn std::fmt::Display| LoadError::Model { path: path.to_path_buf(), message: e.to_string() };
+        let built = AROUND_BUILD.get().map(|before| before());
         let session = Session::builder(env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(options.intra_op_threads)?))
@@ -157,6 +173,9 @@ impl OnnxBackend {
                 Ok(b)
             })
             .and_then(|mut b| b.commit_from_file(path));
+        if let Some(after) = built {
+            after();
+        }
         // Building a session, or failing to, frees the parsed model file.
         memory_released();
         let session = session.map_err(|e| fail(&e))?;

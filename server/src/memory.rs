@@ -48,6 +48,119 @@ pub fn page_out_code() -> io::Result<PagedOut> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "paging out code needs Linux"))
 }
 
+/// Turns on the release after each later model load: from now on, each ONNX Runtime session
+/// build (a model deployed, a version loaded from the repository, a replica added or replaced)
+/// runs inside [`around_session_build`]. The server calls it at the end of its start-up
+/// release, so only where `release_startup_memory` is on.
+pub fn release_after_loads() {
+    sluice_deployments::onnx::around_session_builds(around_session_build);
+}
+
+/// Notes which pages of the program files the process has mapped now, and returns what pages
+/// out, once the session is built, the ones the build added: ONNX Runtime's session-building
+/// code, which requests do not run (about 5 MB of its library per deploy, measured). Pages that
+/// were mapped before stay, so the code serving requests meanwhile is not paged out with them,
+/// except what a request ran for the first time during the build (read back when run again).
+/// Does nothing where the pages cannot be read.
+fn around_session_build() -> sluice_deployments::onnx::AfterBuild {
+    let Ok(before) = CodePages::now() else { return Box::new(|| {}) };
+    Box::new(move || match page_out_added(&before) {
+        Ok(bytes) => tracing::debug!("paged out {} KiB of code a model load touched", bytes / 1024),
+        Err(e) => tracing::debug!("cannot page out what a model load touched: {e}"),
+    })
+}
+
+/// Which pages of the program files' read-only mappings ([`program_file_ranges`]) are mapped
+/// in this process: each range with one flag per page.
+pub struct CodePages {
+    ranges: Vec<(usize, usize, Vec<bool>)>,
+}
+
+impl CodePages {
+    /// The mapped pages now (`/proc/self/pagemap`'s present bit).
+    pub fn now() -> io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            let maps = std::fs::read_to_string("/proc/self/maps")?;
+            let programs = program_files(&maps);
+            let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+            let ranges = program_file_ranges(&maps, &programs)
+                .into_iter()
+                .map(|(start, end)| Ok((start, end, present_pages(&pagemap, start, end)?)))
+                .collect::<io::Result<_>>()?;
+            Ok(Self { ranges })
+        }
+        #[cfg(not(target_os = "linux"))]
+        Err(io::Error::new(io::ErrorKind::Unsupported, "reading mapped pages needs Linux"))
+    }
+
+    /// Pages mapped in total (for tests and logs).
+    pub fn mapped(&self) -> usize {
+        self.ranges.iter().map(|(_, _, p)| p.iter().filter(|&&p| p).count()).sum()
+    }
+}
+
+/// Pages out the pages of the program files' read-only mappings that are mapped now and were
+/// not in `before`; the bytes advised.
+pub fn page_out_added(before: &CodePages) -> io::Result<usize> {
+    let now = CodePages::now()?;
+    let page = page_size();
+    let mut runs = Vec::new();
+    for (start, end, mapped) in &now.ranges {
+        let was = before.ranges.iter().find(|(s, e, _)| s == start && e == end).map(|(_, _, p)| &p[..]);
+        runs.extend(added_runs(*start, page, mapped, was));
+    }
+    let bytes = runs.iter().map(|(s, e)| e - s).sum();
+    #[cfg(target_os = "linux")]
+    if !runs.is_empty() {
+        page_out(&runs)?;
+    }
+    Ok(bytes)
+}
+
+/// The address ranges of the pages mapped in `now` and not in `was` (a range not there before:
+/// every mapped page), pages of `page` bytes from `start`, adjacent pages joined.
+fn added_runs(start: usize, page: usize, now: &[bool], was: Option<&[bool]>) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut from = None;
+    for (i, &mapped) in now.iter().enumerate() {
+        let added = mapped && !was.and_then(|w| w.get(i)).copied().unwrap_or(false);
+        match (added, from) {
+            (true, None) => from = Some(i),
+            (false, Some(f)) => {
+                runs.push((start + f * page, start + i * page));
+                from = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(f) = from {
+        runs.push((start + f * page, start + now.len() * page));
+    }
+    runs
+}
+
+fn page_size() -> usize {
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(unix))]
+    let size = 4096;
+    usize::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+/// One flag per page of `[start, end)`: mapped in this process (the present bit of its
+/// `/proc/self/pagemap` entry).
+#[cfg(target_os = "linux")]
+fn present_pages(pagemap: &std::fs::File, start: usize, end: usize) -> io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let page = page_size();
+    let mut entries = vec![0u8; (end - start) / page * 8];
+    pagemap.read_exact_at(&mut entries, (start / page * 8) as u64)?;
+    Ok(entries.chunks_exact(8).map(|e| e[7] & 0x80 != 0).collect())
+}
+
 /// The process's resident set (`VmRSS` of `/proc/self/status`) in bytes; an error where there
 /// is no `/proc` (elsewhere than Linux).
 pub fn resident_bytes() -> io::Result<u64> {
@@ -147,6 +260,34 @@ pub fn drop_unmapped_cache(paged: &PagedOut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pages_mapped_since_a_snapshot_are_the_ones_paged_out() {
+        let page = 4096;
+        let now = [true, true, false, true, true, true, false];
+        let was = [true, false, false, false, true, false, false];
+        let at = |i: usize| 0x10_0000 + i * page;
+        assert_eq!(
+            added_runs(at(0), page, &now, Some(&was)),
+            vec![(at(1), at(2)), (at(3), at(4)), (at(5), at(6))],
+            "pages mapped before stay"
+        );
+        // A range not mapped before: every mapped page, adjacent ones as one range.
+        assert_eq!(added_runs(at(0), page, &now, None), vec![(at(0), at(2)), (at(3), at(6))]);
+        // A run at the end of the range ends with it.
+        assert_eq!(added_runs(at(0), page, &[false, true], Some(&[false, false])), vec![(at(1), at(2))]);
+        assert_eq!(added_runs(at(0), page, &[true, false], Some(&[true, false])), vec![]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_mapped_code_of_this_process_is_read_and_nothing_added_is_nothing_paged_out() {
+        let before = CodePages::now().unwrap();
+        assert!(before.mapped() > 0, "this test's own code runs");
+        // Whatever this thread maps between the two readings is little next to what it has.
+        let bytes = page_out_added(&before).unwrap();
+        assert!(bytes < before.mapped() * page_size() / 2, "{bytes} bytes of {} pages", before.mapped());
+    }
 
     #[test]
     fn the_read_only_mappings_of_program_files_are_paged_out() {

@@ -87,6 +87,8 @@ impl Server {
                 .filter(|d| d.warm_again())
                 .count();
             crate::memory::drop_unmapped_cache(&paged);
+            // Models loaded from now on hand back what their load touched too.
+            crate::memory::release_after_loads();
             Ok((crate::memory::PagedOut { after: crate::memory::resident_bytes()?, ..paged }, warmed))
         };
         tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?

@@ -449,6 +449,59 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     assert!(log.contains("released start-up memory: resident"), "{log}");
 }
 
+/// After the start-up release, a model loaded later (here deployed through the admin API) hands
+/// back the code building its session touched: about 5 MB of ONNX Runtime's library per
+/// deploy stayed resident before. The server loads its own copy of the library, as above.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_model_deployed_later_hands_back_the_code_its_load_touched() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memory-ort");
+    std::fs::create_dir_all(&dir).unwrap();
+    let app =
+        "applications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n";
+    let first = write_config("memory-deploy-1.yaml", app);
+    let second = write_config(
+        "memory-deploy-2.yaml",
+        &format!("{app}      - {{name: mlp, model: MODELS/mlp/model.onnx, num_replicas: 2}}\n"),
+    );
+    let library = dir.join(format!("libonnxruntime-deploy-{}.so", std::process::id()));
+    std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &library).unwrap();
+    std::fs::File::open(&library).unwrap().sync_all().unwrap();
+    let s = Running::start_env(&first, &[("ORT_DYLIB_PATH", library.to_str().unwrap())]);
+    let resident = || resident_kib_of(s.child.id(), &library);
+    // The start-up release runs once every deployment is ready: wait until the library's
+    // resident pages have fallen (about 19 MB before, 4 after) and stay put.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut started = resident();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = resident();
+        if (now < 10_000 && now == started) || Instant::now() > until {
+            break;
+        }
+        started = now;
+    }
+    assert!(started < 10_000, "the start-up release ran: {started} kB of the library resident");
+
+    let (code, out, err) = s.cli(&["deploy", second.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let deployed = resident();
+    let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,8],"data":[0,0,0,0,0,0,0,0]}]}"#;
+    let (status, out) = post(&s.url("/v2/models/mlp/infer"), body, None);
+    assert_eq!(status, 200, "{out}");
+    let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
+    assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
+    let (status, log) = s.terminate();
+    let _ = std::fs::remove_file(&library);
+    assert!(status.success(), "{status:?}: {log}");
+    // Two sessions built (one per replica), each paged out what it added; the warm-ups read
+    // back what the new model's calls run.
+    assert!(
+        deployed < started + 2_500,
+        "ONNX Runtime's library resident: {started} kB before the deploy, {deployed} kB after"
+    );
+}
+
 /// Starts `command` and returns what it logged up to its first line containing `needle`
 /// (60 s at most), then ends it.
 fn logged_until(command: &mut Command, needle: &str) -> String {
