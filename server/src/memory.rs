@@ -94,6 +94,14 @@ impl CodePages {
         Err(io::Error::new(io::ErrorKind::Unsupported, "reading mapped pages needs Linux"))
     }
 
+    /// Whether the page at `at` was mapped (false where no range of these holds it).
+    fn mapped_at(&self, at: usize, page: usize) -> bool {
+        self.ranges
+            .iter()
+            .find(|(start, end, _)| (*start..*end).contains(&at))
+            .is_some_and(|(start, _, mapped)| mapped.get((at - start) / page).copied().unwrap_or(false))
+    }
+
     /// Pages mapped in total (for tests and logs).
     pub fn mapped(&self) -> usize {
         self.ranges.iter().map(|(_, _, p)| p.iter().filter(|&&p| p).count()).sum()
@@ -107,8 +115,10 @@ pub fn page_out_added(before: &CodePages) -> io::Result<usize> {
     let page = page_size();
     let mut runs = Vec::new();
     for (start, end, mapped) in &now.ranges {
-        let was = before.ranges.iter().find(|(s, e, _)| s == start && e == end).map(|(_, _, p)| &p[..]);
-        runs.extend(added_runs(*start, page, mapped, was));
+        // Looked up by address, so that a mapping split, merged or resized since is compared
+        // page by page too.
+        let was: Vec<bool> = (*start..*end).step_by(page).map(|at| before.mapped_at(at, page)).collect();
+        runs.extend(added_runs(*start, page, mapped, Some(&was)));
     }
     let bytes = runs.iter().map(|(s, e)| e - s).sum();
     #[cfg(target_os = "linux")]
@@ -118,8 +128,8 @@ pub fn page_out_added(before: &CodePages) -> io::Result<usize> {
     Ok(bytes)
 }
 
-/// The address ranges of the pages mapped in `now` and not in `was` (a range not there before:
-/// every mapped page), pages of `page` bytes from `start`, adjacent pages joined.
+/// The address ranges of the pages mapped in `now` and not in `was` (none of `was`: every
+/// mapped page), pages of `page` bytes from `start`, adjacent pages joined.
 fn added_runs(start: usize, page: usize, now: &[bool], was: Option<&[bool]>) -> Vec<(usize, usize)> {
     let mut runs = Vec::new();
     let mut from = None;
@@ -158,7 +168,11 @@ fn present_pages(pagemap: &std::fs::File, start: usize, end: usize) -> io::Resul
     let page = page_size();
     let mut entries = vec![0u8; (end - start) / page * 8];
     pagemap.read_exact_at(&mut entries, (start / page * 8) as u64)?;
-    Ok(entries.chunks_exact(8).map(|e| e[7] & 0x80 != 0).collect())
+    // Entries are 64-bit words in the machine's byte order; bit 63 is "present".
+    Ok(entries
+        .chunks_exact(8)
+        .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or_default()) >> 63 == 1)
+        .collect())
 }
 
 /// The process's resident set (`VmRSS` of `/proc/self/status`) in bytes; an error where there
@@ -281,12 +295,17 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_mapped_code_of_this_process_is_read_and_nothing_added_is_nothing_paged_out() {
+    fn the_mapped_code_of_this_process_is_read_and_compared_page_by_page() {
         let before = CodePages::now().unwrap();
         assert!(before.mapped() > 0, "this test's own code runs");
-        // Whatever this thread maps between the two readings is little next to what it has.
-        let bytes = page_out_added(&before).unwrap();
-        assert!(bytes < before.mapped() * page_size() / 2, "{bytes} bytes of {} pages", before.mapped());
+        let page = page_size();
+        let (start, _, mapped) = before.ranges.iter().find(|(_, _, m)| m.contains(&true)).unwrap();
+        let i = mapped.iter().position(|&m| m).unwrap();
+        assert!(before.mapped_at(start + i * page, page));
+        assert!(before.mapped_at(start + i * page + page / 2, page), "any address in the page");
+        assert!(!before.mapped_at(0, page), "no mapping there");
+        // What other tests' threads map meanwhile may be paged out; that is all.
+        page_out_added(&before).unwrap();
     }
 
     #[test]
