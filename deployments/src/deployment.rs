@@ -1150,6 +1150,24 @@ mod tests {
         }
     }
 
+    /// A job of no inputs, answered on `reply`, due in a minute.
+    fn empty_job(
+        reply: tokio::sync::oneshot::Sender<Result<Vec<crate::NamedTensor>, crate::InferError>>,
+    ) -> crate::batch::Job {
+        let now = std::time::Instant::now();
+        crate::batch::Job {
+            inputs: Vec::new(),
+            outputs: Arc::from([]),
+            rows: 1,
+            deadline: now + std::time::Duration::from_secs(60),
+            admitted: now,
+            arrived: now,
+            reply: crate::batch::Reply::new(reply),
+            span: tracing::Span::none(),
+            model: None,
+        }
+    }
+
     /// Dropping a deployment ends its replica threads even when a replica's queue is full, so
     /// that the stop message is not delivered: the queue reports its sender gone once the
     /// replica has served what it holds.
@@ -1177,18 +1195,7 @@ mod tests {
         let mut job = || {
             let (reply, answer) = tokio::sync::oneshot::channel();
             callers.push(answer);
-            let now = std::time::Instant::now();
-            crate::batch::Job {
-                inputs: Vec::new(),
-                outputs: Arc::from([]),
-                rows: 1,
-                deadline: now + std::time::Duration::from_secs(60),
-                admitted: now,
-                arrived: now,
-                reply: crate::batch::Reply::new(reply),
-                span: tracing::Span::none(),
-                model: None,
-            }
+            empty_job(reply)
         };
         // One job runs (held at the gate), then the queue fills up.
         tx.send(super::Msg::Job(job())).unwrap();
@@ -1280,18 +1287,7 @@ mod tests {
         };
         set.permits.add_permits(1);
         let (reply, _answer) = tokio::sync::oneshot::channel();
-        let now = std::time::Instant::now();
-        let mut job = crate::batch::Job {
-            inputs: Vec::new(),
-            outputs: Arc::from([]),
-            rows: 1,
-            deadline: now + std::time::Duration::from_secs(60),
-            admitted: now,
-            arrived: now,
-            reply: crate::batch::Reply::new(reply),
-            span: tracing::Span::none(),
-            model: None,
-        };
+        let mut job = empty_job(reply);
         let permit = set.permits.clone().try_acquire_owned().unwrap();
         job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(&slots[0]) });
         assert_eq!(ongoing(), [1, 0, 0]);
