@@ -38,10 +38,8 @@ pub fn page_out_code() -> io::Result<PagedOut> {
     #[cfg(target_os = "linux")]
     {
         let before = resident_bytes()?;
-        let maps = std::fs::read_to_string("/proc/self/maps")?;
-        let programs = program_files(&maps);
-        let mappings = page_out(&program_file_ranges(&maps, &programs))?;
-        let files = programs.into_iter().map(Into::into).collect();
+        let (files, ranges) = program_mappings()?;
+        let mappings = page_out(&ranges)?;
         Ok(PagedOut { before, after: resident_bytes()?, mappings, files })
     }
     #[cfg(not(target_os = "linux"))]
@@ -81,10 +79,9 @@ impl CodePages {
     pub fn now() -> io::Result<Self> {
         #[cfg(target_os = "linux")]
         {
-            let maps = std::fs::read_to_string("/proc/self/maps")?;
-            let programs = program_files(&maps);
             let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-            let ranges = program_file_ranges(&maps, &programs)
+            let ranges = program_mappings()?
+                .1
                 .into_iter()
                 .map(|(start, end)| Ok((start, end, present_pages(&pagemap, start, end)?)))
                 .collect::<io::Result<_>>()?;
@@ -118,7 +115,7 @@ pub fn page_out_added(before: &CodePages) -> io::Result<usize> {
         // Looked up by address, so that a mapping split, merged or resized since is compared
         // page by page too.
         let was: Vec<bool> = (*start..*end).step_by(page).map(|at| before.mapped_at(at, page)).collect();
-        runs.extend(added_runs(*start, page, mapped, Some(&was)));
+        runs.extend(added_runs(*start, page, mapped, &was));
     }
     let bytes = runs.iter().map(|(s, e)| e - s).sum();
     #[cfg(target_os = "linux")]
@@ -128,13 +125,13 @@ pub fn page_out_added(before: &CodePages) -> io::Result<usize> {
     Ok(bytes)
 }
 
-/// The address ranges of the pages mapped in `now` and not in `was` (none of `was`: every
-/// mapped page), pages of `page` bytes from `start`, adjacent pages joined.
-fn added_runs(start: usize, page: usize, now: &[bool], was: Option<&[bool]>) -> Vec<(usize, usize)> {
+/// The address ranges of the pages mapped in `now` and not in `was`, pages of `page` bytes
+/// from `start`, adjacent pages joined.
+fn added_runs(start: usize, page: usize, now: &[bool], was: &[bool]) -> Vec<(usize, usize)> {
     let mut runs = Vec::new();
     let mut from = None;
     for (i, &mapped) in now.iter().enumerate() {
-        let added = mapped && !was.and_then(|w| w.get(i)).copied().unwrap_or(false);
+        let added = mapped && !was.get(i).copied().unwrap_or(false);
         match (added, from) {
             (true, None) => from = Some(i),
             (false, Some(f)) => {
@@ -206,6 +203,20 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     let path = fields.nth(3).map(str::trim).filter(|p| p.starts_with('/'));
     let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
     (end > start && perms.len() >= 3).then_some(Mapping { start, end, perms, path })
+}
+
+/// An address range, start and end.
+#[cfg(target_os = "linux")]
+type Range = (usize, usize);
+
+/// The program files the process maps ([`program_files`]) and the ranges of their read-only
+/// mappings ([`program_file_ranges`]), from one reading of `/proc/self/maps`.
+#[cfg(target_os = "linux")]
+fn program_mappings() -> io::Result<(Vec<std::path::PathBuf>, Vec<Range>)> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let programs = program_files(&maps);
+    let ranges = program_file_ranges(&maps, &programs);
+    Ok((programs.into_iter().map(Into::into).collect(), ranges))
 }
 
 /// The files some mapping of the process executes: its binary and shared libraries.
@@ -282,15 +293,15 @@ mod tests {
         let was = [true, false, false, false, true, false, false];
         let at = |i: usize| 0x10_0000 + i * page;
         assert_eq!(
-            added_runs(at(0), page, &now, Some(&was)),
+            added_runs(at(0), page, &now, &was),
             vec![(at(1), at(2)), (at(3), at(4)), (at(5), at(6))],
             "pages mapped before stay"
         );
-        // A range not mapped before: every mapped page, adjacent ones as one range.
-        assert_eq!(added_runs(at(0), page, &now, None), vec![(at(0), at(2)), (at(3), at(6))]);
+        // Nothing mapped before: every mapped page, adjacent ones as one range.
+        assert_eq!(added_runs(at(0), page, &now, &[false; 7]), vec![(at(0), at(2)), (at(3), at(6))]);
         // A run at the end of the range ends with it.
-        assert_eq!(added_runs(at(0), page, &[false, true], Some(&[false, false])), vec![(at(1), at(2))]);
-        assert_eq!(added_runs(at(0), page, &[true, false], Some(&[true, false])), vec![]);
+        assert_eq!(added_runs(at(0), page, &[false, true], &[false, false]), vec![(at(1), at(2))]);
+        assert_eq!(added_runs(at(0), page, &[true, false], &[true, false]), vec![]);
     }
 
     #[cfg(target_os = "linux")]
