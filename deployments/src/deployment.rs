@@ -205,7 +205,10 @@ impl ReplicaHost for ReplicaSet {
         let replicas = self.replicas.load();
         let mut targets: Vec<_> =
             replicas.iter().filter(|r| r.id != from && r.ready.load(Ordering::Acquire)).collect();
-        targets.sort_by_key(|r| r.ongoing.load(Ordering::Acquire));
+        // A multiplexed job goes to a replica holding its model first (as `dispatch` chooses),
+        // so that it is not loaded again while a holder has room; then the least loaded.
+        let holds = |r: &ReplicaSlot| job.model.as_deref().is_some_and(|m| self.has_room_with(r, m));
+        targets.sort_by_key(|r| (!holds(r), r.ongoing.load(Ordering::Acquire)));
         for r in targets {
             // Counted on the replica that runs it, so that routing and scaling see where the
             // load is.
@@ -241,6 +244,14 @@ fn count_on(job: &mut Job, slot: &ReplicaSlot) {
 }
 
 impl ReplicaSet {
+    /// Whether `slot` holds `model` and has room for it (fewer ongoing requests than
+    /// `max_ongoing_requests`): a saturated holder lets any replica load the model (Ray
+    /// Serve's policy).
+    fn has_room_with(&self, slot: &ReplicaSlot, model: &str) -> bool {
+        slot.ongoing.load(Ordering::Acquire) < self.spec.ongoing_limit()
+            && slot.models.load().iter().any(|m| &**m == model)
+    }
+
     /// Publishes how many replicas are ready (metric and readiness watchers). Replica threads
     /// call this concurrently, so the count is taken under the watch's lock: counted outside
     /// it, a smaller count taken first could be published last and stay (a lost update that
@@ -875,13 +886,11 @@ impl Deployment {
     /// The least loaded ready replica holding `model`, unless every holder is saturated
     /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy).
     fn holder(&self, replicas: &[Arc<ReplicaSlot>], model: &str) -> Option<usize> {
-        let limit = self.set.spec.ongoing_limit();
         replicas
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.ready.load(Ordering::Acquire) && r.models.load().iter().any(|m| &**m == model))
+            .filter(|(_, r)| r.ready.load(Ordering::Acquire) && self.set.has_room_with(r, model))
             .map(|(i, r)| (r.ongoing.load(Ordering::Acquire), i))
-            .filter(|&(ongoing, _)| ongoing < limit)
             .min()
             .map(|(_, i)| i)
     }
@@ -1309,6 +1318,48 @@ mod tests {
         drop(job);
         assert_eq!(ongoing(), [0, 0, 0], "released with the job");
         assert_eq!(set.permits.available_permits(), 1);
+    }
+
+    /// A multiplexed job handed on (a full queue, a panicked or stopped replica) goes to a
+    /// replica holding its model while one has room, as `dispatch` chooses, even when another
+    /// is less loaded; with every holder saturated, to the least loaded.
+    #[test]
+    fn a_handed_on_multiplexed_job_goes_to_a_replica_holding_its_model() {
+        use super::Msg;
+        let set = set_of(0);
+        let mut queues = Vec::new();
+        for id in 0..3 {
+            let (tx, rx) = std::sync::mpsc::sync_channel(4);
+            set.add_slot(id, Channel::Local(tx, Arc::new(ModelCell::new(BatchPolicy::default()))));
+            queues.push(rx);
+        }
+        let slots = set.replicas.load_full();
+        slots.iter().for_each(|r| r.ready.store(true, Ordering::SeqCst));
+        slots[2].models.store(Arc::new(vec![Arc::from("b")]));
+        // Busier than replica 1, below the limit.
+        slots[2].ongoing.store(1, Ordering::SeqCst);
+        let job_for = |model: &str| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let mut job = empty_job(reply);
+            job.model = Some(Arc::from(model));
+            (job, answer)
+        };
+        let (job, _answer) = job_for("b");
+        assert!(set.redispatch(job, 0).is_ok());
+        assert!(matches!(queues[2].try_recv(), Ok(Msg::Job(_))), "the replica holding `b` took it");
+        assert!(queues[1].try_recv().is_err());
+
+        // A model no replica holds: the least loaded.
+        let (job, _answer) = job_for("c");
+        assert!(set.redispatch(job, 0).is_ok());
+        assert!(matches!(queues[1].try_recv(), Ok(Msg::Job(_))), "the least loaded took it");
+
+        // The holder saturated: the least loaded, which will load the model.
+        slots[2].ongoing.store(set.spec.ongoing_limit(), Ordering::SeqCst);
+        let (job, _answer) = job_for("b");
+        assert!(set.redispatch(job, 0).is_ok());
+        assert!(matches!(queues[1].try_recv(), Ok(Msg::Job(_))), "the least loaded took it");
+        assert!(queues[2].try_recv().is_err());
     }
 
     /// Replicas warm up on their own threads and report ready at about the same time. The
