@@ -384,6 +384,40 @@ fn cached_kib(file: &std::path::Path) -> u64 {
     resident.iter().filter(|&&r| r & 1 == 1).count() as u64 * page as u64 / 1024
 }
 
+/// A private copy of ONNX Runtime's library for one server (see below), removed when dropped,
+/// also when an assertion fails first.
+#[cfg(target_os = "linux")]
+struct LibraryCopy(PathBuf);
+
+#[cfg(target_os = "linux")]
+impl LibraryCopy {
+    fn new(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memory-ort");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Named by this test process too: another run's server may still map its own copy.
+        let path = dir.join(format!("libonnxruntime-{name}-{}.so", std::process::id()));
+        std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &path).unwrap();
+        // Written back first: the kernel does not page out pages still to be written.
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        Self(path)
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl std::ops::Deref for LibraryCopy {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for LibraryCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `release_startup_memory` (on by default) pages out the code only loading ran: most of ONNX
 /// Runtime's library, which registering its kernels touched, and drops it from the page cache
 /// (the machine's memory, not only the process's count). With the key false, the pages stay.
@@ -394,8 +428,6 @@ fn cached_kib(file: &std::path::Path) -> u64 {
 #[cfg(target_os = "linux")]
 #[test]
 fn release_startup_memory_pages_out_what_loading_touched() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memory-ort");
-    std::fs::create_dir_all(&dir).unwrap();
     let serve = |name: &str, key: &str| {
         let config = write_config(
             &format!("memory-{name}.yaml"),
@@ -403,11 +435,7 @@ fn release_startup_memory_pages_out_what_loading_touched() {
                 "{key}applications:\n  - name: a\n    deployments:\n      - {{name: iris, model: MODELS/iris/model.onnx}}\n"
             ),
         );
-        // Named by this test process too: another run's server may still map its own copy.
-        let library = dir.join(format!("libonnxruntime-{name}-{}.so", std::process::id()));
-        std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &library).unwrap();
-        // Written back first: the kernel does not page out pages still to be written.
-        std::fs::File::open(&library).unwrap().sync_all().unwrap();
+        let library = LibraryCopy::new(name);
         let s = Running::start_env(&config, &[("ORT_DYLIB_PATH", library.to_str().unwrap())]);
         (s, library)
     };
@@ -418,7 +446,7 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     let (status, out) = post(&kept.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
     let (status, log) = kept.terminate();
-    let _ = std::fs::remove_file(&library);
+    drop(library);
     assert!(status.success(), "{status:?}: {log}");
     assert!(!log.contains("released start-up memory"), "{log}");
 
@@ -444,7 +472,7 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     let (status, out) = post(&released.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
     let (status, log) = released.terminate();
-    let _ = std::fs::remove_file(&library);
+    drop(library);
     assert!(status.success(), "{status:?}: {log}");
     assert!(log.contains("released start-up memory: resident"), "{log}");
 }
@@ -455,8 +483,6 @@ fn release_startup_memory_pages_out_what_loading_touched() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_model_deployed_later_hands_back_the_code_its_load_touched() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memory-ort");
-    std::fs::create_dir_all(&dir).unwrap();
     let app =
         "applications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n";
     let first = write_config("memory-deploy-1.yaml", app);
@@ -464,9 +490,7 @@ fn a_model_deployed_later_hands_back_the_code_its_load_touched() {
         "memory-deploy-2.yaml",
         &format!("{app}      - {{name: mlp, model: MODELS/mlp/model.onnx, num_replicas: 2}}\n"),
     );
-    let library = dir.join(format!("libonnxruntime-deploy-{}.so", std::process::id()));
-    std::fs::copy(std::env::var("ORT_DYLIB_PATH").unwrap(), &library).unwrap();
-    std::fs::File::open(&library).unwrap().sync_all().unwrap();
+    let library = LibraryCopy::new("deploy");
     let s = Running::start_env(&first, &[("ORT_DYLIB_PATH", library.to_str().unwrap())]);
     let resident = || resident_kib_of(s.child.id(), &library);
     // The start-up release runs once every deployment is ready: wait until the library's
@@ -492,7 +516,7 @@ fn a_model_deployed_later_hands_back_the_code_its_load_touched() {
     let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!((status, &out["outputs"][0]["data"][0]), (200, &json!(2)), "{out}");
     let (status, log) = s.terminate();
-    let _ = std::fs::remove_file(&library);
+    drop(library);
     assert!(status.success(), "{status:?}: {log}");
     // Two sessions built (one per replica), each paged out what it added; the warm-ups read
     // back what the new model's calls run.
