@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::rollout::{Verdict, judge};
 use crate::state::{CanaryState, ControllerState};
-use crate::{ControlError, Controller};
+use crate::{ControlError, Controller, pipelines};
 
 impl Controller {
     /// Sets a canary's weight by hand (stops an automatic rollout).
@@ -32,6 +32,23 @@ impl Controller {
         let _changes = self.changes.lock().await;
         let old = {
             let mut st = self.lock();
+            let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;
+            let c = m.canary.as_ref().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
+            // The pipelines whose steps ran on the old primary run on the new one: built again
+            // over it (their tensors checked against its model) before anything changes, so a
+            // canary a pipeline cannot use is refused here. Otherwise the pipelines would keep
+            // the old version, which drains and stops.
+            let promoted = c.version.deployment.clone();
+            let pipelines = match &st.desired {
+                Some(config) => Some(pipelines::build_over(config, &|name| {
+                    if name == deployment {
+                        Some(promoted.clone())
+                    } else {
+                        st.deployments.get(name).map(|m| m.primary.deployment.clone())
+                    }
+                })?),
+                None => None,
+            };
             let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
             let c = m.canary.take().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
             let old = std::mem::replace(&mut m.primary, c.version);
@@ -45,6 +62,9 @@ impl Controller {
                 st.repo.rejected.remove(&(deployment.to_string(), v));
             }
             st.events.push(deployment, message);
+            if let Some(pipelines) = pipelines {
+                st.pipelines = pipelines;
+            }
             self.publish(&st);
             old
         };

@@ -18,17 +18,24 @@ pub(crate) fn build_all(
     plan: &Plan,
     state: &ControllerState,
 ) -> Result<Vec<PipelineRoute>, ControlError> {
-    let lookup = |name: &str| -> Option<Arc<Deployment>> {
+    build_over(config, &|name| {
         plan.new_primary(name)
             .cloned()
             .or_else(|| state.deployments.get(name).map(|m| m.primary.deployment.clone()))
-    };
+    })
+}
+
+/// Every pipeline of `config`, over the deployments `lookup` finds (their types checked).
+pub(crate) fn build_over(
+    config: &Config,
+    lookup: &impl Fn(&str) -> Option<Arc<Deployment>>,
+) -> Result<Vec<PipelineRoute>, ControlError> {
     config
         .applications
         .iter()
         .filter_map(|app| app.pipeline.as_ref().map(|p| (app, p)))
         .map(|(app, p)| {
-            let pipeline = build(p, &lookup)
+            let pipeline = build(p, lookup)
                 .map_err(|source| ControlError::Pipeline { pipeline: p.name.clone(), source })?;
             Ok(PipelineRoute { app: app.name.clone(), pipeline, route_prefix: app.route_prefix.clone() })
         })

@@ -1,5 +1,6 @@
 //! The control plane against the real server: a live swap under continuous load with no failed
-//! request, a changed built-in step setting swapped in, a canary's traffic share, an automatic rollback of an erroring canary, autoscaling
+//! request, a changed built-in step setting swapped in, a canary's traffic share, a promoted
+//! canary taking over the pipelines over its deployment, an automatic rollback of an erroring canary, autoscaling
 //! up and down, and the admin API's validation and token.
 
 mod common;
@@ -177,6 +178,52 @@ async fn a_canary_at_ten_percent_gets_ten_percent_and_pins_work() {
     for _ in 0..50 {
         assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/infer"), None).await, "1");
     }
+    s.shutdown().await;
+}
+
+/// Promoting a canary moves the pipelines over its deployment to the new version (they kept
+/// the old one, which drains and stops), and a canary a pipeline cannot use (another model's
+/// tensors) is refused, the pipeline and the primary left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoting_a_canary_moves_the_pipelines_over_it() {
+    let s = start_with(concat!(
+        "      - {name: m, model: iris/model.onnx, canary: {model: iris-v2/model.onnx, version: \"2\", weight: 0}}\n",
+        "      - {name: n, model: iris/model.onnx, canary: {model: mlp/model.onnx, version: \"2\", weight: 0}}\n",
+        "    pipeline:\n",
+        "      name: both\n",
+        "      inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n",
+        "      steps:\n",
+        "        - {name: a, deployment: m, inputs: {input: x}, outputs: {probabilities: pm}}\n",
+        "        - {name: b, deployment: n, inputs: {input: x}, outputs: {probabilities: pn}}\n",
+        "      outputs: [pm, pn]\n",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#;
+    let first_probability = |v: &Value, output: usize| v["outputs"][output]["data"][0].as_f64().unwrap();
+    let infer = || async {
+        let r = client.post(url(&s, "/v2/models/both/infer")).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    // iris answers 0.985 for the first class of this row, iris-v2 0.784.
+    let before = infer().await;
+    assert!((first_probability(&before, 0) - 0.985).abs() < 1e-3, "{before}");
+
+    let refused = s.controller().promote("n").await;
+    assert!(refused.is_err(), "mlp's tensors do not fit the pipeline's step");
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    let n = &status["applications"]["app"]["deployments"]["n"]["versions"];
+    assert_eq!(n.as_array().map(Vec::len), Some(2), "the canary is kept: {status}");
+
+    s.controller().promote("m").await.unwrap();
+    let after = infer().await;
+    assert!(
+        (first_probability(&after, 0) - 0.784).abs() < 1e-3,
+        "the pipeline runs the promoted version: {after}"
+    );
+    assert!((first_probability(&after, 1) - 0.985).abs() < 1e-3, "{after}");
+    assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/infer"), None).await, "2");
     s.shutdown().await;
 }
 
