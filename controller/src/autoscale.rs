@@ -101,10 +101,8 @@ pub(crate) fn step(
         if from_zero || now.duration_since(s.last_decision) >= interval {
             s.last_decision = now;
             s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
-            let free = node_cpus
-                .map_or(u32::MAX / 2, |cpus| ((cpus - used) / m.config.num_cpus()).floor().max(0.0) as u32);
-            let want =
-                if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, current + free) };
+            let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
+            let want = if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, cap) };
             if want != current {
                 rescale.push(crate::reconcile::Rescale {
                     deployment: name.clone(),
@@ -119,9 +117,38 @@ pub(crate) fn step(
     (rescale, next)
 }
 
+/// The most replicas a deployment may grow to: `current` and as many more as `free_cpus` fit
+/// at `per_replica` CPUs each; no bound without a node size, or for replicas that ask for no
+/// CPU (Ray's `num_cpus: 0`). Saturating: a CPU count near 0 fits "all" replicas, never wraps.
+fn growth_cap(current: u32, free_cpus: Option<f64>, per_replica: f64) -> u32 {
+    let fits = match free_cpus {
+        // `as` saturates: a quotient past u32::MAX (or infinite) reads u32::MAX.
+        Some(free) if per_replica > 0.0 => (free / per_replica).floor().max(0.0) as u32,
+        _ => u32::MAX,
+    };
+    current.saturating_add(fits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deployment whose replicas ask for no CPU (or nearly none) is not bounded by the
+    /// node's CPUs; the sum never wraps (it did: `current + u32::MAX` read as `current - 1`, so
+    /// such a deployment could never grow).
+    #[test]
+    fn the_growth_cap_fits_free_cpus_and_never_wraps() {
+        assert_eq!(growth_cap(3, Some(2.5), 1.0), 5);
+        assert_eq!(growth_cap(3, Some(-1.0), 1.0), 3, "more CPUs used than the node has");
+        assert_eq!(growth_cap(3, None, 1.0), u32::MAX);
+        assert_eq!(growth_cap(3, Some(2.0), 0.0), u32::MAX);
+        assert_eq!(growth_cap(3, Some(2.0), 1e-12), u32::MAX);
+        let c = cfg(1, 10, 0.0, 0.0);
+        let t0 = Instant::now();
+        let mut s = ScaleState::default();
+        s.sample(t0, 40.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 3, t0, growth_cap(3, Some(2.0), 0.0)), 10, "grows to max_replicas");
+    }
 
     fn cfg(min: u32, max: u32, up: f64, down: f64) -> Autoscaling {
         sluice_config::AutoscalingConfig {

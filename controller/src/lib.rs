@@ -266,6 +266,16 @@ impl Controller {
     /// Applies replica counts decided elsewhere (outside the state lock: new replicas load).
     async fn rescale(&self, jobs: Vec<Rescale>, why: &str) {
         for job in jobs {
+            // A version no longer primary (a canary promoted over it since the decision, in
+            // the same control round) is left to drain; the new primary is judged next round.
+            let primary = self
+                .lock()
+                .deployments
+                .get(&job.deployment)
+                .is_some_and(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment));
+            if !primary {
+                continue;
+            }
             let from = job.target.replica_count();
             let message = match job.target.scale_to(job.to).await {
                 Ok(()) => format!("{why} from {from} to {} replicas", job.to),
