@@ -124,6 +124,12 @@ async fn nested_data_requested_outputs_and_versions() {
     });
     let (_, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
     assert_outputs_match(&out["outputs"], &json!([case["outputs"][1], case["outputs"][0]]), 1e-5);
+
+    // An empty list asks for every output, as gRPC reads it (it answered none).
+    let body = json!({"inputs": case["inputs"], "outputs": []});
+    let (status, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_outputs_match(&out["outputs"], &case["outputs"], 1e-5);
     s.shutdown().await;
 }
 

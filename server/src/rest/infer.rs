@@ -254,7 +254,8 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
             }
             names.push(o.name);
         }
-        outputs = Some(names);
+        // An empty list asks for every output, as no list does (gRPC's reading, and Triton's).
+        outputs = (!names.is_empty()).then_some(names);
     }
     let timeout = match parsed.parameters.as_ref().and_then(|p| p.get("timeout")) {
         None => None,

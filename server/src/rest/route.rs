@@ -60,7 +60,7 @@ async fn call(pipeline: &Pipeline, body: &[u8]) -> Result<Value, InferError> {
             Value::Array(_) => value.clone(),
             scalar => Value::Array(vec![scalar.clone()]),
         };
-        let shape = shape_of(&value);
+        let shape = shape_of(&value).map_err(|e| InferError::invalid(format!("field `{field}`: {e}")))?;
         let raw = serde_json::value::to_raw_value(&value).map_err(|e| InferError::invalid(e.to_string()))?;
         let t = decode_data(tensor, spec.dtype, shape, &raw)
             .map_err(|e| InferError::invalid(format!("field `{field}`: {e}")))?;
@@ -78,8 +78,10 @@ async fn call(pipeline: &Pipeline, body: &[u8]) -> Result<Value, InferError> {
     Ok(Value::Object(out))
 }
 
-/// The shape of nested JSON arrays (following first elements).
-fn shape_of(v: &Value) -> Vec<usize> {
+/// The shape of nested JSON arrays (following first elements), refused unless every array at
+/// one depth has that length and holds arrays alike (flattened, a ragged array would be read
+/// as another shape).
+fn shape_of(v: &Value) -> Result<Vec<usize>, String> {
     let mut shape = Vec::new();
     let mut cur = v;
     while let Value::Array(items) = cur {
@@ -89,7 +91,35 @@ fn shape_of(v: &Value) -> Vec<usize> {
             None => break,
         }
     }
-    shape
+    fn rectangular(v: &Value, shape: &[usize], at: &mut Vec<usize>) -> Result<(), String> {
+        let path = || at.iter().map(|i| format!("[{i}]")).collect::<String>();
+        match (v, shape) {
+            (Value::Array(items), [n, rest @ ..]) if items.len() == *n => {
+                for (i, item) in items.iter().enumerate() {
+                    at.push(i);
+                    rectangular(item, rest, at)?;
+                    at.pop();
+                }
+                Ok(())
+            }
+            (Value::Array(items), [n, ..]) => Err(format!(
+                "the nested arrays are not rectangular: `{}` has length {} where the first array at its depth has length {n}",
+                path(),
+                items.len()
+            )),
+            (Value::Array(_), []) => Err(format!(
+                "the nested arrays are not rectangular: `{}` is an array where the first element at its depth is not",
+                path()
+            )),
+            (_, []) => Ok(()),
+            (_, [_, ..]) => Err(format!(
+                "the nested arrays are not rectangular: `{}` is not an array where the first element at its depth is",
+                path()
+            )),
+        }
+    }
+    rectangular(v, &shape, &mut Vec::new())?;
+    Ok(shape)
 }
 
 /// A tensor as nested JSON arrays following its shape.
@@ -109,5 +139,29 @@ fn nested(t: &Tensor) -> Value {
         items.into_iter().next().unwrap_or(Value::Null)
     } else {
         build(&items, t.shape())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::shape_of;
+
+    /// Flattened, a ragged array would be read as another shape (`[[1, 2], [3], [4, 5, 6]]` as
+    /// 3×2): it is refused, naming the array that differs.
+    #[test]
+    fn ragged_nested_arrays_are_refused_naming_where() {
+        assert_eq!(shape_of(&json!([[1, 2], [3, 4], [5, 6]])), Ok(vec![3, 2]));
+        assert_eq!(shape_of(&json!([[], []])), Ok(vec![2, 0]));
+        assert_eq!(shape_of(&json!(["a", "b"])), Ok(vec![2]));
+        let e = shape_of(&json!([[1, 2], [3], [4, 5, 6]])).unwrap_err();
+        assert!(e.contains("`[1]` has length 1 where the first array at its depth has length 2"), "{e}");
+        let e = shape_of(&json!([[[1], [2]], [[3], [4, 5]]])).unwrap_err();
+        assert!(e.contains("`[1][1]` has length 2"), "{e}");
+        let e = shape_of(&json!([[1, 2], 3])).unwrap_err();
+        assert!(e.contains("`[1]` is not an array"), "{e}");
+        let e = shape_of(&json!([1, [2]])).unwrap_err();
+        assert!(e.contains("`[1]` is an array"), "{e}");
     }
 }
