@@ -380,6 +380,15 @@ pub fn write_data(out: &mut Vec<u8>, t: &Tensor) {
     out.push(b']');
 }
 
+/// The first element of a BYTES tensor that is not UTF-8 (which a JSON string cannot hold);
+/// `None` for other datatypes.
+pub fn first_not_utf8(t: &Tensor) -> Option<usize> {
+    if t.dtype() != DataType::Bytes {
+        return None;
+    }
+    t.bytes_elements().position(|b| std::str::from_utf8(b).is_err())
+}
+
 /// Writes a tensor's elements as a flat JSON array (through serde; [`write_data`] writes the
 /// same bytes straight into a buffer).
 pub struct JsonData<'a>(pub &'a Tensor);

@@ -11,7 +11,7 @@ use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, Pipeline, Tensor};
 
 use super::AppState;
-use super::json::{JsonData, decode_data};
+use super::json::{JsonData, decode_data, first_not_utf8};
 use crate::error::ApiError;
 
 /// Every path no other route takes: a pipeline's JSON route, or 404.
@@ -72,6 +72,14 @@ async fn call(pipeline: &Pipeline, body: &[u8]) -> Result<Value, InferError> {
     let mut out = Map::new();
     for (field, tensor) in &mapping.response {
         if let Some(t) = answer.outputs.iter().find(|o| &o.name == tensor) {
+            // A JSON string cannot hold bytes that are not UTF-8: refused, not sent altered.
+            if let Some(i) = first_not_utf8(&t.tensor) {
+                return Err(InferError::internal(format!(
+                    "field `{field}`: element {i} of tensor `{tensor}` is not UTF-8, which a JSON answer \
+                     cannot carry (the OIP route `/v2/models/{}/infer` can send it as binary data)",
+                    pipeline.name()
+                )));
+            }
             out.insert(field.clone(), nested(&t.tensor));
         }
     }
