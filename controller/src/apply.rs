@@ -145,7 +145,8 @@ impl Controller {
 
     /// Stages and reconciles `config` with its repository's `listing`. A repository version
     /// that cannot serve is rejected (reported; never retried until its files change) and the
-    /// rest applied without it: one that fails to load, and one above `max_version_bytes`. A
+    /// rest applied without it: one that fails to load, and one above `max_version_bytes`. One
+    /// whose files cannot be fetched now is left out too, and tried again at the next poll. A
     /// repository model named like a deployment of the config is not loaded while the config
     /// has that deployment (an event says so). Returns what now serves.
     async fn apply_repository(
@@ -167,10 +168,16 @@ impl Controller {
             }
         }
         let mut failed_loads = 0;
+        // Versions whose files could not be fetched this time (the store refused a file, the
+        // connection broke, the cache could not write): planned without, and tried again at the
+        // next poll, since the signature this returns leaves them out. One such version holds
+        // back no other model.
+        let mut held_back: std::collections::BTreeMap<(String, u64), String> = Default::default();
         loop {
             let (plans, rejected, store) = {
                 let mut st = self.lock();
-                let rejected = st.repo.rejected_keys(listing);
+                let mut rejected = st.repo.rejected_keys(listing);
+                rejected.extend(held_back.keys().cloned());
                 let serving = repository::serving(&st.deployments);
                 let skip = repository::skipped(skip.unwrap_or(&st.unloaded), &named);
                 let plans = scan::select(repo, listing, &skip, &rejected, &serving);
@@ -178,6 +185,7 @@ impl Controller {
             };
             // Versions refused before any load, and why.
             let mut refused: Vec<(String, u64, ControlError)> = Vec::new();
+            let mut not_fetched: Vec<(String, u64, StoreError)> = Vec::new();
             let cache = Cache::new(&repo.cache_dir);
             let mut origins = std::collections::BTreeMap::new();
             let mut dirs = std::collections::BTreeMap::new();
@@ -203,7 +211,10 @@ impl Controller {
                             refused.push((p.model.clone(), v, e.into()));
                             continue;
                         }
-                        Err(e) => return Err(e.into()),
+                        Err(e) => {
+                            not_fetched.push((p.model.clone(), v, e));
+                            continue;
+                        }
                     };
                     if fetched.downloaded > 0 {
                         let mut st = self.lock();
@@ -231,6 +242,19 @@ impl Controller {
                     dirs.insert((p.model.clone(), v), fetched.dir);
                 }
             }
+            if !not_fetched.is_empty() {
+                let mut st = self.lock();
+                for (model, version, e) in not_fetched {
+                    st.events.push(
+                        &model,
+                        format!("version {version} not fetched: {e}; tried again at the next poll"),
+                    );
+                    held_back.insert((model, version), e.to_string());
+                }
+                drop(st);
+                // Planned again without them; the refusals are recorded on that pass.
+                continue;
+            }
             if let Some((_, _, first)) = refused.first() {
                 let mut st = self.lock();
                 let mut new = false;
@@ -251,7 +275,10 @@ impl Controller {
             let effective = repository::effective(config, models)?;
             self.lock().repo.origins.extend(origins);
             match self.reconcile(&effective).await {
-                Ok(()) => return Ok(repository::signature(&plans, listing)),
+                Ok(()) => {
+                    self.lock().repo.not_fetched = held_back;
+                    return Ok(repository::signature(&plans, listing));
+                }
                 Err(e) => {
                     let Some((model, version)) = failed_version(&e, &plans) else { return Err(e) };
                     let mut st = self.lock();
@@ -353,10 +380,23 @@ impl Controller {
         self.rescan(&config).await?;
         // The scan went; the version the notice was about may not have.
         let newest = listing.models[model].keys().next_back().copied();
+        if let Some(e) = newest.and_then(|v| self.not_fetched(model, v)) {
+            return Err(e);
+        }
         match newest.and_then(|v| self.rejection(model, v)) {
             Some(why) => Err(ControlError::Refused(why)),
             None => Ok(()),
         }
+    }
+
+    /// Why version `version` of repository model `model` could not be fetched by the last
+    /// apply, if it could not.
+    fn not_fetched(&self, model: &str, version: u64) -> Option<ControlError> {
+        let st = self.lock();
+        let why = st.repo.not_fetched.get(&(model.to_string(), version))?;
+        Some(ControlError::NotFetched(format!(
+            "version {version} of `{model}` could not be fetched: {why}; tried again at the next poll"
+        )))
     }
 
     /// Why version `version` of repository model `model` was rejected, if it was.
@@ -384,8 +424,12 @@ impl Controller {
             return Ok(());
         }
         drop(st);
-        // Every version of it was rejected (this time or before, its files unchanged).
+        // Its newest version could not be fetched, or every version of it was rejected (this
+        // time or before, its files unchanged).
         let newest = listing.models[name].keys().next_back().copied();
+        if let Some(e) = newest.and_then(|v| self.not_fetched(name, v)) {
+            return Err(e);
+        }
         let why = newest.and_then(|v| self.rejection(name, v));
         Err(ControlError::Refused(why.unwrap_or_else(|| format!("model `{name}` did not load"))))
     }

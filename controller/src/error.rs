@@ -32,6 +32,9 @@ pub enum ControlError {
     /// A repository version refused again in one apply (its rejection did not take).
     #[error("{0}")]
     Refused(String),
+    /// The version a caller asked about could not be fetched from the store this time.
+    #[error("{0}")]
+    NotFetched(String),
     #[error("deployment `{deployment}` version {version}: {source}")]
     Load { deployment: String, version: String, source: LoadError },
     #[error("deployment `{deployment}` version {version}: replicas did not become ready within {waited_s} s")]
@@ -55,9 +58,10 @@ impl ControlError {
                 ErrorKind::InvalidArgument
             }
             ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
-            ControlError::Store(_) | ControlError::NotReady { .. } | ControlError::TooManyRejected(_) => {
-                ErrorKind::Unavailable
-            }
+            ControlError::Store(_)
+            | ControlError::NotReady { .. }
+            | ControlError::TooManyRejected(_)
+            | ControlError::NotFetched(_) => ErrorKind::Unavailable,
             ControlError::Load { source, .. } | ControlError::Pipeline { source, .. } => source.kind(),
         }
     }

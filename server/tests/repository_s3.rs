@@ -190,3 +190,73 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     s.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// A version whose files cannot be fetched (here the cache cannot write one: a folder stands
+/// where the file goes) is left out and named, other models' new versions are applied (one such
+/// version failed every apply), and it is fetched again once it can be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_cannot_be_fetched_holds_back_no_other_and_is_fetched_again() {
+    let Some(moto) = start_moto().await else { return };
+    sluice_server::runtime::init(None, None).unwrap();
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("s3-held-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let iris = std::fs::read(models_dir().join("iris/model.onnx")).unwrap();
+    put(&moto, "models", Vec::new()).await;
+    put(&moto, "models/repo/a/1/model.onnx", iris.clone()).await;
+    put(&moto, "models/repo/a/1/READY", Vec::new()).await;
+    let options = sluice_server::StartOptions { store_env: env(&moto), ..Default::default() };
+    let s = sluice_server::start(config("s3://models/repo", &cache), options).await.unwrap();
+    let client = reqwest::Client::new();
+    let admin = format!("http://{}", s.admin_addr().unwrap());
+    let infer = |model: &'static str| {
+        let (client, url) = (client.clone(), url(&s, &format!("/v2/models/{model}/infer")));
+        async move {
+            let r = client.post(url).body(IRIS_BODY).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let notify = |model: &'static str| {
+        let (client, admin) = (client.clone(), admin.clone());
+        async move {
+            let r =
+                client.post(format!("{admin}/api/sluice/repository/{model}/notify")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(infer("a").await.1["model_version"], "1");
+
+    // The store's folder in the cache (one per store URL); b's model file cannot be written.
+    let store_dir = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let in_the_way = store_dir.join("b/1/model.onnx");
+    std::fs::create_dir_all(in_the_way.join("a-folder")).unwrap();
+    put(&moto, "models/repo/b/1/model.onnx", iris.clone()).await;
+    put(&moto, "models/repo/b/1/READY", Vec::new()).await;
+    let (status, text) = notify("b").await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("version 1 of `b` could not be fetched") && text.contains("tried again"), "{text}");
+    assert_eq!(infer("b").await.0, 404);
+    let st: Value =
+        client.get(format!("{admin}/api/sluice/status")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(st["repository"]["not_fetched"][0]["model"], "b", "{st}");
+
+    // Another model's new version is applied meanwhile.
+    put(&moto, "models/repo/a/2/model.onnx", std::fs::read(models_dir().join("iris-v2/model.onnx")).unwrap())
+        .await;
+    put(&moto, "models/repo/a/2/READY", Vec::new()).await;
+    let (status, text) = notify("a").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(infer("a").await.1["model_version"], "2");
+
+    // Once the file can be written, the next scan fetches it.
+    std::fs::remove_dir_all(&in_the_way).unwrap();
+    let (status, text) = notify("b").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(infer("b").await, (200, infer("b").await.1));
+    assert_eq!(infer("b").await.1["model_version"], "1");
+    let st: Value =
+        client.get(format!("{admin}/api/sluice/status")).send().await.unwrap().json().await.unwrap();
+    assert!(st["repository"].get("not_fetched").is_none(), "{st}");
+    s.shutdown().await;
+    drop(moto);
+    let _ = std::fs::remove_dir_all(&cache);
+}

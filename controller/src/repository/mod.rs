@@ -77,6 +77,9 @@ pub(crate) struct RepoState {
     /// None while the store answers; else why not and since when (Unix seconds).
     pub unreachable: Option<(String, f64)>,
     pub rejected: BTreeMap<(String, u64), Rejected>,
+    /// Versions the last apply could not fetch (the store refused a file, the connection broke,
+    /// the cache could not write), and why: served without, tried again at the next poll.
+    pub not_fetched: BTreeMap<(String, u64), String>,
     /// Model file (in this node's cache) → where it came from, for replicas on other nodes.
     pub origins: BTreeMap<PathBuf, Origin>,
     pub downloaded_bytes: u64,
@@ -190,6 +193,9 @@ pub struct RepositoryStatus {
     /// Versions never served again until their files change, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<RejectedVersion>,
+    /// Versions the last apply could not fetch, and why: tried again at the next poll.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_fetched: Vec<RejectedVersion>,
     /// Bytes fetched from the store into this node's cache since start.
     pub downloaded_bytes: u64,
 }
@@ -220,6 +226,15 @@ pub(crate) fn status(repo: &ModelRepository, st: &RepoState) -> RepositoryStatus
                 model: model.clone(),
                 version: *version,
                 why: r.why.clone(),
+            })
+            .collect(),
+        not_fetched: st
+            .not_fetched
+            .iter()
+            .map(|((model, version), why)| RejectedVersion {
+                model: model.clone(),
+                version: *version,
+                why: why.clone(),
             })
             .collect(),
         downloaded_bytes: st.downloaded_bytes,

@@ -118,8 +118,13 @@ impl Store {
                 let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 install_crypto();
+                // A call fails when it stops making progress for `timeout` (connecting, or
+                // between reads of a listing or a file), not when a large file takes longer
+                // than that in all: a whole-request timeout failed every model file too big to
+                // stream within it, at every poll.
                 let client = object_store::ClientOptions::new()
-                    .with_timeout(timeout)
+                    .with_timeout_disabled()
+                    .with_read_timeout(timeout)
                     .with_connect_timeout(timeout.min(Duration::from_secs(5)));
                 let retry = object_store::RetryConfig {
                     max_retries: 2,
