@@ -101,10 +101,20 @@ impl Controller {
             let st = self.lock();
             (reconcile::plan(&st, config), st.repo.origins.clone())
         };
-        reconcile::start(&mut plan, &self.cluster, &self.wake, &origins).await?;
+        if let Err(e) = reconcile::start(&mut plan, &self.cluster, &self.wake, &origins).await {
+            plan.discard();
+            return Err(e);
+        }
         let commit = {
             let mut st = self.lock();
-            let pipelines = pipelines::build_all(config, &plan, &st)?;
+            let pipelines = match pipelines::build_all(config, &plan, &st) {
+                Ok(pipelines) => pipelines,
+                Err(e) => {
+                    drop(st);
+                    plan.discard();
+                    return Err(e);
+                }
+            };
             let commit = reconcile::commit(&mut st, plan);
             st.pipelines = pipelines;
             st.refresh_aliases();

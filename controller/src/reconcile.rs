@@ -54,6 +54,21 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Stops every version the plan started, for a plan that is not committed (a later
+    /// version failed to start, or a pipeline over them failed its check): nothing routes to
+    /// them yet. On Ray their actors would otherwise stay, holding their CPUs and GPUs, until
+    /// the job ends (locally, dropping a deployment stops its threads anyway).
+    pub fn discard(self) {
+        for p in self.deployments {
+            let changes = std::iter::once(p.primary).chain(p.canary).chain(p.shadow).chain(p.others);
+            for change in changes {
+                if let Change::New(v) = change {
+                    v.placed.stop();
+                }
+            }
+        }
+    }
+
     /// The deployment a name will have as primary once committed: a new one if the plan
     /// starts one.
     pub fn new_primary(&self, name: &str) -> Option<&Arc<sluice_deployments::Deployment>> {

@@ -11,11 +11,21 @@ use crate::StartError;
 /// Whether an `Authorization` header carries `Bearer <token>`. The comparison takes the same
 /// time wherever the first wrong byte is (only the length can show).
 pub fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
-    let Some(given) = header.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+    bearer_bytes_match(header.map(HeaderValue::as_bytes), token)
+}
+
+/// [`bearer_matches`] over the header's bytes (a gRPC metadata value's too).
+pub fn bearer_bytes_match(header: Option<&[u8]>, token: &str) -> bool {
+    let Some(given) = header.and_then(|v| v.strip_prefix(b"Bearer ")) else {
         return false;
     };
     token_matches(given, token)
 }
+
+/// What a repository load or unload on an inference port answers without the admin token
+/// (when one is set): these calls change what serves, as the admin API's do.
+pub const CONTROL_NEEDS_TOKEN: &str =
+    "loading and unloading repository models needs the admin token: send `Authorization: Bearer <token>`";
 
 /// Whether `given` is the token (the status page's cookie or login), in constant time as above.
 pub fn token_matches(given: &[u8], token: &str) -> bool {

@@ -227,21 +227,30 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     };
     let (http_tls, grpc_tls, admin_tls) = (tls(&http.tls)?, tls(&grpc.tls)?, tls(&admin.tls)?);
 
+    let control_token: Option<Arc<str>> =
+        options.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
     let state = rest::AppState::new(rest::Shared {
         routes: routes.clone(),
         controller: controller.clone(),
         readiness: readiness.clone(),
         max_body_bytes: http.max_body_bytes,
         draining: stop_rx.clone(),
+        control_token: control_token.clone(),
     });
     let mut app = rest::router(state.clone(), http);
     let state_for_frontend = state.clone();
     let mut tasks = Vec::new();
     let grpc_addr = listeners.grpc.as_ref().map(|(_, a)| *a);
     if grpc.enabled {
-        let grpc_app =
-            grpc::routes(routes.clone(), controller.clone(), readiness, http.max_body_bytes, stop_rx.clone())
-                .await?;
+        let grpc_app = grpc::routes(
+            routes.clone(),
+            controller.clone(),
+            readiness,
+            http.max_body_bytes,
+            stop_rx.clone(),
+            control_token,
+        )
+        .await?;
         match listeners.grpc {
             Some((listener, _)) => {
                 tasks.push(listen::spawn(listener, grpc_tls, grpc_app, limits, stop_rx.clone()))

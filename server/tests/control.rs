@@ -491,6 +491,59 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
     s.shutdown().await;
 }
 
+/// With an admin token set, repository load and unload on the inference ports need it too
+/// (REST `Authorization: Bearer`, gRPC metadata `authorization`): they change what serves, and
+/// any inference client could unload every repository model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_load_and_unload_need_the_admin_token_when_one_is_set() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use sluice_proto::inference::{RepositoryModelLoadRequest, RepositoryModelUnloadRequest};
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = empty_repository("repo-token");
+    put_version(&repo, "flowers", 1, "iris");
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let options = sluice_server::StartOptions { admin_token: Some("s3cret".into()), ..Default::default() };
+    let s = sluice_server::start(config, options).await.unwrap();
+    let client = reqwest::Client::new();
+    let unload = url(&s, "/v2/repository/models/flowers/unload");
+    for token in [None, Some("Bearer wrong")] {
+        let mut r = client.post(&unload);
+        if let Some(t) = token {
+            r = r.header("Authorization", t);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("needs the admin token"), "{v}");
+    }
+    let infer = || client.post(url(&s, "/v2/models/flowers/infer")).body(IRIS_BODY).send();
+    assert_eq!(infer().await.unwrap().status(), 200, "still served");
+    let r = client.post(&unload).header("Authorization", "Bearer s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(infer().await.unwrap().status(), 404);
+
+    let mut grpc =
+        GrpcInferenceServiceClient::connect(format!("http://{}", s.grpc_addr().unwrap())).await.unwrap();
+    let load = || RepositoryModelLoadRequest { model_name: "flowers".into(), ..Default::default() };
+    let e = grpc.repository_model_load(load()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut req = tonic::Request::new(load());
+    req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+    grpc.repository_model_load(req).await.unwrap();
+    assert_eq!(infer().await.unwrap().status(), 200, "loaded again");
+    let unload = RepositoryModelUnloadRequest { model_name: "flowers".into(), ..Default::default() };
+    let e = grpc.repository_model_unload(unload).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // Reading stays open: the index, as /v2/models.
+    let r = client.post(url(&s, "/v2/repository/index")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}
+
 /// A repository model that cannot serve (here: named like a deployment of the config) is
 /// refused alone: the server starts, the config's deployment serves, and the other models'
 /// new versions still swap in.

@@ -2,7 +2,7 @@
 `sluice run --ray` submits Sluice as one Ray job; replicas are Ray actors hosting `sluice
 replica` processes on both nodes; tritonclient infers through the head's frontends; a replica
 that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
-fails no request; a killed replica and a lost node are replaced with no request left hanging;
+fails no request; a deploy failing part-way stops the replicas it started; a killed replica and a lost node are replaced with no request left hanging;
 stopping the job leaves no process behind.
 
 The tests share one cluster and one job and run in file order (the node-loss test takes the
@@ -236,6 +236,20 @@ def test_autoscaling_creates_and_kills_actors(cluster, workdir, job, tmp_path):
     events = " ".join(e["message"] for e in status(cluster)["events"])
     assert "autoscaled from 1 to" in events and "to 1 replicas" in events, events
 
+# A new deployment, `fresh`, starts; then the pipeline over it fails its check (the model has
+# no input `nope`), which runs once every new version is up.
+PARTIAL = """\
+      - name: fresh
+        model: models/iris/model.onnx
+        num_cpus: 0.5
+    pipeline:
+      name: wrong
+      inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]
+      steps:
+        - {name: a, deployment: fresh, inputs: {nope: x}, outputs: {probabilities: p}}
+      outputs: [p]
+"""
+
 
 def test_a_live_swap_on_ray_fails_no_request(cluster, workdir, job, tmp_path):
     out = tmp_path / "swap-load.json"
@@ -252,6 +266,26 @@ def test_a_live_swap_on_ray_fails_no_request(cluster, workdir, job, tmp_path):
     assert [x["version"] for x in v] == ["2"] and v[0]["ready_replicas"] == 2, v
     # The old version's replica processes are gone.
     wait_for("the old replicas to stop", lambda: len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker")) == 2)
+
+
+def test_a_deploy_failing_part_way_stops_the_replicas_it_started(cluster, workdir, job):
+    """A deploy that fails once its new deployment is up (a pipeline over it fails its check)
+    fails as a whole, and the replica it started is stopped (its actor stayed up, holding its
+    CPU, until the job ended)."""
+    before = len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker"))
+    (workdir / "partial.yaml").write_text(APP.format(version="2", extra=PARTIAL))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "partial.yaml")
+    assert code in (200, 400, 500, 503), body
+    failed = wait_for("the deploy to fail", lambda: (status(cluster)["applications"].get("iris") or {}).get("message"))
+    assert "pipeline `wrong`" in failed and "nope" in failed, failed
+    assert deployment(cluster, "fresh") is None
+    v = deployment(cluster, "iris")["versions"]
+    assert [x["version"] for x in v] == ["2"] and v[0]["ready_replicas"] == 2, v
+    wait_for("the replica `fresh` started to stop",
+             lambda: len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker")) == before, timeout=30)
+    # Back to the running config (the app's recorded outcome is a success again).
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "v2.yaml")
+    assert code == 200, body
 
 
 def test_a_killed_replica_process_is_replaced_and_traffic_continues(cluster, job, tmp_path):

@@ -281,8 +281,13 @@ impl RayCluster {
                 lock(&self.replica_nodes).remove(&name);
             }
             Event::Error { op, name, message } => {
-                tracing::error!("the Ray driver refused {}: {message}", op.unwrap_or_default());
+                tracing::error!("the Ray driver refused {}: {message}", op.as_deref().unwrap_or_default());
                 if let Some(name) = name {
+                    // A create that failed part-way may have left the actor (and its process)
+                    // up: killed, as the replacement does not take its place.
+                    if op.as_deref() != Some("kill") {
+                        self.kill(&name);
+                    }
                     self.gone(&name, format!("refused by Ray: {message}"));
                 }
             }
@@ -605,6 +610,9 @@ impl RayReplicas {
         let replica = match GrpcReplica::new(info.clone(), &self.spec.deployment, &self.spec.version) {
             Ok(r) => Arc::new(r),
             Err(e) => {
+                // Listening, but not reachable from here: stopped, as a failed health check
+                // stops it, before the replacement starts.
+                self.cluster.kill(&info.name);
                 self.lost(&info.name, format!("cannot reach {}: {e}", info.addr));
                 return;
             }

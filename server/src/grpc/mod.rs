@@ -28,6 +28,26 @@ pub struct InferenceService {
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
     readiness: Readiness,
+    /// The admin token, when one is set: repository load and unload need it.
+    control_token: Option<Arc<str>>,
+}
+
+impl InferenceService {
+    /// Refuses a repository load or unload without the admin token (metadata
+    /// `authorization: Bearer <token>`), when one is set.
+    fn may_control<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.control_token {
+            Some(t)
+                if !crate::auth::bearer_bytes_match(
+                    req.metadata().get("authorization").map(|v| v.as_bytes()),
+                    t,
+                ) =>
+            {
+                Err(Status::unauthenticated(crate::auth::CONTROL_NEEDS_TOKEN))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -137,6 +157,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Reply<pb::RepositoryModelLoadResponse> {
+        self.may_control(&req)?;
         let name = req.into_inner().model_name;
         self.controller.load_model(&name).await.map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
@@ -146,6 +167,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Reply<pb::RepositoryModelUnloadResponse> {
+        self.may_control(&req)?;
         let name = req.into_inner().model_name;
         self.controller.unload_model(&name).await.map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
@@ -179,8 +201,10 @@ pub async fn routes(
     readiness: Readiness,
     max_message_bytes: usize,
     stop: tokio::sync::watch::Receiver<bool>,
+    control_token: Option<Arc<str>>,
 ) -> Result<axum::Router, crate::StartError> {
-    let service = InferenceService { routes: routes.clone(), controller, readiness: readiness.clone() };
+    let service =
+        InferenceService { routes: routes.clone(), controller, readiness: readiness.clone(), control_token };
     let inference = GrpcInferenceServiceServer::new(service)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)

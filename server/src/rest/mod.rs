@@ -59,6 +59,9 @@ pub struct Shared {
     pub max_body_bytes: usize,
     /// True once shutdown has begun (Ray's proxy health answers 503 then).
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// The admin API's bearer token, when one is set: repository load and unload need it here
+    /// too (they change what serves).
+    pub control_token: Option<Arc<str>>,
 }
 
 /// The REST routes of the Open Inference Protocol, without the intake ([`frontend`] puts it in

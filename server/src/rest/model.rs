@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::{Value, json};
 use sluice_deployments::TensorSpec;
 
@@ -151,16 +151,33 @@ pub async fn stats(
 }
 
 /// `POST /v2/repository/models/{m}/load`: (re)load a repository model now.
-pub async fn load(State(state): State<AppState>, Path(model): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn load(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    may_control(&state, &headers)?;
     state.controller.load_model(&model).await?;
     Ok(StatusCode::OK)
+}
+
+/// Refuses a repository load or unload without the admin token, when one is set.
+fn may_control(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &state.control_token {
+        Some(t) if !crate::auth::bearer_matches(headers.get(header::AUTHORIZATION), t) => {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, crate::auth::CONTROL_NEEDS_TOKEN))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `POST /v2/repository/models/{m}/unload`: stop serving a repository model.
 pub async fn unload(
     State(state): State<AppState>,
     Path(model): Path<String>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    may_control(&state, &headers)?;
     state.controller.unload_model(&model).await?;
     Ok(StatusCode::OK)
 }
