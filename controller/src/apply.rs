@@ -454,6 +454,10 @@ impl Controller {
             (in_repo, st.repo.listing.clone().unwrap_or_default())
         };
         if !in_repo {
+            // Unloaded already: done (an unload asked twice, or retried, succeeds).
+            if unloaded.contains(name) {
+                return Ok(());
+            }
             return Err(ControlError::NotLoaded(name.to_string()));
         }
         unloaded.insert(name.to_string());

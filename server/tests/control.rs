@@ -482,6 +482,11 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
         index.to_string().contains(r#""name":"flowers","reason":"unloaded","state":"UNAVAILABLE""#),
         "{index}"
     );
+    // Asked again (a retry): done already, not an error.
+    let r = client.post(url(&s, "/v2/repository/models/flowers/unload")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client.post(url(&s, "/v2/repository/models/nope/unload")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
     // Load it back.
     let r = client.post(url(&s, "/v2/repository/models/flowers/load")).send().await.unwrap();
     assert_eq!(r.status(), 200);
