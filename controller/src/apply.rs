@@ -97,25 +97,19 @@ impl Controller {
 
     /// Plans, starts and commits `config` (the caller holds `changes`).
     async fn reconcile(&self, config: &Config) -> Result<(), ControlError> {
-        let (mut plan, origins) = {
+        let (plan, origins) = {
             let st = self.lock();
             (reconcile::plan(&st, config), st.repo.origins.clone())
         };
-        if let Err(e) = reconcile::start(&mut plan, &self.cluster, &self.wake, &origins).await {
-            plan.discard();
-            return Err(e);
-        }
+        // Until committed, what the plan starts is stopped if this returns early (or its
+        // caller goes away while replicas load).
+        let mut plan = reconcile::Uncommitted::new(plan);
+        reconcile::start(plan.plan(), &self.cluster, &self.wake, &origins).await?;
         let commit = {
             let mut st = self.lock();
-            let pipelines = match pipelines::build_all(config, &plan, &st) {
-                Ok(pipelines) => pipelines,
-                Err(e) => {
-                    drop(st);
-                    plan.discard();
-                    return Err(e);
-                }
-            };
-            let commit = reconcile::commit(&mut st, plan);
+            // On an error the lock is let go first, then the plan's versions are stopped.
+            let pipelines = pipelines::build_all(config, plan.plan(), &st)?;
+            let commit = reconcile::commit(&mut st, plan.commit());
             st.pipelines = pipelines;
             st.refresh_aliases();
             apps::applied(&mut st, config);
@@ -346,7 +340,11 @@ impl Controller {
             let skip = repository::skipped(&st.unloaded, &repository::named_in_config(config, &listing));
             let plans = scan::select(repo, &listing, &skip, &rejected, &serving);
             let wanted = repository::signature(&plans, &listing);
-            if st.repo.applied.as_ref() == Some(&wanted) || st.repo.failed.as_ref() == Some(&wanted) {
+            // Versions the last apply could not fetch are tried again at every poll (a serving
+            // version whose new files failed leaves the plan, and so the signature, unchanged).
+            if (st.repo.applied.as_ref() == Some(&wanted) || st.repo.failed.as_ref() == Some(&wanted))
+                && st.repo.not_fetched.is_empty()
+            {
                 return Ok(());
             }
             wanted

@@ -53,12 +53,39 @@ pub(crate) struct Plan {
     pub deployments: Vec<DeploymentPlan>,
 }
 
+/// A plan until it is committed: dropped before (a later version failed to start, a pipeline
+/// over the new versions failed its check, or the caller went away while replicas loaded), it
+/// stops every version it started. Nothing routes to them yet; on Ray their actors would
+/// otherwise stay, holding their CPUs and GPUs, until the job ends (locally, dropping a
+/// deployment stops its threads anyway).
+pub(crate) struct Uncommitted(Option<Plan>);
+
+impl Uncommitted {
+    pub fn new(plan: Plan) -> Self {
+        Self(Some(plan))
+    }
+
+    pub fn plan(&mut self) -> &mut Plan {
+        self.0.as_mut().expect("a plan until it is committed")
+    }
+
+    /// The plan, to commit: no longer stopped when this is dropped.
+    pub fn commit(mut self) -> Plan {
+        self.0.take().expect("a plan until it is committed")
+    }
+}
+
+impl Drop for Uncommitted {
+    fn drop(&mut self) {
+        if let Some(plan) = self.0.take() {
+            plan.discard();
+        }
+    }
+}
+
 impl Plan {
-    /// Stops every version the plan started, for a plan that is not committed (a later
-    /// version failed to start, or a pipeline over them failed its check): nothing routes to
-    /// them yet. On Ray their actors would otherwise stay, holding their CPUs and GPUs, until
-    /// the job ends (locally, dropping a deployment stops its threads anyway).
-    pub fn discard(self) {
+    /// Stops every version the plan started (see [`Uncommitted`]).
+    fn discard(self) {
         for p in self.deployments {
             let changes = std::iter::once(p.primary).chain(p.canary).chain(p.shadow).chain(p.others);
             for change in changes {

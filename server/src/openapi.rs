@@ -132,9 +132,15 @@ pub const REST: &[Op] = &[
         "/v2/repository/models/{model}/load",
         "Load a repository model (again)",
         Body::None,
-        &[400, 404],
+        &[400, 401, 404, 503],
     ),
-    op(Post, "/v2/repository/models/{model}/unload", "Unload a repository model", Body::None, &[400, 404]),
+    op(
+        Post,
+        "/v2/repository/models/{model}/unload",
+        "Unload a repository model",
+        Body::None,
+        &[400, 401, 404],
+    ),
     op(Get, "/v2/models/stats", "Inference statistics of every model (Triton's shape)", Json("Object"), &[]),
     op(Get, "/v2/models/{model}/stats", "Inference statistics of one model", Json("Object"), &[404]),
     op(
