@@ -38,21 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$TMP/config.yaml" <<EOF
-http_options: {host: 127.0.0.1, port: 18110}
-grpc_options: {enabled: false}
-admin_options: {enabled: false}
-applications:
-  - name: flame
-    deployments:
-      - {name: mlp, model: $ROOT/examples/models/mlp/model.onnx, num_replicas: 2, max_batch_size: 32}
-EOF
-python3 - "$ROOT" > "$TMP/post.lua" <<'EOF'
-import json, sys
-case = json.load(open(f"{sys.argv[1]}/examples/models/mlp/expected.json"))["cases"][0]
-body = json.dumps({"inputs": case["inputs"]}).replace("\\", "\\\\").replace('"', '\\"')
-print(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"')
-EOF
+. "$ROOT/scripts/tiny-mlp.sh"
+tiny_mlp_config "$ROOT" 18110 flame > "$TMP/config.yaml"
+tiny_mlp_post_lua "$ROOT" > "$TMP/post.lua"
 
 ORT_DYLIB_PATH=$ROOT/.ort/libonnxruntime.so RUST_LOG=warn "$BIN" run "$TMP/config.yaml" 2>"$TMP/server.log" &
 PID=$!

@@ -27,21 +27,9 @@ cleanup() {
   rm -rf "$DIR"
 }
 trap cleanup EXIT
-cat > "$DIR/config.yaml" <<YAML
-http_options: {host: 127.0.0.1, port: $PORT}
-grpc_options: {enabled: false}
-admin_options: {enabled: false}
-applications:
-  - name: threads
-    deployments:
-      - {name: mlp, model: $PWD/examples/models/mlp/model.onnx, num_replicas: 2, max_batch_size: 32}
-YAML
-python3 - "$PWD" > "$DIR/post.lua" <<'PY'
-import json, sys
-case = json.load(open(f"{sys.argv[1]}/examples/models/mlp/expected.json"))["cases"][0]
-body = json.dumps({"inputs": case["inputs"]}).replace("\\", "\\\\").replace('"', '\\"')
-print(f'wrk.method = "POST"\nwrk.body = "{body}"\nwrk.headers["Content-Type"] = "application/json"')
-PY
+. scripts/tiny-mlp.sh
+tiny_mlp_config "$PWD" "$PORT" threads > "$DIR/config.yaml"
+tiny_mlp_post_lua "$PWD" > "$DIR/post.lua"
 case $MODE in
   infer) WRK=(-s "$DIR/post.lua" "http://127.0.0.1:$PORT/v2/models/mlp/infer") ;;
   live) WRK=("http://127.0.0.1:$PORT/v2/health/live") ;;
