@@ -91,8 +91,48 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
     Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs, timeout, model_id: None })
 }
 
-/// Little-endian bytes from the typed contents field that fits `dtype`.
+/// The typed contents field that carries `dtype` (None: only raw_input_contents can).
+fn contents_field(dtype: DataType) -> Option<&'static str> {
+    Some(match dtype {
+        DataType::Bool => "bool_contents",
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => "uint_contents",
+        DataType::Uint64 => "uint64_contents",
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => "int_contents",
+        DataType::Int64 => "int64_contents",
+        DataType::Fp32 => "fp32_contents",
+        DataType::Fp64 => "fp64_contents",
+        DataType::Bytes => "bytes_contents",
+        DataType::Fp16 | DataType::Bf16 => return None,
+    })
+}
+
+/// The typed contents fields that hold data.
+fn filled_fields(c: &pb::InferTensorContents) -> impl Iterator<Item = &'static str> {
+    [
+        ("bool_contents", c.bool_contents.is_empty()),
+        ("int_contents", c.int_contents.is_empty()),
+        ("int64_contents", c.int64_contents.is_empty()),
+        ("uint_contents", c.uint_contents.is_empty()),
+        ("uint64_contents", c.uint64_contents.is_empty()),
+        ("fp32_contents", c.fp32_contents.is_empty()),
+        ("fp64_contents", c.fp64_contents.is_empty()),
+        ("bytes_contents", c.bytes_contents.is_empty()),
+    ]
+    .into_iter()
+    .filter(|(_, empty)| !empty)
+    .map(|(field, _)| field)
+}
+
+/// Little-endian bytes from the typed contents field that fits `dtype`; data in any other
+/// field is refused, naming both (it would otherwise read as missing data).
 fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Result<Bytes, InferError> {
+    if let Some(want) = contents_field(dtype)
+        && let Some(other) = filled_fields(&c).find(|&f| f != want)
+    {
+        return Err(InferError::invalid(format!(
+            "input `{name}`: {dtype} data goes in contents.{want}, but contents.{other} holds data"
+        )));
+    }
     let mut out = BytesMut::new();
     macro_rules! narrow {
         ($src:expr, $t:ty) => {
@@ -233,6 +273,17 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(req).unwrap_err().message.contains("raw_input_contents"));
+        // Data in another typed field than the datatype's is named, not read as missing.
+        let c = pb::InferTensorContents { int_contents: vec![1, 2], ..Default::default() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("ids", "INT64", vec![2], Some(c))],
+            ..Default::default()
+        };
+        let msg = decode(req).unwrap_err().message;
+        assert!(
+            msg.contains("input `ids`: INT64 data goes in contents.int64_contents, but contents.int_contents holds data"),
+            "{msg}"
+        );
         // Shared memory, for an input or an output, is refused (not ignored).
         let shm = || {
             let region = pb::InferParameter {

@@ -134,12 +134,17 @@ fn shape_of(v: &Value) -> Result<Vec<usize>, String> {
 fn nested(t: &Tensor) -> Value {
     let flat = serde_json::to_value(JsonData(t)).unwrap_or(Value::Null);
     let Value::Array(items) = flat else { return flat };
+    // Driven by the shape, not the items: `[2, 0]` is `[[], []]`, not `[]`.
     fn build(items: &[Value], shape: &[usize]) -> Value {
         match shape {
             [] | [_] => Value::Array(items.to_vec()),
-            [_, rest @ ..] => {
-                let step: usize = rest.iter().product::<usize>().max(1);
-                Value::Array(items.chunks(step).map(|c| build(c, rest)).collect())
+            [n, rest @ ..] => {
+                let step: usize = rest.iter().product();
+                Value::Array(
+                    (0..*n)
+                        .map(|i| build(items.get(i * step..(i + 1) * step).unwrap_or(&[]), rest))
+                        .collect(),
+                )
             }
         }
     }
@@ -154,7 +159,23 @@ fn nested(t: &Tensor) -> Value {
 mod tests {
     use serde_json::json;
 
-    use super::shape_of;
+    use bytes::Bytes;
+    use sluice_deployments::{DataType, Tensor};
+
+    use super::{nested, shape_of};
+
+    #[test]
+    fn outputs_nest_by_their_shape_also_when_empty() {
+        let t = |shape: Vec<usize>, data: Vec<f32>| {
+            let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            Tensor::new(DataType::Fp32, shape, Bytes::from(bytes)).unwrap()
+        };
+        assert_eq!(nested(&t(vec![2, 3], vec![1., 2., 3., 4., 5., 6.])), json!([[1., 2., 3.], [4., 5., 6.]]));
+        assert_eq!(nested(&t(vec![2, 0], vec![])), json!([[], []]));
+        assert_eq!(nested(&t(vec![2, 1, 0], vec![])), json!([[[]], [[]]]));
+        assert_eq!(nested(&t(vec![0, 3], vec![])), json!([]));
+        assert_eq!(nested(&t(vec![], vec![7.])), json!(7.));
+    }
 
     /// Flattened, a ragged array would be read as another shape (`[[1, 2], [3], [4, 5, 6]]` as
     /// 3×2): it is refused, naming the array that differs.
