@@ -22,6 +22,12 @@ use super::remote::GrpcReplica;
 /// Replacements of a replica that keeps failing wait this long at most between tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The wait before trying again after `failures` in a row: 0.5 s, doubling, at most
+/// [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(250 * 2u64.pow(failures.min(7))).min(MAX_BACKOFF)
+}
+
 /// Frontends on every node that has replicas (`proxy_location: EveryNode`).
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -140,6 +146,8 @@ pub struct RayCluster {
     replica_nodes: Mutex<HashMap<String, String>>,
     /// Proxies by node id.
     proxies: Mutex<BTreeMap<String, Proxy>>,
+    /// Nodes whose proxy failed, by node id: failures in a row, and when to try again.
+    proxy_retry: Mutex<BTreeMap<String, (u32, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +174,7 @@ impl RayCluster {
             head: Mutex::new((String::new(), String::new())),
             replica_nodes: Mutex::new(HashMap::new()),
             proxies: Mutex::new(BTreeMap::new()),
+            proxy_retry: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&cluster);
         tokio::spawn(async move {
@@ -238,16 +247,19 @@ impl RayCluster {
             Event::Ready { name, node_id, node_ip, addr, .. } if name.starts_with(PROXY_PREFIX) => {
                 if let Some(p) = lock(&self.proxies).values_mut().find(|p| p.name == name) {
                     tracing::info!(node = %node_ip, "proxy up at {addr}");
+                    lock(&self.proxy_retry).remove(&p.node_id);
                     (p.node_id, p.node_ip, p.addr) = (node_id, node_ip, Some(addr));
                 }
             }
-            Event::Failed { name, .. }
-            | Event::Exited { name, .. }
-            | Event::Died { name, .. }
-            | Event::Killed { name }
+            Event::Killed { name } if name.starts_with(PROXY_PREFIX) => {
+                lock(&self.proxies).retain(|_, p| p.name != name);
+            }
+            Event::Failed { ref name, .. }
+            | Event::Exited { ref name, .. }
+            | Event::Died { ref name, .. }
                 if name.starts_with(PROXY_PREFIX) =>
             {
-                lock(&self.proxies).retain(|_, p| p.name != name);
+                self.proxy_lost(name, &event);
             }
             Event::Pending { name, kind, reason } => {
                 if let Some(r) = self.owner(&name) {
@@ -357,8 +369,11 @@ impl RayCluster {
             }
         }
         proxies.retain(|node, _| wanted.contains(node));
+        let now = Instant::now();
+        let mut retry = lock(&self.proxy_retry);
+        retry.retain(|node, _| wanted.contains(node));
         for node in wanted {
-            if proxies.contains_key(&node) {
+            if proxies.contains_key(&node) || retry.get(&node).is_some_and(|&(_, at)| now < at) {
                 continue;
             }
             let n = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -380,6 +395,29 @@ impl RayCluster {
             });
             proxies.insert(node.clone(), Proxy { name, node_id: node, node_ip: String::new(), addr: None });
         }
+    }
+
+    /// A proxy that failed, exited or died: gone from the list, and its node's proxy is
+    /// started again after a backoff that doubles while they keep failing (reset when one
+    /// comes up), not at every control round.
+    fn proxy_lost(&self, name: &str, event: &Event) {
+        let Some(p) = ({
+            let mut proxies = lock(&self.proxies);
+            let node = proxies.iter().find(|(_, p)| p.name == name).map(|(node, _)| node.clone());
+            node.and_then(|node| proxies.remove(&node))
+        }) else {
+            return;
+        };
+        let why = match event {
+            Event::Failed { message, .. } | Event::Died { message, .. } => message.clone(),
+            Event::Exited { code, .. } => format!("exited with code {code:?}"),
+            _ => String::new(),
+        };
+        let mut retry = lock(&self.proxy_retry);
+        let failures = retry.get(&p.node_id).map_or(0, |&(f, _)| f) + 1;
+        let wait = backoff(failures);
+        retry.insert(p.node_id.clone(), (failures, Instant::now() + wait));
+        tracing::warn!(node = %p.node_ip, node_id = %p.node_id, "proxy {name} lost ({why}); failure {failures} in a row, next try in {wait:?}");
     }
 
     /// The proxies on other nodes than the head.
@@ -418,7 +456,7 @@ impl RayCluster {
             spec_json,
             placement,
             health,
-            state: Mutex::new(State { target, actors: BTreeMap::new(), failures: 0 }),
+            state: Mutex::new(State { target, actors: BTreeMap::new(), failures: 0, retired: false }),
             changed,
         });
         r.ensure();
@@ -458,6 +496,17 @@ struct State {
     actors: BTreeMap<String, Actor>,
     /// Replicas lost in a row (reset when one comes up): the backoff before the next try.
     failures: u32,
+    /// The version is retired ([`RayReplicas::stop`]): no count but 0 is taken from then on.
+    retired: bool,
+}
+
+impl State {
+    /// Sets the wanted count: 0 once retired, so a rescale decided before a promote and
+    /// applied after the old version stopped cannot start its actors again (nothing would
+    /// stop them).
+    fn aim(&mut self, n: usize) {
+        self.target = if self.retired { 0 } else { n };
+    }
 }
 
 /// The replicas of one deployment version on Ray.
@@ -504,8 +553,8 @@ impl RayReplicas {
     pub fn scale_to(self: &Arc<Self>, n: usize) {
         let victims = {
             let mut st = lock(&self.state);
-            st.target = n;
-            let excess = st.actors.len().saturating_sub(n);
+            st.aim(n);
+            let excess = st.actors.len().saturating_sub(st.target);
             let mut order: Vec<(bool, String)> =
                 st.actors.iter().map(|(name, a)| (matches!(a, Actor::Up { .. }), name.clone())).collect();
             order.sort();
@@ -528,6 +577,7 @@ impl RayReplicas {
 
     /// Stops every actor (the version is retired).
     pub fn stop(self: &Arc<Self>) {
+        lock(&self.state).retired = true;
         self.scale_to(0);
     }
 
@@ -569,7 +619,7 @@ impl RayReplicas {
             self.create(missing);
             return;
         }
-        let delay = Duration::from_millis(250 * 2u64.pow(failures.min(7))).min(MAX_BACKOFF);
+        let delay = backoff(failures);
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -712,7 +762,95 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
 
 #[cfg(test)]
 mod tests {
-    use super::{ProxyOptions, replica_argv};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::sync::mpsc;
+
+    use super::super::bridge::{self, Event, Node};
+    use super::{ProxyOptions, RayCluster, RayOptions, State, lock, replica_argv};
+
+    /// A proxy that keeps failing is started again after a backoff (0.5 s, then doubling), not
+    /// at every control round; one that comes up resets it.
+    #[tokio::test]
+    async fn a_failing_proxy_is_started_again_after_a_backoff() {
+        let (_driver_out, ours_in) = tokio::io::duplex(1 << 16);
+        let (ours_out, driver_in) = tokio::io::duplex(1 << 16);
+        let (commands, _events) = bridge::over(ours_in, ours_out);
+        let (_tx, events) = mpsc::unbounded_channel();
+        let options = RayOptions {
+            binary: "/job/sluice".into(),
+            working_dir: "/job".into(),
+            grace: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(10),
+            proxies: Some(ProxyOptions {
+                admin_port: 8266,
+                http_port: 8000,
+                grpc_port: None,
+                token: None,
+                worker_threads: None,
+                release_startup_memory: true,
+            }),
+            release_startup_memory: true,
+        };
+        let cluster = RayCluster::start(commands, events, options);
+        *lock(&cluster.head) = ("head".into(), "10.0.0.1".into());
+        let worker = Node { node_id: "w".into(), node_ip: "10.0.0.2".into(), alive: true, is_head: false };
+        lock(&cluster.nodes).insert("w".into(), worker);
+        lock(&cluster.replica_nodes).insert("sluice:m:1:r-0".into(), "w".into());
+        let mut lines = BufReader::new(driver_in).lines();
+        let mut next_create = async || {
+            let line = tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+            assert_eq!(v["op"], "create");
+            Some(v["name"].as_str().unwrap().to_string())
+        };
+        let fail = |name: &str| Event::Failed {
+            name: name.into(),
+            node_ip: None,
+            message: "bind: address in use".into(),
+            log_tail: String::new(),
+        };
+
+        cluster.reconcile_proxies();
+        let first = next_create().await.expect("a proxy for the worker node");
+        cluster.handle(fail(&first));
+        cluster.reconcile_proxies();
+        assert_eq!(next_create().await, None, "not again within the backoff");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cluster.reconcile_proxies();
+        let second = next_create().await.expect("again after 0.5 s");
+        assert_ne!(second, first);
+        cluster.handle(fail(&second));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.reconcile_proxies();
+        assert_eq!(next_create().await, None, "the second wait is 1 s");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        cluster.reconcile_proxies();
+        let third = next_create().await.expect("again after 1 s");
+        cluster.handle(Event::Ready {
+            name: third,
+            node_id: "w".into(),
+            node_ip: "10.0.0.2".into(),
+            pid: 7,
+            addr: "10.0.0.2:8000".into(),
+        });
+        assert!(lock(&cluster.proxy_retry).is_empty(), "a proxy that comes up resets the backoff");
+    }
+
+    /// A retired version takes no count but 0: a rescale that raced a promote cannot bring
+    /// back the actors its stop killed.
+    #[test]
+    fn a_retired_version_stays_at_zero() {
+        let mut st = State { target: 2, actors: BTreeMap::new(), failures: 0, retired: false };
+        st.aim(3);
+        assert_eq!(st.target, 3);
+        st.retired = true;
+        st.aim(0);
+        st.aim(4);
+        assert_eq!(st.target, 0);
+    }
 
     /// A replica's runtime gets the CPUs it reserves, rounded up, never fewer than one.
     #[test]
