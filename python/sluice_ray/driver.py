@@ -17,7 +17,14 @@ Commands: create, kill, nodes, list, shutdown. Events: hello, node_added,
 node_removed, pending, ready, failed, killed, nodes, actors, exited, died,
 error, shutdown. python/README.md gives every field.
 
-Every actor is a detached named ``ProcessHost`` (see host.py) in the namespace
+One live driver holds a namespace: before it starts the controller it
+creates ``sluice-owner``, a named, NON-detached actor (``host.NamespaceOwner``)
+that Ray destroys with the driver's process. A driver that finds that name held
+by a driver whose job is still running exits with an error (code 1) and never
+starts its controller, so it touches none of the other instance's actors (see
+``claim_namespace``).
+
+Every other actor is a detached named ``ProcessHost`` (see host.py) in the namespace
 given by --namespace. The driver watches each actor's long-running ``run()``
 call with ``ray.wait`` and reports ``exited`` (the child exited; the actor is
 then released) or ``died`` (the actor died: its node was lost, or it was killed
@@ -39,6 +46,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +62,15 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 CREATE_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
                       "max_replicas_per_node", "group", "node_id", "soft"}
 RUN_MAX_WAIT_S = 60.0   # a run() call returns None after this; the watcher calls again
+# The actor by which a running driver holds its namespace (non-detached: it dies with the
+# driver's process, and Ray frees its name then). `list` never shows it, `kill` refuses it.
+OWNER_NAME = "sluice-owner"
+# A holder whose job has ended (its driver died) loses its name as soon as Ray processes the
+# driver's death, well under a second; one still named after this long is killed, and the
+# name taken.
+OWNER_TAKEOVER_S = 5.0
+OWNER_ANSWER_S = 2.0    # how long the holder may take to say who it is, for the error message
+NAMESPACE_TAKEN_EXIT = 1
 
 
 def _log(msg: str) -> None:
@@ -129,6 +146,7 @@ class Driver:
         self.sigterm_at: Optional[float] = None
         self.child: Optional[subprocess.Popen] = None
         self.actor_cls = None
+        self.owner = None        # our NamespaceOwner handle: held for the driver's lifetime
         self.known_nodes: Dict[str, dict] = {}
         self._nodes_cache: Optional[Tuple[float, List[dict]]] = None
 
@@ -247,6 +265,8 @@ class Driver:
         name = cmd.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError("create: 'name' must be a non-empty string")
+        if name == OWNER_NAME:
+            raise ValueError("create: the name %r is reserved (the driver holds the namespace with it)" % name)
         argv = cmd.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("create %s: 'argv' must be a non-empty list of strings" % name)
@@ -491,6 +511,8 @@ class Driver:
         name = cmd.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError("kill: 'name' must be a non-empty string")
+        if name == OWNER_NAME:
+            raise ValueError("kill: %r is how the driver holds the namespace, not a replica or proxy" % name)
         grace = _num(cmd.get("grace_s", 5.0), "grace_s")
         with self.lock:
             rec = self.actors.get(name)
@@ -515,14 +537,16 @@ class Driver:
     def op_list(self, cmd: dict) -> None:
         """The live named actors of the namespace whose name starts with prefix.
         Those this driver does not manage yet are adopted: watched like its own
-        and killed at shutdown. state: ready (LISTEN seen), starting (process
+        and killed at shutdown. The namespace's OWNER_NAME (this driver's, or
+        nobody's) is never listed. state: ready (LISTEN seen), starting (process
         running, no LISTEN yet), pending (actor not placed yet) or unreachable
         (placed, but did not answer within 10 s)."""
         import ray
         prefix = cmd.get("prefix", "")
         if not isinstance(prefix, str):
             raise ValueError("list: 'prefix' must be a string")
-        names = sorted(n for n in ray.util.list_named_actors(all_namespaces=False) if n.startswith(prefix))
+        names = sorted(n for n in ray.util.list_named_actors(all_namespaces=False)
+                       if n.startswith(prefix) and n != OWNER_NAME)
         fields = ("node_id", "node_ip", "pid", "actor_pid", "addr")
         out: Dict[str, dict] = {}
         handles, refs = {}, {}
@@ -683,6 +707,123 @@ class Driver:
                     del self.actors[r.name]
         return [r.name for r in recs]
 
+    # ------------------------------------------------------------ the namespace
+    def claim_namespace(self) -> Optional[str]:
+        """Holds the namespace for as long as this driver lives, or says why not.
+
+        Creates OWNER_NAME, a named actor that is NOT detached: this driver owns
+        it, and Ray destroys an owned actor, and frees its name, when its owner's
+        process dies (crash and SIGKILL included). Ray registers an actor's name
+        atomically (a second registration of a held name fails), so at most one
+        live driver holds the namespace. Returns None once it is ours.
+
+        When the name is held: by a driver whose job is still running (or whose
+        job Ray does not know), returns the error to report; this driver then
+        exits without starting its controller, so it touches none of that
+        instance's actors. By a driver whose job has ended (it died, and Ray is
+        still releasing the name), waits up to OWNER_TAKEOVER_S for the name to
+        come free, then kills the holder and takes it. The detached actors such a
+        dead run left are then adopted or killed through `list`, as before."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        ctx = ray.get_runtime_context()
+        holder_info = {"namespace": self.namespace, "job_id": ctx.get_job_id(),
+                       "submission_id": self.submission_id(), "pid": os.getpid(),
+                       "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+                       "started_at": time.time()}
+        owner_cls = ray.remote(_host.NamespaceOwner)
+        opts = {"name": OWNER_NAME, "namespace": self.namespace, "lifetime": "non_detached",
+                "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                # Next to the driver: its worker starts where the job's runtime_env is ready.
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ctx.get_node_id(), soft=True)}
+        stale_since: Optional[float] = None
+        free_misses = 0
+        give_up = time.monotonic() + OWNER_TAKEOVER_S + 30.0
+        while True:
+            try:
+                # Named actors register with the GCS synchronously: this raises
+                # (ActorAlreadyExistsError) when the name is held.
+                self.owner = owner_cls.options(**opts).remote(holder_info)
+                return None
+            except Exception as e:
+                create_error = e
+            try:
+                holder = ray.get_actor(OWNER_NAME, namespace=self.namespace)
+            except ValueError:
+                holder = None
+            if holder is None:
+                # Freed between our attempt and the look-up: try again. A create that
+                # fails while the name is free is another error.
+                free_misses += 1
+                if free_misses > 20:
+                    raise RuntimeError("cannot create %s in namespace %r: %s"
+                                       % (OWNER_NAME, self.namespace, _short_err(create_error)))
+                time.sleep(0.1)
+                continue
+            job = self._holder_job(holder)
+            if job["dead"] is not True:
+                return self._refusal(holder, job)
+            now = time.monotonic()
+            stale_since = stale_since or now
+            if now - stale_since >= OWNER_TAKEOVER_S:
+                _log("namespace %r: the %s of job %s, which has ended, still holds the name after %.0f s; "
+                     "killing it" % (self.namespace, OWNER_NAME, job["job_id"], now - stale_since))
+                try:
+                    ray.kill(holder, no_restart=True)
+                except Exception as e:
+                    _log("ray.kill(%s) failed: %s" % (OWNER_NAME, _short_err(e)))
+            if now > give_up:
+                raise RuntimeError("namespace %r: the %s of ended job %s does not go away"
+                                   % (self.namespace, OWNER_NAME, job["job_id"]))
+            time.sleep(0.25)
+
+    @staticmethod
+    def _holder_job(holder) -> Dict[str, Any]:
+        """The job of the actor holding OWNER_NAME, from the GCS: its id, and
+        whether it has ended (dead: True/False, None when Ray does not say)."""
+        import ray
+        out: Dict[str, Any] = {"job_id": None, "dead": None, "driver_ip": None, "driver_pid": None,
+                               "start_ms": None}
+        aid = holder._actor_id
+        try:
+            out["job_id"] = aid.job_id.hex()        # an actor id embeds its job's id
+        except Exception:
+            pass
+        try:
+            a = ray._private.state.actors(actor_id=aid.hex())
+            out["job_id"] = a.get("JobID") or out["job_id"]
+        except Exception:
+            pass
+        try:
+            for j in ray._private.state.jobs():
+                if out["job_id"] and j.get("JobID") == out["job_id"]:
+                    out.update(dead=bool(j.get("IsDead")), driver_ip=j.get("DriverIPAddress") or None,
+                               driver_pid=j.get("DriverPid") or None, start_ms=j.get("StartTime") or None)
+        except Exception as e:
+            _log("cannot read Ray's job table: %s" % _short_err(e))
+        return out
+
+    def _refusal(self, holder, job: Dict[str, Any]) -> str:
+        """The error for a namespace another live driver holds, naming it."""
+        import ray
+        info: Dict[str, Any] = {}
+        try:
+            info = ray.get(holder.info.remote(), timeout=OWNER_ANSWER_S) or {}
+        except Exception:
+            pass    # starting, or its process died: the job table still says who
+        parts = ["job %s" % (info.get("job_id") or job.get("job_id") or "?")]
+        if info.get("submission_id"):
+            parts.append("submission %s" % info["submission_id"])
+        pid, ip = info.get("pid") or job.get("driver_pid"), info.get("node_ip") or job.get("driver_ip")
+        if pid:
+            parts.append("driver pid %s%s" % (pid, " on %s" % ip if ip else ""))
+        started = info.get("started_at") or (job["start_ms"] / 1000.0 if job.get("start_ms") else None)
+        if started:
+            parts.append("started %s" % time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)))
+        return ("Ray namespace `%s` is already used by another running Sluice instance (%s); "
+                "give this one its own `cluster.ray.namespace` (driver option --namespace), "
+                "or stop the other one first" % (self.namespace, ", ".join(parts)))
+
     def _on_sigterm(self, signum, frame) -> None:
         if self.sigterm_at is None:
             self.sigterm_at = time.monotonic()
@@ -727,6 +868,12 @@ class Driver:
         except Exception as e:
             _log("register_pickle_by_value failed (%s); workers must import sluice_ray" % e)
         self.actor_cls = ray.remote(_host.ProcessHost)
+        # Before anything can list, adopt or kill actors of the namespace: hold it.
+        refused = self.claim_namespace()
+        if refused is not None:
+            _log("error: %s" % refused)
+            sys.stderr.flush()
+            return NAMESPACE_TAKEN_EXIT
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
         env = dict(os.environ)

@@ -14,6 +14,9 @@ One detached, named actor per process. The actor:
 * answers ``wait_ready()``, ``run()``, ``info()`` and ``stop()`` concurrently
   (it is created with ``max_concurrency`` > 1, i.e. a threaded actor).
 
+``NamespaceOwner`` is the other actor class: the tiny, non-detached actor by
+which a running driver holds its Ray namespace (see ``driver.claim_namespace``).
+
 This module is imported by the driver and pickled *by value* into the actor,
 so a worker node does not need ``sluice_ray`` on its ``sys.path``.
 """
@@ -265,3 +268,16 @@ class ProcessHost:
 
     def ping(self) -> bool:
         return True
+
+
+class NamespaceOwner:
+    """Holds a Ray namespace for one running driver. The driver creates it
+    non-detached (it is the owner, so Ray destroys it, and frees its name, when
+    the driver's process dies) and named ``sluice-owner`` in the namespace; it
+    only answers who holds the namespace (job, submission, pid, node, start)."""
+
+    def __init__(self, holder: dict):
+        self.holder = dict(holder)
+
+    def info(self) -> dict:
+        return dict(self.holder)

@@ -108,12 +108,15 @@ def build_package(dest: Path) -> Path:
 
 
 class Bridge:
-    """One Ray job: the sluice_ray driver with the relay as its controller."""
+    """One Ray job: the sluice_ray driver with the relay as its controller. One live driver
+    holds a namespace (a second one there exits at once, without hello): jobs that run beside
+    the module's long-lived one get a namespace of their own."""
 
     _ids = itertools.count(1)
 
     def __init__(self, cluster: netns_cluster.NetnsCluster, package_uri: str, workdir: Path, tag: str,
-                 driver_args: str = "", env_vars: Optional[dict] = None):
+                 driver_args: str = "", env_vars: Optional[dict] = None, namespace: str = NAMESPACE,
+                 wait_hello: bool = True):
         self.cluster = cluster
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +128,9 @@ class Bridge:
         # O_RDWR: opening does not block, and the relay never sees EOF until close().
         self.fd: Optional[int] = os.open(self.fifo, os.O_RDWR)
         self.submission_id = "sluice-test-%s-%d-%d" % (tag, os.getpid(), next(Bridge._ids))
+        self.namespace = namespace
         entrypoint = ("python -m sluice_ray.driver --namespace %s %s -- python relay_controller.py %s %s"
-                      % (NAMESPACE, driver_args, self.fifo, self.events_path))
+                      % (namespace, driver_args, self.fifo, self.events_path))
         env = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
         env.update(env_vars or {})
         env = {k: v for k, v in env.items() if v is not None}   # None: leave Ray's default
@@ -136,7 +140,7 @@ class Bridge:
         if st != 200:
             raise RuntimeError("job submit failed: %s %s" % (st, resp))
         self.t_submit = time.monotonic()
-        self.hello = self.wait("hello", timeout=60)
+        self.hello = self.wait("hello", timeout=60) if wait_hello else None
 
     # -------------------------------------------------------------- commands
     def send(self, cmd) -> None:

@@ -5,7 +5,8 @@ each), and one long-lived job (`bridge`) whose controller is a relay the test
 drives; the re-adoption and job-stop tests run jobs of their own. The native
 replica is replaced by tests/ray/stand_in_child.py. Tests run in file order
 and share the actors that `spread_pair` creates; the node-death test is last
-because it takes the worker node away.
+because it takes the worker node away. One live driver holds a namespace, so the
+jobs that run beside `bridge` use namespaces of their own.
 
 Run: .venv-ray/bin/python -m pytest -v --durations=0 tests/ray   (as root)
 """
@@ -232,8 +233,36 @@ def test_bad_commands_get_errors(bridge):
     bridge.request({"op": "nodes"}, "nodes")   # still serving
 
 
+def test_a_second_driver_in_the_namespace_is_refused(bridge, cluster, package_uri, tmp_path):
+    """While `bridge` runs, a second driver in its namespace exits at once with an error naming
+    the namespace and the job holding it. Its controller never starts, so it neither adopts nor
+    kills the first one's actors."""
+    keep = bridge.request(create_cmd("sluice:keep"), "ready", timeout=60)
+    dup = Bridge(cluster, package_uri, tmp_path / "jobDup", "dup", wait_hello=False)
+    job = dup.wait_terminal(60)
+    logs = dup.logs()
+    assert job["status"] == "FAILED" and job["driver_exit_code"] == 1, (job, logs[-3000:])
+    assert "Ray namespace `sluice-test` is already used by another running Sluice instance" in logs, logs[-3000:]
+    assert "submission %s" % bridge.submission_id in logs and "job %s" % bridge.hello["job_id"] in logs, logs[-3000:]
+    assert dup.events() == [], "its controller started: %s" % dup.events()
+    dup.close_fifo()
+    # The first driver and its actor go on as they were.
+    ev = bridge.request({"op": "list", "prefix": "sluice"}, "actors")
+    assert [(a["name"], a["state"], a["pid"]) for a in ev["actors"]] == [("sluice:keep", "ready", keep["pid"])], ev
+    st, body = cluster.http_json("GET", "http://%s/" % keep["addr"])
+    assert st == 200 and body["pid"] == keep["pid"]
+    assert not bridge.find("died", name="sluice:keep") and not bridge.find("exited", name="sluice:keep")
+    # The actor that holds the namespace is neither listed (above: prefix `sluice`, as the
+    # controller lists at start) nor killable through the bridge.
+    err = bridge.request({"op": "kill", "name": "sluice-owner"}, "error")
+    assert "holds the namespace" in err["message"], err
+    bridge.request({"op": "kill", "name": "sluice:keep", "grace_s": 1.0}, "killed")
+
+
 def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
-    b1 = Bridge(cluster, package_uri, tmp_path / "jobB", "readopt1")
+    # A namespace of its own (`bridge` holds the module's); b2 takes it over from b1's dead driver.
+    ns = "sluice-test-readopt"
+    b1 = Bridge(cluster, package_uri, tmp_path / "jobB", "readopt1", namespace=ns)
     b1.send(create_cmd("sluice:re-1"))
     b1.send(create_cmd("sluice:re-2", "--helper"))
     b1.send(create_cmd("sluice:re-p", num_cpus=8))      # never placed
@@ -253,7 +282,7 @@ def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
         assert st == 200 and body["pid"] == s["pid"]
     helper = cluster.http_json("GET", "http://%s/" % s2["addr"])[1]["helper_pid"]
 
-    b2 = Bridge(cluster, package_uri, tmp_path / "jobC", "readopt2")
+    b2 = Bridge(cluster, package_uri, tmp_path / "jobC", "readopt2", namespace=ns)
     ev = b2.request({"op": "list", "prefix": "sluice:re-"}, "actors")
     listed = {a["name"]: a for a in ev["actors"]}
     assert set(listed) == {"sluice:re-1", "sluice:re-2", "sluice:re-p"}
@@ -279,7 +308,8 @@ def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
 def test_job_stop_leaves_nothing(cluster, package_uri, tmp_path, stop_wait):
     # With Ray's default 3 s before SIGKILL, the driver shortens its graces to fit.
     b = Bridge(cluster, package_uri, tmp_path / "jobD", "stop",
-               env_vars={"RELAY_DRAIN_S": "1", "RAY_JOB_STOP_WAIT_TIME_S": stop_wait})
+               env_vars={"RELAY_DRAIN_S": "1", "RAY_JOB_STOP_WAIT_TIME_S": stop_wait},
+               namespace="sluice-test-stop-%s" % (stop_wait or "default"))
     b.send(create_cmd("sluice:st-1", "--helper", options={"num_cpus": 0.5, "group": "st", "max_replicas_per_node": 1}))
     b.send(create_cmd("sluice:st-2", "--helper", options={"num_cpus": 0.5, "group": "st", "max_replicas_per_node": 1}))
     rs = [b.wait("ready", name=n, timeout=60) for n in ("sluice:st-1", "sluice:st-2")]

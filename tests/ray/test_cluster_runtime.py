@@ -3,7 +3,8 @@
 replica` processes on both nodes; tritonclient infers through the head's frontends; a replica
 that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
 fails no request; a deploy failing part-way stops the replicas it started; a killed replica and a lost node are replaced with no request left hanging;
-stopping the job leaves no process behind.
+a second instance in the same Ray namespace is refused and touches nothing; stopping the job
+leaves no process behind.
 
 The tests share one cluster and one job and run in file order (the node-loss test takes the
 worker away, the last one stops the job)."""
@@ -145,9 +146,9 @@ def workdir(tmp_path_factory):
     return d
 
 
-def run_sluice(c, workdir, timeout=240):
+def run_sluice(c, workdir, timeout=240, config="app.yaml"):
     env = c.env({"SLUICE_ADMIN_TOKEN": TOKEN, "RUST_LOG": "info"})
-    return c.check_in("head", [str(SLUICE), "run", str(workdir / "app.yaml"), "--ray", c.dashboard_url],
+    return c.check_in("head", [str(SLUICE), "run", str(workdir / config), "--ray", c.dashboard_url],
                       timeout=timeout, env=env)
 
 
@@ -191,6 +192,51 @@ def test_submitting_twice_is_idempotent(cluster, workdir, job):
     st, jobs = cluster.http_json("GET", cluster.dashboard_url + "/api/jobs/")
     assert st == 200
     assert [j["submission_id"] for j in jobs if j["status"] in ("PENDING", "RUNNING")] == ["sluice-app"]
+
+
+# Another Sluice instance (its own config name, so its own job `sluice-other`, and its own ports)
+# that leaves `cluster.ray.namespace` at its default, `sluice`, as the running one does.
+OTHER = """\
+http_options: {port: 8100}
+grpc_options: {port: 8101}
+admin_options: {port: 8366}
+cluster: {ray: {start_timeout_s: 60}}
+applications:
+  - name: other
+    deployments:
+      - name: other
+        model: models/iris/model.onnx
+        num_cpus: 0.5
+"""
+
+
+def test_a_second_instance_in_the_same_namespace_is_refused(cluster, job, tmp_path):
+    """One live instance holds a Ray namespace: a second one started there fails at once, naming
+    the namespace and the instance that holds it, before its controller starts; it neither
+    adopts nor kills the first one's replicas, which go on serving."""
+    def replicas():
+        return sorted((n["name"], n["pid"]) for n in deployment(cluster, "iris")["versions"][0]["nodes"])
+    before = replicas()
+    assert len(before) == 2, before
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "examples" / "models" / "iris", other / "models" / "iris")
+    (other / "other.yaml").write_text(OTHER)
+    t = time.time()
+    r = run_sluice(cluster, other, timeout=180, config="other.yaml")
+    took = time.time() - t
+    assert r.returncode != 0, "the second instance started:\n%s\n%s" % (r.stdout, r.stderr[-4000:])
+    assert "Ray namespace `sluice` is already used by another running Sluice instance" in r.stderr, r.stderr[-4000:]
+    assert "submission sluice-app" in r.stderr and "cluster.ray.namespace" in r.stderr, r.stderr[-4000:]
+    st, j = cluster.http_json("GET", cluster.dashboard_url + "/api/jobs/sluice-other")
+    assert st == 200 and j["status"] == "FAILED" and j["driver_exit_code"] == 1, j
+    # Its controller never ran; the first instance's replicas are the same processes, still serving.
+    assert not [p for p in cluster.find_pids("head", "sluice") if "other.yaml" in " ".join(cmdline(p))]
+    assert deployment(cluster, "other") is None
+    assert replicas() == before
+    st, _ = cluster.http("POST", INFER, body=json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                         "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}).encode())
+    assert st == 200
+    sys.stderr.write("\n[second instance refused in %.1f s]\n" % took)
 
 
 def test_a_replica_that_does_not_fit_waits_and_status_says_why(cluster, workdir, job):
