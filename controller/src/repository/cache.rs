@@ -2,7 +2,8 @@
 //! `<cache_dir>/<hash of the repository URL>/<model>/<version>/`, each beside a small record of
 //! the size and entity tag it was fetched at. A file whose size and tag match its record is not
 //! downloaded again; a changed one is fetched into a temporary name and renamed over the old
-//! one, so a reader (another replica on the node) never sees half a file.
+//! one, so a reader (another replica on the node) never sees half a file, and only once every
+//! changed file of the version is fetched, so a failed fetch leaves the version as it was.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +88,10 @@ impl Cache {
             message: format!("cache `{}`: {e}", dir.display()),
         };
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
+        // Every changed file is fetched under a temporary name first; only when all of them are
+        // here do they replace the cached ones. A fetch that fails part-way leaves the version
+        // as it was (a multi-file version is never half old, half new on disk).
+        let mut staged = Staged::default();
         for f in files {
             let Some(name) = f.key.rsplit('/').next().filter(|n| !n.is_empty()) else { continue };
             let dest = dir.join(name);
@@ -109,6 +114,7 @@ impl Cache {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = tokio::fs::remove_file(&temp).await;
+                        staged.discard().await;
                         return Err(e);
                     }
                 };
@@ -116,13 +122,42 @@ impl Cache {
                 out.files_downloaded += 1;
                 crate::repository::metrics::downloaded(got);
             }
-            tokio::fs::rename(&temp, &dest).await.map_err(|e| io(&f.key, e))?;
             let record = serde_json::to_vec(&want).unwrap_or_default();
-            let temp = dir.join(format!(".{name}.record-{}-{n}", std::process::id()));
-            tokio::fs::write(&temp, record).await.map_err(|e| io(&f.key, e))?;
-            tokio::fs::rename(&temp, record_path(&dest)).await.map_err(|e| io(&f.key, e))?;
+            let record_temp = dir.join(format!(".{name}.record-{}-{n}", std::process::id()));
+            staged.files.push((temp, dest.clone(), f.key.clone()));
+            if let Err(e) = tokio::fs::write(&record_temp, record).await {
+                let _ = tokio::fs::remove_file(&record_temp).await;
+                staged.discard().await;
+                return Err(io(&f.key, e));
+            }
+            staged.files.push((record_temp, record_path(&dest), f.key.clone()));
+        }
+        // Each file before its record: a record never vouches for a file not yet in place.
+        let mut moves = std::mem::take(&mut staged.files).into_iter();
+        while let Some((temp, dest, key)) = moves.next() {
+            if let Err(e) = tokio::fs::rename(&temp, &dest).await {
+                staged.files.push((temp, dest, key.clone()));
+                staged.files.extend(moves);
+                staged.discard().await;
+                return Err(io(&key, e));
+            }
         }
         Ok(out)
+    }
+}
+
+/// Files fetched under temporary names: (temporary, final, the store's key).
+#[derive(Default)]
+struct Staged {
+    files: Vec<(PathBuf, PathBuf, String)>,
+}
+
+impl Staged {
+    /// Removes what was fetched (the fetch failed part-way).
+    async fn discard(&mut self) {
+        for (temp, _, _) in self.files.drain(..) {
+            let _ = tokio::fs::remove_file(&temp).await;
+        }
     }
 }
 
@@ -196,6 +231,37 @@ mod tests {
         assert_eq!(std::fs::read(changed.dir.join("vocab.txt")).unwrap(), b"a b c d");
         let e = cache.fetch(&store, "m", "1", &files, 100).await.unwrap_err().to_string();
         assert!(e.contains("above max_version_bytes (100)"), "{e}");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A fetch that fails part-way changes nothing on disk: the files fetched before the
+    /// failure do not replace the cached ones, and no temporary file stays.
+    #[tokio::test]
+    async fn a_fetch_failing_part_way_leaves_the_version_as_it_was() {
+        let base = std::env::temp_dir().join(format!("sluice-cache-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let repo = base.join("repo");
+        std::fs::create_dir_all(repo.join("m/1")).unwrap();
+        std::fs::write(repo.join("m/1/a.onnx"), b"old model").unwrap();
+        std::fs::write(repo.join("m/1/b.data"), b"old weights").unwrap();
+        let store = remote_store(&repo);
+        let cache = Cache::new(base.join("cache"));
+        let files = store.list("m/1").await.unwrap();
+        let dir = cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap().dir;
+        // Both files change; the last one listed is gone by the time it is fetched.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(repo.join("m/1/a.onnx"), b"new model!").unwrap();
+        std::fs::write(repo.join("m/1/b.data"), b"new weights!").unwrap();
+        let files = store.list("m/1").await.unwrap();
+        let last = files.last().unwrap().key.clone();
+        std::fs::remove_file(repo.join(&last)).unwrap();
+        cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap_err();
+        assert_eq!(std::fs::read(dir.join("a.onnx")).unwrap(), b"old model");
+        assert_eq!(std::fs::read(dir.join("b.data")).unwrap(), b"old weights");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["a.onnx", "a.onnx.sluice-record", "b.data", "b.data.sluice-record"]);
         let _ = std::fs::remove_dir_all(&base);
     }
 
