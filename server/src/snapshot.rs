@@ -22,6 +22,17 @@ use sluice_router::{ModelRoute, RouteTable, Router};
 pub struct Snapshot {
     pub models: BTreeMap<String, ModelEntry>,
     pub pipelines: Vec<PipelineEntry>,
+    /// A multiplexed deployment's model ids that answer as model names, by that name.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasEntry>,
+}
+
+/// One model of a multiplexed deployment, addressed by its id as the model name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasEntry {
+    pub deployment: String,
+    pub version: String,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -88,6 +99,10 @@ pub struct JsonEntry {
 pub struct StepEntry {
     pub name: String,
     pub deployment: String,
+    /// The version of `deployment` the step runs on (the controller's primary); absent from
+    /// older controllers' snapshots.
+    #[serde(default)]
+    pub version: Option<String>,
     pub inputs: Vec<(String, String)>,
     pub outputs: Vec<(String, String)>,
 }
@@ -125,6 +140,15 @@ pub fn take(routes: &Router) -> Snapshot {
     for (name, route) in &table.models {
         let mut entry = ModelEntry { split: route.split.clone(), ..ModelEntry::default() };
         for (version, servable) in &route.versions {
+            if let Servable::Multiplexed(d, id) = servable {
+                let alias = AliasEntry {
+                    deployment: d.name().into(),
+                    version: d.version().into(),
+                    id: id.to_string(),
+                };
+                snapshot.aliases.insert(name.clone(), alias);
+                continue;
+            }
             let (Servable::Deployment(d) | Servable::Shadowed(d, _)) = servable else { continue };
             let replicas = d
                 .remote_replicas()
@@ -167,6 +191,7 @@ pub fn take(routes: &Router) -> Snapshot {
                     .map(|s| StepEntry {
                         name: s.name.clone(),
                         deployment: s.deployment.name().to_string(),
+                        version: Some(s.deployment.version().to_string()),
                         inputs: s.inputs.clone(),
                         outputs: s.outputs.clone(),
                     })
@@ -225,6 +250,17 @@ impl Follower {
             }
             table.models.insert(model.clone(), route);
         }
+        for (name, a) in &snapshot.aliases {
+            if table.models.contains_key(name) {
+                continue;
+            }
+            if let Some(f) = self.versions.get(&(a.deployment.clone(), a.version.clone())) {
+                let mut route = ModelRoute::default();
+                let servable = Servable::Multiplexed(f.deployment.clone(), Arc::from(a.id.as_str()));
+                route.versions.insert(a.version.clone(), servable);
+                table.models.insert(name.clone(), route);
+            }
+        }
         for p in &snapshot.pipelines {
             match self.pipeline(p, snapshot) {
                 Some(pipeline) => {
@@ -244,9 +280,9 @@ impl Follower {
     fn pipeline(&self, p: &PipelineEntry, snapshot: &Snapshot) -> Option<Arc<Pipeline>> {
         let mut steps = Vec::new();
         for s in &p.steps {
-            // A step runs on the default version of its deployment.
-            let versions = &snapshot.models.get(&s.deployment)?.versions;
-            let version = versions.keys().next_back()?;
+            // A step runs on the version the controller's pipeline runs it on (its primary).
+            let entry = snapshot.models.get(&s.deployment)?;
+            let version = s.version.as_ref().or_else(|| primary_guess(entry))?;
             let followed = self.versions.get(&(s.deployment.clone(), version.clone()))?;
             steps.push(Step {
                 name: s.name.clone(),
@@ -259,6 +295,16 @@ impl Follower {
         let json = p.json.clone().map(|j| JsonMapping { request: j.request, response: j.response });
         Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok().map(Arc::new)
     }
+}
+
+/// A step's version where an older controller did not say it: the split's first (the
+/// primary), else the only version, else the last by name.
+fn primary_guess(entry: &ModelEntry) -> Option<&String> {
+    entry
+        .split
+        .first()
+        .and_then(|(v, _)| entry.versions.get_key_value(v).map(|(k, _)| k))
+        .or_else(|| entry.versions.keys().next_back())
 }
 
 fn start(model: &str, version: &str, v: &VersionEntry) -> Option<Followed> {
@@ -339,5 +385,84 @@ pub async fn follow(routes: Arc<Router>, url: String, token: Option<String>, eve
             Err(e) => tracing::warn!("cannot reach the controller at {url}: {e}"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(name: &str, version: &str, multiplexed: bool) -> Arc<Deployment> {
+        let spec = DeploymentSpec {
+            name: name.into(),
+            version: version.into(),
+            num_replicas: 0,
+            max_replicas: 2,
+            settings: ReplicaSettings::default(),
+            wake: Default::default(),
+            multiplexed,
+        };
+        let tensor = |n: &str| TensorSpec { name: n.into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor("in")],
+            outputs: vec![tensor("out")],
+        };
+        Arc::new(Deployment::start_remote(spec, metadata).unwrap())
+    }
+
+    /// A proxy runs a pipeline's steps on the version the controller runs them on (the
+    /// primary, "1" here, not the canary "2", which sorts last), and answers a
+    /// multiplexed model's id as a model name, as the controller does.
+    #[test]
+    fn a_proxy_follows_the_step_versions_and_the_multiplexed_ids() {
+        let (primary, canary) = (remote("enc", "1", false), remote("enc", "2", false));
+        let step = Step {
+            name: "encode".into(),
+            deployment: primary.clone(),
+            inputs: vec![("in".into(), "x".into())],
+            outputs: vec![("out".into(), "y".into())],
+        };
+        let x = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
+        let pipeline = Arc::new(Pipeline::new("p", vec![x], vec![step], &["y".into()], None).unwrap());
+        let tenants = remote("tenants", "1", true);
+        let mut table = sluice_router::RouteTable::default();
+        let mut enc = ModelRoute { split: vec![("1".into(), 90), ("2".into(), 10)], ..ModelRoute::default() };
+        enc.versions.insert("1".into(), Servable::Deployment(primary));
+        enc.versions.insert("2".into(), Servable::Deployment(canary));
+        table.models.insert("enc".into(), enc);
+        let mut p = ModelRoute::default();
+        p.versions.insert("1".into(), Servable::Pipeline(pipeline));
+        table.models.insert("p".into(), p);
+        let mut t = ModelRoute::default();
+        t.versions.insert("1".into(), Servable::Deployment(tenants.clone()));
+        table.models.insert("tenants".into(), t);
+        let mut alias = ModelRoute::default();
+        alias.versions.insert("1".into(), Servable::Multiplexed(tenants, Arc::from("acme")));
+        table.models.insert("acme".into(), alias);
+        let controller = Router::new(table);
+
+        // Through JSON, as a proxy gets it.
+        let json = serde_json::to_string(&take(&controller)).unwrap();
+        let snapshot: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(snapshot.pipelines[0].steps[0].version.as_deref(), Some("1"));
+        let proxy = Router::new(sluice_router::RouteTable::default());
+        Follower::default().apply(&snapshot, &proxy);
+
+        let Servable::Pipeline(p) = proxy.resolve("p", None).unwrap() else { panic!("not a pipeline") };
+        assert_eq!(p.steps()[0].deployment.version(), "1");
+        match proxy.resolve("acme", None).unwrap() {
+            Servable::Multiplexed(d, id) => {
+                assert_eq!((d.name(), d.version(), &*id), ("tenants", "1", "acme"))
+            }
+            _ => panic!("acme is not a multiplexed model"),
+        }
+
+        // An older controller's snapshot (no step version) still runs the step on the primary.
+        let mut old = snapshot.clone();
+        old.pipelines[0].steps[0].version = None;
+        Follower::default().apply(&old, &proxy);
+        let Servable::Pipeline(p) = proxy.resolve("p", None).unwrap() else { panic!("not a pipeline") };
+        assert_eq!(p.steps()[0].deployment.version(), "1");
     }
 }
