@@ -161,6 +161,7 @@ async fn a_multiplexed_pipeline_step_runs_the_model_the_request_names() {
         "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}
 applications:
   - name: app
+    route_prefix: /pc
     deployments:
       - {{name: tenants, multiplex: {{path: {}, max_num_models_per_replica: 2}}}}
       - {{name: pick, builtin: {{argmax: {{}}}}}}
@@ -172,6 +173,7 @@ applications:
         - {{name: m, deployment: tenants, inputs: {{input: f}}, outputs: {{probabilities: p}}}}
         - {{name: pick, deployment: pick, inputs: {{x: p}}, outputs: {{index: i}}}}
       outputs: [i]
+      route: {{request: {{features: f}}, response: {{class: i}}}}
   - name: plain
     deployments:
       - {{name: pick2, builtin: {{argmax: {{}}}}}}
@@ -207,6 +209,13 @@ applications:
     let (status, out) = post("/v2/models/pc/infer", None, &body).await;
     assert_eq!(status, 400);
     assert!(out["error"].as_str().unwrap().contains("serves many models"), "{out}");
+    // The pipeline's JSON route passes the header on too.
+    let features =
+        serde_json::json!({"features": iris["data"].as_array().unwrap().chunks(4).collect::<Vec<_>>()});
+    let (status, out) = post("/pc", Some("b"), &features).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out, serde_json::json!({"class": [0]}));
+    assert_eq!(post("/pc", None, &features).await.0, 400);
     let x = serde_json::json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.7, 0.2]}]});
     let (status, out) = post("/v2/models/pp/infer", Some("b"), &x).await;
     assert_eq!(status, 400);

@@ -30,7 +30,8 @@ pub struct ModelPath {
 
 /// The headers the infer path reads, named once (a `&str` key is parsed on every lookup).
 static VERSION_HEADER: HeaderName = HeaderName::from_static(sluice_router::VERSION_HEADER);
-static MULTIPLEX_HEADER: HeaderName = HeaderName::from_static(sluice_deployments::MULTIPLEX_HEADER);
+pub(super) static MULTIPLEX_HEADER: HeaderName =
+    HeaderName::from_static(sluice_deployments::MULTIPLEX_HEADER);
 static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName = HeaderName::from_static(HEADER_CONTENT_LENGTH);
 
 /// The infer routes' handler, for the paths [`infer_path`] leaves to the router (those with

@@ -24,12 +24,15 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
         return ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST with a JSON body"))
             .into_response();
     }
+    // A pipeline passes the multiplexed model id on to its multiplexed steps, as on its OIP route.
+    let model_id =
+        req.headers().get(&super::infer::MULTIPLEX_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = match axum::body::to_bytes(req.into_body(), state.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return super::screen::body_error(&e, state.max_body_bytes).into_response(),
     };
     let started = std::time::Instant::now();
-    let result = call(&pipeline, &body).await;
+    let result = call(&pipeline, &body, model_id).await;
     pipeline.metrics().request(
         Protocol::Rest,
         result.as_ref().map(|_| ()).map_err(|e| e.kind),
@@ -41,7 +44,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
-async fn call(pipeline: &Pipeline, body: &[u8]) -> Result<Value, InferError> {
+async fn call(pipeline: &Pipeline, body: &[u8], model_id: Option<String>) -> Result<Value, InferError> {
     let Some(mapping) = &pipeline.json else {
         return Err(InferError::not_found("this pipeline has no JSON route"));
     };
@@ -67,8 +70,9 @@ async fn call(pipeline: &Pipeline, body: &[u8]) -> Result<Value, InferError> {
         inputs.push(t);
     }
     let outputs = mapping.response.iter().map(|(_, t)| t.clone()).collect();
-    let answer =
-        pipeline.infer(InferRequest { inputs, outputs: Some(outputs), ..Default::default() }).await?;
+    let answer = pipeline
+        .infer(InferRequest { inputs, outputs: Some(outputs), model_id, ..Default::default() })
+        .await?;
     let mut out = Map::new();
     for (field, tensor) in &mapping.response {
         if let Some(t) = answer.outputs.iter().find(|o| &o.name == tensor) {
