@@ -61,6 +61,7 @@ fn main() -> ExitCode {
                     working_dir: args.working_dir.clone(),
                     onnxruntime: cli::find_runtime(&args.ort, ort_env),
                     rust_log: std::env::var("RUST_LOG").ok(),
+                    overrides: args.override_flags(),
                 };
                 cli::ray::submit(&config, submit)
             } else {

@@ -38,6 +38,37 @@ pub struct Submit {
     pub onnxruntime: Option<PathBuf>,
     /// `RUST_LOG` to pass on to the job, if set.
     pub rust_log: Option<String>,
+    /// The command line's overrides of the config (`--http-port 8100`, ...), passed on to the
+    /// job's `sluice run`.
+    pub overrides: Vec<String>,
+}
+
+/// What a config cannot do on Ray, one sentence each naming the setting (checked before the
+/// job is submitted, and again inside it).
+fn unsupported_on_ray(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if !config.admin_options.enabled {
+        out.push(
+            "admin_options.enabled is false: on Ray, `sluice run --ray` follows the job through the admin API, \
+             and proxy_location: EveryNode proxies read their routes there; enable it (with a token in $SLUICE_ADMIN_TOKEN)"
+                .to_string(),
+        );
+    }
+    if config.proxy_location == sluice_config::ProxyLocation::EveryNode {
+        let tls = [
+            ("http_options.tls", config.http_options.tls.is_some()),
+            ("grpc_options.tls", config.grpc_options.tls.is_some()),
+            ("admin_options.tls", config.admin_options.tls.is_some()),
+        ];
+        for (field, _) in tls.iter().filter(|(_, set)| *set) {
+            out.push(format!(
+                "proxy_location: EveryNode does not carry {field} to the proxies on the other nodes (they would \
+                 serve plain text, or not reach the admin API); use proxy_location: HeadOnly, or terminate TLS \
+                 in front of the nodes"
+            ));
+        }
+    }
+    out
 }
 
 /// Submits `config` to Ray and waits until it serves; prints where.
@@ -59,6 +90,9 @@ pub fn submit(config: &Config, s: Submit) -> ExitCode {
 }
 
 async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
+    if let Some(first) = unsupported_on_ray(config).into_iter().next() {
+        return Err(first);
+    }
     let jobs = Jobs::new(&s.address, s.ray_token.clone());
     let ray_version = jobs.check_version().await.map_err(|e| e.to_string())?;
     let ray = config.cluster.ray.clone().unwrap_or_default();
@@ -94,12 +128,16 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     if let Some(l) = &s.rust_log {
         env.insert("RUST_LOG".into(), l.clone().into());
     }
-    let entrypoint = format!(
+    let mut entrypoint = format!(
         "python -m sluice_ray.driver --namespace {} --grace-s {} -- {OWN}/sluice run {} --in-ray-job",
         shell_word(&ray.namespace),
         grace.ceil() as u64 + 2,
         shell_word(&config_rel.display().to_string()),
     );
+    for word in &s.overrides {
+        entrypoint.push(' ');
+        entrypoint.push_str(&shell_word(word));
+    }
     let job = JobRequest {
         entrypoint,
         submission_id: id.clone(),
@@ -268,6 +306,10 @@ pub fn run_in_job(
     admin_token: Option<String>,
     store_env: sluice_controller::StoreEnv,
 ) -> ExitCode {
+    if let Some(first) = unsupported_on_ray(&config).into_iter().next() {
+        eprintln!("error: {first}");
+        return ExitCode::FAILURE;
+    }
     // Ray's dashboard holds 8265 on the head; clients reach the frontends from other hosts.
     config.admin_options.port = sluice_server::ray_admin_port(&config);
     let loopback = sluice_config::HttpOptions::default().host;
@@ -354,6 +396,23 @@ mod tests {
         let proxies = options.proxies.expect("EveryNode starts proxies");
         assert!(!proxies.release_startup_memory);
         assert_eq!((proxies.worker_threads, proxies.token.as_deref()), (Some(3), Some("t")));
+    }
+
+    /// Settings Ray cannot honour are refused, naming them; the default config is not.
+    #[test]
+    fn settings_ray_cannot_honour_are_refused_by_name() {
+        let mut config = Config::default();
+        assert!(unsupported_on_ray(&config).is_empty());
+        config.http_options.tls = Some(
+            serde_json::from_value(serde_json::json!({"cert_file": "c.pem", "key_file": "k.pem"})).unwrap(),
+        );
+        assert!(unsupported_on_ray(&config).is_empty(), "TLS on the head alone is fine");
+        config.proxy_location = sluice_config::ProxyLocation::EveryNode;
+        let refused = unsupported_on_ray(&config);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].contains("EveryNode does not carry http_options.tls"), "{refused:?}");
+        config.admin_options.enabled = false;
+        assert!(unsupported_on_ray(&config)[0].contains("admin_options.enabled is false"));
     }
 
     #[test]

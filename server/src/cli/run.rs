@@ -57,6 +57,25 @@ impl RunArgs {
         }
         config
     }
+
+    /// The overrides as flags, for the Ray job that runs this config again elsewhere (its
+    /// entrypoint sees neither this command line nor this environment).
+    pub fn override_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        for (flag, port) in [
+            ("--http-port", self.http_port),
+            ("--grpc-port", self.grpc_port),
+            ("--admin-port", self.admin_port),
+        ] {
+            if let Some(p) = port {
+                flags.extend([flag.to_string(), p.to_string()]);
+            }
+        }
+        if let Some(h) = &self.host {
+            flags.extend(["--host".to_string(), h.clone()]);
+        }
+        flags
+    }
 }
 
 /// How a serving process logs and traces: `RUST_LOG`'s filter, and the config's `log_format`
@@ -216,5 +235,38 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::RunArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    /// `sluice run --ray` passes the command line's overrides on to the job's `sluice run`.
+    #[test]
+    fn the_overrides_become_flags_again() {
+        let cli = Cli::parse_from([
+            "sluice",
+            "app.yaml",
+            "--http-port",
+            "8100",
+            "--host",
+            "0.0.0.0",
+            "--admin-port",
+            "0",
+        ]);
+        assert_eq!(
+            cli.run.override_flags(),
+            ["--http-port", "8100", "--admin-port", "0", "--host", "0.0.0.0"]
+        );
+        assert!(Cli::parse_from(["sluice", "app.yaml"]).run.override_flags().is_empty());
     }
 }
