@@ -829,6 +829,14 @@ fn deploy_waits_until_every_deployment_is_ready() {
     assert_eq!(code, 0, "{err}");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert!(answer["applications"]["app"]["deployments"]["mlp"].is_null(), "{out}");
+    // A server setting that only a restart changes: deployed, and said not to be applied.
+    let threads = write_config(
+        "wait-threads.yaml",
+        "worker_threads: 3\napplications:\n  - name: app\n    deployments:\n      - {name: m, model: MODELS/iris/model.onnx}\n",
+    );
+    let (code, _, err) = s.cli(&["deploy", threads.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: not applied: worker_threads: a server setting, read at start"), "{err}");
     let (status, log) = s.terminate();
     assert!(status.success(), "{status:?}: {log}");
 }

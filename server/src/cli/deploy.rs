@@ -45,6 +45,10 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         Ok(answer) => answer,
         Err(code) => return code,
     };
+    // Server settings the running server does not change live (a Sluice config's answer).
+    for item in not_applied(&answer) {
+        eprintln!("warning: not applied: {item}");
+    }
     if wait.no_wait {
         // A Ray Serve config deploys in the background, as with `serve deploy`.
         if answer.is_empty() {
@@ -56,6 +60,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
     }
     let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout.max(0.0));
     let mut shown: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut warned = std::collections::BTreeSet::new();
     loop {
         let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
             Ok(t) => t,
@@ -68,6 +73,14 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Fields of a Ray Serve config accepted but not acted on, once each.
+        for (app, a) in &status.applications {
+            for item in &a.ignored {
+                if warned.insert((app.clone(), item.clone())) {
+                    eprintln!("warning: application `{app}`: ignored: {item}");
+                }
+            }
+        }
         let progress = Progress::of(&status);
         for (name, counts) in &progress.deployments {
             if shown.get(name) != Some(counts) {
@@ -96,6 +109,17 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         }
         std::thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
     }
+}
+
+/// The `ignored` list of a deploy's answer: settings it accepted and did not apply.
+fn not_applied(answer: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v.get("ignored")?.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|item| item.as_str().map(str::to_string))
+        .collect()
 }
 
 /// Where a deploy stands, from one status.
