@@ -107,6 +107,14 @@ async fn run(jobs: &Jobs, action: JobAction) -> Result<ExitCode, String> {
             if !stopped && !job.is_terminal() {
                 return Err(format!("Ray did not stop job {id}: {}", describe(&job)));
             }
+            // Told to stop, still running: not a success (a job may drain for longer than
+            // this waits; Ray kills it after its RAY_JOB_STOP_WAIT_TIME_S).
+            if !job.is_terminal() {
+                return Err(format!(
+                    "job {id} is still {} 60 s after Ray was told to stop it; `sluice job status {id}` follows it",
+                    job.status
+                ));
+            }
             println!("{}", describe(&job));
             Ok(ExitCode::SUCCESS)
         }
