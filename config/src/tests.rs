@@ -477,3 +477,60 @@ fn route_prefixes_hold_no_patterns() {
     );
     assert!(e.iter().any(|e| e.message.contains("hold no `{ }`")), "{e:?}");
 }
+
+/// A pipeline application, `name` its name and pipeline's, serving `route` at `prefix`.
+fn pipeline_app(name: &str, deployment: &str, prefix: &str, route: &str) -> String {
+    format!(
+        "  - name: {name}
+    route_prefix: {prefix}
+    deployments: [{{name: {deployment}, model: m.onnx}}]
+    pipeline:
+      name: {name}
+      inputs: [{{name: x, datatype: FP32, shape: [-1, 4]}}, {{name: z, datatype: FP32, shape: [-1, 4]}}]
+      steps: [{{name: s, deployment: {deployment}, inputs: {{a: x, b: z}}, outputs: {{y: y}}}}]
+      outputs: [y]
+      route: {route}
+"
+    )
+}
+
+/// What every request to a JSON route would fail on is refused at load: an input from no field
+/// or from two, an output in two fields; and what would silently replace another's route: a
+/// route_prefix or a pipeline name used twice across applications.
+#[test]
+fn json_routes_and_pipeline_names_that_cannot_work_are_refused() {
+    let ok = "{request: {features: x, more: z}, response: {out: y}}";
+    parse_in(&format!("applications:\n{}", pipeline_app("p", "m", "/p", ok))).unwrap();
+    let messages = |text: String| errors(&text).into_iter().map(|e| e.message).collect::<Vec<_>>();
+    let e = messages(format!(
+        "applications:\n{}",
+        pipeline_app("p", "m", "/p", "{request: {features: x}, response: {out: y, copy: y}}")
+    ));
+    assert!(e.iter().any(|m| m.contains("the pipeline input `z` comes from no field")), "{e:?}");
+    assert!(e.iter().any(|m| m.contains("the pipeline output `y` goes to more than one field")), "{e:?}");
+    let e = messages(format!(
+        "applications:\n{}",
+        pipeline_app("p", "m", "/p", "{request: {a: x, b: x, c: z}, response: {out: y}}")
+    ));
+    assert!(e.iter().any(|m| m.contains("the pipeline input `x` comes from more than one field")), "{e:?}");
+    let e = messages(format!(
+        "applications:\n{}{}",
+        pipeline_app("p", "m", "/same", ok),
+        pipeline_app("q", "n", "/same", ok)
+    ));
+    assert!(e.iter().any(|m| m.contains("`/same` is already another application's route_prefix")), "{e:?}");
+    let e = messages(format!(
+        "applications:\n{}{}",
+        pipeline_app("p", "m", "/p", ok),
+        pipeline_app("p2", "p", "/q", ok)
+    ));
+    assert!(
+        e.iter().any(|m| m.contains("duplicate deployment name `p`")),
+        "a deployment named like a pipeline: {e:?}"
+    );
+    let e = messages(format!(
+        "applications:\n{}  - name: other\n    deployments: [{{name: n2, model: m.onnx}}]\n    pipeline:\n      name: p\n      inputs: [{{name: x, datatype: FP32, shape: [-1, 4]}}]\n      steps: [{{name: s, deployment: n2, inputs: {{a: x}}, outputs: {{y: y}}}}]\n      outputs: [y]\n",
+        pipeline_app("p", "m", "/p", ok)
+    ));
+    assert!(e.iter().any(|m| m.contains("`p` is already the name of a deployment or pipeline")), "{e:?}");
+}

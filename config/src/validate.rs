@@ -27,6 +27,8 @@ struct Errors<'a> {
     list: Vec<ConfigError>,
     /// `max_replicas_per_deployment`, which every replica count is checked against.
     max_replicas: u32,
+    /// The applications' `route_prefix`es seen so far (unique across the server).
+    route_prefixes: HashMap<String, Location>,
 }
 
 impl Errors<'_> {
@@ -77,7 +79,7 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
     let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
     let max_replicas = doc.max_replicas_per_deployment.value;
-    let mut errs = Errors { file: source, list: Vec::new(), max_replicas };
+    let mut errs = Errors { file: source, list: Vec::new(), max_replicas, route_prefixes: HashMap::new() };
     validate_top(&doc, &mut errs);
     let mut model_repository = doc.model_repository;
     if let Some(repo) = &mut model_repository {
@@ -273,8 +275,19 @@ fn validate_application(
         if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {
             errs.at(prefix.referenced, format!("{at}.route_prefix"), "needs a pipeline with a `route`");
         }
+        if let Some(first) = errs.route_prefixes.insert(p.clone(), prefix.referenced) {
+            errs.at(
+                prefix.referenced,
+                format!("{at}.route_prefix"),
+                format!("`{p}` is already another application's route_prefix (line {})", first.line()),
+            );
+        }
     }
     let pipeline = app.pipeline.as_ref().and_then(|p| validate_pipeline(at, &app, p, names, errs));
+    // A pipeline's name is a model name too: unique among deployments and pipelines.
+    if let Some(p) = &app.pipeline {
+        names.entry(p.name.value.clone()).or_insert(p.name.referenced);
+    }
     Application {
         name: app.name.value,
         route_prefix: app.route_prefix.map(|p| p.value),
@@ -584,11 +597,15 @@ fn validate_pipeline(
     names: &HashMap<String, Location>,
     errs: &mut Errors<'_>,
 ) -> Option<Pipeline> {
-    if names.contains_key(&p.name.value) {
+    if let Some(first) = names.get(&p.name.value) {
         errs.at(
             p.name.referenced,
             format!("{at}.pipeline.name"),
-            format!("`{}` is already a deployment name", p.name.value),
+            format!(
+                "`{}` is already the name of a deployment or pipeline (line {}); model names are unique across the server",
+                p.name.value,
+                first.line()
+            ),
         );
     }
     let deployments: Vec<String> = app.deployments.iter().map(|d| d.name.value.clone()).collect();
@@ -622,6 +639,36 @@ fn validate_pipeline(
                 format!("{at}.pipeline.route.response"),
                 format!("`{tensor}` is not a pipeline output"),
             );
+        }
+        // Each input from exactly one field (a request could not fill one mapped twice, nor one
+        // left out); each output in one field.
+        for input in &p.inputs {
+            let fields: Vec<&String> =
+                route.request.iter().filter(|(_, t)| **t == input.name).map(|(f, _)| f).collect();
+            if fields.is_empty() {
+                errs.at(
+                    p.name.referenced,
+                    format!("{at}.pipeline.route.request"),
+                    format!("the pipeline input `{}` comes from no field", input.name),
+                );
+            } else if fields.len() > 1 {
+                errs.at(
+                    p.name.referenced,
+                    format!("{at}.pipeline.route.request"),
+                    format!("the pipeline input `{}` comes from more than one field: {fields:?}", input.name),
+                );
+            }
+        }
+        for output in &p.outputs {
+            let fields: Vec<&String> =
+                route.response.iter().filter(|(_, t)| *t == output).map(|(f, _)| f).collect();
+            if fields.len() > 1 {
+                errs.at(
+                    p.name.referenced,
+                    format!("{at}.pipeline.route.response"),
+                    format!("the pipeline output `{output}` goes to more than one field: {fields:?}"),
+                );
+            }
         }
     }
     Some(Pipeline {
