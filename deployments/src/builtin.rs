@@ -13,16 +13,29 @@ use crate::{
     push_bytes_element,
 };
 
+/// A step registered by name for `builtin: {custom: {name: ...}}`.
+#[derive(Clone)]
+enum Registered {
+    Backend(BackendFactory),
+    /// Made into a factory when a deployment of it is built, inside the server's runtime (see
+    /// [`factory`]).
+    Async(Arc<dyn AsyncStep>),
+}
+
 /// Steps registered by name for `builtin: {custom: {name: ...}}`.
-fn registry() -> &'static RwLock<HashMap<String, BackendFactory>> {
-    static REGISTRY: OnceLock<RwLock<HashMap<String, BackendFactory>>> = OnceLock::new();
+fn registry() -> &'static RwLock<HashMap<String, Registered>> {
+    static REGISTRY: OnceLock<RwLock<HashMap<String, Registered>>> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
+}
+
+fn register(name: String, step: Registered) {
+    registry().write().unwrap_or_else(|e| e.into_inner()).insert(name, step);
 }
 
 /// Registers a custom step (any [`Backend`]) under `name`, for configs to use as
 /// `builtin: {custom: {name: NAME}}`. Call before starting the server.
 pub fn register_step(name: impl Into<String>, factory: BackendFactory) {
-    registry().write().unwrap_or_else(|e| e.into_inner()).insert(name.into(), factory);
+    register(name.into(), Registered::Backend(factory));
 }
 
 /// A custom step written as async code (it may await I/O, another service, a timer). It is
@@ -62,24 +75,31 @@ impl Backend for BlockOn {
 /// Registers an async custom step under `name` (see [`AsyncStep`]), for
 /// `builtin: {custom: {name: NAME}}`. Call before starting the server.
 pub fn register_async_step(name: impl Into<String>, step: Arc<dyn AsyncStep>) {
-    register_step(
-        name,
-        Arc::new(move || {
-            let handle = tokio::runtime::Handle::try_current()
-                .map_err(|_| LoadError::Step("async steps start inside the server's tokio runtime".into()))?;
-            Ok(Box::new(BlockOn { step: step.clone(), handle }) as Box<dyn Backend>)
-        }),
-    );
+    register(name.into(), Registered::Async(step));
 }
 
-/// The factory of a built-in step.
+/// The factory of a built-in step. An async custom step's factory is made inside the server's
+/// tokio runtime (a deployment is built there), whose handle every backend it makes runs on.
 pub fn factory(b: &Builtin) -> Result<BackendFactory, LoadError> {
     if let Builtin::Custom { name } = b {
-        return registry().read().unwrap_or_else(|e| e.into_inner()).get(name).cloned().ok_or_else(|| {
-            LoadError::Step(format!(
+        let registered = registry().read().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        return match registered {
+            Some(Registered::Backend(factory)) => Ok(factory),
+            Some(Registered::Async(step)) => {
+                // Taken here, where the deployment is built inside the server's runtime: a
+                // replica that reloads the step after a panic calls the factory on its own
+                // thread, outside the runtime, where there is no current handle to find.
+                let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+                    LoadError::Step("async steps start inside the server's tokio runtime".into())
+                })?;
+                Ok(Arc::new(move || {
+                    Ok(Box::new(BlockOn { step: step.clone(), handle: handle.clone() }) as Box<dyn Backend>)
+                }))
+            }
+            None => Err(LoadError::Step(format!(
                 "no custom step `{name}` is registered (sluice_deployments::register_step)"
-            ))
-        });
+            ))),
+        };
     }
     // Build once now so a bad file fails the deployment, then clone per replica.
     let proto = Builtins::new(b).map_err(LoadError::Step)?;
@@ -427,6 +447,56 @@ mod tests {
         let mut s = Builtins::new(&Builtin::Argmax { labels: None }).unwrap();
         let e = s.infer(vec![empty], &["index".into()]).unwrap_err();
         assert!(e.message.contains("x has 0 classes per row but argmax takes 1"), "{}", e.message);
+    }
+
+    /// `y = x`, except that its first call panics, as a model with a bug on one path would.
+    struct PanicsOnce {
+        meta: ModelMetadata,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl AsyncStep for PanicsOnce {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.meta
+        }
+
+        fn infer<'a>(
+            &'a self,
+            inputs: Vec<NamedTensor>,
+            _: &'a [String],
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Vec<NamedTensor>, InferError>> + Send + 'a>,
+        > {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                if self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                    panic!("the step's first call panics");
+                }
+                Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_async_step_that_panicked_is_reloaded_and_serves_again() {
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Fp32, shape: vec![-1, 1] };
+        let meta =
+            ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![spec("y")] };
+        register_async_step("panics_once", Arc::new(PanicsOnce { meta, calls: Default::default() }));
+        let factory = factory(&Builtin::Custom { name: "panics_once".into() }).unwrap();
+        let mut spec = crate::DeploymentSpec::new("panics_once");
+        spec.settings.warmup = false;
+        let deployment = crate::Deployment::start(spec, factory).unwrap();
+        let request = || crate::InferRequest {
+            inputs: vec![tensor_f32("x", vec![1, 1], &[7.0]).unwrap()],
+            timeout: Some(std::time::Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let e = deployment.infer(request()).await.unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Internal, "{e}");
+        // The replica reloads the step on its own thread, outside the runtime, and serves again.
+        let answer = deployment.infer(request()).await.unwrap();
+        assert_eq!(f32s(&answer.outputs[0].tensor), vec![7.0]);
     }
 
     #[test]

@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::deployment::MULTIPLEX_HEADER;
 use crate::metrics::{DeploymentMetrics, StageTimes};
 use crate::{
-    DataType, Deployment, InferError, InferRequest, InferResponse, LoadError, ModelMetadata, NamedTensor,
-    TensorSpec, check_request,
+    DataType, Deployment, ErrorKind, InferError, InferRequest, InferResponse, LoadError, ModelMetadata,
+    NamedTensor, TensorSpec, check_request,
 };
 
 /// One step of a running pipeline.
@@ -39,6 +39,9 @@ pub struct Pipeline {
     steps: Vec<Step>,
     /// For each step, the steps producing its inputs.
     needs: Vec<Vec<usize>>,
+    /// A request's deadline, counted from its start, when the client sets none (and the most
+    /// a client may ask for): the longest `request_timeout_s` of the steps.
+    timeout: Duration,
     metrics: DeploymentMetrics,
     pub json: Option<JsonMapping>,
 }
@@ -88,11 +91,17 @@ impl Pipeline {
                 needs
             })
             .collect();
+        let timeout = steps
+            .iter()
+            .filter_map(|s| Duration::try_from_secs_f64(s.deployment.spec().settings.request_timeout_s).ok())
+            .max()
+            .unwrap_or(Duration::MAX);
         Ok(Self {
             name: name.to_string(),
             metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
             steps,
             needs,
+            timeout,
             metrics: DeploymentMetrics::pipeline(name),
             json,
         })
@@ -138,7 +147,9 @@ impl Pipeline {
     /// Runs the steps — each as soon as the steps producing its inputs are done, so that
     /// independent branches run at the same time and the pipeline takes its critical path —
     /// and returns the requested pipeline outputs. A failed step fails the request, names the
-    /// step, and cancels the steps still running.
+    /// step, and cancels the steps still running. One deadline covers the whole request (the
+    /// client's timeout, at most the longest `request_timeout_s` of the steps): each step gets
+    /// what is left of it, and a step that would start after it is answered 504 instead.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         use futures_util::StreamExt;
         use futures_util::stream::FuturesUnordered;
@@ -146,6 +157,17 @@ impl Pipeline {
 
         let started = Instant::now();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
+        let timeout = request.timeout.map_or(self.timeout, |t| t.min(self.timeout));
+        let deadline = started.checked_add(timeout);
+        // Rows, as Triton's inference_count counts them and deployments do: dimension 0 of the
+        // first input (rank 0: one).
+        let rows = self
+            .metadata
+            .inputs
+            .first()
+            .and_then(|spec| request.inputs.iter().find(|i| i.name == spec.name))
+            .and_then(|i| i.tensor.shape().first().copied())
+            .unwrap_or(1);
         if let Some(id) = &request.model_id
             && !self.steps.iter().any(|s| s.deployment.spec().multiplexed)
         {
@@ -165,20 +187,39 @@ impl Pipeline {
                     continue;
                 }
                 started_steps[i] = true;
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left.is_some_and(|left| left.is_zero()) {
+                    return Err(InferError::new(
+                        ErrorKind::DeadlineExceeded,
+                        format!(
+                            "pipeline `{}` step `{}` ({}): request timed out after {} ms, before the step started",
+                            self.name,
+                            step.name,
+                            step.deployment.name(),
+                            timeout.as_millis()
+                        ),
+                    ));
+                }
                 let inputs = step
                     .inputs
                     .iter()
-                    .map(|(step_in, tensor)| NamedTensor {
-                        name: step_in.clone(),
-                        tensor: tensors[tensor].clone(),
+                    .map(|(step_in, tensor)| {
+                        // Pipeline inputs are checked above, and each step's outputs below.
+                        let tensor = tensors.get(tensor).cloned().ok_or_else(|| {
+                            InferError::internal(format!(
+                                "pipeline `{}` step `{}`: tensor `{tensor}` was not produced",
+                                self.name, step.name
+                            ))
+                        })?;
+                        Ok(NamedTensor { name: step_in.clone(), tensor })
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>, InferError>>()?;
                 let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
                 let sub = InferRequest {
                     id: None,
                     inputs,
                     outputs: Some(wanted),
-                    timeout: request.timeout,
+                    timeout: left,
                     // The model a multiplexed step runs is the one the request names.
                     model_id: request.model_id.clone().filter(|_| step.deployment.spec().multiplexed),
                 };
@@ -187,17 +228,25 @@ impl Pipeline {
             }
             let Some((i, answer)) = running.next().await else { break };
             let step = &self.steps[i];
-            let answer = answer.map_err(|e| {
-                let d = step.deployment.name();
-                InferError::new(
-                    e.kind,
-                    format!("pipeline `{}` step `{}` ({d}): {}", self.name, step.name, e.message),
-                )
-            })?;
-            for out in answer.outputs {
-                if let Some((_, tensor)) = step.outputs.iter().find(|(o, _)| o == &out.name) {
-                    tensors.insert(tensor.clone(), out.tensor);
-                }
+            let d = step.deployment.name();
+            let mut answer = answer
+                .map_err(|e| {
+                    InferError::new(
+                        e.kind,
+                        format!("pipeline `{}` step `{}` ({d}): {}", self.name, step.name, e.message),
+                    )
+                })?
+                .outputs;
+            // A custom or remote step may answer fewer outputs than asked: the request fails
+            // here, naming what is missing, rather than the step that would read it.
+            for (step_out, tensor) in &step.outputs {
+                let Some(at) = answer.iter().position(|o| &o.name == step_out) else {
+                    return Err(InferError::internal(format!(
+                        "pipeline `{}` step `{}` ({d}) did not return its output `{step_out}`",
+                        self.name, step.name
+                    )));
+                };
+                tensors.insert(tensor.clone(), answer.swap_remove(at).tensor);
             }
             done[i] = true;
         }
@@ -210,9 +259,10 @@ impl Pipeline {
                 Ok(NamedTensor { name, tensor })
             })
             .collect::<Result<Vec<_>, InferError>>()?;
-        // The whole pipeline is one execution of one request; its steps keep their own stats.
+        // The whole pipeline is one execution of one request of `rows` rows; its steps keep
+        // their own stats.
         let took = started.elapsed();
-        self.metrics.batch(1, 1, took, Some(StageTimes { infer: took, ..StageTimes::default() }));
+        self.metrics.batch(rows, 1, took, Some(StageTimes { infer: took, ..StageTimes::default() }));
         Ok(InferResponse {
             model_name: self.name.clone(),
             model_version: "1".into(),

@@ -1,7 +1,10 @@
 //! Pipelines run independent branches at the same time: x → {left, right} → join. Each branch
 //! step waits until the other branch has started before it answers, so a pipeline that ran its
 //! steps one after another could never finish (the wait is bounded: it would fail instead).
+//! And a pipeline request has one deadline, fails cleanly on a step's missing output, and counts
+//! its rows in the pipeline's stats.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_deployments::pipeline::Step;
 use sluice_deployments::{
-    Backend, BackendFactory, DataType, Deployment, DeploymentSpec, InferError, InferRequest, ModelMetadata,
-    NamedTensor, Pipeline, Tensor, TensorSpec,
+    Backend, BackendFactory, DataType, Deployment, DeploymentSpec, ErrorKind, InferError, InferRequest,
+    ModelMetadata, NamedTensor, Pipeline, Tensor, TensorSpec,
 };
 
 fn spec(name: &str) -> TensorSpec {
@@ -125,4 +128,103 @@ async fn a_failing_branch_fails_the_request_naming_its_step() {
         e.message.starts_with("pipeline `p` step `stuck` (right): the other branch never started"),
         "{e}"
     );
+}
+
+/// `out = in0` (and `extra = in0` unless it leaves it out) after sleeping `sleep`: a slow step,
+/// or one whose answer lacks an output the pipeline asked of it.
+struct Copy {
+    meta: ModelMetadata,
+    sleep: Duration,
+    leaves_out_extra: bool,
+}
+
+impl Backend for Copy {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    fn infer(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        std::thread::sleep(self.sleep);
+        let x = &inputs[0].tensor;
+        Ok(outputs
+            .iter()
+            .filter(|name| !(self.leaves_out_extra && *name == "extra"))
+            .map(|name| NamedTensor { name: name.clone(), tensor: x.clone() })
+            .collect())
+    }
+}
+
+/// A deployment of [`Copy`] with outputs `out` and `extra`.
+fn copy(name: &str, sleep: Duration, leaves_out_extra: bool) -> Arc<Deployment> {
+    let meta = ModelMetadata {
+        platform: "test".into(),
+        inputs: vec![spec("x")],
+        outputs: vec![spec("out"), spec("extra")],
+    };
+    let factory: BackendFactory = Arc::new(move || {
+        Ok(Box::new(Copy { meta: meta.clone(), sleep, leaves_out_extra }) as Box<dyn Backend>)
+    });
+    let mut s = DeploymentSpec::new(name);
+    s.settings.warmup = false;
+    Arc::new(Deployment::start(s, factory).unwrap())
+}
+
+/// `x` of `rows` rows.
+fn rows(n: usize) -> InferRequest {
+    let data: Vec<u8> = (0..n as i64).flat_map(i64::to_le_bytes).collect();
+    let x = Tensor::new(DataType::Int64, vec![n, 1], Bytes::from(data)).unwrap();
+    InferRequest { inputs: vec![NamedTensor { name: "x".into(), tensor: x }], ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_covers_the_whole_pipeline_not_each_step() {
+    // Each step alone answers well within the deadline; one after the other they cannot.
+    let first = copy("first", Duration::from_millis(1200), false);
+    let second = copy("second", Duration::from_millis(1200), false);
+    let steps = vec![step("one", &first, &[("x", "x")], "a"), step("two", &second, &[("x", "a")], "y")];
+    let pipeline = Pipeline::new("slow", vec![spec("x")], steps, &["y".into()], None).unwrap();
+    let request = InferRequest { timeout: Some(Duration::from_secs(2)), ..rows(1) };
+    let e = pipeline.infer(request).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
+    assert!(e.message.starts_with("pipeline `slow` step `two` (second): request timed out"), "{e}");
+    // A deadline that has passed before a step starts is answered without running it.
+    let request = InferRequest { timeout: Some(Duration::ZERO), ..rows(1) };
+    let e = pipeline.infer(request).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e}");
+    assert!(e.message.starts_with("pipeline `slow` step `one` (first): request timed out"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_leaves_out_an_output_fails_the_request_naming_it() {
+    let forgetful = copy("forgetful", Duration::ZERO, true);
+    let join = deployment("join", &["a", "b"], 0, None, None);
+    let steps = vec![
+        Step {
+            name: "split".into(),
+            deployment: forgetful.clone(),
+            inputs: vec![("x".into(), "x".into())],
+            outputs: vec![("out".into(), "a".into()), ("extra".into(), "b".into())],
+        },
+        step("join", &join, &[("a", "a"), ("b", "b")], "y"),
+    ];
+    let pipeline = Pipeline::new("p", vec![spec("x")], steps, &["y".into()], None).unwrap();
+    let e = pipeline.infer(rows(1)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Internal, "{e}");
+    assert_eq!(e.message, "pipeline `p` step `split` (forgetful) did not return its output `extra`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_stats_count_the_rows_of_each_request() {
+    let d = copy("rows", Duration::ZERO, false);
+    let steps = vec![step("copy", &d, &[("x", "x")], "y")];
+    let pipeline = Pipeline::new("p", vec![spec("x")], steps, &["y".into()], None).unwrap();
+    pipeline.infer(rows(32)).await.unwrap();
+    pipeline.infer(rows(1)).await.unwrap();
+    let stats = &pipeline.metrics().stats;
+    assert_eq!(stats.inference_count.load(Ordering::Relaxed), 33, "rows, as Triton counts them");
+    assert_eq!(stats.execution_count.load(Ordering::Relaxed), 2, "one execution per request");
 }
