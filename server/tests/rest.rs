@@ -537,3 +537,32 @@ async fn concurrent_requests_are_batched_on_the_real_model() {
     assert_eq!(m["inference_stats"]["success"]["count"], 24);
     s.shutdown().await;
 }
+
+/// The request duration counts from the body in memory, as on gRPC and the JSON routes: a
+/// client that takes a second to upload its body does not make the request read a second slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_counted_in_the_request_duration() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start("      - {name: iris-slow-upload, model: iris/model.onnx}\n", "").await;
+    let body = r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}"#;
+    let mut conn = tokio::net::TcpStream::connect(s.http_addr()).await.unwrap();
+    let head = format!(
+        "POST /v2/models/iris-slow-upload/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    conn.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    let prefix =
+        r#"sluice_request_duration_seconds_sum{model="iris-slow-upload",version="1",protocol="rest"} "#;
+    let line =
+        text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}"));
+    let seconds: f64 = line[prefix.len()..].parse().unwrap();
+    assert!(seconds < 0.5, "{seconds} s counted for a request whose upload took 1 s");
+    s.shutdown().await;
+}

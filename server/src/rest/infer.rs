@@ -99,10 +99,12 @@ async fn serve(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let started = std::time::Instant::now();
     let body = axum::body::to_bytes(body, state.max_body_bytes)
         .await
         .map_err(|e| super::screen::body_error(&e, state.max_body_bytes))?;
+    // From the body in memory, as gRPC and the JSON routes count: a slow upload is the
+    // client's time, not the request's.
+    let started = std::time::Instant::now();
     let pinned = headers.get(&VERSION_HEADER).and_then(|v| v.to_str().ok());
     let choice = sluice_router::VersionChoice { exact: version, pinned };
     let deployment = state.routes.route(model, choice)?;
