@@ -3,7 +3,7 @@
 //! Triton-style counters for `/v2/models/{m}/stats` come from the same places.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -95,7 +95,7 @@ pub fn describe() {
     describe_gauge!(
         CANARY_WEIGHT,
         Unit::Percent,
-        "Share of unpinned traffic a model's canary version gets, by model and version"
+        "Share of unpinned traffic a model's canary version gets, by model and version; 0 once it is rolled back, promoted or removed"
     );
     describe_counter!(
         MULTIPLEX_REQUESTS,
@@ -163,8 +163,10 @@ pub enum Protocol {
 }
 
 const PROTOCOLS: [&str; 2] = ["rest", "grpc"];
-const OUTCOMES: [&str; 6] =
-    ["success", "invalid", "not_found", "unavailable", "deadline_exceeded", "internal"];
+const OUTCOMES: [&str; 7] =
+    ["success", "invalid", "not_found", "unavailable", "deadline_exceeded", "internal", "cancelled"];
+/// The index of `cancelled` in [`OUTCOMES`]: the client went away before its answer.
+const CANCELLED: usize = 6;
 
 fn outcome_index(result: Result<(), ErrorKind>) -> usize {
     match result {
@@ -174,6 +176,34 @@ fn outcome_index(result: Result<(), ErrorKind>) -> usize {
         Err(ErrorKind::Unavailable) => 3,
         Err(ErrorKind::DeadlineExceeded) => 4,
         Err(ErrorKind::Internal) => 5,
+    }
+}
+
+/// One request being counted ([`DeploymentMetrics::counted`]). A request whose future is
+/// dropped before its answer (the client closed the connection, or cancelled the gRPC call)
+/// is counted as `cancelled`, with the time it had taken: otherwise the requests clients gave
+/// up on (the slowest, under overload) would be missing from the counts, the latency histogram
+/// and the canary's p99 gate.
+pub struct Counted<'a> {
+    metrics: &'a DeploymentMetrics,
+    protocol: Protocol,
+    started: Instant,
+    answered: bool,
+}
+
+impl Counted<'_> {
+    /// Records the request's outcome.
+    pub fn answered(mut self, result: Result<(), ErrorKind>) {
+        self.answered = true;
+        self.metrics.request(self.protocol, result, self.started.elapsed());
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.record(self.protocol, CANCELLED, None, self.started.elapsed());
+        }
     }
 }
 
@@ -408,19 +438,28 @@ impl DeploymentMetrics {
         metrics::gauge!(REPLICA_IN_FLIGHT, "model" => self.model.clone(), "version" => self.version.clone(), "replica" => replica.to_string())
     }
 
+    /// Starts counting one request (the frontend's, which knows the protocol): it is recorded
+    /// by [`Counted::answered`], or as `cancelled` if dropped before (the client went away).
+    pub fn counted(&self, protocol: Protocol, started: Instant) -> Counted<'_> {
+        Counted { metrics: self, protocol, started, answered: false }
+    }
+
     /// Records one answered request (called by the frontend, which knows the protocol).
     pub fn request(&self, protocol: Protocol, result: Result<(), ErrorKind>, elapsed: Duration) {
+        self.record(protocol, outcome_index(result), result.err(), elapsed);
+    }
+
+    fn record(&self, protocol: Protocol, outcome: usize, error: Option<ErrorKind>, elapsed: Duration) {
         let p = protocol as usize;
-        self.requests[p * OUTCOMES.len() + outcome_index(result)].increment(1);
+        self.requests[p * OUTCOMES.len() + outcome].increment(1);
         self.request_duration[p].record(elapsed.as_secs_f64());
         self.latencies.record(elapsed);
-        match result {
-            Ok(()) => self.stats.success.add(elapsed),
-            Err(kind) => {
-                self.stats.fail.add(elapsed);
-                if kind == ErrorKind::Internal {
-                    self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
-                }
+        if outcome == 0 {
+            self.stats.success.add(elapsed);
+        } else {
+            self.stats.fail.add(elapsed);
+            if error == Some(ErrorKind::Internal) {
+                self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -95,3 +95,47 @@ async fn a_timeout_longer_than_request_timeout_s_does_not_lengthen_it() {
     held.release();
     s.shutdown().await;
 }
+
+/// A request the client gives up on (a cancelled gRPC call, a closed HTTP connection) is
+/// counted as `cancelled`, with the time it had taken, not left out of the counts, the latency
+/// histogram and the Triton statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_client_gives_up_on_are_counted_as_cancelled() {
+    let held = Held::register("held-cancelled");
+    let s = start(
+        "      - {name: gone, builtin: {custom: {name: held-cancelled}}, max_ongoing_requests: 1, request_timeout_s: 30}\n",
+        "",
+    )
+    .await;
+    let mut grpc = grpc::client(&s).await;
+    let call = tokio::time::timeout(
+        Duration::from_millis(300),
+        grpc.model_infer(grpc::fp32_request("gone", "x", &[1], &[1.0])),
+    );
+    assert!(call.await.is_err(), "the call is still held when the client gives up");
+    held.started().await;
+    // REST: the client closes its connection while its request waits behind the held one.
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let r = client.post(url(&s, "/v2/models/gone/infer")).body(held::body(2.0, None)).send().await;
+    assert!(r.is_err(), "the client gave up");
+    held.release();
+    let counted = |protocol: &str| {
+        let s = &s;
+        let protocol = protocol.to_string();
+        async move {
+            let text = reqwest::get(url(s, "/metrics")).await.unwrap().text().await.unwrap();
+            let line = format!(
+                r#"sluice_requests_total{{model="gone",version="1",protocol="{protocol}",outcome="cancelled"}} 1"#
+            );
+            text.lines().any(|l| l == line)
+        }
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !(counted("grpc").await && counted("rest").await) {
+        assert!(std::time::Instant::now() < until, "not counted as cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, stats) = get_json(&s, "/v2/models/gone/stats").await;
+    assert_eq!(stats["model_stats"][0]["inference_stats"]["fail"]["count"], 2, "{stats}");
+    s.shutdown().await;
+}

@@ -114,6 +114,7 @@ impl GrpcInferenceService for InferenceService {
         let choice =
             sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: pinned.as_deref() };
         let d = self.routes.route(&req.model_name, choice).map_err(grpc_status)?;
+        let counted = d.metrics().counted(Protocol::Grpc, started);
         let result = match codec::decode(req) {
             Ok(mut request) => {
                 request.model_id = model_id;
@@ -121,11 +122,7 @@ impl GrpcInferenceService for InferenceService {
             }
             Err(e) => Err(e),
         };
-        d.metrics().request(
-            Protocol::Grpc,
-            result.as_ref().map(|_| ()).map_err(|e| e.kind),
-            started.elapsed(),
-        );
+        counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
         Ok(Response::new(codec::encode(result.map_err(grpc_status)?)))
     }
 

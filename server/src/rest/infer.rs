@@ -108,6 +108,7 @@ async fn serve(
     let pinned = headers.get(&VERSION_HEADER).and_then(|v| v.to_str().ok());
     let choice = sluice_router::VersionChoice { exact: version, pinned };
     let deployment = state.routes.route(model, choice)?;
+    let counted = deployment.metrics().counted(Protocol::Rest, started);
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
             request.model_id =
@@ -116,11 +117,7 @@ async fn serve(
         }
         Err(e) => Err(e),
     };
-    deployment.metrics().request(
-        Protocol::Rest,
-        result.as_ref().map(|_| ()).map_err(|e| e.kind),
-        started.elapsed(),
-    );
+    counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
     let (response, binary_outputs) = result?;
     let _encode = tracing::debug_span!("encode").entered();
     Ok(encode_response(&response, &binary_outputs))

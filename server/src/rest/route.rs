@@ -31,13 +31,9 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return super::screen::body_error(&e, state.max_body_bytes).into_response(),
     };
-    let started = std::time::Instant::now();
+    let counted = pipeline.metrics().counted(Protocol::Rest, std::time::Instant::now());
     let result = call(&pipeline, &body, model_id).await;
-    pipeline.metrics().request(
-        Protocol::Rest,
-        result.as_ref().map(|_| ()).map_err(|e| e.kind),
-        started.elapsed(),
-    );
+    counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => ApiError::from(e).into_response(),
