@@ -133,8 +133,14 @@ impl Shadow {
                     let took = started.elapsed();
                     me.stats.latencies.record(took);
                     handles.duration.record(took.as_secs_f64());
-                    if let Ok(primary) = answer.await {
-                        me.record(&primary, &r.outputs);
+                    match answer.await {
+                        Ok(primary) => me.record(&primary, &r.outputs),
+                        // The primary failed: nothing to compare with, so the copy counts as
+                        // dropped (every copy sent is compared, dropped or an error).
+                        Err(_) => {
+                            me.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            handles.dropped.increment(1);
+                        }
                     }
                 }
                 Err(e) if e.kind == ErrorKind::Unavailable => {
@@ -201,6 +207,14 @@ pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
                 for (r, ok) in agree.iter_mut().enumerate() {
                     let (xr, yr) = (row(&x, r, per_row), row(&y, r, per_row));
                     *ok &= argmax(xr) == argmax(yr);
+                }
+            }
+            _ if a.dtype() == DataType::Bytes => {
+                // Text elements differ in length: rows are counted in elements, not bytes.
+                let (x, y): (Vec<&[u8]>, Vec<&[u8]>) =
+                    (a.bytes_elements().collect(), b.bytes_elements().collect());
+                for (r, ok) in agree.iter_mut().enumerate() {
+                    *ok &= x.get(r * per_row..(r + 1) * per_row) == y.get(r * per_row..(r + 1) * per_row);
                 }
             }
             _ => {
@@ -274,6 +288,29 @@ mod tests {
         // A differing label disagrees too.
         let s = [fp32("p", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.3, 0.2]), i64s("label", &[2, 0])];
         assert_eq!(compare(&p, &s).agreed, 1);
+    }
+
+    fn texts(name: &str, v: &[&str]) -> NamedTensor {
+        let mut data = Vec::new();
+        for t in v {
+            crate::push_bytes_element(&mut data, t.as_bytes()).unwrap();
+        }
+        NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(DataType::Bytes, vec![v.len()], Bytes::from(data)).unwrap(),
+        }
+    }
+
+    /// Text outputs compare element by element: elements of other lengths in another row do
+    /// not shift the rows (they were cut into equal byte widths).
+    #[test]
+    fn text_rows_agree_element_by_element() {
+        let p = [texts("label", &["ab", "c"])];
+        assert_eq!(compare(&p, &p).agreed, 2);
+        let c = compare(&p, &[texts("label", &["a", "c"])]);
+        assert_eq!((c.rows, c.agreed), (2, 1), "only row 0 differs");
+        let c = compare(&p, &[texts("label", &["ab", "d"])]);
+        assert_eq!((c.rows, c.agreed), (2, 1), "only row 1 differs");
     }
 
     #[test]
