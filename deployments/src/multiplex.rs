@@ -6,10 +6,11 @@
 //! (see `Deployment::dispatch`). A model that cannot load fails its requests with a message
 //! naming it, and the replica goes on serving the others.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use metrics::{Counter, Histogram};
 
@@ -36,6 +37,9 @@ pub struct MultiplexStats {
 pub(crate) struct Shared {
     dir: PathBuf,
     options: OnnxOptions,
+    /// Models that failed to load, by id: the file as it was then (modified time, length) and
+    /// why. Not loaded again (a load stalls the replica's other models) until the file changes.
+    failed: Mutex<HashMap<String, (FileStamp, String)>>,
     stats: Arc<MultiplexStats>,
     hit: Counter,
     miss: Counter,
@@ -50,6 +54,7 @@ impl Shared {
         Arc::new(Self {
             dir,
             options,
+            failed: Mutex::new(HashMap::new()),
             stats: Arc::new(MultiplexStats { capacity: capacity.max(1) as u64, ..MultiplexStats::default() }),
             hit: metrics::counter!(MULTIPLEX_REQUESTS, "deployment" => d.clone(), "cache" => "hit"),
             miss: metrics::counter!(MULTIPLEX_REQUESTS, "deployment" => d.clone(), "cache" => "miss"),
@@ -76,6 +81,14 @@ impl Shared {
     }
 }
 
+/// A file as it is now: (modified time, length); None when it cannot be read.
+type FileStamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 /// A replica's backend: its loaded models, most recently used last.
 pub(crate) struct Multiplexed {
     shared: Arc<Shared>,
@@ -88,23 +101,50 @@ impl Multiplexed {
         Self { shared, metadata, loaded: Vec::new() }
     }
 
-    fn load(&self, id: &str) -> Result<OnnxBackend, InferError> {
+    /// The model file of `id`: 404 for an id with none (or one that would leave the folder),
+    /// and the same error again, without loading, for a file that failed to load and has not
+    /// changed since.
+    fn file(&self, id: &str) -> Result<PathBuf, InferError> {
         let valid = !id.is_empty() && !id.contains(['/', '\\']) && id != "." && id != "..";
         let path = self.shared.dir.join(id).join("model.onnx");
         if !valid || !path.is_file() {
             return Err(InferError::not_found(format!("unknown model `{id}` (no {})", path.display())));
         }
-        let backend = OnnxBackend::load(&path, &self.shared.options)
-            .map_err(|e| InferError::internal(format!("model `{id}` failed to load: {e}")))?;
-        let (want, got) = (&self.metadata, backend.metadata());
-        if want.inputs != got.inputs || want.outputs != got.outputs {
-            return Err(InferError::internal(format!(
-                "model `{id}` has another interface than the deployment's (inputs {:?}, outputs {:?})",
-                got.inputs.iter().map(|t| &t.name).collect::<Vec<_>>(),
-                got.outputs.iter().map(|t| &t.name).collect::<Vec<_>>()
-            )));
+        let failed = self.shared.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((when, why)) = failed.get(id)
+            && *when == stamp(&path)
+        {
+            return Err(InferError::internal(format!("{why} (not loaded again until its file changes)")));
         }
-        Ok(backend)
+        Ok(path)
+    }
+
+    fn load(&self, id: &str, path: &Path) -> Result<OnnxBackend, InferError> {
+        let was = stamp(path);
+        let loaded = OnnxBackend::load(path, &self.shared.options)
+            .map_err(|e| format!("model `{id}` failed to load: {e}"))
+            .and_then(|backend| {
+                let (want, got) = (&self.metadata, backend.metadata());
+                if want.inputs != got.inputs || want.outputs != got.outputs {
+                    return Err(format!(
+                        "model `{id}` has another interface than the deployment's (inputs {:?}, outputs {:?})",
+                        got.inputs.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                        got.outputs.iter().map(|t| &t.name).collect::<Vec<_>>()
+                    ));
+                }
+                Ok(backend)
+            });
+        let mut failed = self.shared.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        match loaded {
+            Ok(backend) => {
+                failed.remove(id);
+                Ok(backend)
+            }
+            Err(why) => {
+                failed.insert(id.to_string(), (was, why.clone()));
+                Err(InferError::internal(why))
+            }
+        }
     }
 }
 
@@ -141,10 +181,19 @@ impl Backend for Multiplexed {
             s.hit.increment(1);
             return Ok(());
         }
-        let started = Instant::now();
         // An id with no model, or one that fails to load, is neither a hit nor a miss: clients
         // sending unknown ids do not move the hit rate.
-        let backend = self.load(id)?;
+        let path = self.file(id)?;
+        // Room first, so that a replica never holds more than its capacity, not even while
+        // it loads.
+        if self.loaded.len() as u64 >= s.stats.capacity {
+            let (gone, _) = self.loaded.remove(0);
+            tracing::debug!(model = %gone, "evicted");
+            s.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            s.evictions.increment(1);
+        }
+        let started = Instant::now();
+        let backend = self.load(id, &path)?;
         let took = started.elapsed();
         s.stats.misses.fetch_add(1, Ordering::Relaxed);
         s.miss.increment(1);
@@ -152,12 +201,6 @@ impl Backend for Multiplexed {
         s.stats.load_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         s.loads.increment(1);
         s.load_time.record(took.as_secs_f64());
-        if self.loaded.len() as u64 >= s.stats.capacity {
-            let (gone, _) = self.loaded.remove(0);
-            tracing::debug!(model = %gone, "evicted");
-            s.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            s.evictions.increment(1);
-        }
         self.loaded.push((Arc::from(id), backend));
         Ok(())
     }

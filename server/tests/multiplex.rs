@@ -130,6 +130,14 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     let (status, got) = infer(&s, Some("bad"), None).await;
     assert_eq!(status, 500, "{got}");
     assert!(got["error"].as_str().unwrap().contains("model `bad` failed to load"), "{got}");
+    // Not loaded again while its file stays as it was; loaded once it changes.
+    let (status, got) = infer(&s, Some("bad"), None).await;
+    assert_eq!(status, 500, "{got}");
+    assert!(got["error"].as_str().unwrap().ends_with("(not loaded again until its file changes)"), "{got}");
+    std::fs::write(dir.join("bad/model.onnx"), b"still not a model, longer").unwrap();
+    let (status, got) = infer(&s, Some("bad"), None).await;
+    assert_eq!(status, 500, "{got}");
+    assert!(!got["error"].as_str().unwrap().contains("not loaded again"), "tried again: {got}");
     let (status, got) = infer(&s, Some("../a"), None).await;
     assert_eq!(status, 404, "no way out of the folder: {got}");
     let (status, got) = infer(&s, None, None).await;
