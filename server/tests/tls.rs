@@ -197,3 +197,62 @@ async fn unusable_tls_files_and_an_exposed_unauthenticated_admin_api_refuse_to_s
     let allowed = exposed.replace("admin_options: {", "admin_options: {allow_unauthenticated: true, ");
     start_with(&allowed, None).await.expect("when the config allows it").shutdown().await;
 }
+
+/// `sluice job` (and `sluice run --ray`, the same client) reaches a Ray dashboard served over
+/// https whose CA the system trusts (here through `SSL_CERT_FILE`, which the system's store
+/// honours); it carried no root certificates at all, so every https dashboard failed.
+#[test]
+fn sluice_job_trusts_the_systems_roots_for_an_https_dashboard() {
+    use std::io::BufRead;
+    let dir = folder("dashboard");
+    let ca = Ca::new("dashboard CA");
+    let (cert, key) = ca.sign(&["localhost", "127.0.0.1"]);
+    let (cert, key, ca_file) =
+        (write(&dir, "cert.pem", &cert), write(&dir, "key.pem", &key), write(&dir, "ca.pem", &ca.pem()));
+    // A stand-in for Ray's Jobs API over https: an empty job list.
+    let script = r#"
+import http.server, json, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"ray_version": "2.60.0"} if self.path == "/api/version" else []).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    let mut dashboard = std::process::Command::new("python3")
+        .args(["-c", script, &cert, &key])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut port = String::new();
+    std::io::BufReader::new(dashboard.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let url = format!("https://127.0.0.1:{}", port.trim());
+    let list = |ca: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["job", "list", "--ray", &url])
+            .env("SSL_CERT_FILE", ca)
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap()
+    };
+    let trusted = list(&ca_file);
+    let stranger = list(&write(&dir, "other.pem", &Ca::new("another CA").pem()));
+    let _ = dashboard.kill();
+    let _ = dashboard.wait();
+    let (out, err) = (String::from_utf8_lossy(&trusted.stdout), String::from_utf8_lossy(&trusted.stderr));
+    assert!(trusted.status.success(), "{out}\n{err}");
+    assert!(out.starts_with("ID "), "{out}");
+    let err = String::from_utf8_lossy(&stranger.stderr);
+    assert!(!stranger.status.success() && err.contains(&url), "a CA the system does not trust: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
