@@ -113,7 +113,7 @@ impl Controller {
             st.pipelines = pipelines;
             st.refresh_aliases();
             apps::applied(&mut st, config);
-            self.publish(&st);
+            self.publish(&mut st);
             commit
         };
         self.drain(commit.retired);

@@ -18,7 +18,7 @@ impl Controller {
         c.weight = weight;
         c.rollout = None;
         st.events.push(deployment, format!("canary weight set to {weight}%"));
-        self.publish(&st);
+        self.publish(&mut st);
         Ok(())
     }
 
@@ -65,7 +65,7 @@ impl Controller {
             if let Some(pipelines) = pipelines {
                 st.pipelines = pipelines;
             }
-            self.publish(&st);
+            self.publish(&mut st);
             old
         };
         self.drain(vec![old]);
@@ -76,7 +76,7 @@ impl Controller {
     pub async fn rollback(&self, deployment: &str, why: &str) -> Result<(), ControlError> {
         let mut st = self.lock();
         rollback(&mut st, deployment, why)?;
-        self.publish(&st);
+        self.publish(&mut st);
         Ok(())
     }
 

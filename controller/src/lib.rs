@@ -32,6 +32,7 @@ mod state;
 mod status;
 mod traffic;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,12 @@ use cluster::Cluster;
 use reconcile::Rescale;
 use rollout::Counters;
 use state::{ControllerState, Version};
+
+/// The `sluice_canary_weight_percent` series of a (model, version).
+fn canary_weight((model, version): &(String, String)) -> metrics::Gauge {
+    let name = sluice_deployments::metrics::CANARY_WEIGHT;
+    metrics::gauge!(name, "model" => model.clone(), "version" => version.clone())
+}
 
 /// The longest the control loop sleeps when nothing is due (it wakes earlier when anything
 /// is, or when a request waits on a deployment with no replica).
@@ -189,15 +196,17 @@ impl Controller {
             if gone(repository::APPLICATION) {
                 st.repo.applied = None;
             }
-            self.publish(&st);
+            self.publish(&mut st);
             retired
         };
         self.drain(retired);
         Ok(())
     }
 
-    /// Publishes the route table for `st`.
-    fn publish(&self, st: &ControllerState) {
+    /// Publishes the route table for `st`, and what goes with it: the canary weight gauges,
+    /// and which deployments autoscaling may take to zero replicas (readiness counts those
+    /// ready at zero).
+    fn publish(&self, st: &mut ControllerState) {
         let mut table = RouteTable::default();
         for p in &st.pipelines {
             let mut route = ModelRoute::default();
@@ -207,9 +216,13 @@ impl Controller {
                 table.json_routes.insert(prefix.clone(), p.pipeline.clone());
             }
         }
+        let mut canaries = BTreeSet::new();
         for (name, m) in &st.deployments {
             let mut route = ModelRoute::default();
+            // Autoscaling sizes the primary only.
+            let to_zero = m.scaling.as_ref().is_some_and(|s| s.config.min_replicas == 0);
             for v in m.versions() {
+                v.deployment.set_scales_to_zero(to_zero && std::ptr::eq(v, &m.primary));
                 route.versions.insert(v.name().to_string(), Servable::Deployment(v.deployment.clone()));
             }
             let gate = m.canary.as_ref().and_then(|c| c.rollout.as_ref()?.mirror.clone());
@@ -217,9 +230,9 @@ impl Controller {
                 route.shadow = Some((m.primary.name().to_string(), shadow));
             }
             if let Some(c) = &m.canary {
-                let weight = sluice_deployments::metrics::CANARY_WEIGHT;
-                metrics::gauge!(weight, "model" => name.clone(), "version" => c.version.name().to_string())
-                    .set(f64::from(c.weight.min(100)));
+                let series = (name.clone(), c.version.name().to_string());
+                canary_weight(&series).set(f64::from(c.weight.min(100)));
+                canaries.insert(series);
                 route.split = vec![
                     (m.primary.name().to_string(), m.primary_weight()),
                     (c.version.name().to_string(), c.weight.min(100)),
@@ -240,6 +253,14 @@ impl Controller {
                 table.models.insert(id.clone(), route);
             }
         }
+        // A canary gone (promoted: its version is the primary now; removed; deleted with its
+        // deployment) reads 0, as a rolled-back one does: the alerts pick canaries by a weight
+        // above 0 (SluiceCanaryErrors), and would otherwise judge a promoted version by the
+        // canary's bound for good.
+        for gone in st.canary_weights.difference(&canaries) {
+            canary_weight(gone).set(0.0);
+        }
+        st.canary_weights = canaries;
         self.routes.publish(table);
     }
 
@@ -312,7 +333,7 @@ impl Controller {
             let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, &st.repo));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
-                self.publish(&st);
+                self.publish(&mut st);
             }
             let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();
             (rescale, promote, next.unwrap_or(now + IDLE_TICK))

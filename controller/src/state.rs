@@ -214,6 +214,9 @@ pub(crate) struct ControllerState {
     pub aliases_scanned: Option<Instant>,
     /// Per application (every one in the config, and those whose deploy failed).
     pub apps: BTreeMap<String, AppRecord>,
+    /// The (model, version) of every canary at the last publish: their weight gauges, set to 0
+    /// once the canary is gone.
+    pub canary_weights: BTreeSet<(String, String)>,
 }
 
 impl ControllerState {

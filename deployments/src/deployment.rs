@@ -257,10 +257,21 @@ impl ReplicaSet {
     /// it, a smaller count taken first could be published last and stay (a lost update that
     /// left `wait_ready` waiting out its timeout with every replica ready).
     fn publish_ready(&self) {
+        self.publish_ready_if(false);
+    }
+
+    /// [`Self::publish_ready`] after replicas left the set: watchers are woken even when the
+    /// ready count stays the same (readiness that depends on the set, such as being at zero
+    /// on purpose, may have changed).
+    fn publish_ready_or_set(&self) {
+        self.publish_ready_if(true);
+    }
+
+    fn publish_ready_if(&self, set_changed: bool) {
         self.ready_count.send_if_modified(|published| {
             let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
             self.config.metrics.replicas_ready.set(n as f64);
-            std::mem::replace(published, n) != n
+            std::mem::replace(published, n) != n || set_changed
         });
     }
 
@@ -339,6 +350,8 @@ pub struct Deployment {
     /// Calls measured below this run on the caller's thread when their replica is idle and
     /// the deployment is not crowded (see [`crate::replica::Crowding`]).
     inline_under: Option<Duration>,
+    /// Whether autoscaling may take it to zero replicas ([`Deployment::set_scales_to_zero`]).
+    scales_to_zero: AtomicBool,
 }
 
 impl Deployment {
@@ -416,6 +429,7 @@ impl Deployment {
             scaling: tokio::sync::Mutex::new(()),
             multiplex: None,
             inline_under,
+            scales_to_zero: AtomicBool::new(false),
         })
     }
 
@@ -469,7 +483,9 @@ impl Deployment {
                 }
             }
         }
-        self.set.publish_ready();
+        // Watchers hear of it even when the ready count stays: a set left with no replica
+        // that has served is at zero on purpose ([`Deployment::at_zero_on_purpose`]).
+        self.set.publish_ready_or_set();
     }
 
     /// A deployment whose replicas all run elsewhere ([`RemoteReplica`]s added with
@@ -645,6 +661,28 @@ impl Deployment {
         *self.ready.borrow() > 0
     }
 
+    /// Says whether autoscaling may take this deployment to zero replicas (`min_replicas: 0`);
+    /// the controller keeps it current. Off until said.
+    pub fn set_scales_to_zero(&self, yes: bool) {
+        self.scales_to_zero.store(yes, Ordering::Release);
+    }
+
+    /// Whether it has no ready replica only because autoscaling took it to zero on purpose:
+    /// it may scale to zero, and it has no replica, or only replicas starting from zero (none
+    /// of them has been ready yet). Requests to it then wait in its queue, and the first one
+    /// starts a replica. Not while a replica that served is failing or restarting.
+    pub fn at_zero_on_purpose(&self) -> bool {
+        self.scales_to_zero.load(Ordering::Acquire)
+            && self.set.replicas.load().iter().all(|r| !r.granted.load(Ordering::Acquire))
+    }
+
+    /// What server readiness counts: ready, or [at zero on purpose](Self::at_zero_on_purpose).
+    /// A load balancer that took such a server out would never send the request that scales
+    /// the deployment up again.
+    pub fn ready_or_at_zero(&self) -> bool {
+        self.is_ready() || self.at_zero_on_purpose()
+    }
+
     /// Waits until every replica is ready, or `timeout` passes; returns whether they are.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let want = self.replica_count();
@@ -804,17 +842,17 @@ impl Deployment {
         }
         let max = self.set.spec.settings.max_queued_requests as usize;
         // Join the queue only below its bound, so its depth never reads above it.
-        let Ok(depth) =
-            self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < max).then_some(d + 1))
-        else {
+        if self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < max).then_some(d + 1))
+            .is_err()
+        {
             return Err(InferError::unavailable(format!(
                 "model `{}` is overloaded: {max} requests already wait (max_queued_requests); retry later",
                 self.set.spec.name
             )));
-        };
-        let metrics = &self.set.config.metrics;
-        metrics.queue_depth.set((depth + 1) as f64);
-        let _leave = QueueExit { queued: &self.queued, gauge: &metrics.queue_depth };
+        }
+        let _leave = QueueExit::joined(&self.queued, &self.set.config.metrics.queue_depth);
         match tokio::time::timeout_at(deadline.into(), self.set.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => {
@@ -1088,19 +1126,34 @@ impl Drop for Abandoned<'_> {
 }
 
 /// Leaves the admission queue when the waiting request gets its slot, times out or is dropped.
+///
+/// The gauge moves by the same ±1 as the count, never `set` to a count read a moment before:
+/// two threads that changed the count one after the other could land their `set`s the other
+/// way round and leave the gauge at 1 on an idle deployment for good. Increments and
+/// decrements add up to the count whatever order they land in. (One atomic update each, as
+/// `set` was.)
 struct QueueExit<'a> {
     queued: &'a AtomicUsize,
     gauge: &'a metrics::Gauge,
 }
 
-impl Drop for QueueExit<'_> {
-    fn drop(&mut self) {
-        let n = self.queued.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.gauge.set(n as f64);
+impl<'a> QueueExit<'a> {
+    /// A request counted in `queued` (by the caller, which bounds it) joins the gauge too.
+    fn joined(queued: &'a AtomicUsize, gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self { queued, gauge }
     }
 }
 
-/// Counts a request against its replica until it is answered or abandoned.
+impl Drop for QueueExit<'_> {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Counts a request against its replica until it is answered or abandoned; the replica's
+/// in-flight gauge moves by the same ±1 (see [`QueueExit`] for why not `set`).
 struct OngoingGuard {
     ongoing: Arc<AtomicUsize>,
     gauge: Gauge,
@@ -1109,16 +1162,20 @@ struct OngoingGuard {
 impl OngoingGuard {
     /// Counts one more request on `slot`.
     fn new(slot: &ReplicaSlot) -> Self {
-        let before = slot.ongoing.fetch_add(1, Ordering::AcqRel);
-        slot.in_flight.set((before + 1) as f64);
-        Self { ongoing: slot.ongoing.clone(), gauge: slot.in_flight.clone() }
+        Self::count(&slot.ongoing, &slot.in_flight)
+    }
+
+    fn count(ongoing: &Arc<AtomicUsize>, gauge: &Gauge) -> Self {
+        ongoing.fetch_add(1, Ordering::AcqRel);
+        gauge.increment(1.0);
+        Self { ongoing: ongoing.clone(), gauge: gauge.clone() }
     }
 }
 
 impl Drop for OngoingGuard {
     fn drop(&mut self) {
-        let n = self.ongoing.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.gauge.set(n as f64);
+        self.ongoing.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
     }
 }
 
@@ -1130,7 +1187,10 @@ mod tests {
     use arc_swap::ArcSwap;
     use tokio::sync::{Semaphore, watch};
 
-    use super::{Channel, DeploymentSpec, ReplicaConfig, ReplicaSet, choose, queue_capacity, two_choices};
+    use super::{
+        Channel, DeploymentSpec, OngoingGuard, QueueExit, ReplicaConfig, ReplicaSet, choose, queue_capacity,
+        two_choices,
+    };
     use crate::batch::BatchPolicy;
 
     /// A model whose calls wait until the test lets them go (`entered` counts them); it counts
@@ -1426,5 +1486,108 @@ mod tests {
         assert_eq!(choose(5, (3, 2), load), 3, "the less loaded of two ready picks");
         let none_ready = |_: usize| (true, 0);
         assert_eq!(choose(3, (1, 2), none_ready), 1, "no replica ready: a pick stays");
+    }
+
+    /// Where a [`LateFirst`] gauge is in holding back an update.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    enum Hold {
+        #[default]
+        Off,
+        Armed,
+        Holding,
+        Passed,
+    }
+
+    /// A gauge that, once armed, holds the next update back until another one has landed: the
+    /// worst order in which two threads' updates can reach the exporter.
+    #[derive(Default)]
+    struct LateFirst {
+        state: std::sync::Mutex<(f64, Hold)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl LateFirst {
+        fn arm(&self) {
+            self.state.lock().unwrap().1 = Hold::Armed;
+        }
+
+        /// Waits until an update is held back.
+        fn wait_holding(&self) {
+            let held = self.changed.wait_while(self.state.lock().unwrap(), |s| s.1 != Hold::Holding);
+            drop(held.unwrap());
+        }
+
+        fn value(&self) -> f64 {
+            self.state.lock().unwrap().0
+        }
+
+        fn update(&self, f: impl FnOnce(f64) -> f64) {
+            let mut s = self.state.lock().unwrap();
+            match s.1 {
+                Hold::Armed => {
+                    s.1 = Hold::Holding;
+                    self.changed.notify_all();
+                    s = self.changed.wait_while(s, |s| s.1 == Hold::Holding).unwrap();
+                }
+                Hold::Holding => {
+                    s.1 = Hold::Passed;
+                    self.changed.notify_all();
+                }
+                Hold::Off | Hold::Passed => {}
+            }
+            s.0 = f(s.0);
+        }
+    }
+
+    impl metrics::GaugeFn for LateFirst {
+        fn increment(&self, value: f64) {
+            self.update(|v| v + value);
+        }
+
+        fn decrement(&self, value: f64) {
+            self.update(|v| v - value);
+        }
+
+        fn set(&self, value: f64) {
+            self.update(|_| value);
+        }
+    }
+
+    /// Drops `first` on another thread, whose gauge update `late` holds back, then `second`
+    /// here: each changes its count before its gauge, and the gauge hears of them the other
+    /// way round.
+    fn drop_in_the_worst_order<G: Send>(late: &LateFirst, first: G, second: G) {
+        late.arm();
+        std::thread::scope(|s| {
+            s.spawn(move || drop(first));
+            late.wait_holding();
+            drop(second);
+        });
+    }
+
+    /// The in-flight and queue-depth gauges read 0 once every request is gone, whatever order
+    /// concurrent updates reach them in. Each gauge was `set` to the count its thread had just
+    /// made: two requests leaving at once could land their `set`s the other way round and
+    /// leave 1 on an idle deployment for good.
+    #[test]
+    fn the_in_flight_and_queue_gauges_end_at_zero_whatever_order_their_updates_land_in() {
+        let late = Arc::new(LateFirst::default());
+        let gauge = metrics::Gauge::from_arc(late.clone());
+        let ongoing = Arc::new(AtomicUsize::new(0));
+        let (a, b) = (OngoingGuard::count(&ongoing, &gauge), OngoingGuard::count(&ongoing, &gauge));
+        assert_eq!(late.value(), 2.0);
+        drop_in_the_worst_order(&late, a, b);
+        assert_eq!((ongoing.load(Ordering::SeqCst), late.value()), (0, 0.0), "in flight");
+
+        let late = Arc::new(LateFirst::default());
+        let gauge = metrics::Gauge::from_arc(late.clone());
+        // Counted by the caller, which bounds the queue, before it joins.
+        let queued = AtomicUsize::new(1);
+        let a = QueueExit::joined(&queued, &gauge);
+        queued.fetch_add(1, Ordering::SeqCst);
+        let b = QueueExit::joined(&queued, &gauge);
+        assert_eq!(late.value(), 2.0);
+        drop_in_the_worst_order(&late, a, b);
+        assert_eq!((queued.load(Ordering::SeqCst), late.value()), (0, 0.0), "queue depth");
     }
 }

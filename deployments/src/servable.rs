@@ -54,6 +54,16 @@ impl Servable {
         }
     }
 
+    /// What server readiness counts: ready, or with no ready replica only because autoscaling
+    /// took it to zero on purpose ([`Deployment::ready_or_at_zero`]; each step, for a
+    /// pipeline). Requests to it wait in its queue while a replica starts.
+    pub fn ready_or_at_zero(&self) -> bool {
+        match self {
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.ready_or_at_zero(),
+            Self::Pipeline(p) => p.deployments().all(|d| d.ready_or_at_zero()),
+        }
+    }
+
     /// 0 for pipelines (their steps batch on their own).
     pub fn max_batch_size(&self) -> usize {
         match self {

@@ -151,9 +151,12 @@ impl Router {
         self.table.load().json_routes.get(path).cloned()
     }
 
-    /// True when every deployment of every model is ready.
+    /// True when every version of every model is ready, or has no ready replica only because
+    /// autoscaling took it to zero on purpose ([`Servable::ready_or_at_zero`]): what server
+    /// readiness asks. Such a version takes requests (they wait while a replica starts), and
+    /// only a request starts one, so a server that reported it unready would never get one.
     pub fn all_ready(&self) -> bool {
-        self.table.load().models.values().flat_map(|m| m.versions.values()).all(|d| d.is_ready())
+        self.table.load().models.values().flat_map(|m| m.versions.values()).all(|d| d.ready_or_at_zero())
     }
 }
 

@@ -1,6 +1,8 @@
 //! Where the server is in its life, which the readiness endpoints (REST `/v2/health/ready`,
 //! gRPC `ServerReady`) and gRPC health follow: not ready while the config's models load, ready
-//! while every model version has a ready replica, and not ready again once shutdown starts.
+//! while every model version has a ready replica or is autoscaled to zero on purpose (requests
+//! to it wait while a replica starts, and only a request starts one: a load balancer that took
+//! the server out then would never send it), and not ready again once shutdown starts.
 
 use std::sync::Arc;
 
@@ -38,7 +40,8 @@ impl Readiness {
         self.phase.clone()
     }
 
-    /// Serving, and every version of every model has a ready replica.
+    /// Serving, and every version of every model has a ready replica or is at zero replicas
+    /// on purpose ([`Router::all_ready`]).
     pub fn server_ready(&self) -> bool {
         self.phase() == Phase::Serving && self.routes.all_ready()
     }

@@ -1,7 +1,8 @@
 //! Readiness through a server's life, on REST and `grpc.health.v1`: not serving while models
 //! load, serving once warm, not serving while a model has no ready replica, serving again when
-//! it recovers, and not serving once shutdown starts. And every accepted request ends: a model
-//! still running at the request's deadline gets the request answered 504 then.
+//! it recovers, and not serving once shutdown starts; a deployment autoscaled to zero keeps the
+//! server serving (only the model says it has no replica). And every accepted request ends: a
+//! model still running at the request's deadline gets the request answered 504 then.
 //!
 //! The models are custom steps that wait on a gate the test opens, so nothing here depends on
 //! timing: each state is reached by an event and observed through a health Watch stream.
@@ -121,6 +122,24 @@ async fn next(stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckRespons
     stream.message().await.unwrap().expect("the stream goes on").status()
 }
 
+/// A Watch stream of `service`, once the health follower has named it (it does so just after
+/// the server starts).
+async fn watch_named(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match client.watch(HealthCheckRequest { service: service.into() }).await {
+            Ok(stream) => return stream.into_inner(),
+            Err(e) if e.code() == tonic::Code::NotFound && std::time::Instant::now() < until => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("watch {service}: {e}"),
+        }
+    }
+}
+
 async fn get_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     reqwest::get(format!("http://{addr}{path}")).await.unwrap().status().as_u16()
 }
@@ -228,5 +247,76 @@ async fn a_model_still_running_at_the_deadline_is_answered_504_then() {
     assert_eq!(r.status(), 200);
     let out: Value = r.json().await.unwrap();
     assert_eq!(out["outputs"][0]["data"], json!([1.0]));
+    s.shutdown().await;
+}
+
+/// A deployment that autoscaling took to zero replicas (`min_replicas: 0`) takes requests:
+/// they wait while a replica starts. So the server stays ready (REST, `ServerReady` and gRPC
+/// health), or a load balancer would take it out and never send the request that scales the
+/// deployment up again. The model itself says honestly that no replica is ready, at zero and
+/// while its first replica warms up. A request starts a replica and is answered, and the
+/// deployment goes back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_it() {
+    let warm_up = Arc::new(Gate::default());
+    register("cold", None, Some(warm_up.clone()));
+    let s = sluice_server::start(
+        config(
+            "      - name: cold\n        builtin: {custom: {name: cold}}\n        autoscaling_config: {min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05,\n          look_back_period_s: 0.1, downscale_delay_s: 0.2}\n",
+            "",
+        ),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let replicas = || s.routes().resolve("cold", None).unwrap().deployment().unwrap().replica_count();
+    let http = s.http_addr();
+    let mut client = health(s.grpc_addr().unwrap()).await;
+    let mut inference = common::grpc::client(&s).await;
+    let mut model_watch = watch_named(&mut client, "cold").await;
+    // The server's entry is reported before the model's, in the same round.
+    let server_ready = |client: &mut HealthClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            (
+                get_status(http, "/v2/health/ready").await,
+                check(&mut client, "").await,
+                check(&mut client, "inference.GRPCInferenceService").await,
+            )
+        }
+    };
+    let serving = (200, Ok(ServingStatus::Serving), Ok(ServingStatus::Serving));
+
+    assert_eq!(next(&mut model_watch).await, ServingStatus::NotServing);
+    assert_eq!(replicas(), 0, "started at zero");
+    assert_eq!(server_ready(&mut client).await, serving, "at zero");
+    let ready = inference.server_ready(sluice_proto::inference::ServerReadyRequest {}).await.unwrap();
+    assert!(ready.into_inner().ready, "gRPC ServerReady at zero");
+    assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503, "the model has no replica");
+
+    // A request starts a replica, whose warm-up waits on the gate: still no ready replica.
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]});
+    let request =
+        tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/cold/infer")).json(&body).send());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while replicas() == 0 {
+        assert!(std::time::Instant::now() < until, "the request started no replica");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(server_ready(&mut client).await, serving, "while the first replica warms up");
+    assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503, "warming up");
+
+    warm_up.open();
+    let r = request.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["outputs"][0]["data"], json!([2.0]));
+    assert_eq!(next(&mut model_watch).await, ServingStatus::Serving);
+
+    // Idle: back to zero, and the server stays ready.
+    assert_eq!(next(&mut model_watch).await, ServingStatus::NotServing);
+    assert_eq!(replicas(), 0, "scaled back to zero");
+    assert_eq!(server_ready(&mut client).await, serving, "back at zero");
+    assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503);
     s.shutdown().await;
 }

@@ -14,13 +14,16 @@ use serde_json::{Value, json};
 const IRIS_BODY: &str =
     r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#;
 
-async fn start_app(deployments: &str) -> sluice_server::Server {
-    sluice_server::runtime::init(None, None).unwrap();
+fn app_config(deployments: &str) -> sluice_config::Config {
     let text = format!(
         "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\napplications:\n  - name: app\n    deployments:\n{deployments}"
     );
-    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
-    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap()
+}
+
+async fn start_app(deployments: &str) -> sluice_server::Server {
+    sluice_server::runtime::init(None, None).unwrap();
+    let s = sluice_server::start(app_config(deployments), Default::default()).await.unwrap();
     assert!(s.wait_ready(Duration::from_secs(60)).await);
     s
 }
@@ -233,5 +236,45 @@ async fn a_shadow_agreement_gate_rolls_back_a_canary_that_answers_differently_an
     let b = &st["applications"]["app"]["deployments"]["b"]["versions"][1];
     assert!(b["shadow"]["compared"].as_u64().unwrap() >= 5, "{b}");
     assert_eq!(st["applications"]["app"]["deployments"]["a"]["versions"][1]["weight"], 0, "{st}");
+    s.shutdown().await;
+}
+
+/// `sluice_canary_weight_percent` of `model`'s `version` in `/metrics`, if exported.
+async fn canary_weight(s: &sluice_server::Server, model: &str, version: &str) -> Option<f64> {
+    let text = reqwest::get(url(s, "/metrics")).await.unwrap().text().await.unwrap();
+    let series = format!("sluice_canary_weight_percent{{model=\"{model}\",version=\"{version}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.parse().unwrap())
+}
+
+/// A canary that is no more reads weight 0, as a rolled-back one does: the shipped alerts pick
+/// canaries by a weight above 0 (SluiceCanaryErrors), and a promoted version left at its
+/// canary weight was judged by the canary's error bound for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_weight_gauge_reads_zero_once_the_canary_is_promoted_or_removed() {
+    // Model names no other test here uses: the metrics are the process's.
+    let canary = "canary: {model: iris/model.onnx, version: \"2\", weight: 30}";
+    let s = start_app(&format!(
+        "      - {{name: promoted, model: iris/model.onnx, {canary}}}\n      - {{name: removed, model: iris/model.onnx, {canary}}}\n"
+    ))
+    .await;
+    assert_eq!(canary_weight(&s, "promoted", "2").await, Some(30.0));
+    assert_eq!(canary_weight(&s, "removed", "2").await, Some(30.0));
+
+    s.controller().promote("promoted").await.unwrap();
+    assert_eq!(canary_weight(&s, "promoted", "2").await, Some(0.0), "version 2 is the primary now");
+    assert_eq!(canary_weight(&s, "removed", "2").await, Some(30.0), "another model's canary is kept");
+
+    // The config again, `promoted` as it is now and `removed` without its canary.
+    let config = app_config(
+        "      - {name: promoted, model: iris/model.onnx, version: \"2\"}\n      - {name: removed, model: iris/model.onnx}\n",
+    );
+    s.controller().apply(&config).await.unwrap();
+    assert_eq!(canary_weight(&s, "removed", "2").await, Some(0.0), "the canary was removed");
+    assert_eq!(canary_weight(&s, "promoted", "2").await, Some(0.0));
+    let st = status(&s);
+    for model in ["promoted", "removed"] {
+        let versions = st["applications"]["app"]["deployments"][model]["versions"].as_array().unwrap();
+        assert_eq!(versions.len(), 1, "{model}: {st}");
+    }
     s.shutdown().await;
 }

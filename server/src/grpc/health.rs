@@ -1,9 +1,10 @@
 //! `grpc.health.v1` following readiness: the server (`""`) and `inference.GRPCInferenceService`
-//! are SERVING exactly when REST `/v2/health/ready` answers 200; each model name is a service
-//! too, SERVING while every version of it has a ready replica (and unknown, NOT_FOUND, once the
-//! model is gone). Everything turns NOT_SERVING when shutdown starts, and Watch streams end
-//! then. The follower wakes on a change (a new route table, a replica's readiness, the phase),
-//! never on a timer.
+//! are SERVING exactly when REST `/v2/health/ready` answers 200 (which counts a deployment
+//! autoscaled to zero as ready); each model name is a service too, SERVING while every version
+//! of it has a ready replica, as the model's own readiness says (NOT_SERVING at zero replicas;
+//! unknown, NOT_FOUND, once the model is gone). Everything turns NOT_SERVING when shutdown
+//! starts, and Watch streams end then. The follower wakes on a change (a new route table, a
+//! replica's readiness or replica set, the phase), never on a timer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

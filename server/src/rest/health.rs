@@ -11,8 +11,9 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
 
-/// 200 when serving and every model is ready; 503 while models load, when one has no ready
-/// replica, and once shutdown starts (clients read the status only).
+/// 200 when serving and every model is ready (or autoscaled to zero on purpose: requests to it
+/// wait while a replica starts); 503 while models load, when one has no ready replica
+/// otherwise, and once shutdown starts (clients read the status only).
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let ready = state.readiness.server_ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
