@@ -2,6 +2,8 @@
 //! and per-deployment handles created once so the request path records without allocating.
 //! Triton-style counters for `/v2/models/{m}/stats` come from the same places.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -176,6 +178,30 @@ fn outcome_index(result: Result<(), ErrorKind>) -> usize {
         Err(ErrorKind::Unavailable) => 3,
         Err(ErrorKind::DeadlineExceeded) => 4,
         Err(ErrorKind::Internal) => 5,
+    }
+}
+
+/// How many [`DeploymentMetrics`] each (model, version) has now. A pair at 0 was retired: its
+/// deployment (a version swapped out, a canary removed, a model deleted) drained and was
+/// dropped. The exporter keeps every series it was given; `/metrics` leaves these out
+/// ([`retired`]), or `sluice_replicas_ready` at 0 for a retired version would fire the
+/// no-ready-replica alert for good, and dashboards would list every version ever served.
+fn live() -> std::sync::MutexGuard<'static, HashMap<(String, String), usize>> {
+    static LIVE: std::sync::OnceLock<Mutex<HashMap<(String, String), usize>>> = std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The (model, version) pairs whose deployments are all gone (see [`live`]); a pair served
+/// again is live again.
+pub fn retired() -> HashSet<(String, String)> {
+    live().iter().filter(|(_, n)| **n == 0).map(|(pair, _)| pair.clone()).collect()
+}
+
+impl Drop for DeploymentMetrics {
+    fn drop(&mut self) {
+        if let Some(n) = live().get_mut(&(self.model.clone(), self.version.clone())) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
@@ -391,6 +417,7 @@ impl DeploymentMetrics {
     /// registered and their handles do nothing.
     fn with_replicas(model: &str, version: &str, max_rows: usize, replicas: bool) -> Self {
         let (m, v) = (model.to_string(), version.to_string());
+        *live().entry((m.clone(), v.clone())).or_insert(0) += 1;
         let mut requests = Vec::new();
         for protocol in PROTOCOLS {
             for outcome in OUTCOMES {

@@ -2,6 +2,7 @@
 //! metric handles), rendered at `GET /metrics`. Names, units and buckets are declared in
 //! [`sluice_deployments::metrics`].
 
+use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -35,8 +36,90 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format, without the series of retired versions.
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let body = install().map(|h| h.render()).unwrap_or_default();
+    let body = without_retired(body, &sluice_deployments::metrics::retired());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// `text` without the samples labelled with a (model, version) of `retired` (a version whose
+/// deployments are all gone; see `sluice_deployments::metrics::retired`).
+fn without_retired(text: String, retired: &HashSet<(String, String)>) -> String {
+    if retired.is_empty() {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let pair = label(line, "model").zip(label(line, "version"));
+        if pair.is_some_and(|pair| retired.contains(&pair)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The value of label `name` in a sample line (`metric{a="x",name="y"} 1`), unescaped; None
+/// for comments and lines without it.
+fn label(line: &str, name: &str) -> Option<String> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let mut rest = &line[line.find('{')? + 1..];
+    loop {
+        let (key, after) = rest.split_once("=\"")?;
+        // The value runs to the first quote not escaped (`\"`, `\\` and `\n` are escapes).
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (i, '"') => break i,
+                (_, c) => value.push(c),
+            }
+        };
+        if key == name {
+            return Some(value);
+        }
+        let after = &after[end + 1..];
+        if !after.starts_with(',') {
+            return None;
+        }
+        rest = &after[1..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_series_of_retired_versions_are_left_out() {
+        let text = "# HELP sluice_replicas_ready Ready replicas\n\
+                    sluice_replicas_ready{model=\"m\",version=\"1\"} 0\n\
+                    sluice_replicas_ready{model=\"m\",version=\"2\"} 2\n\
+                    sluice_requests_total{model=\"m\",version=\"1\",protocol=\"rest\",outcome=\"success\"} 5\n\
+                    sluice_multiplex_loads_total{deployment=\"m\"} 1\n\
+                    sluice_request_duration_seconds_bucket{model=\"m\",version=\"1\",protocol=\"rest\",le=\"0.1\"} 5\n";
+        let retired = HashSet::from([("m".to_string(), "1".to_string())]);
+        let kept = without_retired(text.to_string(), &retired);
+        assert_eq!(
+            kept,
+            "# HELP sluice_replicas_ready Ready replicas\n\
+             sluice_replicas_ready{model=\"m\",version=\"2\"} 2\n\
+             sluice_multiplex_loads_total{deployment=\"m\"} 1\n"
+        );
+        assert_eq!(without_retired(text.to_string(), &HashSet::new()), text);
+        assert_eq!(label("x{model=\"a\",version=\"b\"} 1", "version").as_deref(), Some("b"));
+        assert_eq!(label("x 1", "model"), None);
+        // Quotes and backslashes in a name come escaped.
+        let odd = r#"x{model="a\"b\\c",version="1"} 1"#;
+        assert_eq!(label(odd, "model").as_deref(), Some(r#"a"b\c"#));
+        assert_eq!(label(odd, "version").as_deref(), Some("1"));
+    }
 }

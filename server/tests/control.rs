@@ -653,3 +653,25 @@ async fn status_shows_replicas_and_recent_traffic() {
     }
     s.shutdown().await;
 }
+
+/// Once a version is swapped out and drained, its series leave `/metrics` (its
+/// `sluice_replicas_ready` at 0 fired the shipped no-ready-replica alert for good); the new
+/// version's are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_versions_series_leave_the_metrics() {
+    let s = start_with("      - {name: retiring, model: iris/model.onnx}\n").await;
+    let metrics = || async { reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap() };
+    assert!(metrics().await.contains(r#"sluice_replicas_ready{model="retiring",version="1"} 1"#));
+    apply(&s, "      - {name: retiring, model: iris/model.onnx, version: \"2\"}\n").await;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = metrics().await;
+        if !text.contains(r#"model="retiring",version="1""#) {
+            assert!(text.contains(r#"sluice_replicas_ready{model="retiring",version="2"} 1"#), "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "version 1's series stay: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.shutdown().await;
+}
