@@ -667,6 +667,11 @@ impl Deployment {
         self.scales_to_zero.store(yes, Ordering::Release);
     }
 
+    /// Whether autoscaling may take it to zero replicas ([`Deployment::set_scales_to_zero`]).
+    pub fn scales_to_zero(&self) -> bool {
+        self.scales_to_zero.load(Ordering::Acquire)
+    }
+
     /// Whether it has no ready replica only because autoscaling took it to zero on purpose:
     /// it may scale to zero, and it has no replica, or only replicas starting from zero (none
     /// of them has been ready yet). Requests to it then wait in its queue, and the first one

@@ -50,6 +50,9 @@ pub struct VersionEntry {
     /// Whether requests name one of its models.
     #[serde(default)]
     pub multiplexed: bool,
+    /// Whether autoscaling may take it to zero replicas (readiness counts it ready there).
+    #[serde(default)]
+    pub scales_to_zero: bool,
     pub replicas: Vec<ReplicaEntry>,
 }
 
@@ -169,6 +172,7 @@ pub fn take(routes: &Router) -> Snapshot {
                     settings: d.spec().settings.clone(),
                     max_replicas: d.spec().max_replicas,
                     multiplexed: d.spec().multiplexed,
+                    scales_to_zero: d.scales_to_zero(),
                     replicas,
                 },
             );
@@ -357,6 +361,7 @@ fn sync(mut f: Followed, v: &VersionEntry) -> Followed {
         };
         f.deployment.set_replica_ready(id, r.ready);
     }
+    f.deployment.set_scales_to_zero(v.scales_to_zero);
     f.entry = v.clone();
     f
 }
@@ -417,6 +422,7 @@ mod tests {
     #[test]
     fn a_proxy_follows_the_step_versions_and_the_multiplexed_ids() {
         let (primary, canary) = (remote("enc", "1", false), remote("enc", "2", false));
+        primary.set_scales_to_zero(true);
         let step = Step {
             name: "encode".into(),
             deployment: primary.clone(),
@@ -451,6 +457,7 @@ mod tests {
 
         let Servable::Pipeline(p) = proxy.resolve("p", None).unwrap() else { panic!("not a pipeline") };
         assert_eq!(p.steps()[0].deployment.version(), "1");
+        assert!(p.steps()[0].deployment.scales_to_zero(), "a proxy's readiness counts it ready at zero too");
         match proxy.resolve("acme", None).unwrap() {
             Servable::Multiplexed(d, id) => {
                 assert_eq!((d.name(), d.version(), &*id), ("tenants", "1", "acme"))
