@@ -270,7 +270,12 @@ impl ReplicaSet {
     fn publish_ready_if(&self, set_changed: bool) {
         self.ready_count.send_if_modified(|published| {
             let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-            self.config.metrics.replicas_ready.set(n as f64);
+            // A closed deployment's replicas going away leave the gauge alone: the series is
+            // its (model, version)'s, which a deployment replacing it at the same version
+            // (changed settings, a rewritten model file) shares and keeps up to date.
+            if !self.is_closed() {
+                self.config.metrics.replicas_ready.set(n as f64);
+            }
             std::mem::replace(published, n) != n || set_changed
         });
     }

@@ -675,3 +675,22 @@ async fn a_retired_versions_series_leave_the_metrics() {
     }
     s.shutdown().await;
 }
+
+/// A deployment swapped for one at the same version (a changed setting) shares its metric
+/// series: the old one's replicas stopping leave `sluice_replicas_ready` at the new one's
+/// count (they set it to 0, and the no-ready-replica alert fired on a healthy deployment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_version_swap_leaves_the_ready_gauge_at_the_new_count() {
+    let s = start_with("      - {name: resized, model: iris/model.onnx, max_batch_size: 4}\n").await;
+    let ready_series = r#"sluice_replicas_ready{model="resized",version="1"} "#;
+    let gauge = || async {
+        let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(ready_series)).map(str::to_string)
+    };
+    assert_eq!(gauge().await.as_deref(), Some("1"));
+    apply(&s, "      - {name: resized, model: iris/model.onnx, max_batch_size: 8}\n").await;
+    // The old deployment drains and its replica threads stop (within a second here).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gauge().await.as_deref(), Some("1"));
+    s.shutdown().await;
+}
