@@ -115,5 +115,23 @@ pub fn grpc_status(e: InferError) -> tonic::Status {
             tonic::Code::Internal
         }
     };
-    tonic::Status::new(code, e.message)
+    tonic::Status::new(code, bounded(e.message))
+}
+
+/// The most bytes of an error message a gRPC status carries: it travels in the `grpc-message`
+/// trailer, and clients cap metadata (grpc C-core, so tritonclient, at 8 KiB by default); a
+/// message quoting a huge name from the request would otherwise reach the client as a broken
+/// stream instead of its status.
+const MAX_GRPC_MESSAGE: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_GRPC_MESSAGE {
+        let mut end = MAX_GRPC_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
+    message
 }

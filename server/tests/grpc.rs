@@ -224,3 +224,18 @@ async fn the_load_testers_grpc_client_reconnects_after_its_connection_breaks() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     s.shutdown().await;
 }
+
+/// An error quoting a huge name from the request reaches the client as its status, cut to a
+/// bounded length: the message travels in a trailer, which clients cap (a 100 KB one broke
+/// the stream instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_quoting_a_huge_name_is_a_bounded_status() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let mut client = grpc::client(&s).await;
+    let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
+    req.inputs[0].datatype = "X".repeat(100_000);
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 1100 && e.message().ends_with("(cut)"), "{}", e.message().len());
+    s.shutdown().await;
+}

@@ -139,3 +139,43 @@ async fn requests_the_client_gives_up_on_are_counted_as_cancelled() {
     assert_eq!(stats["model_stats"][0]["inference_stats"]["fail"]["count"], 2, "{stats}");
     s.shutdown().await;
 }
+
+/// `timeout: 0` is no timeout of the client's own, as in Triton: the request waits behind a
+/// held one and is answered once it is let go (it was answered 504 at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_timeout_is_no_timeout() {
+    let held = Held::register("held-zero-timeout");
+    let s = start_held("held-zero-timeout").await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let infer = url(&s, "/v2/models/slow/infer");
+    let first = tokio::spawn({
+        let (client, infer) = (client.clone(), infer.clone());
+        async move { client.post(infer).body(held::body(1.0, None)).send().await.unwrap().status() }
+    });
+    held.started().await;
+    let rest = tokio::spawn({
+        let (client, infer) = (client.clone(), infer.clone());
+        async move {
+            client
+                .post(infer)
+                .body(held::body(0.0, Some(json!({"timeout": 0}))))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let mut grpc = grpc::client(&s).await;
+    let call = tokio::spawn(async move {
+        grpc.model_infer(grpc::with_timeout(grpc::fp32_request("slow", "x", &[1], &[0.0]), 0))
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rest.is_finished() && !call.is_finished(), "both wait behind the held request");
+    held.release();
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(rest.await.unwrap(), 200);
+    call.await.unwrap().expect("the gRPC call is answered");
+    s.shutdown().await;
+}

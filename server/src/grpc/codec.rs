@@ -74,13 +74,14 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
         }
         Some(names)
     };
+    // 0 is no timeout of the client's own (Triton's reading), as an absent one is.
     let timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
         None => None,
         Some(pb::infer_parameter::ParameterChoice::Int64Param(us)) if *us >= 0 => {
-            Some(std::time::Duration::from_micros(*us as u64))
+            (*us > 0).then(|| std::time::Duration::from_micros(*us as u64))
         }
         Some(pb::infer_parameter::ParameterChoice::Uint64Param(us)) => {
-            Some(std::time::Duration::from_micros(*us))
+            (*us > 0).then(|| std::time::Duration::from_micros(*us))
         }
         Some(other) => {
             return Err(InferError::invalid(format!(

@@ -272,13 +272,17 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
         // An empty list asks for every output, as no list does (gRPC's reading, and Triton's).
         outputs = (!names.is_empty()).then_some(names);
     }
+    // 0 is no timeout of the client's own (Triton's reading), as an absent one is.
     let timeout = match parsed.parameters.as_ref().and_then(|p| p.get("timeout")) {
         None => None,
-        Some(v) => Some(v.as_u64().map(std::time::Duration::from_micros).ok_or_else(|| {
-            InferError::invalid(format!(
-                "parameter `timeout` must be microseconds (an unsigned integer), got {v}"
-            ))
-        })?),
+        Some(v) => {
+            let us = v.as_u64().ok_or_else(|| {
+                InferError::invalid(format!(
+                    "parameter `timeout` must be microseconds (an unsigned integer), got {v}"
+                ))
+            })?;
+            (us > 0).then(|| std::time::Duration::from_micros(us))
+        }
     };
     let request =
         InferRequest { id: parsed.id.filter(|id| !id.is_empty()), inputs, outputs, timeout, model_id: None };
