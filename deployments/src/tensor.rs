@@ -180,9 +180,11 @@ impl Tensor {
         &self.data
     }
 
-    /// Number of elements (the product of the shape).
+    /// Number of elements (the product of the shape). A shape with a 0 holds none whatever its
+    /// other dimensions, whose product alone may not fit (`[2^32, 2^32, 0]` is a valid empty
+    /// tensor; the plain product overflowed).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) { 0 } else { self.shape.iter().product() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -290,6 +292,9 @@ mod tests {
         assert!(e.to_string().contains("too many elements"), "{e}");
         // A zero dimension makes an empty tensor whatever the other dimensions are.
         assert!(Tensor::new(DataType::Fp32, vec![0, 1 << 40], Bytes::new()).is_ok());
+        // Its length is 0, though the other dimensions' product does not fit.
+        let t = Tensor::new(DataType::Fp32, vec![1 << 32, 1 << 32, 0], Bytes::new()).unwrap();
+        assert_eq!((t.len(), t.is_empty()), (0, true));
         // BOOL bytes are 0 or 1; UINT8 takes any byte.
         assert!(Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 1, 0])).is_ok());
         let e = Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 2, 0])).unwrap_err();

@@ -44,7 +44,11 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
                 )));
             }
             (Some(bytes), None) => bytes.clone(),
-            (None, Some(contents)) => typed_contents(&input.name, dtype, contents)?,
+            (None, Some(contents)) => {
+                let count = sluice_deployments::element_count(&shape)
+                    .map_err(|e| InferError::invalid(format!("input `{}`: {e}", input.name)))?;
+                typed_contents(&input.name, dtype, count, contents)?
+            }
             (None, None) => {
                 return Err(InferError::invalid(format!("input `{}` has no data", input.name)));
             }
@@ -107,34 +111,49 @@ fn contents_field(dtype: DataType) -> Option<&'static str> {
     })
 }
 
-/// The typed contents fields that hold data.
-fn filled_fields(c: &pb::InferTensorContents) -> impl Iterator<Item = &'static str> {
+/// Each typed contents field and how many values it holds.
+fn field_lengths(c: &pb::InferTensorContents) -> [(&'static str, usize); 8] {
     [
-        ("bool_contents", c.bool_contents.is_empty()),
-        ("int_contents", c.int_contents.is_empty()),
-        ("int64_contents", c.int64_contents.is_empty()),
-        ("uint_contents", c.uint_contents.is_empty()),
-        ("uint64_contents", c.uint64_contents.is_empty()),
-        ("fp32_contents", c.fp32_contents.is_empty()),
-        ("fp64_contents", c.fp64_contents.is_empty()),
-        ("bytes_contents", c.bytes_contents.is_empty()),
+        ("bool_contents", c.bool_contents.len()),
+        ("int_contents", c.int_contents.len()),
+        ("int64_contents", c.int64_contents.len()),
+        ("uint_contents", c.uint_contents.len()),
+        ("uint64_contents", c.uint64_contents.len()),
+        ("fp32_contents", c.fp32_contents.len()),
+        ("fp64_contents", c.fp64_contents.len()),
+        ("bytes_contents", c.bytes_contents.len()),
     ]
-    .into_iter()
-    .filter(|(_, empty)| !empty)
-    .map(|(field, _)| field)
 }
 
-/// Little-endian bytes from the typed contents field that fits `dtype`; data in any other
-/// field is refused, naming both (it would otherwise read as missing data).
-fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Result<Bytes, InferError> {
-    if let Some(want) = contents_field(dtype)
-        && let Some(other) = filled_fields(&c).find(|&f| f != want)
-    {
-        return Err(InferError::invalid(format!(
-            "input `{name}`: {dtype} data goes in contents.{want}, but contents.{other} holds data"
-        )));
+/// The typed contents fields that hold data.
+fn filled_fields(c: &pb::InferTensorContents) -> impl Iterator<Item = &'static str> {
+    field_lengths(c).into_iter().filter(|(_, n)| *n > 0).map(|(field, _)| field)
+}
+
+/// Little-endian bytes from the typed contents field that fits `dtype`, which must hold the
+/// `count` elements of the shape (checked before anything is converted, and the bytes sized
+/// once); data in any other field is refused, naming both (it would otherwise read as missing
+/// data).
+fn typed_contents(
+    name: &str,
+    dtype: DataType,
+    count: usize,
+    c: pb::InferTensorContents,
+) -> Result<Bytes, InferError> {
+    if let Some(want) = contents_field(dtype) {
+        if let Some(other) = filled_fields(&c).find(|&f| f != want) {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: {dtype} data goes in contents.{want}, but contents.{other} holds data"
+            )));
+        }
+        let got = field_lengths(&c).iter().find(|(f, _)| *f == want).map_or(0, |(_, n)| *n);
+        if got != count {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: its shape holds {count} elements, contents.{want} holds {got}"
+            )));
+        }
     }
-    let mut out = BytesMut::new();
+    let mut out = BytesMut::with_capacity(dtype.byte_size().map_or(0, |size| size.saturating_mul(count)));
     macro_rules! narrow {
         ($src:expr, $t:ty) => {
             for v in $src {
@@ -274,6 +293,17 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(req).unwrap_err().message.contains("raw_input_contents"));
+        // A count that does not match the shape is refused before any conversion.
+        let c = pb::InferTensorContents { int64_contents: vec![1, 2, 3], ..Default::default() };
+        let req = pb::ModelInferRequest {
+            inputs: vec![input("ids", "INT64", vec![1], Some(c))],
+            ..Default::default()
+        };
+        let msg = decode(req).unwrap_err().message;
+        assert!(
+            msg.contains("input `ids`: its shape holds 1 elements, contents.int64_contents holds 3"),
+            "{msg}"
+        );
         // Data in another typed field than the datatype's is named, not read as missing.
         let c = pb::InferTensorContents { int_contents: vec![1, 2], ..Default::default() };
         let req = pb::ModelInferRequest {
