@@ -131,18 +131,22 @@ impl Autoscaling {
             ("downscale_delay_s", self.downscale_delay_s),
             ("downscale_to_zero_delay_s", self.downscale_to_zero_delay_s),
         ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                out.push((field, "must be 0 or more seconds".to_string()));
+            if !(0.0..=crate::MAX_SECONDS).contains(&v) {
+                out.push((field, format!("must be 0 to {:e} seconds", crate::MAX_SECONDS)));
             }
         }
-        for (field, v) in [
-            ("upscaling_factor", self.upscaling_factor),
-            ("downscaling_factor", self.downscaling_factor),
-            ("look_back_period_s", self.look_back_period_s),
-            ("metrics_interval_s", self.metrics_interval_s),
-        ] {
+        for (field, v) in
+            [("upscaling_factor", self.upscaling_factor), ("downscaling_factor", self.downscaling_factor)]
+        {
             if !(v > 0.0 && v.is_finite()) {
                 out.push((field, "must be above 0".to_string()));
+            }
+        }
+        for (field, v) in
+            [("look_back_period_s", self.look_back_period_s), ("metrics_interval_s", self.metrics_interval_s)]
+        {
+            if !(v > 0.0 && v <= crate::MAX_SECONDS) {
+                out.push((field, format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS)));
             }
         }
         out

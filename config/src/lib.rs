@@ -40,6 +40,11 @@ pub use types::{
 /// `--worker-threads`) may ask for: a ceiling against typos.
 pub const MAX_WORKER_THREADS: u32 = 1024;
 
+/// The longest duration a setting may give, in seconds (about 31 years: "never" in practice).
+/// Longer ones are refused: a time that far ahead cannot be added to a clock reading, and the
+/// loop that would add it would stop.
+pub const MAX_SECONDS: f64 = 1e9;
+
 /// The application that holds the model repository's models (a config may not name one so
 /// when it has a `model_repository`).
 pub const REPOSITORY_APPLICATION: &str = "repository";

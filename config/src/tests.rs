@@ -534,3 +534,18 @@ fn json_routes_and_pipeline_names_that_cannot_work_are_refused() {
     ));
     assert!(e.iter().any(|m| m.contains("`p` is already the name of a deployment or pipeline")), "{e:?}");
 }
+
+/// A duration too long to add to a clock reading is refused at load (it panicked the control
+/// loop, which then stopped autoscaling, rollouts and repository polls, or the start).
+#[test]
+fn durations_past_a_billion_seconds_are_refused() {
+    let e = errors(
+        "graceful_shutdown_timeout_s: 1e20\napplications:\n  - name: a\n    deployments:\n      - {name: m, model: m.onnx, autoscaling_config: {min_replicas: 1, max_replicas: 2, downscale_delay_s: 1e20, metrics_interval_s: 1e19}}\n",
+    );
+    let messages: Vec<String> = e.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    for field in ["graceful_shutdown_timeout_s", "downscale_delay_s", "metrics_interval_s"] {
+        assert!(messages.iter().any(|m| m.contains(field) && m.contains("1e9")), "{field}: {messages:?}");
+    }
+    parse_in("graceful_shutdown_timeout_s: 1e9\napplications:\n  - name: a\n    deployments: [{name: m, model: m.onnx}]\n")
+        .unwrap();
+}

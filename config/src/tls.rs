@@ -91,8 +91,11 @@ fn check_tls(owner: &str, tls: &mut TlsOptions, base: &Path, problems: &mut Vec<
     if let Some(ca) = &mut tls.client_ca_file {
         resolve("client_ca_file", ca);
     }
-    if !(tls.reload_interval_s >= 0.0 && tls.reload_interval_s.is_finite()) {
-        problems.push((format!("{owner}.tls.reload_interval_s"), "must be 0 or more seconds".into()));
+    if !(0.0..=crate::MAX_SECONDS).contains(&tls.reload_interval_s) {
+        problems.push((
+            format!("{owner}.tls.reload_interval_s"),
+            "must be 0 or more seconds, at most 1e9".into(),
+        ));
     }
 }
 
@@ -158,7 +161,7 @@ mod tests {
             "http_options.max_connections: must be at least 1",
             "grpc_options.tls: gRPC shares the REST port here",
             "admin_options.tls.cert_file: file `",
-            "admin_options.tls.reload_interval_s: must be 0 or more seconds",
+            "admin_options.tls.reload_interval_s: must be 0 or more seconds, at most 1e9",
         ] {
             assert!(text.contains(want), "want {want:?} in:\n{text}");
         }

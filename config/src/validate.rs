@@ -146,8 +146,12 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
 fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;
     let grace = &doc.graceful_shutdown_timeout_s;
-    if !(grace.value >= 0.0 && grace.value.is_finite()) {
-        errs.at(grace.referenced, "graceful_shutdown_timeout_s", "must be 0 or more seconds");
+    if !(0.0..=crate::MAX_SECONDS).contains(&grace.value) {
+        errs.at(
+            grace.referenced,
+            "graceful_shutdown_timeout_s",
+            format!("must be 0 to {:e} seconds", crate::MAX_SECONDS),
+        );
     }
     let max_replicas = &doc.max_replicas_per_deployment;
     if max_replicas.value == 0 {
@@ -168,8 +172,12 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
         {
             errs.at(unknown, "cluster.ray.address", "must be the Ray dashboard's URL, `http://HEAD:8265`");
         }
-        if !(ray.start_timeout_s > 0.0 && ray.start_timeout_s.is_finite()) {
-            errs.at(unknown, "cluster.ray.start_timeout_s", "must be above 0 seconds");
+        if !(ray.start_timeout_s > 0.0 && ray.start_timeout_s <= crate::MAX_SECONDS) {
+            errs.at(
+                unknown,
+                "cluster.ray.start_timeout_s",
+                format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
+            );
         }
     }
 }
@@ -186,11 +194,19 @@ fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mu
         errs.at(unknown, "model_repository.path", format!("`{}` is not a folder", path.display()));
     }
     repo.cache_dir = base.join(&repo.cache_dir);
-    if !(repo.poll_interval_s >= 0.0 && repo.poll_interval_s.is_finite()) {
-        errs.at(unknown, "model_repository.poll_interval_s", "must be 0 or more seconds");
+    if !(0.0..=crate::MAX_SECONDS).contains(&repo.poll_interval_s) {
+        errs.at(
+            unknown,
+            "model_repository.poll_interval_s",
+            format!("must be 0 to {:e} seconds", crate::MAX_SECONDS),
+        );
     }
-    if !(repo.store_timeout_s > 0.0 && repo.store_timeout_s.is_finite()) {
-        errs.at(unknown, "model_repository.store_timeout_s", "must be above 0 seconds");
+    if !(repo.store_timeout_s > 0.0 && repo.store_timeout_s <= crate::MAX_SECONDS) {
+        errs.at(
+            unknown,
+            "model_repository.store_timeout_s",
+            format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
+        );
     }
     if repo.num_replicas > errs.max_replicas {
         let max = errs.max_replicas;
@@ -219,8 +235,12 @@ fn check_rollout(r: &crate::Rollout, at: &str, loc: Location, errs: &mut Errors<
     if r.step_percent == 0 || r.step_percent > 100 {
         errs.at(loc, format!("{at}.step_percent"), "must be 1 to 100");
     }
-    if !(r.interval_s > 0.0 && r.interval_s.is_finite()) {
-        errs.at(loc, format!("{at}.interval_s"), "must be above 0");
+    if !(r.interval_s > 0.0 && r.interval_s <= crate::MAX_SECONDS) {
+        errs.at(
+            loc,
+            format!("{at}.interval_s"),
+            format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
+        );
     }
     if !(0.0..=1.0).contains(&r.max_error_rate) {
         errs.at(loc, format!("{at}.max_error_rate"), "is a fraction: 0 to 1");
@@ -499,8 +519,12 @@ fn validate_health_check(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>
         ("health_check_period_s", &dep.health_check_period_s),
         ("health_check_timeout_s", &dep.health_check_timeout_s),
     ] {
-        if !(v.value > 0.0 && v.value.is_finite()) {
-            errs.at(v.referenced, format!("{at}.{field}"), "must be above 0 seconds");
+        if !(v.value > 0.0 && v.value <= crate::MAX_SECONDS) {
+            errs.at(
+                v.referenced,
+                format!("{at}.{field}"),
+                format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
+            );
         }
     }
     HealthCheck { period_s: dep.health_check_period_s.value, timeout_s: dep.health_check_timeout_s.value }
