@@ -335,9 +335,17 @@ const QUEUE_CAP: usize = 4096;
 /// ready replica (each is tried, least loaded first), or is answered 503. Bounded rather than unbounded (a list): the bounded channel
 /// measured about a microsecond less server CPU per request at 64 connections (ten alternating
 /// runs each, medians 15.2 against 16.6 µs).
+///
+/// Never above [`MAX_QUEUE`], whatever `max_ongoing_requests` says: every slot is written when
+/// the queue is made, so a limit of a million (meant as "no limit") made each replica hold
+/// some 200 MB before its first request. A replica's queue then refuses what is beyond it,
+/// which goes to another replica or is answered 503.
 fn queue_capacity(ongoing: usize, replicas: usize) -> usize {
-    (ongoing * replicas.max(1)).min(QUEUE_CAP.max(ongoing)) + 1
+    ongoing.saturating_mul(replicas.max(1)).min(QUEUE_CAP.max(ongoing)).min(MAX_QUEUE) + 1
 }
+
+/// The most jobs a replica's queue holds, for any settings.
+const MAX_QUEUE: usize = 65_536;
 
 /// A running deployment.
 pub struct Deployment {
@@ -1307,6 +1315,8 @@ mod tests {
         assert_eq!(queue_capacity(64, 0), 65, "scale to zero: at least one replica's");
         assert_eq!(queue_capacity(1000, 4096), 4097, "capped");
         assert_eq!(queue_capacity(10_000, 2), 10_001, "never below the replica's own slots");
+        assert_eq!(queue_capacity(1_000_000, 8), 65_537, "but never above MAX_QUEUE");
+        assert_eq!(queue_capacity(usize::MAX, usize::MAX), 65_537, "no overflow");
     }
     use crate::metrics::DeploymentMetrics;
     use crate::replica::{ModelCell, ReplicaHost};
