@@ -617,6 +617,14 @@ impl Deployment {
     /// Resolves once no request is inside the deployment (queued, running or being answered).
     /// A deployment that no route points to any more only gets fewer, so this is how a retired
     /// version drains.
+    /// Counts a request that will reach this deployment later (a pipeline's later step) as
+    /// inside it until the guard is dropped, so that [`Deployment::drained`] waits for it: a
+    /// retired version is stopped once drained, and a pipeline request that had routed to it
+    /// would otherwise find its replicas gone (on Ray) when it got there.
+    pub fn hold(&self) -> Inside<'_> {
+        Inside::enter(self)
+    }
+
     pub async fn drained(&self) {
         loop {
             let notified = self.idle.notified();
@@ -1021,8 +1029,9 @@ impl Drop for Deployment {
     }
 }
 
-/// Counts a request inside the deployment; the last one out wakes whoever waits to drain.
-struct Inside<'a> {
+/// Counts a request inside the deployment; the last one out wakes whoever waits to drain
+/// ([`Deployment::drained`]).
+pub struct Inside<'a> {
     deployment: &'a Deployment,
 }
 

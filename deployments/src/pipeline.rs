@@ -156,6 +156,9 @@ impl Pipeline {
         use tracing::Instrument;
 
         let started = Instant::now();
+        // Every step's deployment counts this request from now on: a version retired while an
+        // earlier step runs is not stopped before this request has passed it.
+        let _held: Vec<_> = self.steps.iter().map(|s| s.deployment.hold()).collect();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
         let timeout = request.timeout.map_or(self.timeout, |t| t.min(self.timeout));
         let deadline = started.checked_add(timeout);

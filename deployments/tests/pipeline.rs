@@ -228,3 +228,24 @@ async fn pipeline_stats_count_the_rows_of_each_request() {
     assert_eq!(stats.inference_count.load(Ordering::Relaxed), 33, "rows, as Triton counts them");
     assert_eq!(stats.execution_count.load(Ordering::Relaxed), 2, "one execution per request");
 }
+
+/// A pipeline request counts on every step's deployment from its start: a later step's
+/// deployment retired (swapped out) while an earlier step runs is not drained, and so not
+/// stopped, before the request has passed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_steps_deployment_is_not_drained_while_a_request_is_on_its_way() {
+    let first = copy("slow-first", Duration::from_millis(600), false);
+    let second = copy("later", Duration::ZERO, false);
+    let steps = vec![step("one", &first, &[("x", "x")], "a"), step("two", &second, &[("x", "a")], "y")];
+    let pipeline = Arc::new(Pipeline::new("p", vec![spec("x")], steps, &["y".into()], None).unwrap());
+    let running = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.infer(rows(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Step one runs; step two's deployment has not been called yet, but is not drained.
+    let drained = tokio::time::timeout(Duration::from_millis(200), second.drained()).await;
+    assert!(drained.is_err(), "drained while a request was on its way to it");
+    running.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second.drained()).await.expect("drained once it passed");
+}
