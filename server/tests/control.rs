@@ -487,8 +487,15 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
     assert_eq!(r.status(), 200);
     let r = client.post(url(&s, "/v2/repository/models/nope/unload")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // A load that carries a config or files (Triton's override) is refused, not answered OK.
+    let body = r#"{"parameters": {"config": "{\"max_batch_size\": 8}"}}"#;
+    let r = client.post(url(&s, "/v2/repository/models/flowers/load")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("load parameter `config` is not supported"), "{v}");
+    assert_eq!(infer(&s).await.0, 404, "not loaded");
     // Load it back.
-    let r = client.post(url(&s, "/v2/repository/models/flowers/load")).send().await.unwrap();
+    let r = client.post(url(&s, "/v2/repository/models/flowers/load")).body("{}").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(infer(&s).await.1["model_version"], "2");
     let r = client.post(url(&s, "/v2/repository/models/nope/load")).send().await.unwrap();
@@ -540,6 +547,14 @@ async fn repository_load_and_unload_need_the_admin_token_when_one_is_set() {
     req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
     grpc.repository_model_load(req).await.unwrap();
     assert_eq!(infer().await.unwrap().status(), 200, "loaded again");
+    // gRPC: files to load with are refused.
+    let mut with_file = load();
+    with_file.parameters.insert("file:1/model.onnx".into(), Default::default());
+    let mut req = tonic::Request::new(with_file);
+    req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+    let e = grpc.repository_model_load(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("`file:1/model.onnx` is not supported"), "{e:?}");
     let unload = RepositoryModelUnloadRequest { model_name: "flowers".into(), ..Default::default() };
     let e = grpc.repository_model_unload(unload).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");

@@ -155,7 +155,10 @@ impl GrpcInferenceService for InferenceService {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Reply<pb::RepositoryModelLoadResponse> {
         self.may_control(&req)?;
-        let name = req.into_inner().model_name;
+        let req = req.into_inner();
+        crate::rest::model::refuse_overrides(req.parameters.keys().map(String::as_str))
+            .map_err(tonic::Status::invalid_argument)?;
+        let name = req.model_name;
         self.controller.load_model(&name).await.map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }

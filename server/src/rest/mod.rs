@@ -8,7 +8,7 @@ pub mod infer;
 mod intake;
 pub mod json;
 mod json_scan;
-mod model;
+pub(crate) mod model;
 mod proxy;
 pub mod route;
 pub mod screen;

@@ -150,15 +150,37 @@ pub async fn stats(
     Ok(Json(json!({ "model_stats": model_stats })))
 }
 
-/// `POST /v2/repository/models/{m}/load`: (re)load a repository model now.
+/// `POST /v2/repository/models/{m}/load`: (re)load a repository model now. A load that carries
+/// a model config or files (Triton's `config` and `file:` parameters) is refused: the model
+/// loads from the repository as it is there, and answering OK would say the override applied.
 pub async fn load(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     may_control(&state, &headers)?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("the load request's body must be JSON: {e}"))
+        })?;
+        let keys = doc.get("parameters").and_then(|p| p.as_object()).into_iter().flat_map(|p| p.keys());
+        refuse_overrides(keys.map(String::as_str)).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
     state.controller.load_model(&model).await?;
     Ok(StatusCode::OK)
+}
+
+/// Refuses a repository load that names a model config or files to load with (`config`,
+/// `file:PATH`), naming the first.
+pub fn refuse_overrides<'a>(mut keys: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    match keys.find(|k| *k == "config" || k.starts_with("file:")) {
+        None => Ok(()),
+        Some(k) => Err(format!(
+            "load parameter `{k}` is not supported: a repository model loads from its folder as it is \
+             there (write the config or files to the repository, then load)"
+        )),
+    }
 }
 
 /// Refuses a repository load or unload without the admin token, when one is set.
