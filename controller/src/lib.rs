@@ -66,6 +66,9 @@ fn canary_weight((model, version): &(String, String)) -> metrics::Gauge {
 /// is, or when a request waits on a deployment with no replica).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// The longest the repository loop sleeps between looks (a scan asked for is served within it).
+const REPOSITORY_CHECK: Duration = Duration::from_millis(250);
+
 /// How often the folders of multiplexed deployments are rescanned for new model ids.
 const ALIAS_SCAN: Duration = Duration::from_secs(5);
 
@@ -306,10 +309,9 @@ impl Controller {
         }
     }
 
-    /// One round of repository polling, autoscaling and rollout decisions; returns when the
-    /// next round is due.
+    /// One round of autoscaling and rollout decisions; returns when the next round is due.
+    /// (The model repository is polled by a loop of its own, [`Controller::spawn_loop`].)
     pub async fn tick(&self) -> Instant {
-        self.poll_repository().await;
         let now = Instant::now();
         let (rescale, promote, mut next) = {
             let mut st = self.lock();
@@ -330,12 +332,11 @@ impl Controller {
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus);
             let (next_rollout, promote) = self.step_rollouts(&mut st, now);
-            let next_repo = st.desired.as_ref().and_then(|c| repository::next_due(c, &st.repo));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);
             }
-            let next = [next_scale, next_rollout, next_repo].into_iter().flatten().min();
+            let next = [next_scale, next_rollout].into_iter().flatten().min();
             (rescale, promote, next.unwrap_or(now + IDLE_TICK))
         };
         for deployment in promote {
@@ -348,8 +349,30 @@ impl Controller {
         next
     }
 
+    /// When the repository loop looks again: when a scan is due, and at least every
+    /// [`REPOSITORY_CHECK`] (a scan asked for, or a config that gained a repository).
+    fn next_repository_poll(&self) -> Instant {
+        let now = Instant::now();
+        let st = self.lock();
+        let due = st.desired.as_ref().and_then(|c| repository::next_due(c, &st.repo));
+        due.map_or(now + REPOSITORY_CHECK, |d| d.min(now + REPOSITORY_CHECK))
+            .max(now + Duration::from_millis(10))
+    }
+
     /// Runs autoscaling, rollouts and repository polling until the controller is dropped.
     pub fn spawn_loop(self: &Arc<Self>) {
+        // The repository on its own: a scan that fetches and loads a new version (minutes for
+        // a large one) holds up no autoscaling, scaling from zero or rollout step meanwhile.
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(c) = weak.upgrade() else { return };
+                c.poll_repository().await;
+                let next = c.next_repository_poll();
+                drop(c);
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
         let weak = Arc::downgrade(self);
         let wake = self.wake.clone();
         tokio::spawn(async move {
