@@ -771,6 +771,18 @@ mod tests {
     use super::super::bridge::{self, Event, Node};
     use super::{ProxyOptions, RayCluster, RayOptions, State, lock, replica_argv};
 
+    /// The default ports, no gRPC, no token, no thread count.
+    fn proxy_options() -> ProxyOptions {
+        ProxyOptions {
+            admin_port: 8266,
+            http_port: 8000,
+            grpc_port: None,
+            token: None,
+            worker_threads: None,
+            release_startup_memory: true,
+        }
+    }
+
     /// A proxy that keeps failing is started again after a backoff (0.5 s, then doubling), not
     /// at every control round; one that comes up resets it.
     #[tokio::test]
@@ -784,14 +796,7 @@ mod tests {
             working_dir: "/job".into(),
             grace: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(10),
-            proxies: Some(ProxyOptions {
-                admin_port: 8266,
-                http_port: 8000,
-                grpc_port: None,
-                token: None,
-                worker_threads: None,
-                release_startup_memory: true,
-            }),
+            proxies: Some(proxy_options()),
             release_startup_memory: true,
         };
         let cluster = RayCluster::start(commands, events, options);
@@ -877,14 +882,7 @@ mod tests {
     /// `release_startup_memory` when false.
     #[test]
     fn proxy_argv_carries_the_settings() {
-        let mut options = ProxyOptions {
-            admin_port: 8266,
-            http_port: 8000,
-            grpc_port: None,
-            token: None,
-            worker_threads: None,
-            release_startup_memory: true,
-        };
+        let mut options = proxy_options();
         let argv = options.argv("sluice".into(), "10.0.0.1");
         assert_eq!(
             argv,
