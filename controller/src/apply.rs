@@ -303,15 +303,16 @@ impl Controller {
     /// for), and applies what changed. Skipped while another change runs.
     pub(crate) async fn poll_repository(&self) {
         let Ok(_changes) = self.changes.try_lock() else { return };
+        // Checked and cleared under one lock: a scan asked for in between is not lost.
         let config = {
-            let st = self.lock();
+            let mut st = self.lock();
             let Some(config) = st.desired.clone() else { return };
             if !repository::due(&config, &st.repo, Instant::now()) {
                 return;
             }
+            st.repo.force = false;
             config
         };
-        self.lock().repo.force = false;
         let _ = self.rescan(&config).await;
     }
 

@@ -281,6 +281,10 @@ impl Controller {
                         "still busy after {grace:?}; stopping"
                     );
                 }
+                // Closed first: on Ray the stop removes each replica from the deployment, which
+                // would otherwise set the (model, version) series a successor at the same
+                // version shares to 0.
+                d.close();
                 v.placed.stop();
                 tracing::info!(deployment = d.name(), version = d.version(), "drained and stopped");
             });
@@ -302,6 +306,11 @@ impl Controller {
             }
             let from = job.target.replica_count();
             let message = match job.target.scale_to(job.to).await {
+                Ok(()) if job.to == 0 => {
+                    // On purpose: readiness counts it ready at zero (its first request wakes it).
+                    job.target.deployment.scaled_to_zero();
+                    format!("{why} from {from} to 0 replicas")
+                }
                 Ok(()) => format!("{why} from {from} to {} replicas", job.to),
                 Err(e) => format!("{why} to {} replicas failed: {e}", job.to),
             };
@@ -339,12 +348,14 @@ impl Controller {
             let next = [next_scale, next_rollout].into_iter().flatten().min();
             (rescale, promote, next.unwrap_or(now + IDLE_TICK))
         };
+        // Rescaled first: a promote waits for the `changes` lock, which a repository apply may
+        // hold while it loads a new version.
+        self.rescale(rescale, "autoscaled").await;
         for deployment in promote {
             if let Err(e) = self.promote_as(&deployment, "rollout complete: promoted").await {
                 self.lock().events.push(&deployment, format!("promoting the canary failed: {e}"));
             }
         }
-        self.rescale(rescale, "autoscaled").await;
         next = next.clamp(now + Duration::from_millis(1), now + IDLE_TICK);
         next
     }

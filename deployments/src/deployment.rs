@@ -186,12 +186,18 @@ struct ReplicaSet {
     /// Admission: `ongoing_limit` permits per replica that has been ready.
     permits: Arc<Semaphore>,
     next_id: AtomicUsize,
+    /// A replica has been ready since the deployment started or was last scaled to zero on
+    /// purpose ([`Deployment::scaled_to_zero`]).
+    served: AtomicBool,
 }
 
 impl ReplicaHost for ReplicaSet {
     fn set_ready(&self, id: usize, ready: bool) {
         if let Some(slot) = self.replicas.load().iter().find(|r| r.id == id) {
             slot.ready.store(ready, Ordering::Release);
+            if ready {
+                self.served.store(true, Ordering::Release);
+            }
             if ready && !slot.granted.swap(true, Ordering::AcqRel) {
                 // First time ready: this replica's slots open to admission.
                 self.permits.add_permits(self.spec.ongoing_limit());
@@ -355,6 +361,9 @@ pub struct Deployment {
     queued: AtomicUsize,
     /// Requests inside [`Deployment::infer`] (queued, running or being answered).
     requests: AtomicUsize,
+    /// Requests on their way to it: pipeline requests whose later step it is ([`Deployment::hold`]).
+    /// Apart from `requests`, which the inline path reads to tell a caller alone.
+    held: AtomicUsize,
     /// Notified when `requests` drops to zero (draining waits on it).
     idle: Notify,
     ready: watch::Receiver<usize>,
@@ -427,6 +436,7 @@ impl Deployment {
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
         });
         for backend in backends {
             set.spawn_replica(backend)?;
@@ -437,6 +447,7 @@ impl Deployment {
             metadata,
             queued: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             idle: Notify::new(),
             ready,
             scaling: tokio::sync::Mutex::new(()),
@@ -617,20 +628,30 @@ impl Deployment {
     /// Resolves once no request is inside the deployment (queued, running or being answered).
     /// A deployment that no route points to any more only gets fewer, so this is how a retired
     /// version drains.
-    /// Counts a request that will reach this deployment later (a pipeline's later step) as
-    /// inside it until the guard is dropped, so that [`Deployment::drained`] waits for it: a
-    /// retired version is stopped once drained, and a pipeline request that had routed to it
-    /// would otherwise find its replicas gone (on Ray) when it got there.
-    pub fn hold(&self) -> Inside<'_> {
-        Inside::enter(self)
+    /// Marks the deployment retired (it drained, and its replicas are stopped next): replicas
+    /// leaving it from now on leave the series it shares with a successor at the same version
+    /// alone, and one that fails is not loaded again. Dropping it does the same.
+    pub fn close(&self) {
+        self.set.closed.store(true, Ordering::Release);
     }
 
+    /// Counts a request that will reach this deployment later (a pipeline's later step) until
+    /// the guard is dropped, so that [`Deployment::drained`] waits for it: a retired version is
+    /// stopped once drained, and a pipeline request that had routed to it would otherwise find
+    /// its replicas gone (on Ray) when it got there. Not counted as inside it (a step called
+    /// alone still runs as a caller alone).
+    pub fn hold(&self) -> Held<'_> {
+        self.held.fetch_add(1, Ordering::AcqRel);
+        Held { deployment: self }
+    }
+
+    /// Waits until no request is inside the deployment or on its way to it ([`Deployment::hold`]).
     pub async fn drained(&self) {
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.requests.load(Ordering::Acquire) == 0 {
+            if self.requests.load(Ordering::Acquire) == 0 && self.held.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -694,12 +715,20 @@ impl Deployment {
     }
 
     /// Whether it has no ready replica only because autoscaling took it to zero on purpose:
-    /// it may scale to zero, and it has no replica, or only replicas starting from zero (none
-    /// of them has been ready yet). Requests to it then wait in its queue, and the first one
-    /// starts a replica. Not while a replica that served is failing or restarting.
+    /// it may scale to zero, and no replica has been ready since it started or was last scaled
+    /// to zero ([`Deployment::scaled_to_zero`]), so it has none, or only replicas starting from
+    /// zero. Requests to it then wait in its queue, and the first one starts a replica. Not
+    /// while a replica that served is failing, restarting or replaced (on Ray a replaced
+    /// replica is a new one, so the replicas alone cannot tell).
     pub fn at_zero_on_purpose(&self) -> bool {
-        self.scales_to_zero.load(Ordering::Acquire)
-            && self.set.replicas.load().iter().all(|r| !r.granted.load(Ordering::Acquire))
+        self.scales_to_zero.load(Ordering::Acquire) && !self.set.served.load(Ordering::Acquire)
+    }
+
+    /// Says that autoscaling took it to zero replicas on purpose (see
+    /// [`Deployment::at_zero_on_purpose`]).
+    pub fn scaled_to_zero(&self) {
+        self.set.served.store(false, Ordering::Release);
+        self.set.publish_ready_or_set();
     }
 
     /// What server readiness counts: ready, or [at zero on purpose](Self::at_zero_on_purpose).
@@ -1029,9 +1058,22 @@ impl Drop for Deployment {
     }
 }
 
-/// Counts a request inside the deployment; the last one out wakes whoever waits to drain
-/// ([`Deployment::drained`]).
-pub struct Inside<'a> {
+/// A pipeline request on its way to a deployment ([`Deployment::hold`]); the last one gone
+/// wakes whoever waits to drain.
+pub struct Held<'a> {
+    deployment: &'a Deployment,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.deployment.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.deployment.idle.notify_waiters();
+        }
+    }
+}
+
+/// Counts a request inside the deployment; the last one out wakes whoever waits to drain.
+struct Inside<'a> {
     deployment: &'a Deployment,
 }
 
@@ -1352,6 +1394,7 @@ mod tests {
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(n),
+            served: AtomicBool::new(false),
         });
         for id in 0..n {
             let (tx, _rx) = std::sync::mpsc::sync_channel(1);

@@ -647,3 +647,20 @@ async fn a_deployment_allowed_many_replicas_costs_what_it_runs() {
     let r = f.deployment.infer(request(&[7])).await.unwrap();
     assert_eq!(values(&r.outputs[0].tensor), vec![7]);
 }
+
+/// A deployment that may scale to zero counts as ready at zero only when it got there on
+/// purpose: one whose replica served and is then lost (a crash, a lost node: on Ray the
+/// replacement is a new replica) is not ready until a replica is again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_at_zero_only_when_scaled_there_on_purpose() {
+    let f = start(spec(|s| s.num_replicas = 1), 0, None);
+    let d = &f.deployment;
+    d.set_scales_to_zero(true);
+    assert!(d.wait_ready(Duration::from_secs(10)).await);
+    let id = d.replicas()[0].id;
+    assert!(d.remove_replica(id), "lost");
+    assert_eq!((d.replica_count(), d.is_ready()), (0, false));
+    assert!(!d.ready_or_at_zero(), "a replica that served was lost: not ready");
+    d.scaled_to_zero();
+    assert!(d.ready_or_at_zero(), "at zero on purpose: ready");
+}
