@@ -40,7 +40,7 @@ pub struct Pipeline {
     /// For each step, the steps producing its inputs.
     needs: Vec<Vec<usize>>,
     /// A request's deadline, counted from its start, when the client sets none (and the most
-    /// a client may ask for): the longest `request_timeout_s` of the steps.
+    /// a client may ask for): the steps' `request_timeout_s` added up.
     timeout: Duration,
     metrics: DeploymentMetrics,
     pub json: Option<JsonMapping>,
@@ -91,11 +91,12 @@ impl Pipeline {
                 needs
             })
             .collect();
+        // The steps' own deadlines one after another: what the slowest path through the
+        // pipeline could take if each step took all of its own.
         let timeout = steps
             .iter()
             .filter_map(|s| Duration::try_from_secs_f64(s.deployment.spec().settings.request_timeout_s).ok())
-            .max()
-            .unwrap_or(Duration::MAX);
+            .fold(Duration::ZERO, Duration::saturating_add);
         Ok(Self {
             name: name.to_string(),
             metadata: ModelMetadata { platform: "ensemble".into(), inputs, outputs },
@@ -148,8 +149,8 @@ impl Pipeline {
     /// independent branches run at the same time and the pipeline takes its critical path —
     /// and returns the requested pipeline outputs. A failed step fails the request, names the
     /// step, and cancels the steps still running. One deadline covers the whole request (the
-    /// client's timeout, at most the longest `request_timeout_s` of the steps): each step gets
-    /// what is left of it, and a step that would start after it is answered 504 instead.
+    /// client's timeout, at most the steps' `request_timeout_s` added up): each step gets what
+    /// is left of it (at most its own), and a step that would start after it is answered 504.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         use futures_util::StreamExt;
         use futures_util::stream::FuturesUnordered;
