@@ -246,7 +246,14 @@ srv.serve_forever()
             .unwrap()
     };
     let trusted = list(&ca_file);
-    let stranger = list(&write(&dir, "other.pem", &Ca::new("another CA").pem()));
+    let other_ca = write(&dir, "other.pem", &Ca::new("another CA").pem());
+    let stranger = list(&other_ca);
+    // The admin CLI's --cacert trusts that CA only, as curl's does: not the system's too.
+    let only = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["status", "--address", &url, "--cacert", &other_ca])
+        .env("SSL_CERT_FILE", &ca_file)
+        .output()
+        .unwrap();
     let _ = dashboard.kill();
     let _ = dashboard.wait();
     let (out, err) = (String::from_utf8_lossy(&trusted.stdout), String::from_utf8_lossy(&trusted.stderr));
@@ -254,5 +261,7 @@ srv.serve_forever()
     assert!(out.starts_with("ID "), "{out}");
     let err = String::from_utf8_lossy(&stranger.stderr);
     assert!(!stranger.status.success() && err.contains(&url), "a CA the system does not trust: {err}");
+    let err = String::from_utf8_lossy(&only.stderr);
+    assert!(!only.status.success() && err.contains("cannot reach the admin API"), "--cacert alone: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,18 +43,20 @@ pub struct Submit {
     pub overrides: Vec<String>,
 }
 
-/// What a config cannot do on Ray, one sentence each naming the setting (checked before the
-/// job is submitted, and again inside it).
-fn unsupported_on_ray(config: &Config) -> Vec<String> {
+/// What a config cannot do on Ray, one sentence each naming the setting: checked by `sluice
+/// run --ray` before the job is submitted (`submitting`: it follows the job through the admin
+/// API), and inside the job for what its proxies need.
+fn unsupported_on_ray(config: &Config, submitting: bool) -> Vec<String> {
+    let every_node = config.proxy_location == sluice_config::ProxyLocation::EveryNode;
     let mut out = Vec::new();
-    if !config.admin_options.enabled {
+    if !config.admin_options.enabled && (submitting || every_node) {
         out.push(
             "admin_options.enabled is false: on Ray, `sluice run --ray` follows the job through the admin API, \
              and proxy_location: EveryNode proxies read their routes there; enable it (with a token in $SLUICE_ADMIN_TOKEN)"
                 .to_string(),
         );
     }
-    if config.proxy_location == sluice_config::ProxyLocation::EveryNode {
+    if every_node {
         let tls = [
             ("http_options.tls", config.http_options.tls.is_some()),
             ("grpc_options.tls", config.grpc_options.tls.is_some()),
@@ -90,7 +92,7 @@ pub fn submit(config: &Config, s: Submit) -> ExitCode {
 }
 
 async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
-    if let Some(first) = unsupported_on_ray(config).into_iter().next() {
+    if let Some(first) = unsupported_on_ray(config, true).into_iter().next() {
         return Err(first);
     }
     let jobs = Jobs::new(&s.address, s.ray_token.clone());
@@ -258,7 +260,7 @@ fn unhealthy(status: &Status, apps: &[&str]) -> Option<String> {
 
 /// A word for the shell that runs the entrypoint.
 fn shell_word(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -306,7 +308,7 @@ pub fn run_in_job(
     admin_token: Option<String>,
     store_env: sluice_controller::StoreEnv,
 ) -> ExitCode {
-    if let Some(first) = unsupported_on_ray(&config).into_iter().next() {
+    if let Some(first) = unsupported_on_ray(&config, false).into_iter().next() {
         eprintln!("error: {first}");
         return ExitCode::FAILURE;
     }
@@ -402,17 +404,22 @@ mod tests {
     #[test]
     fn settings_ray_cannot_honour_are_refused_by_name() {
         let mut config = Config::default();
-        assert!(unsupported_on_ray(&config).is_empty());
+        assert!(unsupported_on_ray(&config, true).is_empty());
         config.http_options.tls = Some(
             serde_json::from_value(serde_json::json!({"cert_file": "c.pem", "key_file": "k.pem"})).unwrap(),
         );
-        assert!(unsupported_on_ray(&config).is_empty(), "TLS on the head alone is fine");
+        assert!(unsupported_on_ray(&config, true).is_empty(), "TLS on the head alone is fine");
         config.proxy_location = sluice_config::ProxyLocation::EveryNode;
-        let refused = unsupported_on_ray(&config);
+        let refused = unsupported_on_ray(&config, false);
         assert_eq!(refused.len(), 1);
         assert!(refused[0].contains("EveryNode does not carry http_options.tls"), "{refused:?}");
         config.admin_options.enabled = false;
-        assert!(unsupported_on_ray(&config)[0].contains("admin_options.enabled is false"));
+        assert!(unsupported_on_ray(&config, false)[0].contains("admin_options.enabled is false"));
+        // A job submitted by hand with frontends on the head only needs no admin API.
+        config.proxy_location = sluice_config::ProxyLocation::HeadOnly;
+        config.http_options.tls = None;
+        assert!(unsupported_on_ray(&config, false).is_empty());
+        assert!(unsupported_on_ray(&config, true)[0].contains("admin_options.enabled is false"));
     }
 
     #[test]
@@ -421,5 +428,6 @@ mod tests {
         assert_eq!(host_of("https://head.example/").unwrap(), "head.example");
         assert_eq!(shell_word("app.yaml"), "app.yaml");
         assert_eq!(shell_word("my app's.yaml"), r"'my app'\''s.yaml'");
+        assert_eq!(shell_word(""), "''", "an empty word stays a word");
     }
 }
