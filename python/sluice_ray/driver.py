@@ -732,8 +732,10 @@ class Driver:
                        "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
                        "started_at": time.time()}
         owner_cls = ray.remote(_host.NamespaceOwner)
+        # Restarted if its worker alone dies (the name stays reserved meanwhile); it dies with
+        # this driver whatever its restarts, as every non-detached actor dies with its owner.
         opts = {"name": OWNER_NAME, "namespace": self.namespace, "lifetime": "non_detached",
-                "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                "num_cpus": 0, "max_restarts": -1, "max_task_retries": 0,
                 # Next to the driver: its worker starts where the job's runtime_env is ready.
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ctx.get_node_id(), soft=True)}
         stale_since: Optional[float] = None
@@ -761,9 +763,21 @@ class Driver:
                 time.sleep(0.1)
                 continue
             job = self._holder_job(holder)
-            if job["dead"] is not True:
-                return self._refusal(holder, job)
+            if job["job_id"] and job["job_id"] == ctx.get_job_id():
+                # Ours: a create that registered the name and then raised.
+                self.owner = holder
+                return None
             now = time.monotonic()
+            if job["dead"] is not True:
+                info = self._holder_info(holder)
+                # A holder that answers runs: refused at once. One that does not (its driver's
+                # node may be dying, and Ray has not noticed yet; or the job table could not
+                # be read) is asked again until give_up, then refused: never taken over
+                # while it may be alive.
+                if info is not None or now > give_up:
+                    return self._refusal(holder, job, info or {})
+                time.sleep(0.5)
+                continue
             stale_since = stale_since or now
             if now - stale_since >= OWNER_TAKEOVER_S:
                 _log("namespace %r: the %s of job %s, which has ended, still holds the name after %.0f s; "
@@ -803,14 +817,19 @@ class Driver:
             _log("cannot read Ray's job table: %s" % _short_err(e))
         return out
 
-    def _refusal(self, holder, job: Dict[str, Any]) -> str:
-        """The error for a namespace another live driver holds, naming it."""
+    @staticmethod
+    def _holder_info(holder) -> Optional[Dict[str, Any]]:
+        """What the holder says of itself, or None when it does not answer in
+        OWNER_ANSWER_S (starting, restarting, or its process or node is gone)."""
         import ray
-        info: Dict[str, Any] = {}
         try:
-            info = ray.get(holder.info.remote(), timeout=OWNER_ANSWER_S) or {}
+            return ray.get(holder.info.remote(), timeout=OWNER_ANSWER_S) or {}
         except Exception:
-            pass    # starting, or its process died: the job table still says who
+            return None
+
+    def _refusal(self, holder, job: Dict[str, Any], info: Dict[str, Any]) -> str:
+        """The error for a namespace another live driver holds, naming it (from what
+        it said of itself, else from the job table)."""
         parts = ["job %s" % (info.get("job_id") or job.get("job_id") or "?")]
         if info.get("submission_id"):
             parts.append("submission %s" % info["submission_id"])
