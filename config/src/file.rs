@@ -31,6 +31,10 @@ pub(crate) struct Config {
     /// process exits anyway. Default 30.
     #[serde(default = "default_grace")]
     pub graceful_shutdown_timeout_s: Spanned<f64>,
+    /// On SIGTERM, how long to keep serving while reporting not ready before the listeners
+    /// close. Default 0.
+    #[serde(default = "default_zero_seconds")]
+    pub shutdown_delay_s: Spanned<f64>,
     /// The applications to serve; each groups deployments.
     #[serde(default)]
     pub applications: Vec<Application>,
@@ -265,6 +269,9 @@ fn default_no_model() -> Spanned<PathBuf> {
 }
 fn default_max_replicas() -> Spanned<u32> {
     spanned(1024)
+}
+fn default_zero_seconds() -> Spanned<f64> {
+    spanned(0.0)
 }
 fn default_grace() -> Spanned<f64> {
     spanned(crate::Config::default().graceful_shutdown_timeout_s)

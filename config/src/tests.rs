@@ -42,6 +42,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(d.settings.intra_op_threads, 1);
     assert_eq!(d.num_cpus(), 1.0);
     assert_eq!(c.graceful_shutdown_timeout_s, 30.0);
+    assert_eq!(c.shutdown_delay_s, 0.0);
     let path = d.model.onnx_path().unwrap();
     assert!(path.is_absolute() || path.starts_with(std::env::temp_dir()));
     assert!(path.ends_with("m.onnx"));
@@ -319,6 +320,8 @@ fn replica_counts_have_a_ceiling() {
     assert_eq!((e[0].field.as_str(), e[0].line), ("max_replicas_per_deployment", 2), "{e:?}");
     let e = errors("applications: []\n\ngraceful_shutdown_timeout_s: -1\n");
     assert_eq!((e[0].field.as_str(), e[0].line), ("graceful_shutdown_timeout_s", 3), "{e:?}");
+    let e = errors("applications: []\nshutdown_delay_s: -0.5\n");
+    assert_eq!((e[0].field.as_str(), e[0].line), ("shutdown_delay_s", 2), "{e:?}");
 }
 
 /// `worker_threads`: absent is the runtime's default (one per CPU); 1 to 1024 is kept;

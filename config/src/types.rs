@@ -24,6 +24,9 @@ pub struct Config {
     pub admin_options: AdminOptions,
     /// On SIGTERM, how long requests in flight and queued may take to finish.
     pub graceful_shutdown_timeout_s: f64,
+    /// On SIGTERM, how long the server keeps accepting and serving while it reports not ready,
+    /// before its listeners close (for load balancers to take it out first).
+    pub shutdown_delay_s: f64,
     pub applications: Vec<Application>,
     /// A model repository served as one more application, `repository`.
     pub model_repository: Option<ModelRepository>,
@@ -58,6 +61,7 @@ impl Config {
                 "graceful_shutdown_timeout_s",
                 self.graceful_shutdown_timeout_s == other.graceful_shutdown_timeout_s,
             ),
+            ("shutdown_delay_s", self.shutdown_delay_s == other.shutdown_delay_s),
             ("cluster", self.cluster == other.cluster),
             ("proxy_location", self.proxy_location == other.proxy_location),
             ("tracing_options", self.tracing_options == other.tracing_options),
@@ -78,6 +82,7 @@ impl Default for Config {
             grpc_options: GrpcOptions::default(),
             admin_options: AdminOptions::default(),
             graceful_shutdown_timeout_s: 30.0,
+            shutdown_delay_s: 0.0,
             applications: Vec::new(),
             model_repository: None,
             cluster: ClusterOptions::default(),

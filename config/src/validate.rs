@@ -131,6 +131,7 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
         grpc_options,
         admin_options,
         graceful_shutdown_timeout_s: doc.graceful_shutdown_timeout_s.value,
+        shutdown_delay_s: doc.shutdown_delay_s.value,
         applications,
         model_repository,
         cluster: doc.cluster,
@@ -145,13 +146,13 @@ pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, Confi
 
 fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     let unknown = Location::UNKNOWN;
-    let grace = &doc.graceful_shutdown_timeout_s;
-    if !(0.0..=crate::MAX_SECONDS).contains(&grace.value) {
-        errs.at(
-            grace.referenced,
-            "graceful_shutdown_timeout_s",
-            format!("must be 0 to {:e} seconds", crate::MAX_SECONDS),
-        );
+    for (field, value) in [
+        ("graceful_shutdown_timeout_s", &doc.graceful_shutdown_timeout_s),
+        ("shutdown_delay_s", &doc.shutdown_delay_s),
+    ] {
+        if !(0.0..=crate::MAX_SECONDS).contains(&value.value) {
+            errs.at(value.referenced, field, format!("must be 0 to {:e} seconds", crate::MAX_SECONDS));
+        }
     }
     let max_replicas = &doc.max_replicas_per_deployment;
     if max_replicas.value == 0 {

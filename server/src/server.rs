@@ -24,6 +24,8 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     controller: Arc<Controller>,
     grace: Duration,
+    /// `shutdown_delay_s`: how long to keep serving, not ready, before the listeners close.
+    delay: Duration,
     routes: Arc<Router>,
     phase: watch::Sender<Phase>,
     shutdown: watch::Sender<bool>,
@@ -101,9 +103,15 @@ impl Server {
 
     /// Stops accepting, lets requests in flight and queued finish within
     /// `graceful_shutdown_timeout_s`, closes the connections still open then, and returns.
-    /// Readiness turns false first (gRPC health watchers hear NOT_SERVING).
+    /// Readiness turns false first (gRPC health watchers hear NOT_SERVING), and the server goes
+    /// on accepting and serving for `shutdown_delay_s` before it stops: a load balancer that
+    /// polls readiness takes it out meanwhile, so connections it still sends are not refused.
     pub async fn shutdown(self) {
         self.phase.send_replace(Phase::Stopping);
+        if !self.delay.is_zero() {
+            tracing::info!("not ready; serving for {:?} more (shutdown_delay_s) before closing", self.delay);
+            tokio::time::sleep(self.delay).await;
+        }
         self.shutdown.send_replace(true);
         // Each listener closes what is left when the grace period ends; the extra second only
         // covers their own wind-down.
@@ -249,6 +257,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             http.max_body_bytes,
             stop_rx.clone(),
             control_token,
+            listeners.grpc.is_some(),
         )
         .await?;
         match listeners.grpc {
@@ -294,8 +303,9 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         let state = admin::AdminState::new(controller.clone(), &config, node, frontends, stop_rx.clone());
         tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token), limits, stop_rx));
     }
+    let delay = Duration::from_secs_f64(config.shutdown_delay_s);
     let server =
-        Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, phase, tasks, grace };
+        Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, phase, tasks, grace, delay };
     Ok(Starting { server, config, announce })
 }
 

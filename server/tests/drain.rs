@@ -37,3 +37,36 @@ async fn shutdown_lets_a_running_request_finish_and_refuses_new_connections() {
     assert_eq!(answer["outputs"][0]["data"], serde_json::json!([1.0]), "{answer}");
     shutdown.await.unwrap();
 }
+
+/// `shutdown_delay_s`: once shutdown starts the server reports not ready at once, yet goes on
+/// accepting and answering for the delay (a load balancer takes it out meanwhile); after the
+/// delay it stops accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = "shutdown_delay_s: 1.5\nhttp_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {enabled: false}\napplications:\n  - name: test\n    deployments:\n      - {name: iris, model: iris/model.onnx}\n";
+    let config =
+        sluice_config::parse(text, &models_dir().join("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(s.wait_ready(Duration::from_secs(60)).await);
+    let (addr, ready, infer) = (s.http_addr(), url(&s, "/v2/health/ready"), url(&s, "/v2/models/iris/infer"));
+    let body = serde_json::json!({"inputs": expected("iris")["cases"][0]["inputs"]}).to_string();
+    let began = Instant::now();
+    let shutdown = tokio::spawn(s.shutdown());
+    let until = Instant::now() + Duration::from_secs(5);
+    while reqwest::get(&ready).await.unwrap().status() != 503 {
+        assert!(Instant::now() < until, "still ready after shutdown began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Within the delay: a new connection (a fresh client) is accepted and answered.
+    let r = reqwest::Client::new().post(&infer).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(began.elapsed() < Duration::from_millis(1500), "the checks ran within the delay");
+    // After it: no longer accepting.
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < until, "still accepting connections after the delay");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(began.elapsed() >= Duration::from_millis(1500), "closed before the delay ended");
+    shutdown.await.unwrap();
+}

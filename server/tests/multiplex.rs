@@ -80,6 +80,16 @@ async fn more_models_than_the_lru_holds_are_counted_exactly() {
     assert_eq!(multiplex(&s)["hits"].as_u64(), Some(2));
     let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("sluice_multiplex_evictions_total"), "{metrics}");
+    // Triton's statistics list the deployment once, not once per model id it routes, and
+    // count every request it served.
+    let stats: Value = reqwest::get(url(&s, "/v2/models/stats")).await.unwrap().json().await.unwrap();
+    let rows = stats["model_stats"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{stats}");
+    assert_eq!(
+        (rows[0]["name"].as_str(), rows[0]["inference_count"].as_u64()),
+        (Some("tenants"), Some(6)),
+        "{stats}"
+    );
     s.shutdown().await;
 }
 

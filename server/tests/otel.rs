@@ -89,27 +89,22 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     assert_eq!(r.status(), 200);
 
     let grpc_trace = "0af7651916cd43dd8448eb211c80319c";
-    let mut client =
-        sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
-            "http://{}",
-            s.grpc_addr().unwrap()
-        ))
-        .await
-        .unwrap();
-    let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut req = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
-        model_name: "iris".into(),
-        inputs: vec![sluice_proto::inference::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![data.into()],
-        ..Default::default()
-    });
-    req.metadata_mut().insert("traceparent", format!("00-{grpc_trace}-b7ad6b7169203331-01").parse().unwrap());
-    client.model_infer(req).await.unwrap();
+    grpc_infer(s.grpc_addr().unwrap(), grpc_trace, "b7ad6b7169203331").await;
+
+    // gRPC on the REST port: one `request` span, not one from each frontend's layer.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let shared_config = CONFIG.replace(
+        "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {port: 0}",
+        &format!(
+            "http_options: {{host: 127.0.0.1, port: {port}}}\ngrpc_options: {{host: 127.0.0.1, port: {port}}}"
+        ),
+    );
+    let config = sluice_config::parse(&shared_config, &models_dir().join("otel.yaml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shared = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(shared.wait_ready(Duration::from_secs(60)).await);
+    let shared_trace = "33333333333333333333333333333333";
+    grpc_infer(shared.grpc_addr().unwrap(), shared_trace, "4444444444444444").await;
 
     let pipeline_trace = "11111111111111111111111111111111";
     let r = reqwest::Client::new()
@@ -127,7 +122,7 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     let trace = |id: &str| -> Vec<Span> {
         collector.spans.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == id).cloned().collect()
     };
-    while [rest_trace, grpc_trace, pipeline_trace].iter().any(|t| trace(t).len() < 3) {
+    while [rest_trace, grpc_trace, pipeline_trace, shared_trace].iter().any(|t| trace(t).len() < 3) {
         assert!(
             Instant::now() < until,
             "spans received: {:?}",
@@ -170,6 +165,10 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     let request = one(&grpc, "request");
     assert_eq!(hex(&request.parent_span_id), "b7ad6b7169203331");
     assert_eq!(one(&grpc, "infer").parent_span_id, request.span_id);
+    let on_shared_port = trace(shared_trace);
+    let request = one(&on_shared_port, "request");
+    assert_eq!(hex(&request.parent_span_id), "4444444444444444");
+    assert_eq!(one(&on_shared_port, "infer").parent_span_id, request.span_id);
 
     // A pipeline: one step span per step under the request, each with its deployment's infer.
     let pipeline = trace(pipeline_trace);
@@ -184,4 +183,29 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
         );
     }
     s.shutdown().await;
+    shared.shutdown().await;
+}
+
+/// One gRPC infer request to iris at `addr`, sent as a child of span `parent` in `trace`.
+async fn grpc_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
+    let mut client =
+        sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+    let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut req = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
+        model_name: "iris".into(),
+        inputs: vec![sluice_proto::inference::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![data.into()],
+        ..Default::default()
+    });
+    req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
+    client.model_infer(req).await.unwrap();
 }

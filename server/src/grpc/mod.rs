@@ -10,8 +10,8 @@ pub mod health;
 use std::sync::Arc;
 
 use sluice_controller::Controller;
-use sluice_deployments::TensorSpec;
 use sluice_deployments::metrics::Protocol;
+use sluice_deployments::{ErrorKind, TensorSpec};
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -64,8 +64,14 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Reply<pb::ModelReadyResponse> {
         let req = req.into_inner();
-        let d = self.routes.resolve(&req.name, Some(&req.version)).map_err(grpc_status)?;
-        Ok(Response::new(pb::ModelReadyResponse { ready: d.is_ready() }))
+        // A model or version the server does not know is not ready (Triton answers so too, and
+        // tritonclient's `is_model_ready` then returns False instead of raising).
+        let ready = match self.routes.resolve(&req.name, Some(&req.version)) {
+            Ok(d) => d.is_ready(),
+            Err(e) if e.kind == ErrorKind::NotFound => false,
+            Err(e) => return Err(grpc_status(e)),
+        };
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -202,6 +208,7 @@ pub async fn routes(
     max_message_bytes: usize,
     stop: tokio::sync::watch::Receiver<bool>,
     control_token: Option<Arc<str>>,
+    traced: bool,
 ) -> Result<axum::Router, crate::StartError> {
     let service =
         InferenceService { routes: routes.clone(), controller, readiness: readiness.clone(), control_token };
@@ -224,8 +231,9 @@ pub async fn routes(
         .add_service(reflection)
         .into_axum_router()
         .fallback(unknown_method);
-    // A span per call when something records it (see `telemetry::request_spans_recorded`).
-    Ok(if crate::telemetry::request_spans_recorded() {
+    // A span per call when something records it (see `telemetry::request_spans_recorded`), and
+    // `traced`: on a port shared with REST, REST's frontend has opened the call's span.
+    Ok(if traced && crate::telemetry::request_spans_recorded() {
         routes.layer(
             tower_http::trace::TraceLayer::new_for_grpc()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),

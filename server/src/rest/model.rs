@@ -103,6 +103,8 @@ pub async fn stats(
             let table = state.routes.table();
             let mut all: Vec<_> = table.models.values().flat_map(|m| m.versions.values().cloned()).collect();
             all.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
+            // A multiplexed deployment is routed by each of its model ids too: listed once.
+            all.dedup_by(|a, b| (a.name(), a.version()) == (b.name(), b.version()));
             all
         }
     };
