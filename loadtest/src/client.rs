@@ -127,9 +127,10 @@ impl Worker<'_> {
         }
     }
 
-    pub async fn send(&mut self, p: &Prepared, decode: bool) -> Result<Option<Vec<Output>>, ErrorKind> {
+    /// Sends one request on the worker's connection and receives its answer, undecoded.
+    pub async fn answer(&mut self, p: &Prepared) -> Result<Answer, ErrorKind> {
         let Client::Rest { target, path, call, .. } = self.client else {
-            return self.client.send(p, decode).await;
+            return self.client.answer(p).await;
         };
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = Some(connect_http1(target).await?);
@@ -138,7 +139,7 @@ impl Worker<'_> {
         conn.ready().await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
         let req = rest_request(path, target, *call, p)?;
         let resp = conn.send_request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
-        rest_response(resp, decode).await
+        rest_response(resp).await
     }
 }
 
@@ -162,34 +163,58 @@ fn rest_request(
         RestCall::Live => {
             Request::get(path).header(hyper::header::HOST, target).body(Full::new(Bytes::new()))
         }
-        RestCall::Json => {
-            Request::post(path).header(hyper::header::HOST, target).body(Full::new(p.rest_json.clone()))
-        }
+        RestCall::Json => Request::post(path)
+            .header(hyper::header::HOST, target)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(p.rest_json.clone())),
+        // The binary extension's body: a JSON header, then the tensors' bytes.
         RestCall::Binary => Request::post(path)
             .header(hyper::header::HOST, target)
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .header("Inference-Header-Content-Length", p.rest_binary_header)
             .body(Full::new(p.rest_binary.clone())),
     };
     req.map_err(|e| format!("request: {e}"))
 }
 
-async fn rest_response(
-    resp: hyper::Response<hyper::body::Incoming>,
-    decode: bool,
-) -> Result<Option<Vec<Output>>, ErrorKind> {
+async fn rest_response(resp: hyper::Response<hyper::body::Incoming>) -> Result<Answer, ErrorKind> {
     let status = resp.status();
     let header_len = resp
         .headers()
         .get("inference-header-content-length")
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    let bytes = resp.into_body().collect().await.map_err(|e| format!("transport: {e}"))?.to_bytes();
+    let body = resp.into_body().collect().await.map_err(|e| format!("transport: {e}"))?.to_bytes();
     if !status.is_success() {
         return Err(format!("http {}", status.as_u16()));
     }
-    if !decode {
-        return Ok(None);
+    Ok(Answer::Rest { body, header_len })
+}
+
+/// A successful answer as received, in full and not yet decoded: the caller takes its latency
+/// first, so that decoding and comparing it (`--check`) are the load tester's time, not the
+/// server's.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// A REST body, and its binary extension's JSON header length when it has one.
+    Rest { body: Bytes, header_len: Option<usize> },
+    /// A gRPC `ModelInferResponse` message, unframed.
+    Grpc(Bytes),
+    /// A gRPC `ServerLive` answer (checked live on receipt): nothing to decode.
+    Live,
+}
+
+impl Answer {
+    /// The answer's outputs, for comparing with the expected ones.
+    pub fn outputs(&self) -> Result<Vec<Output>, ErrorKind> {
+        let outputs = match self {
+            Answer::Rest { body, header_len } => codec::decode_rest(body, *header_len),
+            Answer::Grpc(message) => pb::ModelInferResponse::decode(message.clone())
+                .map_err(anyhow::Error::from)
+                .and_then(|r| codec::decode_grpc(&r)),
+            Answer::Live => Ok(Vec::new()),
+        };
+        outputs.map_err(|e| format!("bad response: {e}"))
     }
-    codec::decode_rest(&bytes, header_len).map(Some).map_err(|e| format!("bad response: {e}"))
 }
 
 impl Client {
@@ -239,35 +264,35 @@ impl Client {
         Worker { client: self, conn: None }
     }
 
-    /// Sends one request through the shared pool or channel (open loop). With `decode`,
-    /// returns the outputs for checking.
-    pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<Output>>, ErrorKind> {
+    /// Sends one request through the shared pool or channel (open loop) and receives its
+    /// answer, undecoded.
+    pub async fn answer(&self, p: &Prepared) -> Result<Answer, ErrorKind> {
         match self {
             Client::Rest { http, target, path, call, .. } => {
                 let mut req = rest_request(path, target, *call, p)?;
                 *req.uri_mut() =
                     format!("http://{target}{path}").parse().map_err(|e| format!("request: {e}"))?;
                 let resp = http.request(req).await.map_err(|e| format!("transport: {}", root_cause(&e)))?;
-                rest_response(resp, decode).await
+                rest_response(resp).await
             }
             Client::Grpc { conn, live: true } => {
                 let message = conn.unary(Rpc::ServerLive, grpc::SERVER_LIVE_REQUEST).await?;
                 match pb::ServerLiveResponse::decode(message) {
-                    Ok(r) if r.live => Ok(None),
+                    Ok(r) if r.live => Ok(Answer::Live),
                     Ok(_) => Err("not live".into()),
                     Err(e) => Err(format!("bad response: {e}")),
                 }
             }
             Client::Grpc { conn, live: false } => {
-                let message = conn.unary(Rpc::ModelInfer, p.grpc.clone()).await?;
-                if !decode {
-                    return Ok(None);
-                }
-                let resp =
-                    pb::ModelInferResponse::decode(message).map_err(|e| format!("bad response: {e}"))?;
-                codec::decode_grpc(&resp).map(Some).map_err(|e| format!("bad response: {e}"))
+                conn.unary(Rpc::ModelInfer, p.grpc.clone()).await.map(Answer::Grpc)
             }
         }
+    }
+
+    /// [`Client::answer`], then with `decode` its outputs.
+    pub async fn send(&self, p: &Prepared, decode: bool) -> Result<Option<Vec<Output>>, ErrorKind> {
+        let answer = self.answer(p).await?;
+        if decode { answer.outputs().map(Some) } else { Ok(None) }
     }
 }
 

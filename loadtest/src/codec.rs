@@ -1,9 +1,11 @@
 //! Encoding cases once per protocol (bodies are cloned per request, not re-encoded) and
 //! decoding responses for `--check`.
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sluice_proto::inference as pb;
 
 use crate::inputs::{Case, JsonTensor};
@@ -50,23 +52,51 @@ pub fn tensor_bytes(t: &JsonTensor) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// `case` encoded for every protocol: the sample file's tensor and request `parameters` and
+/// its `outputs` list go with it in each encoding. REST binary asks for binary outputs
+/// (`binary_data_output`) unless the file's own request parameters say otherwise; a listed
+/// output's own `binary_data` decides for that output.
 pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
+    let outputs = || (!case.requested.is_empty()).then_some(&case.requested);
+    let parameters = |p: &Map<String, Value>| (!p.is_empty()).then(|| p.clone());
+
     let inputs: Vec<Value> = case
         .inputs
         .iter()
-        .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data}))
+        .map(|t| {
+            let mut input = json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data});
+            if let Some(p) = parameters(&t.parameters) {
+                input["parameters"] = Value::Object(p);
+            }
+            input
+        })
         .collect();
-    let rest_json = Bytes::from(serde_json::to_vec(&json!({ "inputs": inputs }))?);
+    let mut request = json!({ "inputs": inputs });
+    if let Some(p) = parameters(&case.parameters) {
+        request["parameters"] = Value::Object(p);
+    }
+    if let Some(o) = outputs() {
+        request["outputs"] = serde_json::to_value(o)?;
+    }
+    let rest_json = Bytes::from(serde_json::to_vec(&request)?);
 
     let mut blobs = Vec::new();
     let mut binary_inputs = Vec::new();
     for t in &case.inputs {
         let b = tensor_bytes(t)?;
-        binary_inputs.push(json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": {"binary_data_size": b.len()}}));
+        let mut params = t.parameters.clone();
+        params.insert("binary_data_size".into(), b.len().into());
+        binary_inputs
+            .push(json!({"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": params}));
         blobs.push(b);
     }
-    let header =
-        serde_json::to_vec(&json!({"inputs": binary_inputs, "parameters": {"binary_data_output": true}}))?;
+    let mut params = Map::from_iter([("binary_data_output".to_string(), Value::Bool(true))]);
+    params.extend(case.parameters.clone());
+    let mut head = json!({"inputs": binary_inputs, "parameters": params});
+    if let Some(o) = outputs() {
+        head["outputs"] = serde_json::to_value(o)?;
+    }
+    let header = serde_json::to_vec(&head)?;
     let mut body = BytesMut::with_capacity(header.len() + blobs.iter().map(Vec::len).sum::<usize>());
     body.put_slice(&header);
     for b in &blobs {
@@ -76,16 +106,32 @@ pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
     let grpc = pb::ModelInferRequest {
         model_name: model.to_string(),
         model_version: version.to_string(),
+        parameters: grpc_parameters(&case.parameters).context("request parameters")?,
         inputs: case
             .inputs
             .iter()
-            .map(|t| pb::model_infer_request::InferInputTensor {
-                name: t.name.clone(),
-                datatype: t.datatype.clone(),
-                shape: t.shape.iter().map(|&d| d as i64).collect(),
-                ..Default::default()
+            .map(|t| {
+                Ok(pb::model_infer_request::InferInputTensor {
+                    name: t.name.clone(),
+                    datatype: t.datatype.clone(),
+                    shape: t.shape.iter().map(|&d| d as i64).collect(),
+                    parameters: grpc_parameters(&t.parameters)
+                        .with_context(|| format!("input `{}`", t.name))?,
+                    ..Default::default()
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
+        outputs: case
+            .requested
+            .iter()
+            .map(|o| {
+                Ok(pb::model_infer_request::InferRequestedOutputTensor {
+                    name: o.name.clone(),
+                    parameters: grpc_parameters(&o.parameters)
+                        .with_context(|| format!("output `{}`", o.name))?,
+                })
+            })
+            .collect::<Result<_>>()?,
         raw_input_contents: blobs.into_iter().map(Bytes::from).collect(),
         ..Default::default()
     };
@@ -98,6 +144,29 @@ pub fn prepare(case: &Case, model: &str, version: &str) -> Result<Prepared> {
         tolerance: case.tolerance,
         rows: case.rows(),
     })
+}
+
+/// JSON parameters as gRPC's `InferParameter`s: booleans, strings, integers (signed, or
+/// unsigned past `i64`) and other numbers as doubles; anything else has no gRPC form.
+fn grpc_parameters(params: &Map<String, Value>) -> Result<HashMap<String, pb::InferParameter>> {
+    use pb::infer_parameter::ParameterChoice;
+    params
+        .iter()
+        .map(|(k, v)| {
+            let choice = match v {
+                Value::Bool(b) => ParameterChoice::BoolParam(*b),
+                Value::String(s) => ParameterChoice::StringParam(s.clone()),
+                Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                    (Some(i), _, _) => ParameterChoice::Int64Param(i),
+                    (None, Some(u), _) => ParameterChoice::Uint64Param(u),
+                    (None, None, Some(f)) => ParameterChoice::DoubleParam(f),
+                    _ => bail!("parameter `{k}`: {n} has no gRPC form"),
+                },
+                other => bail!("parameter `{k}`: {other} has no gRPC form (a bool, number or string)"),
+            };
+            Ok((k.clone(), pb::InferParameter { parameter_choice: Some(choice) }))
+        })
+        .collect()
 }
 
 /// Decoded output values: numbers as f64, BYTES as strings.
@@ -268,9 +337,10 @@ pub fn matches(got: &[Output], expected: &[JsonTensor], tol: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inputs::RequestedOutput;
 
     fn want(datatype: &str, shape: Vec<u64>, data: Vec<Value>) -> JsonTensor {
-        JsonTensor { name: "y".into(), datatype: datatype.into(), shape, data }
+        JsonTensor { name: "y".into(), datatype: datatype.into(), shape, data, ..Default::default() }
     }
 
     fn rest(output: Value) -> Vec<Output> {
@@ -318,5 +388,70 @@ mod tests {
         assert!(matches(&decode_grpc(&typed).unwrap(), &expected, 0.0));
         let empty = pb::ModelInferResponse { outputs: vec![tensor(None)], ..Default::default() };
         assert!(decode_grpc(&empty).is_err());
+    }
+
+    /// The sample file's tensor and request parameters and its outputs list go out in every
+    /// encoding; REST binary's own parameters (binary_data_size, binary_data_output) beside
+    /// them, the file's listed outputs keeping their own binary_data.
+    #[test]
+    fn parameters_and_the_outputs_list_are_sent_in_every_encoding() {
+        let params = |v: Value| v.as_object().unwrap().clone();
+        let case = Case {
+            inputs: vec![JsonTensor {
+                name: "x".into(),
+                datatype: "INT32".into(),
+                shape: vec![1, 2],
+                data: vec![json!(1), json!(2)],
+                parameters: params(json!({"layout": "NC"})),
+            }],
+            parameters: params(json!({"priority": 2, "sequence_start": true, "scale": 0.5})),
+            requested: vec![
+                RequestedOutput { name: "y".into(), parameters: params(json!({"binary_data": false})) },
+                RequestedOutput { name: "z".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let p = prepare(&case, "m", "").unwrap();
+        let outputs = json!([{"name": "y", "parameters": {"binary_data": false}}, {"name": "z"}]);
+
+        let rest: Value = serde_json::from_slice(&p.rest_json).unwrap();
+        assert_eq!(rest["inputs"][0]["parameters"], json!({"layout": "NC"}));
+        assert_eq!(rest["parameters"], json!({"priority": 2, "sequence_start": true, "scale": 0.5}));
+        assert_eq!(rest["outputs"], outputs);
+
+        let head: Value = serde_json::from_slice(&p.rest_binary[..p.rest_binary_header]).unwrap();
+        assert_eq!(head["inputs"][0]["parameters"], json!({"layout": "NC", "binary_data_size": 8}));
+        assert_eq!(
+            head["parameters"],
+            json!({"binary_data_output": true, "priority": 2, "sequence_start": true, "scale": 0.5})
+        );
+        assert_eq!(head["outputs"], outputs);
+
+        let message = crate::grpc::unframe(p.grpc.clone()).unwrap();
+        let grpc = <pb::ModelInferRequest as prost::Message>::decode(message).unwrap();
+        use pb::infer_parameter::ParameterChoice as C;
+        let choice =
+            |m: &HashMap<String, pb::InferParameter>, k: &str| m[k].parameter_choice.clone().unwrap();
+        assert_eq!(choice(&grpc.inputs[0].parameters, "layout"), C::StringParam("NC".into()));
+        assert_eq!(choice(&grpc.parameters, "priority"), C::Int64Param(2));
+        assert_eq!(choice(&grpc.parameters, "sequence_start"), C::BoolParam(true));
+        assert_eq!(choice(&grpc.parameters, "scale"), C::DoubleParam(0.5));
+        let names: Vec<&str> = grpc.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["y", "z"]);
+        assert_eq!(choice(&grpc.outputs[0].parameters, "binary_data"), C::BoolParam(false));
+        assert!(grpc.outputs[1].parameters.is_empty());
+
+        // Without any, the requests are as before: no parameters or outputs keys of their own.
+        let plain = prepare(&Case { inputs: case.inputs.clone(), ..Default::default() }, "m", "").unwrap();
+        let rest: Value = serde_json::from_slice(&plain.rest_json).unwrap();
+        assert_eq!(rest.as_object().unwrap().keys().collect::<Vec<_>>(), ["inputs"]);
+        let head: Value = serde_json::from_slice(&plain.rest_binary[..plain.rest_binary_header]).unwrap();
+        assert_eq!(head["parameters"], json!({"binary_data_output": true}));
+        assert!(head.get("outputs").is_none());
+
+        // A parameter with no gRPC form is refused when the case is prepared.
+        let nested = Case { parameters: params(json!({"nested": {"a": 1}})), ..case };
+        let e = prepare(&nested, "m", "").err().unwrap();
+        assert!(format!("{e:#}").contains("parameter `nested`"), "{e:#}");
     }
 }

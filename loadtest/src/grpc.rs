@@ -120,10 +120,23 @@ enum Failure {
     Status(String),
 }
 
+/// The receive windows a gRPC client opens with: hyper's HTTP/2 client defaults, which tonic's
+/// `Channel` uses. h2's own are HTTP/2's initial 64 KiB, shared by every call on the
+/// connection: answers larger than that, or many at once, waited for window updates a round
+/// trip each, a stall of the load tester's making.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// See [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
 async fn handshake(target: &str) -> Result<SendRequest<Bytes>, ErrorKind> {
     let tcp = tokio::net::TcpStream::connect(target).await.map_err(|e| format!("transport: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let (send, conn) = h2::client::handshake(tcp).await.map_err(|e| format!("transport: {e}"))?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(tcp)
+        .await
+        .map_err(|e| format!("transport: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -172,7 +185,7 @@ fn stream_failure(e: h2::Error) -> Failure {
 }
 
 /// The one message of a unary response.
-fn unframe(mut data: Bytes) -> Result<Bytes, ErrorKind> {
+pub(crate) fn unframe(mut data: Bytes) -> Result<Bytes, ErrorKind> {
     if data.len() < PREFIX {
         return Err(format!("bad response: {} bytes, not a gRPC message", data.len()));
     }

@@ -1,36 +1,56 @@
 //! Request data: cases from an OIP sample file (`{"inputs": [...]}`, or `{"cases": [{"inputs",
 //! "outputs"}], "tolerance"}` as in the project's expected.json and shared samples.json), or
 //! random tensors generated from a model's metadata.
+//!
+//! A case's `outputs` are the outputs it should produce when they have `data`; without `data`
+//! they are the request's own `outputs` list (names and parameters), sent as they are. Tensor
+//! and request `parameters` are sent as well.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// A tensor in the OIP JSON form, `data` flattened.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JsonTensor {
     pub name: String,
     pub datatype: String,
     pub shape: Vec<u64>,
     pub data: Vec<Value>,
+    /// The tensor's `parameters` in the sample file (an input's are sent with it).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
+}
+
+/// An entry of a request's `outputs` list: an output to send back, and how.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestedOutput {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
 }
 
 /// One request to send, and the outputs it should produce when known.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Case {
     pub inputs: Vec<JsonTensor>,
+    /// The outputs to compare answers with (`--check`).
     pub outputs: Option<Vec<JsonTensor>>,
     pub tolerance: f64,
+    /// The request's `parameters`.
+    pub parameters: Map<String, Value>,
+    /// The request's `outputs` list; empty: every output, as the server chooses to send them.
+    pub requested: Vec<RequestedOutput>,
 }
 
 impl Case {
     /// A request with no tensors: what a liveness client ([`crate::client::Client::liveness`])
     /// is given, since its calls carry none.
     pub fn no_tensors() -> Self {
-        Self { inputs: Vec::new(), outputs: None, tolerance: 0.0 }
+        Self::default()
     }
 
     /// Rows along dimension 0 of the first input (1 for scalars).
@@ -53,14 +73,49 @@ fn parse_tensors(v: &Value) -> Result<Vec<JsonTensor>> {
         .map(|t| {
             let mut data = Vec::new();
             flatten(t.get("data").context("tensor without data")?, &mut data);
+            let name = t["name"].as_str().context("tensor without name")?.to_string();
             Ok(JsonTensor {
-                name: t["name"].as_str().context("tensor without name")?.to_string(),
                 datatype: t["datatype"].as_str().context("tensor without datatype")?.to_string(),
                 shape: serde_json::from_value(t["shape"].clone()).context("bad shape")?,
                 data,
+                parameters: parameters(t).with_context(|| format!("tensor `{name}`"))?,
+                name,
             })
         })
         .collect()
+}
+
+/// The `parameters` object of `v`, empty when it has none.
+fn parameters(v: &Value) -> Result<Map<String, Value>> {
+    match v.get("parameters") {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(p)) => Ok(p.clone()),
+        Some(other) => bail!("`parameters` must be an object, got {other}"),
+    }
+}
+
+/// A case's `outputs`: the expected outputs when its entries have `data`, else the request's
+/// `outputs` list.
+fn parse_outputs(v: &Value) -> Result<(Option<Vec<JsonTensor>>, Vec<RequestedOutput>)> {
+    let items = v.as_array().context("`outputs` must be an array")?;
+    let with_data = items.iter().filter(|o| o.get("data").is_some()).count();
+    if with_data == items.len() {
+        return Ok((Some(parse_tensors(v)?), Vec::new()));
+    }
+    if with_data > 0 {
+        bail!(
+            "`outputs` mixes expected outputs (with `data`) and outputs to request (without): give one kind"
+        );
+    }
+    let requested = items
+        .iter()
+        .map(|o| {
+            let name = o["name"].as_str().context("output without name")?.to_string();
+            let parameters = parameters(o).with_context(|| format!("output `{name}`"))?;
+            Ok(RequestedOutput { name, parameters })
+        })
+        .collect::<Result<_>>()?;
+    Ok((None, requested))
 }
 
 /// Loads the cases of a sample file. A numeric `tolerance` applies to every case; otherwise
@@ -75,12 +130,19 @@ pub fn load_samples(path: &Path, default_tolerance: f64) -> Result<Vec<Case>> {
         _ => bail!("{}: expected {{\"inputs\": [...]}} or {{\"cases\": [...]}}", path.display()),
     };
     let mut cases = Vec::new();
-    for c in raw_cases {
+    for (k, c) in raw_cases.into_iter().enumerate() {
         let Some(inputs) = c.get("inputs") else { continue };
+        let context = || format!("{}: case {k}", path.display());
+        let (outputs, requested) = match c.get("outputs") {
+            Some(o) => parse_outputs(o).with_context(context)?,
+            None => (None, Vec::new()),
+        };
         cases.push(Case {
-            inputs: parse_tensors(inputs)?,
-            outputs: c.get("outputs").map(parse_tensors).transpose()?,
+            inputs: parse_tensors(inputs).with_context(context)?,
+            outputs,
             tolerance,
+            parameters: parameters(c).with_context(context)?,
+            requested,
         });
     }
     if cases.is_empty() {
@@ -150,9 +212,15 @@ pub fn random_case(
                 }
             })
             .collect();
-        tensors.push(JsonTensor { name: spec.name.clone(), datatype: spec.datatype.clone(), shape, data });
+        tensors.push(JsonTensor {
+            name: spec.name.clone(),
+            datatype: spec.datatype.clone(),
+            shape,
+            data,
+            ..Default::default()
+        });
     }
-    Ok(Case { inputs: tensors, outputs: None, tolerance: 0.0 })
+    Ok(Case { inputs: tensors, ..Default::default() })
 }
 
 /// Parses `--shape name:d1,d2,...`.
@@ -164,4 +232,56 @@ pub fn parse_shape(arg: &str) -> Result<(String, Vec<u64>)> {
         .collect::<Result<Vec<_>, _>>()
         .context("--shape dims")?;
     Ok((name.to_string(), dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn load(doc: Value) -> Result<Vec<Case>> {
+        let path = std::env::temp_dir().join(format!(
+            "loadtest-inputs-{}-{}.json",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        std::fs::write(&path, doc.to_string()).unwrap();
+        let cases = load_samples(&path, 1e-4);
+        let _ = std::fs::remove_file(&path);
+        cases
+    }
+
+    /// A plain OIP request body: its parameters and its outputs list (no data: what to send
+    /// back, not what to expect) are kept, where they were dropped or refused.
+    #[test]
+    fn parameters_and_an_outputs_list_are_kept() {
+        let cases = load(json!({
+            "parameters": {"priority": 1},
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0],
+                        "parameters": {"layout": "N"}}],
+            "outputs": [{"name": "y", "parameters": {"binary_data": true}}, {"name": "z"}],
+        }))
+        .unwrap();
+        let c = &cases[0];
+        assert_eq!(c.parameters, *json!({"priority": 1}).as_object().unwrap());
+        assert_eq!(c.inputs[0].parameters, *json!({"layout": "N"}).as_object().unwrap());
+        assert!(c.outputs.is_none(), "an outputs list is nothing to check against");
+        let names: Vec<&str> = c.requested.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["y", "z"]);
+        assert_eq!(c.requested[0].parameters, *json!({"binary_data": true}).as_object().unwrap());
+    }
+
+    #[test]
+    fn expected_outputs_are_still_expected_and_a_mix_is_refused() {
+        let input = json!([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]);
+        let expected = json!({"name": "y", "datatype": "FP32", "shape": [1], "data": [2.0]});
+        let cases = load(json!({"cases": [{"inputs": input, "outputs": [expected]}]})).unwrap();
+        assert_eq!(cases[0].outputs.as_ref().map(Vec::len), Some(1));
+        assert!(cases[0].requested.is_empty());
+        let mixed = load(json!({"inputs": input, "outputs": [expected, {"name": "z"}]})).unwrap_err();
+        assert!(format!("{mixed:#}").contains("`outputs` mixes"), "{mixed:#}");
+        let bad = load(json!({"inputs": input, "parameters": [1]})).unwrap_err();
+        assert!(format!("{bad:#}").contains("`parameters` must be an object"), "{bad:#}");
+    }
 }

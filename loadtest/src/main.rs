@@ -32,7 +32,8 @@ struct Args {
     #[arg(long, short, default_value = "rest-json")]
     protocol: Protocol,
     /// OIP sample file ({"inputs": [...]} or {"cases": [...]}); without it, random tensors
-    /// from the model's metadata.
+    /// from the model's metadata. Tensor and request `parameters` are sent as given, and so
+    /// is an `outputs` list without `data` (with `data`: the expected outputs for --check).
     #[arg(long)]
     input_data: Option<PathBuf>,
     /// Shape of an input with dynamic dimensions, name:d1,d2 (repeatable).
@@ -50,7 +51,9 @@ struct Args {
     /// Open-loop arrivals: poisson or constant.
     #[arg(long, default_value = "poisson")]
     distribution: String,
-    /// Length of each step, e.g. 10s or 500ms.
+    /// Length of each step, e.g. 10s or 500ms. A step that runs out of time is rated over it
+    /// (the answers that came back in it, as wrk does); what it had in flight drains after,
+    /// counted in `ok` and the latencies (report.json's `drain_seconds`).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Requests per step.
@@ -60,7 +63,7 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
     /// How long one request may take before it counts as a `timeout` error (so a server that
-    /// stops answering cannot hold the run).
+    /// stops answering cannot hold the run); latencies are recorded up to it.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     timeout: Duration,
     /// Compare each response with the sample file's expected outputs (datatype, shape and

@@ -5,17 +5,17 @@
 //! Every step stops by itself: after its duration or its request count.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use tokio::sync::Mutex;
+use tokio::task::JoinSet;
 
-use crate::client::{Client, Worker};
+use crate::client::{Client, ErrorKind, Worker};
 use crate::codec::{Prepared, matches};
-use crate::stats::{Percentiles, RequestRecord, StepResult, histogram, record};
+use crate::stats::{DEFAULT_CAP, Percentiles, RequestRecord, StepResult, histogram, record};
 
 /// How one step loads the server.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +38,8 @@ pub struct StepOptions {
     pub check: bool,
     /// Keep a record of every request ([`StepResult::requests`]).
     pub request_log: bool,
-    /// How long one request may take; past it, it counts as a `timeout` error. None: no bound.
+    /// How long one request may take; past it, it counts as a `timeout` error, and latencies
+    /// are recorded up to it. None: no bound (latencies recorded up to 100 s).
     pub timeout: Option<Duration>,
 }
 
@@ -46,23 +47,81 @@ pub struct StepOptions {
 /// outstanding REST request holds a connection).
 pub const MAX_OUTSTANDING: u64 = 4_096;
 
+/// What every tally of a step shares.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    start: Instant,
+    /// When a step bound by its duration stops sending.
+    end: Option<Instant>,
+    /// Keep every request ([`StepResult::requests`]).
+    log: bool,
+    /// The longest latency its histogram holds: the step's timeout.
+    cap: Duration,
+}
+
+/// How one request ended.
+struct Outcome {
+    /// When it was sent (open loop: its scheduled time).
+    started: Instant,
+    /// When its answer was received in full, or it failed.
+    done: Instant,
+    /// The rows it carried, or its failure kind.
+    result: Result<u64, ErrorKind>,
+}
+
 struct Tally {
+    frame: Frame,
     hist: Histogram<u64>,
     ok: u64,
     rows: u64,
+    /// Successes and their rows answered by the frame's end (or all of them when it has none).
+    ok_by_end: u64,
+    rows_by_end: u64,
+    /// When the last answer came back.
+    last: Option<Instant>,
     errors: BTreeMap<String, u64>,
-    /// The step's start and its requests, when it logs them.
-    log: Option<(Instant, Vec<RequestRecord>)>,
+    /// The requests, when the step logs them.
+    log: Option<Vec<RequestRecord>>,
 }
 
 impl Tally {
-    fn new(log_from: Option<Instant>) -> Self {
+    fn new(frame: Frame) -> Self {
         Self {
-            hist: histogram(),
+            frame,
+            hist: histogram(frame.cap),
             ok: 0,
             rows: 0,
+            ok_by_end: 0,
+            rows_by_end: 0,
+            last: None,
             errors: BTreeMap::new(),
-            log: log_from.map(|t| (t, Vec::new())),
+            log: frame.log.then(Vec::new),
+        }
+    }
+
+    /// Counts one request: a histogram record and a few additions, cheap enough to do under a
+    /// lock shared by every open-loop request.
+    fn add(&mut self, o: Outcome) {
+        let latency = o.done.saturating_duration_since(o.started);
+        if let Some(log) = &mut self.log {
+            log.push(RequestRecord {
+                sent: o.started.saturating_duration_since(self.frame.start),
+                latency,
+                error: o.result.as_ref().err().cloned(),
+            });
+        }
+        self.last = self.last.max(Some(o.done));
+        match o.result {
+            Ok(rows) => {
+                record(&mut self.hist, latency);
+                self.ok += 1;
+                self.rows += rows;
+                if self.frame.end.is_none_or(|e| o.done <= e) {
+                    self.ok_by_end += 1;
+                    self.rows_by_end += rows;
+                }
+            }
+            Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }
 
@@ -70,44 +129,70 @@ impl Tally {
         let _ = self.hist.add(&other.hist);
         self.ok += other.ok;
         self.rows += other.rows;
+        self.ok_by_end += other.ok_by_end;
+        self.rows_by_end += other.rows_by_end;
+        self.last = self.last.max(other.last);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
-        if let (Some((_, mine)), Some((_, theirs))) = (&mut self.log, other.log) {
+        if let (Some(mine), Some(theirs)) = (&mut self.log, other.log) {
             mine.extend(theirs);
         }
     }
 
-    fn failed(&mut self, kind: String, started: Instant) {
-        self.log_request(started, Some(&kind));
-        *self.errors.entry(kind).or_default() += 1;
-    }
-
-    fn log_request(&mut self, started: Instant, error: Option<&str>) {
-        if let Some((step, log)) = &mut self.log {
-            log.push(RequestRecord {
-                sent: started.saturating_duration_since(*step),
-                latency: started.elapsed(),
-                error: error.map(str::to_string),
-            });
+    /// The step's rates, at `now` (when its last request has been counted). A step that ran
+    /// out of time before its request budget (`budget`) is rated over its send window, as wrk
+    /// and h2load do: the answers that came back in it, over its duration; what it had in
+    /// flight then drains after it (counted in `ok` and the latencies, not the rates). A
+    /// step bound by its request count is rated over every answer, until the last.
+    fn rates(&self, budget: u64, now: Instant) -> Rates {
+        let sent = self.ok + self.errors.values().sum::<u64>();
+        match self.frame.end.filter(|_| sent < budget) {
+            Some(end) => {
+                let seconds = end.saturating_duration_since(self.frame.start).as_secs_f64();
+                Rates {
+                    seconds,
+                    throughput: per_second(self.ok_by_end, seconds),
+                    inferences_per_second: per_second(self.rows_by_end, seconds),
+                    drain_seconds: self.last.map_or(0.0, |l| l.saturating_duration_since(end).as_secs_f64()),
+                }
+            }
+            None => {
+                let seconds = now.saturating_duration_since(self.frame.start).as_secs_f64();
+                Rates {
+                    seconds,
+                    throughput: per_second(self.ok, seconds),
+                    inferences_per_second: per_second(self.rows, seconds),
+                    drain_seconds: 0.0,
+                }
+            }
         }
     }
 }
 
-async fn one(
-    sender: Sender<'_, '_>,
-    p: &Prepared,
-    options: StepOptions,
-    tally: &mut Tally,
-    started: Instant,
-) {
-    let decode = options.check && p.expected.is_some();
+/// `count` over `seconds`; 0 over none (a step of `--duration 0`).
+fn per_second(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
+}
+
+/// [`StepResult`]'s time and rates.
+#[derive(Debug, PartialEq)]
+struct Rates {
+    seconds: f64,
+    throughput: f64,
+    inferences_per_second: f64,
+    drain_seconds: f64,
+}
+
+/// Sends one request and sees how it ended. Its latency ends when the answer has been received
+/// in full; decoding and comparing it (`--check`) come after, outside the latency.
+async fn one(sender: Sender<'_, '_>, p: &Prepared, options: StepOptions, started: Instant) -> Outcome {
     // Bounded from the scheduled send time, like the latency.
     let until = options.timeout.map(|t| started + t);
     let result = match sender {
-        Sender::Shared(client) => bounded(until, client.send(p, decode)).await,
+        Sender::Shared(client) => bounded(until, client.answer(p)).await,
         Sender::Own(worker) => {
-            let result = bounded(until, worker.send(p, decode)).await;
+            let result = bounded(until, worker.answer(p)).await;
             if result.as_ref().is_err_and(|e| e == TIMEOUT) {
                 // Its connection still waits for that answer: the next request gets a new one.
                 worker.disconnect();
@@ -115,21 +200,18 @@ async fn one(
             result
         }
     };
-    match result {
-        Ok(outputs) => {
-            if let (Some(got), Some(want)) = (outputs, &p.expected)
-                && !matches(&got, want, p.tolerance)
-            {
-                tally.failed("mismatch".into(), started);
-                return;
+    let done = Instant::now();
+    let result = result.and_then(|answer| match &p.expected {
+        Some(want) if options.check => {
+            if matches(&answer.outputs()?, want, p.tolerance) {
+                Ok(p.rows)
+            } else {
+                Err("mismatch".into())
             }
-            record(&mut tally.hist, started.elapsed());
-            tally.log_request(started, None);
-            tally.ok += 1;
-            tally.rows += p.rows;
         }
-        Err(kind) => tally.failed(kind, started),
-    }
+        _ => Ok(p.rows),
+    });
+    Outcome { started, done, result }
 }
 
 /// The error kind of a request that took longer than the step's timeout.
@@ -138,8 +220,8 @@ const TIMEOUT: &str = "timeout";
 /// `send`, or the `timeout` error once `until` passes.
 async fn bounded<T>(
     until: Option<Instant>,
-    send: impl std::future::Future<Output = Result<T, crate::client::ErrorKind>>,
-) -> Result<T, crate::client::ErrorKind> {
+    send: impl std::future::Future<Output = Result<T, ErrorKind>>,
+) -> Result<T, ErrorKind> {
     match until {
         Some(until) => {
             tokio::time::timeout_at(until.into(), send).await.unwrap_or_else(|_| Err(TIMEOUT.into()))
@@ -164,8 +246,8 @@ pub async fn run_step(
 ) -> StepResult {
     let start = Instant::now();
     let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let log_from = options.request_log.then_some(start);
     let end = limits.duration.map(|d| start + d);
+    let frame = Frame { start, end, log: options.request_log, cap: options.timeout.unwrap_or(DEFAULT_CAP) };
     let issued = Arc::new(AtomicU64::new(0));
     let budget = limits.requests.unwrap_or(u64::MAX);
     let tally = match mode {
@@ -175,7 +257,7 @@ pub async fn run_step(
                 let (client, cases, issued, progress) =
                     (client.clone(), cases.clone(), issued.clone(), progress.clone());
                 workers.push(tokio::spawn(async move {
-                    let mut tally = Tally::new(log_from);
+                    let mut tally = Tally::new(frame);
                     let mut worker = client.worker();
                     worker.connect().await;
                     loop {
@@ -184,7 +266,7 @@ pub async fn run_step(
                             break;
                         }
                         let p = &cases[(n as usize + w) % cases.len()];
-                        one(Sender::Own(&mut worker), p, options, &mut tally, Instant::now()).await;
+                        tally.add(one(Sender::Own(&mut worker), p, options, Instant::now()).await);
                         if let Some(pb) = &progress {
                             pb.inc(1);
                         }
@@ -192,7 +274,7 @@ pub async fn run_step(
                     tally
                 }));
             }
-            let mut total = Tally::new(log_from);
+            let mut total = Tally::new(frame);
             for w in workers {
                 if let Ok(t) = w.await {
                     total.merge(t);
@@ -201,7 +283,9 @@ pub async fn run_step(
             total
         }
         Mode::Open { rate, poisson } => {
-            let total = Arc::new(Mutex::new(Tally::new(log_from)));
+            // One tally for every request, each adding its own under a short lock (never held
+            // across an await).
+            let total = Arc::new(Mutex::new(Tally::new(frame)));
             let outstanding = Arc::new(AtomicU64::new(0));
             // Paced on a thread of its own: tokio's timer ticks in whole milliseconds, so a send
             // timed by it went out up to a millisecond late, and latency (measured from the
@@ -213,9 +297,13 @@ pub async fn run_step(
                 let total = total_for_pacer;
                 let mut rng = 0x2545_F491_4F6C_DD1Du64;
                 let mut next = start;
-                let mut tasks = Vec::new();
+                // The requests in flight; finished ones are reaped as it goes, so that a long
+                // step holds only those outstanding.
+                let mut tasks = JoinSet::new();
                 let mut n = 0u64;
                 while n < budget && end.is_none_or(|e| next < e) {
+                    // Reaped while it waits for the next send time, not after.
+                    while tasks.try_join_next().is_some() {}
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
                     let scheduled = next;
                     let gap = if poisson {
@@ -228,35 +316,42 @@ pub async fn run_step(
                         1.0 / rate
                     };
                     next += Duration::from_secs_f64(gap);
+                    n += 1;
                     if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
-                        total.blocking_lock().failed("overrun".into(), scheduled);
-                        n += 1;
+                        let overrun = Outcome {
+                            started: scheduled,
+                            done: Instant::now(),
+                            result: Err("overrun".into()),
+                        };
+                        lock(&total).add(overrun);
                         continue;
                     }
                     outstanding.fetch_add(1, Ordering::Relaxed);
                     let (client, cases, total, outstanding, progress) =
                         (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
-                    let index = n as usize % cases.len();
-                    tasks.push(runtime.spawn(async move {
-                        let mut t = Tally::new(log_from);
-                        one(Sender::Shared(&client), &cases[index], options, &mut t, scheduled).await;
-                        total.lock().await.merge(t);
-                        outstanding.fetch_sub(1, Ordering::Relaxed);
-                        if let Some(pb) = progress {
-                            pb.inc(1);
-                        }
-                    }));
-                    n += 1;
+                    let index = (n - 1) as usize % cases.len();
+                    tasks.spawn_on(
+                        async move {
+                            let outcome =
+                                one(Sender::Shared(&client), &cases[index], options, scheduled).await;
+                            lock(&total).add(outcome);
+                            outstanding.fetch_sub(1, Ordering::Relaxed);
+                            if let Some(pb) = progress {
+                                pb.inc(1);
+                            }
+                        },
+                        &runtime,
+                    );
                 }
                 tasks
             });
-            for t in pacer.await.unwrap_or_default() {
-                let _ = t.await;
+            if let Ok(mut tasks) = pacer.await {
+                while tasks.join_next().await.is_some() {}
             }
-            Arc::try_unwrap(total).map(Mutex::into_inner).unwrap_or_else(|_| Tally::new(None))
+            std::mem::replace(&mut *lock(&total), Tally::new(frame))
         }
     };
-    let seconds = start.elapsed().as_secs_f64();
+    let rates = tally.rates(budget, Instant::now());
     let (concurrency, rate, label) = match mode {
         Mode::Closed { concurrency } => (Some(concurrency), None, format!("concurrency {concurrency}")),
         Mode::Open { rate, .. } => (None, Some(rate), format!("rate {rate}/s")),
@@ -268,11 +363,78 @@ pub async fn run_step(
         protocol: String::new(),
         ok: tally.ok,
         errors: tally.errors,
-        seconds,
-        throughput: tally.ok as f64 / seconds,
-        inferences_per_second: tally.rows as f64 / seconds,
+        seconds: rates.seconds,
+        throughput: rates.throughput,
+        inferences_per_second: rates.inferences_per_second,
+        drain_seconds: rates.drain_seconds,
         latency_us: Percentiles::of(&tally.hist),
         started_unix_s,
-        requests: tally.log.map(|(_, log)| log).unwrap_or_default(),
+        requests: tally.log.unwrap_or_default(),
+    }
+}
+
+/// The tally, whether or not a request that held it panicked (what it had counted stays).
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(start: Instant, end: Option<Instant>) -> Frame {
+        Frame { start, end, log: true, cap: DEFAULT_CAP }
+    }
+
+    fn answered(start: Instant, at_ms: u64, rows: u64) -> Outcome {
+        Outcome { started: start, done: start + Duration::from_millis(at_ms), result: Ok(rows) }
+    }
+
+    /// A step that ran out of time is rated over its duration with the answers that came back
+    /// in it: one answer 29 s late (a stalled request, up to the timeout) does not divide the
+    /// others' rate by 30, and shows as the drain.
+    #[test]
+    fn a_timed_step_is_rated_over_its_send_window() {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(1);
+        let mut t = Tally::new(frame(start, Some(end)));
+        for ms in (50..=950).step_by(100) {
+            t.add(answered(start, ms, 2));
+        }
+        t.add(Outcome { started: start, done: end, result: Err("http 503".into()) });
+        t.add(answered(start, 30_000, 2));
+        let r = t.rates(u64::MAX, start + Duration::from_secs(31));
+        let want = Rates { seconds: 1.0, throughput: 10.0, inferences_per_second: 20.0, drain_seconds: 29.0 };
+        assert_eq!(r, want);
+        assert_eq!(t.ok, 11, "the late answer counts as answered");
+        assert_eq!(t.log.as_ref().map(Vec::len), Some(12));
+        // Merged from workers' tallies, the same.
+        let mut merged = Tally::new(frame(start, Some(end)));
+        merged.merge(t);
+        assert_eq!(merged.rates(u64::MAX, start + Duration::from_secs(31)), want);
+    }
+
+    /// A step that sent its whole request budget is rated over every answer, until the last,
+    /// whatever its duration: exact.
+    #[test]
+    fn a_counted_step_is_rated_over_every_answer() {
+        let start = Instant::now();
+        let mut t = Tally::new(frame(start, Some(start + Duration::from_secs(1))));
+        for ms in [100, 200, 1_500, 3_900] {
+            t.add(answered(start, ms, 1));
+        }
+        let r = t.rates(4, start + Duration::from_secs(4));
+        assert_eq!(
+            r,
+            Rates { seconds: 4.0, throughput: 1.0, inferences_per_second: 1.0, drain_seconds: 0.0 }
+        );
+        // Not bound by time at all: the same.
+        let mut t = Tally::new(frame(start, None));
+        t.add(answered(start, 1_000, 3));
+        let r = t.rates(u64::MAX, start + Duration::from_secs(2));
+        assert_eq!(
+            r,
+            Rates { seconds: 2.0, throughput: 0.5, inferences_per_second: 1.5, drain_seconds: 0.0 }
+        );
     }
 }

@@ -6,14 +6,20 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// A latency histogram from 1 µs to 100 s with 3 significant digits.
-pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+/// The longest latency a histogram holds when a step sets no timeout.
+pub const DEFAULT_CAP: Duration = Duration::from_secs(100);
+
+/// A latency histogram from 1 µs to `cap` (at least 1 ms) with 3 significant digits. A step
+/// caps it at its timeout, past which a request is an error and no latency: a longer one is
+/// recorded as it is, not clamped to a fixed bound.
+pub fn histogram(cap: Duration) -> Histogram<u64> {
+    let high = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1_000);
+    Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds")
 }
 
 /// Records `d` (clamped into the histogram's range).
 pub fn record(h: &mut Histogram<u64>, d: Duration) {
-    let us = (d.as_micros() as u64).clamp(1, 100_000_000);
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, h.high());
     h.saturating_record(us);
 }
 
@@ -66,15 +72,22 @@ pub struct StepResult {
     pub concurrency: Option<usize>,
     pub rate: Option<f64>,
     pub protocol: String,
-    /// Requests answered successfully (and matching, with --check).
+    /// Requests answered successfully (and matching, with --check), the drain's included.
     pub ok: u64,
     /// Failures by kind: `http 503`, `grpc Unavailable`, `transport: ...`, `mismatch`, `overrun`.
     pub errors: BTreeMap<String, u64>,
+    /// What the rates are over: a step bound by its duration, that duration (the time it
+    /// sent requests); a step bound by its request count, until its last answer.
     pub seconds: f64,
-    /// Successful requests per second.
+    /// Successful requests per second: those answered within `seconds` (as wrk and h2load
+    /// count), so that a slow last answer does not stretch the time the others are divided by.
     pub throughput: f64,
-    /// Successful rows (inferences) per second.
+    /// Successful rows (inferences) per second, counted as `throughput`.
     pub inferences_per_second: f64,
+    /// A step bound by its duration: from its end until the last request it had sent was
+    /// answered (or timed out); those answers count in `ok` and the latencies, not the rates.
+    /// 0 for a step bound by its request count.
+    pub drain_seconds: f64,
     /// Latency of successful requests, µs (open loop: from the scheduled send time).
     pub latency_us: Percentiles,
     /// When the step started, seconds since the Unix epoch (to line its requests up with
@@ -97,7 +110,7 @@ mod tests {
 
     #[test]
     fn percentiles_of_a_known_distribution() {
-        let mut h = histogram();
+        let mut h = histogram(DEFAULT_CAP);
         for us in 1..=1000u64 {
             record(&mut h, Duration::from_micros(us));
         }
@@ -112,9 +125,22 @@ mod tests {
 
     #[test]
     fn out_of_range_latencies_are_clamped_not_lost() {
-        let mut h = histogram();
+        let mut h = histogram(DEFAULT_CAP);
         record(&mut h, Duration::ZERO);
         record(&mut h, Duration::from_secs(1000));
         assert_eq!(h.len(), 2);
+    }
+
+    /// A step with a 5-minute timeout records a 250 s answer as 250 s, not as the 100 s a
+    /// fixed cap clamped it to.
+    #[test]
+    fn the_cap_follows_the_timeout() {
+        let mut h = histogram(Duration::from_secs(300));
+        record(&mut h, Duration::from_secs(250));
+        let max = Percentiles::of(&h).max;
+        assert!((max / 250e6 - 1.0).abs() < 1e-3, "{max}");
+        // Past the cap (a request answered just as its timeout fell): clamped to it.
+        record(&mut h, Duration::from_secs(301));
+        assert!((h.max() as f64 / 300e6 - 1.0).abs() < 1e-3, "{}", h.max());
     }
 }

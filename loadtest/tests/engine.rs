@@ -1,5 +1,5 @@
 //! The load engines against an in-process OIP server with a known service time and known
-//! failures: request counts, error accounting, --check mismatches and percentiles.
+//! failures: request counts, error accounting, --check mismatches, percentiles and rates.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,8 +66,9 @@ fn case() -> Case {
         datatype: "FP32".into(),
         shape: vec![1, 1],
         data: vec![json!(0.5)],
+        ..Default::default()
     };
-    Case { inputs: vec![t("x")], outputs: Some(vec![t("y")]), tolerance: 1e-6 }
+    Case { inputs: vec![t("x")], outputs: Some(vec![t("y")]), tolerance: 1e-6, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,5 +167,39 @@ async fn requests_a_server_never_answers_end_as_timeouts() {
     for mode in [Mode::Closed { concurrency: 2 }, Mode::Open { rate: 100.0, poisson: false }] {
         let r = run_step(client.clone(), cases.clone(), mode, limits, options, None).await;
         assert_eq!((r.ok, r.errors.get("timeout")), (0, Some(&4)), "{mode:?}: {:?}", r.errors);
+    }
+}
+
+/// A step bound by its duration is rated over that duration: a request the server holds past
+/// the step's end (here the first, 600 ms against a 200 ms step) drains after it, counted as
+/// answered but not dividing the others' rate by the time it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_step_is_rated_over_its_duration_not_its_drain() {
+    let served = Arc::new(AtomicU64::new(0));
+    let s = served.clone();
+    let app = Router::new().route(
+        "/v2/models/m/infer",
+        post(move || {
+            let n = s.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(if n == 0 { Duration::from_millis(600) } else { SERVICE }).await;
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
+    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let limits = Limits { duration: Some(Duration::from_millis(200)), requests: None };
+    for mode in [Mode::Closed { concurrency: 2 }, Mode::Open { rate: 100.0, poisson: false }] {
+        served.store(0, Ordering::SeqCst);
+        let r = run_step(client.clone(), cases.clone(), mode, limits, StepOptions::default(), None).await;
+        assert_eq!(r.seconds, 0.2, "{mode:?}");
+        assert!(r.drain_seconds >= 0.3, "{mode:?}: the held request drained after the step: {r:?}");
+        let in_window = (r.throughput * r.seconds).round() as u64;
+        assert!(in_window >= 1 && in_window < r.ok, "{mode:?}: {in_window} in the window of {}", r.ok);
+        assert_eq!(r.ok, served.load(Ordering::SeqCst), "{mode:?}: every answer counted");
     }
 }
