@@ -80,5 +80,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     validate::validate(doc, path)
 }
 
+/// Checks again what [`load`] checks of the listeners' hosts and ports (gRPC TLS of its own on
+/// the REST port), for a config whose hosts or ports changed since (`sluice run --grpc-port`).
+pub fn check_addresses(config: &Config) -> Result<(), ConfigErrors> {
+    let errors = tls::address_errors(config);
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+}
+
 #[cfg(test)]
 mod tests;

@@ -62,13 +62,7 @@ pub(crate) fn check_listeners(
     if http.max_connections == 0 {
         problems.push(("http_options.max_connections".into(), "must be at least 1".into()));
     }
-    let shares_port = grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0;
-    if shares_port && grpc.tls.is_some() {
-        problems.push((
-            "grpc_options.tls".into(),
-            "gRPC shares the REST port here, so `http_options.tls` serves both; remove this one".into(),
-        ));
-    }
+    problems.extend(check_addresses(http, grpc));
     for (name, tls) in
         [("http_options", &mut http.tls), ("grpc_options", &mut grpc.tls), ("admin_options", &mut admin.tls)]
     {
@@ -77,6 +71,36 @@ pub(crate) fn check_listeners(
         }
     }
     problems
+}
+
+/// Whether gRPC is served on the REST listener: enabled, on the same host and a fixed port.
+fn grpc_shares_rest_port(http: &HttpOptions, grpc: &GrpcOptions) -> bool {
+    grpc.enabled && grpc.port == http.port && grpc.host == http.host && http.port != 0
+}
+
+/// The listener checks that hang on their hosts and ports alone: run again by
+/// [`crate::check_addresses`] once the command line changed them.
+fn check_addresses(http: &HttpOptions, grpc: &GrpcOptions) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if grpc_shares_rest_port(http, grpc) && grpc.tls.is_some() {
+        problems.push((
+            "grpc_options.tls".into(),
+            "gRPC shares the REST port here, so `http_options.tls` serves both; remove this one".into(),
+        ));
+    }
+    problems
+}
+
+/// [`check_addresses`] as the config's errors, naming its file.
+pub(crate) fn address_errors(config: &crate::Config) -> Vec<crate::ConfigError> {
+    check_addresses(&config.http_options, &config.grpc_options)
+        .into_iter()
+        .map(|(field, message)| crate::ConfigError {
+            field,
+            message,
+            ..crate::ConfigError::file(&config.source, "")
+        })
+        .collect()
 }
 
 fn check_tls(owner: &str, tls: &mut TlsOptions, base: &Path, problems: &mut Vec<Problem>) {
@@ -165,6 +189,24 @@ mod tests {
         ] {
             assert!(text.contains(want), "want {want:?} in:\n{text}");
         }
+    }
+
+    /// A port changed after the file was checked (`sluice run --grpc-port`) is checked again.
+    #[test]
+    fn addresses_are_checked_again_after_a_change() {
+        let mut c = parse_in(
+            "http_options: {port: 9000}\ngrpc_options: {port: 9001, tls: {cert_file: cert.pem, key_file: key.pem}}\n",
+        )
+        .unwrap();
+        assert!(crate::check_addresses(&c).is_ok());
+        c.grpc_options.port = 9000;
+        let text = crate::check_addresses(&c).unwrap_err().to_string();
+        assert!(
+            text.starts_with(&format!("{}: grpc_options.tls: gRPC shares the REST port", c.source.display())),
+            "{text}"
+        );
+        c.grpc_options.host = "0.0.0.0".into();
+        assert!(crate::check_addresses(&c).is_ok(), "another host is another listener");
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
                     onnxruntime: cli::find_runtime(&args.ort, ort_env),
                     rust_log: std::env::var("RUST_LOG").ok(),
                     overrides: args.override_flags(),
+                    admin_tls: args.admin_tls,
                 };
                 cli::ray::submit(&config, submit)
             } else {

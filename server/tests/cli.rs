@@ -148,6 +148,49 @@ fn missing_onnxruntime_is_one_clear_line() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A port override that puts gRPC on the REST port would drop `grpc_options.tls` (the REST
+/// listener, without TLS, serves both): refused as the config check refuses it, before
+/// anything starts (here ONNX Runtime would be looked for next, and is not there).
+#[test]
+fn an_override_that_drops_grpc_tls_is_refused() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["grpc-cert.pem", "grpc-key.pem"] {
+        std::fs::write(dir.join(f), b"").unwrap();
+    }
+    let path = write_config(
+        "grpc-tls.yaml",
+        "http_options: {port: 18000}\ngrpc_options: {port: 18001, tls: {cert_file: grpc-cert.pem, key_file: grpc-key.pem}}\n",
+    );
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = sluice()
+            .arg("run")
+            .arg(&path)
+            .args(args)
+            .args(["--onnxruntime", "/nonexistent/libonnxruntime.so"])
+            .env_remove("SLUICE_HTTP_PORT")
+            .env_remove("SLUICE_HTTP_HOST")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (args, env) in [
+        (&["--grpc-port", "18000"][..], &[][..]),
+        (&["--http-port", "18001"][..], &[][..]),
+        (&[][..], &[("SLUICE_GRPC_PORT", "18000")][..]),
+    ] {
+        let (code, err) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains("grpc-tls.yaml: grpc_options.tls: gRPC shares the REST port here"), "{err}");
+        assert!(err.contains("1 error(s) in") && err.contains("--grpc-port"), "{err}");
+    }
+    // Separate ports pass the check (and stop at the missing ONNX Runtime).
+    let (code, err) = run(&["--grpc-port", "18002"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+}
+
 /// `sluice run CONFIG` on free ports, logging at info to a piped stderr.
 fn spawn_run(config: &std::path::Path) -> Child {
     spawn_run_env(config, &[])

@@ -13,23 +13,30 @@ pub struct AdminArgs {
     /// Bearer token, when the server requires one.
     #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// PEM CA certificate(s) to trust for an https:// address (the only ones trusted).
-    #[arg(long, env = "SLUICE_CACERT")]
+    #[command(flatten)]
+    pub tls: ClientTls,
+}
+
+/// How a command reaches an https:// admin API: the CAs it trusts and the certificate it
+/// presents. Global: they may follow a subcommand (`sluice rollout set iris 50 --cacert ca.pem`).
+#[derive(clap::Args)]
+pub struct ClientTls {
+    /// PEM CA certificate(s) to trust for an admin API over https (the only ones trusted).
+    #[arg(long, global = true, env = "SLUICE_CACERT")]
     pub cacert: Option<PathBuf>,
     /// PEM client certificate, for an admin API that requires one (with --key, or with the key
     /// in the same file).
-    #[arg(long, env = "SLUICE_CLIENT_CERT")]
+    #[arg(long, global = true, env = "SLUICE_CLIENT_CERT")]
     pub cert: Option<PathBuf>,
     /// PEM private key of --cert.
-    #[arg(long, env = "SLUICE_CLIENT_KEY")]
+    #[arg(long, global = true, env = "SLUICE_CLIENT_KEY")]
     pub key: Option<PathBuf>,
 }
 
-impl AdminArgs {
-    /// An HTTP client trusting --cacert and presenting --cert, or why it cannot be made.
-    fn client(&self) -> Result<reqwest::Client, String> {
+impl ClientTls {
+    /// `builder` trusting --cacert and presenting --cert, or why it cannot be made.
+    pub(super) fn client(&self, mut builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let mut builder = reqwest::Client::builder();
         if let Some(ca) = &self.cacert {
             // Only these CAs, as curl's --cacert: not the system's too.
             builder = builder.tls_built_in_root_certs(false);
@@ -42,6 +49,9 @@ impl AdminArgs {
         if let Some(cert) = &self.cert {
             let mut pem = read(cert)?;
             if let Some(key) = &self.key {
+                // A certificate file without a final newline would put its END line and the
+                // key's BEGIN line on one line, which no PEM reader takes.
+                pem.push(b'\n');
                 pem.extend(read(key)?);
             }
             let identity =
@@ -175,7 +185,7 @@ pub(super) fn request(
             return Err(ExitCode::FAILURE);
         }
     };
-    let client = match admin.client() {
+    let client = match admin.tls.client(reqwest::Client::builder()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -189,7 +199,10 @@ pub(super) fn request(
             req = req.bearer_auth(t);
         }
         if let Some(b) = base_dir {
-            req = req.header(sluice_server::admin::BASE_DIR_HEADER, b);
+            // Percent-encoded: a header carries visible ASCII only (a folder named in another
+            // script would otherwise reach the server unread).
+            let escaped = percent_encoding::utf8_percent_encode(&b, sluice_server::admin::BASE_DIR_ESCAPED);
+            req = req.header(sluice_server::admin::BASE_DIR_HEADER, escaped.to_string());
         }
         if let Some(b) = body {
             req = req.body(b);
@@ -209,5 +222,48 @@ pub(super) fn request(
             eprintln!("error: cannot reach the admin API at {url}: {e}");
             Err(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{ClientTls, RolloutAction};
+    use crate::cli::{Cli, Command};
+
+    /// --cacert, --cert and --key may follow a nested subcommand, as --address and --token do.
+    #[test]
+    fn the_tls_flags_may_follow_a_subcommand() {
+        let cli = Cli::try_parse_from([
+            "sluice", "rollout", "set", "iris", "50", "--cacert", "ca.pem", "--cert", "c.pem", "--key",
+            "k.pem",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Rollout { action: RolloutAction::Set { model, weight }, admin } = cli.command else {
+            panic!("not `rollout set`")
+        };
+        assert_eq!((model.as_str(), weight), ("iris", 50));
+        let paths =
+            [admin.tls.cacert, admin.tls.cert, admin.tls.key].map(|p| p.unwrap().display().to_string());
+        assert_eq!(paths, ["ca.pem", "c.pem", "k.pem"]);
+        assert!(Cli::try_parse_from(["sluice", "repository", "notify", "m", "--cacert", "ca.pem"]).is_ok());
+    }
+
+    /// A certificate file without a final newline still makes an identity with its key file.
+    #[test]
+    fn a_certificate_without_a_final_newline_pairs_with_its_key() {
+        let dir = std::env::temp_dir().join(format!("sluice-cli-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["sluice-cli".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_file, key_file) = (dir.join("client.pem"), dir.join("client.key"));
+        std::fs::write(&cert_file, cert.pem().trim_end()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let tls = ClientTls { cacert: None, cert: Some(cert_file), key: Some(key_file) };
+        let built = tls.client(reqwest::Client::builder());
+        let _ = std::fs::remove_dir_all(&dir);
+        built.unwrap();
     }
 }

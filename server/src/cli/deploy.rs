@@ -17,7 +17,13 @@ use super::admin::{AdminArgs, pretty, request};
 pub struct WaitArgs {
     /// Give up waiting after SECONDS: exit 1 naming the deployments not ready (the deploy
     /// itself stays; the server keeps bringing them up).
-    #[arg(long, value_name = "SECONDS", env = "SLUICE_DEPLOY_TIMEOUT", default_value_t = 300.0)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "SLUICE_DEPLOY_TIMEOUT",
+        default_value_t = 300.0,
+        value_parser = super::seconds
+    )]
     pub timeout: f64,
     /// Return once the server accepted the config, printing its answer (the status), without
     /// waiting for replicas.
@@ -58,7 +64,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout.max(0.0));
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout);
     let mut shown: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut warned = std::collections::BTreeSet::new();
     loop {

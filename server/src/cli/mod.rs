@@ -150,6 +150,16 @@ fn worker_threads() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..=i64::from(sluice_config::MAX_WORKER_THREADS))
 }
 
+/// A flag's SECONDS: 0 to [`sluice_config::MAX_SECONDS`], as the config's durations (`inf` or
+/// `1e20` would panic where it becomes a `Duration`).
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if (0.0..=sluice_config::MAX_SECONDS).contains(&s) => Ok(s),
+        Ok(_) => Err(format!("must be 0 to {:e} seconds", sluice_config::MAX_SECONDS)),
+        Err(e) => Err(format!("not a number of seconds: {e}")),
+    }
+}
+
 /// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
 /// prints one line and fails when it cannot.
 pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
@@ -174,4 +184,45 @@ pub fn load_config(path: &Path) -> Result<sluice_config::Config, ExitCode> {
         eprintln!("{} error(s) in {}", errors.0.len(), path.display());
         ExitCode::from(2)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// Durations on the command line are checked when parsed, not where they become a
+    /// `Duration` (which panics on `inf`).
+    #[test]
+    fn seconds_flags_are_finite_and_at_most_a_billion() {
+        let deploy = |timeout: &str| {
+            Cli::try_parse_from([
+                "sluice".to_string(),
+                "deploy".into(),
+                "app.yaml".into(),
+                format!("--timeout={timeout}"),
+            ])
+        };
+        for bad in ["inf", "1e20", "NaN", "-1", "soon"] {
+            let err = deploy(bad).err().unwrap_or_else(|| panic!("--timeout {bad} accepted")).to_string();
+            assert!(err.contains("--timeout") && err.contains(" seconds"), "{err}");
+        }
+        let Command::Deploy { wait, .. } = deploy("1e9").unwrap().command else { panic!("not deploy") };
+        assert_eq!(wait.timeout, 1e9);
+        assert!(deploy("0").is_ok() && deploy("2.5").is_ok());
+        let proxy = |poll: &str| {
+            Cli::try_parse_from([
+                "sluice",
+                "proxy",
+                "--controller",
+                "http://h:8266",
+                "--host",
+                "h",
+                "--poll-s",
+                poll,
+            ])
+        };
+        assert!(proxy("inf").is_err() && proxy("0.5").is_ok());
+    }
 }

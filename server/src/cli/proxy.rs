@@ -26,7 +26,7 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub no_grpc: bool,
     /// How often to fetch the route table, seconds.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::seconds)]
     pub poll_s: f64,
     #[command(flatten)]
     pub process: super::ProcessArgs,

@@ -41,6 +41,9 @@ pub struct Submit {
     /// The command line's overrides of the config (`--http-port 8100`, ...), passed on to the
     /// job's `sluice run`.
     pub overrides: Vec<String>,
+    /// How to reach the job's admin API when `admin_options.tls` is set (`--cacert`, `--cert`,
+    /// `--key`).
+    pub admin_tls: super::admin::ClientTls,
 }
 
 /// What a config cannot do on Ray, one sentence each naming the setting: checked by `sluice
@@ -75,6 +78,9 @@ fn unsupported_on_ray(config: &Config, submitting: bool) -> Vec<String> {
 
 /// Submits `config` to Ray and waits until it serves; prints where.
 pub fn submit(config: &Config, s: Submit) -> ExitCode {
+    if let Err(code) = super::run::check_addresses(config) {
+        return code;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -95,6 +101,14 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     if let Some(first) = unsupported_on_ray(config, true).into_iter().next() {
         return Err(first);
     }
+    let admin_tls = config.admin_options.tls.as_ref();
+    if admin_tls.is_some_and(|t| t.client_ca_file.is_some()) && s.admin_tls.cert.is_none() {
+        return Err("admin_options.tls.client_ca_file: the admin API asks for a client certificate, which \
+                    `sluice run --ray` needs to follow the job there; pass --cert (and --key)"
+            .into());
+    }
+    // Made before anything is uploaded: a file that cannot be read fails now.
+    let admin_client = s.admin_tls.client(reqwest::Client::builder().timeout(Duration::from_secs(5)))?;
     let jobs = Jobs::new(&s.address, s.ray_token.clone());
     let ray_version = jobs.check_version().await.map_err(|e| e.to_string())?;
     let ray = config.cluster.ray.clone().unwrap_or_default();
@@ -152,14 +166,22 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let admin = admin_url(&s.address, config)?;
     let apps: Vec<&str> = config.applications.iter().map(|a| a.name.as_str()).collect();
     let timeout = Duration::from_secs_f64(ray.start_timeout_s);
-    wait_healthy(&jobs, &id, &admin, s.admin_token.as_deref(), &apps, timeout).await?;
+    wait_healthy(&jobs, &id, &admin_client, &admin, s.admin_token.as_deref(), &apps, timeout).await?;
     let host = host_of(&s.address)?;
     println!("Sluice is running on Ray {ray_version} as job {id}");
-    println!("  REST   http://{host}:{}", config.http_options.port);
+    println!("  REST   {}://{host}:{}", scheme(config.http_options.tls.is_some()), config.http_options.port);
     if config.grpc_options.enabled {
         println!("  gRPC   {host}:{}", config.grpc_options.port);
     }
-    println!("  admin  {admin}   (sluice status --address {admin})");
+    let mut status = format!("sluice status --address {admin}");
+    for (flag, path) in
+        [("--cacert", &s.admin_tls.cacert), ("--cert", &s.admin_tls.cert), ("--key", &s.admin_tls.key)]
+    {
+        if let Some(p) = path {
+            status.push_str(&format!(" {flag} {}", shell_word(&p.display().to_string())));
+        }
+    }
+    println!("  admin  {admin}   ({status})");
     Ok(())
 }
 
@@ -171,9 +193,27 @@ fn host_of(url: &str) -> Result<String, String> {
     if host.is_empty() { Err(format!("`{url}` has no host")) } else { Ok(host.to_string()) }
 }
 
-/// Where the admin API of the job answers: the Ray head, on the admin port.
+/// Where the admin API of the job answers: the Ray head, on the admin port (https with
+/// `admin_options.tls`).
 fn admin_url(ray_address: &str, config: &Config) -> Result<String, String> {
-    Ok(format!("http://{}:{}", host_of(ray_address)?, sluice_server::ray_admin_port(config)))
+    let scheme = scheme(config.admin_options.tls.is_some());
+    Ok(format!("{scheme}://{}:{}", host_of(ray_address)?, sluice_server::ray_admin_port(config)))
+}
+
+fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
+/// An error with its causes: reqwest's own says only "error sending request" where the cause
+/// is a certificate the client does not trust.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 /// Waits until the job runs and every deployment of the admin API's status is healthy; on a
@@ -181,14 +221,13 @@ fn admin_url(ray_address: &str, config: &Config) -> Result<String, String> {
 async fn wait_healthy(
     jobs: &Jobs,
     id: &str,
+    http: &reqwest::Client,
     admin: &str,
     token: Option<&str>,
     apps: &[&str],
     timeout: Duration,
 ) -> Result<(), String> {
     let until = Instant::now() + timeout;
-    let http =
-        reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
     let mut last = String::from("the job has not started");
     while Instant::now() < until {
         let job =
@@ -218,7 +257,7 @@ async fn wait_healthy(
                     Err(e) => last = format!("admin API answered something else: {e}"),
                 },
                 Ok(r) => last = format!("admin API answered {}", r.status()),
-                Err(e) => last = format!("admin API not reachable yet at {admin}: {e}"),
+                Err(e) => last = format!("admin API not reachable yet at {admin}: {}", with_causes(&e)),
             }
         } else {
             last = format!("job {id} is {}", job.status);
@@ -381,6 +420,7 @@ fn ray_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::admin::ClientTls;
 
     /// The config's process settings reach the replicas' and proxies' options.
     #[test]
@@ -420,6 +460,54 @@ mod tests {
         config.http_options.tls = None;
         assert!(unsupported_on_ray(&config, false).is_empty());
         assert!(unsupported_on_ray(&config, true)[0].contains("admin_options.enabled is false"));
+    }
+
+    fn tls(client_ca: bool) -> sluice_config::TlsOptions {
+        let mut tls = serde_json::json!({"cert_file": "c.pem", "key_file": "k.pem"});
+        if client_ca {
+            tls["client_ca_file"] = "ca.pem".into();
+        }
+        serde_json::from_value(tls).unwrap()
+    }
+
+    /// The job's admin API is followed over https when it serves TLS.
+    #[test]
+    fn the_admin_url_follows_admin_tls() {
+        let mut config = Config::default();
+        assert_eq!(admin_url("http://10.0.0.5:8265", &config).unwrap(), "http://10.0.0.5:8266");
+        config.admin_options.tls = Some(tls(false));
+        assert_eq!(admin_url("http://10.0.0.5:8265", &config).unwrap(), "https://10.0.0.5:8266");
+        config.admin_options.port = 9443;
+        assert_eq!(admin_url("https://head.example/", &config).unwrap(), "https://head.example:9443");
+    }
+
+    /// An admin API that asks for a client certificate without --cert, or a --cacert that
+    /// cannot be read, fails before anything is uploaded (not after start_timeout_s).
+    #[test]
+    fn admin_tls_the_command_cannot_follow_is_refused_up_front() {
+        let submit = |config: &Config, admin_tls: ClientTls| {
+            let s = Submit {
+                address: "http://127.0.0.1:1".into(),
+                ray_token: None,
+                admin_token: None,
+                working_dir: None,
+                onnxruntime: None,
+                rust_log: None,
+                overrides: Vec::new(),
+                admin_tls,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(submit_and_wait(config, s)).unwrap_err()
+        };
+        let no_files = || ClientTls { cacert: None, cert: None, key: None };
+        let mut config = Config::default();
+        config.admin_options.tls = Some(tls(true));
+        let err = submit(&config, no_files());
+        assert!(err.contains("admin_options.tls.client_ca_file") && err.contains("--cert"), "{err}");
+        config.admin_options.tls = Some(tls(false));
+        let missing = ClientTls { cacert: Some("/nonexistent/ca.pem".into()), ..no_files() };
+        let err = submit(&config, missing);
+        assert!(err.contains("cannot read /nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

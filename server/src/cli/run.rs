@@ -37,6 +37,10 @@ pub struct RunArgs {
     pub in_ray_job: bool,
     #[command(flatten)]
     pub ort: super::OrtArgs,
+    /// With --ray and `admin_options.tls`: how to reach the job's admin API (last: the heading
+    /// holds for the flags after it).
+    #[command(flatten, next_help_heading = "With --ray and admin_options.tls")]
+    pub admin_tls: super::admin::ClientTls,
 }
 
 impl RunArgs {
@@ -104,6 +108,21 @@ pub fn run(
     run_with(config, logs, ort, ort_env, move || options, |_| {})
 }
 
+/// Checks again what the config check says of the listeners' hosts and ports: the command
+/// line's overrides may have changed them since (`--grpc-port` onto the REST port would drop
+/// `grpc_options.tls`). Prints every error (exit code 2), as for the file.
+pub fn check_addresses(config: &Config) -> Result<(), ExitCode> {
+    sluice_config::check_addresses(config).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "{} error(s) in {} with the ports and hosts of the command line (--http-port, --grpc-port, --host, SLUICE_*)",
+            errors.0.len(),
+            config.source.display()
+        );
+        ExitCode::from(2)
+    })
+}
+
 /// Serves `config`, calling `on_ready` once every replica is warm, until Ctrl-C, SIGTERM or
 /// (inside a Ray job) the Ray driver going away.
 pub fn run_with(
@@ -114,6 +133,9 @@ pub fn run_with(
     options: impl FnOnce() -> StartOptions,
     on_ready: impl FnOnce(&sluice_server::Server),
 ) -> ExitCode {
+    if let Err(code) = check_addresses(&config) {
+        return code;
+    }
     let release_memory = config.release_startup_memory;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
