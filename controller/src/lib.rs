@@ -51,6 +51,22 @@ pub use status::{
 };
 pub use traffic::{Traffic, WINDOW as TRAFFIC_WINDOW};
 
+/// Runs a change to what serves (an apply, a delete, a promote, a load...) on a task of its own
+/// and waits for its outcome, so that it runs to its end even when whoever asked goes away: an
+/// HTTP handler's future is dropped when its client disconnects, and a change stopped between
+/// its steps would leave its applications marked deploying for good, or routes published
+/// that the next reconcile, built from what was recorded, quietly takes back.
+pub async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(change).await {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: only when the runtime itself shuts down, and its caller with it.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 use cluster::Cluster;
 use reconcile::Rescale;
 use rollout::Counters;

@@ -2,6 +2,7 @@
 //! is not exposed beyond loopback without a way to authenticate unless the config says so.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::http::HeaderValue;
 use subtle::ConstantTimeEq;
@@ -26,6 +27,61 @@ pub fn bearer_bytes_match(header: Option<&[u8]>, token: &str) -> bool {
 /// (when one is set): these calls change what serves, as the admin API's do.
 pub const CONTROL_NEEDS_TOKEN: &str =
     "loading and unloading repository models needs the admin token: send `Authorization: Bearer <token>`";
+
+/// What a repository load or unload on an inference port reachable beyond loopback answers
+/// when no admin token is set.
+pub const CONTROL_CLOSED: &str = "loading and unloading repository models on a port reachable beyond loopback needs \
+     the admin token (the variable admin_options.token_env names) or admin_options.allow_unauthenticated: true; \
+     the admin API can do it too";
+
+/// Who may load and unload repository models on an inference port (Triton's repository
+/// calls, which change what serves as the admin API's do). The admin API's own rule
+/// ([`check_admin_exposure`]) carried over: a token when one is set; else anyone on a loopback
+/// port or with `allow_unauthenticated`; else no one (client certificates the admin API may
+/// require are not asked for on the inference ports).
+#[derive(Clone, Debug)]
+pub enum Control {
+    /// Callers that send the admin token.
+    Token(Arc<str>),
+    /// Anyone.
+    Open,
+    /// No one.
+    Closed,
+}
+
+/// Why [`Control::check`] refused a call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No token, or the wrong one: 401, `UNAUTHENTICATED`.
+    NeedsToken,
+    /// Not on this port: 403, `PERMISSION_DENIED`.
+    Closed,
+}
+
+impl Control {
+    /// The rule for a port bound at `bound`.
+    pub fn for_port(
+        token: Option<&Arc<str>>,
+        admin: &sluice_config::AdminOptions,
+        bound: SocketAddr,
+    ) -> Self {
+        match token.filter(|t| !t.is_empty()) {
+            Some(t) => Self::Token(t.clone()),
+            None if bound.ip().is_loopback() || admin.allow_unauthenticated => Self::Open,
+            None => Self::Closed,
+        }
+    }
+
+    /// Whether a call with this `Authorization` value may load or unload.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refused> {
+        match self {
+            Self::Open => Ok(()),
+            Self::Closed => Err(Refused::Closed),
+            Self::Token(t) if bearer_bytes_match(authorization, t) => Ok(()),
+            Self::Token(_) => Err(Refused::NeedsToken),
+        }
+    }
+}
 
 /// Whether `given` is the token (the status page's cookie or login), in constant time as above.
 pub fn token_matches(given: &[u8], token: &str) -> bool {
@@ -60,6 +116,24 @@ mod tests {
             assert!(!bearer_matches(Some(&h(wrong)), "s3cret"), "{wrong:?}");
         }
         assert!(!bearer_matches(None, "s3cret"));
+    }
+
+    #[test]
+    fn repository_control_on_an_inference_port_follows_the_admin_apis_rule() {
+        let open: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let mut admin = sluice_config::AdminOptions::default();
+        let token: Arc<str> = Arc::from("s3cret");
+        let with_token = Control::for_port(Some(&token), &admin, open);
+        assert_eq!(with_token.check(Some(b"Bearer s3cret")), Ok(()));
+        assert_eq!(with_token.check(Some(b"Bearer nope")), Err(Refused::NeedsToken));
+        assert_eq!(with_token.check(None), Err(Refused::NeedsToken));
+        assert_eq!(Control::for_port(None, &admin, local).check(None), Ok(()));
+        assert_eq!(Control::for_port(None, &admin, open).check(None), Err(Refused::Closed));
+        let empty: Arc<str> = Arc::from("");
+        assert_eq!(Control::for_port(Some(&empty), &admin, open).check(None), Err(Refused::Closed));
+        admin.allow_unauthenticated = true;
+        assert_eq!(Control::for_port(None, &admin, open).check(None), Ok(()));
     }
 
     #[test]

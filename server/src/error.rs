@@ -93,9 +93,17 @@ impl From<ControlError> for RayApiError {
 
 impl IntoResponse for RayApiError {
     fn into_response(self) -> Response {
-        (self.status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], self.text).into_response()
+        let mut response =
+            (self.status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], self.text).into_response();
+        response.extensions_mut().insert(RayText);
+        response
     }
 }
+
+/// Marks an error answered in Ray's plain text on purpose (Ray's clients print it as it is),
+/// which the admin API's JSON errors leave alone.
+#[derive(Clone, Copy)]
+pub struct RayText;
 
 /// gRPC status for a control-plane refusal (repository load and unload).
 pub fn grpc_control_status(e: ControlError) -> tonic::Status {

@@ -13,7 +13,7 @@
 
 pub mod admin;
 pub mod alloc;
-mod auth;
+pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod listen;

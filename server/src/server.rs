@@ -243,7 +243,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         readiness: readiness.clone(),
         max_body_bytes: http.max_body_bytes,
         draining: stop_rx.clone(),
-        control_token: control_token.clone(),
+        control: auth::Control::for_port(control_token.as_ref(), admin, listeners.http.1),
     });
     let mut app = rest::router(state.clone(), http);
     let state_for_frontend = state.clone();
@@ -256,7 +256,11 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             readiness,
             http.max_body_bytes,
             stop_rx.clone(),
-            control_token,
+            auth::Control::for_port(
+                control_token.as_ref(),
+                admin,
+                listeners.grpc.as_ref().map_or(listeners.http.1, |(_, a)| *a),
+            ),
             listeners.grpc.is_some(),
         )
         .await?;
@@ -301,7 +305,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         };
         let node = node::LocalNode::of_this_process(http_addr);
         let state = admin::AdminState::new(controller.clone(), &config, node, frontends, stop_rx.clone());
-        tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token), limits, stop_rx));
+        tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token, addr), limits, stop_rx));
     }
     let delay = Duration::from_secs_f64(config.shutdown_delay_s);
     let server =

@@ -87,3 +87,77 @@ async fn without_the_token_the_page_and_its_api_calls_are_refused() {
     assert_eq!(r.status(), 200);
     server.shutdown().await;
 }
+
+/// What a browser could be made to send is refused without a token: a change from a page of
+/// another origin, and any call for a host name that is not loopback's (DNS rebinding); the
+/// admin API's own errors are JSON; its bodies are bounded in size and time.
+#[tokio::test]
+async fn the_admin_api_refuses_what_a_web_page_could_send_and_answers_json_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = "http_options: {host: 127.0.0.1, port: 0, max_body_bytes: 4096, body_read_timeout_s: 0.5}\ngrpc_options: {enabled: false}\nadmin_options: {port: 0}\napplications:\n  - name: shop\n    deployments:\n      - {name: iris, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 25}}\n";
+    let config = sluice_config::parse(text, &common::models_dir().join("test.yaml")).unwrap();
+    let server = sluice_server::start(config, Default::default()).await.unwrap();
+    let addr = server.admin_addr().unwrap();
+    let base = format!("http://{addr}");
+    let c = client();
+    let canary = format!("{base}/api/serve/deployments/iris/canary");
+    let json = |r: reqwest::Response| async move { r.json::<serde_json::Value>().await.unwrap() };
+
+    // Another origin: refused (the browser sends a text/plain POST without asking first).
+    let r = c
+        .post(&canary)
+        .header("Origin", "http://evil.example")
+        .body(r#"{"weight": 100}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(json(r).await["error"].as_str().unwrap().contains("another origin"));
+    // The page's own origin, and no origin at all (a command-line client): accepted.
+    let r = c.post(&canary).header("Origin", &base).body(r#"{"weight": 30}"#).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(c.post(&canary).body(r#"{"weight": 25}"#).send().await.unwrap().status(), StatusCode::OK);
+    // A name that is not loopback's: refused, reading too.
+    let status = format!("{base}/api/sluice/status");
+    let r = c.get(&status).header("Host", format!("evil.example:{}", addr.port())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(json(r).await["error"].as_str().unwrap().contains("evil.example"));
+    let r = c.get(&status).header("Host", format!("localhost:{}", addr.port())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Errors axum writes itself come as JSON too.
+    let r = c.get(format!("{base}/api/nope")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(json(r).await["error"].as_str().unwrap().contains("/api/nope"));
+    let r = c.get(&canary).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.headers().contains_key("allow"));
+    assert_eq!(json(r).await["error"], "Method Not Allowed");
+    let r = c.delete(format!("{base}/api/serve/applications/%FF")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(json(r).await["error"].is_string());
+    // So does the REST port's, for a path that does not decode.
+    let r = c.get(format!("http://{}/v2/models/%FF", server.http_addr())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(json(r).await["error"].as_str().unwrap().contains("UTF-8"));
+
+    // Bodies: over max_body_bytes 413; one that stops arriving 408.
+    let r = c.put(format!("{base}/api/serve/applications")).body(vec![b'#'; 8192]).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(json(r).await["error"].as_str().unwrap().contains("4096"));
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /api/serve/applications HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 100\r\n\r\nab",
+        addr.port()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stalled.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    server.shutdown().await;
+}

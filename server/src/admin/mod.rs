@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +45,10 @@ use crate::ray_serve::details::Frontends;
 /// The header that tells the server where relative model paths of a PUT config start
 /// (`sluice deploy` sends the config file's folder).
 pub const BASE_DIR_HEADER: &str = "x-sluice-base-dir";
+
+/// What a client escapes in [`BASE_DIR_HEADER`]'s path (besides every byte past ASCII): the
+/// server percent-decodes it.
+pub const BASE_DIR_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// What the admin handlers share.
 #[derive(Clone)]
@@ -93,8 +97,21 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-/// The admin routes. `token`: the bearer token every request must carry, if any.
-pub fn router(state: AdminState, token: Option<String>) -> Router {
+/// The admin routes. `token`: the bearer token every request must carry, if any; `bound`: the
+/// address the admin API listens on.
+///
+/// Around them, outermost first: errors as JSON ([`json_errors`]), what browsers could be made
+/// to send refused ([`browser_guard`]), the token ([`authorize`]), the body read within
+/// `http_options.body_read_timeout_s` and `max_body_bytes` ([`read_body`]).
+pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketAddr) -> Router {
+    let http = &state.started.http_options;
+    let body = BodyLimits {
+        max_bytes: http.max_body_bytes,
+        timeout: std::time::Duration::from_secs_f64(http.body_read_timeout_s),
+    };
+    // Without a token, on loopback (the default), only loopback host names may be asked for.
+    let loopback_hosts_only = token.is_none() && bound.ip().is_loopback();
+    let secure_cookie = state.started.admin_options.tls.is_some();
     Router::new()
         .route("/api/serve/applications", put(deploy).get(ray::details).delete(ray::delete_all))
         .route("/api/serve/applications/", put(deploy).get(ray::details).delete(ray::delete_all))
@@ -110,18 +127,134 @@ pub fn router(state: AdminState, token: Option<String>) -> Router {
         .route("/-/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(crate::openapi::serve_admin))
         .route("/", get(page::page))
+        .fallback(|req: Request| async move {
+            error(StatusCode::NOT_FOUND, format!("no admin API route `{}`", req.uri().path()))
+        })
+        .layer(DefaultBodyLimit::max(body.max_bytes))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(crate::telemetry::request_span::<axum::body::Body>),
         )
-        .layer(middleware::from_fn(move |req: Request, next: Next| authorize(token.clone(), req, next)))
+        .layer(middleware::from_fn(move |req: Request, next: Next| read_body(body, req, next)))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            authorize(token.clone(), secure_cookie, req, next)
+        }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            browser_guard(loopback_hosts_only, req, next)
+        }))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// How much of a request body the admin API reads, and for how long (`http_options`'
+/// `max_body_bytes` and `body_read_timeout_s`, as the inference ports).
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max_bytes: usize,
+    timeout: std::time::Duration,
+}
+
+/// Reads the whole body before the handler runs: at most `max_bytes` (413), within `timeout`
+/// (408; a client that sends its headers and then nothing would otherwise hold its
+/// connection for good).
+async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes));
+    match read.await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(Err(e)) => crate::rest::screen::body_error(&e, limits.max_bytes).into_response(),
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:?} (http_options.body_read_timeout_s)",
+                limits.timeout
+            ),
+        ),
+    }
+}
+
+/// Refuses what a web page could make a browser send here: a call that changes something
+/// from a page of another origin (its `Origin` names another host than the request's: a
+/// form or `fetch` in `no-cors` mode is sent without asking first), and, when
+/// `loopback_hosts_only` (no token, a loopback address), any call for a host name that is not
+/// loopback's (a page whose own name resolves to 127.0.0.1, DNS rebinding, is same-origin to
+/// the browser). 403 either way.
+async fn browser_guard(loopback_hosts_only: bool, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if loopback_hosts_only && !host.is_empty() && !is_loopback_host(host) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "host `{host}` refused: without a token the admin API answers only loopback names \
+                 (localhost, 127.0.0.1, [::1]); set a token to reach it by another name"
+            ),
+        );
+    }
+    let changes = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if changes && let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let same =
+            origin.split_once("://").is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host));
+        if !same {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "a call from another origin (`{origin}`) is refused: the admin API takes no cross-site requests"
+                ),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) is loopback's.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Answers errors as JSON `{"error": ...}`, as every admin route does: the ones axum writes
+/// itself (a path that does not decode, a wrong method, a body it could not take) come as
+/// plain text or empty.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let plain =
+        response.headers().get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    let rays = response.extensions().get::<crate::error::RayText>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || !plain || rays {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        said => said.to_string(),
+    };
+    let mut json = error(status, message);
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    json.headers_mut().extend(parts.headers);
+    json
 }
 
 /// Lets a request through when no token is configured, or it carries the token (bearer
 /// header, or the status page's cookie). The status page itself answers its login form
 /// instead of a JSON 401, and `GET /?token=T` with the right token logs in.
-async fn authorize(token: Option<String>, req: Request, next: Next) -> Response {
+async fn authorize(token: Option<String>, secure_cookie: bool, req: Request, next: Next) -> Response {
     let Some(t) = token else { return next.run(req).await };
     // Ray's clients send the token as `X-Ray-Authorization` (behind a proxy that takes
     // `Authorization` for itself); either header will do, or the status page's cookie.
@@ -133,7 +266,7 @@ async fn authorize(token: Option<String>, req: Request, next: Next) -> Response 
     let is_page = req.uri().path() == "/";
     if is_page && let Some(given) = page::query_token(req.uri().query()) {
         return if crate::auth::token_matches(given.as_bytes(), &t) {
-            page::logged_in(&t)
+            page::logged_in(&t, secure_cookie)
         } else {
             page::login()
         };
@@ -156,12 +289,19 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         return error(StatusCode::BAD_REQUEST, "the config must be UTF-8 YAML or JSON");
     };
     // On a cluster, paths resolve in the job's working dir, never the client's folder.
-    let base = headers
-        .get(BASE_DIR_HEADER)
-        .filter(|_| !s.controller.on_cluster())
-        .and_then(|v| v.to_str().ok())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| s.base_dir.clone());
+    let base = match headers.get(BASE_DIR_HEADER).filter(|_| !s.controller.on_cluster()) {
+        None => s.base_dir.clone(),
+        // Percent-encoded (`sluice deploy` escapes what is not visible ASCII, and `%`).
+        Some(v) => match percent_encoding::percent_decode(v.as_bytes()).decode_utf8() {
+            Ok(path) => PathBuf::from(path.as_ref()),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{BASE_DIR_HEADER} must be a UTF-8 path, percent-encoded"),
+                );
+            }
+        },
+    };
     let doc = serde_json::from_str::<Value>(text).ok().or_else(|| serde_saphyr::from_str::<Value>(text).ok());
     if let Some(doc) = &doc
         && crate::ray_serve::schema::is_ray_config(doc)
@@ -193,8 +333,11 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
                 .into_response();
         }
     };
-    match s.controller.apply(&config).await {
-        Ok(()) => {
+    let controller = s.controller.clone();
+    let applied =
+        sluice_controller::to_the_end(async move { controller.apply(&config).await.map(|()| config) });
+    match applied.await {
+        Ok(config) => {
             // Every application now comes from this config, none from a Ray client.
             s.submitted().clear();
             let at_start = s.started.server_settings_changed(&config);
@@ -235,7 +378,8 @@ async fn status(State(s): State<AdminState>) -> Json<Status> {
 }
 
 async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
-    s.controller.delete(Some(&app)).await?;
+    let (controller, name) = (s.controller.clone(), app.clone());
+    sluice_controller::to_the_end(async move { controller.delete(Some(&name)).await }).await?;
     s.submitted().remove(&app);
     Ok(Json(s.status()))
 }
@@ -245,23 +389,28 @@ async fn set_weight(State(s): State<AdminState>, Path(name): Path<String>, body:
     let Some(weight) = weight.and_then(|w| u32::try_from(w).ok()) else {
         return Err(ApiError::bad_request("body must be {\"weight\": 0..100}"));
     };
-    s.controller.set_weight(&name, weight).await?;
+    let controller = s.controller.clone();
+    sluice_controller::to_the_end(async move { controller.set_weight(&name, weight).await }).await?;
     Ok(Json(s.status()))
 }
 
 async fn promote(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
-    s.controller.promote(&name).await?;
+    let controller = s.controller.clone();
+    sluice_controller::to_the_end(async move { controller.promote(&name).await }).await?;
     Ok(Json(s.status()))
 }
 
 async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
-    s.controller.rollback(&name, "rolled back by hand").await?;
+    let controller = s.controller.clone();
+    sluice_controller::to_the_end(async move { controller.rollback(&name, "rolled back by hand").await })
+        .await?;
     Ok(Json(s.status()))
 }
 
 /// A training job wrote a version of `model`: scan the repository now (rather than at the next
 /// poll) and apply what changed.
 async fn notify_repository(State(s): State<AdminState>, Path(model): Path<String>) -> Answer {
-    s.controller.notify_repository(&model).await?;
+    let controller = s.controller.clone();
+    sluice_controller::to_the_end(async move { controller.notify_repository(&model).await }).await?;
     Ok(Json(s.controller.status()))
 }

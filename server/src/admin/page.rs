@@ -40,8 +40,11 @@ pub fn login() -> Response {
 }
 
 /// `?token=T` was right: keep it in a cookie and show the page without it in the address.
-pub fn logged_in(token: &str) -> Response {
-    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+/// `secure`: the admin API is served over TLS, so the browser must never send the cookie over
+/// plain HTTP (cookies are per host, not per port: the REST port would get it too).
+pub fn logged_in(token: &str, secure: bool) -> Response {
+    let secure = if secure { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/".to_string())])
         .into_response()
 }
@@ -58,20 +61,8 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 
 /// The `token` query parameter of a URI's query, percent-decoded.
 pub fn query_token(query: Option<&str>) -> Option<String> {
-    let raw = query?.split('&').find_map(|kv| kv.strip_prefix("token="))?;
-    let mut out = Vec::with_capacity(raw.len());
-    let mut bytes = raw.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
-                out.push(u8::from_str_radix(&hex, 16).ok()?);
-            }
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
+    let raw = query?.split('&').find_map(|kv| kv.strip_prefix("token="))?.replace('+', " ");
+    percent_encoding::percent_decode_str(&raw).decode_utf8().ok().map(|t| t.into_owned())
 }
 
 /// What the page shows before its script runs: each application's table, without traffic.
@@ -131,6 +122,16 @@ mod tests {
         assert_eq!(query_token(Some("x=1&token=a%2Bb+c")).as_deref(), Some("a+b c"));
         assert_eq!(query_token(Some("x=1")), None);
         assert_eq!(query_token(None), None);
+    }
+
+    /// Over TLS the cookie is `Secure`: browsers keep cookies per host, not per port, and
+    /// would send it in the clear to the host's plain-HTTP ports.
+    #[test]
+    fn the_login_cookie_is_secure_over_tls() {
+        let cookie =
+            |secure| logged_in("t", secure).headers()[header::SET_COOKIE].to_str().unwrap().to_string();
+        assert!(cookie(true).ends_with("SameSite=Strict; Secure"), "{}", cookie(true));
+        assert!(!cookie(false).contains("Secure"), "{}", cookie(false));
     }
 
     #[test]

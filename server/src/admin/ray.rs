@@ -53,7 +53,8 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
 
 /// `DELETE /api/serve/applications/`: every application goes (Ray's `serve shutdown`).
 pub(super) async fn delete_all(State(s): State<AdminState>) -> Result<StatusCode, RayApiError> {
-    s.controller.delete(None).await?;
+    let controller = s.controller.clone();
+    sluice_controller::to_the_end(async move { controller.delete(None).await }).await?;
     s.submitted().clear();
     Ok(StatusCode::OK)
 }

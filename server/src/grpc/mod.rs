@@ -28,25 +28,19 @@ pub struct InferenceService {
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
     readiness: Readiness,
-    /// The admin token, when one is set: repository load and unload need it.
-    control_token: Option<Arc<str>>,
+    /// Who may load and unload repository models here.
+    control: crate::auth::Control,
 }
 
 impl InferenceService {
-    /// Refuses a repository load or unload without the admin token (metadata
-    /// `authorization: Bearer <token>`), when one is set.
+    /// Refuses a repository load or unload the port's [`crate::auth::Control`] does not allow
+    /// (the token in metadata `authorization: Bearer <token>`).
     fn may_control<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match &self.control_token {
-            Some(t)
-                if !crate::auth::bearer_bytes_match(
-                    req.metadata().get("authorization").map(|v| v.as_bytes()),
-                    t,
-                ) =>
-            {
-                Err(Status::unauthenticated(crate::auth::CONTROL_NEEDS_TOKEN))
-            }
-            _ => Ok(()),
-        }
+        use crate::auth::{CONTROL_CLOSED, CONTROL_NEEDS_TOKEN, Refused};
+        self.control.check(req.metadata().get("authorization").map(|v| v.as_bytes())).map_err(|r| match r {
+            Refused::NeedsToken => Status::unauthenticated(CONTROL_NEEDS_TOKEN),
+            Refused::Closed => Status::permission_denied(CONTROL_CLOSED),
+        })
     }
 }
 
@@ -165,7 +159,10 @@ impl GrpcInferenceService for InferenceService {
         crate::rest::model::refuse_overrides(req.parameters.keys().map(String::as_str))
             .map_err(tonic::Status::invalid_argument)?;
         let name = req.model_name;
-        self.controller.load_model(&name).await.map_err(grpc_control_status)?;
+        let controller = self.controller.clone();
+        sluice_controller::to_the_end(async move { controller.load_model(&name).await })
+            .await
+            .map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -175,7 +172,10 @@ impl GrpcInferenceService for InferenceService {
     ) -> Reply<pb::RepositoryModelUnloadResponse> {
         self.may_control(&req)?;
         let name = req.into_inner().model_name;
-        self.controller.unload_model(&name).await.map_err(grpc_control_status)?;
+        let controller = self.controller.clone();
+        sluice_controller::to_the_end(async move { controller.unload_model(&name).await })
+            .await
+            .map_err(grpc_control_status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }
@@ -207,11 +207,11 @@ pub async fn routes(
     readiness: Readiness,
     max_message_bytes: usize,
     stop: tokio::sync::watch::Receiver<bool>,
-    control_token: Option<Arc<str>>,
+    control: crate::auth::Control,
     traced: bool,
 ) -> Result<axum::Router, crate::StartError> {
     let service =
-        InferenceService { routes: routes.clone(), controller, readiness: readiness.clone(), control_token };
+        InferenceService { routes: routes.clone(), controller, readiness: readiness.clone(), control };
     let inference = GrpcInferenceServiceServer::new(service)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)

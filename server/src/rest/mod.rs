@@ -59,9 +59,8 @@ pub struct Shared {
     pub max_body_bytes: usize,
     /// True once shutdown has begun (Ray's proxy health answers 503 then).
     pub draining: tokio::sync::watch::Receiver<bool>,
-    /// The admin API's bearer token, when one is set: repository load and unload need it here
-    /// too (they change what serves).
-    pub control_token: Option<Arc<str>>,
+    /// Who may load and unload repository models here (they change what serves).
+    pub control: crate::auth::Control,
 }
 
 /// The REST routes of the Open Inference Protocol, without the intake ([`frontend`] puts it in
@@ -186,8 +185,21 @@ impl Service<Request> for Rest {
             let state = self.state.clone();
             return Either::Left(Box::pin(async move { Ok(infer::serve_matched(state, req, names).await) }));
         }
+        // A name escaped into bytes that are not UTF-8 would get axum's plain-text 400 from the
+        // route's path parameters.
+        if req.uri().path().contains('%') && !decodes_to_utf8(req.uri().path()) {
+            let message = format!("the path `{}` does not decode to UTF-8", req.uri().path());
+            let answer = ApiError::new(StatusCode::BAD_REQUEST, message).into_response();
+            return Either::Left(Box::pin(std::future::ready(Ok(answer))));
+        }
         Either::Right(self.routes.call(req))
     }
+}
+
+/// Whether a path's percent escapes decode to UTF-8 (an escape that is not one, `%zz`, stays
+/// as written, as axum reads it).
+fn decodes_to_utf8(path: &str) -> bool {
+    percent_encoding::percent_decode_str(path).decode_utf8().is_ok()
 }
 
 async fn method_not_allowed() -> ApiError {

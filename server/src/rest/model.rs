@@ -169,7 +169,8 @@ pub async fn load(
         let keys = doc.get("parameters").and_then(|p| p.as_object()).into_iter().flat_map(|p| p.keys());
         refuse_overrides(keys.map(String::as_str)).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     }
-    state.controller.load_model(&model).await?;
+    let controller = state.controller.clone();
+    sluice_controller::to_the_end(async move { controller.load_model(&model).await }).await?;
     Ok(StatusCode::OK)
 }
 
@@ -185,14 +186,13 @@ pub fn refuse_overrides<'a>(mut keys: impl Iterator<Item = &'a str>) -> Result<(
     }
 }
 
-/// Refuses a repository load or unload without the admin token, when one is set.
+/// Refuses a repository load or unload the port's [`crate::auth::Control`] does not allow.
 fn may_control(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &state.control_token {
-        Some(t) if !crate::auth::bearer_matches(headers.get(header::AUTHORIZATION), t) => {
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, crate::auth::CONTROL_NEEDS_TOKEN))
-        }
-        _ => Ok(()),
-    }
+    use crate::auth::{CONTROL_CLOSED, CONTROL_NEEDS_TOKEN, Refused};
+    state.control.check(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(|r| match r {
+        Refused::NeedsToken => ApiError::new(StatusCode::UNAUTHORIZED, CONTROL_NEEDS_TOKEN),
+        Refused::Closed => ApiError::new(StatusCode::FORBIDDEN, CONTROL_CLOSED),
+    })
 }
 
 /// `POST /v2/repository/models/{m}/unload`: stop serving a repository model.
@@ -202,6 +202,7 @@ pub async fn unload(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     may_control(&state, &headers)?;
-    state.controller.unload_model(&model).await?;
+    let controller = state.controller.clone();
+    sluice_controller::to_the_end(async move { controller.unload_model(&model).await }).await?;
     Ok(StatusCode::OK)
 }

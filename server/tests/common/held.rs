@@ -35,6 +35,26 @@ impl Held {
         Self { started, release }
     }
 
+    /// Registers, as [`Held::register`] does, a step whose load (each replica's) is what is held:
+    /// it tells the test it started and waits until the test releases it.
+    #[allow(dead_code)]
+    pub fn register_load(name: &str) -> Self {
+        let started = Arc::new(Notify::new());
+        let (release, gate) = channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let notify = started.clone();
+        sluice_deployments::register_step(
+            name,
+            Arc::new(move || {
+                notify.notify_one();
+                let _ = gate.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(Duration::from_secs(60));
+                Ok(Box::new(Step { meta: meta(), started: Arc::default(), gate: gate.clone() })
+                    as Box<dyn Backend>)
+            }),
+        );
+        Self { started, release }
+    }
+
     /// Waits until a held call has started (at most 30 s, then panics).
     pub async fn started(&self) {
         tokio::time::timeout(Duration::from_secs(30), self.started.notified())
