@@ -52,23 +52,44 @@ impl Controller {
             let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
             let c = m.canary.take().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
             let old = std::mem::replace(&mut m.primary, c.version);
+            // A repository model's old primary stays reachable by its exact version until the
+            // scan asked for below decides (a policy of the latest 2 keeps it, and it is not
+            // loaded again cold; one of the latest 1 retires it then).
+            let in_repository = m.app == crate::repository::APPLICATION;
+            if in_repository {
+                m.others.push(old.clone());
+            }
             m.config.model = m.primary.key.model.clone();
             m.config.version = m.primary.key.version.clone();
             m.config.canary = None;
+            // The desired state too: every later reconcile (a repository change, a load) plans
+            // from it, and would otherwise start the old version again as the primary and the
+            // promoted one as a new canary.
+            let promoted = m.config.clone();
             let message = format!("{what} version {} (was {})", m.primary.name(), old.name());
+            let primary_version = m.primary.key.version.clone();
+            let desired = st.desired.iter_mut().flat_map(|c| c.applications.iter_mut());
+            if let Some(d) = desired.flat_map(|a| a.deployments.iter_mut()).find(|d| d.name == deployment) {
+                d.model = promoted.model;
+                d.version = promoted.version;
+                d.canary = None;
+            }
             // A repository canary rolled back, then promoted by hand: no longer refused (the
             // next scan would otherwise plan it away again).
-            if let Ok(v) = m.primary.key.version.parse::<u64>() {
+            if let Ok(v) = primary_version.parse::<u64>() {
                 st.repo.rejected.remove(&(deployment.to_string(), v));
             }
             st.events.push(deployment, message);
             if let Some(pipelines) = pipelines {
                 st.pipelines = pipelines;
             }
+            if in_repository {
+                st.repo.force = true;
+            }
             self.publish(&mut st);
-            old
+            (!in_repository).then_some(old)
         };
-        self.drain(vec![old]);
+        self.drain(old.into_iter().collect());
         Ok(())
     }
 

@@ -335,14 +335,18 @@ fn commit_canary(
                 rollout.baseline = rollout.counters(&v);
                 rollout
             });
-            Some(CanaryState { version: v, weight: c.weight, rollout })
+            Some(CanaryState { version: v, weight: c.weight, config_weight: c.weight, rollout })
         }
         (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {
-            // Same canary: a weight in the config applies unless a rollout drives it.
-            if oc.rollout.is_none() && oc.weight != c.weight {
+            // Same canary: a weight the config changes applies unless a rollout drives it. An
+            // unchanged one leaves what happened since (a rollback's 0, a completed rollout's
+            // 100, a weight set by hand): the same config applied again, or a repository
+            // change that reconciles it, must not undo them.
+            if oc.rollout.is_none() && c.weight != oc.config_weight && oc.weight != c.weight {
                 events.push(name, format!("canary weight set to {}%", c.weight));
                 oc.weight = c.weight;
             }
+            oc.config_weight = c.weight;
             Some(oc)
         }
         (Some(_), _, old) => old,

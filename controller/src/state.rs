@@ -110,6 +110,9 @@ impl RolloutState {
 pub(crate) struct CanaryState {
     pub version: Version,
     pub weight: u32,
+    /// The weight the config last gave it: a later config with the same weight leaves `weight`
+    /// as a rollout, a rollback or a hand set it since.
+    pub config_weight: u32,
     pub rollout: Option<RolloutState>,
 }
 

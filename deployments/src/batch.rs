@@ -150,14 +150,23 @@ impl BatchState {
 
     /// When the current batch must go even if not full.
     pub fn deadline(&self) -> Option<Instant> {
-        self.queue.front().map(|j| j.arrived + self.policy.batch_wait_timeout)
+        self.queue.front().map(|head| self.wait_end(head))
+    }
+
+    /// When the head's batch goes even if not full: `batch_wait_timeout` after it arrived, or
+    /// at once when a request that could join the batch must have started before then
+    /// (waiting would only answer it 504 unrun, with the model idle).
+    fn wait_end(&self, head: &Job) -> Instant {
+        let end = head.arrived + self.policy.batch_wait_timeout;
+        let mut joining = self.queue.iter().take(self.policy.max_batch_size.max(1));
+        if joining.any(|j| j.deadline < end) { head.arrived } else { end }
     }
 
     /// True when a batch should be taken now.
     pub fn ready(&self, now: Instant) -> bool {
         let Some(head) = self.queue.front() else { return false };
         let max = self.policy.max_batch_size;
-        if max == 0 || now >= head.arrived + self.policy.batch_wait_timeout {
+        if max == 0 || now >= self.wait_end(head) {
             return true;
         }
         let rows = self.compatible_rows();
@@ -169,11 +178,11 @@ impl BatchState {
         let Some(head) = self.queue.front() else { return 0 };
         let max = self.policy.max_batch_size;
         let mut rows = 0;
+        // As `take` fills a batch: a job too big for what is left is passed over, not the end.
         for job in self.queue.iter().filter(|j| !j.reply.is_closed() && self.compatible(head, j)) {
-            if rows + job.rows > max {
-                break;
+            if rows + job.rows <= max {
+                rows += job.rows;
             }
-            rows += job.rows;
         }
         rows
     }
@@ -199,7 +208,7 @@ impl BatchState {
         let mut batch: Vec<Job> = Vec::new();
         let mut rest = VecDeque::with_capacity(self.queue.len());
         let max = self.policy.max_batch_size.max(1);
-        let timed_out = self.queue.front().is_some_and(|h| now >= h.arrived + self.policy.batch_wait_timeout);
+        let timed_out = self.queue.front().is_some_and(|h| now >= self.wait_end(h));
         // Aim from the whole queue, head included, before anything is taken off it.
         let target =
             if timed_out || self.policy.preferred_batch_sizes.is_empty() || self.policy.max_batch_size == 0 {
@@ -380,6 +389,41 @@ mod tests {
         // The deadline does not move when the second request arrives.
         assert!(s.ready(t0 + Duration::from_millis(10)));
         assert_eq!(s.take(t0 + Duration::from_millis(10)).batch.len(), 2);
+    }
+
+    /// A request that must start before the wait ends sends the batch at once, rather than
+    /// wait with the model idle and then answer it 504 unrun.
+    #[test]
+    fn a_request_due_before_the_wait_ends_sends_the_batch_at_once() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(8, 50));
+        let (a, _ra) = job(1, 2, t0);
+        s.push(a);
+        assert!(!s.ready(t0), "no deadline before the wait's end");
+        let (mut b, _rb) = job(1, 2, t0 + Duration::from_millis(1));
+        b.deadline = t0 + Duration::from_millis(20);
+        s.push(b);
+        assert!(s.ready(t0 + Duration::from_millis(1)));
+        assert_eq!(s.deadline(), Some(t0));
+        let t = s.take(t0 + Duration::from_millis(1));
+        assert_eq!((t.batch.len(), t.expired.len()), (2, 0));
+    }
+
+    /// A request too big for what is left of the batch is passed over when counting, as when
+    /// taking: 3 + 1 rows fill a batch of 4 past a 2-row request, at once.
+    #[test]
+    fn a_full_batch_past_a_request_that_does_not_fit_goes_at_once() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(4, 100));
+        let mut keep = Vec::new();
+        for rows in [3, 2, 1] {
+            let (j, rx) = job(rows, 2, t0);
+            s.push(j);
+            keep.push(rx);
+        }
+        assert!(s.ready(t0));
+        let t = s.take(t0);
+        assert_eq!(t.batch.iter().map(|j| j.rows).collect::<Vec<_>>(), [3, 1]);
     }
 
     #[test]

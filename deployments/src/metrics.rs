@@ -291,8 +291,11 @@ pub struct Stats {
     pub execution_count: AtomicU64,
     /// Milliseconds since the epoch of the last model call.
     pub last_inference_ms: AtomicU64,
-    /// Failures that are the server's or the model's fault (internal errors), apart from bad
-    /// requests, overload and client deadlines: what a canary rollout judges.
+    /// Failures that are the server's or the model's (internal errors, requests answered 504
+    /// past their deadline or 503 because no replica could take them), apart from bad requests
+    /// and callers that gave up: what a canary rollout judges. A canary slower than its
+    /// `request_timeout_s`, or one whose replicas keep failing, fails its gate; it would
+    /// otherwise have too few requests, all successes, to ever be judged.
     pub server_errors: AtomicU64,
 }
 
@@ -485,7 +488,10 @@ impl DeploymentMetrics {
             self.stats.success.add(elapsed);
         } else {
             self.stats.fail.add(elapsed);
-            if error == Some(ErrorKind::Internal) {
+            if matches!(
+                error,
+                Some(ErrorKind::Internal | ErrorKind::DeadlineExceeded | ErrorKind::Unavailable)
+            ) {
                 self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -512,6 +518,23 @@ impl DeploymentMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a canary's gate counts as its failures: internal errors, deadlines and no replica
+    /// to take the request; not bad requests, unknown names or callers that gave up.
+    #[test]
+    fn a_canary_gate_counts_the_servers_failures_only() {
+        let m = DeploymentMetrics::new("gate-test", "1", 1);
+        let ms = Duration::from_millis(1);
+        for kind in [ErrorKind::Internal, ErrorKind::DeadlineExceeded, ErrorKind::Unavailable] {
+            m.request(Protocol::Rest, Err(kind), ms);
+        }
+        m.request(Protocol::Rest, Err(ErrorKind::InvalidArgument), ms);
+        m.request(Protocol::Rest, Err(ErrorKind::NotFound), ms);
+        m.request(Protocol::Rest, Ok(()), ms);
+        drop(m.counted(Protocol::Rest, Instant::now()));
+        assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 3);
+        assert_eq!(m.stats.success.count.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn latency_quantiles_from_bucket_snapshots() {

@@ -564,6 +564,137 @@ async fn repository_load_and_unload_need_the_admin_token_when_one_is_set() {
     s.shutdown().await;
 }
 
+/// What happens to a canary at run time stays when something reconciles the config again (a
+/// repository change, the same config applied again): a rollback's weight 0 is not put back
+/// to the config's weight, and a promoted version stays the primary (the old one was started
+/// again as the primary, the promoted one as a new canary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_and_a_promote_survive_a_later_reconcile() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = empty_repository("repo-canary");
+    put_version(&repo, "flowers", 1, "iris");
+    let text = format!(
+        "{}model_repository: {{path: {}, poll_interval_s: 0}}\n",
+        config_text(
+            "      - {name: m, model: iris/model.onnx, canary: {model: iris-v2/model.onnx, version: \"2\", weight: 10}}\n"
+        ),
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config.clone(), Default::default()).await.unwrap();
+    let versions = |s: &sluice_server::Server| {
+        let status = serde_json::to_value(s.controller().status()).unwrap();
+        let list = status["applications"]["app"]["deployments"]["m"]["versions"].as_array().unwrap().clone();
+        list.iter()
+            .map(|v| (v["version"].as_str().unwrap().to_string(), v["weight"].as_u64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(versions(&s), [("1".to_string(), 90), ("2".to_string(), 10)]);
+    s.controller().rollback("m", "by the test").await.unwrap();
+    put_version(&repo, "flowers", 2, "iris");
+    s.controller().notify_repository("flowers").await.unwrap();
+    assert_eq!(versions(&s), [("1".to_string(), 100), ("2".to_string(), 0)], "after a repository change");
+    s.controller().apply(&config).await.unwrap();
+    assert_eq!(versions(&s), [("1".to_string(), 100), ("2".to_string(), 0)], "after the same config again");
+
+    s.controller().promote("m").await.unwrap();
+    put_version(&repo, "flowers", 3, "iris");
+    s.controller().notify_repository("flowers").await.unwrap();
+    assert_eq!(versions(&s), [("2".to_string(), 100)], "the promoted version stays the primary");
+    let client = reqwest::Client::new();
+    assert_eq!(answered_by(&client, &url(&s, "/v2/models/m/infer"), None).await, "2");
+    s.shutdown().await;
+}
+
+/// A deploy whose client goes away while its models load (a Ctrl-C, a client timeout) still
+/// runs to its end: the application is RUNNING and serves once the load finishes, not left
+/// DEPLOYING with the change half made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_whose_client_leaves_runs_to_its_end() {
+    let held = common::held::Held::register_load("held-load-deploy");
+    let s = start_with("      - {name: m, model: iris/model.onnx}\n").await;
+    let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
+    let text = config_text(
+        "      - {name: m, model: iris/model.onnx}\n      - {name: slow, builtin: {custom: {name: held-load-deploy}}}\n",
+    );
+    let put = reqwest::Client::new()
+        .put(&admin)
+        .header(sluice_server::admin::BASE_DIR_HEADER, models_dir().display().to_string())
+        .body(text)
+        .timeout(Duration::from_secs(30))
+        .send();
+    let put = tokio::spawn(put);
+    held.started().await;
+    put.abort();
+    let _ = put.await;
+    held.release();
+    let status = format!("http://{}/api/sluice/status", s.admin_addr().unwrap());
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = reqwest::get(&status).await.unwrap().json().await.unwrap();
+        if v["applications"]["app"]["status"] == "RUNNING"
+            && !v["applications"]["app"]["deployments"]["slow"].is_null()
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "the deploy never finished: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(url(&s, "/v2/models/slow/infer"))
+        .body(common::held::body(0.0, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the new deployment serves");
+    s.shutdown().await;
+}
+
+/// Without an admin token, repository load and unload on inference ports reachable beyond
+/// loopback are refused (403, `PERMISSION_DENIED`), as the admin API itself would be, unless
+/// `admin_options.allow_unauthenticated` says otherwise; inference and the index stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_control_beyond_loopback_needs_a_token_or_allow_unauthenticated() {
+    use sluice_proto::inference::RepositoryModelUnloadRequest;
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = empty_repository("repo-open");
+    put_version(&repo, "flowers", 1, "iris");
+    for allow in [false, true] {
+        let text = format!(
+            "http_options: {{host: 0.0.0.0, port: 0}}\ngrpc_options: {{host: 0.0.0.0, port: 0}}\nadmin_options: {{port: 0, allow_unauthenticated: {allow}}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
+            repo.display()
+        );
+        let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+        let s = sluice_server::start(config, Default::default()).await.unwrap();
+        let client = reqwest::Client::new();
+        let local = |path: &str| format!("http://127.0.0.1:{}{path}", s.http_addr().port());
+        let infer = || client.post(local("/v2/models/flowers/infer")).body(IRIS_BODY).send();
+        assert_eq!(infer().await.unwrap().status(), 200);
+        let mut grpc = GrpcInferenceServiceClient::connect(format!(
+            "http://127.0.0.1:{}",
+            s.grpc_addr().unwrap().port()
+        ))
+        .await
+        .unwrap();
+        let unload = || RepositoryModelUnloadRequest { model_name: "flowers".into(), ..Default::default() };
+        let r = client.post(local("/v2/repository/models/flowers/unload")).send().await.unwrap();
+        if allow {
+            assert_eq!(r.status(), 200);
+            assert_eq!(infer().await.unwrap().status(), 404, "unloaded");
+        } else {
+            assert_eq!(r.status(), 403);
+            let v: Value = r.json().await.unwrap();
+            assert!(v["error"].as_str().unwrap().contains("allow_unauthenticated"), "{v}");
+            let e = grpc.repository_model_unload(unload()).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            assert_eq!(infer().await.unwrap().status(), 200, "still served");
+            assert_eq!(client.post(local("/v2/repository/index")).send().await.unwrap().status(), 200);
+        }
+        s.shutdown().await;
+    }
+}
+
 /// A repository model that cannot serve (here: named like a deployment of the config) is
 /// refused alone: the server starts, the config's deployment serves, and the other models'
 /// new versions still swap in.

@@ -128,6 +128,47 @@ fn fresh_repo(name: &str) -> PathBuf {
     repo
 }
 
+/// With `version_policy: {latest: 2}`, a promoted canary's old primary stays served by its
+/// exact version through the promotion: it was dropped (404) until the next scan loaded it
+/// again, cold; with no polling, until a notify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_latest_two_the_old_primary_answers_through_a_promotion() {
+    let repo = fresh_repo("repo-latest2");
+    put(&repo, "flowers", 1, Some("iris"), true);
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\n\
+         model_repository:\n  path: {}\n  poll_interval_s: 0\n  version_policy: {{latest: 2}}\n  \
+         rollout: {{canary_weight: 10, step_percent: 45, interval_s: 0.3, min_requests: 5, max_error_rate: 0.05}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let server = sluice_server::start(config, Default::default()).await.unwrap();
+    let env = Env {
+        admin: format!("http://{}", server.admin_addr().unwrap()),
+        server,
+        client: reqwest::Client::new(),
+    };
+    put(&repo, "flowers", 2, Some("iris"), true);
+    let r =
+        env.client.post(format!("{}/api/sluice/repository/flowers/notify", env.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, errors) = env
+        .traffic_until("the promotion of version 2", || async {
+            env.versions().await.first() == Some(&("2".to_string(), 100))
+        })
+        .await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let exact = url(&env.server, "/v2/models/flowers/versions/1/infer");
+    for _ in 0..20 {
+        let r = env.client.post(&exact).body(IRIS_BODY).send().await.unwrap();
+        assert_eq!(r.status(), 200, "version 1 by its exact version right after the promotion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.versions().await, [("2".to_string(), 100), ("1".to_string(), 0)]);
+    env.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_version_rolls_out_as_a_canary_and_is_promoted_and_a_bad_one_rolls_back() {
     let repo = fresh_repo("repo-loop");
