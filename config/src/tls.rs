@@ -53,12 +53,17 @@ pub(crate) fn check_listeners(
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut positive = |field: &str, value: f64| {
-        if !(value > 0.0 && value.is_finite()) {
-            problems.push((format!("http_options.{field}"), "must be more than 0 seconds".to_string()));
+        if !(value > 0.0 && value <= crate::MAX_SECONDS) {
+            let message = format!("must be more than 0 seconds, at most {:e}", crate::MAX_SECONDS);
+            problems.push((format!("http_options.{field}"), message));
         }
     };
     positive("header_read_timeout_s", http.header_read_timeout_s);
     positive("body_read_timeout_s", http.body_read_timeout_s);
+    if !(0.0..=crate::MAX_SECONDS).contains(&http.idle_timeout_s) {
+        let message = format!("must be 0 (never) to {:e} seconds", crate::MAX_SECONDS);
+        problems.push(("http_options.idle_timeout_s".into(), message));
+    }
     if http.max_connections == 0 {
         problems.push(("http_options.max_connections".into(), "must be at least 1".into()));
     }
@@ -173,15 +178,16 @@ mod tests {
     #[test]
     fn bad_listener_values_are_each_reported() {
         let errors = parse_in(
-            "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: -1, max_connections: 0}\n\
+            "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: 1e20, idle_timeout_s: -1, max_connections: 0}\n\
              grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}}\n\
              admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: -2}}\n",
         )
         .unwrap_err();
         let text = errors.to_string();
         for want in [
-            "http_options.header_read_timeout_s: must be more than 0 seconds",
+            "http_options.header_read_timeout_s: must be more than 0 seconds, at most 1e9",
             "http_options.body_read_timeout_s: must be more than 0 seconds",
+            "http_options.idle_timeout_s: must be 0 (never) to 1e9 seconds",
             "http_options.max_connections: must be at least 1",
             "grpc_options.tls: gRPC shares the REST port here",
             "admin_options.tls.cert_file: file `",

@@ -426,6 +426,11 @@ pub struct HttpOptions {
     pub header_read_timeout_s: f64,
     /// The longest pause while a request body arrives; past it the request gets 408. Default 30.
     pub body_read_timeout_s: f64,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (requests still running finish; HTTP/2 clients get GOAWAY and reconnect when they need
+    /// to). 0: never. Idle HTTP/1.1 connections close after `header_read_timeout_s` already.
+    /// Every listener. Default 3600.
+    pub idle_timeout_s: f64,
     /// Open connections per listener; more wait in the kernel's accept queue. Default 4096.
     pub max_connections: usize,
     /// TLS for REST (and gRPC when it shares the port). Default none (plain HTTP).
@@ -440,6 +445,7 @@ impl Default for HttpOptions {
             max_body_bytes: 64 * 1024 * 1024,
             header_read_timeout_s: 30.0,
             body_read_timeout_s: 30.0,
+            idle_timeout_s: 3600.0,
             max_connections: 4096,
             tls: None,
         }

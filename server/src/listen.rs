@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -44,6 +44,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// No request started for this long: the connection is closed gracefully. None: never.
+    pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
     /// How long open connections may take to finish once shutdown starts.
     pub grace: Duration,
@@ -53,6 +55,7 @@ impl Limits {
     pub fn new(http: &sluice_config::HttpOptions, grace: Duration) -> Self {
         Self {
             header_read_timeout: Duration::from_secs_f64(http.header_read_timeout_s),
+            idle_timeout: (http.idle_timeout_s > 0.0).then(|| Duration::from_secs_f64(http.idle_timeout_s)),
             max_connections: http.max_connections,
             grace,
         }
@@ -183,19 +186,21 @@ async fn connection<S: App>(
     _permit: OwnedSemaphorePermit,
 ) {
     let first_request = Arc::new(Notify::new());
-    let seen = first_request.clone();
+    let (seen, requests) = (first_request.clone(), Arc::new(AtomicU64::new(0)));
+    let started = requests.clone();
     let service = app.map_request(move |req: axum::http::Request<Incoming>| {
         seen.notify_one();
+        started.fetch_add(1, Ordering::Relaxed);
         req
     });
     let stop_serving = stop.clone();
     let serve = async move {
         match tls {
-            None => http(tcp, None, service, limits, stop_serving).await,
+            None => http(tcp, None, service, limits, requests, stop_serving).await,
             Some(tls) => match tls.acceptor().accept(tcp).await {
                 Ok(stream) => {
                     let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                    http(stream, alpn, service, limits, stop_serving).await;
+                    http(stream, alpn, service, limits, requests, stop_serving).await;
                 }
                 Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
             },
@@ -220,9 +225,17 @@ async fn connection<S: App>(
     serve.await;
 }
 
-/// Serves HTTP on an established stream; `alpn` is the protocol TLS negotiated, if any.
-async fn http<I, S>(io: I, alpn: Option<Vec<u8>>, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
-where
+/// Serves HTTP on an established stream; `alpn` is the protocol TLS negotiated, if any;
+/// `requests` counts the requests started on it (an idle connection is one whose count has not
+/// moved for `limits.idle_timeout`: looked at once per period, nothing per request).
+async fn http<I, S>(
+    io: I,
+    alpn: Option<Vec<u8>>,
+    service: S,
+    limits: Limits,
+    requests: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<
             axum::http::Request<Incoming>,
@@ -247,17 +260,28 @@ where
     };
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!("connection ended: {e}");
+    let mut counted = requests.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
+            }
+            () = stopped(&mut stop) => break,
+            () = tokio::time::sleep(limits.idle_timeout.unwrap_or_default()), if limits.idle_timeout.is_some() => {
+                let now = requests.load(Ordering::Relaxed);
+                if now == counted {
+                    tracing::debug!("no request for {:?} (idle_timeout_s); closing", limits.idle_timeout);
+                    break;
+                }
+                counted = now;
             }
         }
-        () = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// How many times [`PollAgain`] polls a connection again within one poll of its task.

@@ -241,3 +241,23 @@ async fn a_gzip_bomb_gets_413() {
     assert!(error["error"].as_str().unwrap().contains("decompressed bodies count"), "{error}");
     s.shutdown().await;
 }
+
+/// `idle_timeout_s`: a connection on which no request starts for that long is closed (here
+/// well before `header_read_timeout_s`, which would close an idle HTTP/1.1 connection too), while
+/// one that keeps sending stays open across many periods.
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_a_busy_one_kept() {
+    let s = serve("", ", header_read_timeout_s: 600, idle_timeout_s: 0.3").await;
+    let live = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut busy = connect(s.http_addr(), b"").await;
+    for _ in 0..12 {
+        busy.write_all(live).await.unwrap();
+        assert_eq!(response(&mut busy).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut idle = connect(s.http_addr(), live).await;
+    assert_eq!(response(&mut idle).await.0, 200);
+    // Closed by the idle timeout: the guard (60 s) is far below the header timeout (600 s).
+    assert_eq!(until_closed(idle).await, "");
+    s.shutdown().await;
+}
