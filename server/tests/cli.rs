@@ -715,6 +715,49 @@ fn sigterm_while_starting_stops_gracefully() {
     }
 }
 
+/// SIGTERM while the models load stops the server at once with exit 0, rather than once the
+/// load ends: here the load waits on an object store (a listener that never answers, with a
+/// 300 s store timeout).
+#[test]
+fn sigterm_while_the_models_load_gives_the_load_up() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-silent-store.yaml");
+    std::fs::write(
+        &config,
+        "model_repository: {path: \"s3://bucket/models\", store_timeout_s: 300}\nadmin_options: {port: 0}\n",
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let mut child = KillOnDrop(Some(spawn_run_env(&config, &env)));
+    let mut lines = BufReader::new(child.child().stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("accepting connections") {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    // The log ends when the process does; a load still waiting would hold it for 300 s (the
+    // test's own guard, the harness timeout, is far below).
+    for line in lines.map_while(Result::ok) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = child.child().wait().unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("stopped while the deployments loaded"), "{log}");
+    drop(silent);
+}
+
 #[test]
 fn sigterm_lets_a_request_in_flight_finish() {
     // A lone request waits 3 s for its batch to fill: long enough to be in flight at SIGTERM.

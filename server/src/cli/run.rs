@@ -153,7 +153,7 @@ pub fn run_with(
         let _in_runtime = rt.enter();
         sluice_server::telemetry::init(logs.filter, logs.format, &logs.tracing)
     };
-    let _telemetry = match telemetry {
+    let telemetry = match telemetry {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -170,14 +170,30 @@ pub fn run_with(
         }
         Err(code) => return code,
     }
-    rt.block_on(async {
+    let code = rt.block_on(async {
         // Listened for before anything starts: a signal while the server starts (its ports open
         // before it returns) stops it gracefully instead of killing the process.
-        let signal = shutdown_signal();
+        let mut signal = std::pin::pin!(shutdown_signal());
         // Made inside the runtime: a Ray cluster's bridge spawns tasks.
         let options = options();
         let cluster = options.cluster.clone();
-        let server = match sluice_server::start(config, options).await {
+        let starting = match sluice_server::bind(config, options).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // A signal while the models load gives the load up (a large model can take minutes);
+        // the listeners close as the runtime ends.
+        let loaded = tokio::select! {
+            loaded = starting.load() => loaded,
+            () = &mut signal => {
+                tracing::info!("stopped while the deployments loaded");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let server = match loaded {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -209,7 +225,12 @@ pub fn run_with(
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    drop(telemetry);
+    // A load given up on a signal may still run on a blocking thread (ONNX Runtime building a
+    // session): the process does not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// Pages out the code only starting ran and warms the deployments again (the config's
