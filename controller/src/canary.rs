@@ -49,14 +49,23 @@ impl Controller {
                 })?),
                 None => None,
             };
+            let policy = st
+                .desired
+                .as_ref()
+                .and_then(|c| c.model_repository.as_ref())
+                .map(|r| r.version_policy.clone());
             let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
             let c = m.canary.take().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
             let old = std::mem::replace(&mut m.primary, c.version);
-            // A repository model's old primary stays reachable by its exact version until the
-            // scan asked for below decides (a policy of the latest 2 keeps it, and it is not
-            // loaded again cold; one of the latest 1 retires it then).
-            let in_repository = m.app == crate::repository::APPLICATION;
-            if in_repository {
+            // A repository model's old primary that its version policy keeps (the latest 2, say)
+            // stays served by its exact version, not dropped until the next scan loads it again
+            // cold; the scan asked for below confirms it. One the policy does not keep drains.
+            let kept = m.app == crate::repository::APPLICATION
+                && match (old.key.version.parse::<u64>(), m.primary.key.version.parse::<u64>(), &policy) {
+                    (Ok(o), Ok(n), Some(p)) => p.select(&[o.min(n), o.max(n)]).contains(&o),
+                    _ => false,
+                };
+            if kept {
                 m.others.push(old.clone());
             }
             m.config.model = m.primary.key.model.clone();
@@ -83,11 +92,11 @@ impl Controller {
             if let Some(pipelines) = pipelines {
                 st.pipelines = pipelines;
             }
-            if in_repository {
+            if kept {
                 st.repo.force = true;
             }
             self.publish(&mut st);
-            (!in_repository).then_some(old)
+            (!kept).then_some(old)
         };
         self.drain(old.into_iter().collect());
         Ok(())

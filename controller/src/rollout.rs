@@ -9,8 +9,8 @@ use sluice_config::Rollout;
 use sluice_deployments::metrics::LatencyBuckets;
 use sluice_deployments::{Deployment, Shadow};
 
-/// A deployment's request counters at one moment: successes, server-side failures (not bad
-/// requests, overload or client deadlines) and latency buckets; for a canary shadowing its
+/// A deployment's request counters at one moment: successes, server-side failures (internal
+/// errors and deadlines; not bad requests or overload) and latency buckets; for a canary shadowing its
 /// primary, the rows compared and those that agreed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {

@@ -158,7 +158,11 @@ impl BatchState {
     /// (waiting would only answer it 504 unrun, with the model idle).
     fn wait_end(&self, head: &Job) -> Instant {
         let end = head.arrived + self.policy.batch_wait_timeout;
-        let mut joining = self.queue.iter().take(self.policy.max_batch_size.max(1));
+        let mut joining = self
+            .queue
+            .iter()
+            .filter(|j| !j.reply.is_closed() && self.compatible(head, j))
+            .take(self.policy.max_batch_size.max(1));
         if joining.any(|j| j.deadline < end) { head.arrived } else { end }
     }
 
@@ -405,6 +409,14 @@ mod tests {
         s.push(b);
         assert!(s.ready(t0 + Duration::from_millis(1)));
         assert_eq!(s.deadline(), Some(t0));
+        // One that could not join the batch (another shape) does not hurry it.
+        let mut other = BatchState::new(policy(8, 50));
+        let (a, _ra) = job(1, 2, t0);
+        let (mut c, _rc) = job(1, 3, t0);
+        c.deadline = t0 + Duration::from_millis(20);
+        other.push(a);
+        other.push(c);
+        assert!(!other.ready(t0 + Duration::from_millis(1)));
         let t = s.take(t0 + Duration::from_millis(1));
         assert_eq!((t.batch.len(), t.expired.len()), (2, 0));
     }

@@ -296,6 +296,14 @@ impl Backend for Builtins {
                         hidden.shape()
                     )));
                 }
+                // An empty `hidden` may name any sizes (`[1, 0, 2^36]` holds no data): the output's
+                // [N, H] is only bounded by the data when there is some.
+                if l == 0 && n > 0 && h > 0 {
+                    return Err(InferError::invalid(format!(
+                        "hidden has shape {:?}: no tokens to pool (L = 0)",
+                        hidden.shape()
+                    )));
+                }
                 let (hv, mv) = (f32s(hidden), i64s(mask));
                 let mut emb = vec![0f32; n * h];
                 for b in 0..n {
@@ -380,7 +388,14 @@ impl Backend for Builtins {
             Kind::Reshape { shape } => {
                 let x = input(&inputs, "x")?;
                 let n = x.shape().first().copied().unwrap_or(0);
-                let per_row = x.len().checked_div(n).unwrap_or(0);
+                // From the shape, not the data: an empty batch (`[0, 6]`) still has rows of 6.
+                let per_row = x.shape().iter().skip(1).try_fold(1usize, |p, &d| p.checked_mul(d));
+                let Some(per_row) = per_row else {
+                    return Err(InferError::invalid(format!(
+                        "x has shape {:?}: too many elements",
+                        x.shape()
+                    )));
+                };
                 let known: i64 = shape.iter().filter(|&&d| d > 0).product();
                 let dims: Vec<usize> = shape
                     .iter()
@@ -506,5 +521,27 @@ mod tests {
         assert_eq!(i64s(&y[0].tensor), vec![1, -2, 3, 4]);
         let r = run(Builtin::Reshape { datatype: "FP32".into(), shape: vec![2, -1] }, vec![x]);
         assert_eq!(r[0].tensor.shape(), &[1, 2, 2]);
+        // An empty batch keeps its rows' size.
+        let empty = Tensor::new(DataType::Fp32, vec![0, 6], Bytes::new()).unwrap();
+        let r = run(
+            Builtin::Reshape { datatype: "FP32".into(), shape: vec![2, 3] },
+            vec![NamedTensor { name: "x".into(), tensor: empty }],
+        );
+        assert_eq!(r[0].tensor.shape(), &[0, 2, 3]);
+    }
+
+    /// An empty `hidden` may name any sizes: `[1, 0, 2^36]` would have made the step allocate
+    /// 256 GiB (and the process abort); it is refused.
+    #[test]
+    fn mean_pool_refuses_no_tokens_of_any_width() {
+        let hidden = Tensor::new(DataType::Fp32, vec![1, 0, 1 << 36], Bytes::new()).unwrap();
+        let mask = Tensor::new(DataType::Int64, vec![1, 0], Bytes::new()).unwrap();
+        let inputs = vec![
+            NamedTensor { name: "hidden".into(), tensor: hidden },
+            NamedTensor { name: "mask".into(), tensor: mask },
+        ];
+        let mut s = Builtins::new(&Builtin::MeanPool { normalize: true }).unwrap();
+        let e = s.infer(inputs, &["embedding".to_string()]).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidArgument, "{e:?}");
     }
 }

@@ -291,11 +291,12 @@ pub struct Stats {
     pub execution_count: AtomicU64,
     /// Milliseconds since the epoch of the last model call.
     pub last_inference_ms: AtomicU64,
-    /// Failures that are the server's or the model's (internal errors, requests answered 504
-    /// past their deadline or 503 because no replica could take them), apart from bad requests
+    /// Failures that are the server's or the model's (internal errors, and requests answered 504
+    /// past their deadline), apart from bad requests, overload (503: a full queue is the
+    /// canary's few replicas under the traffic a rollout moves to it, not a fault of its model)
     /// and callers that gave up: what a canary rollout judges. A canary slower than its
-    /// `request_timeout_s`, or one whose replicas keep failing, fails its gate; it would
-    /// otherwise have too few requests, all successes, to ever be judged.
+    /// `request_timeout_s` fails its gate; it would otherwise have no request counted, and hold
+    /// its weight for good.
     pub server_errors: AtomicU64,
 }
 
@@ -488,10 +489,7 @@ impl DeploymentMetrics {
             self.stats.success.add(elapsed);
         } else {
             self.stats.fail.add(elapsed);
-            if matches!(
-                error,
-                Some(ErrorKind::Internal | ErrorKind::DeadlineExceeded | ErrorKind::Unavailable)
-            ) {
+            if matches!(error, Some(ErrorKind::Internal | ErrorKind::DeadlineExceeded)) {
                 self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -519,8 +517,8 @@ impl DeploymentMetrics {
 mod tests {
     use super::*;
 
-    /// What a canary's gate counts as its failures: internal errors, deadlines and no replica
-    /// to take the request; not bad requests, unknown names or callers that gave up.
+    /// What a canary's gate counts as its failures: internal errors and deadlines; not bad
+    /// requests, unknown names, overload or callers that gave up.
     #[test]
     fn a_canary_gate_counts_the_servers_failures_only() {
         let m = DeploymentMetrics::new("gate-test", "1", 1);
@@ -532,7 +530,7 @@ mod tests {
         m.request(Protocol::Rest, Err(ErrorKind::NotFound), ms);
         m.request(Protocol::Rest, Ok(()), ms);
         drop(m.counted(Protocol::Rest, Instant::now()));
-        assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 3);
+        assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 2);
         assert_eq!(m.stats.success.count.load(Ordering::Relaxed), 1);
     }
 

@@ -117,7 +117,7 @@ impl Caller {
         // SAFETY: the session pointer is live and used by this thread alone (`&mut Session`);
         // every name is a NUL-terminated string and every input value a live OrtValue, both alive
         // until the call returns; `results` has room for one value per output name.
-        status(unsafe {
+        run_status(unsafe {
             (api.Run)(
                 session.ptr_mut(),
                 ptr::null(),
@@ -128,8 +128,7 @@ impl Caller {
                 out_names.len(),
                 results.0.as_mut_ptr(),
             )
-        })
-        .map_err(|e| InferError::internal(format!("ONNX Runtime error: {e}")))?;
+        })?;
         let ran = Instant::now();
         drop((made, copied));
         let read = outputs
@@ -278,6 +277,29 @@ fn c_name(name: &str) -> Result<CString, String> {
 }
 
 /// `Ok` for a null status, else its message (the status released).
+/// A model call's status. ONNX Runtime's `INVALID_ARGUMENT` is the request's fault (an index
+/// past a table's end, inputs whose dynamic sizes do not agree): 400, and not counted against a
+/// canary; any other failure is the server's (500).
+fn run_status(call: OrtStatusPtr) -> Result<(), InferError> {
+    if call.0.is_null() {
+        return Ok(());
+    }
+    const ORT_INVALID_ARGUMENT: i32 = 2;
+    // SAFETY: `GetErrorCode` returns a C enum, an `i32` (ort-sys declares it `#[repr(i32)]`);
+    // read as the plain `i32` so that a code newer than ort-sys knows is not an invalid Rust
+    // enum value. The status is non-null and released by `status` below.
+    let code = unsafe {
+        let get: unsafe extern "system" fn(*const ort::sys::OrtStatus) -> i32 =
+            std::mem::transmute(ort::api().GetErrorCode);
+        get(call.0)
+    };
+    let message = status(call).err().unwrap_or_default();
+    Err(match code {
+        ORT_INVALID_ARGUMENT => InferError::invalid(format!("the model refused the inputs: {message}")),
+        _ => InferError::internal(format!("ONNX Runtime error: {message}")),
+    })
+}
+
 fn status(status: OrtStatusPtr) -> Result<(), String> {
     if status.0.is_null() {
         return Ok(());

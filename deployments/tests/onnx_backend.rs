@@ -111,11 +111,39 @@ fn a_wrong_input_is_an_error_and_the_backend_answers_after_it() {
         tensor: Tensor::new(DataType::Fp32, vec![1, 4], Bytes::from(vec![0u8; 16])).unwrap(),
     }];
     let e = backend.infer(wrong, &names).unwrap_err();
-    assert!(e.to_string().contains("ONNX Runtime error"), "{e}");
+    // ONNX Runtime's own shape check: the client's error.
+    assert_eq!(e.kind, sluice_deployments::ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("invalid dimensions"), "{e}");
     let unknown =
         vec![NamedTensor { name: "y".into(), tensor: x(Bytes::from(input.clone())).remove(0).tensor }];
     let e = backend.infer(unknown, &names).unwrap_err();
     assert!(e.to_string().contains('y'), "{e}");
     let out = backend.infer(x(Bytes::from(input)), &names).unwrap();
     assert_close(&floats(&out[0]), &want[0].1, &want[0].0);
+}
+
+/// ONNX Runtime refusing the request's values (a token id past the embedding table's end) is
+/// the client's error, InvalidArgument (400), not an internal one (which a canary's gate would
+/// count); the backend answers the next request.
+#[test]
+fn values_the_model_refuses_are_the_clients_error() {
+    mlp();
+    let mut encoder =
+        OnnxBackend::load(&models().join("tiny-encoder/model.onnx"), &OnnxOptions::default()).unwrap();
+    let ids = |values: [i64; 2]| {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::new(DataType::Int64, vec![1, 2], Bytes::from(bytes)).unwrap()
+    };
+    let inputs = |first: [i64; 2]| {
+        vec![
+            NamedTensor { name: "input_ids".into(), tensor: ids(first) },
+            NamedTensor { name: "attention_mask".into(), tensor: ids([1, 1]) },
+            NamedTensor { name: "token_type_ids".into(), tensor: ids([0, 0]) },
+        ]
+    };
+    let outputs = ["last_hidden_state".to_string()];
+    let e = encoder.infer(inputs([1, 99_999]), &outputs).unwrap_err();
+    assert_eq!(e.kind, sluice_deployments::ErrorKind::InvalidArgument, "{e:?}");
+    assert!(e.message.contains("out of data bounds"), "{e:?}");
+    assert!(encoder.infer(inputs([1, 2]), &outputs).is_ok());
 }

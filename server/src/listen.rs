@@ -225,9 +225,12 @@ async fn connection<S: App>(
     serve.await;
 }
 
+/// How many times a connection's idle timeout looks at its request count per period.
+const IDLE_LOOKS: u32 = 4;
+
 /// Serves HTTP on an established stream; `alpn` is the protocol TLS negotiated, if any;
 /// `requests` counts the requests started on it (an idle connection is one whose count has not
-/// moved for `limits.idle_timeout`: looked at once per period, nothing per request).
+/// moved for `limits.idle_timeout`: looked at a few times per period, nothing per request).
 async fn http<I, S>(
     io: I,
     alpn: Option<Vec<u8>>,
@@ -260,7 +263,9 @@ async fn http<I, S>(
     };
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
-    let mut counted = requests.load(Ordering::Relaxed);
+    // Looked at four times a period: closed after 1 to 1.25 periods without a request.
+    let (mut counted, mut quiet) = (requests.load(Ordering::Relaxed), 0);
+    let look_every = limits.idle_timeout.unwrap_or_default() / IDLE_LOOKS;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -270,9 +275,10 @@ async fn http<I, S>(
                 return;
             }
             () = stopped(&mut stop) => break,
-            () = tokio::time::sleep(limits.idle_timeout.unwrap_or_default()), if limits.idle_timeout.is_some() => {
+            () = tokio::time::sleep(look_every), if limits.idle_timeout.is_some() => {
                 let now = requests.load(Ordering::Relaxed);
-                if now == counted {
+                quiet = if now == counted { quiet + 1 } else { 0 };
+                if quiet >= IDLE_LOOKS {
                     tracing::debug!("no request for {:?} (idle_timeout_s); closing", limits.idle_timeout);
                     break;
                 }

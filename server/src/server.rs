@@ -107,8 +107,14 @@ impl Server {
     /// on accepting and serving for `shutdown_delay_s` before it stops: a load balancer that
     /// polls readiness takes it out meanwhile, so connections it still sends are not refused.
     pub async fn shutdown(self) {
+        self.stop(true).await
+    }
+
+    /// [`Self::shutdown`]; `delay`: wait `shutdown_delay_s` first (not when the start failed:
+    /// nothing was ever ready to be taken out of a load balancer).
+    async fn stop(self, delay: bool) {
         self.phase.send_replace(Phase::Stopping);
-        if !self.delay.is_zero() {
+        if delay && !self.delay.is_zero() {
             tracing::info!("not ready; serving for {:?} more (shutdown_delay_s) before closing", self.delay);
             tokio::time::sleep(self.delay).await;
         }
@@ -203,7 +209,7 @@ impl Starting {
     pub async fn load(self) -> Result<Server, StartError> {
         let Self { server, config, announce } = self;
         if let Err(e) = server.controller.apply(&config).await {
-            server.shutdown().await;
+            server.stop(false).await;
             return Err(e.into());
         }
         server.controller.spawn_loop();
@@ -304,7 +310,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             proxy_location: config.proxy_location,
         };
         let node = node::LocalNode::of_this_process(http_addr);
-        let state = admin::AdminState::new(controller.clone(), &config, node, frontends, stop_rx.clone());
+        let state = admin::AdminState::new(controller.clone(), &config, node, frontends, phase.subscribe());
         tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token, addr), limits, stop_rx));
     }
     let delay = Duration::from_secs_f64(config.shutdown_delay_s);

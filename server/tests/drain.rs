@@ -58,6 +58,9 @@ async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
         assert!(Instant::now() < until, "still ready after shutdown began");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Ray's proxy probe (KubeRay's readiness) says draining at once too.
+    let healthz = reqwest::get(url_of(addr, "/-/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 503);
     // Within the delay: a new connection (a fresh client) is accepted and answered.
     let r = reqwest::Client::new().post(&infer).body(body).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -69,4 +72,8 @@ async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
     }
     assert!(began.elapsed() >= Duration::from_millis(1500), "closed before the delay ended");
     shutdown.await.unwrap();
+}
+
+fn url_of(addr: std::net::SocketAddr, path: &str) -> String {
+    format!("http://{addr}{path}")
 }

@@ -114,6 +114,16 @@ async fn the_admin_api_refuses_what_a_web_page_could_send_and_answers_json_error
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert!(json(r).await["error"].as_str().unwrap().contains("another origin"));
+    // Behind a reverse proxy that rewrites `Host`: the browser's name comes as X-Forwarded-Host.
+    let r = c
+        .post(&canary)
+        .header("Origin", "https://sluice.example.com")
+        .header("X-Forwarded-Host", "sluice.example.com")
+        .body(r#"{"weight": 25}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     // The page's own origin, and no origin at all (a command-line client): accepted.
     let r = c.post(&canary).header("Origin", &base).body(r#"{"weight": 30}"#).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);

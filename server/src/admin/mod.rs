@@ -59,8 +59,8 @@ pub struct AdminState {
     started: Arc<sluice_config::Config>,
     node: LocalNode,
     frontends: Frontends,
-    /// True once shutdown has begun.
-    draining: watch::Receiver<bool>,
+    /// The server's phase: shutdown has begun once it is `Stopping`.
+    phase: watch::Receiver<crate::readiness::Phase>,
     /// The application entries last deployed through Ray's API, by name (`deployed_app_config`).
     submitted: Arc<Mutex<BTreeMap<String, Value>>>,
 }
@@ -73,11 +73,11 @@ impl AdminState {
         started: &sluice_config::Config,
         node: LocalNode,
         frontends: Frontends,
-        draining: watch::Receiver<bool>,
+        phase: watch::Receiver<crate::readiness::Phase>,
     ) -> Self {
         let base_dir = started.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let started = Arc::new(started.clone());
-        Self { controller, base_dir, started, node, frontends, draining, submitted: Arc::default() }
+        Self { controller, base_dir, started, node, frontends, phase, submitted: Arc::default() }
     }
 
     /// Sluice's status, with the replicas of this process named by its node.
@@ -154,23 +154,38 @@ struct BodyLimits {
     timeout: std::time::Duration,
 }
 
-/// Reads the whole body before the handler runs: at most `max_bytes` (413), within `timeout`
-/// (408; a client that sends its headers and then nothing would otherwise hold its
-/// connection for good).
+/// Reads the whole body before the handler runs: at most `max_bytes` (413, at once when
+/// `Content-Length` announces more), with no pause longer than `timeout` between its pieces
+/// (408; a client that sends its headers and then nothing would otherwise hold its connection
+/// for good), as the inference ports read theirs.
 async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes));
-    match read.await {
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
-        Ok(Err(e)) => crate::rest::screen::body_error(&e, limits.max_bytes).into_response(),
-        Err(_) => error(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request body did not arrive within {:?} (http_options.body_read_timeout_s)",
-                limits.timeout
-            ),
-        ),
+    use crate::rest::screen::{body_error, content_length, too_large};
+    use http_body_util::BodyExt;
+    if let Some(len) = content_length(req.headers()).filter(|&n| n > limits.max_bytes as u64) {
+        return too_large(Some(len), limits.max_bytes).into_response();
     }
+    let (parts, mut body) = req.into_parts();
+    let mut read = Vec::new();
+    loop {
+        match tokio::time::timeout(limits.timeout, body.frame()).await {
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stopped arriving (http_options.body_read_timeout_s passed without data)",
+                );
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return body_error(&e, limits.max_bytes).into_response(),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                if read.len() + data.len() > limits.max_bytes {
+                    return too_large(None, limits.max_bytes).into_response();
+                }
+                read.extend_from_slice(&data);
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(read))).await
 }
 
 /// Refuses what a web page could make a browser send here: a call that changes something
@@ -198,8 +213,14 @@ async fn browser_guard(loopback_hosts_only: bool, req: Request, next: Next) -> R
     let changes = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     if changes && let Some(origin) = req.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("null");
-        let same =
-            origin.split_once("://").is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host));
+        // Behind a reverse proxy that sends its upstream's address as `Host`, the name the
+        // browser used comes as `X-Forwarded-Host` (a page of another site cannot set it: that
+        // header would make the browser ask first, and this API allows no cross-site calls).
+        let forwarded = req.headers().get("x-forwarded-host").and_then(|h| h.to_str().ok());
+        let same = origin.split_once("://").is_some_and(|(_, authority)| {
+            authority.eq_ignore_ascii_case(host)
+                || forwarded.is_some_and(|f| authority.eq_ignore_ascii_case(f.trim()))
+        });
         if !same {
             return error(
                 StatusCode::FORBIDDEN,
@@ -223,7 +244,7 @@ fn is_loopback_host(host: &str) -> bool {
     let name = name.trim_end_matches('.');
     name.eq_ignore_ascii_case("localhost")
         || name.to_ascii_lowercase().ends_with(".localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
 /// Answers errors as JSON `{"error": ...}`, as every admin route does: the ones axum writes
@@ -239,7 +260,7 @@ async fn json_errors(req: Request, next: Next) -> Response {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = axum::body::to_bytes(body, 1024 * 1024).await.unwrap_or_default();
     let message = match String::from_utf8_lossy(&text).trim() {
         "" => status.canonical_reason().unwrap_or("error").to_string(),
         said => said.to_string(),
@@ -333,13 +354,15 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
                 .into_response();
         }
     };
-    let controller = s.controller.clone();
-    let applied =
-        sluice_controller::to_the_end(async move { controller.apply(&config).await.map(|()| config) });
+    let state = s.clone();
+    let applied = sluice_controller::to_the_end(async move {
+        state.controller.apply(&config).await?;
+        // Every application now comes from this config, none from a Ray client.
+        state.submitted().clear();
+        Ok::<_, sluice_controller::ControlError>(config)
+    });
     match applied.await {
         Ok(config) => {
-            // Every application now comes from this config, none from a Ray client.
-            s.submitted().clear();
             let at_start = s.started.server_settings_changed(&config);
             if at_start.is_empty() {
                 return Json(s.status()).into_response();
@@ -378,9 +401,13 @@ async fn status(State(s): State<AdminState>) -> Json<Status> {
 }
 
 async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
-    let (controller, name) = (s.controller.clone(), app.clone());
-    sluice_controller::to_the_end(async move { controller.delete(Some(&name)).await }).await?;
-    s.submitted().remove(&app);
+    let state = s.clone();
+    sluice_controller::to_the_end(async move {
+        state.controller.delete(Some(&app)).await?;
+        state.submitted().remove(&app);
+        Ok::<_, sluice_controller::ControlError>(())
+    })
+    .await?;
     Ok(Json(s.status()))
 }
 

@@ -33,7 +33,7 @@ pub(super) async fn details(
     let api_type =
         ApiType::parse(query.get("api_type").map(String::as_str)).map_err(RayApiError::bad_request)?;
     let status = s.status();
-    let draining = *s.draining.borrow();
+    let draining = *s.phase.borrow() == crate::readiness::Phase::Stopping;
     Ok(Json(instance_details(&status, &s.submitted(), &s.node, &s.frontends, api_type, draining)))
 }
 
@@ -53,8 +53,12 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
 
 /// `DELETE /api/serve/applications/`: every application goes (Ray's `serve shutdown`).
 pub(super) async fn delete_all(State(s): State<AdminState>) -> Result<StatusCode, RayApiError> {
-    let controller = s.controller.clone();
-    sluice_controller::to_the_end(async move { controller.delete(None).await }).await?;
-    s.submitted().clear();
+    let state = s.clone();
+    sluice_controller::to_the_end(async move {
+        state.controller.delete(None).await?;
+        state.submitted().clear();
+        Ok::<_, sluice_controller::ControlError>(())
+    })
+    .await?;
     Ok(StatusCode::OK)
 }

@@ -1,7 +1,8 @@
 //! Ray Serve's proxy endpoints, so that KubeRay and Serve tooling can probe Sluice's REST
 //! frontend as they probe a Serve proxy: `GET /-/healthz` answers `success` (KubeRay's
 //! readiness probe greps for it) and `GET /-/routes` the routes by application, both 503
-//! "This node is being drained." once shutdown has begun.
+//! "This node is being drained." once shutdown has begun (from its first moment: during
+//! `shutdown_delay_s` too, while the listeners still accept).
 
 use std::collections::BTreeMap;
 
@@ -14,8 +15,13 @@ use super::AppState;
 
 const DRAINING: &str = "This node is being drained.";
 
+/// Shutdown has begun.
+fn draining(state: &AppState) -> bool {
+    state.readiness.phase() == crate::readiness::Phase::Stopping || *state.draining.borrow()
+}
+
 pub async fn healthz(State(state): State<AppState>) -> Response {
-    match *state.draining.borrow() {
+    match draining(&state) {
         true => (StatusCode::SERVICE_UNAVAILABLE, DRAINING).into_response(),
         false => "success".into_response(),
     }
@@ -26,7 +32,7 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 /// runs the controller, else (a proxy on another node, which only follows the route table)
 /// the model's or pipeline's own name.
 pub async fn routes(State(state): State<AppState>) -> Response {
-    if *state.draining.borrow() {
+    if draining(&state) {
         return (StatusCode::SERVICE_UNAVAILABLE, DRAINING).into_response();
     }
     let mut app_of: BTreeMap<String, String> = BTreeMap::new();

@@ -60,7 +60,7 @@ pub fn refuse(headers: &mut HeaderMap, max_body_bytes: usize) -> Option<ApiError
     None
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
@@ -74,7 +74,7 @@ fn codings(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-fn too_large(len: Option<u64>, max: usize) -> ApiError {
+pub fn too_large(len: Option<u64>, max: usize) -> ApiError {
     let size = match len {
         Some(n) => format!("{n} bytes"),
         None => "larger (decompressed bodies count)".to_string(),
