@@ -379,11 +379,7 @@ impl Backend for Builtins {
             }
             Kind::Cast { to } => {
                 let x = input(&inputs, "x")?;
-                let values = crate::convert::to_f64(x);
-                vec![NamedTensor {
-                    name: "y".into(),
-                    tensor: crate::convert::from_f64(*to, x.shape().to_vec(), &values)?,
-                }]
+                vec![NamedTensor { name: "y".into(), tensor: crate::convert::cast(x, *to)? }]
             }
             Kind::Reshape { shape } => {
                 let x = input(&inputs, "x")?;
