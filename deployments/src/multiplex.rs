@@ -64,7 +64,9 @@ impl Shared {
         })
     }
 
-    /// The interface every model must have: the first model of the folder's (by id).
+    /// The interface every model must have: that of the first model of the folder (by id)
+    /// that loads. One that does not load is answered as any model that fails to load is, when
+    /// asked for; it does not keep the others from serving.
     pub fn reference(&self) -> Result<ModelMetadata, LoadError> {
         let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
             .map_err(|e| LoadError::Model { path: self.dir.clone(), message: e.to_string() })?
@@ -73,11 +75,23 @@ impl Shared {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         ids.sort();
-        let first = ids.first().ok_or_else(|| LoadError::Model {
-            path: self.dir.clone(),
-            message: "the folder holds no `<model_id>/model.onnx`".into(),
-        })?;
-        Ok(OnnxBackend::load(&self.dir.join(first).join("model.onnx"), &self.options)?.metadata().clone())
+        let mut first_error = None;
+        for id in &ids {
+            match OnnxBackend::load(&self.dir.join(id).join("model.onnx"), &self.options) {
+                Ok(model) => return Ok(model.metadata().clone()),
+                Err(e) => {
+                    tracing::warn!("multiplexed model `{id}` in {} does not load: {e}", self.dir.display());
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.map_or_else(
+            || LoadError::Model {
+                path: self.dir.clone(),
+                message: "the folder holds no `<model_id>/model.onnx`".into(),
+            },
+            LoadError::from,
+        ))
     }
 }
 

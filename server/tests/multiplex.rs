@@ -241,3 +241,19 @@ applications:
     assert_eq!(post("/v2/models/pp/infer", None, &x).await.0, 200);
     s.shutdown().await;
 }
+
+/// A broken model that sorts first does not keep the deployment from starting: the interface
+/// comes from the first model that loads, and the broken one is answered as a failed load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_model_first_in_the_folder_keeps_no_other_from_serving() {
+    let dir = models("first-bad");
+    std::fs::create_dir_all(dir.join("0bad")).unwrap();
+    std::fs::write(dir.join("0bad").join("model.onnx"), b"not a model").unwrap();
+    let s = start(&dir, 1, 2).await;
+    let (status, got) = infer(&s, Some("a"), None).await;
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = infer(&s, Some("0bad"), None).await;
+    assert_eq!(status, 500, "{got}");
+    assert!(got["error"].as_str().unwrap().contains("model `0bad` failed to load"), "{got}");
+    s.shutdown().await;
+}
