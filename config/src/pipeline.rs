@@ -9,6 +9,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+/// [`Builtin::Tokenizer`]'s `max_tokens` unless set.
+pub const DEFAULT_MAX_TOKENS: usize = 16 * 1024 * 1024;
+
+fn default_max_tokens() -> usize {
+    DEFAULT_MAX_TOKENS
+}
+
 /// A step that needs no ONNX file (`builtin:` on a deployment). Each batches like any
 /// deployment.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -22,6 +29,11 @@ pub enum Builtin {
         /// Truncate to this many tokens (default: the file's own setting).
         #[serde(default)]
         max_length: Option<usize>,
+        /// The most tokens one call may produce, padding included (rows × the longest row):
+        /// more is refused with 400 before the outputs are made. Default 16,777,216 (each
+        /// output then at most 128 MiB).
+        #[serde(default = "default_max_tokens")]
+        max_tokens: usize,
     },
     /// `hidden` [N, L, H] and `mask` [N, L] → `embedding` [N, H]: the mask-weighted mean,
     /// optionally L2-normalized.

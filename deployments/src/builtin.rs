@@ -112,12 +112,23 @@ fn spec(name: &str, dtype: DataType, shape: &[i64]) -> TensorSpec {
 
 #[derive(Clone)]
 enum Kind {
-    Tokenizer(Arc<tokenizers::Tokenizer>),
-    MeanPool { normalize: bool },
+    /// The tokenizer (its own padding off: rows are padded here, once their lengths are known
+    /// to fit `max_tokens`), how to pad, and the most tokens a call may make.
+    Tokenizer(Arc<tokenizers::Tokenizer>, tokenizers::PaddingParams, usize),
+    MeanPool {
+        normalize: bool,
+    },
     Softmax,
-    TopK { k: Option<usize>, labels: Option<Arc<Vec<String>>> },
-    Cast { to: DataType },
-    Reshape { shape: Vec<i64> },
+    TopK {
+        k: Option<usize>,
+        labels: Option<Arc<Vec<String>>>,
+    },
+    Cast {
+        to: DataType,
+    },
+    Reshape {
+        shape: Vec<i64>,
+    },
 }
 
 #[derive(Clone)]
@@ -144,7 +155,7 @@ impl Builtins {
     fn new(b: &Builtin) -> Result<Self, String> {
         use DataType::*;
         let (kind, inputs, outputs) = match b {
-            Builtin::Tokenizer { path, max_length } => {
+            Builtin::Tokenizer { path, max_length, max_tokens } => {
                 let mut t = tokenizers::Tokenizer::from_file(path)
                     .map_err(|e| format!("tokenizer `{}`: {e}", path.display()))?;
                 if let Some(n) = max_length {
@@ -152,12 +163,18 @@ impl Builtins {
                     trunc.max_length = *n;
                     t.with_truncation(Some(trunc)).map_err(|e| e.to_string())?;
                 }
-                let mut padding = t.get_padding().cloned().unwrap_or_default();
-                padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
-                t.with_padding(Some(padding));
+                if *max_tokens == 0 {
+                    return Err("tokenizer: max_tokens must be at least 1".into());
+                }
+                // Padded here to the longest row, after checking the total: the tokenizer's
+                // own padding would make rows × the longest first (one long text among 63
+                // empty ones: 64 copies of its length).
+                let padding = t.get_padding().cloned().unwrap_or_default();
+                t.with_padding(None);
                 let outs =
                     ["input_ids", "attention_mask", "token_type_ids"].map(|n| spec(n, Int64, &[-1, -1]));
-                (Kind::Tokenizer(Arc::new(t)), vec![spec("text", Bytes, &[-1])], outs.to_vec())
+                let kind = Kind::Tokenizer(Arc::new(t), padding, *max_tokens);
+                (kind, vec![spec("text", Bytes, &[-1])], outs.to_vec())
             }
             Builtin::MeanPool { normalize } => (
                 Kind::MeanPool { normalize: *normalize },
@@ -260,7 +277,7 @@ impl Backend for Builtins {
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
         let mut out = match &self.kind {
-            Kind::Tokenizer(t) => {
+            Kind::Tokenizer(t, padding, max_tokens) => {
                 let text = input(&inputs, "text")?;
                 let texts = text
                     .bytes_elements()
@@ -274,14 +291,41 @@ impl Backend for Builtins {
                     .encode_batch(texts, true)
                     .map_err(|e| InferError::invalid(format!("tokenizer: {e}")))?;
                 let n = enc.len();
-                let len = enc.first().map_or(0, |e| e.len());
-                let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
-                    enc.iter().flat_map(|e| f(e).iter().map(|&x| x as i64)).collect()
+                let longest = enc.iter().map(tokenizers::Encoding::len).max().unwrap_or(0);
+                let len = match padding.pad_to_multiple_of {
+                    Some(m) if m > 1 => longest.div_ceil(m).saturating_mul(m),
+                    _ => longest,
+                };
+                if n.saturating_mul(len) > *max_tokens {
+                    return Err(InferError::invalid(format!(
+                        "tokenizer: {n} texts padded to the longest, {len} tokens, make {} tokens, more than \
+                         max_tokens ({max_tokens}); send fewer or shorter texts, or set max_length",
+                        n.saturating_mul(len)
+                    )));
+                }
+                let left = matches!(padding.direction, tokenizers::PaddingDirection::Left);
+                // Each row padded to `len` with `pad` (the tokenizer's padding side and values).
+                let flat = |f: fn(&tokenizers::Encoding) -> &[u32], pad: u32| -> Vec<i64> {
+                    let mut out = Vec::with_capacity(n * len);
+                    for e in &enc {
+                        let row = f(e).iter().map(|&x| i64::from(x));
+                        let fill = std::iter::repeat_n(i64::from(pad), len - e.len());
+                        if left {
+                            out.extend(fill.chain(row));
+                        } else {
+                            out.extend(row.chain(fill));
+                        }
+                    }
+                    out
                 };
                 vec![
-                    tensor_i64("input_ids", vec![n, len], &flat(|e| e.get_ids()))?,
-                    tensor_i64("attention_mask", vec![n, len], &flat(|e| e.get_attention_mask()))?,
-                    tensor_i64("token_type_ids", vec![n, len], &flat(|e| e.get_type_ids()))?,
+                    tensor_i64("input_ids", vec![n, len], &flat(|e| e.get_ids(), padding.pad_id))?,
+                    tensor_i64("attention_mask", vec![n, len], &flat(|e| e.get_attention_mask(), 0))?,
+                    tensor_i64(
+                        "token_type_ids",
+                        vec![n, len],
+                        &flat(|e| e.get_type_ids(), padding.pad_type_id),
+                    )?,
                 ]
             }
             Kind::MeanPool { normalize } => {
@@ -524,6 +568,39 @@ mod tests {
             vec![NamedTensor { name: "x".into(), tensor: empty }],
         );
         assert_eq!(r[0].tensor.shape(), &[0, 2, 3]);
+    }
+
+    fn texts(texts: &[&str]) -> NamedTensor {
+        let mut data = Vec::new();
+        for t in texts {
+            push_bytes_element(&mut data, t.as_bytes()).unwrap();
+        }
+        NamedTensor {
+            name: "text".into(),
+            tensor: Tensor::new(DataType::Bytes, vec![texts.len()], Bytes::from(data)).unwrap(),
+        }
+    }
+
+    /// Rows are padded to the longest (attention 0 where padded), and a call whose padded
+    /// tokens pass `max_tokens` is refused before any output is made.
+    #[test]
+    fn the_tokenizer_pads_to_the_longest_and_bounds_the_tokens_of_a_call() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models/tiny-encoder/tokenizer.json");
+        let tokenizer = |max_tokens| Builtin::Tokenizer { path: path.clone(), max_length: None, max_tokens };
+        let out = run(tokenizer(1 << 20), vec![texts(&["a b c d e", "a"])]);
+        let [n, len] = out[0].tensor.shape() else { panic!("{:?}", out[0].tensor.shape()) };
+        assert_eq!(*n, 2);
+        let mask = i64s(&out[1].tensor);
+        let short = &mask[*len..];
+        assert_eq!(mask[..*len].iter().sum::<i64>() as usize, *len, "the longest row has no padding");
+        assert!(
+            short.iter().sum::<i64>() < *len as i64 && short.ends_with(&[0]),
+            "the short row is padded: {mask:?}"
+        );
+        let mut s = Builtins::new(&tokenizer(*len)).unwrap();
+        let e = s.infer(vec![texts(&["a b c d e", "a"])], &["input_ids".to_string()]).unwrap_err();
+        assert!(e.message.contains("max_tokens"), "{e:?}");
     }
 
     /// An empty `hidden` may name any sizes: `[1, 0, 2^36]` would have made the step allocate
