@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::concat::{merge, padded_dims, split, union_outputs};
 use crate::metrics::{DeploymentMetrics, StageTimes};
-use crate::{Backend, BackendFactory, DataType, ErrorKind, InferError, NamedTensor, Tensor, Yield};
+use crate::{Backend, BackendFactory, ErrorKind, InferError, NamedTensor, Tensor, Yield};
 
 /// What a replica's queue carries.
 pub(crate) enum Msg {
@@ -712,6 +712,9 @@ fn stage_times(model: &dyn Backend, prepare: Duration, call: Duration, split: Du
     StageTimes { input: prepare + copy_in, infer: call - copy_in - copy_out, output: copy_out + split }
 }
 
+/// The largest warm-up input made (zeros): past it, a model is served without its warm-up.
+const WARM_UP_MAX_BYTES: usize = 256 * 1024 * 1024;
+
 /// Runs one full-size batch of zeros so the first real request does not pay for lazy
 /// initialisation. A failure is logged, not fatal: some models reject all-zero inputs.
 /// Returns how long the warm-up batch took when it ran and succeeded.
@@ -740,10 +743,16 @@ fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> 
                 })
                 .collect();
             let count = crate::element_count(&shape)?;
-            let data = match spec.dtype {
-                DataType::Bytes => vec![0u8; count * 4],
-                other => vec![0u8; count * other.byte_size().unwrap_or(1)],
-            };
+            let width = spec.dtype.byte_size().unwrap_or(4);
+            // A model file may fix an input at any size (`[1, 2^40]`): zeros that large would
+            // abort the process, so such a model is served without its warm-up.
+            let bytes = count.checked_mul(width).filter(|&b| b <= WARM_UP_MAX_BYTES).ok_or_else(|| {
+                InferError::invalid(format!(
+                    "input `{}` of shape {shape:?} is over {WARM_UP_MAX_BYTES} bytes",
+                    spec.name
+                ))
+            })?;
+            let data = vec![0u8; bytes];
             Ok(NamedTensor {
                 name: spec.name.clone(),
                 tensor: Tensor::new(spec.dtype, shape, Bytes::from(data))?,
@@ -765,6 +774,7 @@ fn warm_up(config: &ReplicaConfig, model: &mut dyn Backend) -> Option<Duration> 
 
 #[cfg(test)]
 mod tests {
+    use crate::DataType;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::mpsc::sync_channel;
     use std::sync::{Arc, Barrier};
@@ -799,6 +809,28 @@ mod tests {
     }
 
     type Rx = oneshot::Receiver<Result<Vec<NamedTensor>, InferError>>;
+
+    /// A model file that fixes an input at 4 TiB is served without its warm-up, not aborted
+    /// making the zeros.
+    #[test]
+    fn a_huge_fixed_input_skips_the_warm_up() {
+        let spec = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![1, 1 << 40] };
+        let metadata =
+            ModelMetadata { platform: "t".into(), inputs: vec![spec.clone()], outputs: vec![spec] };
+        let base = config();
+        let warming = ReplicaConfig {
+            name: base.name.clone(),
+            policy: base.policy.clone(),
+            model_outputs: base.model_outputs.clone(),
+            warmup: true,
+            factory: base.factory.clone(),
+            spin: base.spin,
+            metrics: base.metrics.clone(),
+        };
+        assert_eq!(warm_up(&warming, &mut Echo(metadata)), None);
+        // A small one still warms up.
+        assert!(warm_up(&warming, echo().as_mut()).is_some());
+    }
 
     fn job(v: i64) -> (Job, Rx) {
         let (reply, rx) = oneshot::channel();
