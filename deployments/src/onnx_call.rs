@@ -5,10 +5,10 @@
 //! per input tensor (each an allocation), and it reads every output's type and shape through
 //! several queries that allocate. Here the names and the CPU memory description are made once per
 //! session; an input whose bytes are aligned for its element type is handed to ONNX Runtime where
-//! it lies (no tensor buffer allocated, no copy); only the requested outputs are computed, and
-//! each output's type and shape are read where ONNX Runtime keeps them. On the tiny MLP the
-//! instructions a one-row call spends around ONNX Runtime's `Run` went from ~7,300 to ~3,900
-//! (docs/benchmarks.md).
+//! it lies (no tensor buffer allocated, no copy); only the requested outputs are fetched (ONNX
+//! Runtime still runs the whole graph), and each output's type and shape are read where ONNX
+//! Runtime keeps them. On the tiny MLP the instructions a one-row call spends around ONNX
+//! Runtime's `Run` went from ~7,300 to ~3,900 (docs/benchmarks.md).
 #![allow(unsafe_code)] // calls into ONNX Runtime's C API; each block says what it relies on
 
 use std::ffi::{CStr, CString, c_char};
