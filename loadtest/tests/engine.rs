@@ -60,6 +60,15 @@ async fn serve_with_live() -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
     (addr, count, lives)
 }
 
+/// Serves `app` on loopback; a REST JSON client of model `m` on it, and the sample case.
+async fn client_of(app: Router) -> (Arc<Client>, Arc<Vec<sluice_loadtest::codec::Prepared>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
+    (client, Arc::new(vec![prepare(&case(), "m", "").unwrap()]))
+}
+
 fn case() -> Case {
     let t = |name: &str| JsonTensor {
         name: name.into(),
@@ -157,11 +166,7 @@ async fn requests_a_server_never_answers_end_as_timeouts() {
             StatusCode::OK
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
-    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let (client, cases) = client_of(app).await;
     let limits = Limits { duration: Some(Duration::from_secs(30)), requests: Some(4) };
     let options = StepOptions { timeout: Some(Duration::from_millis(200)), ..StepOptions::default() };
     for mode in [Mode::Closed { concurrency: 2 }, Mode::Open { rate: 100.0, poisson: false }] {
@@ -187,11 +192,7 @@ async fn a_timed_step_is_rated_over_its_duration_not_its_drain() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let client = Arc::new(Client::connect(Protocol::RestJson, &addr, "m", "").await.unwrap());
-    let cases = Arc::new(vec![prepare(&case(), "m", "").unwrap()]);
+    let (client, cases) = client_of(app).await;
     let limits = Limits { duration: Some(Duration::from_millis(200)), requests: None };
     for mode in [Mode::Closed { concurrency: 2 }, Mode::Open { rate: 100.0, poisson: false }] {
         served.store(0, Ordering::SeqCst);

@@ -693,26 +693,31 @@ fn replica_takes_worker_threads_and_keep_startup_memory() {
 fn sigterm_while_starting_stops_gracefully() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/iris.yaml");
     for _ in 0..3 {
-        let mut child = spawn_run(&example);
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut log = String::new();
-        loop {
-            let Some(Ok(line)) = lines.next() else { panic!("sluice stopped before starting:\n{log}") };
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("accepting connections") {
-                break;
-            }
-        }
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-        for line in lines.map_while(Result::ok) {
-            log.push_str(&line);
-            log.push('\n');
-        }
-        let status = child.wait().unwrap();
+        let (status, log) = sigterm_once_listening(&mut KillOnDrop(Some(spawn_run(&example))));
         assert!(status.success(), "{status:?}\n{log}");
         assert!(log.contains("shutting down"), "{log}");
     }
+}
+
+/// Sends SIGTERM to a `sluice run` child the moment it logs that its ports are open; its exit
+/// status and everything it logged (the log ends when the process does).
+fn sigterm_once_listening(child: &mut KillOnDrop) -> (std::process::ExitStatus, String) {
+    let mut lines = BufReader::new(child.child().stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    loop {
+        let Some(Ok(line)) = lines.next() else { panic!("sluice stopped before starting:\n{log}") };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("accepting connections") {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    for line in lines.map_while(Result::ok) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    (child.child().wait().unwrap(), log)
 }
 
 /// SIGTERM while the models load stops the server at once with exit 0, rather than once the
@@ -735,24 +740,8 @@ fn sigterm_while_the_models_load_gives_the_load_up() {
         ("AWS_SECRET_ACCESS_KEY", "test"),
         ("AWS_REGION", "us-east-1"),
     ];
-    let mut child = KillOnDrop(Some(spawn_run_env(&config, &env)));
-    let mut lines = BufReader::new(child.child().stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref().map_while(Result::ok) {
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("accepting connections") {
-            break;
-        }
-    }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    // The log ends when the process does; a load still waiting would hold it for 300 s (the
-    // test's own guard, the harness timeout, is far below).
-    for line in lines.map_while(Result::ok) {
-        log.push_str(&line);
-        log.push('\n');
-    }
-    let status = child.child().wait().unwrap();
+    // A load still waiting would hold the process (and the log) for 300 s.
+    let (status, log) = sigterm_once_listening(&mut KillOnDrop(Some(spawn_run_env(&config, &env))));
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("stopped while the deployments loaded"), "{log}");
     drop(silent);
