@@ -602,7 +602,12 @@ class Driver:
     # ------------------------------------------------------------ watchers
     def _death_watcher(self) -> None:
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import RayActorError
+        try:
+            from ray.exceptions import ActorUnavailableError
+        except ImportError:  # Ray before 2.11: an unreachable actor is reported as dead
+            class ActorUnavailableError(Exception):  # type: ignore[no-redef]
+                pass
         while not self.stopping.is_set():
             now = time.monotonic()
             with self.lock:

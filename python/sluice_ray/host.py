@@ -4,7 +4,8 @@ One detached, named actor per process. The actor:
 
 * starts the process from a thread of its own that lives as long as the
   process (PR_SET_PDEATHSIG follows the *thread* that forked), in its own
-  process group (``process_group=0``) with PDEATHSIG=SIGTERM, so that the
+  session and process group (``start_new_session``: ``process_group=`` needs
+  Python 3.11, and Ray runs on older ones) with PDEATHSIG=SIGTERM, so that the
   process dies with the actor and ``stop()`` can signal its whole tree;
 * replaces ``{node_ip}`` in argv with this node's IP and resolves a relative
   argv[0] against the actor's cwd (the job's working_dir on this node);
@@ -141,7 +142,7 @@ class ProcessHost:
         try:
             p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env, cwd=self.cwd,
-                                 process_group=0, preexec_fn=child_setup, close_fds=True)
+                                 start_new_session=True, preexec_fn=child_setup, close_fds=True)
         except Exception as e:  # not found, not executable, ...
             self._finish_spawn_error("cannot start %r: %s" % (self.argv[0], e))
             return

@@ -254,16 +254,25 @@ impl Jobs {
     /// Streams a job's driver log to `out` chunk by chunk as it is written (the log so far
     /// first), until the job ends: Ray's `logs/tail` websocket, or where that cannot be opened
     /// (an `https://` dashboard: no TLS websocket here; a proxy in between) by polling the whole
-    /// log every second and passing on what is new.
+    /// log every second and passing on what is new. A websocket that closes or breaks while
+    /// the job still runs (a proxy's idle timeout during a quiet epoch) goes on by polling,
+    /// from the bytes already shown.
     pub async fn tail(&self, id: &str, mut out: impl FnMut(&str)) -> Result<(), JobsError> {
-        match self.tail_websocket(id, &mut out).await {
-            Ok(()) => Ok(()),
-            Err(TailError::BeforeFirstFrame(e)) => {
-                tracing::debug!("no log websocket ({e}); polling the log");
-                self.tail_polling(id, &mut out).await
+        let mut shown = 0;
+        let mut counted = |chunk: &str| {
+            shown += chunk.len();
+            out(chunk)
+        };
+        let streamed = self.tail_websocket(id, &mut counted).await;
+        match streamed {
+            Err(TailError::BeforeFirstFrame(e)) => tracing::debug!("no log websocket ({e}); polling the log"),
+            Ok(()) | Err(TailError::Jobs(_)) if self.job(id).await?.is_none_or(|j| j.is_terminal()) => {
+                return Ok(());
             }
-            Err(TailError::Jobs(e)) => Err(e),
+            Ok(()) => tracing::debug!("the log websocket closed while the job runs; polling the log"),
+            Err(TailError::Jobs(e)) => tracing::debug!("the log websocket broke ({e}); polling the log"),
         }
+        self.tail_polling(id, shown, &mut out).await
     }
 
     async fn tail_websocket(&self, id: &str, out: &mut impl FnMut(&str)) -> Result<(), TailError> {
@@ -302,8 +311,13 @@ impl Jobs {
         Ok(())
     }
 
-    async fn tail_polling(&self, id: &str, out: &mut impl FnMut(&str)) -> Result<(), JobsError> {
-        let mut shown = 0;
+    /// Polls the whole log every second and passes on what is new past `shown` bytes.
+    async fn tail_polling(
+        &self,
+        id: &str,
+        mut shown: usize,
+        out: &mut impl FnMut(&str),
+    ) -> Result<(), JobsError> {
         loop {
             let ended = self.job(id).await?.is_none_or(|j| j.is_terminal());
             let logs = self.logs(id).await?;

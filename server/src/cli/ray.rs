@@ -133,11 +133,10 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let uri = jobs.upload_package(&name, zip).await.map_err(|e| e.to_string())?;
     let stem = config_rel.file_stem().and_then(|s| s.to_str()).unwrap_or("app");
     let id = format!("sluice-{}", stem.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-"));
-    let grace = config.graceful_shutdown_timeout_s;
+    let (grace_s, stop_wait_s) = stop_times(config);
     let mut env = serde_json::Map::new();
     env.insert("ORT_DYLIB_PATH".into(), format!("{OWN}/libonnxruntime.so").into());
-    // Ray's wait between the stop signal and SIGKILL: room for the drain and the actors' stop.
-    env.insert("RAY_JOB_STOP_WAIT_TIME_S".into(), format!("{}", grace.ceil() as u64 * 2 + 10).into());
+    env.insert("RAY_JOB_STOP_WAIT_TIME_S".into(), format!("{stop_wait_s}").into());
     if let Some(t) = &s.admin_token {
         env.insert(config.admin_options.token_env.clone(), t.clone().into());
     }
@@ -147,7 +146,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let mut entrypoint = format!(
         "python -m sluice_ray.driver --namespace {} --grace-s {} -- {OWN}/sluice run {} --in-ray-job",
         shell_word(&ray.namespace),
-        grace.ceil() as u64 + 2,
+        grace_s,
         shell_word(&config_rel.display().to_string()),
     );
     for word in &s.overrides {
@@ -417,6 +416,15 @@ fn ray_options(
     }
 }
 
+/// How long the job's driver gives the controller to stop before it kills the actors (the
+/// controller's own stop: `shutdown_delay_s` serving while not ready, then the drain, and a
+/// margin), and Ray's wait between the stop signal and SIGKILL (room for that and the actors'
+/// stop), in seconds.
+fn stop_times(config: &Config) -> (u64, u64) {
+    let stop = (config.shutdown_delay_s + config.graceful_shutdown_timeout_s).ceil() as u64;
+    (stop + 2, stop * 2 + 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +440,10 @@ mod tests {
         config.release_startup_memory = false;
         config.worker_threads = Some(3);
         config.graceful_shutdown_timeout_s = 7.0;
+        assert_eq!(stop_times(&config), (9, 24));
+        config.shutdown_delay_s = 5.0;
+        assert_eq!(stop_times(&config), (14, 34), "the delay counts in the controller's stop");
+        config.shutdown_delay_s = 0.0;
         let options = ray_options(&config, Some("t".into()), "sluice".into(), "/w".into());
         assert!(!options.release_startup_memory);
         assert_eq!(options.grace, Duration::from_secs(7));

@@ -1,0 +1,66 @@
+//! Following a Ray job's log (`sluice job submit` without `--no-wait`) against a stand-in
+//! dashboard on loopback: when Ray's log websocket closes while the job still runs (a proxy's
+//! idle timeout during a quiet training epoch), the log goes on by polling from the bytes
+//! already shown, each byte printed once, until the job ends.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const LOG: &str = "epoch 1\nepoch 2\ndone\n";
+
+/// The dashboard: the websocket sends the first line and closes; the job reads RUNNING for its
+/// first three looks, then SUCCEEDED; the whole log is `LOG`.
+async fn dashboard() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let looks = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(stream, looks.clone()));
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>) {
+    let mut head = [0u8; 1024];
+    let n = stream.peek(&mut head).await.unwrap();
+    let request = String::from_utf8_lossy(&head[..n]).into_owned();
+    let path = request.split(' ').nth(1).unwrap_or("").to_string();
+    if path.ends_with("/logs/tail") {
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        ws.send(Message::text("epoch 1\n")).await.unwrap();
+        // Dropped without a close frame: the connection just ends.
+        return;
+    }
+    let mut stream = stream;
+    let mut buf = vec![0u8; 4096];
+    let _ = stream.read(&mut buf).await;
+    let body = if path.ends_with("/logs") {
+        serde_json::json!({ "logs": LOG }).to_string()
+    } else {
+        let status = if looks.fetch_add(1, Ordering::SeqCst) < 3 { "RUNNING" } else { "SUCCEEDED" };
+        serde_json::json!({"submission_id": "j", "status": status, "entrypoint": "train"}).to_string()
+    };
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_stream_that_ends_early_goes_on_by_polling() {
+    let jobs = sluice_server::ray_jobs::Jobs::new(&dashboard().await, None);
+    let mut printed = String::new();
+    jobs.tail("j", |chunk| printed.push_str(chunk)).await.unwrap();
+    assert_eq!(printed, LOG, "every line once, the rest after the websocket ended");
+    let job = jobs.job("j").await.unwrap().unwrap();
+    assert!(job.is_terminal(), "followed until the job ended: {}", job.status);
+}
