@@ -552,3 +552,28 @@ fn durations_past_a_billion_seconds_are_refused() {
     parse_in("graceful_shutdown_timeout_s: 1e9\napplications:\n  - name: a\n    deployments: [{name: m, model: m.onnx}]\n")
         .unwrap();
 }
+
+/// Ray's own resources under `resources`, and a fractional GPU count above 1, are refused at
+/// load: the job's driver (or Ray) would refuse every replica's start.
+#[test]
+fn ray_resources_the_driver_refuses_are_refused_at_load() {
+    let text = |options: &str| {
+        format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: m, model: m.onnx, ray_actor_options: {options}}}\n"
+        )
+    };
+    let e = errors(&text("{resources: {GPU: 1}}"));
+    assert!(
+        e.iter()
+            .any(|e| e.field.ends_with("ray_actor_options.resources.GPU") && e.message.contains("num_gpus")),
+        "{e:?}"
+    );
+    let e = errors(&text("{num_gpus: 1.5}"));
+    assert!(
+        e.iter()
+            .any(|e| e.field.ends_with("ray_actor_options.num_gpus") && e.message.contains("whole number")),
+        "{e:?}"
+    );
+    parse_in(&text("{num_gpus: 0.5, resources: {TPU: 1}}")).unwrap();
+    parse_in(&text("{num_gpus: 2}")).unwrap();
+}

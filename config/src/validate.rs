@@ -496,9 +496,26 @@ fn validate_placement(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -
     let num_gpus = o.num_gpus.unwrap_or(0.0);
     if !(num_gpus >= 0.0 && num_gpus.is_finite()) {
         errs.at(loc, format!("{at}.ray_actor_options.num_gpus"), "must be 0 or more");
+    } else if num_gpus > 1.0 && num_gpus.fract() != 0.0 {
+        errs.at(
+            loc,
+            format!("{at}.ray_actor_options.num_gpus"),
+            "above 1 must be a whole number (Ray's rule)",
+        );
     }
     if let Some((name, _)) = o.resources.iter().find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
         errs.at(loc, format!("{at}.ray_actor_options.resources.{name}"), "must be 0 or more");
+    }
+    // Ray's own resources have settings of their own; the job's driver refuses them here (each
+    // replica would be refused at every start, until the deployment gave up).
+    if let Some(name) =
+        o.resources.keys().find(|k| ["CPU", "GPU", "memory", "object_store_memory"].contains(&k.as_str()))
+    {
+        errs.at(
+            loc,
+            format!("{at}.ray_actor_options.resources.{name}"),
+            "is one of Ray's own resources: use num_cpus, num_gpus or memory",
+        );
     }
     if let Some(n) = &dep.max_replicas_per_node
         && n.value == 0

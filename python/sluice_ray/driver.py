@@ -459,6 +459,11 @@ class Driver:
             r = ray.get(ready_ref, timeout=60)
         except Exception as e:
             killed = rec.killing
+            if not killed and self._actor_state(rec.actor_id) != "DEAD":
+                # Unreachable for a moment (its node's network), not dead: a detached actor
+                # left alive here would finish loading and hold its resources unseen, while a
+                # replacement starts. Killed before it is forgotten.
+                self._kill_rec(rec, 0.0)
             self._drop(rec)
             self.emit({"event": "failed", "id": cid, "name": name, "node_ip": rec.info.get("node_ip"),
                        "message": "killed while starting" if killed else "actor died while starting: %s" % _short_err(e),

@@ -679,8 +679,10 @@ impl RayReplicas {
             self.label(),
             format!("replica {} up on node {} (pid {}, {})", info.name, info.node_ip, info.pid, info.addr),
         );
+        // Failures in a row are forgiven at the first passing health check, not here: a replica
+        // the head cannot reach (or one that crashes right after it listens) would otherwise be
+        // replaced every cycle at the first backoff.
         st.actors.insert(info.name.clone(), Actor::Up { id, info, checks });
-        st.failures = 0;
         drop(st);
         self.changed.send_replace(());
     }
@@ -736,6 +738,7 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
         match result {
             Ok(()) if !up => {
                 owner.deployment.set_replica_ready(id, true);
+                lock(&owner.state).failures = 0;
                 owner.changed.send_replace(());
                 up = true;
             }
