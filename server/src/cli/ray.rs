@@ -229,8 +229,16 @@ async fn wait_healthy(
     let until = Instant::now() + timeout;
     let mut last = String::from("the job has not started");
     while Instant::now() < until {
-        let job =
-            jobs.job(id).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("Ray lost job {id}"))?;
+        // A dashboard that does not answer for a moment (restarting, a proxy in between) is
+        // asked again until the deadline, as the admin API is; the job itself may be fine.
+        let job = match jobs.job(id).await {
+            Ok(job) => job.ok_or_else(|| format!("Ray lost job {id}"))?,
+            Err(e) => {
+                last = format!("Ray's dashboard did not answer: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         if job.is_terminal() {
             let logs = jobs.logs(id).await.unwrap_or_default();
             let tail: Vec<&str> = logs.lines().rev().take(30).collect();
@@ -429,6 +437,42 @@ fn stop_times(config: &Config) -> (u64, u64) {
 mod tests {
     use super::*;
     use crate::cli::admin::ClientTls;
+
+    /// A dashboard that does not answer once (restarting) is asked again, not the end of the
+    /// wait: here it then reports the job failed, and the wait says so with its log.
+    #[tokio::test]
+    async fn a_dashboard_that_does_not_answer_once_is_asked_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 2048];
+                let read = stream.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    continue; // closed without an answer
+                }
+                let request = String::from_utf8_lossy(&buf[..read]).into_owned();
+                let body = match request.split(' ').nth(1).unwrap_or("").ends_with("/logs") {
+                    true => serde_json::json!({"logs": "loading\nout of memory\n"}),
+                    false => serde_json::json!({"submission_id": "j", "status": "FAILED", "entrypoint": "x"}),
+                }
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let jobs = Jobs::new(&format!("http://{addr}"), None);
+        let http = reqwest::Client::new();
+        let e = wait_healthy(&jobs, "j", &http, "http://127.0.0.1:9", None, &[], Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert!(e.contains("ended FAILED") && e.contains("out of memory"), "{e}");
+    }
 
     /// The config's process settings reach the replicas' and proxies' options.
     #[test]
