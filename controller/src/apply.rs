@@ -198,14 +198,16 @@ impl Controller {
                     // A rejected version planned is the one serving, whose new files were
                     // refused: its copy loaded before keeps serving (see `scan::select`), and
                     // its files are not fetched again.
+                    let files = &listing.models[&p.model][&v];
                     if rejected.contains(&(p.model.clone(), v)) {
-                        dirs.insert(
-                            (p.model.clone(), v),
-                            cache.version_dir(&store, &p.model, &v.to_string()),
-                        );
+                        let running = repository::running_dirs(&self.lock().deployments, Some((&p.model, v)));
+                        let dir = running
+                            .into_iter()
+                            .next()
+                            .unwrap_or_else(|| cache.files_dir(&store, &p.model, &v.to_string(), files));
+                        dirs.insert((p.model.clone(), v), dir);
                         continue;
                     }
-                    let files = &listing.models[&p.model][&v];
                     let fetched = match cache
                         .fetch(&store, &p.model, &v.to_string(), files, repo.max_version_bytes)
                         .await
@@ -280,7 +282,16 @@ impl Controller {
             self.lock().repo.origins.extend(origins);
             match self.reconcile(&effective).await {
                 Ok(()) => {
-                    self.lock().repo.not_fetched = held_back;
+                    let in_use = {
+                        let mut st = self.lock();
+                        st.repo.not_fetched = held_back;
+                        repository::running_dirs(&st.deployments, None)
+                    };
+                    // The contents a running version was loaded from before its files were
+                    // rewritten in place, now that the new ones serve.
+                    if store.local_root().is_none() {
+                        cache.prune(&in_use).await;
+                    }
                     return Ok(repository::signature(&plans, listing));
                 }
                 Err(e) => {

@@ -58,7 +58,9 @@ async fn start_moto() -> Option<Moto> {
 }
 
 async fn put(moto: &Moto, key: &str, body: Vec<u8>) {
-    let r = reqwest::Client::new().put(format!("{}/{key}", moto.url)).body(body).send().await.unwrap();
+    // Unsigned: moto lets an unsigned request write an object again only when it is public.
+    let put = reqwest::Client::new().put(format!("{}/{key}", moto.url));
+    let r = put.header("x-amz-acl", "public-read-write").body(body).send().await.unwrap();
     assert!(r.status().is_success(), "PUT {key}: {}", r.status());
 }
 
@@ -177,6 +179,36 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     let r = client.post(url(&s, "/v2/models/x~y/infer")).body(IRIS_BODY).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 
+    // Version 3 rewritten in place with a file that does not load: refused, and the copy loaded
+    // before serves on. The files it was loaded from are still on disk as they were, for a
+    // replica that starts later (they were overwritten in the cache, and a scale-up or a
+    // restart loaded the broken file).
+    let model_path = || async {
+        let st = status().await;
+        let d = &st["applications"][sluice_config::REPOSITORY_APPLICATION]["deployments"]["flowers"];
+        PathBuf::from(d["versions"][0]["model"].as_str().unwrap_or_else(|| panic!("{st}")))
+    };
+    let serving = model_path().await;
+    put(&moto, "models/repo/flowers/3/model.onnx", b"not a model".to_vec()).await;
+    let r = notify().await;
+    assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+    assert_eq!(infer().await.1["model_version"], "3");
+    assert_eq!(model_path().await, serving);
+    assert_eq!(std::fs::read(&serving).unwrap(), iris, "the running copy's file in the cache");
+    // Fixed in place: served from its new contents, and the old ones are pruned.
+    put(
+        &moto,
+        "models/repo/flowers/3/model.onnx",
+        std::fs::read(models_dir().join("iris-v2/model.onnx")).unwrap(),
+    )
+    .await;
+    let r = notify().await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let fixed = model_path().await;
+    assert_ne!(fixed, serving);
+    assert_eq!(infer().await, (200, infer().await.1));
+    assert!(!serving.exists() && fixed.exists());
+
     // The store goes away: what serves keeps serving; status and notify say why.
     drop(moto);
     let r = notify().await;
@@ -191,8 +223,8 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     let _ = std::fs::remove_dir_all(&cache);
 }
 
-/// A version whose files cannot be fetched (here the cache cannot write one: a folder stands
-/// where the file goes) is left out and named, other models' new versions are applied (one such
+/// A version whose files cannot be fetched (here the cache cannot write them: a file stands
+/// where the version's folder goes) is left out and named, other models' new versions are applied (one such
 /// version failed every apply), and it is fetched again once it can be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_that_cannot_be_fetched_holds_back_no_other_and_is_fetched_again() {
@@ -227,8 +259,9 @@ async fn a_version_that_cannot_be_fetched_holds_back_no_other_and_is_fetched_aga
 
     // The store's folder in the cache (one per store URL); b's model file cannot be written.
     let store_dir = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
-    let in_the_way = store_dir.join("b/1/model.onnx");
-    std::fs::create_dir_all(in_the_way.join("a-folder")).unwrap();
+    let in_the_way = store_dir.join("b/1");
+    std::fs::create_dir_all(store_dir.join("b")).unwrap();
+    std::fs::write(&in_the_way, b"a file where the version's folder goes").unwrap();
     put(&moto, "models/repo/b/1/model.onnx", iris.clone()).await;
     put(&moto, "models/repo/b/1/READY", Vec::new()).await;
     let (status, text) = notify("b").await;
@@ -248,7 +281,7 @@ async fn a_version_that_cannot_be_fetched_holds_back_no_other_and_is_fetched_aga
     assert_eq!(infer("a").await.1["model_version"], "2");
 
     // Once the file can be written, the next scan fetches it.
-    std::fs::remove_dir_all(&in_the_way).unwrap();
+    std::fs::remove_file(&in_the_way).unwrap();
     let (status, text) = notify("b").await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(infer("b").await, (200, infer("b").await.1));

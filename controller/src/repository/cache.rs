@@ -1,9 +1,13 @@
 //! The local disk cache of object-storage models, one per node: a version's files land in
-//! `<cache_dir>/<hash of the repository URL>/<model>/<version>/`, each beside a small record of
-//! the size and entity tag it was fetched at. A file whose size and tag match its record is not
-//! downloaded again; a changed one is fetched into a temporary name and renamed over the old
-//! one, so a reader (another replica on the node) never sees half a file, and only once every
-//! changed file of the version is fetched, so a failed fetch leaves the version as it was.
+//! `<cache_dir>/<hash of the repository URL>/<model>/<version>/<contents>/`, where `<contents>`
+//! is a digest of the version's file names, sizes and entity tags, each file beside a small
+//! record of the size and tag it was fetched at. A version rewritten in place in the store
+//! lands in a folder of its own: the files the running copy was loaded from stay as they were,
+//! for the replicas that start later (a scale-up, a restart), until the new contents load and
+//! the old folder is pruned ([`Cache::prune`]). A file with the same size and tag cached for any
+//! version of the model is linked, not downloaded again; each file is fetched into a temporary
+//! name and renamed into place only once every file of the version is here, so a reader
+//! (another replica on the node) never sees half a file and a failed fetch leaves nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,14 +51,55 @@ impl Cache {
         Self { dir: dir.into() }
     }
 
-    /// Where `store`'s version `model/version` is (or will be) cached.
+    /// Where `store`'s version `model/version` is (or will be) cached: the folder above its
+    /// contents' folders (a local repository's own folder, read in place).
     pub fn version_dir(&self, store: &Store, model: &str, version: &str) -> PathBuf {
         if let Some(root) = store.local_root() {
             return root.join(model).join(version);
         }
-        let hash = Sha256::digest(store.url().as_bytes());
-        let tag: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        self.dir.join(tag).join(model).join(version)
+        self.dir.join(hex(&Sha256::digest(store.url().as_bytes()))).join(model).join(version)
+    }
+
+    /// The folder `files` (one version's, as listed) are cached in: one per contents, so that
+    /// contents rewritten in place never replace those a running copy was loaded from.
+    pub fn files_dir(&self, store: &Store, model: &str, version: &str, files: &[StoredFile]) -> PathBuf {
+        let dir = self.version_dir(store, model, version);
+        if store.local_root().is_some() {
+            return dir;
+        }
+        let mut digest = Sha256::new();
+        let mut sorted: Vec<&StoredFile> = files.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        for f in sorted {
+            let name = f.key.rsplit('/').next().unwrap_or_default();
+            let etag = f.etag.as_deref().unwrap_or_default();
+            digest.update(format!("{name}\0{}\0{etag}\0", f.size).as_bytes());
+        }
+        dir.join(hex(&digest.finalize()))
+    }
+
+    /// Removes the contents' folders of each version `in_use` holds a folder of that are not
+    /// themselves in `in_use` (contents superseded since they were fetched); returns how many.
+    /// Other versions' folders are left as they are.
+    pub async fn prune(&self, in_use: &std::collections::BTreeSet<PathBuf>) -> usize {
+        let mut removed = 0;
+        let versions: std::collections::BTreeSet<&Path> =
+            in_use.iter().filter(|d| d.starts_with(&self.dir)).filter_map(|d| d.parent()).collect();
+        for version in versions {
+            let Ok(mut entries) = tokio::fs::read_dir(version).await else { continue };
+            while let Ok(Some(e)) = entries.next_entry().await {
+                let path = e.path();
+                let contents = e.file_name().to_str().is_some_and(is_contents_name);
+                if contents
+                    && !in_use.contains(&path)
+                    && e.file_type().await.is_ok_and(|t| t.is_dir())
+                    && tokio::fs::remove_dir_all(&path).await.is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Makes `files` (one version's, keys `model/version/name`) present in the cache; a local
@@ -68,7 +113,7 @@ impl Cache {
         files: &[StoredFile],
         max_bytes: u64,
     ) -> Result<Fetched, StoreError> {
-        let dir = self.version_dir(store, model, version);
+        let dir = self.files_dir(store, model, version, files);
         let mut out = Fetched { dir: dir.clone(), ..Fetched::default() };
         if store.local_root().is_some() {
             return Ok(out);
@@ -88,9 +133,9 @@ impl Cache {
             message: format!("cache `{}`: {e}", dir.display()),
         };
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
-        // Every changed file is fetched under a temporary name first; only when all of them are
-        // here do they replace the cached ones. A fetch that fails part-way leaves the version
-        // as it was (a multi-file version is never half old, half new on disk).
+        // Every file not cached yet is fetched under a temporary name first; only when all of
+        // them are here are they renamed into place. A fetch that fails part-way leaves nothing
+        // (a multi-file version is never half there on disk).
         let mut staged = Staged::default();
         for f in files {
             let Some(name) = f.key.rsplit('/').next().filter(|n| !n.is_empty()) else { continue };
@@ -109,12 +154,12 @@ impl Cache {
             {
                 out.reused += 1;
             } else {
-                let got = store.download(&f.key, &temp, max_bytes).await;
+                let got = store.download(f, &temp, max_bytes).await;
                 let got = match got {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = tokio::fs::remove_file(&temp).await;
-                        staged.discard().await;
+                        staged.discard(&dir).await;
                         return Err(e);
                     }
                 };
@@ -127,7 +172,7 @@ impl Cache {
             staged.files.push((temp, dest.clone(), f.key.clone()));
             if let Err(e) = tokio::fs::write(&record_temp, record).await {
                 let _ = tokio::fs::remove_file(&record_temp).await;
-                staged.discard().await;
+                staged.discard(&dir).await;
                 return Err(io(&f.key, e));
             }
             staged.files.push((record_temp, record_path(&dest), f.key.clone()));
@@ -138,7 +183,7 @@ impl Cache {
             if let Err(e) = tokio::fs::rename(&temp, &dest).await {
                 staged.files.push((temp, dest, key.clone()));
                 staged.files.extend(moves);
-                staged.discard().await;
+                staged.discard(&dir).await;
                 return Err(io(&key, e));
             }
         }
@@ -153,11 +198,13 @@ struct Staged {
 }
 
 impl Staged {
-    /// Removes what was fetched (the fetch failed part-way).
-    async fn discard(&mut self) {
+    /// Removes what was fetched (the fetch failed part-way), and `dir` when that leaves it
+    /// empty (contents never fetched whole).
+    async fn discard(&mut self, dir: &Path) {
         for (temp, _, _) in self.files.drain(..) {
             let _ = tokio::fs::remove_file(&temp).await;
         }
+        let _ = tokio::fs::remove_dir(dir).await;
     }
 }
 
@@ -167,19 +214,33 @@ fn record_path(file: &Path) -> PathBuf {
     file.with_file_name(name)
 }
 
-/// A file named `name` with the size and tag of `want` in another version folder beside
-/// `version_dir` (an entity tag identifies content: S3's is the MD5 of a single-part upload).
-async fn same_elsewhere(version_dir: &Path, name: &str, want: &Record) -> Option<PathBuf> {
+/// A file named `name` with the size and tag of `want` in another contents' folder of the
+/// model than `files_dir` (an entity tag identifies content: S3's is the MD5 of a single-part
+/// upload).
+async fn same_elsewhere(files_dir: &Path, name: &str, want: &Record) -> Option<PathBuf> {
     want.etag.as_ref()?;
-    let model_dir = version_dir.parent()?;
-    let mut entries = tokio::fs::read_dir(model_dir).await.ok()?;
-    while let Ok(Some(e)) = entries.next_entry().await {
-        let candidate = e.path().join(name);
-        if e.path() != version_dir && cached(&candidate, want).await {
-            return Some(candidate);
+    let model_dir = files_dir.parent()?.parent()?;
+    let mut versions = tokio::fs::read_dir(model_dir).await.ok()?;
+    while let Ok(Some(version)) = versions.next_entry().await {
+        let Ok(mut contents) = tokio::fs::read_dir(version.path()).await else { continue };
+        while let Ok(Some(e)) = contents.next_entry().await {
+            let candidate = e.path().join(name);
+            if e.path() != files_dir && cached(&candidate, want).await {
+                return Some(candidate);
+            }
         }
     }
     None
+}
+
+/// Lower-case hex of a digest's first eight bytes.
+fn hex(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `name` is a contents' folder name ([`hex`]'s sixteen digits).
+fn is_contents_name(name: &str) -> bool {
+    name.len() == 16 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Whether `dest` is there with the size and tag of `want`.
@@ -227,15 +288,28 @@ mod tests {
         std::fs::write(repo.join("m/1/vocab.txt"), b"a b c d").unwrap();
         let files = store.list("m/1").await.unwrap();
         let changed = cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
-        assert_eq!((changed.downloaded, changed.files_downloaded), (7, 1));
+        assert_eq!((changed.downloaded, changed.files_downloaded, changed.reused), (7, 1, 1));
         assert_eq!(std::fs::read(changed.dir.join("vocab.txt")).unwrap(), b"a b c d");
+        // In a folder of its own: the files the version was loaded from before stay as they
+        // were (a replica started later from them loads what the running copy loaded) until
+        // they are pruned, when nothing runs from them.
+        assert_ne!(changed.dir, first.dir);
+        assert_eq!(changed.dir.parent(), first.dir.parent());
+        assert_eq!(std::fs::read(first.dir.join("vocab.txt")).unwrap(), b"a b c");
+        assert_eq!(std::fs::read(changed.dir.join("model.onnx")).unwrap().len(), 1000);
+        let other = cache.fetch(&store, "other", "1", &store.list("m/1").await.unwrap(), 1 << 20).await;
+        assert!(other.is_ok());
+        let running = [changed.dir.clone()].into_iter().collect();
+        assert_eq!(cache.prune(&running).await, 1);
+        assert!(!first.dir.exists() && changed.dir.join("vocab.txt").exists());
+        assert!(other.unwrap().dir.exists(), "another version's folders are left alone");
         let e = cache.fetch(&store, "m", "1", &files, 100).await.unwrap_err().to_string();
         assert!(e.contains("above max_version_bytes (100)"), "{e}");
         let _ = std::fs::remove_dir_all(&base);
     }
 
-    /// A fetch that fails part-way changes nothing on disk: the files fetched before the
-    /// failure do not replace the cached ones, and no temporary file stays.
+    /// A fetch that fails part-way changes nothing on disk: the contents cached before are as
+    /// they were, and nothing of the new contents (no temporary file, no folder) stays.
     #[tokio::test]
     async fn a_fetch_failing_part_way_leaves_the_version_as_it_was() {
         let base = std::env::temp_dir().join(format!("sluice-cache-partial-{}", std::process::id()));
@@ -256,6 +330,8 @@ mod tests {
         let last = files.last().unwrap().key.clone();
         std::fs::remove_file(repo.join(&last)).unwrap();
         cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap_err();
+        let new_dir = cache.files_dir(&store, "m", "1", &files);
+        assert!(new_dir != dir && !new_dir.exists(), "nothing is left of the new contents");
         assert_eq!(std::fs::read(dir.join("a.onnx")).unwrap(), b"old model");
         assert_eq!(std::fs::read(dir.join("b.data")).unwrap(), b"old weights");
         let mut names: Vec<String> =

@@ -257,6 +257,21 @@ pub(crate) fn serving(deployments: &BTreeMap<String, crate::state::Managed>) -> 
         .collect()
 }
 
+/// The folders the running repository versions were loaded from: those of `model` `version`
+/// alone, or every one's.
+pub(crate) fn running_dirs(
+    deployments: &BTreeMap<String, crate::state::Managed>,
+    only: Option<(&str, u64)>,
+) -> BTreeSet<PathBuf> {
+    deployments
+        .iter()
+        .filter(|(name, m)| m.app == APPLICATION && only.is_none_or(|(model, _)| model == name.as_str()))
+        .flat_map(|(_, m)| m.versions())
+        .filter(|v| only.is_none_or(|(_, version)| v.name() == version.to_string()))
+        .filter_map(|v| Some(v.key.model.onnx_path()?.parent()?.to_path_buf()))
+        .collect()
+}
+
 /// The signature of `plans` over `listing`.
 pub(crate) fn signature(plans: &[ModelPlan], listing: &Listing) -> Signature {
     plans

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use sluice_config::{ModelRepository, RepositoryLocation};
 
 /// The most objects one listing may hold (a bucket holding far more is not a model
@@ -250,17 +250,30 @@ impl Store {
     }
 
     /// Streams one object into `dest` (created or truncated); returns the bytes written.
-    /// At most `max_bytes` are accepted.
+    /// At most `max_bytes` are accepted. The object must still be what `file` lists (its entity
+    /// tag, asked for with `If-Match`, and its size): an object rewritten since it was listed
+    /// is refused, not cached under the listing's record.
     pub async fn download(
         &self,
-        key: &str,
+        file: &StoredFile,
         dest: &std::path::Path,
         max_bytes: u64,
     ) -> Result<u64, StoreError> {
         use tokio::io::AsyncWriteExt;
+        let key = file.key.as_str();
         let file_error =
             |message: String| StoreError::File { url: self.url.clone(), file: key.to_string(), message };
-        let got = self.inner.get(&self.root.clone().join_path(key)).await.map_err(|e| self.classify(e))?;
+        let changed =
+            || file_error("changed in the store since it was listed; fetched again at the next scan".into());
+        let options = object_store::GetOptions { if_match: file.etag.clone(), ..Default::default() };
+        let got = match self.inner.get_opts(&self.root.clone().join_path(key), options).await {
+            Ok(got) => got,
+            Err(object_store::Error::Precondition { .. }) => return Err(changed()),
+            Err(e) => return Err(self.classify(e)),
+        };
+        if got.meta.size != file.size {
+            return Err(changed());
+        }
         let mut out = tokio::fs::File::create(dest)
             .await
             .map_err(|e| file_error(format!("cannot write `{}`: {e}", dest.display())))?;
@@ -278,6 +291,9 @@ impl Store {
         }
         out.flush().await.map_err(|e| file_error(e.to_string()))?;
         out.sync_all().await.map_err(|e| file_error(e.to_string()))?;
+        if written != file.size {
+            return Err(changed());
+        }
         Ok(written)
     }
 
@@ -465,10 +481,21 @@ mod tests {
         assert!(files[1].etag.is_some());
         assert_eq!(store.list("m").await.unwrap().len(), 2);
         let dest = dir.join("copy");
-        assert_eq!(store.download("m/1/model.onnx", &dest, 10).await.unwrap(), 3);
+        assert_eq!(store.download(&files[1], &dest, 10).await.unwrap(), 3);
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
-        let too_big = store.download("m/1/model.onnx", &dest, 2).await.unwrap_err();
+        let too_big = store.download(&files[1], &dest, 2).await.unwrap_err();
         assert!(too_big.to_string().contains("larger than max_version_bytes"), "{too_big}");
+        // Rewritten since it was listed (same size, another tag; then another size): refused,
+        // whatever the listing's record says.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.join("m/1/model.onnx"), b"xyz").unwrap();
+        let changed = store.download(&files[1], &dest, 10).await.unwrap_err().to_string();
+        assert!(changed.contains("`m/1/model.onnx`: changed in the store since it was listed"), "{changed}");
+        let untagged = StoredFile { etag: None, ..files[1].clone() };
+        assert_eq!(store.download(&untagged, &dest, 10).await.unwrap(), 3, "no tag: the size is checked");
+        std::fs::write(dir.join("m/1/model.onnx"), b"abcd").unwrap();
+        let changed = store.download(&untagged, &dest, 10).await.unwrap_err().to_string();
+        assert!(changed.contains("changed in the store since it was listed"), "{changed}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -485,7 +512,7 @@ mod tests {
         assert_eq!(files.len(), 4, "{files:?}");
         for f in &files {
             let dest = dir.join("copy");
-            store.download(&f.key, &dest, 100).await.unwrap_or_else(|e| panic!("{}: {e}", f.key));
+            store.download(f, &dest, 100).await.unwrap_or_else(|e| panic!("{}: {e}", f.key));
             let name = f.key.split('/').next().unwrap();
             assert_eq!(std::fs::read(&dest).unwrap(), name.as_bytes());
         }
