@@ -282,15 +282,18 @@ impl Controller {
             self.lock().repo.origins.extend(origins);
             match self.reconcile(&effective).await {
                 Ok(()) => {
-                    let in_use = {
+                    // The contents a version was loaded from before its files were rewritten
+                    // in place, once the new ones serve: kept until the apply after, for the
+                    // retired version's replicas that drain meanwhile.
+                    let keep = {
                         let mut st = self.lock();
                         st.repo.not_fetched = held_back;
-                        repository::running_dirs(&st.deployments, None)
+                        let in_use = repository::running_dirs(&st.deployments, None);
+                        let before = std::mem::replace(&mut st.repo.in_use, in_use.clone());
+                        in_use.into_iter().chain(before).collect()
                     };
-                    // The contents a running version was loaded from before its files were
-                    // rewritten in place, now that the new ones serve.
                     if store.local_root().is_none() {
-                        cache.prune(&in_use).await;
+                        cache.prune(&keep).await;
                     }
                     return Ok(repository::signature(&plans, listing));
                 }

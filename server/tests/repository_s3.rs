@@ -195,7 +195,8 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     assert_eq!(infer().await.1["model_version"], "3");
     assert_eq!(model_path().await, serving);
     assert_eq!(std::fs::read(&serving).unwrap(), iris, "the running copy's file in the cache");
-    // Fixed in place: served from its new contents, and the old ones are pruned.
+    // Fixed in place: served from its new contents. The old ones stay while the retired copy
+    // drains, and are removed at the next change.
     put(
         &moto,
         "models/repo/flowers/3/model.onnx",
@@ -207,6 +208,11 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     let fixed = model_path().await;
     assert_ne!(fixed, serving);
     assert_eq!(infer().await, (200, infer().await.1));
+    assert!(serving.exists() && fixed.exists());
+    put(&moto, "models/repo/later/1/model.onnx", iris.clone()).await;
+    put(&moto, "models/repo/later/1/READY", Vec::new()).await;
+    let r = client.post(format!("{admin}/api/sluice/repository/later/notify")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert!(!serving.exists() && fixed.exists());
 
     // The store goes away: what serves keeps serving; status and notify say why.

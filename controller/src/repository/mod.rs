@@ -77,6 +77,8 @@ pub(crate) struct RepoState {
     /// None while the store answers; else why not and since when (Unix seconds).
     pub unreachable: Option<(String, f64)>,
     pub rejected: BTreeMap<(String, u64), Rejected>,
+    /// The cached folders the running versions were loaded from at the last apply.
+    pub in_use: BTreeSet<PathBuf>,
     /// Versions the last apply could not fetch (the store refused a file, the connection broke,
     /// the cache could not write), and why: served without, tried again at the next poll.
     pub not_fetched: BTreeMap<(String, u64), String>,
