@@ -45,7 +45,15 @@ pub fn desired(cfg: &Autoscaling, current: u32, load: f64) -> u32 {
     } else {
         let ratio = load / (target * current as f64);
         let factor = if ratio > 1.0 { cfg.upscaling_factor } else { cfg.downscaling_factor };
-        (current as f64 * (1.0 + (ratio - 1.0) * factor)).ceil()
+        let smoothed = (current as f64 * (1.0 + (ratio - 1.0) * factor)).ceil();
+        // Held at `current` by the factor alone (0.5 of one replica rounds up to one) while
+        // the load asks for fewer: one fewer, as Ray's policy does, or a downscaling factor
+        // below 1 could never reach `min_replicas` (nor zero).
+        if smoothed == current as f64 && (current as f64 * ratio).ceil() < current as f64 {
+            smoothed - 1.0
+        } else {
+            smoothed
+        }
     };
     (raw.max(0.0) as u32).clamp(cfg.min_replicas, cfg.max_replicas)
 }
@@ -64,7 +72,12 @@ pub fn decide(cfg: &Autoscaling, state: &mut ScaleState, current: u32, now: Inst
     } else if want < current {
         state.above_since = None;
         let since = *state.below_since.get_or_insert(now);
-        let delay = if want == 0 { cfg.downscale_to_zero_delay_s } else { cfg.downscale_delay_s };
+        // Zero is reached from one replica only, after its own delay; from more, the step
+        // goes to one at most, after the downscale delay (as Ray's policy does).
+        let (want, delay) = match current {
+            1 => (want, cfg.downscale_to_zero_delay_s),
+            _ => (want.max(1), cfg.downscale_delay_s),
+        };
         if now.duration_since(since) >= Duration::from_secs_f64(delay) {
             state.below_since = None;
             return want;
@@ -85,10 +98,15 @@ pub(crate) fn step(
     now: Instant,
     node_cpus: Option<f64>,
 ) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
-    let used: f64 = st
+    // Every running version's replicas take CPUs (canaries, shadows, versions served by
+    // number); growth granted below takes them too, before the next deployment is judged.
+    let mut used: f64 = st
         .deployments
         .values()
-        .map(|m| m.primary.deployment.replica_count() as f64 * m.config.num_cpus())
+        .map(|m| {
+            let versions = m.versions().chain(m.shadow.as_ref().map(|s| &s.version));
+            versions.map(|v| v.replica_count() as f64).sum::<f64>() * m.config.num_cpus()
+        })
         .sum();
     let mut rescale = Vec::new();
     let mut next: Option<Instant> = None;
@@ -102,7 +120,14 @@ pub(crate) fn step(
             s.last_decision = now;
             s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
             let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
-            let want = if from_zero { 1 } else { decide(&s.config, &mut s.window, current, now, cap) };
+            // From zero at once, as many as the requests waiting ask for (one at least).
+            let want = match from_zero {
+                true => desired(&s.config, 0, d.in_system() as f64).max(1).min(cap.max(1)),
+                false => decide(&s.config, &mut s.window, current, now, cap),
+            };
+            if want > current {
+                used += f64::from(want - current) * m.config.num_cpus();
+            }
             if want != current {
                 rescale.push(crate::reconcile::Rescale {
                     deployment: name.clone(),
@@ -175,6 +200,19 @@ mod tests {
         assert_eq!(desired(&zero, 0, 1.0), 1, "a request arriving at zero asks for one");
     }
 
+    /// A downscaling factor below 1 rounds one replica's half back up to one: without the
+    /// step Ray's policy takes then, the count never reached `min_replicas` or zero.
+    #[test]
+    fn a_small_downscaling_factor_still_reaches_the_minimum() {
+        let mut c = cfg(0, 10, 0.0, 0.0);
+        c.downscaling_factor = 0.5;
+        assert_eq!(desired(&c, 1, 0.0), 0, "ceil(1 x 0.5) is 1");
+        c.downscaling_factor = 0.1;
+        assert_eq!(desired(&c, 9, 0.0), 8, "ceil(9 x 0.9) is 9");
+        assert_eq!(desired(&c, 4, 8.0), 4, "at target: no step");
+        assert_eq!(desired(&c, 4, 7.9), 4, "ceil(4 x 0.99) is 4: the load asks for 4");
+    }
+
     #[test]
     fn smoothing_factor_damps_steps() {
         let mut c = cfg(1, 100, 0.0, 0.0);
@@ -224,6 +262,19 @@ mod tests {
         assert_eq!(decide(&c, &mut s, 1, t0, 10), 1);
         assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(299), 10), 1);
         assert_eq!(decide(&c, &mut s, 1, t0 + Duration::from_secs(300), 10), 0);
+        // No load on four replicas: to one after the downscale delay, not to zero after the
+        // longer delay to zero (nor to zero before the downscale delay when that one is
+        // shorter); then from one to zero after its own.
+        let mut s = ScaleState::default();
+        s.sample(t0, 0.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 4, t0, 10), 4);
+        assert_eq!(decide(&c, &mut s, 4, t0 + Duration::from_secs(60), 10), 1);
+        c.downscale_to_zero_delay_s = 10.0;
+        let mut s = ScaleState::default();
+        s.sample(t0, 0.0, Duration::from_secs(10));
+        assert_eq!(decide(&c, &mut s, 4, t0, 10), 4);
+        assert_eq!(decide(&c, &mut s, 4, t0 + Duration::from_secs(10), 10), 4);
+        assert_eq!(decide(&c, &mut s, 4, t0 + Duration::from_secs(60), 10), 1);
     }
 
     #[test]

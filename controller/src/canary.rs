@@ -30,6 +30,33 @@ impl Controller {
     /// [`Self::promote`], its event starting with `what`.
     pub(crate) async fn promote_as(&self, deployment: &str, what: &str) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
+        // The canary is about to take all of the traffic: first it grows to the replicas the
+        // primary has now (an autoscaled one's within its bounds), or one replica would take
+        // what the autoscaler gave the primary eight for, while those drain.
+        let grow = {
+            let st = self.lock();
+            let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;
+            let c = m.canary.as_ref().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
+            let mut want = m.primary.replica_count();
+            if let Some(s) = &m.scaling {
+                want = want.clamp(s.config.min_replicas as usize, s.config.max_replicas as usize);
+            }
+            (want > c.version.replica_count()).then(|| (c.version.clone(), want))
+        };
+        if let Some((canary, want)) = grow {
+            let from = canary.replica_count();
+            let message = match canary.scale_to(want).await {
+                Ok(()) => format!(
+                    "canary version {} grown from {from} to {want} replicas to be promoted",
+                    canary.name()
+                ),
+                Err(e) => format!(
+                    "canary version {} could not grow to {want} replicas to be promoted: {e}",
+                    canary.name()
+                ),
+            };
+            self.lock().events.push(deployment, message);
+        }
         let old = {
             let mut st = self.lock();
             let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;

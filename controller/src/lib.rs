@@ -312,23 +312,30 @@ impl Controller {
         for job in jobs {
             // A version no longer primary (a canary promoted over it since the decision, in
             // the same control round) is left to drain; the new primary is judged next round.
-            let primary = self
-                .lock()
-                .deployments
-                .get(&job.deployment)
-                .is_some_and(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment));
-            if !primary {
-                continue;
-            }
+            // The count is held to the bounds of the config in force now: a decision made
+            // under the config before can land after an apply that changed them.
+            let to = {
+                let st = self.lock();
+                let m = st.deployments.get(&job.deployment);
+                match m.filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment)) {
+                    Some(m) => match &m.scaling {
+                        Some(s) => {
+                            job.to.clamp(s.config.min_replicas as usize, s.config.max_replicas as usize)
+                        }
+                        None => m.config.initial_replicas(),
+                    },
+                    None => continue,
+                }
+            };
             let from = job.target.replica_count();
-            let message = match job.target.scale_to(job.to).await {
-                Ok(()) if job.to == 0 => {
+            let message = match job.target.scale_to(to).await {
+                Ok(()) if to == 0 => {
                     // On purpose: readiness counts it ready at zero (its first request wakes it).
                     job.target.deployment.scaled_to_zero();
                     format!("{why} from {from} to 0 replicas")
                 }
-                Ok(()) => format!("{why} from {from} to {} replicas", job.to),
-                Err(e) => format!("{why} to {} replicas failed: {e}", job.to),
+                Ok(()) => format!("{why} from {from} to {to} replicas"),
+                Err(e) => format!("{why} to {to} replicas failed: {e}"),
             };
             self.lock().events.push(&job.deployment, message);
         }

@@ -263,6 +263,14 @@ fn commit_deployment(
         (Change::New(v), Some(m)) => {
             events
                 .push(&name, format!("new model or settings: version {} warmed up and swapped in", v.name()));
+            // Sized when the swap was planned: the autoscaler may have grown the old version
+            // while the new one loaded. It takes the old one's count now, within its bounds.
+            if let Some(a) = p.config.autoscaling() {
+                let want = m.primary.replica_count().clamp(a.min_replicas as usize, a.max_replicas as usize);
+                if want > v.replica_count() {
+                    out.rescale.push(Rescale { deployment: name.clone(), target: v.clone(), to: want });
+                }
+            }
             out.retired.push(m.primary);
             (v, m.canary, m.shadow, m.scaling, m.others)
         }
@@ -291,10 +299,12 @@ fn commit_deployment(
     let canary = commit_canary(events, &p.config, p.canary, old_canary, out);
     let shadow = commit_shadow(events, &p.config, p.shadow, old_shadow, out);
     let others = commit_others(events, &name, p.others, old_others, out);
-    let scaling = p.config.autoscaling().map(|a| ScalingState {
-        config: a.clone(),
-        window: old_scaling.map(|s| s.window).unwrap_or_default(),
-        last_decision: Instant::now(),
+    // The samples and the time of the last decision carry over: an apply (every repository
+    // change, a deploy loop) does not hold the next decision back.
+    let scaling = p.config.autoscaling().map(|a| {
+        let (window, last_decision) =
+            old_scaling.map_or_else(|| (Default::default(), Instant::now()), |s| (s.window, s.last_decision));
+        ScalingState { config: a.clone(), window, last_decision }
     });
     Some(Managed { app: p.app, config: p.config, primary, others, canary, shadow, scaling })
 }

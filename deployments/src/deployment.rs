@@ -891,10 +891,6 @@ impl Deployment {
         if let Ok(permit) = self.set.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.set.replicas.load().is_empty() {
-            // Scaled to zero: wake the controller to start a replica now.
-            self.set.spec.wake.notify_one();
-        }
         let max = self.set.spec.settings.max_queued_requests as usize;
         // Join the queue only below its bound, so its depth never reads above it.
         if self
@@ -908,6 +904,11 @@ impl Deployment {
             )));
         }
         let _leave = QueueExit::joined(&self.queued, &self.set.config.metrics.queue_depth);
+        if self.set.replicas.load().is_empty() {
+            // Scaled to zero: wake the controller to start a replica now (once this request
+            // is in the queue, which is what the controller reads to start one at once).
+            self.set.spec.wake.notify_one();
+        }
         match tokio::time::timeout_at(deadline.into(), self.set.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => {

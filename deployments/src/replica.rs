@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::batch::{BatchPolicy, BatchState, Job, Taken};
 use crate::concat::{merge, padded_dims, split, union_outputs};
 use crate::metrics::{DeploymentMetrics, StageTimes};
-use crate::{Backend, BackendFactory, ErrorKind, InferError, NamedTensor, Tensor, Yield};
+use crate::{Backend, BackendFactory, ErrorKind, InferError, LoadError, NamedTensor, Tensor, Yield};
 
 /// What a replica's queue carries.
 pub(crate) enum Msg {
@@ -368,7 +368,12 @@ fn reload(
 ) -> Option<Box<dyn Backend>> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match (config.factory)() {
+        // A load that panics is a failed load, tried again like one (it would end this
+        // thread, its slot counted and never serving again).
+        let loaded = catch_unwind(AssertUnwindSafe(|| (config.factory)())).unwrap_or_else(|panic| {
+            Err(LoadError::Step(format!("the model's load panicked: {}", panic_text(&*panic))))
+        });
+        match loaded {
             Ok(b) => {
                 tracing::info!(model = %config.name, replica = index, "replica replaced");
                 return Some(b);
@@ -640,17 +645,22 @@ pub(crate) fn run_batch(
             (false, Answers::Alone(batch, results))
         }
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
+            let what = panic_text(&*panic);
             tracing::error!(model = %config.name, "model panicked: {what}; replacing the replica");
             let e = InferError::internal(format!("model `{}` panicked: {what}", config.name));
             (true, Answers::All(batch, e))
         }
     };
     Ran { panicked, took, answers }
+}
+
+/// What a panic said.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
 }
 
 /// How a batch failed: as a whole, or merged, after which each request ran alone

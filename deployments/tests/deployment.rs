@@ -84,11 +84,24 @@ fn gate() -> (Gate, std::sync::mpsc::Sender<()>) {
 }
 
 fn start_gated(spec: DeploymentSpec, delay_ms: u64, panic_on: Option<i64>, gate: Option<Gate>) -> Fixture {
+    start_loading(spec, delay_ms, panic_on, gate, None)
+}
+
+/// [`start_gated`], with a load that panics: the one numbered `load_panics` (from 0).
+fn start_loading(
+    spec: DeploymentSpec,
+    delay_ms: u64,
+    panic_on: Option<i64>,
+    gate: Option<Gate>,
+    load_panics: Option<usize>,
+) -> Fixture {
     let log = Arc::new(Mutex::new(Vec::new()));
     let loads = Arc::new(AtomicUsize::new(0));
     let (l, n) = (log.clone(), loads.clone());
     let factory: BackendFactory = Arc::new(move || {
-        n.fetch_add(1, Ordering::SeqCst);
+        if Some(n.fetch_add(1, Ordering::SeqCst)) == load_panics {
+            panic!("the load broke");
+        }
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Int64, shape: vec![-1, 1] };
         Ok(Box::new(Echo {
             meta: ModelMetadata {
@@ -342,6 +355,19 @@ async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
     assert!(f.deployment.wait_ready(Duration::from_secs(5)).await, "the replica came back");
     assert_eq!(f.loads.load(Ordering::SeqCst), 3, "two replicas at start, one replacement");
     assert!(f.deployment.infer(request(&[7])).await.is_ok());
+}
+
+/// A load that panics while a replica replaces its panicked model is a failed load, tried
+/// again: the panic ended the replica's thread, its slot kept counted and never served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_a_replica_reloads_is_a_failed_load_tried_again() {
+    let f = start_loading(spec(|s| s.settings.request_timeout_s = 5.0), 0, Some(13), None, Some(1));
+    assert!(f.deployment.wait_ready(Duration::from_secs(5)).await);
+    let e = f.deployment.infer(request(&[13])).await.unwrap_err();
+    assert!(e.message.contains("panicked: poison value"), "{e}");
+    let r = f.deployment.infer(request(&[7])).await;
+    assert_eq!(values(&r.unwrap().outputs[0].tensor), vec![7], "served after the load was tried again");
+    assert_eq!(f.loads.load(Ordering::SeqCst), 3, "at start, the panicking reload, the one after it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

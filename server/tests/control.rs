@@ -320,6 +320,59 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
     s.shutdown().await;
 }
 
+/// A canary promoted while the autoscaler has grown the primary takes the primary's replica
+/// count first: it was promoted at the one replica it started with, and that one took all of
+/// the traffic the primary's three were serving, while they drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_canary_takes_the_autoscaled_primarys_replica_count() {
+    let s = start_with(concat!(
+        "      - name: m\n",
+        "        model: mlp/model.onnx\n",
+        "        num_replicas: auto\n",
+        "        ray_actor_options: {num_cpus: 0}\n",
+        "        autoscaling_config: {min_replicas: 1, max_replicas: 3, target_ongoing_requests: 0.2, upscale_delay_s: 0,\n",
+        "          downscale_delay_s: 600, metrics_interval_s: 0.05, look_back_period_s: 0.2}\n",
+        "        canary: {model: mlp/model.onnx, version: \"2\", weight: 0}\n",
+    ))
+    .await;
+    let replicas = |version: usize| {
+        let status = serde_json::to_value(s.controller().status()).unwrap();
+        status["applications"]["app"]["deployments"]["m"]["versions"][version]["replicas"].as_u64().unwrap()
+    };
+    assert_eq!((replicas(0), replicas(1)), (1, 1));
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let (url, stop, body) = (url(&s, "/v2/models/m/infer"), stop.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                assert!(client.post(&url).body(body.clone()).send().await.unwrap().status().is_success());
+            }
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    while replicas(0) < 3 {
+        assert!(
+            Instant::now() < until,
+            "no scale-up: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    s.controller().promote("m").await.unwrap();
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    let m = &status["applications"]["app"]["deployments"]["m"]["versions"][0];
+    assert_eq!((m["version"].as_str(), m["replicas"].as_u64()), (Some("2"), Some(3)), "{status}");
+    assert!(status["events"].to_string().contains("canary version 2 grown from 1 to 3 replicas"), "{status}");
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_validates_authenticates_and_deletes() {
     sluice_server::runtime::init(None, None).unwrap();
