@@ -17,6 +17,9 @@ pub enum ErrorKind {
     /// The request conflicts with the current state (a rollout action on a deployment with no
     /// canary): HTTP 409.
     Conflict,
+    /// The request asks for a protocol extension the server does not implement (shared
+    /// memory, classification): HTTP 501, gRPC UNIMPLEMENTED, as Triton answers UNSUPPORTED.
+    Unimplemented,
 }
 
 /// An error answered to one request.
@@ -42,6 +45,9 @@ impl InferError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+    pub fn unimplemented(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unimplemented, message)
     }
 }
 

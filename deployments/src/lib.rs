@@ -33,7 +33,10 @@ pub use deployment::{
 pub use error::{ErrorKind, InferError, LoadError};
 pub use pipeline::Pipeline;
 pub use remote::{RemoteCall, RemoteInfo, RemoteReplica};
-pub use request::{InferRequest, InferResponse, check_request, validate_request};
+pub use request::{
+    InferRequest, InferResponse, check_parameter_name, check_request, refuse_classification,
+    refuse_shared_memory, validate_request,
+};
 pub use servable::Servable;
 pub use shadow::Shadow;
 pub use tensor::{BytesElements, DataType, NamedTensor, Tensor, element_count, push_bytes_element};

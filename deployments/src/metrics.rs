@@ -173,7 +173,7 @@ const CANCELLED: usize = 6;
 fn outcome_index(result: Result<(), ErrorKind>) -> usize {
     match result {
         Ok(()) => 0,
-        Err(ErrorKind::InvalidArgument | ErrorKind::Conflict) => 1,
+        Err(ErrorKind::InvalidArgument | ErrorKind::Conflict | ErrorKind::Unimplemented) => 1,
         Err(ErrorKind::NotFound) => 2,
         Err(ErrorKind::Unavailable) => 3,
         Err(ErrorKind::DeadlineExceeded) => 4,

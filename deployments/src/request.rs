@@ -28,6 +28,29 @@ pub struct InferResponse {
     pub outputs: Vec<NamedTensor>,
 }
 
+/// Refuses a request parameter named like Triton's own (`triton_…`): reserved, as Triton
+/// refuses it, rather than read by no one.
+pub fn check_parameter_name(name: &str) -> Result<(), InferError> {
+    match name.starts_with("triton_") {
+        true => Err(InferError::invalid(format!(
+            "parameter `{name}` is reserved: names beginning `triton_` are Triton's own"
+        ))),
+        false => Ok(()),
+    }
+}
+
+/// Refuses shared memory for an input or output (`what`: ``input `x` ``): not implemented.
+pub fn refuse_shared_memory(what: &str) -> InferError {
+    InferError::unimplemented(format!(
+        "{what}: shared memory is not supported; the data goes inline, in the request and the answer"
+    ))
+}
+
+/// Refuses the classification extension for an output: not implemented.
+pub fn refuse_classification(output: &str) -> InferError {
+    InferError::unimplemented(format!("output `{output}`: the classification extension is not supported"))
+}
+
 /// Checks inputs against the model (every input known, present once, right datatype, rank and
 /// fixed dimensions; with `max_batch_size` > 0, one batch size across inputs within the limit)
 /// and resolves the output names to return.

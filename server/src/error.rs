@@ -35,6 +35,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
     }
 }
 
@@ -118,6 +119,7 @@ pub fn grpc_status(e: InferError) -> tonic::Status {
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         ErrorKind::Conflict => tonic::Code::FailedPrecondition,
+        ErrorKind::Unimplemented => tonic::Code::Unimplemented,
         ErrorKind::Internal => {
             tracing::warn!("internal error: {}", e.message);
             tonic::Code::Internal

@@ -239,3 +239,31 @@ async fn an_error_quoting_a_huge_name_is_a_bounded_status() {
     assert!(e.message().len() < 1100 && e.message().ends_with("(cut)"), "{}", e.message().len());
     s.shutdown().await;
 }
+
+/// A request parameter named like Triton's own is refused, as Triton refuses it; an extension
+/// Sluice does not implement is UNIMPLEMENTED (not the client's mistake), as Triton's
+/// UNSUPPORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_parameters_are_refused_and_missing_extensions_unimplemented() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let mut client = grpc::client(&s).await;
+    let param = |p| pb::InferParameter { parameter_choice: Some(p) };
+    let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
+    let flag = param(pb::infer_parameter::ParameterChoice::BoolParam(true));
+    req.parameters.insert("triton_enable_empty_final_response".into(), flag);
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("parameter `triton_enable_empty_final_response` is reserved"), "{e:?}");
+    let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
+    let classes = param(pb::infer_parameter::ParameterChoice::Int64Param(2));
+    req.outputs = vec![pb::model_infer_request::InferRequestedOutputTensor {
+        name: "probabilities".into(),
+        parameters: [("classification".to_string(), classes)].into_iter().collect(),
+    }];
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("classification extension is not supported"), "{e:?}");
+    let ok = client.model_infer(grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2])).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    s.shutdown().await;
+}

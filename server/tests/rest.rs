@@ -188,14 +188,26 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
         (
             "iris",
             json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "probabilities", "parameters": {"shared_memory_region": "r"}}]}).to_string(),
-            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_IMPLEMENTED,
             "output `probabilities`: shared memory is not supported",
         ),
         (
             "iris",
             json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "parameters": {"shared_memory_region": "r"}}]}).to_string(),
-            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_IMPLEMENTED,
             "input `input`: shared memory is not supported",
+        ),
+        (
+            "iris",
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}).to_string(),
+            StatusCode::NOT_IMPLEMENTED,
+            "output `probabilities`: the classification extension is not supported",
+        ),
+        (
+            "iris",
+            json!({"parameters": {"triton_enable_empty_final_response": true}, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "parameter `triton_enable_empty_final_response` is reserved",
         ),
         ("iris", "x".repeat(5000), StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded"),
         (

@@ -199,6 +199,12 @@ def test_errors_raise_with_the_server_message(sluice, protocol):
         assert e.value.status() == (http_status if protocol == "http" else grpc_status)
         # The server still serves.
         assert c.infer("iris", [iris_input([1, 4])]).as_numpy("label").shape == (1,)
+    # The classification extension, asked for as tritonclient asks: not implemented (Triton's
+    # UNSUPPORTED), not the client's mistake.
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("iris", [iris_input([1, 4])], outputs=[mod.InferRequestedOutput("probabilities", class_count=2)])
+    assert "classification extension is not supported" in e.value.message(), e.value.message()
+    assert e.value.status() == ("501" if protocol == "http" else "StatusCode.UNIMPLEMENTED")
     # An unknown model or version is not ready, over both protocols (Triton's gRPC answers
     # `ready: false` too, so tritonclient returns False rather than raising).
     assert not c.is_model_ready("nope")

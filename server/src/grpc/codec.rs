@@ -31,10 +31,7 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
         })?;
         let shape = shape_of(&input.name, &input.shape)?;
         if input.parameters.contains_key("shared_memory_region") {
-            return Err(InferError::invalid(format!(
-                "input `{}`: shared memory is not supported; send the data inline",
-                input.name
-            )));
+            return Err(sluice_deployments::refuse_shared_memory(&format!("input `{}`", input.name)));
         }
         let data = match (raw.get(k), input.contents) {
             (Some(_), Some(_)) => {
@@ -63,21 +60,18 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
         let mut names = Vec::with_capacity(req.outputs.len());
         for o in req.outputs {
             if o.parameters.contains_key("classification") {
-                return Err(InferError::invalid(format!(
-                    "output `{}`: the classification extension is not supported",
-                    o.name
-                )));
+                return Err(sluice_deployments::refuse_classification(&o.name));
             }
             if o.parameters.contains_key("shared_memory_region") {
-                return Err(InferError::invalid(format!(
-                    "output `{}`: shared memory is not supported; the data comes back in the answer",
-                    o.name
-                )));
+                return Err(sluice_deployments::refuse_shared_memory(&format!("output `{}`", o.name)));
             }
             names.push(o.name);
         }
         Some(names)
     };
+    for name in req.parameters.keys() {
+        sluice_deployments::check_parameter_name(name)?;
+    }
     // 0 is no timeout of the client's own (Triton's reading), as an absent one is.
     let timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
         None => None,

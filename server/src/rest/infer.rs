@@ -194,10 +194,7 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
         let (dtype, shape) = input_header(&input)?;
         let params = input.parameters.as_ref();
         if params.is_some_and(|p| p.contains_key("shared_memory_region")) {
-            return Err(InferError::invalid(format!(
-                "input `{}`: shared memory is not supported; send the data inline",
-                input.name
-            )));
+            return Err(sluice_deployments::refuse_shared_memory(&format!("input `{}`", input.name)));
         }
         let binary_size = match params.and_then(|p| p.get("binary_data_size")) {
             None => None,
@@ -246,6 +243,9 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
             binary.len()
         )));
     }
+    for name in parsed.parameters.iter().flat_map(|p| p.keys()) {
+        sluice_deployments::check_parameter_name(name)?;
+    }
     let default = bool_param(parsed.parameters.as_ref(), "binary_data_output")?.unwrap_or(false);
     let mut per_output = HashMap::new();
     let mut outputs = None;
@@ -256,16 +256,10 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
                 per_output.insert(o.name.clone(), b);
             }
             if o.parameters.as_ref().is_some_and(|p| p.contains_key("classification")) {
-                return Err(InferError::invalid(format!(
-                    "output `{}`: the classification extension is not supported",
-                    o.name
-                )));
+                return Err(sluice_deployments::refuse_classification(&o.name));
             }
             if o.parameters.as_ref().is_some_and(|p| p.contains_key("shared_memory_region")) {
-                return Err(InferError::invalid(format!(
-                    "output `{}`: shared memory is not supported; the data comes back in the answer",
-                    o.name
-                )));
+                return Err(sluice_deployments::refuse_shared_memory(&format!("output `{}`", o.name)));
             }
             names.push(o.name);
         }
