@@ -99,9 +99,7 @@ async fn serve(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|e| super::screen::body_error(&e, state.max_body_bytes))?;
+    let body = super::screen::read_body(body, state.max_body_bytes).await?;
     // From the body in memory, as gRPC and the JSON routes count: a slow upload is the
     // client's time, not the request's.
     let started = std::time::Instant::now();

@@ -65,8 +65,9 @@ pub struct IndexRequest {
 /// `POST /v2/repository/index` (body `{"ready": bool}` or empty): a bare JSON array.
 pub async fn repository_index(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<Value>, ApiError> {
+    let body = super::screen::read_body(body, state.max_body_bytes).await?;
     let req: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
         IndexRequest::default()
     } else {
@@ -159,9 +160,10 @@ pub async fn load(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
     may_control(&state, &headers)?;
+    let body = super::screen::read_body(body, state.max_body_bytes).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(StatusCode::BAD_REQUEST, format!("the load request's body must be JSON: {e}"))

@@ -27,9 +27,9 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     // A pipeline passes the multiplexed model id on to its multiplexed steps, as on its OIP route.
     let model_id =
         req.headers().get(&super::infer::MULTIPLEX_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = match axum::body::to_bytes(req.into_body(), state.max_body_bytes).await {
+    let body = match super::screen::read_body(req.into_body(), state.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => return super::screen::body_error(&e, state.max_body_bytes).into_response(),
+        Err(e) => return e.into_response(),
     };
     let counted = pipeline.metrics().counted(Protocol::Rest, std::time::Instant::now());
     let result = call(&pipeline, &body, model_id).await;

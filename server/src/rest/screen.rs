@@ -87,6 +87,13 @@ pub fn too_large(len: Option<u64>, max: usize) -> ApiError {
 
 /// The answer to a body that could not be read: 413 past the limit, 408 when it stopped
 /// arriving, else 400 (a broken compressed stream, a connection that broke).
+/// Reads a request body whole, up to `max_body_bytes`; a body that cannot be read is answered
+/// as [`body_error`] says (JSON, where axum's own extractor answers plain text that clients
+/// such as tritonclient cannot read).
+pub async fn read_body(body: axum::body::Body, max_body_bytes: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, max_body_bytes).await.map_err(|e| body_error(&e, max_body_bytes))
+}
+
 pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) -> ApiError {
     let mut cause = Some(e);
     while let Some(c) = cause {
