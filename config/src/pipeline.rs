@@ -141,6 +141,23 @@ impl Pipeline {
         let mut problems = Vec::new();
         let mut producer: HashMap<&str, usize> = HashMap::new();
         let inputs: HashSet<&str> = self.inputs.iter().map(|t| t.name.as_str()).collect();
+        // A name listed twice: two specs of one input (a request checked against the first,
+        // the steps typed against the last), or one output answered twice (the second found
+        // taken by the first at every request).
+        let mut seen = HashSet::new();
+        for (i, t) in self.inputs.iter().enumerate() {
+            if !seen.insert(t.name.as_str()) {
+                let message = format!("input `{}` is listed more than once", t.name);
+                problems.push((self.name.referenced, format!("inputs[{i}]"), message));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, out) in self.outputs.iter().enumerate() {
+            if !seen.insert(out.as_str()) {
+                let message = format!("output `{out}` is listed more than once");
+                problems.push((self.name.referenced, format!("outputs[{i}]"), message));
+            }
+        }
         for (i, step) in self.steps.iter().enumerate() {
             if !deployments.contains(&step.deployment.value) {
                 problems.push((

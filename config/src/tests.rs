@@ -538,6 +538,24 @@ fn json_routes_and_pipeline_names_that_cannot_work_are_refused() {
     assert!(e.iter().any(|m| m.contains("`p` is already the name of a deployment or pipeline")), "{e:?}");
 }
 
+/// A pipeline input or output listed twice is refused at load: every request that names no
+/// outputs failed on the second copy of one (500), and two specs of one input typed the
+/// request and the steps differently.
+#[test]
+fn a_pipeline_tensor_listed_twice_is_refused() {
+    let app = |inputs: &str, outputs: &str| {
+        format!(
+            "applications:\n  - name: p\n    deployments: [{{name: m, model: m.onnx}}]\n    pipeline:\n      name: p\n      inputs: {inputs}\n      steps: [{{name: s, deployment: m, inputs: {{a: x}}, outputs: {{y: y}}}}]\n      outputs: {outputs}\n"
+        )
+    };
+    let x = "{name: x, datatype: FP32, shape: [-1, 4]}";
+    parse_in(&app(&format!("[{x}]"), "[y]")).unwrap();
+    let e = errors(&app(&format!("[{x}]"), "[y, y]"));
+    assert!(e.iter().any(|e| e.message.contains("output `y` is listed more than once")), "{e:?}");
+    let e = errors(&app(&format!("[{x}, {{name: x, datatype: INT64, shape: [-1, 4]}}]"), "[y]"));
+    assert!(e.iter().any(|e| e.message.contains("input `x` is listed more than once")), "{e:?}");
+}
+
 /// A duration too long to add to a clock reading is refused at load (it panicked the control
 /// loop, which then stopped autoscaling, rollouts and repository polls, or the start).
 #[test]
@@ -576,4 +594,28 @@ fn ray_resources_the_driver_refuses_are_refused_at_load() {
     );
     parse_in(&text("{num_gpus: 0.5, resources: {TPU: 1}}")).unwrap();
     parse_in(&text("{num_gpus: 2}")).unwrap();
+}
+
+/// A ready marker no listing can see (a dot-name: listings leave those out) and a version
+/// policy that selects nothing are refused: either would serve no repository model, silently.
+#[test]
+fn a_repository_that_could_serve_nothing_is_refused() {
+    for (repository, field, message) in [
+        ("{path: ., ready_marker: .complete}", "model_repository.ready_marker", "not beginning with a dot"),
+        ("{path: ., version_policy: {latest: 0}}", "model_repository.version_policy", "at least 1"),
+        (
+            "{path: ., version_policy: {specific: []}}",
+            "model_repository.version_policy",
+            "at least one version",
+        ),
+    ] {
+        let e = errors(&format!("model_repository: {repository}\n"));
+        assert_eq!(e.len(), 1, "{repository}: {e:?}");
+        assert_eq!(e[0].field, field, "{e:?}");
+        assert!(e[0].message.contains(message), "{e:?}");
+    }
+    assert!(
+        parse_in("model_repository: {path: ., ready_marker: DONE, version_policy: {latest: 2}}\n").is_ok()
+    );
+    assert!(parse_in("model_repository: {path: ., ready_marker: \"\"}\n").is_ok(), "no marker at all");
 }

@@ -220,8 +220,27 @@ fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mu
     if repo.max_version_bytes == 0 {
         errs.at(unknown, "model_repository.max_version_bytes", "must be at least 1");
     }
-    if repo.ready_marker.contains('/') || repo.ready_marker == "model.onnx" {
-        errs.at(unknown, "model_repository.ready_marker", "must be a file name other than model.onnx");
+    // Names beginning with a dot are left out of every listing (editors' and stores' own
+    // files): such a marker would never be seen, and no version ever counted complete.
+    if repo.ready_marker.contains('/')
+        || repo.ready_marker == "model.onnx"
+        || repo.ready_marker.starts_with('.')
+    {
+        errs.at(
+            unknown,
+            "model_repository.ready_marker",
+            "must be a file name other than model.onnx, not beginning with a dot",
+        );
+    }
+    // A policy that selects nothing would unload every repository model without an error.
+    match &repo.version_policy {
+        crate::VersionPolicy::Latest(0) => {
+            errs.at(unknown, "model_repository.version_policy", "latest must be at least 1")
+        }
+        crate::VersionPolicy::Specific(v) if v.is_empty() => {
+            errs.at(unknown, "model_repository.version_policy", "specific must list at least one version")
+        }
+        _ => {}
     }
     if let Some(r) = &repo.rollout {
         if r.canary_weight == 0 || r.canary_weight > 100 {

@@ -286,7 +286,8 @@ pub struct StepTypes<'a> {
     pub outputs: Vec<(&'a str, &'a str)>,
 }
 
-/// Checks that every tensor's datatype and rank agree between its producer and each consumer,
+/// Checks that every tensor's datatype, rank and fixed sizes agree between its producer and
+/// each consumer,
 /// that each step's inputs are all mapped to tensors produced before it, and that `outputs` are
 /// produced; `steps` in run order. Answers the pipeline's output specs. Used by a pipeline's
 /// load and by `sluice validate`, which has the models' metadata but no deployments.
@@ -309,7 +310,9 @@ pub fn check_types<'a>(
             let have = known
                 .get(tensor)
                 .ok_or_else(|| format!("step `{name}`: tensor `{tensor}` is not produced before it"))?;
-            if have.dtype != want.dtype || have.shape.len() != want.shape.len() {
+            // A size both sides fix and disagree on fails every request: refused here too.
+            let sizes_clash = have.shape.iter().zip(&want.shape).any(|(&h, &w)| h >= 0 && w >= 0 && h != w);
+            if have.dtype != want.dtype || have.shape.len() != want.shape.len() || sizes_clash {
                 return Err(format!(
                     "step `{name}`: tensor `{tensor}` is {} {:?} but `{deployment}` input `{step_in}` takes {} {:?}",
                     have.dtype, have.shape, want.dtype, want.shape
@@ -342,4 +345,44 @@ pub fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Result<TensorSp
         LoadError::Pipeline(format!("pipeline input `{name}`: unknown datatype `{datatype}`"))
     })?;
     Ok(TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DataType;
+
+    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype: DataType::Fp32, shape: shape.to_vec() }
+    }
+
+    /// Sizes both sides fix and disagree on fail at load, as the datatype and rank do: every
+    /// request failed at the step with a 400 blaming the client, who had followed the
+    /// pipeline's own metadata. A size one side leaves open (-1) is checked per request.
+    #[test]
+    fn fixed_sizes_that_disagree_are_refused_at_load() {
+        let meta = |input: &[i64]| ModelMetadata {
+            platform: "test".into(),
+            inputs: vec![spec("in", input)],
+            outputs: vec![spec("out", &[-1, 2])],
+        };
+        let check = |pipeline_input: &[i64], step_input: &[i64]| {
+            let m = meta(step_input);
+            let step = StepTypes {
+                step: "s",
+                deployment: "d",
+                metadata: &m,
+                inputs: vec![("in", "x")],
+                outputs: vec![("out", "y")],
+            };
+            check_types(&[spec("x", pipeline_input)], [step], &["y".to_string()])
+        };
+        let e = check(&[-1, 768], &[-1, 384]).unwrap_err();
+        assert!(e.contains("tensor `x` is FP32 [-1, 768] but `d` input `in` takes FP32 [-1, 384]"), "{e}");
+        assert!(check(&[-1, 3], &[-1, 4]).is_err());
+        assert!(check(&[-1, 4], &[-1, 4]).is_ok());
+        assert!(check(&[-1, -1], &[-1, 4]).is_ok(), "open on one side: checked per request");
+        assert!(check(&[2, 4], &[-1, 4]).is_ok());
+        assert!(check(&[-1, 4], &[-1, 4, 1]).is_err(), "rank");
+    }
 }
