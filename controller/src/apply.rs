@@ -167,7 +167,9 @@ impl Controller {
                 let why = ControlError::InBoth(m.clone());
                 st.events.push(
                     m,
-                    format!("{why}: the config's deployment serves, the repository's is not loaded"),
+                    format!(
+                        "{why}: the config's deployment or pipeline serves, the repository's is not loaded"
+                    ),
                 );
             }
         }

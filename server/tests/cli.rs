@@ -129,6 +129,14 @@ fn validate_loads_canaries_and_every_repository_version() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model `flowers` is both in the model repository and in the config"), "{err}");
+    // And one with a pipeline's name (it took the pipeline's route, unannounced).
+    let pipeline = "    pipeline:\n      name: flowers\n      inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n      steps: [{name: s, deployment: m, inputs: {input: x}, outputs: {probabilities: p}}]\n      outputs: [p]\n";
+    let both = format!("{}{pipeline}", config("MODELS/iris/model.onnx", &repo));
+    let path = write_config("in-both-pipeline.yaml", &both);
+    let out = sluice().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model `flowers` is both in the model repository and in the config"), "{err}");
 }
 
 #[test]

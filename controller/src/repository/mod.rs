@@ -318,12 +318,19 @@ pub(crate) fn deployments(
         .collect()
 }
 
+/// Whether `config` serves `name` itself: a deployment's or a pipeline's name (a repository
+/// model of that name would take its route).
+fn configured(config: &Config, name: &str) -> bool {
+    config.applications.iter().any(|a| {
+        a.deployments.iter().any(|d| d.name == name) || a.pipeline.as_ref().is_some_and(|p| p.name == name)
+    })
+}
+
 /// `config` with `models` added as the application `repository`; a model both in the
-/// repository and in the config is refused (`sluice validate` checks the same).
+/// repository and in the config (a deployment or a pipeline of that name) is refused
+/// (`sluice validate` checks the same).
 pub fn effective(config: &Config, models: Vec<Deployment>) -> Result<Config, crate::ControlError> {
-    let configured =
-        |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
-    if let Some(d) = models.iter().find(|d| configured(&d.name)) {
+    if let Some(d) = models.iter().find(|d| configured(config, &d.name)) {
         return Err(crate::ControlError::InBoth(d.name.clone()));
     }
     let mut effective = config.clone();
@@ -333,12 +340,10 @@ pub fn effective(config: &Config, models: Vec<Deployment>) -> Result<Config, cra
     Ok(effective)
 }
 
-/// The repository models named like a deployment of `config`: the config's serves; these are
-/// not loaded while it has that deployment.
+/// The repository models named like a deployment or pipeline of `config`: the config's
+/// serves; these are not loaded while it has that name.
 pub(crate) fn named_in_config(config: &Config, listing: &Listing) -> BTreeSet<String> {
-    let configured =
-        |name: &str| config.applications.iter().flat_map(|a| &a.deployments).any(|d| d.name == name);
-    listing.models.keys().filter(|m| configured(m)).cloned().collect()
+    listing.models.keys().filter(|m| configured(config, m)).cloned().collect()
 }
 
 /// The repository models an apply leaves out: those `unloaded`, and those `named` like a
