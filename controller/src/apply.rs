@@ -14,9 +14,6 @@ use crate::repository::store::StoreError;
 use crate::repository::{self, Origin, Signature};
 use crate::{ControlError, Controller, apps, pipelines, reconcile};
 
-/// Versions that fail to load in one apply before it gives up (each rejects one).
-const MAX_REJECTS: usize = 8;
-
 impl Controller {
     /// Makes the running state match `config` (every application in it, and the models of
     /// its model repository as the application `repository`; applications not in it are
@@ -173,7 +170,6 @@ impl Controller {
                 );
             }
         }
-        let mut failed_loads = 0;
         // Versions whose files could not be fetched this time (the store refused a file, the
         // connection broke, the cache could not write): planned without, and tried again at the
         // next poll, since the signature this returns leaves them out. One such version holds
@@ -303,13 +299,15 @@ impl Controller {
                     let Some((model, version)) = failed_version(&e, &plans) else { return Err(e) };
                     let mut st = self.lock();
                     let why = format!("failed to load: {e}");
-                    if st.repo.reject(&model, version, why) {
-                        st.events.push(&model, format!("version {version} never takes traffic: {e}"));
+                    // Planned again without it. Each pass rejects a version not rejected
+                    // before, so the passes end (at most one per version listed) with every
+                    // version that loads served, however many do not (eight failures gave the
+                    // whole apply up: at start, the server did not start). A rejection the
+                    // plan did not heed would loop: given up instead.
+                    if !st.repo.reject(&model, version, why) {
+                        return Err(e);
                     }
-                    failed_loads += 1;
-                    if failed_loads == MAX_REJECTS {
-                        return Err(ControlError::TooManyRejected(MAX_REJECTS));
-                    }
+                    st.events.push(&model, format!("version {version} never takes traffic: {e}"));
                 }
             }
         }

@@ -27,8 +27,6 @@ pub enum ControlError {
     InBoth(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0} repository versions failed to load in one apply; giving up until the repository changes")]
-    TooManyRejected(usize),
     /// A repository version refused again in one apply (its rejection did not take).
     #[error("{0}")]
     Refused(String),
@@ -58,10 +56,9 @@ impl ControlError {
                 ErrorKind::InvalidArgument
             }
             ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
-            ControlError::Store(_)
-            | ControlError::NotReady { .. }
-            | ControlError::TooManyRejected(_)
-            | ControlError::NotFetched(_) => ErrorKind::Unavailable,
+            ControlError::Store(_) | ControlError::NotReady { .. } | ControlError::NotFetched(_) => {
+                ErrorKind::Unavailable
+            }
             ControlError::Load { source, .. } | ControlError::Pipeline { source, .. } => source.kind(),
         }
     }

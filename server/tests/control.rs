@@ -817,6 +817,35 @@ async fn one_repository_model_refused_holds_back_no_other() {
     s.shutdown().await;
 }
 
+/// Many repository models that cannot load (an ONNX Runtime that dropped an operator, say)
+/// are each rejected, and the one that loads serves: eight failures gave the whole apply up,
+/// and at start the server did not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_broken_repository_models_hold_back_no_good_one() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = empty_repository("repo-many-broken");
+    put_version(&repo, "good", 1, "iris");
+    for k in 0..10 {
+        let bad = repo.join(format!("bad{k}/1"));
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(bad.join("model.onnx"), b"not a model").unwrap();
+        std::fs::write(bad.join("READY"), b"").unwrap();
+    }
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    let r =
+        reqwest::Client::new().post(url(&s, "/v2/models/good/infer")).body(IRIS_BODY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    let rejected = status["repository"]["rejected"].as_array().map_or(0, Vec::len);
+    assert_eq!(rejected, 10, "{status}");
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_replicas_and_recent_traffic() {
     let s = start_with("      - {name: m, model: iris/model.onnx, num_replicas: 2}\n").await;
