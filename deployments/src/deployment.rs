@@ -151,7 +151,7 @@ struct ReplicaSlot {
     /// Whether this replica's admission permits were handed out (when it first became ready)
     /// or forgone (when it was removed first): whoever flips it owns the permits.
     granted: AtomicBool,
-    in_flight: Gauge,
+    in_flight: crate::metrics::ReplicaGauge,
     /// The models a multiplexed replica holds (its thread publishes them after each change).
     models: ArcSwap<Vec<Arc<str>>>,
     started_at: SystemTime,
@@ -1232,7 +1232,7 @@ struct OngoingGuard {
 impl OngoingGuard {
     /// Counts one more request on `slot`.
     fn new(slot: &ReplicaSlot) -> Self {
-        Self::count(&slot.ongoing, &slot.in_flight)
+        Self::count(&slot.ongoing, &slot.in_flight.gauge)
     }
 
     fn count(ongoing: &Arc<AtomicUsize>, gauge: &Gauge) -> Self {

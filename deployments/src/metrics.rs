@@ -191,6 +191,36 @@ fn live() -> std::sync::MutexGuard<'static, HashMap<(String, String), usize>> {
     LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How many handles each (model, version, replica id) in-flight series has now: one per
+/// replica slot, two while a same-version swap's old and new replica of one id overlap. The
+/// autoscaler adds and removes replicas under new ids; `/metrics` leaves out the series of
+/// those gone ([`gone_replicas`]), or they would pile up at 0 for as long as the version
+/// serves.
+fn live_replicas() -> std::sync::MutexGuard<'static, HashMap<(String, String, String), usize>> {
+    static LIVE: std::sync::OnceLock<Mutex<HashMap<(String, String, String), usize>>> =
+        std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The (model, version, replica id) in-flight series whose replicas are gone.
+pub fn gone_replicas() -> HashSet<(String, String, String)> {
+    live_replicas().iter().filter(|(_, n)| **n == 0).map(|(key, _)| key.clone()).collect()
+}
+
+/// A replica's in-flight gauge; its series counts as gone once every handle is dropped.
+pub(crate) struct ReplicaGauge {
+    pub gauge: Gauge,
+    key: (String, String, String),
+}
+
+impl Drop for ReplicaGauge {
+    fn drop(&mut self) {
+        if let Some(n) = live_replicas().get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// The (model, version) pairs whose deployments are all gone (see [`live`]); a pair served
 /// again is live again.
 pub fn retired() -> HashSet<(String, String)> {
@@ -464,9 +494,13 @@ impl DeploymentMetrics {
         Self::with_replicas(name, "1", 1, false)
     }
 
-    /// A replica's in-flight gauge.
-    pub(crate) fn replica_in_flight(&self, replica: usize) -> Gauge {
-        metrics::gauge!(REPLICA_IN_FLIGHT, "model" => self.model.clone(), "version" => self.version.clone(), "replica" => replica.to_string())
+    /// A replica's in-flight gauge, its series in `/metrics` while the handle lives (see
+    /// [`gone_replicas`]).
+    pub(crate) fn replica_in_flight(&self, replica: usize) -> ReplicaGauge {
+        let key = (self.model.clone(), self.version.clone(), replica.to_string());
+        *live_replicas().entry(key.clone()).or_default() += 1;
+        let gauge = metrics::gauge!(REPLICA_IN_FLIGHT, "model" => key.0.clone(), "version" => key.1.clone(), "replica" => key.2.clone());
+        ReplicaGauge { gauge, key }
     }
 
     /// Starts counting one request (the frontend's, which knows the protocol): it is recorded

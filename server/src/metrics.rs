@@ -36,24 +36,37 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// `GET /metrics`: Prometheus text format, without the series of retired versions.
+/// `GET /metrics`: Prometheus text format, without the series of retired versions and of
+/// replicas gone.
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    use sluice_deployments::metrics::{gone_replicas, retired};
     let body = install().map(|h| h.render()).unwrap_or_default();
-    let body = without_retired(body, &sluice_deployments::metrics::retired());
+    let body = without_gone(body, &retired(), &gone_replicas());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// `text` without the samples labelled with a (model, version) of `retired` (a version whose
-/// deployments are all gone; see `sluice_deployments::metrics::retired`).
-fn without_retired(text: String, retired: &HashSet<(String, String)>) -> String {
-    if retired.is_empty() {
+/// deployments are all gone; see `sluice_deployments::metrics::retired`), nor those labelled
+/// with a (model, version, replica) of `replicas` (a replica gone: the autoscaler removed it,
+/// or it was replaced).
+fn without_gone(
+    text: String,
+    retired: &HashSet<(String, String)>,
+    replicas: &HashSet<(String, String, String)>,
+) -> String {
+    if retired.is_empty() && replicas.is_empty() {
         return text;
     }
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        let pair = label(line, "model").zip(label(line, "version"));
-        if pair.is_some_and(|pair| retired.contains(&pair)) {
-            continue;
+        if let Some((model, version)) = label(line, "model").zip(label(line, "version")) {
+            let replica = || label(line, "replica");
+            if retired.contains(&(model.clone(), version.clone()))
+                || (!replicas.is_empty()
+                    && replica().is_some_and(|r| replicas.contains(&(model, version, r))))
+            {
+                continue;
+            }
         }
         out.push_str(line);
         out.push('\n');
@@ -107,14 +120,22 @@ mod tests {
                     sluice_multiplex_loads_total{deployment=\"m\"} 1\n\
                     sluice_request_duration_seconds_bucket{model=\"m\",version=\"1\",protocol=\"rest\",le=\"0.1\"} 5\n";
         let retired = HashSet::from([("m".to_string(), "1".to_string())]);
-        let kept = without_retired(text.to_string(), &retired);
+        let kept = without_gone(text.to_string(), &retired, &HashSet::new());
         assert_eq!(
             kept,
             "# HELP sluice_replicas_ready Ready replicas\n\
              sluice_replicas_ready{model=\"m\",version=\"2\"} 2\n\
              sluice_multiplex_loads_total{deployment=\"m\"} 1\n"
         );
-        assert_eq!(without_retired(text.to_string(), &HashSet::new()), text);
+        assert_eq!(without_gone(text.to_string(), &HashSet::new(), &HashSet::new()), text);
+        // A replica gone: its series only.
+        let text = "sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"0\"} 0\n\
+                    sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"1\"} 3\n";
+        let gone = HashSet::from([("m".to_string(), "2".to_string(), "0".to_string())]);
+        assert_eq!(
+            without_gone(text.to_string(), &HashSet::new(), &gone),
+            "sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"1\"} 3\n"
+        );
         assert_eq!(label("x{model=\"a\",version=\"b\"} 1", "version").as_deref(), Some("b"));
         assert_eq!(label("x 1", "model"), None);
         // Quotes and backslashes in a name come escaped.

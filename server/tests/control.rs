@@ -317,6 +317,18 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
         assert!(Instant::now() < until, "no scale-down: {status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The removed replica's series leaves /metrics (each scale-up added one under a new id,
+    // and they piled up at 0 for as long as the version served).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+        let series = text.lines().filter(|l| l.starts_with(r#"sluice_replica_in_flight{model="m""#)).count();
+        if series == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "{series} in-flight series for one replica: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.shutdown().await;
 }
 
