@@ -196,21 +196,23 @@ fn live() -> std::sync::MutexGuard<'static, HashMap<(String, String), usize>> {
 /// autoscaler adds and removes replicas under new ids; `/metrics` leaves out the series of
 /// those gone ([`gone_replicas`]), or they would pile up at 0 for as long as the version
 /// serves.
-fn live_replicas() -> std::sync::MutexGuard<'static, HashMap<(String, String, String), usize>> {
-    static LIVE: std::sync::OnceLock<Mutex<HashMap<(String, String, String), usize>>> =
-        std::sync::OnceLock::new();
+fn live_replicas() -> std::sync::MutexGuard<'static, HashMap<ReplicaKey, usize>> {
+    static LIVE: std::sync::OnceLock<Mutex<HashMap<ReplicaKey, usize>>> = std::sync::OnceLock::new();
     LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A replica's series: (model, version, replica id).
+type ReplicaKey = (String, String, String);
+
 /// The (model, version, replica id) in-flight series whose replicas are gone.
-pub fn gone_replicas() -> HashSet<(String, String, String)> {
+pub fn gone_replicas() -> HashSet<ReplicaKey> {
     live_replicas().iter().filter(|(_, n)| **n == 0).map(|(key, _)| key.clone()).collect()
 }
 
 /// A replica's in-flight gauge; its series counts as gone once every handle is dropped.
 pub(crate) struct ReplicaGauge {
     pub gauge: Gauge,
-    key: (String, String, String),
+    key: ReplicaKey,
 }
 
 impl Drop for ReplicaGauge {
