@@ -208,7 +208,8 @@ impl Pipeline {
                     .inputs
                     .iter()
                     .map(|(step_in, tensor)| {
-                        // Pipeline inputs are checked above, and each step's outputs below.
+                        // Pipeline inputs are checked above, and each step's outputs below
+                        // (present, of their datatype and rank).
                         let tensor = tensors.get(tensor).cloned().ok_or_else(|| {
                             InferError::internal(format!(
                                 "pipeline `{}` step `{}`: tensor `{tensor}` was not produced",
@@ -250,7 +251,25 @@ impl Pipeline {
                         self.name, step.name
                     )));
                 };
-                tensors.insert(tensor.clone(), answer.swap_remove(at).tensor);
+                let got = answer.swap_remove(at).tensor;
+                // Nor one of another datatype or rank than its metadata says: the step that
+                // read it would refuse it as the client's mistake (400), or the client would
+                // get a tensor the pipeline's metadata contradicts.
+                let declared = step.deployment.metadata().outputs.iter().find(|o| &o.name == step_out);
+                if let Some(spec) =
+                    declared.filter(|s| s.dtype != got.dtype() || s.shape.len() != got.shape().len())
+                {
+                    return Err(InferError::internal(format!(
+                        "pipeline `{}` step `{}` ({d}) returned its output `{step_out}` as {} {:?}, but its metadata says {} {:?}",
+                        self.name,
+                        step.name,
+                        got.dtype(),
+                        got.shape(),
+                        spec.dtype,
+                        spec.shape
+                    )));
+                }
+                tensors.insert(tensor.clone(), got);
             }
             done[i] = true;
         }

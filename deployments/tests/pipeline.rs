@@ -217,6 +217,31 @@ async fn a_step_that_leaves_out_an_output_fails_the_request_naming_it() {
     assert_eq!(e.message, "pipeline `p` step `split` (forgetful) did not return its output `extra`");
 }
 
+/// A step whose answer contradicts its own metadata (a custom step declaring FP32, returning
+/// INT64) fails the request as the server's fault, naming the step: the step reading it would
+/// have refused it as the client's mistake (400), and as a pipeline output it reached the
+/// client in a type the pipeline's metadata contradicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_answering_against_its_metadata_fails_the_request_naming_it() {
+    let fp32 = |name: &str| TensorSpec { name: name.into(), dtype: DataType::Fp32, shape: vec![-1, 1] };
+    let meta = ModelMetadata { platform: "test".into(), inputs: vec![spec("x")], outputs: vec![fp32("out")] };
+    let factory: BackendFactory = Arc::new(move || {
+        Ok(Box::new(Copy { meta: meta.clone(), sleep: Duration::ZERO, leaves_out_extra: false })
+            as Box<dyn Backend>)
+    });
+    let mut s = DeploymentSpec::new("liar");
+    s.settings.warmup = false;
+    let liar = Arc::new(Deployment::start(s, factory).unwrap());
+    let steps = vec![step("copy", &liar, &[("x", "x")], "y")];
+    let pipeline = Pipeline::new("p", vec![spec("x")], steps, &["y".into()], None).unwrap();
+    let e = pipeline.infer(rows(1)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Internal, "{e}");
+    assert_eq!(
+        e.message,
+        "pipeline `p` step `copy` (liar) returned its output `out` as INT64 [1, 1], but its metadata says FP32 [-1, 1]"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_stats_count_the_rows_of_each_request() {
     let d = copy("rows", Duration::ZERO, false);
