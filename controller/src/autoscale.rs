@@ -97,6 +97,7 @@ pub(crate) fn step(
     st: &mut crate::state::ControllerState,
     now: Instant,
     node_cpus: Option<f64>,
+    busy: &std::collections::HashSet<String>,
 ) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
     // Every running version's replicas take CPUs (canaries, shadows, versions served by
     // number); growth granted below takes them too, before the next deployment is judged.
@@ -112,6 +113,10 @@ pub(crate) fn step(
     let mut next: Option<Instant> = None;
     for (name, m) in st.deployments.iter_mut() {
         let Some(s) = &mut m.scaling else { continue };
+        // Its last change still runs (replicas loading): judged once that is done.
+        if busy.contains(name) {
+            continue;
+        }
         let d = &m.primary.deployment;
         let current = m.primary.replica_count() as u32;
         let from_zero = current == 0 && d.queue_depth() > 0;

@@ -100,6 +100,8 @@ pub struct Controller {
     deploys: Mutex<std::collections::VecDeque<sluice_config::Config>>,
     /// One wake-up for the control loop, shared with every deployment.
     wake: Arc<Notify>,
+    /// Deployments whose rescale or promotion the control loop started and that still runs.
+    busy: Mutex<std::collections::HashSet<String>>,
     grace: Duration,
     node_cpus: f64,
     cluster: Cluster,
@@ -124,6 +126,7 @@ impl Controller {
             changes: tokio::sync::Mutex::new(()),
             deploys: Mutex::new(std::collections::VecDeque::new()),
             wake: Arc::new(Notify::new()),
+            busy: Mutex::new(Default::default()),
             grace,
             node_cpus,
             cluster,
@@ -342,9 +345,13 @@ impl Controller {
     }
 
     /// One round of autoscaling and rollout decisions; returns when the next round is due.
-    /// (The model repository is polled by a loop of its own, [`Controller::spawn_loop`].)
-    pub async fn tick(&self) -> Instant {
+    /// (The model repository is polled by a loop of its own, [`Controller::spawn_loop`].) The
+    /// changes decided run on tasks of their own, so that one deployment's replicas loading
+    /// (or a promotion waiting for a repository apply) holds up no other deployment's scaling
+    /// from zero or rollout; a deployment whose change still runs is judged after it.
+    pub fn tick(self: &Arc<Self>) -> Instant {
         let now = Instant::now();
+        let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let (rescale, promote, mut next) = {
             let mut st = self.lock();
             for m in st.deployments.values_mut() {
@@ -362,8 +369,9 @@ impl Controller {
             // On Ray, Ray decides what fits where (a replica that does not fit waits); here,
             // growth stops at this machine's free CPUs.
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
-            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus);
-            let (next_rollout, promote) = self.step_rollouts(&mut st, now);
+            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy);
+            let (next_rollout, mut promote) = self.step_rollouts(&mut st, now);
+            promote.retain(|d| !busy.contains(d));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);
@@ -371,16 +379,32 @@ impl Controller {
             let next = [next_scale, next_rollout].into_iter().flatten().min();
             (rescale, promote, next.unwrap_or(now + IDLE_TICK))
         };
-        // Rescaled first: a promote waits for the `changes` lock, which a repository apply may
-        // hold while it loads a new version.
-        self.rescale(rescale, "autoscaled").await;
+        for job in rescale {
+            let c = self.clone();
+            self.run_busy(job.deployment.clone(), async move { c.rescale(vec![job], "autoscaled").await });
+        }
         for deployment in promote {
-            if let Err(e) = self.promote_as(&deployment, "rollout complete: promoted").await {
-                self.lock().events.push(&deployment, format!("promoting the canary failed: {e}"));
-            }
+            let c = self.clone();
+            self.run_busy(deployment.clone(), async move {
+                if let Err(e) = c.promote_as(&deployment, "rollout complete: promoted").await {
+                    c.lock().events.push(&deployment, format!("promoting the canary failed: {e}"));
+                }
+            });
         }
         next = next.clamp(now + Duration::from_millis(1), now + IDLE_TICK);
         next
+    }
+
+    /// Runs `change` on a task of its own with `deployment` marked busy meanwhile; the loop
+    /// looks again when it ends.
+    fn run_busy(self: &Arc<Self>, deployment: String, change: impl Future<Output = ()> + Send + 'static) {
+        self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(deployment.clone());
+        let c = self.clone();
+        tokio::spawn(async move {
+            change.await;
+            c.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&deployment);
+            c.wake.notify_one();
+        });
     }
 
     /// When the repository loop looks again: when a scan is due, and at least every
@@ -412,7 +436,7 @@ impl Controller {
         tokio::spawn(async move {
             loop {
                 let Some(c) = weak.upgrade() else { return };
-                let next = c.tick().await;
+                let next = c.tick();
                 drop(c);
                 tokio::select! {
                     () = tokio::time::sleep_until(next.into()) => {}

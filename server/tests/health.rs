@@ -24,10 +24,13 @@ use tonic_health::pb::health_client::HealthClient;
 struct Gate {
     open: Mutex<bool>,
     opened: Condvar,
+    /// Threads that came to the gate.
+    came: std::sync::atomic::AtomicUsize,
 }
 
 impl Gate {
     fn wait(&self) {
+        self.came.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut open = self.open.lock().unwrap();
         while !*open {
             open = self.opened.wait(open).unwrap();
@@ -318,5 +321,50 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
     assert_eq!(replicas(), 0, "scaled back to zero");
     assert_eq!(server_ready(&mut client).await, serving, "back at zero");
     assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503);
+    s.shutdown().await;
+}
+
+/// One deployment's replica loading (here held by a gate) holds up no other deployment's
+/// scale from zero: the control loop ran each change to its end before looking again, so a
+/// request to the other waited for that load, or its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_load_holds_up_no_other_deployments_scale_from_zero() {
+    let gate = Arc::new(Gate::default());
+    // Load 0 is the start's (the model's metadata); the replica loads after it wait.
+    register("slow-load", Some((gate.clone(), 1)), None);
+    register("quick-load", None, None);
+    let zero = "autoscaling_config: {min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05, look_back_period_s: 0.1}";
+    let s = sluice_server::start(
+        config(
+            &format!(
+                "      - {{name: slow, builtin: {{custom: {{name: slow-load}}}}, {zero}}}\n      - {{name: quick, builtin: {{custom: {{name: quick-load}}}}, {zero}}}\n"
+            ),
+            "",
+        ),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    // Opened however the test ends: a load held for good would hold the runtime's end too.
+    struct OpenAtEnd(Arc<Gate>);
+    impl Drop for OpenAtEnd {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let _open_at_end = OpenAtEnd(gate.clone());
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]});
+    let slow = tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/slow/infer")).json(&body).send());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gate.came.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < until, "the request started no replica load");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The slow replica's load waits on the gate; the other deployment scales from zero.
+    let r = reqwest::Client::new().post(url(&s, "/v2/models/quick/infer")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert!(!slow.is_finished(), "the slow load was still held");
+    gate.open();
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     s.shutdown().await;
 }
