@@ -123,8 +123,8 @@ impl Autoscaling {
         if !(self.min_replicas..=self.max_replicas).contains(&self.initial_replicas) {
             out.push(("initial_replicas", "must be between min_replicas and max_replicas".to_string()));
         }
-        if self.target_ongoing_requests.is_nan() || self.target_ongoing_requests <= 0.0 {
-            out.push(("target_ongoing_requests", "must be above 0".to_string()));
+        if !(self.target_ongoing_requests > 0.0 && self.target_ongoing_requests.is_finite()) {
+            out.push(("target_ongoing_requests", "must be above 0 and finite".to_string()));
         }
         for (field, v) in [
             ("upscale_delay_s", self.upscale_delay_s),

@@ -619,3 +619,38 @@ fn a_repository_that_could_serve_nothing_is_refused() {
     );
     assert!(parse_in("model_repository: {path: ., ready_marker: \"\"}\n").is_ok(), "no marker at all");
 }
+
+/// Values that were accepted and broke later are refused at load, naming the field: a
+/// connection limit past the runtime's (every listener died after "listening"), an infinite
+/// autoscaling target (the status it showed could not be read back), a hundred thousand
+/// ONNX Runtime threads per replica, a sample ratio outside 0–1, a pipeline name no URL can
+/// carry, a repository with zero replicas (silently one) or batches past the limit.
+#[test]
+fn values_that_broke_later_are_refused_at_load() {
+    let app = |deployment: &str| {
+        format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: m, model: m.onnx{deployment}}}\n"
+        )
+    };
+    for (text, field) in [
+        (format!("http_options: {{max_connections: 3000000000000000000}}\n{}", app("")), "http_options.max_connections"),
+        (app(", autoscaling_config: {target_ongoing_requests: .inf}"), "target_ongoing_requests"),
+        (app(", intra_op_threads: 100000"), "applications[0].deployments[0].intra_op_threads"),
+        (format!("tracing_options: {{sample_ratio: 5}}\n{}", app("")), "tracing_options.sample_ratio"),
+        (format!("tracing_options: {{sample_ratio: .nan}}\n{}", app("")), "tracing_options.sample_ratio"),
+        ("model_repository: {path: ., num_replicas: 0}\n".to_string(), "model_repository.num_replicas"),
+        ("model_repository: {path: ., max_batch_size: 100000}\n".to_string(), "model_repository.max_batch_size"),
+        (
+            "applications:\n  - name: p\n    deployments: [{name: m, model: m.onnx}]\n    pipeline:\n      name: \"a{b}\"\n      inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n      steps: [{name: s, deployment: m, inputs: {a: x}, outputs: {y: y}}]\n      outputs: [y]\n".to_string(),
+            "applications[0].pipeline.name",
+        ),
+    ] {
+        let e = errors(&text);
+        assert!(e.iter().any(|e| e.field.ends_with(field)), "{field}: {e:?}");
+    }
+    parse_in(&format!(
+        "http_options: {{max_connections: 100000}}\ntracing_options: {{sample_ratio: 0.5}}\n{}",
+        app(", intra_op_threads: 8")
+    ))
+    .unwrap();
+}

@@ -7,6 +7,10 @@ use serde::Deserialize;
 
 use crate::types::{AdminOptions, GrpcOptions, HttpOptions};
 
+/// The most connections a listener may hold open (a semaphore of that many permits is made
+/// at start; a value past the runtime's own limit killed every listener after "listening").
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
 /// TLS on one listener. Paths are relative to the config file (absolute once resolved).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,8 +68,9 @@ pub(crate) fn check_listeners(
         let message = format!("must be 0 (never) to {:e} seconds", crate::MAX_SECONDS);
         problems.push(("http_options.idle_timeout_s".into(), message));
     }
-    if http.max_connections == 0 {
-        problems.push(("http_options.max_connections".into(), "must be at least 1".into()));
+    if !(1..=MAX_CONNECTIONS).contains(&http.max_connections) {
+        let message = format!("must be 1 to {MAX_CONNECTIONS}");
+        problems.push(("http_options.max_connections".into(), message));
     }
     problems.extend(check_addresses(http, grpc));
     for (name, tls) in
@@ -188,7 +193,7 @@ mod tests {
             "http_options.header_read_timeout_s: must be more than 0 seconds, at most 1e9",
             "http_options.body_read_timeout_s: must be more than 0 seconds",
             "http_options.idle_timeout_s: must be 0 (never) to 1e9 seconds",
-            "http_options.max_connections: must be at least 1",
+            "http_options.max_connections: must be 1 to 16777216",
             "grpc_options.tls: gRPC shares the REST port here",
             "admin_options.tls.cert_file: file `",
             "admin_options.tls.reload_interval_s: must be 0 or more seconds, at most 1e9",

@@ -163,6 +163,9 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     {
         errs.at(n.referenced, "worker_threads", format!("must be 1 to {MAX_WORKER_THREADS}"));
     }
+    if !(0.0..=1.0).contains(&doc.tracing_options.sample_ratio) {
+        errs.at(unknown, "tracing_options.sample_ratio", "must be 0 to 1 (a share of requests)");
+    }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
     }
@@ -219,6 +222,12 @@ fn validate_repository(repo: &mut crate::ModelRepository, base: &Path, errs: &mu
     }
     if repo.max_version_bytes == 0 {
         errs.at(unknown, "model_repository.max_version_bytes", "must be at least 1");
+    }
+    if repo.num_replicas == 0 {
+        errs.at(unknown, "model_repository.num_replicas", "must be at least 1");
+    }
+    if repo.max_batch_size > MAX_BATCH_SIZE {
+        errs.at(unknown, "model_repository.max_batch_size", format!("must be at most {MAX_BATCH_SIZE}"));
     }
     // Names beginning with a dot are left out of every listing (editors' and stores' own
     // files): such a marker would never be seen, and no version ever counted complete.
@@ -411,8 +420,10 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
     let placement = validate_placement(at, dep, errs);
     errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
     errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
-    // Replica queues are sized from these; an absurd value must be an error, not an allocation.
+    // Replica queues are sized from these; an absurd value must be an error, not an allocation
+    // (nor a hundred thousand threads per replica).
     for (field, value, max) in [
+        ("intra_op_threads", &dep.intra_op_threads, crate::MAX_WORKER_THREADS),
         ("max_batch_size", &dep.max_batch_size, MAX_BATCH_SIZE),
         ("max_ongoing_requests", &dep.max_ongoing_requests, MAX_REQUESTS),
         ("max_queued_requests", &dep.max_queued_requests, MAX_REQUESTS),
@@ -658,6 +669,8 @@ fn validate_pipeline(
     names: &HashMap<String, Location>,
     errs: &mut Errors<'_>,
 ) -> Option<Pipeline> {
+    // A model name on the wire (`/v2/models/{name}`), as a deployment's is.
+    errs.check_name(&p.name, &format!("{at}.pipeline.name"));
     if let Some(first) = names.get(&p.name.value) {
         errs.at(
             p.name.referenced,

@@ -174,8 +174,10 @@ pub struct ShadowStatus {
     /// Rows compared, and the share that agree (same argmax / same values); None before any.
     pub rows: u64,
     pub agreement: Option<f64>,
-    /// Largest absolute difference seen in floating-point outputs.
-    pub max_abs_diff: f64,
+    /// Largest absolute difference seen in floating-point outputs; None once outputs could
+    /// not be compared value by value (their shapes differed: infinitely far apart, which
+    /// JSON cannot write, and `sluice status` could not read the status back).
+    pub max_abs_diff: Option<f64>,
     /// The shadow's latency on copies, milliseconds.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -422,7 +424,7 @@ fn shadow(s: &sluice_deployments::Shadow) -> ShadowStatus {
         compared: st.compared.load(Relaxed),
         rows,
         agreement: (rows > 0).then(|| st.rows_agreed.load(Relaxed) as f64 / rows as f64),
-        max_abs_diff: st.max_abs_diff(),
+        max_abs_diff: Some(st.max_abs_diff()).filter(|d| d.is_finite()),
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
     }

@@ -106,6 +106,16 @@ fn validate_loads_canaries_and_every_repository_version() {
             repo.display()
         )
     };
+    // A broken shadow is named too (it was loaded by `run` only, which then refused to start).
+    let repo = repository("validate-repo-shadow", &[(1, true)]);
+    let text = config("MODELS/iris/model.onnx", &repo).replace(
+        "        canary:",
+        &format!("        shadow: {{model: {}, version: \"3\"}}\n        canary:", broken.display()),
+    );
+    let out = sluice().arg("validate").arg(write_config("broken-shadow.yaml", &text)).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(": m shadow version 3: cannot load model"), "{err}");
     // A broken canary and a broken older repository version: both named, nothing else.
     let repo = repository("validate-repo-broken", &[(1, false), (2, true)]);
     let path = write_config("broken-versions.yaml", &config(broken.to_str().unwrap(), &repo));

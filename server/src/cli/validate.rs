@@ -84,12 +84,15 @@ pub fn validate(
     ExitCode::SUCCESS
 }
 
-/// Every model a deployment serves: its own, its canary's and its extra versions', each with
-/// how to name it in a message.
+/// Every model a deployment serves: its own, its canary's, its shadow's and its extra
+/// versions', each with how to name it in a message.
 fn models_of(d: &Deployment) -> Vec<(String, Model)> {
     let mut out = vec![(String::new(), d.model.clone())];
     if let Some(c) = &d.canary {
         out.push((format!(" canary version {}", c.version), Model::Onnx(c.model.clone())));
+    }
+    if let Some(s) = &d.shadow {
+        out.push((format!(" shadow version {}", s.version), Model::Onnx(s.model.clone())));
     }
     for (version, path) in &d.extra_versions {
         out.push((format!(" version {version}"), Model::Onnx(path.clone())));
