@@ -9,7 +9,6 @@ mod cli;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use cli::{Cli, Command};
 
 /// mimalloc instead of glibc's allocator: a REST request makes about 116 allocations, and at 64
@@ -25,12 +24,27 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
 }
 
+/// The command line, an empty variable read as unset (`SLUICE_RAY_ADDRESS=` turned a local
+/// run into a Ray submission to ""; `SLUICE_CACERT=` failed every admin command).
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    fn unset_empty(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| match a.get_env() {
+            Some(name) if std::env::var_os(name).is_some_and(|v| v.is_empty()) => a.env(None),
+            _ => a,
+        })
+        .mut_subcommands(unset_empty)
+    }
+    let matches = unset_empty(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
     sluice_deployments::onnx::on_memory_released(sluice_server::alloc::purge_freed_memory);
     let ort_env = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from);
     // Object-storage repositories take each cloud's standard variables.
     let store_env = sluice_controller::StoreEnv::from_vars(std::env::vars());
-    let command = Cli::parse().command;
+    let command = parse_cli().command;
     // Serving processes log (and trace) as their config says, once the runtime runs.
     if !matches!(command, Command::Run(_) | Command::Replica(_) | Command::Proxy(_)) {
         let _ = sluice_server::telemetry::init(log_filter(), Default::default(), &Default::default());

@@ -182,8 +182,9 @@ impl Jobs {
     /// A job's details, or None when Ray knows no such job.
     pub async fn job(&self, id: &str) -> Result<Option<JobDetails>, JobsError> {
         let what = format!("GET /api/jobs/{id}");
-        let (status, body) =
-            self.send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{id}"))).await?;
+        let (status, body) = self
+            .send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{}", segment(id))))
+            .await?;
         match status {
             200 => serde_json::from_str(&body)
                 .map(Some)
@@ -207,8 +208,9 @@ impl Jobs {
     /// Asks Ray to stop a job (SIGTERM, then SIGKILL after `RAY_JOB_STOP_WAIT_TIME_S`).
     pub async fn stop(&self, id: &str) -> Result<bool, JobsError> {
         let what = format!("POST /api/jobs/{id}/stop");
-        let (status, body) =
-            self.send(&what, self.request(reqwest::Method::POST, &format!("/api/jobs/{id}/stop"))).await?;
+        let (status, body) = self
+            .send(&what, self.request(reqwest::Method::POST, &format!("/api/jobs/{}/stop", segment(id))))
+            .await?;
         if status != 200 {
             return Err(Self::refused(&what, status, &body));
         }
@@ -224,8 +226,9 @@ impl Jobs {
     /// Deletes a finished job (its logs stay on the cluster).
     pub async fn delete(&self, id: &str) -> Result<(), JobsError> {
         let what = format!("DELETE /api/jobs/{id}");
-        let (status, body) =
-            self.send(&what, self.request(reqwest::Method::DELETE, &format!("/api/jobs/{id}"))).await?;
+        let (status, body) = self
+            .send(&what, self.request(reqwest::Method::DELETE, &format!("/api/jobs/{}", segment(id))))
+            .await?;
         if status != 200 {
             return Err(Self::refused(&what, status, &body));
         }
@@ -235,8 +238,9 @@ impl Jobs {
     /// A job's whole driver log so far.
     pub async fn logs(&self, id: &str) -> Result<String, JobsError> {
         let what = format!("GET /api/jobs/{id}/logs");
-        let (status, body) =
-            self.send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{id}/logs"))).await?;
+        let (status, body) = self
+            .send(&what, self.request(reqwest::Method::GET, &format!("/api/jobs/{}/logs", segment(id))))
+            .await?;
         if status != 200 {
             return Err(Self::refused(&what, status, &body));
         }
@@ -282,7 +286,7 @@ impl Jobs {
         let Some(rest) = self.base.strip_prefix("http://") else {
             return Err(TailError::BeforeFirstFrame("not a plain http:// dashboard".into()));
         };
-        let url = format!("ws://{rest}/api/jobs/{id}/logs/tail");
+        let url = format!("ws://{rest}/api/jobs/{}/logs/tail", segment(id));
         let mut req = url.into_client_request().map_err(|e| TailError::BeforeFirstFrame(e.to_string()))?;
         let agent = concat!("sluice/", env!("CARGO_PKG_VERSION"));
         req.headers_mut().insert("user-agent", http_value(agent)?);
@@ -341,4 +345,22 @@ enum TailError {
 
 fn http_value(s: &str) -> Result<tokio_tungstenite::tungstenite::http::HeaderValue, TailError> {
     s.parse().map_err(|_| TailError::BeforeFirstFrame("a header value is not valid".into()))
+}
+
+/// A job id as one URL path segment: every byte but RFC 3986's unreserved ones escaped (an id
+/// with `#`, `?` or `/` reached Ray as another path: `exp#1` was asked for as `exp`).
+fn segment(id: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    percent_encoding::utf8_percent_encode(id, RESERVED).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_job_id_is_one_path_segment() {
+        assert_eq!(super::segment("exp#1/a b?c"), "exp%231%2Fa%20b%3Fc");
+        assert_eq!(super::segment("train-42_x.y~"), "train-42_x.y~");
+        assert_eq!(super::segment("é"), "%C3%A9");
+    }
 }

@@ -632,27 +632,34 @@ fn takes_worker_threads(command: impl Fn() -> Command) {
         "worker threads",
     );
     assert!(log.contains("; 3 worker threads"), "{log}");
-    for n in ["0", "1025"] {
-        let mut child = KillOnDrop(Some(
-            command()
-                .args(["--worker-threads", n])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        ));
+    let refused = |mut command: Command, what: &str| {
+        let mut child =
+            KillOnDrop(Some(command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()));
         let until = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = child.child().try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < until, "--worker-threads {n} was not refused within 60 s");
+            assert!(Instant::now() < until, "{what} was not refused within 60 s");
             std::thread::sleep(Duration::from_millis(20));
         };
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.child().stderr.take().unwrap(), &mut stderr).unwrap();
-        assert_eq!(status.code(), Some(2), "--worker-threads {n}: {stderr}");
+        assert_eq!(status.code(), Some(2), "{what}: {stderr}");
+        stderr
+    };
+    for n in ["0", "1025"] {
+        let mut c = command();
+        c.args(["--worker-threads", n]);
+        let stderr = refused(c, &format!("--worker-threads {n}"));
         assert!(stderr.contains("--worker-threads"), "{stderr}");
+    }
+    // Nor does tokio's own variable, where the flag is not given: tokio panicked on these.
+    for n in ["0", "abc", "100000"] {
+        let mut c = command();
+        c.env("TOKIO_WORKER_THREADS", n);
+        let stderr = refused(c, &format!("TOKIO_WORKER_THREADS={n}"));
+        assert!(stderr.contains("TOKIO_WORKER_THREADS must be 1 to 1024"), "{stderr}");
     }
 }
 
@@ -1027,4 +1034,65 @@ fn completions_and_the_man_page_cover_the_subcommands() {
     assert!(page.contains("deploy") && page.contains("status"), "{page}");
     let out = sluice().args(["completions", "nosuchshell"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses an unknown shell");
+}
+
+/// An admin API that accepts connections and never answers (a stopped process, a proxy
+/// holding the connection): `sluice status` gives up after `--request-timeout`, and
+/// `sluice deploy` by its `--timeout`. Both waited for good; a command not done within 60 s is
+/// ended and the test fails.
+#[test]
+fn admin_commands_give_up_on_a_server_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let config = write_config(
+        "silent-deploy.yaml",
+        "applications:\n  - name: a\n    deployments: [{name: m, model: MODELS/iris/model.onnx}]\n",
+    );
+    for args in [
+        vec!["status".to_string(), "--request-timeout".into(), "1".into()],
+        vec!["deploy".to_string(), config.display().to_string(), "--timeout".into(), "1".into()],
+    ] {
+        let mut child = KillOnDrop(Some(
+            sluice()
+                .args(&args)
+                .args(["--address", &address])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.child().try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < until, "`sluice {}` still waits after 60 s", args[0]);
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.child().stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}
+
+/// An empty `SLUICE_*` variable reads as unset, as a shell's `VAR=` means: `SLUICE_CACERT=`
+/// failed every admin command on reading the file "".
+#[test]
+fn an_empty_variable_is_unset() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = sluice()
+        .args(["status", "--address", &format!("http://{closed}"), "--request-timeout", "5"])
+        .env("SLUICE_CACERT", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("cannot read"), "the empty variable was read as a file: {stderr}");
 }

@@ -13,6 +13,18 @@ pub struct AdminArgs {
     /// Bearer token, when the server requires one.
     #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Give up on an admin API that does not answer a call within SECONDS (connecting takes
+    /// at most 10 of them; 0: wait as long as it takes); `sluice deploy` waits its `--timeout`
+    /// for the deploy itself.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECONDS",
+        env = "SLUICE_REQUEST_TIMEOUT",
+        default_value_t = 60.0,
+        value_parser = super::seconds
+    )]
+    pub request_timeout: f64,
     #[command(flatten)]
     pub tls: ClientTls,
 }
@@ -31,6 +43,13 @@ pub struct ClientTls {
     /// PEM private key of --cert.
     #[arg(long, global = true, env = "SLUICE_CLIENT_KEY")]
     pub key: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// `--request-timeout`, None for 0 (no limit).
+    pub(super) fn request_limit(&self) -> Option<std::time::Duration> {
+        (self.request_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.request_timeout))
+    }
 }
 
 impl ClientTls {
@@ -90,7 +109,7 @@ pub fn repository(action: &RepositoryAction, admin: &AdminArgs) -> ExitCode {
 
 /// `sluice status`: Sluice's own status (`/api/sluice/status`), as a table or for machines.
 pub fn status(admin: &AdminArgs, output: super::status::Output) -> ExitCode {
-    let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
+    let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None, None) {
         Ok(text) => text,
         Err(code) => return code,
     };
@@ -153,7 +172,7 @@ fn call(
     body: Option<String>,
     base_dir: Option<String>,
 ) -> ExitCode {
-    match request(admin, method, path, body, base_dir) {
+    match request(admin, method, path, body, base_dir, None) {
         Ok(text) => {
             println!("{}", pretty(text));
             ExitCode::SUCCESS
@@ -170,13 +189,15 @@ pub(super) fn pretty(text: String) -> String {
         .unwrap_or(text)
 }
 
-/// One admin API call: the answer's body, or (printed) why there is none.
+/// One admin API call: the answer's body, or (printed) why there is none. It gives up after
+/// `timeout`, else `--request-timeout`.
 pub(super) fn request(
     admin: &AdminArgs,
     method: reqwest::Method,
     path: &str,
     body: Option<String>,
     base_dir: Option<String>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<String, ExitCode> {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -185,7 +206,12 @@ pub(super) fn request(
             return Err(ExitCode::FAILURE);
         }
     };
-    let client = match admin.tls.client(reqwest::Client::builder()) {
+    let ten = std::time::Duration::from_secs(10);
+    let builder = match timeout.or_else(|| admin.request_limit()) {
+        Some(limit) => reqwest::Client::builder().connect_timeout(limit.min(ten)).timeout(limit),
+        None => reqwest::Client::builder().connect_timeout(ten),
+    };
+    let client = match admin.tls.client(builder) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

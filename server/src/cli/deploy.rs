@@ -46,8 +46,11 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         .ok()
         .and_then(|p| p.parent().map(|d| d.display().to_string()))
         .unwrap_or_default();
-    let answer = match request(admin, reqwest::Method::PUT, "/api/serve/applications", Some(text), Some(base))
-    {
+    // The deploy itself (a Sluice config is applied before the answer) within --timeout.
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout);
+    let put_timeout = (wait.timeout > 0.0).then(|| Duration::from_secs_f64(wait.timeout));
+    let path = "/api/serve/applications";
+    let answer = match request(admin, reqwest::Method::PUT, path, Some(text), Some(base), put_timeout) {
         Ok(answer) => answer,
         Err(code) => return code,
     };
@@ -64,11 +67,12 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout);
     let mut shown: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut warned = std::collections::BTreeSet::new();
     loop {
-        let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None) {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let timeout = Some(admin.request_limit().map_or(left, |limit| left.min(limit)));
+        let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None, timeout) {
             Ok(t) => t,
             Err(code) => return code,
         };

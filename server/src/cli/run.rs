@@ -138,7 +138,22 @@ pub fn run_with(
     }
     let release_memory = config.release_startup_memory;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.worker_threads {
+    // tokio reads TOKIO_WORKER_THREADS itself where the count is not set, and panics on a
+    // value it cannot use (0, `abc`): read here, held to the config's bounds.
+    let from_env = match std::env::var("TOKIO_WORKER_THREADS").ok().filter(|v| !v.trim().is_empty()) {
+        None => None,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=sluice_config::MAX_WORKER_THREADS).contains(&n) => Some(n),
+            _ => {
+                let most = sluice_config::MAX_WORKER_THREADS;
+                eprintln!(
+                    "error: TOKIO_WORKER_THREADS must be 1 to {most} (the runtime's threads), got `{v}`"
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Some(n) = config.worker_threads.or(from_env) {
         builder.worker_threads(n as usize);
     }
     let rt = match builder.enable_all().build() {
