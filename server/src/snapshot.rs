@@ -234,7 +234,17 @@ impl Follower {
             for (version, v) in &entry.versions {
                 let key = (model.clone(), version.clone());
                 let followed = match self.versions.remove(&key) {
-                    Some(f) if f.entry.settings == v.settings && f.entry.metadata == v.metadata => f,
+                    // The same deployment unless what it was started from changed (its
+                    // replicas and scaling to zero follow in `sync`): one that became
+                    // multiplexed under the same version name was kept serving one model.
+                    Some(f)
+                        if f.entry.settings == v.settings
+                            && f.entry.metadata == v.metadata
+                            && f.entry.multiplexed == v.multiplexed
+                            && f.entry.max_replicas == v.max_replicas =>
+                    {
+                        f
+                    }
                     _ => match start(model, version, v) {
                         Some(f) => f,
                         None => continue,
@@ -464,6 +474,18 @@ mod tests {
             }
             _ => panic!("acme is not a multiplexed model"),
         }
+
+        // A version that becomes multiplexed under the same name is started again as such
+        // (the proxy kept the one-model deployment, and every request got a 400).
+        let mut follower = Follower::default();
+        follower.apply(&snapshot, &proxy);
+        let mut flipped = snapshot.clone();
+        flipped.models.get_mut("enc").unwrap().versions.get_mut("1").unwrap().multiplexed = true;
+        follower.apply(&flipped, &proxy);
+        let Servable::Deployment(d) = proxy.resolve("enc", Some("1")).unwrap() else {
+            panic!("not a deployment")
+        };
+        assert!(d.spec().multiplexed, "the proxy follows the version's multiplexing");
 
         // An older controller's snapshot (no step version) still runs the step on the primary.
         let mut old = snapshot.clone();
