@@ -97,11 +97,13 @@ pub type BackendFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, LoadError> + 
 /// most backends the factory will have alive at once: the replicas of an ONNX model share its
 /// weights (`share_weights`) only when it is above 1, since a shared copy costs one replica more
 /// than its own (ONNX Runtime keeps the caller's initializers beside their prepacked forms, where
-/// it frees its own copy once packed).
+/// it frees its own copy once packed). `deployment` names the deployment in the multiplex
+/// metrics.
 pub fn backend_factory(
     model: &Model,
     settings: &ReplicaSettings,
     max_replicas: usize,
+    deployment: &str,
 ) -> Result<BackendFactory, LoadError> {
     match model {
         Model::Builtin(b) => crate::builtin::factory(b),
@@ -140,8 +142,10 @@ pub fn backend_factory(
         }
         Model::Multiplexed { dir, max_models_per_replica } => {
             let options = OnnxOptions::from_settings(settings);
-            let label = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            let shared = crate::multiplex::Shared::new(dir.clone(), *max_models_per_replica, options, &label);
+            // Labelled with the deployment, as the dashboards read it (the folder's name added
+            // up two deployments whose folders share a name).
+            let shared =
+                crate::multiplex::Shared::new(dir.clone(), *max_models_per_replica, options, deployment);
             let metadata = shared.reference()?;
             Ok(Arc::new(move || {
                 Ok(Box::new(crate::multiplex::Multiplexed::new(shared.clone(), metadata.clone()))

@@ -381,7 +381,7 @@ impl Deployment {
     pub fn load(config: &sluice_config::Deployment) -> Result<Self, LoadError> {
         Self::start(
             DeploymentSpec::from_config(config),
-            backend_factory(&config.model, &config.settings, config.max_replicas())?,
+            backend_factory(&config.model, &config.settings, config.max_replicas(), &config.name)?,
         )
     }
 

@@ -616,7 +616,7 @@ async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
         s.settings.pad = [("hidden".to_string(), 0.0), ("mask".to_string(), 0.0)].into();
     });
     s.name = "pool".into();
-    let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1).unwrap();
+    let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1, "pool").unwrap();
     let d = Arc::new(Deployment::start(s, factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
     // Hidden size 8; one request of 2 tokens, one of 8 (the batch's padded length).

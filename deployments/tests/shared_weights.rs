@@ -141,7 +141,7 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
     for (share_weights, max_replicas, reads) in [(true, 3, 1), (false, 3, 0), (true, 1, 0)] {
         let what = format!("share_weights {share_weights}, max_replicas {max_replicas}");
         let settings = ReplicaSettings { share_weights, ..ReplicaSettings::default() };
-        let factory = backend_factory(&model, &settings, max_replicas).unwrap();
+        let factory = backend_factory(&model, &settings, max_replicas, "m").unwrap();
         let before = weights::reads();
         let mut replicas: Vec<_> = (0..3).map(|_| factory().unwrap()).collect();
         assert_eq!(weights::reads() - before, reads, "{what}");
@@ -163,7 +163,7 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("model.onnx");
     std::fs::copy(models().join("mlp/model.onnx"), &copy).unwrap();
-    let factory = backend_factory(&Model::Onnx(copy.clone()), &ReplicaSettings::default(), 2).unwrap();
+    let factory = backend_factory(&Model::Onnx(copy.clone()), &ReplicaSettings::default(), 2, "m").unwrap();
     let before = weights::reads();
     let _first = factory().unwrap();
     let _second = factory().unwrap();
@@ -182,7 +182,7 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
     let broken = Model::Onnx(models().join("mlp/expected.json"));
     for share_weights in [true, false] {
         let settings = ReplicaSettings { share_weights, ..ReplicaSettings::default() };
-        let err = backend_factory(&broken, &settings, 2).unwrap()()
+        let err = backend_factory(&broken, &settings, 2, "m").unwrap()()
             .err()
             .expect("a JSON file loads as a model")
             .to_string();

@@ -79,7 +79,9 @@ async fn more_models_than_the_lru_holds_are_counted_exactly() {
     assert_eq!(status, 200, "{got}");
     assert_eq!(multiplex(&s)["hits"].as_u64(), Some(2));
     let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("sluice_multiplex_evictions_total"), "{metrics}");
+    // Labelled with the deployment (the folder's name added up deployments whose folders
+    // share a name, and matched none of the other series).
+    assert!(metrics.contains(r#"sluice_multiplex_evictions_total{deployment="tenants"} 2"#), "{metrics}");
     // Triton's statistics list the deployment once, not once per model id it routes, and
     // count every request it served.
     let stats: Value = reqwest::get(url(&s, "/v2/models/stats")).await.unwrap().json().await.unwrap();

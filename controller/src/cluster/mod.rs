@@ -88,7 +88,7 @@ impl Cluster {
             Cluster::Local => {
                 let m = model.clone();
                 let deployment = tokio::task::spawn_blocking(move || {
-                    let factory = backend_factory(&m, &spec.settings, spec.max_replicas)?;
+                    let factory = backend_factory(&m, &spec.settings, spec.max_replicas, &spec.name)?;
                     Deployment::start(spec, factory)
                 })
                 .await
@@ -103,9 +103,9 @@ impl Cluster {
             Cluster::Ray(cluster) => {
                 // The model's metadata, read here (the head has the working dir too); the
                 // replicas themselves load on their nodes.
-                let (m, settings) = (model.clone(), spec.settings.clone());
+                let (m, settings, label) = (model.clone(), spec.settings.clone(), spec.name.clone());
                 let metadata = tokio::task::spawn_blocking(move || {
-                    let backend = backend_factory(&m, &settings, 1)?()?;
+                    let backend = backend_factory(&m, &settings, 1, &label)?()?;
                     Ok::<_, LoadError>(backend.metadata().clone())
                 })
                 .await

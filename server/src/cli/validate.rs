@@ -103,7 +103,7 @@ fn models_of(d: &Deployment) -> Vec<(String, Model)> {
 /// Loads `model` once and checks it fits the deployment's settings, as starting it would;
 /// answers the tensors it serves.
 fn load_once(model: &Model, d: &Deployment) -> Result<ModelMetadata, LoadError> {
-    let factory = backend_factory(model, &d.settings, 1)?;
+    let factory = backend_factory(model, &d.settings, 1, &d.name)?;
     let metadata = factory()?.metadata().clone();
     check_fits(&d.settings, &metadata)?;
     Ok(metadata)
