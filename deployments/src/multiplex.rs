@@ -4,13 +4,15 @@
 //! `max_models_per_replica`, evicting the least recently used. Requests for different models
 //! never share a batch; the deployment prefers replicas that already hold a request's model
 //! (see `Deployment::dispatch`). A model that cannot load fails its requests with a message
-//! naming it, and the replica goes on serving the others.
+//! naming it, and the replica goes on serving the others. A model's folder is looked at again
+//! at most every [`RECHECK`] while a replica holds it: changed files are loaded again, and a
+//! model whose folder is gone is dropped.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Histogram};
 
@@ -37,9 +39,10 @@ pub struct MultiplexStats {
 pub(crate) struct Shared {
     dir: PathBuf,
     options: OnnxOptions,
-    /// Models that failed to load, by id: the file as it was then (modified time, length) and
-    /// why. Not loaded again (a load stalls the replica's other models) until the file changes.
-    failed: Mutex<HashMap<String, (FileStamp, String)>>,
+    /// Models that failed to load, by id: their folder as it was then, why, and when. Not
+    /// loaded again (a load stalls the replica's other models) until a file of the folder
+    /// changes, or [`RETRY_FAILED`] has passed (a failure may have been the machine's: memory).
+    failed: Mutex<HashMap<String, (FileStamp, String, Instant)>>,
     stats: Arc<MultiplexStats>,
     hit: Counter,
     miss: Counter,
@@ -95,19 +98,45 @@ impl Shared {
     }
 }
 
-/// A file as it is now: (modified time, length); None when it cannot be read.
-type FileStamp = Option<(SystemTime, u64)>;
+/// How often a replica looks at the folder of a model it holds (a hit does not stat files).
+pub const RECHECK: Duration = Duration::from_secs(1);
 
-fn stamp(path: &Path) -> FileStamp {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+/// How long a model that failed to load is answered with its failure without loading it again,
+/// its files unchanged.
+pub const RETRY_FAILED: Duration = Duration::from_secs(60);
+
+/// A model's folder as it is now: each file's name, modified time and length, sorted (the
+/// model file and what it reads beside it, such as external weights); None when the folder
+/// cannot be read.
+type FileStamp = Option<Vec<(std::ffi::OsString, SystemTime, u64)>>;
+
+fn stamp(model_file: &Path) -> FileStamp {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(model_file.parent()?).ok()? {
+        let entry = entry.ok()?;
+        let meta = entry.metadata().ok()?;
+        if meta.is_file() {
+            files.push((entry.file_name(), meta.modified().ok()?, meta.len()));
+        }
+    }
+    files.sort();
+    Some(files)
+}
+
+/// One model a replica holds.
+struct Held {
+    id: Arc<str>,
+    model: OnnxBackend,
+    /// Its folder when it was loaded, and when that was last compared.
+    stamp: FileStamp,
+    checked: Instant,
 }
 
 /// A replica's backend: its loaded models, most recently used last.
 pub(crate) struct Multiplexed {
     shared: Arc<Shared>,
     metadata: ModelMetadata,
-    loaded: Vec<(Arc<str>, OnnxBackend)>,
+    loaded: Vec<Held>,
 }
 
 impl Multiplexed {
@@ -125,15 +154,19 @@ impl Multiplexed {
             return Err(InferError::not_found(format!("unknown model `{id}` (no {})", path.display())));
         }
         let failed = self.shared.failed.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((when, why)) = failed.get(id)
-            && *when == stamp(&path)
+        if let Some((was, why, at)) = failed.get(id)
+            && at.elapsed() < RETRY_FAILED
+            && *was == stamp(&path)
         {
-            return Err(InferError::internal(format!("{why} (not loaded again until its file changes)")));
+            let after = RETRY_FAILED.as_secs();
+            return Err(InferError::internal(format!(
+                "{why} (not loaded again until its files change, or for {after} s)"
+            )));
         }
         Ok(path)
     }
 
-    fn load(&self, id: &str, path: &Path) -> Result<OnnxBackend, InferError> {
+    fn load(&self, id: &str, path: &Path) -> Result<(OnnxBackend, FileStamp), InferError> {
         let was = stamp(path);
         let loaded = OnnxBackend::load(path, &self.shared.options)
             .map_err(|e| format!("model `{id}` failed to load: {e}"))
@@ -152,10 +185,10 @@ impl Multiplexed {
         match loaded {
             Ok(backend) => {
                 failed.remove(id);
-                Ok(backend)
+                Ok((backend, was))
             }
             Err(why) => {
-                failed.insert(id.to_string(), (was, why.clone()));
+                failed.insert(id.to_string(), (was, why.clone(), Instant::now()));
                 Err(InferError::internal(why))
             }
         }
@@ -173,7 +206,7 @@ impl Backend for Multiplexed {
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
         match self.loaded.last_mut() {
-            Some((_, model)) => model.infer(inputs, outputs),
+            Some(held) => held.model.infer(inputs, outputs),
             None => Err(InferError::new(
                 ErrorKind::InvalidArgument,
                 "name a model of this multiplexed deployment",
@@ -183,17 +216,28 @@ impl Backend for Multiplexed {
 
     /// The copies of the model that ran last (the current one).
     fn last_copy_times(&self) -> CopyTimes {
-        self.loaded.last().map_or_else(CopyTimes::default, |(_, model)| model.last_copy_times())
+        self.loaded.last().map_or_else(CopyTimes::default, |held| held.model.last_copy_times())
     }
 
     fn select_model(&mut self, id: &str) -> Result<(), InferError> {
-        let s = &self.shared;
-        if let Some(i) = self.loaded.iter().position(|(m, _)| &**m == id) {
-            let entry = self.loaded.remove(i);
-            self.loaded.push(entry);
-            s.stats.hits.fetch_add(1, Ordering::Relaxed);
-            s.hit.increment(1);
-            return Ok(());
+        let s = self.shared.clone();
+        if let Some(i) = self.loaded.iter().position(|held| &*held.id == id) {
+            let mut held = self.loaded.remove(i);
+            // Its files rewritten since it was loaded (a new fine-tune), or its folder gone
+            // (the tenant left): loaded again, or refused, as a model not held would be.
+            // Replicas that loaded it later served the new files meanwhile.
+            let stale = held.checked.elapsed() >= RECHECK && {
+                held.checked = Instant::now();
+                held.stamp != stamp(&s.dir.join(id).join("model.onnx"))
+            };
+            if !stale {
+                self.loaded.push(held);
+                s.stats.hits.fetch_add(1, Ordering::Relaxed);
+                s.hit.increment(1);
+                return Ok(());
+            }
+            tracing::info!(model = %id, "the model's files changed: loading it again");
+            drop(held);
         }
         // An id with no model, or one that fails to load, is neither a hit nor a miss: clients
         // sending unknown ids do not move the hit rate.
@@ -201,13 +245,13 @@ impl Backend for Multiplexed {
         // Room first, so that a replica never holds more than its capacity, not even while
         // it loads.
         if self.loaded.len() as u64 >= s.stats.capacity {
-            let (gone, _) = self.loaded.remove(0);
+            let gone = self.loaded.remove(0).id;
             tracing::debug!(model = %gone, "evicted");
             s.stats.evictions.fetch_add(1, Ordering::Relaxed);
             s.evictions.increment(1);
         }
         let started = Instant::now();
-        let backend = self.load(id, &path)?;
+        let (model, stamp) = self.load(id, &path)?;
         let took = started.elapsed();
         s.stats.misses.fetch_add(1, Ordering::Relaxed);
         s.miss.increment(1);
@@ -215,12 +259,12 @@ impl Backend for Multiplexed {
         s.stats.load_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         s.loads.increment(1);
         s.load_time.record(took.as_secs_f64());
-        self.loaded.push((Arc::from(id), backend));
+        self.loaded.push(Held { id: Arc::from(id), model, stamp, checked: Instant::now() });
         Ok(())
     }
 
     fn loaded_models(&self) -> Vec<Arc<str>> {
-        self.loaded.iter().map(|(m, _)| m.clone()).collect()
+        self.loaded.iter().map(|held| held.id.clone()).collect()
     }
 
     fn multiplex_stats(&self) -> Option<Arc<MultiplexStats>> {

@@ -145,7 +145,10 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     // Not loaded again while its file stays as it was; loaded once it changes.
     let (status, got) = infer(&s, Some("bad"), None).await;
     assert_eq!(status, 500, "{got}");
-    assert!(got["error"].as_str().unwrap().ends_with("(not loaded again until its file changes)"), "{got}");
+    assert!(
+        got["error"].as_str().unwrap().ends_with("(not loaded again until its files change, or for 60 s)"),
+        "{got}"
+    );
     std::fs::write(dir.join("bad/model.onnx"), b"still not a model, longer").unwrap();
     let (status, got) = infer(&s, Some("bad"), None).await;
     assert_eq!(status, 500, "{got}");
@@ -257,5 +260,29 @@ async fn a_broken_model_first_in_the_folder_keeps_no_other_from_serving() {
     let (status, got) = infer(&s, Some("0bad"), None).await;
     assert_eq!(status, 500, "{got}");
     assert!(got["error"].as_str().unwrap().contains("model `0bad` failed to load"), "{got}");
+    s.shutdown().await;
+}
+
+/// A model a replica holds is looked at again (at most every second): rewritten in place (a
+/// new fine-tune), the next request runs the new files; its folder removed (the tenant left),
+/// 404. The replica served the copy it loaded first for as long as it held it, while replicas
+/// loading it later served the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_model_rewritten_or_removed_is_followed() {
+    let dir = models("rewritten");
+    let s = start(&dir, 1, 2).await;
+    let (status, first) = infer(&s, Some("a"), None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_outputs_match(&first["outputs"], &expected("iris")["cases"][0]["outputs"], 1e-5);
+    // iris-v2 answers the same row with other probabilities.
+    std::fs::copy(models_dir().join("iris-v2/model.onnx"), dir.join("a/model.onnx")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (status, got) = infer(&s, Some("a"), None).await;
+    assert_eq!(status, 200, "{got}");
+    assert_outputs_match(&got["outputs"], &expected("iris-v2")["cases"][0]["outputs"], 1e-5);
+    std::fs::remove_dir_all(dir.join("a")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (status, got) = infer(&s, Some("a"), None).await;
+    assert_eq!(status, 404, "{got}");
     s.shutdown().await;
 }
