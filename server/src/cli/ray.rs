@@ -278,11 +278,10 @@ async fn wait_healthy(
 fn unhealthy(status: &Status, apps: &[&str]) -> Option<String> {
     // The admin API answers while the models still load: an application not listed yet is
     // not deployed yet.
+    // A config with no application (a model repository alone, empty for now) is up once the
+    // admin API answers: waiting for an application to appear never ended.
     if let Some(app) = apps.iter().find(|a| !status.applications.contains_key(**a)) {
         return Some(format!("{app}: not deployed yet"));
-    }
-    if status.applications.is_empty() {
-        return Some("no application deployed yet".into());
     }
     for (app, a) in &status.applications {
         if matches!(a.status, ApplicationState::Deploying | ApplicationState::DeployFailed) {
@@ -437,6 +436,16 @@ fn stop_times(config: &Config) -> (u64, u64) {
 mod tests {
     use super::*;
     use crate::cli::admin::ClientTls;
+
+    /// A config with no application (a repository still empty) is up once the admin API
+    /// answers; one with applications waits for each.
+    #[test]
+    fn a_config_with_no_application_is_up_once_the_admin_answers() {
+        let status: Status =
+            serde_json::from_value(serde_json::json!({"applications": {}, "events": []})).unwrap();
+        assert_eq!(unhealthy(&status, &[]), None);
+        assert_eq!(unhealthy(&status, &["a"]).as_deref(), Some("a: not deployed yet"));
+    }
 
     /// A dashboard that does not answer once (restarting) is asked again, not the end of the
     /// wait: here it then reports the job failed, and the wait says so with its log.

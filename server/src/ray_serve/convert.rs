@@ -42,6 +42,17 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
         .and_then(|c| c.model_repository.as_ref())
         .map_or(sluice_config::DEFAULT_READY_MARKER, |r| r.ready_marker.as_str());
     let mut errors = Vec::new();
+    // The server's repository stays (below), and its models are the application `repository`:
+    // another of that name would pass for it (a delete of it turned polling off).
+    if current.is_some_and(|c| c.model_repository.is_some()) {
+        for (i, app) in deploy.applications.iter().enumerate() {
+            if app.name == sluice_config::REPOSITORY_APPLICATION {
+                let message =
+                    format!("the application name `{}` is the model repository's; choose another", app.name);
+                errors.push(err(format!("applications.{i}.name"), message));
+            }
+        }
+    }
     let mut notes = Vec::new();
     let apps = deploy
         .applications
@@ -489,5 +500,19 @@ mod tests {
                 "application `c` has no deployment `C`; it has `c`".into()
             )]
         );
+    }
+
+    /// On a server with a model repository, an application may not take the repository's
+    /// name: it passed for the repository's models (a delete of it turned polling off).
+    #[test]
+    fn the_repository_applications_name_is_refused_when_the_server_has_one() {
+        let body =
+            json!({"applications": [{"name": "repository", "import_path": "sluice.onnx:iris/model.onnx"}]});
+        let text = format!("model_repository: {{path: {}}}\n", models().display());
+        let current = sluice_config::parse(&text, &models().join("c.yaml")).unwrap();
+        let e = convert(&body, &models(), Some(&current)).unwrap_err();
+        assert_eq!(e.0[0].loc, "applications.0.name", "{:?}", e.0);
+        assert!(e.0[0].msg.contains("is the model repository's"), "{:?}", e.0);
+        assert!(convert(&body, &models(), None).is_ok(), "no repository, no clash");
     }
 }
