@@ -72,7 +72,7 @@ pub(crate) fn check_listeners(
         let message = format!("must be 1 to {MAX_CONNECTIONS}");
         problems.push(("http_options.max_connections".into(), message));
     }
-    problems.extend(check_addresses(http, grpc));
+    problems.extend(check_addresses(http, grpc, admin));
     for (name, tls) in
         [("http_options", &mut http.tls), ("grpc_options", &mut grpc.tls), ("admin_options", &mut admin.tls)]
     {
@@ -90,7 +90,7 @@ fn grpc_shares_rest_port(http: &HttpOptions, grpc: &GrpcOptions) -> bool {
 
 /// The listener checks that hang on their hosts and ports alone: run again by
 /// [`crate::check_addresses`] once the command line changed them.
-fn check_addresses(http: &HttpOptions, grpc: &GrpcOptions) -> Vec<Problem> {
+fn check_addresses(http: &HttpOptions, grpc: &GrpcOptions, admin: &AdminOptions) -> Vec<Problem> {
     let mut problems = Vec::new();
     if grpc_shares_rest_port(http, grpc) && grpc.tls.is_some() {
         problems.push((
@@ -98,12 +98,39 @@ fn check_addresses(http: &HttpOptions, grpc: &GrpcOptions) -> Vec<Problem> {
             "gRPC shares the REST port here, so `http_options.tls` serves both; remove this one".into(),
         ));
     }
+    // Two listeners on one port that cannot both bind it: a config error, not a bind error
+    // at start (gRPC on the REST port and host is one listener, on purpose).
+    let rest = ("http_options", http.host.as_str(), http.port);
+    let mut others = Vec::new();
+    if grpc.enabled && !grpc_shares_rest_port(http, grpc) {
+        others.push(("grpc_options", grpc.host.as_str(), grpc.port));
+    }
+    if admin.enabled {
+        others.push(("admin_options", admin.host.as_str(), admin.port));
+    }
+    for (i, &(field, host, port)) in others.iter().enumerate() {
+        for &(taken_by, taken_host, taken_port) in std::iter::once(&rest).chain(&others[..i]) {
+            if clash((host, port), (taken_host, taken_port)) {
+                problems.push((
+                    format!("{field}.port"),
+                    format!("{host}:{port} is {taken_by}'s ({taken_host}:{taken_port}); give each listener its own port"),
+                ));
+            }
+        }
+    }
     problems
+}
+
+/// Whether two listeners cannot both bind: one port (not 0, a free one each), on one host or
+/// where either is every address.
+fn clash(a: (&str, u16), b: (&str, u16)) -> bool {
+    let every = |h: &str| matches!(h, "0.0.0.0" | "::" | "[::]");
+    a.1 != 0 && a.1 == b.1 && (a.0 == b.0 || every(a.0) || every(b.0))
 }
 
 /// [`check_addresses`] as the config's errors, naming its file.
 pub(crate) fn address_errors(config: &crate::Config) -> Vec<crate::ConfigError> {
-    check_addresses(&config.http_options, &config.grpc_options)
+    check_addresses(&config.http_options, &config.grpc_options, &config.admin_options)
         .into_iter()
         .map(|(field, message)| crate::ConfigError {
             field,
@@ -216,8 +243,24 @@ mod tests {
             text.starts_with(&format!("{}: grpc_options.tls: gRPC shares the REST port", c.source.display())),
             "{text}"
         );
-        c.grpc_options.host = "0.0.0.0".into();
+        c.grpc_options.host = "127.0.0.2".into();
         assert!(crate::check_addresses(&c).is_ok(), "another host is another listener");
+        // Every address overlaps the REST host's: not one listener, and not two that bind.
+        c.grpc_options.host = "0.0.0.0".into();
+        c.grpc_options.tls = None;
+        let text = crate::check_addresses(&c).unwrap_err().to_string();
+        assert!(text.contains("grpc_options.port: 0.0.0.0:9000 is http_options's (127.0.0.1:9000)"), "{text}");
+        // The admin API on the REST port (a command-line override), or on gRPC's.
+        c.grpc_options.host = "127.0.0.1".into();
+        c.grpc_options.port = 9001;
+        c.admin_options.port = 9000;
+        let text = crate::check_addresses(&c).unwrap_err().to_string();
+        assert!(text.contains("admin_options.port: 127.0.0.1:9000 is http_options's"), "{text}");
+        c.admin_options.port = 9001;
+        let text = crate::check_addresses(&c).unwrap_err().to_string();
+        assert!(text.contains("admin_options.port: 127.0.0.1:9001 is grpc_options's"), "{text}");
+        c.admin_options.enabled = false;
+        assert!(crate::check_addresses(&c).is_ok(), "no admin API, no clash");
     }
 
     #[test]
