@@ -309,16 +309,23 @@ fn validate_application(
     }
     if let Some(prefix) = &app.route_prefix {
         let p = &prefix.value;
+        // Matched against the request's path as it comes, escapes and all: a character a
+        // client sends escaped (a space, `é`), or one that ends the path (`?`, `#`), could
+        // never match; the server's own paths take the request first.
+        let sent_as_is = |c: char| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '%' | '{' | '}');
         if !p.starts_with('/')
             || (p.len() > 1 && p.ends_with('/'))
             || p.starts_with("/v2")
             || p.starts_with("/metrics")
-            || p.contains(['{', '}'])
+            || p.starts_with("/-/")
+            || p == "/openapi.json"
+            || !p.chars().all(sent_as_is)
         {
             errs.at(
                 prefix.referenced,
                 format!("{at}.route_prefix"),
-                "must start with `/`, not end with `/`, hold no `{ }`, and not be under /v2 or /metrics",
+                "must start with `/`, not end with `/`, hold visible ASCII other than `? # % { }`, and not be \
+                 under /v2, /metrics or /-/, nor /openapi.json",
             );
         }
         if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {
