@@ -477,11 +477,16 @@ fn a_model_path_that_is_a_folder_is_named_so() {
 /// escaped or that ends the path, one of the server's own paths.
 #[test]
 fn route_prefixes_hold_no_patterns_and_no_path_a_request_cannot_match() {
-    for prefix in ["/{x}", "/a b", "/café", "/x%41", "/a?b", "/a#b", "/-/healthz", "/-/routes", "/openapi.json"] {
+    for prefix in
+        ["/{x}", "/a b", "/café", "/x%41", "/a?b", "/a#b", "/-/healthz", "/-/routes", "/openapi.json"]
+    {
         let e = errors(&format!(
             "applications:\n  - name: a\n    route_prefix: \"{prefix}\"\n    deployments: [{{name: m, model: m.onnx}}]\n"
         ));
-        assert!(e.iter().any(|e| e.message.contains("visible ASCII other than `? # % { }`")), "{prefix}: {e:?}");
+        assert!(
+            e.iter().any(|e| e.message.contains("visible ASCII other than `? # % { }`")),
+            "{prefix}: {e:?}"
+        );
     }
 }
 

@@ -249,7 +249,10 @@ mod tests {
         c.grpc_options.host = "0.0.0.0".into();
         c.grpc_options.tls = None;
         let text = crate::check_addresses(&c).unwrap_err().to_string();
-        assert!(text.contains("grpc_options.port: 0.0.0.0:9000 is http_options's (127.0.0.1:9000)"), "{text}");
+        assert!(
+            text.contains("grpc_options.port: 0.0.0.0:9000 is http_options's (127.0.0.1:9000)"),
+            "{text}"
+        );
         // The admin API on the REST port (a command-line override), or on gRPC's.
         c.grpc_options.host = "127.0.0.1".into();
         c.grpc_options.port = 9001;

@@ -134,7 +134,13 @@ pub fn backend_factory(
                     }
                 };
                 match shared {
-                    Some(shared) => OnnxBackend::load_shared(&path, &options, shared),
+                    // ONNX Runtime reads the file again for the graph: one replaced between
+                    // the weights' read and that would make a session of the new graph with
+                    // the old weights. Checked after it: such a session is dropped for one of
+                    // the new file's own.
+                    Some(shared) => OnnxBackend::load_shared(&path, &options, shared.clone()).and_then(|b| {
+                        if shared.is_current(&path) { Ok(b) } else { OnnxBackend::load(&path, &options) }
+                    }),
                     None => OnnxBackend::load(&path, &options),
                 }
                 .map(|b| Box::new(b) as Box<dyn Backend>)

@@ -37,8 +37,8 @@ pub struct SharedWeights {
     initializers: Vec<(String, Arc<DynValue>)>,
     prepacked: PrepackedWeights,
     bytes: usize,
-    /// The file's size and modification time when read.
-    stamp: Option<(u64, SystemTime)>,
+    /// The file when read (see [`FileStamp`]).
+    stamp: Option<FileStamp>,
 }
 
 impl std::fmt::Debug for SharedWeights {
@@ -82,8 +82,8 @@ impl SharedWeights {
         Ok(Self { initializers, prepacked: PrepackedWeights::new(), bytes, stamp })
     }
 
-    /// Whether the file at `path` is still the one these weights were read from (same size and
-    /// modification time). A session loaded from a replaced file must not get the old weights.
+    /// Whether the file at `path` is still the one these weights were read from (see
+    /// [`FileStamp`]). A session loaded from a replaced file must not get the old weights.
     pub fn is_current(&self, path: &Path) -> bool {
         self.stamp.is_some() && file_stamp(path) == self.stamp
     }
@@ -109,9 +109,15 @@ impl SharedWeights {
     }
 }
 
-fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
+/// A file as it is: its inode and device, size, modification time and status-change time. A
+/// file replaced by a rename (a new inode), or rewritten with its modification time kept
+/// (`cp -p`, `rsync -a`: the status-change time moves), reads as another file.
+type FileStamp = (u64, u64, u64, SystemTime, i64, i64);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.len(), meta.modified().ok()?))
+    Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?, meta.ctime(), meta.ctime_nsec()))
 }
 
 /// An ONNX Runtime tensor over a buffer Sluice owns: `AddInitializer` takes only those (a tensor

@@ -176,6 +176,16 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
     let mut third = factory().unwrap();
     assert_eq!(weights::reads() - before, 2, "the replaced file is read again");
     answers_the_mlp_cases(third.as_mut(), "a replica of the replaced file");
+    // Rewritten at the same size with its modification time kept (`cp -p`, `rsync -a`): read
+    // again too (the size and modification time alone called it the same file).
+    let mtime = std::fs::metadata(&copy).unwrap().modified().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] = b'y';
+    std::fs::write(&copy, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&copy).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(std::fs::metadata(&copy).unwrap().modified().unwrap(), mtime);
+    let _fourth = factory().unwrap();
+    assert_eq!(weights::reads() - before, 3, "the rewritten file is read again");
     std::fs::remove_dir_all(&dir).unwrap();
 
     // A file ONNX Runtime cannot load fails with its reason, shared or not.
