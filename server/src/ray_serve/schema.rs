@@ -137,28 +137,74 @@ fn ray_bound(field: &str, v: &Value) -> Option<&'static str> {
 }
 
 /// Fields Sluice ignores but answers back in `deployed_app_config`, checked as Ray's
-/// `ServeDeploySchema` checks them (Ray's CLI reads the status with the same schema and fails
-/// on what it would have refused): `runtime_env` takes only remote URIs in `working_dir` and
-/// `py_modules`, and `logging_config.log_level` is a logging level name.
+/// `ServeDeploySchema` checks them (Ray's CLI reads the status with the same schema, and one
+/// application it would have refused fails `serve status` and `serve config` for all):
+/// `runtime_env` takes only remote URIs of Ray's protocols in `working_dir` and `py_modules`,
+/// `logging_config` takes Ray's keys, a level name or number and an encoding of TEXT or JSON,
+/// and `external_scaler_enabled` excludes autoscaled deployments.
 fn ray_only_checks(app: &Map<String, Value>, at: &str, errors: &mut Vec<ValidationError>) {
-    let remote = |v: &Value| v.as_str().is_none_or(|s| s.contains("://"));
-    if let Some(env) = app.get("runtime_env").and_then(Value::as_object) {
-        let modules = env.get("py_modules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-        if !env.get("working_dir").is_none_or(remote) || !modules.iter().all(remote) {
+    runtime_env_checks(app.get("runtime_env"), &format!("{at}.runtime_env"), errors);
+    logging_checks(app.get("logging_config"), &format!("{at}.logging_config"), errors);
+    if app.get("external_scaler_enabled") == Some(&Value::Bool(true)) {
+        let deployments =
+            app.get("deployments").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let autoscaled = |d: &Value| {
+            d.get("num_replicas").and_then(Value::as_str) == Some("auto")
+                || d.get("autoscaling_config").is_some_and(|a| !a.is_null())
+        };
+        if deployments.iter().any(autoscaled) {
             errors.push(err(
-                &format!("{at}.runtime_env"),
-                "runtime_envs in the Serve config support only remote URIs in working_dir and py_modules",
+                &format!("{at}.external_scaler_enabled"),
+                "external_scaler_enabled is set, but a deployment has autoscaling (num_replicas: auto or an autoscaling_config)",
             ));
         }
     }
+}
+
+/// Ray's `runtime_env` rule for Serve configs: remote URIs of its protocols only.
+fn runtime_env_checks(env: Option<&Value>, at: &str, errors: &mut Vec<ValidationError>) {
+    const PROTOCOLS: &[&str] =
+        &["gcs", "conda", "pip", "uv", "s3", "gs", "azure", "abfss", "file", "http", "https"];
+    let remote = |v: &Value| {
+        v.as_str().is_none_or(|s| s.split_once("://").is_some_and(|(scheme, _)| PROTOCOLS.contains(&scheme)))
+    };
+    let Some(env) = env.and_then(Value::as_object) else { return };
+    let modules = env.get("py_modules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    if !env.get("working_dir").is_none_or(remote) || !modules.iter().all(remote) {
+        errors.push(err(
+            at,
+            &format!(
+                "runtime_envs in the Serve config support only remote URIs in working_dir and py_modules ({})",
+                PROTOCOLS.join(", ")
+            ),
+        ));
+    }
+}
+
+/// Ray's `LoggingConfig`: its keys only, a level name or number, an encoding of TEXT or JSON.
+fn logging_checks(config: Option<&Value>, at: &str, errors: &mut Vec<ValidationError>) {
+    const KEYS: &[&str] =
+        &["encoding", "log_level", "logs_dir", "enable_access_log", "additional_log_standard_attrs"];
     const LEVELS: &[&str] = &["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"];
-    let level = app.get("logging_config").and_then(|l| l.get("log_level"));
-    if let Some(level) = level.filter(|l| !l.is_null())
+    let Some(config) = config.and_then(Value::as_object) else { return };
+    for key in config.keys().filter(|k| !KEYS.contains(&k.as_str())) {
+        errors.push(err(&format!("{at}.{key}"), "Extra inputs are not permitted"));
+    }
+    if let Some(level) = config.get("log_level").filter(|l| !l.is_null())
         && !level.as_str().is_some_and(|l| LEVELS.contains(&l))
+        && level.as_u64().is_none_or(|n| n > 50)
     {
         errors.push(err(
-            &format!("{at}.logging_config.log_level"),
-            &format!("{level} is not a valid log level; use one of {}", LEVELS.join(", ")),
+            &format!("{at}.log_level"),
+            &format!("{level} is not a valid log level; use one of {} (or a number)", LEVELS.join(", ")),
+        ));
+    }
+    if let Some(encoding) = config.get("encoding").filter(|e| !e.is_null())
+        && !encoding.as_str().is_some_and(|e| e == "TEXT" || e == "JSON")
+    {
+        errors.push(err(
+            &format!("{at}.encoding"),
+            &format!("{encoding} is not a valid encoding; use TEXT or JSON"),
         ));
     }
 }
@@ -271,6 +317,26 @@ fn parse_app(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Opti
 
 fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<RayDeployment> {
     let obj = object(value, at, errors)?;
+    // What Sluice ignores of a deployment but Ray's schema refuses (see [`ray_only_checks`]).
+    let options = obj.get("ray_actor_options");
+    runtime_env_checks(
+        options.and_then(|o| o.get("runtime_env")),
+        &format!("{at}.ray_actor_options.runtime_env"),
+        errors,
+    );
+    logging_checks(obj.get("logging_config"), &format!("{at}.logging_config"), errors);
+    let bundles = obj.get("placement_group_bundles").is_some_and(|b| !b.is_null());
+    if bundles && obj.get("max_replicas_per_node").is_some_and(|m| !m.is_null()) {
+        errors.push(err(
+            &format!("{at}.max_replicas_per_node"),
+            "Setting max_replicas_per_node is not allowed when placement_group_bundles is provided",
+        ));
+    }
+    for key in ["graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"] {
+        if obj.get(key).and_then(Value::as_f64).is_some_and(|v| v < 0.0) {
+            errors.push(err(&format!("{at}.{key}"), "Input should be greater than or equal to 0"));
+        }
+    }
     let name = match obj.get("name") {
         None => {
             errors.push(err(&format!("{at}.name"), "Field required"));
@@ -527,8 +593,49 @@ mod tests {
         );
         let remote = json!({"runtime_env": {"working_dir": "https://example.invalid/a.zip", "py_modules": ["s3://b/m.zip"]}});
         assert!(parse(&app(ok.clone(), remote)).is_ok());
-        let level =
-            parse(&app(ok, json!({"logging_config": {"log_level": "LOUD"}}))).unwrap_err().to_string();
+        let level = parse(&app(ok.clone(), json!({"logging_config": {"log_level": "LOUD"}})))
+            .unwrap_err()
+            .to_string();
         assert!(level.contains("logging_config.log_level\n  \"LOUD\" is not a valid log level"), "{level}");
+        // Refused too, as Ray's schema refuses them (an application Ray would not take, shown
+        // back in the status, made `serve status` fail on every application).
+        for (top, deployment, message) in [
+            (
+                json!({"runtime_env": {"working_dir": "ftp://h/a.zip"}}),
+                ok.clone(),
+                "support only remote URIs",
+            ),
+            (json!({"logging_config": {"encoding": "XML"}}), ok.clone(), "logging_config.encoding"),
+            (
+                json!({"logging_config": {"colour": true}}),
+                ok.clone(),
+                "logging_config.colour\n  Extra inputs",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "ray_actor_options": {"runtime_env": {"working_dir": "."}}}),
+                "deployments.0.ray_actor_options.runtime_env",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "max_replicas_per_node": 2, "placement_group_bundles": [{"CPU": 1}]}),
+                "not allowed when placement_group_bundles is provided",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "graceful_shutdown_timeout_s": -1}),
+                "graceful_shutdown_timeout_s\n  Input should be greater than or equal to 0",
+            ),
+            (
+                json!({"external_scaler_enabled": true}),
+                json!({"name": "a", "num_replicas": "auto"}),
+                "external_scaler_enabled",
+            ),
+        ] {
+            let e = parse(&app(deployment, top)).unwrap_err().to_string();
+            assert!(e.contains(message), "{message}: {e}");
+        }
+        // A level by number is Ray's too.
+        assert!(parse(&app(ok, json!({"logging_config": {"log_level": 20, "encoding": "JSON"}}))).is_ok());
     }
 }
