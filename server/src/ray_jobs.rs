@@ -23,6 +23,8 @@ pub enum JobsError {
     Refused { what: String, status: u16, message: String },
     #[error("unexpected answer from Ray to {what}: {message}")]
     Protocol { what: String, message: String },
+    #[error("job `{id}` already exists ({status}); submit under another --submission-id")]
+    Exists { id: String, status: String },
 }
 
 /// A job as Ray reports it (`JobDetails`; fields Sluice reads).
@@ -160,11 +162,16 @@ impl Jobs {
     }
 
     /// Submits a job. A job already submitted under the same id is left as it is and
-    /// reported (`Ok(false)`); a finished one is deleted and submitted again.
-    pub async fn submit(&self, job: &JobRequest) -> Result<bool, JobsError> {
+    /// reported (`Ok(false)`) while it runs; a finished one is deleted and submitted again when
+    /// `again_when_finished` (a serving job started anew), else refused as Ray refuses an id
+    /// in use (a client's own id is what makes a retry safe: a finished training ran again).
+    pub async fn submit(&self, job: &JobRequest, again_when_finished: bool) -> Result<bool, JobsError> {
         if let Some(existing) = self.job(&job.submission_id).await? {
             if !existing.is_terminal() {
                 return Ok(false);
+            }
+            if !again_when_finished {
+                return Err(JobsError::Exists { id: job.submission_id.clone(), status: existing.status });
             }
             self.delete(&job.submission_id).await?;
         }

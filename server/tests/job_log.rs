@@ -64,3 +64,20 @@ async fn a_log_stream_that_ends_early_goes_on_by_polling() {
     let job = jobs.job("j").await.unwrap().unwrap();
     assert!(job.is_terminal(), "followed until the job ended: {}", job.status);
 }
+
+/// A job submitted under an id Ray already has, finished: refused as Ray refuses an id in use
+/// (it was deleted and run again: a retry of a finished training trained again), unless the
+/// caller starts a serving job anew (`sluice run --ray`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_jobs_id_is_not_run_again() {
+    let jobs = sluice_server::ray_jobs::Jobs::new(&dashboard().await, None);
+    // The stand-in's job reads SUCCEEDED after three looks.
+    while !jobs.job("j").await.unwrap().unwrap().is_terminal() {}
+    let request = sluice_server::ray_jobs::JobRequest {
+        entrypoint: "train".into(),
+        submission_id: "j".into(),
+        ..Default::default()
+    };
+    let e = jobs.submit(&request, false).await.unwrap_err().to_string();
+    assert!(e.contains("job `j` already exists (SUCCEEDED)"), "{e}");
+}

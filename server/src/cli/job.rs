@@ -53,7 +53,8 @@ pub struct SubmitArgs {
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// The job's id. Default: `sluice-job-<time>`. Submitting an id that runs already only
-    /// follows it.
+    /// follows it; one of a finished job is refused (as Ray refuses it), so a retry never
+    /// runs a finished job again.
     #[arg(long)]
     pub submission_id: Option<String>,
     /// Return once submitted instead of following the log.
@@ -171,7 +172,7 @@ async fn submit(jobs: &Jobs, s: SubmitArgs) -> Result<ExitCode, String> {
         entrypoint_num_cpus: s.num_cpus,
         entrypoint_num_gpus: s.num_gpus,
     };
-    let fresh = jobs.submit(&request).await.map_err(|e| e.to_string())?;
+    let fresh = jobs.submit(&request, false).await.map_err(|e| e.to_string())?;
     eprintln!(
         "{} job {id} on Ray {version} at {}",
         if fresh { "submitted" } else { "already running:" },

@@ -160,7 +160,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
         metadata: [("sluice_config".to_string(), config_rel.display().to_string())].into(),
         ..JobRequest::default()
     };
-    let fresh = jobs.submit(&job).await.map_err(|e| e.to_string())?;
+    let fresh = jobs.submit(&job, true).await.map_err(|e| e.to_string())?;
     eprintln!("{} job {id}", if fresh { "submitted" } else { "already running:" });
     let admin = admin_url(&s.address, config)?;
     let apps: Vec<&str> = config.applications.iter().map(|a| a.name.as_str()).collect();
