@@ -81,6 +81,8 @@ pub struct Jobs {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// How long the log websocket may stay silent before the log is looked at over HTTP.
+    quiet: Duration,
 }
 
 impl Jobs {
@@ -92,7 +94,19 @@ impl Jobs {
             .timeout(Duration::from_secs(300))
             .build()
             .unwrap_or_default();
-        Self { base: address.trim_end_matches('/').to_string(), token: token.filter(|t| !t.is_empty()), http }
+        Self {
+            base: address.trim_end_matches('/').to_string(),
+            token: token.filter(|t| !t.is_empty()),
+            http,
+            quiet: Duration::from_secs(30),
+        }
+    }
+
+    /// After `quiet` without a word on the log websocket, [`Jobs::tail`] looks at the job and
+    /// its log over HTTP (default 30 s).
+    pub fn with_quiet(mut self, quiet: Duration) -> Self {
+        self.quiet = quiet;
+        self
     }
 
     pub fn address(&self) -> &str {
@@ -267,7 +281,8 @@ impl Jobs {
     /// (an `https://` dashboard: no TLS websocket here; a proxy in between) by polling the whole
     /// log every second and passing on what is new. A websocket that closes or breaks while
     /// the job still runs (a proxy's idle timeout during a quiet epoch) goes on by polling,
-    /// from the bytes already shown.
+    /// from the bytes already shown; so does one that stays silent while the log grows or the
+    /// job ends (a connection dropped without a word: a NAT's idle timeout, a partition).
     pub async fn tail(&self, id: &str, mut out: impl FnMut(&str)) -> Result<(), JobsError> {
         let mut shown = 0;
         let mut counted = |chunk: &str| {
@@ -282,6 +297,7 @@ impl Jobs {
             }
             Ok(()) => tracing::debug!("the log websocket closed while the job runs; polling the log"),
             Err(TailError::Jobs(e)) => tracing::debug!("the log websocket broke ({e}); polling the log"),
+            Err(TailError::Silent) => tracing::debug!("the log websocket went silent; polling the log"),
         }
         self.tail_polling(id, shown, &mut out).await
     }
@@ -305,10 +321,31 @@ impl Jobs {
             .await
             .map_err(|_| TailError::BeforeFirstFrame("no answer within 10 s".into()))?
             .map_err(|e| TailError::BeforeFirstFrame(e.to_string()))?;
-        while let Some(frame) = ws.next().await {
+        let mut passed = 0;
+        loop {
+            let frame = match tokio::time::timeout(self.quiet, ws.next()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                // Nothing for a while: a quiet job, or a connection gone without a word. The
+                // job and its log over HTTP tell which.
+                Err(_) => {
+                    let ended = self.job(id).await.map_err(TailError::Jobs)?.is_none_or(|j| j.is_terminal());
+                    if ended || self.logs(id).await.map_err(TailError::Jobs)?.len() > passed {
+                        return Err(TailError::Silent);
+                    }
+                    continue;
+                }
+            };
             match frame {
-                Ok(Message::Text(text)) => out(text.as_str()),
-                Ok(Message::Binary(data)) => out(&String::from_utf8_lossy(&data)),
+                Ok(Message::Text(text)) => {
+                    passed += text.len();
+                    out(text.as_str())
+                }
+                Ok(Message::Binary(data)) => {
+                    let text = String::from_utf8_lossy(&data);
+                    passed += text.len();
+                    out(&text)
+                }
                 Ok(Message::Close(_)) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -322,7 +359,9 @@ impl Jobs {
         Ok(())
     }
 
-    /// Polls the whole log every second and passes on what is new past `shown` bytes.
+    /// Polls the whole log and passes on what is new past `shown` bytes: every second, less
+    /// often as the log grows (a second more per MB, at most every 10 s: a 200 MB log fetched
+    /// whole every second).
     async fn tail_polling(
         &self,
         id: &str,
@@ -339,7 +378,8 @@ impl Jobs {
             if ended {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            let every = Duration::from_secs(1 + (logs.len() as u64 >> 20)).min(Duration::from_secs(10));
+            tokio::time::sleep(every).await;
         }
     }
 }
@@ -348,6 +388,8 @@ enum TailError {
     /// The websocket could not be opened: polling may still work.
     BeforeFirstFrame(String),
     Jobs(JobsError),
+    /// The websocket said nothing while the log grew or the job ended.
+    Silent,
 }
 
 fn http_value(s: &str) -> Result<tokio_tungstenite::tungstenite::http::HeaderValue, TailError> {

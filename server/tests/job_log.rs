@@ -13,22 +13,27 @@ use tokio_tungstenite::tungstenite::Message;
 
 const LOG: &str = "epoch 1\nepoch 2\ndone\n";
 
-/// The dashboard: the websocket sends the first line and closes; the job reads RUNNING for its
-/// first three looks, then SUCCEEDED; the whole log is `LOG`.
+/// The dashboard: the websocket sends the first line and closes (or, `silent`, keeps the
+/// connection open and says nothing more); the job reads RUNNING for its first three looks,
+/// then SUCCEEDED; the whole log is `LOG`.
 async fn dashboard() -> String {
+    stand_in(false).await
+}
+
+async fn stand_in(silent: bool) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let looks = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(serve(stream, looks.clone()));
+            tokio::spawn(serve(stream, looks.clone(), silent));
         }
     });
     format!("http://{addr}")
 }
 
-async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>) {
+async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>, silent: bool) {
     let mut head = [0u8; 1024];
     let n = stream.peek(&mut head).await.unwrap();
     let request = String::from_utf8_lossy(&head[..n]).into_owned();
@@ -36,6 +41,10 @@ async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>) {
     if path.ends_with("/logs/tail") {
         let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
         ws.send(Message::text("epoch 1\n")).await.unwrap();
+        if silent {
+            // Held open, never another word: a connection gone without a FIN.
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        }
         // Dropped without a close frame: the connection just ends.
         return;
     }
@@ -80,4 +89,17 @@ async fn a_finished_jobs_id_is_not_run_again() {
     };
     let e = jobs.submit(&request, false).await.unwrap_err().to_string();
     assert!(e.contains("job `j` already exists (SUCCEEDED)"), "{e}");
+}
+
+/// A log websocket that goes silent (held open, never closed) while the log grows: the log is
+/// looked at over HTTP after the quiet time and followed by polling (it waited on the dead
+/// connection for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_log_stream_goes_on_by_polling() {
+    let jobs = sluice_server::ray_jobs::Jobs::new(&stand_in(true).await, None)
+        .with_quiet(std::time::Duration::from_millis(200));
+    let mut printed = String::new();
+    let follow = jobs.tail("j", |chunk| printed.push_str(chunk));
+    tokio::time::timeout(std::time::Duration::from_secs(60), follow).await.expect("still waiting").unwrap();
+    assert_eq!(printed, LOG, "every line once");
 }
