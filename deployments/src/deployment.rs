@@ -976,6 +976,10 @@ impl Deployment {
 /// Serve's).
 pub const MULTIPLEX_HEADER: &str = "serve_multiplexed_model_id";
 
+/// The gRPC metadata key carrying a model id as bytes (UTF-8), for ids an ASCII value cannot
+/// hold.
+pub const MULTIPLEX_HEADER_BIN: &str = "serve_multiplexed_model_id-bin";
+
 impl Deployment {
     /// The least loaded ready replica holding `model`, unless every holder is saturated
     /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy).

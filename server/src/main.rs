@@ -80,6 +80,11 @@ fn main() -> ExitCode {
                 };
                 cli::ray::submit(&config, submit)
             } else {
+                if config.cluster.ray.is_some() {
+                    eprintln!(
+                        "warning: `cluster.ray` is set but names no address (nor --ray, SLUICE_RAY_ADDRESS): serving on this machine"
+                    );
+                }
                 let options = sluice_server::StartOptions { admin_token, store_env, ..Default::default() };
                 cli::run::run(config, logs, args.ort, ort_env, options)
             }

@@ -286,3 +286,29 @@ async fn a_held_model_rewritten_or_removed_is_followed() {
     assert_eq!(status, 404, "{got}");
     s.shutdown().await;
 }
+
+/// A model id outside visible ASCII (a folder named `café`) reaches a multiplexed deployment
+/// over gRPC as bytes, under `serve_multiplexed_model_id-bin` (how a proxy on Ray passes it to
+/// the replica's process: an ASCII metadata value cannot hold it, and it was left out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_id_outside_ascii_travels_as_bytes_over_grpc() {
+    let dir = models("bin");
+    std::fs::create_dir_all(dir.join("café")).unwrap();
+    std::fs::copy(models_dir().join("iris/model.onnx"), dir.join("café/model.onnx")).unwrap();
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{host: 127.0.0.1, port: 0}}\nadmin_options: {{enabled: false}}\napplications:\n  - name: app\n    deployments:\n      - {{name: tenants, multiplex: {{path: {}, max_num_models_per_replica: 2}}}}\n",
+        dir.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("m.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    let mut client = grpc::client(&s).await;
+    let mut request =
+        tonic::Request::new(grpc::fp32_request("tenants", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]));
+    let id = tonic::metadata::MetadataValue::from_bytes("café".as_bytes());
+    request.metadata_mut().insert_bin("serve_multiplexed_model_id-bin", id);
+    let answer = client.model_infer(request).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(multiplex(&s)["models"], serde_json::json!(["a", "b", "bad", "c", "café"]));
+    s.shutdown().await;
+}

@@ -71,8 +71,19 @@ impl RemoteReplica for GrpcReplica {
             let _admission = admission;
             let mut request = tonic::Request::new(request);
             request.set_timeout(left.max(Duration::from_millis(1)));
-            if let Some(value) = model.and_then(|m| m.parse::<tonic::metadata::MetadataValue<_>>().ok()) {
-                request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, value);
+            // An id outside visible ASCII (a folder named `café`) cannot be an ASCII metadata
+            // value: it goes as bytes under the `-bin` key (it was left out, and the replica
+            // answered "name a model").
+            if let Some(m) = model {
+                match m.parse::<tonic::metadata::MetadataValue<_>>() {
+                    Ok(value) => {
+                        drop(request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, value))
+                    }
+                    Err(_) => {
+                        let value = tonic::metadata::MetadataValue::from_bytes(m.as_bytes());
+                        request.metadata_mut().insert_bin(sluice_deployments::MULTIPLEX_HEADER_BIN, value);
+                    }
+                }
             }
             let answer = tokio::select! {
                 r = client.model_infer(request) => r,

@@ -109,7 +109,10 @@ impl GrpcInferenceService for InferenceService {
         let started = std::time::Instant::now();
         let header = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
         let pinned = header(sluice_router::VERSION_HEADER);
-        let model_id = header(sluice_deployments::MULTIPLEX_HEADER);
+        let model_id = header(sluice_deployments::MULTIPLEX_HEADER).or_else(|| {
+            let bytes = req.metadata().get_bin(sluice_deployments::MULTIPLEX_HEADER_BIN)?.to_bytes().ok()?;
+            String::from_utf8(bytes.to_vec()).ok()
+        });
         let req = req.into_inner();
         let choice =
             sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: pinned.as_deref() };
