@@ -73,6 +73,27 @@ fn load(
     })
 }
 
+/// `clients` tasks sending one-row requests to the mlp deployment `m` back to back until `stop`,
+/// each request asserted to succeed.
+fn mlp_load(
+    s: &sluice_server::Server,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
+    (0..clients)
+        .map(|_| {
+            let (url, stop, body) = (url(s, "/v2/models/m/infer"), stop.clone(), body.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(client.post(&url).body(body.clone()).send().await.unwrap().status().is_success());
+                }
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_swap_under_load_fails_no_request() {
     let s = start_with("      - {name: m, model: iris/model.onnx, num_replicas: 2}\n").await;
@@ -280,18 +301,8 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
         s.routes().resolve("m", None).unwrap().deployment().unwrap().replica_count()
     };
     assert_eq!(replicas(&s), 1);
-    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..12 {
-        let (url, stop, body) = (url(&s, "/v2/models/m/infer"), stop.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                assert!(client.post(&url).body(body.clone()).send().await.unwrap().status().is_success());
-            }
-        }));
-    }
+    let tasks = mlp_load(&s, 12, stop.clone());
     let until = Instant::now() + Duration::from_secs(10);
     while replicas(&s) < 2 {
         assert!(
@@ -352,18 +363,8 @@ async fn a_promoted_canary_takes_the_autoscaled_primarys_replica_count() {
         status["applications"]["app"]["deployments"]["m"]["versions"][version]["replicas"].as_u64().unwrap()
     };
     assert_eq!((replicas(0), replicas(1)), (1, 1));
-    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}).to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..12 {
-        let (url, stop, body) = (url(&s, "/v2/models/m/infer"), stop.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                assert!(client.post(&url).body(body.clone()).send().await.unwrap().status().is_success());
-            }
-        }));
-    }
+    let tasks = mlp_load(&s, 12, stop.clone());
     let until = Instant::now() + Duration::from_secs(20);
     while replicas(0) < 3 {
         assert!(
