@@ -164,6 +164,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     eprintln!("{} job {id}", if fresh { "submitted" } else { "already running:" });
     let admin = admin_url(&s.address, config)?;
     let apps: Vec<&str> = config.applications.iter().map(|a| a.name.as_str()).collect();
+    let apps = Expected { apps, repository: config.model_repository.is_some() };
     let timeout = Duration::from_secs_f64(ray.start_timeout_s);
     wait_healthy(&jobs, &id, &admin_client, &admin, s.admin_token.as_deref(), &apps, timeout).await?;
     let host = host_of(&s.address)?;
@@ -223,7 +224,7 @@ async fn wait_healthy(
     http: &reqwest::Client,
     admin: &str,
     token: Option<&str>,
-    apps: &[&str],
+    apps: &Expected<'_>,
     timeout: Duration,
 ) -> Result<(), String> {
     let until = Instant::now() + timeout;
@@ -274,14 +275,31 @@ async fn wait_healthy(
     Err(format!("not healthy within {} s: {last}", timeout.as_secs()))
 }
 
+/// What the config deploys: its applications, and whether it has a model repository.
+struct Expected<'a> {
+    apps: Vec<&'a str>,
+    repository: bool,
+}
+
 /// The first deployment that is not healthy yet, and why.
-fn unhealthy(status: &Status, apps: &[&str]) -> Option<String> {
+fn unhealthy(status: &Status, expected: &Expected<'_>) -> Option<String> {
     // The admin API answers while the models still load: an application not listed yet is
     // not deployed yet.
-    // A config with no application (a model repository alone, empty for now) is up once the
-    // admin API answers: waiting for an application to appear never ended.
-    if let Some(app) = apps.iter().find(|a| !status.applications.contains_key(**a)) {
+    // A config with no application is up once the admin API answers, and a model repository
+    // once the models it lists are deployed (an empty one: at once; waiting for an application
+    // to appear there never ended).
+    if let Some(app) = expected.apps.iter().find(|a| !status.applications.contains_key(**a)) {
         return Some(format!("{app}: not deployed yet"));
+    }
+    let name = sluice_config::REPOSITORY_APPLICATION;
+    if expected.repository {
+        match &status.repository {
+            None => return Some(format!("{name}: not listed yet")),
+            Some(r) if !r.models.is_empty() && !status.applications.contains_key(name) => {
+                return Some(format!("{name}: not deployed yet"));
+            }
+            Some(_) => {}
+        }
     }
     for (app, a) in &status.applications {
         if matches!(a.status, ApplicationState::Deploying | ApplicationState::DeployFailed) {
@@ -443,8 +461,27 @@ mod tests {
     fn a_config_with_no_application_is_up_once_the_admin_answers() {
         let status: Status =
             serde_json::from_value(serde_json::json!({"applications": {}, "events": []})).unwrap();
-        assert_eq!(unhealthy(&status, &[]), None);
-        assert_eq!(unhealthy(&status, &["a"]).as_deref(), Some("a: not deployed yet"));
+        let expect = |apps: Vec<&'static str>, repository| Expected { apps, repository };
+        assert_eq!(unhealthy(&status, &expect(vec![], false)), None);
+        assert_eq!(unhealthy(&status, &expect(vec!["a"], false)).as_deref(), Some("a: not deployed yet"));
+        assert_eq!(
+            unhealthy(&status, &expect(vec![], true)).as_deref(),
+            Some("repository: not listed yet"),
+            "a repository not listed yet"
+        );
+        // A repository that lists models: up once they are deployed; an empty one at once.
+        let with = |models: serde_json::Value| -> Status {
+            let repository = serde_json::json!({"url": "s3://m/r", "reachable": true, "last_scan_s": 1.0, "models": models, "downloaded_bytes": 0});
+            serde_json::from_value(
+                serde_json::json!({"applications": {}, "events": [], "repository": repository}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            unhealthy(&with(serde_json::json!({"iris": [1]})), &expect(vec![], true)).as_deref(),
+            Some("repository: not deployed yet")
+        );
+        assert_eq!(unhealthy(&with(serde_json::json!({})), &expect(vec![], true)), None);
     }
 
     /// A dashboard that does not answer once (restarting) is asked again, not the end of the
@@ -477,7 +514,8 @@ mod tests {
         });
         let jobs = Jobs::new(&format!("http://{addr}"), None);
         let http = reqwest::Client::new();
-        let e = wait_healthy(&jobs, "j", &http, "http://127.0.0.1:9", None, &[], Duration::from_secs(20))
+        let none = Expected { apps: Vec::new(), repository: false };
+        let e = wait_healthy(&jobs, "j", &http, "http://127.0.0.1:9", None, &none, Duration::from_secs(20))
             .await
             .unwrap_err();
         assert!(e.contains("ended FAILED") && e.contains("out of memory"), "{e}");
