@@ -396,12 +396,13 @@ fn http_value(s: &str) -> Result<tokio_tungstenite::tungstenite::http::HeaderVal
     s.parse().map_err(|_| TailError::BeforeFirstFrame("a header value is not valid".into()))
 }
 
-/// A job id as one URL path segment: every byte but RFC 3986's unreserved ones escaped (an id
-/// with `#`, `?` or `/` reached Ray as another path: `exp#1` was asked for as `exp`).
-fn segment(id: &str) -> String {
+/// `name` as one URL path segment: every byte but RFC 3986's unreserved ones escaped (a job id
+/// with `#`, `?` or `/` reached Ray as another path: `exp#1` was asked for as `exp`). The admin
+/// commands name applications and models with it too.
+pub fn segment(name: &str) -> String {
     const RESERVED: &percent_encoding::AsciiSet =
         &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-    percent_encoding::utf8_percent_encode(id, RESERVED).to_string()
+    percent_encoding::utf8_percent_encode(name, RESERVED).to_string()
 }
 
 #[cfg(test)]

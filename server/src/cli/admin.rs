@@ -146,22 +146,14 @@ pub fn rollout(action: &RolloutAction, admin: &AdminArgs) -> ExitCode {
     call(admin, reqwest::Method::POST, &format!("/api/serve/deployments/{model}/{action}"), body, None)
 }
 
-/// `name` as one URL path segment (percent-encoded but for RFC 3986's unreserved characters),
-/// or None, with the error printed, when it is empty or a dot segment (which URLs resolve away).
+/// `name` as one URL path segment ([`sluice_server::ray_jobs::segment`]), or None, with the
+/// error printed, when it is empty or a dot segment (which URLs resolve away).
 fn segment(name: &str, what: &str) -> Option<String> {
     if name.is_empty() || name == "." || name == ".." {
         eprintln!("error: `{name}` is not a valid {what} name");
         return None;
     }
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    Some(out)
+    Some(sluice_server::ray_jobs::segment(name))
 }
 
 /// One admin API call; prints the JSON answer, exits non-zero on an error status.
