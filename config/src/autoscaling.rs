@@ -111,6 +111,11 @@ impl AutoscalingConfig {
 }
 
 impl Autoscaling {
+    /// `replicas` held to `min_replicas..=max_replicas`.
+    pub fn bound(&self, replicas: usize) -> usize {
+        replicas.clamp(self.min_replicas as usize, self.max_replicas as usize)
+    }
+
     /// Problems with the values, each as (field, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();

@@ -39,7 +39,7 @@ impl Controller {
             let c = m.canary.as_ref().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
             let mut want = m.primary.replica_count();
             if let Some(s) = &m.scaling {
-                want = want.clamp(s.config.min_replicas as usize, s.config.max_replicas as usize);
+                want = s.config.bound(want);
             }
             (want > c.version.replica_count()).then(|| (c.version.clone(), want))
         };

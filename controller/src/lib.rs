@@ -322,9 +322,7 @@ impl Controller {
                 let m = st.deployments.get(&job.deployment);
                 match m.filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment)) {
                     Some(m) => match &m.scaling {
-                        Some(s) => {
-                            job.to.clamp(s.config.min_replicas as usize, s.config.max_replicas as usize)
-                        }
+                        Some(s) => s.config.bound(job.to),
                         None => m.config.initial_replicas(),
                     },
                     None => continue,

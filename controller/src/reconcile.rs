@@ -158,10 +158,7 @@ fn plan_deployment(
     let replicas = match d.autoscaling() {
         // A new version takes the traffic the old one's autoscaler sized for, within the new
         // bounds; a fixed count is the config's.
-        Some(a) => old
-            .map_or(0, |m| m.primary.replica_count())
-            .max(d.initial_replicas())
-            .clamp(a.min_replicas as usize, a.max_replicas as usize),
+        Some(a) => a.bound(old.map_or(0, |m| m.primary.replica_count()).max(d.initial_replicas())),
         None => d.initial_replicas(),
     };
     let primary = change(key, running, replicas);
@@ -266,7 +263,7 @@ fn commit_deployment(
             // Sized when the swap was planned: the autoscaler may have grown the old version
             // while the new one loaded. It takes the old one's count now, within its bounds.
             if let Some(a) = p.config.autoscaling() {
-                let want = m.primary.replica_count().clamp(a.min_replicas as usize, a.max_replicas as usize);
+                let want = a.bound(m.primary.replica_count());
                 if want > v.replica_count() {
                     out.rescale.push(Rescale { deployment: name.clone(), target: v.clone(), to: want });
                 }
@@ -282,7 +279,7 @@ fn commit_deployment(
         (Change::Keep(_), Some(m)) => {
             let current = m.primary.replica_count();
             let want = match p.config.autoscaling() {
-                Some(a) => current.clamp(a.min_replicas as usize, a.max_replicas as usize),
+                Some(a) => a.bound(current),
                 None => p.config.initial_replicas(),
             };
             if want != current {
