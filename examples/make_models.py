@@ -14,6 +14,8 @@ argument `big-mlp`, only the benchmark's 256 -> 3x1024 -> 16 MLP, see `big_mlp`)
                       BYTES (string).
   reshape/model.onnx  x [N] FP32, shape [2] INT64 -> y = Reshape(x, shape); a shape that does not
                       fit x makes ONNX Runtime fail at run time (tests the 500 path).
+  mlp-external/       mlp's model with its weights in weights.bin beside it (ONNX external data;
+                      mlp's expected.json): a model whose weights can change while its file does not.
   broken/model.onnx   iris's input, fails on every request at run time (an erroring canary).
   iris-v2/model.onnx  iris's interface, strongly regularized: other probabilities, and other
                       classes for some rows (a shadow or canary that differs).
@@ -291,13 +293,37 @@ def big_mlp():
     save("big-mlp", model, [("row0", {"x": xs})], tolerance=1e-4)
 
 
+def mlp_external():
+    d = os.path.join(OUT, "mlp-external")
+    os.makedirs(d, exist_ok=True)
+    model = onnx.load(os.path.join(OUT, "mlp", "model.onnx"))
+    onnx.save_model(model, os.path.join(d, "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    with open(os.path.join(OUT, "mlp", "expected.json")) as f:
+        doc = json.load(f)
+    doc["model"] = "mlp-external"
+    sess = ort.InferenceSession(os.path.join(d, "model.onnx"), providers=["CPUExecutionProvider"])
+    for case in doc["cases"]:
+        x = np.array(case["inputs"][0]["data"], np.float32).reshape(case["inputs"][0]["shape"])
+        for out, got in zip(case["outputs"], sess.run([o["name"] for o in case["outputs"]], {"x": x})):
+            assert np.allclose(np.array(out["data"]).reshape(out["shape"]), got, atol=doc["tolerance"])
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(f"wrote {d} (model.onnx + weights.bin)", file=sys.stderr)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "big-mlp":
         big_mlp()  # make_models.py OUT big-mlp: the benchmark model alone
         sys.exit(0)
+    if len(sys.argv) > 2 and sys.argv[2] == "mlp-external":
+        mlp_external()  # make_models.py OUT mlp-external: from OUT/mlp alone
+        sys.exit(0)
     iris()
     iris_v2()
     mlp()
+    mlp_external()
     dtypes()
     reshape()
     broken()

@@ -23,7 +23,8 @@ pub(crate) struct VersionKey {
     pub version: String,
     pub model: Model,
     pub settings: ReplicaSettings,
-    /// Size and modification time of each file the model is read from.
+    /// Each file the model is read from as it is now: the model file and, for an ONNX model,
+    /// the files its external weights are in.
     pub files: Vec<FileStamp>,
 }
 
@@ -34,22 +35,30 @@ impl VersionKey {
     }
 }
 
-/// A file's path, size and modification time (None when it cannot be read).
+/// A file's path and, when it can be read, its size, modification time, inode and
+/// status-change time (a rewrite that keeps the size and modification time, as `cp -p` does,
+/// moves the last; a file replaced by a rename has another inode).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FileStamp {
     pub path: PathBuf,
-    pub seen: Option<(u64, Option<SystemTime>)>,
+    pub seen: Option<(u64, Option<SystemTime>, u64, i64, i64)>,
 }
 
 impl VersionKey {
     /// The key of `model` at `version` with `settings`, stamping its files now.
     pub fn new(version: &str, model: &Model, settings: &ReplicaSettings) -> Self {
-        let files = model
-            .files()
+        use std::os::unix::fs::MetadataExt;
+        let mut paths: Vec<PathBuf> = model.files().into_iter().map(PathBuf::from).collect();
+        if let Some(onnx) = model.onnx_path() {
+            paths.extend(sluice_deployments::weights::external_files(onnx));
+        }
+        let files = paths
             .into_iter()
             .map(|path| FileStamp {
-                path: path.to_path_buf(),
-                seen: std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok())),
+                seen: std::fs::metadata(&path)
+                    .ok()
+                    .map(|m| (m.len(), m.modified().ok(), m.ino(), m.ctime(), m.ctime_nsec())),
+                path,
             })
             .collect();
         Self { version: version.to_string(), model: model.clone(), settings: settings.clone(), files }

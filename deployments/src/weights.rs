@@ -109,6 +109,47 @@ impl SharedWeights {
     }
 }
 
+/// The files beside the ONNX model at `path` that its initializers' external data is read from
+/// (ONNX's `external_data` `location`s, resolved against the model file's folder, each once, in
+/// the order met): a model's weights can be rewritten there while the model file stays as it
+/// is. Empty for a model that keeps its weights in the file, or a file that cannot be read as
+/// one (its load reports that). Read again only when the model file changes (see
+/// [`FileStamp`]); the answers are kept by path for the life of the process.
+pub fn external_files(path: &Path) -> Vec<std::path::PathBuf> {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    type Seen = BTreeMap<std::path::PathBuf, (Option<FileStamp>, Vec<std::path::PathBuf>)>;
+    static SEEN: Mutex<Seen> = Mutex::new(BTreeMap::new());
+    let stamp = file_stamp(path);
+    if let Some((seen, files)) = SEEN.lock().unwrap_or_else(|e| e.into_inner()).get(path)
+        && *seen == stamp
+        && stamp.is_some()
+    {
+        return files.clone();
+    }
+    let files = std::fs::read(path)
+        .ok()
+        .and_then(|file| ModelProto::decode(bytes::Bytes::from(file)).ok())
+        .map(|model| {
+            let dir = path.parent().unwrap_or(Path::new(""));
+            let graph = model.graph.unwrap_or_default();
+            let sparse = graph.sparse_initializer.iter().flat_map(|s| s.values.iter().chain(&s.indices));
+            let mut files: Vec<std::path::PathBuf> = Vec::new();
+            for tensor in graph.initializer.iter().chain(sparse).filter(|t| t.data_location == 1) {
+                for entry in tensor.external_data.iter().filter(|e| e.key == "location") {
+                    let file = dir.join(&entry.value);
+                    if !files.contains(&file) {
+                        files.push(file);
+                    }
+                }
+            }
+            files
+        })
+        .unwrap_or_default();
+    SEEN.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), (stamp, files.clone()));
+    files
+}
+
 /// A file as it is: its inode and device, size, modification time and status-change time. A
 /// file replaced by a rename (a new inode), or rewritten with its modification time kept
 /// (`cp -p`, `rsync -a`: the status-change time moves), reads as another file.
@@ -193,6 +234,8 @@ struct ModelProto {
 struct GraphProto {
     #[prost(message, repeated, tag = "5")]
     initializer: Vec<TensorProto>,
+    #[prost(message, repeated, tag = "15")]
+    sparse_initializer: Vec<SparseTensorProto>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -207,9 +250,29 @@ struct TensorProto {
     name: String,
     #[prost(bytes = "bytes", tag = "9")]
     raw_data: bytes::Bytes,
+    /// Where external data lies: `location` (a path relative to the model file's folder),
+    /// `offset`, `length`, `checksum`.
+    #[prost(message, repeated, tag = "13")]
+    external_data: Vec<StringStringEntryProto>,
     /// 1 = EXTERNAL: the data is in another file.
     #[prost(int32, tag = "14")]
     data_location: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct SparseTensorProto {
+    #[prost(message, optional, tag = "1")]
+    values: Option<TensorProto>,
+    #[prost(message, optional, tag = "2")]
+    indices: Option<TensorProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StringStringEntryProto {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(string, tag = "2")]
+    value: String,
 }
 
 impl TensorProto {

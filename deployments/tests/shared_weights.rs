@@ -199,3 +199,14 @@ fn the_config_factory_reads_the_weights_once_for_all_replicas() {
         assert!(err.contains("mlp/expected.json") && err.contains("Protobuf parsing failed"), "{err}");
     }
 }
+
+/// The files a model's external weights are read from, found in the model file; none for a
+/// model that keeps its weights inside, or a file that is not a model.
+#[test]
+fn external_weights_files_are_found_in_the_model() {
+    let dir = models().join("mlp-external");
+    assert_eq!(weights::external_files(&dir.join("model.onnx")), [dir.join("weights.bin")]);
+    assert!(weights::external_files(&models().join("mlp").join("model.onnx")).is_empty());
+    assert!(weights::external_files(&models().join("mlp").join("expected.json")).is_empty());
+    assert!(weights::external_files(&dir.join("missing.onnx")).is_empty());
+}

@@ -323,3 +323,37 @@ async fn a_repository_that_lists_empty_once_unloads_nothing() {
     let _ = std::fs::remove_dir_all(&repo);
     let _ = std::fs::remove_dir_all(&aside);
 }
+
+/// A model whose weights are in a file beside it (ONNX external data): the weights rewritten in
+/// place, the model file untouched, are served after the next scan. The version's key stamped
+/// the model file alone, so the change was seen and the copy loaded before kept serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_weights_rewritten_in_place_are_served() {
+    let repo = fresh_repo("repo-external");
+    let d = repo.join("flowers").join("1");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["model.onnx", "weights.bin"] {
+        std::fs::copy(models_dir().join("mlp-external").join(f), d.join(f)).unwrap();
+    }
+    std::fs::write(d.join("READY"), b"").unwrap();
+    let env = start(&repo).await;
+    let body = r#"{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}"#;
+    let logits = || async {
+        let r =
+            env.client.post(url(&env.server, "/v2/models/flowers/infer")).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let out = v["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "logits").unwrap().clone();
+        out["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    assert!(logits().await.iter().any(|&x| x != 0.0), "the fixture's weights answer");
+    let size = std::fs::metadata(d.join("weights.bin")).unwrap().len() as usize;
+    std::fs::write(d.join("weights.bin"), vec![0u8; size]).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while logits().await != [0.0; 4] {
+        assert!(Instant::now() < until, "the new weights never served: {}", env.events().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&repo);
+}
