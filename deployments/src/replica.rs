@@ -620,7 +620,10 @@ pub(crate) fn run_batch(
         }))
     });
     if selected.is_some() {
-        host.set_models(id, model.loaded_models());
+        // A model that panicked is replaced by a fresh one that holds nothing: advertising
+        // what the old one held would keep sending those ids here to be loaded again.
+        let held = if outcome.is_ok() { model.loaded_models() } else { Vec::new() };
+        host.set_models(id, held);
     }
     let took = start.elapsed();
     drop(model_spans);
@@ -882,6 +885,7 @@ mod tests {
         not_ready_gate: Option<Arc<Barrier>>,
         redispatch_gate: Option<Arc<Barrier>>,
         redispatched: AtomicUsize,
+        models: std::sync::Mutex<Option<Vec<Arc<str>>>>,
     }
     impl ReplicaHost for Host {
         fn set_ready(&self, _: usize, ready: bool) {
@@ -904,7 +908,42 @@ mod tests {
         fn is_closed(&self) -> bool {
             false
         }
-        fn set_models(&self, _: usize, _: Vec<Arc<str>>) {}
+        fn set_models(&self, _: usize, models: Vec<Arc<str>>) {
+            *self.models.lock().unwrap() = Some(models);
+        }
+    }
+
+    /// A multiplexed model that holds `a` and panics in the call.
+    struct Holding(ModelMetadata);
+    impl Backend for Holding {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.0
+        }
+        fn select_model(&mut self, _: &str) -> Result<(), InferError> {
+            Ok(())
+        }
+        fn loaded_models(&self) -> Vec<Arc<str>> {
+            vec![Arc::from("a")]
+        }
+        fn infer(&mut self, _: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+            panic!("the model broke")
+        }
+    }
+
+    /// A multiplexed model that panicked is replaced by one that holds nothing: the replica
+    /// stops advertising the models the broken one held (requests for them were routed to it
+    /// to be loaded again instead of to a replica holding them).
+    #[test]
+    fn a_panicked_model_advertises_nothing() {
+        let host = Host::default();
+        let mut model = Holding(echo().metadata().clone());
+        let (mut j, rx) = job(1);
+        j.model = Some(Arc::from("a"));
+        let ran = run_batch(&config(), (&host, 0), &mut model, vec![j]);
+        assert!(ran.panicked);
+        assert_eq!(*host.models.lock().unwrap(), Some(vec![]));
+        ran.answers.send();
+        assert!(rx.blocking_recv().unwrap().is_err());
     }
 
     /// A replica told to stop; a caller leaves a request and runs `run_pending` while the
