@@ -136,3 +136,65 @@ fn key_at(text: &str, location: Location) -> Option<String> {
     let key = key.trim();
     (!key.is_empty() && !key.contains(' ')).then(|| key.to_string())
 }
+
+/// Where `field`, a path of mapping keys (`model_repository.rollout.canary_weight`), is written
+/// in `text`: the 1-based line and column of the deepest of its keys found there (the parent's
+/// when a key is left at its default), for the checks that run on values that carry no location
+/// of their own. Block mappings are followed by indentation, flow mappings (`a: {b: 1}`) on the
+/// line they open on; the path stops at an index (`applications[0]`). None when its first key
+/// is not at the top of the file (JSON on one line included).
+pub(crate) fn locate(text: &str, field: &str) -> Option<(u64, u64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    // The key found last: its line, the byte where it ends, and the line's indentation.
+    let mut at: Option<(usize, usize, usize)> = None;
+    for key in field.split('.').take_while(|k| !k.contains('[')) {
+        let found = match at {
+            None => lines.iter().position(|l| indent(l) == 0 && key_starts(l, key)).map(|i| (i, 0)),
+            Some((line, end, parent)) => {
+                flow_key(&lines[line][end..], key).map(|col| (line, end + col)).or_else(|| {
+                    lines[line + 1..]
+                        .iter()
+                        .take_while(|l| {
+                            l.trim().is_empty() || l.trim_start().starts_with('#') || indent(l) > parent
+                        })
+                        .position(|l| {
+                            let content = l.trim_start().trim_start_matches("- ");
+                            key_starts(content, key) || flow_key(l, key).is_some()
+                        })
+                        .map(|i| {
+                            let l = lines[line + 1 + i];
+                            (line + 1 + i, l.find(key).unwrap_or(0))
+                        })
+                })
+            }
+        };
+        let Some((line, col)) = found else { break };
+        at = Some((line, col + key.len(), indent(lines[line])));
+    }
+    at.map(|(line, end, _)| {
+        let text = lines[line];
+        let col = text[..end].rfind(|c: char| !c.is_alphanumeric() && c != '_').map_or(0, |i| i + 1);
+        (line as u64 + 1, col as u64 + 1)
+    })
+}
+
+/// Whether `line` (its indentation left out) starts with the key `key`.
+fn key_starts(line: &str, key: &str) -> bool {
+    let line = line.trim_start().trim_start_matches(['"', '\'']);
+    line.strip_prefix(key)
+        .is_some_and(|rest| rest.trim_start_matches(['"', '\'']).trim_start().starts_with(':'))
+}
+
+/// Where the key `key` of a flow mapping starts in `s` (after a `{` or `,`).
+fn flow_key(s: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = s[from..].find(key).map(|i| from + i) {
+        let before = s[..i].trim_end_matches([' ', '\t', '"', '\'']);
+        if (before.ends_with('{') || before.ends_with(',')) && key_starts(&s[i..], key) {
+            return Some(i);
+        }
+        from = i + key.len();
+    }
+    None
+}

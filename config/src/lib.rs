@@ -77,7 +77,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let doc: file::Config =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
-    validate::validate(doc, path)
+    validate::validate(doc, path, text)
 }
 
 /// Checks again what [`load`] checks of the listeners' hosts and ports (gRPC TLS of its own on

@@ -295,7 +295,7 @@ fn replica_counts_have_a_ceiling() {
     assert_eq!(
         fields,
         [
-            ("model_repository.num_replicas", 0),
+            ("model_repository.num_replicas", 1),
             ("applications[0].deployments[0].num_replicas", 5),
             ("applications[0].deployments[2].autoscaling_config.max_replicas", 7),
         ],
@@ -662,4 +662,28 @@ fn values_that_broke_later_are_refused_at_load() {
         app(", intra_op_threads: 8")
     ))
     .unwrap();
+}
+
+/// Checks on settings that carry no location of their own (listeners, the repository, tracing,
+/// the cluster) point at the line and column of the key they name, in block and flow style.
+#[test]
+fn errors_in_server_settings_name_their_line() {
+    let text = "# a comment\nhttp_options:\n  host: 127.0.0.1\n  max_body_bytes: 0\ntracing_options: {sample_ratio: 5}\nmodel_repository:\n  path: .\n  rollout:\n    interval_s: 1\n    canary_weight: 0\n";
+    let e = errors(text);
+    let at = |field: &str| {
+        let e = e.iter().find(|e| e.field == field).unwrap_or_else(|| panic!("{field}: {e:?}"));
+        (e.line, e.column)
+    };
+    assert_eq!(at("http_options.max_body_bytes"), (4, 3));
+    assert_eq!(at("tracing_options.sample_ratio"), (5, 19));
+    assert_eq!(at("model_repository.rollout.canary_weight"), (10, 5));
+    // A key left at its default: its parent's line.
+    let e = errors("model_repository:\n  path: .\n  version_policy: {latest: 0}\n");
+    assert_eq!((e[0].field.as_str(), e[0].line, e[0].column), ("model_repository.version_policy", 3, 3));
+    // The same key name deeper in another mapping is not taken for a top-level one.
+    assert_eq!(
+        crate::error::locate("a:\n  http_options: 1\nhttp_options: {b: 2}\n", "http_options.b"),
+        Some((3, 16))
+    );
+    assert_eq!(crate::error::locate("{\"http_options\": {\"b\": 0}}", "http_options.b"), None);
 }

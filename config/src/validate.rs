@@ -24,6 +24,8 @@ const MAX_SPIN_US: u32 = 10_000;
 /// Every problem found so far, each at a location of the file.
 struct Errors<'a> {
     file: &'a Path,
+    /// The file's text, to find the fields of checks on values without a location.
+    text: &'a str,
     list: Vec<ConfigError>,
     /// `max_replicas_per_deployment`, which every replica count is checked against.
     max_replicas: u32,
@@ -33,7 +35,13 @@ struct Errors<'a> {
 
 impl Errors<'_> {
     fn at(&mut self, location: Location, field: impl Into<String>, message: impl Into<String>) {
-        self.list.push(ConfigError::at(self.file, location, field, message));
+        let mut error = ConfigError::at(self.file, location, field, message);
+        if error.line == 0
+            && let Some((line, column)) = crate::error::locate(self.text, &error.field)
+        {
+            (error.line, error.column) = (line, column);
+        }
+        self.list.push(error);
     }
 
     /// Names appear in URL paths: non-empty, not `.` or `..`, none of `/ ? # %` (they end or
@@ -73,13 +81,14 @@ impl Errors<'_> {
 }
 
 /// Validates a parsed file and resolves it; `source` is the file it came from.
-pub(crate) fn validate(doc: file::Config, source: &Path) -> Result<Config, ConfigErrors> {
+pub(crate) fn validate(doc: file::Config, source: &Path, text: &str) -> Result<Config, ConfigErrors> {
     // Absolute, so the same file gives the same model paths wherever it is read from (a
     // server started with `run c.yaml` and a `deploy` from the admin API compare equal).
     let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
     let max_replicas = doc.max_replicas_per_deployment.value;
-    let mut errs = Errors { file: source, list: Vec::new(), max_replicas, route_prefixes: HashMap::new() };
+    let mut errs =
+        Errors { file: source, text, list: Vec::new(), max_replicas, route_prefixes: HashMap::new() };
     validate_top(&doc, &mut errs);
     let mut model_repository = doc.model_repository;
     if let Some(repo) = &mut model_repository {
