@@ -1,7 +1,10 @@
 //! Canary operations: weights by hand, promote, rollback, and the automatic rollout step of
 //! each control round (judged by [`crate::rollout::judge`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use sluice_deployments::Deployment;
 
 use crate::rollout::{Verdict, judge};
 use crate::state::{CanaryState, ControllerState};
@@ -24,12 +27,35 @@ impl Controller {
 
     /// Makes the canary the primary version; the old primary drains and stops.
     pub async fn promote(&self, deployment: &str) -> Result<(), ControlError> {
-        self.promote_as(deployment, "promoted").await
+        self.promote_as(deployment, "promoted", None).await
     }
 
-    /// [`Self::promote`], its event starting with `what`.
-    pub(crate) async fn promote_as(&self, deployment: &str, what: &str) -> Result<(), ControlError> {
+    /// [`Self::promote`], its event starting with `what`. `completed`: the canary whose rollout
+    /// completed, promoted only if it is still the canary at 100 % once the changes before this
+    /// one have run (a repository scan may have put a newer version in its place meanwhile, or an
+    /// operator rolled it back): otherwise nothing is promoted.
+    pub(crate) async fn promote_as(
+        &self,
+        deployment: &str,
+        what: &str,
+        completed: Option<Arc<Deployment>>,
+    ) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
+        if let Some(completed) = completed {
+            let mut st = self.lock();
+            let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;
+            let still = m
+                .canary
+                .as_ref()
+                .is_some_and(|c| c.weight == 100 && Arc::ptr_eq(&c.version.deployment, &completed));
+            if !still {
+                st.events.push(
+                    deployment,
+                    "the canary that completed its rollout was replaced or rolled back before its promotion: not promoted",
+                );
+                return Ok(());
+            }
+        }
         // The canary is about to take all of the traffic: first it grows to the replicas the
         // primary has now (an autoscaled one's within its bounds), or one replica would take
         // what the autoscaler gave the primary eight for, while those drain.
@@ -138,12 +164,12 @@ impl Controller {
     }
 
     /// Judges every rollout whose interval has ended; returns when the next one ends, and the
-    /// deployments whose canary completed a rollout that promotes by itself.
+    /// deployments whose canary completed a rollout that promotes by itself, with that canary.
     pub(crate) fn step_rollouts(
         &self,
         st: &mut ControllerState,
         now: Instant,
-    ) -> (Option<Instant>, Vec<String>) {
+    ) -> (Option<Instant>, Vec<(String, Arc<Deployment>)>) {
         let mut changed = false;
         let mut rollbacks = Vec::new();
         let mut promote = Vec::new();
@@ -169,7 +195,7 @@ impl Controller {
                         c.weight = 100;
                         changed = true;
                         if r.auto_promote {
-                            promote.push(name.clone());
+                            promote.push((name.clone(), c.version.deployment.clone()));
                         } else {
                             st.events.push(
                                 name,

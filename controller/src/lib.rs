@@ -369,7 +369,7 @@ impl Controller {
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy);
             let (next_rollout, mut promote) = self.step_rollouts(&mut st, now);
-            promote.retain(|d| !busy.contains(d));
+            promote.retain(|(d, _)| !busy.contains(d));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);
@@ -381,10 +381,10 @@ impl Controller {
             let c = self.clone();
             self.run_busy(job.deployment.clone(), async move { c.rescale(vec![job], "autoscaled").await });
         }
-        for deployment in promote {
+        for (deployment, canary) in promote {
             let c = self.clone();
             self.run_busy(deployment.clone(), async move {
-                if let Err(e) = c.promote_as(&deployment, "rollout complete: promoted").await {
+                if let Err(e) = c.promote_as(&deployment, "rollout complete: promoted", Some(canary)).await {
                     c.lock().events.push(&deployment, format!("promoting the canary failed: {e}"));
                 }
             });

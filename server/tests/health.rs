@@ -368,3 +368,72 @@ async fn a_slow_load_holds_up_no_other_deployments_scale_from_zero() {
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     s.shutdown().await;
 }
+
+/// The weight of `version` of deployment `name` of application `app` in the status.
+fn weight_of(s: &sluice_server::Server, app: &str, name: &str, version: &str) -> Option<u64> {
+    let st = serde_json::to_value(s.controller().status()).unwrap();
+    st["applications"][app]["deployments"][name]["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["version"] == version)
+        .and_then(|v| v["weight"].as_u64())
+}
+
+/// A repository rollout that completes while another change runs waits for it to be promoted;
+/// a canary rolled back meanwhile is not promoted when its turn comes (it was: the promotion
+/// took whatever canary the deployment had by then, and cleared its rejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_rolled_back_while_its_promotion_waits_is_not_promoted() {
+    let gate = Arc::new(Gate::default());
+    register("holds_the_apply", Some((gate.clone(), 0)), None);
+    let repo = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("held-promotion-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |version: u32, fixture: &str| {
+        let d = repo.join("flowers").join(version.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(models_dir().join(fixture).join("model.onnx"), d.join("model.onnx")).unwrap();
+        std::fs::write(d.join("READY"), b"").unwrap();
+    };
+    put(1, "iris");
+    let top = format!(
+        "model_repository:\n  path: {}\n  poll_interval_s: 0\n  rollout: {{canary_weight: 50, step_percent: 50, interval_s: 0.2, min_requests: 1}}",
+        repo.display()
+    );
+    let other = "      - {name: other, model: iris/model.onnx}\n";
+    let s = sluice_server::start(config(other, &top), Default::default()).await.unwrap();
+    put(2, "iris-v2");
+    s.controller().notify_repository("flowers").await.unwrap();
+    assert_eq!(weight_of(&s, "repository", "flowers", "2"), Some(50));
+    // A change that holds the controller's changes: it adds a deployment whose load waits.
+    let held = config(
+        &format!("{other}      - {{name: held, builtin: {{custom: {{name: holds_the_apply}}}}}}\n"),
+        &top,
+    );
+    let controller = s.controller().clone();
+    let apply = tokio::spawn(async move { controller.apply(&held).await });
+    while gate.came.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let client = reqwest::Client::new();
+    let body = r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}"#;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while weight_of(&s, "repository", "flowers", "2") != Some(100) {
+        assert!(std::time::Instant::now() < until, "the rollout never completed");
+        let r = client.post(url(&s, "/v2/models/flowers/infer")).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    s.controller().rollback("flowers", "by the test").await.unwrap();
+    gate.open();
+    apply.await.unwrap().unwrap();
+    let events = || serde_json::to_value(s.controller().status()).unwrap()["events"].to_string();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !events().contains("not promoted") {
+        assert!(std::time::Instant::now() < until, "no word of the promotion: {}", events());
+        assert!(!events().contains("promoted version 2"), "{}", events());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(weight_of(&s, "repository", "flowers", "1"), Some(100), "{}", events());
+    s.shutdown().await;
+    let _ = std::fs::remove_dir_all(&repo);
+}
