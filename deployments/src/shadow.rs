@@ -184,20 +184,22 @@ pub struct Comparison {
     pub max_abs_diff: f64,
 }
 
-/// Compares the outputs both answers have (by name). A row agrees when every output agrees on
-/// it: same argmax over the last dimension (floating point) or the same values (otherwise).
+/// Compares each of the primary's outputs with the shadow's of the same name. A row agrees when
+/// every output agrees on it: same argmax over the last dimension (floating point) or the same
+/// values (otherwise). An output the shadow's answer lacks (renamed in its model), or of
+/// another shape or datatype, disagrees on every row.
 pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
     let rows = primary.first().map_or(0, |o| o.tensor.shape().first().copied().unwrap_or(1)) as u64;
     let mut agree = vec![true; rows as usize];
     let mut max_abs_diff = 0.0f64;
     for p in primary {
-        let Some(s) = shadow.iter().find(|s| s.name == p.name) else { continue };
-        let (a, b) = (&p.tensor, &s.tensor);
-        if a.dtype() != b.dtype() || a.shape() != b.shape() {
+        let s = shadow.iter().find(|s| s.name == p.name);
+        let (a, b) = (&p.tensor, s.map(|s| &s.tensor));
+        let Some(b) = b.filter(|b| a.dtype() == b.dtype() && a.shape() == b.shape()) else {
             max_abs_diff = f64::INFINITY;
             agree.iter_mut().for_each(|x| *x = false);
             continue;
-        }
+        };
         let per_row = a.shape().iter().skip(1).product::<usize>().max(1);
         match (floats(a), floats(b)) {
             (Some(x), Some(y)) => {
@@ -319,6 +321,16 @@ mod tests {
         let s = [fp32("p", vec![1, 3], &[0.1, 0.9, 0.0])];
         let c = compare(&p, &s);
         assert_eq!((c.rows, c.agreed), (1, 0));
+        assert!(c.max_abs_diff.is_infinite());
+    }
+
+    /// An output the shadow does not answer (renamed in its model) disagrees: it agreed on
+    /// every row, with no difference, so an agreement gate passed a model never compared.
+    #[test]
+    fn an_output_the_shadow_lacks_is_a_disagreement() {
+        let p = [fp32("probs", vec![2, 2], &[0.1, 0.9, 0.8, 0.2])];
+        let c = compare(&p, &[fp32("probabilities", vec![2, 2], &[0.1, 0.9, 0.8, 0.2])]);
+        assert_eq!((c.rows, c.agreed), (2, 0));
         assert!(c.max_abs_diff.is_infinite());
     }
 }
