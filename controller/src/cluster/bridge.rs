@@ -67,15 +67,22 @@ pub struct Node {
     pub is_head: bool,
 }
 
+/// A text field the driver may send as `null` (Ray reports no node for an actor still waiting
+/// for one): read as empty, like a missing one. Without this one such actor made its whole
+/// event unreadable, and the event was dropped.
+fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
 /// A live actor found by `list`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ListedActor {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub state: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub node_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub node_ip: String,
     #[serde(default)]
     pub pid: Option<u32>,
@@ -91,26 +98,26 @@ pub enum Event {
     Hello {
         #[serde(default)]
         protocol: u32,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         ray_version: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         node_id: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         node_ip: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         namespace: String,
     },
     NodeAdded(Node),
     NodeRemoved {
         node_id: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         node_ip: String,
     },
     Pending {
         name: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         kind: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         reason: String,
     },
     Ready {
@@ -125,7 +132,7 @@ pub enum Event {
         #[serde(default)]
         node_ip: Option<String>,
         message: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         log_tail: String,
     },
     Killed {
@@ -137,14 +144,14 @@ pub enum Event {
         code: Option<i32>,
         #[serde(default)]
         node_ip: Option<String>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         log_tail: String,
     },
     Died {
         name: String,
         #[serde(default)]
         node_ip: Option<String>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "nullable")]
         message: String,
     },
     Actors {
@@ -254,5 +261,20 @@ mod tests {
         }
         assert!(matches!(events.recv().await.unwrap(), Event::Other));
         assert!(matches!(events.recv().await.unwrap(), Event::Died { .. }), "a bad line is skipped");
+    }
+
+    /// An actor still waiting for a node is listed with no node (`null`, as the driver sends
+    /// it): the listing parses, so the previous run's actors in it are found and stopped (the
+    /// whole event was dropped, and a restarted controller left them running).
+    #[test]
+    fn an_actor_listed_with_no_node_parses() {
+        let line = r#"{"event":"actors","id":"startup","actors":[{"name":"sluice:m:1:old-0","state":"pending","node_id":null,"node_ip":null,"pid":null,"actor_pid":null,"addr":null}]}"#;
+        match serde_json::from_str::<Event>(line).unwrap() {
+            Event::Actors { id, actors } => {
+                assert_eq!(id.as_deref(), Some("startup"));
+                assert_eq!((actors[0].name.as_str(), actors[0].node_id.as_str()), ("sluice:m:1:old-0", ""));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
