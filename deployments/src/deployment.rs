@@ -944,7 +944,7 @@ impl Deployment {
         };
         let pick = match job.model.as_ref().and_then(|m| self.holder(&replicas, m)) {
             Some(holder) => holder,
-            None => choose(replicas.len(), two_choices(replicas.len()), load),
+            None => choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load),
         };
         let slot = &replicas[pick];
         job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(slot) });
@@ -1029,11 +1029,14 @@ pub fn check_fits(settings: &ReplicaSettings, metadata: &ModelMetadata) -> Resul
 }
 
 /// The less loaded of the two choices `(a, b)` by `load` (not ready, ongoing: lower first);
-/// when neither is ready, the least loaded ready replica of all `n`, if any (two picks can both
-/// be warming up while others are ready, with three replicas or more).
-fn choose(n: usize, (a, b): (usize, usize), load: impl Fn(usize) -> (bool, usize)) -> usize {
+/// when neither is ready, or the better holds `limit` requests already (`max_ongoing_requests`
+/// is per replica: both picks can be full while another has room), the least loaded ready
+/// replica of all `n`, if any (two picks can both be warming up while others are ready, with
+/// three replicas or more).
+fn choose(n: usize, (a, b): (usize, usize), limit: usize, load: impl Fn(usize) -> (bool, usize)) -> usize {
     let best = if load(a) <= load(b) { a } else { b };
-    if !load(best).0 {
+    let (not_ready, ongoing) = load(best);
+    if !not_ready && ongoing < limit {
         return best;
     }
     (0..n).map(|i| (load(i), i)).filter(|&((not_ready, _), _)| !not_ready).min().map_or(best, |(_, i)| i)
@@ -1558,11 +1561,24 @@ mod tests {
         // (not ready, ongoing) per replica.
         let loads = [(true, 0), (true, 0), (false, 7), (false, 3), (true, 0)];
         let load = |i: usize| loads[i];
-        assert_eq!(choose(5, (0, 1), load), 3, "the least loaded ready one");
-        assert_eq!(choose(5, (0, 2), load), 2, "a ready pick stays");
-        assert_eq!(choose(5, (3, 2), load), 3, "the less loaded of two ready picks");
+        assert_eq!(choose(5, (0, 1), 100, load), 3, "the least loaded ready one");
+        assert_eq!(choose(5, (0, 2), 100, load), 2, "a ready pick stays");
+        assert_eq!(choose(5, (3, 2), 100, load), 3, "the less loaded of two ready picks");
         let none_ready = |_: usize| (true, 0);
-        assert_eq!(choose(3, (1, 2), none_ready), 1, "no replica ready: a pick stays");
+        assert_eq!(choose(3, (1, 2), 100, none_ready), 1, "no replica ready: a pick stays");
+    }
+
+    /// `max_ongoing_requests` is per replica: two picks at the limit give way to a ready
+    /// replica with room (the request waited a whole batch behind a full one while another
+    /// was idle); with none that has room, the least loaded.
+    #[test]
+    fn two_full_choices_give_way_to_a_replica_with_room() {
+        let loads = [(false, 1), (false, 1), (false, 0)];
+        let load = |i: usize| loads[i];
+        assert_eq!(choose(3, (0, 1), 1, load), 2);
+        assert_eq!(choose(3, (0, 1), 2, load), 0, "room in a pick: it stays");
+        let full = |i: usize| [(false, 3), (false, 2), (false, 2)][i];
+        assert_eq!(choose(3, (0, 2), 2, full), 1, "none with room: the least loaded");
     }
 
     /// Where a [`LateFirst`] gauge is in holding back an update.
