@@ -277,10 +277,12 @@ pub(crate) fn run(
             None => match reload(&config, &*host, id, &rx, &mut state, &mut stopping) {
                 Some(b) => b,
                 None => {
-                    // What it held goes to replicas that can run it, or is answered 503.
+                    // What it held goes to replicas that can run it, or is answered 503, and so
+                    // do requests sent to it after it was told to stop.
                     for job in state.drain() {
                         elsewhere(&config, &*host, id, job);
                     }
+                    forward_until_gone(&config, &*host, id, &rx);
                     return;
                 }
             },
@@ -944,6 +946,40 @@ mod tests {
         assert_eq!(*host.models.lock().unwrap(), Some(vec![]));
         ran.answers.send();
         assert!(rx.blocking_recv().unwrap().is_err());
+    }
+
+    /// A replica whose model panicked and cannot be loaded again is told to stop: a request
+    /// sent to it after the stop goes to another replica (it was dropped with the queue, and
+    /// its caller told to retry).
+    #[test]
+    fn a_replica_that_gives_up_reloading_forwards_what_comes_after_its_stop() {
+        let base = config();
+        let config = Arc::new(ReplicaConfig {
+            name: base.name.clone(),
+            policy: base.policy.clone(),
+            model_outputs: base.model_outputs.clone(),
+            warmup: false,
+            factory: Arc::new(|| Err(crate::LoadError::Step("the model's file is gone".into()))),
+            spin: base.spin,
+            metrics: base.metrics.clone(),
+        });
+        let host = Arc::new(Host::default());
+        let cell = Arc::new(ModelCell::new(config.policy.clone()));
+        let (tx, rx) = sync_channel(16);
+        let thread = {
+            let (config, host, cell) = (config.clone(), host.clone() as Arc<dyn ReplicaHost>, cell.clone());
+            let model = Box::new(Holding(echo().metadata().clone()));
+            std::thread::spawn(move || run(0, config, host, rx, model, cell))
+        };
+        let (first, first_rx) = job(1);
+        tx.send(Msg::Job(first)).unwrap();
+        assert!(first_rx.blocking_recv().unwrap().is_err(), "the model panicked");
+        tx.send(Msg::Stop).unwrap();
+        let (second, second_rx) = job(2);
+        tx.send(Msg::Job(second)).unwrap();
+        drop(tx);
+        thread.join().unwrap();
+        assert!(matches!(second_rx.blocking_recv(), Ok(Ok(_))), "sent on to another replica");
     }
 
     /// A replica told to stop; a caller leaves a request and runs `run_pending` while the
