@@ -148,9 +148,16 @@ impl BatchState {
         expired
     }
 
+    /// The first job whose caller is still there: the one a batch is taken around (a gone
+    /// caller's job at the front, of another shape, held a full batch of live ones back until
+    /// its own wait ran out).
+    fn head(&self) -> Option<&Job> {
+        self.queue.iter().find(|j| !j.reply.is_closed())
+    }
+
     /// When the current batch must go even if not full.
     pub fn deadline(&self) -> Option<Instant> {
-        self.queue.front().map(|head| self.wait_end(head))
+        self.head().map(|head| self.wait_end(head))
     }
 
     /// When the head's batch goes even if not full: `batch_wait_timeout` after it arrived, or
@@ -168,7 +175,7 @@ impl BatchState {
 
     /// True when a batch should be taken now.
     pub fn ready(&self, now: Instant) -> bool {
-        let Some(head) = self.queue.front() else { return false };
+        let Some(head) = self.head() else { return false };
         let max = self.policy.max_batch_size;
         if max == 0 || now >= self.wait_end(head) {
             return true;
@@ -179,7 +186,7 @@ impl BatchState {
 
     /// Rows of live jobs that could join the head's batch, capped at `max_batch_size`.
     fn compatible_rows(&self) -> usize {
-        let Some(head) = self.queue.front() else { return 0 };
+        let Some(head) = self.head() else { return 0 };
         let max = self.policy.max_batch_size;
         let mut rows = 0;
         // As `take` fills a batch: a job too big for what is left is passed over, not the end.
@@ -212,7 +219,7 @@ impl BatchState {
         let mut batch: Vec<Job> = Vec::new();
         let mut rest = VecDeque::with_capacity(self.queue.len());
         let max = self.policy.max_batch_size.max(1);
-        let timed_out = self.queue.front().is_some_and(|h| now >= self.wait_end(h));
+        let timed_out = self.head().is_some_and(|h| now >= self.wait_end(h));
         // Aim from the whole queue, head included, before anything is taken off it.
         let target =
             if timed_out || self.policy.preferred_batch_sizes.is_empty() || self.policy.max_batch_size == 0 {
@@ -378,6 +385,24 @@ mod tests {
         let t = s.take(t0);
         assert_eq!(t.batch.len(), 4);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_gone_callers_job_at_the_front_does_not_hold_a_full_batch_back() {
+        let t0 = Instant::now();
+        let mut s = BatchState::new(policy(4, 1000));
+        let (gone, rx) = job(1, 2, t0);
+        drop(rx);
+        s.push(gone);
+        let mut keep = Vec::new();
+        for _ in 0..4 {
+            let (j, rx) = job(1, 3, t0);
+            s.push(j);
+            keep.push(rx);
+        }
+        assert!(s.ready(t0), "four live rows of one shape: a full batch");
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(1000)));
+        assert_eq!(s.take(t0).batch.len(), 4);
     }
 
     #[test]
