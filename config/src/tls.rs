@@ -44,6 +44,9 @@ impl TlsOptions {
     }
 }
 
+/// The shortest `reload_interval_s` other than 0 (never).
+const MIN_RELOAD_INTERVAL_S: f64 = 0.1;
+
 /// One problem: (field, message).
 type Problem = (String, String);
 
@@ -152,10 +155,12 @@ fn check_tls(owner: &str, tls: &mut TlsOptions, base: &Path, problems: &mut Vec<
     if let Some(ca) = &mut tls.client_ca_file {
         resolve("client_ca_file", ca);
     }
-    if !(0.0..=crate::MAX_SECONDS).contains(&tls.reload_interval_s) {
+    // A shorter interval only makes the watcher spin on the files' metadata.
+    let r = tls.reload_interval_s;
+    if !(r == 0.0 || (MIN_RELOAD_INTERVAL_S..=crate::MAX_SECONDS).contains(&r)) {
         problems.push((
             format!("{owner}.tls.reload_interval_s"),
-            "must be 0 or more seconds, at most 1e9".into(),
+            format!("must be 0 (never) or {MIN_RELOAD_INTERVAL_S} to 1e9 seconds"),
         ));
     }
 }
@@ -212,7 +217,7 @@ mod tests {
         let errors = parse_in(
             "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: 1e20, idle_timeout_s: -1, max_connections: 0}\n\
              grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}}\n\
-             admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: -2}}\n",
+             admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: 0.000001}}\n",
         )
         .unwrap_err();
         let text = errors.to_string();
@@ -223,7 +228,7 @@ mod tests {
             "http_options.max_connections: must be 1 to 16777216",
             "grpc_options.tls: gRPC shares the REST port here",
             "admin_options.tls.cert_file: file `",
-            "admin_options.tls.reload_interval_s: must be 0 or more seconds, at most 1e9",
+            "admin_options.tls.reload_interval_s: must be 0 (never) or 0.1 to 1e9 seconds",
         ] {
             assert!(text.contains(want), "want {want:?} in:\n{text}");
         }

@@ -55,7 +55,7 @@ pub fn describe() {
     describe_counter!(
         REQUESTS,
         Unit::Count,
-        "Inference requests by model, version, protocol (rest, grpc) and outcome (success, invalid, not_found, unavailable, deadline_exceeded, internal)"
+        "Inference requests by model, version, protocol (rest, grpc) and outcome (success, invalid, not_found, unavailable, deadline_exceeded, internal, cancelled)"
     );
     describe_histogram!(
         REQUEST_DURATION,

@@ -396,7 +396,9 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     let admin = format!("http://{}/api/serve/applications", s.admin_addr().unwrap());
     let sluice_status = format!("http://{}/api/sluice/status", s.admin_addr().unwrap());
     let client = reqwest::Client::new();
-    assert_eq!(client.get(&sluice_status).send().await.unwrap().status(), 401, "no token");
+    let r = client.get(&sluice_status).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no token");
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sluice\"", "a 401 names its scheme");
     assert_eq!(client.get(&admin).bearer_auth("wrong").send().await.unwrap().status(), 401, "wrong token");
     // KubeRay sends the token in its own header.
     let r = client.get(&admin).header("x-ray-authorization", "Bearer s3cret").send().await.unwrap();

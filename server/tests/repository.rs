@@ -153,6 +153,11 @@ async fn with_the_latest_two_the_old_primary_answers_through_a_promotion() {
     let r =
         env.client.post(format!("{}/api/sluice/repository/flowers/notify", env.admin)).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // The status it answers is the status call's: local replicas named by their node.
+    let answered: Value = r.json().await.unwrap();
+    let replica = &answered["applications"]["repository"]["deployments"]["flowers"]["versions"][0]["replica_details"]
+        [0];
+    assert!(replica["node_id"].is_string(), "{replica}");
     let (_, errors) = env
         .traffic_until("the promotion of version 2", || async {
             env.versions().await.first() == Some(&("2".to_string(), 100))

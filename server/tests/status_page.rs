@@ -50,6 +50,7 @@ async fn without_the_token_the_page_and_its_api_calls_are_refused() {
     // No token: the login form, and the calls the page's script makes answer 401.
     let r = c.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
     let html = r.text().await.unwrap();
     assert!(html.contains("name=\"token\"") && !html.contains("iris"), "{html}");
     assert_eq!(c.get(format!("{base}/api/sluice/status")).send().await.unwrap().status(), 401);

@@ -295,12 +295,20 @@ async fn authorize(token: Option<String>, secure_cookie: bool, req: Request, nex
     match (authorized, is_page) {
         (true, _) => next.run(req).await,
         (false, true) => page::login(),
-        (false, false) => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        (false, false) => {
+            let mut answer = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            answer.headers_mut().insert(header::WWW_AUTHENTICATE, BEARER_CHALLENGE.clone());
+            answer
+        }
     }
 }
 
 /// How config errors name the config a client sent: `request body:LINE:COLUMN: FIELD: MESSAGE`.
 const REQUEST_BODY: &str = "request body";
+
+/// What a 401 asks for (RFC 7235: a 401 names its scheme).
+pub(crate) static BEARER_CHALLENGE: axum::http::HeaderValue =
+    axum::http::HeaderValue::from_static("Bearer realm=\"sluice\"");
 
 /// A whole config: Ray's `ServeDeploySchema` (JSON as Ray's clients send it, or YAML) is
 /// deployed in the background the way Ray does; Sluice's own config is applied before the
@@ -439,5 +447,5 @@ async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Answ
 async fn notify_repository(State(s): State<AdminState>, Path(model): Path<String>) -> Answer {
     let controller = s.controller.clone();
     sluice_controller::to_the_end(async move { controller.notify_repository(&model).await }).await?;
-    Ok(Json(s.controller.status()))
+    Ok(Json(s.status()))
 }

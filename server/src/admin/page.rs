@@ -36,7 +36,8 @@ pub async fn page(State(s): State<AdminState>) -> Html<String> {
 
 /// 401 with the login form (the token was missing or wrong).
 pub fn login() -> Response {
-    (StatusCode::UNAUTHORIZED, Html(LOGIN)).into_response()
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, super::BEARER_CHALLENGE.clone())], Html(LOGIN))
+        .into_response()
 }
 
 /// `?token=T` was right: keep it in a cookie and show the page without it in the address.

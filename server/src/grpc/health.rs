@@ -35,9 +35,12 @@ pub async fn follow(
     let mut phase = readiness.phase_watch();
     let mut reported = Reported { reporter, statuses: BTreeMap::new() };
     loop {
-        let table = routes.table();
+        // Marked seen before the table is read: a publish stores its table before it tells
+        // the watch, so the table read here is at least the one marked seen (read first, a
+        // publish in between was marked seen with the older table in hand).
         tables.borrow_and_update();
         phase.borrow_and_update();
+        let table = routes.table();
         // Marked seen before the statuses are read, so a change from here on wakes the wait.
         let mut watches: Vec<watch::Receiver<usize>> =
             table.models.values().flat_map(|m| m.versions.values()).flat_map(|v| v.ready_watches()).collect();
