@@ -9,6 +9,43 @@ use subtle::ConstantTimeEq;
 
 use crate::StartError;
 
+/// The admin token in the environment variable `var`: None when unset or empty. Trailing
+/// whitespace is left out (a token written to a file, a Kubernetes secret made from one, ends
+/// in a newline no client sends). A value that is not UTF-8, or holds a character a bearer
+/// header or the status page's cookie cannot carry (whitespace, control characters, `"`, `,`,
+/// `;`, `\`, beyond ASCII), is an error naming the variable: before, the first read as no
+/// token at all and the others as a token no client could send.
+pub fn admin_token(var: &str) -> Result<Option<String>, String> {
+    os_token(var, std::env::var_os(var).as_deref())
+}
+
+/// [`admin_token`] of the variable's value, if set.
+fn os_token(var: &str, value: Option<&std::ffi::OsStr>) -> Result<Option<String>, String> {
+    let Some(value) = value else { return Ok(None) };
+    let Some(value) = value.to_str() else {
+        return Err(format!("the admin token in ${var} is not UTF-8"));
+    };
+    token_from(var, value)
+}
+
+/// [`admin_token`] of a value read.
+pub fn token_from(var: &str, value: &str) -> Result<Option<String>, String> {
+    let token = value.trim_end();
+    if token.is_empty() {
+        return Ok(None);
+    }
+    // RFC 6265's cookie-octet, which is also what a header value may hold.
+    let allowed =
+        |c: char| matches!(c, '\x21' | '\x23'..='\x2b' | '\x2d'..='\x3a' | '\x3c'..='\x5b' | '\x5d'..='\x7e');
+    match token.chars().find(|&c| !allowed(c)) {
+        Some(c) => Err(format!(
+            "the admin token in ${var} holds {c:?}, which a bearer header or cookie cannot carry: \
+             use printable ASCII without whitespace, `\"`, `,`, `;` or `\\`"
+        )),
+        None => Ok(Some(token.to_string())),
+    }
+}
+
 /// Whether an `Authorization` header carries `Bearer <token>`. The comparison takes the same
 /// time wherever the first wrong byte is (only the length can show).
 pub fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
@@ -116,6 +153,22 @@ mod tests {
             assert!(!bearer_matches(Some(&h(wrong)), "s3cret"), "{wrong:?}");
         }
         assert!(!bearer_matches(None, "s3cret"));
+    }
+
+    /// A token read from a file keeps no trailing newline; one no header or cookie can carry,
+    /// or not UTF-8, is an error naming its variable (not UTF-8, it read as no token at all).
+    #[test]
+    fn the_admin_token_is_read_as_a_client_can_send_it() {
+        assert_eq!(token_from("T", "s3cret\n"), Ok(Some("s3cret".into())));
+        assert_eq!(token_from("T", "  \n"), Ok(None));
+        for bad in ["two words", "a;b", "caf\u{e9}", "tab\tin"] {
+            let e = token_from("T", bad).unwrap_err();
+            assert!(e.contains("$T"), "{bad:?}: {e}");
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let not_utf8 = std::ffi::OsStr::from_bytes(&[0xff, 0x41]);
+        assert!(os_token("T", Some(not_utf8)).unwrap_err().contains("not UTF-8"));
+        assert_eq!(os_token("T", None), Ok(None));
     }
 
     #[test]

@@ -60,7 +60,13 @@ fn main() -> ExitCode {
                 format: config.log_format,
                 tracing: config.tracing_options.clone(),
             };
-            let admin_token = std::env::var(&config.admin_options.token_env).ok().filter(|t| !t.is_empty());
+            let admin_token = match sluice_server::auth::admin_token(&config.admin_options.token_env) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let ray = config.cluster.ray.clone().unwrap_or_default();
             let ray_address =
                 args.ray.clone().or_else(|| Some(ray.address.clone()).filter(|a| !a.is_empty()));
@@ -126,10 +132,13 @@ fn main() -> ExitCode {
         Command::Replica(args) => {
             cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env, &store_env)
         }
-        Command::Proxy(args) => {
-            let token = std::env::var("SLUICE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
-            cli::proxy::proxy(args, cli::run::Logs::plain(log_filter()), ort_env, token)
-        }
+        Command::Proxy(args) => match sluice_server::auth::admin_token("SLUICE_ADMIN_TOKEN") {
+            Ok(token) => cli::proxy::proxy(args, cli::run::Logs::plain(log_filter()), ort_env, token),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Validate { config, ort } => cli::validate::validate(&config, ort, ort_env, &store_env),
         Command::Loadtest { args } => cli::loadtest::loadtest(&args),
         Command::Deploy { config, wait, admin } => cli::deploy::deploy(&config, &admin, &wait),

@@ -11,7 +11,7 @@ pub struct AdminArgs {
     #[arg(long, global = true, env = "SLUICE_ADDRESS", default_value = "http://127.0.0.1:8265")]
     pub address: String,
     /// Bearer token, when the server requires one.
-    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, value_parser = token)]
     pub token: Option<String>,
     /// Give up on an admin API that does not answer a call within SECONDS (connecting takes
     /// at most 10 of them; 0: wait as long as it takes); `sluice deploy` waits its `--timeout`
@@ -27,6 +27,12 @@ pub struct AdminArgs {
     pub request_timeout: f64,
     #[command(flatten)]
     pub tls: ClientTls,
+}
+
+/// `--token`: what the server reads from its variable (trailing whitespace left out, see
+/// [`sluice_server::auth::admin_token`]).
+fn token(value: &str) -> Result<String, String> {
+    sluice_server::auth::token_from("SLUICE_ADMIN_TOKEN", value).map(Option::unwrap_or_default)
 }
 
 /// How a command reaches an https:// admin API: the CAs it trusts and the certificate it
