@@ -135,6 +135,15 @@ mod tests {
         counters(0, 0, Duration::ZERO)
     }
 
+    /// A p99 under the bound is read within the buckets' 4.4 %, not rolled back.
+    #[test]
+    fn a_p99_just_under_the_bound_steps_up() {
+        let near = counters(100, 0, Duration::from_micros(46_500));
+        assert_eq!(judge(&rollout(), 20, &start(), &near), Verdict::Step(40));
+        let over = counters(100, 0, Duration::from_micros(52_500));
+        assert!(matches!(judge(&rollout(), 20, &start(), &over), Verdict::Rollback(_)));
+    }
+
     #[test]
     fn healthy_intervals_step_the_weight_up_and_complete_at_100() {
         let fast = counters(100, 0, Duration::from_millis(2));

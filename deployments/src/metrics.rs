@@ -372,15 +372,16 @@ impl Stats {
     }
 }
 
-/// Request latencies in log-spaced buckets (4 per doubling, 1 µs to ~70 min), counted with
-/// atomics so recording costs no lock; a controller diffs snapshots to get an interval's
-/// percentiles.
+/// Request latencies in log-spaced buckets (16 per doubling: each 4.4 % wide, 1 µs to ~70 min),
+/// counted with atomics so recording costs no lock; a controller diffs snapshots to get an
+/// interval's percentiles. (With 4 per doubling, 19 % wide, a canary whose every request took
+/// 46.5 ms read a p99 of 55 ms against a `max_p99_ms` of 50, and was rolled back.)
 pub struct LatencyBuckets {
     counts: Vec<AtomicU64>,
 }
 
-const BUCKETS_PER_DOUBLING: f64 = 4.0;
-const LATENCY_BUCKET_COUNT: usize = 128;
+const BUCKETS_PER_DOUBLING: f64 = 16.0;
+const LATENCY_BUCKET_COUNT: usize = 512;
 
 impl Default for LatencyBuckets {
     fn default() -> Self {
