@@ -327,22 +327,14 @@ fn commit_canary(
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
             // Registered at 0, so alerts on its increase see the first rollback.
             metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
-            let rollout = c.rollout.clone().map(|r| {
-                // The gate's copies: every request the primary serves, onto a free canary slot.
-                let mirror = r
-                    .min_shadow_agreement
-                    .map(|_| std::sync::Arc::new(sluice_deployments::Shadow::new(v.deployment.clone(), 100)));
-                let mut rollout = RolloutState {
-                    next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
-                    baseline: Counters::default(),
-                    config: r,
-                    auto_promote: c.auto_promote,
-                    mirror,
-                };
-                rollout.baseline = rollout.counters(&v);
-                rollout
-            });
-            Some(CanaryState { version: v, weight: c.weight, config_weight: c.weight, rollout })
+            let rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &v));
+            Some(CanaryState {
+                version: v,
+                weight: c.weight,
+                config_weight: c.weight,
+                config_rollout: c.rollout.clone(),
+                rollout,
+            })
         }
         (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {
             // Same canary: a weight the config changes applies unless a rollout drives it. An
@@ -354,10 +346,38 @@ fn commit_canary(
                 oc.weight = c.weight;
             }
             oc.config_weight = c.weight;
+            // A rollout the config changes (added, removed, other bounds) takes over from the
+            // current weight, judged from now; an unchanged one goes on (or stays ended).
+            if c.rollout != oc.config_rollout {
+                oc.rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &oc.version));
+                let what = match &oc.rollout {
+                    Some(_) => format!("canary rollout (re)started by the config at {}%", oc.weight),
+                    None => "canary rollout stopped by the config".to_string(),
+                };
+                events.push(name, what);
+                oc.config_rollout = c.rollout.clone();
+            }
             Some(oc)
         }
         (Some(_), _, old) => old,
     }
+}
+
+/// A rollout of canary `v` starting now, its first interval's counts from now on.
+fn start_rollout(r: sluice_config::Rollout, auto_promote: bool, v: &Version) -> RolloutState {
+    // The gate's copies: every request the primary serves, onto a free canary slot.
+    let mirror = r
+        .min_shadow_agreement
+        .map(|_| std::sync::Arc::new(sluice_deployments::Shadow::new(v.deployment.clone(), 100)));
+    let mut rollout = RolloutState {
+        next_step: Instant::now() + Duration::from_secs_f64(r.interval_s),
+        baseline: Counters::default(),
+        config: r,
+        auto_promote,
+        mirror,
+    };
+    rollout.baseline = rollout.counters(v);
+    rollout
 }
 
 fn commit_shadow(

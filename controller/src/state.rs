@@ -122,6 +122,9 @@ pub(crate) struct CanaryState {
     /// The weight the config last gave it: a later config with the same weight leaves `weight`
     /// as a rollout, a rollback or a hand set it since.
     pub config_weight: u32,
+    /// The rollout the config last gave it: a later config with another one (added, removed
+    /// or with other bounds) replaces the running rollout; the same one leaves it as it is.
+    pub config_rollout: Option<Rollout>,
     pub rollout: Option<RolloutState>,
 }
 

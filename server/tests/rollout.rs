@@ -281,3 +281,41 @@ async fn the_canary_weight_gauge_reads_zero_once_the_canary_is_promoted_or_remov
     }
     s.shutdown().await;
 }
+
+/// The weight of canary `version` of `model` in the status.
+fn weight_in_status(s: &sluice_server::Server, model: &str, version: &str) -> Option<u64> {
+    status(s)["applications"]["app"]["deployments"][model]["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["version"] == version)
+        .and_then(|v| v["weight"].as_u64())
+}
+
+/// A rollout the config adds to a canary already serving starts (it was ignored: the canary's
+/// key holds its model, not its rollout, so the same canary kept no rollout), and one the
+/// config removes stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_the_config_adds_or_removes_on_a_serving_canary_applies() {
+    let plain = "      - {name: ro, model: iris/model.onnx, canary: {model: iris-v2/model.onnx, version: \"2\", weight: 50}}\n";
+    let s = start_app(plain).await;
+    let rolling = "      - {name: ro, model: iris/model.onnx, canary: {model: iris-v2/model.onnx, version: \"2\", weight: 50, \
+                   rollout: {step_percent: 25, interval_s: 0.2, min_requests: 1}}}\n";
+    s.controller().apply(&app_config(rolling)).await.unwrap();
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while weight_in_status(&s, "ro", "2") == Some(50) {
+        assert!(Instant::now() < until, "the rollout never stepped: {}", status(&s)["events"]);
+        answered_by(&client, &s, "ro").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(weight_in_status(&s, "ro", "2") >= Some(75), "{}", status(&s)["events"]);
+    s.controller().apply(&app_config(plain)).await.unwrap();
+    assert!(status(&s)["events"].to_string().contains("canary rollout stopped by the config"));
+    let stopped_at = weight_in_status(&s, "ro", "2");
+    for _ in 0..20 {
+        answered_by(&client, &s, "ro").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(weight_in_status(&s, "ro", "2"), stopped_at, "no rollout steps it any more");
+    s.shutdown().await;
+}
