@@ -116,6 +116,33 @@ def test_infer_matches_expected(sluice, protocol, binary, model):
         assert response["model_version"] == "1"
 
 
+def test_nan_and_infinities_round_trip_as_json(sluice):
+    """NaN and infinities in JSON data, as tritonclient writes them (bare NaN / Infinity, as
+    Triton reads them), come back as themselves: the request was refused as malformed JSON, and
+    such values in a JSON answer were written as null, read back as NaN."""
+    c = client_for("http", sluice)
+    case = expected("dtypes")["cases"][0]
+    special = {}
+    for t in case["inputs"]:
+        if t["datatype"] in ("FP16", "FP32", "FP64"):
+            x = np.full(t["shape"], 1.5, dtype=NP[t["datatype"]]).reshape(-1)
+            x[:3] = [np.nan, np.inf, -np.inf]
+            t = dict(t, data=x.tolist())
+            special[t["datatype"]] = x.reshape(t["shape"])
+    inputs = []
+    for t in case["inputs"]:
+        x = special.get(t["datatype"]) if t["datatype"] in special else to_numpy(t)
+        i = httpclient.InferInput(t["name"], t["shape"], t["datatype"])
+        i.set_data_from_numpy(x, binary_data=False)
+        inputs.append(i)
+    outputs = [httpclient.InferRequestedOutput(f"out_{d}", binary_data=False) for d in special]
+    result = c.infer("dtypes", inputs, outputs=outputs)
+    assert set(special) == {"FP16", "FP32", "FP64"}
+    for d, x in special.items():
+        got = result.as_numpy(f"out_{d}").reshape(-1)
+        assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -np.inf and (got[3:] == 1.5).all(), (d, got)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_default_outputs_and_subsets(sluice, protocol):
     c = client_for(protocol, sluice)

@@ -14,7 +14,9 @@ use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
 
 use super::AppState;
-use super::json::{InputData, JsonRequest, decode_data, decoded, first_not_utf8, input_header};
+use super::json::{
+    InputData, JsonRequest, decode_data, decoded, first_not_utf8, input_header, quote_non_finite,
+};
 use super::json_scan;
 use crate::error::ApiError;
 
@@ -182,10 +184,21 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
     };
     let json_part = body.slice(..json_len);
     let mut binary = body.slice(json_len..);
+    let quoted: Vec<u8>;
     let parsed = match json_scan::read(&json_part) {
         Some(parsed) => parsed,
-        None => serde_json::from_slice::<JsonRequest<'_>>(&json_part)
-            .map_err(|e| InferError::invalid(format!("malformed inference request JSON: {e}")))?,
+        None => match serde_json::from_slice::<JsonRequest<'_>>(&json_part) {
+            Ok(parsed) => parsed,
+            // NaN and infinities as Triton reads them, which serde's reader does not.
+            Err(e) => match quote_non_finite(&json_part) {
+                Some(text) => {
+                    quoted = text;
+                    serde_json::from_slice::<JsonRequest<'_>>(&quoted)
+                        .map_err(|e| InferError::invalid(format!("malformed inference request JSON: {e}")))?
+                }
+                None => return Err(InferError::invalid(format!("malformed inference request JSON: {e}"))),
+            },
+        },
     };
     let mut inputs = Vec::with_capacity(parsed.inputs.len());
     for input in parsed.inputs {
@@ -439,11 +452,13 @@ mod tests {
             ],
         };
         let json = BinaryOutputs { default: false, per_output: HashMap::new() };
-        let got: Value = serde_json::from_slice(&body(encode_response(&response, &json)).await).unwrap();
+        let text = String::from_utf8(body(encode_response(&response, &json)).await.to_vec()).unwrap();
+        assert!(text.contains("[0.5,-2.0,NaN]"), "Triton's word for NaN: {text}");
+        let got: Value = serde_json::from_str(&text.replace(",NaN]", ",\"NaN\"]")).unwrap();
         let want = serde_json::json!({
             "model_name": "m\"1", "model_version": "7", "id": "req\\1",
             "outputs": [
-                {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [0.5, -2.0, null]},
+                {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [0.5, -2.0, "NaN"]},
                 {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a \"quoted\"\nline"]},
             ],
         });

@@ -217,6 +217,93 @@ impl Flatten<'_> {
 /// appended) where it rounds to an infinity of `dtype` (FP32 `1e39`, FP16 `70000`); `None` when
 /// `dtype` is not a float type. Both JSON readers convert with this, from the same correctly
 /// rounded f64, so a number's bytes do not depend on which reader read the request.
+/// How a response writes a floating-point value that is not finite, as Triton does.
+#[cold]
+fn non_finite(v: f64) -> &'static [u8] {
+    if v.is_nan() {
+        b"NaN"
+    } else if v > 0.0 {
+        b"Infinity"
+    } else {
+        b"-Infinity"
+    }
+}
+
+/// The words for a floating-point value that is no number, as Triton reads and writes them
+/// (rapidjson's NaN and Infinity flags), with their values.
+pub(super) const NON_FINITE: [(&str, f64); 3] =
+    [("NaN", f64::NAN), ("Infinity", f64::INFINITY), ("-Infinity", f64::NEG_INFINITY)];
+
+/// Appends `v` (NaN or an infinity) as a value of the floating-point `dtype`; None for another.
+pub(super) fn push_non_finite(dtype: DataType, v: f64, out: &mut Vec<u8>) -> Option<()> {
+    match dtype {
+        DataType::Fp16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+        DataType::Bf16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+        DataType::Fp32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+        DataType::Fp64 => out.extend_from_slice(&v.to_le_bytes()),
+        _ => return None,
+    }
+    Some(())
+}
+
+/// `json` with each `NaN`, `Infinity` and `-Infinity` outside its strings put in quotes, which
+/// serde's reader then reads as strings (and a floating-point input's data takes as the value):
+/// serde_json reads no such words, which tritonclient writes for these values in JSON data, and
+/// Triton reads. None when the text has none.
+pub(super) fn quote_non_finite(json: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    let (mut in_string, mut escaped, mut copied) = (false, false, 0);
+    let mut i = 0;
+    while i < json.len() {
+        let c = json[i];
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if let Some((word, _)) = NON_FINITE.iter().find(|(w, _)| json[i..].starts_with(w.as_bytes())) {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(json.len() + 16));
+            o.extend_from_slice(&json[copied..i]);
+            o.push(b'"');
+            o.extend_from_slice(word.as_bytes());
+            o.push(b'"');
+            i += word.len();
+            copied = i;
+            continue;
+        }
+        i += 1;
+    }
+    let mut out = out?;
+    out.extend_from_slice(&json[copied..]);
+    Some(out)
+}
+
+/// `v` as an f32 rounded to odd (toward zero, the last bit set when that was inexact), from
+/// which rounding to the nearest FP16 or BF16 is the correct rounding of `v` itself: f32 keeps
+/// more than two bits beyond either. (`half`'s own conversions from f64 round twice, or drop
+/// the low 32 bits before they look for a tie: 2049.0000000001 became 2048, not 2050.)
+fn round_to_odd(v: f64) -> f32 {
+    let t = v as f32;
+    if !t.is_finite() || f64::from(t) == v {
+        return t;
+    }
+    let mut bits = t.to_bits();
+    if f64::from(t).abs() > v.abs() {
+        bits -= 1;
+    }
+    f32::from_bits(bits | 1)
+}
+
 pub(super) fn push_float_as(dtype: DataType, v: f64, out: &mut Vec<u8>) -> Option<bool> {
     fn put<const N: usize>(out: &mut Vec<u8>, finite: bool, bytes: [u8; N]) -> bool {
         if finite {
@@ -226,11 +313,11 @@ pub(super) fn push_float_as(dtype: DataType, v: f64, out: &mut Vec<u8>) -> Optio
     }
     Some(match dtype {
         DataType::Fp16 => {
-            let h = half::f16::from_f64(v);
+            let h = half::f16::from_f32(round_to_odd(v));
             put(out, h.is_finite(), h.to_le_bytes())
         }
         DataType::Bf16 => {
-            let h = half::bf16::from_f64(v);
+            let h = half::bf16::from_f32(round_to_odd(v));
             put(out, h.is_finite(), h.to_le_bytes())
         }
         DataType::Fp32 => put(out, (v as f32).is_finite(), (v as f32).to_le_bytes()),
@@ -293,6 +380,12 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if let Some((_, x)) = NON_FINITE.iter().find(|(w, _)| *w == v)
+            && push_non_finite(self.dtype, *x, self.out).is_some()
+        {
+            *self.count += 1;
+            return Ok(());
+        }
         if self.dtype != DataType::Bytes {
             return Err(E::custom(format!("expected {} data, found string {v:?}", self.dtype_desc())));
         }
@@ -311,8 +404,9 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 }
 
 /// Writes `t`'s elements into `out` as a flat JSON array: byte for byte what serializing
-/// [`JsonData`] with serde_json writes (numbers formatted by the same `zmij` and `itoa`, NaN and
-/// infinities as `null`), without a serializer call per number.
+/// [`JsonData`] with serde_json writes (numbers formatted by the same `zmij` and `itoa`), without
+/// a serializer call per number, except NaN and infinities: `NaN`, `Infinity`, `-Infinity` as
+/// Triton writes them (serde_json writes `null`, which clients read as NaN).
 pub fn write_data(out: &mut Vec<u8>, t: &Tensor) {
     let data = &t.data()[..];
     out.push(b'[');
@@ -341,7 +435,9 @@ pub fn write_data(out: &mut Vec<u8>, t: &Tensor) {
                 if v.is_finite() {
                     out.extend_from_slice(buffer.format_finite(v).as_bytes());
                 } else {
-                    out.extend_from_slice(b"null");
+                    // Triton's words for these (rapidjson's kWriteNanAndInfFlag), which
+                    // tritonclient and Python's json read back; `null` read as NaN there.
+                    out.extend_from_slice(non_finite(v.into()));
                 }
             })
         }};
@@ -453,6 +549,38 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// FP16 and BF16 values are the correct rounding of the number written.
+    #[test]
+    fn half_precision_values_are_correctly_rounded() {
+        let half = |dtype, v: f64| {
+            let mut out = Vec::new();
+            assert_eq!(push_float_as(dtype, v, &mut out), Some(true));
+            u16::from_le_bytes([out[0], out[1]])
+        };
+        assert_eq!(half(DataType::Fp16, 2049.0000000001), 0x6801, "just above a tie: up");
+        assert_eq!(half(DataType::Fp16, 2049.0), 0x6800, "a tie: to even");
+        assert_eq!(half(DataType::Fp16, -2049.0000000001), 0xe801);
+        assert_eq!(half(DataType::Bf16, 1.003906250000001), half::bf16::from_f32(1.0078125).to_bits());
+        assert_eq!(half(DataType::Bf16, 1.00390625), half::bf16::ONE.to_bits(), "a tie: to even");
+        assert_eq!(half(DataType::Fp16, 1e-10), 0, "below the smallest: zero");
+        assert_eq!(half(DataType::Fp16, 0.1), half::f16::from_f32(0.1).to_bits());
+    }
+
+    /// The words serde's reader does not read are quoted outside strings only.
+    #[test]
+    fn nan_and_infinities_are_quoted_outside_strings() {
+        let text = br#"{"id":"NaN \"Infinity\"","data":[NaN,-Infinity, Infinity,1]}"#;
+        let quoted = String::from_utf8(quote_non_finite(text).unwrap()).unwrap();
+        assert_eq!(quoted, r#"{"id":"NaN \"Infinity\"","data":["NaN","-Infinity", "Infinity",1]}"#);
+        assert_eq!(quote_non_finite(br#"{"id":"NaN","data":[1]}"#), None);
+        // Read as values of a floating-point input, not as text.
+        let t = decode(DataType::Fp64, vec![3], r#"["NaN","-Infinity","Infinity"]"#).unwrap();
+        let v: Vec<f64> =
+            t.tensor.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert!(v[0].is_nan() && v[1] == f64::NEG_INFINITY && v[2] == f64::INFINITY, "{v:?}");
+        assert!(decode(DataType::Int32, vec![1], r#"["NaN"]"#).is_err());
+    }
+
     #[test]
     fn the_direct_writer_writes_what_serde_writes() {
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
@@ -483,7 +611,10 @@ mod tests {
             data.extend(specials);
             let n = data.len() / size;
             let t = Tensor::new(dtype, vec![n], data.into()).unwrap();
-            assert_eq!(direct(&t), encode(&t), "{dtype:?}");
+            // serde_json writes `null` where the direct writer writes Triton's words.
+            let words =
+                direct(&t).replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
+            assert_eq!(words, encode(&t), "{dtype:?}");
             let empty = Tensor::new(dtype, vec![0], Bytes::new()).unwrap();
             assert_eq!(direct(&empty), "[]", "{dtype:?}");
         }

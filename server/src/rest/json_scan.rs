@@ -1,12 +1,13 @@
 //! One pass over the common infer request: `id`, `inputs` of `name`, `shape`, `datatype` and
-//! numeric `data` (flat or nested, after its `datatype`), and `outputs` by name only, with no
-//! escapes in strings. The data goes straight from the JSON text into the tensor's bytes
+//! numeric `data` (flat or nested, after its `datatype`; `NaN`, `Infinity` and `-Infinity` in
+//! floating-point data, as Triton reads them), and `outputs` by name with at most the
+//! `binary_data` parameter (as tritonclient sends them), with no escapes in strings. The data goes straight from the JSON text into the tensor's bytes
 //! (each number read as a correctly rounded f64 by std's parser, then converted to the
 //! datatype as serde's reader converts it: the same bytes); serde's reader walks `data` twice,
 //! once to find its end and once to convert it.
 //!
 //! Anything else gives `None`, and serde's reader ([`super::json`]) reads the body instead:
-//! `parameters`, BOOL or BYTES data, escapes, unknown or repeated keys, `data` before its
+//! other `parameters`, BOOL or BYTES data, escapes, unknown or repeated keys, `data` before its
 //! `datatype`, and every malformed or out-of-range value. So this reader never rejects a
 //! request: serde's accepts every valid one and words every error.
 
@@ -14,7 +15,9 @@ use std::borrow::Cow;
 
 use sluice_deployments::DataType;
 
-use super::json::{InputData, JsonInput, JsonRequest, JsonRequestedOutput, push_float_as};
+use super::json::{
+    InputData, JsonInput, JsonRequest, JsonRequestedOutput, NON_FINITE, push_float_as, push_non_finite,
+};
 
 /// Nesting deeper than this in `data` is left to serde's reader.
 const MAX_DEPTH: usize = 32;
@@ -138,16 +141,48 @@ impl<'a> Reader<'a> {
         Some(JsonRequest { id, parameters: None, inputs: inputs?, outputs })
     }
 
+    /// A requested output: its name, and the one parameter tritonclient sends with each,
+    /// `binary_data` (a boolean).
     fn output(&mut self) -> Option<JsonRequestedOutput> {
-        let mut name = None;
+        let (mut name, mut parameters) = (None, None);
         self.members(|r, key| {
             match key {
                 "name" if name.is_none() => name = Some(r.string()?.to_string()),
+                "parameters" if parameters.is_none() => {
+                    let mut binary = None;
+                    r.members(|r, key| match key {
+                        "binary_data" if binary.is_none() => {
+                            binary = Some(r.boolean()?);
+                            Some(())
+                        }
+                        _ => None,
+                    })?;
+                    let mut map = serde_json::Map::new();
+                    if let Some(b) = binary {
+                        map.insert("binary_data".to_string(), serde_json::Value::Bool(b));
+                    }
+                    parameters = Some(map);
+                }
                 _ => return None,
             }
             Some(())
         })?;
-        Some(JsonRequestedOutput { name: name?, parameters: None })
+        Some(JsonRequestedOutput { name: name?, parameters })
+    }
+
+    /// `true` or `false`.
+    fn boolean(&mut self) -> Option<bool> {
+        self.ws();
+        let rest = &self.b[self.at..];
+        let (v, len) = if rest.starts_with(b"true") {
+            (true, 4)
+        } else if rest.starts_with(b"false") {
+            (false, 5)
+        } else {
+            return None;
+        };
+        self.at += len;
+        Some(v)
     }
 
     fn input(&mut self) -> Option<JsonInput<'a>> {
@@ -221,7 +256,7 @@ impl<'a> Reader<'a> {
     }
 
     fn element(&mut self, dtype: DataType, out: &mut Vec<u8>) -> Option<()> {
-        let (text, integer) = self.number()?;
+        let Some((text, integer)) = self.number() else { return self.non_finite(dtype, out) };
         macro_rules! int {
             ($t:ty) => {{
                 // serde_json reads `-0` as the float -0.0, which no integer type takes.
@@ -248,6 +283,17 @@ impl<'a> Reader<'a> {
             DataType::Int64 => int!(i64),
             DataType::Bool | DataType::Bytes => return None,
         }
+        Some(())
+    }
+
+    /// `NaN`, `Infinity` or `-Infinity` (not JSON, but what Triton reads and writes for a
+    /// floating-point value that is no number, and what tritonclient's JSON sends) as an element
+    /// of a floating-point `dtype`.
+    fn non_finite(&mut self, dtype: DataType, out: &mut Vec<u8>) -> Option<()> {
+        let rest = &self.b[self.at..];
+        let (word, v) = NON_FINITE.iter().find(|(w, _)| rest.starts_with(w.as_bytes()))?;
+        push_non_finite(dtype, *v, out)?;
+        self.at += word.len();
         Some(())
     }
 
@@ -400,6 +446,20 @@ mod tests {
         }
     }
 
+    /// tritonclient's requests name each output with its `binary_data` parameter: read here,
+    /// with the parameter as serde's reader gives it (they went to serde's reader, which
+    /// refuses the `NaN` tritonclient writes in JSON data).
+    #[test]
+    fn outputs_with_binary_data_are_read_in_one_pass() {
+        let body = r#"{"id":"x","inputs":[{"name":"in_FP32","shape":[2],"datatype":"FP32","data":[1.5,2]}],
+            "outputs":[{"name":"a","parameters":{"binary_data":false}},{"name":"b","parameters":{"binary_data":true}},{"name":"c","parameters":{}}]}"#;
+        assert!(agree(body));
+        let fast = read(body.as_bytes()).unwrap().outputs.unwrap();
+        let slow = serde_json::from_str::<JsonRequest<'_>>(body).unwrap().outputs.unwrap();
+        let params = |o: &[JsonRequestedOutput]| o.iter().map(|o| o.parameters.clone()).collect::<Vec<_>>();
+        assert_eq!(params(&fast), params(&slow));
+    }
+
     #[test]
     fn data_that_does_not_fill_its_shape_is_left_to_serde_at_once() {
         // Each input's buffer is sized from its shape before its data is read; one whose data
@@ -434,7 +494,9 @@ mod tests {
             input(r#""shape": [1], "datatype": "FP32", "data": [.5]"#),
             input(r#""shape": [1], "datatype": "FP32", "data": [1.]"#),
             input(r#""shape": [1], "datatype": "FP32", "data": [+1]"#),
-            input(r#""shape": [1], "datatype": "FP32", "data": [NaN]"#),
+            input(r#""shape": [1], "datatype": "INT32", "data": [NaN]"#),
+            input(r#""shape": [1], "datatype": "FP32", "data": [Nan]"#),
+            input(r#""shape": [1], "datatype": "FP32", "data": [-NaN]"#),
             input(r#""shape": [1], "datatype": "FP32", "data": [1,]"#),
             input(r#""shape": [-1], "datatype": "FP32", "data": [1]"#),
             input(r#""shape": [1.0], "datatype": "FP32", "data": [1]"#),
@@ -450,7 +512,10 @@ mod tests {
                 "]".repeat(40)
             ),
             r#"{"inputs": [], "parameters": {"binary_data_output": true}}"#.to_string(),
-            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": true}}]}"#.to_string(),
+            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}"#.to_string(),
+            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"other": true}}]}"#.to_string(),
+            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": true, "binary_data": true}}]}"#
+                .to_string(),
             r#"{"id": null, "inputs": []}"#.to_string(),
             r#"{"outputs": []}"#.to_string(),
             "{\"inputs\": [{\"name\": \"a\tb\", \"shape\": [1], \"datatype\": \"FP32\", \"data\": [1]}]}"
@@ -463,6 +528,33 @@ mod tests {
             read(br#"{"inputs": [{"name": "\xff", "shape": [1], "datatype": "FP32", "data": [1]}]}"#)
                 .is_none()
         );
+    }
+
+    /// `NaN`, `Infinity` and `-Infinity`, as Triton reads them and tritonclient's JSON sends
+    /// them, in a floating-point input's data (they were refused as malformed JSON).
+    #[test]
+    fn nan_and_infinities_are_read_as_triton_reads_them() {
+        for (dtype, size) in [("FP32", 4), ("FP64", 8), ("FP16", 2), ("BF16", 2)] {
+            let body = format!(
+                r#"{{"inputs": [{{"name": "x", "shape": [4], "datatype": "{dtype}", "data": [NaN, Infinity, -Infinity, 1]}}]}}"#
+            );
+            let r = materialize(read(body.as_bytes()).expect(dtype)).unwrap();
+            let data = r.inputs[0].1.data();
+            assert_eq!(data.len(), 4 * size, "{dtype}");
+            let f = |i: usize| -> f64 {
+                let b = &data[i * size..(i + 1) * size];
+                match dtype {
+                    "FP32" => f32::from_le_bytes(b.try_into().unwrap()).into(),
+                    "FP64" => f64::from_le_bytes(b.try_into().unwrap()),
+                    "FP16" => half::f16::from_le_bytes(b.try_into().unwrap()).into(),
+                    _ => half::bf16::from_le_bytes(b.try_into().unwrap()).into(),
+                }
+            };
+            assert!(
+                f(0).is_nan() && f(1) == f64::INFINITY && f(2) == f64::NEG_INFINITY && f(3) == 1.0,
+                "{dtype}"
+            );
+        }
     }
 
     /// Numbers whose f64 is hard to round, or rounds to the edge of a datatype: both readers
