@@ -724,6 +724,42 @@ fn sigterm_while_starting_stops_gracefully() {
     }
 }
 
+/// A second signal during a graceful stop ends the process at once (exit 130), rather than
+/// after `shutdown_delay_s` and the drain: here a 30 s delay.
+#[test]
+fn a_second_signal_ends_the_process_at_once() {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-second-signal.yaml");
+    let iris = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    std::fs::write(
+        &config,
+        format!(
+            "shutdown_delay_s: 30\napplications:\n  - name: a\n    deployments:\n      - {{name: iris, model: {}}}\n",
+            iris.display()
+        ),
+    )
+    .unwrap();
+    let mut child = KillOnDrop(Some(spawn_run(&config)));
+    let mut lines = BufReader::new(child.child().stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let mut wait_for = |what: &str, log: &mut String| loop {
+        let Some(Ok(line)) = lines.next() else { panic!("sluice stopped before {what}:\n{log}") };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains(what) {
+            return;
+        }
+    };
+    wait_for("all deployments ready", &mut log);
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    wait_for("a second signal ends the process at once", &mut log);
+    let signalled = std::time::Instant::now();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let status = child.child().wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(signalled.elapsed() < Duration::from_secs(10), "{:?}\n{log}", signalled.elapsed());
+}
+
 /// Sends SIGTERM to a `sluice run` child the moment it logs that its ports are open; its exit
 /// status and everything it logged (the log ends when the process does).
 fn sigterm_once_listening(child: &mut KillOnDrop) -> (std::process::ExitStatus, String) {

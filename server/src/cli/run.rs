@@ -225,18 +225,30 @@ pub fn run_with(
             }
         };
         tokio::pin!(stop);
-        tokio::select! {
+        // A signal while the models load, or while start-up memory is released, stops the
+        // server there (the release and the LISTEN lines of a replica told to stop skipped).
+        let stopped = tokio::select! {
             ready = server.wait_ready(std::time::Duration::from_secs(600)) => {
-                if ready {
-                    if release_memory {
-                        release_startup_memory(&server).await;
+                let started = async {
+                    if ready {
+                        if release_memory {
+                            release_startup_memory(&server).await;
+                        }
+                        tracing::info!("all deployments ready");
+                        on_ready(&server);
                     }
-                    tracing::info!("all deployments ready");
-                    on_ready(&server);
+                };
+                tokio::select! {
+                    () = started => false,
+                    () = &mut stop => true,
                 }
-                server.run_until(stop).await;
             }
-            () = &mut stop => server.shutdown().await,
+            () = &mut stop => true,
+        };
+        if stopped {
+            server.shutdown().await;
+        } else {
+            server.run_until(stop).await;
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS
@@ -266,7 +278,8 @@ async fn release_startup_memory(server: &sluice_server::Server) {
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C). Both are listened for from the call on, not from the
 /// first poll: a signal that arrives before the future is awaited is not lost, nor left to its
-/// default action (ending the process at once).
+/// default action (ending the process at once). A second signal after that ends the process at
+/// once (exit 130), without waiting for `shutdown_delay_s` and the graceful drain.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let signals = {
@@ -277,22 +290,34 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         #[cfg(unix)]
         {
             let [term, int] = signals;
-            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            let (mut term, mut int) = (term.ok(), int.ok());
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
                 match s {
-                    Ok(mut s) => {
+                    Some(s) => {
                         s.recv().await;
                     }
-                    Err(_) => std::future::pending().await,
+                    None => std::future::pending().await,
                 }
-            };
-            tokio::select! {
-                () = wait(term) => {},
-                () = wait(int) => {},
             }
+            tokio::select! {
+                () = next(&mut term) => {},
+                () = next(&mut int) => {},
+            }
+            tracing::info!("shutting down (a second signal ends the process at once)");
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = next(&mut term) => {},
+                    () = next(&mut int) => {},
+                }
+                tracing::warn!("second signal: exiting now, without draining");
+                std::process::exit(130);
+            });
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        }
     }
 }
 
