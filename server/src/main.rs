@@ -51,8 +51,8 @@ fn main() -> ExitCode {
     }
     match command {
         Command::Run(args) => {
-            let config = match cli::load_config(&args.config) {
-                Ok(c) => args.apply_overrides(c),
+            let (config, as_written) = match cli::load_config(&args.config) {
+                Ok(c) => (args.apply_overrides(c.clone()), c),
                 Err(code) => return code,
             };
             let logs = cli::run::Logs {
@@ -91,7 +91,12 @@ fn main() -> ExitCode {
                         "warning: `cluster.ray` is set but names no address (nor --ray, SLUICE_RAY_ADDRESS): serving on this machine"
                     );
                 }
-                let options = sluice_server::StartOptions { admin_token, store_env, ..Default::default() };
+                let options = sluice_server::StartOptions {
+                    admin_token,
+                    store_env,
+                    as_written: Some(as_written),
+                    ..Default::default()
+                };
                 cli::run::run(config, logs, args.ort, ort_env, options)
             }
         }

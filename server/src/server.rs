@@ -152,6 +152,10 @@ pub struct StartOptions {
     /// Cloud variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`) an object-storage model repository is
     /// opened with.
     pub store_env: sluice_controller::StoreEnv,
+    /// The config as its file says, before the command line's overrides (ports, host): what a
+    /// deployed config's server settings are compared with, so that deploying the same file
+    /// lists none as changed. None: the config started with.
+    pub as_written: Option<sluice_config::Config>,
 }
 
 /// Why the server did not start.
@@ -310,7 +314,15 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             proxy_location: config.proxy_location,
         };
         let node = node::LocalNode::of_this_process(http_addr);
-        let state = admin::AdminState::new(controller.clone(), &config, node, frontends, phase.subscribe());
+        let as_written = options.as_written.as_ref().unwrap_or(&config);
+        let state = admin::AdminState::new(
+            controller.clone(),
+            &config,
+            as_written,
+            node,
+            frontends,
+            phase.subscribe(),
+        );
         tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token, addr), limits, stop_rx));
     }
     let delay = Duration::from_secs_f64(config.shutdown_delay_s);

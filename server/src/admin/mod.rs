@@ -57,6 +57,9 @@ pub struct AdminState {
     /// Where relative paths of a deployed config start unless the request says otherwise.
     base_dir: PathBuf,
     started: Arc<sluice_config::Config>,
+    /// The started config as its file says (before command-line overrides): what a deployed
+    /// config's server settings are compared with.
+    as_written: Arc<sluice_config::Config>,
     node: LocalNode,
     frontends: Frontends,
     /// The server's phase: shutdown has begun once it is `Stopping`.
@@ -67,17 +70,18 @@ pub struct AdminState {
 
 impl AdminState {
     /// `started`: the config the server started with (its server settings are the ones in
-    /// effect).
+    /// effect); `as_written`: the same before the command line's overrides.
     pub fn new(
         controller: Arc<Controller>,
         started: &sluice_config::Config,
+        as_written: &sluice_config::Config,
         node: LocalNode,
         frontends: Frontends,
         phase: watch::Receiver<crate::readiness::Phase>,
     ) -> Self {
         let base_dir = started.source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-        let started = Arc::new(started.clone());
-        Self { controller, base_dir, started, node, frontends, phase, submitted: Arc::default() }
+        let (started, as_written) = (Arc::new(started.clone()), Arc::new(as_written.clone()));
+        Self { controller, base_dir, started, as_written, node, frontends, phase, submitted: Arc::default() }
     }
 
     /// Sluice's status, with the replicas of this process named by its node.
@@ -371,7 +375,7 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
     });
     match applied.await {
         Ok(config) => {
-            let at_start = s.started.server_settings_changed(&config);
+            let at_start = s.as_written.server_settings_changed(&config);
             if at_start.is_empty() {
                 return Json(s.status()).into_response();
             }
