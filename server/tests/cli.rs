@@ -688,6 +688,57 @@ fn proxy_takes_worker_threads_and_keep_startup_memory() {
     takes_keep_startup_memory(proxy);
 }
 
+/// `sluice replica --max-body-bytes N` (the server's own limit, which the controller passes to
+/// a Ray replica) bounds the gRPC messages the replica takes: it took tonic's 64 MiB default
+/// whatever the server's limit, so a larger request the server accepted failed at the replica.
+#[test]
+fn replica_takes_the_servers_message_limit() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    let spec = sluice_controller::cluster::ReplicaSpec {
+        deployment: "iris".into(),
+        version: "1".into(),
+        model: sluice_config::Model::Onnx(model),
+        settings: sluice_config::ReplicaSettings::default(),
+        fetch: None,
+    };
+    let spec = serde_json::to_string(&spec).unwrap();
+    let mut child = KillOnDrop(Some(
+        sluice()
+            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--max-body-bytes", "1000"])
+            .args(["--graceful-shutdown-timeout", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut lines = BufReader::new(child.child().stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the replica printed its address").unwrap();
+        if let Some(addr) = line.strip_prefix("LISTEN ") {
+            break addr.to_string();
+        }
+    };
+    let request = |rows: usize| ModelInferRequest {
+        model_name: "iris".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; rows * 16].into()],
+        ..Default::default()
+    };
+    block_on(async {
+        let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        c.model_infer(request(2)).await.expect("a message under the limit");
+        let e = c.model_infer(request(100)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    });
+}
+
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
 /// reserves) sizes the replica's runtime; out of range is refused. It keeps its start-up memory
 /// when told to.

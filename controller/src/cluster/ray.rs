@@ -79,8 +79,11 @@ const KEEP_STARTUP_MEMORY: &str = "--keep-startup-memory";
 /// The command line of a replica serving `spec_json` (a [`ReplicaSpec`]) with `num_cpus` CPUs
 /// reserved: its async runtime gets that many threads, rounded up (at least one), rather than
 /// one per CPU of the node, which several replicas on one node would each start. It keeps its
-/// start-up memory where the config's `release_startup_memory` is false.
-fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, release_startup_memory: bool) -> Vec<String> {
+/// start-up memory where the config's `release_startup_memory` is false, takes messages as
+/// large as the server's frontends do, and drains as long as the server's grace (a replica
+/// took 64 MiB and drained 30 s whatever the config said: a larger request the server took
+/// failed at the replica, as a retryable 503).
+fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, options: &RayOptions) -> Vec<String> {
     // `max` before `min`: a NaN (which validation refuses) gives 1, not 0.
     let threads = num_cpus.ceil().max(1.0).min(f64::from(sluice_config::MAX_WORKER_THREADS)) as u32;
     let mut argv = vec![
@@ -92,8 +95,12 @@ fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, release_startup_
         threads.to_string(),
         "--spec".into(),
         spec_json.into(),
+        "--max-body-bytes".into(),
+        options.max_body_bytes.to_string(),
+        "--graceful-shutdown-timeout".into(),
+        options.grace.as_secs_f64().to_string(),
     ];
-    if !release_startup_memory {
+    if !options.release_startup_memory {
         argv.push(KEEP_STARTUP_MEMORY.into());
     }
     argv
@@ -114,6 +121,8 @@ pub struct RayOptions {
     pub proxies: Option<ProxyOptions>,
     /// The config's `release_startup_memory`, for each replica's process.
     pub release_startup_memory: bool,
+    /// The config's `http_options.max_body_bytes`: the largest message a replica takes.
+    pub max_body_bytes: usize,
 }
 
 /// A proxy actor on one node.
@@ -320,12 +329,8 @@ impl RayCluster {
         let name = format!("{ACTOR_PREFIX}{}:{}:{}-{n}", owner.spec.deployment, owner.spec.version, self.run);
         lock(&self.owners).insert(name.clone(), Arc::downgrade(owner));
         let p = &owner.placement;
-        let argv = replica_argv(
-            self.relative(&self.options.binary),
-            &owner.spec_json,
-            p.num_cpus,
-            self.options.release_startup_memory,
-        );
+        let argv =
+            replica_argv(self.relative(&self.options.binary), &owner.spec_json, p.num_cpus, &self.options);
         self.commands.send(Command::Create {
             name: name.clone(),
             argv,
@@ -801,6 +806,7 @@ mod tests {
             startup_timeout: Duration::from_secs(10),
             proxies: Some(proxy_options()),
             release_startup_memory: true,
+            max_body_bytes: 1 << 20,
         };
         let cluster = RayCluster::start(commands, events, options);
         *lock(&cluster.head) = ("head".into(), "10.0.0.1".into());
@@ -863,10 +869,22 @@ mod tests {
     /// A replica's runtime gets the CPUs it reserves, rounded up, never fewer than one.
     #[test]
     fn replica_argv_sizes_the_runtime_by_the_reserved_cpus() {
+        let options = |release_startup_memory| RayOptions {
+            binary: "sluice".into(),
+            working_dir: "/job".into(),
+            grace: Duration::from_secs_f64(2.5),
+            startup_timeout: Duration::from_secs(10),
+            proxies: None,
+            release_startup_memory,
+            max_body_bytes: 1 << 27,
+        };
         let threads = |cpus: f64| {
-            let argv = replica_argv("sluice".into(), "{}", cpus, true);
+            let argv = replica_argv("sluice".into(), "{}", cpus, &options(true));
             assert_eq!(argv[..5], ["sluice", "replica", "--listen", "{node_ip}:0", "--worker-threads"]);
-            assert_eq!(argv[6..], ["--spec", "{}"]);
+            assert_eq!(
+                argv[6..],
+                ["--spec", "{}", "--max-body-bytes", "134217728", "--graceful-shutdown-timeout", "2.5"]
+            );
             argv[5].clone()
         };
         assert_eq!(threads(1.0), "1");
@@ -877,8 +895,8 @@ mod tests {
         assert_eq!(threads(1e9), "1024");
         assert_eq!(threads(f64::NAN), "1");
         // `release_startup_memory: false` in the config.
-        let kept = replica_argv("sluice".into(), "{}", 1.0, false);
-        assert_eq!(kept[6..], ["--spec", "{}", "--keep-startup-memory"]);
+        let kept = replica_argv("sluice".into(), "{}", 1.0, &options(false));
+        assert_eq!(kept.last().unwrap(), "--keep-startup-memory");
     }
 
     /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set and

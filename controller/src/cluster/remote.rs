@@ -181,7 +181,11 @@ fn decode(r: pb::ModelInferResponse, wanted: &[String]) -> Result<Vec<NamedTenso
 fn from_status(status: &tonic::Status, name: &str, addr: &str) -> InferError {
     let message = status.message();
     match status.code() {
-        tonic::Code::InvalidArgument => InferError::invalid(message),
+        // The request's own fault (a message past the replica's limit is OUT_OF_RANGE): the
+        // same request fails again anywhere, so no "retry".
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => InferError::invalid(message),
+        tonic::Code::NotFound => InferError::new(ErrorKind::NotFound, message),
+        tonic::Code::Unimplemented => InferError::new(ErrorKind::Unimplemented, message),
         tonic::Code::DeadlineExceeded => InferError::new(ErrorKind::DeadlineExceeded, message),
         tonic::Code::ResourceExhausted | tonic::Code::Unavailable if message.contains("overloaded") => {
             InferError::unavailable(message)
@@ -236,5 +240,10 @@ mod tests {
         assert_eq!((bad.kind, bad.message.as_str()), (ErrorKind::InvalidArgument, "input `x` has shape [3]"));
         let late = from_status(&tonic::Status::deadline_exceeded("timed out"), "r", "a");
         assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
+        // A message past the replica's limit fails anywhere: the client's, not "retry".
+        let big = from_status(&tonic::Status::out_of_range("decoded message length too large"), "r", "a");
+        assert_eq!(big.kind, ErrorKind::InvalidArgument);
+        let unknown = from_status(&tonic::Status::not_found("unknown model `x`"), "r", "a");
+        assert_eq!(unknown.kind, ErrorKind::NotFound);
     }
 }

@@ -438,6 +438,7 @@ fn ray_options(
         startup_timeout: Duration::from_secs(300),
         proxies,
         release_startup_memory: config.release_startup_memory,
+        max_body_bytes: config.http_options.max_body_bytes,
     }
 }
 

@@ -19,6 +19,13 @@ pub struct ReplicaArgs {
     /// Address for the gRPC endpoint, `HOST:PORT` (port 0: any free port).
     #[arg(long)]
     pub listen: String,
+    /// The largest gRPC message taken, in bytes (the server's `http_options.max_body_bytes`).
+    #[arg(long, default_value_t = sluice_config::HttpOptions::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// How long the replica finishes its requests once told to stop (the server's
+    /// `graceful_shutdown_timeout_s`).
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    pub graceful_shutdown_timeout: Option<f64>,
     #[command(flatten)]
     pub process: super::ProcessArgs,
     #[command(flatten)]
@@ -64,6 +71,10 @@ pub fn replica(
     config.grpc_options.port = port;
     config.http_options.port = 0;
     config.admin_options.enabled = false;
+    config.http_options.max_body_bytes = args.max_body_bytes.max(1);
+    if let Some(s) = args.graceful_shutdown_timeout {
+        config.graceful_shutdown_timeout_s = s;
+    }
     args.process.apply(&mut config);
     config.applications = vec![Application::new(
         "replica",
