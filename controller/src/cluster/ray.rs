@@ -254,10 +254,18 @@ impl RayCluster {
                 }
             }
             Event::Ready { name, node_id, node_ip, addr, .. } if name.starts_with(PROXY_PREFIX) => {
-                if let Some(p) = lock(&self.proxies).values_mut().find(|p| p.name == name) {
-                    tracing::info!(node = %node_ip, "proxy up at {addr}");
-                    lock(&self.proxy_retry).remove(&p.node_id);
-                    (p.node_id, p.node_ip, p.addr) = (node_id, node_ip, Some(addr));
+                let mut proxies = lock(&self.proxies);
+                match proxies.values_mut().find(|p| p.name == name) {
+                    Some(p) => {
+                        tracing::info!(node = %node_ip, "proxy up at {addr}");
+                        lock(&self.proxy_retry).remove(&p.node_id);
+                        (p.node_id, p.node_ip, p.addr) = (node_id, node_ip, Some(addr));
+                    }
+                    // One this controller no longer wants (replaced, or its kill came while Ray
+                    // still created it): it would hold the node's proxy port for good.
+                    None => {
+                        self.commands.send(Command::Kill { name, grace_s: 0.0 });
+                    }
                 }
             }
             Event::Killed { name } if name.starts_with(PROXY_PREFIX) => {
@@ -413,16 +421,27 @@ impl RayCluster {
         }) else {
             return;
         };
+        // What it printed says why (a port in use, say); "exited before LISTEN" does not.
         let why = match event {
-            Event::Failed { message, .. } | Event::Died { message, .. } => message.clone(),
-            Event::Exited { code, .. } => format!("exited with code {code:?}"),
+            Event::Failed { message, log_tail, .. } => format!("{message}{}", tail(log_tail)),
+            Event::Died { message, .. } => message.clone(),
+            Event::Exited { code, log_tail, .. } => {
+                format!("exited with code {}{}", code.map_or("?".into(), |c| c.to_string()), tail(log_tail))
+            }
             _ => String::new(),
+        };
+        // A proxy that never came up has no address yet: its node's, from the node list.
+        let node_ip = match p.node_ip.as_str() {
+            "" => lock(&self.nodes).get(&p.node_id).map(|n| n.node_ip.clone()).unwrap_or_default(),
+            ip => ip.to_string(),
         };
         let mut retry = lock(&self.proxy_retry);
         let failures = retry.get(&p.node_id).map_or(0, |&(f, _)| f) + 1;
         let wait = backoff(failures);
         retry.insert(p.node_id.clone(), (failures, Instant::now() + wait));
-        tracing::warn!(node = %p.node_ip, node_id = %p.node_id, "proxy {name} lost ({why}); failure {failures} in a row, next try in {wait:?}");
+        drop(retry);
+        tracing::warn!(node = %node_ip, node_id = %p.node_id, "proxy {name} lost ({why}); failure {failures} in a row, next try in {wait:?}");
+        self.note(PROXIES, format!("the proxy on node {node_ip} was lost ({why}); next try in {wait:?}"));
     }
 
     /// The proxies on other nodes than the head.
@@ -474,6 +493,8 @@ pub const ACTOR_PREFIX: &str = "sluice:";
 
 /// Proxy actors are named `sluice-proxy:<run>-<n>`.
 pub const PROXY_PREFIX: &str = "sluice-proxy:";
+/// What the events of the nodes' proxies are filed under (no deployment's name can hold `:`).
+pub const PROXIES: &str = "proxies:";
 
 /// The last lines of a replica's output, for an event.
 fn tail(log: &str) -> String {
@@ -777,7 +798,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::super::bridge::{self, Event, Node};
-    use super::{ProxyOptions, RayCluster, RayOptions, State, lock, replica_argv};
+    use super::{PROXIES, PROXY_PREFIX, ProxyOptions, RayCluster, RayOptions, State, lock, replica_argv};
 
     /// The default ports, no gRPC, no token, no thread count.
     fn proxy_options() -> ProxyOptions {
@@ -823,13 +844,21 @@ mod tests {
         let fail = |name: &str| Event::Failed {
             name: name.into(),
             node_ip: None,
-            message: "bind: address in use".into(),
-            log_tail: String::new(),
+            message: "process exited before LISTEN (code 1)".into(),
+            log_tail: "error: cannot listen on 10.0.0.2:8000: Address already in use (os error 98)".into(),
         };
 
         cluster.reconcile_proxies();
         let first = next_create().await.expect("a proxy for the worker node");
         cluster.handle(fail(&first));
+        // Why, with the node, in the events status shows.
+        let notes = cluster.take_notes();
+        assert!(
+            notes
+                .iter()
+                .any(|(d, m)| d == PROXIES && m.contains("10.0.0.2") && m.contains("Address already in use")),
+            "{notes:?}"
+        );
         cluster.reconcile_proxies();
         assert_eq!(next_create().await, None, "not again within the backoff");
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -851,6 +880,24 @@ mod tests {
             addr: "10.0.0.2:8000".into(),
         });
         assert!(lock(&cluster.proxy_retry).is_empty(), "a proxy that comes up resets the backoff");
+        // A proxy that comes up under a name no longer wanted is stopped.
+        cluster.handle(Event::Ready {
+            name: format!("{PROXY_PREFIX}stray-9"),
+            node_id: "w".into(),
+            node_ip: "10.0.0.2".into(),
+            pid: 8,
+            addr: "10.0.0.2:8000".into(),
+        });
+        let line = tokio::time::timeout(Duration::from_millis(200), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (v["op"].as_str(), v["name"].as_str()),
+            (Some("kill"), Some(format!("{PROXY_PREFIX}stray-9").as_str()))
+        );
     }
 
     /// A retired version takes no count but 0: a rescale that raced a promote cannot bring
