@@ -137,6 +137,9 @@ class Driver:
         self.namespace = args.namespace
         self.lock = threading.RLock()
         self.actors: Dict[str, ActorRec] = {}
+        # Names killed while their create was registering them with Ray (reserved, no handle
+        # yet): the create kills the actor as soon as it has one.
+        self.killed_reserved: set = set()
         self.emit_lock = threading.Lock()
         self.stdin_open = True
         self.wake = threading.Event()
@@ -405,11 +408,22 @@ class Driver:
         except Exception as e:
             with self.lock:
                 self.actors.pop(name, None)
+                self.killed_reserved.discard(name)
             raise ValueError("create %s: %s" % (name, e))
         rec = ActorRec(name, handle, "created", cmd_id=cid, demand=demand, group=group, node_pin=pin)
         with self.lock:
             self.actors[name] = rec
             late = self.stopping.is_set()   # kill_all may have run without it
+            killed = name in self.killed_reserved
+            self.killed_reserved.discard(name)
+        if killed:
+            # Its kill came while Ray registered it (and was answered): it is not left to run,
+            # wait for resources, or bring the autoscaler a node for it.
+            self._kill_rec(rec, 0.0)
+            self._drop(rec)
+            self.emit({"event": "failed", "id": cid, "name": name, "node_ip": None,
+                       "message": "killed while starting", "log_tail": ""})
+            return
         if late:
             self._kill_rec(rec, 0.0)
             self._drop(rec)
@@ -520,10 +534,15 @@ class Driver:
             raise ValueError("kill: %r is how the driver holds the namespace, not a replica or proxy" % name)
         grace = _num(cmd.get("grace_s", 5.0), "grace_s")
         with self.lock:
+            reserved = name in self.actors and self.actors[name] is None
+            if reserved:
+                self.killed_reserved.add(name)
             rec = self.actors.get(name)
             if rec is not None:
                 rec.killing = True
-        if rec is not None:
+        if reserved:
+            pass  # its create kills it once Ray has registered it
+        elif rec is not None:
             self._kill_rec(rec, grace)
             self._drop(rec)
         else:

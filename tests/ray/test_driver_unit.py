@@ -1,0 +1,69 @@
+"""The Ray driver's bookkeeping without a cluster: Ray's actor class is a stand-in, so each
+interleaving of commands is reached on purpose rather than by timing."""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+
+from sluice_ray import driver  # noqa: E402
+
+
+class _Handle:
+    class _Id:
+        def hex(self):
+            return "a1"
+
+    _actor_id = _Id()
+
+
+class _HeldActorClass:
+    """`.options(...).remote(...)` blocks until `release` is set, as Ray's registration of a
+    named actor does for a moment."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *_):
+        self.entered.set()
+        assert self.release.wait(10)
+        return _Handle()
+
+
+def _driver():
+    args, _ = driver.parse_args(["--namespace", "t", "--", "true"])
+    d = driver.Driver(args, ["true"])
+    d.events = []
+    d.emit = d.events.append
+    d.killed = []
+    d._ray_options = lambda name, opts: ({}, {}, None, None)
+
+    def kill_rec(rec, grace):
+        rec.killing = True
+        d.killed.append(rec.name)
+
+    d._kill_rec = kill_rec
+    return d
+
+
+def test_a_kill_while_the_actor_registers_is_carried_out_once_it_has_registered():
+    d = _driver()
+    d.actor_cls = _HeldActorClass()
+    create = {"op": "create", "id": 1, "name": "sluice:m:1:r-0", "argv": ["sluice", "replica"]}
+    t = threading.Thread(target=d.op_create, args=(create,))
+    t.start()
+    assert d.actor_cls.entered.wait(10)
+    d.op_kill({"op": "kill", "name": "sluice:m:1:r-0", "grace_s": 0})
+    assert {"event": "killed", "id": None, "name": "sluice:m:1:r-0"} in d.events
+    d.actor_cls.release.set()
+    t.join(10)
+    assert not t.is_alive()
+    assert d.killed == ["sluice:m:1:r-0"], d.events
+    assert "sluice:m:1:r-0" not in d.actors
+    assert [e["event"] for e in d.events] == ["killed", "failed"], d.events
