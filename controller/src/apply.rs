@@ -102,6 +102,20 @@ impl Controller {
         // caller goes away while replicas load).
         let mut plan = reconcile::Uncommitted::new(plan);
         reconcile::start(plan.plan(), &self.cluster, &self.wake, &origins).await?;
+        // A new primary takes all of the old one's traffic at commit: first it grows to the
+        // replicas the old one runs now (the autoscaler may have grown it while the new one
+        // loaded), within its bounds, or a few replicas would take what the old one had many
+        // for while the rest loaded one by one.
+        let grow = reconcile::growth(plan.plan(), &self.lock());
+        for (version, want) in grow {
+            if let Err(e) = version.scale_to(want).await {
+                let message = format!(
+                    "version {} could not grow to {want} replicas before the swap: {e}",
+                    version.name()
+                );
+                self.lock().events.push(version.deployment.name(), message);
+            }
+        }
         let commit = {
             let mut st = self.lock();
             // On an error the lock is let go first, then the plan's versions are stopped.

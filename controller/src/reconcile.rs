@@ -121,6 +121,22 @@ pub(crate) struct Commit {
     pub rescale: Vec<Rescale>,
 }
 
+/// The new primaries of `plan` (started, not committed) that must grow before they take the
+/// traffic of the versions they replace: each with the count its old version runs now, within
+/// the new one's autoscaling bounds, where that is more than it has.
+pub(crate) fn growth(plan: &Plan, st: &ControllerState) -> Vec<(Version, usize)> {
+    plan.deployments
+        .iter()
+        .filter_map(|p| {
+            let Change::New(v) = &p.primary else { return None };
+            let a = p.config.autoscaling()?;
+            let old = st.deployments.get(&p.config.name)?;
+            let want = a.bound(old.primary.replica_count());
+            (want > v.replica_count()).then(|| (v.clone(), want))
+        })
+        .collect()
+}
+
 /// Step 1: what must start for the running state to match `config`.
 pub(crate) fn plan(state: &ControllerState, config: &Config) -> Plan {
     let deployments = config

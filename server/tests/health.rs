@@ -437,3 +437,50 @@ async fn a_canary_rolled_back_while_its_promotion_waits_is_not_promoted() {
     s.shutdown().await;
     let _ = std::fs::remove_dir_all(&repo);
 }
+
+/// A version swapped in for an autoscaled one grows to the replicas the old one runs at the
+/// moment of the swap before any traffic goes to it: the autoscaler grew the old one from 1 to
+/// 3 while the new one loaded, and the new one took all of the traffic with the 1 replica
+/// planned before its load (the rest loaded after, one by one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_in_version_grows_to_the_old_ones_count_before_it_takes_the_traffic() {
+    use sluice_deployments::Servable;
+    let gate = Arc::new(Gate::default());
+    register("grows_old", None, None);
+    register("grows_new", Some((gate.clone(), 0)), None);
+    let scaled = |step: &str| {
+        format!(
+            "      - {{name: grows, builtin: {{custom: {{name: {step}}}}}, autoscaling_config: {{min_replicas: 1, max_replicas: 4, initial_replicas: 1}}}}\n"
+        )
+    };
+    let s = sluice_server::start(config(&scaled("grows_old"), ""), Default::default()).await.unwrap();
+    let primary =
+        |router: &sluice_router::Router| match router.table().models.get("grows")?.default_version()? {
+            Servable::Deployment(d) => Some(d.clone()),
+            _ => None,
+        };
+    let old = primary(s.controller().routes()).unwrap();
+    let controller = s.controller().clone();
+    let new_config = config(&scaled("grows_new"), "");
+    let apply = tokio::spawn(async move { controller.apply(&new_config).await });
+    while gate.came.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // What the autoscaler does under load while the new version loads.
+    old.scale_to(3).await.unwrap();
+    // The first table that routes to the new version: its ready replicas then.
+    let router = s.controller().routes().clone();
+    let mut tables = router.subscribe();
+    let first_table = tokio::spawn(async move {
+        loop {
+            tables.changed().await.unwrap();
+            if let Some(d) = primary(&router).filter(|d| !Arc::ptr_eq(d, &old)) {
+                return d.ready_replicas();
+            }
+        }
+    });
+    gate.open();
+    apply.await.unwrap().unwrap();
+    assert_eq!(first_table.await.unwrap(), 3);
+    s.shutdown().await;
+}

@@ -53,6 +53,9 @@ impl ReplicaSpec {
     }
 }
 
+/// How long growing a version on Ray waits for its new replicas.
+const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Where the replicas of this controller run.
 #[derive(Clone, Default)]
 pub enum Cluster {
@@ -148,7 +151,18 @@ impl Placed {
         match self {
             Placed::Local => d.scale_to(n).await,
             Placed::Ray(r) => {
+                let ready = d.ready_replicas();
                 r.scale_to(n);
+                // Growth returns once the new replicas are up, or wait for a node Ray says they
+                // need, as a local scale-up returns once its models loaded: a promotion or a swap
+                // that grows a version first went on at once, onto the replicas already up.
+                if n > ready && !r.settled(ready, GROW_TIMEOUT).await {
+                    tracing::warn!(
+                        "{}: {n} replica(s) not up within {GROW_TIMEOUT:?}; going on with {}",
+                        d.name(),
+                        d.ready_replicas()
+                    );
+                }
                 Ok(())
             }
         }
