@@ -164,7 +164,7 @@ pub(crate) fn union_outputs(jobs: &[Job], model_outputs: &[String]) -> Vec<Strin
 pub(crate) fn split(
     outputs: &[NamedTensor],
     jobs: &[Job],
-    padded_dims: &[Vec<(usize, usize)>],
+    padded_dims: &[Padded],
     crops: &dyn Fn(&str, usize) -> bool,
 ) -> Result<Vec<Vec<NamedTensor>>, InferError> {
     let rows: usize = jobs.iter().map(|j| j.rows).sum();
@@ -214,17 +214,26 @@ fn row_slices(t: &Tensor, rows: impl Iterator<Item = usize>) -> Result<Vec<Tenso
     Ok(out)
 }
 
-/// Crops dimensions 1.. of a fixed-size tensor back to a job's own lengths, on the axes where
-/// the tensor has exactly the batch's padded length (`dims[k]` is (own, padded) for axis k, or
-/// (0, 0) where nothing was padded).
-fn crop(t: Tensor, dims: &[(usize, usize)], crops: impl Fn(usize) -> bool) -> Result<Tensor, InferError> {
-    let Some(size) = t.dtype().byte_size() else { return Ok(t) };
+/// One job's padded lengths: for each axis, (the job's own length, the batch's length) of each
+/// padded input on it.
+pub(crate) type Padded = Vec<Vec<(usize, usize)>>;
+
+/// Crops dimensions 1.. of a tensor back to a job's own lengths, on the axes where the tensor
+/// has exactly a padded input's batch length and every padded input of that batch length agrees
+/// on the job's own length (two inputs padded to one length from different own lengths: which
+/// one the output follows cannot be told, and the axis is left whole).
+fn crop(t: Tensor, dims: &Padded, crops: impl Fn(usize) -> bool) -> Result<Tensor, InferError> {
     let mut target = t.shape().to_vec();
     let mut changed = false;
-    for (axis, &(own, padded)) in dims.iter().enumerate() {
-        // (0, 0) marks an axis nothing was padded on; an own length of 0 is cropped to like
-        // any other (a request with an empty sequence gets an empty output, not padding).
-        if axis > 0 && axis < target.len() && target[axis] == padded && padded > own && crops(axis) {
+    for (axis, pairs) in dims.iter().enumerate() {
+        if axis == 0 || axis >= target.len() {
+            continue;
+        }
+        let mut owns = pairs.iter().filter(|&&(_, padded)| padded == target[axis]).map(|&(own, _)| own);
+        let Some(own) = owns.next() else { continue };
+        // An own length of 0 is cropped to like any other (a request with an empty sequence
+        // gets an empty output, not padding).
+        if owns.all(|o| o == own) && own < target[axis] && crops(axis) {
             target[axis] = own;
             changed = true;
         }
@@ -232,21 +241,38 @@ fn crop(t: Tensor, dims: &[(usize, usize)], crops: impl Fn(usize) -> bool) -> Re
     if !changed {
         return Ok(t);
     }
+    let Some(size) = t.dtype().byte_size() else { return crop_bytes(&t, target) };
     let mut out = vec![0u8; element_count(&target)? * size];
     copy_nd(t.data(), t.shape(), &mut out, &target, size);
     Tensor::new(t.dtype(), target, Bytes::from(out))
 }
 
-/// The lengths to crop outputs back to, per job: for each axis, (the job's own length, the
-/// batch's padded length) where a padded input was longer in the batch, else (0, 0).
-pub(crate) fn padded_dims(
-    jobs: &[Job],
-    merged: &[NamedTensor],
-    pad: &HashMap<String, f64>,
-) -> Vec<Vec<(usize, usize)>> {
+/// [`crop`] of a BYTES tensor: the elements inside `target`, in order (their sizes vary, so the
+/// corner is found element by element).
+fn crop_bytes(t: &Tensor, target: Vec<usize>) -> Result<Tensor, InferError> {
+    let shape = t.shape();
+    let mut index = vec![0usize; shape.len()];
+    let mut out = Vec::new();
+    for element in t.bytes_elements() {
+        if index.iter().zip(&target).all(|(i, n)| i < n) {
+            crate::push_bytes_element(&mut out, element)?;
+        }
+        for k in (0..shape.len()).rev() {
+            index[k] += 1;
+            if index[k] < shape[k] {
+                break;
+            }
+            index[k] = 0;
+        }
+    }
+    Tensor::new(DataType::Bytes, target, Bytes::from(out))
+}
+
+/// The lengths to crop outputs back to, per job (see [`Padded`]).
+pub(crate) fn padded_dims(jobs: &[Job], merged: &[NamedTensor], pad: &HashMap<String, f64>) -> Vec<Padded> {
     jobs.iter()
         .map(|job| {
-            let mut dims: Vec<(usize, usize)> = Vec::new();
+            let mut dims: Padded = Vec::new();
             for (input, m) in job.inputs.iter().zip(merged) {
                 if !pad.contains_key(&input.name) {
                     continue;
@@ -254,12 +280,10 @@ pub(crate) fn padded_dims(
                 for (axis, (&own, &batch)) in
                     input.tensor.shape().iter().zip(m.tensor.shape()).enumerate().skip(1)
                 {
-                    if own < batch {
-                        if dims.len() <= axis {
-                            dims.resize(axis + 1, (0, 0));
-                        }
-                        dims[axis] = (own, batch);
+                    if dims.len() <= axis {
+                        dims.resize(axis + 1, Vec::new());
                     }
+                    dims[axis].push((own, batch));
                 }
             }
             dims
@@ -400,6 +424,62 @@ mod tests {
         assert_eq!(per_job[0][0].tensor.shape(), &[1, 2]);
         assert_eq!(to_i64s(&per_job[0][0].tensor), vec![1, 2]);
         assert_eq!(to_i64s(&per_job[1][0].tensor), vec![3, 4, 5]);
+    }
+
+    /// Two inputs padded on the same axis to different lengths: each output is cut back by
+    /// the input of its own length (the last padded input decided for all); padded to the same
+    /// length from different own lengths, the axis is left whole rather than guessed.
+    #[test]
+    fn two_padded_inputs_crop_each_output_by_its_own() {
+        let pad: HashMap<String, f64> = [("q".to_string(), 0.0), ("d".to_string(), 0.0)].into();
+        let two = |q: usize, d: usize| {
+            let mut j = job(vec![1, q], &vec![1; q], &["q_out", "d_out"]);
+            j.inputs[0].name = "q".into();
+            j.inputs.push(NamedTensor {
+                name: "d".into(),
+                tensor: Tensor::new(DataType::Int64, vec![1, d], i64s(&vec![2; d])).unwrap(),
+            });
+            j
+        };
+        let jobs = vec![two(3, 10), two(5, 20)];
+        let merged = merge(&jobs, &pad).unwrap();
+        let out = vec![
+            NamedTensor { name: "q_out".into(), tensor: merged[0].tensor.clone() },
+            NamedTensor { name: "d_out".into(), tensor: merged[1].tensor.clone() },
+        ];
+        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad), &|_, _| true).unwrap();
+        assert_eq!(per_job[0][0].tensor.shape(), &[1, 3]);
+        assert_eq!(per_job[0][1].tensor.shape(), &[1, 10]);
+        assert_eq!(to_i64s(&per_job[0][1].tensor), vec![2; 10]);
+        // Both padded to 5, from 3 and 4: an output of length 5 follows either.
+        let jobs = vec![two(3, 4), two(5, 5)];
+        let merged = merge(&jobs, &pad).unwrap();
+        let out = vec![NamedTensor { name: "q_out".into(), tensor: merged[0].tensor.clone() }];
+        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad), &|_, _| true).unwrap();
+        assert_eq!(per_job[0][0].tensor.shape(), &[1, 5], "left whole");
+    }
+
+    /// A BYTES output along a padded axis is cut back too (it came back at the padded length,
+    /// padding included).
+    #[test]
+    fn a_bytes_output_is_cropped_like_the_others() {
+        let mut pad = HashMap::new();
+        pad.insert("ids".to_string(), -1.0);
+        let jobs = vec![job(vec![1, 1], &[1], &["labels"]), job(vec![1, 3], &[3, 4, 5], &["labels"])];
+        let merged = merge(&jobs, &pad).unwrap();
+        let mut text = Vec::new();
+        for t in ["a", "pad", "pad", "bb", "c", "ddd"] {
+            crate::push_bytes_element(&mut text, t.as_bytes()).unwrap();
+        }
+        let labels = Tensor::new(DataType::Bytes, vec![2, 3], Bytes::from(text)).unwrap();
+        let out = vec![NamedTensor { name: "labels".into(), tensor: labels }];
+        let per_job = split(&out, &jobs, &padded_dims(&jobs, &merged, &pad), &|_, _| true).unwrap();
+        let texts = |t: &Tensor| {
+            t.bytes_elements().map(|e| String::from_utf8(e.to_vec()).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(per_job[0][0].tensor.shape(), &[1, 1]);
+        assert_eq!(texts(&per_job[0][0].tensor), ["a"]);
+        assert_eq!(texts(&per_job[1][0].tensor), ["bb", "c", "ddd"]);
     }
 
     /// Found by the `batch` fuzz target: an empty sequence batched with a longer one came

@@ -281,6 +281,7 @@ impl ReplicaSet {
             // (changed settings, a rewritten model file) shares and keeps up to date.
             if !self.is_closed() {
                 self.config.metrics.replicas_ready.set(n as f64);
+                self.config.metrics.replicas_running.set(self.replicas.load().len() as f64);
             }
             std::mem::replace(published, n) != n || set_changed
         });
@@ -302,6 +303,9 @@ impl ReplicaSet {
             next.push(slot.clone());
             next
         });
+        if !self.is_closed() {
+            self.config.metrics.replicas_running.set(self.replicas.load().len() as f64);
+        }
     }
 
     /// Starts a replica thread for `backend` and adds it to the set.
@@ -439,7 +443,13 @@ impl Deployment {
             served: AtomicBool::new(false),
         });
         for backend in backends {
-            set.spawn_replica(backend)?;
+            if let Err(e) = set.spawn_replica(backend) {
+                // No deployment owns the replicas started so far, so no drop of one would stop
+                // them: each holds the set, which holds their queues, and they would wait on
+                // those for good (each with its model).
+                set.close();
+                return Err(e);
+            }
         }
         set.publish_ready();
         Ok(Self {
@@ -1054,15 +1064,22 @@ fn two_choices(n: usize) -> (usize, usize) {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        self.set.closed.store(true, Ordering::Release);
-        self.set.permits.close();
-        for r in self.set.replicas.load().iter() {
+        self.set.close();
+    }
+}
+
+impl ReplicaSet {
+    /// Closes the set and stops every replica.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.permits.close();
+        for r in self.replicas.load().iter() {
             r.channel.stop();
         }
         // The set lets go of the replicas' queues too: a replica thread holds the set, so a
         // queue kept here would never report its sender gone, and a replica whose stop message
         // did not fit in its full queue would wait on it for ever once it has served the rest.
-        self.set.replicas.store(Arc::new(Vec::new()));
+        self.replicas.store(Arc::new(Vec::new()));
     }
 }
 

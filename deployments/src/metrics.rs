@@ -19,6 +19,7 @@ pub const BATCH_SIZE: &str = "sluice_batch_size";
 pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 pub const REPLICA_IN_FLIGHT: &str = "sluice_replica_in_flight";
 pub const REPLICAS_READY: &str = "sluice_replicas_ready";
+pub const REPLICAS: &str = "sluice_replicas";
 pub const REPLICA_RESTARTS: &str = "sluice_replica_restarts_total";
 pub const ROLLBACKS: &str = "sluice_canary_rollbacks_total";
 pub const CANARY_WEIGHT: &str = "sluice_canary_weight_percent";
@@ -87,6 +88,11 @@ pub fn describe() {
         REPLICAS_READY,
         Unit::Count,
         "Replicas of a deployment that are loaded, warmed and serving"
+    );
+    describe_gauge!(
+        REPLICAS,
+        Unit::Count,
+        "Replicas a deployment runs, ready or starting (0: scaled to zero on purpose)"
     );
     describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
     describe_counter!(
@@ -436,6 +442,8 @@ pub struct DeploymentMetrics {
     batch_size: Histogram,
     pub(crate) queue_depth: Gauge,
     pub(crate) replicas_ready: Gauge,
+    /// Replicas in the set, ready or not.
+    pub(crate) replicas_running: Gauge,
     pub(crate) restarts: Counter,
     model: String,
     version: String,
@@ -477,6 +485,10 @@ impl DeploymentMetrics {
             },
             replicas_ready: match replicas {
                 true => metrics::gauge!(REPLICAS_READY, "model" => m.clone(), "version" => v.clone()),
+                false => Gauge::noop(),
+            },
+            replicas_running: match replicas {
+                true => metrics::gauge!(REPLICAS, "model" => m.clone(), "version" => v.clone()),
                 false => Gauge::noop(),
             },
             restarts: match replicas {
@@ -539,6 +551,12 @@ impl DeploymentMetrics {
 
     /// Records one model call of `rows` rows for `requests` requests that took `took` in all;
     /// `stages` says where the time went when the call succeeded (`None`: it failed).
+    /// One request's successful call of its own (its batch failed, and each of its requests ran
+    /// alone).
+    pub(crate) fn executed_alone(&self, rows: usize, stages: StageTimes) {
+        self.stats.executed(rows, 1, stages);
+    }
+
     pub(crate) fn batch(&self, rows: usize, requests: usize, took: Duration, stages: Option<StageTimes>) {
         self.batch_size.record(rows as f64);
         self.inference_duration.record(took.as_secs_f64());

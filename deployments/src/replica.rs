@@ -647,6 +647,18 @@ pub(crate) fn run_batch(
         Ok(Err(Failed::Alone(e, results))) => {
             let failed = results.iter().filter(|r| r.is_err()).count();
             tracing::debug!(model = %config.name, requests = batch.len(), failed, "batch failed ({e}); its requests ran alone");
+            // Each request's own call is a model call of the statistics (their counts left
+            // out every request of a batch that one bad request made run alone).
+            let results = batch
+                .iter()
+                .zip(results)
+                .map(|(job, r)| {
+                    r.map(|(outputs, stages)| {
+                        config.metrics.executed_alone(job.rows, stages);
+                        outputs
+                    })
+                })
+                .collect();
             (false, Answers::Alone(batch, results))
         }
         Err(panic) => {
@@ -672,20 +684,21 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 /// ([`run_alone`]).
 enum Failed {
     All(InferError),
-    Alone(InferError, Vec<Result<Vec<NamedTensor>, InferError>>),
+    Alone(InferError, Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>),
 }
 
-/// Each job of a batch through the model by itself: its own outputs or error.
+/// Each job of a batch through the model by itself: its own outputs (and the call's stage
+/// times) or error.
 fn run_alone(
     config: &ReplicaConfig,
     model: &mut dyn Backend,
     batch: &mut [Job],
-) -> Vec<Result<Vec<NamedTensor>, InferError>> {
+) -> Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>> {
     batch
         .iter_mut()
         .map(|job| {
             infer_batch(config, model, std::slice::from_mut(job))
-                .map(|(mut outputs, _)| outputs.swap_remove(0))
+                .map(|(mut outputs, stages)| (outputs.swap_remove(0), stages))
         })
         .collect()
 }

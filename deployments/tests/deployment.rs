@@ -322,6 +322,12 @@ async fn a_request_the_model_refuses_fails_alone_not_its_batch() {
     assert_eq!(calls.len(), 5, "one merged call, then each request alone: {calls:?}");
     assert_eq!(calls[0].len(), 5, "the four requests were one batch: {calls:?}");
     assert_eq!(f.loads.load(Ordering::SeqCst), 1, "a refused call is no panic: the replica stays");
+    // The statistics count the three calls that answered, and their four rows.
+    let stats = &f.deployment.metrics().stats;
+    assert_eq!(
+        (stats.execution_count.load(Ordering::SeqCst), stats.inference_count.load(Ordering::SeqCst)),
+        (3, 4)
+    );
     assert_eq!(values(&f.deployment.infer(request(&[7])).await.unwrap().outputs[0].tensor), vec![7]);
 }
 

@@ -290,9 +290,20 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
         }
     };
     let serving = (200, Ok(ServingStatus::Serving), Ok(ServingStatus::Serving));
+    // (sluice_replicas, sluice_replicas_ready) as /metrics has them: the shipped alert on no
+    // ready replica fires only where the first is above 0, not at zero on purpose.
+    let gauges = || async {
+        let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+        let read = |name: &str| {
+            let series = format!("{name}{{model=\"cold\",version=\"1\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.parse::<f64>().unwrap())
+        };
+        (read("sluice_replicas"), read("sluice_replicas_ready"))
+    };
 
     assert_eq!(next(&mut model_watch).await, ServingStatus::NotServing);
     assert_eq!(replicas(), 0, "started at zero");
+    assert_eq!(gauges().await, (Some(0.0), Some(0.0)), "at zero on purpose");
     assert_eq!(server_ready(&mut client).await, serving, "at zero");
     let ready = inference.server_ready(sluice_proto::inference::ServerReadyRequest {}).await.unwrap();
     assert!(ready.into_inner().ready, "gRPC ServerReady at zero");
@@ -309,6 +320,7 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
     }
     assert_eq!(server_ready(&mut client).await, serving, "while the first replica warms up");
     assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503, "warming up");
+    assert_eq!(gauges().await, (Some(1.0), Some(0.0)), "one replica, not ready yet");
 
     warm_up.open();
     let r = request.await.unwrap().unwrap();
@@ -319,6 +331,7 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
     // Idle: back to zero, and the server stays ready.
     assert_eq!(next(&mut model_watch).await, ServingStatus::NotServing);
     assert_eq!(replicas(), 0, "scaled back to zero");
+    assert_eq!(gauges().await, (Some(0.0), Some(0.0)), "back at zero");
     assert_eq!(server_ready(&mut client).await, serving, "back at zero");
     assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503);
     s.shutdown().await;
@@ -468,14 +481,15 @@ async fn a_swapped_in_version_grows_to_the_old_ones_count_before_it_takes_the_tr
     }
     // What the autoscaler does under load while the new version loads.
     old.scale_to(3).await.unwrap();
-    // The first table that routes to the new version: its ready replicas then.
+    // The first table that routes to the new version: its replicas then (loaded; the last may
+    // still be warming up on its thread).
     let router = s.controller().routes().clone();
     let mut tables = router.subscribe();
     let first_table = tokio::spawn(async move {
         loop {
             tables.changed().await.unwrap();
             if let Some(d) = primary(&router).filter(|d| !Arc::ptr_eq(d, &old)) {
-                return d.ready_replicas();
+                return d.replica_count();
             }
         }
     });

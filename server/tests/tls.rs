@@ -143,7 +143,7 @@ async fn a_certificate_changed_on_disk_is_served_to_new_connections() {
     let (cert_file, key_file) = (write(&dir, "cert.pem", &cert), write(&dir, "key.pem", &key));
     let s = start_with(
         &format!(
-            "http_options: {{port: 0, tls: {{cert_file: {cert_file}, key_file: {key_file}, reload_interval_s: 0.05}}}}\n\
+            "http_options: {{port: 0, tls: {{cert_file: {cert_file}, key_file: {key_file}, reload_interval_s: 0.1}}}}\n\
              grpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\n"
         ),
         None,
