@@ -10,11 +10,21 @@ if ! cargo machete --version 2>/dev/null | grep -q "$want_machete"; then
   cargo install --locked --quiet cargo-machete --version "$want_machete"
 fi
 # Debian packages, with the package lists refreshed once if they are missing or stale.
+# Waits up to 10 minutes for the package lock (a fresh machine's unattended upgrades hold it);
+# on failure the end of apt's output is shown.
 apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
-    apt-get update -q >/dev/null 2>&1 &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1
+  local log
+  log="$(mktemp)"
+  local get=(apt-get -o DPkg::Lock::Timeout=600)
+  DEBIAN_FRONTEND=noninteractive "${get[@]}" install -y -q --no-install-recommends "$@" >"$log" 2>&1 || {
+    "${get[@]}" update -q >>"$log" 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive "${get[@]}" install -y -q --no-install-recommends "$@" >>"$log" 2>&1
+  } || {
+    tail -n 20 "$log" >&2
+    rm -f "$log"
+    return 1
   }
+  rm -f "$log"
 }
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing promtool (Debian's prometheus package)" >&2

@@ -235,6 +235,13 @@ class NetnsCluster:
         e = dict(os.environ)
         e["PATH"] = str(self.venv / "bin") + os.pathsep + e.get("PATH", "")
         e["RAY_USAGE_STATS_ENABLED"] = "0"
+        # A home of the cluster's own: Ray reads ~/.ray (an auth_token left there by any local
+        # Ray, on a developer's machine say, made every node of this cluster fail to start).
+        home = self.run_dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        e["HOME"] = str(home)
+        e.pop("RAY_AUTH_TOKEN", None)
+        e.pop("RAY_AUTH_TOKEN_PATH", None)
         e.pop("RAY_ADDRESS", None)
         e.pop("VIRTUAL_ENV", None)
         e.pop("PYTHONPATH", None)
