@@ -16,7 +16,7 @@ use super::admin::{AdminArgs, pretty, request};
 #[derive(clap::Args)]
 pub struct WaitArgs {
     /// Give up waiting after SECONDS: exit 1 naming the deployments not ready (the deploy
-    /// itself stays; the server keeps bringing them up).
+    /// itself stays; the server keeps bringing them up). 0: wait as long as it takes.
     #[arg(
         long,
         value_name = "SECONDS",
@@ -46,9 +46,11 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         .ok()
         .and_then(|p| p.parent().map(|d| d.display().to_string()))
         .unwrap_or_default();
-    // The deploy itself (a Sluice config is applied before the answer) within --timeout.
-    let deadline = Instant::now() + Duration::from_secs_f64(wait.timeout);
-    let put_timeout = (wait.timeout > 0.0).then(|| Duration::from_secs_f64(wait.timeout));
+    // The deploy itself (a Sluice config is applied before the answer) within --timeout; 0:
+    // no deadline (it was the moment of the call: the first status not all ready failed).
+    let deadline = (wait.timeout > 0.0).then(|| Instant::now() + Duration::from_secs_f64(wait.timeout));
+    let unbounded = Duration::from_secs_f64(sluice_config::MAX_SECONDS);
+    let put_timeout = Some(deadline.map_or(unbounded, |_| Duration::from_secs_f64(wait.timeout)));
     let path = "/api/serve/applications";
     let answer = match request(admin, reqwest::Method::PUT, path, Some(text), Some(base), put_timeout) {
         Ok(answer) => answer,
@@ -70,7 +72,9 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
     let mut shown: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut warned = std::collections::BTreeSet::new();
     loop {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .map_or(unbounded, |d| d.saturating_duration_since(Instant::now()))
+            .max(Duration::from_secs(1));
         let timeout = Some(admin.request_limit().map_or(left, |limit| left.min(limit)));
         let text = match request(admin, reqwest::Method::GET, "/api/sluice/status", None, None, timeout) {
             Ok(t) => t,
@@ -109,7 +113,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
             println!("deployed: {} deployment(s) ready", progress.deployments.len());
             return ExitCode::SUCCESS;
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             eprintln!(
                 "error: not ready after {}s: {} (the deploy stays; `sluice status` follows it)",
                 wait.timeout,
@@ -117,7 +121,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
-        std::thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(deadline.map_or(POLL, |d| POLL.min(d.saturating_duration_since(Instant::now()))));
     }
 }
 
