@@ -92,11 +92,16 @@ def main():
                                 env={**os.environ, "RUST_LOG": "warn"})
         try:
             for _ in range(600):
+                # Exited (its port taken, say): a server answering there is another one.
+                if proc.poll() is not None:
+                    sys.exit(f"sluice exited with {proc.returncode}")
                 try:
                     if urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/v2/health/ready", timeout=1).status == 200:
                         break
                 except OSError:
                     time.sleep(0.1)
+            else:
+                sys.exit("sluice did not become ready within 60 s")
             lines = ["# MiniLM-L6 embeddings pipeline", ""]
             cosines = []
             for case in samples["cases"]:
@@ -129,7 +134,11 @@ def main():
                                  ratio_sequential=step["inferences_per_second"] / sequential["sentences_per_s"]))
         finally:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         col = lambda f: [f(r) for r in reps]
         sizes = sorted({size for r in reps for size in r["mix"]}) or [0]
         errors = {}
