@@ -8,7 +8,10 @@
 # namespaces; skipped with a message where `ip netns` is unavailable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step() { printf '\n== %s\n' "$*" >&2; }
+# The tests run target/debug/sluice: builds go there whatever the machine sets.
+unset CARGO_TARGET_DIR
+started=$SECONDS
+step() { printf '\n== %s (%d s in)\n' "$*" "$((SECONDS - started))" >&2; }
 step "setup"
 scripts/install-onnxruntime.sh
 scripts/install-tools.sh
@@ -27,9 +30,9 @@ cargo fmt --all --check
 step "cargo machete"
 cargo machete
 step "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cargo test"
-cargo test --workspace --all-targets
+cargo test --locked --workspace --all-targets
 cargo build --bin sluice
 step "client conformance (tests/python)"
 # The status page's browser test must run here, not skip (scripts/install-tools.sh installs chromium).

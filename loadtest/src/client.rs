@@ -113,16 +113,19 @@ impl Worker<'_> {
     }
 
     /// Takes a connection an earlier step's worker left (REST), else opens one now, so that
-    /// its first measured request does not include connecting; a failure is left for that
-    /// request to meet and count.
-    pub async fn connect(&mut self) {
+    /// its first measured request does not include connecting; a failure, or no connection
+    /// within `within` (the request timeout, or what is left of the step), is left for that
+    /// request to meet and count (a server that took no connection held the step in the
+    /// kernel's connect retries, about two minutes, and counted nothing).
+    pub async fn connect(&mut self, within: Option<std::time::Duration>) {
         if let Client::Rest { target, idle, .. } = self.client
             && self.conn.is_none()
         {
             let kept = std::iter::from_fn(|| idle.lock().ok()?.pop()).find(|c| !c.is_closed());
-            self.conn = match kept {
-                Some(c) => Some(c),
-                None => connect_http1(target).await.ok(),
+            self.conn = match (kept, within) {
+                (Some(c), _) => Some(c),
+                (None, None) => connect_http1(target).await.ok(),
+                (None, Some(d)) => tokio::time::timeout(d, connect_http1(target)).await.ok().and_then(Result::ok),
             };
         }
     }

@@ -259,7 +259,12 @@ pub async fn run_step(
                 workers.push(tokio::spawn(async move {
                     let mut tally = Tally::new(frame);
                     let mut worker = client.worker();
-                    worker.connect().await;
+                    let left = end.map(|e| e.saturating_duration_since(Instant::now()));
+                    let within = match (options.timeout, left) {
+                        (Some(t), Some(l)) => Some(t.min(l)),
+                        (t, l) => t.or(l),
+                    };
+                    worker.connect(within).await;
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
                         if n >= budget || end.is_some_and(|e| Instant::now() >= e) {

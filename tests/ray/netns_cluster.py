@@ -403,12 +403,16 @@ sys.stdout.write(str(status) + '\n'); sys.stdout.flush(); sys.stdout.buffer.writ
         return self
 
     def _install_sigterm_handler(self) -> None:
-        """atexit does not run on SIGTERM: tear down first, then die of it as usual."""
+        """atexit does not run on SIGTERM: tear down first, then die of it as usual. The cluster
+        torn down is the one up now: the handler is this cluster's from its start on (one
+        installed by an earlier module's cluster tore that one down, already down, and left this
+        one's daemons and namespaces running)."""
         import threading
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous not in (signal.SIG_DFL, None) and not getattr(previous, "netns_cluster", False):
+            return  # someone else's handler (pytest's, a wrapper's): left alone
 
         def on_term(signum, frame):
             try:
@@ -416,6 +420,7 @@ sys.stdout.write(str(status) + '\n'); sys.stdout.flush(); sys.stdout.buffer.writ
             finally:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)
+        on_term.netns_cluster = True
         signal.signal(signal.SIGTERM, on_term)
 
     def _save_state(self) -> None:
