@@ -358,6 +358,12 @@ async fn a_panicking_replica_fails_its_batch_only_and_is_replaced() {
             assert_eq!(values(&r.unwrap().outputs[0].tensor), vec![k]);
         }
     }
+    // The other replica is ready all along: wait for the replacement's load itself (read at
+    // once, it had not always begun on a busy machine).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.loads.load(Ordering::SeqCst) < 3 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(f.deployment.wait_ready(Duration::from_secs(5)).await, "the replica came back");
     assert_eq!(f.loads.load(Ordering::SeqCst), 3, "two replicas at start, one replacement");
     assert!(f.deployment.infer(request(&[7])).await.is_ok());

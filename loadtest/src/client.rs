@@ -125,7 +125,9 @@ impl Worker<'_> {
             self.conn = match (kept, within) {
                 (Some(c), _) => Some(c),
                 (None, None) => connect_http1(target).await.ok(),
-                (None, Some(d)) => tokio::time::timeout(d, connect_http1(target)).await.ok().and_then(Result::ok),
+                (None, Some(d)) => {
+                    tokio::time::timeout(d, connect_http1(target)).await.ok().and_then(Result::ok)
+                }
             };
         }
     }

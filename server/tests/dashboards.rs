@@ -103,8 +103,10 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     // (deploy/prometheus/alerts_test.yaml: the canary alert fired for every canary, and the
     // no-ready-replica alert for deployments at zero on purpose).
     for args in [&["check", "rules", "alerts.yaml"][..], &["test", "rules", "alerts_test.yaml"]] {
-        let Ok(out) =
-            std::process::Command::new("promtool").args(args).current_dir(repo().join("deploy/prometheus")).output()
+        let Ok(out) = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(repo().join("deploy/prometheus"))
+            .output()
         else {
             break;
         };
