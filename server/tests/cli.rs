@@ -688,13 +688,8 @@ fn proxy_takes_worker_threads_and_keep_startup_memory() {
     takes_keep_startup_memory(proxy);
 }
 
-/// `sluice replica --max-body-bytes N` (the server's own limit, which the controller passes to
-/// a Ray replica) bounds the gRPC messages the replica takes: it took tonic's 64 MiB default
-/// whatever the server's limit, so a larger request the server accepted failed at the replica.
-#[test]
-fn replica_takes_the_servers_message_limit() {
-    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+/// The `--spec` of a replica serving the iris fixture, as the controller writes it.
+fn iris_replica_spec() -> String {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
     let spec = sluice_controller::cluster::ReplicaSpec {
         deployment: "iris".into(),
@@ -703,7 +698,17 @@ fn replica_takes_the_servers_message_limit() {
         settings: sluice_config::ReplicaSettings::default(),
         fetch: None,
     };
-    let spec = serde_json::to_string(&spec).unwrap();
+    serde_json::to_string(&spec).unwrap()
+}
+
+/// `sluice replica --max-body-bytes N` (the server's own limit, which the controller passes to
+/// a Ray replica) bounds the gRPC messages the replica takes: it took tonic's 64 MiB default
+/// whatever the server's limit, so a larger request the server accepted failed at the replica.
+#[test]
+fn replica_takes_the_servers_message_limit() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    let spec = iris_replica_spec();
     let mut child = KillOnDrop(Some(
         sluice()
             .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--max-body-bytes", "1000"])
@@ -744,15 +749,7 @@ fn replica_takes_the_servers_message_limit() {
 /// when told to.
 #[test]
 fn replica_takes_worker_threads_and_keep_startup_memory() {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
-    let spec = sluice_controller::cluster::ReplicaSpec {
-        deployment: "iris".into(),
-        version: "1".into(),
-        model: sluice_config::Model::Onnx(model),
-        settings: sluice_config::ReplicaSettings::default(),
-        fetch: None,
-    };
-    let spec = serde_json::to_string(&spec).unwrap();
+    let spec = iris_replica_spec();
     let replica = || {
         let mut c = sluice();
         c.args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec]);
