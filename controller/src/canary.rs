@@ -236,12 +236,17 @@ fn canary<'s>(st: &'s mut ControllerState, deployment: &str) -> Result<&'s mut C
 /// scan retires it, and that version is not tried again until its files change.
 fn rollback(st: &mut ControllerState, deployment: &str, why: &str) -> Result<(), ControlError> {
     let c = canary(st, deployment)?;
-    metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => deployment.to_string()).increment(1);
+    // A canary at 0 with no rollout takes no traffic already: rolled back again, it is not
+    // counted again (the rollback alert fired anew) nor said again in the events.
+    let changes = c.weight != 0 || c.rollout.is_some();
     c.weight = 0;
     c.rollout = None;
     let version = c.version.name().to_string();
-    let message = format!("rolled back canary version {version}: {why}");
-    st.events.push(deployment, message);
+    if changes {
+        metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => deployment.to_string())
+            .increment(1);
+        st.events.push(deployment, format!("rolled back canary version {version}: {why}"));
+    }
     let in_repository =
         st.deployments.get(deployment).is_some_and(|m| m.app == crate::repository::APPLICATION);
     if in_repository && let Ok(v) = version.parse::<u64>() {

@@ -157,6 +157,12 @@ async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
         assert_eq!(answered_by(&client, &s, "m").await, "1");
     }
     assert!(status(&s)["events"].to_string().contains("rolled back canary version 2: rolled back by hand"));
+    // Again: nothing changes, and it is counted once (the rollback alert fired again).
+    let r = post("rollback", "").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    assert!(text.lines().any(|l| l == r#"sluice_canary_rollbacks_total{model="m"} 1"#), "{text}");
+    assert_eq!(status(&s)["events"].to_string().matches("rolled back canary version 2").count(), 1);
 
     // Promote: version 2 is the only version; version 1 is no longer routed.
     let r = post("promote", "").await.unwrap();
