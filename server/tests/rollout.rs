@@ -121,10 +121,10 @@ async fn a_canary_whose_p99_breaks_its_bound_is_rolled_back_and_one_within_it_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
     let s = start_app(
-        "      - {name: m, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 0}}\n",
+        "      - {name: hand, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 0}}\n",
     )
     .await;
-    let admin = format!("http://{}/api/serve/deployments/m", s.admin_addr().unwrap());
+    let admin = format!("http://{}/api/serve/deployments/hand", s.admin_addr().unwrap());
     let client = reqwest::Client::new();
     let post = |path: &str, body: &str| client.post(format!("{admin}/{path}")).body(body.to_string()).send();
 
@@ -132,14 +132,14 @@ async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
     let r = post("canary", r#"{"weight": 100}"#).await.unwrap();
     assert_eq!(r.status(), 200);
     let st: Value = r.json().await.unwrap();
-    let versions = &st["applications"]["app"]["deployments"]["m"]["versions"];
+    let versions = &st["applications"]["app"]["deployments"]["hand"]["versions"];
     assert_eq!(
         (versions[1]["version"].clone(), versions[1]["weight"].clone()),
         (json!("2"), json!(100)),
         "{st}"
     );
     for _ in 0..20 {
-        assert_eq!(answered_by(&client, &s, "m").await, "2");
+        assert_eq!(answered_by(&client, &s, "hand").await, "2");
     }
     for (body, message) in [
         (r#"{"weight": 101}"#, "weight is a percent: 0 to 100, got 101"),
@@ -154,34 +154,35 @@ async fn the_admin_api_sets_the_canary_weight_rolls_back_and_promotes() {
     let r = post("rollback", "").await.unwrap();
     assert_eq!(r.status(), 200);
     for _ in 0..20 {
-        assert_eq!(answered_by(&client, &s, "m").await, "1");
+        assert_eq!(answered_by(&client, &s, "hand").await, "1");
     }
     assert!(status(&s)["events"].to_string().contains("rolled back canary version 2: rolled back by hand"));
-    // Again: nothing changes, and it is counted once (the rollback alert fired again).
+    // Again: nothing changes, and it is counted once (the rollback alert fired again). (The
+    // deployment's name is this test's alone: the metrics are the process's under cargo test.)
     let r = post("rollback", "").await.unwrap();
     assert_eq!(r.status(), 200);
     let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
-    assert!(text.lines().any(|l| l == r#"sluice_canary_rollbacks_total{model="m"} 1"#), "{text}");
+    assert!(text.lines().any(|l| l == r#"sluice_canary_rollbacks_total{model="hand"} 1"#), "{text}");
     assert_eq!(status(&s)["events"].to_string().matches("rolled back canary version 2").count(), 1);
 
     // Promote: version 2 is the only version; version 1 is no longer routed.
     let r = post("promote", "").await.unwrap();
     assert_eq!(r.status(), 200);
     let st: Value = r.json().await.unwrap();
-    let versions = st["applications"]["app"]["deployments"]["m"]["versions"].as_array().unwrap().clone();
+    let versions = st["applications"]["app"]["deployments"]["hand"]["versions"].as_array().unwrap().clone();
     assert_eq!(versions.len(), 1, "{st}");
     assert_eq!(versions[0]["version"], "2");
     for _ in 0..20 {
-        assert_eq!(answered_by(&client, &s, "m").await, "2");
+        assert_eq!(answered_by(&client, &s, "hand").await, "2");
     }
-    let r = client.post(url(&s, "/v2/models/m/versions/1/infer")).body(IRIS_BODY).send().await.unwrap();
+    let r = client.post(url(&s, "/v2/models/hand/versions/1/infer")).body(IRIS_BODY).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(status(&s)["events"].to_string().contains("promoted version 2 (was 1)"));
     // Nothing left to promote or roll back.
     for path in ["promote", "rollback"] {
         let r = post(path, "").await.unwrap();
         assert_eq!(r.status(), 409, "{path}");
-        assert_eq!(r.json::<Value>().await.unwrap()["error"], "deployment `m` has no canary", "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], "deployment `hand` has no canary", "{path}");
     }
     s.shutdown().await;
 }
