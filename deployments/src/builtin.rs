@@ -348,6 +348,11 @@ impl Backend for Builtins {
                         hidden.shape()
                     )));
                 }
+                // No rows or no width: an empty embedding, without a pass over `n` rows that the
+                // data does not bound (`[2^62, 0, 0]` holds none and would loop for years).
+                if n == 0 || h == 0 {
+                    return Ok(vec![tensor_f32("embedding", vec![n, h], &[])?]);
+                }
                 let (hv, mv) = (f32s(hidden), i64s(mask));
                 let mut emb = vec![0f32; n * h];
                 for b in 0..n {
@@ -616,5 +621,25 @@ mod tests {
         let mut s = Builtins::new(&Builtin::MeanPool { normalize: true }).unwrap();
         let e = s.infer(inputs, &["embedding".to_string()]).unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::InvalidArgument, "{e:?}");
+    }
+
+    /// Rows of no width hold no data however many: `[2^62, 0, 0]` made the step loop over 2^62
+    /// rows (a thread held for years); the embedding is empty at once.
+    #[test]
+    fn mean_pool_of_no_width_answers_at_once() {
+        let n = 1usize << 62;
+        let hidden = Tensor::new(DataType::Fp32, vec![n, 0, 0], Bytes::new()).unwrap();
+        let mask = Tensor::new(DataType::Int64, vec![n, 0], Bytes::new()).unwrap();
+        let inputs = vec![
+            NamedTensor { name: "hidden".into(), tensor: hidden },
+            NamedTensor { name: "mask".into(), tensor: mask },
+        ];
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = Builtins::new(&Builtin::MeanPool { normalize: false }).unwrap();
+            let _ = tx.send(s.infer(inputs, &["embedding".to_string()]));
+        });
+        let out = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("mean_pool did not answer").unwrap();
+        assert_eq!(out[0].tensor.shape(), [n, 0]);
     }
 }
