@@ -1,7 +1,7 @@
 //! Numeric tensors converted between datatypes (the built-in `cast` step), element by element
 //! as ONNX's `Cast` and numpy's `astype` do: integers to integers keep their low bits (300 as
-//! INT8 is 44, -1 as UINT8 is 255), each value rounded once to a floating type (FP64 to FP16
-//! or BF16 goes through FP32), floats to integers truncated toward zero and saturated at the
+//! INT8 is 44, -1 as UINT8 is 255), each value rounded once to a floating type (except to
+//! FP16 or BF16, which FP64 and integers reach through FP32, as ONNX Runtime's `Cast` does), floats to integers truncated toward zero and saturated at the
 //! type's bounds (NaN: 0). Integers go through i128 and floats through their own width, never
 //! through f64: an INT64 above 2^53 keeps all its bits.
 
@@ -131,5 +131,10 @@ mod tests {
         );
         assert_eq!(&cast(&floats, DataType::Bool).unwrap().data()[..], [1, 1, 1], "NaN is not zero");
         assert!(cast(&floats, DataType::Bytes).is_err());
+        // Integers reach BF16 through FP32, as ONNX Runtime's `Cast`: 2^30 + 2^22 + 1 is a tie
+        // in FP32 (2^30 + 2^22), which BF16 rounds to even.
+        let t = tensor(DataType::Int32, [&1_077_936_129i32.to_le_bytes()]);
+        let b = cast(&t, DataType::Bf16).unwrap();
+        assert_eq!(u16::from_le_bytes(b.data()[..2].try_into().unwrap()), 0x4E80, "through FP32");
     }
 }
