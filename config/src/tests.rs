@@ -246,6 +246,27 @@ fn batching_values_are_checked() {
     assert_eq!(e[3].line, 9);
 }
 
+/// `-.inf` pads an additive attention mask: it is kept, and travels to proxies and Ray replicas
+/// (as JSON, where serde_json wrote it `null`, which no replica could read). NaN is refused.
+#[test]
+fn an_infinite_pad_survives_json_and_nan_is_refused() {
+    let text = |v: &str| {
+        format!(
+            "applications:\n  - name: a\n    deployments:\n      - name: m\n        model: m.onnx\n        \
+             max_batch_size: 4\n        pad: {{mask: {v}, x: 1.5}}\n"
+        )
+    };
+    let c = parse_in(&text("-.inf")).unwrap();
+    let s = &c.applications[0].deployments[0].settings;
+    assert_eq!(s.pad.get("mask"), Some(&f64::NEG_INFINITY));
+    let json = serde_json::to_string(s).unwrap();
+    let back: crate::ReplicaSettings = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, s, "{json}");
+    let e = errors(&text(".nan"));
+    assert_eq!(e[0].field, "applications[0].deployments[0].pad");
+    assert!(e[0].message.contains("`mask`: NaN"), "{}", e[0]);
+}
+
 #[test]
 fn num_replicas_auto_takes_ray_defaults_and_overrides() {
     let c = parse_in(concat!(

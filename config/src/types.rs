@@ -200,7 +200,10 @@ pub struct ReplicaSettings {
     pub batch_wait_timeout_s: f64,
     /// Batch sizes sent as soon as they can be formed. Default none.
     pub preferred_batch_sizes: Vec<u32>,
-    /// Pad values by input name. Default none.
+    /// Pad values by input name. Default none. Written to other processes (proxies, Ray
+    /// replicas) as JSON, where an infinity or NaN (`-.inf` pads an additive attention mask)
+    /// travels as a string: a JSON number cannot hold one.
+    #[serde(with = "non_finite")]
     pub pad: BTreeMap<String, f64>,
     /// A request's deadline unless it asks for a shorter one. Default 30.
     pub request_timeout_s: f64,
@@ -616,4 +619,48 @@ pub enum LogFormat {
     /// One JSON object per line, with the fields of the spans it happened in (request id,
     /// trace id, model, version).
     Json,
+}
+
+/// A map of floats whose infinities and NaN travel as the strings `Infinity`, `-Infinity` and
+/// `NaN` (Triton's JSON words; JSON numbers cannot hold them, and serde_json writes them
+/// `null`), finite values as numbers.
+mod non_finite {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Float {
+        Number(f64),
+        Word(String),
+    }
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
+        let word = |v: f64| match v {
+            _ if v.is_finite() => Float::Number(v),
+            _ if v.is_nan() => Float::Word("NaN".into()),
+            _ if v > 0.0 => Float::Word("Infinity".into()),
+            _ => Float::Word("-Infinity".into()),
+        };
+        s.collect_map(map.iter().map(|(k, &v)| (k, word(v))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        BTreeMap::<String, Float>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Float::Number(v) => v,
+                    Float::Word(w) => match w.as_str() {
+                        "NaN" => f64::NAN,
+                        "Infinity" => f64::INFINITY,
+                        "-Infinity" => f64::NEG_INFINITY,
+                        _ => return Err(serde::de::Error::custom(format!("pad `{k}`: `{w}` is not a number"))),
+                    },
+                };
+                Ok((k, v))
+            })
+            .collect()
+    }
 }

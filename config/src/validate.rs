@@ -468,6 +468,11 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
     if !dep.pad.value.is_empty() && dep.max_batch_size.value == 0 {
         errs.at(dep.pad.referenced, format!("{at}.pad"), "padding needs batching: set max_batch_size");
     }
+    // An infinity pads an additive mask; NaN is never equal to itself, so the deployment would
+    // read as changed (new replicas) on every apply.
+    if let Some(name) = dep.pad.value.iter().find(|(_, v)| v.is_nan()).map(|(k, _)| k) {
+        errs.at(dep.pad.referenced, format!("{at}.pad"), format!("`{name}`: NaN is not a pad value"));
+    }
     Deployment {
         name: dep.name.value.clone(),
         version: dep.version.value.clone(),
