@@ -8,8 +8,13 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// Folder names never packaged (besides hidden ones).
-const SKIPPED: [&str; 3] = ["target", "__pycache__", "node_modules"];
+/// Folder names never packaged, at any depth (besides hidden ones): caches and installed
+/// packages.
+const SKIPPED: [&str; 2] = ["__pycache__", "node_modules"];
+
+/// Folder names never packaged at the top of the folder only: build output (`target` deeper
+/// down, a repository model's name say, is packaged).
+const SKIPPED_AT_TOP: [&str; 1] = ["target"];
 
 /// A zip being built.
 pub struct Package {
@@ -25,7 +30,11 @@ impl Package {
     /// folder names in `skip`.
     pub fn add_dir(&mut self, dir: &Path, skip: &[&str]) -> Result<(), String> {
         let mut files = Vec::new();
-        collect(dir, dir, skip, &mut files).map_err(|e| format!("reading `{}`: {e}", dir.display()))?;
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(real) = std::fs::canonicalize(dir) {
+            seen.insert(real);
+        }
+        collect(dir, dir, skip, &mut files, &mut seen)?;
         for (rel, path) in files {
             let data = std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
             self.add(&rel, &data, false)?;
@@ -55,19 +64,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`.
-fn collect(root: &Path, dir: &Path, skip: &[&str], out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`. A
+/// link to nothing is left out with a warning (Ray's packager skips it too); a folder reached
+/// again through a link (a link to a folder above it) is packaged once. Errors name the path.
+fn collect(
+    root: &Path,
+    dir: &Path,
+    skip: &[&str],
+    out: &mut Vec<(String, PathBuf)>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), String> {
+    let reading = |path: &Path, e: std::io::Error| format!("reading `{}`: {e}", path.display());
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .and_then(|entries| entries.collect::<Result<_, _>>())
+        .map_err(|e| reading(dir, e))?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || SKIPPED.contains(&name.as_str()) || skip.contains(&name.as_str()) {
+        let name = name.as_str();
+        if name.starts_with('.')
+            || SKIPPED.contains(&name)
+            || (dir == root && SKIPPED_AT_TOP.contains(&name))
+            || skip.contains(&name)
+        {
             continue;
         }
         let path = e.path();
-        let meta = std::fs::metadata(&path)?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
+                eprintln!("warning: not packaged: `{}` is a link to nothing", path.display());
+                continue;
+            }
+            Err(e) => return Err(reading(&path, e)),
+        };
         if meta.is_dir() {
-            collect(root, &path, skip, out)?;
+            let real = std::fs::canonicalize(&path).map_err(|e| reading(&path, e))?;
+            if seen.insert(real) {
+                collect(root, &path, skip, out, seen)?;
+            }
         } else if meta.is_file() {
             let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
             out.push((rel, path));
@@ -100,6 +135,27 @@ mod tests {
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();
         assert_eq!(names, ["sub/data.csv", "train.py"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A link to nothing (a `latest` whose run was deleted) failed the whole package with an
+    /// error naming the folder; a link back up looped; `target` below the top (a repository
+    /// model of that name) was left out, as build output is at the top.
+    #[test]
+    fn dangling_links_are_left_out_loops_end_and_only_the_top_target_is_skipped() {
+        let dir = std::env::temp_dir().join(format!("sluice-pkg-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("models/target/1")).unwrap();
+        std::fs::create_dir_all(dir.join("target/release")).unwrap();
+        std::fs::write(dir.join("models/target/1/model.onnx"), b"onnx").unwrap();
+        std::fs::write(dir.join("target/release/big"), b"build output").unwrap();
+        std::os::unix::fs::symlink(dir.join("run-42"), dir.join("latest")).unwrap();
+        std::os::unix::fs::symlink(&dir, dir.join("models/up")).unwrap();
+        let mut p = Package::new();
+        p.add_dir(&dir, &[]).unwrap();
+        let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
+        let names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+        assert_eq!(names, ["models/target/1/model.onnx"]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
