@@ -656,7 +656,9 @@ mod non_finite {
                         "NaN" => f64::NAN,
                         "Infinity" => f64::INFINITY,
                         "-Infinity" => f64::NEG_INFINITY,
-                        _ => return Err(serde::de::Error::custom(format!("pad `{k}`: `{w}` is not a number"))),
+                        _ => {
+                            return Err(serde::de::Error::custom(format!("pad `{k}`: `{w}` is not a number")));
+                        }
                     },
                 };
                 Ok((k, v))

@@ -111,6 +111,7 @@ pub(crate) fn step(
         .sum();
     let mut rescale = Vec::new();
     let mut next: Option<Instant> = None;
+    let remote = &st.remote_demand;
     for (name, m) in st.deployments.iter_mut() {
         let Some(s) = &mut m.scaling else { continue };
         // Its last change still runs (replicas loading): judged once that is done.
@@ -119,15 +120,18 @@ pub(crate) fn step(
         }
         let d = &m.primary.deployment;
         let current = m.primary.replica_count() as u32;
-        let from_zero = current == 0 && d.queue_depth() > 0;
+        // The head's requests and those proxies on other nodes hold for the same version.
+        let (remote_in, remote_queued) = remote.of(name, d.version(), now);
+        let in_system = d.in_system().saturating_add(remote_in) as f64;
+        let from_zero = current == 0 && d.queue_depth().saturating_add(remote_queued) > 0;
         let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
         if from_zero || now.duration_since(s.last_decision) >= interval {
             s.last_decision = now;
-            s.window.sample(now, d.in_system() as f64, Duration::from_secs_f64(s.config.look_back_period_s));
+            s.window.sample(now, in_system, Duration::from_secs_f64(s.config.look_back_period_s));
             let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
             // From zero at once, as many as the requests waiting ask for (one at least).
             let want = match from_zero {
-                true => desired(&s.config, 0, d.in_system() as f64).max(1).min(cap.max(1)),
+                true => desired(&s.config, 0, in_system).max(1).min(cap.max(1)),
                 false => decide(&s.config, &mut s.window, current, now, cap),
             };
             if want > current {

@@ -22,6 +22,7 @@ mod apps;
 pub mod autoscale;
 mod canary;
 pub mod cluster;
+pub mod demand;
 mod error;
 mod events;
 mod pipelines;
@@ -172,6 +173,24 @@ impl Controller {
                 .collect();
         }
         status
+    }
+
+    /// Keeps what a proxy on another node holds ([`demand`]): the autoscaler counts it beside
+    /// the head's own requests. A request waiting there for a deployment at zero replicas wakes
+    /// the control loop at once, which starts one.
+    pub fn report_demand(&self, report: demand::DemandReport) {
+        let mut st = self.lock();
+        let from_zero = report.versions.iter().any(|v| {
+            v.queued > 0
+                && st.deployments.get(&v.model).is_some_and(|m| {
+                    m.primary.deployment.version() == v.version && m.primary.replica_count() == 0
+                })
+        });
+        st.remote_demand.record(report, Instant::now());
+        drop(st);
+        if from_zero {
+            self.wake.notify_one();
+        }
     }
 
     /// Removes one application (or every one, with `None`).

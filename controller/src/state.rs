@@ -232,6 +232,8 @@ pub(crate) struct ControllerState {
     /// The (model, version) of every canary at the last publish: their weight gauges, set to 0
     /// once the canary is gone.
     pub canary_weights: BTreeSet<(String, String)>,
+    /// What proxies on other nodes hold, by their last reports.
+    pub remote_demand: crate::demand::RemoteDemand,
 }
 
 impl ControllerState {

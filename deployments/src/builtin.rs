@@ -639,7 +639,8 @@ mod tests {
             let mut s = Builtins::new(&Builtin::MeanPool { normalize: false }).unwrap();
             let _ = tx.send(s.infer(inputs, &["embedding".to_string()]));
         });
-        let out = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("mean_pool did not answer").unwrap();
+        let out =
+            rx.recv_timeout(std::time::Duration::from_secs(10)).expect("mean_pool did not answer").unwrap();
         assert_eq!(out[0].tensor.shape(), [n, 0]);
     }
 }

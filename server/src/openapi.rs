@@ -237,6 +237,16 @@ pub const ADMIN: &[Op] = &[
         &[404, 409],
     ),
     op(Get, "/api/sluice/routes", "The route table, for proxies on other nodes", Json("Object"), &[]),
+    with_body(
+        op(
+            Post,
+            "/api/sluice/demand",
+            "What a proxy on another node holds, counted by the autoscaler",
+            Body::None,
+            &[400],
+        ),
+        Json("Object"),
+    ),
     op(
         Post,
         "/api/sluice/repository/{model}/notify",

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_config::ReplicaSettings;
 use sluice_controller::cluster::GrpcReplica;
+use sluice_controller::demand::{DemandReport, VersionDemand};
 use sluice_deployments::pipeline::{JsonMapping, Step};
 use sluice_deployments::{
     DataType, Deployment, DeploymentSpec, ModelMetadata, Pipeline, RemoteInfo, Servable, TensorSpec,
@@ -219,10 +220,23 @@ struct Followed {
     replicas: HashMap<String, usize>,
 }
 
+/// One pipeline as a proxy runs it.
+struct FollowedPipeline {
+    entry: PipelineEntry,
+    steps: Vec<Arc<Deployment>>,
+    pipeline: Arc<Pipeline>,
+}
+
 /// Keeps a proxy's route table equal to the controller's snapshots.
 #[derive(Default)]
 pub struct Follower {
     versions: HashMap<(String, String), Followed>,
+    /// Each pipeline as last built, kept while its entry and its steps' deployments stay the
+    /// same: its statistics live in it (a new one on every route change started them at 0).
+    pipelines: HashMap<String, FollowedPipeline>,
+    /// Woken by a request that waits for a deployment at zero replicas: its demand is
+    /// reported at once.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Follower {
@@ -245,7 +259,7 @@ impl Follower {
                     {
                         f
                     }
-                    _ => match start(model, version, v) {
+                    _ => match start(model, version, v, &self.wake) {
                         Some(f) => f,
                         None => continue,
                     },
@@ -275,8 +289,9 @@ impl Follower {
                 table.models.insert(name.clone(), route);
             }
         }
+        let mut built = std::mem::take(&mut self.pipelines);
         for p in &snapshot.pipelines {
-            match self.pipeline(p, snapshot) {
+            match self.pipeline(p, snapshot, &mut built) {
                 Some(pipeline) => {
                     let mut route = ModelRoute::default();
                     route.versions.insert("1".into(), Servable::Pipeline(pipeline.clone()));
@@ -291,23 +306,65 @@ impl Follower {
         routes.publish(table);
     }
 
-    fn pipeline(&self, p: &PipelineEntry, snapshot: &Snapshot) -> Option<Arc<Pipeline>> {
-        let mut steps = Vec::new();
+    /// The versions holding requests here now, for the controller's autoscaler.
+    pub fn demand(&self) -> Vec<VersionDemand> {
+        let mut held: Vec<VersionDemand> = self
+            .versions
+            .iter()
+            .map(|((model, version), f)| VersionDemand {
+                model: model.clone(),
+                version: version.clone(),
+                in_system: f.deployment.in_system() as u64,
+                queued: f.deployment.queue_depth() as u64,
+            })
+            .filter(|v| v.in_system > 0 || v.queued > 0)
+            .collect();
+        held.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
+        held
+    }
+
+    /// `p` as a pipeline over the followed deployments: the one in `built` when nothing it was
+    /// built from changed (kept in `self.pipelines` again), else a new one.
+    fn pipeline(
+        &mut self,
+        p: &PipelineEntry,
+        snapshot: &Snapshot,
+        built: &mut HashMap<String, FollowedPipeline>,
+    ) -> Option<Arc<Pipeline>> {
+        let mut deployments = Vec::new();
         for s in &p.steps {
             // A step runs on the version the controller's pipeline runs it on (its primary).
             let entry = snapshot.models.get(&s.deployment)?;
             let version = s.version.as_ref().or_else(|| primary_guess(entry))?;
-            let followed = self.versions.get(&(s.deployment.clone(), version.clone()))?;
-            steps.push(Step {
-                name: s.name.clone(),
-                deployment: followed.deployment.clone(),
-                inputs: s.inputs.clone(),
-                outputs: s.outputs.clone(),
-            });
+            deployments.push(self.versions.get(&(s.deployment.clone(), version.clone()))?.deployment.clone());
         }
-        let inputs = p.inputs.iter().map(tensor_of).collect::<Option<Vec<_>>>()?;
-        let json = p.json.clone().map(|j| JsonMapping { request: j.request, response: j.response });
-        Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok().map(Arc::new)
+        let same = |f: &FollowedPipeline| {
+            f.entry == *p
+                && f.steps.len() == deployments.len()
+                && f.steps.iter().zip(&deployments).all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let pipeline = match built.remove(&p.name) {
+            Some(f) if same(&f) => f.pipeline,
+            _ => {
+                let steps = p
+                    .steps
+                    .iter()
+                    .zip(&deployments)
+                    .map(|(s, d)| Step {
+                        name: s.name.clone(),
+                        deployment: d.clone(),
+                        inputs: s.inputs.clone(),
+                        outputs: s.outputs.clone(),
+                    })
+                    .collect();
+                let inputs = p.inputs.iter().map(tensor_of).collect::<Option<Vec<_>>>()?;
+                let json = p.json.clone().map(|j| JsonMapping { request: j.request, response: j.response });
+                Arc::new(Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok()?)
+            }
+        };
+        let followed = FollowedPipeline { entry: p.clone(), steps: deployments, pipeline: pipeline.clone() };
+        self.pipelines.insert(p.name.clone(), followed);
+        Some(pipeline)
     }
 }
 
@@ -321,7 +378,7 @@ fn primary_guess(entry: &ModelEntry) -> Option<&String> {
         .or_else(|| entry.versions.keys().next_back())
 }
 
-fn start(model: &str, version: &str, v: &VersionEntry) -> Option<Followed> {
+fn start(model: &str, version: &str, v: &VersionEntry, wake: &Arc<tokio::sync::Notify>) -> Option<Followed> {
     let metadata = v.metadata.to_model()?;
     let spec = DeploymentSpec {
         name: model.to_string(),
@@ -329,7 +386,7 @@ fn start(model: &str, version: &str, v: &VersionEntry) -> Option<Followed> {
         num_replicas: 0,
         max_replicas: v.max_replicas,
         settings: v.settings.clone(),
-        wake: Default::default(),
+        wake: wake.clone(),
         multiplexed: v.multiplexed,
     };
     match Deployment::start_remote(spec, metadata) {
@@ -376,17 +433,30 @@ fn sync(mut f: Followed, v: &VersionEntry) -> Followed {
     f
 }
 
-/// Polls the controller's snapshot every `every` and follows it, until the task is dropped.
-pub async fn follow(routes: Arc<Router>, url: String, token: Option<String>, every: Duration) {
+/// Polls the controller (its admin API at `controller`) for its snapshot every `every` and
+/// follows it, until the task is dropped; with each poll, and at once when a request waits
+/// for a deployment at zero replicas, reports what this proxy (`name`, its address) holds
+/// ([`sluice_controller::demand`]).
+pub async fn follow(
+    routes: Arc<Router>,
+    controller: String,
+    token: Option<String>,
+    every: Duration,
+    name: String,
+) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let base = controller.trim_end_matches('/');
+    let (routes_url, demand_url) = (format!("{base}/api/sluice/routes"), format!("{base}/api/sluice/demand"));
+    let authorized = |req: reqwest::RequestBuilder| match &token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
     let mut follower = Follower::default();
+    let wake = follower.wake.clone();
     let mut last: Option<Snapshot> = None;
+    let mut reported_some = false;
     loop {
-        let mut req = http.get(&url);
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        match req.send().await {
+        match authorized(http.get(&routes_url)).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
                 Ok(snapshot) => {
                     if last.as_ref() != Some(&snapshot) {
@@ -397,9 +467,22 @@ pub async fn follow(routes: Arc<Router>, url: String, token: Option<String>, eve
                 Err(e) => tracing::warn!("the controller's routes do not parse: {e}"),
             },
             Ok(r) => tracing::warn!("the controller answered {} for its routes", r.status()),
-            Err(e) => tracing::warn!("cannot reach the controller at {url}: {e}"),
+            Err(e) => tracing::warn!("cannot reach the controller at {routes_url}: {e}"),
         }
-        tokio::time::sleep(every).await;
+        // Nothing held, and nothing reported before: nothing to clear either.
+        let versions = follower.demand();
+        if !versions.is_empty() || reported_some {
+            let report = DemandReport { proxy: name.clone(), versions };
+            match authorized(http.post(&demand_url)).json(&report).send().await {
+                Ok(r) if r.status().is_success() => reported_some = !report.versions.is_empty(),
+                Ok(r) => tracing::warn!("the controller answered {} for this proxy's demand", r.status()),
+                Err(e) => tracing::warn!("cannot report this proxy's demand to {demand_url}: {e}"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = wake.notified() => {}
+        }
     }
 }
 
@@ -479,6 +562,17 @@ mod tests {
         // (the proxy kept the one-model deployment, and every request got a 400).
         let mut follower = Follower::default();
         follower.apply(&snapshot, &proxy);
+        let pipeline = || match proxy.resolve("p", None).unwrap() {
+            Servable::Pipeline(p) => p,
+            _ => panic!("not a pipeline"),
+        };
+        // A change that leaves the pipeline as it was keeps it (its statistics live in it: they
+        // went back to 0 with every route change).
+        let before = pipeline();
+        let mut moved = snapshot.clone();
+        moved.models.get_mut("enc").unwrap().split = vec![("1".into(), 80), ("2".into(), 20)];
+        follower.apply(&moved, &proxy);
+        assert!(Arc::ptr_eq(&before, &pipeline()), "the same pipeline after a split change");
         let mut flipped = snapshot.clone();
         flipped.models.get_mut("enc").unwrap().versions.get_mut("1").unwrap().multiplexed = true;
         follower.apply(&flipped, &proxy);
@@ -486,6 +580,7 @@ mod tests {
             panic!("not a deployment")
         };
         assert!(d.spec().multiplexed, "the proxy follows the version's multiplexing");
+        assert!(!Arc::ptr_eq(&before, &pipeline()), "a step's deployment started again: a new pipeline");
 
         // An older controller's snapshot (no step version) still runs the step on the primary.
         let mut old = snapshot.clone();

@@ -343,6 +343,78 @@ async fn autoscaling_adds_a_replica_under_load_and_removes_it_after() {
     s.shutdown().await;
 }
 
+/// Requests a proxy on another node holds (`proxy_location: EveryNode`, reported through the
+/// admin API's `POST /api/sluice/demand`) scale a deployment as the head's own do: from zero at
+/// once, up beyond one, and back down once the proxy reports nothing. The proxies' queues were
+/// invisible, so a request sent to a worker's proxy for a deployment at zero waited for its
+/// deadline (504) and no load through proxies ever grew a deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_reported_by_proxies_scales_a_deployment() {
+    let s = start_with(concat!(
+        "      - name: far\n",
+        "        model: mlp/model.onnx\n",
+        "        num_replicas: auto\n",
+        "        num_cpus: 0.5\n",
+        "        autoscaling_config: {min_replicas: 0, max_replicas: 3, target_ongoing_requests: 1, upscale_delay_s: 0,\n",
+        "          downscale_delay_s: 0.3, metrics_interval_s: 0.05, look_back_period_s: 0.2}\n",
+    ))
+    .await;
+    let replicas = |s: &sluice_server::Server| {
+        s.routes().resolve("far", None).unwrap().deployment().unwrap().replica_count()
+    };
+    let demand = format!("http://{}/api/sluice/demand", s.admin_addr().unwrap());
+    let report = |in_system: u64, queued: u64| {
+        let versions = if in_system == 0 {
+            json!([])
+        } else {
+            json!([{"model": "far", "version": "1", "in_system": in_system, "queued": queued}])
+        };
+        let body = json!({"proxy": "10.0.0.9:8000", "versions": versions});
+        let demand = demand.clone();
+        async move {
+            let r = reqwest::Client::new().post(demand).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    };
+    let wait_for = |want: usize, what: &'static str| {
+        let s = &s;
+        async move {
+            let until = Instant::now() + Duration::from_secs(20);
+            while replicas(s) != want {
+                assert!(
+                    Instant::now() < until,
+                    "{what}: {}",
+                    serde_json::to_value(s.controller().status()).unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(replicas(&s), 0);
+    // A request waits at a proxy: one replica, with no request at the head.
+    report(1, 1).await;
+    wait_for(1, "a request waiting at a proxy started no replica").await;
+    // Three in flight there (reported again and again, as a proxy does with each poll): three.
+    let until = Instant::now() + Duration::from_secs(20);
+    while replicas(&s) < 3 {
+        assert!(
+            Instant::now() < until,
+            "no scale-up: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
+        report(3, 0).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The proxy holds nothing now: back to zero.
+    report(0, 0).await;
+    wait_for(0, "no scale-down").await;
+    // A malformed report is refused, naming what it must be.
+    let r = reqwest::Client::new().post(&demand).body("{\"proxy\": 1}").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("versions"));
+    s.shutdown().await;
+}
+
 /// A canary promoted while the autoscaler has grown the primary takes the primary's replica
 /// count first: it was promoted at the one replica it started with, and that one took all of
 /// the traffic the primary's three were serving, while they drained.

@@ -282,6 +282,36 @@ def test_autoscaling_creates_and_kills_actors(cluster, workdir, job, tmp_path):
     events = " ".join(e["message"] for e in status(cluster)["events"])
     assert "autoscaled from 1 to" in events and "to 1 replicas" in events, events
 
+ZERO = """\
+      - name: zero
+        model: models/iris/model.onnx
+        num_replicas: auto
+        num_cpus: 0.5
+        autoscaling_config: {min_replicas: 0, max_replicas: 2, target_ongoing_requests: 1,
+                             upscale_delay_s: 0, downscale_delay_s: 60, metrics_interval_s: 0.2,
+                             look_back_period_s: 1}
+"""
+
+
+def test_requests_through_a_workers_proxy_scale_a_deployment_from_zero(cluster, workdir, job, tmp_path):
+    """A worker's proxy queues and sends its requests itself: it reports what it holds to the
+    controller, whose autoscaler counts it. A request there for a deployment at zero waited
+    for its deadline (nothing started a replica) before."""
+    (workdir / "zero.yaml").write_text(APP.format(version="1", extra=ZERO))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "zero.yaml")
+    assert code == 200, body
+    assert deployment(cluster, "zero")["versions"][0]["replicas"] == 0
+    wait_for("the worker's proxy to follow the new deployment", lambda: cluster.http(
+        "GET", "http://%s:8000/v2/models/zero" % WORKER)[0] == 200, timeout=30)
+    out = tmp_path / "zero-load.json"
+    client(cluster, "load", "http://%s:8000/v2/models/zero/infer" % WORKER, "3", "1", out)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 0 and not stats["errors"], stats
+    assert stats["max_s"] < 20, "the first request waited %.1f s for a replica" % stats["max_s"]
+    events = " ".join(e["message"] for e in status(cluster)["events"] if e["deployment"] == "zero")
+    assert "autoscaled from 0 to" in events, events
+
+
 # A new deployment, `fresh`, starts; then the pipeline over it fails its check (the model has
 # no input `nope`), which runs once every new version is up.
 PARTIAL = """\

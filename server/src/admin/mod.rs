@@ -127,6 +127,7 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
         .route("/api/sluice/routes", get(routes_snapshot))
+        .route("/api/sluice/demand", post(demand))
         .route("/api/sluice/repository/{model}/notify", post(notify_repository))
         .route("/-/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(crate::openapi::serve_admin))
@@ -406,6 +407,17 @@ type Answer = Result<Json<Status>, ApiError>;
 /// The route table as data, for proxies on other nodes ([`crate::snapshot`]).
 async fn routes_snapshot(State(s): State<AdminState>) -> Json<crate::snapshot::Snapshot> {
     Json(crate::snapshot::take(s.controller.routes()))
+}
+
+/// What a proxy on another node holds, for the autoscaler ([`sluice_controller::demand`]).
+async fn demand(State(s): State<AdminState>, body: Bytes) -> Result<StatusCode, ApiError> {
+    let report = serde_json::from_slice::<sluice_controller::demand::DemandReport>(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be {{\"proxy\": \"HOST:PORT\", \"versions\": [{{\"model\", \"version\", \"in_system\", \"queued\"}}]}}: {e}"
+        ))
+    })?;
+    s.controller.report_demand(report);
+    Ok(StatusCode::OK)
 }
 
 async fn status(State(s): State<AdminState>) -> Json<Status> {

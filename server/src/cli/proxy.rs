@@ -49,10 +49,12 @@ pub fn proxy(
     config.grpc_options.enabled = !args.no_grpc;
     config.admin_options.enabled = false;
     args.process.apply(&mut config);
-    let url = format!("{}/api/sluice/routes", args.controller.trim_end_matches('/'));
     let every = Duration::from_secs_f64(args.poll_s.max(0.05));
+    let controller = args.controller;
     super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {
-        tokio::spawn(sluice_server::snapshot::follow(server.routes().clone(), url, token, every));
+        let name = server.http_addr().to_string();
+        let routes = server.routes().clone();
+        tokio::spawn(sluice_server::snapshot::follow(routes, controller, token, every, name));
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "LISTEN {}", server.http_addr());
