@@ -657,7 +657,9 @@ mod non_finite {
                         "Infinity" => f64::INFINITY,
                         "-Infinity" => f64::NEG_INFINITY,
                         _ => {
-                            return Err(serde::de::Error::custom(format!("pad `{k}`: `{w}` is not a number")));
+                            return Err(serde::de::Error::custom(format!(
+                                "pad `{k}`: `{w}` is not a number"
+                            )));
                         }
                     },
                 };

@@ -156,6 +156,9 @@ pub struct StartOptions {
     /// deployed config's server settings are compared with, so that deploying the same file
     /// lists none as changed. None: the config started with.
     pub as_written: Option<sluice_config::Config>,
+    /// The route table comes from a controller elsewhere (`sluice proxy`): followed from the
+    /// start, and the server is not ready (its start not done) until the first table is in.
+    pub follow: Option<crate::snapshot::Follow>,
 }
 
 /// Why the server did not start.
@@ -191,6 +194,7 @@ pub async fn start(config: sluice_config::Config, options: StartOptions) -> Resu
 pub struct Starting {
     server: Server,
     config: sluice_config::Config,
+    follow: Option<crate::snapshot::Follow>,
     /// Log lines for when the server is ready.
     announce: Vec<String>,
 }
@@ -211,12 +215,23 @@ impl Starting {
     /// Loads and warms every deployment of the config, then reports ready. On failure the
     /// listeners close before the error returns.
     pub async fn load(self) -> Result<Server, StartError> {
-        let Self { server, config, announce } = self;
+        let Self { server, config, follow, announce } = self;
         if let Err(e) = server.controller.apply(&config).await {
             server.stop(false).await;
             return Err(e.into());
         }
         server.controller.spawn_loop();
+        if let Some(follow) = follow {
+            // Not ready, and not announced, before the controller's table is in: a proxy that
+            // cannot read it (unreachable, or refused) would answer 404 for every model.
+            let (first, followed) = tokio::sync::oneshot::channel();
+            let name = server.http_addr.to_string();
+            let routes = server.routes.clone();
+            // Follows for as long as the runtime runs (the listeners' tasks are the ones a
+            // shutdown waits for).
+            tokio::spawn(crate::snapshot::follow(routes, follow, name, first));
+            let _ = followed.await;
+        }
         server.phase.send_replace(Phase::Serving);
         for line in announce {
             tracing::info!("{line}");
@@ -328,7 +343,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     let delay = Duration::from_secs_f64(config.shutdown_delay_s);
     let server =
         Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, phase, tasks, grace, delay };
-    Ok(Starting { server, config, announce })
+    Ok(Starting { server, config, follow: options.follow, announce })
 }
 
 /// The bound listeners: REST, gRPC on its own port (none when disabled or sharing REST's), admin.

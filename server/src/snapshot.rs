@@ -433,17 +433,29 @@ fn sync(mut f: Followed, v: &VersionEntry) -> Followed {
     f
 }
 
-/// Polls the controller (its admin API at `controller`) for its snapshot every `every` and
-/// follows it, until the task is dropped; with each poll, and at once when a request waits
-/// for a deployment at zero replicas, reports what this proxy (`name`, its address) holds
-/// ([`sluice_controller::demand`]).
+/// Where a proxy's route table comes from ([`crate::StartOptions::follow`]).
+#[derive(Debug, Clone)]
+pub struct Follow {
+    /// The controller's admin API (`http://HEAD:8266`).
+    pub controller: String,
+    /// The admin API's bearer token, if it needs one.
+    pub token: Option<String>,
+    /// How often to poll.
+    pub every: Duration,
+}
+
+/// Polls the controller for its snapshot every `every` and follows it, until the task is
+/// dropped; `first` hears when the first one is in. With each poll, and at once when a request
+/// waits for a deployment at zero replicas, reports what this proxy (`name`, its address)
+/// holds ([`sluice_controller::demand`]).
 pub async fn follow(
     routes: Arc<Router>,
-    controller: String,
-    token: Option<String>,
-    every: Duration,
+    follow: Follow,
     name: String,
+    first: tokio::sync::oneshot::Sender<()>,
 ) {
+    let Follow { controller, token, every } = follow;
+    let mut first = Some(first);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
     let base = controller.trim_end_matches('/');
     let (routes_url, demand_url) = (format!("{base}/api/sluice/routes"), format!("{base}/api/sluice/demand"));
@@ -462,6 +474,9 @@ pub async fn follow(
                     if last.as_ref() != Some(&snapshot) {
                         follower.apply(&snapshot, &routes);
                         last = Some(snapshot);
+                    }
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
                     }
                 }
                 Err(e) => tracing::warn!("the controller's routes do not parse: {e}"),

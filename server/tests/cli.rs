@@ -678,14 +678,76 @@ fn takes_keep_startup_memory(command: impl Fn() -> Command) {
 /// start-up memory when told to.
 #[test]
 fn proxy_takes_worker_threads_and_keep_startup_memory() {
+    // A controller to follow (with no models): a proxy starts once its route table is in.
+    let controller = Running::start(&write_config("proxy-controller.yaml", "applications: []\n"));
+    let admin = format!("http://{}", controller.admin);
     let proxy = || {
         let mut c = sluice();
-        c.args(["proxy", "--controller", "http://127.0.0.1:9", "--host", "127.0.0.1", "--http-port", "0"])
-            .arg("--no-grpc");
+        c.args(["proxy", "--controller", &admin, "--host", "127.0.0.1", "--http-port", "0"])
+            .arg("--no-grpc")
+            .env_remove("SLUICE_ADMIN_TOKEN");
         c
     };
     takes_worker_threads(proxy);
     takes_keep_startup_memory(proxy);
+}
+
+/// A proxy is ready, and prints `LISTEN` (which the controller waits for), only once it has
+/// the controller's route table: one refused it (a wrong token) said ready at once and answered
+/// 404 for every model, for good. It polls again meanwhile, and starts when it gets one.
+#[test]
+fn a_proxy_that_cannot_read_the_route_table_is_not_ready() {
+    let config = write_config(
+        "proxy-controller-token.yaml",
+        "admin_options: {token_env: SLUICE_TEST_PROXY_TOKEN}\napplications: []\n",
+    );
+    let controller = Running::start_env(&config, &[("SLUICE_TEST_PROXY_TOKEN", "right")]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let proxy = |token: &str| {
+        let mut child = KillOnDrop(Some(
+            sluice()
+                .args([
+                    "proxy",
+                    "--controller",
+                    &format!("http://{}", controller.admin),
+                    "--host",
+                    "127.0.0.1",
+                ])
+                .args(["--http-port", &port.to_string(), "--no-grpc", "--poll-s", "0.1"])
+                .env("SLUICE_ADMIN_TOKEN", token)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        let stdout = child.child().stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        (child, rx)
+    };
+    let ready = || controller.get(&format!("http://127.0.0.1:{port}/v2/health/ready")).0;
+
+    let (refused, printed) = proxy("wrong");
+    let until = Instant::now() + Duration::from_secs(60);
+    while controller.get(&format!("http://127.0.0.1:{port}/v2/health/live")).0 != 200 {
+        assert!(Instant::now() < until, "the proxy never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..10 {
+        assert_eq!(ready(), 503, "ready without the controller's routes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(printed.try_recv().is_err(), "LISTEN printed without the controller's routes");
+    drop(refused);
+
+    let (_proxy, printed) = proxy("right");
+    let line = printed.recv_timeout(Duration::from_secs(60)).expect("LISTEN once the routes are in");
+    assert_eq!(line, format!("LISTEN 127.0.0.1:{port}"));
+    assert_eq!(ready(), 200);
 }
 
 /// The `--spec` of a replica serving the iris fixture, as the controller writes it.

@@ -1,7 +1,9 @@
 //! `sluice proxy`: the REST and gRPC frontends on a node of a Ray cluster
 //! (`proxy_location: EveryNode`), following the controller's route table and sending requests
 //! straight to the replicas. Started by the controller as a Ray actor pinned to its node;
-//! prints `LISTEN <host:port>` once listening.
+//! prints `LISTEN <host:port>` once listening with the controller's route table in (before
+//! that, readiness answers 503: a proxy that cannot read the table, say with a wrong token,
+//! never takes traffic it would answer 404).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,12 +51,14 @@ pub fn proxy(
     config.grpc_options.enabled = !args.no_grpc;
     config.admin_options.enabled = false;
     args.process.apply(&mut config);
-    let every = Duration::from_secs_f64(args.poll_s.max(0.05));
-    let controller = args.controller;
-    super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, move |server| {
-        let name = server.http_addr().to_string();
-        let routes = server.routes().clone();
-        tokio::spawn(sluice_server::snapshot::follow(routes, controller, token, every, name));
+    let follow = sluice_server::snapshot::Follow {
+        controller: args.controller,
+        token,
+        every: Duration::from_secs_f64(args.poll_s.max(0.05)),
+    };
+    // Ready, and `LISTEN` printed, once the controller's first route table is in.
+    let options = move || StartOptions { follow: Some(follow), ..StartOptions::default() };
+    super::run::run_with(config, logs, args.ort, ort_env, options, move |server| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "LISTEN {}", server.http_addr());

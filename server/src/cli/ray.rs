@@ -408,7 +408,13 @@ pub fn run_in_job(
         move || {
             let (commands, events) = bridge::stdio();
             let ray: Arc<RayCluster> = RayCluster::start(commands, events, options);
-            StartOptions { admin_token, cluster: Cluster::Ray(ray), store_env, as_written: None }
+            StartOptions {
+                admin_token,
+                cluster: Cluster::Ray(ray),
+                store_env,
+                as_written: None,
+                follow: None,
+            }
         },
         |_| {},
     )
