@@ -63,7 +63,9 @@ pub fn init(
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            // Every span the line happened in (a model call's span has the model; the request's
+            // around it has the trace id), not the innermost alone.
+            .with_span_list(true)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
@@ -138,12 +140,17 @@ pub fn request_span<B>(req: &axum::http::Request<B>) -> tracing::Span {
     if span.is_disabled() {
         return span;
     }
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    // W3C trace context read here, not through the global propagator (a no-op unless traces
+    // are exported): the logs carry the caller's trace id either way.
+    use opentelemetry::propagation::TextMapPropagator;
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&HeaderExtractor(req.headers()));
+    let callers = parent.span().span_context().trace_id();
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
-    let trace_id = span.context().span().span_context().trace_id();
+    let own = span.context().span().span_context().trace_id();
+    let trace_id = if own == opentelemetry::trace::TraceId::INVALID { callers } else { own };
     if trace_id != opentelemetry::trace::TraceId::INVALID {
         span.record("trace_id", tracing::field::display(trace_id));
     }

@@ -587,6 +587,68 @@ fn a_model_deployed_later_hands_back_the_code_its_load_touched() {
     );
 }
 
+/// `log_format: json` with Sluice's debug level: a line logged during a request carries every
+/// span it happened in, the request's (with the caller's trace id) first; only the innermost
+/// was there, so a line inside a model call had no trace id.
+#[test]
+fn json_logs_carry_the_spans_of_a_request() {
+    let config = write_config(
+        "json-logs.yaml",
+        "log_format: json\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = KillOnDrop(Some(
+        sluice()
+            .arg("run")
+            .arg(&config)
+            .args(["--http-port", &port.to_string(), "--grpc-port", "0", "--admin-port", "0"])
+            .env("RUST_LOG", "info,sluice_server=debug,sluice_deployments=debug,tower_http=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let stderr = child.child().stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let until = Instant::now() + Duration::from_secs(60);
+    while block_on(reqwest::get(format!("{url}/v2/health/ready"))).map_or(0, |r| r.status().as_u16()) != 200 {
+        assert!(Instant::now() < until, "the server never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let status = block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v2/models/iris/infer"))
+            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+            .body(IRIS_BODY)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    assert_eq!(status, 200);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no line with the request's spans; logged:\n{}", seen.join("\n")));
+        let json: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let spans = json["spans"].as_array().cloned().unwrap_or_default();
+        if spans.first().is_some_and(|s| s["name"] == "request" && s["trace_id"] == trace) {
+            assert_eq!(spans[0]["path"], "/v2/models/iris/infer", "{line}");
+            break;
+        }
+        seen.push(line);
+    }
+}
+
 /// Starts `command` and returns what it logged up to its first line containing `needle`
 /// (60 s at most), then ends it.
 fn logged_until(command: &mut Command, needle: &str) -> String {
