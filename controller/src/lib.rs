@@ -48,7 +48,7 @@ pub use repository::store::{StoreEnv, StoreError};
 pub use repository::{APPLICATION as REPOSITORY_APPLICATION, Origin, RepositoryStatus};
 pub use status::{
     ApplicationState, ApplicationStatus, AutoscalingStatus, DeploymentState, DeploymentStatus, ReplicaNode,
-    ReplicaState, ReplicaStatus, Status, VersionStatus,
+    ReplicaState, ReplicaStatus, ShadowStatus, Status, VersionStatus,
 };
 pub use traffic::{Traffic, WINDOW as TRAFFIC_WINDOW};
 

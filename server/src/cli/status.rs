@@ -72,6 +72,9 @@ fn table(status: &Status, now_s: f64, wide: bool) -> String {
             let last = status.events.iter().rev().find(|e| &e.deployment == name);
             let state = serde_json::to_value(d.status).ok().and_then(|v| v.as_str().map(String::from));
             for (i, v) in d.versions.iter().enumerate() {
+                if let Some(sh) = &v.shadow {
+                    notes.push(shadow_note(name, v, sh));
+                }
                 let mut row = version_row(v);
                 if i == 0 {
                     row[0] = app_name.clone();
@@ -105,7 +108,11 @@ fn table(status: &Status, now_s: f64, wide: bool) -> String {
 fn version_row(v: &VersionStatus) -> Row {
     let traffic = v.traffic.as_ref();
     let mut row: Row = Default::default();
-    row[3] = if v.canary { format!("{} (canary)", v.version) } else { v.version.clone() };
+    row[3] = match (v.canary, &v.shadow) {
+        (true, _) => format!("{} (canary)", v.version),
+        (false, Some(_)) => format!("{} (shadow)", v.version),
+        (false, None) => v.version.clone(),
+    };
     row[4] = format!("{}/{}", v.ready_replicas, v.replicas);
     row[5] = format!("{}%", v.weight);
     row[6] = traffic.map_or_else(|| "-".into(), |t| format!("{:.1}", t.requests_per_s));
@@ -126,6 +133,30 @@ fn version_row(v: &VersionStatus) -> Row {
     }
     row[11] = on.join(",");
     row
+}
+
+/// How a shadow version (or a canary gated on agreeing with the primary) compares, below the
+/// table: its row's traffic is only what it serves itself.
+fn shadow_note(deployment: &str, v: &VersionStatus, sh: &sluice_controller::ShadowStatus) -> String {
+    let agreement = sh.agreement.map_or_else(|| "-".into(), |a| format!("{:.2}%", a * 100.0));
+    let diff = match (sh.compared, sh.max_abs_diff) {
+        (0, _) => "-".into(),
+        (_, Some(d)) => format!("{d:.3e}"),
+        (_, None) => "inf".into(),
+    };
+    format!(
+        "{deployment} {} shadows {}% of the primary's requests: sent {}, dropped {}, errors {}, compared {}, \
+         agreement {agreement} of {} rows, max |diff| {diff}, p50 {}, p99 {}",
+        v.version,
+        sh.percent,
+        sh.sent,
+        sh.dropped,
+        sh.errors,
+        sh.compared,
+        sh.rows,
+        ms(sh.p50_ms),
+        ms(sh.p99_ms)
+    )
 }
 
 /// A latency with two or three significant digits.
@@ -220,6 +251,38 @@ mod tests {
         let col = lines[0].find("VERSION").unwrap();
         assert_eq!(&lines[1][col..col + 3], "1  ");
         assert_eq!(&lines[2][col..col + 10], "2 (canary)");
+    }
+
+    /// A shadow version's row says so (it read as an idle version at 0 %), and what its copies
+    /// found is a note below the table (it was only in `-o json`).
+    #[test]
+    fn a_shadow_version_is_marked_and_its_comparison_noted() {
+        let mut s = status();
+        let versions =
+            &mut s.applications.get_mut("clf").unwrap().deployments.get_mut("iris").unwrap().versions;
+        let mut shadow = versions[1].clone();
+        shadow.version = "3".into();
+        shadow.canary = false;
+        shadow.weight = 0;
+        shadow.shadow = Some(
+            serde_json::from_value(json!({
+                "percent": 25, "sent": 40, "dropped": 2, "errors": 1, "compared": 37, "rows": 37,
+                "agreement": 0.973, "max_abs_diff": 0.0125, "p50_ms": 1.5, "p99_ms": 4.0
+            }))
+            .unwrap(),
+        );
+        versions.push(shadow);
+        let out = render(&s, Output::Table, 205.0).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        let col = lines[0].find("VERSION").unwrap();
+        assert_eq!(&lines[3][col..col + 10], "3 (shadow)", "{out}");
+        assert!(
+            out.contains(
+                "\niris 3 shadows 25% of the primary's requests: sent 40, dropped 2, errors 1, compared 37, \
+                 agreement 97.30% of 37 rows, max |diff| 1.250e-2, p50 1.50ms, p99 4.00ms"
+            ),
+            "{out}"
+        );
     }
 
     #[test]
