@@ -28,6 +28,10 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(250 * 2u64.pow(failures.min(7))).min(MAX_BACKOFF)
 }
 
+/// How long a replica that leaves routing stays up when proxies route too: twice their poll of
+/// the route table (`sluice proxy --poll-s`, 0.5 s by default).
+pub const PROXIES_FOLLOW: Duration = Duration::from_secs(1);
+
 /// Frontends on every node that has replicas (`proxy_location: EveryNode`).
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -575,7 +579,10 @@ impl RayReplicas {
     }
 
     /// Starts or stops actors until `n` exist. Stopping takes those not yet up first; one that
-    /// is up leaves routing at once and gets the grace period to finish its requests.
+    /// is up leaves routing at once and gets the grace period to finish its requests. With
+    /// proxies on the nodes, one that was up is told to stop only after [`PROXIES_FOLLOW`]: a
+    /// proxy routes to it until its next look at the route table, and a replica that stops
+    /// takes no new request.
     pub fn scale_to(self: &Arc<Self>, n: usize) {
         let victims = {
             let mut st = lock(&self.state);
@@ -584,8 +591,8 @@ impl RayReplicas {
             let mut order: Vec<(bool, String)> =
                 st.actors.iter().map(|(name, a)| (matches!(a, Actor::Up { .. }), name.clone())).collect();
             order.sort();
-            let victims: Vec<String> = order.into_iter().take(excess).map(|(_, name)| name).collect();
-            for name in &victims {
+            let victims: Vec<(bool, String)> = order.into_iter().take(excess).collect();
+            for (_, name) in &victims {
                 if let Some(Actor::Up { id, checks, .. }) = st.actors.remove(name) {
                     checks.abort();
                     self.deployment.remove_replica(id);
@@ -593,9 +600,18 @@ impl RayReplicas {
             }
             victims
         };
-        for name in victims {
+        let followed = self.cluster.options.proxies.is_some();
+        for (up, name) in victims {
             lock(&self.cluster.owners).remove(&name);
-            self.cluster.kill(&name);
+            if up && followed {
+                let cluster = self.cluster.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PROXIES_FOLLOW).await;
+                    cluster.kill(&name);
+                });
+            } else {
+                self.cluster.kill(&name);
+            }
         }
         self.ensure();
         self.changed.send_replace(());
@@ -810,6 +826,78 @@ mod tests {
             worker_threads: None,
             release_startup_memory: true,
         }
+    }
+
+    /// With proxies on the nodes, a replica scaled away leaves the head's routing at once but
+    /// is told to stop only after `PROXIES_FOLLOW` (the proxies' next look at the routes): it
+    /// was killed at once, and requests a proxy sent it meanwhile were refused.
+    #[tokio::test]
+    async fn a_replica_scaled_away_stops_once_proxies_have_let_go() {
+        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
+        let (_driver_out, ours_in) = tokio::io::duplex(1 << 16);
+        let (ours_out, driver_in) = tokio::io::duplex(1 << 16);
+        let (commands, _events) = bridge::over(ours_in, ours_out);
+        let (_tx, events) = mpsc::unbounded_channel();
+        let options = RayOptions {
+            binary: "/job/sluice".into(),
+            working_dir: "/job".into(),
+            grace: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(10),
+            proxies: Some(proxy_options()),
+            release_startup_memory: true,
+            max_body_bytes: 1 << 20,
+        };
+        let cluster = RayCluster::start(commands, events, options);
+        let settings = sluice_config::ReplicaSettings::default();
+        let spec = DeploymentSpec {
+            name: "m".into(),
+            version: "1".into(),
+            num_replicas: 0,
+            max_replicas: 2,
+            settings: settings.clone(),
+            wake: Default::default(),
+            multiplexed: false,
+        };
+        let tensor = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor.clone()],
+            outputs: vec![tensor],
+        };
+        let deployment = std::sync::Arc::new(Deployment::start_remote(spec, metadata).unwrap());
+        let replica = super::super::ReplicaSpec {
+            deployment: "m".into(),
+            version: "1".into(),
+            model: sluice_config::Model::Onnx("/job/m.onnx".into()),
+            settings,
+            fetch: None,
+        };
+        let replicas = cluster.replicas(replica, deployment.clone(), 1);
+        let mut lines = BufReader::new(driver_in).lines();
+        let mut next = async |within: Duration| {
+            let line = tokio::time::timeout(within, lines.next_line()).await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+            Some((v["op"].as_str().unwrap().to_string(), v["name"].as_str().unwrap_or("").to_string()))
+        };
+        let (op, name) = next(Duration::from_secs(5)).await.expect("a replica created");
+        assert_eq!(op, "create");
+        cluster.handle(Event::Ready {
+            name: name.clone(),
+            node_id: "w".into(),
+            node_ip: "10.0.0.2".into(),
+            pid: 7,
+            addr: "10.0.0.2:9".into(),
+        });
+        assert_eq!(deployment.replica_count(), 1);
+
+        replicas.scale_to(0);
+        assert_eq!(deployment.replica_count(), 0, "out of the head's routing at once");
+        assert_eq!(
+            next(Duration::from_millis(600)).await,
+            None,
+            "not stopped while proxies may still route to it"
+        );
+        assert_eq!(next(Duration::from_secs(2)).await, Some(("kill".into(), name)));
     }
 
     /// A proxy that keeps failing is started again after a backoff (0.5 s, then doubling), not
