@@ -24,6 +24,10 @@ pub struct DemandReport {
     pub proxy: String,
     /// The versions holding a request at the proxy; an empty list clears its earlier report.
     pub versions: Vec<VersionDemand>,
+    /// How long the report counts unless renewed (a proxy polling rarely sends more): absent,
+    /// [`REPORT_TTL`]; held to 1 s–60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<f64>,
 }
 
 /// One version's requests at a proxy.
@@ -40,31 +44,36 @@ pub struct VersionDemand {
 /// The last report of each proxy.
 #[derive(Debug, Default)]
 pub(crate) struct RemoteDemand {
+    /// By proxy: until when its report counts, and the report.
     reports: HashMap<String, (Instant, Vec<VersionDemand>)>,
 }
 
 impl RemoteDemand {
     /// Keeps `report` as its proxy's latest (dropping reports that have expired).
     pub fn record(&mut self, report: DemandReport, now: Instant) {
-        self.reports.retain(|_, (at, _)| now.duration_since(*at) < REPORT_TTL);
+        self.reports.retain(|_, (until, _)| now < *until);
         if report.versions.is_empty() {
             self.reports.remove(&report.proxy);
             return;
         }
         if self.reports.len() >= MOST_PROXIES && !self.reports.contains_key(&report.proxy) {
-            let oldest = self.reports.iter().min_by_key(|(_, (at, _))| *at).map(|(p, _)| p.clone());
-            if let Some(p) = oldest {
+            let soonest = self.reports.iter().min_by_key(|(_, (until, _))| *until).map(|(p, _)| p.clone());
+            if let Some(p) = soonest {
                 self.reports.remove(&p);
             }
         }
-        self.reports.insert(report.proxy, (now, report.versions));
+        let ttl = report
+            .ttl_s
+            .filter(|t| t.is_finite())
+            .map_or(REPORT_TTL, |t| Duration::from_secs_f64(t.clamp(1.0, 60.0)));
+        self.reports.insert(report.proxy, (now + ttl, report.versions));
     }
 
-    /// (in system, queued) for `model` `version` over the reports younger than [`REPORT_TTL`].
+    /// (in system, queued) for `model` `version` over the reports still counting.
     pub fn of(&self, model: &str, version: &str, now: Instant) -> (usize, usize) {
         let mut sum = (0u64, 0u64);
-        for (at, versions) in self.reports.values() {
-            if now.duration_since(*at) >= REPORT_TTL {
+        for (until, versions) in self.reports.values() {
+            if now >= *until {
                 continue;
             }
             for v in versions.iter().filter(|v| v.model == model && v.version == version) {
@@ -85,6 +94,7 @@ mod tests {
         DemandReport {
             proxy: proxy.into(),
             versions: vec![VersionDemand { model: "m".into(), version: "1".into(), in_system, queued }],
+            ttl_s: None,
         }
     }
 
@@ -100,8 +110,12 @@ mod tests {
         assert_eq!(d.of("m", "2", t), (0, 0));
         d.record(report("a:8000", 1, 0), t);
         assert_eq!(d.of("m", "1", t), (3, 2));
-        d.record(DemandReport { proxy: "b:8000".into(), versions: vec![] }, t);
+        d.record(DemandReport { proxy: "b:8000".into(), versions: vec![], ttl_s: None }, t);
         assert_eq!(d.of("m", "1", t), (1, 0));
         assert_eq!(d.of("m", "1", t + REPORT_TTL), (0, 0), "expired");
+        // A proxy that polls every 5 s says its reports live 15 s.
+        d.record(DemandReport { ttl_s: Some(15.0), ..report("c:8000", 2, 0) }, t);
+        assert_eq!(d.of("m", "1", t + Duration::from_secs(10)), (2, 0));
+        assert_eq!(d.of("m", "1", t + Duration::from_secs(15)), (0, 0));
     }
 }

@@ -225,7 +225,8 @@ impl Starting {
             // Not ready, and not announced, before the controller's table is in: a proxy that
             // cannot read it (unreachable, or refused) would answer 404 for every model.
             let (first, followed) = tokio::sync::oneshot::channel();
-            let name = server.http_addr.to_string();
+            // The address alone could be two proxies' (`--host 0.0.0.0` on two machines).
+            let name = format!("{} (pid {})", server.http_addr, std::process::id());
             let routes = server.routes.clone();
             // Follows for as long as the runtime runs (the listeners' tasks are the ones a
             // shutdown waits for).

@@ -54,6 +54,10 @@ pub struct VersionEntry {
     /// Whether autoscaling may take it to zero replicas (readiness counts it ready there).
     #[serde(default)]
     pub scales_to_zero: bool,
+    /// Whether autoscaling has taken it to zero on purpose (`Deployment::at_zero_on_purpose`):
+    /// a proxy whose replicas served before counts it ready there too.
+    #[serde(default)]
+    pub at_zero: bool,
     pub replicas: Vec<ReplicaEntry>,
 }
 
@@ -174,6 +178,7 @@ pub fn take(routes: &Router) -> Snapshot {
                     max_replicas: d.spec().max_replicas,
                     multiplexed: d.spec().multiplexed,
                     scales_to_zero: d.scales_to_zero(),
+                    at_zero: d.at_zero_on_purpose(),
                     replicas,
                 },
             );
@@ -429,6 +434,12 @@ fn sync(mut f: Followed, v: &VersionEntry) -> Followed {
         f.deployment.set_replica_ready(id, r.ready);
     }
     f.deployment.set_scales_to_zero(v.scales_to_zero);
+    // The controller took it to zero on purpose: so does this copy (whose replicas served, so
+    // it would read as failing, and the proxy as not ready, where no request then arrives to
+    // wake it).
+    if v.at_zero && !f.deployment.at_zero_on_purpose() {
+        f.deployment.scaled_to_zero();
+    }
     f.entry = v.clone();
     f
 }
@@ -467,39 +478,67 @@ pub async fn follow(
     let wake = follower.wake.clone();
     let mut last: Option<Snapshot> = None;
     let mut reported_some = false;
+    // The last failure to report, logged once until it changes (an older controller answers
+    // 404 at every poll).
+    let mut report_failed: Option<String> = None;
+    // A report lives as long as three polls, at least `REPORT_TTL`.
+    let ttl_s = (3.0 * every.as_secs_f64()).max(sluice_controller::demand::REPORT_TTL.as_secs_f64());
+    let mut poll_due = true;
+    let mut next_poll = tokio::time::Instant::now();
     loop {
-        match authorized(http.get(&routes_url)).send().await {
-            Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
-                Ok(snapshot) => {
-                    if last.as_ref() != Some(&snapshot) {
-                        follower.apply(&snapshot, &routes);
-                        last = Some(snapshot);
+        if poll_due {
+            next_poll = tokio::time::Instant::now() + every;
+            match authorized(http.get(&routes_url)).send().await {
+                Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
+                    Ok(snapshot) => {
+                        if last.as_ref() != Some(&snapshot) {
+                            follower.apply(&snapshot, &routes);
+                            last = Some(snapshot);
+                        }
+                        if let Some(first) = first.take() {
+                            let _ = first.send(());
+                        }
                     }
-                    if let Some(first) = first.take() {
-                        let _ = first.send(());
-                    }
-                }
-                Err(e) => tracing::warn!("the controller's routes do not parse: {e}"),
-            },
-            Ok(r) => tracing::warn!("the controller answered {} for its routes", r.status()),
-            Err(e) => tracing::warn!("cannot reach the controller at {routes_url}: {e}"),
+                    Err(e) => tracing::warn!("the controller's routes do not parse: {e}"),
+                },
+                Ok(r) => tracing::warn!("the controller answered {} for its routes", r.status()),
+                Err(e) => tracing::warn!("cannot reach the controller at {routes_url}: {e}"),
+            }
         }
         // Nothing held, and nothing reported before: nothing to clear either.
         let versions = follower.demand();
         if !versions.is_empty() || reported_some {
-            let report = DemandReport { proxy: name.clone(), versions };
-            match authorized(http.post(&demand_url)).json(&report).send().await {
-                Ok(r) if r.status().is_success() => reported_some = !report.versions.is_empty(),
-                Ok(r) => tracing::warn!("the controller answered {} for this proxy's demand", r.status()),
-                Err(e) => tracing::warn!("cannot report this proxy's demand to {demand_url}: {e}"),
+            let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s) };
+            let failed = match authorized(http.post(&demand_url)).json(&report).send().await {
+                Ok(r) if r.status().is_success() => {
+                    reported_some = !report.versions.is_empty();
+                    None
+                }
+                Ok(r) => Some(format!("the controller answered {} for this proxy's demand", r.status())),
+                Err(e) => Some(format!("cannot report this proxy's demand to {demand_url}: {e}")),
+            };
+            if let Some(f) = &failed
+                && report_failed.as_ref() != Some(f)
+            {
+                tracing::warn!("{f}");
             }
+            report_failed = failed;
         }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = wake.notified() => {}
-        }
+        // A request waiting for a deployment at zero reports at once, without fetching the
+        // table again, and wakes at most one report per `WAKE_GAP` (every queued request
+        // wakes it).
+        poll_due = tokio::select! {
+            () = tokio::time::sleep_until(next_poll) => true,
+            () = async {
+                wake.notified().await;
+                tokio::time::sleep(WAKE_GAP).await;
+            } => tokio::time::Instant::now() >= next_poll,
+        };
     }
 }
+
+/// The shortest time between two reports woken by requests waiting at zero replicas.
+const WAKE_GAP: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {
@@ -596,6 +635,36 @@ mod tests {
         };
         assert!(d.spec().multiplexed, "the proxy follows the version's multiplexing");
         assert!(!Arc::ptr_eq(&before, &pipeline()), "a step's deployment started again: a new pipeline");
+
+        // A version that served through the proxy and was then scaled to zero on purpose reads
+        // as at zero there too (it read as failing: the proxy said not ready, and no request
+        // came to wake it).
+        let mut served = snapshot.clone();
+        let tenants = served.models.get_mut("tenants").unwrap().versions.get_mut("1").unwrap();
+        tenants.scales_to_zero = true;
+        tenants.replicas = vec![ReplicaEntry {
+            name: "r-0".into(),
+            addr: "127.0.0.1:9".into(),
+            node_id: "w".into(),
+            node_ip: "127.0.0.1".into(),
+            pid: 7,
+            ready: true,
+        }];
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _in_runtime = runtime.enter(); // the replica's channel
+        let mut follower = Follower::default();
+        follower.apply(&served, &proxy);
+        let tenants_here = || match proxy.resolve("tenants", Some("1")).unwrap() {
+            Servable::Deployment(d) => d,
+            _ => panic!("not a deployment"),
+        };
+        assert!(!tenants_here().at_zero_on_purpose(), "serving");
+        let version = served.models.get_mut("tenants").unwrap().versions.get_mut("1").unwrap();
+        version.replicas.clear();
+        version.at_zero = true;
+        follower.apply(&served, &proxy);
+        assert!(tenants_here().at_zero_on_purpose(), "at zero on purpose, as the controller says");
+        assert!(tenants_here().ready_or_at_zero(), "what readiness counts");
 
         // An older controller's snapshot (no step version) still runs the step on the primary.
         let mut old = snapshot.clone();

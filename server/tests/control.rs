@@ -354,7 +354,7 @@ async fn demand_reported_by_proxies_scales_a_deployment() {
         "      - name: far\n",
         "        model: mlp/model.onnx\n",
         "        num_replicas: auto\n",
-        "        num_cpus: 0.5\n",
+        "        ray_actor_options: {num_cpus: 0}\n",
         "        autoscaling_config: {min_replicas: 0, max_replicas: 3, target_ongoing_requests: 1, upscale_delay_s: 0,\n",
         "          downscale_delay_s: 0.3, metrics_interval_s: 0.05, look_back_period_s: 0.2}\n",
     ))

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 const SKIPPED: [&str; 2] = ["__pycache__", "node_modules"];
 
 /// Folder names never packaged at the top of the folder only: build output (`target` deeper
-/// down, a repository model's name say, is packaged).
+/// down, a repository model's name say, is packaged unless it holds Cargo's `CACHEDIR.TAG`).
 const SKIPPED_AT_TOP: [&str; 1] = ["target"];
 
 /// A zip being built.
@@ -65,8 +65,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`. A
-/// link to nothing is left out with a warning (Ray's packager skips it too); a folder reached
-/// again through a link (a link to a folder above it) is packaged once. Errors name the path.
+/// link to nothing is left out with a warning (Ray's packager skips it too); a link to a folder
+/// above it is not followed (`seen`: the folders being walked). Errors name the path.
 fn collect(
     root: &Path,
     dir: &Path,
@@ -99,9 +99,17 @@ fn collect(
             Err(e) => return Err(reading(&path, e)),
         };
         if meta.is_dir() {
+            // Build output and caches mark themselves so (Cargo's `target` anywhere below).
+            if path.join("CACHEDIR.TAG").is_file() {
+                continue;
+            }
+            // A link to a folder it is inside would loop; a folder reached twice otherwise (a
+            // `current` link beside the version it names) is packaged under both names.
             let real = std::fs::canonicalize(&path).map_err(|e| reading(&path, e))?;
-            if seen.insert(real) {
-                collect(root, &path, skip, out, seen)?;
+            if seen.insert(real.clone()) {
+                let walked = collect(root, &path, skip, out, seen);
+                seen.remove(&real);
+                walked?;
             }
         } else if meta.is_file() {
             let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
@@ -140,7 +148,8 @@ mod tests {
 
     /// A link to nothing (a `latest` whose run was deleted) failed the whole package with an
     /// error naming the folder; a link back up looped; `target` below the top (a repository
-    /// model of that name) was left out, as build output is at the top.
+    /// model of that name) was left out, as build output is at the top, and build output below
+    /// is known by its `CACHEDIR.TAG`; a folder and a link to it are both packaged.
     #[test]
     fn dangling_links_are_left_out_loops_end_and_only_the_top_target_is_skipped() {
         let dir = std::env::temp_dir().join(format!("sluice-pkg-links-{}", std::process::id()));
@@ -149,13 +158,22 @@ mod tests {
         std::fs::create_dir_all(dir.join("target/release")).unwrap();
         std::fs::write(dir.join("models/target/1/model.onnx"), b"onnx").unwrap();
         std::fs::write(dir.join("target/release/big"), b"build output").unwrap();
+        std::fs::create_dir_all(dir.join("tools/x/target")).unwrap();
+        std::fs::write(
+            dir.join("tools/x/target/CACHEDIR.TAG"),
+            b"Signature: 8a477f597d28d172789f06886806bc55",
+        )
+        .unwrap();
+        std::fs::write(dir.join("tools/x/target/big"), b"build output").unwrap();
         std::os::unix::fs::symlink(dir.join("run-42"), dir.join("latest")).unwrap();
         std::os::unix::fs::symlink(&dir, dir.join("models/up")).unwrap();
+        std::os::unix::fs::symlink(dir.join("models/target"), dir.join("models/current")).unwrap();
         let mut p = Package::new();
         p.add_dir(&dir, &[]).unwrap();
         let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
-        let names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
-        assert_eq!(names, ["models/target/1/model.onnx"]);
+        let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["models/current/1/model.onnx", "models/target/1/model.onnx"]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
