@@ -14,6 +14,25 @@ use crate::repository::store::StoreError;
 use crate::repository::{self, Origin, Signature};
 use crate::{ControlError, Controller, apps, pipelines, reconcile};
 
+/// A change's turn ([`Controller::take_turn`]): holds `changes`, and holds back the deploys
+/// asked for after the change until it is dropped.
+pub(crate) struct Turn<'a> {
+    controller: &'a Controller,
+    from: u64,
+    /// Let go after the deploys are no longer held back (fields drop after `drop`): the next
+    /// holder, on another thread at once, must not find them held back still.
+    _changes: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut st = self.controller.lock();
+        if let Some(i) = st.waiting.iter().position(|&g| g == self.from) {
+            st.waiting.swap_remove(i);
+        }
+    }
+}
+
 impl Controller {
     /// Makes the running state match `config` (every application in it, and the models of
     /// its model repository as the application `repository`; applications not in it are
@@ -24,13 +43,33 @@ impl Controller {
     /// While it runs, status shows its applications as deploying; when it fails, each says
     /// why (and what ran before keeps running).
     pub async fn apply(&self, config: &Config) -> Result<(), ControlError> {
-        let _changes = self.changes.lock().await;
-        // Background deploys asked for before this one go first.
-        self.run_deploys().await;
-        apps::begin(&mut self.lock(), config);
+        let generation = apps::reserve(&mut self.lock());
+        let _turn = self.take_turn(generation + 1).await;
+        // Background deploys asked for before this one go first; those asked for after it
+        // wait (the last config sent is the one that stays).
+        self.run_deploys(Some(generation)).await;
+        apps::begin_as(&mut self.lock(), config, generation);
+        self.apply_as(generation, config).await
+    }
+
+    /// Waits for `changes` for a change asked for before the deploys of generation `from` on,
+    /// which wait meanwhile, and until the returned turn goes.
+    pub(crate) async fn take_turn(&self, from: u64) -> Turn<'_> {
+        self.lock().waiting.push(from);
+        let mut turn = Turn { controller: self, from, _changes: None };
+        turn._changes = Some(self.changes.lock().await);
+        turn
+    }
+
+    /// Applies `config` as the deploy `generation` (the caller holds `changes`); on failure its
+    /// applications say why.
+    async fn apply_as(&self, generation: u64, config: &Config) -> Result<(), ControlError> {
+        self.lock().applying = Some(generation);
         let result = self.apply_held(config).await;
+        let mut st = self.lock();
+        st.applying = None;
         if let Err(e) = &result {
-            apps::failed(&mut self.lock(), config, &e.to_string());
+            apps::failed(&mut st, config, generation, &e.to_string());
         }
         result
     }
@@ -40,30 +79,39 @@ impl Controller {
     /// Deploys are applied in the order they were asked for, and a delete waits for those
     /// asked for before it (or, deleting everything, drops them).
     pub fn deploy(self: &Arc<Self>, config: Config) {
-        apps::begin(&mut self.lock(), &config);
-        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).push_back(config);
+        let generation = apps::begin(&mut self.lock(), &config);
+        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).push_back((generation, config));
         let this = self.clone();
         tokio::spawn(async move {
             let _changes = this.changes.lock().await;
-            this.run_deploys().await;
+            this.run_deploys(None).await;
         });
     }
 
-    /// Applies the queued background deploys, oldest first (the caller holds `changes`).
-    pub(crate) async fn run_deploys(&self) {
+    /// Applies the queued background deploys, oldest first, below generation `before` and
+    /// below those of changes still waiting for their turn ([`Controller::take_turn`]; the
+    /// caller holds `changes`).
+    pub(crate) async fn run_deploys(&self, before: Option<u64>) {
         loop {
-            let next = self.deploys.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-            let Some(config) = next else { return };
-            if let Err(e) = self.apply_held(&config).await {
-                apps::failed(&mut self.lock(), &config, &e.to_string());
+            let next = {
+                let limit = self.lock().waiting.iter().copied().chain(before).min();
+                let mut queue = self.deploys.lock().unwrap_or_else(|e| e.into_inner());
+                match queue.front() {
+                    Some((g, _)) if limit.is_none_or(|l| *g < l) => queue.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((generation, config)) = next else { return };
+            if let Err(e) = self.apply_as(generation, &config).await {
                 tracing::warn!("deploying {} failed: {e}", config.source.display());
             }
         }
     }
 
-    /// Drops the queued background deploys (a delete of everything came after them).
-    pub(crate) fn abandon_deploys(&self) {
-        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    /// Drops the queued background deploys below generation `before` (a delete of everything
+    /// came after them; those asked for after it stay, for their own turn).
+    pub(crate) fn abandon_deploys(&self, before: u64) {
+        self.deploys.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _)| *g >= before);
     }
 
     /// The config last applied (without the repository's models), if any.

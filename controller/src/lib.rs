@@ -98,7 +98,7 @@ pub struct Controller {
     /// Background deploys ([`Controller::deploy`]) in the order they were asked for, applied
     /// in that order by whichever change next holds `changes` (a task spawned later may reach
     /// the lock first: the last config sent must be the one that stays).
-    deploys: Mutex<std::collections::VecDeque<sluice_config::Config>>,
+    deploys: Mutex<std::collections::VecDeque<(u64, sluice_config::Config)>>,
     /// One wake-up for the control loop, shared with every deployment.
     wake: Arc<Notify>,
     /// Deployments whose rescale or promotion the control loop started and that still runs.
@@ -195,11 +195,13 @@ impl Controller {
 
     /// Removes one application (or every one, with `None`).
     pub async fn delete(&self, app: Option<&str>) -> Result<(), ControlError> {
-        let _changes = self.changes.lock().await;
+        // Deploys asked for after this delete wait for it, and are kept by it.
+        let after = self.lock().deploys_begun + 1;
+        let _turn = self.take_turn(after).await;
         match app {
             // Deploys asked for before this delete-all would be deleted with the rest.
-            None => self.abandon_deploys(),
-            Some(_) => self.run_deploys().await,
+            None => self.abandon_deploys(after),
+            Some(_) => self.run_deploys(Some(after)).await,
         }
         let retired = {
             let mut st = self.lock();
@@ -226,7 +228,7 @@ impl Controller {
             // bring it back; deleting the repository's application (or everything) stops
             // polling the repository until a config names one again.
             let gone = |name: &str| app.is_none_or(|a| a == name);
-            st.apps.retain(|name, _| !gone(name));
+            st.apps.retain(|name, r| !gone(name) || apps::newer_deploying(r, after - 1));
             st.pipelines.retain(|p| !gone(&p.app));
             if let Some(desired) = &mut st.desired {
                 desired.applications.retain(|a| !gone(&a.name));

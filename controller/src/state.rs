@@ -210,6 +210,9 @@ pub(crate) struct AppRecord {
     pub outcome: DeployOutcome,
     /// Fields of the submitted config that Sluice does not act on.
     pub ignored: Vec<String>,
+    /// The deploy that last set `outcome` ([`crate::apps::begin`]): an earlier one finishing
+    /// later leaves a newer one's `Deploying` alone.
+    pub generation: u64,
 }
 
 /// The controller's state, under one lock.
@@ -234,6 +237,14 @@ pub(crate) struct ControllerState {
     pub canary_weights: BTreeSet<(String, String)>,
     /// What proxies on other nodes hold, by their last reports.
     pub remote_demand: crate::demand::RemoteDemand,
+    /// Deploys begun so far (the last one's generation).
+    pub deploys_begun: u64,
+    /// The generation of the deploy being applied now; None while the model repository's
+    /// models are applied on their own (a poll, `notify`, a load or unload).
+    pub applying: Option<u64>,
+    /// Of each change waiting for its turn (an apply, a delete): the first deploy generation
+    /// asked for after it. Queued deploys from there on wait for that change.
+    pub waiting: Vec<u64>,
 }
 
 impl ControllerState {

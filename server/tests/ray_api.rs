@@ -326,6 +326,43 @@ async fn a_shutdown_right_after_a_deploy_leaves_nothing() {
     assert!(routes.route("m", Default::default()).is_ok());
 }
 
+/// A deploy sent after a delete of everything is applied after it, not dropped by it nor
+/// deleted with the rest: the deploy already running ran every queued one, the later one too,
+/// before the delete took its turn (and a delete that came first dropped it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_sent_after_a_delete_is_applied_after_it() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let held = common::held::Held::register_load("held-load-delete");
+    let (routes, controller) = bare_controller();
+    let config = |text: &str| sluice_config::parse(text, &models_dir().join("c.yaml")).unwrap();
+    let slow = "applications:\n  - name: a\n    deployments: [{name: m, builtin: {custom: {name: held-load-delete}}}]\n";
+    controller.deploy(config(slow));
+    held.started().await;
+    // The first deploy's task holds the controller (its model's load held), the delete waits.
+    let deleting = {
+        let c = controller.clone();
+        tokio::spawn(async move { c.delete(None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    controller
+        .deploy(config("applications:\n  - name: b\n    deployments: [{name: n, model: iris/model.onnx}]\n"));
+    for _ in 0..4 {
+        held.release();
+    }
+    deleting.await.unwrap().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while routes.route("n", Default::default()).is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the deploy sent after the delete was lost: {:?}",
+            controller.status().applications.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(routes.route("m", Default::default()).is_err(), "deleted");
+    assert_eq!(controller.status().applications.keys().collect::<Vec<_>>(), ["b"]);
+}
+
 #[tokio::test]
 async fn a_draining_proxy_fails_kuberays_probe() {
     let (routes, controller) = bare_controller();
