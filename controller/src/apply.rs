@@ -350,7 +350,11 @@ impl Controller {
                         st.repo.not_fetched = held_back;
                         let in_use = repository::running_dirs(&st.deployments, None);
                         let before = std::mem::replace(&mut st.repo.in_use, in_use.clone());
-                        in_use.into_iter().chain(before).collect()
+                        let keep: BTreeSet<_> = in_use.into_iter().chain(before).collect();
+                        // Where each version came from, for the versions kept (one entry
+                        // per version ever fetched piled up, each cloned at every apply).
+                        st.repo.origins.retain(|file, _| file.parent().is_some_and(|dir| keep.contains(dir)));
+                        keep
                     };
                     if store.local_root().is_none() {
                         cache.prune(&keep).await;
