@@ -350,7 +350,8 @@ impl Controller {
                 }
             };
             let from = job.target.replica_count();
-            let message = match job.target.scale_to(to).await {
+            let outcome = job.target.scale_to(to).await;
+            let message = match &outcome {
                 Ok(()) if to == 0 => {
                     // On purpose: readiness counts it ready at zero (its first request wakes it).
                     job.target.deployment.scaled_to_zero();
@@ -359,7 +360,22 @@ impl Controller {
                 Ok(()) => format!("{why} from {from} to {to} replicas"),
                 Err(e) => format!("{why} to {to} replicas failed: {e}"),
             };
-            self.lock().events.push(&job.deployment, message);
+            let mut st = self.lock();
+            let primary = st
+                .deployments
+                .get_mut(&job.deployment)
+                .filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment));
+            if let Some(m) = primary {
+                m.scale_failure = match outcome {
+                    Ok(()) => None,
+                    Err(_) => Some(state::ScaleFailure {
+                        message: message.clone(),
+                        at: Instant::now(),
+                        failures: m.scale_failure.as_ref().map_or(1, |f| f.failures.saturating_add(1)),
+                    }),
+                };
+            }
+            st.events.push(&job.deployment, message);
         }
     }
 
@@ -371,7 +387,7 @@ impl Controller {
     pub fn tick(self: &Arc<Self>) -> Instant {
         let now = Instant::now();
         let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let (rescale, promote, mut next) = {
+        let (rescale, retry, promote, mut next) = {
             let mut st = self.lock();
             for m in st.deployments.values_mut() {
                 for v in m.versions_mut() {
@@ -389,18 +405,42 @@ impl Controller {
             // growth stops at this machine's free CPUs.
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy);
+            let mut retry = Vec::new();
+            // A fixed replica count that failed to load a replica is tried again (the
+            // autoscaler decides again on its own).
+            let mut next_retry: Option<Instant> = None;
+            for (name, m) in &st.deployments {
+                let Some(f) =
+                    m.scale_failure.as_ref().filter(|_| m.scaling.is_none() && !busy.contains(name))
+                else {
+                    continue;
+                };
+                let wanted = m.config.initial_replicas();
+                if m.primary.replica_count() >= wanted {
+                    continue;
+                }
+                if now >= f.retry_at() {
+                    retry.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: wanted });
+                } else {
+                    next_retry = Some(next_retry.map_or(f.retry_at(), |n| n.min(f.retry_at())));
+                }
+            }
             let (next_rollout, mut promote) = self.step_rollouts(&mut st, now);
             promote.retain(|(d, _)| !busy.contains(d));
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);
             }
-            let next = [next_scale, next_rollout].into_iter().flatten().min();
-            (rescale, promote, next.unwrap_or(now + IDLE_TICK))
+            let next = [next_scale, next_rollout, next_retry].into_iter().flatten().min();
+            (rescale, retry, promote, next.unwrap_or(now + IDLE_TICK))
         };
-        for job in rescale {
+        let jobs = rescale
+            .into_iter()
+            .map(|j| (j, "autoscaled"))
+            .chain(retry.into_iter().map(|j| (j, "scaled again")));
+        for (job, why) in jobs {
             let c = self.clone();
-            self.run_busy(job.deployment.clone(), async move { c.rescale(vec![job], "autoscaled").await });
+            self.run_busy(job.deployment.clone(), async move { c.rescale(vec![job], why).await });
         }
         for (deployment, canary) in promote {
             let c = self.clone();

@@ -319,7 +319,16 @@ fn commit_deployment(
             old_scaling.map_or_else(|| (Default::default(), Instant::now()), |s| (s.window, s.last_decision));
         ScalingState { config: a.clone(), window, last_decision }
     });
-    Some(Managed { app: p.app, config: p.config, primary, others, canary, shadow, scaling })
+    Some(Managed {
+        app: p.app,
+        config: p.config,
+        primary,
+        others,
+        canary,
+        shadow,
+        scaling,
+        scale_failure: None,
+    })
 }
 
 fn commit_canary(
@@ -554,6 +563,7 @@ mod tests {
             canary: None,
             shadow: None,
             scaling: None,
+            scale_failure: None,
         }
     }
 

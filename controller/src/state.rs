@@ -152,6 +152,26 @@ pub(crate) struct Managed {
     pub canary: Option<CanaryState>,
     pub shadow: Option<ShadowState>,
     pub scaling: Option<ScalingState>,
+    /// The primary's last change of replica count failed (a replica did not load): shown in
+    /// status while it has fewer replicas than its config's count, and tried again.
+    pub scale_failure: Option<ScaleFailure>,
+}
+
+/// A failed change of the primary's replica count ([`Managed::scale_failure`]).
+#[derive(Debug, Clone)]
+pub(crate) struct ScaleFailure {
+    pub message: String,
+    pub at: Instant,
+    /// Failures in a row: each waits longer before the next try.
+    pub failures: u32,
+}
+
+impl ScaleFailure {
+    /// When to try again: 5 s after the first failure, doubling to 5 minutes.
+    pub fn retry_at(&self) -> Instant {
+        let wait = std::time::Duration::from_secs(5 * 2u64.pow(self.failures.saturating_sub(1).min(6)));
+        self.at + wait.min(std::time::Duration::from_secs(300))
+    }
 }
 
 impl Managed {

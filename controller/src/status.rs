@@ -314,7 +314,19 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
         });
     }
     let d = &m.primary.deployment;
-    let (status, message) = deployment_state(&m.primary);
+    let (status, message) = match &m.scale_failure {
+        // Fewer replicas than its config's count: the last try to add them failed.
+        Some(f) if m.scaling.is_none() && m.primary.replica_count() < m.config.initial_replicas() => (
+            DeploymentState::Unhealthy,
+            format!(
+                "{} of {} replicas: {}; tried again",
+                m.primary.replica_count(),
+                m.config.initial_replicas(),
+                f.message
+            ),
+        ),
+        _ => deployment_state(&m.primary),
+    };
     let autoscaling = m.scaling.as_ref().map(|s| AutoscalingStatus {
         min_replicas: s.config.min_replicas,
         max_replicas: s.config.max_replicas,

@@ -415,6 +415,67 @@ async fn demand_reported_by_proxies_scales_a_deployment() {
     s.shutdown().await;
 }
 
+/// A fixed replica count raised where the new replica fails to load: the deployment says so
+/// (UNHEALTHY, why) while it has fewer replicas than its config's count, and the count is tried
+/// again until it is reached. It read HEALTHY with fewer replicas, never tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_count_that_failed_to_load_is_shown_and_tried_again() {
+    use sluice_deployments::{
+        Backend, DataType, InferError, LoadError, ModelMetadata, NamedTensor, TensorSpec,
+    };
+    struct Echo(ModelMetadata);
+    impl Backend for Echo {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.0
+        }
+        fn infer(&mut self, inputs: Vec<NamedTensor>, _: &[String]) -> Result<Vec<NamedTensor>, InferError> {
+            Ok(inputs)
+        }
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let fail = failing.clone();
+    sluice_deployments::register_step(
+        "flaky-load",
+        Arc::new(move || {
+            if fail.load(Ordering::SeqCst) {
+                return Err(LoadError::Step("out of memory (the test's)".into()));
+            }
+            let x = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![-1] };
+            let meta = ModelMetadata { platform: "test".into(), inputs: vec![x.clone()], outputs: vec![x] };
+            Ok(Box::new(Echo(meta)) as Box<dyn Backend>)
+        }),
+    );
+    let text = |n: u32| {
+        format!(
+            "      - {{name: flaky, builtin: {{custom: {{name: flaky-load}}}}, num_replicas: {n}, ray_actor_options: {{num_cpus: 0}}}}\n"
+        )
+    };
+    let s = start_with(&text(1)).await;
+    let status = |s: &sluice_server::Server| {
+        let v = serde_json::to_value(s.controller().status()).unwrap();
+        v["applications"]["app"]["deployments"]["flaky"].clone()
+    };
+    failing.store(true, Ordering::SeqCst);
+    apply(&s, &text(2)).await;
+    let d = status(&s);
+    assert_eq!(d["status"], "UNHEALTHY", "{d}");
+    let message = d["message"].as_str().unwrap();
+    assert!(message.contains("1 of 2 replicas") && message.contains("out of memory (the test's)"), "{d}");
+    failing.store(false, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(30);
+    while status(&s)["versions"][0]["replicas"] != 2 || status(&s)["status"] != "HEALTHY" {
+        assert!(
+            Instant::now() < until,
+            "not tried again: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = serde_json::to_value(s.controller().status()).unwrap()["events"].to_string();
+    assert!(events.contains("scaled again from 1 to 2 replicas"), "{events}");
+    s.shutdown().await;
+}
+
 /// A canary promoted while the autoscaler has grown the primary takes the primary's replica
 /// count first: it was promoted at the one replica it started with, and that one took all of
 /// the traffic the primary's three were serving, while they drained.
