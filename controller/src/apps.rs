@@ -52,16 +52,10 @@ pub(crate) fn newer_deploying(record: &AppRecord, generation: u64) -> bool {
 /// go (unless a deploy of theirs is queued). The repository's models applied on their own (a
 /// poll): only the repository's application is marked; how the last deploy went stays.
 pub(crate) fn applied(st: &mut ControllerState, effective: &Config) {
-    let now = now_s();
     let Some(generation) = st.applying else {
         let repository = effective.applications.iter().find(|a| a.name == crate::repository::APPLICATION);
         if let Some(app) = repository {
-            let record = st.apps.entry(app.name.clone()).or_insert_with(|| AppRecord {
-                deployed_at: now,
-                outcome: DeployOutcome::Applied,
-                ignored: app.ignored.clone(),
-                generation: 0,
-            });
+            let record = record(st, app, 0);
             if record.outcome != DeployOutcome::Deploying {
                 record.outcome = DeployOutcome::Applied;
             }
@@ -69,12 +63,7 @@ pub(crate) fn applied(st: &mut ControllerState, effective: &Config) {
         return;
     };
     for app in &effective.applications {
-        let record = st.apps.entry(app.name.clone()).or_insert_with(|| AppRecord {
-            deployed_at: now,
-            outcome: DeployOutcome::Applied,
-            ignored: app.ignored.clone(),
-            generation,
-        });
+        let record = record(st, app, generation);
         if !newer_deploying(record, generation) {
             record.outcome = DeployOutcome::Applied;
         }
@@ -87,18 +76,26 @@ pub(crate) fn applied(st: &mut ControllerState, effective: &Config) {
 /// Deploying `config` (generation `generation`) failed: nothing of it was applied, and each of
 /// its applications says why, unless a later deploy of it is queued.
 pub(crate) fn failed(st: &mut ControllerState, config: &Config, generation: u64, why: &str) {
-    let now = now_s();
     for app in &config.applications {
-        let record = st.apps.entry(app.name.clone()).or_insert_with(|| AppRecord {
-            deployed_at: now,
-            outcome: DeployOutcome::Applied,
-            ignored: app.ignored.clone(),
-            generation,
-        });
+        let record = record(st, app, generation);
         if !newer_deploying(record, generation) {
             record.outcome = DeployOutcome::Failed(why.to_string());
         }
     }
+}
+
+/// `app`'s record, made (applied now, by deploy `generation`) where it has none.
+fn record<'a>(
+    st: &'a mut ControllerState,
+    app: &sluice_config::Application,
+    generation: u64,
+) -> &'a mut AppRecord {
+    st.apps.entry(app.name.clone()).or_insert_with(|| AppRecord {
+        deployed_at: now_s(),
+        outcome: DeployOutcome::Applied,
+        ignored: app.ignored.clone(),
+        generation,
+    })
 }
 
 #[cfg(test)]

@@ -828,16 +828,16 @@ mod tests {
         }
     }
 
-    /// With proxies on the nodes, a replica scaled away leaves the head's routing at once but
-    /// is told to stop only after `PROXIES_FOLLOW` (the proxies' next look at the routes): it
-    /// was killed at once, and requests a proxy sent it meanwhile were refused.
-    #[tokio::test]
-    async fn a_replica_scaled_away_stops_once_proxies_have_let_go() {
-        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
-        let (_driver_out, ours_in) = tokio::io::duplex(1 << 16);
+    /// The ends a test cluster's bridge needs kept open.
+    type Kept = (tokio::io::DuplexStream, mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>);
+
+    /// A cluster with proxies on its nodes (the default ports) whose bridge is a pipe: what it
+    /// sends the driver is read from the returned stream, one JSON command a line.
+    fn with_proxies() -> (std::sync::Arc<RayCluster>, tokio::io::DuplexStream, Kept) {
+        let (driver_out, ours_in) = tokio::io::duplex(1 << 16);
         let (ours_out, driver_in) = tokio::io::duplex(1 << 16);
-        let (commands, _events) = bridge::over(ours_in, ours_out);
-        let (_tx, events) = mpsc::unbounded_channel();
+        let (commands, bridge_events) = bridge::over(ours_in, ours_out);
+        let (tx, events) = mpsc::unbounded_channel();
         let options = RayOptions {
             binary: "/job/sluice".into(),
             working_dir: "/job".into(),
@@ -847,7 +847,16 @@ mod tests {
             release_startup_memory: true,
             max_body_bytes: 1 << 20,
         };
-        let cluster = RayCluster::start(commands, events, options);
+        (RayCluster::start(commands, events, options), driver_in, (driver_out, tx, bridge_events))
+    }
+
+    /// With proxies on the nodes, a replica scaled away leaves the head's routing at once but
+    /// is told to stop only after `PROXIES_FOLLOW` (the proxies' next look at the routes): it
+    /// was killed at once, and requests a proxy sent it meanwhile were refused.
+    #[tokio::test]
+    async fn a_replica_scaled_away_stops_once_proxies_have_let_go() {
+        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
+        let (cluster, driver_in, _kept) = with_proxies();
         let settings = sluice_config::ReplicaSettings::default();
         let spec = DeploymentSpec {
             name: "m".into(),
@@ -904,20 +913,7 @@ mod tests {
     /// at every control round; one that comes up resets it.
     #[tokio::test]
     async fn a_failing_proxy_is_started_again_after_a_backoff() {
-        let (_driver_out, ours_in) = tokio::io::duplex(1 << 16);
-        let (ours_out, driver_in) = tokio::io::duplex(1 << 16);
-        let (commands, _events) = bridge::over(ours_in, ours_out);
-        let (_tx, events) = mpsc::unbounded_channel();
-        let options = RayOptions {
-            binary: "/job/sluice".into(),
-            working_dir: "/job".into(),
-            grace: Duration::from_secs(1),
-            startup_timeout: Duration::from_secs(10),
-            proxies: Some(proxy_options()),
-            release_startup_memory: true,
-            max_body_bytes: 1 << 20,
-        };
-        let cluster = RayCluster::start(commands, events, options);
+        let (cluster, driver_in, _kept) = with_proxies();
         *lock(&cluster.head) = ("head".into(), "10.0.0.1".into());
         let worker = Node { node_id: "w".into(), node_ip: "10.0.0.2".into(), alive: true, is_head: false };
         lock(&cluster.nodes).insert("w".into(), worker);
