@@ -597,24 +597,14 @@ fn json_logs_carry_the_spans_of_a_request() {
         "log_format: json\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
     );
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = KillOnDrop(Some(
+    let (_child, rx) = spawn_lines(
         sluice()
             .arg("run")
             .arg(&config)
             .args(["--http-port", &port.to_string(), "--grpc-port", "0", "--admin-port", "0"])
-            .env("RUST_LOG", "info,sluice_server=debug,sluice_deployments=debug,tower_http=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let stderr = child.child().stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+            .env("RUST_LOG", "info,sluice_server=debug,sluice_deployments=debug,tower_http=debug"),
+        Stream::Stderr,
+    );
     let url = format!("http://127.0.0.1:{port}");
     let until = Instant::now() + Duration::from_secs(60);
     while block_on(reqwest::get(format!("{url}/v2/health/ready"))).map_or(0, |r| r.status().as_u16()) != 200 {
@@ -649,27 +639,38 @@ fn json_logs_carry_the_spans_of_a_request() {
     }
 }
 
+/// Which output of a child [`spawn_lines`] reads (the other goes nowhere).
+#[derive(Clone, Copy, PartialEq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Starts `command` with its `stream` read line by line on a thread of its own (to the end, so
+/// the child never writes to a closed pipe); killed when the child handle is dropped.
+fn spawn_lines(command: &mut Command, stream: Stream) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let (stdout, stderr) = match stream {
+        Stream::Stdout => (Stdio::piped(), Stdio::null()),
+        Stream::Stderr => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = KillOnDrop(Some(command.stdout(stdout).stderr(stderr).spawn().unwrap()));
+    let read: Box<dyn std::io::Read + Send> = match stream {
+        Stream::Stdout => Box::new(child.child().stdout.take().unwrap()),
+        Stream::Stderr => Box::new(child.child().stderr.take().unwrap()),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(read).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// Starts `command` and returns what it logged up to its first line containing `needle`
 /// (60 s at most), then ends it.
 fn logged_until(command: &mut Command, needle: &str) -> String {
-    let mut child = KillOnDrop(Some(
-        command
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let stderr = child.child().stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (_child, rx) = spawn_lines(command.env("RUST_LOG", "info").env("NO_COLOR", "1"), Stream::Stderr);
     let mut seen = String::new();
     let until = Instant::now() + Duration::from_secs(60);
     loop {
@@ -766,30 +767,14 @@ fn a_proxy_that_cannot_read_the_route_table_is_not_ready() {
     let controller = Running::start_env(&config, &[("SLUICE_TEST_PROXY_TOKEN", "right")]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let proxy = |token: &str| {
-        let mut child = KillOnDrop(Some(
+        let controller = format!("http://{}", controller.admin);
+        spawn_lines(
             sluice()
-                .args([
-                    "proxy",
-                    "--controller",
-                    &format!("http://{}", controller.admin),
-                    "--host",
-                    "127.0.0.1",
-                ])
+                .args(["proxy", "--controller", &controller, "--host", "127.0.0.1"])
                 .args(["--http-port", &port.to_string(), "--no-grpc", "--poll-s", "0.1"])
-                .env("SLUICE_ADMIN_TOKEN", token)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ));
-        let stdout = child.child().stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        (child, rx)
+                .env("SLUICE_ADMIN_TOKEN", token),
+            Stream::Stdout,
+        )
     };
     let ready = || controller.get(&format!("http://127.0.0.1:{port}/v2/health/ready")).0;
 
