@@ -134,6 +134,14 @@ fn typed_contents(
     count: usize,
     c: pb::InferTensorContents,
 ) -> Result<Bytes, InferError> {
+    // Refused before anything is sized from the shape: nothing bounds a shape but its own
+    // numbers, and FP16 has no field whose length is checked against it (`[2^47]` reserved
+    // 256 TiB, and the failed allocation aborted the server).
+    if matches!(dtype, DataType::Fp16 | DataType::Bf16) {
+        return Err(InferError::invalid(format!(
+            "input `{name}`: {dtype} data must be sent in raw_input_contents"
+        )));
+    }
     if let Some(want) = contents_field(dtype) {
         if let Some(other) = filled_fields(&c).find(|&f| f != want) {
             return Err(InferError::invalid(format!(
@@ -177,11 +185,7 @@ fn typed_contents(
             }
             out.put_slice(&v);
         }
-        DataType::Fp16 | DataType::Bf16 => {
-            return Err(InferError::invalid(format!(
-                "input `{name}`: {dtype} data must be sent in raw_input_contents"
-            )));
-        }
+        DataType::Fp16 | DataType::Bf16 => unreachable!("refused above"),
     }
     Ok(out.freeze())
 }
@@ -287,6 +291,16 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(req).unwrap_err().message.contains("raw_input_contents"));
+        // Refused before anything is sized from the shape: `[2^47]` reserved 256 TiB first (the
+        // failed allocation aborted the process).
+        for dtype in ["FP16", "BF16"] {
+            let c = pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() };
+            let req = pb::ModelInferRequest {
+                inputs: vec![input("h", dtype, vec![1 << 47], Some(c))],
+                ..Default::default()
+            };
+            assert!(decode(req).unwrap_err().message.contains("raw_input_contents"), "{dtype}");
+        }
         // A count that does not match the shape is refused before any conversion.
         let c = pb::InferTensorContents { int64_contents: vec![1, 2, 3], ..Default::default() };
         let req = pb::ModelInferRequest {
