@@ -244,6 +244,12 @@ impl Backend for OnnxBackend {
 pub(crate) fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
     let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
     if tensor.dtype() == DataType::Bytes {
+        // ort multiplies the dimensions unchecked: `[2^32, 2^32, 0]` holds nothing but
+        // overflows on the way (a panic where overflow is checked: the replica was replaced).
+        let dims = tensor.shape().iter().filter(|&&d| d > 0);
+        if dims.map(|&d| d as i64).try_fold(1i64, i64::checked_mul).is_none() {
+            return Err(format!("shape {:?} is too large", tensor.shape()));
+        }
         let strings = tensor
             .bytes_elements()
             .map(|b| {
@@ -302,5 +308,24 @@ pub(crate) fn to_ort_type(dtype: DataType) -> TensorElementType {
         DataType::Fp32 => TensorElementType::Float32,
         DataType::Fp64 => TensorElementType::Float64,
         DataType::Bytes => TensorElementType::String,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::{DataType, Tensor};
+
+    /// A BYTES tensor holding nothing may name dimensions whose product overflows before its 0:
+    /// refused before ort multiplies them (with overflow checks on, that panicked, and the
+    /// replica was replaced).
+    #[test]
+    fn an_empty_bytes_tensor_of_huge_dimensions_is_refused() {
+        let t = Tensor::new(DataType::Bytes, vec![1 << 32, 1 << 32, 0], Bytes::new()).unwrap();
+        match super::to_ort(&t) {
+            Err(e) => assert!(e.contains("too large"), "{e}"),
+            Ok(_) => panic!("accepted"),
+        }
     }
 }
