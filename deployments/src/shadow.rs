@@ -185,8 +185,9 @@ pub struct Comparison {
 }
 
 /// Compares each of the primary's outputs with the shadow's of the same name. A row agrees when
-/// every output agrees on it: same argmax over the last dimension (floating point) or the same
-/// values (otherwise). An output the shadow's answer lacks (renamed in its model), or of
+/// every output agrees on it: same argmax over the last dimension in each of the row's slices
+/// along it (floating point; an output with one value per slice, `[N, 1]` or `[N]`, within a
+/// relative 1e-3) or the same values (otherwise). An output the shadow's answer lacks (renamed in its model), or of
 /// another shape or datatype, disagrees on every row.
 pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
     let rows = primary.first().map_or(0, |o| o.tensor.shape().first().copied().unwrap_or(1)) as u64;
@@ -206,9 +207,18 @@ pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
                 for (u, v) in x.iter().zip(&y) {
                     max_abs_diff = max_abs_diff.max((u - v).abs());
                 }
+                // The class axis is the last; a row holds one or more slices along it (a token
+                // classifier's `[B, T, V]`: T), and agrees when each slice has the same argmax.
+                // With one value per slice (`[N, 1]` scores, `[N]`) an argmax says nothing (it
+                // is always 0): the values must be within a relative 1e-3 instead.
+                let classes = a.shape().last().copied().filter(|_| a.shape().len() > 1).unwrap_or(1);
                 for (r, ok) in agree.iter_mut().enumerate() {
                     let (xr, yr) = (row(&x, r, per_row), row(&y, r, per_row));
-                    *ok &= argmax(xr) == argmax(yr);
+                    *ok &= if classes <= 1 {
+                        xr.len() == yr.len() && xr.iter().zip(yr).all(|(&u, &v)| close(u, v))
+                    } else {
+                        xr.chunks(classes).zip(yr.chunks(classes)).all(|(p, q)| argmax(p) == argmax(q))
+                    };
                 }
             }
             _ if a.dtype() == DataType::Bytes => {
@@ -220,7 +230,8 @@ pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
                 }
             }
             _ => {
-                let width = a.data().len() / (rows.max(1) as usize);
+                // This output's own row width (its dimension 0 may not be the first output's).
+                let width = per_row * a.dtype().byte_size().unwrap_or(1);
                 for (r, ok) in agree.iter_mut().enumerate() {
                     *ok &=
                         a.data().get(r * width..(r + 1) * width) == b.data().get(r * width..(r + 1) * width);
@@ -233,6 +244,11 @@ pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
 
 fn row(v: &[f64], r: usize, width: usize) -> &[f64] {
     v.get(r * width..(r + 1) * width).unwrap_or(&[])
+}
+
+/// Equal within a relative 1e-3 (NaN agrees with NaN: both models gave no number).
+fn close(u: f64, v: f64) -> bool {
+    (u.is_nan() && v.is_nan()) || u == v || (u - v).abs() <= 1e-3 * u.abs().max(v.abs()).max(1.0)
 }
 
 fn argmax(v: &[f64]) -> Option<usize> {
@@ -305,6 +321,20 @@ mod tests {
 
     /// Text outputs compare element by element: elements of other lengths in another row do
     /// not shift the rows (they were cut into equal byte widths).
+    /// One value per row (`[N, 1]` scores) has no argmax to compare: every row agreed whatever
+    /// the values; they must be close now. A `[B, T, V]` output agrees per token: one argmax
+    /// over the whole row counted a row whose tokens changed as agreeing.
+    #[test]
+    fn scores_compare_by_value_and_tokens_by_their_own_argmax() {
+        let p = [fp32("score", vec![2, 1], &[0.9, 0.2])];
+        let c = compare(&p, &[fp32("score", vec![2, 1], &[0.1, 0.2001])]);
+        assert_eq!((c.rows, c.agreed), (2, 1), "0.9 against 0.1 disagrees; 0.2 against 0.2001 agrees");
+        let p = [fp32("logits", vec![1, 2, 3], &[0.1, 0.2, 9.0, 0.5, 0.3, 0.2])];
+        let s = [fp32("logits", vec![1, 2, 3], &[0.1, 0.2, 9.0, 0.1, 0.8, 0.2])];
+        assert_eq!(compare(&p, &s).agreed, 0, "the second token's class changed");
+        assert_eq!(compare(&p, &p).agreed, 1);
+    }
+
     #[test]
     fn text_rows_agree_element_by_element() {
         let p = [texts("label", &["ab", "c"])];
