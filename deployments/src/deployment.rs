@@ -954,7 +954,23 @@ impl Deployment {
         };
         let pick = match job.model.as_ref().and_then(|m| self.holder(&replicas, m)) {
             Some(holder) => holder,
-            None => choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load),
+            None => {
+                let pick =
+                    choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load);
+                // Counted as holding the model from now: requests for it that come while it
+                // loads follow it there (they loaded it on every replica, each evicting a warm
+                // model). The replica's own list replaces this after its next batch.
+                if let Some(m) = &job.model {
+                    replicas[pick].models.rcu(|held| {
+                        let mut held = held.as_ref().clone();
+                        if !held.iter().any(|h| h == m) {
+                            held.push(m.clone());
+                        }
+                        held
+                    });
+                }
+                pick
+            }
         };
         let slot = &replicas[pick];
         job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(slot) });

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use common::*;
 use serde_json::Value;
@@ -127,6 +128,34 @@ async fn requests_go_to_replicas_that_hold_their_model() {
     for t in tasks {
         t.await.unwrap();
     }
+    s.shutdown().await;
+}
+
+/// Requests for a model no replica holds, sent together, load it once: the replica chosen for
+/// the first counts as holding it while it loads, and the others follow it there (each went to
+/// the less loaded replica, so both loaded it, each evicting what it held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_a_model_being_loaded_follow_it() {
+    let dir = models("follow");
+    let s = start(&dir, 2, 1).await;
+    // Connected first, then sent at once.
+    let go = Arc::new(tokio::sync::Barrier::new(4));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let live = url(&s, "/v2/health/live");
+        let (client, url) = (reqwest::Client::new(), url(&s, "/v2/models/tenants/infer"));
+        let go = go.clone();
+        tasks.push(tokio::spawn(async move {
+            client.get(&live).send().await.unwrap();
+            go.wait().await;
+            client.post(&url).header(HEADER, "a").json(&body()).send().await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let mx = multiplex(&s);
+    assert_eq!((mx["loads"].as_u64(), mx["evictions"].as_u64()), (Some(1), Some(0)), "{mx}");
     s.shutdown().await;
 }
 
