@@ -292,6 +292,13 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         .await?;
         match listeners.grpc {
             Some((listener, _)) => {
+                // The REST intake's body read timeout, which a shared port has from the REST
+                // frontend: a stream whose message stops arriving held its connection for good.
+                let timeout = Duration::from_secs_f64(http.body_read_timeout_s);
+                let grpc_app =
+                    grpc_app.layer(tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
+                        rest::timed_body(req, timeout)
+                    }));
                 tasks.push(listen::spawn(listener, grpc_tls, grpc_app, limits, stop_rx.clone()))
             }
             None => {

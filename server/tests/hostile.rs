@@ -141,6 +141,44 @@ async fn a_body_that_stops_arriving_gets_408() {
     s.shutdown().await;
 }
 
+/// On gRPC's own port too, a call whose message stops arriving is ended after
+/// `body_read_timeout_s` (only the REST frontend timed bodies: such a call, and its connection,
+/// were held until shutdown).
+#[tokio::test]
+async fn a_grpc_message_that_stops_arriving_is_ended() {
+    use http_body_util::BodyExt;
+    let s = serve("", ", body_read_timeout_s: 0.2").await;
+    let addr = s.grpc_addr().unwrap();
+    assert_ne!(addr, s.http_addr(), "gRPC on a port of its own");
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    type Frame = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Frame>(1);
+    // A message of 100 bytes announced, 10 of them sent, then nothing.
+    let mut head = vec![0u8, 0, 0, 0, 100];
+    head.extend([0u8; 10]);
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from(head)))).await.unwrap();
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = hyper::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelInfer"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        match send.send_request(req).await {
+            Ok(r) => r.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled call was still open after 10 s");
+    drop(tx);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_body_announced_over_the_limit_gets_413_before_it_is_sent() {
     let s = serve("", ", max_body_bytes: 4096").await;

@@ -78,13 +78,7 @@ where
         if let Some(refusal) = screen::refuse(req.headers_mut(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
-        // A request without a body (GET, or `Content-Length: 0`) has nothing to time.
-        let req = if hyper::body::Body::is_end_stream(req.body()) {
-            req
-        } else {
-            let timeout = self.limits.body_read_timeout;
-            req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false }))
-        };
+        let req = timed(req, self.limits.body_read_timeout);
         let headers = req.headers();
         if !headers.contains_key(header::CONTENT_ENCODING) && !accepts_compression(headers) {
             return Either::Left(self.plain.call(req));
@@ -98,6 +92,15 @@ where
             .oneshot(req);
         Either::Right(Box::pin(async move { coded.await.map(|r| r.map(Body::new)) }))
     }
+}
+
+/// `req` with its body failing when no data arrives for `timeout` (`body_read_timeout_s`). A
+/// request without a body (GET, or `Content-Length: 0`) has nothing to time.
+pub fn timed(req: Request, timeout: Duration) -> Request {
+    if hyper::body::Body::is_end_stream(req.body()) {
+        return req;
+    }
+    req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false }))
 }
 
 /// Whether `Accept-Encoding` names an encoding Sluice compresses with (gzip, deflate, or `*`).

@@ -6,6 +6,7 @@
 mod health;
 pub mod infer;
 mod intake;
+pub use intake::timed as timed_body;
 pub mod json;
 mod json_scan;
 pub(crate) mod model;
