@@ -221,7 +221,8 @@ impl Pipeline {
                     .collect::<Result<Vec<_>, InferError>>()?;
                 let wanted = step.outputs.iter().map(|(o, _)| o.clone()).collect();
                 let sub = InferRequest {
-                    id: None,
+                    // The client's id, for the step's span and logs (its answer's id is not used).
+                    id: request.id.clone(),
                     inputs,
                     outputs: Some(wanted),
                     timeout: left,

@@ -147,6 +147,12 @@ impl Shadow {
                     me.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     handles.dropped.increment(1);
                 }
+                // The primary failed the request too (the client's own mistake, a malformed
+                // input): nothing to compare, and nothing said of the candidate, so dropped.
+                Err(_) if answer.await.is_err() => {
+                    me.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    handles.dropped.increment(1);
+                }
                 Err(e) => {
                     tracing::debug!(model = %me.target.name(), version = %me.target.version(), "shadow failed: {e}");
                     me.stats.errors.fetch_add(1, Ordering::Relaxed);

@@ -400,8 +400,53 @@ impl Drop for IdleOnUnwind<'_> {
     }
 }
 
+/// Raises the process's soft open-file limit to its hard one (the usual soft limit, 1024, is
+/// below one listener's default `max_connections`) and says when `wanted` descriptors (the
+/// listeners' `max_connections` added up, and some for models and files) still do not fit:
+/// connections past the limit fail at accept (EMFILE), and so would the other listeners',
+/// model loads and TLS reloads. None where the limit cannot be read.
+#[allow(unsafe_code)] // getrlimit and setrlimit on a local struct
+pub fn raise_open_files(wanted: u64) -> Option<String> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit for the call's duration.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    // The hard limit may read unlimited, which Linux refuses for this resource: at most 2^20.
+    let most = limit.rlim_max.min(1 << 20);
+    if limit.rlim_cur < most {
+        let raised = libc::rlimit { rlim_cur: most, rlim_max: limit.rlim_max };
+        // SAFETY: `raised` is a valid rlimit that outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = most;
+        }
+    }
+    (wanted > limit.rlim_cur).then(|| {
+        format!(
+            "the open-file limit is {} (ulimit -n), below the {wanted} the listeners' max_connections and \
+             the server's own files take: connections past it fail at accept; raise the limit or lower \
+             max_connections",
+            limit.rlim_cur
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The soft limit is raised to the hard one; a want past it is said, one within it not.
+    #[test]
+    fn the_open_file_limit_is_raised_and_a_want_past_it_said() {
+        assert!(super::raise_open_files(16).is_none());
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        #[allow(unsafe_code)]
+        // SAFETY: a valid, writable rlimit.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(read, 0);
+        assert_eq!(limit.rlim_cur, limit.rlim_max.min(1 << 20), "raised to the hard limit");
+        let said = super::raise_open_files(u64::MAX).expect("past any limit");
+        assert!(said.contains("max_connections"), "{said}");
+    }
     use std::sync::atomic::AtomicUsize;
 
     use super::*;

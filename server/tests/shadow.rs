@@ -104,6 +104,24 @@ async fn a_failing_shadow_never_reaches_the_client() {
     s.shutdown().await;
 }
 
+/// A request the primary refuses too (the client's mistake) says nothing of the candidate: its
+/// copy counts as dropped, not as the candidate's error (a client sending bad requests made a
+/// good candidate look faulty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_both_refuse_is_not_the_shadows_error() {
+    let s = start("iris-v2", 100).await;
+    let bad = r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}"#;
+    let r = reqwest::Client::new().post(url(&s, "/v2/models/iris/infer")).body(bad).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let sh = settled(&s).await;
+    assert_eq!(
+        (sh["sent"].as_u64(), sh["errors"].as_u64(), sh["dropped"].as_u64()),
+        (Some(1), Some(0), Some(1)),
+        "{sh}"
+    );
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_shadow_copies_about_its_share_and_a_busy_one_drops_rather_than_queues() {
     let s = start("iris-v2", 30).await;

@@ -175,6 +175,12 @@ pub fn run_with(
             return ExitCode::FAILURE;
         }
     };
+    // Each listener may hold `max_connections` (the gRPC port may share REST's: counted anyway).
+    let listeners = 1 + u64::from(config.grpc_options.enabled) + u64::from(config.admin_options.enabled);
+    let wanted = (config.http_options.max_connections as u64).saturating_mul(listeners).saturating_add(64);
+    if let Some(warning) = sluice_server::listen::raise_open_files(wanted) {
+        tracing::warn!("{warning}");
+    }
     match super::init_runtime(ort, ort_env) {
         Ok(lib) => {
             tracing::info!(
