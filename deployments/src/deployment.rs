@@ -378,6 +378,9 @@ pub struct Deployment {
     inline_under: Option<Duration>,
     /// Whether autoscaling may take it to zero replicas ([`Deployment::set_scales_to_zero`]).
     scales_to_zero: AtomicBool,
+    /// Held while a multiplexed request picks its replica ([`Deployment::holder`]): a pick and
+    /// the claim on a model it makes are one step for concurrent requests.
+    claiming: std::sync::Mutex<()>,
 }
 
 impl Deployment {
@@ -464,6 +467,7 @@ impl Deployment {
             multiplex: None,
             inline_under,
             scales_to_zero: AtomicBool::new(false),
+            claiming: std::sync::Mutex::new(()),
         })
     }
 
@@ -1008,15 +1012,40 @@ pub const MULTIPLEX_HEADER_BIN: &str = "serve_multiplexed_model_id-bin";
 
 impl Deployment {
     /// The least loaded ready replica holding `model`, unless every holder is saturated
-    /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy).
-    fn holder(&self, replicas: &[Arc<ReplicaSlot>], model: &str) -> Option<usize> {
-        replicas
+    /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy), and the one
+    /// chosen (the less loaded of two) counts as holding it from then, so that requests for it
+    /// that come while it loads follow it there (each went to the less loaded replica: the
+    /// model loaded on several, each evicting a warm one). The replica's own list replaces the
+    /// claim after its next batch. Picks are one at a time (`claiming`): two requests checking
+    /// at once both found no holder. None without replicas.
+    fn holder(&self, replicas: &[Arc<ReplicaSlot>], model: &Arc<str>) -> Option<usize> {
+        if replicas.is_empty() {
+            return None;
+        }
+        let _one_at_a_time = self.claiming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let holding = replicas
             .iter()
             .enumerate()
             .filter(|(_, r)| r.ready.load(Ordering::Acquire) && self.set.has_room_with(r, model))
             .map(|(i, r)| (r.ongoing.load(Ordering::Acquire), i))
             .min()
-            .map(|(_, i)| i)
+            .map(|(_, i)| i);
+        if holding.is_some() {
+            return holding;
+        }
+        let load = |i: usize| {
+            let r = &replicas[i];
+            (!r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire))
+        };
+        let pick = choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load);
+        replicas[pick].models.rcu(|held| {
+            let mut held = held.as_ref().clone();
+            if !held.iter().any(|h| h == model) {
+                held.push(model.clone());
+            }
+            held
+        });
+        Some(pick)
     }
 
     /// The counters of a multiplexed deployment's model loads.
