@@ -378,7 +378,7 @@ pub struct Deployment {
     inline_under: Option<Duration>,
     /// Whether autoscaling may take it to zero replicas ([`Deployment::set_scales_to_zero`]).
     scales_to_zero: AtomicBool,
-    /// Held while a multiplexed request picks its replica ([`Deployment::holder`]): a pick and
+    /// Held while a multiplexed request picks its replica ([`Deployment::pick_for_model`]): a pick and
     /// the claim on a model it makes are one step for concurrent requests.
     claiming: std::sync::Mutex<()>,
 }
@@ -956,25 +956,9 @@ impl Deployment {
             // Replicas not ready sort last; among ready ones, fewer ongoing first.
             (!r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire))
         };
-        let pick = match job.model.as_ref().and_then(|m| self.holder(&replicas, m)) {
-            Some(holder) => holder,
-            None => {
-                let pick =
-                    choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load);
-                // Counted as holding the model from now: requests for it that come while it
-                // loads follow it there (they loaded it on every replica, each evicting a warm
-                // model). The replica's own list replaces this after its next batch.
-                if let Some(m) = &job.model {
-                    replicas[pick].models.rcu(|held| {
-                        let mut held = held.as_ref().clone();
-                        if !held.iter().any(|h| h == m) {
-                            held.push(m.clone());
-                        }
-                        held
-                    });
-                }
-                pick
-            }
+        let pick = match &job.model {
+            Some(m) => self.pick_for_model(&replicas, m, load),
+            None => choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load),
         };
         let slot = &replicas[pick];
         job.reply.hold(Admission { _permit: permit, ongoing: OngoingGuard::new(slot) });
@@ -1013,15 +997,17 @@ pub const MULTIPLEX_HEADER_BIN: &str = "serve_multiplexed_model_id-bin";
 impl Deployment {
     /// The least loaded ready replica holding `model`, unless every holder is saturated
     /// (`max_ongoing_requests`): then any replica may load it (Ray Serve's policy), and the one
-    /// chosen (the less loaded of two) counts as holding it from then, so that requests for it
-    /// that come while it loads follow it there (each went to the less loaded replica: the
-    /// model loaded on several, each evicting a warm one). The replica's own list replaces the
-    /// claim after its next batch. Picks are one at a time (`claiming`): two requests checking
-    /// at once both found no holder. None without replicas.
-    fn holder(&self, replicas: &[Arc<ReplicaSlot>], model: &Arc<str>) -> Option<usize> {
-        if replicas.is_empty() {
-            return None;
-        }
+    /// chosen by `load` counts as holding it from then, so that requests for it that come while
+    /// it loads follow it there (each went to the less loaded replica: the model loaded on
+    /// several, each evicting a warm one). The replica's own list replaces the claim after its
+    /// next batch. Picks are one at a time (`claiming`): two requests checking at once both
+    /// found no holder. `replicas` is not empty.
+    fn pick_for_model(
+        &self,
+        replicas: &[Arc<ReplicaSlot>],
+        model: &Arc<str>,
+        load: impl Fn(usize) -> (bool, usize),
+    ) -> usize {
         let _one_at_a_time = self.claiming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let holding = replicas
             .iter()
@@ -1030,13 +1016,9 @@ impl Deployment {
             .map(|(i, r)| (r.ongoing.load(Ordering::Acquire), i))
             .min()
             .map(|(_, i)| i);
-        if holding.is_some() {
-            return holding;
+        if let Some(holder) = holding {
+            return holder;
         }
-        let load = |i: usize| {
-            let r = &replicas[i];
-            (!r.ready.load(Ordering::Acquire), r.ongoing.load(Ordering::Acquire))
-        };
         let pick = choose(replicas.len(), two_choices(replicas.len()), self.set.spec.ongoing_limit(), load);
         replicas[pick].models.rcu(|held| {
             let mut held = held.as_ref().clone();
@@ -1045,7 +1027,7 @@ impl Deployment {
             }
             held
         });
-        Some(pick)
+        pick
     }
 
     /// The counters of a multiplexed deployment's model loads.
