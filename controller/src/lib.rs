@@ -409,16 +409,8 @@ impl Controller {
             // A fixed replica count that failed to load a replica is tried again (the
             // autoscaler decides again on its own).
             let mut next_retry: Option<Instant> = None;
-            for (name, m) in &st.deployments {
-                let Some(f) =
-                    m.scale_failure.as_ref().filter(|_| m.scaling.is_none() && !busy.contains(name))
-                else {
-                    continue;
-                };
-                let wanted = m.config.initial_replicas();
-                if m.primary.replica_count() >= wanted {
-                    continue;
-                }
+            for (name, m) in st.deployments.iter().filter(|(name, _)| !busy.contains(*name)) {
+                let Some((f, _, wanted)) = m.short_of_count() else { continue };
                 if now >= f.retry_at() {
                     retry.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: wanted });
                 } else {

@@ -175,6 +175,14 @@ impl ScaleFailure {
 }
 
 impl Managed {
+    /// The failure that left a fixed replica count short: (it, replicas running, the count),
+    /// while the primary has fewer replicas than its config's count.
+    pub fn short_of_count(&self) -> Option<(&ScaleFailure, usize, usize)> {
+        let f = self.scale_failure.as_ref().filter(|_| self.scaling.is_none())?;
+        let (running, wanted) = (self.primary.replica_count(), self.config.initial_replicas());
+        (running < wanted).then_some((f, running, wanted))
+    }
+
     /// Every running version: primary, others, canary.
     pub fn versions(&self) -> impl Iterator<Item = &Version> {
         std::iter::once(&self.primary).chain(&self.others).chain(self.canary.as_ref().map(|c| &c.version))

@@ -314,16 +314,11 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
         });
     }
     let d = &m.primary.deployment;
-    let (status, message) = match &m.scale_failure {
+    let (status, message) = match m.short_of_count() {
         // Fewer replicas than its config's count: the last try to add them failed.
-        Some(f) if m.scaling.is_none() && m.primary.replica_count() < m.config.initial_replicas() => (
+        Some((f, running, wanted)) => (
             DeploymentState::Unhealthy,
-            format!(
-                "{} of {} replicas: {}; tried again",
-                m.primary.replica_count(),
-                m.config.initial_replicas(),
-                f.message
-            ),
+            format!("{running} of {wanted} replicas: {}; tried again", f.message),
         ),
         _ => deployment_state(&m.primary),
     };
