@@ -75,6 +75,10 @@ pub(crate) fn check_listeners(
         let message = format!("must be 1 to {MAX_CONNECTIONS}");
         problems.push(("http_options.max_connections".into(), message));
     }
+    if !(1..=crate::types::MAX_STREAM_IN_FLIGHT).contains(&grpc.stream_max_in_flight) {
+        let message = format!("must be 1 to {}", crate::types::MAX_STREAM_IN_FLIGHT);
+        problems.push(("grpc_options.stream_max_in_flight".into(), message));
+    }
     problems.extend(check_addresses(http, grpc, admin));
     for (name, tls) in
         [("http_options", &mut http.tls), ("grpc_options", &mut grpc.tls), ("admin_options", &mut admin.tls)]
@@ -216,7 +220,7 @@ mod tests {
     fn bad_listener_values_are_each_reported() {
         let errors = parse_in(
             "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: 1e20, idle_timeout_s: -1, max_connections: 0}\n\
-             grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}}\n\
+             grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}, stream_max_in_flight: 0}\n\
              admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: 0.000001}}\n",
         )
         .unwrap_err();
@@ -227,6 +231,7 @@ mod tests {
             "http_options.idle_timeout_s: must be 0 (never) to 1e9 seconds",
             "http_options.max_connections: must be 1 to 16777216",
             "grpc_options.tls: gRPC shares the REST port here",
+            "grpc_options.stream_max_in_flight: must be 1 to 65536",
             "admin_options.tls.cert_file: file `",
             "admin_options.tls.reload_interval_s: must be 0 (never) or 0.1 to 1e9 seconds",
         ] {

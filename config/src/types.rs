@@ -468,11 +468,18 @@ pub struct GrpcOptions {
     pub enabled: bool,
     /// TLS for gRPC on its own port. Default none.
     pub tls: Option<TlsOptions>,
+    /// Requests of one `ModelStreamInfer` stream run at once, at most; past it the stream's
+    /// further messages are not read until one is answered (HTTP/2 flow control holds the
+    /// client back). 1 answers a stream's requests in the order sent. Default 128.
+    pub stream_max_in_flight: usize,
 }
+
+/// `grpc_options.stream_max_in_flight`'s bound.
+pub const MAX_STREAM_IN_FLIGHT: usize = 65_536;
 
 impl Default for GrpcOptions {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 8001, enabled: true, tls: None }
+        Self { host: "127.0.0.1".into(), port: 8001, enabled: true, tls: None, stream_max_in_flight: 128 }
     }
 }
 

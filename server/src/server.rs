@@ -280,7 +280,10 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             routes.clone(),
             controller.clone(),
             readiness,
-            http.max_body_bytes,
+            grpc::Limits {
+                max_message_bytes: http.max_body_bytes,
+                stream_max_in_flight: grpc.stream_max_in_flight,
+            },
             stop_rx.clone(),
             auth::Control::for_port(
                 control_token.as_ref(),
@@ -295,9 +298,10 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
                 // The REST intake's body read timeout, which a shared port has from the REST
                 // frontend: a stream whose message stops arriving held its connection for good.
                 let timeout = Duration::from_secs_f64(http.body_read_timeout_s);
+                let max_message_bytes = http.max_body_bytes;
                 let grpc_app =
                     grpc_app.layer(tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
-                        rest::timed_body(req, timeout)
+                        rest::timed_body(req, timeout, max_message_bytes)
                     }));
                 tasks.push(listen::spawn(listener, grpc_tls, grpc_app, limits, stop_rx.clone()))
             }

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use sluice_proto::inference as pb;
 use tokio_stream::StreamExt;
@@ -266,4 +268,135 @@ async fn reserved_parameters_are_refused_and_missing_extensions_unimplemented() 
     let ok = client.model_infer(grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2])).await;
     assert!(ok.is_ok(), "{ok:?}");
     s.shutdown().await;
+}
+
+/// Opens a `ModelStreamInfer` stream fed from the returned sender.
+async fn open_stream(
+    client: &mut grpc::Client,
+    metadata: &[(&'static str, &str)],
+) -> (tokio::sync::mpsc::Sender<pb::ModelInferRequest>, tonic::Streaming<pb::ModelStreamInferResponse>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    for (key, value) in metadata {
+        req.metadata_mut().insert(*key, value.parse().unwrap());
+    }
+    let answers = client.model_stream_infer(req).await.expect("the stream opens").into_inner();
+    (tx, answers)
+}
+
+fn with_id(id: &str, req: pb::ModelInferRequest) -> pb::ModelInferRequest {
+    pb::ModelInferRequest { id: id.into(), ..req }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_answers_each_request_once_and_a_failure_does_not_end_it() {
+    let s = start(
+        "      - {name: m, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 0}}\n",
+        "",
+    )
+    .await;
+    let mut client = grpc::client(&s).await;
+    let unary =
+        client.model_infer(grpc::fp32_request("m", "input", &[1, 4], IRIS)).await.unwrap().into_inner();
+    // The metadata pins every request of the stream, as it pins a unary call.
+    let (tx, mut answers) = open_stream(&mut client, &[("x-sluice-version", "2")]).await;
+    let flag =
+        |v| pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(v)) };
+    let mut last = with_id("final", grpc::fp32_request("m", "input", &[1, 4], IRIS));
+    last.parameters.insert("triton_enable_empty_final_response".into(), flag(true));
+    let mut not_a_flag = with_id("not-a-flag", grpc::fp32_request("m", "input", &[1, 4], IRIS));
+    not_a_flag.parameters.insert(
+        "triton_enable_empty_final_response".into(),
+        pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(1)) },
+    );
+    for req in [
+        with_id("ok", grpc::fp32_request("m", "input", &[1, 4], IRIS)),
+        with_id("bad-shape", grpc::fp32_request("m", "input", &[1, 3], &IRIS[..3])),
+        with_id("unknown", grpc::fp32_request("nope", "input", &[1, 4], IRIS)),
+        not_a_flag,
+        last,
+    ] {
+        tx.send(req).await.unwrap();
+    }
+    drop(tx);
+    let mut got = std::collections::BTreeMap::new();
+    while let Some(answer) = answers.next().await {
+        let answer = answer.expect("the stream ends OK once the client is done");
+        let response = answer.infer_response.expect("every answer names its request");
+        assert!(
+            got.insert(response.id.clone(), (answer.error_message, response)).is_none(),
+            "answered twice"
+        );
+    }
+    assert_eq!(
+        got.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["bad-shape", "final", "not-a-flag", "ok", "unknown"]
+    );
+    let (error, ok) = &got["ok"];
+    assert_eq!(error, "");
+    assert_eq!(ok.model_version, "2", "pinned by the stream's metadata");
+    assert_eq!(ok.raw_output_contents, unary.raw_output_contents, "the same answer as ModelInfer's");
+    assert!(ok.parameters.is_empty(), "{:?}", ok.parameters);
+    let (error, fin) = &got["final"];
+    assert_eq!(error, "");
+    assert_eq!(fin.parameters.get("triton_final_response"), Some(&flag(true)));
+    let (error, bad) = &got["bad-shape"];
+    assert!(error.contains("has shape [1, 3] but model `m` expects [-1, 4]"), "{error}");
+    assert_eq!((bad.model_name.as_str(), bad.outputs.len()), ("m", 0));
+    assert!(got["unknown"].0.contains("unknown model `nope`"), "{}", got["unknown"].0);
+    assert!(got["not-a-flag"].0.contains("must be a bool"), "{}", got["not-a-flag"].0);
+    s.shutdown().await;
+}
+
+/// A message over the limit ends the stream with RESOURCE_EXHAUSTED (grpc-go's and Triton's
+/// code), after the requests read before it are answered; a pause between two messages is not
+/// timed (`body_read_timeout_s` is 0.3 s here), a pause inside one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_timed_and_limited_per_message() {
+    let s = start(
+        "      - {name: iris, model: iris/model.onnx}\n",
+        ", max_body_bytes: 1000, body_read_timeout_s: 0.3",
+    )
+    .await;
+    let mut client = grpc::client(&s).await;
+    let (tx, mut answers) = open_stream(&mut client, &[]).await;
+    for k in 0..2 {
+        tx.send(with_id(&k.to_string(), grpc::fp32_request("iris", "input", &[1, 4], IRIS))).await.unwrap();
+        let answer = answers.next().await.expect("an answer").expect("the stream still open");
+        assert_eq!((answer.error_message.as_str(), answer.infer_response.unwrap().id), ("", k.to_string()));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    tx.send(with_id("small", grpc::fp32_request("iris", "input", &[1, 4], IRIS))).await.unwrap();
+    tx.send(with_id("big", grpc::fp32_request("iris", "input", &[100, 4], &[0.5; 400]))).await.unwrap();
+    let answer = answers.next().await.expect("the small one's answer").expect("answered before the end");
+    assert_eq!(answer.infer_response.unwrap().id, "small");
+    let end = answers.next().await.expect("the end").unwrap_err();
+    assert_eq!(end.code(), tonic::Code::ResourceExhausted, "{end:?}");
+    assert!(end.message().contains("over the limit of 1000 bytes (http_options.max_body_bytes)"), "{end:?}");
+    // A unary call over the limit: the same code and message.
+    let e =
+        client.model_infer(grpc::fp32_request("iris", "input", &[100, 4], &[0.5; 400])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("over the limit of 1000 bytes"), "{e:?}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_unavailable_when_the_server_shuts_down() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let mut client = grpc::client(&s).await;
+    let (tx, mut answers) = open_stream(&mut client, &[]).await;
+    tx.send(with_id("before", grpc::fp32_request("iris", "input", &[1, 4], IRIS))).await.unwrap();
+    let answer = answers.next().await.unwrap().unwrap();
+    assert_eq!(answer.infer_response.unwrap().id, "before");
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(s.shutdown());
+    let end = tokio::time::timeout(Duration::from_secs(20), answers.next()).await.expect("the stream ended");
+    let status = end.expect("a status").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    stopping.await.unwrap();
+    // It ended the stream at once rather than holding shutdown to its drain timeout.
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    drop(tx);
 }

@@ -150,32 +150,35 @@ async fn a_grpc_message_that_stops_arriving_is_ended() {
     let s = serve("", ", body_read_timeout_s: 0.2").await;
     let addr = s.grpc_addr().unwrap();
     assert_ne!(addr, s.http_addr(), "gRPC on a port of its own");
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let io = hyper_util::rt::TokioIo::new(tcp);
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
-    tokio::spawn(conn);
-    type Frame = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Frame>(1);
-    // A message of 100 bytes announced, 10 of them sent, then nothing.
-    let mut head = vec![0u8, 0, 0, 0, 100];
-    head.extend([0u8; 10]);
-    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from(head)))).await.unwrap();
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let req = hyper::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelInfer"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        match send.send_request(req).await {
-            Ok(r) => r.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the stalled call was still open after 10 s");
-    drop(tx);
+    // A stream of requests is timed inside a message too (not between two).
+    for method in ["ModelInfer", "ModelStreamInfer"] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        type Frame = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frame>(1);
+        // A message of 100 bytes announced, 10 of them sent, then nothing.
+        let mut head = vec![0u8, 0, 0, 0, 100];
+        head.extend([0u8; 10]);
+        tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from(head)))).await.unwrap();
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = hyper::Request::post(format!("http://{addr}/inference.GRPCInferenceService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            match send.send_request(req).await {
+                Ok(r) => r.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{method}: the stalled call was still open after 10 s");
+        drop(tx);
+    }
     s.shutdown().await;
 }
 

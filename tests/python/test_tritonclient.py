@@ -246,6 +246,18 @@ def test_one_port_for_both_protocols(shared_port_sluice):
         c = client_for(protocol, s)
         result = c.infer("iris", make_inputs(protocol, case["inputs"]))
         check_outputs(result, case["outputs"], 1e-5)
+    # A stream through the port REST shares, with a pause between its requests.
+    c = grpcclient.InferenceServerClient(s.grpc)
+    answers = []
+    done = threading.Semaphore(0)
+    c.start_stream(callback=lambda result, error: (answers.append(error or result), done.release()))
+    for k in range(2):
+        c.async_stream_infer("iris", make_inputs("grpc", case["inputs"]), request_id=str(k))
+        assert done.acquire(timeout=60)
+    c.stop_stream()
+    for r in answers:
+        assert not isinstance(r, Exception), r
+        check_outputs(r, case["outputs"], 1e-5)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -266,3 +278,56 @@ def test_pipeline_with_bytes_input(sluice, protocol):
     assert (cos >= 0.9999).all(), cos
     meta = c.get_model_metadata("embeddings") if protocol == "http" else c.get_model_metadata("embeddings", as_json=True)
     assert meta["platform"] == "ensemble"
+
+
+def test_stream_infer_answers_every_request_and_keeps_the_stream_after_a_failure(sluice):
+    """tritonclient's streaming API (`start_stream`, `async_stream_infer`: Triton's
+    ModelStreamInfer): each request answered once, matched by id; a failing request gets its
+    error through the callback and the stream goes on; `enable_empty_final_response` flags the
+    answer final, as Triton flags a non-decoupled model's one response."""
+    doc = expected("mlp")
+    rows = to_numpy(doc["cases"][1]["inputs"][0])
+    want = to_numpy(doc["cases"][1]["outputs"][1])
+    c = grpcclient.InferenceServerClient(sluice.grpc)
+    answers = {}
+    errors = []
+    done = threading.Semaphore(0)
+    lock = threading.Lock()
+
+    def callback(result, error):
+        with lock:
+            if error is not None:
+                errors.append(error)
+            else:
+                answers[result.get_response().id] = result
+        done.release()
+
+    c.start_stream(callback=callback)
+    n = 50
+    for k in range(n):
+        i = grpcclient.InferInput("x", [1, 8], "FP32")
+        i.set_data_from_numpy(rows[k % 5: k % 5 + 1])
+        c.async_stream_infer("mlp", [i], request_id=str(k), enable_empty_final_response=(k == 7),
+                             outputs=[grpcclient.InferRequestedOutput("probabilities")])
+        if k == 20:
+            bad = grpcclient.InferInput("x", [1, 3], "FP32")
+            bad.set_data_from_numpy(np.ones([1, 3], dtype=np.float32))
+            c.async_stream_infer("mlp", [bad], request_id="bad")
+    for _ in range(n + 1):
+        assert done.acquire(timeout=60)
+    c.stop_stream()
+    assert len(errors) == 1, errors
+    assert "has shape [1, 3] but model `mlp` expects" in errors[0].message(), errors[0].message()
+    assert sorted(answers, key=int) == [str(k) for k in range(n)]
+    for k, r in answers.items():
+        np.testing.assert_allclose(r.as_numpy("probabilities"), want[int(k) % 5: int(k) % 5 + 1], rtol=1e-5)
+        final = r.get_response().parameters.get("triton_final_response")
+        assert (final is not None and final.bool_param) == (k == "7"), (k, final)
+    # A new stream on the same client works after the last one stopped.
+    c.start_stream(callback=callback)
+    i = grpcclient.InferInput("x", [1, 8], "FP32")
+    i.set_data_from_numpy(rows[:1])
+    c.async_stream_infer("mlp", [i], request_id="again")
+    assert done.acquire(timeout=60)
+    c.stop_stream()
+    assert "again" in answers

@@ -181,8 +181,7 @@ fn decode(r: pb::ModelInferResponse, wanted: &[String]) -> Result<Vec<NamedTenso
 fn from_status(status: &tonic::Status, name: &str, addr: &str) -> InferError {
     let message = status.message();
     match status.code() {
-        // The request's own fault (a message past the replica's limit is OUT_OF_RANGE): the
-        // same request fails again anywhere, so no "retry".
+        // The request's own fault: the same request fails again anywhere, so no "retry".
         tonic::Code::InvalidArgument | tonic::Code::OutOfRange => InferError::invalid(message),
         tonic::Code::NotFound => InferError::new(ErrorKind::NotFound, message),
         tonic::Code::Unimplemented => InferError::new(ErrorKind::Unimplemented, message),
@@ -190,6 +189,8 @@ fn from_status(status: &tonic::Status, name: &str, addr: &str) -> InferError {
         tonic::Code::ResourceExhausted | tonic::Code::Unavailable if message.contains("overloaded") => {
             InferError::unavailable(message)
         }
+        // A message past the replica's limit (older replicas answered it OUT_OF_RANGE, tonic's).
+        tonic::Code::ResourceExhausted => InferError::invalid(message),
         tonic::Code::Internal => InferError::internal(message),
         code => InferError::unavailable(format!("replica {name} ({addr}) failed: {code}: {message}; retry")),
     }
@@ -241,8 +242,12 @@ mod tests {
         let late = from_status(&tonic::Status::deadline_exceeded("timed out"), "r", "a");
         assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
         // A message past the replica's limit fails anywhere: the client's, not "retry".
-        let big = from_status(&tonic::Status::out_of_range("decoded message length too large"), "r", "a");
-        assert_eq!(big.kind, ErrorKind::InvalidArgument);
+        for big in [
+            tonic::Status::out_of_range("decoded message length too large"),
+            tonic::Status::resource_exhausted("a message of 900 bytes is over the limit of 800 bytes"),
+        ] {
+            assert_eq!(from_status(&big, "r", "a").kind, ErrorKind::InvalidArgument, "{big:?}");
+        }
         let unknown = from_status(&tonic::Status::not_found("unknown model `x`"), "r", "a");
         assert_eq!(unknown.kind, ErrorKind::NotFound);
     }

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod health;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -30,6 +31,51 @@ pub struct InferenceService {
     readiness: Readiness,
     /// Who may load and unload repository models here.
     control: crate::auth::Control,
+    /// `grpc_options.stream_max_in_flight`.
+    stream_max_in_flight: usize,
+    /// Turns true when the server shuts down (streams then stop reading requests).
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a call's metadata says about its requests: a version pinned with
+/// `x-sluice-version`, a multiplexed model's id.
+#[derive(Default)]
+pub(crate) struct CallHeaders {
+    pinned: Option<String>,
+    model_id: Option<String>,
+}
+
+impl CallHeaders {
+    fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        let header = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let model_id = header(sluice_deployments::MULTIPLEX_HEADER).or_else(|| {
+            let bytes = metadata.get_bin(sluice_deployments::MULTIPLEX_HEADER_BIN)?.to_bytes().ok()?;
+            String::from_utf8(bytes.to_vec()).ok()
+        });
+        Self { pinned: header(sluice_router::VERSION_HEADER), model_id }
+    }
+}
+
+/// One inference request, `ModelInfer`'s or one of a stream's, counted from `started`.
+async fn infer(
+    routes: &RouteTable,
+    headers: &CallHeaders,
+    started: std::time::Instant,
+    req: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, Status> {
+    let choice =
+        sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: headers.pinned.as_deref() };
+    let d = routes.route(&req.model_name, choice).map_err(grpc_status)?;
+    let counted = d.metrics().counted(Protocol::Grpc, started);
+    let result = match codec::decode(req) {
+        Ok(mut request) => {
+            request.model_id = headers.model_id.clone();
+            d.infer(request).await
+        }
+        Err(e) => Err(e),
+    };
+    counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
+    Ok(codec::encode(result.map_err(grpc_status)?))
 }
 
 impl InferenceService {
@@ -107,26 +153,24 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
         let started = std::time::Instant::now();
-        let header = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let pinned = header(sluice_router::VERSION_HEADER);
-        let model_id = header(sluice_deployments::MULTIPLEX_HEADER).or_else(|| {
-            let bytes = req.metadata().get_bin(sluice_deployments::MULTIPLEX_HEADER_BIN)?.to_bytes().ok()?;
-            String::from_utf8(bytes.to_vec()).ok()
-        });
-        let req = req.into_inner();
-        let choice =
-            sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: pinned.as_deref() };
-        let d = self.routes.route(&req.model_name, choice).map_err(grpc_status)?;
-        let counted = d.metrics().counted(Protocol::Grpc, started);
-        let result = match codec::decode(req) {
-            Ok(mut request) => {
-                request.model_id = model_id;
-                d.infer(request).await
-            }
-            Err(e) => Err(e),
-        };
-        counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
-        Ok(Response::new(codec::encode(result.map_err(grpc_status)?)))
+        let headers = CallHeaders::of(req.metadata());
+        infer(&self.routes, &headers, started, req.into_inner()).await.map(Response::new)
+    }
+
+    type ModelStreamInferStream = stream::Answers;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Reply<stream::Answers> {
+        let headers = CallHeaders::of(req.metadata());
+        Ok(Response::new(stream::Answers::new(
+            req.into_inner(),
+            headers,
+            self.routes.clone(),
+            self.stream_max_in_flight,
+            self.stop.clone(),
+        )))
     }
 
     async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Reply<pb::ModelConfigResponse> {
@@ -183,9 +227,6 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
-/// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
-/// with REST). `max_message_bytes` bounds decoded requests, decompressed ones too (tonic's
-/// default is 4 MiB). Health follows readiness until `stop` turns true.
 /// A path no service has: `UNIMPLEMENTED` for a gRPC call (as tonic answers it), and `415`
 /// naming what is wrong for anything else, as grpc-go answers it (tonic answered any request
 /// `200` with the gRPC status in its headers, which an HTTP health probe sent to the gRPC port
@@ -204,17 +245,36 @@ async fn unknown_method(req: axum::extract::Request) -> axum::response::Response
         .into_response()
 }
 
+/// The bounds of the gRPC services' calls.
+pub struct Limits {
+    /// The largest message (`http_options.max_body_bytes`).
+    pub max_message_bytes: usize,
+    /// `grpc_options.stream_max_in_flight`.
+    pub stream_max_in_flight: usize,
+}
+
+/// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
+/// with REST). `max_message_bytes` bounds decoded requests, decompressed ones too (tonic's
+/// default is 4 MiB). Health follows readiness until `stop` turns true; streams stop reading
+/// requests then.
 pub async fn routes(
     routes: Arc<RouteTable>,
     controller: Arc<Controller>,
     readiness: Readiness,
-    max_message_bytes: usize,
+    limits: Limits,
     stop: tokio::sync::watch::Receiver<bool>,
     control: crate::auth::Control,
     traced: bool,
 ) -> Result<axum::Router, crate::StartError> {
-    let service =
-        InferenceService { routes: routes.clone(), controller, readiness: readiness.clone(), control };
+    let Limits { max_message_bytes, stream_max_in_flight } = limits;
+    let service = InferenceService {
+        routes: routes.clone(),
+        controller,
+        readiness: readiness.clone(),
+        control,
+        stream_max_in_flight,
+        stop: stop.clone(),
+    };
     let inference = GrpcInferenceServiceServer::new(service)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)

@@ -78,7 +78,7 @@ where
         if let Some(refusal) = screen::refuse(req.headers_mut(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
-        let req = timed(req, self.limits.body_read_timeout);
+        let req = timed(req, self.limits.body_read_timeout, self.limits.max_body_bytes);
         let headers = req.headers();
         if !headers.contains_key(header::CONTENT_ENCODING) && !accepts_compression(headers) {
             return Either::Left(self.plain.call(req));
@@ -95,12 +95,86 @@ where
 }
 
 /// `req` with its body failing when no data arrives for `timeout` (`body_read_timeout_s`). A
-/// request without a body (GET, or `Content-Length: 0`) has nothing to time.
-pub fn timed(req: Request, timeout: Duration) -> Request {
+/// request without a body (GET, or `Content-Length: 0`) has nothing to time. A gRPC body is read
+/// message by message: one whose length prefix announces more than `max_message_bytes` fails
+/// with RESOURCE_EXHAUSTED before its bytes arrive (as grpc-go and Triton answer; tonic's own
+/// check answers OUT_OF_RANGE), and a stream of requests (`ModelStreamInfer`) is timed only
+/// inside a message: between two, its client may pause as long as it likes.
+pub fn timed(req: Request, timeout: Duration, max_message_bytes: usize) -> Request {
     if hyper::body::Body::is_end_stream(req.body()) {
         return req;
     }
-    req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false }))
+    // gRPC is HTTP/2 only: an HTTP/1 request's headers are not looked at.
+    let grpc = req.version() == axum::http::Version::HTTP_2
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let framing = grpc.then(|| GrpcFraming {
+        limit: max_message_bytes as u64,
+        stream: req.uri().path() == STREAM_PATH,
+        ..GrpcFraming::default()
+    });
+    req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false, framing, refused: None }))
+}
+
+/// The gRPC method whose request body is a stream of messages.
+const STREAM_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+
+/// Where a gRPC request body is in its framing: each message is a compression flag, a 4-byte
+/// big-endian length, and that many bytes.
+#[derive(Default)]
+struct GrpcFraming {
+    /// The longest message accepted (`http_options.max_body_bytes`).
+    limit: u64,
+    /// A stream of requests: not timed between messages.
+    stream: bool,
+    /// Bytes of the current message's 5-byte prefix read so far.
+    prefix: usize,
+    length: [u8; 4],
+    /// Bytes of the current message still to come once its prefix is read.
+    left: u64,
+}
+
+impl GrpcFraming {
+    /// Follows `data`. A message over the limit: its announced length, and where in `data` it
+    /// starts (0 when its prefix began in an earlier chunk).
+    fn read(&mut self, data: &[u8]) -> Result<(), (u64, usize)> {
+        let mut at = 0;
+        let mut start = 0;
+        while at < data.len() {
+            if self.left > 0 {
+                let n = (data.len() - at).min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= n as u64;
+                at += n;
+                continue;
+            }
+            if self.prefix == 0 {
+                start = at;
+            } else {
+                self.length[self.prefix - 1] = data[at];
+            }
+            self.prefix += 1;
+            at += 1;
+            if self.prefix == 5 {
+                self.prefix = 0;
+                self.left = u64::from(u32::from_be_bytes(self.length));
+                if self.left > self.limit {
+                    return Err((self.left, start));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn inside_a_message(&self) -> bool {
+        self.prefix > 0 || self.left > 0
+    }
+
+    /// Whether a pause here is timed.
+    fn timed(&self) -> bool {
+        !self.stream || self.inside_a_message()
+    }
 }
 
 /// Whether `Accept-Encoding` names an encoding Sluice compresses with (gzip, deflate, or `*`).
@@ -129,6 +203,10 @@ struct TimedBody {
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// For a gRPC body: where it is in its messages.
+    framing: Option<GrpcFraming>,
+    /// A message over the limit, refused once the messages before it are passed on.
+    refused: Option<tonic::Status>,
 }
 
 /// No request data arrived for `http_options.body_read_timeout_s`.
@@ -145,9 +223,32 @@ impl hyper::body::Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(refused) = this.refused.take() {
+            return Poll::Ready(Some(Err(Box::new(refused))));
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.armed = false;
+            if let (Some(framing), Some(Ok(frame))) = (&mut this.framing, &frame)
+                && let Some(data) = frame.data_ref()
+                && let Err((length, start)) = framing.read(data)
+            {
+                let message = format!(
+                    "a message of {length} bytes is over the limit of {} bytes (http_options.max_body_bytes)",
+                    framing.limit
+                );
+                let refused = tonic::Status::resource_exhausted(message);
+                if start == 0 {
+                    return Poll::Ready(Some(Err(Box::new(refused))));
+                }
+                // The messages before it are read and answered first.
+                this.refused = Some(refused);
+                return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.framing.as_ref().is_some_and(|f| !f.timed()) {
+            this.armed = false;
+            return Poll::Pending;
         }
         let deadline = Instant::now() + this.timeout;
         let sleep = match (&mut this.sleep, this.armed) {
@@ -179,7 +280,31 @@ mod tests {
     use axum::http::HeaderMap;
     use axum::http::header::{ACCEPT_ENCODING, HeaderValue};
 
-    use super::accepts_compression;
+    use super::{GrpcFraming, accepts_compression};
+
+    #[test]
+    fn grpc_framing_knows_when_a_message_is_half_read_and_refuses_one_too_long() {
+        let mut f = GrpcFraming { limit: 256, stream: true, ..GrpcFraming::default() };
+        assert!(!f.inside_a_message());
+        // Two messages (3 bytes, then 0) and the start of a third, split across reads.
+        let stream = [&[0u8, 0, 0][..], &[0, 3, 7], &[8, 9, 0, 0, 0, 0, 0, 1, 0, 0], &[0, 2, 1], &[2]];
+        let inside: Vec<bool> = stream
+            .iter()
+            .map(|data| {
+                f.read(data).unwrap();
+                f.inside_a_message()
+            })
+            .collect();
+        assert_eq!(inside, [true, true, true, true, false]);
+        assert!(!f.timed(), "a stream between two messages");
+        f.read(&[1, 0, 0, 1, 0]).unwrap();
+        assert!(f.inside_a_message() && f.timed(), "a prefix announcing 256 bytes");
+        f.read(&[0; 256]).unwrap();
+        assert!(!f.inside_a_message());
+        assert_eq!(f.read(&[0, 0, 0, 0, 1, 9, 0, 0, 0, 1, 1]), Err((257, 6)), "where the long one starts");
+        let unary = GrpcFraming { limit: 256, ..GrpcFraming::default() };
+        assert!(unary.timed(), "a unary call's body is timed until it ends");
+    }
 
     fn accepts(values: &[&'static str]) -> bool {
         let mut headers = HeaderMap::new();

@@ -1,0 +1,158 @@
+//! `ModelStreamInfer`, Triton's bidirectional stream (tritonclient's `start_stream` and
+//! `async_stream_infer`, `perf_analyzer --streaming`): each request on the stream runs as
+//! `ModelInfer` would, up to `grpc_options.stream_max_in_flight` of them at once, and each is
+//! answered on the stream as it finishes (not in the order sent, unless that bound is 1). A
+//! request that fails is answered with its error message and its id, and the stream stays open.
+//!
+//! The stream ends, after every request read from it is answered: with OK once the client has
+//! sent its last request; with the status of a message that cannot be read (too large, not a
+//! `ModelInferRequest`, stopped arriving); with UNAVAILABLE when the server shuts down (the
+//! requests the client sent after that were not read, and none of them ran).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use sluice_proto::inference as pb;
+use sluice_router::Router as RouteTable;
+use tonic::Status;
+
+use super::CallHeaders;
+
+/// The request parameter asking for `FINAL_RESPONSE` on the answer (Triton's; tritonclient's
+/// `enable_empty_final_response`). A model here answers each request once, so that answer is
+/// the final one.
+const ENABLE_FINAL_RESPONSE: &str = "triton_enable_empty_final_response";
+const FINAL_RESPONSE: &str = "triton_final_response";
+
+type Answer = Pin<Box<dyn Future<Output = pb::ModelStreamInferResponse> + Send>>;
+type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The answers of one stream, in the order they are ready (see the module's text).
+pub struct Answers {
+    /// The client's requests; `None` once no more are read.
+    requests: Option<tonic::Streaming<pb::ModelInferRequest>>,
+    running: FuturesUnordered<Answer>,
+    max_in_flight: usize,
+    /// What the stream ends with once `running` is empty, when not OK.
+    end: Option<Status>,
+    /// Ready once the server shuts down.
+    stopping: Stopping,
+    routes: Arc<RouteTable>,
+    headers: Arc<CallHeaders>,
+}
+
+impl Answers {
+    pub(super) fn new(
+        requests: tonic::Streaming<pb::ModelInferRequest>,
+        headers: CallHeaders,
+        routes: Arc<RouteTable>,
+        max_in_flight: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        // A stop signal gone (the server dropped) stops the stream too.
+        let stopping = Box::pin(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        });
+        Self {
+            requests: Some(requests),
+            running: FuturesUnordered::new(),
+            max_in_flight: max_in_flight.max(1),
+            end: None,
+            stopping,
+            routes,
+            headers: Arc::new(headers),
+        }
+    }
+
+    fn start(&self, req: pb::ModelInferRequest) -> Answer {
+        let routes = Arc::clone(&self.routes);
+        let headers = Arc::clone(&self.headers);
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            // Kept for an error's answer, which names the request it is for.
+            let named = pb::ModelInferResponse {
+                model_name: req.model_name.clone(),
+                model_version: req.model_version.clone(),
+                id: req.id.clone(),
+                ..Default::default()
+            };
+            let answered = match final_response_asked(req) {
+                Ok((req, asked)) => super::infer(&routes, &headers, started, req).await.map(|mut r| {
+                    if asked {
+                        r.parameters.insert(FINAL_RESPONSE.into(), flag(true));
+                    }
+                    r
+                }),
+                Err(status) => Err(status),
+            };
+            match answered {
+                Ok(response) => pb::ModelStreamInferResponse {
+                    error_message: String::new(),
+                    infer_response: Some(response),
+                },
+                Err(status) => pb::ModelStreamInferResponse {
+                    error_message: status.message().to_string(),
+                    infer_response: Some(named),
+                },
+            }
+        })
+    }
+
+    /// Stops reading requests; the stream ends with `end` (OK when `None`) once every request
+    /// read is answered.
+    fn stop_reading(&mut self, end: Option<Status>) {
+        self.requests = None;
+        self.end = end;
+    }
+}
+
+impl Stream for Answers {
+    type Item = Result<pb::ModelStreamInferResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.requests.is_some() && this.stopping.as_mut().poll(cx).is_ready() {
+            this.stop_reading(Some(Status::unavailable(
+                "the server is shutting down: requests sent on this stream after the answers \
+                 received were not run; send them to the server again",
+            )));
+        }
+        while this.running.len() < this.max_in_flight {
+            let Some(requests) = this.requests.as_mut() else { break };
+            match requests.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(req))) => {
+                    let answer = this.start(req);
+                    this.running.push(answer);
+                }
+                Poll::Ready(Some(Err(status))) => this.stop_reading(Some(status)),
+                Poll::Ready(None) => this.stop_reading(None),
+                Poll::Pending => break,
+            }
+        }
+        match this.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
+            // Nothing running and nothing more to read: the end.
+            Poll::Ready(None) if this.requests.is_none() => Poll::Ready(this.end.take().map(Err)),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+/// `req` without the parameter asking for the final-response flag, and whether it asked.
+fn final_response_asked(mut req: pb::ModelInferRequest) -> Result<(pb::ModelInferRequest, bool), Status> {
+    use pb::infer_parameter::ParameterChoice;
+    match req.parameters.remove(ENABLE_FINAL_RESPONSE).map(|p| p.parameter_choice) {
+        None => Ok((req, false)),
+        Some(Some(ParameterChoice::BoolParam(asked))) => Ok((req, asked)),
+        Some(other) => Err(Status::invalid_argument(format!(
+            "parameter `{ENABLE_FINAL_RESPONSE}` must be a bool, got {other:?}"
+        ))),
+    }
+}
+
+fn flag(value: bool) -> pb::InferParameter {
+    pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(value)) }
+}
