@@ -6,6 +6,8 @@
 //!   `header_read_timeout`; HTTP/1 requests must send their headers within it (an idle
 //!   keep-alive connection is closed after it too); HTTP/2 connections that stop answering
 //!   pings are closed;
+//! - a write the client takes no bytes of for `write_timeout` (it stopped reading) closes the
+//!   connection;
 //! - on shutdown the listener closes at once, connections finish the requests they carry
 //!   (HTTP/1 keep-alive is turned off, HTTP/2 gets GOAWAY), and whatever is still open when
 //!   the grace period ends is closed.
@@ -44,6 +46,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// A write that makes no progress for this long fails, and the connection closes.
+    pub write_timeout: Duration,
     /// No request started for this long: the connection is closed gracefully. None: never.
     pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
@@ -55,6 +59,7 @@ impl Limits {
     pub fn new(http: &sluice_config::HttpOptions, grace: Duration) -> Self {
         Self {
             header_read_timeout: Duration::from_secs_f64(http.header_read_timeout_s),
+            write_timeout: Duration::from_secs_f64(http.write_timeout_s),
             idle_timeout: (http.idle_timeout_s > 0.0).then(|| Duration::from_secs_f64(http.idle_timeout_s)),
             max_connections: http.max_connections,
             grace,
@@ -261,6 +266,7 @@ async fn http<I, S>(
         Some(b"http/1.1") => builder.http1_only(),
         _ => builder,
     };
+    let io = WriteTimed { io, timeout: limits.write_timeout, stall: Stall::default() };
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     // Looked at four times a period: closed after 1 to 1.25 periods without a request.
@@ -288,6 +294,114 @@ async fn http<I, S>(
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// A connection's stream whose writes fail (`TimedOut`) once the client has taken no bytes
+/// for `timeout`: a client that stops reading its answers held its connection (and the
+/// answers' memory) until shutdown. The timer is armed only while a write waits, and reset,
+/// not recreated, when armed again; reads pass through.
+struct WriteTimed<I> {
+    io: I,
+    timeout: Duration,
+    stall: Stall,
+}
+
+impl<I> WriteTimed<I> {
+    /// The outcome of a write call: passed on when ready; when it waits, `TimedOut` once it
+    /// has waited `timeout`.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if write.is_ready() {
+            self.stall.disarm();
+            return write;
+        }
+        match self.stall.poll(cx, self.timeout) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took no bytes for {:?} (http_options.write_timeout_s)", self.timeout),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A timer for something that may stall (a write, a request body): armed when it waits,
+/// disarmed when it makes progress. Reset, not recreated, when armed again, and not touched at
+/// all by what never waits.
+#[derive(Default)]
+pub(crate) struct Stall {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Stall {
+    /// Progress: the next wait is timed from its own start.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Waiting: ready once the wait that began at the first call since [`Self::disarm`] has
+    /// lasted `timeout`.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, timeout: Duration) -> Poll<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sleep = match (&mut self.sleep, self.armed) {
+            (Some(sleep), true) => sleep,
+            (Some(sleep), false) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            (none, _) => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteTimed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteTimed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let write = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.timed(cx, write)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let write = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.timed(cx, write)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flush = Pin::new(&mut self.io).poll_flush(cx);
+        self.timed(cx, flush)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let shutdown = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.timed(cx, shutdown)
+    }
 }
 
 /// How many times [`PollAgain`] polls a connection again within one poll of its task.

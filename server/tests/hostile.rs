@@ -306,3 +306,52 @@ async fn an_idle_connection_is_closed_and_a_busy_one_kept() {
     assert_eq!(until_closed(idle).await, "");
     s.shutdown().await;
 }
+
+/// A client that sends requests and stops reading the answers is cut off once the server's
+/// writes have waited `write_timeout_s` (it held its connection, and the answers' memory,
+/// until shutdown).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    let s = serve("", ", write_timeout_s: 0.5").await;
+    let size = reqwest::get(format!("http://{}/openapi.json", s.http_addr()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let (mut rd, mut wr) = socket.connect(s.http_addr()).await.unwrap().into_split();
+    // More answers than the kernel's buffers hold (a few MB), asked for on one connection.
+    let n = 2000;
+    let writer = tokio::spawn(async move {
+        for _ in 0..n {
+            if wr.write_all(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n").await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // What the server sent before it gave up, then the end (not all the answers, then a
+    // connection still open).
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    let read = tokio::time::timeout(GUARD, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => total += k,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was still open after {total} bytes");
+    assert!(total < n * size / 2, "{total} bytes of {} came", n * size);
+    drop(writer.await.unwrap());
+    // The server serves others as before.
+    let r = reqwest::get(format!("http://{}/v2/health/live", s.http_addr())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}

@@ -26,7 +26,6 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
 use hyper::body::{Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 use tower::util::MapRequest;
 use tower::{Layer, Service, ServiceExt};
 use tower_http::CompressionLevel;
@@ -115,7 +114,7 @@ pub fn timed(req: Request, timeout: Duration, max_message_bytes: usize) -> Reque
         stream: req.uri().path() == STREAM_PATH,
         ..GrpcFraming::default()
     });
-    req.map(|body| Body::new(TimedBody { body, timeout, sleep: None, armed: false, framing, refused: None }))
+    req.map(|body| Body::new(TimedBody { body, timeout, stall: Default::default(), framing, refused: None }))
 }
 
 /// The gRPC method whose request body is a stream of messages.
@@ -201,8 +200,7 @@ fn decoded(req: Request<DecompressionBody<Body>>) -> Request {
 struct TimedBody {
     body: Body,
     timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    stall: crate::listen::Stall,
     /// For a gRPC body: where it is in its messages.
     framing: Option<GrpcFraming>,
     /// A message over the limit, refused once the messages before it are passed on.
@@ -227,7 +225,7 @@ impl hyper::body::Body for TimedBody {
             return Poll::Ready(Some(Err(Box::new(refused))));
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            this.armed = false;
+            this.stall.disarm();
             if let (Some(framing), Some(Ok(frame))) = (&mut this.framing, &frame)
                 && let Some(data) = frame.data_ref()
                 && let Err((length, start)) = framing.read(data)
@@ -247,20 +245,10 @@ impl hyper::body::Body for TimedBody {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if this.framing.as_ref().is_some_and(|f| !f.timed()) {
-            this.armed = false;
+            this.stall.disarm();
             return Poll::Pending;
         }
-        let deadline = Instant::now() + this.timeout;
-        let sleep = match (&mut this.sleep, this.armed) {
-            (Some(sleep), true) => sleep,
-            (Some(sleep), false) => {
-                sleep.as_mut().reset(deadline);
-                sleep
-            }
-            (none, _) => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        this.armed = true;
-        match sleep.as_mut().poll(cx) {
+        match this.stall.poll(cx, this.timeout) {
             Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
             Poll::Pending => Poll::Pending,
         }
