@@ -67,6 +67,7 @@ pub(crate) fn check_listeners(
     };
     positive("header_read_timeout_s", http.header_read_timeout_s);
     positive("body_read_timeout_s", http.body_read_timeout_s);
+    positive("body_total_timeout_s", http.body_total_timeout_s);
     positive("write_timeout_s", http.write_timeout_s);
     if !(0.0..=crate::MAX_SECONDS).contains(&http.idle_timeout_s) {
         let message = format!("must be 0 (never) to {:e} seconds", crate::MAX_SECONDS);
@@ -220,7 +221,7 @@ mod tests {
     #[test]
     fn bad_listener_values_are_each_reported() {
         let errors = parse_in(
-            "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: 1e20, write_timeout_s: 0, idle_timeout_s: -1, max_connections: 0}\n\
+            "http_options: {port: 9000, header_read_timeout_s: 0, body_read_timeout_s: 1e20, body_total_timeout_s: -3, write_timeout_s: 0, idle_timeout_s: -1, max_connections: 0}\n\
              grpc_options: {port: 9000, tls: {cert_file: cert.pem, key_file: key.pem}, stream_max_in_flight: 0}\n\
              admin_options: {tls: {cert_file: nope.pem, key_file: key.pem, reload_interval_s: 0.000001}}\n",
         )
@@ -229,6 +230,7 @@ mod tests {
         for want in [
             "http_options.header_read_timeout_s: must be more than 0 seconds, at most 1e9",
             "http_options.body_read_timeout_s: must be more than 0 seconds",
+            "http_options.body_total_timeout_s: must be more than 0 seconds",
             "http_options.write_timeout_s: must be more than 0 seconds",
             "http_options.idle_timeout_s: must be 0 (never) to 1e9 seconds",
             "http_options.max_connections: must be 1 to 16777216",

@@ -429,6 +429,9 @@ pub struct HttpOptions {
     pub header_read_timeout_s: f64,
     /// The longest pause while a request body arrives; past it the request gets 408. Default 30.
     pub body_read_timeout_s: f64,
+    /// The longest a request body (a gRPC stream's message) may take to arrive in all,
+    /// counted from when the server first waits for it. Default 300.
+    pub body_total_timeout_s: f64,
     /// The longest a connection's write may wait for the client to take bytes (it stopped
     /// reading, its window full); past it the connection is closed. Every listener. Default 30.
     pub write_timeout_s: f64,
@@ -451,6 +454,7 @@ impl Default for HttpOptions {
             max_body_bytes: 64 * 1024 * 1024,
             header_read_timeout_s: 30.0,
             body_read_timeout_s: 30.0,
+            body_total_timeout_s: 300.0,
             write_timeout_s: 30.0,
             idle_timeout_s: 3600.0,
             max_connections: 4096,

@@ -297,11 +297,10 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             Some((listener, _)) => {
                 // The REST intake's body read timeout, which a shared port has from the REST
                 // frontend: a stream whose message stops arriving held its connection for good.
-                let timeout = Duration::from_secs_f64(http.body_read_timeout_s);
-                let max_message_bytes = http.max_body_bytes;
+                let bounds = rest::IntakeLayer::new(http);
                 let grpc_app =
                     grpc_app.layer(tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
-                        rest::timed_body(req, timeout, max_message_bytes)
+                        rest::timed_body(req, &bounds)
                     }));
                 tasks.push(listen::spawn(listener, grpc_tls, grpc_app, limits, stop_rx.clone()))
             }

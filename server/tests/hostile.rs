@@ -141,6 +141,47 @@ async fn a_body_that_stops_arriving_gets_408() {
     s.shutdown().await;
 }
 
+/// A body that keeps arriving a byte at a time, each within `body_read_timeout_s`, is cut at
+/// `body_total_timeout_s` (it held its request, and the connection, as long as the client
+/// liked).
+#[tokio::test]
+async fn a_body_that_trickles_in_gets_408_at_the_total_timeout() {
+    let s = serve("", ", body_read_timeout_s: 1, body_total_timeout_s: 1").await;
+    let c = connect(
+        s.http_addr(),
+        b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .await;
+    let (mut rd, mut wr) = c.into_split();
+    let started = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..99 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(GUARD, async {
+        while !String::from_utf8_lossy(&answer).contains("}") {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok());
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_total_timeout_s"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    trickle.abort();
+    s.shutdown().await;
+}
+
 /// On gRPC's own port too, a call whose message stops arriving is ended after
 /// `body_read_timeout_s` (only the REST frontend timed bodies: such a call, and its connection,
 /// were held until shutdown).

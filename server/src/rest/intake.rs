@@ -34,11 +34,26 @@ use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 
 use super::screen;
 
-/// Wraps routes in [`Intake`].
+/// Wraps routes in [`Intake`]; the bounds of a request body (from `http_options`), which
+/// [`timed`] applies.
 #[derive(Clone, Copy)]
 pub struct IntakeLayer {
     pub max_body_bytes: usize,
+    /// The longest pause while a body arrives (`body_read_timeout_s`).
     pub body_read_timeout: Duration,
+    /// The longest a body (a gRPC stream's message) may take in all, from the server's first
+    /// wait for it (`body_total_timeout_s`).
+    pub body_total_timeout: Duration,
+}
+
+impl IntakeLayer {
+    pub fn new(http: &sluice_config::HttpOptions) -> Self {
+        Self {
+            max_body_bytes: http.max_body_bytes,
+            body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
+            body_total_timeout: Duration::from_secs_f64(http.body_total_timeout_s),
+        }
+    }
 }
 
 impl<S: Clone> Layer<S> for IntakeLayer {
@@ -77,7 +92,7 @@ where
         if let Some(refusal) = screen::refuse(req.headers_mut(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
-        let req = timed(req, self.limits.body_read_timeout, self.limits.max_body_bytes);
+        let req = timed(req, &self.limits);
         let headers = req.headers();
         if !headers.contains_key(header::CONTENT_ENCODING) && !accepts_compression(headers) {
             return Either::Left(self.plain.call(req));
@@ -93,13 +108,16 @@ where
     }
 }
 
-/// `req` with its body failing when no data arrives for `timeout` (`body_read_timeout_s`). A
-/// request without a body (GET, or `Content-Length: 0`) has nothing to time. A gRPC body is read
+/// `req` with its body failing when no data arrives for `body_read_timeout_s`, or when it is
+/// still arriving `body_total_timeout_s` after the server first waited for it (a body that
+/// trickles in; checked as data arrives, so that a body that comes whole with its headers, as
+/// small ones do, never reads the clock). A request without a body (GET, or
+/// `Content-Length: 0`) has nothing to time. A gRPC body is read
 /// message by message: one whose length prefix announces more than `max_message_bytes` fails
 /// with RESOURCE_EXHAUSTED before its bytes arrive (as grpc-go and Triton answer; tonic's own
 /// check answers OUT_OF_RANGE), and a stream of requests (`ModelStreamInfer`) is timed only
 /// inside a message: between two, its client may pause as long as it likes.
-pub fn timed(req: Request, timeout: Duration, max_message_bytes: usize) -> Request {
+pub fn timed(req: Request, limits: &IntakeLayer) -> Request {
     if hyper::body::Body::is_end_stream(req.body()) {
         return req;
     }
@@ -110,11 +128,22 @@ pub fn timed(req: Request, timeout: Duration, max_message_bytes: usize) -> Reque
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let framing = grpc.then(|| GrpcFraming {
-        limit: max_message_bytes as u64,
+        limit: limits.max_body_bytes as u64,
         stream: req.uri().path() == STREAM_PATH,
         ..GrpcFraming::default()
     });
-    req.map(|body| Body::new(TimedBody { body, timeout, stall: Default::default(), framing, refused: None }))
+    let (timeout, total) = (limits.body_read_timeout, limits.body_total_timeout);
+    req.map(|body| {
+        Body::new(TimedBody {
+            body,
+            timeout,
+            total,
+            waiting_since: None,
+            stall: Default::default(),
+            framing,
+            refused: None,
+        })
+    })
 }
 
 /// The gRPC method whose request body is a stream of messages.
@@ -200,6 +229,9 @@ fn decoded(req: Request<DecompressionBody<Body>>) -> Request {
 struct TimedBody {
     body: Body,
     timeout: Duration,
+    total: Duration,
+    /// When the server first waited for this body (a stream's current message).
+    waiting_since: Option<std::time::Instant>,
     stall: crate::listen::Stall,
     /// For a gRPC body: where it is in its messages.
     framing: Option<GrpcFraming>,
@@ -207,10 +239,14 @@ struct TimedBody {
     refused: Option<tonic::Status>,
 }
 
-/// No request data arrived for `http_options.body_read_timeout_s`.
+/// A request body that took too long.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body stopped arriving")]
-pub struct BodyTimeout;
+pub enum BodyTimeout {
+    #[error("the request body stopped arriving (http_options.body_read_timeout_s passed without data)")]
+    Stalled,
+    #[error("the request body was still arriving after http_options.body_total_timeout_s")]
+    TooLong,
+}
 
 impl hyper::body::Body for TimedBody {
     type Data = Bytes;
@@ -226,6 +262,11 @@ impl hyper::body::Body for TimedBody {
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.stall.disarm();
+            if let Some(since) = this.waiting_since
+                && since.elapsed() > this.total
+            {
+                return Poll::Ready(Some(Err(BodyTimeout::TooLong.into())));
+            }
             if let (Some(framing), Some(Ok(frame))) = (&mut this.framing, &frame)
                 && let Some(data) = frame.data_ref()
                 && let Err((length, start)) = framing.read(data)
@@ -242,14 +283,19 @@ impl hyper::body::Body for TimedBody {
                 this.refused = Some(refused);
                 return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
             }
+            // A stream's next message is timed from its own first wait.
+            if this.framing.as_ref().is_some_and(|f| !f.timed()) {
+                this.waiting_since = None;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if this.framing.as_ref().is_some_and(|f| !f.timed()) {
             this.stall.disarm();
             return Poll::Pending;
         }
+        this.waiting_since.get_or_insert_with(std::time::Instant::now);
         match this.stall.poll(cx, this.timeout) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout::Stalled.into()))),
             Poll::Pending => Poll::Pending,
         }
     }

@@ -6,7 +6,7 @@
 mod health;
 pub mod infer;
 mod intake;
-pub use intake::timed as timed_body;
+pub use intake::{IntakeLayer, timed as timed_body};
 pub mod json;
 mod json_scan;
 pub(crate) mod model;
@@ -17,7 +17,6 @@ pub mod screen;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -104,11 +103,7 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
 /// answers on a shared port are left alone: gRPC compresses per message); then [`Rest`]: the
 /// infer requests straight to their handler, everything else through `routes`.
 pub fn frontend(routes: Router, state: AppState, http: &sluice_config::HttpOptions) -> Frontend {
-    let intake = intake::IntakeLayer {
-        max_body_bytes: http.max_body_bytes,
-        body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
-    }
-    .layer(Rest { routes, state });
+    let intake = intake::IntakeLayer::new(http).layer(Rest { routes, state });
     if crate::telemetry::request_spans_recorded() {
         let traced = tower::ServiceBuilder::new()
             .map_response(IntoResponse::into_response)

@@ -100,11 +100,8 @@ pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) 
         if c.is::<http_body_util::LengthLimitError>() {
             return too_large(None, max_body_bytes);
         }
-        if c.is::<super::intake::BodyTimeout>() {
-            return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body stopped arriving (http_options.body_read_timeout_s passed without data)",
-            );
+        if let Some(timeout) = c.downcast_ref::<super::intake::BodyTimeout>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, timeout.to_string());
         }
         cause = c.source();
     }
