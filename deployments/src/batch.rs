@@ -77,6 +77,9 @@ pub(crate) struct Job {
     /// Which model of a multiplexed deployment (requests for different models never share a
     /// batch).
     pub model: Option<std::sync::Arc<str>>,
+    /// Times remote replicas that could not be reached handed it on
+    /// ([`crate::deployment::Redirect`]).
+    pub hops: u8,
 }
 
 /// How a deployment batches.
@@ -355,6 +358,7 @@ mod tests {
             reply: Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
+            hops: 0,
         };
         (job, rx)
     }

@@ -67,6 +67,7 @@ pub fn run_batched(
             reply: crate::batch::Reply::new(reply),
             span,
             model: None,
+            hops: 0,
         };
         state.push(job);
         answers.push(answer);
@@ -390,6 +391,7 @@ mod tests {
             reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
+            hops: 0,
         }
     }
 

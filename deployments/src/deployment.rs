@@ -8,9 +8,9 @@
 //! requests. Replicas ([`crate::replica`]) know nothing of this: they report readiness to the
 //! deployment, which opens their slots to admission.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -108,7 +108,8 @@ impl DeploymentSpec {
 /// remote process.
 enum Channel {
     Local(SyncSender<Msg>, Arc<ModelCell>),
-    Remote(Arc<dyn RemoteReplica>),
+    /// The replica, and where a call it could not deliver goes back to (its set, its id).
+    Remote(Arc<dyn RemoteReplica>, Weak<ReplicaSet>, usize),
 }
 
 impl Channel {
@@ -122,11 +123,29 @@ impl Channel {
                     Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
                 },
             }),
-            Channel::Remote(r) => {
-                let Job { inputs, outputs, deadline, reply, span, model, .. } = job;
-                let _entered = span.enter();
+            Channel::Remote(r, set, from) => {
+                let Job { inputs, outputs, rows, deadline, admitted, arrived, reply, span, model, hops } =
+                    job;
                 let (reply, admission) = reply.into_parts();
-                r.call(RemoteCall { inputs, outputs: outputs.to_vec(), deadline, reply, model, admission });
+                let redirect = (hops < MAX_REDIRECTS).then(|| Redirect {
+                    set: set.clone(),
+                    from: *from,
+                    rows,
+                    admitted,
+                    arrived,
+                    span: span.clone(),
+                    hops,
+                });
+                let _entered = span.enter();
+                r.call(RemoteCall {
+                    inputs,
+                    outputs: outputs.to_vec(),
+                    deadline,
+                    reply,
+                    model,
+                    admission,
+                    redirect,
+                });
                 Ok(())
             }
         }
@@ -137,6 +156,55 @@ impl Channel {
     fn stop(&self) {
         if let Channel::Local(tx, _) = self {
             let _ = tx.try_send(Msg::Stop);
+        }
+    }
+}
+
+/// How many times a request is handed on by remote replicas that could not be reached
+/// before its error is answered (three replicas tried in all).
+const MAX_REDIRECTS: u8 = 2;
+
+/// Where a remote replica sends a call it could not deliver (its connection could not be
+/// made: nothing reached the replica, so the request is run elsewhere rather than answered
+/// 503): the other ready replicas of its deployment, as a replica whose model panicked hands
+/// on its queue.
+pub struct Redirect {
+    set: Weak<ReplicaSet>,
+    from: usize,
+    rows: usize,
+    admitted: Instant,
+    arrived: Instant,
+    span: tracing::Span,
+    hops: u8,
+}
+
+impl Redirect {
+    /// Hands `call` to another ready replica of the deployment (counted there); where none
+    /// can take it, answers it with `error`.
+    pub fn send(self, call: RemoteCall, error: InferError) {
+        let RemoteCall { inputs, outputs, deadline, reply, model, admission, .. } = call;
+        let mut reply = Reply::new(reply);
+        if let Some(admission) = admission {
+            reply.hold(admission);
+        }
+        let job = Job {
+            inputs,
+            outputs: outputs.into(),
+            rows: self.rows,
+            deadline,
+            admitted: self.admitted,
+            arrived: self.arrived,
+            reply,
+            span: self.span,
+            model,
+            hops: self.hops + 1,
+        };
+        let Some(set) = self.set.upgrade() else {
+            let _ = job.reply.send(Err(error));
+            return;
+        };
+        if let Err(job) = set.redispatch(job, self.from) {
+            let _ = job.reply.send(Err(error));
         }
     }
 }
@@ -543,7 +611,7 @@ impl Deployment {
     /// ([`Deployment::set_replica_ready`]). Returns its id in this deployment.
     pub fn add_remote(&self, remote: Arc<dyn RemoteReplica>) -> usize {
         let id = self.set.next_id.fetch_add(1, Ordering::Relaxed);
-        self.set.add_slot(id, Channel::Remote(remote));
+        self.set.add_slot(id, Channel::Remote(remote, Arc::downgrade(&self.set), id));
         self.set.publish_ready();
         id
     }
@@ -575,7 +643,7 @@ impl Deployment {
             .load()
             .iter()
             .filter_map(|r| match &r.channel {
-                Channel::Remote(remote) => {
+                Channel::Remote(remote, ..) => {
                     Some((r.id, r.ready.load(Ordering::Acquire), remote.info().clone()))
                 }
                 Channel::Local(..) => None,
@@ -597,7 +665,7 @@ impl Deployment {
             .iter()
             .map(|r| {
                 let remote = match &r.channel {
-                    Channel::Remote(remote) => Some(remote.info()),
+                    Channel::Remote(remote, ..) => Some(remote.info()),
                     Channel::Local(..) => None,
                 };
                 ReplicaInfo {
@@ -622,7 +690,7 @@ impl Deployment {
         let replicas = self.set.replicas.load_full();
         let mut local = replicas.iter().filter_map(|r| match &r.channel {
             Channel::Local(tx, cell) => Some((r.id, tx, cell)),
-            Channel::Remote(_) => None,
+            Channel::Remote(..) => None,
         });
         local.any(|(id, tx, cell)| cell.warm_again(&self.set.config, (&*self.set, id), tx))
     }
@@ -839,6 +907,7 @@ impl Deployment {
             reply,
             span,
             model,
+            hops: 0,
         };
         let left = self.dispatch(job, permit)?;
         if let Some(slot) = left
@@ -1355,6 +1424,7 @@ mod tests {
             reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
+            hops: 0,
         }
     }
 

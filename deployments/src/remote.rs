@@ -24,6 +24,9 @@ pub struct RemoteCall {
     /// What admitting the request took: keep it until the answer is sent or the call is
     /// dropped (the replica counts as busy with the request until then).
     pub admission: Option<crate::deployment::Admission>,
+    /// Where to hand the call when it never reached the replica (its connection could not be
+    /// made); `None` once it has been handed on as often as allowed.
+    pub redirect: Option<crate::deployment::Redirect>,
 }
 
 /// Where a remote replica runs, for status.

@@ -60,21 +60,21 @@ impl GrpcReplica {
 
 impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
-        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission } = call;
+        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect } = call;
         let left = deadline.saturating_duration_since(Instant::now());
-        let request = encode(&self.model, &self.version, inputs, &outputs, left);
+        let request = encode(&self.model, &self.version, &inputs, &outputs, left);
         let mut client = self.client.clone();
         let (name, addr) = (self.info.name.clone(), self.info.addr.clone());
         let suspect = self.suspect.clone();
         self.runtime.spawn(async move {
             // Held until the call is answered or dropped: the replica counts as busy until then.
-            let _admission = admission;
+            let mut admission = admission;
             let mut request = tonic::Request::new(request);
             request.set_timeout(left.max(Duration::from_millis(1)));
             // An id outside visible ASCII (a folder named `café`) cannot be an ASCII metadata
             // value: it goes as bytes under the `-bin` key (it was left out, and the replica
             // answered "name a model").
-            if let Some(m) = model {
+            if let Some(m) = &model {
                 match m.parse::<tonic::metadata::MetadataValue<_>>() {
                     Ok(value) => {
                         drop(request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, value))
@@ -96,7 +96,16 @@ impl RemoteReplica for GrpcReplica {
                     if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
                         suspect.notify_one();
                     }
-                    Err(from_status(&status, &name, &addr))
+                    let error = from_status(&status, &name, &addr);
+                    // Nothing reached the replica: another one runs the request.
+                    if let Some(redirect) = redirect.filter(|_| never_delivered(&status)) {
+                        let admission = admission.take();
+                        let call =
+                            RemoteCall { inputs, outputs, deadline, reply, model, admission, redirect: None };
+                        redirect.send(call, error);
+                        return;
+                    }
+                    Err(error)
                 }
             };
             let _ = reply.send(answer);
@@ -108,10 +117,25 @@ impl RemoteReplica for GrpcReplica {
     }
 }
 
+/// Whether a call failed before anything reached the replica: its connection could not be
+/// made (refused: the process is gone; unreachable). A call whose connection broke later may
+/// have run there.
+fn never_delivered(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(c) = cause {
+        // hyper-util's connector error, which tonic wraps: "tcp connect error".
+        if c.to_string().starts_with("tcp connect error") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn encode(
     model: &str,
     version: &str,
-    inputs: Vec<NamedTensor>,
+    inputs: &[NamedTensor],
     outputs: &[String],
     left: Duration,
 ) -> pb::ModelInferRequest {
@@ -119,7 +143,7 @@ fn encode(
     let mut raw = Vec::with_capacity(inputs.len());
     for input in inputs {
         tensors.push(pb::model_infer_request::InferInputTensor {
-            name: input.name,
+            name: input.name.clone(),
             datatype: input.tensor.dtype().as_str().to_string(),
             shape: input.tensor.shape().iter().map(|&d| d as i64).collect(),
             parameters: Default::default(),
@@ -209,7 +233,7 @@ mod tests {
         let req = encode(
             "m",
             "3",
-            vec![NamedTensor { name: "x".into(), tensor }],
+            &[NamedTensor { name: "x".into(), tensor }],
             &["y".into()],
             Duration::from_millis(7),
         );
