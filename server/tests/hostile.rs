@@ -396,3 +396,22 @@ async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
     assert_eq!(r.status(), 200);
     s.shutdown().await;
 }
+
+/// A connection that has sent no request yet when shutdown starts is ended gracefully: an
+/// HTTP/2 client gets GOAWAY (so it knows that nothing it sent ran, and retries elsewhere)
+/// rather than a connection closed under it. (It did before this test was written: the
+/// connection's HTTP task sees the shutdown first and sends it.)
+#[tokio::test]
+async fn a_connection_without_a_request_at_shutdown_gets_goaway() {
+    let s = serve("graceful_shutdown_timeout_s: 5", "").await;
+    let tcp = TcpStream::connect(s.http_addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let ended = tokio::spawn(conn);
+    // The server has the connection (its preface answered), and no request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(GUARD, s.shutdown()).await.expect("shutdown ends");
+    let result = tokio::time::timeout(GUARD, ended).await.expect("the connection ends").unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    let e = send.ready().await.err().expect("no more requests on it");
+    assert!(e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR), "{e:?}");
+}
