@@ -34,6 +34,10 @@ pub enum Protocol {
     RestBinary,
     #[serde(rename = "grpc")]
     Grpc,
+    /// Triton's `ModelStreamInfer`: a stream per closed-loop worker, one request in flight on
+    /// each.
+    #[serde(rename = "grpc-stream")]
+    GrpcStream,
 }
 
 impl FromStr for Protocol {
@@ -43,7 +47,8 @@ impl FromStr for Protocol {
             "rest-json" | "json" => Ok(Self::RestJson),
             "rest-binary" | "binary" => Ok(Self::RestBinary),
             "grpc" => Ok(Self::Grpc),
-            other => Err(format!("unknown protocol `{other}` (rest-json, rest-binary, grpc)")),
+            "grpc-stream" => Ok(Self::GrpcStream),
+            other => Err(format!("unknown protocol `{other}` (rest-json, rest-binary, grpc, grpc-stream)")),
         }
     }
 }
@@ -54,6 +59,7 @@ impl std::fmt::Display for Protocol {
             Self::RestJson => "rest-json",
             Self::RestBinary => "rest-binary",
             Self::Grpc => "grpc",
+            Self::GrpcStream => "grpc-stream",
         })
     }
 }
@@ -76,6 +82,10 @@ pub enum Client {
         conn: GrpcConn,
         live: bool,
     },
+    /// `ModelStreamInfer` on the shared connection: closed loop only (each worker's stream).
+    GrpcStream {
+        conn: GrpcConn,
+    },
 }
 
 /// What a REST client sends.
@@ -92,6 +102,8 @@ pub enum RestCall {
 pub struct Worker<'a> {
     client: &'a Client,
     conn: Option<SendRequest<Full<Bytes>>>,
+    /// Its `ModelStreamInfer` stream (`grpc-stream`).
+    stream: Option<grpc::GrpcStream>,
 }
 
 impl Drop for Worker<'_> {
@@ -107,9 +119,10 @@ impl Drop for Worker<'_> {
 }
 
 impl Worker<'_> {
-    /// Drops the worker's connection; its next request opens a new one.
+    /// Drops the worker's connection (or stream); its next request opens a new one.
     pub fn disconnect(&mut self) {
         self.conn = None;
+        self.stream = None;
     }
 
     /// Takes a connection an earlier step's worker left (REST), else opens one now, so that
@@ -134,6 +147,19 @@ impl Worker<'_> {
 
     /// Sends one request on the worker's connection and receives its answer, undecoded.
     pub async fn answer(&mut self, p: &Prepared) -> Result<Answer, ErrorKind> {
+        if let Client::GrpcStream { conn } = self.client {
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                none => none.insert(conn.open_stream().await?),
+            };
+            let answer = stream.call(p.grpc.clone()).await;
+            // A failed request leaves the stream open (its answer carried the error); anything
+            // else ended it.
+            if answer.as_ref().is_err_and(|e| !e.starts_with("stream error")) {
+                self.stream = None;
+            }
+            return answer.map(Answer::Grpc);
+        }
         let Client::Rest { target, path, call, .. } = self.client else {
             return self.client.answer(p).await;
         };
@@ -244,11 +270,15 @@ impl Client {
                     idle: Arc::default(),
                 }
             }
-            Protocol::Grpc => {
+            Protocol::Grpc | Protocol::GrpcStream => {
                 let conn = GrpcConn::connect(target)
                     .await
                     .map_err(|e| anyhow::anyhow!("connecting to {target}: {e}"))?;
-                Client::Grpc { conn, live: false }
+                if protocol == Protocol::GrpcStream {
+                    Client::GrpcStream { conn }
+                } else {
+                    Client::Grpc { conn, live: false }
+                }
             }
         })
     }
@@ -260,13 +290,13 @@ impl Client {
             Client::Rest { http, target, idle, .. } => {
                 Client::Rest { http, target, path: "/v2/health/live".into(), call: RestCall::Live, idle }
             }
-            Client::Grpc { conn, .. } => Client::Grpc { conn, live: true },
+            Client::Grpc { conn, .. } | Client::GrpcStream { conn } => Client::Grpc { conn, live: true },
         }
     }
 
     /// A worker with its own connection (REST) for closed-loop sending.
     pub fn worker(&self) -> Worker<'_> {
-        Worker { client: self, conn: None }
+        Worker { client: self, conn: None, stream: None }
     }
 
     /// Sends one request through the shared pool or channel (open loop) and receives its
@@ -291,6 +321,7 @@ impl Client {
             Client::Grpc { conn, live: false } => {
                 conn.unary(Rpc::ModelInfer, p.grpc.clone()).await.map(Answer::Grpc)
             }
+            Client::GrpcStream { .. } => Err("grpc-stream sends from closed-loop workers only".into()),
         }
     }
 
@@ -317,7 +348,7 @@ pub async fn model_inputs(
     model: &str,
     version: &str,
 ) -> Result<Vec<InputSpec>> {
-    if protocol == Protocol::Grpc {
+    if matches!(protocol, Protocol::Grpc | Protocol::GrpcStream) {
         let channel = Channel::from_shared(format!("http://{target}"))?.connect().await?;
         let mut c = GrpcInferenceServiceClient::new(channel);
         let m = c

@@ -10,6 +10,11 @@
 //!
 //! A connection that breaks (or that the server closes with GOAWAY) is replaced on the next
 //! call; calls in flight on it fail and are counted.
+//!
+//! `grpc-stream` sends over Triton's `ModelStreamInfer` instead: each closed-loop worker keeps
+//! one stream on the shared connection and has one request in flight on it (as
+//! `perf_analyzer --streaming` does per concurrency slot), so that streams and unary calls can
+//! be compared at the same concurrency.
 
 use std::sync::Mutex;
 
@@ -30,6 +35,7 @@ pub const SERVER_LIVE_REQUEST: Bytes = Bytes::from_static(&[0; PREFIX]);
 pub enum Rpc {
     ModelInfer,
     ServerLive,
+    ModelStreamInfer,
 }
 
 impl Rpc {
@@ -37,6 +43,7 @@ impl Rpc {
         match self {
             Rpc::ModelInfer => "/inference.GRPCInferenceService/ModelInfer",
             Rpc::ServerLive => "/inference.GRPCInferenceService/ServerLive",
+            Rpc::ModelStreamInfer => "/inference.GRPCInferenceService/ModelStreamInfer",
         }
     }
 }
@@ -59,6 +66,7 @@ pub struct GrpcConn {
     /// Each [`Rpc`]'s URI, built once.
     model_infer: Uri,
     server_live: Uri,
+    model_stream_infer: Uri,
     send: Mutex<Option<SendRequest<Bytes>>>,
 }
 
@@ -74,8 +82,15 @@ impl GrpcConn {
                 .map_err(|e| format!("target `{target}`: {e}"))
         };
         let (model_infer, server_live) = (uri(Rpc::ModelInfer)?, uri(Rpc::ServerLive)?);
+        let model_stream_infer = uri(Rpc::ModelStreamInfer)?;
         let send = handshake(target).await?;
-        Ok(Self { target: target.to_string(), model_infer, server_live, send: Mutex::new(Some(send)) })
+        Ok(Self {
+            target: target.to_string(),
+            model_infer,
+            server_live,
+            model_stream_infer,
+            send: Mutex::new(Some(send)),
+        })
     }
 
     /// The connection's handle, after opening a new connection if the last one broke.
@@ -101,6 +116,7 @@ impl GrpcConn {
         let uri = match rpc {
             Rpc::ModelInfer => &self.model_infer,
             Rpc::ServerLive => &self.server_live,
+            Rpc::ModelStreamInfer => return Err("ModelStreamInfer is a stream: open_stream".into()),
         };
         let result = call(send, uri.clone(), request).await;
         if let Err(Failure::Transport(_)) = &result {
@@ -111,6 +127,120 @@ impl GrpcConn {
             Failure::Status(s) => s,
         })
     }
+
+    /// Opens a `ModelStreamInfer` stream on the connection (a new connection if the last one
+    /// broke).
+    pub async fn open_stream(&self) -> Result<GrpcStream, ErrorKind> {
+        let send = self.handle().await?;
+        let opened = async {
+            let mut send = send.ready().await.map_err(|e| Failure::Transport(e.to_string()))?;
+            let req = grpc_request(self.model_stream_infer.clone())?;
+            let (response, stream) =
+                send.send_request(req, false).map_err(|e| Failure::Transport(e.to_string()))?;
+            // The server answers the stream's headers once it takes the call.
+            let head = response.await.map_err(stream_failure)?;
+            if head.status() != hyper::StatusCode::OK {
+                return Err(Failure::Status(format!("http {}", head.status().as_u16())));
+            }
+            Ok(GrpcStream { send: stream, recv: head.into_body(), buf: BytesMut::new() })
+        }
+        .await;
+        if let Err(Failure::Transport(_)) = &opened {
+            self.broken();
+        }
+        opened.map_err(|f| match f {
+            Failure::Transport(e) => format!("transport: {e}"),
+            Failure::Status(s) => s,
+        })
+    }
+}
+
+/// One `ModelStreamInfer` stream with at most one request in flight: each answer is the one to
+/// the request sent before it.
+pub struct GrpcStream {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    /// What has come of the next answer.
+    buf: BytesMut,
+}
+
+impl GrpcStream {
+    /// Sends one framed `ModelInferRequest` and returns its answer's `ModelInferResponse`
+    /// message (unframed); an answer carrying an `error_message` is a `stream error: …`. Any
+    /// other failure leaves the stream unusable (the caller opens another).
+    pub async fn call(&mut self, request: Bytes) -> Result<Bytes, ErrorKind> {
+        self.send.send_data(request, false).map_err(|e| format!("transport: {e}"))?;
+        loop {
+            if let Some(message) = take_message(&mut self.buf)? {
+                return stream_answer(message);
+            }
+            match self.recv.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(format!("transport: {e}")),
+                None => {
+                    let trailers = self.recv.trailers().await.ok().flatten();
+                    let code =
+                        trailers.as_ref().and_then(|t| t.get("grpc-status")).map(|s| s.as_bytes().to_vec());
+                    return Err(match code {
+                        Some(code) => format!("grpc {:?}", tonic::Code::from_bytes(&code)),
+                        None => "bad response: the stream ended without a status".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The first whole message framed in `buf`, taken out of it.
+fn take_message(buf: &mut BytesMut) -> Result<Option<Bytes>, ErrorKind> {
+    if buf.len() < PREFIX {
+        return Ok(None);
+    }
+    if buf[0] != 0 {
+        return Err("bad response: compressed, though no compression was offered".into());
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() < PREFIX + len {
+        return Ok(None);
+    }
+    let mut message = buf.split_to(PREFIX + len).freeze();
+    message.advance(PREFIX);
+    Ok(Some(message))
+}
+
+/// A `ModelStreamInferResponse`'s `infer_response` message, or its `error_message` as the
+/// failure. Read field by field (protobuf's wire format) rather than decoded whole: the
+/// response's tensors are left for `--check` to decode, outside the latency.
+fn stream_answer(mut message: Bytes) -> Result<Bytes, ErrorKind> {
+    let mut response = Bytes::new();
+    while message.has_remaining() {
+        let key = prost::encoding::decode_varint(&mut message).map_err(|e| format!("bad response: {e}"))?;
+        let len = prost::encoding::decode_varint(&mut message).map_err(|e| format!("bad response: {e}"))?;
+        let len = usize::try_from(len).ok().filter(|&n| n <= message.len());
+        let Some(len) = len.filter(|_| key & 7 == 2) else {
+            return Err("bad response: not a ModelStreamInferResponse".into());
+        };
+        let field = message.split_to(len);
+        match key >> 3 {
+            1 if !field.is_empty() => {
+                return Err(format!("stream error: {}", String::from_utf8_lossy(&field)));
+            }
+            2 => response = field,
+            _ => {}
+        }
+    }
+    Ok(response)
+}
+
+fn grpc_request(uri: Uri) -> Result<Request<()>, Failure> {
+    Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| Failure::Status(format!("request: {e}")))
 }
 
 enum Failure {
@@ -146,11 +276,7 @@ async fn handshake(target: &str) -> Result<SendRequest<Bytes>, ErrorKind> {
 async fn call(send: SendRequest<Bytes>, uri: Uri, body: Bytes) -> Result<Bytes, Failure> {
     let transport = |e: h2::Error| Failure::Transport(e.to_string());
     let mut send = send.ready().await.map_err(transport)?;
-    let req = Request::post(uri)
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .map_err(|e| Failure::Status(format!("request: {e}")))?;
+    let req = grpc_request(uri)?;
     let (response, mut stream) = send.send_request(req, false).map_err(transport)?;
     // Sent as the peer's flow-control window allows; h2 queues what does not fit yet.
     stream.send_data(body, true).map_err(transport)?;
@@ -213,6 +339,32 @@ mod tests {
         let back = unframe(framed).unwrap();
         assert_eq!(<pb::ServerLiveResponse as prost::Message>::decode(back).unwrap(), m);
         assert_eq!(frame(&pb::ServerLiveRequest {}).unwrap(), SERVER_LIVE_REQUEST);
+    }
+
+    #[test]
+    fn stream_answers_are_read_field_by_field() {
+        use prost::Message;
+        let response =
+            pb::ModelInferResponse { model_name: "m".into(), id: "7".into(), ..Default::default() };
+        let ok = pb::ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(response.clone()),
+        };
+        let mut buf = BytesMut::from(&frame(&ok).unwrap()[..]);
+        buf.extend_from_slice(&[0, 0, 0]); // the start of the next answer
+        let message = take_message(&mut buf).unwrap().unwrap();
+        assert_eq!(buf.len(), 3, "the next answer's start is kept");
+        assert_eq!(pb::ModelInferResponse::decode(stream_answer(message).unwrap()).unwrap(), response);
+        let failed = pb::ModelStreamInferResponse {
+            error_message: "bad shape".into(),
+            infer_response: Some(response),
+        };
+        let message = unframe(frame(&failed).unwrap()).unwrap();
+        assert_eq!(stream_answer(message).unwrap_err(), "stream error: bad shape");
+        assert!(
+            take_message(&mut BytesMut::from(&[0u8, 0, 0, 0, 9, 1][..])).unwrap().is_none(),
+            "not whole yet"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
 #[derive(Parser)]
 #[command(name = "sluice-loadtest", version)]
 struct Args {
-    /// Server address, host:port (REST port for rest-*, gRPC port for grpc).
+    /// Server address, host:port (REST port for rest-*, gRPC port for grpc and grpc-stream).
     #[arg(long, default_value = "127.0.0.1:8000")]
     url: String,
     /// Model name.
@@ -28,7 +28,8 @@ struct Args {
     /// Model version (empty: the server's choice).
     #[arg(long, default_value = "")]
     model_version: String,
-    /// rest-json, rest-binary or grpc.
+    /// rest-json, rest-binary, grpc, or grpc-stream (Triton's `ModelStreamInfer`: a stream per
+    /// closed-loop worker, one request in flight on each; not with --rate or --health).
     #[arg(long, short, default_value = "rest-json")]
     protocol: Protocol,
     /// OIP sample file ({"inputs": [...]} or {"cases": [...]}); without it, random tensors
@@ -156,6 +157,9 @@ fn main() {
 async fn run(args: Args) -> Result<()> {
     if args.duration.is_none() && args.requests.is_none() {
         bail!("give --duration or --requests: every run must stop by itself");
+    }
+    if args.protocol == client::Protocol::GrpcStream && (!args.rate.is_empty() || args.health) {
+        bail!("grpc-stream is closed loop (--concurrency) and sends inference (not --health)");
     }
     let addrs: Vec<_> =
         args.url.to_socket_addrs().with_context(|| format!("resolving {}", args.url))?.collect();

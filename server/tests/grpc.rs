@@ -180,6 +180,35 @@ async fn the_load_testers_grpc_client_checks_answers_and_names_failures() {
     s.shutdown().await;
 }
 
+/// `sluice-loadtest --protocol grpc-stream`: each worker's requests on its own
+/// `ModelStreamInfer` stream, answers checked; a failing request is counted and its stream
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_testers_stream_client_checks_answers_and_names_failures() {
+    use std::sync::Arc;
+
+    use sluice_loadtest::client::{Client, Protocol};
+    use sluice_loadtest::codec::prepare;
+    use sluice_loadtest::inputs::load_samples;
+    use sluice_loadtest::run::{Limits, Mode, StepOptions, run_step};
+
+    let s = start("      - {name: mlp, model: mlp/model.onnx, num_replicas: 2}\n", "").await;
+    let addr = s.grpc_addr().expect("a gRPC port").to_string();
+    let client = Arc::new(Client::connect(Protocol::GrpcStream, &addr, "mlp", "").await.unwrap());
+    let cases = load_samples(&models_dir().join("mlp/expected.json"), 1e-5).unwrap();
+    let prepared = Arc::new(cases.iter().map(|c| prepare(c, "mlp", "").unwrap()).collect::<Vec<_>>());
+    let check = StepOptions { check: true, ..StepOptions::default() };
+    let count = |n| Limits { duration: None, requests: Some(n) };
+    let r =
+        run_step(client.clone(), prepared, Mode::Closed { concurrency: 4 }, count(200), check, None).await;
+    assert_eq!((r.ok, r.error_count()), (200, 0), "{:?}", r.errors);
+    let unknown = Arc::new(vec![prepare(&cases[0], "nope", "").unwrap()]);
+    let r = run_step(client, unknown, Mode::Closed { concurrency: 2 }, count(10), check, None).await;
+    assert_eq!(r.error_count(), 10, "{:?}", r.errors);
+    assert!(r.errors.keys().all(|k| k.starts_with("stream error: unknown model `nope`")), "{:?}", r.errors);
+    s.shutdown().await;
+}
+
 /// A gRPC connection that breaks under the load tester is replaced by the next call: the calls
 /// go through a TCP relay that cuts the first connection after a few calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
