@@ -412,6 +412,6 @@ async fn a_connection_without_a_request_at_shutdown_gets_goaway() {
     tokio::time::timeout(GUARD, s.shutdown()).await.expect("shutdown ends");
     let result = tokio::time::timeout(GUARD, ended).await.expect("the connection ends").unwrap();
     assert!(result.is_ok(), "{result:?}");
-    let e = send.ready().await.err().expect("no more requests on it");
+    let e = send.ready().await.expect_err("no more requests on it");
     assert!(e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR), "{e:?}");
 }
