@@ -77,9 +77,16 @@ pub(crate) struct Job {
     /// Which model of a multiplexed deployment (requests for different models never share a
     /// batch).
     pub model: Option<std::sync::Arc<str>>,
-    /// Times remote replicas that could not be reached handed it on
-    /// ([`crate::deployment::Redirect`]).
-    pub hops: u8,
+    /// The replicas that could not be reached with it, once one handed it on
+    /// ([`crate::deployment::Redirect`]): it goes to none of them again.
+    pub tried: Option<Box<Vec<usize>>>,
+}
+
+impl Job {
+    /// Whether replica `id` could not be reached with this job before.
+    pub fn tried(&self, id: usize) -> bool {
+        self.tried.as_ref().is_some_and(|t| t.contains(&id))
+    }
 }
 
 /// How a deployment batches.
@@ -358,7 +365,7 @@ mod tests {
             reply: Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
-            hops: 0,
+            tried: None,
         };
         (job, rx)
     }

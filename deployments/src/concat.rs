@@ -67,7 +67,7 @@ pub fn run_batched(
             reply: crate::batch::Reply::new(reply),
             span,
             model: None,
-            hops: 0,
+            tried: None,
         };
         state.push(job);
         answers.push(answer);
@@ -391,7 +391,7 @@ mod tests {
             reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
-            hops: 0,
+            tried: None,
         }
     }
 

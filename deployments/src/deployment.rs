@@ -124,17 +124,17 @@ impl Channel {
                 },
             }),
             Channel::Remote(r, set, from) => {
-                let Job { inputs, outputs, rows, deadline, admitted, arrived, reply, span, model, hops } =
+                let Job { inputs, outputs, rows, deadline, admitted, arrived, reply, span, model, tried } =
                     job;
                 let (reply, admission) = reply.into_parts();
-                let redirect = (hops < MAX_REDIRECTS).then(|| Redirect {
+                let redirect = (tried.as_ref().map_or(0, |t| t.len()) < MAX_REDIRECTS).then(|| Redirect {
                     set: set.clone(),
                     from: *from,
                     rows,
                     admitted,
                     arrived,
                     span: span.clone(),
-                    hops,
+                    tried,
                 });
                 let _entered = span.enter();
                 r.call(RemoteCall {
@@ -161,8 +161,8 @@ impl Channel {
 }
 
 /// How many times a request is handed on by remote replicas that could not be reached
-/// before its error is answered (three replicas tried in all).
-const MAX_REDIRECTS: u8 = 2;
+/// before its error is answered (three replicas tried in all, each once).
+const MAX_REDIRECTS: usize = 2;
 
 /// Where a remote replica sends a call it could not deliver (its connection could not be
 /// made: nothing reached the replica, so the request is run elsewhere rather than answered
@@ -175,18 +175,26 @@ pub struct Redirect {
     admitted: Instant,
     arrived: Instant,
     span: tracing::Span,
-    hops: u8,
+    /// The replicas it could not reach before `from`.
+    tried: Option<Box<Vec<usize>>>,
 }
 
 impl Redirect {
-    /// Hands `call` to another ready replica of the deployment (counted there); where none
-    /// can take it, answers it with `error`.
+    /// Hands `call` to another ready replica of the deployment it has not tried (counted
+    /// there); where none can take it, or its caller has gone or its deadline passed, answers
+    /// it with `error`.
     pub fn send(self, call: RemoteCall, error: InferError) {
         let RemoteCall { inputs, outputs, deadline, reply, model, admission, .. } = call;
         let mut reply = Reply::new(reply);
         if let Some(admission) = admission {
             reply.hold(admission);
         }
+        if reply.is_closed() || deadline <= Instant::now() {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let mut tried = self.tried.unwrap_or_default();
+        tried.push(self.from);
         let job = Job {
             inputs,
             outputs: outputs.into(),
@@ -197,7 +205,7 @@ impl Redirect {
             reply,
             span: self.span,
             model,
-            hops: self.hops + 1,
+            tried: Some(tried),
         };
         let Some(set) = self.set.upgrade() else {
             let _ = job.reply.send(Err(error));
@@ -277,8 +285,10 @@ impl ReplicaHost for ReplicaSet {
     #[allow(clippy::result_large_err)]
     fn redispatch(&self, mut job: Job, from: usize) -> Result<(), Job> {
         let replicas = self.replicas.load();
-        let mut targets: Vec<_> =
-            replicas.iter().filter(|r| r.id != from && r.ready.load(Ordering::Acquire)).collect();
+        let mut targets: Vec<_> = replicas
+            .iter()
+            .filter(|r| r.id != from && !job.tried(r.id) && r.ready.load(Ordering::Acquire))
+            .collect();
         // A multiplexed job goes to a replica holding its model first (as `dispatch` chooses),
         // so that it is not loaded again while a holder has room; then the least loaded.
         let holds = |r: &ReplicaSlot| job.model.as_deref().is_some_and(|m| self.has_room_with(r, m));
@@ -907,7 +917,7 @@ impl Deployment {
             reply,
             span,
             model,
-            hops: 0,
+            tried: None,
         };
         let left = self.dispatch(job, permit)?;
         if let Some(slot) = left
@@ -1424,7 +1434,7 @@ mod tests {
             reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
-            hops: 0,
+            tried: None,
         }
     }
 

@@ -876,7 +876,7 @@ mod tests {
             reply: crate::batch::Reply::new(reply),
             span: tracing::Span::none(),
             model: None,
-            hops: 0,
+            tried: None,
         };
         (job, rx)
     }

@@ -60,6 +60,8 @@ impl GrpcReplica {
 
 impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
+        // The inputs stay until the answer (for a redirect): the request message shares their
+        // bytes, so this holds what a local replica's queue would, not a copy.
         let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect } = call;
         let left = deadline.saturating_duration_since(Instant::now());
         let request = encode(&self.model, &self.version, &inputs, &outputs, left);
@@ -118,13 +120,13 @@ impl RemoteReplica for GrpcReplica {
 }
 
 /// Whether a call failed before anything reached the replica: its connection could not be
-/// made (refused: the process is gone; unreachable). A call whose connection broke later may
+/// made (refused: the process is gone; unreachable; the connect timeout). tonic marks every
+/// failure before a byte of a request is written so; a call whose connection broke later may
 /// have run there.
 fn never_delivered(status: &tonic::Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(c) = cause {
-        // hyper-util's connector error, which tonic wraps: "tcp connect error".
-        if c.to_string().starts_with("tcp connect error") {
+        if c.is::<tonic::ConnectError>() {
             return true;
         }
         cause = c.source();
