@@ -78,7 +78,9 @@ pub(crate) struct Job {
     /// batch).
     pub model: Option<std::sync::Arc<str>>,
     /// The replicas that could not be reached with it, once one handed it on
-    /// ([`crate::deployment::Redirect`]): it goes to none of them again.
+    /// ([`crate::deployment::Redirect`]): it goes to none of them again. Boxed: one pointer in
+    /// every job, the list only in one handed on.
+    #[allow(clippy::box_collection)]
     pub tried: Option<Box<Vec<usize>>>,
 }
 

@@ -175,7 +175,8 @@ pub struct Redirect {
     admitted: Instant,
     arrived: Instant,
     span: tracing::Span,
-    /// The replicas it could not reach before `from`.
+    /// The replicas it could not reach before `from` (as the job holds them).
+    #[allow(clippy::box_collection)]
     tried: Option<Box<Vec<usize>>>,
 }
 

@@ -230,6 +230,9 @@ async fn connection<S: App>(
     serve.await;
 }
 
+/// An HTTP/2 connection's flow-control window: eight streams' (see `http`).
+const CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// How many times a connection's idle timeout looks at its request count per period.
 const IDLE_LOOKS: u32 = 4;
 
@@ -256,11 +259,15 @@ async fn http<I, S>(
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    // A connection's window is several streams' (hyper's default, 1 MiB each): a
+    // `ModelStreamInfer` stream held back at `stream_max_in_flight` leaves its unread requests
+    // in both, and with equal windows it stalled every other call on its connection.
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header_read_timeout)
-        .keep_alive_timeout(limits.header_read_timeout);
+        .keep_alive_timeout(limits.header_read_timeout)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let builder = match alpn.as_deref() {
         Some(b"h2") => builder.http2_only(),
         Some(b"http/1.1") => builder.http1_only(),
@@ -315,7 +322,7 @@ impl<I> WriteTimed<I> {
         write: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
         if write.is_ready() {
-            self.stall.disarm();
+            let _ = self.stall.disarm();
             return write;
         }
         match self.stall.poll(cx, self.timeout) {
@@ -329,33 +336,39 @@ impl<I> WriteTimed<I> {
 }
 
 /// A timer for something that may stall (a write, a request body): armed when it waits,
-/// disarmed when it makes progress. Reset, not recreated, when armed again, and not touched at
-/// all by what never waits.
+/// disarmed when it makes progress. Reset, not recreated, when armed again; the clock is read
+/// only when it is armed and when a wait ends, and not at all by what never waits.
 #[derive(Default)]
 pub(crate) struct Stall {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
+    /// When the current wait began.
+    since: Option<tokio::time::Instant>,
 }
 
 impl Stall {
-    /// Progress: the next wait is timed from its own start.
-    pub(crate) fn disarm(&mut self) {
-        self.armed = false;
+    /// Progress: the wait (if one was going on) is over; its length.
+    pub(crate) fn disarm(&mut self) -> Option<Duration> {
+        self.since.take().map(|since| since.elapsed())
     }
 
     /// Waiting: ready once the wait that began at the first call since [`Self::disarm`] has
     /// lasted `timeout`.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, timeout: Duration) -> Poll<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let sleep = match (&mut self.sleep, self.armed) {
-            (Some(sleep), true) => sleep,
-            (Some(sleep), false) => {
-                sleep.as_mut().reset(deadline);
-                sleep
+        let sleep = match (&mut self.sleep, self.since) {
+            (Some(sleep), Some(_)) => sleep,
+            (slot, None) => {
+                let now = tokio::time::Instant::now();
+                self.since = Some(now);
+                match slot {
+                    Some(sleep) => {
+                        sleep.as_mut().reset(now + timeout);
+                        sleep
+                    }
+                    none => none.insert(Box::pin(tokio::time::sleep_until(now + timeout))),
+                }
             }
-            (none, _) => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            (None, Some(_)) => unreachable!("armed with no timer"),
         };
-        self.armed = true;
         sleep.as_mut().poll(cx)
     }
 }

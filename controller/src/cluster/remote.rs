@@ -215,8 +215,14 @@ fn from_status(status: &tonic::Status, name: &str, addr: &str) -> InferError {
         tonic::Code::ResourceExhausted | tonic::Code::Unavailable if message.contains("overloaded") => {
             InferError::unavailable(message)
         }
-        // A message past the replica's limit (older replicas answered it OUT_OF_RANGE, tonic's).
-        tonic::Code::ResourceExhausted => InferError::invalid(message),
+        // A message past the replica's limit (older replicas answered it OUT_OF_RANGE, tonic's);
+        // not the connection's own RESOURCE_EXHAUSTED (h2's ENHANCE_YOUR_CALM), which is the
+        // replica's to retry elsewhere.
+        tonic::Code::ResourceExhausted
+            if message.contains("max_body_bytes") || message.contains("size limit") =>
+        {
+            InferError::invalid(message)
+        }
         tonic::Code::Internal => InferError::internal(message),
         code => InferError::unavailable(format!("replica {name} ({addr}) failed: {code}: {message}; retry")),
     }
@@ -270,10 +276,15 @@ mod tests {
         // A message past the replica's limit fails anywhere: the client's, not "retry".
         for big in [
             tonic::Status::out_of_range("decoded message length too large"),
-            tonic::Status::resource_exhausted("a message of 900 bytes is over the limit of 800 bytes"),
+            tonic::Status::resource_exhausted(
+                "a message of 900 bytes is over the limit of 800 bytes (http_options.max_body_bytes)",
+            ),
         ] {
             assert_eq!(from_status(&big, "r", "a").kind, ErrorKind::InvalidArgument, "{big:?}");
         }
+        let calm =
+            from_status(&tonic::Status::resource_exhausted("h2 protocol error: enhance your calm"), "r", "a");
+        assert_eq!(calm.kind, ErrorKind::Unavailable, "{calm:?}");
         let unknown = from_status(&tonic::Status::not_found("unknown model `x`"), "r", "a");
         assert_eq!(unknown.kind, ErrorKind::NotFound);
     }

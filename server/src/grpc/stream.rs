@@ -27,14 +27,13 @@ use super::CallHeaders;
 const ENABLE_FINAL_RESPONSE: &str = "triton_enable_empty_final_response";
 const FINAL_RESPONSE: &str = "triton_final_response";
 
-type Answer = Pin<Box<dyn Future<Output = pb::ModelStreamInferResponse> + Send>>;
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The answers of one stream, in the order they are ready (see the module's text).
 pub struct Answers {
     /// The client's requests; `None` once no more are read.
     requests: Option<tonic::Streaming<pb::ModelInferRequest>>,
-    running: FuturesUnordered<Answer>,
+    running: FuturesUnordered<Running>,
     max_in_flight: usize,
     /// What the stream ends with once `running` is empty, when not OK.
     end: Option<Status>,
@@ -67,18 +66,22 @@ impl Answers {
         }
     }
 
-    fn start(&self, req: pb::ModelInferRequest) -> Answer {
+    /// Starts `req` on a task of its own: it runs to its answer (and lets its admission go)
+    /// whether or not the stream's answers are being taken, which a client that stops opening
+    /// its flow-control window would otherwise hold up.
+    fn start(&self, req: pb::ModelInferRequest) -> Running {
         let routes = Arc::clone(&self.routes);
         let headers = Arc::clone(&self.headers);
-        Box::pin(async move {
+        // Kept for an error's answer, which names the request it is for.
+        let named = pb::ModelInferResponse {
+            model_name: req.model_name.clone(),
+            model_version: req.model_version.clone(),
+            id: req.id.clone(),
+            ..Default::default()
+        };
+        let failed = named.clone();
+        let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            // Kept for an error's answer, which names the request it is for.
-            let named = pb::ModelInferResponse {
-                model_name: req.model_name.clone(),
-                model_version: req.model_version.clone(),
-                id: req.id.clone(),
-                ..Default::default()
-            };
             let answered = match final_response_asked(req) {
                 Ok((req, asked)) => super::infer(&routes, &headers, started, req).await.map(|mut r| {
                     if asked {
@@ -93,12 +96,10 @@ impl Answers {
                     error_message: String::new(),
                     infer_response: Some(response),
                 },
-                Err(status) => pb::ModelStreamInferResponse {
-                    error_message: status.message().to_string(),
-                    infer_response: Some(named),
-                },
+                Err(status) => failure(status.message().to_string(), named),
             }
-        })
+        });
+        Running { task, failed: Some(failed) }
     }
 
     /// Stops reading requests; the stream ends with `end` (OK when `None`) once every request
@@ -139,6 +140,39 @@ impl Stream for Answers {
             _ => Poll::Pending,
         }
     }
+}
+
+/// One request of a stream, on its task; the task is stopped when the stream is dropped (the
+/// client went away).
+struct Running {
+    task: tokio::task::JoinHandle<pb::ModelStreamInferResponse>,
+    /// The request's names, for the answer if its task fails.
+    failed: Option<pb::ModelInferResponse>,
+}
+
+impl Future for Running {
+    type Output = pb::ModelStreamInferResponse;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.task).poll(cx) {
+            Poll::Ready(Ok(answer)) => Poll::Ready(answer),
+            Poll::Ready(Err(e)) => {
+                let named = self.failed.take().unwrap_or_default();
+                Poll::Ready(failure(format!("the request failed in the server: {e}"), named))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn failure(error_message: String, named: pb::ModelInferResponse) -> pb::ModelStreamInferResponse {
+    pb::ModelStreamInferResponse { error_message, infer_response: Some(named) }
 }
 
 /// `req` without the parameter asking for the final-response flag, and whether it asked.

@@ -138,7 +138,7 @@ pub fn timed(req: Request, limits: &IntakeLayer) -> Request {
             body,
             timeout,
             total,
-            waiting_since: None,
+            waited: Duration::ZERO,
             stall: Default::default(),
             framing,
             refused: None,
@@ -165,16 +165,18 @@ struct GrpcFraming {
 }
 
 impl GrpcFraming {
-    /// Follows `data`. A message over the limit: its announced length, and where in `data` it
-    /// starts (0 when its prefix began in an earlier chunk).
-    fn read(&mut self, data: &[u8]) -> Result<(), (u64, usize)> {
+    /// Follows `data`: whether a message ended in it. A message over the limit: its announced
+    /// length, and where in `data` it starts (0 when its prefix began in an earlier chunk).
+    fn read(&mut self, data: &[u8]) -> Result<bool, (u64, usize)> {
         let mut at = 0;
         let mut start = 0;
+        let mut ended = false;
         while at < data.len() {
             if self.left > 0 {
                 let n = (data.len() - at).min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 self.left -= n as u64;
                 at += n;
+                ended |= self.left == 0;
                 continue;
             }
             if self.prefix == 0 {
@@ -190,9 +192,10 @@ impl GrpcFraming {
                 if self.left > self.limit {
                     return Err((self.left, start));
                 }
+                ended |= self.left == 0;
             }
         }
-        Ok(())
+        Ok(ended)
     }
 
     fn inside_a_message(&self) -> bool {
@@ -230,8 +233,10 @@ struct TimedBody {
     body: Body,
     timeout: Duration,
     total: Duration,
-    /// When the server first waited for this body (a stream's current message).
-    waiting_since: Option<std::time::Instant>,
+    /// How long the server has waited for this body's data so far (a stream's: for its
+    /// current message): time it spent not reading (busy, or holding a stream back) is not
+    /// counted.
+    waited: Duration,
     stall: crate::listen::Stall,
     /// For a gRPC body: where it is in its messages.
     framing: Option<GrpcFraming>,
@@ -261,51 +266,62 @@ impl hyper::body::Body for TimedBody {
             return Poll::Ready(Some(Err(Box::new(refused))));
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            this.stall.disarm();
-            if let Some(since) = this.waiting_since
-                && since.elapsed() > this.total
-            {
-                return Poll::Ready(Some(Err(BodyTimeout::TooLong.into())));
+            if let Some(waited) = this.stall.disarm() {
+                this.waited += waited;
+                if this.waited > this.total {
+                    return Poll::Ready(Some(Err(this.timed_out(BodyTimeout::TooLong))));
+                }
             }
             if let (Some(framing), Some(Ok(frame))) = (&mut this.framing, &frame)
                 && let Some(data) = frame.data_ref()
-                && let Err((length, start)) = framing.read(data)
             {
-                let message = format!(
-                    "a message of {length} bytes is over the limit of {} bytes (http_options.max_body_bytes)",
-                    framing.limit
-                );
-                let refused = tonic::Status::resource_exhausted(message);
-                if start == 0 {
-                    return Poll::Ready(Some(Err(Box::new(refused))));
+                match framing.read(data) {
+                    // A stream's next message is timed on its own.
+                    Ok(ended) if ended && framing.stream => this.waited = Duration::ZERO,
+                    Ok(_) => {}
+                    Err((length, start)) => {
+                        let message = format!(
+                            "a message of {length} bytes is over the limit of {} bytes (http_options.max_body_bytes)",
+                            framing.limit
+                        );
+                        let refused = tonic::Status::resource_exhausted(message);
+                        if start == 0 {
+                            return Poll::Ready(Some(Err(Box::new(refused))));
+                        }
+                        // The messages before it are read and answered first.
+                        this.refused = Some(refused);
+                        return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
+                    }
                 }
-                // The messages before it are read and answered first.
-                this.refused = Some(refused);
-                return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
-            }
-            // A stream's next message is timed from its own first wait.
-            if this.framing.as_ref().is_some_and(|f| !f.timed()) {
-                this.waiting_since = None;
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if this.framing.as_ref().is_some_and(|f| !f.timed()) {
-            this.stall.disarm();
             return Poll::Pending;
         }
-        this.waiting_since.get_or_insert_with(std::time::Instant::now);
         match this.stall.poll(cx, this.timeout) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout::Stalled.into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(this.timed_out(BodyTimeout::Stalled)))),
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.refused.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl TimedBody {
+    /// The error a body that took too long ends with: a REST handler answers it 408; a gRPC
+    /// call ends DEADLINE_EXCEEDED (tonic would read any other error as UNKNOWN).
+    fn timed_out(&self, timeout: BodyTimeout) -> axum::BoxError {
+        match self.framing {
+            Some(_) => Box::new(tonic::Status::deadline_exceeded(timeout.to_string())),
+            None => timeout.into(),
+        }
     }
 }
 
@@ -314,7 +330,95 @@ mod tests {
     use axum::http::HeaderMap;
     use axum::http::header::{ACCEPT_ENCODING, HeaderValue};
 
-    use super::{GrpcFraming, accepts_compression};
+    use super::{GrpcFraming, TimedBody, accepts_compression};
+
+    mod timed {
+        use std::time::Duration;
+
+        use axum::body::{Body, Bytes};
+        use http_body_util::BodyExt;
+        use hyper::body::Frame;
+
+        use super::{GrpcFraming, TimedBody};
+
+        type Sent = Result<Frame<Bytes>, std::convert::Infallible>;
+
+        /// A body fed from the returned sender, timed 1 s per pause and 3 s in all.
+        fn body(framing: Option<GrpcFraming>) -> (tokio::sync::mpsc::Sender<Sent>, TimedBody) {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let body =
+                Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+            let timeout = Duration::from_secs(1);
+            let total = Duration::from_secs(3);
+            let timed = TimedBody {
+                body,
+                timeout,
+                total,
+                waited: Duration::ZERO,
+                stall: Default::default(),
+                framing,
+                refused: None,
+            };
+            (tx, timed)
+        }
+
+        /// Sends 20 chunks, one every 0.5 s (10 s in all): each ends a 6-byte message and
+        /// begins the next (as gRPC clients pack messages into frames).
+        fn trickle(tx: tokio::sync::mpsc::Sender<Sent>) {
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 6, 1, 2])))).await;
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let chunk = Bytes::from_static(&[3, 4, 5, 6, 0, 0, 0, 0, 6, 1, 2]);
+                    let _ = tx.send(Ok(Frame::data(chunk))).await;
+                }
+            });
+        }
+
+        async fn read_all(mut body: TimedBody) -> Result<usize, String> {
+            let mut chunks = 0;
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|e| e.to_string())?;
+                chunks += 1;
+            }
+            Ok(chunks)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_stream_times_each_message_on_its_own() {
+            let (tx, body) = body(Some(GrpcFraming { limit: 100, stream: true, ..GrpcFraming::default() }));
+            trickle(tx);
+            assert_eq!(read_all(body).await, Ok(21), "10 s of messages, each in 0.5 s");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_unary_call_is_timed_in_all() {
+            let (tx, body) = body(Some(GrpcFraming { limit: 100, ..GrpcFraming::default() }));
+            trickle(tx);
+            let e = read_all(body).await.unwrap_err();
+            assert!(e.contains("body_total_timeout_s"), "{e}");
+        }
+
+        /// Time the server spends not reading (busy, or holding a stream back) is not the
+        /// client's: only its waits for data count.
+        #[tokio::test(start_paused = true)]
+        async fn only_waiting_for_the_client_counts() {
+            let (tx, mut body) = body(None);
+            let first = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                first.send(Ok(Frame::data(Bytes::from_static(b"data")))).await.unwrap();
+            });
+            body.frame().await.unwrap().unwrap();
+            for _ in 0..4 {
+                tx.send(Ok(Frame::data(Bytes::from_static(b"data")))).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                body.frame().await.unwrap().unwrap();
+            }
+            drop(tx);
+            assert!(body.frame().await.is_none());
+        }
+    }
 
     #[test]
     fn grpc_framing_knows_when_a_message_is_half_read_and_refuses_one_too_long() {
@@ -322,14 +426,15 @@ mod tests {
         assert!(!f.inside_a_message());
         // Two messages (3 bytes, then 0) and the start of a third, split across reads.
         let stream = [&[0u8, 0, 0][..], &[0, 3, 7], &[8, 9, 0, 0, 0, 0, 0, 1, 0, 0], &[0, 2, 1], &[2]];
-        let inside: Vec<bool> = stream
+        let (inside, ended): (Vec<bool>, Vec<bool>) = stream
             .iter()
             .map(|data| {
-                f.read(data).unwrap();
-                f.inside_a_message()
+                let ended = f.read(data).unwrap();
+                (f.inside_a_message(), ended)
             })
-            .collect();
+            .unzip();
         assert_eq!(inside, [true, true, true, true, false]);
+        assert_eq!(ended, [false, false, true, false, true], "which reads ended a message");
         assert!(!f.timed(), "a stream between two messages");
         f.read(&[1, 0, 0, 1, 0]).unwrap();
         assert!(f.inside_a_message() && f.timed(), "a prefix announcing 256 bytes");
