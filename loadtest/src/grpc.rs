@@ -22,6 +22,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
 use hyper::{Request, Uri};
 
+use sluice_proto::inference as pb;
+
 use crate::client::ErrorKind;
 
 /// The framing of one gRPC message: a compression flag and a big-endian length.
@@ -137,12 +139,9 @@ impl GrpcConn {
             let req = grpc_request(self.model_stream_infer.clone())?;
             let (response, stream) =
                 send.send_request(req, false).map_err(|e| Failure::Transport(e.to_string()))?;
-            // The server answers the stream's headers once it takes the call.
-            let head = response.await.map_err(stream_failure)?;
-            if head.status() != hyper::StatusCode::OK {
-                return Err(Failure::Status(format!("http {}", head.status().as_u16())));
-            }
-            Ok(GrpcStream { send: stream, recv: head.into_body(), buf: BytesMut::new() })
+            // The answer's headers are awaited with the first answer: gRPC servers other than
+            // tonic's (grpc-go, Triton's C++) send them only then.
+            Ok(GrpcStream { send: stream, answers: Answers::Coming(response), buf: BytesMut::new() })
         }
         .await;
         if let Err(Failure::Transport(_)) = &opened {
@@ -159,9 +158,15 @@ impl GrpcConn {
 /// the request sent before it.
 pub struct GrpcStream {
     send: h2::SendStream<Bytes>,
-    recv: h2::RecvStream,
+    answers: Answers,
     /// What has come of the next answer.
     buf: BytesMut,
+}
+
+/// The answering side of a stream: its headers still to come, or its body.
+enum Answers {
+    Coming(h2::client::ResponseFuture),
+    Open(h2::RecvStream),
 }
 
 impl GrpcStream {
@@ -174,14 +179,29 @@ impl GrpcStream {
             if let Some(message) = take_message(&mut self.buf)? {
                 return stream_answer(message);
             }
-            match self.recv.data().await {
+            let recv = match &mut self.answers {
+                Answers::Open(recv) => recv,
+                Answers::Coming(response) => {
+                    let head = response.await.map_err(|e| format!("transport: {e}"))?;
+                    if head.status() != hyper::StatusCode::OK {
+                        return Err(format!("http {}", head.status().as_u16()));
+                    }
+                    // A call refused at once answers its status in the headers alone.
+                    if let Some(code) = head.headers().get("grpc-status").filter(|c| c.as_bytes() != b"0") {
+                        return Err(format!("grpc {:?}", tonic::Code::from_bytes(code.as_bytes())));
+                    }
+                    self.answers = Answers::Open(head.into_body());
+                    continue;
+                }
+            };
+            match recv.data().await {
                 Some(Ok(chunk)) => {
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    let _ = recv.flow_control().release_capacity(chunk.len());
                     self.buf.extend_from_slice(&chunk);
                 }
                 Some(Err(e)) => return Err(format!("transport: {e}")),
                 None => {
-                    let trailers = self.recv.trailers().await.ok().flatten();
+                    let trailers = recv.trailers().await.ok().flatten();
                     let code =
                         trailers.as_ref().and_then(|t| t.get("grpc-status")).map(|s| s.as_bytes().to_vec());
                     return Err(match code {
@@ -213,26 +233,41 @@ fn take_message(buf: &mut BytesMut) -> Result<Option<Bytes>, ErrorKind> {
 
 /// A `ModelStreamInferResponse`'s `infer_response` message, or its `error_message` as the
 /// failure. Read field by field (protobuf's wire format) rather than decoded whole: the
-/// response's tensors are left for `--check` to decode, outside the latency.
-fn stream_answer(mut message: Bytes) -> Result<Bytes, ErrorKind> {
-    let mut response = Bytes::new();
-    while message.has_remaining() {
-        let key = prost::encoding::decode_varint(&mut message).map_err(|e| format!("bad response: {e}"))?;
-        let len = prost::encoding::decode_varint(&mut message).map_err(|e| format!("bad response: {e}"))?;
-        let len = usize::try_from(len).ok().filter(|&n| n <= message.len());
-        let Some(len) = len.filter(|_| key & 7 == 2) else {
-            return Err("bad response: not a ModelStreamInferResponse".into());
-        };
-        let field = message.split_to(len);
+/// response's tensors are left for `--check` to decode, outside the latency. A message with
+/// other fields (a newer protocol's) is decoded whole instead.
+fn stream_answer(message: Bytes) -> Result<Bytes, ErrorKind> {
+    let mut rest = message.clone();
+    let mut response = None;
+    while rest.has_remaining() {
+        let key = prost::encoding::decode_varint(&mut rest).map_err(|e| format!("bad response: {e}"))?;
+        if key & 7 != 2 || !matches!(key >> 3, 1 | 2) {
+            return decoded_whole(message);
+        }
+        let len = prost::encoding::decode_varint(&mut rest).map_err(|e| format!("bad response: {e}"))?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= rest.len())
+            .ok_or("bad response: a field longer than its message")?;
+        let field = rest.split_to(len);
         match key >> 3 {
             1 if !field.is_empty() => {
                 return Err(format!("stream error: {}", String::from_utf8_lossy(&field)));
             }
-            2 => response = field,
-            _ => {}
+            1 => {}
+            _ => response = Some(field),
         }
     }
-    Ok(response)
+    response.ok_or_else(|| "bad response: an answer with no response".into())
+}
+
+fn decoded_whole(message: Bytes) -> Result<Bytes, ErrorKind> {
+    use prost::Message;
+    let answer = pb::ModelStreamInferResponse::decode(message).map_err(|e| format!("bad response: {e}"))?;
+    if !answer.error_message.is_empty() {
+        return Err(format!("stream error: {}", answer.error_message));
+    }
+    let response = answer.infer_response.ok_or("bad response: an answer with no response")?;
+    Ok(response.encode_to_vec().into())
 }
 
 fn grpc_request(uri: Uri) -> Result<Request<()>, Failure> {

@@ -90,6 +90,8 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
 
     let grpc_trace = "0af7651916cd43dd8448eb211c80319c";
     grpc_infer(s.grpc_addr().unwrap(), grpc_trace, "b7ad6b7169203331").await;
+    let stream_trace = "55555555555555555555555555555555";
+    grpc_stream_infer(s.grpc_addr().unwrap(), stream_trace, "6666666666666666").await;
 
     // gRPC on the REST port: one `request` span, not one from each frontend's layer.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -122,7 +124,10 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     let trace = |id: &str| -> Vec<Span> {
         collector.spans.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == id).cloned().collect()
     };
-    while [rest_trace, grpc_trace, pipeline_trace, shared_trace].iter().any(|t| trace(t).len() < 3) {
+    while [rest_trace, grpc_trace, pipeline_trace, shared_trace, stream_trace]
+        .iter()
+        .any(|t| trace(t).len() < 3)
+    {
         assert!(
             Instant::now() < until,
             "spans received: {:?}",
@@ -165,6 +170,11 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     let request = one(&grpc, "request");
     assert_eq!(hex(&request.parent_span_id), "b7ad6b7169203331");
     assert_eq!(one(&grpc, "infer").parent_span_id, request.span_id);
+    // A stream's requests, each on a task of its own, in the call's span.
+    let stream = trace(stream_trace);
+    let request = one(&stream, "request");
+    assert_eq!(hex(&request.parent_span_id), "6666666666666666");
+    assert_eq!(one(&stream, "infer").parent_span_id, request.span_id);
     let on_shared_port = trace(shared_trace);
     let request = one(&on_shared_port, "request");
     assert_eq!(hex(&request.parent_span_id), "4444444444444444");
@@ -186,16 +196,26 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     shared.shutdown().await;
 }
 
-/// One gRPC infer request to iris at `addr`, sent as a child of span `parent` in `trace`.
-async fn grpc_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
+/// One request to iris on a `ModelStreamInfer` stream at `addr`, the call a child of span
+/// `parent` in `trace`.
+async fn grpc_stream_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
+    use tokio_stream::StreamExt;
     let mut client =
         sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
             "http://{addr}"
         ))
         .await
         .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::iter([iris_request()]));
+    req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
+    let mut answers = client.model_stream_infer(req).await.unwrap().into_inner();
+    let answer = answers.next().await.unwrap().unwrap();
+    assert_eq!(answer.error_message, "");
+}
+
+fn iris_request() -> sluice_proto::inference::ModelInferRequest {
     let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut req = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
+    sluice_proto::inference::ModelInferRequest {
         model_name: "iris".into(),
         inputs: vec![sluice_proto::inference::model_infer_request::InferInputTensor {
             name: "input".into(),
@@ -205,7 +225,18 @@ async fn grpc_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
         }],
         raw_input_contents: vec![data.into()],
         ..Default::default()
-    });
+    }
+}
+
+/// One gRPC infer request to iris at `addr`, sent as a child of span `parent` in `trace`.
+async fn grpc_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
+    let mut client =
+        sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(iris_request());
     req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
     client.model_infer(req).await.unwrap();
 }

@@ -41,6 +41,8 @@ pub struct Answers {
     stopping: Stopping,
     routes: Arc<RouteTable>,
     headers: Arc<CallHeaders>,
+    /// The call's span: each request's task runs in it, as a unary call's request does.
+    span: tracing::Span,
 }
 
 impl Answers {
@@ -63,6 +65,7 @@ impl Answers {
             stopping,
             routes,
             headers: Arc::new(headers),
+            span: tracing::Span::current(),
         }
     }
 
@@ -80,25 +83,28 @@ impl Answers {
             ..Default::default()
         };
         let failed = named.clone();
-        let task = tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let answered = match final_response_asked(req) {
-                Ok((req, asked)) => super::infer(&routes, &headers, started, req).await.map(|mut r| {
-                    if asked {
-                        r.parameters.insert(FINAL_RESPONSE.into(), flag(true));
-                    }
-                    r
-                }),
-                Err(status) => Err(status),
-            };
-            match answered {
-                Ok(response) => pb::ModelStreamInferResponse {
-                    error_message: String::new(),
-                    infer_response: Some(response),
-                },
-                Err(status) => failure(status.message().to_string(), named),
-            }
-        });
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let started = std::time::Instant::now();
+                let answered = match final_response_asked(req) {
+                    Ok((req, asked)) => super::infer(&routes, &headers, started, req).await.map(|mut r| {
+                        if asked {
+                            r.parameters.insert(FINAL_RESPONSE.into(), flag(true));
+                        }
+                        r
+                    }),
+                    Err(status) => Err(status),
+                };
+                match answered {
+                    Ok(response) => pb::ModelStreamInferResponse {
+                        error_message: String::new(),
+                        infer_response: Some(response),
+                    },
+                    Err(status) => failure(status.message().to_string(), named),
+                }
+            },
+            self.span.clone(),
+        ));
         Running { task, failed: Some(failed) }
     }
 
