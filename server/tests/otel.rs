@@ -200,17 +200,24 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
 /// `parent` in `trace`.
 async fn grpc_stream_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
     use tokio_stream::StreamExt;
-    let mut client =
-        sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .unwrap();
+    let mut client = client(addr).await;
     let mut req = tonic::Request::new(tokio_stream::iter([iris_request()]));
     req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
     let mut answers = client.model_stream_infer(req).await.unwrap().into_inner();
     let answer = answers.next().await.unwrap().unwrap();
     assert_eq!(answer.error_message, "");
+}
+
+async fn client(
+    addr: std::net::SocketAddr,
+) -> sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+    tonic::transport::Channel,
+> {
+    sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+        "http://{addr}"
+    ))
+    .await
+    .unwrap()
 }
 
 fn iris_request() -> sluice_proto::inference::ModelInferRequest {
@@ -230,12 +237,7 @@ fn iris_request() -> sluice_proto::inference::ModelInferRequest {
 
 /// One gRPC infer request to iris at `addr`, sent as a child of span `parent` in `trace`.
 async fn grpc_infer(addr: std::net::SocketAddr, trace: &str, parent: &str) {
-    let mut client =
-        sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await
-        .unwrap();
+    let mut client = client(addr).await;
     let mut req = tonic::Request::new(iris_request());
     req.metadata_mut().insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
     client.model_infer(req).await.unwrap();

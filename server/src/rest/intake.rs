@@ -133,17 +133,7 @@ pub fn timed(req: Request, limits: &IntakeLayer) -> Request {
         ..GrpcFraming::default()
     });
     let (timeout, total) = (limits.body_read_timeout, limits.body_total_timeout);
-    req.map(|body| {
-        Body::new(TimedBody {
-            body,
-            timeout,
-            total,
-            waited: Duration::ZERO,
-            stall: Default::default(),
-            framing,
-            refused: None,
-        })
-    })
+    req.map(|body| Body::new(TimedBody::new(body, timeout, total, framing)))
 }
 
 /// The gRPC method whose request body is a stream of messages.
@@ -315,6 +305,18 @@ impl hyper::body::Body for TimedBody {
 }
 
 impl TimedBody {
+    fn new(body: Body, timeout: Duration, total: Duration, framing: Option<GrpcFraming>) -> Self {
+        Self {
+            body,
+            timeout,
+            total,
+            waited: Duration::ZERO,
+            stall: Default::default(),
+            framing,
+            refused: None,
+        }
+    }
+
     /// The error a body that took too long ends with: a REST handler answers it 408; a gRPC
     /// call ends DEADLINE_EXCEEDED (tonic would read any other error as UNKNOWN).
     fn timed_out(&self, timeout: BodyTimeout) -> axum::BoxError {
@@ -348,18 +350,7 @@ mod tests {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let body =
                 Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-            let timeout = Duration::from_secs(1);
-            let total = Duration::from_secs(3);
-            let timed = TimedBody {
-                body,
-                timeout,
-                total,
-                waited: Duration::ZERO,
-                stall: Default::default(),
-                framing,
-                refused: None,
-            };
-            (tx, timed)
+            (tx, TimedBody::new(body, Duration::from_secs(1), Duration::from_secs(3), framing))
         }
 
         /// Sends 20 chunks, one every 0.5 s (10 s in all): each ends a 6-byte message and
