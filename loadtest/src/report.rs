@@ -31,22 +31,23 @@ pub fn markdown(steps: &[StepResult]) -> String {
         } else {
             r.errors.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
         };
+        // A step with no answer has no latencies: "—", not percentiles of 0 that read as fast.
         let l = &r.latency_us;
+        let latencies = if r.ok == 0 {
+            vec!["—".to_string(); 6]
+        } else {
+            [l.p50, l.p90, l.p95, l.p99, l.p999, l.max].iter().map(|v| format!("{v:.0}")).collect()
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {} |",
             r.protocol,
             r.label,
             r.ok,
             errors,
             r.throughput,
             r.inferences_per_second,
-            l.p50,
-            l.p90,
-            l.p95,
-            l.p99,
-            l.p999,
-            l.max
+            latencies.join(" | ")
         );
     }
     s
@@ -88,7 +89,9 @@ pub fn plot(steps: &[StepResult], path: &Path, title: &str) -> Result<()> {
         ("p99", |s| s.latency_us.p99, RED),
     ];
     for (name, f, color) in series {
-        let points: Vec<(f64, f64)> = steps.iter().map(|s| (s.throughput, f(s) / 1000.0)).collect();
+        // Steps with no answer have no latencies to plot.
+        let points: Vec<(f64, f64)> =
+            steps.iter().filter(|s| s.ok > 0).map(|s| (s.throughput, f(s) / 1000.0)).collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
             .label(name)
@@ -98,4 +101,38 @@ pub fn plot(steps: &[StepResult], path: &Path, title: &str) -> Result<()> {
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::markdown;
+    use crate::stats::{Percentiles, StepResult};
+
+    fn step(ok: u64, p50: f64) -> StepResult {
+        StepResult {
+            label: "concurrency 1".into(),
+            concurrency: Some(1),
+            rate: None,
+            protocol: "grpc".into(),
+            ok,
+            errors: BTreeMap::from([("grpc Unavailable".to_string(), 3)]),
+            seconds: 1.0,
+            throughput: ok as f64,
+            inferences_per_second: ok as f64,
+            drain_seconds: 0.0,
+            latency_us: Percentiles { p50, ..Percentiles::default() },
+            started_unix_s: 0.0,
+            requests: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_step_with_no_answer_shows_no_latencies() {
+        let table = markdown(&[step(0, 0.0), step(5, 120.0)]);
+        let rows: Vec<&str> = table.lines().skip(2).collect();
+        assert!(rows[0].ends_with("| 0 | 0 | — | — | — | — | — | — |"), "{}", rows[0]);
+        assert!(rows[1].contains("| 5 | 5 | 120 |"), "{}", rows[1]);
+    }
 }
