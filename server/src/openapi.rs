@@ -254,7 +254,7 @@ pub const ADMIN: &[Op] = &[
         Json("Status"),
         &[404],
     ),
-    op(Get, "/-/healthz", "Admin API health: `ok`", Text, &[]),
+    op(Get, "/-/healthz", "Admin API health: `ok`; no token needed", Text, &[]),
     op(Get, "/openapi.json", "This document", Json("Object"), &[]),
     op(
         Get,
@@ -282,9 +282,9 @@ pub fn admin() -> OpenApi {
     document(
         "Sluice: admin API",
         "Sluice's admin API and the part of Ray's dashboard API that Ray Serve's CLI and KubeRay \
-         call. With `admin_options.token_env` set, every call must carry `Authorization: Bearer \
-         TOKEN` (or `X-Ray-Authorization`, or the status page's `sluice_admin_token` cookie); \
-         otherwise none.",
+         call. With `admin_options.token_env` set, every call but `GET /-/healthz` must carry \
+         `Authorization: Bearer TOKEN` (or `X-Ray-Authorization`, or the status page's \
+         `sluice_admin_token` cookie); otherwise none.",
         ADMIN,
         true,
     )

@@ -533,6 +533,11 @@ async fn the_admin_api_validates_authenticates_and_deletes() {
     assert_eq!(r.status(), 401, "no token");
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sluice\"", "a 401 names its scheme");
     assert_eq!(client.get(&admin).bearer_auth("wrong").send().await.unwrap().status(), 401, "wrong token");
+    // A health probe needs no token (KubeRay's and Kubernetes' probes carry none).
+    let healthz = format!("http://{}/-/healthz", s.admin_addr().unwrap());
+    let r = client.get(&healthz).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap().as_str()), (200, "ok"));
+    assert_eq!(client.post(&healthz).send().await.unwrap().status(), 401, "only its GET");
     // KubeRay sends the token in its own header.
     let r = client.get(&admin).header("x-ray-authorization", "Bearer s3cret").send().await.unwrap();
     assert_eq!(r.status(), 200);

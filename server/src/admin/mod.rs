@@ -278,10 +278,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
 }
 
 /// Lets a request through when no token is configured, or it carries the token (bearer
-/// header, or the status page's cookie). The status page itself answers its login form
+/// header, or the status page's cookie), or it is `GET /-/healthz`. The status page itself answers its login form
 /// instead of a JSON 401, and `GET /?token=T` with the right token logs in.
 async fn authorize(token: Option<String>, secure_cookie: bool, req: Request, next: Next) -> Response {
     let Some(t) = token else { return next.run(req).await };
+    // Health probes (a Kubernetes liveness probe, KubeRay's) carry no token, and the answer
+    // tells nothing but that the API answers.
+    if req.uri().path() == "/-/healthz" && req.method() == axum::http::Method::GET {
+        return next.run(req).await;
+    }
     // Ray's clients send the token as `X-Ray-Authorization` (behind a proxy that takes
     // `Authorization` for itself); either header will do, or the status page's cookie.
     let headers = req.headers();
