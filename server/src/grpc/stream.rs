@@ -54,9 +54,7 @@ impl Answers {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         // A stop signal gone (the server dropped) stops the stream too.
-        let stopping = Box::pin(async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        });
+        let stopping = Box::pin(async move { crate::listen::stopped(&mut stop).await });
         Self {
             requests: Some(requests),
             running: FuturesUnordered::new(),
@@ -82,30 +80,19 @@ impl Answers {
             id: req.id.clone(),
             ..Default::default()
         };
-        let failed = named.clone();
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let started = std::time::Instant::now();
-                let answered = match final_response_asked(req) {
-                    Ok((req, asked)) => super::infer(&routes, &headers, started, req).await.map(|mut r| {
-                        if asked {
-                            r.parameters.insert(FINAL_RESPONSE.into(), flag(true));
-                        }
-                        r
-                    }),
-                    Err(status) => Err(status),
-                };
-                match answered {
-                    Ok(response) => pb::ModelStreamInferResponse {
-                        error_message: String::new(),
-                        infer_response: Some(response),
-                    },
-                    Err(status) => failure(status.message().to_string(), named),
+                let (req, asked) = final_response_asked(req)?;
+                let mut response = super::infer(&routes, &headers, started, req).await?;
+                if asked {
+                    response.parameters.insert(FINAL_RESPONSE.into(), flag(true));
                 }
+                Ok(response)
             },
             self.span.clone(),
         ));
-        Running { task, failed: Some(failed) }
+        Running { task, named: Some(named) }
     }
 
     /// Stops reading requests; the stream ends with `end` (OK when `None`) once every request
@@ -151,23 +138,27 @@ impl Stream for Answers {
 /// One request of a stream, on its task; the task is stopped when the stream is dropped (the
 /// client went away).
 struct Running {
-    task: tokio::task::JoinHandle<pb::ModelStreamInferResponse>,
-    /// The request's names, for the answer if its task fails.
-    failed: Option<pb::ModelInferResponse>,
+    task: tokio::task::JoinHandle<Result<pb::ModelInferResponse, Status>>,
+    /// The request's names, for its answer when it fails.
+    named: Option<pb::ModelInferResponse>,
 }
 
 impl Future for Running {
     type Output = pb::ModelStreamInferResponse;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.task).poll(cx) {
-            Poll::Ready(Ok(answer)) => Poll::Ready(answer),
-            Poll::Ready(Err(e)) => {
-                let named = self.failed.take().unwrap_or_default();
-                Poll::Ready(failure(format!("the request failed in the server: {e}"), named))
+        let answered = std::task::ready!(Pin::new(&mut self.task).poll(cx));
+        let error_message = match answered {
+            Ok(Ok(response)) => {
+                return Poll::Ready(pb::ModelStreamInferResponse {
+                    error_message: String::new(),
+                    infer_response: Some(response),
+                });
             }
-            Poll::Pending => Poll::Pending,
-        }
+            Ok(Err(status)) => status.message().to_string(),
+            Err(e) => format!("the request failed in the server: {e}"),
+        };
+        Poll::Ready(pb::ModelStreamInferResponse { error_message, infer_response: self.named.take() })
     }
 }
 
@@ -175,10 +166,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn failure(error_message: String, named: pb::ModelInferResponse) -> pb::ModelStreamInferResponse {
-    pb::ModelStreamInferResponse { error_message, infer_response: Some(named) }
 }
 
 /// `req` without the parameter asking for the final-response flag, and whether it asked.

@@ -41,8 +41,8 @@ pub struct IntakeLayer {
     pub max_body_bytes: usize,
     /// The longest pause while a body arrives (`body_read_timeout_s`).
     pub body_read_timeout: Duration,
-    /// The longest a body (a gRPC stream's message) may take in all, from the server's first
-    /// wait for it (`body_total_timeout_s`).
+    /// The longest the server may wait in all for a body (a gRPC stream's message) to arrive
+    /// (`body_total_timeout_s`).
     pub body_total_timeout: Duration,
 }
 
@@ -108,12 +108,12 @@ where
     }
 }
 
-/// `req` with its body failing when no data arrives for `body_read_timeout_s`, or when it is
-/// still arriving `body_total_timeout_s` after the server first waited for it (a body that
-/// trickles in; checked as data arrives, so that a body that comes whole with its headers, as
-/// small ones do, never reads the clock). A request without a body (GET, or
-/// `Content-Length: 0`) has nothing to time. A gRPC body is read
-/// message by message: one whose length prefix announces more than `max_message_bytes` fails
+/// `req` with its body failing when no data arrives for `body_read_timeout_s`, or once the
+/// server's waits for it add up to `body_total_timeout_s` (a body that trickles in; checked as
+/// data arrives, so that a body that comes whole with its headers, as small ones do, never
+/// reads the clock). A request without a body (GET, or `Content-Length: 0`) has nothing to
+/// time. A gRPC body is read message by message: one whose length prefix announces more than
+/// `max_body_bytes` fails
 /// with RESOURCE_EXHAUSTED before its bytes arrive (as grpc-go and Triton answer; tonic's own
 /// check answers OUT_OF_RANGE), and a stream of requests (`ModelStreamInfer`) is timed only
 /// inside a message: between two, its client may pause as long as it likes.
