@@ -500,6 +500,8 @@ fn a_model_path_that_is_a_folder_is_named_so() {
 fn route_prefixes_hold_no_patterns_and_no_path_a_request_cannot_match() {
     for prefix in
         ["/{x}", "/a b", "/café", "/x%41", "/a?b", "/a#b", "/-/healthz", "/-/routes", "/openapi.json"]
+            .into_iter()
+            .chain(["/v2", "/v2/models/m", "/metrics", "/metrics/x", "/-", "/openapi.json/x", "/a/"])
     {
         let e = errors(&format!(
             "applications:\n  - name: a\n    route_prefix: \"{prefix}\"\n    deployments: [{{name: m, model: m.onnx}}]\n"
@@ -508,6 +510,13 @@ fn route_prefixes_hold_no_patterns_and_no_path_a_request_cannot_match() {
             e.iter().any(|e| e.message.contains("visible ASCII other than `? # % { }`")),
             "{prefix}: {e:?}"
         );
+    }
+    // Beside the server's paths but not under them: no request of the server's own can match.
+    for prefix in ["/", "/v2x", "/v20/embed", "/metricsx", "/-x", "/openapi.jsonx"] {
+        let e = errors(&format!(
+            "applications:\n  - name: a\n    route_prefix: \"{prefix}\"\n    deployments: [{{name: m, model: m.onnx}}]\n"
+        ));
+        assert!(!e.iter().any(|e| e.message.contains("visible ASCII")), "{prefix}: {e:?}");
     }
 }
 

@@ -322,19 +322,19 @@ fn validate_application(
         // client sends escaped (a space, `é`), or one that ends the path (`?`, `#`), could
         // never match; the server's own paths take the request first.
         let sent_as_is = |c: char| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '%' | '{' | '}');
+        // The server's own paths: these and everything under them (`/v2x` is not under `/v2`).
+        let own =
+            |root: &str| p.strip_prefix(root).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
         if !p.starts_with('/')
             || (p.len() > 1 && p.ends_with('/'))
-            || p.starts_with("/v2")
-            || p.starts_with("/metrics")
-            || p.starts_with("/-/")
-            || p == "/openapi.json"
+            || ["/v2", "/metrics", "/-", "/openapi.json"].into_iter().any(own)
             || !p.chars().all(sent_as_is)
         {
             errs.at(
                 prefix.referenced,
                 format!("{at}.route_prefix"),
                 "must start with `/`, not end with `/`, hold visible ASCII other than `? # % { }`, and not be \
-                 under /v2, /metrics or /-/, nor /openapi.json",
+                 /v2, /metrics, /-, /openapi.json or under them",
             );
         }
         if app.pipeline.as_ref().is_none_or(|p| p.route.is_none()) {

@@ -132,14 +132,14 @@ pub const REST: &[Op] = &[
         "/v2/repository/models/{model}/load",
         "Load a repository model (again)",
         Body::None,
-        &[400, 401, 404, 503],
+        &[400, 401, 403, 404, 409, 503],
     ),
     op(
         Post,
         "/v2/repository/models/{model}/unload",
         "Unload a repository model",
         Body::None,
-        &[400, 401, 404],
+        &[400, 401, 403, 404],
     ),
     op(Get, "/v2/models/stats", "Inference statistics of every model (Triton's shape)", Json("Object"), &[]),
     op(Get, "/v2/models/{model}/stats", "Inference statistics of one model", Json("Object"), &[404]),
@@ -159,7 +159,7 @@ pub const REST: &[Op] = &[
             "/v2/models/{model}/infer",
             "Inference (JSON, or binary tensor data)",
             Json("InferenceResponse"),
-            &[400, 404, 408, 413, 501, 503, 504],
+            &[400, 404, 408, 413, 415, 500, 501, 503, 504],
         ),
         Json("InferenceRequest"),
     ),
@@ -169,7 +169,7 @@ pub const REST: &[Op] = &[
             "/v2/models/{model}/versions/{version}/infer",
             "Inference on one version",
             Json("InferenceResponse"),
-            &[400, 404, 408, 413, 501, 503, 504],
+            &[400, 404, 408, 413, 415, 500, 501, 503, 504],
         ),
         Json("InferenceRequest"),
     ),
@@ -182,13 +182,19 @@ pub const ADMIN: &[Op] = &[
         op(
             Put,
             "/api/serve/applications",
-            "Deploy a whole config (Sluice's, or Ray Serve's ServeDeploySchema)",
+            "Deploy a whole config (Sluice's, or Ray Serve's ServeDeploySchema, answered with an empty body)",
             Json("Status"),
-            &[400],
+            &[400, 500, 503],
         ),
         Body::Config,
     ),
-    op(Get, "/api/serve/applications", "Ray Serve's ServeInstanceDetails", Json("Object"), &[]),
+    op(
+        Get,
+        "/api/serve/applications",
+        "Ray Serve's ServeInstanceDetails (`?api_type=declarative` or `imperative`)",
+        Json("Object"),
+        &[400],
+    ),
     op(
         Delete,
         "/api/serve/applications",
@@ -197,10 +203,10 @@ pub const ADMIN: &[Op] = &[
         &[],
     ),
     with_body(
-        op(Put, "/api/serve/applications/", "As without the slash", Json("Status"), &[400]),
+        op(Put, "/api/serve/applications/", "As without the slash", Json("Status"), &[400, 500, 503]),
         Body::Config,
     ),
-    op(Get, "/api/serve/applications/", "As without the slash", Json("Object"), &[]),
+    op(Get, "/api/serve/applications/", "As without the slash", Json("Object"), &[400]),
     op(Delete, "/api/serve/applications/", "As without the slash", Body::None, &[]),
     op(Delete, "/api/serve/applications/{app}", "Remove one application", Json("Status"), &[404]),
     op(
@@ -227,7 +233,7 @@ pub const ADMIN: &[Op] = &[
         "/api/serve/deployments/{name}/promote",
         "Make the canary the primary version",
         Json("Status"),
-        &[404, 409],
+        &[400, 404, 409],
     ),
     op(
         Post,
@@ -252,7 +258,7 @@ pub const ADMIN: &[Op] = &[
         "/api/sluice/repository/{model}/notify",
         "Scan the model repository now for new versions of a model",
         Json("Status"),
-        &[404],
+        &[400, 404, 409, 503],
     ),
     op(Get, "/-/healthz", "Admin API health: `ok`; no token needed", Text, &[]),
     op(Get, "/openapi.json", "This document", Json("Object"), &[]),
@@ -284,7 +290,10 @@ pub fn admin() -> OpenApi {
         "Sluice's admin API and the part of Ray's dashboard API that Ray Serve's CLI and KubeRay \
          call. With `admin_options.token_env` set, every call but `GET /-/healthz` must carry \
          `Authorization: Bearer TOKEN` (or `X-Ray-Authorization`, or the status page's \
-         `sluice_admin_token` cookie); otherwise none.",
+         `sluice_admin_token` cookie); otherwise none. Errors answer `{\"error\": message}`, \
+         but those of Ray's routes (`/api/serve/...`), which answer plain text as Ray's \
+         dashboard does. Every call may get 403 (a call from a page of another origin, or a \
+         host name that is not loopback's when no token is set) and, with a body, 408 and 413.",
         ADMIN,
         true,
     )
@@ -346,9 +355,22 @@ fn operation(o: &Op, bearer: bool) -> utoipa::openapi::path::Operation {
     }
     b = b.response("200", ok.build());
     let mut errors = o.errors.to_vec();
+    // On the admin API: the token (but for its health check, which needs none), the browser
+    // guard, and the body reader in front of every route.
+    let open = o.path == "/-/healthz";
     if bearer {
-        errors.push(401);
+        if open {
+            b = b.securities(Some([SecurityRequirement::default()]));
+        } else {
+            errors.push(401);
+        }
+        errors.push(403);
+        if !matches!(o.request, Body::None) {
+            errors.extend([408, 413]);
+        }
     }
+    errors.sort_unstable();
+    errors.dedup();
     for code in errors {
         let mut answer = ResponseBuilder::new().description(reason(code));
         if code >= 400 {
@@ -379,10 +401,15 @@ fn reason(code: u16) -> &'static str {
         303 => "`?token=` was right: the cookie is set, on to `/`",
         400 => "The request is invalid; the message says what is wrong",
         401 => "Missing or wrong bearer token",
+        403 => {
+            "Refused: a repository change without the admin token, or (admin API) a call from another origin or host"
+        }
         404 => "No such model, version, application or deployment",
-        409 => "The change conflicts with the deployment's state (no canary, a rollout running)",
+        409 => "Conflicts with the state: no canary, no model_repository, or no complete version",
         413 => "The body is larger than http_options.max_body_bytes",
-        408 => "The request body stopped arriving for http_options.body_read_timeout_s",
+        408 => "The request body stopped arriving (http_options.body_read_timeout_s, body_total_timeout_s)",
+        415 => "A Content-Encoding the server does not decode",
+        500 => "The model failed (ONNX Runtime's error, a panic) or the server did",
         501 => "A protocol extension Sluice does not implement (shared memory, classification)",
         503 => "Not ready, draining, or the deployment's queue is full (max_queued_requests)",
         504 => "The request's deadline passed",
@@ -410,7 +437,7 @@ fn schemas() -> Vec<(&'static str, Schema)> {
             .property("name", string())
             .property(
                 "datatype",
-                typed(Type::String, "BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES"),
+                typed(Type::String, "BOOL, UINT8..UINT64, INT8..INT64, FP16, BF16, FP32, FP64, BYTES"),
             )
             .property("shape", array(typed(Type::Integer, "-1: any size")))
             .required("name")

@@ -1,5 +1,7 @@
-//! Finding and loading the ONNX Runtime shared library: `--onnxruntime`, then `ORT_DYLIB_PATH`,
-//! then the project's own install folder (`.ort/`, made by scripts/install-onnxruntime.sh).
+//! Finding and loading the ONNX Runtime shared library: `--onnxruntime`, then `ORT_DYLIB_PATH`
+//! (unless empty), then the project's own install folder (`.ort/`, made by
+//! scripts/install-onnxruntime.sh: where it was when the binary was built, then beside
+//! `target/`), then `libonnxruntime.so` next to the binary.
 
 use std::path::PathBuf;
 

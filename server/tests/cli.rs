@@ -377,8 +377,8 @@ fn run_serves_until_terminated() {
 }
 
 /// `worker_threads` sets how many worker threads the async runtime starts, over tokio's own
-/// `TOKIO_WORKER_THREADS` (set to another count here, so that the check does not depend on the
-/// machine's CPUs): the log line gives the runtime's own count (tokio's blocking threads carry
+/// `TOKIO_WORKER_THREADS` (set to a value it refuses alone here: the key wins, and the variable
+/// is not read): the log line gives the runtime's own count (tokio's blocking threads carry
 /// the same thread name, so a count of threads by name would include them).
 #[test]
 fn worker_threads_sets_the_runtime_threads() {
@@ -386,7 +386,7 @@ fn worker_threads_sets_the_runtime_threads() {
         "workers.yaml",
         "worker_threads: 3\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
     );
-    let s = Running::start_env(&config, &[("TOKIO_WORKER_THREADS", "5")]);
+    let s = Running::start_env(&config, &[("TOKIO_WORKER_THREADS", "abc")]);
     let (status, out) = post(&s.url("/v2/models/iris/infer"), IRIS_BODY, None);
     assert_eq!(status, 200, "{out}");
     let (status, log) = s.terminate();

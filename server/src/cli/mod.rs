@@ -117,8 +117,9 @@ pub enum Api {
 /// Where ONNX Runtime comes from.
 #[derive(clap::Args)]
 pub struct OrtArgs {
-    /// ONNX Runtime shared library (libonnxruntime.so). Default: ORT_DYLIB_PATH, then the
-    /// project's .ort/ folder made by scripts/install-onnxruntime.sh.
+    /// ONNX Runtime shared library (libonnxruntime.so). Default: ORT_DYLIB_PATH (unless
+    /// empty), then the library the binary was built against, the project's .ort/ folder made
+    /// by scripts/install-onnxruntime.sh, and libonnxruntime.so next to the binary.
     #[arg(long, env = "SLUICE_ONNXRUNTIME")]
     pub onnxruntime: Option<PathBuf>,
 }

@@ -139,8 +139,10 @@ pub fn run_with(
     let release_memory = config.release_startup_memory;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // tokio reads TOKIO_WORKER_THREADS itself where the count is not set, and panics on a
-    // value it cannot use (0, `abc`): read here, held to the config's bounds.
+    // value it cannot use (0, `abc`): read here, held to the config's bounds, and only where
+    // `worker_threads` is not set (the key wins, whatever the variable holds).
     let from_env = match std::env::var("TOKIO_WORKER_THREADS").ok().filter(|v| !v.trim().is_empty()) {
+        _ if config.worker_threads.is_some() => None,
         None => None,
         Some(v) => match v.trim().parse::<u32>() {
             Ok(n) if (1..=sluice_config::MAX_WORKER_THREADS).contains(&n) => Some(n),

@@ -72,18 +72,23 @@ async fn call(pipeline: &Pipeline, body: &[u8], model_id: Option<String>) -> Res
     let mut out = Map::new();
     for (field, tensor) in &mapping.response {
         if let Some(t) = answer.outputs.iter().find(|o| &o.name == tensor) {
-            // A JSON string cannot hold bytes that are not UTF-8: refused, not sent altered.
-            if let Some(i) = first_not_utf8(&t.tensor) {
-                return Err(InferError::internal(format!(
-                    "field `{field}`: element {i} of tensor `{tensor}` is not UTF-8, which a JSON answer \
-                     cannot carry (the OIP route `/v2/models/{}/infer` can send it as binary data)",
-                    pipeline.name()
-                )));
-            }
-            out.insert(field.clone(), nested(&t.tensor));
+            out.insert(field.clone(), field_value(pipeline.name(), field, tensor, &t.tensor)?);
         }
     }
     Ok(Value::Object(out))
+}
+
+/// `field`'s value, from the pipeline's output `tensor`. A JSON string cannot hold bytes that
+/// are not UTF-8: refused (400, as on the OIP route, whose binary data can carry them), not
+/// sent altered.
+fn field_value(pipeline: &str, field: &str, tensor: &str, t: &Tensor) -> Result<Value, InferError> {
+    if let Some(i) = first_not_utf8(t) {
+        return Err(InferError::invalid(format!(
+            "field `{field}`: element {i} of tensor `{tensor}` is not UTF-8, which a JSON answer \
+             cannot carry (the OIP route `/v2/models/{pipeline}/infer` can send it as binary data)"
+        )));
+    }
+    Ok(nested(t))
 }
 
 /// The shape of nested JSON arrays (following first elements), refused unless every array at
@@ -162,7 +167,7 @@ mod tests {
     use bytes::Bytes;
     use sluice_deployments::{DataType, Tensor};
 
-    use super::{nested, shape_of};
+    use super::{field_value, nested, shape_of};
 
     #[test]
     fn outputs_nest_by_their_shape_also_when_empty() {
@@ -175,6 +180,28 @@ mod tests {
         assert_eq!(nested(&t(vec![2, 1, 0], vec![])), json!([[[]], [[]]]));
         assert_eq!(nested(&t(vec![0, 3], vec![])), json!([]));
         assert_eq!(nested(&t(vec![], vec![7.])), json!(7.));
+    }
+
+    /// A BYTES output that is not UTF-8 is the request's to fix (by the OIP route's binary
+    /// data), as on that route: 400, naming the field, the tensor and the way.
+    #[test]
+    fn a_bytes_output_that_is_not_utf8_is_refused_naming_the_oip_route() {
+        let mut strings = Vec::new();
+        for s in [&b"ok"[..], &[0xff, 0xfe]] {
+            strings.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            strings.extend_from_slice(s);
+        }
+        let t = Tensor::new(DataType::Bytes, vec![2], Bytes::from(strings)).unwrap();
+        let e = field_value("p", "texts", "out", &t).unwrap_err();
+        assert_eq!(e.kind, sluice_deployments::ErrorKind::InvalidArgument);
+        assert!(
+            e.message.starts_with("field `texts`: element 1 of tensor `out` is not UTF-8"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("`/v2/models/p/infer`"), "{}", e.message);
+        let ok = Tensor::new(DataType::Bytes, vec![1], Bytes::from(b"\x02\0\0\0ok".to_vec())).unwrap();
+        assert_eq!(field_value("p", "texts", "out", &ok).unwrap(), json!(["ok"]));
     }
 
     /// Flattened, a ragged array would be read as another shape (`[[1, 2], [3], [4, 5, 6]]` as
