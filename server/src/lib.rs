@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod alloc;
 pub mod auth;
+mod catch_panic;
 pub mod error;
 pub mod grpc;
 pub mod listen;

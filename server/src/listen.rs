@@ -8,6 +8,8 @@
 //!   pings are closed;
 //! - a write the client takes no bytes of for `write_timeout` (it stopped reading) closes the
 //!   connection;
+//! - a request whose handler panics is answered 500 (gRPC: INTERNAL), and its connection goes
+//!   on ([`crate::catch_panic`]);
 //! - on shutdown the listener closes at once, connections finish the requests they carry
 //!   (HTTP/1 keep-alive is turned off, HTTP/2 gets GOAWAY), and whatever is still open when
 //!   the grace period ends is closed.
@@ -193,11 +195,12 @@ async fn connection<S: App>(
     let first_request = Arc::new(Notify::new());
     let (seen, requests) = (first_request.clone(), Arc::new(AtomicU64::new(0)));
     let started = requests.clone();
-    let service = app.map_request(move |req: axum::http::Request<Incoming>| {
-        seen.notify_one();
-        started.fetch_add(1, Ordering::Relaxed);
-        req
-    });
+    let service =
+        crate::catch_panic::CatchPanic(app.map_request(move |req: axum::http::Request<Incoming>| {
+            seen.notify_one();
+            started.fetch_add(1, Ordering::Relaxed);
+            req
+        }));
     let stop_serving = stop.clone();
     let serve = async move {
         match tls {
