@@ -377,6 +377,58 @@ async fn a_stream_answers_each_request_once_and_a_failure_does_not_end_it() {
     s.shutdown().await;
 }
 
+/// A stream whose client takes no answers holds none of its deployment's room: its requests
+/// run to their answers without the stream (answered at once, or on a task of their own when
+/// they wait for a replica's thread) and let their admission go, so calls beside it are served
+/// while the answers wait for the client, every one of them. The client's stream window holds
+/// about two answers; each deployment has one slot, so a call beside the stream waits for the
+/// stream's requests ahead of it to finish (for good, when they are held back with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_takes_no_answers_holds_no_room() {
+    let room = "max_ongoing_requests: 1, max_queued_requests: 64";
+    let s = start(
+        &format!(
+            "      - {{name: inline, model: iris/model.onnx, {room}}}\n      - {{name: threaded, model: iris/model.onnx, {room}, run_inline_under_us: 0}}\n"
+        ),
+        "",
+    )
+    .await;
+    let addr = s.grpc_addr().unwrap();
+    let stingy = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .initial_stream_window_size(Some(200))
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(stingy);
+    let mut client = grpc::client(&s).await;
+    for model in ["inline", "threaded"] {
+        let (tx, mut answers) = open_stream(&mut stalled, &[]).await;
+        for k in 0..20 {
+            tx.send(with_id(&k.to_string(), grpc::fp32_request(model, "input", &[1, 4], IRIS)))
+                .await
+                .unwrap();
+        }
+        // Calls beside the stream, one at a time, each given 5 s.
+        for _ in 0..10 {
+            let mut req = tonic::Request::new(grpc::fp32_request(model, "input", &[1, 4], IRIS));
+            req.set_timeout(Duration::from_secs(5));
+            let answered = client.model_infer(req).await;
+            assert!(answered.is_ok(), "{model}: the stream holds the room: {answered:?}");
+        }
+        drop(tx);
+        let mut ids = Vec::new();
+        while let Some(answer) = answers.next().await {
+            let answer = answer.expect("the stream ends OK");
+            assert_eq!(answer.error_message, "", "{model}");
+            ids.push(answer.infer_response.unwrap().id.parse::<u32>().unwrap());
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..20).collect::<Vec<_>>(), "{model}: every request answered once");
+    }
+    s.shutdown().await;
+}
+
 /// A message over the limit ends the stream with RESOURCE_EXHAUSTED (grpc-go's and Triton's
 /// code), after the requests read before it are answered; a pause between two messages is not
 /// timed (`body_read_timeout_s` is 0.3 s here), a pause inside one is.

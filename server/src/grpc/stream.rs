@@ -10,6 +10,7 @@
 //! requests the client sent after that were not read, and none of them ran).
 
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -67,10 +68,12 @@ impl Answers {
         }
     }
 
-    /// Starts `req` on a task of its own: it runs to its answer (and lets its admission go)
-    /// whether or not the stream's answers are being taken, which a client that stops opening
-    /// its flow-control window would otherwise hold up.
-    fn start(&self, req: pb::ModelInferRequest) -> Running {
+    /// Runs `req` to its answer: polled here once first (a request that is answered at once,
+    /// as a lone caller of a cheap model is, costs no task), then, when it has to wait, on a
+    /// task of its own, where it runs to its answer (and lets its admission go) whether or not
+    /// the stream's answers are being taken, which a client that stops opening its
+    /// flow-control window would otherwise hold up.
+    fn start(&self, req: pb::ModelInferRequest, cx: &mut Context<'_>) -> Running {
         let routes = Arc::clone(&self.routes);
         let headers = Arc::clone(&self.headers);
         // Kept for an error's answer, which names the request it is for.
@@ -80,7 +83,7 @@ impl Answers {
             id: req.id.clone(),
             ..Default::default()
         };
-        let task = tokio::spawn(tracing::Instrument::instrument(
+        let mut answer: Answering = Box::pin(tracing::Instrument::instrument(
             async move {
                 let started = std::time::Instant::now();
                 let (req, asked) = final_response_asked(req)?;
@@ -92,7 +95,12 @@ impl Answers {
             },
             self.span.clone(),
         ));
-        Running { task, named: Some(named) }
+        let state = match catch_unwind(AssertUnwindSafe(|| answer.as_mut().poll(cx))) {
+            Ok(Poll::Ready(answered)) => State::Answered(Some(answered.map_err(|s| s.message().to_string()))),
+            Ok(Poll::Pending) => State::Running(tokio::spawn(answer)),
+            Err(_) => State::Answered(Some(Err(PANICKED.to_string()))),
+        };
+        Running { state, named: Some(named) }
     }
 
     /// Stops reading requests; the stream ends with `end` (OK when `None`) once every request
@@ -118,7 +126,7 @@ impl Stream for Answers {
             let Some(requests) = this.requests.as_mut() else { break };
             match requests.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(req))) => {
-                    let answer = this.start(req);
+                    let answer = this.start(req, cx);
                     this.running.push(answer);
                 }
                 Poll::Ready(Some(Err(status))) => this.stop_reading(Some(status)),
@@ -135,36 +143,54 @@ impl Stream for Answers {
     }
 }
 
-/// One request of a stream, on its task; the task is stopped when the stream is dropped (the
-/// client went away).
+type Answering = Pin<Box<dyn Future<Output = Result<pb::ModelInferResponse, Status>> + Send>>;
+
+/// A request's answer when its handling panicked.
+const PANICKED: &str = "the request failed in the server";
+
+/// One request of a stream: answered, or on its task; the task is stopped when the stream is
+/// dropped (the client went away).
 struct Running {
-    task: tokio::task::JoinHandle<Result<pb::ModelInferResponse, Status>>,
+    state: State,
     /// The request's names, for its answer when it fails.
     named: Option<pb::ModelInferResponse>,
+}
+
+enum State {
+    /// Answered at its first poll (taken once).
+    Answered(Option<Result<pb::ModelInferResponse, String>>),
+    Running(tokio::task::JoinHandle<Result<pb::ModelInferResponse, Status>>),
 }
 
 impl Future for Running {
     type Output = pb::ModelStreamInferResponse;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let answered = std::task::ready!(Pin::new(&mut self.task).poll(cx));
-        let error_message = match answered {
-            Ok(Ok(response)) => {
-                return Poll::Ready(pb::ModelStreamInferResponse {
-                    error_message: String::new(),
-                    infer_response: Some(response),
-                });
+        let answered = match &mut self.state {
+            State::Answered(answered) => {
+                answered.take().expect("a stream's answer polled after it was given")
             }
-            Ok(Err(status)) => status.message().to_string(),
-            Err(e) => format!("the request failed in the server: {e}"),
+            State::Running(task) => match std::task::ready!(Pin::new(task).poll(cx)) {
+                Ok(answered) => answered.map_err(|status| status.message().to_string()),
+                Err(e) => Err(format!("{PANICKED}: {e}")),
+            },
         };
-        Poll::Ready(pb::ModelStreamInferResponse { error_message, infer_response: self.named.take() })
+        Poll::Ready(match answered {
+            Ok(response) => {
+                pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) }
+            }
+            Err(error_message) => {
+                pb::ModelStreamInferResponse { error_message, infer_response: self.named.take() }
+            }
+        })
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.task.abort();
+        if let State::Running(task) = &self.state {
+            task.abort();
+        }
     }
 }
 
