@@ -249,10 +249,10 @@ pub fn decode_rest(body: &[u8], header_len: Option<usize>) -> Result<Vec<Output>
             .and_then(|dims| dims.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
             .with_context(|| format!("output `{name}` without a shape"))?;
         let values = if let Some(size) = o["parameters"]["binary_data_size"].as_u64() {
-            let end = offset + size as usize;
-            if end > body.len() {
+            let end = usize::try_from(size).ok().and_then(|size| offset.checked_add(size));
+            let Some(end) = end.filter(|&end| end <= body.len()) else {
                 bail!("binary output `{name}` runs past the body");
-            }
+            };
             let values = decode_bytes(&datatype, &body[offset..end])?;
             offset = end;
             values
@@ -314,7 +314,8 @@ fn typed_values(datatype: &str, c: Option<&pb::InferTensorContents>) -> Option<V
 }
 
 /// True when every expected output is present with the expected datatype and shape, and its
-/// values equal within `tol` (relative above 1).
+/// values equal: floating-point ones within `tol` (relative above 1; never tighter than 1e-6,
+/// the noise of an FP32 answer written in decimal), integers and booleans exactly.
 pub fn matches(got: &[Output], expected: &[JsonTensor], tol: f64) -> bool {
     expected.iter().all(|want| {
         let Some(out) = got.iter().find(|o| o.name == want.name) else { return false };
@@ -325,8 +326,12 @@ pub fn matches(got: &[Output], expected: &[JsonTensor], tol: f64) -> bool {
         }
         match (&out.values, json_values(&want.datatype, &want.data)) {
             (Values::Numbers(g), Values::Numbers(w)) => {
+                let exact = !matches!(want.datatype.as_str(), "FP16" | "BF16" | "FP32" | "FP64");
                 g.len() == w.len()
-                    && g.iter().zip(&w).all(|(a, b)| (a - b).abs() <= tol.max(1e-6) * b.abs().max(1.0))
+                    && g.iter().zip(&w).all(|(a, b)| match exact {
+                        true => a == b,
+                        false => (a - b).abs() <= tol.max(1e-6) * b.abs().max(1.0),
+                    })
             }
             (Values::Strings(g), Values::Strings(w)) => g == &w,
             _ => false,
@@ -360,6 +365,34 @@ mod tests {
         assert!(!matches(&off, &expected, 1e-6));
         let shapeless = json!({"outputs": [{"name": "y", "datatype": "FP32", "data": [1.0]}]}).to_string();
         assert!(decode_rest(shapeless.as_bytes(), None).is_err());
+    }
+
+    /// Integers and booleans compare exactly: a token id of 50,000 is not 50,003 within a
+    /// relative tolerance. Floating-point values within it.
+    #[test]
+    fn integers_compare_exactly_and_floats_within_the_tolerance() {
+        let expected = [want("INT64", vec![1], vec![json!(50_000)])];
+        let near = rest(json!({"name": "y", "datatype": "INT64", "shape": [1], "data": [50_003]}));
+        assert!(!matches(&near, &expected, 1e-4));
+        let same = rest(json!({"name": "y", "datatype": "INT64", "shape": [1], "data": [50_000]}));
+        assert!(matches(&same, &expected, 1e-4));
+        let expected = [want("FP32", vec![1], vec![json!(50_000.0)])];
+        let near = rest(json!({"name": "y", "datatype": "FP32", "shape": [1], "data": [50_003.0]}));
+        assert!(matches(&near, &expected, 1e-4));
+    }
+
+    /// A binary output whose announced size runs past the body, however large, is refused (a
+    /// size near 2^64 overflowed the end's sum and panicked the request's task).
+    #[test]
+    fn a_binary_size_past_the_body_is_refused_not_a_panic() {
+        for size in [9u64, u64::MAX, u64::MAX - 10] {
+            let head = json!({"outputs": [{"name": "y", "datatype": "FP32", "shape": [2],
+                              "parameters": {"binary_data_size": size}}]})
+            .to_string();
+            let body = [head.as_bytes(), &[0; 8]].concat();
+            let e = decode_rest(&body, Some(head.len())).unwrap_err();
+            assert!(e.to_string().contains("runs past the body"), "{size}: {e}");
+        }
     }
 
     #[test]

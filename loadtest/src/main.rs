@@ -41,10 +41,10 @@ struct Args {
     #[arg(long = "shape")]
     shapes: Vec<String>,
     /// Rows per request (dimension 0) for random inputs.
-    #[arg(long, short, default_value_t = 1)]
+    #[arg(long, short, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
     /// Closed loop: concurrency levels to sweep, e.g. 1,8,64.
-    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate", value_parser = parse_concurrency)]
     concurrency: Vec<usize>,
     /// Open loop: request rates (per second) to sweep.
     #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
@@ -55,17 +55,17 @@ struct Args {
     /// Length of each step, e.g. 10s or 500ms. A step that runs out of time is rated over it
     /// (the answers that came back in it, as wrk does); what it had in flight drains after,
     /// counted in `ok` and the latencies (report.json's `drain_seconds`).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_positive_duration)]
     duration: Option<Duration>,
     /// Requests per step.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     requests: Option<u64>,
     /// Unmeasured load before each step.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
     /// How long one request may take before it counts as a `timeout` error (so a server that
     /// stops answering cannot hold the run); latencies are recorded up to it.
-    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = parse_positive_duration, default_value = "30s")]
     timeout: Duration,
     /// Compare each response with the sample file's expected outputs (datatype, shape and
     /// values); mismatches count as errors.
@@ -86,7 +86,7 @@ struct Args {
     allow_remote: bool,
     /// Threads of the load generator. Default 1: on a small machine it shares the CPUs with the
     /// server, and one event loop (as `wrk -t1`) disturbs it least.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=1024), usize::from))]
     threads: usize,
     /// No progress bar.
     #[arg(long)]
@@ -99,9 +99,8 @@ struct Args {
 }
 
 /// The requests of every step as CSV, in send order within each step.
-fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], path: &std::path::Path) -> Result<()> {
+fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], file: std::fs::File) -> Result<()> {
     use std::io::Write as _;
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
     writeln!(out, "step,sent_unix_us,latency_us,outcome")?;
     for step in steps {
@@ -110,7 +109,9 @@ fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], path: &std::p
         requests.sort_by_key(|r| r.sent);
         for r in requests {
             let sent = start_us + r.sent.as_micros() as u64;
-            let outcome = r.error.as_deref().unwrap_or("ok").replace(',', ";");
+            // One field: a server's message may hold commas, quotes or line breaks.
+            let outcome =
+                r.error.as_deref().unwrap_or("ok").replace(',', ";").replace(['"', '\n', '\r'], " ");
             writeln!(out, "{},{sent},{},{outcome}", step.label, r.latency.as_micros())?;
         }
     }
@@ -125,6 +126,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The longest duration taken (a year): longer ones would overflow the clock's arithmetic.
+const MAX_SECONDS: f64 = 365.0 * 86_400.0;
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_alphabetic()).unwrap_or(s.trim().len()));
     let n: f64 = num.parse().map_err(|_| format!("bad duration `{s}` (e.g. 10s, 500ms)"))?;
@@ -137,8 +141,29 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("bad duration unit in `{s}` (ms, s, m)")),
     };
+    if secs > MAX_SECONDS {
+        return Err(format!("bad duration `{s}`: at most a year"));
+    }
     Ok(Duration::from_secs_f64(secs))
 }
+
+/// A step's length or a request's timeout: 0 would send nothing, or fail every request.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("bad duration `{s}`: must be above 0")),
+        d => Ok(d),
+    }
+}
+
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => Ok(n),
+        _ => Err(format!("bad concurrency `{s}`: 1 to {MAX_CONCURRENCY}")),
+    }
+}
+
+/// Each closed-loop worker holds a connection (REST) or a stream.
+const MAX_CONCURRENCY: usize = 100_000;
 
 fn main() {
     let args = Args::parse();
@@ -158,6 +183,21 @@ async fn run(args: Args) -> Result<()> {
     if args.duration.is_none() && args.requests.is_none() {
         bail!("give --duration or --requests: every run must stop by itself");
     }
+    // Found unwritable now, not after the whole run (which then lost its report too).
+    let request_log = match &args.request_log {
+        Some(path) => {
+            Some(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        None => None,
+    };
+    // A REST connection per closed-loop worker, or per outstanding open-loop request.
+    let connections = match args.rate.is_empty() {
+        true => args.concurrency.iter().copied().max().unwrap_or(1) as u64,
+        false => sluice_loadtest::run::MAX_OUTSTANDING,
+    };
+    if let Some(note) = sluice_loadtest::run::raise_open_files(connections) {
+        eprintln!("warning: {note}");
+    }
     if args.protocol == client::Protocol::GrpcStream && (!args.rate.is_empty() || args.health) {
         bail!("grpc-stream is closed loop (--concurrency) and sends inference (not --health)");
     }
@@ -176,8 +216,15 @@ async fn run(args: Args) -> Result<()> {
             }
             let shapes: HashMap<String, Vec<u64>> =
                 args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?;
-            let inputs =
-                client::model_inputs(args.protocol, &args.url, &args.model, &args.model_version).await?;
+            // Bounded like a request: a server that accepts and never answers cannot hold the run.
+            let inputs = tokio::time::timeout(
+                args.timeout,
+                client::model_inputs(args.protocol, &args.url, &args.model, &args.model_version),
+            )
+            .await
+            .with_context(|| {
+                format!("the model's metadata did not come within --timeout ({:?})", args.timeout)
+            })??;
             vec![random_case(&inputs, &shapes, args.batch, 42)?]
         }
     };
@@ -242,10 +289,6 @@ async fn run(args: Args) -> Result<()> {
         steps.push(result);
     }
     print!("{}", markdown(&steps));
-    if let Some(path) = &args.request_log {
-        write_request_log(&steps, path)?;
-        eprintln!("wrote {}", path.display());
-    }
     if let Some(dir) = &args.output_dir {
         let report = Report {
             target: args.url.clone(),
@@ -255,6 +298,11 @@ async fn run(args: Args) -> Result<()> {
         };
         write_all(&report, dir)?;
         eprintln!("wrote {}/report.json, report.md, latency.svg", dir.display());
+        steps = report.steps;
+    }
+    if let (Some(file), Some(path)) = (request_log, &args.request_log) {
+        write_request_log(&steps, file).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -44,8 +44,56 @@ pub struct StepOptions {
 }
 
 /// Outstanding requests an open-loop step allows before it counts sends as `overrun` (each
-/// outstanding REST request holds a connection).
+/// outstanding REST request holds a connection), unless the open-file limit allows fewer
+/// ([`raise_open_files`]).
 pub const MAX_OUTSTANDING: u64 = 4_096;
+
+/// File descriptors kept for what is not a request's connection (the runtime, the output).
+const SPARE_FILES: u64 = 64;
+
+/// The open-file limit, raised to its hard limit (often 1,024 soft where the hard one is far
+/// higher: a REST connection per outstanding request would fail past it as `transport: Too
+/// many open files`), once per process.
+fn open_files() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        #[allow(unsafe_code)]
+        // SAFETY: `limit` is a valid, writable rlimit for the call's duration.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return u64::MAX;
+        }
+        // The hard limit may read unlimited, which Linux refuses for this resource.
+        let most = limit.rlim_max.min(1 << 20);
+        if limit.rlim_cur < most {
+            let raised = libc::rlimit { rlim_cur: most, rlim_max: limit.rlim_max };
+            #[allow(unsafe_code)]
+            // SAFETY: `raised` is a valid rlimit that outlives the call.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit.rlim_cur = most;
+            }
+        }
+        limit.rlim_cur
+    })
+}
+
+/// Raises the open-file limit; says so when it still holds the load back: closed-loop
+/// workers past it fail to connect, and an open loop counts `overrun` from there.
+pub fn raise_open_files(connections: u64) -> Option<String> {
+    let limit = open_files();
+    (connections.saturating_add(SPARE_FILES) > limit).then(|| {
+        format!(
+            "the open-file limit is {limit} (ulimit -n, raised to its hard limit): {connections} connections \
+             do not fit; an open loop counts sends past {} outstanding as `overrun`",
+            outstanding_cap()
+        )
+    })
+}
+
+/// [`MAX_OUTSTANDING`], or fewer where the open-file limit is lower.
+fn outstanding_cap() -> u64 {
+    MAX_OUTSTANDING.min(open_files().saturating_sub(SPARE_FILES).max(1))
+}
 
 /// What every tally of a step shares.
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +218,16 @@ impl Tally {
     }
 }
 
+/// A request's task that panicked (its outcome was never counted) ends the run with its panic
+/// rather than vanishing; one cancelled at the runtime's end is nothing.
+fn surface_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 /// `count` over `seconds`; 0 over none (a step of `--duration 0`).
 fn per_second(count: u64, seconds: f64) -> f64 {
     if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
@@ -281,9 +339,8 @@ pub async fn run_step(
             }
             let mut total = Tally::new(frame);
             for w in workers {
-                if let Ok(t) = w.await {
-                    total.merge(t);
-                }
+                // A worker that panicked would take its requests' counts with it, unseen.
+                total.merge(w.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
             }
             total
         }
@@ -298,6 +355,7 @@ pub async fn run_step(
             // The thread's sleep wakes within tens of microseconds.
             let runtime = tokio::runtime::Handle::current();
             let total_for_pacer = total.clone();
+            let cap = outstanding_cap();
             let pacer = tokio::task::spawn_blocking(move || {
                 let total = total_for_pacer;
                 let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -308,7 +366,9 @@ pub async fn run_step(
                 let mut n = 0u64;
                 while n < budget && end.is_none_or(|e| next < e) {
                     // Reaped while it waits for the next send time, not after.
-                    while tasks.try_join_next().is_some() {}
+                    while let Some(done) = tasks.try_join_next() {
+                        surface_panic(done);
+                    }
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
                     let scheduled = next;
                     let gap = if poisson {
@@ -322,7 +382,7 @@ pub async fn run_step(
                     };
                     next += Duration::from_secs_f64(gap);
                     n += 1;
-                    if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+                    if outstanding.load(Ordering::Relaxed) >= cap {
                         let overrun = Outcome {
                             started: scheduled,
                             done: Instant::now(),
@@ -350,8 +410,9 @@ pub async fn run_step(
                 }
                 tasks
             });
-            if let Ok(mut tasks) = pacer.await {
-                while tasks.join_next().await.is_some() {}
+            let mut tasks = pacer.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            while let Some(done) = tasks.join_next().await {
+                surface_panic(done);
             }
             std::mem::replace(&mut *lock(&total), Tally::new(frame))
         }
