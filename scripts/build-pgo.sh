@@ -2,9 +2,9 @@
 # Makes the profile that release builds are optimised with (profile-guided optimisation, PGO),
 # pgo/sluice.profdata.gz, from this checkout, then builds target/release/sluice with it:
 #   1. an instrumented build (target/pgo-gen) serves a training load on loopback: REST JSON,
-#      REST binary and gRPC inference of the example models at 1, 16 and 64 connections, one and
-#      eight rows per request, a two-step pipeline and the liveness calls (sluice-loadtest,
-#      about 80 s);
+#      REST binary and gRPC inference (unary and ModelStreamInfer) of the example models at 1,
+#      16 and 64 connections, one and eight rows per request, a two-step pipeline and the
+#      liveness calls (sluice-loadtest, about 90 s);
 #   2. its profile is merged with rustup's llvm-profdata (the `llvm-tools` component, which
 #      this script installs) into pgo/sluice.profdata.gz, and pgo/rustc-version names the
 #      compiler (a profile is read only by the LLVM that wrote it);
@@ -100,6 +100,7 @@ for c in 1 16 64; do
     done
     load $((PORT + 1)) -m mlp --protocol grpc --input-data "$M/mlp/expected.json" --concurrency $c
     load $((PORT + 1)) -m mlp --protocol grpc --batch 8 --concurrency $c
+    load $((PORT + 1)) -m mlp --protocol grpc-stream --input-data "$M/mlp/expected.json" --concurrency $c
     load "$PORT" -m iris --input-data "$M/iris/expected.json" --concurrency $c
     load "$PORT" -m iris-classifier --batch 4 --concurrency $c
 done
