@@ -41,20 +41,25 @@ impl Controller {
         completed: Option<Arc<Deployment>>,
     ) -> Result<(), ControlError> {
         let _changes = self.changes.lock().await;
-        if let Some(completed) = completed {
-            let mut st = self.lock();
+        // Looked at again after the canary grows: a rollback or a weight set by hand takes no
+        // turn (`changes`), and may come while it grows.
+        let replaced = |st: &mut ControllerState| -> Result<bool, ControlError> {
+            let Some(completed) = &completed else { return Ok(false) };
             let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;
             let still = m
                 .canary
                 .as_ref()
-                .is_some_and(|c| c.weight == 100 && Arc::ptr_eq(&c.version.deployment, &completed));
+                .is_some_and(|c| c.weight == 100 && Arc::ptr_eq(&c.version.deployment, completed));
             if !still {
                 st.events.push(
                     deployment,
                     "the canary that completed its rollout was replaced or rolled back before its promotion: not promoted",
                 );
-                return Ok(());
             }
+            Ok(!still)
+        };
+        if replaced(&mut self.lock())? {
+            return Ok(());
         }
         // The canary is about to take all of the traffic: first it grows to the replicas the
         // primary has now (an autoscaled one's within its bounds), or one replica would take
@@ -85,6 +90,9 @@ impl Controller {
         }
         let old = {
             let mut st = self.lock();
+            if replaced(&mut st)? {
+                return Ok(());
+            }
             let m = st.deployments.get(deployment).ok_or_else(|| unknown(deployment))?;
             let c = m.canary.as_ref().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
             // The pipelines whose steps ran on the old primary run on the new one: built again
@@ -165,10 +173,14 @@ impl Controller {
 
     /// Judges every rollout whose interval has ended; returns when the next one ends, and the
     /// deployments whose canary completed a rollout that promotes by itself, with that canary.
+    /// A deployment `busy` with a change of its own is judged once that is done (the control
+    /// loop comes back within a second): its promotion could not run now, and a completed
+    /// rollout is not judged twice.
     pub(crate) fn step_rollouts(
         &self,
         st: &mut ControllerState,
         now: Instant,
+        busy: &std::collections::HashSet<String>,
     ) -> (Option<Instant>, Vec<(String, Arc<Deployment>)>) {
         let mut changed = false;
         let mut rollbacks = Vec::new();
@@ -177,6 +189,9 @@ impl Controller {
         for (name, m) in st.deployments.iter_mut() {
             let Some(c) = &mut m.canary else { continue };
             let Some(r) = &mut c.rollout else { continue };
+            if busy.contains(name) {
+                continue;
+            }
             if now >= r.next_step {
                 r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
                 let counters = r.counters(&c.version);

@@ -338,19 +338,30 @@ impl Controller {
             // the same control round) is left to drain; the new primary is judged next round.
             // The count is held to the bounds of the config in force now: a decision made
             // under the config before can land after an apply that changed them.
-            let to = {
+            let bound_now = |to: usize| {
                 let st = self.lock();
                 let m = st.deployments.get(&job.deployment);
-                match m.filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment)) {
-                    Some(m) => match &m.scaling {
-                        Some(s) => s.config.bound(job.to),
+                m.filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment)).map(|m| {
+                    match &m.scaling {
+                        Some(s) => s.config.bound(to),
                         None => m.config.initial_replicas(),
-                    },
-                    None => continue,
-                }
+                    }
+                })
             };
+            let Some(mut to) = bound_now(job.to) else { continue };
             let from = job.target.replica_count();
-            let outcome = job.target.scale_to(to).await;
+            let mut outcome = job.target.scale_to(to).await;
+            // An apply while the replicas loaded compared its bounds with the replicas loaded
+            // so far (a scale to 8 at 3 when `max_replicas: 4` came): held to them again.
+            for _ in 0..3 {
+                match bound_now(to) {
+                    Some(again) if outcome.is_ok() && again != to => {
+                        to = again;
+                        outcome = job.target.scale_to(to).await;
+                    }
+                    _ => break,
+                }
+            }
             let message = match &outcome {
                 Ok(()) if to == 0 => {
                     // On purpose: readiness counts it ready at zero (its first request wakes it).
@@ -417,8 +428,7 @@ impl Controller {
                     next_retry = Some(next_retry.map_or(f.retry_at(), |n| n.min(f.retry_at())));
                 }
             }
-            let (next_rollout, mut promote) = self.step_rollouts(&mut st, now);
-            promote.retain(|(d, _)| !busy.contains(d));
+            let (next_rollout, promote) = self.step_rollouts(&mut st, now, &busy);
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);

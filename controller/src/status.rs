@@ -320,7 +320,20 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
             DeploymentState::Unhealthy,
             format!("{running} of {wanted} replicas: {}; tried again", f.message),
         ),
-        _ => deployment_state(&m.primary),
+        // An autoscaled one whose last change of count failed (cleared once one succeeds):
+        // said beside its replicas' state, and unhealthy with none ready (a scale from zero
+        // that fails leaves every request to its deadline).
+        None => match (&m.scaling, &m.scale_failure) {
+            (Some(_), Some(f)) if d.ready_replicas() == 0 => {
+                (DeploymentState::Unhealthy, format!("no replica is ready: {}; tried again", f.message))
+            }
+            (Some(_), Some(f)) => {
+                let (state, message) = deployment_state(&m.primary);
+                let sep = if message.is_empty() { "" } else { "; " };
+                (state, format!("{message}{sep}{}; tried again", f.message))
+            }
+            _ => deployment_state(&m.primary),
+        },
     };
     let autoscaling = m.scaling.as_ref().map(|s| AutoscalingStatus {
         min_replicas: s.config.min_replicas,
@@ -362,6 +375,9 @@ fn deployment_state(v: &Version) -> (DeploymentState, String) {
         (DeploymentState::Healthy, String::new())
     } else if ready > 0 {
         (DeploymentState::Upscaling, format!("{ready} of {count} replicas ready; the others are starting"))
+    } else if d.at_zero_on_purpose() {
+        // Woken from zero (scaled there, not failed there): its first replica is loading.
+        (DeploymentState::Updating, format!("{count} replica(s) starting from zero"))
     } else if d.metrics().stats.success.count.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         (DeploymentState::Unhealthy, format!("none of its {count} replicas is ready; they are restarting"))
     } else {

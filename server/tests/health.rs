@@ -41,6 +41,10 @@ impl Gate {
         *self.open.lock().unwrap() = true;
         self.opened.notify_all();
     }
+
+    fn close(&self) {
+        *self.open.lock().unwrap() = false;
+    }
 }
 
 /// `x` FP32 [-1] → `y` = `x`. Waits on `gate` in every call when `gated`, and panics on a
@@ -334,6 +338,66 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
     assert_eq!(gauges().await, (Some(0.0), Some(0.0)), "back at zero");
     assert_eq!(server_ready(&mut client).await, serving, "back at zero");
     assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503);
+
+    // Woken again, having served: its status says it is starting (UPDATING), not that the
+    // replicas it had are failing (UNHEALTHY; Ray Serve's HEALTH_CHECK_FAILED to KubeRay).
+    warm_up.close();
+    let request =
+        tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/cold/infer")).json(&body).send());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while replicas() == 0 {
+        assert!(std::time::Instant::now() < until, "the request started no replica");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let status = serde_json::to_value(s.controller().status()).unwrap();
+    let cold = &status["applications"]["t"]["deployments"]["cold"];
+    assert_eq!(cold["status"], "UPDATING", "{cold}");
+    assert_eq!(cold["message"], "1 replica(s) starting from zero", "{cold}");
+    warm_up.open();
+    assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    s.shutdown().await;
+}
+
+/// An autoscaled deployment whose scale from zero fails (its model no longer loads) says so in
+/// its status, UNHEALTHY with the failure: it read HEALTHY while every request waited for its
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_from_zero_that_fails_shows_in_the_status() {
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    sluice_deployments::register_step(
+        "wakes_broken",
+        Arc::new(move || match made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            // The start's load reads the model's metadata; the replicas' fail.
+            0 => Ok(Box::new(Step::new(None)) as Box<dyn Backend>),
+            _ => Err(sluice_deployments::LoadError::Step("the weights are gone".into())),
+        }),
+    );
+    let s = sluice_server::start(
+        config(
+            "      - {name: broken, builtin: {custom: {name: wakes_broken}}, autoscaling_config: {min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05, look_back_period_s: 0.1}}\n",
+            "",
+        ),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}], "parameters": {"timeout": 300_000}});
+    let r = reqwest::Client::new().post(url(&s, "/v2/models/broken/infer")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = serde_json::to_value(s.controller().status()).unwrap();
+        let broken = &status["applications"]["t"]["deployments"]["broken"];
+        if broken["status"] == "UNHEALTHY" {
+            let message = broken["message"].as_str().unwrap();
+            assert!(message.starts_with("no replica is ready: "), "{message}");
+            assert!(message.contains("the weights are gone"), "{message}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{broken}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     s.shutdown().await;
 }
 
@@ -379,6 +443,71 @@ async fn a_slow_load_holds_up_no_other_deployments_scale_from_zero() {
     assert!(!slow.is_finished(), "the slow load was still held");
     gate.open();
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    s.shutdown().await;
+}
+
+/// A scale-up under way when an apply tightens the deployment's bounds ends within them: the
+/// apply compared its bounds with the replicas loaded so far (1, within a new `max_replicas`
+/// of 1), and the scale went on to 4, held there until `downscale_delay_s` (600 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_up_under_way_when_the_bounds_tighten_ends_within_them() {
+    let load = Arc::new(Gate::default());
+    let infer = Arc::new(Gate::default());
+    // Load 0 is the first replica's (its metadata read from it); later ones wait.
+    register("tightened", Some((load.clone(), 1)), Some(infer.clone()));
+    let deployment = |max: u32| {
+        format!(
+            "      - {{name: tight, builtin: {{custom: {{name: tightened}}}}, warmup: false, num_cpus: 0.25, autoscaling_config: \
+             {{min_replicas: 1, max_replicas: {max}, target_ongoing_requests: 1, metrics_interval_s: 0.05, \
+             look_back_period_s: 0.1, upscale_delay_s: 0, downscale_delay_s: 600}}}}\n"
+        )
+    };
+    let s = sluice_server::start(config(&deployment(4), ""), Default::default()).await.unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    struct OpenAtEnd(Vec<Arc<Gate>>);
+    impl Drop for OpenAtEnd {
+        fn drop(&mut self) {
+            self.0.iter().for_each(|g| g.open());
+        }
+    }
+    let _open_at_end = OpenAtEnd(vec![load.clone(), infer.clone()]);
+    let replicas = || s.routes().resolve("tight", None).unwrap().deployment().unwrap().replica_count();
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]});
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/tight/infer")).json(&body).send())
+        })
+        .collect();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while load.came.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "four requests held started no scale-up: {}",
+            serde_json::to_value(s.controller().status()).unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let controller = s.controller().clone();
+    let tightened = config(&deployment(1), "");
+    let apply = tokio::spawn(async move { controller.apply(&tightened).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    load.open();
+    infer.open();
+    apply.await.unwrap().unwrap();
+    for r in held {
+        assert_eq!(r.await.unwrap().unwrap().status(), 200);
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while replicas() != 1 {
+        let status = serde_json::to_value(s.controller().status()).unwrap();
+        assert!(
+            std::time::Instant::now() < until,
+            "{} replicas, max_replicas 1: {}",
+            replicas(),
+            status["events"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     s.shutdown().await;
 }
 
