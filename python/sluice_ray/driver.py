@@ -24,8 +24,9 @@ by a driver whose job is still running exits with an error (code 1) and never
 starts its controller, so it touches none of the other instance's actors (see
 ``claim_namespace``).
 
-Every other actor is a detached named ``ProcessHost`` (see host.py) in the namespace
-given by --namespace. The driver watches each actor's long-running ``run()``
+Every other actor is a named ``ProcessHost`` (see host.py) in the namespace
+given by --namespace, owned by this driver (not detached: should the driver die
+before it kills them, Ray destroys them with it). The driver watches each actor's long-running ``run()``
 call with ``ray.wait`` and reports ``exited`` (the child exited; the actor is
 then released) or ``died`` (the actor died: its node was lost, or it was killed
 from outside). Actors killed on purpose report only ``killed``.
@@ -320,7 +321,9 @@ class Driver:
             raise ValueError("create %s: options.node_id must be a node id string or null" % name)
         soft = bool(opts.get("soft", False))
         o: Dict[str, Any] = {
-            "name": name, "namespace": self.namespace, "lifetime": "detached",
+            # Owned by this driver (not detached): Ray destroys them if the driver dies
+            # without killing them (SIGKILL after Ray's stop window, the OOM killer).
+            "name": name, "namespace": self.namespace, "lifetime": "non_detached",
             "max_restarts": 0, "max_task_retries": 0,
             "max_concurrency": self.args.max_concurrency,
             "num_cpus": num_cpus, "num_gpus": num_gpus,
@@ -516,7 +519,10 @@ class Driver:
         import ray
         if self._actor_state(actor_id) == "ALIVE":
             try:
-                ray.get(handle.stop.remote(grace), timeout=grace + 10.0)
+                # stop() takes `grace`, then kills the group; a node that does not answer
+                # (partitioned, still ALIVE to the GCS) must not hold ray.kill past Ray's
+                # stop window.
+                ray.get(handle.stop.remote(grace), timeout=grace + 1.0)
             except Exception as e:
                 _log("stop(%s) failed: %s" % (actor_id, _short_err(e)))
         try:

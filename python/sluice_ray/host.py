@@ -37,16 +37,29 @@ LISTEN_PREFIX = "LISTEN "
 PR_SET_PDEATHSIG = 1
 
 
+def _load_prctl():
+    """libc's prctl, found once here: loading a library in the forked child (dlopen
+    after fork in a threaded Ray worker) can deadlock on a lock another thread held."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except Exception:
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def child_setup() -> None:
     """Runs in a forked child before exec: SIGTERM when its parent dies
     (PR_SET_PDEATHSIG), and SIGTERM and SIGINT unblocked. A child inherits the
     signal mask of the thread that forked it, and Ray blocks signals in some of
     its threads (SIGINT in every process): a child started with SIGTERM blocked
     would not see a job stop, a kill or its parent's death."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except Exception:
-        pass
+    if _PRCTL is not None:
+        try:
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except Exception:
+            pass
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM, signal.SIGINT])
     except Exception:

@@ -883,7 +883,8 @@ fn sigterm_while_starting_stops_gracefully() {
 }
 
 /// A second signal during a graceful stop ends the process at once (exit 130), rather than
-/// after `shutdown_delay_s` and the drain: here a 30 s delay.
+/// after `shutdown_delay_s` and the drain: here a 30 s delay. One that comes at once after the
+/// first (as a Ray job's stop sends the controller and its driver passes on) is the same stop.
 #[test]
 fn a_second_signal_ends_the_process_at_once() {
     let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-second-signal.yaml");
@@ -911,6 +912,10 @@ fn a_second_signal_ends_the_process_at_once() {
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     wait_for("a second signal ends the process at once", &mut log);
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    wait_for("taken as the same stop", &mut log);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(child.child().try_wait().unwrap().is_none(), "ended by the signal it took as the same:\n{log}");
     let signalled = std::time::Instant::now();
     Command::new("kill").args(["-INT", &pid]).status().unwrap();
     let status = child.child().wait().unwrap();

@@ -56,7 +56,11 @@ impl ProxyOptions {
             binary,
             "proxy".into(),
             "--controller".into(),
-            format!("http://{head_ip}:{}", self.admin_port),
+            // An IPv6 address goes in brackets in a URL.
+            match head_ip.contains(':') {
+                true => format!("http://[{head_ip}]:{}", self.admin_port),
+                false => format!("http://{head_ip}:{}", self.admin_port),
+            },
             "--host".into(),
             "{node_ip}".into(),
             "--http-port".into(),
@@ -1055,5 +1059,8 @@ mod tests {
         options.release_startup_memory = false;
         let argv = options.argv("sluice".into(), "10.0.0.1");
         assert_eq!(argv[8..], ["--grpc-port", "8001", "--worker-threads", "3", "--keep-startup-memory"]);
+        // A head on IPv6: its address in brackets.
+        let argv = options.argv("sluice".into(), "fd00::1");
+        assert_eq!(argv[3], "http://[fd00::1]:8266");
     }
 }

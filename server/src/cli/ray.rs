@@ -59,6 +59,19 @@ fn unsupported_on_ray(config: &Config, submitting: bool) -> Vec<String> {
                 .to_string(),
         );
     }
+    // The default loopback address is bound to every address inside the job (`run_in_job`);
+    // another loopback name would keep the admin API, which the proxies follow, to the head.
+    let admin_host = config.admin_options.host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = admin_host.eq_ignore_ascii_case("localhost")
+        || admin_host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if every_node && loopback && config.admin_options.host != sluice_config::HttpOptions::default().host {
+        out.push(format!(
+            "proxy_location: EveryNode proxies on the other nodes read their routes from the admin API, which \
+             admin_options.host `{}` keeps to the head; leave it out (the job then binds every address) or \
+             name an address the nodes reach",
+            config.admin_options.host
+        ));
+    }
     if every_node {
         let tls = [
             ("http_options.tls", config.http_options.tls.is_some()),
@@ -570,6 +583,19 @@ mod tests {
         config.http_options.tls = None;
         assert!(unsupported_on_ray(&config, false).is_empty());
         assert!(unsupported_on_ray(&config, true)[0].contains("admin_options.enabled is false"));
+        // The proxies follow the admin API: another loopback name than the default (which the
+        // job binds to every address) would keep it to the head.
+        config.admin_options.enabled = true;
+        config.proxy_location = sluice_config::ProxyLocation::EveryNode;
+        for host in ["localhost", "::1", "[::1]", "127.0.0.2"] {
+            config.admin_options.host = host.into();
+            let refused = unsupported_on_ray(&config, true);
+            assert!(refused.len() == 1 && refused[0].contains("keeps to the head"), "{host}: {refused:?}");
+        }
+        for host in ["127.0.0.1", "0.0.0.0", "10.0.0.1"] {
+            config.admin_options.host = host.into();
+            assert!(unsupported_on_ray(&config, true).is_empty(), "{host}");
+        }
     }
 
     fn tls(client_ca: bool) -> sluice_config::TlsOptions {

@@ -284,10 +284,15 @@ async fn release_startup_memory(server: &sluice_server::Server) {
     }
 }
 
+/// Signals this close to the first are one stop (a Ray job's stop sends two: see
+/// `shutdown_signal`); a person's second Ctrl-C comes later.
+const SAME_SIGNAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C). Both are listened for from the call on, not from the
 /// first poll: a signal that arrives before the future is awaited is not lost, nor left to its
 /// default action (ending the process at once). A second signal after that ends the process at
-/// once (exit 130), without waiting for `shutdown_delay_s` and the graceful drain.
+/// once (exit 130), without waiting for `shutdown_delay_s` and the graceful drain; one within
+/// [`SAME_SIGNAL`] of the first is taken as the same stop.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let signals = {
@@ -312,10 +317,21 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
                 () = next(&mut int) => {},
             }
             tracing::info!("shutting down (a second signal ends the process at once)");
+            let first = std::time::Instant::now();
             tokio::spawn(async move {
-                tokio::select! {
-                    () = next(&mut term) => {},
-                    () = next(&mut int) => {},
+                loop {
+                    tokio::select! {
+                        () = next(&mut term) => {},
+                        () = next(&mut int) => {},
+                    }
+                    if first.elapsed() >= SAME_SIGNAL {
+                        break;
+                    }
+                    // Ray's job stop signals the job's whole process tree, and the driver
+                    // passes its own signal on too: both are the one stop, which drains.
+                    tracing::info!(
+                        "a second signal within {SAME_SIGNAL:?} of the first: taken as the same stop"
+                    );
                 }
                 tracing::warn!("second signal: exiting now, without draining");
                 std::process::exit(130);
