@@ -10,6 +10,23 @@ fn loadtest(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `--check` with the sample file at `samples` is refused: a case has no expected outputs.
+fn refused_unchecked(samples: &std::path::Path) {
+    let (code, err) = loadtest(&[
+        "--url",
+        "127.0.0.1:9",
+        "-m",
+        "m",
+        "--input-data",
+        samples.to_str().unwrap(),
+        "--check",
+        "--requests",
+        "1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--check: case 0 of the input data has no expected outputs"), "{err}");
+}
+
 #[test]
 fn bad_rates_durations_and_unchecked_cases_are_refused() {
     let (code, err) = loadtest(&["--rate", "0", "--requests", "1"]);
@@ -24,38 +41,14 @@ fn bad_rates_durations_and_unchecked_cases_are_refused() {
         r#"{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}"#,
     )
     .unwrap();
-    let (code, err) = loadtest(&[
-        "--url",
-        "127.0.0.1:9",
-        "-m",
-        "m",
-        "--input-data",
-        samples.to_str().unwrap(),
-        "--check",
-        "--requests",
-        "1",
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("--check: case 0 of the input data has no expected outputs"), "{err}");
+    refused_unchecked(&samples);
     // An empty outputs list expects nothing: refused the same way, not a check that passes all.
     std::fs::write(
         &samples,
         r#"{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1]}], "outputs": []}"#,
     )
     .unwrap();
-    let (code, err) = loadtest(&[
-        "--url",
-        "127.0.0.1:9",
-        "-m",
-        "m",
-        "--input-data",
-        samples.to_str().unwrap(),
-        "--check",
-        "--requests",
-        "1",
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("--check: case 0 of the input data has no expected outputs"), "{err}");
+    refused_unchecked(&samples);
     let _ = std::fs::remove_file(&samples);
 }
 

@@ -935,7 +935,7 @@ class Driver:
         env["SLUICE_RAY_NAMESPACE"] = self.namespace
         try:
             self.child = subprocess.Popen(self.child_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=None, env=env, preexec_fn=_host.child_setup, close_fds=True)
+                                          stderr=None, env=env, preexec_fn=_host.preexec(), close_fds=True)
         except OSError as e:
             _log("cannot start the controller %r: %s" % (self.child_argv, e))
             os._exit(127)

@@ -24,6 +24,7 @@ so a worker node does not need ``sluice_ray`` on its ``sys.path``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -37,27 +38,31 @@ LISTEN_PREFIX = "LISTEN "
 PR_SET_PDEATHSIG = 1
 
 
-def _load_prctl():
-    """libc's prctl, found once here: loading a library in the forked child (dlopen
-    after fork in a threaded Ray worker) can deadlock on a lock another thread held."""
+def load_prctl():
+    """libc's prctl, for `child_setup`: looked up in the parent before it forks
+    (loading a library in the forked child of a threaded Ray worker can deadlock
+    on a lock another thread held), and passed in, not kept in a module global
+    (Ray pickles this module's classes, and a ctypes function cannot be)."""
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except Exception:
         return None
 
 
-_PRCTL = _load_prctl()
+def preexec():
+    """The `preexec_fn` for a child: `child_setup` with prctl found here."""
+    return functools.partial(child_setup, load_prctl())
 
 
-def child_setup() -> None:
+def child_setup(prctl=None) -> None:
     """Runs in a forked child before exec: SIGTERM when its parent dies
     (PR_SET_PDEATHSIG), and SIGTERM and SIGINT unblocked. A child inherits the
     signal mask of the thread that forked it, and Ray blocks signals in some of
     its threads (SIGINT in every process): a child started with SIGTERM blocked
     would not see a job stop, a kill or its parent's death."""
-    if _PRCTL is not None:
+    if prctl is not None:
         try:
-            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         except Exception:
             pass
     try:
@@ -155,7 +160,7 @@ class ProcessHost:
         try:
             p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env, cwd=self.cwd,
-                                 start_new_session=True, preexec_fn=child_setup, close_fds=True)
+                                 start_new_session=True, preexec_fn=preexec(), close_fds=True)
         except Exception as e:  # not found, not executable, ...
             self._finish_spawn_error("cannot start %r: %s" % (self.argv[0], e))
             return

@@ -99,6 +99,13 @@ fn register(name: &str, load_gate: Option<(Arc<Gate>, usize)>, infer_gate: Optio
     );
 }
 
+/// A server started on `config(deployments, top)`, its deployments ready.
+async fn ready(deployments: &str, top: &str) -> sluice_server::Server {
+    let s = sluice_server::start(config(deployments, top), Default::default()).await.unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    s
+}
+
 fn config(deployments: &str, top: &str) -> sluice_config::Config {
     sluice_server::runtime::init(None, None).expect("ONNX Runtime");
     let text = format!(
@@ -183,16 +190,11 @@ async fn health_follows_a_replica_that_fails_and_recovers_and_ends_at_shutdown()
     let reload = Arc::new(Gate::default());
     // The first backend loads at once; the replacement after the panic waits for the gate.
     register("flaky", Some((reload.clone(), 1)), None);
-    let s = sluice_server::start(
-        config(
+    let s = ready(
             "      - {name: flaky, builtin: {custom: {name: flaky}}}\n      - {name: iris, model: iris/model.onnx}\n",
-            "graceful_shutdown_timeout_s: 0.5",
-        ),
-        Default::default(),
+        "graceful_shutdown_timeout_s: 0.5",
     )
-    .await
-    .unwrap();
-    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    .await;
     let mut client = health(s.grpc_addr().unwrap()).await;
     assert_eq!(check(&mut client, "").await, Ok(ServingStatus::Serving));
     assert_eq!(check(&mut client, "iris").await, Ok(ServingStatus::Serving));
@@ -230,16 +232,11 @@ async fn health_follows_a_replica_that_fails_and_recovers_and_ends_at_shutdown()
 async fn a_model_still_running_at_the_deadline_is_answered_504_then() {
     let gate = Arc::new(Gate::default());
     register("stuck", None, Some(gate.clone()));
-    let s = sluice_server::start(
-        config(
-            "      - {name: stuck, builtin: {custom: {name: stuck}}, warmup: false, max_ongoing_requests: 1}\n",
-            "",
-        ),
-        Default::default(),
+    let s = ready(
+        "      - {name: stuck, builtin: {custom: {name: stuck}}, warmup: false, max_ongoing_requests: 1}\n",
+        "",
     )
-    .await
-    .unwrap();
-    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    .await;
     let infer = |timeout_us: u64| {
         let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "parameters": {"timeout": timeout_us}});
         reqwest::Client::new().post(url(&s, "/v2/models/stuck/infer")).body(body.to_string()).send()
@@ -267,16 +264,11 @@ async fn a_model_still_running_at_the_deadline_is_answered_504_then() {
 async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_it() {
     let warm_up = Arc::new(Gate::default());
     register("cold", None, Some(warm_up.clone()));
-    let s = sluice_server::start(
-        config(
+    let s = ready(
             "      - name: cold\n        builtin: {custom: {name: cold}}\n        autoscaling_config: {min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05,\n          look_back_period_s: 0.1, downscale_delay_s: 0.2}\n",
-            "",
-        ),
-        Default::default(),
+        "",
     )
-    .await
-    .unwrap();
-    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    .await;
     let replicas = || s.routes().resolve("cold", None).unwrap().deployment().unwrap().replica_count();
     let http = s.http_addr();
     let mut client = health(s.grpc_addr().unwrap()).await;
@@ -372,16 +364,11 @@ async fn a_scale_from_zero_that_fails_shows_in_the_status() {
             _ => Err(sluice_deployments::LoadError::Step("the weights are gone".into())),
         }),
     );
-    let s = sluice_server::start(
-        config(
+    let s = ready(
             "      - {name: broken, builtin: {custom: {name: wakes_broken}}, autoscaling_config: {min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05, look_back_period_s: 0.1}}\n",
-            "",
-        ),
-        Default::default(),
+        "",
     )
-    .await
-    .unwrap();
-    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    .await;
     let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}], "parameters": {"timeout": 300_000}});
     let r = reqwest::Client::new().post(url(&s, "/v2/models/broken/infer")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 504);
@@ -462,8 +449,7 @@ async fn a_scale_up_under_way_when_the_bounds_tighten_ends_within_them() {
              look_back_period_s: 0.1, upscale_delay_s: 0, downscale_delay_s: 600}}}}\n"
         )
     };
-    let s = sluice_server::start(config(&deployment(4), ""), Default::default()).await.unwrap();
-    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let s = ready(&deployment(4), "").await;
     struct OpenAtEnd(Vec<Arc<Gate>>);
     impl Drop for OpenAtEnd {
         fn drop(&mut self) {

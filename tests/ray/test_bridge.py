@@ -259,7 +259,7 @@ def test_a_second_driver_in_the_namespace_is_refused(bridge, cluster, package_ur
     bridge.request({"op": "kill", "name": "sluice:keep", "grace_s": 1.0}, "killed")
 
 
-def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
+def test_a_dead_drivers_actors_go_with_it(cluster, package_uri, tmp_path):
     # A namespace of its own (`bridge` holds the module's); b2 takes it over from b1's dead driver.
     ns = "sluice-test-readopt"
     b1 = Bridge(cluster, package_uri, tmp_path / "jobB", "readopt1", namespace=ns)
@@ -270,37 +270,34 @@ def test_readopt_after_driver_restart(cluster, package_uri, tmp_path):
     s2 = b1.wait("ready", name="sluice:re-2", timeout=60)
     b1.wait("pending", name="sluice:re-p", timeout=15)
     relay1 = b1.wait("_relay_started", timeout=5)["pid"]
+    helper = cluster.http_json("GET", "http://%s/" % s2["addr"])[1]["helper_pid"]
     os.kill(b1.hello["pid"], signal.SIGKILL)      # the driver dies without cleaning up
     assert b1.wait_terminal(30)["status"] == "FAILED"
     # PDEATHSIG took the controller (the relay); 30 s: a loaded 2-core CI machine is slow.
     left = wait_gone([b1.hello["pid"], relay1], timeout=30)
     assert left == [], "driver %d, relay %d left: %s" % (b1.hello["pid"], relay1, describe(left))
     b1.close_fifo()
-    for s in (s1, s2):
-        assert not gone(s["pid"]) and not gone(s["actor_pid"])
-        st, body = cluster.http_json("GET", "http://%s/" % s["addr"])
-        assert st == 200 and body["pid"] == s["pid"]
-    helper = cluster.http_json("GET", "http://%s/" % s2["addr"])[1]["helper_pid"]
+    # The actors are the driver's (not detached): Ray destroys them with it, and their
+    # processes go (they held their CPUs, with nobody serving from them, when detached). Ray
+    # kills each actor's worker, whose PDEATHSIG ends its child; a process the child started
+    # itself (the stand-in's helper; `sluice replica` starts none) is the child's to end.
+    procs = [s1["pid"], s1["actor_pid"], s2["pid"], s2["actor_pid"]]
+    left = wait_gone(procs, timeout=60)
+    assert left == [], "left after the driver died: %s" % describe(left)
+    if not gone(helper):
+        os.kill(helper, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while live_actors(cluster, "sluice:re-") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert live_actors(cluster, "sluice:re-") == []
 
+    # The namespace is free for the next driver, which finds nothing left to adopt.
     b2 = Bridge(cluster, package_uri, tmp_path / "jobC", "readopt2", namespace=ns)
     ev = b2.request({"op": "list", "prefix": "sluice:re-"}, "actors")
-    listed = {a["name"]: a for a in ev["actors"]}
-    assert set(listed) == {"sluice:re-1", "sluice:re-2", "sluice:re-p"}
-    for s in (s1, s2):
-        assert listed[s["name"]]["state"] == "ready"
-        for k in ("node_id", "node_ip", "pid", "actor_pid", "addr"):
-            assert listed[s["name"]][k] == s[k]
-    assert listed["sluice:re-p"]["state"] == "pending" and listed["sluice:re-p"]["pid"] is None
-    # The new driver watches the adopted actors like its own...
-    os.kill(s1["pid"], signal.SIGKILL)
-    ex = b2.wait("exited", name="sluice:re-1", timeout=20)
-    assert ex["code"] == 137 and wait_gone([s1["actor_pid"]], timeout=10) == []
-    # ...and kills them when it shuts down.
+    assert ev["actors"] == []
     b2.send({"op": "shutdown"})
-    assert b2.wait("shutdown", timeout=30)["killed"] == ["sluice:re-2", "sluice:re-p"]
+    assert b2.wait("shutdown", timeout=30)["killed"] == []
     assert b2.wait_terminal(30)["status"] == "SUCCEEDED"
-    assert wait_gone([s2["pid"], helper, s2["actor_pid"], b2.hello["pid"]], timeout=10) == []
-    assert live_actors(cluster, "sluice:re-") == []
     b2.close_fifo()
 
 
