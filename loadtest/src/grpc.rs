@@ -69,7 +69,11 @@ pub struct GrpcConn {
     model_infer: Uri,
     server_live: Uri,
     model_stream_infer: Uri,
-    send: Mutex<Option<SendRequest<Bytes>>>,
+    /// The connection's handle and its number (each new connection's is one more).
+    send: Mutex<(u64, Option<SendRequest<Bytes>>)>,
+    /// Held while a new connection is opened: the workers that find none wait for one
+    /// handshake, rather than each opening its own.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl GrpcConn {
@@ -91,30 +95,47 @@ impl GrpcConn {
             model_infer,
             server_live,
             model_stream_infer,
-            send: Mutex::new(Some(send)),
+            send: Mutex::new((0, Some(send))),
+            opening: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// The connection's handle, after opening a new connection if the last one broke.
-    async fn handle(&self) -> Result<SendRequest<Bytes>, ErrorKind> {
-        if let Some(send) = self.send.lock().expect("not poisoned").clone() {
-            return Ok(send);
+    /// The connection's handle and number, after opening a new connection if the last one
+    /// broke.
+    async fn handle(&self) -> Result<(u64, SendRequest<Bytes>), ErrorKind> {
+        if let Some(found) = self.current() {
+            return Ok(found);
+        }
+        let _one_at_a_time = self.opening.lock().await;
+        if let Some(found) = self.current() {
+            return Ok(found);
         }
         let send = handshake(&self.target).await?;
-        // Workers that found no connection at the same time race here; the first one's stays.
-        Ok(self.send.lock().expect("not poisoned").get_or_insert(send).clone())
+        let mut held = self.send.lock().expect("not poisoned");
+        held.0 += 1;
+        held.1 = Some(send.clone());
+        Ok((held.0, send))
     }
 
-    /// Forgets the connection (a call on it failed at the transport), so the next call opens one.
-    fn broken(&self) {
-        self.send.lock().expect("not poisoned").take();
+    fn current(&self) -> Option<(u64, SendRequest<Bytes>)> {
+        let held = self.send.lock().expect("not poisoned");
+        held.1.clone().map(|send| (held.0, send))
+    }
+
+    /// Forgets connection `number` (a call on it failed at the transport), so the next call
+    /// opens one; a newer connection, opened since that call began, stays.
+    fn broken(&self, number: u64) {
+        let mut held = self.send.lock().expect("not poisoned");
+        if held.0 == number {
+            held.1 = None;
+        }
     }
 
     /// A unary call: `request` is a framed message (see [`frame`]). Returns the response
     /// message's bytes, or the failure: `transport: …`, `grpc <Code>` for a non-OK status, or
     /// `bad response: …`.
     pub async fn unary(&self, rpc: Rpc, request: Bytes) -> Result<Bytes, ErrorKind> {
-        let send = self.handle().await?;
+        let (number, send) = self.handle().await?;
         let uri = match rpc {
             Rpc::ModelInfer => &self.model_infer,
             Rpc::ServerLive => &self.server_live,
@@ -122,7 +143,7 @@ impl GrpcConn {
         };
         let result = call(send, uri.clone(), request).await;
         if let Err(Failure::Transport(_)) = &result {
-            self.broken();
+            self.broken(number);
         }
         result.map_err(|f| match f {
             Failure::Transport(e) => format!("transport: {e}"),
@@ -133,7 +154,7 @@ impl GrpcConn {
     /// Opens a `ModelStreamInfer` stream on the connection (a new connection if the last one
     /// broke).
     pub async fn open_stream(&self) -> Result<GrpcStream, ErrorKind> {
-        let send = self.handle().await?;
+        let (number, send) = self.handle().await?;
         let opened = async {
             let mut send = send.ready().await.map_err(|e| Failure::Transport(e.to_string()))?;
             let req = grpc_request(self.model_stream_infer.clone())?;
@@ -145,7 +166,7 @@ impl GrpcConn {
         }
         .await;
         if let Err(Failure::Transport(_)) = &opened {
-            self.broken();
+            self.broken(number);
         }
         opened.map_err(|f| match f {
             Failure::Transport(e) => format!("transport: {e}"),
