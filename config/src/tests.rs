@@ -717,3 +717,16 @@ fn errors_in_server_settings_name_their_line() {
     );
     assert_eq!(crate::error::locate("{\"http_options\": {\"b\": 0}}", "http_options.b"), None);
 }
+
+/// `cluster.ray`'s two timeouts: read, and refused at 0 naming the field.
+#[test]
+fn ray_start_timeouts_are_read_and_bounded() {
+    let app = "applications:\n  - name: a\n    deployments:\n      - {name: m, model: m.onnx}\n";
+    let c = parse_in(&format!("cluster: {{ray: {{replica_start_timeout_s: 1800}}}}\n{app}")).unwrap();
+    let ray = c.cluster.ray.unwrap();
+    assert_eq!((ray.start_timeout_s, ray.replica_start_timeout_s), (600.0, 1800.0));
+    for field in ["start_timeout_s", "replica_start_timeout_s"] {
+        let e = errors(&format!("cluster: {{ray: {{{field}: 0}}}}\n{app}"));
+        assert!(e.iter().any(|e| e.field == format!("cluster.ray.{field}")), "{e:?}");
+    }
+}

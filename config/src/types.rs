@@ -582,6 +582,9 @@ pub struct RayOptions {
     /// How long `sluice run --ray` waits for the job to run and every application to be
     /// healthy. Default 600.
     pub start_timeout_s: f64,
+    /// How long a replica (or proxy) actor's process may take to start serving: fetch its
+    /// model, load it, warm up. Past it, it is killed and started again. Default 300.
+    pub replica_start_timeout_s: f64,
 }
 
 impl Default for RayOptions {
@@ -591,6 +594,7 @@ impl Default for RayOptions {
             namespace: "sluice".into(),
             token_env: "RAY_AUTH_TOKEN".into(),
             start_timeout_s: 600.0,
+            replica_start_timeout_s: 300.0,
         }
     }
 }

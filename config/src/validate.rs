@@ -185,12 +185,17 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
         {
             errs.at(unknown, "cluster.ray.address", "must be the Ray dashboard's URL, `http://HEAD:8265`");
         }
-        if !(ray.start_timeout_s > 0.0 && ray.start_timeout_s <= crate::MAX_SECONDS) {
-            errs.at(
-                unknown,
-                "cluster.ray.start_timeout_s",
-                format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
-            );
+        for (field, seconds) in [
+            ("start_timeout_s", ray.start_timeout_s),
+            ("replica_start_timeout_s", ray.replica_start_timeout_s),
+        ] {
+            if !(seconds > 0.0 && seconds <= crate::MAX_SECONDS) {
+                errs.at(
+                    unknown,
+                    format!("cluster.ray.{field}"),
+                    format!("must be above 0 seconds, at most {:e}", crate::MAX_SECONDS),
+                );
+            }
         }
     }
 }

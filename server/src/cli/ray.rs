@@ -454,12 +454,17 @@ fn ray_options(
         binary,
         working_dir,
         grace: Duration::from_secs_f64(config.graceful_shutdown_timeout_s),
-        startup_timeout: Duration::from_secs(300),
+        startup_timeout: Duration::from_secs_f64(
+            config.cluster.ray.as_ref().map_or(DEFAULT_REPLICA_START_S, |r| r.replica_start_timeout_s),
+        ),
         proxies,
         release_startup_memory: config.release_startup_memory,
         max_body_bytes: config.http_options.max_body_bytes,
     }
 }
+
+/// `cluster.ray.replica_start_timeout_s` where the config has no `cluster.ray`.
+const DEFAULT_REPLICA_START_S: f64 = 300.0;
 
 /// How long the job's driver gives the controller to stop before it kills the actors (the
 /// controller's own stop: `shutdown_delay_s` serving while not ready, then the drain, and a
@@ -557,6 +562,15 @@ mod tests {
         config.shutdown_delay_s = 0.0;
         let options = ray_options(&config, Some("t".into()), "sluice".into(), "/w".into());
         assert!(!options.release_startup_memory);
+        assert_eq!(options.startup_timeout, Duration::from_secs(300), "no cluster.ray: the default");
+        config.cluster.ray =
+            Some(sluice_config::RayOptions { replica_start_timeout_s: 1800.0, ..Default::default() });
+        let options = ray_options(&config, Some("t".into()), "sluice".into(), "/w".into());
+        assert_eq!(
+            options.startup_timeout,
+            Duration::from_secs(1800),
+            "a replica may take this long to start"
+        );
         assert_eq!(options.grace, Duration::from_secs(7));
         let proxies = options.proxies.expect("EveryNode starts proxies");
         assert!(!proxies.release_startup_memory);
