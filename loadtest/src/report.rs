@@ -50,6 +50,17 @@ pub fn markdown(steps: &[StepResult]) -> String {
             latencies.join(" | ")
         );
     }
+    // Over 1 % of a step's sends late: its latencies carry the tester's own delay.
+    for r in steps.iter().filter(|r| r.late_sends * 100 > r.ok + r.error_count()) {
+        let _ = writeln!(
+            s,
+            "\n{}: {} of {} sends left more than 1 ms after their scheduled time: the load tester fell \
+             behind, and these latencies include its delay (give it --threads, or a lower rate)",
+            r.label,
+            r.late_sends,
+            r.ok + r.error_count()
+        );
+    }
     s
 }
 
@@ -124,8 +135,21 @@ mod tests {
             drain_seconds: 0.0,
             latency_us: Percentiles { p50, ..Percentiles::default() },
             started_unix_s: 0.0,
+            late_sends: 0,
             requests: Vec::new(),
         }
+    }
+
+    /// A step that sent more than 1 % of its requests late says so under the table; one at
+    /// 1 % or under does not.
+    #[test]
+    fn a_step_whose_sends_left_late_says_so() {
+        let mut late = step(97, 100.0);
+        late.late_sends = 1;
+        assert!(!markdown(std::slice::from_ref(&late)).contains("fell behind"), "1 of 100");
+        late.late_sends = 5;
+        let table = markdown(&[late]);
+        assert!(table.contains("concurrency 1: 5 of 100 sends left more than 1 ms"), "{table}");
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct StepOptions {
 /// ([`raise_open_files`]).
 pub const MAX_OUTSTANDING: u64 = 4_096;
 
+/// An open-loop send that leaves later than this after its scheduled time is late: the load
+/// tester itself fell behind (its pacer or its runtime), and the latencies it reports carry
+/// that delay.
+pub const LATE: Duration = Duration::from_millis(1);
+
 /// File descriptors kept for what is not a request's connection (the runtime, the output).
 const SPARE_FILES: u64 = 64;
 
@@ -130,6 +135,8 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     /// The requests, when the step logs them.
     log: Option<Vec<RequestRecord>>,
+    /// Open loop: sends that left more than [`LATE`] after their scheduled time.
+    late_sends: u64,
 }
 
 impl Tally {
@@ -144,6 +151,7 @@ impl Tally {
             last: None,
             errors: BTreeMap::new(),
             log: frame.log.then(Vec::new),
+            late_sends: 0,
         }
     }
 
@@ -180,6 +188,7 @@ impl Tally {
         self.ok_by_end += other.ok_by_end;
         self.rows_by_end += other.rows_by_end;
         self.last = self.last.max(other.last);
+        self.late_sends += other.late_sends;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -356,8 +365,10 @@ pub async fn run_step(
             let runtime = tokio::runtime::Handle::current();
             let total_for_pacer = total.clone();
             let cap = outstanding_cap();
+            let late = Arc::new(AtomicU64::new(0));
+            let late_for_pacer = late.clone();
             let pacer = tokio::task::spawn_blocking(move || {
-                let total = total_for_pacer;
+                let (total, late) = (total_for_pacer, late_for_pacer);
                 let mut rng = 0x2545_F491_4F6C_DD1Du64;
                 let mut next = start;
                 // The requests in flight; finished ones are reaped as it goes, so that a long
@@ -392,11 +403,20 @@ pub async fn run_step(
                         continue;
                     }
                     outstanding.fetch_add(1, Ordering::Relaxed);
-                    let (client, cases, total, outstanding, progress) =
-                        (client.clone(), cases.clone(), total.clone(), outstanding.clone(), progress.clone());
+                    let (client, cases, total, outstanding, progress, late) = (
+                        client.clone(),
+                        cases.clone(),
+                        total.clone(),
+                        outstanding.clone(),
+                        progress.clone(),
+                        late.clone(),
+                    );
                     let index = (n - 1) as usize % cases.len();
                     tasks.spawn_on(
                         async move {
+                            if Instant::now().saturating_duration_since(scheduled) > LATE {
+                                late.fetch_add(1, Ordering::Relaxed);
+                            }
                             let outcome =
                                 one(Sender::Shared(&client), &cases[index], options, scheduled).await;
                             lock(&total).add(outcome);
@@ -414,7 +434,9 @@ pub async fn run_step(
             while let Some(done) = tasks.join_next().await {
                 surface_panic(done);
             }
-            std::mem::replace(&mut *lock(&total), Tally::new(frame))
+            let mut tally = std::mem::replace(&mut *lock(&total), Tally::new(frame));
+            tally.late_sends = late.load(Ordering::Relaxed);
+            tally
         }
     };
     let rates = tally.rates(budget, Instant::now());
@@ -435,6 +457,7 @@ pub async fn run_step(
         drain_seconds: rates.drain_seconds,
         latency_us: Percentiles::of(&tally.hist),
         started_unix_s,
+        late_sends: tally.late_sends,
         requests: tally.log.unwrap_or_default(),
     }
 }

@@ -93,6 +93,9 @@ pub struct StepResult {
     /// When the step started, seconds since the Unix epoch (to line its requests up with
     /// events outside the load tester).
     pub started_unix_s: f64,
+    /// Open loop: sends that left more than 1 ms after their scheduled time (the load tester
+    /// fell behind; their latencies carry that delay). 0 in a closed loop.
+    pub late_sends: u64,
     /// Every request, when the step was asked to log them; in no particular order.
     #[serde(skip)]
     pub requests: Vec<RequestRecord>,
