@@ -173,9 +173,10 @@ impl Controller {
 
     /// Judges every rollout whose interval has ended; returns when the next one ends, and the
     /// deployments whose canary completed a rollout that promotes by itself, with that canary.
-    /// A deployment `busy` with a change of its own is judged once that is done (the control
-    /// loop comes back within a second): its promotion could not run now, and a completed
-    /// rollout is not judged twice.
+    /// A deployment `busy` with a change of its own (running, or decided this round) is
+    /// judged as any, but a rollout that completes and promotes by itself is left to be judged
+    /// again once that change is done (the control loop comes back within a second): its
+    /// promotion could not run now, and the rollout would be gone.
     pub(crate) fn step_rollouts(
         &self,
         st: &mut ControllerState,
@@ -189,13 +190,15 @@ impl Controller {
         for (name, m) in st.deployments.iter_mut() {
             let Some(c) = &mut m.canary else { continue };
             let Some(r) = &mut c.rollout else { continue };
-            if busy.contains(name) {
-                continue;
-            }
             if now >= r.next_step {
-                r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
                 let counters = r.counters(&c.version);
                 let verdict = judge(&r.config, c.weight, &r.baseline, &counters);
+                // A completion that promotes waits, judged again, until the deployment's own
+                // change is done (its promotion could not run now); steps and rollbacks apply.
+                if verdict == Verdict::Complete && r.auto_promote && busy.contains(name) {
+                    continue;
+                }
+                r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
                 if verdict != Verdict::Hold {
                     r.baseline = counters;
                 }

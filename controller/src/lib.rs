@@ -350,6 +350,12 @@ impl Controller {
             };
             let Some(mut to) = bound_now(job.to) else { continue };
             let from = job.target.replica_count();
+            if from == 0 && to > 0 {
+                let mut st = self.lock();
+                if let Some(m) = st.deployments.get_mut(&job.deployment) {
+                    m.woken_at = Some(Instant::now());
+                }
+            }
             let mut outcome = job.target.scale_to(to).await;
             // An apply while the replicas loaded compared its bounds with the replicas loaded
             // so far (a scale to 8 at 3 when `max_replicas: 4` came): held to them again.
@@ -428,7 +434,11 @@ impl Controller {
                     next_retry = Some(next_retry.map_or(f.retry_at(), |n| n.min(f.retry_at())));
                 }
             }
-            let (next_rollout, promote) = self.step_rollouts(&mut st, now, &busy);
+            // A change decided this round makes its deployment busy too: a promotion started
+            // beside it would run at the same time.
+            let mut busy_now = busy.clone();
+            busy_now.extend(rescale.iter().chain(&retry).map(|r| r.deployment.clone()));
+            let (next_rollout, promote) = self.step_rollouts(&mut st, now, &busy_now);
             if st.aliases_scanned.is_none_or(|t| now.duration_since(t) >= ALIAS_SCAN) && st.refresh_aliases()
             {
                 self.publish(&mut st);

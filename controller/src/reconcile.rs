@@ -328,6 +328,7 @@ fn commit_deployment(
         shadow,
         scaling,
         scale_failure: None,
+        woken_at: None,
     })
 }
 
@@ -564,6 +565,7 @@ mod tests {
             shadow: None,
             scaling: None,
             scale_failure: None,
+            woken_at: None,
         }
     }
 

@@ -155,6 +155,9 @@ pub(crate) struct Managed {
     /// The primary's last change of replica count failed (a replica did not load): shown in
     /// status while it has fewer replicas than its config's count, and tried again.
     pub scale_failure: Option<ScaleFailure>,
+    /// When the primary was last asked to grow from zero replicas (the status reads a wake
+    /// that has had no ready replica for long as unhealthy).
+    pub woken_at: Option<Instant>,
 }
 
 /// A failed change of the primary's replica count ([`Managed::scale_failure`]).

@@ -328,11 +328,11 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
                 (DeploymentState::Unhealthy, format!("no replica is ready: {}; tried again", f.message))
             }
             (Some(_), Some(f)) => {
-                let (state, message) = deployment_state(&m.primary);
+                let (state, message) = deployment_state(&m.primary, m.woken_at);
                 let sep = if message.is_empty() { "" } else { "; " };
                 (state, format!("{message}{sep}{}; tried again", f.message))
             }
-            _ => deployment_state(&m.primary),
+            _ => deployment_state(&m.primary, m.woken_at),
         },
     };
     let autoscaling = m.scaling.as_ref().map(|s| AutoscalingStatus {
@@ -367,17 +367,29 @@ fn deployment(m: &Managed, aliases: &[String]) -> DeploymentStatus {
     }
 }
 
-/// The primary version's replicas decide (those waiting for a node count as wanted).
-fn deployment_state(v: &Version) -> (DeploymentState, String) {
+/// How long a deployment woken from zero reads as starting (`UPDATING`) with no ready replica;
+/// past it, as unhealthy (a replica that fails to start over and over, on Ray, records no
+/// failed scale).
+const WAKE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The primary version's replicas decide (those waiting for a node count as wanted); `woken`:
+/// when it was last asked to grow from zero.
+fn deployment_state(v: &Version, woken: Option<std::time::Instant>) -> (DeploymentState, String) {
     let d = &v.deployment;
     let (count, ready) = (v.replica_count(), d.ready_replicas());
     if ready >= count {
         (DeploymentState::Healthy, String::new())
     } else if ready > 0 {
         (DeploymentState::Upscaling, format!("{ready} of {count} replicas ready; the others are starting"))
-    } else if d.at_zero_on_purpose() {
+    } else if d.at_zero_on_purpose() && woken.is_none_or(|t| t.elapsed() < WAKE_GRACE) {
         // Woken from zero (scaled there, not failed there): its first replica is loading.
         (DeploymentState::Updating, format!("{count} replica(s) starting from zero"))
+    } else if d.at_zero_on_purpose() {
+        let waited = woken.map_or(0, |t| t.elapsed().as_secs());
+        (
+            DeploymentState::Unhealthy,
+            format!("none of its {count} replicas is ready {waited} s after it was woken from zero"),
+        )
     } else if d.metrics().stats.success.count.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         (DeploymentState::Unhealthy, format!("none of its {count} replicas is ready; they are restarting"))
     } else {

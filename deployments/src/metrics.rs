@@ -175,6 +175,8 @@ const OUTCOMES: [&str; 7] =
     ["success", "invalid", "not_found", "unavailable", "deadline_exceeded", "internal", "cancelled"];
 /// The index of `cancelled` in [`OUTCOMES`]: the client went away before its answer.
 const CANCELLED: usize = 6;
+/// The index of `internal` in [`OUTCOMES`].
+const INTERNAL: usize = 5;
 
 fn outcome_index(result: Result<(), ErrorKind>) -> usize {
     match result {
@@ -266,7 +268,13 @@ impl Counted<'_> {
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            self.metrics.record(self.protocol, CANCELLED, None, self.started.elapsed());
+            // Dropped by a panic in its handler (answered 500 by the frontend): the server's
+            // failure, counted as one (the canary's error gate reads it), not a client gone.
+            let (outcome, error) = match std::thread::panicking() {
+                true => (INTERNAL, Some(ErrorKind::Internal)),
+                false => (CANCELLED, None),
+            };
+            self.metrics.record(self.protocol, outcome, error, self.started.elapsed());
         }
     }
 }
@@ -587,6 +595,13 @@ mod tests {
         drop(m.counted(Protocol::Rest, Instant::now()));
         assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 2);
         assert_eq!(m.stats.success.count.load(Ordering::Relaxed), 1);
+        // A request whose handler panicked (the frontend answers 500) is the server's failure.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _counted = m.counted(Protocol::Rest, Instant::now());
+            panic!("a broken handler");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 3);
     }
 
     #[test]

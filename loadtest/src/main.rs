@@ -190,10 +190,12 @@ async fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    // A REST connection per closed-loop worker, or per outstanding open-loop request.
-    let connections = match args.rate.is_empty() {
-        true => args.concurrency.iter().copied().max().unwrap_or(1) as u64,
-        false => sluice_loadtest::run::MAX_OUTSTANDING,
+    // A REST connection per closed-loop worker, or per outstanding open-loop request; gRPC
+    // multiplexes its calls on one.
+    let connections = match (args.protocol, args.rate.is_empty()) {
+        (client::Protocol::Grpc | client::Protocol::GrpcStream, _) => 1,
+        (_, true) => args.concurrency.iter().copied().max().unwrap_or(1) as u64,
+        (_, false) => sluice_loadtest::run::MAX_OUTSTANDING,
     };
     if let Some(note) = sluice_loadtest::run::raise_open_files(connections) {
         eprintln!("warning: {note}");

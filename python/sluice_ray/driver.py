@@ -522,7 +522,7 @@ class Driver:
                 # stop() takes `grace`, then kills the group; a node that does not answer
                 # (partitioned, still ALIVE to the GCS) must not hold ray.kill past Ray's
                 # stop window.
-                ray.get(handle.stop.remote(grace), timeout=grace + 1.0)
+                ray.get(handle.stop.remote(grace), timeout=grace + 2.0)
             except Exception as e:
                 _log("stop(%s) failed: %s" % (actor_id, _short_err(e)))
         try:

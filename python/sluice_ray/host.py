@@ -95,7 +95,7 @@ def exit_fields(returncode: Optional[int]) -> Dict[str, Optional[int]]:
 
 
 class ProcessHost:
-    """Hosts one native process. Created by the driver as a detached actor."""
+    """Hosts one native process. Created by the driver as an actor it owns (not detached)."""
 
     def __init__(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None,
                  log_lines: int = 50, echo: bool = True, meta: Optional[dict] = None):

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Ray versions this client and the bridge were built against (the bridge needs detached
-/// actors and the Jobs API with client-chosen submission ids).
+/// Ray versions this client and the bridge were built against (the bridge needs named actors
+/// and the Jobs API with client-chosen submission ids).
 pub const MIN_RAY_VERSION: (u32, u32) = (2, 9);
 
 /// What went wrong talking to Ray.

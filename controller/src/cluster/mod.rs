@@ -53,8 +53,9 @@ impl ReplicaSpec {
     }
 }
 
-/// How long growing a version on Ray waits for its new replicas.
-const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long growing a version on Ray waits for its new replicas beyond one replica's start
+/// timeout (`cluster.ray.replica_start_timeout_s`): room for a node to be found.
+const GROW_MARGIN: Duration = Duration::from_secs(60);
 
 /// Where the replicas of this controller run.
 #[derive(Clone, Default)]
@@ -156,9 +157,10 @@ impl Placed {
                 // Growth returns once the new replicas are up, or wait for a node Ray says they
                 // need, as a local scale-up returns once its models loaded: a promotion or a swap
                 // that grows a version first went on at once, onto the replicas already up.
-                if n > ready && !r.settled(ready, GROW_TIMEOUT).await {
+                let grow_timeout = r.startup_timeout() + GROW_MARGIN;
+                if n > ready && !r.settled(ready, grow_timeout).await {
                     tracing::warn!(
-                        "{}: {n} replica(s) not up within {GROW_TIMEOUT:?}; going on with {}",
+                        "{}: {n} replica(s) not up within {grow_timeout:?}; going on with {}",
                         d.name(),
                         d.ready_replicas()
                     );

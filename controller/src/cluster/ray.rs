@@ -1,4 +1,5 @@
-//! Replicas as Ray actors. Each replica of a deployment version is a detached, named actor that
+//! Replicas as Ray actors. Each replica of a deployment version is a named actor (owned by the
+//! job's driver, so it goes with it) that
 //! hosts one `sluice replica` process (its own batcher and ONNX Runtime session) on whichever
 //! node Ray places it, by the version's CPUs, GPUs, memory and custom resources. The controller
 //! keeps every decision: how many replicas, when one is unhealthy (gRPC health checks every
@@ -625,6 +626,11 @@ impl RayReplicas {
     pub fn stop(self: &Arc<Self>) {
         lock(&self.state).retired = true;
         self.scale_to(0);
+    }
+
+    /// How long one replica may take to start (`cluster.ray.replica_start_timeout_s`).
+    pub fn startup_timeout(&self) -> Duration {
+        self.cluster.options.startup_timeout
     }
 
     /// Waits until every wanted replica is up, or until the ones that are not all wait for a

@@ -68,12 +68,12 @@ impl Answers {
         }
     }
 
-    /// Runs `req` to its answer: polled here once first (a request that is answered at once,
-    /// as a lone caller of a cheap model is, costs no task), then, when it has to wait, on a
-    /// task of its own, where it runs to its answer (and lets its admission go) whether or not
-    /// the stream's answers are being taken, which a client that stops opening its
-    /// flow-control window would otherwise hold up.
-    fn start(&self, req: pb::ModelInferRequest, cx: &mut Context<'_>) -> Running {
+    /// Runs `req` to its answer: when `inline`, polled here once first (a request that is
+    /// answered at once, as a lone caller of a cheap model is, costs no task), then, when it
+    /// has to wait (or is not `inline`), on a task of its own, where it runs to its answer (and
+    /// lets its admission go) whether or not the stream's answers are being taken, which a
+    /// client that stops opening its flow-control window would otherwise hold up.
+    fn start(&self, req: pb::ModelInferRequest, inline: bool, cx: &mut Context<'_>) -> Running {
         let routes = Arc::clone(&self.routes);
         let headers = Arc::clone(&self.headers);
         // Kept for an error's answer, which names the request it is for.
@@ -95,6 +95,9 @@ impl Answers {
             },
             self.span.clone(),
         ));
+        if !inline {
+            return Running { state: State::Running(tokio::spawn(answer)), named: Some(named) };
+        }
         let state = match catch_unwind(AssertUnwindSafe(|| answer.as_mut().poll(cx))) {
             Ok(Poll::Ready(answered)) => State::Answered(Some(answered.map_err(|s| s.message().to_string()))),
             Ok(Poll::Pending) => State::Running(tokio::spawn(answer)),
@@ -122,11 +125,16 @@ impl Stream for Answers {
                  received were not run; send them to the server again",
             )));
         }
+        // One request per poll runs here: a burst read at once goes on tasks that run in
+        // parallel (each inline one ran before the next was looked at, and none was answered
+        // until the last had run).
+        let mut inline = true;
         while this.running.len() < this.max_in_flight {
             let Some(requests) = this.requests.as_mut() else { break };
             match requests.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(req))) => {
-                    let answer = this.start(req, cx);
+                    let answer = this.start(req, inline, cx);
+                    inline = false;
                     this.running.push(answer);
                 }
                 Poll::Ready(Some(Err(status))) => this.stop_reading(Some(status)),
