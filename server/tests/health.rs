@@ -307,13 +307,18 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
 
     // A request starts a replica, whose warm-up waits on the gate: still no ready replica.
     let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]});
-    let request =
-        tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/cold/infer")).json(&body).send());
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while replicas() == 0 {
-        assert!(std::time::Instant::now() < until, "the request started no replica");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let send =
+        || tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/cold/infer")).json(&body).send());
+    // Until the request sent has started a replica.
+    let started = || async {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while replicas() == 0 {
+            assert!(std::time::Instant::now() < until, "the request started no replica");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let request = send();
+    started().await;
     assert_eq!(server_ready(&mut client).await, serving, "while the first replica warms up");
     assert_eq!(get_status(http, "/v2/models/cold/ready").await, 503, "warming up");
     assert_eq!(gauges().await, (Some(1.0), Some(0.0)), "one replica, not ready yet");
@@ -334,13 +339,8 @@ async fn a_deployment_scaled_to_zero_keeps_the_server_ready_and_a_request_wakes_
     // Woken again, having served: its status says it is starting (UPDATING), not that the
     // replicas it had are failing (UNHEALTHY; Ray Serve's HEALTH_CHECK_FAILED to KubeRay).
     warm_up.close();
-    let request =
-        tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/cold/infer")).json(&body).send());
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while replicas() == 0 {
-        assert!(std::time::Instant::now() < until, "the request started no replica");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let request = send();
+    started().await;
     let status = serde_json::to_value(s.controller().status()).unwrap();
     let cold = &status["applications"]["t"]["deployments"]["cold"];
     assert_eq!(cold["status"], "UPDATING", "{cold}");
