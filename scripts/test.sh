@@ -12,11 +12,23 @@ cd "$(dirname "$0")/.."
 unset CARGO_TARGET_DIR
 started=$SECONDS
 step() { printf '\n== %s (%d s in)\n' "$*" "$((SECONDS - started))" >&2; }
+# Each step has a time limit, so a step that hangs fails naming itself rather than eating CI's
+# whole budget (clean runs take a fraction of each: ~14 min in all on 2 CPUs). SIGINT first, so
+# pytest runs its fixtures' teardown (the Ray clusters); SIGKILL a minute later.
+within() {
+    local limit=$1; shift
+    local rc=0
+    timeout --signal=INT --kill-after=60 "$limit" "$@" || rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "scripts/test.sh: \`$*\` passed its limit of $limit s" >&2
+    fi
+    return "$rc"
+}
 step "setup"
-scripts/install-onnxruntime.sh
-scripts/install-tools.sh
-scripts/venv.sh scripts/requirements-test.txt
-scripts/venv.sh scripts/requirements-ray.txt .venv-ray
+within 600 scripts/install-onnxruntime.sh
+within 1200 scripts/install-tools.sh
+within 900 scripts/venv.sh scripts/requirements-test.txt
+within 900 scripts/venv.sh scripts/requirements-ray.txt .venv-ray
 step "pgo/: the release build's profile was made by this toolchain"
 # A profile is read only by the LLVM that wrote it: with another rustc, scripts/build-release.sh
 # falls back to a plain build. A toolchain change comes with `make pgo` and a new pgo/.
@@ -26,16 +38,17 @@ if [ "$(rustc -V)" != "$made_by" ] || ! gzip -t pgo/sluice.profdata.gz; then
     exit 1
 fi
 step "cargo fmt --check"
-cargo fmt --all --check
+within 300 cargo fmt --all --check
 step "cargo machete"
-cargo machete
+within 600 cargo machete
 step "cargo clippy"
-cargo clippy --locked --workspace --all-targets -- -D warnings
+within 1800 cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cargo test"
-cargo test --locked --workspace --all-targets
-cargo build --bin sluice
+within 2400 cargo test --locked --workspace --all-targets
+within 600 cargo build --bin sluice
 step "client conformance (tests/python)"
 # The status page's browser test must run here, not skip (scripts/install-tools.sh installs chromium).
-SLUICE_REQUIRE_CHROMIUM=1 SLUICE_BIN="$PWD/target/debug/sluice" .venv/bin/python -m pytest -q tests/python
+SLUICE_REQUIRE_CHROMIUM=1 SLUICE_BIN="$PWD/target/debug/sluice" within 1200 .venv/bin/python -m pytest -q --timeout=300 tests/python
 step "Ray cluster (tests/ray)"
-SLUICE_BIN="$PWD/target/debug/sluice" .venv-ray/bin/python -m pytest -q -rs tests/ray
+# Per test (a module's cluster start counts in its first test): pytest-timeout names the one that hangs.
+SLUICE_BIN="$PWD/target/debug/sluice" within 2400 .venv-ray/bin/python -m pytest -q -rs --timeout=900 tests/ray
