@@ -272,3 +272,195 @@ fn rollback(st: &mut ControllerState, deployment: &str, why: &str) -> Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use sluice_config::Rollout;
+    use sluice_deployments::{DataType, InferRequest, NamedTensor, Tensor};
+    use sluice_router::{RouteTable, Router};
+
+    use super::*;
+    use crate::state::RolloutState;
+    use crate::{Cluster, rollout::Counters};
+
+    /// A controller running `softmax` (a built-in step), with its primary version added again
+    /// as a canary at 50 % whose rollout completes (and promotes by itself, as a repository
+    /// rollout does) at its first judgement, which is due now.
+    async fn completing_rollout() -> Arc<Controller> {
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let yaml =
+            "applications:\n  - name: a\n    deployments:\n      - {name: soft, builtin: {softmax: {}}}\n";
+        let config = sluice_config::parse(yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        let version = c.lock().deployments["soft"].primary.clone();
+        let x = Tensor::new(DataType::Fp32, vec![1, 2], bytes::Bytes::from(vec![0u8; 8])).unwrap();
+        let request = InferRequest {
+            id: None,
+            inputs: vec![NamedTensor { name: "x".into(), tensor: x }],
+            outputs: None,
+            timeout: None,
+            model_id: None,
+        };
+        let started = Instant::now();
+        version.deployment.infer(request).await.unwrap();
+        // Counted as the frontend counts an answered request.
+        let protocol = sluice_deployments::metrics::Protocol::Rest;
+        version.deployment.metrics().request(protocol, Ok(()), started.elapsed());
+        let rollout = Rollout { step_percent: 50, interval_s: 30.0, min_requests: 1, ..Rollout::default() };
+        let mut st = c.lock();
+        let m = st.deployments.get_mut("soft").unwrap();
+        m.canary = Some(CanaryState {
+            version: version.clone(),
+            weight: 50,
+            config_weight: 50,
+            config_rollout: None,
+            rollout: Some(RolloutState {
+                config: rollout,
+                next_step: Instant::now(),
+                baseline: Counters::default(),
+                auto_promote: true,
+                mirror: None,
+            }),
+        });
+        drop(st);
+        c
+    }
+
+    /// A rollout that completes while its deployment is busy with a change of its own waits,
+    /// judged again once the change is done, and then promotes: its promotion could not run
+    /// beside the change, and the rollout (with its promotion) was dropped for good.
+    #[tokio::test]
+    async fn a_completion_that_promotes_waits_while_its_deployment_is_busy() {
+        let c = completing_rollout().await;
+        let busy: HashSet<String> = ["soft".to_string()].into();
+        let (_, promote) = c.step_rollouts(&mut c.lock(), Instant::now(), &busy);
+        assert!(promote.is_empty());
+        let st = c.lock();
+        let canary = st.deployments["soft"].canary.as_ref().unwrap();
+        assert_eq!(canary.weight, 50, "a completion applied while the deployment was busy");
+        assert!(canary.rollout.is_some(), "the rollout was dropped while its deployment was busy");
+        drop(st);
+        let (_, promote) = c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
+        assert_eq!(promote.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), ["soft"]);
+        let st = c.lock();
+        let canary = st.deployments["soft"].canary.as_ref().unwrap();
+        assert_eq!((canary.weight, canary.rollout.is_none()), (100, true));
+    }
+
+    /// A step whose replicas' loads wait for a message on a channel while `HOLD` is set.
+    struct Echo(sluice_deployments::ModelMetadata);
+
+    impl sluice_deployments::Backend for Echo {
+        fn metadata(&self) -> &sluice_deployments::ModelMetadata {
+            &self.0
+        }
+
+        fn infer(
+            &mut self,
+            inputs: Vec<NamedTensor>,
+            _: &[String],
+        ) -> Result<Vec<NamedTensor>, sluice_deployments::InferError> {
+            Ok(inputs)
+        }
+    }
+
+    /// A completed rollout's canary rolled back while it grows to the primary's replicas for
+    /// its promotion is not promoted (the rollback takes no turn of the controller's changes,
+    /// so it can come while the canary loads; the promotion went on over it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_canary_rolled_back_while_it_grows_for_its_promotion_is_not_promoted() {
+        use std::sync::Mutex as StdMutex;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc;
+        static HOLD: AtomicBool = AtomicBool::new(false);
+        let (started_tx, started) = mpsc::channel::<()>();
+        let (release, gate) = mpsc::channel::<()>();
+        let hooks = Arc::new(StdMutex::new((started_tx, gate)));
+        sluice_deployments::register_step(
+            "grows_for_promotion",
+            Arc::new(move || {
+                if HOLD.load(Ordering::SeqCst) {
+                    let hooks = hooks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = hooks.0.send(());
+                    // Bounded, so a test that never releases fails instead of hanging.
+                    let _ = hooks.1.recv_timeout(Duration::from_secs(60));
+                }
+                let spec = |name: &str| sluice_deployments::TensorSpec {
+                    name: name.into(),
+                    dtype: DataType::Fp32,
+                    shape: vec![-1],
+                };
+                let meta = sluice_deployments::ModelMetadata {
+                    platform: "custom".into(),
+                    inputs: vec![spec("x")],
+                    outputs: vec![spec("x")],
+                };
+                Ok(Box::new(Echo(meta)) as Box<dyn sluice_deployments::Backend>)
+            }),
+        );
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let step = "builtin: {custom: {name: grows_for_promotion}}, num_cpus: 0.25";
+        let yaml = format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: big, {step}, num_replicas: 2}}\n      - {{name: small, {step}, num_replicas: 1}}\n"
+        );
+        let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        // `small`'s version as `big`'s canary, its rollout completed (at 100 %).
+        let canary = c.lock().deployments["small"].primary.clone();
+        let completed = canary.deployment.clone();
+        c.lock().deployments.get_mut("big").unwrap().canary = Some(CanaryState {
+            version: canary.clone(),
+            weight: 100,
+            config_weight: 100,
+            config_rollout: None,
+            rollout: None,
+        });
+        HOLD.store(true, Ordering::SeqCst);
+        let promoting = {
+            let c = c.clone();
+            tokio::spawn(
+                async move { c.promote_as("big", "rollout complete: promoted", Some(completed)).await },
+            )
+        };
+        tokio::task::spawn_blocking(move || started.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the canary's growth started");
+        c.rollback("big", "by the test").await.unwrap();
+        HOLD.store(false, Ordering::SeqCst);
+        release.send(()).unwrap();
+        promoting.await.unwrap().unwrap();
+        let st = c.lock();
+        let big = &st.deployments["big"];
+        assert!(
+            !Arc::ptr_eq(&big.primary.deployment, &canary.deployment),
+            "the rolled-back canary was promoted: {:?}",
+            st.events.iter().map(|e| &e.message).collect::<Vec<_>>()
+        );
+        assert_eq!(big.canary.as_ref().map(|c| c.weight), Some(0));
+    }
+
+    /// A busy deployment's rollout is judged as any other whose verdict is not a promotion:
+    /// a step applies at once (a bad canary was left unjudged while its primary grew).
+    #[tokio::test]
+    async fn a_busy_deployments_rollout_still_steps() {
+        let c = completing_rollout().await;
+        if let Some(r) =
+            c.lock().deployments.get_mut("soft").unwrap().canary.as_mut().unwrap().rollout.as_mut()
+        {
+            r.config.step_percent = 10;
+        }
+        let busy: HashSet<String> = ["soft".to_string()].into();
+        let (next, promote) = c.step_rollouts(&mut c.lock(), Instant::now(), &busy);
+        assert!(promote.is_empty());
+        assert!(
+            next.is_some_and(|n| n > Instant::now() + Duration::from_secs(20)),
+            "the next interval did not start"
+        );
+        assert_eq!(c.lock().deployments["soft"].canary.as_ref().unwrap().weight, 60);
+    }
+}
