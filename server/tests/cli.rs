@@ -869,6 +869,29 @@ fn replica_takes_worker_threads_and_keep_startup_memory() {
     takes_keep_startup_memory(replica);
 }
 
+/// A spec longer than Linux takes in one argument (128 KiB; here 300 KiB, padded with the
+/// whitespace JSON allows) reaches the replica in the controller's pieces, which it joins: one
+/// `--spec` that long could not even be passed (the process was never started, E2BIG).
+#[test]
+fn replica_joins_a_spec_given_in_pieces() {
+    let spec = iris_replica_spec();
+    let long = format!("{}{}{}", &spec[..spec.len() - 1], " ".repeat(300 * 1024), "}");
+    let whole = sluice().args(["replica", "--listen", "127.0.0.1:0", "--spec", &long]).output();
+    assert_eq!(whole.map_err(|e| e.raw_os_error()).err(), Some(Some(libc::E2BIG)));
+    let mut child = KillOnDrop(Some(
+        sluice()
+            .args(["replica", "--listen", "127.0.0.1:0", "--graceful-shutdown-timeout", "1"])
+            .args(sluice_controller::cluster::spec_args(&long))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut lines = BufReader::new(child.child().stdout.take().unwrap()).lines();
+    let printed = lines.find_map(|l| l.ok().and_then(|l| l.strip_prefix("LISTEN ").map(str::to_string)));
+    assert!(printed.is_some(), "the replica printed no address: it did not take its spec");
+}
+
 /// SIGTERM the moment the server logs that its ports are open (before its models are ready):
 /// a graceful stop, exit 0, not the process ended by the signal. The handler used to be installed
 /// only once the server had started, and a signal in between ended the process.

@@ -53,6 +53,29 @@ impl ReplicaSpec {
     }
 }
 
+/// The most of a replica's spec one `--spec` argument carries. Linux refuses to start a process
+/// with any one argument over 128 KiB (`MAX_ARG_STRLEN`), and a spec can pass that: an
+/// object-storage version lists every file it fetches, and a model saved with each tensor's
+/// weights in a file of its own has hundreds to thousands.
+pub const SPEC_ARG_BYTES: usize = 96 * 1024;
+
+/// `spec_json` as `sluice replica` arguments: `--spec` with a piece of it, as many times as it
+/// takes pieces of at most [`SPEC_ARG_BYTES`] (cut between characters); the replica joins them
+/// in order.
+pub fn spec_args(spec_json: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut rest = spec_json;
+    loop {
+        let cut = rest.floor_char_boundary(SPEC_ARG_BYTES.min(rest.len()));
+        let (piece, after) = rest.split_at(cut);
+        args.extend(["--spec".to_string(), piece.to_string()]);
+        if after.is_empty() {
+            return args;
+        }
+        rest = after;
+    }
+}
+
 /// How long growing a version on Ray waits for its new replicas beyond one replica's start
 /// timeout (`cluster.ray.replica_start_timeout_s`): room for a node to be found.
 const GROW_MARGIN: Duration = Duration::from_secs(60);
@@ -191,5 +214,25 @@ impl Placed {
             Placed::Local => Vec::new(),
             Placed::Ray(r) => r.placed(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SPEC_ARG_BYTES, spec_args};
+
+    /// A spec longer than one argument may be goes in pieces, each within the limit and cut
+    /// between characters, that join back to it; a short one is one piece.
+    #[test]
+    fn a_long_spec_goes_in_pieces_that_join_back() {
+        assert_eq!(spec_args("{}"), ["--spec", "{}"]);
+        // Three-byte characters, so that a cut at the byte limit would split one.
+        let long = format!("{{\"x\": \"{}\"}}", "€".repeat(SPEC_ARG_BYTES));
+        let args = spec_args(&long);
+        assert!(args.len() >= 8, "{} arguments", args.len());
+        let pieces: Vec<&String> = args.iter().skip(1).step_by(2).collect();
+        assert!(args.iter().step_by(2).all(|a| a == "--spec"));
+        assert!(pieces.iter().all(|p| !p.is_empty() && p.len() <= SPEC_ARG_BYTES));
+        assert_eq!(pieces.into_iter().map(String::as_str).collect::<String>(), long);
     }
 }

@@ -102,8 +102,6 @@ fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, options: &RayOpt
         "{node_ip}:0".into(),
         "--worker-threads".into(),
         threads.to_string(),
-        "--spec".into(),
-        spec_json.into(),
         "--max-body-bytes".into(),
         options.max_body_bytes.to_string(),
         "--graceful-shutdown-timeout".into(),
@@ -112,6 +110,7 @@ fn replica_argv(binary: String, spec_json: &str, num_cpus: f64, options: &RayOpt
     if !options.release_startup_memory {
         argv.push(KEEP_STARTUP_MEMORY.into());
     }
+    argv.extend(super::spec_args(spec_json));
     argv
 }
 
@@ -1024,7 +1023,7 @@ mod tests {
             assert_eq!(argv[..5], ["sluice", "replica", "--listen", "{node_ip}:0", "--worker-threads"]);
             assert_eq!(
                 argv[6..],
-                ["--spec", "{}", "--max-body-bytes", "134217728", "--graceful-shutdown-timeout", "2.5"]
+                ["--max-body-bytes", "134217728", "--graceful-shutdown-timeout", "2.5", "--spec", "{}"]
             );
             argv[5].clone()
         };
@@ -1037,7 +1036,7 @@ mod tests {
         assert_eq!(threads(f64::NAN), "1");
         // `release_startup_memory: false` in the config.
         let kept = replica_argv("sluice".into(), "{}", 1.0, &options(false));
-        assert_eq!(kept.last().unwrap(), "--keep-startup-memory");
+        assert_eq!(kept[kept.len() - 3..], ["--keep-startup-memory", "--spec", "{}"]);
     }
 
     /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set and

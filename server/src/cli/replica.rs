@@ -13,9 +13,10 @@ use sluice_server::StartOptions;
 #[derive(clap::Args)]
 pub struct ReplicaArgs {
     /// What to serve: a JSON `ReplicaSpec` (deployment, version, model, settings), as the
-    /// controller writes it.
-    #[arg(long)]
-    pub spec: String,
+    /// controller writes it. Given more than once, the pieces are joined in order (the
+    /// controller splits a spec longer than one argument may be).
+    #[arg(long, required = true, action = clap::ArgAction::Append)]
+    pub spec: Vec<String>,
     /// Address for the gRPC endpoint, `HOST:PORT` (port 0: any free port).
     #[arg(long)]
     pub listen: String,
@@ -38,7 +39,7 @@ pub fn replica(
     ort_env: Option<PathBuf>,
     store_env: &sluice_controller::StoreEnv,
 ) -> ExitCode {
-    let mut spec: ReplicaSpec = match serde_json::from_str(&args.spec) {
+    let mut spec: ReplicaSpec = match serde_json::from_str(&args.spec.concat()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: --spec is not a replica spec: {e}");
