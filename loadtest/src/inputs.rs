@@ -160,6 +160,10 @@ pub struct InputSpec {
     pub shape: Vec<i64>,
 }
 
+/// The most elements a random input may have (about 1.6 GB as JSON values, far past any
+/// server's body limit): a larger `--batch` or `--shape` is refused rather than filling memory.
+pub const MAX_RANDOM_ELEMENTS: u64 = 100_000_000;
+
 /// A random case for `inputs`: dimension 0 when dynamic is `batch`, other dynamic dimensions
 /// come from `shapes` (`--shape name:d1,d2`, the full shape without the batch dimension or
 /// with it) or are an error.
@@ -200,7 +204,16 @@ pub fn random_case(
                 })
                 .collect::<Result<_>>()?,
         };
-        let count: u64 = shape.iter().product();
+        let count = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .with_context(|| {
+                format!(
+                    "input `{}` of shape {shape:?} (--batch, --shape) has more than {MAX_RANDOM_ELEMENTS} elements",
+                    spec.name
+                )
+            })?;
         let data = (0..count)
             .map(|_| {
                 let r = next();
@@ -240,6 +253,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A batch or shape whose element count passes the cap, or overflows, is refused naming
+    /// the input (it filled memory, or panicked on the product).
+    #[test]
+    fn random_inputs_past_the_cap_are_refused() {
+        let spec = |shape: Vec<i64>| InputSpec { name: "x".into(), datatype: "FP32".into(), shape };
+        let shapes = HashMap::new();
+        let e = random_case(&[spec(vec![-1, 4])], &shapes, 1_000_000_000, 1).unwrap_err().to_string();
+        assert!(e.contains("input `x`") && e.contains("more than 100000000 elements"), "{e}");
+        let e = random_case(&[spec(vec![-1, 4])], &shapes, u64::MAX, 1).unwrap_err().to_string();
+        assert!(e.contains("input `x`"), "{e}");
+        let huge: HashMap<String, Vec<u64>> = [("x".to_string(), vec![1 << 40, 1 << 40])].into();
+        assert!(random_case(&[spec(vec![-1, -1])], &huge, 1, 1).is_err());
+        assert_eq!(random_case(&[spec(vec![-1, 4])], &shapes, 3, 1).unwrap().inputs[0].data.len(), 12);
+    }
 
     fn load(doc: Value) -> Result<Vec<Case>> {
         let path = std::env::temp_dir().join(format!(

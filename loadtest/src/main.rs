@@ -68,7 +68,8 @@ struct Args {
     #[arg(long, value_parser = parse_positive_duration, default_value = "30s")]
     timeout: Duration,
     /// Compare each response with the sample file's expected outputs (datatype, shape and
-    /// values); mismatches count as errors.
+    /// values); mismatches count as errors, and the run exits 3 when there was any (after
+    /// writing its reports).
     #[arg(long)]
     check: bool,
     /// Tolerance for --check when the sample file gives none.
@@ -119,10 +120,16 @@ fn write_request_log(steps: &[sluice_loadtest::stats::StepResult], file: std::fs
     Ok(())
 }
 
+/// The highest open-loop rate taken: past it one thread could not pace the sends (at a few
+/// billion a second the gap between them rounded to 0 ns, and a step never ended).
+const MAX_RATE: f64 = 10_000_000.0;
+
 fn parse_rate(s: &str) -> Result<f64, String> {
+    // At least one request a year: a longer gap would overflow the clock (it panicked).
+    let min = 1.0 / MAX_SECONDS;
     match s.trim().parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("bad rate `{s}`: a number of requests per second above 0")),
+        Ok(r) if (min..=MAX_RATE).contains(&r) => Ok(r),
+        _ => Err(format!("bad rate `{s}`: requests per second, from one a year ({min:.1e}) to {MAX_RATE:e}")),
     }
 }
 
@@ -305,6 +312,11 @@ async fn run(args: Args) -> Result<()> {
     if let (Some(file), Some(path)) = (request_log, &args.request_log) {
         write_request_log(&steps, file).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    let mismatches: u64 = steps.iter().filter_map(|s| s.errors.get("mismatch")).sum();
+    if args.check && mismatches > 0 {
+        eprintln!("error: --check: {mismatches} answer(s) did not match the expected outputs");
+        std::process::exit(3);
     }
     Ok(())
 }

@@ -370,6 +370,9 @@ pub async fn run_step(
             let pacer = tokio::task::spawn_blocking(move || {
                 let (total, late) = (total_for_pacer, late_for_pacer);
                 let mut rng = 0x2545_F491_4F6C_DD1Du64;
+                // Each send time from the start (not the last one plus a gap rounded to whole
+                // nanoseconds: at high rates the rounding added up, or the gap was 0).
+                let mut offset = 0.0f64;
                 let mut next = start;
                 // The requests in flight; finished ones are reaped as it goes, so that a long
                 // step holds only those outstanding.
@@ -391,7 +394,8 @@ pub async fn run_step(
                     } else {
                         1.0 / rate
                     };
-                    next += Duration::from_secs_f64(gap);
+                    offset += gap;
+                    next = start + Duration::from_secs_f64(offset);
                     n += 1;
                     if outstanding.load(Ordering::Relaxed) >= cap {
                         let overrun = Outcome {

@@ -29,9 +29,13 @@ fn refused_unchecked(samples: &std::path::Path) {
 
 #[test]
 fn bad_rates_durations_and_unchecked_cases_are_refused() {
-    let (code, err) = loadtest(&["--rate", "0", "--requests", "1"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("bad rate `0`"), "{err}");
+    // 0; past one thread's pacing (the gap rounded to 0 ns and the step never ended); under one
+    // a year (the gap overflowed the clock and panicked).
+    for rate in ["0", "1e12", "1e-20"] {
+        let (code, err) = loadtest(&["--rate", rate, "--requests", "1"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&format!("bad rate `{rate}`")), "{err}");
+    }
     let (code, err) = loadtest(&["--concurrency", "1", "--duration=-1s"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("must be 0 or more"), "{err}");
@@ -86,4 +90,79 @@ fn an_unwritable_request_log_is_refused_before_the_run() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("creating /nonexistent-folder/requests.csv"), "{err}");
+}
+
+/// With `--check`, answers that do not match exit 3 once the reports are written (the run
+/// exited 0 whatever it found, so a CI job checking a wrong model passed).
+#[test]
+fn a_check_that_finds_mismatches_exits_3() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // An OIP server of one model whose every answer is `y = [-1]`.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let out = r#"{"model_name":"m","outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[-1.0]}]}"#;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        out.len()
+                    );
+                    if conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(out.as_bytes())).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let samples = std::env::temp_dir().join(format!("loadtest-check-{}.json", std::process::id()));
+    let case = |y: f64| {
+        format!(
+            r#"{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1]}}], "outputs": [{{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [{y}]}}]}}"#
+        )
+    };
+    let run = || {
+        loadtest(&[
+            "--url",
+            &addr,
+            "-m",
+            "m",
+            "--input-data",
+            samples.to_str().unwrap(),
+            "--check",
+            "--requests",
+            "5",
+            "--warmup",
+            "0s",
+        ])
+    };
+    std::fs::write(&samples, case(0.5)).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("--check: 5 answer(s) did not match"), "{err}");
+    std::fs::write(&samples, case(-1.0)).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_file(&samples);
 }
