@@ -196,7 +196,11 @@ pub struct Comparison {
 /// relative 1e-3) or the same values (otherwise). An output the shadow's answer lacks (renamed in its model), or of
 /// another shape or datatype, disagrees on every row.
 pub fn compare(primary: &[NamedTensor], shadow: &[NamedTensor]) -> Comparison {
-    let rows = primary.first().map_or(0, |o| o.tensor.shape().first().copied().unwrap_or(1)) as u64;
+    // An empty output has no rows to compare, whatever its first dimension says (`[2^40, 0]`
+    // asked for a flag per row, 1 TiB, and would have counted 2^40 agreeing rows).
+    let rows =
+        primary.first().map_or(0, |o| o.tensor.shape().first().copied().unwrap_or(1).min(o.tensor.len()))
+            as u64;
     let mut agree = vec![true; rows as usize];
     let mut max_abs_diff = 0.0f64;
     for p in primary {
@@ -312,6 +316,14 @@ mod tests {
         // A differing label disagrees too.
         let s = [fp32("p", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.3, 0.2]), i64s("label", &[2, 0])];
         assert_eq!(compare(&p, &s).agreed, 1);
+    }
+
+    /// An empty output (`[2^40, 0]`, which a model keeping an empty input's first dimension
+    /// answers) has no rows: a flag per row of its first dimension took 1 TiB and aborted.
+    #[test]
+    fn an_empty_output_has_no_rows() {
+        let p = [fp32("y", vec![1 << 40, 0], &[])];
+        assert_eq!(compare(&p, &p), Comparison { rows: 0, agreed: 0, max_abs_diff: 0.0 });
     }
 
     fn texts(name: &str, v: &[&str]) -> NamedTensor {

@@ -115,6 +115,13 @@ async fn x_sluice_version_metadata_pins_a_grpc_request_to_a_version() {
     let e = answered_by(&mut client, Some("7")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert_eq!(e.message(), "unknown version `7` of model `m`; available: 1, 2");
+    // A pin that is not UTF-8 is refused naming it (it was dropped: the split answered).
+    let mut req = tonic::Request::new(grpc::fp32_request("m", "input", &[1, 4], IRIS));
+    let unreadable = tonic::metadata::MetadataValue::try_from(&b"\xff2"[..]).unwrap();
+    req.metadata_mut().insert("x-sluice-version", unreadable);
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.message(), "metadata `x-sluice-version` is not UTF-8 text");
     s.shutdown().await;
 }
 

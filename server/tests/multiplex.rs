@@ -341,3 +341,31 @@ async fn a_model_id_outside_ascii_travels_as_bytes_over_grpc() {
     assert_eq!(multiplex(&s)["models"], serde_json::json!(["a", "b", "bad", "c", "café"]));
     s.shutdown().await;
 }
+
+/// Over REST a model id is read as UTF-8 (a folder named `café` sent as its bytes: it was read
+/// as no id, 400 "name a model"); a header that is not UTF-8 is refused naming it (a version
+/// pin that could not be read went through the traffic split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_headers_are_read_as_utf8_and_others_refused() {
+    let dir = models("utf8");
+    std::fs::create_dir_all(dir.join("café")).unwrap();
+    std::fs::copy(models_dir().join("iris/model.onnx"), dir.join("café/model.onnx")).unwrap();
+    let s = start(&dir, 1, 2).await;
+    let send = |name: &'static str, value: &'static [u8]| {
+        let value = reqwest::header::HeaderValue::from_bytes(value).unwrap();
+        reqwest::Client::new()
+            .post(url(&s, "/v2/models/tenants/infer"))
+            .json(&body())
+            .header(name, value)
+            .send()
+    };
+    let r = send(HEADER, "café".as_bytes()).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for name in [HEADER, "x-sluice-version"] {
+        let r = send(name, b"caf\xe9").await.unwrap();
+        assert_eq!(r.status(), 400);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"], format!("header `{name}` is not UTF-8 text"));
+    }
+    s.shutdown().await;
+}

@@ -46,13 +46,29 @@ pub(crate) struct CallHeaders {
 }
 
 impl CallHeaders {
-    fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
-        let header = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let model_id = header(sluice_deployments::MULTIPLEX_HEADER).or_else(|| {
-            let bytes = metadata.get_bin(sluice_deployments::MULTIPLEX_HEADER_BIN)?.to_bytes().ok()?;
-            String::from_utf8(bytes.to_vec()).ok()
-        });
-        Self { pinned: header(sluice_router::VERSION_HEADER), model_id }
+    /// The call's headers, as text (UTF-8); one that is not is refused naming it (it was
+    /// dropped: an unreadable version pin went through the traffic split).
+    fn of(metadata: &tonic::metadata::MetadataMap) -> Result<Self, Status> {
+        let unreadable = |key: &str| Status::invalid_argument(format!("metadata `{key}` is not UTF-8 text"));
+        let header = |key: &'static str| -> Result<Option<String>, Status> {
+            metadata
+                .get(key)
+                .map(|v| std::str::from_utf8(v.as_bytes()).map(str::to_string).map_err(|_| unreadable(key)))
+                .transpose()
+        };
+        let model_id = match header(sluice_deployments::MULTIPLEX_HEADER)? {
+            Some(id) => Some(id),
+            None => metadata
+                .get_bin(sluice_deployments::MULTIPLEX_HEADER_BIN)
+                .map(|v| {
+                    let bytes =
+                        v.to_bytes().map_err(|_| unreadable(sluice_deployments::MULTIPLEX_HEADER_BIN))?;
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| unreadable(sluice_deployments::MULTIPLEX_HEADER_BIN))
+                })
+                .transpose()?,
+        };
+        Ok(Self { pinned: header(sluice_router::VERSION_HEADER)?, model_id })
     }
 }
 
@@ -153,7 +169,7 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
         let started = std::time::Instant::now();
-        let headers = CallHeaders::of(req.metadata());
+        let headers = CallHeaders::of(req.metadata())?;
         infer(&self.routes, &headers, started, req.into_inner()).await.map(Response::new)
     }
 
@@ -163,7 +179,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Reply<stream::Answers> {
-        let headers = CallHeaders::of(req.metadata());
+        let headers = CallHeaders::of(req.metadata())?;
         Ok(Response::new(stream::Answers::new(
             req.into_inner(),
             headers,

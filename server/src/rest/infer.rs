@@ -34,6 +34,21 @@ pub struct ModelPath {
 static VERSION_HEADER: HeaderName = HeaderName::from_static(sluice_router::VERSION_HEADER);
 pub(super) static MULTIPLEX_HEADER: HeaderName =
     HeaderName::from_static(sluice_deployments::MULTIPLEX_HEADER);
+
+/// A header's value as text (UTF-8: a multiplexed model's folder may be named `café`), absent
+/// or not; one that is not UTF-8 is refused naming it (it was dropped: an unreadable version pin
+/// went through the traffic split, an unreadable model id read as none).
+pub(super) fn text_header<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'h str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => std::str::from_utf8(v.as_bytes())
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("header `{name}` is not UTF-8 text"))),
+    }
+}
 static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName = HeaderName::from_static(HEADER_CONTENT_LENGTH);
 
 /// The infer routes' handler, for the paths [`infer_path`] leaves to the router (those with
@@ -105,14 +120,14 @@ async fn serve(
     // From the body in memory, as gRPC and the JSON routes count: a slow upload is the
     // client's time, not the request's.
     let started = std::time::Instant::now();
-    let pinned = headers.get(&VERSION_HEADER).and_then(|v| v.to_str().ok());
+    let pinned = text_header(headers, &VERSION_HEADER)?;
+    let model_id = text_header(headers, &MULTIPLEX_HEADER)?.map(str::to_string);
     let choice = sluice_router::VersionChoice { exact: version, pinned };
     let deployment = state.routes.route(model, choice)?;
     let counted = deployment.metrics().counted(Protocol::Rest, started);
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
-            request.model_id =
-                headers.get(&MULTIPLEX_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            request.model_id = model_id;
             deployment.infer(request).await.and_then(|r| json_can_carry(&r, &binary).map(|()| (r, binary)))
         }
         Err(e) => Err(e),

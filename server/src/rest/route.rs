@@ -25,8 +25,10 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
             .into_response();
     }
     // A pipeline passes the multiplexed model id on to its multiplexed steps, as on its OIP route.
-    let model_id =
-        req.headers().get(&super::infer::MULTIPLEX_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let model_id = match super::infer::text_header(req.headers(), &super::infer::MULTIPLEX_HEADER) {
+        Ok(id) => id.map(str::to_string),
+        Err(e) => return e.into_response(),
+    };
     let body = match super::screen::read_body(req.into_body(), state.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
