@@ -66,18 +66,33 @@ pub fn valid_name(name: &str) -> bool {
 /// directory of the file. Returns every error found (parse errors stop at the first one, since
 /// the rest of the document cannot be trusted after it).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    read(path, true)
+}
+
+/// [`load`] without checking the listeners' hosts and ports against each other, for a command
+/// line that may change them (`sluice run --admin-port`): it checks them once changed
+/// ([`check_addresses`]), so that a flag can move a listener off a clash in the file.
+pub fn load_before_overrides(path: &Path) -> Result<Config, ConfigErrors> {
+    read(path, false)
+}
+
+fn read(path: &Path, addresses: bool) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors::single(ConfigError::file(path, format!("cannot read config file: {e}")))
     })?;
-    parse(&text, path)
+    parse_text(&text, path, addresses)
 }
 
 /// Parses and validates config text that claims to come from `path` (used for messages and to
 /// resolve relative model paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    parse_text(text, path, true)
+}
+
+fn parse_text(text: &str, path: &Path, addresses: bool) -> Result<Config, ConfigErrors> {
     let doc: file::Config =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;
-    validate::validate(doc, path, text)
+    validate::validate(doc, path, text, addresses)
 }
 
 /// Checks again what [`load`] checks of the listeners' hosts and ports (gRPC TLS of its own on

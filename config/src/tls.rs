@@ -50,13 +50,14 @@ const MIN_RELOAD_INTERVAL_S: f64 = 0.1;
 /// One problem: (field, message).
 type Problem = (String, String);
 
-/// Checks the listeners' connection limits and TLS files, and makes TLS paths absolute against
-/// `base` (the config file's folder).
+/// Checks the listeners' connection limits, TLS files and (with `addresses`) hosts and ports,
+/// and makes TLS paths absolute against `base` (the config file's folder).
 pub(crate) fn check_listeners(
     http: &mut HttpOptions,
     grpc: &mut GrpcOptions,
     admin: &mut AdminOptions,
     base: &Path,
+    addresses: bool,
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut positive = |field: &str, value: f64| {
@@ -81,7 +82,9 @@ pub(crate) fn check_listeners(
         let message = format!("must be 1 to {}", crate::types::MAX_STREAM_IN_FLIGHT);
         problems.push(("grpc_options.stream_max_in_flight".into(), message));
     }
-    problems.extend(check_addresses(http, grpc, admin));
+    if addresses {
+        problems.extend(check_addresses(http, grpc, admin));
+    }
     for (name, tls) in
         [("http_options", &mut http.tls), ("grpc_options", &mut grpc.tls), ("admin_options", &mut admin.tls)]
     {

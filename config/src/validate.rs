@@ -81,7 +81,14 @@ impl Errors<'_> {
 }
 
 /// Validates a parsed file and resolves it; `source` is the file it came from.
-pub(crate) fn validate(doc: file::Config, source: &Path, text: &str) -> Result<Config, ConfigErrors> {
+/// `addresses`: whether the listeners' hosts and ports are checked against each other here (a
+/// command line that changes them checks them after, [`crate::check_addresses`]).
+pub(crate) fn validate(
+    doc: file::Config,
+    source: &Path,
+    text: &str,
+    addresses: bool,
+) -> Result<Config, ConfigErrors> {
     // Absolute, so the same file gives the same model paths wherever it is read from (a
     // server started with `run c.yaml` and a `deploy` from the admin API compare equal).
     let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -125,9 +132,13 @@ pub(crate) fn validate(doc: file::Config, source: &Path, text: &str) -> Result<C
     }
     let (mut http_options, mut grpc_options, mut admin_options) =
         (doc.http_options, doc.grpc_options, doc.admin_options);
-    for (field, message) in
-        crate::tls::check_listeners(&mut http_options, &mut grpc_options, &mut admin_options, &base)
-    {
+    for (field, message) in crate::tls::check_listeners(
+        &mut http_options,
+        &mut grpc_options,
+        &mut admin_options,
+        &base,
+        addresses,
+    ) {
         errs.at(Location::UNKNOWN, field, message);
     }
     let mut list = errs.list;

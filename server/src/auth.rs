@@ -30,6 +30,12 @@ fn os_token(var: &str, value: Option<&std::ffi::OsStr>) -> Result<Option<String>
 
 /// [`admin_token`] of a value read.
 pub fn token_from(var: &str, value: &str) -> Result<Option<String>, String> {
+    check_token(&format!("in ${var}"), value)
+}
+
+/// [`token_from`] for a token that came from `whence` ("in $VAR", "given with --token"). The
+/// error never holds the token itself, which ends up in logs.
+pub fn check_token(whence: &str, value: &str) -> Result<Option<String>, String> {
     let token = value.trim_end();
     if token.is_empty() {
         return Ok(None);
@@ -39,7 +45,7 @@ pub fn token_from(var: &str, value: &str) -> Result<Option<String>, String> {
         |c: char| matches!(c, '\x21' | '\x23'..='\x2b' | '\x2d'..='\x3a' | '\x3c'..='\x5b' | '\x5d'..='\x7e');
     match token.chars().find(|&c| !allowed(c)) {
         Some(c) => Err(format!(
-            "the admin token in ${var} holds {c:?}, which a bearer header or cookie cannot carry: \
+            "the admin token {whence} holds {c:?}, which a bearer header or cookie cannot carry: \
              use printable ASCII without whitespace, `\"`, `,`, `;` or `\\`"
         )),
         None => Ok(Some(token.to_string())),

@@ -145,3 +145,21 @@ fn bounded(mut message: String) -> String {
     }
     message
 }
+
+/// An error with its causes, one after another: reqwest's own says only "error sending request
+/// for url (...)" where the cause is a refused connection, a timeout or an untrusted
+/// certificate.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // hyper and reqwest repeat a cause's words in their own at times.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

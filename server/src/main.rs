@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     }
     match command {
         Command::Run(args) => {
-            let (config, as_written) = match cli::load_config(&args.config) {
+            let (config, as_written) = match cli::load_config_to_override(&args.config) {
                 Ok(c) => (args.apply_overrides(c.clone()), c),
                 Err(code) => return code,
             };
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             };
             match doc.to_pretty_json() {
                 Ok(json) => {
-                    println!("{json}");
+                    cli::write_out(format_args!("{json}\n"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

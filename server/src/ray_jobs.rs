@@ -15,7 +15,7 @@ pub const MIN_RAY_VERSION: (u32, u32) = (2, 9);
 /// What went wrong talking to Ray.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
-    #[error("cannot reach Ray's dashboard at {url}: {source}")]
+    #[error("cannot reach Ray's dashboard at {url}: {}", crate::error::with_causes(source))]
     Unreachable { url: String, source: reqwest::Error },
     #[error("Ray at {url} is version {version}; Sluice needs Ray {}.{} or newer", MIN_RAY_VERSION.0, MIN_RAY_VERSION.1)]
     Version { url: String, version: String },

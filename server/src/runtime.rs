@@ -32,21 +32,28 @@ pub fn candidates(flag: Option<PathBuf>, env: Option<PathBuf>) -> Vec<(PathBuf, 
     out
 }
 
-/// Loads ONNX Runtime from the first candidate that exists. An explicit `--onnxruntime` or
+/// The first candidate that exists, and where it came from. An explicit `--onnxruntime` or
 /// `ORT_DYLIB_PATH` that does not exist is an error rather than silently skipped.
-pub fn init(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<PathBuf, RuntimeError> {
+pub fn find(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<(PathBuf, &'static str), RuntimeError> {
     for (path, source) in candidates(flag, env) {
-        if !path.is_file() {
-            if source == "--onnxruntime" || source == "ORT_DYLIB_PATH" {
-                return Err(RuntimeError::Missing { path, origin: source });
-            }
-            continue;
+        if path.is_file() {
+            return Ok((path, source));
         }
-        return sluice_deployments::onnx::init_runtime(&path)
-            .map(|()| path.clone())
-            .map_err(|error| RuntimeError::Load { path, origin: source, error });
+        if source == "--onnxruntime" || source == "ORT_DYLIB_PATH" {
+            return Err(RuntimeError::Missing { path, origin: source });
+        }
     }
     Err(RuntimeError::NotFound)
+}
+
+/// Loads ONNX Runtime from [`find`]'s library.
+pub fn init(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<PathBuf, RuntimeError> {
+    let (path, source) = find(flag, env)?;
+    sluice_deployments::onnx::init_runtime(&path).map(|()| path.clone()).map_err(|error| RuntimeError::Load {
+        path,
+        origin: source,
+        error,
+    })
 }
 
 const HOW: &str = "install it with `scripts/install-onnxruntime.sh` or pass --onnxruntime PATH";

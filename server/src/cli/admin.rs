@@ -7,11 +7,18 @@ use std::process::ExitCode;
 /// Where the admin API is and how to authenticate.
 #[derive(clap::Args)]
 pub struct AdminArgs {
-    /// The server's admin API.
-    #[arg(long, global = true, env = "SLUICE_ADDRESS", default_value = "http://127.0.0.1:8265")]
+    /// The server's admin API (`HOST:PORT` alone is taken as `http://HOST:PORT`).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ADDRESS",
+        default_value = "http://127.0.0.1:8265",
+        value_parser = super::http_url
+    )]
     pub address: String,
-    /// Bearer token, when the server requires one.
-    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, value_parser = token)]
+    /// Bearer token, when the server requires one. Checked once parsed, not by clap, whose
+    /// refusal would print the value (a secret) in full.
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Give up on an admin API that does not answer a call within SECONDS (connecting takes
     /// at most 10 of them; 0: wait as long as it takes); `sluice deploy` waits its `--timeout`
@@ -27,12 +34,6 @@ pub struct AdminArgs {
     pub request_timeout: f64,
     #[command(flatten)]
     pub tls: ClientTls,
-}
-
-/// `--token`: what the server reads from its variable (trailing whitespace left out, see
-/// [`sluice_server::auth::admin_token`]).
-fn token(value: &str) -> Result<String, String> {
-    sluice_server::auth::token_from("SLUICE_ADMIN_TOKEN", value).map(Option::unwrap_or_default)
 }
 
 /// How a command reaches an https:// admin API: the CAs it trusts and the certificate it
@@ -52,6 +53,15 @@ pub struct ClientTls {
 }
 
 impl AdminArgs {
+    /// `--token` as the server reads its variable (trailing whitespace left out, see
+    /// [`sluice_server::auth::admin_token`]); an error that does not repeat it.
+    pub(super) fn bearer(&self) -> Result<Option<String>, String> {
+        match &self.token {
+            Some(t) => sluice_server::auth::check_token("given (--token or $SLUICE_ADMIN_TOKEN)", t),
+            None => Ok(None),
+        }
+    }
+
     /// `--request-timeout`, None for 0 (no limit).
     pub(super) fn request_limit(&self) -> Option<std::time::Duration> {
         (self.request_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.request_timeout))
@@ -61,15 +71,26 @@ impl AdminArgs {
 impl ClientTls {
     /// `builder` trusting --cacert and presenting --cert, or why it cannot be made.
     pub(super) fn client(&self, mut builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+        use sluice_server::error::with_causes;
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         if let Some(ca) = &self.cacert {
             // Only these CAs, as curl's --cacert: not the system's too.
             builder = builder.tls_built_in_root_certs(false);
-            for cert in reqwest::Certificate::from_pem_bundle(&read(ca)?)
-                .map_err(|e| format!("{}: {e}", ca.display()))?
-            {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+                .map_err(|e| format!("--cacert {}: {}", ca.display(), with_causes(&e)))?;
+            // A DER file or a key holds no PEM certificate: nothing would be trusted.
+            if certs.is_empty() {
+                return Err(format!("--cacert {}: no PEM certificate in it", ca.display()));
+            }
+            for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
+        }
+        if let (Some(key), None) = (&self.key, &self.cert) {
+            return Err(format!(
+                "--key {} without --cert: give the certificate it is the key of",
+                key.display()
+            ));
         }
         if let Some(cert) = &self.cert {
             let mut pem = read(cert)?;
@@ -79,11 +100,14 @@ impl ClientTls {
                 pem.push(b'\n');
                 pem.extend(read(key)?);
             }
-            let identity =
-                reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", cert.display()))?;
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                let what =
+                    if self.key.is_some() { "with --key" } else { "(no --key: the key in the same file)" };
+                format!("--cert {} {what}: {}", cert.display(), with_causes(&e))
+            })?;
             builder = builder.identity(identity);
         }
-        builder.build().map_err(|e| e.to_string())
+        builder.build().map_err(|e| with_causes(&e))
     }
 }
 
@@ -126,7 +150,7 @@ pub fn status(admin: &AdminArgs, output: super::status::Output) -> ExitCode {
         .and_then(|s| super::status::render(&s, output, now));
     match rendered {
         Ok(out) => {
-            println!("{out}");
+            outln!("{out}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -172,7 +196,7 @@ fn call(
 ) -> ExitCode {
     match request(admin, method, path, body, base_dir, None) {
         Ok(text) => {
-            println!("{}", pretty(text));
+            outln!("{}", pretty(text));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -216,10 +240,17 @@ pub(super) fn request(
             return Err(ExitCode::FAILURE);
         }
     };
+    let token = match admin.bearer() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
     let url = format!("{}{path}", admin.address.trim_end_matches('/'));
     let result = rt.block_on(async {
         let mut req = client.request(method, &url);
-        if let Some(t) = &admin.token {
+        if let Some(t) = &token {
             req = req.bearer_auth(t);
         }
         if let Some(b) = base_dir {
@@ -242,8 +273,23 @@ pub(super) fn request(
             eprintln!("error ({status}): {}", pretty(text));
             Err(ExitCode::FAILURE)
         }
+        // A call that took its whole time may still be under way there: a deploy goes on (its
+        // models load and warm before the answer), as does a promotion.
+        Err(e) if e.is_timeout() => {
+            let within = timeout
+                .or_else(|| admin.request_limit())
+                .map(|t| format!(" within {t:?}"))
+                .unwrap_or_default();
+            eprintln!(
+                "error: no answer from the admin API at {url}{within}; what it was asked may still be under way there (`sluice status` shows it)"
+            );
+            Err(ExitCode::FAILURE)
+        }
         Err(e) => {
-            eprintln!("error: cannot reach the admin API at {url}: {e}");
+            eprintln!(
+                "error: cannot reach the admin API at {url}: {}",
+                sluice_server::error::with_causes(&e)
+            );
             Err(ExitCode::FAILURE)
         }
     }

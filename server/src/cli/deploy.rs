@@ -63,9 +63,9 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
     if wait.no_wait {
         // A Ray Serve config deploys in the background, as with `serve deploy`.
         if answer.is_empty() {
-            println!("accepted; `sluice status` shows how the deploy goes");
+            outln!("accepted; `sluice status` shows how the deploy goes");
         } else {
-            println!("{}", pretty(answer));
+            outln!("{}", pretty(answer));
         }
         return ExitCode::SUCCESS;
     }
@@ -98,7 +98,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         let progress = Progress::of(&status);
         for (name, counts) in &progress.deployments {
             if shown.get(name) != Some(counts) {
-                println!("{name}: {}/{} replicas ready", counts.0, counts.1);
+                outln!("{name}: {}/{} replicas ready", counts.0, counts.1);
                 shown.insert(name.clone(), *counts);
             }
         }
@@ -110,7 +110,7 @@ pub fn deploy(config: &Path, admin: &AdminArgs, wait: &WaitArgs) -> ExitCode {
         }
         let waiting = progress.not_ready();
         if waiting.is_empty() {
-            println!("deployed: {} deployment(s) ready", progress.deployments.len());
+            outln!("deployed: {} deployment(s) ready", progress.deployments.len());
             return ExitCode::SUCCESS;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -12,8 +12,14 @@ use sluice_server::ray_jobs::{JobDetails, JobRequest, Jobs};
 
 #[derive(clap::Args)]
 pub struct JobArgs {
-    /// The Ray dashboard (Jobs API).
-    #[arg(long, global = true, env = "RAY_ADDRESS", default_value = "http://127.0.0.1:8265")]
+    /// The Ray dashboard (Jobs API; `HOST:PORT` alone is taken as `http://HOST:PORT`).
+    #[arg(
+        long,
+        global = true,
+        env = "RAY_ADDRESS",
+        default_value = "http://127.0.0.1:8265",
+        value_parser = super::http_url
+    )]
     pub ray: String,
     #[command(subcommand)]
     pub action: JobAction,
@@ -89,7 +95,7 @@ async fn run(jobs: &Jobs, action: JobAction) -> Result<ExitCode, String> {
         JobAction::Submit(s) => submit(jobs, s).await,
         JobAction::Status { id } => {
             let job = find(jobs, &id).await?;
-            println!("{}", describe(&job));
+            outln!("{}", describe(&job));
             Ok(ExitCode::SUCCESS)
         }
         JobAction::Logs { id, follow } => {
@@ -97,7 +103,7 @@ async fn run(jobs: &Jobs, action: JobAction) -> Result<ExitCode, String> {
             if follow {
                 follow_log(jobs, &id).await?;
             } else {
-                print!("{}", jobs.logs(&id).await.map_err(|e| e.to_string())?);
+                out!("{}", jobs.logs(&id).await.map_err(|e| e.to_string())?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -116,17 +122,17 @@ async fn run(jobs: &Jobs, action: JobAction) -> Result<ExitCode, String> {
                     job.status
                 ));
             }
-            println!("{}", describe(&job));
+            outln!("{}", describe(&job));
             Ok(ExitCode::SUCCESS)
         }
         JobAction::List => {
             let mut list = jobs.list().await.map_err(|e| e.to_string())?;
             list.sort_by_key(|j| j.start_time.unwrap_or(0));
-            println!("{:<32} {:<10} {:>5}  ENTRYPOINT", "ID", "STATUS", "EXIT");
+            outln!("{:<32} {:<10} {:>5}  ENTRYPOINT", "ID", "STATUS", "EXIT");
             for j in list {
                 let code = j.driver_exit_code.map_or_else(|| "-".to_string(), |c| c.to_string());
                 let entry: String = j.entrypoint.chars().take(60).collect();
-                println!("{:<32} {:<10} {code:>5}  {entry}", j.id(), j.status);
+                outln!("{:<32} {:<10} {code:>5}  {entry}", j.id(), j.status);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -179,7 +185,7 @@ async fn submit(jobs: &Jobs, s: SubmitArgs) -> Result<ExitCode, String> {
         jobs.address()
     );
     if s.no_wait {
-        println!("{id}");
+        outln!("{id}");
         return Ok(ExitCode::SUCCESS);
     }
     follow_log(jobs, &id).await?;
@@ -189,14 +195,7 @@ async fn submit(jobs: &Jobs, s: SubmitArgs) -> Result<ExitCode, String> {
 
 /// Prints the log as it comes until the job ends.
 async fn follow_log(jobs: &Jobs, id: &str) -> Result<(), String> {
-    use std::io::Write;
-    jobs.tail(id, |chunk| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(chunk.as_bytes());
-        let _ = out.flush();
-    })
-    .await
-    .map_err(|e| e.to_string())
+    jobs.tail(id, |chunk| out!("{chunk}")).await.map_err(|e| e.to_string())
 }
 
 /// Polls until the job is terminal (the log can end a moment before Ray says so).

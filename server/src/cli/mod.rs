@@ -1,6 +1,21 @@
 //! The `sluice` command line: the arguments (clap), and one module per group of subcommands.
 //! Nothing here reads the environment: `main.rs` does, and passes values in.
 
+/// `print!` that ends the process quietly (exit 0) when stdout's reader has gone (`sluice job
+/// logs ID | head`), as SIGPIPE ends other tools, rather than with a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
+/// [`out!`] with a newline, for `println!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod admin;
 pub mod deploy;
 pub mod job;
@@ -161,6 +176,38 @@ fn seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// What [`out!`] does: writes and flushes; a reader that went away ends the process (exit 0),
+/// another write error with a message (exit 1).
+pub fn write_out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A URL flag (`--address`, `--ray`): `http://` or `https://` and a host; a bare `HOST:PORT`
+/// is taken as `http://HOST:PORT`, as Ray's own CLI takes its dashboard's (it failed later as
+/// reqwest's "builder error").
+fn http_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let url = if text.contains("://") { text.to_string() } else { format!("http://{text}") };
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", &url));
+    if !matches!(scheme, "http" | "https") {
+        return Err(format!("`{text}`: the URL must be http:// or https:// (a dashboard or admin API)"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.rsplit_once(':').map_or(authority, |(host, _)| host).is_empty() {
+        return Err(format!("`{text}` names no host"));
+    }
+    reqwest::Url::parse(&url).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    Ok(url)
+}
+
 /// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
 /// prints one line and fails when it cannot.
 pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
@@ -170,17 +217,30 @@ pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitC
     })
 }
 
-/// The ONNX Runtime library `sluice run` would load, without loading it.
-pub fn find_runtime(ort: &OrtArgs, env: Option<PathBuf>) -> Option<PathBuf> {
-    sluice_server::runtime::candidates(ort.onnxruntime.clone(), env)
-        .into_iter()
-        .map(|(p, _)| p)
-        .find(|p| p.is_file())
+/// The ONNX Runtime library `sluice run` would load, without loading it (an explicit path
+/// that names no file is an error, as when loading: it was skipped for the next one).
+pub fn find_runtime(ort: &OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, String> {
+    sluice_server::runtime::find(ort.onnxruntime.clone(), env)
+        .map(|(path, _)| path)
+        .map_err(|e| e.to_string())
 }
 
 /// Reads and validates a config file, printing every error (exit code 2) when it is wrong.
 pub fn load_config(path: &Path) -> Result<sluice_config::Config, ExitCode> {
-    sluice_config::load(path).map_err(|errors| {
+    report(path, sluice_config::load(path))
+}
+
+/// [`load_config`] for `sluice run`, whose flags may move a listener: its hosts and ports are
+/// checked once the flags are applied (`run::check_addresses`).
+pub fn load_config_to_override(path: &Path) -> Result<sluice_config::Config, ExitCode> {
+    report(path, sluice_config::load_before_overrides(path))
+}
+
+fn report(
+    path: &Path,
+    loaded: Result<sluice_config::Config, sluice_config::ConfigErrors>,
+) -> Result<sluice_config::Config, ExitCode> {
+    loaded.map_err(|errors| {
         eprintln!("{errors}");
         eprintln!("{} error(s) in {}", errors.0.len(), path.display());
         ExitCode::from(2)

@@ -35,7 +35,8 @@ pub struct Submit {
     pub admin_token: Option<String>,
     pub working_dir: Option<PathBuf>,
     /// ONNX Runtime, found as `sluice run` would (flag, ORT_DYLIB_PATH, project folder).
-    pub onnxruntime: Option<PathBuf>,
+    /// The ONNX Runtime library to ship, or why there is none.
+    pub onnxruntime: Result<PathBuf, String>,
     /// `RUST_LOG` to pass on to the job, if set.
     pub rust_log: Option<String>,
     /// The command line's overrides of the config (`--http-port 8100`, ...), passed on to the
@@ -122,6 +123,8 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     }
     // Made before anything is uploaded: a file that cannot be read fails now.
     let admin_client = s.admin_tls.client(reqwest::Client::builder().timeout(Duration::from_secs(5)))?;
+    // This machine's, looked for before Ray is asked anything.
+    let ort = s.onnxruntime.clone()?;
     let jobs = Jobs::new(&s.address, s.ray_token.clone());
     let ray_version = jobs.check_version().await.map_err(|e| e.to_string())?;
     let ray = config.cluster.ray.clone().unwrap_or_default();
@@ -136,10 +139,6 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let config_rel = source.strip_prefix(&working_dir).map_err(|_| {
         format!("the config `{}` is not inside the working dir `{}`", source.display(), working_dir.display())
     })?;
-    let ort = s
-        .onnxruntime
-        .clone()
-        .ok_or("ONNX Runtime library not found; install it with scripts/install-onnxruntime.sh")?;
     eprintln!("packaging {} for Ray {ray_version} at {}", working_dir.display(), s.address);
     let (zip, name) = package(&working_dir, &ort)?;
     eprintln!("uploading {name} ({:.1} MB)", zip.len() as f64 / 1e6);
@@ -181,10 +180,10 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let timeout = Duration::from_secs_f64(ray.start_timeout_s);
     wait_healthy(&jobs, &id, &admin_client, &admin, s.admin_token.as_deref(), &apps, timeout).await?;
     let host = host_of(&s.address)?;
-    println!("Sluice is running on Ray {ray_version} as job {id}");
-    println!("  REST   {}://{host}:{}", scheme(config.http_options.tls.is_some()), config.http_options.port);
+    outln!("Sluice is running on Ray {ray_version} as job {id}");
+    outln!("  REST   {}://{host}:{}", scheme(config.http_options.tls.is_some()), config.http_options.port);
     if config.grpc_options.enabled {
-        println!("  gRPC   {host}:{}", config.grpc_options.port);
+        outln!("  gRPC   {host}:{}", config.grpc_options.port);
     }
     let mut status = format!("sluice status --address {admin}");
     for (flag, path) in
@@ -194,7 +193,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
             status.push_str(&format!(" {flag} {}", shell_word(&p.display().to_string())));
         }
     }
-    println!("  admin  {admin}   ({status})");
+    outln!("  admin  {admin}   ({status})");
     Ok(())
 }
 
@@ -215,18 +214,6 @@ fn admin_url(ray_address: &str, config: &Config) -> Result<String, String> {
 
 fn scheme(tls: bool) -> &'static str {
     if tls { "https" } else { "http" }
-}
-
-/// An error with its causes: reqwest's own says only "error sending request" where the cause
-/// is a certificate the client does not trust.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    out
 }
 
 /// Waits until the job runs and every deployment of the admin API's status is healthy; on a
@@ -278,7 +265,12 @@ async fn wait_healthy(
                     Err(e) => last = format!("admin API answered something else: {e}"),
                 },
                 Ok(r) => last = format!("admin API answered {}", r.status()),
-                Err(e) => last = format!("admin API not reachable yet at {admin}: {}", with_causes(&e)),
+                Err(e) => {
+                    last = format!(
+                        "admin API not reachable yet at {admin}: {}",
+                        sluice_server::error::with_causes(&e)
+                    )
+                }
             }
         } else {
             last = format!("job {id} is {}", job.status);
@@ -641,7 +633,7 @@ mod tests {
                 ray_token: None,
                 admin_token: None,
                 working_dir: None,
-                onnxruntime: None,
+                onnxruntime: Err("no library in this test".into()),
                 rust_log: None,
                 overrides: Vec::new(),
                 admin_tls,

@@ -25,7 +25,7 @@ pub struct RunArgs {
     /// Run on the Ray cluster whose dashboard is at this URL (`http://HEAD:8265`): Sluice
     /// submits itself as one Ray job and returns once its applications are healthy. Overrides
     /// `cluster.ray.address`.
-    #[arg(long, env = "SLUICE_RAY_ADDRESS")]
+    #[arg(long, env = "SLUICE_RAY_ADDRESS", value_parser = super::http_url)]
     pub ray: Option<String>,
     /// With --ray: the folder shipped to the cluster as the job's working dir (the config and
     /// the models it names must be inside). Default: the config file's folder.

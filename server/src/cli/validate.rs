@@ -74,7 +74,7 @@ pub fn validate(
         eprintln!("{failed} error(s) in {}", path.display());
         return ExitCode::from(2);
     }
-    println!(
+    outln!(
         "{}: ok ({} application(s), {} deployment(s), {} model(s) loaded)",
         path.display(),
         config.applications.len(),
