@@ -41,6 +41,14 @@ pub trait Backend: Send + 'static {
         Err(InferError::invalid(format!("this deployment serves one model; it cannot serve model `{model}`")))
     }
 
+    /// Whether the requests of a batch may go to the model as one call (default true). A
+    /// backend whose answer to a request would depend on the others in its call says no (the
+    /// tokenizer pads a call's rows to its longest text: one request's long text made every
+    /// other's token ids that long), and each request of its batches runs by itself.
+    fn merges_requests(&self) -> bool {
+        true
+    }
+
     /// Whether a call may run on an async runtime's worker thread (see `run_inline_under_us`):
     /// only for backends known to compute and return, never to block or wait on a runtime
     /// (custom steps may do either). Default false.

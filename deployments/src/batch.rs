@@ -210,14 +210,17 @@ impl BatchState {
         rows
     }
 
-    /// Same input shapes apart from dimension 0 (and apart from padded inputs' other
-    /// dimensions, which only need the same rank).
+    /// Same input shapes apart from dimension 0, and apart from dimension 1 (the sequence) of
+    /// padded inputs. Only the sequence is padded: a request whose other dimensions differ
+    /// (a wider hidden size sent to `mean_pool`) padded every request of its batch on them,
+    /// and their answers came back in its shape (an embedding of 400 values ending in zeros
+    /// instead of 384) or over its padding (an argmax past a request's own classes).
     fn compatible(&self, a: &Job, b: &Job) -> bool {
         a.model == b.model
             && a.inputs.iter().zip(&b.inputs).all(|(x, y)| {
                 let (sx, sy) = (x.tensor.shape(), y.tensor.shape());
                 if self.policy.pad.contains_key(&x.name) {
-                    sx.len() == sy.len()
+                    sx.len() == sy.len() && sx.get(2..) == sy.get(2..)
                 } else {
                     sx.get(1..) == sy.get(1..)
                 }

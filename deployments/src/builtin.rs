@@ -265,6 +265,11 @@ impl Backend for Builtins {
         true
     }
 
+    fn merges_requests(&self) -> bool {
+        // Its rows are padded to the longest text of the call.
+        !matches!(self.kind, Kind::Tokenizer(..))
+    }
+
     fn crops_to_request(&self, output: &str, axis: usize) -> bool {
         // A pooled embedding's second axis is the hidden size, never the sequence it pooled.
         !matches!(self.kind, Kind::MeanPool { .. })

@@ -615,6 +615,9 @@ pub(crate) fn run_batch(
             if let Some(m) = &selected {
                 model.select_model(m).map_err(Failed::All)?;
             }
+            if batch.len() > 1 && !model.merges_requests() {
+                return Err(Failed::Apart(run_alone(config, model, &mut batch)));
+            }
             match infer_batch(config, model, &mut batch) {
                 // One request's data (an index out of range, a value the model refuses) fails
                 // the merged call for all: each request runs alone, so only its own fails.
@@ -649,20 +652,9 @@ pub(crate) fn run_batch(
         Ok(Err(Failed::Alone(e, results))) => {
             let failed = results.iter().filter(|r| r.is_err()).count();
             tracing::debug!(model = %config.name, requests = batch.len(), failed, "batch failed ({e}); its requests ran alone");
-            // Each request's own call is a model call of the statistics (their counts left
-            // out every request of a batch that one bad request made run alone).
-            let results = batch
-                .iter()
-                .zip(results)
-                .map(|(job, r)| {
-                    r.map(|(outputs, stages)| {
-                        config.metrics.executed_alone(job.rows, stages);
-                        outputs
-                    })
-                })
-                .collect();
-            (false, Answers::Alone(batch, results))
+            (false, each_alone(config, batch, results))
         }
+        Ok(Err(Failed::Apart(results))) => (false, each_alone(config, batch, results)),
         Err(panic) => {
             let what = panic_text(&*panic);
             tracing::error!(model = %config.name, "model panicked: {what}; replacing the replica");
@@ -671,6 +663,27 @@ pub(crate) fn run_batch(
         }
     };
     Ran { panicked, took, answers }
+}
+
+/// The answers of a batch whose requests ran alone. Each request's own call is a model call
+/// of the statistics (their counts left out every request of a batch that one bad request
+/// made run alone).
+fn each_alone(
+    config: &ReplicaConfig,
+    batch: Vec<Job>,
+    results: Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>,
+) -> Answers {
+    let results = batch
+        .iter()
+        .zip(results)
+        .map(|(job, r)| {
+            r.map(|(outputs, stages)| {
+                config.metrics.executed_alone(job.rows, stages);
+                outputs
+            })
+        })
+        .collect();
+    Answers::Alone(batch, results)
 }
 
 /// What a panic said.
@@ -683,10 +696,11 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// How a batch failed: as a whole, or merged, after which each request ran alone
-/// ([`run_alone`]).
+/// ([`run_alone`]); or how it ran when its model does not merge requests (each alone, `Apart`).
 enum Failed {
     All(InferError),
     Alone(InferError, Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>),
+    Apart(Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>),
 }
 
 /// Each job of a batch through the model by itself: its own outputs (and the call's stage

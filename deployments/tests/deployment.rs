@@ -658,6 +658,92 @@ async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
     assert_eq!(d.metrics().stats.execution_count.load(Ordering::Relaxed), 1, "the two shared one batch");
 }
 
+/// Only the sequence (dimension 1) is padded: a request with a wider hidden size does not
+/// share a batch with others, whose embeddings keep their own size (a hidden size of 10 padded
+/// everyone's 8 to 10, and their embeddings came back with 10 values ending in zeros).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_another_hidden_size_does_not_widen_the_others() {
+    let pool = sluice_config::Model::Builtin(sluice_config::Builtin::MeanPool { normalize: false });
+    let mut s = spec(|s| {
+        s.settings.max_batch_size = 16;
+        s.settings.batch_wait_timeout_s = 0.2;
+        s.settings.pad = [("hidden".to_string(), 0.0), ("mask".to_string(), 0.0)].into();
+    });
+    s.name = "pool".into();
+    let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1, "pool").unwrap();
+    let d = Arc::new(Deployment::start(s, factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    let request = |len: usize, width: usize| {
+        let hidden: Vec<u8> = (0..len * width).flat_map(|_| 1f32.to_le_bytes()).collect();
+        let mask: Vec<u8> = (0..len).flat_map(|_| 1i64.to_le_bytes()).collect();
+        let t = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(dtype, shape, Bytes::from(data)).unwrap(),
+        };
+        InferRequest {
+            inputs: vec![
+                t("hidden", DataType::Fp32, vec![1, len, width], hidden),
+                t("mask", DataType::Int64, vec![1, len], mask),
+            ],
+            ..Default::default()
+        }
+    };
+    let (a, wide, b) = tokio::join!(d.infer(request(3, 8)), d.infer(request(1, 10)), d.infer(request(5, 8)));
+    let (a, wide, b) = (a.unwrap(), wide.unwrap(), b.unwrap());
+    assert_eq!(a.outputs[0].tensor.shape(), &[1, 8]);
+    assert_eq!(b.outputs[0].tensor.shape(), &[1, 8]);
+    assert_eq!(wide.outputs[0].tensor.shape(), &[1, 10]);
+    assert_eq!(
+        d.metrics().stats.execution_count.load(Ordering::Relaxed),
+        2,
+        "the two of width 8 shared one batch"
+    );
+}
+
+/// A tokenizer's batch runs each request by itself: merged, its rows were padded to the
+/// longest text of the call, so a short text's token ids came back as long as another
+/// client's (whose length they told), and the encoder after it ran at that length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizers_answer_does_not_follow_the_texts_it_was_batched_with() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models/tiny-encoder/tokenizer.json");
+    let tokenizer = sluice_config::Model::Builtin(sluice_config::Builtin::Tokenizer {
+        path,
+        max_length: None,
+        max_tokens: 1 << 20,
+    });
+    let mut s = spec(|s| {
+        s.settings.max_batch_size = 16;
+        s.settings.batch_wait_timeout_s = 0.2;
+    });
+    s.name = "tokenizer".into();
+    let factory = sluice_deployments::backend_factory(&tokenizer, &s.settings, 1, "tokenizer").unwrap();
+    let d = Arc::new(Deployment::start(s, factory).unwrap());
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    let request = |text: &str| {
+        let mut data = Vec::new();
+        sluice_deployments::push_bytes_element(&mut data, text.as_bytes()).unwrap();
+        InferRequest {
+            inputs: vec![NamedTensor {
+                name: "text".into(),
+                tensor: Tensor::new(DataType::Bytes, vec![1], Bytes::from(data)).unwrap(),
+            }],
+            ..Default::default()
+        }
+    };
+    let alone = d.infer(request("a")).await.unwrap();
+    let own = alone.outputs[0].tensor.shape().to_vec();
+    let long = "a b c d e f g h i j k l m n o p";
+    let (short, other) = tokio::join!(d.infer(request("a")), d.infer(request(long)));
+    let (short, other) = (short.unwrap(), other.unwrap());
+    assert_eq!(
+        short.outputs[0].tensor.shape(),
+        own.as_slice(),
+        "the short text's ids took the long one's length"
+    );
+    assert!(other.outputs[0].tensor.shape()[1] > own[1]);
+}
+
 fn rss_mb() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
