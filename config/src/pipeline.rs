@@ -22,7 +22,7 @@ fn default_max_tokens() -> usize {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Builtin {
     /// Hugging Face tokenizer (tokenizer.json): `text` (BYTES) → `input_ids`,
-    /// `attention_mask`, `token_type_ids` (INT64), padded to the longest in the batch.
+    /// `attention_mask`, `token_type_ids` (INT64), padded to the request's longest text.
     Tokenizer {
         /// tokenizer.json, relative to the config file.
         path: PathBuf,

@@ -410,6 +410,9 @@ impl Controller {
                 for v in m.versions_mut() {
                     let d = v.deployment.clone();
                     v.traffic.sample(now, || Counters::of(&d));
+                    // On Ray, replicas join the set only once serving: those starting or
+                    // waiting for a node count in `sluice_replicas` too.
+                    d.set_placed_elsewhere(v.replica_count().saturating_sub(d.replica_count()));
                 }
             }
             if let Cluster::Ray(ray) = &self.cluster {

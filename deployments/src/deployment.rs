@@ -266,6 +266,22 @@ struct ReplicaSet {
     /// A replica has been ready since the deployment started or was last scaled to zero on
     /// purpose ([`Deployment::scaled_to_zero`]).
     served: AtomicBool,
+    /// This set's share of its (model, version)'s replica gauges.
+    gauges: GaugeShare,
+}
+
+/// What one replica set adds to the `sluice_replicas_ready` and `sluice_replicas` series of its
+/// (model, version). Two sets may serve one version at a time (a swap at the same version
+/// with new settings or files, the old one draining): each adds its own counts and takes them
+/// back when it closes, so neither overwrites the other's (a failed swap's set left 0 ready
+/// on a version that served, and the no-ready-replica alert fired).
+#[derive(Default)]
+struct GaugeShare {
+    /// (ready, replicas) as last added.
+    added: std::sync::Mutex<(usize, usize)>,
+    /// Replicas wanted but not in the set yet: on Ray, actors starting or waiting for a node
+    /// (they join the set once serving). Counted in `sluice_replicas`.
+    elsewhere: AtomicUsize,
 }
 
 impl ReplicaHost for ReplicaSet {
@@ -355,15 +371,28 @@ impl ReplicaSet {
     fn publish_ready_if(&self, set_changed: bool) {
         self.ready_count.send_if_modified(|published| {
             let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-            // A closed deployment's replicas going away leave the gauge alone: the series is
-            // its (model, version)'s, which a deployment replacing it at the same version
-            // (changed settings, a rewritten model file) shares and keeps up to date.
-            if !self.is_closed() {
-                self.config.metrics.replicas_ready.set(n as f64);
-                self.config.metrics.replicas_running.set(self.replicas.load().len() as f64);
-            }
+            self.publish_gauges(n);
             std::mem::replace(published, n) != n || set_changed
         });
+    }
+
+    /// Brings this set's share of the replica gauges to `ready` and the replicas it runs or
+    /// waits for; a closed set's to nothing.
+    fn publish_gauges(&self, ready: usize) {
+        let mut added = self.gauges.added.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = match self.is_closed() {
+            true => (0, 0),
+            false => (ready, self.replicas.load().len() + self.gauges.elsewhere.load(Ordering::Acquire)),
+        };
+        let metrics = &self.config.metrics;
+        metrics.replicas_ready.increment(now.0 as f64 - added.0 as f64);
+        metrics.replicas_running.increment(now.1 as f64 - added.1 as f64);
+        *added = now;
+    }
+
+    /// The ready replicas now, for [`Self::publish_gauges`] outside a readiness change.
+    fn ready_now(&self) -> usize {
+        self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count()
     }
 
     fn add_slot(&self, id: usize, channel: Channel) {
@@ -382,9 +411,7 @@ impl ReplicaSet {
             next.push(slot.clone());
             next
         });
-        if !self.is_closed() {
-            self.config.metrics.replicas_running.set(self.replicas.load().len() as f64);
-        }
+        self.publish_gauges(self.ready_now());
     }
 
     /// Starts a replica thread for `backend` and adds it to the set.
@@ -523,6 +550,7 @@ impl Deployment {
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            gauges: GaugeShare::default(),
         });
         for backend in backends {
             if let Err(e) = set.spawn_replica(backend) {
@@ -726,6 +754,23 @@ impl Deployment {
     /// alone, and one that fails is not loaded again. Dropping it does the same.
     pub fn close(&self) {
         self.set.closed.store(true, Ordering::Release);
+        self.set.publish_gauges(0);
+    }
+
+    /// Counts a replica replaced (`sluice_replica_restarts_total`) where the replacement is not
+    /// this set's own: on Ray, an actor lost (exited, died with its node, failed its health
+    /// check) and started again.
+    pub fn count_restart(&self) {
+        self.set.config.metrics.restarts.increment(1);
+    }
+
+    /// How many replicas this version has placed elsewhere that are not in its set yet (on
+    /// Ray: actors starting, or waiting for a node); `sluice_replicas` counts them, so that a
+    /// version whose replicas cannot start reads as running none ready, not as none at all.
+    pub fn set_placed_elsewhere(&self, n: usize) {
+        if self.set.gauges.elsewhere.swap(n, Ordering::AcqRel) != n {
+            self.set.publish_gauges(self.set.ready_now());
+        }
     }
 
     /// Counts a request that will reach this deployment later (a pipeline's later step) until
@@ -1179,6 +1224,7 @@ impl ReplicaSet {
     /// Closes the set and stops every replica.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.publish_gauges(0);
         self.permits.close();
         for r in self.replicas.load().iter() {
             r.channel.stop();
@@ -1528,6 +1574,7 @@ mod tests {
             permits: Arc::new(Semaphore::new(0)),
             next_id: AtomicUsize::new(n),
             served: AtomicBool::new(false),
+            gauges: super::GaugeShare::default(),
         });
         for id in 0..n {
             let (tx, _rx) = std::sync::mpsc::sync_channel(1);

@@ -94,7 +94,11 @@ pub fn describe() {
         Unit::Count,
         "Replicas a deployment runs, ready or starting (0: scaled to zero on purpose)"
     );
-    describe_counter!(REPLICA_RESTARTS, Unit::Count, "Replicas replaced after their model panicked");
+    describe_counter!(
+        REPLICA_RESTARTS,
+        Unit::Count,
+        "Replicas replaced: their model panicked, or (on Ray) their actor was lost"
+    );
     describe_counter!(
         ROLLBACKS,
         Unit::Count,
@@ -466,8 +470,9 @@ impl DeploymentMetrics {
         Self::with_replicas(model, version, max_rows, true)
     }
 
-    /// Without `replicas`, the replica series (ready replicas, queue depth, restarts) are not
-    /// registered and their handles do nothing.
+    /// Without `replicas`, the replica and model-call series (ready replicas, queue depth,
+    /// restarts, queue time, model calls, batch sizes) are not registered and their handles do
+    /// nothing.
     fn with_replicas(model: &str, version: &str, max_rows: usize, replicas: bool) -> Self {
         let (m, v) = (model.to_string(), version.to_string());
         *live().entry((m.clone(), v.clone())).or_insert(0) += 1;
@@ -484,9 +489,20 @@ impl DeploymentMetrics {
         Self {
             requests,
             request_duration,
-            queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
-            inference_duration: metrics::histogram!(INFERENCE_DURATION, "model" => m.clone(), "version" => v.clone()),
-            batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
+            // A pipeline's model calls are its steps', in their series: its own end-to-end time
+            // read as one "model call" of its name.
+            queue_duration: match replicas {
+                true => metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
+                false => Histogram::noop(),
+            },
+            inference_duration: match replicas {
+                true => metrics::histogram!(INFERENCE_DURATION, "model" => m.clone(), "version" => v.clone()),
+                false => Histogram::noop(),
+            },
+            batch_size: match replicas {
+                true => metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
+                false => Histogram::noop(),
+            },
             queue_depth: match replicas {
                 true => metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone()),
                 false => Gauge::noop(),

@@ -1057,6 +1057,54 @@ async fn a_retired_versions_series_leave_the_metrics() {
     s.shutdown().await;
 }
 
+/// Two replica sets of one (model, version) (a swap at the same version, the old one still
+/// serving) each add their own counts to its replica gauges, and take them back when they go:
+/// the newer set overwrote the serving one's, and one that went without committing (a failed
+/// swap) left its own count behind. Replicas placed elsewhere and not in a set yet (on Ray,
+/// starting or waiting for a node) count in `sluice_replicas`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_sets_of_one_version_add_to_its_gauges() {
+    use sluice_deployments::{Deployment, DeploymentSpec};
+    let s = start_with("      - {name: other, builtin: {softmax: {}}}\n").await;
+    let read = || async {
+        let text = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{series}{{model=\"shared\",version=\"1\"}} ")))
+                .map(str::to_string)
+        };
+        (value("sluice_replicas_ready"), value("sluice_replicas"))
+    };
+    let start = |replicas: usize| {
+        let settings = sluice_config::ReplicaSettings::default();
+        let model = sluice_config::Model::Builtin(sluice_config::Builtin::Softmax {});
+        let factory = sluice_deployments::backend_factory(&model, &settings, 1, "shared").unwrap();
+        let spec = DeploymentSpec {
+            name: "shared".into(),
+            version: "1".into(),
+            num_replicas: replicas,
+            max_replicas: replicas,
+            settings,
+            wake: Default::default(),
+            multiplexed: false,
+        };
+        Arc::new(Deployment::start(spec, factory).unwrap())
+    };
+    let serving = start(2);
+    assert!(serving.wait_ready(Duration::from_secs(10)).await);
+    assert_eq!(read().await, (Some("2".into()), Some("2".into())));
+    let swapped_in = start(1);
+    assert!(swapped_in.wait_ready(Duration::from_secs(10)).await);
+    assert_eq!(read().await, (Some("3".into()), Some("3".into())));
+    swapped_in.set_placed_elsewhere(2);
+    assert_eq!(read().await, (Some("3".into()), Some("5".into())));
+    drop(swapped_in);
+    assert_eq!(read().await, (Some("2".into()), Some("2".into())), "the set that went left its counts");
+    serving.close();
+    assert_eq!(read().await, (Some("0".into()), Some("0".into())));
+    s.shutdown().await;
+}
+
 /// A deployment swapped for one at the same version (a changed setting) shares its metric
 /// series: the old one's replicas stopping leave `sluice_replicas_ready` at the new one's
 /// count (they set it to 0, and the no-ready-replica alert fired on a healthy deployment).

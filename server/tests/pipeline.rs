@@ -118,6 +118,9 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     // process's, and another test's server with an `encoder` may have just stopped.
     assert!(metrics.lines().any(|l| l.starts_with("sluice_replicas_ready{model=\"encoder\"")), "{metrics}");
     assert!(!metrics.contains("sluice_replicas_ready{model=\"embeddings\""), "{metrics}");
+    // Nor model calls: its end-to-end time read as one "model call" of its name.
+    assert!(!metrics.contains("sluice_inference_duration_seconds_count{model=\"embeddings\""), "{metrics}");
+    assert!(!metrics.contains("sluice_batch_size_count{model=\"embeddings\""), "{metrics}");
     s.shutdown().await;
 }
 

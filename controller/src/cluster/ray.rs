@@ -749,6 +749,7 @@ impl RayReplicas {
             removed
         };
         let Some(removed) = removed else { return };
+        self.deployment.count_restart();
         if let Actor::Up { id, checks, .. } = removed {
             checks.abort();
             self.deployment.remove_replica(id);
