@@ -297,6 +297,11 @@ impl Backend for Builtins {
                     .map_err(|e| InferError::invalid(format!("tokenizer: {e}")))?;
                 let n = enc.len();
                 let longest = enc.iter().map(tokenizers::Encoding::len).max().unwrap_or(0);
+                // A file that pads to a fixed length (a model whose sequence is fixed) pads to it.
+                let longest = match padding.strategy {
+                    tokenizers::PaddingStrategy::Fixed(n) => longest.max(n),
+                    tokenizers::PaddingStrategy::BatchLongest => longest,
+                };
                 let len = match padding.pad_to_multiple_of {
                     Some(m) if m > 1 => longest.div_ceil(m).saturating_mul(m),
                     _ => longest,
@@ -611,6 +616,24 @@ mod tests {
         let mut s = Builtins::new(&tokenizer(*len)).unwrap();
         let e = s.infer(vec![texts(&["a b c d e", "a"])], &["input_ids".to_string()]).unwrap_err();
         assert!(e.message.contains("max_tokens"), "{e:?}");
+    }
+
+    /// A tokenizer file that pads to a fixed length (for a model with a fixed sequence) pads
+    /// to it, as the tokenizers library does; its strategy was ignored, and a model of fixed
+    /// length refused every request as the client's fault.
+    #[test]
+    fn a_fixed_padding_length_in_the_file_is_kept() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models/tiny-encoder/tokenizer.json");
+        let mut file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        file["padding"]["strategy"] = serde_json::json!({"Fixed": 12});
+        let fixed = std::env::temp_dir().join(format!("tokenizer-fixed-{}.json", std::process::id()));
+        std::fs::write(&fixed, file.to_string()).unwrap();
+        let tokenizer = Builtin::Tokenizer { path: fixed.clone(), max_length: None, max_tokens: 1 << 20 };
+        let out = run(tokenizer, vec![texts(&["a b", "a"])]);
+        assert_eq!(out[0].tensor.shape(), &[2, 12]);
+        let _ = std::fs::remove_file(&fixed);
     }
 
     /// An empty `hidden` may name any sizes: `[1, 0, 2^36]` would have made the step allocate

@@ -151,7 +151,10 @@ impl Multiplexed {
         let valid = !id.is_empty() && !id.contains(['/', '\\']) && id != "." && id != "..";
         let path = self.shared.dir.join(id).join("model.onnx");
         if !valid || !path.is_file() {
-            return Err(InferError::not_found(format!("unknown model `{id}` (no {})", path.display())));
+            // Named by the id alone: the server's folders are not the client's to see.
+            return Err(InferError::not_found(format!(
+                "unknown model `{id}` (no {id}/model.onnx in the deployment's folder)"
+            )));
         }
         let failed = self.shared.failed.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((was, why, at)) = failed.get(id)

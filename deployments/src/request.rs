@@ -121,11 +121,11 @@ pub fn validate_request(
         let batch = request.inputs.first().and_then(|i| i.tensor.shape().first().copied());
         if let Some(batch) = batch {
             if let Some(other) = request.inputs.iter().find(|i| i.tensor.shape().first() != Some(&batch)) {
+                let theirs =
+                    other.tensor.shape().first().map_or("no dimension 0".to_string(), |n| n.to_string());
                 return Err(InferError::invalid(format!(
-                    "inputs disagree on the batch size (dimension 0): `{}` has {batch}, `{}` has {:?}",
-                    request.inputs[0].name,
-                    other.name,
-                    other.tensor.shape().first()
+                    "inputs disagree on the batch size (dimension 0): `{}` has {batch}, `{}` has {theirs}",
+                    request.inputs[0].name, other.name,
                 )));
             }
             if batch > max_batch_size {
