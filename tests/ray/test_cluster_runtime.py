@@ -34,6 +34,17 @@ HEAD = netns_cluster.HEAD_IP
 WORKER = netns_cluster.WORKER_IP
 ADMIN = "http://%s:8266" % HEAD
 INFER = "http://%s:8000/v2/models/iris/infer" % HEAD
+METRICS = "http://%s:8000/metrics" % HEAD
+
+
+def metric(cluster, series):
+    """The value of one series in the head's /metrics (None when absent)."""
+    st, body = cluster.http("GET", METRICS)
+    assert st == 200, body
+    for line in body.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
 
 APP = """\
 proxy_location: EveryNode
@@ -248,6 +259,11 @@ def test_a_replica_that_does_not_fit_waits_and_status_says_why(cluster, workdir,
     assert "infeasible" in big[0] and "CPU" in big[0], big
     d = deployment(cluster, "big")
     assert d["status"] == "UPDATING" and d["versions"][0]["ready_replicas"] == 0, d
+    # Its waiting actor counts as a replica with none ready: the no-ready-replica alert fires
+    # (an actor joined the gauges only once serving, so they read 0 and 0 and it could not).
+    wait_for("big's waiting actor in sluice_replicas",
+             lambda: metric(cluster, 'sluice_replicas{model="big",version="1"}') == 1)
+    assert metric(cluster, 'sluice_replicas_ready{model="big",version="1"}') == 0
     # Nothing was oversubscribed: iris still has its two replicas and serves.
     assert deployment(cluster, "iris")["versions"][0]["ready_replicas"] == 2
     st, _ = cluster.http("POST", INFER, body=json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
@@ -384,6 +400,9 @@ def test_a_killed_replica_process_is_replaced_and_traffic_continues(cluster, job
     assert stats["max_s"] < 10, stats
     events = " ".join(e["message"] for e in status(cluster)["events"])
     assert "%s exited with code 137" % victim["name"] in events or "%s failed its health check" % victim["name"] in events, events
+    # Counted as a restart, as a local replica whose model panicked is (it stayed 0 on Ray).
+    restarts = 'sluice_replica_restarts_total{model="iris",version="%s"}' % v["version"]
+    assert (metric(cluster, restarts) or 0) >= 1, restarts
 
 
 def test_losing_the_worker_node_brings_its_replicas_back_on_the_head(cluster, job, tmp_path):
