@@ -387,6 +387,10 @@ impl Controller {
         let config = {
             let mut st = self.lock();
             let Some(config) = st.desired.clone() else { return };
+            if config.model_repository.is_none() {
+                // Its series leave `/metrics` (an `up` of 0 would page for good).
+                st.repo.series = None;
+            }
             if !repository::due(&config, &st.repo, Instant::now()) {
                 return;
             }

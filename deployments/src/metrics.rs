@@ -213,6 +213,49 @@ fn live_replicas() -> std::sync::MutexGuard<'static, HashMap<ReplicaKey, usize>>
     LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How many owners each (label, value) of the series not labelled by model and version has:
+/// a multiplexed deployment's (`deployment`), the model repository's (`repository`). A value
+/// at 0 is gone (the deployment deleted, the repository moved or removed), and `/metrics`
+/// leaves its series out ([`gone_labels`]): a repository's `sluice_repository_up` at 0 stayed
+/// for good after it moved, and an alert on it fired for good.
+fn live_labels() -> std::sync::MutexGuard<'static, HashMap<(&'static str, String), usize>> {
+    static LIVE: std::sync::OnceLock<Mutex<HashMap<(&'static str, String), usize>>> =
+        std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The series labelled `label="value"` are live while this lives.
+#[derive(Debug)]
+pub struct LabelOwner {
+    key: (&'static str, String),
+}
+
+impl LabelOwner {
+    pub fn new(label: &'static str, value: &str) -> Self {
+        let key = (label, value.to_string());
+        *live_labels().entry(key.clone()).or_insert(0) += 1;
+        Self { key }
+    }
+
+    /// The value it keeps live.
+    pub fn value(&self) -> &str {
+        &self.key.1
+    }
+}
+
+impl Drop for LabelOwner {
+    fn drop(&mut self) {
+        if let Some(n) = live_labels().get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The (label, value) pairs whose series are gone ([`LabelOwner`]).
+pub fn gone_labels() -> HashSet<(&'static str, String)> {
+    live_labels().iter().filter(|(_, n)| **n == 0).map(|(key, _)| key.clone()).collect()
+}
+
 /// A replica's series: (model, version, replica id).
 type ReplicaKey = (String, String, String);
 

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     loads: Counter,
     evictions: Counter,
     load_time: Histogram,
+    /// Its series leave `/metrics` once every copy of the deployment is gone.
+    _series: crate::metrics::LabelOwner,
 }
 
 impl Shared {
@@ -63,7 +65,8 @@ impl Shared {
             miss: metrics::counter!(MULTIPLEX_REQUESTS, "deployment" => d.clone(), "cache" => "miss"),
             loads: metrics::counter!(MULTIPLEX_LOADS, "deployment" => d.clone()),
             evictions: metrics::counter!(MULTIPLEX_EVICTIONS, "deployment" => d.clone()),
-            load_time: metrics::histogram!(MULTIPLEX_LOAD_DURATION, "deployment" => d),
+            load_time: metrics::histogram!(MULTIPLEX_LOAD_DURATION, "deployment" => d.clone()),
+            _series: crate::metrics::LabelOwner::new("deployment", &d),
         })
     }
 

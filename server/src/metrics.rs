@@ -39,26 +39,31 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 /// `GET /metrics`: Prometheus text format, without the series of retired versions and of
 /// replicas gone.
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    use sluice_deployments::metrics::{gone_replicas, retired};
+    use sluice_deployments::metrics::{gone_labels, gone_replicas, retired};
     let body = install().map(|h| h.render()).unwrap_or_default();
-    let body = without_gone(body, &retired(), &gone_replicas());
+    let body = without_gone(body, &retired(), &gone_replicas(), &gone_labels());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// `text` without the samples labelled with a (model, version) of `retired` (a version whose
 /// deployments are all gone; see `sluice_deployments::metrics::retired`), nor those labelled
 /// with a (model, version, replica) of `replicas` (a replica gone: the autoscaler removed it,
-/// or it was replaced).
+/// or it was replaced), nor those with a (label, value) of `labels` (a multiplexed deployment
+/// deleted, a repository moved or removed).
 fn without_gone(
     text: String,
     retired: &HashSet<(String, String)>,
     replicas: &HashSet<(String, String, String)>,
+    labels: &HashSet<(&'static str, String)>,
 ) -> String {
-    if retired.is_empty() && replicas.is_empty() {
+    if retired.is_empty() && replicas.is_empty() && labels.is_empty() {
         return text;
     }
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
+        if labels.iter().any(|(name, value)| label(line, name).is_some_and(|v| v == *value)) {
+            continue;
+        }
         if let Some((model, version)) = label(line, "model").zip(label(line, "version")) {
             let replica = || label(line, "replica");
             if retired.contains(&(model.clone(), version.clone()))
@@ -120,21 +125,33 @@ mod tests {
                     sluice_multiplex_loads_total{deployment=\"m\"} 1\n\
                     sluice_request_duration_seconds_bucket{model=\"m\",version=\"1\",protocol=\"rest\",le=\"0.1\"} 5\n";
         let retired = HashSet::from([("m".to_string(), "1".to_string())]);
-        let kept = without_gone(text.to_string(), &retired, &HashSet::new());
+        let none = HashSet::new();
+        let kept = without_gone(text.to_string(), &retired, &HashSet::new(), &none);
         assert_eq!(
             kept,
             "# HELP sluice_replicas_ready Ready replicas\n\
              sluice_replicas_ready{model=\"m\",version=\"2\"} 2\n\
              sluice_multiplex_loads_total{deployment=\"m\"} 1\n"
         );
-        assert_eq!(without_gone(text.to_string(), &HashSet::new(), &HashSet::new()), text);
+        assert_eq!(without_gone(text.to_string(), &HashSet::new(), &HashSet::new(), &none), text);
         // A replica gone: its series only.
         let text = "sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"0\"} 0\n\
                     sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"1\"} 3\n";
         let gone = HashSet::from([("m".to_string(), "2".to_string(), "0".to_string())]);
         assert_eq!(
-            without_gone(text.to_string(), &HashSet::new(), &gone),
+            without_gone(text.to_string(), &HashSet::new(), &gone, &none),
             "sluice_replica_in_flight{model=\"m\",version=\"2\",replica=\"1\"} 3\n"
+        );
+        // A multiplexed deployment deleted, a repository moved: their series only.
+        let text = "sluice_multiplex_loads_total{deployment=\"gone\"} 1\n\
+                    sluice_multiplex_loads_total{deployment=\"kept\"} 2\n\
+                    sluice_repository_up{repository=\"s3://old\"} 0\n\
+                    sluice_repository_up{repository=\"s3://new\"} 1\n";
+        let labels =
+            HashSet::from([("deployment", "gone".to_string()), ("repository", "s3://old".to_string())]);
+        assert_eq!(
+            without_gone(text.to_string(), &HashSet::new(), &HashSet::new(), &labels),
+            "sluice_multiplex_loads_total{deployment=\"kept\"} 2\nsluice_repository_up{repository=\"s3://new\"} 1\n"
         );
         assert_eq!(label("x{model=\"a\",version=\"b\"} 1", "version").as_deref(), Some("b"));
         assert_eq!(label("x 1", "model"), None);

@@ -369,3 +369,33 @@ async fn rest_headers_are_read_as_utf8_and_others_refused() {
     }
     s.shutdown().await;
 }
+
+/// A multiplexed deployment deleted takes its series (labelled by deployment, not by model and
+/// version) out of `/metrics` once drained: they stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_multiplexed_deployments_series_leave_the_metrics() {
+    let dir = models("deleted");
+    // A name of its own: the recorder is the process's, and other tests' `tenants` run beside.
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = format!(
+        "http_options: {{host: 127.0.0.1, port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{port: 0}}\napplications:\n  - name: app\n    deployments:\n      - {{name: leaving, multiplex: {{path: {}, max_num_models_per_replica: 2}}}}\n",
+        dir.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("m.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    assert!(s.wait_ready(std::time::Duration::from_secs(60)).await);
+    let (status, got) = infer(&s, Some("a"), Some("leaving")).await;
+    assert_eq!(status, 200, "{got}");
+    let metrics = || async { reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap() };
+    let series = "sluice_multiplex_loads_total{deployment=\"leaving\"}";
+    assert!(metrics().await.contains(series));
+    let text = "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {port: 0}\napplications:\n  - name: app\n    deployments:\n      - {name: other, builtin: {softmax: {}}}\n";
+    let config = sluice_config::parse(text, &models_dir().join("m.yaml")).unwrap();
+    s.controller().apply(&config).await.unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metrics().await.contains(series) {
+        assert!(std::time::Instant::now() < until, "the deleted deployment's series stay");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    s.shutdown().await;
+}

@@ -90,6 +90,9 @@ pub(crate) struct RepoState {
     /// The last poll listed no models while some served: they keep serving until a second
     /// poll lists none too (a remounting volume shows an empty folder for a moment).
     pub empty_unconfirmed: bool,
+    /// Keeps the series of the repository last scanned in `/metrics`; replaced when it moves,
+    /// dropped when the config has none.
+    pub series: Option<sluice_deployments::metrics::LabelOwner>,
 }
 
 /// What serves (or should): the plans and the files of every version they name.
@@ -137,8 +140,16 @@ impl RepoState {
         new
     }
 
+    /// The repository at `url` is the one whose series `/metrics` shows.
+    fn scanned(&mut self, url: &str) {
+        if self.series.as_ref().is_none_or(|s| s.value() != url) {
+            self.series = Some(sluice_deployments::metrics::LabelOwner::new("repository", url));
+        }
+    }
+
     /// Records a listing that failed; true when the repository was reachable until now.
     pub fn unreachable(&mut self, url: &str, error: &StoreError) -> bool {
+        self.scanned(url);
         metrics::scanned(url, false);
         self.scanned_at = Some(Instant::now());
         let first = self.unreachable.is_none();
@@ -149,6 +160,7 @@ impl RepoState {
 
     /// Records a listing; true when the repository was unreachable until now.
     pub fn reachable(&mut self, url: &str, listing: Listing) -> bool {
+        self.scanned(url);
         metrics::scanned(url, true);
         self.scanned_at = Some(Instant::now());
         let before = self.listing.as_ref().map(|l| &l.invalid_names);
