@@ -89,6 +89,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     parse_text(text, path, true)
 }
 
+/// [`parse`] for a config deployed to a running server: its listeners stay the ones it started
+/// with (their settings are reported, not applied), so their hosts and ports are not checked
+/// against each other (a file `sluice run` took with a flag that moved a listener off a clash
+/// could not be deployed again).
+pub fn parse_to_deploy(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    parse_text(text, path, false)
+}
+
 fn parse_text(text: &str, path: &Path, addresses: bool) -> Result<Config, ConfigErrors> {
     let doc: file::Config =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors::single(error::from_yaml(path, text, &e)))?;

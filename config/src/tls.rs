@@ -283,6 +283,22 @@ mod tests {
         assert!(crate::check_addresses(&c).is_ok(), "no admin API, no clash");
     }
 
+    /// A clash of listeners in the file is an error where the file is all there is (`load`,
+    /// `parse`), not where flags may move a listener after (`load_before_overrides`) or where a
+    /// running server keeps its own listeners (`parse_to_deploy`).
+    #[test]
+    fn a_listener_clash_is_checked_only_where_nothing_moves_it_after() {
+        let text = "http_options: {port: 9100}\nadmin_options: {port: 9100}\n";
+        let path = std::env::temp_dir().join(format!("clash-{}.yaml", std::process::id()));
+        assert!(crate::parse(text, &path).unwrap_err().to_string().contains("admin_options.port"));
+        let c = crate::parse_to_deploy(text, &path).unwrap();
+        assert!(crate::check_addresses(&c).is_err());
+        std::fs::write(&path, text).unwrap();
+        assert!(crate::load(&path).is_err());
+        assert!(crate::load_before_overrides(&path).is_ok());
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn a_tls_block_needs_both_files() {
         let errors = parse_in("http_options: {tls: {cert_file: cert.pem}}\n").unwrap_err();

@@ -371,18 +371,22 @@ impl ReplicaSet {
     fn publish_ready_if(&self, set_changed: bool) {
         self.ready_count.send_if_modified(|published| {
             let n = self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count();
-            self.publish_gauges(n);
+            self.publish_gauges();
             std::mem::replace(published, n) != n || set_changed
         });
     }
 
-    /// Brings this set's share of the replica gauges to `ready` and the replicas it runs or
-    /// waits for; a closed set's to nothing.
-    fn publish_gauges(&self, ready: usize) {
+    /// Brings this set's share of the replica gauges to its ready replicas and those it runs or
+    /// waits for; a closed set's to nothing. Counted under the share's lock, so that of two
+    /// publishes the later one counts the later state (counted before it, an earlier count
+    /// could be published last and stay).
+    fn publish_gauges(&self) {
         let mut added = self.gauges.added.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = match self.is_closed() {
             true => (0, 0),
-            false => (ready, self.replicas.load().len() + self.gauges.elsewhere.load(Ordering::Acquire)),
+            false => {
+                (self.ready_now(), self.replicas.load().len() + self.gauges.elsewhere.load(Ordering::Acquire))
+            }
         };
         let metrics = &self.config.metrics;
         metrics.replicas_ready.increment(now.0 as f64 - added.0 as f64);
@@ -390,7 +394,7 @@ impl ReplicaSet {
         *added = now;
     }
 
-    /// The ready replicas now, for [`Self::publish_gauges`] outside a readiness change.
+    /// The ready replicas now.
     fn ready_now(&self) -> usize {
         self.replicas.load().iter().filter(|r| r.ready.load(Ordering::Acquire)).count()
     }
@@ -411,7 +415,10 @@ impl ReplicaSet {
             next.push(slot.clone());
             next
         });
-        self.publish_gauges(self.ready_now());
+        // A replica placed elsewhere (on Ray) has arrived: counted in the set now, not twice
+        // until the controller next says how many are still on their way.
+        let _ = self.gauges.elsewhere.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.publish_gauges();
     }
 
     /// Starts a replica thread for `backend` and adds it to the set.
@@ -432,6 +439,7 @@ impl ReplicaSet {
             .spawn(move || replica::run(id, config, host, rx, backend, cell));
         if let Err(e) = spawned {
             self.replicas.rcu(|current| current.iter().filter(|r| r.id != id).cloned().collect::<Vec<_>>());
+            self.publish_gauges();
             return Err(LoadError::Thread(e.to_string()));
         }
         Ok(())
@@ -754,7 +762,7 @@ impl Deployment {
     /// alone, and one that fails is not loaded again. Dropping it does the same.
     pub fn close(&self) {
         self.set.closed.store(true, Ordering::Release);
-        self.set.publish_gauges(0);
+        self.set.publish_gauges();
     }
 
     /// Counts a replica replaced (`sluice_replica_restarts_total`) where the replacement is not
@@ -769,7 +777,7 @@ impl Deployment {
     /// version whose replicas cannot start reads as running none ready, not as none at all.
     pub fn set_placed_elsewhere(&self, n: usize) {
         if self.set.gauges.elsewhere.swap(n, Ordering::AcqRel) != n {
-            self.set.publish_gauges(self.set.ready_now());
+            self.set.publish_gauges();
         }
     }
 
@@ -1224,7 +1232,7 @@ impl ReplicaSet {
     /// Closes the set and stops every replica.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.publish_gauges(0);
+        self.publish_gauges();
         self.permits.close();
         for r in self.replicas.load().iter() {
             r.channel.stop();

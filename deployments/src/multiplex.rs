@@ -174,8 +174,13 @@ impl Multiplexed {
 
     fn load(&self, id: &str, path: &Path) -> Result<(OnnxBackend, FileStamp), InferError> {
         let was = stamp(path);
+        // Named by the id: the server's folders are not the client's to see (the path is logged).
         let loaded = OnnxBackend::load(path, &self.shared.options)
-            .map_err(|e| format!("model `{id}` failed to load: {e}"))
+            .map_err(|e| {
+                tracing::warn!(model = %id, path = %path.display(), "multiplexed model failed to load: {e}");
+                let e = e.to_string().replace(&path.display().to_string(), &format!("{id}/model.onnx"));
+                format!("model `{id}` failed to load: {e}")
+            })
             .and_then(|backend| {
                 let (want, got) = (&self.metadata, backend.metadata());
                 if want.inputs != got.inputs || want.outputs != got.outputs {

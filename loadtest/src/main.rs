@@ -68,8 +68,8 @@ struct Args {
     #[arg(long, value_parser = parse_positive_duration, default_value = "30s")]
     timeout: Duration,
     /// Compare each response with the sample file's expected outputs (datatype, shape and
-    /// values); mismatches count as errors, and the run exits 3 when there was any (after
-    /// writing its reports).
+    /// values); mismatches count as errors, and the run exits 3 when there was any, or when
+    /// no request was answered at all (after writing its reports).
     #[arg(long)]
     check: bool,
     /// Tolerance for --check when the sample file gives none.
@@ -316,6 +316,11 @@ async fn run(args: Args) -> Result<()> {
     let mismatches: u64 = steps.iter().filter_map(|s| s.errors.get("mismatch")).sum();
     if args.check && mismatches > 0 {
         eprintln!("error: --check: {mismatches} answer(s) did not match the expected outputs");
+        std::process::exit(3);
+    }
+    // Nothing compared at all (every request failed: a wrong model answering 400) is no pass.
+    if args.check && steps.iter().all(|s| s.ok == 0) {
+        eprintln!("error: --check: no request was answered, so nothing matched the expected outputs");
         std::process::exit(3);
     }
     Ok(())

@@ -97,7 +97,7 @@ fn an_unwritable_request_log_is_refused_before_the_run() {
 #[test]
 fn a_check_that_finds_mismatches_exits_3() {
     use std::io::{BufRead, BufReader, Read, Write};
-    // An OIP server of one model whose every answer is `y = [-1]`.
+    // An OIP server whose every answer is `y = [-1]`, and 400 for model `bad`.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -109,6 +109,7 @@ fn a_check_that_finds_mismatches_exits_3() {
                 loop {
                     let mut length = 0usize;
                     let mut line = String::new();
+                    let mut refused = false;
                     loop {
                         line.clear();
                         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -117,15 +118,22 @@ fn a_check_that_finds_mismatches_exits_3() {
                         if line == "\r\n" {
                             break;
                         }
+                        refused |= line.contains("/models/bad/");
                         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                             length = v.trim().parse().unwrap();
                         }
                     }
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
-                    let out = r#"{"model_name":"m","outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[-1.0]}]}"#;
+                    let (status, out) = match refused {
+                        true => ("400 Bad Request", r#"{"error":"no"}"#),
+                        false => (
+                            "200 OK",
+                            r#"{"model_name":"m","outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[-1.0]}]}"#,
+                        ),
+                    };
                     let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                         out.len()
                     );
                     if conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(out.as_bytes())).is_err()
@@ -142,12 +150,12 @@ fn a_check_that_finds_mismatches_exits_3() {
             r#"{{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1]}}], "outputs": [{{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [{y}]}}]}}"#
         )
     };
-    let run = || {
+    let run_model = |model: &str| {
         loadtest(&[
             "--url",
             &addr,
             "-m",
-            "m",
+            model,
             "--input-data",
             samples.to_str().unwrap(),
             "--check",
@@ -157,6 +165,7 @@ fn a_check_that_finds_mismatches_exits_3() {
             "0s",
         ])
     };
+    let run = || run_model("m");
     std::fs::write(&samples, case(0.5)).unwrap();
     let (code, err) = run();
     assert_eq!(code, 3, "{err}");
@@ -164,5 +173,9 @@ fn a_check_that_finds_mismatches_exits_3() {
     std::fs::write(&samples, case(-1.0)).unwrap();
     let (code, err) = run();
     assert_eq!(code, 0, "{err}");
+    // Every request refused: nothing was compared, which is no pass either.
+    let (code, err) = run_model("bad");
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no request was answered"), "{err}");
     let _ = std::fs::remove_file(&samples);
 }

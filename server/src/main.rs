@@ -101,12 +101,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Completions { shell } => {
+            // Made whole, then written as any output (clap_complete panics on a write error).
+            let mut script = Vec::new();
             clap_complete::generate(
                 shell,
                 &mut <Cli as clap::CommandFactory>::command(),
                 "sluice",
-                &mut std::io::stdout(),
+                &mut script,
             );
+            cli::write_out(format_args!("{}", String::from_utf8_lossy(&script)));
             ExitCode::SUCCESS
         }
         Command::Openapi { api } => {
@@ -125,15 +128,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Man => match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-            .render(&mut std::io::stdout())
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
+        Command::Man => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page) {
+                Ok(()) => {
+                    cli::write_out(format_args!("{}", String::from_utf8_lossy(&page)));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Replica(args) => {
             cli::replica::replica(args, cli::run::Logs::plain(log_filter()), ort_env, &store_env)
         }

@@ -871,11 +871,27 @@ fn replica_takes_worker_threads_and_keep_startup_memory() {
 
 /// A spec longer than Linux takes in one argument (128 KiB; here 300 KiB, padded with the
 /// whitespace JSON allows) reaches the replica in the controller's pieces, which it joins: one
-/// `--spec` that long could not even be passed (the process was never started, E2BIG).
+/// `--spec` that long could not even be passed (the process was never started, E2BIG). A
+/// piece that begins with `-` (here the pad value -1, placed at the first cut) is a piece,
+/// not a flag.
 #[test]
 fn replica_joins_a_spec_given_in_pieces() {
-    let spec = iris_replica_spec();
-    let long = format!("{}{}{}", &spec[..spec.len() - 1], " ".repeat(300 * 1024), "}");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    let mut settings = sluice_config::ReplicaSettings { max_batch_size: 4, ..Default::default() };
+    settings.pad = [("input".to_string(), -1.0)].into();
+    let spec = sluice_controller::cluster::ReplicaSpec {
+        deployment: "iris".into(),
+        version: "1".into(),
+        model: sluice_config::Model::Onnx(model),
+        settings,
+        fetch: None,
+    };
+    let spec = serde_json::to_string(&spec).unwrap();
+    let at = spec.find("-1").expect("the pad value in the spec");
+    let pad = sluice_controller::cluster::SPEC_ARG_BYTES - at;
+    let long = format!("{}{}{}", &spec[..at], " ".repeat(pad), &spec[at..]);
+    let long = format!("{}{}{}", &long[..long.len() - 1], " ".repeat(200 * 1024), "}");
+    assert!(sluice_controller::cluster::spec_args(&long)[1].starts_with("--spec=-1"));
     let whole = sluice().args(["replica", "--listen", "127.0.0.1:0", "--spec", &long]).output();
     assert_eq!(whole.map_err(|e| e.raw_os_error()).err(), Some(Some(libc::E2BIG)));
     let mut child = KillOnDrop(Some(
@@ -1398,16 +1414,19 @@ fn run_on_ray_refuses_a_missing_onnxruntime_by_name() {
 }
 
 /// Output to a reader that has gone (`sluice openapi rest | head -c0`) ends the command
-/// quietly, exit 0: it panicked with "failed printing to stdout: Broken pipe".
+/// quietly, exit 0: it panicked with "failed printing to stdout: Broken pipe" (the completion
+/// script too; the man page said "error: Broken pipe", exit 1).
 #[test]
 fn a_closed_stdout_ends_a_command_quietly() {
-    let mut child =
-        sluice().args(["openapi", "rest"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    for args in [&["openapi", "rest"][..], &["completions", "bash"], &["man"]] {
+        // The pipe's reading end closed before the command starts: its first write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = sluice().args(args).stdout(writer).stderr(Stdio::piped()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
 }
 
 /// An empty `SLUICE_*` variable reads as unset, as a shell's `VAR=` means: `SLUICE_CACERT=`

@@ -59,16 +59,17 @@ impl ReplicaSpec {
 /// weights in a file of its own has hundreds to thousands.
 pub const SPEC_ARG_BYTES: usize = 96 * 1024;
 
-/// `spec_json` as `sluice replica` arguments: `--spec` with a piece of it, as many times as it
-/// takes pieces of at most [`SPEC_ARG_BYTES`] (cut between characters); the replica joins them
-/// in order.
+/// `spec_json` as `sluice replica` arguments: `--spec=` and a piece of it, as many times as
+/// it takes pieces of at most [`SPEC_ARG_BYTES`] (cut between characters); the replica joins
+/// them in order. The piece is attached: one that begins with `-` (a cut before a negative
+/// number, or a name's hyphen) as an argument of its own reads as a flag.
 pub fn spec_args(spec_json: &str) -> Vec<String> {
     let mut args = Vec::new();
     let mut rest = spec_json;
     loop {
         let cut = rest.floor_char_boundary(SPEC_ARG_BYTES.min(rest.len()));
         let (piece, after) = rest.split_at(cut);
-        args.extend(["--spec".to_string(), piece.to_string()]);
+        args.push(format!("--spec={piece}"));
         if after.is_empty() {
             return args;
         }
@@ -225,14 +226,13 @@ mod tests {
     /// between characters, that join back to it; a short one is one piece.
     #[test]
     fn a_long_spec_goes_in_pieces_that_join_back() {
-        assert_eq!(spec_args("{}"), ["--spec", "{}"]);
+        assert_eq!(spec_args("{}"), ["--spec={}"]);
         // Three-byte characters, so that a cut at the byte limit would split one.
         let long = format!("{{\"x\": \"{}\"}}", "€".repeat(SPEC_ARG_BYTES));
         let args = spec_args(&long);
-        assert!(args.len() >= 8, "{} arguments", args.len());
-        let pieces: Vec<&String> = args.iter().skip(1).step_by(2).collect();
-        assert!(args.iter().step_by(2).all(|a| a == "--spec"));
+        assert!(args.len() >= 4, "{} arguments", args.len());
+        let pieces: Vec<&str> = args.iter().map(|a| a.strip_prefix("--spec=").unwrap()).collect();
         assert!(pieces.iter().all(|p| !p.is_empty() && p.len() <= SPEC_ARG_BYTES));
-        assert_eq!(pieces.into_iter().map(String::as_str).collect::<String>(), long);
+        assert_eq!(pieces.concat(), long);
     }
 }

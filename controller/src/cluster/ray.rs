@@ -1024,7 +1024,7 @@ mod tests {
             assert_eq!(argv[..5], ["sluice", "replica", "--listen", "{node_ip}:0", "--worker-threads"]);
             assert_eq!(
                 argv[6..],
-                ["--max-body-bytes", "134217728", "--graceful-shutdown-timeout", "2.5", "--spec", "{}"]
+                ["--max-body-bytes", "134217728", "--graceful-shutdown-timeout", "2.5", "--spec={}"]
             );
             argv[5].clone()
         };
@@ -1037,7 +1037,7 @@ mod tests {
         assert_eq!(threads(f64::NAN), "1");
         // `release_startup_memory: false` in the config.
         let kept = replica_argv("sluice".into(), "{}", 1.0, &options(false));
-        assert_eq!(kept[kept.len() - 3..], ["--keep-startup-memory", "--spec", "{}"]);
+        assert_eq!(kept[kept.len() - 2..], ["--keep-startup-memory", "--spec={}"]);
     }
 
     /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set and

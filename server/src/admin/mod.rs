@@ -358,7 +358,7 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
             "the config names no `applications`; nothing changed (to remove every application, send `applications: []`)",
         );
     }
-    let config = match sluice_config::parse(text, &base.join("deployed-config.yaml")) {
+    let config = match sluice_config::parse_to_deploy(text, &base.join("deployed-config.yaml")) {
         Ok(c) => c,
         Err(mut errors) => {
             // Located in what the client sent (the file name above exists only to place

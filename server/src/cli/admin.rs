@@ -275,7 +275,8 @@ pub(super) fn request(
         }
         // A call that took its whole time may still be under way there: a deploy goes on (its
         // models load and warm before the answer), as does a promotion.
-        Err(e) if e.is_timeout() => {
+        // (Not a connect that timed out: nothing was sent.)
+        Err(e) if e.is_timeout() && !e.is_connect() => {
             let within = timeout
                 .or_else(|| admin.request_limit())
                 .map(|t| format!(" within {t:?}"))
