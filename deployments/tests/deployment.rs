@@ -617,10 +617,9 @@ async fn a_request_held_by_a_replica_that_cannot_reload_goes_to_a_replica_that_c
     assert_eq!(values(&answer.outputs[0].tensor), vec![7]);
 }
 
-/// A padded batch cuts outputs back to each request's own length only on axes that follow the
-/// sequence: a pooled embedding's hidden size equal to the batch's padded length stays whole.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
+/// A `mean_pool` deployment that pads `hidden` and `mask`, batching up to 16 rows within
+/// 200 ms.
+async fn padded_pool() -> Arc<Deployment> {
     let pool = sluice_config::Model::Builtin(sluice_config::Builtin::MeanPool { normalize: false });
     let mut s = spec(|s| {
         s.settings.max_batch_size = 16;
@@ -631,22 +630,34 @@ async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
     let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1, "pool").unwrap();
     let d = Arc::new(Deployment::start(s, factory).unwrap());
     assert!(d.wait_ready(Duration::from_secs(5)).await);
-    // Hidden size 8; one request of 2 tokens, one of 8 (the batch's padded length).
-    let request = |len: usize| {
-        let hidden: Vec<u8> = (0..len * 8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let mask: Vec<u8> = (0..len).flat_map(|_| 1i64.to_le_bytes()).collect();
-        let t = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| NamedTensor {
-            name: name.into(),
-            tensor: Tensor::new(dtype, shape, Bytes::from(data)).unwrap(),
-        };
-        InferRequest {
-            inputs: vec![
-                t("hidden", DataType::Fp32, vec![1, len, 8], hidden),
-                t("mask", DataType::Int64, vec![1, len], mask),
-            ],
-            ..Default::default()
-        }
+    d
+}
+
+/// A `mean_pool` request of `len` tokens of `width` values (value `i` of the whole is
+/// `value(i)`), every token in the mask.
+fn pool_request(len: usize, width: usize, value: impl Fn(usize) -> f32) -> InferRequest {
+    let hidden: Vec<u8> = (0..len * width).flat_map(|i| value(i).to_le_bytes()).collect();
+    let mask: Vec<u8> = (0..len).flat_map(|_| 1i64.to_le_bytes()).collect();
+    let t = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| NamedTensor {
+        name: name.into(),
+        tensor: Tensor::new(dtype, shape, Bytes::from(data)).unwrap(),
     };
+    InferRequest {
+        inputs: vec![
+            t("hidden", DataType::Fp32, vec![1, len, width], hidden),
+            t("mask", DataType::Int64, vec![1, len], mask),
+        ],
+        ..Default::default()
+    }
+}
+
+/// A padded batch cuts outputs back to each request's own length only on axes that follow the
+/// sequence: a pooled embedding's hidden size equal to the batch's padded length stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
+    let d = padded_pool().await;
+    // Hidden size 8; one request of 2 tokens, one of 8 (the batch's padded length).
+    let request = |len: usize| pool_request(len, 8, |i| i as f32);
     let (short, long) = tokio::join!(d.infer(request(2)), d.infer(request(8)));
     let (short, long) = (short.unwrap(), long.unwrap());
     assert_eq!(short.outputs[0].tensor.shape(), &[1, 8], "the short request's embedding is whole");
@@ -663,31 +674,8 @@ async fn a_padded_batch_leaves_axes_that_are_not_the_sequence_whole() {
 /// everyone's 8 to 10, and their embeddings came back with 10 values ending in zeros).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_of_another_hidden_size_does_not_widen_the_others() {
-    let pool = sluice_config::Model::Builtin(sluice_config::Builtin::MeanPool { normalize: false });
-    let mut s = spec(|s| {
-        s.settings.max_batch_size = 16;
-        s.settings.batch_wait_timeout_s = 0.2;
-        s.settings.pad = [("hidden".to_string(), 0.0), ("mask".to_string(), 0.0)].into();
-    });
-    s.name = "pool".into();
-    let factory = sluice_deployments::backend_factory(&pool, &s.settings, 1, "pool").unwrap();
-    let d = Arc::new(Deployment::start(s, factory).unwrap());
-    assert!(d.wait_ready(Duration::from_secs(5)).await);
-    let request = |len: usize, width: usize| {
-        let hidden: Vec<u8> = (0..len * width).flat_map(|_| 1f32.to_le_bytes()).collect();
-        let mask: Vec<u8> = (0..len).flat_map(|_| 1i64.to_le_bytes()).collect();
-        let t = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| NamedTensor {
-            name: name.into(),
-            tensor: Tensor::new(dtype, shape, Bytes::from(data)).unwrap(),
-        };
-        InferRequest {
-            inputs: vec![
-                t("hidden", DataType::Fp32, vec![1, len, width], hidden),
-                t("mask", DataType::Int64, vec![1, len], mask),
-            ],
-            ..Default::default()
-        }
-    };
+    let d = padded_pool().await;
+    let request = |len: usize, width: usize| pool_request(len, width, |_| 1.0);
     let (a, wide, b) = tokio::join!(d.infer(request(3, 8)), d.infer(request(1, 10)), d.infer(request(5, 8)));
     let (a, wide, b) = (a.unwrap(), wide.unwrap(), b.unwrap());
     assert_eq!(a.outputs[0].tensor.shape(), &[1, 8]);
