@@ -1036,7 +1036,11 @@ impl Deployment {
         timeout: Duration,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
         if let Ok(permit) = self.set.permits.clone().try_acquire_owned() {
-            return Ok(permit);
+            if !self.set.replicas.load().is_empty() {
+                return Ok(permit);
+            }
+            // A permit of a replica that has just gone: waited for below.
+            drop(permit);
         }
         let max = self.set.spec.settings.max_queued_requests as usize;
         // Join the queue only below its bound, so its depth never reads above it.
@@ -1051,24 +1055,44 @@ impl Deployment {
             )));
         }
         let _leave = QueueExit::joined(&self.queued, &self.set.config.metrics.queue_depth);
-        if self.set.replicas.load().is_empty() {
-            // Scaled to zero: wake the controller to start a replica now (once this request
-            // is in the queue, which is what the controller reads to start one at once).
-            self.set.spec.wake.notify_one();
-        }
-        match tokio::time::timeout_at(deadline.into(), self.set.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => {
-                Err(InferError::unavailable(format!("model `{}` is shutting down", self.set.spec.name)))
-            }
-            Err(_) => Err(InferError::new(
+        let shutting_down =
+            || InferError::unavailable(format!("model `{}` is shutting down", self.set.spec.name));
+        let timed_out = || {
+            InferError::new(
                 ErrorKind::DeadlineExceeded,
                 format!(
                     "request timed out after {} ms waiting in the queue of model `{}`",
                     timeout.as_millis(),
                     self.set.spec.name
                 ),
-            )),
+            )
+        };
+        loop {
+            if self.set.replicas.load().is_empty() {
+                // Scaled to zero: wake the controller to start a replica now (once this request
+                // is in the queue, which is what the controller reads to start one at once).
+                self.set.spec.wake.notify_one();
+            }
+            match tokio::time::timeout_at(deadline.into(), self.set.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) if !self.set.replicas.load().is_empty() => return Ok(permit),
+                // The permit of a replica that has just gone, the last one (lost on Ray, or
+                // scaled away while this request waited), freed by a request it still held:
+                // handed back for the replica's retirement to take, and this request waits for
+                // a replica to be ready. It was answered 503 "has no replicas" at once, and so
+                // was every request queued behind it, while a replacement started.
+                Ok(Ok(permit)) => {
+                    drop(permit);
+                    self.set.spec.wake.notify_one();
+                    let mut ready = self.set.ready_count.subscribe();
+                    match tokio::time::timeout_at(deadline.into(), ready.wait_for(|&n| n > 0)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => return Err(shutting_down()),
+                        Err(_) => return Err(timed_out()),
+                    }
+                }
+                Ok(Err(_)) => return Err(shutting_down()),
+                Err(_) => return Err(timed_out()),
+            }
         }
     }
 

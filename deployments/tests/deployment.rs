@@ -478,6 +478,81 @@ async fn a_request_right_after_a_scale_to_zero_waits_for_a_replica() {
     assert_eq!(values(&held.await.unwrap().outputs[0].tensor), vec![9]);
 }
 
+/// A replica in another process, as the test plays it: each call is kept (`held`) or answered
+/// at once with its inputs.
+struct FakeRemote {
+    info: sluice_deployments::RemoteInfo,
+    held: Option<Mutex<Vec<sluice_deployments::RemoteCall>>>,
+}
+
+impl sluice_deployments::RemoteReplica for FakeRemote {
+    fn call(&self, call: sluice_deployments::RemoteCall) {
+        match &self.held {
+            Some(held) => held.lock().unwrap().push(call),
+            None => {
+                let outputs = call
+                    .inputs
+                    .into_iter()
+                    .map(|i| NamedTensor { name: "y".into(), tensor: i.tensor })
+                    .collect();
+                let _ = call.reply.send(Ok(outputs));
+            }
+        }
+    }
+
+    fn info(&self) -> &sluice_deployments::RemoteInfo {
+        &self.info
+    }
+}
+
+/// Requests queued when a deployment's last replica is lost (on Ray: its actor died) wait for
+/// the replacement within their deadline: the permit a request still held on the lost replica
+/// went to the first of them when it ended, which found no replica and was answered 503 at
+/// once, and so was every request queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_when_the_last_replica_is_lost_wait_for_its_replacement() {
+    let tensor = TensorSpec { name: "x".into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+    let meta = ModelMetadata {
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![tensor.clone()],
+        outputs: vec![TensorSpec { name: "y".into(), ..tensor }],
+    };
+    let s = spec(|s| {
+        s.num_replicas = 0;
+        s.max_replicas = 2;
+        s.settings.max_ongoing_requests = 1;
+    });
+    let d = Arc::new(Deployment::start_remote(s, meta).unwrap());
+    let lost = Arc::new(FakeRemote { info: Default::default(), held: Some(Mutex::new(Vec::new())) });
+    let id = d.add_remote(lost.clone());
+    d.set_replica_ready(id, true);
+    let first = tokio::spawn({
+        let d = d.clone();
+        async move { d.infer(request(&[1])).await }
+    });
+    until("the first request on the replica", || lost.held.as_ref().unwrap().lock().unwrap().len() == 1)
+        .await;
+    let queued: Vec<_> = (2..5)
+        .map(|v| {
+            let d = d.clone();
+            tokio::spawn(async move { d.infer(request(&[v])).await })
+        })
+        .collect();
+    until("three requests queued", || d.queue_depth() == 3).await;
+    assert!(d.remove_replica(id));
+    // The lost replica's call ends (its connection broke): its permit is freed.
+    lost.held.as_ref().unwrap().lock().unwrap().clear();
+    assert_eq!(first.await.unwrap().unwrap_err().kind, ErrorKind::Unavailable);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(queued.iter().all(|q| !q.is_finished()), "a queued request was answered with no replica");
+    let replacement = d.add_remote(Arc::new(FakeRemote { info: Default::default(), held: None }));
+    d.set_replica_ready(replacement, true);
+    for (q, v) in queued.into_iter().zip(2..) {
+        let answer = tokio::time::timeout(Duration::from_secs(5), q).await.expect("answered").unwrap();
+        assert_eq!(values(&answer.unwrap().outputs[0].tensor), vec![v]);
+    }
+}
+
 /// An [`Echo`] (panicking on 13) that loads once: every later load fails, as when the model
 /// file is gone. `loads` counts the tries.
 fn loads_once(loads: Arc<AtomicUsize>, gate: Option<Gate>) -> BackendFactory {

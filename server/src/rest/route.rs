@@ -17,9 +17,11 @@ use crate::error::ApiError;
 /// Every path no other route takes: a pipeline's JSON route, or 404.
 pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_string();
-    let Some(pipeline) = state.routes.json_route(if path.is_empty() { "/" } else { &path }) else {
-        return ApiError::new(StatusCode::NOT_FOUND, "Not Found").into_response();
-    };
+    let route = if path.is_empty() { "/".to_string() } else { path.clone() };
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "Not Found").into_response();
+    if state.routes.json_route(&route).is_none() {
+        return not_found();
+    }
     if req.method() != Method::POST {
         return ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST with a JSON body"))
             .into_response();
@@ -33,6 +35,9 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    // Resolved once the body is in: resolved before a slow upload, the pipeline held steps a
+    // swap meanwhile had drained (none of its requests were in them yet) and stopped.
+    let Some(pipeline) = state.routes.json_route(&route) else { return not_found() };
     let counted = pipeline.metrics().counted(Protocol::Rest, std::time::Instant::now());
     let result = call(&pipeline, &body, model_id).await;
     counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
