@@ -83,6 +83,9 @@ fn canary_weight((model, version): &(String, String)) -> metrics::Gauge {
 /// is, or when a request waits on a deployment with no replica).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// How often a draining version at zero replicas is looked at for requests waiting in it.
+const RETIRED_WAKE_CHECK: Duration = Duration::from_millis(100);
+
 /// The longest the repository loop sleeps between looks (a scan asked for is served within it).
 const REPOSITORY_CHECK: Duration = Duration::from_millis(250);
 
@@ -308,13 +311,35 @@ impl Controller {
     }
 
     /// Stops retired deployments once the requests already routed to them are done (or the
-    /// grace timeout passes).
+    /// grace timeout passes). A request waiting in a retired version at zero replicas (a
+    /// pipeline's later step, swapped out while the request was in an earlier one) gets one
+    /// replica to serve it: the autoscaler sizes only the versions that serve, and it waited
+    /// for its deadline.
     fn drain(&self, retired: Vec<Version>) {
         let grace = self.grace;
         for v in retired {
             tokio::spawn(async move {
                 let d = &v.deployment;
-                if tokio::time::timeout(grace, d.drained()).await.is_err() {
+                let drained = async {
+                    let mut woken = false;
+                    loop {
+                        tokio::select! {
+                            () = d.drained() => return,
+                            () = tokio::time::sleep(RETIRED_WAKE_CHECK) => {}
+                        }
+                        if !woken && v.replica_count() == 0 && d.queue_depth() > 0 {
+                            woken = true;
+                            if let Err(e) = v.scale_to(1).await {
+                                tracing::warn!(
+                                    deployment = d.name(),
+                                    version = d.version(),
+                                    "a retired version's waiting requests got no replica: {e}"
+                                );
+                            }
+                        }
+                    }
+                };
+                if tokio::time::timeout(grace, drained).await.is_err() {
                     tracing::warn!(
                         deployment = d.name(),
                         version = d.version(),

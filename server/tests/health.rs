@@ -613,3 +613,56 @@ async fn a_swapped_in_version_grows_to_the_old_ones_count_before_it_takes_the_tr
     assert_eq!(first_table.await.unwrap(), 3);
     s.shutdown().await;
 }
+
+/// A pipeline request that reaches a step swapped out meanwhile, left at zero replicas, is
+/// served: the retired version gets a replica for the requests waiting in it (the autoscaler
+/// sizes only the versions that serve, and the request waited for its deadline, 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_request_reaching_a_retired_step_at_zero_is_served() {
+    let first = Arc::new(Gate::default());
+    register("before_the_retired", None, Some(first.clone()));
+    register("retired_at_zero", None, None);
+    let deployments = |version: &str| {
+        format!(
+            "      - {{name: first, builtin: {{custom: {{name: before_the_retired}}}}, warmup: false, num_cpus: 0.25}}\n\
+             \x20     - {{name: second, version: \"{version}\", builtin: {{custom: {{name: retired_at_zero}}}}, num_cpus: 0.25, \
+             request_timeout_s: 20, autoscaling_config: {{min_replicas: 0, max_replicas: 1, metrics_interval_s: 0.05, \
+             look_back_period_s: 0.1, downscale_delay_s: 0.2}}}}\n\
+             \x20   pipeline:\n\
+             \x20     name: p\n\
+             \x20     inputs: [{{name: x, datatype: FP32, shape: [-1]}}]\n\
+             \x20     steps:\n\
+             \x20       - {{name: a, deployment: first, inputs: {{x: x}}, outputs: {{y: mid}}}}\n\
+             \x20       - {{name: b, deployment: second, inputs: {{x: mid}}, outputs: {{y: out}}}}\n\
+             \x20     outputs: [out]\n"
+        )
+    };
+    let s = ready(&deployments("1"), "").await;
+    let at_zero = || s.routes().resolve("second", None).unwrap().deployment().unwrap().replica_count() == 0;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !at_zero() {
+        assert!(std::time::Instant::now() < until, "`second` never scaled to zero");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]});
+    let started = std::time::Instant::now();
+    let request = tokio::spawn(reqwest::Client::new().post(url(&s, "/v2/models/p/infer")).json(&body).send());
+    while first.came.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the request never reached the first step"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The second step swapped for another version while the request is in the first.
+    s.controller().apply(&config(&deployments("2"), "")).await.unwrap();
+    first.open();
+    let answer = request.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "served only after {:?}",
+        started.elapsed()
+    );
+    s.shutdown().await;
+}
