@@ -175,7 +175,7 @@ impl Controller {
             self.publish(&mut st);
             commit
         };
-        self.drain(commit.retired);
+        self.drain(commit.retired, true);
         self.rescale(commit.rescale, "scaled").await;
         Ok(())
     }

@@ -159,7 +159,7 @@ impl Controller {
             self.publish(&mut st);
             (!kept).then_some(old)
         };
-        self.drain(old.into_iter().collect());
+        self.drain(old.into_iter().collect(), true);
         Ok(())
     }
 

@@ -245,7 +245,8 @@ impl Controller {
             self.publish(&mut st);
             retired
         };
-        self.drain(retired);
+        // Deleted: its waiting requests are not served by a replica started for them.
+        self.drain(retired, false);
         Ok(())
     }
 
@@ -311,17 +312,18 @@ impl Controller {
     }
 
     /// Stops retired deployments once the requests already routed to them are done (or the
-    /// grace timeout passes). A request waiting in a retired version at zero replicas (a
-    /// pipeline's later step, swapped out while the request was in an earlier one) gets one
-    /// replica to serve it: the autoscaler sizes only the versions that serve, and it waited
-    /// for its deadline.
-    fn drain(&self, retired: Vec<Version>) {
+    /// grace timeout passes). With `serve_waiting` (a version swapped out, not deleted), a
+    /// request waiting in a retired version at zero replicas (a pipeline's later step, swapped
+    /// out while the request was in an earlier one) gets one replica to serve it: the autoscaler
+    /// sizes only the versions that serve, and it waited for its deadline. (Requests queued at
+    /// a proxy on another node are not seen here.)
+    fn drain(&self, retired: Vec<Version>, serve_waiting: bool) {
         let grace = self.grace;
         for v in retired {
             tokio::spawn(async move {
                 let d = &v.deployment;
                 let drained = async {
-                    let mut woken = false;
+                    let mut woken = !serve_waiting;
                     loop {
                         tokio::select! {
                             () = d.drained() => return,
@@ -329,13 +331,18 @@ impl Controller {
                         }
                         if !woken && v.replica_count() == 0 && d.queue_depth() > 0 {
                             woken = true;
-                            if let Err(e) = v.scale_to(1).await {
-                                tracing::warn!(
-                                    deployment = d.name(),
-                                    version = d.version(),
-                                    "a retired version's waiting requests got no replica: {e}"
-                                );
-                            }
+                            // On a task of its own: on Ray the growth waits for its actor, and
+                            // the drain goes on meanwhile.
+                            let v = v.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = v.scale_to(1).await {
+                                    tracing::warn!(
+                                        deployment = v.deployment.name(),
+                                        version = v.deployment.version(),
+                                        "a retired version's waiting requests got no replica: {e}"
+                                    );
+                                }
+                            });
                         }
                     }
                 };

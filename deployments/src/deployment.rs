@@ -759,10 +759,15 @@ impl Deployment {
     /// version drains.
     /// Marks the deployment retired (it drained, and its replicas are stopped next): replicas
     /// leaving it from now on leave the series it shares with a successor at the same version
-    /// alone, and one that fails is not loaded again. Dropping it does the same.
+    /// alone, one that fails is not loaded again, and a request still waiting to be admitted
+    /// (past the drain's grace) is answered 503 "shutting down" at once rather than at its
+    /// deadline. Dropping it does the same.
     pub fn close(&self) {
         self.set.closed.store(true, Ordering::Release);
         self.set.publish_gauges();
+        self.set.permits.close();
+        // Requests waiting for a replica to come ready look again: none comes now.
+        self.set.ready_count.send_modify(|_| {});
     }
 
     /// Counts a replica replaced (`sluice_replica_restarts_total`) where the replacement is not
@@ -1035,12 +1040,18 @@ impl Deployment {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
+        let shutting_down =
+            || InferError::unavailable(format!("model `{}` is shutting down", self.set.spec.name));
         if let Ok(permit) = self.set.permits.clone().try_acquire_owned() {
             if !self.set.replicas.load().is_empty() {
                 return Ok(permit);
             }
-            // A permit of a replica that has just gone: waited for below.
+            // A permit of a replica that has just gone: waited for below, unless the deployment
+            // is closed (retired or deleted: no replica comes).
             drop(permit);
+            if self.set.is_closed() {
+                return Err(shutting_down());
+            }
         }
         let max = self.set.spec.settings.max_queued_requests as usize;
         // Join the queue only below its bound, so its depth never reads above it.
@@ -1055,8 +1066,6 @@ impl Deployment {
             )));
         }
         let _leave = QueueExit::joined(&self.queued, &self.set.config.metrics.queue_depth);
-        let shutting_down =
-            || InferError::unavailable(format!("model `{}` is shutting down", self.set.spec.name));
         let timed_out = || {
             InferError::new(
                 ErrorKind::DeadlineExceeded,
@@ -1069,6 +1078,10 @@ impl Deployment {
         };
         loop {
             if self.set.replicas.load().is_empty() {
+                // Closed with no replica (retired or deleted): none comes.
+                if self.set.is_closed() {
+                    return Err(shutting_down());
+                }
                 // Scaled to zero: wake the controller to start a replica now (once this request
                 // is in the queue, which is what the controller reads to start one at once).
                 self.set.spec.wake.notify_one();
@@ -1083,8 +1096,11 @@ impl Deployment {
                 Ok(Ok(permit)) => {
                     drop(permit);
                     self.set.spec.wake.notify_one();
+                    // Woken by a replica coming ready, or by the deployment closing (see
+                    // `close`), which the loop's top answers.
                     let mut ready = self.set.ready_count.subscribe();
-                    match tokio::time::timeout_at(deadline.into(), ready.wait_for(|&n| n > 0)).await {
+                    let woken = ready.wait_for(|&n| n > 0 || self.set.is_closed());
+                    match tokio::time::timeout_at(deadline.into(), woken).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(_)) => return Err(shutting_down()),
                         Err(_) => return Err(timed_out()),
@@ -1257,6 +1273,7 @@ impl ReplicaSet {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.publish_gauges();
+        self.ready_count.send_modify(|_| {});
         self.permits.close();
         for r in self.replicas.load().iter() {
             r.channel.stop();

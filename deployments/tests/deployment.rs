@@ -553,6 +553,32 @@ async fn requests_queued_when_the_last_replica_is_lost_wait_for_its_replacement(
     }
 }
 
+/// A request waiting for a replica of a deployment that is then closed (retired after its
+/// drain, or deleted) is answered 503 at once: no replica comes, and it waited for its
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_in_a_closed_deployment_is_answered_at_once() {
+    let tensor = TensorSpec { name: "x".into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+    let meta = ModelMetadata {
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![tensor.clone()],
+        outputs: vec![TensorSpec { name: "y".into(), ..tensor }],
+    };
+    let d = Arc::new(Deployment::start_remote(spec(|s| s.num_replicas = 0), meta).unwrap());
+    let waiting = tokio::spawn({
+        let d = d.clone();
+        async move { d.infer(request(&[1])).await }
+    });
+    until("the request queued", || d.queue_depth() == 1).await;
+    d.close();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("answered at once").unwrap();
+    assert_eq!(answer.unwrap_err().kind, ErrorKind::Unavailable);
+    // A request that comes after is refused at once too.
+    let late = tokio::time::timeout(Duration::from_secs(5), d.infer(request(&[2]))).await.expect("at once");
+    assert_eq!(late.unwrap_err().kind, ErrorKind::Unavailable);
+}
+
 /// An [`Echo`] (panicking on 13) that loads once: every later load fails, as when the model
 /// file is gone. `loads` counts the tries.
 fn loads_once(loads: Arc<AtomicUsize>, gate: Option<Gate>) -> BackendFactory {
