@@ -505,18 +505,24 @@ impl sluice_deployments::RemoteReplica for FakeRemote {
     }
 }
 
+/// The interface of the deployments whose replicas a [`FakeRemote`] plays: `x` → `y`, INT64
+/// `[-1, 1]`.
+fn remote_meta() -> ModelMetadata {
+    let tensor = TensorSpec { name: "x".into(), dtype: DataType::Int64, shape: vec![-1, 1] };
+    ModelMetadata {
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![tensor.clone()],
+        outputs: vec![TensorSpec { name: "y".into(), ..tensor }],
+    }
+}
+
 /// Requests queued when a deployment's last replica is lost (on Ray: its actor died) wait for
 /// the replacement within their deadline: the permit a request still held on the lost replica
 /// went to the first of them when it ended, which found no replica and was answered 503 at
 /// once, and so was every request queued behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_queued_when_the_last_replica_is_lost_wait_for_its_replacement() {
-    let tensor = TensorSpec { name: "x".into(), dtype: DataType::Int64, shape: vec![-1, 1] };
-    let meta = ModelMetadata {
-        platform: "onnxruntime_onnx".into(),
-        inputs: vec![tensor.clone()],
-        outputs: vec![TensorSpec { name: "y".into(), ..tensor }],
-    };
+    let meta = remote_meta();
     let s = spec(|s| {
         s.num_replicas = 0;
         s.max_replicas = 2;
@@ -558,12 +564,7 @@ async fn requests_queued_when_the_last_replica_is_lost_wait_for_its_replacement(
 /// deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_in_a_closed_deployment_is_answered_at_once() {
-    let tensor = TensorSpec { name: "x".into(), dtype: DataType::Int64, shape: vec![-1, 1] };
-    let meta = ModelMetadata {
-        platform: "onnxruntime_onnx".into(),
-        inputs: vec![tensor.clone()],
-        outputs: vec![TensorSpec { name: "y".into(), ..tensor }],
-    };
+    let meta = remote_meta();
     let d = Arc::new(Deployment::start_remote(spec(|s| s.num_replicas = 0), meta).unwrap());
     let waiting = tokio::spawn({
         let d = d.clone();
