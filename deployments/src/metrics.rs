@@ -529,39 +529,28 @@ impl DeploymentMetrics {
             .iter()
             .map(|&p| metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone(), "protocol" => p))
             .collect();
+        // A series of the deployment's own replicas and model calls: registered with `replicas`,
+        // else a handle that does nothing.
+        macro_rules! own {
+            ($register:ident, $handle:ident, $name:expr) => {
+                match replicas {
+                    true => metrics::$register!($name, "model" => m.clone(), "version" => v.clone()),
+                    false => $handle::noop(),
+                }
+            };
+        }
         Self {
             requests,
             request_duration,
             // A pipeline's model calls are its steps', in their series: its own end-to-end time
             // read as one "model call" of its name.
-            queue_duration: match replicas {
-                true => metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
-                false => Histogram::noop(),
-            },
-            inference_duration: match replicas {
-                true => metrics::histogram!(INFERENCE_DURATION, "model" => m.clone(), "version" => v.clone()),
-                false => Histogram::noop(),
-            },
-            batch_size: match replicas {
-                true => metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
-                false => Histogram::noop(),
-            },
-            queue_depth: match replicas {
-                true => metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone()),
-                false => Gauge::noop(),
-            },
-            replicas_ready: match replicas {
-                true => metrics::gauge!(REPLICAS_READY, "model" => m.clone(), "version" => v.clone()),
-                false => Gauge::noop(),
-            },
-            replicas_running: match replicas {
-                true => metrics::gauge!(REPLICAS, "model" => m.clone(), "version" => v.clone()),
-                false => Gauge::noop(),
-            },
-            restarts: match replicas {
-                true => metrics::counter!(REPLICA_RESTARTS, "model" => m.clone(), "version" => v.clone()),
-                false => Counter::noop(),
-            },
+            queue_duration: own!(histogram, Histogram, QUEUE_DURATION),
+            inference_duration: own!(histogram, Histogram, INFERENCE_DURATION),
+            batch_size: own!(histogram, Histogram, BATCH_SIZE),
+            queue_depth: own!(gauge, Gauge, QUEUE_DEPTH),
+            replicas_ready: own!(gauge, Gauge, REPLICAS_READY),
+            replicas_running: own!(gauge, Gauge, REPLICAS),
+            restarts: own!(counter, Counter, REPLICA_RESTARTS),
             model: m,
             version: v,
             stats: Stats::new(max_rows),
@@ -569,8 +558,8 @@ impl DeploymentMetrics {
         }
     }
 
-    /// Handles for a pipeline: no replicas, queue or restarts of its own (its steps' deployments
-    /// have them), so none of those series; `sluice_replicas_ready` at 0 for a pipeline read as
+    /// Handles for a pipeline: no replicas, queue, restarts or model calls of its own (its
+    /// steps' deployments have them), so none of those series; `sluice_replicas_ready` at 0 for a pipeline read as
     /// "no ready replica" to the shipped alert.
     pub fn pipeline(name: &str) -> Self {
         Self::with_replicas(name, "1", 1, false)
