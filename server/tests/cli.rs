@@ -235,6 +235,8 @@ struct Running {
     http: String,
     admin: String,
     log: std::thread::JoinHandle<String>,
+    /// What it has logged so far.
+    logged: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// A child killed and reaped when dropped, unless taken out first: a test that fails while a
@@ -269,6 +271,8 @@ impl Running {
         let mut child = KillOnDrop(Some(spawn_run_env(config, env)));
         let stderr = child.child().stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logged = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let so_far = logged.clone();
         // Keep reading stderr to the end, so the server never writes to a closed pipe.
         let log = std::thread::spawn(move || {
             let mut all = String::new();
@@ -286,6 +290,7 @@ impl Running {
                 }
                 all.push_str(&line);
                 all.push('\n');
+                so_far.lock().unwrap().push_str(&format!("{line}\n"));
             }
             all
         });
@@ -296,7 +301,7 @@ impl Running {
                 (_, a) => admin = Some(a),
             }
         }
-        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log };
+        let running = Self { child, http: http.unwrap(), admin: admin.unwrap(), log, logged };
         let until = Instant::now() + Duration::from_secs(60);
         while running.get(&running.url("/v2/health/ready")).0 != 200 {
             assert!(Instant::now() < until, "the server never became ready");
@@ -307,6 +312,15 @@ impl Running {
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    /// Waits until the server has logged `needle` (at most 30 s, then panics with the log).
+    fn wait_logged(&self, needle: &str) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !self.logged.lock().unwrap().contains(needle) {
+            assert!(Instant::now() < until, "never logged `{needle}`: {}", self.logged.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A GET on its own connection: status and body.
@@ -512,7 +526,9 @@ fn release_startup_memory_pages_out_what_loading_touched() {
     assert!(!log.contains("released start-up memory"), "{log}");
 
     let (released, library) = serve("released", "");
-    // The release runs once every deployment is ready, so shortly after the ready answer.
+    // The release runs once every deployment is ready, so shortly after the ready answer; it
+    // is logged once done (a SIGTERM before then ended it half-way, and the log lacked it).
+    released.wait_logged("released start-up memory: resident");
     let until = Instant::now() + Duration::from_secs(30);
     let measure = || (resident_kib_of(released.child.id(), &library), cached_kib(&library));
     let (mut released_kib, mut released_cached) = measure();
