@@ -125,9 +125,12 @@ pub(crate) fn step(
         let in_system = d.in_system().saturating_add(remote_in) as f64;
         let from_zero = current == 0 && d.queue_depth().saturating_add(remote_queued) > 0;
         let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
-        if from_zero || now.duration_since(s.last_decision) >= interval {
+        let look_back = Duration::from_secs_f64(s.config.look_back_period_s);
+        let sampled = from_zero || now.duration_since(s.last_decision) >= interval;
+        let mut primary_changes = false;
+        if sampled {
             s.last_decision = now;
-            s.window.sample(now, in_system, Duration::from_secs_f64(s.config.look_back_period_s));
+            s.window.sample(now, in_system, look_back);
             let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
             // From zero at once, as many as the requests waiting ask for (one at least).
             let want = match from_zero {
@@ -138,6 +141,7 @@ pub(crate) fn step(
                 used += f64::from(want - current) * m.config.num_cpus();
             }
             if want != current {
+                primary_changes = true;
                 rescale.push(crate::reconcile::Rescale {
                     deployment: name.clone(),
                     target: m.primary.clone(),
@@ -145,10 +149,77 @@ pub(crate) fn step(
                 });
             }
         }
+        if let Some(c) = &mut m.canary {
+            if sampled {
+                let (remote_in, _) = remote.of(name, c.version.deployment.version(), now);
+                c.window.sample(now, canary_load(c).saturating_add(remote_in) as f64, look_back);
+            }
+            // One change of a deployment at a time: the canary is judged once the primary's
+            // has run (the loop comes back when it ends).
+            if !primary_changes {
+                let current = c.version.replica_count() as u32;
+                let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
+                let want = canary_wants(&s.config, s.window.average(), c, current, now, sampled, cap);
+                if want > current {
+                    used += f64::from(want - current) * m.config.num_cpus();
+                }
+                if want != current {
+                    rescale.push(crate::reconcile::Rescale {
+                        deployment: name.clone(),
+                        target: c.version.clone(),
+                        to: want as usize,
+                    });
+                }
+            }
+        }
         let due = s.last_decision + interval;
         next = Some(next.map_or(due, |n| n.min(due)));
     }
     (rescale, next)
+}
+
+/// The bounds a canary is sized within: its deployment's, but never below one replica (at
+/// weight 0 it keeps one, ready for requests pinned to it and for the next rollout).
+pub(crate) fn canary_bounds(cfg: &Autoscaling) -> Autoscaling {
+    Autoscaling {
+        min_replicas: cfg.min_replicas.max(1),
+        max_replicas: cfg.max_replicas.max(1),
+        ..cfg.clone()
+    }
+}
+
+/// The canary's requests in the deployment now (in flight and queued): the copies a rollout
+/// gated on shadow agreement sends it are not its own traffic, and would size it for all of
+/// the primary's.
+fn canary_load(c: &crate::state::CanaryState) -> usize {
+    let copies = c.rollout.as_ref().and_then(|r| r.mirror.as_ref()).map_or(0, |m| m.in_flight());
+    let copies = usize::try_from(copies).unwrap_or(usize::MAX);
+    c.version.deployment.in_system().saturating_sub(copies)
+}
+
+/// A canary's replica count: what its own load asks for (sampled with its deployment's, with
+/// the same delays), and at once no fewer than its share of the whole deployment's load asks
+/// for: a rollout that moves a share of the traffic to the canary would otherwise leave that
+/// share on the replicas it started with until the upscale delay passed, and the requests
+/// they cannot take in time count against its gate. `primary_load` is the primary's average.
+fn canary_wants(
+    cfg: &Autoscaling,
+    primary_load: f64,
+    c: &mut crate::state::CanaryState,
+    current: u32,
+    now: Instant,
+    sampled: bool,
+    cap: u32,
+) -> u32 {
+    let cfg = canary_bounds(cfg);
+    let own = match sampled {
+        true => decide(&cfg, &mut c.window, current, now, cap),
+        false => current,
+    };
+    let share = (primary_load + c.window.average()) * f64::from(c.weight.min(100)) / 100.0;
+    let for_share = desired(&cfg, current, share).min(cap.max(cfg.min_replicas));
+    // Bounds a config applied since lowered hold at once, as they do for the primary.
+    own.max(for_share).clamp(cfg.min_replicas, cfg.max_replicas)
 }
 
 /// The most replicas a deployment may grow to: `current` and as many more as `free_cpus` fit

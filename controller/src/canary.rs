@@ -324,6 +324,7 @@ mod tests {
                 auto_promote: true,
                 mirror: None,
             }),
+            window: Default::default(),
         });
         drop(st);
         c
@@ -418,6 +419,7 @@ mod tests {
             config_weight: 100,
             config_rollout: None,
             rollout: None,
+            window: Default::default(),
         });
         HOLD.store(true, Ordering::SeqCst);
         let promoting = {
@@ -442,6 +444,63 @@ mod tests {
             st.events.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
         assert_eq!(big.canary.as_ref().map(|c| c.weight), Some(0));
+    }
+
+    /// An autoscaled deployment's canary grows, without waiting for the upscale delay, to the
+    /// replicas its share of the deployment's load asks for (it kept the count it started with
+    /// while a rollout moved traffic to it); it does not shrink between samples, and a job for
+    /// a canary no longer there changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_autoscaled_canary_grows_at_once_for_its_share_of_the_load() {
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let step = "builtin: {softmax: {}}, num_cpus: 0.01";
+        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600}";
+        let yaml = format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: soft, {step}, {scaling}}}\n      - {{name: other, {step}, num_replicas: 1}}\n"
+        );
+        let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        let canary = c.lock().deployments["other"].primary.clone();
+        let now = Instant::now();
+        {
+            let mut st = c.lock();
+            let m = st.deployments.get_mut("soft").unwrap();
+            m.canary = Some(CanaryState {
+                version: canary.clone(),
+                weight: 50,
+                config_weight: 50,
+                config_rollout: None,
+                rollout: None,
+                window: Default::default(),
+            });
+            // The primary's load: 6 requests in the system on average; not sampled again now.
+            let s = m.scaling.as_mut().unwrap();
+            s.window.sample(now, 6.0, Duration::from_secs(30));
+            s.last_decision = now;
+        }
+        let (jobs, _) = crate::autoscale::step(&mut c.lock(), now, Some(2.0), &HashSet::new());
+        let wanted: Vec<_> =
+            jobs.iter().map(|j| (Arc::ptr_eq(&j.target.deployment, &canary.deployment), j.to)).collect();
+        assert_eq!(wanted, [(true, 3)], "half of a load of 6 at a target of 1 asks for 3 canary replicas");
+        c.rescale(jobs, "autoscaled").await;
+        assert_eq!(canary.replica_count(), 3);
+        assert!(
+            c.lock()
+                .events
+                .iter()
+                .any(|e| e.message.contains("canary version") && e.message.contains("from 1 to 3")),
+            "no event said the canary grew"
+        );
+        // Rolled back to 0: kept until its own load is sampled and the downscale delay passes.
+        c.lock().deployments.get_mut("soft").unwrap().canary.as_mut().unwrap().weight = 0;
+        let (jobs, _) = crate::autoscale::step(&mut c.lock(), now, Some(2.0), &HashSet::new());
+        assert!(jobs.is_empty(), "a canary shrank between samples");
+        // A job decided for a canary that is gone by the time it runs changes nothing.
+        let job = crate::reconcile::Rescale { deployment: "soft".into(), target: canary.clone(), to: 5 };
+        c.lock().deployments.get_mut("soft").unwrap().canary = None;
+        c.rescale(vec![job], "autoscaled").await;
+        assert_eq!(canary.replica_count(), 3);
     }
 
     /// A busy deployment's rollout is judged as any other whose verdict is not a promotion:

@@ -368,21 +368,27 @@ impl Controller {
         for job in jobs {
             // A version no longer primary (a canary promoted over it since the decision, in
             // the same control round) is left to drain; the new primary is judged next round.
-            // The count is held to the bounds of the config in force now: a decision made
-            // under the config before can land after an apply that changed them.
+            // Likewise a canary no longer the canary (promoted, replaced or removed). The count
+            // is held to the bounds of the config in force now: a decision made under the
+            // config before can land after an apply that changed them.
+            let is_target =
+                |v: &state::Version| std::sync::Arc::ptr_eq(&v.deployment, &job.target.deployment);
             let bound_now = |to: usize| {
                 let st = self.lock();
-                let m = st.deployments.get(&job.deployment);
-                m.filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment)).map(|m| {
-                    match &m.scaling {
+                let m = st.deployments.get(&job.deployment)?;
+                if is_target(&m.primary) {
+                    return Some(match &m.scaling {
                         Some(s) => s.config.bound(to),
                         None => m.config.initial_replicas(),
-                    }
-                })
+                    });
+                }
+                m.canary.as_ref().filter(|c| is_target(&c.version))?;
+                m.scaling.as_ref().map(|s| autoscale::canary_bounds(&s.config).bound(to))
             };
             let Some(mut to) = bound_now(job.to) else { continue };
             let from = job.target.replica_count();
-            if from == 0 && to > 0 {
+            let primary = self.lock().deployments.get(&job.deployment).is_some_and(|m| is_target(&m.primary));
+            if from == 0 && to > 0 && primary {
                 let mut st = self.lock();
                 if let Some(m) = st.deployments.get_mut(&job.deployment) {
                     m.woken_at = Some(Instant::now());
@@ -400,6 +406,10 @@ impl Controller {
                     _ => break,
                 }
             }
+            let why = match primary {
+                true => why.to_string(),
+                false => format!("canary version {} {why}", job.target.name()),
+            };
             let message = match &outcome {
                 Ok(()) if to == 0 => {
                     // On purpose: readiness counts it ready at zero (its first request wakes it).

@@ -360,6 +360,7 @@ fn commit_canary(
                 config_weight: c.weight,
                 config_rollout: c.rollout.clone(),
                 rollout,
+                window: Default::default(),
             })
         }
         (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {

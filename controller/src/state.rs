@@ -126,6 +126,9 @@ pub(crate) struct CanaryState {
     /// or with other bounds) replaces the running rollout; the same one leaves it as it is.
     pub config_rollout: Option<Rollout>,
     pub rollout: Option<RolloutState>,
+    /// Its own load, sampled with its deployment's autoscaler (an autoscaled deployment's
+    /// canary is sized by it, [`crate::autoscale::step`]).
+    pub window: crate::autoscale::ScaleState,
 }
 
 /// A shadow version and the copies it gets.

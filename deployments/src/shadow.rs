@@ -114,6 +114,15 @@ impl Shadow {
         &self.stats
     }
 
+    /// Copies sent and not yet compared, dropped or failed: at most those the candidate still
+    /// holds (its autoscaler counts its own traffic, not these).
+    pub fn in_flight(&self) -> u64 {
+        let s = &self.stats;
+        let done =
+            [&s.compared, &s.dropped, &s.errors].iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+        s.sent.load(Ordering::Relaxed).saturating_sub(done)
+    }
+
     /// Copies `request` to the candidate when this one is drawn (`percent` %); the returned
     /// mirror takes the primary's answer. Must run inside the server's runtime.
     pub fn mirror(self: &Arc<Self>, request: &InferRequest) -> Option<Mirror> {
