@@ -146,6 +146,7 @@ pub(crate) fn step(
                     deployment: name.clone(),
                     target: m.primary.clone(),
                     to: want as usize,
+                    canary: false,
                 });
             }
         }
@@ -155,8 +156,10 @@ pub(crate) fn step(
                 c.window.sample(now, canary_load(c).saturating_add(remote_in) as f64, look_back);
             }
             // One change of a deployment at a time: the canary is judged once the primary's
-            // has run (the loop comes back when it ends).
-            if !primary_changes {
+            // has run (the loop comes back when it ends); one whose last change failed waits
+            // for its retry time (a load that fails would otherwise be tried every round).
+            let failed = c.scale_failure.as_ref().is_some_and(|f| now < f.retry_at());
+            if !primary_changes && !failed {
                 let current = c.version.replica_count() as u32;
                 let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
                 let want = canary_wants(&s.config, s.window.average(), c, current, now, sampled, cap);
@@ -168,6 +171,7 @@ pub(crate) fn step(
                         deployment: name.clone(),
                         target: c.version.clone(),
                         to: want as usize,
+                        canary: true,
                     });
                 }
             }
@@ -199,9 +203,12 @@ fn canary_load(c: &crate::state::CanaryState) -> usize {
 
 /// A canary's replica count: what its own load asks for (sampled with its deployment's, with
 /// the same delays), and at once no fewer than its share of the whole deployment's load asks
-/// for: a rollout that moves a share of the traffic to the canary would otherwise leave that
+/// for (that load times its weight, over `target_ongoing_requests`, within its bounds and
+/// `cap`): a rollout that moves a share of the traffic to the canary would otherwise leave that
 /// share on the replicas it started with until the upscale delay passed, and the requests
-/// they cannot take in time count against its gate. `primary_load` is the primary's average.
+/// they cannot take in time count against its gate. At weight 0 with no rollout (rolled back,
+/// or set so) it has no share to hold: it shrinks at once to what its own load (requests pinned
+/// to it) asks for. `primary_load` is the primary's average.
 fn canary_wants(
     cfg: &Autoscaling,
     primary_load: f64,
@@ -212,14 +219,20 @@ fn canary_wants(
     cap: u32,
 ) -> u32 {
     let cfg = canary_bounds(cfg);
+    let at_once = |load: f64| {
+        let n = (load / cfg.target_ongoing_requests).ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
+        n.clamp(cfg.min_replicas, cfg.max_replicas).min(cap.max(cfg.min_replicas))
+    };
     let own = match sampled {
         true => decide(&cfg, &mut c.window, current, now, cap),
         false => current,
     };
-    let share = (primary_load + c.window.average()) * f64::from(c.weight.min(100)) / 100.0;
-    let for_share = desired(&cfg, current, share).min(cap.max(cfg.min_replicas));
+    let want = match c.weight == 0 && c.rollout.is_none() {
+        true => own.min(at_once(c.window.average())),
+        false => own.max(at_once((primary_load + c.window.average()) * f64::from(c.weight.min(100)) / 100.0)),
+    };
     // Bounds a config applied since lowered hold at once, as they do for the primary.
-    own.max(for_share).clamp(cfg.min_replicas, cfg.max_replicas)
+    want.clamp(cfg.min_replicas, cfg.max_replicas)
 }
 
 /// The most replicas a deployment may grow to: `current` and as many more as `free_cpus` fit

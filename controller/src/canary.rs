@@ -325,6 +325,7 @@ mod tests {
                 mirror: None,
             }),
             window: Default::default(),
+            scale_failure: None,
         });
         drop(st);
         c
@@ -420,6 +421,7 @@ mod tests {
             config_rollout: None,
             rollout: None,
             window: Default::default(),
+            scale_failure: None,
         });
         HOLD.store(true, Ordering::SeqCst);
         let promoting = {
@@ -448,20 +450,24 @@ mod tests {
 
     /// An autoscaled deployment's canary grows, without waiting for the upscale delay, to the
     /// replicas its share of the deployment's load asks for (it kept the count it started with
-    /// while a rollout moved traffic to it); it does not shrink between samples, and a job for
-    /// a canary no longer there changes nothing.
+    /// while a rollout moved traffic to it): the share over the target, not the scaling factor's
+    /// step. Once rolled back it shrinks at once to what its own load asks for. A
+    /// canary whose last change failed waits for its retry time, and a job decided for the
+    /// canary changes nothing once its target is not the canary (gone, or promoted).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_autoscaled_canary_grows_at_once_for_its_share_of_the_load() {
         let routes = Arc::new(Router::new(RouteTable::default()));
         let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
         let step = "builtin: {softmax: {}}, num_cpus: 0.01";
-        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600}";
+        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600, upscaling_factor: 2}";
         let yaml = format!(
             "applications:\n  - name: a\n    deployments:\n      - {{name: soft, {step}, {scaling}}}\n      - {{name: other, {step}, num_replicas: 1}}\n"
         );
         let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
         c.apply(&config).await.unwrap();
+        // `other`'s version as `soft`'s canary at 50 %.
         let canary = c.lock().deployments["other"].primary.clone();
+        let primary = c.lock().deployments["soft"].primary.clone();
         let now = Instant::now();
         {
             let mut st = c.lock();
@@ -473,33 +479,65 @@ mod tests {
                 config_rollout: None,
                 rollout: None,
                 window: Default::default(),
+                scale_failure: None,
             });
             // The primary's load: 6 requests in the system on average; not sampled again now.
             let s = m.scaling.as_mut().unwrap();
             s.window.sample(now, 6.0, Duration::from_secs(30));
             s.last_decision = now;
         }
-        let (jobs, _) = crate::autoscale::step(&mut c.lock(), now, Some(2.0), &HashSet::new());
-        let wanted: Vec<_> =
-            jobs.iter().map(|j| (Arc::ptr_eq(&j.target.deployment, &canary.deployment), j.to)).collect();
-        assert_eq!(wanted, [(true, 3)], "half of a load of 6 at a target of 1 asks for 3 canary replicas");
+        let step = |at: Instant| crate::autoscale::step(&mut c.lock(), at, Some(2.0), &HashSet::new()).0;
+        let canary_jobs = |jobs: &[crate::reconcile::Rescale]| -> Vec<(bool, usize)> {
+            jobs.iter()
+                .map(|j| (j.canary && Arc::ptr_eq(&j.target.deployment, &canary.deployment), j.to))
+                .collect()
+        };
+        let jobs = step(now);
+        assert_eq!(
+            canary_jobs(&jobs),
+            [(true, 3)],
+            "half of a load of 6 at a target of 1 asks for 3 canary replicas"
+        );
         c.rescale(jobs, "autoscaled").await;
         assert_eq!(canary.replica_count(), 3);
+        let events = || c.lock().events.iter().map(|e| e.message.clone()).collect::<Vec<_>>();
         assert!(
-            c.lock()
-                .events
-                .iter()
-                .any(|e| e.message.contains("canary version") && e.message.contains("from 1 to 3")),
-            "no event said the canary grew"
+            events().iter().any(|e| e.starts_with("canary version") && e.contains("from 1 to 3")),
+            "{:?}",
+            events()
         );
-        // Rolled back to 0: kept until its own load is sampled and the downscale delay passes.
-        c.lock().deployments.get_mut("soft").unwrap().canary.as_mut().unwrap().weight = 0;
-        let (jobs, _) = crate::autoscale::step(&mut c.lock(), now, Some(2.0), &HashSet::new());
-        assert!(jobs.is_empty(), "a canary shrank between samples");
-        // A job decided for a canary that is gone by the time it runs changes nothing.
-        let job = crate::reconcile::Rescale { deployment: "soft".into(), target: canary.clone(), to: 5 };
+        // Rolled back to 0: down to what its own load asks for at once (none here: one
+        // replica), not after the downscale delay.
+        let set_canary = |f: &dyn Fn(&mut CanaryState)| {
+            f(c.lock().deployments.get_mut("soft").unwrap().canary.as_mut().unwrap())
+        };
+        set_canary(&|c| c.weight = 0);
+        assert_eq!(canary_jobs(&step(now)), [(true, 1)]);
+        let later = now + Duration::from_secs(11);
+        // Its last change failed: not tried again before the failure's retry time.
+        set_canary(&|c| {
+            c.weight = 100;
+            c.scale_failure =
+                Some(crate::state::ScaleFailure { message: "no".into(), at: later, failures: 1 });
+        });
+        assert!(step(later).is_empty(), "a failed canary change was tried again at once");
+        // A job decided for the canary changes nothing once its target is not the canary.
+        let promoted = crate::reconcile::Rescale {
+            deployment: "soft".into(),
+            target: primary.clone(),
+            to: 5,
+            canary: true,
+        };
+        c.rescale(vec![promoted], "autoscaled").await;
+        assert_eq!(primary.replica_count(), 1, "a canary's job resized the primary");
+        let gone = crate::reconcile::Rescale {
+            deployment: "soft".into(),
+            target: canary.clone(),
+            to: 5,
+            canary: true,
+        };
         c.lock().deployments.get_mut("soft").unwrap().canary = None;
-        c.rescale(vec![job], "autoscaled").await;
+        c.rescale(vec![gone], "autoscaled").await;
         assert_eq!(canary.replica_count(), 3);
     }
 

@@ -266,7 +266,7 @@ impl Controller {
         let mut canaries = BTreeSet::new();
         for (name, m) in &st.deployments {
             let mut route = ModelRoute::default();
-            // Autoscaling sizes the primary only.
+            // Only the primary scales to zero (a canary keeps one replica at least).
             let to_zero = m.scaling.as_ref().is_some_and(|s| s.config.min_replicas == 0);
             for v in m.versions() {
                 v.deployment.set_scales_to_zero(to_zero && std::ptr::eq(v, &m.primary));
@@ -376,19 +376,21 @@ impl Controller {
             let bound_now = |to: usize| {
                 let st = self.lock();
                 let m = st.deployments.get(&job.deployment)?;
-                if is_target(&m.primary) {
-                    return Some(match &m.scaling {
+                if !job.canary {
+                    return is_target(&m.primary).then(|| match &m.scaling {
                         Some(s) => s.config.bound(to),
                         None => m.config.initial_replicas(),
                     });
                 }
                 m.canary.as_ref().filter(|c| is_target(&c.version))?;
-                m.scaling.as_ref().map(|s| autoscale::canary_bounds(&s.config).bound(to))
+                Some(match &m.scaling {
+                    Some(s) => autoscale::canary_bounds(&s.config).bound(to),
+                    None => m.config.initial_replicas().max(1),
+                })
             };
             let Some(mut to) = bound_now(job.to) else { continue };
             let from = job.target.replica_count();
-            let primary = self.lock().deployments.get(&job.deployment).is_some_and(|m| is_target(&m.primary));
-            if from == 0 && to > 0 && primary {
+            if from == 0 && to > 0 && !job.canary {
                 let mut st = self.lock();
                 if let Some(m) = st.deployments.get_mut(&job.deployment) {
                     m.woken_at = Some(Instant::now());
@@ -406,9 +408,9 @@ impl Controller {
                     _ => break,
                 }
             }
-            let why = match primary {
-                true => why.to_string(),
-                false => format!("canary version {} {why}", job.target.name()),
+            let why = match job.canary {
+                false => why.to_string(),
+                true => format!("canary version {} {why}", job.target.name()),
             };
             let message = match &outcome {
                 Ok(()) if to == 0 => {
@@ -420,19 +422,24 @@ impl Controller {
                 Err(e) => format!("{why} to {to} replicas failed: {e}"),
             };
             let mut st = self.lock();
-            let primary = st
-                .deployments
-                .get_mut(&job.deployment)
-                .filter(|m| std::sync::Arc::ptr_eq(&m.primary.deployment, &job.target.deployment));
-            if let Some(m) = primary {
-                m.scale_failure = match outcome {
-                    Ok(()) => None,
-                    Err(_) => Some(state::ScaleFailure {
-                        message: message.clone(),
-                        at: Instant::now(),
-                        failures: m.scale_failure.as_ref().map_or(1, |f| f.failures.saturating_add(1)),
-                    }),
-                };
+            let failure = |last: &Option<state::ScaleFailure>| match outcome {
+                Ok(()) => None,
+                Err(_) => Some(state::ScaleFailure {
+                    message: message.clone(),
+                    at: Instant::now(),
+                    failures: last.as_ref().map_or(1, |f| f.failures.saturating_add(1)),
+                }),
+            };
+            if let Some(m) = st.deployments.get_mut(&job.deployment) {
+                match job.canary {
+                    false if is_target(&m.primary) => m.scale_failure = failure(&m.scale_failure),
+                    true => {
+                        if let Some(c) = m.canary.as_mut().filter(|c| is_target(&c.version)) {
+                            c.scale_failure = failure(&c.scale_failure);
+                        }
+                    }
+                    false => {}
+                }
             }
             st.events.push(&job.deployment, message);
         }
@@ -474,7 +481,12 @@ impl Controller {
             for (name, m) in st.deployments.iter().filter(|(name, _)| !busy.contains(*name)) {
                 let Some((f, _, wanted)) = m.short_of_count() else { continue };
                 if now >= f.retry_at() {
-                    retry.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: wanted });
+                    retry.push(Rescale {
+                        deployment: name.clone(),
+                        target: m.primary.clone(),
+                        to: wanted,
+                        canary: false,
+                    });
                 } else {
                     next_retry = Some(next_retry.map_or(f.retry_at(), |n| n.min(f.retry_at())));
                 }
@@ -497,7 +509,16 @@ impl Controller {
             .chain(retry.into_iter().map(|j| (j, "scaled again")));
         for (job, why) in jobs {
             let c = self.clone();
-            self.run_busy(job.deployment.clone(), async move { c.rescale(vec![job], why).await });
+            self.run_busy(job.deployment.clone(), async move {
+                // A canary's change takes its turn among the controller's changes: a promotion
+                // (which grows the canary first) or a deploy running now is done before it,
+                // and it then finds whether its target is still the canary.
+                let _changes = match job.canary {
+                    true => Some(c.changes.lock().await),
+                    false => None,
+                };
+                c.rescale(vec![job], why).await
+            });
         }
         for (deployment, canary) in promote {
             let c = self.clone();

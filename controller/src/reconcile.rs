@@ -111,6 +111,9 @@ pub(crate) struct Rescale {
     pub deployment: String,
     pub target: Version,
     pub to: usize,
+    /// Decided for the deployment's canary (else its primary): applied only while `target` is
+    /// still that (not once promoted, say).
+    pub canary: bool,
 }
 
 /// What a commit leaves to do outside the lock.
@@ -281,7 +284,12 @@ fn commit_deployment(
             if let Some(a) = p.config.autoscaling() {
                 let want = a.bound(m.primary.replica_count());
                 if want > v.replica_count() {
-                    out.rescale.push(Rescale { deployment: name.clone(), target: v.clone(), to: want });
+                    out.rescale.push(Rescale {
+                        deployment: name.clone(),
+                        target: v.clone(),
+                        to: want,
+                        canary: false,
+                    });
                 }
             }
             out.retired.push(m.primary);
@@ -299,7 +307,12 @@ fn commit_deployment(
                 None => p.config.initial_replicas(),
             };
             if want != current {
-                out.rescale.push(Rescale { deployment: name.clone(), target: m.primary.clone(), to: want });
+                out.rescale.push(Rescale {
+                    deployment: name.clone(),
+                    target: m.primary.clone(),
+                    to: want,
+                    canary: false,
+                });
             }
             (m.primary, m.canary, m.shadow, m.scaling, m.others)
         }
@@ -361,9 +374,25 @@ fn commit_canary(
                 config_rollout: c.rollout.clone(),
                 rollout,
                 window: Default::default(),
+                scale_failure: None,
             })
         }
         (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {
+            // Its count held to the config in force: a fixed count's, or the autoscaling bounds
+            // (a canary's, never below one), as the primary's is.
+            let current = oc.version.replica_count();
+            let want = match d.autoscaling() {
+                Some(a) => crate::autoscale::canary_bounds(a).bound(current),
+                None => d.initial_replicas().max(1),
+            };
+            if want != current {
+                out.rescale.push(Rescale {
+                    deployment: name.clone(),
+                    target: oc.version.clone(),
+                    to: want,
+                    canary: true,
+                });
+            }
             // Same canary: a weight the config changes applies unless a rollout drives it. An
             // unchanged one leaves what happened since (a rollback's 0, a completed rollout's
             // 100, a weight set by hand): the same config applied again, or a repository

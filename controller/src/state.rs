@@ -129,6 +129,8 @@ pub(crate) struct CanaryState {
     /// Its own load, sampled with its deployment's autoscaler (an autoscaled deployment's
     /// canary is sized by it, [`crate::autoscale::step`]).
     pub window: crate::autoscale::ScaleState,
+    /// Its last change of replica count failed: tried again at the failure's retry time.
+    pub scale_failure: Option<ScaleFailure>,
 }
 
 /// A shadow version and the copies it gets.

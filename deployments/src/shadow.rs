@@ -23,6 +23,8 @@ pub struct Shadow {
     percent: std::sync::atomic::AtomicU32,
     stats: ShadowStats,
     handles: Handles,
+    /// Copies the candidate holds now (sent to it and not yet answered by it).
+    at_target: AtomicU64,
 }
 
 /// What the shadow did so far.
@@ -79,6 +81,23 @@ impl Handles {
     }
 }
 
+/// One copy counted in [`Shadow::in_flight`] while it lives (a copy's task dropped while the
+/// candidate holds it counts out too).
+struct AtTarget<'a>(&'a AtomicU64);
+
+impl<'a> AtTarget<'a> {
+    fn count(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for AtTarget<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Hands the primary's answer to a copy in flight, for the comparison.
 pub struct Mirror {
     primary: oneshot::Sender<Vec<NamedTensor>>,
@@ -94,7 +113,13 @@ impl Mirror {
 impl Shadow {
     pub fn new(target: Arc<Deployment>, percent: u32) -> Self {
         let handles = Handles::new(&target);
-        Self { target, percent: percent.min(100).into(), stats: ShadowStats::default(), handles }
+        Self {
+            target,
+            percent: percent.min(100).into(),
+            stats: ShadowStats::default(),
+            handles,
+            at_target: AtomicU64::new(0),
+        }
     }
 
     pub fn target(&self) -> &Arc<Deployment> {
@@ -114,13 +139,11 @@ impl Shadow {
         &self.stats
     }
 
-    /// Copies sent and not yet compared, dropped or failed: at most those the candidate still
-    /// holds (its autoscaler counts its own traffic, not these).
+    /// Copies the candidate holds now: sent to it and not yet answered by it (one it answered
+    /// and that waits for the primary's answer is not). Its autoscaler counts its own traffic,
+    /// not these.
     pub fn in_flight(&self) -> u64 {
-        let s = &self.stats;
-        let done =
-            [&s.compared, &s.dropped, &s.errors].iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
-        s.sent.load(Ordering::Relaxed).saturating_sub(done)
+        self.at_target.load(Ordering::Relaxed)
     }
 
     /// Copies `request` to the candidate when this one is drawn (`percent` %); the returned
@@ -137,7 +160,10 @@ impl Shadow {
         tokio::spawn(async move {
             let handles = &me.handles;
             let started = Instant::now();
-            match me.target.infer_now(copy).await {
+            let at_target = AtTarget::count(&me.at_target);
+            let answered = me.target.infer_now(copy).await;
+            drop(at_target);
+            match answered {
                 Ok(r) => {
                     let took = started.elapsed();
                     me.stats.latencies.record(took);
