@@ -45,6 +45,52 @@ pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
+/// The families a `sluice replica` process serves (on its gRPC port): what happens inside it,
+/// its queue, model calls, batches and multiplexed models. The head serves the requests
+/// (counts, latencies) and the replicas' gauges: served again by each replica, they would be
+/// counted twice.
+const REPLICA_FAMILIES: &[&str] = {
+    use sluice_deployments::metrics::*;
+    &[
+        QUEUE_DURATION,
+        INFERENCE_DURATION,
+        BATCH_SIZE,
+        MULTIPLEX_REQUESTS,
+        MULTIPLEX_LOADS,
+        MULTIPLEX_EVICTIONS,
+        MULTIPLEX_LOAD_DURATION,
+    ]
+};
+
+/// `GET /metrics` on a replica process's gRPC port: [`render`]'s text, only the
+/// [`REPLICA_FAMILIES`].
+pub async fn render_replica() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let (header, body) = render().await;
+    (header, only_families(&body, REPLICA_FAMILIES))
+}
+
+/// The lines of `text` (comments included) that belong to one of `families` (a histogram's
+/// `_bucket`, `_sum` and `_count` samples belong to it).
+fn only_families(text: &str, families: &[&str]) -> String {
+    let family = |line: &str| -> Option<String> {
+        let name = match line.strip_prefix("# ") {
+            // `# HELP name …` and `# TYPE name …`.
+            Some(comment) => comment.split(' ').nth(1)?,
+            None => line.split(['{', ' ']).next()?,
+        };
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s));
+        Some(base.filter(|b| families.contains(b)).unwrap_or(name).to_string())
+    };
+    let mut out = String::with_capacity(text.len() / 4);
+    for line in text.lines() {
+        if family(line).is_some_and(|f| families.contains(&f.as_str())) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// `text` without the samples labelled with a (model, version) of `retired` (a version whose
 /// deployments are all gone; see `sluice_deployments::metrics::retired`), nor those labelled
 /// with a (model, version, replica) of `replicas` (a replica gone: the autoscaler removed it,
@@ -115,6 +161,29 @@ fn label(line: &str, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_serves_only_what_runs_inside_it() {
+        let text = "# HELP sluice_requests_total Requests\n\
+                    # TYPE sluice_requests_total counter\n\
+                    sluice_requests_total{model=\"m\",version=\"1\",protocol=\"grpc\",outcome=\"success\"} 5\n\
+                    # TYPE sluice_batch_size histogram\n\
+                    sluice_batch_size_bucket{model=\"m\",version=\"1\",le=\"1\"} 3\n\
+                    sluice_batch_size_sum{model=\"m\",version=\"1\"} 7\n\
+                    sluice_batch_size_count{model=\"m\",version=\"1\"} 4\n\
+                    sluice_replicas_ready{model=\"m\",version=\"1\"} 1\n\
+                    sluice_multiplex_loads_total{deployment=\"m\"} 2\n\
+                    sluice_queue_duration_seconds_count{model=\"m\",version=\"1\"} 5\n";
+        assert_eq!(
+            only_families(text, REPLICA_FAMILIES),
+            "# TYPE sluice_batch_size histogram\n\
+             sluice_batch_size_bucket{model=\"m\",version=\"1\",le=\"1\"} 3\n\
+             sluice_batch_size_sum{model=\"m\",version=\"1\"} 7\n\
+             sluice_batch_size_count{model=\"m\",version=\"1\"} 4\n\
+             sluice_multiplex_loads_total{deployment=\"m\"} 2\n\
+             sluice_queue_duration_seconds_count{model=\"m\",version=\"1\"} 5\n"
+        );
+    }
 
     #[test]
     fn the_series_of_retired_versions_are_left_out() {

@@ -243,6 +243,13 @@ pub const ADMIN: &[Op] = &[
         &[404, 409],
     ),
     op(Get, "/api/sluice/routes", "The route table, for proxies on other nodes", Json("Object"), &[]),
+    op(
+        Get,
+        "/api/sluice/metrics/targets",
+        "Prometheus HTTP service discovery: the Ray replicas and proxies that serve their own /metrics",
+        Json("Targets"),
+        &[],
+    ),
     with_body(
         op(
             Post,
@@ -459,6 +466,17 @@ fn schemas() -> Vec<(&'static str, Schema)> {
     vec![
         ("Error", ObjectBuilder::new().property("error", string()).required("error").into()),
         ("Object", object("A JSON object")),
+        (
+            "Targets",
+            array(
+                ObjectBuilder::new()
+                    .property("targets", array(typed(Type::String, "HOST:PORT serving GET /metrics")))
+                    .property("labels", object("sluice_role (replica, proxy), sluice_actor, sluice_node_ip"))
+                    .required("targets")
+                    .required("labels")
+                    .into(),
+            ),
+        ),
         ("Live", ObjectBuilder::new().property("live", typed(Type::Boolean, "always true")).into()),
         ("Ready", ObjectBuilder::new().property("ready", typed(Type::Boolean, "ready or not")).into()),
         (

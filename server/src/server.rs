@@ -159,6 +159,10 @@ pub struct StartOptions {
     /// The route table comes from a controller elsewhere (`sluice proxy`): followed from the
     /// start, and the server is not ready (its start not done) until the first table is in.
     pub follow: Option<crate::snapshot::Follow>,
+    /// A `sluice replica` process: its gRPC port also answers `GET /metrics` with the series of
+    /// what runs inside it ([`crate::metrics::render_replica`]), for Prometheus to scrape
+    /// where the head lists it (`GET /api/sluice/metrics/targets`).
+    pub replica: bool,
 }
 
 /// Why the server did not start.
@@ -293,6 +297,10 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             listeners.grpc.is_some(),
         )
         .await?;
+        let grpc_app = match options.replica {
+            true => grpc_app.route("/metrics", axum::routing::get(crate::metrics::render_replica)),
+            false => grpc_app,
+        };
         match listeners.grpc {
             Some((listener, _)) => {
                 // The REST intake's body read timeout, which a shared port has from the REST

@@ -870,6 +870,56 @@ fn replica_takes_the_servers_message_limit() {
     });
 }
 
+/// A replica process serves what runs inside it (its model calls, batches, queue) at
+/// `GET /metrics` on its gRPC address, for Prometheus to scrape where the head lists it; the
+/// requests are the head's to count, so their series are left out.
+#[test]
+fn a_replica_serves_its_model_calls_at_metrics_on_its_grpc_address() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    let spec = iris_replica_spec();
+    let mut child = KillOnDrop(Some(
+        sluice()
+            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--graceful-shutdown-timeout", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut lines = BufReader::new(child.child().stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the replica printed its address").unwrap();
+        if let Some(addr) = line.strip_prefix("LISTEN ") {
+            break addr.to_string();
+        }
+    };
+    let request = ModelInferRequest {
+        model_name: "iris".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![3, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 3 * 16].into()],
+        ..Default::default()
+    };
+    let text = block_on(async {
+        let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        c.model_infer(request).await.expect("the replica answers");
+        let r = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    });
+    let sample = |name: &str| {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(sample("sluice_inference_duration_seconds_count{model=\"iris\""), Some(1.0), "{text}");
+    assert_eq!(sample("sluice_batch_size_count{model=\"iris\""), Some(1.0), "{text}");
+    assert!(sample("sluice_queue_duration_seconds_count{model=\"iris\"").is_some(), "{text}");
+    assert!(!text.contains("sluice_requests_total") && !text.contains("sluice_replicas_ready"), "{text}");
+}
+
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
 /// reserves) sizes the replica's runtime; out of range is refused. It keeps its start-up memory
 /// when told to.

@@ -1,6 +1,7 @@
 """Sluice on a real 2-node Ray cluster (network namespaces, see netns_cluster.py), end to end:
 `sluice run --ray` submits Sluice as one Ray job; replicas are Ray actors hosting `sluice
-replica` processes on both nodes; tritonclient infers through the head's frontends; a replica
+replica` processes on both nodes; tritonclient infers through the head's frontends; Prometheus finds each replica's model-call
+series through the head's service discovery; a replica
 that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
 fails no request; a deploy failing part-way stops the replicas it started; a killed replica and a lost node are replaced with no request left hanging;
 a second instance in the same Ray namespace is refused and touches nothing; stopping the job
@@ -194,6 +195,44 @@ def test_submit_spreads_replicas_over_both_nodes_and_tritonclient_infers(cluster
         cluster.check_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "triton", "%s:8000" % WORKER,
                                   "%s:8001" % WORKER, str(expected)])), timeout=30)
     assert out.strip() == "ok"
+
+
+def scraped(c, addr, family):
+    """{labels: value} of one family's samples in what `addr` serves at GET /metrics."""
+    st, body = c.http("GET", "http://%s/metrics" % addr)
+    assert st == 200, (addr, body[:500])
+    out = {}
+    for line in body.decode().splitlines():
+        name, _, rest = line.partition("{")
+        if name == family:
+            labels, _, value = rest.rpartition("} ")
+            out[labels] = float(value)
+    return out, body.decode()
+
+
+def test_prometheus_finds_the_model_calls_in_the_replica_processes(cluster, job):
+    # The tritonclient requests of the test before ran on both replicas (or one of them); each
+    # replica process serves its own queue, model-call and batch series, the head lists them.
+    code, body = admin(cluster, "GET", "/api/sluice/metrics/targets")
+    assert code == 200, body
+    targets = json.loads(body)
+    replicas = [t for t in targets if t["labels"]["sluice_role"] == "replica"]
+    v = deployment(cluster, "iris")["versions"][0]
+    assert sorted(t["targets"][0] for t in replicas) == sorted(n["addr"] for n in v["nodes"]), (targets, v)
+    assert sorted(t["labels"]["sluice_node_ip"] for t in replicas) == [HEAD, WORKER], targets
+    calls = 0
+    for t in replicas:
+        counts, text = scraped(cluster, t["targets"][0], "sluice_inference_duration_seconds_count")
+        assert all('model="iris"' in labels for labels in counts), counts
+        calls += sum(counts.values())
+        # The requests themselves are the head's to count: not served twice.
+        assert "sluice_requests_total" not in text and "sluice_batch_size_bucket" in text, text[:2000]
+    assert calls > 0, "no model call counted in the replica processes"
+    # The worker's proxy took tritonclient's requests too: its own series, listed as well.
+    proxies = [t for t in targets if t["labels"]["sluice_role"] == "proxy"]
+    assert [t["labels"]["sluice_node_ip"] for t in proxies] == [WORKER], targets
+    counts, _ = scraped(cluster, proxies[0]["targets"][0], "sluice_requests_total")
+    assert sum(v for labels, v in counts.items() if 'model="iris"' in labels) > 0, counts
 
 
 def test_submitting_twice_is_idempotent(cluster, workdir, job):

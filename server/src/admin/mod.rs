@@ -20,6 +20,7 @@
 
 mod page;
 mod ray;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -127,6 +128,7 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
         .route("/api/serve/deployments/{name}/promote", post(promote))
         .route("/api/serve/deployments/{name}/rollback", post(rollback))
         .route("/api/sluice/routes", get(routes_snapshot))
+        .route("/api/sluice/metrics/targets", get(targets::metrics_targets))
         .route("/api/sluice/demand", post(demand))
         .route("/api/sluice/repository/{model}/notify", post(notify_repository))
         .route("/-/healthz", get(|| async { "ok" }))

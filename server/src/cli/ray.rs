@@ -419,6 +419,7 @@ pub fn run_in_job(
                 store_env,
                 as_written: None,
                 follow: None,
+                replica: false,
             }
         },
         |_| {},

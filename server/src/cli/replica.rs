@@ -91,12 +91,19 @@ pub fn replica(
             location: Location::default(),
         }],
     )];
-    super::run::run_with(config, logs, args.ort, ort_env, StartOptions::default, |server| {
-        use std::io::Write;
-        if let Some(addr) = server.grpc_addr() {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "LISTEN {addr}");
-            let _ = out.flush();
-        }
-    })
+    super::run::run_with(
+        config,
+        logs,
+        args.ort,
+        ort_env,
+        || StartOptions { replica: true, ..StartOptions::default() },
+        |server| {
+            use std::io::Write;
+            if let Some(addr) = server.grpc_addr() {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "LISTEN {addr}");
+                let _ = out.flush();
+            }
+        },
+    )
 }
