@@ -91,13 +91,14 @@ pub fn decide(cfg: &Autoscaling, state: &mut ScaleState, current: u32, now: Inst
 
 /// One autoscaling round over every autoscaled deployment: samples the load of those whose
 /// `metrics_interval_s` has passed (at once for one at zero replicas with requests waiting)
-/// and decides their counts, growth capped by `node_cpus` free CPUs when given. Returns the
-/// changes to make and when the next round is due.
+/// and decides their counts, growth capped by `node_cpus` free CPUs when given; their canaries
+/// too when `canaries`. Returns the changes to make and when the next round is due.
 pub(crate) fn step(
     st: &mut crate::state::ControllerState,
     now: Instant,
     node_cpus: Option<f64>,
     busy: &std::collections::HashSet<String>,
+    canaries: bool,
 ) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
     // Every running version's replicas take CPUs (canaries, shadows, versions served by
     // number); growth granted below takes them too, before the next deployment is judged.
@@ -156,13 +157,17 @@ pub(crate) fn step(
                 c.window.sample(now, canary_load(c).saturating_add(remote_in) as f64, look_back);
             }
             // One change of a deployment at a time: the canary is judged once the primary's
-            // has run (the loop comes back when it ends); one whose last change failed waits
-            // for its retry time (a load that fails would otherwise be tried every round).
+            // has run (the loop comes back when it ends); one whose last change failed grows
+            // again only at its retry time (a load that fails would otherwise be tried every
+            // round), while it may shrink at once.
             let failed = c.scale_failure.as_ref().is_some_and(|f| now < f.retry_at());
-            if !primary_changes && !failed {
+            if canaries && !primary_changes {
                 let current = c.version.replica_count() as u32;
                 let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
-                let want = canary_wants(&s.config, s.window.average(), c, current, now, sampled, cap);
+                let mut want = canary_wants(&s.config, s.window.average(), c, current, now, sampled, cap);
+                if failed && want > current {
+                    want = current;
+                }
                 if want > current {
                     used += f64::from(want - current) * m.config.num_cpus();
                 }

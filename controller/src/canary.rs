@@ -453,7 +453,8 @@ mod tests {
     /// while a rollout moved traffic to it): the share over the target, not the scaling factor's
     /// step. Once rolled back it shrinks at once to what its own load asks for. A
     /// canary whose last change failed waits for its retry time, and a job decided for the
-    /// canary changes nothing once its target is not the canary (gone, or promoted).
+    /// canary changes nothing once its target is not the canary (gone, or promoted). Nor is a
+    /// canary judged while a change (a deploy, a promotion) runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_autoscaled_canary_grows_at_once_for_its_share_of_the_load() {
         let routes = Arc::new(Router::new(RouteTable::default()));
@@ -486,12 +487,15 @@ mod tests {
             s.window.sample(now, 6.0, Duration::from_secs(30));
             s.last_decision = now;
         }
-        let step = |at: Instant| crate::autoscale::step(&mut c.lock(), at, Some(2.0), &HashSet::new()).0;
+        let step =
+            |at: Instant| crate::autoscale::step(&mut c.lock(), at, Some(2.0), &HashSet::new(), true).0;
         let canary_jobs = |jobs: &[crate::reconcile::Rescale]| -> Vec<(bool, usize)> {
             jobs.iter()
                 .map(|j| (j.canary && Arc::ptr_eq(&j.target.deployment, &canary.deployment), j.to))
                 .collect()
         };
+        let changing = crate::autoscale::step(&mut c.lock(), now, Some(2.0), &HashSet::new(), false).0;
+        assert!(changing.is_empty(), "a canary judged while a change ran");
         let jobs = step(now);
         assert_eq!(
             canary_jobs(&jobs),
@@ -521,6 +525,8 @@ mod tests {
                 Some(crate::state::ScaleFailure { message: "no".into(), at: later, failures: 1 });
         });
         assert!(step(later).is_empty(), "a failed canary change was tried again at once");
+        set_canary(&|c| c.weight = 0);
+        assert_eq!(canary_jobs(&step(later)), [(true, 1)], "a failed canary's shrink waited");
         // A job decided for the canary changes nothing once its target is not the canary.
         let promoted = crate::reconcile::Rescale {
             deployment: "soft".into(),

@@ -97,7 +97,7 @@ pub struct Controller {
     routes: Arc<Router>,
     state: Mutex<ControllerState>,
     /// Held by operations that change which versions run, for their whole length.
-    changes: tokio::sync::Mutex<()>,
+    changes: Arc<tokio::sync::Mutex<()>>,
     /// Background deploys ([`Controller::deploy`]) in the order they were asked for, applied
     /// in that order by whichever change next holds `changes` (a task spawned later may reach
     /// the lock first: the last config sent must be the one that stays).
@@ -127,7 +127,7 @@ impl Controller {
         Arc::new(Self {
             routes,
             state: Mutex::new(ControllerState::default()),
-            changes: tokio::sync::Mutex::new(()),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
             deploys: Mutex::new(std::collections::VecDeque::new()),
             wake: Arc::new(Notify::new()),
             busy: Mutex::new(Default::default()),
@@ -473,19 +473,27 @@ impl Controller {
             // On Ray, Ray decides what fits where (a replica that does not fit waits); here,
             // growth stops at this machine's free CPUs.
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
-            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy);
+            // Canaries are not judged while a change runs (a deploy loading models for minutes,
+            // a promotion growing its canary): their jobs wait for it to end, and would hold
+            // their deployments busy meanwhile.
+            let changing = self.changes.try_lock().is_err();
+            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy, !changing);
             let mut retry = Vec::new();
             // A fixed replica count that failed to load a replica is tried again (the
             // autoscaler decides again on its own).
             let mut next_retry: Option<Instant> = None;
+            // So is its canary's (one change of a deployment a round: the primary's first).
             for (name, m) in st.deployments.iter().filter(|(name, _)| !busy.contains(*name)) {
-                let Some((f, _, wanted)) = m.short_of_count() else { continue };
+                let short = m.short_of_count().map(|(f, _, wanted)| (f, &m.primary, wanted, false));
+                let short =
+                    short.or_else(|| m.canary_short_of_count().map(|(f, v, wanted)| (f, v, wanted, true)));
+                let Some((f, target, wanted, canary)) = short else { continue };
                 if now >= f.retry_at() {
                     retry.push(Rescale {
                         deployment: name.clone(),
-                        target: m.primary.clone(),
+                        target: target.clone(),
                         to: wanted,
-                        canary: false,
+                        canary,
                     });
                 } else {
                     next_retry = Some(next_retry.map_or(f.retry_at(), |n| n.min(f.retry_at())));
@@ -508,15 +516,20 @@ impl Controller {
             .map(|j| (j, "autoscaled"))
             .chain(retry.into_iter().map(|j| (j, "scaled again")));
         for (job, why) in jobs {
+            // A canary's change is one of the controller's changes, run while no other runs: a
+            // promotion (which grows the canary first) cannot start meanwhile, and one that
+            // started since the decision means the job is dropped (decided again next round),
+            // not waited for with its deployment held busy.
+            let turn = match job.canary {
+                true => match self.changes.clone().try_lock_owned() {
+                    Ok(turn) => Some(turn),
+                    Err(_) => continue,
+                },
+                false => None,
+            };
             let c = self.clone();
             self.run_busy(job.deployment.clone(), async move {
-                // A canary's change takes its turn among the controller's changes: a promotion
-                // (which grows the canary first) or a deploy running now is done before it,
-                // and it then finds whether its target is still the canary.
-                let _changes = match job.canary {
-                    true => Some(c.changes.lock().await),
-                    false => None,
-                };
+                let _turn = turn;
                 c.rescale(vec![job], why).await
             });
         }

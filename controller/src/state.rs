@@ -191,6 +191,15 @@ impl Managed {
         (running < wanted).then_some((f, running, wanted))
     }
 
+    /// The same for a canary of a fixed replica count (an autoscaled one's failure is retried
+    /// by the autoscaler): (its failure, the canary, the count).
+    pub fn canary_short_of_count(&self) -> Option<(&ScaleFailure, &Version, usize)> {
+        let c = self.canary.as_ref()?;
+        let f = c.scale_failure.as_ref().filter(|_| self.scaling.is_none())?;
+        let wanted = self.config.initial_replicas().max(1);
+        (c.version.replica_count() < wanted).then_some((f, &c.version, wanted))
+    }
+
     /// Every running version: primary, others, canary.
     pub fn versions(&self) -> impl Iterator<Item = &Version> {
         std::iter::once(&self.primary).chain(&self.others).chain(self.canary.as_ref().map(|c| &c.version))

@@ -10,6 +10,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Set in a `sluice proxy` process: see [`render`].
+static PROXY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process is a proxy on another node than the controller's (`sluice proxy`).
+pub fn serve_as_proxy() {
+    PROXY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The families a proxy leaves out: its replica sets mirror the controller's, whose gauges the
+/// head serves already (summed over the head and its proxies, they would count each replica
+/// once per process, and a proxy's view that lags could fire the no-ready-replica alert).
+const PROXY_LEFT_OUT: &[&str] = {
+    use sluice_deployments::metrics::*;
+    &[REPLICAS_READY, REPLICAS, REPLICA_RESTARTS]
+};
+
 /// Installs the recorder (first call only) and returns its handle; `None` when another
 /// recorder was installed first (an embedding application's).
 pub fn install() -> Option<&'static PrometheusHandle> {
@@ -37,11 +53,14 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 }
 
 /// `GET /metrics`: Prometheus text format, without the series of retired versions and of
-/// replicas gone.
+/// replicas gone (and in a proxy, without the [`PROXY_LEFT_OUT`] families).
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     use sluice_deployments::metrics::{gone_labels, gone_replicas, retired};
     let body = install().map(|h| h.render()).unwrap_or_default();
-    let body = without_gone(body, &retired(), &gone_replicas(), &gone_labels());
+    let mut body = without_gone(body, &retired(), &gone_replicas(), &gone_labels());
+    if PROXY.load(std::sync::atomic::Ordering::Relaxed) {
+        body = families(&body, |f| !PROXY_LEFT_OUT.contains(&f));
+    }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -66,12 +85,13 @@ const REPLICA_FAMILIES: &[&str] = {
 /// [`REPLICA_FAMILIES`].
 pub async fn render_replica() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let (header, body) = render().await;
-    (header, only_families(&body, REPLICA_FAMILIES))
+    (header, families(&body, |f| REPLICA_FAMILIES.contains(&f)))
 }
 
-/// The lines of `text` (comments included) that belong to one of `families` (a histogram's
-/// `_bucket`, `_sum` and `_count` samples belong to it).
-fn only_families(text: &str, families: &[&str]) -> String {
+/// The lines of `text` (comments included) whose family `keep` keeps (a histogram's `_bucket`,
+/// `_sum` and `_count` samples belong to its family: the name without the suffix, where `keep`
+/// names it so).
+fn families(text: &str, keep: impl Fn(&str) -> bool) -> String {
     let family = |line: &str| -> Option<String> {
         let name = match line.strip_prefix("# ") {
             // `# HELP name …` and `# TYPE name …`.
@@ -79,11 +99,11 @@ fn only_families(text: &str, families: &[&str]) -> String {
             None => line.split(['{', ' ']).next()?,
         };
         let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s));
-        Some(base.filter(|b| families.contains(b)).unwrap_or(name).to_string())
+        Some(base.filter(|b| keep(b)).unwrap_or(name).to_string())
     };
-    let mut out = String::with_capacity(text.len() / 4);
+    let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        if family(line).is_some_and(|f| families.contains(&f.as_str())) {
+        if family(line).is_some_and(|f| keep(&f)) {
             out.push_str(line);
             out.push('\n');
         }
@@ -163,6 +183,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_proxy_leaves_the_controllers_replica_gauges_out() {
+        let text = "# TYPE sluice_replicas_ready gauge\n\
+                    sluice_replicas_ready{model=\"m\",version=\"1\"} 2\n\
+                    sluice_replicas{model=\"m\",version=\"1\"} 2\n\
+                    sluice_request_duration_seconds_count{model=\"m\",version=\"1\",protocol=\"rest\"} 5\n\
+                    sluice_replica_in_flight{model=\"m\",version=\"1\",replica=\"0\"} 1\n";
+        assert_eq!(
+            families(text, |f| !PROXY_LEFT_OUT.contains(&f)),
+            "sluice_request_duration_seconds_count{model=\"m\",version=\"1\",protocol=\"rest\"} 5\n\
+             sluice_replica_in_flight{model=\"m\",version=\"1\",replica=\"0\"} 1\n"
+        );
+    }
+
+    #[test]
     fn a_replica_serves_only_what_runs_inside_it() {
         let text = "# HELP sluice_requests_total Requests\n\
                     # TYPE sluice_requests_total counter\n\
@@ -175,7 +209,7 @@ mod tests {
                     sluice_multiplex_loads_total{deployment=\"m\"} 2\n\
                     sluice_queue_duration_seconds_count{model=\"m\",version=\"1\"} 5\n";
         assert_eq!(
-            only_families(text, REPLICA_FAMILIES),
+            families(text, |f| REPLICA_FAMILIES.contains(&f)),
             "# TYPE sluice_batch_size histogram\n\
              sluice_batch_size_bucket{model=\"m\",version=\"1\",le=\"1\"} 3\n\
              sluice_batch_size_sum{model=\"m\",version=\"1\"} 7\n\

@@ -56,6 +56,8 @@ pub fn proxy(
         token,
         every: Duration::from_secs_f64(args.poll_s.max(0.05)),
     };
+    // The replicas' gauges are the controller's to serve.
+    sluice_server::metrics::serve_as_proxy();
     // Ready, and `LISTEN` printed, once the controller's first route table is in.
     let options = move || StartOptions { follow: Some(follow), ..StartOptions::default() };
     super::run::run_with(config, logs, args.ort, ort_env, options, move |server| {
