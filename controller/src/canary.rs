@@ -517,16 +517,17 @@ mod tests {
         };
         set_canary(&|c| c.weight = 0);
         assert_eq!(canary_jobs(&step(now)), [(true, 1)]);
-        let later = now + Duration::from_secs(11);
-        // Its last change failed: not tried again before the failure's retry time.
-        set_canary(&|c| {
-            c.weight = 100;
-            c.scale_failure =
-                Some(crate::state::ScaleFailure { message: "no".into(), at: later, failures: 1 });
-        });
-        assert!(step(later).is_empty(), "a failed canary change was tried again at once");
+        // Its last change failed: at 100 % it would grow to 6 (the primary's load, no new
+        // sample), but not before the failure's retry time; it may still shrink.
+        let failed = |c: &mut CanaryState| {
+            c.scale_failure = Some(crate::state::ScaleFailure { message: "no".into(), at: now, failures: 1 })
+        };
+        set_canary(&|c| c.weight = 100);
+        assert_eq!(canary_jobs(&step(now)), [(true, 6)]);
+        set_canary(&failed);
+        assert!(step(now).is_empty(), "a failed canary change was tried again at once");
         set_canary(&|c| c.weight = 0);
-        assert_eq!(canary_jobs(&step(later)), [(true, 1)], "a failed canary's shrink waited");
+        assert_eq!(canary_jobs(&step(now)), [(true, 1)], "a failed canary's shrink waited");
         // A job decided for the canary changes nothing once its target is not the canary.
         let promoted = crate::reconcile::Rescale {
             deployment: "soft".into(),
@@ -545,6 +546,85 @@ mod tests {
         c.lock().deployments.get_mut("soft").unwrap().canary = None;
         c.rescale(vec![gone], "autoscaled").await;
         assert_eq!(canary.replica_count(), 3);
+    }
+
+    /// The control round's wiring: no canary is resized while another change holds the turn
+    /// (a deploy, a promotion); once free, every canary that needs it grows in the same round
+    /// (each job used to take the turn for itself, and all but the first were dropped).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn canaries_grow_together_and_only_when_no_other_change_runs() {
+        // Replicas that take 300 ms to load: both canaries' jobs are still running (their
+        // deployments busy) right after the round that started them.
+        sluice_deployments::register_step(
+            "slow_to_load",
+            Arc::new(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                let spec = sluice_deployments::TensorSpec {
+                    name: "x".into(),
+                    dtype: DataType::Fp32,
+                    shape: vec![-1],
+                };
+                let meta = sluice_deployments::ModelMetadata {
+                    platform: "custom".into(),
+                    inputs: vec![spec.clone()],
+                    outputs: vec![spec],
+                };
+                Ok(Box::new(Echo(meta)) as Box<dyn sluice_deployments::Backend>)
+            }),
+        );
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let step = "builtin: {custom: {name: slow_to_load}}, num_cpus: 0.01";
+        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600, metrics_interval_s: 600}";
+        let mut yaml = "applications:\n  - name: a\n    deployments:\n".to_string();
+        for i in 0..2 {
+            yaml += &format!(
+                "      - {{name: soft{i}, {step}, {scaling}}}\n      - {{name: other{i}, {step}, num_replicas: 1}}\n"
+            );
+        }
+        let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        let now = Instant::now();
+        let mut canaries = Vec::new();
+        for i in 0..2 {
+            let mut st = c.lock();
+            let canary = st.deployments[&format!("other{i}")].primary.clone();
+            let m = st.deployments.get_mut(&format!("soft{i}")).unwrap();
+            m.canary = Some(CanaryState {
+                version: canary.clone(),
+                weight: 50,
+                config_weight: 50,
+                config_rollout: None,
+                rollout: None,
+                window: Default::default(),
+                scale_failure: None,
+            });
+            let s = m.scaling.as_mut().unwrap();
+            s.window.sample(now, 6.0, Duration::from_secs(30));
+            s.last_decision = now;
+            canaries.push(canary);
+        }
+        let held = c.changes.clone().lock_owned().await;
+        c.tick();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            canaries.iter().map(|v| v.replica_count()).collect::<Vec<_>>(),
+            [1, 1],
+            "resized during a change"
+        );
+        drop(held);
+        c.tick();
+        let busy = c.busy.lock().unwrap().clone();
+        assert_eq!(
+            busy,
+            ["soft0".to_string(), "soft1".to_string()].into(),
+            "not every canary grew in the round"
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while canaries.iter().any(|v| v.replica_count() != 3) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(canaries.iter().map(|v| v.replica_count()).collect::<Vec<_>>(), [3, 3]);
     }
 
     /// A busy deployment's rollout is judged as any other whose verdict is not a promotion:

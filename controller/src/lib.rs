@@ -453,7 +453,7 @@ impl Controller {
     pub fn tick(self: &Arc<Self>) -> Instant {
         let now = Instant::now();
         let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let (rescale, retry, promote, mut next) = {
+        let (rescale, retry, promote, mut next, turn) = {
             let mut st = self.lock();
             for m in st.deployments.values_mut() {
                 for v in m.versions_mut() {
@@ -473,20 +473,24 @@ impl Controller {
             // On Ray, Ray decides what fits where (a replica that does not fit waits); here,
             // growth stops at this machine's free CPUs.
             let cpus = matches!(self.cluster, Cluster::Local).then_some(self.node_cpus);
-            // Canaries are not judged while a change runs (a deploy loading models for minutes,
-            // a promotion growing its canary): their jobs wait for it to end, and would hold
-            // their deployments busy meanwhile.
-            let changing = self.changes.try_lock().is_err();
-            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy, !changing);
+            // A canary's resize is one of the controller's changes, run while no other runs (a
+            // promotion, which grows its canary first, must not interleave with it): canaries
+            // are judged only when this round takes the turn, which every canary job of the
+            // round then holds (let go when the last ends). While a change runs (a deploy
+            // loading models, a promotion, a repository scan) they are not judged at all:
+            // their jobs would wait for it with their deployments held busy.
+            let turn = self.changes.clone().try_lock_owned().ok().map(Arc::new);
+            let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy, turn.is_some());
             let mut retry = Vec::new();
             // A fixed replica count that failed to load a replica is tried again (the
             // autoscaler decides again on its own).
             let mut next_retry: Option<Instant> = None;
-            // So is its canary's (one change of a deployment a round: the primary's first).
+            // So is its canary's, with the turn (one change of a deployment a round: the
+            // primary's first).
             for (name, m) in st.deployments.iter().filter(|(name, _)| !busy.contains(*name)) {
                 let short = m.short_of_count().map(|(f, _, wanted)| (f, &m.primary, wanted, false));
-                let short =
-                    short.or_else(|| m.canary_short_of_count().map(|(f, v, wanted)| (f, v, wanted, true)));
+                let canary = || m.canary_short_of_count().filter(|_| turn.is_some());
+                let short = short.or_else(|| canary().map(|(f, v, wanted)| (f, v, wanted, true)));
                 let Some((f, target, wanted, canary)) = short else { continue };
                 if now >= f.retry_at() {
                     retry.push(Rescale {
@@ -509,24 +513,15 @@ impl Controller {
                 self.publish(&mut st);
             }
             let next = [next_scale, next_rollout, next_retry].into_iter().flatten().min();
-            (rescale, retry, promote, next.unwrap_or(now + IDLE_TICK))
+            (rescale, retry, promote, next.unwrap_or(now + IDLE_TICK), turn)
         };
         let jobs = rescale
             .into_iter()
             .map(|j| (j, "autoscaled"))
             .chain(retry.into_iter().map(|j| (j, "scaled again")));
         for (job, why) in jobs {
-            // A canary's change is one of the controller's changes, run while no other runs: a
-            // promotion (which grows the canary first) cannot start meanwhile, and one that
-            // started since the decision means the job is dropped (decided again next round),
-            // not waited for with its deployment held busy.
-            let turn = match job.canary {
-                true => match self.changes.clone().try_lock_owned() {
-                    Ok(turn) => Some(turn),
-                    Err(_) => continue,
-                },
-                false => None,
-            };
+            // Only decided with the turn (above).
+            let turn = turn.as_ref().filter(|_| job.canary).cloned();
             let c = self.clone();
             self.run_busy(job.deployment.clone(), async move {
                 let _turn = turn;
