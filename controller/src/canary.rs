@@ -448,31 +448,34 @@ mod tests {
         assert_eq!(big.canary.as_ref().map(|c| c.weight), Some(0));
     }
 
-    /// An autoscaled deployment's canary grows, without waiting for the upscale delay, to the
-    /// replicas its share of the deployment's load asks for (it kept the count it started with
-    /// while a rollout moved traffic to it): the share over the target, not the scaling factor's
-    /// step. Once rolled back it shrinks at once to what its own load asks for. A
-    /// canary whose last change failed waits for its retry time, and a job decided for the
-    /// canary changes nothing once its target is not the canary (gone, or promoted). Nor is a
-    /// canary judged while a change (a deploy, a promotion) runs.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_autoscaled_canary_grows_at_once_for_its_share_of_the_load() {
+    /// A controller running `n` autoscaled deployments `soft{i}` of `step` (bounds 1..8, a
+    /// target of 1, a 600 s upscale delay, and `scaling`'s fields), each with the version of a
+    /// fixed `other{i}` made its canary at 50 %, and its primary's load at 6 on average, sampled
+    /// at `now`. Returns it, the canaries and the primaries.
+    async fn canaries_at_half(
+        n: usize,
+        step: &str,
+        scaling: &str,
+        now: Instant,
+    ) -> (Arc<Controller>, Vec<crate::state::Version>, Vec<crate::state::Version>) {
         let routes = Arc::new(Router::new(RouteTable::default()));
         let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
-        let step = "builtin: {softmax: {}}, num_cpus: 0.01";
-        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600, upscaling_factor: 2}";
-        let yaml = format!(
-            "applications:\n  - name: a\n    deployments:\n      - {{name: soft, {step}, {scaling}}}\n      - {{name: other, {step}, num_replicas: 1}}\n"
+        let scaling = format!(
+            "autoscaling_config: {{min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600, {scaling}}}"
         );
+        let mut yaml = "applications:\n  - name: a\n    deployments:\n".to_string();
+        for i in 0..n {
+            yaml += &format!(
+                "      - {{name: soft{i}, {step}, {scaling}}}\n      - {{name: other{i}, {step}, num_replicas: 1}}\n"
+            );
+        }
         let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
         c.apply(&config).await.unwrap();
-        // `other`'s version as `soft`'s canary at 50 %.
-        let canary = c.lock().deployments["other"].primary.clone();
-        let primary = c.lock().deployments["soft"].primary.clone();
-        let now = Instant::now();
-        {
+        let (mut canaries, mut primaries) = (Vec::new(), Vec::new());
+        for i in 0..n {
             let mut st = c.lock();
-            let m = st.deployments.get_mut("soft").unwrap();
+            let canary = st.deployments[&format!("other{i}")].primary.clone();
+            let m = st.deployments.get_mut(&format!("soft{i}")).unwrap();
             m.canary = Some(CanaryState {
                 version: canary.clone(),
                 weight: 50,
@@ -482,11 +485,29 @@ mod tests {
                 window: Default::default(),
                 scale_failure: None,
             });
-            // The primary's load: 6 requests in the system on average; not sampled again now.
+            // Not sampled again until its interval passes.
             let s = m.scaling.as_mut().unwrap();
             s.window.sample(now, 6.0, Duration::from_secs(30));
             s.last_decision = now;
+            canaries.push(canary);
+            primaries.push(m.primary.clone());
         }
+        (c, canaries, primaries)
+    }
+
+    /// An autoscaled deployment's canary grows, without waiting for the upscale delay, to the
+    /// replicas its share of the deployment's load asks for (it kept the count it started with
+    /// while a rollout moved traffic to it): the share over the target, not the scaling factor's
+    /// step. Once rolled back it shrinks at once to what its own load asks for. A
+    /// canary whose last change failed waits for its retry time, and a job decided for the
+    /// canary changes nothing once its target is not the canary (gone, or promoted). Nor is a
+    /// canary judged while a change (a deploy, a promotion) runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_autoscaled_canary_grows_at_once_for_its_share_of_the_load() {
+        let now = Instant::now();
+        let step = "builtin: {softmax: {}}, num_cpus: 0.01";
+        let (c, canaries, primaries) = canaries_at_half(1, step, "upscaling_factor: 2", now).await;
+        let (canary, primary) = (canaries[0].clone(), primaries[0].clone());
         let step =
             |at: Instant| crate::autoscale::step(&mut c.lock(), at, Some(2.0), &HashSet::new(), true).0;
         let canary_jobs = |jobs: &[crate::reconcile::Rescale]| -> Vec<(bool, usize)> {
@@ -513,7 +534,7 @@ mod tests {
         // Rolled back to 0: down to what its own load asks for at once (none here: one
         // replica), not after the downscale delay.
         let set_canary = |f: &dyn Fn(&mut CanaryState)| {
-            f(c.lock().deployments.get_mut("soft").unwrap().canary.as_mut().unwrap())
+            f(c.lock().deployments.get_mut("soft0").unwrap().canary.as_mut().unwrap())
         };
         set_canary(&|c| c.weight = 0);
         assert_eq!(canary_jobs(&step(now)), [(true, 1)]);
@@ -530,7 +551,7 @@ mod tests {
         assert_eq!(canary_jobs(&step(now)), [(true, 1)], "a failed canary's shrink waited");
         // A job decided for the canary changes nothing once its target is not the canary.
         let promoted = crate::reconcile::Rescale {
-            deployment: "soft".into(),
+            deployment: "soft0".into(),
             target: primary.clone(),
             to: 5,
             canary: true,
@@ -538,12 +559,12 @@ mod tests {
         c.rescale(vec![promoted], "autoscaled").await;
         assert_eq!(primary.replica_count(), 1, "a canary's job resized the primary");
         let gone = crate::reconcile::Rescale {
-            deployment: "soft".into(),
+            deployment: "soft0".into(),
             target: canary.clone(),
             to: 5,
             canary: true,
         };
-        c.lock().deployments.get_mut("soft").unwrap().canary = None;
+        c.lock().deployments.get_mut("soft0").unwrap().canary = None;
         c.rescale(vec![gone], "autoscaled").await;
         assert_eq!(canary.replica_count(), 3);
     }
@@ -572,38 +593,8 @@ mod tests {
                 Ok(Box::new(Echo(meta)) as Box<dyn sluice_deployments::Backend>)
             }),
         );
-        let routes = Arc::new(Router::new(RouteTable::default()));
-        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
         let step = "builtin: {custom: {name: slow_to_load}}, num_cpus: 0.01";
-        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 600, metrics_interval_s: 600}";
-        let mut yaml = "applications:\n  - name: a\n    deployments:\n".to_string();
-        for i in 0..2 {
-            yaml += &format!(
-                "      - {{name: soft{i}, {step}, {scaling}}}\n      - {{name: other{i}, {step}, num_replicas: 1}}\n"
-            );
-        }
-        let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
-        c.apply(&config).await.unwrap();
-        let now = Instant::now();
-        let mut canaries = Vec::new();
-        for i in 0..2 {
-            let mut st = c.lock();
-            let canary = st.deployments[&format!("other{i}")].primary.clone();
-            let m = st.deployments.get_mut(&format!("soft{i}")).unwrap();
-            m.canary = Some(CanaryState {
-                version: canary.clone(),
-                weight: 50,
-                config_weight: 50,
-                config_rollout: None,
-                rollout: None,
-                window: Default::default(),
-                scale_failure: None,
-            });
-            let s = m.scaling.as_mut().unwrap();
-            s.window.sample(now, 6.0, Duration::from_secs(30));
-            s.last_decision = now;
-            canaries.push(canary);
-        }
+        let (c, canaries, _) = canaries_at_half(2, step, "metrics_interval_s: 600", Instant::now()).await;
         let held = c.changes.clone().lock_owned().await;
         c.tick();
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -826,18 +826,14 @@ fn iris_replica_spec() -> String {
     serde_json::to_string(&spec).unwrap()
 }
 
-/// `sluice replica --max-body-bytes N` (the server's own limit, which the controller passes to
-/// a Ray replica) bounds the gRPC messages the replica takes: it took tonic's 64 MiB default
-/// whatever the server's limit, so a larger request the server accepted failed at the replica.
-#[test]
-fn replica_takes_the_servers_message_limit() {
-    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+/// `sluice replica` of [`iris_replica_spec`] on a free loopback port with `args` besides, and
+/// the address it printed once warm.
+fn start_iris_replica(args: &[&str]) -> (KillOnDrop, String) {
     let spec = iris_replica_spec();
     let mut child = KillOnDrop(Some(
         sluice()
-            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--max-body-bytes", "1000"])
-            .args(["--graceful-shutdown-timeout", "1"])
+            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--graceful-shutdown-timeout", "1"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -850,7 +846,13 @@ fn replica_takes_the_servers_message_limit() {
             break addr.to_string();
         }
     };
-    let request = |rows: usize| ModelInferRequest {
+    (child, addr)
+}
+
+/// One iris request of `rows` rows (zeros) over gRPC, as raw contents.
+fn iris_grpc_request(rows: usize) -> sluice_proto::inference::ModelInferRequest {
+    use sluice_proto::inference::model_infer_request::InferInputTensor;
+    sluice_proto::inference::ModelInferRequest {
         model_name: "iris".into(),
         inputs: vec![InferInputTensor {
             name: "input".into(),
@@ -860,7 +862,17 @@ fn replica_takes_the_servers_message_limit() {
         }],
         raw_input_contents: vec![vec![0u8; rows * 16].into()],
         ..Default::default()
-    };
+    }
+}
+
+/// `sluice replica --max-body-bytes N` (the server's own limit, which the controller passes to
+/// a Ray replica) bounds the gRPC messages the replica takes: it took tonic's 64 MiB default
+/// whatever the server's limit, so a larger request the server accepted failed at the replica.
+#[test]
+fn replica_takes_the_servers_message_limit() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let (_child, addr) = start_iris_replica(&["--max-body-bytes", "1000"]);
+    let request = iris_grpc_request;
     block_on(async {
         let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
         c.model_infer(request(2)).await.expect("a message under the limit");
@@ -876,34 +888,8 @@ fn replica_takes_the_servers_message_limit() {
 #[test]
 fn a_replica_serves_its_model_calls_at_metrics_on_its_grpc_address() {
     use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    use sluice_proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
-    let spec = iris_replica_spec();
-    let mut child = KillOnDrop(Some(
-        sluice()
-            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--graceful-shutdown-timeout", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    let mut lines = BufReader::new(child.child().stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the replica printed its address").unwrap();
-        if let Some(addr) = line.strip_prefix("LISTEN ") {
-            break addr.to_string();
-        }
-    };
-    let request = ModelInferRequest {
-        model_name: "iris".into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![3, 4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![vec![0u8; 3 * 16].into()],
-        ..Default::default()
-    };
+    let (_child, addr) = start_iris_replica(&[]);
+    let request = iris_grpc_request(3);
     let text = block_on(async {
         let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
         c.model_infer(request).await.expect("the replica answers");
