@@ -136,6 +136,7 @@ impl Channel {
                     span: span.clone(),
                     tried,
                 });
+                let holder = model.is_some().then(|| Holder { set: set.clone(), id: *from });
                 let _entered = span.enter();
                 r.call(RemoteCall {
                     inputs,
@@ -145,6 +146,7 @@ impl Channel {
                     model,
                     admission,
                     redirect,
+                    holder,
                 });
                 Ok(())
             }
@@ -156,6 +158,27 @@ impl Channel {
     fn stop(&self) {
         if let Channel::Local(tx, _) = self {
             let _ = tx.try_send(Msg::Stop);
+        }
+    }
+}
+
+/// The gRPC metadata key on a replica process's answer to a multiplexed model's request: the
+/// ids of the models it holds now, each ended by a NUL byte (an id is a folder name, which
+/// cannot hold one). Sent only by `sluice replica` (a client of the server's own port is not
+/// told which other models are loaded).
+pub const HELD_MODELS_HEADER_BIN: &str = "x-sluice-held-models-bin";
+
+/// Where a remote replica's answer says which models it holds ([`RemoteCall::holder`]).
+pub struct Holder {
+    set: Weak<ReplicaSet>,
+    id: usize,
+}
+
+impl Holder {
+    /// The replica holds `models` (in place of what it was said to hold, or claimed for).
+    pub fn holds(&self, models: Vec<Arc<str>>) {
+        if let Some(set) = self.set.upgrade() {
+            set.set_models(self.id, models);
         }
     }
 }
@@ -1201,6 +1224,20 @@ impl Deployment {
             held
         });
         pick
+    }
+
+    /// The models a multiplexed deployment's replicas hold (each once), what a replica process
+    /// reports to its controller; empty for others.
+    pub fn held_models(&self) -> Vec<Arc<str>> {
+        let mut held: Vec<Arc<str>> = Vec::new();
+        for r in self.set.replicas.load().iter() {
+            for m in r.models.load().iter() {
+                if !held.contains(m) {
+                    held.push(m.clone());
+                }
+            }
+        }
+        held
     }
 
     /// The counters of a multiplexed deployment's model loads.

@@ -27,6 +27,10 @@ pub struct RemoteCall {
     /// Where to hand the call when it never reached the replica (its connection could not be
     /// made); `None` once it has been handed on as often as allowed.
     pub redirect: Option<crate::deployment::Redirect>,
+    /// For a multiplexed model's call: where to say which models the replica holds once it
+    /// answers (it reports them, [`crate::HELD_MODELS_HEADER_BIN`]), so that requests follow
+    /// the models it holds, not those it was once sent.
+    pub holder: Option<crate::deployment::Holder>,
 }
 
 /// Where a remote replica runs, for status.

@@ -40,6 +40,15 @@ impl Servable {
         }
     }
 
+    /// The models a multiplexed deployment's replicas hold ([`Deployment::held_models`]);
+    /// empty for a pipeline.
+    pub fn held_models(&self) -> Vec<Arc<str>> {
+        match self {
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.held_models(),
+            Self::Pipeline(_) => Vec::new(),
+        }
+    }
+
     pub fn metrics(&self) -> &DeploymentMetrics {
         match self {
             Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.metrics(),

@@ -878,3 +878,43 @@ async fn ready_at_zero_only_when_scaled_there_on_purpose() {
     d.scaled_to_zero();
     assert!(d.ready_or_at_zero(), "at zero on purpose: ready");
 }
+
+/// A remote replica that holds one model at a time (`max_models_per_replica: 1`), and says so
+/// with each answer, as a `sluice replica` process does.
+struct HoldsOne;
+
+impl sluice_deployments::RemoteReplica for HoldsOne {
+    fn call(&self, call: sluice_deployments::RemoteCall) {
+        if let (Some(holder), Some(model)) = (&call.holder, &call.model) {
+            holder.holds(vec![model.clone()]);
+        }
+        let outputs =
+            call.inputs.into_iter().map(|i| NamedTensor { name: "y".into(), tensor: i.tensor }).collect();
+        let _ = call.reply.send(Ok(outputs));
+    }
+
+    fn info(&self) -> &sluice_deployments::RemoteInfo {
+        static NONE: std::sync::OnceLock<sluice_deployments::RemoteInfo> = std::sync::OnceLock::new();
+        NONE.get_or_init(Default::default)
+    }
+}
+
+/// A remote replica of a multiplexed deployment is taken to hold what its answers say it
+/// holds: one that evicted a model is no longer sent that model's requests as its holder (each
+/// model it was ever sent stayed its own, and its requests went there to be loaded again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_replica_holds_what_its_answers_say() {
+    let s = spec(|s| {
+        s.num_replicas = 0;
+        s.max_replicas = 1;
+        s.multiplexed = true;
+    });
+    let d = Deployment::start_remote(s, remote_meta()).unwrap();
+    let id = d.add_remote(Arc::new(HoldsOne));
+    d.set_replica_ready(id, true);
+    for model in ["a", "b"] {
+        let r = InferRequest { model_id: Some(model.into()), ..request(&[1]) };
+        d.infer(r).await.unwrap();
+    }
+    assert_eq!(d.held_models(), [Arc::<str>::from("b")]);
+}

@@ -294,7 +294,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
                 admin,
                 listeners.grpc.as_ref().map_or(listeners.http.1, |(_, a)| *a),
             ),
-            listeners.grpc.is_some(),
+            grpc::Role { traced: listeners.grpc.is_some(), replica: options.replica },
         )
         .await?;
         let grpc_app = match options.replica {

@@ -826,13 +826,12 @@ fn iris_replica_spec() -> String {
     serde_json::to_string(&spec).unwrap()
 }
 
-/// `sluice replica` of [`iris_replica_spec`] on a free loopback port with `args` besides, and
-/// the address it printed once warm.
-fn start_iris_replica(args: &[&str]) -> (KillOnDrop, String) {
-    let spec = iris_replica_spec();
+/// `sluice replica` of `spec` on a free loopback port with `args` besides, and the address it
+/// printed once warm.
+fn start_replica(spec: &str, args: &[&str]) -> (KillOnDrop, String) {
     let mut child = KillOnDrop(Some(
         sluice()
-            .args(["replica", "--listen", "127.0.0.1:0", "--spec", &spec, "--graceful-shutdown-timeout", "1"])
+            .args(["replica", "--listen", "127.0.0.1:0", "--spec", spec, "--graceful-shutdown-timeout", "1"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -871,7 +870,7 @@ fn iris_grpc_request(rows: usize) -> sluice_proto::inference::ModelInferRequest 
 #[test]
 fn replica_takes_the_servers_message_limit() {
     use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    let (_child, addr) = start_iris_replica(&["--max-body-bytes", "1000"]);
+    let (_child, addr) = start_replica(&iris_replica_spec(), &["--max-body-bytes", "1000"]);
     let request = iris_grpc_request;
     block_on(async {
         let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
@@ -888,7 +887,7 @@ fn replica_takes_the_servers_message_limit() {
 #[test]
 fn a_replica_serves_its_model_calls_at_metrics_on_its_grpc_address() {
     use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    let (_child, addr) = start_iris_replica(&[]);
+    let (_child, addr) = start_replica(&iris_replica_spec(), &[]);
     let request = iris_grpc_request(3);
     let text = block_on(async {
         let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
@@ -904,6 +903,48 @@ fn a_replica_serves_its_model_calls_at_metrics_on_its_grpc_address() {
     assert_eq!(sample("sluice_batch_size_count{model=\"iris\""), Some(1.0), "{text}");
     assert!(sample("sluice_queue_duration_seconds_count{model=\"iris\"").is_some(), "{text}");
     assert!(!text.contains("sluice_requests_total") && !text.contains("sluice_replicas_ready"), "{text}");
+}
+
+/// A replica process serving a multiplexed deployment says which models it holds with each
+/// answer to a model's request, so that its controller sends a model's requests where it is
+/// loaded (it took each model a replica was ever sent to be held there for good). A client of
+/// a server's own port is not told (another tenant's models are not its business).
+#[test]
+fn a_multiplexed_replica_says_which_models_it_holds() {
+    use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-held-models");
+    let iris = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    for id in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(id)).unwrap();
+        std::fs::copy(&iris, dir.join(id).join("model.onnx")).unwrap();
+    }
+    let spec = sluice_controller::cluster::ReplicaSpec {
+        deployment: "tenants".into(),
+        version: "1".into(),
+        model: sluice_config::Model::Multiplexed { dir, max_models_per_replica: 1 },
+        settings: sluice_config::ReplicaSettings::default(),
+        fetch: None,
+    };
+    let (_child, addr) = start_replica(&serde_json::to_string(&spec).unwrap(), &[]);
+    let held = block_on(async {
+        let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut held = Vec::new();
+        for id in ["a", "b"] {
+            let mut request = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
+                model_name: "tenants".into(),
+                ..iris_grpc_request(1)
+            });
+            request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, id.parse().unwrap());
+            let answer = c.model_infer(request).await.expect("the replica answers");
+            let value = answer
+                .metadata()
+                .get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)
+                .map(|v| v.to_bytes().unwrap());
+            held.push(value.map(|v| String::from_utf8(v.to_vec()).unwrap()));
+        }
+        held
+    });
+    assert_eq!(held, [Some("a\0".to_string()), Some("b\0".to_string())]);
 }
 
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it

@@ -62,7 +62,7 @@ impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
         // The inputs stay until the answer (for a redirect): the request message shares their
         // bytes, so this holds what a local replica's queue would, not a copy.
-        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect } = call;
+        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect, holder } = call;
         let left = deadline.saturating_duration_since(Instant::now());
         let request = encode(&self.model, &self.version, &inputs, &outputs, left);
         let mut client = self.client.clone();
@@ -93,7 +93,14 @@ impl RemoteReplica for GrpcReplica {
                 () = reply.closed() => return,
             };
             let answer = match answer {
-                Ok(response) => decode(response.into_inner(), &outputs),
+                Ok(response) => {
+                    if let Some(holder) = &holder
+                        && let Some(held) = held_models(response.metadata())
+                    {
+                        holder.holds(held);
+                    }
+                    decode(response.into_inner(), &outputs)
+                }
                 Err(status) => {
                     if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
                         suspect.notify_one();
@@ -102,8 +109,16 @@ impl RemoteReplica for GrpcReplica {
                     // Nothing reached the replica: another one runs the request.
                     if let Some(redirect) = redirect.filter(|_| never_delivered(&status)) {
                         let admission = admission.take();
-                        let call =
-                            RemoteCall { inputs, outputs, deadline, reply, model, admission, redirect: None };
+                        let call = RemoteCall {
+                            inputs,
+                            outputs,
+                            deadline,
+                            reply,
+                            model,
+                            admission,
+                            redirect: None,
+                            holder: None,
+                        };
                         redirect.send(call, error);
                         return;
                     }
@@ -117,6 +132,14 @@ impl RemoteReplica for GrpcReplica {
     fn info(&self) -> &RemoteInfo {
         &self.info
     }
+}
+
+/// The models a replica process says it holds ([`sluice_deployments::HELD_MODELS_HEADER_BIN`]):
+/// None when it says nothing (or nothing readable).
+fn held_models(metadata: &tonic::metadata::MetadataMap) -> Option<Vec<Arc<str>>> {
+    let bytes = metadata.get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)?.to_bytes().ok()?;
+    let ids = bytes.split(|b| *b == 0).filter(|id| !id.is_empty());
+    ids.map(|id| std::str::from_utf8(id).ok().map(Arc::from)).collect()
 }
 
 /// Whether a call failed before anything reached the replica: its connection could not be
@@ -233,6 +256,23 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn the_models_a_replica_holds_are_read_from_its_answer() {
+        let with = |bytes: &[u8]| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert_bin(
+                sluice_deployments::HELD_MODELS_HEADER_BIN,
+                tonic::metadata::MetadataValue::from_bytes(bytes),
+            );
+            held_models(&m)
+        };
+        let ids = |v: &[&str]| Some(v.iter().map(|s| Arc::<str>::from(*s)).collect::<Vec<_>>());
+        assert_eq!(with("a\0café\0".as_bytes()), ids(&["a", "café"]));
+        assert_eq!(with(b""), ids(&[]), "holding nothing is news too");
+        assert_eq!(with(b"a\0\xff\0"), None, "an id that is not UTF-8: nothing believed");
+        assert_eq!(held_models(&tonic::metadata::MetadataMap::new()), None);
+    }
 
     #[test]
     fn a_request_crosses_as_the_same_bytes_and_back() {

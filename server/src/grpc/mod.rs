@@ -35,6 +35,9 @@ pub struct InferenceService {
     stream_max_in_flight: usize,
     /// Turns true when the server shuts down (streams then stop reading requests).
     stop: tokio::sync::watch::Receiver<bool>,
+    /// A `sluice replica` process: its answers to a multiplexed model's requests say which
+    /// models it holds ([`sluice_deployments::HELD_MODELS_HEADER_BIN`]), for its controller.
+    report_held_models: bool,
 }
 
 /// What a call's metadata says about its requests: a version pinned with
@@ -170,7 +173,24 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Reply<pb::ModelInferResponse> {
         let started = std::time::Instant::now();
         let headers = CallHeaders::of(req.metadata())?;
-        infer(&self.routes, &headers, started, req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        let report = (self.report_held_models && headers.model_id.is_some())
+            .then(|| (req.model_name.clone(), req.model_version.clone()));
+        let mut response = infer(&self.routes, &headers, started, req).await.map(Response::new)?;
+        if let Some((name, version)) = report {
+            let choice =
+                sluice_router::VersionChoice { exact: Some(&version), pinned: headers.pinned.as_deref() };
+            if let Ok(d) = self.routes.route(&name, choice) {
+                let mut held = Vec::new();
+                for id in d.held_models() {
+                    held.extend_from_slice(id.as_bytes());
+                    held.push(0);
+                }
+                let value = tonic::metadata::MetadataValue::from_bytes(&held);
+                response.metadata_mut().insert_bin(sluice_deployments::HELD_MODELS_HEADER_BIN, value);
+            }
+        }
+        Ok(response)
     }
 
     type ModelStreamInferStream = stream::Answers;
@@ -269,6 +289,15 @@ pub struct Limits {
     pub stream_max_in_flight: usize,
 }
 
+/// Where the gRPC services run.
+pub struct Role {
+    /// On a port of their own: they open each call's span (on a port shared with REST,
+    /// REST's frontend has).
+    pub traced: bool,
+    /// In a `sluice replica` process ([`crate::StartOptions::replica`]).
+    pub replica: bool,
+}
+
 /// Every gRPC service Sluice serves, as one axum router (served on its own port or merged
 /// with REST). `max_message_bytes` bounds decoded requests, decompressed ones too (tonic's
 /// default is 4 MiB). Health follows readiness until `stop` turns true; streams stop reading
@@ -280,9 +309,10 @@ pub async fn routes(
     limits: Limits,
     stop: tokio::sync::watch::Receiver<bool>,
     control: crate::auth::Control,
-    traced: bool,
+    role: Role,
 ) -> Result<axum::Router, crate::StartError> {
     let Limits { max_message_bytes, stream_max_in_flight } = limits;
+    let Role { traced, replica } = role;
     let service = InferenceService {
         routes: routes.clone(),
         controller,
@@ -290,6 +320,7 @@ pub async fn routes(
         control,
         stream_max_in_flight,
         stop: stop.clone(),
+        report_held_models: replica,
     };
     let inference = GrpcInferenceServiceServer::new(service)
         .accept_compressed(CompressionEncoding::Gzip)
