@@ -945,6 +945,39 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
         held
     });
     assert_eq!(held, [Some("a\0".to_string()), Some("b\0".to_string())]);
+    // The head's side: a deployment whose replica is that process, reached as the controller
+    // reaches it, takes the replica to hold what it said (only `b` now; `a` was evicted).
+    let held = block_on(async {
+        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
+        let tensor = |name: &str, dtype, shape: Vec<i64>| TensorSpec { name: name.into(), dtype, shape };
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor("input", DataType::Fp32, vec![-1, 4])],
+            outputs: vec![
+                tensor("label", DataType::Int64, vec![-1]),
+                tensor("probabilities", DataType::Fp32, vec![-1, 3]),
+            ],
+        };
+        let mut spec = DeploymentSpec::new("tenants");
+        (spec.version, spec.multiplexed, spec.max_replicas) = ("1".into(), true, 1);
+        let d = Deployment::start_remote(spec, metadata).unwrap();
+        let info = sluice_deployments::RemoteInfo { addr: addr.clone(), ..Default::default() };
+        let replica = sluice_controller::cluster::GrpcReplica::new(info, "tenants", "1").unwrap();
+        let id = d.add_remote(std::sync::Arc::new(replica));
+        d.set_replica_ready(id, true);
+        let x = sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
+        for model in ["a", "b"] {
+            let inputs = vec![sluice_deployments::NamedTensor { name: "input".into(), tensor: x.clone() }];
+            let request = sluice_deployments::InferRequest {
+                inputs,
+                model_id: Some(model.into()),
+                ..Default::default()
+            };
+            d.infer(request).await.expect("the replica answers through the head's deployment");
+        }
+        d.held_models()
+    });
+    assert_eq!(held, [std::sync::Arc::<str>::from("b")]);
 }
 
 /// `sluice replica --worker-threads N` (the controller gives a Ray replica the CPUs it
