@@ -136,7 +136,7 @@ impl Channel {
                     span: span.clone(),
                     tried,
                 });
-                let holder = model.is_some().then(|| Holder { set: set.clone(), id: *from });
+                let holder = model.as_ref().and_then(|m| Holder::sent(set, *from, m));
                 let _entered = span.enter();
                 r.call(RemoteCall {
                     inputs,
@@ -168,17 +168,60 @@ impl Channel {
 /// told which other models are loaded).
 pub const HELD_MODELS_HEADER_BIN: &str = "x-sluice-held-models-bin";
 
-/// Where a remote replica's answer says which models it holds ([`RemoteCall::holder`]).
+/// The longest list of held models a replica sends (bytes before base64): a longer one is not
+/// sent (no news; the controller keeps what it knew), as metadata past the client's header
+/// limit would fail an answered request.
+pub const HELD_MODELS_MAX_BYTES: usize = 8 * 1024;
+
+/// Where a remote replica's answer says which models it holds ([`RemoteCall::holder`]). While
+/// it lives, its call's model counts as held by the replica (sent there, not yet answered).
 pub struct Holder {
-    set: Weak<ReplicaSet>,
-    id: usize,
+    slot: Weak<ReplicaSlot>,
+    model: Arc<str>,
+    /// Counted out of the slot's `sent` already.
+    answered: bool,
 }
 
 impl Holder {
-    /// The replica holds `models` (in place of what it was said to hold, or claimed for).
-    pub fn holds(&self, models: Vec<Arc<str>>) {
-        if let Some(set) = self.set.upgrade() {
-            set.set_models(self.id, models);
+    /// A call for `model` sent to replica `id` of `set`.
+    fn sent(set: &Weak<ReplicaSet>, id: usize, model: &Arc<str>) -> Option<Self> {
+        let set = set.upgrade()?;
+        let slot = set.replicas.load().iter().find(|r| r.id == id)?.clone();
+        slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(model.clone());
+        Some(Self { slot: Arc::downgrade(&slot), model: model.clone(), answered: false })
+    }
+
+    /// The replica answered the call holding `models`: they replace what it was said to hold,
+    /// but for the models of its other calls not yet answered (one claimed for a request on its
+    /// way there, which an answer to an earlier request cannot know of, stays claimed, or the
+    /// requests after it would go to load it on another replica).
+    pub fn holds(mut self, mut models: Vec<Arc<str>>) {
+        let Some(slot) = self.slot.upgrade() else { return };
+        let mut sent = slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = sent.iter().position(|m| *m == self.model) {
+            sent.swap_remove(i);
+        }
+        self.answered = true;
+        for m in sent.iter() {
+            if !models.contains(m) {
+                models.push(m.clone());
+            }
+        }
+        slot.models.store(Arc::new(models));
+    }
+}
+
+impl Drop for Holder {
+    /// A call that ends without an answer (failed, handed on, or given up) is no longer sent.
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        if let Some(slot) = self.slot.upgrade() {
+            let mut sent = slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(i) = sent.iter().position(|m| *m == self.model) {
+                sent.swap_remove(i);
+            }
         }
     }
 }
@@ -254,6 +297,9 @@ struct ReplicaSlot {
     in_flight: crate::metrics::ReplicaGauge,
     /// The models a multiplexed replica holds (its thread publishes them after each change).
     models: ArcSwap<Vec<Arc<str>>>,
+    /// A remote replica's: the models of the calls sent to it and not yet answered (each once
+    /// per call), kept in `models` whatever an answer says ([`Holder::holds`]).
+    sent: std::sync::Mutex<Vec<Arc<str>>>,
     started_at: SystemTime,
 }
 
@@ -431,6 +477,7 @@ impl ReplicaSet {
             granted: AtomicBool::new(false),
             in_flight: self.config.metrics.replica_in_flight(id),
             models: ArcSwap::from_pointee(Vec::new()),
+            sent: std::sync::Mutex::new(Vec::new()),
             started_at: SystemTime::now(),
         });
         self.replicas.rcu(|current| {
@@ -961,6 +1008,15 @@ impl Deployment {
             _ => request.inputs.first().and_then(|i| i.tensor.shape().first().copied()).unwrap_or(1),
         };
         let model = match (request.model_id.take(), spec.multiplexed) {
+            // No folder is named so (and a replica's list of the models it holds ends each id
+            // with one).
+            (Some(id), true) if id.contains('\0') => {
+                return Err(InferError::not_found(format!(
+                    "no model `{}` in `{}`",
+                    id.escape_debug(),
+                    spec.name
+                )));
+            }
             (Some(id), true) => Some(Arc::<str>::from(id)),
             (None, true) => {
                 return Err(InferError::invalid(format!(

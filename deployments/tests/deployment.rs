@@ -885,7 +885,7 @@ struct HoldsOne;
 
 impl sluice_deployments::RemoteReplica for HoldsOne {
     fn call(&self, call: sluice_deployments::RemoteCall) {
-        if let (Some(holder), Some(model)) = (&call.holder, &call.model) {
+        if let (Some(holder), Some(model)) = (call.holder, &call.model) {
             holder.holds(vec![model.clone()]);
         }
         let outputs =
@@ -917,4 +917,48 @@ async fn a_remote_replica_holds_what_its_answers_say() {
         d.infer(r).await.unwrap();
     }
     assert_eq!(d.held_models(), [Arc::<str>::from("b")]);
+    // No folder is named with a NUL (and a replica's list ends each id with one).
+    let r = InferRequest { model_id: Some("a\0b".into()), ..request(&[1]) };
+    assert_eq!(d.infer(r).await.unwrap_err().kind, ErrorKind::NotFound);
+}
+
+/// A model claimed for a request on its way to a remote replica stays that replica's while the
+/// request is out, whatever an answer to an earlier request says it holds (that answer cannot
+/// know of it): the next request for the model follows it there, rather than going to load it
+/// on another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_on_its_way_to_a_remote_replica_stays_claimed_there() {
+    let s = spec(|s| {
+        s.num_replicas = 0;
+        s.max_replicas = 2;
+        s.multiplexed = true;
+        s.settings.max_ongoing_requests = 4;
+    });
+    let d = Arc::new(Deployment::start_remote(s, remote_meta()).unwrap());
+    let slow = Arc::new(FakeRemote { info: Default::default(), held: Some(Mutex::new(Vec::new())) });
+    let first = d.add_remote(slow.clone());
+    d.set_replica_ready(first, true);
+    let send = |model: &str| {
+        let d = d.clone();
+        let r = InferRequest { model_id: Some(model.into()), ..request(&[1]) };
+        tokio::spawn(async move { d.infer(r).await })
+    };
+    let calls = || slow.held.as_ref().unwrap().lock().unwrap().len();
+    let y = send("y");
+    until("y's call on the first replica", || calls() == 1).await;
+    let _x = send("x");
+    until("x's call on the first replica", || calls() == 2).await;
+    // The first replica answers y, holding only y: it has not seen x yet.
+    let call = slow.held.as_ref().unwrap().lock().unwrap().remove(0);
+    assert_eq!(call.model.as_deref(), Some("y"));
+    call.holder.unwrap().holds(vec!["y".into()]);
+    let _ = call.reply.send(Ok(Vec::new()));
+    let _ = y.await;
+    // A second replica, idle, comes up: x's next request still goes where x is on its way.
+    let other = d.add_remote(Arc::new(HoldsOne));
+    d.set_replica_ready(other, true);
+    let _x2 = send("x");
+    until("x's second call on the first replica", || calls() == 2).await;
+    let held = d.held_models();
+    assert!(held.iter().any(|m| &**m == "x"), "{held:?}");
 }

@@ -34,6 +34,9 @@ impl GrpcReplica {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
+            // A replica's answer lists the models it holds in its metadata (at most
+            // `HELD_MODELS_MAX_BYTES`, base64): room for it beside the rest.
+            .http2_max_header_list_size(64 * 1024)
             .keep_alive_timeout(Duration::from_secs(20));
         let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(usize::MAX)
@@ -62,7 +65,8 @@ impl RemoteReplica for GrpcReplica {
     fn call(&self, call: RemoteCall) {
         // The inputs stay until the answer (for a redirect): the request message shares their
         // bytes, so this holds what a local replica's queue would, not a copy.
-        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect, holder } = call;
+        let RemoteCall { inputs, outputs, deadline, mut reply, model, admission, redirect, mut holder } =
+            call;
         let left = deadline.saturating_duration_since(Instant::now());
         let request = encode(&self.model, &self.version, &inputs, &outputs, left);
         let mut client = self.client.clone();
@@ -94,8 +98,8 @@ impl RemoteReplica for GrpcReplica {
             };
             let answer = match answer {
                 Ok(response) => {
-                    if let Some(holder) = &holder
-                        && let Some(held) = held_models(response.metadata())
+                    if let Some(held) = held_models(response.metadata())
+                        && let Some(holder) = holder.take()
                     {
                         holder.holds(held);
                     }

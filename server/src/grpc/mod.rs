@@ -186,8 +186,10 @@ impl GrpcInferenceService for InferenceService {
                     held.extend_from_slice(id.as_bytes());
                     held.push(0);
                 }
-                let value = tonic::metadata::MetadataValue::from_bytes(&held);
-                response.metadata_mut().insert_bin(sluice_deployments::HELD_MODELS_HEADER_BIN, value);
+                if held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES {
+                    let value = tonic::metadata::MetadataValue::from_bytes(&held);
+                    response.metadata_mut().insert_bin(sluice_deployments::HELD_MODELS_HEADER_BIN, value);
+                }
             }
         }
         Ok(response)
