@@ -1,7 +1,8 @@
 """Sluice on a real 2-node Ray cluster (network namespaces, see netns_cluster.py), end to end:
 `sluice run --ray` submits Sluice as one Ray job; replicas are Ray actors hosting `sluice
 replica` processes on both nodes; tritonclient infers through the head's frontends; Prometheus finds each replica's model-call
-series through the head's service discovery; a replica
+series through the head's service discovery; a multiplexed deployment loads its models in its
+replica process; a replica
 that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
 fails no request; a deploy failing part-way stops the replicas it started; a killed replica and a lost node are replaced with no request left hanging;
 a second instance in the same Ray namespace is refused and touches nothing; stopping the job
@@ -154,6 +155,9 @@ def sluice_pids(c, node):
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("app")
     shutil.copytree(REPO / "examples" / "models" / "iris", d / "models" / "iris")
+    for tenant in ("a", "b"):  # a multiplexed deployment's models
+        (d / "models" / "tenants" / tenant).mkdir(parents=True)
+        shutil.copy(REPO / "examples" / "models" / "iris" / "model.onnx", d / "models" / "tenants" / tenant)
     (d / "app.yaml").write_text(APP.format(version="1", extra=""))
     return d
 
@@ -235,6 +239,34 @@ def test_prometheus_finds_the_model_calls_in_the_replica_processes(cluster, job)
     assert sum(v for labels, v in counts.items() if 'model="iris"' in labels) > 0, counts
     # The replicas' gauges are the head's: a proxy summed beside it would count them twice.
     assert "sluice_replicas_ready" not in text, text[:2000]
+
+
+TENANTS = """\
+      - name: tenants
+        multiplex: {path: models/tenants, max_num_models_per_replica: 1}
+        num_cpus: 0.25
+"""
+
+
+def test_a_multiplexed_deployment_on_ray_loads_a_model_only_where_it_is_not_held(cluster, workdir, job):
+    # One replica process holding one model at a time: a, a, b, b, a load a, b and a again,
+    # and the other two are hits; its answers say what it holds, its /metrics counts them.
+    (workdir / "tenants.yaml").write_text(APP.format(version="1", extra=TENANTS))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "tenants.yaml")
+    assert code == 200, body
+    cases = json.loads((REPO / "examples" / "models" / "iris" / "expected.json").read_text())["cases"]
+    request = json.dumps({"inputs": cases[0]["inputs"]}).encode()
+    for tenant in "aabba":
+        url = "http://%s:8000/v2/models/%s/infer" % (HEAD, tenant)
+        st, out = wait_for("model %s answered" % tenant, lambda: (lambda r: r if r[0] == 200 else None)(
+            cluster.http("POST", url, body=request)), timeout=30)
+        assert json.loads(out)["outputs"], out
+    nodes = deployment(cluster, "tenants")["versions"][0]["nodes"]
+    assert len(nodes) == 1, nodes
+    loads, _ = scraped(cluster, nodes[0]["addr"], "sluice_multiplex_loads_total")
+    cache, _ = scraped(cluster, nodes[0]["addr"], "sluice_multiplex_requests_total")
+    assert list(loads.values()) == [3.0], loads
+    assert {labels.split('cache="')[1].split('"')[0]: v for labels, v in cache.items()} == {"hit": 2.0, "miss": 3.0}, cache
 
 
 def test_submitting_twice_is_idempotent(cluster, workdir, job):
