@@ -962,3 +962,28 @@ async fn a_model_on_its_way_to_a_remote_replica_stays_claimed_there() {
     let held = d.held_models();
     assert!(held.iter().any(|m| &**m == "x"), "{held:?}");
 }
+
+/// A shadow's copies count as the candidate's load only while the candidate holds them (its
+/// autoscaler leaves them out of the canary's own traffic): a copy the candidate answered that
+/// waits for the primary's answer, to be compared, is not counted (it was, until compared, so a
+/// slow primary made the canary's own load read lower than it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_copy_counts_as_in_flight_only_while_the_candidate_holds_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (g, open) = gate();
+    let started = g.started.clone();
+    let candidate = start_gated(spec(|_| {}), 0, None, Some(g));
+    assert!(candidate.deployment.wait_ready(Duration::from_secs(5)).await);
+    let shadow = Arc::new(sluice_deployments::Shadow::new(candidate.deployment.clone(), 100));
+    let notified = started.notified();
+    let mirror = shadow.mirror(&request(&[1])).expect("every request copied at 100 %");
+    notified.await;
+    assert_eq!(shadow.in_flight(), 1, "the copy the candidate runs");
+    open.send(()).unwrap();
+    until("the candidate's answer", || shadow.in_flight() == 0).await;
+    assert_eq!(shadow.stats().compared.load(Relaxed), 0, "compared before the primary answered");
+    let x = request(&[1]).inputs.remove(0).tensor;
+    mirror.compare(&[NamedTensor { name: "y".into(), tensor: x }]);
+    until("the comparison", || shadow.stats().compared.load(Relaxed) == 1).await;
+    assert_eq!(shadow.in_flight(), 0);
+}
