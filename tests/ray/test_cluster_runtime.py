@@ -1,12 +1,12 @@
 """Sluice on a real 2-node Ray cluster (network namespaces, see netns_cluster.py), end to end:
 `sluice run --ray` submits Sluice as one Ray job; replicas are Ray actors hosting `sluice
-replica` processes on both nodes; tritonclient infers through the head's frontends; Prometheus finds each replica's model-call
-series through the head's service discovery; a multiplexed deployment loads its models in its
-replica process; a replica
-that does not fit waits and status says why; autoscaling creates and kills actors; a live swap
-fails no request; a deploy failing part-way stops the replicas it started; a killed replica and a lost node are replaced with no request left hanging;
-a second instance in the same Ray namespace is refused and touches nothing; stopping the job
-leaves no process behind.
+replica` processes on both nodes; tritonclient infers through the head's frontends; Prometheus
+finds each replica's model-call series through the head's service discovery; a multiplexed
+deployment loads its models in its replica process; a replica that does not fit waits and
+status says why; autoscaling creates and kills actors, for a canary too as it takes its share;
+a live swap fails no request; a deploy failing part-way stops the replicas it started; a killed
+replica and a lost node are replaced with no request left hanging; a second instance in the
+same Ray namespace is refused and touches nothing; stopping the job leaves no process behind.
 
 The tests share one cluster and one job and run in file order (the node-loss test takes the
 worker away, the last one stops the job)."""
@@ -370,6 +370,31 @@ def test_autoscaling_creates_and_kills_actors(cluster, workdir, job, tmp_path):
              lambda: len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker")) == before, timeout=30)
     events = " ".join(e["message"] for e in status(cluster)["events"])
     assert "autoscaled from 1 to" in events and "to 1 replicas" in events, events
+
+CANARY = """\
+        canary: {model: models/iris/model.onnx, version: "2", weight: 50}
+"""
+
+
+def test_an_autoscaled_canary_grows_with_its_share_on_ray(cluster, workdir, job, tmp_path):
+    # Half of `auto`'s traffic on a canary: under load it gets replica actors of its own (it
+    # kept the one it started with), and every request is answered.
+    (workdir / "canary.yaml").write_text(APP.format(version="1", extra=AUTO + CANARY))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "canary.yaml")
+    assert code == 200, body
+    canary = lambda: [v for v in deployment(cluster, "auto")["versions"] if v.get("canary")][0]
+    assert (canary()["version"], canary()["replicas"]) == ("2", 1), canary()
+    out = tmp_path / "canary-load.json"
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", INFER.replace("iris", "auto"),
+                                "8", "6", str(out)])
+    wait_for("the canary to grow", lambda: canary()["ready_replicas"] >= 2, timeout=60)
+    p.wait(timeout=60)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 0 and not stats["errors"], stats
+    assert set(stats["versions"]) == {"1", "2"}, stats
+    events = " ".join(e["message"] for e in status(cluster)["events"])
+    assert "canary version 2 autoscaled from 1 to" in events, events
+
 
 ZERO = """\
       - name: zero
