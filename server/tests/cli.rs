@@ -942,9 +942,22 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
                 .map(|v| v.to_bytes().unwrap());
             held.push(value.map(|v| String::from_utf8(v.to_vec()).unwrap()));
         }
+        // A failure says it too (a model that failed to load is not held).
+        let mut request = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
+            model_name: "tenants".into(),
+            ..iris_grpc_request(1)
+        });
+        request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, "nobody".parse().unwrap());
+        let status = c.model_infer(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+        let value = status
+            .metadata()
+            .get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)
+            .map(|v| v.to_bytes().unwrap());
+        held.push(value.map(|v| String::from_utf8(v.to_vec()).unwrap()));
         held
     });
-    assert_eq!(held, [Some("a\0".to_string()), Some("b\0".to_string())]);
+    assert_eq!(held, [Some("a\0".to_string()), Some("b\0".to_string()), Some("b\0".to_string())]);
     // The head's side: a deployment whose replica is that process, reached as the controller
     // reaches it, takes the replica to hold what it said (only `b` now; `a` was evicted).
     let held = block_on(async {
@@ -975,6 +988,15 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
             };
             d.infer(request).await.expect("the replica answers through the head's deployment");
         }
+        // An id the replica does not have: claimed for the request, and dropped by its failure's
+        // word.
+        let inputs = vec![sluice_deployments::NamedTensor { name: "input".into(), tensor: x.clone() }];
+        let request = sluice_deployments::InferRequest {
+            inputs,
+            model_id: Some("nobody".into()),
+            ..Default::default()
+        };
+        assert!(d.infer(request).await.is_err());
         d.held_models()
     });
     assert_eq!(held, [std::sync::Arc::<str>::from("b")]);

@@ -106,6 +106,13 @@ impl RemoteReplica for GrpcReplica {
                     decode(response.into_inner(), &outputs)
                 }
                 Err(status) => {
+                    // A failure says what the replica holds too (a model that failed to load is
+                    // not held).
+                    if let Some(held) = held_models(status.metadata())
+                        && let Some(holder) = holder.take()
+                    {
+                        holder.holds(held);
+                    }
                     if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
                         suspect.notify_one();
                     }

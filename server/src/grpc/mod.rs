@@ -176,23 +176,35 @@ impl GrpcInferenceService for InferenceService {
         let req = req.into_inner();
         let report = (self.report_held_models && headers.model_id.is_some())
             .then(|| (req.model_name.clone(), req.model_version.clone()));
-        let mut response = infer(&self.routes, &headers, started, req).await.map(Response::new)?;
-        if let Some((name, version)) = report {
+        let answer = infer(&self.routes, &headers, started, req).await;
+        // Said with a failure too: a model that failed to load, or panicked, is not held.
+        let held = report.and_then(|(name, version)| {
             let choice =
                 sluice_router::VersionChoice { exact: Some(&version), pinned: headers.pinned.as_deref() };
-            if let Ok(d) = self.routes.route(&name, choice) {
-                let mut held = Vec::new();
-                for id in d.held_models() {
-                    held.extend_from_slice(id.as_bytes());
-                    held.push(0);
+            let mut held = Vec::new();
+            for id in self.routes.route(&name, choice).ok()?.held_models() {
+                held.extend_from_slice(id.as_bytes());
+                held.push(0);
+            }
+            (held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES)
+                .then(|| tonic::metadata::MetadataValue::from_bytes(&held))
+        });
+        let key = sluice_deployments::HELD_MODELS_HEADER_BIN;
+        match answer {
+            Ok(answer) => {
+                let mut response = Response::new(answer);
+                if let Some(held) = held {
+                    response.metadata_mut().insert_bin(key, held);
                 }
-                if held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES {
-                    let value = tonic::metadata::MetadataValue::from_bytes(&held);
-                    response.metadata_mut().insert_bin(sluice_deployments::HELD_MODELS_HEADER_BIN, value);
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(held) = held {
+                    status.metadata_mut().insert_bin(key, held);
                 }
+                Err(status)
             }
         }
-        Ok(response)
     }
 
     type ModelStreamInferStream = stream::Answers;
