@@ -479,7 +479,10 @@ impl Controller {
             // round then holds (let go when the last ends). While a change runs (a deploy
             // loading models, a promotion, a repository scan) they are not judged at all:
             // their jobs would wait for it with their deployments held busy.
-            let turn = self.changes.clone().try_lock_owned().ok().map(Arc::new);
+            // Taken only where there is a canary (a repository scan that meets it skips to its
+            // next poll).
+            let canaries = st.deployments.values().any(|m| m.canary.is_some());
+            let turn = canaries.then(|| self.changes.clone().try_lock_owned().ok().map(Arc::new)).flatten();
             let (rescale, next_scale) = autoscale::step(&mut st, now, cpus, &busy, turn.is_some());
             let mut retry = Vec::new();
             // A fixed replica count that failed to load a replica is tried again (the
