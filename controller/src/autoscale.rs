@@ -197,6 +197,18 @@ pub(crate) fn canary_bounds(cfg: &Autoscaling) -> Autoscaling {
     }
 }
 
+/// `to` held to what `config` allows a version of it now: its autoscaling bounds (a canary's,
+/// [`canary_bounds`]), or its fixed count (a canary's one at least). A count decided under an
+/// earlier config, or kept through an apply, is held to the config in force.
+pub(crate) fn held_to_config(config: &sluice_config::Deployment, to: usize, canary: bool) -> usize {
+    match (config.autoscaling(), canary) {
+        (Some(a), false) => a.bound(to),
+        (Some(a), true) => canary_bounds(a).bound(to),
+        (None, false) => config.initial_replicas(),
+        (None, true) => config.initial_replicas().max(1),
+    }
+}
+
 /// The canary's requests in the deployment now (in flight and queued): the copies a rollout
 /// gated on shadow agreement sends it are not its own traffic, and would size it for all of
 /// the primary's.

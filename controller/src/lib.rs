@@ -376,17 +376,11 @@ impl Controller {
             let bound_now = |to: usize| {
                 let st = self.lock();
                 let m = st.deployments.get(&job.deployment)?;
-                if !job.canary {
-                    return is_target(&m.primary).then(|| match &m.scaling {
-                        Some(s) => s.config.bound(to),
-                        None => m.config.initial_replicas(),
-                    });
-                }
-                m.canary.as_ref().filter(|c| is_target(&c.version))?;
-                Some(match &m.scaling {
-                    Some(s) => autoscale::canary_bounds(&s.config).bound(to),
-                    None => m.config.initial_replicas().max(1),
-                })
+                let still = match job.canary {
+                    false => is_target(&m.primary),
+                    true => m.canary.as_ref().is_some_and(|c| is_target(&c.version)),
+                };
+                still.then(|| autoscale::held_to_config(&m.config, to, job.canary))
             };
             let Some(mut to) = bound_now(job.to) else { continue };
             let from = job.target.replica_count();

@@ -302,10 +302,7 @@ fn commit_deployment(
         }
         (Change::Keep(_), Some(m)) => {
             let current = m.primary.replica_count();
-            let want = match p.config.autoscaling() {
-                Some(a) => a.bound(current),
-                None => p.config.initial_replicas(),
-            };
+            let want = crate::autoscale::held_to_config(&p.config, current, false);
             if want != current {
                 out.rescale.push(Rescale {
                     deployment: name.clone(),
@@ -378,13 +375,9 @@ fn commit_canary(
             })
         }
         (Some(c), Some(Change::Keep(_)), Some(mut oc)) => {
-            // Its count held to the config in force: a fixed count's, or the autoscaling bounds
-            // (a canary's, never below one), as the primary's is.
+            // Its count held to the config in force, as the primary's is.
             let current = oc.version.replica_count();
-            let want = match d.autoscaling() {
-                Some(a) => crate::autoscale::canary_bounds(a).bound(current),
-                None => d.initial_replicas().max(1),
-            };
+            let want = crate::autoscale::held_to_config(d, current, true);
             if want != current {
                 out.rescale.push(Rescale {
                     deployment: name.clone(),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use sluice_controller::Controller;
 use sluice_deployments::metrics::Protocol;
-use sluice_deployments::{ErrorKind, TensorSpec};
+use sluice_deployments::{ErrorKind, Servable, TensorSpec};
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -82,9 +82,27 @@ async fn infer(
     started: std::time::Instant,
     req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, Status> {
+    infer_on(&route(routes, headers, &req)?, headers, started, req).await
+}
+
+/// What serves `req`: its model at the version it names or its metadata pins.
+fn route(
+    routes: &RouteTable,
+    headers: &CallHeaders,
+    req: &pb::ModelInferRequest,
+) -> Result<Servable, Status> {
     let choice =
         sluice_router::VersionChoice { exact: Some(&req.model_version), pinned: headers.pinned.as_deref() };
-    let d = routes.route(&req.model_name, choice).map_err(grpc_status)?;
+    routes.route(&req.model_name, choice).map_err(grpc_status)
+}
+
+/// [`infer`] on the servable [`route`] found.
+async fn infer_on(
+    d: &Servable,
+    headers: &CallHeaders,
+    started: std::time::Instant,
+    req: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, Status> {
     let counted = d.metrics().counted(Protocol::Grpc, started);
     let result = match codec::decode(req) {
         Ok(mut request) => {
@@ -174,21 +192,21 @@ impl GrpcInferenceService for InferenceService {
         let started = std::time::Instant::now();
         let headers = CallHeaders::of(req.metadata())?;
         let req = req.into_inner();
-        let report = (self.report_held_models && headers.model_id.is_some())
-            .then(|| (req.model_name.clone(), req.model_version.clone()));
-        let answer = infer(&self.routes, &headers, started, req).await;
+        let d = route(&self.routes, &headers, &req)?;
+        let answer = infer_on(&d, &headers, started, req).await;
         // Said with a failure too: a model that failed to load, or panicked, is not held.
-        let held = report.and_then(|(name, version)| {
-            let choice =
-                sluice_router::VersionChoice { exact: Some(&version), pinned: headers.pinned.as_deref() };
+        let report = self.report_held_models && headers.model_id.is_some();
+        let held = report.then(|| {
             let mut held = Vec::new();
-            for id in self.routes.route(&name, choice).ok()?.held_models() {
+            for id in d.held_models() {
                 held.extend_from_slice(id.as_bytes());
                 held.push(0);
             }
-            (held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES)
-                .then(|| tonic::metadata::MetadataValue::from_bytes(&held))
+            held
         });
+        let held = held
+            .filter(|held| held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES)
+            .map(|held| tonic::metadata::MetadataValue::from_bytes(&held));
         let key = sluice_deployments::HELD_MODELS_HEADER_BIN;
         match answer {
             Ok(answer) => {
