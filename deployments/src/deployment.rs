@@ -173,6 +173,31 @@ pub const HELD_MODELS_HEADER_BIN: &str = "x-sluice-held-models-bin";
 /// limit would fail an answered request.
 pub const HELD_MODELS_MAX_BYTES: usize = 8 * 1024;
 
+/// The gRPC metadata key beside [`HELD_MODELS_HEADER_BIN`]: the list's number in its replica
+/// process (ASCII decimal). Answers on different HTTP/2 streams can arrive in another order than
+/// they were made; a list numbered below one already taken was read before it, and is not taken.
+pub const HELD_MODELS_SEQ_HEADER: &str = "x-sluice-held-models-seq";
+
+/// The models a remote replica's answer says it holds, numbered in the order its process read
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldModels {
+    pub seq: u64,
+    pub ids: Vec<Arc<str>>,
+}
+
+impl HeldModels {
+    /// The models `read` finds now, numbered after every list this process read before: the
+    /// numbers are taken, and the lists read, under one lock, so a list numbered higher was read
+    /// later (it knows every load and eviction the lower one knew).
+    pub fn read(read: impl FnOnce() -> Vec<Arc<str>>) -> Self {
+        static SEQ: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+        let mut seq = SEQ.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seq += 1;
+        Self { seq: *seq, ids: read() }
+    }
+}
+
 /// Where a remote replica's answer says which models it holds ([`RemoteCall::holder`]). While
 /// it lives, its call's model counts as held by the replica (sent there, not yet answered).
 pub struct Holder {
@@ -187,22 +212,28 @@ impl Holder {
     fn sent(set: &Weak<ReplicaSet>, id: usize, model: &Arc<str>) -> Option<Self> {
         let set = set.upgrade()?;
         let slot = set.replicas.load().iter().find(|r| r.id == id)?.clone();
-        slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(model.clone());
+        slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).calls.push(model.clone());
         Some(Self { slot: Arc::downgrade(&slot), model: model.clone(), answered: false })
     }
 
-    /// The replica answered the call holding `models`: they replace what it was said to hold,
-    /// but for the models of its other calls not yet answered (one claimed for a request on its
-    /// way there, which an answer to an earlier request cannot know of, stays claimed, or the
-    /// requests after it would go to load it on another replica).
-    pub fn holds(mut self, mut models: Vec<Arc<str>>) {
+    /// The replica answered the call holding `held`: its models replace what it was said to
+    /// hold, but for the models of its other calls not yet answered (one claimed for a request
+    /// on its way there, which an answer to an earlier request cannot know of, stays claimed, or
+    /// the requests after it would go to load it on another replica). A list read before one
+    /// already taken (an answer that arrived late) is not taken.
+    pub fn holds(mut self, held: HeldModels) {
         let Some(slot) = self.slot.upgrade() else { return };
         let mut sent = slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(i) = sent.iter().position(|m| *m == self.model) {
-            sent.swap_remove(i);
+        if let Some(i) = sent.calls.iter().position(|m| *m == self.model) {
+            sent.calls.swap_remove(i);
         }
         self.answered = true;
-        for m in sent.iter() {
+        if held.seq > sent.seq {
+            sent.seq = held.seq;
+            sent.taken = held.ids;
+        }
+        let mut models = sent.taken.clone();
+        for m in sent.calls.iter() {
             if !models.contains(m) {
                 models.push(m.clone());
             }
@@ -219,11 +250,20 @@ impl Drop for Holder {
         }
         if let Some(slot) = self.slot.upgrade() {
             let mut sent = slot.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(i) = sent.iter().position(|m| *m == self.model) {
-                sent.swap_remove(i);
+            if let Some(i) = sent.calls.iter().position(|m| *m == self.model) {
+                sent.calls.swap_remove(i);
             }
         }
     }
+}
+
+/// A remote replica's calls to multiplexed models not yet answered, and the last list of held
+/// models taken from its answers ([`HeldModels`]) with its number.
+#[derive(Default)]
+struct Sent {
+    calls: Vec<Arc<str>>,
+    seq: u64,
+    taken: Vec<Arc<str>>,
 }
 
 /// How many times a request is handed on by remote replicas that could not be reached
@@ -299,7 +339,7 @@ struct ReplicaSlot {
     models: ArcSwap<Vec<Arc<str>>>,
     /// A remote replica's: the models of the calls sent to it and not yet answered (each once
     /// per call), kept in `models` whatever an answer says ([`Holder::holds`]).
-    sent: std::sync::Mutex<Vec<Arc<str>>>,
+    sent: std::sync::Mutex<Sent>,
     started_at: SystemTime,
 }
 
@@ -477,7 +517,7 @@ impl ReplicaSet {
             granted: AtomicBool::new(false),
             in_flight: self.config.metrics.replica_in_flight(id),
             models: ArcSwap::from_pointee(Vec::new()),
-            sent: std::sync::Mutex::new(Vec::new()),
+            sent: std::sync::Mutex::new(Sent::default()),
             started_at: SystemTime::now(),
         });
         self.replicas.rcu(|current| {

@@ -886,7 +886,7 @@ struct HoldsOne;
 impl sluice_deployments::RemoteReplica for HoldsOne {
     fn call(&self, call: sluice_deployments::RemoteCall) {
         if let (Some(holder), Some(model)) = (call.holder, &call.model) {
-            holder.holds(vec![model.clone()]);
+            holder.holds(sluice_deployments::HeldModels::read(|| vec![model.clone()]));
         }
         let outputs =
             call.inputs.into_iter().map(|i| NamedTensor { name: "y".into(), tensor: i.tensor }).collect();
@@ -951,7 +951,7 @@ async fn a_model_on_its_way_to_a_remote_replica_stays_claimed_there() {
     // The first replica answers y, holding only y: it has not seen x yet.
     let call = slow.held.as_ref().unwrap().lock().unwrap().remove(0);
     assert_eq!(call.model.as_deref(), Some("y"));
-    call.holder.unwrap().holds(vec!["y".into()]);
+    call.holder.unwrap().holds(held(1, &["y"]));
     let _ = call.reply.send(Ok(Vec::new()));
     let _ = y.await;
     // A second replica, idle, comes up: x's next request still goes where x is on its way.
@@ -961,6 +961,50 @@ async fn a_model_on_its_way_to_a_remote_replica_stays_claimed_there() {
     until("x's second call on the first replica", || calls() == 2).await;
     let held = d.held_models();
     assert!(held.iter().any(|m| &**m == "x"), "{held:?}");
+}
+
+fn held(seq: u64, ids: &[&str]) -> sluice_deployments::HeldModels {
+    sluice_deployments::HeldModels { seq, ids: ids.iter().map(|&id| Arc::from(id)).collect() }
+}
+
+/// Answers can arrive in another order than their replica made them (one per HTTP/2 stream): a
+/// list of held models read before one already taken is not taken (it put back a model the
+/// replica had evicted since, and that model's requests went there to load it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_does_not_put_back_a_model_its_replica_evicted() {
+    let s = spec(|s| {
+        s.num_replicas = 0;
+        s.max_replicas = 1;
+        s.multiplexed = true;
+        s.settings.max_ongoing_requests = 4;
+    });
+    let d = Arc::new(Deployment::start_remote(s, remote_meta()).unwrap());
+    let replica = Arc::new(FakeRemote { info: Default::default(), held: Some(Mutex::new(Vec::new())) });
+    let id = d.add_remote(replica.clone());
+    d.set_replica_ready(id, true);
+    let send = |model: &str| {
+        let d = d.clone();
+        let r = InferRequest { model_id: Some(model.into()), ..request(&[1]) };
+        tokio::spawn(async move { d.infer(r).await })
+    };
+    let calls = || replica.held.as_ref().unwrap().lock().unwrap().len();
+    let a = send("a");
+    until("a's call", || calls() == 1).await;
+    let b = send("b");
+    until("b's call", || calls() == 2).await;
+    let (call_a, call_b) = {
+        let mut calls = replica.held.as_ref().unwrap().lock().unwrap();
+        let b = calls.remove(1);
+        (calls.remove(0), b)
+    };
+    // The replica ran a, then evicted it to load b: b's answer (list 2) arrives first, then a's
+    // (list 1, read before the eviction).
+    call_b.holder.unwrap().holds(held(2, &["b"]));
+    let _ = call_b.reply.send(Ok(Vec::new()));
+    call_a.holder.unwrap().holds(held(1, &["a"]));
+    let _ = call_a.reply.send(Ok(Vec::new()));
+    let _ = (a.await, b.await);
+    assert_eq!(d.held_models(), [Arc::<str>::from("b")]);
 }
 
 /// A shadow's copies count as the candidate's load only while the candidate holds them (its

@@ -926,6 +926,11 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
         fetch: None,
     };
     let (_child, addr) = start_replica(&serde_json::to_string(&spec).unwrap(), &[]);
+    let said = |metadata: &tonic::metadata::MetadataMap| {
+        let ids = metadata.get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)?.to_bytes().unwrap();
+        let seq = metadata.get(sluice_deployments::HELD_MODELS_SEQ_HEADER).expect("numbered");
+        Some((String::from_utf8(ids.to_vec()).unwrap(), seq.to_str().unwrap().parse::<u64>().unwrap()))
+    };
     let held = block_on(async {
         let mut c = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
         let mut held = Vec::new();
@@ -936,11 +941,7 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
             });
             request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, id.parse().unwrap());
             let answer = c.model_infer(request).await.expect("the replica answers");
-            let value = answer
-                .metadata()
-                .get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)
-                .map(|v| v.to_bytes().unwrap());
-            held.push(value.map(|v| String::from_utf8(v.to_vec()).unwrap()));
+            held.push(said(answer.metadata()));
         }
         // A failure says it too (a model that failed to load is not held).
         let mut request = tonic::Request::new(sluice_proto::inference::ModelInferRequest {
@@ -950,14 +951,12 @@ fn a_multiplexed_replica_says_which_models_it_holds() {
         request.metadata_mut().insert(sluice_deployments::MULTIPLEX_HEADER, "nobody".parse().unwrap());
         let status = c.model_infer(request).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
-        let value = status
-            .metadata()
-            .get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)
-            .map(|v| v.to_bytes().unwrap());
-        held.push(value.map(|v| String::from_utf8(v.to_vec()).unwrap()));
+        held.push(said(status.metadata()));
         held
     });
-    assert_eq!(held, [Some("a\0".to_string()), Some("b\0".to_string()), Some("b\0".to_string())]);
+    // Each list is numbered after the one before (the head takes none older than one it took).
+    let said = |ids: &str, seq| Some((ids.to_string(), seq));
+    assert_eq!(held, [said("a\0", 1), said("b\0", 2), said("b\0", 3)]);
     // The head's side: a deployment whose replica is that process, reached as the controller
     // reaches it, takes the replica to hold what it said (only `b` now; `a` was evicted).
     let held = block_on(async {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_deployments::{
-    DataType, ErrorKind, InferError, NamedTensor, RemoteCall, RemoteInfo, RemoteReplica, Tensor,
+    DataType, ErrorKind, HeldModels, InferError, NamedTensor, RemoteCall, RemoteInfo, RemoteReplica, Tensor,
 };
 use sluice_proto::inference as pb;
 use sluice_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -145,12 +145,14 @@ impl RemoteReplica for GrpcReplica {
     }
 }
 
-/// The models a replica process says it holds ([`sluice_deployments::HELD_MODELS_HEADER_BIN`]):
-/// None when it says nothing (or nothing readable).
-fn held_models(metadata: &tonic::metadata::MetadataMap) -> Option<Vec<Arc<str>>> {
+/// The models a replica process says it holds ([`sluice_deployments::HELD_MODELS_HEADER_BIN`])
+/// and the list's number: None when it says nothing (or nothing readable).
+fn held_models(metadata: &tonic::metadata::MetadataMap) -> Option<HeldModels> {
     let bytes = metadata.get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN)?.to_bytes().ok()?;
+    let seq = metadata.get(sluice_deployments::HELD_MODELS_SEQ_HEADER)?.to_str().ok()?.parse().ok()?;
     let ids = bytes.split(|b| *b == 0).filter(|id| !id.is_empty());
-    ids.map(|id| std::str::from_utf8(id).ok().map(Arc::from)).collect()
+    let ids = ids.map(|id| std::str::from_utf8(id).ok().map(Arc::from)).collect::<Option<_>>()?;
+    Some(HeldModels { seq, ids })
 }
 
 /// Whether a call failed before anything reached the replica: its connection could not be
@@ -270,18 +272,28 @@ mod tests {
 
     #[test]
     fn the_models_a_replica_holds_are_read_from_its_answer() {
-        let with = |bytes: &[u8]| {
+        let numbered = |bytes: &[u8], seq: &str| {
             let mut m = tonic::metadata::MetadataMap::new();
             m.insert_bin(
                 sluice_deployments::HELD_MODELS_HEADER_BIN,
                 tonic::metadata::MetadataValue::from_bytes(bytes),
             );
+            m.insert(sluice_deployments::HELD_MODELS_SEQ_HEADER, seq.parse().unwrap());
             held_models(&m)
         };
-        let ids = |v: &[&str]| Some(v.iter().map(|s| Arc::<str>::from(*s)).collect::<Vec<_>>());
+        let with = |bytes: &[u8]| numbered(bytes, "7");
+        let ids =
+            |v: &[&str]| Some(HeldModels { seq: 7, ids: v.iter().map(|s| Arc::<str>::from(*s)).collect() });
         assert_eq!(with("a\0café\0".as_bytes()), ids(&["a", "café"]));
         assert_eq!(with(b""), ids(&[]), "holding nothing is news too");
         assert_eq!(with(b"a\0\xff\0"), None, "an id that is not UTF-8: nothing believed");
+        assert_eq!(numbered(b"a\0", "x"), None, "a list without its number: nothing believed");
+        let mut unnumbered = tonic::metadata::MetadataMap::new();
+        unnumbered.insert_bin(
+            sluice_deployments::HELD_MODELS_HEADER_BIN,
+            tonic::metadata::MetadataValue::from_bytes(b"a\0"),
+        );
+        assert_eq!(held_models(&unnumbered), None);
         assert_eq!(held_models(&tonic::metadata::MetadataMap::new()), None);
     }
 

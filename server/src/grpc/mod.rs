@@ -196,30 +196,34 @@ impl GrpcInferenceService for InferenceService {
         let answer = infer_on(&d, &headers, started, req).await;
         // Said with a failure too: a model that failed to load, or panicked, is not held.
         let report = self.report_held_models && headers.model_id.is_some();
-        let held = report.then(|| {
-            let mut held = Vec::new();
-            for id in d.held_models() {
-                held.extend_from_slice(id.as_bytes());
-                held.push(0);
+        let held = report
+            .then(|| sluice_deployments::HeldModels::read(|| d.held_models()))
+            .map(|held| {
+                let mut ids = Vec::new();
+                for id in held.ids {
+                    ids.extend_from_slice(id.as_bytes());
+                    ids.push(0);
+                }
+                (held.seq, ids)
+            })
+            .filter(|(_, ids)| ids.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES);
+        let tell = |metadata: &mut tonic::metadata::MetadataMap| {
+            if let Some((seq, ids)) = &held {
+                metadata.insert_bin(
+                    sluice_deployments::HELD_MODELS_HEADER_BIN,
+                    tonic::metadata::MetadataValue::from_bytes(ids),
+                );
+                metadata.insert(sluice_deployments::HELD_MODELS_SEQ_HEADER, (*seq).into());
             }
-            held
-        });
-        let held = held
-            .filter(|held| held.len() <= sluice_deployments::HELD_MODELS_MAX_BYTES)
-            .map(|held| tonic::metadata::MetadataValue::from_bytes(&held));
-        let key = sluice_deployments::HELD_MODELS_HEADER_BIN;
+        };
         match answer {
             Ok(answer) => {
                 let mut response = Response::new(answer);
-                if let Some(held) = held {
-                    response.metadata_mut().insert_bin(key, held);
-                }
+                tell(response.metadata_mut());
                 Ok(response)
             }
             Err(mut status) => {
-                if let Some(held) = held {
-                    status.metadata_mut().insert_bin(key, held);
-                }
+                tell(status.metadata_mut());
                 Err(status)
             }
         }
