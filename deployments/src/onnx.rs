@@ -122,6 +122,8 @@ pub struct OnnxBackend {
     metadata: ModelMetadata,
     path: PathBuf,
     copy_times: CopyTimes,
+    /// The model's named dynamic dimensions that more than one input has ([`SharedDim`]).
+    shared_dims: Vec<SharedDim>,
     /// The initializers the session was given, shared with the model's other replicas.
     _weights: Option<Arc<SharedWeights>>,
     /// Last: purges after the session's memory is freed.
@@ -197,12 +199,14 @@ impl OnnxBackend {
             outputs: session.outputs().iter().map(spec).collect::<Result<_, _>>()?,
         };
         let caller = Caller::new(&session).map_err(|e| fail(&e))?;
+        let shared_dims = SharedDim::of(session.inputs());
         Ok(Self {
             session,
             caller,
             metadata,
             path: path.to_path_buf(),
             copy_times: CopyTimes::default(),
+            shared_dims,
             _weights: weights,
             _purge: PurgeOnDrop,
         })
@@ -212,6 +216,64 @@ impl OnnxBackend {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A named dynamic dimension (ONNX's `dim_param`) that more than one input has: the model takes
+/// it to be the same size in each (a sequence length shared by token ids and their mask).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedDim {
+    symbol: String,
+    /// (input, axis) of each place it appears.
+    at: Vec<(String, usize)>,
+}
+
+impl SharedDim {
+    fn of(inputs: &[ort::value::Outlet]) -> Vec<Self> {
+        let mut dims: Vec<Self> = Vec::new();
+        for input in inputs {
+            let ValueType::Tensor { shape, dimension_symbols, .. } = input.dtype() else { continue };
+            for (axis, symbol) in dimension_symbols.iter().enumerate() {
+                // A fixed size has no name, and ONNX Runtime names none it made up.
+                if symbol.is_empty() || shape.get(axis).is_none_or(|&d| d >= 0) {
+                    continue;
+                }
+                let place = (input.name().to_string(), axis);
+                match dims.iter_mut().find(|d| d.symbol == *symbol) {
+                    Some(d) => d.at.push(place),
+                    None => dims.push(Self { symbol: symbol.clone(), at: vec![place] }),
+                }
+            }
+        }
+        dims.retain(|d| d.at.len() > 1);
+        dims
+    }
+}
+
+/// A model call that failed as the server's fault (ONNX Runtime does not check named dimensions
+/// before it runs, and a kernel that meets two sizes fails with an internal error), on inputs
+/// that disagree on a dimension the model shares between them: the request's fault (400),
+/// naming the inputs and sizes. Inputs that agree, or an error that is already the request's,
+/// leave `error` as it is. Only looked at on a failure: a model whose exporter named two
+/// unrelated dimensions alike still runs what ONNX Runtime runs.
+fn disagreeing_inputs(shared: &[SharedDim], inputs: &[NamedTensor], error: InferError) -> InferError {
+    if error.kind != crate::ErrorKind::Internal {
+        return error;
+    }
+    let size = |(name, axis): &(String, usize)| {
+        inputs.iter().find(|i| i.name == *name).and_then(|i| i.tensor.shape().get(*axis).copied())
+    };
+    for dim in shared {
+        let mut sizes = dim.at.iter().filter_map(|place| Some((place, size(place)?)));
+        let Some((first, want)) = sizes.next() else { continue };
+        if let Some((other, got)) = sizes.find(|&(_, got)| got != want) {
+            return InferError::invalid(format!(
+                "inputs `{}` (dimension {}: {want}) and `{}` (dimension {}: {got}) must agree: the model \
+                 names both `{}` ({})",
+                first.0, first.1, other.0, other.1, dim.symbol, error.message
+            ));
+        }
+    }
+    error
 }
 
 impl Backend for OnnxBackend {
@@ -228,7 +290,10 @@ impl Backend for OnnxBackend {
         inputs: Vec<NamedTensor>,
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
-        let (outputs, times) = self.caller.run(&mut self.session, &inputs, outputs)?;
+        let (outputs, times) = self
+            .caller
+            .run(&mut self.session, &inputs, outputs)
+            .map_err(|e| disagreeing_inputs(&self.shared_dims, &inputs, e))?;
         self.copy_times = times;
         Ok(outputs)
     }

@@ -147,3 +147,35 @@ fn values_the_model_refuses_are_the_clients_error() {
     assert!(e.message.contains("out of data bounds"), "{e:?}");
     assert!(encoder.infer(inputs([1, 2]), &outputs).is_ok());
 }
+
+/// Inputs that disagree on a dimension the model names alike in both (the tiny encoder's
+/// sequence length `L`, shared by the token ids and their mask) fail inside ONNX Runtime with
+/// an internal error (it does not check named dimensions before it runs): the client's error,
+/// InvalidArgument (400) naming the inputs and sizes, not an internal one (500, counted against
+/// a canary's gate).
+#[test]
+fn inputs_that_disagree_on_a_shared_dimension_are_the_clients_error() {
+    mlp();
+    let mut encoder =
+        OnnxBackend::load(&models().join("tiny-encoder/model.onnx"), &OnnxOptions::default()).unwrap();
+    let zeros =
+        |len: usize| Tensor::new(DataType::Int64, vec![1, len], Bytes::from(vec![0u8; 8 * len])).unwrap();
+    let inputs = |mask: usize| {
+        vec![
+            NamedTensor { name: "input_ids".into(), tensor: zeros(3) },
+            NamedTensor { name: "attention_mask".into(), tensor: zeros(mask) },
+            NamedTensor { name: "token_type_ids".into(), tensor: zeros(3) },
+        ]
+    };
+    let outputs = ["last_hidden_state".to_string()];
+    let e = encoder.infer(inputs(4), &outputs).unwrap_err();
+    assert_eq!(e.kind, sluice_deployments::ErrorKind::InvalidArgument, "{e:?}");
+    assert!(
+        e.message.starts_with(
+            "inputs `input_ids` (dimension 1: 3) and `attention_mask` (dimension 1: 4) must agree: the model \
+             names both `L`"
+        ),
+        "{e:?}"
+    );
+    assert!(encoder.infer(inputs(3), &outputs).is_ok());
+}
