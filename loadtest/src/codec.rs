@@ -176,14 +176,19 @@ pub enum Values {
     Strings(Vec<String>),
 }
 
-/// Decodes little-endian bytes of `datatype`.
+/// Decodes little-endian bytes of `datatype`: a length that is not a whole number of elements,
+/// or a BYTES element whose length runs past the data, is an error (not values read from what
+/// is there).
 pub fn decode_bytes(datatype: &str, raw: &[u8]) -> Result<Values> {
     macro_rules! nums {
-        ($t:ty, $n:literal, $f:expr) => {
+        ($t:ty, $n:literal, $f:expr) => {{
+            if raw.len() % $n != 0 {
+                bail!("{} bytes of {datatype}, not a whole number of {}-byte elements", raw.len(), $n);
+            }
             Values::Numbers(
                 raw.chunks_exact($n).map(|c| $f(<$t>::from_le_bytes(c.try_into().unwrap()))).collect(),
             )
-        };
+        }};
     }
     Ok(match datatype {
         "BOOL" => Values::Numbers(raw.iter().map(|&b| (b != 0) as u8 as f64).collect()),
@@ -202,11 +207,16 @@ pub fn decode_bytes(datatype: &str, raw: &[u8]) -> Result<Values> {
         "BYTES" => {
             let mut out = Vec::new();
             let mut rest = raw;
-            while rest.len() >= 4 {
-                let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-                let end = (4 + n).min(rest.len());
-                out.push(String::from_utf8_lossy(&rest[4..end]).into_owned());
-                rest = &rest[end..];
+            while !rest.is_empty() {
+                let Some(len) = rest.first_chunk::<4>() else {
+                    bail!("BYTES: {} bytes left, too few for an element's length", rest.len());
+                };
+                let n = u32::from_le_bytes(*len) as usize;
+                let Some(element) = rest.get(4..4 + n) else {
+                    bail!("BYTES: an element of {n} bytes, with {} left", rest.len() - 4);
+                };
+                out.push(String::from_utf8_lossy(element).into_owned());
+                rest = &rest[4 + n..];
             }
             Values::Strings(out)
         }
@@ -393,6 +403,21 @@ mod tests {
             let e = decode_rest(&body, Some(head.len())).unwrap_err();
             assert!(e.to_string().contains("runs past the body"), "{size}: {e}");
         }
+    }
+
+    /// Raw contents that are not whole elements, or a BYTES element longer than what is left,
+    /// are a bad answer: they were read as the values that fit (9 bytes as two FP32s, a
+    /// 10-byte element holding `abc` as `abc`) and could pass `--check`.
+    #[test]
+    fn raw_contents_cut_short_are_refused() {
+        assert!(decode_bytes("FP32", &[0; 9]).unwrap_err().to_string().contains("not a whole number"));
+        assert_eq!(decode_bytes("FP32", &[0; 8]).unwrap(), Values::Numbers(vec![0.0, 0.0]));
+        let long = [&10u32.to_le_bytes()[..], b"abc"].concat();
+        assert!(decode_bytes("BYTES", &long).unwrap_err().to_string().contains("an element of 10 bytes"));
+        let tail = [&3u32.to_le_bytes()[..], b"abc", &[1, 0]].concat();
+        assert!(decode_bytes("BYTES", &tail).is_err(), "two bytes too few for a length");
+        let two = [&3u32.to_le_bytes()[..], b"abc", &0u32.to_le_bytes()].concat();
+        assert_eq!(decode_bytes("BYTES", &two).unwrap(), Values::Strings(vec!["abc".into(), String::new()]));
     }
 
     #[test]

@@ -246,7 +246,12 @@ async fn run(args: Args) -> Result<()> {
     {
         bail!("--check: case {k} of the input data has no expected outputs to compare with");
     }
-    let mut client = Client::connect(args.protocol, &args.url, &args.model, &args.model_version).await?;
+    // Bounded as the metadata fetch is: a host that drops the connect's packets held the run for
+    // the kernel's SYN retries (about two minutes) whatever --timeout said.
+    let connect = Client::connect(args.protocol, &args.url, &args.model, &args.model_version);
+    let mut client = tokio::time::timeout(args.timeout, connect)
+        .await
+        .with_context(|| format!("no connection to {} within --timeout ({:?})", args.url, args.timeout))??;
     if args.health {
         client = client.liveness();
     }
@@ -313,9 +318,15 @@ async fn run(args: Args) -> Result<()> {
         write_request_log(&steps, file).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    let mismatches: u64 = steps.iter().filter_map(|s| s.errors.get("mismatch")).sum();
+    // An answer that could not be read (a binary output past the body, no outputs, contents
+    // cut short) failed the check as surely as one that read other values.
+    let failed = |kind: &str| kind == "mismatch" || kind.starts_with("bad response");
+    let mismatches: u64 =
+        steps.iter().flat_map(|s| &s.errors).filter(|(kind, _)| failed(kind)).map(|(_, n)| n).sum();
     if args.check && mismatches > 0 {
-        eprintln!("error: --check: {mismatches} answer(s) did not match the expected outputs");
+        eprintln!(
+            "error: --check: {mismatches} answer(s) did not match the expected outputs or could not be read"
+        );
         std::process::exit(3);
     }
     // Nothing compared at all (every request failed: a wrong model answering 400) is no pass.

@@ -143,7 +143,7 @@ impl Tally {
     fn new(frame: Frame) -> Self {
         Self {
             frame,
-            hist: histogram(frame.cap),
+            hist: histogram(),
             ok: 0,
             rows: 0,
             ok_by_end: 0,
@@ -169,7 +169,7 @@ impl Tally {
         self.last = self.last.max(Some(o.done));
         match o.result {
             Ok(rows) => {
-                record(&mut self.hist, latency);
+                record(&mut self.hist, latency, self.frame.cap);
                 self.ok += 1;
                 self.rows += rows;
                 if self.frame.end.is_none_or(|e| o.done <= e) {

@@ -9,18 +9,24 @@ use serde::Serialize;
 /// The longest latency a histogram holds when a step sets no timeout.
 pub const DEFAULT_CAP: Duration = Duration::from_secs(100);
 
-/// A latency histogram from 1 µs to `cap` (at least 1 ms) with 3 significant digits. A step
-/// caps it at its timeout, past which a request is an error and no latency: a longer one is
-/// recorded as it is, not clamped to a fixed bound.
-pub fn histogram(cap: Duration) -> Histogram<u64> {
-    let high = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1_000);
-    Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds")
+/// A latency histogram in microseconds with 3 significant digits, as large as the longest
+/// latency it holds needs (it grows when one is recorded): a closed-loop step keeps one per
+/// connection, and one sized up front to a 30 s timeout takes 128 KiB (1.25 GiB at
+/// `--concurrency 10000`). Merging histograms of different sizes loses nothing.
+pub fn histogram() -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 1_000, 3).expect("valid histogram bounds");
+    h.auto(true);
+    h
 }
 
-/// Records `d` (clamped into the histogram's range).
-pub fn record(h: &mut Histogram<u64>, d: Duration) {
-    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, h.high());
-    h.saturating_record(us);
+/// Records `d`, clamped to 1 µs … `cap` (a step's timeout, past which a request is an error
+/// and no latency: one answered just as its timeout fell is recorded as the timeout; a longer
+/// timeout's latencies are recorded as they are, not clamped to a fixed bound).
+pub fn record(h: &mut Histogram<u64>, d: Duration, cap: Duration) {
+    let cap = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, cap);
+    // Grows the histogram where it must (a saturating record would clamp to its size instead).
+    let _ = h.record(us);
 }
 
 /// Latency percentiles in microseconds.
@@ -113,9 +119,9 @@ mod tests {
 
     #[test]
     fn percentiles_of_a_known_distribution() {
-        let mut h = histogram(DEFAULT_CAP);
+        let mut h = histogram();
         for us in 1..=1000u64 {
-            record(&mut h, Duration::from_micros(us));
+            record(&mut h, Duration::from_micros(us), DEFAULT_CAP);
         }
         let p = Percentiles::of(&h);
         assert!((p.p50 - 500.0).abs() <= 1.0, "{p:?}");
@@ -128,22 +134,45 @@ mod tests {
 
     #[test]
     fn out_of_range_latencies_are_clamped_not_lost() {
-        let mut h = histogram(DEFAULT_CAP);
-        record(&mut h, Duration::ZERO);
-        record(&mut h, Duration::from_secs(1000));
+        let mut h = histogram();
+        record(&mut h, Duration::ZERO, DEFAULT_CAP);
+        record(&mut h, Duration::from_secs(1000), DEFAULT_CAP);
         assert_eq!(h.len(), 2);
+        assert!((h.max() as f64 / 100e6 - 1.0).abs() < 1e-3, "{}", h.max());
     }
 
     /// A step with a 5-minute timeout records a 250 s answer as 250 s, not as the 100 s a
     /// fixed cap clamped it to.
     #[test]
     fn the_cap_follows_the_timeout() {
-        let mut h = histogram(Duration::from_secs(300));
-        record(&mut h, Duration::from_secs(250));
+        let cap = Duration::from_secs(300);
+        let mut h = histogram();
+        record(&mut h, Duration::from_secs(250), cap);
         let max = Percentiles::of(&h).max;
         assert!((max / 250e6 - 1.0).abs() < 1e-3, "{max}");
         // Past the cap (a request answered just as its timeout fell): clamped to it.
-        record(&mut h, Duration::from_secs(301));
+        record(&mut h, Duration::from_secs(301), cap);
         assert!((h.max() as f64 / 300e6 - 1.0).abs() < 1e-3, "{}", h.max());
+    }
+
+    /// A histogram holds room for the latencies it has, not for its step's timeout: a
+    /// closed-loop step keeps one per connection (sized to a 30 s timeout up front, 10,000
+    /// connections took 1.25 GiB). Histograms of different sizes merge into the same
+    /// percentiles.
+    #[test]
+    fn a_histogram_is_as_large_as_its_latencies() {
+        let cap = Duration::from_secs(30);
+        let mut fast = histogram();
+        for us in [80, 120, 950] {
+            record(&mut fast, Duration::from_micros(us), cap);
+        }
+        let bytes = |h: &Histogram<u64>| h.distinct_values() * std::mem::size_of::<u64>();
+        assert!(bytes(&fast) <= 16 * 1024, "{} bytes", bytes(&fast));
+        let mut slow = histogram();
+        record(&mut slow, Duration::from_secs(20), cap);
+        fast.add(&slow).unwrap();
+        assert_eq!(fast.len(), 4);
+        assert!((fast.max() as f64 / 20e6 - 1.0).abs() < 1e-3, "{}", fast.max());
+        assert!((Percentiles::of(&fast).p50 - 120.0).abs() <= 1.0);
     }
 }

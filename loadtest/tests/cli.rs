@@ -97,19 +97,22 @@ fn an_unwritable_request_log_is_refused_before_the_run() {
 #[test]
 fn a_check_that_finds_mismatches_exits_3() {
     use std::io::{BufRead, BufReader, Read, Write};
-    // An OIP server whose every answer is `y = [-1]`, and 400 for model `bad`.
+    // An OIP server whose every answer is `y = [-1]`, and 400 for model `bad`; for model
+    // `cut`, every other answer has no outputs.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
+            let answered = answered.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut conn = conn;
                 loop {
                     let mut length = 0usize;
                     let mut line = String::new();
-                    let mut refused = false;
+                    let (mut refused, mut cut) = (false, false);
                     loop {
                         line.clear();
                         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -119,15 +122,18 @@ fn a_check_that_finds_mismatches_exits_3() {
                             break;
                         }
                         refused |= line.contains("/models/bad/");
+                        cut |= line.contains("/models/cut/");
                         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                             length = v.trim().parse().unwrap();
                         }
                     }
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
-                    let (status, out) = match refused {
-                        true => ("400 Bad Request", r#"{"error":"no"}"#),
-                        false => (
+                    let n = answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (status, out) = match (refused, cut && n % 2 == 0) {
+                        (true, _) => ("400 Bad Request", r#"{"error":"no"}"#),
+                        (false, true) => ("200 OK", r#"{"model_name":"m"}"#),
+                        (false, false) => (
                             "200 OK",
                             r#"{"model_name":"m","outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[-1.0]}]}"#,
                         ),
@@ -177,5 +183,10 @@ fn a_check_that_finds_mismatches_exits_3() {
     let (code, err) = run_model("bad");
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("no request was answered"), "{err}");
+    // Answers that cannot be read failed the check too, though the others matched (they were
+    // counted as `bad response` and the run exited 0).
+    let (code, err) = run_model("cut");
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("answer(s) did not match the expected outputs or could not be read"), "{err}");
     let _ = std::fs::remove_file(&samples);
 }
