@@ -182,7 +182,7 @@ pub enum Values {
 pub fn decode_bytes(datatype: &str, raw: &[u8]) -> Result<Values> {
     macro_rules! nums {
         ($t:ty, $n:literal, $f:expr) => {{
-            if raw.len() % $n != 0 {
+            if !raw.len().is_multiple_of($n) {
                 bail!("{} bytes of {datatype}, not a whole number of {}-byte elements", raw.len(), $n);
             }
             Values::Numbers(
