@@ -130,7 +130,7 @@ fn a_check_that_finds_mismatches_exits_3() {
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
                     let n = answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (status, out) = match (refused, cut && n % 2 == 0) {
+                    let (status, out) = match (refused, cut && n.is_multiple_of(2)) {
                         (true, _) => ("400 Bad Request", r#"{"error":"no"}"#),
                         (false, true) => ("200 OK", r#"{"model_name":"m"}"#),
                         (false, false) => (
