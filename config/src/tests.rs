@@ -408,6 +408,32 @@ fn autoscaling_value_errors_name_the_field() {
     assert!(e[0].message.contains("cannot be set together with a fixed num_replicas"), "{e:?}");
 }
 
+/// A multiplexed deployment's requests name models of its folder, which a canary or shadow (one
+/// model file) does not have: refused (the canary's share of them was answered 400, and its
+/// gate saw none of them).
+#[test]
+fn a_multiplexed_deployment_takes_no_canary_or_shadow() {
+    let e = errors(concat!(
+        "applications:
+",
+        "  - name: a
+",
+        "    deployments:
+",
+        "      - name: tenants
+",
+        "        multiplex: {path: .}\n",
+        "        canary: {model: m.onnx, version: \"2\", weight: 10}\n",
+        "        shadow: {model: m.onnx, version: \"3\"}\n",
+    ));
+    for field in ["canary", "shadow"] {
+        let at = format!("applications[0].deployments[0].{field}");
+        let found = e.iter().find(|e| e.field == at).unwrap_or_else(|| panic!("{at}: {e:?}"));
+        assert!(found.message.starts_with("a multiplexed deployment cannot have a"), "{found:?}");
+        assert_eq!(found.line, if field == "canary" { 6 } else { 7 }, "{found:?}");
+    }
+}
+
 #[test]
 fn a_shadow_agreement_gate_is_a_fraction_and_takes_the_deployments_one_shadow() {
     let e = errors(concat!(

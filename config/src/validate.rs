@@ -449,6 +449,24 @@ fn validate_deployment(at: &str, dep: &file::Deployment, base: &Path, errs: &mut
         }
         Shadow { model, version: s.version.value.clone(), percent: s.percent.value }
     });
+    // A canary or shadow is one model file: the requests of a multiplexed deployment name
+    // models of its folder, which it does not have (each was answered 400, unseen by the gate).
+    if dep.multiplex.is_some() {
+        let taken = [
+            dep.canary.as_ref().map(|c| ("canary", c.model.referenced)),
+            dep.shadow.as_ref().map(|s| ("shadow", s.model.referenced)),
+        ];
+        for (field, loc) in taken.into_iter().flatten() {
+            errs.at(
+                loc,
+                format!("{at}.{field}"),
+                format!(
+                    "a multiplexed deployment cannot have a {field}: it is one model file, and the \
+                     deployment's requests name models of its folder"
+                ),
+            );
+        }
+    }
     let placement = validate_placement(at, dep, errs);
     errs.at_least_one(&dep.intra_op_threads, &format!("{at}.intra_op_threads"));
     errs.at_least_one(&dep.max_queued_requests, &format!("{at}.max_queued_requests"));
