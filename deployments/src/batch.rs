@@ -185,9 +185,11 @@ impl BatchState {
         if joining.any(|j| j.deadline < end) { head.arrived } else { end }
     }
 
-    /// True when a batch should be taken now.
+    /// True when a batch should be taken now, or when every job queued is a gone caller's:
+    /// [`Self::take`] drops them (with their places under `max_ongoing_requests`), and the
+    /// replica sleeps (it waited for a batch with no deadline, spinning, and kept their places).
     pub fn ready(&self, now: Instant) -> bool {
-        let Some(head) = self.head() else { return false };
+        let Some(head) = self.head() else { return !self.queue.is_empty() };
         let max = self.policy.max_batch_size;
         if max == 0 || now >= self.wait_end(head) {
             return true;

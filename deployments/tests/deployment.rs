@@ -1031,3 +1031,30 @@ async fn a_shadow_copy_counts_as_in_flight_only_while_the_candidate_holds_it() {
     until("the comparison", || shadow.stats().compared.load(Relaxed) == 1).await;
     assert_eq!(shadow.in_flight(), 0);
 }
+
+/// A request whose caller gives up while it waits for its batch to fill leaves its replica's
+/// queue with nothing live in it: the replica drops it and sleeps (it spun on an empty wait,
+/// a core at 100 %, and kept the request's place under `max_ongoing_requests` for good, so
+/// every later request waited for a place that never came back and was answered 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_in_its_batch_wait_gives_its_place_back() {
+    let f = start(
+        spec(|s| {
+            s.settings.max_batch_size = 8;
+            s.settings.batch_wait_timeout_s = 0.5;
+            s.settings.max_ongoing_requests = 1;
+        }),
+        0,
+        None,
+    );
+    let d = &f.deployment;
+    assert!(d.wait_ready(Duration::from_secs(5)).await);
+    let gone = tokio::time::timeout(Duration::from_millis(50), d.infer(request(&[1]))).await;
+    assert!(gone.is_err(), "given up while its batch waited");
+    let started = std::time::Instant::now();
+    let r = InferRequest { timeout: Some(Duration::from_secs(5)), ..request(&[2]) };
+    let answer = d.infer(r).await.expect("the given-up request's place came back");
+    assert_eq!(values(&answer.outputs[0].tensor), vec![2]);
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(f.log.lock().unwrap().iter().all(|call| !call.contains(&1)), "the given-up request never ran");
+}
