@@ -32,8 +32,8 @@ pub use repository::{
 pub use tls::TlsOptions;
 pub use types::{
     AdminOptions, Application, Canary, ClusterOptions, Config, Deployment, GrpcOptions, HealthCheck,
-    HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, RayOptions,
-    ReplicaSettings, Rollout, Scaling, Shadow, TracingOptions,
+    HttpOptions, Location, LogFormat, Model, Pipeline, PipelineStep, Placement, ProxyLocation, ProxySettings,
+    RayOptions, ReplicaSettings, Rollout, Scaling, Shadow, TracingOptions,
 };
 
 /// The most threads `worker_threads` (and `sluice proxy`'s and `sluice replica`'s

@@ -610,7 +610,7 @@ pub enum ProxyLocation {
 }
 
 /// `tracing_options`: every request as an OpenTelemetry trace, exported over OTLP.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingOptions {
     /// The OTLP/gRPC collector (`http://127.0.0.1:4317`). Default: none, no traces.
@@ -629,7 +629,7 @@ impl Default for TracingOptions {
 }
 
 /// `log_format`: how log lines look on stderr.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines (default).
@@ -638,6 +638,87 @@ pub enum LogFormat {
     /// One JSON object per line, with the fields of the spans it happened in (request id,
     /// trace id, model, version).
     Json,
+}
+
+/// What a `sluice proxy` on another node of a Ray cluster (`proxy_location: EveryNode`) serves
+/// by, from the config: its frontends' limits and timeouts, its shutdown, its logs and traces.
+/// Its host and ports come as flags of their own, and TLS is refused with `EveryNode`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    pub max_body_bytes: usize,
+    pub header_read_timeout_s: f64,
+    pub body_read_timeout_s: f64,
+    pub body_total_timeout_s: f64,
+    pub write_timeout_s: f64,
+    pub idle_timeout_s: f64,
+    pub max_connections: usize,
+    pub stream_max_in_flight: usize,
+    pub graceful_shutdown_timeout_s: f64,
+    pub shutdown_delay_s: f64,
+    pub log_format: LogFormat,
+    pub tracing_options: TracingOptions,
+}
+
+impl ProxySettings {
+    pub fn of(config: &Config) -> Self {
+        let (http, grpc) = (&config.http_options, &config.grpc_options);
+        Self {
+            max_body_bytes: http.max_body_bytes,
+            header_read_timeout_s: http.header_read_timeout_s,
+            body_read_timeout_s: http.body_read_timeout_s,
+            body_total_timeout_s: http.body_total_timeout_s,
+            write_timeout_s: http.write_timeout_s,
+            idle_timeout_s: http.idle_timeout_s,
+            max_connections: http.max_connections,
+            stream_max_in_flight: grpc.stream_max_in_flight,
+            graceful_shutdown_timeout_s: config.graceful_shutdown_timeout_s,
+            shutdown_delay_s: config.shutdown_delay_s,
+            log_format: config.log_format,
+            tracing_options: config.tracing_options.clone(),
+        }
+    }
+
+    /// Sets the config's keys these stand for, checked as the config's own are (they come from
+    /// a config the controller checked, on a command line anyone may write).
+    pub fn apply(&self, config: &mut Config) -> Result<(), String> {
+        let http = &mut config.http_options;
+        http.max_body_bytes = self.max_body_bytes;
+        http.header_read_timeout_s = self.header_read_timeout_s;
+        http.body_read_timeout_s = self.body_read_timeout_s;
+        http.body_total_timeout_s = self.body_total_timeout_s;
+        http.write_timeout_s = self.write_timeout_s;
+        http.idle_timeout_s = self.idle_timeout_s;
+        http.max_connections = self.max_connections;
+        config.grpc_options.stream_max_in_flight = self.stream_max_in_flight;
+        config.graceful_shutdown_timeout_s = self.graceful_shutdown_timeout_s;
+        config.shutdown_delay_s = self.shutdown_delay_s;
+        config.log_format = self.log_format;
+        config.tracing_options = self.tracing_options.clone();
+        let (http, grpc, admin) =
+            (&mut config.http_options, &mut config.grpc_options, &mut config.admin_options);
+        let mut problems = crate::tls::check_listeners(http, grpc, admin, Path::new(""), false);
+        if self.max_body_bytes == 0 {
+            problems.push(("http_options.max_body_bytes".into(), "must be at least 1".into()));
+        }
+        for (field, s) in [
+            ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
+            ("shutdown_delay_s", self.shutdown_delay_s),
+        ] {
+            if !(0.0..=crate::MAX_SECONDS).contains(&s) {
+                problems.push((field.into(), format!("must be 0 to {:e} seconds", crate::MAX_SECONDS)));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing_options.sample_ratio) {
+            problems.push(("tracing_options.sample_ratio".into(), "must be 0 to 1".into()));
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => {
+                Err(problems.iter().map(|(field, m)| format!("{field} {m}")).collect::<Vec<_>>().join("; "))
+            }
+        }
+    }
 }
 
 /// A map of floats whose infinities and NaN travel as the strings `Infinity`, `-Infinity` and

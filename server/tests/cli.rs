@@ -771,6 +771,50 @@ fn proxy_takes_worker_threads_and_keep_startup_memory() {
     takes_keep_startup_memory(proxy);
 }
 
+/// `sluice proxy --settings JSON` (how the controller passes the config's frontend limits,
+/// timeouts, shutdown, logs and traces to a Ray node's proxy, which served with the defaults
+/// whatever the config said) serves by them; settings out of range are refused.
+#[test]
+fn proxy_serves_by_the_settings_it_is_given() {
+    let controller = Running::start(&write_config(
+        "proxy-settings-controller.yaml",
+        "applications: []
+",
+    ));
+    let admin = format!("http://{}", controller.admin);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut settings = sluice_config::ProxySettings::of(&sluice_config::Config::default());
+    settings.max_body_bytes = 1000;
+    settings.log_format = sluice_config::LogFormat::Json;
+    let proxy = |settings: &str| {
+        let mut c = sluice();
+        c.args(["proxy", "--controller", &admin, "--host", "127.0.0.1", "--http-port", &port.to_string()])
+            .args(["--no-grpc", "--settings", settings])
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .env("RUST_LOG", "info");
+        c
+    };
+    let (_proxy, logged) =
+        spawn_lines(&mut proxy(&serde_json::to_string(&settings).unwrap()), Stream::Stderr);
+    let first = logged.recv_timeout(Duration::from_secs(60)).expect("the proxy logs");
+    let line: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(line.get("fields").is_some() || line.get("message").is_some(), "{line}");
+    let until = Instant::now() + Duration::from_secs(60);
+    while controller.get(&format!("http://127.0.0.1:{port}/v2/health/live")).0 != 200 {
+        assert!(Instant::now() < until, "the proxy never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answer = post(&format!("http://127.0.0.1:{port}/v2/models/m/infer"), &"x".repeat(2000), None);
+    assert_eq!(answer.0, 413, "{answer:?}");
+    assert!(answer.1.to_string().contains("max_body_bytes is 1000"), "{answer:?}");
+
+    settings.write_timeout_s = -1.0;
+    let out = proxy(&serde_json::to_string(&settings).unwrap()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("http_options.write_timeout_s must be more than 0"), "{stderr}");
+}
+
 /// A proxy is ready, and prints `LISTEN` (which the controller waits for), only once it has
 /// the controller's route table: one refused it (a wrong token) said ready at once and answered
 /// 404 for every model, for good. It polls again meanwhile, and starts when it gets one.

@@ -47,6 +47,8 @@ pub struct ProxyOptions {
     pub worker_threads: Option<u32>,
     /// The config's `release_startup_memory` (false: `--keep-startup-memory`).
     pub release_startup_memory: bool,
+    /// The config's frontend limits and timeouts, shutdown, logs and traces (`--settings`).
+    pub settings: sluice_config::ProxySettings,
 }
 
 impl ProxyOptions {
@@ -77,6 +79,9 @@ impl ProxyOptions {
         if !self.release_startup_memory {
             argv.push(KEEP_STARTUP_MEMORY.into());
         }
+        // Plain fields of a checked config: nothing that cannot be written as JSON.
+        let settings = serde_json::to_string(&self.settings).unwrap_or_default();
+        argv.extend(["--settings".into(), settings]);
         argv
     }
 }
@@ -835,6 +840,7 @@ mod tests {
             token: None,
             worker_threads: None,
             release_startup_memory: true,
+            settings: sluice_config::ProxySettings::of(&sluice_config::Config::default()),
         }
     }
 
@@ -1040,14 +1046,17 @@ mod tests {
         assert_eq!(kept[kept.len() - 2..], ["--keep-startup-memory", "--spec={}"]);
     }
 
-    /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set and
-    /// `release_startup_memory` when false.
+    /// A proxy's command line carries the ports, gRPC's absence, `worker_threads` when set,
+    /// `release_startup_memory` when false, and the frontends' limits, shutdown, logs and traces
+    /// (a proxy served with the defaults whatever the config said).
     #[test]
     fn proxy_argv_carries_the_settings() {
         let mut options = proxy_options();
+        options.settings.max_body_bytes = 1000;
+        options.settings.log_format = sluice_config::LogFormat::Json;
         let argv = options.argv("sluice".into(), "10.0.0.1");
         assert_eq!(
-            argv,
+            argv[..9],
             [
                 "sluice",
                 "proxy",
@@ -1060,11 +1069,15 @@ mod tests {
                 "--no-grpc"
             ]
         );
+        assert_eq!(argv[9], "--settings");
+        let settings: sluice_config::ProxySettings = serde_json::from_str(&argv[10]).unwrap();
+        assert_eq!(settings, options.settings);
+        assert_eq!(argv.len(), 11);
         options.grpc_port = Some(8001);
         options.worker_threads = Some(3);
         options.release_startup_memory = false;
         let argv = options.argv("sluice".into(), "10.0.0.1");
-        assert_eq!(argv[8..], ["--grpc-port", "8001", "--worker-threads", "3", "--keep-startup-memory"]);
+        assert_eq!(argv[8..13], ["--grpc-port", "8001", "--worker-threads", "3", "--keep-startup-memory"]);
         // A head on IPv6: its address in brackets.
         let argv = options.argv("sluice".into(), "fd00::1");
         assert_eq!(argv[3], "http://[fd00::1]:8266");

@@ -30,6 +30,10 @@ pub struct ProxyArgs {
     /// How often to fetch the route table, seconds.
     #[arg(long, default_value_t = 0.5, value_parser = super::seconds)]
     pub poll_s: f64,
+    /// The config's frontend limits and timeouts, shutdown, logs and traces, as JSON (the
+    /// controller passes its own; default: the config's defaults).
+    #[arg(long, value_parser = settings)]
+    pub settings: Option<sluice_config::ProxySettings>,
     #[command(flatten)]
     pub process: super::ProcessArgs,
     #[command(flatten)]
@@ -39,11 +43,17 @@ pub struct ProxyArgs {
 /// `token`: the controller's admin token (from the environment, read in main.rs).
 pub fn proxy(
     args: ProxyArgs,
-    logs: super::run::Logs,
+    mut logs: super::run::Logs,
     ort_env: Option<PathBuf>,
     token: Option<String>,
 ) -> ExitCode {
     let mut config = Config::default();
+    if let Some(settings) = &args.settings {
+        // Checked by the flag's parser.
+        let _ = settings.apply(&mut config);
+        logs.format = settings.log_format;
+        logs.tracing = settings.tracing_options.clone();
+    }
     config.http_options.host = args.host.clone();
     config.http_options.port = args.http_port;
     config.grpc_options.host = args.host.clone();
@@ -66,4 +76,11 @@ pub fn proxy(
         let _ = writeln!(out, "LISTEN {}", server.http_addr());
         let _ = out.flush();
     })
+}
+
+/// `--settings`: [`sluice_config::ProxySettings`] as JSON, in range.
+fn settings(text: &str) -> Result<sluice_config::ProxySettings, String> {
+    let settings: sluice_config::ProxySettings = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    settings.apply(&mut Config::default())?;
+    Ok(settings)
 }

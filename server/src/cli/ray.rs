@@ -442,6 +442,7 @@ fn ray_options(
         token: admin_token,
         worker_threads: config.worker_threads,
         release_startup_memory: config.release_startup_memory,
+        settings: sluice_config::ProxySettings::of(config),
     });
     RayOptions {
         binary,
