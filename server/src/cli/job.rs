@@ -13,14 +13,12 @@ use sluice_server::ray_jobs::{JobDetails, JobRequest, Jobs};
 #[derive(clap::Args)]
 pub struct JobArgs {
     /// The Ray dashboard (Jobs API; `HOST:PORT` alone is taken as `http://HOST:PORT`).
-    #[arg(
-        long,
-        global = true,
-        env = "RAY_ADDRESS",
-        default_value = "http://127.0.0.1:8265",
-        value_parser = super::http_url
-    )]
-    pub ray: String,
+    /// Default, as `ray job` finds it: `RAY_API_SERVER_ADDRESS`; else `RAY_ADDRESS` when it is
+    /// an `http(s)://` URL, the dashboard's port 8265 on its host when it is a cluster address
+    /// (`HOST:6379`, as Ray sets it inside a job and KubeRay in a head pod); else
+    /// `http://127.0.0.1:8265`.
+    #[arg(long, global = true, value_parser = super::http_url)]
+    pub ray: Option<String>,
     #[command(subcommand)]
     pub action: JobAction,
 }
@@ -72,6 +70,28 @@ pub struct SubmitArgs {
 }
 
 /// Runs one `sluice job` command; `ray_token` is Ray's auth token, if set.
+/// The dashboard `ray job` would use given these variables ([`JobArgs::ray`]). Ray resolves a
+/// cluster address through its GCS; the dashboard runs on the same host, at 8265 unless moved.
+fn dashboard(api_server: Option<String>, ray_address: Option<String>) -> Result<String, String> {
+    const DEFAULT: &str = "http://127.0.0.1:8265";
+    if let Some(url) = api_server {
+        return super::http_url(&url).map_err(|e| format!("RAY_API_SERVER_ADDRESS: {e}"));
+    }
+    let Some(address) = ray_address.map(|a| a.trim().to_string()) else { return Ok(DEFAULT.into()) };
+    if address.contains("://") {
+        return super::http_url(&address).map_err(|e| format!("RAY_ADDRESS: {e}"));
+    }
+    if address == "auto" || address == "local" {
+        return Ok(DEFAULT.into());
+    }
+    // `HOST:PORT` (or `[IPv6]:PORT`), the cluster's GCS: its host's dashboard.
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => &address,
+    };
+    super::http_url(&format!("{host}:8265")).map_err(|e| format!("RAY_ADDRESS: {e}"))
+}
+
 pub fn job(args: JobArgs, ray_token: Option<String>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -80,7 +100,19 @@ pub fn job(args: JobArgs, ray_token: Option<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let jobs = Jobs::new(&args.ray, ray_token);
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let ray = match args.ray {
+        Some(url) => Ok(url),
+        None => dashboard(var("RAY_API_SERVER_ADDRESS"), var("RAY_ADDRESS")),
+    };
+    let ray = match ray {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let jobs = Jobs::new(&ray, ray_token);
     match rt.block_on(run(&jobs, args.action)) {
         Ok(code) => code,
         Err(e) => {
@@ -256,6 +288,24 @@ fn shell_word(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The dashboard comes from `RAY_API_SERVER_ADDRESS`, then from `RAY_ADDRESS` as `ray job`
+    /// reads it: a URL as it is, a cluster address (Ray sets `HOST:6379` inside every job,
+    /// KubeRay in head pods) as its host's dashboard (it was taken as `http://HOST:6379`, the GCS
+    /// port, and every `sluice job` command failed there).
+    #[test]
+    fn the_dashboard_is_found_as_ray_job_finds_it() {
+        let some = |s: &str| Some(s.to_string());
+        let found = |api: Option<String>, ray: Option<String>| dashboard(api, ray).unwrap();
+        assert_eq!(found(None, None), "http://127.0.0.1:8265");
+        assert_eq!(found(some("http://head:9999"), some("10.0.0.1:6379")), "http://head:9999");
+        assert_eq!(found(None, some("https://dash.example:443")), "https://dash.example:443");
+        assert_eq!(found(None, some("10.0.0.1:6379")), "http://10.0.0.1:8265");
+        assert_eq!(found(None, some("[fd00::1]:6379")), "http://[fd00::1]:8265");
+        assert_eq!(found(None, some("head-svc")), "http://head-svc:8265");
+        assert_eq!(found(None, some("auto")), "http://127.0.0.1:8265");
+        assert!(dashboard(None, some("ray://head:10001")).unwrap_err().contains("RAY_ADDRESS"));
+    }
 
     #[test]
     fn entrypoint_words_survive_the_shell_and_failures_say_their_exit_code() {
