@@ -161,20 +161,31 @@ fn ray_only_checks(app: &Map<String, Value>, at: &str, errors: &mut Vec<Validati
     }
 }
 
-/// Ray's `runtime_env` rule for Serve configs: remote URIs of its protocols only.
+/// Ray's `runtime_env` rule for Serve configs: URIs of its protocols only (the scheme in any
+/// case, as Python's `urlparse` reads it), `local://` with an absolute path (a directory on
+/// every node).
 fn runtime_env_checks(env: Option<&Value>, at: &str, errors: &mut Vec<ValidationError>) {
     const PROTOCOLS: &[&str] =
-        &["gcs", "conda", "pip", "uv", "s3", "gs", "azure", "abfss", "file", "http", "https"];
-    let remote = |v: &Value| {
-        v.as_str().is_none_or(|s| s.split_once("://").is_some_and(|(scheme, _)| PROTOCOLS.contains(&scheme)))
+        &["gcs", "conda", "pip", "uv", "s3", "gs", "azure", "abfss", "file", "http", "https", "local"];
+    let uri = |s: &str| {
+        let Some((scheme, rest)) = s.split_once("://") else { return false };
+        let scheme = scheme.to_ascii_lowercase();
+        let drive = |p: &str| {
+            let b = p.as_bytes();
+            b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && matches!(b[2], b'/' | b'\\')
+        };
+        let absolute = |p: &str| p.starts_with('/') || drive(p);
+        PROTOCOLS.contains(&scheme.as_str()) && (scheme != "local" || absolute(rest))
     };
+    let remote = |v: &Value| v.as_str().is_none_or(uri);
     let Some(env) = env.and_then(Value::as_object) else { return };
     let modules = env.get("py_modules").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     if !env.get("working_dir").is_none_or(remote) || !modules.iter().all(remote) {
         errors.push(err(
             at,
             &format!(
-                "runtime_envs in the Serve config support only remote URIs in working_dir and py_modules ({})",
+                "runtime_envs in the Serve config support only remote URIs in working_dir and py_modules ({}), or \
+                 \"local://\" URIs for directories that already exist on every node",
                 PROTOCOLS.join(", ")
             ),
         ));
@@ -593,6 +604,14 @@ mod tests {
         );
         let remote = json!({"runtime_env": {"working_dir": "https://example.invalid/a.zip", "py_modules": ["s3://b/m.zip"]}});
         assert!(parse(&app(ok.clone(), remote)).is_ok());
+        // As Ray takes them: a directory on every node (`local://`, an absolute path), and a
+        // scheme in capitals (Python's `urlparse` lowers it); both were refused.
+        for working_dir in ["local:///app", "LOCAL:///app", "local://C:/app", "S3://b/x.zip"] {
+            let env = json!({"runtime_env": {"working_dir": working_dir}});
+            assert!(parse(&app(ok.clone(), env)).is_ok(), "{working_dir}");
+        }
+        let relative = json!({"runtime_env": {"working_dir": "local://app"}});
+        assert!(parse(&app(ok.clone(), relative)).is_err(), "a local:// path must be absolute");
         let level = parse(&app(ok.clone(), json!({"logging_config": {"log_level": "LOUD"}})))
             .unwrap_err()
             .to_string();
