@@ -143,6 +143,7 @@ fn ray_bound(field: &str, v: &Value) -> Option<&'static str> {
 /// `logging_config` takes Ray's keys, a level name or number and an encoding of TEXT or JSON,
 /// and `external_scaler_enabled` excludes autoscaled deployments.
 fn ray_only_checks(app: &Map<String, Value>, at: &str, errors: &mut Vec<ValidationError>) {
+    type_checks(app, at, APP_TYPES, errors);
     runtime_env_checks(app.get("runtime_env"), &format!("{at}.runtime_env"), errors);
     logging_checks(app.get("logging_config"), &format!("{at}.logging_config"), errors);
     if app.get("external_scaler_enabled") == Some(&Value::Bool(true)) {
@@ -158,6 +159,109 @@ fn ray_only_checks(app: &Map<String, Value>, at: &str, errors: &mut Vec<Validati
                 "external_scaler_enabled is set, but a deployment has autoscaling (num_replicas: auto or an autoscaling_config)",
             ));
         }
+    }
+}
+
+/// A JSON type of Ray's schema, in pydantic's words.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Num,
+    Bool,
+    Dict,
+    List,
+}
+
+impl Kind {
+    fn holds(self, v: &Value) -> bool {
+        match self {
+            Kind::Str => v.is_string(),
+            Kind::Int => v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|n| n.fract() == 0.0),
+            Kind::Num => v.is_number(),
+            Kind::Bool => v.is_boolean(),
+            Kind::Dict => v.is_object(),
+            Kind::List => v.is_array(),
+        }
+    }
+
+    fn refusal(self) -> &'static str {
+        match self {
+            Kind::Str => "Input should be a valid string",
+            Kind::Int => "Input should be a valid integer",
+            Kind::Num => "Input should be a valid number",
+            Kind::Bool => "Input should be a valid boolean",
+            Kind::Dict => "Input should be a valid dictionary",
+            Kind::List => "Input should be a valid list",
+        }
+    }
+}
+
+/// A field Ray's schema types: its JSON type (None: checked where Sluice reads it) and whether
+/// it may be null. Sluice reads null as absent; Ray's pydantic models refuse null where a field
+/// is not `Optional`, and its CLI reads the status (which answers each application back as
+/// submitted) with them: one application with `args:` left empty in YAML, accepted, made
+/// `serve status` and `serve config` fail for all.
+type Typed = (&'static str, Option<Kind>, bool);
+
+const TOP_TYPES: &[Typed] = &[
+    ("proxy_location", Some(Kind::Str), false),
+    ("http_options", Some(Kind::Dict), false),
+    ("grpc_options", Some(Kind::Dict), false),
+];
+
+const APP_TYPES: &[Typed] = &[
+    ("name", None, false),
+    ("runtime_env", Some(Kind::Dict), false),
+    ("host", Some(Kind::Str), false),
+    ("port", Some(Kind::Int), false),
+    ("deployments", None, false),
+    ("args", None, false),
+    ("external_scaler_enabled", Some(Kind::Bool), false),
+    ("logging_config", Some(Kind::Dict), true),
+];
+
+const DEPLOYMENT_TYPES: &[Typed] = &[
+    ("max_ongoing_requests", None, false),
+    ("max_queued_requests", None, false),
+    ("max_replicas_per_node", None, false),
+    ("health_check_period_s", None, false),
+    ("health_check_timeout_s", None, false),
+    ("ray_actor_options", None, false),
+    ("backpressure_config", Some(Kind::Dict), false),
+    ("graceful_shutdown_wait_loop_s", Some(Kind::Num), false),
+    ("graceful_shutdown_timeout_s", Some(Kind::Num), false),
+    ("placement_group_bundles", Some(Kind::List), false),
+    ("placement_group_strategy", Some(Kind::Str), false),
+    ("placement_group_bundle_label_selector", Some(Kind::List), false),
+    ("logging_config", Some(Kind::Dict), false),
+    ("request_router_config", Some(Kind::Dict), false),
+    ("rolling_update_percentage", Some(Kind::Num), false),
+    ("max_surge_percent", Some(Kind::Int), false),
+];
+
+const LOGGING_TYPES: &[Typed] = &[
+    ("encoding", None, false),
+    ("log_level", None, false),
+    ("logs_dir", Some(Kind::Str), true),
+    ("enable_access_log", Some(Kind::Bool), false),
+    ("additional_log_standard_attrs", Some(Kind::List), false),
+];
+
+/// Refuses, as Ray's schema does, a null where a `types` field may not be one and a value of
+/// another JSON type.
+fn type_checks(obj: &Map<String, Value>, at: &str, types: &[Typed], errors: &mut Vec<ValidationError>) {
+    for &(key, kind, nullable) in types {
+        let Some(v) = obj.get(key) else { continue };
+        let loc = if at.is_empty() { key.to_string() } else { format!("{at}.{key}") };
+        let refusal = match (v, kind) {
+            (Value::Null, _) if nullable => continue,
+            (Value::Null, None) => "Input should not be None",
+            (Value::Null, Some(kind)) => kind.refusal(),
+            (v, Some(kind)) if !kind.holds(v) => kind.refusal(),
+            _ => continue,
+        };
+        errors.push(err(&loc, refusal));
     }
 }
 
@@ -197,13 +301,48 @@ fn logging_checks(config: Option<&Value>, at: &str, errors: &mut Vec<ValidationE
     const KEYS: &[&str] =
         &["encoding", "log_level", "logs_dir", "enable_access_log", "additional_log_standard_attrs"];
     const LEVELS: &[&str] = &["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"];
+    /// Python's `logging.LogRecord` attributes (Ray's `LOGRECORD_STANDARD_ATTRS`).
+    const ATTRS: &[&str] = &[
+        "args",
+        "asctime",
+        "created",
+        "exc_info",
+        "exc_text",
+        "filename",
+        "funcName",
+        "levelname",
+        "levelno",
+        "lineno",
+        "message",
+        "module",
+        "msecs",
+        "msg",
+        "name",
+        "pathname",
+        "process",
+        "processName",
+        "relativeCreated",
+        "stack_info",
+        "thread",
+        "threadName",
+        "taskName",
+    ];
     let Some(config) = config.and_then(Value::as_object) else { return };
     for key in config.keys().filter(|k| !KEYS.contains(&k.as_str())) {
         errors.push(err(&format!("{at}.{key}"), "Extra inputs are not permitted"));
     }
+    type_checks(config, at, LOGGING_TYPES, errors);
+    let attrs = config.get("additional_log_standard_attrs").and_then(Value::as_array);
+    if let Some(bad) = attrs.into_iter().flatten().find(|a| !a.as_str().is_some_and(|a| ATTRS.contains(&a))) {
+        errors.push(err(
+            &format!("{at}.additional_log_standard_attrs"),
+            &format!("{bad}: additional log standard attributes must be one of {}", ATTRS.join(", ")),
+        ));
+    }
+    // A number is a level of Python's `logging` (0, 10, … 50), not any up to 50.
     if let Some(level) = config.get("log_level").filter(|l| !l.is_null())
         && !level.as_str().is_some_and(|l| LEVELS.contains(&l))
-        && level.as_u64().is_none_or(|n| n > 50)
+        && level.as_u64().is_none_or(|n| n > 50 || n % 10 != 0)
     {
         errors.push(err(
             &format!("{at}.log_level"),
@@ -245,6 +384,7 @@ const AUTOSCALING_KEYS: &[&str] = &[
 pub fn parse(body: &Value) -> Result<ServeDeploy, ValidationErrors> {
     let mut errors = Vec::new();
     let Some(top) = object(body, "", &mut errors) else { return Err(ValidationErrors(errors)) };
+    type_checks(top, "", TOP_TYPES, &mut errors);
     let mut ignored = Vec::new();
     let mut applications = Vec::new();
     for (key, value) in top {
@@ -329,6 +469,16 @@ fn parse_app(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Opti
 fn parse_deployment(value: &Value, at: &str, errors: &mut Vec<ValidationError>) -> Option<RayDeployment> {
     let obj = object(value, at, errors)?;
     // What Sluice ignores of a deployment but Ray's schema refuses (see [`ray_only_checks`]).
+    type_checks(obj, at, DEPLOYMENT_TYPES, errors);
+    if obj.get("rolling_update_percentage").and_then(Value::as_f64).is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        errors.push(err(
+            &format!("{at}.rolling_update_percentage"),
+            "Input should be greater than 0 and at most 1",
+        ));
+    }
+    if obj.get("max_surge_percent").and_then(Value::as_f64).is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+        errors.push(err(&format!("{at}.max_surge_percent"), "Input should be 0 to 100"));
+    }
     let options = obj.get("ray_actor_options");
     runtime_env_checks(
         options.and_then(|o| o.get("runtime_env")),
@@ -655,6 +805,96 @@ mod tests {
             assert!(e.contains(message), "{message}: {e}");
         }
         // A level by number is Ray's too.
-        assert!(parse(&app(ok, json!({"logging_config": {"log_level": 20, "encoding": "JSON"}}))).is_ok());
+        assert!(
+            parse(&app(ok.clone(), json!({"logging_config": {"log_level": 20, "encoding": "JSON"}}))).is_ok()
+        );
+        // Nulls where Ray's fields are not optional (a YAML key left empty), values of another
+        // type, and values out of Ray's ranges: accepted and answered back, each made Ray's CLI
+        // fail to read the status of every application.
+        for (top, deployment, message) in [
+            (
+                json!({"args": null}),
+                ok.clone(),
+                "applications.0.args
+  Input should not be None",
+            ),
+            (
+                json!({"name": null}),
+                ok.clone(),
+                "applications.0.name
+  Input should not be None",
+            ),
+            (json!({"deployments": null}), ok.clone(), "applications.0.deployments"),
+            (
+                json!({"runtime_env": null}),
+                ok.clone(),
+                "applications.0.runtime_env
+  Input should be a valid dictionary",
+            ),
+            (
+                json!({"runtime_env": "s3://b/x.zip"}),
+                ok.clone(),
+                "runtime_env
+  Input should be a valid dictionary",
+            ),
+            (
+                json!({"port": "80"}),
+                ok.clone(),
+                "applications.0.port
+  Input should be a valid integer",
+            ),
+            (json!({"logging_config": {"log_level": 25}}), ok.clone(), "logging_config.log_level"),
+            (
+                json!({"logging_config": {"enable_access_log": "sometimes"}}),
+                ok.clone(),
+                "enable_access_log
+  Input should be a valid boolean",
+            ),
+            (
+                json!({"logging_config": {"logs_dir": 5}}),
+                ok.clone(),
+                "logs_dir
+  Input should be a valid string",
+            ),
+            (
+                json!({"logging_config": {"additional_log_standard_attrs": ["bogus"]}}),
+                ok.clone(),
+                "\"bogus\": additional log standard attributes",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "ray_actor_options": null}),
+                "deployments.0.ray_actor_options
+  Input should not be None",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "max_ongoing_requests": null}),
+                "deployments.0.max_ongoing_requests",
+            ),
+            (json!({}), json!({"name": "a", "logging_config": null}), "deployments.0.logging_config"),
+            (
+                json!({}),
+                json!({"name": "a", "graceful_shutdown_timeout_s": "20s"}),
+                "Input should be a valid number",
+            ),
+            (
+                json!({}),
+                json!({"name": "a", "rolling_update_percentage": 2}),
+                "rolling_update_percentage
+  Input should be greater than 0 and at most 1",
+            ),
+            (json!({}), json!({"name": "a", "max_surge_percent": 101}), "max_surge_percent"),
+        ] {
+            let e = parse(&app(deployment, top)).unwrap_err().to_string();
+            assert!(e.contains(message), "{message}: {e}");
+        }
+        let e = parse(&json!({"applications": [], "proxy_location": null})).unwrap_err().to_string();
+        assert!(e.contains("proxy_location\n  Input should be a valid string"), "{e}");
+        // Where Ray's fields are optional, null is taken.
+        let optional = json!({"logging_config": null, "route_prefix": null});
+        assert!(parse(&app(ok.clone(), optional)).is_ok());
+        let logs = json!({"logging_config": {"logs_dir": null, "log_level": 50, "additional_log_standard_attrs": ["name"]}});
+        assert!(parse(&app(json!({"name": "a", "num_replicas": null}), logs)).is_ok());
     }
 }
