@@ -268,7 +268,7 @@ fn default_no_model() -> Spanned<PathBuf> {
     spanned(PathBuf::new())
 }
 fn default_max_replicas() -> Spanned<u32> {
-    spanned(1024)
+    spanned(crate::DEFAULT_MAX_REPLICAS_PER_DEPLOYMENT)
 }
 fn default_zero_seconds() -> Spanned<f64> {
     spanned(0.0)

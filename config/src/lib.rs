@@ -40,6 +40,9 @@ pub use types::{
 /// `--worker-threads`) may ask for: a ceiling against typos.
 pub const MAX_WORKER_THREADS: u32 = 1024;
 
+/// `max_replicas_per_deployment`'s default.
+pub const DEFAULT_MAX_REPLICAS_PER_DEPLOYMENT: u32 = 1024;
+
 /// The longest duration a setting may give, in seconds (about 31 years: "never" in practice).
 /// Longer ones are refused: a time that far ahead cannot be added to a clock reading, and the
 /// loop that would add it would stop.

@@ -45,6 +45,9 @@ pub struct Config {
     /// Runtime's library) and warm the deployments again. The `sluice` commands act on it; an
     /// embedding program calls `sluice_server::Server::release_startup_memory` itself.
     pub release_startup_memory: bool,
+    /// The most replicas one deployment may have (checked when the config is read; kept for a
+    /// Ray Serve deploy, whose document does not carry it, to be checked against).
+    pub max_replicas_per_deployment: u32,
     /// The file this config came from; used in messages.
     pub source: PathBuf,
 }
@@ -91,6 +94,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             worker_threads: None,
             release_startup_memory: true,
+            max_replicas_per_deployment: crate::DEFAULT_MAX_REPLICAS_PER_DEPLOYMENT,
             source: PathBuf::new(),
         }
     }

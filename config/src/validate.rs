@@ -160,6 +160,7 @@ pub(crate) fn validate(
         log_format: doc.log_format,
         worker_threads: doc.worker_threads.as_ref().map(|n| n.value),
         release_startup_memory: doc.release_startup_memory,
+        max_replicas_per_deployment: doc.max_replicas_per_deployment.value,
         source: source.to_path_buf(),
     })
 }

@@ -68,7 +68,13 @@ pub fn convert(body: &Value, base: &Path, current: Option<&Config>) -> Result<Co
         return Err(ValidationErrors(errors));
     }
     let mut doc = Doc::default();
-    let top = Node::Object(vec![Entry::new("applications", Node::List(apps), "applications")]);
+    let mut top = vec![Entry::new("applications", Node::List(apps), "applications")];
+    // Ray's document has no ceiling of its own: its counts are checked against the server's.
+    if let Some(c) = current {
+        let most = json!(c.max_replicas_per_deployment);
+        top.push(Entry::value("max_replicas_per_deployment", most, "applications"));
+    }
+    let top = Node::Object(top);
     doc.node("", &top, "applications", false);
     let mut config = sluice_config::parse(&doc.text(), &base.join(SOURCE)).map_err(|e| doc.errors(e))?;
     for ((app, ray), extra) in config.applications.iter_mut().zip(&deploy.applications).zip(notes) {
@@ -514,5 +520,30 @@ mod tests {
         assert_eq!(e.0[0].loc, "applications.0.name", "{:?}", e.0);
         assert!(e.0[0].msg.contains("is the model repository's"), "{:?}", e.0);
         assert!(convert(&body, &models(), None).is_ok(), "no repository, no clash");
+    }
+
+    /// A Ray deploy's replica counts are checked against the server's
+    /// `max_replicas_per_deployment` (its document has none, so the default of 1024 was used),
+    /// and `auto`'s ceiling of 100 is lowered to it.
+    #[test]
+    fn replica_counts_are_held_to_the_servers_ceiling() {
+        let current = sluice_config::parse(
+            "max_replicas_per_deployment: 8
+",
+            &models().join("c.yaml"),
+        )
+        .unwrap();
+        let app = |replicas: Value| {
+            json!({"applications": [{"name": "a", "import_path": "sluice.onnx:iris/model.onnx",
+                                     "deployments": [{"name": "a", "num_replicas": replicas}]}]})
+        };
+        let e = convert(&app(json!(500)), &models(), Some(&current)).unwrap_err();
+        assert_eq!(e.0[0].loc, "applications.0.deployments.0.num_replicas", "{:?}", e.0);
+        assert!(e.0[0].msg.contains("more than max_replicas_per_deployment (8)"), "{:?}", e.0);
+        assert!(convert(&app(json!(500)), &models(), None).is_ok(), "no server: its default of 1024");
+        let c = convert(&app(json!("auto")), &models(), Some(&current)).unwrap();
+        let scaling = &c.config.applications[0].deployments[0].scaling;
+        assert!(matches!(scaling, sluice_config::Scaling::Auto(a) if a.max_replicas == 8), "{scaling:?}");
+        assert_eq!(c.config.max_replicas_per_deployment, 8);
     }
 }
