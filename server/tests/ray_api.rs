@@ -228,6 +228,36 @@ async fn deploys_apply_in_the_order_sent_and_a_shutdown_after_them_wins() {
     d.server.shutdown().await;
 }
 
+/// A deploy sent while a shutdown waits for its turn is applied after it (as in Ray), and keeps
+/// the config it was sent with: the shutdown, once done, wiped every submitted entry, the later
+/// deploy's too, so `serve config` found none for a running application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_sent_during_a_shutdown_keeps_its_config() {
+    let held = common::held::Held::register_load("held-load-shutdown");
+    let d = Dashboard::start().await;
+    let named = |name: &str, import_path: &str| {
+        let mut c = service_config(import_path, json!({}));
+        c["applications"][0]["name"] = json!(name);
+        c["applications"][0]["route_prefix"] = json!(format!("/{name}"));
+        c["applications"][0]["deployments"][0]["name"] = json!(name);
+        c["applications"][0]["deployments"][0]["num_replicas"] = json!(1);
+        c
+    };
+    // A deploy whose model's load the test holds: it holds the controller's turn.
+    assert_eq!(d.put(&named("slow", "sluice.custom:held-load-shutdown")).await.0, 200);
+    held.started().await;
+    let delete = tokio::spawn(d.kuberay(reqwest::Method::DELETE, "/api/serve/applications/").send());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(d.put(&named("later", "sluice.onnx:iris/model.onnx")).await.0, 200);
+    for _ in 0..4 {
+        held.release();
+    }
+    assert_eq!(delete.await.unwrap().unwrap().status(), 200);
+    let app = d.until("later", "RUNNING").await["applications"]["later"].clone();
+    assert_eq!(app["deployed_app_config"]["name"], "later", "{app:#}");
+    d.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configs_are_refused_in_rays_words_and_failed_deploys_say_why() {
     let d = Dashboard::start().await;

@@ -66,7 +66,43 @@ pub struct AdminState {
     /// The server's phase: shutdown has begun once it is `Stopping`.
     phase: watch::Receiver<crate::readiness::Phase>,
     /// The application entries last deployed through Ray's API, by name (`deployed_app_config`).
-    submitted: Arc<Mutex<BTreeMap<String, Value>>>,
+    submitted: Arc<Mutex<Submitted>>,
+}
+
+/// What Ray's API last deployed ([`AdminState::submitted`]), and how many times it deployed.
+#[derive(Default)]
+pub(crate) struct Submitted {
+    pub(crate) apps: BTreeMap<String, Value>,
+    /// Counts Ray deploys: a delete or native apply that waited for its turn forgets the
+    /// entries only if no Ray deploy came since it was asked for (one that came then is kept
+    /// by the controller, applied after it, and its entries are its own).
+    generation: u64,
+}
+
+impl Submitted {
+    /// A Ray deploy's entries replace the others.
+    pub(crate) fn replace(&mut self, apps: BTreeMap<String, Value>) {
+        self.apps = apps;
+        self.generation += 1;
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Forgets `app` (every application with `None`), unless a Ray deploy came after
+    /// `generation`.
+    pub(crate) fn forget(&mut self, app: Option<&str>, generation: u64) {
+        if self.generation != generation {
+            return;
+        }
+        match app {
+            Some(app) => {
+                self.apps.remove(app);
+            }
+            None => self.apps.clear(),
+        }
+    }
 }
 
 impl AdminState {
@@ -92,7 +128,7 @@ impl AdminState {
         status
     }
 
-    fn submitted(&self) -> MutexGuard<'_, BTreeMap<String, Value>> {
+    fn submitted(&self) -> MutexGuard<'_, Submitted> {
         // Only whole-map replacements happen under it: a panic cannot leave it half-changed.
         self.submitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -375,10 +411,12 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         }
     };
     let state = s.clone();
+    let seen = s.submitted().generation();
     let applied = sluice_controller::to_the_end(async move {
         state.controller.apply(&config).await?;
-        // Every application now comes from this config, none from a Ray client.
-        state.submitted().clear();
+        // Every application now comes from this config, none from a Ray client (but a Ray
+        // deploy sent meanwhile, applied after this one).
+        state.submitted().forget(None, seen);
         Ok::<_, sluice_controller::ControlError>(config)
     });
     match applied.await {
@@ -433,9 +471,10 @@ async fn status(State(s): State<AdminState>) -> Json<Status> {
 
 async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
     let state = s.clone();
+    let seen = s.submitted().generation();
     sluice_controller::to_the_end(async move {
         state.controller.delete(Some(&app)).await?;
-        state.submitted().remove(&app);
+        state.submitted().forget(Some(&app), seen);
         Ok::<_, sluice_controller::ControlError>(())
     })
     .await?;

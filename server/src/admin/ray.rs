@@ -34,7 +34,7 @@ pub(super) async fn details(
         ApiType::parse(query.get("api_type").map(String::as_str)).map_err(RayApiError::bad_request)?;
     let status = s.status();
     let draining = *s.phase.borrow() == crate::readiness::Phase::Stopping;
-    Ok(Json(instance_details(&status, &s.submitted(), &s.node, &s.frontends, api_type, draining)))
+    Ok(Json(instance_details(&status, &s.submitted().apps, &s.node, &s.frontends, api_type, draining)))
 }
 
 /// `PUT /api/serve/applications/` with a `ServeDeploySchema`: checked now (400 with every
@@ -43,7 +43,7 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
     let desired = s.controller.desired();
     match convert::convert(body, base, desired.as_ref()) {
         Ok(converted) => {
-            *s.submitted() = converted.submitted;
+            s.submitted().replace(converted.submitted);
             s.controller.deploy(converted.config);
             StatusCode::OK.into_response()
         }
@@ -54,9 +54,10 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
 /// `DELETE /api/serve/applications/`: every application goes (Ray's `serve shutdown`).
 pub(super) async fn delete_all(State(s): State<AdminState>) -> Result<StatusCode, RayApiError> {
     let state = s.clone();
+    let seen = s.submitted().generation();
     sluice_controller::to_the_end(async move {
         state.controller.delete(None).await?;
-        state.submitted().clear();
+        state.submitted().forget(None, seen);
         Ok::<_, sluice_controller::ControlError>(())
     })
     .await?;
