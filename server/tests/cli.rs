@@ -1588,6 +1588,26 @@ fn a_port_flag_can_resolve_a_clash_in_the_file() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `sluice run --ray` checks the listeners as the job on Ray will have them (the admin API's
+/// default port moved to 8266 beside Ray's dashboard) before anything is sent: a REST port of
+/// 8266 failed the job once uploaded, naming a port the config did not.
+#[test]
+fn run_on_ray_checks_the_listeners_as_the_job_has_them() {
+    let iris = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");
+    let config = write_config(
+        "ray-port-clash.yaml",
+        &format!(
+            "http_options: {{port: 8266}}\napplications:\n  - name: a\n    deployments: [{{name: iris, model: {}}}]\n",
+            iris.display()
+        ),
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = sluice().arg("run").arg(&config).args(["--ray", &format!("http://{closed}")]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("admin_options.port") && err.contains("as the job on Ray listens"), "{err}");
+}
+
 /// `sluice run --ray` with an `--onnxruntime` that names no file says so before asking Ray
 /// anything (it shipped whichever library it found next, or blamed the install).
 #[test]

@@ -90,9 +90,32 @@ fn unsupported_on_ray(config: &Config, submitting: bool) -> Vec<String> {
     out
 }
 
+/// The listeners as the job serves them: Ray's dashboard holds 8265 on the head (the admin
+/// API's default moves to 8266), and clients reach the frontends from other hosts (a loopback
+/// host listens on every address).
+fn as_in_the_job(config: &mut Config) {
+    config.admin_options.port = sluice_server::ray_admin_port(config);
+    let loopback = sluice_config::HttpOptions::default().host;
+    for host in [&mut config.http_options.host, &mut config.grpc_options.host, &mut config.admin_options.host]
+    {
+        if *host == loopback {
+            *host = "0.0.0.0".into();
+        }
+    }
+}
+
 /// Submits `config` to Ray and waits until it serves; prints where.
 pub fn submit(config: &Config, s: Submit) -> ExitCode {
-    if let Err(code) = super::run::check_addresses(config) {
+    // Checked as the job will listen, before anything is packaged and sent (a clash the job's
+    // changes make, `http_options.port: 8266` beside the moved admin port, failed the job after
+    // its upload, naming a port the config did not).
+    let mut in_the_job = config.clone();
+    as_in_the_job(&mut in_the_job);
+    if let Err(code) = super::run::check_addresses(&in_the_job) {
+        eprintln!(
+            "(as the job on Ray listens: the admin API's default port 8265 moved to 8266 beside Ray's dashboard, \
+             and loopback hosts on 0.0.0.0)"
+        );
         return code;
     }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -380,15 +403,7 @@ pub fn run_in_job(
         eprintln!("error: {first}");
         return ExitCode::FAILURE;
     }
-    // Ray's dashboard holds 8265 on the head; clients reach the frontends from other hosts.
-    config.admin_options.port = sluice_server::ray_admin_port(&config);
-    let loopback = sluice_config::HttpOptions::default().host;
-    for host in [&mut config.http_options.host, &mut config.grpc_options.host, &mut config.admin_options.host]
-    {
-        if *host == loopback {
-            *host = "0.0.0.0".into();
-        }
-    }
+    as_in_the_job(&mut config);
     // The cluster network is the trust boundary Ray's own dashboard (which runs any job it is
     // sent) already draws: without a token the admin API is as open as it, and says so.
     if admin_token.as_deref().is_none_or(str::is_empty) && !config.admin_options.host.starts_with("127.") {
