@@ -78,26 +78,30 @@ impl Cache {
         dir.join(hex(&digest.finalize()))
     }
 
-    /// Removes the contents' folders of each version `in_use` holds a folder of that are not
-    /// themselves in `in_use` (contents superseded since they were fetched); returns how many.
-    /// Other versions' folders are left as they are.
-    pub async fn prune(&self, in_use: &std::collections::BTreeSet<PathBuf>) -> usize {
+    /// Removes every contents' folder of `store`'s repository in this cache that `in_use` does
+    /// not hold (contents superseded since they were fetched, versions no longer served, models
+    /// gone from the store), the version and model folders that leaves empty, and the temporary
+    /// files of fetches that were killed in the folders kept; returns how many contents' folders
+    /// went. (Only superseded contents went: every version a training job wrote stayed on disk.)
+    pub async fn prune(&self, store: &Store, in_use: &std::collections::BTreeSet<PathBuf>) -> usize {
         let mut removed = 0;
-        let versions: std::collections::BTreeSet<&Path> =
-            in_use.iter().filter(|d| d.starts_with(&self.dir)).filter_map(|d| d.parent()).collect();
-        for version in versions {
-            let Ok(mut entries) = tokio::fs::read_dir(version).await else { continue };
-            while let Ok(Some(e)) = entries.next_entry().await {
-                let path = e.path();
-                let contents = e.file_name().to_str().is_some_and(is_contents_name);
-                if contents
-                    && !in_use.contains(&path)
-                    && e.file_type().await.is_ok_and(|t| t.is_dir())
-                    && tokio::fs::remove_dir_all(&path).await.is_ok()
-                {
-                    removed += 1;
+        let root = self.dir.join(hex(&Sha256::digest(store.url().as_bytes())));
+        let abandoned = abandoned_after(store);
+        for model in subdirs(&root).await {
+            for version in subdirs(&model).await {
+                for contents in subdirs(&version).await {
+                    if in_use.contains(&contents) {
+                        sweep_abandoned(&contents, abandoned).await;
+                    } else if contents.file_name().and_then(|n| n.to_str()).is_some_and(is_contents_name)
+                        && tokio::fs::remove_dir_all(&contents).await.is_ok()
+                    {
+                        removed += 1;
+                    }
                 }
+                // Only when empty.
+                let _ = tokio::fs::remove_dir(&version).await;
             }
+            let _ = tokio::fs::remove_dir(&model).await;
         }
         removed
     }
@@ -133,6 +137,9 @@ impl Cache {
             message: format!("cache `{}`: {e}", dir.display()),
         };
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
+        // A fetch into this folder that was killed (a replica past its start timeout, a crash)
+        // left its temporary files: each try started again beside them.
+        sweep_abandoned(&dir, abandoned_after(store)).await;
         // Every file not cached yet is fetched under a temporary name first; only when all of
         // them are here are they renamed into place. A fetch that fails part-way leaves nothing
         // (a multi-file version is never half there on disk).
@@ -206,6 +213,47 @@ impl Staged {
         }
         let _ = tokio::fs::remove_dir(dir).await;
     }
+}
+
+/// How long a fetch's temporary file goes unwritten before it is taken for a killed fetch's:
+/// 10 minutes, or twice the store's timeout (a fetch that goes that long without a byte has
+/// failed).
+fn abandoned_after(store: &Store) -> std::time::Duration {
+    std::time::Duration::from_secs(600).max(store.timeout().saturating_mul(2))
+}
+
+/// Whether `name` is a fetch's temporary file (`.NAME.part-PID-N`, `.NAME.record-PID-N`).
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(".part-") || name.contains(".record-"))
+}
+
+/// Removes the temporary files in `dir` not written for `after` (another fetch, in this
+/// process or another on the node, writes its own as it goes); returns how many.
+async fn sweep_abandoned(dir: &Path, after: std::time::Duration) -> usize {
+    let mut removed = 0;
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return 0 };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        if !e.file_name().to_str().is_some_and(is_temporary) {
+            continue;
+        }
+        let idle = e.metadata().await.ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if idle.is_some_and(|idle| idle >= after) && tokio::fs::remove_file(e.path()).await.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The folders in `dir`.
+async fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return out };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        if e.file_type().await.is_ok_and(|t| t.is_dir()) {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 fn record_path(file: &Path) -> PathBuf {
@@ -298,11 +346,17 @@ mod tests {
         assert_eq!(std::fs::read(first.dir.join("vocab.txt")).unwrap(), b"a b c");
         assert_eq!(std::fs::read(changed.dir.join("model.onnx")).unwrap().len(), 1000);
         let other = cache.fetch(&store, "other", "1", &store.list("m/1").await.unwrap(), 1 << 20).await;
-        assert!(other.is_ok());
-        let running = [changed.dir.clone()].into_iter().collect();
-        assert_eq!(cache.prune(&running).await, 1);
+        let other = other.unwrap().dir;
+        let running = [changed.dir.clone(), other.clone()].into_iter().collect();
+        assert_eq!(cache.prune(&store, &running).await, 1);
         assert!(!first.dir.exists() && changed.dir.join("vocab.txt").exists());
-        assert!(other.unwrap().dir.exists(), "another version's folders are left alone");
+        assert!(other.exists(), "another model's version in use is left alone");
+        // A version no longer served goes, and its model's folder with its last version (every
+        // version a training job wrote stayed on disk).
+        let running = [changed.dir.clone()].into_iter().collect();
+        assert_eq!(cache.prune(&store, &running).await, 1);
+        assert!(!other.exists() && !other.parent().unwrap().parent().unwrap().exists());
+        assert!(changed.dir.join("vocab.txt").exists());
         let e = cache.fetch(&store, "m", "1", &files, 100).await.unwrap_err().to_string();
         assert!(e.contains("above max_version_bytes (100)"), "{e}");
         let _ = std::fs::remove_dir_all(&base);
@@ -338,6 +392,42 @@ mod tests {
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["a.onnx", "a.onnx.sluice-record", "b.data", "b.data.sluice-record"]);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A fetch that was killed (a replica past its start timeout, a crash) leaves its temporary
+    /// files: the next fetch into the folder, and a prune, remove those not written for a while
+    /// (each try started again beside them, and gigabytes piled up), not a fetch's in progress.
+    #[tokio::test]
+    async fn a_killed_fetchs_temporary_files_are_removed() {
+        let base = std::env::temp_dir().join(format!("sluice-cache-killed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let repo = base.join("repo");
+        std::fs::create_dir_all(repo.join("m/1")).unwrap();
+        std::fs::write(repo.join("m/1/model.onnx"), b"model").unwrap();
+        let store = remote_store(&repo);
+        let cache = Cache::new(base.join("cache"));
+        let files = store.list("m/1").await.unwrap();
+        let dir = cache.files_dir(&store, "m", "1", &files);
+        std::fs::create_dir_all(&dir).unwrap();
+        let temp = |name: &str, idle: Duration| {
+            let path = dir.join(name);
+            std::fs::write(&path, b"part").unwrap();
+            let at = std::time::SystemTime::now() - idle;
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(at).unwrap();
+            path
+        };
+        let killed = temp(".model.onnx.part-999999-3", Duration::from_secs(3600));
+        let record = temp(".model.onnx.record-999999-3", Duration::from_secs(3600));
+        let running = temp(".model.onnx.part-999998-1", Duration::from_secs(5));
+        cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
+        assert!(!killed.exists() && !record.exists(), "a killed fetch's files are gone");
+        assert!(running.exists(), "a fetch in progress keeps its file");
+        assert!(dir.join("model.onnx").exists());
+        let killed = temp(".model.onnx.part-999997-1", Duration::from_secs(3600));
+        let kept = [dir.clone()].into_iter().collect();
+        assert_eq!(cache.prune(&store, &kept).await, 0);
+        assert!(!killed.exists() && running.exists() && dir.join("model.onnx").exists());
         let _ = std::fs::remove_dir_all(&base);
     }
 

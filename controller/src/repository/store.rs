@@ -85,6 +85,8 @@ pub struct Store {
     /// The entries the last local listing left out: warned about when they change, not at
     /// every scan.
     left_out: Arc<std::sync::Mutex<Vec<String>>>,
+    /// How long a call may go without progress (`store_timeout_s`).
+    timeout: Duration,
 }
 
 impl Store {
@@ -112,6 +114,7 @@ impl Store {
                     root: StorePath::default(),
                     local: Some(path.clone()),
                     left_out: Default::default(),
+                    timeout,
                 })
             }
             RepositoryLocation::Url(u) => {
@@ -177,6 +180,7 @@ impl Store {
                     root: StorePath::from(prefix),
                     local: None,
                     left_out: Default::default(),
+                    timeout,
                 })
             }
         }
@@ -185,6 +189,11 @@ impl Store {
     /// The repository's URL (or folder), for messages.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// How long a call may go without progress.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The local folder the files are read from in place, for a local repository.
@@ -444,6 +453,7 @@ impl Store {
             root: StorePath::default(),
             local: None,
             left_out: Default::default(),
+            timeout: Duration::from_secs(30),
         }
     }
 }
