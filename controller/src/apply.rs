@@ -41,15 +41,16 @@ impl Controller {
     /// rest applied). A repository that cannot be listed is an error naming its URL.
     ///
     /// While it runs, status shows its applications as deploying; when it fails, each says
-    /// why (and what ran before keeps running).
-    pub async fn apply(&self, config: &Config) -> Result<(), ControlError> {
+    /// why (and what ran before keeps running). Returns its generation: deploys of lower ones
+    /// ([`Controller::deploy`]) were applied before it, and replaced by it.
+    pub async fn apply(&self, config: &Config) -> Result<u64, ControlError> {
         let generation = apps::reserve(&mut self.lock());
         let _turn = self.take_turn(generation + 1).await;
         // Background deploys asked for before this one go first; those asked for after it
         // wait (the last config sent is the one that stays).
         self.run_deploys(Some(generation)).await;
         apps::begin_as(&mut self.lock(), config, generation);
-        self.apply_as(generation, config).await
+        self.apply_as(generation, config).await.map(|()| generation)
     }
 
     /// Waits for `changes` for a change asked for before the deploys of generation `from` on,
@@ -78,7 +79,9 @@ impl Controller {
     /// applications show as deploying at once, and status tells how the deploy went.
     /// Deploys are applied in the order they were asked for, and a delete waits for those
     /// asked for before it (or, deleting everything, drops them).
-    pub fn deploy(self: &Arc<Self>, config: Config) {
+    ///
+    /// Returns the deploy's generation (see [`Controller::apply`], [`Controller::delete`]).
+    pub fn deploy(self: &Arc<Self>, config: Config) -> u64 {
         let generation = apps::begin(&mut self.lock(), &config);
         self.deploys.lock().unwrap_or_else(|e| e.into_inner()).push_back((generation, config));
         let this = self.clone();
@@ -86,6 +89,7 @@ impl Controller {
             let _changes = this.changes.lock().await;
             this.run_deploys(None).await;
         });
+        generation
     }
 
     /// Applies the queued background deploys, oldest first, below generation `before` and
@@ -357,7 +361,7 @@ impl Controller {
                         keep
                     };
                     if store.local_root().is_none() {
-                        cache.prune(&keep).await;
+                        cache.prune(&store, &keep).await;
                     }
                     return Ok(repository::signature(&plans, listing));
                 }

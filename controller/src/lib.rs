@@ -196,8 +196,9 @@ impl Controller {
         }
     }
 
-    /// Removes one application (or every one, with `None`).
-    pub async fn delete(&self, app: Option<&str>) -> Result<(), ControlError> {
+    /// Removes one application (or every one, with `None`). Returns the first deploy
+    /// generation it kept ([`Controller::deploy`]): those asked for after it, applied after it.
+    pub async fn delete(&self, app: Option<&str>) -> Result<u64, ControlError> {
         // Deploys asked for after this delete wait for it, and are kept by it.
         let after = self.lock().deploys_begun + 1;
         let _turn = self.take_turn(after).await;
@@ -247,7 +248,7 @@ impl Controller {
         };
         // Deleted: its waiting requests are not served by a replica started for them.
         self.drain(retired, false);
-        Ok(())
+        Ok(after)
     }
 
     /// Publishes the route table for `st`, and what goes with it: the canary weight gauges,

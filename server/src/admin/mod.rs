@@ -69,31 +69,27 @@ pub struct AdminState {
     submitted: Arc<Mutex<Submitted>>,
 }
 
-/// What Ray's API last deployed ([`AdminState::submitted`]), and how many times it deployed.
+/// What Ray's API last deployed ([`AdminState::submitted`]), and the controller's generation
+/// of that deploy ([`Controller::deploy`]).
 #[derive(Default)]
 pub(crate) struct Submitted {
     pub(crate) apps: BTreeMap<String, Value>,
-    /// Counts Ray deploys: a delete or native apply that waited for its turn forgets the
-    /// entries only if no Ray deploy came since it was asked for (one that came then is kept
-    /// by the controller, applied after it, and its entries are its own).
     generation: u64,
 }
 
 impl Submitted {
-    /// A Ray deploy's entries replace the others.
-    pub(crate) fn replace(&mut self, apps: BTreeMap<String, Value>) {
+    /// A Ray deploy's entries (the controller's deploy `generation`) replace the others.
+    pub(crate) fn replace(&mut self, apps: BTreeMap<String, Value>, generation: u64) {
         self.apps = apps;
-        self.generation += 1;
+        self.generation = generation;
     }
 
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// Forgets `app` (every application with `None`), unless a Ray deploy came after
-    /// `generation`.
-    pub(crate) fn forget(&mut self, app: Option<&str>, generation: u64) {
-        if self.generation != generation {
+    /// Forgets `app` (every application with `None`) once a delete or a native apply that
+    /// replaced the deploys below generation `before` is done, unless the entries come from a
+    /// deploy at or after it (asked for while the change waited for its turn, applied after
+    /// it: a shutdown wiped them, and `serve config` found none for a running application).
+    pub(crate) fn forget(&mut self, app: Option<&str>, before: u64) {
+        if self.generation >= before {
             return;
         }
         match app {
@@ -411,12 +407,11 @@ async fn deploy(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) ->
         }
     };
     let state = s.clone();
-    let seen = s.submitted().generation();
     let applied = sluice_controller::to_the_end(async move {
-        state.controller.apply(&config).await?;
+        let generation = state.controller.apply(&config).await?;
         // Every application now comes from this config, none from a Ray client (but a Ray
         // deploy sent meanwhile, applied after this one).
-        state.submitted().forget(None, seen);
+        state.submitted().forget(None, generation + 1);
         Ok::<_, sluice_controller::ControlError>(config)
     });
     match applied.await {
@@ -471,10 +466,9 @@ async fn status(State(s): State<AdminState>) -> Json<Status> {
 
 async fn delete_one(State(s): State<AdminState>, Path(app): Path<String>) -> Answer {
     let state = s.clone();
-    let seen = s.submitted().generation();
     sluice_controller::to_the_end(async move {
-        state.controller.delete(Some(&app)).await?;
-        state.submitted().forget(Some(&app), seen);
+        let kept = state.controller.delete(Some(&app)).await?;
+        state.submitted().forget(Some(&app), kept);
         Ok::<_, sluice_controller::ControlError>(())
     })
     .await?;

@@ -43,8 +43,10 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
     let desired = s.controller.desired();
     match convert::convert(body, base, desired.as_ref()) {
         Ok(converted) => {
-            s.submitted().replace(converted.submitted);
-            s.controller.deploy(converted.config);
+            // Under the lock: entries and generation go together.
+            let mut submitted = s.submitted();
+            let generation = s.controller.deploy(converted.config);
+            submitted.replace(converted.submitted, generation);
             StatusCode::OK.into_response()
         }
         Err(errors) => RayApiError::from(errors).into_response(),
@@ -54,10 +56,9 @@ pub(super) fn deploy(s: &AdminState, body: &Value, base: &Path) -> Response {
 /// `DELETE /api/serve/applications/`: every application goes (Ray's `serve shutdown`).
 pub(super) async fn delete_all(State(s): State<AdminState>) -> Result<StatusCode, RayApiError> {
     let state = s.clone();
-    let seen = s.submitted().generation();
     sluice_controller::to_the_end(async move {
-        state.controller.delete(None).await?;
-        state.submitted().forget(None, seen);
+        let kept = state.controller.delete(None).await?;
+        state.submitted().forget(None, kept);
         Ok::<_, sluice_controller::ControlError>(())
     })
     .await?;
