@@ -266,34 +266,6 @@ struct Sent {
     taken: Vec<Arc<str>>,
 }
 
-/// A request's padded inputs (`pad`) are as long as each other (dimension 1): they are padded
-/// together to their batch's longest, and each answer is cut back to its request's length, which
-/// inputs of two lengths do not give (such a request failed in ONNX Runtime alone, and in a batch
-/// it ran on pad values and was answered at the batch's length).
-fn check_padded_lengths(
-    pad: &std::collections::BTreeMap<String, f64>,
-    request: &InferRequest,
-) -> Result<(), InferError> {
-    let mut padded = request.inputs.iter().filter(|i| pad.contains_key(&i.name));
-    let Some(first) = padded.next() else { return Ok(()) };
-    let length = |i: &crate::NamedTensor| i.tensor.shape().get(1).copied();
-    match padded.find(|i| length(i) != length(first)) {
-        None => Ok(()),
-        Some(other) => {
-            let said =
-                |i: &crate::NamedTensor| length(i).map_or("no dimension 1".to_string(), |n| n.to_string());
-            Err(InferError::invalid(format!(
-                "padded inputs `{}` ({}) and `{}` ({}) must be as long as each other (dimension 1): \
-                 they are padded together to their batch's longest",
-                first.name,
-                said(first),
-                other.name,
-                said(other)
-            )))
-        }
-    }
-}
-
 /// How many times a request is handed on by remote replicas that could not be reached
 /// before its error is answered (three replicas tried in all, each once).
 const MAX_REDIRECTS: usize = 2;
@@ -1064,9 +1036,6 @@ impl Deployment {
         let _inside = Inside::enter(self);
         let spec = &self.set.spec;
         validate_request(&spec.name, &self.metadata, spec.max_batch_size(), &request)?;
-        if !spec.settings.pad.is_empty() {
-            check_padded_lengths(&spec.settings.pad, &request)?;
-        }
         let outputs = match request.outputs.take() {
             None => Arc::clone(&self.set.config.model_outputs),
             Some(requested) => requested.into(),

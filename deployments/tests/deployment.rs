@@ -790,21 +790,6 @@ async fn a_request_of_another_hidden_size_does_not_widen_the_others() {
     );
 }
 
-/// A request whose padded inputs are of two lengths is refused, naming them: padded together
-/// to its batch's longest, it ran on pad values and was answered at the batch's length (alone,
-/// it failed in the model), so its answer depended on who it was batched with.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_whose_padded_inputs_differ_in_length_is_refused() {
-    let d = padded_pool().await;
-    let mut bad = pool_request(3, 8, |_| 1.0);
-    bad.inputs[1] = pool_request(5, 8, |_| 1.0).inputs.remove(1);
-    let (bad, good) = tokio::join!(d.infer(bad), d.infer(pool_request(5, 8, |_| 1.0)));
-    let e = bad.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::InvalidArgument);
-    assert!(e.message.starts_with("padded inputs `hidden` (3) and `mask` (5) must be as long"), "{e}");
-    assert_eq!(good.unwrap().outputs[0].tensor.shape(), &[1, 8]);
-}
-
 /// A tokenizer's batch runs each request by itself: merged, its rows were padded to the
 /// longest text of the call, so a short text's token ids came back as long as another
 /// client's (whose length they told), and the encoder after it ran at that length.
