@@ -253,10 +253,15 @@ impl SharedDim {
 /// before it runs, and a kernel that meets two sizes fails with an internal error), on inputs
 /// that disagree on a dimension the model shares between them: the request's fault (400),
 /// naming the inputs and sizes. Inputs that agree, or an error that is already the request's,
-/// leave `error` as it is. Only looked at on a failure: a model whose exporter named two
-/// unrelated dimensions alike still runs what ONNX Runtime runs.
+/// leave `error` as it is, and so does a failure whose message is not about shapes. Only looked
+/// at on a failure: a model whose exporter named two unrelated dimensions alike still runs what
+/// ONNX Runtime runs.
 fn disagreeing_inputs(shared: &[SharedDim], inputs: &[NamedTensor], error: InferError) -> InferError {
-    if error.kind != crate::ErrorKind::Internal {
+    // Only a failure that is about shapes (a memory or device failure on such inputs stays the
+    // server's, and counts against a canary).
+    let message = error.message.to_ascii_lowercase();
+    let about_shapes = ["broadcast", "dimension", "shape", "mismatch"].iter().any(|w| message.contains(w));
+    if error.kind != crate::ErrorKind::Internal || !about_shapes {
         return error;
     }
     let size = |(name, axis): &(String, usize)| {
@@ -380,7 +385,8 @@ pub(crate) fn to_ort_type(dtype: DataType) -> TensorElementType {
 mod tests {
     use bytes::Bytes;
 
-    use crate::{DataType, Tensor};
+    use super::{SharedDim, disagreeing_inputs};
+    use crate::{DataType, InferError, NamedTensor, Tensor};
 
     /// A BYTES tensor holding nothing may name dimensions whose product overflows before its 0:
     /// refused before ort multiplies them (with overflow checks on, that panicked, and the
@@ -392,5 +398,27 @@ mod tests {
             Err(e) => assert!(e.contains("too large"), "{e}"),
             Ok(_) => panic!("accepted"),
         }
+    }
+
+    /// Inputs disagreeing on a shared dimension turn a failure about shapes into the client's
+    /// error; any other failure on them (memory, a device) stays the server's, counted against
+    /// a canary, and so does one on inputs that agree.
+    #[test]
+    fn only_a_shape_failure_on_disagreeing_inputs_is_the_clients() {
+        let shared = vec![SharedDim { symbol: "L".into(), at: vec![("a".into(), 1), ("b".into(), 1)] }];
+        let input = |name: &str, len: usize| NamedTensor {
+            name: name.into(),
+            tensor: Tensor::new(DataType::Int64, vec![1, len], vec![0u8; 8 * len].into()).unwrap(),
+        };
+        let differ = [input("a", 3), input("b", 4)];
+        let broadcast =
+            || InferError::internal("Attempting to broadcast an axis by a dimension other than 1. 3 by 4");
+        let e = disagreeing_inputs(&shared, &differ, broadcast());
+        assert_eq!(e.kind, crate::ErrorKind::InvalidArgument, "{e:?}");
+        assert!(e.message.contains("must agree: the model names both `L`"), "{e:?}");
+        let memory = InferError::internal("Failed to allocate memory for requested buffer of size 1024");
+        assert_eq!(disagreeing_inputs(&shared, &differ, memory).kind, crate::ErrorKind::Internal);
+        let agree = [input("a", 3), input("b", 3)];
+        assert_eq!(disagreeing_inputs(&shared, &agree, broadcast()).kind, crate::ErrorKind::Internal);
     }
 }
