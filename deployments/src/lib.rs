@@ -35,8 +35,8 @@ pub use error::{ErrorKind, InferError, LoadError};
 pub use pipeline::Pipeline;
 pub use remote::{RemoteCall, RemoteInfo, RemoteReplica};
 pub use request::{
-    InferRequest, InferResponse, check_parameter_name, check_request, refuse_classification,
-    refuse_shared_memory, validate_request,
+    ENABLE_EMPTY_FINAL_RESPONSE, InferRequest, InferResponse, check_parameter_name, check_request,
+    refuse_classification, refuse_shared_memory, validate_request,
 };
 pub use servable::Servable;
 pub use shadow::Shadow;

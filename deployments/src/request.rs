@@ -28,12 +28,19 @@ pub struct InferResponse {
     pub outputs: Vec<NamedTensor>,
 }
 
-/// Refuses a request parameter named like Triton's own (`triton_…`): reserved, as Triton
+/// The one `triton_` request parameter Triton takes (a bool: whether a decoupled stream ends
+/// with an empty final answer). Triton's C++ client and perf_analyzer send it with every
+/// request, unary ones too, where it changes nothing.
+pub const ENABLE_EMPTY_FINAL_RESPONSE: &str = "triton_enable_empty_final_response";
+
+/// Refuses a request parameter named like Triton's own (`triton_…`, but for
+/// [`ENABLE_EMPTY_FINAL_RESPONSE`], whose value the frontend checks): reserved, as Triton
 /// refuses it, rather than read by no one.
 pub fn check_parameter_name(name: &str) -> Result<(), InferError> {
-    match name.starts_with("triton_") {
+    match name.starts_with("triton_") && name != ENABLE_EMPTY_FINAL_RESPONSE {
         true => Err(InferError::invalid(format!(
-            "parameter `{name}` is reserved: names beginning `triton_` are Triton's own"
+            "parameter `{name}` is reserved: names beginning `triton_` are Triton's own, but for \
+             `{ENABLE_EMPTY_FINAL_RESPONSE}`"
         ))),
         false => Ok(()),
     }

@@ -278,20 +278,32 @@ async fn an_error_quoting_a_huge_name_is_a_bounded_status() {
     s.shutdown().await;
 }
 
-/// A request parameter named like Triton's own is refused, as Triton refuses it; an extension
-/// Sluice does not implement is UNIMPLEMENTED (not the client's mistake), as Triton's
-/// UNSUPPORTED.
+/// A request parameter named like Triton's own is refused, as Triton refuses it, but for the
+/// one Triton takes, `triton_enable_empty_final_response` (a bool), which Triton's C++ client
+/// and perf_analyzer send with every unary request (each was refused); an extension Sluice does
+/// not implement is UNIMPLEMENTED (not the client's mistake), as Triton's UNSUPPORTED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_parameters_are_refused_and_missing_extensions_unimplemented() {
     let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
     let mut client = grpc::client(&s).await;
     let param = |p| pb::InferParameter { parameter_choice: Some(p) };
-    let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
-    let flag = param(pb::infer_parameter::ParameterChoice::BoolParam(true));
-    req.parameters.insert("triton_enable_empty_final_response".into(), flag);
-    let e = client.model_infer(req).await.unwrap_err();
+    let with = |name: &str, value| {
+        let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
+        req.parameters.insert(name.into(), param(value));
+        req
+    };
+    use pb::infer_parameter::ParameterChoice::{BoolParam, StringParam};
+    for asked in [true, false] {
+        let answer = client.model_infer(with("triton_enable_empty_final_response", BoolParam(asked))).await;
+        assert_eq!(answer.expect("taken, as Triton takes it").into_inner().outputs.len(), 2);
+    }
+    let e = client.model_infer(with("triton_enable_empty_final_response", StringParam("yes".into()))).await;
+    let e = e.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("parameter `triton_enable_empty_final_response` is reserved"), "{e:?}");
+    assert!(e.message().contains("`triton_enable_empty_final_response` must be a bool"), "{e:?}");
+    let e = client.model_infer(with("triton_other", BoolParam(true))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("parameter `triton_other` is reserved"), "{e:?}");
     let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
     let classes = param(pb::infer_parameter::ParameterChoice::Int64Param(2));
     req.outputs = vec![pb::model_infer_request::InferRequestedOutputTensor {

@@ -205,9 +205,15 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
         ),
         (
             "iris",
-            json!({"parameters": {"triton_enable_empty_final_response": true}, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            json!({"parameters": {"triton_other": true}, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
             StatusCode::BAD_REQUEST,
-            "parameter `triton_enable_empty_final_response` is reserved",
+            "parameter `triton_other` is reserved",
+        ),
+        (
+            "iris",
+            json!({"parameters": {"triton_enable_empty_final_response": "yes"}, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "parameter `triton_enable_empty_final_response` must be a boolean",
         ),
         ("iris", "x".repeat(5000), StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded"),
         (
@@ -229,6 +235,10 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             post(&s, "/v2/models/iris/infer", iris(json!([1, 4]), json!([5.1, 3.5, 1.4, 0.2]))).await;
         assert_eq!(status, StatusCode::OK);
     }
+    // The one `triton_` parameter Triton takes, taken.
+    let body = json!({"parameters": {"triton_enable_empty_final_response": true}, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]});
+    let (status, out) = post(&s, "/v2/models/iris/infer", body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
     s.shutdown().await;
 }
 

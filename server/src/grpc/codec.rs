@@ -72,6 +72,18 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
     for name in req.parameters.keys() {
         sluice_deployments::check_parameter_name(name)?;
     }
+    // Sent with every request by Triton's C++ client and perf_analyzer: a bool, as Triton takes
+    // it, which changes nothing for a unary call (a stream reads it before, `stream.rs`).
+    let final_response = req.parameters.get(sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE);
+    if let Some(p) = final_response
+        && !matches!(p.parameter_choice, Some(pb::infer_parameter::ParameterChoice::BoolParam(_)))
+    {
+        return Err(InferError::invalid(format!(
+            "parameter `{}` must be a bool, got {:?}",
+            sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE,
+            p.parameter_choice
+        )));
+    }
     // 0 is no timeout of the client's own (Triton's reading), as an absent one is.
     let timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
         None => None,

@@ -25,7 +25,7 @@ use super::CallHeaders;
 /// The request parameter asking for `FINAL_RESPONSE` on the answer (Triton's; tritonclient's
 /// `enable_empty_final_response`). A model here answers each request once, so that answer is
 /// the final one.
-const ENABLE_FINAL_RESPONSE: &str = "triton_enable_empty_final_response";
+const ENABLE_FINAL_RESPONSE: &str = sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE;
 const FINAL_RESPONSE: &str = "triton_final_response";
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -272,6 +272,8 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
     for name in parsed.parameters.iter().flat_map(|p| p.keys()) {
         sluice_deployments::check_parameter_name(name)?;
     }
+    // Taken as Triton takes it (a bool), and changes nothing for one answer.
+    bool_param(parsed.parameters.as_ref(), sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE)?;
     let default = bool_param(parsed.parameters.as_ref(), "binary_data_output")?.unwrap_or(false);
     let mut per_output = HashMap::new();
     let mut outputs = None;
