@@ -86,6 +86,24 @@ fn dynamic_batching(d: &Servable) -> Option<pb::model_config::SchedulingChoice> 
     }))
 }
 
+/// A pipeline's steps as Triton describes an ensemble's: each step's deployment (its serving
+/// version, -1), its inputs and outputs mapped to the pipeline's tensors. A config saying
+/// `platform: ensemble` without them crashed perf_analyzer, which walks them.
+fn ensemble_scheduling(p: &sluice_deployments::Pipeline) -> pb::model_config::SchedulingChoice {
+    let step = p
+        .steps()
+        .iter()
+        .map(|s| pb::model_ensembling::Step {
+            model_name: s.deployment.name().to_string(),
+            model_version: -1,
+            input_map: s.inputs.iter().cloned().collect(),
+            output_map: s.outputs.iter().cloned().collect(),
+            model_namespace: String::new(),
+        })
+        .collect();
+    pb::model_config::SchedulingChoice::EnsembleScheduling(pb::ModelEnsembling { step })
+}
+
 /// The configuration of a deployment whose versions follow `version_policy`.
 pub fn build(d: &Servable, version_policy: pb::ModelVersionPolicy) -> pb::ModelConfig {
     let meta = d.metadata();
@@ -123,7 +141,10 @@ pub fn build(d: &Servable, version_policy: pb::ModelVersionPolicy) -> pb::ModelC
             kind: pb::model_instance_group::Kind::Cpu as i32,
         }],
         default_model_filename: "model.onnx".to_string(),
-        scheduling_choice: dynamic_batching(d),
+        scheduling_choice: match d {
+            Servable::Pipeline(p) => Some(ensemble_scheduling(p)),
+            _ => dynamic_batching(d),
+        },
         parameters: Default::default(),
         model_transaction_policy: Some(pb::ModelTransactionPolicy { decoupled: false }),
         response_cache: Some(pb::ModelResponseCache { enable: false }),
@@ -169,6 +190,17 @@ pub fn to_json(c: &pb::ModelConfig) -> Value {
         "model_transaction_policy": {"decoupled": c.model_transaction_policy.as_ref().is_some_and(|p| p.decoupled)},
         "response_cache": {"enable": c.response_cache.as_ref().is_some_and(|p| p.enable)},
     });
+    if let Some(pb::model_config::SchedulingChoice::EnsembleScheduling(e)) = &c.scheduling_choice {
+        v["ensemble_scheduling"] = json!({
+            "step": e.step.iter().map(|s| json!({
+                "model_name": s.model_name,
+                "model_version": s.model_version,
+                "input_map": s.input_map,
+                "output_map": s.output_map,
+                "model_namespace": s.model_namespace,
+            })).collect::<Vec<_>>(),
+        });
+    }
     if let Some(pb::model_config::SchedulingChoice::DynamicBatching(b)) = &c.scheduling_choice {
         let q = b.default_queue_policy.unwrap_or_default();
         let action = pb::model_queue_policy::TimeoutAction::try_from(q.timeout_action)

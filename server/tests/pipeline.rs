@@ -80,6 +80,29 @@ async fn the_json_route_and_the_oip_model_give_the_reference_embeddings() {
     assert_eq!(status, 200, "{meta}");
     assert_eq!(meta["platform"], "ensemble");
     assert_eq!(meta["inputs"][0]["datatype"], "BYTES");
+    // Its config names its steps as Triton's ensembles do (perf_analyzer walks them: a config
+    // saying `platform: ensemble` without them crashed it), on REST and gRPC alike.
+    let (status, config) = get_json(&s, "/v2/models/embeddings/config").await;
+    assert_eq!(status, 200, "{config}");
+    let steps = config["ensemble_scheduling"]["step"].as_array().unwrap_or_else(|| panic!("{config}"));
+    let names: Vec<&str> = steps.iter().map(|s| s["model_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tok", "encoder", "pool"]);
+    assert_eq!(
+        steps[1]["input_map"],
+        json!({"input_ids": "ids", "attention_mask": "mask", "token_type_ids": "types"})
+    );
+    assert_eq!(steps[1]["output_map"], json!({"last_hidden_state": "hidden"}));
+    assert_eq!(steps[1]["model_version"], -1);
+    let mut grpc = common::grpc::client(&s).await;
+    let request =
+        sluice_proto::inference::ModelConfigRequest { name: "embeddings".into(), version: String::new() };
+    let answer = grpc.model_config(request).await.unwrap().into_inner().config.unwrap();
+    use sluice_proto::inference::model_config::SchedulingChoice;
+    let Some(SchedulingChoice::EnsembleScheduling(e)) = answer.scheduling_choice else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(e.step.iter().map(|s| s.model_name.as_str()).collect::<Vec<_>>(), ["tok", "encoder", "pool"]);
+    assert_eq!(e.step[2].input_map.get("hidden").map(String::as_str), Some("hidden"));
     s.shutdown().await;
 }
 
