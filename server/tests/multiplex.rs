@@ -189,6 +189,15 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     assert!(got["error"].as_str().unwrap().contains("serves many models"), "{got}");
     let (status, _) = infer(&s, Some("a"), None).await;
     assert_eq!(status, 200, "the replica keeps serving its other models");
+    // A model's metadata, asked for by its id, names it (perf_analyzer sends its requests to the
+    // name it reads there: it read the deployment's, which serves no request without an id).
+    let meta: Value = reqwest::get(url(&s, "/v2/models/a")).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (&meta["name"], &meta["versions"]),
+        (&serde_json::json!("a"), &serde_json::json!(["1"])),
+        "{meta}"
+    );
+
     // The path and the header naming different models: refused, not one silently chosen.
     let (status, got) = infer(&s, Some("b"), Some("a")).await;
     assert_eq!(status, 400, "{got}");
@@ -342,6 +351,12 @@ async fn a_model_id_outside_ascii_travels_as_bytes_over_grpc() {
     let held = answer.unwrap().metadata().get_bin(sluice_deployments::HELD_MODELS_HEADER_BIN).is_some();
     assert!(!held, "a client was told which models the server holds");
     assert_eq!(multiplex(&s)["models"], serde_json::json!(["a", "b", "bad", "c", "café"]));
+    // A model's gRPC metadata, asked for by its id, names it (perf_analyzer sends its requests
+    // to the name it reads there).
+    let asked =
+        sluice_proto::inference::ModelMetadataRequest { name: "café".into(), version: String::new() };
+    let meta = client.model_metadata(asked).await.unwrap().into_inner();
+    assert_eq!((meta.name.as_str(), meta.versions), ("café", vec!["1".to_string()]));
     s.shutdown().await;
 }
 

@@ -179,7 +179,9 @@ impl GrpcInferenceService for InferenceService {
                 .collect()
         };
         Ok(Response::new(pb::ModelMetadataResponse {
-            name: d.name().to_string(),
+            // The name asked for: a multiplexed model's id, not its deployment's (perf_analyzer
+            // sends its requests to the name it reads here).
+            name: req.name.clone(),
             versions: self.routes.versions(d.name()),
             platform: d.metadata().platform.clone(),
             inputs: tensors(&d.metadata().inputs),

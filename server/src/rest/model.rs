@@ -18,8 +18,9 @@ pub async fn metadata(
     let model = &path["model"];
     let d = state.routes.resolve(model, path.get("version").map(String::as_str))?;
     let table = state.routes.table();
+    // A multiplexed model's versions are its deployment's.
     let versions: Vec<&String> =
-        table.models.get(model).map(|m| m.versions.keys().collect()).unwrap_or_default();
+        table.models.get(d.name()).map(|m| m.versions.keys().collect()).unwrap_or_default();
     let meta = d.metadata();
     let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
         specs
@@ -28,7 +29,8 @@ pub async fn metadata(
             .collect()
     };
     Ok(Json(json!({
-        "name": d.name(),
+        // The name asked for: a multiplexed model's id, not its deployment's.
+        "name": model,
         "versions": versions,
         "platform": meta.platform,
         "inputs": tensors(&meta.inputs),
