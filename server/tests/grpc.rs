@@ -313,6 +313,17 @@ async fn reserved_parameters_are_refused_and_missing_extensions_unimplemented() 
     let e = client.model_infer(req).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     assert!(e.message().contains("classification extension is not supported"), "{e:?}");
+    // An input in shared memory beside a raw one: one raw content for two inputs, as Triton's
+    // clients send it; the shared memory is what is refused, not the count.
+    let mut req = grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2]);
+    let region = param(pb::infer_parameter::ParameterChoice::StringParam("r".into()));
+    let mut shared = req.inputs[0].clone();
+    shared.name = "other".into();
+    shared.parameters.insert("shared_memory_region".into(), region);
+    req.inputs.insert(0, shared);
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("input `other`: shared memory is not supported"), "{e:?}");
     let ok = client.model_infer(grpc::fp32_request("iris", "input", &[1, 4], &[5.1, 3.5, 1.4, 0.2])).await;
     assert!(ok.is_ok(), "{ok:?}");
     s.shutdown().await;

@@ -16,6 +16,11 @@ fn shape_of(name: &str, shape: &[i64]) -> Result<Vec<usize>, InferError> {
 }
 
 pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
+    // First: a client with an input in shared memory sends raw contents for the others only,
+    // which the count below would blame on it.
+    if let Some(input) = req.inputs.iter().find(|i| i.parameters.contains_key("shared_memory_region")) {
+        return Err(sluice_deployments::refuse_shared_memory(&format!("input `{}`", input.name)));
+    }
     let raw = req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(InferError::invalid(format!(
@@ -30,9 +35,6 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
             InferError::invalid(format!("input `{}` has unknown datatype `{}`", input.name, input.datatype))
         })?;
         let shape = shape_of(&input.name, &input.shape)?;
-        if input.parameters.contains_key("shared_memory_region") {
-            return Err(sluice_deployments::refuse_shared_memory(&format!("input `{}`", input.name)));
-        }
         let data = match (raw.get(k), input.contents) {
             (Some(_), Some(_)) => {
                 return Err(InferError::invalid(format!(
