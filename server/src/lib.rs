@@ -21,6 +21,7 @@ pub mod listen;
 pub mod memory;
 pub mod metrics;
 pub mod model_config;
+pub mod model_stats;
 pub mod node;
 pub mod openapi;
 pub mod ray_jobs;

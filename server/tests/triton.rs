@@ -178,5 +178,19 @@ async fn statistics_have_tritons_meaning() {
     assert_eq!(m["batch_stats"].as_array().unwrap().len(), 1, "{m}");
     assert_eq!(m["batch_stats"][0]["batch_size"], 1);
     assert_eq!(m["execution_count"], 1);
+
+    // The same over gRPC's `ModelStatistics` (tritonclient.grpc's get_inference_statistics was
+    // answered UNIMPLEMENTED): one model, every model, and an unknown one.
+    let mut grpc = grpc::client(&s).await;
+    let asked = |name: &str| pb::ModelStatisticsRequest { name: name.into(), version: String::new() };
+    let one = grpc.model_statistics(asked("mlp")).await.unwrap().into_inner();
+    let (_, rest) = get_json(&s, "/v2/models/mlp/stats").await;
+    assert_eq!(sluice_server::model_stats::to_json(&one), rest, "gRPC and REST read the same counters");
+    assert_eq!((one.model_stats[0].name.as_str(), one.model_stats[0].inference_count), ("mlp", 24));
+    let all = grpc.model_statistics(asked("")).await.unwrap().into_inner();
+    let names: Vec<&str> = all.model_stats.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["iris", "mlp"]);
+    let e = grpc.model_statistics(asked("nope")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     s.shutdown().await;
 }

@@ -278,6 +278,32 @@ def test_pipeline_with_bytes_input(sluice, protocol):
     assert (cos >= 0.9999).all(), cos
     meta = c.get_model_metadata("embeddings") if protocol == "http" else c.get_model_metadata("embeddings", as_json=True)
     assert meta["platform"] == "ensemble"
+    # Its config names its steps as Triton's ensembles do (perf_analyzer walks them).
+    if protocol == "http":
+        config = c.get_model_config("embeddings")
+    else:
+        config = c.get_model_config("embeddings", as_json=True)["config"]
+    steps = config["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in steps] == ["tok", "encoder", "pool"]
+    assert steps[1]["output_map"] == {"last_hidden_state": "hidden"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_inference_statistics(sluice, protocol):
+    """Triton's statistics extension on both protocols (gRPC answered UNIMPLEMENTED)."""
+    c = client_for(protocol, sluice)
+    mod = module(protocol)
+    i = mod.InferInput("input", [1, 4], "FP32")
+    i.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+    c.infer("iris", [i])
+    if protocol == "http":
+        stats = c.get_inference_statistics("iris")
+    else:
+        stats = c.get_inference_statistics("iris", as_json=True)
+    (m,) = stats["model_stats"]
+    assert m["name"] == "iris"
+    assert int(m["inference_count"]) >= 1
+    assert int(m["inference_stats"]["success"]["count"]) >= 1
 
 
 def test_stream_infer_answers_every_request_and_keeps_the_stream_after_a_failure(sluice):

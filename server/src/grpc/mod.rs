@@ -254,6 +254,16 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelConfigResponse { config: Some(crate::model_config::build(&d, policy)) }))
     }
 
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Reply<pb::ModelStatisticsResponse> {
+        let req = req.into_inner();
+        let deployments = crate::model_stats::asked(&self.routes, Some(&req.name), Some(&req.version))
+            .map_err(grpc_status)?;
+        Ok(Response::new(crate::model_stats::build(&deployments)))
+    }
+
     async fn repository_index(
         &self,
         req: Request<pb::RepositoryIndexRequest>,

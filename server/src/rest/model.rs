@@ -92,67 +92,16 @@ pub async fn repository_index(
     Ok(Json(Value::Array(models)))
 }
 
-/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton's cumulative statistics, with Triton's
-/// meaning (see [`sluice_deployments::metrics::Stats`]); `batch_stats` lists the batch sizes
-/// that ran.
+/// `GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton's cumulative statistics
+/// ([`crate::model_stats`]).
 pub async fn stats(
     State(state): State<AppState>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let deployments = match path.get("model") {
-        Some(m) => vec![state.routes.resolve(m, path.get("version").map(String::as_str))?],
-        None => {
-            let table = state.routes.table();
-            let mut all: Vec<_> = table.models.values().flat_map(|m| m.versions.values().cloned()).collect();
-            all.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
-            // A multiplexed deployment is routed by each of its model ids too: listed once.
-            all.dedup_by(|a, b| (a.name(), a.version()) == (b.name(), b.version()));
-            all
-        }
-    };
-    let d64 = |d: &sluice_deployments::metrics::Duration64| json!({"count": d.count.load(Relaxed), "ns": d.ns.load(Relaxed)});
-    // No response cache: Triton reports its counters as zeros then.
-    let zero = json!({"count": 0, "ns": 0});
-    let model_stats: Vec<Value> = deployments
-        .iter()
-        .map(|d| {
-            let s = &d.metrics().stats;
-            let batch_stats: Vec<Value> = s
-                .batch_sizes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.compute_infer.count.load(Relaxed) > 0)
-                .map(|(i, b)| {
-                    json!({
-                        "batch_size": i + 1,
-                        "compute_input": d64(&b.compute_input),
-                        "compute_infer": d64(&b.compute_infer),
-                        "compute_output": d64(&b.compute_output),
-                    })
-                })
-                .collect();
-            json!({
-                "name": d.name(),
-                "version": d.version(),
-                "last_inference": s.last_inference_ms.load(Relaxed),
-                "inference_count": s.inference_count.load(Relaxed),
-                "execution_count": s.execution_count.load(Relaxed),
-                "inference_stats": {
-                    "success": d64(&s.success),
-                    "fail": d64(&s.fail),
-                    "queue": d64(&s.queue),
-                    "compute_input": d64(&s.compute_input),
-                    "compute_infer": d64(&s.compute_infer),
-                    "compute_output": d64(&s.compute_output),
-                    "cache_hit": zero,
-                    "cache_miss": zero,
-                },
-                "batch_stats": batch_stats,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "model_stats": model_stats })))
+    let model = path.get("model").map(String::as_str);
+    let deployments =
+        crate::model_stats::asked(&state.routes, model, path.get("version").map(String::as_str))?;
+    Ok(Json(crate::model_stats::to_json(&crate::model_stats::build(&deployments))))
 }
 
 /// `POST /v2/repository/models/{m}/load`: (re)load a repository model now. A load that carries
