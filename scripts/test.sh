@@ -31,6 +31,7 @@ step "setup"
 within 600 scripts/install-onnxruntime.sh
 within 1200 scripts/install-tools.sh
 within 900 scripts/venv.sh scripts/requirements-test.txt
+within 600 scripts/install-perf-analyzer.sh
 within 900 scripts/venv.sh scripts/requirements-ray.txt .venv-ray
 step "pgo/: the release build's profile was made by this toolchain"
 # A profile is read only by the LLVM that wrote it: with another rustc, scripts/build-release.sh
@@ -50,8 +51,10 @@ step "cargo test"
 within 2400 cargo test --locked --workspace --all-targets
 within 600 cargo build --bin sluice
 step "client conformance (tests/python)"
-# The status page's browser test must run here, not skip (scripts/install-tools.sh installs chromium).
-SLUICE_REQUIRE_CHROMIUM=1 SLUICE_BIN="$PWD/target/debug/sluice" within 1200 .venv/bin/python -m pytest -q --timeout=300 tests/python
+# The status page's browser test must run here, not skip (scripts/install-tools.sh installs
+# chromium), and so must perf_analyzer's (scripts/install-perf-analyzer.sh).
+SLUICE_REQUIRE_CHROMIUM=1 SLUICE_REQUIRE_PERF_ANALYZER=1 SLUICE_BIN="$PWD/target/debug/sluice" \
+    within 1200 .venv/bin/python -m pytest -q --timeout=300 tests/python
 step "Ray cluster (tests/ray)"
 # Per test (a module's cluster start counts in its first test): pytest-timeout names the one that hangs.
 SLUICE_BIN="$PWD/target/debug/sluice" within 2400 .venv-ray/bin/python -m pytest -q -rs --timeout=900 tests/ray
