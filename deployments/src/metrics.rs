@@ -600,6 +600,12 @@ impl DeploymentMetrics {
         }
     }
 
+    /// A request that queues nowhere of its own (a pipeline's): counted in Triton's queue
+    /// statistics with no wait, not in the queue histogram.
+    pub(crate) fn entered(&self) {
+        self.stats.queue.add(Duration::ZERO);
+    }
+
     pub(crate) fn queued(&self, waited: Duration) {
         self.queue_duration.record(waited.as_secs_f64());
         self.stats.queue.add(waited);

@@ -161,6 +161,10 @@ impl Pipeline {
         // earlier step runs is not stopped before this request has passed it.
         let _held: Vec<_> = self.steps.iter().map(|s| s.deployment.hold()).collect();
         let outputs = check_request(&self.name, &self.metadata, 0, &request)?;
+        // As Triton counts an ensemble's requests: through its queue, at once (its steps queue
+        // on their own). perf_analyzer finds the version of a model it measures by the queue
+        // count that grew, and failed on a pipeline's that never did.
+        self.metrics.entered();
         let timeout = request.timeout.map_or(self.timeout, |t| t.min(self.timeout));
         let deadline = started.checked_add(timeout);
         // Rows, as Triton's inference_count counts them and deployments do: dimension 0 of the

@@ -44,7 +44,8 @@ pub const SERVER_NAME: &str = "sluice";
 
 /// Protocol extensions this server implements, advertised by server metadata (only these:
 /// perf_analyzer and clients change behaviour on what is listed).
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration", "model_repository"];
+pub const EXTENSIONS: &[&str] =
+    &["binary_tensor_data", "model_configuration", "model_repository", "statistics"];
 
 /// One row of the repository index.
 pub struct IndexEntry {

@@ -86,16 +86,17 @@ fn dynamic_batching(d: &Servable) -> Option<pb::model_config::SchedulingChoice> 
     }))
 }
 
-/// A pipeline's steps as Triton describes an ensemble's: each step's deployment (its serving
-/// version, -1), its inputs and outputs mapped to the pipeline's tensors. A config saying
-/// `platform: ensemble` without them crashed perf_analyzer, which walks them.
+/// A pipeline's steps as Triton describes an ensemble's: each step's deployment and the version
+/// it runs (-1, Triton's "latest", when the version is not a number), its inputs and outputs
+/// mapped to the pipeline's tensors. A config saying `platform: ensemble` without them crashed
+/// perf_analyzer, which walks them (and looks each step's statistics up by that version).
 fn ensemble_scheduling(p: &sluice_deployments::Pipeline) -> pb::model_config::SchedulingChoice {
     let step = p
         .steps()
         .iter()
         .map(|s| pb::model_ensembling::Step {
             model_name: s.deployment.name().to_string(),
-            model_version: -1,
+            model_version: s.deployment.version().parse().unwrap_or(-1),
             input_map: s.inputs.iter().cloned().collect(),
             output_map: s.outputs.iter().cloned().collect(),
             model_namespace: String::new(),

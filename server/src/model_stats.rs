@@ -10,32 +10,34 @@ use sluice_deployments::{InferError, Servable};
 use sluice_proto::inference as pb;
 use sluice_router::Router;
 
-/// The deployments asked for: `model` at `version` (empty: as routed), or every one (each
-/// version once, a multiplexed deployment once however many ids route to it).
+/// The deployments asked for, each with the name its statistics go by: `model` at `version`
+/// (empty: as routed), named as asked (a multiplexed model's id: perf_analyzer looks the
+/// statistics of the model it measures up by its name), or every one (each version once, a
+/// multiplexed deployment once however many ids route to it).
 pub fn asked(
     routes: &Router,
     model: Option<&str>,
     version: Option<&str>,
-) -> Result<Vec<Servable>, InferError> {
+) -> Result<Vec<(String, Servable)>, InferError> {
     if let Some(m) = model.filter(|m| !m.is_empty()) {
-        return Ok(vec![routes.resolve(m, version.filter(|v| !v.is_empty()))?]);
+        return Ok(vec![(m.to_string(), routes.resolve(m, version.filter(|v| !v.is_empty()))?)]);
     }
     let table = routes.table();
     let mut all: Vec<Servable> = table.models.values().flat_map(|m| m.versions.values().cloned()).collect();
     all.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
     all.dedup_by(|a, b| (a.name(), a.version()) == (b.name(), b.version()));
-    Ok(all)
+    Ok(all.into_iter().map(|d| (d.name().to_string(), d)).collect())
 }
 
 /// The statistics of `deployments`.
-pub fn build(deployments: &[Servable]) -> pb::ModelStatisticsResponse {
+pub fn build(deployments: &[(String, Servable)]) -> pb::ModelStatisticsResponse {
     let duration = |d: &sluice_deployments::metrics::Duration64| {
         Some(pb::StatisticDuration { count: d.count.load(Relaxed), ns: d.ns.load(Relaxed) })
     };
     let zero = || Some(pb::StatisticDuration::default());
     let model_stats = deployments
         .iter()
-        .map(|d| {
+        .map(|(name, d)| {
             let s = &d.metrics().stats;
             let batch_stats = s
                 .batch_sizes
@@ -50,7 +52,7 @@ pub fn build(deployments: &[Servable]) -> pb::ModelStatisticsResponse {
                 })
                 .collect();
             pb::ModelStatistics {
-                name: d.name().to_string(),
+                name: name.clone(),
                 version: d.version().to_string(),
                 last_inference: s.last_inference_ms.load(Relaxed),
                 inference_count: s.inference_count.load(Relaxed),

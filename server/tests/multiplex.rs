@@ -191,6 +191,8 @@ async fn unknown_and_broken_models_are_named_and_the_others_keep_serving() {
     assert_eq!(status, 200, "the replica keeps serving its other models");
     // A model's metadata, asked for by its id, names it (perf_analyzer sends its requests to the
     // name it reads there: it read the deployment's, which serves no request without an id).
+    let stats: Value = reqwest::get(url(&s, "/v2/models/a/stats")).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["model_stats"][0]["name"], "a", "its statistics, by the name asked: {stats}");
     let meta: Value = reqwest::get(url(&s, "/v2/models/a")).await.unwrap().json().await.unwrap();
     assert_eq!(
         (&meta["name"], &meta["versions"]),

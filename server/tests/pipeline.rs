@@ -92,7 +92,7 @@ async fn the_json_route_and_the_oip_model_give_the_reference_embeddings() {
         json!({"input_ids": "ids", "attention_mask": "mask", "token_type_ids": "types"})
     );
     assert_eq!(steps[1]["output_map"], json!({"last_hidden_state": "hidden"}));
-    assert_eq!(steps[1]["model_version"], -1);
+    assert_eq!(steps[1]["model_version"], 1, "the version the step runs");
     let mut grpc = common::grpc::client(&s).await;
     let request =
         sluice_proto::inference::ModelConfigRequest { name: "embeddings".into(), version: String::new() };

@@ -84,6 +84,7 @@ def test_health_and_metadata(sluice, protocol):
         index = c.get_model_repository_index(as_json=True)["models"]
     assert meta["name"] == "sluice"
     assert "binary_tensor_data" in meta["extensions"]
+    assert "statistics" in meta["extensions"]
     assert model["name"] == "iris"
     assert model["versions"] == ["1"]
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4] if protocol == "http" else ["-1", "4"]}]
