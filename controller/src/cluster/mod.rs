@@ -149,6 +149,7 @@ impl Cluster {
                 let deployment = Arc::new(Deployment::start_remote(spec, metadata).map_err(failed)?);
                 let replicas_handle = cluster.replicas(replica, deployment.clone(), replicas);
                 let min_up = usize::from(need_one && replicas > 0);
+                let ready_timeout = on_ray(ready_timeout, replicas_handle.startup_timeout());
                 if !replicas_handle.settled(min_up, ready_timeout).await {
                     replicas_handle.stop();
                     return Err(not_ready(&name, &version, ready_timeout));
@@ -157,6 +158,14 @@ impl Cluster {
             }
         }
     }
+}
+
+/// How long a new version's replicas on Ray have to come up: the caller's wait, but never
+/// less than each replica's own start timeout (`replica_start_timeout_s`, which counts a
+/// model's fetch and load) and a margin: a version whose replicas took longer than a fixed
+/// 300 s was given up while they still loaded, whatever that setting said.
+fn on_ray(wait: Duration, startup_timeout: Duration) -> Duration {
+    wait.max(startup_timeout + GROW_MARGIN)
 }
 
 fn not_ready(name: &str, version: &str, timeout: Duration) -> ControlError {
@@ -220,7 +229,18 @@ impl Placed {
 
 #[cfg(test)]
 mod tests {
-    use super::{SPEC_ARG_BYTES, spec_args};
+    use std::time::Duration;
+
+    use super::{SPEC_ARG_BYTES, on_ray, spec_args};
+
+    /// A new version's replicas on Ray have their own start timeout and a margin, at least:
+    /// one raised for a large model's fetch is not cut short by the controller's fixed wait.
+    #[test]
+    fn a_version_on_ray_waits_as_long_as_its_replicas_may_start() {
+        let secs = Duration::from_secs;
+        assert_eq!(on_ray(secs(300), secs(1800)), secs(1860));
+        assert_eq!(on_ray(secs(300), secs(120)), secs(300));
+    }
 
     /// A spec longer than one argument may be goes in pieces, each within the limit and cut
     /// between characters, that join back to it; a short one is one piece.
