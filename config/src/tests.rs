@@ -756,3 +756,22 @@ fn ray_start_timeouts_are_read_and_bounded() {
         assert!(e.iter().any(|e| e.field == format!("cluster.ray.{field}")), "{e:?}");
     }
 }
+
+/// `max_replicas_per_node` is Ray Serve's 1 to 100: each replica asks Ray for 1/N of a
+/// per-node resource held to four decimals, exact only that far.
+#[test]
+fn max_replicas_per_node_is_one_to_a_hundred() {
+    let config = |n: u32| {
+        format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: m, model: m.onnx, max_replicas_per_node: {n}}}\n"
+        )
+    };
+    for n in [0, 101] {
+        let e = errors(&config(n));
+        assert_eq!(e[0].field, "applications[0].deployments[0].max_replicas_per_node", "{e:?}");
+        assert_eq!(e[0].message, "must be 1 to 100", "{e:?}");
+    }
+    for n in [1, 100] {
+        assert!(parse_in(&config(n)).is_ok(), "{n}");
+    }
+}

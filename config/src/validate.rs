@@ -603,10 +603,12 @@ fn validate_placement(at: &str, dep: &file::Deployment, errs: &mut Errors<'_>) -
             "is one of Ray's own resources: use num_cpus, num_gpus or memory",
         );
     }
+    // Ray Serve's range; each replica asks Ray for 1/N of a per-node resource, which Ray holds
+    // to four decimals: exact up to 100.
     if let Some(n) = &dep.max_replicas_per_node
-        && n.value == 0
+        && !(1..=100).contains(&n.value)
     {
-        errs.at(n.referenced, format!("{at}.max_replicas_per_node"), "must be at least 1");
+        errs.at(n.referenced, format!("{at}.max_replicas_per_node"), "must be 1 to 100");
     }
     Placement {
         num_cpus,

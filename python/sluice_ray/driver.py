@@ -314,8 +314,11 @@ class Driver:
             if not group:
                 raise ValueError("create %s: options.max_replicas_per_node needs options.group "
                                  "(the set of actors the limit counts, e.g. app/deployment)" % name)
-            # As Ray Serve does: an implicit per-node resource of which every node has 1.
-            resources[IMPLICIT_RESOURCE_PREFIX + group] = 1.0 / mrpn
+            # As Ray Serve does: an implicit per-node resource of which every node has 1, each
+            # replica asking for 1/N of it, rounded down to Ray's unit of 0.0001 (Ray rounds an
+            # amount to the nearest unit: six of 1/6 = 0.1667 needed 1.0002, and one of six
+            # replicas per node never fitted). Exact for N up to 100, the most the config takes.
+            resources[IMPLICIT_RESOURCE_PREFIX + group] = math.floor(10000 / mrpn) / 10000
         node_id = opts.get("node_id")
         if node_id is not None and (not isinstance(node_id, str) or not node_id):
             raise ValueError("create %s: options.node_id must be a node id string or null" % name)

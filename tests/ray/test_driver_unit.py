@@ -75,3 +75,17 @@ def test_a_kill_while_the_actor_registers_is_carried_out_once_it_has_registered(
     assert d.killed == ["sluice:m:1:r-0"], d.events
     assert "sluice:m:1:r-0" not in d.actors
     assert [e["event"] for e in d.events] == ["killed", "failed"], d.events
+
+
+def test_max_replicas_per_node_fits_exactly_that_many_in_rays_units():
+    """Each replica asks for 1/N of the group's per-node resource, rounded down to Ray's unit
+    of 0.0001: N fit in the node's 1 and N + 1 do not, for every N the config takes (1/6 was
+    sent as 0.1666…, which Ray rounds to 0.1667: six needed 1.0002 and only five ran)."""
+    args, _ = driver.parse_args(["--namespace", "t", "--", "true"])
+    d = driver.Driver(args, ["true"])
+    for n in range(1, 101):
+        options, _, _, _ = d._ray_options("sluice:x", {"group": "app/d", "max_replicas_per_node": n})
+        (share,) = options["resources"].values()
+        units = round(share * 10000)
+        assert abs(share * 10000 - units) < 1e-6, (n, share)
+        assert n * units <= 10000 < (n + 1) * units, (n, share)
