@@ -293,7 +293,7 @@ impl RayCluster {
             }
             Event::Pending { name, kind, reason } => {
                 if let Some(r) = self.owner(&name) {
-                    r.pending(&name, format!("{kind}: {reason}"));
+                    r.pending(&name, &kind, reason);
                 }
             }
             Event::Ready { name, node_id, node_ip, pid, addr } => match self.owner(&name) {
@@ -324,6 +324,21 @@ impl RayCluster {
             }
             Event::Error { op, name, message } => {
                 tracing::error!("the Ray driver refused {}: {message}", op.as_deref().unwrap_or_default());
+                // A proxy's create the driver refused (Ray's control store away, say): tried
+                // again after the proxies' backoff, not at every control round.
+                if let Some(name) = name.as_ref().filter(|n| n.starts_with(PROXY_PREFIX))
+                    && op.as_deref() != Some("kill")
+                {
+                    self.kill(name);
+                    let event = Event::Failed {
+                        name: name.clone(),
+                        node_ip: None,
+                        message: format!("refused by Ray: {message}"),
+                        log_tail: String::new(),
+                    };
+                    self.proxy_lost(name, &event);
+                    return;
+                }
                 if let Some(name) = name {
                     // A create that failed part-way may have left the actor (and its process)
                     // up: killed, as the replacement does not take its place.
@@ -349,6 +364,9 @@ impl RayCluster {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let name = format!("{ACTOR_PREFIX}{}:{}:{}-{n}", owner.spec.deployment, owner.spec.version, self.run);
         lock(&self.owners).insert(name.clone(), Arc::downgrade(owner));
+        // Counted before the driver hears of it: an answer handled first (a refusal) found
+        // nothing to remove, and the entry put after it counted a replica that never came.
+        lock(&owner.state).actors.insert(name.clone(), Actor::Starting { since: Instant::now() });
         let p = &owner.placement;
         let argv =
             replica_argv(self.relative(&self.options.binary), &owner.spec_json, p.num_cpus, &self.options);
@@ -691,21 +709,32 @@ impl RayReplicas {
 
     fn create(self: &Arc<Self>, n: usize) {
         for _ in 0..n {
-            let name = self.cluster.create(self);
-            lock(&self.state).actors.insert(name, Actor::Starting { since: Instant::now() });
+            self.cluster.create(self);
         }
         self.changed.send_replace(());
     }
 
-    fn pending(&self, actor: &str, why: String) {
+    /// Ray says why `actor` has not started: `kind` `infeasible` or `resources`, it waits for a
+    /// node that can take it; any other (`starting`: resources are free and its worker or
+    /// runtime_env is coming up) is a replica starting, not waiting for a node (taken for one,
+    /// a deploy or swap went on without it, as if Ray could not place it).
+    fn pending(&self, actor: &str, kind: &str, reason: String) {
+        let waits_for_a_node = matches!(kind, "infeasible" | "resources");
         let mut st = lock(&self.state);
         if let Some(a) = st.actors.get_mut(actor)
             && !matches!(a, Actor::Up { .. })
         {
-            if !matches!(a, Actor::Pending { .. }) {
-                self.cluster.note(self.label(), format!("replica {actor} waits for a node: {why}"));
+            let why = format!("{kind}: {reason}");
+            match (waits_for_a_node, &*a) {
+                (true, Actor::Pending { .. }) => *a = Actor::Pending { why },
+                (true, _) => {
+                    self.cluster.note(self.label(), format!("replica {actor} waits for a node: {why}"));
+                    *a = Actor::Pending { why };
+                }
+                // Placed since it waited: starting.
+                (false, Actor::Pending { .. }) => *a = Actor::Starting { since: Instant::now() },
+                (false, _) => {}
             }
-            *a = Actor::Pending { why };
         }
         drop(st);
         self.changed.send_replace(());
@@ -829,7 +858,9 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::super::bridge::{self, Event, Node};
-    use super::{PROXIES, PROXY_PREFIX, ProxyOptions, RayCluster, RayOptions, State, lock, replica_argv};
+    use super::{
+        PROXIES, PROXY_PREFIX, ProxyOptions, RayCluster, RayOptions, RayReplicas, State, lock, replica_argv,
+    };
 
     /// The default ports, no gRPC, no token, no thread count.
     fn proxy_options() -> ProxyOptions {
@@ -871,41 +902,13 @@ mod tests {
     /// was killed at once, and requests a proxy sent it meanwhile were refused.
     #[tokio::test]
     async fn a_replica_scaled_away_stops_once_proxies_have_let_go() {
-        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
         let (cluster, driver_in, _kept) = with_proxies();
-        let settings = sluice_config::ReplicaSettings::default();
-        let spec = DeploymentSpec {
-            name: "m".into(),
-            version: "1".into(),
-            num_replicas: 0,
-            max_replicas: 2,
-            settings: settings.clone(),
-            wake: Default::default(),
-            multiplexed: false,
-        };
-        let tensor = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
-        let metadata = ModelMetadata {
-            platform: "onnxruntime_onnx".into(),
-            inputs: vec![tensor.clone()],
-            outputs: vec![tensor],
-        };
-        let deployment = std::sync::Arc::new(Deployment::start_remote(spec, metadata).unwrap());
-        let replica = super::super::ReplicaSpec {
-            deployment: "m".into(),
-            version: "1".into(),
-            model: sluice_config::Model::Onnx("/job/m.onnx".into()),
-            settings,
-            fetch: None,
-        };
-        let replicas = cluster.replicas(replica, deployment.clone(), 1);
-        let mut lines = BufReader::new(driver_in).lines();
+        let (replicas, deployment, name, mut lines) = one_replica(&cluster, driver_in).await;
         let mut next = async |within: Duration| {
             let line = tokio::time::timeout(within, lines.next_line()).await.ok()?;
             let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
             Some((v["op"].as_str().unwrap().to_string(), v["name"].as_str().unwrap_or("").to_string()))
         };
-        let (op, name) = next(Duration::from_secs(5)).await.expect("a replica created");
-        assert_eq!(op, "create");
         cluster.handle(Event::Ready {
             name: name.clone(),
             node_id: "w".into(),
@@ -925,6 +928,62 @@ mod tests {
         assert_eq!(next(Duration::from_secs(2)).await, Some(("kill".into(), name)));
     }
 
+    /// What the driver is sent, a line at a time.
+    type DriverLines = tokio::io::Lines<BufReader<tokio::io::DuplexStream>>;
+
+    /// One replica of model `m` (its deployment at zero, up to 2) on a cluster whose bridge is
+    /// a pipe: its replicas, its deployment, its actor's name, and what the driver is sent next.
+    async fn one_replica(
+        cluster: &std::sync::Arc<RayCluster>,
+        driver_in: tokio::io::DuplexStream,
+    ) -> (std::sync::Arc<RayReplicas>, std::sync::Arc<sluice_deployments::Deployment>, String, DriverLines)
+    {
+        use sluice_deployments::{DataType, Deployment, DeploymentSpec, ModelMetadata, TensorSpec};
+        let settings = sluice_config::ReplicaSettings::default();
+        let mut spec = DeploymentSpec::new("m");
+        (spec.version, spec.num_replicas, spec.max_replicas) = ("1".into(), 0, 2);
+        let tensor = TensorSpec { name: "x".into(), dtype: DataType::Fp32, shape: vec![-1, 4] };
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![tensor.clone()],
+            outputs: vec![tensor],
+        };
+        let deployment = std::sync::Arc::new(Deployment::start_remote(spec, metadata).unwrap());
+        let replica = super::super::ReplicaSpec {
+            deployment: "m".into(),
+            version: "1".into(),
+            model: sluice_config::Model::Onnx("/job/m.onnx".into()),
+            settings,
+            fetch: None,
+        };
+        let replicas = cluster.replicas(replica, deployment.clone(), 1);
+        let mut lines = BufReader::new(driver_in).lines();
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+        assert_eq!(v["op"], "create", "a replica created");
+        (replicas, deployment, v["name"].as_str().unwrap().to_string(), lines)
+    }
+
+    /// A replica Ray has placed whose worker is still starting (`starting`) is starting, not
+    /// waiting for a node: a deploy waits for it. Only `infeasible` and `resources` are
+    /// waiting for a node (a deploy may go on without it), and a replica placed since is
+    /// starting again.
+    #[tokio::test]
+    async fn a_replica_whose_worker_is_starting_does_not_wait_for_a_node() {
+        let (cluster, driver_in, _kept) = with_proxies();
+        let (replicas, _, name, _lines) = one_replica(&cluster, driver_in).await;
+        let pending =
+            |kind: &str| Event::Pending { name: name.clone(), kind: kind.into(), reason: "r".into() };
+        let settles = || replicas.settled(0, Duration::from_millis(100));
+        assert!(!settles().await, "starting");
+        cluster.handle(pending("starting"));
+        assert!(!settles().await, "its worker starts: still starting, not waiting for a node");
+        cluster.handle(pending("resources"));
+        assert!(settles().await, "waiting for a node: a deploy goes on without it");
+        cluster.handle(pending("starting"));
+        assert!(!settles().await, "placed since: starting again");
+    }
+
     /// A proxy that keeps failing is started again after a backoff (0.5 s, then doubling), not
     /// at every control round; one that comes up resets it.
     #[tokio::test]
@@ -935,11 +994,18 @@ mod tests {
         lock(&cluster.nodes).insert("w".into(), worker);
         lock(&cluster.replica_nodes).insert("sluice:m:1:r-0".into(), "w".into());
         let mut lines = BufReader::new(driver_in).lines();
-        let mut next_create = async || {
+        // The proxies killed, in order (a refused create is killed: it may have left a process).
+        let killed = std::cell::RefCell::new(Vec::new());
+        let mut next_create = async || loop {
             let line = tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await.ok()?;
             let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+            let name = v["name"].as_str().unwrap().to_string();
+            if v["op"] == "kill" {
+                killed.borrow_mut().push(name);
+                continue;
+            }
             assert_eq!(v["op"], "create");
-            Some(v["name"].as_str().unwrap().to_string())
+            return Some(name);
         };
         let fail = |name: &str| Event::Failed {
             name: name.into(),
@@ -948,6 +1014,18 @@ mod tests {
             log_tail: "error: cannot listen on 10.0.0.2:8000: Address already in use (os error 98)".into(),
         };
 
+        // A create the driver refused (an `error`, not a `failed`) waits out the backoff too.
+        cluster.reconcile_proxies();
+        let refused = next_create().await.expect("a proxy for the worker node");
+        cluster.handle(Event::Error {
+            op: Some("create".into()),
+            name: Some(refused.clone()),
+            message: "GCS unavailable".into(),
+        });
+        cluster.reconcile_proxies();
+        assert_eq!(next_create().await, None, "not again at once after a refusal");
+        assert_eq!(*killed.borrow(), [refused]);
+        lock(&cluster.proxy_retry).clear();
         cluster.reconcile_proxies();
         let first = next_create().await.expect("a proxy for the worker node");
         cluster.handle(fail(&first));
