@@ -86,6 +86,9 @@ impl ProxyOptions {
     }
 }
 
+/// How long past its drain a process told to stop has to end before it is killed.
+const KILL_MARGIN: Duration = Duration::from_secs(5);
+
 /// The flag of `sluice replica` and `sluice proxy` for the config's
 /// `release_startup_memory: false`.
 const KEEP_STARTUP_MEMORY: &str = "--keep-startup-memory";
@@ -252,8 +255,7 @@ impl RayCluster {
             Event::Actors { id, actors } if id.as_deref() == Some("startup") => {
                 for a in actors.into_iter().filter(|a| !a.name.contains(&format!(":{}-", self.run))) {
                     tracing::info!("stopping `{}` left by an earlier controller", a.name);
-                    self.commands
-                        .send(Command::Kill { name: a.name, grace_s: self.options.grace.as_secs_f64() });
+                    self.kill(&a.name);
                 }
             }
             Event::NodeAdded(node) => {
@@ -481,8 +483,22 @@ impl RayCluster {
     }
 
     fn kill(&self, actor: &str) {
-        self.commands
-            .send(Command::Kill { name: actor.to_string(), grace_s: self.options.grace.as_secs_f64() });
+        let grace_s = self.kill_grace(actor).as_secs_f64();
+        self.commands.send(Command::Kill { name: actor.to_string(), grace_s });
+    }
+
+    /// How long `actor`, told to stop, has before it is killed: its drain
+    /// (`graceful_shutdown_timeout_s`) and a margin for the process to end after it; a proxy
+    /// first keeps serving for `shutdown_delay_s` (it was killed in that delay, its requests
+    /// in flight cut).
+    fn kill_grace(&self, actor: &str) -> Duration {
+        let delay = match &self.options.proxies {
+            Some(p) if actor.starts_with(PROXY_PREFIX) => {
+                Duration::from_secs_f64(p.settings.shutdown_delay_s)
+            }
+            _ => Duration::ZERO,
+        };
+        self.options.grace + delay + KILL_MARGIN
     }
 
     /// `path` relative to the working dir when it is inside it (so it resolves on every node,
@@ -881,6 +897,14 @@ mod tests {
     /// A cluster with proxies on its nodes (the default ports) whose bridge is a pipe: what it
     /// sends the driver is read from the returned stream, one JSON command a line.
     fn with_proxies() -> (std::sync::Arc<RayCluster>, tokio::io::DuplexStream, Kept) {
+        cluster_with(Duration::from_secs(1), proxy_options())
+    }
+
+    /// [`with_proxies`] with this drain time and these proxies.
+    fn cluster_with(
+        grace: Duration,
+        proxies: ProxyOptions,
+    ) -> (std::sync::Arc<RayCluster>, tokio::io::DuplexStream, Kept) {
         let (driver_out, ours_in) = tokio::io::duplex(1 << 16);
         let (ours_out, driver_in) = tokio::io::duplex(1 << 16);
         let (commands, bridge_events) = bridge::over(ours_in, ours_out);
@@ -888,9 +912,9 @@ mod tests {
         let options = RayOptions {
             binary: "/job/sluice".into(),
             working_dir: "/job".into(),
-            grace: Duration::from_secs(1),
+            grace,
             startup_timeout: Duration::from_secs(10),
-            proxies: Some(proxy_options()),
+            proxies: Some(proxies),
             release_startup_memory: true,
             max_body_bytes: 1 << 20,
         };
@@ -1076,6 +1100,17 @@ mod tests {
             (v["op"].as_str(), v["name"].as_str()),
             (Some("kill"), Some(format!("{PROXY_PREFIX}stray-9").as_str()))
         );
+    }
+
+    /// A process told to stop has its drain and a margin before it is killed; a proxy its
+    /// `shutdown_delay_s` too (it is still serving in that delay).
+    #[tokio::test]
+    async fn a_stopped_process_has_its_drain_and_a_proxy_its_delay_too() {
+        let mut proxies = proxy_options();
+        proxies.settings.shutdown_delay_s = 10.0;
+        let (cluster, _driver_in, _kept) = cluster_with(Duration::from_secs(30), proxies);
+        assert_eq!(cluster.kill_grace("sluice:m:1:r-0"), Duration::from_secs(35));
+        assert_eq!(cluster.kill_grace(&format!("{PROXY_PREFIX}w-1")), Duration::from_secs(45));
     }
 
     /// A retired version takes no count but 0: a rescale that raced a promote cannot bring
