@@ -99,10 +99,12 @@ pub(crate) struct RepoState {
 pub(crate) type Signature = Vec<(ModelPlan, Vec<Vec<StoredFile>>)>;
 
 impl RepoState {
-    /// The store for `repo`, opened once per location.
+    /// The store for `repo`, opened once per location and `store_timeout_s` (a redeploy that
+    /// changed only the timeout kept the old one for the controller's listings and fetches).
     pub fn store(&mut self, repo: &ModelRepository, env: &StoreEnv) -> Result<Store, StoreError> {
         if let Some((location, store)) = &self.store
             && *location == repo.location
+            && store.timeout() == std::time::Duration::from_secs_f64(repo.store_timeout_s)
         {
             return Ok(store.clone());
         }
@@ -411,6 +413,23 @@ mod tests {
         let files: Vec<StoredFile> =
             keys.iter().map(|k| StoredFile { key: k.to_string(), size: 1, etag: Some("e".into()) }).collect();
         Listing::parse(&files, "")
+    }
+
+    /// The store is opened again when `store_timeout_s` changes, not only its location (a
+    /// redeploy that changed the timeout alone kept the old one).
+    #[test]
+    fn the_store_follows_its_timeout() {
+        let repo = |timeout: f64| {
+            let text =
+                format!("model_repository: {{path: \"s3://bucket/models\", store_timeout_s: {timeout}}}\n");
+            let config = sluice_config::parse(&text, std::path::Path::new("/c.yaml")).unwrap();
+            config.model_repository.unwrap()
+        };
+        let mut st = RepoState::default();
+        let env = StoreEnv::default();
+        assert_eq!(st.store(&repo(5.0), &env).unwrap().timeout(), std::time::Duration::from_secs(5));
+        assert_eq!(st.store(&repo(5.0), &env).unwrap().timeout(), std::time::Duration::from_secs(5));
+        assert_eq!(st.store(&repo(20.0), &env).unwrap().timeout(), std::time::Duration::from_secs(20));
     }
 
     #[test]
