@@ -407,6 +407,10 @@ impl Controller {
     /// Lists the repository and applies it when what should serve changed.
     async fn rescan(&self, config: &Config) -> Result<(), ControlError> {
         let Some(repo) = &config.model_repository else { return Err(ControlError::NoRepository) };
+        // What serves is marked used at each poll: another server sharing the cache prunes
+        // only what no one has used for an hour.
+        let in_use = self.lock().repo.in_use.clone();
+        Cache::new(&repo.cache_dir).touch(&in_use).await;
         let listing = self.list(repo).await?;
         let wanted = {
             let mut st = self.lock();

@@ -44,6 +44,10 @@ struct Record {
 
 const RECORD_SUFFIX: &str = ".sluice-record";
 
+/// How long a cached version's folder nobody marks used ([`Cache::touch`]) stays before a prune
+/// removes it.
+pub const UNUSED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Cache {
@@ -78,12 +82,15 @@ impl Cache {
         dir.join(hex(&digest.finalize()))
     }
 
-    /// Removes every contents' folder of `store`'s repository in this cache that `in_use` does
-    /// not hold (contents superseded since they were fetched, versions no longer served, models
-    /// gone from the store), the version and model folders that leaves empty, and the temporary
-    /// files of fetches that were killed in the folders kept; returns how many contents' folders
-    /// went. (Only superseded contents went: every version a training job wrote stayed on disk.)
+    /// Removes the contents' folders of `store`'s repository in this cache that `in_use` does
+    /// not hold and no one has used for [`UNUSED_FOR`] (contents superseded, versions no longer
+    /// served, models gone from the store: every version a training job wrote stayed on disk),
+    /// the version and model folders that leaves empty, and the files of fetches that were
+    /// killed in the folders kept; returns how many contents' folders went. The folders in use
+    /// are marked used now ([`Cache::touch`]); another server sharing `cache_dir` marks its own
+    /// at each of its polls, so what it serves is never taken for unused.
     pub async fn prune(&self, store: &Store, in_use: &std::collections::BTreeSet<PathBuf>) -> usize {
+        self.touch(in_use).await;
         let mut removed = 0;
         let root = self.dir.join(hex(&Sha256::digest(store.url().as_bytes())));
         let abandoned = abandoned_after(store);
@@ -92,7 +99,12 @@ impl Cache {
                 for contents in subdirs(&version).await {
                     if in_use.contains(&contents) {
                         sweep_abandoned(&contents, abandoned).await;
-                    } else if contents.file_name().and_then(|n| n.to_str()).is_some_and(is_contents_name)
+                        continue;
+                    }
+                    let idle = tokio::fs::metadata(&contents).await.ok().and_then(|m| m.modified().ok());
+                    let unused = idle.and_then(|t| t.elapsed().ok()).is_some_and(|idle| idle >= UNUSED_FOR);
+                    if unused
+                        && contents.file_name().and_then(|n| n.to_str()).is_some_and(is_contents_name)
                         && tokio::fs::remove_dir_all(&contents).await.is_ok()
                     {
                         removed += 1;
@@ -104,6 +116,17 @@ impl Cache {
             let _ = tokio::fs::remove_dir(&model).await;
         }
         removed
+    }
+
+    /// Marks the contents' folders in `in_use` used now (their modification time), so that no
+    /// prune, this server's or another's sharing the cache, takes them for unused.
+    pub async fn touch(&self, in_use: &std::collections::BTreeSet<PathBuf>) {
+        let now = std::time::SystemTime::now();
+        for dir in in_use.iter().filter(|d| d.starts_with(&self.dir)) {
+            if let Ok(f) = std::fs::File::open(dir) {
+                let _ = f.set_modified(now);
+            }
+        }
     }
 
     /// Makes `files` (one version's, keys `model/version/name`) present in the cache; a local
@@ -137,13 +160,17 @@ impl Cache {
             message: format!("cache `{}`: {e}", dir.display()),
         };
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
+        // This fetch's files are named by its token and held by its lock while it runs (another
+        // fetch into the folder, in this process or another on the node, sees it alive).
+        let token = format!("{}-{}", std::process::id(), TEMP_SEQ.fetch_add(1, Ordering::Relaxed));
+        let lock = FetchLock::take(&dir, &token).map_err(|e| io(&format!("{model}/{version}"), e))?;
         // A fetch into this folder that was killed (a replica past its start timeout, a crash)
         // left its temporary files: each try started again beside them.
         sweep_abandoned(&dir, abandoned_after(store)).await;
         // Every file not cached yet is fetched under a temporary name first; only when all of
         // them are here are they renamed into place. A fetch that fails part-way leaves nothing
         // (a multi-file version is never half there on disk).
-        let mut staged = Staged::default();
+        let mut staged = Staged { files: Vec::new(), lock: Some(lock) };
         for f in files {
             let Some(name) = f.key.rsplit('/').next().filter(|n| !n.is_empty()) else { continue };
             let dest = dir.join(name);
@@ -151,8 +178,7 @@ impl Cache {
             if cached(&dest, &want).await {
                 continue;
             }
-            let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-            let temp = dir.join(format!(".{name}.part-{}-{n}", std::process::id()));
+            let temp = dir.join(format!(".{name}.part-{token}"));
             // The same file (size and tag) cached for another version of the model: linked,
             // not downloaded.
             if let Some(same) = same_elsewhere(&dir, name, &want).await
@@ -175,7 +201,7 @@ impl Cache {
                 crate::repository::metrics::downloaded(got);
             }
             let record = serde_json::to_vec(&want).unwrap_or_default();
-            let record_temp = dir.join(format!(".{name}.record-{}-{n}", std::process::id()));
+            let record_temp = dir.join(format!(".{name}.record-{token}"));
             staged.files.push((temp, dest.clone(), f.key.clone()));
             if let Err(e) = tokio::fs::write(&record_temp, record).await {
                 let _ = tokio::fs::remove_file(&record_temp).await;
@@ -194,52 +220,114 @@ impl Cache {
                 return Err(io(&key, e));
             }
         }
+        drop(staged.lock.take());
         Ok(out)
     }
 }
 
-/// Files fetched under temporary names: (temporary, final, the store's key).
-#[derive(Default)]
+/// A running fetch's lock, `.fetch-TOKEN.lock` in its folder, held (`flock`) until it ends and
+/// removed then. A fetch whose process was killed leaves it unheld: its files are abandoned.
+struct FetchLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl FetchLock {
+    fn take(dir: &Path, token: &str) -> std::io::Result<Self> {
+        let path = dir.join(format!(".fetch-{token}.lock"));
+        let file = std::fs::File::options().write(true).create_new(true).open(&path)?;
+        file.lock()?;
+        Ok(Self { path, _file: file })
+    }
+}
+
+impl Drop for FetchLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Files fetched under temporary names: (temporary, final, the store's key); and the fetch's
+/// lock.
 struct Staged {
     files: Vec<(PathBuf, PathBuf, String)>,
+    lock: Option<FetchLock>,
 }
 
 impl Staged {
-    /// Removes what was fetched (the fetch failed part-way), and `dir` when that leaves it
-    /// empty (contents never fetched whole).
+    /// Removes what was fetched (the fetch failed part-way) and its lock, and `dir` when that
+    /// leaves it empty (contents never fetched whole).
     async fn discard(&mut self, dir: &Path) {
         for (temp, _, _) in self.files.drain(..) {
             let _ = tokio::fs::remove_file(&temp).await;
         }
+        drop(self.lock.take());
         let _ = tokio::fs::remove_dir(dir).await;
     }
 }
 
-/// How long a fetch's temporary file goes unwritten before it is taken for a killed fetch's:
-/// 10 minutes, or twice the store's timeout (a fetch that goes that long without a byte has
-/// failed).
+/// How long a fetch's temporary file, with no lock file of its fetch beside it, goes unwritten
+/// before it is taken for a killed fetch's: 10 minutes, or twice the store's timeout (a fetch
+/// that goes that long without a byte has failed).
 fn abandoned_after(store: &Store) -> std::time::Duration {
     std::time::Duration::from_secs(600).max(store.timeout().saturating_mul(2))
 }
 
-/// Whether `name` is a fetch's temporary file (`.NAME.part-PID-N`, `.NAME.record-PID-N`).
-fn is_temporary(name: &str) -> bool {
-    name.starts_with('.') && (name.contains(".part-") || name.contains(".record-"))
+/// The fetch token of a fetch's file: `.NAME.part-TOKEN`, `.NAME.record-TOKEN`,
+/// `.fetch-TOKEN.lock`; None for any other name.
+fn fetch_token(name: &str) -> Option<&str> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    if let Some(lock) = name.strip_prefix(".fetch-") {
+        return lock.strip_suffix(".lock");
+    }
+    [".part-", ".record-"].iter().find_map(|mark| name.rfind(mark).map(|i| &name[i + mark.len()..]))
 }
 
-/// Removes the temporary files in `dir` not written for `after` (another fetch, in this
-/// process or another on the node, writes its own as it goes); returns how many.
+/// Whether the fetch of `token` in `dir` has ended without cleaning up: its lock file is there
+/// and no one holds it. None when it has no lock file (a file of an older Sluice's).
+fn fetch_gone(dir: &Path, token: &str) -> Option<bool> {
+    let file = std::fs::File::options().write(true).open(dir.join(format!(".fetch-{token}.lock"))).ok()?;
+    Some(match file.try_lock() {
+        Ok(()) => true,
+        Err(std::fs::TryLockError::WouldBlock) => false,
+        Err(std::fs::TryLockError::Error(_)) => false,
+    })
+}
+
+/// Removes the files in `dir` of fetches that ended without cleaning up: those whose lock no
+/// one holds (their process was killed), and, without a lock file, those not written for
+/// `after`; returns how many. A running fetch's files (its lock held, in this process or
+/// another on the node) stay, however long ago they were written (a file linked from another
+/// version has that version's time, and a file fetched waits for the version's others).
 async fn sweep_abandoned(dir: &Path, after: std::time::Duration) -> usize {
     let mut removed = 0;
     let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return 0 };
+    let mut gone_locks = Vec::new();
     while let Ok(Some(e)) = entries.next_entry().await {
-        if !e.file_name().to_str().is_some_and(is_temporary) {
+        let name = e.file_name();
+        let Some(token) = name.to_str().and_then(fetch_token) else { continue };
+        let abandoned = match fetch_gone(dir, token) {
+            Some(gone) => gone,
+            None => {
+                let idle =
+                    e.metadata().await.ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                idle.is_some_and(|idle| idle >= after)
+            }
+        };
+        if !abandoned {
             continue;
         }
-        let idle = e.metadata().await.ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
-        if idle.is_some_and(|idle| idle >= after) && tokio::fs::remove_file(e.path()).await.is_ok() {
+        if name.to_str().is_some_and(|n| n.starts_with(".fetch-")) {
+            gone_locks.push(e.path());
+        } else if tokio::fs::remove_file(e.path()).await.is_ok() {
             removed += 1;
         }
+    }
+    // Last: a lock file removed first would leave its fetch's files to the time rule.
+    for lock in gone_locks {
+        let _ = tokio::fs::remove_file(lock).await;
     }
     removed
 }
@@ -348,12 +436,17 @@ mod tests {
         let other = cache.fetch(&store, "other", "1", &store.list("m/1").await.unwrap(), 1 << 20).await;
         let other = other.unwrap().dir;
         let running = [changed.dir.clone(), other.clone()].into_iter().collect();
+        assert_eq!(cache.prune(&store, &running).await, 0, "nothing unused for an hour yet");
+        assert!(first.dir.exists(), "another server sharing the cache may have used it just now");
+        unused_for_an_hour(&first.dir);
+        unused_for_an_hour(&changed.dir);
         assert_eq!(cache.prune(&store, &running).await, 1);
-        assert!(!first.dir.exists() && changed.dir.join("vocab.txt").exists());
+        assert!(!first.dir.exists() && changed.dir.join("vocab.txt").exists(), "in use: marked used again");
         assert!(other.exists(), "another model's version in use is left alone");
-        // A version no longer served goes, and its model's folder with its last version (every
-        // version a training job wrote stayed on disk).
+        // A version no longer served goes once unused for an hour, and its model's folder with
+        // its last version (every version a training job wrote stayed on disk).
         let running = [changed.dir.clone()].into_iter().collect();
+        unused_for_an_hour(&other);
         assert_eq!(cache.prune(&store, &running).await, 1);
         assert!(!other.exists() && !other.parent().unwrap().parent().unwrap().exists());
         assert!(changed.dir.join("vocab.txt").exists());
@@ -395,9 +488,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
     }
 
+    /// Sets `dir`'s modification time an hour and a minute back.
+    fn unused_for_an_hour(dir: &Path) {
+        let at = std::time::SystemTime::now() - UNUSED_FOR - Duration::from_secs(60);
+        std::fs::File::open(dir).unwrap().set_modified(at).unwrap();
+    }
+
     /// A fetch that was killed (a replica past its start timeout, a crash) leaves its temporary
-    /// files: the next fetch into the folder, and a prune, remove those not written for a while
-    /// (each try started again beside them, and gigabytes piled up), not a fetch's in progress.
+    /// files: the next fetch into the folder, and a prune, remove those whose fetch's lock no
+    /// one holds, and, with no lock file, those not written for a while (each try started
+    /// again beside them, and gigabytes piled up); never a running fetch's, however old its
+    /// files (one linked from another version carries that version's time).
     #[tokio::test]
     async fn a_killed_fetchs_temporary_files_are_removed() {
         let base = std::env::temp_dir().join(format!("sluice-cache-killed-{}", std::process::id()));
@@ -417,17 +518,28 @@ mod tests {
             std::fs::File::options().write(true).open(&path).unwrap().set_modified(at).unwrap();
             path
         };
+        // An older Sluice's files (no lock file): by their time.
         let killed = temp(".model.onnx.part-999999-3", Duration::from_secs(3600));
         let record = temp(".model.onnx.record-999999-3", Duration::from_secs(3600));
-        let running = temp(".model.onnx.part-999998-1", Duration::from_secs(5));
+        let recent = temp(".model.onnx.part-999998-1", Duration::from_secs(5));
+        // A running fetch (its lock held) whose file was linked from a version cached long ago.
+        let live = FetchLock::take(&dir, "777-1").unwrap();
+        let linked = temp(".vocab.txt.part-777-1", Duration::from_secs(7200));
+        // A killed fetch: its lock file left, held by no one, its file written just now.
+        let _ = FetchLock::take(&dir, "666-1").map(std::mem::forget);
+        let unheld = dir.join(".fetch-666-1.lock");
+        let orphan = temp(".model.onnx.part-666-1", Duration::from_secs(1));
+        std::fs::File::options().write(true).open(&unheld).unwrap();
         cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
-        assert!(!killed.exists() && !record.exists(), "a killed fetch's files are gone");
-        assert!(running.exists(), "a fetch in progress keeps its file");
+        assert!(!killed.exists() && !record.exists(), "an old fetch's files are gone");
+        assert!(recent.exists(), "recent, with no lock file: kept");
+        assert!(linked.exists(), "a running fetch keeps its files, however old");
         assert!(dir.join("model.onnx").exists());
-        let killed = temp(".model.onnx.part-999997-1", Duration::from_secs(3600));
+        drop(live);
         let kept = [dir.clone()].into_iter().collect();
         assert_eq!(cache.prune(&store, &kept).await, 0);
-        assert!(!killed.exists() && running.exists() && dir.join("model.onnx").exists());
+        assert!(!linked.exists(), "its fetch ended without cleaning up (its lock gone)");
+        assert!(recent.exists() && dir.join("model.onnx").exists());
         let _ = std::fs::remove_dir_all(&base);
     }
 
