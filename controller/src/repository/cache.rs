@@ -526,11 +526,11 @@ mod tests {
         let live = FetchLock::take(&dir, "777-1").unwrap();
         let linked = temp(".vocab.txt.part-777-1", Duration::from_secs(7200));
         // A killed fetch: its lock file left, held by no one, its file written just now.
-        let _ = FetchLock::take(&dir, "666-1").map(std::mem::forget);
         let unheld = dir.join(".fetch-666-1.lock");
+        std::fs::write(&unheld, b"").unwrap();
         let orphan = temp(".model.onnx.part-666-1", Duration::from_secs(1));
-        std::fs::File::options().write(true).open(&unheld).unwrap();
         cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
+        assert!(!orphan.exists() && !unheld.exists(), "a killed fetch's files and lock are gone, however new");
         assert!(!killed.exists() && !record.exists(), "an old fetch's files are gone");
         assert!(recent.exists(), "recent, with no lock file: kept");
         assert!(linked.exists(), "a running fetch keeps its files, however old");
