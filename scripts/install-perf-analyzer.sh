@@ -13,7 +13,15 @@ if [ -x "$dest/perf_analyzer" ] && [ -f "$dest/lib/libcudart.so.12" ] &&
   [ "$(cat "$dest/.version" 2>/dev/null)" = "$client $cudart" ]; then
   exit 0
 fi
-if ! ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
+# Debian's package, or the library where ldconfig finds it (ldconfig lives in /sbin, which a
+# user's PATH may lack; its list is read whole, not through a pipe `grep -q` may close early).
+has_libb64() {
+  dpkg -s libb64-0d >/dev/null 2>&1 && return 0
+  local libs
+  libs="$(PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null || true)"
+  [[ "$libs" == *libb64.so.0d* ]]
+}
+if ! has_libb64; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "installing libb64-0d (Debian's package, for perf_analyzer)" >&2
     log="$(mktemp)"
