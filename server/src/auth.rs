@@ -86,8 +86,9 @@ pub const CONTROL_CLOSED: &str = "loading and unloading repository models on a p
 pub enum Control {
     /// Callers that send the admin token.
     Token(Arc<str>),
-    /// Anyone.
-    Open,
+    /// Anyone; on a loopback port (`loopback_hosts_only`), only by a loopback host name, as
+    /// the admin API without a token ([`browser_refusal`]).
+    Open { loopback_hosts_only: bool },
     /// No one.
     Closed,
 }
@@ -110,7 +111,9 @@ impl Control {
     ) -> Self {
         match token.filter(|t| !t.is_empty()) {
             Some(t) => Self::Token(t.clone()),
-            None if bound.ip().is_loopback() || admin.allow_unauthenticated => Self::Open,
+            None if bound.ip().is_loopback() || admin.allow_unauthenticated => {
+                Self::Open { loopback_hosts_only: bound.ip().is_loopback() }
+            }
             None => Self::Closed,
         }
     }
@@ -118,12 +121,67 @@ impl Control {
     /// Whether a call with this `Authorization` value may load or unload.
     pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refused> {
         match self {
-            Self::Open => Ok(()),
+            Self::Open { .. } => Ok(()),
             Self::Closed => Err(Refused::Closed),
             Self::Token(t) if bearer_bytes_match(authorization, t) => Ok(()),
             Self::Token(_) => Err(Refused::NeedsToken),
         }
     }
+}
+
+/// What a web page could make a browser send to a port that changes what serves, refused (the
+/// admin API's rule, and the inference ports' repository load and unload): a change from a
+/// page of another origin (its `Origin` names another host than the request's: a form or a
+/// `no-cors` `fetch` is sent without asking first), and, with `loopback_hosts_only` (no token,
+/// a loopback port), any call for a host name that is not loopback's (a page whose own name
+/// resolves to 127.0.0.1, DNS rebinding, is same-origin to the browser). The refusal's message,
+/// for a 403.
+pub fn browser_refusal(
+    headers: &axum::http::HeaderMap,
+    authority: Option<&str>,
+    changes: bool,
+    loopback_hosts_only: bool,
+    what: &str,
+) -> Option<String> {
+    use axum::http::header;
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).or(authority).unwrap_or("");
+    if loopback_hosts_only && !host.is_empty() && !is_loopback_host(host) {
+        return Some(format!(
+            "host `{host}` refused: without a token {what} answers only loopback names (localhost, 127.0.0.1, \
+             [::1]); set a token to reach it by another name"
+        ));
+    }
+    if changes && let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        // Behind a reverse proxy that sends its upstream's address as `Host`, the name the
+        // browser used comes as `X-Forwarded-Host` (a page of another site cannot set it: that
+        // header would make the browser ask first, and no cross-site call is allowed).
+        let forwarded = headers.get("x-forwarded-host").and_then(|h| h.to_str().ok());
+        let same = origin.split_once("://").is_some_and(|(_, authority)| {
+            authority.eq_ignore_ascii_case(host)
+                || forwarded.is_some_and(|f| authority.eq_ignore_ascii_case(f.trim()))
+        });
+        if !same {
+            return Some(format!(
+                "a call from another origin (`{origin}`) is refused: {what} takes no cross-site requests"
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) is loopback's.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
 /// Whether `given` is the token (the status page's cookie or login), in constant time as above.

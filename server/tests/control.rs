@@ -709,6 +709,42 @@ async fn a_model_repository_is_polled_and_loads_and_unloads() {
     s.shutdown().await;
 }
 
+/// Repository load and unload on a loopback inference port without a token (the default)
+/// refuse what a web page could make the user's browser send, as the admin API does: a call
+/// from a page of another origin (a form posted to localhost unloaded the models), and one by a
+/// host name that is not loopback's (DNS rebinding). 403 naming why; the server's own clients
+/// (no `Origin`, a loopback name) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_control_refuses_what_a_web_page_could_send() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let repo = empty_repository("repo-browser");
+    put_version(&repo, "flowers", 1, "iris");
+    let text = format!(
+        "http_options: {{port: 0}}\ngrpc_options: {{enabled: false}}\nadmin_options: {{enabled: false}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
+        repo.display()
+    );
+    let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    let client = reqwest::Client::new();
+    let unload = url(&s, "/v2/repository/models/flowers/unload");
+    let refused = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 403);
+        r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string()
+    };
+    let e =
+        refused(client.post(&unload).header("Origin", "https://evil.example").send().await.unwrap()).await;
+    assert!(e.contains("a call from another origin (`https://evil.example`) is refused"), "{e}");
+    let e = refused(client.post(&unload).header("Host", "rebound.example:8000").send().await.unwrap()).await;
+    assert!(e.contains("host `rebound.example:8000` refused"), "{e}");
+    let infer = || client.post(url(&s, "/v2/models/flowers/infer")).body(IRIS_BODY).send();
+    assert_eq!(infer().await.unwrap().status(), 200, "still served");
+    let same_origin = format!("http://{}", s.http_addr());
+    let r = client.post(&unload).header("Origin", same_origin).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a page of the server's own origin");
+    assert_eq!(infer().await.unwrap().status(), 404);
+    s.shutdown().await;
+}
+
 /// With an admin token set, repository load and unload on the inference ports need it too
 /// (REST `Authorization: Bearer`, gRPC metadata `authorization`): they change what serves, and
 /// any inference client could unload every repository model.

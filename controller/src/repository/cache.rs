@@ -530,7 +530,10 @@ mod tests {
         std::fs::write(&unheld, b"").unwrap();
         let orphan = temp(".model.onnx.part-666-1", Duration::from_secs(1));
         cache.fetch(&store, "m", "1", &files, 1 << 20).await.unwrap();
-        assert!(!orphan.exists() && !unheld.exists(), "a killed fetch's files and lock are gone, however new");
+        assert!(
+            !orphan.exists() && !unheld.exists(),
+            "a killed fetch's files and lock are gone, however new"
+        );
         assert!(!killed.exists() && !record.exists(), "an old fetch's files are gone");
         assert!(recent.exists(), "recent, with no lock file: kept");
         assert!(linked.exists(), "a running fetch keeps its files, however old");

@@ -227,63 +227,17 @@ async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
     next.run(Request::from_parts(parts, axum::body::Body::from(read))).await
 }
 
-/// Refuses what a web page could make a browser send here: a call that changes something
-/// from a page of another origin (its `Origin` names another host than the request's: a
-/// form or `fetch` in `no-cors` mode is sent without asking first), and, when
-/// `loopback_hosts_only` (no token, a loopback address), any call for a host name that is not
-/// loopback's (a page whose own name resolves to 127.0.0.1, DNS rebinding, is same-origin to
-/// the browser). 403 either way.
+/// Refuses what a web page could make a browser send here ([`crate::auth::browser_refusal`]):
+/// 403.
 async fn browser_guard(loopback_hosts_only: bool, req: Request, next: Next) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    if loopback_hosts_only && !host.is_empty() && !is_loopback_host(host) {
-        return error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "host `{host}` refused: without a token the admin API answers only loopback names \
-                 (localhost, 127.0.0.1, [::1]); set a token to reach it by another name"
-            ),
-        );
-    }
     let changes = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
-    if changes && let Some(origin) = req.headers().get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("null");
-        // Behind a reverse proxy that sends its upstream's address as `Host`, the name the
-        // browser used comes as `X-Forwarded-Host` (a page of another site cannot set it: that
-        // header would make the browser ask first, and this API allows no cross-site calls).
-        let forwarded = req.headers().get("x-forwarded-host").and_then(|h| h.to_str().ok());
-        let same = origin.split_once("://").is_some_and(|(_, authority)| {
-            authority.eq_ignore_ascii_case(host)
-                || forwarded.is_some_and(|f| authority.eq_ignore_ascii_case(f.trim()))
-        });
-        if !same {
-            return error(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "a call from another origin (`{origin}`) is refused: the admin API takes no cross-site requests"
-                ),
-            );
-        }
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let refusal =
+        crate::auth::browser_refusal(req.headers(), authority, changes, loopback_hosts_only, "the admin API");
+    match refusal {
+        Some(message) => error(StatusCode::FORBIDDEN, message),
+        None => next.run(req).await,
     }
-    next.run(req).await
-}
-
-/// Whether `host` (a `Host` header: a name or address, with or without a port) is loopback's.
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host
-            .rsplit_once(':')
-            .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
-    };
-    let name = name.trim_end_matches('.');
-    name.eq_ignore_ascii_case("localhost")
-        || name.to_ascii_lowercase().ends_with(".localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
 /// Answers errors as JSON `{"error": ...}`, as every admin route does: the ones axum writes

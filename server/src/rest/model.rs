@@ -110,10 +110,11 @@ pub async fn stats(
 pub async fn load(
     State(state): State<AppState>,
     Path(model): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
-    may_control(&state, &headers)?;
+    may_control(&state, &headers, &uri)?;
     let body = super::screen::read_body(body, state.max_body_bytes).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
@@ -139,9 +140,17 @@ pub fn refuse_overrides<'a>(mut keys: impl Iterator<Item = &'a str>) -> Result<(
     }
 }
 
-/// Refuses a repository load or unload the port's [`crate::auth::Control`] does not allow.
-fn may_control(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    use crate::auth::{CONTROL_CLOSED, CONTROL_NEEDS_TOKEN, Refused};
+/// Refuses a repository load or unload the port's [`crate::auth::Control`] does not allow, and
+/// one a web page could have made a browser send ([`crate::auth::browser_refusal`]: a page the
+/// user visits could unload the models of a server on localhost with a form).
+fn may_control(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> Result<(), ApiError> {
+    use crate::auth::{CONTROL_CLOSED, CONTROL_NEEDS_TOKEN, Control, Refused};
+    let loopback_hosts_only = matches!(state.control, Control::Open { loopback_hosts_only: true });
+    let authority = uri.authority().map(|a| a.as_str());
+    let what = "repository load and unload on this port";
+    if let Some(refusal) = crate::auth::browser_refusal(headers, authority, true, loopback_hosts_only, what) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, refusal));
+    }
     state.control.check(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(|r| match r {
         Refused::NeedsToken => ApiError::new(StatusCode::UNAUTHORIZED, CONTROL_NEEDS_TOKEN),
         Refused::Closed => ApiError::new(StatusCode::FORBIDDEN, CONTROL_CLOSED),
@@ -152,9 +161,10 @@ fn may_control(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 pub async fn unload(
     State(state): State<AppState>,
     Path(model): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    may_control(&state, &headers)?;
+    may_control(&state, &headers, &uri)?;
     let controller = state.controller.clone();
     sluice_controller::to_the_end(async move { controller.unload_model(&model).await }).await?;
     Ok(StatusCode::OK)
