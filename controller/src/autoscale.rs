@@ -134,10 +134,16 @@ pub(crate) fn step(
             s.window.sample(now, in_system, look_back);
             let cap = growth_cap(current, node_cpus.map(|cpus| cpus - used), m.config.num_cpus());
             // From zero at once, as many as the requests waiting ask for (one at least).
-            let want = match from_zero {
+            let mut want = match from_zero {
                 true => desired(&s.config, 0, in_system).max(1).min(cap.max(1)),
                 false => decide(&s.config, &mut s.window, current, now, cap),
             };
+            // A growth that failed (a model that no longer loads) is tried again at its retry
+            // time, not at every round: from zero, each failure woke the loop for the next try,
+            // as fast as the load failed, while a request waited. A shrink is not held back.
+            if want > current && m.scale_failure.as_ref().is_some_and(|f| now < f.retry_at()) {
+                want = current;
+            }
             if want > current {
                 used += f64::from(want - current) * m.config.num_cpus();
             }
@@ -407,5 +413,63 @@ mod tests {
         assert_eq!(s.average(), 51.0);
         s.sample(t0 + Duration::from_secs(11), 4.0, look);
         assert_eq!(s.average(), 3.0, "the first sample fell out of the window");
+    }
+}
+
+#[cfg(test)]
+mod growth_after_failure {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use sluice_router::{RouteTable, Router};
+
+    use crate::{Cluster, Controller};
+
+    /// A primary whose last growth failed (a model that no longer loads) grows again only at
+    /// the failure's retry time: from zero with a request waiting, each failure woke the loop
+    /// for the next try, as fast as the load failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_growth_that_failed_waits_for_its_retry_time() {
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let yaml = "applications:\n  - name: a\n    deployments:\n      - {name: soft, builtin: {softmax: {}}, num_cpus: 0.01, autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 0}}\n";
+        let config = sluice_config::parse(yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        let now = Instant::now();
+        let growth = |failed_at: Option<Instant>| {
+            let mut st = c.lock();
+            let m = st.deployments.get_mut("soft").unwrap();
+            m.scale_failure =
+                failed_at.map(|at| crate::state::ScaleFailure { message: "no".into(), at, failures: 1 });
+            let s = m.scaling.as_mut().unwrap();
+            s.window = Default::default();
+            s.window.sample(now - Duration::from_secs(1), 6.0, Duration::from_secs(30));
+            s.last_decision = now - Duration::from_secs(60);
+            let jobs = super::step(&mut st, now, Some(2.0), &HashSet::new(), false).0;
+            jobs.iter().filter(|j| !j.canary).map(|j| j.to).collect::<Vec<_>>()
+        };
+        assert!(matches!(growth(None)[..], [n] if n > 1), "a load of 6 grows it");
+        assert!(growth(Some(now)).is_empty(), "a failed growth tried again at once");
+        assert!(!growth(Some(now - Duration::from_secs(60))).is_empty(), "tried again at its retry time");
+
+        // An apply that keeps the version (another application deployed) keeps its failure and
+        // the time it was woken from zero: status said "starting from zero" anew.
+        {
+            let mut st = c.lock();
+            let m = st.deployments.get_mut("soft").unwrap();
+            m.scale_failure = Some(crate::state::ScaleFailure { message: "no".into(), at: now, failures: 2 });
+            m.woken_at = Some(now);
+        }
+        let more = format!(
+            "{yaml}  - name: b\n    deployments:\n      - {{name: other, builtin: {{softmax: {{}}}}}}\n"
+        );
+        c.apply(&sluice_config::parse(&more, std::path::Path::new("/nowhere/c.yaml")).unwrap())
+            .await
+            .unwrap();
+        let st = c.lock();
+        let m = &st.deployments["soft"];
+        assert_eq!(m.scale_failure.as_ref().map(|f| f.failures), Some(2));
+        assert_eq!(m.woken_at, Some(now));
     }
 }

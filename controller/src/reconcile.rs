@@ -275,6 +275,10 @@ fn commit_deployment(
     out: &mut Commit,
 ) -> Option<Managed> {
     let name = p.config.name.clone();
+    // A kept primary keeps its last failed change and the time it was woken from zero: status
+    // says a deployment still failing to start from zero is failing, not "starting from zero"
+    // anew after any apply (a deploy of another application, a repository change).
+    let mut kept = (None, None);
     let (primary, old_canary, old_shadow, old_scaling, old_others) = match (p.primary, old) {
         (Change::New(v), Some(m)) => {
             events
@@ -311,6 +315,7 @@ fn commit_deployment(
                     canary: false,
                 });
             }
+            kept = (m.scale_failure, m.woken_at);
             (m.primary, m.canary, m.shadow, m.scaling, m.others)
         }
         (Change::Keep(_) | Change::Start { .. }, old) => {
@@ -337,8 +342,8 @@ fn commit_deployment(
         canary,
         shadow,
         scaling,
-        scale_failure: None,
-        woken_at: None,
+        scale_failure: kept.0,
+        woken_at: kept.1,
     })
 }
 
