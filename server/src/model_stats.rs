@@ -11,7 +11,7 @@ use sluice_proto::inference as pb;
 use sluice_router::Router;
 
 /// The deployments asked for, each with the name its statistics go by: `model` at `version`
-/// (empty: as routed), named as asked (a multiplexed model's id: perf_analyzer looks the
+/// (empty: every version it serves), named as asked (a multiplexed model's id: perf_analyzer looks the
 /// statistics of the model it measures up by its name), or every one (each version once, a
 /// multiplexed deployment once however many ids route to it).
 pub fn asked(
@@ -19,10 +19,21 @@ pub fn asked(
     model: Option<&str>,
     version: Option<&str>,
 ) -> Result<Vec<(String, Servable)>, InferError> {
-    if let Some(m) = model.filter(|m| !m.is_empty()) {
-        return Ok(vec![(m.to_string(), routes.resolve(m, version.filter(|v| !v.is_empty()))?)]);
-    }
     let table = routes.table();
+    if let Some(m) = model.filter(|m| !m.is_empty()) {
+        let version = version.filter(|v| !v.is_empty());
+        // Every version served, as Triton answers a model without a version (one picked by the
+        // traffic split read another version each time: perf_analyzer, which compares two
+        // readings, then found another model's numbers).
+        if version.is_none()
+            && let Some(route) = table.models.get(m)
+        {
+            let mut all: Vec<Servable> = route.versions.values().cloned().collect();
+            all.sort_by(|a, b| a.version().cmp(b.version()));
+            return Ok(all.into_iter().map(|d| (m.to_string(), d)).collect());
+        }
+        return Ok(vec![(m.to_string(), routes.resolve(m, version)?)]);
+    }
     let mut all: Vec<Servable> = table.models.values().flat_map(|m| m.versions.values().cloned()).collect();
     all.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
     all.dedup_by(|a, b| (a.name(), a.version()) == (b.name(), b.version()));

@@ -194,3 +194,25 @@ async fn statistics_have_tritons_meaning() {
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     s.shutdown().await;
 }
+
+/// A model's statistics asked for without a version list every version it serves (a canary's
+/// beside the primary's), as Triton answers: one picked by the traffic split answered another
+/// version at each call, and perf_analyzer, which compares two readings, read the wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_without_a_version_list_every_version_served() {
+    let s = start(
+        "      - {name: iris, model: iris/model.onnx, version: \"1\", canary: {model: iris/model.onnx, version: \"2\", weight: 50}}\n",
+        "",
+    )
+    .await;
+    for _ in 0..5 {
+        let (_, stats) = get_json(&s, "/v2/models/iris/stats").await;
+        let versions: Vec<&str> =
+            stats["model_stats"].as_array().unwrap().iter().map(|m| m["version"].as_str().unwrap()).collect();
+        assert_eq!(versions, ["1", "2"], "{stats}");
+    }
+    let (_, one) = get_json(&s, "/v2/models/iris/versions/2/stats").await;
+    assert_eq!(one["model_stats"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["model_stats"][0]["version"], "2");
+    s.shutdown().await;
+}
