@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, Pipeline, Tensor};
@@ -51,24 +52,32 @@ async fn call(pipeline: &Pipeline, body: &[u8], model_id: Option<String>) -> Res
     let Some(mapping) = &pipeline.json else {
         return Err(InferError::not_found("this pipeline has no JSON route"));
     };
-    let doc: Map<String, Value> = serde_json::from_slice(body)
+    // Each field kept as its text, read straight into its tensor: no tree of values (one was
+    // built of the whole body, and each mapped field cloned and written out again, about 30
+    // times the body in memory).
+    let doc: std::collections::HashMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| InferError::invalid(format!("body must be a JSON object: {e}")))?;
     let mut inputs = Vec::new();
     for (field, tensor) in &mapping.request {
-        let value = doc.get(field).ok_or_else(|| InferError::invalid(format!("missing field `{field}`")))?;
+        let raw = *doc.get(field).ok_or_else(|| InferError::invalid(format!("missing field `{field}`")))?;
         let spec = pipeline
             .metadata()
             .inputs
             .iter()
             .find(|s| &s.name == tensor)
             .ok_or_else(|| InferError::internal(format!("`{tensor}` is not a pipeline input")))?;
-        let value = match value {
-            Value::Array(_) => value.clone(),
-            scalar => Value::Array(vec![scalar.clone()]),
+        // A single value is a list of one.
+        let wrapped;
+        let raw = match raw.get().trim_start().starts_with('[') {
+            true => raw,
+            false => {
+                wrapped = RawValue::from_string(format!("[{}]", raw.get()))
+                    .map_err(|e| InferError::invalid(e.to_string()))?;
+                &*wrapped
+            }
         };
-        let shape = shape_of(&value).map_err(|e| InferError::invalid(format!("field `{field}`: {e}")))?;
-        let raw = serde_json::value::to_raw_value(&value).map_err(|e| InferError::invalid(e.to_string()))?;
-        let t = decode_data(tensor, spec.dtype, shape, &raw)
+        let shape = shape_of(raw).map_err(|e| InferError::invalid(format!("field `{field}`: {e}")))?;
+        let t = decode_data(tensor, spec.dtype, shape, raw)
             .map_err(|e| InferError::invalid(format!("field `{field}`: {e}")))?;
         inputs.push(t);
     }
@@ -100,46 +109,123 @@ fn field_value(pipeline: &str, field: &str, tensor: &str, t: &Tensor) -> Result<
 
 /// The shape of nested JSON arrays (following first elements), refused unless every array at
 /// one depth has that length and holds arrays alike (flattened, a ragged array would be read
-/// as another shape).
-fn shape_of(v: &Value) -> Result<Vec<usize>, String> {
-    let mut shape = Vec::new();
-    let mut cur = v;
-    while let Value::Array(items) = cur {
-        shape.push(items.len());
-        match items.first() {
-            Some(first) => cur = first,
-            None => break,
-        }
-    }
-    fn rectangular(v: &Value, shape: &[usize], at: &mut Vec<usize>) -> Result<(), String> {
-        let path = || at.iter().map(|i| format!("[{i}]")).collect::<String>();
-        match (v, shape) {
-            (Value::Array(items), [n, rest @ ..]) if items.len() == *n => {
-                for (i, item) in items.iter().enumerate() {
-                    at.push(i);
-                    rectangular(item, rest, at)?;
-                    at.pop();
-                }
-                Ok(())
-            }
-            (Value::Array(items), [n, ..]) => Err(format!(
-                "the nested arrays are not rectangular: `{}` has length {} where the first array at its depth has length {n}",
-                path(),
-                items.len()
-            )),
-            (Value::Array(_), []) => Err(format!(
-                "the nested arrays are not rectangular: `{}` is an array where the first element at its depth is not",
-                path()
-            )),
-            (_, []) => Ok(()),
-            (_, [_, ..]) => Err(format!(
-                "the nested arrays are not rectangular: `{}` is not an array where the first element at its depth is",
-                path()
-            )),
-        }
-    }
-    rectangular(v, &shape, &mut Vec::new())?;
+/// as another shape). Read from the text as it streams by, keeping nothing but the shape.
+fn shape_of(raw: &RawValue) -> Result<Vec<usize>, String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let mut path = Vec::new();
+    let shape = Shape { path: &mut path, expect: None }.deserialize(&mut de).map_err(|e| e.to_string())?;
     Ok(shape)
+}
+
+/// The shape of the JSON value at `path`, checked against `expect` (the shape of the first
+/// element at its depth, when it is not the first).
+struct Shape<'a> {
+    path: &'a mut Vec<usize>,
+    expect: Option<&'a [usize]>,
+}
+
+impl Shape<'_> {
+    fn at(&self) -> String {
+        self.path.iter().map(|i| format!("[{i}]")).collect()
+    }
+
+    fn not_rectangular<E: serde::de::Error>(&self, what: std::fmt::Arguments<'_>) -> E {
+        E::custom(format!("the nested arrays are not rectangular: `{}` {what}", self.at()))
+    }
+
+    /// A value that is not an array (a number, a string, an object).
+    fn leaf<E: serde::de::Error>(self) -> Result<Vec<usize>, E> {
+        match self.expect {
+            Some([_, ..]) => {
+                Err(self
+                    .not_rectangular(format_args!("is not an array where the first element at its depth is")))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Shape<'_> {
+    type Value = Vec<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<usize>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Shape<'_> {
+    type Value = Vec<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<usize>, A::Error> {
+        if let Some([]) = self.expect {
+            return Err(
+                self.not_rectangular(format_args!("is an array where the first element at its depth is not"))
+            );
+        }
+        let mut n = 0;
+        let mut first: Option<Vec<usize>> = None;
+        loop {
+            // Each element's shape is the first's: the one expected of this array's elements,
+            // or, for the first array at its depth, its own first element's.
+            let expect = match (self.expect, &first) {
+                (Some([_, rest @ ..]), _) => Some(rest),
+                (_, Some(f)) => Some(f.as_slice()),
+                _ => None,
+            };
+            self.path.push(n);
+            let element = seq.next_element_seed(Shape { path: &mut *self.path, expect })?;
+            self.path.pop();
+            let Some(shape) = element else { break };
+            if first.is_none() {
+                first = Some(shape);
+            }
+            n += 1;
+        }
+        if let Some(&[len, ..]) = self.expect
+            && len != n
+        {
+            return Err(self.not_rectangular(format_args!(
+                "has length {n} where the first array at its depth has length {len}"
+            )));
+        }
+        let mut shape = vec![n];
+        shape.extend(first.unwrap_or_default());
+        Ok(shape)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Vec<usize>, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        self.leaf()
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<usize>, E> {
+        self.leaf()
+    }
 }
 
 /// A tensor as nested JSON arrays following its shape.
@@ -215,16 +301,26 @@ mod tests {
     /// 3×2): it is refused, naming the array that differs.
     #[test]
     fn ragged_nested_arrays_are_refused_naming_where() {
-        assert_eq!(shape_of(&json!([[1, 2], [3, 4], [5, 6]])), Ok(vec![3, 2]));
-        assert_eq!(shape_of(&json!([[], []])), Ok(vec![2, 0]));
-        assert_eq!(shape_of(&json!(["a", "b"])), Ok(vec![2]));
-        let e = shape_of(&json!([[1, 2], [3], [4, 5, 6]])).unwrap_err();
+        let shape_of = |v: serde_json::Value| shape_of(&serde_json::value::to_raw_value(&v).unwrap());
+        assert_eq!(shape_of(json!([[1, 2], [3, 4], [5, 6]])), Ok(vec![3, 2]));
+        assert_eq!(shape_of(json!([[], []])), Ok(vec![2, 0]));
+        assert_eq!(shape_of(json!(["a", "b"])), Ok(vec![2]));
+        assert_eq!(
+            shape_of(json!([[{"a": [1]}], [2]])),
+            Ok(vec![2, 1]),
+            "an object is a value (refused later)"
+        );
+        let e = shape_of(json!([[1, 2], [3], [4, 5, 6]])).unwrap_err();
         assert!(e.contains("`[1]` has length 1 where the first array at its depth has length 2"), "{e}");
-        let e = shape_of(&json!([[[1], [2]], [[3], [4, 5]]])).unwrap_err();
+        let e = shape_of(json!([[[1], [2]], [[3], [4, 5]]])).unwrap_err();
         assert!(e.contains("`[1][1]` has length 2"), "{e}");
-        let e = shape_of(&json!([[1, 2], 3])).unwrap_err();
+        let e = shape_of(json!([[[1, 2]], [[3]]])).unwrap_err();
+        assert!(e.contains("`[1][0]` has length 1 where the first array at its depth has length 2"), "{e}");
+        let e = shape_of(json!([[], [1]])).unwrap_err();
+        assert!(e.contains("`[1]` has length 1 where the first array at its depth has length 0"), "{e}");
+        let e = shape_of(json!([[1, 2], 3])).unwrap_err();
         assert!(e.contains("`[1]` is not an array"), "{e}");
-        let e = shape_of(&json!([1, [2]])).unwrap_err();
+        let e = shape_of(json!([1, [2]])).unwrap_err();
         assert!(e.contains("`[1]` is an array"), "{e}");
     }
 }
