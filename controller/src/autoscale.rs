@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use sluice_config::Autoscaling;
 
+/// How often an autoscaled deployment's load is sampled (at most; `metrics_interval_s` when
+/// shorter), its decisions made every `metrics_interval_s` on the samples of the look-back
+/// window, as Ray Serve records a replica's ongoing requests many times between its reports.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
 /// What the autoscaler of one deployment remembers between decisions.
 #[derive(Debug, Default)]
 pub struct ScaleState {
@@ -26,6 +31,11 @@ impl ScaleState {
         while self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > look_back) {
             self.samples.pop_front();
         }
+    }
+
+    /// When the last sample was taken.
+    pub fn last_sampled(&self) -> Option<Instant> {
+        self.samples.back().map(|(t, _)| *t)
     }
 
     /// The average load over the look-back window.
@@ -128,6 +138,15 @@ pub(crate) fn step(
         let interval = Duration::from_secs_f64(s.config.metrics_interval_s);
         let look_back = Duration::from_secs_f64(s.config.look_back_period_s);
         let sampled = from_zero || now.duration_since(s.last_decision) >= interval;
+        // The load is sampled every SAMPLE_EVERY into the window, decided on every
+        // `metrics_interval_s`: one snapshot per interval read steady light traffic (a request
+        // in flight 1 % of the time) as none, and scaled the deployment to zero in use.
+        let sample_every = SAMPLE_EVERY.min(interval);
+        let sample_now =
+            sampled || s.window.last_sampled().is_none_or(|t| now.duration_since(t) >= sample_every);
+        if sample_now && !sampled {
+            s.window.sample(now, in_system, look_back);
+        }
         let mut primary_changes = false;
         if sampled {
             s.last_decision = now;
@@ -158,7 +177,7 @@ pub(crate) fn step(
             }
         }
         if let Some(c) = &mut m.canary {
-            if sampled {
+            if sample_now {
                 let (remote_in, _) = remote.of(name, c.version.deployment.version(), now);
                 c.window.sample(now, canary_load(c).saturating_add(remote_in) as f64, look_back);
             }
@@ -187,7 +206,7 @@ pub(crate) fn step(
                 }
             }
         }
-        let due = s.last_decision + interval;
+        let due = (s.last_decision + interval).min(now + sample_every);
         next = Some(next.map_or(due, |n| n.min(due)));
     }
     (rescale, next)
@@ -426,16 +445,57 @@ mod growth_after_failure {
 
     use crate::{Cluster, Controller};
 
+    const YAML: &str = "applications:\n  - name: a\n    deployments:\n      - {name: soft, builtin: {softmax: {}}, num_cpus: 0.01, autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 0}}\n";
+
+    /// A controller running `YAML`'s autoscaled deployment `soft`.
+    async fn soft() -> Arc<Controller> {
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let config = sluice_config::parse(YAML, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        c
+    }
+
+    /// The load is sampled every second between decisions, made every `metrics_interval_s`
+    /// (10 s by default): one snapshot per interval read steady light traffic (a request in
+    /// flight 1 % of the time) as none, and scaled the deployment to zero while in use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_load_is_sampled_every_second_and_decided_on_the_interval() {
+        let c = soft().await;
+        let now = Instant::now();
+        let t0 = now + Duration::from_secs(3600);
+        {
+            let mut st = c.lock();
+            let m = st.deployments.get_mut("soft").unwrap();
+            m.scale_failure = None;
+            let s = m.scaling.as_mut().unwrap();
+            (s.window, s.last_decision) = (Default::default(), t0);
+        }
+        let round = |at: Instant| {
+            let mut st = c.lock();
+            let next = super::step(&mut st, at, Some(2.0), &HashSet::new(), false).1;
+            let s = st.deployments["soft"].scaling.as_ref().unwrap();
+            (s.window.samples.len(), s.last_decision, next)
+        };
+        let secs = |n: f64| Duration::from_secs_f64(n);
+        assert_eq!(
+            round(t0 + secs(1.0)),
+            (1, t0, Some(t0 + secs(2.0))),
+            "sampled, not decided; back in a second"
+        );
+        assert_eq!(round(t0 + secs(1.5)).0, 1, "not twice within a second");
+        assert_eq!(round(t0 + secs(2.0)).0, 2);
+        let (samples, decided, _) = round(t0 + secs(10.0));
+        assert_eq!((samples, decided), (3, t0 + secs(10.0)), "decided on the interval, on every sample");
+    }
+
     /// A primary whose last growth failed (a model that no longer loads) grows again only at
     /// the failure's retry time: from zero with a request waiting, each failure woke the loop
     /// for the next try, as fast as the load failed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_growth_that_failed_waits_for_its_retry_time() {
-        let routes = Arc::new(Router::new(RouteTable::default()));
-        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
-        let yaml = "applications:\n  - name: a\n    deployments:\n      - {name: soft, builtin: {softmax: {}}, num_cpus: 0.01, autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 0}}\n";
-        let config = sluice_config::parse(yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
-        c.apply(&config).await.unwrap();
+        let c = soft().await;
+        let yaml = YAML;
         let now = Instant::now();
         let growth = |failed_at: Option<Instant>| {
             let mut st = c.lock();

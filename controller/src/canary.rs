@@ -594,7 +594,10 @@ mod tests {
             }),
         );
         let step = "builtin: {custom: {name: slow_to_load}}, num_cpus: 0.01";
-        let (c, canaries, _) = canaries_at_half(2, step, "metrics_interval_s: 600", Instant::now()).await;
+        // The primaries' load sampled a moment ahead: the slow loads above outlast the sampling
+        // period, and a sample of the idle test load taken meanwhile would halve the average.
+        let ahead = Instant::now() + Duration::from_secs(30);
+        let (c, canaries, _) = canaries_at_half(2, step, "metrics_interval_s: 600", ahead).await;
         let held = c.changes.clone().lock_owned().await;
         c.tick();
         tokio::time::sleep(Duration::from_millis(200)).await;
