@@ -587,7 +587,8 @@ impl Controller {
 fn failed_version(e: &ControlError, plans: &[scan::ModelPlan]) -> Option<(String, u64)> {
     let (deployment, version) = match e {
         ControlError::Load { deployment, version, .. }
-        | ControlError::NotReady { deployment, version, .. } => (deployment, version),
+        | ControlError::NotReady { deployment, version, .. }
+        | ControlError::StartFailing { deployment, version, .. } => (deployment, version),
         _ => return None,
     };
     let v: u64 = version.parse().ok()?;

@@ -37,6 +37,11 @@ pub enum ControlError {
     Load { deployment: String, version: String, source: LoadError },
     #[error("deployment `{deployment}` version {version}: replicas did not become ready within {waited_s} s")]
     NotReady { deployment: String, version: String, waited_s: u64 },
+    #[error(
+        "deployment `{deployment}` version {version}: its replicas failed to start {failures} times in a row \
+         (the last: {why}); not waited for further"
+    )]
+    StartFailing { deployment: String, version: String, failures: u32, why: String },
     #[error("pipeline `{pipeline}`: {source}")]
     Pipeline { pipeline: String, source: LoadError },
 }
@@ -56,9 +61,10 @@ impl ControlError {
                 ErrorKind::InvalidArgument
             }
             ControlError::Store(StoreError::Config { .. }) => ErrorKind::InvalidArgument,
-            ControlError::Store(_) | ControlError::NotReady { .. } | ControlError::NotFetched(_) => {
-                ErrorKind::Unavailable
-            }
+            ControlError::Store(_)
+            | ControlError::NotReady { .. }
+            | ControlError::StartFailing { .. }
+            | ControlError::NotFetched(_) => ErrorKind::Unavailable,
             ControlError::Load { source, .. } | ControlError::Pipeline { source, .. } => source.kind(),
         }
     }

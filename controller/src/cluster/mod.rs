@@ -152,7 +152,15 @@ impl Cluster {
                 let ready_timeout = on_ray(ready_timeout, replicas_handle.startup_timeout());
                 if !replicas_handle.settled(min_up, ready_timeout).await {
                     replicas_handle.stop();
-                    return Err(not_ready(&name, &version, ready_timeout));
+                    return Err(match replicas_handle.failing() {
+                        Some((failures, why)) => ControlError::StartFailing {
+                            deployment: name.clone(),
+                            version: version.clone(),
+                            failures,
+                            why,
+                        },
+                        None => not_ready(&name, &version, ready_timeout),
+                    });
                 }
                 Ok((deployment, Placed::Ray(replicas_handle)))
             }

@@ -86,6 +86,9 @@ impl ProxyOptions {
     }
 }
 
+/// Replicas of a version lost in a row, none up, after which waiting for it to start gives up.
+const GIVE_UP_AFTER_FAILURES: u32 = 3;
+
 /// How long past its drain a process told to stop has to end before it is killed.
 const KILL_MARGIN: Duration = Duration::from_secs(5);
 
@@ -527,7 +530,13 @@ impl RayCluster {
             spec_json,
             placement,
             health,
-            state: Mutex::new(State { target, actors: BTreeMap::new(), failures: 0, retired: false }),
+            state: Mutex::new(State {
+                target,
+                actors: BTreeMap::new(),
+                failures: 0,
+                last_failure: String::new(),
+                retired: false,
+            }),
             changed,
         });
         r.ensure();
@@ -569,6 +578,8 @@ struct State {
     actors: BTreeMap<String, Actor>,
     /// Replicas lost in a row (reset when one comes up): the backoff before the next try.
     failures: u32,
+    /// Why the last one was lost.
+    last_failure: String,
     /// The version is retired ([`RayReplicas::stop`]): no count but 0 is taken from then on.
     retired: bool,
 }
@@ -679,20 +690,32 @@ impl RayReplicas {
             let up = st.actors.values().filter(|a| matches!(a, Actor::Up { .. })).count();
             let pending = st.actors.values().filter(|a| matches!(a, Actor::Pending { .. })).count();
             let ready = self.deployment.ready_replicas();
-            (ready >= st.target && up >= st.target)
-                || (ready >= min_up && up + pending >= st.target && ready == up)
+            let settled = (ready >= st.target && up >= st.target)
+                || (ready >= min_up && up + pending >= st.target && ready == up);
+            // Replicas that keep failing to start, none up: not waited for further (a model
+            // that crashes on load held the controller for the whole wait, a start timeout
+            // that may be half an hour).
+            let failing = up == 0 && ready == 0 && st.failures >= GIVE_UP_AFTER_FAILURES;
+            (settled || failing).then_some(settled)
         };
         let wait = async {
             loop {
-                if check(&lock(&self.state)) {
-                    return;
+                if let Some(settled) = check(&lock(&self.state)) {
+                    return settled;
                 }
                 if changes.changed().await.is_err() {
-                    return;
+                    return true;
                 }
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// Replicas lost in a row, none up, and the last one's why, once they reach
+    /// [`GIVE_UP_AFTER_FAILURES`].
+    pub fn failing(&self) -> Option<(u32, String)> {
+        let st = lock(&self.state);
+        (st.failures >= GIVE_UP_AFTER_FAILURES).then(|| (st.failures, st.last_failure.clone()))
     }
 
     /// Creates actors until the target is reached (after a backoff when replicas keep
@@ -795,6 +818,7 @@ impl RayReplicas {
             let removed = st.actors.remove(actor);
             if removed.is_some() {
                 st.failures += 1;
+                st.last_failure = why.clone();
             }
             removed
         };
@@ -988,6 +1012,37 @@ mod tests {
         (replicas, deployment, v["name"].as_str().unwrap().to_string(), lines)
     }
 
+    /// A version whose replicas keep failing to start (a model that crashes on load), none up,
+    /// is not waited for further after three in a row: it held the controller for the whole
+    /// start timeout (half an hour where `replica_start_timeout_s` was raised for a big model).
+    #[tokio::test]
+    async fn a_version_whose_replicas_keep_failing_is_not_waited_for() {
+        let (cluster, driver_in, _kept) = with_proxies();
+        let (replicas, _, first, mut lines) = one_replica(&cluster, driver_in).await;
+        let settling = {
+            let r = replicas.clone();
+            tokio::spawn(async move { r.settled(1, Duration::from_secs(600)).await })
+        };
+        let fail = |name: String| Event::Failed {
+            name,
+            node_ip: None,
+            message: "process exited before LISTEN (code 1)".into(),
+            log_tail: "error: model.onnx: invalid protobuf".into(),
+        };
+        cluster.handle(fail(first));
+        for _ in 0..2 {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+            assert_eq!(v["op"], "create", "replaced after its backoff");
+            cluster.handle(fail(v["name"].as_str().unwrap().to_string()));
+        }
+        let settled = tokio::time::timeout(Duration::from_secs(5), settling).await;
+        assert!(!settled.expect("given up, not waited for the start timeout").unwrap());
+        let (failures, why) = replicas.failing().unwrap();
+        assert_eq!(failures, 3);
+        assert!(why.contains("invalid protobuf"), "{why}");
+    }
+
     /// A replica Ray has placed whose worker is still starting (`starting`) is starting, not
     /// waiting for a node: a deploy waits for it. Only `infeasible` and `resources` are
     /// waiting for a node (a deploy may go on without it), and a replica placed since is
@@ -1117,7 +1172,13 @@ mod tests {
     /// back the actors its stop killed.
     #[test]
     fn a_retired_version_stays_at_zero() {
-        let mut st = State { target: 2, actors: BTreeMap::new(), failures: 0, retired: false };
+        let mut st = State {
+            target: 2,
+            actors: BTreeMap::new(),
+            failures: 0,
+            last_failure: String::new(),
+            retired: false,
+        };
         st.aim(3);
         assert_eq!(st.target, 3);
         st.retired = true;
