@@ -266,6 +266,32 @@ struct Sent {
     taken: Vec<Arc<str>>,
 }
 
+/// [`ReplicaSlot::granted`]'s states.
+const NOT_GRANTED: u8 = 0;
+const GRANTED: u8 = 1;
+const RETIRED: u8 = 2;
+
+/// Takes `k` permits out of admission: the free ones now (a request admitted after this must
+/// not take a permit of a replica that is gone or not ready: scaled to zero, it was answered
+/// "no replicas" instead of waiting for one), the rest as they come free, on `runtime` (or the
+/// caller's, when it runs in one).
+fn revoke(permits: &Arc<Semaphore>, k: usize, runtime: Option<&tokio::runtime::Handle>) {
+    let rest = u32::try_from(k - permits.forget_permits(k)).unwrap_or(u32::MAX);
+    if rest == 0 {
+        return;
+    }
+    let permits = permits.clone();
+    let take = async move {
+        if let Ok(p) = permits.acquire_many_owned(rest).await {
+            p.forget();
+        }
+    };
+    match tokio::runtime::Handle::try_current().ok().or_else(|| runtime.cloned()) {
+        Some(rt) => drop(rt.spawn(take)),
+        None => tracing::warn!("no runtime to take back {rest} admission permits on"),
+    }
+}
+
 /// How many times a request is handed on by remote replicas that could not be reached
 /// before its error is answered (three replicas tried in all, each once).
 const MAX_REDIRECTS: usize = 2;
@@ -331,9 +357,10 @@ struct ReplicaSlot {
     /// Requests assigned and not yet answered (queued there or running).
     ongoing: Arc<AtomicUsize>,
     ready: AtomicBool,
-    /// Whether this replica's admission permits were handed out (when it first became ready)
-    /// or forgone (when it was removed first): whoever flips it owns the permits.
-    granted: AtomicBool,
+    /// Whether this replica's admission permits are out ([`GRANTED`]: it is ready), not
+    /// ([`NOT_GRANTED`]), or for good not ([`RETIRED`]: removed): whoever moves it owns the
+    /// permits.
+    granted: std::sync::atomic::AtomicU8,
     in_flight: crate::metrics::ReplicaGauge,
     /// The models a multiplexed replica holds (its thread publishes them after each change).
     models: ArcSwap<Vec<Arc<str>>>,
@@ -369,8 +396,11 @@ struct ReplicaSet {
     replicas: ArcSwap<Vec<Arc<ReplicaSlot>>>,
     ready_count: watch::Sender<usize>,
     closed: AtomicBool,
-    /// Admission: `ongoing_limit` permits per replica that has been ready.
+    /// Admission: `ongoing_limit` permits per replica that is ready.
     permits: Arc<Semaphore>,
+    /// The runtime the set was made in: where the permits of a replica that is no longer ready
+    /// are taken back as they come free ([`revoke`]; a replica thread marks its own).
+    runtime: Option<tokio::runtime::Handle>,
     next_id: AtomicUsize,
     /// A replica has been ready since the deployment started or was last scaled to zero on
     /// purpose ([`Deployment::scaled_to_zero`]).
@@ -400,9 +430,16 @@ impl ReplicaHost for ReplicaSet {
             if ready {
                 self.served.store(true, Ordering::Release);
             }
-            if ready && !slot.granted.swap(true, Ordering::AcqRel) {
-                // First time ready: this replica's slots open to admission.
-                self.permits.add_permits(self.spec.ongoing_limit());
+            let (from, to) = if ready { (NOT_GRANTED, GRANTED) } else { (GRANTED, NOT_GRANTED) };
+            if slot.granted.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                match ready {
+                    // Ready (again): this replica's slots open to admission.
+                    true => self.permits.add_permits(self.spec.ongoing_limit()),
+                    // Not ready (a model reloading after a panic, a failed health check): its
+                    // slots leave admission until it is ready again, or the ready replicas were
+                    // sent its share too, past `max_ongoing_requests` each.
+                    false => revoke(&self.permits, self.spec.ongoing_limit(), self.runtime.as_ref()),
+                }
             }
         }
         self.publish_ready();
@@ -514,7 +551,7 @@ impl ReplicaSet {
             channel,
             ongoing: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
-            granted: AtomicBool::new(false),
+            granted: std::sync::atomic::AtomicU8::new(NOT_GRANTED),
             in_flight: self.config.metrics.replica_in_flight(id),
             models: ArcSwap::from_pointee(Vec::new()),
             sent: std::sync::Mutex::new(Sent::default()),
@@ -666,6 +703,7 @@ impl Deployment {
             ready_count,
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             next_id: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             gauges: GaugeShare::default(),
@@ -730,20 +768,8 @@ impl Deployment {
     fn retire(&self, removed: Vec<Arc<ReplicaSlot>>) {
         for slot in removed {
             slot.channel.stop();
-            if slot.granted.swap(true, Ordering::AcqRel) {
-                // The free ones now (a request admitted after this must not take a permit
-                // of a replica that is gone: scaled to zero, it was answered "no replicas"
-                // instead of waiting for one), the rest as they come free.
-                let permits = self.set.permits.clone();
-                let k = self.set.spec.ongoing_limit();
-                let rest = u32::try_from(k - permits.forget_permits(k)).unwrap_or(u32::MAX);
-                if rest > 0 {
-                    tokio::spawn(async move {
-                        if let Ok(p) = permits.acquire_many_owned(rest).await {
-                            p.forget();
-                        }
-                    });
-                }
+            if slot.granted.swap(RETIRED, Ordering::AcqRel) == GRANTED {
+                revoke(&self.set.permits, self.set.spec.ongoing_limit(), self.set.runtime.as_ref());
             }
         }
         // Watchers hear of it even when the ready count stays: a set left with no replica
@@ -1754,6 +1780,7 @@ mod tests {
             ready_count: watch::channel(0).0,
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(0)),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             next_id: AtomicUsize::new(n),
             served: AtomicBool::new(false),
             gauges: super::GaugeShare::default(),

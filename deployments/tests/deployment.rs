@@ -1058,3 +1058,35 @@ async fn a_request_given_up_in_its_batch_wait_gives_its_place_back() {
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     assert!(f.log.lock().unwrap().iter().all(|call| !call.contains(&1)), "the given-up request never ran");
 }
+
+/// A replica that stops being ready (a failed health check, a model reloading) takes its
+/// slots out of admission until it is ready again: they stayed in, and the ready replicas were
+/// sent its share too, past `max_ongoing_requests` each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_not_ready_takes_its_slots_out_of_admission() {
+    let s = spec(|s| {
+        s.num_replicas = 0;
+        s.max_replicas = 2;
+        s.settings.max_ongoing_requests = 1;
+    });
+    let d = Arc::new(Deployment::start_remote(s, remote_meta()).unwrap());
+    let held = || FakeRemote { info: Default::default(), held: Some(Mutex::new(Vec::new())) };
+    let (a, b) = (Arc::new(held()), Arc::new(held()));
+    let (ia, ib) = (d.add_remote(a.clone()), d.add_remote(b.clone()));
+    d.set_replica_ready(ia, true);
+    d.set_replica_ready(ib, true);
+    d.set_replica_ready(ib, false);
+    let send = || {
+        let d = d.clone();
+        tokio::spawn(async move { d.infer(request(&[1])).await })
+    };
+    let calls = |r: &FakeRemote| r.held.as_ref().unwrap().lock().unwrap().len();
+    let _first = send();
+    until("the first request on the ready replica", || calls(&a) == 1).await;
+    let _second = send();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((calls(&a), calls(&b)), (1, 0), "the ready replica was sent past its limit");
+    d.set_replica_ready(ib, true);
+    until("the second request, once the other replica is ready again", || calls(&b) == 1).await;
+    assert_eq!(calls(&a), 1);
+}
