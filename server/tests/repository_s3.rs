@@ -196,7 +196,7 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     assert_eq!(model_path().await, serving);
     assert_eq!(std::fs::read(&serving).unwrap(), iris, "the running copy's file in the cache");
     // Fixed in place: served from its new contents. The old ones stay while the retired copy
-    // drains, and are removed at the next change.
+    // drains, and are removed at a later change once no one has used them for an hour.
     put(
         &moto,
         "models/repo/flowers/3/model.onnx",
@@ -209,6 +209,9 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     assert_ne!(fixed, serving);
     assert_eq!(infer().await, (200, infer().await.1));
     assert!(serving.exists() && fixed.exists());
+    // An hour unused (another server sharing the cache would have marked it used meanwhile).
+    let unused = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+    std::fs::File::open(serving.parent().unwrap()).unwrap().set_modified(unused).unwrap();
     put(&moto, "models/repo/later/1/model.onnx", iris.clone()).await;
     put(&moto, "models/repo/later/1/READY", Vec::new()).await;
     let r = client.post(format!("{admin}/api/sluice/repository/later/notify")).send().await.unwrap();
