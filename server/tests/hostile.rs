@@ -141,17 +141,10 @@ async fn a_body_that_stops_arriving_gets_408() {
     s.shutdown().await;
 }
 
-/// A body that keeps arriving a byte at a time, each within `body_read_timeout_s`, is cut at
-/// `body_total_timeout_s` (it held its request, and the connection, as long as the client
-/// liked).
-#[tokio::test]
-async fn a_body_that_trickles_in_gets_408_at_the_total_timeout() {
-    let s = serve("", ", body_read_timeout_s: 1, body_total_timeout_s: 1").await;
-    let c = connect(
-        s.http_addr(),
-        b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{",
-    )
-    .await;
+/// Sends `head` (a request whose body is announced 100 bytes long) to `addr`, then the body a
+/// byte every 100 ms: the answer, and how long it took.
+async fn trickled(addr: SocketAddr, head: &[u8]) -> (String, Duration) {
+    let c = connect(addr, head).await;
     let (mut rd, mut wr) = c.into_split();
     let started = std::time::Instant::now();
     let trickle = tokio::spawn(async move {
@@ -174,11 +167,38 @@ async fn a_body_that_trickles_in_gets_408_at_the_total_timeout() {
     })
     .await;
     assert!(read.is_ok());
-    let answer = String::from_utf8_lossy(&answer);
+    trickle.abort();
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+/// A body that keeps arriving a byte at a time, each within `body_read_timeout_s`, is cut at
+/// `body_total_timeout_s` (it held its request, and the connection, as long as the client
+/// liked).
+#[tokio::test]
+async fn a_body_that_trickles_in_gets_408_at_the_total_timeout() {
+    let s = serve("", ", body_read_timeout_s: 1, body_total_timeout_s: 1").await;
+    let head = b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{";
+    let (answer, took) = trickled(s.http_addr(), head).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_total_timeout_s"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
-    trickle.abort();
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    s.shutdown().await;
+}
+
+/// So is one sent to the admin API (it read a body for as long as each piece came within
+/// `body_read_timeout_s`).
+#[tokio::test]
+async fn an_admin_body_that_trickles_in_gets_408_at_the_total_timeout() {
+    sluice_server::runtime::init(None, None).expect("ONNX Runtime");
+    let text = "http_options: {host: 127.0.0.1, port: 0, body_read_timeout_s: 1, body_total_timeout_s: 1}\n\
+                grpc_options: {enabled: false}\nadmin_options: {port: 0}\napplications: []\n";
+    let config = sluice_config::parse(text, &models_dir().join("t.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let s = sluice_server::start(config, Default::default()).await.expect("server starts");
+    let head = b"PUT /api/serve/applications/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{";
+    let (answer, took) = trickled(s.admin_addr().unwrap(), head).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_total_timeout_s"), "{answer}");
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
     s.shutdown().await;
 }
 

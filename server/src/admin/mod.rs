@@ -145,6 +145,7 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
     let body = BodyLimits {
         max_bytes: http.max_body_bytes,
         timeout: std::time::Duration::from_secs_f64(http.body_read_timeout_s),
+        total: std::time::Duration::from_secs_f64(http.body_total_timeout_s),
     };
     // Without a token, on loopback (the default), only loopback host names may be asked for.
     let loopback_hosts_only = token.is_none() && bound.ip().is_loopback();
@@ -191,12 +192,15 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
 struct BodyLimits {
     max_bytes: usize,
     timeout: std::time::Duration,
+    /// `body_total_timeout_s`: how long the whole body may take.
+    total: std::time::Duration,
 }
 
 /// Reads the whole body before the handler runs: at most `max_bytes` (413, at once when
 /// `Content-Length` announces more), with no pause longer than `timeout` between its pieces
-/// (408; a client that sends its headers and then nothing would otherwise hold its connection
-/// for good), as the inference ports read theirs.
+/// and within `total` in all (408; a client that sends its headers and then nothing, or a byte
+/// now and then, would otherwise hold its connection for good), as the inference ports read
+/// theirs.
 async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
     use crate::rest::screen::{body_error, content_length, too_large};
     use http_body_util::BodyExt;
@@ -205,8 +209,16 @@ async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
     }
     let (parts, mut body) = req.into_parts();
     let mut read = Vec::new();
+    let deadline = tokio::time::Instant::now() + limits.total;
     loop {
-        match tokio::time::timeout(limits.timeout, body.frame()).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(limits.timeout.min(left), body.frame()).await {
+            Err(_) if left <= limits.timeout => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body took longer than http_options.body_total_timeout_s to arrive",
+                );
+            }
             Err(_) => {
                 return error(
                     StatusCode::REQUEST_TIMEOUT,
