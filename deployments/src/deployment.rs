@@ -1047,7 +1047,9 @@ impl Deployment {
     }
 
     /// Like [`Deployment::infer`], but only when a replica slot is free now: otherwise
-    /// Unavailable at once, never queued (shadow copies must not wait behind real traffic).
+    /// Unavailable at once, never queued (shadow copies must not wait behind real traffic);
+    /// and always on a replica's thread, never on the caller's (a copy of a cheap model ran on
+    /// the thread serving the primary's request, ahead of it).
     pub async fn infer_now(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         self.infer_in(request, tracing::Span::none(), false).await
     }
@@ -1123,7 +1125,7 @@ impl Deployment {
             model,
             tried: None,
         };
-        let left = self.dispatch(job, permit)?;
+        let left = self.dispatch(job, permit, may_wait)?;
         if let Some(slot) = left
             && let Channel::Local(tx, cell) = &slot.channel
         {
@@ -1258,12 +1260,13 @@ impl Deployment {
     }
 
     /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones (or,
-    /// when that replica's queue is full, to another ready one), or leaves it with that
-    /// replica's model (returned) for the caller to run.
+    /// when that replica's queue is full, to another ready one), or, when `inline` allows,
+    /// leaves it with that replica's model (returned) for the caller to run.
     fn dispatch(
         &self,
         mut job: Job,
         permit: tokio::sync::OwnedSemaphorePermit,
+        inline: bool,
     ) -> Result<Option<Arc<ReplicaSlot>>, InferError> {
         let replicas = self.set.replicas.load();
         if replicas.is_empty() {
@@ -1283,6 +1286,7 @@ impl Deployment {
         // A cheap call is left with its replica's model for the caller to run on its own thread
         // (see `ModelCell`): no hand-off to the replica's thread and back.
         if let (Channel::Local(_, cell), Some(under)) = (&slot.channel, self.inline_under)
+            && inline
             && job.model.is_none()
             && cell.cheap(under)
         {

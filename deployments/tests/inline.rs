@@ -342,3 +342,19 @@ async fn a_request_arriving_during_warm_again_is_answered() {
     assert_eq!(r.outputs[0].tensor.data()[..8], 5i64.to_le_bytes());
     assert!(warm.await.unwrap(), "the warm-up ran");
 }
+
+/// A shadow's copy (`infer_now`) of a cheap model runs on the replica's thread, never on the
+/// caller's: it ran on the thread serving the primary's request, ahead of it, whenever the
+/// primary gave the thread up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_copy_runs_on_the_replicas_thread() {
+    let f = start(Duration::ZERO, |_| {});
+    assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "cheap: calls run inline");
+    f.threads.lock().unwrap().clear();
+    for k in 0..5 {
+        let r = f.deployment.infer_now(request(k)).await.unwrap();
+        assert_eq!(r.outputs[0].tensor.data()[..8], k.to_le_bytes());
+    }
+    let threads = f.threads.lock().unwrap().clone();
+    assert!(threads.iter().all(|t| t == "echo#0"), "{threads:?}");
+}
