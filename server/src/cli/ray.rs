@@ -168,7 +168,7 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
     let uri = jobs.upload_package(&name, zip).await.map_err(|e| e.to_string())?;
     let stem = config_rel.file_stem().and_then(|s| s.to_str()).unwrap_or("app");
     let id = format!("sluice-{}", stem.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-"));
-    let (grace_s, stop_wait_s) = stop_times(config);
+    let (grace_s, kill_grace_s, stop_wait_s) = stop_times(config);
     let mut env = serde_json::Map::new();
     env.insert("ORT_DYLIB_PATH".into(), format!("{OWN}/libonnxruntime.so").into());
     env.insert("RAY_JOB_STOP_WAIT_TIME_S".into(), format!("{stop_wait_s}").into());
@@ -179,9 +179,10 @@ async fn submit_and_wait(config: &Config, s: Submit) -> Result<(), String> {
         env.insert("RUST_LOG".into(), l.clone().into());
     }
     let mut entrypoint = format!(
-        "python -m sluice_ray.driver --namespace {} --grace-s {} -- {OWN}/sluice run {} --in-ray-job",
+        "python -m sluice_ray.driver --namespace {} --grace-s {} --kill-grace-s {} -- {OWN}/sluice run {} --in-ray-job",
         shell_word(&ray.namespace),
         grace_s,
+        kill_grace_s,
         shell_word(&config_rel.display().to_string()),
     );
     for word in &s.overrides {
@@ -475,13 +476,14 @@ fn ray_options(
 /// `cluster.ray.replica_start_timeout_s` where the config has no `cluster.ray`.
 const DEFAULT_REPLICA_START_S: f64 = 300.0;
 
-/// How long the job's driver gives the controller to stop before it kills the actors (the
-/// controller's own stop: `shutdown_delay_s` serving while not ready, then the drain, and a
-/// margin), and Ray's wait between the stop signal and SIGKILL (room for that and the actors'
-/// stop), in seconds.
-fn stop_times(config: &Config) -> (u64, u64) {
+/// The job's stop, in seconds: how long its driver gives the controller to stop before it
+/// kills the actors (the controller's own stop: `shutdown_delay_s` serving while not ready,
+/// then the drain, and a margin); how long each actor it kills then has (a proxy's stop is the
+/// same delay and drain: the driver's default of 5 s cut a proxy in its delay); and Ray's wait
+/// between the stop signal and SIGKILL (room for both, and the driver's own margin of 3).
+fn stop_times(config: &Config) -> (u64, u64, u64) {
     let stop = (config.shutdown_delay_s + config.graceful_shutdown_timeout_s).ceil() as u64;
-    (stop + 2, stop * 2 + 10)
+    (stop + 2, stop + 5, stop * 2 + 10)
 }
 
 #[cfg(test)]
@@ -565,9 +567,15 @@ mod tests {
         config.release_startup_memory = false;
         config.worker_threads = Some(3);
         config.graceful_shutdown_timeout_s = 7.0;
-        assert_eq!(stop_times(&config), (9, 24));
+        assert_eq!(stop_times(&config), (9, 12, 24));
         config.shutdown_delay_s = 5.0;
-        assert_eq!(stop_times(&config), (14, 34), "the delay counts in the controller's stop");
+        let (grace, kill, wait) = stop_times(&config);
+        assert_eq!(
+            (grace, kill, wait),
+            (14, 17, 34),
+            "the delay counts in the controller's and each proxy's stop"
+        );
+        assert!(grace + kill + 3 <= wait, "both fit Ray's wait, with the driver's margin");
         config.shutdown_delay_s = 0.0;
         let options = ray_options(&config, Some("t".into()), "sluice".into(), "/w".into());
         assert!(!options.release_startup_memory);
