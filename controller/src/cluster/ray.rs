@@ -86,8 +86,13 @@ impl ProxyOptions {
     }
 }
 
-/// Replicas of a version lost in a row, none up, after which waiting for it to start gives up.
+/// Rounds of replicas of a version lost in a row, none up, after which waiting for it to start
+/// gives up (each round is a start after the backoff: three are a model that crashes on load,
+/// not one node lost with several of its replicas).
 const GIVE_UP_AFTER_FAILURES: u32 = 3;
+
+/// Losses this close together are one round.
+const ONE_ROUND: Duration = Duration::from_millis(250);
 
 /// How long past its drain a process told to stop has to end before it is killed.
 const KILL_MARGIN: Duration = Duration::from_secs(5);
@@ -535,6 +540,8 @@ impl RayCluster {
                 actors: BTreeMap::new(),
                 failures: 0,
                 last_failure: String::new(),
+                failed_rounds: 0,
+                last_loss: None,
                 retired: false,
             }),
             changed,
@@ -580,6 +587,12 @@ struct State {
     failures: u32,
     /// Why the last one was lost.
     last_failure: String,
+    /// Rounds of losses in a row, none up since (losses within [`ONE_ROUND`] of each other are
+    /// one: several replicas of a node that died, or of one create): after
+    /// [`GIVE_UP_AFTER_FAILURES`] a version being started is given up.
+    failed_rounds: u32,
+    /// When the last loss was.
+    last_loss: Option<Instant>,
     /// The version is retired ([`RayReplicas::stop`]): no count but 0 is taken from then on.
     retired: bool,
 }
@@ -695,7 +708,7 @@ impl RayReplicas {
             // Replicas that keep failing to start, none up: not waited for further (a model
             // that crashes on load held the controller for the whole wait, a start timeout
             // that may be half an hour).
-            let failing = up == 0 && ready == 0 && st.failures >= GIVE_UP_AFTER_FAILURES;
+            let failing = up == 0 && ready == 0 && st.failed_rounds >= GIVE_UP_AFTER_FAILURES;
             (settled || failing).then_some(settled)
         };
         let wait = async {
@@ -711,11 +724,11 @@ impl RayReplicas {
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
-    /// Replicas lost in a row, none up, and the last one's why, once they reach
+    /// Rounds of replicas lost in a row, none up, and the last one's why, once they reach
     /// [`GIVE_UP_AFTER_FAILURES`].
     pub fn failing(&self) -> Option<(u32, String)> {
         let st = lock(&self.state);
-        (st.failures >= GIVE_UP_AFTER_FAILURES).then(|| (st.failures, st.last_failure.clone()))
+        (st.failed_rounds >= GIVE_UP_AFTER_FAILURES).then(|| (st.failed_rounds, st.last_failure.clone()))
     }
 
     /// Creates actors until the target is reached (after a backoff when replicas keep
@@ -819,6 +832,11 @@ impl RayReplicas {
             if removed.is_some() {
                 st.failures += 1;
                 st.last_failure = why.clone();
+                let now = Instant::now();
+                if st.last_loss.is_none_or(|at| now.duration_since(at) >= ONE_ROUND) {
+                    st.failed_rounds += 1;
+                }
+                st.last_loss = Some(now);
             }
             removed
         };
@@ -864,7 +882,11 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
         match result {
             Ok(()) if !up => {
                 owner.deployment.set_replica_ready(id, true);
-                lock(&owner.state).failures = 0;
+                {
+                    let mut st = lock(&owner.state);
+                    st.failures = 0;
+                    st.failed_rounds = 0;
+                }
                 owner.changed.send_replace(());
                 up = true;
             }
@@ -1043,6 +1065,31 @@ mod tests {
         assert!(why.contains("invalid protobuf"), "{why}");
     }
 
+    /// Replicas lost together (a node that died with several of them) are one round, not three
+    /// failed starts: the version is not given up (it was, and a repository version rejected).
+    #[tokio::test]
+    async fn replicas_lost_together_are_one_failed_round() {
+        let (cluster, driver_in, _kept) = with_proxies();
+        let (replicas, _, first, mut lines) = one_replica(&cluster, driver_in).await;
+        replicas.scale_to(3);
+        let mut names = vec![first];
+        while names.len() < 3 {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap().unwrap()).unwrap();
+            assert_eq!(v["op"], "create");
+            names.push(v["name"].as_str().unwrap().to_string());
+        }
+        for name in names {
+            cluster.handle(Event::Died {
+                name,
+                node_ip: Some("10.0.0.2".into()),
+                message: "node lost".into(),
+            });
+        }
+        assert!(replicas.failing().is_none(), "one node lost is one round");
+        assert!(!replicas.settled(1, Duration::from_millis(300)).await, "still waited for");
+    }
+
     /// A replica Ray has placed whose worker is still starting (`starting`) is starting, not
     /// waiting for a node: a deploy waits for it. Only `infeasible` and `resources` are
     /// waiting for a node (a deploy may go on without it), and a replica placed since is
@@ -1177,6 +1224,8 @@ mod tests {
             actors: BTreeMap::new(),
             failures: 0,
             last_failure: String::new(),
+            failed_rounds: 0,
+            last_loss: None,
             retired: false,
         };
         st.aim(3);

@@ -104,6 +104,7 @@ impl Cache {
                     let idle = tokio::fs::metadata(&contents).await.ok().and_then(|m| m.modified().ok());
                     let unused = idle.and_then(|t| t.elapsed().ok()).is_some_and(|idle| idle >= UNUSED_FOR);
                     if unused
+                        && !FetchLock::held_in(&contents)
                         && contents.file_name().and_then(|n| n.to_str()).is_some_and(is_contents_name)
                         && tokio::fs::remove_dir_all(&contents).await.is_ok()
                     {
@@ -162,8 +163,7 @@ impl Cache {
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io(&format!("{model}/{version}"), e))?;
         // This fetch's files are named by its token and held by its lock while it runs (another
         // fetch into the folder, in this process or another on the node, sees it alive).
-        let token = format!("{}-{}", std::process::id(), TEMP_SEQ.fetch_add(1, Ordering::Relaxed));
-        let lock = FetchLock::take(&dir, &token).map_err(|e| io(&format!("{model}/{version}"), e))?;
+        let (token, lock) = FetchLock::take(&dir).map_err(|e| io(&format!("{model}/{version}"), e))?;
         // A fetch into this folder that was killed (a replica past its start timeout, a crash)
         // left its temporary files: each try started again beside them.
         sweep_abandoned(&dir, abandoned_after(store)).await;
@@ -228,22 +228,49 @@ impl Cache {
 /// A running fetch's lock, `.fetch-TOKEN.lock` in its folder, held (`flock`) until it ends and
 /// removed then. A fetch whose process was killed leaves it unheld: its files are abandoned.
 struct FetchLock {
-    path: PathBuf,
-    _file: std::fs::File,
+    path: Option<PathBuf>,
+    _file: Option<std::fs::File>,
 }
 
 impl FetchLock {
-    fn take(dir: &Path, token: &str) -> std::io::Result<Self> {
+    /// A new fetch's token (its process, a count and the time: a process that is PID 1 in each
+    /// container, or again after a restart, is another fetch) and its lock. The lock file is
+    /// made and locked under a name no sweep reads, then named: one named before it was locked
+    /// could be taken for a killed fetch's and removed. Where the filesystem has no `flock`,
+    /// the fetch goes on without a lock (its files then go by the time rule).
+    fn take(dir: &Path) -> std::io::Result<(String, Self)> {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{seq}-{nanos:x}", std::process::id());
+        let making = dir.join(format!(".fetching-{token}"));
+        let file = std::fs::File::options().write(true).create_new(true).open(&making)?;
+        if file.lock().is_err() {
+            let _ = std::fs::remove_file(&making);
+            return Ok((token, Self { path: None, _file: None }));
+        }
         let path = dir.join(format!(".fetch-{token}.lock"));
-        let file = std::fs::File::options().write(true).create_new(true).open(&path)?;
-        file.lock()?;
-        Ok(Self { path, _file: file })
+        std::fs::rename(&making, &path)?;
+        Ok((token, Self { path: Some(path), _file: Some(file) }))
+    }
+
+    /// Whether a running fetch holds a lock in `dir` (its folder is not unused, whatever its
+    /// time says: a large file being written does not change the folder's).
+    fn held_in(dir: &Path) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else { return false };
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let token = name.to_str().and_then(|n| n.strip_prefix(".fetch-")?.strip_suffix(".lock"));
+            token.is_some_and(|t| fetch_gone(dir, t) == Some(false))
+        })
     }
 }
 
 impl Drop for FetchLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -523,8 +550,8 @@ mod tests {
         let record = temp(".model.onnx.record-999999-3", Duration::from_secs(3600));
         let recent = temp(".model.onnx.part-999998-1", Duration::from_secs(5));
         // A running fetch (its lock held) whose file was linked from a version cached long ago.
-        let live = FetchLock::take(&dir, "777-1").unwrap();
-        let linked = temp(".vocab.txt.part-777-1", Duration::from_secs(7200));
+        let (token, live) = FetchLock::take(&dir).unwrap();
+        let linked = temp(&format!(".vocab.txt.part-{token}"), Duration::from_secs(7200));
         // A killed fetch: its lock file left, held by no one, its file written just now.
         let unheld = dir.join(".fetch-666-1.lock");
         std::fs::write(&unheld, b"").unwrap();
@@ -543,6 +570,18 @@ mod tests {
         assert_eq!(cache.prune(&store, &kept).await, 0);
         assert!(!linked.exists(), "its fetch ended without cleaning up (its lock gone)");
         assert!(recent.exists() && dir.join("model.onnx").exists());
+        // A folder no one serves, unused for an hour by its time, where a fetch runs (a large
+        // file being written does not move the folder's time): kept while its lock is held.
+        let fetching = dir.parent().unwrap().join("0123456789abcdef");
+        std::fs::create_dir_all(&fetching).unwrap();
+        let (_, running) = FetchLock::take(&fetching).unwrap();
+        unused_for_an_hour(&fetching);
+        assert_eq!(cache.prune(&store, &kept).await, 0);
+        assert!(fetching.exists(), "a running fetch's folder was removed");
+        drop(running);
+        unused_for_an_hour(&fetching);
+        assert_eq!(cache.prune(&store, &kept).await, 1);
+        assert!(!fetching.exists());
         let _ = std::fs::remove_dir_all(&base);
     }
 
