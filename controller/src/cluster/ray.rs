@@ -535,15 +535,7 @@ impl RayCluster {
             spec_json,
             placement,
             health,
-            state: Mutex::new(State {
-                target,
-                actors: BTreeMap::new(),
-                failures: 0,
-                last_failure: String::new(),
-                failed_rounds: 0,
-                last_loss: None,
-                retired: false,
-            }),
+            state: Mutex::new(State::new(target)),
             changed,
         });
         r.ensure();
@@ -598,6 +590,19 @@ struct State {
 }
 
 impl State {
+    /// `target` replicas wanted, none yet.
+    fn new(target: usize) -> Self {
+        Self {
+            target,
+            actors: BTreeMap::new(),
+            failures: 0,
+            last_failure: String::new(),
+            failed_rounds: 0,
+            last_loss: None,
+            retired: false,
+        }
+    }
+
     /// Sets the wanted count: 0 once retired, so a rescale decided before a promote and
     /// applied after the old version stopped cannot start its actors again (nothing would
     /// stop them).
@@ -913,7 +918,6 @@ async fn health_checks(owner: Weak<RayReplicas>, id: usize, actor: String, repli
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1219,15 +1223,7 @@ mod tests {
     /// back the actors its stop killed.
     #[test]
     fn a_retired_version_stays_at_zero() {
-        let mut st = State {
-            target: 2,
-            actors: BTreeMap::new(),
-            failures: 0,
-            last_failure: String::new(),
-            failed_rounds: 0,
-            last_loss: None,
-            retired: false,
-        };
+        let mut st = State::new(2);
         st.aim(3);
         assert_eq!(st.target, 3);
         st.retired = true;

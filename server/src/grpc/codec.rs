@@ -74,18 +74,9 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
     for name in req.parameters.keys() {
         sluice_deployments::check_parameter_name(name)?;
     }
-    // Sent with every request by Triton's C++ client and perf_analyzer: a bool, as Triton takes
-    // it, which changes nothing for a unary call (a stream reads it before, `stream.rs`).
-    let final_response = req.parameters.get(sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE);
-    if let Some(p) = final_response
-        && !matches!(p.parameter_choice, Some(pb::infer_parameter::ParameterChoice::BoolParam(_)))
-    {
-        return Err(InferError::invalid(format!(
-            "parameter `{}` must be a bool, got {:?}",
-            sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE,
-            p.parameter_choice
-        )));
-    }
+    // Sent with every request by Triton's C++ client and perf_analyzer; it changes nothing for
+    // one answer (a stream reads it too, `stream.rs`).
+    final_response_asked(&req.parameters)?;
     // 0 is no timeout of the client's own (Triton's reading), as an absent one is.
     let timeout = match req.parameters.get("timeout").and_then(|p| p.parameter_choice.as_ref()) {
         None => None,
@@ -102,6 +93,20 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
         }
     };
     Ok(InferRequest { id: Some(req.id).filter(|s| !s.is_empty()), inputs, outputs, timeout, model_id: None })
+}
+
+/// Whether a request asks for the final-response flag (`triton_enable_empty_final_response`,
+/// a bool, as Triton takes it).
+pub fn final_response_asked(
+    parameters: &std::collections::HashMap<String, pb::InferParameter>,
+) -> Result<bool, InferError> {
+    use pb::infer_parameter::ParameterChoice;
+    let name = sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE;
+    match parameters.get(name).map(|p| &p.parameter_choice) {
+        None => Ok(false),
+        Some(Some(ParameterChoice::BoolParam(asked))) => Ok(*asked),
+        Some(other) => Err(InferError::invalid(format!("parameter `{name}` must be a bool, got {other:?}"))),
+    }
 }
 
 /// The typed contents field that carries `dtype` (None: only raw_input_contents can).

@@ -22,10 +22,6 @@ use tonic::Status;
 
 use super::CallHeaders;
 
-/// The request parameter asking for `FINAL_RESPONSE` on the answer (Triton's; tritonclient's
-/// `enable_empty_final_response`). A model here answers each request once, so that answer is
-/// the final one.
-const ENABLE_FINAL_RESPONSE: &str = sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE;
 const FINAL_RESPONSE: &str = "triton_final_response";
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -86,7 +82,8 @@ impl Answers {
         let mut answer: Answering = Box::pin(tracing::Instrument::instrument(
             async move {
                 let started = std::time::Instant::now();
-                let (req, asked) = final_response_asked(req)?;
+                let asked =
+                    super::codec::final_response_asked(&req.parameters).map_err(crate::error::grpc_status)?;
                 let mut response = super::infer(&routes, &headers, started, req).await?;
                 if asked {
                     response.parameters.insert(FINAL_RESPONSE.into(), flag(true));
@@ -199,18 +196,6 @@ impl Drop for Running {
         if let State::Running(task) = &self.state {
             task.abort();
         }
-    }
-}
-
-/// `req` without the parameter asking for the final-response flag, and whether it asked.
-fn final_response_asked(mut req: pb::ModelInferRequest) -> Result<(pb::ModelInferRequest, bool), Status> {
-    use pb::infer_parameter::ParameterChoice;
-    match req.parameters.remove(ENABLE_FINAL_RESPONSE).map(|p| p.parameter_choice) {
-        None => Ok((req, false)),
-        Some(Some(ParameterChoice::BoolParam(asked))) => Ok((req, asked)),
-        Some(other) => Err(Status::invalid_argument(format!(
-            "parameter `{ENABLE_FINAL_RESPONSE}` must be a bool, got {other:?}"
-        ))),
     }
 }
 
