@@ -22,6 +22,9 @@ use tonic::Status;
 
 use super::CallHeaders;
 
+/// The answer's flag a request asks for with `triton_enable_empty_final_response`
+/// ([`super::codec::final_response_asked`]): a model here answers each request once, so that
+/// answer is the final one.
 const FINAL_RESPONSE: &str = "triton_final_response";
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
