@@ -64,6 +64,15 @@ pub trait Backend: Send + 'static {
         declared_dynamic(self.metadata(), output, axis)
     }
 
+    /// Whether `inputs` agree on every dimension the model names alike in more than one input
+    /// (a sequence length its token ids and mask share). Padded into a batch, inputs that
+    /// disagree would be made as long as each other, and the request answered on pad values
+    /// where alone the model decides (it refuses them, or runs them at their own lengths): such
+    /// a request's batch runs each request alone. Default true (nothing shared is known).
+    fn shared_dims_agree(&self, _inputs: &[NamedTensor]) -> bool {
+        true
+    }
+
     /// The models a multiplexed backend holds now, least recently used first.
     fn loaded_models(&self) -> Vec<Arc<str>> {
         Vec::new()

@@ -270,6 +270,12 @@ impl Backend for Builtins {
         !matches!(self.kind, Kind::Tokenizer(..))
     }
 
+    fn shared_dims_agree(&self, inputs: &[NamedTensor]) -> bool {
+        // `mean_pool`'s hidden states and mask share their sequence (dimension 1).
+        let length = |name| inputs.iter().find(|i| i.name == name).map(|i| i.tensor.shape().get(1));
+        !matches!(self.kind, Kind::MeanPool { .. }) || length("hidden") == length("mask")
+    }
+
     fn crops_to_request(&self, output: &str, axis: usize) -> bool {
         // A pooled embedding's second axis is the hidden size, never the sequence it pooled.
         !matches!(self.kind, Kind::MeanPool { .. })

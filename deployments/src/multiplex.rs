@@ -225,6 +225,10 @@ impl Backend for Multiplexed {
         }
     }
 
+    fn shared_dims_agree(&self, inputs: &[NamedTensor]) -> bool {
+        self.loaded.last().is_none_or(|held| held.model.shared_dims_agree(inputs))
+    }
+
     /// The copies of the model that ran last (the current one).
     fn last_copy_times(&self) -> CopyTimes {
         self.loaded.last().map_or_else(CopyTimes::default, |held| held.model.last_copy_times())

@@ -247,6 +247,20 @@ impl SharedDim {
         dims.retain(|d| d.at.len() > 1);
         dims
     }
+
+    /// The first two places of this dimension where `inputs` have different sizes, with them.
+    #[allow(clippy::type_complexity)]
+    fn disagreeing<'a>(
+        &'a self,
+        inputs: &[NamedTensor],
+    ) -> Option<((&'a (String, usize), usize), (&'a (String, usize), usize))> {
+        let size = |(name, axis): &(String, usize)| {
+            inputs.iter().find(|i| i.name == *name).and_then(|i| i.tensor.shape().get(*axis).copied())
+        };
+        let mut sizes = self.at.iter().filter_map(|place| Some((place, size(place)?)));
+        let first = sizes.next()?;
+        sizes.find(|&(_, got)| got != first.1).map(|other| (first, other))
+    }
 }
 
 /// A model call that failed as the server's fault (ONNX Runtime does not check named dimensions
@@ -264,13 +278,8 @@ fn disagreeing_inputs(shared: &[SharedDim], inputs: &[NamedTensor], error: Infer
     if error.kind != crate::ErrorKind::Internal || !about_shapes {
         return error;
     }
-    let size = |(name, axis): &(String, usize)| {
-        inputs.iter().find(|i| i.name == *name).and_then(|i| i.tensor.shape().get(*axis).copied())
-    };
     for dim in shared {
-        let mut sizes = dim.at.iter().filter_map(|place| Some((place, size(place)?)));
-        let Some((first, want)) = sizes.next() else { continue };
-        if let Some((other, got)) = sizes.find(|&(_, got)| got != want) {
+        if let Some(((first, want), (other, got))) = dim.disagreeing(inputs) {
             return InferError::invalid(format!(
                 "inputs `{}` (dimension {}: {want}) and `{}` (dimension {}: {got}) must agree: the model \
                  names both `{}` ({})",
@@ -305,6 +314,10 @@ impl Backend for OnnxBackend {
 
     fn last_copy_times(&self) -> CopyTimes {
         self.copy_times
+    }
+
+    fn shared_dims_agree(&self, inputs: &[NamedTensor]) -> bool {
+        self.shared_dims.iter().all(|dim| dim.disagreeing(inputs).is_none())
     }
 }
 

@@ -735,6 +735,12 @@ fn infer_batch(
     }
     let start = Instant::now();
     let pad = &config.policy.pad;
+    // Padding would make a request's inputs as long as each other where the model says they
+    // are (a sequence its ids and mask share) and answer it on pad values: its batch fails, and
+    // each request runs alone (the model refuses that one, or runs it at its own lengths).
+    if !pad.is_empty() && batch.iter().any(|job| !model.shared_dims_agree(&job.inputs)) {
+        return Err(InferError::invalid("a request's inputs disagree on a dimension the model shares"));
+    }
     let merged = merge(batch, pad)?;
     let dims = padded_dims(batch, &merged, pad);
     let outputs = union_outputs(batch, &config.model_outputs);

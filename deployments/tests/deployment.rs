@@ -790,6 +790,21 @@ async fn a_request_of_another_hidden_size_does_not_widen_the_others() {
     );
 }
 
+/// A `mean_pool` request whose hidden states and mask differ in length (refused alone) was
+/// padded with a longer request's into one batch and answered on pad values: its batch runs
+/// each request alone, so it is refused naming both, and the other is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_pool_request_whose_mask_differs_in_length_is_refused() {
+    let d = padded_pool().await;
+    let mut bad = pool_request(3, 8, |_| 1.0);
+    bad.inputs[1] = pool_request(5, 8, |_| 1.0).inputs.remove(1);
+    let (bad, good) = tokio::join!(d.infer(bad), d.infer(pool_request(5, 8, |_| 1.0)));
+    let e = bad.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.starts_with("mask has shape [1, 5] but hidden is [1, 3, 8]"), "{e}");
+    assert_eq!(good.unwrap().outputs[0].tensor.shape(), &[1, 8]);
+}
+
 /// A tokenizer's batch runs each request by itself: merged, its rows were padded to the
 /// longest text of the call, so a short text's token ids came back as long as another
 /// client's (whose length they told), and the encoder after it ran at that length.

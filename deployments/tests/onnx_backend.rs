@@ -179,3 +179,45 @@ fn inputs_that_disagree_on_a_shared_dimension_are_the_clients_error() {
     );
     assert!(encoder.infer(inputs(3), &outputs).is_ok());
 }
+
+/// Padded into a batch, a request whose token ids and mask disagree on the sequence length the
+/// model names alike (`L`) was made as long as the others and answered on pad values (with
+/// 200, at the batch's length), where alone the model refuses it: its batch runs each request
+/// alone, so it is refused (400 naming the inputs) and the other request is answered as
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_request_whose_inputs_disagree_on_a_shared_dimension_is_refused() {
+    use sluice_deployments::{Deployment, DeploymentSpec, ErrorKind, InferRequest};
+    mlp();
+    let mut spec = DeploymentSpec::new("encoder");
+    spec.settings.warmup = false;
+    spec.settings.max_batch_size = 16;
+    spec.settings.batch_wait_timeout_s = 0.2;
+    spec.settings.pad =
+        ["input_ids", "attention_mask", "token_type_ids"].map(|n| (n.to_string(), 0.0)).into();
+    let model = sluice_config::Model::Onnx(models().join("tiny-encoder/model.onnx"));
+    let factory = sluice_deployments::backend_factory(&model, &spec.settings, 1, "encoder").unwrap();
+    let d = Deployment::start(spec, factory).unwrap();
+    assert!(d.wait_ready(std::time::Duration::from_secs(10)).await);
+    let filled = |len: usize, value: i64| {
+        Tensor::new(DataType::Int64, vec![1, len], Bytes::from(value.to_le_bytes().repeat(len))).unwrap()
+    };
+    let request = |ids: usize, mask: usize| InferRequest {
+        inputs: vec![
+            NamedTensor { name: "input_ids".into(), tensor: filled(ids, 1) },
+            NamedTensor { name: "attention_mask".into(), tensor: filled(mask, 1) },
+            NamedTensor { name: "token_type_ids".into(), tensor: filled(ids, 0) },
+        ],
+        ..Default::default()
+    };
+    let (bad, good) = tokio::join!(d.infer(request(3, 5)), d.infer(request(5, 5)));
+    let e = bad.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+    assert!(
+        e.message.starts_with(
+            "inputs `input_ids` (dimension 1: 3) and `attention_mask` (dimension 1: 5) must agree"
+        ),
+        "{e:?}"
+    );
+    assert_eq!(good.unwrap().outputs[0].tensor.shape()[..2], [1, 5]);
+}
