@@ -386,22 +386,40 @@ impl Controller {
     /// Rescans the model repository when its poll interval has passed (or a scan was asked
     /// for), and applies what changed. Skipped while another change runs.
     pub(crate) async fn poll_repository(&self) {
+        /// How often the folders in use are checked for a mark of use between polls.
+        const MARKS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
         let Ok(_changes) = self.changes.try_lock() else { return };
         // Checked and cleared under one lock: a scan asked for in between is not lost.
-        let config = {
+        let (config, due) = {
             let mut st = self.lock();
             let Some(config) = st.desired.clone() else { return };
             if config.model_repository.is_none() {
                 // Its series leave `/metrics` (an `up` of 0 would page for good).
                 st.repo.series = None;
             }
-            if !repository::due(&config, &st.repo, Instant::now()) {
+            let due = repository::due(&config, &st.repo, Instant::now());
+            if due {
+                st.repo.force = false;
+            }
+            (config, due)
+        };
+        if due {
+            let _ = self.rescan(&config).await;
+            return;
+        }
+        // Between polls (none at all with `poll_interval_s: 0`), what serves is still marked
+        // used: another server sharing the cache prunes what no one marked for an hour, and a
+        // replica started later would find its files gone.
+        let Some(repo) = &config.model_repository else { return };
+        let in_use = {
+            let mut st = self.lock();
+            if st.repo.marks_checked_at.is_some_and(|at| at.elapsed() < MARKS_CHECK) {
                 return;
             }
-            st.repo.force = false;
-            config
+            st.repo.marks_checked_at = Some(Instant::now());
+            st.repo.in_use.clone()
         };
-        let _ = self.rescan(&config).await;
+        Cache::new(&repo.cache_dir).touch_stale(&in_use).await;
     }
 
     /// Lists the repository and applies it when what should serve changed.

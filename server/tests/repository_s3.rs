@@ -125,6 +125,22 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
         client.post(format!("{admin}/api/sluice/repository/flowers/notify")).send().await.unwrap()
     };
     assert_eq!(infer().await.1["model_version"], "1");
+    let model_path = || async {
+        let st = status().await;
+        let d = &st["applications"][sluice_config::REPOSITORY_APPLICATION]["deployments"]["flowers"];
+        PathBuf::from(d["versions"][0]["model"].as_str().unwrap_or_else(|| panic!("{st}")))
+    };
+    // What serves is marked used between polls too (this server never polls): another server
+    // sharing the cache would have pruned it an hour after this one's last apply.
+    let in_use = model_path().await.parent().unwrap().to_path_buf();
+    let unused = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::open(&in_use).unwrap().set_modified(unused).unwrap();
+    let marked = || std::fs::metadata(&in_use).unwrap().modified().unwrap().elapsed().unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while marked() > Duration::from_secs(60) {
+        assert!(Instant::now() < until, "the folder in use was not marked used again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let first = (iris.len() + 5) as u64;
     assert_eq!(status().await["repository"]["downloaded_bytes"], first);
 
@@ -183,11 +199,6 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     // before serves on. The files it was loaded from are still on disk as they were, for a
     // replica that starts later (they were overwritten in the cache, and a scale-up or a
     // restart loaded the broken file).
-    let model_path = || async {
-        let st = status().await;
-        let d = &st["applications"][sluice_config::REPOSITORY_APPLICATION]["deployments"]["flowers"];
-        PathBuf::from(d["versions"][0]["model"].as_str().unwrap_or_else(|| panic!("{st}")))
-    };
     let serving = model_path().await;
     put(&moto, "models/repo/flowers/3/model.onnx", b"not a model".to_vec()).await;
     let r = notify().await;
@@ -210,14 +221,12 @@ async fn an_s3_repository_serves_complete_versions_downloads_only_what_changed_a
     assert_eq!(infer().await, (200, infer().await.1));
     assert!(serving.exists() && fixed.exists());
     // An hour unused (another server sharing the cache would have marked it used meanwhile).
-    let unused = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
     std::fs::File::open(serving.parent().unwrap()).unwrap().set_modified(unused).unwrap();
     put(&moto, "models/repo/later/1/model.onnx", iris.clone()).await;
     put(&moto, "models/repo/later/1/READY", Vec::new()).await;
     let r = client.post(format!("{admin}/api/sluice/repository/later/notify")).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert!(!serving.exists() && fixed.exists());
-
     // The store goes away: what serves keeps serving; status and notify say why.
     drop(moto);
     let r = notify().await;

@@ -48,6 +48,10 @@ const RECORD_SUFFIX: &str = ".sluice-record";
 /// removes it.
 pub const UNUSED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// How long ago a folder in use may have been marked used before a server marks it again
+/// between its polls (polling off, or an interval above [`UNUSED_FOR`]).
+pub const MARK_USED_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Cache {
@@ -128,6 +132,20 @@ impl Cache {
                 let _ = f.set_modified(now);
             }
         }
+    }
+
+    /// Marks used again the folders of `in_use` last marked [`MARK_USED_AFTER`] ago or more:
+    /// a server that polls rarely or never keeps what it serves from another's prune.
+    pub async fn touch_stale(&self, in_use: &std::collections::BTreeSet<PathBuf>) {
+        let stale = in_use
+            .iter()
+            .filter(|dir| {
+                let marked = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+                marked.and_then(|t| t.elapsed().ok()).is_some_and(|ago| ago >= MARK_USED_AFTER)
+            })
+            .cloned()
+            .collect();
+        self.touch(&stale).await;
     }
 
     /// Makes `files` (one version's, keys `model/version/name`) present in the cache; a local

@@ -87,6 +87,8 @@ pub(crate) struct RepoState {
     pub downloaded_bytes: u64,
     /// Scan at the next round whatever the poll interval says.
     pub force: bool,
+    /// When the folders in use were last checked for a mark of use between polls.
+    pub marks_checked_at: Option<Instant>,
     /// The last poll listed no models while some served: they keep serving until a second
     /// poll lists none too (a remounting volume shows an empty folder for a moment).
     pub empty_unconfirmed: bool,
