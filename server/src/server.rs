@@ -163,6 +163,11 @@ pub struct StartOptions {
     /// what runs inside it ([`crate::metrics::render_replica`]), for Prometheus to scrape
     /// where the head lists it (`GET /api/sluice/metrics/targets`).
     pub replica: bool,
+    /// The admin API may listen beyond loopback without a token or client certificates (a job
+    /// on Ray: the cluster network is the boundary Ray's dashboard draws). Unlike
+    /// `admin_options.allow_unauthenticated`, repository load and unload on the inference ports
+    /// (often exposed beyond the cluster) stay closed without a token.
+    pub admin_open_on_cluster: bool,
 }
 
 /// Why the server did not start.
@@ -383,7 +388,9 @@ async fn bind_all(config: &sluice_config::Config, options: &StartOptions) -> Res
     let admin = match admin.enabled {
         true => {
             let (listener, addr) = bind_one(&admin.host, admin.port, backlog).await?;
-            auth::check_admin_exposure(admin, options.admin_token.as_deref(), addr)?;
+            if !options.admin_open_on_cluster {
+                auth::check_admin_exposure(admin, options.admin_token.as_deref(), addr)?;
+            }
             Some((listener, addr))
         }
         false => None,

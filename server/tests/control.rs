@@ -894,7 +894,9 @@ async fn a_deploy_whose_client_leaves_runs_to_its_end() {
 
 /// Without an admin token, repository load and unload on inference ports reachable beyond
 /// loopback are refused (403, `PERMISSION_DENIED`), as the admin API itself would be, unless
-/// `admin_options.allow_unauthenticated` says otherwise; inference and the index stay open.
+/// `admin_options.allow_unauthenticated` says otherwise; inference and the index stay open. A
+/// job on Ray, whose admin API listens on the cluster network without a token, keeps them
+/// closed (they were open on its inference ports, often exposed beyond the cluster).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repository_control_beyond_loopback_needs_a_token_or_allow_unauthenticated() {
     use sluice_proto::inference::RepositoryModelUnloadRequest;
@@ -902,13 +904,15 @@ async fn repository_control_beyond_loopback_needs_a_token_or_allow_unauthenticat
     sluice_server::runtime::init(None, None).unwrap();
     let repo = empty_repository("repo-open");
     put_version(&repo, "flowers", 1, "iris");
-    for allow in [false, true] {
+    for (allow, on_ray) in [(false, false), (true, false), (false, true)] {
+        let admin_host = if on_ray { "0.0.0.0" } else { "127.0.0.1" };
         let text = format!(
-            "http_options: {{host: 0.0.0.0, port: 0}}\ngrpc_options: {{host: 0.0.0.0, port: 0}}\nadmin_options: {{port: 0, allow_unauthenticated: {allow}}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
+            "http_options: {{host: 0.0.0.0, port: 0}}\ngrpc_options: {{host: 0.0.0.0, port: 0}}\nadmin_options: {{host: {admin_host}, port: 0, allow_unauthenticated: {allow}}}\nmodel_repository: {{path: {}, poll_interval_s: 0}}\n",
             repo.display()
         );
         let config = sluice_config::parse(&text, &models_dir().join("c.yaml")).unwrap();
-        let s = sluice_server::start(config, Default::default()).await.unwrap();
+        let options = sluice_server::StartOptions { admin_open_on_cluster: on_ray, ..Default::default() };
+        let s = sluice_server::start(config, options).await.unwrap();
         let client = reqwest::Client::new();
         let local = |path: &str| format!("http://127.0.0.1:{}{path}", s.http_addr().port());
         let infer = || client.post(local("/v2/models/flowers/infer")).body(IRIS_BODY).send();

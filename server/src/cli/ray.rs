@@ -406,14 +406,17 @@ pub fn run_in_job(
     }
     as_in_the_job(&mut config);
     // The cluster network is the trust boundary Ray's own dashboard (which runs any job it is
-    // sent) already draws: without a token the admin API is as open as it, and says so.
-    if admin_token.as_deref().is_none_or(str::is_empty) && !config.admin_options.host.starts_with("127.") {
-        tracing::warn!(
-            "admin API open to the cluster network without a token, as Ray's dashboard is; \
+    // sent) already draws: without a token the admin API is as open as it, and says so (on
+    // standard error: the log is not set up before the server runs). The inference ports,
+    // often exposed beyond the cluster, keep repository load and unload closed.
+    let admin_open_on_cluster =
+        admin_token.as_deref().is_none_or(str::is_empty) && !config.admin_options.host.starts_with("127.");
+    if admin_open_on_cluster {
+        eprintln!(
+            "warning: admin API open to the cluster network without a token, as Ray's dashboard is; \
              set ${} when submitting to require one",
             config.admin_options.token_env
         );
-        config.admin_options.allow_unauthenticated = true;
     }
     let options = ray_options(
         &config,
@@ -436,6 +439,7 @@ pub fn run_in_job(
                 as_written: None,
                 follow: None,
                 replica: false,
+                admin_open_on_cluster,
             }
         },
         |_| {},
