@@ -73,6 +73,18 @@ fn unsupported_on_ray(config: &Config, submitting: bool) -> Vec<String> {
             config.admin_options.host
         ));
     }
+    // The job's listeners are found by their ports (`sluice run --ray` follows the admin API
+    // there and prints the frontends', proxies take the same ones on every node): a port the
+    // job picks itself is one no one can find (`--admin-port 0` waited out the start timeout
+    // on port 0).
+    let listeners = [
+        ("http_options.port", true, config.http_options.port),
+        ("grpc_options.port", config.grpc_options.enabled, config.grpc_options.port),
+        ("admin_options.port", config.admin_options.enabled, config.admin_options.port),
+    ];
+    for (field, _, _) in listeners.iter().filter(|(_, enabled, port)| *enabled && *port == 0) {
+        out.push(format!("{field} is 0: on Ray the job's listeners are found by their ports; name one"));
+    }
     if every_node {
         let tls = [
             ("http_options.tls", config.http_options.tls.is_some()),
@@ -631,6 +643,18 @@ mod tests {
             config.admin_options.host = host.into();
             assert!(unsupported_on_ray(&config, true).is_empty(), "{host}");
         }
+        // A port the job would pick itself is one no one finds.
+        config.admin_options.port = 0;
+        config.http_options.port = 0;
+        let refused = unsupported_on_ray(&config, true);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0].starts_with("http_options.port is 0")
+                && refused[1].starts_with("admin_options.port is 0")
+        );
+        config.grpc_options.enabled = false;
+        config.grpc_options.port = 0;
+        assert_eq!(unsupported_on_ray(&config, true).len(), 2, "a disabled listener's port is not looked at");
     }
 
     fn tls(client_ca: bool) -> sluice_config::TlsOptions {
