@@ -703,6 +703,10 @@ fn values_that_broke_later_are_refused_at_load() {
         (app(", intra_op_threads: 100000"), "applications[0].deployments[0].intra_op_threads"),
         (format!("tracing_options: {{sample_ratio: 5}}\n{}", app("")), "tracing_options.sample_ratio"),
         (format!("tracing_options: {{sample_ratio: .nan}}\n{}", app("")), "tracing_options.sample_ratio"),
+        (format!("tracing_options: {{otlp_endpoint: 'otel:4317'}}\n{}", app("")), "tracing_options.otlp_endpoint"),
+        (format!("tracing_options: {{otlp_endpoint: 'https://otel:4317'}}\n{}", app("")), "tracing_options.otlp_endpoint"),
+        (format!("tracing_options: {{otlp_endpoint: ''}}\n{}", app("")), "tracing_options.otlp_endpoint"),
+        (format!("tracing_options: {{otlp_endpoint: 'http://'}}\n{}", app("")), "tracing_options.otlp_endpoint"),
         ("model_repository: {path: ., num_replicas: 0}\n".to_string(), "model_repository.num_replicas"),
         ("model_repository: {path: ., max_batch_size: 100000}\n".to_string(), "model_repository.max_batch_size"),
         (
@@ -714,7 +718,7 @@ fn values_that_broke_later_are_refused_at_load() {
         assert!(e.iter().any(|e| e.field.ends_with(field)), "{field}: {e:?}");
     }
     parse_in(&format!(
-        "http_options: {{max_connections: 100000}}\ntracing_options: {{sample_ratio: 0.5}}\n{}",
+        "http_options: {{max_connections: 100000}}\ntracing_options: {{sample_ratio: 0.5, otlp_endpoint: 'http://otel:4317'}}\n{}",
         app(", intra_op_threads: 8")
     ))
     .unwrap();

@@ -187,6 +187,20 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
     if !(0.0..=1.0).contains(&doc.tracing_options.sample_ratio) {
         errs.at(unknown, "tracing_options.sample_ratio", "must be 0 to 1 (a share of requests)");
     }
+    // Plain OTLP/gRPC only (no TLS to the collector): the exporter takes a bare `HOST:PORT`, the
+    // usual way of writing it, for https and then fails at start with advice about its build.
+    if let Some(endpoint) = &doc.tracing_options.otlp_endpoint
+        && endpoint.strip_prefix("http://").is_none_or(|h| h.is_empty() || h.starts_with(['/', ':']))
+    {
+        errs.at(
+            unknown,
+            "tracing_options.otlp_endpoint",
+            format!(
+                "`{endpoint}`: must be `http://HOST:PORT` (OTLP/gRPC in plain text; Sluice sends no TLS to the \
+                 collector)"
+            ),
+        );
+    }
     if doc.http_options.max_body_bytes == 0 {
         errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
     }

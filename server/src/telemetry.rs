@@ -39,10 +39,15 @@ impl Telemetry {
     }
 }
 
+/// How long the spans still buffered at exit may take to reach the collector (the SDK's own
+/// default, 5 s, spent against a collector that does not answer, took a shutdown past
+/// `graceful_shutdown_timeout_s` by that much, and a pod's grace ended it with SIGKILL).
+const FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
-            let _ = p.shutdown();
+            let _ = p.shutdown_with_timeout(FLUSH_AT_EXIT);
         }
     }
 }
