@@ -119,3 +119,41 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     }
     s.shutdown().await;
 }
+
+/// Every range in the dashboard's and the rules' queries holds at least four scrapes at
+/// Prometheus's default interval (1 m, which the README's scrape config keeps), or is Grafana's
+/// `$__rate_interval`: a `rate(...[1m])` held one sample, and two panels stayed empty.
+#[test]
+fn every_query_range_holds_several_scrapes() {
+    let dashboard = std::fs::read_to_string(repo().join("deploy/grafana/sluice.json")).unwrap();
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yaml")).unwrap();
+    let mut ranges = 0;
+    for (file, text) in [("sluice.json", &dashboard), ("alerts.yaml", &rules)] {
+        for piece in text.split('[').skip(1) {
+            // A range: `...}[5m]`, `..._total[5m]`, `[$__rate_interval]` (not YAML's lists).
+            let Some(range) = piece.split(']').next().filter(|r| {
+                r.starts_with(|c: char| c.is_ascii_digit() || c == '$')
+                    && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '$' || c == '_')
+            }) else {
+                continue;
+            };
+            ranges += 1;
+            if range == "$__rate_interval" {
+                continue;
+            }
+            let (n, unit) = range.split_at(range.len() - 1);
+            let seconds = n.parse::<u64>().unwrap_or_else(|_| panic!("{file}: range `{range}`"))
+                * match unit {
+                    "s" => 1,
+                    "m" => 60,
+                    "h" => 3600,
+                    _ => panic!("{file}: range `{range}`"),
+                };
+            assert!(
+                seconds >= 240,
+                "{file}: `[{range}]` holds under four scrapes at Prometheus's default 1m"
+            );
+        }
+    }
+    assert!(ranges >= 20, "{ranges} ranges found");
+}
