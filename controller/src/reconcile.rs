@@ -302,6 +302,10 @@ fn commit_deployment(
         (Change::New(v), None) => {
             let n = v.replica_count();
             events.push(&name, format!("started version {} with {n} replica(s)", v.name()));
+            // At 0 from the start: an alert on its increase sees a first rollback that comes
+            // before Prometheus has scraped the canary (registered when the canary started,
+            // its first sample could already be 1, an increase of none).
+            metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
             (v, None, None, None, Vec::new())
         }
         (Change::Keep(_), Some(m)) => {
@@ -366,8 +370,6 @@ fn commit_canary(
         (Some(c), Some(Change::New(v)), old) => {
             out.retired.extend(old.map(|oc| oc.version));
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
-            // Registered at 0, so alerts on its increase see the first rollback.
-            metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
             let rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &v));
             Some(CanaryState {
                 version: v,

@@ -157,3 +157,17 @@ fn every_query_range_holds_several_scrapes() {
     }
     assert!(ranges >= 20, "{ranges} ranges found");
 }
+
+/// `sluice_canary_rollbacks_total` is at 0 from a deployment's start, before any canary: the
+/// rollback alert takes its increase, and a counter first seen at 1 (registered when a canary
+/// started, rolled back before the first scrape after) had none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollback_counter_is_at_zero_before_any_canary() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {enabled: false}\napplications:\n  - name: app\n    deployments:\n      - {name: plain, model: iris/model.onnx}\n";
+    let config = sluice_config::parse(text, &models_dir().join("d.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let s = sluice_server::start(config, Default::default()).await.unwrap();
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "sluice_canary_rollbacks_total{model=\"plain\"} 0"), "{metrics}");
+    s.shutdown().await;
+}
