@@ -74,6 +74,9 @@ const REPLICA_FAMILIES: &[&str] = {
         QUEUE_DURATION,
         INFERENCE_DURATION,
         BATCH_SIZE,
+        // A model that panicked is reloaded inside the process (its actor lives on, and the
+        // head, which counts lost actors, never hears of it).
+        REPLICA_RESTARTS,
         MULTIPLEX_REQUESTS,
         MULTIPLEX_LOADS,
         MULTIPLEX_EVICTIONS,
@@ -206,6 +209,7 @@ mod tests {
                     sluice_batch_size_sum{model=\"m\",version=\"1\"} 7\n\
                     sluice_batch_size_count{model=\"m\",version=\"1\"} 4\n\
                     sluice_replicas_ready{model=\"m\",version=\"1\"} 1\n\
+                    sluice_replica_restarts_total{model=\"m\",version=\"1\"} 1\n\
                     sluice_multiplex_loads_total{deployment=\"m\"} 2\n\
                     sluice_queue_duration_seconds_count{model=\"m\",version=\"1\"} 5\n";
         assert_eq!(
@@ -214,6 +218,7 @@ mod tests {
              sluice_batch_size_bucket{model=\"m\",version=\"1\",le=\"1\"} 3\n\
              sluice_batch_size_sum{model=\"m\",version=\"1\"} 7\n\
              sluice_batch_size_count{model=\"m\",version=\"1\"} 4\n\
+             sluice_replica_restarts_total{model=\"m\",version=\"1\"} 1\n\
              sluice_multiplex_loads_total{deployment=\"m\"} 2\n\
              sluice_queue_duration_seconds_count{model=\"m\",version=\"1\"} 5\n"
         );

@@ -231,6 +231,9 @@ def test_prometheus_finds_the_model_calls_in_the_replica_processes(cluster, job)
         calls += sum(counts.values())
         # The requests themselves are the head's to count: not served twice.
         assert "sluice_requests_total" not in text and "sluice_batch_size_bucket" in text, text[:2000]
+        # A model that panics is reloaded inside the process: counted there, where the head
+        # (which counts lost actors) never hears of it.
+        assert 'sluice_replica_restarts_total{model="iris"' in text, text[:2000]
     assert calls > 0, "no model call counted in the replica processes"
     # The worker's proxy took tritonclient's requests too: its own series, listed as well.
     proxies = [t for t in targets if t["labels"]["sluice_role"] == "proxy"]
