@@ -46,9 +46,12 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
     (MULTIPLEX_LOAD_DURATION, LATENCY_BUCKETS),
 ];
 
+/// Up to two minutes: a request that waits out the default `request_timeout_s` (30 s) has a
+/// bucket below `+Inf`, and so has a multiplexed model's load (they read as 10 s, the last one,
+/// when it was).
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
 /// Registers units and help text with the installed recorder (call once at start).
@@ -633,6 +636,15 @@ impl DeploymentMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request that waits out the default deadline, and a slow multiplexed load, each have a
+    /// bucket below `+Inf` (the last was 10 s: a 30 s wait read as 10 s in every quantile).
+    #[test]
+    fn the_latency_buckets_reach_past_the_default_deadline() {
+        let deadline = sluice_config::ReplicaSettings::default().request_timeout_s;
+        assert!(LATENCY_BUCKETS.iter().any(|&b| b >= deadline));
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
 
     /// What a canary's gate counts as its failures: internal errors and deadlines; not bad
     /// requests, unknown names, overload or callers that gave up.
