@@ -645,7 +645,11 @@ pub(crate) fn run_batch(
         Ok(Ok((_, stages))) => Some(*stages),
         _ => None,
     };
-    config.metrics.batch(rows, batch.len(), took, stages);
+    // Requests that ran alone are each a model call of their own ([`each_alone`]): the batch
+    // was not one (a tokenizer's read as calls of all its rows, taking all their time).
+    if !matches!(outcome, Ok(Err(Failed::Alone(..) | Failed::Apart(..)))) {
+        config.metrics.batch(rows, batch.len(), took, stages);
+    }
     let (panicked, answers) = match outcome {
         Ok(Ok((per_job, _))) => (false, Answers::Each(batch, per_job)),
         Ok(Err(Failed::All(e))) => (false, Answers::All(batch, e)),

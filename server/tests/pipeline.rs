@@ -118,6 +118,18 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
         .collect();
     let want: Vec<Vec<f64>> = doc["cases"][1]["embeddings"].as_array().unwrap().iter().map(floats).collect();
     let client = reqwest::Client::new();
+    // Model calls of a deployment so far (the recorder is the process's: other tests' servers
+    // may count beside this one, never less).
+    let calls_of = |model: &'static str| {
+        let s = &s;
+        async move {
+            let metrics = reqwest::get(url(s, "/metrics")).await.unwrap().text().await.unwrap();
+            let prefix = format!("sluice_batch_size_count{{model=\"{model}\"");
+            let line = metrics.lines().find(|l| l.starts_with(&prefix));
+            line.map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        }
+    };
+    let tokenized_before = calls_of("tok").await;
     let mut tasks = Vec::new();
     for i in 0..24 {
         let (client, url, text, want) =
@@ -136,6 +148,10 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     let line = metrics.lines().find(|l| l.starts_with("sluice_batch_size_count{model=\"encoder\"")).unwrap();
     let calls: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(calls < 24.0, "the encoder batched: {calls} calls for 24 requests");
+    // The tokenizer runs each request of its batches alone: 24 calls of their own (its batches
+    // read as calls of all their rows).
+    let tokenized = calls_of("tok").await - tokenized_before;
+    assert!(tokenized >= 24.0, "{tokenized} tokenizer calls for 24 requests");
     // Replica series are the steps' deployments'; a pipeline has none (at 0 it read as "no
     // ready replica" to the shipped alert). The value is not checked: the recorder is the
     // process's, and another test's server with an `encoder` may have just stopped.
