@@ -101,13 +101,17 @@ impl Controller {
             // the old version, which drains and stops.
             let promoted = c.version.deployment.clone();
             let pipelines = match &st.desired {
-                Some(config) => Some(pipelines::build_over(config, &|name| {
-                    if name == deployment {
-                        Some(promoted.clone())
-                    } else {
-                        st.deployments.get(name).map(|m| m.primary.deployment.clone())
-                    }
-                })?),
+                Some(config) => Some(pipelines::build_over(
+                    config,
+                    &|name| {
+                        if name == deployment {
+                            Some(promoted.clone())
+                        } else {
+                            st.deployments.get(name).map(|m| m.primary.deployment.clone())
+                        }
+                    },
+                    &st.pipelines,
+                )?),
                 None => None,
             };
             let policy = st

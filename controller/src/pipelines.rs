@@ -18,24 +18,28 @@ pub(crate) fn build_all(
     plan: &Plan,
     state: &ControllerState,
 ) -> Result<Vec<PipelineRoute>, ControlError> {
-    build_over(config, &|name| {
+    let lookup = |name: &str| {
         plan.new_primary(name)
             .cloned()
             .or_else(|| state.deployments.get(name).map(|m| m.primary.deployment.clone()))
-    })
+    };
+    build_over(config, &lookup, &state.pipelines)
 }
 
-/// Every pipeline of `config`, over the deployments `lookup` finds (their types checked).
+/// Every pipeline of `config`, over the deployments `lookup` finds (their types checked), each
+/// counting on in the statistics of the one of its name in `previous`.
 pub(crate) fn build_over(
     config: &Config,
     lookup: &impl Fn(&str) -> Option<Arc<Deployment>>,
+    previous: &[PipelineRoute],
 ) -> Result<Vec<PipelineRoute>, ControlError> {
     config
         .applications
         .iter()
         .filter_map(|app| app.pipeline.as_ref().map(|p| (app, p)))
         .map(|(app, p)| {
-            let pipeline = build(p, lookup)
+            let old = previous.iter().find(|r| r.pipeline.name() == p.name).map(|r| &*r.pipeline);
+            let pipeline = build(p, lookup, old)
                 .map_err(|source| ControlError::Pipeline { pipeline: p.name.clone(), source })?;
             Ok(PipelineRoute { app: app.name.clone(), pipeline, route_prefix: app.route_prefix.clone() })
         })
@@ -76,6 +80,7 @@ pub fn check<'a>(
 fn build(
     p: &sluice_config::Pipeline,
     lookup: &impl Fn(&str) -> Option<Arc<Deployment>>,
+    old: Option<&Pipeline>,
 ) -> Result<Arc<Pipeline>, LoadError> {
     let inputs = inputs(p)?;
     let mut steps = Vec::new();
@@ -95,5 +100,9 @@ fn build(
         request: r.request.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
         response: r.response.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
     });
-    Pipeline::new(&p.name, inputs, steps, &p.outputs, json).map(Arc::new)
+    let pipeline = Pipeline::new(&p.name, inputs, steps, &p.outputs, json)?;
+    Ok(Arc::new(match old {
+        Some(old) => pipeline.keeping_stats_of(old),
+        None => pipeline,
+    }))
 }

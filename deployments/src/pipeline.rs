@@ -42,7 +42,8 @@ pub struct Pipeline {
     /// A request's deadline, counted from its start, when the client sets none (and the most
     /// a client may ask for): the steps' `request_timeout_s` added up.
     timeout: Duration,
-    metrics: DeploymentMetrics,
+    /// Shared with the pipeline it replaced, where it had one of its name ([`Self::keeping_stats_of`]).
+    metrics: Arc<DeploymentMetrics>,
     pub json: Option<JsonMapping>,
 }
 
@@ -103,7 +104,7 @@ impl Pipeline {
             steps,
             needs,
             timeout,
-            metrics: DeploymentMetrics::pipeline(name),
+            metrics: Arc::new(DeploymentMetrics::pipeline(name)),
             json,
         })
     }
@@ -123,6 +124,14 @@ impl Pipeline {
 
     pub fn metrics(&self) -> &DeploymentMetrics {
         &self.metrics
+    }
+
+    /// This pipeline, counting on in the statistics of `old` (the one it replaces, built again
+    /// at an apply): Triton's `/stats` of a pipeline went back to 0 at every deploy or
+    /// repository change, and perf_analyzer's difference of two readings underflowed.
+    pub fn keeping_stats_of(mut self, old: &Pipeline) -> Self {
+        self.metrics = Arc::clone(&old.metrics);
+        self
     }
 
     /// Waits until every step's replicas are ready, or `timeout` passes for one of them.

@@ -163,6 +163,29 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     s.shutdown().await;
 }
 
+/// A pipeline's statistics count on across an apply that builds it again (every deploy, every
+/// repository change): they went back to 0, and perf_analyzer's difference of two readings
+/// underflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelines_statistics_survive_an_apply() {
+    let s = start_embed().await;
+    let client = reqwest::Client::new();
+    let count = || async {
+        let stats: Value =
+            client.get(url(&s, "/v2/models/embeddings/stats")).send().await.unwrap().json().await.unwrap();
+        stats["model_stats"][0]["inference_count"].as_u64().unwrap_or_else(|| panic!("{stats}"))
+    };
+    let r = client.post(url(&s, "/embed")).json(&json!({"text": ["one", "two"]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(count().await, 2);
+    let text =
+        format!("http_options: {{port: 0}}\ngrpc_options: {{port: 0}}\nadmin_options: {{port: 0}}\n{EMBED}");
+    let config = sluice_config::parse(&text, &models_dir().join("p.yaml")).unwrap();
+    s.controller().apply(&config).await.unwrap();
+    assert_eq!(count().await, 2, "counted on after the apply");
+    s.shutdown().await;
+}
+
 /// A binary-extension request with one BYTES element holding `raw` (any bytes, UTF-8 or not).
 fn binary_bytes_request(raw: &[u8]) -> (Vec<u8>, usize) {
     let mut blob = (raw.len() as u32).to_le_bytes().to_vec();
