@@ -63,6 +63,7 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 CREATE_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
                       "max_replicas_per_node", "group", "node_id", "soft"}
 RUN_MAX_WAIT_S = 60.0   # a run() call returns None after this; the watcher calls again
+UNKNOWN = "UNKNOWN"   # an actor state Ray could not be asked for (see Driver._actor_state)
 # The actor by which a running driver holds its namespace (non-detached: it dies with the
 # driver's process, and Ray frees its name then). `list` never shows it, `kill` refuses it.
 OWNER_NAME = "sluice-owner"
@@ -205,7 +206,10 @@ class Driver:
         if fn is None:
             self.error(cmd, "unknown op %r (expected create, kill, nodes, list or shutdown)" % (op,))
             return
-        threading.Thread(target=self._guard, args=(fn, cmd), name="sluice-%s" % op, daemon=True).start()
+        try:
+            threading.Thread(target=self._guard, args=(fn, cmd), name="sluice-%s" % op, daemon=True).start()
+        except RuntimeError as e:  # no thread to be had (a pids limit): the command's own error
+            self.error(cmd, "cannot start a thread for %s: %s" % (op, e))
 
     def _guard(self, fn, cmd: dict) -> None:
         try:
@@ -218,12 +222,14 @@ class Driver:
 
     # ------------------------------------------------------------ Ray helpers
     def _actor_state(self, actor_id: str) -> Optional[str]:
+        """Ray's state of the actor; None where Ray knows no such actor, UNKNOWN where it
+        could not be asked (its control store restarting): never taken for dead."""
         import ray
         try:
             info = ray._private.state.actors(actor_id=actor_id)
             return info.get("State") if info else None
         except Exception:
-            return None
+            return UNKNOWN
 
     def _wait_dead(self, actor_id: str, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -520,7 +526,9 @@ class Driver:
 
     def _kill_handle(self, handle, actor_id: str, grace: float) -> None:
         import ray
-        if self._actor_state(actor_id) == "ALIVE":
+        # One whose state could not be read may be alive: stopped too (a kill during a
+        # control-store restart skipped the drain and left its process running).
+        if self._actor_state(actor_id) in ("ALIVE", UNKNOWN):
             try:
                 # stop() takes `grace`, then kills the group; a node that does not answer
                 # (partitioned, still ALIVE to the GCS) must not hold ray.kill past Ray's
@@ -642,54 +650,60 @@ class Driver:
             class ActorUnavailableError(Exception):  # type: ignore[no-redef]
                 pass
         while not self.stopping.is_set():
-            now = time.monotonic()
-            with self.lock:
-                recs = [r for r in self.actors.values()
-                        if r is not None and r.run_ref is not None and not r.killing]
-                for r in recs:
-                    if r.retry_at and now >= r.retry_at:
-                        r.retry_at = 0.0
-                        r.run_ref = r.handle.run.remote(RUN_MAX_WAIT_S)
-                watch = {r.run_ref: r for r in recs if not r.retry_at}
-            if not watch:
-                self.stopping.wait(0.25)
-                continue
+            # Nothing it calls may end the thread: no exit or death would be reported
+            # again, and a process that exited would hold its resources unseen.
             try:
-                done, _ = ray.wait(list(watch), num_returns=len(watch), timeout=0.5, fetch_local=True)
-            except Exception as e:
-                _log("ray.wait failed: %s" % _short_err(e))
-                self.stopping.wait(0.5)
-                continue
-            for ref in done:
-                rec = watch[ref]
+                now = time.monotonic()
+                with self.lock:
+                    recs = [r for r in self.actors.values()
+                            if r is not None and r.run_ref is not None and not r.killing]
+                    for r in recs:
+                        if r.retry_at and now >= r.retry_at:
+                            r.retry_at = 0.0
+                            r.run_ref = r.handle.run.remote(RUN_MAX_WAIT_S)
+                    watch = {r.run_ref: r for r in recs if not r.retry_at}
+                if not watch:
+                    self.stopping.wait(0.25)
+                    continue
                 try:
-                    res = ray.get(ref)
-                except ActorUnavailableError:
-                    # Temporarily unreachable (e.g. its node is failing): ask again
-                    # until Ray says it is dead or it answers.
-                    with self.lock:
-                        rec.retry_at = time.monotonic() + 1.0
-                    continue
-                except RayActorError as e:
-                    if rec.killing:
-                        continue
-                    self._drop(rec)
-                    self.emit({"event": "died", "name": rec.name, "node_id": rec.info.get("node_id"),
-                               "node_ip": rec.info.get("node_ip"), "message": _short_err(e)})
-                    continue
+                    done, _ = ray.wait(list(watch), num_returns=len(watch), timeout=0.5, fetch_local=True)
                 except Exception as e:
-                    _log("run(%s) raised: %s" % (rec.name, _short_err(e)))
-                    with self.lock:
-                        rec.retry_at = time.monotonic() + 1.0
+                    _log("ray.wait failed: %s" % _short_err(e))
+                    self.stopping.wait(0.5)
                     continue
-                if res is None:  # still running after RUN_MAX_WAIT_S: call again
-                    with self.lock:
-                        if not rec.killing:
-                            rec.run_ref = rec.handle.run.remote(RUN_MAX_WAIT_S)
-                    continue
-                if rec.killing or res.get("stopped"):
-                    continue
-                threading.Thread(target=self._on_exited, args=(rec, res), daemon=True).start()
+                for ref in done:
+                    rec = watch[ref]
+                    try:
+                        res = ray.get(ref)
+                    except ActorUnavailableError:
+                        # Temporarily unreachable (e.g. its node is failing): ask again
+                        # until Ray says it is dead or it answers.
+                        with self.lock:
+                            rec.retry_at = time.monotonic() + 1.0
+                        continue
+                    except RayActorError as e:
+                        if rec.killing:
+                            continue
+                        self._drop(rec)
+                        self.emit({"event": "died", "name": rec.name, "node_id": rec.info.get("node_id"),
+                                   "node_ip": rec.info.get("node_ip"), "message": _short_err(e)})
+                        continue
+                    except Exception as e:
+                        _log("run(%s) raised: %s" % (rec.name, _short_err(e)))
+                        with self.lock:
+                            rec.retry_at = time.monotonic() + 1.0
+                        continue
+                    if res is None:  # still running after RUN_MAX_WAIT_S: call again
+                        with self.lock:
+                            if not rec.killing:
+                                rec.run_ref = rec.handle.run.remote(RUN_MAX_WAIT_S)
+                        continue
+                    if rec.killing or res.get("stopped"):
+                        continue
+                    threading.Thread(target=self._on_exited, args=(rec, res), daemon=True).start()
+            except Exception:
+                _log("death watcher: %s" % traceback.format_exc())
+                self.stopping.wait(0.5)
 
     def _on_exited(self, rec: ActorRec, res: dict) -> None:
         with self.lock:

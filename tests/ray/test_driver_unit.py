@@ -89,3 +89,88 @@ def test_max_replicas_per_node_fits_exactly_that_many_in_rays_units():
         units = round(share * 10000)
         assert abs(share * 10000 - units) < 1e-6, (n, share)
         assert n * units <= 10000 < (n + 1) * units, (n, share)
+
+
+def test_a_command_with_no_thread_to_run_on_is_answered_as_its_own_error(monkeypatch):
+    """A thread that cannot start (a pids limit) fails that command by its op and name: an
+    unattributed error left Rust counting the create as starting for good."""
+    d = _driver()
+
+    class NoThread:
+        def __init__(self, *_, **__):
+            pass
+
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(driver.threading, "Thread", NoThread)
+    d.handle_line('{"op": "create", "id": 3, "name": "sluice:m:1:r-0", "argv": ["sluice", "replica"]}')
+    (e,) = d.events
+    assert (e["event"], e["id"], e["op"], e["name"]) == ("error", 3, "create", "sluice:m:1:r-0"), e
+    assert "can't start new thread" in e["message"], e
+
+
+def test_a_kill_while_rays_control_store_cannot_be_asked_still_stops_the_process(monkeypatch):
+    """An actor whose state Ray could not give (its control store restarting) is stopped with
+    its drain: taken for dead, it was killed without stop(), and its process ran on."""
+    import ray
+
+    def unreachable(**_):
+        raise ConnectionError("GCS unavailable")
+
+    monkeypatch.setattr(ray._private.state, "actors", unreachable)
+    monkeypatch.setattr(ray, "kill", lambda *_, **__: None)
+    stopped = []
+
+    class Stop:
+        def remote(self, grace):
+            stopped.append(grace)
+            return "stop-ref"
+
+    class Handle:
+        stop = Stop()
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: None)
+    d = _driver()
+    d._wait_dead = lambda actor_id, timeout=5.0: None
+    d._kill_handle(Handle(), "a1", 2.0)
+    assert stopped == [2.0]
+
+
+def test_the_death_watcher_outlives_a_failing_call(monkeypatch):
+    """A call in the death watcher that raises (asking an actor to run again, under Ray's
+    load) leaves the thread watching: it ended, and no exit was reported again."""
+    import ray
+
+    d = _driver()
+    d.stopping = threading.Event()
+    calls = []
+
+    class Run:
+        def remote(self, _wait):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("the first call fails")
+            return "run-ref"
+
+    class Handle(_Handle):
+        run = Run()
+
+    rec = driver.ActorRec("sluice:m:1:r-0", Handle(), "created")
+    rec.run_ref = "run-ref"
+    rec.retry_at = 1.0  # due: the watcher calls run() again, which fails once
+    d.actors[rec.name] = rec
+    monkeypatch.setattr(ray, "wait", lambda refs, **_: (list(refs), []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: {"code": 3})
+    exited = threading.Event()
+    d._kill_rec = lambda rec, grace: None
+    d.emit = lambda e: (d.events.append(e), e["event"] == "exited" and exited.set())
+    t = threading.Thread(target=d._death_watcher, daemon=True)
+    t.start()
+    try:
+        assert exited.wait(10), d.events
+    finally:
+        d.stopping.set()
+        t.join(10)
+    assert [e["event"] for e in d.events] == ["exited"], d.events
+    assert d.events[0]["code"] == 3

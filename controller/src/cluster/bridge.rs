@@ -122,6 +122,9 @@ pub enum Event {
     },
     Ready {
         name: String,
+        /// Empty where the actor could not ask Ray for its node (the event was dropped, and
+        /// the replica counted as starting for good).
+        #[serde(default, deserialize_with = "nullable")]
         node_id: String,
         node_ip: String,
         pid: u32,
@@ -273,6 +276,20 @@ mod tests {
             Event::Actors { id, actors } => {
                 assert_eq!(id.as_deref(), Some("startup"));
                 assert_eq!((actors[0].name.as_str(), actors[0].node_id.as_str()), ("sluice:m:1:old-0", ""));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_ready_actor_that_could_not_name_its_node_parses() {
+        let line = r#"{"event":"ready","id":"c1","name":"sluice:m:1:a-0","node_id":null,"node_ip":"10.0.0.2","pid":7,"addr":"10.0.0.2:9000"}"#;
+        match serde_json::from_str::<Event>(line).unwrap() {
+            Event::Ready { name, node_id, addr, .. } => {
+                assert_eq!(
+                    (name.as_str(), node_id.as_str(), addr.as_str()),
+                    ("sluice:m:1:a-0", "", "10.0.0.2:9000")
+                );
             }
             other => panic!("{other:?}"),
         }

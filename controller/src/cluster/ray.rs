@@ -282,7 +282,11 @@ impl RayCluster {
                     Some(p) => {
                         tracing::info!(node = %node_ip, "proxy up at {addr}");
                         lock(&self.proxy_retry).remove(&p.node_id);
-                        (p.node_id, p.node_ip, p.addr) = (node_id, node_ip, Some(addr));
+                        // Placed on its node when created: kept where it could not say.
+                        if !node_id.is_empty() {
+                            p.node_id = node_id;
+                        }
+                        (p.node_ip, p.addr) = (node_ip, Some(addr));
                     }
                     // One this controller no longer wants (replaced, or its kill came while Ray
                     // still created it): it would hold the node's proxy port for good.
