@@ -857,6 +857,52 @@ fn a_proxy_that_cannot_read_the_route_table_is_not_ready() {
     assert_eq!(ready(), 200);
 }
 
+/// A proxy is ready, and prints `LISTEN`, once it has the controller's table, whatever the
+/// replicas in it say: it waited for every one to be ready, so a new node's proxy did not start
+/// while one replica elsewhere was not (starting, or failing its checks), and the driver killed
+/// it for never listening, again and again. Here a stand-in controller's table holds one
+/// replica, not ready.
+#[test]
+fn a_proxy_listens_while_a_replica_in_its_table_is_not_ready() {
+    let spec = |name: &str| json!({"name": name, "datatype": "FP32", "shape": [-1, 4]});
+    let version = json!({
+        "metadata": {"platform": "onnxruntime_onnx", "inputs": [spec("x")], "outputs": [spec("y")]},
+        "settings": sluice_config::ReplicaSettings::default(),
+        "max_replicas": 1,
+        "replicas": [{"name": "sluice:m:1:a-0", "addr": "127.0.0.1:9", "node_id": "n1", "node_ip": "127.0.0.1", "pid": 1, "ready": false}],
+    });
+    let body = json!({"models": {"m": {"versions": {"1": version}, "split": [["1", 100]]}}, "pipelines": []})
+        .to_string();
+    let controller = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = format!("http://{}", controller.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in controller.incoming().flatten() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(body.as_bytes()));
+        }
+    });
+    let (_proxy, printed) = spawn_lines(
+        sluice()
+            .args(["proxy", "--controller", &admin, "--host", "127.0.0.1", "--http-port", "0", "--no-grpc"])
+            .env_remove("SLUICE_ADMIN_TOKEN"),
+        Stream::Stdout,
+    );
+    let line = printed.recv_timeout(Duration::from_secs(60)).expect("LISTEN once the table is in");
+    assert!(line.starts_with("LISTEN 127.0.0.1:"), "{line}");
+}
+
 /// The `--spec` of a replica serving the iris fixture, as the controller writes it.
 fn iris_replica_spec() -> String {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/models/iris/model.onnx");

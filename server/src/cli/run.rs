@@ -200,6 +200,10 @@ pub fn run_with(
         // Made inside the runtime: a Ray cluster's bridge spawns tasks.
         let options = options();
         let cluster = options.cluster.clone();
+        // A proxy is ready once it has the controller's table (its load waits for the first):
+        // waiting for every replica in it kept a new node's proxy from starting while one
+        // replica elsewhere was not ready, until the driver killed it for never listening.
+        let proxy = options.follow.is_some();
         let starting = match sluice_server::bind(config, options).await {
             Ok(s) => s,
             Err(e) => {
@@ -236,7 +240,9 @@ pub fn run_with(
         // A signal while the models load, or while start-up memory is released, stops the
         // server there (the release and the LISTEN lines of a replica told to stop skipped).
         let stopped = tokio::select! {
-            ready = server.wait_ready(std::time::Duration::from_secs(600)) => {
+            ready = async {
+                proxy || server.wait_ready(std::time::Duration::from_secs(600)).await
+            } => {
                 let started = async {
                     if ready {
                         if release_memory {
