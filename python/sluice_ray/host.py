@@ -169,7 +169,27 @@ class ProcessHost:
             self._cond.notify_all()
         err = threading.Thread(target=self._pump_stderr, args=(p.stderr,), name="sluice-stderr", daemon=True)
         err.start()
-        for raw in iter(p.stdout.readline, b""):
+        out = threading.Thread(target=self._pump_stdout, args=(p.stdout,), name="sluice-stdout", daemon=True)
+        out.start()
+        # The process's exit, not its pipes' end (a helper it started holds them open: its
+        # exit went unseen until the helper's). Waited for without reaping it, whatever is
+        # left of its group goes while the leader's id still names the group: once reaped, the
+        # id is free, and a signal to it later (stop()) could reach another process's group.
+        try:
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        rc = p.wait()
+        out.join(timeout=2.0)
+        err.join(timeout=2.0)
+        with self._cond:
+            self.returncode = rc
+            self.exited_at = time.time()
+            self._cond.notify_all()
+
+    def _pump_stdout(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if self.addr is None and line.startswith(LISTEN_PREFIX):
                 with self._cond:
@@ -181,13 +201,7 @@ class ProcessHost:
                     sys.stderr.flush()
             else:
                 self._log(line)
-        p.stdout.close()
-        rc = p.wait()
-        err.join(timeout=2.0)
-        with self._cond:
-            self.returncode = rc
-            self.exited_at = time.time()
-            self._cond.notify_all()
+        stream.close()
 
     def _finish_spawn_error(self, msg: str) -> None:
         self._log(msg)
@@ -274,11 +288,15 @@ class ProcessHost:
                 with self._cond:
                     while self.returncode is None and time.monotonic() < deadline:
                         self._cond.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
-            # Whatever is left of the group (the leader or its helpers) goes now.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # Whatever is left of the group (the leader or its helpers) goes now; a leader
+            # already reaped took its group with it (_supervise), and its id may be another's.
+            with self._cond:
+                reaped = self.returncode is not None
+            if not reaped:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             with self._cond:
                 end = time.monotonic() + 5.0
                 while self.returncode is None and time.monotonic() < end:

@@ -174,3 +174,48 @@ def test_the_death_watcher_outlives_a_failing_call(monkeypatch):
         t.join(10)
     assert [e["event"] for e in d.events] == ["exited"], d.events
     assert d.events[0]["code"] == 3
+
+
+def _host(monkeypatch, script):
+    """A ProcessHost running `sh -c script`, outside any actor (no Ray started)."""
+    import ray
+    from sluice_ray import host
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+
+    def no_context():
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(ray, "get_runtime_context", no_context)
+    return host.ProcessHost("sluice:t", ["/bin/sh", "-c", script], echo=False)
+
+
+def test_a_process_that_exits_takes_its_group_with_it_and_is_never_signalled_after(monkeypatch, tmp_path):
+    """The group of a process that exits on its own goes before the process is reaped (its
+    helpers lived on until a stop), and stop() sends nothing after the reap: the group's id
+    was then free, and SIGKILL to it could reach another replica's group."""
+    import os
+    import signal
+    import time
+
+    helper = tmp_path / "helper.pid"
+    h = _host(monkeypatch, "sleep 60 & echo $! > %s; exit 3" % helper)
+    assert h.run(30)["code"] == 3
+    pid = int(helper.read_text())
+    until = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        # A zombie of its own group is gone for this purpose too.
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        assert time.monotonic() < until, "the helper outlived its leader"
+        time.sleep(0.05)
+    sent = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
+    h.stop(0)
+    assert sent == [], "signalled a group whose leader was reaped: %r" % sent
+    assert signal.SIGKILL not in [s for _, s in sent]
