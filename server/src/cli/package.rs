@@ -35,18 +35,35 @@ impl Package {
             seen.insert(real);
         }
         collect(dir, dir, skip, &mut files, &mut seen)?;
-        for (rel, path) in files {
-            let data = std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
-            self.add(&rel, &data, false)?;
+        for entry in files {
+            match entry {
+                Entry::File { rel, path, mode } => {
+                    let data =
+                        std::fs::read(&path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
+                    self.add_with_mode(&rel, &data, mode)?;
+                }
+                Entry::EmptyDir { rel } => {
+                    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+                    self.zip
+                        .add_directory(rel.as_str(), options)
+                        .map_err(|e| format!("packaging {rel}: {e}"))?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Adds one file; `exec` keeps it executable once unpacked.
     pub fn add(&mut self, name: &str, data: &[u8], exec: bool) -> Result<(), String> {
+        self.add_with_mode(name, data, if exec { 0o755 } else { 0o644 })
+    }
+
+    /// Adds one file with its permission bits (Ray's unpacker sets them back, as it does for
+    /// `ray job submit --working-dir`).
+    fn add_with_mode(&mut self, name: &str, data: &[u8], mode: u32) -> Result<(), String> {
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
-            .unix_permissions(if exec { 0o755 } else { 0o644 })
+            .unix_permissions(mode)
             .large_file(data.len() as u64 >= u32::MAX as u64);
         self.zip.start_file(name, options).map_err(|e| format!("packaging {name}: {e}"))?;
         self.zip.write_all(data).map_err(|e| format!("packaging {name}: {e}"))
@@ -64,16 +81,28 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`. A
-/// link to nothing is left out with a warning (Ray's packager skips it too); a link to a folder
-/// above it is not followed (`seen`: the folders being walked). Errors name the path.
+/// What a package holds under its folder.
+enum Entry {
+    /// A file, with its permission bits (a script's execute bit: `./train.sh` was refused
+    /// once unpacked).
+    File { rel: String, path: PathBuf, mode: u32 },
+    /// A folder with nothing packaged in it (`logs/`, which a job writes into), kept as Ray's
+    /// packager keeps it.
+    EmptyDir { rel: String },
+}
+
+/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`, and
+/// the folders left empty. A link to nothing is left out with a warning (Ray's packager skips
+/// it too); a link to a folder above it is not followed (`seen`: the folders being walked).
+/// Errors name the path.
 fn collect(
     root: &Path,
     dir: &Path,
     skip: &[&str],
-    out: &mut Vec<(String, PathBuf)>,
+    out: &mut Vec<Entry>,
     seen: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let reading = |path: &Path, e: std::io::Error| format!("reading `{}`: {e}", path.display());
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .and_then(|entries| entries.collect::<Result<_, _>>())
@@ -107,16 +136,25 @@ fn collect(
             // `current` link beside the version it names) is packaged under both names.
             let real = std::fs::canonicalize(&path).map_err(|e| reading(&path, e))?;
             if seen.insert(real.clone()) {
+                let before = out.len();
                 let walked = collect(root, &path, skip, out, seen);
                 seen.remove(&real);
                 walked?;
+                if out.len() == before {
+                    out.push(Entry::EmptyDir { rel: format!("{}/", relative(root, &path)) });
+                }
             }
         } else if meta.is_file() {
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
-            out.push((rel, path));
+            let mode = meta.permissions().mode() & 0o777;
+            out.push(Entry::File { rel: relative(root, &path), path, mode });
         }
     }
     Ok(())
+}
+
+/// `path`'s name under `root`.
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().to_string()
 }
 
 #[cfg(test)]
@@ -143,6 +181,32 @@ mod tests {
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();
         assert_eq!(names, ["sub/data.csv", "train.py"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A script keeps its execute bit (`./train.sh` was refused once unpacked: every file was
+    /// packaged 0644), and an empty folder is kept (a job writing into `logs/` found none), as
+    /// `ray job submit --working-dir` sends them.
+    #[test]
+    fn modes_and_empty_folders_are_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-pkg-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        std::fs::create_dir_all(dir.join("out/.cache")).unwrap();
+        std::fs::write(dir.join("train.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(dir.join("train.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::write(dir.join("data.csv"), b"1").unwrap();
+        std::fs::set_permissions(dir.join("data.csv"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut p = Package::new();
+        p.add_dir(&dir, &[]).unwrap();
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
+        let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["data.csv", "logs/", "out/", "train.sh"]);
+        assert_eq!(zip.by_name("train.sh").unwrap().unix_mode().unwrap() & 0o777, 0o750);
+        assert_eq!(zip.by_name("data.csv").unwrap().unix_mode().unwrap() & 0o777, 0o640);
+        assert!(zip.by_name("logs/").unwrap().is_dir());
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -173,7 +237,8 @@ mod tests {
         let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();
-        assert_eq!(names, ["models/current/1/model.onnx", "models/target/1/model.onnx"]);
+        // `tools/x` held only build output: kept, empty (a folder with nothing packaged in it).
+        assert_eq!(names, ["models/current/1/model.onnx", "models/target/1/model.onnx", "tools/x/"]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
