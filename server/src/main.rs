@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                 let _ = sluice_server::telemetry::init(logs.filter, logs.format, &Default::default());
                 let submit = cli::ray::Submit {
                     address,
-                    ray_token: std::env::var(&ray.token_env).ok(),
+                    ray_token: cli::ray_token(&ray.token_env),
                     admin_token,
                     working_dir: args.working_dir.clone(),
                     onnxruntime: cli::find_runtime(&args.ort, ort_env),
@@ -158,9 +158,6 @@ fn main() -> ExitCode {
         Command::Delete { app, admin } => cli::admin::delete(&app, &admin),
         Command::Rollout { action, admin } => cli::admin::rollout(&action, &admin),
         Command::Repository { action, admin } => cli::admin::repository(&action, &admin),
-        Command::Job(args) => {
-            let ray_token = std::env::var("RAY_AUTH_TOKEN").ok().filter(|t| !t.is_empty());
-            cli::job::job(args, ray_token)
-        }
+        Command::Job(args) => cli::job::job(args, cli::ray_token("RAY_AUTH_TOKEN")),
     }
 }

@@ -210,6 +210,27 @@ fn http_url(text: &str) -> Result<String, String> {
 
 /// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
 /// prints one line and fails when it cannot.
+/// Ray's auth token as `ray` itself finds it: the variable `var` names (`RAY_AUTH_TOKEN` by
+/// default), else the file `RAY_AUTH_TOKEN_PATH` names, else `~/.ray/auth_token` (where
+/// `ray get-auth-token --generate` writes it: read only from the variable, a user set up so had
+/// every call refused 401). Whitespace around it is left out.
+pub fn ray_token(var: &str) -> Option<String> {
+    ray_token_from(
+        std::env::var(var).ok(),
+        std::env::var_os("RAY_AUTH_TOKEN_PATH").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+fn ray_token_from(value: Option<String>, path: Option<PathBuf>, home: Option<PathBuf>) -> Option<String> {
+    let token = |t: String| Some(t.trim().to_string()).filter(|t| !t.is_empty());
+    if let Some(t) = value.and_then(token) {
+        return Some(t);
+    }
+    let file = path.filter(|p| !p.as_os_str().is_empty()).or_else(|| Some(home?.join(".ray/auth_token")))?;
+    std::fs::read_to_string(file).ok().and_then(token)
+}
+
 pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     sluice_server::runtime::init(ort.onnxruntime, env).map_err(|e| {
         eprintln!("error: {e}");
@@ -251,7 +272,21 @@ fn report(
 mod tests {
     use clap::Parser;
 
-    use super::{Cli, Command};
+    use super::{Cli, Command, ray_token_from};
+
+    #[test]
+    fn rays_token_is_found_where_ray_finds_it() {
+        let dir = std::env::temp_dir().join(format!("sluice-ray-token-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(".ray")).unwrap();
+        std::fs::write(dir.join(".ray/auth_token"), "from-home\n").unwrap();
+        std::fs::write(dir.join("elsewhere"), "from-path").unwrap();
+        let home = || Some(dir.clone());
+        assert_eq!(ray_token_from(Some(" set ".into()), None, home()).as_deref(), Some("set"));
+        assert_eq!(ray_token_from(Some(String::new()), None, home()).as_deref(), Some("from-home"));
+        assert_eq!(ray_token_from(None, Some(dir.join("elsewhere")), home()).as_deref(), Some("from-path"));
+        assert_eq!(ray_token_from(None, None, Some(dir.join("nowhere"))), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Durations on the command line are checked when parsed, not where they become a
     /// `Duration` (which panics on `inf`).
