@@ -66,7 +66,9 @@ def sh(*cmd, **kw):
 def build():
     subprocess.run(["scripts/install-onnxruntime.sh"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "-p", "sluice-loadtest"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "sluice-deployments", "--example", "raw_ort"], cwd=ROOT, check=True)
+    # The raw ONNX Runtime baselines: bench.py's models and bench_pipeline.py's MiniLM pipeline.
+    for example in ["raw_ort", "raw_pipeline"]:
+        subprocess.run(["cargo", "build", "--release", "-p", "sluice-deployments", "--example", example], cwd=ROOT, check=True)
     # `sluice` as scripts/setup.sh builds it: optimised with the committed profile (pgo/).
     subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
 
@@ -88,7 +90,9 @@ def models(selected, out):
             found[name] = dict(path=d / name / "model.onnx", samples=samples, seq=1, extra="max_batch_size: 32")
     if "minilm" in selected:
         d = Path(os.environ.get("SLUICE_MINILM_DIR", ROOT.parent / "shared" / "models" / "minilm"))
-        if (d / "model.onnx").is_file():
+        if not (d / "samples.json").is_file():
+            print(f"skipped minilm: no model.onnx and samples.json at {d} (set SLUICE_MINILM_DIR)", file=sys.stderr)
+        elif (d / "model.onnx").is_file():
             doc = json.loads((d / "samples.json").read_text())
             single = [c for c in doc["cases"] if c["inputs"][0]["shape"][0] == 1][:1]
             samples = out / "minilm-single.json"

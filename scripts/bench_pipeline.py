@@ -77,8 +77,8 @@ def main():
                     help="the sluice binary to measure (default: the release build), e.g. a build of another commit")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
-    if not (MINILM / "model.onnx").is_file():
-        print(f"skipped: no MiniLM at {MINILM} (set SLUICE_MINILM_DIR)", file=sys.stderr)
+    if not (MINILM / "model.onnx").is_file() or not (MINILM / "samples.json").is_file():
+        print(f"skipped: no MiniLM model.onnx and samples.json at {MINILM} (set SLUICE_MINILM_DIR)", file=sys.stderr)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
