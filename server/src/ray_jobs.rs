@@ -292,7 +292,10 @@ impl Jobs {
         let streamed = self.tail_websocket(id, &mut counted).await;
         match streamed {
             Err(TailError::BeforeFirstFrame(e)) => tracing::debug!("no log websocket ({e}); polling the log"),
-            Ok(()) | Err(TailError::Jobs(_)) if self.job(id).await?.is_none_or(|j| j.is_terminal()) => {
+            // A dashboard that does not answer now is asked again while polling.
+            Ok(()) | Err(TailError::Jobs(_))
+                if self.job(id).await.is_ok_and(|j| j.is_none_or(|j| j.is_terminal())) =>
+            {
                 return Ok(());
             }
             Ok(()) => tracing::debug!("the log websocket closed while the job runs; polling the log"),
@@ -368,9 +371,28 @@ impl Jobs {
         mut shown: usize,
         out: &mut impl FnMut(&str),
     ) -> Result<(), JobsError> {
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
-            let ended = self.job(id).await?.is_none_or(|j| j.is_terminal());
-            let logs = self.logs(id).await?;
+            let polled =
+                async { Ok((self.job(id).await?.is_none_or(|j| j.is_terminal()), self.logs(id).await?)) };
+            let (ended, logs) = match polled.await {
+                Ok(polled) => {
+                    failing_since = None;
+                    polled
+                }
+                // A dashboard restarting, or a 502 from a proxy in front of it, during a job of
+                // hours: asked again (one failed call ended the follow, and the command said the
+                // job failed while it ran on), up to LOST_AFTER of failures in a row.
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= LOST_AFTER {
+                        return Err(e);
+                    }
+                    tracing::warn!("Ray's dashboard did not answer ({e}); asking again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
             if let Some(new) = logs.get(shown..).filter(|n| !n.is_empty()) {
                 out(new);
                 shown = logs.len();
@@ -383,6 +405,9 @@ impl Jobs {
         }
     }
 }
+
+/// How long a followed job's dashboard may fail every call in a row before the follow gives up.
+pub const LOST_AFTER: Duration = Duration::from_secs(300);
 
 enum TailError {
     /// The websocket could not be opened: polling may still work.

@@ -21,19 +21,25 @@ async fn dashboard() -> String {
 }
 
 async fn stand_in(silent: bool) -> String {
+    stand_in_failing(silent, 0..0).await
+}
+
+/// The stand-in whose answers to the job's looks numbered in `failing` are 502s (a dashboard
+/// restarting behind a proxy).
+async fn stand_in_failing(silent: bool, failing: std::ops::Range<usize>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let looks = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(serve(stream, looks.clone(), silent));
+            tokio::spawn(serve(stream, looks.clone(), silent, failing.clone()));
         }
     });
     format!("http://{addr}")
 }
 
-async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>, silent: bool) {
+async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>, silent: bool, failing: std::ops::Range<usize>) {
     let mut head = [0u8; 1024];
     let n = stream.peek(&mut head).await.unwrap();
     let request = String::from_utf8_lossy(&head[..n]).into_owned();
@@ -51,14 +57,19 @@ async fn serve(stream: TcpStream, looks: Arc<AtomicUsize>, silent: bool) {
     let mut stream = stream;
     let mut buf = vec![0u8; 4096];
     let _ = stream.read(&mut buf).await;
+    let mut code = "200 OK";
     let body = if path.ends_with("/logs") {
         serde_json::json!({ "logs": LOG }).to_string()
     } else {
-        let status = if looks.fetch_add(1, Ordering::SeqCst) < 3 { "RUNNING" } else { "SUCCEEDED" };
+        let look = looks.fetch_add(1, Ordering::SeqCst);
+        if failing.contains(&look) {
+            code = "502 Bad Gateway";
+        }
+        let status = if look < 3 { "RUNNING" } else { "SUCCEEDED" };
         serde_json::json!({"submission_id": "j", "status": status, "entrypoint": "train"}).to_string()
     };
     let answer = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(answer.as_bytes()).await;
@@ -98,6 +109,18 @@ async fn a_finished_jobs_id_is_not_run_again() {
 async fn a_silent_log_stream_goes_on_by_polling() {
     let jobs = sluice_server::ray_jobs::Jobs::new(&stand_in(true).await, None)
         .with_quiet(std::time::Duration::from_millis(200));
+    let mut printed = String::new();
+    let follow = jobs.tail("j", |chunk| printed.push_str(chunk));
+    tokio::time::timeout(std::time::Duration::from_secs(60), follow).await.expect("still waiting").unwrap();
+    assert_eq!(printed, LOG, "every line once");
+}
+
+/// A dashboard that fails a few calls while the job runs (restarting behind a proxy: 502) is
+/// asked again: the log is followed to its end (one failed call ended the follow, and
+/// `sluice job submit` said the job failed while it ran on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_failing_for_a_moment_does_not_end_the_follow() {
+    let jobs = sluice_server::ray_jobs::Jobs::new(&stand_in_failing(false, 1..3).await, None);
     let mut printed = String::new();
     let follow = jobs.tail("j", |chunk| printed.push_str(chunk));
     tokio::time::timeout(std::time::Duration::from_secs(60), follow).await.expect("still waiting").unwrap();

@@ -233,10 +233,18 @@ async fn follow_log(jobs: &Jobs, id: &str) -> Result<(), String> {
 /// Polls until the job is terminal (the log can end a moment before Ray says so).
 async fn wait_terminal(jobs: &Jobs, id: &str, timeout: Duration) -> Result<JobDetails, String> {
     let until = tokio::time::Instant::now() + timeout;
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
-        let job = find(jobs, id).await?;
-        if job.is_terminal() || tokio::time::Instant::now() >= until {
-            return Ok(job);
+        match find(jobs, id).await {
+            Ok(job) if job.is_terminal() || tokio::time::Instant::now() >= until => return Ok(job),
+            Ok(_) => failing_since = None,
+            // Asked again, as while following its log (a dashboard restarting).
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= sluice_server::ray_jobs::LOST_AFTER {
+                    return Err(e);
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
