@@ -191,7 +191,7 @@ async fn submit(jobs: &Jobs, s: SubmitArgs) -> Result<ExitCode, String> {
     if let Some(dir) = &s.working_dir {
         let dir = std::fs::canonicalize(dir).map_err(|e| format!("working dir `{}`: {e}", dir.display()))?;
         let mut package = super::package::Package::new();
-        package.add_dir(&dir, &[])?;
+        package.add_dir(&dir, &[], true)?;
         let (zip, name) = package.finish("sluice-job")?;
         eprintln!("uploading {} as {name} ({:.1} kB)", dir.display(), zip.len() as f64 / 1e3);
         let uri = jobs.upload_package(&name, zip).await.map_err(|e| e.to_string())?;

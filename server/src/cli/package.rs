@@ -27,14 +27,18 @@ impl Package {
     }
 
     /// Adds every file under `dir` (relative names), less hidden files, build output and the
-    /// folder names in `skip`.
-    pub fn add_dir(&mut self, dir: &Path, skip: &[&str]) -> Result<(), String> {
+    /// folder names in `skip`, and with `ignore_files`, what `.gitignore` and `.rayignore`
+    /// files leave out (a job's folder, as `ray job submit` sends it; not a served config's,
+    /// whose models a `.gitignore` commonly leaves out of git but the job needs).
+    pub fn add_dir(&mut self, dir: &Path, skip: &[&str], ignore_files: bool) -> Result<(), String> {
         let mut files = Vec::new();
         let mut seen = std::collections::HashSet::new();
         if let Ok(real) = std::fs::canonicalize(dir) {
             seen.insert(real);
         }
-        collect(dir, dir, skip, &mut files, &mut seen)?;
+        let mut walk =
+            Walk { root: dir, skip, ignore_files, out: &mut files, seen: &mut seen, rules: Vec::new() };
+        walk.collect(dir)?;
         for entry in files {
             match entry {
                 Entry::File { rel, path, mode } => {
@@ -91,65 +95,115 @@ enum Entry {
     EmptyDir { rel: String },
 }
 
-/// Files under `dir`, relative to `root`, skipping hidden ones, build output and `skip`, and
-/// the folders left empty. A link to nothing is left out with a warning (Ray's packager skips
-/// it too); a link to a folder above it is not followed (`seen`: the folders being walked).
-/// Errors name the path.
-fn collect(
-    root: &Path,
-    dir: &Path,
-    skip: &[&str],
-    out: &mut Vec<Entry>,
-    seen: &mut std::collections::HashSet<PathBuf>,
-) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let reading = |path: &Path, e: std::io::Error| format!("reading `{}`: {e}", path.display());
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .and_then(|entries| entries.collect::<Result<_, _>>())
-        .map_err(|e| reading(dir, e))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().to_string();
-        let name = name.as_str();
-        if name.starts_with('.')
-            || SKIPPED.contains(&name)
-            || (dir == root && SKIPPED_AT_TOP.contains(&name))
-            || skip.contains(&name)
-        {
-            continue;
-        }
-        let path = e.path();
-        let meta = match std::fs::metadata(&path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
-                eprintln!("warning: not packaged: `{}` is a link to nothing", path.display());
-                continue;
+/// The files in a folder that name what is left out below it, as Ray's packager reads them.
+const IGNORE_FILES: [&str; 2] = [".gitignore", ".rayignore"];
+
+/// The rules of `dir`'s [`IGNORE_FILES`], if it has any.
+fn ignore_rules(dir: &Path) -> Result<Option<ignore::gitignore::Gitignore>, String> {
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(dir);
+    let mut any = false;
+    for name in IGNORE_FILES {
+        let file = dir.join(name);
+        if file.is_file() {
+            any = true;
+            if let Some(e) = builder.add(&file) {
+                return Err(format!("reading `{}`: {e}", file.display()));
             }
-            Err(e) => return Err(reading(&path, e)),
-        };
-        if meta.is_dir() {
-            // Build output and caches mark themselves so (Cargo's `target` anywhere below).
-            if path.join("CACHEDIR.TAG").is_file() {
-                continue;
-            }
-            // A link to a folder it is inside would loop; a folder reached twice otherwise (a
-            // `current` link beside the version it names) is packaged under both names.
-            let real = std::fs::canonicalize(&path).map_err(|e| reading(&path, e))?;
-            if seen.insert(real.clone()) {
-                let before = out.len();
-                let walked = collect(root, &path, skip, out, seen);
-                seen.remove(&real);
-                walked?;
-                if out.len() == before {
-                    out.push(Entry::EmptyDir { rel: format!("{}/", relative(root, &path)) });
-                }
-            }
-        } else if meta.is_file() {
-            let mode = meta.permissions().mode() & 0o777;
-            out.push(Entry::File { rel: relative(root, &path), path, mode });
         }
     }
-    Ok(())
+    if !any {
+        return Ok(None);
+    }
+    builder.build().map(Some).map_err(|e| format!("reading the ignore files of `{}`: {e}", dir.display()))
+}
+
+/// Whether the rules in force (`rules`, the outermost folder's first) leave `path` out: the
+/// innermost that says anything about it decides (a `!name` below undoes an outer rule).
+fn ignored(rules: &[ignore::gitignore::Gitignore], path: &Path, is_dir: bool) -> bool {
+    rules.iter().rev().map(|r| r.matched(path, is_dir)).find(|m| !m.is_none()).is_some_and(|m| m.is_ignore())
+}
+
+/// A walk of a package's folder: files under `root`, skipping hidden ones, build output,
+/// `skip` and (`ignore_files`) what the `.gitignore` and `.rayignore` files of the folders walked
+/// leave out, as `ray job submit --working-dir` does (a training folder's ignored data was read
+/// whole into memory and uploaded); and the folders left empty. A link to nothing is left out
+/// with a warning (Ray's packager skips it too); a link to a folder above it is not followed
+/// (`seen`: the folders being walked). Errors name the path.
+struct Walk<'a> {
+    root: &'a Path,
+    skip: &'a [&'a str],
+    ignore_files: bool,
+    out: &'a mut Vec<Entry>,
+    seen: &'a mut std::collections::HashSet<PathBuf>,
+    /// The ignore rules in force, the outermost folder's first.
+    rules: Vec<ignore::gitignore::Gitignore>,
+}
+
+impl Walk<'_> {
+    fn collect(&mut self, dir: &Path) -> Result<(), String> {
+        let own = if self.ignore_files { ignore_rules(dir)? } else { None };
+        let pushed = own.is_some();
+        self.rules.extend(own);
+        let walked = self.collect_in(dir);
+        if pushed {
+            self.rules.pop();
+        }
+        walked
+    }
+
+    fn collect_in(&mut self, dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let reading = |path: &Path, e: std::io::Error| format!("reading `{}`: {e}", path.display());
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .and_then(|entries| entries.collect::<Result<_, _>>())
+            .map_err(|e| reading(dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().to_string();
+            let name = name.as_str();
+            if name.starts_with('.')
+                || SKIPPED.contains(&name)
+                || (dir == self.root && SKIPPED_AT_TOP.contains(&name))
+                || self.skip.contains(&name)
+            {
+                continue;
+            }
+            let path = e.path();
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
+                    eprintln!("warning: not packaged: `{}` is a link to nothing", path.display());
+                    continue;
+                }
+                Err(e) => return Err(reading(&path, e)),
+            };
+            if ignored(&self.rules, &path, meta.is_dir()) {
+                continue;
+            }
+            if meta.is_dir() {
+                // Build output and caches mark themselves so (Cargo's `target` anywhere below).
+                if path.join("CACHEDIR.TAG").is_file() {
+                    continue;
+                }
+                // A link to a folder it is inside would loop; a folder reached twice otherwise (a
+                // `current` link beside the version it names) is packaged under both names.
+                let real = std::fs::canonicalize(&path).map_err(|e| reading(&path, e))?;
+                if self.seen.insert(real.clone()) {
+                    let before = self.out.len();
+                    let walked = self.collect(&path);
+                    self.seen.remove(&real);
+                    walked?;
+                    if self.out.len() == before {
+                        self.out.push(Entry::EmptyDir { rel: format!("{}/", relative(self.root, &path)) });
+                    }
+                }
+            } else if meta.is_file() {
+                let mode = meta.permissions().mode() & 0o777;
+                self.out.push(Entry::File { rel: relative(self.root, &path), path, mode });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `path`'s name under `root`.
@@ -171,7 +225,7 @@ mod tests {
         std::fs::write(dir.join(".git/HEAD"), b"x").unwrap();
         let pack = || {
             let mut p = Package::new();
-            p.add_dir(&dir, &[]).unwrap();
+            p.add_dir(&dir, &[], true).unwrap();
             p.finish("job").unwrap()
         };
         let (bytes, name) = pack();
@@ -181,6 +235,44 @@ mod tests {
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();
         assert_eq!(names, ["sub/data.csv", "train.py"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// What `.gitignore` and `.rayignore` leave out is not packaged (a job's folder), below their folder, as
+    /// Ray's packager does (a training folder's ignored data and checkpoints were read whole into
+    /// memory and uploaded); an inner `!` rule keeps a file an outer one leaves out.
+    #[test]
+    fn what_gitignore_and_rayignore_leave_out_is_not_packaged() {
+        let dir = std::env::temp_dir().join(format!("sluice-pkg-ignore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["data", "src/checkpoints", "src/keep"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join(".gitignore"), "data/\n*.ckpt\n").unwrap();
+        std::fs::write(dir.join("src/.rayignore"), "checkpoints/\n!best.ckpt\n").unwrap();
+        for f in [
+            "train.py",
+            "data/big.bin",
+            "src/model.py",
+            "src/checkpoints/1.pt",
+            "src/last.ckpt",
+            "src/best.ckpt",
+        ] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        std::fs::write(dir.join("src/keep/a.ckpt"), b"x").unwrap();
+        let mut p = Package::new();
+        p.add_dir(&dir, &[], true).unwrap();
+        let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
+        let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+        names.sort();
+        // `src/keep` held only an ignored file: kept, empty.
+        assert_eq!(names, ["src/best.ckpt", "src/keep/", "src/model.py", "train.py"]);
+        // A served config's folder takes no ignore files: its models are often left out of git.
+        let mut p = Package::new();
+        p.add_dir(&dir, &[], false).unwrap();
+        let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
+        assert_eq!(zip.len(), 7, "{:?}", zip.file_names().collect::<Vec<_>>());
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -199,7 +291,7 @@ mod tests {
         std::fs::write(dir.join("data.csv"), b"1").unwrap();
         std::fs::set_permissions(dir.join("data.csv"), std::fs::Permissions::from_mode(0o640)).unwrap();
         let mut p = Package::new();
-        p.add_dir(&dir, &[]).unwrap();
+        p.add_dir(&dir, &[], true).unwrap();
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();
@@ -233,7 +325,7 @@ mod tests {
         std::os::unix::fs::symlink(&dir, dir.join("models/up")).unwrap();
         std::os::unix::fs::symlink(dir.join("models/target"), dir.join("models/current")).unwrap();
         let mut p = Package::new();
-        p.add_dir(&dir, &[]).unwrap();
+        p.add_dir(&dir, &[], true).unwrap();
         let zip = zip::ZipArchive::new(std::io::Cursor::new(p.finish("job").unwrap().0)).unwrap();
         let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         names.sort();

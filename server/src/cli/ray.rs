@@ -375,7 +375,7 @@ fn shell_word(s: &str) -> String {
 /// `strip` is there), ONNX Runtime, and the bridge; named by its content hash.
 fn package(dir: &Path, ort: &Path) -> Result<(Vec<u8>, String), String> {
     let mut zip = super::package::Package::new();
-    zip.add_dir(dir, &[OWN, "sluice_ray"])?;
+    zip.add_dir(dir, &[OWN, "sluice_ray"], false)?;
     for (name, text) in BRIDGE {
         zip.add(name, text.as_bytes(), false)?;
     }
