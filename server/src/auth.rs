@@ -86,11 +86,33 @@ pub const CONTROL_CLOSED: &str = "loading and unloading repository models on a p
 pub enum Control {
     /// Callers that send the admin token.
     Token(Arc<str>),
-    /// Anyone; on a loopback port (`loopback_hosts_only`), only by a loopback host name, as
-    /// the admin API without a token ([`browser_refusal`]).
-    Open { loopback_hosts_only: bool },
+    /// Anyone, by the host names `hosts` allows, as the admin API without a token
+    /// ([`browser_refusal`]).
+    Open { hosts: Hosts },
     /// No one.
     Closed,
+}
+
+/// The `Host` names a port that changes what serves answers. Without a token, a web page
+/// whose own name resolves to the server's address (DNS rebinding) is same-origin to the
+/// browser, and could use it by that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hosts {
+    /// Any (a token is set: such a page cannot send it).
+    Any,
+    /// Loopback names only (no token, a loopback port).
+    Loopback,
+    /// A browser's calls (they carry `Origin` or `Sec-Fetch-*`) by an address or a loopback
+    /// name only, other clients' by any name (no token, a port beyond loopback: a Ray job's
+    /// admin API on the cluster network; a rebinding page always has a name).
+    AddressesForBrowsers,
+}
+
+impl Hosts {
+    /// The rule for a port without a token bound at `bound`.
+    pub fn without_token(bound: SocketAddr) -> Self {
+        if bound.ip().is_loopback() { Self::Loopback } else { Self::AddressesForBrowsers }
+    }
 }
 
 /// Why [`Control::check`] refused a call.
@@ -112,7 +134,7 @@ impl Control {
         match token.filter(|t| !t.is_empty()) {
             Some(t) => Self::Token(t.clone()),
             None if bound.ip().is_loopback() || admin.allow_unauthenticated => {
-                Self::Open { loopback_hosts_only: bound.ip().is_loopback() }
+                Self::Open { hosts: Hosts::without_token(bound) }
             }
             None => Self::Closed,
         }
@@ -131,24 +153,45 @@ impl Control {
 
 /// What a web page could make a browser send to a port that changes what serves, refused (the
 /// admin API's rule, and the inference ports' repository load and unload): a change from a
-/// page of another origin (its `Origin` names another host than the request's: a form or a
-/// `no-cors` `fetch` is sent without asking first), and, with `loopback_hosts_only` (no token,
-/// a loopback port), any call for a host name that is not loopback's (a page whose own name
-/// resolves to 127.0.0.1, DNS rebinding, is same-origin to the browser). The refusal's message,
-/// for a 403.
+/// page of another origin (its `Origin` names another host than the request's, or, where a
+/// browser sent no `Origin`, its `Sec-Fetch-Site` says another site or port: a form or a
+/// `no-cors` `fetch` is sent without asking first), and a call by a host name `hosts` does not
+/// allow (DNS rebinding). The refusal's message, for a 403.
 pub fn browser_refusal(
     headers: &axum::http::HeaderMap,
     authority: Option<&str>,
     changes: bool,
-    loopback_hosts_only: bool,
+    hosts: Hosts,
     what: &str,
 ) -> Option<String> {
     use axum::http::header;
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).or(authority).unwrap_or("");
-    if loopback_hosts_only && !host.is_empty() && !is_loopback_host(host) {
+    let from_browser = [header::ORIGIN.as_str(), "sec-fetch-site", "sec-fetch-mode"]
+        .iter()
+        .any(|h| headers.contains_key(*h));
+    match hosts {
+        Hosts::Loopback if !host.is_empty() && !is_loopback_host(host) => {
+            return Some(format!(
+                "host `{host}` refused: without a token {what} answers only loopback names (localhost, 127.0.0.1, \
+                 [::1]); set a token to reach it by another name"
+            ));
+        }
+        Hosts::AddressesForBrowsers if from_browser && !host.is_empty() && !is_address_host(host) => {
+            return Some(format!(
+                "host `{host}` refused: without a token {what} answers a browser only by address or a loopback \
+                 name (a page whose own name resolves here could use it); set a token to reach it by name"
+            ));
+        }
+        _ => {}
+    }
+    if changes
+        && !headers.contains_key(header::ORIGIN)
+        && let Some(site) = headers.get("sec-fetch-site")
+        && matches!(site.as_bytes(), b"cross-site" | b"same-site")
+    {
         return Some(format!(
-            "host `{host}` refused: without a token {what} answers only loopback names (localhost, 127.0.0.1, \
-             [::1]); set a token to reach it by another name"
+            "a call from another site or port (Sec-Fetch-Site: {}) is refused: {what} takes no cross-site requests",
+            String::from_utf8_lossy(site.as_bytes())
         ));
     }
     if changes && let Some(origin) = headers.get(header::ORIGIN) {
@@ -170,15 +213,26 @@ pub fn browser_refusal(
     None
 }
 
-/// Whether `host` (a `Host` header: a name or address, with or without a port) is loopback's.
-pub fn is_loopback_host(host: &str) -> bool {
+/// The name or address of a `Host` header, without its port or brackets.
+fn host_name(host: &str) -> &str {
     let name = match host.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => host
             .rsplit_once(':')
             .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
     };
-    let name = name.trim_end_matches('.');
+    name.trim_end_matches('.')
+}
+
+/// Whether `host` (a `Host` header) is an IP address or a loopback name: what no other site's
+/// page can be same-origin with.
+fn is_address_host(host: &str) -> bool {
+    is_loopback_host(host) || host_name(host).parse::<std::net::IpAddr>().is_ok()
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) is loopback's.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = host_name(host);
     name.eq_ignore_ascii_case("localhost")
         || name.to_ascii_lowercase().ends_with(".localhost")
         || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())

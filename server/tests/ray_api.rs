@@ -405,7 +405,7 @@ async fn a_draining_proxy_fails_kuberays_probe() {
         readiness,
         max_body_bytes: 1024,
         draining: rx,
-        control: sluice_server::auth::Control::Open { loopback_hosts_only: false },
+        control: sluice_server::auth::Control::Open { hosts: sluice_server::auth::Hosts::Any },
     });
     let app = sluice_server::rest::router(state, &sluice_config::HttpOptions::default());
     let get = |path: &'static str| {

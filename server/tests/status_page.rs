@@ -172,3 +172,85 @@ async fn the_admin_api_refuses_what_a_web_page_could_send_and_answers_json_error
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     server.shutdown().await;
 }
+
+/// The page and every admin answer refuse to be framed (the page's buttons, clicked through an
+/// invisible frame on any site) and are not kept in caches; the login form posts the token
+/// (a query's lands in proxies' access logs), and behind a TLS proxy the cookie is Secure.
+#[tokio::test]
+async fn the_page_cannot_be_framed_and_its_login_posts_the_token() {
+    let server = start(Some(TOKEN)).await;
+    let base = format!("http://{}", server.admin_addr().unwrap());
+    let c = client();
+    let login = c.get(format!("{base}/")).send().await.unwrap();
+    for r in [&login, &c.get(format!("{base}/api/sluice/status")).bearer_auth(TOKEN).send().await.unwrap()] {
+        let h = r.headers();
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["content-security-policy"], "frame-ancestors 'none'");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-store");
+    }
+    let html = login.text().await.unwrap();
+    assert!(html.contains("method=\"post\""), "{html}");
+    let post = |body: &'static str| {
+        c.post(format!("{base}/"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("Origin", &base)
+            .body(body)
+    };
+    assert_eq!(post("token=nope").send().await.unwrap().status(), 401);
+    let r = post("token=s3cret%2Btoken").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let set = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    assert!(set.starts_with(&format!("sluice_admin_token={TOKEN};")) && !set.contains("Secure"), "{set}");
+    let r = post("token=s3cret%2Btoken").header("X-Forwarded-Proto", "https").send().await.unwrap();
+    assert!(r.headers()[SET_COOKIE].to_str().unwrap().contains("; Secure"));
+    // A login from another site's page (logging the browser in with the attacker's token).
+    let r = c
+        .post(format!("{base}/"))
+        .header("Origin", "http://evil.example")
+        .body("token=s3cret%2Btoken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    server.shutdown().await;
+}
+
+/// Without a token, an admin API beyond loopback (a Ray job's, on the cluster network) answers
+/// a browser only by address: a page whose own name resolves to it (DNS rebinding) is refused,
+/// while a command-line client may use any name. A change a browser marks as from another site
+/// is refused without an `Origin` too.
+#[tokio::test]
+async fn beyond_loopback_without_a_token_a_browser_must_use_an_address() {
+    sluice_server::runtime::init(None, None).unwrap();
+    let text = "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {host: 0.0.0.0, port: 0}\napplications:\n  - name: shop\n    deployments:\n      - {name: iris, model: iris/model.onnx, canary: {model: iris/model.onnx, version: \"2\", weight: 25}}\n";
+    let config = sluice_config::parse(text, &common::models_dir().join("test.yaml")).unwrap();
+    let options = sluice_server::StartOptions { admin_open_on_cluster: true, ..Default::default() };
+    let server = sluice_server::start(config, options).await.unwrap();
+    let port = server.admin_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = client();
+    let status = format!("{base}/api/sluice/status");
+    let named = |name: &str| c.get(&status).header("Host", format!("{name}:{port}"));
+    // A browser by a name: refused; by an address: answered.
+    let r = named("rebind.example").header("Sec-Fetch-Mode", "cors").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.text().await.unwrap().contains("rebind.example"));
+    assert_eq!(named("10.1.2.3").header("Sec-Fetch-Mode", "cors").send().await.unwrap().status(), 200);
+    // A client that is no browser, by a name: answered (`sluice status --address http://head:8266`).
+    assert_eq!(named("head.cluster").send().await.unwrap().status(), 200);
+    // A change marked as from another site, no Origin sent: refused.
+    let canary = format!("{base}/api/serve/deployments/iris/canary");
+    let r =
+        c.post(&canary).header("Sec-Fetch-Site", "same-site").body(r#"{"weight": 50}"#).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = c
+        .post(&canary)
+        .header("Sec-Fetch-Site", "same-origin")
+        .body(r#"{"weight": 50}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    server.shutdown().await;
+}

@@ -147,8 +147,11 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
         timeout: std::time::Duration::from_secs_f64(http.body_read_timeout_s),
         total: std::time::Duration::from_secs_f64(http.body_total_timeout_s),
     };
-    // Without a token, on loopback (the default), only loopback host names may be asked for.
-    let loopback_hosts_only = token.is_none() && bound.ip().is_loopback();
+    // Without a token, only the host names DNS rebinding cannot use (`Hosts`).
+    let hosts = match token {
+        None => crate::auth::Hosts::without_token(bound),
+        Some(_) => crate::auth::Hosts::Any,
+    };
     let secure_cookie = state.started.admin_options.tls.is_some();
     Router::new()
         .route("/api/serve/applications", put(deploy).get(ray::details).delete(ray::delete_all))
@@ -179,11 +182,27 @@ pub fn router(state: AdminState, token: Option<String>, bound: std::net::SocketA
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             authorize(token.clone(), secure_cookie, req, next)
         }))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            browser_guard(loopback_hosts_only, req, next)
-        }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| browser_guard(hosts, req, next)))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(no_framing))
         .with_state(state)
+}
+
+/// Every admin answer may not be framed by another page (the status page's promote and
+/// rollback buttons, clicked through an invisible frame on any site), sniffed as another type,
+/// or kept in a cache (the status page and the status JSON hold what serves).
+async fn no_framing(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.entry(name).or_insert(axum::http::HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// How much of a request body the admin API reads, and for how long (`http_options`'
@@ -241,11 +260,10 @@ async fn read_body(limits: BodyLimits, req: Request, next: Next) -> Response {
 
 /// Refuses what a web page could make a browser send here ([`crate::auth::browser_refusal`]):
 /// 403.
-async fn browser_guard(loopback_hosts_only: bool, req: Request, next: Next) -> Response {
+async fn browser_guard(hosts: crate::auth::Hosts, req: Request, next: Next) -> Response {
     let changes = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     let authority = req.uri().authority().map(|a| a.as_str());
-    let refusal =
-        crate::auth::browser_refusal(req.headers(), authority, changes, loopback_hosts_only, "the admin API");
+    let refusal = crate::auth::browser_refusal(req.headers(), authority, changes, hosts, "the admin API");
     match refusal {
         Some(message) => error(StatusCode::FORBIDDEN, message),
         None => next.run(req).await,
@@ -295,12 +313,22 @@ async fn authorize(token: Option<String>, secure_cookie: bool, req: Request, nex
         .any(|h| crate::auth::bearer_matches(headers.get(h), &t))
         || page::cookie_token(headers).is_some_and(|c| crate::auth::token_matches(c.as_bytes(), &t));
     let is_page = req.uri().path() == "/";
+    // Behind a TLS proxy (`X-Forwarded-Proto: https`, which can only add the restriction) the
+    // cookie is never to be sent over plain HTTP either.
+    let secure = secure_cookie
+        || headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+    let login = |given: Option<String>| match given {
+        Some(given) if crate::auth::token_matches(given.as_bytes(), &t) => page::logged_in(&t, secure),
+        _ => page::login(),
+    };
+    // The login form posts the token (a query's lands in proxies' access logs and the
+    // browser's history); `?token=` is still taken, for scripts.
+    if is_page && req.method() == axum::http::Method::POST {
+        let body = axum::body::to_bytes(req.into_body(), page::LOGIN_MAX_BYTES).await.unwrap_or_default();
+        return login(page::query_token(std::str::from_utf8(&body).ok()));
+    }
     if is_page && let Some(given) = page::query_token(req.uri().query()) {
-        return if crate::auth::token_matches(given.as_bytes(), &t) {
-            page::logged_in(&t, secure_cookie)
-        } else {
-            page::login()
-        };
+        return login(Some(given));
     }
     match (authorized, is_page) {
         (true, _) => next.run(req).await,

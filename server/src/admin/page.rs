@@ -4,9 +4,10 @@
 //! depth per version for its sparklines, and drives canary weight, promote and rollback
 //! through the admin API. No build step: the HTML is embedded with `include_str!`.
 //!
-//! With an admin token, `GET /?token=T` (the login form on the page sends it) answers with a
-//! cookie holding the token (HttpOnly, SameSite=Strict) that the admin API accepts like the
-//! bearer header, and redirects to `/` so the token leaves the address bar.
+//! With an admin token, the login form's `POST /` (`token=T`, urlencoded; `GET /?token=T` for
+//! scripts) answers with a cookie holding the token (HttpOnly, SameSite=Strict; Secure over TLS
+//! or behind a TLS proxy) that the admin API accepts like the bearer header, and redirects to
+//! `/`. Every admin answer refuses to be framed (`frame-ancestors 'none'`).
 
 use std::fmt::Write;
 
@@ -27,7 +28,7 @@ const LOGIN: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Sluice status: log in</title>
 <style>body { font: 14px system-ui, sans-serif; margin: 3em; } input { width: 24em; }</style></head>
 <body><h1>Sluice status</h1><p>This admin API requires its token (<code>admin_options.token_env</code>).</p>
-<form method="get" action="/"><input type="password" name="token" placeholder="admin token" autofocus>
+<form method="post" action="/"><input type="password" name="token" placeholder="admin token" autofocus>
 <button>log in</button></form></body></html>"#;
 
 pub async fn page(State(s): State<AdminState>) -> Html<String> {
@@ -49,6 +50,9 @@ pub fn logged_in(token: &str, secure: bool) -> Response {
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/".to_string())])
         .into_response()
 }
+
+/// The most of a login form's body read (`token=...`, urlencoded).
+pub const LOGIN_MAX_BYTES: usize = 4096;
 
 /// The token in the request's `sluice_admin_token` cookie, if any.
 pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {

@@ -102,7 +102,20 @@ fn table(status: &Status, now_s: f64, wide: bool) -> String {
     if status.applications.is_empty() {
         out.push_str("\nno applications");
     }
-    out.trim_end().to_string()
+    printable(out.trim_end())
+}
+
+/// `text` with its control characters but newlines and tabs written as escapes: error and
+/// event messages can quote a model file's bytes, and an escape sequence among them would
+/// reach the operator's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 fn version_row(v: &VersionStatus) -> Row {
@@ -251,6 +264,17 @@ mod tests {
         let col = lines[0].find("VERSION").unwrap();
         assert_eq!(&lines[1][col..col + 3], "1  ");
         assert_eq!(&lines[2][col..col + 10], "2 (canary)");
+    }
+
+    /// A message with control characters (a model file's bytes quoted in a load error) is
+    /// shown with them escaped: an escape sequence reached the terminal.
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        let mut s = status();
+        s.applications.get_mut("new").unwrap().message = "bad \u{1b}[2J\r model".into();
+        let out = render(&s, Output::Table, 205.0).unwrap();
+        assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+        assert!(out.contains("bad \\u{1b}[2J\\u{d} model"), "{out}");
     }
 
     /// A shadow version's row says so (it read as an idle version at 0 %), and what its copies

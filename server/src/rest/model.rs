@@ -145,10 +145,13 @@ pub fn refuse_overrides<'a>(mut keys: impl Iterator<Item = &'a str>) -> Result<(
 /// user visits could unload the models of a server on localhost with a form).
 fn may_control(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> Result<(), ApiError> {
     use crate::auth::{CONTROL_CLOSED, CONTROL_NEEDS_TOKEN, Control, Refused};
-    let loopback_hosts_only = matches!(state.control, Control::Open { loopback_hosts_only: true });
+    let hosts = match state.control {
+        Control::Open { hosts } => hosts,
+        Control::Token(_) | Control::Closed => crate::auth::Hosts::Any,
+    };
     let authority = uri.authority().map(|a| a.as_str());
     let what = "repository load and unload on this port";
-    if let Some(refusal) = crate::auth::browser_refusal(headers, authority, true, loopback_hosts_only, what) {
+    if let Some(refusal) = crate::auth::browser_refusal(headers, authority, true, hosts, what) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, refusal));
     }
     state.control.check(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(|r| match r {
