@@ -90,17 +90,15 @@ def models(selected, out):
             found[name] = dict(path=d / name / "model.onnx", samples=samples, seq=1, extra="max_batch_size: 32")
     if "minilm" in selected:
         d = Path(os.environ.get("SLUICE_MINILM_DIR", ROOT.parent / "shared" / "models" / "minilm"))
-        if not (d / "samples.json").is_file():
-            print(f"skipped minilm: no model.onnx and samples.json at {d} (set SLUICE_MINILM_DIR)", file=sys.stderr)
-        elif (d / "model.onnx").is_file():
+        if not ((d / "samples.json").is_file() and (d / "model.onnx").is_file()):
+            print(f"MiniLM skipped: no model.onnx and samples.json in {d} (set SLUICE_MINILM_DIR)", file=sys.stderr)
+        else:
             doc = json.loads((d / "samples.json").read_text())
             single = [c for c in doc["cases"] if c["inputs"][0]["shape"][0] == 1][:1]
             samples = out / "minilm-single.json"
             samples.write_text(json.dumps({"cases": [{"inputs": c["inputs"]} for c in single]}))
             found["minilm"] = dict(path=d / "model.onnx", samples=samples, seq=single[0]["inputs"][0]["shape"][1],
                                    extra="max_batch_size: 64")
-        else:
-            print(f"MiniLM skipped: no model.onnx in {d} (set SLUICE_MINILM_DIR)", file=sys.stderr)
     return found
 
 

@@ -279,7 +279,7 @@ fn commit_deployment(
     // says a deployment still failing to start from zero is failing, not "starting from zero"
     // anew after any apply (a deploy of another application, a repository change).
     let mut kept = (None, None);
-    let (primary, old_canary, old_shadow, old_scaling, old_others) = match (p.primary, old) {
+    let (primary, old_canary, old_shadow, old_scaling, old_others, series) = match (p.primary, old) {
         (Change::New(v), Some(m)) => {
             events
                 .push(&name, format!("new model or settings: version {} warmed up and swapped in", v.name()));
@@ -297,7 +297,7 @@ fn commit_deployment(
                 }
             }
             out.retired.push(m.primary);
-            (v, m.canary, m.shadow, m.scaling, m.others)
+            (v, m.canary, m.shadow, m.scaling, m.others, m.series)
         }
         (Change::New(v), None) => {
             let n = v.replica_count();
@@ -306,7 +306,8 @@ fn commit_deployment(
             // before Prometheus has scraped the canary (registered when the canary started,
             // its first sample could already be 1, an increase of none).
             metrics::counter!(sluice_deployments::metrics::ROLLBACKS, "model" => name.clone()).absolute(0);
-            (v, None, None, None, Vec::new())
+            let series = std::sync::Arc::new(sluice_deployments::metrics::LabelOwner::new("model", &name));
+            (v, None, None, None, Vec::new(), series)
         }
         (Change::Keep(_), Some(m)) => {
             let current = m.primary.replica_count();
@@ -320,7 +321,7 @@ fn commit_deployment(
                 });
             }
             kept = (m.scale_failure, m.woken_at);
-            (m.primary, m.canary, m.shadow, m.scaling, m.others)
+            (m.primary, m.canary, m.shadow, m.scaling, m.others, m.series)
         }
         (Change::Keep(_) | Change::Start { .. }, old) => {
             // Only possible if the plan was not started or the deployment vanished meanwhile.
@@ -348,6 +349,7 @@ fn commit_deployment(
         scaling,
         scale_failure: kept.0,
         woken_at: kept.1,
+        series,
     })
 }
 
@@ -596,6 +598,7 @@ mod tests {
             scaling: None,
             scale_failure: None,
             woken_at: None,
+            series: std::sync::Arc::new(sluice_deployments::metrics::LabelOwner::new("model", &d.name)),
         }
     }
 

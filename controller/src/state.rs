@@ -163,6 +163,9 @@ pub(crate) struct Managed {
     /// When the primary was last asked to grow from zero replicas (the status reads a wake
     /// that has had no ready replica for long as unhealthy).
     pub woken_at: Option<Instant>,
+    /// Keeps the series labelled by its name alone (`sluice_canary_rollbacks_total`) in
+    /// `/metrics` while it is deployed: a deleted deployment's stayed for good.
+    pub series: std::sync::Arc<sluice_deployments::metrics::LabelOwner>,
 }
 
 /// A failed change of the primary's replica count ([`Managed::scale_failure`]).

@@ -618,12 +618,6 @@ impl DeploymentMetrics {
     /// `stages` says where the time went when the call succeeded (`None`: it failed).
     /// One request's successful call of its own (its batch failed, and each of its requests ran
     /// alone).
-    /// A request of a batch that ran by itself: a model call of its own rows, taking its own
-    /// stages' time.
-    pub(crate) fn executed_alone(&self, rows: usize, stages: StageTimes) {
-        self.batch(rows, 1, stages.input + stages.infer + stages.output, Some(stages));
-    }
-
     pub(crate) fn batch(&self, rows: usize, requests: usize, took: Duration, stages: Option<StageTimes>) {
         self.batch_size.record(rows as f64);
         self.inference_duration.record(took.as_secs_f64());

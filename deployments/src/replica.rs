@@ -654,7 +654,7 @@ pub(crate) fn run_batch(
         Ok(Ok((per_job, _))) => (false, Answers::Each(batch, per_job)),
         Ok(Err(Failed::All(e))) => (false, Answers::All(batch, e)),
         Ok(Err(Failed::Alone(e, results))) => {
-            let failed = results.iter().filter(|r| r.is_err()).count();
+            let failed = results.iter().filter(|(_, r)| r.is_err()).count();
             tracing::debug!(model = %config.name, requests = batch.len(), failed, "batch failed ({e}); its requests ran alone");
             (false, each_alone(config, batch, results))
         }
@@ -672,19 +672,15 @@ pub(crate) fn run_batch(
 /// The answers of a batch whose requests ran alone. Each request's own call is a model call
 /// of the statistics (their counts left out every request of a batch that one bad request
 /// made run alone).
-fn each_alone(
-    config: &ReplicaConfig,
-    batch: Vec<Job>,
-    results: Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>,
-) -> Answers {
+fn each_alone(config: &ReplicaConfig, batch: Vec<Job>, results: RanAlone) -> Answers {
     let results = batch
         .iter()
         .zip(results)
-        .map(|(job, r)| {
-            r.map(|(outputs, stages)| {
-                config.metrics.executed_alone(job.rows, stages);
-                outputs
-            })
+        .map(|(job, (took, r))| {
+            // A call that failed is a model call too (a failed call of a whole batch is).
+            let stages = r.as_ref().ok().map(|(_, stages)| *stages);
+            config.metrics.batch(job.rows, 1, took, stages);
+            r.map(|(outputs, _)| outputs)
         })
         .collect();
     Answers::Alone(batch, results)
@@ -703,22 +699,23 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 /// ([`run_alone`]); or how it ran when its model does not merge requests (each alone, `Apart`).
 enum Failed {
     All(InferError),
-    Alone(InferError, Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>),
-    Apart(Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>>),
+    Alone(InferError, RanAlone),
+    Apart(RanAlone),
 }
 
-/// Each job of a batch through the model by itself: its own outputs (and the call's stage
-/// times) or error.
-fn run_alone(
-    config: &ReplicaConfig,
-    model: &mut dyn Backend,
-    batch: &mut [Job],
-) -> Vec<Result<(Vec<NamedTensor>, StageTimes), InferError>> {
+/// Each request of a batch run by itself: how long its call took, and its outputs (with the
+/// call's stage times) or error.
+type RanAlone = Vec<(Duration, Result<(Vec<NamedTensor>, StageTimes), InferError>)>;
+
+/// Each job of a batch through the model by itself.
+fn run_alone(config: &ReplicaConfig, model: &mut dyn Backend, batch: &mut [Job]) -> RanAlone {
     batch
         .iter_mut()
         .map(|job| {
-            infer_batch(config, model, std::slice::from_mut(job))
-                .map(|(mut outputs, stages)| (outputs.swap_remove(0), stages))
+            let started = Instant::now();
+            let result = infer_batch(config, model, std::slice::from_mut(job))
+                .map(|(mut outputs, stages)| (outputs.swap_remove(0), stages));
+            (started.elapsed(), result)
         })
         .collect()
 }
@@ -743,6 +740,7 @@ fn infer_batch(
     // are (a sequence its ids and mask share) and answer it on pad values: its batch fails, and
     // each request runs alone (the model refuses that one, or runs it at its own lengths).
     if !pad.is_empty() && batch.iter().any(|job| !model.shared_dims_agree(&job.inputs)) {
+        warn_once_of_shared_dims(&config.name);
         return Err(InferError::invalid("a request's inputs disagree on a dimension the model shares"));
     }
     let merged = merge(batch, pad)?;
@@ -754,6 +752,22 @@ fn infer_batch(
     let per_job = split(&results, batch, &dims, &|output, axis| model.crops_to_request(output, axis))?;
     let stages = stage_times(model, called - start, returned - called, returned.elapsed());
     Ok((per_job, stages))
+}
+
+/// Says once per deployment that its requests whose padded inputs disagree on a dimension the
+/// model names alike run alone (a model whose exporter named unrelated dimensions alike pays
+/// for it in throughput, correctly answered; this says why).
+fn warn_once_of_shared_dims(deployment: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !warned.iter().any(|d| d == deployment) {
+        warned.push(deployment.to_string());
+        tracing::warn!(
+            model = %deployment,
+            "a batch holds a request whose padded inputs differ on a dimension the model names alike in \
+             both; such a request's batch runs each request alone (said once)"
+        );
+    }
 }
 
 /// Triton's stages of one model call: what the replica spent before the backend (`prepare`:

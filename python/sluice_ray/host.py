@@ -121,6 +121,7 @@ class ProcessHost:
         self.ready_at: Optional[float] = None
         self.exited_at: Optional[float] = None
         self._stopping = False
+        self._reaped = False   # the child was reaped: its group id may be another's now
 
         argv = [str(a).replace("{node_ip}", self.node_ip) for a in argv]
         if argv:
@@ -175,12 +176,18 @@ class ProcessHost:
         # exit went unseen until the helper's). Waited for without reaping it, whatever is
         # left of its group goes while the leader's id still names the group: once reaped, the
         # id is free, and a signal to it later (stop()) could reach another process's group.
+        exited = False
         try:
             os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+            exited = True
             os.killpg(p.pid, signal.SIGKILL)
         except OSError:
             pass
-        rc = p.wait()
+        if not exited:   # not waited for above: not under the lock, which stop() needs meanwhile
+            p.wait()
+        with self._cond:   # an exited child's reap is immediate; stop() signals only before it
+            rc = p.wait()
+            self._reaped = True
         out.join(timeout=2.0)
         err.join(timeout=2.0)
         with self._cond:
@@ -280,28 +287,30 @@ class ProcessHost:
             pid, rc = self.pid, self.returncode
         if pid is not None:
             if rc is None:
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                self._signal_group(pid, signal.SIGTERM)
                 deadline = time.monotonic() + max(0.0, float(grace_s))
                 with self._cond:
                     while self.returncode is None and time.monotonic() < deadline:
                         self._cond.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
             # Whatever is left of the group (the leader or its helpers) goes now; a leader
             # already reaped took its group with it (_supervise), and its id may be another's.
-            with self._cond:
-                reaped = self.returncode is not None
-            if not reaped:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            self._signal_group(pid, signal.SIGKILL)
             with self._cond:
                 end = time.monotonic() + 5.0
                 while self.returncode is None and time.monotonic() < end:
                     self._cond.wait(timeout=0.1)
         return self.info()
+
+    def _signal_group(self, pid: int, sig: int) -> None:
+        """Signals the child's group, unless the child was reaped (checked and sent under the
+        lock _supervise reaps under, so the id cannot be freed in between)."""
+        with self._cond:
+            if self._reaped:
+                return
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def ping(self) -> bool:
         return True

@@ -27,6 +27,18 @@ pub enum JobsError {
     Exists { id: String, status: String },
 }
 
+impl JobsError {
+    /// Whether asking again later may succeed: the dashboard unreachable or failing with a 5xx
+    /// (restarting, a proxy's 502), not a refusal of the call itself (401, 404).
+    pub fn passing(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Refused { status, .. } => *status >= 500,
+            Self::Version { .. } | Self::Protocol { .. } | Self::Exists { .. } => false,
+        }
+    }
+}
+
 /// A job as Ray reports it (`JobDetails`; fields Sluice reads).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct JobDetails {
@@ -373,8 +385,12 @@ impl Jobs {
     ) -> Result<(), JobsError> {
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
-            let polled =
-                async { Ok((self.job(id).await?.is_none_or(|j| j.is_terminal()), self.logs(id).await?)) };
+            let polled = async {
+                Ok::<_, JobsError>((
+                    self.job(id).await?.is_none_or(|j| j.is_terminal()),
+                    self.logs(id).await?,
+                ))
+            };
             let (ended, logs) = match polled.await {
                 Ok(polled) => {
                     failing_since = None;
@@ -383,15 +399,20 @@ impl Jobs {
                 // A dashboard restarting, or a 502 from a proxy in front of it, during a job of
                 // hours: asked again (one failed call ended the follow, and the command said the
                 // job failed while it ran on), up to LOST_AFTER of failures in a row.
-                Err(e) => {
+                Err(e) if e.passing() => {
+                    if failing_since.is_none() {
+                        tracing::warn!(
+                            "Ray's dashboard did not answer ({e}); asking again for up to 5 minutes"
+                        );
+                    }
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= LOST_AFTER {
                         return Err(e);
                     }
-                    tracing::warn!("Ray's dashboard did not answer ({e}); asking again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
+                Err(e) => return Err(e),
             };
             if let Some(new) = logs.get(shown..).filter(|n| !n.is_empty()) {
                 out(new);
@@ -432,6 +453,17 @@ pub fn segment(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A follow asks again after a 5xx (a dashboard restarting, a proxy's 502), never after a
+    /// refusal of the call itself (a wrong token, a job deleted): those waited 5 minutes.
+    #[test]
+    fn only_a_dashboard_failing_is_asked_again() {
+        let refused =
+            |status| super::JobsError::Refused { what: "GET".into(), status, message: String::new() };
+        assert!(refused(502).passing() && refused(503).passing());
+        assert!(!refused(401).passing() && !refused(404).passing());
+        assert!(!super::JobsError::Protocol { what: "GET".into(), message: String::new() }.passing());
+    }
+
     #[test]
     fn a_job_id_is_one_path_segment() {
         assert_eq!(super::segment("exp#1/a b?c"), "exp%231%2Fa%20b%3Fc");

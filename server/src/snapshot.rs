@@ -350,7 +350,7 @@ impl Follower {
         };
         let pipeline = match built.remove(&p.name) {
             Some(f) if same(&f) => f.pipeline,
-            _ => {
+            old => {
                 let steps = p
                     .steps
                     .iter()
@@ -364,7 +364,12 @@ impl Follower {
                     .collect();
                 let inputs = p.inputs.iter().map(tensor_of).collect::<Option<Vec<_>>>()?;
                 let json = p.json.clone().map(|j| JsonMapping { request: j.request, response: j.response });
-                Arc::new(Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok()?)
+                let pipeline = Pipeline::new(&p.name, inputs, steps, &p.outputs, json).ok()?;
+                // Counting on in the statistics of the one it replaces, as the controller's.
+                Arc::new(match old {
+                    Some(old) => pipeline.keeping_stats_of(&old.pipeline),
+                    None => pipeline,
+                })
             }
         };
         let followed = FollowedPipeline { entry: p.clone(), steps: deployments, pipeline: pipeline.clone() };
@@ -635,6 +640,8 @@ mod tests {
         };
         assert!(d.spec().multiplexed, "the proxy follows the version's multiplexing");
         assert!(!Arc::ptr_eq(&before, &pipeline()), "a step's deployment started again: a new pipeline");
+        // Counting on in the old one's statistics (its Triton `/stats` went back to 0).
+        assert!(std::ptr::eq(before.metrics(), pipeline().metrics()), "the same statistics");
 
         // A version that served through the proxy and was then scaled to zero on purpose reads
         // as at zero there too (it read as failing: the proxy said not ready, and no request

@@ -169,5 +169,14 @@ async fn the_rollback_counter_is_at_zero_before_any_canary() {
     let s = sluice_server::start(config, Default::default()).await.unwrap();
     let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l == "sluice_canary_rollbacks_total{model=\"plain\"} 0"), "{metrics}");
+    // Deleted, it leaves (it stayed for good).
+    let empty = sluice_config::parse(
+        "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {enabled: false}\n",
+        &models_dir().join("d.yaml"),
+    )
+    .unwrap();
+    s.controller().apply(&empty).await.unwrap();
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("sluice_canary_rollbacks_total{model=\"plain\"}"), "{metrics}");
     s.shutdown().await;
 }

@@ -152,6 +152,22 @@ async fn concurrent_pipeline_requests_batch_and_each_gets_its_own_embedding() {
     // read as calls of all their rows).
     let tokenized = calls_of("tok").await - tokenized_before;
     assert!(tokenized >= 24.0, "{tokenized} tokenizer calls for 24 requests");
+    // Calls that fail are model calls too (a batch's alone calls that failed were counted
+    // nowhere, where a whole batch's failed call is).
+    let before = calls_of("tok").await;
+    let (body, header_len) = binary_bytes_request(&[0xff, 0xfe, b'a']);
+    let bad = (0..4).map(|_| {
+        client
+            .post(url(&s, "/v2/models/tok/infer"))
+            .header("Inference-Header-Content-Length", header_len)
+            .body(body.clone())
+            .send()
+    });
+    for r in futures_util::future::join_all(bad).await {
+        assert_eq!(r.unwrap().status(), 400);
+    }
+    let failed = calls_of("tok").await - before;
+    assert!(failed >= 4.0, "{failed} tokenizer calls for 4 failing requests");
     // Replica series are the steps' deployments'; a pipeline has none (at 0 it read as "no
     // ready replica" to the shipped alert). The value is not checked: the recorder is the
     // process's, and another test's server with an `encoder` may have just stopped.

@@ -208,10 +208,13 @@ def test_a_process_that_exits_takes_its_group_with_it_and_is_never_signalled_aft
             os.kill(pid, 0)
         except ProcessLookupError:
             break
-        # A zombie of its own group is gone for this purpose too.
-        with open("/proc/%d/stat" % pid) as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
+        # A zombie of its own group is gone for this purpose too (or reaped meanwhile).
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
         assert time.monotonic() < until, "the helper outlived its leader"
         time.sleep(0.05)
     sent = []

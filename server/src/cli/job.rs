@@ -235,16 +235,19 @@ async fn wait_terminal(jobs: &Jobs, id: &str, timeout: Duration) -> Result<JobDe
     let until = tokio::time::Instant::now() + timeout;
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
-        match find(jobs, id).await {
-            Ok(job) if job.is_terminal() || tokio::time::Instant::now() >= until => return Ok(job),
-            Ok(_) => failing_since = None,
-            // Asked again, as while following its log (a dashboard restarting).
-            Err(e) => {
+        match jobs.job(id).await {
+            Ok(Some(job)) if job.is_terminal() || tokio::time::Instant::now() >= until => return Ok(job),
+            Ok(Some(_)) => failing_since = None,
+            Ok(None) => return Err(format!("Ray at {} has no job `{id}`", jobs.address())),
+            // A dashboard restarting, or a proxy's 502: asked again, as while following the log,
+            // past `timeout` too, up to LOST_AFTER of failures in a row.
+            Err(e) if e.passing() => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= sluice_server::ray_jobs::LOST_AFTER {
-                    return Err(e);
+                    return Err(e.to_string());
                 }
             }
+            Err(e) => return Err(e.to_string()),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -208,8 +208,6 @@ fn http_url(text: &str) -> Result<String, String> {
     Ok(url)
 }
 
-/// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
-/// prints one line and fails when it cannot.
 /// Ray's auth token as `ray` itself finds it: the variable `var` names (`RAY_AUTH_TOKEN` by
 /// default), else the file `RAY_AUTH_TOKEN_PATH` names, else `~/.ray/auth_token` (where
 /// `ray get-auth-token --generate` writes it: read only from the variable, a user set up so had
@@ -231,6 +229,8 @@ fn ray_token_from(value: Option<String>, path: Option<PathBuf>, home: Option<Pat
     std::fs::read_to_string(file).ok().and_then(token)
 }
 
+/// Loads ONNX Runtime from the flag, else `ORT_DYLIB_PATH` (`env`), else the project folder;
+/// prints one line and fails when it cannot.
 pub fn init_runtime(ort: OrtArgs, env: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     sluice_server::runtime::init(ort.onnxruntime, env).map_err(|e| {
         eprintln!("error: {e}");

@@ -126,7 +126,8 @@ fn ignored(rules: &[ignore::gitignore::Gitignore], path: &Path, is_dir: bool) ->
 /// A walk of a package's folder: files under `root`, skipping hidden ones, build output,
 /// `skip` and (`ignore_files`) what the `.gitignore` and `.rayignore` files of the folders walked
 /// leave out, as `ray job submit --working-dir` does (a training folder's ignored data was read
-/// whole into memory and uploaded); and the folders left empty. A link to nothing is left out
+/// whole into memory and uploaded), with git's rules (the innermost file naming a path
+/// decides); and the folders left empty. A link to nothing is left out
 /// with a warning (Ray's packager skips it too); a link to a folder above it is not followed
 /// (`seen`: the folders being walked). Errors name the path.
 struct Walk<'a> {
