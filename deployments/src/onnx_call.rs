@@ -157,7 +157,10 @@ impl Caller {
             // SAFETY: `data` holds exactly the shape's elements of this type (checked when the
             // `Tensor` was built) and outlives the value: the caller releases it right after the
             // run, while the tensor is still borrowed. ONNX Runtime reads inputs and never writes
-            // them, so the pointer's mutability is only the C signature's.
+            // them, so the pointer's mutability is only the C signature's. An output can share
+            // an input's buffer (a graph whose output is its input): outputs are copied out
+            // (`read_output`) while the request's tensors are still borrowed, so they must never
+            // be handed out in place past the call.
             status(unsafe {
                 (ort::api().CreateTensorWithDataAsOrtValue)(
                     self.cpu.as_ptr(),

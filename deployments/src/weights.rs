@@ -190,11 +190,13 @@ fn owned<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
     data: &[u8],
 ) -> Result<DynValue, ort::Error> {
     let n = data.len() / size_of::<T>();
+    // Checked here too, not only by the caller: a length between two elements would be copied
+    // past the room made for `n`.
+    assert_eq!(n * size_of::<T>(), data.len(), "an initializer's bytes are whole elements");
     let mut values: Vec<T> = Vec::with_capacity(n);
-    // SAFETY: `values` has room for `n` elements, `n * size_of::<T>() == data.len()` (the caller
-    // checked the length against the shape), every bit pattern is a valid `T` for these number
-    // types, and the regions cannot overlap. x86-64 and aarch64 are little-endian, as ONNX's
-    // `raw_data` is.
+    // SAFETY: `values` has room for `n` elements, `n * size_of::<T>() == data.len()` (asserted
+    // above), every bit pattern is a valid `T` for these number types, and the regions cannot
+    // overlap. x86-64 and aarch64 are little-endian, as ONNX's `raw_data` is.
     unsafe {
         std::ptr::copy_nonoverlapping(data.as_ptr(), values.as_mut_ptr().cast::<u8>(), data.len());
         values.set_len(n);
@@ -288,5 +290,16 @@ impl TensorProto {
             return Some(self.float_data.iter().flat_map(|x| x.to_le_bytes()).collect());
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A length between two elements is refused before the copy (it was copied past the room
+    /// made for the whole elements; the caller's check alone kept it from happening).
+    #[test]
+    #[should_panic(expected = "whole elements")]
+    fn bytes_that_are_not_whole_elements_are_refused() {
+        let _ = super::owned::<f32>(vec![1], &[0u8; 5]);
     }
 }
