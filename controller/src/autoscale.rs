@@ -125,10 +125,6 @@ pub(crate) fn step(
     let remote = &st.remote_demand;
     for (name, m) in st.deployments.iter_mut() {
         let Some(s) = &mut m.scaling else { continue };
-        // Its last change still runs (replicas loading): judged once that is done.
-        if busy.contains(name) {
-            continue;
-        }
         let d = &m.primary.deployment;
         let current = m.primary.replica_count() as u32;
         // The head's requests and those proxies on other nodes hold for the same version.
@@ -144,6 +140,21 @@ pub(crate) fn step(
         let sample_every = SAMPLE_EVERY.min(interval);
         let sample_now =
             sampled || s.window.last_sampled().is_none_or(|t| now.duration_since(t) >= sample_every);
+        // Its last change still runs (replicas loading, on Ray up to minutes): judged once that
+        // is done, on its load sampled meanwhile (a busy spell longer than the look-back left
+        // one sample to decide on, and a light load's instant read as none).
+        if busy.contains(name) {
+            if sample_now {
+                s.window.sample(now, in_system, look_back);
+                if let Some(c) = &mut m.canary {
+                    let (remote_in, _) = remote.of(name, c.version.deployment.version(), now);
+                    c.window.sample(now, canary_load(c).saturating_add(remote_in) as f64, look_back);
+                }
+            }
+            let due = now + sample_every;
+            next = Some(next.map_or(due, |n| n.min(due)));
+            continue;
+        }
         if sample_now && !sampled {
             s.window.sample(now, in_system, look_back);
         }
@@ -487,6 +498,17 @@ mod growth_after_failure {
         assert_eq!(round(t0 + secs(2.0)).0, 2);
         let (samples, decided, _) = round(t0 + secs(10.0));
         assert_eq!((samples, decided), (3, t0 + secs(10.0)), "decided on the interval, on every sample");
+        // While its last change runs (busy), sampled still, not decided: a busy spell longer
+        // than the look-back (30 s) left one sample to decide on after it.
+        let busy: HashSet<String> = ["soft".to_string()].into();
+        for n in 11..=50 {
+            let mut st = c.lock();
+            let next = super::step(&mut st, t0 + secs(f64::from(n)), Some(2.0), &busy, false).1;
+            assert_eq!(next, Some(t0 + secs(f64::from(n + 1))), "back in a second while busy");
+        }
+        let (samples, decided, _) = round(t0 + secs(51.0));
+        assert!(samples >= 30, "{samples} samples in the window after the busy spell");
+        assert_eq!(decided, t0 + secs(51.0));
     }
 
     /// A primary whose last growth failed (a model that no longer loads) grows again only at

@@ -121,6 +121,12 @@ impl Controller {
                 .map(|r| r.version_policy.clone());
             let m = st.deployments.get_mut(deployment).ok_or_else(|| unknown(deployment))?;
             let c = m.canary.take().ok_or_else(|| ControlError::NoCanary(deployment.to_string()))?;
+            // The promoted version is judged on its own load and delays: the old primary's
+            // window (a share of the load near none at the end of a rollout, a downscale delay
+            // running) shrank it, taking all the traffic, at its first decision.
+            if let Some(s) = &mut m.scaling {
+                s.window = c.window;
+            }
             let old = std::mem::replace(&mut m.primary, c.version);
             // A repository model's old primary that its version policy keeps (the latest 2, say)
             // stays served by its exact version, not dropped until the next scan loads it again
@@ -497,6 +503,26 @@ mod tests {
             primaries.push(m.primary.clone());
         }
         (c, canaries, primaries)
+    }
+
+    /// A promoted canary is judged on its own load from then on: it took the old primary's
+    /// window (at the end of a rollout a share of the load near none, a downscale delay
+    /// running), and its first decision shrank it while it took all the traffic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_promoted_canary_keeps_its_own_load_samples() {
+        let now = Instant::now();
+        let step = "builtin: {softmax: {}}, num_cpus: 0.01";
+        let (c, _, _) = canaries_at_half(1, step, "downscale_delay_s: 0", now).await;
+        {
+            let mut st = c.lock();
+            let m = st.deployments.get_mut("soft0").unwrap();
+            m.scaling.as_mut().unwrap().window = Default::default();
+            m.scaling.as_mut().unwrap().window.sample(now, 0.5, Duration::from_secs(30));
+            m.canary.as_mut().unwrap().window.sample(now, 8.0, Duration::from_secs(30));
+        }
+        c.promote("soft0").await.unwrap();
+        let st = c.lock();
+        assert_eq!(st.deployments["soft0"].scaling.as_ref().unwrap().window.average(), 8.0);
     }
 
     /// An autoscaled deployment's canary grows, without waiting for the upscale delay, to the
