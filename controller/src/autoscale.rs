@@ -112,12 +112,22 @@ pub(crate) fn step(
 ) -> (Vec<crate::reconcile::Rescale>, Option<Instant>) {
     // Every running version's replicas take CPUs (canaries, shadows, versions served by
     // number); growth granted below takes them too, before the next deployment is judged.
+    // A growth still loading counts at its target: replicas load one at a time, and two
+    // deployments growing in turn (each decision seeing the other's replicas loaded so far)
+    // together passed the node's CPUs.
+    let growing = &st.growing;
     let mut used: f64 = st
         .deployments
-        .values()
-        .map(|m| {
-            let versions = m.versions().chain(m.shadow.as_ref().map(|s| &s.version));
-            versions.map(|v| v.replica_count() as f64).sum::<f64>() * m.config.num_cpus()
+        .iter()
+        .map(|(name, m)| {
+            let at = |canary: bool, v: &crate::state::Version| {
+                let target = growing.get(&(name.clone(), canary)).copied().unwrap_or(0);
+                v.replica_count().max(target) as f64
+            };
+            let primary = at(false, &m.primary);
+            let canary = m.canary.as_ref().map_or(0.0, |c| at(true, &c.version));
+            let others = m.others.iter().chain(m.shadow.as_ref().map(|s| &s.version));
+            (primary + canary + others.map(|v| v.replica_count() as f64).sum::<f64>()) * m.config.num_cpus()
         })
         .sum();
     let mut rescale = Vec::new();
@@ -509,6 +519,41 @@ mod growth_after_failure {
         let (samples, decided, _) = round(t0 + secs(51.0));
         assert!(samples >= 30, "{samples} samples in the window after the busy spell");
         assert_eq!(decided, t0 + secs(51.0));
+    }
+
+    /// A growth still loading takes the CPUs it grows to: two deployments growing in turn on
+    /// an 8-CPU node (each decision seeing only the other's replicas loaded so far) together
+    /// passed its CPUs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_growth_still_loading_counts_against_the_nodes_cpus() {
+        let routes = Arc::new(Router::new(RouteTable::default()));
+        let c = Controller::new(routes, Duration::from_secs(1), Cluster::Local, Default::default());
+        let scaling = "autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 1, upscale_delay_s: 0}";
+        let yaml = format!(
+            "applications:\n  - name: a\n    deployments:\n      - {{name: a, builtin: {{softmax: {{}}}}, num_cpus: 1, {scaling}}}\n      - {{name: b, builtin: {{softmax: {{}}}}, num_cpus: 1, {scaling}}}\n"
+        );
+        let config = sluice_config::parse(&yaml, std::path::Path::new("/nowhere/c.yaml")).unwrap();
+        c.apply(&config).await.unwrap();
+        let now = Instant::now();
+        let mut st = c.lock();
+        let s = st.deployments.get_mut("b").unwrap().scaling.as_mut().unwrap();
+        s.window = Default::default();
+        s.window.sample(now - Duration::from_secs(1), 7.0, Duration::from_secs(30));
+        s.last_decision = now - Duration::from_secs(60);
+        // `a` was told to grow to 7 and has loaded none of them yet.
+        st.growing.insert(("a".into(), false), 7);
+        let busy: HashSet<String> = ["a".to_string()].into();
+        let jobs = super::step(&mut st, now, Some(8.0), &busy, false).0;
+        let b: Vec<usize> = jobs.iter().filter(|j| j.deployment == "b").map(|j| j.to).collect();
+        assert!(b.iter().all(|&to| to <= 1), "b grew to {b:?} with 7 of 8 CPUs promised to a");
+        st.growing.clear();
+        let later = now + Duration::from_secs(60);
+        let s = st.deployments.get_mut("b").unwrap().scaling.as_mut().unwrap();
+        s.window = Default::default();
+        s.window.sample(later - Duration::from_secs(1), 7.0, Duration::from_secs(30));
+        s.last_decision = now - Duration::from_secs(60);
+        let jobs = super::step(&mut st, later, Some(8.0), &busy, false).0;
+        assert!(jobs.iter().any(|j| j.deployment == "b" && j.to > 1), "with the CPUs free, b grows");
     }
 
     /// A primary whose last growth failed (a model that no longer loads) grows again only at

@@ -113,6 +113,28 @@ pub struct Controller {
     store_env: repository::store::StoreEnv,
 }
 
+/// A rescale job's target in [`state::ControllerState::growing`] while the job runs: taken out
+/// when it ends, however it ends (a count left there would hold the CPUs for good).
+struct Growing {
+    controller: std::sync::Weak<Controller>,
+    key: (String, bool),
+}
+
+impl Growing {
+    fn new(controller: &Arc<Controller>, key: (String, bool), to: usize) -> Self {
+        controller.lock().growing.insert(key.clone(), to);
+        Self { controller: Arc::downgrade(controller), key }
+    }
+}
+
+impl Drop for Growing {
+    fn drop(&mut self) {
+        if let Some(c) = self.controller.upgrade() {
+            c.lock().growing.remove(&self.key);
+        }
+    }
+}
+
 impl Controller {
     /// A controller publishing into `routes`, running replicas where `cluster` says; retired
     /// deployments drain for at most `grace`; an object-storage repository is opened with
@@ -520,9 +542,10 @@ impl Controller {
         for (job, why) in jobs {
             // Only decided with the turn (above).
             let turn = turn.as_ref().filter(|_| job.canary).cloned();
+            let growing = Growing::new(self, (job.deployment.clone(), job.canary), job.to);
             let c = self.clone();
             self.run_busy(job.deployment.clone(), async move {
-                let _turn = turn;
+                let (_turn, _growing) = (turn, growing);
                 c.rescale(vec![job], why).await
             });
         }

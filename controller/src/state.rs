@@ -293,6 +293,10 @@ pub(crate) struct ControllerState {
     /// Of each change waiting for its turn (an apply, a delete): the first deploy generation
     /// asked for after it. Queued deploys from there on wait for that change.
     pub waiting: Vec<u64>,
+    /// The replica counts autoscaling jobs still running grow versions to, by (deployment,
+    /// canary): the CPUs they will take count as taken while their replicas load
+    /// ([`crate::autoscale::step`]).
+    pub growing: std::collections::HashMap<(String, bool), usize>,
 }
 
 impl ControllerState {
