@@ -383,7 +383,7 @@ impl Jobs {
         mut shown: usize,
         out: &mut impl FnMut(&str),
     ) -> Result<(), JobsError> {
-        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut patience = Patience::default();
         loop {
             let polled = async {
                 Ok::<_, JobsError>((
@@ -393,26 +393,14 @@ impl Jobs {
             };
             let (ended, logs) = match polled.await {
                 Ok(polled) => {
-                    failing_since = None;
+                    patience.answered();
                     polled
                 }
-                // A dashboard restarting, or a 502 from a proxy in front of it, during a job of
-                // hours: asked again (one failed call ended the follow, and the command said the
-                // job failed while it ran on), up to LOST_AFTER of failures in a row.
-                Err(e) if e.passing() => {
-                    if failing_since.is_none() {
-                        tracing::warn!(
-                            "Ray's dashboard did not answer ({e}); asking again for up to 5 minutes"
-                        );
-                    }
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() >= LOST_AFTER {
-                        return Err(e);
-                    }
+                Err(e) => {
+                    patience.failed(e)?;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             if let Some(new) = logs.get(shown..).filter(|n| !n.is_empty()) {
                 out(new);
@@ -429,6 +417,33 @@ impl Jobs {
 
 /// How long a followed job's dashboard may fail every call in a row before the follow gives up.
 pub const LOST_AFTER: Duration = Duration::from_secs(300);
+
+/// The dashboard's failures in a row while a job is followed: one that may pass (a restart, a
+/// proxy's 502: [`JobsError::passing`]) is asked again, up to [`LOST_AFTER`] of them (one failed
+/// call ended a follow of an hours-long job, and the command said it failed while it ran on).
+#[derive(Default)]
+pub struct Patience {
+    failing_since: Option<tokio::time::Instant>,
+}
+
+impl Patience {
+    /// An answer came: the failures in a row start again from none.
+    pub fn answered(&mut self) {
+        self.failing_since = None;
+    }
+
+    /// A call failed with `e`: `Ok` to ask again (said once per spell), else `e` back.
+    pub fn failed(&mut self, e: JobsError) -> Result<(), JobsError> {
+        if !e.passing() {
+            return Err(e);
+        }
+        if self.failing_since.is_none() {
+            tracing::warn!("Ray's dashboard did not answer ({e}); asking again for up to 5 minutes");
+        }
+        let since = *self.failing_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= LOST_AFTER { Err(e) } else { Ok(()) }
+    }
+}
 
 enum TailError {
     /// The websocket could not be opened: polling may still work.

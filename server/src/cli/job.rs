@@ -233,21 +233,14 @@ async fn follow_log(jobs: &Jobs, id: &str) -> Result<(), String> {
 /// Polls until the job is terminal (the log can end a moment before Ray says so).
 async fn wait_terminal(jobs: &Jobs, id: &str, timeout: Duration) -> Result<JobDetails, String> {
     let until = tokio::time::Instant::now() + timeout;
-    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut patience = sluice_server::ray_jobs::Patience::default();
     loop {
         match jobs.job(id).await {
             Ok(Some(job)) if job.is_terminal() || tokio::time::Instant::now() >= until => return Ok(job),
-            Ok(Some(_)) => failing_since = None,
+            Ok(Some(_)) => patience.answered(),
             Ok(None) => return Err(format!("Ray at {} has no job `{id}`", jobs.address())),
-            // A dashboard restarting, or a proxy's 502: asked again, as while following the log,
-            // past `timeout` too, up to LOST_AFTER of failures in a row.
-            Err(e) if e.passing() => {
-                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= sluice_server::ray_jobs::LOST_AFTER {
-                    return Err(e.to_string());
-                }
-            }
-            Err(e) => return Err(e.to_string()),
+            // Asked again as while following the log, past `timeout` too.
+            Err(e) => patience.failed(e).map_err(|e| e.to_string())?,
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
