@@ -9,7 +9,7 @@ use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{DynTensor, DynValue, Shape, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynValue, Shape, TensorElementType, ValueType};
 
 use crate::onnx_call::Caller;
 use crate::weights::SharedWeights;
@@ -321,27 +321,15 @@ impl Backend for OnnxBackend {
     }
 }
 
-/// An ONNX Runtime tensor holding a copy of `tensor`: for inputs [`crate::onnx_call`] cannot
-/// hand over in place (strings, unaligned bytes).
+/// An ONNX Runtime tensor holding a copy of `tensor`: for fixed-size inputs
+/// [`crate::onnx_call`] cannot hand over in place (unaligned bytes).
 #[allow(unsafe_code)] // one copy into ONNX Runtime's buffer; see the SAFETY comment
 pub(crate) fn to_ort(tensor: &Tensor) -> Result<DynValue, String> {
-    let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
+    // BYTES go through `onnx_call::strings`, straight into ONNX Runtime's strings.
     if tensor.dtype() == DataType::Bytes {
-        // ort multiplies the dimensions unchecked: `[2^32, 2^32, 0]` holds nothing but
-        // overflows on the way (a panic where overflow is checked: the replica was replaced).
-        let dims = tensor.shape().iter().filter(|&&d| d > 0);
-        if dims.map(|&d| d as i64).try_fold(1i64, i64::checked_mul).is_none() {
-            return Err(format!("shape {:?} is too large", tensor.shape()));
-        }
-        let strings = tensor
-            .bytes_elements()
-            .map(|b| {
-                String::from_utf8(b.to_vec()).map_err(|_| "BYTES element is not valid UTF-8".to_string())
-            })
-            .collect::<Result<Vec<String>, _>>()?;
-        let t = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(|e| e.to_string())?;
-        return Ok(t.into_dyn());
+        return Err("BYTES tensors are made by the call itself".into());
     }
+    let shape = Shape::new(tensor.shape().iter().map(|&d| d as i64));
     let ty = to_ort_type(tensor.dtype());
     let mut t = DynTensor::new(&Allocator::default(), ty, shape).map_err(|e| e.to_string())?;
     let data = tensor.data();
@@ -396,22 +384,8 @@ pub(crate) fn to_ort_type(dtype: DataType) -> TensorElementType {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::{SharedDim, disagreeing_inputs};
     use crate::{DataType, InferError, NamedTensor, Tensor};
-
-    /// A BYTES tensor holding nothing may name dimensions whose product overflows before its 0:
-    /// refused before ort multiplies them (with overflow checks on, that panicked, and the
-    /// replica was replaced).
-    #[test]
-    fn an_empty_bytes_tensor_of_huge_dimensions_is_refused() {
-        let t = Tensor::new(DataType::Bytes, vec![1 << 32, 1 << 32, 0], Bytes::new()).unwrap();
-        match super::to_ort(&t) {
-            Err(e) => assert!(e.contains("too large"), "{e}"),
-            Ok(_) => panic!("accepted"),
-        }
-    }
 
     /// Inputs disagreeing on a shared dimension turn a failure about shapes into the client's
     /// error; any other failure on them (memory, a device) stays the server's, counted against

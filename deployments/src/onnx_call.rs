@@ -95,6 +95,11 @@ impl Caller {
                     made.0.push(value.as_ptr());
                     in_values.push(value.as_ptr().cast_const());
                 }
+                None if input.tensor.dtype() == DataType::Bytes => {
+                    let value = strings(&input.tensor).map_err(invalid)?;
+                    made.0.push(value.as_ptr());
+                    in_values.push(value.as_ptr().cast_const());
+                }
                 None => {
                     let value = crate::onnx::to_ort(&input.tensor).map_err(invalid)?;
                     in_values.push(value.ptr());
@@ -175,6 +180,59 @@ impl Caller {
         })?;
         NonNull::new(value).map(Some).ok_or_else(|| "ONNX Runtime returned no tensor".to_string())
     }
+}
+
+/// An ONNX Runtime string tensor of `tensor`'s BYTES elements, each copied once, straight into
+/// the string ONNX Runtime keeps for it. ONNX strings are bytes: an element may hold NUL or bytes
+/// that are not UTF-8 (what the model's operators make of them is theirs to say, as in Triton).
+/// Through `ort`'s own constructor each element also became a Rust `String` and a C string
+/// first (about 90 bytes an element where the protocol sends 4: a body of empty elements grew
+/// some twentyfold); here it is ONNX Runtime's string (32 bytes, the text inside it up to 15).
+fn strings(tensor: &Tensor) -> Result<NonNull<OrtValue>, String> {
+    // ONNX Runtime multiplies the dimensions unchecked: `[2^32, 2^32, 0]` holds nothing but
+    // overflows on the way.
+    let dims = tensor.shape().iter().filter(|&&d| d > 0);
+    if dims.map(|&d| i64::try_from(d).ok()).try_fold(1i64, |p, d| p.checked_mul(d?)).is_none() {
+        return Err(format!("shape {:?} is too large", tensor.shape()));
+    }
+    let api = ort::api();
+    let mut allocator = ptr::null_mut();
+    // SAFETY: a valid out-pointer; the default allocator is ONNX Runtime's and never released.
+    status(unsafe { (api.GetAllocatorWithDefaultOptions)(&mut allocator) })?;
+    let mut value = ptr::null_mut();
+    with_dims(tensor.shape(), |dims| {
+        // SAFETY: the allocator is live, `dims` holds `dims.len()` dimensions, `value` is a
+        // valid out-pointer; the status is checked.
+        status(unsafe {
+            (api.CreateTensorAsOrtValue)(
+                allocator,
+                dims.as_ptr(),
+                dims.len(),
+                ort::value::TensorElementType::String.into(),
+                &mut value,
+            )
+        })
+    })?;
+    let mut value = Released(smallvec::smallvec![value]);
+    let at = NonNull::new(value.0[0]).ok_or("ONNX Runtime returned no tensor")?;
+    for (i, element) in tensor.bytes_elements().enumerate() {
+        let mut buffer: *mut c_char = ptr::null_mut();
+        // SAFETY: `at` is a live string tensor of the shape's elements, and `i` one of them (the
+        // `Tensor` holds exactly that many, checked when it was built); ONNX Runtime resizes
+        // that element's string to `element.len()` bytes and gives its buffer, which is written
+        // only within that length.
+        status(unsafe {
+            (api.GetResizedStringTensorElementBuffer)(at.as_ptr(), i, element.len(), &mut buffer)
+        })?;
+        if !element.is_empty() {
+            if buffer.is_null() {
+                return Err("ONNX Runtime gave no buffer for a string".into());
+            }
+            unsafe { ptr::copy_nonoverlapping(element.as_ptr(), buffer.cast::<u8>(), element.len()) };
+        }
+    }
+    value.0.clear(); // handed to the caller, which releases it after the run
+    Ok(at)
 }
 
 /// Reads an output tensor into a [`Tensor`] (one copy of its bytes).
@@ -344,6 +402,18 @@ mod tests {
         // Undefined, complex, float8, int4, and codes ort's enum does not have.
         for code in [0, 14, 15, 17, 21, 22, 26, 27, 1000, -1] {
             assert_eq!(served_type(code), None, "ONNX code {code}");
+        }
+    }
+
+    /// A BYTES tensor holding nothing may name dimensions whose product overflows before its 0:
+    /// refused before ONNX Runtime multiplies them (with overflow checks on, that panicked, and
+    /// the replica was replaced).
+    #[test]
+    fn an_empty_bytes_tensor_of_huge_dimensions_is_refused() {
+        let t = Tensor::new(DataType::Bytes, vec![1 << 32, 1 << 32, 0], bytes::Bytes::new()).unwrap();
+        match strings(&t) {
+            Err(e) => assert!(e.contains("too large"), "{e}"),
+            Ok(_) => panic!("accepted"),
         }
     }
 }

@@ -221,3 +221,33 @@ async fn a_batched_request_whose_inputs_disagree_on_a_shared_dimension_is_refuse
     );
     assert_eq!(good.unwrap().outputs[0].tensor.shape()[..2], [1, 5]);
 }
+
+/// A BYTES input reaches the model byte for byte: NUL bytes, bytes that are not UTF-8 and empty
+/// elements (ONNX strings are bytes; `ort`'s constructor made C strings of them and refused
+/// both). The `dtypes` fixture's Identity gives each input back.
+#[test]
+fn bytes_inputs_reach_the_model_byte_for_byte() {
+    mlp();
+    let mut backend =
+        OnnxBackend::load(&models().join("dtypes/model.onnx"), &OnnxOptions::default()).unwrap();
+    let elements: [&[u8]; 4] = [b"a\0b", &[0xff, 0xfe, 0x00], b"", "h\u{e9}llo".as_bytes()];
+    let mut strings = Vec::new();
+    for e in elements {
+        sluice_deployments::push_bytes_element(&mut strings, e).unwrap();
+    }
+    let inputs: Vec<NamedTensor> = DataType::ALL
+        .into_iter()
+        .filter(|&d| d != DataType::Bf16) // the fixture has every other type
+        .map(|dtype| {
+            let data = match dtype.byte_size() {
+                Some(size) => Bytes::from(vec![0u8; 4 * size]),
+                None => Bytes::from(strings.clone()),
+            };
+            NamedTensor { name: format!("in_{dtype}"), tensor: Tensor::new(dtype, vec![2, 2], data).unwrap() }
+        })
+        .collect();
+    let out = backend.infer(inputs, &["out_BYTES".to_string()]).unwrap();
+    assert_eq!(out[0].tensor.shape(), [2, 2]);
+    let got: Vec<&[u8]> = out[0].tensor.bytes_elements().collect();
+    assert_eq!(got, elements);
+}
