@@ -25,7 +25,7 @@ use std::path::Path;
 
 pub use autoscaling::{Autoscaling, AutoscalingConfig, NumReplicas};
 pub use error::{ConfigError, ConfigErrors};
-pub use pipeline::{Builtin, JsonRoute, PipelineTensor};
+pub use pipeline::{Builtin, DEFAULT_MAX_TEXT_BYTES, JsonRoute, PipelineTensor};
 pub use repository::{
     DEFAULT_READY_MARKER, ModelRepository, RepositoryLocation, RepositoryRollout, VersionPolicy,
 };

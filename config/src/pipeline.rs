@@ -16,6 +16,13 @@ fn default_max_tokens() -> usize {
     DEFAULT_MAX_TOKENS
 }
 
+/// [`Builtin::Tokenizer`]'s `max_text_bytes` unless set.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1024 * 1024;
+
+fn default_max_text_bytes() -> usize {
+    DEFAULT_MAX_TEXT_BYTES
+}
+
 /// A step that needs no ONNX file (`builtin:` on a deployment). Each batches like any
 /// deployment.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -34,6 +41,11 @@ pub enum Builtin {
         /// output then at most 128 MiB).
         #[serde(default = "default_max_tokens")]
         max_tokens: usize,
+        /// The longest text accepted, in bytes: a longer one is refused with 400 before it is
+        /// tokenized (the tokenizer holds some hundred bytes per word of a text while it
+        /// encodes it, and truncates to `max_length` only after). Default 1,048,576.
+        #[serde(default = "default_max_text_bytes")]
+        max_text_bytes: usize,
     },
     /// `hidden` [N, L, H] and `mask` [N, L] → `embedding` [N, H]: the mask-weighted mean,
     /// optionally L2-normalized.

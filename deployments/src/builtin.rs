@@ -113,8 +113,8 @@ fn spec(name: &str, dtype: DataType, shape: &[i64]) -> TensorSpec {
 #[derive(Clone)]
 enum Kind {
     /// The tokenizer (its own padding off: rows are padded here, once their lengths are known
-    /// to fit `max_tokens`), how to pad, and the most tokens a call may make.
-    Tokenizer(Arc<tokenizers::Tokenizer>, tokenizers::PaddingParams, usize),
+    /// to fit `max_tokens`), how to pad, the most tokens a call may make and the longest text.
+    Tokenizer(Arc<tokenizers::Tokenizer>, tokenizers::PaddingParams, Bounds),
     MeanPool {
         normalize: bool,
     },
@@ -155,7 +155,7 @@ impl Builtins {
     fn new(b: &Builtin) -> Result<Self, String> {
         use DataType::*;
         let (kind, inputs, outputs) = match b {
-            Builtin::Tokenizer { path, max_length, max_tokens } => {
+            Builtin::Tokenizer { path, max_length, max_tokens, max_text_bytes } => {
                 let mut t = tokenizers::Tokenizer::from_file(path)
                     .map_err(|e| format!("tokenizer `{}`: {e}", path.display()))?;
                 if let Some(n) = max_length {
@@ -166,6 +166,9 @@ impl Builtins {
                 if *max_tokens == 0 {
                     return Err("tokenizer: max_tokens must be at least 1".into());
                 }
+                if *max_text_bytes == 0 {
+                    return Err("tokenizer: max_text_bytes must be at least 1".into());
+                }
                 // Padded here to the longest row, after checking the total: the tokenizer's
                 // own padding would make rows × the longest first (one long text among 63
                 // empty ones: 64 copies of its length).
@@ -173,7 +176,8 @@ impl Builtins {
                 t.with_padding(None);
                 let outs =
                     ["input_ids", "attention_mask", "token_type_ids"].map(|n| spec(n, Int64, &[-1, -1]));
-                let kind = Kind::Tokenizer(Arc::new(t), padding, *max_tokens);
+                let bounds = Bounds { max_tokens: *max_tokens, max_text_bytes: *max_text_bytes };
+                let kind = Kind::Tokenizer(Arc::new(t), padding, bounds);
                 (kind, vec![spec("text", Bytes, &[-1])], outs.to_vec())
             }
             Builtin::MeanPool { normalize } => (
@@ -243,6 +247,120 @@ fn tensor_f32(name: &str, shape: Vec<usize>, v: &[f32]) -> Result<NamedTensor, I
     Ok(NamedTensor { name: name.into(), tensor: Tensor::new(DataType::Fp32, shape, Bytes::from(data))? })
 }
 
+/// What one tokenizer call may hold: `max_tokens` and `max_text_bytes` of its config.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    max_tokens: usize,
+    max_text_bytes: usize,
+}
+
+/// A tokenizer call's rows, unpadded and end to end (the tokenizer's own `Encoding` per text
+/// costs some 600 bytes besides its tokens: a body of 16 million empty texts would have taken
+/// gigabytes before `max_tokens` was checked).
+struct Rows {
+    ids: Vec<u32>,
+    mask: Vec<u32>,
+    types: Vec<u32>,
+    /// Where each row ends in the three.
+    ends: Vec<usize>,
+    /// Each row's length once padded.
+    len: usize,
+    left: bool,
+}
+
+impl Rows {
+    /// Texts encoded at a time, at most: the `Encoding`s alive at once.
+    const CHUNK: usize = 1024;
+    /// A chunk ends once its texts hold this many bytes (the tokenizer's working memory while it
+    /// encodes them is some hundred times their size).
+    const CHUNK_BYTES: usize = 1024 * 1024;
+
+    /// Encodes `text`'s elements a chunk at a time, refusing a text past `max_text_bytes`
+    /// before it is encoded, and the call as soon as its rows, padded to the longest so far,
+    /// pass `max_tokens`.
+    fn encode(
+        t: &tokenizers::Tokenizer,
+        padding: &tokenizers::PaddingParams,
+        bounds: Bounds,
+        text: &Tensor,
+    ) -> Result<Self, InferError> {
+        let Bounds { max_tokens, max_text_bytes } = bounds;
+        let n = text.bytes_elements().count();
+        let padded_len = |longest: usize| {
+            // A file that pads to a fixed length (a model whose sequence is fixed) pads to it.
+            let longest = match padding.strategy {
+                tokenizers::PaddingStrategy::Fixed(n) => longest.max(n),
+                tokenizers::PaddingStrategy::BatchLongest => longest,
+            };
+            match padding.pad_to_multiple_of {
+                Some(m) if m > 1 => longest.div_ceil(m).saturating_mul(m),
+                _ => longest,
+            }
+        };
+        let left = matches!(padding.direction, tokenizers::PaddingDirection::Left);
+        let mut rows =
+            Self { ids: Vec::new(), mask: Vec::new(), types: Vec::new(), ends: Vec::new(), len: 0, left };
+        let mut longest = 0;
+        let mut elements = text.bytes_elements();
+        loop {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while chunk.len() < Self::CHUNK && bytes < Self::CHUNK_BYTES {
+                let Some(b) = elements.next() else { break };
+                if b.len() > max_text_bytes {
+                    return Err(InferError::invalid(format!(
+                        "tokenizer: text {} is {} bytes, more than max_text_bytes ({max_text_bytes})",
+                        rows.ends.len() + chunk.len(),
+                        b.len()
+                    )));
+                }
+                bytes += b.len();
+                chunk.push(std::str::from_utf8(b).map_err(|_| InferError::invalid("text is not UTF-8"))?);
+            }
+            let enc =
+                t.encode_batch(chunk, true).map_err(|e| InferError::invalid(format!("tokenizer: {e}")))?;
+            for e in &enc {
+                rows.ids.extend_from_slice(e.get_ids());
+                rows.mask.extend_from_slice(e.get_attention_mask());
+                rows.types.extend_from_slice(e.get_type_ids());
+                rows.ends.push(rows.ids.len());
+                longest = longest.max(e.len());
+            }
+            rows.len = padded_len(longest);
+            if n.saturating_mul(rows.len) > max_tokens {
+                return Err(InferError::invalid(format!(
+                    "tokenizer: {n} texts padded to the longest, {} tokens, make {} tokens, more than \
+                     max_tokens ({max_tokens}); send fewer or shorter texts, or set max_length",
+                    rows.len,
+                    n.saturating_mul(rows.len)
+                )));
+            }
+            if rows.ends.len() == n {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
+    /// One of the outputs, `[rows, len]`: each row of `of` padded to `len` with `pad` (the
+    /// tokenizer's padding side and values).
+    fn padded(&self, name: &str, of: &[u32], pad: u32) -> Result<NamedTensor, InferError> {
+        let mut out = Vec::with_capacity(self.ends.len() * self.len);
+        let mut start = 0;
+        for &end in &self.ends {
+            let row = of[start..end].iter().map(|&x| i64::from(x));
+            let fill = std::iter::repeat_n(i64::from(pad), self.len - (end - start));
+            if self.left {
+                out.extend(fill.chain(row));
+            } else {
+                out.extend(row.chain(fill));
+            }
+            start = end;
+        }
+        tensor_i64(name, vec![self.ends.len(), self.len], &out)
+    }
+}
+
 fn tensor_i64(name: &str, shape: Vec<usize>, v: &[i64]) -> Result<NamedTensor, InferError> {
     let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     Ok(NamedTensor { name: name.into(), tensor: Tensor::new(DataType::Int64, shape, Bytes::from(data))? })
@@ -288,60 +406,12 @@ impl Backend for Builtins {
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, InferError> {
         let mut out = match &self.kind {
-            Kind::Tokenizer(t, padding, max_tokens) => {
-                let text = input(&inputs, "text")?;
-                let texts = text
-                    .bytes_elements()
-                    .map(|b| {
-                        std::str::from_utf8(b)
-                            .map(str::to_string)
-                            .map_err(|_| InferError::invalid("text is not UTF-8"))
-                    })
-                    .collect::<Result<Vec<String>, _>>()?;
-                let enc = t
-                    .encode_batch(texts, true)
-                    .map_err(|e| InferError::invalid(format!("tokenizer: {e}")))?;
-                let n = enc.len();
-                let longest = enc.iter().map(tokenizers::Encoding::len).max().unwrap_or(0);
-                // A file that pads to a fixed length (a model whose sequence is fixed) pads to it.
-                let longest = match padding.strategy {
-                    tokenizers::PaddingStrategy::Fixed(n) => longest.max(n),
-                    tokenizers::PaddingStrategy::BatchLongest => longest,
-                };
-                let len = match padding.pad_to_multiple_of {
-                    Some(m) if m > 1 => longest.div_ceil(m).saturating_mul(m),
-                    _ => longest,
-                };
-                if n.saturating_mul(len) > *max_tokens {
-                    return Err(InferError::invalid(format!(
-                        "tokenizer: {n} texts padded to the longest, {len} tokens, make {} tokens, more than \
-                         max_tokens ({max_tokens}); send fewer or shorter texts, or set max_length",
-                        n.saturating_mul(len)
-                    )));
-                }
-                let left = matches!(padding.direction, tokenizers::PaddingDirection::Left);
-                // Each row padded to `len` with `pad` (the tokenizer's padding side and values).
-                let flat = |f: fn(&tokenizers::Encoding) -> &[u32], pad: u32| -> Vec<i64> {
-                    let mut out = Vec::with_capacity(n * len);
-                    for e in &enc {
-                        let row = f(e).iter().map(|&x| i64::from(x));
-                        let fill = std::iter::repeat_n(i64::from(pad), len - e.len());
-                        if left {
-                            out.extend(fill.chain(row));
-                        } else {
-                            out.extend(row.chain(fill));
-                        }
-                    }
-                    out
-                };
+            Kind::Tokenizer(t, padding, bounds) => {
+                let rows = Rows::encode(t, padding, *bounds, input(&inputs, "text")?)?;
                 vec![
-                    tensor_i64("input_ids", vec![n, len], &flat(|e| e.get_ids(), padding.pad_id))?,
-                    tensor_i64("attention_mask", vec![n, len], &flat(|e| e.get_attention_mask(), 0))?,
-                    tensor_i64(
-                        "token_type_ids",
-                        vec![n, len],
-                        &flat(|e| e.get_type_ids(), padding.pad_type_id),
-                    )?,
+                    rows.padded("input_ids", &rows.ids, padding.pad_id)?,
+                    rows.padded("attention_mask", &rows.mask, 0)?,
+                    rows.padded("token_type_ids", &rows.types, padding.pad_type_id)?,
                 ]
             }
             Kind::MeanPool { normalize } => {
@@ -608,7 +678,12 @@ mod tests {
     fn the_tokenizer_pads_to_the_longest_and_bounds_the_tokens_of_a_call() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../examples/models/tiny-encoder/tokenizer.json");
-        let tokenizer = |max_tokens| Builtin::Tokenizer { path: path.clone(), max_length: None, max_tokens };
+        let tokenizer = |max_tokens| Builtin::Tokenizer {
+            path: path.clone(),
+            max_length: None,
+            max_tokens,
+            max_text_bytes: sluice_config::DEFAULT_MAX_TEXT_BYTES,
+        };
         let out = run(tokenizer(1 << 20), vec![texts(&["a b c d e", "a"])]);
         let [n, len] = out[0].tensor.shape() else { panic!("{:?}", out[0].tensor.shape()) };
         assert_eq!(*n, 2);
@@ -624,6 +699,67 @@ mod tests {
         assert!(e.message.contains("max_tokens"), "{e:?}");
     }
 
+    /// Texts are encoded a chunk at a time (the rows kept end to end, not as the tokenizer's
+    /// encodings): a call over several chunks, its longest text in the last, gives what the
+    /// tokenizers library's own batch padding gives.
+    #[test]
+    fn rows_over_several_chunks_are_those_of_the_library() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models/tiny-encoder/tokenizer.json");
+        let words = ["a", "b c", "", "d e f g", "h"];
+        let mut owned: Vec<String> =
+            (0..2 * Rows::CHUNK + 52).map(|i| words[i % words.len()].to_string()).collect();
+        *owned.last_mut().unwrap() = "a b c d e f g h a b c d".into();
+        let all: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let out = run(
+            Builtin::Tokenizer {
+                path: path.clone(),
+                max_length: None,
+                max_tokens: 1 << 20,
+                max_text_bytes: 1 << 20,
+            },
+            vec![texts(&all)],
+        );
+
+        let mut library = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let mut padding = library.get_padding().cloned().unwrap_or_default();
+        padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
+        library.with_padding(Some(padding));
+        let enc = library.encode_batch(all.clone(), true).unwrap();
+        let len = enc[0].len();
+        assert_eq!(out[0].tensor.shape(), [all.len(), len]);
+        let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<i64> {
+            enc.iter().flat_map(|e| f(e).iter().map(|&x| i64::from(x))).collect()
+        };
+        assert_eq!(i64s(&out[0].tensor), flat(tokenizers::Encoding::get_ids));
+        assert_eq!(i64s(&out[1].tensor), flat(tokenizers::Encoding::get_attention_mask));
+        assert_eq!(i64s(&out[2].tensor), flat(tokenizers::Encoding::get_type_ids));
+
+        // A text past `max_text_bytes` is refused before it is encoded, naming it.
+        let mut s = Builtins::new(&Builtin::Tokenizer {
+            path: path.clone(),
+            max_length: None,
+            max_tokens: 1 << 20,
+            max_text_bytes: 20,
+        })
+        .unwrap();
+        let e = s
+            .infer(vec![texts(&["a b", "a b c d e f g h i j k l"])], &["input_ids".to_string()])
+            .unwrap_err();
+        assert!(e.message.contains("text 1 is 23 bytes, more than max_text_bytes (20)"), "{e:?}");
+
+        // Refused at once, naming the bound, when the first chunk already passes it.
+        let mut s = Builtins::new(&Builtin::Tokenizer {
+            path,
+            max_length: None,
+            max_tokens: all.len(),
+            max_text_bytes: 1 << 20,
+        })
+        .unwrap();
+        let e = s.infer(vec![texts(&all)], &["input_ids".to_string()]).unwrap_err();
+        assert!(e.message.contains("max_tokens"), "{e:?}");
+    }
+
     /// A tokenizer file that pads to a fixed length (for a model with a fixed sequence) pads
     /// to it, as the tokenizers library does; its strategy was ignored, and a model of fixed
     /// length refused every request as the client's fault.
@@ -636,7 +772,12 @@ mod tests {
         file["padding"]["strategy"] = serde_json::json!({"Fixed": 12});
         let fixed = std::env::temp_dir().join(format!("tokenizer-fixed-{}.json", std::process::id()));
         std::fs::write(&fixed, file.to_string()).unwrap();
-        let tokenizer = Builtin::Tokenizer { path: fixed.clone(), max_length: None, max_tokens: 1 << 20 };
+        let tokenizer = Builtin::Tokenizer {
+            path: fixed.clone(),
+            max_length: None,
+            max_tokens: 1 << 20,
+            max_text_bytes: 1 << 20,
+        };
         let out = run(tokenizer, vec![texts(&["a b", "a"])]);
         assert_eq!(out[0].tensor.shape(), &[2, 12]);
         let _ = std::fs::remove_file(&fixed);

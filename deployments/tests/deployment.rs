@@ -816,6 +816,7 @@ async fn a_tokenizers_answer_does_not_follow_the_texts_it_was_batched_with() {
         path,
         max_length: None,
         max_tokens: 1 << 20,
+        max_text_bytes: 1 << 20,
     });
     let mut s = spec(|s| {
         s.settings.max_batch_size = 16;
