@@ -278,6 +278,23 @@ async fn an_error_quoting_a_huge_name_is_a_bounded_status() {
     s.shutdown().await;
 }
 
+/// A request of mostly empty repeated entries (each a few hundred bytes once decoded, for two on
+/// the wire) is refused RESOURCE_EXHAUSTED before it is decoded, naming what it holds; the
+/// server answers the next one. (A 64 MiB one, 64 KiB gzipped, decoded to some 10 GiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_would_grow_far_past_its_size_when_decoded_is_refused_first() {
+    let s = start("      - {name: iris, model: iris/model.onnx}\n", "").await;
+    let mut client = grpc::client(&s).await;
+    let mut req = grpc::fp32_request("iris", "input", &[1, 4], IRIS);
+    req.inputs.resize(200_000, Default::default());
+    let e = client.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("200000 `inputs`"), "{}", e.message());
+    let ok = client.model_infer(grpc::fp32_request("iris", "input", &[1, 4], IRIS)).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    s.shutdown().await;
+}
+
 /// A request parameter named like Triton's own is refused, as Triton refuses it, but for the
 /// one Triton takes, `triton_enable_empty_final_response` (a bool), which Triton's C++ client
 /// and perf_analyzer send with every unary request (each was refused); an extension Sluice does
