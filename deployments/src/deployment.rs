@@ -1289,6 +1289,7 @@ impl Deployment {
             && inline
             && job.model.is_none()
             && cell.cheap(under)
+            && small(&job.inputs)
         {
             cell.leave(job);
             return Ok(Some(slot.clone()));
@@ -1447,6 +1448,19 @@ impl ReplicaSet {
         self.replicas.store(Arc::new(Vec::new()));
     }
 }
+
+/// The most input bytes a request run on its caller's thread may hold ([`INLINE_MAX_BYTES`]).
+///
+/// The measure that lets a model's calls run there is an average over the requests seen: one
+/// far larger than those (a 64 MiB text to a tokenizer that usually takes a sentence) would hold
+/// a frontend thread, and every connection on it, for as long as it runs, past its own deadline
+/// (which only a caller that waits can keep). It goes to the replica's thread instead.
+fn small(inputs: &[crate::NamedTensor]) -> bool {
+    inputs.iter().map(|i| i.tensor.data().len()).sum::<usize>() <= INLINE_MAX_BYTES
+}
+
+/// See [`small`]: 64 KiB, some thousands of rows of a small model's features.
+pub const INLINE_MAX_BYTES: usize = 64 * 1024;
 
 /// A pipeline request on its way to a deployment ([`Deployment::hold`]); the last one gone
 /// wakes whoever waits to drain.

@@ -116,6 +116,23 @@ async fn slow_models_a_batch_wait_a_zero_setting_or_a_blocking_backend_keep_call
     }
 }
 
+/// A request far larger than those the measure was taken on (more than 64 KiB of inputs) goes
+/// to the replica's thread: it would hold a frontend thread for as long as it runs. Small ones
+/// go on running inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_to_a_cheap_model_goes_to_the_replicas_thread() {
+    let f = start(Duration::ZERO, |s| s.settings.max_batch_size = 0);
+    assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "small calls run inline");
+    f.threads.lock().unwrap().clear();
+    let rows = sluice_deployments::INLINE_MAX_BYTES / 8 + 1;
+    let tensor = Tensor::new(DataType::Int64, vec![rows, 1], Bytes::from(vec![0u8; rows * 8])).unwrap();
+    let large = InferRequest { inputs: vec![NamedTensor { name: "x".into(), tensor }], ..Default::default() };
+    let r = f.deployment.infer(large).await.unwrap();
+    assert_eq!(r.outputs[0].tensor.shape(), [rows, 1]);
+    assert_eq!(*f.threads.lock().unwrap(), ["echo#0"]);
+    assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "small calls still run inline");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch() {
     // A setting far above the slow call (300 ms lifts the measured mean to ~37 ms): the model
