@@ -9,13 +9,12 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{Map, Value};
 use sluice_deployments::metrics::Protocol;
 use sluice_deployments::{InferError, InferRequest, InferResponse, NamedTensor, Tensor};
 
 use super::AppState;
 use super::json::{
-    InputData, JsonRequest, decode_data, decoded, first_not_utf8, input_header, quote_non_finite,
+    InputData, JsonRequest, Params, decode_data, decoded, first_not_utf8, input_header, quote_non_finite,
 };
 use super::json_scan;
 use crate::error::ApiError;
@@ -166,11 +165,21 @@ fn json_can_carry(r: &InferResponse, binary: &BinaryOutputs) -> Result<(), Infer
     Ok(())
 }
 
-fn bool_param(params: Option<&Map<String, Value>>, key: &str) -> Result<Option<bool>, InferError> {
+fn bool_param(params: Option<&Params>, key: &str) -> Result<Option<bool>, InferError> {
     match params.and_then(|p| p.get(key)) {
         None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(InferError::invalid(format!("parameter `{key}` must be a boolean, got {other}"))),
+        Some(raw) => serde_json::from_str(raw.get()).map(Some).map_err(|_| {
+            InferError::invalid(format!("parameter `{key}` must be a boolean, got {}", shown(raw)))
+        }),
+    }
+}
+
+/// A parameter's JSON text for an error, cut to a readable length.
+fn shown(raw: &serde_json::value::RawValue) -> String {
+    let text = raw.get();
+    match text.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
     }
 }
 
@@ -224,9 +233,16 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
         }
         let binary_size = match params.and_then(|p| p.get("binary_data_size")) {
             None => None,
-            Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                InferError::invalid(format!("input `{}`: binary_data_size must be a byte count", input.name))
-            })?),
+            Some(v) => Some(
+                serde_json::from_str::<u64>(v.get()).ok().and_then(|n| usize::try_from(n).ok()).ok_or_else(
+                    || {
+                        InferError::invalid(format!(
+                            "input `{}`: binary_data_size must be a byte count",
+                            input.name
+                        ))
+                    },
+                )?,
+            ),
         };
         let tensor = match (input.data, binary_size) {
             (Some(_), Some(_)) => {
@@ -269,7 +285,7 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
             binary.len()
         )));
     }
-    for name in parsed.parameters.iter().flat_map(|p| p.keys()) {
+    if let Some(name) = parsed.parameters.as_ref().and_then(Params::reserved) {
         sluice_deployments::check_parameter_name(name)?;
     }
     // Taken as Triton takes it (a bool), and changes nothing for one answer.
@@ -298,9 +314,10 @@ pub fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<(InferRequest,
     let timeout = match parsed.parameters.as_ref().and_then(|p| p.get("timeout")) {
         None => None,
         Some(v) => {
-            let us = v.as_u64().ok_or_else(|| {
+            let us = serde_json::from_str::<u64>(v.get()).map_err(|_| {
                 InferError::invalid(format!(
-                    "parameter `timeout` must be microseconds (an unsigned integer), got {v}"
+                    "parameter `timeout` must be microseconds (an unsigned integer), got {}",
+                    shown(v)
                 ))
             })?;
             (us > 0).then(|| std::time::Duration::from_micros(us))
@@ -385,6 +402,7 @@ fn encode_response(r: &InferResponse, binary: &BinaryOutputs) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
     use sluice_deployments::{DataType, push_bytes_element};
 
     use super::*;
@@ -420,6 +438,38 @@ mod tests {
 
     async fn body(response: Response) -> Bytes {
         axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap()
+    }
+
+    /// Parameters Sluice does not read are read past, not built (a `serde_json::Value` tree took
+    /// some 16 times a large one's size); those it reads are checked as before, an error quoting a
+    /// value cut short; a reserved name is refused wherever it comes among the others.
+    #[test]
+    fn parameters_are_read_for_what_sluice_takes() {
+        let decode = |params: &str| {
+            let body = format!(
+                r#"{{"parameters":{params},"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":[1]}}]}}"#
+            );
+            decode_request(&HeaderMap::new(), Bytes::from(body))
+        };
+        let big = format!("[{}0]", "0,".repeat(100_000));
+        let (r, binary) =
+            decode(&format!(r#"{{"other":{big},"timeout":5,"binary_data_output":true,"more":{{"a":[1]}}}}"#))
+                .unwrap();
+        assert_eq!(r.timeout, Some(std::time::Duration::from_micros(5)));
+        assert!(binary.default);
+        let fails = |params: &str| decode(params).err().expect("refused");
+        let e = fails(&format!(r#"{{"timeout":{big}}}"#));
+        assert!(
+            e.message
+                .starts_with("parameter `timeout` must be microseconds (an unsigned integer), got [0,0,"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.len() < 200, "{}", e.message);
+        let e = fails(r#"{"a":1,"triton_x":2,"b":3}"#);
+        assert!(e.message.contains("parameter `triton_x` is reserved"), "{}", e.message);
+        let e = fails(r#"{"binary_data_output":"yes"}"#);
+        assert_eq!(e.message, r#"parameter `binary_data_output` must be a boolean, got "yes""#);
     }
 
     /// JSON strings hold UTF-8 only: a BYTES output that is not UTF-8 is refused in a JSON

@@ -18,7 +18,7 @@ pub struct JsonRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
-    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub parameters: Option<Params>,
     #[serde(borrow)]
     pub inputs: Vec<JsonInput<'a>>,
     #[serde(default)]
@@ -32,7 +32,7 @@ pub struct JsonInput<'a> {
     #[serde(borrow)]
     pub datatype: Cow<'a, str>,
     #[serde(default)]
-    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub parameters: Option<Params>,
     #[serde(borrow, default)]
     pub data: Option<InputData<'a>>,
 }
@@ -56,7 +56,86 @@ impl<'de: 'a, 'a> Deserialize<'de> for InputData<'a> {
 pub struct JsonRequestedOutput {
     pub name: String,
     #[serde(default)]
-    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub parameters: Option<Params>,
+}
+
+/// A `parameters` object of a request, an input or an output: only the parameters Sluice reads
+/// are kept, each as its JSON text, and the first reserved name (`triton_…`, [`Params::reserved`]);
+/// every other value is read past without being built. (As a `serde_json::Value` tree, a
+/// parameter holding a 64 MiB array took some 16 times that.)
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    known: Vec<(&'static str, Box<RawValue>)>,
+    reserved: Option<String>,
+}
+
+impl Params {
+    /// The parameters Sluice reads; the rest are only checked for reserved names.
+    pub const KNOWN: [&'static str; 7] = [
+        "binary_data",
+        "binary_data_output",
+        "binary_data_size",
+        "classification",
+        "shared_memory_region",
+        "timeout",
+        sluice_deployments::ENABLE_EMPTY_FINAL_RESPONSE,
+    ];
+
+    /// The value of `key` (one of [`Params::KNOWN`]) as its JSON text, the last one given.
+    pub fn get(&self, key: &str) -> Option<&RawValue> {
+        self.known.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| &**v)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The parameters kept, as `(name, JSON text)`.
+    pub fn kept(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.known.iter().map(|(k, v)| (*k, v.get()))
+    }
+
+    /// The first name [`sluice_deployments::check_parameter_name`] refuses, if any.
+    pub fn reserved(&self) -> Option<&str> {
+        self.reserved.as_deref()
+    }
+
+    /// `key` (one of [`Params::KNOWN`]) set to the JSON text `value`.
+    pub fn with(mut self, key: &'static str, value: &str) -> Self {
+        let value = RawValue::from_string(value.to_string()).expect("valid JSON");
+        self.known.push((key, value));
+        self
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Params;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of parameters")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Params, A::Error> {
+                let mut params = Params::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match Params::KNOWN.iter().find(|k| **k == key) {
+                        Some(known) => params.known.push((known, map.next_value()?)),
+                        None => {
+                            if params.reserved.is_none()
+                                && sluice_deployments::check_parameter_name(&key).is_err()
+                            {
+                                params.reserved = Some(key.into_owned());
+                            }
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(params)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Parses an input's datatype and shape (the parts every encoding of `data` shares).

@@ -16,7 +16,8 @@ use std::borrow::Cow;
 use sluice_deployments::DataType;
 
 use super::json::{
-    InputData, JsonInput, JsonRequest, JsonRequestedOutput, NON_FINITE, push_float_as, push_non_finite,
+    InputData, JsonInput, JsonRequest, JsonRequestedOutput, NON_FINITE, Params, push_float_as,
+    push_non_finite,
 };
 
 /// Nesting deeper than this in `data` is left to serde's reader.
@@ -157,11 +158,12 @@ impl<'a> Reader<'a> {
                         }
                         _ => None,
                     })?;
-                    let mut map = serde_json::Map::new();
-                    if let Some(b) = binary {
-                        map.insert("binary_data".to_string(), serde_json::Value::Bool(b));
-                    }
-                    parameters = Some(map);
+                    let params = Params::default();
+                    parameters = Some(if let Some(b) = binary {
+                        params.with("binary_data", if b { "true" } else { "false" })
+                    } else {
+                        params
+                    });
                 }
                 _ => return None,
             }
@@ -456,7 +458,15 @@ mod tests {
         assert!(agree(body));
         let fast = read(body.as_bytes()).unwrap().outputs.unwrap();
         let slow = serde_json::from_str::<JsonRequest<'_>>(body).unwrap().outputs.unwrap();
-        let params = |o: &[JsonRequestedOutput]| o.iter().map(|o| o.parameters.clone()).collect::<Vec<_>>();
+        let params = |o: &[JsonRequestedOutput]| {
+            o.iter()
+                .map(|o| {
+                    o.parameters
+                        .as_ref()
+                        .map(|p| p.kept().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>())
+                })
+                .collect::<Vec<_>>()
+        };
         assert_eq!(params(&fast), params(&slow));
     }
 
