@@ -284,6 +284,11 @@ async fn http<I, S>(
     let look_every = limits.idle_timeout.unwrap_or_default() / IDLE_LOOKS;
     loop {
         tokio::select! {
+            // The connection first: a request already in its socket when the stop (or the idle
+            // close) comes is read and served. Polled second, hyper closed a keep-alive
+            // connection it had not read at once, and that request was lost unanswered (a
+            // request whose head has only partly arrived still is: `shutdown_delay_s`).
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!("connection ended: {e}");
