@@ -1104,28 +1104,40 @@ impl Deployment {
         let timeout = request.timeout.map_or(spec.request_timeout(), |t| t.min(spec.request_timeout()));
         let deadline = admitted + timeout;
 
-        let permit = if may_wait {
-            self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
-        } else {
-            self.set.permits.clone().try_acquire_owned().map_err(|_| {
-                InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))
-            })?
-        };
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         let reply = Reply::new(reply);
-        let job = Job {
+        let mut job = Job {
             inputs: request.inputs,
             outputs,
             rows,
             deadline,
             admitted,
-            arrived: Instant::now(),
+            arrived: admitted,
             reply,
             span,
             model,
             tried: None,
         };
-        let left = self.dispatch(job, permit, may_wait)?;
+        let left = loop {
+            let permit = if may_wait {
+                self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
+            } else {
+                self.set.permits.clone().try_acquire_owned().map_err(|_| {
+                    InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))
+                })?
+            };
+            job.arrived = Instant::now();
+            match self.dispatch(job, permit, may_wait)? {
+                Dispatched::Sent => break None,
+                Dispatched::Left(slot) => break Some(slot),
+                // The last replica went between the admission and here (scaled to zero, lost
+                // on Ray): waited for as the admission waits for one (it was answered 503).
+                Dispatched::Back(back) if may_wait => job = *back,
+                Dispatched::Back(_) => {
+                    return Err(InferError::unavailable(format!("model `{}` has no replicas", spec.name)));
+                }
+            }
+        };
         if let Some(slot) = left
             && let Channel::Local(tx, cell) = &slot.channel
         {
@@ -1261,16 +1273,17 @@ impl Deployment {
 
     /// Sends an admitted job to a replica chosen by power-of-two-choices among ready ones (or,
     /// when that replica's queue is full, to another ready one), or, when `inline` allows,
-    /// leaves it with that replica's model (returned) for the caller to run.
+    /// leaves it with that replica's model (returned) for the caller to run. With no replica
+    /// left (the last one gone since the admission), the job comes back, without its permit.
     fn dispatch(
         &self,
         mut job: Job,
         permit: tokio::sync::OwnedSemaphorePermit,
         inline: bool,
-    ) -> Result<Option<Arc<ReplicaSlot>>, InferError> {
+    ) -> Result<Dispatched, InferError> {
         let replicas = self.set.replicas.load();
         if replicas.is_empty() {
-            return Err(InferError::unavailable(format!("model `{}` has no replicas", self.set.spec.name)));
+            return Ok(Dispatched::Back(Box::new(job))); // and the permit goes
         }
         let load = |i: usize| {
             let r = &replicas[i];
@@ -1292,14 +1305,14 @@ impl Deployment {
             && small(&job.inputs)
         {
             cell.leave(job);
-            return Ok(Some(slot.clone()));
+            return Ok(Dispatched::Left(slot.clone()));
         }
         // A queue that cannot take the job (full: a replica whose model panicked just handed
         // it what it held) sends it to another ready replica, counted there; one no replica
         // can take is dropped here, with its admission.
         match slot.channel.send(job) {
-            Ok(()) => Ok(None),
-            Err(job) => self.set.redispatch(job, slot.id).map(|()| None).map_err(|_| {
+            Ok(()) => Ok(Dispatched::Sent),
+            Err(job) => self.set.redispatch(job, slot.id).map(|()| Dispatched::Sent).map_err(|_| {
                 InferError::unavailable(format!(
                     "replica of `{}` cannot take requests now",
                     self.set.spec.name
@@ -1461,6 +1474,16 @@ fn small(inputs: &[crate::NamedTensor]) -> bool {
 
 /// See [`small`]: 64 KiB, some thousands of rows of a small model's features.
 pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// Where [`Deployment::dispatch`] put a job.
+enum Dispatched {
+    /// In a replica's queue.
+    Sent,
+    /// With this replica's model, for the caller to run.
+    Left(Arc<ReplicaSlot>),
+    /// Back with the caller: no replica left (its permit gone).
+    Back(Box<Job>),
+}
 
 /// A pipeline request on its way to a deployment ([`Deployment::hold`]); the last one gone
 /// wakes whoever waits to drain.
