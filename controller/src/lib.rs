@@ -345,11 +345,14 @@ impl Controller {
         for v in retired {
             tokio::spawn(async move {
                 let d = &v.deployment;
+                d.mark_retired();
                 let drained = async {
                     let mut woken = !serve_waiting;
+                    let settled = d.settled();
+                    tokio::pin!(settled);
                     loop {
                         tokio::select! {
-                            () = d.drained() => return,
+                            () = &mut settled => return,
                             () = tokio::time::sleep(RETIRED_WAKE_CHECK) => {}
                         }
                         if !woken && v.replica_count() == 0 && d.queue_depth() > 0 {

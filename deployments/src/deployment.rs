@@ -639,6 +639,8 @@ pub struct Deployment {
     inline_under: Option<Duration>,
     /// Whether autoscaling may take it to zero replicas ([`Deployment::set_scales_to_zero`]).
     scales_to_zero: AtomicBool,
+    /// Out of the route table, draining ([`Deployment::mark_retired`]).
+    retired: AtomicBool,
     /// Held while a multiplexed request picks its replica ([`Deployment::pick_for_model`]): a pick and
     /// the claim on a model it makes are one step for concurrent requests.
     claiming: std::sync::Mutex<()>,
@@ -730,6 +732,7 @@ impl Deployment {
             multiplex: None,
             inline_under,
             scales_to_zero: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             claiming: std::sync::Mutex::new(()),
         })
     }
@@ -930,6 +933,34 @@ impl Deployment {
     pub fn hold(&self) -> Held<'_> {
         self.held.fetch_add(1, Ordering::AcqRel);
         Held { deployment: self }
+    }
+
+    /// Marks it out of the route table: what is still routed to it should be routed again
+    /// ([`Deployment::is_retired`]). Before its drain waits ([`Deployment::settled`]).
+    pub fn mark_retired(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it is out of the route table. A frontend that routed a request here before it
+    /// read the request's body (which can take long) routes it again when this says so: the
+    /// drain, which saw none of its requests inside, may have closed it meanwhile (the request
+    /// was answered 503 "shutting down" while the new version would have served it).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request is inside the deployment or on its way to it, and none has come
+    /// for [`DRAIN_SETTLE`] after: a request routed here just before it was retired and not yet
+    /// inside (between the look at [`Deployment::is_retired`] and its entry: no await) is in
+    /// by then.
+    pub async fn settled(&self) {
+        loop {
+            self.drained().await;
+            tokio::time::sleep(DRAIN_SETTLE).await;
+            if self.requests.load(Ordering::SeqCst) == 0 && self.held.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+        }
     }
 
     /// Waits until no request is inside the deployment or on its way to it ([`Deployment::hold`]).
@@ -1474,6 +1505,9 @@ fn small(inputs: &[crate::NamedTensor]) -> bool {
 
 /// See [`small`]: 64 KiB, some thousands of rows of a small model's features.
 pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// How long an empty deployment must stay empty before its drain ends ([`Deployment::settled`]).
+pub const DRAIN_SETTLE: Duration = Duration::from_millis(50);
 
 /// Where [`Deployment::dispatch`] put a job.
 enum Dispatched {

@@ -27,7 +27,7 @@ pub use batch::BatchPolicy;
 pub use builtin::{AsyncStep, register_async_step, register_step};
 pub use concat::{ModelCall, run_batched};
 pub use deployment::{
-    Admission, Deployment, DeploymentSpec, HELD_MODELS_HEADER_BIN, HELD_MODELS_MAX_BYTES,
+    Admission, DRAIN_SETTLE, Deployment, DeploymentSpec, HELD_MODELS_HEADER_BIN, HELD_MODELS_MAX_BYTES,
     HELD_MODELS_SEQ_HEADER, HeldModels, Holder, INLINE_MAX_BYTES, MULTIPLEX_HEADER, MULTIPLEX_HEADER_BIN,
     Redirect, ReplicaInfo, Yield, YieldOnce, check_fits, yield_once, yielded,
 };

@@ -142,6 +142,15 @@ impl Servable {
         }
     }
 
+    /// Whether it is out of the route table ([`Deployment::is_retired`]; a pipeline, when one of
+    /// its steps is): to be routed again.
+    pub fn is_retired(&self) -> bool {
+        match self {
+            Self::Deployment(d) | Self::Shadowed(d, _) | Self::Multiplexed(d, _) => d.is_retired(),
+            Self::Pipeline(p) => p.deployments().any(|d| d.is_retired()),
+        }
+    }
+
     /// The deployment, when this is one.
     pub fn deployment(&self) -> Option<&Arc<Deployment>> {
         match self {

@@ -1106,3 +1106,23 @@ async fn a_replica_not_ready_takes_its_slots_out_of_admission() {
     until("the second request, once the other replica is ready again", || calls(&b) == 1).await;
     assert_eq!(calls(&a), 1);
 }
+
+/// A retired deployment's drain ends once it has stayed empty for `DRAIN_SETTLE`: a request
+/// routed to it just before its retirement, in only after the drain first saw it empty, is
+/// waited for (it was closed under that request, answered 503 "shutting down").
+#[tokio::test(start_paused = true)]
+async fn a_drain_waits_for_a_request_that_comes_in_just_after_it_saw_none() {
+    let d = Arc::new(Deployment::start_remote(spec(|s| s.num_replicas = 0), remote_meta()).unwrap());
+    d.mark_retired();
+    let settled = tokio::spawn({
+        let d = d.clone();
+        async move { d.settled().await }
+    });
+    // The drain has seen it empty and waits out the settle.
+    tokio::time::sleep(sluice_deployments::DRAIN_SETTLE / 5).await;
+    let on_its_way = d.hold();
+    tokio::time::sleep(sluice_deployments::DRAIN_SETTLE * 4).await;
+    assert!(!settled.is_finished(), "the drain ended with a request on its way in");
+    drop(on_its_way);
+    tokio::time::timeout(Duration::from_secs(1), settled).await.expect("settled once it left").unwrap();
+}

@@ -132,6 +132,25 @@ impl Router {
         })
     }
 
+    /// What serves `model` and `choice` now, when `routed` ([`Routes::route`]'s answer before the
+    /// request's body was read and decoded) has been taken out of the table by a swap since
+    /// ([`Servable::is_retired`]); `None` while `routed` serves, or when nothing does (the
+    /// request then gets its answer from `routed`, served or refused as it is drained).
+    pub fn rerouted(&self, routed: &Servable, model: &str, choice: VersionChoice<'_>) -> Option<Servable> {
+        if !routed.is_retired() {
+            return None;
+        }
+        self.route(model, choice).ok()
+    }
+
+    /// [`Routes::rerouted`] for the pipeline behind a plain-JSON route.
+    pub fn rerouted_json(&self, routed: &Pipeline, path: &str) -> Option<Arc<Pipeline>> {
+        if !routed.deployments().any(|d| d.is_retired()) {
+            return None;
+        }
+        self.json_route(path)
+    }
+
     fn weighted<'r>(&self, route: &'r ModelRoute) -> Option<&'r Servable> {
         let total = total_weight(&route.split);
         if total == 0 {

@@ -82,7 +82,7 @@ async fn infer(
     started: std::time::Instant,
     req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, Status> {
-    infer_on(&route(routes, headers, &req)?, headers, started, req).await
+    infer_on(routes, &route(routes, headers, &req)?, headers, started, req).await
 }
 
 /// What serves `req`: its model at the version it names or its metadata pins.
@@ -98,16 +98,22 @@ fn route(
 
 /// [`infer`] on the servable [`route`] found.
 async fn infer_on(
+    routes: &RouteTable,
     d: &Servable,
     headers: &CallHeaders,
     started: std::time::Instant,
-    req: pb::ModelInferRequest,
+    mut req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, Status> {
     let counted = d.metrics().counted(Protocol::Grpc, started);
+    let (model, version) = (std::mem::take(&mut req.model_name), std::mem::take(&mut req.model_version));
     let result = match codec::decode(req) {
         Ok(mut request) => {
             request.model_id = headers.model_id.clone();
-            d.infer(request).await
+            // Routed again if a swap took it out of the table while the request was decoded.
+            let choice =
+                sluice_router::VersionChoice { exact: Some(&version), pinned: headers.pinned.as_deref() };
+            let rerouted = routes.rerouted(d, &model, choice);
+            rerouted.as_ref().unwrap_or(d).infer(request).await
         }
         Err(e) => Err(e),
     };
@@ -195,7 +201,7 @@ impl GrpcInferenceService for InferenceService {
         let headers = CallHeaders::of(req.metadata())?;
         let req = req.into_inner();
         let d = route(&self.routes, &headers, &req)?;
-        let answer = infer_on(&d, &headers, started, req).await;
+        let answer = infer_on(&self.routes, &d, &headers, started, req).await;
         // Said with a failure too: a model that failed to load, or panicked, is not held.
         let report = self.report_held_models && headers.model_id.is_some();
         let held = report

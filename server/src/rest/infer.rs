@@ -127,6 +127,9 @@ async fn serve(
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
             request.model_id = model_id;
+            // Routed again if a swap took it out of the table while the body was decoded.
+            let rerouted = state.routes.rerouted(&deployment, model, choice);
+            let deployment = rerouted.as_ref().unwrap_or(&deployment);
             deployment.infer(request).await.and_then(|r| json_can_carry(&r, &binary).map(|()| (r, binary)))
         }
         Err(e) => Err(e),

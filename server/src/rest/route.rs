@@ -40,7 +40,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     // swap meanwhile had drained (none of its requests were in them yet) and stopped.
     let Some(pipeline) = state.routes.json_route(&route) else { return not_found() };
     let counted = pipeline.metrics().counted(Protocol::Rest, std::time::Instant::now());
-    let result = call(&pipeline, &body, model_id).await;
+    let result = call(&state.routes, &route, &pipeline, &body, model_id).await;
     counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
     match result {
         Ok(v) => Json(v).into_response(),
@@ -48,7 +48,13 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
-async fn call(pipeline: &Pipeline, body: &[u8], model_id: Option<String>) -> Result<Value, InferError> {
+async fn call(
+    routes: &sluice_router::Router,
+    path: &str,
+    pipeline: &Pipeline,
+    body: &[u8],
+    model_id: Option<String>,
+) -> Result<Value, InferError> {
     let Some(mapping) = &pipeline.json else {
         return Err(InferError::not_found("this pipeline has no JSON route"));
     };
@@ -82,7 +88,12 @@ async fn call(pipeline: &Pipeline, body: &[u8], model_id: Option<String>) -> Res
         inputs.push(t);
     }
     let outputs = mapping.response.iter().map(|(_, t)| t.clone()).collect();
-    let answer = pipeline
+    // Routed again if a swap took a step out of the table while the body was decoded (the new
+    // pipeline maps the same fields: a route's mapping changes only with its config).
+    let rerouted = routes.rerouted_json(pipeline, path);
+    let answer = rerouted
+        .as_deref()
+        .unwrap_or(pipeline)
         .infer(InferRequest { inputs, outputs: Some(outputs), model_id, ..Default::default() })
         .await?;
     let mut out = Map::new();
