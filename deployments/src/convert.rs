@@ -17,8 +17,12 @@ enum Column {
     F64(Vec<f64>),
 }
 
-fn column(t: &Tensor) -> Result<Column, InferError> {
-    let d = &t.data()[..];
+/// Elements widened at a time: the widened copy (an i128 per element: sixteen times a UINT8
+/// input's size, 1 GiB for a 64 MiB body) is held for a part at a time, never for the whole.
+const PART: usize = 4096;
+
+/// `d`, whole elements of `dtype`, widened.
+fn column(dtype: DataType, d: &[u8]) -> Result<Column, InferError> {
     macro_rules! each {
         ($variant:ident, $ty:ty, $n:literal, $f:expr) => {
             Column::$variant(
@@ -28,7 +32,7 @@ fn column(t: &Tensor) -> Result<Column, InferError> {
             )
         };
     }
-    Ok(match t.dtype() {
+    Ok(match dtype {
         DataType::Bool | DataType::Uint8 => Column::Ints(d.iter().map(|&b| i128::from(b)).collect()),
         DataType::Int8 => Column::Ints(d.iter().map(|&b| i128::from(b as i8)).collect()),
         DataType::Uint16 => each!(Ints, u16, 2, i128::from),
@@ -71,10 +75,13 @@ pub fn cast(t: &Tensor, to: DataType) -> Result<Tensor, InferError> {
             }
         };
     }
-    match column(t)? {
-        Column::Ints(values) => values.into_iter().for_each(|v| put!(v, v != 0, v as f32, v as f64)),
-        Column::F32(values) => values.into_iter().for_each(|v| put!(v, v != 0.0, v, f64::from(v))),
-        Column::F64(values) => values.into_iter().for_each(|v| put!(v, v != 0.0, v as f32, v)),
+    let size = t.dtype().byte_size().ok_or_else(|| InferError::invalid("cannot convert BYTES to numbers"))?;
+    for part in t.data().chunks(PART * size) {
+        match column(t.dtype(), part)? {
+            Column::Ints(values) => values.into_iter().for_each(|v| put!(v, v != 0, v as f32, v as f64)),
+            Column::F32(values) => values.into_iter().for_each(|v| put!(v, v != 0.0, v, f64::from(v))),
+            Column::F64(values) => values.into_iter().for_each(|v| put!(v, v != 0.0, v as f32, v)),
+        }
     }
     Tensor::new(to, t.shape().to_vec(), Bytes::from(out))
 }
@@ -89,6 +96,21 @@ mod tests {
 
     fn i64s(t: &Tensor) -> Vec<i64> {
         t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    /// A tensor of several parts ([`super::PART`] elements widened at a time) is cast whole, in
+    /// order.
+    #[test]
+    fn a_tensor_of_several_parts_is_cast_whole() {
+        let n = 2 * super::PART + 7;
+        let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let t = Tensor::new(DataType::Uint8, vec![n], bytes::Bytes::from(bytes)).unwrap();
+        let out = cast(&t, DataType::Fp32).unwrap();
+        let got: Vec<f32> =
+            out.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, (0..n).map(|i| (i % 251) as f32).collect::<Vec<_>>());
+        let empty_bytes = Tensor::new(DataType::Bytes, vec![0], bytes::Bytes::new()).unwrap();
+        assert!(cast(&empty_bytes, DataType::Fp32).is_err(), "BYTES is refused even when empty");
     }
 
     /// Each pinned against numpy's `astype` and ONNX's `Cast` (integers wrap; every value rounded
