@@ -228,6 +228,8 @@ fn strings(tensor: &Tensor) -> Result<NonNull<OrtValue>, String> {
             if buffer.is_null() {
                 return Err("ONNX Runtime gave no buffer for a string".into());
             }
+            // SAFETY: `buffer` holds `element.len()` bytes (resized just above) that nothing else
+            // refers to; `element` is the request's, a different allocation.
             unsafe { ptr::copy_nonoverlapping(element.as_ptr(), buffer.cast::<u8>(), element.len()) };
         }
     }

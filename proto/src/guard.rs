@@ -25,8 +25,10 @@ use crate::inference::{InferParameter, ModelInferRequest};
 
 /// How many times its own size a decoded `ModelInferRequest` may take.
 pub const GROWTH: usize = 8;
-/// What any message may take besides (its structs are a few hundred bytes when it is tiny).
-pub const SLACK: usize = 64 * 1024;
+/// What any message may take besides: each input is a struct of some 300 bytes decoded, which a
+/// small input's few wire bytes do not cover eightfold (a model of hundreds of one-value inputs,
+/// a feature each, sends such messages); 64 MiB of empty entries still takes some 10 GiB.
+pub const SLACK: usize = 16 * 1024 * 1024;
 
 /// [`ProstCodec`] with the check above on `ModelInferRequest`s.
 pub struct GuardedCodec<T, U> {
@@ -86,6 +88,14 @@ impl<U: prost::Message + Default + 'static> Decoder for GuardedDecoder<U> {
 pub fn check_infer_request(wire: &[u8]) -> Result<(), Status> {
     let mut counts = Counts::default();
     let decoded = request(wire, &mut counts);
+    // prost skips a group in a field it does not know, and decodes on after it; the walk here
+    // cannot (a group's end is found only by walking it), so it would have counted nothing past
+    // one. No field of the protocol is a group: refused.
+    if counts.group {
+        return Err(Status::invalid_argument(
+            "this ModelInferRequest holds a protobuf group, which no field of the protocol is",
+        ));
+    }
     let bound = wire.len().saturating_mul(GROWTH).saturating_add(SLACK);
     if decoded <= bound {
         return Ok(());
@@ -111,6 +121,8 @@ struct Counts {
     raw: usize,
     bytes: usize,
     parameters: usize,
+    /// A group (wire type 3 or 4) was met.
+    group: bool,
 }
 
 /// One field of a message: its number and what it holds. A message that does not parse ends the
@@ -119,6 +131,8 @@ enum Field<'a> {
     Varint,
     Fixed,
     Bytes(&'a [u8]),
+    /// A group's start or end: the walk of this message ends there.
+    Group,
 }
 
 struct Fields<'a> {
@@ -156,7 +170,11 @@ impl<'a> Iterator for Fields<'a> {
                 self.rest = tail;
                 Field::Bytes(bytes)
             }
-            _ => return None, // groups (prost refuses them) or no wire type at all
+            3 | 4 => {
+                self.rest = &[];
+                Field::Group
+            }
+            _ => return None, // no wire type at all: prost refuses the message
         };
         Some((tag >> 3, field))
     }
@@ -172,6 +190,11 @@ fn heap(field: &Field<'_>) -> usize {
         Field::Bytes(b) => b.len(),
         _ => 0,
     }
+}
+
+fn group(counts: &mut Counts) -> usize {
+    counts.group = true;
+    0
 }
 
 /// A `map<string, InferParameter>` entry: the key, the value and the map's slot for them.
@@ -193,6 +216,7 @@ fn request(wire: &[u8], counts: &mut Counts) -> usize {
     let mut total = size_of::<ModelInferRequest>();
     for (number, field) in fields(wire) {
         total += match (number, &field) {
+            (_, Field::Group) => group(counts),
             (4, _) => parameter(&field, counts),
             (5, Field::Bytes(b)) => {
                 counts.inputs += 1;
@@ -215,6 +239,7 @@ fn request(wire: &[u8], counts: &mut Counts) -> usize {
 fn input(wire: &[u8], counts: &mut Counts) -> usize {
     fields(wire)
         .map(|(number, field)| match (number, &field) {
+            (_, Field::Group) => group(counts),
             (3, _) => numbers(&field, 8, true),
             (4, _) => parameter(&field, counts),
             (5, Field::Bytes(b)) => contents(b, counts),
@@ -233,6 +258,7 @@ fn contents(wire: &[u8], counts: &mut Counts) -> usize {
     // The contents' own struct is held inline in its input, counted there.
     fields(wire)
         .map(|(number, field)| match number {
+            _ if matches!(field, Field::Group) => group(counts),
             1 => numbers(&field, 1, true),
             2 | 4 => numbers(&field, 4, true),
             3 | 5 => numbers(&field, 8, true),
@@ -294,36 +320,71 @@ mod tests {
         check_infer_request(&ModelInferRequest::default().encode_to_vec()).unwrap();
     }
 
+    /// A length-delimited field: `tag`, then `payload`'s length and bytes.
+    fn delimited(tag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let mut len = payload.len();
+        while len >= 0x80 {
+            out.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(payload);
+        out
+    }
+
     /// Mostly empty repeated entries are refused before prost builds them, naming what they are.
     #[test]
     fn mostly_empty_entries_are_refused() {
         let empties = [
-            (vec![0x2a, 0x00], "1000000 `inputs`"),
-            (vec![0x32, 0x00], "1000000 `outputs`"),
-            (vec![0x3a, 0x00], "1000000 `raw_input_contents`"),
-            (vec![0x22, 0x00], "1000000 parameter entries"),
+            (vec![0x2a, 0x00], 1_000_000, "1000000 `inputs`"),
+            (vec![0x32, 0x00], 1_000_000, "1000000 `outputs`"),
+            (vec![0x3a, 0x00], 4_000_000, "4000000 `raw_input_contents`"),
+            (vec![0x22, 0x00], 1_000_000, "1000000 parameter entries"),
         ];
-        for (entry, named) in empties {
-            let wire = entry.repeat(1_000_000);
+        for (entry, n, named) in empties {
+            let wire = entry.repeat(n);
             let e = check_infer_request(&wire).unwrap_err();
             assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{named}");
             assert!(e.message().contains(named), "{named}: {}", e.message());
         }
         // Empty `bytes_contents` elements inside one input: 24-byte `Vec`s for two bytes each.
-        let contents =
-            InferTensorContents { bytes_contents: vec![Vec::new(); 100_000], ..Default::default() };
+        let contents = delimited(0x2a, &[0x42, 0x00].repeat(4_000_000));
+        let e = check_infer_request(&delimited(0x2a, &contents)).unwrap_err();
+        assert!(e.message().contains("4000000 `bytes_contents`"), "{}", e.message());
+    }
+
+    /// A group, which prost skips in a field it does not know (and decodes on after it), ends the
+    /// walk: the message is refused, wherever the group is, rather than counted only up to it.
+    #[test]
+    fn a_group_is_refused_wherever_it_is() {
+        let mut hidden = vec![0x7b, 0x7c]; // an empty group in field 15
+        hidden.extend([0x2a, 0x00].repeat(1_000_000));
+        let e = check_infer_request(&hidden).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("group"), "{}", e.message());
+        // Inside an input, before its contents.
+        let input = [0x7b, 0x7c, 0x2a, 0x00];
+        let mut nested = vec![0x2a, input.len() as u8];
+        nested.extend(input);
+        assert!(check_infer_request(&nested).is_err());
+    }
+
+    /// Many small inputs, one value each (a model with a feature per input), pass.
+    #[test]
+    fn many_small_inputs_pass() {
         let request = ModelInferRequest {
-            inputs: vec![tensor("t", "BYTES", vec![100_000], Some(contents))],
+            inputs: (0..10_000).map(|i| tensor(&format!("f{i}"), "FP32", vec![1, 1], None)).collect(),
+            raw_input_contents: vec![vec![0u8; 4].into(); 10_000],
             ..Default::default()
         };
-        let e = check_infer_request(&request.encode_to_vec()).unwrap_err();
-        assert!(e.message().contains("100000 `bytes_contents`"), "{}", e.message());
+        check_infer_request(&request.encode_to_vec()).unwrap();
     }
 
     /// A message that does not parse is left to prost, which names its own error.
     #[test]
     fn a_malformed_message_is_left_to_prost() {
-        for wire in [&[0x2a, 0x05, 0x00][..], &[0xff; 11], &[0x2b]] {
+        for wire in [&[0x2a, 0x05, 0x00][..], &[0xff; 11], &[0x2a]] {
             check_infer_request(wire).unwrap();
             assert!(ModelInferRequest::decode(wire).is_err());
         }
