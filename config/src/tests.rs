@@ -748,6 +748,18 @@ fn errors_in_server_settings_name_their_line() {
     assert_eq!(crate::error::locate("{\"http_options\": {\"b\": 0}}", "http_options.b"), None);
 }
 
+/// The bytes of request bodies held at once: read, and never below one body's limit (a body
+/// that large could never be read).
+#[test]
+fn body_bytes_in_flight_are_at_least_one_body() {
+    let c = parse_in("http_options: {max_body_bytes: 10, max_body_bytes_in_flight: 10}\n").unwrap();
+    assert_eq!((c.http_options.max_body_bytes, c.http_options.max_body_bytes_in_flight), (10, 10));
+    assert_eq!(parse_in("{}\n").unwrap().http_options.max_body_bytes_in_flight, 1 << 30);
+    let e = errors("http_options:\n  max_body_bytes: 2147483648\n");
+    let e = e.iter().find(|e| e.field == "http_options.max_body_bytes_in_flight").expect("refused");
+    assert!(e.message.contains("at least http_options.max_body_bytes (2147483648)"), "{e:?}");
+}
+
 /// `cluster.ray`'s two timeouts: read, and refused at 0 naming the field.
 #[test]
 fn ray_start_timeouts_are_read_and_bounded() {

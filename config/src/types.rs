@@ -416,6 +416,9 @@ pub struct PipelineStep {
     pub outputs: BTreeMap<String, String>,
 }
 
+/// `http_options.max_body_bytes_in_flight`'s default: 1 GiB.
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 1 << 30;
+
 /// REST frontend settings (`http_options`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -427,6 +430,13 @@ pub struct HttpOptions {
     /// Largest request body accepted, in bytes, as sent and after decompression; larger
     /// bodies get 413 (at once when `Content-Length` announces one). Default 64 MiB.
     pub max_body_bytes: usize,
+    /// Request body bytes the server holds at once while reading bodies, across every
+    /// request, connection and frontend (REST and gRPC share it): counted as a body arrives
+    /// (decompressed, for a compressed REST body) and given back once it is read and decoded
+    /// (a gRPC stream holds only the message it is reading). A request whose body would pass
+    /// it is refused 503 (gRPC `UNAVAILABLE`), so that many large or compressed bodies at once
+    /// cannot take the server's memory. At least `max_body_bytes`. Default 1 GiB.
+    pub max_body_bytes_in_flight: usize,
     /// How long a client may take to send a request's headers (counted from when the
     /// connection is ready for its next request, so an idle keep-alive connection closes after
     /// it too), its TLS handshake, or its first bytes. Every listener. Default 30.
@@ -456,6 +466,7 @@ impl Default for HttpOptions {
             host: "127.0.0.1".into(),
             port: 8000,
             max_body_bytes: 64 * 1024 * 1024,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             header_read_timeout_s: 30.0,
             body_read_timeout_s: 30.0,
             body_total_timeout_s: 300.0,
@@ -651,6 +662,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct ProxySettings {
     pub max_body_bytes: usize,
+    pub max_body_bytes_in_flight: usize,
     pub header_read_timeout_s: f64,
     pub body_read_timeout_s: f64,
     pub body_total_timeout_s: f64,
@@ -669,6 +681,7 @@ impl ProxySettings {
         let (http, grpc) = (&config.http_options, &config.grpc_options);
         Self {
             max_body_bytes: http.max_body_bytes,
+            max_body_bytes_in_flight: http.max_body_bytes_in_flight,
             header_read_timeout_s: http.header_read_timeout_s,
             body_read_timeout_s: http.body_read_timeout_s,
             body_total_timeout_s: http.body_total_timeout_s,
@@ -688,6 +701,7 @@ impl ProxySettings {
     pub fn apply(&self, config: &mut Config) -> Result<(), String> {
         let http = &mut config.http_options;
         http.max_body_bytes = self.max_body_bytes;
+        http.max_body_bytes_in_flight = self.max_body_bytes_in_flight;
         http.header_read_timeout_s = self.header_read_timeout_s;
         http.body_read_timeout_s = self.body_read_timeout_s;
         http.body_total_timeout_s = self.body_total_timeout_s;
@@ -702,9 +716,7 @@ impl ProxySettings {
         let (http, grpc, admin) =
             (&mut config.http_options, &mut config.grpc_options, &mut config.admin_options);
         let mut problems = crate::tls::check_listeners(http, grpc, admin, Path::new(""), false);
-        if self.max_body_bytes == 0 {
-            problems.push(("http_options.max_body_bytes".into(), "must be at least 1".into()));
-        }
+        problems.extend(crate::validate::body_limits(http));
         for (field, s) in [
             ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s),
             ("shutdown_delay_s", self.shutdown_delay_s),

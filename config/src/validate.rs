@@ -201,8 +201,8 @@ fn validate_top(doc: &file::Config, errs: &mut Errors<'_>) {
             ),
         );
     }
-    if doc.http_options.max_body_bytes == 0 {
-        errs.at(unknown, "http_options.max_body_bytes", "must be at least 1");
+    for (field, problem) in body_limits(&doc.http_options) {
+        errs.at(unknown, field, problem);
     }
     if let Some(ray) = &doc.cluster.ray {
         if !(ray.address.is_empty()
@@ -834,4 +834,20 @@ fn validate_pipeline(
         route: p.route.clone(),
         order,
     })
+}
+
+/// What is wrong with the request body limits: each problem's field and what it must be.
+pub(crate) fn body_limits(http: &crate::HttpOptions) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    if http.max_body_bytes == 0 {
+        problems.push(("http_options.max_body_bytes".into(), "must be at least 1".into()));
+    }
+    if http.max_body_bytes_in_flight < http.max_body_bytes {
+        let problem = format!(
+            "must be at least http_options.max_body_bytes ({}): a body that large could never be read",
+            http.max_body_bytes
+        );
+        problems.push(("http_options.max_body_bytes_in_flight".into(), problem));
+    }
+    problems
 }

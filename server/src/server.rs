@@ -30,6 +30,8 @@ pub struct Server {
     phase: watch::Sender<Phase>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The request body bytes its frontends read at once (`max_body_bytes_in_flight`).
+    bodies: &'static rest::BodyBudget,
 }
 
 impl Server {
@@ -41,6 +43,12 @@ impl Server {
     /// The address the gRPC frontend listens on, if enabled (the REST address when shared).
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc_addr
+    }
+
+    /// The request body bytes the frontends hold now while reading bodies (counted against
+    /// `http_options.max_body_bytes_in_flight`).
+    pub fn body_bytes_reading(&self) -> usize {
+        self.bodies.held()
     }
 
     /// Waits until every replica of every deployment has warmed up; false on timeout.
@@ -265,6 +273,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
     let listeners = bind_all(&config, &options).await?;
     let (http, grpc, admin) = (&config.http_options, &config.grpc_options, &config.admin_options);
     let limits = Limits::new(http, grace);
+    let intake = rest::IntakeLayer::new(http, rest::BodyBudget::leaked(http.max_body_bytes_in_flight));
     let tls = |t: &Option<sluice_config::TlsOptions>| {
         t.as_ref().map(|t| TlsConfig::start(t, stop_rx.clone())).transpose()
     };
@@ -310,7 +319,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             Some((listener, _)) => {
                 // The REST intake's body read timeout, which a shared port has from the REST
                 // frontend: a stream whose message stops arriving held its connection for good.
-                let bounds = rest::IntakeLayer::new(http);
+                let bounds = intake;
                 let grpc_app =
                     grpc_app.layer(tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
                         rest::timed_body(req, &bounds)
@@ -325,7 +334,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         }
     }
     let (listener, http_addr) = listeners.http;
-    let app = rest::frontend(app, state_for_frontend, http);
+    let app = rest::frontend(app, state_for_frontend, intake);
     tasks.push(listen::spawn(listener, http_tls, app, limits, stop_rx.clone()));
     let grpc_addr = grpc_addr.or(grpc.enabled.then_some(http_addr));
     tracing::info!("accepting connections on {http_addr} while the models load (not ready yet)");
@@ -365,8 +374,19 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
         tasks.push(listen::spawn(listener, admin_tls, admin::router(state, token, addr), limits, stop_rx));
     }
     let delay = Duration::from_secs_f64(config.shutdown_delay_s);
-    let server =
-        Server { http_addr, grpc_addr, admin_addr, routes, controller, shutdown, phase, tasks, grace, delay };
+    let server = Server {
+        http_addr,
+        grpc_addr,
+        admin_addr,
+        routes,
+        controller,
+        shutdown,
+        phase,
+        tasks,
+        grace,
+        delay,
+        bodies: intake.budget,
+    };
     Ok(Starting { server, config, follow: options.follow, announce })
 }
 

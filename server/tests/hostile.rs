@@ -348,6 +348,85 @@ async fn a_gzip_bomb_gets_413() {
     s.shutdown().await;
 }
 
+/// `max_body_bytes_in_flight`: while one client holds most of it with a body it is still
+/// sending, a body that would pass it is refused, plain or compressed (its decompressed bytes
+/// count), 503 on REST and UNAVAILABLE on gRPC, naming the setting; once the first body is read
+/// the bytes are given back, and it and the others are served.
+#[tokio::test]
+async fn bodies_past_the_bytes_in_flight_wait_for_others_to_be_read() {
+    use sluice_proto::inference as pb;
+    let s = serve("", ", max_body_bytes: 1048576, max_body_bytes_in_flight: 1048576").await;
+    // Valid requests padded with spaces: 900 kB (all but its last kilobyte sent), and 200 kB.
+    let padded = |pad: usize| {
+        let mut body = iris_body();
+        body.splice(1..1, std::iter::repeat_n(b' ', pad));
+        body
+    };
+    let big = padded(900_000);
+    let head = format!(
+        "POST /v2/models/iris/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    let mut holder = connect(s.http_addr(), head.as_bytes()).await;
+    holder.write_all(&big[..big.len() - 1024]).await.unwrap();
+    let small = padded(200_000);
+    let infer = url(&s, "/v2/models/iris/infer");
+    let client = reqwest::Client::new();
+    let post = |body: Vec<u8>, encoding: Option<&str>| {
+        let mut r = client.post(&infer).body(body);
+        if let Some(encoding) = encoding {
+            r = r.header("content-encoding", encoding);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Once the server has read the holder's bytes (else the holder could be the one refused).
+    tokio::time::timeout(GUARD, async {
+        while s.body_bytes_reading() < big.len() - 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the holder's bytes are counted as the server reads them");
+    let refused = post(small.clone(), None).await;
+    assert_eq!(refused.0, 503, "{refused:?}");
+    assert!(
+        refused.1["error"].as_str().unwrap().contains("max_body_bytes_in_flight (1048576)"),
+        "{refused:?}"
+    );
+    let zipped = gzip(&small);
+    assert!(zipped.len() < 4096);
+    let (status, error) = post(zipped.clone(), Some("gzip")).await;
+    assert_eq!(status, 503, "the decompressed bytes count: {error}");
+    let mut grpc = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+        "http://{}",
+        s.grpc_addr().unwrap()
+    ))
+    .await
+    .unwrap();
+    let message = pb::ModelInferRequest {
+        model_name: "iris".into(),
+        raw_input_contents: vec![bytes::Bytes::from(vec![0; 200_000])],
+        ..Default::default()
+    };
+    let e = grpc.model_infer(message.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("max_body_bytes_in_flight"), "{e:?}");
+
+    holder.write_all(&big[big.len() - 1024..]).await.unwrap();
+    let (status, _, answer) = response(&mut holder).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(post(small, None).await.0, 200);
+    assert_eq!(post(zipped, Some("gzip")).await.0, 200);
+    // Read whole now: refused for what it holds, not for the bytes in flight.
+    let e = grpc.model_infer(message).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(s.body_bytes_reading(), 0, "every body's bytes given back");
+    s.shutdown().await;
+}
+
 /// `idle_timeout_s`: a connection on which no request starts for that long is closed (here
 /// well before `header_read_timeout_s`, which would close an idle HTTP/1.1 connection too), while
 /// one that keeps sending stays open across many periods.

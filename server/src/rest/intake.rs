@@ -17,6 +17,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,14 +45,18 @@ pub struct IntakeLayer {
     /// The longest the server may wait in all for a body (a gRPC stream's message) to arrive
     /// (`body_total_timeout_s`).
     pub body_total_timeout: Duration,
+    /// The body bytes the server's frontends hold at once (`max_body_bytes_in_flight`).
+    pub budget: &'static BodyBudget,
 }
 
 impl IntakeLayer {
-    pub fn new(http: &sluice_config::HttpOptions) -> Self {
+    /// The bounds of `http`, with the budget every frontend of one server shares.
+    pub fn new(http: &sluice_config::HttpOptions, budget: &'static BodyBudget) -> Self {
         Self {
             max_body_bytes: http.max_body_bytes,
             body_read_timeout: Duration::from_secs_f64(http.body_read_timeout_s),
             body_total_timeout: Duration::from_secs_f64(http.body_total_timeout_s),
+            budget,
         }
     }
 }
@@ -92,13 +97,16 @@ where
         if let Some(refusal) = screen::refuse(req.headers_mut(), self.limits.max_body_bytes) {
             return Either::Right(Box::pin(std::future::ready(Ok(refusal.into_response()))));
         }
-        let req = timed(req, &self.limits);
-        let headers = req.headers();
-        if !headers.contains_key(header::CONTENT_ENCODING) && !accepts_compression(headers) {
+        // A compressed body is counted against the budget as it comes out of decompression.
+        let compressed = req.headers().contains_key(header::CONTENT_ENCODING);
+        let req = timed_counted(req, &self.limits, !compressed);
+        if !compressed && !accepts_compression(req.headers()) {
             return Either::Left(self.plain.call(req));
         }
-        let decoded =
-            MapRequest::new(self.plain.clone(), decoded as fn(Request<DecompressionBody<Body>>) -> Request);
+        let budget = self.limits.budget;
+        let decoded = MapRequest::new(self.plain.clone(), move |req: Request<DecompressionBody<Body>>| {
+            req.map(|body| Body::new(Counted { body, charge: Charge::new(budget) }))
+        });
         // Routes are always ready (axum's own middleware calls a clone the same way).
         let coded = CompressionLayer::new()
             .quality(CompressionLevel::Fastest)
@@ -117,7 +125,13 @@ where
 /// with RESOURCE_EXHAUSTED before its bytes arrive (as grpc-go and Triton answer; tonic's own
 /// check answers OUT_OF_RANGE), and a stream of requests (`ModelStreamInfer`) is timed only
 /// inside a message: between two, its client may pause as long as it likes.
+/// Its bytes are counted against `limits.budget` as they arrive.
 pub fn timed(req: Request, limits: &IntakeLayer) -> Request {
+    timed_counted(req, limits, true)
+}
+
+/// [`timed`], its bytes counted against the budget only when `counted`.
+fn timed_counted(req: Request, limits: &IntakeLayer, counted: bool) -> Request {
     if hyper::body::Body::is_end_stream(req.body()) {
         return req;
     }
@@ -133,7 +147,8 @@ pub fn timed(req: Request, limits: &IntakeLayer) -> Request {
         ..GrpcFraming::default()
     });
     let (timeout, total) = (limits.body_read_timeout, limits.body_total_timeout);
-    req.map(|body| Body::new(TimedBody::new(body, timeout, total, framing)))
+    let charge = counted.then(|| Charge::new(limits.budget));
+    req.map(|body| Body::new(TimedBody::new(body, timeout, total, framing, charge)))
 }
 
 /// The gRPC method whose request body is a stream of messages.
@@ -212,8 +227,111 @@ fn accepts_compression(headers: &header::HeaderMap) -> bool {
     })
 }
 
-fn decoded(req: Request<DecompressionBody<Body>>) -> Request {
-    req.map(Body::new)
+/// The request body bytes one server's frontends hold at once while reading bodies
+/// (`http_options.max_body_bytes_in_flight`), REST and gRPC together: each body's bytes are
+/// counted as they arrive and given back when it is dropped (once read; its request is decoded
+/// in the same step), a gRPC stream's at the end of each message.
+pub struct BodyBudget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl BodyBudget {
+    /// A budget for one server, kept for the process's life (a server's frontends share it,
+    /// and their bodies may outlive the server's own handles).
+    pub fn leaked(limit: usize) -> &'static Self {
+        Box::leak(Box::new(Self { limit, held: AtomicUsize::new(0) }))
+    }
+
+    /// The bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// A body refused for the bytes other bodies hold.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server is overloaded: it is reading {held} bytes of request bodies at once, and {more} \
+     more would pass http_options.max_body_bytes_in_flight ({limit}); retry later"
+)]
+pub struct OverBudget {
+    held: usize,
+    more: usize,
+    limit: usize,
+}
+
+/// What one body holds of a [`BodyBudget`], given back when it is dropped.
+struct Charge {
+    budget: &'static BodyBudget,
+    held: usize,
+}
+
+impl Charge {
+    fn new(budget: &'static BodyBudget) -> Self {
+        Self { budget, held: 0 }
+    }
+
+    /// Counts `more` bytes, unless the budget has not that many left.
+    fn take(&mut self, more: usize) -> Result<(), OverBudget> {
+        let budget = self.budget;
+        budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more).filter(|&after| after <= budget.limit)
+            })
+            .map_err(|held| OverBudget { held, more, limit: budget.limit })?;
+        self.held += more;
+        Ok(())
+    }
+
+    fn give_back(&mut self) {
+        if self.held > 0 {
+            self.budget.held.fetch_sub(std::mem::take(&mut self.held), Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// A decompressed REST body, its bytes counted against the budget as they come.
+struct Counted<B> {
+    body: B,
+    charge: Charge,
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = axum::BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+            && let Some(data) = data
+        {
+            this.charge.take(data.len())?;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A request body that fails with [`BodyTimeout`] when no data arrives for `timeout`. Unlike
@@ -232,6 +350,9 @@ struct TimedBody {
     framing: Option<GrpcFraming>,
     /// A message over the limit, refused once the messages before it are passed on.
     refused: Option<tonic::Status>,
+    /// What this body holds of the budget (none for a compressed REST body: its decompressed
+    /// bytes are counted instead).
+    charge: Option<Charge>,
 }
 
 /// A request body that took too long.
@@ -262,12 +383,20 @@ impl hyper::body::Body for TimedBody {
                     return Poll::Ready(Some(Err(this.timed_out(BodyTimeout::TooLong))));
                 }
             }
-            if let (Some(framing), Some(Ok(frame))) = (&mut this.framing, &frame)
-                && let Some(data) = frame.data_ref()
-            {
+            let data = match &frame {
+                Some(Ok(frame)) => frame.data_ref(),
+                _ => None,
+            };
+            if let (Some(framing), Some(data)) = (&mut this.framing, data) {
                 match framing.read(data) {
-                    // A stream's next message is timed on its own.
-                    Ok(ended) if ended && framing.stream => this.waited = Duration::ZERO,
+                    // A stream's next message is timed on its own, and holds the budget on its
+                    // own (the messages read are decoded): from the chunk that ended the last.
+                    Ok(ended) if ended && framing.stream => {
+                        this.waited = Duration::ZERO;
+                        if let Some(charge) = &mut this.charge {
+                            charge.give_back();
+                        }
+                    }
                     Ok(_) => {}
                     Err((length, start)) => {
                         let message = format!(
@@ -283,6 +412,14 @@ impl hyper::body::Body for TimedBody {
                         return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
                     }
                 }
+            }
+            if let (Some(charge), Some(data)) = (&mut this.charge, data)
+                && let Err(over) = charge.take(data.len())
+            {
+                return Poll::Ready(Some(Err(match this.framing {
+                    Some(_) => Box::new(tonic::Status::unavailable(over.to_string())),
+                    None => over.into(),
+                })));
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
@@ -305,7 +442,13 @@ impl hyper::body::Body for TimedBody {
 }
 
 impl TimedBody {
-    fn new(body: Body, timeout: Duration, total: Duration, framing: Option<GrpcFraming>) -> Self {
+    fn new(
+        body: Body,
+        timeout: Duration,
+        total: Duration,
+        framing: Option<GrpcFraming>,
+        charge: Option<Charge>,
+    ) -> Self {
         Self {
             body,
             timeout,
@@ -314,6 +457,7 @@ impl TimedBody {
             stall: Default::default(),
             framing,
             refused: None,
+            charge,
         }
     }
 
@@ -350,7 +494,7 @@ mod tests {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let body =
                 Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-            (tx, TimedBody::new(body, Duration::from_secs(1), Duration::from_secs(3), framing))
+            (tx, TimedBody::new(body, Duration::from_secs(1), Duration::from_secs(3), framing, None))
         }
 
         /// Sends 20 chunks, one every 0.5 s (10 s in all): each ends a 6-byte message and
@@ -388,6 +532,37 @@ mod tests {
             trickle(tx);
             let e = read_all(body).await.unwrap_err();
             assert!(e.contains("body_total_timeout_s"), "{e}");
+        }
+
+        /// A stream holds the budget for the message it is reading only (the ones read are
+        /// decoded and given back); a unary call for its whole body, given back when dropped.
+        #[tokio::test(start_paused = true)]
+        async fn a_stream_holds_the_budget_one_message_at_a_time() {
+            let budget = super::super::BodyBudget::leaked(100);
+            let charged = |stream| {
+                let (tx, body) = body(Some(GrpcFraming { limit: 100, stream, ..GrpcFraming::default() }));
+                (tx, TimedBody { charge: Some(super::super::Charge::new(budget)), ..body })
+            };
+            let (tx, stream) = charged(true);
+            trickle(tx);
+            assert_eq!(read_all(stream).await, Ok(21), "227 bytes, 11 at a time");
+            assert_eq!(budget.held(), 0);
+            let (tx, mut unary) = charged(false);
+            // A message of 94 bytes, in 9 chunks of 11 with its prefix, then the next's start.
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 94, 7, 7, 7, 7, 7, 7])))).await.unwrap();
+            unary.frame().await.unwrap().unwrap();
+            for _ in 0..8 {
+                tx.send(Ok(Frame::data(Bytes::from_static(&[7; 11])))).await.unwrap();
+                unary.frame().await.unwrap().unwrap();
+            }
+            assert_eq!(budget.held(), 99);
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0; 2])))).await.unwrap();
+            let e = unary.frame().await.unwrap().unwrap_err();
+            let status = e.downcast::<tonic::Status>().unwrap();
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(status.message().contains("max_body_bytes_in_flight (100)"), "{status:?}");
+            drop(unary);
+            assert_eq!(budget.held(), 0, "given back when the body is dropped");
         }
 
         /// Time the server spends not reading (busy, or holding a stream back) is not the

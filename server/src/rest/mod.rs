@@ -6,7 +6,7 @@
 mod health;
 pub mod infer;
 mod intake;
-pub use intake::{IntakeLayer, timed as timed_body};
+pub use intake::{BodyBudget, IntakeLayer, timed as timed_body};
 pub mod json;
 mod json_scan;
 pub(crate) mod model;
@@ -102,8 +102,8 @@ pub fn router(state: AppState, http: &sluice_config::HttpOptions) -> Router {
 /// timeout, and decompression and compression for the requests that ask for them; gRPC
 /// answers on a shared port are left alone: gRPC compresses per message); then [`Rest`]: the
 /// infer requests straight to their handler, everything else through `routes`.
-pub fn frontend(routes: Router, state: AppState, http: &sluice_config::HttpOptions) -> Frontend {
-    let intake = intake::IntakeLayer::new(http).layer(Rest { routes, state });
+pub fn frontend(routes: Router, state: AppState, intake: IntakeLayer) -> Frontend {
+    let intake = intake.layer(Rest { routes, state });
     if crate::telemetry::request_spans_recorded() {
         let traced = tower::ServiceBuilder::new()
             .map_response(IntoResponse::into_response)

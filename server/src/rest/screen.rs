@@ -86,7 +86,7 @@ pub fn too_large(len: Option<u64>, max: usize) -> ApiError {
 }
 
 /// The answer to a body that could not be read: 413 past the limit, 408 when it stopped
-/// arriving, else 400 (a broken compressed stream, a connection that broke).
+/// arriving, 503 past the bytes all bodies may hold at once, else 400 (a broken compressed stream, a connection that broke).
 /// Reads a request body whole, up to `max_body_bytes`; a body that cannot be read is answered
 /// as [`body_error`] says (JSON, where axum's own extractor answers plain text that clients
 /// such as tritonclient cannot read).
@@ -102,6 +102,9 @@ pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) 
         }
         if let Some(timeout) = c.downcast_ref::<super::intake::BodyTimeout>() {
             return ApiError::new(StatusCode::REQUEST_TIMEOUT, timeout.to_string());
+        }
+        if let Some(over) = c.downcast_ref::<super::intake::OverBudget>() {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, over.to_string());
         }
         cause = c.source();
     }
