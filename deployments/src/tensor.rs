@@ -107,13 +107,26 @@ impl fmt::Display for DataType {
     }
 }
 
+/// The most elements the dimensions of an empty tensor other than its zeros may span: a
+/// model can allocate that many for it (a mean over its empty dimension is a tensor of the
+/// others), which its zero bytes on the wire would not bound. `[0, 4096, 4096]` passes.
+pub const MAX_EMPTY_TENSOR_SPAN: usize = 1 << 24;
+
 /// Element count of `shape`, or an error naming the shape when it cannot be a real tensor
-/// (a dimension above `i64::MAX`, or a product that overflows).
+/// (a dimension above `i64::MAX`, a product that overflows, or an empty tensor whose other
+/// dimensions span more than [`MAX_EMPTY_TENSOR_SPAN`] elements).
 pub fn element_count(shape: &[usize]) -> Result<usize, InferError> {
     if shape.iter().any(|&d| d > i64::MAX as usize) {
         return Err(InferError::invalid(format!("shape {shape:?} has a dimension larger than {}", i64::MAX)));
     }
     if shape.contains(&0) {
+        let span = shape.iter().filter(|&&d| d != 0).try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if span.is_none_or(|span| span > MAX_EMPTY_TENSOR_SPAN) {
+            return Err(InferError::invalid(format!(
+                "shape {shape:?} is empty, but its other dimensions span more than {MAX_EMPTY_TENSOR_SPAN} \
+                 elements, which a model could allocate for it"
+            )));
+        }
         return Ok(0);
     }
     shape
@@ -290,11 +303,14 @@ mod tests {
         assert!(e.to_string().contains("larger than"), "{e}");
         let e = Tensor::new(DataType::Fp64, vec![1 << 61, 8], Bytes::new()).unwrap_err();
         assert!(e.to_string().contains("too many elements"), "{e}");
-        // A zero dimension makes an empty tensor whatever the other dimensions are.
-        assert!(Tensor::new(DataType::Fp32, vec![0, 1 << 40], Bytes::new()).is_ok());
-        // Its length is 0, though the other dimensions' product does not fit.
-        let t = Tensor::new(DataType::Fp32, vec![1 << 32, 1 << 32, 0], Bytes::new()).unwrap();
+        // A zero dimension makes an empty tensor, of no data; its other dimensions may span
+        // up to MAX_EMPTY_TENSOR_SPAN elements (a model can allocate them for it).
+        let t = Tensor::new(DataType::Fp32, vec![1 << 12, 0, 1 << 12], Bytes::new()).unwrap();
         assert_eq!((t.len(), t.is_empty()), (0, true));
+        for shape in [vec![0, (1 << 24) + 1], vec![1 << 23, 0, 3], vec![1 << 32, 1 << 32, 0]] {
+            let e = Tensor::new(DataType::Fp32, shape.clone(), Bytes::new()).unwrap_err();
+            assert!(e.to_string().contains("span more than 16777216"), "{shape:?}: {e}");
+        }
         // BOOL bytes are 0 or 1; UINT8 takes any byte.
         assert!(Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 1, 0])).is_ok());
         let e = Tensor::new(DataType::Bool, vec![4], Bytes::from(vec![0u8, 1, 2, 0])).unwrap_err();

@@ -173,6 +173,8 @@ async fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             "too many elements",
         ),
         ("iris", iris(json!([18446744073709551615u64, 4]), json!([1])), StatusCode::BAD_REQUEST, "larger than"),
+        // An empty tensor whose other dimensions a model could allocate (gigabytes).
+        ("iris", iris(json!([33554432, 0]), json!([])), StatusCode::BAD_REQUEST, "span more than 16777216 elements"),
         (
             "iris",
             json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4]}]}).to_string(),
