@@ -313,6 +313,14 @@ impl Counted<'_> {
         self.answered = true;
         self.metrics.request(self.protocol, result, self.started.elapsed());
     }
+
+    /// The request, counted on `to` instead (routed again to what replaced its first
+    /// deployment: it is that one's request, and its outcome that one's, for a canary's gates
+    /// too). Nothing is recorded on the first.
+    pub fn moved(mut self, to: &DeploymentMetrics) -> Counted<'_> {
+        self.answered = true;
+        to.counted(self.protocol, self.started)
+    }
 }
 
 impl Drop for Counted<'_> {
@@ -664,6 +672,24 @@ mod tests {
         }));
         assert!(panicked.is_err());
         assert_eq!(m.stats.server_errors.load(Ordering::Relaxed), 3);
+    }
+
+    /// A request routed again after a swap is counted on what replaced its first deployment,
+    /// its outcome too (a failure there is that version's, for its canary gate), and not on
+    /// the first (where it read as a request gone: cancelled).
+    #[test]
+    fn a_request_moved_is_counted_where_it_went() {
+        let (first, then) =
+            (DeploymentMetrics::new("moved", "1", 1), DeploymentMetrics::new("moved", "2", 1));
+        first.counted(Protocol::Grpc, Instant::now()).moved(&then).answered(Err(ErrorKind::Internal));
+        let count = |m: &DeploymentMetrics| {
+            (
+                m.stats.success.count.load(Ordering::Relaxed) + m.stats.fail.count.load(Ordering::Relaxed),
+                m.stats.server_errors.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!(count(&then), (1, 1));
+        assert_eq!(count(&first), (0, 0));
     }
 
     #[test]

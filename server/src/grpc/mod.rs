@@ -104,7 +104,8 @@ async fn infer_on(
     started: std::time::Instant,
     mut req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, Status> {
-    let counted = d.metrics().counted(Protocol::Grpc, started);
+    let rerouted;
+    let mut counted = d.metrics().counted(Protocol::Grpc, started);
     let (model, version) = (std::mem::take(&mut req.model_name), std::mem::take(&mut req.model_version));
     let result = match codec::decode(req) {
         Ok(mut request) => {
@@ -112,7 +113,10 @@ async fn infer_on(
             // Routed again if a swap took it out of the table while the request was decoded.
             let choice =
                 sluice_router::VersionChoice { exact: Some(&version), pinned: headers.pinned.as_deref() };
-            let rerouted = routes.rerouted(d, &model, choice);
+            rerouted = routes.rerouted(d, &model, choice);
+            if let Some(to) = &rerouted {
+                counted = counted.moved(to.metrics());
+            }
             rerouted.as_ref().unwrap_or(d).infer(request).await
         }
         Err(e) => Err(e),

@@ -123,12 +123,16 @@ async fn serve(
     let model_id = text_header(headers, &MULTIPLEX_HEADER)?.map(str::to_string);
     let choice = sluice_router::VersionChoice { exact: version, pinned };
     let deployment = state.routes.route(model, choice)?;
-    let counted = deployment.metrics().counted(Protocol::Rest, started);
+    let rerouted;
+    let mut counted = deployment.metrics().counted(Protocol::Rest, started);
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
             request.model_id = model_id;
             // Routed again if a swap took it out of the table while the body was decoded.
-            let rerouted = state.routes.rerouted(&deployment, model, choice);
+            rerouted = state.routes.rerouted(&deployment, model, choice);
+            if let Some(to) = &rerouted {
+                counted = counted.moved(to.metrics());
+            }
             let deployment = rerouted.as_ref().unwrap_or(&deployment);
             deployment.infer(request).await.and_then(|r| json_can_carry(&r, &binary).map(|()| (r, binary)))
         }

@@ -40,7 +40,12 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     // swap meanwhile had drained (none of its requests were in them yet) and stopped.
     let Some(pipeline) = state.routes.json_route(&route) else { return not_found() };
     let counted = pipeline.metrics().counted(Protocol::Rest, std::time::Instant::now());
-    let result = call(&state.routes, &route, &pipeline, &body, model_id).await;
+    let mut rerouted = None;
+    let result = call(&state.routes, &route, &pipeline, &body, model_id, &mut rerouted).await;
+    let counted = match &rerouted {
+        Some(to) => counted.moved(to.metrics()),
+        None => counted,
+    };
     counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
     match result {
         Ok(v) => Json(v).into_response(),
@@ -54,6 +59,7 @@ async fn call(
     pipeline: &Pipeline,
     body: &[u8],
     model_id: Option<String>,
+    rerouted: &mut Option<std::sync::Arc<Pipeline>>,
 ) -> Result<Value, InferError> {
     let Some(mapping) = &pipeline.json else {
         return Err(InferError::not_found("this pipeline has no JSON route"));
@@ -90,7 +96,7 @@ async fn call(
     let outputs = mapping.response.iter().map(|(_, t)| t.clone()).collect();
     // Routed again if a swap took a step out of the table while the body was decoded (the new
     // pipeline maps the same fields: a route's mapping changes only with its config).
-    let rerouted = routes.rerouted_json(pipeline, path);
+    *rerouted = routes.rerouted_json(pipeline, path);
     let answer = rerouted
         .as_deref()
         .unwrap_or(pipeline)
