@@ -676,7 +676,7 @@ mod tests {
 
     /// A request routed again after a swap is counted on what replaced its first deployment,
     /// its outcome too (a failure there is that version's, for its canary gate), and not on
-    /// the first (where it read as a request gone: cancelled).
+    /// the first at all (not even as a request gone).
     #[test]
     fn a_request_moved_is_counted_where_it_went() {
         let (first, then) =
