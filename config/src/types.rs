@@ -431,7 +431,8 @@ pub struct HttpOptions {
     /// bodies get 413 (at once when `Content-Length` announces one). Default 64 MiB.
     pub max_body_bytes: usize,
     /// Request body bytes the server holds at once while reading bodies, across every
-    /// request, connection and frontend (REST and gRPC share it): counted as a body arrives
+    /// request, connection and inference frontend (REST and gRPC share it; the admin API's
+    /// bodies are not counted): counted as a body arrives
     /// (decompressed, for a compressed REST body) and given back once it is read and decoded
     /// (a gRPC stream holds only the message it is reading). A request whose body would pass
     /// it is refused 503 (gRPC `UNAVAILABLE`), so that many large or compressed bodies at once

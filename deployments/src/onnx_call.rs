@@ -262,7 +262,9 @@ fn read_output(value: NonNull<OrtValue>) -> Result<Tensor, InferError> {
     let dtype = served_type(code)
         .ok_or_else(|| InferError::internal(format!("unsupported output element type (ONNX code {code})")))?;
     let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
-    let count = element_count(&shape)?;
+    // The model's answer, not the request: a shape refused here is the server's failure.
+    let count =
+        element_count(&shape).map_err(|e| InferError::internal(format!("model output: {}", e.message)))?;
     let data = if dtype == DataType::Bytes {
         read_strings(value, count).map_err(fail)?
     } else {

@@ -73,10 +73,10 @@ pub fn replica(
     config.http_options.port = 0;
     config.admin_options.enabled = false;
     config.http_options.max_body_bytes = args.max_body_bytes.max(1);
-    // The default, or one body where the server takes larger ones (its frontends bound what
-    // they send on by their own budget).
-    let in_flight = &mut config.http_options.max_body_bytes_in_flight;
-    *in_flight = (*in_flight).max(config.http_options.max_body_bytes);
+    // No budget of its own: its callers are the server's frontends, whose requests are bounded
+    // by each deployment's `max_ongoing_requests` and `max_queued_requests` once read (a
+    // replica refusing them as overloaded would be taken for a failing one).
+    config.http_options.max_body_bytes_in_flight = usize::MAX;
     if let Some(s) = args.graceful_shutdown_timeout {
         config.graceful_shutdown_timeout_s = s;
     }

@@ -103,9 +103,14 @@ where
         if !compressed && !accepts_compression(req.headers()) {
             return Either::Left(self.plain.call(req));
         }
-        let budget = self.limits.budget;
+        // Only a compressed body is counted here: an identity one passes through decompression
+        // as it is, counted already.
+        let budget = compressed.then_some(self.limits.budget);
         let decoded = MapRequest::new(self.plain.clone(), move |req: Request<DecompressionBody<Body>>| {
-            req.map(|body| Body::new(Counted { body, charge: Charge::new(budget) }))
+            req.map(|body| match budget {
+                Some(budget) => Body::new(Counted { body, charge: Charge::new(budget) }),
+                None => Body::new(body),
+            })
         });
         // Routes are always ready (axum's own middleware calls a clone the same way).
         let coded = CompressionLayer::new()
@@ -170,18 +175,21 @@ struct GrpcFraming {
 }
 
 impl GrpcFraming {
-    /// Follows `data`: whether a message ended in it. A message over the limit: its announced
-    /// length, and where in `data` it starts (0 when its prefix began in an earlier chunk).
-    fn read(&mut self, data: &[u8]) -> Result<bool, (u64, usize)> {
+    /// Follows `data`: where in it the last message that ended in it ends (`None`: none did).
+    /// A message over the limit: its announced length, and where in `data` it starts (0 when
+    /// its prefix began in an earlier chunk).
+    fn read(&mut self, data: &[u8]) -> Result<Option<usize>, (u64, usize)> {
         let mut at = 0;
         let mut start = 0;
-        let mut ended = false;
+        let mut ended = None;
         while at < data.len() {
             if self.left > 0 {
                 let n = (data.len() - at).min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 self.left -= n as u64;
                 at += n;
-                ended |= self.left == 0;
+                if self.left == 0 {
+                    ended = Some(at);
+                }
                 continue;
             }
             if self.prefix == 0 {
@@ -197,7 +205,9 @@ impl GrpcFraming {
                 if self.left > self.limit {
                     return Err((self.left, start));
                 }
-                ended |= self.left == 0;
+                if self.left == 0 {
+                    ended = Some(at);
+                }
             }
         }
         Ok(ended)
@@ -387,15 +397,18 @@ impl hyper::body::Body for TimedBody {
                 Some(Ok(frame)) => frame.data_ref(),
                 _ => None,
             };
+            // The bytes of this chunk the body holds from now on.
+            let mut counted = data.map_or(0, Bytes::len);
             if let (Some(framing), Some(data)) = (&mut this.framing, data) {
                 match framing.read(data) {
                     // A stream's next message is timed on its own, and holds the budget on its
-                    // own (the messages read are decoded): from the chunk that ended the last.
-                    Ok(ended) if ended && framing.stream => {
+                    // own (the messages read are decoded): only what follows the last one's end.
+                    Ok(Some(end)) if framing.stream => {
                         this.waited = Duration::ZERO;
                         if let Some(charge) = &mut this.charge {
                             charge.give_back();
                         }
+                        counted = data.len() - end;
                     }
                     Ok(_) => {}
                     Err((length, start)) => {
@@ -413,8 +426,8 @@ impl hyper::body::Body for TimedBody {
                     }
                 }
             }
-            if let (Some(charge), Some(data)) = (&mut this.charge, data)
-                && let Err(over) = charge.take(data.len())
+            if let Some(charge) = &mut this.charge
+                && let Err(over) = charge.take(counted)
             {
                 return Poll::Ready(Some(Err(match this.framing {
                     Some(_) => Box::new(tonic::Status::unavailable(over.to_string())),
@@ -547,6 +560,15 @@ mod tests {
             trickle(tx);
             assert_eq!(read_all(stream).await, Ok(21), "227 bytes, 11 at a time");
             assert_eq!(budget.held(), 0);
+            // Between two messages a stream holds nothing but what it read of the next.
+            let (tx, mut idle) = charged(true);
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 2, 7, 7, 0, 0])))).await.unwrap();
+            idle.frame().await.unwrap().unwrap();
+            assert_eq!(budget.held(), 2, "the next message's first two bytes");
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 1, 9])))).await.unwrap();
+            idle.frame().await.unwrap().unwrap();
+            assert_eq!(budget.held(), 0, "an idle stream holds nothing");
+            drop(idle);
             let (tx, mut unary) = charged(false);
             // A message of 94 bytes, in 9 chunks of 11 with its prefix, then the next's start.
             tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 94, 7, 7, 7, 7, 7, 7])))).await.unwrap();
@@ -592,7 +614,7 @@ mod tests {
         assert!(!f.inside_a_message());
         // Two messages (3 bytes, then 0) and the start of a third, split across reads.
         let stream = [&[0u8, 0, 0][..], &[0, 3, 7], &[8, 9, 0, 0, 0, 0, 0, 1, 0, 0], &[0, 2, 1], &[2]];
-        let (inside, ended): (Vec<bool>, Vec<bool>) = stream
+        let (inside, ended): (Vec<bool>, Vec<Option<usize>>) = stream
             .iter()
             .map(|data| {
                 let ended = f.read(data).unwrap();
@@ -600,7 +622,7 @@ mod tests {
             })
             .unzip();
         assert_eq!(inside, [true, true, true, true, false]);
-        assert_eq!(ended, [false, false, true, false, true], "which reads ended a message");
+        assert_eq!(ended, [None, None, Some(7), None, Some(1)], "where the last message ended in each read");
         assert!(!f.timed(), "a stream between two messages");
         f.read(&[1, 0, 0, 1, 0]).unwrap();
         assert!(f.inside_a_message() && f.timed(), "a prefix announcing 256 bytes");

@@ -2,17 +2,15 @@
 //! fields the config maps to pipeline inputs (`{"text": ["..."]}`), answered with the fields it
 //! maps from pipeline outputs (`{"embeddings": [[...]]}`), nested by shape.
 
-use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use sluice_deployments::metrics::Protocol;
-use sluice_deployments::{InferError, InferRequest, Pipeline, Tensor};
+use sluice_deployments::{DataType, InferError, InferRequest, Pipeline, Tensor};
 
 use super::AppState;
-use super::json::{JsonData, decode_data, first_not_utf8};
+use super::json::{decode_data, first_not_utf8, write_data};
 use crate::error::ApiError;
 
 /// Every path no other route takes: a pipeline's JSON route, or 404.
@@ -48,7 +46,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     };
     counted.answered(result.as_ref().map(|_| ()).map_err(|e| e.kind));
     match result {
-        Ok(v) => Json(v).into_response(),
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -60,7 +58,7 @@ async fn call(
     body: &[u8],
     model_id: Option<String>,
     rerouted: &mut Option<std::sync::Arc<Pipeline>>,
-) -> Result<Value, InferError> {
+) -> Result<Vec<u8>, InferError> {
     let Some(mapping) = &pipeline.json else {
         return Err(InferError::not_found("this pipeline has no JSON route"));
     };
@@ -102,26 +100,41 @@ async fn call(
         .unwrap_or(pipeline)
         .infer(InferRequest { inputs, outputs: Some(outputs), model_id, ..Default::default() })
         .await?;
-    let mut out = Map::new();
+    // Written straight into the answer's bytes: a tree of values took some 16 times an
+    // output's size (a `Value` per number) before a byte was written.
+    let mut out = vec![b'{'];
     for (field, tensor) in &mapping.response {
         if let Some(t) = answer.outputs.iter().find(|o| &o.name == tensor) {
-            out.insert(field.clone(), field_value(pipeline.name(), field, tensor, &t.tensor)?);
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            // A key needs escaping: serde_json's own writer (into a Vec, which cannot fail).
+            let _ = serde_json::to_writer(&mut out, field);
+            out.push(b':');
+            field_value(&mut out, pipeline.name(), field, tensor, &t.tensor)?;
         }
     }
-    Ok(Value::Object(out))
+    out.push(b'}');
+    Ok(out)
 }
 
 /// `field`'s value, from the pipeline's output `tensor`. A JSON string cannot hold bytes that
 /// are not UTF-8: refused (400, as on the OIP route, whose binary data can carry them), not
 /// sent altered.
-fn field_value(pipeline: &str, field: &str, tensor: &str, t: &Tensor) -> Result<Value, InferError> {
+fn field_value(
+    out: &mut Vec<u8>,
+    pipeline: &str,
+    field: &str,
+    tensor: &str,
+    t: &Tensor,
+) -> Result<(), InferError> {
     if let Some(i) = first_not_utf8(t) {
         return Err(InferError::invalid(format!(
             "field `{field}`: element {i} of tensor `{tensor}` is not UTF-8, which a JSON answer \
              cannot carry (the OIP route `/v2/models/{pipeline}/infer` can send it as binary data)"
         )));
     }
-    Ok(nested(t))
+    write_nested(out, t)
 }
 
 /// The shape of nested JSON arrays (following first elements), refused unless every array at
@@ -245,29 +258,102 @@ impl<'de> serde::de::Visitor<'de> for Shape<'_> {
     }
 }
 
-/// A tensor as nested JSON arrays following its shape.
-fn nested(t: &Tensor) -> Value {
-    let flat = serde_json::to_value(JsonData(t)).unwrap_or(Value::Null);
-    let Value::Array(items) = flat else { return flat };
-    // Driven by the shape, not the items: `[2, 0]` is `[[], []]`, not `[]`.
-    fn build(items: &[Value], shape: &[usize]) -> Value {
-        match shape {
-            [] | [_] => Value::Array(items.to_vec()),
-            [n, rest @ ..] => {
-                let step: usize = rest.iter().product();
-                Value::Array(
-                    (0..*n)
-                        .map(|i| build(items.get(i * step..(i + 1) * step).unwrap_or(&[]), rest))
-                        .collect(),
-                )
-            }
+/// Writes `t` as nested JSON arrays following its shape, driven by the shape, not the data
+/// (`[2, 0]` is `[[], []]`; a scalar is its element alone): each innermost row by
+/// [`write_data`], the brackets between rows from where each row starts.
+fn write_nested(out: &mut Vec<u8>, t: &Tensor) -> Result<(), InferError> {
+    let Some((&width, outer)) = t.shape().split_last() else {
+        // A scalar: its one element, without the brackets.
+        let start = out.len();
+        write_row(out, t);
+        out.pop();
+        out.remove(start);
+        return Ok(());
+    };
+    let rows: usize = outer.iter().product();
+    if rows == 0 {
+        write_empty(out, outer);
+        return Ok(());
+    }
+    out.extend(std::iter::repeat_n(b'[', outer.len()));
+    let data = t.data();
+    let mut bytes = t.bytes_elements();
+    let mut at = 0;
+    for row in 0..rows {
+        if row > 0 {
+            // The outer dimensions this row starts anew: each closed and opened again.
+            let mut span = 1;
+            let new = outer.iter().rev().take_while(|&&d| {
+                span *= d;
+                row % span == 0
+            });
+            let new = new.count();
+            out.extend(std::iter::repeat_n(b']', new));
+            out.push(b',');
+            out.extend(std::iter::repeat_n(b'[', new));
+        }
+        let end = match t.dtype().byte_size() {
+            Some(size) => at + width * size,
+            // A BYTES row ends where its last element does (each is a length and its bytes).
+            None => bytes
+                .by_ref()
+                .take(width)
+                .last()
+                .map_or(at, |e| e.as_ptr() as usize + e.len() - data.as_ptr() as usize),
+        };
+        // A row of no width written as it is (`[2^24, 0]` makes as many rows). A row of the
+        // tensor's own holds what its shape says: the tensor was made whole.
+        match width {
+            0 => out.extend_from_slice(b"[]"),
+            _ => write_row(out, &Tensor::new(t.dtype(), vec![width], data.slice(at..end))?),
+        }
+        at = end;
+    }
+    out.extend(std::iter::repeat_n(b']', outer.len()));
+    Ok(())
+}
+
+/// [`write_data`], with `null` for NaN and the infinities: plain JSON has no words for them
+/// (the OIP route writes Triton's, `NaN` and `Infinity`, which Python's `json` reads and
+/// JavaScript's `JSON.parse` and strict readers refuse), and this route answers plain JSON.
+fn write_row(out: &mut Vec<u8>, row: &Tensor) {
+    let start = out.len();
+    write_data(out, row);
+    let float = matches!(row.dtype(), DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64);
+    // Numbers are written with digits, `-`, `.`, `e` and `+` only.
+    if !float || !out[start..].iter().any(|&b| b == b'N' || b == b'I') {
+        return;
+    }
+    let written = out.split_off(start);
+    let numbers = &written[1..written.len() - 1];
+    out.push(b'[');
+    for (i, number) in numbers.split(|&b| b == b',').enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match number {
+            b"NaN" | b"Infinity" | b"-Infinity" => out.extend_from_slice(b"null"),
+            _ => out.extend_from_slice(number),
         }
     }
-    if t.shape().is_empty() {
-        items.into_iter().next().unwrap_or(Value::Null)
-    } else {
-        build(&items, t.shape())
+    out.push(b']');
+}
+
+/// Nested empty arrays of `shape`, which holds a 0 (`[2, 0]`: `[[],[]]`): only the dimensions
+/// before its first 0 are written out (an empty tensor's dimensions are bounded).
+fn write_empty(out: &mut Vec<u8>, shape: &[usize]) {
+    out.push(b'[');
+    if let [n, rest @ ..] = shape
+        && !rest.is_empty()
+    {
+        for i in 0..*n {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_empty(out, rest);
+        }
     }
+    out.push(b']');
 }
 
 #[cfg(test)]
@@ -277,7 +363,14 @@ mod tests {
     use bytes::Bytes;
     use sluice_deployments::{DataType, Tensor};
 
-    use super::{field_value, nested, shape_of};
+    use super::{field_value, shape_of, write_nested};
+
+    /// `t` as `write_nested` writes it, read back.
+    fn nested(t: &Tensor) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_nested(&mut out, t).unwrap();
+        serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+    }
 
     #[test]
     fn outputs_nest_by_their_shape_also_when_empty() {
@@ -290,6 +383,21 @@ mod tests {
         assert_eq!(nested(&t(vec![2, 1, 0], vec![])), json!([[[]], [[]]]));
         assert_eq!(nested(&t(vec![0, 3], vec![])), json!([]));
         assert_eq!(nested(&t(vec![], vec![7.])), json!(7.));
+        // Plain JSON: no words for NaN and the infinities; floats in their shortest form.
+        let odd = t(vec![2, 2], vec![f32::NAN, 0.1, f32::NEG_INFINITY, f32::INFINITY]);
+        let mut out = Vec::new();
+        super::write_nested(&mut out, &odd).unwrap();
+        assert_eq!(out, b"[[null,0.1],[null,null]]");
+        let mut out = Vec::new();
+        super::write_nested(&mut out, &t(vec![], vec![f32::NAN])).unwrap();
+        assert_eq!(out, b"null");
+        // Text rows end where their last element does (each a length and its bytes).
+        let mut strings = Vec::new();
+        for s in ["a", "", "c,\"d", "é"] {
+            sluice_deployments::push_bytes_element(&mut strings, s.as_bytes()).unwrap();
+        }
+        let texts = Tensor::new(DataType::Bytes, vec![2, 2], Bytes::from(strings)).unwrap();
+        assert_eq!(nested(&texts), json!([["a", ""], ["c,\"d", "é"]]));
     }
 
     /// A BYTES output that is not UTF-8 is the request's to fix (by the OIP route's binary
@@ -302,7 +410,7 @@ mod tests {
             strings.extend_from_slice(s);
         }
         let t = Tensor::new(DataType::Bytes, vec![2], Bytes::from(strings)).unwrap();
-        let e = field_value("p", "texts", "out", &t).unwrap_err();
+        let e = field_value(&mut Vec::new(), "p", "texts", "out", &t).unwrap_err();
         assert_eq!(e.kind, sluice_deployments::ErrorKind::InvalidArgument);
         assert!(
             e.message.starts_with("field `texts`: element 1 of tensor `out` is not UTF-8"),
@@ -311,7 +419,9 @@ mod tests {
         );
         assert!(e.message.contains("`/v2/models/p/infer`"), "{}", e.message);
         let ok = Tensor::new(DataType::Bytes, vec![1], Bytes::from(b"\x02\0\0\0ok".to_vec())).unwrap();
-        assert_eq!(field_value("p", "texts", "out", &ok).unwrap(), json!(["ok"]));
+        let mut out = Vec::new();
+        field_value(&mut out, "p", "texts", "out", &ok).unwrap();
+        assert_eq!(out, br#"["ok"]"#);
     }
 
     /// Flattened, a ragged array would be read as another shape (`[[1, 2], [3], [4, 5, 6]]` as
