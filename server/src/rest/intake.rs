@@ -429,10 +429,17 @@ impl hyper::body::Body for TimedBody {
             if let Some(charge) = &mut this.charge
                 && let Err(over) = charge.take(counted)
             {
-                return Poll::Ready(Some(Err(match this.framing {
-                    Some(_) => Box::new(tonic::Status::unavailable(over.to_string())),
-                    None => over.into(),
-                })));
+                if this.framing.is_none() {
+                    return Poll::Ready(Some(Err(over.into())));
+                }
+                let refused = tonic::Status::unavailable(over.to_string());
+                // A stream's messages that ended in this chunk are read and answered first.
+                let whole = data.map_or(0, |data| data.len() - counted);
+                if let (Some(data), 1..) = (data, whole) {
+                    this.refused = Some(refused);
+                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..whole)))));
+                }
+                return Poll::Ready(Some(Err(Box::new(refused))));
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
@@ -568,6 +575,15 @@ mod tests {
             tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 1, 9])))).await.unwrap();
             idle.frame().await.unwrap().unwrap();
             assert_eq!(budget.held(), 0, "an idle stream holds nothing");
+            // A chunk that ends a message and starts one past the budget: the message that
+            // ended is passed on, then the stream is refused.
+            let mut chunk = vec![0, 0, 0, 0, 1, 7, 0, 0, 0, 0, 99];
+            chunk.resize(chunk.len() + 96, 7);
+            tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+            let passed = idle.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&passed[..], &[0, 0, 0, 0, 1, 7], "the whole message");
+            let e = idle.frame().await.unwrap().unwrap_err().downcast::<tonic::Status>().unwrap();
+            assert_eq!(e.code(), tonic::Code::Unavailable);
             drop(idle);
             let (tx, mut unary) = charged(false);
             // A message of 94 bytes, in 9 chunks of 11 with its prefix, then the next's start.
