@@ -35,6 +35,8 @@ pub const REPOSITORY_UP: &str = "sluice_repository_up";
 pub const REPOSITORY_SCANS: &str = "sluice_repository_scans_total";
 pub const REPOSITORY_DOWNLOADED_BYTES: &str = "sluice_repository_downloaded_bytes_total";
 pub const REPOSITORY_REJECTED: &str = "sluice_repository_rejected_versions_total";
+pub const BODY_BYTES_READING: &str = "sluice_request_body_bytes_reading";
+pub const BODIES_REFUSED: &str = "sluice_request_bodies_refused_total";
 
 /// Histogram bucket bounds, by metric name.
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -167,6 +169,16 @@ pub fn describe() {
         REPOSITORY_REJECTED,
         Unit::Count,
         "Repository versions rejected by model: failed to load, or canary rolled back"
+    );
+    describe_gauge!(
+        BODY_BYTES_READING,
+        Unit::Bytes,
+        "Request body bytes the frontends hold while reading bodies (http_options.max_body_bytes_in_flight bounds them)"
+    );
+    describe_counter!(
+        BODIES_REFUSED,
+        Unit::Count,
+        "Request bodies refused because reading them would pass http_options.max_body_bytes_in_flight"
     );
 }
 

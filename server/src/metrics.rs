@@ -55,7 +55,8 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 /// `GET /metrics`: Prometheus text format, without the series of retired versions and of
 /// replicas gone (and in a proxy, without the [`PROXY_LEFT_OUT`] families).
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    use sluice_deployments::metrics::{gone_labels, gone_replicas, retired};
+    use sluice_deployments::metrics::{BODY_BYTES_READING, gone_labels, gone_replicas, retired};
+    metrics::gauge!(BODY_BYTES_READING).set(crate::rest::BodyBudget::held_in_process() as f64);
     let body = install().map(|h| h.render()).unwrap_or_default();
     let mut body = without_gone(body, &retired(), &gone_replicas(), &gone_labels());
     if PROXY.load(std::sync::atomic::Ordering::Relaxed) {

@@ -414,6 +414,15 @@ async fn bodies_past_the_bytes_in_flight_wait_for_others_to_be_read() {
     let e = grpc.model_infer(message.clone()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("max_body_bytes_in_flight"), "{e:?}");
+    // Seen at `/metrics` (the process's budgets: other tests' servers may share it).
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    let sample = |name: &str| {
+        let line =
+            metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    assert!(sample("sluice_request_body_bytes_reading ") >= (big.len() - 1024) as f64);
+    assert!(sample("sluice_request_bodies_refused_total ") >= 3.0);
 
     holder.write_all(&big[big.len() - 1024..]).await.unwrap();
     let (status, _, answer) = response(&mut holder).await;

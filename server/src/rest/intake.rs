@@ -246,11 +246,22 @@ pub struct BodyBudget {
     held: AtomicUsize,
 }
 
+/// Every server's budget in this process (one, but for tests and embedders), for `/metrics`.
+static BUDGETS: std::sync::Mutex<Vec<&'static BodyBudget>> = std::sync::Mutex::new(Vec::new());
+
 impl BodyBudget {
     /// A budget for one server, kept for the process's life (a server's frontends share it,
     /// and their bodies may outlive the server's own handles).
     pub fn leaked(limit: usize) -> &'static Self {
-        Box::leak(Box::new(Self { limit, held: AtomicUsize::new(0) }))
+        let budget = Box::leak(Box::new(Self { limit, held: AtomicUsize::new(0) }));
+        BUDGETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(budget);
+        budget
+    }
+
+    /// The bytes every budget of the process holds now (`sluice_request_body_bytes_reading`).
+    pub fn held_in_process() -> usize {
+        let budgets = BUDGETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        budgets.iter().map(|b| b.held()).sum()
     }
 
     /// The bytes held now.
@@ -290,7 +301,10 @@ impl Charge {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 held.checked_add(more).filter(|&after| after <= budget.limit)
             })
-            .map_err(|held| OverBudget { held, more, limit: budget.limit })?;
+            .map_err(|held| {
+                metrics::counter!(sluice_deployments::metrics::BODIES_REFUSED).increment(1);
+                OverBudget { held, more, limit: budget.limit }
+            })?;
         self.held += more;
         Ok(())
     }
