@@ -56,8 +56,13 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 /// replicas gone (and in a proxy, without the [`PROXY_LEFT_OUT`] families).
 pub async fn render() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     use sluice_deployments::metrics::{BODY_BYTES_READING, gone_labels, gone_replicas, retired};
-    metrics::gauge!(BODY_BYTES_READING).set(crate::rest::BodyBudget::held_in_process() as f64);
-    let body = install().map(|h| h.render()).unwrap_or_default();
+    // Read as it is scraped (an embedding application's own recorder is not set from here).
+    let body = install()
+        .map(|h| {
+            metrics::gauge!(BODY_BYTES_READING).set(crate::rest::BodyBudget::held_in_process() as f64);
+            h.render()
+        })
+        .unwrap_or_default();
     let mut body = without_gone(body, &retired(), &gone_replicas(), &gone_labels());
     if PROXY.load(std::sync::atomic::Ordering::Relaxed) {
         body = families(&body, |f| !PROXY_LEFT_OUT.contains(&f));

@@ -356,6 +356,8 @@ async fn a_gzip_bomb_gets_413() {
 async fn bodies_past_the_bytes_in_flight_wait_for_others_to_be_read() {
     use sluice_proto::inference as pb;
     let s = serve("", ", max_body_bytes: 1048576, max_body_bytes_in_flight: 1048576").await;
+    let metrics = reqwest::get(url(&s, "/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nsluice_request_bodies_refused_total "), "at 0 from the start: {metrics}");
     // Valid requests padded with spaces: 900 kB (all but its last kilobyte sent), and 200 kB.
     let padded = |pad: usize| {
         let mut body = iris_body();

@@ -7,7 +7,9 @@
 //! The stream ends, after every request read from it is answered: with OK once the client has
 //! sent its last request; with the status of a message that cannot be read (too large, not a
 //! `ModelInferRequest`, stopped arriving); with UNAVAILABLE when the server shuts down (the
-//! requests the client sent after that were not read, and none of them ran).
+//! requests the client sent after that were not read, and none of them ran), or when reading
+//! its next message would pass `http_options.max_body_bytes_in_flight` (the messages that
+//! ended before it are read and answered).
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -255,6 +255,9 @@ impl BodyBudget {
     pub fn leaked(limit: usize) -> &'static Self {
         let budget = Box::leak(Box::new(Self { limit, held: AtomicUsize::new(0) }));
         BUDGETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(budget);
+        // At 0 from the start: a counter that appears at its first refusal hides that one
+        // from `increase()`.
+        metrics::counter!(sluice_deployments::metrics::BODIES_REFUSED).increment(0);
         budget
     }
 
