@@ -249,6 +249,10 @@ impl Follower {
     /// follows, and the table is published whole.
     pub fn apply(&mut self, snapshot: &Snapshot, routes: &Router) {
         let mut keep = HashMap::new();
+        // Versions this table no longer serves here, or serves by another deployment: marked
+        // retired once it is published, so that a request routed to one while its body was
+        // decoded is routed again, as on the controller's node.
+        let mut left = Vec::new();
         for (model, entry) in &snapshot.models {
             for (version, v) in &entry.versions {
                 let key = (model.clone(), version.clone());
@@ -264,15 +268,18 @@ impl Follower {
                     {
                         f
                     }
-                    _ => match start(model, version, v, &self.wake) {
-                        Some(f) => f,
-                        None => continue,
-                    },
+                    replaced => {
+                        left.extend(replaced.map(|f| f.deployment));
+                        match start(model, version, v, &self.wake) {
+                            Some(f) => f,
+                            None => continue,
+                        }
+                    }
                 };
                 keep.insert(key, sync(followed, v));
             }
         }
-        self.versions = keep;
+        left.extend(std::mem::replace(&mut self.versions, keep).into_values().map(|f| f.deployment));
         let mut table = RouteTable::default();
         for (model, entry) in &snapshot.models {
             let mut route = ModelRoute { split: entry.split.clone(), ..ModelRoute::default() };
@@ -309,6 +316,9 @@ impl Follower {
             }
         }
         routes.publish(table);
+        for deployment in left {
+            deployment.mark_retired();
+        }
     }
 
     /// The versions holding requests here now, for the controller's autoscaler.
@@ -632,6 +642,7 @@ mod tests {
         moved.models.get_mut("enc").unwrap().split = vec![("1".into(), 80), ("2".into(), 20)];
         follower.apply(&moved, &proxy);
         assert!(Arc::ptr_eq(&before, &pipeline()), "the same pipeline after a split change");
+        let moved_enc = proxy.resolve("enc", Some("1")).unwrap();
         let mut flipped = snapshot.clone();
         flipped.models.get_mut("enc").unwrap().versions.get_mut("1").unwrap().multiplexed = true;
         follower.apply(&flipped, &proxy);
@@ -639,6 +650,25 @@ mod tests {
             panic!("not a deployment")
         };
         assert!(d.spec().multiplexed, "the proxy follows the version's multiplexing");
+        let replaced = match moved_enc {
+            Servable::Deployment(d) => d,
+            _ => panic!("not a deployment"),
+        };
+        assert!(
+            replaced.is_retired(),
+            "the deployment it replaced is retired: what was routed to it goes again"
+        );
+        assert!(!d.is_retired());
+        // A version the table drops is retired too.
+        let Servable::Deployment(canary) = proxy.resolve("enc", Some("2")).unwrap() else {
+            panic!("not a deployment")
+        };
+        let mut dropped = flipped.clone();
+        let enc = dropped.models.get_mut("enc").unwrap();
+        enc.versions.remove("2");
+        enc.split = vec![("1".into(), 100)];
+        follower.apply(&dropped, &proxy);
+        assert!(canary.is_retired() && !d.is_retired());
         assert!(!Arc::ptr_eq(&before, &pipeline()), "a step's deployment started again: a new pipeline");
         // Counting on in the old one's statistics (its Triton `/stats` went back to 0).
         assert!(std::ptr::eq(before.metrics(), pipeline().metrics()), "the same statistics");
