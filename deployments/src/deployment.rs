@@ -120,7 +120,7 @@ impl Channel {
             Channel::Local(tx, _) => tx.try_send(Msg::Job(job)).map_err(|e| match e {
                 TrySendError::Full(msg) | TrySendError::Disconnected(msg) => match msg {
                     Msg::Job(job) => job,
-                    Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
+                    Msg::Jobs(_) | Msg::Stop | Msg::Reload => unreachable!("only a job was sent"),
                 },
             }),
             Channel::Remote(r, set, from) => {

@@ -28,6 +28,10 @@ use crate::{Backend, BackendFactory, ErrorKind, InferError, LoadError, NamedTens
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Msg {
     Job(Job),
+    /// What callers left with the model, handed over in one message so that it runs as one
+    /// batch (sent one by one, the replica's thread could wake at the first and run each
+    /// alone), and with one wake-up.
+    Jobs(Vec<Job>),
     /// Finish what is queued, then stop (the replica is removed or the deployment is gone).
     Stop,
     /// A call run inline (on a caller's thread) panicked: replace the model.
@@ -211,10 +215,13 @@ impl ModelCell {
     /// answered 503 when there is none.
     fn hand_over(&self, config: &ReplicaConfig, (host, id): (&dyn ReplicaHost, usize), tx: &SyncSender<Msg>) {
         let jobs = self.pending().drain();
-        for job in jobs {
-            if let Err(TrySendError::Full(Msg::Job(job)) | TrySendError::Disconnected(Msg::Job(job))) =
-                tx.try_send(Msg::Job(job))
-            {
+        if jobs.is_empty() {
+            return;
+        }
+        if let Err(TrySendError::Full(Msg::Jobs(jobs)) | TrySendError::Disconnected(Msg::Jobs(jobs))) =
+            tx.try_send(Msg::Jobs(jobs))
+        {
+            for job in jobs {
                 elsewhere(config, host, id, job);
             }
         }
@@ -318,6 +325,7 @@ pub(crate) fn run(
         for msg in rx.try_iter() {
             match msg {
                 Msg::Job(job) => waiting.push(job),
+                Msg::Jobs(jobs) => waiting.extend(jobs),
                 Msg::Stop => stopping = true,
                 Msg::Reload => {}
             }
@@ -349,6 +357,7 @@ fn forward_until_gone(config: &ReplicaConfig, host: &dyn ReplicaHost, id: usize,
     loop {
         match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(Msg::Job(job)) => elsewhere(config, host, id, job),
+            Ok(Msg::Jobs(jobs)) => jobs.into_iter().for_each(|job| elsewhere(config, host, id, job)),
             Ok(Msg::Stop | Msg::Reload) => {}
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) if host.is_closed() => return,
@@ -392,6 +401,7 @@ fn reload(
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         // Handed on below with the rest of what it holds.
                         Ok(Msg::Job(job)) => state.push(job),
+                        Ok(Msg::Jobs(jobs)) => jobs.into_iter().for_each(|job| state.push(job)),
                         // Told to stop, or dropped from the deployment: one last load (a model
                         // that loads serves what it holds, then stops), not the rest of the wait.
                         Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
@@ -470,6 +480,7 @@ fn serve(
     let reload = std::cell::Cell::new(false);
     let take = |msg: Msg, state: &mut BatchState, stopping: &mut bool| match msg {
         Msg::Job(job) => state.push(job),
+        Msg::Jobs(jobs) => jobs.into_iter().for_each(|job| state.push(job)),
         Msg::Stop => *stopping = true,
         Msg::Reload => reload.set(true),
     };
@@ -1081,5 +1092,59 @@ mod tests {
             "second request should have been redispatched to the live replica; got {:?}",
             second.map(|r| r.map(|_| ()))
         );
+    }
+
+    /// What callers left goes to the replica's thread in one message, which that thread runs
+    /// as one batch: sent one by one, the thread could wake at the first and run each alone (a
+    /// burst split into batches of one on a busy machine, where a batch had measured slow).
+    #[test]
+    fn what_callers_left_is_handed_over_as_one_batch() {
+        let config = config();
+        let host = Host::default();
+        let cell = ModelCell::new(config.policy.clone());
+        let (tx, rx) = sync_channel(16);
+        let answers: Vec<Rx> = (1..=3)
+            .map(|k| {
+                let (job, answer) = job(k);
+                cell.leave(job);
+                answer
+            })
+            .collect();
+        cell.hand_over(&config, (&host, 0), &tx);
+        let Ok(Msg::Jobs(jobs)) = rx.try_recv() else { panic!("the jobs are not handed over together") };
+        assert_eq!(jobs.len(), 3);
+        assert!(rx.try_recv().is_err(), "one message");
+        assert!(cell.pending().is_empty());
+        cell.hand_over(&config, (&host, 0), &tx);
+        assert!(rx.try_recv().is_err(), "nothing left, nothing sent");
+        // The replica's thread takes them in together and runs them as one batch.
+        let mut state = BatchState::new(config.policy.clone());
+        let mut stopping = false;
+        tx.send(Msg::Jobs(jobs)).unwrap();
+        tx.send(Msg::Stop).unwrap();
+        let rows = Arc::new(std::sync::Mutex::new(Vec::new()));
+        *cell.lock() = Some(Box::new(Rows(echo(), rows.clone())));
+        assert!(!serve(&config, (&host, 0), &cell, &rx, &mut state, &mut stopping));
+        assert_eq!(*rows.lock().unwrap(), [3], "one batch of three");
+        for (k, mut answer) in (1i64..).zip(answers) {
+            let outputs = answer.try_recv().unwrap().unwrap();
+            assert_eq!(outputs[0].tensor.data()[..8], k.to_le_bytes(), "each caller gets its own answer");
+        }
+    }
+
+    /// A model that records the rows of each call.
+    struct Rows(Box<dyn Backend>, Arc<std::sync::Mutex<Vec<usize>>>);
+    impl Backend for Rows {
+        fn metadata(&self) -> &ModelMetadata {
+            self.0.metadata()
+        }
+        fn infer(
+            &mut self,
+            inputs: Vec<NamedTensor>,
+            outputs: &[String],
+        ) -> Result<Vec<NamedTensor>, InferError> {
+            self.1.lock().unwrap().push(inputs[0].tensor.shape()[0]);
+            self.0.infer(inputs, outputs)
+        }
     }
 }
