@@ -6,6 +6,7 @@
 //! through a worker's proxy then scales a deployment, from zero too, as load at the head does.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -39,50 +40,96 @@ pub struct VersionDemand {
     pub in_system: u64,
     /// Of those, the ones waiting for a replica.
     pub queued: u64,
+    /// Held by a copy the proxy's table no longer routes to (the version was swapped out or
+    /// deleted): its requests still go to the version's replicas, which the controller keeps
+    /// until none is left there (within the drain's grace). Not counted by the autoscaler.
+    /// Absent (an older proxy): false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
-/// The last report of each proxy.
-#[derive(Debug, Default)]
-pub(crate) struct RemoteDemand {
-    /// By proxy: until when its report counts, and the report.
-    reports: HashMap<String, (Instant, Vec<VersionDemand>)>,
-}
+/// The last report of each proxy; a handle, cheap to clone (a retired version's drain reads
+/// it from a task of its own).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RemoteDemand(Arc<Mutex<Reports>>);
+
+/// By proxy: until when its report counts, and the report.
+type Reports = HashMap<String, (Instant, Vec<VersionDemand>)>;
 
 impl RemoteDemand {
+    fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Keeps `report` as its proxy's latest (dropping reports that have expired).
-    pub fn record(&mut self, report: DemandReport, now: Instant) {
-        self.reports.retain(|_, (until, _)| now < *until);
+    pub fn record(&self, report: DemandReport, now: Instant) {
+        let mut reports = self.reports();
+        reports.retain(|_, (until, _)| now < *until);
         if report.versions.is_empty() {
-            self.reports.remove(&report.proxy);
+            reports.remove(&report.proxy);
             return;
         }
-        if self.reports.len() >= MOST_PROXIES && !self.reports.contains_key(&report.proxy) {
-            let soonest = self.reports.iter().min_by_key(|(_, (until, _))| *until).map(|(p, _)| p.clone());
+        if reports.len() >= MOST_PROXIES && !reports.contains_key(&report.proxy) {
+            let soonest = reports.iter().min_by_key(|(_, (until, _))| *until).map(|(p, _)| p.clone());
             if let Some(p) = soonest {
-                self.reports.remove(&p);
+                reports.remove(&p);
             }
         }
         let ttl = report
             .ttl_s
             .filter(|t| t.is_finite())
             .map_or(REPORT_TTL, |t| Duration::from_secs_f64(t.clamp(1.0, 60.0)));
-        self.reports.insert(report.proxy, (now + ttl, report.versions));
+        reports.insert(report.proxy, (now + ttl, report.versions));
     }
 
-    /// (in system, queued) for `model` `version` over the reports still counting.
+    /// (in system, queued) for `model` `version` over the reports still counting, at the
+    /// copies proxies route to.
     pub fn of(&self, model: &str, version: &str, now: Instant) -> (usize, usize) {
+        self.sum(model, version, false, now)
+    }
+
+    /// The requests proxies' retired copies of `model` `version` hold ([`VersionDemand::retired`]).
+    pub fn retired(&self, model: &str, version: &str, now: Instant) -> usize {
+        self.sum(model, version, true, now).0
+    }
+
+    fn sum(&self, model: &str, version: &str, retired: bool, now: Instant) -> (usize, usize) {
         let mut sum = (0u64, 0u64);
-        for (until, versions) in self.reports.values() {
+        for (until, versions) in self.reports().values() {
             if now >= *until {
                 continue;
             }
-            for v in versions.iter().filter(|v| v.model == model && v.version == version) {
+            for v in
+                versions.iter().filter(|v| v.model == model && v.version == version && v.retired == retired)
+            {
                 sum.0 = sum.0.saturating_add(v.in_system);
                 sum.1 = sum.1.saturating_add(v.queued);
             }
         }
         let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         (clamp(sum.0), clamp(sum.1))
+    }
+}
+
+/// How often a retired version's drain looks again at what proxies' retired copies hold.
+const RETIRED_CHECK: Duration = Duration::from_millis(100);
+
+/// Resolves once proxies have let go of a retired version: after `followed` (by when each has
+/// polled the route table without it, and reported what its copy of it still holds), once no
+/// report still counting says a retired copy of `model` `version` holds a request. Its
+/// replicas are stopped after this: a proxy's requests queued for it, sent to them after its
+/// replicas were told to stop, were refused ("replica failed; retry"). A proxy that stops
+/// reporting stops counting after its report's TTL. The caller bounds the wait (the drain's
+/// grace).
+pub(crate) async fn proxies_let_go(
+    remote: &RemoteDemand,
+    model: &str,
+    version: &str,
+    followed: tokio::time::Instant,
+) {
+    tokio::time::sleep_until(followed).await;
+    while remote.retired(model, version, Instant::now()) > 0 {
+        tokio::time::sleep(RETIRED_CHECK).await;
     }
 }
 
@@ -93,7 +140,13 @@ mod tests {
     fn report(proxy: &str, in_system: u64, queued: u64) -> DemandReport {
         DemandReport {
             proxy: proxy.into(),
-            versions: vec![VersionDemand { model: "m".into(), version: "1".into(), in_system, queued }],
+            versions: vec![VersionDemand {
+                model: "m".into(),
+                version: "1".into(),
+                in_system,
+                queued,
+                retired: false,
+            }],
             ttl_s: None,
         }
     }
@@ -103,7 +156,7 @@ mod tests {
     #[test]
     fn reports_add_up_replace_and_expire() {
         let t = Instant::now();
-        let mut d = RemoteDemand::default();
+        let d = RemoteDemand::default();
         d.record(report("a:8000", 3, 1), t);
         d.record(report("b:8000", 2, 2), t);
         assert_eq!(d.of("m", "1", t), (5, 3));
@@ -117,5 +170,54 @@ mod tests {
         d.record(DemandReport { ttl_s: Some(15.0), ..report("c:8000", 2, 0) }, t);
         assert_eq!(d.of("m", "1", t + Duration::from_secs(10)), (2, 0));
         assert_eq!(d.of("m", "1", t + Duration::from_secs(15)), (0, 0));
+    }
+
+    /// What a proxy's retired copy holds counts apart: not as load on the version (the
+    /// autoscaler sizes those that serve), but for the retired version's drain; a report
+    /// without the field (an older proxy) is of copies it routes to.
+    #[test]
+    fn retired_copies_count_apart() {
+        let t = Instant::now();
+        let d = RemoteDemand::default();
+        let mut r = report("a:8000", 3, 1);
+        r.versions.push(VersionDemand { retired: true, ..r.versions[0].clone() });
+        r.versions[1].in_system = 5;
+        d.record(r, t);
+        assert_eq!(d.of("m", "1", t), (3, 1));
+        assert_eq!(d.retired("m", "1", t), 5);
+        assert_eq!(d.retired("m", "2", t), 0);
+        let old: DemandReport = serde_json::from_str(
+            r#"{"proxy": "b:8000", "versions": [{"model": "m", "version": "1", "in_system": 2, "queued": 0}]}"#,
+        )
+        .unwrap();
+        assert!(!old.versions[0].retired);
+        d.record(old, t);
+        assert_eq!((d.of("m", "1", t), d.retired("m", "1", t)), ((5, 1), 5));
+        let sent = serde_json::to_value(report("c:8000", 1, 0)).unwrap();
+        assert!(sent["versions"][0].get("retired").is_none(), "left out when false: {sent}");
+    }
+
+    /// A retired version's drain waits for the proxies to follow, then for their retired
+    /// copies' requests to be done.
+    #[tokio::test]
+    async fn the_drain_waits_for_proxies_retired_copies() {
+        let d = RemoteDemand::default();
+        let start = tokio::time::Instant::now();
+        let follow = Duration::from_millis(200);
+        // Nothing reported: done once the proxies have had the time to follow.
+        proxies_let_go(&d, "m", "1", start + follow).await;
+        assert!(start.elapsed() >= follow);
+        let mut held = report("a:8000", 2, 1);
+        held.versions[0].retired = true;
+        d.record(held, Instant::now());
+        let waiting = tokio::spawn({
+            let d = d.clone();
+            async move { proxies_let_go(&d, "m", "1", tokio::time::Instant::now()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!waiting.is_finished(), "a proxy's retired copy still holds requests");
+        // The same proxy's next report: its copy is done.
+        d.record(DemandReport { proxy: "a:8000".into(), versions: vec![], ttl_s: None }, Instant::now());
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
     }
 }

@@ -204,7 +204,7 @@ impl Controller {
     /// the head's own requests. A request waiting there for a deployment at zero replicas wakes
     /// the control loop at once, which starts one.
     pub fn report_demand(&self, report: demand::DemandReport) {
-        let mut st = self.lock();
+        let st = self.lock();
         let from_zero = report.versions.iter().any(|v| {
             v.queued > 0
                 && st.deployments.get(&v.model).is_some_and(|m| {
@@ -338,14 +338,18 @@ impl Controller {
     /// grace timeout passes). With `serve_waiting` (a version swapped out, not deleted), a
     /// request waiting in a retired version at zero replicas (a pipeline's later step, swapped
     /// out while the request was in an earlier one) gets one replica to serve it: the autoscaler
-    /// sizes only the versions that serve, and it waited for its deadline. (Requests queued at
-    /// a proxy on another node are not seen here.)
+    /// sizes only the versions that serve, and it waited for its deadline. With proxies on
+    /// other nodes, it also waits until they have followed the change and what their retired
+    /// copies hold is done ([`demand::proxies_let_go`]): they send those requests to its replicas.
     fn drain(&self, retired: Vec<Version>, serve_waiting: bool) {
         let grace = self.grace;
+        let proxies = self.cluster.proxies_follow().map(|follow| (follow, self.lock().remote_demand.clone()));
         for v in retired {
+            let proxies = proxies.clone();
             tokio::spawn(async move {
                 let d = &v.deployment;
                 d.mark_retired();
+                let published = tokio::time::Instant::now();
                 let drained = async {
                     let mut woken = !serve_waiting;
                     let settled = d.settled();
@@ -370,6 +374,12 @@ impl Controller {
                                 }
                             });
                         }
+                    }
+                };
+                let drained = async {
+                    drained.await;
+                    if let Some((follow, remote)) = proxies {
+                        demand::proxies_let_go(&remote, d.name(), d.version(), published + follow).await;
                     }
                 };
                 if tokio::time::timeout(grace, drained).await.is_err() {

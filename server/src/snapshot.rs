@@ -242,6 +242,10 @@ pub struct Follower {
     /// Woken by a request that waits for a deployment at zero replicas: its demand is
     /// reported at once.
     wake: Arc<tokio::sync::Notify>,
+    /// Copies of versions the table no longer routes to that still hold requests (queued
+    /// here, or sent to a replica): reported as retired until done, so that the controller
+    /// keeps their replicas until then.
+    retired: Vec<((String, String), Arc<Deployment>)>,
 }
 
 impl Follower {
@@ -269,7 +273,7 @@ impl Follower {
                         f
                     }
                     replaced => {
-                        left.extend(replaced.map(|f| f.deployment));
+                        left.extend(replaced.map(|f| (key.clone(), f.deployment)));
                         match start(model, version, v, &self.wake) {
                             Some(f) => f,
                             None => continue,
@@ -279,7 +283,9 @@ impl Follower {
                 keep.insert(key, sync(followed, v));
             }
         }
-        left.extend(std::mem::replace(&mut self.versions, keep).into_values().map(|f| f.deployment));
+        left.extend(
+            std::mem::replace(&mut self.versions, keep).into_iter().map(|(key, f)| (key, f.deployment)),
+        );
         let mut table = RouteTable::default();
         for (model, entry) in &snapshot.models {
             let mut route = ModelRoute { split: entry.split.clone(), ..ModelRoute::default() };
@@ -316,25 +322,31 @@ impl Follower {
             }
         }
         routes.publish(table);
-        for deployment in left {
+        for (key, deployment) in left {
             deployment.mark_retired();
+            self.retired.push((key, deployment));
         }
+        self.retired.retain(|(_, d)| d.in_system() > 0);
     }
 
-    /// The versions holding requests here now, for the controller's autoscaler.
-    pub fn demand(&self) -> Vec<VersionDemand> {
-        let mut held: Vec<VersionDemand> = self
-            .versions
-            .iter()
-            .map(|((model, version), f)| VersionDemand {
+    /// The versions holding requests here now: for the controller's autoscaler, and (those of
+    /// retired copies) for its drain of a retired version.
+    pub fn demand(&mut self) -> Vec<VersionDemand> {
+        self.retired.retain(|(_, d)| d.in_system() > 0);
+        let serving = self.versions.iter().map(|(key, f)| (key, &f.deployment, false));
+        let retired = self.retired.iter().map(|(key, d)| (key, d, true));
+        let mut held: Vec<VersionDemand> = serving
+            .chain(retired)
+            .map(|((model, version), d, retired)| VersionDemand {
                 model: model.clone(),
                 version: version.clone(),
-                in_system: f.deployment.in_system() as u64,
-                queued: f.deployment.queue_depth() as u64,
+                in_system: d.in_system() as u64,
+                queued: d.queue_depth() as u64,
+                retired,
             })
             .filter(|v| v.in_system > 0 || v.queued > 0)
             .collect();
-        held.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
+        held.sort_by(|a, b| (&a.model, &a.version, a.retired).cmp(&(&b.model, &b.version, b.retired)));
         held
     }
 
@@ -709,5 +721,53 @@ mod tests {
         Follower::default().apply(&old, &proxy);
         let Servable::Pipeline(p) = proxy.resolve("p", None).unwrap() else { panic!("not a pipeline") };
         assert_eq!(p.steps()[0].deployment.version(), "1");
+    }
+
+    /// A copy the table drops while it holds a request is reported, as retired, until the
+    /// request is done: the controller keeps the version's replicas until then (it stopped
+    /// them a second after its own drain, and the requests queued here went to replicas told
+    /// to stop).
+    #[tokio::test]
+    async fn a_retired_copy_is_reported_while_it_holds_requests() {
+        let mut table = sluice_router::RouteTable::default();
+        let mut m = ModelRoute::default();
+        m.versions.insert("1".into(), Servable::Deployment(remote("m", "1", false)));
+        table.models.insert("m".into(), m);
+        let snapshot = take(&Router::new(table));
+        let proxy = Router::new(sluice_router::RouteTable::default());
+        let mut follower = Follower::default();
+        follower.apply(&snapshot, &proxy);
+        let Servable::Deployment(copy) = proxy.resolve("m", Some("1")).unwrap() else {
+            panic!("not a deployment")
+        };
+        assert!(follower.demand().is_empty());
+        // A request waits there for a replica.
+        let tensor =
+            sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
+        let request = sluice_deployments::InferRequest {
+            inputs: vec![sluice_deployments::NamedTensor { name: "in".into(), tensor }],
+            ..Default::default()
+        };
+        let waiting = tokio::spawn(async move { copy.infer(request).await });
+        while follower.demand().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let held = |retired| VersionDemand {
+            model: "m".into(),
+            version: "1".into(),
+            in_system: 1,
+            queued: 1,
+            retired,
+        };
+        assert_eq!(follower.demand(), [held(false)]);
+        // The controller swaps it out.
+        follower.apply(&Snapshot::default(), &proxy);
+        assert!(proxy.resolve("m", Some("1")).is_err());
+        assert_eq!(follower.demand(), [held(true)], "held by a retired copy");
+        assert_eq!(follower.demand(), [held(true)], "still");
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(follower.demand().is_empty(), "done: nothing held, the copy let go");
+        assert!(follower.retired.is_empty());
     }
 }

@@ -97,6 +97,15 @@ pub(crate) enum Placed {
 }
 
 impl Cluster {
+    /// With proxies on the nodes (`proxy_location: EveryNode`), how long they may take to
+    /// follow a change of the route table ([`ray::PROXIES_FOLLOW`]); none without.
+    pub(crate) fn proxies_follow(&self) -> Option<Duration> {
+        match self {
+            Cluster::Ray(ray) => ray.proxies_follow(),
+            Cluster::Local => None,
+        }
+    }
+
     /// Starts `replicas` replicas of a deployment version. Locally: loads and warms them here.
     /// On Ray: creates the actors and waits until they are up, or until those that are not
     /// wait for a node Ray cannot find yet (and at least one is up when `need_one`).

@@ -188,6 +188,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RayCluster {
+    /// [`PROXIES_FOLLOW`] with proxies on the nodes; none without.
+    pub(crate) fn proxies_follow(&self) -> Option<Duration> {
+        self.options.proxies.is_some().then_some(PROXIES_FOLLOW)
+    }
+
     /// Starts handling the driver's `events`.
     pub fn start(
         commands: Commands,
@@ -676,7 +681,7 @@ impl RayReplicas {
             }
             victims
         };
-        let followed = self.cluster.options.proxies.is_some();
+        let followed = self.cluster.proxies_follow().is_some();
         for (up, name) in victims {
             lock(&self.cluster.owners).remove(&name);
             if up && followed {
