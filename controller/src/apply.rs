@@ -55,6 +55,13 @@ impl Controller {
 
     /// Waits for `changes` for a change asked for before the deploys of generation `from` on,
     /// which wait meanwhile, and until the returned turn goes.
+    /// How many changes that take turns (applies, deletes; not background deploys) hold or
+    /// wait for their turn: for tests that send a change once another waits.
+    #[doc(hidden)]
+    pub fn changes_in_line(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
     pub(crate) async fn take_turn(&self, from: u64) -> Turn<'_> {
         self.lock().waiting.push(from);
         let mut turn = Turn { controller: self, from, _changes: None };

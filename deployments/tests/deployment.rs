@@ -296,7 +296,8 @@ async fn a_request_the_model_refuses_fails_alone_not_its_batch() {
     let f = start(
         spec(|s| {
             s.settings.max_batch_size = 16;
-            s.settings.batch_wait_timeout_s = 0.2;
+            // Long enough for the four tasks to arrive within it on a loaded machine.
+            s.settings.batch_wait_timeout_s = 1.0;
         }),
         0,
         None,

@@ -15,7 +15,7 @@ use sluice_deployments::{
 };
 
 /// `y = x`, recording the name of the thread each call ran on and its rows; panics on `13`;
-/// takes 300 ms more on `77`.
+/// takes 300 ms more on `77`, 2 s more on `78`.
 struct Echo {
     meta: ModelMetadata,
     delay: Duration,
@@ -42,6 +42,9 @@ impl Backend for Echo {
         std::thread::sleep(self.delay);
         if inputs[0].tensor.data()[..8] == 77i64.to_le_bytes() {
             std::thread::sleep(Duration::from_millis(300));
+        }
+        if inputs[0].tensor.data()[..8] == 78i64.to_le_bytes() {
+            std::thread::sleep(Duration::from_secs(2));
         }
         Ok(vec![NamedTensor { name: "y".into(), tensor: inputs[0].tensor.clone() }])
     }
@@ -73,6 +76,10 @@ fn start_with(delay: Duration, inline_safe: bool, edit: impl FnOnce(&mut Deploym
     });
     let mut spec = DeploymentSpec::new("echo");
     spec.settings.max_batch_size = 4;
+    // Calls measure cheap however loaded the machine is (a call preempted for a millisecond
+    // lifted the mean past the default 100 µs and sent the next calls to the replica's
+    // thread); the tests of the measure set their own threshold.
+    spec.settings.run_inline_under_us = 1_000_000;
     edit(&mut spec);
     Fixture { deployment: Arc::new(Deployment::start(spec, factory).unwrap()), threads, rows, loads }
 }
@@ -135,17 +142,19 @@ async fn a_large_request_to_a_cheap_model_goes_to_the_replicas_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_left_while_a_caller_runs_the_model_run_as_its_next_batch() {
-    // A setting far above the slow call (300 ms lifts the measured mean to ~37 ms): the model
-    // stays cheap throughout.
-    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000_000);
+    // The setting (1 s) is far above the slow call (2 s lifts the measured mean to ~250 ms):
+    // the model stays cheap throughout.
+    let f = start(Duration::ZERO, |_| {});
     assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
     f.rows.lock().unwrap().clear();
     f.threads.lock().unwrap().clear();
     // A slow call runs on a caller's thread; three requests meanwhile find the model busy,
     // leave their requests, and the caller runs them as one batch when the slow one is done.
+    // Long enough for the crowd to arrive on a loaded machine, where the slow call holds
+    // one of the two workers.
     let slow = tokio::spawn({
         let d = f.deployment.clone();
-        async move { d.infer(request(77)).await.unwrap() }
+        async move { d.infer(request(78)).await.unwrap() }
     });
     // Until the slow call holds the model (a fixed sleep was not always enough on a loaded
     // machine: a request of the crowd then ran alone before it).
@@ -178,6 +187,7 @@ async fn once_a_call_measures_slow_what_is_left_and_the_next_calls_go_to_the_rep
     let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 20_000);
     assert!(run(&f, 5).await.iter().all(|t| !t.starts_with("echo#")), "alone, calls run inline");
     f.threads.lock().unwrap().clear();
+    f.rows.lock().unwrap().clear();
     // A second slow request left while the first runs on a caller's thread: once the first
     // measured slow, it goes to the replica's thread, and the first caller returns at once
     // instead of running it too on its (frontend) thread.
@@ -185,7 +195,13 @@ async fn once_a_call_measures_slow_what_is_left_and_the_next_calls_go_to_the_rep
         let d = f.deployment.clone();
         async move { d.infer(request(77)).await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Until the first holds the model (a fixed sleep could end before it started, and the
+    // two then ran as one batch).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while f.rows.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < until, "the slow call never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let second = tokio::spawn({
         let d = f.deployment.clone();
         async move { d.infer(request(77)).await.unwrap() }
@@ -287,9 +303,7 @@ async fn a_caller_alone_runs_the_model_in_its_first_poll() {
 fn a_burst_on_one_thread_after_callers_ran_alone_is_batched_again() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _inside = rt.enter();
-    // Calls measure cheap whatever the machine's load: this is about the yield, not about
-    // a slow batch handing the rest to the replica's thread.
-    let f = start(Duration::ZERO, |s| s.settings.run_inline_under_us = 1_000_000);
+    let f = start(Duration::ZERO, |_| {});
     rt.block_on(async {
         run(&f, 3).await;
         f.rows.lock().unwrap().clear();

@@ -1158,7 +1158,13 @@ async fn a_same_version_swap_leaves_the_ready_gauge_at_the_new_count() {
     };
     assert_eq!(gauge().await.as_deref(), Some("1"));
     apply(&s, "      - {name: resized, model: iris/model.onnx, max_batch_size: 8}\n").await;
-    // The old deployment drains and its replica threads stop (within a second here).
+    // The old deployment drains and its replica threads stop (within a second here, on an
+    // idle machine): the gauge reads the new count meanwhile, and still after.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while gauge().await.as_deref() != Some("1") {
+        assert!(std::time::Instant::now() < until, "the gauge never read the new count: {:?}", gauge().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(gauge().await.as_deref(), Some("1"));
     s.shutdown().await;

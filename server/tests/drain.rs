@@ -44,7 +44,9 @@ async fn shutdown_lets_a_running_request_finish_and_refuses_new_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
     sluice_server::runtime::init(None, None).unwrap();
-    let text = "shutdown_delay_s: 1.5\nhttp_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {enabled: false}\napplications:\n  - name: test\n    deployments:\n      - {name: iris, model: iris/model.onnx}\n";
+    // A delay the checks below fit in on a loaded machine (each a new connection, in a debug
+    // build).
+    let text = "shutdown_delay_s: 5\nhttp_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {enabled: false}\nadmin_options: {enabled: false}\napplications:\n  - name: test\n    deployments:\n      - {name: iris, model: iris/model.onnx}\n";
     let config =
         sluice_config::parse(text, &models_dir().join("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
     let s = sluice_server::start(config, Default::default()).await.unwrap();
@@ -53,7 +55,7 @@ async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
     let body = serde_json::json!({"inputs": expected("iris")["cases"][0]["inputs"]}).to_string();
     let began = Instant::now();
     let shutdown = tokio::spawn(s.shutdown());
-    let until = Instant::now() + Duration::from_secs(5);
+    let until = Instant::now() + Duration::from_secs(20);
     while reqwest::get(&ready).await.unwrap().status() != 503 {
         assert!(Instant::now() < until, "still ready after shutdown began");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -64,13 +66,13 @@ async fn a_shutdown_delay_keeps_serving_while_not_ready_then_closes() {
     // Within the delay: a new connection (a fresh client) is accepted and answered.
     let r = reqwest::Client::new().post(&infer).body(body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(began.elapsed() < Duration::from_millis(1500), "the checks ran within the delay");
+    assert!(began.elapsed() < Duration::from_secs(5), "the checks ran within the delay");
     // After it: no longer accepting.
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
         assert!(Instant::now() < until, "still accepting connections after the delay");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(began.elapsed() >= Duration::from_millis(1500), "closed before the delay ended");
+    assert!(began.elapsed() >= Duration::from_secs(5), "closed before the delay ended");
     shutdown.await.unwrap();
 }
 

@@ -211,11 +211,21 @@ async fn deploys_apply_in_the_order_sent_and_a_shutdown_after_them_wins() {
         assert_eq!(apps[&second]["status"], "RUNNING", "round {round}: {apps:#}");
         assert!(apps.get(&first).is_none(), "round {round}: the earlier config came back: {apps:#}");
     }
+    // Until no application is listed (the change is applied in the background), then still
+    // none a moment later.
+    let until_none = || async {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while d.details().await["applications"] != json!({}) {
+            assert!(std::time::Instant::now() < until, "{:#}", d.details().await["applications"]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        settled().await;
+    };
     for round in 0..6 {
         assert_eq!(d.put(&named(&format!("late{round}"))).await.0, 200);
         let r = d.kuberay(reqwest::Method::DELETE, "/api/serve/applications/").send().await.unwrap();
         assert_eq!(r.status(), 200);
-        settled().await;
+        until_none().await;
         assert_eq!(d.details().await["applications"], json!({}), "round {round}");
     }
     // How a RayService removes every application: Ray's frontend options and no application.
@@ -223,7 +233,7 @@ async fn deploys_apply_in_the_order_sent_and_a_shutdown_after_them_wins() {
     d.until("kept", "RUNNING").await;
     let none = json!({"http_options": {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 30}, "applications": []});
     assert_eq!(d.put(&none).await, (200, String::new()));
-    settled().await;
+    until_none().await;
     assert_eq!(d.details().await["applications"], json!({}));
     d.server.shutdown().await;
 }
@@ -247,7 +257,13 @@ async fn a_deploy_sent_during_a_shutdown_keeps_its_config() {
     assert_eq!(d.put(&named("slow", "sluice.custom:held-load-shutdown")).await.0, 200);
     held.started().await;
     let delete = tokio::spawn(d.kuberay(reqwest::Method::DELETE, "/api/serve/applications/").send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Until the delete waits for its turn behind the held deploy (a fixed sleep could end
+    // first on a loaded machine, and the later deploy then came before the delete).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while d.server.controller().changes_in_line() == 0 {
+        assert!(std::time::Instant::now() < until, "the delete never reached the controller");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(d.put(&named("later", "sluice.onnx:iris/model.onnx")).await.0, 200);
     for _ in 0..4 {
         held.release();
@@ -373,7 +389,11 @@ async fn a_deploy_sent_after_a_delete_is_applied_after_it() {
         let c = controller.clone();
         tokio::spawn(async move { c.delete(None).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while controller.changes_in_line() == 0 {
+        assert!(std::time::Instant::now() < until, "the delete never waited for its turn");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     controller
         .deploy(config("applications:\n  - name: b\n    deployments: [{name: n, model: iris/model.onnx}]\n"));
     for _ in 0..4 {
