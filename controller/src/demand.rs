@@ -116,19 +116,25 @@ const RETIRED_CHECK: Duration = Duration::from_millis(100);
 
 /// Resolves once proxies have let go of a retired version: after `followed` (by when each has
 /// polled the route table without it, and reported what its copy of it still holds), once no
-/// report still counting says a retired copy of `model` `version` holds a request. Its
-/// replicas are stopped after this: a proxy's requests queued for it, sent to them after its
-/// replicas were told to stop, were refused ("replica failed; retry"). A proxy that stops
-/// reporting stops counting after its report's TTL. The caller bounds the wait (the drain's
-/// grace).
+/// report still counting says a retired copy of `model` `version` holds a request, nor, when
+/// the head's table no longer serves that version at all (`unserved`), a copy the proxy still
+/// routes to (a proxy that has not followed yet). Its replicas are stopped after this: a
+/// proxy's requests queued for it, sent to them after its replicas were told to stop, were
+/// refused ("replica failed; retry"). A proxy that stops reporting stops counting after its
+/// report's TTL. The caller bounds the wait (the drain's grace).
 pub(crate) async fn proxies_let_go(
     remote: &RemoteDemand,
     model: &str,
     version: &str,
     followed: tokio::time::Instant,
+    unserved: bool,
 ) {
     tokio::time::sleep_until(followed).await;
-    while remote.retired(model, version, Instant::now()) > 0 {
+    let held = || {
+        let now = Instant::now();
+        remote.retired(model, version, now) + if unserved { remote.of(model, version, now).0 } else { 0 }
+    };
+    while held() > 0 {
         tokio::time::sleep(RETIRED_CHECK).await;
     }
 }
@@ -205,19 +211,32 @@ mod tests {
         let start = tokio::time::Instant::now();
         let follow = Duration::from_millis(200);
         // Nothing reported: done once the proxies have had the time to follow.
-        proxies_let_go(&d, "m", "1", start + follow).await;
+        proxies_let_go(&d, "m", "1", start + follow, true).await;
         assert!(start.elapsed() >= follow);
         let mut held = report("a:8000", 2, 1);
         held.versions[0].retired = true;
         d.record(held, Instant::now());
-        let waiting = tokio::spawn({
+        let let_go = |unserved| {
             let d = d.clone();
-            async move { proxies_let_go(&d, "m", "1", tokio::time::Instant::now()).await }
-        });
+            tokio::spawn(
+                async move { proxies_let_go(&d, "m", "1", tokio::time::Instant::now(), unserved).await },
+            )
+        };
+        let waiting = let_go(false);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(!waiting.is_finished(), "a proxy's retired copy still holds requests");
         // The same proxy's next report: its copy is done.
         d.record(DemandReport { proxy: "a:8000".into(), versions: vec![], ttl_s: None }, Instant::now());
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        // A proxy that has not followed yet reports the version as one it routes to: waited
+        // for where the head no longer serves it, not where a successor of the same name does.
+        d.record(report("b:8000", 1, 0), Instant::now());
+        let successor = let_go(false);
+        let unserved = let_go(true);
+        tokio::time::timeout(Duration::from_secs(5), successor).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!unserved.is_finished(), "a proxy that has not followed still holds requests");
+        d.record(DemandReport { proxy: "b:8000".into(), versions: vec![], ttl_s: None }, Instant::now());
+        tokio::time::timeout(Duration::from_secs(5), unserved).await.unwrap().unwrap();
     }
 }

@@ -206,7 +206,8 @@ impl Controller {
     pub fn report_demand(&self, report: demand::DemandReport) {
         let st = self.lock();
         let from_zero = report.versions.iter().any(|v| {
-            v.queued > 0
+            !v.retired
+                && v.queued > 0
                 && st.deployments.get(&v.model).is_some_and(|m| {
                     m.primary.deployment.version() == v.version && m.primary.replica_count() == 0
                 })
@@ -343,13 +344,21 @@ impl Controller {
     /// copies hold is done ([`demand::proxies_let_go`]): they send those requests to its replicas.
     fn drain(&self, retired: Vec<Version>, serve_waiting: bool) {
         let grace = self.grace;
-        let proxies = self.cluster.proxies_follow().map(|follow| (follow, self.lock().remote_demand.clone()));
+        let proxies = self
+            .cluster
+            .proxies_follow()
+            .map(|follow| (follow, self.lock().remote_demand.clone(), self.routes.clone()));
         for v in retired {
             let proxies = proxies.clone();
             tokio::spawn(async move {
                 let d = &v.deployment;
                 d.mark_retired();
                 let published = tokio::time::Instant::now();
+                // No successor of the same name serves it (the table is published): a proxy
+                // still reporting it as routed has not followed yet.
+                let proxies = proxies.map(|(follow, remote, routes)| {
+                    (follow, remote, routes.resolve(d.name(), Some(d.version())).is_err())
+                });
                 let drained = async {
                     let mut woken = !serve_waiting;
                     let settled = d.settled();
@@ -378,8 +387,9 @@ impl Controller {
                 };
                 let drained = async {
                     drained.await;
-                    if let Some((follow, remote)) = proxies {
-                        demand::proxies_let_go(&remote, d.name(), d.version(), published + follow).await;
+                    if let Some((follow, remote, unserved)) = proxies {
+                        demand::proxies_let_go(&remote, d.name(), d.version(), published + follow, unserved)
+                            .await;
                     }
                 };
                 if tokio::time::timeout(grace, drained).await.is_err() {

@@ -886,6 +886,12 @@ impl Deployment {
         *self.ready.borrow()
     }
 
+    /// Requests inside it (queued, running or being answered) or on their way to it
+    /// ([`Deployment::hold`]): what its drain waits for ([`Deployment::drained`]).
+    pub fn busy(&self) -> usize {
+        self.requests.load(Ordering::Acquire) + self.held.load(Ordering::Acquire)
+    }
+
     /// Requests in the deployment now: waiting for a slot plus held by replicas. The
     /// autoscaling signal.
     pub fn in_system(&self) -> usize {

@@ -243,9 +243,31 @@ pub struct Follower {
     /// reported at once.
     wake: Arc<tokio::sync::Notify>,
     /// Copies of versions the table no longer routes to that still hold requests (queued
-    /// here, or sent to a replica): reported as retired until done, so that the controller
-    /// keeps their replicas until then.
-    retired: Vec<((String, String), Arc<Deployment>)>,
+    /// here, sent to a replica, or in an earlier step of a pipeline): reported as retired
+    /// until done, so that the controller keeps their replicas until then.
+    retired: Vec<Retired>,
+}
+
+/// A copy the table dropped ([`Follower::retired`]).
+struct Retired {
+    key: (String, String),
+    deployment: Arc<Deployment>,
+    since: std::time::Instant,
+}
+
+/// How long a retired copy is kept (and reported while it holds a request) even when it reads
+/// empty: a request that routed to it just before it was retired enters it in a moment.
+const RETIRED_KEEP: Duration = Duration::from_secs(1);
+
+impl Retired {
+    /// Requests it holds, those on their way to it ([`Deployment::hold`]) included.
+    fn held(&self) -> usize {
+        self.deployment.in_system().max(self.deployment.busy())
+    }
+
+    fn kept(&self) -> bool {
+        self.held() > 0 || self.since.elapsed() < RETIRED_KEEP
+    }
 }
 
 impl Follower {
@@ -324,28 +346,33 @@ impl Follower {
         routes.publish(table);
         for (key, deployment) in left {
             deployment.mark_retired();
-            self.retired.push((key, deployment));
+            // With no replica, none comes (the controller starts none for a proxy's requests
+            // to a retired version): those waiting are answered 503 now, not at their deadline.
+            if deployment.replica_count() == 0 {
+                deployment.close();
+            }
+            self.retired.push(Retired { key, deployment, since: std::time::Instant::now() });
         }
-        self.retired.retain(|(_, d)| d.in_system() > 0);
+        self.retired.retain(Retired::kept);
     }
 
     /// The versions holding requests here now: for the controller's autoscaler, and (those of
     /// retired copies) for its drain of a retired version.
     pub fn demand(&mut self) -> Vec<VersionDemand> {
-        self.retired.retain(|(_, d)| d.in_system() > 0);
-        let serving = self.versions.iter().map(|(key, f)| (key, &f.deployment, false));
-        let retired = self.retired.iter().map(|(key, d)| (key, d, true));
-        let mut held: Vec<VersionDemand> = serving
-            .chain(retired)
-            .map(|((model, version), d, retired)| VersionDemand {
+        self.retired.retain(Retired::kept);
+        let demand =
+            |(model, version): &(String, String), in_system: usize, d: &Deployment, retired| VersionDemand {
                 model: model.clone(),
                 version: version.clone(),
-                in_system: d.in_system() as u64,
+                in_system: in_system as u64,
                 queued: d.queue_depth() as u64,
                 retired,
-            })
-            .filter(|v| v.in_system > 0 || v.queued > 0)
-            .collect();
+            };
+        let serving =
+            self.versions.iter().map(|(key, f)| demand(key, f.deployment.in_system(), &f.deployment, false));
+        let retired = self.retired.iter().map(|r| demand(&r.key, r.held(), &r.deployment, true));
+        let mut held: Vec<VersionDemand> =
+            serving.chain(retired).filter(|v| v.in_system > 0 || v.queued > 0).collect();
         held.sort_by(|a, b| (&a.model, &a.version, a.retired).cmp(&(&b.model, &b.version, b.retired)));
         held
     }
@@ -724,50 +751,81 @@ mod tests {
     }
 
     /// A copy the table drops while it holds a request is reported, as retired, until the
-    /// request is done: the controller keeps the version's replicas until then (it stopped
-    /// them a second after its own drain, and the requests queued here went to replicas told
-    /// to stop).
+    /// request is done (a pipeline's request still in an earlier step included): the
+    /// controller keeps the version's replicas until then (it stopped them a second after its
+    /// own drain, and the requests queued here went to replicas told to stop). A dropped copy
+    /// with no replica refuses what waits in it at once: none comes.
     #[tokio::test]
     async fn a_retired_copy_is_reported_while_it_holds_requests() {
         let mut table = sluice_router::RouteTable::default();
-        let mut m = ModelRoute::default();
-        m.versions.insert("1".into(), Servable::Deployment(remote("m", "1", false)));
-        table.models.insert("m".into(), m);
-        let snapshot = take(&Router::new(table));
+        for model in ["m", "zero"] {
+            let mut route = ModelRoute::default();
+            route.versions.insert("1".into(), Servable::Deployment(remote(model, "1", false)));
+            table.models.insert(model.into(), route);
+        }
+        let mut snapshot = take(&Router::new(table));
+        // `m` has a replica, not ready: a request waits in the copy for it.
+        snapshot.models.get_mut("m").unwrap().versions.get_mut("1").unwrap().replicas = vec![ReplicaEntry {
+            name: "r-0".into(),
+            addr: "127.0.0.1:9".into(),
+            node_id: "w".into(),
+            node_ip: "127.0.0.1".into(),
+            pid: 7,
+            ready: false,
+        }];
         let proxy = Router::new(sluice_router::RouteTable::default());
         let mut follower = Follower::default();
         follower.apply(&snapshot, &proxy);
-        let Servable::Deployment(copy) = proxy.resolve("m", Some("1")).unwrap() else {
-            panic!("not a deployment")
+        let copy = |model: &str| match proxy.resolve(model, Some("1")).unwrap() {
+            Servable::Deployment(d) => d,
+            _ => panic!("not a deployment"),
         };
+        let (m, zero) = (copy("m"), copy("zero"));
         assert!(follower.demand().is_empty());
-        // A request waits there for a replica.
-        let tensor =
-            sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
-        let request = sluice_deployments::InferRequest {
-            inputs: vec![sluice_deployments::NamedTensor { name: "in".into(), tensor }],
-            ..Default::default()
+        let request = || {
+            let tensor =
+                sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
+            sluice_deployments::InferRequest {
+                inputs: vec![sluice_deployments::NamedTensor { name: "in".into(), tensor }],
+                ..Default::default()
+            }
         };
-        let waiting = tokio::spawn(async move { copy.infer(request).await });
-        while follower.demand().is_empty() {
+        let waiting = tokio::spawn({
+            let (m, request) = (m.clone(), request());
+            async move { m.infer(request).await }
+        });
+        let at_zero = tokio::spawn({
+            let (zero, request) = (zero.clone(), request());
+            async move { zero.infer(request).await }
+        });
+        while follower.demand().len() < 2 {
             tokio::task::yield_now().await;
         }
-        let held = |retired| VersionDemand {
-            model: "m".into(),
+        let held = |model: &str, in_system, queued, retired| VersionDemand {
+            model: model.into(),
             version: "1".into(),
-            in_system: 1,
-            queued: 1,
+            in_system,
+            queued,
             retired,
         };
-        assert_eq!(follower.demand(), [held(false)]);
-        // The controller swaps it out.
+        assert_eq!(follower.demand(), [held("m", 1, 1, false), held("zero", 1, 1, false)]);
+        // The controller swaps both out.
         follower.apply(&Snapshot::default(), &proxy);
         assert!(proxy.resolve("m", Some("1")).is_err());
-        assert_eq!(follower.demand(), [held(true)], "held by a retired copy");
-        assert_eq!(follower.demand(), [held(true)], "still");
+        let refused = tokio::time::timeout(Duration::from_secs(5), at_zero).await.unwrap().unwrap();
+        assert_eq!(refused.unwrap_err().kind, sluice_deployments::ErrorKind::Unavailable, "none comes");
+        assert_eq!(follower.demand(), [held("m", 1, 1, true)], "held by a retired copy");
+        // A pipeline request on its way to it (in an earlier step) counts too.
+        let on_its_way = m.hold();
         waiting.abort();
         let _ = waiting.await;
-        assert!(follower.demand().is_empty(), "done: nothing held, the copy let go");
-        assert!(follower.retired.is_empty());
+        assert_eq!(follower.demand(), [held("m", 1, 0, true)], "on its way");
+        drop(on_its_way);
+        assert!(follower.demand().is_empty(), "done: nothing held");
+        // Let go once empty for a moment (a request routed to it just before it was retired
+        // enters it within that).
+        tokio::time::sleep(RETIRED_KEEP).await;
+        assert!(follower.demand().is_empty());
+        assert!(follower.retired.is_empty(), "the copies let go");
     }
 }

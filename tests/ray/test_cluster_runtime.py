@@ -445,16 +445,23 @@ PARTIAL = """\
 
 
 def test_a_live_swap_on_ray_fails_no_request(cluster, workdir, job, tmp_path):
-    out = tmp_path / "swap-load.json"
-    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", INFER, "12", "4", str(out)])
+    """Through the head and through the worker's proxy at once: the old version's replicas
+    are stopped once the proxy has followed the swap and what its copy of the old version
+    held is done."""
+    loads = []
+    for name, url in (("head", INFER), ("worker", "http://%s:8000/v2/models/iris/infer" % WORKER)):
+        out = tmp_path / ("swap-load-%s.json" % name)
+        argv = [str(CLIENT_PY), str(HERE / "clients.py"), "load", url, "12", "4", str(out)]
+        loads.append((name, out, cluster.run_in("head", argv)))
     time.sleep(2)
     (workdir / "v2.yaml").write_text(APP.format(version="2", extra=""))
     code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "v2.yaml")
     assert code == 200, body
-    p.wait(timeout=60)
-    stats = json.loads(out.read_text())
-    assert stats["errors"] == {}, stats
-    assert stats["versions"].get("1", 0) > 0 and stats["versions"].get("2", 0) > 0, stats
+    for name, out, p in loads:
+        p.wait(timeout=60)
+        stats = json.loads(out.read_text())
+        assert stats["errors"] == {}, (name, stats)
+        assert stats["versions"].get("1", 0) > 0 and stats["versions"].get("2", 0) > 0, (name, stats)
     v = deployment(cluster, "iris")["versions"]
     assert [x["version"] for x in v] == ["2"] and v[0]["ready_replicas"] == 2, v
     # The old version's replica processes are gone.
