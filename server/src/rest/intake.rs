@@ -433,13 +433,12 @@ impl hyper::body::Body for TimedBody {
                             "a message of {length} bytes is over the limit of {} bytes (http_options.max_body_bytes)",
                             framing.limit
                         );
-                        let refused = tonic::Status::resource_exhausted(message);
-                        if start == 0 {
-                            return Poll::Ready(Some(Err(Box::new(refused))));
-                        }
                         // The messages before it are read and answered first.
-                        this.refused = Some(refused);
-                        return Poll::Ready(Some(Ok(Frame::data(data.slice(..start)))));
+                        return this.refuse_after(
+                            tonic::Status::resource_exhausted(message),
+                            Some(data),
+                            start,
+                        );
                     }
                 }
             }
@@ -449,14 +448,9 @@ impl hyper::body::Body for TimedBody {
                 if this.framing.is_none() {
                     return Poll::Ready(Some(Err(over.into())));
                 }
-                let refused = tonic::Status::unavailable(over.to_string());
                 // A stream's messages that ended in this chunk are read and answered first.
                 let whole = data.map_or(0, |data| data.len() - counted);
-                if let (Some(data), 1..) = (data, whole) {
-                    this.refused = Some(refused);
-                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..whole)))));
-                }
-                return Poll::Ready(Some(Err(Box::new(refused))));
+                return this.refuse_after(tonic::Status::unavailable(over.to_string()), data, whole);
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
@@ -495,6 +489,23 @@ impl TimedBody {
             framing,
             refused: None,
             charge,
+        }
+    }
+
+    /// Refuses the body with `refused` once `data[..passed]` (the messages that ended before
+    /// what is refused) is passed on, at once when there is none.
+    fn refuse_after(
+        &mut self,
+        refused: tonic::Status,
+        data: Option<&Bytes>,
+        passed: usize,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        match data {
+            Some(data) if passed > 0 => {
+                self.refused = Some(refused);
+                Poll::Ready(Some(Ok(Frame::data(data.slice(..passed)))))
+            }
+            _ => Poll::Ready(Some(Err(Box::new(refused)))),
         }
     }
 
