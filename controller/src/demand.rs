@@ -29,6 +29,12 @@ pub struct DemandReport {
     /// [`REPORT_TTL`]; held to 1 s–60 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<f64>,
+    /// The controller's route-table generation the proxy has applied (its snapshot's
+    /// `generation`): a proxy that says it reports with every poll, holding something or
+    /// not, and a retired version's drain waits until each has applied the table without it.
+    /// Absent (an older proxy): the drain gives it [`PROXIES_FOLLOW`](crate::cluster::ray::PROXIES_FOLLOW).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
 }
 
 /// One version's requests at a proxy.
@@ -53,8 +59,16 @@ pub struct VersionDemand {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct RemoteDemand(Arc<Mutex<Reports>>);
 
-/// By proxy: until when its report counts, and the report.
-type Reports = HashMap<String, (Instant, Vec<VersionDemand>)>;
+/// By proxy, its last report.
+type Reports = HashMap<String, Report>;
+
+#[derive(Debug)]
+struct Report {
+    /// Until when it counts.
+    until: Instant,
+    versions: Vec<VersionDemand>,
+    applied: Option<u64>,
+}
 
 impl RemoteDemand {
     fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
@@ -64,13 +78,15 @@ impl RemoteDemand {
     /// Keeps `report` as its proxy's latest (dropping reports that have expired).
     pub fn record(&self, report: DemandReport, now: Instant) {
         let mut reports = self.reports();
-        reports.retain(|_, (until, _)| now < *until);
-        if report.versions.is_empty() {
+        reports.retain(|_, r| now < r.until);
+        // An older proxy's empty report clears its last one; a newer proxy's is kept for what
+        // it has applied.
+        if report.versions.is_empty() && report.applied.is_none() {
             reports.remove(&report.proxy);
             return;
         }
         if reports.len() >= MOST_PROXIES && !reports.contains_key(&report.proxy) {
-            let soonest = reports.iter().min_by_key(|(_, (until, _))| *until).map(|(p, _)| p.clone());
+            let soonest = reports.iter().min_by_key(|(_, r)| r.until).map(|(p, _)| p.clone());
             if let Some(p) = soonest {
                 reports.remove(&p);
             }
@@ -79,7 +95,14 @@ impl RemoteDemand {
             .ttl_s
             .filter(|t| t.is_finite())
             .map_or(REPORT_TTL, |t| Duration::from_secs_f64(t.clamp(1.0, 60.0)));
-        reports.insert(report.proxy, (now + ttl, report.versions));
+        let kept = Report { until: now + ttl, versions: report.versions, applied: report.applied };
+        reports.insert(report.proxy, kept);
+    }
+
+    /// Whether every proxy whose report still counts and says which table it has applied has
+    /// applied `generation` or a later one.
+    pub fn followed(&self, generation: u64, now: Instant) -> bool {
+        self.reports().values().all(|r| now >= r.until || r.applied.is_none_or(|a| a >= generation))
     }
 
     /// (in system, queued) for `model` `version` over the reports still counting, at the
@@ -95,12 +118,12 @@ impl RemoteDemand {
 
     fn sum(&self, model: &str, version: &str, retired: bool, now: Instant) -> (usize, usize) {
         let mut sum = (0u64, 0u64);
-        for (until, versions) in self.reports().values() {
-            if now >= *until {
+        for r in self.reports().values() {
+            if now >= r.until {
                 continue;
             }
             for v in
-                versions.iter().filter(|v| v.model == model && v.version == version && v.retired == retired)
+                r.versions.iter().filter(|v| v.model == model && v.version == version && v.retired == retired)
             {
                 sum.0 = sum.0.saturating_add(v.in_system);
                 sum.1 = sum.1.saturating_add(v.queued);
@@ -114,27 +137,38 @@ impl RemoteDemand {
 /// How often a retired version's drain looks again at what proxies' retired copies hold.
 const RETIRED_CHECK: Duration = Duration::from_millis(100);
 
-/// Resolves once proxies have let go of a retired version: after `followed` (by when each has
-/// polled the route table without it, and reported what its copy of it still holds), once no
-/// report still counting says a retired copy of `model` `version` holds a request, nor, when
-/// the head's table no longer serves that version at all (`unserved`), a copy the proxy still
-/// routes to (a proxy that has not followed yet). Its replicas are stopped after this: a
-/// proxy's requests queued for it, sent to them after its replicas were told to stop, were
-/// refused ("replica failed; retry"). A proxy that stops reporting stops counting after its
-/// report's TTL. The caller bounds the wait (the drain's grace).
+/// A retired version's place in the route table, for [`proxies_let_go`].
+pub(crate) struct Retiring<'a> {
+    pub model: &'a str,
+    pub version: &'a str,
+    /// The route table's generation without it (or a later one).
+    pub generation: u64,
+    /// No successor of the same version name serves: a copy a proxy still routes to is one
+    /// that has not followed.
+    pub unserved: bool,
+}
+
+/// Resolves once proxies have let go of a retired version: after `followed` (by when an older
+/// proxy, which does not say what it has applied, has polled the route table without it and
+/// reported what its copy of it still holds), once every proxy reporting has applied the
+/// table without it, no report still counting says a retired copy of it holds a request,
+/// nor, where it is `unserved`, a copy the proxy still routes to. Its replicas are stopped
+/// after this: a proxy's requests queued for it, sent to them after its replicas were told to
+/// stop, were refused ("replica failed; retry"). A proxy that stops reporting stops counting
+/// after its report's TTL. The caller bounds the wait (the drain's grace).
 pub(crate) async fn proxies_let_go(
     remote: &RemoteDemand,
-    model: &str,
-    version: &str,
+    retiring: Retiring<'_>,
     followed: tokio::time::Instant,
-    unserved: bool,
 ) {
     tokio::time::sleep_until(followed).await;
+    let Retiring { model, version, generation, unserved } = retiring;
     let held = || {
         let now = Instant::now();
-        remote.retired(model, version, now) + if unserved { remote.of(model, version, now).0 } else { 0 }
+        let routed = if unserved { remote.of(model, version, now).0 } else { 0 };
+        !remote.followed(generation, now) || remote.retired(model, version, now) + routed > 0
     };
-    while held() > 0 {
+    while held() {
         tokio::time::sleep(RETIRED_CHECK).await;
     }
 }
@@ -154,7 +188,14 @@ mod tests {
                 retired: false,
             }],
             ttl_s: None,
+            applied: None,
         }
+    }
+
+    /// A report of nothing held: an older proxy's (clears its last one), or a newer proxy's
+    /// with the table it has applied.
+    fn empty(proxy: &str, applied: Option<u64>) -> DemandReport {
+        DemandReport { proxy: proxy.into(), versions: vec![], ttl_s: None, applied }
     }
 
     /// Proxies' reports add up; a newer one replaces its proxy's older one, an empty one clears
@@ -169,7 +210,7 @@ mod tests {
         assert_eq!(d.of("m", "2", t), (0, 0));
         d.record(report("a:8000", 1, 0), t);
         assert_eq!(d.of("m", "1", t), (3, 2));
-        d.record(DemandReport { proxy: "b:8000".into(), versions: vec![], ttl_s: None }, t);
+        d.record(empty("b:8000", None), t);
         assert_eq!(d.of("m", "1", t), (1, 0));
         assert_eq!(d.of("m", "1", t + REPORT_TTL), (0, 0), "expired");
         // A proxy that polls every 5 s says its reports live 15 s.
@@ -196,11 +237,30 @@ mod tests {
             r#"{"proxy": "b:8000", "versions": [{"model": "m", "version": "1", "in_system": 2, "queued": 0}]}"#,
         )
         .unwrap();
-        assert!(!old.versions[0].retired);
+        assert!(!old.versions[0].retired && old.applied.is_none());
         d.record(old, t);
         assert_eq!((d.of("m", "1", t), d.retired("m", "1", t)), ((5, 1), 5));
         let sent = serde_json::to_value(report("c:8000", 1, 0)).unwrap();
         assert!(sent["versions"][0].get("retired").is_none(), "left out when false: {sent}");
+        assert!(sent.get("applied").is_none(), "left out when unknown: {sent}");
+    }
+
+    /// A proxy that says which table it has applied is kept with nothing held, and is
+    /// followed once it has applied the one asked for or a later one, or once its report no
+    /// longer counts; an older proxy (which does not say) is followed by the time alone.
+    #[test]
+    fn proxies_follow_by_the_table_they_applied() {
+        let t = Instant::now();
+        let d = RemoteDemand::default();
+        assert!(d.followed(7, t), "no proxy");
+        d.record(empty("old:8000", None), t);
+        d.record(report("old:8000", 1, 0), t);
+        assert!(d.followed(7, t), "an older proxy does not say");
+        d.record(empty("a:8000", Some(6)), t);
+        assert!(!d.followed(7, t) && d.followed(6, t));
+        assert!(d.followed(7, t + REPORT_TTL), "its report no longer counts");
+        d.record(empty("a:8000", Some(8)), t);
+        assert!(d.followed(7, t));
     }
 
     /// A retired version's drain waits for the proxies to follow, then for their retired
@@ -210,8 +270,9 @@ mod tests {
         let d = RemoteDemand::default();
         let start = tokio::time::Instant::now();
         let follow = Duration::from_millis(200);
+        let retiring = |unserved| Retiring { model: "m", version: "1", generation: 5, unserved };
         // Nothing reported: done once the proxies have had the time to follow.
-        proxies_let_go(&d, "m", "1", start + follow, true).await;
+        proxies_let_go(&d, retiring(true), start + follow).await;
         assert!(start.elapsed() >= follow);
         let mut held = report("a:8000", 2, 1);
         held.versions[0].retired = true;
@@ -219,14 +280,14 @@ mod tests {
         let let_go = |unserved| {
             let d = d.clone();
             tokio::spawn(
-                async move { proxies_let_go(&d, "m", "1", tokio::time::Instant::now(), unserved).await },
+                async move { proxies_let_go(&d, retiring(unserved), tokio::time::Instant::now()).await },
             )
         };
         let waiting = let_go(false);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(!waiting.is_finished(), "a proxy's retired copy still holds requests");
         // The same proxy's next report: its copy is done.
-        d.record(DemandReport { proxy: "a:8000".into(), versions: vec![], ttl_s: None }, Instant::now());
+        d.record(empty("a:8000", None), Instant::now());
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
         // A proxy that has not followed yet reports the version as one it routes to: waited
         // for where the head no longer serves it, not where a successor of the same name does.
@@ -236,7 +297,14 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), successor).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(!unserved.is_finished(), "a proxy that has not followed still holds requests");
-        d.record(DemandReport { proxy: "b:8000".into(), versions: vec![], ttl_s: None }, Instant::now());
+        d.record(empty("b:8000", None), Instant::now());
         tokio::time::timeout(Duration::from_secs(5), unserved).await.unwrap().unwrap();
+        // A proxy that holds nothing and has not applied the table without it yet.
+        d.record(empty("c:8000", Some(4)), Instant::now());
+        let behind = let_go(false);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!behind.is_finished(), "a proxy that has not applied the table");
+        d.record(empty("c:8000", Some(5)), Instant::now());
+        tokio::time::timeout(Duration::from_secs(5), behind).await.unwrap().unwrap();
     }
 }

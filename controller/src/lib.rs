@@ -344,6 +344,8 @@ impl Controller {
     /// copies hold is done ([`demand::proxies_let_go`]): they send those requests to its replicas.
     fn drain(&self, retired: Vec<Version>, serve_waiting: bool) {
         let grace = self.grace;
+        // The table without them is published: this generation or a later one.
+        let generation = self.routes.generation();
         let proxies = self
             .cluster
             .proxies_follow()
@@ -388,8 +390,9 @@ impl Controller {
                 let drained = async {
                     drained.await;
                     if let Some((follow, remote, unserved)) = proxies {
-                        demand::proxies_let_go(&remote, d.name(), d.version(), published + follow, unserved)
-                            .await;
+                        let retiring =
+                            demand::Retiring { model: d.name(), version: d.version(), generation, unserved };
+                        demand::proxies_let_go(&remote, retiring, published + follow).await;
                     }
                 };
                 if tokio::time::timeout(grace, drained).await.is_err() {

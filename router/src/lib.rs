@@ -87,6 +87,12 @@ impl Router {
         self.published.send_modify(|n| *n += 1);
     }
 
+    /// How many tables have been published. Read before [`Router::table`], the table read is
+    /// at least that new.
+    pub fn generation(&self) -> u64 {
+        *self.published.borrow()
+    }
+
     /// Changes whenever a new table is published.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.published.subscribe()

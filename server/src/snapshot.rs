@@ -21,6 +21,11 @@ use sluice_router::{ModelRoute, RouteTable, Router};
 /// Every route of the controller.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// The controller's route table is at least this new ([`Router::generation`]): a proxy
+    /// reports the one it has applied, so that a retired version's drain knows when every
+    /// proxy has followed. 0 from an older controller.
+    #[serde(default)]
+    pub generation: u64,
     pub models: BTreeMap<String, ModelEntry>,
     pub pipelines: Vec<PipelineEntry>,
     /// A multiplexed deployment's model ids that answer as model names, by that name.
@@ -143,8 +148,10 @@ impl Metadata {
 
 /// The snapshot of `routes` (only remote replicas are listed: proxies cannot reach threads).
 pub fn take(routes: &Router) -> Snapshot {
+    // Read before the table: the table is at least this new.
+    let generation = routes.generation();
     let table = routes.table();
-    let mut snapshot = Snapshot::default();
+    let mut snapshot = Snapshot { generation, ..Snapshot::default() };
     for (name, route) in &table.models {
         let mut entry = ModelEntry { split: route.split.clone(), ..ModelEntry::default() };
         for (version, servable) in &route.versions {
@@ -531,7 +538,9 @@ pub async fn follow(
     let mut follower = Follower::default();
     let wake = follower.wake.clone();
     let mut last: Option<Snapshot> = None;
-    let mut reported_some = false;
+    // The controller's table generation applied here: reported with every poll once known,
+    // even with nothing held (the controller waits for it before it stops a retired version).
+    let mut applied: Option<u64> = None;
     // The last failure to report, logged once until it changes (an older controller answers
     // 404 at every poll).
     let mut report_failed: Option<String> = None;
@@ -545,6 +554,7 @@ pub async fn follow(
             match authorized(http.get(&routes_url)).send().await {
                 Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
                     Ok(snapshot) => {
+                        applied = Some(snapshot.generation);
                         if last.as_ref() != Some(&snapshot) {
                             follower.apply(&snapshot, &routes);
                             last = Some(snapshot);
@@ -559,15 +569,12 @@ pub async fn follow(
                 Err(e) => tracing::warn!("cannot reach the controller at {routes_url}: {e}"),
             }
         }
-        // Nothing held, and nothing reported before: nothing to clear either.
+        // Before the first table: nothing held, nothing to say.
         let versions = follower.demand();
-        if !versions.is_empty() || reported_some {
-            let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s) };
+        if !versions.is_empty() || applied.is_some() {
+            let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s), applied };
             let failed = match authorized(http.post(&demand_url)).json(&report).send().await {
-                Ok(r) if r.status().is_success() => {
-                    reported_some = !report.versions.is_empty();
-                    None
-                }
+                Ok(r) if r.status().is_success() => None,
                 Ok(r) => Some(format!("the controller answered {} for this proxy's demand", r.status())),
                 Err(e) => Some(format!("cannot report this proxy's demand to {demand_url}: {e}")),
             };
@@ -827,5 +834,17 @@ mod tests {
         tokio::time::sleep(RETIRED_KEEP).await;
         assert!(follower.demand().is_empty());
         assert!(follower.retired.is_empty(), "the copies let go");
+    }
+
+    /// A snapshot says which table generation it is at least as new as (read before the
+    /// table); one from an older controller, without it, reads as 0.
+    #[test]
+    fn a_snapshot_says_its_generation() {
+        let routes = Router::new(sluice_router::RouteTable::default());
+        assert_eq!(take(&routes).generation, 0);
+        routes.publish(sluice_router::RouteTable::default());
+        assert_eq!(take(&routes).generation, 1);
+        let old: Snapshot = serde_json::from_str(r#"{"models": {}, "pipelines": []}"#).unwrap();
+        assert_eq!(old.generation, 0);
     }
 }
