@@ -15,6 +15,14 @@ use serde::{Deserialize, Serialize};
 /// Proxies report every `--poll-s` (0.5 s by default).
 pub const REPORT_TTL: Duration = Duration::from_secs(3);
 
+/// How long a proxy waits for the controller's answer to one request (its routes, its report).
+pub const PROXY_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long past its TTL a report still says which table its proxy has applied: a proxy whose
+/// poll is slow (its two requests each up to [`PROXY_REQUEST_TIMEOUT`]) may still route by the
+/// table it last said, and a retired version's drain waits for it meanwhile.
+const APPLIED_OUTLIVES: Duration = Duration::from_secs(10);
+
 /// The most proxies whose reports are kept at once; beyond it the oldest report goes.
 const MOST_PROXIES: usize = 1024;
 
@@ -23,7 +31,8 @@ const MOST_PROXIES: usize = 1024;
 pub struct DemandReport {
     /// The proxy (its address): a newer report from it replaces its older one.
     pub proxy: String,
-    /// The versions holding a request at the proxy; an empty list clears its earlier report.
+    /// The versions holding a request at the proxy; an empty list from a proxy that does not
+    /// say what it has applied clears its earlier report.
     pub versions: Vec<VersionDemand>,
     /// How long the report counts unless renewed (a proxy polling rarely sends more): absent,
     /// [`REPORT_TTL`]; held to 1 s–60 s.
@@ -99,10 +108,26 @@ impl RemoteDemand {
         reports.insert(report.proxy, kept);
     }
 
-    /// Whether every proxy whose report still counts and says which table it has applied has
-    /// applied `generation` or a later one.
+    /// Whether every proxy that says which table it has applied has applied `generation` or a
+    /// later one, by its last report, for [`APPLIED_OUTLIVES`] past its TTL (a slow poll).
     pub fn followed(&self, generation: u64, now: Instant) -> bool {
-        self.reports().values().all(|r| now >= r.until || r.applied.is_none_or(|a| a >= generation))
+        self.reports()
+            .values()
+            .all(|r| now >= r.until + APPLIED_OUTLIVES || r.applied.is_none_or(|a| a >= generation))
+    }
+
+    /// What proxies that do not say which table they have applied (older ones) hold of
+    /// `model` `version` at copies they route to: one that has not followed yet, where nothing
+    /// of that name serves any more. (Newer proxies are followed by [`RemoteDemand::followed`]:
+    /// what they route to may be a successor deployed under the same name meanwhile.)
+    pub fn routed_by_older(&self, model: &str, version: &str, now: Instant) -> usize {
+        let reports = self.reports();
+        let older = reports.values().filter(|r| now < r.until && r.applied.is_none());
+        older
+            .flat_map(|r| &r.versions)
+            .filter(|v| v.model == model && v.version == version && !v.retired)
+            .map(|v| usize::try_from(v.in_system).unwrap_or(usize::MAX))
+            .fold(0, usize::saturating_add)
     }
 
     /// (in system, queued) for `model` `version` over the reports still counting, at the
@@ -165,7 +190,7 @@ pub(crate) async fn proxies_let_go(
     let Retiring { model, version, generation, unserved } = retiring;
     let held = || {
         let now = Instant::now();
-        let routed = if unserved { remote.of(model, version, now).0 } else { 0 };
+        let routed = if unserved { remote.routed_by_older(model, version, now) } else { 0 };
         !remote.followed(generation, now) || remote.retired(model, version, now) + routed > 0
     };
     while held() {
@@ -247,7 +272,9 @@ mod tests {
 
     /// A proxy that says which table it has applied is kept with nothing held, and is
     /// followed once it has applied the one asked for or a later one, or once its report no
-    /// longer counts; an older proxy (which does not say) is followed by the time alone.
+    /// longer counts (10 s past its TTL); an older proxy (which does not say) is followed by
+    /// the time alone. What a newer proxy routes to is not read as not followed: a successor
+    /// may have been deployed under the same name.
     #[test]
     fn proxies_follow_by_the_table_they_applied() {
         let t = Instant::now();
@@ -258,9 +285,13 @@ mod tests {
         assert!(d.followed(7, t), "an older proxy does not say");
         d.record(empty("a:8000", Some(6)), t);
         assert!(!d.followed(7, t) && d.followed(6, t));
-        assert!(d.followed(7, t + REPORT_TTL), "its report no longer counts");
+        // A slow poll (two requests of up to 5 s each) is waited for past the report's TTL.
+        assert!(!d.followed(7, t + REPORT_TTL), "a slow poll");
+        assert!(d.followed(7, t + REPORT_TTL + APPLIED_OUTLIVES), "its report no longer counts");
         d.record(empty("a:8000", Some(8)), t);
         assert!(d.followed(7, t));
+        d.record(DemandReport { applied: Some(8), ..report("a:8000", 2, 0) }, t);
+        assert_eq!(d.routed_by_older("m", "1", t), 1, "the older proxy's only");
     }
 
     /// A retired version's drain waits for the proxies to follow, then for their retired

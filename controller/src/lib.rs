@@ -98,6 +98,9 @@ pub struct Controller {
     state: Mutex<ControllerState>,
     /// Held by operations that change which versions run, for their whole length.
     changes: Arc<tokio::sync::Mutex<()>>,
+    /// What proxies on other nodes hold (the state's handle too: the autoscaler reads it
+    /// there), recorded without the state's lock.
+    remote: demand::RemoteDemand,
     /// Background deploys ([`Controller::deploy`]) in the order they were asked for, applied
     /// in that order by whichever change next holds `changes` (a task spawned later may reach
     /// the lock first: the last config sent must be the one that stays).
@@ -146,9 +149,14 @@ impl Controller {
         store_env: repository::store::StoreEnv,
     ) -> Arc<Self> {
         let node_cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        let remote = demand::RemoteDemand::default();
         Arc::new(Self {
             routes,
-            state: Mutex::new(ControllerState::default()),
+            state: Mutex::new(ControllerState {
+                remote_demand: remote.clone(),
+                ..ControllerState::default()
+            }),
+            remote,
             changes: Arc::new(tokio::sync::Mutex::new(())),
             deploys: Mutex::new(std::collections::VecDeque::new()),
             wake: Arc::new(Notify::new()),
@@ -204,16 +212,18 @@ impl Controller {
     /// the head's own requests. A request waiting there for a deployment at zero replicas wakes
     /// the control loop at once, which starts one.
     pub fn report_demand(&self, report: demand::DemandReport) {
-        let st = self.lock();
-        let from_zero = report.versions.iter().any(|v| {
-            !v.retired
-                && v.queued > 0
-                && st.deployments.get(&v.model).is_some_and(|m| {
+        // The state is looked at only for a request waiting there (most reports, sent with every
+        // poll, hold none).
+        let waiting = |v: &&demand::VersionDemand| !v.retired && v.queued > 0;
+        let from_zero = report.versions.iter().any(|v| waiting(&v)) && {
+            let st = self.lock();
+            report.versions.iter().filter(waiting).any(|v| {
+                st.deployments.get(&v.model).is_some_and(|m| {
                     m.primary.deployment.version() == v.version && m.primary.replica_count() == 0
                 })
-        });
-        st.remote_demand.record(report, Instant::now());
-        drop(st);
+            })
+        };
+        self.remote.record(report, Instant::now());
         if from_zero {
             self.wake.notify_one();
         }
@@ -346,10 +356,8 @@ impl Controller {
         let grace = self.grace;
         // The table without them is published: this generation or a later one.
         let generation = self.routes.generation();
-        let proxies = self
-            .cluster
-            .proxies_follow()
-            .map(|follow| (follow, self.lock().remote_demand.clone(), self.routes.clone()));
+        let proxies =
+            self.cluster.proxies_follow().map(|follow| (follow, self.remote.clone(), self.routes.clone()));
         for v in retired {
             let proxies = proxies.clone();
             tokio::spawn(async move {

@@ -88,7 +88,8 @@ impl Router {
     }
 
     /// How many tables have been published. Read before [`Router::table`], the table read is
-    /// at least that new.
+    /// at least that new (where tables are published one at a time, as the controller does
+    /// under its state's lock).
     pub fn generation(&self) -> u64 {
         *self.published.borrow()
     }

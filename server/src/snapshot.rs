@@ -253,6 +253,13 @@ pub struct Follower {
     /// here, sent to a replica, or in an earlier step of a pipeline): reported as retired
     /// until done, so that the controller keeps their replicas until then.
     retired: Vec<Retired>,
+    /// The generation of the table applied last ([`Snapshot::generation`]).
+    generation: Option<u64>,
+    /// After an apply that retired copies: the generation reported until [`RETIRED_KEEP`]
+    /// has passed, and since when. A request routed to a copy just before it was retired
+    /// enters it in that time, and is reported (retired) before the controller reads the
+    /// new generation as followed.
+    held_back: Option<(Option<u64>, std::time::Instant)>,
 }
 
 /// A copy the table dropped ([`Follower::retired`]).
@@ -281,6 +288,7 @@ impl Follower {
     /// Makes `routes` serve `snapshot`: new versions start, replicas join or leave, readiness
     /// follows, and the table is published whole.
     pub fn apply(&mut self, snapshot: &Snapshot, routes: &Router) {
+        let reported = self.applied();
         let mut keep = HashMap::new();
         // Versions this table no longer serves here, or serves by another deployment: marked
         // retired once it is published, so that a request routed to one while its body was
@@ -351,6 +359,10 @@ impl Follower {
             }
         }
         routes.publish(table);
+        if !left.is_empty() {
+            self.held_back = Some((reported, std::time::Instant::now()));
+        }
+        self.generation = Some(snapshot.generation);
         for (key, deployment) in left {
             deployment.mark_retired();
             // With no replica, none comes (the controller starts none for a proxy's requests
@@ -361,6 +373,15 @@ impl Follower {
             self.retired.push(Retired { key, deployment, since: std::time::Instant::now() });
         }
         self.retired.retain(Retired::kept);
+    }
+
+    /// The route-table generation to report as applied: the last one applied, or, for
+    /// [`RETIRED_KEEP`] after an apply that retired copies, the one reported before it.
+    pub fn applied(&self) -> Option<u64> {
+        match self.held_back {
+            Some((before, since)) if since.elapsed() < RETIRED_KEEP => before,
+            _ => self.generation,
+        }
     }
 
     /// The versions holding requests here now: for the controller's autoscaler, and (those of
@@ -528,7 +549,10 @@ pub async fn follow(
 ) {
     let Follow { controller, token, every } = follow;
     let mut first = Some(first);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let http = reqwest::Client::builder()
+        .timeout(sluice_controller::demand::PROXY_REQUEST_TIMEOUT)
+        .build()
+        .unwrap_or_default();
     let base = controller.trim_end_matches('/');
     let (routes_url, demand_url) = (format!("{base}/api/sluice/routes"), format!("{base}/api/sluice/demand"));
     let authorized = |req: reqwest::RequestBuilder| match &token {
@@ -538,9 +562,6 @@ pub async fn follow(
     let mut follower = Follower::default();
     let wake = follower.wake.clone();
     let mut last: Option<Snapshot> = None;
-    // The controller's table generation applied here: reported with every poll once known,
-    // even with nothing held (the controller waits for it before it stops a retired version).
-    let mut applied: Option<u64> = None;
     // The last failure to report, logged once until it changes (an older controller answers
     // 404 at every poll).
     let mut report_failed: Option<String> = None;
@@ -554,7 +575,6 @@ pub async fn follow(
             match authorized(http.get(&routes_url)).send().await {
                 Ok(r) if r.status().is_success() => match r.json::<Snapshot>().await {
                     Ok(snapshot) => {
-                        applied = Some(snapshot.generation);
                         if last.as_ref() != Some(&snapshot) {
                             follower.apply(&snapshot, &routes);
                             last = Some(snapshot);
@@ -569,9 +589,12 @@ pub async fn follow(
                 Err(e) => tracing::warn!("cannot reach the controller at {routes_url}: {e}"),
             }
         }
-        // Before the first table: nothing held, nothing to say.
+        // Reported with every poll once the first table is in, holding something or not: the
+        // table applied here is news too (the controller waits for it before it stops a
+        // retired version's replicas).
         let versions = follower.demand();
-        if !versions.is_empty() || applied.is_some() {
+        if !versions.is_empty() || last.is_some() {
+            let applied = follower.applied();
             let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s), applied };
             let failed = match authorized(http.post(&demand_url)).json(&report).send().await {
                 Ok(r) if r.status().is_success() => None,
@@ -771,6 +794,7 @@ mod tests {
             table.models.insert(model.into(), route);
         }
         let mut snapshot = take(&Router::new(table));
+        snapshot.generation = 3;
         // `m` has a replica, not ready: a request waits in the copy for it.
         snapshot.models.get_mut("m").unwrap().versions.get_mut("1").unwrap().replicas = vec![ReplicaEntry {
             name: "r-0".into(),
@@ -782,7 +806,9 @@ mod tests {
         }];
         let proxy = Router::new(sluice_router::RouteTable::default());
         let mut follower = Follower::default();
+        assert_eq!(follower.applied(), None);
         follower.apply(&snapshot, &proxy);
+        assert_eq!(follower.applied(), Some(3), "nothing retired: at once");
         let copy = |model: &str| match proxy.resolve(model, Some("1")).unwrap() {
             Servable::Deployment(d) => d,
             _ => panic!("not a deployment"),
@@ -816,8 +842,10 @@ mod tests {
             retired,
         };
         assert_eq!(follower.demand(), [held("m", 1, 1, false), held("zero", 1, 1, false)]);
-        // The controller swaps both out.
-        follower.apply(&Snapshot::default(), &proxy);
+        // The controller swaps both out (its table generation 4). Until a request routed to a
+        // retired copy just before has had the time to enter it, the table before is reported.
+        follower.apply(&Snapshot { generation: 4, ..Snapshot::default() }, &proxy);
+        assert_eq!(follower.applied(), Some(3), "held back while a request may still enter");
         assert!(proxy.resolve("m", Some("1")).is_err());
         let refused = tokio::time::timeout(Duration::from_secs(5), at_zero).await.unwrap().unwrap();
         assert_eq!(refused.unwrap_err().kind, sluice_deployments::ErrorKind::Unavailable, "none comes");
@@ -833,6 +861,7 @@ mod tests {
         // enters it within that).
         tokio::time::sleep(RETIRED_KEEP).await;
         assert!(follower.demand().is_empty());
+        assert_eq!(follower.applied(), Some(4));
         assert!(follower.retired.is_empty(), "the copies let go");
     }
 

@@ -352,12 +352,25 @@ def test_a_replica_that_does_not_fit_waits_and_status_says_why(cluster, workdir,
     assert deployment(cluster, "big") is None
 
 
+def ready_replica_processes(c):
+    """How many replica processes run once they are the ready replicas status lists: a
+    retired version's stop a moment after its drain (after the proxies have let go of it) is
+    waited for."""
+    def settled():
+        versions = [v for app in status(c)["applications"].values() for d in app["deployments"].values()
+                    for v in d["versions"]]
+        ready = sum(v["ready_replicas"] for v in versions)
+        running = len(sluice_pids(c, "head")) + len(sluice_pids(c, "worker"))
+        return running if running == ready else None
+    return wait_for("only the ready replicas' processes", settled, timeout=60)
+
+
 def test_autoscaling_creates_and_kills_actors(cluster, workdir, job, tmp_path):
     (workdir / "auto.yaml").write_text(APP.format(version="1", extra=AUTO))
     code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "auto.yaml")
     assert code == 200, body
     assert deployment(cluster, "auto")["versions"][0]["replicas"] == 1
-    before = len(sluice_pids(cluster, "head")) + len(sluice_pids(cluster, "worker"))
+    before = ready_replica_processes(cluster)
     out = tmp_path / "auto-load.json"
     url = INFER.replace("iris", "auto")
     p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load", url, "6", "6", str(out)])
@@ -448,6 +461,12 @@ def test_a_live_swap_on_ray_fails_no_request(cluster, workdir, job, tmp_path):
     """Through the head and through the worker's proxy at once: the old version's replicas
     are stopped once the proxy has followed the swap and what its copy of the old version
     held is done."""
+    # Room on both nodes for the new version's replicas (the last test's deployment goes), so
+    # that the worker keeps a replica through the swap, and with it its proxy.
+    (workdir / "v1.yaml").write_text(APP.format(version="1", extra=""))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "v1.yaml")
+    assert code == 200, body
+    assert ready_replica_processes(cluster) == 2
     loads = []
     for name, url in (("head", INFER), ("worker", "http://%s:8000/v2/models/iris/infer" % WORKER)):
         out = tmp_path / ("swap-load-%s.json" % name)

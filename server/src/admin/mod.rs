@@ -447,7 +447,7 @@ async fn routes_snapshot(State(s): State<AdminState>) -> Json<crate::snapshot::S
 async fn demand(State(s): State<AdminState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let report = serde_json::from_slice::<sluice_controller::demand::DemandReport>(&body).map_err(|e| {
         ApiError::bad_request(format!(
-            "body must be {{\"proxy\": \"HOST:PORT\", \"versions\": [{{\"model\", \"version\", \"in_system\", \"queued\"}}]}}: {e}"
+            "body must be {{\"proxy\": \"HOST:PORT\", \"versions\": [{{\"model\", \"version\", \"in_system\", \"queued\", \"retired\"}}], \"ttl_s\", \"applied\"}}: {e}"
         ))
     })?;
     s.controller.report_demand(report);
