@@ -4,6 +4,9 @@
 //! for a deployment at zero replicas), how many requests each version holds, and the
 //! autoscaler adds the fresh reports to the head's own counts. Load that reaches a cluster
 //! through a worker's proxy then scales a deployment, from zero too, as load at the head does.
+//! The reports also say which route table each proxy has applied and what its copies of
+//! versions swapped out still hold: a retired version's replicas stop once the proxies have
+//! let go of it (`proxies_let_go`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
