@@ -33,6 +33,9 @@ if IN_SDK_PROCESS:
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
     from kserve.protocol.infer_type import RequestedOutput
 else:
+    # The child runs some thirty tests against two debug servers: longer than one test's
+    # default bound (--timeout=300) on a loaded machine.
+    @pytest.mark.timeout(900)
     def test_kserve_sdk_in_its_own_process(request, capsys):
         """Every SDK test below, in a child pytest process (see the module docstring)."""
         root = Path(__file__).resolve().parents[2]
@@ -40,7 +43,7 @@ else:
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-v" if verbose else "-q",
                str(Path(__file__).resolve())]
         child = subprocess.run(cmd, cwd=root, env={**os.environ, "SLUICE_KSERVE_SDK": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=840)
         lines = child.stdout.rstrip().splitlines() or ["(no output)"]
         with capsys.disabled():  # the child's summary (everything with -v) goes to the terminal
             print()

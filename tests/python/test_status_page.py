@@ -133,13 +133,13 @@ def test_status_page_follows_the_canary_weight(tmp_path, monkeypatch):
 
         # The weight changes through the admin API: the page follows within a few seconds.
         admin_post(server.admin, "/api/serve/deployments/iris/canary", '{"weight": 40}')
-        browser.wait_for(weight("shop/iris/2"), "40%", timeout=6)
-        browser.wait_for(weight("shop/iris/1"), "60%", timeout=6)
+        browser.wait_for(weight("shop/iris/2"), "40%", timeout=30)
+        browser.wait_for(weight("shop/iris/1"), "60%", timeout=30)
 
         # The page's own control posts the weight (with the cookie).
         browser.eval("""(() => { const box = document.querySelector('.controls[data-deployment=iris]');
             box.querySelector('input').value = 70; box.querySelector('button[data-action=canary]').click(); })()""")
-        browser.wait_for(weight("shop/iris/2"), "70%", timeout=6)
+        browser.wait_for(weight("shop/iris/2"), "70%", timeout=30)
 
         shot = os.environ.get("SLUICE_STATUS_SCREENSHOT")
         if shot:

@@ -6,6 +6,7 @@ reach 127.100.0.x): the admin API, load with per-status counts, and tritonclient
     python clients.py triton HTTP_ADDR GRPC_ADDR EXPECTED_JSON -> checks iris through tritonclient
 """
 import json
+import os
 import sys
 import threading
 import time
@@ -30,13 +31,17 @@ def admin(method, url, token, body_file=None):
 
 
 def load(url, seconds, concurrency, out_path):
+    """Requests from `concurrency` threads for `seconds`, or until a file `OUT_PATH.stop`
+    appears (a test that waits for what the load makes happen stops it then: a fixed length
+    could end first on a loaded machine)."""
     body = json.dumps(IRIS).encode()
     stats = {"ok": 0, "errors": {}, "messages": [], "versions": {}, "max_s": 0.0, "requests": 0}
     lock = threading.Lock()
     end = time.time() + float(seconds)
+    stop = str(out_path) + ".stop"
 
     def worker():
-        while time.time() < end:
+        while time.time() < end and not os.path.exists(stop):
             t = time.time()
             version = None
             try:

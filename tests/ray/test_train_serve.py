@@ -143,7 +143,9 @@ def serving(cluster, tmp_path_factory):
 def test_a_trained_version_rolls_out_as_a_canary_and_is_promoted(cluster, serving, tmp_path):
     c = cluster
     assert versions(c) == [("1", 100)]
-    p = load(c, 90, tmp_path / "load.json")
+    # Until the promotion (each rollout step waits for requests on the canary; the training
+    # job's length varies with the machine's load): stopped then.
+    p = load(c, 300, tmp_path / "load.json")
     t = time.time()
     r = sluice(c, "job", "submit", "--ray", c.dashboard_url, "--working-dir", str(REPO / "examples" / "train"),
                "--submission-id", "train-iris-1", "--env", "SLUICE_ADMIN_TOKEN=" + TOKEN, "--",
@@ -157,6 +159,7 @@ def test_a_trained_version_rolls_out_as_a_canary_and_is_promoted(cluster, servin
                       timeout=60)
     assert canary
     wait_for("the promotion of version 2", lambda: versions(c) == [("2", 100)], timeout=120)
+    Path(str(tmp_path / "load.json") + ".stop").touch()
     p.wait(timeout=120)
     stats = json.loads((tmp_path / "load.json").read_text())
     assert stats["errors"] == {}, stats
@@ -182,7 +185,7 @@ def test_a_broken_version_is_rolled_back_by_itself(cluster, serving, tmp_path):
     c = cluster
     put(c, "models/repo/iris/3/model.onnx", (REPO / "examples/models/broken/model.onnx").read_bytes())
     put(c, "models/repo/iris/3/READY", b"")
-    p = load(c, 60, tmp_path / "load.json")
+    p = load(c, 300, tmp_path / "load.json")  # ended below, once the rollback is seen
     r = sluice(c, "repository", "notify", "iris", "--address", ADMIN, "--token", TOKEN)
     assert r.returncode == 0, r.stderr
     wait_for("the rollback of version 3", lambda: event_time(c, "rolled back canary version 3"), timeout=90)
