@@ -612,16 +612,16 @@ fn json_logs_carry_the_spans_of_a_request() {
         "json-logs.yaml",
         "log_format: json\napplications:\n  - name: a\n    deployments:\n      - {name: iris, model: MODELS/iris/model.onnx}\n",
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (_child, rx) = spawn_lines(
         sluice()
             .arg("run")
             .arg(&config)
-            .args(["--http-port", &port.to_string(), "--grpc-port", "0", "--admin-port", "0"])
+            .args(["--http-port", "0", "--grpc-port", "0", "--admin-port", "0"])
             .env("RUST_LOG", "info,sluice_server=debug,sluice_deployments=debug,tower_http=debug"),
         Stream::Stderr,
     );
-    let url = format!("http://127.0.0.1:{port}");
+    let mut seen = Vec::new();
+    let url = format!("http://{}", listening_at(&rx, &mut seen));
     let until = Instant::now() + Duration::from_secs(60);
     while block_on(reqwest::get(format!("{url}/v2/health/ready"))).map_or(0, |r| r.status().as_u16()) != 200 {
         assert!(Instant::now() < until, "the server never became ready");
@@ -640,7 +640,6 @@ fn json_logs_carry_the_spans_of_a_request() {
     });
     assert_eq!(status, 200);
     let until = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
     loop {
         let line = rx
             .recv_timeout(until.saturating_duration_since(Instant::now()))
@@ -660,27 +659,53 @@ fn json_logs_carry_the_spans_of_a_request() {
 enum Stream {
     Stdout,
     Stderr,
+    /// Both, their lines into one channel as each comes.
+    Both,
 }
 
 /// Starts `command` with its `stream` read line by line on a thread of its own (to the end, so
 /// the child never writes to a closed pipe); killed when the child handle is dropped.
 fn spawn_lines(command: &mut Command, stream: Stream) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
-    let (stdout, stderr) = match stream {
-        Stream::Stdout => (Stdio::piped(), Stdio::null()),
-        Stream::Stderr => (Stdio::null(), Stdio::piped()),
-    };
-    let mut child = KillOnDrop(Some(command.stdout(stdout).stderr(stderr).spawn().unwrap()));
-    let read: Box<dyn std::io::Read + Send> = match stream {
-        Stream::Stdout => Box::new(child.child().stdout.take().unwrap()),
-        Stream::Stderr => Box::new(child.child().stderr.take().unwrap()),
-    };
+    let piped = |read: bool| if read { Stdio::piped() } else { Stdio::null() };
+    let (stdout, stderr) = (stream != Stream::Stderr, stream != Stream::Stdout);
+    let mut child = KillOnDrop(Some(command.stdout(piped(stdout)).stderr(piped(stderr)).spawn().unwrap()));
+    let mut reads: Vec<Box<dyn std::io::Read + Send>> = Vec::new();
+    if stdout {
+        reads.push(Box::new(child.child().stdout.take().unwrap()));
+    }
+    if stderr {
+        reads.push(Box::new(child.child().stderr.take().unwrap()));
+    }
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(read).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    for read in reads {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(read).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
     (child, rx)
+}
+
+/// The address a server or proxy started with `--http-port 0` listens on, from its log (`RUST_LOG`
+/// at `info` or finer, plain or JSON): the port is its own, where one picked beforehand and handed
+/// to it could be taken by another process in between. The lines up to it go to `seen`.
+fn listening_at(rx: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<String>) -> String {
+    const MARKER: &str = "accepting connections on ";
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no `{MARKER}` line within 60 s; logged:\n{}", seen.join("\n")));
+        let addr =
+            line.find(MARKER).map(|i| line[i + MARKER.len()..].split_whitespace().next().unwrap_or_default());
+        let addr = addr.map(str::to_string);
+        seen.push(line);
+        if let Some(addr) = addr {
+            return addr;
+        }
+    }
 }
 
 /// Starts `command` and returns what it logged up to its first line containing `needle`
@@ -782,13 +807,12 @@ fn proxy_serves_by_the_settings_it_is_given() {
 ",
     ));
     let admin = format!("http://{}", controller.admin);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut settings = sluice_config::ProxySettings::of(&sluice_config::Config::default());
     settings.max_body_bytes = 1000;
     settings.log_format = sluice_config::LogFormat::Json;
     let proxy = |settings: &str| {
         let mut c = sluice();
-        c.args(["proxy", "--controller", &admin, "--host", "127.0.0.1", "--http-port", &port.to_string()])
+        c.args(["proxy", "--controller", &admin, "--host", "127.0.0.1", "--http-port", "0"])
             .args(["--no-grpc", "--settings", settings])
             .env_remove("SLUICE_ADMIN_TOKEN")
             .env("RUST_LOG", "info");
@@ -796,15 +820,18 @@ fn proxy_serves_by_the_settings_it_is_given() {
     };
     let (_proxy, logged) =
         spawn_lines(&mut proxy(&serde_json::to_string(&settings).unwrap()), Stream::Stderr);
-    let first = logged.recv_timeout(Duration::from_secs(60)).expect("the proxy logs");
-    let line: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
-    assert!(line.get("fields").is_some() || line.get("message").is_some(), "{line}");
+    let mut lines = Vec::new();
+    let addr = listening_at(&logged, &mut lines);
+    for line in &lines {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(json.get("fields").is_some() || json.get("message").is_some(), "{json}");
+    }
     let until = Instant::now() + Duration::from_secs(60);
-    while controller.get(&format!("http://127.0.0.1:{port}/v2/health/live")).0 != 200 {
+    while controller.get(&format!("http://{addr}/v2/health/live")).0 != 200 {
         assert!(Instant::now() < until, "the proxy never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let answer = post(&format!("http://127.0.0.1:{port}/v2/models/m/infer"), &"x".repeat(2000), None);
+    let answer = post(&format!("http://{addr}/v2/models/m/infer"), &"x".repeat(2000), None);
     assert_eq!(answer.0, 413, "{answer:?}");
     assert!(answer.1.to_string().contains("max_body_bytes is 1000"), "{answer:?}");
 
@@ -825,36 +852,50 @@ fn a_proxy_that_cannot_read_the_route_table_is_not_ready() {
         "admin_options: {token_env: SLUICE_TEST_PROXY_TOKEN}\napplications: []\n",
     );
     let controller = Running::start_env(&config, &[("SLUICE_TEST_PROXY_TOKEN", "right")]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Its log (stderr, for the address it listens on) and what it prints (stdout, `LISTEN`).
     let proxy = |token: &str| {
         let controller = format!("http://{}", controller.admin);
         spawn_lines(
             sluice()
                 .args(["proxy", "--controller", &controller, "--host", "127.0.0.1"])
-                .args(["--http-port", &port.to_string(), "--no-grpc", "--poll-s", "0.1"])
-                .env("SLUICE_ADMIN_TOKEN", token),
-            Stream::Stdout,
+                .args(["--http-port", "0", "--no-grpc", "--poll-s", "0.1"])
+                .env("SLUICE_ADMIN_TOKEN", token)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1"),
+            Stream::Both,
         )
     };
-    let ready = || controller.get(&format!("http://127.0.0.1:{port}/v2/health/ready")).0;
+    let ready = |addr: &str| controller.get(&format!("http://{addr}/v2/health/ready")).0;
 
-    let (refused, printed) = proxy("wrong");
+    let (refused, lines) = proxy("wrong");
+    let mut seen = Vec::new();
+    let addr = listening_at(&lines, &mut seen);
     let until = Instant::now() + Duration::from_secs(60);
-    while controller.get(&format!("http://127.0.0.1:{port}/v2/health/live")).0 != 200 {
+    while controller.get(&format!("http://{addr}/v2/health/live")).0 != 200 {
         assert!(Instant::now() < until, "the proxy never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
     for _ in 0..10 {
-        assert_eq!(ready(), 503, "ready without the controller's routes");
+        assert_eq!(ready(&addr), 503, "ready without the controller's routes");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(printed.try_recv().is_err(), "LISTEN printed without the controller's routes");
+    seen.extend(lines.try_iter());
+    assert!(!seen.iter().any(|l| l.starts_with("LISTEN")), "LISTEN printed without the controller's routes");
     drop(refused);
 
-    let (_proxy, printed) = proxy("right");
-    let line = printed.recv_timeout(Duration::from_secs(60)).expect("LISTEN once the routes are in");
-    assert_eq!(line, format!("LISTEN 127.0.0.1:{port}"));
-    assert_eq!(ready(), 200);
+    let (_proxy, lines) = proxy("right");
+    let addr = listening_at(&lines, &mut Vec::new());
+    let until = Instant::now() + Duration::from_secs(60);
+    let listen = loop {
+        let line = lines
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .expect("LISTEN once the routes are in");
+        if line.starts_with("LISTEN") {
+            break line;
+        }
+    };
+    assert_eq!(listen, format!("LISTEN {addr}"));
+    assert_eq!(ready(&addr), 200);
 }
 
 /// A proxy is ready, and prints `LISTEN`, once it has the controller's table, whatever the

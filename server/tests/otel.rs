@@ -94,16 +94,29 @@ async fn requests_become_traces_joined_to_the_callers_with_the_request_path_insi
     grpc_stream_infer(s.grpc_addr().unwrap(), stream_trace, "6666666666666666").await;
 
     // gRPC on the REST port: one `request` span, not one from each frontend's layer.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let shared_config = CONFIG.replace(
-        "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {port: 0}",
-        &format!(
-            "http_options: {{host: 127.0.0.1, port: {port}}}\ngrpc_options: {{host: 127.0.0.1, port: {port}}}"
-        ),
-    );
-    let config = sluice_config::parse(&shared_config, &models_dir().join("otel.yaml"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let shared = sluice_server::start(config, Default::default()).await.unwrap();
+    // The port is picked here and bound by the server after: another process can take it in
+    // between, so a start that finds it taken tries another.
+    let mut tries = 0;
+    let shared = loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let shared_config = CONFIG.replace(
+            "http_options: {host: 127.0.0.1, port: 0}\ngrpc_options: {port: 0}",
+            &format!(
+                "http_options: {{host: 127.0.0.1, port: {port}}}\ngrpc_options: {{host: 127.0.0.1, port: {port}}}"
+            ),
+        );
+        let config = sluice_config::parse(&shared_config, &models_dir().join("otel.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        match sluice_server::start(config, Default::default()).await {
+            Ok(shared) => break shared,
+            Err(sluice_server::StartError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && tries < 5 =>
+            {
+                tries += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     assert!(shared.wait_ready(Duration::from_secs(60)).await);
     let shared_trace = "33333333333333333333333333333333";
     grpc_infer(shared.grpc_addr().unwrap(), shared_trace, "4444444444444444").await;

@@ -41,20 +41,33 @@ async fn start_moto() -> Option<Moto> {
         );
         return None;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server starts");
-    let moto = Moto { child, url: format!("http://127.0.0.1:{port}") };
-    let until = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("{}/", moto.url)).await.is_err() {
-        assert!(Instant::now() < until, "moto_server did not answer");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The port is picked here and bound by moto after: another process can take it in between,
+    // so a moto that exits (its port taken) is started again on another, and only an answer
+    // that is S3's (a bucket listing) counts as moto's.
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let mut moto = Moto { child, url: format!("http://127.0.0.1:{port}") };
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/", moto.url)).await
+                && r.text().await.is_ok_and(|body| body.contains("ListAllMyBucketsResult"))
+            {
+                return Some(moto);
+            }
+            if moto.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(Instant::now() < until, "moto_server did not answer");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    Some(moto)
+    panic!("moto_server exited five times (its port taken each time?)")
 }
 
 async fn put(moto: &Moto, key: &str, body: Vec<u8>) {

@@ -72,10 +72,14 @@ class Sluice:
                 if self.http and self.grpc and self.admin:
                     found.set()
 
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(60):
-            self.stop()
-            raise RuntimeError("sluice did not start:\n" + "".join(self.log))
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.time() + 60
+        while not found.wait(0.1):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                reader.join(5)
+                raise RuntimeError("sluice did not start:\n" + "".join(self.log))
         # Listening comes first; ready follows once every replica has warmed up.
         deadline = time.time() + 60
         while True:
@@ -117,8 +121,16 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def shared_port_sluice(tmp_path_factory):
-    port = free_port()
-    s = Sluice(tmp_path_factory.mktemp("shared"), http_port=port, grpc_port=port)
+    # The port is picked here and bound by sluice after: another process can take it in between,
+    # so a start that finds it taken (sluice exits saying so) tries another.
+    for attempt in range(5):
+        port = free_port()
+        try:
+            s = Sluice(tmp_path_factory.mktemp("shared"), http_port=port, grpc_port=port)
+            break
+        except RuntimeError as e:
+            if "cannot listen" not in str(e) or attempt == 4:
+                raise
     yield s
     code = s.stop()
     assert code == 0, "sluice (shared port) exited with %s:\n%s" % (code, "".join(s.log))
