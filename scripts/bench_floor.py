@@ -35,6 +35,8 @@ machine; the report gives the median and [min-max]. Loopback only; stops by itse
       --fields 'b=run_inline_under_us: 0'     # one setting compared
   python3 scripts/bench_floor.py --binary kept=target/release/sluice --binary released=target/release/sluice \
       --top 'kept=release_startup_memory: false'  # a top-level setting compared
+  python3 scripts/bench_floor.py --binary two=target/release/sluice --binary one=target/release/sluice \
+      --env 'one=TOKIO_WORKER_THREADS=1'          # an environment variable compared
 """
 import argparse
 import hashlib
@@ -306,12 +308,12 @@ def c64_own_cpus(binary, cfg, env, seconds, script):
     return r
 
 
-def measure(binary, tool, seconds, tmp, script, fields="", probes=None, top=""):
+def measure(binary, tool, seconds, tmp, script, fields="", probes=None, top="", extra_env=None):
     cfg = Path(tmp) / "floor.yaml"
     model = ROOT / "examples/models/mlp/model.onnx"
     cfg.write_text(CONFIG.format(top=f"{top}\n" if top else "", http=HTTP, grpc=GRPC, model=model,
                                  fields=f", {fields}" if fields else ""))
-    env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn"}
+    env = {**os.environ, "ORT_DYLIB_PATH": str(ORT), "RUST_LOG": "warn", **(extra_env or {})}
     r = c64_own_cpus(binary, cfg, env, seconds, script) if len(CPUS) > 1 else {}
     proc = subprocess.Popen([binary, "run", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     try:
@@ -357,6 +359,8 @@ def main():
                     help="label=YAML fields added to that binary's deployment, e.g. 'noinline=run_inline_under_us: 0'")
     ap.add_argument("--top", action="append", default=[],
                     help="label=a top-level YAML line for that binary's config, e.g. 'kept=release_startup_memory: false'")
+    ap.add_argument("--env", action="append", default=[],
+                    help="label=NAME=VALUE: an environment variable for that binary's server, e.g. 'one=TOKIO_WORKER_THREADS=1'")
     ap.add_argument("--loadtest", default=str(ROOT / "target/release/sluice-loadtest"))
     ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     ap.add_argument("--repeat", type=int, default=3)
@@ -367,6 +371,10 @@ def main():
     binaries = [b.split("=", 1) for b in args.binary]
     fields = dict(f.split("=", 1) for f in args.fields)
     tops = dict(t.split("=", 1) for t in args.top)
+    envs = {}
+    for e in args.env:
+        label, name, value = e.split("=", 2)
+        envs.setdefault(label, {})[name] = value
     results = {label: [] for label, _ in binaries}
     probes = {label: alloc_probes(path) for label, path in binaries}
     if not all(probes.values()):
@@ -378,7 +386,7 @@ def main():
         for i in range(args.repeat):
             for label, path in binaries:
                 r = measure(path, args.loadtest, args.duration, tmp, str(script), fields.get(label, ""), probes[label],
-                            tops.get(label, ""))
+                            tops.get(label, ""), envs.get(label))
                 print(f"[{i + 1}/{args.repeat}] {label}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
                 results[label].append(r)
     rows = [
