@@ -82,6 +82,14 @@ struct Report {
     applied: Option<u64>,
 }
 
+impl Report {
+    /// Until when it is kept: what it says it has applied counts for [`APPLIED_OUTLIVES`] past
+    /// its TTL (a slow poll), so it is not dropped before then by another proxy's report.
+    fn kept_until(&self) -> Instant {
+        if self.applied.is_some() { self.until + APPLIED_OUTLIVES } else { self.until }
+    }
+}
+
 impl RemoteDemand {
     fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
@@ -90,7 +98,7 @@ impl RemoteDemand {
     /// Keeps `report` as its proxy's latest (dropping reports that have expired).
     pub fn record(&self, report: DemandReport, now: Instant) {
         let mut reports = self.reports();
-        reports.retain(|_, r| now < r.until);
+        reports.retain(|_, r| now < r.kept_until());
         // An older proxy's empty report clears its last one; a newer proxy's is kept for what
         // it has applied.
         if report.versions.is_empty() && report.applied.is_none() {
@@ -98,7 +106,7 @@ impl RemoteDemand {
             return;
         }
         if reports.len() >= MOST_PROXIES && !reports.contains_key(&report.proxy) {
-            let soonest = reports.iter().min_by_key(|(_, r)| r.until).map(|(p, _)| p.clone());
+            let soonest = reports.iter().min_by_key(|(_, r)| r.kept_until()).map(|(p, _)| p.clone());
             if let Some(p) = soonest {
                 reports.remove(&p);
             }
@@ -114,9 +122,7 @@ impl RemoteDemand {
     /// Whether every proxy that says which table it has applied has applied `generation` or a
     /// later one, by its last report, for [`APPLIED_OUTLIVES`] past its TTL (a slow poll).
     pub fn followed(&self, generation: u64, now: Instant) -> bool {
-        self.reports()
-            .values()
-            .all(|r| now >= r.until + APPLIED_OUTLIVES || r.applied.is_none_or(|a| a >= generation))
+        self.reports().values().all(|r| now >= r.kept_until() || r.applied.is_none_or(|a| a >= generation))
     }
 
     /// What proxies that do not say which table they have applied (older ones) hold of
@@ -295,6 +301,19 @@ mod tests {
         assert!(d.followed(7, t));
         d.record(DemandReport { applied: Some(8), ..report("a:8000", 2, 0) }, t);
         assert_eq!(d.routed_by_older("m", "1", t), 1, "the older proxy's only");
+    }
+
+    /// Another proxy's report, past the first one's TTL, keeps what the first said it applied:
+    /// it was dropped with the reports that had lapsed, and its proxy read as followed at once.
+    #[test]
+    fn a_slow_poll_is_waited_for_while_other_proxies_report() {
+        let t = Instant::now();
+        let d = RemoteDemand::default();
+        d.record(empty("a:8000", Some(6)), t);
+        d.record(empty("b:8000", Some(7)), t + REPORT_TTL);
+        assert!(!d.followed(7, t + REPORT_TTL), "a slow poll, after another proxy reported");
+        d.record(empty("b:8000", Some(7)), t + REPORT_TTL + APPLIED_OUTLIVES);
+        assert!(d.followed(7, t + REPORT_TTL + APPLIED_OUTLIVES), "its report no longer counts");
     }
 
     /// A retired version's drain waits for the proxies to follow, then for their retired

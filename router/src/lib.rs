@@ -57,10 +57,23 @@ pub fn pick_weighted(split: &[(String, u32)], mut r: u64) -> Option<&str> {
     None
 }
 
+/// Where a router's generations start: the microseconds since the Unix epoch when it was made.
+/// A proxy reports the generation of the controller's table it has applied, and the controller
+/// waits for that to reach the table that retired a version; started again, a controller
+/// counting from 0 read a proxy still reporting the generation of the one before it (a larger
+/// number, of an older table) as having followed. Counted from the time instead, a controller
+/// started later begins above any generation one started earlier can have reached, unless that
+/// one published more than one table a microsecond.
+fn first_generation() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since_epoch.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
 /// Resolves model names to deployments.
 pub struct Router {
     table: ArcSwap<RouteTable>,
-    /// Counts published tables, so watchers (gRPC health) learn of a new one.
+    /// Grows by one with each table published, so watchers (gRPC health) learn of a new one;
+    /// from [`first_generation`].
     published: tokio::sync::watch::Sender<u64>,
 }
 
@@ -78,7 +91,10 @@ pub const VERSION_HEADER: &str = "x-sluice-version";
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
-        Self { table: ArcSwap::from_pointee(table), published: tokio::sync::watch::Sender::new(0) }
+        Self {
+            table: ArcSwap::from_pointee(table),
+            published: tokio::sync::watch::Sender::new(first_generation()),
+        }
     }
 
     /// Replaces the whole table at once; requests in flight keep the deployment they resolved.
@@ -87,9 +103,9 @@ impl Router {
         self.published.send_modify(|n| *n += 1);
     }
 
-    /// How many tables have been published. Read before [`Router::table`], the table read is
-    /// at least that new (where tables are published one at a time, as the controller does
-    /// under its state's lock).
+    /// The generation of the table published last (one more with each). Read before
+    /// [`Router::table`], the table read is at least that new (where tables are published one
+    /// at a time, as the controller does under its state's lock).
     pub fn generation(&self) -> u64 {
         *self.published.borrow()
     }
@@ -188,7 +204,21 @@ impl Router {
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_weighted, total_weight};
+    use super::{RouteTable, Router, pick_weighted, total_weight};
+
+    /// Each table published is one generation on, and a router made later (a controller
+    /// started again) starts above where one made earlier got to.
+    #[test]
+    fn generations_grow_and_a_later_router_starts_above_an_earlier_one() {
+        let first = Router::new(RouteTable::default());
+        let start = first.generation();
+        for _ in 0..10 {
+            first.publish(RouteTable::default());
+        }
+        assert_eq!(first.generation(), start + 10);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(Router::new(RouteTable::default()).generation() > first.generation());
+    }
 
     /// Draws `n` times with a seeded generator; returns how many fell on `version`.
     fn count(split: &[(String, u32)], version: &str, n: u32, seed: u64) -> u32 {

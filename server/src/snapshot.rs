@@ -359,8 +359,11 @@ impl Follower {
             }
         }
         routes.publish(table);
+        // One instant for both: the generation is held back exactly as long as the copies
+        // retired here are kept however empty they read.
+        let now = std::time::Instant::now();
         if !left.is_empty() {
-            self.held_back = Some((reported, std::time::Instant::now()));
+            self.held_back = Some((reported, now));
         }
         self.generation = Some(snapshot.generation);
         for (key, deployment) in left {
@@ -370,7 +373,7 @@ impl Follower {
             if deployment.replica_count() == 0 {
                 deployment.close();
             }
-            self.retired.push(Retired { key, deployment, since: std::time::Instant::now() });
+            self.retired.push(Retired { key, deployment, since: now });
         }
         self.retired.retain(Retired::kept);
     }
@@ -592,9 +595,12 @@ pub async fn follow(
         // Reported with every poll once the first table is in, holding something or not: the
         // table applied here is news too (the controller waits for it before it stops a
         // retired version's replicas).
+        // What it has applied is read first: a copy whose keep time ends between the two reads
+        // is then reported (or was empty when dropped) in the same report that stops holding
+        // its generation back.
+        let applied = follower.applied();
         let versions = follower.demand();
         if !versions.is_empty() || last.is_some() {
-            let applied = follower.applied();
             let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s), applied };
             let failed = match authorized(http.post(&demand_url)).json(&report).send().await {
                 Ok(r) if r.status().is_success() => None,
@@ -870,9 +876,10 @@ mod tests {
     #[test]
     fn a_snapshot_says_its_generation() {
         let routes = Router::new(sluice_router::RouteTable::default());
-        assert_eq!(take(&routes).generation, 0);
+        let first = take(&routes).generation;
+        assert_eq!(first, routes.generation());
         routes.publish(sluice_router::RouteTable::default());
-        assert_eq!(take(&routes).generation, 1);
+        assert_eq!(take(&routes).generation, first + 1);
         let old: Snapshot = serde_json::from_str(r#"{"models": {}, "pipelines": []}"#).unwrap();
         assert_eq!(old.generation, 0);
     }
