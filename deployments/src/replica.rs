@@ -309,11 +309,29 @@ pub(crate) fn run(
         let model = cell.lock().take();
         // Looked at after letting go, as every holder of the model does: a caller that found it
         // busy just now left its request here.
-        let left = cell.pending().drain();
+        let mut left = cell.pending().drain();
         if !panicked {
-            // Left by callers in the moment this replica stopped: the others serve them.
+            // Left by callers in the moment this replica stopped, or sent to it from a replica
+            // list read just before it left the set: another ready replica takes each, and what
+            // none takes runs here, on the model this replica still holds (the last replica,
+            // scaled down or retired, refused it 503 with the model in hand).
+            for msg in rx.try_iter() {
+                match msg {
+                    Msg::Job(job) => left.push(job),
+                    Msg::Jobs(jobs) => left.extend(jobs),
+                    Msg::Stop | Msg::Reload => {}
+                }
+            }
             for job in left {
-                elsewhere(&config, &*host, id, job);
+                if let Err(job) = host.redispatch(job, id) {
+                    state.push(job);
+                }
+            }
+            if let Some(mut model) = model {
+                run_last(&config, (&*host, id), model.as_mut(), &mut state);
+            }
+            for job in state.drain() {
+                answer_stopped(&config, job);
             }
             forward_until_gone(&config, &*host, id, &rx);
             return;
@@ -345,6 +363,28 @@ pub(crate) fn run(
         if leaving {
             // Told to stop (scaled down or retired) before the panic: do not come back.
             forward_until_gone(&config, &*host, id, &rx);
+            return;
+        }
+    }
+}
+
+/// Runs what `state` holds on `model`, batch by batch, until it is empty or the model panics
+/// (what is left then is the caller's to answer): a stopping replica's last requests.
+fn run_last(
+    config: &ReplicaConfig,
+    me: (&dyn ReplicaHost, usize),
+    model: &mut dyn Backend,
+    state: &mut BatchState,
+) {
+    loop {
+        let Taken { batch, expired } = state.take(Instant::now());
+        answer_expired(config, expired);
+        if batch.is_empty() {
+            return;
+        }
+        let ran = run_batch(config, me, model, batch);
+        ran.answers.send();
+        if ran.panicked {
             return;
         }
     }
@@ -953,6 +993,8 @@ mod tests {
         redispatch_gate: Option<Arc<Barrier>>,
         redispatched: AtomicUsize,
         models: std::sync::Mutex<Option<Vec<Arc<str>>>>,
+        /// No other replica: nothing redispatched is taken.
+        alone: bool,
     }
     impl ReplicaHost for Host {
         fn set_ready(&self, _: usize, ready: bool) {
@@ -963,6 +1005,9 @@ mod tests {
             }
         }
         fn redispatch(&self, job: Job, _: usize) -> Result<(), Job> {
+            if self.alone {
+                return Err(job);
+            }
             if self.redispatched.fetch_add(1, Ordering::SeqCst) == 0
                 && let Some(b) = &self.redispatch_gate
             {
@@ -1092,6 +1137,40 @@ mod tests {
             "second request should have been redispatched to the live replica; got {:?}",
             second.map(|r| r.map(|_| ()))
         );
+    }
+
+    /// The last replica, told to stop (scaled down, retired): a request a caller leaves with
+    /// it, and one sent to its queue, in the moment it stops are run on the model it still
+    /// holds, not answered 503 for want of another replica.
+    #[test]
+    fn the_last_replica_runs_what_reaches_it_as_it_stops() {
+        let config = config();
+        let not_ready = Arc::new(Barrier::new(2));
+        let host =
+            Arc::new(Host { not_ready_gate: Some(not_ready.clone()), alone: true, ..Default::default() });
+        let cell = Arc::new(ModelCell::new(config.policy.clone()));
+        let (tx, rx) = sync_channel(16);
+        let thread = {
+            let (config, host, cell) = (config.clone(), host.clone() as Arc<dyn ReplicaHost>, cell.clone());
+            std::thread::spawn(move || run(0, config, host, rx, echo(), cell))
+        };
+        while !host.ready.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.send(Msg::Stop).unwrap();
+        // The thread has served its last and is in set_ready(false), about to take the model.
+        not_ready.wait();
+        let (left, left_rx) = job(1);
+        cell.leave(left);
+        let (sent, sent_rx) = job(2);
+        tx.send(Msg::Job(sent)).unwrap();
+        not_ready.wait();
+        drop(tx);
+        thread.join().unwrap();
+        for (rx, v) in [(left_rx, 1i64), (sent_rx, 2)] {
+            let outputs = rx.blocking_recv().unwrap().unwrap_or_else(|e| panic!("request {v}: {e}"));
+            assert_eq!(outputs[0].tensor.data().as_ref(), v.to_le_bytes(), "request {v} ran");
+        }
     }
 
     /// What callers left goes to the replica's thread in one message, which that thread runs
