@@ -345,6 +345,24 @@ async fn a_gzip_bomb_gets_413() {
         assert_eq!(status, 413, "{path}: {error}");
         assert!(error["error"].as_str().unwrap().contains("decompressed bodies count"), "{path}: {error}");
     }
+    // The other way round: a deflate stream of empty blocks, chunked (no `Content-Length`),
+    // decompresses to nothing however long it is sent; it was read until body_total_timeout_s.
+    let head = "POST /v2/models/iris/infer HTTP/1.1\r\nHost: t\r\nContent-Encoding: deflate\r\n\
+                Transfer-Encoding: chunked\r\n\r\n";
+    let mut client = connect(s.http_addr(), head.as_bytes()).await;
+    // 64 KiB of empty stored blocks (each a 5-byte header announcing 0 bytes) per chunk, the
+    // first after the zlib header.
+    let blocks = [0x00, 0x00, 0x00, 0xff, 0xff].repeat(64 * 1024 / 5);
+    let chunked = |data: &[u8]| [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat();
+    // 2 MiB of them at most, then no more: the answer comes at 1 MiB, not at a timeout.
+    for i in 0..32 {
+        let data = if i == 0 { [&[0x78, 0x01][..], &blocks].concat() } else { blocks.clone() };
+        if client.write_all(&chunked(&data)).await.is_err() {
+            break;
+        }
+    }
+    let answer = until_closed(client).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     s.shutdown().await;
 }
 
@@ -528,4 +546,34 @@ async fn a_connection_without_a_request_at_shutdown_gets_goaway() {
     assert!(result.is_ok(), "{result:?}");
     let e = send.ready().await.expect_err("no more requests on it");
     assert!(e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR), "{e:?}");
+}
+
+/// A gRPC call that takes one request message and is sent two is refused INVALID_ARGUMENT at
+/// the second: tonic read what followed the first and dropped it, each message counted against
+/// `max_body_bytes_in_flight` until the body ended, past `max_body_bytes` in all.
+#[tokio::test]
+async fn a_unary_grpc_call_with_a_second_message_is_refused() {
+    let s = serve("", "").await;
+    let tcp = TcpStream::connect(s.grpc_addr().unwrap()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = send.ready().await.unwrap().send_request(request, false).unwrap();
+    // ModelInferRequest { model_name: "iris" } (field 1, length-delimited), twice.
+    let message = [0u8, 0, 0, 0, 6, 0x0a, 4, b'i', b'r', b'i', b's'];
+    body.send_data(bytes::Bytes::from([message, message].concat()), true).unwrap();
+    let answer = tokio::time::timeout(GUARD, answer).await.expect("an answer").unwrap();
+    let (parts, mut answer) = answer.into_parts();
+    let trailers = match parts.headers.get("grpc-status") {
+        Some(_) => parts.headers,
+        None => tokio::time::timeout(GUARD, answer.trailers()).await.unwrap().unwrap().expect("trailers"),
+    };
+    assert_eq!(trailers["grpc-status"], "3", "INVALID_ARGUMENT: {trailers:?}");
+    let message = trailers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("second%20request%20message"), "{message}");
+    s.shutdown().await;
 }

@@ -148,16 +148,27 @@ fn timed_counted(req: Request, limits: &IntakeLayer, counted: bool) -> Request {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let framing = grpc.then(|| GrpcFraming {
         limit: limits.max_body_bytes as u64,
-        stream: req.uri().path() == STREAM_PATH,
+        stream: STREAM_PATHS.contains(&req.uri().path()),
         ..GrpcFraming::default()
     });
     let (timeout, total) = (limits.body_read_timeout, limits.body_total_timeout);
     let charge = counted.then(|| Charge::new(limits.budget));
-    req.map(|body| Body::new(TimedBody::new(body, timeout, total, framing, charge)))
+    // A REST body is bounded as sent as well as after decompression: a compressed one without
+    // `Content-Length` (chunked, or HTTP/2) that decompresses to little (endless empty deflate
+    // blocks) was read until `body_total_timeout_s`. A gRPC body is bounded per message.
+    let sent_left = framing.is_none().then_some(limits.max_body_bytes as u64);
+    req.map(|body| {
+        let mut timed = TimedBody::new(body, timeout, total, framing, charge);
+        timed.sent_left = sent_left;
+        Body::new(timed)
+    })
 }
 
-/// The gRPC method whose request body is a stream of messages.
-const STREAM_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+/// The gRPC methods whose request body is a stream of messages; every other call takes one.
+const STREAM_PATHS: [&str; 2] = [
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+];
 
 /// Where a gRPC request body is in its framing: each message is a compression flag, a 4-byte
 /// big-endian length, and that many bytes.
@@ -165,8 +176,10 @@ const STREAM_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 struct GrpcFraming {
     /// The longest message accepted (`http_options.max_body_bytes`).
     limit: u64,
-    /// A stream of requests: not timed between messages.
+    /// A stream of requests: not timed between messages. Any other call carries one message.
     stream: bool,
+    /// A message has ended.
+    ended: bool,
     /// Bytes of the current message's 5-byte prefix read so far.
     prefix: usize,
     length: [u8; 4],
@@ -174,11 +187,21 @@ struct GrpcFraming {
     left: u64,
 }
 
+/// A gRPC message refused by [`GrpcFraming::read`], and where in the chunk read it starts (0
+/// when its prefix began in an earlier chunk).
+#[derive(Debug)]
+enum Refused {
+    /// Announcing more than the limit: its length.
+    OverLimit(u64, usize),
+    /// A second message in a call that takes one. tonic reads a unary call's body to its end
+    /// after the first message, decoding and dropping what follows: each such message counted
+    /// against the budget until the body ended, far past `max_body_bytes` in all.
+    Second(usize),
+}
+
 impl GrpcFraming {
     /// Follows `data`: where in it the last message that ended in it ends (`None`: none did).
-    /// A message over the limit: its announced length, and where in `data` it starts (0 when
-    /// its prefix began in an earlier chunk).
-    fn read(&mut self, data: &[u8]) -> Result<Option<usize>, (u64, usize)> {
+    fn read(&mut self, data: &[u8]) -> Result<Option<usize>, Refused> {
         let mut at = 0;
         let mut start = 0;
         let mut ended = None;
@@ -189,11 +212,15 @@ impl GrpcFraming {
                 at += n;
                 if self.left == 0 {
                     ended = Some(at);
+                    self.ended = true;
                 }
                 continue;
             }
             if self.prefix == 0 {
                 start = at;
+                if self.ended && !self.stream {
+                    return Err(Refused::Second(start));
+                }
             } else {
                 self.length[self.prefix - 1] = data[at];
             }
@@ -203,10 +230,11 @@ impl GrpcFraming {
                 self.prefix = 0;
                 self.left = u64::from(u32::from_be_bytes(self.length));
                 if self.left > self.limit {
-                    return Err((self.left, start));
+                    return Err(Refused::OverLimit(self.left, start));
                 }
                 if self.left == 0 {
                     ended = Some(at);
+                    self.ended = true;
                 }
             }
         }
@@ -380,7 +408,15 @@ struct TimedBody {
     /// What this body holds of the budget (none for a compressed REST body: its decompressed
     /// bytes are counted instead).
     charge: Option<Charge>,
+    /// The bytes a REST body may still bring as sent (`max_body_bytes`): past them it fails
+    /// with [`SentTooLarge`], answered 413.
+    sent_left: Option<u64>,
 }
+
+/// A REST body that brought more than `max_body_bytes` as sent (compressed).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body, as sent, is over http_options.max_body_bytes")]
+pub struct SentTooLarge;
 
 /// A request body that took too long.
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +452,12 @@ impl hyper::body::Body for TimedBody {
             };
             // The bytes of this chunk the body holds from now on.
             let mut counted = data.map_or(0, Bytes::len);
+            if let Some(left) = &mut this.sent_left {
+                match left.checked_sub(counted as u64) {
+                    Some(l) => *left = l,
+                    None => return Poll::Ready(Some(Err(Box::new(SentTooLarge)))),
+                }
+            }
             if let (Some(framing), Some(data)) = (&mut this.framing, data) {
                 match framing.read(data) {
                     // A stream's next message is timed on its own, and holds the budget on its
@@ -428,17 +470,21 @@ impl hyper::body::Body for TimedBody {
                         counted = data.len() - end;
                     }
                     Ok(_) => {}
-                    Err((length, start)) => {
+                    // The messages before it are read and answered first.
+                    Err(Refused::OverLimit(length, start)) => {
                         let message = format!(
                             "a message of {length} bytes is over the limit of {} bytes (http_options.max_body_bytes)",
                             framing.limit
                         );
-                        // The messages before it are read and answered first.
-                        return this.refuse_after(
-                            tonic::Status::resource_exhausted(message),
-                            Some(data),
-                            start,
+                        let status = tonic::Status::resource_exhausted(message);
+                        return this.refuse_after(status, Some(data), start);
+                    }
+                    Err(Refused::Second(start)) => {
+                        let status = tonic::Status::invalid_argument(
+                            "a second request message in a call that takes one (a stream of requests goes to \
+                             ModelStreamInfer)",
                         );
+                        return this.refuse_after(status, Some(data), start);
                     }
                 }
             }
@@ -489,6 +535,7 @@ impl TimedBody {
             framing,
             refused: None,
             charge,
+            sent_left: None,
         }
     }
 
@@ -524,7 +571,7 @@ mod tests {
     use axum::http::HeaderMap;
     use axum::http::header::{ACCEPT_ENCODING, HeaderValue};
 
-    use super::{GrpcFraming, TimedBody, accepts_compression};
+    use super::{GrpcFraming, Refused, TimedBody, accepts_compression};
 
     mod timed {
         use std::time::Duration;
@@ -577,9 +624,33 @@ mod tests {
         #[tokio::test(start_paused = true)]
         async fn a_unary_call_is_timed_in_all() {
             let (tx, body) = body(Some(GrpcFraming { limit: 100, ..GrpcFraming::default() }));
-            trickle(tx);
+            // One message of 100 bytes, 5 at a time, one chunk every 0.5 s.
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 100])))).await;
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = tx.send(Ok(Frame::data(Bytes::from_static(&[7; 5])))).await;
+                }
+            });
             let e = read_all(body).await.unwrap_err();
             assert!(e.contains("body_total_timeout_s"), "{e}");
+        }
+
+        /// A call that takes one message is refused at the start of a second (tonic reads and
+        /// drops what follows the first, each message counted against the budget), once the
+        /// first is passed on.
+        #[tokio::test(start_paused = true)]
+        async fn a_unary_call_is_refused_a_second_message() {
+            let (tx, mut unary) = body(Some(GrpcFraming { limit: 100, ..GrpcFraming::default() }));
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 1, 7, 0, 0])))).await.unwrap();
+            let passed = unary.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&passed[..], &[0, 0, 0, 0, 1, 7], "the first message");
+            let e = unary.frame().await.unwrap().unwrap_err().downcast::<tonic::Status>().unwrap();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains("second request message"), "{e:?}");
+            let (tx, stream) = body(Some(GrpcFraming { limit: 100, stream: true, ..GrpcFraming::default() }));
+            trickle(tx);
+            assert_eq!(read_all(stream).await, Ok(21), "a stream takes many");
         }
 
         /// A stream holds the budget for the message it is reading only (the ones read are
@@ -614,15 +685,15 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::Unavailable);
             drop(idle);
             let (tx, mut unary) = charged(false);
-            // A message of 94 bytes, in 9 chunks of 11 with its prefix, then the next's start.
-            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 94, 7, 7, 7, 7, 7, 7])))).await.unwrap();
+            // A message of 96 bytes, its first 99 with the prefix in 9 chunks of 11, then the rest.
+            tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 96, 7, 7, 7, 7, 7, 7])))).await.unwrap();
             unary.frame().await.unwrap().unwrap();
             for _ in 0..8 {
                 tx.send(Ok(Frame::data(Bytes::from_static(&[7; 11])))).await.unwrap();
                 unary.frame().await.unwrap().unwrap();
             }
             assert_eq!(budget.held(), 99);
-            tx.send(Ok(Frame::data(Bytes::from_static(&[0; 2])))).await.unwrap();
+            tx.send(Ok(Frame::data(Bytes::from_static(&[7; 2])))).await.unwrap();
             let e = unary.frame().await.unwrap().unwrap_err();
             let status = e.downcast::<tonic::Status>().unwrap();
             assert_eq!(status.code(), tonic::Code::Unavailable);
@@ -672,9 +743,13 @@ mod tests {
         assert!(f.inside_a_message() && f.timed(), "a prefix announcing 256 bytes");
         f.read(&[0; 256]).unwrap();
         assert!(!f.inside_a_message());
-        assert_eq!(f.read(&[0, 0, 0, 0, 1, 9, 0, 0, 0, 1, 1]), Err((257, 6)), "where the long one starts");
-        let unary = GrpcFraming { limit: 256, ..GrpcFraming::default() };
+        let long = f.read(&[0, 0, 0, 0, 1, 9, 0, 0, 0, 1, 1]);
+        assert!(matches!(long, Err(Refused::OverLimit(257, 6))), "where the long one starts");
+        let mut unary = GrpcFraming { limit: 256, ..GrpcFraming::default() };
         assert!(unary.timed(), "a unary call's body is timed until it ends");
+        assert_eq!(unary.read(&[0, 0, 0, 0, 1]).ok(), Some(None));
+        let second = unary.read(&[9, 0]);
+        assert!(matches!(second, Err(Refused::Second(1))), "where the second one starts");
     }
 
     fn accepts(values: &[&'static str]) -> bool {

@@ -97,7 +97,7 @@ pub async fn read_body(body: axum::body::Body, max_body_bytes: usize) -> Result<
 pub fn body_error(e: &(dyn std::error::Error + 'static), max_body_bytes: usize) -> ApiError {
     let mut cause = Some(e);
     while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
+        if c.is::<http_body_util::LengthLimitError>() || c.is::<super::intake::SentTooLarge>() {
             return too_large(None, max_body_bytes);
         }
         if let Some(timeout) = c.downcast_ref::<super::intake::BodyTimeout>() {
