@@ -59,11 +59,16 @@ pub fn desired(cfg: &Autoscaling, current: u32, load: f64) -> u32 {
         // Held at `current` by the factor alone (0.5 of one replica rounds up to one) while
         // the load asks for fewer: one fewer, as Ray's policy does, or a downscaling factor
         // below 1 could never reach `min_replicas` (nor zero).
-        if smoothed == current as f64 && (current as f64 * ratio).ceil() < current as f64 {
+        let stepped = if smoothed == current as f64 && (current as f64 * ratio).ceil() < current as f64 {
             smoothed - 1.0
         } else {
             smoothed
-        }
+        };
+        // Never below what the load needs at the target (while shrinking): a downscaling
+        // factor above 1 overshoots, and 0.5 requests on one replica at a target of 2 with a
+        // factor of 2 asked for zero replicas, in use (and from four replicas at a load of 3,
+        // for one where two are needed).
+        stepped.max((load / target).ceil().min(current as f64))
     };
     (raw.max(0.0) as u32).clamp(cfg.min_replicas, cfg.max_replicas)
 }
@@ -367,6 +372,18 @@ mod tests {
         assert_eq!(desired(&c, 9, 0.0), 8, "ceil(9 x 0.9) is 9");
         assert_eq!(desired(&c, 4, 8.0), 4, "at target: no step");
         assert_eq!(desired(&c, 4, 7.9), 4, "ceil(4 x 0.99) is 4: the load asks for 4");
+    }
+
+    /// A downscaling factor above 1 steps past what the load needs: never below it, and never
+    /// to zero while there is load.
+    #[test]
+    fn a_large_downscaling_factor_never_asks_below_the_load() {
+        let mut c = cfg(0, 10, 0.0, 0.0);
+        c.downscaling_factor = 2.0;
+        assert_eq!(desired(&c, 1, 0.5), 1, "ceil(1 x (1 - 0.75 x 2)) is 0, with a request in");
+        assert_eq!(desired(&c, 4, 3.0), 2, "ceil(4 x (1 - 0.625 x 2)) is -1; the load needs 2");
+        assert_eq!(desired(&c, 4, 0.0), 0, "no load");
+        assert_eq!(desired(&c, 10, 2.0), 1);
     }
 
     #[test]
