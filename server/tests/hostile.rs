@@ -577,3 +577,45 @@ async fn a_unary_grpc_call_with_a_second_message_is_refused() {
     assert!(message.contains("second%20request%20message"), "{message}");
     s.shutdown().await;
 }
+
+/// A `ModelStreamInfer` client that keeps its HTTP/2 window shut (so the server cannot send
+/// the answer to its first request) and sends half of a second request: that half is given
+/// back to `max_body_bytes_in_flight` once `body_read_timeout_s` passes without the rest.
+/// hyper stops polling an answer with no room in the window, and the requests were read only
+/// from those polls: the half stayed counted, and its timer unpolled, until the server shut
+/// down (a few such clients held the whole budget).
+#[tokio::test]
+async fn a_stream_whose_client_takes_no_answers_gives_its_body_bytes_back() {
+    let s = serve("", ", body_read_timeout_s: 1").await;
+    let tcp = TcpStream::connect(s.grpc_addr().unwrap()).await.unwrap();
+    let (send, conn) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelStreamInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_answer, mut body) = send.ready().await.unwrap().send_request(request, false).unwrap();
+    // ModelInferRequest { model_name: "none" }: an unknown model, answered at once (in a DATA
+    // frame the window has no room for).
+    let first = [0u8, 0, 0, 0, 6, 0x0a, 4, b'n', b'o', b'n', b'e'];
+    // A second request announcing 1,000 bytes, 500 of them sent.
+    let half = [&[0u8, 0, 0, 0x03, 0xe8][..], &[0x0a; 500]].concat();
+    body.send_data(bytes::Bytes::from([&first[..], &half].concat()), false).unwrap();
+    tokio::time::timeout(GUARD, async {
+        while s.body_bytes_reading() < 500 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the half is read and counted");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while s.body_bytes_reading() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("given back once body_read_timeout_s passed");
+    conn.abort();
+    s.shutdown().await;
+}

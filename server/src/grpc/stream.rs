@@ -31,10 +31,12 @@ const FINAL_RESPONSE: &str = "triton_final_response";
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+type Read = Result<pb::ModelInferRequest, Status>;
+
 /// The answers of one stream, in the order they are ready (see the module's text).
 pub struct Answers {
-    /// The client's requests; `None` once no more are read.
-    requests: Option<tonic::Streaming<pb::ModelInferRequest>>,
+    /// The client's requests, as [`read_on_a_task`] reads them; `None` once no more are read.
+    requests: Option<tokio::sync::mpsc::Receiver<Read>>,
     running: FuturesUnordered<Running>,
     max_in_flight: usize,
     /// What the stream ends with once `running` is empty, when not OK.
@@ -58,7 +60,7 @@ impl Answers {
         // A stop signal gone (the server dropped) stops the stream too.
         let stopping = Box::pin(async move { crate::listen::stopped(&mut stop).await });
         Self {
-            requests: Some(requests),
+            requests: Some(read_on_a_task(requests)),
             running: FuturesUnordered::new(),
             max_in_flight: max_in_flight.max(1),
             end: None,
@@ -133,7 +135,7 @@ impl Stream for Answers {
         let mut inline = true;
         while this.running.len() < this.max_in_flight {
             let Some(requests) = this.requests.as_mut() else { break };
-            match requests.poll_next_unpin(cx) {
+            match requests.poll_recv(cx) {
                 Poll::Ready(Some(Ok(req))) => {
                     let answer = this.start(req, inline, cx);
                     inline = false;
@@ -151,6 +153,37 @@ impl Stream for Answers {
             _ => Poll::Pending,
         }
     }
+}
+
+/// Reads a stream's requests on a task of its own, each once the one before it is taken: the
+/// request body's timers (`body_read_timeout_s`, `body_total_timeout_s`) and its share of
+/// `max_body_bytes_in_flight` then act whether or not the stream's answers are being taken.
+/// hyper stops polling an answer the client's HTTP/2 window has no room for, and the requests
+/// were read only from those polls: a client that kept its window shut and sent half a message
+/// held that message's bytes of the budget until the server shut down. Holds at most one request
+/// not yet taken, and what of the next came in the same frame. Ends when the requests end, after
+/// passing on an error, or once the stream's answers are dropped (the receiver closed).
+fn read_on_a_task(
+    mut requests: tonic::Streaming<pb::ModelInferRequest>,
+) -> tokio::sync::mpsc::Receiver<Read> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let Ok(room) = tx.reserve().await else { return };
+            let next = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                next = requests.next() => next,
+            };
+            let Some(next) = next else { return };
+            let failed = next.is_err();
+            room.send(next);
+            if failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 type Answering = Pin<Box<dyn Future<Output = Result<pb::ModelInferResponse, Status>> + Send>>;
