@@ -301,6 +301,7 @@ pub async fn bind(config: sluice_config::Config, options: StartOptions) -> Resul
             grpc::Limits {
                 max_message_bytes: http.max_body_bytes,
                 stream_max_in_flight: grpc.stream_max_in_flight,
+                stream_answer_wait: Duration::from_secs_f64(http.write_timeout_s),
             },
             stop_rx.clone(),
             auth::Control::for_port(

@@ -557,11 +557,7 @@ async fn a_unary_grpc_call_with_a_second_message_is_refused() {
     let tcp = TcpStream::connect(s.grpc_addr().unwrap()).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
-    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = grpc_call("ModelInfer");
     let (answer, mut body) = send.ready().await.unwrap().send_request(request, false).unwrap();
     // ModelInferRequest { model_name: "iris" } (field 1, length-delimited), twice.
     let message = [0u8, 0, 0, 0, 6, 0x0a, 4, b'i', b'r', b'i', b's'];
@@ -580,21 +576,18 @@ async fn a_unary_grpc_call_with_a_second_message_is_refused() {
 
 /// A `ModelStreamInfer` client that keeps its HTTP/2 window shut (so the server cannot send
 /// the answer to its first request) and sends half of a second request: that half is given
-/// back to `max_body_bytes_in_flight` once `body_read_timeout_s` passes without the rest.
-/// hyper stops polling an answer with no room in the window, and the requests were read only
-/// from those polls: the half stayed counted, and its timer unpolled, until the server shut
-/// down (a few such clients held the whole budget).
+/// back to `max_body_bytes_in_flight` once the stream, woken by the half's read timeout, has
+/// waited `write_timeout_s` for hyper to poll it again. hyper
+/// stops polling an answer with no room in the window, and the requests are read only from
+/// those polls: the half stayed counted, and its timer unpolled, until the server shut down
+/// (a few such clients held the whole budget).
 #[tokio::test]
 async fn a_stream_whose_client_takes_no_answers_gives_its_body_bytes_back() {
-    let s = serve("", ", body_read_timeout_s: 1").await;
+    let s = serve("", ", body_read_timeout_s: 1, write_timeout_s: 1").await;
     let tcp = TcpStream::connect(s.grpc_addr().unwrap()).await.unwrap();
     let (send, conn) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
     let conn = tokio::spawn(conn);
-    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelStreamInfer")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = grpc_call("ModelStreamInfer");
     let (_answer, mut body) = send.ready().await.unwrap().send_request(request, false).unwrap();
     // ModelInferRequest { model_name: "none" }: an unknown model, answered at once (in a DATA
     // frame the window has no room for).
@@ -615,7 +608,16 @@ async fn a_stream_whose_client_takes_no_answers_gives_its_body_bytes_back() {
         }
     })
     .await
-    .expect("given back once body_read_timeout_s passed");
+    .expect("given back once the stream waited write_timeout_s");
     conn.abort();
     s.shutdown().await;
+}
+
+/// The head of a gRPC call of the inference service's `method`, for a raw HTTP/2 client.
+fn grpc_call(method: &str) -> axum::http::Request<()> {
+    axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
 }

@@ -9,6 +9,7 @@ pub mod health;
 pub mod stream;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_controller::Controller;
 use sluice_deployments::metrics::Protocol;
@@ -33,6 +34,8 @@ pub struct InferenceService {
     control: crate::auth::Control,
     /// `grpc_options.stream_max_in_flight`.
     stream_max_in_flight: usize,
+    /// How long a stream's answer may wait for the client (`http_options.write_timeout_s`).
+    stream_answer_wait: Duration,
     /// Turns true when the server shuts down (streams then stop reading requests).
     stop: tokio::sync::watch::Receiver<bool>,
     /// A `sluice replica` process: its answers to a multiplexed model's requests say which
@@ -252,7 +255,7 @@ impl GrpcInferenceService for InferenceService {
             req.into_inner(),
             headers,
             self.routes.clone(),
-            self.stream_max_in_flight,
+            (self.stream_max_in_flight, self.stream_answer_wait),
             self.stop.clone(),
         )))
     }
@@ -345,6 +348,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// `grpc_options.stream_max_in_flight`.
     pub stream_max_in_flight: usize,
+    /// How long a stream's answer may wait for the client to take it before the stream's
+    /// requests not yet read are dropped (`http_options.write_timeout_s`).
+    pub stream_answer_wait: Duration,
 }
 
 /// Where the gRPC services run.
@@ -369,7 +375,7 @@ pub async fn routes(
     control: crate::auth::Control,
     role: Role,
 ) -> Result<axum::Router, crate::StartError> {
-    let Limits { max_message_bytes, stream_max_in_flight } = limits;
+    let Limits { max_message_bytes, stream_max_in_flight, stream_answer_wait } = limits;
     let Role { traced, replica } = role;
     let service = InferenceService {
         routes: routes.clone(),
@@ -377,6 +383,7 @@ pub async fn routes(
         readiness: readiness.clone(),
         control,
         stream_max_in_flight,
+        stream_answer_wait,
         stop: stop.clone(),
         report_held_models: replica,
     };

@@ -9,13 +9,17 @@
 //! `ModelInferRequest`, stopped arriving); with UNAVAILABLE when the server shuts down (the
 //! requests the client sent after that were not read, and none of them ran), or when reading
 //! its next message would pass `http_options.max_body_bytes_in_flight` (the messages that
-//! ended before it are read and answered).
+//! ended before it are read and answered); with UNAVAILABLE when the client took no answers
+//! for `http_options.write_timeout_s` after the stream had more for it (its HTTP/2 window
+//! shut: see [`watch`]).
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use sluice_proto::inference as pb;
@@ -31,12 +35,63 @@ const FINAL_RESPONSE: &str = "triton_final_response";
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-type Read = Result<pb::ModelInferRequest, Status>;
+type Requests = tonic::Streaming<pb::ModelInferRequest>;
+
+/// What a stream's answers share with its [`watch`].
+struct Shared {
+    /// The client's requests; `None` once no more are read, or once the watch dropped them.
+    requests: Mutex<Option<Requests>>,
+    /// The waker the stream's polls hand on (apart: what they poll may keep it).
+    noted: Arc<Noted>,
+}
+
+/// A waker that notes when it was woken, then wakes the last poll's.
+struct Noted {
+    /// When the stream was woken (a request's bytes, a body timer, an answer ready) with no
+    /// poll since (nanoseconds from `base`; 0: none). hyper polls a stream's answers only while
+    /// the client's HTTP/2 window has room for what it holds of them.
+    woken_since: AtomicU64,
+    base: Instant,
+    /// The waker of the last poll, woken in turn.
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for Noted {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let now = self.base.elapsed().as_nanos().clamp(1, u64::MAX as u128) as u64;
+        let _ = self.woken_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+impl Shared {
+    fn requests(&self) -> MutexGuard<'_, Option<Requests>> {
+        self.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Noted {
+    /// How long it has been woken without a poll.
+    fn unpolled_for(&self) -> Option<Duration> {
+        let since = self.woken_since.load(Ordering::Relaxed);
+        (since != 0).then(|| self.base.elapsed().saturating_sub(Duration::from_nanos(since)))
+    }
+}
 
 /// The answers of one stream, in the order they are ready (see the module's text).
 pub struct Answers {
-    /// The client's requests, as [`read_on_a_task`] reads them; `None` once no more are read.
-    requests: Option<tokio::sync::mpsc::Receiver<Read>>,
+    /// The client's requests, and when an answer was handed out; see [`watch`].
+    shared: Arc<Shared>,
+    /// Requests are still read (`shared`'s may have been dropped by the watch meanwhile).
+    reading: bool,
+    /// How long an answer handed out may wait for the client (`http_options.write_timeout_s`).
+    held_at_most: Duration,
     running: FuturesUnordered<Running>,
     max_in_flight: usize,
     /// What the stream ends with once `running` is empty, when not OK.
@@ -51,16 +106,27 @@ pub struct Answers {
 
 impl Answers {
     pub(super) fn new(
-        requests: tonic::Streaming<pb::ModelInferRequest>,
+        requests: Requests,
         headers: CallHeaders,
         routes: Arc<RouteTable>,
-        max_in_flight: usize,
+        (max_in_flight, held_at_most): (usize, Duration),
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         // A stop signal gone (the server dropped) stops the stream too.
         let stopping = Box::pin(async move { crate::listen::stopped(&mut stop).await });
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Some(requests)),
+            noted: Arc::new(Noted {
+                woken_since: AtomicU64::new(0),
+                base: Instant::now(),
+                waker: Mutex::new(None),
+            }),
+        });
+        watch(Arc::downgrade(&shared), held_at_most);
         Self {
-            requests: Some(read_on_a_task(requests)),
+            shared,
+            reading: true,
+            held_at_most,
             running: FuturesUnordered::new(),
             max_in_flight: max_in_flight.max(1),
             end: None,
@@ -113,9 +179,36 @@ impl Answers {
     /// Stops reading requests; the stream ends with `end` (OK when `None`) once every request
     /// read is answered.
     fn stop_reading(&mut self, end: Option<Status>) {
-        self.requests = None;
+        self.shared.requests().take();
+        self.reading = false;
         self.end = end;
     }
+}
+
+/// Drops a stream's requests not yet read (the request body, with its share of
+/// `max_body_bytes_in_flight`) once the stream has been woken and not polled for
+/// `held_at_most`. hyper stops polling a stream's answers while the client's HTTP/2 window has
+/// no room for what it holds of them, and the requests are read only from those polls: a client
+/// that kept its window shut after sending half a message held that half of the budget until
+/// the server shut down (a few such clients held all of it). The half's read timeout, or an
+/// answer coming ready, wakes the stream, and hyper does not poll it. Ends with the stream's
+/// answers, or once no more requests are read.
+fn watch(shared: Weak<Shared>, held_at_most: Duration) {
+    tokio::spawn(async move {
+        let every = (held_at_most / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(shared) = shared.upgrade() else { return };
+            let mut requests = shared.requests();
+            if requests.is_none() {
+                return;
+            }
+            if shared.noted.unpolled_for().is_some_and(|unpolled| unpolled >= held_at_most) {
+                requests.take();
+                return;
+            }
+        }
+    });
 }
 
 impl Stream for Answers {
@@ -123,7 +216,17 @@ impl Stream for Answers {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.requests.is_some() && this.stopping.as_mut().poll(cx).is_ready() {
+        let noted = &this.shared.noted;
+        noted.woken_since.store(0, Ordering::Relaxed);
+        {
+            let mut waker = noted.waker.lock().unwrap_or_else(PoisonError::into_inner);
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+        }
+        let noting = std::task::Waker::from(Arc::clone(noted));
+        let cx = &mut Context::from_waker(&noting);
+        if this.reading && this.stopping.as_mut().poll(cx).is_ready() {
             this.stop_reading(Some(Status::unavailable(
                 "the server is shutting down: requests sent on this stream after the answers \
                  received were not run; send them to the server again",
@@ -133,57 +236,47 @@ impl Stream for Answers {
         // parallel (each inline one ran before the next was looked at, and none was answered
         // until the last had run).
         let mut inline = true;
-        while this.running.len() < this.max_in_flight {
-            let Some(requests) = this.requests.as_mut() else { break };
-            match requests.poll_recv(cx) {
-                Poll::Ready(Some(Ok(req))) => {
-                    let answer = this.start(req, inline, cx);
-                    inline = false;
-                    this.running.push(answer);
+        let mut ended = None;
+        if this.reading {
+            let shared = Arc::clone(&this.shared);
+            let mut requests = shared.requests();
+            while this.running.len() < this.max_in_flight {
+                let Some(reading) = requests.as_mut() else {
+                    ended = Some(Some(Status::unavailable(format!(
+                        "the client took no answer on this stream for {:?} (http_options.write_timeout_s): \
+                         the requests it sent after were not read, and none of them ran",
+                        this.held_at_most
+                    ))));
+                    break;
+                };
+                match reading.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(req))) => {
+                        let answer = this.start(req, inline, cx);
+                        inline = false;
+                        this.running.push(answer);
+                    }
+                    Poll::Ready(Some(Err(status))) => {
+                        ended = Some(Some(status));
+                        break;
+                    }
+                    Poll::Ready(None) => {
+                        ended = Some(None);
+                        break;
+                    }
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Some(Err(status))) => this.stop_reading(Some(status)),
-                Poll::Ready(None) => this.stop_reading(None),
-                Poll::Pending => break,
             }
+        }
+        if let Some(end) = ended {
+            this.stop_reading(end);
         }
         match this.running.poll_next_unpin(cx) {
             Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
             // Nothing running and nothing more to read: the end.
-            Poll::Ready(None) if this.requests.is_none() => Poll::Ready(this.end.take().map(Err)),
+            Poll::Ready(None) if !this.reading => Poll::Ready(this.end.take().map(Err)),
             _ => Poll::Pending,
         }
     }
-}
-
-/// Reads a stream's requests on a task of its own, each once the one before it is taken: the
-/// request body's timers (`body_read_timeout_s`, `body_total_timeout_s`) and its share of
-/// `max_body_bytes_in_flight` then act whether or not the stream's answers are being taken.
-/// hyper stops polling an answer the client's HTTP/2 window has no room for, and the requests
-/// were read only from those polls: a client that kept its window shut and sent half a message
-/// held that message's bytes of the budget until the server shut down. Holds at most one request
-/// not yet taken, and what of the next came in the same frame. Ends when the requests end, after
-/// passing on an error, or once the stream's answers are dropped (the receiver closed).
-fn read_on_a_task(
-    mut requests: tonic::Streaming<pb::ModelInferRequest>,
-) -> tokio::sync::mpsc::Receiver<Read> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        loop {
-            let Ok(room) = tx.reserve().await else { return };
-            let next = tokio::select! {
-                biased;
-                () = tx.closed() => return,
-                next = requests.next() => next,
-            };
-            let Some(next) = next else { return };
-            let failed = next.is_err();
-            room.send(next);
-            if failed {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 type Answering = Pin<Box<dyn Future<Output = Result<pb::ModelInferResponse, Status>> + Send>>;
