@@ -315,21 +315,31 @@ pub(crate) fn run(
             // list read just before it left the set: another ready replica takes each, and what
             // none takes runs here, on the model this replica still holds (the last replica,
             // scaled down or retired, refused it 503 with the model in hand).
-            for msg in rx.try_iter() {
-                match msg {
-                    Msg::Job(job) => left.push(job),
-                    Msg::Jobs(jobs) => left.extend(jobs),
-                    Msg::Stop | Msg::Reload => {}
+            // Again until none comes: what callers send while these run goes to the queue.
+            let mut model = model;
+            loop {
+                for msg in rx.try_iter() {
+                    match msg {
+                        Msg::Job(job) => left.push(job),
+                        Msg::Jobs(jobs) => left.extend(jobs),
+                        Msg::Stop | Msg::Reload => {}
+                    }
+                }
+                if left.is_empty() {
+                    break;
+                }
+                for job in std::mem::take(&mut left) {
+                    if let Err(job) = host.redispatch(job, id) {
+                        state.push(job);
+                    }
+                }
+                // Panicked (or no model): what is left is answered below.
+                let Some(m) = model.as_deref_mut() else { break };
+                if run_last(&config, (&*host, id), m, &mut state) {
+                    break;
                 }
             }
-            for job in left {
-                if let Err(job) = host.redispatch(job, id) {
-                    state.push(job);
-                }
-            }
-            if let Some(mut model) = model {
-                run_last(&config, (&*host, id), model.as_mut(), &mut state);
-            }
+            drop(model);
             for job in state.drain() {
                 answer_stopped(&config, job);
             }
@@ -368,24 +378,25 @@ pub(crate) fn run(
     }
 }
 
-/// Runs what `state` holds on `model`, batch by batch, until it is empty or the model panics
-/// (what is left then is the caller's to answer): a stopping replica's last requests.
+/// Runs what `state` holds on `model`, batch by batch, until it is empty (false) or the model
+/// panics (true; what is left then is the caller's to answer): a stopping replica's last
+/// requests.
 fn run_last(
     config: &ReplicaConfig,
     me: (&dyn ReplicaHost, usize),
     model: &mut dyn Backend,
     state: &mut BatchState,
-) {
+) -> bool {
     loop {
         let Taken { batch, expired } = state.take(Instant::now());
         answer_expired(config, expired);
         if batch.is_empty() {
-            return;
+            return false;
         }
         let ran = run_batch(config, me, model, batch);
         ran.answers.send();
         if ran.panicked {
-            return;
+            return true;
         }
     }
 }
@@ -1106,15 +1117,7 @@ mod tests {
             redispatch_gate: Some(redispatch.clone()),
             ..Default::default()
         });
-        let cell = Arc::new(ModelCell::new(config.policy.clone()));
-        let (tx, rx) = sync_channel(16);
-        let thread = {
-            let (config, host, cell) = (config.clone(), host.clone() as Arc<dyn ReplicaHost>, cell.clone());
-            std::thread::spawn(move || run(0, config, host, rx, echo(), cell))
-        };
-        while !host.ready.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (cell, tx, thread) = started(&config, &host);
         tx.send(Msg::Stop).unwrap();
         // The thread is in set_ready(false), about to take the model: a caller left a request
         // and is at its yield.
@@ -1139,15 +1142,12 @@ mod tests {
         );
     }
 
-    /// The last replica, told to stop (scaled down, retired): a request a caller leaves with
-    /// it, and one sent to its queue, in the moment it stops are run on the model it still
-    /// holds, not answered 503 for want of another replica.
-    #[test]
-    fn the_last_replica_runs_what_reaches_it_as_it_stops() {
-        let config = config();
-        let not_ready = Arc::new(Barrier::new(2));
-        let host =
-            Arc::new(Host { not_ready_gate: Some(not_ready.clone()), alone: true, ..Default::default() });
+    /// A replica of an echo model on its thread, once it is ready: its model cell, its queue,
+    /// the thread.
+    fn started(
+        config: &Arc<ReplicaConfig>,
+        host: &Arc<Host>,
+    ) -> (Arc<ModelCell>, std::sync::mpsc::SyncSender<Msg>, std::thread::JoinHandle<()>) {
         let cell = Arc::new(ModelCell::new(config.policy.clone()));
         let (tx, rx) = sync_channel(16);
         let thread = {
@@ -1157,6 +1157,19 @@ mod tests {
         while !host.ready.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        (cell, tx, thread)
+    }
+
+    /// The last replica, told to stop (scaled down, retired): a request a caller leaves with
+    /// it, and one sent to its queue, in the moment it stops are run on the model it still
+    /// holds, not answered 503 for want of another replica.
+    #[test]
+    fn the_last_replica_runs_what_reaches_it_as_it_stops() {
+        let config = config();
+        let not_ready = Arc::new(Barrier::new(2));
+        let host =
+            Arc::new(Host { not_ready_gate: Some(not_ready.clone()), alone: true, ..Default::default() });
+        let (cell, tx, thread) = started(&config, &host);
         tx.send(Msg::Stop).unwrap();
         // The thread has served its last and is in set_ready(false), about to take the model.
         not_ready.wait();

@@ -884,15 +884,18 @@ fn a_proxy_that_cannot_read_the_route_table_is_not_ready() {
     drop(refused);
 
     let (_proxy, lines) = proxy("right");
-    let addr = listening_at(&lines, &mut Vec::new());
+    // Read from two pipes, `LISTEN` may come before the log line with the address.
+    let mut seen = Vec::new();
+    let addr = listening_at(&lines, &mut seen);
     let until = Instant::now() + Duration::from_secs(60);
     let listen = loop {
+        if let Some(line) = seen.iter().find(|l| l.starts_with("LISTEN")) {
+            break line.clone();
+        }
         let line = lines
             .recv_timeout(until.saturating_duration_since(Instant::now()))
             .expect("LISTEN once the routes are in");
-        if line.starts_with("LISTEN") {
-            break line;
-        }
+        seen.push(line);
     };
     assert_eq!(listen, format!("LISTEN {addr}"));
     assert_eq!(ready(&addr), 200);
