@@ -41,7 +41,7 @@ type Requests = tonic::Streaming<pb::ModelInferRequest>;
 struct Shared {
     /// The client's requests; `None` once no more are read, or once the watch dropped them.
     requests: Mutex<Option<Requests>>,
-    /// The waker the stream's polls hand on (apart: what they poll may keep it).
+    /// The waker the stream's polls hand on (kept apart from the requests, which may hold it).
     noted: Arc<Noted>,
 }
 
@@ -86,11 +86,12 @@ impl Noted {
 
 /// The answers of one stream, in the order they are ready (see the module's text).
 pub struct Answers {
-    /// The client's requests, and when an answer was handed out; see [`watch`].
+    /// The client's requests, and when the stream was woken; see [`watch`].
     shared: Arc<Shared>,
     /// Requests are still read (`shared`'s may have been dropped by the watch meanwhile).
     reading: bool,
-    /// How long an answer handed out may wait for the client (`http_options.write_timeout_s`).
+    /// How long the stream may be woken and not polled before its requests not yet read are
+    /// dropped (`http_options.write_timeout_s`).
     held_at_most: Duration,
     running: FuturesUnordered<Running>,
     max_in_flight: usize,
