@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use futures_util::task::AtomicWaker;
 use sluice_proto::inference as pb;
 use sluice_router::Router as RouteTable;
 use tonic::Status;
@@ -53,7 +54,7 @@ struct Noted {
     woken_since: AtomicU64,
     base: Instant,
     /// The waker of the last poll, woken in turn.
-    waker: Mutex<Option<std::task::Waker>>,
+    waker: AtomicWaker,
 }
 
 impl std::task::Wake for Noted {
@@ -64,9 +65,7 @@ impl std::task::Wake for Noted {
     fn wake_by_ref(self: &Arc<Self>) {
         let now = self.base.elapsed().as_nanos().clamp(1, u64::MAX as u128) as u64;
         let _ = self.woken_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            waker.wake_by_ref();
-        }
+        self.waker.wake();
     }
 }
 
@@ -88,6 +87,8 @@ impl Noted {
 pub struct Answers {
     /// The client's requests, and when the stream was woken; see [`watch`].
     shared: Arc<Shared>,
+    /// What the stream's polls hand on: notes the wake in `shared`, then wakes the poll's own.
+    noting: std::task::Waker,
     /// Requests are still read (`shared`'s may have been dropped by the watch meanwhile).
     reading: bool,
     /// How long the stream may be woken and not polled before its requests not yet read are
@@ -115,17 +116,17 @@ impl Answers {
     ) -> Self {
         // A stop signal gone (the server dropped) stops the stream too.
         let stopping = Box::pin(async move { crate::listen::stopped(&mut stop).await });
-        let shared = Arc::new(Shared {
-            requests: Mutex::new(Some(requests)),
-            noted: Arc::new(Noted {
-                woken_since: AtomicU64::new(0),
-                base: Instant::now(),
-                waker: Mutex::new(None),
-            }),
+        let noted = Arc::new(Noted {
+            woken_since: AtomicU64::new(0),
+            base: Instant::now(),
+            waker: AtomicWaker::new(),
         });
+        let noting = std::task::Waker::from(Arc::clone(&noted));
+        let shared = Arc::new(Shared { requests: Mutex::new(Some(requests)), noted });
         watch(Arc::downgrade(&shared), held_at_most);
         Self {
             shared,
+            noting,
             reading: true,
             held_at_most,
             running: FuturesUnordered::new(),
@@ -219,13 +220,8 @@ impl Stream for Answers {
         let this = &mut *self;
         let noted = &this.shared.noted;
         noted.woken_since.store(0, Ordering::Relaxed);
-        {
-            let mut waker = noted.waker.lock().unwrap_or_else(PoisonError::into_inner);
-            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
-            }
-        }
-        let noting = std::task::Waker::from(Arc::clone(noted));
+        noted.waker.register(cx.waker());
+        let noting = this.noting.clone();
         let cx = &mut Context::from_waker(&noting);
         if this.reading && this.stopping.as_mut().poll(cx).is_ready() {
             this.stop_reading(Some(Status::unavailable(

@@ -153,10 +153,11 @@ fn timed_counted(req: Request, limits: &IntakeLayer, counted: bool) -> Request {
     });
     let (timeout, total) = (limits.body_read_timeout, limits.body_total_timeout);
     let charge = counted.then(|| Charge::new(limits.budget));
-    // A REST body is bounded as sent as well as after decompression: a compressed one without
-    // `Content-Length` (chunked, or HTTP/2) that decompresses to little (endless empty deflate
-    // blocks) was read until `body_total_timeout_s`. A gRPC body is bounded per message.
-    let sent_left = framing.is_none().then_some(limits.max_body_bytes as u64);
+    // A compressed REST body (the one not counted here) is bounded as sent as well as after
+    // decompression: one without `Content-Length` (chunked, or HTTP/2) that decompresses to
+    // little (endless empty deflate blocks) was read until `body_total_timeout_s`. A plain one
+    // is bounded where it is read; a gRPC body, per message.
+    let sent_left = (!counted && framing.is_none()).then_some(limits.max_body_bytes as u64);
     req.map(|body| {
         let mut timed = TimedBody::new(body, timeout, total, framing, charge);
         timed.sent_left = sent_left;
