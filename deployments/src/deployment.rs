@@ -641,6 +641,8 @@ pub struct Deployment {
     scales_to_zero: AtomicBool,
     /// Out of the route table, draining ([`Deployment::mark_retired`]).
     retired: AtomicBool,
+    /// Closed for the version that replaced it ([`Deployment::close_handing_back`]).
+    hands_back: AtomicBool,
     /// Held while a multiplexed request picks its replica ([`Deployment::pick_for_model`]): a pick and
     /// the claim on a model it makes are one step for concurrent requests.
     claiming: std::sync::Mutex<()>,
@@ -733,6 +735,7 @@ impl Deployment {
             inline_under,
             scales_to_zero: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            hands_back: AtomicBool::new(false),
             claiming: std::sync::Mutex::new(()),
         })
     }
@@ -915,6 +918,16 @@ impl Deployment {
         self.set.ready_count.send_modify(|_| {});
     }
 
+    /// Like [`Deployment::close`], for a copy taken out of the route table with no replica (a
+    /// proxy's copy of a version swapped out at zero replicas, where the controller starts none
+    /// for it): a request still waiting in it for a replica is handed back to its caller
+    /// ([`Deployment::infer_handing_back`]) to run on what the table routes it to now, rather
+    /// than answered 503. Call after the table without it is published.
+    pub fn close_handing_back(&self) {
+        self.hands_back.store(true, Ordering::Release);
+        self.close();
+    }
+
     /// Counts a replica replaced (`sluice_replica_restarts_total`) where the replacement is not
     /// this set's own: on Ray, an actor lost (exited, died with its node, failed its health
     /// check) and started again.
@@ -1072,15 +1085,33 @@ impl Deployment {
     /// Checks the request, admits it, runs it on a replica and answers, inside one span
     /// (`infer`: model, version, request id; the batch it ran in is recorded on it).
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        let span = tracing::debug_span!(
+        let span = self.span(&request);
+        self.infer_in(request, span.clone(), true, None).instrument(span).await
+    }
+
+    /// [`Deployment::infer`], but a request still waiting for a replica when the deployment is
+    /// closed for its successor ([`Deployment::close_handing_back`]) comes back in `back`, as
+    /// sent but for its timeout (what is left of it), and the error says it is shutting down.
+    pub async fn infer_handing_back(
+        &self,
+        request: InferRequest,
+        back: &mut Option<InferRequest>,
+    ) -> Result<InferResponse, InferError> {
+        let span = self.span(&request);
+        self.infer_in(request, span.clone(), true, Some(back)).instrument(span).await
+    }
+
+    /// A request's span (`infer`: model, version, request id; the batch it ran in is recorded
+    /// on it).
+    fn span(&self, request: &InferRequest) -> tracing::Span {
+        tracing::debug_span!(
             "infer",
             model = %self.set.spec.name,
             version = %self.set.spec.version,
             request_id = request.id.as_deref().unwrap_or(""),
             batch_rows = tracing::field::Empty,
             model_us = tracing::field::Empty,
-        );
-        self.infer_in(request, span.clone(), true).instrument(span).await
+        )
     }
 
     /// Like [`Deployment::infer`], but only when a replica slot is free now: otherwise
@@ -1088,7 +1119,7 @@ impl Deployment {
     /// and always on a replica's thread, never on the caller's (a copy of a cheap model ran on
     /// the thread serving the primary's request, ahead of it).
     pub async fn infer_now(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        self.infer_in(request, tracing::Span::none(), false).await
+        self.infer_in(request, tracing::Span::none(), false, None).await
     }
 
     async fn infer_in(
@@ -1096,11 +1127,13 @@ impl Deployment {
         mut request: InferRequest,
         span: tracing::Span,
         may_wait: bool,
+        hand_back: Option<&mut Option<InferRequest>>,
     ) -> Result<InferResponse, InferError> {
         let admitted = Instant::now();
         let _inside = Inside::enter(self);
         let spec = &self.set.spec;
         validate_request(&spec.name, &self.metadata, spec.max_batch_size(), &request)?;
+        let chose_outputs = request.outputs.is_some();
         let outputs = match request.outputs.take() {
             None => Arc::clone(&self.set.config.model_outputs),
             Some(requested) => requested.into(),
@@ -1157,7 +1190,26 @@ impl Deployment {
         };
         let left = loop {
             let permit = if may_wait {
-                self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await?
+                match self.admit(deadline, timeout).instrument(tracing::debug_span!("queue")).await {
+                    Ok(permit) => permit,
+                    Err(e) => {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        if let Some(back) = hand_back
+                            && e.kind == ErrorKind::Unavailable
+                            && self.hands_back.load(Ordering::Acquire)
+                            && !remaining.is_zero()
+                        {
+                            *back = Some(InferRequest {
+                                id: request.id,
+                                inputs: job.inputs,
+                                outputs: chose_outputs.then(|| job.outputs.to_vec()),
+                                timeout: Some(remaining),
+                                model_id: job.model.map(|m| m.to_string()),
+                            });
+                        }
+                        return Err(e);
+                    }
+                }
             } else {
                 self.set.permits.clone().try_acquire_owned().map_err(|_| {
                     InferError::unavailable(format!("model `{}` has no free replica slot now", spec.name))

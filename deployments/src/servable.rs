@@ -106,8 +106,19 @@ impl Servable {
     }
 
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        self.infer_handing_back(request, &mut None).await
+    }
+
+    /// [`Servable::infer`], but a request its deployment hands back, closed for its successor
+    /// while the request waited for a replica ([`Deployment::infer_handing_back`]), comes back
+    /// in `back` (a pipeline's steps answer it 503).
+    pub async fn infer_handing_back(
+        &self,
+        request: InferRequest,
+        back: &mut Option<InferRequest>,
+    ) -> Result<InferResponse, InferError> {
         match self {
-            Self::Deployment(d) => d.infer(request).await,
+            Self::Deployment(d) => d.infer_handing_back(request, back).await,
             Self::Multiplexed(d, model) => {
                 let mut request = request;
                 match &request.model_id {
@@ -119,11 +130,11 @@ impl Servable {
                     Some(_) => {}
                     None => request.model_id = Some(model.to_string()),
                 }
-                d.infer(request).await
+                d.infer_handing_back(request, back).await
             }
             Self::Shadowed(d, shadow) => {
                 let mirror = shadow.mirror(&request);
-                let answer = d.infer(request).await;
+                let answer = d.infer_handing_back(request, back).await;
                 if let (Some(m), Ok(a)) = (mirror, &answer) {
                     m.compare(&a.outputs);
                 }

@@ -6,7 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use sluice_deployments::{InferError, Pipeline, Servable, Shadow};
+use sluice_deployments::{InferError, InferRequest, InferResponse, Pipeline, Servable, Shadow};
+
+/// How many times [`Router::infer`] routes a request again that versions swapped out hand
+/// back (each swap after it took the request in).
+pub const HANDED_BACK_MAX: usize = 4;
 
 /// The versions of one model.
 #[derive(Default)]
@@ -164,6 +168,31 @@ impl Router {
             return None;
         }
         self.route(model, choice).ok()
+    }
+
+    /// Runs `request` on `servable` (routed for `model` and `choice`). A request the version
+    /// hands back, swapped out with no replica while the request waited for one (a proxy's
+    /// copy, [`sluice_deployments::Deployment::close_handing_back`]), runs where the table
+    /// routes it now, up to [`HANDED_BACK_MAX`] times; it keeps its deadline. Returns the
+    /// answer, and what gave it when that is not `servable` (the request is that one's, for
+    /// its metrics). Nothing routes it now: the first version's 503.
+    pub async fn infer(
+        &self,
+        servable: &Servable,
+        model: &str,
+        choice: VersionChoice<'_>,
+        request: InferRequest,
+    ) -> (Result<InferResponse, InferError>, Option<Servable>) {
+        let mut back = None;
+        let mut answer = servable.infer_handing_back(request, &mut back).await;
+        let mut moved = None;
+        for _ in 0..HANDED_BACK_MAX {
+            let Some(request) = back.take() else { break };
+            let Ok(next) = self.route(model, choice) else { break };
+            answer = next.infer_handing_back(request, &mut back).await;
+            moved = Some(next);
+        }
+        (answer, moved)
     }
 
     /// [`Routes::rerouted`] for the pipeline behind a plain-JSON route.

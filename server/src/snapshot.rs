@@ -369,9 +369,10 @@ impl Follower {
         for (key, deployment) in left {
             deployment.mark_retired();
             // With no replica, none comes (the controller starts none for a proxy's requests
-            // to a retired version): those waiting are answered 503 now, not at their deadline.
+            // to a retired version): those waiting are handed back to their frontends now, which
+            // run them where the table routes them now (503 where nothing does).
             if deployment.replica_count() == 0 {
-                deployment.close();
+                deployment.close_handing_back();
             }
             self.retired.push(Retired { key, deployment, since: now });
         }
@@ -869,6 +870,97 @@ mod tests {
         assert!(follower.demand().is_empty());
         assert_eq!(follower.applied(), Some(4));
         assert!(follower.retired.is_empty(), "the copies let go");
+    }
+
+    /// A request waiting in a proxy's copy at zero replicas when its version is swapped out
+    /// runs on the version that replaced it, as sent, with what is left of its time (it was
+    /// answered 503, though the new version could serve it); with nothing in its place, 503.
+    #[tokio::test]
+    async fn a_request_waiting_in_a_copy_swapped_out_at_zero_goes_to_its_successor() {
+        let mut route = ModelRoute::default();
+        route.versions.insert("1".into(), Servable::Deployment(remote("zero", "1", false)));
+        let mut table = sluice_router::RouteTable::default();
+        table.models.insert("zero".into(), route);
+        let first = take(&Router::new(table));
+        // The same model at version 2 only.
+        let mut second = first.clone();
+        let entry = second.models.get_mut("zero").unwrap();
+        let v = entry.versions.remove("1").unwrap();
+        entry.versions.insert("2".into(), v);
+        let proxy = Arc::new(Router::new(sluice_router::RouteTable::default()));
+        let mut follower = Follower::default();
+        follower.apply(&first, &proxy);
+        let request = || {
+            let tensor =
+                sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
+            sluice_deployments::InferRequest {
+                id: Some("r-1".into()),
+                inputs: vec![sluice_deployments::NamedTensor { name: "in".into(), tensor }],
+                outputs: Some(vec!["out".into()]),
+                timeout: Some(Duration::from_secs(10)),
+                model_id: None,
+            }
+        };
+        let held = |version: &str| VersionDemand {
+            model: "zero".into(),
+            version: version.into(),
+            in_system: 1,
+            queued: 1,
+            retired: false,
+        };
+        // What a copy hands back: the request as sent, its timeout what was left of it.
+        let copy = proxy.resolve("zero", None).unwrap();
+        let handed = tokio::spawn(async move {
+            let mut back = None;
+            let answer = copy.infer_handing_back(request(), &mut back).await;
+            (answer, back)
+        });
+        while follower.demand().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(follower.demand(), [held("1")]);
+        follower.apply(&second, &proxy);
+        let (answer, back) = tokio::time::timeout(Duration::from_secs(5), handed).await.unwrap().unwrap();
+        assert_eq!(answer.unwrap_err().kind, sluice_deployments::ErrorKind::Unavailable);
+        let back = back.expect("handed back");
+        let sent = request();
+        assert_eq!((&back.id, &back.outputs, &back.model_id), (&sent.id, &sent.outputs, &sent.model_id));
+        assert_eq!(back.inputs.len(), 1);
+        assert_eq!((&*back.inputs[0].name, back.inputs[0].tensor.shape()), ("in", &[1usize, 4][..]));
+        let left = back.timeout.unwrap();
+        assert!(left > Duration::from_secs(5) && left < Duration::from_secs(10), "what was left: {left:?}");
+
+        // The frontends' path: the request waits in version 1, is handed back at the swap and
+        // waits in version 2, which then answers it (here: 503 once it is removed in turn).
+        follower.apply(&first, &proxy);
+        let copy = proxy.resolve("zero", None).unwrap();
+        let waiting = tokio::spawn({
+            let proxy = proxy.clone();
+            async move { proxy.infer(&copy, "zero", sluice_router::VersionChoice::default(), request()).await }
+        });
+        while follower.demand() != [held("1")] {
+            tokio::task::yield_now().await;
+        }
+        follower.apply(&second, &proxy);
+        let moved = tokio::time::timeout(Duration::from_secs(5), async {
+            while follower.demand() != [held("2")] {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        moved.await.expect("the request waits in version 2");
+        assert!(!waiting.is_finished());
+        follower.apply(&Snapshot::default(), &proxy);
+        let (answer, served_by) =
+            tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!(
+            answer.unwrap_err().kind,
+            sluice_deployments::ErrorKind::Unavailable,
+            "nothing routes it now"
+        );
+        assert_eq!(
+            served_by.and_then(|s| s.deployment().map(|d| d.version().to_string())).as_deref(),
+            Some("2")
+        );
     }
 
     /// A snapshot says which table generation it is at least as new as (read before the

@@ -107,7 +107,7 @@ async fn infer_on(
     started: std::time::Instant,
     mut req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, Status> {
-    let rerouted;
+    let (rerouted, handed_on);
     let mut counted = d.metrics().counted(Protocol::Grpc, started);
     let (model, version) = (std::mem::take(&mut req.model_name), std::mem::take(&mut req.model_version));
     let result = match codec::decode(req) {
@@ -120,7 +120,12 @@ async fn infer_on(
             if let Some(to) = &rerouted {
                 counted = counted.moved(to.metrics());
             }
-            rerouted.as_ref().unwrap_or(d).infer(request).await
+            let answer;
+            (answer, handed_on) = routes.infer(rerouted.as_ref().unwrap_or(d), &model, choice, request).await;
+            if let Some(to) = &handed_on {
+                counted = counted.moved(to.metrics());
+            }
+            answer
         }
         Err(e) => Err(e),
     };

@@ -123,7 +123,7 @@ async fn serve(
     let model_id = text_header(headers, &MULTIPLEX_HEADER)?.map(str::to_string);
     let choice = sluice_router::VersionChoice { exact: version, pinned };
     let deployment = state.routes.route(model, choice)?;
-    let rerouted;
+    let (rerouted, handed_on);
     let mut counted = deployment.metrics().counted(Protocol::Rest, started);
     let result = match decode_request(headers, body) {
         Ok((mut request, binary)) => {
@@ -134,7 +134,12 @@ async fn serve(
                 counted = counted.moved(to.metrics());
             }
             let deployment = rerouted.as_ref().unwrap_or(&deployment);
-            deployment.infer(request).await.and_then(|r| json_can_carry(&r, &binary).map(|()| (r, binary)))
+            let answer;
+            (answer, handed_on) = state.routes.infer(deployment, model, choice, request).await;
+            if let Some(to) = &handed_on {
+                counted = counted.moved(to.metrics());
+            }
+            answer.and_then(|r| json_can_carry(&r, &binary).map(|()| (r, binary)))
         }
         Err(e) => Err(e),
     };
