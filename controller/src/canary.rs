@@ -201,7 +201,7 @@ impl Controller {
             let Some(c) = &mut m.canary else { continue };
             let Some(r) = &mut c.rollout else { continue };
             if now >= r.next_step {
-                let counters = r.counters(&c.version);
+                let counters = r.counters(&c.version, &self.remote);
                 let verdict = judge(&r.config, c.weight, &r.baseline, &counters);
                 // A completion that promotes waits, judged again, until the deployment's own
                 // change is done (its promotion could not run now); steps and rollbacks apply.
@@ -360,6 +360,68 @@ mod tests {
         let st = c.lock();
         let canary = st.deployments["soft"].canary.as_ref().unwrap();
         assert_eq!((canary.weight, canary.rollout.is_none()), (100, true));
+    }
+
+    /// A canary whose requests come through proxies on other nodes (`proxy_location:
+    /// EveryNode`) is judged on them too, by what the proxies' reports say their copies
+    /// answered: with every request entering the cluster at a worker's proxy, the head saw
+    /// none and the rollout held at its weight for good. Failures reported there roll it back.
+    #[tokio::test]
+    async fn a_rollout_judges_what_proxies_sent_its_canary() {
+        let c = completing_rollout().await;
+        let version = c.lock().deployments["soft"].primary.clone();
+        let (name, v) = (version.deployment.name().to_string(), version.deployment.version().to_string());
+        let ready = |c: &Controller, min_requests: u64| {
+            let mut st = c.lock();
+            let canary = st.deployments.get_mut("soft").unwrap().canary.as_mut().unwrap();
+            let r = canary.rollout.as_mut().unwrap();
+            r.config.min_requests = min_requests;
+            r.auto_promote = false;
+            r.baseline = r.counters(&canary.version, &c.remote);
+            r.next_step = Instant::now();
+        };
+        let report = |proxy: &str, success: u64, failed: u64| crate::demand::DemandReport {
+            proxy: proxy.into(),
+            versions: vec![],
+            ttl_s: None,
+            applied: Some(1),
+            served: vec![crate::demand::VersionServed {
+                model: name.clone(),
+                version: v.clone(),
+                success,
+                failed,
+                latencies: vec![(40, success + failed)],
+            }],
+        };
+        let weight = |c: &Controller| c.lock().deployments["soft"].canary.as_ref().unwrap().weight;
+        ready(&c, 3);
+        c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
+        assert_eq!(weight(&c), 50, "no request since the baseline: held");
+        // Two proxies' copies answered 2 and 1 (counted since they started).
+        c.report_demand(report("a:8000", 2, 0));
+        c.report_demand(report("b:8000", 1, 0));
+        c.lock()
+            .deployments
+            .get_mut("soft")
+            .unwrap()
+            .canary
+            .as_mut()
+            .unwrap()
+            .rollout
+            .as_mut()
+            .unwrap()
+            .next_step = Instant::now();
+        c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
+        assert_eq!(weight(&c), 100, "3 requests through the proxies: stepped up to the end");
+
+        // Again, from 50 %: a failure a proxy saw rolls the canary back (1 of 3 > 1 %).
+        let c = completing_rollout().await;
+        ready(&c, 3);
+        c.report_demand(report("a:8000", 2, 1));
+        c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
+        let st = c.lock();
+        let canary = st.deployments["soft"].canary.as_ref().unwrap();
+        assert_eq!((canary.weight, canary.rollout.is_none()), (0, true), "rolled back");
     }
 
     /// A step whose replicas' loads wait for a message on a channel while `HOLD` is set.

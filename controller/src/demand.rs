@@ -47,6 +47,37 @@ pub struct DemandReport {
     /// Absent (an older proxy): the drain gives it [`PROXIES_FOLLOW`](crate::cluster::ray::PROXIES_FOLLOW).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<u64>,
+    /// What the proxy's copies of versions in a traffic split (a canary's and its primary's)
+    /// have answered since they started: a canary rollout's gates judge them with the head's
+    /// own. Absent (an older proxy): none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served: Vec<VersionServed>,
+}
+
+/// What one version's copy at a proxy has answered since it started (counted as the head
+/// counts its own requests, [`crate::rollout::Counters`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionServed {
+    pub model: String,
+    pub version: String,
+    pub success: u64,
+    /// Server-side failures (internal errors and deadlines; not bad requests or overload).
+    pub failed: u64,
+    /// The latency buckets that are not empty, as (bucket, count).
+    pub latencies: Vec<(usize, u64)>,
+}
+
+impl VersionServed {
+    /// `model` `version`'s counters as [`VersionServed`] carries them.
+    pub fn new(model: &str, version: &str, counters: &crate::rollout::Counters) -> Self {
+        Self {
+            model: model.into(),
+            version: version.into(),
+            success: counters.success,
+            failed: counters.failed,
+            latencies: counters.latencies.iter().copied().enumerate().filter(|&(_, n)| n > 0).collect(),
+        }
+    }
 }
 
 /// One version's requests at a proxy.
@@ -80,6 +111,7 @@ struct Report {
     until: Instant,
     versions: Vec<VersionDemand>,
     applied: Option<u64>,
+    served: Vec<VersionServed>,
 }
 
 impl Report {
@@ -101,7 +133,7 @@ impl RemoteDemand {
         reports.retain(|_, r| now < r.kept_until());
         // An older proxy's empty report clears its last one; a newer proxy's is kept for what
         // it has applied.
-        if report.versions.is_empty() && report.applied.is_none() {
+        if report.versions.is_empty() && report.applied.is_none() && report.served.is_empty() {
             reports.remove(&report.proxy);
             return;
         }
@@ -115,7 +147,12 @@ impl RemoteDemand {
             .ttl_s
             .filter(|t| t.is_finite())
             .map_or(REPORT_TTL, |t| Duration::from_secs_f64(t.clamp(1.0, 60.0)));
-        let kept = Report { until: now + ttl, versions: report.versions, applied: report.applied };
+        let kept = Report {
+            until: now + ttl,
+            versions: report.versions,
+            applied: report.applied,
+            served: report.served,
+        };
         reports.insert(report.proxy, kept);
     }
 
@@ -148,6 +185,30 @@ impl RemoteDemand {
     /// The requests proxies' retired copies of `model` `version` hold ([`VersionDemand::retired`]).
     pub fn retired(&self, model: &str, version: &str, now: Instant) -> usize {
         self.sum(model, version, true, now).0
+    }
+
+    /// Adds to `counters` (a deployment's own, at the head) what the proxies' copies of `model`
+    /// `version` have answered, by the reports still counting. A proxy whose report lapses, or
+    /// whose copy starts again, takes its count out of the sum: an interval judged across it
+    /// reads fewer requests than it had (holds for more), never more.
+    pub fn add_served(
+        &self,
+        model: &str,
+        version: &str,
+        now: Instant,
+        counters: &mut crate::rollout::Counters,
+    ) {
+        for r in self.reports().values().filter(|r| now < r.until) {
+            for v in r.served.iter().filter(|v| v.model == model && v.version == version) {
+                counters.success = counters.success.saturating_add(v.success);
+                counters.failed = counters.failed.saturating_add(v.failed);
+                for &(i, n) in &v.latencies {
+                    if let Some(c) = counters.latencies.get_mut(i) {
+                        *c = c.saturating_add(n);
+                    }
+                }
+            }
+        }
     }
 
     fn sum(&self, model: &str, version: &str, retired: bool, now: Instant) -> (usize, usize) {
@@ -210,6 +271,7 @@ pub(crate) async fn proxies_let_go(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::Counters;
 
     fn report(proxy: &str, in_system: u64, queued: u64) -> DemandReport {
         DemandReport {
@@ -223,13 +285,14 @@ mod tests {
             }],
             ttl_s: None,
             applied: None,
+            served: vec![],
         }
     }
 
     /// A report of nothing held: an older proxy's (clears its last one), or a newer proxy's
     /// with the table it has applied.
     fn empty(proxy: &str, applied: Option<u64>) -> DemandReport {
-        DemandReport { proxy: proxy.into(), versions: vec![], ttl_s: None, applied }
+        DemandReport { proxy: proxy.into(), versions: vec![], ttl_s: None, applied, served: vec![] }
     }
 
     /// Proxies' reports add up; a newer one replaces its proxy's older one, an empty one clears
@@ -251,6 +314,47 @@ mod tests {
         d.record(DemandReport { ttl_s: Some(15.0), ..report("c:8000", 2, 0) }, t);
         assert_eq!(d.of("m", "1", t + Duration::from_secs(10)), (2, 0));
         assert_eq!(d.of("m", "1", t + Duration::from_secs(15)), (0, 0));
+    }
+
+    /// What proxies' copies answered adds to a version's own counters, bucket by bucket, and
+    /// stops counting with its report; a proxy's newer report replaces what it said before.
+    #[test]
+    fn what_proxies_served_adds_up_and_expires() {
+        let t = Instant::now();
+        let d = RemoteDemand::default();
+        let served = |proxy: &str, success, failed, latencies| DemandReport {
+            served: vec![VersionServed {
+                model: "m".into(),
+                version: "1".into(),
+                success,
+                failed,
+                latencies,
+            }],
+            ..empty(proxy, Some(1))
+        };
+        d.record(served("a:8000", 5, 1, vec![(2, 4), (3, 2)]), t);
+        d.record(served("b:8000", 3, 0, vec![(3, 3), (99, 1)]), t);
+        let own = || Counters { success: 10, failed: 1, latencies: vec![1, 1, 1, 1], ..Counters::default() };
+        let mut c = own();
+        d.add_served("m", "1", t, &mut c);
+        assert_eq!(
+            (c.success, c.failed, &c.latencies[..]),
+            (18, 2, &[1, 1, 5, 6][..]),
+            "a bucket past the end is left out"
+        );
+        let mut other = own();
+        d.add_served("m", "2", t, &mut other);
+        assert_eq!(other, own());
+        d.record(served("a:8000", 6, 1, vec![(2, 5), (3, 2)]), t);
+        let mut c = own();
+        d.add_served("m", "1", t, &mut c);
+        assert_eq!((c.success, c.failed, &c.latencies[..]), (19, 2, &[1, 1, 6, 6][..]));
+        let mut c = own();
+        d.add_served("m", "1", t + REPORT_TTL, &mut c);
+        assert_eq!(c, own(), "expired");
+        // The counters of a deployment carried whole, the empty buckets left out.
+        let counters = Counters { success: 3, failed: 1, latencies: vec![0, 2, 0, 2], ..Counters::default() };
+        assert_eq!(VersionServed::new("m", "1", &counters).latencies, [(1, 2), (3, 2)]);
     }
 
     /// What a proxy's retired copy holds counts apart: not as load on the version (the

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::ControlError;
 use crate::cluster::Cluster;
+use crate::demand::RemoteDemand;
 use crate::events::Events;
 use crate::rollout::Counters;
 use crate::state::{
@@ -256,7 +257,7 @@ pub(crate) fn commit(state: &mut ControllerState, plan: Plan) -> Commit {
     for p in plan.deployments {
         let name = p.config.name.clone();
         let old = state.deployments.remove(&name);
-        if let Some(m) = commit_deployment(&mut state.events, p, old, &mut out) {
+        if let Some(m) = commit_deployment(&mut state.events, &state.remote_demand, p, old, &mut out) {
             next.insert(name, m);
         }
     }
@@ -270,6 +271,7 @@ pub(crate) fn commit(state: &mut ControllerState, plan: Plan) -> Commit {
 
 fn commit_deployment(
     events: &mut Events,
+    remote: &RemoteDemand,
     p: DeploymentPlan,
     old: Option<Managed>,
     out: &mut Commit,
@@ -329,7 +331,7 @@ fn commit_deployment(
             return old;
         }
     };
-    let canary = commit_canary(events, &p.config, p.canary, old_canary, out);
+    let canary = commit_canary(events, remote, &p.config, p.canary, old_canary, out);
     let shadow = commit_shadow(events, &p.config, p.shadow, old_shadow, out);
     let others = commit_others(events, &name, p.others, old_others, out);
     // The samples and the time of the last decision carry over: an apply (every repository
@@ -355,6 +357,7 @@ fn commit_deployment(
 
 fn commit_canary(
     events: &mut Events,
+    remote: &RemoteDemand,
     d: &DeploymentConfig,
     change: Option<Change>,
     old: Option<CanaryState>,
@@ -372,7 +375,7 @@ fn commit_canary(
         (Some(c), Some(Change::New(v)), old) => {
             out.retired.extend(old.map(|oc| oc.version));
             events.push(name, format!("canary version {} started at {}%", v.name(), c.weight));
-            let rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &v));
+            let rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &v, remote));
             Some(CanaryState {
                 version: v,
                 weight: c.weight,
@@ -407,7 +410,7 @@ fn commit_canary(
             // A rollout the config changes (added, removed, other bounds) takes over from the
             // current weight, judged from now; an unchanged one goes on (or stays ended).
             if c.rollout != oc.config_rollout {
-                oc.rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &oc.version));
+                oc.rollout = c.rollout.clone().map(|r| start_rollout(r, c.auto_promote, &oc.version, remote));
                 let what = match &oc.rollout {
                     Some(_) => format!("canary rollout (re)started by the config at {}%", oc.weight),
                     None => "canary rollout stopped by the config".to_string(),
@@ -422,7 +425,12 @@ fn commit_canary(
 }
 
 /// A rollout of canary `v` starting now, its first interval's counts from now on.
-fn start_rollout(r: sluice_config::Rollout, auto_promote: bool, v: &Version) -> RolloutState {
+fn start_rollout(
+    r: sluice_config::Rollout,
+    auto_promote: bool,
+    v: &Version,
+    remote: &RemoteDemand,
+) -> RolloutState {
     // The gate's copies: every request the primary serves, onto a free canary slot.
     let mirror = r
         .min_shadow_agreement
@@ -434,7 +442,7 @@ fn start_rollout(r: sluice_config::Rollout, auto_promote: bool, v: &Version) -> 
         auto_promote,
         mirror,
     };
-    rollout.baseline = rollout.counters(v);
+    rollout.baseline = rollout.counters(v, remote);
     rollout
 }
 

@@ -109,9 +109,14 @@ pub(crate) struct RolloutState {
 }
 
 impl RolloutState {
-    /// The canary's counters now, with its agreement as a shadow of the primary.
-    pub fn counters(&self, canary: &Version) -> Counters {
-        Counters::with_shadow(&canary.deployment, self.mirror.as_deref())
+    /// The canary's counters now, with its agreement as a shadow of the primary, and what
+    /// proxies on other nodes have sent it (`remote`, by their reports; shadow copies are the
+    /// head's only: proxies do not mirror).
+    pub fn counters(&self, canary: &Version, remote: &crate::demand::RemoteDemand) -> Counters {
+        let d = &canary.deployment;
+        let mut counters = Counters::with_shadow(d, self.mirror.as_deref());
+        remote.add_served(d.name(), d.version(), Instant::now(), &mut counters);
+        counters
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_config::ReplicaSettings;
 use sluice_controller::cluster::GrpcReplica;
-use sluice_controller::demand::{DemandReport, VersionDemand};
+use sluice_controller::demand::{DemandReport, VersionDemand, VersionServed};
+use sluice_controller::rollout::Counters;
 use sluice_deployments::pipeline::{JsonMapping, Step};
 use sluice_deployments::{
     DataType, Deployment, DeploymentSpec, ModelMetadata, Pipeline, RemoteInfo, Servable, TensorSpec,
@@ -260,6 +261,9 @@ pub struct Follower {
     /// enters it in that time, and is reported (retired) before the controller reads the
     /// new generation as followed.
     held_back: Option<(Option<u64>, std::time::Instant)>,
+    /// The versions in a model's traffic split (a canary and its primary): what their copies
+    /// answer is reported, for the canary's rollout gates ([`Follower::served`]).
+    in_split: std::collections::HashSet<(String, String)>,
 }
 
 /// A copy the table dropped ([`Follower::retired`]).
@@ -359,6 +363,14 @@ impl Follower {
             }
         }
         routes.publish(table);
+        self.in_split = snapshot
+            .models
+            .iter()
+            .filter(|(_, entry)| entry.split.len() > 1)
+            .flat_map(|(model, entry)| {
+                entry.split.iter().map(move |(version, _)| (model.clone(), version.clone()))
+            })
+            .collect();
         // One instant for both: the generation is held back exactly as long as the copies
         // retired here are kept however empty they read.
         let now = std::time::Instant::now();
@@ -407,6 +419,22 @@ impl Follower {
             serving.chain(retired).filter(|v| v.in_system > 0 || v.queued > 0).collect();
         held.sort_by(|a, b| (&a.model, &a.version, a.retired).cmp(&(&b.model, &b.version, b.retired)));
         held
+    }
+
+    /// What the copies of versions in a traffic split have answered since they started (those
+    /// that answered any), counted as the controller counts its own: a canary's rollout judges
+    /// the requests that reach it through this proxy too (with every request entering the
+    /// cluster here, it saw none and held at its weight for good).
+    pub fn served(&self) -> Vec<VersionServed> {
+        let mut served: Vec<VersionServed> = self
+            .in_split
+            .iter()
+            .filter_map(|key| Some((key, &self.versions.get(key)?.deployment)))
+            .map(|((model, version), d)| VersionServed::new(model, version, &Counters::of(d)))
+            .filter(|v| v.success > 0 || v.failed > 0)
+            .collect();
+        served.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
+        served
     }
 
     /// `p` as a pipeline over the followed deployments: the one in `built` when nothing it was
@@ -602,7 +630,8 @@ pub async fn follow(
         let applied = follower.applied();
         let versions = follower.demand();
         if !versions.is_empty() || last.is_some() {
-            let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s), applied };
+            let served = follower.served();
+            let report = DemandReport { proxy: name.clone(), versions, ttl_s: Some(ttl_s), applied, served };
             let failed = match authorized(http.post(&demand_url)).json(&report).send().await {
                 Ok(r) if r.status().is_success() => None,
                 Ok(r) => Some(format!("the controller answered {} for this proxy's demand", r.status())),
@@ -961,6 +990,47 @@ mod tests {
             served_by.and_then(|s| s.deployment().map(|d| d.version().to_string())).as_deref(),
             Some("2")
         );
+    }
+
+    /// What the copies of versions in a traffic split answer is reported (for a canary's
+    /// rollout at the controller), counted as the frontends count it; a model with one version
+    /// sends nothing.
+    #[test]
+    fn what_a_canary_and_its_primary_answered_here_is_reported() {
+        let mut table = sluice_router::RouteTable::default();
+        let mut split =
+            ModelRoute { split: vec![("1".into(), 90), ("2".into(), 10)], ..ModelRoute::default() };
+        for v in ["1", "2"] {
+            split.versions.insert(v.into(), Servable::Deployment(remote("m", v, false)));
+        }
+        table.models.insert("m".into(), split);
+        let mut solo = ModelRoute::default();
+        solo.versions.insert("1".into(), Servable::Deployment(remote("solo", "1", false)));
+        table.models.insert("solo".into(), solo);
+        let snapshot = take(&Router::new(table));
+        let proxy = Router::new(sluice_router::RouteTable::default());
+        let mut follower = Follower::default();
+        follower.apply(&snapshot, &proxy);
+        assert!(follower.served().is_empty(), "nothing answered yet");
+        let rest = sluice_deployments::metrics::Protocol::Rest;
+        for (model, version, result) in [
+            ("m", "2", Ok(())),
+            ("m", "2", Err(sluice_deployments::ErrorKind::Internal)),
+            ("m", "2", Err(sluice_deployments::ErrorKind::InvalidArgument)),
+            ("solo", "1", Ok(())),
+        ] {
+            let copy = proxy.resolve(model, Some(version)).unwrap();
+            copy.metrics().request(rest, result, Duration::from_millis(3));
+        }
+        let served = follower.served();
+        assert_eq!(served.len(), 1, "{served:?}");
+        let v = &served[0];
+        assert_eq!(
+            (&*v.model, &*v.version, v.success, v.failed),
+            ("m", "2", 1, 1),
+            "a bad request is not the canary's failure"
+        );
+        assert_eq!(v.latencies.iter().map(|(_, n)| n).sum::<u64>(), 3);
     }
 
     /// A snapshot says which table generation it is at least as new as (read before the

@@ -420,6 +420,39 @@ def test_an_autoscaled_canary_grows_with_its_share_on_ray(cluster, workdir, job,
     assert "canary version 2 autoscaled from 1 to" in events, events
 
 
+ROLL = """\
+      - name: roll
+        model: models/iris/model.onnx
+        num_cpus: 0.5
+        canary: {model: models/iris/model.onnx, version: "2", weight: 50,
+                 rollout: {step_percent: 50, interval_s: 1, min_requests: 5, max_error_rate: 0.5}}
+"""
+
+
+def test_a_canary_rollout_judges_requests_that_enter_at_a_workers_proxy(cluster, workdir, job, tmp_path):
+    """Every request enters at the worker's proxy, which sends it to the replicas itself: the
+    proxy reports what its copies of the canary answered, and the rollout judges those. The
+    head saw none of them, and the rollout held at its first weight for good."""
+    (workdir / "roll.yaml").write_text(APP.format(version="1", extra=ROLL))
+    code, body = admin(cluster, "PUT", "/api/serve/applications", workdir / "roll.yaml")
+    assert code == 200, body
+    wait_for("the worker's proxy to follow the new deployment", lambda: cluster.http(
+        "GET", "http://%s:8000/v2/models/roll" % WORKER)[0] == 200, timeout=30)
+    out = tmp_path / "roll-load.json"
+    p = cluster.run_in("head", [str(CLIENT_PY), str(HERE / "clients.py"), "load",
+                                "http://%s:8000/v2/models/roll/infer" % WORKER, "120", "2", str(out)])
+    try:
+        events = lambda: " ".join(e["message"] for e in status(cluster)["events"] if e["deployment"] == "roll")
+        wait_for("the rollout to complete", lambda: "rollout complete" in events(), timeout=90)
+    finally:
+        stop_load(out)
+        p.wait(timeout=60)
+    stats = json.loads(out.read_text())
+    assert stats["ok"] > 0 and not stats["errors"], stats
+    assert "rolled back" not in events(), events()
+    assert set(stats["versions"]) == {"1", "2"}, stats
+
+
 ZERO = """\
       - name: zero
         model: models/iris/model.onnx
