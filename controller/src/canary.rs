@@ -209,8 +209,9 @@ impl Controller {
                     continue;
                 }
                 r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
-                if verdict != Verdict::Hold {
-                    r.baseline = counters;
+                match verdict {
+                    Verdict::Hold => r.baseline.adopt_new_copies(&counters),
+                    _ => r.baseline = counters,
                 }
                 match verdict {
                     Verdict::Hold => {}
@@ -388,18 +389,23 @@ mod tests {
             served: vec![crate::demand::VersionServed {
                 model: name.clone(),
                 version: v.clone(),
+                copy: 1,
+                age_ms: 3_600_000,
                 success,
                 failed,
                 latencies: vec![(40, success + failed)],
             }],
         };
         let weight = |c: &Controller| c.lock().deployments["soft"].canary.as_ref().unwrap().weight;
+        // Two proxies' copies (started an hour ago) answered 10 and 4 before the baseline.
+        c.report_demand(report("a:8000", 10, 0));
+        c.report_demand(report("b:8000", 4, 0));
         ready(&c, 3);
         c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
         assert_eq!(weight(&c), 50, "no request since the baseline: held");
-        // Two proxies' copies answered 2 and 1 (counted since they started).
-        c.report_demand(report("a:8000", 2, 0));
-        c.report_demand(report("b:8000", 1, 0));
+        // Then 2 and 1 more.
+        c.report_demand(report("a:8000", 12, 0));
+        c.report_demand(report("b:8000", 5, 0));
         c.lock()
             .deployments
             .get_mut("soft")
@@ -414,10 +420,11 @@ mod tests {
         c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
         assert_eq!(weight(&c), 100, "3 requests through the proxies: stepped up to the end");
 
-        // Again, from 50 %: a failure a proxy saw rolls the canary back (1 of 3 > 1 %).
+        // Again, from 50 %: a failure a proxy saw since rolls the canary back (1 of 3 > 1 %).
         let c = completing_rollout().await;
+        c.report_demand(report("a:8000", 10, 0));
         ready(&c, 3);
-        c.report_demand(report("a:8000", 2, 1));
+        c.report_demand(report("a:8000", 12, 1));
         c.step_rollouts(&mut c.lock(), Instant::now(), &HashSet::new());
         let st = c.lock();
         let canary = st.deployments["soft"].canary.as_ref().unwrap();

@@ -8,11 +8,13 @@
 //! versions swapped out still hold: a retired version's replicas stop once the proxies have
 //! let go of it (`proxies_let_go`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::rollout::ProxyServed;
 
 /// A report older than this no longer counts: its proxy stopped reporting (gone, or cut off).
 /// Proxies report every `--poll-s` (0.5 s by default).
@@ -60,6 +62,13 @@ pub struct DemandReport {
 pub struct VersionServed {
     pub model: String,
     pub version: String,
+    /// Which copy: another one (started again) counts from 0.
+    #[serde(default)]
+    pub copy: u64,
+    /// How long the copy has run, in milliseconds: one that started after a rollout interval
+    /// began counts whole in it.
+    #[serde(default)]
+    pub age_ms: u64,
     pub success: u64,
     /// Server-side failures (internal errors and deadlines; not bad requests or overload).
     pub failed: u64,
@@ -68,11 +77,19 @@ pub struct VersionServed {
 }
 
 impl VersionServed {
-    /// `model` `version`'s counters as [`VersionServed`] carries them.
-    pub fn new(model: &str, version: &str, counters: &crate::rollout::Counters) -> Self {
+    /// `model` `version`'s counters as [`VersionServed`] carries them, for copy `copy` of
+    /// age `age`.
+    pub fn new(
+        model: &str,
+        version: &str,
+        (copy, age): (u64, Duration),
+        counters: &crate::rollout::Counters,
+    ) -> Self {
         Self {
             model: model.into(),
             version: version.into(),
+            copy,
+            age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
             success: counters.success,
             failed: counters.failed,
             latencies: counters.latencies.iter().copied().enumerate().filter(|&(_, n)| n > 0).collect(),
@@ -112,6 +129,8 @@ struct Report {
     versions: Vec<VersionDemand>,
     applied: Option<u64>,
     served: Vec<VersionServed>,
+    /// When it came.
+    received: Instant,
 }
 
 impl Report {
@@ -152,6 +171,7 @@ impl RemoteDemand {
             versions: report.versions,
             applied: report.applied,
             served: report.served,
+            received: now,
         };
         reports.insert(report.proxy, kept);
     }
@@ -187,28 +207,24 @@ impl RemoteDemand {
         self.sum(model, version, true, now).0
     }
 
-    /// Adds to `counters` (a deployment's own, at the head) what the proxies' copies of `model`
-    /// `version` have answered, by the reports still counting. A proxy whose report lapses, or
-    /// whose copy starts again, takes its count out of the sum: an interval judged across it
-    /// reads fewer requests than it had (holds for more), never more.
-    pub fn add_served(
-        &self,
-        model: &str,
-        version: &str,
-        now: Instant,
-        counters: &mut crate::rollout::Counters,
-    ) {
-        for r in self.reports().values().filter(|r| now < r.until) {
-            for v in r.served.iter().filter(|v| v.model == model && v.version == version) {
-                counters.success = counters.success.saturating_add(v.success);
-                counters.failed = counters.failed.saturating_add(v.failed);
-                for &(i, n) in &v.latencies {
-                    if let Some(c) = counters.latencies.get_mut(i) {
-                        *c = c.saturating_add(n);
-                    }
-                }
+    /// By proxy, what its copy of `model` `version` has answered, by the reports still
+    /// counting ([`crate::rollout::Counters::proxies`]).
+    pub fn served(&self, model: &str, version: &str, now: Instant) -> BTreeMap<String, ProxyServed> {
+        let mut served = BTreeMap::new();
+        for (proxy, r) in self.reports().iter().filter(|(_, r)| now < r.until) {
+            if let Some(v) = r.served.iter().find(|v| v.model == model && v.version == version) {
+                let age = Duration::from_millis(v.age_ms);
+                let p = ProxyServed {
+                    copy: v.copy,
+                    started: r.received.checked_sub(age).unwrap_or(r.received),
+                    success: v.success,
+                    failed: v.failed,
+                    latencies: v.latencies.clone(),
+                };
+                served.insert(proxy.clone(), p);
             }
         }
+        served
     }
 
     fn sum(&self, model: &str, version: &str, retired: bool, now: Instant) -> (usize, usize) {
@@ -316,45 +332,42 @@ mod tests {
         assert_eq!(d.of("m", "1", t + Duration::from_secs(15)), (0, 0));
     }
 
-    /// What proxies' copies answered adds to a version's own counters, bucket by bucket, and
-    /// stops counting with its report; a proxy's newer report replaces what it said before.
+    /// What proxies' copies answered is read by proxy, with when each copy started (the
+    /// report's arrival less its age), and stops counting with its report; a proxy's newer
+    /// report replaces what it said before.
     #[test]
-    fn what_proxies_served_adds_up_and_expires() {
+    fn what_proxies_served_is_read_by_proxy_and_expires() {
         let t = Instant::now();
         let d = RemoteDemand::default();
-        let served = |proxy: &str, success, failed, latencies| DemandReport {
+        let served = |proxy: &str, success, age_ms| DemandReport {
             served: vec![VersionServed {
                 model: "m".into(),
                 version: "1".into(),
+                copy: 7,
+                age_ms,
                 success,
-                failed,
-                latencies,
+                failed: 1,
+                latencies: vec![(2, success + 1)],
             }],
             ..empty(proxy, Some(1))
         };
-        d.record(served("a:8000", 5, 1, vec![(2, 4), (3, 2)]), t);
-        d.record(served("b:8000", 3, 0, vec![(3, 3), (99, 1)]), t);
-        let own = || Counters { success: 10, failed: 1, latencies: vec![1, 1, 1, 1], ..Counters::default() };
-        let mut c = own();
-        d.add_served("m", "1", t, &mut c);
+        d.record(served("a:8000", 5, 2_000), t);
+        d.record(served("b:8000", 3, 0), t);
+        let read = d.served("m", "1", t);
+        assert_eq!(read.keys().collect::<Vec<_>>(), ["a:8000", "b:8000"]);
+        let a = &read["a:8000"];
         assert_eq!(
-            (c.success, c.failed, &c.latencies[..]),
-            (18, 2, &[1, 1, 5, 6][..]),
-            "a bucket past the end is left out"
+            (a.copy, a.started, a.success, a.failed, &a.latencies[..]),
+            (7, t - Duration::from_secs(2), 5, 1, &[(2, 6)][..])
         );
-        let mut other = own();
-        d.add_served("m", "2", t, &mut other);
-        assert_eq!(other, own());
-        d.record(served("a:8000", 6, 1, vec![(2, 5), (3, 2)]), t);
-        let mut c = own();
-        d.add_served("m", "1", t, &mut c);
-        assert_eq!((c.success, c.failed, &c.latencies[..]), (19, 2, &[1, 1, 6, 6][..]));
-        let mut c = own();
-        d.add_served("m", "1", t + REPORT_TTL, &mut c);
-        assert_eq!(c, own(), "expired");
+        assert!(d.served("m", "2", t).is_empty());
+        d.record(served("a:8000", 6, 2_500), t);
+        assert_eq!(d.served("m", "1", t)["a:8000"].success, 6);
+        assert!(d.served("m", "1", t + REPORT_TTL).is_empty(), "expired");
         // The counters of a deployment carried whole, the empty buckets left out.
         let counters = Counters { success: 3, failed: 1, latencies: vec![0, 2, 0, 2], ..Counters::default() };
-        assert_eq!(VersionServed::new("m", "1", &counters).latencies, [(1, 2), (3, 2)]);
+        let v = VersionServed::new("m", "1", (7, Duration::from_millis(1500)), &counters);
+        assert_eq!((v.copy, v.age_ms, &v.latencies[..]), (7, 1500, &[(1, 2), (3, 2)][..]));
     }
 
     /// What a proxy's retired copy holds counts apart: not as load on the version (the

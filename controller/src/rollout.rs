@@ -5,13 +5,17 @@
 //! With `min_shadow_agreement`, the canary also shadows the primary and an interval needs
 //! `min_requests` compared rows, enough of them agreeing.
 
+use std::collections::BTreeMap;
+use std::time::Instant;
+
 use sluice_config::Rollout;
 use sluice_deployments::metrics::LatencyBuckets;
 use sluice_deployments::{Deployment, Shadow};
 
 /// A deployment's request counters at one moment: successes, server-side failures (internal
 /// errors and deadlines; not bad requests or overload) and latency buckets; for a canary shadowing its
-/// primary, the rows compared and those that agreed.
+/// primary, the rows compared and those that agreed; and what proxies on other nodes said
+/// their copies of it answered.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {
     pub success: u64,
@@ -19,6 +23,89 @@ pub struct Counters {
     pub latencies: Vec<u64>,
     pub shadow_rows: u64,
     pub shadow_agreed: u64,
+    /// By proxy, what its copy answered since it started (reports still counting,
+    /// [`crate::demand::RemoteDemand::served`]). Each is judged against its own baseline: a
+    /// sum over proxies goes down when one's report lapses and up by its whole history when it
+    /// comes back.
+    pub proxies: BTreeMap<String, ProxyServed>,
+    /// When they were read: a proxy's copy that started after a baseline's counts whole in
+    /// the interval from it.
+    pub taken: Option<Instant>,
+}
+
+/// What one proxy's copy of a version answered since it started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyServed {
+    /// Which copy (a new one counts from 0).
+    pub copy: u64,
+    /// About when it started (by the controller's clock: when the report came, less the age
+    /// the copy said it had).
+    pub started: Instant,
+    pub success: u64,
+    pub failed: u64,
+    /// The latency buckets that are not empty, as (bucket, count).
+    pub latencies: Vec<(usize, u64)>,
+}
+
+impl Counters {
+    /// Takes into this baseline the proxies' copies that `now` reads and it has no count of,
+    /// where they started before it was taken (what they answered before it and since cannot
+    /// be told apart: from here on, their requests count). For a rollout that holds: its
+    /// interval, and its baseline, go on.
+    pub fn adopt_new_copies(&mut self, now: &Counters) {
+        for (proxy, p) in &now.proxies {
+            if self.proxies.get(proxy).is_some_and(|b| b.copy == p.copy) {
+                continue;
+            }
+            if self.taken.is_none_or(|t| p.started < t) {
+                self.proxies.insert(proxy.clone(), p.clone());
+            }
+        }
+    }
+}
+
+/// The requests of one interval: the head's own, and each proxy copy's against its own
+/// baseline.
+struct Interval {
+    ok: u64,
+    failed: u64,
+    latencies: Vec<u64>,
+}
+
+impl Interval {
+    fn between(baseline: &Counters, now: &Counters) -> Self {
+        let mut latencies = now.latencies.clone();
+        if baseline.latencies.len() == latencies.len() {
+            for (n, b) in latencies.iter_mut().zip(&baseline.latencies) {
+                *n = n.saturating_sub(*b);
+            }
+        }
+        let mut interval = Self {
+            ok: now.success.saturating_sub(baseline.success),
+            failed: now.failed.saturating_sub(baseline.failed),
+            latencies,
+        };
+        for (proxy, p) in &now.proxies {
+            let from = match baseline.proxies.get(proxy) {
+                Some(b) if b.copy == p.copy => Some(b),
+                // Started since the baseline: all it answered is in the interval.
+                _ if baseline.taken.is_some_and(|t| p.started >= t) => None,
+                // Not known when the interval began (its report was missing then): from the
+                // next interval on ([`Counters::adopt_new_copies`]).
+                _ => continue,
+            };
+            interval.ok += p.success.saturating_sub(from.map_or(0, |b| b.success));
+            interval.failed += p.failed.saturating_sub(from.map_or(0, |b| b.failed));
+            for &(i, n) in &p.latencies {
+                let before =
+                    from.and_then(|b| b.latencies.iter().find(|(j, _)| *j == i)).map_or(0, |(_, m)| *m);
+                if let Some(c) = interval.latencies.get_mut(i) {
+                    *c += n.saturating_sub(before);
+                }
+            }
+        }
+        interval
+    }
 }
 
 impl Counters {
@@ -62,8 +149,7 @@ pub enum Verdict {
 /// Judges the canary's requests between `baseline` and `now` (counters at the start and end
 /// of the interval) at its current `weight`.
 pub fn judge(rollout: &Rollout, weight: u32, baseline: &Counters, now: &Counters) -> Verdict {
-    let ok = now.success.saturating_sub(baseline.success);
-    let failed = now.failed.saturating_sub(baseline.failed);
+    let Interval { ok, failed, latencies } = Interval::between(baseline, now);
     let total = ok + failed;
     if total < rollout.min_requests || total == 0 {
         return Verdict::Hold;
@@ -76,7 +162,7 @@ pub fn judge(rollout: &Rollout, weight: u32, baseline: &Counters, now: &Counters
             rollout.max_error_rate * 100.0
         ));
     }
-    let p99 = LatencyBuckets::quantile(&baseline.latencies, &now.latencies, 0.99);
+    let p99 = LatencyBuckets::quantile_of(&latencies, 0.99);
     if let (Some(bound), Some(p99)) = (rollout.max_p99_ms, p99) {
         let ms = p99.as_secs_f64() * 1000.0;
         if ms > bound {
@@ -196,6 +282,58 @@ mod tests {
         after.success += fast.success;
         after.latencies = before.latencies.iter().zip(&fast.latencies).map(|(a, b)| a + b).collect();
         assert_eq!(judge(&rollout(), 10, &before, &after), Verdict::Step(30));
+    }
+
+    /// Each proxy's copy is judged against its own baseline. One whose report lapsed reads as
+    /// nothing this interval (summed over proxies, its history read as gone and the head's few
+    /// failures as all the requests: a false rollback); one that comes back counts from where
+    /// it was (not its whole history); one started since the baseline counts whole, as does a
+    /// copy started again; one started before the baseline but missing from it counts from the
+    /// next interval on.
+    #[test]
+    fn each_proxys_copy_is_judged_against_its_own_baseline() {
+        let t = Instant::now();
+        let ago = |s: u64| t - Duration::from_secs(s);
+        let copy = |copy, started, success, failed| ProxyServed {
+            copy,
+            started,
+            success,
+            failed,
+            latencies: vec![(10, success + failed)],
+        };
+        let at = |head: Counters, taken: Instant, proxies: Vec<(&str, ProxyServed)>| Counters {
+            proxies: proxies.into_iter().map(|(p, c)| (p.to_string(), c)).collect(),
+            taken: Some(taken),
+            ..head
+        };
+        let fast = Duration::from_millis(1);
+        let baseline = at(start(), ago(30), vec![("a", copy(1, ago(60), 10_000, 0))]);
+        // Lapsed: the head's 2 % failures alone.
+        let lapsed = at(counters(980, 20, fast), t, vec![]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &lapsed), Verdict::Step(30));
+        // Back: 50 of its 100 requests since the baseline failed.
+        let back = at(start(), t, vec![("a", copy(1, ago(60), 10_050, 50))]);
+        assert!(matches!(judge(&rollout(), 10, &baseline, &back), Verdict::Rollback(_)));
+        // Started again since the baseline (another copy): all of its 20.
+        let again = at(start(), t, vec![("a", copy(2, ago(10), 20, 0))]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &again), Verdict::Step(30));
+        // A copy the baseline missed, started before it: not this interval (its 100 failures
+        // may be from before), the next one.
+        let mut baseline = baseline;
+        let missed = at(start(), t, vec![("b", copy(9, ago(60), 500, 100))]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &missed), Verdict::Hold);
+        baseline.adopt_new_copies(&missed);
+        assert_eq!(baseline.proxies["b"].success, 500);
+        assert_eq!(baseline.proxies["a"].success, 10_000, "kept for when it comes back");
+        let next = at(start(), t, vec![("b", copy(9, ago(60), 520, 100))]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &next), Verdict::Step(30));
+        // One started since the baseline is counted whole, and is not taken into it on a hold.
+        let new = at(start(), t, vec![("c", copy(3, ago(5), 5, 0))]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &new), Verdict::Hold, "5 requests");
+        baseline.adopt_new_copies(&new);
+        assert!(!baseline.proxies.contains_key("c"));
+        let more = at(start(), t, vec![("c", copy(3, ago(5), 12, 0))]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &more), Verdict::Step(30));
     }
 
     #[test]

@@ -114,8 +114,10 @@ impl RolloutState {
     /// head's only: proxies do not mirror).
     pub fn counters(&self, canary: &Version, remote: &crate::demand::RemoteDemand) -> Counters {
         let d = &canary.deployment;
+        let now = Instant::now();
         let mut counters = Counters::with_shadow(d, self.mirror.as_deref());
-        remote.add_served(d.name(), d.version(), Instant::now(), &mut counters);
+        counters.proxies = remote.served(d.name(), d.version(), now);
+        counters.taken = Some(now);
         counters
     }
 }

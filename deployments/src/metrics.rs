@@ -495,6 +495,11 @@ impl LatencyBuckets {
     /// bucket; `None` when there were none.
     pub fn quantile(before: &[u64], after: &[u64], q: f64) -> Option<Duration> {
         let diff: Vec<u64> = after.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).collect();
+        Self::quantile_of(&diff, q)
+    }
+
+    /// The `q` quantile (0..1) of the requests `diff` holds by bucket.
+    pub fn quantile_of(diff: &[u64], q: f64) -> Option<Duration> {
         let total: u64 = diff.iter().sum();
         if total == 0 {
             return None;

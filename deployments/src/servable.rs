@@ -121,6 +121,7 @@ impl Servable {
             Self::Deployment(d) => d.infer_handing_back(request, back).await,
             Self::Multiplexed(d, model) => {
                 let mut request = request;
+                let added = request.model_id.is_none();
                 match &request.model_id {
                     Some(id) if id != &**model => {
                         return Err(InferError::invalid(format!(
@@ -130,9 +131,16 @@ impl Servable {
                     Some(_) => {}
                     None => request.model_id = Some(model.to_string()),
                 }
-                d.infer_handing_back(request, back).await
+                let answer = d.infer_handing_back(request, back).await;
+                // Handed back as the caller sent it: the id this route added is the route's.
+                if let Some(b) = back.as_mut().filter(|_| added) {
+                    b.model_id = None;
+                }
+                answer
             }
             Self::Shadowed(d, shadow) => {
+                // Mirrored again if handed back and routed here again (proxies, whose copies
+                // hand back, route to no shadow).
                 let mirror = shadow.mirror(&request);
                 let answer = d.infer_handing_back(request, back).await;
                 if let (Some(m), Ok(a)) = (mirror, &answer) {

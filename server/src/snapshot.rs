@@ -231,6 +231,19 @@ struct Followed {
     entry: VersionEntry,
     deployment: Arc<Deployment>,
     replicas: HashMap<String, usize>,
+    /// Which copy this is, across the proxy's starts too ([`VersionServed::copy`]), and when it
+    /// started: its counts start at 0 then.
+    copy: (u64, std::time::Instant),
+}
+
+/// A number no other copy of this proxy, in this process or an earlier one, is likely to have
+/// drawn (std's hasher keys are random per process).
+fn copy_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
 }
 
 /// One pipeline as a proxy runs it.
@@ -429,8 +442,11 @@ impl Follower {
         let mut served: Vec<VersionServed> = self
             .in_split
             .iter()
-            .filter_map(|key| Some((key, &self.versions.get(key)?.deployment)))
-            .map(|((model, version), d)| VersionServed::new(model, version, &Counters::of(d)))
+            .filter_map(|key| Some((key, self.versions.get(key)?)))
+            .map(|((model, version), f)| {
+                let (copy, since) = f.copy;
+                VersionServed::new(model, version, (copy, since.elapsed()), &Counters::of(&f.deployment))
+            })
             .filter(|v| v.success > 0 || v.failed > 0)
             .collect();
         served.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
@@ -509,7 +525,12 @@ fn start(model: &str, version: &str, v: &VersionEntry, wake: &Arc<tokio::sync::N
         multiplexed: v.multiplexed,
     };
     match Deployment::start_remote(spec, metadata) {
-        Ok(d) => Some(Followed { entry: v.clone(), deployment: Arc::new(d), replicas: HashMap::new() }),
+        Ok(d) => Some(Followed {
+            entry: v.clone(),
+            deployment: Arc::new(d),
+            replicas: HashMap::new(),
+            copy: (copy_id(), std::time::Instant::now()),
+        }),
         Err(e) => {
             tracing::warn!(model, version, "cannot follow: {e}");
             None
@@ -990,6 +1011,36 @@ mod tests {
             served_by.and_then(|s| s.deployment().map(|d| d.version().to_string())).as_deref(),
             Some("2")
         );
+    }
+
+    /// A request a multiplexed model's route hands back carries the model id only where its
+    /// caller sent one: the id the route added is the route's (routed again, to a deployment
+    /// that is not multiplexed, it was refused for naming one).
+    #[tokio::test]
+    async fn a_handed_back_request_carries_the_model_id_its_caller_sent() {
+        for sent in [None, Some("acme".to_string())] {
+            let d = remote("tenants", "1", true);
+            let route = Servable::Multiplexed(d.clone(), Arc::from("acme"));
+            let tensor =
+                sluice_deployments::Tensor::new(DataType::Fp32, vec![1, 4], vec![0u8; 16].into()).unwrap();
+            let request = sluice_deployments::InferRequest {
+                inputs: vec![sluice_deployments::NamedTensor { name: "in".into(), tensor }],
+                model_id: sent.clone(),
+                ..Default::default()
+            };
+            let handed = tokio::spawn(async move {
+                let mut back = None;
+                let _ = route.infer_handing_back(request, &mut back).await;
+                back
+            });
+            while d.queue_depth() == 0 {
+                tokio::task::yield_now().await;
+            }
+            d.mark_retired();
+            d.close_handing_back();
+            let back = tokio::time::timeout(Duration::from_secs(5), handed).await.unwrap().unwrap();
+            assert_eq!(back.expect("handed back").model_id, sent);
+        }
     }
 
     /// What the copies of versions in a traffic split answer is reported (for a canary's
