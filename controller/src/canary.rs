@@ -211,7 +211,10 @@ impl Controller {
                 r.next_step = now + Duration::from_secs_f64(r.config.interval_s);
                 match verdict {
                     Verdict::Hold => r.baseline.adopt_new_copies(&counters),
-                    _ => r.baseline = counters,
+                    _ => {
+                        let before = std::mem::replace(&mut r.baseline, counters);
+                        r.baseline.carry_lapsed(&before);
+                    }
                 }
                 match verdict {
                     Verdict::Hold => {}

@@ -63,11 +63,9 @@ pub struct VersionServed {
     pub model: String,
     pub version: String,
     /// Which copy: another one (started again) counts from 0.
-    #[serde(default)]
     pub copy: u64,
     /// How long the copy has run, in milliseconds: one that started after a rollout interval
     /// began counts whole in it.
-    #[serde(default)]
     pub age_ms: u64,
     pub success: u64,
     /// Server-side failures (internal errors and deadlines; not bad requests or overload).
@@ -216,7 +214,7 @@ impl RemoteDemand {
                 let age = Duration::from_millis(v.age_ms);
                 let p = ProxyServed {
                     copy: v.copy,
-                    started: r.received.checked_sub(age).unwrap_or(r.received),
+                    started: r.received.checked_sub(age),
                     success: v.success,
                     failed: v.failed,
                     latencies: v.latencies.clone(),
@@ -356,9 +354,10 @@ mod tests {
         let read = d.served("m", "1", t);
         assert_eq!(read.keys().collect::<Vec<_>>(), ["a:8000", "b:8000"]);
         let a = &read["a:8000"];
+        let age = a.started.map(|s| t.duration_since(s));
         assert_eq!(
-            (a.copy, a.started, a.success, a.failed, &a.latencies[..]),
-            (7, t - Duration::from_secs(2), 5, 1, &[(2, 6)][..])
+            (a.copy, age, a.success, a.failed, &a.latencies[..]),
+            (7, Some(Duration::from_secs(2)), 5, 1, &[(2, 6)][..])
         );
         assert!(d.served("m", "2", t).is_empty());
         d.record(served("a:8000", 6, 2_500), t);

@@ -39,8 +39,9 @@ pub struct ProxyServed {
     /// Which copy (a new one counts from 0).
     pub copy: u64,
     /// About when it started (by the controller's clock: when the report came, less the age
-    /// the copy said it had).
-    pub started: Instant,
+    /// the copy said it had); `None`: before anything this clock can say (older than the
+    /// clock's origin), so before any baseline.
+    pub started: Option<Instant>,
     pub success: u64,
     pub failed: u64,
     /// The latency buckets that are not empty, as (bucket, count).
@@ -57,11 +58,25 @@ impl Counters {
             if self.proxies.get(proxy).is_some_and(|b| b.copy == p.copy) {
                 continue;
             }
-            if self.taken.is_none_or(|t| p.started < t) {
+            if !started_since(self, p) {
                 self.proxies.insert(proxy.clone(), p.clone());
             }
         }
     }
+
+    /// Takes into this new baseline (after a step) the proxies that `before` had a count of
+    /// and this one reads none of (their reports lapsed): one that comes back is judged from
+    /// there, what it answered meanwhile in the interval it comes back in.
+    pub fn carry_lapsed(&mut self, before: &Counters) {
+        for (proxy, p) in &before.proxies {
+            self.proxies.entry(proxy.clone()).or_insert_with(|| p.clone());
+        }
+    }
+}
+
+/// Whether `p`'s copy started after `baseline` was taken (all it answered is then since).
+fn started_since(baseline: &Counters, p: &ProxyServed) -> bool {
+    matches!((baseline.taken, p.started), (Some(t), Some(s)) if s >= t)
 }
 
 /// The requests of one interval: the head's own, and each proxy copy's against its own
@@ -89,18 +104,20 @@ impl Interval {
             let from = match baseline.proxies.get(proxy) {
                 Some(b) if b.copy == p.copy => Some(b),
                 // Started since the baseline: all it answered is in the interval.
-                _ if baseline.taken.is_some_and(|t| p.started >= t) => None,
+                _ if started_since(baseline, p) => None,
                 // Not known when the interval began (its report was missing then): from the
                 // next interval on ([`Counters::adopt_new_copies`]).
                 _ => continue,
             };
-            interval.ok += p.success.saturating_sub(from.map_or(0, |b| b.success));
-            interval.failed += p.failed.saturating_sub(from.map_or(0, |b| b.failed));
+            // Added saturating: the counts come from the network.
+            interval.ok = interval.ok.saturating_add(p.success.saturating_sub(from.map_or(0, |b| b.success)));
+            interval.failed =
+                interval.failed.saturating_add(p.failed.saturating_sub(from.map_or(0, |b| b.failed)));
             for &(i, n) in &p.latencies {
                 let before =
                     from.and_then(|b| b.latencies.iter().find(|(j, _)| *j == i)).map_or(0, |(_, m)| *m);
                 if let Some(c) = interval.latencies.get_mut(i) {
-                    *c += n.saturating_sub(before);
+                    *c = c.saturating_add(n.saturating_sub(before));
                 }
             }
         }
@@ -150,7 +167,7 @@ pub enum Verdict {
 /// of the interval) at its current `weight`.
 pub fn judge(rollout: &Rollout, weight: u32, baseline: &Counters, now: &Counters) -> Verdict {
     let Interval { ok, failed, latencies } = Interval::between(baseline, now);
-    let total = ok + failed;
+    let total = ok.saturating_add(failed);
     if total < rollout.min_requests || total == 0 {
         return Verdict::Hold;
     }
@@ -292,14 +309,15 @@ mod tests {
     /// next interval on.
     #[test]
     fn each_proxys_copy_is_judged_against_its_own_baseline() {
-        let t = Instant::now();
+        // An hour ahead, so that the times before it exist on every clock.
+        let t = Instant::now() + Duration::from_secs(3600);
         let ago = |s: u64| t - Duration::from_secs(s);
         let copy = |copy, started, success, failed| ProxyServed {
             copy,
-            started,
+            started: Some(started),
             success,
             failed,
-            latencies: vec![(10, success + failed)],
+            latencies: vec![(10, success.saturating_add(failed))],
         };
         let at = |head: Counters, taken: Instant, proxies: Vec<(&str, ProxyServed)>| Counters {
             proxies: proxies.into_iter().map(|(p, c)| (p.to_string(), c)).collect(),
@@ -334,6 +352,21 @@ mod tests {
         assert!(!baseline.proxies.contains_key("c"));
         let more = at(start(), t, vec![("c", copy(3, ago(5), 12, 0))]);
         assert_eq!(judge(&rollout(), 10, &baseline, &more), Verdict::Step(30));
+        // A copy older than the clock can say is older than any baseline.
+        let ancient = ProxyServed { started: None, ..copy(4, t, 50, 0) };
+        let unknown = at(start(), t, vec![("d", ancient)]);
+        assert_eq!(judge(&rollout(), 10, &baseline, &unknown), Verdict::Hold);
+        // After a step, a proxy whose report had lapsed keeps its baseline: back, it is
+        // judged from there (what it answered while away, in the interval it is back in).
+        let mut stepped = at(start(), t, vec![("b", copy(9, ago(60), 600, 100))]);
+        stepped.carry_lapsed(&baseline);
+        assert_eq!(stepped.proxies["a"].success, 10_000);
+        assert_eq!(stepped.proxies["b"].success, 600, "its own count now, not the one before");
+        let returned = at(start(), t, vec![("a", copy(1, ago(60), 10_030, 0))]);
+        assert_eq!(judge(&rollout(), 10, &stepped, &returned), Verdict::Step(30));
+        // Counts near the top of u64 (a report off the network) saturate.
+        let huge = at(start(), t, vec![("e", copy(5, ago(1), u64::MAX, u64::MAX))]);
+        assert!(matches!(judge(&rollout(), 10, &baseline, &huge), Verdict::Rollback(_)));
     }
 
     #[test]

@@ -500,14 +500,15 @@ impl LatencyBuckets {
 
     /// The `q` quantile (0..1) of the requests `diff` holds by bucket.
     pub fn quantile_of(diff: &[u64], q: f64) -> Option<Duration> {
-        let total: u64 = diff.iter().sum();
+        // Saturating: a rollout's counts come from proxies' reports too.
+        let total = diff.iter().fold(0u64, |a, &n| a.saturating_add(n));
         if total == 0 {
             return None;
         }
         let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, n) in diff.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return Some(Duration::from_secs_f64(2f64.powf(i as f64 / BUCKETS_PER_DOUBLING) / 1e6));
             }

@@ -434,8 +434,9 @@ impl Follower {
         held
     }
 
-    /// What the copies of versions in a traffic split have answered since they started (those
-    /// that answered any), counted as the controller counts its own: a canary's rollout judges
+    /// What the copies of versions in a traffic split have answered since they started (none
+    /// yet too: a copy left out reads as a lapsed report, whose requests are not judged until
+    /// it is back), counted as the controller counts its own: a canary's rollout judges
     /// the requests that reach it through this proxy too (with every request entering the
     /// cluster here, it saw none and held at its weight for good).
     pub fn served(&self) -> Vec<VersionServed> {
@@ -447,7 +448,6 @@ impl Follower {
                 let (copy, since) = f.copy;
                 VersionServed::new(model, version, (copy, since.elapsed()), &Counters::of(&f.deployment))
             })
-            .filter(|v| v.success > 0 || v.failed > 0)
             .collect();
         served.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
         served
@@ -1062,7 +1062,11 @@ mod tests {
         let proxy = Router::new(sluice_router::RouteTable::default());
         let mut follower = Follower::default();
         follower.apply(&snapshot, &proxy);
-        assert!(follower.served().is_empty(), "nothing answered yet");
+        let zero = follower.served();
+        assert_eq!(
+            zero.iter().map(|v| (&*v.version, v.success + v.failed)).collect::<Vec<_>>(),
+            [("1", 0), ("2", 0)]
+        );
         let rest = sluice_deployments::metrics::Protocol::Rest;
         for (model, version, result) in [
             ("m", "2", Ok(())),
@@ -1074,8 +1078,10 @@ mod tests {
             copy.metrics().request(rest, result, Duration::from_millis(3));
         }
         let served = follower.served();
-        assert_eq!(served.len(), 1, "{served:?}");
-        let v = &served[0];
+        assert_eq!(served.len(), 2, "the split's two versions, not `solo`: {served:?}");
+        assert_eq!(served[0].copy, zero[0].copy, "the same copy");
+        assert_ne!(served[0].copy, served[1].copy);
+        let v = &served[1];
         assert_eq!(
             (&*v.model, &*v.version, v.success, v.failed),
             ("m", "2", 1, 1),
