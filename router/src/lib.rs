@@ -175,7 +175,7 @@ impl Router {
     /// copy, [`sluice_deployments::Deployment::close_handing_back`]), runs where the table
     /// routes it now, up to [`HANDED_BACK_MAX`] times; it keeps its deadline. Returns the
     /// answer, and what gave it when that is not `servable` (the request is that one's, for
-    /// its metrics). Nothing routes it now: the first version's 503.
+    /// its metrics). Nothing routes it now: the last version's 503.
     pub async fn infer(
         &self,
         servable: &Servable,
