@@ -48,32 +48,6 @@ pub struct ProxyServed {
     pub latencies: Vec<(usize, u64)>,
 }
 
-impl Counters {
-    /// Takes into this baseline the proxies' copies that `now` reads and it has no count of,
-    /// where they started before it was taken (what they answered before it and since cannot
-    /// be told apart: from here on, their requests count). For a rollout that holds: its
-    /// interval, and its baseline, go on.
-    pub fn adopt_new_copies(&mut self, now: &Counters) {
-        for (proxy, p) in &now.proxies {
-            if self.proxies.get(proxy).is_some_and(|b| b.copy == p.copy) {
-                continue;
-            }
-            if !started_since(self, p) {
-                self.proxies.insert(proxy.clone(), p.clone());
-            }
-        }
-    }
-
-    /// Takes into this new baseline (after a step) the proxies that `before` had a count of
-    /// and this one reads none of (their reports lapsed): one that comes back is judged from
-    /// there, what it answered meanwhile in the interval it comes back in.
-    pub fn carry_lapsed(&mut self, before: &Counters) {
-        for (proxy, p) in &before.proxies {
-            self.proxies.entry(proxy.clone()).or_insert_with(|| p.clone());
-        }
-    }
-}
-
 /// Whether `p`'s copy started after `baseline` was taken (all it answered is then since).
 fn started_since(baseline: &Counters, p: &ProxyServed) -> bool {
     matches!((baseline.taken, p.started), (Some(t), Some(s)) if s >= t)
@@ -126,6 +100,30 @@ impl Interval {
 }
 
 impl Counters {
+    /// Takes into this baseline the proxies' copies that `now` reads and it has no count of,
+    /// where they started before it was taken (what they answered before it and since cannot
+    /// be told apart: from here on, their requests count). For a rollout that holds: its
+    /// interval, and its baseline, go on.
+    pub fn adopt_new_copies(&mut self, now: &Counters) {
+        for (proxy, p) in &now.proxies {
+            if self.proxies.get(proxy).is_some_and(|b| b.copy == p.copy) {
+                continue;
+            }
+            if !started_since(self, p) {
+                self.proxies.insert(proxy.clone(), p.clone());
+            }
+        }
+    }
+
+    /// Takes into this new baseline (after a step) the proxies that `before` had a count of
+    /// and this one reads none of (their reports lapsed): one that comes back is judged from
+    /// there, what it answered meanwhile in the interval it comes back in.
+    pub fn carry_lapsed(&mut self, before: &Counters) {
+        for (proxy, p) in &before.proxies {
+            self.proxies.entry(proxy.clone()).or_insert_with(|| p.clone());
+        }
+    }
+
     /// The counters of `d` now.
     pub fn of(d: &Deployment) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
